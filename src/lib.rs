@@ -1,0 +1,19 @@
+//! Vestibule: a Backend-for-Frontend reverse proxy.
+//!
+//! Module map, with dependencies pointing one way (each module may use those above it):
+//!
+//! - [`config`]: the TOML schema, `${VAR}` interpolation and validation; the only module that
+//!   knows TOML. Produces typed settings.
+//! - [`jose`]: JSON Web Key sets and JWT validation (ID tokens, logout tokens, access tokens).
+//!   Knows nothing of HTTP servers; fetches key sets through an injected fetcher.
+//! - [`session`]: cookie sealing with a key ring, the session model, and the session stores
+//!   (memory and Redis) behind one type.
+//! - [`oidc`]: provider metadata, login, callback, refresh, logout — the OpenID Connect client.
+//! - [`proxy`]: routing, policy, header rewriting, forwarding, upgrades, static files.
+//! - [`server`]: listeners, TLS, the admin endpoints, graceful shutdown, hot reload.
+//! - [`telemetry`]: logging set-up, metrics and redaction helpers, used by all of the above.
+
+pub mod config;
+pub mod jose;
+pub mod session;
+pub mod telemetry;
