@@ -128,6 +128,17 @@ impl Jwks {
     }
 }
 
+impl std::fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = self.keys.load();
+        f.debug_struct("Jwks")
+            .field("keys", &keys.keys.len())
+            .field("generation", &keys.generation)
+            .field("min_refetch_interval", &self.min_refetch_interval)
+            .finish_non_exhaustive()
+    }
+}
+
 impl KeySet {
     fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
         let mut fitting = self.keys.iter().filter(|key| key.fits(alg));
