@@ -20,6 +20,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod jose;
+pub mod oidc;
 pub mod proxy;
 pub mod reply;
 pub mod server;
