@@ -17,8 +17,11 @@
 //! - [`server`]: listeners, TLS, the admin endpoints, graceful shutdown.
 
 pub mod app;
+pub mod bff;
 pub mod cli;
 pub mod config;
+pub mod cookies;
+pub mod gate;
 pub mod jose;
 pub mod oidc;
 pub mod proxy;

@@ -87,10 +87,7 @@ impl ProviderHttp {
 
     /// POST a form, authenticating as the client (basic or in the body).
     pub async fn post_form(&self, url: &str, form: &[(&str, &str)], auth: &ClientCredentials<'_>) -> Result<JsonReply, CallError> {
-        let mut pairs = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in form {
-            pairs.append_pair(k, v);
-        }
+        let mut fields: Vec<(&str, &str)> = form.to_vec();
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(url)
@@ -105,11 +102,12 @@ impl ProviderHttp {
                 builder = builder.header(header::AUTHORIZATION, value);
             }
         } else {
-            pairs.append_pair("client_id", auth.client_id);
-            pairs.append_pair("client_secret", auth.client_secret);
+            fields.push(("client_id", auth.client_id));
+            fields.push(("client_secret", auth.client_secret));
         }
+        let encoded = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
         let req = builder
-            .body(Full::new(Bytes::from(pairs.finish())))
+            .body(Full::new(Bytes::from(encoded)))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
         let (status, body) = self.call(req).await?;
         let body = if body.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null) };

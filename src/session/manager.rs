@@ -256,6 +256,31 @@ impl Sessions {
         }))
     }
 
+    /// The session as the store holds it now, bypassing the cache: used where a stale copy
+    /// would be harmful (before spending a refresh token).
+    pub async fn reload(&self, loaded: &Loaded, now: u64) -> Result<Option<Loaded>, StoreError> {
+        let key = loaded.ticket.key();
+        let Some(record) = self.store.get(&key.name()).await? else {
+            return Ok(None);
+        };
+        let Some(session) = decode_session(&loaded.ticket, &key, &record.value) else {
+            return Ok(None);
+        };
+        if self.seconds_left(&session, now) == 0 {
+            return Ok(None);
+        }
+        if let Some(cache) = &self.cache {
+            cache.put(&loaded.handle, record.version, &session);
+        }
+        Ok(Some(Loaded {
+            session,
+            version: record.version,
+            handle: loaded.handle.clone(),
+            reseal: loaded.reseal,
+            ticket: loaded.ticket.clone(),
+        }))
+    }
+
     /// A fresh cookie value for the same session, sealed with the current key.
     pub fn reseal(&self, loaded: &Loaded) -> Result<String, SealError> {
         self.keyring
