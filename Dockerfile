@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1.7
+# syntax=docker/dockerfile:1
 #
 # Vestibule container image (needs BuildKit, the default builder of current Docker).
 #

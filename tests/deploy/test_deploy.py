@@ -209,7 +209,7 @@ class ParsesTest(unittest.TestCase):
 
     def test_every_config_toml_under_deploy_parses(self):
         files = list(DEPLOY.rglob("config.toml"))
-        self.assertEqual(len(files), 2)
+        self.assertGreaterEqual(len(files), 2)
         for path in files:
             with self.subTest(path=str(path.relative_to(ROOT))):
                 load_toml(self, path)
