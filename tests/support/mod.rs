@@ -1,6 +1,9 @@
 //! Shared test harness: real sockets on port 0, a recording upstream, the proxy in-process.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod browser;
+pub mod provider;
+pub mod redis;
 pub mod upstream;
 
 use bytes::Bytes;
@@ -126,4 +129,41 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
         builder = builder.header(*k, *v);
     }
     send(builder.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// A proxy on `port` in front of the real provider at `issuer`, with `extra` appended.
+pub fn login_config(port: u16, issuer: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+request_timeout = "10s"
+[admin]
+listen = "127.0.0.1:0"
+[oidc]
+issuer = "{issuer}"
+allow_http_issuer = true
+client_id = "vestibule"
+client_secret = "vestibule-secret"
+refresh_skew = "5s"
+[session]
+cookie_secure = false
+keys = ["{KEY}"]
+{extra}
+"#
+    )
+}
+
+/// Waits until the proxy has loaded the provider's metadata.
+pub async fn wait_ready(proxy: &Proxy) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
+        if r.status == 200 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "proxy never became ready: {}", r.text());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
