@@ -402,15 +402,18 @@ fn sentinel_client(
     if nodes.is_empty() {
         return Err(StoreError::Config("the sentinel node list is empty".into()));
     }
-    let info = url.into_connection_info().map_err(config_error)?;
-    let mut node = SentinelNodeConnectionInfo::default()
-        .set_redis_connection_info(info.redis_settings().clone());
-    if let ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
-        node = node.set_tls_mode(if *insecure {
-            TlsMode::Insecure
-        } else {
-            TlsMode::Secure
-        });
+    let mut node = SentinelNodeConnectionInfo::default();
+    if !url.is_empty() {
+        let info = url.into_connection_info().map_err(config_error)?;
+        node = node.set_redis_connection_info(info.redis_settings().clone());
+        if let ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+            let mode = if *insecure {
+                TlsMode::Insecure
+            } else {
+                TlsMode::Secure
+            };
+            node = node.set_tls_mode(mode);
+        }
     }
     let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
     SentinelClient::build(nodes, master, Some(node), SentinelServerType::Master)
