@@ -607,3 +607,27 @@ async fn session_ended_on_one_instance_is_gone_on_another_within_100_ms() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_url_speaks_tls_and_fails_closed_on_an_untrusted_certificate() {
+    let server = RedisServer::start_tls();
+    let store = Store::connect(&redis_config(server.tls_url()))
+        .await
+        .unwrap();
+    // The self-signed certificate is not among the trusted roots: every operation is an error,
+    // never a plain-text fallback, never a panic, never "no such session".
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.get("k").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    let plain = Store::connect(&redis_config(server.url())).await.unwrap();
+    plain.put_new("k", b"v", LONG).await.unwrap();
+    assert!(matches!(
+        store.get("k").await,
+        Err(StoreError::Unavailable(_))
+    ));
+}

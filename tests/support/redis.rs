@@ -20,6 +20,8 @@ pub struct RedisServer {
     /// For servers in statics, which are never dropped: a shell that waits for the end of a pipe
     /// from this process, then kills the server and removes its directory.
     watchdog: Option<Child>,
+    tls_port: Option<u16>,
+    certs: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
@@ -58,6 +60,60 @@ impl RedisServer {
         })
     }
 
+    /// A server that also listens with TLS (a fresh self-signed certificate made with the
+    /// `openssl` command) on [`RedisServer::tls_url`].
+    pub fn start_tls() -> RedisServer {
+        let certs = tempfile::tempdir().expect("temporary directory");
+        let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args([
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot run openssl to make a test certificate ({e}); install it")
+            });
+        assert!(
+            status.success(),
+            "openssl could not make a test certificate"
+        );
+        let tls_port = free_port().to_string();
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let mut server = RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &cert,
+            "--tls-auth-clients",
+            "no",
+        ]);
+        server.certs = Some(certs);
+        server.tls_port = tls_port.parse().ok();
+        server
+    }
+
     /// A Sentinel watching `master` under the name `name`.
     pub fn start_sentinel(master: &RedisServer, name: &str) -> RedisServer {
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -86,6 +142,8 @@ impl RedisServer {
             dir,
             args,
             watchdog: None,
+            tls_port: None,
+            certs: None,
         };
         let mut attempts = 0;
         loop {
@@ -170,6 +228,12 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://` URL of the TLS listener of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("a server started with start_tls");
+        format!("rediss://127.0.0.1:{port}")
     }
 
     pub fn dir(&self) -> &Path {
