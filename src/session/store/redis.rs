@@ -4,7 +4,7 @@
 //! Lua scripts, so each touches one key (safe in Cluster). Every key and channel is prefixed with
 //! `key_prefix`. Commands go through a reconnecting connection (`ConnectionManager`, the cluster
 //! connection, or a manager re-resolved through Sentinel after a failure) and each is bounded by
-//! [`DEFAULT_OPERATION_TIMEOUT`]; every failure is `StoreError::Unavailable`, never "not found".
+//! `DEFAULT_OPERATION_TIMEOUT`; every failure is `StoreError::Unavailable`, never "not found".
 //! Pub/sub uses its own connection, see [`pubsub`].
 
 mod pubsub;
@@ -99,7 +99,7 @@ enum Op<'a> {
 
 impl RedisStore {
     /// Builds the connections from a `StoreConfig::Redis`. Connects lazily: only a bad
-    /// configuration is an error here. Waits up to [`DEFAULT_CONNECTION_TIMEOUT`] for the pub/sub
+    /// configuration is an error here. Waits up to `DEFAULT_CONNECTION_TIMEOUT` for the pub/sub
     /// subscription so that a reachable server delivers messages published right after this.
     pub async fn connect(config: &StoreConfig) -> Result<RedisStore, StoreError> {
         let StoreConfig::Redis {
