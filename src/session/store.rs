@@ -33,7 +33,7 @@ pub enum StoreConfig {
     },
     Redis {
         /// `redis://` or `rediss://`. With `sentinel`, only its credentials, database and TLS mode
-        /// are used for the master; with `cluster`, it is ignored.
+        /// are used for the master (empty: none); with `cluster`, it is ignored.
         url: String,
         /// `(master name, sentinel URLs)`.
         sentinel: Option<(String, Vec<String>)>,

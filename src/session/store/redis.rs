@@ -4,7 +4,7 @@
 //! Lua scripts, so each touches one key (safe in Cluster). Every key and channel is prefixed with
 //! `key_prefix`. Commands go through a reconnecting connection (`ConnectionManager`, the cluster
 //! connection, or a manager re-resolved through Sentinel after a failure) and each is bounded by
-//! [`DEFAULT_OPERATION_TIMEOUT`]; every failure is `StoreError::Unavailable`, never "not found".
+//! `DEFAULT_OPERATION_TIMEOUT`; every failure is `StoreError::Unavailable`, never "not found".
 //! Pub/sub uses its own connection, see [`pubsub`].
 
 mod pubsub;
@@ -99,7 +99,7 @@ enum Op<'a> {
 
 impl RedisStore {
     /// Builds the connections from a `StoreConfig::Redis`. Connects lazily: only a bad
-    /// configuration is an error here. Waits up to [`DEFAULT_CONNECTION_TIMEOUT`] for the pub/sub
+    /// configuration is an error here. Waits up to `DEFAULT_CONNECTION_TIMEOUT` for the pub/sub
     /// subscription so that a reachable server delivers messages published right after this.
     pub async fn connect(config: &StoreConfig) -> Result<RedisStore, StoreError> {
         let StoreConfig::Redis {
@@ -402,15 +402,18 @@ fn sentinel_client(
     if nodes.is_empty() {
         return Err(StoreError::Config("the sentinel node list is empty".into()));
     }
-    let info = url.into_connection_info().map_err(config_error)?;
-    let mut node = SentinelNodeConnectionInfo::default()
-        .set_redis_connection_info(info.redis_settings().clone());
-    if let ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
-        node = node.set_tls_mode(if *insecure {
-            TlsMode::Insecure
-        } else {
-            TlsMode::Secure
-        });
+    let mut node = SentinelNodeConnectionInfo::default();
+    if !url.is_empty() {
+        let info = url.into_connection_info().map_err(config_error)?;
+        node = node.set_redis_connection_info(info.redis_settings().clone());
+        if let ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+            let mode = if *insecure {
+                TlsMode::Insecure
+            } else {
+                TlsMode::Secure
+            };
+            node = node.set_tls_mode(mode);
+        }
     }
     let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
     SentinelClient::build(nodes, master, Some(node), SentinelServerType::Master)
