@@ -97,21 +97,26 @@ impl Browser {
         panic!("login did not come back to the proxy");
     }
 
-    /// Stops at the provider's redirect back to the proxy and returns the callback URL unvisited.
+    /// Stops at the provider's redirect back to the proxy and returns the callback URL unvisited
+    /// (the provider may skip its form when it already has a session: single sign-on).
     pub async fn login_until_callback(&mut self, base: &str, user: &str, return_url: &str) -> String {
         let start = self.get(&format!("{base}/bff/login?returnUrl={}", urlencode(return_url)), &[("accept", "text/html")]).await;
-        let (_, form_url) = self.follow(start.header("location").unwrap().to_string(), "\u{0}").await;
-        let uid = form_url.rsplit('/').next().unwrap().to_string();
-        let origin = form_url.split("/interaction/").next().unwrap().to_string();
-        let posted = self.request("POST", &format!("{origin}/interaction/{uid}/login"), &[], Some(format!("login={user}&password={user}"))).await;
-        let mut url = absolute(&form_url, posted.header("location").unwrap());
-        loop {
+        let mut url = start.header("location").unwrap().to_string();
+        for _ in 0..20 {
             if url.starts_with(base) {
                 return url;
             }
             let reply = self.get(&url, &[("accept", "text/html")]).await;
+            if reply.status == 200 {
+                let uid = url.rsplit('/').next().unwrap().to_string();
+                let origin = url.split("/interaction/").next().unwrap().to_string();
+                let posted = self.request("POST", &format!("{origin}/interaction/{uid}/login"), &[], Some(format!("login={user}&password={user}"))).await;
+                url = absolute(&url, posted.header("location").unwrap());
+                continue;
+            }
             url = absolute(&url, reply.header("location").unwrap());
         }
+        panic!("login did not come back to the proxy");
     }
 }
 
