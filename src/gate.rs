@@ -51,7 +51,7 @@ pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
     if crate::proxy::headers::upgrade_protocol(req.headers()).is_some() {
         return origin.is_some_and(|o| o == server.public_origin);
     }
-    if !req.headers().get("x-csrf").is_some_and(|v| v.as_bytes() == b"1") {
+    if req.headers().get("x-csrf").is_none_or(|v| v.as_bytes() != b"1") {
         return false;
     }
     match origin {
@@ -63,14 +63,13 @@ pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
 /// Claims the policy is checked against: the validated JWT access token for the route's
 /// resource when it is one, else the ID token claims kept in the session.
 async fn policy_claims(app: &App, route: &RouteConfig, session: &Session, token: Option<&str>) -> serde_json::Map<String, serde_json::Value> {
-    if let (Some(resource), Some(token)) = (&route.resource, token) {
-        if crate::jose::looks_like_jwt(token) {
+    if let (Some(resource), Some(token)) = (&route.resource, token)
+        && crate::jose::looks_like_jwt(token) {
             let expect = app.oidc.expect(resource, now());
             if let Ok(claims) = crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await {
                 return claims;
             }
         }
-    }
     session.claims.clone()
 }
 
@@ -95,11 +94,10 @@ pub async fn admit(app: &App, runtime: &Runtime, route: &RouteConfig, req: &Requ
     } else {
         None
     };
-    if let Some(feature) = &route.feature {
-        if !feature_visible(runtime, feature, loaded.as_ref().map(|l| &l.session)) {
+    if let Some(feature) = &route.feature
+        && !feature_visible(runtime, feature, loaded.as_ref().map(|l| &l.session)) {
             return Err(ErrorCode::NotFound.respond(navigation));
         }
-    }
     if route.auth == AuthMode::Required && loaded.is_none() {
         let prefix = &runtime.config.server.bff_prefix;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -114,12 +112,11 @@ pub async fn admit(app: &App, runtime: &Runtime, route: &RouteConfig, req: &Requ
     }
     let mut set_cookies = Vec::new();
     if let Some(l) = &mut loaded {
-        if l.reseal {
-            if let Ok(value) = app.sessions.reseal(l) {
+        if l.reseal
+            && let Ok(value) = app.sessions.reseal(l) {
                 let s = &runtime.config.session;
                 set_cookies.extend(crate::cookies::set_cookie(s, &s.cookie_name, &value, Some(s.absolute_timeout), false));
             }
-        }
         let _ = app.sessions.touch(l, now()).await;
     }
     let token = match (route.token, &loaded) {

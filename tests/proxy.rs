@@ -279,7 +279,7 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
     let mut peak = before;
     while let Some(frame) = body.frame().await {
         received += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
-        if received % (64 << 20) == 0 {
+        if received.is_multiple_of(64 << 20) {
             peak = peak.max(rss_kib());
         }
     }

@@ -39,11 +39,10 @@ pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata
     if metadata.issuer.trim_end_matches('/') != base {
         return Err(format!("the discovery document names issuer {:?}, not the configured one", metadata.issuer));
     }
-    if let Some(methods) = &metadata.code_challenge_methods_supported {
-        if !methods.iter().any(|m| m == "S256") {
+    if let Some(methods) = &metadata.code_challenge_methods_supported
+        && !methods.iter().any(|m| m == "S256") {
             return Err("the provider does not support PKCE S256".into());
         }
-    }
     Ok(metadata)
 }
 

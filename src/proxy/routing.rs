@@ -12,7 +12,7 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(routes: &[RouteConfig]) -> Self {
         let mut routes: Vec<Arc<RouteConfig>> = routes.iter().cloned().map(Arc::new).collect();
-        routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         RouteTable { routes }
     }
 
