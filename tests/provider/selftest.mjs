@@ -321,11 +321,18 @@ test('reusing a rotated refresh token is invalid_grant (and revokes the grant)',
   assert.equal(current.body.error, 'invalid_grant', 'whole grant revoked after replay');
 });
 
+test('concurrent refreshes with one refresh token: exactly one wins', async () => {
+  const bob = await login('bob');
+  const results = await Promise.all([1, 2, 3].map(() => token({ grant_type: 'refresh_token', refresh_token: bob.refresh_token })));
+  assert.deepEqual(results.map((r) => r.status).sort(), [200, 400, 400]);
+  assert.ok(results.filter((r) => r.status === 400).every((r) => r.body.error === 'invalid_grant'));
+});
+
 test('stats count the token-endpoint grants', async () => {
   const stats = await getJson('/_test/stats');
-  assert.equal(stats.authorization_code, 1);
-  assert.equal(stats.refresh_token, 4);
-  assert.equal(stats.token_errors.refresh_token, 2);
+  assert.equal(stats.authorization_code, 2);
+  assert.equal(stats.refresh_token, 4 + 3);
+  assert.equal(stats.token_errors.refresh_token, 2 + 2);
   assert.equal(stats.client_credentials, 0);
   const reset = await postJson('/_test/reset-stats', {});
   assert.equal(reset.refresh_token, 0);
@@ -405,6 +412,24 @@ test('existing provider session: no login form; prompt=consent is answered autom
   // a login that named one resource cannot refresh into another (RFC 8707)
   const refused = await token({ grant_type: 'refresh_token', refresh_token: consent.tokens.refresh_token, resource: API });
   assert.equal(refused.body.error, 'invalid_target');
+});
+
+test('cancel on the login page returns access_denied to the client', async () => {
+  const jar = new CookieJar();
+  const auth = new URL(discovery.authorization_endpoint);
+  auth.search = new URLSearchParams({
+    client_id: 'bff', response_type: 'code', redirect_uri: REDIRECT_URI, scope: 'openid', state: 's1',
+    code_challenge: b64url(crypto.randomBytes(32)), code_challenge_method: 'S256',
+  });
+  let response = await call(auth.href, { jar });
+  const interaction = response.headers.get('location');
+  response = await call(`${interaction}/abort`, { method: 'POST', jar });
+  assert.equal(response.status, 303);
+  response = await call(response.headers.get('location'), { jar });
+  const back = new URL(response.headers.get('location'));
+  assert.equal(back.origin + back.pathname, REDIRECT_URI);
+  assert.equal(back.searchParams.get('error'), 'access_denied');
+  assert.equal(back.searchParams.get('state'), 's1');
 });
 
 test('revocation of a refresh token', async () => {
