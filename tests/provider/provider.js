@@ -177,6 +177,9 @@ function normaliseConfig(raw) {
   const port = raw.port ?? 0;
   if (!Number.isInteger(port) || port < 0 || port > 65535) fail('port must be an integer 0..65535');
 
+  for (const key of ['resources', 'users', 'clients', 'access_token_claims']) {
+    if (raw[key] !== undefined && !Array.isArray(raw[key])) fail(`${key} must be an array`);
+  }
   const resources = (raw.resources ?? ['https://api.example.test', 'https://other-api.example.test'])
     .map((r, i) => {
       const entry = typeof r === 'string' ? { url: r } : r;
