@@ -33,16 +33,30 @@ pub fn names_with_prefix(headers: &HeaderMap, prefix: &str) -> Vec<String> {
 
 /// A `Set-Cookie` value with Vestibule's attributes: HttpOnly, Path=/, Secure and SameSite as
 /// configured. `max_age = None` deletes the cookie.
-pub fn set_cookie(config: &SessionConfig, name: &str, value: &str, max_age: Option<Duration>, lax: bool) -> Option<HeaderValue> {
-    let same_site = if lax || config.same_site == SameSite::Lax { cookie::SameSite::Lax } else { cookie::SameSite::Strict };
+pub fn set_cookie(
+    config: &SessionConfig,
+    name: &str,
+    value: &str,
+    max_age: Option<Duration>,
+    lax: bool,
+) -> Option<HeaderValue> {
+    let same_site = if lax || config.same_site == SameSite::Lax {
+        cookie::SameSite::Lax
+    } else {
+        cookie::SameSite::Strict
+    };
     let mut builder = Cookie::build((name.to_string(), value.to_string()))
         .http_only(true)
         .secure(config.cookie_secure)
         .path("/")
         .same_site(same_site);
     builder = match max_age {
-        Some(age) => builder.max_age(cookie::time::Duration::seconds(i64::try_from(age.as_secs()).unwrap_or(i64::MAX))),
-        None => builder.max_age(cookie::time::Duration::ZERO).expires(cookie::time::OffsetDateTime::UNIX_EPOCH),
+        Some(age) => builder.max_age(cookie::time::Duration::seconds(
+            i64::try_from(age.as_secs()).unwrap_or(i64::MAX),
+        )),
+        None => builder
+            .max_age(cookie::time::Duration::ZERO)
+            .expires(cookie::time::OffsetDateTime::UNIX_EPOCH),
     };
     HeaderValue::from_str(&builder.build().to_string()).ok()
 }

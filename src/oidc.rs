@@ -30,7 +30,10 @@ pub struct LoginState {
 
 impl std::fmt::Debug for LoginState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoginState").field("return_url", &self.return_url).field("created", &self.created).finish_non_exhaustive()
+        f.debug_struct("LoginState")
+            .field("return_url", &self.return_url)
+            .field("created", &self.created)
+            .finish_non_exhaustive()
     }
 }
 
@@ -54,8 +57,12 @@ pub fn local_return_url(raw: &str) -> Option<String> {
             && !path.contains('\\')
             && !path.chars().any(|c| c.is_control())
     }
-    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?;
-    let twice = percent_encoding::percent_decode_str(&decoded).decode_utf8().ok()?;
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    let twice = percent_encoding::percent_decode_str(&decoded)
+        .decode_utf8()
+        .ok()?;
     (ok(raw) && ok(&decoded) && ok(&twice)).then(|| raw.to_string())
 }
 
@@ -75,7 +82,10 @@ pub struct TokenResponse {
 
 impl std::fmt::Debug for TokenResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenResponse").field("expires_in", &self.expires_in).field("scope", &self.scope).finish_non_exhaustive()
+        f.debug_struct("TokenResponse")
+            .field("expires_in", &self.expires_in)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,17 +109,27 @@ pub struct Oidc {
 impl Oidc {
     pub fn new(config: OidcConfig, redirect_uri: String) -> Arc<Oidc> {
         let provider = Provider::new(config.issuer.clone(), ProviderHttp::new());
-        Arc::new(Oidc { provider, config, redirect_uri })
+        Arc::new(Oidc {
+            provider,
+            config,
+            redirect_uri,
+        })
     }
 
     pub fn metadata(&self) -> Result<Arc<Metadata>, GrantError> {
-        self.provider.get().ok_or_else(|| GrantError::Unavailable("metadata not loaded yet".into()))
+        self.provider
+            .get()
+            .ok_or_else(|| GrantError::Unavailable("metadata not loaded yet".into()))
     }
 
     fn credentials(&self) -> ClientCredentials<'_> {
         ClientCredentials {
             client_id: &self.config.client_id,
-            client_secret: self.config.client_secret.as_ref().map_or("", |s| s.expose()),
+            client_secret: self
+                .config
+                .client_secret
+                .as_ref()
+                .map_or("", |s| s.expose()),
             basic: self.config.client_auth == ClientAuth::ClientSecretBasic,
         }
     }
@@ -146,24 +166,54 @@ impl Oidc {
             .await
             .map_err(|e| GrantError::Unavailable(e.to_string()))?;
         if (200..300).contains(&reply.status) {
-            return serde_json::from_value(reply.body).map_err(|_| GrantError::Unavailable("the token response is malformed".into()));
+            return serde_json::from_value(reply.body)
+                .map_err(|_| GrantError::Unavailable("the token response is malformed".into()));
         }
-        let code = reply.body.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string();
-        if reply.status >= 500 || reply.status == 429 || code.is_empty() && reply.status != 400 && reply.status != 401 {
+        let code = reply
+            .body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("")
+            .to_string();
+        if reply.status >= 500
+            || reply.status == 429
+            || code.is_empty() && reply.status != 400 && reply.status != 401
+        {
             return Err(GrantError::Unavailable(format!("HTTP {}", reply.status)));
         }
-        Err(GrantError::Rejected(if code.is_empty() { format!("HTTP {}", reply.status) } else { code }))
+        Err(GrantError::Rejected(if code.is_empty() {
+            format!("HTTP {}", reply.status)
+        } else {
+            code
+        }))
     }
 
-    pub async fn exchange_code(&self, code: &str, verifier: &str) -> Result<TokenResponse, GrantError> {
-        self.grant(&[("grant_type", "authorization_code"), ("code", code), ("redirect_uri", &self.redirect_uri), ("code_verifier", verifier)])
-            .await
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        verifier: &str,
+    ) -> Result<TokenResponse, GrantError> {
+        self.grant(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", &self.redirect_uri),
+            ("code_verifier", verifier),
+        ])
+        .await
     }
 
     /// Refresh-token grant, optionally for a resource (RFC 8707) and scopes.
-    pub async fn refresh(&self, refresh_token: &str, resource: Option<&str>, scopes: &[String]) -> Result<TokenResponse, GrantError> {
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        resource: Option<&str>,
+        scopes: &[String],
+    ) -> Result<TokenResponse, GrantError> {
         let scope = scopes.join(" ");
-        let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)];
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ];
         if let Some(r) = resource {
             form.push(("resource", r));
         }
@@ -173,7 +223,11 @@ impl Oidc {
         self.grant(&form).await
     }
 
-    pub async fn client_credentials(&self, resource: Option<&str>, scopes: &[String]) -> Result<TokenResponse, GrantError> {
+    pub async fn client_credentials(
+        &self,
+        resource: Option<&str>,
+        scopes: &[String],
+    ) -> Result<TokenResponse, GrantError> {
         let scope = scopes.join(" ");
         let mut form = vec![("grant_type", "client_credentials")];
         if let Some(r) = resource {
@@ -186,13 +240,27 @@ impl Oidc {
     }
 
     /// RFC 8693 token exchange: trade the user's access token for one with `resource` audience.
-    pub async fn exchange_token(&self, subject_token: &str, resource: &str, scopes: &[String]) -> Result<TokenResponse, GrantError> {
+    pub async fn exchange_token(
+        &self,
+        subject_token: &str,
+        resource: &str,
+        scopes: &[String],
+    ) -> Result<TokenResponse, GrantError> {
         let scope = scopes.join(" ");
         let mut form = vec![
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
             ("subject_token", subject_token),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
-            ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            (
+                "requested_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
             ("resource", resource),
         ];
         if !scope.is_empty() {
@@ -203,9 +271,22 @@ impl Oidc {
 
     /// RFC 7009 revocation; failures are logged, never fatal.
     pub async fn revoke(&self, token: &str, hint: &str) {
-        let Some(metadata) = self.provider.get() else { return };
-        let Some(endpoint) = &metadata.revocation_endpoint else { return };
-        match self.provider.http.post_form(endpoint, &[("token", token), ("token_type_hint", hint)], &self.credentials()).await {
+        let Some(metadata) = self.provider.get() else {
+            return;
+        };
+        let Some(endpoint) = &metadata.revocation_endpoint else {
+            return;
+        };
+        match self
+            .provider
+            .http
+            .post_form(
+                endpoint,
+                &[("token", token), ("token_type_hint", hint)],
+                &self.credentials(),
+            )
+            .await
+        {
             Ok(reply) if (200..300).contains(&reply.status) => {}
             Ok(reply) => tracing::warn!(status = reply.status, hint, "token revocation refused"),
             Err(error) => tracing::warn!(%error, hint, "token revocation failed"),
@@ -215,9 +296,15 @@ impl Oidc {
     /// Where to send the browser after logout: the provider's end-session endpoint when it has
     /// one, else the configured local page.
     pub fn end_session_url(&self, id_token: Option<&str>, post_logout_uri: &str) -> String {
-        let Some(metadata) = self.provider.get() else { return self.config.post_logout_redirect.clone() };
-        let Some(endpoint) = &metadata.end_session_endpoint else { return self.config.post_logout_redirect.clone() };
-        let Ok(mut url) = url::Url::parse(endpoint) else { return self.config.post_logout_redirect.clone() };
+        let Some(metadata) = self.provider.get() else {
+            return self.config.post_logout_redirect.clone();
+        };
+        let Some(endpoint) = &metadata.end_session_endpoint else {
+            return self.config.post_logout_redirect.clone();
+        };
+        let Ok(mut url) = url::Url::parse(endpoint) else {
+            return self.config.post_logout_redirect.clone();
+        };
         {
             let mut q = url.query_pairs_mut();
             if let Some(hint) = id_token {
@@ -231,7 +318,12 @@ impl Oidc {
 
     pub fn expect(&self, audience: &str, now: u64) -> crate::jose::Expect {
         crate::jose::Expect {
-            issuer: self.config.issuer.as_str().trim_end_matches('/').to_string(),
+            issuer: self
+                .config
+                .issuer
+                .as_str()
+                .trim_end_matches('/')
+                .to_string(),
             audience: audience.to_string(),
             now,
             leeway: self.config.clock_skew.as_secs(),
@@ -250,8 +342,18 @@ mod tests {
             assert!(local_return_url(good).is_some(), "{good}");
         }
         for bad in [
-            "//evil.example", "/\\evil.example", "https://evil.example", "javascript:alert(1)", "evil", "",
-            "/%2F%2Fevil.example", "%2F%2Fevil.example", "/%5Cevil.example", "/%252F%252Fevil.example", "/\tevil", "\\\\evil",
+            "//evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            "javascript:alert(1)",
+            "evil",
+            "",
+            "/%2F%2Fevil.example",
+            "%2F%2Fevil.example",
+            "/%5Cevil.example",
+            "/%252F%252Fevil.example",
+            "/\tevil",
+            "\\\\evil",
         ] {
             assert!(local_return_url(bad).is_none(), "{bad}");
         }
@@ -259,6 +361,9 @@ mod tests {
 
     #[test]
     fn pkce_challenge_is_base64url_sha256_of_the_verifier() {
-        assert_eq!(pkce_challenge("dBjftJeZ4CVP-mJ0kXFyZmMrnALcy8Qm"), "U_K8RRfER5wq16W5nORZftRldMswjtNgCJpftOICliE");
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mJ0kXFyZmMrnALcy8Qm"),
+            "U_K8RRfER5wq16W5nORZftRldMswjtNgCJpftOICliE"
+        );
     }
 }

@@ -133,21 +133,23 @@ fn check_keys(root: &mut Table, problems: &mut Problems) {
         }
     }
     if let Some(Value::Table(server)) = root.get_mut("server")
-        && let Some(Value::Table(tls)) = server.get_mut("tls") {
-            prune(tls, "server.tls", "server.tls", problems);
-        }
+        && let Some(Value::Table(tls)) = server.get_mut("tls")
+    {
+        prune(tls, "server.tls", "server.tls", problems);
+    }
     if let Some(Value::Table(session)) = root.get_mut("session")
-        && let Some(Value::Table(redis)) = session.get_mut("redis") {
-            prune(redis, "session.redis", "session.redis", problems);
-            if let Some(Value::Table(sentinel)) = redis.get_mut("sentinel") {
-                prune(
-                    sentinel,
-                    "session.redis.sentinel",
-                    "session.redis.sentinel",
-                    problems,
-                );
-            }
+        && let Some(Value::Table(redis)) = session.get_mut("redis")
+    {
+        prune(redis, "session.redis", "session.redis", problems);
+        if let Some(Value::Table(sentinel)) = redis.get_mut("sentinel") {
+            prune(
+                sentinel,
+                "session.redis.sentinel",
+                "session.redis.sentinel",
+                problems,
+            );
         }
+    }
     if let Some(Value::Array(routes)) = root.get_mut("routes") {
         for (i, route) in routes.iter_mut().enumerate() {
             if let Value::Table(t) = route {
@@ -732,10 +734,9 @@ fn session_config(raw: raw::Session, problems: &mut Problems) -> Option<SessionC
     } = raw;
     let cookie_secure = cookie_secure.unwrap_or(true);
     let mut cookie_name = cookie_name.unwrap_or_else(|| "__Host-vestibule".into());
-    if !cookie_secure
-        && let Some(rest) = cookie_name.strip_prefix("__Host-") {
-            cookie_name = rest.to_string();
-        }
+    if !cookie_secure && let Some(rest) = cookie_name.strip_prefix("__Host-") {
+        cookie_name = rest.to_string();
+    }
     if cookie_name.is_empty()
         || !cookie_name
             .chars()
@@ -1078,17 +1079,18 @@ fn routes_config(
             );
         }
         if let Some(name) = &feature
-            && !features.contains_key(name) {
-                let names: Vec<&str> = features.keys().map(String::as_str).collect();
-                let hint = match nearest(name, &names) {
-                    Some(n) => format!("did you mean {n:?}?"),
-                    None => format!("add a [features.{name}] section"),
-                };
-                problems.add(
-                    format!("{path}.feature"),
-                    format!("{name:?} is not defined; {hint}"),
-                );
-            }
+            && !features.contains_key(name)
+        {
+            let names: Vec<&str> = features.keys().map(String::as_str).collect();
+            let hint = match nearest(name, &names) {
+                Some(n) => format!("did you mean {n:?}?"),
+                None => format!("add a [features.{name}] section"),
+            };
+            problems.add(
+                format!("{path}.feature"),
+                format!("{name:?} is not defined; {hint}"),
+            );
+        }
         let require: Vec<(String, Vec<String>)> = require.unwrap_or_default().into_iter().collect();
         if !require.is_empty() && auth == AuthMode::None {
             problems.add(

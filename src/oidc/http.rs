@@ -25,7 +25,10 @@ pub enum CallError {
 
 #[derive(Clone)]
 pub struct ProviderHttp {
-    client: Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>>,
+    client: Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
 }
 
 impl Default for ProviderHttp {
@@ -54,15 +57,23 @@ impl ProviderHttp {
         let sent = tokio::time::timeout(TIMEOUT, self.client.request(req)).await;
         let response = match sent {
             Err(_) => return Err(CallError::Unreachable(format!("{host}: timed out"))),
-            Ok(Err(e)) => return Err(CallError::Unreachable(format!("{host}: {}", error_chain(&e)))),
+            Ok(Err(e)) => {
+                return Err(CallError::Unreachable(format!(
+                    "{host}: {}",
+                    error_chain(&e)
+                )));
+            }
             Ok(Ok(r)) => r,
         };
         let status = response.status().as_u16();
-        let body = tokio::time::timeout(TIMEOUT, Limited::new(response.into_body(), MAX_RESPONSE).collect())
-            .await
-            .map_err(|_| CallError::Unreachable(format!("{host}: body timed out")))?
-            .map_err(|_| CallError::Unreachable(format!("{host}: body unreadable or too large")))?
-            .to_bytes();
+        let body = tokio::time::timeout(
+            TIMEOUT,
+            Limited::new(response.into_body(), MAX_RESPONSE).collect(),
+        )
+        .await
+        .map_err(|_| CallError::Unreachable(format!("{host}: body timed out")))?
+        .map_err(|_| CallError::Unreachable(format!("{host}: body unreadable or too large")))?
+        .to_bytes();
         Ok((status, body))
     }
 
@@ -86,7 +97,12 @@ impl ProviderHttp {
     }
 
     /// POST a form, authenticating as the client (basic or in the body).
-    pub async fn post_form(&self, url: &str, form: &[(&str, &str)], auth: &ClientCredentials<'_>) -> Result<JsonReply, CallError> {
+    pub async fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        auth: &ClientCredentials<'_>,
+    ) -> Result<JsonReply, CallError> {
         let mut fields: Vec<(&str, &str)> = form.to_vec();
         let mut builder = Request::builder()
             .method(Method::POST)
@@ -94,9 +110,13 @@ impl ProviderHttp {
             .header(header::ACCEPT, "application/json")
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
         if auth.basic {
-            let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let enc =
+                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
             let raw = format!("{}:{}", enc(auth.client_id), enc(auth.client_secret));
-            let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            );
             if let Ok(mut value) = HeaderValue::from_str(&value) {
                 value.set_sensitive(true);
                 builder = builder.header(header::AUTHORIZATION, value);
@@ -105,12 +125,18 @@ impl ProviderHttp {
             fields.push(("client_id", auth.client_id));
             fields.push(("client_secret", auth.client_secret));
         }
-        let encoded = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
+        let encoded = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
         let req = builder
             .body(Full::new(Bytes::from(encoded)))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
         let (status, body) = self.call(req).await?;
-        let body = if body.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null) };
+        let body = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
+        };
         Ok(JsonReply { status, body })
     }
 }

@@ -35,14 +35,19 @@ pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata
     let base = issuer.as_str().trim_end_matches('/');
     let url = format!("{base}/.well-known/openid-configuration");
     let document = http.get_json(&url).await.map_err(|e| e.to_string())?;
-    let metadata: Metadata = serde_json::from_value(document).map_err(|e| format!("the discovery document is incomplete: {e}"))?;
+    let metadata: Metadata = serde_json::from_value(document)
+        .map_err(|e| format!("the discovery document is incomplete: {e}"))?;
     if metadata.issuer.trim_end_matches('/') != base {
-        return Err(format!("the discovery document names issuer {:?}, not the configured one", metadata.issuer));
+        return Err(format!(
+            "the discovery document names issuer {:?}, not the configured one",
+            metadata.issuer
+        ));
     }
     if let Some(methods) = &metadata.code_challenge_methods_supported
-        && !methods.iter().any(|m| m == "S256") {
-            return Err("the provider does not support PKCE S256".into());
-        }
+        && !methods.iter().any(|m| m == "S256")
+    {
+        return Err("the provider does not support PKCE S256".into());
+    }
     Ok(metadata)
 }
 
@@ -78,9 +83,17 @@ pub struct Provider {
 impl Provider {
     pub fn new(issuer: url::Url, http: ProviderHttp) -> Arc<Provider> {
         let metadata = Arc::new(ArcSwapOption::empty());
-        let fetcher = Arc::new(MetadataJwks { http: http.clone(), metadata: metadata.clone() });
+        let fetcher = Arc::new(MetadataJwks {
+            http: http.clone(),
+            metadata: metadata.clone(),
+        });
         let jwks = Jwks::new(fetcher, Duration::from_secs(10));
-        Arc::new(Provider { issuer, http, metadata, jwks })
+        Arc::new(Provider {
+            issuer,
+            http,
+            metadata,
+            jwks,
+        })
     }
 
     pub fn get(&self) -> Option<Arc<Metadata>> {
@@ -95,7 +108,10 @@ impl Provider {
     pub async fn refresh(&self) -> Result<(), String> {
         let metadata = discover(&self.http, &self.issuer).await?;
         self.metadata.store(Some(Arc::new(metadata)));
-        self.jwks.load().await.map_err(|e| format!("the key set could not be loaded: {e}"))
+        self.jwks
+            .load()
+            .await
+            .map_err(|e| format!("the key set could not be loaded: {e}"))
     }
 
     /// Loads with retries until it succeeds, then refreshes every `period`. Runs forever.

@@ -75,9 +75,10 @@ pub fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
     }
     headers.remove(header::COOKIE);
     if !kept.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(header::COOKIE, value);
-        }
+        && let Ok(value) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// What the proxy knows about the client connection.

@@ -13,7 +13,11 @@ pub struct Browser {
 
 impl Browser {
     fn cookie_header(&self) -> String {
-        self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
+        self.jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     fn absorb(&mut self, reply: &Reply) {
@@ -22,7 +26,10 @@ impl Browser {
             let (pair, attrs) = text.split_once(';').unwrap_or((text, ""));
             let (name, val) = pair.split_once('=').unwrap();
             let attrs = attrs.to_ascii_lowercase();
-            if attrs.contains("max-age=0") || (attrs.contains("expires=thu, 01 jan 1970") && !attrs.contains("max-age=")) || val.is_empty() {
+            if attrs.contains("max-age=0")
+                || (attrs.contains("expires=thu, 01 jan 1970") && !attrs.contains("max-age="))
+                || val.is_empty()
+            {
                 self.jar.remove(name.trim());
             } else {
                 self.jar.insert(name.trim().to_string(), val.to_string());
@@ -30,7 +37,13 @@ impl Browser {
         }
     }
 
-    pub async fn request(&mut self, method: &str, url: &str, headers: &[(&str, &str)], body: Option<String>) -> Reply {
+    pub async fn request(
+        &mut self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Reply {
         let mut builder = http::Request::builder().method(method).uri(url);
         if !self.jar.is_empty() {
             builder = builder.header("cookie", self.cookie_header());
@@ -73,17 +86,55 @@ impl Browser {
     }
 
     /// Logs in at the proxy `base` as `user`, returning the proxy's final callback reply.
-    pub async fn login(&mut self, base: &str, user: &str, password: &str, return_url: &str) -> Reply {
-        let start = self.get(&format!("{base}/bff/login?returnUrl={}", urlencode(return_url)), &[("accept", "text/html")]).await;
-        assert_eq!(start.status, 302, "login must redirect to the provider: {}", start.text());
+    pub async fn login(
+        &mut self,
+        base: &str,
+        user: &str,
+        password: &str,
+        return_url: &str,
+    ) -> Reply {
+        let start = self
+            .get(
+                &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
+                &[("accept", "text/html")],
+            )
+            .await;
+        assert_eq!(
+            start.status,
+            302,
+            "login must redirect to the provider: {}",
+            start.text()
+        );
         let auth_url = start.header("location").unwrap().to_string();
         let (form, form_url) = self.follow(auth_url, "\u{0}").await;
-        assert_eq!(form.status, 200, "expected the provider's login form at {form_url}");
-        let uid = form_url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+        assert_eq!(
+            form.status, 200,
+            "expected the provider's login form at {form_url}"
+        );
+        let uid = form_url
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_string();
         let origin = form_url.split("/interaction/").next().unwrap().to_string();
         let body = format!("login={}&password={}", urlencode(user), urlencode(password));
-        let posted = self.request("POST", &format!("{origin}/interaction/{uid}/login"), &[], Some(body)).await;
-        assert!((300..400).contains(&posted.status), "login form POST gave {}: {}", posted.status, posted.text());
+        let posted = self
+            .request(
+                "POST",
+                &format!("{origin}/interaction/{uid}/login"),
+                &[],
+                Some(body),
+            )
+            .await;
+        assert!(
+            (300..400).contains(&posted.status),
+            "login form POST gave {}: {}",
+            posted.status,
+            posted.text()
+        );
         let next = absolute(&form_url, posted.header("location").unwrap());
         let mut url = next;
         for _ in 0..20 {
@@ -91,7 +142,12 @@ impl Browser {
                 return self.get(&url, &[("accept", "text/html")]).await;
             }
             let reply = self.get(&url, &[("accept", "text/html")]).await;
-            assert!((300..400).contains(&reply.status), "provider step {url} gave {}: {}", reply.status, reply.text());
+            assert!(
+                (300..400).contains(&reply.status),
+                "provider step {url} gave {}: {}",
+                reply.status,
+                reply.text()
+            );
             url = absolute(&url, reply.header("location").unwrap());
         }
         panic!("login did not come back to the proxy");
@@ -99,8 +155,18 @@ impl Browser {
 
     /// Stops at the provider's redirect back to the proxy and returns the callback URL unvisited
     /// (the provider may skip its form when it already has a session: single sign-on).
-    pub async fn login_until_callback(&mut self, base: &str, user: &str, return_url: &str) -> String {
-        let start = self.get(&format!("{base}/bff/login?returnUrl={}", urlencode(return_url)), &[("accept", "text/html")]).await;
+    pub async fn login_until_callback(
+        &mut self,
+        base: &str,
+        user: &str,
+        return_url: &str,
+    ) -> String {
+        let start = self
+            .get(
+                &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
+                &[("accept", "text/html")],
+            )
+            .await;
         let mut url = start.header("location").unwrap().to_string();
         for _ in 0..20 {
             if url.starts_with(base) {
@@ -110,7 +176,14 @@ impl Browser {
             if reply.status == 200 {
                 let uid = url.rsplit('/').next().unwrap().to_string();
                 let origin = url.split("/interaction/").next().unwrap().to_string();
-                let posted = self.request("POST", &format!("{origin}/interaction/{uid}/login"), &[], Some(format!("login={user}&password={user}"))).await;
+                let posted = self
+                    .request(
+                        "POST",
+                        &format!("{origin}/interaction/{uid}/login"),
+                        &[],
+                        Some(format!("login={user}&password={user}")),
+                    )
+                    .await;
                 url = absolute(&url, posted.header("location").unwrap());
                 continue;
             }
@@ -125,5 +198,9 @@ pub fn urlencode(s: &str) -> String {
 }
 
 pub fn absolute(current: &str, location: &str) -> String {
-    url::Url::parse(current).unwrap().join(location).unwrap().to_string()
+    url::Url::parse(current)
+        .unwrap()
+        .join(location)
+        .unwrap()
+        .to_string()
 }

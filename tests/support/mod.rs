@@ -163,7 +163,11 @@ pub async fn wait_ready(proxy: &Proxy) {
         if r.status == 200 {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "proxy never became ready: {}", r.text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy never became ready: {}",
+            r.text()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

@@ -17,7 +17,11 @@ impl Drop for TestProvider {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn root() -> std::path::PathBuf {
@@ -27,7 +31,10 @@ fn root() -> std::path::PathBuf {
 /// Starts the provider with a client whose redirect URIs point at `proxy_port`.
 pub fn start(proxy_port: u16, extra: serde_json::Value) -> TestProvider {
     let modules = root().join("tests/provider/node_modules");
-    assert!(modules.is_dir(), "tests/provider/node_modules is missing: run `npm ci --prefix tests/provider` (scripts/test does)");
+    assert!(
+        modules.is_dir(),
+        "tests/provider/node_modules is missing: run `npm ci --prefix tests/provider` (scripts/test does)"
+    );
     let base = format!("http://127.0.0.1:{proxy_port}");
     let mut config = serde_json::json!({
         "port": 0,
@@ -54,26 +61,36 @@ pub fn start(proxy_port: u16, extra: serde_json::Value) -> TestProvider {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("provider did not start: {line}"));
-    TestProvider { child, issuer: ready["issuer"].as_str().unwrap().to_string() }
+    let ready: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("provider did not start: {line}"));
+    TestProvider {
+        child,
+        issuer: ready["issuer"].as_str().unwrap().to_string(),
+    }
 }
 
 impl TestProvider {
     pub async fn stats(&self) -> serde_json::Value {
-        super::get(&format!("{}/_test/stats", self.issuer), &[]).await.json()
+        super::get(&format!("{}/_test/stats", self.issuer), &[])
+            .await
+            .json()
     }
 
     pub async fn control(&self, path: &str, body: serde_json::Value) -> super::Reply {
         let req = http::Request::post(format!("{}{path}", self.issuer))
             .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
             .unwrap();
         super::send(req).await
     }
 
     /// The latest tokens the provider issued to `sub`.
     pub async fn tokens(&self, sub: &str) -> serde_json::Value {
-        let all = super::get(&format!("{}/_test/tokens", self.issuer), &[]).await.json();
+        let all = super::get(&format!("{}/_test/tokens", self.issuer), &[])
+            .await
+            .json();
         all.get(sub).cloned().unwrap_or(serde_json::Value::Null)
     }
 }
