@@ -41,7 +41,7 @@ const ALLOWED_ALGS: &[Algorithm] = {
     ]
 };
 /// At most one key-set fetch per interval, so tokens with made-up `kid`s cannot flood the issuer.
-const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const LEEWAY_SECS: u64 = 30;
 const BETA_ROLE: &str = "beta-tester";
@@ -128,24 +128,34 @@ impl Api {
         Ok(data.claims)
     }
 
-    /// The key for `kid`, refetching the key set (rate-limited) when it is unknown: that is how a
-    /// resource server follows the issuer's key rotation.
+    /// The key for `kid`. An unknown `kid` is looked up in a key set fetched after the request
+    /// arrived (at most one fetch per interval, waited for without holding the lock): that is how
+    /// a resource server follows the issuer's key rotation without being a fetch amplifier.
     async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, Reject> {
-        let mut set = self.keys.lock().await;
-        if let Some(key) = set.find(kid, alg) {
-            return Ok(key);
+        let arrived = Instant::now();
+        loop {
+            let mut set = self.keys.lock().await;
+            if let Some(key) = set.find(kid, alg) {
+                return Ok(key);
+            }
+            match set.fetched {
+                Some(at) if at >= arrived => return Err(invalid("unknown signing key")),
+                Some(at) if at.elapsed() < REFETCH_INTERVAL => {
+                    drop(set);
+                    tokio::time::sleep_until((at + REFETCH_INTERVAL).into()).await;
+                    continue;
+                }
+                _ => {}
+            }
+            set.fetched = Some(Instant::now());
+            if let Err(e) = self.fetch_keys(&mut set).await {
+                log(json!({"warn": "cannot load the issuer's keys", "cause": e.to_string()}));
+                return Err(Reject::KeysUnavailable);
+            }
+            return set
+                .find(kid, alg)
+                .ok_or_else(|| invalid("unknown signing key"));
         }
-        let recently = |at: Instant| at.elapsed() < REFETCH_INTERVAL;
-        if set.fetched.is_some_and(recently) {
-            return Err(invalid("unknown signing key"));
-        }
-        set.fetched = Some(Instant::now());
-        if let Err(e) = self.fetch_keys(&mut set).await {
-            log(json!({"warn": "cannot load the issuer's keys", "cause": e.to_string()}));
-            return Err(Reject::KeysUnavailable);
-        }
-        set.find(kid, alg)
-            .ok_or_else(|| invalid("unknown signing key"))
     }
 
     async fn fetch_keys(&self, set: &mut KeySet) -> anyhow::Result<()> {

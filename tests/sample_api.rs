@@ -6,7 +6,7 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -25,15 +25,52 @@ const API: &str = "https://api.example.test";
 const LEGACY_API: &str = "https://legacy-api.example.test";
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// An issuer with one Ed25519 signing key, serving discovery and its key set on loopback.
+/// An issuer signing with Ed25519 keys made for the test, serving discovery and its key set
+/// on loopback. `rotate` publishes a new key and signs with it from then on.
 struct Issuer {
     url: String,
-    key: EncodingKey,
-    public_x: Vec<u8>,
+    /// The published key set; the last key signs.
+    keys: Arc<Mutex<Vec<(Jwk, EncodingKey)>>>,
 }
 
 impl Issuer {
     async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let issuer = Self {
+            url: url.clone(),
+            keys: Arc::default(),
+        };
+        issuer.rotate()?;
+        let keys = issuer.keys.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (url, keys) = (url.clone(), keys.clone());
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let body = match req.uri().path() {
+                        "/.well-known/openid-configuration" => {
+                            json!({"issuer": url, "jwks_uri": format!("{url}/jwks")})
+                        }
+                        "/jwks" => match keys.lock() {
+                            Ok(keys) => {
+                                json!({"keys": keys.iter().map(|(jwk, _)| jwk).collect::<Vec<_>>()})
+                            }
+                            Err(_) => json!({}),
+                        },
+                        _ => json!({}),
+                    };
+                    let resp = Response::new(Full::<Bytes>::from(body.to_string()));
+                    async move { Ok::<_, hyper::Error>(resp) }
+                });
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                tokio::spawn(conn);
+            }
+        });
+        Ok(issuer)
+    }
+
+    /// Publishes a fresh signing key (kid `key-<n>`), which signs every token from now on.
+    fn rotate(&self) -> anyhow::Result<()> {
         // A PKCS#8 v1 Ed25519 key is a fixed 16-byte prefix and a 32-byte random seed.
         let mut der = ED25519_PKCS8_PREFIX.to_vec();
         let mut seed = [0u8; 32];
@@ -41,33 +78,22 @@ impl Issuer {
         der.extend_from_slice(&seed);
         let key = EncodingKey::from_ed_der(&der);
         let mut jwk = Jwk::from_encoding_key(&key, Algorithm::EdDSA)?;
-        jwk.common.key_id = Some("test-key".into());
-        let public_x = match &jwk.algorithm {
+        let mut keys = self.keys.lock().map_err(|_| anyhow!("poisoned"))?;
+        jwk.common.key_id = Some(format!("key-{}", keys.len() + 1));
+        keys.push((jwk, key));
+        Ok(())
+    }
+
+    /// The signing key: its id, the key, and its public bytes.
+    fn current(&self) -> anyhow::Result<(String, EncodingKey, Vec<u8>)> {
+        let keys = self.keys.lock().map_err(|_| anyhow!("poisoned"))?;
+        let (jwk, key) = keys.last().context("no key")?;
+        let kid = jwk.common.key_id.clone().unwrap_or_default();
+        let public = match &jwk.algorithm {
             jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(p) => base64url_decode(&p.x)?,
             _ => bail!("not an OKP key"),
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let documents = Arc::new((
-            json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}),
-            json!({"keys": [jwk]}),
-        ));
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let documents = documents.clone();
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let body = match req.uri().path() {
-                        "/.well-known/openid-configuration" => documents.0.to_string(),
-                        "/jwks" => documents.1.to_string(),
-                        _ => String::new(),
-                    };
-                    async move { Ok::<_, hyper::Error>(Response::new(Full::<Bytes>::from(body))) }
-                });
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                tokio::spawn(conn);
-            }
-        });
-        Ok(Self { url, key, public_x })
+        Ok((kid, key.clone(), public))
     }
 
     /// A token for alice with `beta-tester`, changed by `adjust`.
@@ -78,10 +104,11 @@ impl Issuer {
             "name": "Alice", "roles": ["beta-tester"], "scope": "openid api",
         });
         adjust(&mut claims);
+        let (kid, key, _) = self.current()?;
         let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some("test-key".into());
+        header.kid = Some(kid);
         header.typ = Some("at+jwt".into());
-        Ok(jsonwebtoken::encode(&header, &claims, &self.key)?)
+        Ok(jsonwebtoken::encode(&header, &claims, &key)?)
     }
 }
 
@@ -289,13 +316,10 @@ async fn hmac_token_keyed_with_the_public_key_is_rejected() -> anyhow::Result<()
     let api = SampleApi::start(&issuer, &[API]).await?;
     let good = issuer.token(|_| {})?;
     let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(&good)?;
+    let (kid, _, public) = issuer.current()?;
     let mut header = Header::new(Algorithm::HS256);
-    header.kid = Some("test-key".into());
-    let forged = jsonwebtoken::encode(
-        &header,
-        &claims,
-        &EncodingKey::from_secret(&issuer.public_x),
-    )?;
+    header.kid = Some(kid);
+    let forged = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&public))?;
     let (status, _, _) = api.get("/api/hello", Some(&forged)).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     Ok(())
@@ -315,5 +339,28 @@ async fn beta_dashboard_needs_the_beta_tester_role() -> anyhow::Result<()> {
     let (status, _, body) = api.get("/api/beta/dashboard", Some(&bob)).await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(body["error"], "forbidden");
+    Ok(())
+}
+
+#[tokio::test]
+async fn key_rotated_after_the_first_fetch_is_picked_up() -> anyhow::Result<()> {
+    let issuer = Issuer::start().await?;
+    let api = SampleApi::start(&issuer, &[API]).await?;
+    let (status, _, _) = api.get("/api/hello", Some(&issuer.token(|_| {})?)).await?;
+    assert_eq!(status, StatusCode::OK, "the first key works");
+    issuer.rotate()?;
+    let (status, _, body) = api.get("/api/hello", Some(&issuer.token(|_| {})?)).await?;
+    assert_eq!(status, StatusCode::OK, "the rotated key is fetched: {body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_signed_with_an_unpublished_key_is_rejected() -> anyhow::Result<()> {
+    let issuer = Issuer::start().await?;
+    let api = SampleApi::start(&issuer, &[API]).await?;
+    let stranger = Issuer::start().await?; // same kid, another key, never published by `issuer`
+    let token = stranger.token(|c| c["iss"] = json!(issuer.url))?;
+    let (status, _, _) = api.get("/api/hello", Some(&token)).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     Ok(())
 }
