@@ -1,1 +1,292 @@
-//! config
+//! Configuration: the TOML schema, `${VAR}` interpolation and validation.
+//!
+//! This is the only module that knows TOML. [`Config::load`] reads a file, interpolates
+//! environment variables, checks every key and value, and returns either typed settings or
+//! *all* problems found, each naming its TOML path and the fix. Secret values are held in
+//! [`Secret`] and never printed back, not even in errors.
+
+mod interpolate;
+mod raw;
+mod units;
+mod validate;
+
+pub use units::{parse_duration, parse_size};
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default path of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+
+/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub oidc: OidcConfig,
+    pub session: SessionConfig,
+    pub routes: Vec<RouteConfig>,
+    pub features: BTreeMap<String, FeatureConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub public_url: url::Url,
+    /// `scheme://host[:port]` of `public_url`, as browsers send it in `Origin`.
+    pub public_origin: String,
+    pub bff_prefix: String,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub request_timeout: Duration,
+    pub max_body: u64,
+    pub tls: Option<TlsConfig>,
+    pub cors_origins: Vec<String>,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    pub issuer: url::Url,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub client_auth: ClientAuth,
+    pub scopes: Vec<String>,
+    pub extra_auth_params: Vec<(String, String)>,
+    pub roles_claim: String,
+    pub refresh_skew: Duration,
+    pub post_logout_redirect: String,
+    pub allow_http_issuer: bool,
+    pub metadata_refresh: Duration,
+    pub clock_skew: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+}
+
+#[derive(Clone)]
+pub struct SessionConfig {
+    pub store: StoreConfig,
+    pub cookie_name: String,
+    pub cookie_secure: bool,
+    pub same_site: SameSite,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+    /// Decoded session keys; the first seals, all open.
+    pub keys: Vec<[u8; 32]>,
+    pub max_entries: usize,
+    /// How long an opened session may be served from the in-process cache.
+    pub cache_ttl: Duration,
+}
+
+impl fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("store", &self.store)
+            .field("cookie_name", &self.cookie_name)
+            .field("cookie_secure", &self.cookie_secure)
+            .field("same_site", &self.same_site)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("max_entries", &self.max_entries)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Memory,
+    Redis(RedisConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// May carry a password, hence secret.
+    pub url: Secret,
+    pub sentinel: Option<SentinelConfig>,
+    pub cluster: Vec<Secret>,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelConfig {
+    pub master: String,
+    pub nodes: Vec<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    None,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMode {
+    None,
+    User,
+    Client,
+    UserOrClient,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Upstream(url::Url),
+    Static {
+        dir: PathBuf,
+        spa_fallback: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub path: String,
+    pub target: Target,
+    pub strip_prefix: bool,
+    pub auth: AuthMode,
+    pub token: TokenMode,
+    pub csrf: bool,
+    pub resource: Option<String>,
+    pub scopes: Vec<String>,
+    pub exchange: bool,
+    pub require: Vec<(String, Vec<String>)>,
+    pub feature: Option<String>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeatureConfig {
+    pub public: bool,
+    pub beta: bool,
+    pub role: Option<String>,
+}
+
+/// One problem in the file: where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads, interpolates and validates the file at `path` using the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses `text`; relative file paths are resolved against `base`; `env` looks up variables.
+    pub fn parse(
+        text: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        validate::parse(text, base, env)
+    }
+
+    /// The routes' callback URL registered at the provider.
+    pub fn redirect_uri(&self) -> String {
+        format!(
+            "{}{}/callback",
+            self.server.public_origin, self.server.bff_prefix
+        )
+    }
+}

@@ -1,1 +1,101 @@
-//! jose
+//! JSON Web Key sets and JWT validation: ID tokens, back-channel logout tokens and JWT access
+//! tokens.
+//!
+//! `jsonwebtoken` does the cryptography; this module does the policy that DESIGN.md's security
+//! invariant 4 asks for:
+//!
+//! 1. [`jws`] splits the compact serialization and enforces the algorithm allow-list (asymmetric
+//!    algorithms only — `none` and every HMAC are refused before any key is looked up, so a token
+//!    "signed" with the client secret or with a public key used as an HMAC secret never verifies).
+//! 2. [`Jwks`] finds the key: cached, refetched once on an unknown `kid`, rate-limited so that a
+//!    flood of bogus `kid`s cannot hammer the provider.
+//! 3. [`claims`] checks `iss`, `aud`, `azp`, the times and the token-specific claims, with the
+//!    current time passed in by the caller.
+//!
+//! It knows nothing of HTTP servers or TOML: key sets arrive through an injected [`JwksFetcher`].
+//! It never logs or displays a token or a claim value; [`JoseError`] texts name only conditions.
+
+pub mod claims;
+pub mod jwks;
+pub mod jws;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
+mod validate;
+
+pub use claims::{claim_path, claim_strings};
+pub use jwks::{Jwks, JwksFetcher};
+pub use jws::looks_like_jwt;
+pub use validate::{
+    LogoutToken, validate_access_token, validate_id_token, validate_logout_token,
+    validate_refreshed_id_token,
+};
+
+/// The whole payload of a validated token.
+pub type Claims = serde_json::Map<String, serde_json::Value>;
+
+/// The member of a logout token's `events` claim (Back-Channel Logout 1.0 §2.4).
+pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+
+/// How old a logout token's `iat` may be when [`Expect::max_iat_age`] is not set, in seconds.
+/// The caller's `jti` replay cache must remember identifiers at least this long (plus leeway).
+pub const DEFAULT_LOGOUT_MAX_IAT_AGE: u64 = 300;
+
+/// What a token must say, and the clock to judge it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    /// The provider's issuer identifier; `iss` must equal it (one trailing `/` is tolerated).
+    pub issuer: String,
+    /// The client id (ID and logout tokens) or the resource (access tokens) `aud` must contain.
+    pub audience: String,
+    /// Now, in seconds since the Unix epoch.
+    pub now: u64,
+    /// Allowed clock skew in seconds, e.g. 60.
+    pub leeway: u64,
+    /// Reject tokens whose `iat` is older than this many seconds (logout tokens default to
+    /// [`DEFAULT_LOGOUT_MAX_IAT_AGE`]).
+    pub max_iat_age: Option<u64>,
+}
+
+/// Why a token was refused. The texts name the condition only — never the token or a claim value —
+/// so they are safe to log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoseError {
+    #[error("the token is not a well-formed signed JWT")]
+    Malformed,
+    #[error("the token's signing algorithm is not allowed")]
+    UnsupportedAlgorithm,
+    #[error("no suitable key for the token in the provider's key set")]
+    UnknownKey,
+    #[error("the provider's key set is unavailable: {0}")]
+    KeySetUnavailable(String),
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token was issued by another issuer")]
+    WrongIssuer,
+    #[error("the token is not meant for this audience")]
+    WrongAudience,
+    #[error("the token has several audiences but no authorized party (azp)")]
+    MissingAzp,
+    #[error("the token's authorized party (azp) is another client")]
+    WrongAzp,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token was issued in the future (iat)")]
+    IssuedInFuture,
+    #[error("the token was issued too long ago (iat)")]
+    IssuedTooLongAgo,
+    #[error("the token's nonce does not match the login's")]
+    NonceMismatch,
+    #[error("the token lacks the claim {0}")]
+    MissingClaim(&'static str),
+    #[error("the token carries the claim {0}, which it must not")]
+    UnexpectedClaim(&'static str),
+    #[error("the claim {0} has the wrong type")]
+    BadClaimType(&'static str),
+    #[error("the token is not a back-channel logout token")]
+    NotALogoutToken,
+    #[error("the refreshed ID token names another subject or issuer than the original")]
+    SubjectChanged,
+}

@@ -4,16 +4,28 @@
 //!
 //! - [`config`]: the TOML schema, `${VAR}` interpolation and validation; the only module that
 //!   knows TOML. Produces typed settings.
+//! - [`telemetry`], [`reply`]: logging, metrics and redaction; the error contract and the
+//!   response body type. Used by everything below.
 //! - [`jose`]: JSON Web Key sets and JWT validation (ID tokens, logout tokens, access tokens).
 //!   Knows nothing of HTTP servers; fetches key sets through an injected fetcher.
 //! - [`session`]: cookie sealing with a key ring, the session model, and the session stores
 //!   (memory and Redis) behind one type.
 //! - [`oidc`]: provider metadata, login, callback, refresh, logout — the OpenID Connect client.
-//! - [`proxy`]: routing, policy, header rewriting, forwarding, upgrades, static files.
-//! - [`server`]: listeners, TLS, the admin endpoints, graceful shutdown, hot reload.
-//! - [`telemetry`]: logging set-up, metrics and redaction helpers, used by all of the above.
+//! - [`proxy`]: routing, header rewriting, forwarding, upgrades, static files.
+//! - [`app`]: the request pipeline tying routes, sessions and tokens together; hot-swappable
+//!   runtime configuration.
+//! - [`server`]: listeners, TLS, the admin endpoints, graceful shutdown.
 
+pub mod app;
+pub mod bff;
+pub mod cli;
 pub mod config;
+pub mod cookies;
+pub mod gate;
 pub mod jose;
+pub mod oidc;
+pub mod proxy;
+pub mod reply;
+pub mod server;
 pub mod session;
 pub mod telemetry;

@@ -1,0 +1,244 @@
+//! The application: one long-lived [`App`] holding the pooled clients, the OpenID Connect
+//! client and the session manager, plus a hot-swappable [`Runtime`] (configuration and compiled
+//! routes) that each request reads once.
+
+use crate::config::{Config, StoreConfig};
+use crate::gate::{self, Tokens};
+use crate::oidc::Oidc;
+use crate::proxy::{self, Peer, RouteTable, Upstreams};
+use crate::reply::{Body, ErrorCode};
+use crate::session::manager::{Loaded, SessionSettings, Sessions};
+use crate::session::seal::Keyring;
+use crate::session::store::{self, Store};
+use arc_swap::ArcSwap;
+use http::{HeaderMap, Request, Response, header};
+use hyper::body::Incoming;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What one configuration compiles to. Replaced atomically on reload.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    /// Vestibule's own cookie names, removed from forwarded requests.
+    own_cookie: String,
+    login_prefix: String,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Self {
+        let routes = RouteTable::new(&config.routes);
+        let own_cookie = config.session.cookie_name.clone();
+        let login_prefix = crate::cookies::login_prefix(&config.session);
+        Runtime { config: Arc::new(config), routes, own_cookie, login_prefix }
+    }
+
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.config.server.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
+
+pub struct App {
+    pub runtime: ArcSwap<Runtime>,
+    pub upstreams: Upstreams,
+    pub oidc: Arc<Oidc>,
+    pub sessions: Arc<Sessions>,
+    pub tokens: Tokens,
+    keyring: ArcSwap<Keyring>,
+    config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+fn store_config(config: &Config) -> store::StoreConfig {
+    match &config.session.store {
+        StoreConfig::Memory => store::StoreConfig::Memory { max_entries: config.session.max_entries },
+        StoreConfig::Redis(redis) => store::StoreConfig::Redis {
+            url: redis.url.expose().to_string(),
+            sentinel: redis.sentinel.as_ref().map(|s| (s.master.clone(), s.nodes.iter().map(|n| n.expose().to_string()).collect())),
+            cluster: (!redis.cluster.is_empty()).then(|| redis.cluster.iter().map(|n| n.expose().to_string()).collect()),
+            key_prefix: redis.key_prefix.clone(),
+        },
+    }
+}
+
+impl App {
+    /// Builds the application: connects the store and starts loading provider metadata in the
+    /// background (`/readyz` stays unready until it is loaded).
+    pub async fn start(config: Config, path: std::path::PathBuf) -> anyhow::Result<Arc<App>> {
+        crate::telemetry::metrics();
+        let keyring = Keyring::new(config.session.keys.clone()).map_err(|e| anyhow::anyhow!("session.keys: {e}"))?;
+        let store = Store::connect(&store_config(&config)).await.map_err(|e| anyhow::anyhow!("session store: {e}"))?;
+        let settings = SessionSettings {
+            cookie_name: config.session.cookie_name.clone(),
+            idle_timeout: config.session.idle_timeout,
+            absolute_timeout: config.session.absolute_timeout,
+            keyring: Keyring::new(config.session.keys.clone()).map_err(|e| anyhow::anyhow!("session.keys: {e}"))?,
+            cache_ttl: config.session.cache_ttl,
+        };
+        let sessions = Arc::new(Sessions::new(settings, store));
+        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+        tokio::spawn(oidc.provider.clone().keep_fresh(config.oidc.metadata_refresh));
+        Ok(Arc::new(App {
+            runtime: ArcSwap::from_pointee(Runtime::new(config)),
+            upstreams: Upstreams::new(),
+            oidc,
+            sessions,
+            tokens: Tokens::default(),
+            keyring: ArcSwap::from_pointee(keyring),
+            config_path: std::sync::Mutex::new(Some(path)),
+        }))
+    }
+
+    /// The key ring for login-state cookies.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.load_full()
+    }
+
+    pub fn session_cookie_values(&self, runtime: &Runtime, headers: &HeaderMap) -> Vec<String> {
+        crate::cookies::values(headers, &runtime.config.session.cookie_name).into_iter().map(String::from).collect()
+    }
+
+    /// The session of this request, if any cookie of ours opens one. A store failure is an error;
+    /// every kind of bad cookie is simply no session.
+    pub async fn load_session(&self, runtime: &Runtime, headers: &HeaderMap) -> Result<Option<Loaded>, crate::session::store::StoreError> {
+        for value in crate::cookies::values(headers, &runtime.config.session.cookie_name) {
+            if let Some(loaded) = self.sessions.load(value, now()).await? {
+                return Ok(Some(loaded));
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn reload_session(&self, loaded: &Loaded) -> Result<Option<Loaded>, crate::session::store::StoreError> {
+        self.sessions.reload(loaded, now()).await
+    }
+
+    /// Handles one request from the public listener.
+    pub async fn handle(&self, mut req: Request<Incoming>, ip: IpAddr, tls: bool) -> Response<Body> {
+        let started = Instant::now();
+        let runtime = self.runtime.load_full();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let request_id = proxy::headers::ensure_request_id(req.headers_mut());
+        metrics::gauge!("vestibule_requests_in_flight").increment(1.0);
+        let (route_name, mut response) = self.route(&runtime, req, ip, tls).await;
+        metrics::gauge!("vestibule_requests_in_flight").decrement(1.0);
+        response.headers_mut().insert("x-request-id", request_id.clone());
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
+        metrics::counter!("vestibule_requests_total", "route" => route_name.clone(), "status" => status.to_string()).increment(1);
+        metrics::histogram!("vestibule_request_duration_seconds", "route" => route_name.clone(), "status" => status.to_string())
+            .record(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "vestibule::access",
+            route = %route_name,
+            %method,
+            path = %path,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = request_id.to_str().unwrap_or(""),
+        );
+        response
+    }
+
+    async fn route(&self, runtime: &Runtime, req: Request<Incoming>, ip: IpAddr, tls: bool) -> (String, Response<Body>) {
+        let config = &runtime.config;
+        if proxy::header_bytes(&req) > config.server.max_header_size {
+            return ("-".into(), ErrorCode::HeadersTooLarge.json(&[]));
+        }
+        let path = req.uri().path();
+        let prefix = config.server.bff_prefix.as_str();
+        if let Some(rest) = path.strip_prefix(prefix).filter(|r| r.starts_with('/')) {
+            let rest = rest.to_string();
+            return (prefix.to_string(), crate::bff::handle(self, runtime, req, &rest).await);
+        }
+        let Some(route) = runtime.routes.find(path).cloned() else {
+            return ("-".into(), proxy::no_route(&req));
+        };
+        let admitted = match gate::admit(self, runtime, &route, &req).await {
+            Ok(a) => a,
+            Err(response) => return (route.path.clone(), response),
+        };
+        let peer = Peer { ip, tls, trusted: runtime.is_trusted(ip) };
+        let login_cookies = crate::cookies::names_with_prefix(req.headers(), &runtime.login_prefix);
+        let mut own: Vec<&str> = login_cookies.iter().map(String::as_str).collect();
+        own.push(runtime.own_cookie.as_str());
+        let mut response = proxy::dispatch(
+            &self.upstreams,
+            &route,
+            req,
+            peer,
+            &own,
+            admitted.bearer,
+            config.server.max_body,
+            config.server.request_timeout,
+        )
+        .await;
+        for cookie in admitted.set_cookies {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        (route.path.clone(), response)
+    }
+
+    /// Readiness checks by name; all must pass for `/readyz` to answer 200.
+    pub async fn readiness(&self) -> Vec<(&'static str, bool)> {
+        let store = tokio::time::timeout(std::time::Duration::from_secs(2), self.sessions.store().ping()).await;
+        vec![("store", matches!(store, Ok(Ok(())))), ("provider", self.oidc.provider.is_ready())]
+    }
+
+    /// Re-reads the configuration file; a bad file is rejected and the old one kept.
+    pub fn reload(&self, trigger: &str) {
+        let path = self.config_path.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(path) = path else { return };
+        match Config::load(&path) {
+            Ok(config) => {
+                let old = self.runtime.load_full();
+                for note in restart_needed(&old.config, &config) {
+                    tracing::warn!(trigger, "{note} changed; this takes effect after a restart");
+                }
+                self.runtime.store(Arc::new(Runtime::new(config)));
+                tracing::info!(trigger, "configuration reloaded");
+            }
+            Err(errors) => {
+                for error in &errors.0 {
+                    tracing::error!(trigger, "configuration rejected, keeping the previous one: {error}");
+                }
+            }
+        }
+    }
+}
+
+/// Settings that cannot change while running.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut notes = Vec::new();
+    if old.server.listen != new.server.listen {
+        notes.push("server.listen");
+    }
+    if old.server.tls != new.server.tls {
+        notes.push("server.tls");
+    }
+    if old.admin.listen != new.admin.listen {
+        notes.push("admin.listen");
+    }
+    if old.session.store != new.session.store {
+        notes.push("session.store");
+    }
+    if old.session.keys != new.session.keys || old.session.cookie_name != new.session.cookie_name {
+        notes.push("session keys or cookie name");
+    }
+    if old.oidc.issuer != new.oidc.issuer || old.oidc.client_id != new.oidc.client_id {
+        notes.push("oidc issuer or client");
+    }
+    notes
+}
+
+/// `vestibule check --online`: fetch the discovery document and the key set.
+pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
+    let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+    oidc.provider.refresh().await.map_err(|e| anyhow::anyhow!(e))
+}

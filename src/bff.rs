@@ -1,0 +1,349 @@
+//! The BFF endpoints under `bff_prefix`: login, callback, user, logout, back-channel logout,
+//! session listing and the session-ended event stream.
+
+use crate::app::{App, Runtime, now};
+use crate::cookies;
+use crate::oidc::{GrantError, LoginState, local_return_url, random_token};
+use crate::reply::{Body, ErrorCode, is_navigation, json_response, redirect};
+use crate::session::model::{AccessToken, Session};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use sha2::Digest;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+
+const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// ID token claims that describe the token rather than the user.
+const TECHNICAL_CLAIMS: &[&str] = &["iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid"];
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = req.uri().query()?;
+    url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+fn hash_hex(text: &str) -> String {
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+pub fn has_csrf_header(req: &Request<Incoming>) -> bool {
+    req.headers().get("x-csrf").is_some_and(|v| v.as_bytes() == b"1")
+}
+
+pub async fn handle(app: &App, runtime: &Runtime, req: Request<Incoming>, rest: &str) -> Response<Body> {
+    let navigation = is_navigation(req.headers());
+    match (req.method().clone(), rest) {
+        (Method::GET, "/login") => login(app, runtime, &req).await,
+        (Method::GET, "/callback") => callback(app, runtime, &req).await,
+        (Method::GET, "/user") => user(app, runtime, &req).await,
+        (Method::GET, "/logout") => logout(app, runtime, &req, false).await,
+        (Method::POST, "/logout") => logout(app, runtime, &req, true).await,
+        (Method::POST, "/backchannel-logout") => backchannel_logout(app, req).await,
+        (Method::GET, "/sessions") => list_sessions(app, runtime, &req).await,
+        (Method::DELETE, path) if path.starts_with("/sessions/") => end_session(app, runtime, &req, &path["/sessions/".len()..]).await,
+        (Method::GET, "/session-events") => session_events(app, runtime, &req).await,
+        _ => ErrorCode::NotFound.respond(navigation),
+    }
+}
+
+async fn login(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+    let navigation = is_navigation(req.headers());
+    let raw = query_param(req, "returnUrl").unwrap_or_else(|| "/".into());
+    let Some(return_url) = local_return_url(&raw) else {
+        return ErrorCode::InvalidReturnUrl.respond(navigation);
+    };
+    let Ok(metadata) = app.oidc.metadata() else {
+        return ErrorCode::ProviderUnavailable.respond(navigation);
+    };
+    let login = LoginState { state: random_token(32), nonce: random_token(32), verifier: random_token(48), return_url, created: now() };
+    let session_config = &runtime.config.session;
+    let name = format!("{}{}", cookies::login_prefix(session_config), &hash_hex(&login.state)[..12]);
+    let Ok(plain) = serde_json::to_vec(&login) else { return ErrorCode::Internal.json(&[]) };
+    let Ok(sealed) = app.keyring().seal(&name, &plain) else { return ErrorCode::Internal.json(&[]) };
+    let mut response = redirect(&app.oidc.authorization_url(&metadata, &login));
+    if let Some(cookie) = cookies::set_cookie(session_config, &name, &sealed, Some(LOGIN_TTL), true) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+fn login_failed(reason: &str) -> Response<Body> {
+    tracing::warn!(reason, "login failed");
+    ErrorCode::LoginFailed.html()
+}
+
+async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+    if let Some(error) = query_param(req, "error") {
+        let safe: String = error.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect();
+        return login_failed(&format!("the provider answered error={safe}"));
+    }
+    let (Some(code), Some(state)) = (query_param(req, "code"), query_param(req, "state")) else {
+        return login_failed("the callback lacks code or state");
+    };
+    let session_config = &runtime.config.session;
+    let name = format!("{}{}", cookies::login_prefix(session_config), &hash_hex(&state)[..12]);
+    let login = cookies::values(req.headers(), &name)
+        .into_iter()
+        .filter_map(|v| app.keyring().open(&name, v))
+        .filter_map(|opened| serde_json::from_slice::<LoginState>(&opened.plaintext).ok())
+        .find(|l| bool::from(l.state.as_bytes().ct_eq(state.as_bytes())));
+    let Some(login) = login else {
+        return login_failed("no login cookie matches the state (another browser, expired, or replayed)");
+    };
+    let now = now();
+    if now.saturating_sub(login.created) > LOGIN_TTL.as_secs() {
+        return login_failed("the login state expired");
+    }
+    match app.sessions.store().remember_once(&format!("login:{}", hash_hex(&state)), LOGIN_TTL).await {
+        Ok(true) => {}
+        Ok(false) => return login_failed("the state was already used"),
+        Err(_) => return ErrorCode::StoreUnavailable.html(),
+    }
+    let tokens = match app.oidc.exchange_code(&code, &login.verifier).await {
+        Ok(t) => t,
+        Err(GrantError::Rejected(e)) => return login_failed(&format!("the code was rejected: {e}")),
+        Err(GrantError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "token endpoint unavailable during login");
+            return ErrorCode::ProviderUnavailable.html();
+        }
+    };
+    let Some(id_token) = tokens.id_token.clone() else { return login_failed("the provider returned no ID token") };
+    let expect = app.oidc.expect(&app.oidc.config.client_id, now);
+    let claims = match crate::jose::validate_id_token(&app.oidc.provider.jwks, &id_token, &expect, &login.nonce).await {
+        Ok(c) => c,
+        Err(e) => return login_failed(&format!("the ID token is invalid: {e}")),
+    };
+    let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let sid = claims.get("sid").and_then(|v| v.as_str()).map(String::from);
+    let mut session = Session {
+        sub,
+        sid,
+        claims: claims.into_iter().filter(|(k, _)| !TECHNICAL_CLAIMS.contains(&k.as_str())).collect(),
+        id_token: Some(id_token),
+        refresh_token: tokens.refresh_token.clone(),
+        user_agent: req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(200).collect()),
+        ..Session::default()
+    };
+    session.tokens.insert(
+        String::new(),
+        AccessToken { value: tokens.access_token.clone(), expires_at: now + tokens.expires_in.unwrap_or(300), scope: tokens.scope.clone() },
+    );
+    // A login always starts a brand-new session; the browser's previous one ends.
+    if let Some(old) = app.load_session(runtime, req.headers()).await.ok().flatten() {
+        let _ = app.sessions.delete(&old).await;
+    }
+    let cookie_value = match app.sessions.create(session, now).await {
+        Ok((cookie, _)) => cookie,
+        Err(e) => {
+            tracing::error!(error = %e, "session could not be stored");
+            return ErrorCode::StoreUnavailable.html();
+        }
+    };
+    let mut response = redirect(&login.return_url);
+    let headers = response.headers_mut();
+    if let Some(c) = cookies::set_cookie(session_config, &session_config.cookie_name, &cookie_value, Some(runtime.config.session.absolute_timeout), false) {
+        headers.append(header::SET_COOKIE, c);
+    }
+    if let Some(c) = cookies::set_cookie(session_config, &name, "", None, true) {
+        headers.append(header::SET_COOKIE, c);
+    }
+    response
+}
+
+fn unauthenticated(runtime: &Runtime) -> Response<Body> {
+    let login_url = format!("{}/login", runtime.config.server.bff_prefix);
+    ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())])
+}
+
+async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+    if !has_csrf_header(req) {
+        return ErrorCode::Csrf.json(&[]);
+    }
+    let loaded = match app.load_session(runtime, req.headers()).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return unauthenticated(runtime),
+        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    };
+    let mut body = loaded.session.claims.clone();
+    body.insert("sub".into(), loaded.session.sub.clone().into());
+    let prefix = &runtime.config.server.bff_prefix;
+    body.insert("bff:logout_url".into(), format!("{prefix}/logout?sid={}", loaded.handle).into());
+    body.insert("bff:session_expires_in".into(), app.sessions.expires_in(&loaded.session, now()).as_secs().into());
+    let features: Vec<serde_json::Value> = runtime
+        .config
+        .features
+        .keys()
+        .filter(|name| crate::gate::feature_visible(runtime, name, Some(&loaded.session)))
+        .map(|n| n.clone().into())
+        .collect();
+    body.insert("bff:features".into(), features.into());
+    json_response(StatusCode::OK, &serde_json::Value::Object(body))
+}
+
+async fn logout(app: &App, runtime: &Runtime, req: &Request<Incoming>, post: bool) -> Response<Body> {
+    if post && !has_csrf_header(req) {
+        return ErrorCode::Csrf.json(&[]);
+    }
+    let config = &runtime.config;
+    let post_logout_uri = format!("{}{}", config.server.public_origin, config.oidc.post_logout_redirect);
+    let loaded = match app.load_session(runtime, req.headers()).await {
+        Ok(l) => l,
+        Err(_) => return ErrorCode::StoreUnavailable.respond(!post),
+    };
+    let Some(loaded) = loaded else {
+        return if post { json_response(StatusCode::OK, &serde_json::json!({"redirect": config.oidc.post_logout_redirect})) } else { redirect(&config.oidc.post_logout_redirect) };
+    };
+    let sid = query_param(req, "sid").unwrap_or_default();
+    if !post && !bool::from(sid.as_bytes().ct_eq(loaded.handle.as_bytes())) {
+        return ErrorCode::BadRequest.respond(is_navigation(req.headers()));
+    }
+    if app.sessions.delete(&loaded).await.is_err() {
+        return ErrorCode::StoreUnavailable.respond(!post);
+    }
+    if let Some(refresh) = &loaded.session.refresh_token {
+        app.oidc.revoke(refresh, "refresh_token").await;
+    }
+    for token in loaded.session.tokens.values() {
+        app.oidc.revoke(&token.value, "access_token").await;
+    }
+    let target = app.oidc.end_session_url(loaded.session.id_token.as_deref(), &post_logout_uri);
+    let mut response = if post { json_response(StatusCode::OK, &serde_json::json!({"redirect": target})) } else { redirect(&target) };
+    if let Some(c) = cookies::set_cookie(&config.session, &config.session.cookie_name, "", None, false) {
+        response.headers_mut().append(header::SET_COOKIE, c);
+    }
+    response
+}
+
+fn logout_rejected(reason: &str) -> Response<Body> {
+    tracing::warn!(reason, "back-channel logout rejected");
+    let mut r = json_response(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "invalid_request", "message": "The logout token is invalid."}));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return logout_rejected("body unreadable or too large"),
+    };
+    let Some(token) = url::form_urlencoded::parse(&body).find(|(k, _)| k == "logout_token").map(|(_, v)| v.into_owned()) else {
+        return logout_rejected("no logout_token");
+    };
+    let mut expect = app.oidc.expect(&app.oidc.config.client_id, now());
+    expect.max_iat_age = Some(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE);
+    let logout = match crate::jose::validate_logout_token(&app.oidc.provider.jwks, &token, &expect).await {
+        Ok(l) => l,
+        Err(e) => return logout_rejected(&e.to_string()),
+    };
+    let replay_ttl = Duration::from_secs(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE + expect.leeway + 60);
+    match app.sessions.store().remember_once(&format!("jti:{}", hash_hex(&logout.jti)), replay_ttl).await {
+        Ok(true) => {}
+        Ok(false) => return logout_rejected("jti replayed"),
+        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    }
+    let ended = match (&logout.sid, &logout.sub) {
+        (Some(sid), _) => app.sessions.end_by_sid(sid).await,
+        (None, Some(sub)) => app.sessions.end_by_sub(sub).await,
+        (None, None) => return logout_rejected("neither sid nor sub"),
+    };
+    match ended {
+        Ok(n) => {
+            tracing::info!(sessions = n, "back-channel logout ended sessions");
+            let mut r = Response::new(crate::reply::empty());
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(_) => ErrorCode::StoreUnavailable.json(&[]),
+    }
+}
+
+async fn list_sessions(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+    if !has_csrf_header(req) {
+        return ErrorCode::Csrf.json(&[]);
+    }
+    let loaded = match app.load_session(runtime, req.headers()).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return unauthenticated(runtime),
+        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    };
+    let list = match app.sessions.list_for_sub(&loaded.session.sub, now()).await {
+        Ok(l) => l,
+        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    };
+    let items: Vec<serde_json::Value> = list
+        .into_iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.handle,
+                "created_at": s.created_at,
+                "last_seen": s.last_seen,
+                "user_agent": s.user_agent,
+                "current": s.handle == loaded.handle,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &serde_json::json!({"sessions": items}))
+}
+
+async fn end_session(app: &App, runtime: &Runtime, req: &Request<Incoming>, handle: &str) -> Response<Body> {
+    if !has_csrf_header(req) {
+        return ErrorCode::Csrf.json(&[]);
+    }
+    let loaded = match app.load_session(runtime, req.headers()).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return unauthenticated(runtime),
+        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    };
+    match app.sessions.end_by_handle(&loaded.session.sub, handle).await {
+        Ok(true) => json_response(StatusCode::OK, &serde_json::json!({"ended": true})),
+        Ok(false) => ErrorCode::NotFound.json(&[]),
+        Err(_) => ErrorCode::StoreUnavailable.json(&[]),
+    }
+}
+
+/// Server-Sent Events: `event: ended` once this session ends by any path, on any instance.
+async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+    let loaded = match app.load_session(runtime, req.headers()).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return unauthenticated(runtime),
+        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    };
+    let cookie = app.session_cookie_values(runtime, req.headers());
+    let sessions = app.sessions.clone();
+    let mut invalidations = sessions.subscribe_invalidations();
+    let handle = loaded.handle.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, crate::reply::BoxError>>(4);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b": connected\n\n")))).await;
+        let mut ping = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tokio::select! {
+                message = invalidations.recv() => {
+                    let relevant = match &message {
+                        Ok(h) => h == &handle || h.is_empty(),
+                        Err(_) => true,
+                    };
+                    if !relevant { continue; }
+                    let alive = match cookie.first() {
+                        Some(c) => matches!(sessions.load(c, now()).await, Ok(Some(_))),
+                        None => false,
+                    };
+                    if !alive {
+                        let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"event: ended\ndata: {}\n\n")))).await;
+                        break;
+                    }
+                }
+                _ = ping.tick() => {
+                    if tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b": ping\n\n")))).await.is_err() { break; }
+                }
+                _ = tx.closed() => break,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut response = Response::new(http_body_util::StreamBody::new(stream).boxed_unsync());
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

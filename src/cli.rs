@@ -1,0 +1,184 @@
+//! The command line: run, `check`, `keygen`, `health`. Loads configuration without binding
+//! sockets, so `check` is safe anywhere.
+
+use crate::app::App;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vestibule",
+    version,
+    about = "A Backend-for-Frontend reverse proxy: OpenID Connect login on the server, tokens never in the browser."
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "VESTIBULE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration file and print every problem with its TOML path.
+    Check {
+        /// Also fetch the issuer's discovery document and key set.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Print a fresh random base64 session key.
+    Keygen,
+    /// Probe the admin /healthz endpoint; exit 0 when healthy, 1 otherwise.
+    Health {
+        /// URL to probe; by default derived from [admin] listen, or http://127.0.0.1:9091/healthz.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Keygen) => keygen(),
+        Some(Command::Check { online }) => check(&cli.config, online),
+        Some(Command::Health { url }) => health(&cli.config, url),
+        None => run(&cli.config),
+    }
+}
+
+fn keygen() -> ExitCode {
+    let mut key = [0u8; 32];
+    if getrandom::fill(&mut key).is_err() {
+        eprintln!("error: the system random generator failed");
+        return ExitCode::from(1);
+    }
+    println!("{}", base64::engine::general_purpose::STANDARD.encode(key));
+    ExitCode::SUCCESS
+}
+
+fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(config) => Some(config),
+        Err(errors) => {
+            eprintln!(
+                "{}: {} problem{} found:",
+                path.display(),
+                errors.0.len(),
+                if errors.0.len() == 1 { "" } else { "s" }
+            );
+            for error in &errors.0 {
+                eprintln!("  - {error}");
+            }
+            None
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            None
+        }
+    }
+}
+
+fn check(path: &std::path::Path, online: bool) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(1);
+    };
+    if online {
+        let Some(rt) = runtime() else {
+            return ExitCode::from(1);
+        };
+        if let Err(error) = rt.block_on(crate::app::check_provider(&config)) {
+            eprintln!("{}: oidc.issuer: {error}", path.display());
+            return ExitCode::from(1);
+        }
+    }
+    println!("{}: OK ({} routes)", path.display(), config.routes.len());
+    ExitCode::SUCCESS
+}
+
+fn health(path: &std::path::Path, url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let admin = Config::load(path).ok().map(|c| c.admin.listen);
+        match admin {
+            Some(addr) if addr.ip().is_unspecified() => {
+                format!("http://127.0.0.1:{}/healthz", addr.port())
+            }
+            Some(addr) => format!("http://{addr}/healthz"),
+            None => "http://127.0.0.1:9091/healthz".into(),
+        }
+    });
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let ok = rt.block_on(async {
+        let Ok(uri) = url.parse::<http::Uri>() else { return false };
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let request = client.get(uri);
+        matches!(tokio::time::timeout(std::time::Duration::from_secs(3), request).await, Ok(Ok(r)) if r.status().is_success())
+    });
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("unhealthy: {url}");
+        ExitCode::from(1)
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(1);
+    };
+    crate::telemetry::init_logging(&config.log);
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let result = rt.block_on(async move {
+        let bound = crate::server::bind(&config).await?;
+        let app = App::start(config, path.to_path_buf()).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(app.clone(), shutdown.clone()));
+        crate::server::serve(app, bound, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("startup failed: {error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn signals(app: std::sync::Arc<App>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => app.reload("SIGHUP"),
+        }
+    }
+    shutdown.cancel();
+}

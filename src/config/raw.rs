@@ -1,0 +1,202 @@
+//! The file's shape, as serde sees it. Everything is optional here so that `validate` can name
+//! each missing or bad value itself; durations and sizes stay strings until validated.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Keys accepted in each table, used to report unknown keys with the nearest valid one.
+pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "server", "admin", "log", "oidc", "session", "routes", "features",
+        ],
+    ),
+    (
+        "server",
+        &[
+            "listen",
+            "public_url",
+            "bff_prefix",
+            "trusted_proxies",
+            "request_timeout",
+            "max_body",
+            "tls",
+            "cors_origins",
+            "shutdown_grace",
+            "header_read_timeout",
+            "max_header_size",
+        ],
+    ),
+    ("server.tls", &["cert", "key"]),
+    ("admin", &["listen"]),
+    ("log", &["level", "format"]),
+    (
+        "oidc",
+        &[
+            "issuer",
+            "client_id",
+            "client_secret",
+            "client_auth",
+            "scopes",
+            "extra_auth_params",
+            "roles_claim",
+            "refresh_skew",
+            "post_logout_redirect",
+            "allow_http_issuer",
+            "metadata_refresh",
+            "clock_skew",
+        ],
+    ),
+    (
+        "session",
+        &[
+            "store",
+            "cookie_name",
+            "cookie_secure",
+            "same_site",
+            "idle_timeout",
+            "absolute_timeout",
+            "keys",
+            "max_entries",
+            "cache_ttl",
+            "redis",
+        ],
+    ),
+    (
+        "session.redis",
+        &["url", "sentinel", "cluster", "key_prefix"],
+    ),
+    ("session.redis.sentinel", &["master", "nodes"]),
+    (
+        "routes",
+        &[
+            "path",
+            "upstream",
+            "static_dir",
+            "spa_fallback",
+            "strip_prefix",
+            "auth",
+            "token",
+            "csrf",
+            "resource",
+            "scopes",
+            "exchange",
+            "require",
+            "feature",
+            "timeout",
+        ],
+    ),
+    ("features", &["public", "beta", "role"]),
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub bff_prefix: Option<String>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub request_timeout: Option<String>,
+    pub max_body: Option<String>,
+    pub tls: Option<Tls>,
+    pub cors_origins: Option<Vec<String>>,
+    pub shutdown_grace: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub max_header_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Oidc {
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_auth: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub extra_auth_params: Option<BTreeMap<String, String>>,
+    pub roles_claim: Option<String>,
+    pub refresh_skew: Option<String>,
+    pub post_logout_redirect: Option<String>,
+    pub allow_http_issuer: Option<bool>,
+    pub metadata_refresh: Option<String>,
+    pub clock_skew: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Session {
+    pub store: Option<String>,
+    pub cookie_name: Option<String>,
+    pub cookie_secure: Option<bool>,
+    pub same_site: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub absolute_timeout: Option<String>,
+    pub keys: Option<Vec<String>>,
+    pub max_entries: Option<i64>,
+    pub cache_ttl: Option<String>,
+    pub redis: Option<Redis>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url: Option<String>,
+    pub sentinel: Option<Sentinel>,
+    pub cluster: Option<Vec<String>>,
+    pub key_prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sentinel {
+    pub master: Option<String>,
+    pub nodes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub path: Option<String>,
+    pub upstream: Option<String>,
+    pub static_dir: Option<String>,
+    pub spa_fallback: Option<String>,
+    pub strip_prefix: Option<bool>,
+    pub auth: Option<String>,
+    pub token: Option<String>,
+    pub csrf: Option<bool>,
+    pub resource: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub exchange: Option<bool>,
+    pub require: Option<BTreeMap<String, Vec<String>>>,
+    pub feature: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feature {
+    pub public: Option<bool>,
+    pub beta: Option<bool>,
+    pub role: Option<String>,
+}

@@ -1,0 +1,328 @@
+//! The access stage for proxied routes: feature flags (hidden → 404), sign-in (401 or a login
+//! redirect), CSRF and origin checks (403), the claims policy (403), and the access token to
+//! attach — refreshed before it expires, exactly once per session across requests and replicas.
+
+use crate::app::{App, Runtime, now};
+use crate::config::{AuthMode, RouteConfig, TokenMode};
+use crate::oidc::GrantError;
+use crate::reply::{Body, ErrorCode, is_navigation};
+use crate::session::manager::Loaded;
+use crate::session::model::{AccessToken, Session};
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the access stage decided for a request allowed through.
+pub struct Admitted {
+    pub bearer: Option<HeaderValue>,
+    /// `Set-Cookie` values to add to the response (a re-sealed session cookie).
+    pub set_cookies: Vec<HeaderValue>,
+}
+
+/// The user's roles under `[oidc] roles_claim` (a dotted path; string or array).
+pub fn roles(runtime: &Runtime, session: &Session) -> Vec<String> {
+    crate::jose::claim_path(&session.claims, &runtime.config.oidc.roles_claim).map(crate::jose::claim_strings).unwrap_or_default()
+}
+
+/// `public || (beta && user has role)`, the rule from the project's origin.
+pub fn feature_visible(runtime: &Runtime, name: &str, session: Option<&Session>) -> bool {
+    let Some(feature) = runtime.config.features.get(name) else { return false };
+    if feature.public {
+        return true;
+    }
+    if !feature.beta {
+        return false;
+    }
+    match (&feature.role, session) {
+        (None, Some(_)) => true,
+        (Some(role), Some(session)) => roles(runtime, session).iter().any(|r| r == role),
+        _ => false,
+    }
+}
+
+/// CSRF: `X-CSRF: 1`, and no cross-site origin. Upgrades (which cannot carry custom headers)
+/// must come with `Origin` equal to `public_url`.
+pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
+    let server = &runtime.config.server;
+    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let allowed_origin = |o: &str| o == server.public_origin || server.cors_origins.iter().any(|c| c == o);
+    if crate::proxy::headers::upgrade_protocol(req.headers()).is_some() {
+        return origin.is_some_and(|o| o == server.public_origin);
+    }
+    if !req.headers().get("x-csrf").is_some_and(|v| v.as_bytes() == b"1") {
+        return false;
+    }
+    match origin {
+        Some(o) => allowed_origin(o),
+        None => req.headers().get("sec-fetch-site").is_none_or(|v| v.as_bytes() != b"cross-site"),
+    }
+}
+
+/// Claims the policy is checked against: the validated JWT access token for the route's
+/// resource when it is one, else the ID token claims kept in the session.
+async fn policy_claims(app: &App, route: &RouteConfig, session: &Session, token: Option<&str>) -> serde_json::Map<String, serde_json::Value> {
+    if let (Some(resource), Some(token)) = (&route.resource, token) {
+        if crate::jose::looks_like_jwt(token) {
+            let expect = app.oidc.expect(resource, now());
+            if let Ok(claims) = crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await {
+                return claims;
+            }
+        }
+    }
+    session.claims.clone()
+}
+
+fn missing_requirements(runtime: &Runtime, route: &RouteConfig, claims: &serde_json::Map<String, serde_json::Value>) -> Vec<String> {
+    route
+        .require
+        .iter()
+        .filter(|(claim, wanted)| {
+            let path = if claim == "roles" { runtime.config.oidc.roles_claim.as_str() } else { claim.as_str() };
+            let have = crate::jose::claim_path(claims, path).map(crate::jose::claim_strings).unwrap_or_default();
+            !wanted.iter().any(|w| have.contains(w))
+        })
+        .map(|(claim, _)| claim.clone())
+        .collect()
+}
+
+pub async fn admit(app: &App, runtime: &Runtime, route: &RouteConfig, req: &Request<Incoming>) -> Result<Admitted, Response<Body>> {
+    let navigation = is_navigation(req.headers());
+    let needs_session = route.auth != AuthMode::None || route.feature.is_some() || matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
+    let mut loaded = if needs_session {
+        app.load_session(runtime, req.headers()).await.map_err(|_| ErrorCode::StoreUnavailable.respond(navigation))?
+    } else {
+        None
+    };
+    if let Some(feature) = &route.feature {
+        if !feature_visible(runtime, feature, loaded.as_ref().map(|l| &l.session)) {
+            return Err(ErrorCode::NotFound.respond(navigation));
+        }
+    }
+    if route.auth == AuthMode::Required && loaded.is_none() {
+        let prefix = &runtime.config.server.bff_prefix;
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let login_url = format!("{prefix}/login?returnUrl={}", url::form_urlencoded::byte_serialize(path_and_query.as_bytes()).collect::<String>());
+        if navigation {
+            return Err(crate::reply::redirect(&login_url));
+        }
+        return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())]));
+    }
+    if route.csrf && !csrf_ok(runtime, req) {
+        return Err(ErrorCode::Csrf.json(&[]));
+    }
+    let mut set_cookies = Vec::new();
+    if let Some(l) = &mut loaded {
+        if l.reseal {
+            if let Ok(value) = app.sessions.reseal(l) {
+                let s = &runtime.config.session;
+                set_cookies.extend(crate::cookies::set_cookie(s, &s.cookie_name, &value, Some(s.absolute_timeout), false));
+            }
+        }
+        let _ = app.sessions.touch(l, now()).await;
+    }
+    let token = match (route.token, &loaded) {
+        (TokenMode::None, _) => None,
+        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(app.tokens.user_token(app, runtime, l, route).await?),
+        (TokenMode::User, None) => return Err(ErrorCode::Unauthenticated.json(&[])),
+        (TokenMode::Client, _) | (TokenMode::UserOrClient, None) => Some(app.tokens.client_token(app, route).await?),
+    };
+    if !route.require.is_empty() {
+        let Some(l) = &loaded else { return Err(ErrorCode::Forbidden.json(&[])) };
+        let claims = policy_claims(app, route, &l.session, token.as_deref()).await;
+        let missing = missing_requirements(runtime, route, &claims);
+        if !missing.is_empty() {
+            return Err(ErrorCode::Forbidden.json(&[("missing", missing.into())]));
+        }
+    }
+    let bearer = token.and_then(|t| {
+        let mut v = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    });
+    Ok(Admitted { bearer, set_cookies })
+}
+
+fn provider_unavailable() -> Response<Body> {
+    let mut r = ErrorCode::ProviderUnavailable.json(&[]);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}
+
+/// Access tokens: per-session refresh with single flight (in process and across replicas),
+/// and a cache of client-credentials tokens.
+#[derive(Default)]
+pub struct Tokens {
+    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AccessToken>>>>>,
+}
+
+const LEASE: Duration = Duration::from_secs(10);
+const WAIT_FOR_WINNER: Duration = Duration::from_secs(30);
+
+impl Tokens {
+    fn fresh<'a>(runtime: &Runtime, session: &'a Session, key: &str) -> Option<&'a str> {
+        let skew = runtime.config.oidc.refresh_skew.as_secs();
+        session.tokens.get(key).filter(|t| now() + skew < t.expires_at).map(|t| t.value.as_str())
+    }
+
+    fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        map.entry(handle.to_string()).or_default().clone()
+    }
+
+    /// The user's access token for the route's resource, refreshed when it is about to expire.
+    pub async fn user_token(&self, app: &App, runtime: &Runtime, loaded: &Loaded, route: &RouteConfig) -> Result<String, Response<Body>> {
+        let key = route.resource.clone().unwrap_or_default();
+        if let Some(t) = Self::fresh(runtime, &loaded.session, &key) {
+            return Ok(t.to_string());
+        }
+        let lock = self.local_lock(&loaded.handle);
+        let _local = lock.lock().await;
+        let lock_key = app.sessions.refresh_lock_key(loaded);
+        let lease_token = crate::oidc::random_token(16);
+        let store = app.sessions.store();
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_WINNER;
+        loop {
+            let current = app.reload_session(loaded).await.map_err(|_| ErrorCode::StoreUnavailable.json(&[]))?;
+            let Some(current) = current else { return Err(ErrorCode::SessionExpired.json(&[])) };
+            if let Some(t) = Self::fresh(runtime, &current.session, &key) {
+                return Ok(t.to_string());
+            }
+            match store.try_lock(&lock_key, &lease_token, LEASE).await {
+                Ok(true) => {
+                    let result = self.refresh_holding_lease(app, runtime, current, route, &key, &lock_key, &lease_token).await;
+                    let _ = store.unlock(&lock_key, &lease_token).await;
+                    return result;
+                }
+                Ok(false) => {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(provider_unavailable());
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_holding_lease(
+        &self,
+        app: &App,
+        runtime: &Runtime,
+        current: Loaded,
+        route: &RouteConfig,
+        key: &str,
+        lock_key: &str,
+        lease_token: &str,
+    ) -> Result<String, Response<Body>> {
+        let store = app.sessions.store().clone();
+        let (lock_key_owned, lease_owned) = (lock_key.to_string(), lease_token.to_string());
+        // Keep the lease alive while the provider is slow, so no one else spends the token.
+        let keeper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                if !matches!(store.extend_lock(&lock_key_owned, &lease_owned, LEASE).await, Ok(true)) {
+                    break;
+                }
+            }
+        });
+        let result = self.refresh(app, runtime, current, route, key).await;
+        keeper.abort();
+        result
+    }
+
+    async fn refresh(&self, app: &App, runtime: &Runtime, current: Loaded, route: &RouteConfig, key: &str) -> Result<String, Response<Body>> {
+        let resource = route.resource.as_deref();
+        let outcome = if route.exchange {
+            let subject = match Self::fresh(runtime, &current.session, "") {
+                Some(t) => t.to_string(),
+                None => return Err(ErrorCode::SessionExpired.json(&[])),
+            };
+            app.oidc.exchange_token(&subject, resource.unwrap_or_default(), &route.scopes).await
+        } else {
+            let Some(refresh_token) = current.session.refresh_token.clone() else {
+                let _ = app.sessions.delete(&current).await;
+                return Err(ErrorCode::SessionExpired.json(&[]));
+            };
+            app.oidc.refresh(&refresh_token, resource, &route.scopes).await
+        };
+        let tokens = match outcome {
+            Ok(t) => t,
+            Err(GrantError::Rejected(reason)) => {
+                tracing::info!(%reason, "refresh rejected; ending the session");
+                let _ = app.sessions.delete(&current).await;
+                return Err(ErrorCode::SessionExpired.json(&[("login_url", format!("{}/login", runtime.config.server.bff_prefix).into())]));
+            }
+            Err(GrantError::Unavailable(reason)) => {
+                tracing::warn!(%reason, "refresh failed: provider unavailable");
+                return Err(provider_unavailable());
+            }
+        };
+        let now = now();
+        let mut session = current.session.clone();
+        session.tokens.insert(
+            key.to_string(),
+            AccessToken { value: tokens.access_token.clone(), expires_at: now + tokens.expires_in.unwrap_or(300), scope: tokens.scope.clone() },
+        );
+        if let Some(rotated) = tokens.refresh_token {
+            session.refresh_token = Some(rotated);
+        }
+        if let Some(id_token) = tokens.id_token {
+            let expect = app.oidc.expect(&app.oidc.config.client_id, now);
+            let original = current.session.claims.clone();
+            if let Ok(claims) = crate::jose::validate_refreshed_id_token(&app.oidc.provider.jwks, &id_token, &expect, &original_with_sub(&original, &session.sub)).await {
+                for (k, v) in claims {
+                    if !["iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid"].contains(&k.as_str()) {
+                        session.claims.insert(k, v);
+                    }
+                }
+                session.id_token = Some(id_token);
+            }
+        }
+        match app.sessions.save(&current, session, now).await {
+            Ok(true) => Ok(tokens.access_token),
+            Ok(false) => {
+                tracing::warn!("session changed while refreshing; the new tokens are kept for this request only");
+                Ok(tokens.access_token)
+            }
+            Err(_) => Err(ErrorCode::StoreUnavailable.json(&[])),
+        }
+    }
+
+    /// A client-credentials token for the route's resource and scopes, cached until near expiry.
+    pub async fn client_token(&self, app: &App, route: &RouteConfig) -> Result<String, Response<Body>> {
+        let key = format!("{}|{}", route.resource.as_deref().unwrap_or(""), route.scopes.join(" "));
+        let slot = {
+            let mut map = self.client.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key).or_default().clone()
+        };
+        let mut cached = slot.lock().await;
+        let skew = app.oidc.config.refresh_skew.as_secs();
+        if let Some(t) = cached.as_ref().filter(|t| now() + skew < t.expires_at) {
+            return Ok(t.value.clone());
+        }
+        match app.oidc.client_credentials(route.resource.as_deref(), &route.scopes).await {
+            Ok(t) => {
+                *cached = Some(AccessToken { value: t.access_token.clone(), expires_at: now() + t.expires_in.unwrap_or(300), scope: t.scope });
+                Ok(t.access_token)
+            }
+            Err(GrantError::Rejected(reason)) => {
+                tracing::error!(%reason, "client credentials rejected");
+                Err(ErrorCode::ProviderUnavailable.json(&[]))
+            }
+            Err(GrantError::Unavailable(_)) => Err(provider_unavailable()),
+        }
+    }
+}
+
+fn original_with_sub(claims: &serde_json::Map<String, serde_json::Value>, sub: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut c = claims.clone();
+    c.insert("sub".into(), sub.into());
+    c
+}

@@ -1,0 +1,106 @@
+//! The request pipeline for everything outside `bff_prefix`.
+//!
+//! Stages, in order (each may answer early):
+//! 1. **limits** — header block size (431) and declared body size (413);
+//! 2. **route** — longest prefix; no match is 404;
+//! 3. **access** (in [`crate::gate`]) — feature flag (404 when hidden), session (401 or a
+//!    login redirect), CSRF (403), claims policy (403), access token for the upstream;
+//! 4. **forward** — static files, or the upstream through the pooled client with rewritten
+//!    headers, streaming bodies and upgrades.
+
+pub mod forward;
+pub mod headers;
+pub mod routing;
+pub mod static_files;
+
+use crate::config::{RouteConfig, Target};
+use crate::reply::{Body, ErrorCode, is_navigation};
+use http::{HeaderValue, Request, Response, header};
+use http_body_util::BodyExt;
+use std::time::Duration;
+
+pub use forward::Upstreams;
+pub use headers::Peer;
+pub use routing::RouteTable;
+
+/// Total size of the request's header block as sent (names, values and separators).
+pub fn header_bytes(req: &Request<hyper::body::Incoming>) -> usize {
+    req.headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().to_string().len()
+}
+
+/// Forwards a request that passed the access stage.
+#[allow(clippy::too_many_arguments)]
+pub async fn dispatch(
+    upstreams: &Upstreams,
+    route: &RouteConfig,
+    mut req: Request<hyper::body::Incoming>,
+    peer: Peer,
+    own_cookies: &[&str],
+    bearer: Option<HeaderValue>,
+    max_body: u64,
+    default_timeout: Duration,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let upstream_path = routing::upstream_path(route, &path).into_owned();
+    match &route.target {
+        Target::Static { dir, spa_fallback } => {
+            let req = req.map(|_| ());
+            static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req).await
+        }
+        Target::Upstream(base) => {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max_body) {
+                return ErrorCode::PayloadTooLarge.json(&[]);
+            }
+            let Some(uri) = forward::upstream_uri(base, &upstream_path, req.uri().query()) else {
+                return ErrorCode::BadRequest.json(&[]);
+            };
+            let upgrade =
+                headers::upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
+            let (mut parts, body) = req.into_parts();
+            let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
+            headers::strip_hop_by_hop(&mut parts.headers);
+            headers::remove_cookies(&mut parts.headers, own_cookies);
+            if route.token != crate::config::TokenMode::None {
+                parts.headers.remove(header::AUTHORIZATION);
+            }
+            if let Some(bearer) = bearer {
+                parts.headers.insert(header::AUTHORIZATION, bearer);
+            }
+            headers::set_forwarded(&mut parts.headers, peer, host.as_ref());
+            if let Ok(authority) = HeaderValue::from_str(&forward::authority(base)) {
+                parts.headers.insert(header::HOST, authority);
+            }
+            parts.uri = uri;
+            let body =
+                http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
+                    .map_err(|e| -> crate::reply::BoxError { e })
+                    .boxed_unsync();
+            let request = Request::from_parts(parts, body);
+            let timeout = route.timeout.unwrap_or(default_timeout);
+            let navigation = false;
+            let _ = navigation;
+            upstreams
+                .forward(request, upgrade, timeout, &route.path)
+                .await
+        }
+    }
+}
+
+/// The answer for a request that matched no route.
+pub fn no_route(req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    ErrorCode::NotFound.respond(is_navigation(req.headers()))
+}

@@ -1,0 +1,231 @@
+//! Forwarding to upstreams through one pooled client: bodies stream both ways, HTTP/1.1
+//! upgrades (WebSocket) become a byte tunnel, and failures become 502/504 with no detail.
+
+use super::headers;
+use crate::reply::{Body, BoxError, ErrorCode};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The pooled upstream client, shared by every route.
+#[derive(Clone)]
+pub struct Upstreams {
+    client: Client<Connector, Body>,
+    /// Tracks upgraded tunnels, which graceful shutdown must wait for separately.
+    pub tunnels: TaskTracker,
+}
+
+/// Builds the HTTPS-capable connector used for upstreams and the identity provider.
+pub fn connector() -> Connector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    match tls {
+        Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http),
+        Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http),
+    }
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstreams {
+    pub fn new() -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(256)
+            .timer(TokioTimer::new())
+            .build(connector());
+        Upstreams {
+            client,
+            tunnels: TaskTracker::new(),
+        }
+    }
+
+    /// Sends `req` (already rewritten) and relays the response. `timeout` bounds the wait for
+    /// the response head; the body then streams without a deadline.
+    pub async fn forward(
+        &self,
+        mut req: Request<Body>,
+        upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+        timeout: Duration,
+        route: &str,
+    ) -> Response<Body> {
+        *req.version_mut() = Version::HTTP_11;
+        let (protocol, downstream) = match upgrade {
+            Some((protocol, on)) => (Some(protocol), Some(on)),
+            None => (None, None),
+        };
+        if let Some(protocol) = &protocol {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            req.headers_mut().insert(header::UPGRADE, protocol.clone());
+        }
+        // The deadline counts from the end of the request body, so long uploads are not cut off.
+        let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+        let req = req.map(|body| {
+            Tracked {
+                inner: body,
+                done: Some(done_tx),
+            }
+            .boxed_unsync()
+        });
+        let deadline = async move {
+            let _ = done_rx.wait_for(|done| *done).await;
+            tokio::time::sleep(timeout).await;
+        };
+        let sent = tokio::select! {
+            response = self.client.request(req) => Ok(response),
+            _ = deadline => Err(()),
+        };
+        let mut response = match sent {
+            Err(_) => {
+                metrics::counter!("vestibule_upstream_errors_total", "route" => route.to_string(), "kind" => "timeout").increment(1);
+                tracing::warn!(route, "upstream timed out");
+                return ErrorCode::UpstreamTimeout.json(&[]);
+            }
+            Ok(Err(error)) => {
+                let too_large = find_cause::<http_body_util::LengthLimitError>(&error);
+                if too_large {
+                    return ErrorCode::PayloadTooLarge.json(&[]);
+                }
+                metrics::counter!("vestibule_upstream_errors_total", "route" => route.to_string(), "kind" => "unavailable").increment(1);
+                tracing::warn!(route, error = %error, "upstream unavailable");
+                return ErrorCode::UpstreamUnavailable.json(&[]);
+            }
+            Ok(Ok(response)) => response,
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(downstream) = downstream {
+                let upstream = hyper::upgrade::on(&mut response);
+                self.tunnels.spawn(async move {
+                    match tokio::try_join!(downstream, upstream) {
+                        Ok((down, up)) => {
+                            let mut down = TokioIo::new(down);
+                            let mut up = TokioIo::new(up);
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                        Err(error) => tracing::debug!(%error, "upgrade failed"),
+                    }
+                });
+                let (parts, _) = response.into_parts();
+                return Response::from_parts(parts, crate::reply::empty());
+            }
+            return ErrorCode::UpstreamUnavailable.json(&[]);
+        }
+        headers::strip_hop_by_hop(response.headers_mut());
+        response.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+    }
+}
+
+fn find_cause<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// The upstream URI for `path_and_query` under `base` (whose own path is kept as a prefix).
+pub fn upstream_uri(base: &url::Url, path: &str, query: Option<&str>) -> Option<Uri> {
+    let base_path = base.path().trim_end_matches('/');
+    let mut text = format!(
+        "{}://{}{}{}",
+        base.scheme(),
+        authority(base),
+        base_path,
+        path
+    );
+    if let Some(q) = query {
+        text.push('?');
+        text.push_str(q);
+    }
+    text.parse().ok()
+}
+
+/// `host[:port]` of a URL, as sent in `Host`.
+pub fn authority(url: &url::Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    }
+}
+
+/// A request body that reports when it has been fully sent (or dropped).
+struct Tracked {
+    inner: Body,
+    done: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Tracked {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(true);
+        }
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(
+            polled,
+            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_)))
+        ) {
+            self.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,106 @@
+//! Static SPA files, served by tower-http's `ServeDir` (content types, Last-Modified, ranges,
+//! precompressed `.br`/`.gz`, no traversal), plus a weak ETag with 304s and the SPA fallback:
+//! `index.html` only for navigations, so a missing `.js` or `.css` stays a 404.
+
+use crate::reply::{Body, BoxError, ErrorCode, is_navigation};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use std::path::Path;
+use tower::ServiceExt;
+use tower_http::services::{ServeDir, ServeFile};
+
+pub async fn serve(
+    dir: &Path,
+    spa_fallback: Option<&str>,
+    path: &str,
+    req: &Request<()>,
+) -> Response<Body> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return ErrorCode::MethodNotAllowed.json(&[]);
+    }
+    let navigation = is_navigation(req.headers());
+    let inner = match rebuild(req, path) {
+        Some(r) => r,
+        None => return ErrorCode::NotFound.respond(navigation),
+    };
+    let service = ServeDir::new(dir).precompressed_br().precompressed_gzip();
+    let mut response = match service.oneshot(inner).await {
+        Ok(r) => r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+        Err(never) => match never {},
+    };
+    if response.status() == StatusCode::NOT_FOUND {
+        let fallback = spa_fallback.filter(|_| navigation);
+        let Some(file) = fallback else {
+            return ErrorCode::NotFound.respond(navigation);
+        };
+        let inner = match rebuild(req, path) {
+            Some(r) => r,
+            None => return ErrorCode::NotFound.respond(navigation),
+        };
+        response = match ServeFile::new(dir.join(file)).oneshot(inner).await {
+            Ok(r) => r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+            Err(never) => match never {},
+        };
+        if response.status() == StatusCode::NOT_FOUND {
+            return ErrorCode::NotFound.respond(navigation);
+        }
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    with_etag(req, response)
+}
+
+/// A body-less copy of the request with the path the directory should see.
+fn rebuild(req: &Request<()>, path: &str) -> Option<Request<http_body_util::Empty<bytes::Bytes>>> {
+    let mut builder = Request::builder().method(req.method()).uri(path);
+    for (name, value) in req.headers() {
+        builder = builder.header(name, value);
+    }
+    builder.body(http_body_util::Empty::new()).ok()
+}
+
+/// Adds a weak ETag derived from size, modification time and encoding, and answers 304 when
+/// the browser already holds it.
+fn with_etag(req: &Request<()>, mut response: Response<Body>) -> Response<Body> {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let h = response.headers();
+    let (Some(modified), Some(length)) =
+        (h.get(header::LAST_MODIFIED), h.get(header::CONTENT_LENGTH))
+    else {
+        return response;
+    };
+    let encoding = h
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.as_bytes())
+        .unwrap_or(b"identity");
+    let mut seed = Vec::new();
+    seed.extend_from_slice(modified.as_bytes());
+    seed.extend_from_slice(length.as_bytes());
+    seed.extend_from_slice(encoding);
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&seed);
+    let tag = format!("W/\"{}\"", hex::encode(&digest[..8]));
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+    let Ok(value) = HeaderValue::from_str(&tag) else {
+        return response;
+    };
+    if matches {
+        let mut not_modified = Response::new(crate::reply::empty());
+        *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+        not_modified.headers_mut().insert(header::ETAG, value);
+        if let Some(m) = response.headers().get(header::LAST_MODIFIED) {
+            not_modified
+                .headers_mut()
+                .insert(header::LAST_MODIFIED, m.clone());
+        }
+        return not_modified;
+    }
+    response.headers_mut().insert(header::ETAG, value);
+    response
+}

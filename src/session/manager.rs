@@ -1,0 +1,468 @@
+//! [`Sessions`]: creating, loading, saving and ending sessions, with the cookie value as the only
+//! thing the browser holds.
+//!
+//! The cookie seals a ticket (session id ‖ data key, see `ticket`) with the key ring, bound to the
+//! cookie name. The store holds the session encrypted with the data key under a hashed name, with
+//! time to live = min(idle time left, absolute time left). Indexes by hashed `sub` and hashed
+//! provider `sid` serve back-channel logout and session listing; their members are store names
+//! and go stale harmlessly (they are pruned when read).
+//!
+//! Rules: a bad, foreign or expired cookie is `Ok(None)`; an unreachable store is `Err` and never
+//! ends a session. Every write publishes the session's handle on [`INVALIDATION_CHANNEL`] so other
+//! instances drop cached copies. The time is always a parameter (`now`, Unix seconds).
+
+mod cache;
+mod ticket;
+
+use std::fmt;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::broadcast;
+
+use self::cache::Cache;
+use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
+use crate::session::model::Session;
+use crate::session::seal::{Keyring, SealError};
+use crate::session::store::{Store, StoreError};
+
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_ABSOLUTE_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);
+/// Store channel (suffix) carrying the handles of sessions that changed or ended.
+pub const INVALIDATION_CHANNEL: &str = "session-invalidate";
+
+/// What the manager needs to know; built by `config`.
+#[derive(Debug)]
+pub struct SessionSettings {
+    pub cookie_name: String,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+    pub keyring: Keyring,
+    /// Keep opened sessions in memory this long (`ZERO`: no cache). Another instance's write is
+    /// seen as soon as its invalidation message arrives, and at the latest after this long.
+    pub cache_ttl: Duration,
+}
+
+impl SessionSettings {
+    /// Default timeouts, no cache.
+    pub fn new(cookie_name: impl Into<String>, keyring: Keyring) -> SessionSettings {
+        SessionSettings {
+            cookie_name: cookie_name.into(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            absolute_timeout: DEFAULT_ABSOLUTE_TIMEOUT,
+            keyring,
+            cache_ttl: Duration::ZERO,
+        }
+    }
+}
+
+/// Why a session could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("session could not be sealed: {0}")]
+    Seal(#[from] SealError),
+}
+
+/// A session read through its cookie, ready to be saved back.
+#[derive(Clone)]
+pub struct Loaded {
+    pub session: Session,
+    /// The store version this was read at; `save` succeeds only if it is still current.
+    pub version: u64,
+    /// A stable, non-secret id for this session (URLs, cache keys, invalidation messages).
+    pub handle: String,
+    /// The cookie was sealed with an old key: send a new value from [`Sessions::reseal`].
+    pub reseal: bool,
+    ticket: Ticket,
+}
+
+impl fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loaded")
+            .field("session", &self.session)
+            .field("version", &self.version)
+            .field("handle", &self.handle)
+            .field("reseal", &self.reseal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One of a user's sessions, as a "your devices" page shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSummary {
+    pub handle: String,
+    pub created_at: u64,
+    pub last_seen: u64,
+    pub user_agent: Option<String>,
+}
+
+/// The session manager: key ring + store (+ optional cache).
+pub struct Sessions {
+    cookie_name: String,
+    idle: u64,
+    absolute: u64,
+    keyring: ArcSwap<Keyring>,
+    store: Store,
+    cache: Option<Cache>,
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sessions")
+            .field("cookie_name", &self.cookie_name)
+            .field("idle_timeout_s", &self.idle)
+            .field("absolute_timeout_s", &self.absolute)
+            .field("store", &self.store)
+            .field("cache", &self.cache.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sessions {
+    pub fn new(settings: SessionSettings, store: Store) -> Sessions {
+        let SessionSettings {
+            cookie_name,
+            idle_timeout,
+            absolute_timeout,
+            keyring,
+            cache_ttl,
+        } = settings;
+        let cache = (!cache_ttl.is_zero())
+            .then(|| Cache::new(cache_ttl, store.subscribe(INVALIDATION_CHANNEL)));
+        Sessions {
+            cookie_name,
+            idle: idle_timeout.as_secs().max(1),
+            absolute: absolute_timeout.as_secs().max(1),
+            keyring: ArcSwap::from_pointee(keyring),
+            store,
+            cache,
+        }
+    }
+
+    /// The store, for the refresh lease, replay markers and readiness checks.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Swaps in a new key ring (hot reload). Cookies sealed under keys it still holds keep working.
+    pub fn replace_keyring(&self, keyring: Keyring) {
+        self.keyring.store(keyring.into());
+    }
+
+    /// Handles of changed or ended sessions, from every instance; `""` means "drop everything".
+    pub fn subscribe_invalidations(&self) -> broadcast::Receiver<String> {
+        self.store.subscribe(INVALIDATION_CHANNEL)
+    }
+
+    /// The store key of this session's single-flight refresh lease.
+    pub fn refresh_lock_key(&self, loaded: &Loaded) -> String {
+        loaded.ticket.key().lock_name()
+    }
+
+    /// Time until the session ends if unused.
+    pub fn expires_in(&self, session: &Session, now: u64) -> Duration {
+        Duration::from_secs(self.seconds_left(session, now))
+    }
+
+    fn seconds_left(&self, session: &Session, now: u64) -> u64 {
+        let idle_end = session.last_seen.saturating_add(self.idle);
+        let absolute_end = session.created_at.saturating_add(self.absolute);
+        idle_end.min(absolute_end).saturating_sub(now)
+    }
+
+    /// Stores a new session (new id, new data key) and returns the cookie value for it.
+    /// `created_at` and `last_seen` are set to `now`.
+    pub async fn create(
+        &self,
+        mut session: Session,
+        now: u64,
+    ) -> Result<(String, Loaded), SessionError> {
+        session.created_at = now;
+        session.last_seen = now;
+        let ticket = Ticket::random()?;
+        let key = ticket.key();
+        let keyring = self.keyring.load();
+        let record = encode_record(&keyring, &ticket, &key, &session)?;
+        // Index first: an index entry without a session is pruned later, a session missing from
+        // the index could not be ended by back-channel logout.
+        self.index(&key, &session).await?;
+        let ttl = Duration::from_secs(self.seconds_left(&session, now));
+        if !self.store.put_new(&key.name(), &record, ttl).await? {
+            return Err(StoreError::Corrupt("session id collision".into()).into());
+        }
+        let cookie = keyring.seal(&self.cookie_name, &ticket.to_bytes())?;
+        let loaded = Loaded {
+            session,
+            version: 1,
+            handle: key.handle(),
+            reseal: false,
+            ticket,
+        };
+        Ok((cookie, loaded))
+    }
+
+    async fn index(&self, key: &StoreKey, session: &Session) -> Result<(), StoreError> {
+        let ttl = Duration::from_secs(self.absolute);
+        let member = key.name();
+        self.store
+            .index_add(&index_name("u", &session.sub), &member, ttl)
+            .await?;
+        if let Some(sid) = &session.sid {
+            self.store
+                .index_add(&index_name("p", sid), &member, ttl)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The session behind a cookie value. Anything but a live session sealed by this key ring for
+    /// this cookie name is `Ok(None)`; only an unreachable store is an error.
+    pub async fn load(&self, cookie_value: &str, now: u64) -> Result<Option<Loaded>, StoreError> {
+        let Some(opened) = self.keyring.load().open(&self.cookie_name, cookie_value) else {
+            return Ok(None);
+        };
+        let Some(ticket) = Ticket::from_bytes(&opened.plaintext) else {
+            return Ok(None);
+        };
+        let key = ticket.key();
+        let handle = key.handle();
+        let cached = self.cache.as_ref().and_then(|cache| cache.get(&handle));
+        let (version, session) = match cached {
+            Some(hit) => hit,
+            None => {
+                let Some(record) = self.store.get(&key.name()).await? else {
+                    return Ok(None);
+                };
+                let Some(session) = decode_session(&ticket, &key, &record.value) else {
+                    return Ok(None);
+                };
+                if let Some(cache) = &self.cache {
+                    cache.put(&handle, record.version, &session);
+                }
+                (record.version, session)
+            }
+        };
+        if self.seconds_left(&session, now) == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Loaded {
+            session,
+            version,
+            handle,
+            reseal: opened.stale_key,
+            ticket,
+        }))
+    }
+
+    /// The session as the store holds it now, bypassing the cache: used where a stale copy
+    /// would be harmful (before spending a refresh token).
+    pub async fn reload(&self, loaded: &Loaded, now: u64) -> Result<Option<Loaded>, StoreError> {
+        let key = loaded.ticket.key();
+        let Some(record) = self.store.get(&key.name()).await? else {
+            return Ok(None);
+        };
+        let Some(session) = decode_session(&loaded.ticket, &key, &record.value) else {
+            return Ok(None);
+        };
+        if self.seconds_left(&session, now) == 0 {
+            return Ok(None);
+        }
+        if let Some(cache) = &self.cache {
+            cache.put(&loaded.handle, record.version, &session);
+        }
+        Ok(Some(Loaded {
+            session,
+            version: record.version,
+            handle: loaded.handle.clone(),
+            reseal: loaded.reseal,
+            ticket: loaded.ticket.clone(),
+        }))
+    }
+
+    /// A fresh cookie value for the same session, sealed with the current key.
+    pub fn reseal(&self, loaded: &Loaded) -> Result<String, SealError> {
+        self.keyring
+            .load()
+            .seal(&self.cookie_name, &loaded.ticket.to_bytes())
+    }
+
+    /// Writes `updated` if nobody wrote since `loaded` was read (`false`: reload and retry, or the
+    /// session has ended). `created_at` is kept; `last_seen` becomes `now`.
+    pub async fn save(
+        &self,
+        loaded: &Loaded,
+        mut updated: Session,
+        now: u64,
+    ) -> Result<bool, SessionError> {
+        updated.created_at = loaded.session.created_at;
+        updated.last_seen = now.max(loaded.session.last_seen);
+        self.write(loaded, &updated, now).await
+    }
+
+    async fn write(
+        &self,
+        loaded: &Loaded,
+        updated: &Session,
+        now: u64,
+    ) -> Result<bool, SessionError> {
+        let seconds = self.seconds_left(updated, now);
+        if seconds == 0 {
+            return Ok(false);
+        }
+        let key = loaded.ticket.key();
+        let record = encode_record(&self.keyring.load(), &loaded.ticket, &key, updated)?;
+        if updated.sub != loaded.session.sub || updated.sid != loaded.session.sid {
+            self.index(&key, updated).await?;
+        }
+        let ttl = Duration::from_secs(seconds);
+        let written = self
+            .store
+            .compare_and_set(&key.name(), loaded.version, &record, ttl)
+            .await?;
+        self.invalidate(&loaded.handle, written).await;
+        Ok(written)
+    }
+
+    /// Slides the idle timeout. Writes only when a tenth of the idle time has passed since
+    /// `last_seen`; then updates `loaded` and returns `true`. `false` also when another request
+    /// wrote first (which slid the timeout too).
+    pub async fn touch(&self, loaded: &mut Loaded, now: u64) -> Result<bool, SessionError> {
+        if now
+            .saturating_sub(loaded.session.last_seen)
+            .saturating_mul(10)
+            < self.idle
+        {
+            return Ok(false);
+        }
+        let mut updated = loaded.session.clone();
+        updated.last_seen = now;
+        if !self.write(loaded, &updated, now).await? {
+            return Ok(false);
+        }
+        loaded.session = updated;
+        loaded.version = loaded.version.saturating_add(1);
+        Ok(true)
+    }
+
+    /// Drops cached copies here and, when the store changed, everywhere. Publishing is best
+    /// effort: a lost message only delays other instances by their cache time to live.
+    async fn invalidate(&self, handle: &str, changed: bool) {
+        if let Some(cache) = &self.cache {
+            cache.remove(handle);
+        }
+        if changed {
+            let _ = self.store.publish(INVALIDATION_CHANNEL, handle).await;
+        }
+    }
+
+    /// Ends this session (logout).
+    pub async fn delete(&self, loaded: &Loaded) -> Result<(), StoreError> {
+        let key = loaded.ticket.key();
+        self.end(&key).await?;
+        let member = key.name();
+        self.store
+            .index_remove(&index_name("u", &loaded.session.sub), &member)
+            .await?;
+        if let Some(sid) = &loaded.session.sid {
+            self.store
+                .index_remove(&index_name("p", sid), &member)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn end(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let deleted = self.store.delete(&key.name()).await?;
+        self.invalidate(&key.handle(), true).await;
+        Ok(deleted)
+    }
+
+    /// Ends every session in an index; returns how many existed.
+    async fn end_index(&self, index: &str) -> Result<usize, StoreError> {
+        let mut ended = 0;
+        for member in self.store.index_members(index).await? {
+            if let Some(key) = StoreKey::parse(&member)
+                && self.end(&key).await?
+            {
+                ended += 1;
+            }
+            self.store.index_remove(index, &member).await?;
+        }
+        Ok(ended)
+    }
+
+    /// Back-channel logout by provider session id.
+    pub async fn end_by_sid(&self, sid: &str) -> Result<usize, StoreError> {
+        self.end_index(&index_name("p", sid)).await
+    }
+
+    /// Back-channel logout by subject, or "sign out everywhere".
+    pub async fn end_by_sub(&self, sub: &str) -> Result<usize, StoreError> {
+        self.end_index(&index_name("u", sub)).await
+    }
+
+    /// The user's live sessions, most recently seen first. Prunes index entries of ended ones.
+    pub async fn list_for_sub(
+        &self,
+        sub: &str,
+        now: u64,
+    ) -> Result<Vec<SessionSummary>, StoreError> {
+        let index = index_name("u", sub);
+        let keyring = self.keyring.load();
+        let mut out = Vec::new();
+        for member in self.store.index_members(&index).await? {
+            let Some(key) = StoreKey::parse(&member) else {
+                self.store.index_remove(&index, &member).await?;
+                continue;
+            };
+            let Some(record) = self.store.get(&member).await? else {
+                self.store.index_remove(&index, &member).await?;
+                continue;
+            };
+            let Some(meta) = decode_meta(&keyring, &key, &record.value) else {
+                continue;
+            };
+            let probe = Session {
+                created_at: meta.created_at,
+                last_seen: meta.last_seen,
+                ..Session::default()
+            };
+            if self.seconds_left(&probe, now) > 0 {
+                out.push(SessionSummary {
+                    handle: key.handle(),
+                    created_at: meta.created_at,
+                    last_seen: meta.last_seen,
+                    user_agent: meta.user_agent,
+                });
+            }
+        }
+        out.sort_by(|a, b| {
+            b.last_seen
+                .cmp(&a.last_seen)
+                .then_with(|| a.handle.cmp(&b.handle))
+        });
+        Ok(out)
+    }
+
+    /// Ends one of `sub`'s sessions by handle; `false` if `sub` has no such session.
+    pub async fn end_by_handle(&self, sub: &str, handle: &str) -> Result<bool, StoreError> {
+        let index = index_name("u", sub);
+        for member in self.store.index_members(&index).await? {
+            let Some(key) = StoreKey::parse(&member) else {
+                continue;
+            };
+            if key.handle() == handle {
+                let existed = self.end(&key).await?;
+                self.store.index_remove(&index, &member).await?;
+                return Ok(existed);
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

@@ -1,0 +1,139 @@
+//! A short-lived, in-process cache of opened sessions, keyed by handle.
+//!
+//! It saves a store round trip and a decryption per request. Every write on any instance publishes
+//! the session's handle; pending messages are drained before each lookup, so an instance forgets a
+//! session as soon as the message arrives. A lagging receiver or a `RESYNC` empties the cache, and
+//! no entry outlives its time to live even if messages are lost.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::time::Instant;
+
+use crate::session::model::Session;
+
+/// Entries kept before expired ones are swept (and, if that is not enough, all are dropped).
+const MAX_ENTRIES: usize = 10_000;
+
+pub(super) struct Cache {
+    ttl: Duration,
+    state: Mutex<State>,
+}
+
+struct State {
+    entries: HashMap<String, Entry>,
+    invalidations: broadcast::Receiver<String>,
+}
+
+struct Entry {
+    stored: Instant,
+    version: u64,
+    session: Session,
+}
+
+impl Cache {
+    pub(super) fn new(ttl: Duration, invalidations: broadcast::Receiver<String>) -> Cache {
+        Cache {
+            ttl,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                invalidations,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.drain();
+        state
+    }
+
+    pub(super) fn get(&self, handle: &str) -> Option<(u64, Session)> {
+        let state = self.state();
+        let entry = state.entries.get(handle)?;
+        (entry.stored.elapsed() < self.ttl).then(|| (entry.version, entry.session.clone()))
+    }
+
+    pub(super) fn put(&self, handle: &str, version: u64, session: &Session) {
+        let mut state = self.state();
+        if state.entries.len() >= MAX_ENTRIES {
+            let ttl = self.ttl;
+            state
+                .entries
+                .retain(|_, entry| entry.stored.elapsed() < ttl);
+            if state.entries.len() >= MAX_ENTRIES {
+                state.entries.clear();
+            }
+        }
+        let entry = Entry {
+            stored: Instant::now(),
+            version,
+            session: session.clone(),
+        };
+        state.entries.insert(handle.to_owned(), entry);
+    }
+
+    pub(super) fn remove(&self, handle: &str) {
+        self.state().entries.remove(handle);
+    }
+}
+
+impl State {
+    fn drain(&mut self) {
+        loop {
+            match self.invalidations.try_recv() {
+                Ok(handle) if handle.is_empty() => self.entries.clear(),
+                Ok(handle) => {
+                    self.entries.remove(&handle);
+                }
+                Err(TryRecvError::Lagged(_)) => self.entries.clear(),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn session() -> Session {
+        Session {
+            sub: "u".into(),
+            ..Session::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_after_their_ttl() {
+        let (_tx, rx) = broadcast::channel(4);
+        let cache = Cache::new(Duration::from_secs(1), rx);
+        cache.put("h", 3, &session());
+        assert_eq!(cache.get("h").map(|(v, _)| v), Some(3));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(cache.get("h").is_none());
+    }
+
+    #[test]
+    fn messages_remove_entries_and_resync_or_lag_clears_all() {
+        let (tx, rx) = broadcast::channel(2);
+        let cache = Cache::new(Duration::from_secs(60), rx);
+        cache.put("a", 1, &session());
+        cache.put("b", 1, &session());
+        tx.send("a".into()).unwrap();
+        assert!(cache.get("a").is_none() && cache.get("b").is_some());
+        tx.send(String::new()).unwrap();
+        assert!(cache.get("b").is_none());
+        cache.put("c", 1, &session());
+        for _ in 0..5 {
+            tx.send("unrelated".into()).unwrap();
+        }
+        assert!(
+            cache.get("c").is_none(),
+            "a lagged receiver drops everything"
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! What the cookie carries (a ticket), the names derived from it, and the encrypted record a
+//! store holds.
+//!
+//! Ticket = random 32-byte session id ‖ random 32-byte data key. The store key is
+//! `"s:" + hex(SHA-256(id))`, so the store never sees the id. The record is
+//! `format (1) ‖ meta length (u16 BE) ‖ meta ‖ nonce (12) ‖ AES-256-GCM(data key, session JSON)`:
+//! only the cookie holder can read the session. `meta` (created, last seen, user agent) is sealed
+//! with the server key ring instead, so session listings work without the cookie and a dump of the
+//! store alone still reveals nothing.
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::session::model::Session;
+use crate::session::seal::{Keyring, SealError, random};
+
+const RECORD_FORMAT: u8 = 1;
+const NONCE_LEN: usize = 12;
+const SESSION_PREFIX: &str = "s:";
+const BODY_AAD: &str = "vestibule session body ";
+const META_AAD: &str = "vestibule session meta ";
+const MAX_USER_AGENT_CHARS: usize = 256;
+
+/// The secret half of a session, held only inside the sealed cookie.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Ticket {
+    id: [u8; 32],
+    data_key: [u8; 32],
+}
+
+impl Ticket {
+    pub(super) fn random() -> Result<Ticket, SealError> {
+        Ok(Ticket {
+            id: random()?,
+            data_key: random()?,
+        })
+    }
+
+    pub(super) fn to_bytes(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        out[..32].copy_from_slice(&self.id);
+        out[32..].copy_from_slice(&self.data_key);
+        out
+    }
+
+    pub(super) fn from_bytes(bytes: &[u8]) -> Option<Ticket> {
+        let (id, data_key) = bytes.split_at_checked(32)?;
+        Some(Ticket {
+            id: id.try_into().ok()?,
+            data_key: data_key.try_into().ok()?,
+        })
+    }
+
+    pub(super) fn key(&self) -> StoreKey {
+        StoreKey(Sha256::digest(self.id).into())
+    }
+}
+
+/// The store's name for a session: a hash of its id.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) struct StoreKey([u8; 32]);
+
+impl StoreKey {
+    /// Parses a name produced by [`StoreKey::name`] (an index member).
+    pub(super) fn parse(name: &str) -> Option<StoreKey> {
+        let hex_part = name.strip_prefix(SESSION_PREFIX)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(hex_part, &mut out).ok()?;
+        Some(StoreKey(out))
+    }
+
+    pub(super) fn name(&self) -> String {
+        format!("{SESSION_PREFIX}{}", hex::encode(self.0))
+    }
+
+    /// A stable, non-secret id for URLs and invalidation messages.
+    pub(super) fn handle(&self) -> String {
+        let digest = Sha256::new()
+            .chain_update(b"vestibule handle\0")
+            .chain_update(self.0)
+            .finalize();
+        hex::encode(&digest[..16])
+    }
+
+    /// Where the single-flight refresh lease for this session lives.
+    pub(super) fn lock_name(&self) -> String {
+        format!("l:{}", hex::encode(self.0))
+    }
+}
+
+/// Index key for a claim value (`sub` or provider `sid`), hashed like every other key.
+pub(super) fn index_name(kind: &str, value: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(kind)
+        .chain_update(b"\0")
+        .chain_update(value)
+        .finalize();
+    format!("{kind}:{}", hex::encode(digest))
+}
+
+/// What session listings show, readable with the server key ring.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Meta {
+    pub(super) created_at: u64,
+    pub(super) last_seen: u64,
+    pub(super) user_agent: Option<String>,
+}
+
+/// Builds the stored bytes for `session` under `key`.
+pub(super) fn encode_record(
+    keyring: &Keyring,
+    ticket: &Ticket,
+    key: &StoreKey,
+    session: &Session,
+) -> Result<Vec<u8>, SealError> {
+    let name = key.name();
+    let meta = Meta {
+        created_at: session.created_at,
+        last_seen: session.last_seen,
+        user_agent: session.user_agent.as_deref().map(shorten),
+    };
+    let meta_json = serde_json::to_vec(&meta).map_err(|_| SealError::TooLarge)?;
+    let meta = keyring.seal(&format!("{META_AAD}{name}"), &meta_json)?;
+    let meta_len = u16::try_from(meta.len()).map_err(|_| SealError::TooLarge)?;
+    let body_json = serde_json::to_vec(session).map_err(|_| SealError::TooLarge)?;
+    let nonce: [u8; NONCE_LEN] = random()?;
+    let aad = format!("{BODY_AAD}{name}");
+    let body = Aes256Gcm::new(&ticket.data_key.into())
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &body_json,
+                aad: aad.as_bytes(),
+            },
+        )
+        .map_err(|_| SealError::TooLarge)?;
+    let mut out = Vec::with_capacity(3 + meta.len() + NONCE_LEN + body.len());
+    out.push(RECORD_FORMAT);
+    out.extend_from_slice(&meta_len.to_be_bytes());
+    out.extend_from_slice(meta.as_bytes());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Listings need only a recognisable user agent; a huge header must not make sealing fail.
+fn shorten(user_agent: &str) -> String {
+    match user_agent.char_indices().nth(MAX_USER_AGENT_CHARS) {
+        Some((end, _)) => user_agent[..end].to_owned(),
+        None => user_agent.to_owned(),
+    }
+}
+
+fn split_record(record: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&format, rest) = record.split_first()?;
+    if format != RECORD_FORMAT {
+        return None;
+    }
+    let (len, rest) = rest.split_at_checked(2)?;
+    let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
+    rest.split_at_checked(len)
+}
+
+/// Decrypts the session with the cookie's data key; `None` if it is not this ticket's record.
+pub(super) fn decode_session(ticket: &Ticket, key: &StoreKey, record: &[u8]) -> Option<Session> {
+    let (_, body) = split_record(record)?;
+    let (nonce, sealed) = body.split_at_checked(NONCE_LEN)?;
+    let aad = format!("{BODY_AAD}{}", key.name());
+    let json = Aes256Gcm::new(&ticket.data_key.into())
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: sealed,
+                aad: aad.as_bytes(),
+            },
+        )
+        .ok()?;
+    serde_json::from_slice(&json).ok()
+}
+
+/// Reads the listing data with the key ring, without the cookie.
+pub(super) fn decode_meta(keyring: &Keyring, key: &StoreKey, record: &[u8]) -> Option<Meta> {
+    let (meta, _) = split_record(record)?;
+    let meta = std::str::from_utf8(meta).ok()?;
+    let opened = keyring.open(&format!("{META_AAD}{}", key.name()), meta)?;
+    serde_json::from_slice(&opened.plaintext).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_opens_only_with_its_ticket_and_key() {
+        let keyring = Keyring::new(vec![[3; 32]]).unwrap();
+        let ticket = Ticket::random().unwrap();
+        let other = Ticket::random().unwrap();
+        let session = Session {
+            sub: "u".into(),
+            user_agent: Some("ua".into()),
+            ..Session::default()
+        };
+        let record = encode_record(&keyring, &ticket, &ticket.key(), &session).unwrap();
+        assert_eq!(
+            decode_session(&ticket, &ticket.key(), &record),
+            Some(session)
+        );
+        assert_eq!(decode_session(&other, &ticket.key(), &record), None);
+        assert_eq!(
+            decode_session(&ticket, &other.key(), &record),
+            None,
+            "records cannot be moved"
+        );
+        assert_eq!(
+            decode_meta(&keyring, &ticket.key(), &record)
+                .unwrap()
+                .user_agent
+                .as_deref(),
+            Some("ua")
+        );
+        assert_eq!(decode_meta(&keyring, &other.key(), &record), None);
+        for len in 0..record.len() {
+            assert_eq!(decode_session(&ticket, &ticket.key(), &record[..len]), None);
+        }
+    }
+
+    #[test]
+    fn huge_user_agent_is_shortened_in_the_listing_data() {
+        let keyring = Keyring::new(vec![[3; 32]]).unwrap();
+        let ticket = Ticket::random().unwrap();
+        let session = Session {
+            user_agent: Some("é".repeat(5000)),
+            ..Session::default()
+        };
+        let record = encode_record(&keyring, &ticket, &ticket.key(), &session).unwrap();
+        let meta = decode_meta(&keyring, &ticket.key(), &record).unwrap();
+        assert_eq!(
+            meta.user_agent.unwrap().chars().count(),
+            MAX_USER_AGENT_CHARS
+        );
+        assert_eq!(
+            decode_session(&ticket, &ticket.key(), &record),
+            Some(session)
+        );
+    }
+
+    #[test]
+    fn store_key_names_round_trip_and_reject_garbage() {
+        let key = Ticket::random().unwrap().key();
+        assert!(StoreKey::parse(&key.name()) == Some(key));
+        for bad in ["", "s:", "s:zz", "x:00", "s:0011"] {
+            assert!(StoreKey::parse(bad).is_none(), "{bad}");
+        }
+        assert_eq!(key.handle().len(), 32);
+        assert_ne!(key.handle(), key.name());
+    }
+
+    #[test]
+    fn ticket_bytes_round_trip_and_need_exactly_64_bytes() {
+        let ticket = Ticket::random().unwrap();
+        assert!(Ticket::from_bytes(&ticket.to_bytes()) == Some(ticket));
+        assert!(Ticket::from_bytes(&[0; 63]).is_none());
+        assert!(Ticket::from_bytes(&[0; 65]).is_none());
+    }
+}

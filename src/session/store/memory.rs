@@ -1,0 +1,441 @@
+//! The in-process store for a single instance: a map with expiry, swept on every access, bounded
+//! by `max_entries` (the entry that would expire soonest is evicted first).
+//!
+//! Every entry kind (records, indexes, markers, locks) counts towards the bound. Pub/sub reaches
+//! only subscribers in this process, which is all there is when sessions live here.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::{Record, StoreError};
+
+/// Messages buffered per channel for a slow subscriber before it sees `Lagged`.
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// A store in this process's memory. Clones share the same data.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemoryStore(max_entries: {})", self.inner.max_entries)
+    }
+}
+
+struct Inner {
+    max_entries: usize,
+    state: Mutex<State>,
+    channels: Mutex<HashMap<String, broadcast::Sender<String>>>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<String, Entry>,
+    by_expiry: BTreeSet<(Instant, String)>,
+}
+
+struct Entry {
+    expires_at: Instant,
+    kind: Kind,
+}
+
+enum Kind {
+    Record(Record),
+    Set(HashSet<String>),
+    Marker,
+    Lock(String),
+}
+
+impl State {
+    fn sweep(&mut self, now: Instant) {
+        while let Some((at, _)) = self.by_expiry.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key)) = self.by_expiry.pop_first() {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut Entry> {
+        self.sweep(Instant::now());
+        self.entries.get_mut(key)
+    }
+
+    fn insert(&mut self, key: &str, entry: Entry, max_entries: usize) {
+        self.remove(key);
+        while self.entries.len() >= max_entries {
+            match self.by_expiry.pop_first() {
+                Some((_, evicted)) => {
+                    self.entries.remove(&evicted);
+                }
+                None => break,
+            }
+        }
+        self.by_expiry.insert((entry.expires_at, key.to_owned()));
+        self.entries.insert(key.to_owned(), entry);
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        self.by_expiry.remove(&(entry.expires_at, key.to_owned()));
+        Some(entry)
+    }
+
+    fn set_expiry(&mut self, key: &str, expires_at: Instant) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            self.by_expiry.remove(&(entry.expires_at, key.to_owned()));
+            entry.expires_at = expires_at;
+            self.by_expiry.insert((expires_at, key.to_owned()));
+        }
+    }
+}
+
+fn wrong_type(key: &str) -> StoreError {
+    StoreError::Corrupt(format!("key {key} holds another kind of value"))
+}
+
+impl MemoryStore {
+    pub fn new(max_entries: usize) -> MemoryStore {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                max_entries: max_entries.max(1),
+                state: Mutex::new(State::default()),
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // more than refusing service would.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn put(&self, key: &str, kind: Kind, ttl: Duration) {
+        let entry = Entry {
+            expires_at: Instant::now() + ttl,
+            kind,
+        };
+        self.state().insert(key, entry, self.inner.max_entries);
+    }
+
+    /// Number of live entries (sweeps first).
+    pub fn len(&self) -> usize {
+        let mut state = self.state();
+        state.sweep(Instant::now());
+        state.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        match self.state().get_mut(key) {
+            None => Ok(None),
+            Some(Entry {
+                kind: Kind::Record(record),
+                ..
+            }) => Ok(Some(record.clone())),
+            Some(_) => Err(wrong_type(key)),
+        }
+    }
+
+    pub async fn put_new(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        if self.state().get_mut(key).is_some() {
+            return Ok(false);
+        }
+        self.put(
+            key,
+            Kind::Record(Record {
+                version: 1,
+                value: value.to_vec(),
+            }),
+            ttl,
+        );
+        Ok(true)
+    }
+
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        expected_version: u64,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        let version = match state.get_mut(key) {
+            None => return Ok(false),
+            Some(Entry {
+                kind: Kind::Record(record),
+                ..
+            }) => record.version,
+            Some(_) => return Err(wrong_type(key)),
+        };
+        if version != expected_version {
+            return Ok(false);
+        }
+        let record = Record {
+            version: version.saturating_add(1),
+            value: value.to_vec(),
+        };
+        let entry = Entry {
+            expires_at: Instant::now() + ttl,
+            kind: Kind::Record(record),
+        };
+        state.insert(key, entry, self.inner.max_entries);
+        Ok(true)
+    }
+
+    pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        if state.get_mut(key).is_none() {
+            return Ok(false);
+        }
+        state.set_expiry(key, Instant::now() + ttl);
+        Ok(true)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        state.sweep(Instant::now());
+        Ok(state.remove(key).is_some())
+    }
+
+    pub async fn index_add(
+        &self,
+        index_key: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state();
+        let expires_at = Instant::now() + ttl;
+        let current = match state.get_mut(index_key) {
+            Some(Entry {
+                kind: Kind::Set(members),
+                expires_at: current,
+            }) => {
+                members.insert(member.to_owned());
+                Some(*current)
+            }
+            Some(_) => return Err(wrong_type(index_key)),
+            None => None,
+        };
+        match current {
+            Some(current) if current >= expires_at => {}
+            Some(_) => state.set_expiry(index_key, expires_at),
+            None => {
+                let members = HashSet::from([member.to_owned()]);
+                let entry = Entry {
+                    expires_at,
+                    kind: Kind::Set(members),
+                };
+                state.insert(index_key, entry, self.inner.max_entries);
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn index_members(&self, index_key: &str) -> Result<Vec<String>, StoreError> {
+        match self.state().get_mut(index_key) {
+            None => Ok(Vec::new()),
+            Some(Entry {
+                kind: Kind::Set(members),
+                ..
+            }) => Ok(members.iter().cloned().collect()),
+            Some(_) => Err(wrong_type(index_key)),
+        }
+    }
+
+    pub async fn index_remove(&self, index_key: &str, member: &str) -> Result<(), StoreError> {
+        let mut state = self.state();
+        let now_empty = match state.get_mut(index_key) {
+            None => false,
+            Some(Entry {
+                kind: Kind::Set(members),
+                ..
+            }) => {
+                members.remove(member);
+                members.is_empty()
+            }
+            Some(_) => return Err(wrong_type(index_key)),
+        };
+        if now_empty {
+            state.remove(index_key);
+        }
+        Ok(())
+    }
+
+    pub async fn remember_once(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        if state.get_mut(key).is_some() {
+            return Ok(false);
+        }
+        let entry = Entry {
+            expires_at: Instant::now() + ttl,
+            kind: Kind::Marker,
+        };
+        state.insert(key, entry, self.inner.max_entries);
+        Ok(true)
+    }
+
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        if state.get_mut(key).is_some() {
+            return Ok(false);
+        }
+        let entry = Entry {
+            expires_at: Instant::now() + lease,
+            kind: Kind::Lock(token.to_owned()),
+        };
+        state.insert(key, entry, self.inner.max_entries);
+        Ok(true)
+    }
+
+    pub async fn extend_lock(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        match state.get_mut(key) {
+            Some(Entry {
+                kind: Kind::Lock(holder),
+                ..
+            }) if holder == token => {
+                state.set_expiry(key, Instant::now() + lease);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        let mut state = self.state();
+        let held = matches!(state.get_mut(key), Some(Entry { kind: Kind::Lock(holder), .. }) if holder == token);
+        if held {
+            state.remove(key);
+        }
+        Ok(())
+    }
+
+    pub async fn publish(&self, channel_suffix: &str, payload: &str) -> Result<(), StoreError> {
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(sender) = channels.get(channel_suffix)
+            && sender.send(payload.to_owned()).is_err()
+        {
+            channels.remove(channel_suffix);
+        }
+        Ok(())
+    }
+
+    pub fn subscribe(&self, channel_suffix: &str) -> broadcast::Receiver<String> {
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        channels
+            .entry(channel_suffix.to_owned())
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .subscribe()
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn full_store_evicts_the_entry_expiring_soonest() {
+        let store = MemoryStore::new(3);
+        store.put_new("long", b"1", MINUTE * 10).await.unwrap();
+        store.put_new("short", b"2", MINUTE).await.unwrap();
+        store.put_new("middle", b"3", MINUTE * 5).await.unwrap();
+        store.put_new("new", b"4", MINUTE * 2).await.unwrap();
+        assert_eq!(store.len(), 3);
+        assert!(store.get("short").await.unwrap().is_none());
+        for key in ["long", "middle", "new"] {
+            assert!(store.get(key).await.unwrap().is_some(), "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rewriting_a_key_does_not_evict_another() {
+        let store = MemoryStore::new(2);
+        store.put_new("a", b"1", MINUTE).await.unwrap();
+        store.put_new("b", b"1", MINUTE).await.unwrap();
+        assert!(store.compare_and_set("a", 1, b"2", MINUTE).await.unwrap());
+        assert!(store.touch("b", MINUTE).await.unwrap());
+        assert_eq!(store.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_swept_without_being_read() {
+        let store = MemoryStore::new(10);
+        store
+            .put_new("a", b"1", Duration::from_secs(1))
+            .await
+            .unwrap();
+        store
+            .remember_once("b", Duration::from_secs(1))
+            .await
+            .unwrap();
+        store
+            .index_add("c", "m", Duration::from_secs(1))
+            .await
+            .unwrap();
+        store.put_new("d", b"1", MINUTE).await.unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn index_lives_as_long_as_its_longest_member_asked() {
+        let store = MemoryStore::new(10);
+        store.index_add("i", "a", MINUTE * 2).await.unwrap();
+        store.index_add("i", "b", MINUTE).await.unwrap();
+        tokio::time::advance(MINUTE + Duration::from_secs(1)).await;
+        assert_eq!(store.index_members("i").await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn using_a_key_as_the_wrong_kind_is_an_error() {
+        let store = MemoryStore::new(10);
+        store.index_add("i", "a", MINUTE).await.unwrap();
+        assert!(matches!(store.get("i").await, Err(StoreError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,465 @@
+//! The Redis store: standalone (`redis://`, `rediss://`), Sentinel or Cluster.
+//!
+//! Records are hashes `{v: version, d: bytes}`; compare-and-set, lock extension and release are
+//! Lua scripts, so each touches one key (safe in Cluster). Every key and channel is prefixed with
+//! `key_prefix`. Commands go through a reconnecting connection (`ConnectionManager`, the cluster
+//! connection, or a manager re-resolved through Sentinel after a failure) and each is bounded by
+//! `DEFAULT_OPERATION_TIMEOUT`; every failure is `StoreError::Unavailable`, never "not found".
+//! Pub/sub uses its own connection, see [`pubsub`].
+
+mod pubsub;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    Client, Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
+    RedisResult, Script, ScriptInvocation, ServerErrorKind, TlsMode,
+};
+use tokio::sync::broadcast;
+
+use super::{Record, StoreConfig, StoreError, redact_url, ttl_millis};
+
+/// Upper bound on one store operation, including waiting for a reconnect.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Upper bound on establishing one connection.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// Upper bound on waiting for one reply.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const PUT_NEW: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', 1, 'd', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1";
+
+const COMPARE_AND_SET: &str = r"
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('HSET', KEYS[1], 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1";
+
+const INDEX_ADD: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1";
+
+const EXTEND_LOCK: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])";
+
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])";
+
+/// A Redis-backed store. Clones share connections.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    prefix: String,
+    conn: Conn,
+    scripts: Scripts,
+    pubsub: pubsub::Subscriber,
+    description: String,
+}
+
+struct Scripts {
+    put_new: Script,
+    compare_and_set: Script,
+    index_add: Script,
+    extend_lock: Script,
+    unlock: Script,
+}
+
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    Sentinel(Box<SentinelConn>),
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisStore({})", self.inner.description)
+    }
+}
+
+enum Op<'a> {
+    Cmd(Cmd),
+    Script(ScriptInvocation<'a>),
+}
+
+impl RedisStore {
+    /// Builds the connections from a `StoreConfig::Redis`. Connects lazily: only a bad
+    /// configuration is an error here. Waits up to `DEFAULT_CONNECTION_TIMEOUT` for the pub/sub
+    /// subscription so that a reachable server delivers messages published right after this.
+    pub async fn connect(config: &StoreConfig) -> Result<RedisStore, StoreError> {
+        let StoreConfig::Redis {
+            url,
+            sentinel,
+            cluster,
+            key_prefix,
+        } = config
+        else {
+            return Err(StoreError::Config("not a Redis configuration".into()));
+        };
+        let (conn, source, description) = match (sentinel, cluster) {
+            (Some(_), Some(_)) => {
+                return Err(StoreError::Config(
+                    "choose either sentinel or cluster, not both".into(),
+                ));
+            }
+            (Some((master, nodes)), None) => {
+                let conn = Conn::Sentinel(Box::new(SentinelConn::new(sentinel_client(
+                    url, master, nodes,
+                )?)));
+                let source =
+                    pubsub::Source::Sentinel(Box::new(sentinel_client(url, master, nodes)?));
+                let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
+                (
+                    conn,
+                    source,
+                    format!("sentinel master {master} via {}", nodes.join(", ")),
+                )
+            }
+            (None, Some(nodes)) => {
+                if nodes.is_empty() {
+                    return Err(StoreError::Config("the cluster node list is empty".into()));
+                }
+                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(DEFAULT_CONNECTION_TIMEOUT)
+                    .response_timeout(DEFAULT_RESPONSE_TIMEOUT)
+                    .build()
+                    .map_err(config_error)?;
+                let conn = client.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(DEFAULT_CONNECTION_TIMEOUT)
+                        .set_response_timeout(DEFAULT_RESPONSE_TIMEOUT),
+                );
+                let clients = nodes
+                    .iter()
+                    .map(|n| Client::open(n.as_str()).map_err(config_error))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
+                let description = format!("cluster {}", nodes.join(", "));
+                (
+                    Conn::Cluster(conn),
+                    pubsub::Source::Clients(clients),
+                    description,
+                )
+            }
+            (None, None) => {
+                let client = Client::open(url.as_str()).map_err(config_error)?;
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
+                        .map_err(config_error)?;
+                let source = pubsub::Source::Clients(vec![client]);
+                (Conn::Single(manager), source, redact_url(url))
+            }
+        };
+        let pubsub = pubsub::Subscriber::start(source, key_prefix.clone());
+        pubsub.wait_connected(DEFAULT_CONNECTION_TIMEOUT).await;
+        let scripts = Scripts {
+            put_new: Script::new(PUT_NEW),
+            compare_and_set: Script::new(COMPARE_AND_SET),
+            index_add: Script::new(INDEX_ADD),
+            extend_lock: Script::new(EXTEND_LOCK),
+            unlock: Script::new(UNLOCK),
+        };
+        let prefix = key_prefix.clone();
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                prefix,
+                conn,
+                scripts,
+                pubsub,
+                description,
+            }),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{}", self.inner.prefix, key)
+    }
+
+    async fn run<T: FromRedisValue>(&self, op: Op<'_>) -> Result<T, StoreError> {
+        let attempt = async {
+            match &self.inner.conn {
+                Conn::Single(manager) => exec(&op, &mut manager.clone()).await,
+                Conn::Cluster(cluster) => exec(&op, &mut cluster.clone()).await,
+                Conn::Sentinel(sentinel) => {
+                    let mut manager = sentinel.manager().await?;
+                    let result = exec(&op, &mut manager).await;
+                    if let Err(err) = &result
+                        && master_may_have_moved(err)
+                    {
+                        sentinel.forget();
+                    }
+                    result
+                }
+            }
+        };
+        match tokio::time::timeout(DEFAULT_OPERATION_TIMEOUT, attempt).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(store_error(&err)),
+            Err(_) => Err(StoreError::Unavailable(
+                "Redis did not answer in time".into(),
+            )),
+        }
+    }
+
+    fn cmd(name: &str) -> Cmd {
+        redis::cmd(name)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        let mut cmd = Self::cmd("HMGET");
+        cmd.arg(self.key(key)).arg("v").arg("d");
+        let (version, value): (Option<u64>, Option<Vec<u8>>) = self.run(Op::Cmd(cmd)).await?;
+        match (version, value) {
+            (Some(version), Some(value)) => Ok(Some(Record { version, value })),
+            (None, None) => Ok(None),
+            _ => Err(StoreError::Corrupt(format!("record {key} is incomplete"))),
+        }
+    }
+
+    pub async fn put_new(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.put_new.prepare_invoke();
+        inv.key(self.key(key)).arg(value).arg(ttl_millis(ttl));
+        self.run(Op::Script(inv)).await
+    }
+
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        expected_version: u64,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.compare_and_set.prepare_invoke();
+        inv.key(self.key(key))
+            .arg(expected_version)
+            .arg(value)
+            .arg(ttl_millis(ttl));
+        self.run(Op::Script(inv)).await
+    }
+
+    pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut cmd = Self::cmd("PEXPIRE");
+        cmd.arg(self.key(key)).arg(ttl_millis(ttl));
+        self.run(Op::Cmd(cmd)).await
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let mut cmd = Self::cmd("DEL");
+        cmd.arg(self.key(key));
+        let removed: u64 = self.run(Op::Cmd(cmd)).await?;
+        Ok(removed > 0)
+    }
+
+    pub async fn index_add(
+        &self,
+        index_key: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inv = self.inner.scripts.index_add.prepare_invoke();
+        inv.key(self.key(index_key))
+            .arg(member)
+            .arg(ttl_millis(ttl));
+        self.run::<i64>(Op::Script(inv)).await.map(drop)
+    }
+
+    pub async fn index_members(&self, index_key: &str) -> Result<Vec<String>, StoreError> {
+        let mut cmd = Self::cmd("SMEMBERS");
+        cmd.arg(self.key(index_key));
+        self.run(Op::Cmd(cmd)).await
+    }
+
+    pub async fn index_remove(&self, index_key: &str, member: &str) -> Result<(), StoreError> {
+        let mut cmd = Self::cmd("SREM");
+        cmd.arg(self.key(index_key)).arg(member);
+        self.run::<i64>(Op::Cmd(cmd)).await.map(drop)
+    }
+
+    async fn set_nx(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut cmd = Self::cmd("SET");
+        cmd.arg(self.key(key))
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_millis(ttl));
+        let reply: Option<String> = self.run(Op::Cmd(cmd)).await?;
+        Ok(reply.is_some())
+    }
+
+    pub async fn remember_once(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.set_nx(key, "1", ttl).await
+    }
+
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.set_nx(key, token, lease).await
+    }
+
+    pub async fn extend_lock(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.extend_lock.prepare_invoke();
+        inv.key(self.key(key)).arg(token).arg(ttl_millis(lease));
+        self.run(Op::Script(inv)).await
+    }
+
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        let mut inv = self.inner.scripts.unlock.prepare_invoke();
+        inv.key(self.key(key)).arg(token);
+        self.run::<i64>(Op::Script(inv)).await.map(drop)
+    }
+
+    pub async fn publish(&self, channel_suffix: &str, payload: &str) -> Result<(), StoreError> {
+        let mut cmd = Self::cmd("PUBLISH");
+        cmd.arg(self.key(channel_suffix)).arg(payload);
+        self.run::<i64>(Op::Cmd(cmd)).await.map(drop)
+    }
+
+    pub fn subscribe(&self, channel_suffix: &str) -> broadcast::Receiver<String> {
+        self.inner.pubsub.subscribe(channel_suffix)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let reply: String = self.run(Op::Cmd(Self::cmd("PING"))).await?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable("unexpected PING reply".into()))
+        }
+    }
+}
+
+async fn exec<T: FromRedisValue>(op: &Op<'_>, con: &mut impl ConnectionLike) -> RedisResult<T> {
+    match op {
+        Op::Cmd(cmd) => cmd.query_async(con).await,
+        Op::Script(invocation) => invocation.invoke_async(con).await,
+    }
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    // Few, quick retries: a request waiting on Redis is a user waiting. The manager starts a new
+    // reconnect attempt on the next command after these run out, so it never gives up for good.
+    ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
+        .set_connection_timeout(Some(DEFAULT_CONNECTION_TIMEOUT))
+        .set_response_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
+}
+
+fn config_error(err: RedisError) -> StoreError {
+    StoreError::Config(err.to_string())
+}
+
+fn store_error(err: &RedisError) -> StoreError {
+    if err.code() == Some("WRONGTYPE") || err.kind() == ErrorKind::UnexpectedReturnType {
+        return StoreError::Corrupt(err.to_string());
+    }
+    StoreError::Unavailable(err.to_string())
+}
+
+fn master_may_have_moved(err: &RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+        || err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
+/// A Sentinel client for the master, taking credentials, database and TLS from `url`.
+fn sentinel_client(
+    url: &str,
+    master: &str,
+    nodes: &[String],
+) -> Result<SentinelClient, StoreError> {
+    if nodes.is_empty() {
+        return Err(StoreError::Config("the sentinel node list is empty".into()));
+    }
+    let mut node = SentinelNodeConnectionInfo::default();
+    if !url.is_empty() {
+        let info = url.into_connection_info().map_err(config_error)?;
+        node = node.set_redis_connection_info(info.redis_settings().clone());
+        if let ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+            let mode = if *insecure {
+                TlsMode::Insecure
+            } else {
+                TlsMode::Secure
+            };
+            node = node.set_tls_mode(mode);
+        }
+    }
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    SentinelClient::build(nodes, master, Some(node), SentinelServerType::Master)
+        .map_err(config_error)
+}
+
+/// The master's connection manager, found through Sentinel and forgotten after a failure that
+/// suggests a failover, so the next command asks Sentinel again.
+struct SentinelConn {
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: Mutex<Option<ConnectionManager>>,
+}
+
+impl SentinelConn {
+    fn new(client: SentinelClient) -> SentinelConn {
+        SentinelConn {
+            client: tokio::sync::Mutex::new(client),
+            current: Mutex::new(None),
+        }
+    }
+
+    fn cached(&self) -> Option<ConnectionManager> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn manager(&self) -> RedisResult<ConnectionManager> {
+        if let Some(manager) = self.cached() {
+            return Ok(manager);
+        }
+        let mut client = self.client.lock().await;
+        if let Some(manager) = self.cached() {
+            return Ok(manager);
+        }
+        let master = client.async_get_client().await?;
+        let manager = ConnectionManager::new_lazy_with_config(master, manager_config())?;
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(manager.clone());
+        Ok(manager)
+    }
+
+    fn forget(&self) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Channel senders by suffix, shared between the store and its subscriber task.
+type Channels = Arc<Mutex<HashMap<String, broadcast::Sender<String>>>>;

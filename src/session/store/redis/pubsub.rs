@@ -1,0 +1,193 @@
+//! The pub/sub side of the Redis store: one dedicated connection pattern-subscribed to
+//! `key_prefix*`, fanned out to in-process broadcast channels by suffix.
+//!
+//! The connection is re-established forever with capped backoff and checked with a PING so a
+//! silently dead socket is noticed. Messages published while it was down are lost, so every
+//! subscriber receives [`RESYNC`](super::super::RESYNC) when the connection is lost and again when
+//! it is back: caches must then drop what they hold.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use redis::aio::PubSub;
+use redis::sentinel::SentinelClient;
+use redis::{Client, Msg, RedisError, RedisResult, Value};
+use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
+
+use super::{Channels, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
+use crate::session::store::RESYNC;
+
+const CHANNEL_CAPACITY: usize = 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often an idle subscription is checked with a PING.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Where the subscriber connects: any of these nodes in turn, or the master Sentinel names.
+pub(super) enum Source {
+    Clients(Vec<Client>),
+    Sentinel(Box<SentinelClient>),
+}
+
+impl Source {
+    async fn open(&mut self) -> RedisResult<PubSub> {
+        match self {
+            Source::Clients(clients) => {
+                let mut last = None;
+                for client in clients.iter() {
+                    match client.get_async_pubsub().await {
+                        Ok(pubsub) => return Ok(pubsub),
+                        Err(err) => last = Some(err),
+                    }
+                }
+                Err(last.unwrap_or_else(|| RedisError::from((redis::ErrorKind::Client, "no node"))))
+            }
+            Source::Sentinel(sentinel) => {
+                sentinel.async_get_client().await?.get_async_pubsub().await
+            }
+        }
+    }
+}
+
+/// Owns the subscriber task; dropping it stops the task.
+pub(super) struct Subscriber {
+    channels: Channels,
+    connected: watch::Receiver<u64>,
+    task: AbortHandle,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscriber {
+    pub(super) fn start(source: Source, prefix: String) -> Subscriber {
+        let channels: Channels = Arc::new(Mutex::new(HashMap::new()));
+        let (generation, connected) = watch::channel(0);
+        let task = tokio::spawn(run(source, prefix, channels.clone(), generation)).abort_handle();
+        Subscriber {
+            channels,
+            connected,
+            task,
+        }
+    }
+
+    /// Waits until the first subscription is active, or `limit` has passed.
+    pub(super) async fn wait_connected(&self, limit: Duration) {
+        let mut connected = self.connected.clone();
+        let _ = tokio::time::timeout(limit, connected.wait_for(|generation| *generation > 0)).await;
+    }
+
+    pub(super) fn subscribe(&self, suffix: &str) -> broadcast::Receiver<String> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        channels
+            .entry(suffix.to_owned())
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .subscribe()
+    }
+}
+
+async fn run(
+    mut source: Source,
+    prefix: String,
+    channels: Channels,
+    generation: watch::Sender<u64>,
+) {
+    let pattern = format!("{}*", glob_escape(&prefix));
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if let Some(pubsub) = subscribe(&mut source, &pattern).await {
+            backoff = MIN_BACKOFF;
+            if *generation.borrow() > 0 {
+                resync(&channels);
+            }
+            generation.send_modify(|g| *g += 1);
+            listen(pubsub, &prefix, &channels).await;
+            resync(&channels);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn subscribe(source: &mut Source, pattern: &str) -> Option<PubSub> {
+    let attempt = async {
+        let mut pubsub = source.open().await?;
+        pubsub.psubscribe(pattern).await?;
+        RedisResult::Ok(pubsub)
+    };
+    let limit = DEFAULT_CONNECTION_TIMEOUT + DEFAULT_RESPONSE_TIMEOUT;
+    tokio::time::timeout(limit, attempt).await.ok()?.ok()
+}
+
+/// Delivers messages until the connection is lost or stops answering.
+async fn listen(pubsub: PubSub, prefix: &str, channels: &Channels) {
+    let (mut sink, mut stream) = pubsub.split();
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.tick().await;
+    loop {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(message) => deliver(&message, prefix, channels),
+                None => return,
+            },
+            _ = keepalive.tick() => {
+                let ping = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, sink.ping::<Value>()).await;
+                if !matches!(ping, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn deliver(message: &Msg, prefix: &str, channels: &Channels) {
+    let Some(suffix) = message.get_channel_name().strip_prefix(prefix) else {
+        return;
+    };
+    let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) else {
+        return;
+    };
+    let mut channels = channels.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(sender) = channels.get(suffix)
+        && sender.send(payload.to_owned()).is_err()
+    {
+        channels.remove(suffix);
+    }
+}
+
+fn resync(channels: &Channels) {
+    let channels = channels.lock().unwrap_or_else(PoisonError::into_inner);
+    for sender in channels.values() {
+        let _ = sender.send(RESYNC.to_owned());
+    }
+}
+
+/// Escapes Redis glob characters so the prefix matches only itself.
+fn glob_escape(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::glob_escape;
+
+    #[test]
+    fn glob_characters_in_the_prefix_are_escaped() {
+        assert_eq!(glob_escape("app:[x]*?\\"), "app:\\[x\\]\\*\\?\\\\");
+        assert_eq!(glob_escape("vestibule:"), "vestibule:");
+    }
+}

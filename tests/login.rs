@@ -1,0 +1,200 @@
+//! Login end to end against the real OpenID provider, with both session stores.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use support::browser::{Browser, urlencode};
+use support::provider::{self, free_port};
+use support::redis::RedisServer;
+use support::*;
+
+struct Stack {
+    provider: provider::TestProvider,
+    proxy: Proxy,
+    up: upstream::Upstream,
+    base: String,
+}
+
+async fn stack(store: &str, provider_extra: serde_json::Value) -> Stack {
+    let port = free_port();
+    let provider = provider::start(port, provider_extra);
+    let up = upstream::start().await;
+    let routes = format!(
+        r#"{store}
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+[[routes]]
+path = "/public/"
+upstream = "{u}"
+"#,
+        u = up.url()
+    );
+    let proxy = start_proxy(&login_config(port, &provider.issuer, &routes)).await;
+    wait_ready(&proxy).await;
+    Stack { provider, proxy, up, base: format!("http://127.0.0.1:{port}") }
+}
+
+async fn full_login_flow(s: &Stack) {
+    let mut browser = Browser::default();
+    let done = browser.login(&s.base, "alice", "alice", "/app?tab=2").await;
+    assert_eq!(done.status, 302);
+    assert_eq!(done.header("location"), Some("/app?tab=2"));
+    let cookie = done.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).find(|c| c.starts_with("vestibule=")).unwrap();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax") && cookie.contains("Path=/"), "{cookie}");
+    assert!(!browser.jar.keys().any(|k| k.starts_with("vestibule-login-")), "the login cookie is cleared");
+
+    let user = browser.get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")]).await;
+    assert_eq!(user.status, 200, "{}", user.text());
+    let json = user.json();
+    assert_eq!(json["sub"], "alice");
+    assert_eq!(json["name"], "Alice Liddell");
+    assert!(json["bff:logout_url"].as_str().unwrap().starts_with("/bff/logout?sid="));
+    assert!(json["bff:session_expires_in"].as_u64().unwrap() > 0);
+    let issued = s.provider.tokens("alice").await;
+    for kind in ["access_token", "refresh_token", "id_token"] {
+        let token = issued[kind].as_str().unwrap();
+        assert!(!user.text().contains(token), "/bff/user leaked the {kind}");
+        assert!(!browser.jar.values().any(|v| v.contains(token)), "a cookie holds the {kind}");
+    }
+
+    // The upstream sees the user's access token, never the session cookie or the browser's own Authorization.
+    let api = browser.get(&format!("{}/api/data", s.base), &[("x-csrf", "1"), ("authorization", "Bearer from-the-browser")]).await;
+    assert_eq!(api.status, 200, "{}", api.text());
+    let seen = s.up.last().headers;
+    let bearer = seen.get("authorization").unwrap().to_str().unwrap().to_string();
+    assert_eq!(bearer, format!("Bearer {}", issued["access_token"].as_str().unwrap()));
+    let forwarded_cookies = seen.get("cookie").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    assert!(!forwarded_cookies.contains("vestibule="), "the session cookie reached the upstream: {forwarded_cookies}");
+}
+
+#[tokio::test]
+async fn login_end_to_end_with_the_memory_store() {
+    let s = stack("", serde_json::json!({})).await;
+    full_login_flow(&s).await;
+}
+
+#[tokio::test]
+async fn login_end_to_end_with_redis_and_the_session_survives_a_restart() {
+    let redis = RedisServer::start();
+    let store = format!("store = \"redis\"\n[session.redis]\nurl = \"{}\"\n", redis.url());
+    let s = stack(&store, serde_json::json!({})).await;
+    full_login_flow(&s).await;
+    let mut browser = Browser::default();
+    browser.login(&s.base, "bob", "bob", "/").await;
+    // Restart: a new proxy process state on the same port and Redis keeps the session.
+    s.proxy.shutdown.cancel();
+    let _ = s.proxy.task.await;
+    let port: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
+    let routes = format!("{store}\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n", s.up.url());
+    let again = start_proxy(&login_config(port, &s.provider.issuer, &routes)).await;
+    wait_ready(&again).await;
+    let user = browser.get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")]).await;
+    assert_eq!(user.status, 200);
+    assert_eq!(user.json()["sub"], "bob");
+    // A dump of Redis yields no token, no session id, no code, no cookie value.
+    let issued = s.provider.tokens("bob").await;
+    let dump = redis.command(&["--no-raw", "KEYS", "*"]);
+    let mut everything = dump.clone();
+    for key in dump.lines().filter_map(|l| l.split('"').nth(1)) {
+        everything.push_str(&redis.command(&["--no-raw", "DUMP", key]));
+        everything.push_str(&redis.command(&["--no-raw", "GET", key]));
+        everything.push_str(&redis.command(&["--no-raw", "SMEMBERS", key]));
+    }
+    let cookie = browser.jar.get("vestibule").unwrap();
+    for secret in [issued["access_token"].as_str().unwrap(), issued["refresh_token"].as_str().unwrap(), issued["id_token"].as_str().unwrap(), cookie.as_str()] {
+        assert!(!everything.contains(&secret[..secret.len().min(40)]), "Redis holds a secret in clear");
+    }
+    assert!(!everything.contains("Alice Liddell") && !everything.contains("Bob Builder"), "claims are stored in clear");
+}
+
+#[tokio::test]
+async fn unauthenticated_navigations_redirect_and_api_calls_get_401() {
+    let s = stack("", serde_json::json!({})).await;
+    let nav = get(&format!("{}/api/page?x=1", s.base), &[("accept", "text/html")]).await;
+    assert_eq!(nav.status, 302);
+    assert_eq!(nav.header("location"), Some(format!("/bff/login?returnUrl={}", urlencode("/api/page?x=1")).as_str()));
+    let api = get(&format!("{}/api/data", s.base), &[("accept", "application/json")]).await;
+    assert_eq!(api.status, 401);
+    assert_eq!(api.json()["error"], "unauthenticated");
+    assert!(api.json()["login_url"].as_str().unwrap().starts_with("/bff/login"));
+    let user = get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")]).await;
+    assert_eq!(user.status, 401);
+    let no_csrf = get(&format!("{}/bff/user", s.base), &[]).await;
+    assert_eq!(no_csrf.status, 403);
+    assert_eq!(no_csrf.json()["error"], "csrf");
+    let public = get(&format!("{}/public/x", s.base), &[]).await;
+    assert_eq!(public.status, 200);
+    assert!(s.up.last().headers.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn return_urls_that_leave_the_site_are_refused() {
+    let s = stack("", serde_json::json!({})).await;
+    for bad in ["//evil.example", "/\\evil.example", "https://evil.example/", "javascript:alert(1)", "/%2F%2Fevil.example", "%2F%2Fevil.example", "/%5Cevil.example", "http:evil.example"] {
+        let r = get(&format!("{}/bff/login?returnUrl={}", s.base, urlencode(bad)), &[]).await;
+        assert_eq!(r.status, 400, "{bad} was accepted");
+        assert_eq!(r.json()["error"], "invalid_return_url");
+    }
+}
+
+#[tokio::test]
+async fn login_requests_carry_pkce_state_and_nonce() {
+    let s = stack("", serde_json::json!({})).await;
+    let r = get(&format!("{}/bff/login?returnUrl=/", s.base), &[]).await;
+    let location = url::Url::parse(r.header("location").unwrap()).unwrap();
+    let q: std::collections::HashMap<String, String> = location.query_pairs().into_owned().collect();
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["code_challenge"].len(), 43);
+    assert!(q["state"].len() >= 43 && q["nonce"].len() >= 43);
+    assert_eq!(q["redirect_uri"], format!("{}/bff/callback", s.base));
+    assert!(location.as_str().starts_with(&s.provider.issuer));
+}
+
+#[tokio::test]
+async fn a_replayed_callback_and_another_browsers_state_fail() {
+    let s = stack("", serde_json::json!({})).await;
+    let mut victim = Browser::default();
+    let callback = victim.login_until_callback(&s.base, "alice", "/").await;
+    // An attacker's browser presenting the victim's callback has no matching login cookie.
+    let mut attacker = Browser::default();
+    attacker.get(&format!("{}/bff/login?returnUrl=/", s.base), &[]).await;
+    let stolen = attacker.get(&callback, &[("accept", "text/html")]).await;
+    assert_eq!(stolen.status, 400);
+    assert!(stolen.text().contains("login_failed"));
+    let first = victim.get(&callback, &[("accept", "text/html")]).await;
+    assert_eq!(first.status, 302, "{}", first.text());
+    // Replay with the login cookie put back: single use.
+    let mut replayer = Browser::default();
+    let callback2 = replayer.login_until_callback(&s.base, "alice", "/").await;
+    let saved = replayer.jar.clone();
+    assert_eq!(replayer.get(&callback2, &[]).await.status, 302);
+    replayer.jar = saved;
+    let replay = replayer.get(&callback2, &[("accept", "text/html")]).await;
+    assert_eq!(replay.status, 400, "a replayed callback must fail");
+}
+
+#[tokio::test]
+async fn provider_errors_and_malformed_callbacks_are_clear_4xx_pages() {
+    let s = stack("", serde_json::json!({})).await;
+    for query in ["error=access_denied&error_description=%3Cscript%3E", "", "code=abc", "state=xyz", "code=abc&state=xyz"] {
+        let r = get(&format!("{}/bff/callback?{query}", s.base), &[("accept", "text/html")]).await;
+        assert_eq!(r.status, 400, "{query}");
+        assert!(r.header("content-type").unwrap().starts_with("text/html"));
+        assert!(!r.text().contains("<script>"));
+    }
+}
+
+#[tokio::test]
+async fn several_tabs_logging_in_at_once_all_succeed() {
+    let s = stack("", serde_json::json!({})).await;
+    let mut browser = Browser::default();
+    let a = browser.login_until_callback(&s.base, "alice", "/a").await;
+    let b = browser.login_until_callback(&s.base, "alice", "/b").await;
+    let rb = browser.get(&b, &[]).await;
+    assert_eq!(rb.header("location"), Some("/b"));
+    let ra = browser.get(&a, &[]).await;
+    assert_eq!(ra.header("location"), Some("/a"));
+    assert_eq!(browser.get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")]).await.status, 200);
+}

@@ -1,0 +1,360 @@
+//! The core reverse proxy, watched on the wire: what the upstream and the client saw.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn proxy_to(up: &upstream::Upstream, extra: &str) -> Proxy {
+    let routes = format!(
+        r#"
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+[[routes]]
+path = "/stripped/"
+upstream = "{u}/base"
+strip_prefix = true
+[[routes]]
+path = "/api/v2/"
+upstream = "{u}"
+timeout = "300ms"
+{extra}
+"#,
+        u = up.url()
+    );
+    start_proxy(&config_text(&routes)).await
+}
+
+#[tokio::test]
+async fn longest_prefix_wins_and_strip_prefix_rewrites_the_path() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let r = get(&proxy.url("/stripped/users?x=1"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().uri, "/base/users?x=1");
+    get(&proxy.url("/api/items"), &[]).await;
+    assert_eq!(up.last().uri, "/api/items");
+    let none = get(&proxy.url("/elsewhere"), &[]).await;
+    assert_eq!(none.status, 404);
+    assert_eq!(none.json()["error"], "not_found");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let r = get(
+        &proxy.url("/api/x"),
+        &[
+            ("connection", "x-private-hop"),
+            ("x-private-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "h2c"),
+            ("x-end-to-end", "kept"),
+        ],
+    )
+    .await;
+    let seen = up.last().headers;
+    for name in [
+        "x-private-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+        "upgrade",
+    ] {
+        assert!(!seen.contains_key(name), "{name} reached the upstream");
+    }
+    assert_eq!(seen.get("x-end-to-end").unwrap(), "kept");
+    assert!(
+        r.headers.get("x-upstream-hop").is_none(),
+        "a header named in the upstream's Connection reached the client"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_set_and_host_rewritten() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    get(
+        &proxy.url("/api/x"),
+        &[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-request-id", "abc-123"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ],
+    )
+    .await;
+    let seen = up.last().headers;
+    assert_eq!(
+        seen.get("x-forwarded-for").unwrap(),
+        "127.0.0.1",
+        "an untrusted peer's X-Forwarded-For must be replaced"
+    );
+    assert_eq!(seen.get("x-forwarded-proto").unwrap(), "http");
+    assert_eq!(
+        seen.get("x-forwarded-host").unwrap(),
+        &proxy.addr.to_string()
+    );
+    assert_eq!(seen.get("host").unwrap(), &up.addr.unwrap().to_string());
+    assert_eq!(seen.get("x-request-id").unwrap(), "abc-123");
+    assert!(seen.get("traceparent").is_some());
+}
+
+#[tokio::test]
+async fn trusted_proxies_may_extend_the_forwarded_chain() {
+    let up = upstream::start().await;
+    let text = config_text(&format!(
+        "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
+        up.url()
+    ))
+    .replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
+    let proxy = start_proxy(&text).await;
+    let r = get(
+        &proxy.url("/x"),
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    assert_eq!(
+        seen.get("x-forwarded-for").unwrap(),
+        "203.0.113.9, 127.0.0.1"
+    );
+    assert_eq!(seen.get("x-forwarded-proto").unwrap(), "https");
+    assert!(
+        r.header("x-request-id").is_some_and(|id| id.len() == 32),
+        "a request id is created when absent"
+    );
+}
+
+#[tokio::test]
+async fn refused_upstream_is_502_and_slow_upstream_is_504() {
+    let up = upstream::start().await;
+    let dead = "[[routes]]\npath = \"/dead/\"\nupstream = \"http://127.0.0.1:9\"\n";
+    let proxy = proxy_to(&up, dead).await;
+    let r = get(&proxy.url("/dead/x"), &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"], "upstream_unavailable");
+    assert!(
+        !r.text().contains("127.0.0.1:9"),
+        "no internal detail may leak"
+    );
+    let started = Instant::now();
+    let r = get(&proxy.url("/api/v2/slow"), &[]).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "the per-route timeout applies"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_and_oversized_headers_431() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let big = vec![b'a'; 2 << 20];
+    let req = http::Request::post(proxy.url("/api/upload"))
+        .body(Full::new(Bytes::from(big)))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"], "payload_too_large");
+    // A chunked body without Content-Length is cut off at the limit too.
+    let stream = futures_util::stream::iter((0..40).map(|_| {
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'b'; 64 * 1024])))
+    }));
+    let body = StreamBody::new(stream);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = http::Request::post(proxy.url("/api/upload"))
+        .body(body)
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    assert_eq!(response.status(), 413);
+    let huge = "v".repeat(9000);
+    let r = get(&proxy.url("/api/x"), &[("x-huge", &huge)]).await;
+    assert_eq!(r.status, 431);
+    assert_eq!(r.json()["error"], "headers_too_large");
+}
+
+#[tokio::test]
+async fn slowloris_connection_is_closed() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /api/x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the proxy must close a connection whose headers never finish"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_both_ways() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /api/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(up.last().headers.get("upgrade").unwrap(), "websocket");
+    for message in [&b"hello through the tunnel"[..], b"and back again"] {
+        tcp.write_all(message).await.unwrap();
+        let mut echo = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(2), tcp.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, message);
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_streams_both_ways_with_flat_memory() {
+    const GIB: u64 = 1 << 30;
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let text = config_text(&format!(
+        "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
+        up.url()
+    ))
+    .replace("max_body = \"1MiB\"", "max_body = \"2GiB\"");
+    let big_proxy = start_proxy(&text).await;
+    let before = rss_kib();
+    let response = client()
+        .request(
+            http::Request::get(proxy.url(&format!("/api/big?n={GIB}")))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut received: u64 = 0;
+    let mut peak = before;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+        if received % (64 << 20) == 0 {
+            peak = peak.max(rss_kib());
+        }
+    }
+    assert!(received >= GIB);
+    let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
+    let stream = futures_util::stream::iter(
+        (0..GIB / (256 * 1024))
+            .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
+    );
+    let upload_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let response = upload_client
+        .request(
+            http::Request::post(big_proxy.url("/upload"))
+                .body(StreamBody::new(stream))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let counted = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&counted), GIB.to_string());
+    peak = peak.max(rss_kib());
+    assert!(
+        peak - before < 64 * 1024,
+        "memory grew by {} KiB while streaming 1 GiB each way",
+        peak - before
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_completes_an_in_flight_request() {
+    let up = upstream::start().await;
+    let text = config_text(&format!(
+        "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
+        up.url()
+    ))
+    .replace("request_timeout = \"2s\"", "request_timeout = \"5s\"");
+    let proxy = start_proxy(&text).await;
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
+        "no new connections after shutdown starts"
+    );
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "slow done");
+    tokio::time::timeout(Duration::from_secs(5), proxy.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn admin_exposes_health_and_metrics() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    get(&proxy.url("/api/counted"), &[]).await;
+    let health = get(&format!("http://{}/healthz", proxy.admin), &[]).await;
+    assert_eq!(health.status, 200);
+    let metrics = get(&format!("http://{}/metrics", proxy.admin), &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains("vestibule_requests_total{route=\"/api/\",status=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vestibule_request_duration_seconds_bucket"));
+    assert!(metrics.contains("vestibule_build_info"));
+    assert!(metrics.contains("vestibule_requests_in_flight"));
+    let public = get(&proxy.url("/metrics"), &[]).await;
+    assert_eq!(public.status, 404, "metrics are not on the public listener");
+}

@@ -1,0 +1,633 @@
+//! One contract suite for every session store (memory; Redis standalone, Cluster and Sentinel,
+//! each a real `redis-server` started by the harness), plus what only a real Redis can show:
+//! a dump holds no secret, a restart is an error and not a logout, and an instance sees another
+//! instance's logout at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support {
+    pub mod redis;
+}
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::redis::RedisServer;
+use tokio::sync::Barrier;
+use vestibule::session::manager::INVALIDATION_CHANNEL;
+use vestibule::session::store::RESYNC;
+use vestibule::session::{
+    AccessToken, Keyring, MemoryStore, Session, SessionSettings, Sessions, Store, StoreConfig,
+    StoreError,
+};
+
+const PREFIX: &str = "test:";
+const DEADLINE: Duration = Duration::from_secs(5);
+const SHORT: Duration = Duration::from_millis(300);
+const LONG: Duration = Duration::from_secs(60);
+
+/// A store and whatever keeps it alive.
+struct Backend {
+    store: Store,
+    _servers: Vec<RedisServer>,
+}
+
+fn redis_config(url: String) -> StoreConfig {
+    StoreConfig::Redis {
+        url,
+        sentinel: None,
+        cluster: None,
+        key_prefix: PREFIX.into(),
+    }
+}
+
+async fn memory() -> Backend {
+    Backend {
+        store: Store::Memory(MemoryStore::new(10_000)),
+        _servers: vec![],
+    }
+}
+
+async fn redis() -> Backend {
+    let server = RedisServer::start();
+    let store = Store::connect(&redis_config(server.url())).await.unwrap();
+    Backend {
+        store,
+        _servers: vec![server],
+    }
+}
+
+/// The cluster node is shared (it takes two seconds to accept writes); each test gets its own
+/// key and channel prefix instead.
+async fn redis_cluster(test: &str) -> Backend {
+    let server = RedisServer::shared_cluster();
+    let config = StoreConfig::Redis {
+        url: String::new(),
+        sentinel: None,
+        cluster: Some(vec![server.url()]),
+        key_prefix: format!("{PREFIX}{test}:"),
+    };
+    let store = Store::connect(&config).await.unwrap();
+    Backend {
+        store,
+        _servers: vec![],
+    }
+}
+
+async fn redis_sentinel() -> Backend {
+    let master = RedisServer::start();
+    let sentinel = RedisServer::start_sentinel(&master, "main");
+    let config = StoreConfig::Redis {
+        url: String::new(),
+        sentinel: Some(("main".into(), vec![sentinel.url()])),
+        cluster: None,
+        key_prefix: PREFIX.into(),
+    };
+    let store = Store::connect(&config).await.unwrap();
+    Backend {
+        store,
+        _servers: vec![sentinel, master],
+    }
+}
+
+/// Polls `check` until it holds or the deadline passes.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+macro_rules! contract {
+    ($($test:ident),* $(,)?) => {
+        mod memory_store { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test(super::memory().await).await }
+        )* }
+        mod redis_store { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test(super::redis().await).await }
+        )* }
+        mod redis_cluster_store { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test(super::redis_cluster(stringify!($test)).await).await }
+        )* }
+        mod redis_sentinel_store { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test(super::redis_sentinel().await).await }
+        )* }
+    };
+}
+
+contract!(
+    created_record_reads_back_at_version_one,
+    binary_values_round_trip,
+    missing_keys_read_as_absent,
+    record_expires_after_its_ttl,
+    touch_extends_the_ttl,
+    delete_removes_the_record,
+    compare_and_set_bumps_the_version_and_rejects_stale_versions,
+    exactly_one_of_many_concurrent_writers_wins,
+    index_adds_removes_and_lists_members,
+    index_expires_after_its_ttl,
+    remember_once_is_true_only_the_first_time,
+    lock_is_exclusive_extendable_and_released_only_by_its_holder,
+    lock_lease_expires,
+    published_messages_reach_subscribers_of_that_channel_only,
+    ping_answers,
+);
+
+async fn created_record_reads_back_at_version_one(b: Backend) {
+    assert!(b.store.put_new("k", b"one", LONG).await.unwrap());
+    let record = b.store.get("k").await.unwrap().unwrap();
+    assert_eq!((record.version, record.value.as_slice()), (1, &b"one"[..]));
+    assert!(
+        !b.store.put_new("k", b"two", LONG).await.unwrap(),
+        "put_new never overwrites"
+    );
+    assert_eq!(b.store.get("k").await.unwrap().unwrap().value, b"one");
+}
+
+async fn binary_values_round_trip(b: Backend) {
+    let value: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
+    b.store.put_new("bin", &value, LONG).await.unwrap();
+    assert_eq!(b.store.get("bin").await.unwrap().unwrap().value, value);
+    assert!(
+        b.store
+            .compare_and_set("bin", 1, &[0, 0, 0], LONG)
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.store.get("bin").await.unwrap().unwrap().value, [0, 0, 0]);
+}
+
+async fn missing_keys_read_as_absent(b: Backend) {
+    assert_eq!(b.store.get("nothing").await.unwrap(), None);
+    assert!(!b.store.touch("nothing", LONG).await.unwrap());
+    assert!(!b.store.delete("nothing").await.unwrap());
+    assert!(
+        !b.store
+            .compare_and_set("nothing", 1, b"x", LONG)
+            .await
+            .unwrap()
+    );
+    assert!(b.store.index_members("nothing").await.unwrap().is_empty());
+}
+
+async fn record_expires_after_its_ttl(b: Backend) {
+    b.store.put_new("short", b"x", SHORT).await.unwrap();
+    b.store.put_new("long", b"x", LONG).await.unwrap();
+    assert!(b.store.get("short").await.unwrap().is_some());
+    eventually("the record expired", || async {
+        b.store.get("short").await.unwrap().is_none()
+    })
+    .await;
+    assert!(b.store.get("long").await.unwrap().is_some());
+}
+
+async fn touch_extends_the_ttl(b: Backend) {
+    b.store.put_new("k", b"x", SHORT).await.unwrap();
+    assert!(b.store.touch("k", LONG).await.unwrap());
+    tokio::time::sleep(SHORT * 2).await;
+    assert!(b.store.get("k").await.unwrap().is_some());
+    assert!(b.store.touch("k", SHORT).await.unwrap());
+    eventually("the shortened record expired", || async {
+        b.store.get("k").await.unwrap().is_none()
+    })
+    .await;
+}
+
+async fn delete_removes_the_record(b: Backend) {
+    b.store.put_new("k", b"x", LONG).await.unwrap();
+    assert!(b.store.delete("k").await.unwrap());
+    assert_eq!(b.store.get("k").await.unwrap(), None);
+    assert!(!b.store.delete("k").await.unwrap());
+    assert!(
+        b.store.put_new("k", b"again", LONG).await.unwrap(),
+        "the key can be reused"
+    );
+}
+
+async fn compare_and_set_bumps_the_version_and_rejects_stale_versions(b: Backend) {
+    b.store.put_new("k", b"v1", LONG).await.unwrap();
+    assert!(b.store.compare_and_set("k", 1, b"v2", LONG).await.unwrap());
+    assert!(
+        !b.store
+            .compare_and_set("k", 1, b"stale", LONG)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.store
+            .compare_and_set("k", 3, b"future", LONG)
+            .await
+            .unwrap()
+    );
+    assert!(b.store.compare_and_set("k", 2, b"v3", LONG).await.unwrap());
+    let record = b.store.get("k").await.unwrap().unwrap();
+    assert_eq!((record.version, record.value.as_slice()), (3, &b"v3"[..]));
+    assert!(b.store.compare_and_set("k", 3, b"v4", SHORT).await.unwrap());
+    eventually("the ttl given to compare_and_set applied", || async {
+        b.store.get("k").await.unwrap().is_none()
+    })
+    .await;
+}
+
+async fn exactly_one_of_many_concurrent_writers_wins(b: Backend) {
+    const WRITERS: usize = 16;
+    b.store.put_new("k", b"start", LONG).await.unwrap();
+    let barrier = Arc::new(Barrier::new(WRITERS));
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let (store, barrier) = (b.store.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let value = format!("writer-{i}");
+                (
+                    value.clone(),
+                    store
+                        .compare_and_set("k", 1, value.as_bytes(), LONG)
+                        .await
+                        .unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (value, won) = task.await.unwrap();
+        if won {
+            winners.push(value);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let record = b.store.get("k").await.unwrap().unwrap();
+    assert_eq!(record.version, 2);
+    assert_eq!(record.value, winners[0].as_bytes());
+}
+
+async fn index_adds_removes_and_lists_members(b: Backend) {
+    b.store.index_add("i", "a", LONG).await.unwrap();
+    b.store.index_add("i", "b", LONG).await.unwrap();
+    b.store.index_add("i", "a", LONG).await.unwrap();
+    b.store.index_add("other", "c", LONG).await.unwrap();
+    let mut members = b.store.index_members("i").await.unwrap();
+    members.sort();
+    assert_eq!(members, ["a", "b"]);
+    b.store.index_remove("i", "a").await.unwrap();
+    b.store.index_remove("i", "not-there").await.unwrap();
+    assert_eq!(b.store.index_members("i").await.unwrap(), ["b"]);
+    b.store.index_remove("i", "b").await.unwrap();
+    assert!(b.store.index_members("i").await.unwrap().is_empty());
+    assert_eq!(b.store.index_members("other").await.unwrap(), ["c"]);
+}
+
+async fn index_expires_after_its_ttl(b: Backend) {
+    b.store.index_add("i", "a", SHORT).await.unwrap();
+    b.store.index_add("kept", "a", SHORT).await.unwrap();
+    b.store.index_add("kept", "b", LONG).await.unwrap();
+    b.store.index_add("kept", "c", SHORT).await.unwrap();
+    eventually("the index expired", || async {
+        b.store.index_members("i").await.unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(
+        b.store.index_members("kept").await.unwrap().len(),
+        3,
+        "a shorter ttl never shortens"
+    );
+}
+
+async fn remember_once_is_true_only_the_first_time(b: Backend) {
+    assert!(b.store.remember_once("jti:1", SHORT).await.unwrap());
+    assert!(!b.store.remember_once("jti:1", SHORT).await.unwrap());
+    assert!(b.store.remember_once("jti:2", SHORT).await.unwrap());
+    eventually("the marker expired", || async {
+        b.store.remember_once("jti:1", SHORT).await.unwrap()
+    })
+    .await;
+}
+
+async fn lock_is_exclusive_extendable_and_released_only_by_its_holder(b: Backend) {
+    assert!(b.store.try_lock("lock", "alpha", LONG).await.unwrap());
+    assert!(!b.store.try_lock("lock", "beta", LONG).await.unwrap());
+    assert!(
+        !b.store.try_lock("lock", "alpha", LONG).await.unwrap(),
+        "not re-entrant"
+    );
+    assert!(!b.store.extend_lock("lock", "beta", LONG).await.unwrap());
+    assert!(b.store.extend_lock("lock", "alpha", LONG).await.unwrap());
+    b.store.unlock("lock", "beta").await.unwrap();
+    assert!(
+        !b.store.try_lock("lock", "beta", LONG).await.unwrap(),
+        "only the holder unlocks"
+    );
+    b.store.unlock("lock", "alpha").await.unwrap();
+    assert!(b.store.try_lock("lock", "beta", LONG).await.unwrap());
+    assert!(!b.store.extend_lock("free", "alpha", LONG).await.unwrap());
+}
+
+async fn lock_lease_expires(b: Backend) {
+    assert!(b.store.try_lock("lock", "alpha", SHORT).await.unwrap());
+    assert!(b.store.extend_lock("lock", "alpha", SHORT).await.unwrap());
+    eventually("the lease expired", || async {
+        b.store.try_lock("lock", "beta", LONG).await.unwrap()
+    })
+    .await;
+    assert!(
+        !b.store.extend_lock("lock", "alpha", LONG).await.unwrap(),
+        "the old holder lost it"
+    );
+}
+
+async fn published_messages_reach_subscribers_of_that_channel_only(b: Backend) {
+    let mut mine = b.store.subscribe("invalidate");
+    let mut also_mine = b.store.subscribe("invalidate");
+    let mut other = b.store.subscribe("refresh");
+    b.store.publish("invalidate", "hash-1").await.unwrap();
+    b.store.publish("invalidate", "hash-2").await.unwrap();
+    for receiver in [&mut mine, &mut also_mine] {
+        for expected in ["hash-1", "hash-2"] {
+            let got = tokio::time::timeout(DEADLINE, receiver.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, expected);
+        }
+    }
+    b.store.publish("refresh", "done").await.unwrap();
+    let got = tokio::time::timeout(DEADLINE, other.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, "done", "no message from the other channel came first");
+}
+
+async fn ping_answers(b: Backend) {
+    b.store.ping().await.unwrap();
+}
+
+// ---- Redis only: what the manager leaves in Redis, outages, several instances ----
+
+const T0: u64 = 1_700_000_000;
+const COOKIE: &str = "__Host-vestibule";
+
+fn keys() -> Vec<[u8; 32]> {
+    vec![[0x5a; 32]]
+}
+
+fn sessions(store: Store, cache_ttl: Duration) -> Sessions {
+    let mut settings = SessionSettings::new(COOKIE, Keyring::new(keys()).unwrap());
+    settings.cache_ttl = cache_ttl;
+    Sessions::new(settings, store)
+}
+
+fn session_with_tokens() -> Session {
+    let mut tokens = BTreeMap::new();
+    tokens.insert(
+        String::new(),
+        AccessToken {
+            value: "AT-secret-1234".into(),
+            expires_at: T0 + 300,
+            scope: None,
+        },
+    );
+    tokens.insert(
+        "https://api.example.com".into(),
+        AccessToken {
+            value: "AT-resource-5678".into(),
+            expires_at: T0 + 300,
+            scope: Some("api.read".into()),
+        },
+    );
+    let mut claims = serde_json::Map::new();
+    claims.insert("email".into(), "alice-private@example.com".into());
+    Session {
+        sub: "alice-subject".into(),
+        sid: Some("provider-sid-42".into()),
+        claims,
+        id_token: Some("ID-token-eyJhbGciOi".into()),
+        tokens,
+        refresh_token: Some("RT-secret-9999".into()),
+        user_agent: Some("Firefox/140".into()),
+        ..Session::default()
+    }
+}
+
+/// Every key name and every value in the server, concatenated.
+fn dump(url: &str) -> (Vec<String>, Vec<u8>) {
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut names = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(100)
+            .query(&mut con)
+            .unwrap();
+        names.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut blob = Vec::new();
+    for name in &names {
+        blob.extend_from_slice(name.as_bytes());
+        let kind: String = redis::cmd("TYPE").arg(name).query(&mut con).unwrap();
+        let parts: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![redis::cmd("GET").arg(name).query(&mut con).unwrap()],
+            "hash" => redis::cmd("HGETALL").arg(name).query(&mut con).unwrap(),
+            "set" => redis::cmd("SMEMBERS").arg(name).query(&mut con).unwrap(),
+            other => panic!("unexpected key type {other} for {name}"),
+        };
+        for part in parts {
+            blob.extend_from_slice(&part);
+            blob.push(0);
+        }
+    }
+    (names, blob)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dump_reveals_no_token_session_id_or_cookie() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+
+    let server = RedisServer::start();
+    let store = Store::connect(&redis_config(server.url())).await.unwrap();
+    let manager = sessions(store, Duration::ZERO);
+    let (cookie, loaded) = manager.create(session_with_tokens(), T0).await.unwrap();
+    let mut updated = loaded.session.clone();
+    updated.refresh_token = Some("RT-rotated-0000".into());
+    assert!(manager.save(&loaded, updated, T0 + 1).await.unwrap());
+    let lock = manager.refresh_lock_key(&loaded);
+    manager
+        .store()
+        .try_lock(&lock, "lease-token", LONG)
+        .await
+        .unwrap();
+
+    let ticket = Keyring::new(keys())
+        .unwrap()
+        .open(COOKIE, &cookie)
+        .unwrap()
+        .plaintext;
+    let (id, data_key) = ticket.split_at(32);
+    let (names, blob) = dump(&server.url());
+    assert!(
+        names.len() >= 4,
+        "session, two indexes and a lock: {names:?}"
+    );
+    assert!(
+        names.iter().all(|n| n.starts_with(PREFIX)),
+        "unprefixed key in {names:?}"
+    );
+
+    let mut needles: Vec<(String, Vec<u8>)> = vec![("cookie".into(), cookie.clone().into_bytes())];
+    for secret in [
+        "AT-secret-1234",
+        "AT-resource-5678",
+        "RT-secret-9999",
+        "RT-rotated-0000",
+        "ID-token-eyJhbGciOi",
+        "alice-private@example.com",
+        "provider-sid-42",
+        "alice-subject",
+    ] {
+        needles.push((secret.into(), secret.as_bytes().to_vec()));
+    }
+    for (what, bytes) in [("session id", id), ("data key", data_key)] {
+        needles.push((format!("{what} (raw)"), bytes.to_vec()));
+        needles.push((format!("{what} (hex)"), hex::encode(bytes).into_bytes()));
+        needles.push((
+            format!("{what} (base64)"),
+            STANDARD.encode(bytes).into_bytes(),
+        ));
+        needles.push((
+            format!("{what} (base64url)"),
+            URL_SAFE_NO_PAD.encode(bytes).into_bytes(),
+        ));
+    }
+    for (what, needle) in needles {
+        assert!(!contains(&blob, &needle), "{what} found in the Redis dump");
+    }
+    assert!(
+        manager.load(&cookie, T0 + 2).await.unwrap().is_some(),
+        "and yet the cookie still works"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_an_error_not_a_logout_and_the_session_survives_a_restart() {
+    let mut server = RedisServer::start();
+    let store = Store::connect(&redis_config(server.url())).await.unwrap();
+    let manager = sessions(store.clone(), Duration::ZERO);
+    let mut invalidations = manager.subscribe_invalidations();
+    let (cookie, _) = manager.create(session_with_tokens(), T0).await.unwrap();
+
+    server.stop();
+    let outage = manager.load(&cookie, T0 + 1).await;
+    assert!(
+        matches!(outage, Err(StoreError::Unavailable(_))),
+        "{outage:?}"
+    );
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.get("anything").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(manager.end_by_sub("alice-subject").await.is_err());
+
+    server.restart();
+    eventually("the session loads again", || async {
+        matches!(manager.load(&cookie, T0 + 2).await, Ok(Some(_)))
+    })
+    .await;
+    store.ping().await.unwrap();
+
+    // Subscribers were told they may have missed messages, and the subscription is back.
+    let deadline = Instant::now() + DEADLINE;
+    let mut saw_resync = false;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no message after the restart (resync seen: {saw_resync})"
+        );
+        store
+            .publish(INVALIDATION_CHANNEL, "after-restart")
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), invalidations.recv()).await {
+            Ok(Ok(message)) if message == RESYNC => saw_resync = true,
+            Ok(Ok(message)) if message == "after-restart" && saw_resync => break,
+            _ => {}
+        }
+    }
+    assert!(saw_resync);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ended_on_one_instance_is_gone_on_another_within_100_ms() {
+    let server = RedisServer::start();
+    let a = sessions(
+        Store::connect(&redis_config(server.url())).await.unwrap(),
+        Duration::from_secs(30),
+    );
+    let b = sessions(
+        Store::connect(&redis_config(server.url())).await.unwrap(),
+        Duration::from_secs(30),
+    );
+    let (cookie, _) = a.create(session_with_tokens(), T0).await.unwrap();
+    assert!(
+        b.load(&cookie, T0).await.unwrap().is_some(),
+        "now cached on b"
+    );
+
+    assert_eq!(a.end_by_sid("provider-sid-42").await.unwrap(), 1);
+    let ended = Instant::now();
+    while b.load(&cookie, T0).await.unwrap().is_some() {
+        assert!(
+            ended.elapsed() < Duration::from_millis(100),
+            "b still serves the ended session"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_url_speaks_tls_and_fails_closed_on_an_untrusted_certificate() {
+    let server = RedisServer::start_tls();
+    let store = Store::connect(&redis_config(server.tls_url()))
+        .await
+        .unwrap();
+    // The self-signed certificate is not among the trusted roots: every operation is an error,
+    // never a plain-text fallback, never a panic, never "no such session".
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.get("k").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    let plain = Store::connect(&redis_config(server.url())).await.unwrap();
+    plain.put_new("k", b"v", LONG).await.unwrap();
+    assert!(matches!(
+        store.get("k").await,
+        Err(StoreError::Unavailable(_))
+    ));
+}

@@ -1,0 +1,129 @@
+//! A scripted browser: a cookie jar (all hosts are 127.0.0.1, as in a real browser where
+//! cookies ignore ports), redirects followed by hand, and the provider's login form.
+
+use super::Reply;
+use bytes::Bytes;
+use http_body_util::Full;
+use std::collections::BTreeMap;
+
+#[derive(Default, Clone)]
+pub struct Browser {
+    pub jar: BTreeMap<String, String>,
+}
+
+impl Browser {
+    fn cookie_header(&self) -> String {
+        self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
+    }
+
+    fn absorb(&mut self, reply: &Reply) {
+        for value in reply.headers.get_all("set-cookie") {
+            let text = value.to_str().unwrap();
+            let (pair, attrs) = text.split_once(';').unwrap_or((text, ""));
+            let (name, val) = pair.split_once('=').unwrap();
+            let attrs = attrs.to_ascii_lowercase();
+            if attrs.contains("max-age=0") || (attrs.contains("expires=thu, 01 jan 1970") && !attrs.contains("max-age=")) || val.is_empty() {
+                self.jar.remove(name.trim());
+            } else {
+                self.jar.insert(name.trim().to_string(), val.to_string());
+            }
+        }
+    }
+
+    pub async fn request(&mut self, method: &str, url: &str, headers: &[(&str, &str)], body: Option<String>) -> Reply {
+        let mut builder = http::Request::builder().method(method).uri(url);
+        if !self.jar.is_empty() {
+            builder = builder.header("cookie", self.cookie_header());
+        }
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let body = match body {
+            Some(b) => {
+                builder = builder.header("content-type", "application/x-www-form-urlencoded");
+                Full::new(Bytes::from(b))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let reply = super::send(builder.body(body).unwrap()).await;
+        self.absorb(&reply);
+        reply
+    }
+
+    pub async fn get(&mut self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request("GET", url, headers, None).await
+    }
+
+    /// Follows redirects (resolving relative locations against `base`) until a non-redirect or
+    /// a location starting with `stop_at`. Returns the last reply and the URL it came from.
+    pub async fn follow(&mut self, mut url: String, stop_at: &str) -> (Reply, String) {
+        for _ in 0..20 {
+            if url.starts_with(stop_at) {
+                let reply = self.get(&url, &[("accept", "text/html")]).await;
+                return (reply, url);
+            }
+            let reply = self.get(&url, &[("accept", "text/html")]).await;
+            if !(300..400).contains(&reply.status) {
+                return (reply, url);
+            }
+            let location = reply.header("location").unwrap().to_string();
+            url = absolute(&url, &location);
+        }
+        panic!("too many redirects");
+    }
+
+    /// Logs in at the proxy `base` as `user`, returning the proxy's final callback reply.
+    pub async fn login(&mut self, base: &str, user: &str, password: &str, return_url: &str) -> Reply {
+        let start = self.get(&format!("{base}/bff/login?returnUrl={}", urlencode(return_url)), &[("accept", "text/html")]).await;
+        assert_eq!(start.status, 302, "login must redirect to the provider: {}", start.text());
+        let auth_url = start.header("location").unwrap().to_string();
+        let (form, form_url) = self.follow(auth_url, "\u{0}").await;
+        assert_eq!(form.status, 200, "expected the provider's login form at {form_url}");
+        let uid = form_url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+        let origin = form_url.split("/interaction/").next().unwrap().to_string();
+        let body = format!("login={}&password={}", urlencode(user), urlencode(password));
+        let posted = self.request("POST", &format!("{origin}/interaction/{uid}/login"), &[], Some(body)).await;
+        assert!((300..400).contains(&posted.status), "login form POST gave {}: {}", posted.status, posted.text());
+        let next = absolute(&form_url, posted.header("location").unwrap());
+        let mut url = next;
+        for _ in 0..20 {
+            if url.starts_with(base) {
+                return self.get(&url, &[("accept", "text/html")]).await;
+            }
+            let reply = self.get(&url, &[("accept", "text/html")]).await;
+            assert!((300..400).contains(&reply.status), "provider step {url} gave {}: {}", reply.status, reply.text());
+            url = absolute(&url, reply.header("location").unwrap());
+        }
+        panic!("login did not come back to the proxy");
+    }
+
+    /// Stops at the provider's redirect back to the proxy and returns the callback URL unvisited
+    /// (the provider may skip its form when it already has a session: single sign-on).
+    pub async fn login_until_callback(&mut self, base: &str, user: &str, return_url: &str) -> String {
+        let start = self.get(&format!("{base}/bff/login?returnUrl={}", urlencode(return_url)), &[("accept", "text/html")]).await;
+        let mut url = start.header("location").unwrap().to_string();
+        for _ in 0..20 {
+            if url.starts_with(base) {
+                return url;
+            }
+            let reply = self.get(&url, &[("accept", "text/html")]).await;
+            if reply.status == 200 {
+                let uid = url.rsplit('/').next().unwrap().to_string();
+                let origin = url.split("/interaction/").next().unwrap().to_string();
+                let posted = self.request("POST", &format!("{origin}/interaction/{uid}/login"), &[], Some(format!("login={user}&password={user}"))).await;
+                url = absolute(&url, posted.header("location").unwrap());
+                continue;
+            }
+            url = absolute(&url, reply.header("location").unwrap());
+        }
+        panic!("login did not come back to the proxy");
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+pub fn absolute(current: &str, location: &str) -> String {
+    url::Url::parse(current).unwrap().join(location).unwrap().to_string()
+}

@@ -1,0 +1,169 @@
+//! Shared test harness: real sockets on port 0, a recording upstream, the proxy in-process.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod browser;
+pub mod provider;
+pub mod redis;
+pub mod upstream;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use vestibule::app::App;
+use vestibule::config::Config;
+
+pub const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes, test only
+
+/// A config with the given routes (TOML `[[routes]]` blocks) and a dead issuer.
+pub fn config_text(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+public_url = "http://127.0.0.1:8080"
+request_timeout = "2s"
+max_body = "1MiB"
+header_read_timeout = "1s"
+max_header_size = "8KiB"
+shutdown_grace = "5s"
+[admin]
+listen = "127.0.0.1:0"
+[oidc]
+issuer = "http://127.0.0.1:9"
+allow_http_issuer = true
+client_id = "vestibule"
+client_secret = "secret"
+[session]
+cookie_secure = false
+keys = ["{KEY}"]
+{extra}
+"#
+    )
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub app: Arc<App>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// Starts the proxy in-process; the config file is written to a temp dir (for reload tests).
+pub async fn start_proxy(text: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::parse(text, dir.path(), &|n| std::env::var(n).ok())
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    let bound = vestibule::server::bind(&config).await.unwrap();
+    let (addr, admin) = (bound.public_addr, bound.admin_addr);
+    let app = App::start(config, path).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(vestibule::server::serve(
+        app.clone(),
+        bound,
+        shutdown.clone(),
+    ));
+    Proxy {
+        addr,
+        admin,
+        app,
+        shutdown,
+        task,
+        dir,
+    }
+}
+
+pub type TestClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(req: http::Request<Full<Bytes>>) -> Reply {
+    let response = client().request(req).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut builder = http::Request::get(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    send(builder.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// A proxy on `port` in front of the real provider at `issuer`, with `extra` appended.
+pub fn login_config(port: u16, issuer: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+request_timeout = "10s"
+[admin]
+listen = "127.0.0.1:0"
+[oidc]
+issuer = "{issuer}"
+allow_http_issuer = true
+client_id = "vestibule"
+client_secret = "vestibule-secret"
+refresh_skew = "5s"
+[session]
+cookie_secure = false
+keys = ["{KEY}"]
+{extra}
+"#
+    )
+}
+
+/// Waits until the proxy has loaded the provider's metadata.
+pub async fn wait_ready(proxy: &Proxy) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
+        if r.status == 200 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "proxy never became ready: {}", r.text());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,303 @@
+//! A real `redis-server` for tests: a free port on loopback, a temporary directory, no
+//! persistence unless asked (`stop` saves a snapshot so `restart` can come back with the data),
+//! ready only once it answers PING, killed on drop. Never skips: a missing binary is a failure.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const READY_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    /// For servers in statics, which are never dropped: a shell that waits for the end of a pipe
+    /// from this process, then kills the server and removes its directory.
+    watchdog: Option<Child>,
+    tls_port: Option<u16>,
+    certs: Option<tempfile::TempDir>,
+}
+
+impl RedisServer {
+    /// A standalone server.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// A one-node Redis Cluster owning every slot, shared by every test of this test binary (a
+    /// new cluster node refuses writes for its first two seconds). Give each test its own key
+    /// prefix. The server exits with the test process.
+    pub fn shared_cluster() -> &'static RedisServer {
+        static CLUSTER: OnceLock<RedisServer> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let cluster = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ];
+            let mut server = RedisServer::start_with(&cluster);
+            server.exit_with_this_process();
+            server.command(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+            let deadline = Instant::now() + READY_DEADLINE;
+            while !server
+                .command(&["CLUSTER", "INFO"])
+                .contains("cluster_state:ok")
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis cluster did not reach state ok"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            server
+        })
+    }
+
+    /// A server that also listens with TLS (a fresh self-signed certificate made with the
+    /// `openssl` command) on [`RedisServer::tls_url`].
+    pub fn start_tls() -> RedisServer {
+        let certs = tempfile::tempdir().expect("temporary directory");
+        let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args([
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot run openssl to make a test certificate ({e}); install it")
+            });
+        assert!(
+            status.success(),
+            "openssl could not make a test certificate"
+        );
+        let tls_port = free_port().to_string();
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let mut server = RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &cert,
+            "--tls-auth-clients",
+            "no",
+        ]);
+        server.certs = Some(certs);
+        server.tls_port = tls_port.parse().ok();
+        server
+    }
+
+    /// A Sentinel watching `master` under the name `name`.
+    pub fn start_sentinel(master: &RedisServer, name: &str) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = dir.path().join("sentinel.conf");
+        let text = format!("sentinel monitor {name} 127.0.0.1 {} 1\n", master.port);
+        std::fs::write(&config, text).expect("write sentinel.conf");
+        let args = vec![config.display().to_string(), "--sentinel".to_owned()];
+        RedisServer::launch(dir, args)
+    }
+
+    /// A standalone server with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut args: Vec<String> = ["--save", "", "--appendonly", "no", "--dir"]
+            .map(String::from)
+            .into();
+        args.push(dir.path().display().to_string());
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        RedisServer::launch(dir, args)
+    }
+
+    fn launch(dir: tempfile::TempDir, args: Vec<String>) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+            args,
+            watchdog: None,
+            tls_port: None,
+            certs: None,
+        };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(why) if attempts < 5 && why.contains("Address already in use") => {
+                    server.port = free_port()
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::File::create(self.log_path()).expect("create redis log file");
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}). These tests need a real Redis and never skip: \
+                     install it, e.g. `apt-get install -y redis-server`."
+                )
+            });
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn exit_with_this_process(&mut self) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let script = format!(
+            "read _; kill {pid}; sleep 0.5; rm -rf '{}'",
+            self.dir.path().display()
+        );
+        let watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the watchdog shell");
+        self.watchdog = Some(watchdog);
+    }
+
+    fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join(format!("redis-{}.log", self.port))
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_DEADLINE;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                return Err(format!(
+                    "redis-server exited with {status} on port {}:\n{log}",
+                    self.port
+                ));
+            }
+            if try_command(self.port, &["PING"]).is_some_and(|r| r.starts_with("+PONG")) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "redis-server on port {} did not answer PING in time",
+                    self.port
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://` URL of the TLS listener of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("a server started with start_tls");
+        format!("rediss://127.0.0.1:{port}")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Sends one command and returns the raw reply (short replies only).
+    pub fn command(&self, args: &[&str]) -> String {
+        try_command(self.port, args)
+            .unwrap_or_else(|| panic!("redis on port {} did not answer {args:?}", self.port))
+    }
+
+    /// Shuts the server down after saving a snapshot into its directory, and waits for the exit.
+    pub fn stop(&mut self) {
+        let _ = try_command(self.port, &["SHUTDOWN", "SAVE"]);
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + READY_DEADLINE;
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Starts again on the same port and directory, loading the snapshot `stop` saved.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server before restarting it");
+        self.spawn().unwrap_or_else(|why| panic!("{why}"));
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        for mut child in [self.child.take(), self.watchdog.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+fn try_command(port: u16, args: &[&str]) -> Option<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = vec![0u8; 64 * 1024];
+    let read = stream.read(&mut reply).ok()?;
+    (read > 0).then(|| String::from_utf8_lossy(&reply[..read]).into_owned())
+}

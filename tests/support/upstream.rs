@@ -1,0 +1,164 @@
+//! A real upstream HTTP server on port 0 that records what it saw and answers by path:
+//! `/slow` waits, `/big?n=BYTES` streams a large body, `/upload` counts a streamed body,
+//! `/ws` upgrades and echoes bytes, anything else echoes the request head as JSON.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: http::HeaderMap,
+}
+
+#[derive(Clone, Default)]
+pub struct Upstream {
+    pub addr: Option<SocketAddr>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr.unwrap())
+    }
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream saw no request")
+    }
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+type B = BoxBody<Bytes, Infallible>;
+
+fn full(text: impl Into<Bytes>) -> B {
+    Full::new(text.into()).boxed()
+}
+
+pub async fn start() -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut up = Upstream {
+        addr: Some(listener.local_addr().unwrap()),
+        ..Default::default()
+    };
+    let seen = up.seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handle(req, seen.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    up.seen = up.seen.clone();
+    up
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<B>, Infallible> {
+    let record = Seen {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        headers: req.headers().clone(),
+    };
+    seen.lock().unwrap().push(record.clone());
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    if path.ends_with("/slow") {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        return Ok(Response::new(full("slow done")));
+    }
+    if path.ends_with("/big") {
+        let n: u64 = query
+            .strip_prefix("n=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 20);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let chunks = n.div_ceil(chunk.len() as u64);
+        let stream = futures_util::stream::iter(
+            (0..chunks).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
+        );
+        return Ok(Response::new(BodyExt::boxed(StreamBody::new(stream))));
+    }
+    if path.ends_with("/upload") {
+        let mut body = req.into_body();
+        let mut total: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => total += f.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => break,
+            }
+        }
+        return Ok(Response::new(full(total.to_string())));
+    }
+    if path.ends_with("/ws") {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let response = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(full(""))
+            .unwrap();
+        return Ok(response);
+    }
+    if path.ends_with("/status401") {
+        return Ok(Response::builder()
+            .status(401)
+            .header("www-authenticate", "Bearer error=\"invalid_token\"")
+            .body(full("no"))
+            .unwrap());
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = record
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::Value::String(v.to_str().unwrap_or("").to_string()),
+            )
+        })
+        .collect();
+    let body = serde_json::json!({"method": record.method, "uri": record.uri, "headers": headers});
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .header("connection", "x-upstream-hop")
+        .header("x-upstream-hop", "1")
+        .body(full(body.to_string()))
+        .unwrap())
+}
