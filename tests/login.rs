@@ -464,3 +464,96 @@ async fn a_cookie_sealed_with_an_old_key_still_opens_and_is_resealed_with_the_fi
         "once the old key is removed, old cookies no longer open"
     );
 }
+
+#[tokio::test]
+async fn client_secret_post_authentication_works() {
+    let port = free_port();
+    let provider = provider::start(
+        port,
+        serde_json::json!({"clients": [{
+            "client_id": "vestibule", "client_secret": "vestibule-secret",
+            "redirect_uris": [format!("http://127.0.0.1:{port}/bff/callback")],
+            "token_endpoint_auth_method": "client_secret_post",
+        }]}),
+    );
+    let extra = "[[routes]]\npath = \"/x/\"\nupstream = \"http://127.0.0.1:9\"\n";
+    let text = login_config(port, &provider.issuer, extra).replace(
+        "client_id = \"vestibule\"\n",
+        "client_id = \"vestibule\"\nclient_auth = \"client_secret_post\"\n",
+    );
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = Browser::default();
+    let callback = browser.login_until_callback(&base, "alice", "/").await;
+    assert_eq!(browser.get(&callback, &[]).await.status, 302);
+    assert_eq!(
+        browser
+            .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_provider_and_login_is_503_until_then() {
+    let proxy = start_proxy(&config_text("")).await;
+    let ready = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["checks"]["provider"], false);
+    let login = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    assert_eq!(login.status, 503);
+    assert_eq!(login.json()["error"], "provider_unavailable");
+    assert_eq!(
+        get(&format!("http://{}/healthz", proxy.admin), &[])
+            .await
+            .status,
+        200,
+        "alive while not ready"
+    );
+}
+
+#[tokio::test]
+async fn a_store_outage_is_503_and_the_session_survives_it() {
+    let mut redis = RedisServer::start();
+    let store = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let s = stack(&store, serde_json::json!({})).await;
+    let mut browser = Browser::default();
+    browser.login(&s.base, "alice", "alice", "/").await;
+    redis.stop();
+    let down = browser
+        .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(down.status, 503);
+    assert_eq!(down.json()["error"], "store_unavailable");
+    let api = browser
+        .get(&format!("{}/api/x", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(api.status, 503);
+    let ready = get(&format!("http://{}/readyz", s.proxy.admin), &[]).await;
+    assert_eq!(ready.status, 503);
+    redis.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let back = browser
+            .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+            .await;
+        if back.status == 200 {
+            assert_eq!(back.json()["sub"], "alice");
+            break;
+        }
+        assert_eq!(
+            back.status, 503,
+            "while Redis reconnects the answer stays 503, never 401"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session did not come back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
