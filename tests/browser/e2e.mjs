@@ -20,6 +20,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
+import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import { createRequire } from 'node:module';
@@ -61,7 +62,7 @@ process.on('exit', () => {
 // Starts a part in its own process group, output to runDir/NAME.log. Resolves with the first
 // stdout line that parses as JSON with ready: true; rejects if the part exits or the deadline
 // passes first.
-function startPart(name, command, args, env = {}) {
+function startPart(name, command, args, { env = {}, readyLine = true } = {}) {
   const log = fs.createWriteStream(path.join(runDir, `${name}.log`));
   const child = spawn(command, args, {
     cwd: REPO,
@@ -77,6 +78,10 @@ function startPart(name, command, args, env = {}) {
   children.push({ name, child, exited, exit });
   child.stderr.pipe(log, { end: false });
   let buffered = '';
+  if (!readyLine) {
+    child.stdout.pipe(log, { end: false });
+    return;
+  }
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${name} not ready within ${START_DEADLINE_MS} ms (${logTail(name)})`)), START_DEADLINE_MS);
     child.on('error', (error) => { clearTimeout(timer); reject(new Error(`${name}: ${error.message}`)); });
@@ -183,7 +188,7 @@ before(async () => {
   const [appPort, adminPort] = await freePorts(2);
   app = `http://127.0.0.1:${appPort}`;
   adminUrl = `http://127.0.0.1:${adminPort}`;
-  const clientSecret = execFileSync('node', ['-e', 'process.stdout.write(require("crypto").randomBytes(24).toString("base64url"))']).toString();
+  const clientSecret = crypto.randomBytes(24).toString('base64url');
   const sessionKey = execFileSync(VESTIBULE_BIN, ['keygen']).toString().trim();
 
   const providerConfig = {
@@ -269,9 +274,9 @@ role = "beta-tester"
   fs.writeFileSync(configPath, config, { mode: 0o600 });
   // Vestibule prints no ready line: the admin /readyz says when it is.
   startPart('vestibule', VESTIBULE_BIN, ['--config', configPath], {
-    VESTIBULE_SESSION_KEY: sessionKey,
-    VESTIBULE_CLIENT_SECRET: clientSecret,
-  }).catch(() => { /* exit during start-up is reported by waitForHttp200 */ });
+    env: { VESTIBULE_SESSION_KEY: sessionKey, VESTIBULE_CLIENT_SECRET: clientSecret },
+    readyLine: false,
+  });
   await waitForHttp200(`${adminUrl}/readyz`, 'vestibule');
 
   // playwright launches with a fresh temporary --user-data-dir of its own (it refuses one in args).
@@ -285,9 +290,9 @@ role = "beta-tester"
 
 after(async () => {
   await browser?.close().catch(() => {});
-  await new Promise((resolve) => (tap ? tap.close(resolve) : resolve()));
-  tap?.closeAllConnections?.();
   await stopAll();
+  tap?.close();
+  tap?.closeAllConnections();
   if (failed) {
     for (const { name } of children) process.stderr.write(`---- ${name} log (end) ----\n${logTail(name)}\n`);
     process.stderr.write(`e2e: logs kept in ${runDir}\n`);
@@ -471,7 +476,7 @@ step('alice logs in through the provider form and calls the API', async () => {
   assert.match(shown, /beta-tester/);
 });
 
-step('no token reaches the browser; the session cookie is HttpOnly', async () => {
+step('no token reaches the browser; the session cookie is HttpOnly', async (t) => {
   assert.ok(alice, 'needs the login test');
   const issued = await providerTokens('alice');
   assert.equal(issued.grant_type, 'authorization_code');
@@ -486,6 +491,7 @@ step('no token reaches the browser; the session cookie is HttpOnly', async () =>
 
   const places = await assertNoTokens(alice.tab, aliceTokens);
   assert.ok(places > 10, `checked ${places} places`);
+  t.diagnostic(`no token in ${places} places (storage, URLs, headers, bodies)`);
 
   // The proxy's own cookies, as the browser stores them: every one HttpOnly, the session among them.
   const appCookies = (await alice.context.cookies(app)).filter((c) => !c.name.startsWith('_session')
@@ -500,6 +506,7 @@ step('no token reaches the browser; the session cookie is HttpOnly', async () =>
   const session = appCookies.filter((c) => setByApp.has(c.name));
   assert.ok(session.length >= 1, `the session cookie is stored (set: ${[...setByApp]}, stored: ${appCookies.map((c) => c.name)})`);
   for (const cookie of session) assert.equal(cookie.httpOnly, true, `cookie ${cookie.name} is HttpOnly`);
+  t.diagnostic(`Vestibule's cookies in the jar: ${session.map((c) => `${c.name} (HttpOnly, SameSite=${c.sameSite})`).join(', ')}`);
   const visible = await alice.tab.page.evaluate(() => document.cookie);
   for (const cookie of session) assert.ok(!visible.includes(cookie.name), `${cookie.name} is not in document.cookie`);
 });
