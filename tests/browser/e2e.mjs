@@ -182,6 +182,15 @@ let browser;
 const toml = (s) => JSON.stringify(s); // TOML basic strings accept JSON's escapes
 
 before(async () => {
+  try {
+    await setUp();
+  } catch (error) {
+    failed = true;
+    throw error;
+  }
+});
+
+async function setUp() {
   for (const [what, file] of [['vestibule', VESTIBULE_BIN], ['sample API', SAMPLE_API_BIN], ['Chromium', CHROMIUM]]) {
     assert.ok(fs.existsSync(file), `${what} not found at ${file} (build with cargo build --locked --bins --examples, or set the env var)`);
   }
@@ -286,7 +295,7 @@ role = "beta-tester"
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
-});
+}
 
 after(async () => {
   await browser?.close().catch(() => {});
