@@ -600,7 +600,7 @@ step('a second tab shares the session and both keep working through a token refr
   await second.page.close();
 });
 
-step('logout returns to the app logged out; the API then answers 401', async () => {
+step('logout returns to the app logged out; the API then answers 401', async (t) => {
   assert.ok(alice, 'needs the login test');
   const { page } = alice.tab;
   const visited = [];
@@ -623,5 +623,13 @@ step('logout returns to the app logged out; the API then answers 401', async () 
   assert.equal(await page.locator('#logged-in').isVisible(), false);
   const status = await page.evaluate(async () => (await fetch('/api/hello', { headers: { 'X-CSRF': '1' } })).status);
   assert.equal(status, 401);
+
+  // Not asserted: RP-initiated logout sends the browser to the provider with id_token_hint, so the
+  // ID token does pass through the browser at logout (in the redirect's Location and the URL).
+  const idTokens = (await providerJson('/_test/tokens?history=1'))
+    .filter((h) => h.sub === 'alice').map((h) => h.id_token).filter(Boolean);
+  if (visited.some((u) => idTokens.some((idToken) => u.includes(idToken)))) {
+    t.diagnostic('note: the logout redirect carries the ID token as id_token_hint');
+  }
   await alice.context.close();
 });
