@@ -126,16 +126,19 @@ async function stopAll() {
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // Free loopback ports for the parts whose port must be known before they start (Vestibule's
-// public and admin listeners: the provider's client registration names the public one).
-async function freePorts(count) {
+// public and admin listeners: the provider's client registration names the public one). The
+// ports stay held until release(), just before Vestibule binds them, so that nothing started in
+// between (our own parts, a parallel run) can take them.
+async function reservePorts(count) {
   const servers = await Promise.all(Array.from({ length: count }, () => new Promise((resolve, reject) => {
     const server = net.createServer();
     server.once('error', reject);
     server.listen(0, '127.0.0.1', () => resolve(server));
   })));
-  const ports = servers.map((s) => s.address().port);
-  await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  return ports;
+  return {
+    ports: servers.map((s) => s.address().port),
+    release: () => Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve)))),
+  };
 }
 
 async function waitForHttp200(url, name) {
@@ -194,7 +197,8 @@ async function setUp() {
   for (const [what, file] of [['vestibule', VESTIBULE_BIN], ['sample API', SAMPLE_API_BIN], ['Chromium', CHROMIUM]]) {
     assert.ok(fs.existsSync(file), `${what} not found at ${file} (build with cargo build --locked --bins --examples, or set the env var)`);
   }
-  const [appPort, adminPort] = await freePorts(2);
+  const reserved = await reservePorts(2);
+  const [appPort, adminPort] = reserved.ports;
   app = `http://127.0.0.1:${appPort}`;
   adminUrl = `http://127.0.0.1:${adminPort}`;
   const clientSecret = crypto.randomBytes(24).toString('base64url');
@@ -282,6 +286,7 @@ role = "beta-tester"
   const configPath = path.join(runDir, 'vestibule.toml');
   fs.writeFileSync(configPath, config, { mode: 0o600 });
   // Vestibule prints no ready line: the admin /readyz says when it is.
+  await reserved.release();
   startPart('vestibule', VESTIBULE_BIN, ['--config', configPath], {
     env: { VESTIBULE_SESSION_KEY: sessionKey, VESTIBULE_CLIENT_SECRET: clientSecret },
     readyLine: false,
