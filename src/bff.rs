@@ -30,12 +30,6 @@ fn hash_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
-pub fn has_csrf_header(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get("x-csrf")
-        .is_some_and(|v| v.as_bytes() == b"1")
-}
-
 pub async fn handle(
     app: &App,
     runtime: &Runtime,
@@ -236,7 +230,7 @@ fn unauthenticated(runtime: &Runtime) -> Response<Body> {
 }
 
 async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
-    if !has_csrf_header(req) {
+    if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
     let loaded = match app.load_session(runtime, req.headers()).await {
@@ -275,7 +269,7 @@ async fn logout(
     req: &Request<Incoming>,
     post: bool,
 ) -> Response<Body> {
-    if post && !has_csrf_header(req) {
+    if post && !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
     let config = &runtime.config;
@@ -392,7 +386,7 @@ async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body>
 }
 
 async fn list_sessions(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
-    if !has_csrf_header(req) {
+    if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
     let loaded = match app.load_session(runtime, req.headers()).await {
@@ -425,7 +419,7 @@ async fn end_session(
     req: &Request<Incoming>,
     handle: &str,
 ) -> Response<Body> {
-    if !has_csrf_header(req) {
+    if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
     let loaded = match app.load_session(runtime, req.headers()).await {
