@@ -384,38 +384,39 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
     };
     let sign =
         |claims: &serde_json::Value| signer.token(TestKey::Rsa1).typ("logout+jwt").sign(claims);
-    let mut hostile: Vec<(&str, String)> = Vec::new();
-    hostile.push((
-        "bad signature",
-        signer
-            .token(TestKey::Rsa1)
-            .typ("logout+jwt")
-            .forge(Forgery::BadSignature)
-            .sign(&valid("j-sig")),
-    ));
-    hostile.push((
-        "alg none",
-        signer
-            .token(TestKey::Rsa1)
-            .typ("logout+jwt")
-            .forge(Forgery::AlgNone)
-            .sign(&valid("j-none")),
-    ));
-    hostile.push((
-        "HS256 with the client secret",
-        signer
-            .token(TestKey::Rsa1)
-            .typ("logout+jwt")
-            .forge(Forgery::Hs256WithSecret(b"vestibule-secret".to_vec()))
-            .sign(&valid("j-hs")),
-    ));
-    hostile.push((
-        "unknown key",
-        signer
-            .token(TestKey::Rsa2)
-            .typ("logout+jwt")
-            .sign(&valid("j-key")),
-    ));
+    let mut hostile: Vec<(&str, String)> = vec![
+        (
+            "bad signature",
+            signer
+                .token(TestKey::Rsa1)
+                .typ("logout+jwt")
+                .forge(Forgery::BadSignature)
+                .sign(&valid("j-sig")),
+        ),
+        (
+            "alg none",
+            signer
+                .token(TestKey::Rsa1)
+                .typ("logout+jwt")
+                .forge(Forgery::AlgNone)
+                .sign(&valid("j-none")),
+        ),
+        (
+            "HS256 with the client secret",
+            signer
+                .token(TestKey::Rsa1)
+                .typ("logout+jwt")
+                .forge(Forgery::Hs256WithSecret(b"vestibule-secret".to_vec()))
+                .sign(&valid("j-hs")),
+        ),
+        (
+            "unknown key",
+            signer
+                .token(TestKey::Rsa2)
+                .typ("logout+jwt")
+                .sign(&valid("j-key")),
+        ),
+    ];
     let mut c = valid("j-iss");
     c["iss"] = "https://evil.example".into();
     hostile.push(("wrong iss", sign(&c)));
