@@ -233,11 +233,13 @@ async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response
     if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
-    let loaded = match app.load_session(runtime, req.headers()).await {
+    let mut loaded = match app.load_session(runtime, req.headers()).await {
         Ok(Some(l)) => l,
         Ok(None) => return unauthenticated(runtime),
         Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
     };
+    // The app asking who is signed in is activity: slide the idle timeout.
+    let _ = app.sessions.touch(&mut loaded, now()).await;
     let mut body = loaded.session.claims.clone();
     body.insert("sub".into(), loaded.session.sub.clone().into());
     let prefix = &runtime.config.server.bff_prefix;
@@ -439,47 +441,45 @@ async fn end_session(
 }
 
 /// Server-Sent Events: `event: ended` once this session ends by any path, on any instance.
+/// Checked when an invalidation for it arrives and on every keep-alive ping (which catches the
+/// idle and absolute timeouts); the check bypasses the session cache, which may still hold a
+/// copy when the invalidation reaches this stream first. An unreachable store ends nothing.
 async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
     let loaded = match app.load_session(runtime, req.headers()).await {
         Ok(Some(l)) => l,
         Ok(None) => return unauthenticated(runtime),
         Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
     };
-    let cookie = app.session_cookie_values(runtime, req.headers());
     let sessions = app.sessions.clone();
     let mut invalidations = sessions.subscribe_invalidations();
-    let handle = loaded.handle.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<http_body::Frame<bytes::Bytes>, crate::reply::BoxError>,
     >(4);
+    let frame = |text: &'static [u8]| Ok(http_body::Frame::data(bytes::Bytes::from_static(text)));
     tokio::spawn(async move {
-        let _ = tx
-            .send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-                b": connected\n\n",
-            ))))
-            .await;
+        if tx.send(frame(b": connected\n\n")).await.is_err() {
+            return;
+        }
         let mut ping = tokio::time::interval(Duration::from_secs(15));
+        ping.reset();
         loop {
             tokio::select! {
                 message = invalidations.recv() => {
-                    let relevant = match &message {
-                        Ok(h) => h == &handle || h.is_empty(),
-                        Err(_) => true,
-                    };
-                    if !relevant { continue; }
-                    let alive = match cookie.first() {
-                        Some(c) => matches!(sessions.load(c, now()).await, Ok(Some(_))),
-                        None => false,
-                    };
-                    if !alive {
-                        let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"event: ended\ndata: {}\n\n")))).await;
-                        break;
+                    match message {
+                        Ok(h) if h != loaded.handle && !h.is_empty() => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        // No more messages: the client reconnects and subscribes afresh.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     }
                 }
                 _ = ping.tick() => {
-                    if tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b": ping\n\n")))).await.is_err() { break; }
+                    if tx.send(frame(b": ping\n\n")).await.is_err() { break; }
                 }
                 _ = tx.closed() => break,
+            }
+            if let Ok(None) = sessions.reload(&loaded, now()).await {
+                let _ = tx.send(frame(b"event: ended\ndata: {}\n\n")).await;
+                break;
             }
         }
     });

@@ -47,8 +47,8 @@ pub fn feature_visible(runtime: &Runtime, name: &str, session: Option<&Session>)
 }
 
 /// CSRF: `X-CSRF: 1`, and no cross-site origin. Upgrades (which cannot carry custom headers)
-/// must come with `Origin` equal to `public_url`.
-pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
+/// must come with `Origin` equal to `public_url` or one of `cors_origins`.
+pub fn csrf_ok<B>(runtime: &Runtime, req: &Request<B>) -> bool {
     let server = &runtime.config.server;
     let origin = req
         .headers()
@@ -57,7 +57,7 @@ pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
     let allowed_origin =
         |o: &str| o == server.public_origin || server.cors_origins.iter().any(|c| c == o);
     if crate::proxy::headers::upgrade_protocol(req.headers()).is_some() {
-        return origin.is_some_and(|o| o == server.public_origin);
+        return origin.is_some_and(allowed_origin);
     }
     if req
         .headers()

@@ -587,3 +587,43 @@ async fn the_remaining_error_codes_are_produced() {
         "Bearer fresh-token"
     );
 }
+
+#[tokio::test]
+async fn a_store_outage_is_503_and_ends_no_session() {
+    let mut redis = support::redis::RedisServer::start();
+    let text = config_text(&format!(
+        "store = \"redis\"\ncache_ttl = \"0s\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    ));
+    let proxy = start_proxy(&text).await;
+    let cookie = direct_session(
+        &proxy,
+        Session {
+            sub: "carol".into(),
+            ..Session::default()
+        },
+    )
+    .await;
+    let url = proxy.url("/bff/user");
+    let headers = [("cookie", cookie.as_str()), ("x-csrf", "1")];
+    let user = || get(&url, &headers);
+    assert_eq!(user().await.status, 200);
+    redis.stop();
+    let down = user().await;
+    assert_eq!(down.status, 503, "{}", down.text());
+    assert_eq!(down.json()["error"], "store_unavailable");
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = user().await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session did not come back: {}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
