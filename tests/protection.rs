@@ -627,3 +627,52 @@ async fn a_store_outage_is_503_and_ends_no_session() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// docs/errors.md lists every error code with its status, and each response has the contract's
+/// shape (JSON with `error` and `message`, no-store; HTML naming the code for navigations).
+#[tokio::test]
+async fn docs_list_every_error_code() {
+    use vestibule::reply::ErrorCode::*;
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/errors.md"),
+    )
+    .unwrap();
+    for code in [
+        BadRequest,
+        InvalidReturnUrl,
+        LoginFailed,
+        Unauthenticated,
+        SessionExpired,
+        Csrf,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        PayloadTooLarge,
+        HeadersTooLarge,
+        UpstreamUnavailable,
+        UpstreamTimeout,
+        StoreUnavailable,
+        ProviderUnavailable,
+        Internal,
+    ] {
+        let row = format!("| `{}` | {} |", code.code(), code.status().as_u16());
+        assert!(docs.contains(&row), "docs/errors.md lacks the row {row}");
+        let json = code.json(&[]);
+        assert_eq!(json.status(), code.status());
+        assert_eq!(json.headers()["cache-control"], "no-store");
+        let body = http_body_util::BodyExt::collect(json.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["error"], code.code());
+        assert_eq!(value["message"], code.message());
+        let html = code.html();
+        assert_eq!(html.status(), code.status());
+        let body = http_body_util::BodyExt::collect(html.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains(code.code()));
+    }
+}
