@@ -298,37 +298,6 @@ impl App {
     }
 }
 
-/// How often the configuration file is checked for changes.
-const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Reloads the configuration when the file's contents change on disk. Polling the contents is
-/// simpler and sturdier than file-system events, which editors, atomic renames and Kubernetes
-/// ConfigMap symlink swaps deliver in many different shapes; the file is small. A half-written
-/// file is rejected by `reload` and picked up complete on the next tick. Stops with the app.
-fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
-    let weak = Arc::downgrade(app);
-    let mut last = std::fs::read(&path).ok();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(WATCH_PERIOD);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tick.tick().await;
-            if weak.strong_count() == 0 {
-                break;
-            }
-            let Ok(current) = tokio::fs::read(&path).await else {
-                continue;
-            };
-            if last.as_ref() == Some(&current) {
-                continue;
-            }
-            last = Some(current);
-            let Some(app) = weak.upgrade() else { break };
-            app.reload("file change");
-        }
-    });
-}
-
 /// Settings that cannot change while running.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut notes = Vec::new();
@@ -360,4 +329,35 @@ pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
         .refresh()
         .await
         .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// How often the configuration file is checked for changes.
+const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads the configuration when the file's contents change on disk. Polling the contents is
+/// simpler and sturdier than file-system events, which editors, atomic renames and Kubernetes
+/// ConfigMap symlink swaps deliver in many different shapes; the file is small. A half-written
+/// file is rejected by `reload` and picked up complete on the next tick. Stops with the app.
+fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
+    let weak = Arc::downgrade(app);
+    let mut last = std::fs::read(&path).ok();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WATCH_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            if weak.strong_count() == 0 {
+                break;
+            }
+            let Ok(current) = tokio::fs::read(&path).await else {
+                continue;
+            };
+            if last.as_ref() == Some(&current) {
+                continue;
+            }
+            last = Some(current);
+            let Some(app) = weak.upgrade() else { break };
+            app.reload("file change");
+        }
+    });
 }
