@@ -189,6 +189,10 @@ impl App {
             .insert("x-request-id", request_id.clone());
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
+        let upstream_ms = response
+            .extensions()
+            .get::<proxy::forward::UpstreamLatency>()
+            .map(|l| l.0.as_secs_f64() * 1000.0);
         metrics::counter!("vestibule_requests_total", "route" => route_name.clone(), "status" => status.to_string()).increment(1);
         metrics::histogram!("vestibule_request_duration_seconds", "route" => route_name.clone(), "status" => status.to_string())
             .record(elapsed.as_secs_f64());
@@ -199,6 +203,7 @@ impl App {
             path = %path,
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms,
             request_id = request_id.to_str().unwrap_or(""),
         );
         response

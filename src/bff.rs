@@ -262,7 +262,17 @@ async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response
         .map(|n| n.clone().into())
         .collect();
     body.insert("bff:features".into(), features.into());
-    json_response(StatusCode::OK, &serde_json::Value::Object(body))
+    let mut response = json_response(StatusCode::OK, &serde_json::Value::Object(body));
+    if loaded.reseal {
+        let s = &runtime.config.session;
+        let resealed = app.sessions.reseal(&loaded).ok().and_then(|v| {
+            cookies::set_cookie(s, &s.cookie_name, &v, Some(s.absolute_timeout), false)
+        });
+        if let Some(cookie) = resealed {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+    response
 }
 
 async fn logout(
