@@ -676,3 +676,63 @@ async fn docs_list_every_error_code() {
         assert!(String::from_utf8_lossy(&body).contains(code.code()));
     }
 }
+
+const RESOURCE_ROUTE: &str = r#"
+[[routes]]
+path = "/orders/"
+upstream = "{u}"
+auth = "required"
+token = "user"
+resource = "https://api.example.test"
+require = { roles = ["beta-tester"] }
+"#;
+
+#[tokio::test]
+async fn the_policy_reads_a_validated_jwt_access_token_for_the_routes_resource() {
+    // The provider's access tokens for the API carry `roles`: alice passes, bob does not.
+    let s = stack(RESOURCE_ROUTE).await;
+    let mut alice = logged_in(&s, "alice").await;
+    let mut bob = logged_in(&s, "bob").await;
+    let url = format!("{}/orders/1", s.base);
+    let a = alice.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let bearer = s.up.last().headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let payload = bearer.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["aud"], "https://api.example.test");
+    let b = bob.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(b.status, 403, "{}", b.text());
+    assert_eq!(b.json()["missing"], serde_json::json!(["roles"]));
+}
+
+#[tokio::test]
+async fn the_access_tokens_claims_win_over_the_id_tokens() {
+    // Here the API's access tokens carry no roles, though alice's ID token does: the API would
+    // not see the role, so neither does the policy.
+    let s = stack_with(
+        RESOURCE_ROUTE,
+        serde_json::json!({"access_token_claims": []}),
+        |t| t,
+    )
+    .await;
+    let mut alice = logged_in(&s, "alice").await;
+    let user = alice
+        .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+        .await
+        .json();
+    assert_eq!(user["roles"], serde_json::json!(["beta-tester"]));
+    let r = alice
+        .get(&format!("{}/orders/1", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"], "forbidden");
+}
