@@ -546,6 +546,18 @@ async fn users_list_and_end_their_own_sessions_only() {
     assert_eq!(r.status, 403);
     assert_eq!(user_status(&mut phone, &base).await, 200);
 
+    // The phone's app learns at once that its session ended.
+    let events = client()
+        .request(
+            http::Request::get(format!("{base}/bff/session-events"))
+                .header("cookie", format!("vestibule={}", phone.jar["vestibule"]))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut stream = events.into_body();
+    wait_for_event(&mut stream, ": connected", Duration::from_secs(5)).await;
     let r = laptop
         .request(
             "DELETE",
@@ -555,6 +567,7 @@ async fn users_list_and_end_their_own_sessions_only() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    wait_for_event(&mut stream, "event: ended", Duration::from_secs(5)).await;
     assert_eq!(user_status(&mut phone, &base).await, 401);
     assert_eq!(user_status(&mut laptop, &base).await, 200);
     let list = laptop.get(&url, &[("x-csrf", "1")]).await.json();
