@@ -370,10 +370,11 @@ async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body>
         };
     let replay_ttl =
         Duration::from_secs(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE + expect.leeway + 60);
+    let marker = format!("jti:{}", hash_hex(&logout.jti));
     match app
         .sessions
         .store()
-        .remember_once(&format!("jti:{}", hash_hex(&logout.jti)), replay_ttl)
+        .remember_once(&marker, replay_ttl)
         .await
     {
         Ok(true) => {}
@@ -393,7 +394,11 @@ async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body>
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             r
         }
-        Err(_) => ErrorCode::StoreUnavailable.json(&[]),
+        Err(_) => {
+            // Let the provider's retry of this token through: the logout must not be lost.
+            let _ = app.sessions.store().delete(&marker).await;
+            ErrorCode::StoreUnavailable.json(&[])
+        }
     }
 }
 

@@ -216,17 +216,19 @@ pub async fn admit(
     {
         return Err(ErrorCode::NotFound.respond(navigation));
     }
-    if route.auth == AuthMode::Required && loaded.is_none() {
+    let login_url = || {
         let prefix = &runtime.config.server.bff_prefix;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let login_url = format!(
+        format!(
             "{prefix}/login?returnUrl={}",
             url::form_urlencoded::byte_serialize(path_and_query.as_bytes()).collect::<String>()
-        );
+        )
+    };
+    if route.auth == AuthMode::Required && loaded.is_none() {
         if navigation {
-            return Err(crate::reply::redirect(&login_url));
+            return Err(crate::reply::redirect(&login_url()));
         }
-        return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())]));
+        return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url().into())]));
     }
     if route.csrf && !csrf_ok(runtime, req) {
         return Err(ErrorCode::Csrf.json(&[]));
@@ -252,7 +254,9 @@ pub async fn admit(
         (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
             Some(app.tokens.user_token(app, runtime, l, route).await?)
         }
-        (TokenMode::User, None) => return Err(ErrorCode::Unauthenticated.json(&[])),
+        (TokenMode::User, None) => {
+            return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url().into())]));
+        }
         (TokenMode::Client, _) | (TokenMode::UserOrClient, None) => {
             Some(app.tokens.client_token(app, route).await?)
         }
