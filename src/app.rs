@@ -182,6 +182,11 @@ impl App {
         };
         if let Some(origin) = cors {
             gate::add_cors_headers(response.headers_mut(), origin);
+        } else if !runtime.config.server.cors_origins.is_empty() {
+            // The answer depends on Origin: caches must not serve this one to a listed origin.
+            response
+                .headers_mut()
+                .append(header::VARY, http::HeaderValue::from_static("Origin"));
         }
         metrics::gauge!("vestibule_requests_in_flight").decrement(1.0);
         response

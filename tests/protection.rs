@@ -481,6 +481,14 @@ async fn cors_preflights_are_answered_for_listed_origins_only() {
     let other = get(&proxy.url("/open/x"), &[("origin", "https://evil.example")]).await;
     assert_eq!(other.status, 200);
     assert!(other.header("access-control-allow-origin").is_none());
+    assert!(
+        other
+            .headers
+            .get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap().contains("Origin")),
+        "responses vary by Origin when CORS is configured"
+    );
     // A plain OPTIONS (not a preflight) is routed as usual.
     let plain = send(
         http::Request::builder()
