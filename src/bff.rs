@@ -313,7 +313,13 @@ async fn logout(
     if let Some(refresh) = &loaded.session.refresh_token {
         app.oidc.revoke(refresh, "refresh_token").await;
     }
-    for token in loaded.session.tokens.values() {
+    // JWT access tokens are self-contained and cannot be revoked; opaque ones can.
+    for token in loaded
+        .session
+        .tokens
+        .values()
+        .filter(|t| !crate::jose::looks_like_jwt(&t.value))
+    {
         app.oidc.revoke(&token.value, "access_token").await;
     }
     let target = app
