@@ -5,6 +5,7 @@ use crate::app::{App, Runtime, now};
 use crate::cookies;
 use crate::oidc::{GrantError, LoginState, local_return_url, random_token};
 use crate::reply::{Body, ErrorCode, is_navigation, json_response, redirect};
+use crate::session::manager::Loaded;
 use crate::session::model::{AccessToken, Session};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -224,6 +225,20 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
     response
 }
 
+/// The request's session, or the response to send when there is none (401) or the store is
+/// down (503).
+async fn signed_in(
+    app: &App,
+    runtime: &Runtime,
+    req: &Request<Incoming>,
+) -> Result<Loaded, Response<Body>> {
+    match app.load_session(runtime, req.headers()).await {
+        Ok(Some(l)) => Ok(l),
+        Ok(None) => Err(unauthenticated(runtime)),
+        Err(_) => Err(ErrorCode::StoreUnavailable.json(&[])),
+    }
+}
+
 fn unauthenticated(runtime: &Runtime) -> Response<Body> {
     let login_url = format!("{}/login", runtime.config.server.bff_prefix);
     ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())])
@@ -233,10 +248,9 @@ async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response
     if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
-    let mut loaded = match app.load_session(runtime, req.headers()).await {
-        Ok(Some(l)) => l,
-        Ok(None) => return unauthenticated(runtime),
-        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    let mut loaded = match signed_in(app, runtime, req).await {
+        Ok(l) => l,
+        Err(response) => return response,
     };
     // The app asking who is signed in is activity: slide the idle timeout.
     let _ = app.sessions.touch(&mut loaded, now()).await;
@@ -412,10 +426,9 @@ async fn list_sessions(app: &App, runtime: &Runtime, req: &Request<Incoming>) ->
     if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
-    let loaded = match app.load_session(runtime, req.headers()).await {
-        Ok(Some(l)) => l,
-        Ok(None) => return unauthenticated(runtime),
-        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    let loaded = match signed_in(app, runtime, req).await {
+        Ok(l) => l,
+        Err(response) => return response,
     };
     let list = match app.sessions.list_for_sub(&loaded.session.sub, now()).await {
         Ok(l) => l,
@@ -445,10 +458,9 @@ async fn end_session(
     if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
-    let loaded = match app.load_session(runtime, req.headers()).await {
-        Ok(Some(l)) => l,
-        Ok(None) => return unauthenticated(runtime),
-        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    let loaded = match signed_in(app, runtime, req).await {
+        Ok(l) => l,
+        Err(response) => return response,
     };
     match app
         .sessions
@@ -466,10 +478,9 @@ async fn end_session(
 /// idle and absolute timeouts); the check bypasses the session cache, which may still hold a
 /// copy when the invalidation reaches this stream first. An unreachable store ends nothing.
 async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
-    let loaded = match app.load_session(runtime, req.headers()).await {
-        Ok(Some(l)) => l,
-        Ok(None) => return unauthenticated(runtime),
-        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+    let loaded = match signed_in(app, runtime, req).await {
+        Ok(l) => l,
+        Err(response) => return response,
     };
     let sessions = app.sessions.clone();
     let mut invalidations = sessions.subscribe_invalidations();
