@@ -20,6 +20,13 @@ fn provider_unavailable() -> Response<Body> {
     r
 }
 
+fn session_expired(runtime: &Runtime) -> Response<Body> {
+    ErrorCode::SessionExpired.json(&[(
+        "login_url",
+        format!("{}/login", runtime.config.server.bff_prefix).into(),
+    )])
+}
+
 /// Access tokens: per-session refresh with single flight (in process and across replicas),
 /// and a cache of client-credentials tokens.
 #[derive(Default)]
@@ -28,16 +35,33 @@ pub struct Tokens {
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AccessToken>>>>>,
 }
 
+/// The refresh lease; the holder renews it every third of it for as long as the grant takes.
 const LEASE: Duration = Duration::from_secs(10);
-const WAIT_FOR_WINNER: Duration = Duration::from_secs(30);
+/// How long a request waits for another one's refresh: longer than a grant may take.
+const WAIT_FOR_WINNER: Duration =
+    Duration::from_secs(crate::oidc::http::POST_TIMEOUT.as_secs() + 5);
+const POLL: Duration = Duration::from_millis(25);
+/// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
+const SAVE_ATTEMPTS: usize = 5;
+/// ID token claims that describe the token rather than the user; kept from the login.
+const TOKEN_CLAIMS: [&str; 11] = [
+    "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
+];
 
 impl Tokens {
-    fn fresh<'a>(runtime: &Runtime, session: &'a Session, key: &str) -> Option<&'a str> {
+    /// The session's token for `key` unless it is due for refresh or is the `rejected` one.
+    fn fresh<'a>(
+        runtime: &Runtime,
+        session: &'a Session,
+        key: &str,
+        rejected: Option<&str>,
+    ) -> Option<&'a str> {
         let skew = runtime.config.oidc.refresh_skew.as_secs();
         session
             .tokens
             .get(key)
-            .filter(|t| now() + skew < t.expires_at)
+            .filter(|t| now().saturating_add(skew) < t.expires_at)
+            .filter(|t| rejected != Some(t.value.as_str()))
             .map(|t| t.value.as_str())
     }
 
@@ -57,48 +81,96 @@ impl Tokens {
         loaded: &Loaded,
         route: &RouteConfig,
     ) -> Result<String, Response<Body>> {
+        self.user_token_except(app, runtime, loaded, route, None)
+            .await
+    }
+
+    /// A user access token other than `rejected`, which an upstream refused (`invalid_token`):
+    /// refreshed now whatever its expiry, unless another request already replaced it.
+    pub async fn replace_user_token(
+        &self,
+        app: &App,
+        runtime: &Runtime,
+        loaded: &Loaded,
+        route: &RouteConfig,
+        rejected: &str,
+    ) -> Result<String, Response<Body>> {
+        self.user_token_except(app, runtime, loaded, route, Some(rejected))
+            .await
+    }
+
+    /// Single flight: requests of one session queue on a local mutex, then on the store lease
+    /// (shared by every instance); whoever holds the lease re-reads the session and refreshes
+    /// only if no one did meanwhile, so a rotating refresh token is spent exactly once.
+    async fn user_token_except(
+        &self,
+        app: &App,
+        runtime: &Runtime,
+        loaded: &Loaded,
+        route: &RouteConfig,
+        rejected: Option<&str>,
+    ) -> Result<String, Response<Body>> {
         let key = route.resource.clone().unwrap_or_default();
-        if let Some(t) = Self::fresh(runtime, &loaded.session, &key) {
+        if let Some(t) = Self::fresh(runtime, &loaded.session, &key, rejected) {
             return Ok(t.to_string());
         }
         let lock = self.local_lock(&loaded.handle);
-        let _local = lock.lock().await;
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_WINNER;
+        let Ok(_local) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+            return Err(provider_unavailable());
+        };
         let lock_key = app.sessions.refresh_lock_key(loaded);
         let lease_token = crate::oidc::random_token(16);
         let store = app.sessions.store();
-        let deadline = tokio::time::Instant::now() + WAIT_FOR_WINNER;
         loop {
             let current = app
                 .reload_session(loaded)
                 .await
                 .map_err(|_| ErrorCode::StoreUnavailable.json(&[]))?;
             let Some(current) = current else {
-                return Err(ErrorCode::SessionExpired.json(&[]));
+                return Err(session_expired(runtime));
             };
-            if let Some(t) = Self::fresh(runtime, &current.session, &key) {
+            if let Some(t) = Self::fresh(runtime, &current.session, &key, rejected) {
                 return Ok(t.to_string());
             }
             match store.try_lock(&lock_key, &lease_token, LEASE).await {
                 Ok(true) => {
-                    let result = self
-                        .refresh_holding_lease(
-                            app,
-                            runtime,
-                            current,
-                            route,
-                            &key,
-                            &lock_key,
-                            &lease_token,
-                        )
-                        .await;
+                    // Re-read under the lease: the previous holder may have saved just before
+                    // releasing it, after our read above.
+                    let current = match app.reload_session(loaded).await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => {
+                            let _ = store.unlock(&lock_key, &lease_token).await;
+                            return Err(session_expired(runtime));
+                        }
+                        Err(_) => {
+                            let _ = store.unlock(&lock_key, &lease_token).await;
+                            return Err(ErrorCode::StoreUnavailable.json(&[]));
+                        }
+                    };
+                    let result = match Self::fresh(runtime, &current.session, &key, rejected) {
+                        Some(t) => Ok(t.to_string()),
+                        None => {
+                            self.refresh_holding_lease(
+                                app,
+                                runtime,
+                                current,
+                                route,
+                                &key,
+                                &lock_key,
+                                &lease_token,
+                            )
+                            .await
+                        }
+                    };
                     let _ = store.unlock(&lock_key, &lease_token).await;
                     return result;
                 }
                 Ok(false) => {
-                    if tokio::time::Instant::now() > deadline {
+                    if tokio::time::Instant::now() + POLL > deadline {
                         return Err(provider_unavailable());
                     }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    tokio::time::sleep(POLL).await;
                 }
                 Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
             }
@@ -122,13 +194,17 @@ impl Tokens {
         let keeper = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
-                if !matches!(
-                    store
-                        .extend_lock(&lock_key_owned, &lease_owned, LEASE)
-                        .await,
-                    Ok(true)
-                ) {
-                    break;
+                match store
+                    .extend_lock(&lock_key_owned, &lease_owned, LEASE)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!("the refresh lease was lost while refreshing");
+                        break;
+                    }
+                    // A store hiccup: try again at the next tick, the lease is still running.
+                    Err(_) => {}
                 }
             }
         });
@@ -147,9 +223,9 @@ impl Tokens {
     ) -> Result<String, Response<Body>> {
         let resource = route.resource.as_deref();
         let outcome = if route.exchange {
-            let subject = match Self::fresh(runtime, &current.session, "") {
+            let subject = match Self::fresh(runtime, &current.session, "", None) {
                 Some(t) => t.to_string(),
-                None => return Err(ErrorCode::SessionExpired.json(&[])),
+                None => return Err(session_expired(runtime)),
             };
             app.oidc
                 .exchange_token(&subject, resource.unwrap_or_default(), &route.scopes)
@@ -157,7 +233,7 @@ impl Tokens {
         } else {
             let Some(refresh_token) = current.session.refresh_token.clone() else {
                 let _ = app.sessions.delete(&current).await;
-                return Err(ErrorCode::SessionExpired.json(&[]));
+                return Err(session_expired(runtime));
             };
             app.oidc
                 .refresh(&refresh_token, resource, &route.scopes)
@@ -168,10 +244,7 @@ impl Tokens {
             Err(GrantError::Rejected(reason)) => {
                 tracing::info!(%reason, "refresh rejected; ending the session");
                 let _ = app.sessions.delete(&current).await;
-                return Err(ErrorCode::SessionExpired.json(&[(
-                    "login_url",
-                    format!("{}/login", runtime.config.server.bff_prefix).into(),
-                )]));
+                return Err(session_expired(runtime));
             }
             Err(GrantError::Unavailable(reason)) => {
                 tracing::warn!(%reason, "refresh failed: provider unavailable");
@@ -179,52 +252,61 @@ impl Tokens {
             }
         };
         let now = now();
-        let mut session = current.session.clone();
-        session.tokens.insert(
-            key.to_string(),
-            AccessToken {
-                value: tokens.access_token.clone(),
-                expires_at: now + tokens.expires_in.unwrap_or(300),
-                scope: tokens.scope.clone(),
-            },
-        );
-        if let Some(rotated) = tokens.refresh_token {
-            session.refresh_token = Some(rotated);
-        }
-        if let Some(id_token) = tokens.id_token {
-            let expect = app.oidc.expect(&app.oidc.config.client_id, now);
-            let original = current.session.claims.clone();
-            if let Ok(claims) = crate::jose::validate_refreshed_id_token(
-                &app.oidc.provider.jwks,
-                &id_token,
-                &expect,
-                &original_with_sub(&original, &session.sub),
-            )
-            .await
-            {
+        let claims = match &tokens.id_token {
+            Some(id_token) => {
+                let expect = app.oidc.expect(&app.oidc.config.client_id, now);
+                let original = original_with_sub(&current.session.claims, &current.session.sub);
+                crate::jose::validate_refreshed_id_token(
+                    &app.oidc.provider.jwks,
+                    id_token,
+                    &expect,
+                    &original,
+                )
+                .await
+                .ok()
+            }
+            None => None,
+        };
+        let apply = |session: &mut Session| {
+            session.tokens.insert(
+                key.to_string(),
+                AccessToken {
+                    value: tokens.access_token.clone(),
+                    expires_at: now + tokens.expires_in.unwrap_or(300),
+                    scope: tokens.scope.clone(),
+                },
+            );
+            if let Some(rotated) = &tokens.refresh_token {
+                session.refresh_token = Some(rotated.clone());
+            }
+            if let (Some(claims), Some(id_token)) = (&claims, &tokens.id_token) {
                 for (k, v) in claims {
-                    if ![
-                        "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp",
-                        "jti", "sid",
-                    ]
-                    .contains(&k.as_str())
-                    {
-                        session.claims.insert(k, v);
+                    if !TOKEN_CLAIMS.contains(&k.as_str()) {
+                        session.claims.insert(k.clone(), v.clone());
                     }
                 }
-                session.id_token = Some(id_token);
+                session.id_token = Some(id_token.clone());
             }
-        }
-        match app.sessions.save(&current, session, now).await {
-            Ok(true) => Ok(tokens.access_token),
-            Ok(false) => {
-                tracing::warn!(
-                    "session changed while refreshing; the new tokens are kept for this request only"
-                );
-                Ok(tokens.access_token)
+        };
+        // The new refresh token must not be lost: if another write (an idle-timeout touch)
+        // came in between, re-read and apply the new tokens again; we still hold the lease.
+        let mut base = current;
+        for _ in 0..SAVE_ATTEMPTS {
+            let mut session = base.session.clone();
+            apply(&mut session);
+            match app.sessions.save(&base, session, now).await {
+                Ok(true) => return Ok(tokens.access_token),
+                Ok(false) => {}
+                Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
             }
-            Err(_) => Err(ErrorCode::StoreUnavailable.json(&[])),
+            base = match app.reload_session(&base).await {
+                Ok(Some(reloaded)) => reloaded,
+                Ok(None) => return Err(session_expired(runtime)),
+                Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
+            };
         }
+        tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
+        Ok(tokens.access_token)
     }
 
     /// A client-credentials token for the route's resource and scopes, cached until near expiry.
