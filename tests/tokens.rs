@@ -226,23 +226,28 @@ impl Stack {
     }
 
     /// `n` concurrent GETs of `path` spread over the instances; every reply's status.
-    async fn burst(&self, browser: &Browser, n: usize, path: &str) -> Vec<u16> {
+    /// `n` concurrent GETs of `path` spread over the instances; every reply.
+    async fn burst(&self, browser: &Browser, n: usize, path: &str) -> Vec<Reply> {
         let mut tasks = Vec::new();
         for i in 0..n {
             let mut b = browser.clone();
             let url = self.proxies[i % self.proxies.len()].url(&format!("{path}?i={i}"));
             tasks.push(tokio::spawn(async move {
-                let r = b.get(&url, &[("x-csrf", "1")]).await;
-                (r.status, r.text())
+                b.get(&url, &[("x-csrf", "1")]).await
             }));
         }
-        let mut statuses = Vec::new();
+        let mut replies = Vec::new();
         for t in tasks {
-            let (status, text) = t.await.unwrap();
-            assert_eq!(status, 200, "{text}");
-            statuses.push(status);
+            replies.push(t.await.unwrap());
         }
-        statuses
+        replies
+    }
+
+    /// A [`Stack::burst`] that must succeed throughout.
+    async fn burst_ok(&self, browser: &Browser, n: usize, path: &str) {
+        for r in self.burst(browser, n, path).await {
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
     }
 }
 
@@ -302,7 +307,7 @@ async fn fifty_concurrent_requests_at_expiry_make_one_refresh_grant() {
     let browser = s.login("alice").await;
     s.reset_stats().await;
     until_due().await;
-    s.burst(&browser, 50, "/api/burst").await;
+    s.burst_ok(&browser, 50, "/api/burst").await;
     let stats = s.stats().await;
     assert_eq!(refresh_grants(&stats), 1, "{stats}");
     let newest = s.newest_access_token("alice").await;
@@ -322,7 +327,7 @@ async fn two_instances_on_one_redis_refresh_once_and_rotation_keeps_working() {
     for round in 1..=2u64 {
         until_due().await;
         let marker = format!("/round{round}");
-        s.burst(&browser, 40, &format!("/api{marker}")).await;
+        s.burst_ok(&browser, 40, &format!("/api{marker}")).await;
         let stats = s.stats().await;
         assert_eq!(refresh_grants(&stats), round, "round {round}: {stats}");
         assert_eq!(stats["token_errors"]["refresh_token"], 0, "{stats}");
@@ -345,7 +350,7 @@ async fn a_provider_slower_than_the_lease_still_gets_one_refresh_grant() {
     s.behaviour(serde_json::json!({"token_delay_ms": 12000}))
         .await;
     let started = std::time::Instant::now();
-    s.burst(&browser, 20, "/api/slow-provider").await;
+    s.burst_ok(&browser, 20, "/api/slow-provider").await;
     assert!(started.elapsed() >= Duration::from_secs(12));
     s.behaviour(serde_json::json!({})).await;
     let stats = s.stats().await;
@@ -385,20 +390,24 @@ async fn invalid_grant_ends_the_session() {
     assert_eq!(refresh_grants(&s.stats().await), 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_provider_outage_is_503_and_keeps_the_session() {
     let s = stack(1, serde_json::json!({})).await;
     let mut browser = s.login("alice").await;
     let first = s.newest_access_token("alice").await;
     until_due().await;
-    s.behaviour(serde_json::json!({"token_status": 503})).await;
-    let r = browser
-        .get(&s.proxies[0].url("/api/down"), &[("x-csrf", "1")])
+    s.reset_stats().await;
+    // Slow and then failing: every request of the burst queues behind the first refresh and
+    // shares its answer instead of trying the provider again.
+    s.behaviour(serde_json::json!({"token_status": 503, "token_delay_ms": 1000}))
         .await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.json()["error"], "provider_unavailable");
-    assert!(r.header("retry-after").is_some());
+    for r in s.burst(&browser, 20, "/api/down").await {
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"], "provider_unavailable");
+        assert!(r.header("retry-after").is_some());
+    }
     assert_eq!(s.bearers("/down").len(), 0);
+    assert_eq!(refresh_grants(&s.stats().await), 1);
     let user = browser
         .get(&s.proxies[0].url("/bff/user"), &[("x-csrf", "1")])
         .await;
@@ -411,6 +420,7 @@ async fn a_provider_outage_is_503_and_keeps_the_session() {
     let newest = s.newest_access_token("alice").await;
     assert_ne!(newest, first);
     assert_eq!(s.bearers("/up"), vec![newest]);
+    assert_eq!(refresh_grants(&s.stats().await), 2);
 }
 
 #[tokio::test]

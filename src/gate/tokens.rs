@@ -8,10 +8,11 @@ use crate::oidc::GrantError;
 use crate::reply::{Body, ErrorCode};
 use crate::session::manager::Loaded;
 use crate::session::model::{AccessToken, Session};
-use http::{HeaderValue, Response, header};
+use http::{HeaderValue, Response, StatusCode, header};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 fn provider_unavailable() -> Response<Body> {
     let mut r = ErrorCode::ProviderUnavailable.json(&[]);
@@ -31,7 +32,9 @@ fn session_expired(runtime: &Runtime) -> Response<Body> {
 /// and a cache of client-credentials tokens.
 #[derive(Default)]
 pub struct Tokens {
-    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per session: the in-process queue for refreshing, holding when a refresh here last
+    /// failed for want of the provider or the store.
+    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AccessToken>>>>>,
 }
 
@@ -65,7 +68,7 @@ impl Tokens {
             .map(|t| t.value.as_str())
     }
 
-    fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<Option<Instant>>> {
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             map.retain(|_, m| Arc::strong_count(m) > 1);
@@ -115,8 +118,9 @@ impl Tokens {
             return Ok(t.to_string());
         }
         let lock = self.local_lock(&loaded.handle);
-        let deadline = tokio::time::Instant::now() + WAIT_FOR_WINNER;
-        let Ok(_local) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+        let arrived = Instant::now();
+        let deadline = arrived + WAIT_FOR_WINNER;
+        let Ok(mut last_failure) = tokio::time::timeout_at(deadline, lock.lock()).await else {
             return Err(provider_unavailable());
         };
         let lock_key = app.sessions.refresh_lock_key(loaded);
@@ -132,6 +136,11 @@ impl Tokens {
             };
             if let Some(t) = Self::fresh(runtime, &current.session, &key, rejected) {
                 return Ok(t.to_string());
+            }
+            // The refresh this request queued behind failed: share its answer rather than
+            // have every queued request try an unavailable provider in turn.
+            if last_failure.is_some_and(|failed| failed >= arrived) {
+                return Err(provider_unavailable());
             }
             match store.try_lock(&lock_key, &lease_token, LEASE).await {
                 Ok(true) => {
@@ -164,10 +173,16 @@ impl Tokens {
                         }
                     };
                     let _ = store.unlock(&lock_key, &lease_token).await;
+                    if result
+                        .as_ref()
+                        .is_err_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
+                    {
+                        *last_failure = Some(Instant::now());
+                    }
                     return result;
                 }
                 Ok(false) => {
-                    if tokio::time::Instant::now() + POLL > deadline {
+                    if Instant::now() + POLL > deadline {
                         return Err(provider_unavailable());
                     }
                     tokio::time::sleep(POLL).await;
