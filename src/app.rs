@@ -117,15 +117,17 @@ impl App {
                 .clone()
                 .keep_fresh(config.oidc.metadata_refresh),
         );
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             runtime: ArcSwap::from_pointee(Runtime::new(config)),
             upstreams: Upstreams::new(),
             oidc,
             sessions,
             tokens: Tokens::default(),
             keyring: ArcSwap::from_pointee(keyring),
-            config_path: std::sync::Mutex::new(Some(path)),
-        }))
+            config_path: std::sync::Mutex::new(Some(path.clone())),
+        });
+        watch_config(&app, path);
+        Ok(app)
     }
 
     /// The key ring for login-state cookies.
@@ -175,13 +177,29 @@ impl App {
         let path = req.uri().path().to_string();
         let request_id = proxy::headers::ensure_request_id(req.headers_mut());
         metrics::gauge!("vestibule_requests_in_flight").increment(1.0);
-        let (route_name, mut response) = self.route(&runtime, req, ip, tls).await;
+        let cors = gate::cors_origin(&runtime, req.headers());
+        let (route_name, mut response) = match gate::preflight(&runtime, &req) {
+            Some(answer) => ("preflight".to_string(), answer),
+            None => self.route(&runtime, req, ip, tls).await,
+        };
+        if let Some(origin) = cors {
+            gate::add_cors_headers(response.headers_mut(), origin);
+        } else if !runtime.config.server.cors_origins.is_empty() {
+            // The answer depends on Origin: caches must not serve this one to a listed origin.
+            response
+                .headers_mut()
+                .append(header::VARY, http::HeaderValue::from_static("Origin"));
+        }
         metrics::gauge!("vestibule_requests_in_flight").decrement(1.0);
         response
             .headers_mut()
             .insert("x-request-id", request_id.clone());
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
+        let upstream_ms = response
+            .extensions()
+            .get::<proxy::forward::UpstreamLatency>()
+            .map(|l| l.0.as_secs_f64() * 1000.0);
         metrics::counter!("vestibule_requests_total", "route" => route_name.clone(), "status" => status.to_string()).increment(1);
         metrics::histogram!("vestibule_request_duration_seconds", "route" => route_name.clone(), "status" => status.to_string())
             .record(elapsed.as_secs_f64());
@@ -192,6 +210,7 @@ impl App {
             path = %path,
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms,
             request_id = request_id.to_str().unwrap_or(""),
         );
         response
@@ -418,4 +437,35 @@ pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
         .refresh()
         .await
         .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// How often the configuration file is checked for changes.
+const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads the configuration when the file's contents change on disk. Polling the contents is
+/// simpler and sturdier than file-system events, which editors, atomic renames and Kubernetes
+/// ConfigMap symlink swaps deliver in many different shapes; the file is small. A half-written
+/// file is rejected by `reload` and picked up complete on the next tick. Stops with the app.
+fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
+    let weak = Arc::downgrade(app);
+    let mut last = std::fs::read(&path).ok();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WATCH_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            if weak.strong_count() == 0 {
+                break;
+            }
+            let Ok(current) = tokio::fs::read(&path).await else {
+                continue;
+            };
+            if last.as_ref() == Some(&current) {
+                continue;
+            }
+            last = Some(current);
+            let Some(app) = weak.upgrade() else { break };
+            app.reload("file change");
+        }
+    });
 }

@@ -30,12 +30,6 @@ fn hash_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
-pub fn has_csrf_header(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get("x-csrf")
-        .is_some_and(|v| v.as_bytes() == b"1")
-}
-
 pub async fn handle(
     app: &App,
     runtime: &Runtime,
@@ -236,14 +230,16 @@ fn unauthenticated(runtime: &Runtime) -> Response<Body> {
 }
 
 async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
-    if !has_csrf_header(req) {
+    if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
-    let loaded = match app.load_session(runtime, req.headers()).await {
+    let mut loaded = match app.load_session(runtime, req.headers()).await {
         Ok(Some(l)) => l,
         Ok(None) => return unauthenticated(runtime),
         Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
     };
+    // The app asking who is signed in is activity: slide the idle timeout.
+    let _ = app.sessions.touch(&mut loaded, now()).await;
     let mut body = loaded.session.claims.clone();
     body.insert("sub".into(), loaded.session.sub.clone().into());
     let prefix = &runtime.config.server.bff_prefix;
@@ -266,7 +262,17 @@ async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response
         .map(|n| n.clone().into())
         .collect();
     body.insert("bff:features".into(), features.into());
-    json_response(StatusCode::OK, &serde_json::Value::Object(body))
+    let mut response = json_response(StatusCode::OK, &serde_json::Value::Object(body));
+    if loaded.reseal {
+        let s = &runtime.config.session;
+        let resealed = app.sessions.reseal(&loaded).ok().and_then(|v| {
+            cookies::set_cookie(s, &s.cookie_name, &v, Some(s.absolute_timeout), false)
+        });
+        if let Some(cookie) = resealed {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+    response
 }
 
 async fn logout(
@@ -275,7 +281,7 @@ async fn logout(
     req: &Request<Incoming>,
     post: bool,
 ) -> Response<Body> {
-    if post && !has_csrf_header(req) {
+    if post && !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
     let config = &runtime.config;
@@ -364,10 +370,11 @@ async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body>
         };
     let replay_ttl =
         Duration::from_secs(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE + expect.leeway + 60);
+    let marker = format!("jti:{}", hash_hex(&logout.jti));
     match app
         .sessions
         .store()
-        .remember_once(&format!("jti:{}", hash_hex(&logout.jti)), replay_ttl)
+        .remember_once(&marker, replay_ttl)
         .await
     {
         Ok(true) => {}
@@ -387,12 +394,16 @@ async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body>
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             r
         }
-        Err(_) => ErrorCode::StoreUnavailable.json(&[]),
+        Err(_) => {
+            // Let the provider's retry of this token through: the logout must not be lost.
+            let _ = app.sessions.store().delete(&marker).await;
+            ErrorCode::StoreUnavailable.json(&[])
+        }
     }
 }
 
 async fn list_sessions(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
-    if !has_csrf_header(req) {
+    if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
     let loaded = match app.load_session(runtime, req.headers()).await {
@@ -425,7 +436,7 @@ async fn end_session(
     req: &Request<Incoming>,
     handle: &str,
 ) -> Response<Body> {
-    if !has_csrf_header(req) {
+    if !crate::gate::csrf_ok(runtime, req) {
         return ErrorCode::Csrf.json(&[]);
     }
     let loaded = match app.load_session(runtime, req.headers()).await {
@@ -445,47 +456,45 @@ async fn end_session(
 }
 
 /// Server-Sent Events: `event: ended` once this session ends by any path, on any instance.
+/// Checked when an invalidation for it arrives and on every keep-alive ping (which catches the
+/// idle and absolute timeouts); the check bypasses the session cache, which may still hold a
+/// copy when the invalidation reaches this stream first. An unreachable store ends nothing.
 async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
     let loaded = match app.load_session(runtime, req.headers()).await {
         Ok(Some(l)) => l,
         Ok(None) => return unauthenticated(runtime),
         Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
     };
-    let cookie = app.session_cookie_values(runtime, req.headers());
     let sessions = app.sessions.clone();
     let mut invalidations = sessions.subscribe_invalidations();
-    let handle = loaded.handle.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<http_body::Frame<bytes::Bytes>, crate::reply::BoxError>,
     >(4);
+    let frame = |text: &'static [u8]| Ok(http_body::Frame::data(bytes::Bytes::from_static(text)));
     tokio::spawn(async move {
-        let _ = tx
-            .send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-                b": connected\n\n",
-            ))))
-            .await;
+        if tx.send(frame(b": connected\n\n")).await.is_err() {
+            return;
+        }
         let mut ping = tokio::time::interval(Duration::from_secs(15));
+        ping.reset();
         loop {
             tokio::select! {
                 message = invalidations.recv() => {
-                    let relevant = match &message {
-                        Ok(h) => h == &handle || h.is_empty(),
-                        Err(_) => true,
-                    };
-                    if !relevant { continue; }
-                    let alive = match cookie.first() {
-                        Some(c) => matches!(sessions.load(c, now()).await, Ok(Some(_))),
-                        None => false,
-                    };
-                    if !alive {
-                        let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"event: ended\ndata: {}\n\n")))).await;
-                        break;
+                    match message {
+                        Ok(h) if h != loaded.handle && !h.is_empty() => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        // No more messages: the client reconnects and subscribes afresh.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     }
                 }
                 _ = ping.tick() => {
-                    if tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b": ping\n\n")))).await.is_err() { break; }
+                    if tx.send(frame(b": ping\n\n")).await.is_err() { break; }
                 }
                 _ = tx.closed() => break,
+            }
+            if let Ok(None) = sessions.reload(&loaded, now()).await {
+                let _ = tx.send(frame(b"event: ended\ndata: {}\n\n")).await;
+                break;
             }
         }
     });

@@ -45,8 +45,8 @@ pub fn feature_visible(runtime: &Runtime, name: &str, session: Option<&Session>)
 }
 
 /// CSRF: `X-CSRF: 1`, and no cross-site origin. Upgrades (which cannot carry custom headers)
-/// must come with `Origin` equal to `public_url`.
-pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
+/// must come with `Origin` equal to `public_url` or one of `cors_origins`.
+pub fn csrf_ok<B>(runtime: &Runtime, req: &Request<B>) -> bool {
     let server = &runtime.config.server;
     let origin = req
         .headers()
@@ -55,7 +55,7 @@ pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
     let allowed_origin =
         |o: &str| o == server.public_origin || server.cors_origins.iter().any(|c| c == o);
     if crate::proxy::headers::upgrade_protocol(req.headers()).is_some() {
-        return origin.is_some_and(|o| o == server.public_origin);
+        return origin.is_some_and(allowed_origin);
     }
     if req
         .headers()
@@ -71,6 +71,81 @@ pub fn csrf_ok(runtime: &Runtime, req: &Request<Incoming>) -> bool {
             .get("sec-fetch-site")
             .is_none_or(|v| v.as_bytes() != b"cross-site"),
     }
+}
+
+/// The request's `Origin` when it is one of `[server] cors_origins`: such origins may call
+/// Vestibule (and the routes behind it) with credentials from the browser.
+pub fn cors_origin(runtime: &Runtime, headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    runtime
+        .config
+        .server
+        .cors_origins
+        .iter()
+        .any(|c| c == text)
+        .then(|| origin.clone())
+}
+
+/// Adds the CORS headers for an allowed origin to any response (also error responses, so the
+/// calling app can read them).
+pub fn add_cors_headers(headers: &mut http::HeaderMap, origin: HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+/// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`)
+/// itself: 204 for an origin listed in `cors_origins`, 403 for any other. `None`: not a
+/// preflight, route it normally.
+pub fn preflight<B>(runtime: &Runtime, req: &Request<B>) -> Option<Response<Body>> {
+    let headers = req.headers();
+    if req.method() != http::Method::OPTIONS
+        || !headers.contains_key(header::ORIGIN)
+        || !headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return None;
+    }
+    let Some(origin) = cors_origin(runtime, headers) else {
+        return Some(ErrorCode::Csrf.json(&[]));
+    };
+    let mut response = Response::new(crate::reply::empty());
+    *response.status_mut() = http::StatusCode::NO_CONTENT;
+    let h = response.headers_mut();
+    add_cors_headers(h, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE"),
+    );
+    // The custom CSRF header is the reason for the preflight; the others are what SPAs send.
+    let mut allowed = String::from("X-CSRF, Content-Type, Accept, Accept-Language");
+    if let Some(requested) = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .and_then(|v| v.to_str().ok())
+    {
+        for name in requested
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            if !allowed.split(", ").any(|a| a.eq_ignore_ascii_case(name)) {
+                allowed.push_str(", ");
+                allowed.push_str(name);
+            }
+        }
+    }
+    if let Ok(value) = HeaderValue::from_str(&allowed) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, value);
+    }
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Some(response)
 }
 
 /// Claims the policy is checked against: the validated JWT access token for the route's
@@ -139,17 +214,19 @@ pub async fn admit(
     {
         return Err(ErrorCode::NotFound.respond(navigation));
     }
-    if route.auth == AuthMode::Required && loaded.is_none() {
+    let login_url = || {
         let prefix = &runtime.config.server.bff_prefix;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let login_url = format!(
+        format!(
             "{prefix}/login?returnUrl={}",
             url::form_urlencoded::byte_serialize(path_and_query.as_bytes()).collect::<String>()
-        );
+        )
+    };
+    if route.auth == AuthMode::Required && loaded.is_none() {
         if navigation {
-            return Err(crate::reply::redirect(&login_url));
+            return Err(crate::reply::redirect(&login_url()));
         }
-        return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())]));
+        return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url().into())]));
     }
     if route.csrf && !csrf_ok(runtime, req) {
         return Err(ErrorCode::Csrf.json(&[]));
@@ -175,7 +252,9 @@ pub async fn admit(
         (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
             Some(app.tokens.user_token(app, runtime, l, route).await?)
         }
-        (TokenMode::User, None) => return Err(ErrorCode::Unauthenticated.json(&[])),
+        (TokenMode::User, None) => {
+            return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url().into())]));
+        }
         (TokenMode::Client, _) | (TokenMode::UserOrClient, None) => {
             Some(app.tokens.client_token(app, route).await?)
         }

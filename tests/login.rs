@@ -317,3 +317,243 @@ async fn several_tabs_logging_in_at_once_all_succeed() {
         200
     );
 }
+
+#[tokio::test]
+async fn tampered_truncated_foreign_and_huge_cookies_are_no_session() {
+    let s = stack("", serde_json::json!({})).await;
+    let mut browser = Browser::default();
+    browser.login(&s.base, "alice", "alice", "/").await;
+    let good = browser.jar.get("vestibule").unwrap().clone();
+    let mut tampered = good.clone().into_bytes();
+    let mid = tampered.len() / 2;
+    tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let huge = "A".repeat(6000);
+    for bad in [
+        tampered.as_str(),
+        &good[..good.len() - 5],
+        "not-a-cookie",
+        "",
+        huge.as_str(),
+        "Zm9yZWlnbg",
+        &good[1..],
+    ] {
+        let r = get(
+            &format!("{}/bff/user", s.base),
+            &[("x-csrf", "1"), ("cookie", &format!("vestibule={bad}"))],
+        )
+        .await;
+        assert_eq!(
+            r.status, 401,
+            "a bad cookie must be no session, never a 500"
+        );
+    }
+    // A foreign cookie of the same name beside ours does not hide ours.
+    let r = get(
+        &format!("{}/bff/user", s.base),
+        &[
+            ("x-csrf", "1"),
+            ("cookie", &format!("vestibule=foreign; vestibule={good}")),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Re-ordered cookie bytes are no session either.
+    let reordered: String = good.chars().rev().collect();
+    let r = get(
+        &format!("{}/bff/user", s.base),
+        &[
+            ("x-csrf", "1"),
+            ("cookie", &format!("vestibule={reordered}")),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+}
+
+#[tokio::test]
+async fn a_new_login_replaces_the_browsers_previous_session() {
+    let s = stack("", serde_json::json!({})).await;
+    let mut browser = Browser::default();
+    browser.login(&s.base, "alice", "alice", "/").await;
+    let first = browser.jar.get("vestibule").unwrap().clone();
+    let callback = browser.login_until_callback(&s.base, "alice", "/").await;
+    assert_eq!(browser.get(&callback, &[]).await.status, 302);
+    let second = browser.jar.get("vestibule").unwrap().clone();
+    assert_ne!(first, second, "every login gets a new session id");
+    let old = get(
+        &format!("{}/bff/user", s.base),
+        &[("x-csrf", "1"), ("cookie", &format!("vestibule={first}"))],
+    )
+    .await;
+    assert_eq!(
+        old.status, 401,
+        "the previous session of this browser ended"
+    );
+    let new = get(
+        &format!("{}/bff/user", s.base),
+        &[("x-csrf", "1"), ("cookie", &format!("vestibule={second}"))],
+    )
+    .await;
+    assert_eq!(new.status, 200);
+}
+
+#[tokio::test]
+async fn a_cookie_sealed_with_an_old_key_still_opens_and_is_resealed_with_the_first() {
+    const NEW_KEY: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let redis = RedisServer::start();
+    let store = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let s = stack(&store, serde_json::json!({})).await;
+    let mut browser = Browser::default();
+    browser.login(&s.base, "alice", "alice", "/").await;
+    let old_cookie = browser.jar.get("vestibule").unwrap().clone();
+    s.proxy.shutdown.cancel();
+    let _ = s.proxy.task.await;
+    let port: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
+    let rotated = login_config(port, &s.provider.issuer, &store).replace(
+        &format!("keys = [\"{KEY}\"]"),
+        &format!("keys = [\"{NEW_KEY}\", \"{KEY}\"]"),
+    );
+    let proxy = start_proxy(&rotated).await;
+    wait_ready(&proxy).await;
+    let r = browser
+        .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "a cookie sealed with the second key must still open"
+    );
+    let resealed = browser.jar.get("vestibule").unwrap().clone();
+    assert_ne!(
+        resealed, old_cookie,
+        "the cookie is resealed with the first key"
+    );
+    proxy.shutdown.cancel();
+    let _ = proxy.task.await;
+    let only_new = login_config(port, &s.provider.issuer, &store).replace(
+        &format!("keys = [\"{KEY}\"]"),
+        &format!("keys = [\"{NEW_KEY}\"]"),
+    );
+    let proxy = start_proxy(&only_new).await;
+    wait_ready(&proxy).await;
+    let r = get(
+        &format!("{}/bff/user", s.base),
+        &[
+            ("x-csrf", "1"),
+            ("cookie", &format!("vestibule={resealed}")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.status, 200,
+        "the resealed cookie opens with the new key alone"
+    );
+    let r = get(
+        &format!("{}/bff/user", s.base),
+        &[
+            ("x-csrf", "1"),
+            ("cookie", &format!("vestibule={old_cookie}")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.status, 401,
+        "once the old key is removed, old cookies no longer open"
+    );
+}
+
+#[tokio::test]
+async fn client_secret_post_authentication_works() {
+    let port = free_port();
+    let provider = provider::start(
+        port,
+        serde_json::json!({"clients": [{
+            "client_id": "vestibule", "client_secret": "vestibule-secret",
+            "redirect_uris": [format!("http://127.0.0.1:{port}/bff/callback")],
+            "token_endpoint_auth_method": "client_secret_post",
+        }]}),
+    );
+    let extra = "[[routes]]\npath = \"/x/\"\nupstream = \"http://127.0.0.1:9\"\n";
+    let text = login_config(port, &provider.issuer, extra).replace(
+        "client_id = \"vestibule\"\n",
+        "client_id = \"vestibule\"\nclient_auth = \"client_secret_post\"\n",
+    );
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = Browser::default();
+    let callback = browser.login_until_callback(&base, "alice", "/").await;
+    assert_eq!(browser.get(&callback, &[]).await.status, 302);
+    assert_eq!(
+        browser
+            .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_provider_and_login_is_503_until_then() {
+    let proxy = start_proxy(&config_text("")).await;
+    let ready = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["checks"]["provider"], false);
+    let login = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    assert_eq!(login.status, 503);
+    assert_eq!(login.json()["error"], "provider_unavailable");
+    assert_eq!(
+        get(&format!("http://{}/healthz", proxy.admin), &[])
+            .await
+            .status,
+        200,
+        "alive while not ready"
+    );
+}
+
+#[tokio::test]
+async fn a_store_outage_is_503_and_the_session_survives_it() {
+    let mut redis = RedisServer::start();
+    let store = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let s = stack(&store, serde_json::json!({})).await;
+    let mut browser = Browser::default();
+    browser.login(&s.base, "alice", "alice", "/").await;
+    redis.stop();
+    let down = browser
+        .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(down.status, 503);
+    assert_eq!(down.json()["error"], "store_unavailable");
+    let api = browser
+        .get(&format!("{}/api/x", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(api.status, 503);
+    let ready = get(&format!("http://{}/readyz", s.proxy.admin), &[]).await;
+    assert_eq!(ready.status, 503);
+    redis.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let back = browser
+            .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+            .await;
+        if back.status == 200 {
+            assert_eq!(back.json()["sub"], "alice");
+            break;
+        }
+        assert_eq!(
+            back.status, 503,
+            "while Redis reconnects the answer stays 503, never 401"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session did not come back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -186,7 +186,11 @@ fn prune(table: &mut Table, path: &str, schema: &str, problems: &mut Problems) {
 fn nearest<'a>(key: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
-        .map(|c| (distance(key, c), *c))
+        .map(|c| {
+            let affix =
+                c.len() >= 4 && (key.starts_with(c) || c.starts_with(key) && key.len() >= 4);
+            (if affix { 1 } else { distance(key, c) }, *c)
+        })
         .filter(|(d, c)| *d <= 2.max(c.len() / 3))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)

@@ -102,6 +102,7 @@ impl Upstreams {
             let _ = done_rx.wait_for(|done| *done).await;
             tokio::time::sleep(timeout).await;
         };
+        let started = std::time::Instant::now();
         let sent = tokio::select! {
             response = self.client.request(req) => Ok(response),
             _ = deadline => Err(()),
@@ -123,6 +124,9 @@ impl Upstreams {
             }
             Ok(Ok(response)) => response,
         };
+        response
+            .extensions_mut()
+            .insert(UpstreamLatency(started.elapsed()));
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(downstream) = downstream {
                 let upstream = hyper::upgrade::on(&mut response);
@@ -182,6 +186,10 @@ pub fn authority(url: &url::Url) -> String {
         None => host.to_string(),
     }
 }
+
+/// How long the upstream took to answer with its head; read by the access log.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamLatency(pub Duration);
 
 /// A request body that reports when it has been fully sent (or dropped).
 struct Tracked {

@@ -513,7 +513,7 @@ function providerConfiguration() {
           // The library's confirmation form (hidden xsrf) plus logout=yes; a browser submits it
           // by itself, a script POSTs /session/end/confirm with xsrf and logout=yes.
           ctx.body = page('Sign out', `${form.replace('</form>', '<input type="hidden" name="logout" value="yes"/></form>')}
-<button type="submit" id="submit" form="op.logoutForm">Sign out</button>
+<button type="submit" id="sign-out" form="op.logoutForm">Sign out</button>
 <script>document.getElementById('op.logoutForm').submit();</script>`);
         },
         async postLogoutSuccessSource(ctx) {

@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod browser;
+pub mod fake_idp;
 pub mod provider;
 pub mod redis;
 pub mod upstream;

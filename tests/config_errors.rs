@@ -1,0 +1,175 @@
+//! Golden tests: the exact words an operator reads for each kind of mistake. All problems of
+//! one file are reported together, each with its TOML path.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use vestibule::config::Config;
+
+const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+fn base() -> String {
+    format!(
+        r#"
+[server]
+public_url = "https://app.example.com"
+[oidc]
+issuer = "https://idp.example.com"
+client_id = "spa"
+client_secret = "${{SECRET}}"
+[session]
+keys = ["{KEY}"]
+"#
+    )
+}
+
+fn env(name: &str) -> Option<String> {
+    (name == "SECRET").then(|| "s3cr3t-value".to_string())
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match Config::parse(text, Path::new("."), &env) {
+        Ok(_) => panic!("the config was accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_base_config_is_valid() {
+    let config = Config::parse(&base(), Path::new("."), &env).unwrap();
+    assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.session.cookie_name, "__Host-vestibule");
+    assert_eq!(
+        config.oidc.client_secret.as_ref().unwrap().expose(),
+        "s3cr3t-value"
+    );
+    assert_eq!(
+        format!("{:?}", config.oidc.client_secret),
+        "Some([redacted])"
+    );
+}
+
+#[test]
+fn golden_messages_for_each_kind_of_mistake() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            base().replace("[server]\n", "[server]\nlisten_addr = \"x\"\n"),
+            "server.listen_addr: unknown key; did you mean `listen`?",
+        ),
+        (
+            base().replace("[server]\n", "[server]\nrequest_timeout = \"soon\"\n"),
+            "server.request_timeout: \"soon\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
+        ),
+        (
+            base().replace("[server]\n", "[server]\nmax_body = \"ten megs\"\n"),
+            "server.max_body: \"ten megs\" is not a size; write e.g. \"64KiB\", \"10MiB\" or \"1GiB\"",
+        ),
+        (
+            base().replace("${SECRET}", "${MISSING_SECRET}"),
+            "oidc.client_secret: environment variable MISSING_SECRET is not set; export it, or write ${MISSING_SECRET:-default}",
+        ),
+        (
+            base().replace("https://idp.example.com", "http://idp.example.com"),
+            "oidc.issuer: \"http://idp.example.com\" uses plain http; use https, or set allow_http_issuer = true for a loopback issuer in development",
+        ),
+        (
+            base().replace("[server]\n", "[server]\nlisten = \"nowhere\"\n"),
+            "server.listen: \"nowhere\" is not an address; write host:port such as \"0.0.0.0:8080\"",
+        ),
+        (
+            base().replace(KEY, "c2hvcnQ="),
+            "session.keys[0]: is not 32 bytes of base64 (value not shown); make one with `vestibule keygen`",
+        ),
+        (
+            base().replace("[session]\n", "[session]\nsame_site = \"none\"\n"),
+            "session.same_site: \"none\" is not allowed; use one of \"lax\", \"strict\"",
+        ),
+        (
+            base().replace("[session]\n", "[session]\nstore = \"redis\"\n"),
+            "session.redis: is required when store = \"redis\": add [session.redis] with url = \"redis://127.0.0.1:6379\"",
+        ),
+        (
+            format!("{}\n[[routes]]\npath = \"/api/\"\n", base()),
+            "routes[0]: needs upstream = \"http://…\" or static_dir = \"./public\"",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"api\"\nupstream = \"http://a:1\"\n",
+                base()
+            ),
+            "routes[0].path: \"api\" must start with a single /",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/x/\"\nupstream = \"ftp://a\"\n",
+                base()
+            ),
+            "routes[0].upstream: \"ftp://a\" is not an http(s) URL; write e.g. \"http://127.0.0.1:5001\"",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/x/\"\nupstream = \"http://a:1\"\nfeature = \"new-dashbord\"\n[features.new-dashboard]\npublic = true\n",
+                base()
+            ),
+            "routes[0].feature: \"new-dashbord\" is not defined; did you mean \"new-dashboard\"?",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/x/\"\nupstream = \"http://a:1\"\ntoken = \"user\"\nauth = \"none\"\n",
+                base()
+            ),
+            "routes[0].auth: must be \"required\" when token = \"user\" (use token = \"user_or_client\" for optional sign-in)",
+        ),
+        (
+            base().replace("[oidc]\n", "[oidc]\nclient_auth = \"private_key_jwt\"\n"),
+            "oidc.client_auth: \"private_key_jwt\" is not supported yet; use \"client_secret_basic\" or \"client_secret_post\"",
+        ),
+        (
+            "[server\nlisten = 1".to_string(),
+            "not valid TOML: line 1, column 8: unclosed table, expected `]`",
+        ),
+        (
+            base().replace("[server]\n", "[server]\nlisten = 8080\n"),
+            "server: invalid type: integer `8080`, expected a string; check the types against docs/configuration.md",
+        ),
+        (
+            base().replace("[oidc]\n", "[oidc]\nscopes = [\"profile\"]\n"),
+            "oidc.scopes: must include \"openid\"",
+        ),
+    ];
+    for (text, expected) in cases {
+        let found = errors(&text);
+        assert!(
+            found.iter().any(|e| e == expected),
+            "expected {expected:?}\n   found {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = base()
+        .replace(
+            "[server]\n",
+            "[server]\nlistne = \"x\"\nrequest_timeout = \"soon\"\n",
+        )
+        .replace("[session]\n", "[session]\nsame_site = \"none\"\n");
+    let found = errors(&text);
+    assert_eq!(found.len(), 3, "{found:#?}");
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let text = base()
+        .replace("[session]\n", "[session]\nsame_site = \"none\"\n")
+        .replace(KEY, "bm90LWEtcmVhbC1rZXktYnV0LXNlY3JldA==");
+    let found = errors(&text).join("\n");
+    assert!(!found.contains("s3cr3t-value"));
+    assert!(!found.contains("bm90LWEtcmVhbC1rZXktYnV0LXNlY3JldA"));
+    let redis = base().replace("[session]\n", "[session]\nstore = \"redis\"\n")
+        + "[session.redis]\nurl = \"http://user:hunter2@redis:6379\"\n";
+    let found = errors(&redis).join("\n");
+    assert!(
+        found.contains("session.redis.url") && !found.contains("hunter2"),
+        "{found}"
+    );
+}

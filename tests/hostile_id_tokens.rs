@@ -1,0 +1,244 @@
+//! The callback refuses every forged or mismatched ID token from an in-process fake provider;
+//! a well-formed one (also after key rotation) signs the user in.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use serde_json::{Value, json};
+use std::sync::atomic::Ordering;
+use support::*;
+use vestibule::jose::testing::{Forgery, TestKey, TestSigner, id_token_claims};
+
+struct Case {
+    proxy: Proxy,
+    idp: fake_idp::FakeIdp,
+    signer: TestSigner,
+}
+
+async fn setup() -> Case {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let text = config_text("").replace(
+        "issuer = \"http://127.0.0.1:9\"",
+        &format!("issuer = \"{}\"", idp.issuer),
+    );
+    let proxy = start_proxy(&text).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !proxy.app.oidc.provider.is_ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fake provider never loaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Case { proxy, idp, signer }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Starts a login, lets `make` build the ID token from the real nonce, and completes the callback.
+async fn attempt(c: &Case, make: impl FnOnce(&TestSigner, &str, &str) -> String) -> u16 {
+    let start = get(&c.proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    assert_eq!(start.status, 302);
+    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+    let q: std::collections::HashMap<String, String> =
+        location.query_pairs().into_owned().collect();
+    let cookie = start
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    *c.idp.state.id_token.lock().unwrap() = make(&c.signer, &c.idp.issuer, &q["nonce"]);
+    let r = get(
+        &c.proxy
+            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
+        &[("cookie", &cookie), ("accept", "text/html")],
+    )
+    .await;
+    assert_ne!(r.status, 500);
+    r.status
+}
+
+fn claims(issuer: &str, nonce: &str) -> Value {
+    let mut c = id_token_claims(issuer, "vestibule", nonce, now());
+    c["name"] = json!("Alice");
+    c
+}
+
+fn with(mut c: Value, key: &str, value: Value) -> Value {
+    if value.is_null() {
+        c.as_object_mut().unwrap().remove(key);
+    } else {
+        c[key] = value;
+    }
+    c
+}
+
+#[tokio::test]
+async fn a_valid_id_token_signs_the_user_in() {
+    let c = setup().await;
+    assert_eq!(
+        attempt(&c, |s, iss, nonce| s
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .sign(&claims(iss, nonce)))
+        .await,
+        302
+    );
+}
+
+#[tokio::test]
+async fn every_hostile_id_token_is_refused() {
+    let c = setup().await;
+    type Make = Box<dyn FnOnce(&TestSigner, &str, &str) -> String>;
+    let cases: Vec<(&str, Make)> = vec![
+        (
+            "bad signature",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1)
+                    .kid("k1")
+                    .forge(Forgery::BadSignature)
+                    .sign(&claims(iss, n))
+            }),
+        ),
+        (
+            "alg none",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1)
+                    .kid("k1")
+                    .forge(Forgery::AlgNone)
+                    .sign(&claims(iss, n))
+            }),
+        ),
+        (
+            "HS256 with the client secret",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1)
+                    .kid("k1")
+                    .forge(Forgery::Hs256WithSecret(b"secret".to_vec()))
+                    .sign(&claims(iss, n))
+            }),
+        ),
+        (
+            "HS256 keyed with the public key",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1)
+                    .kid("k1")
+                    .forge(Forgery::Hs256WithPublicKeyPem)
+                    .sign(&claims(iss, n))
+            }),
+        ),
+        (
+            "a key the provider never published",
+            Box::new(|s, iss, n| s.token(TestKey::Rsa2).kid("k1").sign(&claims(iss, n))),
+        ),
+        (
+            "wrong iss",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1).kid("k1").sign(&with(
+                    claims(iss, n),
+                    "iss",
+                    json!("https://evil.example"),
+                ))
+            }),
+        ),
+        (
+            "wrong aud",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1).kid("k1").sign(&with(
+                    claims(iss, n),
+                    "aud",
+                    json!("another-client"),
+                ))
+            }),
+        ),
+        (
+            "several audiences without azp",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1).kid("k1").sign(&with(
+                    claims(iss, n),
+                    "aud",
+                    json!(["vestibule", "other"]),
+                ))
+            }),
+        ),
+        (
+            "missing nonce",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1)
+                    .kid("k1")
+                    .sign(&with(claims(iss, n), "nonce", Value::Null))
+            }),
+        ),
+        (
+            "nonce mismatch",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1).kid("k1").sign(&with(
+                    claims(iss, n),
+                    "nonce",
+                    json!("other-nonce"),
+                ))
+            }),
+        ),
+        (
+            "expired",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1).kid("k1").sign(&with(
+                    claims(iss, n),
+                    "exp",
+                    json!(now() - 3600),
+                ))
+            }),
+        ),
+        (
+            "iat in the future",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1).kid("k1").sign(&with(
+                    claims(iss, n),
+                    "iat",
+                    json!(now() + 3600),
+                ))
+            }),
+        ),
+        (
+            "no sub",
+            Box::new(|s, iss, n| {
+                s.token(TestKey::Rsa1)
+                    .kid("k1")
+                    .sign(&with(claims(iss, n), "sub", Value::Null))
+            }),
+        ),
+    ];
+    for (name, make) in cases {
+        assert_eq!(attempt(&c, make).await, 400, "{name} was accepted");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_kid_refetches_the_key_set_once_then_succeeds_after_rotation() {
+    let c = setup().await;
+    let before = c.idp.state.jwks_fetches.load(Ordering::SeqCst);
+    *c.idp.state.jwks.lock().unwrap() = c
+        .signer
+        .jwks_json(&[(TestKey::Rsa1, "k1"), (TestKey::EcP256, "k2")]);
+    assert_eq!(
+        attempt(&c, |s, iss, nonce| s
+            .token(TestKey::EcP256)
+            .kid("k2")
+            .sign(&claims(iss, nonce)))
+        .await,
+        302
+    );
+    assert_eq!(
+        c.idp.state.jwks_fetches.load(Ordering::SeqCst),
+        before + 1,
+        "exactly one refetch for the new kid"
+    );
+}

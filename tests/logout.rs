@@ -1,0 +1,590 @@
+//! Logout: the RP-initiated logout (GET with `sid`, POST with X-CSRF), back-channel logout from
+//! the real provider across two instances sharing Redis (with the session-ended event stream),
+//! hostile logout tokens from a fake provider, and the session list of a user.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::browser::Browser;
+use support::provider::{self, free_port};
+use support::redis::RedisServer;
+use support::*;
+use vestibule::jose::testing::{Forgery, TestKey, TestSigner, logout_token_claims};
+use vestibule::session::model::Session;
+
+/// Two proxies sharing one Redis in front of the real provider. The provider's client (and its
+/// back-channel logout URI) points at the first one.
+struct Pair {
+    provider: provider::TestProvider,
+    _a: Proxy,
+    _b: Proxy,
+    base_a: String,
+    base_b: String,
+    _redis: RedisServer,
+}
+
+async fn pair() -> Pair {
+    let redis = RedisServer::start();
+    let store = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let (port_a, port_b) = (free_port(), free_port());
+    let provider = provider::start(port_a, serde_json::json!({}));
+    let a = start_proxy(&login_config(port_a, &provider.issuer, &store)).await;
+    let b = start_proxy(&login_config(port_b, &provider.issuer, &store)).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    Pair {
+        provider,
+        _a: a,
+        _b: b,
+        base_a: format!("http://127.0.0.1:{port_a}"),
+        base_b: format!("http://127.0.0.1:{port_b}"),
+        _redis: redis,
+    }
+}
+
+async fn user_status(browser: &mut Browser, base: &str) -> u16 {
+    browser
+        .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+        .await
+        .status
+}
+
+/// Waits (bounded) until `/bff/user` at `base` answers `status` for this browser.
+async fn eventually_user_status(browser: &mut Browser, base: &str, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = user_status(browser, base).await;
+        if now == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{base}/bff/user stayed {now}, expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Tries the refresh token at the provider's token endpoint; true if it still works.
+async fn refresh_works(provider: &provider::TestProvider, refresh_token: &str) -> bool {
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode("vestibule:vestibule-secret");
+    let body = format!(
+        "grant_type=refresh_token&refresh_token={}",
+        support::browser::urlencode(refresh_token)
+    );
+    let r = send(
+        http::Request::post(format!("{}/token", provider.issuer))
+            .header("authorization", format!("Basic {basic}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await;
+    r.status == 200
+}
+
+#[tokio::test]
+async fn logout_with_the_session_id_ends_the_session_everywhere_and_revokes_the_refresh_token() {
+    let p = pair().await;
+    let mut alice = Browser::default();
+    assert_eq!(
+        alice.login(&p.base_a, "alice", "alice", "/").await.status,
+        302
+    );
+    let user = alice
+        .get(&format!("{}/bff/user", p.base_a), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(user.status, 200);
+    let logout_url = user.json()["bff:logout_url"].as_str().unwrap().to_string();
+    assert_eq!(user_status(&mut alice, &p.base_b).await, 200);
+
+    // Without the session's sid, logout is refused (a cross-site link cannot log the user out).
+    for bad in ["/bff/logout", "/bff/logout?sid=", "/bff/logout?sid=wrong"] {
+        let r = alice.get(&format!("{}{bad}", p.base_a), &[]).await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.json()["error"], "bad_request");
+    }
+    assert_eq!(user_status(&mut alice, &p.base_a).await, 200);
+
+    let refresh_token = p.provider.tokens("alice").await["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let revocations = p.provider.stats().await["revocations"].as_u64().unwrap();
+    let cookie = alice.jar["vestibule"].clone();
+    let out = alice.get(&format!("{}{logout_url}", p.base_a), &[]).await;
+    assert_eq!(out.status, 302, "{}", out.text());
+    let location = url::Url::parse(out.header("location").unwrap()).unwrap();
+    assert!(
+        location.as_str().starts_with(&p.provider.issuer),
+        "{location}"
+    );
+    let q: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    assert_eq!(
+        q.get("id_token_hint").map(String::as_str),
+        p.provider.tokens("alice").await["id_token"].as_str()
+    );
+    assert_eq!(q["post_logout_redirect_uri"], format!("{}/", p.base_a));
+    assert_eq!(q["client_id"], "vestibule");
+    let metadata = get(
+        &format!("{}/.well-known/openid-configuration", p.provider.issuer),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(
+        format!(
+            "{}://{}{}",
+            location.scheme(),
+            location.host_str().unwrap(),
+            location.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ) + location.path(),
+        metadata["end_session_endpoint"].as_str().unwrap()
+    );
+    assert!(
+        !alice.jar.contains_key("vestibule"),
+        "the session cookie is cleared"
+    );
+
+    // Replaying the old cookie value works on neither instance.
+    let mut replay = Browser::default();
+    replay.jar.insert("vestibule".into(), cookie);
+    eventually_user_status(&mut replay, &p.base_a, 401).await;
+    eventually_user_status(&mut replay, &p.base_b, 401).await;
+    eventually_user_status(&mut alice, &p.base_a, 401).await;
+    eventually_user_status(&mut alice, &p.base_b, 401).await;
+
+    let after = p.provider.stats().await["revocations"].as_u64().unwrap();
+    assert!(after > revocations, "no revocation reached the provider");
+    assert!(
+        !refresh_works(&p.provider, &refresh_token).await,
+        "the refresh token still works after logout"
+    );
+}
+
+#[tokio::test]
+async fn post_logout_needs_the_csrf_header_and_answers_json() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let proxy = start_proxy(&login_config(port, &provider.issuer, "")).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut alice = Browser::default();
+    assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
+    let url = format!("{base}/bff/logout");
+    let refused = alice.request("POST", &url, &[], None).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.json()["error"], "csrf");
+    let cross = alice
+        .request(
+            "POST",
+            &url,
+            &[("x-csrf", "1"), ("origin", "https://evil.example")],
+            None,
+        )
+        .await;
+    assert_eq!(cross.status, 403);
+    assert_eq!(user_status(&mut alice, &base).await, 200);
+    let done = alice.request("POST", &url, &[("x-csrf", "1")], None).await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    let target = done.json()["redirect"].as_str().unwrap().to_string();
+    assert!(target.starts_with(&provider.issuer), "{target}");
+    assert!(target.contains("id_token_hint="));
+    assert_eq!(user_status(&mut alice, &base).await, 401);
+    // Logging out without a session is harmless.
+    let again = alice.request("POST", &url, &[("x-csrf", "1")], None).await;
+    assert_eq!(again.status, 200);
+}
+
+/// Reads an event stream until `needle` appears; panics at the deadline.
+async fn wait_for_event(
+    body: &mut hyper::body::Incoming,
+    needle: &str,
+    within: Duration,
+) -> String {
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while !seen.contains(needle) {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in time; got {seen:?}"));
+        let Some(frame) = frame else {
+            panic!("the stream ended without {needle:?}; got {seen:?}");
+        };
+        if let Ok(data) = frame.unwrap().into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn back_channel_logout_from_the_provider_ends_the_session_on_every_instance() {
+    let p = pair().await;
+    let mut alice = Browser::default();
+    assert_eq!(
+        alice.login(&p.base_a, "alice", "alice", "/").await.status,
+        302
+    );
+    let mut bob = Browser::default();
+    assert_eq!(bob.login(&p.base_a, "bob", "bob", "/").await.status, 302);
+    assert_eq!(user_status(&mut alice, &p.base_b).await, 200);
+
+    // An open session-events stream on the other instance.
+    let events = client()
+        .request(
+            http::Request::get(format!("{}/bff/session-events", p.base_b))
+                .header("cookie", format!("vestibule={}", alice.jar["vestibule"]))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert_eq!(
+        events.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut body = events.into_body();
+    wait_for_event(&mut body, ": connected", Duration::from_secs(5)).await;
+
+    let sent_before = p.provider.stats().await["backchannel_logouts_sent"]
+        .as_u64()
+        .unwrap();
+    let r = p
+        .provider
+        .control("/_test/logout", serde_json::json!({"sub": "alice"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let stats = p.provider.stats().await;
+    assert!(
+        stats["backchannel_logouts_sent"].as_u64().unwrap() > sent_before,
+        "the proxy did not accept the provider's logout token: {stats}"
+    );
+    assert_eq!(stats["backchannel_logout_errors"], 0, "{stats}");
+
+    let seen = wait_for_event(&mut body, "event: ended", Duration::from_secs(10)).await;
+    assert!(seen.contains("event: ended"));
+    eventually_user_status(&mut alice, &p.base_a, 401).await;
+    eventually_user_status(&mut alice, &p.base_b, 401).await;
+    // Only alice's session ended.
+    assert_eq!(user_status(&mut bob, &p.base_a).await, 200);
+    assert_eq!(user_status(&mut bob, &p.base_b).await, 200);
+}
+
+/// A provider that serves only discovery and a key set, so tokens can be forged at will.
+async fn fake_provider(jwks: Vec<u8>) -> String {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let discovery = serde_json::json!({
+        "issuer": issuer,
+        "authorization_endpoint": format!("{issuer}/auth"),
+        "token_endpoint": format!("{issuer}/token"),
+        "jwks_uri": format!("{issuer}/jwks"),
+        "end_session_endpoint": format!("{issuer}/session/end"),
+        "backchannel_logout_supported": true,
+    })
+    .to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (discovery, jwks) = (discovery.clone(), jwks.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let body = match req.uri().path() {
+                        "/.well-known/openid-configuration" => Some(discovery.clone().into_bytes()),
+                        "/jwks" => Some(jwks.clone()),
+                        _ => None,
+                    };
+                    async move {
+                        let response = match body {
+                            Some(b) => http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(b))),
+                            None => http::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::new())),
+                        };
+                        Ok::<_, std::convert::Infallible>(response.unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    issuer
+}
+
+async fn post_logout_token(proxy: &Proxy, token: &str) -> Reply {
+    send(
+        http::Request::post(proxy.url("/bff/backchannel-logout"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(format!(
+                "logout_token={}",
+                support::browser::urlencode(token)
+            ))))
+            .unwrap(),
+    )
+    .await
+}
+
+/// A session for alice with provider sid `session-1`, made directly in the store.
+async fn alice_session(proxy: &Proxy) -> String {
+    let session = Session {
+        sub: "alice".into(),
+        sid: Some("session-1".into()),
+        ..Session::default()
+    };
+    let (cookie, _) = proxy
+        .app
+        .sessions
+        .create(session, vestibule::app::now())
+        .await
+        .unwrap();
+    format!("vestibule={cookie}")
+}
+
+async fn alive(proxy: &Proxy, cookie: &str) -> bool {
+    let r = get(
+        &proxy.url("/bff/user"),
+        &[("cookie", cookie), ("x-csrf", "1")],
+    )
+    .await;
+    r.status == 200
+}
+
+#[tokio::test]
+async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
+    let signer = TestSigner::new();
+    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
+    let port = free_port();
+    let proxy = start_proxy(&login_config(port, &issuer, "")).await;
+    wait_ready(&proxy).await;
+    let cookie = alice_session(&proxy).await;
+    assert!(alive(&proxy, &cookie).await);
+
+    let now = vestibule::app::now();
+    let valid = |jti: &str| {
+        let mut claims = logout_token_claims(&issuer, "vestibule", now);
+        claims["jti"] = jti.into();
+        claims
+    };
+    let sign =
+        |claims: &serde_json::Value| signer.token(TestKey::Rsa1).typ("logout+jwt").sign(claims);
+    let mut hostile: Vec<(&str, String)> = vec![
+        (
+            "bad signature",
+            signer
+                .token(TestKey::Rsa1)
+                .typ("logout+jwt")
+                .forge(Forgery::BadSignature)
+                .sign(&valid("j-sig")),
+        ),
+        (
+            "alg none",
+            signer
+                .token(TestKey::Rsa1)
+                .typ("logout+jwt")
+                .forge(Forgery::AlgNone)
+                .sign(&valid("j-none")),
+        ),
+        (
+            "HS256 with the client secret",
+            signer
+                .token(TestKey::Rsa1)
+                .typ("logout+jwt")
+                .forge(Forgery::Hs256WithSecret(b"vestibule-secret".to_vec()))
+                .sign(&valid("j-hs")),
+        ),
+        (
+            "unknown key",
+            signer
+                .token(TestKey::Rsa2)
+                .typ("logout+jwt")
+                .sign(&valid("j-key")),
+        ),
+    ];
+    let mut c = valid("j-iss");
+    c["iss"] = "https://evil.example".into();
+    hostile.push(("wrong iss", sign(&c)));
+    let mut c = valid("j-aud");
+    c["aud"] = "another-client".into();
+    hostile.push(("wrong aud", sign(&c)));
+    let mut c = valid("j-events");
+    c.as_object_mut().unwrap().remove("events");
+    hostile.push(("missing events", sign(&c)));
+    let mut c = valid("j-event-kind");
+    c["events"] = serde_json::json!({"http://example.com/other-event": {}});
+    hostile.push(("another event", sign(&c)));
+    let mut c = valid("j-nonce");
+    c["nonce"] = "n-1".into();
+    hostile.push(("with nonce", sign(&c)));
+    let mut c = valid("j-none-of");
+    c.as_object_mut().unwrap().remove("sid");
+    c.as_object_mut().unwrap().remove("sub");
+    hostile.push(("neither sid nor sub", sign(&c)));
+    let mut c = valid("j-stale");
+    c["iat"] = (now - 3600).into();
+    hostile.push(("stale iat", sign(&c)));
+    let mut c = valid("j-future");
+    c["iat"] = (now + 3600).into();
+    hostile.push(("iat in the future", sign(&c)));
+    let mut c = valid("j-jti");
+    c.as_object_mut().unwrap().remove("jti");
+    hostile.push(("missing jti", sign(&c)));
+    hostile.push((
+        "an ID token",
+        signer.token(TestKey::Rsa1).typ("JWT").sign(&valid("j-typ")),
+    ));
+    hostile.push(("not a JWT", "garbage".into()));
+
+    for (what, token) in &hostile {
+        let r = post_logout_token(&proxy, token).await;
+        assert_eq!(r.status, 400, "{what} was accepted: {}", r.text());
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{what}");
+        assert!(alive(&proxy, &cookie).await, "{what} ended the session");
+    }
+    let empty = post_logout_token(&proxy, "").await;
+    assert_eq!(empty.status, 400);
+
+    // The valid token ends the session; the same token again is a replay.
+    let token = sign(&valid("j-valid"));
+    let r = post_logout_token(&proxy, &token).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !alive(&proxy, &cookie).await,
+        "the valid token ended nothing"
+    );
+    let second = alice_session(&proxy).await;
+    let replayed = post_logout_token(&proxy, &token).await;
+    assert_eq!(replayed.status, 400, "a replayed jti was accepted");
+    assert!(alive(&proxy, &second).await, "the replay ended a session");
+
+    // A token with only `sub` ends all of that user's sessions.
+    let mut c = valid("j-sub");
+    c.as_object_mut().unwrap().remove("sid");
+    let r = post_logout_token(&proxy, &sign(&c)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!alive(&proxy, &second).await);
+}
+
+#[tokio::test]
+async fn users_list_and_end_their_own_sessions_only() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let proxy = start_proxy(&login_config(port, &provider.issuer, "")).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut laptop = Browser::default();
+    let mut phone = Browser::default();
+    let mut bob = Browser::default();
+    assert_eq!(laptop.login(&base, "alice", "alice", "/").await.status, 302);
+    assert_eq!(phone.login(&base, "alice", "alice", "/").await.status, 302);
+    assert_eq!(bob.login(&base, "bob", "bob", "/").await.status, 302);
+
+    let url = format!("{base}/bff/sessions");
+    assert_eq!(
+        laptop.get(&url, &[]).await.status,
+        403,
+        "X-CSRF is required"
+    );
+    let list = laptop.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    let sessions = list.json()["sessions"].as_array().unwrap().clone();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(
+        sessions.iter().filter(|s| s["current"] == true).count(),
+        1,
+        "{sessions:?}"
+    );
+    let other = sessions.iter().find(|s| s["current"] == false).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let current = sessions.iter().find(|s| s["current"] == true).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for s in &sessions {
+        let text = s.to_string();
+        for cookie in laptop.jar.values().chain(phone.jar.values()) {
+            assert!(!text.contains(cookie.as_str()), "a cookie value is listed");
+        }
+    }
+    let bob_list = bob.get(&url, &[("x-csrf", "1")]).await.json();
+    assert_eq!(bob_list["sessions"].as_array().unwrap().len(), 1);
+
+    // Bob cannot end alice's session.
+    let r = bob
+        .request(
+            "DELETE",
+            &format!("{url}/{other}"),
+            &[("x-csrf", "1")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "not_found");
+    assert_eq!(user_status(&mut phone, &base).await, 200);
+    // Without X-CSRF nothing happens.
+    let r = laptop
+        .request("DELETE", &format!("{url}/{other}"), &[], None)
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(user_status(&mut phone, &base).await, 200);
+
+    // The phone's app learns at once that its session ended.
+    let events = client()
+        .request(
+            http::Request::get(format!("{base}/bff/session-events"))
+                .header("cookie", format!("vestibule={}", phone.jar["vestibule"]))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut stream = events.into_body();
+    wait_for_event(&mut stream, ": connected", Duration::from_secs(5)).await;
+    let r = laptop
+        .request(
+            "DELETE",
+            &format!("{url}/{other}"),
+            &[("x-csrf", "1")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for_event(&mut stream, "event: ended", Duration::from_secs(5)).await;
+    assert_eq!(user_status(&mut phone, &base).await, 401);
+    assert_eq!(user_status(&mut laptop, &base).await, 200);
+    let list = laptop.get(&url, &[("x-csrf", "1")]).await.json();
+    let ids: Vec<&str> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![current.as_str()]);
+    let again = laptop
+        .request(
+            "DELETE",
+            &format!("{url}/{other}"),
+            &[("x-csrf", "1")],
+            None,
+        )
+        .await;
+    assert_eq!(again.status, 404);
+}

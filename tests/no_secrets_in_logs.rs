@@ -1,0 +1,124 @@
+//! Security invariant 1, watched on the real binary: after a login, API calls, a refresh and a
+//! logout at debug level, no token, code, secret, session cookie or session id is in the logs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use support::browser::Browser;
+use support::provider::{self, free_port};
+use support::*;
+
+#[tokio::test]
+async fn logs_carry_no_token_code_secret_or_cookie() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({"access_token_ttl": 3}));
+    let up = upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let text = login_config(port, &provider.issuer, &format!("[log]\nlevel = \"debug\"\nformat = \"json\"\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n", up.url()))
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin}\""))
+        .replace("refresh_skew = \"5s\"", "refresh_skew = \"2s\"");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    let log_path = dir.path().join("vestibule.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let ok = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
+        )
+        .await;
+        if matches!(ok, Ok(Ok(ref r)) if r.status() == 200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vestibule never became ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = Browser::default();
+    let callback = browser.login_until_callback(&base, "alice", "/").await;
+    let code = url::Url::parse(&callback)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    assert_eq!(browser.get(&callback, &[]).await.status, 302);
+    assert_eq!(
+        browser
+            .get(
+                &format!("{base}/api/a?access_token=query-secret-value"),
+                &[("x-csrf", "1"), ("authorization", "Bearer browser-secret")]
+            )
+            .await
+            .status,
+        200
+    );
+    let first = provider.tokens("alice").await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        browser
+            .get(&format!("{base}/api/b"), &[("x-csrf", "1")])
+            .await
+            .status,
+        200
+    );
+    let second = provider.tokens("alice").await;
+    let user = browser
+        .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+        .await
+        .json();
+    let logout = user["bff:logout_url"].as_str().unwrap().to_string();
+    browser.get(&format!("{base}{logout}"), &[]).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let mut logs = String::new();
+    std::fs::File::open(&log_path)
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(
+        logs.contains("vestibule::access"),
+        "the access log is missing: {logs}"
+    );
+    let cookie = browser.jar.get("vestibule").cloned().unwrap_or_default();
+    let mut secrets: Vec<String> = vec![
+        code,
+        "vestibule-secret".into(),
+        support::KEY.into(),
+        "query-secret-value".into(),
+        "browser-secret".into(),
+    ];
+    for t in [&first, &second] {
+        for kind in ["access_token", "refresh_token", "id_token"] {
+            if let Some(v) = t[kind].as_str() {
+                secrets.push(v.to_string());
+            }
+        }
+    }
+    if !cookie.is_empty() {
+        secrets.push(cookie);
+    }
+    for secret in secrets {
+        let probe = &secret[..secret.len().min(24)];
+        assert!(!logs.contains(probe), "a secret reached the log: {probe}…");
+    }
+    let handle = logout.split("sid=").nth(1).unwrap();
+    assert!(!handle.is_empty());
+}

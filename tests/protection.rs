@@ -1,0 +1,746 @@
+//! Protection of proxied routes: CSRF and origin checks (also for WebSocket upgrades), the role
+//! policy with the real provider, feature flags, hot reload (explicit and on file change), CORS,
+//! and the error codes not produced elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::browser::Browser;
+use support::provider::{self, free_port};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vestibule::session::model::{AccessToken, Session};
+
+struct Stack {
+    _provider: provider::TestProvider,
+    _proxy: Proxy,
+    up: upstream::Upstream,
+    base: String,
+    port: u16,
+}
+
+/// The real provider and a proxy whose config is `login_config` plus `extra` (with `{u}` replaced
+/// by the upstream's URL), after `edit` has changed the whole text.
+async fn stack_with(
+    extra: &str,
+    provider_extra: serde_json::Value,
+    edit: impl Fn(String) -> String,
+) -> Stack {
+    let port = free_port();
+    let provider = provider::start(port, provider_extra);
+    let up = upstream::start().await;
+    let extra = extra.replace("{u}", &up.url());
+    let text = edit(login_config(port, &provider.issuer, &extra));
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    Stack {
+        _provider: provider,
+        _proxy: proxy,
+        up,
+        base: format!("http://127.0.0.1:{port}"),
+        port,
+    }
+}
+
+async fn stack(extra: &str) -> Stack {
+    stack_with(extra, serde_json::json!({}), |t| t).await
+}
+
+async fn logged_in(s: &Stack, user: &str) -> Browser {
+    let mut browser = Browser::default();
+    let done = browser.login(&s.base, user, user, "/").await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    browser
+}
+
+const API: &str = r#"
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+"#;
+
+#[tokio::test]
+async fn csrf_header_and_origin_are_required_on_token_routes() {
+    let s = stack(API).await;
+    let mut alice = logged_in(&s, "alice").await;
+    let url = format!("{}/api/data", s.base);
+
+    let missing = alice.get(&url, &[]).await;
+    assert_eq!(missing.status, 403);
+    assert_eq!(missing.json()["error"], "csrf");
+    let wrong = alice.get(&url, &[("x-csrf", "0")]).await;
+    assert_eq!(wrong.status, 403);
+    assert_eq!(wrong.json()["error"], "csrf");
+    let before = s.up.count();
+    let ok = alice.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(s.up.count(), before + 1);
+
+    let same_origin = alice
+        .get(&url, &[("x-csrf", "1"), ("origin", s.base.as_str())])
+        .await;
+    assert_eq!(same_origin.status, 200);
+    let evil = alice
+        .get(&url, &[("x-csrf", "1"), ("origin", "https://evil.example")])
+        .await;
+    assert_eq!(evil.status, 403);
+    assert_eq!(evil.json()["error"], "csrf");
+    let cross_site = alice
+        .get(&url, &[("x-csrf", "1"), ("sec-fetch-site", "cross-site")])
+        .await;
+    assert_eq!(cross_site.status, 403);
+    assert_eq!(cross_site.json()["error"], "csrf");
+    let same_site = alice
+        .get(&url, &[("x-csrf", "1"), ("sec-fetch-site", "same-origin")])
+        .await;
+    assert_eq!(same_site.status, 200);
+    assert_eq!(
+        s.up.count(),
+        before + 3,
+        "a refused request must never reach the upstream"
+    );
+
+    // Management endpoints follow the same rule.
+    let user = alice
+        .get(
+            &format!("{}/bff/user", s.base),
+            &[("x-csrf", "1"), ("origin", "https://evil.example")],
+        )
+        .await;
+    assert_eq!(user.status, 403);
+
+    // WebSocket upgrades cannot carry X-CSRF: the Origin must be the app's own.
+    let cookie = format!("vestibule={}", alice.jar["vestibule"]);
+    let (status, _) = websocket(s.port, &cookie, None).await;
+    assert_eq!(status, 403, "an upgrade without Origin must be refused");
+    let (status, _) = websocket(s.port, &cookie, Some("https://evil.example")).await;
+    assert_eq!(status, 403, "a cross-site upgrade must be refused");
+    let (status, echoed) = websocket(s.port, &cookie, Some(&s.base)).await;
+    assert_eq!(status, 101);
+    assert_eq!(echoed.as_deref(), Some("ping"));
+}
+
+/// Opens a WebSocket through the proxy at `/api/ws`; returns the status and, after 101, what the
+/// upstream echoed back.
+async fn websocket(port: u16, cookie: &str, origin: Option<&str>) -> (u16, Option<String>) {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{origin}Cookie: {cookie}\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tcp.read(&mut byte).await.unwrap();
+            assert!(n > 0, "connection closed before the response head");
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("no response head in time");
+    let text = String::from_utf8_lossy(&head).to_string();
+    let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+    if status != 101 {
+        return (status, None);
+    }
+    tcp.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut buf))
+        .await
+        .expect("no echo in time")
+        .unwrap();
+    (status, Some(String::from_utf8_lossy(&buf).to_string()))
+}
+
+const BETA_ROUTE: &str = r#"
+[[routes]]
+path = "/beta/"
+upstream = "{u}"
+auth = "required"
+token = "user"
+require = { roles = ["beta-tester"] }
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+"#;
+
+async fn roles_policy_admits_alice_and_refuses_bob(s: &Stack) {
+    let mut alice = logged_in(s, "alice").await;
+    let mut bob = logged_in(s, "bob").await;
+    let url = format!("{}/beta/x", s.base);
+    let a = alice.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let before = s.up.count();
+    let b = bob.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(b.status, 403, "{}", b.text());
+    assert_eq!(b.json()["error"], "forbidden");
+    assert_eq!(b.json()["missing"], serde_json::json!(["roles"]));
+    assert_eq!(
+        s.up.count(),
+        before,
+        "a denied request reached the upstream"
+    );
+    // Bob may still use routes without a requirement.
+    let other = bob
+        .get(&format!("{}/api/x", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(other.status, 200);
+}
+
+#[tokio::test]
+async fn role_requirements_use_the_roles_claim() {
+    let s = stack(BETA_ROUTE).await;
+    roles_policy_admits_alice_and_refuses_bob(&s).await;
+}
+
+#[tokio::test]
+async fn role_requirements_follow_a_dotted_roles_claim() {
+    // Here only the nested claim decides: alice has the role only under realm_access, bob only
+    // at the top level.
+    let users = serde_json::json!({"users": [
+        {"sub": "alice", "password": "alice", "roles": [], "realm_access": {"roles": ["beta-tester"]}},
+        {"sub": "bob", "password": "bob", "roles": ["beta-tester"], "realm_access": {"roles": ["other"]}},
+    ]});
+    let s = stack_with(BETA_ROUTE, users, |t| {
+        t.replace(
+            "refresh_skew = \"5s\"",
+            "refresh_skew = \"5s\"\nroles_claim = \"realm_access.roles\"",
+        )
+    })
+    .await;
+    roles_policy_admits_alice_and_refuses_bob(&s).await;
+}
+
+const FEATURES: &str = r#"
+[[routes]]
+path = "/feat-public/"
+upstream = "{u}"
+auth = "required"
+feature = "everyone"
+[[routes]]
+path = "/feat-beta/"
+upstream = "{u}"
+auth = "required"
+feature = "beta-dash"
+[[routes]]
+path = "/feat-off/"
+upstream = "{u}"
+auth = "required"
+feature = "off"
+[features.everyone]
+public = true
+[features.beta-dash]
+public = false
+beta = true
+role = "beta-tester"
+[features.off]
+public = false
+beta = false
+"#;
+
+#[tokio::test]
+async fn feature_flags_hide_routes_and_are_listed_per_user() {
+    let s = stack(FEATURES).await;
+    let mut alice = logged_in(&s, "alice").await;
+    let mut bob = logged_in(&s, "bob").await;
+    for (browser, expect) in [(&mut alice, [200, 200, 404]), (&mut bob, [200, 404, 404])] {
+        for (path, status) in ["/feat-public/x", "/feat-beta/x", "/feat-off/x"]
+            .iter()
+            .zip(expect)
+        {
+            let r = browser.get(&format!("{}{path}", s.base), &[]).await;
+            assert_eq!(r.status, status, "{path}: {}", r.text());
+            if status == 404 {
+                assert_eq!(r.json()["error"], "not_found");
+            }
+        }
+    }
+    // Hidden even from anonymous callers, who get the same 404 as for a route that does not exist.
+    let anonymous = get(&format!("{}/feat-off/x", s.base), &[]).await;
+    assert_eq!(anonymous.status, 404);
+
+    let url = format!("{}/bff/user", s.base);
+    let of_alice = alice.get(&url, &[("x-csrf", "1")]).await.json();
+    assert_eq!(
+        of_alice["bff:features"],
+        serde_json::json!(["beta-dash", "everyone"])
+    );
+    let of_bob = bob.get(&url, &[("x-csrf", "1")]).await.json();
+    assert_eq!(of_bob["bff:features"], serde_json::json!(["everyone"]));
+}
+
+fn reload_config(port: u16, issuer: &str, upstream: &str, beta_public: bool, new: bool) -> String {
+    let mut extra = format!(
+        r#"
+[[routes]]
+path = "/api/"
+upstream = "{upstream}"
+[[routes]]
+path = "/feat/"
+upstream = "{upstream}"
+auth = "required"
+feature = "dash"
+[features.dash]
+public = {beta_public}
+beta = true
+role = "beta-tester"
+"#
+    );
+    if new {
+        extra.push_str(&format!(
+            "[[routes]]\npath = \"/new/\"\nupstream = \"{upstream}\"\n"
+        ));
+    }
+    login_config(port, issuer, &extra)
+}
+
+#[tokio::test]
+async fn hot_reload_changes_routes_and_features_without_dropping_requests() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let up = upstream::start().await;
+    let proxy = start_proxy(&reload_config(
+        port,
+        &provider.issuer,
+        &up.url(),
+        false,
+        false,
+    ))
+    .await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut bob = Browser::default();
+    assert_eq!(bob.login(&base, "bob", "bob", "/").await.status, 302);
+    assert_eq!(bob.get(&format!("{base}/feat/x"), &[]).await.status, 404);
+    assert_eq!(get(&format!("{base}/new/x"), &[]).await.status, 404);
+
+    let slow = tokio::spawn(get_owned(format!("{base}/api/slow")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = proxy.dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        reload_config(port, &provider.issuer, &up.url(), true, true),
+    )
+    .unwrap();
+    proxy.app.reload("test");
+    assert_eq!(get(&format!("{base}/new/x"), &[]).await.status, 200);
+    assert_eq!(
+        bob.get(&format!("{base}/feat/x"), &[]).await.status,
+        200,
+        "the feature became public"
+    );
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200, "the request in flight was dropped");
+    assert_eq!(slow.text(), "slow done");
+    assert_eq!(
+        bob.get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+            .await
+            .json()["bff:features"],
+        serde_json::json!(["dash"])
+    );
+
+    // A broken file is rejected; the running configuration stays.
+    std::fs::write(&path, "[[routes]]\npath = 3\n").unwrap();
+    proxy.app.reload("test");
+    assert_eq!(get(&format!("{base}/new/x"), &[]).await.status, 200);
+    assert_eq!(get(&format!("{base}/api/x"), &[]).await.status, 200);
+    assert_eq!(bob.get(&format!("{base}/feat/x"), &[]).await.status, 200);
+}
+
+async fn get_owned(url: String) -> Reply {
+    get(&url, &[]).await
+}
+
+#[tokio::test]
+async fn the_config_file_is_reloaded_when_it_changes_on_disk() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let text = config_text(&routes);
+    let proxy = start_proxy(&text).await;
+    assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 200);
+    assert_eq!(get(&proxy.url("/later/x"), &[]).await.status, 404);
+    let path = proxy.dir.path().join("config.toml");
+    // A broken file first: rejected, the old routes keep working.
+    std::fs::write(&path, "this is not toml [").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 200);
+    let added = config_text(&format!(
+        "{routes}[[routes]]\npath = \"/later/\"\nupstream = \"{}\"\n",
+        up.url()
+    ));
+    std::fs::write(&path, added).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(&proxy.url("/later/x"), &[]).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_for_listed_origins_only() {
+    let up = upstream::start().await;
+    let text = config_text(&format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/open/\"\nupstream = \"{}\"\n",
+        up.url(),
+        up.url()
+    ))
+    .replace(
+        "[server]\n",
+        "[server]\ncors_origins = [\"https://admin.example\"]\n",
+    );
+    let proxy = start_proxy(&text).await;
+    let preflight = |origin: &'static str, path: &'static str| {
+        let url = proxy.url(path);
+        async move {
+            send(
+                http::Request::builder()
+                    .method("OPTIONS")
+                    .uri(url)
+                    .header("origin", origin)
+                    .header("access-control-request-method", "POST")
+                    .header("access-control-request-headers", "x-csrf, content-type")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let seen = up.count();
+    let ok = preflight("https://admin.example", "/api/data").await;
+    assert_eq!(ok.status, 204, "{}", ok.text());
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://admin.example")
+    );
+    assert_eq!(ok.header("access-control-allow-credentials"), Some("true"));
+    let allowed = ok
+        .header("access-control-allow-headers")
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("x-csrf"), "{allowed}");
+    assert!(
+        ok.header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+    let bff = preflight("https://admin.example", "/bff/user").await;
+    assert_eq!(bff.status, 204);
+
+    let evil = preflight("https://evil.example", "/api/data").await;
+    assert_eq!(evil.status, 403);
+    assert!(evil.header("access-control-allow-origin").is_none());
+    assert_eq!(up.count(), seen, "preflights are answered by Vestibule");
+
+    // Actual requests from the listed origin get the allow-origin header, errors included.
+    let actual = get(
+        &proxy.url("/open/x"),
+        &[("origin", "https://admin.example")],
+    )
+    .await;
+    assert_eq!(actual.status, 200);
+    assert_eq!(
+        actual.header("access-control-allow-origin"),
+        Some("https://admin.example")
+    );
+    assert_eq!(
+        actual.header("access-control-allow-credentials"),
+        Some("true")
+    );
+    let user = get(
+        &proxy.url("/bff/user"),
+        &[("origin", "https://admin.example"), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(user.status, 401, "the listed origin passes the CSRF check");
+    assert_eq!(
+        user.header("access-control-allow-origin"),
+        Some("https://admin.example")
+    );
+    let other = get(&proxy.url("/open/x"), &[("origin", "https://evil.example")]).await;
+    assert_eq!(other.status, 200);
+    assert!(other.header("access-control-allow-origin").is_none());
+    assert!(
+        other
+            .headers
+            .get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap().contains("Origin")),
+        "responses vary by Origin when CORS is configured"
+    );
+    // A plain OPTIONS (not a preflight) is routed as usual.
+    let plain = send(
+        http::Request::builder()
+            .method("OPTIONS")
+            .uri(proxy.url("/open/x"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(plain.status, 200);
+}
+
+/// A session created directly in the store (no provider needed), and its cookie header.
+async fn direct_session(proxy: &Proxy, session: Session) -> String {
+    let (cookie, _) = proxy
+        .app
+        .sessions
+        .create(session, vestibule::app::now())
+        .await
+        .unwrap();
+    let name = proxy.app.runtime.load().config.session.cookie_name.clone();
+    format!("{name}={cookie}")
+}
+
+#[tokio::test]
+async fn the_remaining_error_codes_are_produced() {
+    let up = upstream::start().await;
+    let public = tempfile::tempdir().unwrap();
+    std::fs::write(public.path().join("index.html"), "<p>app</p>").unwrap();
+    let text = config_text(&format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/\"\nstatic_dir = \"{}\"\n",
+        up.url(),
+        public.path().display()
+    ));
+    let proxy = start_proxy(&text).await;
+
+    // provider_unavailable: the provider's metadata is not loaded (its issuer is dead).
+    let login = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    assert_eq!(login.status, 503, "{}", login.text());
+    assert_eq!(login.json()["error"], "provider_unavailable");
+
+    // method_not_allowed: static files are read-only.
+    let post = send(
+        http::Request::post(proxy.url("/index.html"))
+            .body(http_body_util::Full::new(bytes::Bytes::from("x")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(post.status, 405);
+    assert_eq!(post.json()["error"], "method_not_allowed");
+
+    // session_expired: the access token expired and there is no refresh token to renew it.
+    let now = vestibule::app::now();
+    let mut session = Session {
+        sub: "carol".into(),
+        ..Session::default()
+    };
+    session.tokens.insert(
+        String::new(),
+        AccessToken {
+            value: "expired".into(),
+            expires_at: now.saturating_sub(10),
+            scope: None,
+        },
+    );
+    let cookie = direct_session(&proxy, session).await;
+    let expired = get(
+        &proxy.url("/api/x"),
+        &[("cookie", cookie.as_str()), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(expired.status, 401, "{}", expired.text());
+    assert_eq!(expired.json()["error"], "session_expired");
+    let after = get(
+        &proxy.url("/bff/user"),
+        &[("cookie", cookie.as_str()), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(after.status, 401, "the session has ended");
+
+    // A live session with a fresh token is forwarded (the fixture works).
+    let mut fresh = Session {
+        sub: "carol".into(),
+        ..Session::default()
+    };
+    fresh.tokens.insert(
+        String::new(),
+        AccessToken {
+            value: "fresh-token".into(),
+            expires_at: now + 3600,
+            scope: None,
+        },
+    );
+    let cookie = direct_session(&proxy, fresh).await;
+    let ok = get(
+        &proxy.url("/api/x"),
+        &[("cookie", cookie.as_str()), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(
+        up.last().headers["authorization"].to_str().unwrap(),
+        "Bearer fresh-token"
+    );
+}
+
+#[tokio::test]
+async fn a_store_outage_is_503_and_ends_no_session() {
+    let mut redis = support::redis::RedisServer::start();
+    let text = config_text(&format!(
+        "store = \"redis\"\ncache_ttl = \"0s\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    ));
+    let proxy = start_proxy(&text).await;
+    let cookie = direct_session(
+        &proxy,
+        Session {
+            sub: "carol".into(),
+            ..Session::default()
+        },
+    )
+    .await;
+    let url = proxy.url("/bff/user");
+    let headers = [("cookie", cookie.as_str()), ("x-csrf", "1")];
+    let user = || get(&url, &headers);
+    assert_eq!(user().await.status, 200);
+    redis.stop();
+    let down = user().await;
+    assert_eq!(down.status, 503, "{}", down.text());
+    assert_eq!(down.json()["error"], "store_unavailable");
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = user().await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session did not come back: {}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// docs/errors.md lists every error code with its status, and each response has the contract's
+/// shape (JSON with `error` and `message`, no-store; HTML naming the code for navigations).
+#[tokio::test]
+async fn docs_list_every_error_code() {
+    use vestibule::reply::ErrorCode::*;
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/errors.md"),
+    )
+    .unwrap();
+    for code in [
+        BadRequest,
+        InvalidReturnUrl,
+        LoginFailed,
+        Unauthenticated,
+        SessionExpired,
+        Csrf,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        PayloadTooLarge,
+        HeadersTooLarge,
+        UpstreamUnavailable,
+        UpstreamTimeout,
+        StoreUnavailable,
+        ProviderUnavailable,
+        Internal,
+    ] {
+        let row = format!("| `{}` | {} |", code.code(), code.status().as_u16());
+        assert!(docs.contains(&row), "docs/errors.md lacks the row {row}");
+        let json = code.json(&[]);
+        assert_eq!(json.status(), code.status());
+        assert_eq!(json.headers()["cache-control"], "no-store");
+        let body = http_body_util::BodyExt::collect(json.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["error"], code.code());
+        assert_eq!(value["message"], code.message());
+        let html = code.html();
+        assert_eq!(html.status(), code.status());
+        let body = http_body_util::BodyExt::collect(html.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains(code.code()));
+    }
+}
+
+const RESOURCE_ROUTE: &str = r#"
+[[routes]]
+path = "/orders/"
+upstream = "{u}"
+auth = "required"
+token = "user"
+resource = "https://api.example.test"
+require = { roles = ["beta-tester"] }
+"#;
+
+#[tokio::test]
+async fn the_policy_reads_a_validated_jwt_access_token_for_the_routes_resource() {
+    // The provider's access tokens for the API carry `roles`: alice passes, bob does not.
+    let s = stack(RESOURCE_ROUTE).await;
+    let mut alice = logged_in(&s, "alice").await;
+    let mut bob = logged_in(&s, "bob").await;
+    let url = format!("{}/orders/1", s.base);
+    let a = alice.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let bearer = s.up.last().headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let payload = bearer.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["aud"], "https://api.example.test");
+    let b = bob.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(b.status, 403, "{}", b.text());
+    assert_eq!(b.json()["missing"], serde_json::json!(["roles"]));
+}
+
+#[tokio::test]
+async fn the_access_tokens_claims_win_over_the_id_tokens() {
+    // Here the API's access tokens carry no roles, though alice's ID token does: the API would
+    // not see the role, so neither does the policy.
+    let s = stack_with(
+        RESOURCE_ROUTE,
+        serde_json::json!({"access_token_claims": []}),
+        |t| t,
+    )
+    .await;
+    let mut alice = logged_in(&s, "alice").await;
+    let user = alice
+        .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+        .await
+        .json();
+    assert_eq!(user["roles"], serde_json::json!(["beta-tester"]));
+    let r = alice
+        .get(&format!("{}/orders/1", s.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"], "forbidden");
+}

@@ -1,0 +1,93 @@
+//! An in-process fake identity provider for hostile cases a real one will not produce: it
+//! serves discovery and a key set, and its token endpoint answers with whatever ID token the
+//! test put there.
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+pub struct State {
+    pub jwks: Mutex<Vec<u8>>,
+    pub id_token: Mutex<String>,
+    pub jwks_fetches: AtomicUsize,
+}
+
+pub struct FakeIdp {
+    pub issuer: String,
+    pub state: Arc<State>,
+}
+
+pub async fn start(jwks: Vec<u8>) -> FakeIdp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let state = Arc::new(State {
+        jwks: Mutex::new(jwks),
+        ..Default::default()
+    });
+    let (s, iss) = (state.clone(), issuer.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (s, iss) = (s.clone(), iss.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| answer(req, s.clone(), iss.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    FakeIdp { issuer, state }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    state: Arc<State>,
+    issuer: String,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let json = |v: serde_json::Value| {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(v.to_string())))
+            .unwrap()
+    };
+    Ok(match req.uri().path() {
+        "/.well-known/openid-configuration" => json(serde_json::json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "jwks_uri": format!("{issuer}/jwks"),
+            "end_session_endpoint": format!("{issuer}/logout"),
+            "code_challenge_methods_supported": ["S256"],
+            "x-vendor-extension": {"anything": [1, 2, 3]},
+            "id_token_signing_alg_values_supported": ["RS256", "ES256", "made-up-alg"],
+        })),
+        "/jwks" => {
+            state.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+            let body = state.jwks.lock().unwrap().clone();
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        }
+        "/token" => {
+            let id_token = state.id_token.lock().unwrap().clone();
+            json(
+                serde_json::json!({"access_token": "fake-access", "token_type": "Bearer", "expires_in": 300, "refresh_token": "fake-refresh", "id_token": id_token}),
+            )
+        }
+        _ => Response::builder()
+            .status(404)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    })
+}
