@@ -504,6 +504,20 @@ async fn client_credentials_are_fetched_once_with_the_route_audience() {
     assert!(bearers.iter().all(|b| *b == bearers[0]));
     assert_eq!(audience(&bearers[0]), API);
     assert_eq!(payload(&bearers[0])["client_id"], "vestibule");
+    // Operators can see the grants (the recorder is process-wide; no other test here uses
+    // client credentials).
+    let metrics = get(&format!("http://{}/metrics", s.proxies[0].admin), &[])
+        .await
+        .text();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vestibule_token_grants_total{")
+                && l.contains("grant=\"client_credentials\"")
+                && l.contains("outcome=\"ok\"")
+        })
+        .unwrap_or_else(|| panic!("no client_credentials grant counter in {metrics}"));
+    assert!(line.ends_with(" 1"), "{line}");
 }
 
 #[tokio::test]

@@ -35,7 +35,26 @@ pub struct Tokens {
     /// Per session: the in-process queue for refreshing, holding when a refresh here last
     /// failed for want of the provider or the store.
     local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
-    client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AccessToken>>>>>,
+    client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientToken>>>>>,
+}
+
+/// A cached client-credentials token.
+struct ClientToken {
+    value: String,
+    /// Unix seconds: `refresh_skew` before expiry, but never before half its lifetime, so
+    /// short-lived tokens are not fetched anew for every request.
+    refresh_at: u64,
+}
+
+/// Counts a grant at the token endpoint by type and outcome (`vestibule_token_grants_total`).
+fn count_grant<T>(grant: &'static str, outcome: &Result<T, GrantError>) {
+    let outcome = match outcome {
+        Ok(_) => "ok",
+        Err(GrantError::Rejected(_)) => "rejected",
+        Err(GrantError::Unavailable(_)) => "unavailable",
+    };
+    metrics::counter!("vestibule_token_grants_total", "grant" => grant, "outcome" => outcome)
+        .increment(1);
 }
 
 /// The refresh lease; the holder renews it every third of it for as long as the grant takes.
@@ -254,6 +273,14 @@ impl Tokens {
                 .refresh(&refresh_token, resource, &route.scopes)
                 .await
         };
+        count_grant(
+            if route.exchange {
+                "token_exchange"
+            } else {
+                "refresh_token"
+            },
+            &outcome,
+        );
         let tokens = match outcome {
             Ok(t) => t,
             Err(GrantError::Rejected(reason)) => {
@@ -340,20 +367,21 @@ impl Tokens {
             map.entry(key).or_default().clone()
         };
         let mut cached = slot.lock().await;
-        let skew = app.oidc.config.refresh_skew.as_secs();
-        if let Some(t) = cached.as_ref().filter(|t| now() + skew < t.expires_at) {
+        if let Some(t) = cached.as_ref().filter(|t| now() < t.refresh_at) {
             return Ok(t.value.clone());
         }
-        match app
+        let outcome = app
             .oidc
             .client_credentials(route.resource.as_deref(), &route.scopes)
-            .await
-        {
+            .await;
+        count_grant("client_credentials", &outcome);
+        match outcome {
             Ok(t) => {
-                *cached = Some(AccessToken {
+                let lifetime = t.expires_in.unwrap_or(300);
+                let skew = app.oidc.config.refresh_skew.as_secs().min(lifetime / 2);
+                *cached = Some(ClientToken {
                     value: t.access_token.clone(),
-                    expires_at: now() + t.expires_in.unwrap_or(300),
-                    scope: t.scope,
+                    refresh_at: now() + lifetime - skew,
                 });
                 Ok(t.access_token)
             }
