@@ -65,6 +65,8 @@ const WAIT_FOR_WINNER: Duration =
 const POLL: Duration = Duration::from_millis(25);
 /// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
 const SAVE_ATTEMPTS: usize = 5;
+/// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
+static SKEW_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// ID token claims that describe the token rather than the user; kept from the login.
 const TOKEN_CLAIMS: [&str; 11] = [
     "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
@@ -294,6 +296,16 @@ impl Tokens {
             }
         };
         let now = now();
+        let lifetime = tokens.expires_in.unwrap_or(300);
+        if lifetime <= runtime.config.oidc.refresh_skew.as_secs()
+            && !SKEW_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                lifetime_s = lifetime,
+                "oidc.refresh_skew is not shorter than the access token lifetime: every request \
+                 will refresh the token; lower refresh_skew"
+            );
+        }
         let claims = match &tokens.id_token {
             Some(id_token) => {
                 let expect = app.oidc.expect(&app.oidc.config.client_id, now);
@@ -314,7 +326,7 @@ impl Tokens {
                 key.to_string(),
                 AccessToken {
                     value: tokens.access_token.clone(),
-                    expires_at: now + tokens.expires_in.unwrap_or(300),
+                    expires_at: now + lifetime,
                     scope: tokens.scope.clone(),
                 },
             );
