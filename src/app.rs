@@ -286,7 +286,8 @@ impl App {
     }
 
     /// Another access token for a request whose token the upstream refused: refreshed now (once
-    /// per session, like any refresh), unless another request already replaced it.
+    /// per session, like any refresh), unless another request already replaced it. `None`: no
+    /// new token (no session, or one was forced moments ago); the first answer stands.
     async fn replace_token(
         &self,
         runtime: &Runtime,
@@ -298,10 +299,13 @@ impl App {
             Ok(None) => return Ok(None),
             Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
         };
-        let token = self
+        let Some(token) = self
             .tokens
             .replace_user_token(self, runtime, &loaded, route, &replay.token)
-            .await?;
+            .await?
+        else {
+            return Ok(None);
+        };
         Ok(HeaderValue::from_str(&format!("Bearer {token}"))
             .ok()
             .map(|mut v| {

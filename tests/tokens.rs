@@ -455,30 +455,45 @@ async fn an_upstream_invalid_token_answer_is_retried_once_with_a_refreshed_token
     assert_eq!(r.status, 200);
     assert_eq!(s.api.seen().len(), 3);
 
-    // An upstream that rejects every token: exactly one retry, the client gets its answer.
+    // Right after that early refresh, another rejection is not retried: an upstream that
+    // rejects every token must not turn each request into a grant.
     let r = browser
-        .get(&s.proxies[0].url("/api/status401"), &[("x-csrf", "1")])
+        .get(
+            &s.proxies[0].url("/api/status401?alice"),
+            &[("x-csrf", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(s.bearers("/status401?alice").len(), 1);
+    assert_eq!(refresh_grants(&s.stats().await), 1);
+
+    // Another session and an upstream that rejects every token: exactly one retry, the client
+    // gets the second answer.
+    let mut bob = s.login("bob").await;
+    s.reset_stats().await;
+    let r = bob
+        .get(&s.proxies[0].url("/api/status401?bob"), &[("x-csrf", "1")])
         .await;
     assert_eq!(r.status, 401);
     assert_eq!(r.text(), "no");
-    let bearers = s.bearers("/status401");
+    let bearers = s.bearers("/status401?bob");
     assert_eq!(bearers.len(), 2, "one request and one retry");
     assert_ne!(bearers[0], bearers[1]);
-    assert_eq!(bearers[1], s.newest_access_token("alice").await);
-    assert_eq!(refresh_grants(&s.stats().await), 2);
+    assert_eq!(bearers[1], s.newest_access_token("bob").await);
+    assert_eq!(refresh_grants(&s.stats().await), 1);
 
     // A request with a body is not replayed.
-    let r = browser
+    let r = bob
         .request(
             "POST",
-            &s.proxies[0].url("/api/status401"),
+            &s.proxies[0].url("/api/status401?post"),
             &[("x-csrf", "1")],
             Some("a=1".into()),
         )
         .await;
     assert_eq!(r.status, 401);
-    assert_eq!(s.bearers("/status401").len(), 3);
-    assert_eq!(refresh_grants(&s.stats().await), 2);
+    assert_eq!(s.bearers("/status401?post").len(), 1);
+    assert_eq!(refresh_grants(&s.stats().await), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -32,10 +32,18 @@ fn session_expired(runtime: &Runtime) -> Response<Body> {
 /// and a cache of client-credentials tokens.
 #[derive(Default)]
 pub struct Tokens {
-    /// Per session: the in-process queue for refreshing, holding when a refresh here last
-    /// failed for want of the provider or the store.
-    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
+    /// Per session: the in-process queue for refreshing.
+    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientToken>>>>>,
+}
+
+/// What this process remembers of a session's refreshes.
+#[derive(Default)]
+struct Flight {
+    /// When a refresh last failed for want of the provider or the store.
+    failed: Option<Instant>,
+    /// When a token an upstream rejected was last replaced before its time.
+    forced: Option<Instant>,
 }
 
 /// A cached client-credentials token.
@@ -63,6 +71,9 @@ const LEASE: Duration = Duration::from_secs(10);
 const WAIT_FOR_WINNER: Duration =
     Duration::from_secs(crate::oidc::http::POST_TIMEOUT.as_secs() + 5);
 const POLL: Duration = Duration::from_millis(25);
+/// At most one early refresh per session this often: an upstream that rejects every token must
+/// not turn each request into a grant.
+const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
 const SAVE_ATTEMPTS: usize = 5;
 /// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
@@ -89,7 +100,7 @@ impl Tokens {
             .map(|t| t.value.as_str())
     }
 
-    fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<Option<Instant>>> {
+    fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<Flight>> {
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             map.retain(|_, m| Arc::strong_count(m) > 1);
@@ -106,11 +117,13 @@ impl Tokens {
         route: &RouteConfig,
     ) -> Result<String, Response<Body>> {
         self.user_token_except(app, runtime, loaded, route, None)
-            .await
+            .await?
+            .ok_or_else(provider_unavailable)
     }
 
     /// A user access token other than `rejected`, which an upstream refused (`invalid_token`):
-    /// refreshed now whatever its expiry, unless another request already replaced it.
+    /// refreshed now whatever its expiry, unless another request already replaced it. `None`
+    /// when this session had such an early refresh less than [`FORCED_REFRESH_INTERVAL`] ago.
     pub async fn replace_user_token(
         &self,
         app: &App,
@@ -118,7 +131,7 @@ impl Tokens {
         loaded: &Loaded,
         route: &RouteConfig,
         rejected: &str,
-    ) -> Result<String, Response<Body>> {
+    ) -> Result<Option<String>, Response<Body>> {
         self.user_token_except(app, runtime, loaded, route, Some(rejected))
             .await
     }
@@ -133,15 +146,15 @@ impl Tokens {
         loaded: &Loaded,
         route: &RouteConfig,
         rejected: Option<&str>,
-    ) -> Result<String, Response<Body>> {
+    ) -> Result<Option<String>, Response<Body>> {
         let key = route.resource.clone().unwrap_or_default();
         if let Some(t) = Self::fresh(runtime, &loaded.session, &key, rejected) {
-            return Ok(t.to_string());
+            return Ok(Some(t.to_string()));
         }
         let lock = self.local_lock(&loaded.handle);
         let arrived = Instant::now();
         let deadline = arrived + WAIT_FOR_WINNER;
-        let Ok(mut last_failure) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+        let Ok(mut flight) = tokio::time::timeout_at(deadline, lock.lock()).await else {
             return Err(provider_unavailable());
         };
         let lock_key = app.sessions.refresh_lock_key(loaded);
@@ -156,12 +169,21 @@ impl Tokens {
                 return Err(session_expired(runtime));
             };
             if let Some(t) = Self::fresh(runtime, &current.session, &key, rejected) {
-                return Ok(t.to_string());
+                return Ok(Some(t.to_string()));
             }
             // The refresh this request queued behind failed: share its answer rather than
             // have every queued request try an unavailable provider in turn.
-            if last_failure.is_some_and(|failed| failed >= arrived) {
+            if flight.failed.is_some_and(|failed| failed >= arrived) {
                 return Err(provider_unavailable());
+            }
+            let early =
+                rejected.is_some() && Self::fresh(runtime, &current.session, &key, None).is_some();
+            if early
+                && flight
+                    .forced
+                    .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL)
+            {
+                return Ok(None);
             }
             match store.try_lock(&lock_key, &lease_token, LEASE).await {
                 Ok(true) => {
@@ -181,6 +203,9 @@ impl Tokens {
                     let result = match Self::fresh(runtime, &current.session, &key, rejected) {
                         Some(t) => Ok(t.to_string()),
                         None => {
+                            if early {
+                                flight.forced = Some(Instant::now());
+                            }
                             self.refresh_holding_lease(
                                 app,
                                 runtime,
@@ -198,9 +223,9 @@ impl Tokens {
                         .as_ref()
                         .is_err_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
                     {
-                        *last_failure = Some(Instant::now());
+                        flight.failed = Some(Instant::now());
                     }
-                    return result;
+                    return result.map(Some);
                 }
                 Ok(false) => {
                     if Instant::now() + POLL > deadline {
