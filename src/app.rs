@@ -11,7 +11,9 @@ use crate::session::manager::{Loaded, SessionSettings, Sessions};
 use crate::session::seal::Keyring;
 use crate::session::store::{self, Store};
 use arc_swap::ArcSwap;
-use http::{HeaderMap, Request, Response, header};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -249,21 +251,67 @@ impl App {
         let login_cookies = crate::cookies::names_with_prefix(req.headers(), &runtime.login_prefix);
         let mut own: Vec<&str> = login_cookies.iter().map(String::as_str).collect();
         own.push(runtime.own_cookie.as_str());
-        let mut response = proxy::dispatch(
-            &self.upstreams,
-            &route,
-            req,
-            peer,
-            &own,
-            admitted.bearer,
-            config.server.max_body,
-            config.server.request_timeout,
-        )
-        .await;
+        let forward = |req, bearer| {
+            proxy::dispatch(
+                &self.upstreams,
+                &route,
+                req,
+                peer,
+                &own,
+                bearer,
+                config.server.max_body,
+                config.server.request_timeout,
+            )
+        };
+        let mut response = match Replay::capture(&route, &req, admitted.bearer.as_ref()) {
+            None => forward(req.map(Either::Left), admitted.bearer).await,
+            Some(replay) => {
+                // No body: the request can be sent again with another token.
+                let first = forward(replay.request(), admitted.bearer).await;
+                if rejects_token(&first) {
+                    match self.replace_token(runtime, &route, &replay).await {
+                        Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
+                        Ok(None) => first,
+                        Err(refused) => refused,
+                    }
+                } else {
+                    first
+                }
+            }
+        };
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         (route.path.clone(), response)
+    }
+
+    /// Another access token for a request whose token the upstream refused: refreshed now (once
+    /// per session, like any refresh), unless another request already replaced it. `None`: no
+    /// new token (no session, or one was forced moments ago); the first answer stands.
+    async fn replace_token(
+        &self,
+        runtime: &Runtime,
+        route: &crate::config::RouteConfig,
+        replay: &Replay,
+    ) -> Result<Option<HeaderValue>, Response<Body>> {
+        let loaded = match self.load_session(runtime, &replay.headers).await {
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
+        };
+        let Some(token) = self
+            .tokens
+            .replace_user_token(self, runtime, &loaded, route, &replay.token)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(HeaderValue::from_str(&format!("Bearer {token}"))
+            .ok()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            }))
     }
 
     /// Readiness checks by name; all must pass for `/readyz` to answer 200.
@@ -306,6 +354,60 @@ impl App {
             }
         }
     }
+}
+
+/// A bodiless GET or HEAD to a `token = "user"` route, kept so that it can be sent once more
+/// with a new token when the upstream answers that the token is invalid (RFC 6750).
+struct Replay {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+    /// The access token the first attempt carries.
+    token: String,
+}
+
+impl Replay {
+    fn capture(
+        route: &crate::config::RouteConfig,
+        req: &Request<Incoming>,
+        bearer: Option<&HeaderValue>,
+    ) -> Option<Replay> {
+        let replayable = route.token == crate::config::TokenMode::User
+            && (req.method() == Method::GET || req.method() == Method::HEAD)
+            && http_body::Body::is_end_stream(req.body())
+            && proxy::headers::upgrade_protocol(req.headers()).is_none();
+        if !replayable {
+            return None;
+        }
+        let token = bearer?.to_str().ok()?.strip_prefix("Bearer ")?.to_string();
+        Some(Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            token,
+        })
+    }
+
+    fn request(&self) -> Request<Either<Incoming, Empty<Bytes>>> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// `401` with `WWW-Authenticate: Bearer error="invalid_token"`.
+fn rejects_token(response: &Response<Body>) -> bool {
+    response.status() == http::StatusCode::UNAUTHORIZED
+        && response
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token")))
 }
 
 /// Settings that cannot change while running.

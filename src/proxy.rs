@@ -32,18 +32,23 @@ pub fn header_bytes(req: &Request<hyper::body::Incoming>) -> usize {
         + req.uri().to_string().len()
 }
 
-/// Forwards a request that passed the access stage.
+/// Forwards a request that passed the access stage. The body is generic so that a request
+/// without one can be sent again (see `App::route`).
 #[allow(clippy::too_many_arguments)]
-pub async fn dispatch(
+pub async fn dispatch<B>(
     upstreams: &Upstreams,
     route: &RouteConfig,
-    mut req: Request<hyper::body::Incoming>,
+    mut req: Request<B>,
     peer: Peer,
     own_cookies: &[&str],
     bearer: Option<HeaderValue>,
     max_body: u64,
     default_timeout: Duration,
-) -> Response<Body> {
+) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::reply::BoxError>,
+{
     let path = req.uri().path().to_string();
     let upstream_path = routing::upstream_path(route, &path).into_owned();
     match &route.target {

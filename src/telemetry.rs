@@ -49,6 +49,11 @@ pub fn metrics() -> &'static PrometheusHandle {
             "vestibule_upstream_errors_total",
             "Upstream failures, by route and kind."
         );
+        metrics::describe_counter!(
+            "vestibule_token_grants_total",
+            "Grants at the provider's token endpoint for upstream tokens (refresh_token, \
+             token_exchange, client_credentials), by outcome (ok, rejected, unavailable)."
+        );
         metrics::describe_gauge!(
             "vestibule_requests_in_flight",
             "Requests being handled now."

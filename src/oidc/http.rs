@@ -11,6 +11,10 @@ use std::time::Duration;
 
 const MAX_RESPONSE: usize = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Form posts (token grants, revocation) wait longer: a grant we stop waiting for may still be
+/// carried out by the provider, and a rotated refresh token we never received ends the session.
+/// Keep it below the time other requests wait for a refresh (`gate::tokens`).
+pub const POST_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Why a provider call failed; the message never contains a secret or token.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +56,13 @@ impl ProviderHttp {
         ProviderHttp { client }
     }
 
-    async fn call(&self, req: Request<Full<Bytes>>) -> Result<(u16, Bytes), CallError> {
+    async fn call(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CallError> {
         let host = req.uri().host().unwrap_or("").to_string();
-        let sent = tokio::time::timeout(TIMEOUT, self.client.request(req)).await;
+        let sent = tokio::time::timeout(timeout, self.client.request(req)).await;
         let response = match sent {
             Err(_) => return Err(CallError::Unreachable(format!("{host}: timed out"))),
             Ok(Err(e)) => {
@@ -67,7 +75,7 @@ impl ProviderHttp {
         };
         let status = response.status().as_u16();
         let body = tokio::time::timeout(
-            TIMEOUT,
+            timeout,
             Limited::new(response.into_body(), MAX_RESPONSE).collect(),
         )
         .await
@@ -93,7 +101,7 @@ impl ProviderHttp {
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::new()))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
-        self.call(req).await
+        self.call(req, TIMEOUT).await
     }
 
     /// POST a form, authenticating as the client (basic or in the body).
@@ -131,7 +139,7 @@ impl ProviderHttp {
         let req = builder
             .body(Full::new(Bytes::from(encoded)))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
-        let (status, body) = self.call(req).await?;
+        let (status, body) = self.call(req, POST_TIMEOUT).await?;
         let body = if body.is_empty() {
             serde_json::Value::Null
         } else {
