@@ -189,6 +189,7 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
         AccessToken {
             value: tokens.access_token.clone(),
             expires_at: now + tokens.expires_in.unwrap_or(300),
+            issued_at: now,
             scope: tokens.scope.clone(),
         },
     );

@@ -552,6 +552,7 @@ async fn the_remaining_error_codes_are_produced() {
         AccessToken {
             value: "expired".into(),
             expires_at: now.saturating_sub(10),
+            issued_at: 0,
             scope: None,
         },
     );
@@ -580,6 +581,7 @@ async fn the_remaining_error_codes_are_produced() {
         AccessToken {
             value: "fresh-token".into(),
             expires_at: now + 3600,
+            issued_at: 0,
             scope: None,
         },
     );

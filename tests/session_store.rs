@@ -394,6 +394,7 @@ fn session_with_tokens() -> Session {
         AccessToken {
             value: "AT-secret-1234".into(),
             expires_at: T0 + 300,
+            issued_at: 0,
             scope: None,
         },
     );
@@ -402,6 +403,7 @@ fn session_with_tokens() -> Session {
         AccessToken {
             value: "AT-resource-5678".into(),
             expires_at: T0 + 300,
+            issued_at: 0,
             scope: Some("api.read".into()),
         },
     );

@@ -95,7 +95,7 @@ impl Tokens {
         session
             .tokens
             .get(key)
-            .filter(|t| now().saturating_add(skew) < t.expires_at)
+            .filter(|t| now() < t.refresh_at(skew))
             .filter(|t| rejected != Some(t.value.as_str()))
             .map(|t| t.value.as_str())
     }
@@ -327,8 +327,8 @@ impl Tokens {
         {
             tracing::warn!(
                 lifetime_s = lifetime,
-                "oidc.refresh_skew is not shorter than the access token lifetime: every request \
-                 will refresh the token; lower refresh_skew"
+                "oidc.refresh_skew is not shorter than the access token lifetime: tokens are \
+                 refreshed at half their lifetime instead; lower refresh_skew"
             );
         }
         let claims = match &tokens.id_token {
@@ -352,6 +352,7 @@ impl Tokens {
                 AccessToken {
                     value: tokens.access_token.clone(),
                     expires_at: now + lifetime,
+                    issued_at: now,
                     scope: tokens.scope.clone(),
                 },
             );

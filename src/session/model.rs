@@ -16,8 +16,25 @@ pub struct AccessToken {
     pub value: String,
     /// Unix seconds.
     pub expires_at: u64,
+    /// Unix seconds when it was obtained (0 for sessions stored before this field existed).
+    #[serde(default)]
+    pub issued_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+}
+
+impl AccessToken {
+    /// When to refresh: `skew` before expiry, but never earlier than half the token's lifetime,
+    /// so a skew longer than the provider's token lifetime cannot cause a refresh per request.
+    pub fn refresh_at(&self, skew: u64) -> u64 {
+        let lifetime = self.expires_at.saturating_sub(self.issued_at);
+        let skew = if self.issued_at > 0 {
+            skew.min(lifetime / 2)
+        } else {
+            skew
+        };
+        self.expires_at.saturating_sub(skew)
+    }
 }
 
 impl fmt::Debug for AccessToken {
@@ -90,6 +107,27 @@ impl fmt::Debug for Redacted {
 mod tests {
     use super::*;
 
+    #[test]
+    fn refresh_is_due_at_skew_before_expiry_but_never_before_half_the_lifetime() {
+        let token = |issued_at, expires_at| AccessToken {
+            value: "t".into(),
+            expires_at,
+            issued_at,
+            scope: None,
+        };
+        assert_eq!(token(1000, 4600).refresh_at(60), 4540);
+        assert_eq!(
+            token(1000, 1020).refresh_at(60),
+            1010,
+            "a 20 s token with a 60 s skew refreshes at 10 s"
+        );
+        assert_eq!(
+            token(0, 4600).refresh_at(60),
+            4540,
+            "tokens stored without issued_at keep the plain skew"
+        );
+    }
+
     fn sample() -> Session {
         let mut tokens = BTreeMap::new();
         tokens.insert(
@@ -97,6 +135,7 @@ mod tests {
             AccessToken {
                 value: "AT-default-secret".into(),
                 expires_at: 100,
+                issued_at: 0,
                 scope: Some("api.read".into()),
             },
         );
@@ -105,6 +144,7 @@ mod tests {
             AccessToken {
                 value: "AT-resource-secret".into(),
                 expires_at: 200,
+                issued_at: 0,
                 scope: None,
             },
         );

@@ -36,6 +36,7 @@ fn user(sub: &str, sid: Option<&str>) -> Session {
         AccessToken {
             value: "access-token-value".into(),
             expires_at: T0 + 300,
+            issued_at: 0,
             scope: None,
         },
     );
