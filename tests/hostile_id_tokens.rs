@@ -242,3 +242,89 @@ async fn an_unknown_kid_refetches_the_key_set_once_then_succeeds_after_rotation(
         "exactly one refetch for the new kid"
     );
 }
+
+#[tokio::test]
+async fn token_exchange_routes_get_a_token_for_their_resource() {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/orders/\"\nupstream = \"{}\"\ntoken = \"user\"\nresource = \"https://orders.example\"\nexchange = true\n",
+        up.url()
+    );
+    let text = config_text(&routes).replace(
+        "issuer = \"http://127.0.0.1:9\"",
+        &format!("issuer = \"{}\"", idp.issuer),
+    );
+    let proxy = start_proxy(&text).await;
+    while !proxy.app.oidc.provider.is_ready() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let c = Case { proxy, idp, signer };
+    let start = get(&c.proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+    let q: std::collections::HashMap<String, String> =
+        location.query_pairs().into_owned().collect();
+    let login_cookie = start
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    *c.idp.state.id_token.lock().unwrap() = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .sign(&claims(&c.idp.issuer, &q["nonce"]));
+    let done = get(
+        &c.proxy
+            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
+        &[("cookie", &login_cookie)],
+    )
+    .await;
+    assert_eq!(done.status, 302);
+    let session = done
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .find(|v| v.starts_with("vestibule="))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    for _ in 0..2 {
+        let r = get(
+            &c.proxy.url("/orders/1"),
+            &[("cookie", &session), ("x-csrf", "1")],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            up.last().headers.get("authorization").unwrap(),
+            "Bearer exchanged-for-https://orders.example"
+        );
+    }
+    let requests = c.idp.state.token_requests.lock().unwrap().clone();
+    let exchanges: Vec<_> = requests
+        .iter()
+        .filter(|f| {
+            f.iter()
+                .any(|(k, v)| k == "grant_type" && v.ends_with("token-exchange"))
+        })
+        .collect();
+    assert_eq!(
+        exchanges.len(),
+        1,
+        "the exchanged token is cached in the session"
+    );
+    let form = exchanges[0];
+    assert!(form.contains(&("subject_token".into(), "fake-access".into())));
+    assert!(form.contains(&("resource".into(), "https://orders.example".into())));
+    assert!(form.contains(&(
+        "subject_token_type".into(),
+        "urn:ietf:params:oauth:token-type:access_token".into()
+    )));
+}

@@ -87,7 +87,11 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let _ = child.wait();
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM must shut down gracefully with exit 0, got {status}"
+    );
     let mut logs = String::new();
     std::fs::File::open(&log_path)
         .unwrap()

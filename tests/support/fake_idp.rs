@@ -17,6 +17,8 @@ pub struct State {
     pub jwks: Mutex<Vec<u8>>,
     pub id_token: Mutex<String>,
     pub jwks_fetches: AtomicUsize,
+    /// The form of every token request, in order.
+    pub token_requests: Mutex<Vec<Vec<(String, String)>>>,
 }
 
 pub struct FakeIdp {
@@ -80,6 +82,25 @@ async fn answer(
                 .unwrap()
         }
         "/token" => {
+            use http_body_util::BodyExt;
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let form: Vec<(String, String)> =
+                url::form_urlencoded::parse(&body).into_owned().collect();
+            state.token_requests.lock().unwrap().push(form.clone());
+            let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            if field("grant_type").as_deref()
+                == Some("urn:ietf:params:oauth:grant-type:token-exchange")
+            {
+                let resource = field("resource").unwrap_or_default();
+                return Ok(json(
+                    serde_json::json!({"access_token": format!("exchanged-for-{resource}"), "issued_token_type": "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 300}),
+                ));
+            }
             let id_token = state.id_token.lock().unwrap().clone();
             json(
                 serde_json::json!({"access_token": "fake-access", "token_type": "Bearer", "expires_in": 300, "refresh_token": "fake-refresh", "id_token": id_token}),
