@@ -1,5 +1,5 @@
-//! The callback refuses every forged or mismatched ID token from an in-process fake provider;
-//! a well-formed one (also after key rotation) signs the user in.
+//! Against an in-process fake provider: the callback refuses every forged or mismatched ID token,
+//! accepts a well-formed one (also after key rotation), and token-exchange routes work.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
