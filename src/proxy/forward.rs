@@ -89,22 +89,30 @@ impl Upstreams {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             req.headers_mut().insert(header::UPGRADE, protocol.clone());
         }
-        // The deadline counts from the end of the request body, so long uploads are not cut off.
-        let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
-        let req = req.map(|body| {
-            Tracked {
-                inner: body,
-                done: Some(done_tx),
+        let sent = if http_body::Body::is_end_stream(req.body()) {
+            // No body to send: the deadline starts now.
+            tokio::time::timeout(timeout, self.client.request(req))
+                .await
+                .map_err(|_| ())
+        } else {
+            // The deadline counts from the end of the request body, so long uploads are not cut
+            // off.
+            let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+            let req = req.map(|body| {
+                Tracked {
+                    inner: body,
+                    done: Some(done_tx),
+                }
+                .boxed_unsync()
+            });
+            let deadline = async move {
+                let _ = done_rx.wait_for(|done| *done).await;
+                tokio::time::sleep(timeout).await;
+            };
+            tokio::select! {
+                response = self.client.request(req) => Ok(response),
+                _ = deadline => Err(()),
             }
-            .boxed_unsync()
-        });
-        let deadline = async move {
-            let _ = done_rx.wait_for(|done| *done).await;
-            tokio::time::sleep(timeout).await;
-        };
-        let sent = tokio::select! {
-            response = self.client.request(req) => Ok(response),
-            _ = deadline => Err(()),
         };
         let mut response = match sent {
             Err(_) => {
