@@ -89,7 +89,7 @@ pub async fn dispatch(
                 parts.headers.insert(header::AUTHORIZATION, bearer);
             }
             headers::set_forwarded(&mut parts.headers, peer, host.as_ref());
-            if let Ok(authority) = HeaderValue::from_str(&forward::authority(base)) {
+            if let Ok(authority) = HeaderValue::from_str(forward::authority(base)) {
                 parts.headers.insert(header::HOST, authority);
             }
             parts.uri = uri;
