@@ -63,6 +63,7 @@ pub struct App {
     pub oidc: Arc<Oidc>,
     pub sessions: Arc<Sessions>,
     pub tokens: Tokens,
+    request_metrics: crate::telemetry::RequestMetrics,
     keyring: ArcSwap<Keyring>,
     config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
@@ -97,6 +98,7 @@ impl App {
     /// background (`/readyz` stays unready until it is loaded).
     pub async fn start(config: Config, path: std::path::PathBuf) -> anyhow::Result<Arc<App>> {
         crate::telemetry::metrics();
+        crate::telemetry::spawn_upkeep();
         let keyring = Keyring::new(config.session.keys.clone())
             .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?;
         let store = Store::connect(&store_config(&config))
@@ -123,6 +125,7 @@ impl App {
             oidc,
             sessions,
             tokens: Tokens::default(),
+            request_metrics: crate::telemetry::RequestMetrics::new(),
             keyring: ArcSwap::from_pointee(keyring),
             config_path: std::sync::Mutex::new(Some(path.clone())),
         });
@@ -174,12 +177,13 @@ impl App {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        // A cheap clone (shared bytes), read only if the access log is on.
+        let uri = req.uri().clone();
         let request_id = proxy::headers::ensure_request_id(req.headers_mut());
-        metrics::gauge!("vestibule_requests_in_flight").increment(1.0);
+        let in_flight = crate::telemetry::InFlight::enter(self.request_metrics.in_flight());
         let cors = gate::cors_origin(&runtime, req.headers());
         let (route_name, mut response) = match gate::preflight(&runtime, &req) {
-            Some(answer) => ("preflight".to_string(), answer),
+            Some(answer) => ("preflight", answer),
             None => self.route(&runtime, req, ip, tls).await,
         };
         if let Some(origin) = cors {
@@ -190,7 +194,7 @@ impl App {
                 .headers_mut()
                 .append(header::VARY, http::HeaderValue::from_static("Origin"));
         }
-        metrics::gauge!("vestibule_requests_in_flight").decrement(1.0);
+        drop(in_flight);
         response
             .headers_mut()
             .insert("x-request-id", request_id.clone());
@@ -200,14 +204,12 @@ impl App {
             .extensions()
             .get::<proxy::forward::UpstreamLatency>()
             .map(|l| l.0.as_secs_f64() * 1000.0);
-        metrics::counter!("vestibule_requests_total", "route" => route_name.clone(), "status" => status.to_string()).increment(1);
-        metrics::histogram!("vestibule_request_duration_seconds", "route" => route_name.clone(), "status" => status.to_string())
-            .record(elapsed.as_secs_f64());
+        self.request_metrics.record(route_name, status, elapsed);
         tracing::info!(
             target: "vestibule::access",
             route = %route_name,
             %method,
-            path = %path,
+            path = %uri.path(),
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             upstream_ms,
@@ -216,32 +218,30 @@ impl App {
         response
     }
 
-    async fn route(
+    /// Answers the request; also returns the route's name for metrics and the access log.
+    async fn route<'r>(
         &self,
-        runtime: &Runtime,
+        runtime: &'r Runtime,
         req: Request<Incoming>,
         ip: IpAddr,
         tls: bool,
-    ) -> (String, Response<Body>) {
+    ) -> (&'r str, Response<Body>) {
         let config = &runtime.config;
         if proxy::header_bytes(&req) > config.server.max_header_size {
-            return ("-".into(), ErrorCode::HeadersTooLarge.json(&[]));
+            return ("-", ErrorCode::HeadersTooLarge.json(&[]));
         }
         let path = req.uri().path();
         let prefix = config.server.bff_prefix.as_str();
         if let Some(rest) = path.strip_prefix(prefix).filter(|r| r.starts_with('/')) {
             let rest = rest.to_string();
-            return (
-                prefix.to_string(),
-                crate::bff::handle(self, runtime, req, &rest).await,
-            );
+            return (prefix, crate::bff::handle(self, runtime, req, &rest).await);
         }
-        let Some(route) = runtime.routes.find(path).cloned() else {
-            return ("-".into(), proxy::no_route(&req));
+        let Some(route) = runtime.routes.find(path) else {
+            return ("-", proxy::no_route(&req));
         };
         let admitted = match gate::admit(self, runtime, &route, &req).await {
             Ok(a) => a,
-            Err(response) => return (route.path.clone(), response),
+            Err(response) => return (route.path.as_str(), response),
         };
         let peer = Peer {
             ip,
@@ -282,7 +282,7 @@ impl App {
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
-        (route.path.clone(), response)
+        (route.path.as_str(), response)
     }
 
     /// Another access token for a request whose token the upstream refused: refreshed now (once

@@ -29,7 +29,15 @@ pub fn header_bytes(req: &Request<hyper::body::Incoming>) -> usize {
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum::<usize>()
-        + req.uri().to_string().len()
+        + uri_len(req.uri())
+}
+
+/// The length of `uri.to_string()`, without building it.
+fn uri_len(uri: &http::Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1)
 }
 
 /// Forwards a request that passed the access stage. The body is generic so that a request
@@ -86,7 +94,7 @@ where
                 parts.headers.insert(header::AUTHORIZATION, bearer);
             }
             headers::set_forwarded(&mut parts.headers, peer, host.as_ref());
-            if let Ok(authority) = HeaderValue::from_str(&forward::authority(base)) {
+            if let Ok(authority) = HeaderValue::from_str(forward::authority(base)) {
                 parts.headers.insert(header::HOST, authority);
             }
             parts.uri = uri;
@@ -108,4 +116,24 @@ where
 /// The answer for a request that matched no route.
 pub fn no_route(req: &Request<hyper::body::Incoming>) -> Response<Body> {
     ErrorCode::NotFound.respond(is_navigation(req.headers()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_len_matches_the_written_uri() {
+        for text in [
+            "/",
+            "/api/items?x=1&y=2",
+            "http://example.test:8080/a/b?q",
+            "https://example.test",
+            "example.test:443",
+            "*",
+        ] {
+            let uri: http::Uri = text.parse().unwrap();
+            assert_eq!(uri_len(&uri), uri.to_string().len(), "{text}");
+        }
+    }
 }

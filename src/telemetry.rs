@@ -4,9 +4,12 @@
 
 use crate::config::{LogConfig, LogFormat};
 use http::HeaderMap;
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError, RwLock};
+use std::time::Duration;
 
 /// Installs the global log subscriber (once; later calls are ignored).
 pub fn init_logging(config: &LogConfig) {
@@ -60,6 +63,97 @@ pub fn metrics() -> &'static PrometheusHandle {
         );
         handle
     })
+}
+
+/// Folds recorded histogram samples into their buckets every few seconds. The exporter keeps
+/// every raw sample until this runs (or `/metrics` is scraped), so without it memory grows with
+/// each request when nobody scrapes.
+pub fn spawn_upkeep() {
+    let handle = metrics();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+/// Per-route, per-status request metrics with their handles kept: looking a labelled metric up
+/// in the registry (owned label strings, key hashing) costs more than recording into it.
+pub struct RequestMetrics {
+    in_flight: Gauge,
+    by_route: RwLock<HashMap<String, HashMap<u16, Handles>>>,
+}
+
+/// The request counter and duration histogram of one route and status.
+type Handles = (Counter, Histogram);
+
+/// One request in the in-flight gauge; leaves it when dropped, also when the client goes away
+/// and the request's future is dropped half-way.
+pub struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    pub fn enter(gauge: &'a Gauge) -> Self {
+        gauge.increment(1.0);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Handles kept at most (route names come from the configuration, statuses are few).
+const MAX_CACHED_HANDLES: usize = 4096;
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RequestMetrics {
+    /// Registers with the global recorder: call after [`metrics`] has installed it.
+    pub fn new() -> Self {
+        RequestMetrics {
+            in_flight: metrics::gauge!("vestibule_requests_in_flight"),
+            by_route: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// Counts one finished request and records its duration.
+    pub fn record(&self, route: &str, status: u16, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        {
+            let map = self.by_route.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((counter, histogram)) = map.get(route).and_then(|m| m.get(&status)) {
+                counter.increment(1);
+                histogram.record(seconds);
+                return;
+            }
+        }
+        let status_label = status.to_string();
+        let counter = metrics::counter!("vestibule_requests_total", "route" => route.to_string(), "status" => status_label.clone());
+        let histogram = metrics::histogram!("vestibule_request_duration_seconds", "route" => route.to_string(), "status" => status_label);
+        counter.increment(1);
+        histogram.record(seconds);
+        let mut map = self
+            .by_route
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.values().map(HashMap::len).sum::<usize>() < MAX_CACHED_HANDLES {
+            map.entry(route.to_string())
+                .or_default()
+                .insert(status, (counter, histogram));
+        }
+    }
 }
 
 const SENSITIVE: &[&str] = &[

@@ -89,23 +89,31 @@ impl Upstreams {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             req.headers_mut().insert(header::UPGRADE, protocol.clone());
         }
-        // The deadline counts from the end of the request body, so long uploads are not cut off.
-        let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
-        let req = req.map(|body| {
-            Tracked {
-                inner: body,
-                done: Some(done_tx),
-            }
-            .boxed_unsync()
-        });
-        let deadline = async move {
-            let _ = done_rx.wait_for(|done| *done).await;
-            tokio::time::sleep(timeout).await;
-        };
         let started = std::time::Instant::now();
-        let sent = tokio::select! {
-            response = self.client.request(req) => Ok(response),
-            _ = deadline => Err(()),
+        let sent = if http_body::Body::is_end_stream(req.body()) {
+            // No body to send: the deadline starts now.
+            tokio::time::timeout(timeout, self.client.request(req))
+                .await
+                .map_err(|_| ())
+        } else {
+            // The deadline counts from the end of the request body, so long uploads are not cut
+            // off.
+            let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+            let req = req.map(|body| {
+                Tracked {
+                    inner: body,
+                    done: Some(done_tx),
+                }
+                .boxed_unsync()
+            });
+            let deadline = async move {
+                let _ = done_rx.wait_for(|done| *done).await;
+                tokio::time::sleep(timeout).await;
+            };
+            tokio::select! {
+                response = self.client.request(req) => Ok(response),
+                _ = deadline => Err(()),
+            }
         };
         let mut response = match sent {
             Err(_) => {
@@ -164,27 +172,32 @@ fn find_cause<E: std::error::Error + 'static>(error: &(dyn std::error::Error + '
 /// The upstream URI for `path_and_query` under `base` (whose own path is kept as a prefix).
 pub fn upstream_uri(base: &url::Url, path: &str, query: Option<&str>) -> Option<Uri> {
     let base_path = base.path().trim_end_matches('/');
-    let mut text = format!(
-        "{}://{}{}{}",
-        base.scheme(),
-        authority(base),
-        base_path,
-        path
+    let authority = authority(base);
+    let mut text = String::with_capacity(
+        base.scheme().len()
+            + 3
+            + authority.len()
+            + base_path.len()
+            + path.len()
+            + query.map_or(0, |q| q.len() + 1),
     );
+    text.push_str(base.scheme());
+    text.push_str("://");
+    text.push_str(authority);
+    text.push_str(base_path);
+    text.push_str(path);
     if let Some(q) = query {
         text.push('?');
         text.push_str(q);
     }
-    text.parse().ok()
+    // From a String: the bytes are moved, not copied.
+    Uri::try_from(text).ok()
 }
 
-/// `host[:port]` of a URL, as sent in `Host`.
-pub fn authority(url: &url::Url) -> String {
-    let host = url.host_str().unwrap_or_default();
-    match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
-    }
+/// `host[:port]` of a URL, as sent in `Host` (the port only when it is not the scheme's
+/// default, as the URL is serialised).
+pub fn authority(url: &url::Url) -> &str {
+    &url[url::Position::BeforeHost..url::Position::AfterPort]
 }
 
 /// How long the upstream took to answer with its head; read by the access log.
@@ -235,5 +248,44 @@ impl http_body::Body for Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_uris_keep_the_base_path_and_authority() {
+        let cases = [
+            (
+                "http://127.0.0.1:5001",
+                "/api/x",
+                Some("a=1"),
+                "http://127.0.0.1:5001/api/x?a=1",
+            ),
+            (
+                "http://api.test/base/",
+                "/x",
+                None,
+                "http://api.test/base/x",
+            ),
+            ("https://api.test:443/", "/x", None, "https://api.test/x"),
+            ("http://[::1]:8080", "/", None, "http://[::1]:8080/"),
+        ];
+        for (base, path, query, want) in cases {
+            let base = url::Url::parse(base).unwrap();
+            assert_eq!(upstream_uri(&base, path, query).unwrap().to_string(), want);
+        }
+        let base = url::Url::parse("http://user:pw@api.test:8080/p").unwrap();
+        assert_eq!(authority(&base), "api.test:8080");
+        assert_eq!(
+            authority(&url::Url::parse("https://api.test:443").unwrap()),
+            "api.test"
+        );
+        assert_eq!(
+            authority(&url::Url::parse("http://[::1]:9").unwrap()),
+            "[::1]:9"
+        );
     }
 }

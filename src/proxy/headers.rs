@@ -3,6 +3,8 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const HOP_BY_HOP: &[HeaderName] = &[
     header::CONNECTION,
@@ -16,21 +18,32 @@ const HOP_BY_HOP: &[HeaderName] = &[
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    // One pass over the (few) names present instead of a hashed removal per hop-by-hop name:
+    // most messages carry none.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
 }
 
 /// The `Upgrade` protocol of a request asking to switch protocols (never `h2c`).
@@ -130,16 +143,63 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let mut bytes = [0u8; 16];
-    let _ = getrandom::fill(&mut bytes);
-    let value = HeaderValue::from_str(&hex::encode(bytes)).unwrap_or(HeaderValue::from_static("0"));
+    let value = new_request_id();
     headers.insert(name, value.clone());
     value
+}
+
+/// A new request id: 32 hex digits, unique per process (a random 64-bit process prefix and a
+/// counter scrambled by a bijective mix with a random key), with no system call per request.
+fn new_request_id() -> HeaderValue {
+    static SEED: OnceLock<[u64; 2]> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let [prefix, key] = *SEED.get_or_init(|| {
+        let mut bytes = [0u8; 16];
+        if getrandom::fill(&mut bytes).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            bytes = (nanos ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+        }
+        let (a, b) = bytes.split_at(8);
+        [
+            u64::from_le_bytes(a.try_into().unwrap_or_default()),
+            u64::from_le_bytes(b.try_into().unwrap_or_default()),
+        ]
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&prefix.to_be_bytes());
+    id[8..].copy_from_slice(&mix64(n ^ key).to_be_bytes());
+    let mut text = [0u8; 32];
+    if hex::encode_to_slice(id, &mut text).is_err() {
+        return HeaderValue::from_static("0");
+    }
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// The SplitMix64 finaliser: a bijection on `u64`, so distinct inputs give distinct ids.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_request_ids_are_32_hex_digits_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let id = ensure_request_id(&mut HeaderMap::new());
+            let text = id.to_str().unwrap().to_string();
+            assert_eq!(text.len(), 32);
+            assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(seen.insert(text));
+        }
+    }
 
     #[test]
     fn connection_named_headers_are_removed() {
@@ -154,6 +214,19 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
+        for name in [
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authorization",
+            "proxy-connection",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(name), "x".parse().unwrap());
+            h.insert("x-end-to-end", "1".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}");
+        }
     }
 
     #[test]
