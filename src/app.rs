@@ -239,7 +239,7 @@ impl App {
         let Some(route) = runtime.routes.find(path) else {
             return ("-", proxy::no_route(&req));
         };
-        let admitted = match gate::admit(self, runtime, &route, &req).await {
+        let admitted = match gate::admit(self, runtime, route, &req).await {
             Ok(a) => a,
             Err(response) => return (route.path.as_str(), response),
         };
@@ -254,7 +254,7 @@ impl App {
         let forward = |req, bearer| {
             proxy::dispatch(
                 &self.upstreams,
-                &route,
+                route,
                 req,
                 peer,
                 &own,
@@ -263,13 +263,13 @@ impl App {
                 config.server.request_timeout,
             )
         };
-        let mut response = match Replay::capture(&route, &req, admitted.bearer.as_ref()) {
+        let mut response = match Replay::capture(route, &req, admitted.bearer.as_ref()) {
             None => forward(req.map(Either::Left), admitted.bearer).await,
             Some(replay) => {
                 // No body: the request can be sent again with another token.
                 let first = forward(replay.request(), admitted.bearer).await;
                 if rejects_token(&first) {
-                    match self.replace_token(runtime, &route, &replay).await {
+                    match self.replace_token(runtime, route, &replay).await {
                         Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
                         Ok(None) => first,
                         Err(refused) => refused,
