@@ -82,3 +82,80 @@ fn usage_errors_exit_2_and_health_fails_without_a_server() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("keygen"));
 }
+
+#[test]
+fn sighup_reloads_the_configuration_of_the_running_binary() {
+    use std::io::{Read, Write};
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, admin) = (free(), free());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    std::fs::write(dir.path().join("site/hello.txt"), "hello").unwrap();
+    std::fs::create_dir(dir.path().join("other")).unwrap();
+    std::fs::write(dir.path().join("other/new.txt"), "reloaded").unwrap();
+    let config = |extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [oidc]\nissuer = \"http://127.0.0.1:9\"\nallow_http_issuer = true\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+             [session]\ncookie_secure = false\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n\
+             [[routes]]\npath = \"/site/\"\nstatic_dir = \"site\"\nstrip_prefix = true\n{extra}"
+        )
+    };
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config("")).unwrap();
+    let mut child = vestibule()
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let fetch = |p: &str| -> Option<String> {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(
+            tcp,
+            "GET {p} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let wait_for = |p: &str, want: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if fetch(p).is_some_and(|r| r.contains(want)) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    assert!(
+        wait_for("/site/hello.txt", "hello"),
+        "the binary did not start serving"
+    );
+    assert!(fetch("/other/new.txt").unwrap().starts_with("HTTP/1.1 404"));
+    std::fs::write(
+        &path,
+        config("[[routes]]\npath = \"/other/\"\nstatic_dir = \"other\"\nstrip_prefix = true\n"),
+    )
+    .unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status();
+    let reloaded = wait_for("/other/new.txt", "reloaded");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(reloaded, "the new route did not appear after SIGHUP");
+    assert!(status.success());
+}
