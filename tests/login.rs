@@ -8,6 +8,22 @@ use support::provider::{self, free_port};
 use support::redis::RedisServer;
 use support::*;
 
+/// The same configuration listening on a fresh port.
+fn elsewhere(text: &str) -> String {
+    let mut out = String::new();
+    let mut done = false;
+    for line in text.lines() {
+        if !done && line.starts_with("listen = \"127.0.0.1:") {
+            out.push_str(&format!("listen = \"127.0.0.1:{}\"", free_port()));
+            done = true;
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 struct Stack {
     provider: provider::TestProvider,
     proxy: Proxy,
@@ -146,10 +162,12 @@ async fn login_end_to_end_with_redis_and_the_session_survives_a_restart() {
         "{store}\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n",
         s.up.url()
     );
-    let again = start_proxy(&login_config(port, &s.provider.issuer, &routes)).await;
+    // A new process state on another port (the old port may be taken by a parallel test by now);
+    // cookies ignore ports, so the browser's session cookie goes along.
+    let again = start_proxy(&elsewhere(&login_config(port, &s.provider.issuer, &routes))).await;
     wait_ready(&again).await;
     let user = browser
-        .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+        .get(&again.url("/bff/user"), &[("x-csrf", "1")])
         .await;
     assert_eq!(user.status, 200);
     assert_eq!(user.json()["sub"], "bob");
@@ -417,10 +435,10 @@ async fn a_cookie_sealed_with_an_old_key_still_opens_and_is_resealed_with_the_fi
         &format!("keys = [\"{KEY}\"]"),
         &format!("keys = [\"{NEW_KEY}\", \"{KEY}\"]"),
     );
-    let proxy = start_proxy(&rotated).await;
+    let proxy = start_proxy(&elsewhere(&rotated)).await;
     wait_ready(&proxy).await;
     let r = browser
-        .get(&format!("{}/bff/user", s.base), &[("x-csrf", "1")])
+        .get(&proxy.url("/bff/user"), &[("x-csrf", "1")])
         .await;
     assert_eq!(
         r.status, 200,
@@ -437,10 +455,10 @@ async fn a_cookie_sealed_with_an_old_key_still_opens_and_is_resealed_with_the_fi
         &format!("keys = [\"{KEY}\"]"),
         &format!("keys = [\"{NEW_KEY}\"]"),
     );
-    let proxy = start_proxy(&only_new).await;
+    let proxy = start_proxy(&elsewhere(&only_new)).await;
     wait_ready(&proxy).await;
     let r = get(
-        &format!("{}/bff/user", s.base),
+        &proxy.url("/bff/user"),
         &[
             ("x-csrf", "1"),
             ("cookie", &format!("vestibule={resealed}")),
@@ -452,7 +470,7 @@ async fn a_cookie_sealed_with_an_old_key_still_opens_and_is_resealed_with_the_fi
         "the resealed cookie opens with the new key alone"
     );
     let r = get(
-        &format!("{}/bff/user", s.base),
+        &proxy.url("/bff/user"),
         &[
             ("x-csrf", "1"),
             ("cookie", &format!("vestibule={old_cookie}")),
