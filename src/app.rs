@@ -248,16 +248,17 @@ impl App {
             tls,
             trusted: runtime.is_trusted(ip),
         };
-        let login_cookies = crate::cookies::names_with_prefix(req.headers(), &runtime.login_prefix);
-        let mut own: Vec<&str> = login_cookies.iter().map(String::as_str).collect();
-        own.push(runtime.own_cookie.as_str());
+        let own = proxy::headers::OwnCookies {
+            session: &runtime.own_cookie,
+            login_prefix: &runtime.login_prefix,
+        };
         let forward = |req, bearer| {
             proxy::dispatch(
                 &self.upstreams,
                 route,
                 req,
                 peer,
-                &own,
+                own,
                 bearer,
                 config.server.max_body,
                 config.server.request_timeout,

@@ -19,18 +19,6 @@ pub fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// Names of cookies in the request that start with `prefix`.
-pub fn names_with_prefix(headers: &HeaderMap, prefix: &str) -> Vec<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('=').map(|(n, _)| n.to_string()))
-        .filter(|n| n.starts_with(prefix))
-        .collect()
-}
-
 /// A `Set-Cookie` value with Vestibule's attributes: HttpOnly, Path=/, Secure and SameSite as
 /// configured. `max_age = None` deletes the cookie.
 pub fn set_cookie(

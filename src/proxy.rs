@@ -48,7 +48,7 @@ pub async fn dispatch<B>(
     route: &RouteConfig,
     mut req: Request<B>,
     peer: Peer,
-    own_cookies: &[&str],
+    own_cookies: headers::OwnCookies<'_>,
     bearer: Option<HeaderValue>,
     max_body: u64,
     default_timeout: Duration,

@@ -61,34 +61,54 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     (wants && !is_h2c).then(|| protocol.clone())
 }
 
-/// Removes the named cookies from every `Cookie` header, keeping the others in order.
-pub fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
-    let mut kept: Vec<String> = Vec::new();
-    let mut changed = false;
-    for value in headers.get_all(header::COOKIE) {
-        let Ok(text) = value.to_str() else {
-            changed = true;
-            continue;
-        };
-        for pair in text.split(';') {
-            let pair = pair.trim();
-            if pair.is_empty() {
-                continue;
-            }
-            let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
-            if names.contains(&name) {
-                changed = true;
-            } else {
-                kept.push(pair.to_string());
-            }
-        }
+/// Vestibule's own cookies: the session cookie and every login-state cookie (a prefix).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnCookies<'a> {
+    pub session: &'a str,
+    pub login_prefix: &'a str,
+}
+
+impl OwnCookies<'_> {
+    fn matches(&self, name: &str) -> bool {
+        name == self.session || name.starts_with(self.login_prefix)
     }
-    if !changed {
+}
+
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = Option<&str>> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|value| match value.to_str() {
+            Ok(text) => text
+                .split(';')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(Some)
+                .collect::<Vec<_>>(),
+            Err(_) => vec![None],
+        })
+}
+
+fn cookie_name(pair: &str) -> &str {
+    pair.split_once('=').map_or(pair, |(n, _)| n).trim()
+}
+
+/// Removes Vestibule's own cookies from every `Cookie` header, keeping the others in order.
+/// Requests without any of them (the common case) are left untouched, without allocating.
+pub fn remove_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>) {
+    let present =
+        cookie_pairs(headers).any(|pair| pair.is_none_or(|p| own.matches(cookie_name(p))));
+    if !present {
         return;
     }
+    let kept: Vec<&str> = cookie_pairs(headers)
+        .flatten()
+        .filter(|p| !own.matches(cookie_name(p)))
+        .collect();
+    let joined = kept.join("; ");
     headers.remove(header::COOKIE);
-    if !kept.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&kept.join("; "))
+    if !joined.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&joined)
     {
         headers.insert(header::COOKIE, value);
     }
@@ -237,7 +257,13 @@ mod tests {
             "a=1; __Host-vestibule=x; b=2".parse().unwrap(),
         );
         h.append(header::COOKIE, "vestibule-login=y".parse().unwrap());
-        remove_cookies(&mut h, &["__Host-vestibule", "vestibule-login"]);
+        remove_cookies(
+            &mut h,
+            OwnCookies {
+                session: "__Host-vestibule",
+                login_prefix: "vestibule-login",
+            },
+        );
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
     }
 
