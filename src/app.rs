@@ -234,7 +234,10 @@ impl App {
         let prefix = config.server.bff_prefix.as_str();
         if let Some(rest) = path.strip_prefix(prefix).filter(|r| r.starts_with('/')) {
             let rest = rest.to_string();
-            return (prefix, crate::bff::handle(self, runtime, req, &rest).await);
+            // Boxed: the BFF endpoints' futures are large and rare next to proxied calls,
+            // and would otherwise grow every request's future (moved on each request).
+            let answer = Box::pin(crate::bff::handle(self, runtime, req, &rest)).await;
+            return (prefix, answer);
         }
         let Some(route) = runtime.routes.find(path) else {
             return ("-", proxy::no_route(&req));
@@ -270,11 +273,15 @@ impl App {
                 // No body: the request can be sent again with another token.
                 let first = forward(replay.request(), admitted.bearer).await;
                 if rejects_token(&first) {
-                    match self.replace_token(runtime, route, &replay).await {
-                        Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
-                        Ok(None) => first,
-                        Err(refused) => refused,
-                    }
+                    // Rare: boxed so that it does not grow every request's future.
+                    Box::pin(async {
+                        match self.replace_token(runtime, route, &replay).await {
+                            Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
+                            Ok(None) => first,
+                            Err(refused) => refused,
+                        }
+                    })
+                    .await
                 } else {
                     first
                 }
@@ -416,6 +423,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut notes = Vec::new();
     if old.server.listen != new.server.listen {
         notes.push("server.listen");
+    }
+    if old.server.workers != new.server.workers {
+        notes.push("server.workers");
     }
     if old.server.tls != new.server.tls {
         notes.push("server.tls");

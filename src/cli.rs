@@ -143,8 +143,19 @@ fn run(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(1);
     };
     crate::telemetry::init_logging(&config.log);
-    let Some(rt) = runtime() else {
-        return ExitCode::from(1);
+    // Requests are served by the server's own worker threads; this runtime runs the accept
+    // loop, the admin listener, signals and background work (store connections, reloads).
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vestibule-main")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
     };
     let result = rt.block_on(async move {
         let bound = crate::server::bind(&config).await?;

@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
     pub max_header_size: usize,
+    /// Serving threads, each with its own event loop and upstream connections; `None`: one
+    /// per CPU available to the process.
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

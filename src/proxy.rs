@@ -62,7 +62,8 @@ where
     match &route.target {
         Target::Static { dir, spa_fallback } => {
             let req = req.map(|_| ());
-            static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req).await
+            // Boxed: file serving's future is large and would grow every proxied request's.
+            Box::pin(static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req)).await
         }
         Target::Upstream(base) => {
             let declared = req
@@ -104,8 +105,6 @@ where
                     .boxed_unsync();
             let request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
-            let navigation = false;
-            let _ = navigation;
             upstreams
                 .forward(request, upgrade, timeout, &route.path)
                 .await

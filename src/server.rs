@@ -1,6 +1,6 @@
-//! Listeners: the public one (HTTP/1.1 and HTTP/2, optional TLS) and the admin one, with
-//! header-read timeouts, TCP_NODELAY, and graceful shutdown that lets in-flight requests and
-//! tunnels finish within `shutdown_grace`.
+//! Listeners: the public one (HTTP/1.1 and HTTP/2, optional TLS; served by worker threads) and
+//! the admin one, with header-read timeouts, TCP_NODELAY, and graceful shutdown that lets
+//! in-flight requests and tunnels finish within `shutdown_grace`.
 
 pub mod admin;
 pub mod tls;
@@ -14,8 +14,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Sockets bound before serving, so callers learn the real ports (port 0 in tests).
@@ -53,6 +55,11 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves until `shutdown` is cancelled, then drains within the grace period.
+///
+/// Connections are accepted here and handed to `server.workers` serving threads, each with a
+/// single-threaded runtime and its own upstream pool, like nginx's worker processes: a request
+/// is handled start to finish on one thread, with no work stealing or cross-thread wake-ups.
+/// Each new connection goes to the worker with the fewest open connections.
 pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> anyhow::Result<()> {
     let runtime = app.runtime.load_full();
     let config = runtime.config.clone();
@@ -60,10 +67,19 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         Some(tls) => Some(tls::acceptor(tls)?),
         None => None,
     };
-    let graceful = Arc::new(GracefulShutdown::new());
-    let builder = Arc::new(builder(&config));
+    let count = worker_count(&config);
+    let setup = Arc::new(Setup {
+        app: app.clone(),
+        builder: builder(&config),
+        tls,
+        grace: config.server.shutdown_grace,
+    });
+    let mut workers = Vec::with_capacity(count);
+    for index in 0..count {
+        workers.push(Worker::start(index, setup.clone(), shutdown.clone())?);
+    }
     let admin_task = tokio::spawn(admin::serve(app.clone(), bound.admin, shutdown.clone()));
-    tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, "vestibule listening");
+    tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, workers = count, "vestibule listening");
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -78,20 +94,123 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
             }
         };
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        let builder = builder.clone();
-        let graceful = graceful.clone();
-        let tls = tls.clone();
+        let Ok(tcp) = tcp.into_std() else { continue };
+        let least_busy = workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed));
+        if let Some(worker) = least_busy {
+            worker.assign(tcp, peer);
+        }
+    }
+    drop(bound.public);
+    tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
+    for worker in workers {
+        let _ = worker.finished.await;
+    }
+    let _ = admin_task.await;
+    Ok(())
+}
+
+/// One worker per CPU available to the process unless `server.workers` says otherwise.
+fn worker_count(config: &Config) -> usize {
+    config.server.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    })
+}
+
+/// What every worker needs to serve a connection.
+struct Setup {
+    app: Arc<App>,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    grace: Duration,
+}
+
+type Handoff = (std::net::TcpStream, SocketAddr);
+
+/// A serving thread, seen from the accept loop.
+struct Worker {
+    connections: mpsc::UnboundedSender<Handoff>,
+    /// Connections it is serving now.
+    open: Arc<AtomicUsize>,
+    /// Resolves once it has drained and stopped.
+    finished: oneshot::Receiver<()>,
+}
+
+impl Worker {
+    fn start(index: usize, setup: Arc<Setup>, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let (connections, incoming) = mpsc::unbounded_channel();
+        let (done, finished) = oneshot::channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let counter = open.clone();
+        std::thread::Builder::new()
+            .name(format!("vestibule-worker-{index}"))
+            .spawn(move || {
+                runtime.block_on(work(setup, incoming, counter, shutdown));
+                // Tasks still running after the grace period (none, normally) are dropped here.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+                let _ = done.send(());
+            })?;
+        Ok(Worker {
+            connections,
+            open,
+            finished,
+        })
+    }
+
+    fn assign(&self, tcp: std::net::TcpStream, peer: SocketAddr) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        if self.connections.send((tcp, peer)).is_err() {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A worker's event loop: serve the connections handed over until shutdown, then drain.
+async fn work(
+    setup: Arc<Setup>,
+    mut incoming: mpsc::UnboundedReceiver<Handoff>,
+    open: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+) {
+    crate::proxy::Upstreams::adopt_thread();
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            handoff = incoming.recv() => match handoff {
+                Some(handoff) => handoff,
+                None => break,
+            },
+        };
+        let guard = Open(open.clone());
+        let Ok(tcp) = TcpStream::from_std(tcp) else { continue };
+        let setup = setup.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _guard = guard;
+            let app = setup.app.clone();
             let ip = peer.ip();
-            match tls {
+            match &setup.tls {
                 None => {
                     let service = service_fn(move |req| {
                         let app = app.clone();
                         async move { Ok::<_, Infallible>(app.handle(req, ip, false).await) }
                     });
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    let _ = graceful.watch(conn.into_owned()).await;
+                    let conn = setup
+                        .builder
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
@@ -103,25 +222,24 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
                         let app = app.clone();
                         async move { Ok::<_, Infallible>(app.handle(req, ip, true).await) }
                     });
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    let _ = graceful.watch(conn.into_owned()).await;
+                    let conn = setup
+                        .builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
                 }
             }
         });
     }
-    drop(bound.public);
-    tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-    let drained = tokio::time::timeout(config.server.shutdown_grace, async {
+    // Connections handed over but not yet taken are closed unanswered, like a full backlog.
+    incoming.close();
+    let tunnels = &setup.app.upstreams.tunnels;
+    let drained = tokio::time::timeout(setup.grace, async {
         graceful.shutdown().await;
-        app.upstreams.tunnels.close();
-        app.upstreams.tunnels.wait().await;
+        tunnels.close();
+        tunnels.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!("grace period over; closing remaining connections");
     }
-    let _ = admin_task.await;
-    Ok(())
 }

@@ -26,6 +26,7 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "shutdown_grace",
             "header_read_timeout",
             "max_header_size",
+            "workers",
         ],
     ),
     ("server.tls", &["cert", "key"]),
@@ -104,6 +105,7 @@ pub struct Server {
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
     pub max_header_size: Option<String>,
+    pub workers: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -407,6 +407,7 @@ fn server_config(raw: raw::Server, base: &Path, problems: &mut Problems) -> Opti
         shutdown_grace,
         header_read_timeout,
         max_header_size,
+        workers,
     } = raw;
     let listen = socket(listen, "server.listen", "0.0.0.0:8080", problems);
     let public_url = match public_url {
@@ -519,8 +520,20 @@ fn server_config(raw: raw::Server, base: &Path, problems: &mut Problems) -> Opti
     if max_header_size < 1024 {
         problems.add("server.max_header_size", "must be at least 1KiB");
     }
+    let workers = match workers {
+        None => None,
+        Some(n @ 1..=1024) => usize::try_from(n).ok(),
+        Some(n) => {
+            problems.add(
+                "server.workers",
+                format!("{n} is out of range; use 1 to 1024, or leave it out for one per CPU"),
+            );
+            None
+        }
+    };
     let server = ServerConfig {
         listen,
+        workers,
         public_origin: public_url
             .as_ref()
             .map(|u| u.origin().ascii_serialization())

@@ -147,10 +147,26 @@ impl Tokens {
         route: &RouteConfig,
         rejected: Option<&str>,
     ) -> Result<Option<String>, Response<Body>> {
-        let key = route.resource.clone().unwrap_or_default();
-        if let Some(t) = Self::fresh(runtime, &loaded.session, &key, rejected) {
+        let key = route.resource.as_deref().unwrap_or_default();
+        if let Some(t) = Self::fresh(runtime, &loaded.session, key, rejected) {
             return Ok(Some(t.to_string()));
         }
+        // Boxed: the single flight's future is large and rarely needed, and would otherwise
+        // grow the future of every request on a token route.
+        Box::pin(self.single_flight(app, runtime, loaded, route, key, rejected)).await
+    }
+
+    /// The slow path of [`Self::user_token_except`]: wait for, or become, the one request that
+    /// refreshes this session's tokens.
+    async fn single_flight(
+        &self,
+        app: &App,
+        runtime: &Runtime,
+        loaded: &Loaded,
+        route: &RouteConfig,
+        key: &str,
+        rejected: Option<&str>,
+    ) -> Result<Option<String>, Response<Body>> {
         let lock = self.local_lock(&loaded.handle);
         let arrived = Instant::now();
         let deadline = arrived + WAIT_FOR_WINNER;
@@ -168,7 +184,7 @@ impl Tokens {
             let Some(current) = current else {
                 return Err(session_expired(runtime));
             };
-            if let Some(t) = Self::fresh(runtime, &current.session, &key, rejected) {
+            if let Some(t) = Self::fresh(runtime, &current.session, key, rejected) {
                 return Ok(Some(t.to_string()));
             }
             // The refresh this request queued behind failed: share its answer rather than
@@ -177,7 +193,7 @@ impl Tokens {
                 return Err(provider_unavailable());
             }
             let early =
-                rejected.is_some() && Self::fresh(runtime, &current.session, &key, None).is_some();
+                rejected.is_some() && Self::fresh(runtime, &current.session, key, None).is_some();
             if early
                 && flight
                     .forced
@@ -200,7 +216,7 @@ impl Tokens {
                             return Err(ErrorCode::StoreUnavailable.json(&[]));
                         }
                     };
-                    let result = match Self::fresh(runtime, &current.session, &key, rejected) {
+                    let result = match Self::fresh(runtime, &current.session, key, rejected) {
                         Some(t) => Ok(t.to_string()),
                         None => {
                             if early {
@@ -211,7 +227,7 @@ impl Tokens {
                                 runtime,
                                 current,
                                 route,
-                                &key,
+                                key,
                                 &lock_key,
                                 &lease_token,
                             )

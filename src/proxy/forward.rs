@@ -1,5 +1,6 @@
-//! Forwarding to upstreams through one pooled client: bodies stream both ways, HTTP/1.1
-//! upgrades (WebSocket) become a byte tunnel, and failures become 502/504 with no detail.
+//! Forwarding to upstreams through pooled clients (one per serving worker): bodies stream both
+//! ways, HTTP/1.1 upgrades (WebSocket) become a byte tunnel, and failures become 502/504 with
+//! no detail.
 
 use super::headers;
 use crate::reply::{Body, BoxError, ErrorCode};
@@ -8,15 +9,25 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::cell::OnceCell;
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// The pooled upstream client, shared by every route.
+type Pooled = Client<Connector, Body>;
+
+thread_local! {
+    /// A serving worker's own upstream client: its connections are driven by, and only used
+    /// from, that worker's event loop (see [`Upstreams::adopt_thread`]).
+    static WORKER_CLIENT: OnceCell<Pooled> = const { OnceCell::new() };
+}
+
+/// The pooled upstream clients, shared by every route: one per serving worker thread, and a
+/// shared one for any other caller.
 #[derive(Clone)]
 pub struct Upstreams {
-    client: Client<Connector, Body>,
+    client: Pooled,
     /// Tracks upgraded tunnels, which graceful shutdown must wait for separately.
     pub tunnels: TaskTracker,
 }
@@ -56,18 +67,34 @@ impl Default for Upstreams {
     }
 }
 
+fn pooled() -> Pooled {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(256)
+        .timer(TokioTimer::new())
+        .build(connector())
+}
+
 impl Upstreams {
     pub fn new() -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(256)
-            .timer(TokioTimer::new())
-            .build(connector());
         Upstreams {
-            client,
+            client: pooled(),
             tunnels: TaskTracker::new(),
         }
+    }
+
+    /// Gives the calling thread (a serving worker with its own single-threaded runtime) an
+    /// upstream pool of its own: a request then never waits on another thread's lock or wakes
+    /// another thread to use a connection.
+    pub fn adopt_thread() {
+        WORKER_CLIENT.with(|client| {
+            let _ = client.set(pooled());
+        });
+    }
+
+    fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        WORKER_CLIENT.with(|local| local.get().unwrap_or(&self.client).request(req))
     }
 
     /// Sends `req` (already rewritten) and relays the response. `timeout` bounds the wait for
@@ -92,7 +119,7 @@ impl Upstreams {
         let started = std::time::Instant::now();
         let sent = if http_body::Body::is_end_stream(req.body()) {
             // No body to send: the deadline starts now.
-            tokio::time::timeout(timeout, self.client.request(req))
+            tokio::time::timeout(timeout, self.request(req))
                 .await
                 .map_err(|_| ())
         } else {
@@ -111,7 +138,7 @@ impl Upstreams {
                 tokio::time::sleep(timeout).await;
             };
             tokio::select! {
-                response = self.client.request(req) => Ok(response),
+                response = self.request(req) => Ok(response),
                 _ = deadline => Err(()),
             }
         };
