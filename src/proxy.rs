@@ -63,7 +63,13 @@ where
         Target::Static { dir, spa_fallback } => {
             let req = req.map(|_| ());
             // Boxed: file serving's future is large and would grow every proxied request's.
-            Box::pin(static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req)).await
+            Box::pin(static_files::serve(
+                dir,
+                spa_fallback.as_deref(),
+                &upstream_path,
+                &req,
+            ))
+            .await
         }
         Target::Upstream(base) => {
             let declared = req

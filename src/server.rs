@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use metrics::Gauge;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,7 +96,9 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         };
         let _ = tcp.set_nodelay(true);
         let Ok(tcp) = tcp.into_std() else { continue };
-        let least_busy = workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed));
+        let least_busy = workers
+            .iter()
+            .min_by_key(|w| w.open.load(Ordering::Relaxed));
         if let Some(worker) = least_busy {
             worker.assign(tcp, peer);
         }
@@ -131,19 +134,27 @@ struct Worker {
     connections: mpsc::UnboundedSender<Handoff>,
     /// Connections it is serving now.
     open: Arc<AtomicUsize>,
+    /// The same count, exported as `vestibule_connections_open{worker}`.
+    gauge: Gauge,
     /// Resolves once it has drained and stopped.
     finished: oneshot::Receiver<()>,
 }
 
 impl Worker {
-    fn start(index: usize, setup: Arc<Setup>, shutdown: CancellationToken) -> std::io::Result<Self> {
+    fn start(
+        index: usize,
+        setup: Arc<Setup>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Self> {
         let (connections, incoming) = mpsc::unbounded_channel();
         let (done, finished) = oneshot::channel();
         let open = Arc::new(AtomicUsize::new(0));
+        let gauge = metrics::gauge!("vestibule_connections_open", "worker" => index.to_string());
+        gauge.set(0.0);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let counter = open.clone();
+        let counter = Counter(open.clone(), gauge.clone());
         std::thread::Builder::new()
             .name(format!("vestibule-worker-{index}"))
             .spawn(move || {
@@ -155,24 +166,32 @@ impl Worker {
         Ok(Worker {
             connections,
             open,
+            gauge,
             finished,
         })
     }
 
     fn assign(&self, tcp: std::net::TcpStream, peer: SocketAddr) {
         self.open.fetch_add(1, Ordering::Relaxed);
+        self.gauge.increment(1.0);
         if self.connections.send((tcp, peer)).is_err() {
             self.open.fetch_sub(1, Ordering::Relaxed);
+            self.gauge.decrement(1.0);
         }
     }
 }
 
-/// Counts a connection as open for as long as it lives.
-struct Open(Arc<AtomicUsize>);
+/// A worker's count of open connections, as the accept loop and `/metrics` see it.
+#[derive(Clone)]
+struct Counter(Arc<AtomicUsize>, Gauge);
 
-impl Drop for Open {
+/// One connection, counted (by the accept loop) when handed over and counted off when dropped.
+struct Counted(Counter);
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.1.decrement(1.0);
     }
 }
 
@@ -180,7 +199,7 @@ impl Drop for Open {
 async fn work(
     setup: Arc<Setup>,
     mut incoming: mpsc::UnboundedReceiver<Handoff>,
-    open: Arc<AtomicUsize>,
+    counter: Counter,
     shutdown: CancellationToken,
 ) {
     crate::proxy::Upstreams::adopt_thread();
@@ -193,8 +212,10 @@ async fn work(
                 None => break,
             },
         };
-        let guard = Open(open.clone());
-        let Ok(tcp) = TcpStream::from_std(tcp) else { continue };
+        let guard = Counted(counter.clone());
+        let Ok(tcp) = TcpStream::from_std(tcp) else {
+            continue;
+        };
         let setup = setup.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -232,6 +253,10 @@ async fn work(
     }
     // Connections handed over but not yet taken are closed unanswered, like a full backlog.
     incoming.close();
+    while let Ok(unserved) = incoming.try_recv() {
+        drop(Counted(counter.clone()));
+        drop(unserved);
+    }
     let tunnels = &setup.app.upstreams.tunnels;
     let drained = tokio::time::timeout(setup.grace, async {
         graceful.shutdown().await;

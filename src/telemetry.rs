@@ -61,6 +61,10 @@ pub fn metrics() -> &'static PrometheusHandle {
             "vestibule_requests_in_flight",
             "Requests being handled now."
         );
+        metrics::describe_gauge!(
+            "vestibule_connections_open",
+            "Client connections open now, by serving worker."
+        );
         handle
     })
 }

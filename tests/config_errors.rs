@@ -72,6 +72,10 @@ fn golden_messages_for_each_kind_of_mistake() {
             "oidc.issuer: \"http://idp.example.com\" uses plain http; use https, or set allow_http_issuer = true for a loopback issuer in development",
         ),
         (
+            base().replace("[server]\n", "[server]\nworkers = 0\n"),
+            "server.workers: 0 is out of range; use 1 to 1024, or leave it out for one per CPU",
+        ),
+        (
             base().replace("[server]\n", "[server]\nlisten = \"nowhere\"\n"),
             "server.listen: \"nowhere\" is not an address; write host:port such as \"0.0.0.0:8080\"",
         ),

@@ -358,3 +358,29 @@ async fn admin_exposes_health_and_metrics() {
     let public = get(&proxy.url("/metrics"), &[]).await;
     assert_eq!(public.status, 404, "metrics are not on the public listener");
 }
+
+#[tokio::test]
+async fn a_single_worker_serves_everything() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let text = config_text(&routes).replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nworkers = 1",
+    );
+    let proxy = start_proxy(&text).await;
+    let answers = futures_util::future::join_all((0..20).map(|n| {
+        let url = proxy.url(&format!("/api/parallel/{n}"));
+        async move { get(&url, &[]).await.status }
+    }))
+    .await;
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    proxy.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), proxy.task)
+        .await
+        .expect("the worker drained and stopped")
+        .unwrap()
+        .unwrap();
+}
