@@ -210,7 +210,7 @@ pub async fn admit(
         None
     };
     if let Some(feature) = &route.feature
-        && !feature_visible(runtime, feature, loaded.as_ref().map(|l| &l.session))
+        && !feature_visible(runtime, feature, loaded.as_ref().map(|l| &*l.session))
     {
         return Err(ErrorCode::NotFound.respond(navigation));
     }

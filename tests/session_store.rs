@@ -470,7 +470,7 @@ async fn redis_dump_reveals_no_token_session_id_or_cookie() {
     let store = Store::connect(&redis_config(server.url())).await.unwrap();
     let manager = sessions(store, Duration::ZERO);
     let (cookie, loaded) = manager.create(session_with_tokens(), T0).await.unwrap();
-    let mut updated = loaded.session.clone();
+    let mut updated = loaded.session.as_ref().clone();
     updated.refresh_token = Some("RT-rotated-0000".into());
     assert!(manager.save(&loaded, updated, T0 + 1).await.unwrap());
     let lock = manager.refresh_lock_key(&loaded);

@@ -388,7 +388,7 @@ impl Tokens {
         // came in between, re-read and apply the new tokens again; we still hold the lease.
         let mut base = current;
         for _ in 0..SAVE_ATTEMPTS {
-            let mut session = base.session.clone();
+            let mut session = Session::clone(&base.session);
             apply(&mut session);
             match app.sessions.save(&base, session, now).await {
                 Ok(true) => return Ok(tokens.access_token),

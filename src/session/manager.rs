@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
 use self::cache::Cache;
+use std::sync::Arc;
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
@@ -68,7 +69,8 @@ pub enum SessionError {
 /// A session read through its cookie, ready to be saved back.
 #[derive(Clone)]
 pub struct Loaded {
-    pub session: Session,
+    /// Shared with the cache; [`Arc::make_mut`] copies it before a change.
+    pub session: Arc<Session>,
     /// The store version this was read at; `save` succeeds only if it is still current.
     pub version: u64,
     /// A stable, non-secret id for this session (URLs, cache keys, invalidation messages).
@@ -194,7 +196,7 @@ impl Sessions {
         }
         let cookie = keyring.seal(&self.cookie_name, &ticket.to_bytes())?;
         let loaded = Loaded {
-            session,
+            session: Arc::new(session),
             version: 1,
             handle: key.handle(),
             reseal: false,
@@ -238,6 +240,7 @@ impl Sessions {
                 let Some(session) = decode_session(&ticket, &key, &record.value) else {
                     return Ok(None);
                 };
+                let session = Arc::new(session);
                 if let Some(cache) = &self.cache {
                     cache.put(&handle, record.version, &session);
                 }
@@ -269,6 +272,7 @@ impl Sessions {
         if self.seconds_left(&session, now) == 0 {
             return Ok(None);
         }
+        let session = Arc::new(session);
         if let Some(cache) = &self.cache {
             cache.put(&loaded.handle, record.version, &session);
         }
@@ -336,12 +340,12 @@ impl Sessions {
         {
             return Ok(false);
         }
-        let mut updated = loaded.session.clone();
+        let mut updated = Session::clone(&loaded.session);
         updated.last_seen = now;
         if !self.write(loaded, &updated, now).await? {
             return Ok(false);
         }
-        loaded.session = updated;
+        loaded.session = Arc::new(updated);
         loaded.version = loaded.version.saturating_add(1);
         Ok(true)
     }

@@ -6,7 +6,7 @@
 //! no entry outlives its time to live even if messages are lost.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::broadcast::{self, error::TryRecvError};
@@ -30,7 +30,8 @@ struct State {
 struct Entry {
     stored: Instant,
     version: u64,
-    session: Session,
+    /// Shared with the requests that read it: a hit costs a reference count, not a copy.
+    session: Arc<Session>,
 }
 
 impl Cache {
@@ -50,13 +51,13 @@ impl Cache {
         state
     }
 
-    pub(super) fn get(&self, handle: &str) -> Option<(u64, Session)> {
+    pub(super) fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
         let state = self.state();
         let entry = state.entries.get(handle)?;
         (entry.stored.elapsed() < self.ttl).then(|| (entry.version, entry.session.clone()))
     }
 
-    pub(super) fn put(&self, handle: &str, version: u64, session: &Session) {
+    pub(super) fn put(&self, handle: &str, version: u64, session: &Arc<Session>) {
         let mut state = self.state();
         if state.entries.len() >= MAX_ENTRIES {
             let ttl = self.ttl;
@@ -100,11 +101,11 @@ impl State {
 mod tests {
     use super::*;
 
-    fn session() -> Session {
-        Session {
+    fn session() -> Arc<Session> {
+        Arc::new(Session {
             sub: "u".into(),
             ..Session::default()
-        }
+        })
     }
 
     #[tokio::test(start_paused = true)]

@@ -200,9 +200,9 @@ async fn save_fails_when_someone_else_wrote_first() {
     let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
     let first = s.load(&cookie, T0 + 1).await.unwrap().unwrap();
     let second = s.load(&cookie, T0 + 1).await.unwrap().unwrap();
-    let mut a = first.session.clone();
+    let mut a = first.session.as_ref().clone();
     a.refresh_token = Some("rotated-by-a".into());
-    let mut b = second.session.clone();
+    let mut b = second.session.as_ref().clone();
     b.refresh_token = Some("rotated-by-b".into());
     assert!(s.save(&first, a, T0 + 2).await.unwrap());
     assert!(!s.save(&second, b, T0 + 2).await.unwrap());
@@ -219,13 +219,13 @@ async fn save_after_delete_or_expiry_writes_nothing() {
     let s = sessions();
     let (cookie, loaded) = s.create(user("alice", None), T0).await.unwrap();
     assert!(
-        !s.save(&loaded, loaded.session.clone(), T0 + ABSOLUTE)
+        !s.save(&loaded, loaded.session.as_ref().clone(), T0 + ABSOLUTE)
             .await
             .unwrap()
     );
     s.delete(&loaded).await.unwrap();
     assert!(
-        !s.save(&loaded, loaded.session.clone(), T0 + 1)
+        !s.save(&loaded, loaded.session.as_ref().clone(), T0 + 1)
             .await
             .unwrap()
     );
@@ -322,7 +322,7 @@ async fn every_end_and_update_publishes_the_handle_not_the_id() {
     let mut events = s.subscribe_invalidations();
     let (cookie, loaded) = s.create(user("alice", Some("sid-1")), T0).await.unwrap();
     assert!(
-        s.save(&loaded, loaded.session.clone(), T0 + 1)
+        s.save(&loaded, loaded.session.as_ref().clone(), T0 + 1)
             .await
             .unwrap()
     );
@@ -357,8 +357,8 @@ async fn cached_copy_never_hides_a_newer_version_after_a_conflict() {
     let (cookie, _) = a.create(user("alice", None), T0).await.unwrap();
     let on_b = b.load(&cookie, T0).await.unwrap().unwrap();
     let on_a = a.load(&cookie, T0).await.unwrap().unwrap();
-    assert!(a.save(&on_a, on_a.session.clone(), T0 + 1).await.unwrap());
-    assert!(!b.save(&on_b, on_b.session.clone(), T0 + 1).await.unwrap());
+    assert!(a.save(&on_a, on_a.session.as_ref().clone(), T0 + 1).await.unwrap());
+    assert!(!b.save(&on_b, on_b.session.as_ref().clone(), T0 + 1).await.unwrap());
     assert_eq!(b.load(&cookie, T0 + 1).await.unwrap().unwrap().version, 2);
 }
 
