@@ -17,33 +17,39 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
+///
+/// One pass over the names present collects what to remove (most messages carry only
+/// `Connection: keep-alive`, which names no other header); only a `Connection` token that is
+/// not itself a hop-by-hop name is parsed into a header name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            let known = token.eq_ignore_ascii_case("close")
+                || is_hop_by_hop_str(token)
+                || token.is_empty();
+            if !known && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                doomed.push(name);
+            }
         }
     }
-    // One pass over the (few) names present instead of a hashed removal per hop-by-hop name:
-    // most messages carry none.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    for name in HOP_BY_HOP {
+    doomed.extend(headers.keys().filter(|n| is_hop_by_hop(n)).cloned());
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+}
+
+fn is_hop_by_hop_str(token: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .map(HeaderName::as_str)
+        .chain(["keep-alive", "proxy-connection"])
+        .any(|name| name.eq_ignore_ascii_case(token))
 }
 
 /// The `Upgrade` protocol of a request asking to switch protocols (never `h2c`).
@@ -128,12 +134,22 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderVa
     let xff = HeaderName::from_static("x-forwarded-for");
     let proto = HeaderName::from_static("x-forwarded-proto");
     let fhost = HeaderName::from_static("x-forwarded-host");
-    let ip = peer.ip.to_string();
-    let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) if peer.trusted && !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
+    let prior = headers
+        .get(&xff)
+        .map(HeaderValue::as_bytes)
+        .filter(|prior| peer.trusted && !prior.trim_ascii().is_empty());
+    // Formatted on the stack: an address is at most 45 bytes ("ffff:...:255.255.255.255").
+    let mut buffer = [0u8; 64];
+    let mut ip = &mut buffer[..];
+    let written = std::io::Write::write_fmt(&mut ip, format_args!("{}", peer.ip));
+    let unused = ip.len();
+    let ip = &buffer[..buffer.len() - unused];
+    let value = match prior {
+        _ if written.is_err() => None,
+        None => HeaderValue::from_bytes(ip).ok(),
+        Some(prior) => HeaderValue::from_bytes(&[prior, b", ", ip].concat()).ok(),
     };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
+    if let Some(value) = value {
         headers.insert(xff, value);
     }
     if !(peer.trusted && headers.contains_key(&proto)) {
