@@ -6,6 +6,7 @@ use super::headers;
 use crate::reply::{Body, BoxError, ErrorCode};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -32,13 +33,21 @@ pub struct Upstreams {
     pub tunnels: TaskTracker,
 }
 
-/// Builds the HTTPS-capable connector used for upstreams and the identity provider.
-pub fn connector() -> Connector {
+mod local;
+
+/// Plain TCP connections: no delay, 5 s to connect, TCP keep-alive.
+fn http_connector() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    http
+}
+
+/// Builds the HTTPS-capable connector used for upstreams and the identity provider.
+pub fn connector() -> Connector {
+    let mut http = http_connector();
+    http.enforce_http(false);
     let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -91,10 +100,17 @@ impl Upstreams {
         WORKER_CLIENT.with(|client| {
             let _ = client.set(pooled());
         });
+        local::adopt_thread(http_connector());
     }
 
-    fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
-        WORKER_CLIENT.with(|local| local.get().unwrap_or(&self.client).request(req))
+    /// Plain-`http` upstreams on a worker thread use the worker's own HTTP/1.1 pool
+    /// ([`local`]); `https` ones (TLS, maybe HTTP/2) and other callers the pooled client.
+    async fn request(&self, req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+        if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) && local::available() {
+            return local::send(req).await;
+        }
+        let response = WORKER_CLIENT.with(|own| own.get().unwrap_or(&self.client).request(req));
+        Ok(response.await?)
     }
 
     /// Sends `req` (already rewritten) and relays the response. `timeout` bounds the wait for
@@ -149,7 +165,7 @@ impl Upstreams {
                 return ErrorCode::UpstreamTimeout.json(&[]);
             }
             Ok(Err(error)) => {
-                let too_large = find_cause::<http_body_util::LengthLimitError>(&error);
+                let too_large = find_cause::<http_body_util::LengthLimitError>(&*error);
                 if too_large {
                     return ErrorCode::PayloadTooLarge.json(&[]);
                 }

@@ -26,9 +26,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',').map(str::trim) {
-            let known = token.eq_ignore_ascii_case("close")
-                || is_hop_by_hop_str(token)
-                || token.is_empty();
+            let known =
+                token.eq_ignore_ascii_case("close") || is_hop_by_hop_str(token) || token.is_empty();
             if !known && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                 doomed.push(name);
             }

@@ -21,11 +21,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
 use self::cache::Cache;
-use std::sync::Arc;
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
 use crate::session::store::{Store, StoreError};
+use std::sync::Arc;
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_ABSOLUTE_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);

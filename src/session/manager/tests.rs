@@ -357,8 +357,16 @@ async fn cached_copy_never_hides_a_newer_version_after_a_conflict() {
     let (cookie, _) = a.create(user("alice", None), T0).await.unwrap();
     let on_b = b.load(&cookie, T0).await.unwrap().unwrap();
     let on_a = a.load(&cookie, T0).await.unwrap().unwrap();
-    assert!(a.save(&on_a, on_a.session.as_ref().clone(), T0 + 1).await.unwrap());
-    assert!(!b.save(&on_b, on_b.session.as_ref().clone(), T0 + 1).await.unwrap());
+    assert!(
+        a.save(&on_a, on_a.session.as_ref().clone(), T0 + 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.save(&on_b, on_b.session.as_ref().clone(), T0 + 1)
+            .await
+            .unwrap()
+    );
     assert_eq!(b.load(&cookie, T0 + 1).await.unwrap().unwrap().version, 2);
 }
 
