@@ -66,6 +66,9 @@ pub struct App {
     request_metrics: crate::telemetry::RequestMetrics,
     keyring: ArcSwap<Keyring>,
     config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Cancelled when shutdown begins: long-lived responses (session-events streams) end then
+    /// rather than hold the drain for the whole grace period.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 fn store_config(config: &Config) -> store::StoreConfig {
@@ -128,6 +131,7 @@ impl App {
             request_metrics: crate::telemetry::RequestMetrics::new(),
             keyring: ArcSwap::from_pointee(keyring),
             config_path: std::sync::Mutex::new(Some(path.clone())),
+            stopping: tokio_util::sync::CancellationToken::new(),
         });
         watch_config(&app, path);
         Ok(app)

@@ -484,6 +484,7 @@ async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -
         Err(response) => return response,
     };
     let sessions = app.sessions.clone();
+    let stopping = app.stopping.clone();
     let mut invalidations = sessions.subscribe_invalidations();
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<http_body::Frame<bytes::Bytes>, crate::reply::BoxError>,
@@ -509,6 +510,9 @@ async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -
                     if tx.send(frame(b": ping\n\n")).await.is_err() { break; }
                 }
                 _ = tx.closed() => break,
+                // Shutting down: end the stream; the browser's EventSource reconnects, to
+                // another replica.
+                _ = stopping.cancelled() => break,
             }
             if let Ok(None) = sessions.reload(&loaded, now()).await {
                 let _ = tx.send(frame(b"event: ended\ndata: {}\n\n")).await;

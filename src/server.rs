@@ -104,12 +104,22 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         }
     }
     drop(bound.public);
+    app.stopping.cancel();
     tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
     for worker in workers {
         let _ = worker.finished.await;
     }
     let _ = admin_task.await;
     Ok(())
+}
+
+thread_local! {
+    static ON_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is a serving worker (which may keep connections of its own).
+pub fn on_worker() -> bool {
+    ON_WORKER.with(std::cell::Cell::get)
 }
 
 /// One worker per CPU available to the process unless `server.workers` says otherwise.
@@ -202,6 +212,7 @@ async fn work(
     counter: Counter,
     shutdown: CancellationToken,
 ) {
+    ON_WORKER.with(|flag| flag.set(true));
     crate::proxy::Upstreams::adopt_thread();
     let graceful = GracefulShutdown::new();
     loop {

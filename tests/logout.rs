@@ -587,4 +587,29 @@ async fn users_list_and_end_their_own_sessions_only() {
         )
         .await;
     assert_eq!(again.status, 404);
+
+    // Shutting down ends open event streams at once (the app reconnects, to another replica)
+    // rather than holding the drain for the whole grace period (30 s here).
+    let events = client()
+        .request(
+            http::Request::get(format!("{base}/bff/session-events"))
+                .header("cookie", format!("vestibule={}", laptop.jar["vestibule"]))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut stream = events.into_body();
+    wait_for_event(&mut stream, ": connected", Duration::from_secs(5)).await;
+    proxy.shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(_)) = stream.frame().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream outlived the shutdown");
+    tokio::time::timeout(Duration::from_secs(3), proxy.task)
+        .await
+        .expect("the proxy drained well within its grace period")
+        .unwrap()
+        .unwrap();
 }

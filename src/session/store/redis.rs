@@ -81,7 +81,13 @@ struct Scripts {
 }
 
 enum Conn {
-    Single(ConnectionManager),
+    /// One server. Serving workers each get a connection of their own from `client` (see
+    /// [`worker_connection`]); other callers share `shared`.
+    Single {
+        client: Client,
+        shared: ConnectionManager,
+        id: u64,
+    },
     Cluster(ClusterConnection),
     Sentinel(Box<SentinelConn>),
 }
@@ -161,8 +167,14 @@ impl RedisStore {
                 let manager =
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
                         .map_err(config_error)?;
-                let source = pubsub::Source::Clients(vec![client]);
-                (Conn::Single(manager), source, redact_url(url))
+                let source = pubsub::Source::Clients(vec![client.clone()]);
+                static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let conn = Conn::Single {
+                    client,
+                    shared: manager,
+                    id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+                (conn, source, redact_url(url))
             }
         };
         let pubsub = pubsub::Subscriber::start(source, key_prefix.clone());
@@ -193,7 +205,11 @@ impl RedisStore {
     async fn run<T: FromRedisValue>(&self, op: Op<'_>) -> Result<T, StoreError> {
         let attempt = async {
             match &self.inner.conn {
-                Conn::Single(manager) => exec(&op, &mut manager.clone()).await,
+                Conn::Single { client, shared, id } => {
+                    let mut manager =
+                        worker_connection(*id, client).unwrap_or_else(|| shared.clone());
+                    exec(&op, &mut manager).await
+                }
                 Conn::Cluster(cluster) => exec(&op, &mut cluster.clone()).await,
                 Conn::Sentinel(sentinel) => {
                     let mut manager = sentinel.manager().await?;
@@ -361,6 +377,31 @@ async fn exec<T: FromRedisValue>(op: &Op<'_>, con: &mut impl ConnectionLike) -> 
         Op::Cmd(cmd) => cmd.query_async(con).await,
         Op::Script(invocation) => invocation.invoke_async(con).await,
     }
+}
+
+thread_local! {
+    /// A serving worker's own connections, by store: their reader tasks run on the worker's
+    /// runtime, so a command and its answer never wake another thread.
+    static WORKER_CONNECTIONS: std::cell::RefCell<Vec<(u64, ConnectionManager)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This serving worker's connection for store `id`, made (lazily connecting) on first use;
+/// `None` off the serving workers.
+fn worker_connection(id: u64, client: &Client) -> Option<ConnectionManager> {
+    if !crate::server::on_worker() {
+        return None;
+    }
+    WORKER_CONNECTIONS.with(|own| {
+        let mut own = own.borrow_mut();
+        if let Some((_, manager)) = own.iter().find(|(i, _)| *i == id) {
+            return Some(manager.clone());
+        }
+        let manager =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config()).ok()?;
+        own.push((id, manager.clone()));
+        Some(manager)
+    })
 }
 
 fn manager_config() -> ConnectionManagerConfig {
