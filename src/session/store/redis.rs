@@ -84,7 +84,7 @@ enum Conn {
     /// One server. Serving workers each get a connection of their own from `client` (see
     /// [`worker_connection`]); other callers share `shared`.
     Single {
-        client: Client,
+        client: Box<Client>,
         shared: ConnectionManager,
         id: u64,
     },
@@ -170,7 +170,7 @@ impl RedisStore {
                 let source = pubsub::Source::Clients(vec![client.clone()]);
                 static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let conn = Conn::Single {
-                    client,
+                    client: Box::new(client),
                     shared: manager,
                     id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 };
