@@ -205,6 +205,19 @@ async fn post_logout_needs_the_csrf_header_and_answers_json() {
 }
 
 /// Reads an event stream until `needle` appears; panics at the deadline.
+/// Opens `/bff/session-events` with the browser's session cookie.
+async fn session_events(base: &str, browser: &Browser) -> http::Response<hyper::body::Incoming> {
+    client()
+        .request(
+            http::Request::get(format!("{base}/bff/session-events"))
+                .header("cookie", format!("vestibule={}", browser.jar["vestibule"]))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
 async fn wait_for_event(
     body: &mut hyper::body::Incoming,
     needle: &str,
@@ -547,15 +560,7 @@ async fn users_list_and_end_their_own_sessions_only() {
     assert_eq!(user_status(&mut phone, &base).await, 200);
 
     // The phone's app learns at once that its session ended.
-    let events = client()
-        .request(
-            http::Request::get(format!("{base}/bff/session-events"))
-                .header("cookie", format!("vestibule={}", phone.jar["vestibule"]))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let events = session_events(&base, &phone).await;
     let mut stream = events.into_body();
     wait_for_event(&mut stream, ": connected", Duration::from_secs(5)).await;
     let r = laptop
@@ -590,15 +595,7 @@ async fn users_list_and_end_their_own_sessions_only() {
 
     // Shutting down ends open event streams at once (the app reconnects, to another replica)
     // rather than holding the drain for the whole grace period (30 s here).
-    let events = client()
-        .request(
-            http::Request::get(format!("{base}/bff/session-events"))
-                .header("cookie", format!("vestibule={}", laptop.jar["vestibule"]))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let events = session_events(&base, &laptop).await;
     let mut stream = events.into_body();
     wait_for_event(&mut stream, ": connected", Duration::from_secs(5)).await;
     proxy.shutdown.cancel();

@@ -362,15 +362,7 @@ async fn admin_exposes_health_and_metrics() {
 #[tokio::test]
 async fn a_single_worker_serves_everything() {
     let up = upstream::start().await;
-    let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let text = config_text(&routes).replace(
-        "shutdown_grace = \"5s\"",
-        "shutdown_grace = \"5s\"\nworkers = 1",
-    );
-    let proxy = start_proxy(&text).await;
+    let proxy = start_proxy(&workers_config(&up.url(), 1)).await;
     let answers = futures_util::future::join_all((0..20).map(|n| {
         let url = proxy.url(&format!("/api/parallel/{n}"));
         async move { get(&url, &[]).await.status }

@@ -49,18 +49,10 @@ async fn raw_upstream(close_after_each: bool) -> (String, Arc<AtomicUsize>) {
     (format!("http://{addr}"), accepted)
 }
 
-fn two_workers_to(upstream: &str) -> String {
-    let routes = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n");
-    config_text(&routes).replace(
-        "shutdown_grace = \"5s\"",
-        "shutdown_grace = \"5s\"\nworkers = 2",
-    )
-}
-
 #[tokio::test]
 async fn a_worker_reuses_its_upstream_connection() {
     let (upstream, accepted) = raw_upstream(false).await;
-    let proxy = start_proxy(&two_workers_to(&upstream)).await;
+    let proxy = start_proxy(&workers_config(&upstream, 2)).await;
     // One client connection, so one worker; its requests in turn share one upstream connection.
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -83,7 +75,7 @@ async fn a_worker_reuses_its_upstream_connection() {
 #[tokio::test]
 async fn a_connection_the_upstream_closed_is_not_reused() {
     let (upstream, accepted) = raw_upstream(true).await;
-    let proxy = start_proxy(&two_workers_to(&upstream)).await;
+    let proxy = start_proxy(&workers_config(&upstream, 2)).await;
     for n in 0..30 {
         let r = get(&proxy.url(&format!("/api/seq/{n}")), &[]).await;
         assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]), "request {n}");

@@ -28,15 +28,7 @@ async fn metrics(proxy: &Proxy) -> String {
 #[tokio::test]
 async fn connections_are_spread_over_the_workers_and_counted() {
     let up = upstream::start().await;
-    let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let text = config_text(&routes).replace(
-        "shutdown_grace = \"5s\"",
-        "shutdown_grace = \"5s\"\nworkers = 3",
-    );
-    let proxy = start_proxy(&text).await;
+    let proxy = start_proxy(&workers_config(&up.url(), 3)).await;
 
     // Six keep-alive connections, each answered once and held open.
     let mut held = Vec::new();

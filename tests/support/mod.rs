@@ -46,6 +46,15 @@ keys = ["{KEY}"]
     )
 }
 
+/// [`config_text`] with one route, `/api/` to `upstream`, served by `workers` threads.
+pub fn workers_config(upstream: &str, workers: usize) -> String {
+    let routes = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n");
+    config_text(&routes).replace(
+        "shutdown_grace = \"5s\"",
+        &format!("shutdown_grace = \"5s\"\nworkers = {workers}"),
+    )
+}
+
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
