@@ -271,9 +271,9 @@ impl App {
                 config.server.request_timeout,
             )
         };
-        let mut response = match Replay::capture(route, &req, admitted.bearer.as_ref()) {
-            None => forward(req.map(Either::Left), admitted.bearer).await,
-            Some(replay) => {
+        let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
+            Captured::Once(req) => forward(req.map(Either::Left), admitted.bearer).await,
+            Captured::Replay(replay) => {
                 // No body: the request can be sent again with another token.
                 let first = forward(replay.request(), admitted.bearer).await;
                 if rejects_token(&first) {
@@ -313,7 +313,7 @@ impl App {
         };
         let Some(token) = self
             .tokens
-            .replace_user_token(self, runtime, &loaded, route, &replay.token)
+            .replace_user_token(self, runtime, &loaded, route, replay.token())
             .await?
         else {
             return Ok(None);
@@ -368,6 +368,14 @@ impl App {
     }
 }
 
+/// A request as [`Replay::capture`] leaves it.
+enum Captured {
+    /// Sent once, as it came.
+    Once(Request<Incoming>),
+    /// Kept apart, to be sent again if the token is refused.
+    Replay(Replay),
+}
+
 /// A bodiless GET or HEAD to a `token = "user"` route, kept so that it can be sent once more
 /// with a new token when the upstream answers that the token is invalid (RFC 6750).
 struct Replay {
@@ -375,31 +383,42 @@ struct Replay {
     uri: http::Uri,
     version: http::Version,
     headers: HeaderMap,
-    /// The access token the first attempt carries.
-    token: String,
+    /// `Bearer <access token>` as the first attempt carries it.
+    bearer: HeaderValue,
 }
 
 impl Replay {
+    /// Takes the request apart when it can be replayed (its head is all there is); gives it
+    /// back otherwise.
     fn capture(
         route: &crate::config::RouteConfig,
-        req: &Request<Incoming>,
+        req: Request<Incoming>,
         bearer: Option<&HeaderValue>,
-    ) -> Option<Replay> {
+    ) -> Captured {
         let replayable = route.token == crate::config::TokenMode::User
             && (req.method() == Method::GET || req.method() == Method::HEAD)
             && http_body::Body::is_end_stream(req.body())
             && proxy::headers::upgrade_protocol(req.headers()).is_none();
-        if !replayable {
-            return None;
-        }
-        let token = bearer?.to_str().ok()?.strip_prefix("Bearer ")?.to_string();
-        Some(Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-            token,
+        let (true, Some(bearer)) = (replayable, bearer) else {
+            return Captured::Once(req);
+        };
+        let (parts, _) = req.into_parts();
+        Captured::Replay(Replay {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            bearer: bearer.clone(),
         })
+    }
+
+    /// The access token the first attempt carried.
+    fn token(&self) -> &str {
+        self.bearer
+            .to_str()
+            .ok()
+            .and_then(|b| b.strip_prefix("Bearer "))
+            .unwrap_or_default()
     }
 
     fn request(&self) -> Request<Either<Incoming, Empty<Bytes>>> {

@@ -270,7 +270,11 @@ pub async fn admit(
         }
     }
     let bearer = token.and_then(|t| {
-        let mut v = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+        // Built once and handed over without another copy.
+        let mut text = String::with_capacity(7 + t.len());
+        text.push_str("Bearer ");
+        text.push_str(&t);
+        let mut v = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
         v.set_sensitive(true);
         Some(v)
     });
