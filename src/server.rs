@@ -96,9 +96,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         };
         let _ = tcp.set_nodelay(true);
         let Ok(tcp) = tcp.into_std() else { continue };
-        let least_busy = workers
-            .iter()
-            .min_by_key(|w| w.open.load(Ordering::Relaxed));
+        let least_busy = workers.iter().min_by_key(|w| w.counter.open());
         if let Some(worker) = least_busy {
             worker.assign(tcp, peer);
         }
@@ -137,15 +135,14 @@ struct Setup {
     grace: Duration,
 }
 
-type Handoff = (std::net::TcpStream, SocketAddr);
+/// A connection handed to a worker, counted as open from the hand-over on.
+type Handoff = (std::net::TcpStream, SocketAddr, Counted);
 
 /// A serving thread, seen from the accept loop.
 struct Worker {
     connections: mpsc::UnboundedSender<Handoff>,
     /// Connections it is serving now.
-    open: Arc<AtomicUsize>,
-    /// The same count, exported as `vestibule_connections_open{worker}`.
-    gauge: Gauge,
+    counter: Counter,
     /// Resolves once it has drained and stopped.
     finished: oneshot::Receiver<()>,
 }
@@ -158,42 +155,48 @@ impl Worker {
     ) -> std::io::Result<Self> {
         let (connections, incoming) = mpsc::unbounded_channel();
         let (done, finished) = oneshot::channel();
-        let open = Arc::new(AtomicUsize::new(0));
         let gauge = metrics::gauge!("vestibule_connections_open", "worker" => index.to_string());
         gauge.set(0.0);
+        let counter = Counter(Arc::new(AtomicUsize::new(0)), gauge);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let counter = Counter(open.clone(), gauge.clone());
         std::thread::Builder::new()
             .name(format!("vestibule-worker-{index}"))
             .spawn(move || {
-                runtime.block_on(work(setup, incoming, counter, shutdown));
+                runtime.block_on(work(setup, incoming, shutdown));
                 // Tasks still running after the grace period (none, normally) are dropped here.
                 runtime.shutdown_timeout(Duration::from_secs(1));
                 let _ = done.send(());
             })?;
         Ok(Worker {
             connections,
-            open,
-            gauge,
+            counter,
             finished,
         })
     }
 
+    /// Hands `tcp` over; if the worker has stopped, the connection is dropped (and counted off).
     fn assign(&self, tcp: std::net::TcpStream, peer: SocketAddr) {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        self.gauge.increment(1.0);
-        if self.connections.send((tcp, peer)).is_err() {
-            self.open.fetch_sub(1, Ordering::Relaxed);
-            self.gauge.decrement(1.0);
-        }
+        let _ = self.connections.send((tcp, peer, self.counter.one()));
     }
 }
 
 /// A worker's count of open connections, as the accept loop and `/metrics` see it.
 #[derive(Clone)]
 struct Counter(Arc<AtomicUsize>, Gauge);
+
+impl Counter {
+    fn open(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn one(&self) -> Counted {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        self.1.increment(1.0);
+        Counted(self.clone())
+    }
+}
 
 /// One connection, counted (by the accept loop) when handed over and counted off when dropped.
 struct Counted(Counter);
@@ -209,21 +212,19 @@ impl Drop for Counted {
 async fn work(
     setup: Arc<Setup>,
     mut incoming: mpsc::UnboundedReceiver<Handoff>,
-    counter: Counter,
     shutdown: CancellationToken,
 ) {
     ON_WORKER.with(|flag| flag.set(true));
     crate::proxy::Upstreams::adopt_thread();
     let graceful = GracefulShutdown::new();
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (tcp, peer, guard) = tokio::select! {
             _ = shutdown.cancelled() => break,
             handoff = incoming.recv() => match handoff {
                 Some(handoff) => handoff,
                 None => break,
             },
         };
-        let guard = Counted(counter.clone());
         let Ok(tcp) = TcpStream::from_std(tcp) else {
             continue;
         };
@@ -265,7 +266,6 @@ async fn work(
     // Connections handed over but not yet taken are closed unanswered, like a full backlog.
     incoming.close();
     while let Ok(unserved) = incoming.try_recv() {
-        drop(Counted(counter.clone()));
         drop(unserved);
     }
     let tunnels = &setup.app.upstreams.tunnels;
