@@ -2,9 +2,7 @@
 //! traversal attempts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 async fn spa() -> Proxy {
     let site = tempfile::tempdir().unwrap();

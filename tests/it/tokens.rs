@@ -5,8 +5,10 @@
 //! Every test checks what the upstream or the provider saw.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::browser::Browser;
+use crate::support::provider::{self, TestProvider, free_port};
+use crate::support::redis::RedisServer;
+use crate::support::*;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
@@ -17,10 +19,6 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::browser::Browser;
-use support::provider::{self, TestProvider, free_port};
-use support::redis::RedisServer;
-use support::*;
 
 /// Provider access token lifetime and the proxy's refresh skew: a token is due for refresh
 /// `TTL - SKEW` seconds after it was issued and then stays fresh for about as long, which is far

@@ -1,12 +1,10 @@
 //! Login end to end against the real OpenID provider, with both session stores.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
-use support::browser::{Browser, urlencode};
-use support::provider::{self, free_port};
-use support::redis::RedisServer;
-use support::*;
+use crate::support::browser::{Browser, urlencode};
+use crate::support::provider::{self, free_port};
+use crate::support::redis::RedisServer;
+use crate::support::*;
 
 /// The same configuration listening on a fresh port.
 fn elsewhere(text: &str) -> String {

@@ -3,12 +3,10 @@
 //! and the error codes not produced elsewhere.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::browser::Browser;
+use crate::support::provider::{self, free_port};
+use crate::support::*;
 use std::time::{Duration, Instant};
-use support::browser::Browser;
-use support::provider::{self, free_port};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vestibule::session::model::{AccessToken, Session};
 
@@ -600,7 +598,7 @@ async fn the_remaining_error_codes_are_produced() {
 
 #[tokio::test]
 async fn a_store_outage_is_503_and_ends_no_session() {
-    let mut redis = support::redis::RedisServer::start();
+    let mut redis = crate::support::redis::RedisServer::start();
     let text = config_text(&format!(
         "store = \"redis\"\ncache_ttl = \"0s\"\n[session.redis]\nurl = \"{}\"\n",
         redis.url()

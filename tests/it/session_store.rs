@@ -4,15 +4,11 @@
 //! instance's logout at once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support {
-    pub mod redis;
-}
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::redis::RedisServer;
+use crate::support::redis::RedisServer;
 use tokio::sync::Barrier;
 use vestibule::session::manager::INVALIDATION_CHANNEL;
 use vestibule::session::store::RESYNC;

@@ -1,12 +1,10 @@
 //! HTTP/2 (prior knowledge on plain TCP, ALPN over TLS) and the optional rustls listener.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
-use support::*;
 
 #[tokio::test]
 async fn http2_prior_knowledge_is_served_and_forwarded_as_http1() {

@@ -1,13 +1,11 @@
 //! The core reverse proxy, watched on the wire: what the upstream and the client saw.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use std::time::{Duration, Instant};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn proxy_to(up: &upstream::Upstream, extra: &str) -> Proxy {

@@ -2,11 +2,9 @@
 //! accepts a well-formed one (also after key rotation), and token-exchange routes work.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::*;
 use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
-use support::*;
 use vestibule::jose::testing::{Forgery, TestKey, TestSigner, id_token_claims};
 
 struct Case {

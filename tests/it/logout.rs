@@ -3,16 +3,14 @@
 //! hostile logout tokens from a fake provider, and the session list of a user.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::browser::Browser;
+use crate::support::provider::{self, free_port};
+use crate::support::redis::RedisServer;
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use support::browser::Browser;
-use support::provider::{self, free_port};
-use support::redis::RedisServer;
-use support::*;
 use vestibule::jose::testing::{Forgery, TestKey, TestSigner, logout_token_claims};
 use vestibule::session::model::Session;
 
@@ -78,7 +76,7 @@ async fn refresh_works(provider: &provider::TestProvider, refresh_token: &str) -
     let basic = base64::engine::general_purpose::STANDARD.encode("vestibule:vestibule-secret");
     let body = format!(
         "grant_type=refresh_token&refresh_token={}",
-        support::browser::urlencode(refresh_token)
+        crate::support::browser::urlencode(refresh_token)
     );
     let r = send(
         http::Request::post(format!("{}/token", provider.issuer))
@@ -347,7 +345,7 @@ async fn post_logout_token(proxy: &Proxy, token: &str) -> Reply {
             .header("content-type", "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(format!(
                 "logout_token={}",
-                support::browser::urlencode(token)
+                crate::support::browser::urlencode(token)
             ))))
             .unwrap(),
     )

@@ -2,13 +2,11 @@
 //! logout at debug level, no token, code, secret, session cookie or session id is in the logs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::browser::Browser;
+use crate::support::provider::{self, free_port};
+use crate::support::*;
 use std::io::Read;
 use std::process::{Command, Stdio};
-use support::browser::Browser;
-use support::provider::{self, free_port};
-use support::*;
 
 #[tokio::test]
 async fn logs_carry_no_token_code_secret_or_cookie() {
@@ -105,7 +103,7 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
     let mut secrets: Vec<String> = vec![
         code,
         "vestibule-secret".into(),
-        support::KEY.into(),
+        crate::support::KEY.into(),
         "query-secret-value".into(),
         "browser-secret".into(),
     ];

@@ -3,13 +3,11 @@
 //! metrics belong to this proxy alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use std::time::{Duration, Instant};
-use support::*;
 
 fn open_connections(metrics: &str, worker: usize) -> Option<f64> {
     let prefix = format!("vestibule_connections_open{{worker=\"{worker}\"}} ");

@@ -1,0 +1,22 @@
+//! Vestibule's integration tests, one binary: every module starts real parts (the proxy on port
+//! 0, `redis-server`, the npm `oidc-provider`, upstream servers) through the shared [`support`]
+//! harness. One binary links once, instead of once per file.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+mod cli;
+mod config_errors;
+mod fake_provider;
+mod login;
+mod logout;
+mod no_secrets_in_logs;
+mod protection;
+mod proxy;
+mod sample_api;
+mod session_store;
+mod static_files;
+mod tls_http2;
+mod tokens;
+mod upstream_pool;
+mod workers;
