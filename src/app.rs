@@ -64,8 +64,10 @@ pub struct App {
     pub sessions: Arc<Sessions>,
     pub tokens: Tokens,
     request_metrics: crate::telemetry::RequestMetrics,
-    keyring: ArcSwap<Keyring>,
-    config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Seals login-state cookies; the session keys are read at start (a change needs a restart).
+    keyring: Arc<Keyring>,
+    /// The file reloads read.
+    config_path: std::path::PathBuf,
     /// Cancelled when shutdown begins: long-lived responses (session-events streams) end then
     /// rather than hold the drain for the whole grace period.
     pub stopping: tokio_util::sync::CancellationToken,
@@ -129,8 +131,8 @@ impl App {
             sessions,
             tokens: Tokens::default(),
             request_metrics: crate::telemetry::RequestMetrics::new(),
-            keyring: ArcSwap::from_pointee(keyring),
-            config_path: std::sync::Mutex::new(Some(path.clone())),
+            keyring: Arc::new(keyring),
+            config_path: path.clone(),
             stopping: tokio_util::sync::CancellationToken::new(),
         });
         watch_config(&app, path);
@@ -138,15 +140,8 @@ impl App {
     }
 
     /// The key ring for login-state cookies.
-    pub fn keyring(&self) -> Arc<Keyring> {
-        self.keyring.load_full()
-    }
-
-    pub fn session_cookie_values(&self, runtime: &Runtime, headers: &HeaderMap) -> Vec<String> {
-        crate::cookies::values(headers, &runtime.config.session.cookie_name)
-            .into_iter()
-            .map(String::from)
-            .collect()
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     /// The session of this request, if any cookie of ours opens one. A store failure is an error;
@@ -341,13 +336,7 @@ impl App {
 
     /// Re-reads the configuration file; a bad file is rejected and the old one kept.
     pub fn reload(&self, trigger: &str) {
-        let path = self
-            .config_path
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(path) = path else { return };
-        match Config::load(&path) {
+        match Config::load(&self.config_path) {
             Ok(config) => {
                 let old = self.runtime.load_full();
                 for note in restart_needed(&old.config, &config) {

@@ -1,13 +1,10 @@
 //! Logging and metrics. Logs never carry cookies, authorization headers or query strings: the
-//! access log records the path only, and [`Redacted`] masks sensitive headers wherever headers
-//! are logged.
+//! access log records the path only, and no log line prints a header map.
 
 use crate::config::{LogConfig, LogFormat};
-use http::HeaderMap;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -157,45 +154,5 @@ impl RequestMetrics {
                 .or_default()
                 .insert(status, (counter, histogram));
         }
-    }
-}
-
-const SENSITIVE: &[&str] = &[
-    "cookie",
-    "set-cookie",
-    "authorization",
-    "proxy-authorization",
-];
-
-/// A view of headers for logs that masks cookies and credentials.
-pub struct Redacted<'a>(pub &'a HeaderMap);
-
-impl fmt::Debug for Redacted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut map = f.debug_map();
-        for (name, value) in self.0 {
-            if SENSITIVE.contains(&name.as_str()) {
-                map.entry(&name.as_str(), &"[redacted]");
-            } else {
-                map.entry(&name.as_str(), &value.to_str().unwrap_or("[binary]"));
-            }
-        }
-        map.finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redacted_headers_hide_credentials() {
-        let mut headers = HeaderMap::new();
-        headers.insert("cookie", "__Host-vestibule=secretvalue".parse().unwrap());
-        headers.insert("authorization", "Bearer tok".parse().unwrap());
-        headers.insert("accept", "text/html".parse().unwrap());
-        let shown = format!("{:?}", Redacted(&headers));
-        assert!(!shown.contains("secretvalue") && !shown.contains("tok\""));
-        assert!(shown.contains("text/html"));
     }
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod architecture;
 mod cli;
 mod config_errors;
 mod fake_provider;

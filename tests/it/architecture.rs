@@ -1,0 +1,212 @@
+//! The module layering of `src/lib.rs`, checked on the source: a `crate::` path that points to a
+//! module not allowed below the one that uses it fails this test. Lower modules must not reach
+//! up into the request pipeline, the server or the command line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Each top-level module and the top-level modules it may use.
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("config", &[]),
+    ("reply", &[]),
+    ("telemetry", &["config"]),
+    ("cookies", &["config"]),
+    ("jose", &["config", "reply", "telemetry"]),
+    ("session", &["config", "reply", "telemetry"]),
+    ("proxy", &["config", "reply", "telemetry", "cookies"]),
+    ("oidc", &["config", "reply", "telemetry", "jose"]),
+    (
+        "gate",
+        &[
+            "config",
+            "reply",
+            "telemetry",
+            "cookies",
+            "jose",
+            "session",
+            "proxy",
+            "oidc",
+        ],
+    ),
+    (
+        "bff",
+        &[
+            "config",
+            "reply",
+            "telemetry",
+            "cookies",
+            "jose",
+            "session",
+            "proxy",
+            "oidc",
+            "gate",
+        ],
+    ),
+    (
+        "app",
+        &[
+            "config",
+            "reply",
+            "telemetry",
+            "cookies",
+            "jose",
+            "session",
+            "proxy",
+            "oidc",
+            "gate",
+            "bff",
+        ],
+    ),
+    (
+        "server",
+        &[
+            "config",
+            "reply",
+            "telemetry",
+            "cookies",
+            "jose",
+            "session",
+            "proxy",
+            "oidc",
+            "gate",
+            "bff",
+            "app",
+        ],
+    ),
+    (
+        "cli",
+        &[
+            "config",
+            "reply",
+            "telemetry",
+            "cookies",
+            "jose",
+            "session",
+            "proxy",
+            "oidc",
+            "gate",
+            "bff",
+            "app",
+            "server",
+        ],
+    ),
+];
+
+/// Upward imports that exist today and are being taken apart. An entry that no longer occurs
+/// fails the test too, so the list can only shrink.
+const KNOWN_UPWARD: &[(&str, &str)] = &[
+    ("gate", "app"),
+    ("bff", "app"),
+    ("session", "server"),
+    ("oidc", "proxy"),
+];
+
+/// The top-level modules each source file refers to through `crate::`, comments left out.
+fn references(src: &Path) -> BTreeMap<(String, String), Vec<String>> {
+    let mut found: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut stack = vec![src.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let relative = path.strip_prefix(src).unwrap();
+            let first = relative.components().next().unwrap();
+            let module = first
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_string();
+            if module == "lib" || module == "main" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (number, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for target in crate_paths(code) {
+                    if target != module {
+                        found
+                            .entry((module.clone(), target))
+                            .or_default()
+                            .push(format!("{}:{}", relative.display(), number + 1));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The first segment of every `crate::` path on a line, including `crate::{a, b::c}` groups.
+fn crate_paths(code: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        let after = &rest[at + "crate::".len()..];
+        if let Some(group) = after.strip_prefix('{') {
+            let inner = group.split('}').next().unwrap_or("");
+            for item in inner.split(',') {
+                let name: String = item
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    out.insert(name);
+                }
+            }
+        } else {
+            let name: String = after
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                out.insert(name);
+            }
+        }
+        rest = after;
+    }
+    out
+}
+
+#[test]
+fn no_module_imports_one_above_it() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
+    let found = references(&src);
+    let mut upward = Vec::new();
+    for ((from, to), places) in &found {
+        let Some(may) = allowed.get(from.as_str()) else {
+            upward.push(format!(
+                "{from}: not in the layer table (add it to ALLOWED)"
+            ));
+            continue;
+        };
+        let known = KNOWN_UPWARD.contains(&(from.as_str(), to.as_str()));
+        if !may.contains(&to.as_str()) && !known {
+            upward.push(format!("{from} -> {to} at {}", places.join(", ")));
+        }
+    }
+    for (from, to) in KNOWN_UPWARD {
+        if !found.contains_key(&(from.to_string(), to.to_string())) {
+            upward.push(format!(
+                "{from} -> {to} is gone: remove it from KNOWN_UPWARD"
+            ));
+        }
+    }
+    assert!(upward.is_empty(), "upward imports:\n{}", upward.join("\n"));
+}
+
+#[test]
+fn grouped_and_plain_paths_are_both_seen() {
+    let seen = crate_paths("use crate::{config::Config, reply}; let x = crate::jose::f();");
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["config", "jose", "reply"]
+    );
+}
