@@ -6,6 +6,7 @@
 //!   knows TOML. Produces typed settings.
 //! - [`telemetry`], [`reply`]: logging, metrics and redaction; the error contract and the
 //!   response body type. Used by everything below.
+//! - [`net`]: the outbound TCP/TLS connector for upstreams and the provider.
 //! - [`jose`]: JSON Web Key sets and JWT validation (ID tokens, logout tokens, access tokens).
 //!   Knows nothing of HTTP servers; fetches key sets through an injected fetcher.
 //! - [`session`]: cookie sealing with a key ring, the session model, and the session stores
@@ -23,6 +24,7 @@ pub mod config;
 pub mod cookies;
 pub mod gate;
 pub mod jose;
+pub mod net;
 pub mod oidc;
 pub mod proxy;
 pub mod reply;

@@ -52,7 +52,7 @@ impl ProviderHttp {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(crate::proxy::forward::connector());
+            .build(crate::net::connector());
         ProviderHttp { client }
     }
 

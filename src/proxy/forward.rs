@@ -8,13 +8,12 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::cell::OnceCell;
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+use crate::net::{Connector, connector, http_connector};
 
 type Pooled = Client<Connector, Body>;
 
@@ -34,41 +33,6 @@ pub struct Upstreams {
 }
 
 mod local;
-
-/// Plain TCP connections: no delay, 5 s to connect, TCP keep-alive.
-fn http_connector() -> HttpConnector {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    http
-}
-
-/// Builds the HTTPS-capable connector used for upstreams and the identity provider.
-pub fn connector() -> Connector {
-    let mut http = http_connector();
-    http.enforce_http(false);
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    match tls {
-        Ok(tls) => hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http),
-        Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http),
-    }
-}
 
 impl Default for Upstreams {
     fn default() -> Self {

@@ -11,10 +11,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("reply", &[]),
     ("telemetry", &["config"]),
     ("cookies", &["config"]),
+    ("net", &[]),
     ("jose", &["config", "reply", "telemetry"]),
     ("session", &["config", "reply", "telemetry"]),
-    ("proxy", &["config", "reply", "telemetry", "cookies"]),
-    ("oidc", &["config", "reply", "telemetry", "jose"]),
+    ("proxy", &["config", "reply", "telemetry", "cookies", "net"]),
+    ("oidc", &["config", "reply", "telemetry", "jose", "net"]),
     (
         "gate",
         &[
@@ -22,6 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "reply",
             "telemetry",
             "cookies",
+            "net",
             "jose",
             "session",
             "proxy",
@@ -35,6 +37,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "reply",
             "telemetry",
             "cookies",
+            "net",
             "jose",
             "session",
             "proxy",
@@ -49,6 +52,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "reply",
             "telemetry",
             "cookies",
+            "net",
             "jose",
             "session",
             "proxy",
@@ -64,6 +68,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "reply",
             "telemetry",
             "cookies",
+            "net",
             "jose",
             "session",
             "proxy",
@@ -80,6 +85,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "reply",
             "telemetry",
             "cookies",
+            "net",
             "jose",
             "session",
             "proxy",
@@ -94,12 +100,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
 
 /// Upward imports that exist today and are being taken apart. An entry that no longer occurs
 /// fails the test too, so the list can only shrink.
-const KNOWN_UPWARD: &[(&str, &str)] = &[
-    ("gate", "app"),
-    ("bff", "app"),
-    ("session", "server"),
-    ("oidc", "proxy"),
-];
+const KNOWN_UPWARD: &[(&str, &str)] = &[("gate", "app"), ("bff", "app"), ("session", "server")];
 
 /// The top-level modules each source file refers to through `crate::`, comments left out.
 fn references(src: &Path) -> BTreeMap<(String, String), Vec<String>> {
