@@ -3,7 +3,8 @@
 
 use crate::app::{App, Runtime, now};
 use crate::cookies;
-use crate::oidc::{GrantError, LoginState, local_return_url, random_token};
+use crate::oidc::response::check_authorization_iss;
+use crate::oidc::{GrantError, LoginState, TokenResponse, local_return_url, os_random};
 use crate::reply::{Body, ErrorCode, is_navigation, json_response, redirect};
 use crate::session::manager::Loaded;
 use crate::session::model::{AccessToken, Session};
@@ -63,12 +64,12 @@ async fn login(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Respons
     let Ok(metadata) = app.oidc.metadata() else {
         return ErrorCode::ProviderUnavailable.respond(navigation);
     };
-    let login = LoginState {
-        state: random_token(32),
-        nonce: random_token(32),
-        verifier: random_token(48),
-        return_url,
-        created: now(),
+    let login = match LoginState::new(os_random, return_url, now()) {
+        Ok(login) => login,
+        Err(e) => {
+            tracing::error!(error = %e, "no login state could be made");
+            return ErrorCode::Internal.respond(navigation);
+        }
     };
     let session_config = &runtime.config.session;
     let name = format!(
@@ -90,9 +91,11 @@ async fn login(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Respons
     response
 }
 
-fn login_failed(reason: &str) -> Response<Body> {
-    tracing::warn!(reason, "login failed");
-    ErrorCode::LoginFailed.html()
+/// The login-failed page naming `reason`, a stable identifier (docs/errors.md); `detail` goes to
+/// the log only and must hold no token, code or state.
+fn login_failed(reason: &str, detail: &str) -> Response<Body> {
+    tracing::warn!(reason, detail, "login failed");
+    ErrorCode::LoginFailed.html_with_reason(reason)
 }
 
 async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
@@ -102,10 +105,13 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
             .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
             .take(64)
             .collect();
-        return login_failed(&format!("the provider answered error={safe}"));
+        return login_failed(
+            "provider_error",
+            &format!("the provider answered error={safe}"),
+        );
     }
     let (Some(code), Some(state)) = (query_param(req, "code"), query_param(req, "state")) else {
-        return login_failed("the callback lacks code or state");
+        return login_failed("callback_incomplete", "the callback lacks code or state");
     };
     let session_config = &runtime.config.session;
     let name = format!(
@@ -120,12 +126,13 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
         .find(|l| bool::from(l.state.as_bytes().ct_eq(state.as_bytes())));
     let Some(login) = login else {
         return login_failed(
+            "login_state_missing",
             "no login cookie matches the state (another browser, expired, or replayed)",
         );
     };
     let now = now();
     if now.saturating_sub(login.created) > LOGIN_TTL.as_secs() {
-        return login_failed("the login state expired");
+        return login_failed("login_state_expired", "the login state expired");
     }
     match app
         .sessions
@@ -134,21 +141,32 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
         .await
     {
         Ok(true) => {}
-        Ok(false) => return login_failed("the state was already used"),
+        Ok(false) => return login_failed("state_replayed", "the state was already used"),
         Err(_) => return ErrorCode::StoreUnavailable.html(),
     }
-    let tokens = match app.oidc.exchange_code(&code, &login.verifier).await {
-        Ok(t) => t,
+    // RFC 9207: a response naming another issuer (a mix-up) never gets its code exchanged.
+    let Ok(metadata) = app.oidc.metadata() else {
+        return ErrorCode::ProviderUnavailable.html();
+    };
+    if let Err(e) = check_authorization_iss(&metadata, query_param(req, "iss").as_deref()) {
+        return login_failed(e.reason(), &e.to_string());
+    }
+    let answer = match app.oidc.exchange_code(&code, &login.verifier).await {
+        Ok(a) => a,
         Err(GrantError::Rejected(e)) => {
-            return login_failed(&format!("the code was rejected: {e}"));
+            return login_failed("code_rejected", &format!("the code was rejected: {e}"));
         }
         Err(GrantError::Unavailable(e)) => {
             tracing::warn!(error = %e, "token endpoint unavailable during login");
             return ErrorCode::ProviderUnavailable.html();
         }
     };
+    let tokens = match TokenResponse::from_code_grant(answer) {
+        Ok(t) => t,
+        Err(e) => return login_failed(e.reason(), &e.to_string()),
+    };
     let Some(id_token) = tokens.id_token.clone() else {
-        return login_failed("the provider returned no ID token");
+        return login_failed("id_token_missing", "the provider returned no ID token");
     };
     let expect = app.oidc.expect(&app.oidc.config.client_id, now);
     let claims = match crate::jose::validate_id_token(
@@ -158,9 +176,16 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
         &login.nonce,
     )
     .await
-    {
+    .and_then(|claims| {
+        crate::jose::check_at_hash(&id_token, &claims, &tokens.access_token).map(|()| claims)
+    }) {
         Ok(c) => c,
-        Err(e) => return login_failed(&format!("the ID token is invalid: {e}")),
+        Err(e) => {
+            return login_failed(
+                &format!("id_token_{}", e.code()),
+                &format!("the ID token is invalid: {e}"),
+            );
+        }
     };
     let sub = claims
         .get("sub")
@@ -402,8 +427,13 @@ async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body>
         Ok(false) => return logout_rejected("jti replayed"),
         Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
     }
+    // With both, the sid's sessions end; when none has that sid, the subject's sessions do.
     let ended = match (&logout.sid, &logout.sub) {
-        (Some(sid), _) => app.sessions.end_by_sid(sid).await,
+        (Some(sid), Some(sub)) => match app.sessions.end_by_sid(sid).await {
+            Ok(0) => app.sessions.end_by_sub(sub).await,
+            other => other,
+        },
+        (Some(sid), None) => app.sessions.end_by_sid(sid).await,
         (None, Some(sub)) => app.sessions.end_by_sub(sub).await,
         (None, None) => return logout_rejected("neither sid nor sub"),
     };

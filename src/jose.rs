@@ -26,7 +26,7 @@ pub use claims::{claim_path, claim_strings};
 pub use jwks::{Jwks, JwksFetcher};
 pub use jws::looks_like_jwt;
 pub use validate::{
-    LogoutToken, validate_access_token, validate_id_token, validate_logout_token,
+    LogoutToken, check_at_hash, validate_access_token, validate_id_token, validate_logout_token,
     validate_refreshed_id_token,
 };
 
@@ -98,4 +98,34 @@ pub enum JoseError {
     NotALogoutToken,
     #[error("the refreshed ID token names another subject or issuer than the original")]
     SubjectChanged,
+    #[error("the ID token's at_hash does not match the access token")]
+    AtHashMismatch,
+}
+
+impl JoseError {
+    /// A stable name for the condition, e.g. `bad_signature`, for logs and error pages.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JoseError::Malformed => "malformed",
+            JoseError::UnsupportedAlgorithm => "unsupported_algorithm",
+            JoseError::UnknownKey => "unknown_key",
+            JoseError::KeySetUnavailable(_) => "key_set_unavailable",
+            JoseError::BadSignature => "bad_signature",
+            JoseError::WrongIssuer => "wrong_issuer",
+            JoseError::WrongAudience => "wrong_audience",
+            JoseError::MissingAzp => "missing_azp",
+            JoseError::WrongAzp => "wrong_azp",
+            JoseError::Expired => "expired",
+            JoseError::NotYetValid => "not_yet_valid",
+            JoseError::IssuedInFuture => "issued_in_future",
+            JoseError::IssuedTooLongAgo => "issued_too_long_ago",
+            JoseError::NonceMismatch => "nonce_mismatch",
+            JoseError::MissingClaim(_) => "missing_claim",
+            JoseError::UnexpectedClaim(_) => "unexpected_claim",
+            JoseError::BadClaimType(_) => "bad_claim_type",
+            JoseError::NotALogoutToken => "not_a_logout_token",
+            JoseError::SubjectChanged => "subject_changed",
+            JoseError::AtHashMismatch => "at_hash_mismatch",
+        }
+    }
 }

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod metadata;
+pub mod response;
 
 use crate::config::{ClientAuth, OidcConfig};
 use base64::Engine;
@@ -37,11 +38,46 @@ impl std::fmt::Debug for LoginState {
     }
 }
 
-/// A random URL-safe string of `bytes` random bytes.
-pub fn random_token(bytes: usize) -> String {
+impl LoginState {
+    /// A new login's state, nonce and PKCE verifier, drawn from `random`.
+    pub fn new(
+        random: FillRandom,
+        return_url: String,
+        created: u64,
+    ) -> Result<LoginState, RandomError> {
+        Ok(LoginState {
+            state: random_token_from(random, 32)?,
+            nonce: random_token_from(random, 32)?,
+            verifier: random_token_from(random, 48)?,
+            return_url,
+            created,
+        })
+    }
+}
+
+/// The random source failed: nothing that must be unguessable can be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the system random source failed")]
+pub struct RandomError;
+
+/// A source of random bytes: [`os_random`], or a failing one in tests.
+pub type FillRandom = fn(&mut [u8]) -> Result<(), RandomError>;
+
+/// The operating system's random source.
+pub fn os_random(buf: &mut [u8]) -> Result<(), RandomError> {
+    getrandom::fill(buf).map_err(|_| RandomError)
+}
+
+/// A random URL-safe string of `bytes` random bytes from the operating system.
+pub fn random_token(bytes: usize) -> Result<String, RandomError> {
+    random_token_from(os_random, bytes)
+}
+
+/// A random URL-safe string of `bytes` random bytes from `random`.
+pub fn random_token_from(random: FillRandom, bytes: usize) -> Result<String, RandomError> {
     let mut buf = vec![0u8; bytes];
-    let _ = getrandom::fill(&mut buf);
-    URL_SAFE_NO_PAD.encode(buf)
+    random(&mut buf)?;
+    Ok(URL_SAFE_NO_PAD.encode(buf))
 }
 
 pub fn pkce_challenge(verifier: &str) -> String {
@@ -158,6 +194,12 @@ impl Oidc {
     }
 
     async fn grant(&self, form: &[(&str, &str)]) -> Result<TokenResponse, GrantError> {
+        serde_json::from_value(self.grant_json(form).await?)
+            .map_err(|_| GrantError::Unavailable("the token response is malformed".into()))
+    }
+
+    /// A grant's successful answer as sent, or why there is none.
+    async fn grant_json(&self, form: &[(&str, &str)]) -> Result<serde_json::Value, GrantError> {
         let metadata = self.metadata()?;
         let reply = self
             .provider
@@ -166,8 +208,7 @@ impl Oidc {
             .await
             .map_err(|e| GrantError::Unavailable(e.to_string()))?;
         if (200..300).contains(&reply.status) {
-            return serde_json::from_value(reply.body)
-                .map_err(|_| GrantError::Unavailable("the token response is malformed".into()));
+            return Ok(reply.body);
         }
         let code = reply
             .body
@@ -188,12 +229,14 @@ impl Oidc {
         }))
     }
 
+    /// The authorization-code grant. Its answer is returned as sent, for
+    /// [`TokenResponse::from_code_grant`] to check.
     pub async fn exchange_code(
         &self,
         code: &str,
         verifier: &str,
-    ) -> Result<TokenResponse, GrantError> {
-        self.grant(&[
+    ) -> Result<serde_json::Value, GrantError> {
+        self.grant_json(&[
             ("grant_type", "authorization_code"),
             ("code", code),
             ("redirect_uri", &self.redirect_uri),
@@ -357,6 +400,21 @@ mod tests {
         ] {
             assert!(local_return_url(bad).is_none(), "{bad}");
         }
+    }
+
+    fn failing(_: &mut [u8]) -> Result<(), RandomError> {
+        Err(RandomError)
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_failing_random_source_makes_no_token_and_no_login() {
+        assert_eq!(random_token_from(failing, 32), Err(RandomError));
+        assert!(LoginState::new(failing, "/".into(), 0).is_err());
+        let login = LoginState::new(os_random, "/".into(), 0).unwrap();
+        assert_eq!(login.state.len(), 43);
+        assert_ne!(login.state, login.nonce);
+        assert_ne!(login.state, URL_SAFE_NO_PAD.encode([0u8; 32]));
     }
 
     #[test]

@@ -122,10 +122,27 @@ impl ErrorCode {
 
     /// A small HTML page for browser navigations.
     pub fn html(self) -> Response<Body> {
+        self.html_with_reason("")
+    }
+
+    /// [`ErrorCode::html`] that also names a stable `reason`, a fixed identifier such as
+    /// `token_type_invalid` (docs/errors.md lists them). Anything but `[a-z0-9_]` is dropped, so
+    /// no input can reach the page through it.
+    pub fn html_with_reason(self, reason: &str) -> Response<Body> {
+        let reason: String = reason
+            .chars()
+            .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .take(64)
+            .collect();
+        let reason = if reason.is_empty() {
+            reason
+        } else {
+            format!("; reason: {reason}")
+        };
         let page = format!(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{status}</title></head>\
              <body><h1>{title}</h1><p>{message}</p><p><a href=\"/\">Return to the application</a></p>\
-             <p><small>error: {code}</small></p></body></html>",
+             <p><small>error: {code}{reason}</small></p></body></html>",
             status = self.status().as_u16(),
             title = self.status().canonical_reason().unwrap_or("Error"),
             message = self.message(),

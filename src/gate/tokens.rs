@@ -174,7 +174,10 @@ impl Tokens {
             return Err(provider_unavailable());
         };
         let lock_key = app.sessions.refresh_lock_key(loaded);
-        let lease_token = crate::oidc::random_token(16);
+        let lease_token = crate::oidc::random_token(16).map_err(|e| {
+            tracing::error!(error = %e, "no refresh lock token could be made");
+            ErrorCode::Internal.json(&[])
+        })?;
         let store = app.sessions.store();
         loop {
             let current = app

@@ -5,7 +5,11 @@
 //! that every hostile token meets the same, named error. Replay of a logout token's `jti` and the
 //! match of `sid`/`sub` to sessions are the caller's business (the session store).
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
 use serde_json::Value;
+use sha2::Digest;
 use subtle::ConstantTimeEq;
 
 use super::claims::{
@@ -65,6 +69,34 @@ pub async fn validate_refreshed_id_token(
         }
     }
     Ok(claims)
+}
+
+/// OpenID Connect Core §3.1.3.8: when the ID token (already validated) carries `at_hash`, it
+/// must be the left half of the hash of `access_token`, with the hash of the token's `alg`,
+/// base64url-encoded. Without `at_hash` there is nothing to check.
+pub fn check_at_hash(id_token: &str, claims: &Claims, access_token: &str) -> Result<(), JoseError> {
+    let Some(found) = string_claim(claims, "at_hash")? else {
+        return Ok(());
+    };
+    let digest: Vec<u8> = match jws::parse(id_token)?.alg {
+        Algorithm::RS256 | Algorithm::PS256 | Algorithm::ES256 => {
+            sha2::Sha256::digest(access_token.as_bytes()).to_vec()
+        }
+        Algorithm::RS384 | Algorithm::PS384 | Algorithm::ES384 => {
+            sha2::Sha384::digest(access_token.as_bytes()).to_vec()
+        }
+        // EdDSA here is Ed25519, whose hash is SHA-512.
+        Algorithm::RS512 | Algorithm::PS512 | Algorithm::EdDSA => {
+            sha2::Sha512::digest(access_token.as_bytes()).to_vec()
+        }
+        _ => return Err(JoseError::UnsupportedAlgorithm),
+    };
+    let want = URL_SAFE_NO_PAD.encode(&digest[..digest.len() / 2]);
+    if bool::from(want.as_bytes().ct_eq(found.as_bytes())) {
+        Ok(())
+    } else {
+        Err(JoseError::AtHashMismatch)
+    }
 }
 
 /// Validates a back-channel logout token: `typ` (if present) `logout+jwt`, signature, `iss`,
@@ -158,7 +190,11 @@ fn check_id_token(claims: &Claims, expect: &Expect) -> Result<(), JoseError> {
         max_iat_age: expect.max_iat_age,
     };
     check_times(claims, expect, rules)?;
-    required_string(claims, "sub")?;
+    // OpenID Connect Core §2: at most 255 ASCII characters.
+    let sub = required_string(claims, "sub")?;
+    if sub.len() > 255 || !sub.is_ascii() {
+        return Err(JoseError::BadClaimType("sub"));
+    }
     Ok(())
 }
 

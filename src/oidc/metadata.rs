@@ -28,6 +28,9 @@ pub struct Metadata {
     pub backchannel_logout_supported: Option<bool>,
     #[serde(default)]
     pub code_challenge_methods_supported: Option<Vec<String>>,
+    /// RFC 9207: the provider sends `iss` in every authorization response.
+    #[serde(default)]
+    pub authorization_response_iss_parameter_supported: Option<bool>,
 }
 
 /// Fetches discovery and checks that it describes the configured issuer.

@@ -7,15 +7,21 @@ use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
 use vestibule::jose::testing::{Forgery, TestKey, TestSigner, id_token_claims};
 
-struct Case {
-    proxy: Proxy,
-    idp: fake_idp::FakeIdp,
-    signer: TestSigner,
+pub(crate) struct Case {
+    pub proxy: Proxy,
+    pub idp: fake_idp::FakeIdp,
+    pub signer: TestSigner,
 }
 
-async fn setup() -> Case {
+pub(crate) async fn setup() -> Case {
+    setup_with(serde_json::Map::new()).await
+}
+
+/// [`setup`] with `discovery` members added to the fake provider's discovery document.
+pub(crate) async fn setup_with(discovery: serde_json::Map<String, Value>) -> Case {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    *idp.state.discovery_extra.lock().unwrap() = discovery;
     let text = config_text("").replace(
         "issuer = \"http://127.0.0.1:9\"",
         &format!("issuer = \"{}\"", idp.issuer),
@@ -32,7 +38,7 @@ async fn setup() -> Case {
     Case { proxy, idp, signer }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -40,7 +46,19 @@ fn now() -> u64 {
 }
 
 /// Starts a login, lets `make` build the ID token from the real nonce, and completes the callback.
-async fn attempt(c: &Case, make: impl FnOnce(&TestSigner, &str, &str) -> String) -> u16 {
+pub(crate) async fn attempt(
+    c: &Case,
+    make: impl FnOnce(&TestSigner, &str, &str) -> String,
+) -> Reply {
+    attempt_with(c, "", make).await
+}
+
+/// [`attempt`], with `extra` (e.g. `&iss=…`) appended to the callback's query.
+pub(crate) async fn attempt_with(
+    c: &Case,
+    extra: &str,
+    make: impl FnOnce(&TestSigner, &str, &str) -> String,
+) -> Reply {
     let start = get(&c.proxy.url("/bff/login?returnUrl=/"), &[]).await;
     assert_eq!(start.status, 302);
     let location = url::Url::parse(start.header("location").unwrap()).unwrap();
@@ -55,22 +73,38 @@ async fn attempt(c: &Case, make: impl FnOnce(&TestSigner, &str, &str) -> String)
         .to_string();
     *c.idp.state.id_token.lock().unwrap() = make(&c.signer, &c.idp.issuer, &q["nonce"]);
     let r = get(
-        &c.proxy
-            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
+        &c.proxy.url(&format!(
+            "/bff/callback?code=abc&state={}{extra}",
+            q["state"]
+        )),
         &[("cookie", &cookie), ("accept", "text/html")],
     )
     .await;
     assert_ne!(r.status, 500);
-    r.status
+    r
 }
 
-fn claims(issuer: &str, nonce: &str) -> Value {
+/// The stable reason a `login_failed` page names, or `None` when the reply is no such page.
+pub(crate) fn reason(r: &Reply) -> Option<String> {
+    let text = r.text();
+    if r.status != 400 || !text.contains("error: login_failed") {
+        return None;
+    }
+    let rest = text.split("reason: ").nth(1)?;
+    Some(
+        rest.chars()
+            .take_while(|c| *c == '_' || c.is_ascii_alphanumeric())
+            .collect(),
+    )
+}
+
+pub(crate) fn claims(issuer: &str, nonce: &str) -> Value {
     let mut c = id_token_claims(issuer, "vestibule", nonce, now());
     c["name"] = json!("Alice");
     c
 }
 
-fn with(mut c: Value, key: &str, value: Value) -> Value {
+pub(crate) fn with(mut c: Value, key: &str, value: Value) -> Value {
     if value.is_null() {
         c.as_object_mut().unwrap().remove(key);
     } else {
@@ -87,7 +121,8 @@ async fn a_valid_id_token_signs_the_user_in() {
             .token(TestKey::Rsa1)
             .kid("k1")
             .sign(&claims(iss, nonce)))
-        .await,
+        .await
+        .status,
         302
     );
 }
@@ -96,9 +131,12 @@ async fn a_valid_id_token_signs_the_user_in() {
 async fn every_hostile_id_token_is_refused() {
     let c = setup().await;
     type Make = Box<dyn FnOnce(&TestSigner, &str, &str) -> String>;
-    let cases: Vec<(&str, Make)> = vec![
+    // Each case names the reason the login fails with, so a login that fails for another reason
+    // (a lost login cookie, a replayed state) does not pass for a refused ID token.
+    let cases: Vec<(&str, &str, Make)> = vec![
         (
             "bad signature",
+            "id_token_bad_signature",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1)
                     .kid("k1")
@@ -108,6 +146,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "alg none",
+            "id_token_unsupported_algorithm",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1)
                     .kid("k1")
@@ -117,6 +156,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "HS256 with the client secret",
+            "id_token_unsupported_algorithm",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1)
                     .kid("k1")
@@ -126,6 +166,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "HS256 keyed with the public key",
+            "id_token_unsupported_algorithm",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1)
                     .kid("k1")
@@ -135,10 +176,12 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "a key the provider never published",
+            "id_token_bad_signature",
             Box::new(|s, iss, n| s.token(TestKey::Rsa2).kid("k1").sign(&claims(iss, n))),
         ),
         (
             "wrong iss",
+            "id_token_wrong_issuer",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1).kid("k1").sign(&with(
                     claims(iss, n),
@@ -149,6 +192,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "wrong aud",
+            "id_token_wrong_audience",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1).kid("k1").sign(&with(
                     claims(iss, n),
@@ -159,6 +203,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "several audiences without azp",
+            "id_token_missing_azp",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1).kid("k1").sign(&with(
                     claims(iss, n),
@@ -169,6 +214,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "missing nonce",
+            "id_token_missing_claim",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1)
                     .kid("k1")
@@ -177,6 +223,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "nonce mismatch",
+            "id_token_nonce_mismatch",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1).kid("k1").sign(&with(
                     claims(iss, n),
@@ -187,6 +234,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "expired",
+            "id_token_expired",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1).kid("k1").sign(&with(
                     claims(iss, n),
@@ -197,6 +245,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "iat in the future",
+            "id_token_issued_in_future",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1).kid("k1").sign(&with(
                     claims(iss, n),
@@ -207,6 +256,7 @@ async fn every_hostile_id_token_is_refused() {
         ),
         (
             "no sub",
+            "id_token_missing_claim",
             Box::new(|s, iss, n| {
                 s.token(TestKey::Rsa1)
                     .kid("k1")
@@ -214,8 +264,10 @@ async fn every_hostile_id_token_is_refused() {
             }),
         ),
     ];
-    for (name, make) in cases {
-        assert_eq!(attempt(&c, make).await, 400, "{name} was accepted");
+    for (name, want, make) in cases {
+        let r = attempt(&c, make).await;
+        assert_eq!(r.status, 400, "{name} was accepted");
+        assert_eq!(reason(&r).as_deref(), Some(want), "{name}: {}", r.text());
     }
 }
 
@@ -231,7 +283,8 @@ async fn an_unknown_kid_refetches_the_key_set_once_then_succeeds_after_rotation(
             .token(TestKey::EcP256)
             .kid("k2")
             .sign(&claims(iss, nonce)))
-        .await,
+        .await
+        .status,
         302
     );
     assert_eq!(

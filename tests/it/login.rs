@@ -171,29 +171,79 @@ async fn login_end_to_end_with_redis_and_the_session_survives_a_restart() {
     assert_eq!(user.json()["sub"], "bob");
     // A dump of Redis yields no token, no session id, no code, no cookie value.
     let issued = s.provider.tokens("bob").await;
-    let dump = redis.command(&["--no-raw", "KEYS", "*"]);
-    let mut everything = dump.clone();
-    for key in dump.lines().filter_map(|l| l.split('"').nth(1)) {
-        everything.push_str(&redis.command(&["--no-raw", "DUMP", key]));
-        everything.push_str(&redis.command(&["--no-raw", "GET", key]));
-        everything.push_str(&redis.command(&["--no-raw", "SMEMBERS", key]));
+    let (keys, values) = redis_dump(&redis);
+    // The dump must see what is stored, or it proves nothing: both sessions (alice's and bob's,
+    // each holding an ID token, so well over 500 bytes sealed) are among the values.
+    assert!(
+        values.iter().filter(|v| v.len() > 500).count() >= 2,
+        "the dump does not hold both sessions: {} keys",
+        keys.len()
+    );
+    let mut everything = keys.concat();
+    for value in &values {
+        everything.extend_from_slice(value);
     }
+    let everything = String::from_utf8_lossy(&everything).into_owned();
     let cookie = browser.jar.get("vestibule").unwrap();
-    for secret in [
-        issued["access_token"].as_str().unwrap(),
-        issued["refresh_token"].as_str().unwrap(),
-        issued["id_token"].as_str().unwrap(),
-        cookie.as_str(),
+    let handle = user.json()["bff:logout_url"]
+        .as_str()
+        .unwrap()
+        .split("sid=")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    for (what, secret) in [
+        ("access token", issued["access_token"].as_str().unwrap()),
+        ("refresh token", issued["refresh_token"].as_str().unwrap()),
+        ("ID token", issued["id_token"].as_str().unwrap()),
+        ("session cookie", cookie.as_str()),
+        ("session handle", handle.as_str()),
     ] {
+        assert!(secret.len() >= 16, "{what} is too short to probe");
         assert!(
             !everything.contains(&secret[..secret.len().min(40)]),
-            "Redis holds a secret in clear"
+            "Redis holds the {what} in clear"
         );
     }
     assert!(
         !everything.contains("Alice Liddell") && !everything.contains("Bob Builder"),
         "claims are stored in clear"
     );
+}
+
+/// Every key of the Redis server and every value under it, read with the commands of the key's
+/// type (strings, sets, hashes, lists, sorted sets); any other type fails the test.
+fn redis_dump(redis: &RedisServer) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut con = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<Vec<u8>> = ::redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
+    let mut values = Vec::new();
+    for key in &keys {
+        let kind: String = ::redis::cmd("TYPE").arg(key).query(&mut con).unwrap();
+        let read = match kind.as_str() {
+            "string" => ::redis::cmd("GET")
+                .arg(key)
+                .query::<Vec<u8>>(&mut con)
+                .map(|v| vec![v]),
+            "set" => ::redis::cmd("SMEMBERS").arg(key).query(&mut con),
+            "hash" => ::redis::cmd("HGETALL").arg(key).query(&mut con),
+            "list" => ::redis::cmd("LRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query(&mut con),
+            "zset" => ::redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query(&mut con),
+            other => panic!("a key of type {other} the dump cannot read"),
+        };
+        values.extend(read.unwrap());
+    }
+    (keys, values)
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ mod login;
 mod logout;
 mod no_secrets_in_logs;
 mod protection;
+mod protocol;
 mod proxy;
 mod sample_api;
 mod session_store;

@@ -56,6 +56,13 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
         .1
         .into_owned();
     assert_eq!(browser.get(&callback, &[]).await.status, 302);
+    // Read now: logout empties the cookie.
+    let session_cookie = browser.jar.get("vestibule").cloned().unwrap_or_default();
+    assert!(
+        session_cookie.len() > 40,
+        "no session cookie after the login: {:?}",
+        browser.jar
+    );
     assert_eq!(
         browser
             .get(
@@ -81,6 +88,11 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
         .await
         .json();
     let logout = user["bff:logout_url"].as_str().unwrap().to_string();
+    let handle = logout.split("sid=").nth(1).unwrap().to_string();
+    assert!(
+        handle.len() >= 16,
+        "the session handle is too short to probe: {handle}"
+    );
     browser.get(&format!("{base}{logout}"), &[]).await;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -99,9 +111,10 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
         logs.contains("vestibule::access"),
         "the access log is missing: {logs}"
     );
-    let cookie = browser.jar.get("vestibule").cloned().unwrap_or_default();
     let mut secrets: Vec<String> = vec![
         code,
+        session_cookie,
+        handle,
         "vestibule-secret".into(),
         crate::support::KEY.into(),
         "query-secret-value".into(),
@@ -114,13 +127,9 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
             }
         }
     }
-    if !cookie.is_empty() {
-        secrets.push(cookie);
-    }
     for secret in secrets {
+        assert!(secret.len() >= 12, "a secret too short to probe: {secret}");
         let probe = &secret[..secret.len().min(24)];
         assert!(!logs.contains(probe), "a secret reached the log: {probe}…");
     }
-    let handle = logout.split("sid=").nth(1).unwrap();
-    assert!(!handle.is_empty());
 }

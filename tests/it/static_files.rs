@@ -5,17 +5,22 @@
 use crate::support::*;
 
 async fn spa() -> Proxy {
-    let site = tempfile::tempdir().unwrap();
-    std::fs::write(
-        site.path().join("index.html"),
-        "<!doctype html><title>spa</title>",
-    )
-    .unwrap();
-    std::fs::write(site.path().join("app.js"), "console.log('0123456789');").unwrap();
-    std::fs::write(site.path().join("style.css"), "body{}").unwrap();
-    std::fs::write(site.path().join("style.css.gz"), b"\x1f\x8bfake-gzip").unwrap();
-    let dir = site.path().display().to_string();
-    std::mem::forget(site);
+    spa_in(tempfile::tempdir().unwrap().keep()).await
+}
+
+/// Text of a file one level above the site, which no request may reach.
+const OUTSIDE: &str = "outside-the-site-9f3c2e";
+
+/// The SPA served from `parent/site`, with a file holding [`OUTSIDE`] in `parent`.
+async fn spa_in(parent: std::path::PathBuf) -> Proxy {
+    let site = parent.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(parent.join("outside.txt"), OUTSIDE).unwrap();
+    std::fs::write(site.join("index.html"), "<!doctype html><title>spa</title>").unwrap();
+    std::fs::write(site.join("app.js"), "console.log('0123456789');").unwrap();
+    std::fs::write(site.join("style.css"), "body{}").unwrap();
+    std::fs::write(site.join("style.css.gz"), b"\x1f\x8bfake-gzip").unwrap();
+    let dir = site.display().to_string();
     start_proxy(&config_text(&format!(
         "[[routes]]\npath = \"/\"\nstatic_dir = \"{dir}\"\nspa_fallback = \"index.html\"\n"
     )))
@@ -64,20 +69,36 @@ async fn fallback_serves_index_only_to_navigations() {
 
 #[tokio::test]
 async fn traversal_attempts_never_escape_the_directory() {
-    let proxy = spa().await;
-    for path in [
-        "/..%2f..%2fetc/passwd",
-        "/../../etc/passwd",
-        "/%2e%2e/%2e%2e/etc/passwd",
-        "/..%5c..%5cetc/passwd",
-        "/static/..%2f..%2f..%2fetc%2fpasswd",
+    let parent = tempfile::tempdir().unwrap().keep();
+    // Enough `..` to climb from the site to `/` whatever the depth of the temporary directory.
+    let depth = parent.join("site").components().count();
+    let proxy = spa_in(parent).await;
+    let ups = |up: &str, n: usize| up.repeat(n);
+    let mut paths = Vec::new();
+    for up in [
+        "../",
+        "..%2f",
+        "..%2F",
+        "%2e%2e/",
+        "%2e%2e%2f",
+        ".%2e/",
+        "..%5c",
     ] {
+        paths.push(format!("/{}outside.txt", ups(up, 1)));
+        paths.push(format!("/{}etc/passwd", ups(up, depth)));
+        paths.push(format!("/static/{}etc%2fpasswd", ups(up, depth + 1)));
+    }
+    for path in &paths {
         let r = get(&proxy.url(path), &[]).await;
+        assert!(
+            !r.text().contains(OUTSIDE),
+            "{path} read a file outside the site"
+        );
+        assert!(!r.text().contains("root:"), "{path} leaked a system file");
         assert!(
             r.status == 404 || r.status == 400,
             "{path} gave {}",
             r.status
         );
-        assert!(!r.text().contains("root:"), "{path} leaked a system file");
     }
 }

@@ -19,6 +19,12 @@ pub struct State {
     pub jwks_fetches: AtomicUsize,
     /// The form of every token request, in order.
     pub token_requests: Mutex<Vec<Vec<(String, String)>>>,
+    /// Members merged into the code grant's token response; a `null` removes the member.
+    pub token_fields: Mutex<serde_json::Map<String, serde_json::Value>>,
+    /// When set, the code grant's whole token response body, as is.
+    pub token_body: Mutex<Option<String>>,
+    /// Members added to the discovery document.
+    pub discovery_extra: Mutex<serde_json::Map<String, serde_json::Value>>,
 }
 
 pub struct FakeIdp {
@@ -63,16 +69,19 @@ async fn answer(
             .unwrap()
     };
     Ok(match req.uri().path() {
-        "/.well-known/openid-configuration" => json(serde_json::json!({
-            "issuer": issuer,
-            "authorization_endpoint": format!("{issuer}/authorize"),
-            "token_endpoint": format!("{issuer}/token"),
-            "jwks_uri": format!("{issuer}/jwks"),
-            "end_session_endpoint": format!("{issuer}/logout"),
-            "code_challenge_methods_supported": ["S256"],
-            "x-vendor-extension": {"anything": [1, 2, 3]},
-            "id_token_signing_alg_values_supported": ["RS256", "ES256", "made-up-alg"],
-        })),
+        "/.well-known/openid-configuration" => json(with_members(
+            serde_json::json!({
+                "issuer": issuer,
+                "authorization_endpoint": format!("{issuer}/authorize"),
+                "token_endpoint": format!("{issuer}/token"),
+                "jwks_uri": format!("{issuer}/jwks"),
+                "end_session_endpoint": format!("{issuer}/logout"),
+                "code_challenge_methods_supported": ["S256"],
+                "x-vendor-extension": {"anything": [1, 2, 3]},
+                "id_token_signing_alg_values_supported": ["RS256", "ES256", "made-up-alg"],
+            }),
+            &state.discovery_extra.lock().unwrap(),
+        )),
         "/jwks" => {
             state.jwks_fetches.fetch_add(1, Ordering::SeqCst);
             let body = state.jwks.lock().unwrap().clone();
@@ -101,14 +110,38 @@ async fn answer(
                     serde_json::json!({"access_token": format!("exchanged-for-{resource}"), "issued_token_type": "urn:ietf:params:oauth:token-type:access_token", "token_type": "Bearer", "expires_in": 300}),
                 ));
             }
+            if let Some(body) = state.token_body.lock().unwrap().clone() {
+                return Ok(Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap());
+            }
             let id_token = state.id_token.lock().unwrap().clone();
-            json(
+            json(with_members(
                 serde_json::json!({"access_token": "fake-access", "token_type": "Bearer", "expires_in": 300, "refresh_token": "fake-refresh", "id_token": id_token}),
-            )
+                &state.token_fields.lock().unwrap(),
+            ))
         }
         _ => Response::builder()
             .status(404)
             .body(Full::new(Bytes::new()))
             .unwrap(),
     })
+}
+
+/// `base` with `members` merged in; a `null` member removes the key.
+fn with_members(
+    mut base: serde_json::Value,
+    members: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    if let Some(object) = base.as_object_mut() {
+        for (key, value) in members {
+            if value.is_null() {
+                object.remove(key);
+            } else {
+                object.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    base
 }

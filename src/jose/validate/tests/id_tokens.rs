@@ -256,6 +256,61 @@ async fn id_token_without_a_subject_is_rejected() {
 }
 
 #[tokio::test]
+async fn a_subject_longer_than_255_ascii_characters_is_rejected() {
+    let f = fixture().await;
+    let longest = with(id_claims(), "sub", json!("a".repeat(255)));
+    assert!(f.id(&f.rs256(&longest)).await.is_ok());
+    for bad in ["a".repeat(256), "ålice".to_owned()] {
+        let claims = with(id_claims(), "sub", json!(bad));
+        assert_eq!(
+            f.id_claims_error(claims).await,
+            JoseError::BadClaimType("sub")
+        );
+    }
+}
+
+/// The example of OpenID Connect Core, Appendix A.3 (RS256).
+const SPEC_ACCESS_TOKEN: &str = "jHkWEdUXMU1BwAsC4vtUsZwnNvTIxEl0z9K3vx5KF0Y";
+const SPEC_AT_HASH: &str = "77QmUPtjPfzWtF2AnpK9RQ";
+
+#[test]
+fn at_hash_is_checked_when_present_with_the_hash_of_the_alg() {
+    let f = TestSigner::new();
+    let rs256 = |claims: &Value| f.token(TestKey::Rsa1).sign(claims);
+    let with_hash = |hash: &str| with(id_claims(), "at_hash", json!(hash));
+    let check = |token: &str, claims: &Value, access: &str| {
+        check_at_hash(token, claims.as_object().unwrap(), access)
+    };
+    let c = with_hash(SPEC_AT_HASH);
+    assert_eq!(check(&rs256(&c), &c, SPEC_ACCESS_TOKEN), Ok(()));
+    assert_eq!(
+        check(&rs256(&c), &c, "another-access-token"),
+        Err(JoseError::AtHashMismatch)
+    );
+    // No at_hash: nothing to check (it is optional in the code flow).
+    assert_eq!(
+        check(&rs256(&id_claims()), &id_claims(), "anything"),
+        Ok(())
+    );
+    let c = with(id_claims(), "at_hash", json!(7));
+    assert_eq!(
+        check(&rs256(&c), &c, SPEC_ACCESS_TOKEN),
+        Err(JoseError::BadClaimType("at_hash"))
+    );
+    // EdDSA (Ed25519) hashes with SHA-512: the SHA-256 half does not match.
+    let c = with_hash(SPEC_AT_HASH);
+    let eddsa = f.token(TestKey::Ed25519).sign(&c);
+    assert_eq!(
+        check(&eddsa, &c, SPEC_ACCESS_TOKEN),
+        Err(JoseError::AtHashMismatch)
+    );
+    let digest = sha2::Sha512::digest(SPEC_ACCESS_TOKEN.as_bytes());
+    let c = with_hash(&URL_SAFE_NO_PAD.encode(&digest[..32]));
+    let eddsa = f.token(TestKey::Ed25519).sign(&c);
+    assert_eq!(check(&eddsa, &c, SPEC_ACCESS_TOKEN), Ok(()));
+}
+
+#[tokio::test]
 async fn garbage_instead_of_a_token_is_malformed() {
     let f = fixture().await;
     for token in ["", "not-a-jwt", "a.b.c", "a.b.c.d.e"] {

@@ -1,0 +1,356 @@
+//! Protocol checks against the in-process fake provider: the authorization response's `iss`
+//! (RFC 9207), every MUST of the code grant's token response (RFC 6749 §5.1, OpenID Connect Core
+//! §3.1.3.3 to §3.1.3.8), and back-channel logout tokens that carry both `sid` and `sub`.
+//! Every refused login asserts its named reason, so a login that fails for another reason does
+//! not pass for the one under test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::fake_provider::{Case, attempt, attempt_with, claims, reason, setup, setup_with, with};
+use crate::support::*;
+use base64::Engine;
+use serde_json::{Value, json};
+use sha2::Digest;
+use vestibule::jose::testing::{TestKey, logout_token_claims};
+use vestibule::session::model::Session;
+
+fn encoded(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+fn token_requests(c: &Case) -> usize {
+    c.idp.state.token_requests.lock().unwrap().len()
+}
+
+fn sets_session_cookie(r: &Reply) -> bool {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .any(|v| v.to_str().unwrap().starts_with("vestibule="))
+}
+
+/// Signs a valid ID token for the login's nonce, with `extra` claims merged in.
+fn id_token(
+    extra: Value,
+) -> impl FnOnce(&vestibule::jose::testing::TestSigner, &str, &str) -> String {
+    move |s, iss, nonce| {
+        let mut c = claims(iss, nonce);
+        for (k, v) in extra.as_object().unwrap() {
+            c = with(c, k, v.clone());
+        }
+        s.token(TestKey::Rsa1).kid("k1").sign(&c)
+    }
+}
+
+/// OpenID Connect Core §3.1.3.6: the left half of the SHA-256 of the access token, base64url.
+fn at_hash(access_token: &str) -> String {
+    let digest = sha2::Sha256::digest(access_token.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
+}
+
+#[tokio::test]
+async fn a_callback_without_its_login_cookie_fails_with_its_own_reason() {
+    let c = setup().await;
+    let start = get(&c.proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+    let state = location
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let r = get(
+        &c.proxy
+            .url(&format!("/bff/callback?code=abc&state={state}")),
+        &[("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("login_state_missing"),
+        "{}",
+        r.text()
+    );
+}
+
+#[tokio::test]
+async fn an_authorization_response_naming_another_issuer_is_refused_before_the_code_is_used() {
+    let c = setup().await;
+    let issuer = c.idp.issuer.clone();
+    for (what, iss) in [
+        ("another issuer", "https://evil.example".to_string()),
+        ("a trailing slash", format!("{issuer}/")),
+        ("an empty iss", String::new()),
+    ] {
+        let before = token_requests(&c);
+        let r = attempt_with(&c, &format!("&iss={}", encoded(&iss)), id_token(json!({}))).await;
+        assert_eq!(r.status, 400, "{what} was accepted");
+        assert_eq!(
+            reason(&r).as_deref(),
+            Some("iss_mismatch"),
+            "{what}: {}",
+            r.text()
+        );
+        assert_eq!(token_requests(&c), before, "{what}: the code was exchanged");
+        assert!(!sets_session_cookie(&r), "{what} made a session");
+    }
+    // The right issuer, or none from a provider that does not advertise the parameter, is fine.
+    let r = attempt_with(
+        &c,
+        &format!("&iss={}", encoded(&issuer)),
+        id_token(json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(attempt(&c, id_token(json!({}))).await.status, 302);
+}
+
+#[tokio::test]
+async fn a_provider_that_advertises_the_iss_parameter_must_send_it() {
+    let mut discovery = serde_json::Map::new();
+    discovery.insert(
+        "authorization_response_iss_parameter_supported".into(),
+        json!(true),
+    );
+    let c = setup_with(discovery).await;
+    let before = token_requests(&c);
+    let r = attempt(&c, id_token(json!({}))).await;
+    assert_eq!(reason(&r).as_deref(), Some("iss_missing"), "{}", r.text());
+    assert_eq!(token_requests(&c), before, "the code was exchanged");
+    let r = attempt_with(&c, "&iss=https%3A%2F%2Fevil.example", id_token(json!({}))).await;
+    assert_eq!(reason(&r).as_deref(), Some("iss_mismatch"), "{}", r.text());
+    let issuer = c.idp.issuer.clone();
+    let r = attempt_with(
+        &c,
+        &format!("&iss={}", encoded(&issuer)),
+        id_token(json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+}
+
+#[tokio::test]
+async fn token_responses_that_break_a_must_are_refused_with_their_reason() {
+    let c = setup().await;
+    let cases: Vec<(&str, Value, Value, &str)> = vec![
+        (
+            "no access_token",
+            json!({"access_token": null}),
+            json!({}),
+            "access_token_missing",
+        ),
+        (
+            "an empty access_token",
+            json!({"access_token": ""}),
+            json!({}),
+            "access_token_missing",
+        ),
+        (
+            "a numeric access_token",
+            json!({"access_token": 7}),
+            json!({}),
+            "access_token_invalid",
+        ),
+        (
+            "no token_type",
+            json!({"token_type": null}),
+            json!({}),
+            "token_type_missing",
+        ),
+        (
+            "token_type mac",
+            json!({"token_type": "mac"}),
+            json!({}),
+            "token_type_invalid",
+        ),
+        (
+            "an unrequested DPoP token",
+            json!({"token_type": "DPoP"}),
+            json!({}),
+            "token_type_invalid",
+        ),
+        (
+            "expires_in as a string",
+            json!({"expires_in": "300"}),
+            json!({}),
+            "expires_in_invalid",
+        ),
+        (
+            "a negative expires_in",
+            json!({"expires_in": -5}),
+            json!({}),
+            "expires_in_invalid",
+        ),
+        (
+            "a fractional expires_in",
+            json!({"expires_in": 2.5}),
+            json!({}),
+            "expires_in_invalid",
+        ),
+        (
+            "a numeric refresh_token",
+            json!({"refresh_token": 1}),
+            json!({}),
+            "refresh_token_invalid",
+        ),
+        (
+            "scope as an array",
+            json!({"scope": ["openid"]}),
+            json!({}),
+            "scope_invalid",
+        ),
+        (
+            "no id_token",
+            json!({"id_token": null}),
+            json!({}),
+            "id_token_missing",
+        ),
+        (
+            "an id_token object",
+            json!({"id_token": {}}),
+            json!({}),
+            "id_token_malformed",
+        ),
+        (
+            "an at_hash of another access token",
+            json!({}),
+            json!({"at_hash": at_hash("another-access-token")}),
+            "id_token_at_hash_mismatch",
+        ),
+        (
+            "an at_hash of the wrong type",
+            json!({}),
+            json!({"at_hash": 7}),
+            "id_token_bad_claim_type",
+        ),
+    ];
+    for (what, fields, extra_claims, want) in cases {
+        *c.idp.state.token_fields.lock().unwrap() = fields.as_object().unwrap().clone();
+        let r = attempt(&c, id_token(extra_claims)).await;
+        assert_eq!(r.status, 400, "{what} was accepted");
+        assert_eq!(reason(&r).as_deref(), Some(want), "{what}: {}", r.text());
+        assert!(!sets_session_cookie(&r), "{what} made a session");
+        assert!(
+            !r.text().contains("fake-access") && !r.text().contains("fake-refresh"),
+            "{what}: the page shows a token"
+        );
+    }
+    for body in [
+        "[]",
+        "\"a string\"",
+        "{\"access_token\": \"x\", \"token_type\": \"Bearer\"} trailing",
+    ] {
+        *c.idp.state.token_body.lock().unwrap() = Some(body.into());
+        let r = attempt(&c, id_token(json!({}))).await;
+        assert_ne!(r.status, 302, "the body {body} was accepted");
+        assert!(!sets_session_cookie(&r), "the body {body} made a session");
+    }
+    *c.idp.state.token_body.lock().unwrap() = Some("[]".into());
+    let r = attempt(&c, id_token(json!({}))).await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("token_response_malformed"),
+        "{}",
+        r.text()
+    );
+    *c.idp.state.token_body.lock().unwrap() = None;
+
+    // What the MUSTs allow: any case of Bearer, the optional members absent or null, unknown
+    // members, and an at_hash that matches.
+    let accepted: Vec<(&str, Value, Value)> = vec![
+        (
+            "token_type bearer",
+            json!({"token_type": "bearer"}),
+            json!({}),
+        ),
+        (
+            "no optional members",
+            json!({"expires_in": null, "refresh_token": null, "scope": null}),
+            json!({}),
+        ),
+        (
+            "unknown members",
+            json!({"x-vendor": {"a": [1]}}),
+            json!({}),
+        ),
+        (
+            "a matching at_hash",
+            json!({}),
+            json!({"at_hash": at_hash("fake-access")}),
+        ),
+    ];
+    for (what, fields, extra_claims) in accepted {
+        *c.idp.state.token_fields.lock().unwrap() = fields.as_object().unwrap().clone();
+        let r = attempt(&c, id_token(extra_claims)).await;
+        assert_eq!(r.status, 302, "{what} was refused: {}", r.text());
+        assert!(sets_session_cookie(&r), "{what} made no session");
+    }
+}
+
+async fn session(c: &Case, sub: &str, sid: &str) -> String {
+    let session = Session {
+        sub: sub.into(),
+        sid: Some(sid.into()),
+        ..Session::default()
+    };
+    let (cookie, _) = c
+        .proxy
+        .app
+        .sessions
+        .create(session, vestibule::app::now())
+        .await
+        .unwrap();
+    format!("vestibule={cookie}")
+}
+
+async fn alive(c: &Case, cookie: &str) -> bool {
+    let r = get(
+        &c.proxy.url("/bff/user"),
+        &[("cookie", cookie), ("x-csrf", "1")],
+    )
+    .await;
+    r.status == 200
+}
+
+async fn post_logout(c: &Case, jti: &str, sid: &str, sub: &str) -> Reply {
+    let mut claims = logout_token_claims(&c.idp.issuer, "vestibule", vestibule::app::now());
+    claims["jti"] = jti.into();
+    claims["sid"] = sid.into();
+    claims["sub"] = sub.into();
+    let token = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&claims);
+    send(
+        http::Request::post(c.proxy.url("/bff/backchannel-logout"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                "logout_token={}",
+                encoded(&token)
+            ))))
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_logout_token_with_sid_and_sub_ends_that_sid_or_else_that_sub() {
+    let c = setup().await;
+    let first = session(&c, "alice", "session-1").await;
+    let second = session(&c, "alice", "session-2").await;
+    let bob = session(&c, "bob", "session-3").await;
+    assert!(alive(&c, &first).await && alive(&c, &second).await && alive(&c, &bob).await);
+
+    // The sid has a session: only that one ends.
+    let r = post_logout(&c, "j-1", "session-1", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!alive(&c, &first).await, "the session of the sid lives on");
+    assert!(alive(&c, &second).await, "another session of the sub ended");
+
+    // No session has the sid: the sub's sessions end, and nobody else's.
+    let r = post_logout(&c, "j-2", "session-unknown", "alice").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!alive(&c, &second).await, "the sub's session lives on");
+    assert!(alive(&c, &bob).await, "another user's session ended");
+}
