@@ -49,6 +49,7 @@ pub async fn dispatch<B>(
     mut req: Request<B>,
     peer: Peer,
     own_cookies: headers::OwnCookies<'_>,
+    public: &headers::PublicSide,
     bearer: Option<HeaderValue>,
     max_body: u64,
     default_timeout: Duration,
@@ -86,12 +87,6 @@ where
             let upgrade =
                 headers::upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
             let (mut parts, body) = req.into_parts();
-            let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-                parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            });
             headers::strip_hop_by_hop(&mut parts.headers);
             headers::remove_cookies(&mut parts.headers, own_cookies);
             if route.token != crate::config::TokenMode::None {
@@ -100,7 +95,7 @@ where
             if let Some(bearer) = bearer {
                 parts.headers.insert(header::AUTHORIZATION, bearer);
             }
-            headers::set_forwarded(&mut parts.headers, peer, host.as_ref());
+            headers::set_forwarded(&mut parts.headers, peer, public);
             if let Ok(authority) = HeaderValue::from_str(forward::authority(base)) {
                 parts.headers.insert(header::HOST, authority);
             }

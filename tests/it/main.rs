@@ -7,6 +7,7 @@ mod support;
 
 mod cli;
 mod config_errors;
+mod edge;
 mod fake_provider;
 mod login;
 mod logout;
