@@ -106,9 +106,11 @@ where
                     .boxed_unsync();
             let request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
-            upstreams
+            let mut response = upstreams
                 .forward(request, upgrade, timeout, &route.path)
-                .await
+                .await;
+            headers::remove_set_cookies(response.headers_mut(), own_cookies, &route.path);
+            response
         }
     }
 }

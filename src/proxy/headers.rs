@@ -77,6 +77,63 @@ impl OwnCookies<'_> {
     fn matches(&self, name: &str) -> bool {
         name == self.session || name.starts_with(self.login_prefix)
     }
+
+    /// Whether a cookie an upstream sets would be one of ours, with or without a `__Host-` or
+    /// `__Secure-` prefix (browsers match those prefixes case-insensitively).
+    fn names_ours(&self, name: &str) -> bool {
+        let name = without_prefix(name);
+        name == without_prefix(self.session) || name.starts_with(without_prefix(self.login_prefix))
+    }
+}
+
+fn without_prefix(name: &str) -> &str {
+    for prefix in ["__Host-", "__Secure-"] {
+        if let Some(head) = name.get(..prefix.len())
+            && head.eq_ignore_ascii_case(prefix)
+        {
+            return &name[prefix.len()..];
+        }
+    }
+    name
+}
+
+/// The name of the cookie a `Set-Cookie` value sets. A nameless cookie (`=name=value`) is
+/// sent back by browsers as `name=value`, so the name inside its value is the one that counts.
+fn set_cookie_name(value: &HeaderValue) -> Option<&str> {
+    let pair = value.as_bytes().split(|&b| b == b';').next()?;
+    let pair = std::str::from_utf8(pair).ok()?.trim();
+    let (name, rest) = pair.split_once('=')?;
+    match name.trim() {
+        "" => rest.split_once('=').map(|(name, _)| name.trim()),
+        name => Some(name),
+    }
+}
+
+/// Drops every `Set-Cookie` of an upstream's response that would set one of Vestibule's own
+/// cookies (the session cookie or a login-state cookie), logging each at warn with `route`.
+/// Other cookies pass in order; a response setting none of ours is left untouched.
+pub fn remove_set_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>, route: &str) {
+    let ours = |v: &HeaderValue| set_cookie_name(v).is_some_and(|n| own.names_ours(n));
+    if !headers.get_all(header::SET_COOKIE).iter().any(ours) {
+        return;
+    }
+    let values: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for value in values {
+        if ours(&value) {
+            tracing::warn!(
+                route,
+                cookie = set_cookie_name(&value).unwrap_or_default(),
+                "the upstream's Set-Cookie for one of Vestibule's own cookies was dropped"
+            );
+        } else {
+            headers.append(header::SET_COOKIE, value);
+        }
+    }
 }
 
 fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = Option<&str>> {
@@ -328,6 +385,31 @@ mod tests {
             },
         );
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+    }
+
+    #[test]
+    fn upstream_set_cookies_for_our_cookies_are_dropped() {
+        let own = OwnCookies {
+            session: "__Host-vestibule",
+            login_prefix: "__Host-vestibule-login-",
+        };
+        let mut h = HeaderMap::new();
+        for value in [
+            "vestibule=1; Path=/",
+            "__Host-vestibule=2",
+            "__host-vestibule=3",
+            "__Secure-vestibule-login-x=4",
+            "vestibule-login-y=5; HttpOnly",
+            " =vestibule=6",
+            "app=7; Path=/",
+            "vestibule-other=8",
+            "Vestibule=9",
+        ] {
+            h.append(header::SET_COOKIE, value.parse().unwrap());
+        }
+        remove_set_cookies(&mut h, own, "/api/");
+        let kept: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(kept, ["app=7; Path=/", "vestibule-other=8", "Vestibule=9"]);
     }
 
     #[test]
