@@ -100,6 +100,11 @@ where
                 parts.headers.insert(header::HOST, authority);
             }
             parts.uri = uri;
+            // Marked as the client's, so that a body hyper refuses (bad chunking) or a client
+            // that goes away is told apart from an upstream failure.
+            let body = body.map_err(|e| -> crate::reply::BoxError {
+                Box::new(forward::ClientBodyError(e.into()))
+            });
             let body =
                 http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
                     .map_err(|e| -> crate::reply::BoxError { e })
