@@ -33,6 +33,8 @@ pub struct Runtime {
     /// Vestibule's own cookie names, removed from forwarded requests.
     own_cookie: String,
     login_prefix: String,
+    /// `public_url` as upstreams are told it (`X-Forwarded-Proto`, `-Host`).
+    public_side: proxy::headers::PublicSide,
 }
 
 impl Runtime {
@@ -40,11 +42,13 @@ impl Runtime {
         let routes = RouteTable::new(&config.routes);
         let own_cookie = config.session.cookie_name.clone();
         let login_prefix = crate::cookies::login_prefix(&config.session);
+        let public_side = proxy::headers::PublicSide::new(&config.server.public_url);
         Runtime {
             config: Arc::new(config),
             routes,
             own_cookie,
             login_prefix,
+            public_side,
         }
     }
 
@@ -178,12 +182,18 @@ impl App {
         let method = req.method().clone();
         // A cheap clone (shared bytes), read only if the access log is on.
         let uri = req.uri().clone();
-        let request_id = proxy::headers::ensure_request_id(req.headers_mut());
+        let peer = Peer {
+            ip,
+            tls,
+            trusted: runtime.is_trusted(ip),
+        };
+        // Only a trusted proxy's request id is kept; anyone else's is replaced.
+        let request_id = proxy::headers::ensure_request_id(req.headers_mut(), peer.trusted);
         let in_flight = crate::telemetry::InFlight::enter(self.request_metrics.in_flight());
         let cors = gate::cors_origin(&runtime, req.headers());
         let (route_name, mut response) = match gate::preflight(&runtime, &req) {
             Some(answer) => ("preflight", answer),
-            None => self.route(&runtime, req, ip, tls).await,
+            None => self.route(&runtime, req, peer).await,
         };
         if let Some(origin) = cors {
             gate::add_cors_headers(response.headers_mut(), origin);
@@ -222,8 +232,7 @@ impl App {
         &self,
         runtime: &'r Runtime,
         req: Request<Incoming>,
-        ip: IpAddr,
-        tls: bool,
+        peer: Peer,
     ) -> (&'r str, Response<Body>) {
         let config = &runtime.config;
         if proxy::header_bytes(&req) > config.server.max_header_size {
@@ -245,11 +254,6 @@ impl App {
             Ok(a) => a,
             Err(response) => return (route.path.as_str(), response),
         };
-        let peer = Peer {
-            ip,
-            tls,
-            trusted: runtime.is_trusted(ip),
-        };
         let own = proxy::headers::OwnCookies {
             session: &runtime.own_cookie,
             login_prefix: &runtime.login_prefix,
@@ -261,6 +265,7 @@ impl App {
                 req,
                 peer,
                 own,
+                &runtime.public_side,
                 bearer,
                 config.server.max_body,
                 config.server.request_timeout,

@@ -49,6 +49,7 @@ pub async fn dispatch<B>(
     mut req: Request<B>,
     peer: Peer,
     own_cookies: headers::OwnCookies<'_>,
+    public: &headers::PublicSide,
     bearer: Option<HeaderValue>,
     max_body: u64,
     default_timeout: Duration,
@@ -86,12 +87,6 @@ where
             let upgrade =
                 headers::upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
             let (mut parts, body) = req.into_parts();
-            let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-                parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            });
             headers::strip_hop_by_hop(&mut parts.headers);
             headers::remove_cookies(&mut parts.headers, own_cookies);
             if route.token != crate::config::TokenMode::None {
@@ -100,20 +95,27 @@ where
             if let Some(bearer) = bearer {
                 parts.headers.insert(header::AUTHORIZATION, bearer);
             }
-            headers::set_forwarded(&mut parts.headers, peer, host.as_ref());
+            headers::set_forwarded(&mut parts.headers, peer, public);
             if let Ok(authority) = HeaderValue::from_str(forward::authority(base)) {
                 parts.headers.insert(header::HOST, authority);
             }
             parts.uri = uri;
+            // Marked as the client's, so that a body hyper refuses (bad chunking) or a client
+            // that goes away is told apart from an upstream failure.
+            let body = body.map_err(|e| -> crate::reply::BoxError {
+                Box::new(forward::ClientBodyError(e.into()))
+            });
             let body =
                 http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
                     .map_err(|e| -> crate::reply::BoxError { e })
                     .boxed_unsync();
             let request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
-            upstreams
+            let mut response = upstreams
                 .forward(request, upgrade, timeout, &route.path)
-                .await
+                .await;
+            headers::remove_set_cookies(response.headers_mut(), own_cookies, &route.path);
+            response
         }
     }
 }

@@ -3,6 +3,7 @@
 //! in-flight requests and tunnels finish within `shutdown_grace`.
 
 pub mod admin;
+pub mod framing;
 pub mod tls;
 
 use crate::app::App;
@@ -240,9 +241,10 @@ async fn work(
                         let app = app.clone();
                         async move { Ok::<_, Infallible>(app.handle(req, ip, false).await) }
                     });
-                    let conn = setup
-                        .builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    let conn = setup.builder.serve_connection_with_upgrades(
+                        TokioIo::new(framing::Guarded::new(tcp)),
+                        service,
+                    );
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
                 Some(acceptor) => {
@@ -255,9 +257,10 @@ async fn work(
                         let app = app.clone();
                         async move { Ok::<_, Infallible>(app.handle(req, ip, true).await) }
                     });
-                    let conn = setup
-                        .builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn = setup.builder.serve_connection_with_upgrades(
+                        TokioIo::new(framing::Guarded::new(stream)),
+                        service,
+                    );
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
             }

@@ -133,6 +133,10 @@ impl Upstreams {
                 if too_large {
                     return ErrorCode::PayloadTooLarge.json(&[]);
                 }
+                if find_cause::<ClientBodyError>(&*error) {
+                    tracing::info!(route, error = %error, "the request body failed");
+                    return ErrorCode::BadRequest.json(&[]);
+                }
                 metrics::counter!("vestibule_upstream_errors_total", "route" => route.to_string(), "kind" => "unavailable").increment(1);
                 tracing::warn!(route, error = %error, "upstream unavailable");
                 return ErrorCode::UpstreamUnavailable.json(&[]);
@@ -205,6 +209,23 @@ pub fn upstream_uri(base: &url::Url, path: &str, query: Option<&str>) -> Option<
 /// default, as the URL is serialised).
 pub fn authority(url: &url::Url) -> &str {
     &url[url::Position::BeforeHost..url::Position::AfterPort]
+}
+
+/// The client's request body failed while it was being forwarded: hyper refused its framing
+/// (a malformed chunk, chunk extensions over hyper's limit) or the client went away.
+#[derive(Debug)]
+pub struct ClientBodyError(pub BoxError);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
 }
 
 /// How long the upstream took to answer with its head; read by the access log.

@@ -77,6 +77,63 @@ impl OwnCookies<'_> {
     fn matches(&self, name: &str) -> bool {
         name == self.session || name.starts_with(self.login_prefix)
     }
+
+    /// Whether a cookie an upstream sets would be one of ours, with or without a `__Host-` or
+    /// `__Secure-` prefix (browsers match those prefixes case-insensitively).
+    fn names_ours(&self, name: &str) -> bool {
+        let name = without_prefix(name);
+        name == without_prefix(self.session) || name.starts_with(without_prefix(self.login_prefix))
+    }
+}
+
+fn without_prefix(name: &str) -> &str {
+    for prefix in ["__Host-", "__Secure-"] {
+        if let Some(head) = name.get(..prefix.len())
+            && head.eq_ignore_ascii_case(prefix)
+        {
+            return &name[prefix.len()..];
+        }
+    }
+    name
+}
+
+/// The name of the cookie a `Set-Cookie` value sets. A nameless cookie (`=name=value`) is
+/// sent back by browsers as `name=value`, so the name inside its value is the one that counts.
+fn set_cookie_name(value: &HeaderValue) -> Option<&str> {
+    let pair = value.as_bytes().split(|&b| b == b';').next()?;
+    let pair = std::str::from_utf8(pair).ok()?.trim();
+    let (name, rest) = pair.split_once('=')?;
+    match name.trim() {
+        "" => rest.split_once('=').map(|(name, _)| name.trim()),
+        name => Some(name),
+    }
+}
+
+/// Drops every `Set-Cookie` of an upstream's response that would set one of Vestibule's own
+/// cookies (the session cookie or a login-state cookie), logging each at warn with `route`.
+/// Other cookies pass in order; a response setting none of ours is left untouched.
+pub fn remove_set_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>, route: &str) {
+    let ours = |v: &HeaderValue| set_cookie_name(v).is_some_and(|n| own.names_ours(n));
+    if !headers.get_all(header::SET_COOKIE).iter().any(ours) {
+        return;
+    }
+    let values: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for value in values {
+        if ours(&value) {
+            tracing::warn!(
+                route,
+                cookie = set_cookie_name(&value).unwrap_or_default(),
+                "the upstream's Set-Cookie for one of Vestibule's own cookies was dropped"
+            );
+        } else {
+            headers.append(header::SET_COOKIE, value);
+        }
+    }
 }
 
 fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = Option<&str>> {
@@ -124,15 +181,67 @@ pub fn remove_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>) {
 pub struct Peer {
     pub ip: IpAddr,
     pub tls: bool,
-    /// The peer is a trusted proxy, so its `X-Forwarded-*` headers are believed.
+    /// The peer is a trusted proxy (`server.trusted_proxies`), so what it says about the client
+    /// (`Forwarded`, `X-Real-IP`, `X-Forwarded-*`, `X-Request-Id`) is believed.
     pub trusted: bool,
 }
 
-/// Sets `X-Forwarded-For/Proto/Host`, appending to incoming values only from trusted proxies.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+/// Vestibule's public side as upstreams are told it: `X-Forwarded-Proto` and `-Host` from
+/// `public_url`, built once per configuration.
+#[derive(Debug, Clone)]
+pub struct PublicSide {
+    proto: HeaderValue,
+    host: HeaderValue,
+}
+
+impl PublicSide {
+    pub fn new(public_url: &url::Url) -> Self {
+        let proto = if public_url.scheme() == "https" {
+            HeaderValue::from_static("https")
+        } else {
+            HeaderValue::from_static("http")
+        };
+        let host = HeaderValue::from_str(super::forward::authority(public_url))
+            .unwrap_or(HeaderValue::from_static(""));
+        PublicSide { proto, host }
+    }
+}
+
+/// Headers through which a client could speak for itself, other than the three that
+/// [`set_forwarded`] always writes: removed from an untrusted peer's requests.
+fn speaks_for_client(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "forwarded"
+        || name == "x-real-ip"
+        || (name.starts_with("x-forwarded-")
+            && !matches!(
+                name,
+                "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+            ))
+}
+
+/// Tells the upstream who the client is: `X-Forwarded-For`, `-Proto` and `-Host`.
+///
+/// From a trusted proxy, everything it says stands: the peer is appended to its
+/// `X-Forwarded-For`, and `-Proto`/`-Host` are set from `public_url` only where it sent none.
+/// From any other peer, `Forwarded`, `X-Real-IP` and every `X-Forwarded-*` header are removed
+/// and the three are set: the peer's address, and `public_url`'s scheme and host (never the
+/// client's `Host`). Requests with nothing to remove (the common case) allocate nothing here
+/// beyond the `X-Forwarded-For` value.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: Peer, public: &PublicSide) {
     let xff = HeaderName::from_static("x-forwarded-for");
     let proto = HeaderName::from_static("x-forwarded-proto");
     let fhost = HeaderName::from_static("x-forwarded-host");
+    if !peer.trusted && headers.keys().any(speaks_for_client) {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| speaks_for_client(n))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+    }
     let prior = headers
         .get(&xff)
         .map(HeaderValue::as_bytes)
@@ -148,31 +257,27 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderVa
         None => HeaderValue::from_bytes(ip).ok(),
         Some(prior) => HeaderValue::from_bytes(&[prior, b", ", ip].concat()).ok(),
     };
-    if let Some(value) = value {
-        headers.insert(xff, value);
+    match value {
+        Some(value) => {
+            headers.insert(xff, value);
+        }
+        None => {
+            headers.remove(xff);
+        }
     }
     if !(peer.trusted && headers.contains_key(&proto)) {
-        headers.insert(
-            proto,
-            HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
-        );
+        headers.insert(proto, public.proto.clone());
     }
     if !(peer.trusted && headers.contains_key(&fhost)) {
-        match host {
-            Some(h) => {
-                headers.insert(fhost, h.clone());
-            }
-            None => {
-                headers.remove(fhost);
-            }
-        }
+        headers.insert(fhost, public.host.clone());
     }
 }
 
-/// Returns the request id, creating one when absent or unusable.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+/// Returns the request id: a trusted proxy's when it sent a usable one (at most 128 visible
+/// ASCII characters), otherwise a new one, which replaces whatever the client sent.
+pub fn ensure_request_id(headers: &mut HeaderMap, trusted: bool) -> HeaderValue {
     let name = HeaderName::from_static("x-request-id");
-    if let Some(v) = headers.get(&name) {
+    if trusted && let Some(v) = headers.get(&name) {
         let ok = v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
         if ok {
             return v.clone();
@@ -228,7 +333,7 @@ mod tests {
     fn generated_request_ids_are_32_hex_digits_and_distinct() {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
-            let id = ensure_request_id(&mut HeaderMap::new());
+            let id = ensure_request_id(&mut HeaderMap::new(), true);
             let text = id.to_str().unwrap().to_string();
             assert_eq!(text.len(), 32);
             assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -283,6 +388,31 @@ mod tests {
     }
 
     #[test]
+    fn upstream_set_cookies_for_our_cookies_are_dropped() {
+        let own = OwnCookies {
+            session: "__Host-vestibule",
+            login_prefix: "__Host-vestibule-login-",
+        };
+        let mut h = HeaderMap::new();
+        for value in [
+            "vestibule=1; Path=/",
+            "__Host-vestibule=2",
+            "__host-vestibule=3",
+            "__Secure-vestibule-login-x=4",
+            "vestibule-login-y=5; HttpOnly",
+            " =vestibule=6",
+            "app=7; Path=/",
+            "vestibule-other=8",
+            "Vestibule=9",
+        ] {
+            h.append(header::SET_COOKIE, value.parse().unwrap());
+        }
+        remove_set_cookies(&mut h, own, "/api/");
+        let kept: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(kept, ["app=7; Path=/", "vestibule-other=8", "Vestibule=9"]);
+    }
+
+    #[test]
     fn untrusted_forwarded_for_is_replaced() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
@@ -291,7 +421,8 @@ mod tests {
             tls: false,
             trusted: false,
         };
-        set_forwarded(&mut h, peer, None);
+        let public = PublicSide::new(&url::Url::parse("https://app.example.test").unwrap());
+        set_forwarded(&mut h, peer, &public);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1");
         let mut h2 = HeaderMap::new();
         h2.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
@@ -301,7 +432,7 @@ mod tests {
                 trusted: true,
                 ..peer
             },
-            None,
+            &public,
         );
         assert_eq!(h2.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.1");
     }

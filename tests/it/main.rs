@@ -8,6 +8,7 @@ mod support;
 mod architecture;
 mod cli;
 mod config_errors;
+mod edge;
 mod fake_provider;
 mod login;
 mod logout;

@@ -57,6 +57,7 @@ async fn tls_listener_negotiates_h2_with_alpn() {
         "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
         up.url()
     ))
+    .replace("public_url = \"http://", "public_url = \"https://")
     .replace(
         "[server]\n",
         &format!(
@@ -95,6 +96,7 @@ async fn tls_listener_negotiates_h2_with_alpn() {
     assert_eq!(response.status(), 200);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // From public_url, which names the scheme browsers use.
     assert_eq!(echoed["headers"]["x-forwarded-proto"], "https");
     // Plain HTTP to the TLS port gets no answer.
     let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())

@@ -1,6 +1,7 @@
 //! A real upstream HTTP server on port 0 that records what it saw and answers by path:
 //! `/slow` waits, `/big?n=BYTES` streams a large body, `/upload` counts a streamed body,
-//! `/ws` upgrades and echoes bytes, anything else echoes the request head as JSON.
+//! `/ws` upgrades and echoes bytes, `/set-cookie?a,b` answers with a `Set-Cookie` for each name
+//! listed, anything else echoes the request head as JSON.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -136,6 +137,13 @@ async fn handle(
             .body(full(""))
             .unwrap();
         return Ok(response);
+    }
+    if path.ends_with("/set-cookie") {
+        let mut response = Response::builder();
+        for name in query.split(',').filter(|n| !n.is_empty()) {
+            response = response.header("set-cookie", format!("{name}=from-upstream; Path=/"));
+        }
+        return Ok(response.body(full("cookies set")).unwrap());
     }
     if path.ends_with("/status401") {
         return Ok(Response::builder()

@@ -1,0 +1,578 @@
+//! The front door under attack: who may speak for the client (`trusted_proxies`), cookies an
+//! upstream may not set, request smuggling and header floods on the public listener. Each test
+//! watches the wire: what the upstream saw and what the client got back.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::provider::free_port;
+use crate::support::upstream::Upstream;
+use crate::support::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PUBLIC_HOST: &str = "app.example.test";
+
+/// One `/api/` route to `up`, `public_url = https://app.example.test`, optionally trusting
+/// loopback as a proxy.
+fn edge_config(up: &Upstream, trusted: bool, extra: &str) -> String {
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n{extra}",
+        up.url()
+    );
+    let text = config_text(&routes).replace(
+        "public_url = \"http://127.0.0.1:8080\"",
+        &format!("public_url = \"https://{PUBLIC_HOST}\""),
+    );
+    if trusted {
+        text.replace(
+            "[server]\n",
+            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+        )
+    } else {
+        text
+    }
+}
+
+/// A value for each header a client could use to speak for itself.
+const SPOOFED: &[(&str, &str)] = &[
+    ("forwarded", "for=203.0.113.66;proto=http;host=evil.example"),
+    ("x-real-ip", "203.0.113.66"),
+    ("x-forwarded-for", "203.0.113.66"),
+    ("x-forwarded-proto", "http"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-forwarded-port", "6666"),
+    ("x-forwarded-prefix", "/evil"),
+    ("x-forwarded-server", "evil.example"),
+    ("x-forwarded-ssl", "off"),
+    ("x-request-id", "spoofed-request-id"),
+    ("host", "evil.example"),
+];
+
+fn is_generated_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[tokio::test]
+async fn an_untrusted_peer_cannot_speak_for_the_client() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    let r = get(&proxy.url("/api/who"), SPOOFED).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    for name in [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+    ] {
+        assert!(
+            !seen.contains_key(name),
+            "{name} from an untrusted peer reached the upstream: {:?}",
+            seen.get(name)
+        );
+    }
+    assert_eq!(seen.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(seen.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    assert_eq!(
+        seen.get("x-forwarded-proto").unwrap(),
+        "https",
+        "the scheme comes from public_url"
+    );
+    assert_eq!(
+        seen.get("x-forwarded-host").unwrap(),
+        PUBLIC_HOST,
+        "the host comes from public_url, never from the client's Host"
+    );
+    let id = seen.get("x-request-id").unwrap().to_str().unwrap();
+    assert!(is_generated_id(id), "the request id was kept: {id}");
+    assert_eq!(r.header("x-request-id"), Some(id));
+}
+
+#[tokio::test]
+async fn each_spoofed_header_alone_is_replaced_or_removed() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    for &(name, value) in SPOOFED {
+        get(&proxy.url("/api/one"), &[(name, value)]).await;
+        let seen = up.last().headers;
+        let leaked = seen
+            .iter()
+            .filter(|(n, _)| n.as_str() != "host")
+            .any(|(_, v)| {
+                v.to_str().is_ok_and(|v| {
+                    v == value
+                        || ["203.0.113.66", "evil", "spoofed"]
+                            .iter()
+                            .any(|m| v.contains(m))
+                })
+            });
+        assert!(!leaked, "{name}: {value} reached the upstream: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_speaks_for_the_client() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, true, "")).await;
+    let r = get(&proxy.url("/api/who"), SPOOFED).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    for &(name, value) in SPOOFED {
+        match name {
+            "host" => {}
+            "x-forwarded-for" => {
+                assert_eq!(seen.get(name).unwrap(), "203.0.113.66, 127.0.0.1");
+            }
+            _ => assert_eq!(seen.get(name).unwrap(), value, "{name}"),
+        }
+    }
+    assert_eq!(r.header("x-request-id"), Some("spoofed-request-id"));
+    // What a trusted proxy does not say comes from public_url, not from Host.
+    let r = get(
+        &proxy.url("/api/who"),
+        &[("host", "evil.example"), ("x-request-id", "has spaces")],
+    )
+    .await;
+    let seen = up.last().headers;
+    assert_eq!(seen.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    assert_eq!(seen.get("x-forwarded-proto").unwrap(), "https");
+    assert_eq!(seen.get("x-forwarded-host").unwrap(), PUBLIC_HOST);
+    let id = seen.get("x-request-id").unwrap().to_str().unwrap();
+    assert!(is_generated_id(id), "an unusable id was kept: {id}");
+    assert_eq!(r.header("x-request-id"), Some(id));
+}
+
+/// Every way an upstream could name one of Vestibule's cookies, for the session cookie `name`.
+fn own_cookie_names(name: &str) -> Vec<String> {
+    let bare = name.trim_start_matches("__Host-");
+    vec![
+        bare.to_string(),
+        format!("__Host-{bare}"),
+        format!("{bare}-login-abc123"),
+        format!("__Host-{bare}-login-abc123"),
+    ]
+}
+
+#[tokio::test]
+async fn an_upstream_cannot_set_vestibules_cookies() {
+    let up = upstream::start().await;
+    for secure in [false, true] {
+        let text = edge_config(&up, false, "").replace(
+            "cookie_secure = false",
+            &format!("cookie_secure = {secure}"),
+        );
+        let proxy = start_proxy(&text).await;
+        let name = proxy.app.runtime.load().config.session.cookie_name.clone();
+        assert_eq!(name.starts_with("__Host-"), secure);
+        let mut names = own_cookie_names(&name);
+        names.push("app-pref".into());
+        names.push("vestibule-other".into());
+        let r = get(
+            &proxy.url(&format!("/api/set-cookie?{}", names.join(","))),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let set: Vec<&str> = r
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            set,
+            [
+                "app-pref=from-upstream; Path=/",
+                "vestibule-other=from-upstream; Path=/"
+            ],
+            "cookie name {name}"
+        );
+        proxy.shutdown.cancel();
+    }
+}
+
+/// The real binary with `text` as its configuration, logging to a file.
+struct Spawned {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    async fn start(text: &str) -> Spawned {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = text
+            .replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{port}\""),
+                1,
+            )
+            .replace("[admin]\n", "workers = 1\n[admin]\n");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        let log = dir.path().join("vestibule.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        eventually("the proxy listens", Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Spawned {
+            child,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_upstream_cookie_is_logged_at_warn_with_the_route() {
+    let up = upstream::start().await;
+    let proxy = Spawned::start(&edge_config(&up, false, "")).await;
+    let r = get(&proxy.url("/api/set-cookie?vestibule,app-pref"), &[]).await;
+    assert_eq!(r.status, 200);
+    let line = eventually("the warning is logged", Duration::from_secs(5), || async {
+        std::fs::read_to_string(&proxy.log)
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains("Set-Cookie"))
+            .map(String::from)
+    })
+    .await;
+    assert!(line.contains("/api/"), "no route in: {line}");
+    assert!(line.contains("vestibule"), "no cookie name in: {line}");
+    assert!(
+        !line.contains("from-upstream"),
+        "a cookie value was logged: {line}"
+    );
+}
+
+/// Sends `bytes` on a fresh connection and returns the status of every response until the
+/// proxy closes the connection (or goes quiet for a second), and the bytes received.
+async fn exchange(proxy: &Proxy, bytes: &[u8]) -> (Vec<u16>, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rx, mut tx) = tcp.split();
+    let write = async {
+        // The proxy may answer and close before reading everything: that is fine.
+        let _ = tx.write_all(bytes).await;
+    };
+    let read = async {
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), rx.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+        received
+    };
+    let ((), received) = tokio::join!(write, read);
+    let text = String::from_utf8_lossy(&received).into_owned();
+    let statuses = text
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(at, _)| text.get(at + 9..at + 12)?.parse().ok())
+        .collect();
+    (statuses, text)
+}
+
+/// A request the upstream must never see: it hides behind the one before it.
+const SMUGGLED: &str = "GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+
+fn smuggling_cases() -> Vec<(&'static str, String)> {
+    let big_extension = "a".repeat(20 * 1024);
+    vec![
+        (
+            "Content-Length then Transfer-Encoding",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+        (
+            "Transfer-Encoding then Content-Length",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+        (
+            "two different Content-Lengths",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 39\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+        (
+            "two equal Content-Lengths",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello{SMUGGLED}"
+            ),
+        ),
+        (
+            "a Content-Length list",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello{SMUGGLED}"
+            ),
+        ),
+        (
+            "Transfer-Encoding: chunked, identity",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+        (
+            "obs-fold",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+        (
+            "an obs-folded Transfer-Encoding",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+        (
+            "bare LF line ends",
+            format!("GET /api/a HTTP/1.1\nHost: x\n\n{SMUGGLED}"),
+        ),
+        (
+            "a bare LF inside the head",
+            format!(
+                "POST /api/a HTTP/1.1\r\nHost: x\r\nX-Note: a\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+        (
+            "oversized chunk extensions",
+            format!(
+                "POST /api/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;{big_extension}\r\nx\r\n0\r\n\r\n{SMUGGLED}"
+            ),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn smuggling_attempts_get_400_and_the_upstream_sees_at_most_one_request() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    let mut failures = Vec::new();
+    for (case, bytes) in smuggling_cases() {
+        let before = up.count();
+        let (statuses, text) = exchange(&proxy, bytes.as_bytes()).await;
+        let seen: Vec<_> = up.seen.lock().unwrap()[before..].to_vec();
+        // Refused in the head: the upstream sees nothing. A body that turns out bad can only
+        // be refused once its request is on its way: the upstream sees that one, cut off.
+        let in_body = case == "oversized chunk extensions";
+        let allowed = usize::from(in_body);
+        // A head is refused by the parser (no body); a body by Vestibule, with its error code.
+        let answer = if in_body {
+            "\"error\":\"bad_request\""
+        } else {
+            "content-length: 0\r\n"
+        };
+        if statuses != [400]
+            || !text.to_ascii_lowercase().contains(answer)
+            || seen.len() > allowed
+            || seen.iter().any(|s| s.uri.contains("smuggled"))
+        {
+            let uris: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
+            failures.push(format!(
+                "{case}: answered {statuses:?}, the upstream saw {uris:?}\n{text}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn well_formed_pipelined_requests_still_pass() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    let requests = concat!(
+        "POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        "POST /api/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "5;name=value\r\nhello\r\n3\r\n\nab\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        "GET /api/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let (statuses, text) = exchange(&proxy, requests.as_bytes()).await;
+    assert_eq!(statuses, [200, 200, 200], "{text}");
+    let uris: Vec<String> = up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.uri.clone())
+        .collect();
+    assert_eq!(uris, ["/api/upload", "/api/upload", "/api/last"]);
+    assert!(text.contains("\r\n\r\n5"), "first body: {text}");
+    assert!(text.contains("\r\n\r\n8"), "chunked body: {text}");
+}
+
+/// A request head with `fill` headers; every case is far over `max_header_size`.
+fn floods() -> Vec<(&'static str, Vec<u8>)> {
+    let cookies: Vec<String> = (0..10_000).map(|i| format!("c{i}=1")).collect();
+    let mut many_headers = String::from("GET /api/x HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..10_000 {
+        many_headers.push_str(&format!("x-h{i}: 1\r\n"));
+    }
+    many_headers.push_str("\r\n");
+    vec![
+        (
+            "10,000 cookies",
+            format!(
+                "GET /api/x HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\n",
+                cookies.join("; ")
+            )
+            .into_bytes(),
+        ),
+        (
+            "a 1 MiB Cookie header",
+            format!(
+                "GET /api/x HTTP/1.1\r\nHost: x\r\nCookie: a={}\r\n\r\n",
+                "b".repeat(1 << 20)
+            )
+            .into_bytes(),
+        ),
+        ("10,000 headers", many_headers.into_bytes()),
+        (
+            "a 100 KiB query string",
+            format!(
+                "GET /api/x?q={} HTTP/1.1\r\nHost: x\r\n\r\n",
+                "q".repeat(100 * 1024)
+            )
+            .into_bytes(),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn header_floods_get_431_and_never_reach_the_upstream() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    for (case, bytes) in floods() {
+        let (statuses, text) = exchange(&proxy, &bytes).await;
+        assert_eq!(statuses, [431], "{case}: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("content-length: 0\r\n"),
+            "{case}: the parser's answer has no body: {text}"
+        );
+    }
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn heads_just_over_the_limit_get_a_json_431() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    // 8 KiB < head < 16 KiB: past max_header_size, within the parser's buffer.
+    let cookies: Vec<String> = (0..1_200).map(|i| format!("c{i}=1")).collect();
+    let cases = [
+        format!("Cookie: {}", cookies.join("; ")),
+        (0..90)
+            .map(|i| format!("x-h{i}: {}", "v".repeat(100)))
+            .collect::<Vec<_>>()
+            .join("\r\n"),
+    ];
+    for headers in cases {
+        let request =
+            format!("GET /api/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n\r\n");
+        let (statuses, text) = exchange(&proxy, request.as_bytes()).await;
+        assert_eq!(statuses, [431], "{text}");
+        assert!(text.contains("\"error\":\"headers_too_large\""), "{text}");
+    }
+    let query = "q".repeat(10 * 1024);
+    let request = format!("GET /api/x?q={query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (statuses, text) = exchange(&proxy, request.as_bytes()).await;
+    assert_eq!(statuses, [431], "{text}");
+    assert!(text.contains("\"error\":\"headers_too_large\""), "{text}");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn a_target_over_64_kib_gets_414_when_the_head_limit_is_larger() {
+    let up = upstream::start().await;
+    let text = edge_config(&up, false, "")
+        .replace("max_header_size = \"8KiB\"", "max_header_size = \"64KiB\"");
+    let proxy = start_proxy(&text).await;
+    let floods = floods();
+    let (_, query) = floods.last().unwrap();
+    let (statuses, text) = exchange(&proxy, query).await;
+    assert_eq!(statuses, [414], "{text}");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_floods_keep_memory_bounded() {
+    let up = upstream::start().await;
+    let text = edge_config(&up, false, "")
+        .replace("max_header_size = \"8KiB\"", "max_header_size = \"64KiB\"");
+    let proxy = Spawned::start(&text).await;
+    let warm = get(&proxy.url("/api/warm"), &[]).await;
+    assert_eq!(warm.status, 200);
+    let before = proxy.rss_kib();
+    let floods = std::sync::Arc::new(floods());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", proxy.port).parse().unwrap();
+    for round in 0..10 {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let floods = floods.clone();
+            tasks.push(tokio::spawn(async move {
+                let (_, bytes) = &floods[(round + i) % floods.len()];
+                let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut rx, mut tx) = tcp.split();
+                let mut status = [0u8; 12];
+                let (_, read) = tokio::join!(tx.write_all(bytes), rx.read_exact(&mut status));
+                read.map(|_| status)
+            }));
+        }
+        for task in tasks {
+            if let Ok(status) = task.await.unwrap() {
+                let status = String::from_utf8_lossy(&status).into_owned();
+                assert!(status.starts_with("HTTP/1.1 4"), "a flood got {status:?}");
+            }
+        }
+    }
+    let after = proxy.rss_kib();
+    let growth = after.saturating_sub(before);
+    assert!(
+        {
+            eprintln!("RSS growth {growth} KiB ({before} -> {after})");
+            growth < 8 * 1024
+        },
+        "RSS grew by {growth} KiB over 200 floods ({before} -> {after} KiB)"
+    );
+    let r = get(&proxy.url("/api/after"), &[]).await;
+    assert_eq!(r.status, 200, "the proxy still serves after the floods");
+}
