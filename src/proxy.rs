@@ -10,6 +10,7 @@
 
 pub mod forward;
 pub mod headers;
+pub mod path;
 pub mod routing;
 pub mod static_files;
 
