@@ -268,7 +268,11 @@ fn check_segment(segment: &str, options: PathOptions) -> Result<Checked, BadPath
         if piece.encoded_dot {
             return Err(BadPath::EncodedDotSegment);
         }
-        if piece.dots == 1 { Kind::Dot } else { Kind::DotDot }
+        if piece.dots == 1 {
+            Kind::Dot
+        } else {
+            Kind::DotDot
+        }
     } else {
         Kind::Name
     };

@@ -83,7 +83,9 @@ async fn user(proxy: &Proxy, roles: &[&str]) -> String {
         sub: "mallory".into(),
         ..Session::default()
     };
-    session.claims.insert("roles".into(), serde_json::json!(roles));
+    session
+        .claims
+        .insert("roles".into(), serde_json::json!(roles));
     session.tokens.insert(
         String::new(),
         AccessToken {

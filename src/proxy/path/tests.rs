@@ -121,7 +121,11 @@ fn allow_encoded_slash_keeps_it_encoded_but_not_next_to_dots() {
         "/files/a%2F.%2Fb",
         "/files/a%2F%2e%2e%2Fb",
     ] {
-        assert_eq!(canonicalize(raw, slash), Err(BadPath::EncodedSlash), "{raw}");
+        assert_eq!(
+            canonicalize(raw, slash),
+            Err(BadPath::EncodedSlash),
+            "{raw}"
+        );
     }
     // The other refusals stay.
     assert_eq!(
@@ -129,7 +133,10 @@ fn allow_encoded_slash_keeps_it_encoded_but_not_next_to_dots() {
         Err(BadPath::PathParameter)
     );
     assert_eq!(canonicalize("/files/a%5Cb", slash), Err(BadPath::Backslash));
-    assert_eq!(canonicalize("/files/a%2Fb", STRICT), Err(BadPath::EncodedSlash));
+    assert_eq!(
+        canonicalize("/files/a%2Fb", STRICT),
+        Err(BadPath::EncodedSlash)
+    );
 }
 
 #[test]
