@@ -324,3 +324,17 @@ async fn per_route_switches_pass_encoded_slashes_and_parameters_through() {
     ];
     check(&s, &cookie, cases).await;
 }
+
+/// An unauthenticated call learns a login URL whose return URL is the canonical path, with the
+/// query as sent.
+#[tokio::test]
+async fn the_login_return_url_names_the_canonical_path() {
+    let s = stack("").await;
+    let (status, text) = raw_get(&s.proxy, "/api/a/../%78?q=1", "other=1").await;
+    assert_eq!(status, 401, "{text}");
+    assert!(
+        text.contains(r#""login_url":"/bff/login?returnUrl=%2Fapi%2Fx%3Fq%3D1""#),
+        "{text}"
+    );
+    assert_eq!(s.api.count(), 0);
+}
