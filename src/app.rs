@@ -5,8 +5,9 @@
 use crate::config::{Config, StoreConfig};
 use crate::gate::{self, Tokens};
 use crate::oidc::Oidc;
+use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, RouteTable, Upstreams};
-use crate::reply::{Body, ErrorCode};
+use crate::reply::{Body, ErrorCode, is_navigation};
 use crate::session::manager::{Loaded, SessionSettings, Sessions};
 use crate::session::seal::Keyring;
 use crate::session::store::{self, Store};
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -231,24 +233,48 @@ impl App {
     async fn route<'r>(
         &self,
         runtime: &'r Runtime,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: Peer,
     ) -> (&'r str, Response<Body>) {
         let config = &runtime.config;
         if proxy::header_bytes(&req) > config.server.max_header_size {
             return ("-", ErrorCode::HeadersTooLarge.json(&[]));
         }
-        let path = req.uri().path();
         let prefix = config.server.bff_prefix.as_str();
-        if let Some(rest) = path.strip_prefix(prefix).filter(|r| r.starts_with('/')) {
-            let rest = rest.to_string();
-            // Boxed: the BFF endpoints' futures are large and rare next to proxied calls,
-            // and would otherwise grow every request's future (moved on each request).
-            let answer = Box::pin(crate::bff::handle(self, runtime, req, &rest)).await;
-            return (prefix, answer);
+        // One canonical path decides everything below: the BFF endpoints, the route, its
+        // policy, the login return URL, the static file and the upstream's path.
+        let (canonical, to) = match runtime.routes.resolve(req.uri().path(), prefix) {
+            Ok(Resolved { path, to }) => {
+                (matches!(path, Cow::Owned(_)).then(|| path.into_owned()), to)
+            }
+            Err(bad) => {
+                tracing::debug!(reason = %bad, "ambiguous request path refused");
+                return (
+                    "-",
+                    ErrorCode::BadPath.respond(is_navigation(req.headers())),
+                );
+            }
+        };
+        if let Some(path) = canonical
+            && !proxy::set_path(&mut req, &path)
+        {
+            return ("-", ErrorCode::BadPath.json(&[]));
         }
-        let Some(route) = runtime.routes.find(path) else {
-            return ("-", proxy::no_route(&req));
+        let route = match to {
+            Destination::Route(route) => route,
+            Destination::NoRoute => return ("-", proxy::no_route(&req)),
+            Destination::Bff => {
+                let rest = req
+                    .uri()
+                    .path()
+                    .get(prefix.len()..)
+                    .unwrap_or("/")
+                    .to_string();
+                // Boxed: the BFF endpoints' futures are large and rare next to proxied calls,
+                // and would otherwise grow every request's future (moved on each request).
+                let answer = Box::pin(crate::bff::handle(self, runtime, req, &rest)).await;
+                return (prefix, answer);
+            }
         };
         let admitted = match gate::admit(self, runtime, route, &req).await {
             Ok(a) => a,

@@ -219,6 +219,10 @@ pub struct RouteConfig {
     pub require: Vec<(String, Vec<String>)>,
     pub feature: Option<String>,
     pub timeout: Option<Duration>,
+    /// Pass `%2F` inside a segment through (encoded) instead of answering 400 `bad_path`.
+    pub allow_encoded_slash: bool,
+    /// Pass `;` segment parameters through instead of answering 400 `bad_path`.
+    pub allow_path_params: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -2,7 +2,8 @@
 //!
 //! Stages, in order (each may answer early):
 //! 1. **limits** — header block size (431) and declared body size (413);
-//! 2. **route** — longest prefix; no match is 404;
+//! 2. **route** — the canonical path ([`path`]; an ambiguous one is 400 `bad_path`), then the
+//!    longest prefix on segment boundaries; no match is 404;
 //! 3. **access** (in [`crate::gate`]) — feature flag (404 when hidden), session (401 or a
 //!    login redirect), CSRF (403), claims policy (403), access token for the upstream;
 //! 4. **forward** — static files, or the upstream through the pooled client with rewritten
@@ -10,6 +11,7 @@
 
 pub mod forward;
 pub mod headers;
+pub mod path;
 pub mod routing;
 pub mod static_files;
 
@@ -38,6 +40,31 @@ fn uri_len(uri: &http::Uri) -> usize {
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path().len()
         + uri.query().map_or(0, |q| q.len() + 1)
+}
+
+/// Replaces the request's path with its canonical form, keeping scheme, authority and the query
+/// as sent. `false` if the result is not a valid URI.
+pub fn set_path<B>(req: &mut Request<B>, path: &str) -> bool {
+    let query = req.uri().query();
+    let mut text = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    text.push_str(path);
+    if let Some(q) = query {
+        text.push('?');
+        text.push_str(q);
+    }
+    let Ok(path_and_query) = http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(text))
+    else {
+        return false;
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *req.uri_mut() = uri;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Forwards a request that passed the access stage. The body is generic so that a request

@@ -25,6 +25,7 @@ pub fn empty() -> Body {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BadRequest,
+    BadPath,
     InvalidReturnUrl,
     LoginFailed,
     Unauthenticated,
@@ -46,6 +47,7 @@ impl ErrorCode {
     pub fn code(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BadPath => "bad_path",
             ErrorCode::InvalidReturnUrl => "invalid_return_url",
             ErrorCode::LoginFailed => "login_failed",
             ErrorCode::Unauthenticated => "unauthenticated",
@@ -66,9 +68,10 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::BadRequest | ErrorCode::InvalidReturnUrl | ErrorCode::LoginFailed => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorCode::BadRequest
+            | ErrorCode::BadPath
+            | ErrorCode::InvalidReturnUrl
+            | ErrorCode::LoginFailed => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated | ErrorCode::SessionExpired => StatusCode::UNAUTHORIZED,
             ErrorCode::Csrf | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
@@ -87,6 +90,9 @@ impl ErrorCode {
     pub fn message(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "The request is malformed.",
+            ErrorCode::BadPath => {
+                "The request path is ambiguous: an encoded /, \\ or dot segment, a ; parameter, a control character, invalid UTF-8 or a .. above the root."
+            }
             ErrorCode::InvalidReturnUrl => "returnUrl must be a local path such as /app.",
             ErrorCode::LoginFailed => "Sign-in could not be completed. Please start again.",
             ErrorCode::Unauthenticated => "Sign-in is required.",

@@ -86,6 +86,8 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "require",
             "feature",
             "timeout",
+            "allow_encoded_slash",
+            "allow_path_params",
         ],
     ),
     ("features", &["public", "beta", "role"]),
@@ -193,6 +195,8 @@ pub struct Route {
     pub require: Option<BTreeMap<String, Vec<String>>>,
     pub feature: Option<String>,
     pub timeout: Option<String>,
+    pub allow_encoded_slash: Option<bool>,
+    pub allow_path_params: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -927,6 +927,25 @@ fn redis_config(raw: Option<raw::Redis>, problems: &mut Problems) -> Option<Redi
     })
 }
 
+/// Why a route path (already local) is not in the canonical form requests are matched in, if it
+/// is not: no empty, `.` or `..` segment, and only characters a canonical path shows as they are.
+fn not_canonical(prefix: &str) -> Option<String> {
+    let segments: Vec<&str> = prefix.trim_start_matches('/').split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.iter().enumerate() {
+        if *segment == "." || *segment == ".." {
+            return Some("it has a \".\" or \"..\" segment".into());
+        }
+        if segment.is_empty() && i != last {
+            return Some("it has an empty segment".into());
+        }
+    }
+    prefix
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '%' | ';' | '?' | '#' | '\\'))
+        .map(|c| format!("it has {c:?}"))
+}
+
 fn routes_config(
     routes: Vec<(String, raw::Route)>,
     base: &Path,
@@ -935,6 +954,8 @@ fn routes_config(
     problems: &mut Problems,
 ) -> Vec<RouteConfig> {
     let mut seen = std::collections::HashSet::new();
+    // Prefixes without their trailing `/`: a route `/x/` also owns `/x`.
+    let mut owned = std::collections::HashSet::new();
     let mut out = Vec::new();
     for (path, raw) in routes {
         let raw::Route {
@@ -952,6 +973,8 @@ fn routes_config(
             require,
             feature,
             timeout,
+            allow_encoded_slash,
+            allow_path_params,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -965,11 +988,23 @@ fn routes_config(
                 format!("{path}.path"),
                 format!("{prefix:?} must start with a single /"),
             );
+        } else if let Some(why) = not_canonical(&prefix) {
+            problems.add(
+                format!("{path}.path"),
+                format!(
+                    "{prefix:?} is not a canonical path ({why}); requests are matched in canonical form, so write it as they arrive, e.g. \"/api/\""
+                ),
+            );
         }
         if !seen.insert(prefix.clone()) {
             problems.add(
                 format!("{path}.path"),
                 format!("{prefix:?} is used by an earlier route; each path may appear once"),
+            );
+        } else if !owned.insert(prefix.trim_end_matches('/').to_string()) {
+            problems.add(
+                format!("{path}.path"),
+                format!("{prefix:?} serves the same paths as an earlier route (a route \"/x/\" also owns \"/x\"); keep one of them"),
             );
         }
         if let Some(server) = server {
@@ -1137,6 +1172,8 @@ fn routes_config(
             require,
             feature,
             timeout,
+            allow_encoded_slash: allow_encoded_slash.unwrap_or(false),
+            allow_path_params: allow_path_params.unwrap_or(false),
         });
     }
     let _ = base;

@@ -1,6 +1,9 @@
-//! Route table: prefix match, longest prefix wins. Compiled once per configuration.
+//! Route table: prefix match on segment boundaries, longest prefix wins, decided on the
+//! canonical path ([`super::path`]). Compiled once per configuration.
 
+use super::path::{self, BadPath, PathOptions};
 use crate::config::RouteConfig;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Routes sorted by descending prefix length, so the first match is the longest.
@@ -9,18 +12,95 @@ pub struct RouteTable {
     routes: Vec<Arc<RouteConfig>>,
 }
 
+/// Where a request goes.
+#[derive(Debug)]
+pub enum Destination<'t> {
+    /// Vestibule's own endpoints below `bff_prefix`.
+    Bff,
+    Route(&'t Arc<RouteConfig>),
+    NoRoute,
+}
+
+/// A request path resolved: its canonical form (borrowed when the raw path already was) and
+/// where it goes.
+#[derive(Debug)]
+pub struct Resolved<'t, 'p> {
+    pub path: Cow<'p, str>,
+    pub to: Destination<'t>,
+}
+
 impl RouteTable {
     pub fn new(routes: &[RouteConfig]) -> Self {
         let mut routes: Vec<Arc<RouteConfig>> = routes.iter().cloned().map(Arc::new).collect();
-        routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));
         RouteTable { routes }
     }
 
+    /// The route owning a canonical path: a prefix `/api/` owns `/api` and `/api/…`, not
+    /// `/apix`.
     pub fn find(&self, path: &str) -> Option<&Arc<RouteConfig>> {
-        self.routes
-            .iter()
-            .find(|r| path.starts_with(r.path.as_str()))
+        self.routes.iter().find(|r| owns(r, path))
     }
+
+    /// Canonicalises a raw request path and decides where it goes. `%2F` and `;` parameters
+    /// are refused unless the route they would reach allows them; that route is chosen by the
+    /// path with them resolved (see [`path::routing_view`]), so they can never hide another
+    /// route's prefix, and they may only appear below the route's own prefix.
+    pub fn resolve<'t, 'p>(
+        &'t self,
+        raw: &'p str,
+        bff_prefix: &str,
+    ) -> Result<Resolved<'t, 'p>, BadPath> {
+        let refused = match path::canonicalize(raw, PathOptions::STRICT) {
+            Ok(path) => {
+                let to = if in_bff(&path, bff_prefix) {
+                    Destination::Bff
+                } else {
+                    self.find(&path)
+                        .map_or(Destination::NoRoute, Destination::Route)
+                };
+                return Ok(Resolved { path, to });
+            }
+            Err(refused) if refused.is_switchable() => refused,
+            Err(refused) => return Err(refused),
+        };
+        // Rare: a route may allow what the strict form refused.
+        let lenient = path::canonicalize(raw, PathOptions::LENIENT)?;
+        let view = path::routing_view(&lenient)?;
+        if in_bff(&view, bff_prefix) {
+            return Err(refused);
+        }
+        let route = self.find(&view).ok_or(refused)?;
+        let path = path::canonicalize(raw, options(route))?;
+        if !owns(route, &path) {
+            return Err(refused);
+        }
+        Ok(Resolved {
+            path,
+            to: Destination::Route(route),
+        })
+    }
+}
+
+/// The path options a route's switches ask for.
+pub fn options(route: &RouteConfig) -> PathOptions {
+    PathOptions {
+        allow_encoded_slash: route.allow_encoded_slash,
+        allow_path_params: route.allow_path_params,
+    }
+}
+
+/// Does the route's prefix own this path (on a segment boundary)?
+fn owns(route: &RouteConfig, path: &str) -> bool {
+    let prefix = route.path.trim_end_matches('/');
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Is this path one of Vestibule's own endpoints (`<bff_prefix>/…`)?
+fn in_bff(path: &str, bff_prefix: &str) -> bool {
+    path.strip_prefix(bff_prefix)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The path the upstream sees: with `strip_prefix`, the route's prefix is removed, keeping a
@@ -57,6 +137,8 @@ mod tests {
             require: vec![],
             feature: None,
             timeout: None,
+            allow_encoded_slash: false,
+            allow_path_params: false,
         }
     }
 
@@ -70,6 +152,118 @@ mod tests {
         assert_eq!(table.find("/api/v2/x").unwrap().path, "/api/v2/");
         assert_eq!(table.find("/api/x").unwrap().path, "/api/");
         assert_eq!(table.find("/other").unwrap().path, "/");
+    }
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        let table = RouteTable::new(&[
+            route("/", false),
+            route("/api/", false),
+            route("/api/beta/", false),
+            route("/health", false),
+        ]);
+        for (path, want) in [
+            ("/api/beta/x", "/api/beta/"),
+            ("/api/beta/", "/api/beta/"),
+            ("/api/beta", "/api/beta/"),
+            ("/api/betax", "/api/"),
+            ("/api/beta-old/x", "/api/"),
+            ("/api", "/api/"),
+            ("/apix", "/"),
+            ("/health", "/health"),
+            ("/health/x", "/health"),
+            ("/healthz", "/"),
+        ] {
+            assert_eq!(table.find(path).unwrap().path, want, "{path}");
+        }
+    }
+
+    fn switched(path: &str, slash: bool, params: bool) -> RouteConfig {
+        RouteConfig {
+            allow_encoded_slash: slash,
+            allow_path_params: params,
+            ..route(path, false)
+        }
+    }
+
+    /// Where `raw` goes and the path that is forwarded, or why it is refused.
+    fn resolve(table: &RouteTable, raw: &str) -> Result<(String, String), BadPath> {
+        let resolved = table.resolve(raw, "/bff")?;
+        let to = match resolved.to {
+            Destination::Bff => "bff".to_string(),
+            Destination::Route(r) => r.path.clone(),
+            Destination::NoRoute => "none".to_string(),
+        };
+        Ok((to, resolved.path.into_owned()))
+    }
+
+    #[test]
+    fn the_switches_apply_only_below_the_prefix_of_the_route_that_sets_them() {
+        let table = RouteTable::new(&[
+            switched("/files/", true, false),
+            switched("/files/private/", false, false),
+            switched("/java/", false, true),
+            switched("/api/", false, false),
+        ]);
+        let ok = |to: &str, path: &str| Ok((to.to_string(), path.to_string()));
+        // allow_encoded_slash
+        assert_eq!(
+            resolve(&table, "/files/a%2fb"),
+            ok("/files/", "/files/a%2Fb")
+        );
+        assert_eq!(
+            resolve(&table, "/files/./a%2Fb/"),
+            ok("/files/", "/files/a%2Fb/")
+        );
+        assert_eq!(
+            resolve(&table, "/files/private%2Fx"),
+            Err(BadPath::EncodedSlash)
+        );
+        assert_eq!(resolve(&table, "/files%2Fx"), Err(BadPath::EncodedSlash));
+        assert_eq!(resolve(&table, "/files/a;v=1"), Err(BadPath::PathParameter));
+        assert_eq!(resolve(&table, "/api/a%2Fb"), Err(BadPath::EncodedSlash));
+        assert_eq!(
+            resolve(&table, "/files/a%2F..%2Fb"),
+            Err(BadPath::EncodedSlash)
+        );
+        // allow_path_params
+        assert_eq!(
+            resolve(&table, "/java/x;jsessionid=1"),
+            ok("/java/", "/java/x;jsessionid=1")
+        );
+        assert_eq!(
+            resolve(&table, "/java/x;v=1/%79"),
+            ok("/java/", "/java/x;v=1/y")
+        );
+        assert_eq!(resolve(&table, "/java;v=1/x"), Err(BadPath::PathParameter));
+        assert_eq!(
+            resolve(&table, "/java/..;/api/x"),
+            Err(BadPath::PathParameter)
+        );
+        assert_eq!(resolve(&table, "/java/x%2Fy"), Err(BadPath::EncodedSlash));
+        assert_eq!(resolve(&table, "/api/x;v=1"), Err(BadPath::PathParameter));
+        // Never into the BFF endpoints, nor where no route is.
+        assert_eq!(
+            resolve(&table, "/bff;v=1/user"),
+            Err(BadPath::PathParameter)
+        );
+        assert_eq!(resolve(&table, "/other/x;v=1"), Err(BadPath::PathParameter));
+    }
+
+    #[test]
+    fn the_bff_prefix_is_decided_on_the_canonical_path() {
+        let table = RouteTable::new(&[route("/", false), route("/api/", false)]);
+        let ok = |to: &str, path: &str| Ok((to.to_string(), path.to_string()));
+        assert_eq!(resolve(&table, "/x/../bff/user"), ok("bff", "/bff/user"));
+        assert_eq!(resolve(&table, "/%62ff//user"), ok("bff", "/bff/user"));
+        assert_eq!(resolve(&table, "/bff/../api/x"), ok("/api/", "/api/x"));
+        assert_eq!(resolve(&table, "/bff"), ok("/", "/bff"));
+        assert_eq!(resolve(&table, "/bffx/user"), ok("/", "/bffx/user"));
+        assert_eq!(resolve(&table, "/bff%2Fuser"), Err(BadPath::EncodedSlash));
+        assert_eq!(
+            resolve(&table, "/bff/%2e%2e/x"),
+            Err(BadPath::EncodedDotSegment)
+        );
     }
 
     #[test]

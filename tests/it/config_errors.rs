@@ -104,6 +104,34 @@ fn golden_messages_for_each_kind_of_mistake() {
         ),
         (
             format!(
+                "{}\n[[routes]]\npath = \"/api/../admin/\"\nupstream = \"http://a:1\"\n",
+                base()
+            ),
+            "routes[0].path: \"/api/../admin/\" is not a canonical path (it has a \".\" or \"..\" segment); requests are matched in canonical form, so write it as they arrive, e.g. \"/api/\"",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/api//v2/\"\nupstream = \"http://a:1\"\n",
+                base()
+            ),
+            "routes[0].path: \"/api//v2/\" is not a canonical path (it has an empty segment); requests are matched in canonical form, so write it as they arrive, e.g. \"/api/\"",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/%61pi;v=1/\"\nupstream = \"http://a:1\"\n",
+                base()
+            ),
+            "routes[0].path: \"/%61pi;v=1/\" is not a canonical path (it has '%'); requests are matched in canonical form, so write it as they arrive, e.g. \"/api/\"",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/api/\"\nupstream = \"http://a:1\"\n[[routes]]\npath = \"/api\"\nupstream = \"http://b:1\"\n",
+                base()
+            ),
+            "routes[1].path: \"/api\" serves the same paths as an earlier route (a route \"/x/\" also owns \"/x\"); keep one of them",
+        ),
+        (
+            format!(
                 "{}\n[[routes]]\npath = \"/x/\"\nupstream = \"ftp://a\"\n",
                 base()
             ),

@@ -13,6 +13,7 @@ mod fake_provider;
 mod login;
 mod logout;
 mod no_secrets_in_logs;
+mod paths;
 mod protection;
 mod protocol;
 mod proxy;

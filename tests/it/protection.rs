@@ -647,6 +647,7 @@ async fn docs_list_every_error_code() {
     .unwrap();
     for code in [
         BadRequest,
+        BadPath,
         InvalidReturnUrl,
         LoginFailed,
         Unauthenticated,

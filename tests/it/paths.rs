@@ -1,0 +1,340 @@
+//! One canonical path before routing and policy: hostile request targets, sent raw over TCP (a
+//! client library would normalise them), against a config shaped like the shipped one — `/api/`
+//! with the user's token, `/api/beta/` hidden behind a feature and a role, a `strip_prefix` route
+//! and the static app at `/`. Each case asserts the status and the exact request target the
+//! recording upstream received, or that no upstream saw anything.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vestibule::session::model::{AccessToken, Session};
+
+/// Which recording upstream should have seen the request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Saw {
+    /// `/api/` and `/api/beta/` (the same service, as in the shipped config).
+    Api(&'static str),
+    /// The `strip_prefix` route `/s/`, whose upstream has the base path `/base`.
+    Svc(&'static str),
+    Nothing,
+}
+
+struct Stack {
+    proxy: Proxy,
+    api: upstream::Upstream,
+    svc: upstream::Upstream,
+    _public: tempfile::TempDir,
+}
+
+async fn stack(api_extra: &str) -> Stack {
+    let api = upstream::start().await;
+    let svc = upstream::start().await;
+    let public = tempfile::tempdir().unwrap();
+    std::fs::write(public.path().join("index.html"), "<p>the app</p>").unwrap();
+    std::fs::create_dir(public.path().join("assets")).unwrap();
+    std::fs::write(public.path().join("assets/app.js"), "console.log(1)").unwrap();
+    let routes = format!(
+        r#"
+[[routes]]
+path = "/api/"
+upstream = "{api}"
+token = "user"
+{api_extra}
+
+[[routes]]
+path = "/api/beta/"
+upstream = "{api}"
+token = "user"
+feature = "new-dashboard"
+require = {{ roles = ["beta-tester"] }}
+
+[[routes]]
+path = "/s/"
+upstream = "{svc}/base"
+strip_prefix = true
+
+[[routes]]
+path = "/"
+static_dir = "{public}"
+spa_fallback = "index.html"
+
+[features.new-dashboard]
+public = false
+beta = true
+role = "beta-tester"
+"#,
+        api = api.url(),
+        svc = svc.url(),
+        public = public.path().display(),
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    Stack {
+        proxy,
+        api,
+        svc,
+        _public: public,
+    }
+}
+
+/// A signed-in user's cookie header, with a fresh access token and these roles.
+async fn user(proxy: &Proxy, roles: &[&str]) -> String {
+    let now = vestibule::app::now();
+    let mut session = Session {
+        sub: "mallory".into(),
+        ..Session::default()
+    };
+    session
+        .claims
+        .insert("roles".into(), serde_json::json!(roles));
+    session.tokens.insert(
+        String::new(),
+        AccessToken {
+            value: "mallorys-token".into(),
+            expires_at: now + 3600,
+            issued_at: 0,
+            scope: None,
+        },
+    );
+    let (cookie, _) = proxy.app.sessions.create(session, now).await.unwrap();
+    let name = proxy.app.runtime.load().config.session.cookie_name.clone();
+    format!("{name}={cookie}")
+}
+
+/// Sends `GET <target>` byte for byte and returns the status and the whole response text.
+async fn raw_get(proxy: &Proxy, target: &str, cookie: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nX-CSRF: 1\r\n\
+         Connection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{target}: no status line in {text:?}"));
+    (status, text)
+}
+
+/// Sends each case and checks the status, the error code of a refusal, and what the upstreams
+/// saw.
+async fn check(s: &Stack, cookie: &str, cases: &[(&str, u16, Saw)]) {
+    let mut failures = Vec::new();
+    for &(target, want_status, want_saw) in cases {
+        let (api_before, svc_before) = (s.api.count(), s.svc.count());
+        let (status, text) = raw_get(&s.proxy, target, cookie).await;
+        let new = |up: &upstream::Upstream, before: usize| {
+            up.seen.lock().unwrap()[before..]
+                .iter()
+                .map(|r| r.uri.clone())
+                .collect::<Vec<_>>()
+        };
+        let (api_new, svc_new) = (new(&s.api, api_before), new(&s.svc, svc_before));
+        let saw = match (api_new.as_slice(), svc_new.as_slice()) {
+            ([], []) => "nothing".to_string(),
+            ([uri], []) => format!("api {uri}"),
+            ([], [uri]) => format!("svc {uri}"),
+            _ => format!("api {api_new:?} svc {svc_new:?}"),
+        };
+        let want = match want_saw {
+            Saw::Api(uri) => format!("api {uri}"),
+            Saw::Svc(uri) => format!("svc {uri}"),
+            Saw::Nothing => "nothing".to_string(),
+        };
+        let code_ok = want_status != 400 || text.contains("\"error\":\"bad_path\"");
+        if status != want_status || saw != want || !code_ok {
+            failures.push(format!(
+                "{target}: got {status}, upstream saw {saw}; want {want_status}, {want}{}",
+                if code_ok { "" } else { " (without bad_path)" }
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+use Saw::{Api, Nothing, Svc};
+
+/// A user without the `beta-tester` role: every spelling of `/api/beta/…` meets the beta
+/// route's policy (404, the feature is hidden from them) or is refused as ambiguous, and
+/// whatever is forwarded is forwarded in its canonical form.
+#[tokio::test]
+async fn hostile_paths_meet_the_policy_of_the_route_they_name() {
+    let s = stack("").await;
+    let cookie = user(&s.proxy, &["user"]).await;
+    #[rustfmt::skip]
+    let cases: &[(&str, u16, Saw)] = &[
+        // Canonical forms pass unchanged, the query string as sent.
+        ("/api/x", 200, Api("/api/x")),
+        ("/api/x?q=%2e%2e/../a;b", 200, Api("/api/x?q=%2e%2e/../a;b")),
+        ("/api/x/", 200, Api("/api/x/")),
+        ("/api/a%20b/caf%C3%A9", 200, Api("/api/a%20b/caf%C3%A9")),
+        // Segment boundaries: these are not the beta route.
+        ("/api/betax", 200, Api("/api/betax")),
+        ("/api/beta-old/x", 200, Api("/api/beta-old/x")),
+        // Equivalent spellings are forwarded canonical.
+        ("/api/./x", 200, Api("/api/x")),
+        ("/api//x", 200, Api("/api/x")),
+        ("/api/a/../x", 200, Api("/api/x")),
+        ("/api/%78", 200, Api("/api/x")),
+        ("/api/%7Euser", 200, Api("/api/~user")),
+        ("/api/caf%c3%a9", 200, Api("/api/caf%C3%A9")),
+        ("/api/x/.", 200, Api("/api/x/")),
+        ("/api/x/y/..", 200, Api("/api/x/")),
+        ("/api/x/./y/../z?k=v", 200, Api("/api/x/z?k=v")),
+        ("/bff/../api/x", 200, Api("/api/x")),
+        ("/other/../api/x", 200, Api("/api/x")),
+        // Every spelling of the beta area meets the beta route's policy.
+        ("/api/beta/x", 404, Nothing),
+        ("/api/beta", 404, Nothing),
+        ("/api/beta/", 404, Nothing),
+        ("/api/beta?x=1", 404, Nothing),
+        ("/api/x/../beta/x", 404, Nothing),
+        ("/api/./beta/x", 404, Nothing),
+        ("/api//beta/x", 404, Nothing),
+        ("//api/beta/x", 404, Nothing),
+        ("/api/beta//x", 404, Nothing),
+        ("/api/beta/./x", 404, Nothing),
+        ("/api/%62eta/x", 404, Nothing),
+        ("/api/%62%65%74%61/x", 404, Nothing),
+        ("/%61pi/beta/x", 404, Nothing),
+        ("/api/x/..//beta/", 404, Nothing),
+        ("/api/x/y/../../beta", 404, Nothing),
+        ("/api/beta/x/..", 404, Nothing),
+        ("/api/x/..", 200, Api("/api/")),
+        // Ambiguous forms are refused.
+        ("/api/beta%2Fx", 400, Nothing),
+        ("/api/beta%2fx", 400, Nothing),
+        ("/api/x%2F..%2Fbeta/x", 400, Nothing),
+        ("/api/beta;v=1/x", 400, Nothing),
+        ("/api/beta;/x", 400, Nothing),
+        ("/api/..;/api/beta/x", 400, Nothing),
+        ("/api/x;jsessionid=1", 400, Nothing),
+        ("/api/%2e%2e/api/beta/x", 400, Nothing),
+        ("/api/x/%2E%2E/beta/x", 400, Nothing),
+        ("/api/x/.%2e/beta/x", 400, Nothing),
+        ("/api/%2e/beta/x", 400, Nothing),
+        ("/api/x/%2e", 400, Nothing),
+        ("/api\\beta\\x", 400, Nothing),
+        ("/api/beta%5Cx", 400, Nothing),
+        ("/api/beta%5cx", 400, Nothing),
+        ("/api/x%00", 400, Nothing),
+        ("/api/x%00/../beta/x", 400, Nothing),
+        ("/api/x%0d%0aX-Injected:%201", 400, Nothing),
+        ("/api/x%09", 400, Nothing),
+        ("/api/x%7F", 400, Nothing),
+        ("/api/x%C2%85", 400, Nothing),
+        ("/api/%ff", 400, Nothing),
+        ("/api/%c0%af", 400, Nothing),
+        ("/api/%c0%ae%c0%ae/beta", 400, Nothing),
+        ("/api/%ed%a0%80", 400, Nothing),
+        ("/api/%c3", 400, Nothing),
+        ("/api/%c3/x", 400, Nothing),
+        ("/api/%zz", 400, Nothing),
+        ("/api/x%", 400, Nothing),
+        ("/api/x%2", 400, Nothing),
+        ("/api/%252e%252e/x", 200, Api("/api/%252e%252e/x")),
+        ("/..", 400, Nothing),
+        ("/../api/beta/x", 400, Nothing),
+        ("/api/../../etc/passwd", 400, Nothing),
+        ("/api/x/../../../beta", 400, Nothing),
+        // The BFF endpoints are decided on the canonical path; an ambiguous form never
+        // reaches them.
+        ("/x/../bff/user", 200, Nothing),
+        ("/%62ff/user", 200, Nothing),
+        ("/bff//user", 200, Nothing),
+        ("/bff;x=1/user", 400, Nothing),
+        ("/bff%2Fuser", 400, Nothing),
+        ("/bff/%2e%2e/api/beta/x", 400, Nothing),
+        // The strip_prefix route never leaves the upstream's base path.
+        ("/s/x", 200, Svc("/base/x")),
+        ("/s", 200, Svc("/base/")),
+        ("/s/a/../x", 200, Svc("/base/x")),
+        ("/s//x?y=1", 200, Svc("/base/x?y=1")),
+        ("/s/%78", 200, Svc("/base/x")),
+        ("/s/../admin", 404, Nothing),
+        ("/s/x/../../admin", 404, Nothing),
+        ("/sx/admin", 404, Nothing),
+        ("/s/../../admin", 400, Nothing),
+        ("/s/%2e%2e/admin", 400, Nothing),
+        ("/s/..%2Fadmin", 400, Nothing),
+        ("/s/..;/admin", 400, Nothing),
+        // Static files go through the same canonical path.
+        ("/index.html", 200, Nothing),
+        ("/assets/../index.html", 200, Nothing),
+        ("/%69ndex.html", 200, Nothing),
+        ("/assets//app.js", 200, Nothing),
+        ("/assets/%2e%2e/index.html", 400, Nothing),
+        ("/..%2Findex.html", 400, Nothing),
+        ("/../index.html", 400, Nothing),
+    ];
+    check(&s, &cookie, cases).await;
+}
+
+/// A beta tester reaches the beta route by any equivalent spelling, and its upstream receives
+/// the canonical form: the path that was matched is the path that is forwarded.
+#[tokio::test]
+async fn the_matched_path_is_the_forwarded_path() {
+    let s = stack("").await;
+    let cookie = user(&s.proxy, &["beta-tester"]).await;
+    #[rustfmt::skip]
+    let cases: &[(&str, u16, Saw)] = &[
+        ("/api/beta/x", 200, Api("/api/beta/x")),
+        ("/api/beta", 200, Api("/api/beta")),
+        ("/api/%62eta/x?a=%2F", 200, Api("/api/beta/x?a=%2F")),
+        ("/api/x/../beta//y/./z", 200, Api("/api/beta/y/z")),
+        ("/api/beta;v=1/x", 400, Nothing),
+        ("/api/beta%2Fx", 400, Nothing),
+    ];
+    check(&s, &cookie, cases).await;
+}
+
+/// The two per-route switches pass `%2F` or `;` parameters through to the routes that set
+/// them — and only below that route's own prefix, never into another route's area.
+#[tokio::test]
+async fn per_route_switches_pass_encoded_slashes_and_parameters_through() {
+    let s = stack("allow_encoded_slash = true\nallow_path_params = true").await;
+    let cookie = user(&s.proxy, &["user"]).await;
+    #[rustfmt::skip]
+    let cases: &[(&str, u16, Saw)] = &[
+        ("/api/files/a%2Fb", 200, Api("/api/files/a%2Fb")),
+        ("/api/files/a%2fb", 200, Api("/api/files/a%2Fb")),
+        ("/api/x;v=1/y", 200, Api("/api/x;v=1/y")),
+        ("/api/%78;v=1", 200, Api("/api/x;v=1")),
+        // Still refused: the pieces they hide would name the beta route or climb.
+        ("/api/beta;v=1/x", 400, Nothing),
+        ("/api/beta%2Fx", 400, Nothing),
+        ("/api/;/beta/x", 400, Nothing),
+        ("/api/%2Fbeta/x", 400, Nothing),
+        ("/api/..;/beta/x", 400, Nothing),
+        ("/api/x%2F..%2Fbeta", 400, Nothing),
+        ("/api/x%2F..", 400, Nothing),
+        ("/api/%2e;v=1/x", 400, Nothing),
+        // Other routes keep the strict default.
+        ("/s/a%2Fb", 400, Nothing),
+        ("/s/a;v=1", 400, Nothing),
+    ];
+    check(&s, &cookie, cases).await;
+}
+
+/// An unauthenticated call learns a login URL whose return URL is the canonical path, with the
+/// query as sent.
+#[tokio::test]
+async fn the_login_return_url_names_the_canonical_path() {
+    let s = stack("").await;
+    let (status, text) = raw_get(&s.proxy, "/api/a/../%78?q=1", "other=1").await;
+    assert_eq!(status, 401, "{text}");
+    assert!(
+        text.contains(r#""login_url":"/bff/login?returnUrl=%2Fapi%2Fx%3Fq%3D1""#),
+        "{text}"
+    );
+    assert_eq!(s.api.count(), 0);
+}
