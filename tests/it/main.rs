@@ -13,6 +13,7 @@ mod logout;
 mod no_secrets_in_logs;
 mod protection;
 mod proxy;
+mod refresh_outcomes;
 mod sample_api;
 mod session_store;
 mod static_files;
