@@ -185,9 +185,11 @@ async fn a_valid_refreshed_id_token_replaces_the_claims() {
     let cookie = c.login(0).await;
     assert_eq!(c.user(&cookie).await.json()["roles"], json!(["reader"]));
     let id_token = c.sign(&alice(&c.idp.issuer, None, &["reader", "editor"]));
-    c.idp
-        .state
-        .script(REFRESH, 200, refreshed("access-2", "refresh-2", Some(id_token)));
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-2", "refresh-2", Some(id_token)),
+    );
     let r = c.get(&cookie, "/api/x").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(c.bearer(), "Bearer access-2");
@@ -204,14 +206,24 @@ async fn a_refreshed_id_token_for_another_subject_ends_the_session() {
     let mut mallory = alice(&c.idp.issuer, None, &["admin"]);
     mallory["sub"] = json!("mallory");
     let id_token = c.sign(&mallory);
-    c.idp
-        .state
-        .script(REFRESH, 200, refreshed("access-2", "refresh-2", Some(id_token)));
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-2", "refresh-2", Some(id_token)),
+    );
     let r = c.get(&cookie, "/api/x").await;
     assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(r.json()["error"], "session_expired");
-    assert_eq!(c.up.seen.lock().unwrap().len(), 0, "nothing may reach the upstream");
-    assert_eq!(c.user(&cookie).await.status, 401, "the session must be gone");
+    assert_eq!(
+        c.up.seen.lock().unwrap().len(),
+        0,
+        "nothing may reach the upstream"
+    );
+    assert_eq!(
+        c.user(&cookie).await.status,
+        401,
+        "the session must be gone"
+    );
 }
 
 #[tokio::test]
@@ -234,9 +246,11 @@ async fn an_invalid_refreshed_id_token_changes_nothing_and_keeps_the_session() {
         ("wrong iss", c.sign(&other_iss)),
         ("bad signature", bad_signature),
     ] {
-        c.idp
-            .state
-            .script(REFRESH, 200, refreshed("access-bad", "refresh-bad", Some(id_token)));
+        c.idp.state.script(
+            REFRESH,
+            200,
+            refreshed("access-bad", "refresh-bad", Some(id_token)),
+        );
         let r = c.get(&cookie, "/api/x").await;
         assert_eq!(r.status, 503, "{name}: {}", r.text());
         assert_eq!(r.json()["error"], "provider_unavailable", "{name}");
@@ -247,9 +261,11 @@ async fn an_invalid_refreshed_id_token_changes_nothing_and_keeps_the_session() {
     }
     // Nothing of those answers was kept: not the access token, not the refresh token.
     let id_token = c.sign(&alice(&issuer, None, &["reader"]));
-    c.idp
-        .state
-        .script(REFRESH, 200, refreshed("access-good", "refresh-good", Some(id_token)));
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-good", "refresh-good", Some(id_token)),
+    );
     let r = c.get(&cookie, "/api/y").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(c.bearer(), "Bearer access-good");
@@ -266,20 +282,26 @@ async fn a_refused_resource_or_scope_is_403_on_that_route_only() {
     let c = setup().await;
     let cookie = c.login(300).await;
     for error in ["invalid_target", "invalid_scope"] {
-        c.idp
-            .state
-            .script(REFRESH, 400, json!({"error": error}));
+        c.idp.state.script(REFRESH, 400, json!({"error": error}));
         let r = c.get(&cookie, "/orders/1").await;
         assert_eq!(r.status, 403, "{error}: {}", r.text());
         assert_eq!(r.json()["error"], "token_refused", "{error}");
-        assert_eq!(c.user(&cookie).await.status, 200, "{error}: the session must be kept");
+        assert_eq!(
+            c.user(&cookie).await.status,
+            200,
+            "{error}: the session must be kept"
+        );
         let r = c.get(&cookie, "/api/x").await;
         assert_eq!(r.status, 200, "{error}: other routes keep working");
         assert_eq!(c.bearer(), "Bearer login-access");
     }
     let orders = c.requests(REFRESH);
     assert_eq!(orders.len(), 2);
-    assert!(orders.iter().all(|f| field(f, "resource") == Some("https://orders.example")));
+    assert!(
+        orders
+            .iter()
+            .all(|f| field(f, "resource") == Some("https://orders.example"))
+    );
     // A refused token exchange: the same.
     c.idp
         .state
@@ -290,10 +312,7 @@ async fn a_refused_resource_or_scope_is_403_on_that_route_only() {
     assert_eq!(c.user(&cookie).await.status, 200);
     let r = c.get(&cookie, "/exchanged/2").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        c.bearer(),
-        "Bearer exchanged-for-https://exchanged.example"
-    );
+    assert_eq!(c.bearer(), "Bearer exchanged-for-https://exchanged.example");
 }
 
 #[tokio::test]
@@ -333,10 +352,7 @@ async fn an_exchange_route_refreshes_its_due_subject_token_first() {
         .script(REFRESH, 200, refreshed("base-2", "refresh-2", None));
     let r = c.get(&cookie, "/exchanged/1").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        c.bearer(),
-        "Bearer exchanged-for-https://exchanged.example"
-    );
+    assert_eq!(c.bearer(), "Bearer exchanged-for-https://exchanged.example");
     let refreshes = c.requests(REFRESH);
     assert_eq!(refreshes.len(), 1);
     assert_eq!(field(&refreshes[0], "refresh_token"), Some("login-refresh"));

@@ -586,12 +586,16 @@ async fn a_refresh_outlives_the_request_that_started_it() {
     let url = s.proxies[0].url("/api/abandoned");
     let abandoned = tokio::spawn(async move { b.get(&url, &[("x-csrf", "1")]).await });
     let redis = s.redis.as_ref().unwrap();
-    eventually("the refresh lease is taken", Duration::from_secs(5), || async {
-        redis
-            .command(&["KEYS", "vestibule:l:*"])
-            .contains("vestibule:l:")
-            .then_some(())
-    })
+    eventually(
+        "the refresh lease is taken",
+        Duration::from_secs(5),
+        || async {
+            redis
+                .command(&["KEYS", "vestibule:l:*"])
+                .contains("vestibule:l:")
+                .then_some(())
+        },
+    )
     .await;
     abandoned.abort();
     let _ = abandoned.await;
@@ -647,14 +651,18 @@ async fn a_wrong_client_secret_ends_no_session_and_the_fixed_one_works_again() {
         assert!(r.header("retry-after").is_some());
         let mut b = browser.clone();
         let user = b.get(&wrong.url("/bff/user"), &[("x-csrf", "1")]).await;
-        assert_eq!(user.status, 200, "the session must be kept: {}", user.text());
+        assert_eq!(
+            user.status,
+            200,
+            "the session must be kept: {}",
+            user.text()
+        );
     }
     assert!(s.bearers("/wrong").is_empty());
     let stats = s.stats().await;
     assert!(refresh_grants(&stats) >= 1, "{stats}");
     assert_eq!(
-        stats["token_errors"]["refresh_token"],
-        stats["refresh_token"],
+        stats["token_errors"]["refresh_token"], stats["refresh_token"],
         "{stats}"
     );
     assert!(grant_count(&wrong, "refresh_token", "client_refused").await > refused_before);

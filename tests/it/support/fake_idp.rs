@@ -21,7 +21,9 @@ pub struct State {
     pub token_requests: Mutex<Vec<Vec<(String, String)>>>,
     /// Answers for the next token requests of a grant type (`grant_type` value), in order:
     /// status and JSON body. When none is left, the defaults below answer.
-    pub scripted: Mutex<std::collections::HashMap<String, std::collections::VecDeque<(u16, serde_json::Value)>>>,
+    pub scripted: Mutex<
+        std::collections::HashMap<String, std::collections::VecDeque<(u16, serde_json::Value)>>,
+    >,
 }
 
 impl State {
