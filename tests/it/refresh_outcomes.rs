@@ -366,3 +366,82 @@ async fn an_exchange_route_refreshes_its_due_subject_token_first() {
     assert_eq!(c.bearer(), "Bearer base-2");
     assert_eq!(c.requests(REFRESH).len(), 1);
 }
+
+impl Case {
+    /// Plays another replica that refreshed the session while this one's grant was on its way
+    /// (as after a lost lease): writes `access` and `refresh` straight into the store.
+    async fn saved_elsewhere(&self, cookie: &str, access: &str, refresh: &str) {
+        let app = &self.proxy.app;
+        let runtime = app.runtime.load_full();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("cookie", cookie.parse().unwrap());
+        let loaded = app.load_session(&runtime, &headers).await.unwrap().unwrap();
+        let mut session = vestibule::session::model::Session::clone(&loaded.session);
+        let token = session.tokens.get_mut("").unwrap();
+        token.value = access.into();
+        token.issued_at = now();
+        token.expires_at = now() + 300;
+        session.refresh_token = Some(refresh.into());
+        assert!(app.sessions.save(&loaded, session, now()).await.unwrap());
+    }
+
+    /// Sends `path` and holds the provider's answer to the grant it makes until
+    /// [`Case::saved_elsewhere`] has run.
+    async fn racing(&self, cookie: &str, path: &str, access: &str, refresh: &str) -> Reply {
+        let (release, hold) = tokio::sync::oneshot::channel();
+        *self.idp.state.hold.lock().unwrap() = Some(hold);
+        let before = self.requests(REFRESH).len();
+        let url = self.proxy.url(path);
+        let headers = [("cookie".to_string(), cookie.to_string())];
+        let request = tokio::spawn(async move {
+            let (k, v) = &headers[0];
+            get(&url, &[(k.as_str(), v.as_str()), ("x-csrf", "1")]).await
+        });
+        eventually(
+            "the refresh grant reaches the provider",
+            std::time::Duration::from_secs(5),
+            || async { (self.requests(REFRESH).len() > before).then_some(()) },
+        )
+        .await;
+        self.saved_elsewhere(cookie, access, refresh).await;
+        release.send(()).unwrap();
+        request.await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_refresh_saved_first_elsewhere_is_neither_overwritten_nor_ended() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    // The late grant succeeds: it serves its own request, but the tokens saved first stay.
+    c.idp
+        .state
+        .script(REFRESH, 200, refreshed("late-access", "late-refresh", None));
+    let r = c
+        .racing(&cookie, "/api/one", "first-access", "first-refresh")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer late-access");
+    let r = c.get(&cookie, "/api/two").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        c.bearer(),
+        "Bearer first-access",
+        "the first save was overwritten"
+    );
+    // The late grant is refused because the other one spent the token: the session lives on.
+    let cookie = c.login(0).await;
+    c.idp
+        .state
+        .script(REFRESH, 400, json!({"error": "invalid_grant"}));
+    let r = c
+        .racing(&cookie, "/api/three", "second-access", "second-refresh")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer second-access");
+    assert_eq!(
+        c.user(&cookie).await.status,
+        200,
+        "the session must be kept"
+    );
+}

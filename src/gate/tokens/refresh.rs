@@ -224,7 +224,17 @@ impl Job {
             Err(error) => {
                 let error = classify(Grant::Refresh, error);
                 if matches!(error, RefreshError::Ended) {
-                    let _ = self.sessions.delete(&current).await;
+                    // Refused because another holder of a lost lease spent it first and saved
+                    // the new one: that session lives on.
+                    let now = self.reload(&current).await?;
+                    if now.session.refresh_token.as_deref() != Some(spent.as_str()) {
+                        return fresh(self.skew, &now.session, &target.key, None)
+                            .map(str::to_string)
+                            .ok_or(RefreshError::Unavailable {
+                                reason: "the refresh token was spent by another refresh".into(),
+                            });
+                    }
+                    let _ = self.sessions.delete(&now).await;
                 }
                 return Err(error);
             }

@@ -24,6 +24,8 @@ pub struct State {
     pub scripted: Mutex<
         std::collections::HashMap<String, std::collections::VecDeque<(u16, serde_json::Value)>>,
     >,
+    /// When set, the next token request is recorded, then answered only once this fires.
+    pub hold: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl State {
@@ -109,6 +111,10 @@ async fn answer(
             let form: Vec<(String, String)> =
                 url::form_urlencoded::parse(&body).into_owned().collect();
             state.token_requests.lock().unwrap().push(form.clone());
+            let hold = state.hold.lock().unwrap().take();
+            if let Some(hold) = hold {
+                let _ = hold.await;
+            }
             let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
             let grant_type = field("grant_type").unwrap_or_default();
             let scripted = state
