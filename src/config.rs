@@ -122,6 +122,9 @@ pub struct OidcConfig {
     pub allow_http_issuer: bool,
     pub metadata_refresh: Duration,
     pub clock_skew: Duration,
+    /// How long a call to the token endpoint (and revocation) may take. A grant we stop waiting
+    /// for may still be carried out by the provider, so this is waited out, never cut short.
+    pub provider_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -127,12 +127,25 @@ impl std::fmt::Debug for TokenResponse {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
-    /// The provider refused the grant (`invalid_grant` and friends): the credential is dead.
+    /// The provider refused the grant with HTTP 400 or 401: the OAuth error code (RFC 6749
+    /// §5.2), or `HTTP 4xx` without one. Only `invalid_grant` means the credential is dead;
+    /// what the other codes mean is the caller's decision (see `gate::tokens`).
     #[error("the provider rejected the grant: {0}")]
     Rejected(String),
-    /// The provider is down, slow or answered 5xx: retry later, keep the session.
+    /// The provider is down, slow, answered 5xx or 429, or answered something unparsable: retry
+    /// later, keep the session. The text names the provider's error code when it sent one.
     #[error("the provider is unavailable: {0}")]
     Unavailable(String),
+}
+
+impl GrantError {
+    /// The provider's OAuth error code when it refused the grant with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            GrantError::Rejected(code) if !code.starts_with("HTTP ") => Some(code),
+            _ => None,
+        }
+    }
 }
 
 /// The OpenID Connect client for one provider.
@@ -204,23 +217,39 @@ impl Oidc {
         let reply = self
             .provider
             .http
-            .post_form(&metadata.token_endpoint, form, &self.credentials())
+            .post_form(
+                &metadata.token_endpoint,
+                form,
+                &self.credentials(),
+                self.config.provider_timeout,
+            )
             .await
             .map_err(|e| GrantError::Unavailable(e.to_string()))?;
         if (200..300).contains(&reply.status) {
             return Ok(reply.body);
         }
-        let code = reply
-            .body
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("")
-            .to_string();
+        // RFC 6749 §5.2 limits the code to printable ASCII without `"` and `\`; anything else,
+        // or anything long, is not logged as it came.
+        let code = match reply.body.get("error").and_then(|e| e.as_str()) {
+            None => String::new(),
+            Some(c)
+                if c.len() <= 64
+                    && c.bytes()
+                        .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\') =>
+            {
+                c.to_string()
+            }
+            Some(_) => "unreadable_error_code".to_string(),
+        };
         if reply.status >= 500
             || reply.status == 429
             || code.is_empty() && reply.status != 400 && reply.status != 401
         {
-            return Err(GrantError::Unavailable(format!("HTTP {}", reply.status)));
+            return Err(GrantError::Unavailable(
+                format!("HTTP {} {code}", reply.status)
+                    .trim_end()
+                    .to_string(),
+            ));
         }
         Err(GrantError::Rejected(if code.is_empty() {
             format!("HTTP {}", reply.status)
@@ -327,6 +356,7 @@ impl Oidc {
                 endpoint,
                 &[("token", token), ("token_type_hint", hint)],
                 &self.credentials(),
+                self.config.provider_timeout,
             )
             .await
         {

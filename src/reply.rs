@@ -32,6 +32,7 @@ pub enum ErrorCode {
     SessionExpired,
     Csrf,
     Forbidden,
+    TokenRefused,
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -54,6 +55,7 @@ impl ErrorCode {
             ErrorCode::SessionExpired => "session_expired",
             ErrorCode::Csrf => "csrf",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TokenRefused => "token_refused",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
@@ -73,7 +75,9 @@ impl ErrorCode {
             | ErrorCode::InvalidReturnUrl
             | ErrorCode::LoginFailed => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated | ErrorCode::SessionExpired => StatusCode::UNAUTHORIZED,
-            ErrorCode::Csrf | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Csrf | ErrorCode::Forbidden | ErrorCode::TokenRefused => {
+                StatusCode::FORBIDDEN
+            }
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -99,6 +103,7 @@ impl ErrorCode {
             ErrorCode::SessionExpired => "The session has ended. Please sign in again.",
             ErrorCode::Csrf => "The request lacks the X-CSRF: 1 header or comes from another site.",
             ErrorCode::Forbidden => "You do not have access to this resource.",
+            ErrorCode::TokenRefused => "The identity provider refused a token for this resource.",
             ErrorCode::NotFound => "Nothing is here.",
             ErrorCode::MethodNotAllowed => "This method is not allowed here.",
             ErrorCode::PayloadTooLarge => "The request body is too large.",

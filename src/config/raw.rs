@@ -47,6 +47,7 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "allow_http_issuer",
             "metadata_refresh",
             "clock_skew",
+            "provider_timeout",
         ],
     ),
     (
@@ -145,6 +146,7 @@ pub struct Oidc {
     pub allow_http_issuer: Option<bool>,
     pub metadata_refresh: Option<String>,
     pub clock_skew: Option<String>,
+    pub provider_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

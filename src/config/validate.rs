@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use toml::{Table, Value};
 
 /// Paths whose values are secret: their values never appear in a message.
+/// `oidc.provider_timeout` when unset: long enough for a slow provider to answer a grant it has
+/// already carried out, so a rotated refresh token is not lost to an early give-up.
+pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(25);
 const SECRET_PATHS: &[&str] = &["oidc.client_secret", "session.keys", "session.redis"];
 
 #[derive(Default)]
@@ -597,7 +600,20 @@ fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<OidcConfig> {
         allow_http_issuer,
         metadata_refresh,
         clock_skew,
+        provider_timeout,
     } = raw;
+    let provider_timeout = duration(
+        provider_timeout,
+        "oidc.provider_timeout",
+        DEFAULT_PROVIDER_TIMEOUT,
+        problems,
+    );
+    if provider_timeout.is_zero() {
+        problems.add(
+            "oidc.provider_timeout",
+            "must be longer than 0s; write e.g. \"25s\"",
+        );
+    }
     let allow_http_issuer = allow_http_issuer.unwrap_or(false);
     let issuer = match issuer {
         None => {
@@ -732,6 +748,7 @@ fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<OidcConfig> {
             Duration::from_secs(60),
             problems,
         ),
+        provider_timeout,
     })
 }
 

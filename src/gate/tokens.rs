@@ -1,38 +1,163 @@
 //! Access tokens for upstreams: the user's, refreshed before they expire with exactly one refresh
-//! per session in flight (a per-process mutex plus a store lease shared by every replica), and
+//! per session in flight (a per-process queue plus a store lease shared by every replica), and
 //! cached client-credentials tokens.
+//!
+//! A refresh runs as its own task ([`refresh::Job`]): the grant, the compare-and-set save and the
+//! unlock finish even when the request that started it is dropped (the browser aborted, the
+//! HTTP/2 stream was reset). Requests that queue behind it read its result from the store, or
+//! share its failure. Only `invalid_grant` and a refreshed ID token for another subject end a
+//! session; [`respond`] is the one place that turns a [`RefreshError`] into a response.
+
+mod refresh;
 
 use crate::app::{App, Runtime, now};
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
 use crate::reply::{Body, ErrorCode};
 use crate::session::manager::Loaded;
-use crate::session::model::{AccessToken, Session};
-use http::{HeaderValue, Response, StatusCode, header};
+use crate::session::model::Session;
+use http::{HeaderValue, Response, header};
+use refresh::{Job, Target};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-fn provider_unavailable() -> Response<Body> {
-    let mut r = ErrorCode::ProviderUnavailable.json(&[]);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    r
+/// Why a request gets no token. Cloned to the requests that queued behind the refresh.
+#[derive(Debug, Clone, thiserror::Error)]
+enum RefreshError {
+    /// `invalid_grant`, a refreshed ID token for another subject, no refresh token, or the
+    /// session is gone: the session has ended (and was deleted).
+    #[error("the session has ended")]
+    Ended,
+    /// The provider refused this route's resource, scopes or token exchange; other routes and
+    /// the session are unaffected.
+    #[error("the provider refused the route's token ({code})")]
+    Refused { code: String },
+    /// The provider is down or slow, refuses Vestibule's own client (`invalid_client`,
+    /// `unauthorized_client`), or answered something unusable. The session is kept.
+    #[error("the provider is unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The session store could not be read or written. The session is kept.
+    #[error("the session store is unavailable")]
+    Store,
+    /// The system random source failed: no lease token can be made.
+    #[error("the random source failed")]
+    Random,
 }
 
-fn session_expired(runtime: &Runtime) -> Response<Body> {
-    ErrorCode::SessionExpired.json(&[(
-        "login_url",
-        format!("{}/login", runtime.config.server.bff_prefix).into(),
-    )])
+/// The one place that turns a [`RefreshError`] into a response.
+fn respond(bff_prefix: &str, error: &RefreshError) -> Response<Body> {
+    match error {
+        RefreshError::Ended => {
+            ErrorCode::SessionExpired.json(&[("login_url", format!("{bff_prefix}/login").into())])
+        }
+        RefreshError::Refused { .. } => ErrorCode::TokenRefused.json(&[]),
+        RefreshError::Unavailable { .. } => {
+            let mut r = ErrorCode::ProviderUnavailable.json(&[]);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        RefreshError::Store => ErrorCode::StoreUnavailable.json(&[]),
+        RefreshError::Random => ErrorCode::Internal.json(&[]),
+    }
+}
+
+/// The grants made here, as `vestibule_token_grants_total` labels them.
+#[derive(Debug, Clone, Copy)]
+enum Grant {
+    Refresh,
+    Exchange,
+    ClientCredentials,
+}
+
+impl Grant {
+    fn label(self) -> &'static str {
+        match self {
+            Grant::Refresh => "refresh_token",
+            Grant::Exchange => "token_exchange",
+            Grant::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// Counts a grant's outcome (`vestibule_token_grants_total{grant, outcome}`): `ok`,
+/// `invalid_grant`, `refused`, `client_refused`, `unavailable`, `id_token_invalid` or
+/// `subject_changed`.
+fn count(grant: Grant, outcome: &'static str) {
+    metrics::counter!("vestibule_token_grants_total", "grant" => grant.label(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// What a failed grant means: only a refresh's `invalid_grant` ends the session; a route's own
+/// refused resource or scope (and a refused token exchange) is that route's problem; everything
+/// else — the client refused, 5xx, timeouts, unusable answers — is the provider's, and passes.
+/// Counts the outcome and logs the provider's error code (never a token).
+fn classify(grant: Grant, error: GrantError) -> RefreshError {
+    let code = error.code().unwrap_or_default().to_string();
+    let (outcome, classified) = match (grant, code.as_str()) {
+        (Grant::Refresh, "invalid_grant") => ("invalid_grant", RefreshError::Ended),
+        (_, "invalid_scope" | "invalid_target")
+        | (Grant::Exchange, "invalid_grant" | "invalid_request") => {
+            ("refused", RefreshError::Refused { code: code.clone() })
+        }
+        (_, "invalid_client" | "unauthorized_client") => (
+            "client_refused",
+            RefreshError::Unavailable {
+                reason: error.to_string(),
+            },
+        ),
+        _ => (
+            "unavailable",
+            RefreshError::Unavailable {
+                reason: error.to_string(),
+            },
+        ),
+    };
+    count(grant, outcome);
+    let grant = grant.label();
+    match outcome {
+        "invalid_grant" => {
+            tracing::info!(grant, provider_error = %code, "the provider rejected the refresh token; ending the session");
+        }
+        "refused" => {
+            tracing::info!(grant, provider_error = %code, "the provider refused the route's resource or scopes");
+        }
+        "client_refused" => tracing::error!(
+            grant,
+            provider_error = %code,
+            "the provider refused Vestibule's own client: check oidc.client_id and \
+             oidc.client_secret; sessions are kept"
+        ),
+        _ => {
+            tracing::warn!(grant, provider_error = %code, %error, "token grant failed; sessions are kept")
+        }
+    }
+    classified
+}
+
+/// The session's token for `key` unless it is due for refresh (`skew` seconds before expiry,
+/// see [`crate::session::model::AccessToken::refresh_at`]) or is the `rejected` one.
+fn fresh<'a>(
+    skew: u64,
+    session: &'a Session,
+    key: &str,
+    rejected: Option<&str>,
+) -> Option<&'a str> {
+    session
+        .tokens
+        .get(key)
+        .filter(|t| now() < t.refresh_at(skew))
+        .filter(|t| rejected != Some(t.value.as_str()))
+        .map(|t| t.value.as_str())
 }
 
 /// Access tokens: per-session refresh with single flight (in process and across replicas),
 /// and a cache of client-credentials tokens.
 #[derive(Default)]
 pub struct Tokens {
-    /// Per session: the in-process queue for refreshing.
+    /// Per session: the in-process queue for refreshing, held by the running refresh task.
     local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientToken>>>>>,
 }
@@ -40,10 +165,18 @@ pub struct Tokens {
 /// What this process remembers of a session's refreshes.
 #[derive(Default)]
 struct Flight {
-    /// When a refresh last failed for want of the provider or the store.
-    failed: Option<Instant>,
+    /// The last refresh that failed: requests that queued behind it share its answer rather
+    /// than each try an unavailable provider in turn.
+    failed: Option<Failed>,
     /// When a token an upstream rejected was last replaced before its time.
     forced: Option<Instant>,
+}
+
+struct Failed {
+    at: Instant,
+    /// What it was for: a refused route's answer is not another route's.
+    target: Target,
+    error: RefreshError,
 }
 
 /// A cached client-credentials token.
@@ -54,52 +187,7 @@ struct ClientToken {
     refresh_at: u64,
 }
 
-/// Counts a grant at the token endpoint by type and outcome (`vestibule_token_grants_total`).
-fn count_grant<T>(grant: &'static str, outcome: &Result<T, GrantError>) {
-    let outcome = match outcome {
-        Ok(_) => "ok",
-        Err(GrantError::Rejected(_)) => "rejected",
-        Err(GrantError::Unavailable(_)) => "unavailable",
-    };
-    metrics::counter!("vestibule_token_grants_total", "grant" => grant, "outcome" => outcome)
-        .increment(1);
-}
-
-/// The refresh lease; the holder renews it every third of it for as long as the grant takes.
-const LEASE: Duration = Duration::from_secs(10);
-/// How long a request waits for another one's refresh: longer than a grant may take.
-const WAIT_FOR_WINNER: Duration =
-    Duration::from_secs(crate::oidc::http::POST_TIMEOUT.as_secs() + 5);
-const POLL: Duration = Duration::from_millis(25);
-/// At most one early refresh per session this often: an upstream that rejects every token must
-/// not turn each request into a grant.
-const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
-/// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
-const SAVE_ATTEMPTS: usize = 5;
-/// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
-static SKEW_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// ID token claims that describe the token rather than the user; kept from the login.
-const TOKEN_CLAIMS: [&str; 11] = [
-    "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
-];
-
 impl Tokens {
-    /// The session's token for `key` unless it is due for refresh or is the `rejected` one.
-    fn fresh<'a>(
-        runtime: &Runtime,
-        session: &'a Session,
-        key: &str,
-        rejected: Option<&str>,
-    ) -> Option<&'a str> {
-        let skew = runtime.config.oidc.refresh_skew.as_secs();
-        session
-            .tokens
-            .get(key)
-            .filter(|t| now() < t.refresh_at(skew))
-            .filter(|t| rejected != Some(t.value.as_str()))
-            .map(|t| t.value.as_str())
-    }
-
     fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<Flight>> {
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
@@ -118,12 +206,15 @@ impl Tokens {
     ) -> Result<String, Response<Body>> {
         self.user_token_except(app, runtime, loaded, route, None)
             .await?
-            .ok_or_else(provider_unavailable)
+            .ok_or_else(|| {
+                let reason = "no token".to_string();
+                respond("", &RefreshError::Unavailable { reason })
+            })
     }
 
     /// A user access token other than `rejected`, which an upstream refused (`invalid_token`):
     /// refreshed now whatever its expiry, unless another request already replaced it. `None`
-    /// when this session had such an early refresh less than [`FORCED_REFRESH_INTERVAL`] ago.
+    /// when this session had such an early refresh less than a few seconds ago.
     pub async fn replace_user_token(
         &self,
         app: &App,
@@ -136,9 +227,10 @@ impl Tokens {
             .await
     }
 
-    /// Single flight: requests of one session queue on a local mutex, then on the store lease
-    /// (shared by every instance); whoever holds the lease re-reads the session and refreshes
-    /// only if no one did meanwhile, so a rotating refresh token is spent exactly once.
+    /// Single flight: requests of one session queue on a local mutex; the refresh task each
+    /// one starts in turn holds it, then the store lease (shared by every instance), re-reads
+    /// the session and refreshes only if no one did meanwhile, so a rotating refresh token is
+    /// spent exactly once.
     async fn user_token_except(
         &self,
         app: &App,
@@ -147,265 +239,55 @@ impl Tokens {
         route: &RouteConfig,
         rejected: Option<&str>,
     ) -> Result<Option<String>, Response<Body>> {
+        let skew = runtime.config.oidc.refresh_skew.as_secs();
         let key = route.resource.as_deref().unwrap_or_default();
-        if let Some(t) = Self::fresh(runtime, &loaded.session, key, rejected) {
+        if let Some(t) = fresh(skew, &loaded.session, key, rejected) {
             return Ok(Some(t.to_string()));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
         // grow the future of every request on a token route.
-        Box::pin(self.single_flight(app, runtime, loaded, route, key, rejected)).await
+        Box::pin(self.single_flight(app, runtime, loaded, route, rejected))
+            .await
+            .map_err(|e| respond(&runtime.config.server.bff_prefix, &e))
     }
 
-    /// The slow path of [`Self::user_token_except`]: wait for, or become, the one request that
-    /// refreshes this session's tokens.
+    /// The slow path of [`Self::user_token_except`]: queue for this session's refresh, then
+    /// start a task that finishes it whatever becomes of this request, and wait for its answer.
     async fn single_flight(
         &self,
         app: &App,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
-        key: &str,
         rejected: Option<&str>,
-    ) -> Result<Option<String>, Response<Body>> {
-        let lock = self.local_lock(&loaded.handle);
+    ) -> Result<Option<String>, RefreshError> {
         let arrived = Instant::now();
-        let deadline = arrived + WAIT_FOR_WINNER;
-        let Ok(mut flight) = tokio::time::timeout_at(deadline, lock.lock()).await else {
-            return Err(provider_unavailable());
+        // Longer than a grant may take: a refresh already sent is waited out, never repeated.
+        let deadline = arrived + app.oidc.config.provider_timeout + Duration::from_secs(5);
+        let gave_up = || RefreshError::Unavailable {
+            reason: "waited too long for this session's refresh".into(),
         };
-        let lock_key = app.sessions.refresh_lock_key(loaded);
-        let lease_token = crate::oidc::random_token(16).map_err(|e| {
-            tracing::error!(error = %e, "no refresh lock token could be made");
-            ErrorCode::Internal.json(&[])
-        })?;
-        let store = app.sessions.store();
-        loop {
-            let current = app
-                .reload_session(loaded)
-                .await
-                .map_err(|_| ErrorCode::StoreUnavailable.json(&[]))?;
-            let Some(current) = current else {
-                return Err(session_expired(runtime));
-            };
-            if let Some(t) = Self::fresh(runtime, &current.session, key, rejected) {
-                return Ok(Some(t.to_string()));
-            }
-            // The refresh this request queued behind failed: share its answer rather than
-            // have every queued request try an unavailable provider in turn.
-            if flight.failed.is_some_and(|failed| failed >= arrived) {
-                return Err(provider_unavailable());
-            }
-            let early =
-                rejected.is_some() && Self::fresh(runtime, &current.session, key, None).is_some();
-            if early
-                && flight
-                    .forced
-                    .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL)
-            {
-                return Ok(None);
-            }
-            match store.try_lock(&lock_key, &lease_token, LEASE).await {
-                Ok(true) => {
-                    // Re-read under the lease: the previous holder may have saved just before
-                    // releasing it, after our read above.
-                    let current = match app.reload_session(loaded).await {
-                        Ok(Some(c)) => c,
-                        Ok(None) => {
-                            let _ = store.unlock(&lock_key, &lease_token).await;
-                            return Err(session_expired(runtime));
-                        }
-                        Err(_) => {
-                            let _ = store.unlock(&lock_key, &lease_token).await;
-                            return Err(ErrorCode::StoreUnavailable.json(&[]));
-                        }
-                    };
-                    let result = match Self::fresh(runtime, &current.session, key, rejected) {
-                        Some(t) => Ok(t.to_string()),
-                        None => {
-                            if early {
-                                flight.forced = Some(Instant::now());
-                            }
-                            self.refresh_holding_lease(
-                                app,
-                                runtime,
-                                current,
-                                route,
-                                key,
-                                &lock_key,
-                                &lease_token,
-                            )
-                            .await
-                        }
-                    };
-                    let _ = store.unlock(&lock_key, &lease_token).await;
-                    if result
-                        .as_ref()
-                        .is_err_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
-                    {
-                        flight.failed = Some(Instant::now());
-                    }
-                    return result.map(Some);
-                }
-                Ok(false) => {
-                    if Instant::now() + POLL > deadline {
-                        return Err(provider_unavailable());
-                    }
-                    tokio::time::sleep(POLL).await;
-                }
-                Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
-            }
+        let lock = self.local_lock(&loaded.handle);
+        let Ok(flight) = tokio::time::timeout_at(deadline, lock.lock_owned()).await else {
+            return Err(gave_up());
+        };
+        let job = Job {
+            sessions: app.sessions.clone(),
+            oidc: app.oidc.clone(),
+            skew: runtime.config.oidc.refresh_skew.as_secs(),
+            loaded: loaded.clone(),
+            target: Target::of(route),
+            rejected: rejected.map(str::to_string),
+            arrived,
+            deadline,
+        };
+        // Not aborted when this request is dropped: the task holds the queue and the lease
+        // until the grant is saved and the lease released.
+        let task = tokio::spawn(job.run(flight));
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) | Err(_) => Err(gave_up()),
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn refresh_holding_lease(
-        &self,
-        app: &App,
-        runtime: &Runtime,
-        current: Loaded,
-        route: &RouteConfig,
-        key: &str,
-        lock_key: &str,
-        lease_token: &str,
-    ) -> Result<String, Response<Body>> {
-        let store = app.sessions.store().clone();
-        let (lock_key_owned, lease_owned) = (lock_key.to_string(), lease_token.to_string());
-        // Keep the lease alive while the provider is slow, so no one else spends the token.
-        let keeper = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LEASE / 3).await;
-                match store
-                    .extend_lock(&lock_key_owned, &lease_owned, LEASE)
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!("the refresh lease was lost while refreshing");
-                        break;
-                    }
-                    // A store hiccup: try again at the next tick, the lease is still running.
-                    Err(_) => {}
-                }
-            }
-        });
-        let result = self.refresh(app, runtime, current, route, key).await;
-        keeper.abort();
-        result
-    }
-
-    async fn refresh(
-        &self,
-        app: &App,
-        runtime: &Runtime,
-        current: Loaded,
-        route: &RouteConfig,
-        key: &str,
-    ) -> Result<String, Response<Body>> {
-        let resource = route.resource.as_deref();
-        let outcome = if route.exchange {
-            let subject = match Self::fresh(runtime, &current.session, "", None) {
-                Some(t) => t.to_string(),
-                None => return Err(session_expired(runtime)),
-            };
-            app.oidc
-                .exchange_token(&subject, resource.unwrap_or_default(), &route.scopes)
-                .await
-        } else {
-            let Some(refresh_token) = current.session.refresh_token.clone() else {
-                let _ = app.sessions.delete(&current).await;
-                return Err(session_expired(runtime));
-            };
-            app.oidc
-                .refresh(&refresh_token, resource, &route.scopes)
-                .await
-        };
-        count_grant(
-            if route.exchange {
-                "token_exchange"
-            } else {
-                "refresh_token"
-            },
-            &outcome,
-        );
-        let tokens = match outcome {
-            Ok(t) => t,
-            Err(GrantError::Rejected(reason)) => {
-                tracing::info!(%reason, "refresh rejected; ending the session");
-                let _ = app.sessions.delete(&current).await;
-                return Err(session_expired(runtime));
-            }
-            Err(GrantError::Unavailable(reason)) => {
-                tracing::warn!(%reason, "refresh failed: provider unavailable");
-                return Err(provider_unavailable());
-            }
-        };
-        let now = now();
-        let lifetime = tokens.expires_in.unwrap_or(300);
-        if lifetime <= runtime.config.oidc.refresh_skew.as_secs()
-            && !SKEW_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::warn!(
-                lifetime_s = lifetime,
-                "oidc.refresh_skew is not shorter than the access token lifetime: tokens are \
-                 refreshed at half their lifetime instead; lower refresh_skew"
-            );
-        }
-        let claims = match &tokens.id_token {
-            Some(id_token) => {
-                let expect = app.oidc.expect(&app.oidc.config.client_id, now);
-                let original = original_with_sub(&current.session.claims, &current.session.sub);
-                crate::jose::validate_refreshed_id_token(
-                    &app.oidc.provider.jwks,
-                    id_token,
-                    &expect,
-                    &original,
-                )
-                .await
-                .ok()
-            }
-            None => None,
-        };
-        let apply = |session: &mut Session| {
-            session.tokens.insert(
-                key.to_string(),
-                AccessToken {
-                    value: tokens.access_token.clone(),
-                    expires_at: now + lifetime,
-                    issued_at: now,
-                    scope: tokens.scope.clone(),
-                },
-            );
-            if let Some(rotated) = &tokens.refresh_token {
-                session.refresh_token = Some(rotated.clone());
-            }
-            if let (Some(claims), Some(id_token)) = (&claims, &tokens.id_token) {
-                for (k, v) in claims {
-                    if !TOKEN_CLAIMS.contains(&k.as_str()) {
-                        session.claims.insert(k.clone(), v.clone());
-                    }
-                }
-                session.id_token = Some(id_token.clone());
-            }
-        };
-        // The new refresh token must not be lost: if another write (an idle-timeout touch)
-        // came in between, re-read and apply the new tokens again; we still hold the lease.
-        let mut base = current;
-        for _ in 0..SAVE_ATTEMPTS {
-            let mut session = Session::clone(&base.session);
-            apply(&mut session);
-            match app.sessions.save(&base, session, now).await {
-                Ok(true) => return Ok(tokens.access_token),
-                Ok(false) => {}
-                Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
-            }
-            base = match app.reload_session(&base).await {
-                Ok(Some(reloaded)) => reloaded,
-                Ok(None) => return Err(session_expired(runtime)),
-                Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
-            };
-        }
-        tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
-        Ok(tokens.access_token)
     }
 
     /// A client-credentials token for the route's resource and scopes, cached until near expiry.
@@ -431,9 +313,9 @@ impl Tokens {
             .oidc
             .client_credentials(route.resource.as_deref(), &route.scopes)
             .await;
-        count_grant("client_credentials", &outcome);
         match outcome {
             Ok(t) => {
+                count(Grant::ClientCredentials, "ok");
                 let lifetime = t.expires_in.unwrap_or(300);
                 let skew = app.oidc.config.refresh_skew.as_secs().min(lifetime / 2);
                 *cached = Some(ClientToken {
@@ -442,20 +324,11 @@ impl Tokens {
                 });
                 Ok(t.access_token)
             }
-            Err(GrantError::Rejected(reason)) => {
-                tracing::error!(%reason, "client credentials rejected");
-                Err(ErrorCode::ProviderUnavailable.json(&[]))
+            Err(error) => {
+                let error = classify(Grant::ClientCredentials, error);
+                let prefix = app.runtime.load().config.server.bff_prefix.clone();
+                Err(respond(&prefix, &error))
             }
-            Err(GrantError::Unavailable(_)) => Err(provider_unavailable()),
         }
     }
-}
-
-fn original_with_sub(
-    claims: &serde_json::Map<String, serde_json::Value>,
-    sub: &str,
-) -> serde_json::Map<String, serde_json::Value> {
-    let mut c = claims.clone();
-    c.insert("sub".into(), sub.into());
-    c
 }

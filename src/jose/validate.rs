@@ -47,8 +47,10 @@ pub async fn validate_id_token(
 }
 
 /// Validates an ID token returned by a refresh (OpenID Connect Core §12.2): the same checks as at
-/// login, except that `nonce` may be absent (and, if present, must equal the original one), and
-/// `iss` and `sub` must equal those of the `original` ID token's claims.
+/// login, and `iss`, `sub` and `aud` (as a set) must equal those of the `original` ID token's
+/// claims — the one issued at login, or the last refreshed one, which repeats them. Another
+/// `iss` or `sub` is [`JoseError::SubjectChanged`], another `aud` [`JoseError::WrongAudience`].
+/// `nonce` may be absent; if present, it must equal the original's, when that had one.
 pub async fn validate_refreshed_id_token(
     jwks: &Jwks,
     token: &str,
@@ -62,11 +64,25 @@ pub async fn validate_refreshed_id_token(
             return Err(JoseError::SubjectChanged);
         }
     }
-    if let Some(nonce) = string_claim(&claims, "nonce")? {
-        let first = string_claim(original, "nonce")?.unwrap_or_default();
-        if !bool::from(nonce.as_bytes().ct_eq(first.as_bytes())) {
-            return Err(JoseError::NonceMismatch);
+    let audiences = |c: &Claims| -> Option<std::collections::BTreeSet<String>> {
+        match c.get("aud")? {
+            Value::String(aud) => Some([aud.clone()].into()),
+            Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().map(str::to_owned))
+                .collect(),
+            _ => None,
         }
+    };
+    if audiences(&claims) != audiences(original) {
+        return Err(JoseError::WrongAudience);
+    }
+    if let (Some(nonce), Some(first)) = (
+        string_claim(&claims, "nonce")?,
+        string_claim(original, "nonce")?,
+    ) && !bool::from(nonce.as_bytes().ct_eq(first.as_bytes()))
+    {
+        return Err(JoseError::NonceMismatch);
     }
     Ok(claims)
 }

@@ -11,10 +11,6 @@ use std::time::Duration;
 
 const MAX_RESPONSE: usize = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
-/// Form posts (token grants, revocation) wait longer: a grant we stop waiting for may still be
-/// carried out by the provider, and a rotated refresh token we never received ends the session.
-/// Keep it below the time other requests wait for a refresh (`gate::tokens`).
-pub const POST_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Why a provider call failed; the message never contains a secret or token.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +58,9 @@ impl ProviderHttp {
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
         let host = req.uri().host().unwrap_or("").to_string();
-        let sent = tokio::time::timeout(timeout, self.client.request(req)).await;
+        // One deadline for the answer and its body: a grant is waited for this long in all.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent = tokio::time::timeout_at(deadline, self.client.request(req)).await;
         let response = match sent {
             Err(_) => return Err(CallError::Unreachable(format!("{host}: timed out"))),
             Ok(Err(e)) => {
@@ -74,8 +72,8 @@ impl ProviderHttp {
             Ok(Ok(r)) => r,
         };
         let status = response.status().as_u16();
-        let body = tokio::time::timeout(
-            timeout,
+        let body = tokio::time::timeout_at(
+            deadline,
             Limited::new(response.into_body(), MAX_RESPONSE).collect(),
         )
         .await
@@ -104,12 +102,15 @@ impl ProviderHttp {
         self.call(req, TIMEOUT).await
     }
 
-    /// POST a form, authenticating as the client (basic or in the body).
+    /// POST a form, authenticating as the client (basic or in the body), waiting for the answer
+    /// up to `timeout` (`oidc.provider_timeout`): a grant we stop waiting for may still be
+    /// carried out by the provider, and a rotated refresh token we never receive is lost.
     pub async fn post_form(
         &self,
         url: &str,
         form: &[(&str, &str)],
         auth: &ClientCredentials<'_>,
+        timeout: Duration,
     ) -> Result<JsonReply, CallError> {
         let mut fields: Vec<(&str, &str)> = form.to_vec();
         let mut builder = Request::builder()
@@ -139,7 +140,7 @@ impl ProviderHttp {
         let req = builder
             .body(Full::new(Bytes::from(encoded)))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
-        let (status, body) = self.call(req, POST_TIMEOUT).await?;
+        let (status, body) = self.call(req, timeout).await?;
         let body = if body.is_empty() {
             serde_json::Value::Null
         } else {

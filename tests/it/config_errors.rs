@@ -39,6 +39,10 @@ fn the_base_config_is_valid() {
     assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
     assert_eq!(config.session.cookie_name, "__Host-vestibule");
     assert_eq!(
+        config.oidc.provider_timeout,
+        std::time::Duration::from_secs(25)
+    );
+    assert_eq!(
         config.oidc.client_secret.as_ref().unwrap().expose(),
         "s3cr3t-value"
     );
@@ -70,6 +74,10 @@ fn golden_messages_for_each_kind_of_mistake() {
         (
             base().replace("https://idp.example.com", "http://idp.example.com"),
             "oidc.issuer: \"http://idp.example.com\" uses plain http; use https, or set allow_http_issuer = true for a loopback issuer in development",
+        ),
+        (
+            base().replace("[session]\n", "provider_timeout = \"0s\"\n[session]\n"),
+            "oidc.provider_timeout: must be longer than 0s; write e.g. \"25s\"",
         ),
         (
             base().replace("[server]\n", "[server]\nworkers = 0\n"),

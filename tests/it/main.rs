@@ -17,6 +17,7 @@ mod paths;
 mod protection;
 mod protocol;
 mod proxy;
+mod refresh_outcomes;
 mod sample_api;
 mod session_store;
 mod static_files;

@@ -654,6 +654,7 @@ async fn docs_list_every_error_code() {
         SessionExpired,
         Csrf,
         Forbidden,
+        TokenRefused,
         NotFound,
         MethodNotAllowed,
         PayloadTooLarge,

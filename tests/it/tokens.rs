@@ -95,7 +95,9 @@ struct Stack {
     up: upstream::Upstream,
     api: Api,
     base: String,
-    _redis: Option<RedisServer>,
+    /// The configuration of the first instance.
+    config: String,
+    redis: Option<RedisServer>,
 }
 
 async fn stack(instances: usize, provider_extra: serde_json::Value) -> Stack {
@@ -164,7 +166,8 @@ token = "user"
         up,
         api,
         base: format!("http://127.0.0.1:{port}"),
-        _redis: redis,
+        config: text,
+        redis,
     }
 }
 
@@ -550,4 +553,126 @@ async fn each_route_gets_a_token_for_its_own_resource() {
     // Each resource's token is kept: /a/two reused the one /a/one got.
     assert_eq!(s.bearers("/a/one"), s.bearers("/a/two"));
     assert_ne!(s.bearers("/a/one"), s.bearers("/b/one"));
+}
+
+/// The metric `vestibule_token_grants_total` for `grant` and `outcome` at `proxy` (0 if absent).
+/// The recorder is process-wide: other tests' grants count too, so compare before and after.
+async fn grant_count(proxy: &Proxy, grant: &str, outcome: &str) -> u64 {
+    let metrics = get(&format!("http://{}/metrics", proxy.admin), &[])
+        .await
+        .text();
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vestibule_token_grants_total{")
+                && l.contains(&format!("grant=\"{grant}\""))
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_outlives_the_request_that_started_it() {
+    let s = stack(2, serde_json::json!({})).await;
+    let browser = s.login("alice").await;
+    let first = s.newest_access_token("alice").await;
+    s.reset_stats().await;
+    until_due().await;
+    // The provider stalls; the request that starts the refresh is abandoned by its client while
+    // the grant is on its way (the lease is taken just before the grant is sent).
+    s.provider.pause();
+    let mut b = browser.clone();
+    let url = s.proxies[0].url("/api/abandoned");
+    let abandoned = tokio::spawn(async move { b.get(&url, &[("x-csrf", "1")]).await });
+    let redis = s.redis.as_ref().unwrap();
+    eventually(
+        "the refresh lease is taken",
+        Duration::from_secs(5),
+        || async {
+            redis
+                .command(&["KEYS", "vestibule:l:*"])
+                .contains("vestibule:l:")
+                .then_some(())
+        },
+    )
+    .await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    s.provider.resume();
+    // The next request, on the other replica, gets the token of that one refresh at once: not
+    // after a lease kept alive by an orphaned keeper, and without a second grant.
+    let mut b = browser.clone();
+    let r = tokio::time::timeout(
+        Duration::from_secs(1),
+        b.get(&s.proxies[1].url("/api/next"), &[("x-csrf", "1")]),
+    )
+    .await
+    .expect("the next request waited for a refresh nobody finishes");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let newest = s.newest_access_token("alice").await;
+    assert_ne!(newest, first);
+    assert_eq!(s.bearers("/next"), vec![newest]);
+    let stats = s.stats().await;
+    assert_eq!(refresh_grants(&stats), 1, "{stats}");
+    assert_eq!(stats["token_errors"]["refresh_token"], 0, "{stats}");
+    assert!(s.bearers("/abandoned").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_client_secret_ends_no_session_and_the_fixed_one_works_again() {
+    let s = stack(2, serde_json::json!({})).await;
+    let browser = s.login("alice").await;
+    let first = s.newest_access_token("alice").await;
+    // Another instance on the same store whose client secret is wrong (expired, mistyped).
+    let wrong_text = s
+        .config
+        .replace(
+            "client_secret = \"vestibule-secret\"",
+            "client_secret = \"expired-secret\"",
+        )
+        .replace(
+            &format!("listen = \"{}\"", s.base.trim_start_matches("http://")),
+            "listen = \"127.0.0.1:0\"",
+        );
+    assert!(wrong_text.contains("expired-secret"));
+    let wrong = start_proxy(&wrong_text).await;
+    wait_ready(&wrong).await;
+    s.reset_stats().await;
+    until_due().await;
+    let refused_before = grant_count(&wrong, "refresh_token", "client_refused").await;
+    for i in 0..3 {
+        let mut b = browser.clone();
+        let r = b
+            .get(&wrong.url(&format!("/api/wrong{i}")), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"], "provider_unavailable");
+        assert!(r.header("retry-after").is_some());
+        let mut b = browser.clone();
+        let user = b.get(&wrong.url("/bff/user"), &[("x-csrf", "1")]).await;
+        assert_eq!(
+            user.status,
+            200,
+            "the session must be kept: {}",
+            user.text()
+        );
+    }
+    assert!(s.bearers("/wrong").is_empty());
+    let stats = s.stats().await;
+    assert!(refresh_grants(&stats) >= 1, "{stats}");
+    assert_eq!(
+        stats["token_errors"]["refresh_token"], stats["refresh_token"],
+        "{stats}"
+    );
+    assert!(grant_count(&wrong, "refresh_token", "client_refused").await > refused_before);
+    // With the right secret, the same session refreshes with the refresh token it always had.
+    let mut b = browser.clone();
+    let r = b
+        .get(&s.proxies[1].url("/api/fixed"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let newest = s.newest_access_token("alice").await;
+    assert_ne!(newest, first);
+    assert_eq!(s.bearers("/fixed"), vec![newest]);
 }

@@ -25,6 +25,25 @@ pub struct State {
     pub token_body: Mutex<Option<String>>,
     /// Members added to the discovery document.
     pub discovery_extra: Mutex<serde_json::Map<String, serde_json::Value>>,
+    /// Answers for the next token requests of a grant type (`grant_type` value), in order:
+    /// status and JSON body. When none is left, the defaults below answer.
+    pub scripted: Mutex<
+        std::collections::HashMap<String, std::collections::VecDeque<(u16, serde_json::Value)>>,
+    >,
+    /// When set, the next token request is recorded, then answered only once this fires.
+    pub hold: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl State {
+    /// Queues an answer for the next token request of `grant_type`.
+    pub fn script(&self, grant_type: &str, status: u16, body: serde_json::Value) {
+        self.scripted
+            .lock()
+            .unwrap()
+            .entry(grant_type.to_string())
+            .or_default()
+            .push_back((status, body));
+    }
 }
 
 pub struct FakeIdp {
@@ -101,7 +120,23 @@ async fn answer(
             let form: Vec<(String, String)> =
                 url::form_urlencoded::parse(&body).into_owned().collect();
             state.token_requests.lock().unwrap().push(form.clone());
+            let hold = state.hold.lock().unwrap().take();
+            if let Some(hold) = hold {
+                let _ = hold.await;
+            }
             let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            let grant_type = field("grant_type").unwrap_or_default();
+            let scripted = state
+                .scripted
+                .lock()
+                .unwrap()
+                .get_mut(&grant_type)
+                .and_then(|q| q.pop_front());
+            if let Some((status, body)) = scripted {
+                let mut response = json(body);
+                *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                return Ok(response);
+            }
             if field("grant_type").as_deref()
                 == Some("urn:ietf:params:oauth:grant-type:token-exchange")
             {

@@ -70,6 +70,26 @@ pub fn start(proxy_port: u16, extra: serde_json::Value) -> TestProvider {
 }
 
 impl TestProvider {
+    /// Stops the provider process (SIGSTOP): connections are still accepted by the kernel, but
+    /// nothing is answered until [`TestProvider::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`TestProvider::pause`]d provider run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let status = Command::new("kill")
+            .arg(which)
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {which} failed");
+    }
+
     pub async fn stats(&self) -> serde_json::Value {
         super::get(&format!("{}/_test/stats", self.issuer), &[])
             .await

@@ -351,6 +351,50 @@ async fn refreshed_id_token_may_omit_the_nonce_but_not_change_the_subject() {
 }
 
 #[tokio::test]
+async fn refreshed_id_token_must_repeat_the_original_issuer_and_audiences() {
+    let f = fixture().await;
+    let original = f.id(&f.rs256(&id_claims())).await.unwrap();
+    let refresh = |claims: Value, original: Claims| {
+        let token = f.rs256(&claims);
+        let jwks = &f.jwks;
+        async move { validate_refreshed_id_token(jwks, &token, &expect(), &original).await }
+    };
+    // Another audience besides ours (with azp) passes the login checks, not this one.
+    let more_audiences = with(
+        with(
+            without(id_claims(), "nonce"),
+            "aud",
+            json!([CLIENT, "other"]),
+        ),
+        "azp",
+        json!(CLIENT),
+    );
+    assert_eq!(
+        refresh(more_audiences, original.clone()).await.unwrap_err(),
+        JoseError::WrongAudience
+    );
+    // The same single audience as an array is the same set.
+    let as_array = with(without(id_claims(), "nonce"), "aud", json!([CLIENT]));
+    assert!(refresh(as_array, original.clone()).await.is_ok());
+    // A session from another issuer (the configuration changed since the login).
+    let mut earlier = original.clone();
+    earlier.insert("iss".into(), json!("https://old-idp.example.com"));
+    assert_eq!(
+        refresh(without(id_claims(), "nonce"), earlier)
+            .await
+            .unwrap_err(),
+        JoseError::SubjectChanged
+    );
+    // Claims without `iss` (as a session stores them) never match: pass the ID token's own.
+    let mut stripped = original.clone();
+    stripped.remove("iss");
+    assert_eq!(
+        refresh(id_claims(), stripped).await.unwrap_err(),
+        JoseError::SubjectChanged
+    );
+}
+
+#[tokio::test]
 async fn error_texts_never_contain_the_token_or_claim_values() {
     let f = fixture().await;
     let secret_looking = "s3cr3t-claim-value";

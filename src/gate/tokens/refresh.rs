@@ -1,0 +1,404 @@
+//! One refresh of a session's tokens, run as a task of its own: it finishes — lease, grant,
+//! compare-and-set save, unlock — whatever happens to the request that started it, and owns
+//! everything it needs. It holds the session's in-process queue and, while it talks to the
+//! provider, the store lease that every replica honours.
+//!
+//! The lease is renewed by a [`Keeper`] that is aborted when the refresh ends (also by a panic)
+//! and that gives up after the longest time the grants may take. If the lease is lost anyway
+//! (a store failover, a store outage longer than the lease), another replica may refresh with
+//! the same refresh token at the same time: the first answer saved wins, and a later one is not
+//! written over it (see [`Job::save`]); with a rotating provider one of the two is refused.
+
+use super::{Failed, Flight, Grant, RefreshError, classify, count, fresh};
+use crate::app::now;
+use crate::config::RouteConfig;
+use crate::jose::{Claims, JoseError};
+use crate::oidc::{Oidc, TokenResponse};
+use crate::session::manager::{Loaded, Sessions};
+use crate::session::model::{AccessToken, Session};
+use crate::session::store::Store;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+/// The refresh lease; the holder renews it every third of it for as long as its grants take.
+const LEASE: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(25);
+/// At most one early refresh per session this often: an upstream that rejects every token must
+/// not turn each request into a grant.
+const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
+const SAVE_ATTEMPTS: usize = 5;
+/// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
+static SKEW_WARNED: AtomicBool = AtomicBool::new(false);
+/// ID token claims that describe the token rather than the user; not kept as user claims.
+const TOKEN_CLAIMS: [&str; 11] = [
+    "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
+];
+
+/// What a token is for: a route's resource (the key of the session's token map), scopes, and
+/// whether it comes from a token exchange.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Target {
+    key: String,
+    resource: Option<String>,
+    scopes: Vec<String>,
+    exchange: bool,
+}
+
+impl Target {
+    pub(super) fn of(route: &RouteConfig) -> Target {
+        Target {
+            key: route.resource.clone().unwrap_or_default(),
+            resource: route.resource.clone(),
+            scopes: route.scopes.clone(),
+            exchange: route.exchange,
+        }
+    }
+
+    /// The session's own token, as the login got it: the subject of token exchanges.
+    fn base() -> Target {
+        Target {
+            key: String::new(),
+            resource: None,
+            scopes: Vec::new(),
+            exchange: false,
+        }
+    }
+}
+
+/// One request's turn in its session's queue, with everything the refresh needs.
+pub(super) struct Job {
+    pub(super) sessions: Arc<Sessions>,
+    pub(super) oidc: Arc<Oidc>,
+    /// `oidc.refresh_skew` in seconds.
+    pub(super) skew: u64,
+    pub(super) loaded: Loaded,
+    pub(super) target: Target,
+    /// A token an upstream refused: replace it even if it is not due.
+    pub(super) rejected: Option<String>,
+    pub(super) arrived: Instant,
+    /// When to stop waiting for another replica's lease.
+    pub(super) deadline: Instant,
+}
+
+impl Job {
+    /// Reads the session as the store has it; the token if someone refreshed meanwhile, the
+    /// failure of the refresh this request queued behind, or a refresh under the lease.
+    pub(super) async fn run(
+        self,
+        mut flight: OwnedMutexGuard<Flight>,
+    ) -> Result<Option<String>, RefreshError> {
+        let store = self.sessions.store().clone();
+        let lock_key = self.sessions.refresh_lock_key(&self.loaded);
+        let lease = crate::oidc::random_token(16).map_err(|e| {
+            tracing::error!(error = %e, "no refresh lease token could be made");
+            RefreshError::Random
+        })?;
+        loop {
+            let current = self.reload(&self.loaded).await?;
+            let rejected = self.rejected.as_deref();
+            if let Some(t) = fresh(self.skew, &current.session, &self.target.key, rejected) {
+                return Ok(Some(t.to_string()));
+            }
+            let shared = flight.failed.as_ref().filter(|f| {
+                f.at >= self.arrived
+                    && (f.target == self.target || !matches!(f.error, RefreshError::Refused { .. }))
+            });
+            if let Some(failed) = shared {
+                return Err(failed.error.clone());
+            }
+            let early = rejected.is_some()
+                && fresh(self.skew, &current.session, &self.target.key, None).is_some();
+            if early
+                && flight
+                    .forced
+                    .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL)
+            {
+                return Ok(None);
+            }
+            match store.try_lock(&lock_key, &lease, LEASE).await {
+                Ok(true) => {
+                    let result = self
+                        .under_lease(&mut flight, early, &store, &lock_key, &lease)
+                        .await;
+                    let _ = store.unlock(&lock_key, &lease).await;
+                    if let Err(error) = &result
+                        && !matches!(error, RefreshError::Ended)
+                    {
+                        flight.failed = Some(Failed {
+                            at: Instant::now(),
+                            target: self.target.clone(),
+                            error: error.clone(),
+                        });
+                    }
+                    return result.map(Some);
+                }
+                Ok(false) => {
+                    if Instant::now() + POLL > self.deadline {
+                        return Err(RefreshError::Unavailable {
+                            reason: "another replica's refresh of this session did not end".into(),
+                        });
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(_) => return Err(RefreshError::Store),
+            }
+        }
+    }
+
+    async fn reload(&self, loaded: &Loaded) -> Result<Loaded, RefreshError> {
+        match self.sessions.reload(loaded, now()).await {
+            Ok(Some(current)) => Ok(current),
+            Ok(None) => Err(RefreshError::Ended),
+            Err(_) => Err(RefreshError::Store),
+        }
+    }
+
+    async fn under_lease(
+        &self,
+        flight: &mut Flight,
+        early: bool,
+        store: &Store,
+        lock_key: &str,
+        lease: &str,
+    ) -> Result<String, RefreshError> {
+        // Re-read under the lease: the previous holder may have saved just before releasing it.
+        let current = self.reload(&self.loaded).await?;
+        let rejected = self.rejected.as_deref();
+        if let Some(t) = fresh(self.skew, &current.session, &self.target.key, rejected) {
+            return Ok(t.to_string());
+        }
+        if early {
+            flight.forced = Some(Instant::now());
+        }
+        // At most two grants (a subject token's refresh and its exchange), each bounded.
+        let longest = self.oidc.config.provider_timeout * 2 + LEASE;
+        let keeper = Keeper::start(store.clone(), lock_key, lease, longest);
+        let result = self.grant(current).await;
+        if keeper.lost() {
+            tracing::warn!(
+                "the refresh lease was lost while refreshing; another replica may have refreshed \
+                 too, and the first answer saved stands"
+            );
+        }
+        result
+    }
+
+    /// The grant for the target: a refresh, or a token exchange whose subject token is the
+    /// session's own one, refreshed first if it is due.
+    async fn grant(&self, current: Loaded) -> Result<String, RefreshError> {
+        if !self.target.exchange {
+            return self.refresh(current, &self.target).await;
+        }
+        let (subject, current) = match fresh(self.skew, &current.session, "", None) {
+            Some(t) => (t.to_string(), current),
+            None => {
+                let subject = self.refresh(current, &Target::base()).await?;
+                (subject, self.reload(&self.loaded).await?)
+            }
+        };
+        let resource = self.target.resource.as_deref().unwrap_or_default();
+        let tokens = self
+            .oidc
+            .exchange_token(&subject, resource, &self.target.scopes)
+            .await
+            .map_err(|e| classify(Grant::Exchange, e))?;
+        count(Grant::Exchange, "ok");
+        self.save(current, &self.target.key, &tokens, None, None)
+            .await
+    }
+
+    /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
+    /// session; an invalid ID token keeps nothing of the answer.
+    async fn refresh(&self, current: Loaded, target: &Target) -> Result<String, RefreshError> {
+        let Some(spent) = current.session.refresh_token.clone() else {
+            let _ = self.sessions.delete(&current).await;
+            return Err(RefreshError::Ended);
+        };
+        let outcome = self
+            .oidc
+            .refresh(&spent, target.resource.as_deref(), &target.scopes)
+            .await;
+        let tokens = match outcome {
+            Ok(tokens) => tokens,
+            Err(error) => {
+                let error = classify(Grant::Refresh, error);
+                if matches!(error, RefreshError::Ended) {
+                    // Refused because another holder of a lost lease spent it first and saved
+                    // the new one: that session lives on.
+                    let now = self.reload(&current).await?;
+                    if now.session.refresh_token.as_deref() != Some(spent.as_str()) {
+                        return fresh(self.skew, &now.session, &target.key, None)
+                            .map(str::to_string)
+                            .ok_or(RefreshError::Unavailable {
+                                reason: "the refresh token was spent by another refresh".into(),
+                            });
+                    }
+                    let _ = self.sessions.delete(&now).await;
+                }
+                return Err(error);
+            }
+        };
+        let claims = match &tokens.id_token {
+            None => None,
+            Some(id_token) => match self.check_id_token(&current.session, id_token).await {
+                Ok(claims) => Some(claims),
+                Err(JoseError::SubjectChanged) => {
+                    count(Grant::Refresh, "subject_changed");
+                    tracing::warn!(
+                        "the refreshed ID token names another subject; ending the session"
+                    );
+                    let _ = self.sessions.delete(&current).await;
+                    return Err(RefreshError::Ended);
+                }
+                Err(error) => {
+                    count(Grant::Refresh, "id_token_invalid");
+                    tracing::warn!(%error, "the refreshed ID token is invalid; nothing of the answer is kept");
+                    return Err(RefreshError::Unavailable {
+                        reason: format!("invalid refreshed ID token: {error}"),
+                    });
+                }
+            },
+        };
+        count(Grant::Refresh, "ok");
+        self.save(current, &target.key, &tokens, claims, Some(&spent))
+            .await
+    }
+
+    /// OpenID Connect Core §12.2: against the session's ID token (from the login, or the last
+    /// refresh, which repeats its `iss`, `sub` and `aud`), and the session's subject.
+    async fn check_id_token(&self, session: &Session, id_token: &str) -> Result<Claims, JoseError> {
+        let client_id = &self.oidc.config.client_id;
+        let expect = self.oidc.expect(client_id, now());
+        let mut original = session
+            .id_token
+            .as_deref()
+            .and_then(|t| crate::jose::jws::stored_claims(t).ok())
+            .unwrap_or_else(|| {
+                // A session without its ID token: what the login checked.
+                let mut c = Claims::new();
+                c.insert("iss".into(), expect.issuer.clone().into());
+                c.insert("aud".into(), client_id.clone().into());
+                c
+            });
+        original.insert("sub".into(), session.sub.clone().into());
+        crate::jose::validate_refreshed_id_token(
+            &self.oidc.provider.jwks,
+            id_token,
+            &expect,
+            &original,
+        )
+        .await
+    }
+
+    /// Writes the answer of a grant, all of it or nothing: the access token under `key`, a
+    /// rotated refresh token, and a validated ID token with the claims it brings (replacing the
+    /// previous ones). Other writes (idle-timeout touches) that came in between are re-read and
+    /// the answer applied again. A refresh whose `spent` token was already replaced in the
+    /// store (another holder of a lost lease saved first) does not overwrite that one.
+    async fn save(
+        &self,
+        current: Loaded,
+        key: &str,
+        tokens: &TokenResponse,
+        claims: Option<Claims>,
+        spent: Option<&str>,
+    ) -> Result<String, RefreshError> {
+        let now = now();
+        let lifetime = tokens.expires_in.unwrap_or(300);
+        if lifetime <= self.skew && !SKEW_WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                lifetime_s = lifetime,
+                "oidc.refresh_skew is not shorter than the access token lifetime: tokens are \
+                 refreshed at half their lifetime instead; lower refresh_skew"
+            );
+        }
+        let apply = |session: &mut Session| {
+            session.tokens.insert(
+                key.to_string(),
+                AccessToken {
+                    value: tokens.access_token.clone(),
+                    expires_at: now + lifetime,
+                    issued_at: now,
+                    scope: tokens.scope.clone(),
+                },
+            );
+            if let Some(rotated) = &tokens.refresh_token {
+                session.refresh_token = Some(rotated.clone());
+            }
+            if let (Some(claims), Some(id_token)) = (&claims, &tokens.id_token) {
+                session.claims = claims
+                    .iter()
+                    .filter(|(k, _)| !TOKEN_CLAIMS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                session.id_token = Some(id_token.clone());
+            }
+        };
+        let mut base = current;
+        for _ in 0..SAVE_ATTEMPTS {
+            if spent.is_some() && base.session.refresh_token.as_deref() != spent {
+                tracing::warn!("another refresh of this session was saved first; its tokens stand");
+                return Ok(tokens.access_token.clone());
+            }
+            let mut session = Session::clone(&base.session);
+            apply(&mut session);
+            match self.sessions.save(&base, session, now).await {
+                Ok(true) => return Ok(tokens.access_token.clone()),
+                Ok(false) => {}
+                Err(_) => return Err(RefreshError::Store),
+            }
+            base = self.reload(&base).await?;
+        }
+        tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
+        Ok(tokens.access_token.clone())
+    }
+}
+
+/// Renews the lease while the grants take. Aborted when dropped; gives up by itself after
+/// `longest` (the lease then runs out within [`LEASE`]), so no lease outlives its refresh.
+struct Keeper {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
+
+impl Keeper {
+    fn start(store: Store, key: &str, token: &str, longest: Duration) -> Keeper {
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        let (key, token) = (key.to_string(), token.to_string());
+        let task = tokio::spawn(async move {
+            let until = Instant::now() + longest;
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                if Instant::now() >= until {
+                    tracing::warn!("a refresh outlasted its grants' timeouts; its lease runs out");
+                    return;
+                }
+                match store.extend_lock(&key, &token, LEASE).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        flag.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    // A store hiccup: try again at the next tick, the lease is still running.
+                    Err(_) => {}
+                }
+            }
+        });
+        Keeper { task, lost }
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,447 @@
+//! What each answer of the token endpoint to a refresh or a token exchange does to the session,
+//! against the in-process fake provider: a refreshed ID token replaces the claims, one for
+//! another subject ends the session, an invalid one changes nothing; a route's own refused
+//! resource or scope is 403 on that route only; exchange routes refresh their subject token.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::*;
+use serde_json::{Value, json};
+use vestibule::jose::testing::{Forgery, TestKey, TestSigner, id_token_claims};
+
+const REFRESH: &str = "refresh_token";
+const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
+struct Case {
+    proxy: Proxy,
+    idp: fake_idp::FakeIdp,
+    signer: TestSigner,
+    up: upstream::Upstream,
+}
+
+async fn setup() -> Case {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let routes = format!(
+        r#"
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+[[routes]]
+path = "/orders/"
+upstream = "{u}"
+token = "user"
+resource = "https://orders.example"
+[[routes]]
+path = "/exchanged/"
+upstream = "{u}"
+token = "user"
+resource = "https://exchanged.example"
+exchange = true
+"#,
+        u = up.url()
+    );
+    let text = config_text(&routes).replace(
+        "issuer = \"http://127.0.0.1:9\"",
+        &format!("issuer = \"{}\"", idp.issuer),
+    );
+    let proxy = start_proxy(&text).await;
+    eventually(
+        "the fake provider's metadata is loaded",
+        std::time::Duration::from_secs(10),
+        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
+    )
+    .await;
+    Case {
+        proxy,
+        idp,
+        signer,
+        up,
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Alice's ID token claims with `roles`; `nonce` only when given (a refreshed token has none).
+fn alice(issuer: &str, nonce: Option<&str>, roles: &[&str]) -> Value {
+    let mut c = id_token_claims(issuer, "vestibule", nonce.unwrap_or(""), now());
+    c["roles"] = json!(roles);
+    if nonce.is_none() {
+        c.as_object_mut().unwrap().remove("nonce");
+    }
+    c
+}
+
+impl Case {
+    fn sign(&self, claims: &Value) -> String {
+        self.signer.token(TestKey::Rsa1).kid("k1").sign(claims)
+    }
+
+    /// Signs alice in with roles `["reader"]` and a default access token that lives
+    /// `expires_in` seconds (0: due for refresh at once). Returns the session cookie.
+    async fn login(&self, expires_in: u64) -> String {
+        let start = get(&self.proxy.url("/bff/login?returnUrl=/"), &[]).await;
+        assert_eq!(start.status, 302);
+        let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+        let q: std::collections::HashMap<String, String> =
+            location.query_pairs().into_owned().collect();
+        let login_cookie = start
+            .header("set-cookie")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let id_token = self.sign(&alice(&self.idp.issuer, Some(&q["nonce"]), &["reader"]));
+        self.idp.state.script(
+            "authorization_code",
+            200,
+            json!({"access_token": "login-access", "token_type": "Bearer",
+                   "expires_in": expires_in, "refresh_token": "login-refresh",
+                   "id_token": id_token}),
+        );
+        let done = get(
+            &self
+                .proxy
+                .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
+            &[("cookie", &login_cookie)],
+        )
+        .await;
+        assert_eq!(done.status, 302, "{}", done.text());
+        done.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .find(|v| v.starts_with("vestibule="))
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn get(&self, cookie: &str, path: &str) -> Reply {
+        get(
+            &self.proxy.url(path),
+            &[("cookie", cookie), ("x-csrf", "1")],
+        )
+        .await
+    }
+
+    /// The `/bff/user` answer: 200 with the claims while the session lives.
+    async fn user(&self, cookie: &str) -> Reply {
+        self.get(cookie, "/bff/user").await
+    }
+
+    /// The forms of the token requests of `grant_type`, in order.
+    fn requests(&self, grant_type: &str) -> Vec<Vec<(String, String)>> {
+        self.idp
+            .state
+            .token_requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.contains(&("grant_type".into(), grant_type.into())))
+            .cloned()
+            .collect()
+    }
+
+    fn bearer(&self) -> String {
+        self.up
+            .last()
+            .headers
+            .get("authorization")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn refreshed(access: &str, refresh: &str, id_token: Option<String>) -> Value {
+    let mut body = json!({"access_token": access, "token_type": "Bearer", "expires_in": 300,
+                          "refresh_token": refresh});
+    if let Some(id_token) = id_token {
+        body["id_token"] = id_token.into();
+    }
+    body
+}
+
+#[tokio::test]
+async fn a_valid_refreshed_id_token_replaces_the_claims() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    assert_eq!(c.user(&cookie).await.json()["roles"], json!(["reader"]));
+    let id_token = c.sign(&alice(&c.idp.issuer, None, &["reader", "editor"]));
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-2", "refresh-2", Some(id_token)),
+    );
+    let r = c.get(&cookie, "/api/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer access-2");
+    let user = c.user(&cookie).await;
+    assert_eq!(user.status, 200);
+    assert_eq!(user.json()["roles"], json!(["reader", "editor"]));
+    assert_eq!(user.json()["sub"], "alice");
+}
+
+#[tokio::test]
+async fn a_refreshed_id_token_for_another_subject_ends_the_session() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    let mut mallory = alice(&c.idp.issuer, None, &["admin"]);
+    mallory["sub"] = json!("mallory");
+    let id_token = c.sign(&mallory);
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-2", "refresh-2", Some(id_token)),
+    );
+    let r = c.get(&cookie, "/api/x").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"], "session_expired");
+    assert_eq!(
+        c.up.seen.lock().unwrap().len(),
+        0,
+        "nothing may reach the upstream"
+    );
+    assert_eq!(
+        c.user(&cookie).await.status,
+        401,
+        "the session must be gone"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_refreshed_id_token_changes_nothing_and_keeps_the_session() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    let issuer = c.idp.issuer.clone();
+    let mut other_aud = alice(&issuer, None, &["admin"]);
+    other_aud["aud"] = json!("another-client");
+    let mut other_iss = alice(&issuer, None, &["admin"]);
+    other_iss["iss"] = json!("https://evil.example");
+    let bad_signature = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .forge(Forgery::BadSignature)
+        .sign(&alice(&issuer, None, &["admin"]));
+    for (name, id_token) in [
+        ("wrong aud", c.sign(&other_aud)),
+        ("wrong iss", c.sign(&other_iss)),
+        ("bad signature", bad_signature),
+    ] {
+        c.idp.state.script(
+            REFRESH,
+            200,
+            refreshed("access-bad", "refresh-bad", Some(id_token)),
+        );
+        let r = c.get(&cookie, "/api/x").await;
+        assert_eq!(r.status, 503, "{name}: {}", r.text());
+        assert_eq!(r.json()["error"], "provider_unavailable", "{name}");
+        assert!(r.header("retry-after").is_some(), "{name}");
+        let user = c.user(&cookie).await;
+        assert_eq!(user.status, 200, "{name}: the session must be kept");
+        assert_eq!(user.json()["roles"], json!(["reader"]), "{name}");
+    }
+    // Nothing of those answers was kept: not the access token, not the refresh token.
+    let id_token = c.sign(&alice(&issuer, None, &["reader"]));
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-good", "refresh-good", Some(id_token)),
+    );
+    let r = c.get(&cookie, "/api/y").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer access-good");
+    let spent: Vec<String> = c
+        .requests(REFRESH)
+        .iter()
+        .map(|f| field(f, "refresh_token").unwrap().to_string())
+        .collect();
+    assert_eq!(spent, vec!["login-refresh"; 4]);
+}
+
+#[tokio::test]
+async fn a_refused_resource_or_scope_is_403_on_that_route_only() {
+    let c = setup().await;
+    let cookie = c.login(300).await;
+    for error in ["invalid_target", "invalid_scope"] {
+        c.idp.state.script(REFRESH, 400, json!({"error": error}));
+        let r = c.get(&cookie, "/orders/1").await;
+        assert_eq!(r.status, 403, "{error}: {}", r.text());
+        assert_eq!(r.json()["error"], "token_refused", "{error}");
+        assert_eq!(
+            c.user(&cookie).await.status,
+            200,
+            "{error}: the session must be kept"
+        );
+        let r = c.get(&cookie, "/api/x").await;
+        assert_eq!(r.status, 200, "{error}: other routes keep working");
+        assert_eq!(c.bearer(), "Bearer login-access");
+    }
+    let orders = c.requests(REFRESH);
+    assert_eq!(orders.len(), 2);
+    assert!(
+        orders
+            .iter()
+            .all(|f| field(f, "resource") == Some("https://orders.example"))
+    );
+    // A refused token exchange: the same.
+    c.idp
+        .state
+        .script(EXCHANGE, 400, json!({"error": "invalid_target"}));
+    let r = c.get(&cookie, "/exchanged/1").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"], "token_refused");
+    assert_eq!(c.user(&cookie).await.status, 200);
+    let r = c.get(&cookie, "/exchanged/2").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer exchanged-for-https://exchanged.example");
+}
+
+#[tokio::test]
+async fn only_invalid_grant_ends_the_session() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    for (status, body) in [
+        (401, json!({"error": "invalid_client"})),
+        (400, json!({"error": "unauthorized_client"})),
+        (400, json!({"error": "invalid_request"})),
+        (500, json!({"error": "server_error"})),
+        (400, json!("not an OAuth error")),
+        (200, json!({"token_type": "Bearer"})),
+    ] {
+        c.idp.state.script(REFRESH, status, body.clone());
+        let r = c.get(&cookie, "/api/x").await;
+        assert_eq!(r.status, 503, "{status} {body}: {}", r.text());
+        assert_eq!(r.json()["error"], "provider_unavailable");
+        assert!(r.header("retry-after").is_some());
+        assert_eq!(c.user(&cookie).await.status, 200, "{status} {body}");
+    }
+    c.idp
+        .state
+        .script(REFRESH, 400, json!({"error": "invalid_grant"}));
+    let r = c.get(&cookie, "/api/x").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"], "session_expired");
+    assert_eq!(c.user(&cookie).await.status, 401);
+}
+
+#[tokio::test]
+async fn an_exchange_route_refreshes_its_due_subject_token_first() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    c.idp
+        .state
+        .script(REFRESH, 200, refreshed("base-2", "refresh-2", None));
+    let r = c.get(&cookie, "/exchanged/1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer exchanged-for-https://exchanged.example");
+    let refreshes = c.requests(REFRESH);
+    assert_eq!(refreshes.len(), 1);
+    assert_eq!(field(&refreshes[0], "refresh_token"), Some("login-refresh"));
+    assert_eq!(field(&refreshes[0], "resource"), None);
+    let exchanges = c.requests(EXCHANGE);
+    assert_eq!(exchanges.len(), 1);
+    assert_eq!(field(&exchanges[0], "subject_token"), Some("base-2"));
+    // The refreshed subject token was kept for the default route too.
+    let r = c.get(&cookie, "/api/x").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(c.bearer(), "Bearer base-2");
+    assert_eq!(c.requests(REFRESH).len(), 1);
+}
+
+impl Case {
+    /// Plays another replica that refreshed the session while this one's grant was on its way
+    /// (as after a lost lease): writes `access` and `refresh` straight into the store.
+    async fn saved_elsewhere(&self, cookie: &str, access: &str, refresh: &str) {
+        let app = &self.proxy.app;
+        let runtime = app.runtime.load_full();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("cookie", cookie.parse().unwrap());
+        let loaded = app.load_session(&runtime, &headers).await.unwrap().unwrap();
+        let mut session = vestibule::session::model::Session::clone(&loaded.session);
+        let token = session.tokens.get_mut("").unwrap();
+        token.value = access.into();
+        token.issued_at = now();
+        token.expires_at = now() + 300;
+        session.refresh_token = Some(refresh.into());
+        assert!(app.sessions.save(&loaded, session, now()).await.unwrap());
+    }
+
+    /// Sends `path` and holds the provider's answer to the grant it makes until
+    /// [`Case::saved_elsewhere`] has run.
+    async fn racing(&self, cookie: &str, path: &str, access: &str, refresh: &str) -> Reply {
+        let (release, hold) = tokio::sync::oneshot::channel();
+        *self.idp.state.hold.lock().unwrap() = Some(hold);
+        let before = self.requests(REFRESH).len();
+        let url = self.proxy.url(path);
+        let headers = [("cookie".to_string(), cookie.to_string())];
+        let request = tokio::spawn(async move {
+            let (k, v) = &headers[0];
+            get(&url, &[(k.as_str(), v.as_str()), ("x-csrf", "1")]).await
+        });
+        eventually(
+            "the refresh grant reaches the provider",
+            std::time::Duration::from_secs(5),
+            || async { (self.requests(REFRESH).len() > before).then_some(()) },
+        )
+        .await;
+        self.saved_elsewhere(cookie, access, refresh).await;
+        release.send(()).unwrap();
+        request.await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_refresh_saved_first_elsewhere_is_neither_overwritten_nor_ended() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    // The late grant succeeds: it serves its own request, but the tokens saved first stay.
+    c.idp
+        .state
+        .script(REFRESH, 200, refreshed("late-access", "late-refresh", None));
+    let r = c
+        .racing(&cookie, "/api/one", "first-access", "first-refresh")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer late-access");
+    let r = c.get(&cookie, "/api/two").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        c.bearer(),
+        "Bearer first-access",
+        "the first save was overwritten"
+    );
+    // The late grant is refused because the other one spent the token: the session lives on.
+    let cookie = c.login(0).await;
+    c.idp
+        .state
+        .script(REFRESH, 400, json!({"error": "invalid_grant"}));
+    let r = c
+        .racing(&cookie, "/api/three", "second-access", "second-refresh")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer second-access");
+    assert_eq!(
+        c.user(&cookie).await.status,
+        200,
+        "the session must be kept"
+    );
+}
