@@ -90,11 +90,20 @@ pub fn options(route: &RouteConfig) -> PathOptions {
     }
 }
 
-/// Does the route's prefix own this path (on a segment boundary)?
+/// Does the route's prefix own this path (on a segment boundary)? Letters match in any case:
+/// upstreams that route case-insensitively (ASP.NET, IIS, Spring with its option on) serve
+/// `/api/BETA/x` as `/api/beta/x`, so it must meet the `/api/beta/` route's policy. A
+/// case-sensitive upstream just answers 404 to the other spelling.
 fn owns(route: &RouteConfig, path: &str) -> bool {
-    let prefix = route.path.trim_end_matches('/');
-    path.strip_prefix(prefix)
+    strip_prefix_any_case(path, route.path.trim_end_matches('/'))
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// `path` without `prefix`, compared ASCII case-insensitively (canonical paths are ASCII).
+fn strip_prefix_any_case<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = path.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &path[prefix.len()..])
 }
 
 /// Is this path one of Vestibule's own endpoints (`<bff_prefix>/…`)?
@@ -110,7 +119,7 @@ pub fn upstream_path<'a>(route: &RouteConfig, path: &'a str) -> std::borrow::Cow
         return path.into();
     }
     let prefix = route.path.trim_end_matches('/');
-    let rest = path.strip_prefix(prefix).unwrap_or(path);
+    let rest = strip_prefix_any_case(path, prefix).unwrap_or(path);
     if rest.starts_with('/') {
         rest.into()
     } else {
@@ -152,6 +161,16 @@ mod tests {
         assert_eq!(table.find("/api/v2/x").unwrap().path, "/api/v2/");
         assert_eq!(table.find("/api/x").unwrap().path, "/api/");
         assert_eq!(table.find("/other").unwrap().path, "/");
+    }
+
+    #[test]
+    fn letters_in_another_case_meet_the_policy_of_the_route_they_spell() {
+        let table = RouteTable::new(&[route("/api/", false), route("/api/beta/", true)]);
+        for path in ["/api/BETA/x", "/API/beta/x", "/api/Beta", "/Api/bEtA/"] {
+            assert_eq!(table.find(path).unwrap().path, "/api/beta/", "{path}");
+        }
+        let strip = route("/api/beta/", true);
+        assert_eq!(upstream_path(&strip, "/API/Beta/x"), "/x");
     }
 
     #[test]
