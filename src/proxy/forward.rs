@@ -169,6 +169,10 @@ impl Upstreams {
                 if too_large {
                     return ErrorCode::PayloadTooLarge.json(&[]);
                 }
+                if find_cause::<crate::limits::BodyTimeout>(&*error) {
+                    tracing::info!(route, "request body too slow; upstream request abandoned");
+                    return ErrorCode::RequestTimeout.json(&[]);
+                }
                 metrics::counter!("vestibule_upstream_errors_total", "route" => route.to_string(), "kind" => "unavailable").increment(1);
                 tracing::warn!(route, error = %error, "upstream unavailable");
                 return ErrorCode::UpstreamUnavailable.json(&[]);

@@ -8,6 +8,7 @@ mod support;
 mod cli;
 mod config_errors;
 mod fake_provider;
+mod limits;
 mod login;
 mod logout;
 mod no_secrets_in_logs;
