@@ -69,6 +69,8 @@ pub struct App {
     pub oidc: Arc<Oidc>,
     pub sessions: Arc<Sessions>,
     pub tokens: Tokens,
+    /// Per-address rate limits of the BFF endpoints anyone may call (this process only).
+    pub limiter: crate::limits::RateLimiter,
     request_metrics: crate::telemetry::RequestMetrics,
     /// Seals login-state cookies; the session keys are read at start (a change needs a restart).
     keyring: Arc<Keyring>,
@@ -130,12 +132,14 @@ impl App {
                 .clone()
                 .keep_fresh(config.oidc.metadata_refresh),
         );
+        let limiter = crate::limits::RateLimiter::new(config.limits.tracked_addresses);
         let app = Arc::new(App {
             runtime: ArcSwap::from_pointee(Runtime::new(config)),
             upstreams: Upstreams::new(),
             oidc,
             sessions,
             tokens: Tokens::default(),
+            limiter,
             request_metrics: crate::telemetry::RequestMetrics::new(),
             keyring: Arc::new(keyring),
             config_path: path.clone(),
@@ -272,7 +276,7 @@ impl App {
                     .to_string();
                 // Boxed: the BFF endpoints' futures are large and rare next to proxied calls,
                 // and would otherwise grow every request's future (moved on each request).
-                let answer = Box::pin(crate::bff::handle(self, runtime, req, &rest)).await;
+                let answer = Box::pin(crate::bff::handle(self, runtime, req, &rest, peer.ip)).await;
                 return (prefix, answer);
             }
         };
@@ -294,6 +298,7 @@ impl App {
                 &runtime.public_side,
                 bearer,
                 config.server.max_body,
+                body_pace(config),
                 config.server.request_timeout,
             )
         };
@@ -388,6 +393,14 @@ impl App {
     }
 }
 
+/// The pace request bodies must keep (read per request, so a reload reaches it).
+pub fn body_pace(config: &Config) -> crate::limits::Pace {
+    crate::limits::Pace {
+        read_timeout: config.server.connections.body_read_timeout,
+        min_rate: config.server.connections.body_min_rate,
+    }
+}
+
 /// A request as [`Replay::capture`] leaves it.
 enum Captured {
     /// Sent once, as it came.
@@ -475,6 +488,24 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.admin.listen != new.admin.listen {
         notes.push("admin.listen");
+    }
+    let (a, b) = (&old.server.connections, &new.server.connections);
+    let connection_keys = |c: &crate::config::ConnectionLimits| {
+        (
+            c.max_connections,
+            c.idle_timeout,
+            c.http2_max_concurrent_streams,
+            c.http2_keep_alive_interval,
+            c.http2_keep_alive_timeout,
+        )
+    };
+    if connection_keys(a) != connection_keys(b)
+        || old.admin.max_connections != new.admin.max_connections
+    {
+        notes.push("connection limits (max_connections, connection_idle_timeout, http2_*)");
+    }
+    if old.limits.tracked_addresses != new.limits.tracked_addresses {
+        notes.push("limits.tracked_addresses");
     }
     if old.session.store != new.session.store {
         notes.push("session.store");

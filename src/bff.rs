@@ -3,6 +3,7 @@
 
 use crate::app::{App, Runtime, now};
 use crate::cookies;
+use crate::limits::{Endpoint, Verdict, client_address};
 use crate::oidc::response::check_authorization_iss;
 use crate::oidc::{GrantError, LoginState, TokenResponse, local_return_url, os_random};
 use crate::reply::{Body, ErrorCode, is_navigation, json_response, redirect};
@@ -12,10 +13,16 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sha2::Digest;
-use std::time::Duration;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// The longest `returnUrl`: it travels in the login cookie, which browsers keep only up to
+/// 4096 bytes of name and value.
+pub const MAX_RETURN_URL_LEN: usize = 2048;
+/// Browsers drop a cookie whose name and value exceed this.
+const MAX_COOKIE_LEN: usize = 4096;
 /// ID token claims that describe the token rather than the user.
 const TECHNICAL_CLAIMS: &[&str] = &[
     "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
@@ -32,20 +39,28 @@ fn hash_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
+/// Answers a request below `bff_prefix`; `peer` is the address of the connection.
 pub async fn handle(
     app: &App,
     runtime: &Runtime,
     req: Request<Incoming>,
     rest: &str,
+    peer: IpAddr,
 ) -> Response<Body> {
     let navigation = is_navigation(req.headers());
+    if let Some(limited) = over_limit(app, runtime, &req, rest, peer) {
+        return limited;
+    }
     match (req.method().clone(), rest) {
         (Method::GET, "/login") => login(app, runtime, &req).await,
         (Method::GET, "/callback") => callback(app, runtime, &req).await,
         (Method::GET, "/user") => user(app, runtime, &req).await,
         (Method::GET, "/logout") => logout(app, runtime, &req, false).await,
         (Method::POST, "/logout") => logout(app, runtime, &req, true).await,
-        (Method::POST, "/backchannel-logout") => backchannel_logout(app, req).await,
+        (Method::POST, "/backchannel-logout") => {
+            let pace = crate::app::body_pace(&runtime.config);
+            backchannel_logout(app, req, pace).await
+        }
         (Method::GET, "/sessions") => list_sessions(app, runtime, &req).await,
         (Method::DELETE, path) if path.starts_with("/sessions/") => {
             end_session(app, runtime, &req, &path["/sessions/".len()..]).await
@@ -55,10 +70,47 @@ pub async fn handle(
     }
 }
 
+/// 429 with `Retry-After` when the client (after trusted proxies) has used up its budget for
+/// one of the endpoints anyone may call; `None` for every other request.
+fn over_limit(
+    app: &App,
+    runtime: &Runtime,
+    req: &Request<Incoming>,
+    rest: &str,
+    peer: IpAddr,
+) -> Option<Response<Body>> {
+    let limits = &runtime.config.limits;
+    let (endpoint, per_minute) = match (req.method(), rest) {
+        (&Method::GET, "/login") => (Endpoint::Login, limits.login_per_minute),
+        (&Method::GET, "/callback") => (Endpoint::Callback, limits.callback_per_minute),
+        (&Method::POST, "/backchannel-logout") => (
+            Endpoint::BackchannelLogout,
+            limits.backchannel_logout_per_minute,
+        ),
+        _ => return None,
+    };
+    let trusted = &runtime.config.server.trusted_proxies;
+    let client = client_address(peer, req.headers(), trusted);
+    let Verdict::Limited { retry_after } =
+        app.limiter
+            .check(endpoint, client, per_minute, Instant::now())
+    else {
+        return None;
+    };
+    metrics::counter!("vestibule_rate_limited_total", "endpoint" => endpoint.name()).increment(1);
+    tracing::debug!(endpoint = endpoint.name(), %client, "rate limited");
+    let mut response = ErrorCode::RateLimited.respond(is_navigation(req.headers()));
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after.as_secs()),
+    );
+    Some(response)
+}
+
 async fn login(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
     let navigation = is_navigation(req.headers());
     let raw = query_param(req, "returnUrl").unwrap_or_else(|| "/".into());
-    let Some(return_url) = local_return_url(&raw) else {
+    let Some(return_url) = local_return_url(&raw).filter(|u| u.len() <= MAX_RETURN_URL_LEN) else {
         return ErrorCode::InvalidReturnUrl.respond(navigation);
     };
     let Ok(metadata) = app.oidc.metadata() else {
@@ -80,8 +132,13 @@ async fn login(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Respons
     let Ok(plain) = serde_json::to_vec(&login) else {
         return ErrorCode::Internal.json(&[]);
     };
-    let Ok(sealed) = app.keyring().seal(&name, &plain) else {
-        return ErrorCode::Internal.json(&[]);
+    let sealed = match app.keyring().seal(&name, &plain) {
+        // Escaped characters can make a short returnUrl long: the cookie must still fit.
+        Ok(sealed) if name.len() + sealed.len() <= MAX_COOKIE_LEN => sealed,
+        Ok(_) | Err(crate::session::seal::SealError::TooLarge) => {
+            return ErrorCode::InvalidReturnUrl.respond(navigation);
+        }
+        Err(crate::session::seal::SealError::Random) => return ErrorCode::Internal.json(&[]),
     };
     let mut response = redirect(&app.oidc.authorization_url(&metadata, &login));
     if let Some(cookie) = cookies::set_cookie(session_config, &name, &sealed, Some(LOGIN_TTL), true)
@@ -393,12 +450,18 @@ fn logout_rejected(reason: &str) -> Response<Body> {
     r
 }
 
-async fn backchannel_logout(app: &App, req: Request<Incoming>) -> Response<Body> {
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
+async fn backchannel_logout(
+    app: &App,
+    req: Request<Incoming>,
+    pace: crate::limits::Pace,
+) -> Response<Body> {
+    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024);
+    let body = match crate::limits::Paced::new(body, pace).collect().await {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<crate::limits::BodyTimeout>() => {
+            tracing::info!("back-channel logout body too slow");
+            return ErrorCode::RequestTimeout.json(&[]);
+        }
         Err(_) => return logout_rejected("body unreadable or too large"),
     };
     let Some(token) = url::form_urlencoded::parse(&body)

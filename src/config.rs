@@ -6,6 +6,7 @@
 //! [`Secret`] and never printed back, not even in errors.
 
 mod interpolate;
+mod limits;
 mod raw;
 mod units;
 mod validate;
@@ -55,6 +56,7 @@ pub struct Config {
     pub log: LogConfig,
     pub oidc: OidcConfig,
     pub session: SessionConfig,
+    pub limits: LimitsConfig,
     pub routes: Vec<RouteConfig>,
     pub features: BTreeMap<String, FeatureConfig>,
 }
@@ -77,6 +79,36 @@ pub struct ServerConfig {
     /// Serving threads, each with its own event loop and upstream connections; `None`: one
     /// per CPU available to the process.
     pub workers: Option<usize>,
+    pub connections: ConnectionLimits,
+}
+
+/// What one client connection may hold: the listener's share, idle time, the pace of request
+/// bodies, and HTTP/2 streams and pings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections on the public listener; beyond it, new ones wait to be accepted.
+    pub max_connections: usize,
+    /// A connection with no request in flight for this long is closed gracefully.
+    pub idle_timeout: Duration,
+    /// The longest wait for the next piece of a request body.
+    pub body_read_timeout: Duration,
+    /// Bytes a second a request body must average after `body_read_timeout`; 0: no minimum.
+    pub body_min_rate: u64,
+    pub http2_max_concurrent_streams: u32,
+    /// `None`: no pings.
+    pub http2_keep_alive_interval: Option<Duration>,
+    pub http2_keep_alive_timeout: Duration,
+}
+
+/// Requests a minute per client address (after trusted proxies) for the endpoints anyone may
+/// call; 0 is no limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    pub login_per_minute: u32,
+    pub callback_per_minute: u32,
+    pub backchannel_logout_per_minute: u32,
+    /// Addresses the rate limiter remembers at most.
+    pub tracked_addresses: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +120,7 @@ pub struct TlsConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,8 @@
 //! - [`telemetry`], [`reply`]: logging, metrics and redaction; the error contract and the
 //!   response body type. Used by everything below.
 //! - [`net`]: the outbound TCP/TLS connector for upstreams and the provider.
+//! - [`limits`]: the client address after trusted proxies, per-address rate limits and the pace
+//!   request bodies must keep — bounded work for anonymous clients.
 //! - [`jose`]: JSON Web Key sets and JWT validation (ID tokens, logout tokens, access tokens).
 //!   Knows nothing of HTTP servers; fetches key sets through an injected fetcher.
 //! - [`session`]: cookie sealing with a key ring, the session model, and the session stores
@@ -17,6 +19,10 @@
 //!   runtime configuration.
 //! - [`server`]: listeners, TLS, the admin endpoints, graceful shutdown.
 
+// The layout of a connection's request future (pipeline, proxy, forward) nests deeper than the
+// default query depth allows.
+#![recursion_limit = "256"]
+
 pub mod app;
 pub mod bff;
 pub mod cli;
@@ -25,6 +31,7 @@ pub mod cookies;
 pub mod gate;
 pub mod jose;
 pub mod net;
+pub mod limits;
 pub mod oidc;
 pub mod proxy;
 pub mod reply;

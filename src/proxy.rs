@@ -1,7 +1,8 @@
 //! The request pipeline for everything outside `bff_prefix`.
 //!
 //! Stages, in order (each may answer early):
-//! 1. **limits** — header block size (431) and declared body size (413);
+//! 1. **limits** — header block size (431) and declared body size (413); the body streamed
+//!    to the upstream must keep a pace (408 when it does not, see [`crate::limits::Paced`]);
 //! 2. **route** — the canonical path ([`path`]; an ambiguous one is 400 `bad_path`), then the
 //!    longest prefix on segment boundaries; no match is 404;
 //! 3. **access** (in [`crate::gate`]) — feature flag (404 when hidden), session (401 or a
@@ -79,10 +80,11 @@ pub async fn dispatch<B>(
     public: &headers::PublicSide,
     bearer: Option<HeaderValue>,
     max_body: u64,
+    pace: crate::limits::Pace,
     default_timeout: Duration,
 ) -> Response<Body>
 where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<crate::reply::BoxError>,
 {
     let path = req.uri().path().to_string();
@@ -132,10 +134,11 @@ where
             let body = body.map_err(|e| -> crate::reply::BoxError {
                 Box::new(forward::ClientBodyError(e.into()))
             });
-            let body =
-                http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
-                    .map_err(|e| -> crate::reply::BoxError { e })
-                    .boxed_unsync();
+            // Held to a pace, so that a client trickling its body cannot hold the upstream
+            // connection it is streamed into.
+            let limited =
+                http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
+            let body = crate::limits::Paced::new(limited, pace).boxed_unsync();
             let request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
             let mut response = upstreams

@@ -1,26 +1,25 @@
 //! Listeners: the public one (HTTP/1.1 and HTTP/2, optional TLS; served by worker threads) and
-//! the admin one, with header-read timeouts, TCP_NODELAY, and graceful shutdown that lets
-//! in-flight requests and tunnels finish within `shutdown_grace`.
+//! the admin one, with header-read timeouts, TCP_NODELAY, a cap on open connections, and
+//! graceful shutdown that lets in-flight requests and tunnels finish within `shutdown_grace`.
 
 pub mod admin;
 pub mod framing;
+mod connection;
 pub mod tls;
 
 use crate::app::App;
 use crate::config::Config;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use metrics::Gauge;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Sockets bound before serving, so callers learn the real ports (port 0 in tests).
 pub struct Bound {
@@ -42,6 +41,7 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
 }
 
 fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let limits = &config.server.connections;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -52,7 +52,9 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.server.max_header_size * 2).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .keep_alive_interval(limits.http2_keep_alive_interval)
+        .keep_alive_timeout(limits.http2_keep_alive_timeout);
     builder
 }
 
@@ -61,7 +63,9 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 /// Connections are accepted here and handed to `server.workers` serving threads, each with a
 /// single-threaded runtime and its own upstream pool, like nginx's worker processes: a request
 /// is handled start to finish on one thread, with no work stealing or cross-thread wake-ups.
-/// Each new connection goes to the worker with the fewest open connections.
+/// Each new connection goes to the worker with the fewest open connections. With
+/// `server.max_connections` open, the next connection waits to be accepted (in the kernel's
+/// backlog) until one closes; open connections are not disturbed.
 pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> anyhow::Result<()> {
     let runtime = app.runtime.load_full();
     let config = runtime.config.clone();
@@ -75,7 +79,9 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         builder: builder(&config),
         tls,
         grace: config.server.shutdown_grace,
+        idle_timeout: config.server.connections.idle_timeout,
     });
+    let slots = Arc::new(Semaphore::new(config.server.connections.max_connections));
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
         workers.push(Worker::start(index, setup.clone(), shutdown.clone())?);
@@ -83,6 +89,11 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     let admin_task = tokio::spawn(admin::serve(app.clone(), bound.admin, shutdown.clone()));
     tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, workers = count, "vestibule listening");
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = bound.public.accept() => accepted,
@@ -99,7 +110,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         let Ok(tcp) = tcp.into_std() else { continue };
         let least_busy = workers.iter().min_by_key(|w| w.counter.open());
         if let Some(worker) = least_busy {
-            worker.assign(tcp, peer);
+            worker.assign(tcp, peer, slot);
         }
     }
     drop(bound.public);
@@ -134,6 +145,7 @@ struct Setup {
     builder: auto::Builder<TokioExecutor>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     grace: Duration,
+    idle_timeout: Duration,
 }
 
 /// A connection handed to a worker, counted as open from the hand-over on.
@@ -177,9 +189,10 @@ impl Worker {
         })
     }
 
-    /// Hands `tcp` over; if the worker has stopped, the connection is dropped (and counted off).
-    fn assign(&self, tcp: std::net::TcpStream, peer: SocketAddr) {
-        let _ = self.connections.send((tcp, peer, self.counter.one()));
+    /// Hands `tcp` over; if the worker has stopped, the connection is dropped (and counted off,
+    /// its slot freed).
+    fn assign(&self, tcp: std::net::TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
+        let _ = self.connections.send((tcp, peer, self.counter.one(slot)));
     }
 }
 
@@ -192,15 +205,16 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn one(&self) -> Counted {
+    fn one(&self, slot: OwnedSemaphorePermit) -> Counted {
         self.0.fetch_add(1, Ordering::Relaxed);
         self.1.increment(1.0);
-        Counted(self.clone())
+        Counted(self.clone(), slot)
     }
 }
 
-/// One connection, counted (by the accept loop) when handed over and counted off when dropped.
-struct Counted(Counter);
+/// One connection, counted (by the accept loop) when handed over and counted off when dropped,
+/// which also gives its slot of `server.max_connections` back.
+struct Counted(Counter, #[allow(dead_code)] OwnedSemaphorePermit);
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -217,7 +231,7 @@ async fn work(
 ) {
     ON_WORKER.with(|flag| flag.set(true));
     crate::proxy::Upstreams::adopt_thread();
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
         let (tcp, peer, guard) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -230,22 +244,17 @@ async fn work(
             continue;
         };
         let setup = setup.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
             let _guard = guard;
             let app = setup.app.clone();
             let ip = peer.ip();
             match &setup.tls {
                 None => {
-                    let service = service_fn(move |req| {
-                        let app = app.clone();
-                        async move { Ok::<_, Infallible>(app.handle(req, ip, false).await) }
-                    });
-                    let conn = setup.builder.serve_connection_with_upgrades(
-                        TokioIo::new(framing::Guarded::new(tcp)),
-                        service,
-                    );
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    let peer = (ip, false);
+                    let idle = setup.idle_timeout;
+                    let io = framing::Guarded::new(tcp);
+                    connection::serve(&setup.builder, io, app, peer, idle, &shutdown).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
@@ -253,15 +262,10 @@ async fn work(
                     else {
                         return;
                     };
-                    let service = service_fn(move |req| {
-                        let app = app.clone();
-                        async move { Ok::<_, Infallible>(app.handle(req, ip, true).await) }
-                    });
-                    let conn = setup.builder.serve_connection_with_upgrades(
-                        TokioIo::new(framing::Guarded::new(stream)),
-                        service,
-                    );
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    let peer = (ip, true);
+                    let idle = setup.idle_timeout;
+                    let io = framing::Guarded::new(stream);
+                    connection::serve(&setup.builder, io, app, peer, idle, &shutdown).await;
                 }
             }
         });
@@ -271,9 +275,11 @@ async fn work(
     while let Ok(unserved) = incoming.try_recv() {
         drop(unserved);
     }
+    // Every connection saw the cancellation and is closing gracefully.
+    connections.close();
     let tunnels = &setup.app.upstreams.tunnels;
     let drained = tokio::time::timeout(setup.grace, async {
-        graceful.shutdown().await;
+        connections.wait().await;
         tunnels.close();
         tunnels.wait().await;
     })

@@ -9,7 +9,7 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
     (
         "",
         &[
-            "server", "admin", "log", "oidc", "session", "routes", "features",
+            "server", "admin", "log", "oidc", "session", "limits", "routes", "features",
         ],
     ),
     (
@@ -27,10 +27,26 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "header_read_timeout",
             "max_header_size",
             "workers",
+            "max_connections",
+            "connection_idle_timeout",
+            "body_read_timeout",
+            "body_min_rate",
+            "http2_max_concurrent_streams",
+            "http2_keep_alive_interval",
+            "http2_keep_alive_timeout",
         ],
     ),
     ("server.tls", &["cert", "key"]),
-    ("admin", &["listen"]),
+    ("admin", &["listen", "max_connections"]),
+    (
+        "limits",
+        &[
+            "login_per_minute",
+            "callback_per_minute",
+            "backchannel_logout_per_minute",
+            "tracked_addresses",
+        ],
+    ),
     ("log", &["level", "format"]),
     (
         "oidc",
@@ -109,6 +125,13 @@ pub struct Server {
     pub header_read_timeout: Option<String>,
     pub max_header_size: Option<String>,
     pub workers: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub connection_idle_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
+    pub body_min_rate: Option<String>,
+    pub http2_max_concurrent_streams: Option<i64>,
+    pub http2_keep_alive_interval: Option<String>,
+    pub http2_keep_alive_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +145,16 @@ pub struct Tls {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: Option<String>,
+    pub max_connections: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub login_per_minute: Option<i64>,
+    pub callback_per_minute: Option<i64>,
+    pub backchannel_logout_per_minute: Option<i64>,
+    pub tracked_addresses: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

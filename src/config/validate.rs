@@ -16,10 +16,10 @@ pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(25);
 const SECRET_PATHS: &[&str] = &["oidc.client_secret", "session.keys", "session.redis"];
 
 #[derive(Default)]
-struct Problems(Vec<ConfigError>);
+pub(super) struct Problems(Vec<ConfigError>);
 
 impl Problems {
-    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError {
             path: path.into(),
             message: message.into(),
@@ -130,6 +130,7 @@ fn check_keys(root: &mut Table, problems: &mut Problems) {
         ("log", "log"),
         ("oidc", "oidc"),
         ("session", "session"),
+        ("limits", "limits"),
     ] {
         if let Some(Value::Table(t)) = root.get_mut(section) {
             prune(t, section, schema, problems);
@@ -253,6 +254,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     let log: raw::Log = section(root.remove("log"), "log", problems);
     let oidc: raw::Oidc = section(root.remove("oidc"), "oidc", problems);
     let session: raw::Session = section(root.remove("session"), "session", problems);
+    let limits: raw::Limits = section(root.remove("limits"), "limits", problems);
     let routes: Vec<(String, raw::Route)> = match root.remove("routes") {
         None => Vec::new(),
         Some(Value::Array(items)) => items
@@ -291,9 +293,15 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     };
 
     let server = server_config(server, base, problems);
+    let raw::Admin {
+        listen: admin_listen,
+        max_connections: admin_max_connections,
+    } = admin;
     let admin = AdminConfig {
-        listen: socket(admin.listen, "admin.listen", "127.0.0.1:9091", problems),
+        listen: socket(admin_listen, "admin.listen", "127.0.0.1:9091", problems),
+        max_connections: super::limits::admin_max_connections(admin_max_connections, problems),
     };
+    let limits = super::limits::limits_config(limits, problems);
     let log = log_config(log, problems);
     let oidc = oidc_config(oidc, problems);
     let session = session_config(session, problems);
@@ -327,6 +335,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
         log,
         oidc: oidc?,
         session: session?,
+        limits,
         routes,
         features,
     })
@@ -346,7 +355,7 @@ fn socket(value: Option<String>, path: &str, default: &str, problems: &mut Probl
     }
 }
 
-fn duration(
+pub(super) fn duration(
     value: Option<String>,
     path: &str,
     default: Duration,
@@ -361,7 +370,12 @@ fn duration(
     }
 }
 
-fn size(value: Option<String>, path: &str, default: u64, problems: &mut Problems) -> u64 {
+pub(super) fn size(
+    value: Option<String>,
+    path: &str,
+    default: u64,
+    problems: &mut Problems,
+) -> u64 {
     match value {
         None => default,
         Some(text) => parse_size(&text).unwrap_or_else(|e| {
@@ -411,7 +425,26 @@ fn server_config(raw: raw::Server, base: &Path, problems: &mut Problems) -> Opti
         header_read_timeout,
         max_header_size,
         workers,
+        max_connections,
+        connection_idle_timeout,
+        body_read_timeout,
+        body_min_rate,
+        http2_max_concurrent_streams,
+        http2_keep_alive_interval,
+        http2_keep_alive_timeout,
     } = raw;
+    let connections = super::limits::connections(
+        super::limits::ConnectionKeys {
+            max_connections,
+            connection_idle_timeout,
+            body_read_timeout,
+            body_min_rate,
+            http2_max_concurrent_streams,
+            http2_keep_alive_interval,
+            http2_keep_alive_timeout,
+        },
+        problems,
+    );
     let listen = socket(listen, "server.listen", "0.0.0.0:8080", problems);
     let public_url = match public_url {
         None => {
@@ -566,6 +599,7 @@ fn server_config(raw: raw::Server, base: &Path, problems: &mut Problems) -> Opti
             problems,
         ),
         max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
+        connections,
     };
     Some(server)
 }

@@ -133,6 +133,10 @@ impl Upstreams {
                 if too_large {
                     return ErrorCode::PayloadTooLarge.json(&[]);
                 }
+                if find_cause::<crate::limits::BodyTimeout>(&*error) {
+                    tracing::info!(route, "request body too slow; upstream request abandoned");
+                    return ErrorCode::RequestTimeout.json(&[]);
+                }
                 if find_cause::<ClientBodyError>(&*error) {
                     tracing::info!(route, error = %error, "the request body failed");
                     return ErrorCode::BadRequest.json(&[]);

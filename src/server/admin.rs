@@ -5,15 +5,26 @@ use crate::app::App;
 use crate::reply::{Body, full, json_response};
 use http::{Request, Response, StatusCode, header};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// How long an admin connection may take to send a request head, or wait between requests.
+const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves until `shutdown`; with `admin.max_connections` open, the next waits to be accepted.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationToken) {
+    let cap = app.runtime.load().config.admin.max_connections;
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { return };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -22,13 +33,18 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationT
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(handle(&app, req).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            // A slot is held only while requests come: an idle connection is closed.
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
         });
     }
 }

@@ -10,6 +10,7 @@ mod cli;
 mod config_errors;
 mod edge;
 mod fake_provider;
+mod limits;
 mod login;
 mod logout;
 mod no_secrets_in_logs;

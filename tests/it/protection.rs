@@ -659,6 +659,8 @@ async fn docs_list_every_error_code() {
         MethodNotAllowed,
         PayloadTooLarge,
         HeadersTooLarge,
+        RequestTimeout,
+        RateLimited,
         UpstreamUnavailable,
         UpstreamTimeout,
         StoreUnavailable,

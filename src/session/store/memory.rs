@@ -1,8 +1,11 @@
 //! The in-process store for a single instance: a map with expiry, swept on every access, bounded
 //! by `max_entries` (the entry that would expire soonest is evicted first).
 //!
-//! Every entry kind (records, indexes, markers, locks) counts towards the bound. Pub/sub reaches
-//! only subscribers in this process, which is all there is when sessions live here.
+//! Records, indexes and locks share that bound. One-time markers (login states, logout-token
+//! `jti`s), which anonymous callers can make the store write, have a bound of their own (also
+//! `max_entries`) and evict only other markers: a flood of them can never push out a session or
+//! a refresh lock. Pub/sub reaches only subscribers in this process, which is all there is when
+//! sessions live here.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -37,7 +40,10 @@ struct Inner {
 #[derive(Default)]
 struct State {
     entries: HashMap<String, Entry>,
+    /// Records, indexes and locks by expiry.
     by_expiry: BTreeSet<(Instant, String)>,
+    /// Markers by expiry: their own partition of the bound.
+    markers_by_expiry: BTreeSet<(Instant, String)>,
 }
 
 struct Entry {
@@ -54,13 +60,24 @@ enum Kind {
 
 impl State {
     fn sweep(&mut self, now: Instant) {
-        while let Some((at, _)) = self.by_expiry.first() {
-            if *at > now {
-                break;
+        for markers in [false, true] {
+            while let Some((at, _)) = self.queue(markers).first() {
+                if *at > now {
+                    break;
+                }
+                if let Some((_, key)) = self.queue(markers).pop_first() {
+                    self.entries.remove(&key);
+                }
             }
-            if let Some((_, key)) = self.by_expiry.pop_first() {
-                self.entries.remove(&key);
-            }
+        }
+    }
+
+    /// The expiry queue of markers, or of everything else.
+    fn queue(&mut self, markers: bool) -> &mut BTreeSet<(Instant, String)> {
+        if markers {
+            &mut self.markers_by_expiry
+        } else {
+            &mut self.by_expiry
         }
     }
 
@@ -69,32 +86,41 @@ impl State {
         self.entries.get_mut(key)
     }
 
+    /// Inserts `entry`, first evicting the entry of the same partition that expires soonest
+    /// while that partition holds `max_entries`.
     fn insert(&mut self, key: &str, entry: Entry, max_entries: usize) {
         self.remove(key);
-        while self.entries.len() >= max_entries {
-            match self.by_expiry.pop_first() {
+        let markers = matches!(entry.kind, Kind::Marker);
+        while self.queue(markers).len() >= max_entries {
+            match self.queue(markers).pop_first() {
                 Some((_, evicted)) => {
                     self.entries.remove(&evicted);
                 }
                 None => break,
             }
         }
-        self.by_expiry.insert((entry.expires_at, key.to_owned()));
+        self.queue(markers)
+            .insert((entry.expires_at, key.to_owned()));
         self.entries.insert(key.to_owned(), entry);
     }
 
     fn remove(&mut self, key: &str) -> Option<Entry> {
         let entry = self.entries.remove(key)?;
-        self.by_expiry.remove(&(entry.expires_at, key.to_owned()));
+        let markers = matches!(entry.kind, Kind::Marker);
+        self.queue(markers)
+            .remove(&(entry.expires_at, key.to_owned()));
         Some(entry)
     }
 
     fn set_expiry(&mut self, key: &str, expires_at: Instant) {
-        if let Some(entry) = self.entries.get_mut(key) {
-            self.by_expiry.remove(&(entry.expires_at, key.to_owned()));
-            entry.expires_at = expires_at;
-            self.by_expiry.insert((expires_at, key.to_owned()));
-        }
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        let old = std::mem::replace(&mut entry.expires_at, expires_at);
+        let markers = matches!(entry.kind, Kind::Marker);
+        let queue = self.queue(markers);
+        queue.remove(&(old, key.to_owned()));
+        queue.insert((expires_at, key.to_owned()));
     }
 }
 
@@ -430,6 +456,36 @@ mod tests {
         store.index_add("i", "b", MINUTE).await.unwrap();
         tokio::time::advance(MINUTE + Duration::from_secs(1)).await;
         assert_eq!(store.index_members("i").await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_markers_never_evicts_sessions_or_locks() {
+        let store = MemoryStore::new(3);
+        store.put_new("session", b"1", MINUTE).await.unwrap();
+        store.index_add("index", "session", MINUTE).await.unwrap();
+        assert!(
+            store
+                .try_lock("lock", "me", Duration::from_secs(5))
+                .await
+                .unwrap()
+        );
+        // Markers that outlive all three, as login markers outlive a refresh lease.
+        for i in 0..100 {
+            assert!(
+                store
+                    .remember_once(&format!("login:{i}"), MINUTE * 10)
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(store.get("session").await.unwrap().is_some());
+        assert_eq!(store.index_members("index").await.unwrap().len(), 1);
+        assert!(!store.try_lock("lock", "other", MINUTE).await.unwrap());
+        assert!(store.extend_lock("lock", "me", MINUTE).await.unwrap());
+        // The markers are bounded too: the oldest went, the newest are remembered.
+        assert_eq!(store.len(), 3 + 3);
+        assert!(!store.remember_once("login:99", MINUTE).await.unwrap());
+        assert!(store.remember_once("login:0", MINUTE).await.unwrap());
     }
 
     #[tokio::test]

@@ -1,0 +1,182 @@
+//! `[limits]` and the connection keys of `[server]` and `[admin]`: how much an anonymous client
+//! may make Vestibule do. Errors name the TOML path and the range, like every other key.
+
+use super::validate::{Problems, duration, size};
+use super::{ConnectionLimits, LimitsConfig, raw};
+use std::time::Duration;
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_BODY_MIN_RATE: u64 = 500;
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+pub const DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_LOGIN_PER_MINUTE: u32 = 60;
+pub const DEFAULT_CALLBACK_PER_MINUTE: u32 = 60;
+pub const DEFAULT_BACKCHANNEL_LOGOUT_PER_MINUTE: u32 = 600;
+pub const DEFAULT_TRACKED_ADDRESSES: usize = 100_000;
+
+/// The connection keys of `[server]`, as written.
+pub(super) struct ConnectionKeys {
+    pub max_connections: Option<i64>,
+    pub connection_idle_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
+    pub body_min_rate: Option<String>,
+    pub http2_max_concurrent_streams: Option<i64>,
+    pub http2_keep_alive_interval: Option<String>,
+    pub http2_keep_alive_timeout: Option<String>,
+}
+
+/// An integer key within `min..=max`; out of range is reported and the default kept.
+pub(super) fn count(
+    value: Option<i64>,
+    path: &str,
+    default: u64,
+    (min, max): (u64, u64),
+    problems: &mut Problems,
+) -> u64 {
+    let Some(n) = value else { return default };
+    match u64::try_from(n) {
+        Ok(n) if (min..=max).contains(&n) => n,
+        _ => {
+            problems.add(path, format!("{n} is out of range; use {min} to {max}"));
+            default
+        }
+    }
+}
+
+/// A duration that must not be zero.
+fn positive(
+    value: Option<String>,
+    path: &str,
+    default: Duration,
+    problems: &mut Problems,
+) -> Duration {
+    let d = duration(value, path, default, problems);
+    if d.is_zero() {
+        problems.add(path, "must be longer than 0s");
+        return default;
+    }
+    d
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+fn to_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+pub(super) fn connections(keys: ConnectionKeys, problems: &mut Problems) -> ConnectionLimits {
+    let ConnectionKeys {
+        max_connections,
+        connection_idle_timeout,
+        body_read_timeout,
+        body_min_rate,
+        http2_max_concurrent_streams,
+        http2_keep_alive_interval,
+        http2_keep_alive_timeout,
+    } = keys;
+    let interval = duration(
+        http2_keep_alive_interval,
+        "server.http2_keep_alive_interval",
+        DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL,
+        problems,
+    );
+    ConnectionLimits {
+        max_connections: to_usize(count(
+            max_connections,
+            "server.max_connections",
+            DEFAULT_MAX_CONNECTIONS as u64,
+            (1, 1_000_000),
+            problems,
+        )),
+        idle_timeout: positive(
+            connection_idle_timeout,
+            "server.connection_idle_timeout",
+            DEFAULT_CONNECTION_IDLE_TIMEOUT,
+            problems,
+        ),
+        body_read_timeout: positive(
+            body_read_timeout,
+            "server.body_read_timeout",
+            DEFAULT_BODY_READ_TIMEOUT,
+            problems,
+        ),
+        body_min_rate: size(
+            body_min_rate,
+            "server.body_min_rate",
+            DEFAULT_BODY_MIN_RATE,
+            problems,
+        ),
+        http2_max_concurrent_streams: to_u32(count(
+            http2_max_concurrent_streams,
+            "server.http2_max_concurrent_streams",
+            u64::from(DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS),
+            (1, 10_000),
+            problems,
+        )),
+        http2_keep_alive_interval: (!interval.is_zero()).then_some(interval),
+        http2_keep_alive_timeout: positive(
+            http2_keep_alive_timeout,
+            "server.http2_keep_alive_timeout",
+            DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT,
+            problems,
+        ),
+    }
+}
+
+pub(super) fn admin_max_connections(value: Option<i64>, problems: &mut Problems) -> usize {
+    to_usize(count(
+        value,
+        "admin.max_connections",
+        DEFAULT_ADMIN_MAX_CONNECTIONS as u64,
+        (1, 100_000),
+        problems,
+    ))
+}
+
+pub(super) fn limits_config(raw: raw::Limits, problems: &mut Problems) -> LimitsConfig {
+    let raw::Limits {
+        login_per_minute,
+        callback_per_minute,
+        backchannel_logout_per_minute,
+        tracked_addresses,
+    } = raw;
+    let mut rate = |value, key: &str, default: u32| {
+        to_u32(count(
+            value,
+            &format!("limits.{key}"),
+            u64::from(default),
+            (0, 1_000_000),
+            problems,
+        ))
+    };
+    LimitsConfig {
+        login_per_minute: rate(
+            login_per_minute,
+            "login_per_minute",
+            DEFAULT_LOGIN_PER_MINUTE,
+        ),
+        callback_per_minute: rate(
+            callback_per_minute,
+            "callback_per_minute",
+            DEFAULT_CALLBACK_PER_MINUTE,
+        ),
+        backchannel_logout_per_minute: rate(
+            backchannel_logout_per_minute,
+            "backchannel_logout_per_minute",
+            DEFAULT_BACKCHANNEL_LOGOUT_PER_MINUTE,
+        ),
+        tracked_addresses: to_usize(count(
+            tracked_addresses,
+            "limits.tracked_addresses",
+            DEFAULT_TRACKED_ADDRESSES as u64,
+            (1, 10_000_000),
+            problems,
+        )),
+    }
+}

@@ -1,0 +1,143 @@
+//! The client's address as Vestibule can vouch for it.
+
+use http::HeaderMap;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+
+/// The address a request comes from, after trusted proxies.
+///
+/// A peer outside `trusted` is the client itself: whatever `X-Forwarded-For` it sent is its own
+/// claim and is ignored. A trusted peer appended the address it saw to `X-Forwarded-For`; the
+/// entries are read right to left, stepping over trusted proxies, and the first one that is not
+/// a trusted proxy is the client. When every entry is trusted, the left-most is the client; when
+/// the entry to read is not an address, the chain is broken there and the last address vouched
+/// for (a trusted proxy) stands in for the client.
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let lines: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let mut vouched = peer;
+    for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+        let Some(ip) = parse(entry.trim()) else {
+            return vouched;
+        };
+        if !is_trusted(&ip) {
+            return ip;
+        }
+        vouched = ip;
+    }
+    vouched
+}
+
+/// `192.0.2.1`, `2001:db8::1`, and the forms with a port: `192.0.2.1:80`, `[2001:db8::1]:80`.
+fn parse(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse().ok())
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn headers(xff: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for line in xff {
+            map.append("x-forwarded-for", line.parse().unwrap());
+        }
+        map
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_forwards() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&["198.51.100.7"]);
+        assert_eq!(
+            client_address(ip("203.0.113.9"), &h, &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_address(ip("203.0.113.9"), &h, &[]),
+            ip("203.0.113.9")
+        );
+    }
+
+    #[test]
+    fn a_trusted_peer_names_the_client_in_the_right_most_untrusted_entry() {
+        let trusted = nets(&["10.0.0.0/8", "192.168.1.1/32"]);
+        // The client may prepend anything; only what trusted proxies appended counts.
+        let h = headers(&["1.1.1.1, 203.0.113.5, 192.168.1.1"]);
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("203.0.113.5")
+        );
+        // Several header lines are one list, in order.
+        let h = headers(&["1.1.1.1", "203.0.113.5", "10.1.1.1"]);
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("203.0.113.5")
+        );
+    }
+
+    #[test]
+    fn ports_and_brackets_are_understood() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&["203.0.113.5:4711"]);
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("203.0.113.5")
+        );
+        let h = headers(&["[2001:db8::7]:443"]);
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("2001:db8::7")
+        );
+        let h = headers(&["[2001:db8::8]"]);
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("2001:db8::8")
+        );
+    }
+
+    #[test]
+    fn without_forwarded_for_or_with_only_trusted_entries_the_last_vouched_address_stands() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.2")
+        );
+        let h = headers(&["10.9.9.9, 10.0.0.3"]);
+        assert_eq!(client_address(ip("10.0.0.2"), &h, &trusted), ip("10.9.9.9"));
+    }
+
+    #[test]
+    fn a_broken_entry_ends_the_chain_at_the_last_vouched_address() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&["203.0.113.5, unknown, 10.0.0.3"]);
+        assert_eq!(client_address(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.3"));
+        let h = headers(&["garbage"]);
+        assert_eq!(client_address(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.2"));
+    }
+}

@@ -1,0 +1,114 @@
+//! One client connection from hand-over to close, on a serving worker.
+//!
+//! The connection ends gracefully (HTTP/1: after the response in progress; HTTP/2: GOAWAY,
+//! streams in flight finish) when shutdown begins, or when no request has been in flight for
+//! `idle_timeout` — an HTTP/2 connection kept open by a client that only pings, or one the
+//! client forgot, gives its resources back. An idle HTTP/1 connection is also closed by the
+//! header read timeout while it waits for the next request.
+
+use crate::app::App;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Whether a connection is serving requests, and since when it has not been.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened` when the last request was answered.
+    last: AtomicU64,
+}
+
+/// One request in flight; answered when dropped (also when the request is cancelled).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let at = self.0.opened.elapsed().as_millis();
+        self.0
+            .last
+            .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Acquire);
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let quiet_since =
+                self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            if quiet_since.elapsed() >= timeout {
+                return;
+            }
+            tokio::time::sleep_until(quiet_since + timeout).await;
+        }
+    }
+}
+
+/// Serves `io` until the client closes it, or it has been idle for `idle_timeout`, or
+/// `shutdown` is cancelled (then in-flight requests finish first).
+pub(super) async fn serve<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    app: Arc<App>,
+    (ip, tls): (IpAddr, bool),
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let tracked = activity.clone();
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        let busy = tracked.begin();
+        async move {
+            let response = app.handle(req, ip, tls).await;
+            drop(busy);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = activity.idle(idle_timeout), if !closing => {
+                tracing::debug!(%ip, "closing an idle connection");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}

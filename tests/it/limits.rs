@@ -1,0 +1,622 @@
+//! Bounded work for anonymous clients: per-address rate limits on the endpoints anyone may call,
+//! the callback's order of checks, the login cookie's size, trickled request bodies, the cap on
+//! open connections, and HTTP/2 streams, idle connections and pings — each seen on the wire.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vestibule::config::Config;
+use vestibule::jose::testing::{TestKey, TestSigner};
+use vestibule::session::store::Store;
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+/// [`config_text`] with `server` lines added to `[server]` and `extra` appended.
+fn config_with(server: &str, extra: &str) -> String {
+    config_text(extra).replace("[server]\n", &format!("[server]\n{server}\n"))
+}
+
+async fn call(proxy: &Proxy, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut builder = http::Request::builder().method(method).uri(proxy.url(path));
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    send(builder.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+// ---- rate limits ----
+
+#[tokio::test]
+async fn login_callback_and_backchannel_logout_are_rate_limited_per_client_address() {
+    let proxy = start_proxy(&config_text(
+        "[limits]\nlogin_per_minute = 2\ncallback_per_minute = 2\nbackchannel_logout_per_minute = 2\n",
+    ))
+    .await;
+    for (method, path) in [
+        ("GET", "/bff/login?returnUrl=/"),
+        ("GET", "/bff/callback?code=invented&state=invented"),
+        ("POST", "/bff/backchannel-logout"),
+    ] {
+        for _ in 0..2 {
+            let r = call(&proxy, method, path, &[]).await;
+            assert_ne!(r.status, 429, "{path} limited too early");
+        }
+        let r = call(&proxy, method, path, &[]).await;
+        assert_eq!(r.status, 429, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"], "rate_limited");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        // Two a minute: one more every 30 s.
+        assert!((1..=30).contains(&retry), "Retry-After {retry}");
+    }
+    // A navigation gets the page, with the same code.
+    let r = call(&proxy, "GET", "/bff/login", &[("accept", "text/html")]).await;
+    assert_eq!(r.status, 429);
+    assert!(r.text().contains("rate_limited"));
+    assert!(r.header("retry-after").is_some());
+    // Nothing else is counted.
+    for _ in 0..5 {
+        let r = call(&proxy, "GET", "/bff/user", &[("x-csrf", "1")]).await;
+        assert_eq!(r.status, 401);
+    }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    let proxy = start_proxy(&config_with(
+        "trusted_proxies = [\"127.0.0.1\"]",
+        "[limits]\nlogin_per_minute = 1\n",
+    ))
+    .await;
+    let login = |xff: &'static str| {
+        let proxy = &proxy;
+        async move {
+            call(proxy, "GET", "/bff/login", &[("x-forwarded-for", xff)])
+                .await
+                .status
+        }
+    };
+    assert_ne!(login("203.0.113.1").await, 429);
+    assert_eq!(login("203.0.113.1").await, 429);
+    assert_ne!(login("203.0.113.2").await, 429);
+    // What the client itself prepends does not count; the right-most untrusted entry does.
+    assert_eq!(login("198.51.100.77, 203.0.113.2").await, 429);
+}
+
+#[tokio::test]
+async fn an_untrusted_peer_cannot_escape_its_limit_with_forwarded_for() {
+    let proxy = start_proxy(&config_text("[limits]\nlogin_per_minute = 1\n")).await;
+    let first = call(
+        &proxy,
+        "GET",
+        "/bff/login",
+        &[("x-forwarded-for", "203.0.113.1")],
+    )
+    .await;
+    assert_ne!(first.status, 429);
+    let second = call(
+        &proxy,
+        "GET",
+        "/bff/login",
+        &[("x-forwarded-for", "203.0.113.2")],
+    )
+    .await;
+    assert_eq!(second.status, 429);
+}
+
+// ---- the callback and the login cookie ----
+
+async fn proxy_with_fake_provider() -> (Proxy, fake_idp::FakeIdp) {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let text = config_text("").replace(
+        "issuer = \"http://127.0.0.1:9\"",
+        &format!("issuer = \"{}\"", idp.issuer),
+    );
+    let proxy = start_proxy(&text).await;
+    eventually("the fake provider's metadata is loaded", WITHIN, || async {
+        proxy.app.oidc.provider.is_ready().then_some(())
+    })
+    .await;
+    (proxy, idp)
+}
+
+#[tokio::test]
+async fn callback_checks_the_login_cookie_and_state_before_any_store_write_or_provider_call() {
+    let (proxy, idp) = proxy_with_fake_provider().await;
+    let start = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    assert_eq!(start.status, 302);
+    let cookie = start
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    // No cookie at all, and a real login cookie issued for another state.
+    for cookie in [None, Some(cookie.as_str())] {
+        let mut headers = vec![("accept", "text/html")];
+        headers.extend(cookie.map(|c| ("cookie", c)));
+        let r = get(
+            &proxy.url("/bff/callback?code=invented&state=invented"),
+            &headers,
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains("login_failed"));
+    }
+    assert!(
+        idp.state.token_requests.lock().unwrap().is_empty(),
+        "an invented code reached the provider"
+    );
+    let Store::Memory(memory) = proxy.app.sessions.store() else {
+        panic!("the test config uses the memory store");
+    };
+    assert_eq!(
+        memory.len(),
+        0,
+        "an invented state was written to the store"
+    );
+}
+
+#[tokio::test]
+async fn a_return_url_too_long_for_the_login_cookie_is_400_never_500() {
+    let (proxy, _idp) = proxy_with_fake_provider().await;
+    let too_long = format!("/{}", "a".repeat(3000));
+    // Short, but each `"` doubles in the sealed login state.
+    let escaped = format!("/{}", "%22".repeat(1500));
+    for url in [too_long, escaped] {
+        let r = get(&proxy.url(&format!("/bff/login?returnUrl={url}")), &[]).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"], "invalid_return_url");
+        assert!(r.header("set-cookie").is_none());
+    }
+    let longest = format!("/{}", "a".repeat(vestibule::bff::MAX_RETURN_URL_LEN - 1));
+    let r = get(&proxy.url(&format!("/bff/login?returnUrl={longest}")), &[]).await;
+    assert_eq!(r.status, 302);
+    let cookie = r.header("set-cookie").unwrap();
+    let pair = cookie.split(';').next().unwrap();
+    assert!(pair.len() <= 4096, "login cookie of {} bytes", pair.len());
+}
+
+// ---- a trickled request body ----
+
+/// An upstream that reads each request body to its end and reports how it ended.
+async fn body_watching_upstream() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<Result<u64, String>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let mut body = req.into_body();
+                            let mut total = 0u64;
+                            let ended = loop {
+                                match body.frame().await {
+                                    None => break Ok(total),
+                                    Some(Ok(f)) => {
+                                        total += f.data_ref().map_or(0, |d| d.len() as u64)
+                                    }
+                                    Some(Err(e)) => break Err(e.to_string()),
+                                }
+                            };
+                            let _ = tx.send(ended);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from("read"),
+                            )))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn a_trickled_request_body_is_cut_off_and_the_upstream_connection_released() {
+    let (upstream, mut ended) = body_watching_upstream().await;
+    let proxy = start_proxy(&config_with(
+        "body_read_timeout = \"500ms\"\nbody_min_rate = \"1KiB\"",
+        &format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n"),
+    ))
+    .await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"POST /api/upload HTTP/1.1\r\nHost: app\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = client.into_split();
+    // One byte every 100 ms: each piece in time, the rate far below 1 KiB/s.
+    let trickle = tokio::spawn(async move {
+        while writer.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let seen = tokio::time::timeout(WITHIN, ended.recv())
+        .await
+        .expect("the upstream is still waiting for the trickled body")
+        .unwrap();
+    assert!(seen.is_err(), "the upstream read a whole body: {seen:?}");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WITHIN, reader.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    trickle.abort();
+}
+
+#[tokio::test]
+async fn a_body_that_keeps_the_pace_reaches_the_upstream_whole() {
+    let (upstream, mut ended) = body_watching_upstream().await;
+    let proxy = start_proxy(&config_with(
+        "body_read_timeout = \"500ms\"\nbody_min_rate = \"1KiB\"",
+        &format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n"),
+    ))
+    .await;
+    let r = send(
+        http::Request::post(proxy.url("/api/upload"))
+            .body(Full::new(Bytes::from(vec![b'x'; 200_000])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(ended.recv().await.unwrap(), Ok(200_000));
+}
+
+// ---- connections ----
+
+/// Sends a keep-alive GET on `stream` and reads one response with a Content-Length.
+async fn ask(stream: &mut TcpStream, path: &str) -> String {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_response(stream).await
+}
+
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn beyond_max_connections_new_connections_wait_without_disturbing_open_ones() {
+    let up = upstream::start().await;
+    let text = config_with(
+        "max_connections = 2\nworkers = 1",
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .replace(
+        "header_read_timeout = \"1s\"",
+        "header_read_timeout = \"30s\"",
+    )
+    .replace("[admin]\n", "[admin]\nmax_connections = 1\n");
+    let proxy = start_proxy(&text).await;
+    for (addr, path) in [(proxy.addr, "/api/x"), (proxy.admin, "/healthz")] {
+        let cap = if addr == proxy.addr { 2 } else { 1 };
+        let mut open = Vec::new();
+        for _ in 0..cap {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            assert!(ask(&mut c, path).await.starts_with("HTTP/1.1 200"));
+            open.push(c);
+        }
+        let mut waiting = TcpStream::connect(addr).await.unwrap();
+        waiting
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut byte)).await;
+        assert!(
+            early.is_err(),
+            "{addr}: a connection beyond the cap was served"
+        );
+        // The open ones are served as before.
+        assert!(ask(&mut open[0], path).await.starts_with("HTTP/1.1 200"));
+        // One closes: the waiting one is taken and answered.
+        drop(open.pop());
+        let answer = tokio::time::timeout(WITHIN, read_response(&mut waiting))
+            .await
+            .expect("the waiting connection was never served");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
+
+// ---- HTTP/2 ----
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const RST_STREAM: u8 = 3;
+const HEADERS: u8 = 1;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The next frame `(type, flags, stream, payload)`, or `None` once the server closed.
+async fn next_frame(stream: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.ok()?;
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], id, payload))
+}
+
+/// Opens an HTTP/2 connection (prior knowledge) and returns the server's settings.
+async fn h2_connect(addr: std::net::SocketAddr) -> (TcpStream, Vec<(u16, u32)>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(PREFACE).await.unwrap();
+    stream.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    loop {
+        let (kind, flags, _, payload) = next_frame(&mut stream).await.expect("closed early");
+        if kind == SETTINGS && flags & 1 == 0 {
+            let settings = payload
+                .chunks(6)
+                .map(|c| {
+                    (
+                        u16::from_be_bytes([c[0], c[1]]),
+                        u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                    )
+                })
+                .collect();
+            stream.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+            return (stream, settings);
+        }
+    }
+}
+
+/// A HEADERS frame ending the stream: `GET path` (HPACK literals without indexing).
+fn get_headers(stream: u32, path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+    for (index, value) in [(4u8, path), (1u8, "app")] {
+        block.push(index); // literal without indexing, indexed name (:path, :authority)
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    frame(HEADERS, 0x4 | 0x1, stream, &block)
+}
+
+#[tokio::test]
+async fn http2_streams_beyond_max_concurrent_streams_are_refused() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&config_with(
+        "http2_max_concurrent_streams = 1",
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    ))
+    .await;
+    let (mut h2, settings) = h2_connect(proxy.addr).await;
+    assert!(settings.contains(&(0x3, 1)), "server settings {settings:?}");
+    // The first stream waits for the slow upstream while the second arrives.
+    h2.write_all(&get_headers(1, "/api/slow")).await.unwrap();
+    h2.write_all(&get_headers(3, "/api/slow")).await.unwrap();
+    let refused = tokio::time::timeout(WITHIN, async {
+        loop {
+            let (kind, _, id, payload) = next_frame(&mut h2).await.expect("closed");
+            if kind == RST_STREAM {
+                return (
+                    id,
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+                );
+            }
+        }
+    })
+    .await
+    .expect("no stream was refused");
+    assert_eq!(refused, (3, 0x7), "REFUSED_STREAM on the second stream");
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_a_long_request_is_not_cut() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&config_with(
+        "connection_idle_timeout = \"300ms\"",
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    ))
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Five times the idle timeout, in flight: not idle.
+    let response = sender
+        .send_request(
+            http::Request::get(proxy.url("/api/slow"))
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"slow done");
+    // Then nothing: the server closes the connection.
+    let closed = tokio::time::timeout(WITHIN, conn).await;
+    assert!(closed.is_ok(), "the idle connection is still open");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_answering_pings_is_disconnected() {
+    let proxy = start_proxy(&config_with(
+        "http2_keep_alive_interval = \"200ms\"\nhttp2_keep_alive_timeout = \"300ms\"",
+        "",
+    ))
+    .await;
+    let (mut h2, _) = h2_connect(proxy.addr).await;
+    let pinged = tokio::time::timeout(WITHIN, async {
+        let mut pinged = false;
+        while let Some((kind, flags, _, _)) = next_frame(&mut h2).await {
+            pinged |= kind == PING && flags & 1 == 0;
+        }
+        pinged
+    })
+    .await
+    .expect("the connection stayed open without answering pings");
+    assert!(pinged, "closed without a ping");
+}
+
+// ---- configuration ----
+
+fn base() -> String {
+    format!(
+        "[server]\npublic_url = \"https://app.example.com\"\n[admin]\n[oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\nclient_secret = \"x\"\n[session]\nkeys = [\"{KEY}\"]\n"
+    )
+}
+
+fn parse(text: &str) -> Result<Config, Vec<String>> {
+    Config::parse(text, Path::new("."), &|_| None)
+        .map_err(|e| e.0.iter().map(|e| e.to_string()).collect())
+}
+
+#[test]
+fn connection_and_rate_limits_have_defaults() {
+    let config = parse(&base()).unwrap();
+    let c = &config.server.connections;
+    assert_eq!(c.max_connections, 10_000);
+    assert_eq!(c.idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.body_read_timeout, Duration::from_secs(20));
+    assert_eq!(c.body_min_rate, 500);
+    assert_eq!(c.http2_max_concurrent_streams, 256);
+    assert_eq!(c.http2_keep_alive_interval, Some(Duration::from_secs(20)));
+    assert_eq!(c.http2_keep_alive_timeout, Duration::from_secs(20));
+    assert_eq!(config.admin.max_connections, 64);
+    let l = &config.limits;
+    assert_eq!(
+        (
+            l.login_per_minute,
+            l.callback_per_minute,
+            l.backchannel_logout_per_minute,
+            l.tracked_addresses
+        ),
+        (60, 60, 600, 100_000)
+    );
+    let off = base().replace(
+        "[server]\n",
+        "[server]\nhttp2_keep_alive_interval = \"0s\"\nbody_min_rate = \"0\"\n",
+    ) + "[limits]\nlogin_per_minute = 0\n";
+    let config = parse(&off).unwrap();
+    assert_eq!(config.server.connections.http2_keep_alive_interval, None);
+    assert_eq!(config.server.connections.body_min_rate, 0);
+    assert_eq!(config.limits.login_per_minute, 0);
+}
+
+#[test]
+fn golden_messages_for_limits() {
+    let server = |line: &str| base().replace("[server]\n", &format!("[server]\n{line}\n"));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            server("max_connections = 0"),
+            "server.max_connections: 0 is out of range; use 1 to 1000000",
+        ),
+        (
+            server("connection_idle_timeout = \"0s\""),
+            "server.connection_idle_timeout: must be longer than 0s",
+        ),
+        (
+            server("body_read_timeout = \"slow\""),
+            "server.body_read_timeout: \"slow\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
+        ),
+        (
+            server("body_min_rate = \"fast\""),
+            "server.body_min_rate: \"fast\" is not a size; write e.g. \"64KiB\", \"10MiB\" or \"1GiB\"",
+        ),
+        (
+            server("http2_max_concurrent_streams = 0"),
+            "server.http2_max_concurrent_streams: 0 is out of range; use 1 to 10000",
+        ),
+        (
+            server("http2_keep_alive_interval = \"often\""),
+            "server.http2_keep_alive_interval: \"often\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
+        ),
+        (
+            server("http2_keep_alive_timeout = \"0s\""),
+            "server.http2_keep_alive_timeout: must be longer than 0s",
+        ),
+        (
+            base().replace("[admin]\n", "[admin]\nmax_connections = 0\n"),
+            "admin.max_connections: 0 is out of range; use 1 to 100000",
+        ),
+        (
+            base() + "[limits]\nlogin_per_minute = -1\n",
+            "limits.login_per_minute: -1 is out of range; use 0 to 1000000",
+        ),
+        (
+            base() + "[limits]\ncallback_per_minute = 2000000\n",
+            "limits.callback_per_minute: 2000000 is out of range; use 0 to 1000000",
+        ),
+        (
+            base() + "[limits]\nbackchannel_logout_per_minute = -5\n",
+            "limits.backchannel_logout_per_minute: -5 is out of range; use 0 to 1000000",
+        ),
+        (
+            base() + "[limits]\ntracked_addresses = 0\n",
+            "limits.tracked_addresses: 0 is out of range; use 1 to 10000000",
+        ),
+        (
+            base() + "[limits]\nlogin_per_minut = 5\n",
+            "limits.login_per_minut: unknown key; did you mean `login_per_minute`?",
+        ),
+    ];
+    for (text, expected) in cases {
+        let found = parse(&text).expect_err("accepted");
+        assert!(
+            found.iter().any(|e| e == expected),
+            "expected {expected:?}\n   found {found:#?}"
+        );
+    }
+}
