@@ -92,6 +92,7 @@ fn store_config(config: &Config) -> store::StoreConfig {
                     .collect()
             }),
             key_prefix: redis.key_prefix.clone(),
+            timeout: redis.timeout,
         },
     }
 }

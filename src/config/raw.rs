@@ -66,7 +66,7 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ),
     (
         "session.redis",
-        &["url", "sentinel", "cluster", "key_prefix"],
+        &["url", "sentinel", "cluster", "key_prefix", "timeout"],
     ),
     ("session.redis.sentinel", &["master", "nodes"]),
     (
@@ -167,6 +167,7 @@ pub struct Redis {
     pub sentinel: Option<Sentinel>,
     pub cluster: Option<Vec<String>>,
     pub key_prefix: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -8,6 +8,8 @@ mod support;
 mod cli;
 mod config_errors;
 mod fake_provider;
+mod faults_redis;
+mod faults_upstream;
 mod login;
 mod logout;
 mod no_secrets_in_logs;
