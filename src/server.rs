@@ -1,19 +1,31 @@
 //! Listeners: the public one (HTTP/1.1 and HTTP/2, optional TLS; served by worker threads) and
 //! the admin one, with header-read timeouts, TCP_NODELAY, and graceful shutdown that lets
 //! in-flight requests and tunnels finish within `shutdown_grace`.
+//!
+//! Shutdown (SIGTERM) goes in this order, so that a load balancer loses no request:
+//! 1. `/readyz` answers 503 (the admin listener keeps serving until the end);
+//! 2. the public listener closes: new connections are refused and go to another replica;
+//! 3. for [`DRAIN_LINGER`], open connections are still served, and every HTTP/1 answer carries
+//!    `Connection: close`, so a client learns to reconnect elsewhere instead of sending on a
+//!    connection that is being closed;
+//! 4. the rest drains gracefully: idle connections close, in-flight requests and tunnels
+//!    finish within `shutdown_grace`.
 
 pub mod admin;
 pub mod tls;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::reply::Body;
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics::Gauge;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -79,7 +91,9 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     for index in 0..count {
         workers.push(Worker::start(index, setup.clone(), shutdown.clone())?);
     }
-    let admin_task = tokio::spawn(admin::serve(app.clone(), bound.admin, shutdown.clone()));
+    // The admin listener outlives the drain, so that `/readyz` keeps saying 503 meanwhile.
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(app.clone(), bound.admin, admin_stop.clone()));
     tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, workers = count, "vestibule listening");
     loop {
         let accepted = tokio::select! {
@@ -101,14 +115,32 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
             worker.assign(tcp, peer);
         }
     }
-    drop(bound.public);
+    // Not ready any more, before anything else changes.
     app.stopping.cancel();
+    drop(bound.public);
     tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
     for worker in workers {
         let _ = worker.finished.await;
     }
+    admin_stop.cancel();
     let _ = admin_task.await;
     Ok(())
+}
+
+/// How long open connections are still served once shutdown begins (at most half the grace
+/// period), each HTTP/1 answer closing its connection, before idle ones are closed.
+pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
+
+/// Answers one request; while shutting down, an HTTP/1 answer also closes its connection.
+async fn answer(app: Arc<App>, req: Request<Incoming>, ip: IpAddr, tls: bool) -> Response<Body> {
+    let version = req.version();
+    let mut response = app.handle(req, ip, tls).await;
+    if app.stopping.is_cancelled() && version < http::Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 thread_local! {
@@ -238,7 +270,7 @@ async fn work(
                 None => {
                     let service = service_fn(move |req| {
                         let app = app.clone();
-                        async move { Ok::<_, Infallible>(app.handle(req, ip, false).await) }
+                        async move { Ok::<_, Infallible>(answer(app, req, ip, false).await) }
                     });
                     let conn = setup
                         .builder
@@ -253,7 +285,7 @@ async fn work(
                     };
                     let service = service_fn(move |req| {
                         let app = app.clone();
-                        async move { Ok::<_, Infallible>(app.handle(req, ip, true).await) }
+                        async move { Ok::<_, Infallible>(answer(app, req, ip, true).await) }
                     });
                     let conn = setup
                         .builder
@@ -268,8 +300,16 @@ async fn work(
     while let Ok(unserved) = incoming.try_recv() {
         drop(unserved);
     }
+    // Busy clients learn from `Connection: close` on their next answer; then the idle rest close.
+    let linger = DRAIN_LINGER.min(setup.grace / 2);
+    let _ = tokio::time::timeout(linger, async {
+        while graceful.count() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let tunnels = &setup.app.upstreams.tunnels;
-    let drained = tokio::time::timeout(setup.grace, async {
+    let drained = tokio::time::timeout(setup.grace.saturating_sub(linger), async {
         graceful.shutdown().await;
         tunnels.close();
         tunnels.wait().await;

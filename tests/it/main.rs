@@ -9,6 +9,7 @@ mod cli;
 mod config_errors;
 mod fake_provider;
 mod faults_redis;
+mod faults_restart;
 mod faults_upstream;
 mod login;
 mod logout;
