@@ -8,6 +8,7 @@ mod support;
 mod cli;
 mod config_errors;
 mod fake_provider;
+mod faults_provider;
 mod faults_redis;
 mod faults_restart;
 mod faults_upstream;
