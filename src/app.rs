@@ -102,6 +102,7 @@ fn store_config(config: &Config) -> store::StoreConfig {
                     .collect()
             }),
             key_prefix: redis.key_prefix.clone(),
+            timeout: redis.timeout,
         },
     }
 }
@@ -357,7 +358,8 @@ impl App {
             }))
     }
 
-    /// Readiness checks by name; all must pass for `/readyz` to answer 200.
+    /// Readiness checks by name; all must pass for `/readyz` to answer 200. `accepting` fails as
+    /// soon as shutdown begins, so load balancers stop sending before the listener closes.
     pub async fn readiness(&self) -> Vec<(&'static str, bool)> {
         let store = tokio::time::timeout(
             std::time::Duration::from_secs(2),
@@ -367,6 +369,7 @@ impl App {
         vec![
             ("store", matches!(store, Ok(Ok(())))),
             ("provider", self.oidc.provider.is_ready()),
+            ("accepting", !self.stopping.is_cancelled()),
         ]
     }
 

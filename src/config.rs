@@ -209,6 +209,8 @@ pub struct RedisConfig {
     pub sentinel: Option<SentinelConfig>,
     pub cluster: Vec<Secret>,
     pub key_prefix: String,
+    /// Upper bound on one store operation, waiting for a reconnect included.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,15 @@
 //! Listeners: the public one (HTTP/1.1 and HTTP/2, optional TLS; served by worker threads) and
 //! the admin one, with header-read timeouts, TCP_NODELAY, a cap on open connections, and
 //! graceful shutdown that lets in-flight requests and tunnels finish within `shutdown_grace`.
+//!
+//! Shutdown (SIGTERM) goes in this order, so that a load balancer loses no request:
+//! 1. `/readyz` answers 503 (the admin listener keeps serving until the end);
+//! 2. the public listener closes: new connections are refused and go to another replica;
+//! 3. for [`DRAIN_LINGER`], open connections are still served, and every HTTP/1 answer carries
+//!    `Connection: close`, so a client learns to reconnect elsewhere instead of sending on a
+//!    connection that is being closed;
+//! 4. the rest drains gracefully: idle connections close, in-flight requests and tunnels
+//!    finish within `shutdown_grace`.
 
 pub mod admin;
 pub mod framing;
@@ -9,10 +18,13 @@ pub mod tls;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::reply::Body;
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics::Gauge;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -86,7 +98,9 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     for index in 0..count {
         workers.push(Worker::start(index, setup.clone(), shutdown.clone())?);
     }
-    let admin_task = tokio::spawn(admin::serve(app.clone(), bound.admin, shutdown.clone()));
+    // The admin listener outlives the drain, so that `/readyz` keeps saying 503 meanwhile.
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(app.clone(), bound.admin, admin_stop.clone()));
     tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, workers = count, "vestibule listening");
     loop {
         let slot = tokio::select! {
@@ -113,14 +127,32 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
             worker.assign(tcp, peer, slot);
         }
     }
-    drop(bound.public);
+    // Not ready any more, before anything else changes.
     app.stopping.cancel();
+    drop(bound.public);
     tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
     for worker in workers {
         let _ = worker.finished.await;
     }
+    admin_stop.cancel();
     let _ = admin_task.await;
     Ok(())
+}
+
+/// How long open connections are still served once shutdown begins (at most half the grace
+/// period), each HTTP/1 answer closing its connection, before idle ones are closed.
+pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
+
+/// Answers one request; while shutting down, an HTTP/1 answer also closes its connection.
+async fn answer(app: Arc<App>, req: Request<Incoming>, ip: IpAddr, tls: bool) -> Response<Body> {
+    let version = req.version();
+    let mut response = app.handle(req, ip, tls).await;
+    if app.stopping.is_cancelled() && version < http::Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 thread_local! {
@@ -232,6 +264,8 @@ async fn work(
     ON_WORKER.with(|flag| flag.set(true));
     crate::proxy::Upstreams::adopt_thread();
     let connections = TaskTracker::new();
+    // Cancelled once the linger after shutdown is over: then connections close gracefully.
+    let close = CancellationToken::new();
     loop {
         let (tcp, peer, guard) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -244,7 +278,7 @@ async fn work(
             continue;
         };
         let setup = setup.clone();
-        let shutdown = shutdown.clone();
+        let close = close.clone();
         connections.spawn(async move {
             let _guard = guard;
             let app = setup.app.clone();
@@ -254,7 +288,7 @@ async fn work(
                     let peer = (ip, false);
                     let idle = setup.idle_timeout;
                     let io = framing::Guarded::new(tcp);
-                    connection::serve(&setup.builder, io, app, peer, idle, &shutdown).await;
+                    connection::serve(&setup.builder, io, app, peer, idle, &close).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
@@ -265,7 +299,7 @@ async fn work(
                     let peer = (ip, true);
                     let idle = setup.idle_timeout;
                     let io = framing::Guarded::new(stream);
-                    connection::serve(&setup.builder, io, app, peer, idle, &shutdown).await;
+                    connection::serve(&setup.builder, io, app, peer, idle, &close).await;
                 }
             }
         });
@@ -275,10 +309,18 @@ async fn work(
     while let Ok(unserved) = incoming.try_recv() {
         drop(unserved);
     }
-    // Every connection saw the cancellation and is closing gracefully.
+    // Busy clients learn from `Connection: close` on their next answer; then the idle rest close.
     connections.close();
+    let linger = DRAIN_LINGER.min(setup.grace / 2);
+    let _ = tokio::time::timeout(linger, async {
+        while !connections.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    close.cancel();
     let tunnels = &setup.app.upstreams.tunnels;
-    let drained = tokio::time::timeout(setup.grace, async {
+    let drained = tokio::time::timeout(setup.grace.saturating_sub(linger), async {
         connections.wait().await;
         tunnels.close();
         tunnels.wait().await;

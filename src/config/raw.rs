@@ -83,7 +83,7 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ),
     (
         "session.redis",
-        &["url", "sentinel", "cluster", "key_prefix"],
+        &["url", "sentinel", "cluster", "key_prefix", "timeout"],
     ),
     ("session.redis.sentinel", &["master", "nodes"]),
     (
@@ -204,6 +204,7 @@ pub struct Redis {
     pub sentinel: Option<Sentinel>,
     pub cluster: Option<Vec<String>>,
     pub key_prefix: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -917,12 +917,19 @@ fn redis_url(text: &str, path: &str, problems: &mut Problems) -> bool {
     ok
 }
 
+/// `session.redis.timeout` when unset: long enough for a reconnect, short enough that a user
+/// waiting on a stalled Redis gets a 503 rather than a hang.
+const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+const MIN_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn redis_config(raw: Option<raw::Redis>, problems: &mut Problems) -> Option<RedisConfig> {
     let Some(raw::Redis {
         url,
         sentinel,
         cluster,
         key_prefix,
+        timeout,
     }) = raw
     else {
         problems.add("session.redis", "is required when store = \"redis\": add [session.redis] with url = \"redis://127.0.0.1:6379\"");
@@ -970,11 +977,24 @@ fn redis_config(raw: Option<raw::Redis>, problems: &mut Problems) -> Option<Redi
     }
     let url = url.unwrap_or_else(|| "redis://127.0.0.1:6379".into());
     redis_url(&url, "session.redis.url", problems);
+    let timeout = duration(
+        timeout,
+        "session.redis.timeout",
+        DEFAULT_STORE_TIMEOUT,
+        problems,
+    );
+    if !(MIN_STORE_TIMEOUT..=MAX_STORE_TIMEOUT).contains(&timeout) {
+        problems.add(
+            "session.redis.timeout",
+            "must be between 50ms and 30s: a request waits this long for Redis before it gets a 503",
+        );
+    }
     Some(RedisConfig {
         url: Secret::new(url),
         sentinel,
         cluster,
         key_prefix: key_prefix.unwrap_or_else(|| "vestibule:".into()),
+        timeout: timeout.clamp(MIN_STORE_TIMEOUT, MAX_STORE_TIMEOUT),
     })
 }
 

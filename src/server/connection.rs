@@ -89,7 +89,7 @@ pub(super) async fn serve<I>(
         let app = app.clone();
         let busy = tracked.begin();
         async move {
-            let response = app.handle(req, ip, tls).await;
+            let response = super::answer(app, req, ip, tls).await;
             drop(busy);
             Ok::<_, Infallible>(response)
         }

@@ -131,8 +131,13 @@ impl Sessions {
             keyring,
             cache_ttl,
         } = settings;
-        let cache = (!cache_ttl.is_zero())
-            .then(|| Cache::new(cache_ttl, store.subscribe(INVALIDATION_CHANNEL)));
+        let cache = (!cache_ttl.is_zero()).then(|| {
+            Cache::new(
+                cache_ttl,
+                store.subscribe(INVALIDATION_CHANNEL),
+                store.subscription_live(),
+            )
+        });
         Sessions {
             cookie_name,
             idle: idle_timeout.as_secs().max(1),

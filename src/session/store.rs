@@ -12,7 +12,7 @@ mod redis;
 use std::fmt;
 use std::time::Duration;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
@@ -41,6 +41,9 @@ pub enum StoreConfig {
         cluster: Option<Vec<String>>,
         /// Prepended to every key and channel name.
         key_prefix: String,
+        /// Upper bound on one operation, waiting for a reconnect included: a stalled or
+        /// unreachable Redis is `Unavailable` after this long, never a hang.
+        timeout: Duration,
     },
 }
 
@@ -56,6 +59,7 @@ impl fmt::Debug for StoreConfig {
                 sentinel,
                 cluster,
                 key_prefix,
+                timeout,
             } => f
                 .debug_struct("Redis")
                 .field("url", &redact_url(url))
@@ -72,6 +76,7 @@ impl fmt::Debug for StoreConfig {
                         .map(|nodes| nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>()),
                 )
                 .field("key_prefix", key_prefix)
+                .field("timeout", timeout)
                 .finish(),
         }
     }
@@ -244,6 +249,15 @@ impl Store {
         }
     }
 
+    /// Whether messages published from now on reach the receivers of [`Store::subscribe`]: `false` while the
+    /// Redis pub/sub connection is lost (what is derived from the channels may then be stale).
+    pub fn subscription_live(&self) -> watch::Receiver<bool> {
+        match self {
+            Store::Memory(_) => watch::channel(true).1,
+            Store::Redis(s) => s.subscription_live(),
+        }
+    }
+
     /// Readiness: `Ok` when the store answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping())
@@ -267,6 +281,7 @@ mod tests {
             sentinel: Some(("m".into(), vec!["redis://:s3cret@s1:26379".into()])),
             cluster: Some(vec!["redis://:pw-c@n1:6379".into()]),
             key_prefix: "v:".into(),
+            timeout: Duration::from_secs(1),
         };
         let text = format!("{config:?}");
         assert!(

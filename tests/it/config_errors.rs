@@ -100,6 +100,16 @@ fn golden_messages_for_each_kind_of_mistake() {
             "session.redis: is required when store = \"redis\": add [session.redis] with url = \"redis://127.0.0.1:6379\"",
         ),
         (
+            base().replace("[session]\n", "[session]\nstore = \"redis\"\n")
+                + "[session.redis]\nurl = \"redis://r:6379\"\ntimeout = \"10ms\"\n",
+            "session.redis.timeout: must be between 50ms and 30s: a request waits this long for Redis before it gets a 503",
+        ),
+        (
+            base().replace("[session]\n", "[session]\nstore = \"redis\"\n")
+                + "[session.redis]\nurl = \"redis://r:6379\"\ntimeout = \"soon\"\n",
+            "session.redis.timeout: \"soon\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
+        ),
+        (
             format!("{}\n[[routes]]\npath = \"/api/\"\n", base()),
             "routes[0]: needs upstream = \"http://…\" or static_dir = \"./public\"",
         ),

@@ -34,6 +34,7 @@ fn redis_config(url: String) -> StoreConfig {
         sentinel: None,
         cluster: None,
         key_prefix: PREFIX.into(),
+        timeout: Duration::from_secs(2),
     }
 }
 
@@ -62,6 +63,7 @@ async fn redis_cluster(test: &str) -> Backend {
         sentinel: None,
         cluster: Some(vec![server.url()]),
         key_prefix: format!("{PREFIX}{test}:"),
+        timeout: Duration::from_secs(2),
     };
     let store = Store::connect(&config).await.unwrap();
     Backend {
@@ -78,6 +80,7 @@ async fn redis_sentinel() -> Backend {
         sentinel: Some(("main".into(), vec![sentinel.url()])),
         cluster: None,
         key_prefix: PREFIX.into(),
+        timeout: Duration::from_secs(2),
     };
     let store = Store::connect(&config).await.unwrap();
     Backend {

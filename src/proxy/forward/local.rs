@@ -5,9 +5,14 @@
 //! until its response body has been read). hyper_util's pooled client instead locks a shared
 //! pool and spawns a task per request to return the connection; `https` upstreams (TLS, and
 //! HTTP/2 by ALPN) still go through that client.
+//!
+//! A kept-alive connection may be closed by the upstream just as it is reused. A request it
+//! refused unsent is sent again on another connection; one that was sent and got no answer is
+//! sent again (once, on a new connection) only if it is idempotent and has no body, since the
+//! upstream may have acted on it.
 
 use crate::reply::{Body, BoxError};
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -68,10 +73,13 @@ pub(super) async fn send(req: Request<Body>) -> Result<Response<Incoming>, BoxEr
         .uri
         .path_and_query()
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    let mut replay = Replay::of(&parts, &body);
     let mut req = Request::from_parts(parts, body);
     let mut stale = 0;
+    let mut fresh = false;
     loop {
-        let (mut sender, reused) = match checkout(key) {
+        let pooled = if fresh { None } else { checkout(key) };
+        let (mut sender, reused) = match pooled {
             Some(sender) => (sender, true),
             None => (connect(&target).await?, false),
         };
@@ -87,10 +95,75 @@ pub(super) async fn send(req: Request<Body>) -> Result<Response<Incoming>, BoxEr
                     stale += 1;
                     req = unsent;
                 }
+                None if reused && lost_on_reuse(error.error()) => match replay.take() {
+                    Some(again) => {
+                        tracing::debug!("upstream closed a reused connection; sending again");
+                        fresh = true;
+                        req = again.request();
+                    }
+                    None => return Err(Box::new(error.into_error())),
+                },
                 _ => return Err(Box::new(error.into_error())),
             },
         }
     }
+}
+
+/// The head of an idempotent request without a body, kept to send it once more.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(parts: &http::request::Parts, body: &Body) -> Option<Replay> {
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        (idempotent && http_body::Body::is_end_stream(body)).then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        })
+    }
+
+    fn request(self) -> Request<Body> {
+        let mut req = Request::new(crate::reply::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// The connection ended before any answer: closed, reset or broken while the request went out.
+fn lost_on_reuse(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// A pooled connection ready for a request; closed and expired ones are dropped on the way.

@@ -4,7 +4,8 @@
 //! Lua scripts, so each touches one key (safe in Cluster). Every key and channel is prefixed with
 //! `key_prefix`. Commands go through a reconnecting connection (`ConnectionManager`, the cluster
 //! connection, or a manager re-resolved through Sentinel after a failure) and each is bounded by
-//! `DEFAULT_OPERATION_TIMEOUT`; every failure is `StoreError::Unavailable`, never "not found".
+//! the configured timeout (`[session.redis] timeout`), reconnecting included; every failure is
+//! `StoreError::Unavailable`, never "not found".
 //! Pub/sub uses its own connection, see [`pubsub`].
 
 mod pubsub;
@@ -21,15 +22,14 @@ use redis::{
     Client, Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
     RedisResult, Script, ScriptInvocation, ServerErrorKind, TlsMode,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use super::{Record, StoreConfig, StoreError, redact_url, ttl_millis};
 
-/// Upper bound on one store operation, including waiting for a reconnect.
-pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
-/// Upper bound on establishing one connection.
+/// Upper bound on establishing one connection (lowered to the operation timeout if that is
+/// shorter).
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
-/// Upper bound on waiting for one reply.
+/// Upper bound on waiting for one reply (lowered likewise).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const PUT_NEW: &str = r"
@@ -66,6 +66,8 @@ pub struct RedisStore {
 
 struct Inner {
     prefix: String,
+    /// Upper bound on one operation.
+    timeout: Duration,
     conn: Conn,
     scripts: Scripts,
     pubsub: pubsub::Subscriber,
@@ -113,10 +115,13 @@ impl RedisStore {
             sentinel,
             cluster,
             key_prefix,
+            timeout,
         } = config
         else {
             return Err(StoreError::Config("not a Redis configuration".into()));
         };
+        let timeout = *timeout;
+        let (connect_limit, response_limit) = limits(timeout);
         let (conn, source, description) = match (sentinel, cluster) {
             (Some(_), Some(_)) => {
                 return Err(StoreError::Config(
@@ -124,9 +129,10 @@ impl RedisStore {
                 ));
             }
             (Some((master, nodes)), None) => {
-                let conn = Conn::Sentinel(Box::new(SentinelConn::new(sentinel_client(
-                    url, master, nodes,
-                )?)));
+                let conn = Conn::Sentinel(Box::new(SentinelConn::new(
+                    sentinel_client(url, master, nodes)?,
+                    timeout,
+                )));
                 let source =
                     pubsub::Source::Sentinel(Box::new(sentinel_client(url, master, nodes)?));
                 let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
@@ -141,14 +147,14 @@ impl RedisStore {
                     return Err(StoreError::Config("the cluster node list is empty".into()));
                 }
                 let client = ClusterClient::builder(nodes.iter().map(String::as_str))
-                    .connection_timeout(DEFAULT_CONNECTION_TIMEOUT)
-                    .response_timeout(DEFAULT_RESPONSE_TIMEOUT)
+                    .connection_timeout(connect_limit)
+                    .response_timeout(response_limit)
                     .build()
                     .map_err(config_error)?;
                 let conn = client.get_pending_async_connection_with_config(
                     ClusterConfig::new()
-                        .set_connection_timeout(DEFAULT_CONNECTION_TIMEOUT)
-                        .set_response_timeout(DEFAULT_RESPONSE_TIMEOUT),
+                        .set_connection_timeout(connect_limit)
+                        .set_response_timeout(response_limit),
                 );
                 let clients = nodes
                     .iter()
@@ -164,9 +170,11 @@ impl RedisStore {
             }
             (None, None) => {
                 let client = Client::open(url.as_str()).map_err(config_error)?;
-                let manager =
-                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
-                        .map_err(config_error)?;
+                let manager = ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    manager_config(timeout),
+                )
+                .map_err(config_error)?;
                 let source = pubsub::Source::Clients(vec![client.clone()]);
                 static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let conn = Conn::Single {
@@ -190,6 +198,7 @@ impl RedisStore {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 prefix,
+                timeout,
                 conn,
                 scripts,
                 pubsub,
@@ -203,32 +212,42 @@ impl RedisStore {
     }
 
     async fn run<T: FromRedisValue>(&self, op: Op<'_>) -> Result<T, StoreError> {
-        let attempt = async {
-            match &self.inner.conn {
-                Conn::Single { client, shared, id } => {
-                    let mut manager =
-                        worker_connection(*id, client).unwrap_or_else(|| shared.clone());
-                    exec(&op, &mut manager).await
-                }
-                Conn::Cluster(cluster) => exec(&op, &mut cluster.clone()).await,
-                Conn::Sentinel(sentinel) => {
-                    let mut manager = sentinel.manager().await?;
-                    let result = exec(&op, &mut manager).await;
-                    if let Err(err) = &result
-                        && master_may_have_moved(err)
-                    {
-                        sentinel.forget();
-                    }
-                    result
-                }
+        let attempts = async {
+            match self.attempt(&op).await {
+                // Never sent: a connection that failed to reconnect earlier reports that failure
+                // once, then reconnects. Try once more (within the deadline) rather than answer
+                // 503 to the first request after Redis is back.
+                Err(err) if err.is_connection_refusal() => self.attempt(&op).await,
+                other => other,
             }
         };
-        match tokio::time::timeout(DEFAULT_OPERATION_TIMEOUT, attempt).await {
+        match tokio::time::timeout(self.inner.timeout, attempts).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(store_error(&err)),
             Err(_) => Err(StoreError::Unavailable(
                 "Redis did not answer in time".into(),
             )),
+        }
+    }
+
+    async fn attempt<T: FromRedisValue>(&self, op: &Op<'_>) -> RedisResult<T> {
+        match &self.inner.conn {
+            Conn::Single { client, shared, id } => {
+                let mut manager = worker_connection(*id, client, self.inner.timeout)
+                    .unwrap_or_else(|| shared.clone());
+                exec(op, &mut manager).await
+            }
+            Conn::Cluster(cluster) => exec(op, &mut cluster.clone()).await,
+            Conn::Sentinel(sentinel) => {
+                let mut manager = sentinel.manager().await?;
+                let result = exec(op, &mut manager).await;
+                if let Err(err) = &result
+                    && master_may_have_moved(err)
+                {
+                    sentinel.forget();
+                }
+                result
+            }
         }
     }
 
@@ -362,6 +381,10 @@ impl RedisStore {
         self.inner.pubsub.subscribe(channel_suffix)
     }
 
+    pub fn subscription_live(&self) -> watch::Receiver<bool> {
+        self.inner.pubsub.live()
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let reply: String = self.run(Op::Cmd(Self::cmd("PING"))).await?;
         if reply == "PONG" {
@@ -388,7 +411,7 @@ thread_local! {
 
 /// This serving worker's connection for store `id`, made (lazily connecting) on first use;
 /// `None` off the serving workers.
-fn worker_connection(id: u64, client: &Client) -> Option<ConnectionManager> {
+fn worker_connection(id: u64, client: &Client, timeout: Duration) -> Option<ConnectionManager> {
     if !crate::server::on_worker() {
         return None;
     }
@@ -398,21 +421,31 @@ fn worker_connection(id: u64, client: &Client) -> Option<ConnectionManager> {
             return Some(manager.clone());
         }
         let manager =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config()).ok()?;
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config(timeout))
+                .ok()?;
         own.push((id, manager.clone()));
         Some(manager)
     })
 }
 
-fn manager_config() -> ConnectionManagerConfig {
+/// Connection and response timeouts that fit in one operation's `timeout`.
+fn limits(timeout: Duration) -> (Duration, Duration) {
+    (
+        DEFAULT_CONNECTION_TIMEOUT.min(timeout),
+        DEFAULT_RESPONSE_TIMEOUT.min(timeout),
+    )
+}
+
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
     // Few, quick retries: a request waiting on Redis is a user waiting. The manager starts a new
     // reconnect attempt on the next command after these run out, so it never gives up for good.
+    let (connect_limit, response_limit) = limits(timeout);
     ConnectionManagerConfig::new()
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_millis(500))
-        .set_connection_timeout(Some(DEFAULT_CONNECTION_TIMEOUT))
-        .set_response_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(connect_limit))
+        .set_response_timeout(Some(response_limit))
 }
 
 fn config_error(err: RedisError) -> StoreError {
@@ -466,13 +499,15 @@ fn sentinel_client(
 struct SentinelConn {
     client: tokio::sync::Mutex<SentinelClient>,
     current: Mutex<Option<ConnectionManager>>,
+    timeout: Duration,
 }
 
 impl SentinelConn {
-    fn new(client: SentinelClient) -> SentinelConn {
+    fn new(client: SentinelClient, timeout: Duration) -> SentinelConn {
         SentinelConn {
             client: tokio::sync::Mutex::new(client),
             current: Mutex::new(None),
+            timeout,
         }
     }
 
@@ -492,7 +527,8 @@ impl SentinelConn {
             return Ok(manager);
         }
         let master = client.async_get_client().await?;
-        let manager = ConnectionManager::new_lazy_with_config(master, manager_config())?;
+        let manager =
+            ConnectionManager::new_lazy_with_config(master, manager_config(self.timeout))?;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(manager.clone());
         Ok(manager)
     }

@@ -124,6 +124,28 @@ impl RedisServer {
         RedisServer::launch(dir, args)
     }
 
+    /// A Sentinel like [`RedisServer::start_sentinel`] that declares the master down after
+    /// `down_after` without an answer and fails over at once (for failover tests).
+    pub fn start_quick_sentinel(
+        master: &RedisServer,
+        name: &str,
+        down_after: Duration,
+    ) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = dir.path().join("sentinel.conf");
+        let text = format!(
+            "sentinel monitor {name} 127.0.0.1 {port} 1\n\
+             sentinel down-after-milliseconds {name} {down}\n\
+             sentinel failover-timeout {name} 5000\n\
+             sentinel parallel-syncs {name} 1\n",
+            port = master.port,
+            down = down_after.as_millis(),
+        );
+        std::fs::write(&config, text).expect("write sentinel.conf");
+        let args = vec![config.display().to_string(), "--sentinel".to_owned()];
+        RedisServer::launch(dir, args)
+    }
+
     /// A standalone server with extra `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -262,6 +284,24 @@ impl RedisServer {
         }
     }
 
+    /// Kills the server with SIGKILL (no snapshot, no goodbye to clients) and waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` (`"STOP"`, `"CONT"`) to the server process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
     /// Starts again on the same port and directory, loading the snapshot `stop` saved.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server before restarting it");
@@ -300,4 +340,88 @@ fn try_command(port: u16, args: &[&str]) -> Option<String> {
     let mut reply = vec![0u8; 64 * 1024];
     let read = stream.read(&mut reply).ok()?;
     (read > 0).then(|| String::from_utf8_lossy(&reply[..read]).into_owned())
+}
+
+/// A Redis Cluster of `masters` masters with one replica each, all on loopback, made with
+/// `redis-cli --cluster create`, ready once every node reports `cluster_state:ok` and every
+/// replica is in sync. Short `cluster-node-timeout`, so a replica takes over a dead master fast.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize, node_timeout: Duration) -> RedisCluster {
+        let timeout = node_timeout.as_millis().to_string();
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &timeout,
+            "--appendonly",
+            "yes",
+        ];
+        let nodes: Vec<RedisServer> = (0..masters * 2)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster.settled() {
+            assert!(Instant::now() < deadline, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// Every live node sees a healthy cluster and every replica's link to its master is up.
+    pub fn settled(&self) -> bool {
+        self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+            let info = try_command(n.port, &["CLUSTER", "INFO"]).unwrap_or_default();
+            let replication = try_command(n.port, &["INFO", "replication"]).unwrap_or_default();
+            info.contains("cluster_state:ok")
+                && (replication.contains("role:master")
+                    || replication.contains("master_link_status:up"))
+        })
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Indexes of the live nodes that are masters now.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].child.is_some()
+                    && try_command(self.nodes[i].port, &["ROLE"])
+                        .is_some_and(|r| r.contains("master"))
+            })
+            .collect()
+    }
+}
+
+/// The number of keys matching `pattern` on the server at `port` (short replies only).
+pub fn count_keys(port: u16, pattern: &str) -> usize {
+    let reply = try_command(port, &["KEYS", pattern]).expect("KEYS answered");
+    reply
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix('*'))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected KEYS reply {reply:?}"))
 }

@@ -4,7 +4,8 @@
 //! The connection is re-established forever with capped backoff and checked with a PING so a
 //! silently dead socket is noticed. Messages published while it was down are lost, so every
 //! subscriber receives [`RESYNC`](super::super::RESYNC) when the connection is lost and again when
-//! it is back: caches must then drop what they hold.
+//! it is back: caches must then drop what they hold. [`Subscriber::live`] says whether the
+//! subscription is active, so that caches are not refilled while messages cannot arrive.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -56,6 +57,7 @@ impl Source {
 pub(super) struct Subscriber {
     channels: Channels,
     connected: watch::Receiver<u64>,
+    live: watch::Receiver<bool>,
     task: AbortHandle,
 }
 
@@ -69,12 +71,20 @@ impl Subscriber {
     pub(super) fn start(source: Source, prefix: String) -> Subscriber {
         let channels: Channels = Arc::new(Mutex::new(HashMap::new()));
         let (generation, connected) = watch::channel(0);
-        let task = tokio::spawn(run(source, prefix, channels.clone(), generation)).abort_handle();
+        let (up, live) = watch::channel(false);
+        let task =
+            tokio::spawn(run(source, prefix, channels.clone(), generation, up)).abort_handle();
         Subscriber {
             channels,
             connected,
+            live,
             task,
         }
+    }
+
+    /// `true` while subscribed: a message published now will be delivered.
+    pub(super) fn live(&self) -> watch::Receiver<bool> {
+        self.live.clone()
     }
 
     /// Waits until the first subscription is active, or `limit` has passed.
@@ -97,6 +107,7 @@ async fn run(
     prefix: String,
     channels: Channels,
     generation: watch::Sender<u64>,
+    live: watch::Sender<bool>,
 ) {
     let pattern = format!("{}*", glob_escape(&prefix));
     let mut backoff = MIN_BACKOFF;
@@ -107,7 +118,9 @@ async fn run(
                 resync(&channels);
             }
             generation.send_modify(|g| *g += 1);
+            live.send_replace(true);
             listen(pubsub, &prefix, &channels).await;
+            live.send_replace(false);
             resync(&channels);
         }
         tokio::time::sleep(backoff).await;

@@ -1,0 +1,461 @@
+//! Provider outages, with a provider that can be taken down (its port closed, its connections
+//! cut) or hung (it accepts and never answers), and brought back on the same address. Sessions
+//! whose tokens are still fresh keep working without calling it; what needs it answers 503
+//! (`Retry-After` for API calls, a readable page for a browser); everything recovers by itself;
+//! a failed key-set refetch breaks no valid session.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::upstream::{self, Upstream};
+use crate::support::*;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::AbortHandle;
+use vestibule::app::now;
+use vestibule::jose::testing::{TestKey, TestSigner};
+use vestibule::session::{AccessToken, Session};
+
+const API: &str = "https://api.example.test";
+/// A provider call that fails fast (refused) is answered well within this.
+const QUICK: Duration = Duration::from_secs(2);
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const UP: u8 = 0;
+const HUNG: u8 = 1;
+
+/// An OpenID provider on a fixed loopback address: discovery, a key set, and a token endpoint
+/// whose refresh grant issues `at-N` / `rt-N`.
+struct Idp {
+    addr: SocketAddr,
+    issuer: String,
+    jwks: Vec<u8>,
+    mode: Arc<AtomicU8>,
+    calls: Arc<AtomicUsize>,
+    grants: Arc<AtomicUsize>,
+    /// The listener and every connection task, aborted by [`Idp::down`].
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Idp {
+    async fn start(jwks: Vec<u8>) -> Idp {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let idp = Idp {
+            addr,
+            issuer: format!("http://{addr}"),
+            jwks,
+            mode: Arc::new(AtomicU8::new(UP)),
+            calls: Arc::default(),
+            grants: Arc::default(),
+            tasks: Arc::default(),
+        };
+        idp.up();
+        idp
+    }
+
+    /// Listening (again) on its address and answering.
+    fn up(&self) {
+        self.mode.store(UP, Ordering::SeqCst);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(self.addr).unwrap();
+        let listener = socket.listen(64).unwrap();
+        let (issuer, jwks, mode, calls, grants, tasks) = (
+            self.issuer.clone(),
+            self.jwks.clone(),
+            self.mode.clone(),
+            self.calls.clone(),
+            self.grants.clone(),
+            self.tasks.clone(),
+        );
+        let accept = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (issuer, jwks, mode, calls, grants) = (
+                    issuer.clone(),
+                    jwks.clone(),
+                    mode.clone(),
+                    calls.clone(),
+                    grants.clone(),
+                );
+                let service = service_fn(move |req| {
+                    let (issuer, jwks, mode, calls, grants) = (
+                        issuer.clone(),
+                        jwks.clone(),
+                        mode.clone(),
+                        calls.clone(),
+                        grants.clone(),
+                    );
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        if mode.load(Ordering::SeqCst) == HUNG {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, Infallible>(answer(req, &issuer, &jwks, &grants).await)
+                    }
+                });
+                let conn = tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+                tasks.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    /// Connection refused, and open connections cut.
+    fn down(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Accepts (the kernel does) and reads, never answers.
+    fn hang(&self) {
+        self.mode.store(HUNG, Ordering::SeqCst);
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    issuer: &str,
+    jwks: &[u8],
+    grants: &AtomicUsize,
+) -> Response<Full<Bytes>> {
+    let json = |v: serde_json::Value| {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(v.to_string())))
+            .unwrap()
+    };
+    match req.uri().path() {
+        "/.well-known/openid-configuration" => json(serde_json::json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "jwks_uri": format!("{issuer}/jwks"),
+            "code_challenge_methods_supported": ["S256"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })),
+        "/jwks" => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(jwks.to_vec())))
+            .unwrap(),
+        "/token" => {
+            let n = grants.fetch_add(1, Ordering::SeqCst) + 1;
+            json(serde_json::json!({
+                "access_token": format!("at-{n}"),
+                "token_type": "Bearer",
+                "expires_in": 300,
+                "refresh_token": format!("rt-{n}"),
+            }))
+        }
+        _ => Response::builder()
+            .status(404)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    }
+}
+
+struct Setup {
+    proxy: Proxy,
+    idp: Idp,
+    upstream: Upstream,
+    signer: TestSigner,
+}
+
+/// A proxy in front of the provider: `/api/` needs a session and attaches its access token;
+/// `/jwt/` also checks a `roles` requirement, against the access token when it validates.
+async fn setup(extra_oidc: &str) -> Setup {
+    let signer = TestSigner::new();
+    let idp = Idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let upstream = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{up}\"\nauth = \"required\"\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/jwt/\"\nupstream = \"{up}\"\nauth = \"required\"\ntoken = \"user\"\n\
+         resource = \"{API}\"\nrequire = {{ roles = [\"writer\"] }}\n",
+        up = upstream.url()
+    );
+    let text = config_text(&routes).replace(
+        "issuer = \"http://127.0.0.1:9\"",
+        &format!("issuer = \"{}\"\n{extra_oidc}", idp.issuer),
+    );
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    Setup {
+        proxy,
+        idp,
+        upstream,
+        signer,
+    }
+}
+
+impl Setup {
+    /// A session holding `tokens` (by resource, `""` for the default) and a refresh token.
+    async fn session(&self, tokens: &[(&str, &str, u64)]) -> String {
+        let mut map = BTreeMap::new();
+        for (resource, value, expires_at) in tokens {
+            map.insert(
+                (*resource).to_string(),
+                AccessToken {
+                    value: (*value).to_string(),
+                    expires_at: *expires_at,
+                    issued_at: now().saturating_sub(60),
+                    scope: None,
+                },
+            );
+        }
+        let session = Session {
+            sub: "alice".into(),
+            tokens: map,
+            refresh_token: Some("rt-0".into()),
+            ..Session::default()
+        };
+        let app = &self.proxy.app;
+        let (value, _) = app.sessions.create(session, now()).await.unwrap();
+        format!("{}={value}", app.runtime.load().config.session.cookie_name)
+    }
+
+    fn bearer_seen(&self) -> String {
+        self.upstream
+            .last()
+            .headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    /// A JWT access token for the API, signed with `key` under `kid`.
+    fn jwt(&self, key: TestKey, kid: &str, roles: &[&str]) -> String {
+        let claims = serde_json::json!({
+            "iss": self.idp.issuer,
+            "aud": API,
+            "sub": "alice",
+            "exp": now() + 300,
+            "iat": now(),
+            "roles": roles,
+        });
+        self.signer.token(key).kid(kid).sign(&claims)
+    }
+}
+
+/// An API call with the session `cookie` (and the CSRF header token routes want).
+async fn call(url: &str, cookie: &str) -> Reply {
+    get(url, &[("cookie", cookie), ("x-csrf", "1")]).await
+}
+
+/// Asserts a 503 `provider_unavailable` JSON with `Retry-After`.
+fn assert_provider_unavailable(reply: &Reply) {
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error"], "provider_unavailable");
+    let retry: u64 = reply
+        .header("retry-after")
+        .expect("a Retry-After header")
+        .parse()
+        .unwrap();
+    assert!(retry > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_provider_down_or_hung_fresh_tokens_keep_working_without_calling_it() {
+    let s = setup("").await;
+    let cookie = s.session(&[("", "at-fresh", now() + 300)]).await;
+    let url = s.proxy.url("/api/x");
+    let calls = s.idp.calls();
+    for outage in ["down", "hung"] {
+        match outage {
+            "down" => s.idp.down(),
+            _ => {
+                s.idp.up();
+                s.idp.hang();
+            }
+        }
+        for _ in 0..5 {
+            let started = Instant::now();
+            let reply = call(&url, &cookie).await;
+            assert_eq!(reply.status, 200, "provider {outage}: {}", reply.text());
+            assert!(started.elapsed() < QUICK, "provider {outage}: waited on it");
+            assert_eq!(s.bearer_seen(), "Bearer at-fresh");
+        }
+    }
+    assert_eq!(s.idp.calls(), calls, "the provider was called");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_with_the_provider_down_is_a_quick_503_with_retry_after_and_recovers_by_itself() {
+    let s = setup("").await;
+    let cookie = s.session(&[("", "at-expired", now() - 10)]).await;
+    let url = s.proxy.url("/api/x");
+    s.idp.down();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reply = call(&url, &cookie).await;
+        assert_provider_unavailable(&reply);
+        assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
+    }
+    assert_eq!(
+        s.upstream.count(),
+        0,
+        "nothing reached the API without a token"
+    );
+    s.idp.up();
+    let reply = eventually("the session works again", DEADLINE, || async {
+        let reply = call(&url, &cookie).await;
+        (reply.status == 200).then_some(reply)
+    })
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        s.bearer_seen(),
+        "Bearer at-1",
+        "refreshed once the provider was back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_with_the_provider_hung_is_a_503_with_retry_after_within_provider_timeout() {
+    let timeout = Duration::from_secs(1);
+    let s = setup(&format!("provider_timeout = \"{}ms\"", timeout.as_millis())).await;
+    let cookie = s.session(&[("", "at-expired", now() - 10)]).await;
+    let url = s.proxy.url("/api/x");
+    s.idp.hang();
+    let started = Instant::now();
+    let reply = call(&url, &cookie).await;
+    assert_provider_unavailable(&reply);
+    assert!(
+        started.elapsed() < timeout + Duration::from_millis(700),
+        "took {:?}",
+        started.elapsed()
+    );
+    s.idp.down();
+    s.idp.up();
+    eventually("the session works again", DEADLINE, || async {
+        (call(&url, &cookie).await.status == 200).then_some(())
+    })
+    .await;
+}
+
+/// Asserts a readable 503 page: HTML, a sentence for a person, the code, no internals.
+fn assert_readable_page(reply: &Reply, idp: &Idp) {
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/html")),
+        "{:?}",
+        reply.headers
+    );
+    let page = reply.text();
+    assert!(
+        page.contains("The identity provider is unavailable"),
+        "{page}"
+    );
+    assert!(page.contains("provider_unavailable"), "{page}");
+    let port = idp.addr.port().to_string();
+    for internal in [
+        port.as_str(),
+        "127.0.0.1",
+        "tcp",
+        "connect",
+        "refused",
+        "hyper",
+    ] {
+        assert!(
+            !page.to_lowercase().contains(internal),
+            "{internal:?} in {page}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_with_the_provider_down_shows_a_readable_503_page_and_recovers_by_itself() {
+    let s = setup("").await;
+    let html = [("accept", "text/html")];
+    // Signing in: the redirect to the provider, then the provider goes down before the callback.
+    let login = get(&s.proxy.url("/bff/login?returnUrl=/app"), &html).await;
+    assert_eq!(login.status, 302, "{}", login.text());
+    let location = login.header("location").unwrap().to_string();
+    let state = url::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    let cookie = login
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    s.idp.down();
+    let callback = s
+        .proxy
+        .url(&format!("/bff/callback?code=abc&state={state}"));
+    let reply = get(&callback, &[("accept", "text/html"), ("cookie", &cookie)]).await;
+    assert_readable_page(&reply, &s.idp);
+
+    // A proxy that starts while the provider is down: not ready, and a login gets the page.
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        s.upstream.url()
+    );
+    let text = config_text(&routes).replace("http://127.0.0.1:9", &s.idp.issuer);
+    let cold = start_proxy(&text).await;
+    let reply = get(&cold.url("/bff/login?returnUrl=/app"), &html).await;
+    assert_readable_page(&reply, &s.idp);
+    let ready = get(&format!("http://{}/readyz", cold.admin), &[]).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["checks"]["provider"], false);
+    s.idp.up();
+    wait_ready(&cold).await;
+    let login = get(&cold.url("/bff/login?returnUrl=/app"), &html).await;
+    assert_eq!(login.status, 302, "{}", login.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_key_set_refetch_breaks_no_valid_session() {
+    let s = setup("metadata_refresh = \"1s\"").await;
+    // The API's token says `writer` and is signed with the known key; the session's own claims
+    // do not: the route admits it only if the token still validates.
+    let valid = s.jwt(TestKey::Rsa1, "k1", &["writer"]);
+    let cookie = s
+        .session(&[("", "at-fresh", now() + 300), (API, &valid, now() + 300)])
+        .await;
+    // A token signed with a key the proxy has not seen makes it refetch the key set.
+    let unknown = s.jwt(TestKey::Rsa2, "k2", &["writer"]);
+    let stranger = s
+        .session(&[("", "at-fresh", now() + 300), (API, &unknown, now() + 300)])
+        .await;
+    let url = s.proxy.url("/jwt/x");
+    assert_eq!(call(&url, &cookie).await.status, 200);
+
+    s.idp.down();
+    let refused = call(&url, &stranger).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    // Long enough for the periodic metadata refresh (every second here) to fail too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..3 {
+        let reply = call(&url, &cookie).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(s.bearer_seen(), format!("Bearer {valid}"));
+    }
+    assert_eq!(call(&s.proxy.url("/api/x"), &cookie).await.status, 200);
+    let ready = get(&format!("http://{}/readyz", s.proxy.admin), &[]).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+}

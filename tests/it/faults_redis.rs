@@ -1,0 +1,575 @@
+//! Redis outages with real `redis-server` processes failing on purpose, under a bounded load of
+//! concurrent requests on two proxy replicas: killed (SIGKILL) and back with its append-only
+//! file, stalled (SIGSTOP), its pub/sub connection lost, and a Sentinel and a Cluster master
+//! failover. While Redis is out, a request is 503 `store_unavailable` within the store timeout —
+//! never 401, never 500, never a hang — and `/readyz` says the store is down; afterwards every
+//! session works again and none was lost.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::fake_idp;
+use crate::support::redis::{RedisCluster, RedisServer, count_keys};
+use crate::support::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vestibule::jose::testing::{TestKey, TestSigner};
+use vestibule::session::Session;
+
+/// `[session.redis] timeout` in these tests.
+const STORE_TIMEOUT: Duration = Duration::from_millis(300);
+/// What a loaded 2-core machine may add to it (scheduling, the reply itself).
+const SLACK: Duration = Duration::from_millis(600);
+/// A request that takes this long is a hang.
+const HANG: Duration = Duration::from_secs(5);
+const PREFIX: &str = "vestibule:";
+const SESSIONS: usize = 12;
+
+/// The store section of a proxy's configuration.
+#[derive(Clone)]
+enum Backend {
+    Url(String),
+    Sentinel(String, String),
+    Cluster(Vec<String>),
+}
+
+impl Backend {
+    fn toml(&self) -> String {
+        let quoted = |v: &[String]| {
+            v.iter()
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let target = match self {
+            Backend::Url(url) => format!("url = \"{url}\""),
+            Backend::Sentinel(master, node) => {
+                format!("sentinel = {{ master = \"{master}\", nodes = [\"{node}\"] }}")
+            }
+            Backend::Cluster(nodes) => format!("cluster = [{}]", quoted(nodes)),
+        };
+        format!(
+            "store = \"redis\"\ncache_ttl = \"{cache}\"\n[session.redis]\n{target}\ntimeout = \"{ms}ms\"\n",
+            cache = "30s",
+            ms = STORE_TIMEOUT.as_millis()
+        )
+    }
+}
+
+/// Two replicas on one store, behind a provider that is up (so `/readyz` is about the store).
+struct Replicas {
+    proxies: Vec<Proxy>,
+    _idp: fake_idp::FakeIdp,
+    _upstream: upstream::Upstream,
+}
+
+async fn replicas(backend: &Backend) -> Replicas {
+    replicas_on([backend.clone(), backend.clone()]).await
+}
+
+/// Two replicas, each with its own view of the store (e.g. another Redis user).
+async fn replicas_on(backends: [Backend; 2]) -> Replicas {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let upstream = upstream::start().await;
+    let mut proxies = Vec::new();
+    for backend in backends {
+        let extra = format!(
+            "{}[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
+            backend.toml(),
+            upstream.url()
+        );
+        let text = config_text(&extra).replace("http://127.0.0.1:9", &idp.issuer);
+        let proxy = start_proxy(&text).await;
+        wait_ready(&proxy).await;
+        proxies.push(proxy);
+    }
+    Replicas {
+        proxies,
+        _idp: idp,
+        _upstream: upstream,
+    }
+}
+
+impl Replicas {
+    /// `SESSIONS` new sessions (through the first replica); their `Cookie` headers.
+    async fn sessions(&self) -> Vec<String> {
+        let app = &self.proxies[0].app;
+        let name = app.runtime.load().config.session.cookie_name.clone();
+        let mut cookies = Vec::new();
+        for i in 0..SESSIONS {
+            let session = Session {
+                sub: format!("user-{i}"),
+                ..Session::default()
+            };
+            let (value, _) = app
+                .sessions
+                .create(session, vestibule::app::now())
+                .await
+                .unwrap();
+            cookies.push(format!("{name}={value}"));
+        }
+        cookies
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.proxies.iter().map(|p| p.url("/api/x")).collect()
+    }
+
+    /// `/readyz`'s store check on every replica.
+    async fn store_ready(&self) -> Vec<bool> {
+        let mut all = Vec::new();
+        for proxy in &self.proxies {
+            let reply = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
+            let store = reply.json()["checks"]["store"].as_bool().unwrap();
+            assert_eq!(
+                reply.status == 200,
+                store,
+                "readyz: {} (the provider is up)",
+                reply.text()
+            );
+            all.push(store);
+        }
+        all
+    }
+
+    /// Waits until every session answers 200 on every replica.
+    async fn all_sessions_work(&self, cookies: &[String], within: Duration) {
+        eventually("every session works on every replica", within, || async {
+            for url in self.urls() {
+                for cookie in cookies {
+                    if get(&url, &[("cookie", cookie)]).await.status != 200 {
+                        return None;
+                    }
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+}
+
+/// What one request of the load got.
+#[derive(Debug, Clone)]
+struct Outcome {
+    /// 0: no answer within `HANG`; 1: the connection failed.
+    status: u16,
+    code: String,
+    took: Duration,
+    ended: Instant,
+}
+
+/// A bounded loop of concurrent requests, round robin over replicas and sessions.
+struct Load {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(urls: Vec<String>, cookies: Vec<String>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let next = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..6)
+            .map(|_| {
+                let (urls, cookies) = (urls.clone(), cookies.clone());
+                let (stop, outcomes, next) = (stop.clone(), outcomes.clone(), next.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    // Bounded: at most this many requests per task, whatever happens.
+                    for _ in 0..5_000 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let req = http::Request::get(&urls[i % urls.len()])
+                            .header("cookie", &cookies[(i / urls.len()) % cookies.len()])
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                            .unwrap();
+                        let started = Instant::now();
+                        let outcome = match tokio::time::timeout(HANG, client.request(req)).await {
+                            Err(_) => (0, String::new()),
+                            Ok(Err(_)) => (1, String::new()),
+                            Ok(Ok(response)) => {
+                                use http_body_util::BodyExt;
+                                let status = response.status().as_u16();
+                                let body = response.into_body().collect().await;
+                                let body = body.map(|b| b.to_bytes()).unwrap_or_default();
+                                let code = serde_json::from_slice::<serde_json::Value>(&body)
+                                    .ok()
+                                    .and_then(|v| v["error"].as_str().map(String::from))
+                                    .unwrap_or_default();
+                                (status, code)
+                            }
+                        };
+                        outcomes.lock().unwrap().push(Outcome {
+                            status: outcome.0,
+                            code: outcome.1,
+                            took: started.elapsed(),
+                            ended: Instant::now(),
+                        });
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            outcomes,
+            tasks,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.outcomes.lock().unwrap().len()
+    }
+
+    /// Waits until `more` further requests have completed.
+    async fn run_for(&self, more: usize) {
+        let target = self.count() + more;
+        eventually("the load makes progress", HANG * 2, || async {
+            (self.count() >= target).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        Arc::try_unwrap(self.outcomes)
+            .unwrap()
+            .into_inner()
+            .unwrap()
+    }
+}
+
+/// Every outcome is a 200 or a 503 `store_unavailable`, answered within the store timeout (plus
+/// slack); returns how many were 503.
+fn assert_only_ok_or_store_unavailable(outcomes: &[Outcome]) -> usize {
+    let mut unavailable = 0;
+    for o in outcomes {
+        match (o.status, o.code.as_str()) {
+            (200, _) => {}
+            (503, "store_unavailable") => unavailable += 1,
+            _ => panic!("a request got {} {:?} after {:?}", o.status, o.code, o.took),
+        }
+        assert!(
+            o.took <= STORE_TIMEOUT + SLACK,
+            "a request took {:?} ({} {})",
+            o.took,
+            o.status,
+            o.code
+        );
+    }
+    unavailable
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_is_503_fast_and_every_session_comes_back_with_its_aof() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let replicas = replicas(&Backend::Url(redis.url())).await;
+    let cookies = replicas.sessions().await;
+    let sessions_before = count_keys(redis.port(), &format!("{PREFIX}s:*"));
+    assert_eq!(sessions_before, SESSIONS);
+
+    let load = Load::start(replicas.urls(), cookies.clone());
+    load.run_for(50).await;
+    redis.kill();
+    eventually("both replicas report the store down", HANG, || async {
+        (replicas.store_ready().await == [false, false]).then_some(())
+    })
+    .await;
+    let down = Instant::now();
+    load.run_for(60).await;
+    redis.restart();
+    let back = Instant::now();
+    replicas
+        .all_sessions_work(&cookies, Duration::from_secs(2))
+        .await;
+    assert_eq!(replicas.store_ready().await, [true, true]);
+    load.run_for(30).await;
+    let outcomes = load.finish().await;
+
+    let unavailable = assert_only_ok_or_store_unavailable(&outcomes);
+    let while_down: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.ended > down + STORE_TIMEOUT + SLACK && o.ended < back)
+        .collect();
+    assert!(
+        while_down.len() >= 30,
+        "too few requests while down: {}",
+        while_down.len()
+    );
+    assert!(
+        while_down.iter().all(|o| o.status == 503),
+        "a request succeeded while Redis was down: the session cache answered without the store"
+    );
+    assert!(unavailable >= while_down.len());
+    assert_eq!(
+        count_keys(redis.port(), &format!("{PREFIX}s:*")),
+        sessions_before,
+        "sessions before and after the outage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_answers_503_within_the_store_timeout_and_recovers() {
+    let redis = RedisServer::start();
+    let replicas = replicas(&Backend::Url(redis.url())).await;
+    let cookies = replicas.sessions().await;
+    // Half the sessions are in use (and so in the replicas' caches), half are not.
+    let (busy, idle) = cookies.split_at(SESSIONS / 2);
+    let load = Load::start(replicas.urls(), busy.to_vec());
+    load.run_for(30).await;
+
+    redis.signal("STOP");
+    let stalled = Instant::now();
+    eventually("both replicas report the store down", HANG, || async {
+        (replicas.store_ready().await == [false, false]).then_some(())
+    })
+    .await;
+    for url in replicas.urls() {
+        for cookie in idle {
+            let started = Instant::now();
+            let reply = get(&url, &[("cookie", cookie)]).await;
+            assert_eq!(
+                (reply.status, reply.json()["error"].as_str()),
+                (503, Some("store_unavailable"))
+            );
+            assert!(started.elapsed() <= STORE_TIMEOUT + SLACK);
+        }
+    }
+    load.run_for(20).await;
+    assert!(stalled.elapsed() > STORE_TIMEOUT);
+    redis.signal("CONT");
+    replicas
+        .all_sessions_work(&cookies, Duration::from_secs(2))
+        .await;
+    assert_eq!(replicas.store_ready().await, [true, true]);
+    let outcomes = load.finish().await;
+    assert_only_ok_or_store_unavailable(&outcomes);
+}
+
+/// The test's own connection to Redis.
+fn redis_connection(redis: &RedisServer) -> ::redis::Connection {
+    ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+fn pubsub_clients(con: &mut ::redis::Connection) -> usize {
+    let list: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(con)
+        .unwrap();
+    list.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+fn acl(con: &mut ::redis::Connection, args: &[&str]) {
+    let _: () = ::redis::cmd("ACL").arg(args).query(con).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_pubsub_connection_keeps_sessions_out_of_the_cache_until_it_is_back() {
+    let redis = RedisServer::start();
+    let mut con = redis_connection(&redis);
+    // Each replica is its own Redis user, so that one can lose its subscription alone.
+    acl(
+        &mut con,
+        &["SETUSER", "a", "on", ">pa", "~*", "&*", "+@all"],
+    );
+    acl(
+        &mut con,
+        &["SETUSER", "b", "on", ">pb", "~*", "&*", "+@all"],
+    );
+    let user = |name: &str| {
+        Backend::Url(
+            redis
+                .url()
+                .replace("redis://", &format!("redis://{name}:p{name}@")),
+        )
+    };
+    let replicas = replicas_on([user("a"), user("b")]).await;
+    let (a, b) = (&replicas.proxies[0], &replicas.proxies[1]);
+    let cookies = replicas.sessions().await;
+    let cookie = &cookies[0];
+    let url = a.url("/api/x");
+    assert_eq!(get(&url, &[("cookie", cookie)]).await.status, 200);
+    assert_eq!(pubsub_clients(&mut con), 2);
+
+    // Revoking a's channels drops its subscription and refuses new ones, while its commands keep
+    // working: the invalidation messages are lost to it, the store is not.
+    acl(&mut con, &["SETUSER", "a", "resetchannels"]);
+    eventually(
+        "replica a tries to subscribe again and is refused",
+        HANG,
+        || {
+            let log: Vec<::redis::Value> = ::redis::cmd("ACL").arg("LOG").query(&mut con).unwrap();
+            async move { (!log.is_empty()).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(pubsub_clients(&mut con), 1);
+
+    // Read again while messages cannot arrive, then ended on the other replica.
+    assert_eq!(get(&url, &[("cookie", cookie)]).await.status, 200);
+    assert_eq!(b.app.sessions.end_by_sub("user-0").await.unwrap(), 1);
+    let reply = get(&url, &[("cookie", cookie)]).await;
+    assert_eq!(
+        reply.status, 401,
+        "an ended session was served from the cache while pub/sub was down"
+    );
+
+    // Back: the cache is used again (a session removed behind its back is still served).
+    acl(&mut con, &["SETUSER", "a", "allchannels"]);
+    eventually("replica a subscribes again", HANG, || {
+        let n = pubsub_clients(&mut con);
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
+    let name = a.app.runtime.load().config.session.cookie_name.clone();
+    eventually("the cache is in use again", HANG, || async {
+        let session = Session {
+            sub: "carol".into(),
+            ..Session::default()
+        };
+        let (value, _) = b
+            .app
+            .sessions
+            .create(session, vestibule::app::now())
+            .await
+            .unwrap();
+        let cookie = format!("{name}={value}");
+        assert_eq!(get(&url, &[("cookie", &cookie)]).await.status, 200);
+        // Removed behind the proxies' backs (no message): only a cache can still have it.
+        let mut direct = redis_connection(&redis);
+        for key in session_keys(&redis) {
+            let _: i64 = ::redis::cmd("DEL").arg(key).query(&mut direct).unwrap();
+        }
+        (get(&url, &[("cookie", &cookie)]).await.status == 200).then_some(())
+    })
+    .await;
+}
+
+fn session_keys(redis: &RedisServer) -> Vec<String> {
+    let mut con = redis_connection(redis);
+    ::redis::cmd("KEYS")
+        .arg(format!("{PREFIX}s:*"))
+        .query(&mut con)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
+    let mut master = RedisServer::start_with(&["--appendonly", "yes"]);
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    eventually("the replica is in sync", HANG, || async {
+        replica
+            .command(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    })
+    .await;
+    let sentinel = RedisServer::start_quick_sentinel(&master, "main", Duration::from_millis(500));
+    eventually("the sentinel knows the replica", HANG, || async {
+        let replicas = sentinel.command(&["SENTINEL", "REPLICAS", "main"]);
+        replicas.contains(&replica.port().to_string()).then_some(())
+    })
+    .await;
+    let replicas = replicas(&Backend::Sentinel("main".into(), sentinel.url())).await;
+    let cookies = replicas.sessions().await;
+    eventually("the sessions reached the replica", HANG, || async {
+        (count_keys(replica.port(), &format!("{PREFIX}s:*")) == SESSIONS).then_some(())
+    })
+    .await;
+
+    let load = Load::start(replicas.urls(), cookies.clone());
+    load.run_for(30).await;
+    master.kill();
+    let killed = Instant::now();
+    eventually(
+        "the sentinel promoted the replica",
+        Duration::from_secs(20),
+        || async { replica.command(&["ROLE"]).contains("master").then_some(()) },
+    )
+    .await;
+    replicas
+        .all_sessions_work(&cookies, Duration::from_secs(10))
+        .await;
+    eprintln!(
+        "sentinel failover: requests resumed {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(replicas.store_ready().await, [true, true]);
+    load.run_for(30).await;
+    let outcomes = load.finish().await;
+    assert_only_ok_or_store_unavailable(&outcomes);
+    assert_eq!(
+        count_keys(replica.port(), &format!("{PREFIX}s:*")),
+        SESSIONS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_a_cluster_master_failover_and_requests_resume() {
+    let mut cluster = RedisCluster::start(3, Duration::from_millis(1000));
+    let replicas = replicas(&Backend::Cluster(cluster.urls())).await;
+    let cookies = replicas.sessions().await;
+    let count = |cluster: &RedisCluster| -> usize {
+        cluster
+            .masters()
+            .into_iter()
+            .map(|i| count_keys(cluster.nodes[i].port(), &format!("{PREFIX}s:*")))
+            .sum()
+    };
+    assert_eq!(count(&cluster), SESSIONS);
+    eventually("the replicas are in sync", HANG, || async {
+        cluster.settled().then_some(())
+    })
+    .await;
+
+    let load = Load::start(replicas.urls(), cookies.clone());
+    load.run_for(30).await;
+    // The master holding the most sessions.
+    let victim = cluster
+        .masters()
+        .into_iter()
+        .max_by_key(|&i| count_keys(cluster.nodes[i].port(), &format!("{PREFIX}s:*")))
+        .unwrap();
+    cluster.nodes[victim].kill();
+    let killed = Instant::now();
+    eventually("a replica took over", Duration::from_secs(20), || async {
+        (cluster.masters().len() == 3 && cluster.settled()).then_some(())
+    })
+    .await;
+    replicas
+        .all_sessions_work(&cookies, Duration::from_secs(10))
+        .await;
+    eprintln!(
+        "cluster failover: requests resumed {:?} after the kill",
+        killed.elapsed()
+    );
+    eventually(
+        "both replicas report the store up",
+        Duration::from_secs(5),
+        || async { (replicas.store_ready().await == [true, true]).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "cluster failover: ready again {:?} after the kill",
+        killed.elapsed()
+    );
+    load.run_for(30).await;
+    let outcomes = load.finish().await;
+    assert_only_ok_or_store_unavailable(&outcomes);
+    assert_eq!(
+        count(&cluster),
+        SESSIONS,
+        "sessions before and after the failover"
+    );
+}

@@ -1,0 +1,331 @@
+//! Upstream faults, from a raw TCP upstream that misbehaves on purpose: it resets mid-head and
+//! mid-body, trickles its headers, answers garbage, or closes a kept-alive connection just as
+//! the proxy reuses it. The browser gets a 502/504 JSON with a stable code and nothing else, the
+//! proxy lets go of the broken upstream connection, and only a request that was never sent or
+//! is idempotent is sent again.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The route's time limit for the upstream's response head.
+const ROUTE_TIMEOUT: Duration = Duration::from_millis(500);
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// A hand-written HTTP/1.1 upstream. It answers by path; every request line it read is
+/// recorded; `drop_reused` makes it close a connection, unanswered, on that connection's second
+/// request; `let_go` counts connections the proxy closed while the upstream still held them.
+#[derive(Clone, Default)]
+struct Raw {
+    url: String,
+    seen: Arc<Mutex<Vec<String>>>,
+    drop_reused: Arc<AtomicBool>,
+    let_go: Arc<AtomicUsize>,
+}
+
+impl Raw {
+    async fn start() -> Raw {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let raw = Raw {
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            ..Raw::default()
+        };
+        let shared = raw.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(shared.clone().serve(tcp));
+            }
+        });
+        raw
+    }
+
+    fn seen(&self, line: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.as_str() == line)
+            .count()
+    }
+
+    fn let_go(&self) -> usize {
+        self.let_go.load(Ordering::SeqCst)
+    }
+
+    async fn serve(self, mut tcp: TcpStream) {
+        let mut served = 0;
+        loop {
+            let Some(line) = read_request(&mut tcp).await else {
+                return;
+            };
+            self.seen.lock().unwrap().push(line.clone());
+            if served > 0 && self.drop_reused.load(Ordering::SeqCst) {
+                // Read, then closed unanswered: as if the idle timeout struck just then.
+                return;
+            }
+            served += 1;
+            let path = line.split(' ').nth(1).unwrap_or("");
+            match path {
+                "/api/reset-head" => {
+                    let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Le").await;
+                    return reset(tcp);
+                }
+                "/api/reset-body" => {
+                    let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789";
+                    let _ = tcp.write_all(head.as_bytes()).await;
+                    let _ = tcp.flush().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return reset(tcp);
+                }
+                "/api/slow-head" => {
+                    let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\n").await;
+                    // One header line every 100 ms, until the proxy hangs up.
+                    let started = Instant::now();
+                    while started.elapsed() < Duration::from_secs(30) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        if tcp.write_all(b"x-slow: 1\r\n").await.is_err() {
+                            self.let_go.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                    return;
+                }
+                "/api/garbage" => {
+                    let _ = tcp
+                        .write_all(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x7f\xff not http\r\n\r\n")
+                        .await;
+                    // Held open: the proxy must close it.
+                    let mut rest = [0u8; 64];
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while Instant::now() < deadline {
+                        match tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut rest))
+                            .await
+                        {
+                            Ok(Ok(0)) | Ok(Err(_)) => {
+                                self.let_go.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            _ => {}
+                        }
+                    }
+                    return;
+                }
+                _ => {
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if tcp.write_all(ok.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Closes with a TCP reset rather than an orderly FIN.
+#[allow(deprecated)] // A zero linger never blocks: it resets at once.
+fn reset(tcp: TcpStream) {
+    let _ = tcp.set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+/// Reads one request (head and `content-length` body); returns its request line, `None` at the
+/// end of the connection.
+async fn read_request(tcp: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    tcp.read_exact(&mut body).await.ok()?;
+    let line = head.lines().next().unwrap_or("");
+    // "GET /api/ok HTTP/1.1" -> "GET /api/ok"
+    Some(line.rsplit_once(' ').map_or(line, |(l, _)| l).to_string())
+}
+
+/// One worker, so that every request shares one upstream pool.
+async fn proxy_for(raw: &Raw) -> Proxy {
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntimeout = \"{}ms\"\n",
+        raw.url,
+        ROUTE_TIMEOUT.as_millis()
+    );
+    let text = config_text(&routes).replace("shutdown_grace = \"5s\"", "workers = 1");
+    start_proxy(&text).await
+}
+
+/// Asserts a Vestibule error body: exactly `error` and `message`, the given code, no internals.
+fn assert_error(reply: &Reply, status: u16, code: &str, raw: &Raw) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    let body = reply.json();
+    let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["error", "message"], "{body}");
+    assert_eq!(body["error"], code);
+    let text = reply.text().to_lowercase();
+    let port = raw.url.rsplit(':').next().unwrap();
+    for internal in [
+        "127.0.0.1",
+        port,
+        "hyper",
+        "connection",
+        "reset",
+        "parse",
+        "os error",
+    ] {
+        assert!(!text.contains(internal), "{internal:?} leaked in {text}");
+    }
+}
+
+/// The proxy still answers on a connection of `client`'s pool, and the upstream still serves.
+async fn still_serves(client: &TestClient, proxy: &Proxy) {
+    let started = Instant::now();
+    let reply = tokio::time::timeout(DEADLINE, request(client, "GET", &proxy.url("/api/ok")))
+        .await
+        .expect("the proxy hangs after an upstream fault");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+    assert!(started.elapsed() < DEADLINE);
+}
+
+async fn request(client: &TestClient, method: &str, url: &str) -> Reply {
+    let body = if method == "POST" { "payload" } else { "" };
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_before_its_head_is_complete_is_a_502_json() {
+    let raw = Raw::start().await;
+    let proxy = proxy_for(&raw).await;
+    let client = client();
+    let reply = request(&client, "GET", &proxy.url("/api/reset-head")).await;
+    assert_error(&reply, 502, "upstream_unavailable", &raw);
+    still_serves(&client, &proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_mid_body_cuts_the_response_off_instead_of_completing_it() {
+    let raw = Raw::start().await;
+    let proxy = proxy_for(&raw).await;
+    let client = client();
+    let req = http::Request::get(proxy.url("/api/reset-body"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    // The head was relayed before the reset: the status stands, the body must not look whole.
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(DEADLINE, response.into_body().collect())
+        .await
+        .expect("the truncated body hangs instead of ending");
+    assert!(
+        body.is_err(),
+        "a truncated body was delivered as if complete"
+    );
+    still_serves(&client, &proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_trickling_its_headers_is_a_504_within_the_route_timeout() {
+    let raw = Raw::start().await;
+    let proxy = proxy_for(&raw).await;
+    let client = client();
+    let started = Instant::now();
+    let reply = request(&client, "GET", &proxy.url("/api/slow-head")).await;
+    let waited = started.elapsed();
+    assert_error(&reply, 504, "upstream_timeout", &raw);
+    assert!(
+        waited >= ROUTE_TIMEOUT && waited < ROUTE_TIMEOUT + Duration::from_secs(1),
+        "answered after {waited:?}"
+    );
+    eventually(
+        "the proxy let go of the slow upstream connection",
+        DEADLINE,
+        || async { (raw.let_go() == 1).then_some(()) },
+    )
+    .await;
+    still_serves(&client, &proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answering_garbage_is_a_502_and_its_connection_is_closed() {
+    let raw = Raw::start().await;
+    let proxy = proxy_for(&raw).await;
+    let client = client();
+    let reply = request(&client, "GET", &proxy.url("/api/garbage")).await;
+    assert_error(&reply, 502, "upstream_unavailable", &raw);
+    eventually(
+        "the proxy closed the garbage connection",
+        DEADLINE,
+        || async { (raw.let_go() == 1).then_some(()) },
+    )
+    .await;
+    still_serves(&client, &proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_request_lost_on_a_reused_connection_is_sent_again_on_a_new_one() {
+    let raw = Raw::start().await;
+    let proxy = proxy_for(&raw).await;
+    let client = client();
+    // A pooled upstream connection, then the upstream closes it as the next request arrives.
+    assert_eq!(
+        request(&client, "GET", &proxy.url("/api/ok")).await.status,
+        200
+    );
+    raw.drop_reused.store(true, Ordering::SeqCst);
+    let reply = request(&client, "GET", &proxy.url("/api/ok")).await;
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (200, "ok"),
+        "a GET lost on a reused connection is retried"
+    );
+    assert_eq!(raw.seen("GET /api/ok"), 3, "first, lost, retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_lost_on_a_reused_connection_is_a_502_and_is_never_sent_twice() {
+    let raw = Raw::start().await;
+    let proxy = proxy_for(&raw).await;
+    let client = client();
+    assert_eq!(
+        request(&client, "GET", &proxy.url("/api/ok")).await.status,
+        200
+    );
+    raw.drop_reused.store(true, Ordering::SeqCst);
+    let reply = request(&client, "POST", &proxy.url("/api/ok")).await;
+    assert_error(&reply, 502, "upstream_unavailable", &raw);
+    assert_eq!(
+        raw.seen("POST /api/ok"),
+        1,
+        "the upstream may have acted on it: never sent again"
+    );
+    raw.drop_reused.store(false, Ordering::SeqCst);
+    still_serves(&client, &proxy).await;
+}
