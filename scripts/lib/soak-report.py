@@ -94,6 +94,11 @@ fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
 xs = [s["t"] + 0.5 - t0 for s in seconds]
 ax1.plot(xs, [sum(s["status"].values()) for s in seconds], lw=0.8, label="finished/s")
 ax1.plot(xs, [sum(v for k, v in s["status"].items() if k != "200") for s in seconds], lw=0.8, color="red", label="not 200/s")
+per_second = {}
+for g in grants:
+    for ms in g["refreshed_at"]:
+        per_second[int(ms // 1000)] = per_second.get(int(ms // 1000), 0) + 1
+ax1.plot(xs, [per_second.get(s["t"], 0) for s in seconds], lw=0.8, color="green", label="refresh grants/s")
 ax1.set_ylabel("requests/s")
 ax1.legend(loc="lower left", fontsize=8)
 ax2.plot(xs, [s["p99"] for s in seconds], lw=0.8, color="purple")
@@ -135,7 +140,9 @@ lines = [
     "",
     f"**Requests**: {answered} finished, {not_ok} not 200 ({not_ok / max(answered, 1) * 100:.3f} %). "
     f"By status: {fmt_status(total)} (`conn`: connection refused or reset, `timeout`: no answer in 30 s, "
-    "`skipped`: more than 1024 in flight).",
+    "`skipped`: more than 1024 in flight). "
+    f"{seconds[-1].get('reused_retries', 0) if seconds else 0} requests were sent a second time because the "
+    "kept-alive connection they went out on had just been closed by the replica (as a browser does).",
     "",
     "| phase | from s | to s | statuses | worst p99 of a second, ms |",
     "|---|---:|---:|---|---:|",

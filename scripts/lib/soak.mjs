@@ -19,9 +19,12 @@ import * as http from 'node:http';
 const [command, ...args] = process.argv.slice(2);
 const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
 const TIMEOUT_MS = 30_000;
+let reusedRetries = 0; // requests sent again after a reused connection turned out closed
 
-// One request; resolves {status, headers, body} or {status: "conn" | "timeout"}.
-function request(url, { method = 'GET', headers = {}, body } = {}) {
+// One request; resolves {status, headers, body} or {status: "conn" | "timeout"}. Like a browser,
+// it tries once more when a reused keep-alive connection turns out closed (the
+// server closed it while idle just as the request went out).
+function request(url, { method = 'GET', headers = {}, body } = {}, retried = false) {
   return new Promise((resolve) => {
     const req = http.request(url, { method, headers, agent, timeout: TIMEOUT_MS }, (res) => {
       const chunks = [];
@@ -29,8 +32,16 @@ function request(url, { method = 'GET', headers = {}, body } = {}) {
       res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: Buffer.concat(chunks).toString() }));
       res.on('error', () => resolve({ status: 'conn' }));
     });
-    req.on('timeout', () => { req.destroy(); resolve({ status: 'timeout' }); });
-    req.on('error', () => resolve({ status: 'conn' }));
+    let timedOut = false;
+    req.on('timeout', () => { timedOut = true; req.destroy(); resolve({ status: 'timeout' }); });
+    req.on('error', () => {
+      if (timedOut) return;
+      if (req.reusedSocket && !retried) {
+        reusedRetries += 1;
+        resolve(request(url, { method, headers, body }, true));
+      }
+      else resolve({ status: 'conn' });
+    });
     req.end(body);
   });
 }
@@ -148,7 +159,7 @@ async function load(cookieFile, rate, seconds, out, bases) {
     for (const [t, b] of [...buckets].sort((x, y) => x[0] - y[0])) {
       if (t >= before) break;
       const lat = b.latencies.sort((x, y) => x - y);
-      const line = { t, sent: b.sent, status: b.status, in_flight: inFlight,
+      const line = { t, sent: b.sent, status: b.status, in_flight: inFlight, reused_retries: reusedRetries,
         p50: percentile(lat, 50), p99: percentile(lat, 99), max: lat.at(-1) ?? null };
       fs.appendFileSync(out, `${JSON.stringify(line)}\n`);
       buckets.delete(t);
