@@ -3,9 +3,10 @@
 //   node soak.mjs upstream PORT
 //       JSON API upstream on 127.0.0.1:PORT. Answers 401 invalid_token to a request whose Bearer
 //       JWT is missing or past its `exp`; GET /_upstream/stats counts them.
-//   node soak.mjs login BASE ISSUER COUNT OUT
+//   node soak.mjs login BASE ISSUER COUNT SPREAD OUT
 //       logs users soak-001..COUNT in through BASE/bff/login and the provider's form (password =
-//       login), 8 at a time; writes one session cookie value per line to OUT (mode 0600).
+//       login), evenly over SPREAD seconds (so their tokens expire at different times), at most 8
+//       at a time; writes one session cookie value per line to OUT (mode 0600).
 //   node soak.mjs load COOKIES RATE SECONDS OUT BASE...
 //       GET /api/items at RATE requests/s (open loop) for SECONDS; request n goes to session
 //       n % sessions on BASE[floor(n / sessions) % bases], so each session alternates replicas.
@@ -120,12 +121,15 @@ async function loginOne(base, issuer, user) {
   return cookie;
 }
 
-async function login(base, issuer, count, out) {
+async function login(base, issuer, count, spreadSeconds, out) {
   const cookies = new Array(count);
+  const started = Date.now();
   let next = 0;
   const worker = async () => {
     while (next < count) {
       const i = next++;
+      const due = started + (i * spreadSeconds * 1000) / count;
+      if (due > Date.now()) await new Promise((r) => { setTimeout(r, due - Date.now()); });
       cookies[i] = await loginOne(base, issuer, `soak-${String(i + 1).padStart(3, '0')}`);
     }
   };
@@ -214,7 +218,7 @@ async function check(cookieFile, bases) {
 
 const run = {
   upstream: () => upstream(Number(args[0])),
-  login: () => login(args[0], args[1], Number(args[2]), args[3]),
+  login: () => login(args[0], args[1], Number(args[2]), Number(args[3]), args[4]),
   load: () => load(args[0], Number(args[1]), Number(args[2]), args[3], args.slice(4)),
   check: () => check(args[0], args.slice(1)),
 }[command];
