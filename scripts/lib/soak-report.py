@@ -30,8 +30,14 @@ t0 = next(t for t, e in events if e.startswith("load:"))
 t_end = next(t for t, e in events if e == "load: end")
 
 # ---- phases: the whole run, or the stretches between chaos events ------------------------------
+# A fault's phase runs from its start to the next fault's start ("after ..." events only mark the
+# plot); a second is counted in the phase where it ends, so errors it saw after a fault began count
+# for that fault.
 chaos_events = [(t, e.removeprefix("chaos: ")) for t, e in events if e.startswith("chaos:")]
-bounds = [(t0, "before the faults" if chaos_events else "steady")] + chaos_events + [(t_end + 1, "")]
+starts = [(t, e) for t, e in chaos_events if not e.startswith(("after", "replica b down"))]
+afters = [t for t, e in chaos_events if e.startswith("after")]
+starts = [(t, f"{e}, lasting {a - t:.1f} s, and after") for (t, e), a in zip(starts, afters)]
+bounds = [(t0 - 1, "before the faults" if starts else "steady")] + starts + [(t_end + 1, "")]
 phases = [(a, b, label) for (a, label), (b, _) in zip(bounds, bounds[1:])]
 
 
@@ -43,12 +49,12 @@ def add(into, status):
 def phase_rows():
     rows = []
     for a, b, label in phases:
-        inside = [s for s in seconds if a <= s["t"] + 0.5 < b]
+        inside = [s for s in seconds if a < s["t"] + 1 <= b]
         status = {}
         for s in inside:
             add(status, s["status"])
         p99s = [s["p99"] for s in inside if s["p99"] is not None]
-        rows.append((label, a - t0, b - t0, status, max(p99s, default=None)))
+        rows.append((label, max(a - t0, 0), min(b, t_end) - t0, status, max(p99s, default=None)))
     return rows
 
 

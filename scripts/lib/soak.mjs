@@ -18,7 +18,9 @@ import * as fs from 'node:fs';
 import * as http from 'node:http';
 
 const [command, ...args] = process.argv.slice(2);
-const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+// Many sockets per replica: 200 browsers have connections of their own, so requests of a session
+// that waits for its refresh must not hold up the others in a shared queue.
+const agent = new http.Agent({ keepAlive: true, maxSockets: 1024 });
 const TIMEOUT_MS = 30_000;
 let reusedRetries = 0; // requests sent again after a reused connection turned out closed
 
@@ -184,7 +186,7 @@ async function load(cookieFile, rate, seconds, out, bases) {
   while (Date.now() < end) {
     const due = Math.floor(((Date.now() - started) / 1000) * rate);
     for (; sent < due; sent += 1) {
-      if (inFlight >= 1024) count('skipped');
+      if (inFlight >= 4096) count('skipped');
       else fire(sent, started + (sent / rate) * 1000);
     }
     flush(Math.floor(Date.now() / 1000));
