@@ -116,10 +116,11 @@ ax3.set_ylabel("RSS MiB")
 ax3.set_xlabel("seconds since the load started")
 ax3.set_ylim(bottom=0)
 ax3.legend(loc="lower left", fontsize=8)
-for t, e in chaos_events:
+for (t, e), a in zip(starts, afters):
     for ax in (ax1, ax2, ax3):
-        ax.axvline(t - t0, color="grey", lw=0.6, ls="--")
-    ax1.annotate(e, (t - t0, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6, va="top")
+        ax.axvspan(t - t0, max(a - t0, t - t0 + 0.5), color="grey", alpha=0.3, lw=0)
+    ax1.annotate(e.split(" (")[0], (t - t0, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                 va="top", ha="right", rotation=90)
 fig.suptitle(f"scripts/soak{' --chaos' if params['chaos'] == 'true' else ''}: {params['sessions']} sessions, "
              f"{params['rate']} requests/s, 2 replicas, access tokens {ttl} s")
 fig.tight_layout()
@@ -146,7 +147,7 @@ lines = [
     "",
     f"**Requests**: {answered} finished, {not_ok} not 200 ({not_ok / max(answered, 1) * 100:.3f} %). "
     f"By status: {fmt_status(total)} (`conn`: connection refused or reset, `timeout`: no answer in 30 s, "
-    "`skipped`: more than 1024 in flight). "
+    "`skipped`: more than 4096 in flight). "
     f"{seconds[-1].get('reused_retries', 0) if seconds else 0} requests were sent a second time because the "
     "kept-alive connection they went out on had just been closed by the replica (as a browser does).",
     "",
