@@ -13,7 +13,8 @@
 //       Appends one JSON line per second to OUT: {t, sent, status: {"200": n, "503 store_unavailable": n, "conn": n, ...},
 //       p50, p99, max} (latencies in ms of the requests that finished in that second).
 //   node soak.mjs check COOKIES BASE...
-//       every session on every replica once; prints {"sessions", "ok", "lost", "statuses"}.
+//       every session on every replica (32 sessions at a time; a 5xx or refused connection is
+//       asked again up to 5 times, 1 s apart); prints {"sessions", "ok", "lost", "statuses"}.
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 
@@ -201,7 +202,13 @@ async function check(cookieFile, bases) {
   const cookies = readCookies(cookieFile);
   const statuses = {};
   let lost = 0;
-  for (const cookie of cookies) {
+  let next = 0;
+  const worker = async () => {
+    while (next < cookies.length) {
+      await checkOne(cookies[next++]);
+    }
+  };
+  const checkOne = async (cookie) => {
     let works = true;
     for (const base of bases) {
       let { status } = await api(base, cookie);
@@ -214,7 +221,8 @@ async function check(cookieFile, bases) {
       if (status !== 200) works = false;
     }
     if (!works) lost += 1;
-  }
+  };
+  await Promise.all(Array.from({ length: 32 }, worker));
   console.log(JSON.stringify({ sessions: cookies.length, ok: cookies.length - lost, lost, statuses }));
 }
 
