@@ -55,7 +55,9 @@
 //
 // Test control endpoints (unauthenticated, JSON), see README.md:
 //   GET  /_test/stats         token-endpoint requests by grant type, revocations, back-channel logouts
-//   POST /_test/reset-stats
+//   GET  /_test/grants        per login (grant): sub, code and refresh grants, refresh errors, times of
+//                             the refreshes, and how many refresh tokens were used once, twice, …
+//   POST /_test/reset-stats   (also clears /_test/grants)
 //   POST /_test/behaviour     {"token_delay_ms": n, "token_status": 503|null, "token_error": "..."};
 //                             replaces the whole behaviour, {} resets it
 //   GET  /_test/tokens        latest tokens issued per user sub (?history=1: every issue, oldest first)
@@ -399,6 +401,52 @@ function freshStats() {
 
 let stats = freshStats();
 let behaviour = {};
+
+// Per-grant (per-login) refresh counters for soak runs. A refresh token stands for one access-token
+// lifetime (they rotate together), so its number of uses is the number of refresh grants per expiry.
+// Keyed by a hash of the refresh token; no token value is kept or shown.
+let grantStats = new Map(); // grantId -> { sub, authorization_code, refresh_token, ..., uses: Map }
+let refreshTokenGrant = new Map(); // sha256(refresh token) -> grantId
+const tokenHash = (value) => crypto.createHash('sha256').update(String(value)).digest('base64url');
+
+function grantEntry(grantId, sub) {
+  let entry = grantStats.get(grantId);
+  if (!entry) {
+    entry = { sub, authorization_code: 0, refresh_token: 0, refresh_token_errors: 0, refreshed_at: [], uses: new Map() };
+    grantStats.set(grantId, entry);
+  }
+  return entry;
+}
+
+function countGrantUse(ctx, grantType, ok) {
+  if (grantType !== 'authorization_code' && grantType !== 'refresh_token') return;
+  let grantId = ctx.oidc?.entities?.Grant?.jti;
+  const presented = grantType === 'refresh_token' ? tokenHash(ctx.oidc?.params?.refresh_token) : undefined;
+  if (presented) grantId ??= refreshTokenGrant.get(presented);
+  if (!grantId) return;
+  const entry = grantEntry(grantId, ctx.oidc?.entities?.Account?.accountId);
+  entry.sub ??= ctx.oidc?.entities?.Account?.accountId;
+  if (grantType === 'authorization_code') {
+    if (ok) entry.authorization_code += 1;
+  } else {
+    entry.uses.set(presented, (entry.uses.get(presented) ?? 0) + 1);
+    if (ok) {
+      entry.refresh_token += 1;
+      entry.refreshed_at.push(Date.now());
+    } else {
+      entry.refresh_token_errors += 1;
+    }
+  }
+  if (ok && ctx.body?.refresh_token) refreshTokenGrant.set(tokenHash(ctx.body.refresh_token), grantId);
+}
+
+function grantReport() {
+  return [...grantStats.values()].map(({ uses, ...entry }) => {
+    const histogram = {};
+    for (const n of uses.values()) histogram[n] = (histogram[n] ?? 0) + 1;
+    return { ...entry, uses_per_refresh_token: histogram };
+  });
+}
 const latestTokens = new Map(); // sub (or "client:<id>") -> token set
 const tokenHistory = []; // bounded list of every token response
 
@@ -623,6 +671,7 @@ async function tokenEndpointMiddleware(ctx, next) {
     const grantType = ctx.oidc?.params?.grant_type;
     const ok = ctx.status === 200;
     countGrant(grantType, ok);
+    countGrantUse(ctx, grantType, ok);
     // A token for a resource without scopes comes back with "scope": ""; leave it out instead.
     if (ok && ctx.body && typeof ctx.body === 'object' && ctx.body.scope === '') delete ctx.body.scope;
     if (ok && ctx.body && typeof ctx.body === 'object' && ctx.body.access_token) {
@@ -814,7 +863,11 @@ async function handleTest(req, res, url) {
       return send(res, 200, stats);
     case 'POST /_test/reset-stats':
       stats = freshStats();
+      grantStats = new Map();
+      refreshTokenGrant = new Map();
       return send(res, 200, stats);
+    case 'GET /_test/grants':
+      return send(res, 200, { grants: grantReport() });
     case 'GET /_test/behaviour':
       return send(res, 200, behaviour);
     case 'POST /_test/behaviour': {
@@ -854,7 +907,7 @@ async function handleTest(req, res, url) {
     }
     default:
       return send(res, 404, { error: 'not_found', endpoints: [
-        'GET /_test/stats', 'POST /_test/reset-stats', 'GET|POST /_test/behaviour', 'GET /_test/tokens',
+        'GET /_test/stats', 'GET /_test/grants', 'POST /_test/reset-stats', 'GET|POST /_test/behaviour', 'GET /_test/tokens',
         'POST /_test/logout', 'POST /_test/rotate-keys'] });
   }
 }

@@ -321,11 +321,33 @@ test('reusing a rotated refresh token is invalid_grant (and revokes the grant)',
   assert.equal(current.body.error, 'invalid_grant', 'whole grant revoked after replay');
 });
 
+let bobRefreshToken;
+
 test('concurrent refreshes with one refresh token: exactly one wins', async () => {
   const bob = await login('bob');
+  bobRefreshToken = bob.refresh_token;
   const results = await Promise.all([1, 2, 3].map(() => token({ grant_type: 'refresh_token', refresh_token: bob.refresh_token })));
   assert.deepEqual(results.map((r) => r.status).sort(), [200, 400, 400]);
   assert.ok(results.filter((r) => r.status === 400).every((r) => r.body.error === 'invalid_grant'));
+});
+
+test('grant stats: refresh grants per login and uses of each refresh token', async () => {
+  const { grants } = await getJson('/_test/grants');
+  const of = (sub) => grants.filter((g) => g.sub === sub);
+  assert.equal(of('alice').length, 1, JSON.stringify(grants));
+  assert.equal(of('bob').length, 1, JSON.stringify(grants));
+  const [a] = of('alice');
+  assert.equal(a.authorization_code, 1);
+  assert.equal(a.refresh_token, 2);
+  assert.equal(a.refresh_token_errors, 2, 'the replay and the refresh after the revocation');
+  assert.equal(a.refreshed_at.length, 2);
+  // first refresh token: used, then replayed; second: used once; third: revoked, tried once
+  assert.deepEqual(a.uses_per_refresh_token, { 1: 2, 2: 1 });
+  const [b] = of('bob');
+  assert.equal(b.refresh_token, 1);
+  assert.equal(b.refresh_token_errors, 2);
+  assert.deepEqual(b.uses_per_refresh_token, { 3: 1 }, 'one refresh token, three concurrent uses');
+  assert.ok(!JSON.stringify(grants).includes(bobRefreshToken), 'no token values');
 });
 
 test('stats count the token-endpoint grants', async () => {
@@ -336,6 +358,7 @@ test('stats count the token-endpoint grants', async () => {
   assert.equal(stats.client_credentials, 0);
   const reset = await postJson('/_test/reset-stats', {});
   assert.equal(reset.refresh_token, 0);
+  assert.deepEqual((await getJson('/_test/grants')).grants, [], 'reset-stats clears the grant stats');
 });
 
 test('behaviour: token_status 503 and token_delay_ms', async () => {
