@@ -66,10 +66,22 @@ impl Idp {
     /// Listening (again) on its address and answering.
     fn up(&self) {
         self.mode.store(UP, Ordering::SeqCst);
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket.bind(self.addr).unwrap();
-        let listener = socket.listen(64).unwrap();
+        // The listener of a `down()` just before closes when its aborted task is dropped, on
+        // another thread: retry the bind briefly rather than race it.
+        let mut tries = 0;
+        let listener = loop {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_reuseaddr(true).unwrap();
+            match socket.bind(self.addr).and_then(|()| socket.listen(64)) {
+                Ok(listener) => break listener,
+                Err(error) if tries < 200 => {
+                    tries += 1;
+                    let _ = error;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => panic!("the provider could not listen again: {error}"),
+            }
+        };
         let (issuer, jwks, mode, calls, grants, tasks) = (
             self.issuer.clone(),
             self.jwks.clone(),
