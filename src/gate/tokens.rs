@@ -10,7 +10,7 @@
 
 mod refresh;
 
-use crate::app::{App, Runtime, now};
+use crate::app::{App, Runtime};
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
 use crate::reply::{Body, ErrorCode};
@@ -137,9 +137,10 @@ fn classify(grant: Grant, error: GrantError) -> RefreshError {
     classified
 }
 
-/// The session's token for `key` unless it is due for refresh (`skew` seconds before expiry,
-/// see [`crate::session::model::AccessToken::refresh_at`]) or is the `rejected` one.
+/// The session's token for `key` unless it is due for refresh at `now` (`skew` seconds before
+/// expiry, see [`crate::session::model::AccessToken::refresh_at`]) or is the `rejected` one.
 fn fresh<'a>(
+    now: u64,
     skew: u64,
     session: &'a Session,
     key: &str,
@@ -148,7 +149,7 @@ fn fresh<'a>(
     session
         .tokens
         .get(key)
-        .filter(|t| now() < t.refresh_at(skew))
+        .filter(|t| now < t.refresh_at(skew))
         .filter(|t| rejected != Some(t.value.as_str()))
         .map(|t| t.value.as_str())
 }
@@ -241,7 +242,7 @@ impl Tokens {
     ) -> Result<Option<String>, Response<Body>> {
         let skew = runtime.config.oidc.refresh_skew.as_secs();
         let key = route.resource.as_deref().unwrap_or_default();
-        if let Some(t) = fresh(skew, &loaded.session, key, rejected) {
+        if let Some(t) = fresh(app.clock.now(), skew, &loaded.session, key, rejected) {
             return Ok(Some(t.to_string()));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
@@ -274,6 +275,7 @@ impl Tokens {
         let job = Job {
             sessions: app.sessions.clone(),
             oidc: app.oidc.clone(),
+            clock: app.clock.clone(),
             skew: runtime.config.oidc.refresh_skew.as_secs(),
             loaded: loaded.clone(),
             target: Target::of(route),
@@ -306,7 +308,7 @@ impl Tokens {
             map.entry(key).or_default().clone()
         };
         let mut cached = slot.lock().await;
-        if let Some(t) = cached.as_ref().filter(|t| now() < t.refresh_at) {
+        if let Some(t) = cached.as_ref().filter(|t| app.clock.now() < t.refresh_at) {
             return Ok(t.value.clone());
         }
         let outcome = app
@@ -320,7 +322,7 @@ impl Tokens {
                 let skew = app.oidc.config.refresh_skew.as_secs().min(lifetime / 2);
                 *cached = Some(ClientToken {
                     value: t.access_token.clone(),
-                    refresh_at: now() + lifetime - skew,
+                    refresh_at: app.clock.now() + lifetime - skew,
                 });
                 Ok(t.access_token)
             }
