@@ -334,3 +334,49 @@ impl Tokens {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::TestClock;
+    use crate::session::model::AccessToken;
+
+    /// A session whose token for `key` was issued at `now` and lives `lifetime` seconds.
+    fn session(key: &str, now: u64, lifetime: u64) -> Session {
+        let mut session = Session::default();
+        session.tokens.insert(
+            key.to_string(),
+            AccessToken {
+                value: "at".into(),
+                expires_at: now + lifetime,
+                issued_at: now,
+                scope: None,
+            },
+        );
+        session
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_due_skew_before_expiry_on_the_clock_without_waiting() {
+        let clock = TestClock::new().clock();
+        let session = session("", clock.now(), 300);
+        assert_eq!(fresh(clock.now(), 60, &session, "", None), Some("at"));
+        assert_eq!(fresh(clock.now(), 60, &session, "other", None), None);
+        assert_eq!(fresh(clock.now(), 60, &session, "", Some("at")), None);
+        tokio::time::advance(Duration::from_secs(239)).await;
+        assert_eq!(fresh(clock.now(), 60, &session, "", None), Some("at"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(fresh(clock.now(), 60, &session, "", None), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_skew_longer_than_the_lifetime_refreshes_at_half_of_it() {
+        let test = TestClock::new();
+        let clock = test.clock();
+        let session = session("", clock.now(), 8);
+        test.advance(Duration::from_secs(3));
+        assert_eq!(fresh(clock.now(), 30, &session, "", None), Some("at"));
+        test.advance(Duration::from_secs(1));
+        assert_eq!(fresh(clock.now(), 30, &session, "", None), None);
+    }
+}
