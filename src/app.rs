@@ -2,6 +2,7 @@
 //! client and the session manager, plus a hot-swappable [`Runtime`] (configuration and compiled
 //! routes) that each request reads once.
 
+use crate::clock::Clock;
 use crate::config::{Config, StoreConfig};
 use crate::gate::{self, Tokens};
 use crate::oidc::Oidc;
@@ -21,12 +22,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Unix seconds now.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+/// Unix seconds by the system clock: kept for callers without an [`App`]; see [`crate::clock`].
+pub use crate::clock::now;
 
 /// What one configuration compiles to. Replaced atomically on reload.
 pub struct Runtime {
@@ -69,6 +66,8 @@ pub struct App {
     pub oidc: Arc<Oidc>,
     pub sessions: Arc<Sessions>,
     pub tokens: Tokens,
+    /// The time every session, token and JWT check of this application reads.
+    pub clock: Clock,
     /// Per-address rate limits of the BFF endpoints anyone may call (this process only).
     pub limiter: crate::limits::RateLimiter,
     request_metrics: crate::telemetry::RequestMetrics,
@@ -111,6 +110,15 @@ impl App {
     /// Builds the application: connects the store and starts loading provider metadata in the
     /// background (`/readyz` stays unready until it is loaded).
     pub async fn start(config: Config, path: std::path::PathBuf) -> anyhow::Result<Arc<App>> {
+        Self::start_with_clock(config, path, Clock::system()).await
+    }
+
+    /// [`App::start`] on the given clock (tests move it to reach expiries without waiting).
+    pub async fn start_with_clock(
+        config: Config,
+        path: std::path::PathBuf,
+        clock: Clock,
+    ) -> anyhow::Result<Arc<App>> {
         crate::telemetry::metrics();
         crate::telemetry::spawn_upkeep();
         let keyring = Keyring::new(config.session.keys.clone())
@@ -140,6 +148,7 @@ impl App {
             oidc,
             sessions,
             tokens: Tokens::default(),
+            clock,
             limiter,
             request_metrics: crate::telemetry::RequestMetrics::new(),
             keyring: Arc::new(keyring),
@@ -163,7 +172,7 @@ impl App {
         headers: &HeaderMap,
     ) -> Result<Option<Loaded>, crate::session::store::StoreError> {
         for value in crate::cookies::values(headers, &runtime.config.session.cookie_name) {
-            if let Some(loaded) = self.sessions.load(value, now()).await? {
+            if let Some(loaded) = self.sessions.load(value, self.clock.now()).await? {
                 return Ok(Some(loaded));
             }
         }
@@ -174,7 +183,7 @@ impl App {
         &self,
         loaded: &Loaded,
     ) -> Result<Option<Loaded>, crate::session::store::StoreError> {
-        self.sessions.reload(loaded, now()).await
+        self.sessions.reload(loaded, self.clock.now()).await
     }
 
     /// Handles one request from the public listener.

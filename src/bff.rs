@@ -1,7 +1,7 @@
 //! The BFF endpoints under `bff_prefix`: login, callback, user, logout, back-channel logout,
 //! session listing and the session-ended event stream.
 
-use crate::app::{App, Runtime, now};
+use crate::app::{App, Runtime};
 use crate::cookies;
 use crate::limits::{Endpoint, Verdict, client_address};
 use crate::oidc::response::check_authorization_iss;
@@ -116,7 +116,7 @@ async fn login(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Respons
     let Ok(metadata) = app.oidc.metadata() else {
         return ErrorCode::ProviderUnavailable.respond(navigation);
     };
-    let login = match LoginState::new(os_random, return_url, now()) {
+    let login = match LoginState::new(os_random, return_url, app.clock.now()) {
         Ok(login) => login,
         Err(e) => {
             tracing::error!(error = %e, "no login state could be made");
@@ -187,7 +187,7 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
             "no login cookie matches the state (another browser, expired, or replayed)",
         );
     };
-    let now = now();
+    let now = app.clock.now();
     if now.saturating_sub(login.created) > LOGIN_TTL.as_secs() {
         return login_failed("login_state_expired", "the login state expired");
     }
@@ -336,7 +336,7 @@ async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response
         Err(response) => return response,
     };
     // The app asking who is signed in is activity: slide the idle timeout.
-    let _ = app.sessions.touch(&mut loaded, now()).await;
+    let _ = app.sessions.touch(&mut loaded, app.clock.now()).await;
     let mut body = loaded.session.claims.clone();
     body.insert("sub".into(), loaded.session.sub.clone().into());
     let prefix = &runtime.config.server.bff_prefix;
@@ -347,7 +347,7 @@ async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response
     body.insert(
         "bff:session_expires_in".into(),
         app.sessions
-            .expires_in(&loaded.session, now())
+            .expires_in(&loaded.session, app.clock.now())
             .as_secs()
             .into(),
     );
@@ -470,7 +470,7 @@ async fn backchannel_logout(
     else {
         return logout_rejected("no logout_token");
     };
-    let mut expect = app.oidc.expect(&app.oidc.config.client_id, now());
+    let mut expect = app.oidc.expect(&app.oidc.config.client_id, app.clock.now());
     expect.max_iat_age = Some(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE);
     let logout =
         match crate::jose::validate_logout_token(&app.oidc.provider.jwks, &token, &expect).await {
@@ -524,7 +524,11 @@ async fn list_sessions(app: &App, runtime: &Runtime, req: &Request<Incoming>) ->
         Ok(l) => l,
         Err(response) => return response,
     };
-    let list = match app.sessions.list_for_sub(&loaded.session.sub, now()).await {
+    let list = match app
+        .sessions
+        .list_for_sub(&loaded.session.sub, app.clock.now())
+        .await
+    {
         Ok(l) => l,
         Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
     };
@@ -578,6 +582,7 @@ async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -
     };
     let sessions = app.sessions.clone();
     let stopping = app.stopping.clone();
+    let clock = app.clock.clone();
     let mut invalidations = sessions.subscribe_invalidations();
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<http_body::Frame<bytes::Bytes>, crate::reply::BoxError>,
@@ -607,7 +612,7 @@ async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -
                 // another replica.
                 _ = stopping.cancelled() => break,
             }
-            if let Ok(None) = sessions.reload(&loaded, now()).await {
+            if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
                 let _ = tx.send(frame(b"event: ended\ndata: {}\n\n")).await;
                 break;
             }

@@ -2,7 +2,7 @@
 //! redirect), CSRF and origin checks (403), the claims policy (403), and the access token to
 //! attach — refreshed before it expires, exactly once per session across requests and replicas.
 
-use crate::app::{App, Runtime, now};
+use crate::app::{App, Runtime};
 use crate::config::{AuthMode, RouteConfig, TokenMode};
 use crate::reply::{Body, ErrorCode, is_navigation};
 use crate::session::model::Session;
@@ -159,7 +159,7 @@ async fn policy_claims(
     if let (Some(resource), Some(token)) = (&route.resource, token)
         && crate::jose::looks_like_jwt(token)
     {
-        let expect = app.oidc.expect(resource, now());
+        let expect = app.oidc.expect(resource, app.clock.now());
         if let Ok(claims) =
             crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await
         {
@@ -245,7 +245,7 @@ pub async fn admit(
                 false,
             ));
         }
-        let _ = app.sessions.touch(l, now()).await;
+        let _ = app.sessions.touch(l, app.clock.now()).await;
     }
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,

@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the TOML schema, `${VAR}` interpolation and validation; the only module that
 //!   knows TOML. Produces typed settings.
+//! - [`clock`]: the time (Unix seconds now) as a value passed to what needs it; tests move it.
 //! - [`telemetry`], [`reply`]: logging, metrics and redaction; the error contract and the
 //!   response body type. Used by everything below.
 //! - [`net`]: the outbound TCP/TLS connector for upstreams and the provider.
@@ -26,6 +27,7 @@
 pub mod app;
 pub mod bff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod cookies;
 pub mod gate;

@@ -10,7 +10,7 @@
 
 mod refresh;
 
-use crate::app::{App, Runtime, now};
+use crate::app::{App, Runtime};
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
 use crate::reply::{Body, ErrorCode};
@@ -137,9 +137,10 @@ fn classify(grant: Grant, error: GrantError) -> RefreshError {
     classified
 }
 
-/// The session's token for `key` unless it is due for refresh (`skew` seconds before expiry,
-/// see [`crate::session::model::AccessToken::refresh_at`]) or is the `rejected` one.
+/// The session's token for `key` unless it is due for refresh at `now` (`skew` seconds before
+/// expiry, see [`crate::session::model::AccessToken::refresh_at`]) or is the `rejected` one.
 fn fresh<'a>(
+    now: u64,
     skew: u64,
     session: &'a Session,
     key: &str,
@@ -148,7 +149,7 @@ fn fresh<'a>(
     session
         .tokens
         .get(key)
-        .filter(|t| now() < t.refresh_at(skew))
+        .filter(|t| now < t.refresh_at(skew))
         .filter(|t| rejected != Some(t.value.as_str()))
         .map(|t| t.value.as_str())
 }
@@ -241,7 +242,7 @@ impl Tokens {
     ) -> Result<Option<String>, Response<Body>> {
         let skew = runtime.config.oidc.refresh_skew.as_secs();
         let key = route.resource.as_deref().unwrap_or_default();
-        if let Some(t) = fresh(skew, &loaded.session, key, rejected) {
+        if let Some(t) = fresh(app.clock.now(), skew, &loaded.session, key, rejected) {
             return Ok(Some(t.to_string()));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
@@ -274,6 +275,7 @@ impl Tokens {
         let job = Job {
             sessions: app.sessions.clone(),
             oidc: app.oidc.clone(),
+            clock: app.clock.clone(),
             skew: runtime.config.oidc.refresh_skew.as_secs(),
             loaded: loaded.clone(),
             target: Target::of(route),
@@ -306,7 +308,7 @@ impl Tokens {
             map.entry(key).or_default().clone()
         };
         let mut cached = slot.lock().await;
-        if let Some(t) = cached.as_ref().filter(|t| now() < t.refresh_at) {
+        if let Some(t) = cached.as_ref().filter(|t| app.clock.now() < t.refresh_at) {
             return Ok(t.value.clone());
         }
         let outcome = app
@@ -320,7 +322,7 @@ impl Tokens {
                 let skew = app.oidc.config.refresh_skew.as_secs().min(lifetime / 2);
                 *cached = Some(ClientToken {
                     value: t.access_token.clone(),
-                    refresh_at: now() + lifetime - skew,
+                    refresh_at: app.clock.now() + lifetime - skew,
                 });
                 Ok(t.access_token)
             }
@@ -330,5 +332,51 @@ impl Tokens {
                 Err(respond(&prefix, &error))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::TestClock;
+    use crate::session::model::AccessToken;
+
+    /// A session whose token for `key` was issued at `now` and lives `lifetime` seconds.
+    fn session(key: &str, now: u64, lifetime: u64) -> Session {
+        let mut session = Session::default();
+        session.tokens.insert(
+            key.to_string(),
+            AccessToken {
+                value: "at".into(),
+                expires_at: now + lifetime,
+                issued_at: now,
+                scope: None,
+            },
+        );
+        session
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_due_skew_before_expiry_on_the_clock_without_waiting() {
+        let clock = TestClock::new().clock();
+        let session = session("", clock.now(), 300);
+        assert_eq!(fresh(clock.now(), 60, &session, "", None), Some("at"));
+        assert_eq!(fresh(clock.now(), 60, &session, "other", None), None);
+        assert_eq!(fresh(clock.now(), 60, &session, "", Some("at")), None);
+        tokio::time::advance(Duration::from_secs(239)).await;
+        assert_eq!(fresh(clock.now(), 60, &session, "", None), Some("at"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(fresh(clock.now(), 60, &session, "", None), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_skew_longer_than_the_lifetime_refreshes_at_half_of_it() {
+        let test = TestClock::new();
+        let clock = test.clock();
+        let session = session("", clock.now(), 8);
+        test.advance(Duration::from_secs(3));
+        assert_eq!(fresh(clock.now(), 30, &session, "", None), Some("at"));
+        test.advance(Duration::from_secs(1));
+        assert_eq!(fresh(clock.now(), 30, &session, "", None), None);
     }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 /// Each top-level module and the top-level modules it may use.
 const ALLOWED: &[(&str, &[&str])] = &[
+    ("clock", &[]),
     ("config", &[]),
     ("reply", &[]),
     ("telemetry", &["config"]),
@@ -107,6 +108,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The bottom layer, below `config`: every module may use it.
+const BOTTOM: &[&str] = &["clock"];
+
 /// Upward imports that exist today and are being taken apart. An entry that no longer occurs
 /// fails the test too, so the list can only shrink.
 const KNOWN_UPWARD: &[(&str, &str)] = &[("gate", "app"), ("bff", "app"), ("session", "server")];
@@ -198,7 +202,7 @@ fn no_module_imports_one_above_it() {
             continue;
         };
         let known = KNOWN_UPWARD.contains(&(from.as_str(), to.as_str()));
-        if !may.contains(&to.as_str()) && !known {
+        if !may.contains(&to.as_str()) && !BOTTOM.contains(&to.as_str()) && !known {
             upward.push(format!("{from} -> {to} at {}", places.join(", ")));
         }
     }

@@ -72,6 +72,12 @@ impl Proxy {
 
 /// Starts the proxy in-process; the config file is written to a temp dir (for reload tests).
 pub async fn start_proxy(text: &str) -> Proxy {
+    start_proxy_with_clock(text, vestibule::clock::Clock::system()).await
+}
+
+/// [`start_proxy`] on `clock`: a `vestibule::clock::TestClock`'s, which the test moves ahead to
+/// reach token and session expiries without waiting for them.
+pub async fn start_proxy_with_clock(text: &str, clock: vestibule::clock::Clock) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, text).unwrap();
@@ -79,7 +85,7 @@ pub async fn start_proxy(text: &str) -> Proxy {
         .unwrap_or_else(|e| panic!("config: {e}"));
     let bound = vestibule::server::bind(&config).await.unwrap();
     let (addr, admin) = (bound.public_addr, bound.admin_addr);
-    let app = App::start(config, path).await.unwrap();
+    let app = App::start_with_clock(config, path, clock).await.unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(vestibule::server::serve(
         app.clone(),

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vestibule::clock::TestClock;
 
 /// Provider access token lifetime and the proxy's refresh skew: a token is due for refresh
 /// `TTL - SKEW` seconds after it was issued and then stays fresh for about as long, which is far
@@ -98,6 +99,8 @@ struct Stack {
     /// The configuration of the first instance.
     config: String,
     redis: Option<RedisServer>,
+    /// The instances' clock: moved ahead rather than waited out.
+    clock: TestClock,
 }
 
 async fn stack(instances: usize, provider_extra: serde_json::Value) -> Stack {
@@ -150,12 +153,14 @@ token = "user"
         &format!("refresh_skew = \"{SKEW}s\""),
     );
     assert!(text.contains(&format!("refresh_skew = \"{SKEW}s\"")));
-    let mut proxies = vec![start_proxy(&text).await];
+    let clock = TestClock::new();
+    let mut proxies = vec![start_proxy_with_clock(&text, clock.clock()).await];
     // Further instances: same configuration (and public_url, the registered redirect URI),
     // another listening port.
     let listen = format!("listen = \"127.0.0.1:{port}\"");
     for _ in 1..instances {
-        proxies.push(start_proxy(&text.replace(&listen, "listen = \"127.0.0.1:0\"")).await);
+        let other = text.replace(&listen, "listen = \"127.0.0.1:0\"");
+        proxies.push(start_proxy_with_clock(&other, clock.clock()).await);
     }
     for proxy in &proxies {
         wait_ready(proxy).await;
@@ -168,6 +173,7 @@ token = "user"
         base: format!("http://127.0.0.1:{port}"),
         config: text,
         redis,
+        clock,
     }
 }
 
@@ -252,9 +258,13 @@ impl Stack {
     }
 }
 
-/// Waits until a token issued just before the call is due for refresh.
-async fn until_due() {
-    tokio::time::sleep(Duration::from_millis((TTL - SKEW) * 1000 + 300)).await;
+impl Stack {
+    /// Moves the instances' clock until a token issued just before the call is due for refresh
+    /// (the provider's clock is not moved: it accepts a refresh at any time).
+    fn until_due(&self) {
+        self.clock
+            .advance(Duration::from_millis((TTL - SKEW) * 1000 + 300));
+    }
 }
 
 fn payload(jwt: &str) -> serde_json::Value {
@@ -285,7 +295,7 @@ async fn after_expiry_the_next_request_carries_a_new_token() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(s.bearers("/before"), vec![first.clone()]);
     s.reset_stats().await;
-    until_due().await;
+    s.until_due();
     let r = browser
         .get(&s.proxies[0].url("/api/after"), &[("x-csrf", "1")])
         .await;
@@ -307,7 +317,7 @@ async fn fifty_concurrent_requests_at_expiry_make_one_refresh_grant() {
     let s = stack(1, serde_json::json!({})).await;
     let browser = s.login("alice").await;
     s.reset_stats().await;
-    until_due().await;
+    s.until_due();
     s.burst_ok(&browser, 50, "/api/burst").await;
     let stats = s.stats().await;
     assert_eq!(refresh_grants(&stats), 1, "{stats}");
@@ -326,7 +336,7 @@ async fn two_instances_on_one_redis_refresh_once_and_rotation_keeps_working() {
     let browser = s.login("alice").await;
     s.reset_stats().await;
     for round in 1..=2u64 {
-        until_due().await;
+        s.until_due();
         let marker = format!("/round{round}");
         s.burst_ok(&browser, 40, &format!("/api{marker}")).await;
         let stats = s.stats().await;
@@ -347,7 +357,7 @@ async fn a_provider_slower_than_the_lease_still_gets_one_refresh_grant() {
     let s = stack(2, serde_json::json!({})).await;
     let browser = s.login("alice").await;
     s.reset_stats().await;
-    until_due().await;
+    s.until_due();
     s.behaviour(serde_json::json!({"token_delay_ms": 12000}))
         .await;
     let started = std::time::Instant::now();
@@ -365,7 +375,7 @@ async fn a_provider_slower_than_the_lease_still_gets_one_refresh_grant() {
 async fn invalid_grant_ends_the_session() {
     let s = stack(1, serde_json::json!({})).await;
     let mut browser = s.login("alice").await;
-    until_due().await;
+    s.until_due();
     s.behaviour(serde_json::json!({"token_status": 400, "token_error": "invalid_grant"}))
         .await;
     let r = browser
@@ -396,7 +406,7 @@ async fn a_provider_outage_is_503_and_keeps_the_session() {
     let s = stack(1, serde_json::json!({})).await;
     let mut browser = s.login("alice").await;
     let first = s.newest_access_token("alice").await;
-    until_due().await;
+    s.until_due();
     s.reset_stats().await;
     // Slow and then failing: every request of the burst queues behind the first refresh and
     // shares its answer instead of trying the provider again.
@@ -578,7 +588,7 @@ async fn a_refresh_outlives_the_request_that_started_it() {
     let browser = s.login("alice").await;
     let first = s.newest_access_token("alice").await;
     s.reset_stats().await;
-    until_due().await;
+    s.until_due();
     // The provider stalls; the request that starts the refresh is abandoned by its client while
     // the grant is on its way (the lease is taken just before the grant is sent).
     s.provider.pause();
@@ -636,10 +646,10 @@ async fn a_wrong_client_secret_ends_no_session_and_the_fixed_one_works_again() {
             "listen = \"127.0.0.1:0\"",
         );
     assert!(wrong_text.contains("expired-secret"));
-    let wrong = start_proxy(&wrong_text).await;
+    let wrong = start_proxy_with_clock(&wrong_text, s.clock.clock()).await;
     wait_ready(&wrong).await;
     s.reset_stats().await;
-    until_due().await;
+    s.until_due();
     let refused_before = grant_count(&wrong, "refresh_token", "client_refused").await;
     for i in 0..3 {
         let mut b = browser.clone();

@@ -10,7 +10,7 @@
 //! written over it (see [`Job::save`]); with a rotating provider one of the two is refused.
 
 use super::{Failed, Flight, Grant, RefreshError, classify, count, fresh};
-use crate::app::now;
+use crate::clock::Clock;
 use crate::config::RouteConfig;
 use crate::jose::{Claims, JoseError};
 use crate::oidc::{Oidc, TokenResponse};
@@ -73,6 +73,7 @@ impl Target {
 pub(super) struct Job {
     pub(super) sessions: Arc<Sessions>,
     pub(super) oidc: Arc<Oidc>,
+    pub(super) clock: Clock,
     /// `oidc.refresh_skew` in seconds.
     pub(super) skew: u64,
     pub(super) loaded: Loaded,
@@ -100,7 +101,13 @@ impl Job {
         loop {
             let current = self.reload(&self.loaded).await?;
             let rejected = self.rejected.as_deref();
-            if let Some(t) = fresh(self.skew, &current.session, &self.target.key, rejected) {
+            if let Some(t) = fresh(
+                self.clock.now(),
+                self.skew,
+                &current.session,
+                &self.target.key,
+                rejected,
+            ) {
                 return Ok(Some(t.to_string()));
             }
             let shared = flight.failed.as_ref().filter(|f| {
@@ -111,7 +118,14 @@ impl Job {
                 return Err(failed.error.clone());
             }
             let early = rejected.is_some()
-                && fresh(self.skew, &current.session, &self.target.key, None).is_some();
+                && fresh(
+                    self.clock.now(),
+                    self.skew,
+                    &current.session,
+                    &self.target.key,
+                    None,
+                )
+                .is_some();
             if early
                 && flight
                     .forced
@@ -150,7 +164,7 @@ impl Job {
     }
 
     async fn reload(&self, loaded: &Loaded) -> Result<Loaded, RefreshError> {
-        match self.sessions.reload(loaded, now()).await {
+        match self.sessions.reload(loaded, self.clock.now()).await {
             Ok(Some(current)) => Ok(current),
             Ok(None) => Err(RefreshError::Ended),
             Err(_) => Err(RefreshError::Store),
@@ -168,7 +182,13 @@ impl Job {
         // Re-read under the lease: the previous holder may have saved just before releasing it.
         let current = self.reload(&self.loaded).await?;
         let rejected = self.rejected.as_deref();
-        if let Some(t) = fresh(self.skew, &current.session, &self.target.key, rejected) {
+        if let Some(t) = fresh(
+            self.clock.now(),
+            self.skew,
+            &current.session,
+            &self.target.key,
+            rejected,
+        ) {
             return Ok(t.to_string());
         }
         if early {
@@ -193,13 +213,14 @@ impl Job {
         if !self.target.exchange {
             return self.refresh(current, &self.target).await;
         }
-        let (subject, current) = match fresh(self.skew, &current.session, "", None) {
-            Some(t) => (t.to_string(), current),
-            None => {
-                let subject = self.refresh(current, &Target::base()).await?;
-                (subject, self.reload(&self.loaded).await?)
-            }
-        };
+        let (subject, current) =
+            match fresh(self.clock.now(), self.skew, &current.session, "", None) {
+                Some(t) => (t.to_string(), current),
+                None => {
+                    let subject = self.refresh(current, &Target::base()).await?;
+                    (subject, self.reload(&self.loaded).await?)
+                }
+            };
         let resource = self.target.resource.as_deref().unwrap_or_default();
         let tokens = self
             .oidc
@@ -231,7 +252,7 @@ impl Job {
                     // the new one: that session lives on.
                     let now = self.reload(&current).await?;
                     if now.session.refresh_token.as_deref() != Some(spent.as_str()) {
-                        return fresh(self.skew, &now.session, &target.key, None)
+                        return fresh(self.clock.now(), self.skew, &now.session, &target.key, None)
                             .map(str::to_string)
                             .ok_or(RefreshError::Unavailable {
                                 reason: "the refresh token was spent by another refresh".into(),
@@ -272,7 +293,7 @@ impl Job {
     /// refresh, which repeats its `iss`, `sub` and `aud`), and the session's subject.
     async fn check_id_token(&self, session: &Session, id_token: &str) -> Result<Claims, JoseError> {
         let client_id = &self.oidc.config.client_id;
-        let expect = self.oidc.expect(client_id, now());
+        let expect = self.oidc.expect(client_id, self.clock.now());
         let mut original = session
             .id_token
             .as_deref()
@@ -307,7 +328,7 @@ impl Job {
         claims: Option<Claims>,
         spent: Option<&str>,
     ) -> Result<String, RefreshError> {
-        let now = now();
+        let now = self.clock.now();
         let lifetime = tokens.expires_in.unwrap_or(300);
         if lifetime <= self.skew && !SKEW_WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
