@@ -14,7 +14,7 @@ use crate::app::{App, Runtime, now};
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
 use crate::reply::{Body, ErrorCode};
-use crate::session::manager::Loaded;
+use crate::session::manager::{Loaded, Sessions};
 use crate::session::model::Session;
 use http::{HeaderValue, Response, header};
 use refresh::{Job, Target};
@@ -200,11 +200,12 @@ impl Tokens {
     pub async fn user_token(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
     ) -> Result<String, Response<Body>> {
-        self.user_token_except(app, runtime, loaded, route, None)
+        self.user_token_except(app, sessions, runtime, loaded, route, None)
             .await?
             .ok_or_else(|| {
                 let reason = "no token".to_string();
@@ -218,12 +219,13 @@ impl Tokens {
     pub async fn replace_user_token(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
         rejected: &str,
     ) -> Result<Option<String>, Response<Body>> {
-        self.user_token_except(app, runtime, loaded, route, Some(rejected))
+        self.user_token_except(app, sessions, runtime, loaded, route, Some(rejected))
             .await
     }
 
@@ -234,6 +236,7 @@ impl Tokens {
     async fn user_token_except(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
@@ -246,7 +249,7 @@ impl Tokens {
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
         // grow the future of every request on a token route.
-        Box::pin(self.single_flight(app, runtime, loaded, route, rejected))
+        Box::pin(self.single_flight(app, sessions, runtime, loaded, route, rejected))
             .await
             .map_err(|e| respond(&runtime.config.server.bff_prefix, &e))
     }
@@ -256,6 +259,7 @@ impl Tokens {
     async fn single_flight(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
@@ -272,7 +276,7 @@ impl Tokens {
             return Err(gave_up());
         };
         let job = Job {
-            sessions: app.sessions.clone(),
+            sessions: sessions.clone(),
             oidc: app.oidc.clone(),
             skew: runtime.config.oidc.refresh_skew.as_secs(),
             loaded: loaded.clone(),
