@@ -22,6 +22,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod worker;
+pub use worker::Worker;
+
 /// Unix seconds by the system clock: kept for callers without an [`App`]; see [`crate::clock`].
 pub use crate::clock::now;
 
@@ -166,13 +169,15 @@ impl App {
 
     /// The session of this request, if any cookie of ours opens one. A store failure is an error;
     /// every kind of bad cookie is simply no session.
+    /// `sessions`: the serving worker's, or the process-wide `self.sessions`.
     pub async fn load_session(
         &self,
+        sessions: &Sessions,
         runtime: &Runtime,
         headers: &HeaderMap,
     ) -> Result<Option<Loaded>, crate::session::store::StoreError> {
         for value in crate::cookies::values(headers, &runtime.config.session.cookie_name) {
-            if let Some(loaded) = self.sessions.load(value, self.clock.now()).await? {
+            if let Some(loaded) = sessions.load(value, self.clock.now()).await? {
                 return Ok(Some(loaded));
             }
         }
@@ -186,12 +191,13 @@ impl App {
         self.sessions.reload(loaded, self.clock.now()).await
     }
 
-    /// Handles one request from the public listener.
+    /// Handles one request from the public listener, on the serving worker `worker`.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         ip: IpAddr,
         tls: bool,
+        worker: &Worker,
     ) -> Response<Body> {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
@@ -209,7 +215,7 @@ impl App {
         let cors = gate::cors_origin(&runtime, req.headers());
         let (route_name, mut response) = match gate::preflight(&runtime, &req) {
             Some(answer) => ("preflight", answer),
-            None => self.route(&runtime, req, peer).await,
+            None => self.route(&runtime, req, peer, worker).await,
         };
         if let Some(origin) = cors {
             gate::add_cors_headers(response.headers_mut(), origin);
@@ -249,6 +255,7 @@ impl App {
         runtime: &'r Runtime,
         mut req: Request<Incoming>,
         peer: Peer,
+        worker: &Worker,
     ) -> (&'r str, Response<Body>) {
         let config = &runtime.config;
         if proxy::header_bytes(&req) > config.server.max_header_size {
@@ -290,7 +297,7 @@ impl App {
                 return (prefix, answer);
             }
         };
-        let admitted = match gate::admit(self, runtime, route, &req).await {
+        let admitted = match gate::admit(self, &worker.sessions, runtime, route, &req).await {
             Ok(a) => a,
             Err(response) => return (route.path.as_str(), response),
         };
@@ -300,7 +307,7 @@ impl App {
         };
         let forward = |req, bearer| {
             proxy::dispatch(
-                &self.upstreams,
+                &worker.upstreams,
                 route,
                 req,
                 peer,
@@ -320,7 +327,7 @@ impl App {
                 if rejects_token(&first) {
                     // Rare: boxed so that it does not grow every request's future.
                     Box::pin(async {
-                        match self.replace_token(runtime, route, &replay).await {
+                        match self.replace_token(worker, runtime, route, &replay).await {
                             Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
                             Ok(None) => first,
                             Err(refused) => refused,
@@ -343,18 +350,29 @@ impl App {
     /// new token (no session, or one was forced moments ago); the first answer stands.
     async fn replace_token(
         &self,
+        worker: &Worker,
         runtime: &Runtime,
         route: &crate::config::RouteConfig,
         replay: &Replay,
     ) -> Result<Option<HeaderValue>, Response<Body>> {
-        let loaded = match self.load_session(runtime, &replay.headers).await {
+        let loaded = match self
+            .load_session(&worker.sessions, runtime, &replay.headers)
+            .await
+        {
             Ok(Some(loaded)) => loaded,
             Ok(None) => return Ok(None),
             Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
         };
         let Some(token) = self
             .tokens
-            .replace_user_token(self, runtime, &loaded, route, replay.token())
+            .replace_user_token(
+                self,
+                &worker.sessions,
+                runtime,
+                &loaded,
+                route,
+                replay.token(),
+            )
             .await?
         else {
             return Ok(None);

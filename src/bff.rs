@@ -277,7 +277,7 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
     );
     // A login always starts a brand-new session; the browser's previous one ends.
     if let Some(old) = app
-        .load_session(runtime, req.headers())
+        .load_session(&app.sessions, runtime, req.headers())
         .await
         .ok()
         .flatten()
@@ -315,7 +315,10 @@ async fn signed_in(
     runtime: &Runtime,
     req: &Request<Incoming>,
 ) -> Result<Loaded, Response<Body>> {
-    match app.load_session(runtime, req.headers()).await {
+    match app
+        .load_session(&app.sessions, runtime, req.headers())
+        .await
+    {
         Ok(Some(l)) => Ok(l),
         Ok(None) => Err(unauthenticated(runtime)),
         Err(_) => Err(ErrorCode::StoreUnavailable.json(&[])),
@@ -386,7 +389,10 @@ async fn logout(
         "{}{}",
         config.server.public_origin, config.oidc.post_logout_redirect
     );
-    let loaded = match app.load_session(runtime, req.headers()).await {
+    let loaded = match app
+        .load_session(&app.sessions, runtime, req.headers())
+        .await
+    {
         Ok(l) => l,
         Err(_) => return ErrorCode::StoreUnavailable.respond(!post),
     };

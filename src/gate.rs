@@ -5,9 +5,11 @@
 use crate::app::{App, Runtime};
 use crate::config::{AuthMode, RouteConfig, TokenMode};
 use crate::reply::{Body, ErrorCode, is_navigation};
+use crate::session::manager::Sessions;
 use crate::session::model::Session;
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
+use std::sync::Arc;
 
 mod tokens;
 pub use tokens::Tokens;
@@ -192,8 +194,10 @@ fn missing_requirements(
         .collect()
 }
 
+/// `sessions`: the serving worker's (see `app::Worker`).
 pub async fn admit(
     app: &App,
+    sessions: &Arc<Sessions>,
     runtime: &Runtime,
     route: &RouteConfig,
     req: &Request<Incoming>,
@@ -203,7 +207,7 @@ pub async fn admit(
         || route.feature.is_some()
         || matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
     let mut loaded = if needs_session {
-        app.load_session(runtime, req.headers())
+        app.load_session(sessions, runtime, req.headers())
             .await
             .map_err(|_| ErrorCode::StoreUnavailable.respond(navigation))?
     } else {
@@ -234,7 +238,7 @@ pub async fn admit(
     let mut set_cookies = Vec::new();
     if let Some(l) = &mut loaded {
         if l.reseal
-            && let Ok(value) = app.sessions.reseal(l)
+            && let Ok(value) = sessions.reseal(l)
         {
             let s = &runtime.config.session;
             set_cookies.extend(crate::cookies::set_cookie(
@@ -245,13 +249,15 @@ pub async fn admit(
                 false,
             ));
         }
-        let _ = app.sessions.touch(l, app.clock.now()).await;
+        let _ = sessions.touch(l, app.clock.now()).await;
     }
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
-        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
-            Some(app.tokens.user_token(app, runtime, l, route).await?)
-        }
+        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(
+            app.tokens
+                .user_token(app, sessions, runtime, l, route)
+                .await?,
+        ),
         (TokenMode::User, None) => {
             return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url().into())]));
         }

@@ -143,25 +143,23 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
 /// period), each HTTP/1 answer closing its connection, before idle ones are closed.
 pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
-/// Answers one request; while shutting down, an HTTP/1 answer also closes its connection.
-async fn answer(app: Arc<App>, req: Request<Incoming>, ip: IpAddr, tls: bool) -> Response<Body> {
+/// Answers one request on `worker`; while shutting down, an HTTP/1 answer also closes its
+/// connection.
+async fn answer(
+    app: Arc<App>,
+    worker: Arc<crate::app::Worker>,
+    req: Request<Incoming>,
+    ip: IpAddr,
+    tls: bool,
+) -> Response<Body> {
     let version = req.version();
-    let mut response = app.handle(req, ip, tls).await;
+    let mut response = app.handle(req, ip, tls, &worker).await;
     if app.stopping.is_cancelled() && version < http::Version::HTTP_2 {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
-}
-
-thread_local! {
-    static ON_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the calling thread is a serving worker (which may keep connections of its own).
-pub fn on_worker() -> bool {
-    ON_WORKER.with(std::cell::Cell::get)
 }
 
 /// One worker per CPU available to the process unless `server.workers` says otherwise.
@@ -261,8 +259,8 @@ async fn work(
     mut incoming: mpsc::UnboundedReceiver<Handoff>,
     shutdown: CancellationToken,
 ) {
-    ON_WORKER.with(|flag| flag.set(true));
-    crate::proxy::Upstreams::adopt_thread();
+    // Made here, so that its connections are driven by this worker's runtime.
+    let worker = Arc::new(crate::app::Worker::new(&setup.app));
     let connections = TaskTracker::new();
     // Cancelled once the linger after shutdown is over: then connections close gracefully.
     let close = CancellationToken::new();
@@ -278,6 +276,7 @@ async fn work(
             continue;
         };
         let setup = setup.clone();
+        let worker = worker.clone();
         let close = close.clone();
         connections.spawn(async move {
             let _guard = guard;
@@ -288,7 +287,7 @@ async fn work(
                     let peer = (ip, false);
                     let idle = setup.idle_timeout;
                     let io = framing::Guarded::new(tcp);
-                    connection::serve(&setup.builder, io, app, peer, idle, &close).await;
+                    connection::serve(&setup.builder, io, (app, worker), peer, idle, &close).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
@@ -299,7 +298,7 @@ async fn work(
                     let peer = (ip, true);
                     let idle = setup.idle_timeout;
                     let io = framing::Guarded::new(stream);
-                    connection::serve(&setup.builder, io, app, peer, idle, &close).await;
+                    connection::serve(&setup.builder, io, (app, worker), peer, idle, &close).await;
                 }
             }
         });

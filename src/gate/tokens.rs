@@ -14,7 +14,7 @@ use crate::app::{App, Runtime};
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
 use crate::reply::{Body, ErrorCode};
-use crate::session::manager::Loaded;
+use crate::session::manager::{Loaded, Sessions};
 use crate::session::model::Session;
 use http::{HeaderValue, Response, header};
 use refresh::{Job, Target};
@@ -201,11 +201,12 @@ impl Tokens {
     pub async fn user_token(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
     ) -> Result<String, Response<Body>> {
-        self.user_token_except(app, runtime, loaded, route, None)
+        self.user_token_except(app, sessions, runtime, loaded, route, None)
             .await?
             .ok_or_else(|| {
                 let reason = "no token".to_string();
@@ -219,12 +220,13 @@ impl Tokens {
     pub async fn replace_user_token(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
         rejected: &str,
     ) -> Result<Option<String>, Response<Body>> {
-        self.user_token_except(app, runtime, loaded, route, Some(rejected))
+        self.user_token_except(app, sessions, runtime, loaded, route, Some(rejected))
             .await
     }
 
@@ -235,6 +237,7 @@ impl Tokens {
     async fn user_token_except(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
@@ -247,7 +250,7 @@ impl Tokens {
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
         // grow the future of every request on a token route.
-        Box::pin(self.single_flight(app, runtime, loaded, route, rejected))
+        Box::pin(self.single_flight(app, sessions, runtime, loaded, route, rejected))
             .await
             .map_err(|e| respond(&runtime.config.server.bff_prefix, &e))
     }
@@ -257,6 +260,7 @@ impl Tokens {
     async fn single_flight(
         &self,
         app: &App,
+        sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
@@ -273,7 +277,7 @@ impl Tokens {
             return Err(gave_up());
         };
         let job = Job {
-            sessions: app.sessions.clone(),
+            sessions: sessions.clone(),
             oidc: app.oidc.clone(),
             clock: app.clock.clone(),
             skew: runtime.config.oidc.refresh_skew.as_secs(),

@@ -1,6 +1,11 @@
-//! Forwarding to upstreams through pooled clients (one per serving worker): bodies stream both
-//! ways, HTTP/1.1 upgrades (WebSocket) become a byte tunnel, and failures become 502/504 with
-//! no detail.
+//! Forwarding to upstreams through pooled clients (one set per serving worker): bodies stream
+//! both ways, HTTP/1.1 upgrades (WebSocket) become a byte tunnel, and failures become 502/504
+//! with no detail.
+//!
+//! Upstream connections are per worker because a connection's I/O is driven by the runtime that
+//! opened it: a worker using its own never waits on another thread's lock or wakes another
+//! thread. The server makes each worker's [`Upstreams`] with [`Upstreams::for_worker`] and
+//! passes it down with every request; the process-wide value serves callers off the workers.
 
 use super::headers;
 use crate::reply::{Body, BoxError, ErrorCode};
@@ -9,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::cell::OnceCell;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
@@ -17,18 +22,17 @@ use crate::net::{Connector, connector, http_connector};
 
 type Pooled = Client<Connector, Body>;
 
-thread_local! {
-    /// A serving worker's own upstream client: its connections are driven by, and only used
-    /// from, that worker's event loop (see [`Upstreams::adopt_thread`]).
-    static WORKER_CLIENT: OnceCell<Pooled> = const { OnceCell::new() };
-}
-
-/// The pooled upstream clients, shared by every route: one per serving worker thread, and a
-/// shared one for any other caller.
+/// Pooled upstream clients, shared by every route. [`Upstreams::new`] makes the process-wide
+/// value; [`Upstreams::for_worker`] a serving worker's own, used only from that worker's event
+/// loop. Clones share connections.
 #[derive(Clone)]
 pub struct Upstreams {
+    /// For `https` upstreams (TLS, maybe HTTP/2), and for every upstream off the workers.
     client: Pooled,
-    /// Tracks upgraded tunnels, which graceful shutdown must wait for separately.
+    /// A worker's lock-free HTTP/1.1 pool for plain-`http` upstreams; `None` off the workers.
+    local: Option<Arc<local::LocalPool>>,
+    /// Tracks upgraded tunnels, which graceful shutdown must wait for separately. Shared by the
+    /// process-wide value and every worker's.
     pub tunnels: TaskTracker,
 }
 
@@ -53,28 +57,31 @@ impl Upstreams {
     pub fn new() -> Self {
         Upstreams {
             client: pooled(),
+            local: None,
             tunnels: TaskTracker::new(),
         }
     }
 
-    /// Gives the calling thread (a serving worker with its own single-threaded runtime) an
-    /// upstream pool of its own: a request then never waits on another thread's lock or wakes
-    /// another thread to use a connection.
-    pub fn adopt_thread() {
-        WORKER_CLIENT.with(|client| {
-            let _ = client.set(pooled());
-        });
-        local::adopt_thread(http_connector());
+    /// Upstream connections of its own for a serving worker (a single-threaded runtime), to be
+    /// used only from that worker: a request then never waits on another thread's lock or wakes
+    /// another thread to use a connection. Upgraded tunnels are still tracked with this value's.
+    pub fn for_worker(&self) -> Self {
+        Upstreams {
+            client: pooled(),
+            local: Some(Arc::new(local::LocalPool::new(http_connector()))),
+            tunnels: self.tunnels.clone(),
+        }
     }
 
-    /// Plain-`http` upstreams on a worker thread use the worker's own HTTP/1.1 pool
-    /// ([`local`]); `https` ones (TLS, maybe HTTP/2) and other callers the pooled client.
+    /// Plain-`http` upstreams on a worker use the worker's own HTTP/1.1 pool ([`local`]);
+    /// `https` ones (TLS, maybe HTTP/2) and other callers the pooled client.
     async fn request(&self, req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
-        if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) && local::available() {
-            return local::send(req).await;
+        if let Some(local) = &self.local
+            && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+        {
+            return local::send(local, req).await;
         }
-        let response = WORKER_CLIENT.with(|own| own.get().unwrap_or(&self.client).request(req));
-        Ok(response.await?)
+        Ok(self.client.request(req).await?)
     }
 
     /// Sends `req` (already rewritten) and relays the response. `timeout` bounds the wait for

@@ -6,7 +6,7 @@
 //! client forgot, gives its resources back. An idle HTTP/1 connection is also closed by the
 //! header read timeout while it waits for the next request.
 
-use crate::app::App;
+use crate::app::{App, Worker};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -71,12 +71,12 @@ impl Activity {
     }
 }
 
-/// Serves `io` until the client closes it, or it has been idle for `idle_timeout`, or
-/// `shutdown` is cancelled (then in-flight requests finish first).
+/// Serves `io` on `worker` until the client closes it, or it has been idle for `idle_timeout`,
+/// or `shutdown` is cancelled (then in-flight requests finish first).
 pub(super) async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    app: Arc<App>,
+    (app, worker): (Arc<App>, Arc<Worker>),
     (ip, tls): (IpAddr, bool),
     idle_timeout: Duration,
     shutdown: &CancellationToken,
@@ -87,9 +87,10 @@ pub(super) async fn serve<I>(
     let tracked = activity.clone();
     let service = service_fn(move |req| {
         let app = app.clone();
+        let worker = worker.clone();
         let busy = tracked.begin();
         async move {
-            let response = super::answer(app, req, ip, tls).await;
+            let response = super::answer(app, worker, req, ip, tls).await;
             drop(busy);
             Ok::<_, Infallible>(response)
         }

@@ -101,13 +101,18 @@ pub struct SessionSummary {
 }
 
 /// The session manager: key ring + store (+ optional cache).
+///
+/// One per process, plus one per serving worker ([`Sessions::for_worker`]) that differs only in
+/// its store handle. The key ring and the cache are process-wide and shared by all of them: a
+/// session opened or written on one worker is cached for every other, a reload's key ring
+/// reaches all, and an invalidation message is received once for the whole process.
 pub struct Sessions {
     cookie_name: String,
     idle: u64,
     absolute: u64,
-    keyring: ArcSwap<Keyring>,
+    keyring: Arc<ArcSwap<Keyring>>,
     store: Store,
-    cache: Option<Cache>,
+    cache: Option<Arc<Cache>>,
 }
 
 impl fmt::Debug for Sessions {
@@ -132,19 +137,32 @@ impl Sessions {
             cache_ttl,
         } = settings;
         let cache = (!cache_ttl.is_zero()).then(|| {
-            Cache::new(
+            Arc::new(Cache::new(
                 cache_ttl,
                 store.subscribe(INVALIDATION_CHANNEL),
                 store.subscription_live(),
-            )
+            ))
         });
         Sessions {
             cookie_name,
             idle: idle_timeout.as_secs().max(1),
             absolute: absolute_timeout.as_secs().max(1),
-            keyring: ArcSwap::from_pointee(keyring),
+            keyring: Arc::new(ArcSwap::from_pointee(keyring)),
             store,
             cache,
+        }
+    }
+
+    /// The manager one serving worker uses: the same settings, key ring and cache, over the
+    /// worker's own store handle ([`Store::for_worker`]).
+    pub fn for_worker(&self) -> Sessions {
+        Sessions {
+            cookie_name: self.cookie_name.clone(),
+            idle: self.idle,
+            absolute: self.absolute,
+            keyring: self.keyring.clone(),
+            store: self.store.for_worker(),
+            cache: self.cache.clone(),
         }
     }
 

@@ -152,6 +152,16 @@ impl Store {
         }
     }
 
+    /// A handle for one serving worker (a single-threaded runtime): the same data, but on a
+    /// standalone Redis server a connection of its own, so that the worker's commands and their
+    /// answers stay on its thread. The memory store has no connections: a plain clone.
+    pub fn for_worker(&self) -> Store {
+        match self {
+            Store::Memory(s) => Store::Memory(s.clone()),
+            Store::Redis(s) => Store::Redis(s.for_worker()),
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
         dispatch!(self, s => s.get(key))
     }

@@ -375,7 +375,11 @@ impl Case {
         let runtime = app.runtime.load_full();
         let mut headers = http::HeaderMap::new();
         headers.insert("cookie", cookie.parse().unwrap());
-        let loaded = app.load_session(&runtime, &headers).await.unwrap().unwrap();
+        let loaded = app
+            .load_session(&app.sessions, &runtime, &headers)
+            .await
+            .unwrap()
+            .unwrap();
         let mut session = vestibule::session::model::Session::clone(&loaded.session);
         let token = session.tokens.get_mut("").unwrap();
         token.value = access.into();

@@ -632,3 +632,32 @@ async fn rediss_url_speaks_tls_and_fails_closed_on_an_untrusted_certificate() {
         Err(StoreError::Unavailable(_))
     ));
 }
+
+/// Connections the Redis server has open, counted by `CLIENT LIST` (the counting one included).
+fn redis_clients(url: &str) -> usize {
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
+    list.lines().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_handle_has_its_own_redis_connection_to_the_same_data() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = Store::connect(&redis_config(url.clone())).await.unwrap();
+    store.ping().await.unwrap();
+    let before = redis_clients(&url);
+
+    let worker = store.for_worker();
+    assert!(worker.put_new("k", b"from the worker", LONG).await.unwrap());
+    assert_eq!(
+        redis_clients(&url),
+        before + 1,
+        "the worker's handle opened a connection of its own"
+    );
+    let seen = store.get("k").await.unwrap().unwrap();
+    assert_eq!(seen.value, b"from the worker");
+    assert!(store.delete("k").await.unwrap());
+    assert!(worker.get("k").await.unwrap().is_none());
+    assert_eq!(redis_clients(&url), before + 1, "and keeps using it");
+}

@@ -1,7 +1,7 @@
 //! A serving worker's own HTTP/1.1 connections to plain-`http` upstreams.
 //!
-//! Only the worker's thread touches it, so a checkout is a scan of a short vector with no lock,
-//! and a connection goes back to the pool as soon as its response head arrives (it is skipped
+//! Only the worker's thread touches it, so a checkout is a scan of a short vector under a lock
+//! that is never contended (nor held across an `await`), and a connection goes back to the pool as soon as its response head arrives (it is skipped
 //! until its response body has been read). hyper_util's pooled client instead locks a shared
 //! pool and spawns a task per request to return the connection; `https` upstreams (TLS, and
 //! HTTP/2 by ALPN) still go through that client.
@@ -16,7 +16,7 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
-use std::cell::{OnceCell, RefCell};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tower::Service;
 
@@ -32,37 +32,31 @@ struct Idle {
     since: Instant,
 }
 
-struct LocalPool {
+/// One worker's pool. The lock is only ever taken by the worker's own thread, for a scan or a
+/// push, so it is uncontended; it makes the pool `Sync`, which the request futures borrowing it
+/// need in order to stay `Send`.
+pub(super) struct LocalPool {
     connector: HttpConnector,
     /// By authority (`host:port`); a deployment has a handful of upstreams.
-    idle: RefCell<Vec<(String, Vec<Idle>)>>,
+    idle: Mutex<Vec<(String, Vec<Idle>)>>,
 }
 
-thread_local! {
-    /// Set on serving worker threads only. Never borrowed across an `await`, so the futures
-    /// using it stay `Send`.
-    static POOL: OnceCell<LocalPool> = const { OnceCell::new() };
-}
-
-/// Gives the calling (worker) thread its own pool.
-pub(super) fn adopt_thread(connector: HttpConnector) {
-    POOL.with(|pool| {
-        let _ = pool.set(LocalPool {
+impl LocalPool {
+    pub(super) fn new(connector: HttpConnector) -> LocalPool {
+        LocalPool {
             connector,
-            idle: RefCell::new(Vec::new()),
-        });
-    });
-}
-
-/// Whether this thread has a pool: a serving worker's.
-pub(super) fn available() -> bool {
-    POOL.with(|pool| pool.get().is_some())
+            idle: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 /// Sends `req`, whose URI is absolute (`http://authority/path?query`), in origin form on a
-/// pooled or new connection of this thread's pool. A request refused unsent by a pooled
-/// connection that was closing is sent again on another.
-pub(super) async fn send(req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+/// pooled or new connection of `pool`. A request refused unsent by a pooled connection that was
+/// closing is sent again on another.
+pub(super) async fn send(
+    pool: &LocalPool,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, BoxError> {
     let (mut parts, body) = req.into_parts();
     let target = parts.uri.clone();
     let key = target
@@ -78,15 +72,15 @@ pub(super) async fn send(req: Request<Body>) -> Result<Response<Incoming>, BoxEr
     let mut stale = 0;
     let mut fresh = false;
     loop {
-        let pooled = if fresh { None } else { checkout(key) };
+        let pooled = if fresh { None } else { checkout(pool, key) };
         let (mut sender, reused) = match pooled {
             Some(sender) => (sender, true),
-            None => (connect(&target).await?, false),
+            None => (connect(pool, &target).await?, false),
         };
         match sender.try_send_request(req).await {
             Ok(response) => {
                 if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    checkin(key, sender);
+                    checkin(pool, key, sender);
                 }
                 return Ok(response);
             }
@@ -167,45 +161,38 @@ fn lost_on_reuse(error: &hyper::Error) -> bool {
 }
 
 /// A pooled connection ready for a request; closed and expired ones are dropped on the way.
-fn checkout(key: &str) -> Option<http1::SendRequest<Body>> {
-    POOL.with(|pool| {
-        let mut idle = pool.get()?.idle.borrow_mut();
-        let (_, list) = idle.iter_mut().find(|(k, _)| k == key)?;
-        let now = Instant::now();
-        list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
-        // The most recently used first: its socket is warm, and older ones may expire.
-        let at = list.iter().rposition(|c| c.sender.is_ready())?;
-        Some(list.swap_remove(at).sender)
-    })
+fn checkout(pool: &LocalPool, key: &str) -> Option<http1::SendRequest<Body>> {
+    let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+    let (_, list) = idle.iter_mut().find(|(k, _)| k == key)?;
+    let now = Instant::now();
+    list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+    // The most recently used first: its socket is warm, and older ones may expire.
+    let at = list.iter().rposition(|c| c.sender.is_ready())?;
+    Some(list.swap_remove(at).sender)
 }
 
 /// Back to the pool right after the response head: the connection is ready again (and picked
 /// by [`checkout`]) once the response body has been read.
-fn checkin(key: &str, sender: http1::SendRequest<Body>) {
-    POOL.with(|pool| {
-        let Some(pool) = pool.get() else { return };
-        let mut idle = pool.idle.borrow_mut();
-        let at = match idle.iter().position(|(k, _)| k == key) {
-            Some(at) => at,
-            None => {
-                idle.push((key.to_owned(), Vec::new()));
-                idle.len() - 1
-            }
-        };
-        let list = &mut idle[at].1;
-        if list.len() < MAX_IDLE {
-            list.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+fn checkin(pool: &LocalPool, key: &str, sender: http1::SendRequest<Body>) {
+    let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+    let at = match idle.iter().position(|(k, _)| k == key) {
+        Some(at) => at,
+        None => {
+            idle.push((key.to_owned(), Vec::new()));
+            idle.len() - 1
         }
-    });
+    };
+    let list = &mut idle[at].1;
+    if list.len() < MAX_IDLE {
+        list.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
 }
 
-async fn connect(target: &Uri) -> Result<http1::SendRequest<Body>, BoxError> {
-    let mut connector = POOL
-        .with(|pool| pool.get().map(|p| p.connector.clone()))
-        .ok_or("no upstream pool on this thread")?;
+async fn connect(pool: &LocalPool, target: &Uri) -> Result<http1::SendRequest<Body>, BoxError> {
+    let mut connector = pool.connector.clone();
     let io = connector.call(target.clone()).await?;
     let (mut sender, connection) = http1::Builder::new().handshake(io).await?;
     tokio::spawn(async move {

@@ -7,6 +7,11 @@
 //! the configured timeout (`[session.redis] timeout`), reconnecting included; every failure is
 //! `StoreError::Unavailable`, never "not found".
 //! Pub/sub uses its own connection, see [`pubsub`].
+//!
+//! A standalone server also gets one connection per serving worker: [`RedisStore::for_worker`]
+//! makes a handle with a connection of its own, whose reader task runs on the runtime that first
+//! uses it, so a command sent from that runtime and its answer never wake another thread. The
+//! caller decides which handle a runtime uses; this module knows nothing of workers.
 
 mod pubsub;
 
@@ -62,6 +67,9 @@ return redis.call('DEL', KEYS[1])";
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
+    /// This handle's own connection to a standalone server (see [`RedisStore::for_worker`]);
+    /// `None`: the shared one.
+    own: Option<ConnectionManager>,
 }
 
 struct Inner {
@@ -83,12 +91,11 @@ struct Scripts {
 }
 
 enum Conn {
-    /// One server. Serving workers each get a connection of their own from `client` (see
-    /// [`worker_connection`]); other callers share `shared`.
+    /// One server. Handles made by [`RedisStore::for_worker`] have a connection of their own
+    /// from `client`; the others share `shared`.
     Single {
         client: Box<Client>,
         shared: ConnectionManager,
-        id: u64,
     },
     Cluster(ClusterConnection),
     Sentinel(Box<SentinelConn>),
@@ -176,11 +183,9 @@ impl RedisStore {
                 )
                 .map_err(config_error)?;
                 let source = pubsub::Source::Clients(vec![client.clone()]);
-                static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let conn = Conn::Single {
                     client: Box::new(client),
                     shared: manager,
-                    id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 };
                 (conn, source, redact_url(url))
             }
@@ -204,7 +209,27 @@ impl RedisStore {
                 pubsub,
                 description,
             }),
+            own: None,
         })
+    }
+
+    /// A handle for one serving worker, sharing everything with this one but, on a standalone
+    /// server, the connection: it gets its own, connected on first use (by the worker, whose
+    /// runtime then drives it). Cluster and Sentinel connections stay shared.
+    pub fn for_worker(&self) -> RedisStore {
+        let own = match &self.inner.conn {
+            Conn::Single { client, .. } => ConnectionManager::new_lazy_with_config(
+                (**client).clone(),
+                manager_config(self.inner.timeout),
+            )
+            // Cannot fail for a client that `connect` already accepted; the shared one then.
+            .ok(),
+            Conn::Cluster(_) | Conn::Sentinel(_) => None,
+        };
+        RedisStore {
+            inner: self.inner.clone(),
+            own,
+        }
     }
 
     fn key(&self, key: &str) -> String {
@@ -232,9 +257,8 @@ impl RedisStore {
 
     async fn attempt<T: FromRedisValue>(&self, op: &Op<'_>) -> RedisResult<T> {
         match &self.inner.conn {
-            Conn::Single { client, shared, id } => {
-                let mut manager = worker_connection(*id, client, self.inner.timeout)
-                    .unwrap_or_else(|| shared.clone());
+            Conn::Single { shared, .. } => {
+                let mut manager = self.own.as_ref().unwrap_or(shared).clone();
                 exec(op, &mut manager).await
             }
             Conn::Cluster(cluster) => exec(op, &mut cluster.clone()).await,
@@ -400,32 +424,6 @@ async fn exec<T: FromRedisValue>(op: &Op<'_>, con: &mut impl ConnectionLike) -> 
         Op::Cmd(cmd) => cmd.query_async(con).await,
         Op::Script(invocation) => invocation.invoke_async(con).await,
     }
-}
-
-thread_local! {
-    /// A serving worker's own connections, by store: their reader tasks run on the worker's
-    /// runtime, so a command and its answer never wake another thread.
-    static WORKER_CONNECTIONS: std::cell::RefCell<Vec<(u64, ConnectionManager)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// This serving worker's connection for store `id`, made (lazily connecting) on first use;
-/// `None` off the serving workers.
-fn worker_connection(id: u64, client: &Client, timeout: Duration) -> Option<ConnectionManager> {
-    if !crate::server::on_worker() {
-        return None;
-    }
-    WORKER_CONNECTIONS.with(|own| {
-        let mut own = own.borrow_mut();
-        if let Some((_, manager)) = own.iter().find(|(i, _)| *i == id) {
-            return Some(manager.clone());
-        }
-        let manager =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config(timeout))
-                .ok()?;
-        own.push((id, manager.clone()));
-        Some(manager)
-    })
 }
 
 /// Connection and response timeouts that fit in one operation's `timeout`.
