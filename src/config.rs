@@ -6,6 +6,7 @@
 //! [`Secret`] and never printed back, not even in errors.
 
 mod interpolate;
+mod keys;
 mod limits;
 mod raw;
 mod units;

@@ -2,7 +2,8 @@
 //! first. Each message names the TOML path, the bad value (never a secret's) and the fix.
 
 use super::interpolate::{InterpolationError, interpolate};
-use super::raw::{self, KNOWN_KEYS};
+use super::keys::{Schema, join};
+use super::raw;
 use super::units::{parse_duration, parse_size};
 use super::*;
 use serde::de::DeserializeOwned;
@@ -64,14 +65,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
 fn interpolate_all(
     table: &mut Table,
     path: &str,
@@ -114,64 +107,15 @@ fn interpolate_value(
     }
 }
 
-fn known(section: &str) -> &'static [&'static str] {
-    KNOWN_KEYS
-        .iter()
-        .find(|(s, _)| *s == section)
-        .map_or(&[], |(_, keys)| *keys)
-}
-
-/// Reports and removes unknown keys, so the typed pass can still find the other problems.
+/// Reports and removes unknown keys, so the typed pass can still find the other problems. The
+/// accepted keys of each table come from the raw structs ([`Schema`]).
 fn check_keys(root: &mut Table, problems: &mut Problems) {
-    prune(root, "", "", problems);
-    for (section, schema) in [
-        ("server", "server"),
-        ("admin", "admin"),
-        ("log", "log"),
-        ("oidc", "oidc"),
-        ("session", "session"),
-        ("limits", "limits"),
-    ] {
-        if let Some(Value::Table(t)) = root.get_mut(section) {
-            prune(t, section, schema, problems);
-        }
-    }
-    if let Some(Value::Table(server)) = root.get_mut("server")
-        && let Some(Value::Table(tls)) = server.get_mut("tls")
-    {
-        prune(tls, "server.tls", "server.tls", problems);
-    }
-    if let Some(Value::Table(session)) = root.get_mut("session")
-        && let Some(Value::Table(redis)) = session.get_mut("redis")
-    {
-        prune(redis, "session.redis", "session.redis", problems);
-        if let Some(Value::Table(sentinel)) = redis.get_mut("sentinel") {
-            prune(
-                sentinel,
-                "session.redis.sentinel",
-                "session.redis.sentinel",
-                problems,
-            );
-        }
-    }
-    if let Some(Value::Array(routes)) = root.get_mut("routes") {
-        for (i, route) in routes.iter_mut().enumerate() {
-            if let Value::Table(t) = route {
-                prune(t, &format!("routes[{i}]"), "routes", problems);
-            }
-        }
-    }
-    if let Some(Value::Table(features)) = root.get_mut("features") {
-        for (name, feature) in features.iter_mut() {
-            if let Value::Table(t) = feature {
-                prune(t, &format!("features.{name}"), "features", problems);
-            }
-        }
-    }
+    prune(root, "", "", &Schema::of_file(), problems);
 }
 
-fn prune(table: &mut Table, path: &str, schema: &str, problems: &mut Problems) {
-    let keys = known(schema);
+/// Checks `table` (shown as `path`, described by `schema_path`) and every table under it.
+fn prune(table: &mut Table, path: &str, schema_path: &str, schema: &Schema, problems: &mut Problems) {
+    let keys = schema.keys(schema_path).unwrap_or_default();
     let unknown: Vec<String> = table
         .keys()
         .filter(|k| !keys.contains(&k.as_str()))
@@ -184,6 +128,31 @@ fn prune(table: &mut Table, path: &str, schema: &str, problems: &mut Problems) {
             None => format!("valid keys here: {}", keys.join(", ")),
         };
         problems.add(join(path, &key), format!("unknown key; {hint}"));
+    }
+    for (key, value) in table.iter_mut() {
+        let (at, inner) = (join(path, key), join(schema_path, key));
+        match value {
+            Value::Table(t) if schema.keys(&inner).is_some() => {
+                prune(t, &at, &inner, schema, problems);
+            }
+            Value::Table(t) if schema.keys(&format!("{inner}.*")).is_some() => {
+                let each = format!("{inner}.*");
+                for (name, item) in t.iter_mut() {
+                    if let Value::Table(t) = item {
+                        prune(t, &join(&at, name), &each, schema, problems);
+                    }
+                }
+            }
+            Value::Array(items) if schema.keys(&format!("{inner}[]")).is_some() => {
+                let each = format!("{inner}[]");
+                for (i, item) in items.iter_mut().enumerate() {
+                    if let Value::Table(t) = item {
+                        prune(t, &format!("{at}[{i}]"), &each, schema, problems);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
