@@ -378,10 +378,12 @@ impl App {
         match Config::load(&self.config_path) {
             Ok(config) => {
                 let old = self.runtime.load_full();
-                for note in restart_needed(&old.config, &config) {
-                    tracing::warn!(trigger, "{note} changed; this takes effect after a restart");
+                // Restart-only keys keep their running value: one snapshot is in effect.
+                let reloaded = crate::config::reload::reload(&old.config, config);
+                for key in reloaded.restart_needed {
+                    tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
                 }
-                self.runtime.store(Arc::new(Runtime::new(config)));
+                self.runtime.store(Arc::new(Runtime::new(reloaded.config)));
                 tracing::info!(trigger, "configuration reloaded");
             }
             Err(errors) => {
@@ -475,51 +477,6 @@ fn rejects_token(response: &Response<Body>) -> bool {
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token")))
-}
-
-/// Settings that cannot change while running.
-fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut notes = Vec::new();
-    if old.server.listen != new.server.listen {
-        notes.push("server.listen");
-    }
-    if old.server.workers != new.server.workers {
-        notes.push("server.workers");
-    }
-    if old.server.tls != new.server.tls {
-        notes.push("server.tls");
-    }
-    if old.admin.listen != new.admin.listen {
-        notes.push("admin.listen");
-    }
-    let (a, b) = (&old.server.connections, &new.server.connections);
-    let connection_keys = |c: &crate::config::ConnectionLimits| {
-        (
-            c.max_connections,
-            c.idle_timeout,
-            c.http2_max_concurrent_streams,
-            c.http2_keep_alive_interval,
-            c.http2_keep_alive_timeout,
-        )
-    };
-    if connection_keys(a) != connection_keys(b)
-        || old.admin.max_connections != new.admin.max_connections
-    {
-        notes.push("connection limits (max_connections, connection_idle_timeout, http2_*)");
-    }
-    if old.limits.tracked_addresses != new.limits.tracked_addresses {
-        notes.push("limits.tracked_addresses");
-    }
-    if old.session.store != new.session.store {
-        notes.push("session.store");
-    }
-    if old.session.keys != new.session.keys || old.session.cookie_name != new.session.cookie_name {
-        notes.push("session keys or cookie name");
-    }
-    if old.oidc.issuer != new.oidc.issuer || old.oidc.client_id != new.oidc.client_id {
-        notes.push("oidc issuer or client");
-    }
-    notes
 }
 
 /// `vestibule check --online`: fetch the discovery document and the key set.

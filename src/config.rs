@@ -9,6 +9,7 @@ mod interpolate;
 mod keys;
 mod limits;
 mod raw;
+pub mod reload;
 mod units;
 mod validate;
 

@@ -29,9 +29,13 @@ impl Schema {
 
     /// The keys of the table at `path` (a schema path such as `routes[]`), if it is a table.
     pub fn keys(&self, path: &str) -> Option<&'static [&'static str]> {
-        self.0.iter().find(|(p, _)| p == path).map(|(_, keys)| *keys)
+        self.0
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, keys)| *keys)
     }
 
+    #[cfg(test)]
     /// Every key that holds a value rather than a table, as a schema path
     /// (`server.tls.cert`, `routes[].path`, `features.*.role`).
     pub fn leaves(&self) -> Vec<String> {
@@ -173,7 +177,10 @@ impl<'de> MapAccess<'de> for Entries<'_> {
         }
     }
 
-    fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, ProbeError> {
+    fn next_value_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<T::Value, ProbeError> {
         self.value(seed)
     }
 }
@@ -216,7 +223,11 @@ mod tests {
             schema.keys("features.*"),
             Some(&["public", "beta", "role"][..])
         );
-        assert!(schema.keys("routes[]").is_some_and(|k| k.contains(&"upstream")));
+        assert!(
+            schema
+                .keys("routes[]")
+                .is_some_and(|k| k.contains(&"upstream"))
+        );
         // Maps and arrays of plain values are values, not tables.
         assert_eq!(schema.keys("oidc.extra_auth_params.*"), None);
         assert_eq!(schema.keys("routes[].require.*"), None);
@@ -231,7 +242,13 @@ mod tests {
         ] {
             assert!(leaves.iter().any(|l| l == leaf), "{leaf} in {leaves:?}");
         }
-        for table in ["server", "server.tls", "session.redis", "routes", "features"] {
+        for table in [
+            "server",
+            "server.tls",
+            "session.redis",
+            "routes",
+            "features",
+        ] {
             assert!(!leaves.iter().any(|l| l == table), "{table} is a table");
         }
     }

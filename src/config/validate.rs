@@ -114,7 +114,13 @@ fn check_keys(root: &mut Table, problems: &mut Problems) {
 }
 
 /// Checks `table` (shown as `path`, described by `schema_path`) and every table under it.
-fn prune(table: &mut Table, path: &str, schema_path: &str, schema: &Schema, problems: &mut Problems) {
+fn prune(
+    table: &mut Table,
+    path: &str,
+    schema_path: &str,
+    schema: &Schema,
+    problems: &mut Problems,
+) {
     let keys = schema.keys(schema_path).unwrap_or_default();
     let unknown: Vec<String> = table
         .keys()
