@@ -7,7 +7,6 @@
 
 mod interpolate;
 mod keys;
-mod limits;
 mod raw;
 pub mod reload;
 mod units;
