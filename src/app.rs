@@ -2,7 +2,7 @@
 //! client and the session manager, plus a hot-swappable [`Runtime`] (configuration and compiled
 //! routes) that each request reads once.
 
-use crate::config::{Config, StoreConfig};
+use crate::config::Config;
 use crate::gate::{self, Tokens};
 use crate::oidc::Oidc;
 use crate::proxy::routing::{Destination, Resolved};
@@ -81,32 +81,6 @@ pub struct App {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
-fn store_config(config: &Config) -> store::StoreConfig {
-    match &config.session.store {
-        StoreConfig::Memory => store::StoreConfig::Memory {
-            max_entries: config.session.max_entries,
-        },
-        StoreConfig::Redis(redis) => store::StoreConfig::Redis {
-            url: redis.url.expose().to_string(),
-            sentinel: redis.sentinel.as_ref().map(|s| {
-                (
-                    s.master.clone(),
-                    s.nodes.iter().map(|n| n.expose().to_string()).collect(),
-                )
-            }),
-            cluster: (!redis.cluster.is_empty()).then(|| {
-                redis
-                    .cluster
-                    .iter()
-                    .map(|n| n.expose().to_string())
-                    .collect()
-            }),
-            key_prefix: redis.key_prefix.clone(),
-            timeout: redis.timeout,
-        },
-    }
-}
-
 impl App {
     /// Builds the application: connects the store and starts loading provider metadata in the
     /// background (`/readyz` stays unready until it is loaded).
@@ -115,7 +89,7 @@ impl App {
         crate::telemetry::spawn_upkeep();
         let keyring = Keyring::new(config.session.keys.clone())
             .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?;
-        let store = Store::connect(&store_config(&config))
+        let store = Store::connect(&store::StoreConfig::from_config(&config.session))
             .await
             .map_err(|e| anyhow::anyhow!("session store: {e}"))?;
         let settings = SessionSettings {
