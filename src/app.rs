@@ -3,7 +3,7 @@
 //! routes) that each request reads once.
 
 use crate::clock::Clock;
-use crate::config::{Config, StoreConfig};
+use crate::config::Config;
 use crate::gate::{self, Tokens};
 use crate::oidc::Oidc;
 use crate::proxy::routing::{Destination, Resolved};
@@ -83,32 +83,6 @@ pub struct App {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
-fn store_config(config: &Config) -> store::StoreConfig {
-    match &config.session.store {
-        StoreConfig::Memory => store::StoreConfig::Memory {
-            max_entries: config.session.max_entries,
-        },
-        StoreConfig::Redis(redis) => store::StoreConfig::Redis {
-            url: redis.url.expose().to_string(),
-            sentinel: redis.sentinel.as_ref().map(|s| {
-                (
-                    s.master.clone(),
-                    s.nodes.iter().map(|n| n.expose().to_string()).collect(),
-                )
-            }),
-            cluster: (!redis.cluster.is_empty()).then(|| {
-                redis
-                    .cluster
-                    .iter()
-                    .map(|n| n.expose().to_string())
-                    .collect()
-            }),
-            key_prefix: redis.key_prefix.clone(),
-            timeout: redis.timeout,
-        },
-    }
-}
-
 impl App {
     /// Builds the application: connects the store and starts loading provider metadata in the
     /// background (`/readyz` stays unready until it is loaded).
@@ -126,7 +100,7 @@ impl App {
         crate::telemetry::spawn_upkeep();
         let keyring = Keyring::new(config.session.keys.clone())
             .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?;
-        let store = Store::connect(&store_config(&config))
+        let store = Store::connect(&store::StoreConfig::from_config(&config.session))
             .await
             .map_err(|e| anyhow::anyhow!("session store: {e}"))?;
         let settings = SessionSettings {
@@ -405,10 +379,12 @@ impl App {
         match Config::load(&self.config_path) {
             Ok(config) => {
                 let old = self.runtime.load_full();
-                for note in restart_needed(&old.config, &config) {
-                    tracing::warn!(trigger, "{note} changed; this takes effect after a restart");
+                // Restart-only keys keep their running value: one snapshot is in effect.
+                let reloaded = crate::config::reload::reload(&old.config, config);
+                for key in reloaded.restart_needed {
+                    tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
                 }
-                self.runtime.store(Arc::new(Runtime::new(config)));
+                self.runtime.store(Arc::new(Runtime::new(reloaded.config)));
                 tracing::info!(trigger, "configuration reloaded");
             }
             Err(errors) => {
@@ -502,51 +478,6 @@ fn rejects_token(response: &Response<Body>) -> bool {
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token")))
-}
-
-/// Settings that cannot change while running.
-fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut notes = Vec::new();
-    if old.server.listen != new.server.listen {
-        notes.push("server.listen");
-    }
-    if old.server.workers != new.server.workers {
-        notes.push("server.workers");
-    }
-    if old.server.tls != new.server.tls {
-        notes.push("server.tls");
-    }
-    if old.admin.listen != new.admin.listen {
-        notes.push("admin.listen");
-    }
-    let (a, b) = (&old.server.connections, &new.server.connections);
-    let connection_keys = |c: &crate::config::ConnectionLimits| {
-        (
-            c.max_connections,
-            c.idle_timeout,
-            c.http2_max_concurrent_streams,
-            c.http2_keep_alive_interval,
-            c.http2_keep_alive_timeout,
-        )
-    };
-    if connection_keys(a) != connection_keys(b)
-        || old.admin.max_connections != new.admin.max_connections
-    {
-        notes.push("connection limits (max_connections, connection_idle_timeout, http2_*)");
-    }
-    if old.limits.tracked_addresses != new.limits.tracked_addresses {
-        notes.push("limits.tracked_addresses");
-    }
-    if old.session.store != new.session.store {
-        notes.push("session.store");
-    }
-    if old.session.keys != new.session.keys || old.session.cookie_name != new.session.cookie_name {
-        notes.push("session keys or cookie name");
-    }
-    if old.oidc.issuer != new.oidc.issuer || old.oidc.client_id != new.oidc.client_id {
-        notes.push("oidc issuer or client");
-    }
-    notes
 }
 
 /// `vestibule check --online`: fetch the discovery document and the key set.

@@ -6,8 +6,9 @@
 //! [`Secret`] and never printed back, not even in errors.
 
 mod interpolate;
-mod limits;
+mod keys;
 mod raw;
+pub mod reload;
 mod units;
 mod validate;
 

@@ -1,114 +1,26 @@
 //! The file's shape, as serde sees it. Everything is optional here so that `validate` can name
 //! each missing or bad value itself; durations and sizes stay strings until validated.
+//! A key is named once, as a field here: the lists of accepted keys are read off these structs
+//! (`keys.rs`).
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// Keys accepted in each table, used to report unknown keys with the nearest valid one.
-pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
-    (
-        "",
-        &[
-            "server", "admin", "log", "oidc", "session", "limits", "routes", "features",
-        ],
-    ),
-    (
-        "server",
-        &[
-            "listen",
-            "public_url",
-            "bff_prefix",
-            "trusted_proxies",
-            "request_timeout",
-            "max_body",
-            "tls",
-            "cors_origins",
-            "shutdown_grace",
-            "header_read_timeout",
-            "max_header_size",
-            "workers",
-            "max_connections",
-            "connection_idle_timeout",
-            "body_read_timeout",
-            "body_min_rate",
-            "http2_max_concurrent_streams",
-            "http2_keep_alive_interval",
-            "http2_keep_alive_timeout",
-        ],
-    ),
-    ("server.tls", &["cert", "key"]),
-    ("admin", &["listen", "max_connections"]),
-    (
-        "limits",
-        &[
-            "login_per_minute",
-            "callback_per_minute",
-            "backchannel_logout_per_minute",
-            "tracked_addresses",
-        ],
-    ),
-    ("log", &["level", "format"]),
-    (
-        "oidc",
-        &[
-            "issuer",
-            "client_id",
-            "client_secret",
-            "client_auth",
-            "scopes",
-            "extra_auth_params",
-            "roles_claim",
-            "refresh_skew",
-            "post_logout_redirect",
-            "allow_http_issuer",
-            "metadata_refresh",
-            "clock_skew",
-            "provider_timeout",
-        ],
-    ),
-    (
-        "session",
-        &[
-            "store",
-            "cookie_name",
-            "cookie_secure",
-            "same_site",
-            "idle_timeout",
-            "absolute_timeout",
-            "keys",
-            "max_entries",
-            "cache_ttl",
-            "redis",
-        ],
-    ),
-    (
-        "session.redis",
-        &["url", "sentinel", "cluster", "key_prefix", "timeout"],
-    ),
-    ("session.redis.sentinel", &["master", "nodes"]),
-    (
-        "routes",
-        &[
-            "path",
-            "upstream",
-            "static_dir",
-            "spa_fallback",
-            "strip_prefix",
-            "auth",
-            "token",
-            "csrf",
-            "resource",
-            "scopes",
-            "exchange",
-            "require",
-            "feature",
-            "timeout",
-            "allow_encoded_slash",
-            "allow_path_params",
-        ],
-    ),
-    ("features", &["public", "beta", "role"]),
-];
+/// The whole file. Only its shape is read (by `keys`, for the keys each table accepts); the
+/// sections are deserialized one by one so that each error names its own table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Root {
+    pub server: Option<Server>,
+    pub admin: Option<Admin>,
+    pub log: Option<Log>,
+    pub oidc: Option<Oidc>,
+    pub session: Option<Session>,
+    pub limits: Option<Limits>,
+    pub routes: Option<Vec<Route>>,
+    pub features: Option<BTreeMap<String, Feature>>,
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

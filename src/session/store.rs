@@ -47,6 +47,36 @@ pub enum StoreConfig {
     },
 }
 
+impl StoreConfig {
+    /// The store the file's `[session]` asks for: the one conversion from the validated
+    /// `config::StoreConfig` (which keeps URLs as secrets) to what the stores are built from.
+    pub fn from_config(session: &crate::config::SessionConfig) -> StoreConfig {
+        match &session.store {
+            crate::config::StoreConfig::Memory => StoreConfig::Memory {
+                max_entries: session.max_entries,
+            },
+            crate::config::StoreConfig::Redis(redis) => StoreConfig::Redis {
+                url: redis.url.expose().to_string(),
+                sentinel: redis.sentinel.as_ref().map(|s| {
+                    (
+                        s.master.clone(),
+                        s.nodes.iter().map(|n| n.expose().to_string()).collect(),
+                    )
+                }),
+                cluster: (!redis.cluster.is_empty()).then(|| {
+                    redis
+                        .cluster
+                        .iter()
+                        .map(|n| n.expose().to_string())
+                        .collect()
+                }),
+                key_prefix: redis.key_prefix.clone(),
+                timeout: redis.timeout,
+            },
+        }
+    }
+}
+
 impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -1,8 +1,8 @@
 //! `[limits]` and the connection keys of `[server]` and `[admin]`: how much an anonymous client
 //! may make Vestibule do. Errors name the TOML path and the range, like every other key.
 
-use super::validate::{Problems, duration, size};
-use super::{ConnectionLimits, LimitsConfig, raw};
+use super::super::{ConnectionLimits, LimitsConfig, raw};
+use super::{Problems, duration, size};
 use std::time::Duration;
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -178,5 +178,47 @@ pub(super) fn limits_config(raw: raw::Limits, problems: &mut Problems) -> Limits
             (1, 10_000_000),
             problems,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::printed;
+    use super::*;
+
+    #[test]
+    fn golden_limits_messages() {
+        let mut problems = Problems::default();
+        let limits = limits_config(
+            raw::Limits {
+                login_per_minute: Some(-1),
+                tracked_addresses: Some(0),
+                ..Default::default()
+            },
+            &mut problems,
+        );
+        assert_eq!(limits.login_per_minute, DEFAULT_LOGIN_PER_MINUTE);
+        let connections = connections(
+            ConnectionKeys {
+                max_connections: None,
+                connection_idle_timeout: Some("0s".into()),
+                body_read_timeout: None,
+                body_min_rate: None,
+                http2_max_concurrent_streams: Some(0),
+                http2_keep_alive_interval: Some("0s".into()),
+                http2_keep_alive_timeout: None,
+            },
+            &mut problems,
+        );
+        assert_eq!(connections.http2_keep_alive_interval, None);
+        assert_eq!(
+            printed(problems),
+            [
+                "limits.login_per_minute: -1 is out of range; use 0 to 1000000",
+                "limits.tracked_addresses: 0 is out of range; use 1 to 10000000",
+                "server.connection_idle_timeout: must be longer than 0s",
+                "server.http2_max_concurrent_streams: 0 is out of range; use 1 to 10000",
+            ]
+        );
     }
 }

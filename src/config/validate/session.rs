@@ -1,0 +1,281 @@
+//! `[session]` and `[session.redis]`.
+
+use super::*;
+
+pub(super) fn session_config(raw: raw::Session, problems: &mut Problems) -> Option<SessionConfig> {
+    use base64::Engine;
+    let raw::Session {
+        store,
+        cookie_name,
+        cookie_secure,
+        same_site,
+        idle_timeout,
+        absolute_timeout,
+        keys,
+        max_entries,
+        cache_ttl,
+        redis,
+    } = raw;
+    let cookie_secure = cookie_secure.unwrap_or(true);
+    let mut cookie_name = cookie_name.unwrap_or_else(|| "__Host-vestibule".into());
+    if !cookie_secure && let Some(rest) = cookie_name.strip_prefix("__Host-") {
+        cookie_name = rest.to_string();
+    }
+    if cookie_name.is_empty()
+        || !cookie_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        problems.add(
+            "session.cookie_name",
+            format!("{cookie_name:?} is not a cookie name; use letters, digits, - _ ."),
+        );
+    }
+    let same_site = one_of(
+        same_site,
+        "session.same_site",
+        SameSite::Lax,
+        &[("lax", SameSite::Lax), ("strict", SameSite::Strict)],
+        problems,
+    );
+    let idle_timeout = duration(
+        idle_timeout,
+        "session.idle_timeout",
+        Duration::from_secs(30 * 60),
+        problems,
+    );
+    let absolute_timeout = duration(
+        absolute_timeout,
+        "session.absolute_timeout",
+        Duration::from_secs(12 * 3600),
+        problems,
+    );
+    if idle_timeout > absolute_timeout {
+        problems.add(
+            "session.idle_timeout",
+            "is longer than session.absolute_timeout; make it shorter",
+        );
+    }
+    let keys: Vec<[u8; 32]> = match keys {
+        None => {
+            problems.add("session.keys", "is required: keys = [\"${VESTIBULE_SESSION_KEY}\"], each made by `vestibule keygen`");
+            Vec::new()
+        }
+        Some(list) if list.is_empty() => {
+            problems.add("session.keys", "is empty; add at least one key made by `vestibule keygen`");
+            Vec::new()
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.trim()));
+                match decoded.ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()) {
+                    Some(key) => Some(key),
+                    None => {
+                        problems.add(format!("session.keys[{i}]"), "is not 32 bytes of base64 (value not shown); make one with `vestibule keygen`");
+                        None
+                    }
+                }
+            })
+            .collect(),
+    };
+    let max_entries = match max_entries {
+        None => 100_000,
+        Some(n) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            problems.add(
+                "session.max_entries",
+                format!("{n} must be a positive number"),
+            );
+            100_000
+        }
+    };
+    let store = match store.as_deref().unwrap_or("memory") {
+        "memory" => Some(StoreConfig::Memory),
+        "redis" => redis_config(redis, problems).map(StoreConfig::Redis),
+        other => {
+            problems.add(
+                "session.store",
+                format!("{other:?} is not allowed; use one of \"memory\", \"redis\""),
+            );
+            None
+        }
+    };
+    Some(SessionConfig {
+        store: store?,
+        cookie_name,
+        cookie_secure,
+        same_site,
+        idle_timeout,
+        absolute_timeout,
+        keys,
+        max_entries,
+        cache_ttl: duration(
+            cache_ttl,
+            "session.cache_ttl",
+            Duration::from_secs(5),
+            problems,
+        ),
+    })
+}
+
+fn redis_url(text: &str, path: &str, problems: &mut Problems) -> bool {
+    let ok = text.starts_with("redis://") || text.starts_with("rediss://");
+    if !ok {
+        problems.add(
+            path,
+            "must start with redis:// or rediss:// (value not shown: it may hold a password)",
+        );
+    }
+    ok
+}
+
+/// `session.redis.timeout` when unset: long enough for a reconnect, short enough that a user
+/// waiting on a stalled Redis gets a 503 rather than a hang.
+const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+const MIN_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+const MAX_STORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn redis_config(raw: Option<raw::Redis>, problems: &mut Problems) -> Option<RedisConfig> {
+    let Some(raw::Redis {
+        url,
+        sentinel,
+        cluster,
+        key_prefix,
+        timeout,
+    }) = raw
+    else {
+        problems.add("session.redis", "is required when store = \"redis\": add [session.redis] with url = \"redis://127.0.0.1:6379\"");
+        return None;
+    };
+    let cluster: Vec<Secret> = cluster
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, u)| redis_url(u, &format!("session.redis.cluster[{i}]"), problems))
+        .map(|(_, u)| Secret::new(u))
+        .collect();
+    let sentinel = sentinel.and_then(|s| {
+        let master = s.master.filter(|m| !m.is_empty());
+        if master.is_none() {
+            problems.add(
+                "session.redis.sentinel.master",
+                "is required: the name of the monitored master",
+            );
+        }
+        let nodes: Vec<Secret> = s
+            .nodes
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, u)| redis_url(u, &format!("session.redis.sentinel.nodes[{i}]"), problems))
+            .map(|(_, u)| Secret::new(u))
+            .collect();
+        if nodes.is_empty() {
+            problems.add(
+                "session.redis.sentinel.nodes",
+                "needs at least one sentinel address, e.g. \"redis://s1:26379\"",
+            );
+        }
+        Some(SentinelConfig {
+            master: master?,
+            nodes,
+        })
+    });
+    if sentinel.is_some() && !cluster.is_empty() {
+        problems.add(
+            "session.redis",
+            "sets both sentinel and cluster; choose one",
+        );
+    }
+    let url = url.unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+    redis_url(&url, "session.redis.url", problems);
+    let timeout = duration(
+        timeout,
+        "session.redis.timeout",
+        DEFAULT_STORE_TIMEOUT,
+        problems,
+    );
+    if !(MIN_STORE_TIMEOUT..=MAX_STORE_TIMEOUT).contains(&timeout) {
+        problems.add(
+            "session.redis.timeout",
+            "must be between 50ms and 30s: a request waits this long for Redis before it gets a 503",
+        );
+    }
+    Some(RedisConfig {
+        url: Secret::new(url),
+        sentinel,
+        cluster,
+        key_prefix: key_prefix.unwrap_or_else(|| "vestibule:".into()),
+        timeout: timeout.clamp(MIN_STORE_TIMEOUT, MAX_STORE_TIMEOUT),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+    fn check(raw: raw::Session) -> (Option<SessionConfig>, Vec<String>) {
+        let mut problems = Problems::default();
+        let config = session_config(raw, &mut problems);
+        (config, printed(problems))
+    }
+
+    #[test]
+    fn golden_session_messages() {
+        let (_, found) = check(raw::Session {
+            cookie_name: Some("my cookie".into()),
+            idle_timeout: Some("2h".into()),
+            absolute_timeout: Some("1h".into()),
+            max_entries: Some(0),
+            store: Some("disk".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            found,
+            [
+                "session.cookie_name: \"my cookie\" is not a cookie name; use letters, digits, - _ .",
+                "session.idle_timeout: is longer than session.absolute_timeout; make it shorter",
+                "session.keys: is required: keys = [\"${VESTIBULE_SESSION_KEY}\"], each made by `vestibule keygen`",
+                "session.max_entries: 0 must be a positive number",
+                "session.store: \"disk\" is not allowed; use one of \"memory\", \"redis\"",
+            ]
+        );
+        let (_, found) = check(raw::Session {
+            keys: Some(vec![KEY.into()]),
+            store: Some("redis".into()),
+            redis: Some(raw::Redis {
+                sentinel: Some(raw::Sentinel {
+                    master: None,
+                    nodes: Some(vec!["redis://s1:26379".into()]),
+                }),
+                cluster: Some(vec!["http://user:pw@n1".into(), "redis://n2:6379".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            found,
+            [
+                "session.redis.cluster[0]: must start with redis:// or rediss:// (value not shown: it may hold a password)",
+                "session.redis.sentinel.master: is required: the name of the monitored master",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_insecure_cookie_loses_the_host_prefix() {
+        let (config, found) = check(raw::Session {
+            keys: Some(vec![KEY.into()]),
+            cookie_secure: Some(false),
+            ..Default::default()
+        });
+        assert_eq!(found, Vec::<String>::new());
+        assert_eq!(config.map(|c| c.cookie_name).as_deref(), Some("vestibule"));
+    }
+}
