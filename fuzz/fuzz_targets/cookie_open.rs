@@ -107,7 +107,10 @@ fn load(world: &World, cookie: &str) -> bool {
         return false;
     };
     assert_eq!(loaded.handle, world.handle);
-    assert!(*loaded.session == world.session, "another session came back");
+    assert!(
+        *loaded.session == world.session,
+        "another session came back"
+    );
     let resealed = match world.sessions.reseal(&loaded) {
         Ok(value) => value,
         Err(e) => panic!("reseal: {e}"),

@@ -34,7 +34,11 @@ fn validate_all(token: &str) {
     };
     if let Ok(claims) = block_on(validate_refreshed_id_token(jwks, token, &expect, &original)) {
         assert_id_token(&claims, false);
-        assert_eq!(claims.get("sub"), original.get("sub"), "the subject changed");
+        assert_eq!(
+            claims.get("sub"),
+            original.get("sub"),
+            "the subject changed"
+        );
     }
     if let Ok(claims) = block_on(validate_access_token(jwks, token, &expect)) {
         assert_common_policy(&claims, true);
@@ -49,7 +53,10 @@ fn raw_token(token: &str) {
     if let Ok(parsed) = jws::parse(token) {
         assert!(ALLOWED_ALGORITHMS.iter().any(|(_, alg)| *alg == parsed.alg));
         assert_eq!(token.split('.').count(), 3);
-        assert!(looks_like_jwt(token), "parse accepts what looks_like_jwt refuses");
+        assert!(
+            looks_like_jwt(token),
+            "parse accepts what looks_like_jwt refuses"
+        );
     }
     validate_all(token);
 }

@@ -9,7 +9,10 @@ use url::Url;
 use vestibule::oidc::local_return_url;
 
 fn assert_local(path: &str, what: &str) {
-    assert!(path.starts_with('/'), "{what} does not start with /: {path:?}");
+    assert!(
+        path.starts_with('/'),
+        "{what} does not start with /: {path:?}"
+    );
     assert!(!path.starts_with("//"), "{what} starts with //: {path:?}");
     assert!(!path.contains('\\'), "{what} has a backslash: {path:?}");
     assert!(
@@ -35,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
     };
     match origin.join(&accepted) {
         Ok(target) => {
-            assert_eq!(target.origin(), origin.origin(), "{accepted:?} leaves the origin");
+            assert_eq!(
+                target.origin(),
+                origin.origin(),
+                "{accepted:?} leaves the origin"
+            );
             assert_eq!(target.username(), "", "{accepted:?}");
             assert_eq!(target.password(), None, "{accepted:?}");
         }

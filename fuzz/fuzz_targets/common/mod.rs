@@ -127,7 +127,10 @@ fn audiences(claims: &Claims) -> Vec<&str> {
 
 /// What every accepted token's claims must satisfy: issuer, audience and times.
 pub fn assert_common_policy(claims: &Map<String, Value>, exp_required: bool) {
-    let iss = claims.get("iss").and_then(Value::as_str).unwrap_or_default();
+    let iss = claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     assert_eq!(
         iss.strip_suffix('/').unwrap_or(iss),
         ISSUER,
@@ -138,7 +141,10 @@ pub fn assert_common_policy(claims: &Map<String, Value>, exp_required: bool) {
         "accepted a token for another audience"
     );
     match number(claims, "exp") {
-        Some(exp) => assert!(NOW < exp.saturating_add(LEEWAY), "accepted an expired token"),
+        Some(exp) => assert!(
+            NOW < exp.saturating_add(LEEWAY),
+            "accepted an expired token"
+        ),
         None => assert!(!exp_required, "accepted a token without exp"),
     }
     if let Some(nbf) = number(claims, "nbf") {
@@ -152,7 +158,10 @@ pub fn assert_common_policy(claims: &Map<String, Value>, exp_required: bool) {
 /// An accepted ID token: the common policy, `iat`, `sub`, `azp` and the nonce.
 pub fn assert_id_token(claims: &Claims, nonce_required: bool) {
     assert_common_policy(claims, true);
-    assert!(number(claims, "iat").is_some(), "accepted an ID token without iat");
+    assert!(
+        number(claims, "iat").is_some(),
+        "accepted an ID token without iat"
+    );
     assert!(
         claims
             .get("sub")
@@ -185,6 +194,8 @@ pub fn shared_jwks() -> &'static Jwks {
 
 /// A fresh key set loaded from `body` (a fuzzed JWKS document).
 pub fn jwks_from(body: &[u8]) -> Jwks {
-    Jwks::new(FakeJwksFetcher::new(body.to_vec()), Duration::from_secs(86_400))
+    Jwks::new(
+        FakeJwksFetcher::new(body.to_vec()),
+        Duration::from_secs(86_400),
+    )
 }
-
