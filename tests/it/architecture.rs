@@ -15,7 +15,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("limits", &["reply"]),
     ("jose", &["config", "reply", "telemetry"]),
     ("session", &["config", "reply", "telemetry"]),
-    ("proxy", &["config", "reply", "telemetry", "cookies", "net", "limits"]),
+    (
+        "proxy",
+        &["config", "reply", "telemetry", "cookies", "net", "limits"],
+    ),
     ("oidc", &["config", "reply", "telemetry", "jose", "net"]),
     (
         "gate",

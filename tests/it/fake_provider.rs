@@ -22,10 +22,7 @@ pub(crate) async fn setup_with(discovery: serde_json::Map<String, Value>) -> Cas
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     *idp.state.discovery_extra.lock().unwrap() = discovery;
-    let text = config_text("").replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"", idp.issuer),
-    );
+    let text = config_toml("").set("oidc.issuer", idp.issuer.as_str());
     let proxy = start_proxy(&text).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !proxy.app.oidc.provider.is_ready() {
@@ -303,10 +300,7 @@ async fn token_exchange_routes_get_a_token_for_their_resource() {
         "[[routes]]\npath = \"/orders/\"\nupstream = \"{}\"\ntoken = \"user\"\nresource = \"https://orders.example\"\nexchange = true\n",
         up.url()
     );
-    let text = config_text(&routes).replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"", idp.issuer),
-    );
+    let text = config_toml(&routes).set("oidc.issuer", idp.issuer.as_str());
     let proxy = start_proxy(&text).await;
     while !proxy.app.oidc.provider.is_ready() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::Browser;
-use crate::support::provider::{self, free_port};
+use crate::support::provider;
 use crate::support::redis::RedisServer;
 use crate::support::*;
 use bytes::Bytes;

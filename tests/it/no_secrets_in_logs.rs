@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::Browser;
-use crate::support::provider::{self, free_port};
+use crate::support::provider;
 use crate::support::*;
 use std::io::Read;
 use std::process::{Command, Stdio};

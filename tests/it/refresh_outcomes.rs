@@ -42,10 +42,7 @@ exchange = true
 "#,
         u = up.url()
     );
-    let text = config_text(&routes).replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"", idp.issuer),
-    );
+    let text = config_toml(&routes).set("oidc.issuer", idp.issuer.as_str());
     let proxy = start_proxy(&text).await;
     eventually(
         "the fake provider's metadata is loaded",

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::Browser;
-use crate::support::provider::{self, TestProvider, free_port};
+use crate::support::provider::{self, TestProvider};
 use crate::support::redis::RedisServer;
 use crate::support::*;
 use base64::Engine;
