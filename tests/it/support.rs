@@ -5,6 +5,7 @@ pub mod browser;
 pub mod fake_idp;
 pub mod provider;
 pub mod redis;
+pub mod stack;
 pub mod toml_config;
 pub mod upstream;
 
