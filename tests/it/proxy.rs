@@ -313,11 +313,11 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
 #[tokio::test]
 async fn graceful_shutdown_completes_an_in_flight_request() {
     let up = upstream::start().await;
-    let text = config_text(&format!(
+    let text = config_toml(&format!(
         "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
         up.url()
     ))
-    .replace("request_timeout = \"2s\"", "request_timeout = \"5s\"");
+    .set("server.request_timeout", "5s");
     let proxy = start_proxy(&text).await;
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url, &[]).await });
