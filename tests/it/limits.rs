@@ -118,27 +118,14 @@ async fn an_untrusted_peer_cannot_escape_its_limit_with_forwarded_for() {
 async fn proxy_with_fake_provider() -> (Proxy, fake_idp::FakeIdp) {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let text = config_toml("").set("oidc.issuer", idp.issuer.as_str());
-    let proxy = start_proxy(&text).await;
-    eventually("the fake provider's metadata is loaded", WITHIN, || async {
-        proxy.app.oidc.provider.is_ready().then_some(())
-    })
-    .await;
+    let proxy = start_proxy_for(&idp.issuer, "").await;
     (proxy, idp)
 }
 
 #[tokio::test]
 async fn callback_checks_the_login_cookie_and_state_before_any_store_write_or_provider_call() {
     let (proxy, idp) = proxy_with_fake_provider().await;
-    let start = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
-    assert_eq!(start.status, 302);
-    let cookie = start
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let (_, cookie) = begin_login(&proxy).await;
     // No cookie at all, and a real login cookie issued for another state.
     for cookie in [None, Some(cookie.as_str())] {
         let mut headers = vec![("accept", "text/html")];

@@ -187,6 +187,36 @@ pub fn login_toml(port: u16, issuer: &str, extra: &str) -> TomlConfig {
     TomlConfig::parse(&login_config(port, issuer, extra))
 }
 
+/// A proxy for [`config_text`] plus `extra`, in front of the provider at `issuer` (the in-process
+/// fake one), once it has loaded the provider's metadata.
+pub async fn start_proxy_for(issuer: &str, extra: &str) -> Proxy {
+    let proxy = start_proxy(config_toml(extra).set("oidc.issuer", issuer)).await;
+    eventually(
+        "the provider's metadata is loaded",
+        std::time::Duration::from_secs(10),
+        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
+    )
+    .await;
+    proxy
+}
+
+/// The start of a login at `proxy`: the query of the provider's authorization URL it redirects
+/// to, and the login cookie (`name=value`).
+pub async fn begin_login(proxy: &Proxy) -> (std::collections::HashMap<String, String>, String) {
+    let start = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    assert_eq!(start.status, 302);
+    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+    let query = location.query_pairs().into_owned().collect();
+    let cookie = start
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    (query, cookie)
+}
+
 /// Waits until the proxy has loaded the provider's metadata.
 pub async fn wait_ready(proxy: &Proxy) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

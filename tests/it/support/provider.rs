@@ -164,21 +164,26 @@ impl TestProvider {
     }
 }
 
+/// The panic message of a [`launch`] of the shell `script` that must fail.
+#[cfg(test)]
+fn failed_launch(script: &str, deadline: Duration) -> String {
+    let failure =
+        std::panic::catch_unwind(|| launch(Command::new("sh").args(["-c", script]), deadline))
+            .err()
+            .expect("the launch must fail");
+    failure
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default()
+}
+
 #[test]
 fn a_provider_that_never_gets_ready_fails_in_time_with_its_stderr() {
     let started = std::time::Instant::now();
-    let failure = std::panic::catch_unwind(|| {
-        launch(
-            Command::new("sh").args(["-c", "echo 'cannot listen: EADDRINUSE' >&2; exec sleep 30"]),
-            Duration::from_millis(500),
-        )
-    })
-    .err()
-    .expect("the launch must fail");
-    let message = failure
-        .downcast_ref::<String>()
-        .cloned()
-        .unwrap_or_default();
+    let message = failed_launch(
+        "echo 'cannot listen: EADDRINUSE' >&2; exec sleep 30",
+        Duration::from_millis(500),
+    );
     assert!(started.elapsed() < Duration::from_secs(10), "{message}");
     assert!(message.contains("no ready line within 500ms"), "{message}");
     assert!(message.contains("cannot listen: EADDRINUSE"), "{message}");
@@ -186,18 +191,7 @@ fn a_provider_that_never_gets_ready_fails_in_time_with_its_stderr() {
 
 #[test]
 fn a_provider_that_exits_early_fails_with_its_stderr() {
-    let failure = std::panic::catch_unwind(|| {
-        launch(
-            Command::new("sh").args(["-c", "echo 'SyntaxError: bad config' >&2; exit 1"]),
-            START_DEADLINE,
-        )
-    })
-    .err()
-    .expect("the launch must fail");
-    let message = failure
-        .downcast_ref::<String>()
-        .cloned()
-        .unwrap_or_default();
+    let message = failed_launch("echo 'SyntaxError: bad config' >&2; exit 1", START_DEADLINE);
     assert!(
         message.contains("exited before its ready line"),
         "{message}"
