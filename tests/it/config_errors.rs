@@ -2,6 +2,7 @@
 //! one file are reported together, each with its TOML path.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::support::TomlConfig;
 use std::path::Path;
 use vestibule::config::Config;
 
@@ -20,6 +21,11 @@ client_secret = "${{SECRET}}"
 keys = ["{KEY}"]
 "#
     )
+}
+
+/// [`base`] with `path` added.
+fn add(path: &str, value: impl Into<toml::Value>) -> String {
+    TomlConfig::parse(&base()).add(path, value).text()
 }
 
 fn env(name: &str) -> Option<String> {
@@ -56,57 +62,69 @@ fn the_base_config_is_valid() {
 fn golden_messages_for_each_kind_of_mistake() {
     let cases: Vec<(String, &str)> = vec![
         (
-            base().replace("[server]\n", "[server]\nlisten_addr = \"x\"\n"),
+            add("server.listen_addr", "x"),
             "server.listen_addr: unknown key; did you mean `listen`?",
         ),
         (
-            base().replace("[server]\n", "[server]\nrequest_timeout = \"soon\"\n"),
+            add("server.request_timeout", "soon"),
             "server.request_timeout: \"soon\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
         ),
         (
-            base().replace("[server]\n", "[server]\nmax_body = \"ten megs\"\n"),
+            add("server.max_body", "ten megs"),
             "server.max_body: \"ten megs\" is not a size; write e.g. \"64KiB\", \"10MiB\" or \"1GiB\"",
         ),
         (
-            base().replace("${SECRET}", "${MISSING_SECRET}"),
+            TomlConfig::parse(&base())
+                .set("oidc.client_secret", "${MISSING_SECRET}")
+                .text(),
             "oidc.client_secret: environment variable MISSING_SECRET is not set; export it, or write ${MISSING_SECRET:-default}",
         ),
         (
-            base().replace("https://idp.example.com", "http://idp.example.com"),
+            TomlConfig::parse(&base())
+                .set("oidc.issuer", "http://idp.example.com")
+                .text(),
             "oidc.issuer: \"http://idp.example.com\" uses plain http; use https, or set allow_http_issuer = true for a loopback issuer in development",
         ),
         (
-            base().replace("[session]\n", "provider_timeout = \"0s\"\n[session]\n"),
+            add("oidc.provider_timeout", "0s"),
             "oidc.provider_timeout: must be longer than 0s; write e.g. \"25s\"",
         ),
         (
-            base().replace("[server]\n", "[server]\nworkers = 0\n"),
+            add("server.workers", 0),
             "server.workers: 0 is out of range; use 1 to 1024, or leave it out for one per CPU",
         ),
         (
-            base().replace("[server]\n", "[server]\nlisten = \"nowhere\"\n"),
+            add("server.listen", "nowhere"),
             "server.listen: \"nowhere\" is not an address; write host:port such as \"0.0.0.0:8080\"",
         ),
         (
-            base().replace(KEY, "c2hvcnQ="),
+            TomlConfig::parse(&base())
+                .set("session.keys", vec!["c2hvcnQ="])
+                .text(),
             "session.keys[0]: is not 32 bytes of base64 (value not shown); make one with `vestibule keygen`",
         ),
         (
-            base().replace("[session]\n", "[session]\nsame_site = \"none\"\n"),
+            add("session.same_site", "none"),
             "session.same_site: \"none\" is not allowed; use one of \"lax\", \"strict\"",
         ),
         (
-            base().replace("[session]\n", "[session]\nstore = \"redis\"\n"),
+            add("session.store", "redis"),
             "session.redis: is required when store = \"redis\": add [session.redis] with url = \"redis://127.0.0.1:6379\"",
         ),
         (
-            base().replace("[session]\n", "[session]\nstore = \"redis\"\n")
-                + "[session.redis]\nurl = \"redis://r:6379\"\ntimeout = \"10ms\"\n",
+            TomlConfig::parse(&base())
+                .add("session.store", "redis")
+                .add("session.redis.url", "redis://r:6379")
+                .add("session.redis.timeout", "10ms")
+                .text(),
             "session.redis.timeout: must be between 50ms and 30s: a request waits this long for Redis before it gets a 503",
         ),
         (
-            base().replace("[session]\n", "[session]\nstore = \"redis\"\n")
-                + "[session.redis]\nurl = \"redis://r:6379\"\ntimeout = \"soon\"\n",
+            TomlConfig::parse(&base())
+                .add("session.store", "redis")
+                .add("session.redis.url", "redis://r:6379")
+                .add("session.redis.timeout", "soon")
+                .text(),
             "session.redis.timeout: \"soon\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
         ),
         (
@@ -170,7 +188,7 @@ fn golden_messages_for_each_kind_of_mistake() {
             "routes[0].auth: must be \"required\" when token = \"user\" (use token = \"user_or_client\" for optional sign-in)",
         ),
         (
-            base().replace("[oidc]\n", "[oidc]\nclient_auth = \"private_key_jwt\"\n"),
+            add("oidc.client_auth", "private_key_jwt"),
             "oidc.client_auth: \"private_key_jwt\" is not supported yet; use \"client_secret_basic\" or \"client_secret_post\"",
         ),
         (
@@ -178,11 +196,11 @@ fn golden_messages_for_each_kind_of_mistake() {
             "not valid TOML: line 1, column 8: unclosed table, expected `]`",
         ),
         (
-            base().replace("[server]\n", "[server]\nlisten = 8080\n"),
+            add("server.listen", 8080),
             "server: invalid type: integer `8080`, expected a string; check the types against docs/configuration.md",
         ),
         (
-            base().replace("[oidc]\n", "[oidc]\nscopes = [\"profile\"]\n"),
+            add("oidc.scopes", vec!["profile"]),
             "oidc.scopes: must include \"openid\"",
         ),
     ];
@@ -197,26 +215,28 @@ fn golden_messages_for_each_kind_of_mistake() {
 
 #[test]
 fn every_problem_is_reported_at_once() {
-    let text = base()
-        .replace(
-            "[server]\n",
-            "[server]\nlistne = \"x\"\nrequest_timeout = \"soon\"\n",
-        )
-        .replace("[session]\n", "[session]\nsame_site = \"none\"\n");
+    let text = TomlConfig::parse(&base())
+        .add("server.listne", "x")
+        .add("server.request_timeout", "soon")
+        .add("session.same_site", "none")
+        .text();
     let found = errors(&text);
     assert_eq!(found.len(), 3, "{found:#?}");
 }
 
 #[test]
 fn secrets_never_appear_in_errors() {
-    let text = base()
-        .replace("[session]\n", "[session]\nsame_site = \"none\"\n")
-        .replace(KEY, "bm90LWEtcmVhbC1rZXktYnV0LXNlY3JldA==");
+    let text = TomlConfig::parse(&base())
+        .add("session.same_site", "none")
+        .set("session.keys", vec!["bm90LWEtcmVhbC1rZXktYnV0LXNlY3JldA=="])
+        .text();
     let found = errors(&text).join("\n");
     assert!(!found.contains("s3cr3t-value"));
     assert!(!found.contains("bm90LWEtcmVhbC1rZXktYnV0LXNlY3JldA"));
-    let redis = base().replace("[session]\n", "[session]\nstore = \"redis\"\n")
-        + "[session.redis]\nurl = \"http://user:hunter2@redis:6379\"\n";
+    let redis = TomlConfig::parse(&base())
+        .add("session.store", "redis")
+        .add("session.redis.url", "http://user:hunter2@redis:6379")
+        .text();
     let found = errors(&redis).join("\n");
     assert!(
         found.contains("session.redis.url") && !found.contains("hunter2"),

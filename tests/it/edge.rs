@@ -3,7 +3,6 @@
 //! watches the wire: what the upstream saw and what the client got back.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::support::provider::free_port;
 use crate::support::upstream::Upstream;
 use crate::support::*;
 use std::time::Duration;
@@ -13,22 +12,16 @@ const PUBLIC_HOST: &str = "app.example.test";
 
 /// One `/api/` route to `up`, `public_url = https://app.example.test`, optionally trusting
 /// loopback as a proxy.
-fn edge_config(up: &Upstream, trusted: bool, extra: &str) -> String {
+fn edge_config(up: &Upstream, trusted: bool, extra: &str) -> TomlConfig {
     let routes = format!(
         "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n{extra}",
         up.url()
     );
-    let text = config_text(&routes).replace(
-        "public_url = \"http://127.0.0.1:8080\"",
-        &format!("public_url = \"https://{PUBLIC_HOST}\""),
-    );
+    let config = config_toml(&routes).set("server.public_url", format!("https://{PUBLIC_HOST}"));
     if trusted {
-        text.replace(
-            "[server]\n",
-            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
-        )
+        config.add("server.trusted_proxies", vec!["127.0.0.0/8"])
     } else {
-        text
+        config
     }
 }
 
@@ -158,10 +151,7 @@ fn own_cookie_names(name: &str) -> Vec<String> {
 async fn an_upstream_cannot_set_vestibules_cookies() {
     let up = upstream::start().await;
     for secure in [false, true] {
-        let text = edge_config(&up, false, "").replace(
-            "cookie_secure = false",
-            &format!("cookie_secure = {secure}"),
-        );
+        let text = edge_config(&up, false, "").set("session.cookie_secure", secure);
         let proxy = start_proxy(&text).await;
         let name = proxy.app.runtime.load().config.session.cookie_name.clone();
         assert_eq!(name.starts_with("__Host-"), secure);
@@ -201,18 +191,14 @@ struct Spawned {
 }
 
 impl Spawned {
-    async fn start(text: &str) -> Spawned {
+    async fn start(config: TomlConfig) -> Spawned {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let text = text
-            .replacen(
-                "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"127.0.0.1:{port}\""),
-                1,
-            )
-            .replace("[admin]\n", "workers = 1\n[admin]\n");
+        let config = config
+            .set("server.listen", format!("127.0.0.1:{port}"))
+            .add("server.workers", 1);
         let path = dir.path().join("config.toml");
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, config.text()).unwrap();
         let log = dir.path().join("vestibule.log");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
             .arg("--config")
@@ -262,7 +248,7 @@ impl Drop for Spawned {
 #[tokio::test]
 async fn a_dropped_upstream_cookie_is_logged_at_warn_with_the_route() {
     let up = upstream::start().await;
-    let proxy = Spawned::start(&edge_config(&up, false, "")).await;
+    let proxy = Spawned::start(edge_config(&up, false, "")).await;
     let r = get(&proxy.url("/api/set-cookie?vestibule,app-pref"), &[]).await;
     assert_eq!(r.status, 200);
     let line = eventually("the warning is logged", Duration::from_secs(5), || async {
@@ -523,8 +509,7 @@ async fn heads_just_over_the_limit_get_a_json_431() {
 #[tokio::test]
 async fn a_target_over_64_kib_gets_414_when_the_head_limit_is_larger() {
     let up = upstream::start().await;
-    let text = edge_config(&up, false, "")
-        .replace("max_header_size = \"8KiB\"", "max_header_size = \"64KiB\"");
+    let text = edge_config(&up, false, "").set("server.max_header_size", "64KiB");
     let proxy = start_proxy(&text).await;
     let floods = floods();
     let (_, query) = floods.last().unwrap();
@@ -536,9 +521,8 @@ async fn a_target_over_64_kib_gets_414_when_the_head_limit_is_larger() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_floods_keep_memory_bounded() {
     let up = upstream::start().await;
-    let text = edge_config(&up, false, "")
-        .replace("max_header_size = \"8KiB\"", "max_header_size = \"64KiB\"");
-    let proxy = Spawned::start(&text).await;
+    let text = edge_config(&up, false, "").set("server.max_header_size", "64KiB");
+    let proxy = Spawned::start(text).await;
     let warm = get(&proxy.url("/api/warm"), &[]).await;
     assert_eq!(warm.status, 200);
     let before = proxy.rss_kib();

@@ -22,19 +22,7 @@ pub(crate) async fn setup_with(discovery: serde_json::Map<String, Value>) -> Cas
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     *idp.state.discovery_extra.lock().unwrap() = discovery;
-    let text = config_text("").replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"", idp.issuer),
-    );
-    let proxy = start_proxy(&text).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !proxy.app.oidc.provider.is_ready() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "fake provider never loaded"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let proxy = start_proxy_for(&idp.issuer, "").await;
     Case { proxy, idp, signer }
 }
 
@@ -59,18 +47,7 @@ pub(crate) async fn attempt_with(
     extra: &str,
     make: impl FnOnce(&TestSigner, &str, &str) -> String,
 ) -> Reply {
-    let start = get(&c.proxy.url("/bff/login?returnUrl=/"), &[]).await;
-    assert_eq!(start.status, 302);
-    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
-    let q: std::collections::HashMap<String, String> =
-        location.query_pairs().into_owned().collect();
-    let cookie = start
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let (q, cookie) = begin_login(&c.proxy).await;
     *c.idp.state.id_token.lock().unwrap() = make(&c.signer, &c.idp.issuer, &q["nonce"]);
     let r = get(
         &c.proxy.url(&format!(
@@ -303,26 +280,9 @@ async fn token_exchange_routes_get_a_token_for_their_resource() {
         "[[routes]]\npath = \"/orders/\"\nupstream = \"{}\"\ntoken = \"user\"\nresource = \"https://orders.example\"\nexchange = true\n",
         up.url()
     );
-    let text = config_text(&routes).replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"", idp.issuer),
-    );
-    let proxy = start_proxy(&text).await;
-    while !proxy.app.oidc.provider.is_ready() {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let proxy = start_proxy_for(&idp.issuer, &routes).await;
     let c = Case { proxy, idp, signer };
-    let start = get(&c.proxy.url("/bff/login?returnUrl=/"), &[]).await;
-    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
-    let q: std::collections::HashMap<String, String> =
-        location.query_pairs().into_owned().collect();
-    let login_cookie = start
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let (q, login_cookie) = begin_login(&c.proxy).await;
     *c.idp.state.id_token.lock().unwrap() = c
         .signer
         .token(TestKey::Rsa1)

@@ -193,7 +193,7 @@ struct Setup {
 
 /// A proxy in front of the provider: `/api/` needs a session and attaches its access token;
 /// `/jwt/` also checks a `roles` requirement, against the access token when it validates.
-async fn setup(extra_oidc: &str) -> Setup {
+async fn setup(oidc: impl FnOnce(TomlConfig) -> TomlConfig) -> Setup {
     let signer = TestSigner::new();
     let idp = Idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let upstream = upstream::start().await;
@@ -203,10 +203,7 @@ async fn setup(extra_oidc: &str) -> Setup {
          resource = \"{API}\"\nrequire = {{ roles = [\"writer\"] }}\n",
         up = upstream.url()
     );
-    let text = config_text(&routes).replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"\n{extra_oidc}", idp.issuer),
-    );
+    let text = oidc(config_toml(&routes).set("oidc.issuer", idp.issuer.as_str()));
     let proxy = start_proxy(&text).await;
     wait_ready(&proxy).await;
     Setup {
@@ -285,7 +282,7 @@ fn assert_provider_unavailable(reply: &Reply) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_provider_down_or_hung_fresh_tokens_keep_working_without_calling_it() {
-    let s = setup("").await;
+    let s = setup(|c| c).await;
     let cookie = s.session(&[("", "at-fresh", now() + 300)]).await;
     let url = s.proxy.url("/api/x");
     let calls = s.idp.calls();
@@ -310,7 +307,7 @@ async fn with_the_provider_down_or_hung_fresh_tokens_keep_working_without_callin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_with_the_provider_down_is_a_quick_503_with_retry_after_and_recovers_by_itself() {
-    let s = setup("").await;
+    let s = setup(|c| c).await;
     let cookie = s.session(&[("", "at-expired", now() - 10)]).await;
     let url = s.proxy.url("/api/x");
     s.idp.down();
@@ -342,7 +339,13 @@ async fn a_refresh_with_the_provider_down_is_a_quick_503_with_retry_after_and_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_with_the_provider_hung_is_a_503_with_retry_after_within_provider_timeout() {
     let timeout = Duration::from_secs(1);
-    let s = setup(&format!("provider_timeout = \"{}ms\"", timeout.as_millis())).await;
+    let s = setup(|c| {
+        c.add(
+            "oidc.provider_timeout",
+            format!("{}ms", timeout.as_millis()),
+        )
+    })
+    .await;
     let cookie = s.session(&[("", "at-expired", now() - 10)]).await;
     let url = s.proxy.url("/api/x");
     s.idp.hang();
@@ -396,7 +399,7 @@ fn assert_readable_page(reply: &Reply, idp: &Idp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_with_the_provider_down_shows_a_readable_503_page_and_recovers_by_itself() {
-    let s = setup("").await;
+    let s = setup(|c| c).await;
     let html = [("accept", "text/html")];
     // Signing in: the redirect to the provider, then the provider goes down before the callback.
     let login = get(&s.proxy.url("/bff/login?returnUrl=/app"), &html).await;
@@ -427,7 +430,7 @@ async fn a_login_with_the_provider_down_shows_a_readable_503_page_and_recovers_b
         "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
         s.upstream.url()
     );
-    let text = config_text(&routes).replace("http://127.0.0.1:9", &s.idp.issuer);
+    let text = config_toml(&routes).set("oidc.issuer", s.idp.issuer.as_str());
     let cold = start_proxy(&text).await;
     let reply = get(&cold.url("/bff/login?returnUrl=/app"), &html).await;
     assert_readable_page(&reply, &s.idp);
@@ -442,7 +445,7 @@ async fn a_login_with_the_provider_down_shows_a_readable_503_page_and_recovers_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_key_set_refetch_breaks_no_valid_session() {
-    let s = setup("metadata_refresh = \"1s\"").await;
+    let s = setup(|c| c.add("oidc.metadata_refresh", "1s")).await;
     // The API's token says `writer` and is signed with the known key; the session's own claims
     // do not: the route admits it only if the token still validates.
     let valid = s.jwt(TestKey::Rsa1, "k1", &["writer"]);

@@ -78,7 +78,7 @@ async fn replicas_on(backends: [Backend; 2]) -> Replicas {
             backend.toml(),
             upstream.url()
         );
-        let text = config_text(&extra).replace("http://127.0.0.1:9", &idp.issuer);
+        let text = config_toml(&extra).set("oidc.issuer", idp.issuer.as_str());
         let proxy = start_proxy(&text).await;
         wait_ready(&proxy).await;
         proxies.push(proxy);

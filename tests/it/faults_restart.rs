@@ -10,7 +10,6 @@
 //! `Connection: close`, then the process exits 0.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::support::provider::free_port;
 use crate::support::upstream::{self, Upstream};
 use crate::support::*;
 use bytes::Bytes;

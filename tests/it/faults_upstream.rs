@@ -168,7 +168,9 @@ async fn proxy_for(raw: &Raw) -> Proxy {
         raw.url,
         ROUTE_TIMEOUT.as_millis()
     );
-    let text = config_text(&routes).replace("shutdown_grace = \"5s\"", "workers = 1");
+    let text = config_toml(&routes)
+        .remove("server.shutdown_grace")
+        .add("server.workers", 1);
     start_proxy(&text).await
 }
 

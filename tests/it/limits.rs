@@ -17,9 +17,13 @@ use vestibule::session::store::Store;
 
 const WITHIN: Duration = Duration::from_secs(10);
 
-/// [`config_text`] with `server` lines added to `[server]` and `extra` appended.
-fn config_with(server: &str, extra: &str) -> String {
-    config_text(extra).replace("[server]\n", &format!("[server]\n{server}\n"))
+/// [`config_text`] with `server` keys added to `[server]` and `extra` appended.
+fn config_with(server: &[(&str, toml::Value)], extra: &str) -> TomlConfig {
+    server
+        .iter()
+        .fold(config_toml(extra), |config, (key, value)| {
+            config.add(&format!("server.{key}"), value.clone())
+        })
 }
 
 async fn call(proxy: &Proxy, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
@@ -69,7 +73,7 @@ async fn login_callback_and_backchannel_logout_are_rate_limited_per_client_addre
 #[tokio::test]
 async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     let proxy = start_proxy(&config_with(
-        "trusted_proxies = [\"127.0.0.1\"]",
+        &[("trusted_proxies", vec!["127.0.0.1"].into())],
         "[limits]\nlogin_per_minute = 1\n",
     ))
     .await;
@@ -114,30 +118,14 @@ async fn an_untrusted_peer_cannot_escape_its_limit_with_forwarded_for() {
 async fn proxy_with_fake_provider() -> (Proxy, fake_idp::FakeIdp) {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let text = config_text("").replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"", idp.issuer),
-    );
-    let proxy = start_proxy(&text).await;
-    eventually("the fake provider's metadata is loaded", WITHIN, || async {
-        proxy.app.oidc.provider.is_ready().then_some(())
-    })
-    .await;
+    let proxy = start_proxy_for(&idp.issuer, "").await;
     (proxy, idp)
 }
 
 #[tokio::test]
 async fn callback_checks_the_login_cookie_and_state_before_any_store_write_or_provider_call() {
     let (proxy, idp) = proxy_with_fake_provider().await;
-    let start = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
-    assert_eq!(start.status, 302);
-    let cookie = start
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let (_, cookie) = begin_login(&proxy).await;
     // No cookie at all, and a real login cookie issued for another state.
     for cookie in [None, Some(cookie.as_str())] {
         let mut headers = vec![("accept", "text/html")];
@@ -235,7 +223,10 @@ async fn body_watching_upstream() -> (
 async fn a_trickled_request_body_is_cut_off_and_the_upstream_connection_released() {
     let (upstream, mut ended) = body_watching_upstream().await;
     let proxy = start_proxy(&config_with(
-        "body_read_timeout = \"500ms\"\nbody_min_rate = \"1KiB\"",
+        &[
+            ("body_read_timeout", "500ms".into()),
+            ("body_min_rate", "1KiB".into()),
+        ],
         &format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n"),
     ))
     .await;
@@ -268,7 +259,10 @@ async fn a_trickled_request_body_is_cut_off_and_the_upstream_connection_released
 async fn a_body_that_keeps_the_pace_reaches_the_upstream_whole() {
     let (upstream, mut ended) = body_watching_upstream().await;
     let proxy = start_proxy(&config_with(
-        "body_read_timeout = \"500ms\"\nbody_min_rate = \"1KiB\"",
+        &[
+            ("body_read_timeout", "500ms".into()),
+            ("body_min_rate", "1KiB".into()),
+        ],
         &format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n"),
     ))
     .await;
@@ -321,17 +315,14 @@ async fn read_response(stream: &mut TcpStream) -> String {
 async fn beyond_max_connections_new_connections_wait_without_disturbing_open_ones() {
     let up = upstream::start().await;
     let text = config_with(
-        "max_connections = 2\nworkers = 1",
+        &[("max_connections", 2.into()), ("workers", 1.into())],
         &format!(
             "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
             up.url()
         ),
     )
-    .replace(
-        "header_read_timeout = \"1s\"",
-        "header_read_timeout = \"30s\"",
-    )
-    .replace("[admin]\n", "[admin]\nmax_connections = 1\n");
+    .set("server.header_read_timeout", "30s")
+    .add("admin.max_connections", 1);
     let proxy = start_proxy(&text).await;
     for (addr, path) in [(proxy.addr, "/api/x"), (proxy.admin, "/healthz")] {
         let cap = if addr == proxy.addr { 2 } else { 1 };
@@ -428,7 +419,7 @@ fn get_headers(stream: u32, path: &str) -> Vec<u8> {
 async fn http2_streams_beyond_max_concurrent_streams_are_refused() {
     let up = upstream::start().await;
     let proxy = start_proxy(&config_with(
-        "http2_max_concurrent_streams = 1",
+        &[("http2_max_concurrent_streams", 1.into())],
         &format!(
             "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
             up.url()
@@ -460,7 +451,7 @@ async fn http2_streams_beyond_max_concurrent_streams_are_refused() {
 async fn an_idle_http2_connection_is_closed_but_a_long_request_is_not_cut() {
     let up = upstream::start().await;
     let proxy = start_proxy(&config_with(
-        "connection_idle_timeout = \"300ms\"",
+        &[("connection_idle_timeout", "300ms".into())],
         &format!(
             "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
             up.url()
@@ -493,7 +484,10 @@ async fn an_idle_http2_connection_is_closed_but_a_long_request_is_not_cut() {
 #[tokio::test]
 async fn an_http2_client_that_stops_answering_pings_is_disconnected() {
     let proxy = start_proxy(&config_with(
-        "http2_keep_alive_interval = \"200ms\"\nhttp2_keep_alive_timeout = \"300ms\"",
+        &[
+            ("http2_keep_alive_interval", "200ms".into()),
+            ("http2_keep_alive_timeout", "300ms".into()),
+        ],
         "",
     ))
     .await;
@@ -545,10 +539,11 @@ fn connection_and_rate_limits_have_defaults() {
         ),
         (60, 60, 600, 100_000)
     );
-    let off = base().replace(
-        "[server]\n",
-        "[server]\nhttp2_keep_alive_interval = \"0s\"\nbody_min_rate = \"0\"\n",
-    ) + "[limits]\nlogin_per_minute = 0\n";
+    let off = TomlConfig::parse(&base())
+        .add("server.http2_keep_alive_interval", "0s")
+        .add("server.body_min_rate", "0")
+        .add("limits.login_per_minute", 0)
+        .text();
     let config = parse(&off).unwrap();
     assert_eq!(config.server.connections.http2_keep_alive_interval, None);
     assert_eq!(config.server.connections.body_min_rate, 0);
@@ -557,58 +552,58 @@ fn connection_and_rate_limits_have_defaults() {
 
 #[test]
 fn golden_messages_for_limits() {
-    let server = |line: &str| base().replace("[server]\n", &format!("[server]\n{line}\n"));
+    let with = |path: &str, value: toml::Value| TomlConfig::parse(&base()).add(path, value).text();
     let cases: Vec<(String, &str)> = vec![
         (
-            server("max_connections = 0"),
+            with("server.max_connections", 0.into()),
             "server.max_connections: 0 is out of range; use 1 to 1000000",
         ),
         (
-            server("connection_idle_timeout = \"0s\""),
+            with("server.connection_idle_timeout", "0s".into()),
             "server.connection_idle_timeout: must be longer than 0s",
         ),
         (
-            server("body_read_timeout = \"slow\""),
+            with("server.body_read_timeout", "slow".into()),
             "server.body_read_timeout: \"slow\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
         ),
         (
-            server("body_min_rate = \"fast\""),
+            with("server.body_min_rate", "fast".into()),
             "server.body_min_rate: \"fast\" is not a size; write e.g. \"64KiB\", \"10MiB\" or \"1GiB\"",
         ),
         (
-            server("http2_max_concurrent_streams = 0"),
+            with("server.http2_max_concurrent_streams", 0.into()),
             "server.http2_max_concurrent_streams: 0 is out of range; use 1 to 10000",
         ),
         (
-            server("http2_keep_alive_interval = \"often\""),
+            with("server.http2_keep_alive_interval", "often".into()),
             "server.http2_keep_alive_interval: \"often\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
         ),
         (
-            server("http2_keep_alive_timeout = \"0s\""),
+            with("server.http2_keep_alive_timeout", "0s".into()),
             "server.http2_keep_alive_timeout: must be longer than 0s",
         ),
         (
-            base().replace("[admin]\n", "[admin]\nmax_connections = 0\n"),
+            with("admin.max_connections", 0.into()),
             "admin.max_connections: 0 is out of range; use 1 to 100000",
         ),
         (
-            base() + "[limits]\nlogin_per_minute = -1\n",
+            with("limits.login_per_minute", (-1).into()),
             "limits.login_per_minute: -1 is out of range; use 0 to 1000000",
         ),
         (
-            base() + "[limits]\ncallback_per_minute = 2000000\n",
+            with("limits.callback_per_minute", 2000000.into()),
             "limits.callback_per_minute: 2000000 is out of range; use 0 to 1000000",
         ),
         (
-            base() + "[limits]\nbackchannel_logout_per_minute = -5\n",
+            with("limits.backchannel_logout_per_minute", (-5).into()),
             "limits.backchannel_logout_per_minute: -5 is out of range; use 0 to 1000000",
         ),
         (
-            base() + "[limits]\ntracked_addresses = 0\n",
+            with("limits.tracked_addresses", 0.into()),
             "limits.tracked_addresses: 0 is out of range; use 1 to 10000000",
         ),
         (
-            base() + "[limits]\nlogin_per_minut = 5\n",
+            with("limits.login_per_minut", 5.into()),
             "limits.login_per_minut: unknown key; did you mean `login_per_minute`?",
         ),
     ];

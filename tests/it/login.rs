@@ -2,39 +2,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::{Browser, urlencode};
-use crate::support::provider::{self, free_port};
+use crate::support::provider;
 use crate::support::redis::RedisServer;
+use crate::support::stack::LoginStack as Stack;
 use crate::support::*;
 
 /// The same configuration listening on a fresh port.
-fn elsewhere(text: &str) -> String {
-    let mut out = String::new();
-    let mut done = false;
-    for line in text.lines() {
-        if !done && line.starts_with("listen = \"127.0.0.1:") {
-            out.push_str(&format!("listen = \"127.0.0.1:{}\"", free_port()));
-            done = true;
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    out
-}
-
-struct Stack {
-    provider: provider::TestProvider,
-    proxy: Proxy,
-    up: upstream::Upstream,
-    base: String,
+fn elsewhere(config: TomlConfig) -> TomlConfig {
+    config.set("server.listen", format!("127.0.0.1:{}", free_port()))
 }
 
 async fn stack(store: &str, provider_extra: serde_json::Value) -> Stack {
-    let port = free_port();
-    let provider = provider::start(port, provider_extra);
-    let up = upstream::start().await;
-    let routes = format!(
-        r#"{store}
+    let store = store.to_string();
+    Stack::builder()
+        .provider(provider_extra)
+        .extra(move |u| {
+            format!(
+                r#"{store}
 [[routes]]
 path = "/api/"
 upstream = "{u}"
@@ -42,17 +26,11 @@ token = "user"
 [[routes]]
 path = "/public/"
 upstream = "{u}"
-"#,
-        u = up.url()
-    );
-    let proxy = start_proxy(&login_config(port, &provider.issuer, &routes)).await;
-    wait_ready(&proxy).await;
-    Stack {
-        provider,
-        proxy,
-        up,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+"#
+            )
+        })
+        .start()
+        .await
 }
 
 async fn full_login_flow(s: &Stack) {
@@ -148,13 +126,13 @@ async fn login_end_to_end_with_redis_and_the_session_survives_a_restart() {
         "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
         redis.url()
     );
-    let s = stack(&store, serde_json::json!({})).await;
+    let mut s = stack(&store, serde_json::json!({})).await;
     full_login_flow(&s).await;
     let mut browser = Browser::default();
     browser.login(&s.base, "bob", "bob", "/").await;
     // Restart: a new proxy process state on the same port and Redis keeps the session.
-    s.proxy.shutdown.cancel();
-    let _ = s.proxy.task.await;
+    s.proxy().shutdown.cancel();
+    let _ = (&mut s.proxies[0].task).await;
     let port: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
     let routes = format!(
         "{store}\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n",
@@ -162,7 +140,7 @@ async fn login_end_to_end_with_redis_and_the_session_survives_a_restart() {
     );
     // A new process state on another port (the old port may be taken by a parallel test by now);
     // cookies ignore ports, so the browser's session cookie goes along.
-    let again = start_proxy(&elsewhere(&login_config(port, &s.provider.issuer, &routes))).await;
+    let again = start_proxy(&elsewhere(login_toml(port, &s.provider.issuer, &routes))).await;
     wait_ready(&again).await;
     let user = browser
         .get(&again.url("/bff/user"), &[("x-csrf", "1")])
@@ -472,18 +450,16 @@ async fn a_cookie_sealed_with_an_old_key_still_opens_and_is_resealed_with_the_fi
         "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
         redis.url()
     );
-    let s = stack(&store, serde_json::json!({})).await;
+    let mut s = stack(&store, serde_json::json!({})).await;
     let mut browser = Browser::default();
     browser.login(&s.base, "alice", "alice", "/").await;
     let old_cookie = browser.jar.get("vestibule").unwrap().clone();
-    s.proxy.shutdown.cancel();
-    let _ = s.proxy.task.await;
+    s.proxy().shutdown.cancel();
+    let _ = (&mut s.proxies[0].task).await;
     let port: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
-    let rotated = login_config(port, &s.provider.issuer, &store).replace(
-        &format!("keys = [\"{KEY}\"]"),
-        &format!("keys = [\"{NEW_KEY}\", \"{KEY}\"]"),
-    );
-    let proxy = start_proxy(&elsewhere(&rotated)).await;
+    let rotated =
+        login_toml(port, &s.provider.issuer, &store).set("session.keys", vec![NEW_KEY, KEY]);
+    let proxy = start_proxy(&elsewhere(rotated)).await;
     wait_ready(&proxy).await;
     let r = browser
         .get(&proxy.url("/bff/user"), &[("x-csrf", "1")])
@@ -499,11 +475,8 @@ async fn a_cookie_sealed_with_an_old_key_still_opens_and_is_resealed_with_the_fi
     );
     proxy.shutdown.cancel();
     let _ = proxy.task.await;
-    let only_new = login_config(port, &s.provider.issuer, &store).replace(
-        &format!("keys = [\"{KEY}\"]"),
-        &format!("keys = [\"{NEW_KEY}\"]"),
-    );
-    let proxy = start_proxy(&elsewhere(&only_new)).await;
+    let only_new = login_toml(port, &s.provider.issuer, &store).set("session.keys", vec![NEW_KEY]);
+    let proxy = start_proxy(&elsewhere(only_new)).await;
     wait_ready(&proxy).await;
     let r = get(
         &proxy.url("/bff/user"),
@@ -543,10 +516,8 @@ async fn client_secret_post_authentication_works() {
         }]}),
     );
     let extra = "[[routes]]\npath = \"/x/\"\nupstream = \"http://127.0.0.1:9\"\n";
-    let text = login_config(port, &provider.issuer, extra).replace(
-        "client_id = \"vestibule\"\n",
-        "client_id = \"vestibule\"\nclient_auth = \"client_secret_post\"\n",
-    );
+    let text =
+        login_toml(port, &provider.issuer, extra).add("oidc.client_auth", "client_secret_post");
     let proxy = start_proxy(&text).await;
     wait_ready(&proxy).await;
     let base = format!("http://127.0.0.1:{port}");
@@ -600,7 +571,7 @@ async fn a_store_outage_is_503_and_the_session_survives_it() {
         .get(&format!("{}/api/x", s.base), &[("x-csrf", "1")])
         .await;
     assert_eq!(api.status, 503);
-    let ready = get(&format!("http://{}/readyz", s.proxy.admin), &[]).await;
+    let ready = get(&format!("http://{}/readyz", s.proxy().admin), &[]).await;
     assert_eq!(ready.status, 503);
     redis.restart();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);

@@ -4,8 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::Browser;
-use crate::support::provider::{self, free_port};
+use crate::support::provider;
 use crate::support::redis::RedisServer;
+use crate::support::stack::LoginStack;
 use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -170,11 +171,12 @@ async fn logout_with_the_session_id_ends_the_session_everywhere_and_revokes_the_
 
 #[tokio::test]
 async fn post_logout_needs_the_csrf_header_and_answers_json() {
-    let port = free_port();
-    let provider = provider::start(port, serde_json::json!({}));
-    let proxy = start_proxy(&login_config(port, &provider.issuer, "")).await;
-    wait_ready(&proxy).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let LoginStack {
+        provider,
+        proxies: _proxies,
+        base,
+        ..
+    } = LoginStack::builder().start().await;
     let mut alice = Browser::default();
     assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
     let url = format!("{base}/bff/logout");
@@ -494,11 +496,13 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
 
 #[tokio::test]
 async fn users_list_and_end_their_own_sessions_only() {
-    let port = free_port();
-    let provider = provider::start(port, serde_json::json!({}));
-    let proxy = start_proxy(&login_config(port, &provider.issuer, "")).await;
-    wait_ready(&proxy).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let LoginStack {
+        provider: _provider,
+        mut proxies,
+        base,
+        ..
+    } = LoginStack::builder().start().await;
+    let proxy = proxies.remove(0);
     let mut laptop = Browser::default();
     let mut phone = Browser::default();
     let mut bob = Browser::default();

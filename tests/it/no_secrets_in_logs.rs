@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::Browser;
-use crate::support::provider::{self, free_port};
+use crate::support::provider;
 use crate::support::*;
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -15,11 +15,11 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
     let up = upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let admin = free_port();
-    let text = login_config(port, &provider.issuer, &format!("[log]\nlevel = \"debug\"\nformat = \"json\"\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n", up.url()))
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin}\""))
-        .replace("refresh_skew = \"5s\"", "refresh_skew = \"2s\"");
+    let text = login_toml(port, &provider.issuer, &format!("[log]\nlevel = \"debug\"\nformat = \"json\"\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n", up.url()))
+        .set("admin.listen", format!("127.0.0.1:{admin}"))
+        .set("oidc.refresh_skew", "2s");
     let path = dir.path().join("config.toml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, text.text()).unwrap();
     let log_path = dir.path().join("vestibule.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
@@ -29,22 +29,19 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let ok = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
-        )
-        .await;
-        if matches!(ok, Ok(Ok(ref r)) if r.status() == 200) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "vestibule never became ready"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    eventually(
+        "vestibule becomes ready",
+        std::time::Duration::from_secs(20),
+        || async {
+            let ok = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
+            )
+            .await;
+            matches!(ok, Ok(Ok(ref r)) if r.status() == 200).then_some(())
+        },
+    )
+    .await;
     let base = format!("http://127.0.0.1:{port}");
     let mut browser = Browser::default();
     let callback = browser.login_until_callback(&base, "alice", "/").await;

@@ -4,52 +4,33 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::Browser;
-use crate::support::provider::{self, free_port};
+use crate::support::stack::LoginStack as Stack;
 use crate::support::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vestibule::session::model::{AccessToken, Session};
 
-struct Stack {
-    _provider: provider::TestProvider,
-    _proxy: Proxy,
-    up: upstream::Upstream,
-    base: String,
-    port: u16,
-}
-
 /// The real provider and a proxy whose config is `login_config` plus `extra` (with `{u}` replaced
-/// by the upstream's URL), after `edit` has changed the whole text.
+/// by the upstream's URL), after `edit` has changed it.
 async fn stack_with(
-    extra: &str,
+    extra: &'static str,
     provider_extra: serde_json::Value,
-    edit: impl Fn(String) -> String,
+    edit: impl FnOnce(TomlConfig) -> TomlConfig + 'static,
 ) -> Stack {
-    let port = free_port();
-    let provider = provider::start(port, provider_extra);
-    let up = upstream::start().await;
-    let extra = extra.replace("{u}", &up.url());
-    let text = edit(login_config(port, &provider.issuer, &extra));
-    let proxy = start_proxy(&text).await;
-    wait_ready(&proxy).await;
-    Stack {
-        _provider: provider,
-        _proxy: proxy,
-        up,
-        base: format!("http://127.0.0.1:{port}"),
-        port,
-    }
+    Stack::builder()
+        .provider(provider_extra)
+        .extra(move |u| extra.replace("{u}", u))
+        .config(edit)
+        .start()
+        .await
 }
 
-async fn stack(extra: &str) -> Stack {
+async fn stack(extra: &'static str) -> Stack {
     stack_with(extra, serde_json::json!({}), |t| t).await
 }
 
 async fn logged_in(s: &Stack, user: &str) -> Browser {
-    let mut browser = Browser::default();
-    let done = browser.login(&s.base, user, user, "/").await;
-    assert_eq!(done.status, 302, "{}", done.text());
-    browser
+    s.login(user).await
 }
 
 const API: &str = r#"
@@ -210,10 +191,7 @@ async fn role_requirements_follow_a_dotted_roles_claim() {
         {"sub": "bob", "password": "bob", "roles": ["beta-tester"], "realm_access": {"roles": ["other"]}},
     ]});
     let s = stack_with(BETA_ROUTE, users, |t| {
-        t.replace(
-            "refresh_skew = \"5s\"",
-            "refresh_skew = \"5s\"\nroles_claim = \"realm_access.roles\"",
-        )
+        t.add("oidc.roles_claim", "realm_access.roles")
     })
     .await;
     roles_policy_admits_alice_and_refuses_bob(&s).await;
@@ -380,34 +358,25 @@ async fn the_config_file_is_reloaded_when_it_changes_on_disk() {
         up.url()
     ));
     std::fs::write(&path, added).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = get(&proxy.url("/later/x"), &[]).await;
-        if r.status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the changed file was not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the changed file is picked up",
+        Duration::from_secs(10),
+        || async { (get(&proxy.url("/later/x"), &[]).await.status == 200).then_some(()) },
+    )
+    .await;
     assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 200);
 }
 
 #[tokio::test]
 async fn cors_preflights_are_answered_for_listed_origins_only() {
     let up = upstream::start().await;
-    let text = config_text(&format!(
+    let text = config_toml(&format!(
         "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n\
          [[routes]]\npath = \"/open/\"\nupstream = \"{}\"\n",
         up.url(),
         up.url()
     ))
-    .replace(
-        "[server]\n",
-        "[server]\ncors_origins = [\"https://admin.example\"]\n",
-    );
+    .add("server.cors_origins", vec!["https://admin.example"]);
     let proxy = start_proxy(&text).await;
     let preflight = |origin: &'static str, path: &'static str| {
         let url = proxy.url(path);
@@ -621,19 +590,12 @@ async fn a_store_outage_is_503_and_ends_no_session() {
     assert_eq!(down.status, 503, "{}", down.text());
     assert_eq!(down.json()["error"], "store_unavailable");
     redis.restart();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = user().await;
-        if r.status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the session did not come back: {}",
-            r.text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "the session comes back",
+        Duration::from_secs(15),
+        || async { (user().await.status == 200).then_some(()) },
+    )
+    .await;
 }
 
 /// docs/errors.md lists every error code with its status, and each response has the contract's

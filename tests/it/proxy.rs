@@ -120,14 +120,11 @@ async fn forwarded_headers_are_set_and_host_rewritten() {
 #[tokio::test]
 async fn trusted_proxies_may_extend_the_forwarded_chain() {
     let up = upstream::start().await;
-    let text = config_text(&format!(
+    let text = config_toml(&format!(
         "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
         up.url()
     ))
-    .replace(
-        "[server]\n",
-        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
-    );
+    .add("server.trusted_proxies", vec!["127.0.0.0/8"]);
     let proxy = start_proxy(&text).await;
     let r = get(
         &proxy.url("/x"),
@@ -262,11 +259,11 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
     const GIB: u64 = 1 << 30;
     let up = upstream::start().await;
     let proxy = proxy_to(&up, "").await;
-    let text = config_text(&format!(
+    let text = config_toml(&format!(
         "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
         up.url()
     ))
-    .replace("max_body = \"1MiB\"", "max_body = \"2GiB\"");
+    .set("server.max_body", "2GiB");
     let big_proxy = start_proxy(&text).await;
     let before = rss_kib();
     let response = client()
@@ -316,11 +313,11 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
 #[tokio::test]
 async fn graceful_shutdown_completes_an_in_flight_request() {
     let up = upstream::start().await;
-    let text = config_text(&format!(
+    let text = config_toml(&format!(
         "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
         up.url()
     ))
-    .replace("request_timeout = \"2s\"", "request_timeout = \"5s\"");
+    .set("server.request_timeout", "5s");
     let proxy = start_proxy(&text).await;
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url, &[]).await });

@@ -42,17 +42,7 @@ exchange = true
 "#,
         u = up.url()
     );
-    let text = config_text(&routes).replace(
-        "issuer = \"http://127.0.0.1:9\"",
-        &format!("issuer = \"{}\"", idp.issuer),
-    );
-    let proxy = start_proxy(&text).await;
-    eventually(
-        "the fake provider's metadata is loaded",
-        std::time::Duration::from_secs(10),
-        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-    )
-    .await;
+    let proxy = start_proxy_for(&idp.issuer, &routes).await;
     Case {
         proxy,
         idp,
@@ -86,18 +76,7 @@ impl Case {
     /// Signs alice in with roles `["reader"]` and a default access token that lives
     /// `expires_in` seconds (0: due for refresh at once). Returns the session cookie.
     async fn login(&self, expires_in: u64) -> String {
-        let start = get(&self.proxy.url("/bff/login?returnUrl=/"), &[]).await;
-        assert_eq!(start.status, 302);
-        let location = url::Url::parse(start.header("location").unwrap()).unwrap();
-        let q: std::collections::HashMap<String, String> =
-            location.query_pairs().into_owned().collect();
-        let login_cookie = start
-            .header("set-cookie")
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
+        let (q, login_cookie) = begin_login(&self.proxy).await;
         let id_token = self.sign(&alice(&self.idp.issuer, Some(&q["nonce"]), &["reader"]));
         self.idp.state.script(
             "authorization_code",

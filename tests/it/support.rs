@@ -5,7 +5,11 @@ pub mod browser;
 pub mod fake_idp;
 pub mod provider;
 pub mod redis;
+pub mod stack;
+pub mod toml_config;
 pub mod upstream;
+
+pub use toml_config::TomlConfig;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -16,6 +20,15 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use vestibule::app::App;
 use vestibule::config::Config;
+
+/// A port that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 pub const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes, test only
 
@@ -46,13 +59,15 @@ keys = ["{KEY}"]
     )
 }
 
+/// [`config_text`] as a [`TomlConfig`], to be changed key by key.
+pub fn config_toml(extra: &str) -> TomlConfig {
+    TomlConfig::parse(&config_text(extra))
+}
+
 /// [`config_text`] with one route, `/api/` to `upstream`, served by `workers` threads.
-pub fn workers_config(upstream: &str, workers: usize) -> String {
+pub fn workers_config(upstream: &str, workers: i64) -> String {
     let routes = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n");
-    config_text(&routes).replace(
-        "shutdown_grace = \"5s\"",
-        &format!("shutdown_grace = \"5s\"\nworkers = {workers}"),
-    )
+    config_toml(&routes).add("server.workers", workers).text()
 }
 
 pub struct Proxy {
@@ -71,13 +86,18 @@ impl Proxy {
 }
 
 /// Starts the proxy in-process; the config file is written to a temp dir (for reload tests).
-pub async fn start_proxy(text: &str) -> Proxy {
+/// `text` is the config: a `String` or a [`TomlConfig`].
+pub async fn start_proxy(text: impl std::fmt::Display) -> Proxy {
     start_proxy_with_clock(text, vestibule::clock::Clock::system()).await
 }
 
 /// [`start_proxy`] on `clock`: a `vestibule::clock::TestClock`'s, which the test moves ahead to
 /// reach token and session expiries without waiting for them.
-pub async fn start_proxy_with_clock(text: &str, clock: vestibule::clock::Clock) -> Proxy {
+pub async fn start_proxy_with_clock(
+    text: impl std::fmt::Display,
+    clock: vestibule::clock::Clock,
+) -> Proxy {
+    let text = &text.to_string();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, text).unwrap();
@@ -169,6 +189,41 @@ keys = ["{KEY}"]
 {extra}
 "#
     )
+}
+
+/// [`login_config`] as a [`TomlConfig`], to be changed key by key.
+pub fn login_toml(port: u16, issuer: &str, extra: &str) -> TomlConfig {
+    TomlConfig::parse(&login_config(port, issuer, extra))
+}
+
+/// A proxy for [`config_text`] plus `extra`, in front of the provider at `issuer` (the in-process
+/// fake one), once it has loaded the provider's metadata.
+pub async fn start_proxy_for(issuer: &str, extra: &str) -> Proxy {
+    let proxy = start_proxy(config_toml(extra).set("oidc.issuer", issuer)).await;
+    eventually(
+        "the provider's metadata is loaded",
+        std::time::Duration::from_secs(10),
+        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
+    )
+    .await;
+    proxy
+}
+
+/// The start of a login at `proxy`: the query of the provider's authorization URL it redirects
+/// to, and the login cookie (`name=value`).
+pub async fn begin_login(proxy: &Proxy) -> (std::collections::HashMap<String, String>, String) {
+    let start = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
+    assert_eq!(start.status, 302);
+    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+    let query = location.query_pairs().into_owned().collect();
+    let cookie = start
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    (query, cookie)
 }
 
 /// Waits until the proxy has loaded the provider's metadata.

@@ -53,18 +53,18 @@ async fn tls_listener_negotiates_h2_with_alpn() {
         .expect("openssl must be installed");
     assert!(status.success());
     let up = upstream::start().await;
-    let text = config_text(&format!(
+    let text = config_toml(&format!(
         "[[routes]]\npath = \"/\"\nupstream = \"{}\"\n",
         up.url()
     ))
-    .replace("public_url = \"http://", "public_url = \"https://")
-    .replace(
-        "[server]\n",
-        &format!(
-            "[server]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
-            dir.path().join("cert.pem").display(),
-            dir.path().join("key.pem").display()
-        ),
+    .set("server.public_url", "https://127.0.0.1:8080")
+    .add(
+        "server.tls.cert",
+        dir.path().join("cert.pem").display().to_string(),
+    )
+    .add(
+        "server.tls.key",
+        dir.path().join("key.pem").display().to_string(),
     );
     let proxy = start_proxy(&text).await;
 

@@ -6,8 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::browser::Browser;
-use crate::support::provider::{self, TestProvider, free_port};
 use crate::support::redis::RedisServer;
+use crate::support::stack::LoginStack;
 use crate::support::*;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -89,28 +89,28 @@ impl Api {
     }
 }
 
+/// The login stack (instances sharing one store: Redis when there are several), with the API
+/// that checks the tokens it gets.
 struct Stack {
-    provider: TestProvider,
-    /// Instances sharing one store (Redis when there are several).
-    proxies: Vec<Proxy>,
-    up: upstream::Upstream,
+    stack: LoginStack,
     api: Api,
-    base: String,
-    /// The configuration of the first instance.
-    config: String,
     redis: Option<RedisServer>,
     /// The instances' clock: moved ahead rather than waited out.
     clock: TestClock,
 }
 
+impl std::ops::Deref for Stack {
+    type Target = LoginStack;
+    fn deref(&self) -> &LoginStack {
+        &self.stack
+    }
+}
+
 async fn stack(instances: usize, provider_extra: serde_json::Value) -> Stack {
-    let port = free_port();
     let mut extra = serde_json::json!({ "access_token_ttl": TTL });
     for (k, v) in provider_extra.as_object().unwrap() {
         extra[k] = v.clone();
     }
-    let provider = provider::start(port, extra);
-    let up = upstream::start().await;
     let api = Api::start().await;
     let redis = (instances > 1).then(RedisServer::start);
     let store = redis.as_ref().map_or(String::new(), |r| {
@@ -119,8 +119,14 @@ async fn stack(instances: usize, provider_extra: serde_json::Value) -> Stack {
             r.url()
         )
     });
-    let routes = format!(
-        r#"{store}
+    let a = api.url.clone();
+    let clock = TestClock::new();
+    let stack = LoginStack::builder()
+        .provider(extra)
+        .instances(instances)
+        .extra(move |u| {
+            format!(
+                r#"{store}
 [[routes]]
 path = "/api/"
 upstream = "{u}"
@@ -144,47 +150,22 @@ resource = "{API}"
 path = "/guarded/"
 upstream = "{a}"
 token = "user"
-"#,
-        u = up.url(),
-        a = api.url,
-    );
-    let text = login_config(port, &provider.issuer, &routes).replace(
-        "refresh_skew = \"5s\"",
-        &format!("refresh_skew = \"{SKEW}s\""),
-    );
-    assert!(text.contains(&format!("refresh_skew = \"{SKEW}s\"")));
-    let clock = TestClock::new();
-    let mut proxies = vec![start_proxy_with_clock(&text, clock.clock()).await];
-    // Further instances: same configuration (and public_url, the registered redirect URI),
-    // another listening port.
-    let listen = format!("listen = \"127.0.0.1:{port}\"");
-    for _ in 1..instances {
-        let other = text.replace(&listen, "listen = \"127.0.0.1:0\"");
-        proxies.push(start_proxy_with_clock(&other, clock.clock()).await);
-    }
-    for proxy in &proxies {
-        wait_ready(proxy).await;
-    }
+"#
+            )
+        })
+        .config(|c| c.set("oidc.refresh_skew", format!("{SKEW}s")))
+        .clock(clock.clock())
+        .start()
+        .await;
     Stack {
-        provider,
-        proxies,
-        up,
+        stack,
         api,
-        base: format!("http://127.0.0.1:{port}"),
-        config: text,
         redis,
         clock,
     }
 }
 
 impl Stack {
-    async fn login(&self, user: &str) -> Browser {
-        let mut browser = Browser::default();
-        let done = browser.login(&self.base, user, user, "/").await;
-        assert_eq!(done.status, 302, "{}", done.text());
-        browser
-    }
-
     async fn stats(&self) -> serde_json::Value {
         self.provider.stats().await
     }
@@ -637,14 +618,10 @@ async fn a_wrong_client_secret_ends_no_session_and_the_fixed_one_works_again() {
     // Another instance on the same store whose client secret is wrong (expired, mistyped).
     let wrong_text = s
         .config
-        .replace(
-            "client_secret = \"vestibule-secret\"",
-            "client_secret = \"expired-secret\"",
-        )
-        .replace(
-            &format!("listen = \"{}\"", s.base.trim_start_matches("http://")),
-            "listen = \"127.0.0.1:0\"",
-        );
+        .clone()
+        .set("oidc.client_secret", "expired-secret")
+        .set("server.listen", "127.0.0.1:0")
+        .text();
     assert!(wrong_text.contains("expired-secret"));
     let wrong = start_proxy_with_clock(&wrong_text, s.clock.clock()).await;
     wait_ready(&wrong).await;

@@ -3,25 +3,34 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// How long the provider may take to print its ready line.
+const START_DEADLINE: Duration = Duration::from_secs(20);
 
 pub struct TestProvider {
     child: Child,
     pub issuer: String,
+    /// The provider's stderr, kept in a file and printed when the test fails.
+    stderr: tempfile::NamedTempFile,
 }
 
 impl Drop for TestProvider {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- provider {} stderr ---\n{}",
+                self.issuer,
+                read(&self.stderr)
+            );
+        }
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+fn read(file: &tempfile::NamedTempFile) -> String {
+    std::fs::read_to_string(file.path()).unwrap_or_else(|e| format!("(unreadable: {e})"))
 }
 
 fn root() -> std::path::PathBuf {
@@ -51,21 +60,56 @@ pub fn start(proxy_port: u16, extra: serde_json::Value) -> TestProvider {
             target.insert(k.clone(), v.clone());
         }
     }
-    let mut child = Command::new("node")
-        .arg(root().join("tests/provider/provider.js"))
-        .env("PROVIDER_CONFIG", config.to_string())
+    launch(
+        Command::new("node")
+            .arg(root().join("tests/provider/provider.js"))
+            .env("PROVIDER_CONFIG", config.to_string()),
+        START_DEADLINE,
+    )
+}
+
+/// Spawns `command` (the provider, or a stand-in that prints the same ready line) and waits at
+/// most `deadline` for its ready line; on failure panics with everything it wrote to stderr.
+fn launch(command: &mut Command, deadline: Duration) -> TestProvider {
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = command
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr.reopen().unwrap())
         .spawn()
         .expect("node must be installed (scripts/test installs it)");
     let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let ready: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("provider did not start: {line}"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(read.map(|_| line));
+    });
+    let outcome = rx.recv_timeout(deadline);
+    let issuer = match &outcome {
+        Ok(Ok(line)) => serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|ready| ready["issuer"].as_str().map(str::to_string)),
+        _ => None,
+    };
+    let Some(issuer) = issuer else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let why = match outcome {
+            Ok(Ok(line)) if line.is_empty() => "it exited before its ready line".to_string(),
+            Ok(Ok(line)) => format!("its first line is not the ready line: {line:?}"),
+            Ok(Err(e)) => format!("reading its stdout failed: {e}"),
+            Err(_) => format!("no ready line within {deadline:?}"),
+        };
+        panic!(
+            "provider did not start: {why}\n--- provider stderr ---\n{}",
+            read(&stderr)
+        );
+    };
     TestProvider {
         child,
-        issuer: ready["issuer"].as_str().unwrap().to_string(),
+        issuer,
+        stderr,
     }
 }
 
@@ -106,6 +150,11 @@ impl TestProvider {
         super::send(req).await
     }
 
+    /// Everything the provider wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        read(&self.stderr)
+    }
+
     /// The latest tokens the provider issued to `sub`.
     pub async fn tokens(&self, sub: &str) -> serde_json::Value {
         let all = super::get(&format!("{}/_test/tokens", self.issuer), &[])
@@ -113,4 +162,39 @@ impl TestProvider {
             .json();
         all.get(sub).cloned().unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// The panic message of a [`launch`] of the shell `script` that must fail.
+#[cfg(test)]
+fn failed_launch(script: &str, deadline: Duration) -> String {
+    let failure =
+        std::panic::catch_unwind(|| launch(Command::new("sh").args(["-c", script]), deadline))
+            .err()
+            .expect("the launch must fail");
+    failure
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_provider_that_never_gets_ready_fails_in_time_with_its_stderr() {
+    let started = std::time::Instant::now();
+    let message = failed_launch(
+        "echo 'cannot listen: EADDRINUSE' >&2; exec sleep 30",
+        Duration::from_millis(500),
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "{message}");
+    assert!(message.contains("no ready line within 500ms"), "{message}");
+    assert!(message.contains("cannot listen: EADDRINUSE"), "{message}");
+}
+
+#[test]
+fn a_provider_that_exits_early_fails_with_its_stderr() {
+    let message = failed_launch("echo 'SyntaxError: bad config' >&2; exit 1", START_DEADLINE);
+    assert!(
+        message.contains("exited before its ready line"),
+        "{message}"
+    );
+    assert!(message.contains("SyntaxError: bad config"), "{message}");
 }
