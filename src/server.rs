@@ -12,8 +12,8 @@
 //!    finish within `shutdown_grace`.
 
 pub mod admin;
-pub mod framing;
 mod connection;
+pub mod framing;
 pub mod tls;
 
 use crate::app::App;

@@ -8,6 +8,7 @@ use std::path::Path;
 /// Each top-level module and the top-level modules it may use.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &[]),
+    ("clock", &[]),
     ("reply", &[]),
     ("telemetry", &["config"]),
     ("cookies", &["config"]),
@@ -15,12 +16,39 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("limits", &["reply"]),
     ("jose", &["config", "reply", "telemetry"]),
     ("session", &["config", "reply", "telemetry"]),
-    ("proxy", &["config", "reply", "telemetry", "cookies", "net", "limits"]),
+    (
+        "proxy",
+        &["config", "reply", "telemetry", "cookies", "net", "limits"],
+    ),
     ("oidc", &["config", "reply", "telemetry", "jose", "net"]),
+    (
+        "rescue",
+        &["config", "reply", "telemetry", "jose", "session", "oidc"],
+    ),
+    (
+        "state",
+        &[
+            "config",
+            "clock",
+            "reply",
+            "telemetry",
+            "cookies",
+            "net",
+            "limits",
+            "jose",
+            "session",
+            "proxy",
+            "oidc",
+            "rescue",
+        ],
+    ),
     (
         "gate",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -36,6 +64,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "bff",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -52,6 +83,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "app",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -69,6 +103,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "server",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -87,6 +124,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "cli",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -106,7 +146,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
 
 /// Upward imports that exist today and are being taken apart. An entry that no longer occurs
 /// fails the test too, so the list can only shrink.
-const KNOWN_UPWARD: &[(&str, &str)] = &[("gate", "app"), ("bff", "app"), ("session", "server")];
+const KNOWN_UPWARD: &[(&str, &str)] = &[("session", "server")];
 
 /// The top-level modules each source file refers to through `crate::`, comments left out.
 fn references(src: &Path) -> BTreeMap<(String, String), Vec<String>> {

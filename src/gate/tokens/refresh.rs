@@ -10,7 +10,7 @@
 //! written over it (see [`Job::save`]); with a rotating provider one of the two is refused.
 
 use super::{Failed, Flight, Grant, RefreshError, classify, count, fresh};
-use crate::app::now;
+use crate::clock::now;
 use crate::config::RouteConfig;
 use crate::jose::{Claims, JoseError};
 use crate::oidc::{Oidc, TokenResponse};
@@ -144,7 +144,7 @@ impl Job {
                     }
                     tokio::time::sleep(POLL).await;
                 }
-                Err(_) => return Err(RefreshError::Store),
+                Err(e) => return Err(RefreshError::Store(e.into())),
             }
         }
     }
@@ -153,7 +153,7 @@ impl Job {
         match self.sessions.reload(loaded, now()).await {
             Ok(Some(current)) => Ok(current),
             Ok(None) => Err(RefreshError::Ended),
-            Err(_) => Err(RefreshError::Store),
+            Err(e) => Err(RefreshError::Store(e.into())),
         }
     }
 
@@ -349,7 +349,7 @@ impl Job {
             match self.sessions.save(&base, session, now).await {
                 Ok(true) => return Ok(tokens.access_token.clone()),
                 Ok(false) => {}
-                Err(_) => return Err(RefreshError::Store),
+                Err(e) => return Err(RefreshError::Store(e.into())),
             }
             base = self.reload(&base).await?;
         }
