@@ -198,3 +198,100 @@ fn refresh_response(error: &RefreshError, login_url: String) -> Response<Body> {
         RefreshError::Random => ErrorCode::Internal.json(&[]),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+
+    /// Everything logged while `f` runs, one line per event.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+    }
+
+    async fn body(response: Response<Body>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_is_a_503_whose_cause_is_logged_once_at_warn() {
+        let error: RequestError =
+            StoreError::Unavailable("connection refused (redis 10.0.0.7:6379)".into()).into();
+        let mut response = None;
+        let log = logged(|| response = Some(error.respond(false)));
+        let response = response.unwrap();
+        assert_eq!(response.status(), 503);
+        let text = body(response).await;
+        assert!(text.contains("\"error\":\"store_unavailable\""), "{text}");
+        assert!(
+            !text.contains("connection refused"),
+            "the cause reached the body: {text}"
+        );
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("connection refused"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(lines[0].contains("WARN"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_during_a_refresh_is_logged_with_its_cause() {
+        let error = RequestError::Refresh {
+            error: RefreshError::Store(StoreError::Unavailable("timed out".into()).into()),
+            login_url: "/bff/login".into(),
+        };
+        let mut response = None;
+        let log = logged(|| response = Some(error.respond(true)));
+        let response = response.unwrap();
+        assert_eq!(response.status(), 503);
+        // API routes' token errors are JSON even for a navigation.
+        assert!(body(response).await.contains("store_unavailable"));
+        assert_eq!(log.matches("timed out").count(), 1, "{log}");
+        assert!(log.contains("WARN"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_logged_at_debug_only() {
+        let mut response = None;
+        let log = logged(|| response = Some(RequestError::Csrf.respond(true)));
+        assert_eq!(response.unwrap().status(), 403);
+        assert!(log.contains("DEBUG"), "{log}");
+        assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn an_ended_session_names_the_login_url() {
+        let error = RequestError::Refresh {
+            error: RefreshError::Ended,
+            login_url: "/bff/login".into(),
+        };
+        let response = error.respond(false);
+        assert_eq!(response.status(), 401);
+        let text = body(response).await;
+        assert!(text.contains("\"error\":\"session_expired\""), "{text}");
+        assert!(text.contains("\"login_url\":\"/bff/login\""), "{text}");
+    }
+}
