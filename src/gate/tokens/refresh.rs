@@ -349,7 +349,7 @@ impl Job {
             match self.sessions.save(&base, session, now).await {
                 Ok(true) => return Ok(tokens.access_token.clone()),
                 Ok(false) => {}
-                Err(e) => return Err(RefreshError::Store(e.into())),
+                Err(e) => return Err(RefreshError::Store(e)),
             }
             base = self.reload(&base).await?;
         }
