@@ -1,15 +1,17 @@
-//! The application: one long-lived [`App`] holding the pooled clients, the OpenID Connect
-//! client and the session manager, plus a hot-swappable [`Runtime`] (configuration and compiled
-//! routes) that each request reads once.
+//! The application, the composition root: one long-lived [`App`] made of the shared state
+//! ([`Shared`]: the pooled clients, the OpenID Connect client, the session manager and the
+//! hot-swappable [`Runtime`] each request reads once) and the access stage's token caches; the
+//! request pipeline that routes to the access stage, the BFF endpoints and the proxy; reloads.
 
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::gate::{self, Tokens};
 use crate::oidc::Oidc;
 use crate::proxy::routing::{Destination, Resolved};
-use crate::proxy::{self, Peer, RouteTable, Upstreams};
+use crate::proxy::{self, Peer, Upstreams};
 use crate::reply::{Body, ErrorCode, is_navigation};
-use crate::session::manager::{Loaded, SessionSettings, Sessions};
+use crate::rescue::RequestError;
+use crate::session::manager::{SessionSettings, Sessions};
 use crate::session::seal::Keyring;
 use crate::session::store::{self, Store};
 use arc_swap::ArcSwap;
@@ -25,62 +27,26 @@ use std::time::Instant;
 mod worker;
 pub use worker::Worker;
 
-/// Unix seconds by the system clock: kept for callers without an [`App`]; see [`crate::clock`].
 pub use crate::clock::now;
+pub use crate::state::{Runtime, Shared, body_pace};
 
-/// What one configuration compiles to. Replaced atomically on reload.
-pub struct Runtime {
-    pub config: Arc<Config>,
-    pub routes: RouteTable,
-    /// Vestibule's own cookie names, removed from forwarded requests.
-    own_cookie: String,
-    login_prefix: String,
-    /// `public_url` as upstreams are told it (`X-Forwarded-Proto`, `-Host`).
-    public_side: proxy::headers::PublicSide,
-}
-
-impl Runtime {
-    pub fn new(config: Config) -> Self {
-        let routes = RouteTable::new(&config.routes);
-        let own_cookie = config.session.cookie_name.clone();
-        let login_prefix = crate::cookies::login_prefix(&config.session);
-        let public_side = proxy::headers::PublicSide::new(&config.server.public_url);
-        Runtime {
-            config: Arc::new(config),
-            routes,
-            own_cookie,
-            login_prefix,
-            public_side,
-        }
-    }
-
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.config
-            .server
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&ip))
-    }
-}
-
+/// The composition root: the shared state every stage reads, and what only this pipeline and
+/// the access stage hold. Reads of the shared state go through it (`app.sessions`).
 pub struct App {
-    pub runtime: ArcSwap<Runtime>,
-    pub upstreams: Upstreams,
-    pub oidc: Arc<Oidc>,
-    pub sessions: Arc<Sessions>,
-    pub tokens: Tokens,
-    /// The time every session, token and JWT check of this application reads.
-    pub clock: Clock,
-    /// Per-address rate limits of the BFF endpoints anyone may call (this process only).
-    pub limiter: crate::limits::RateLimiter,
+    shared: Shared,
+    /// The access stage's token caches and refresh queues.
+    tokens: Tokens,
     request_metrics: crate::telemetry::RequestMetrics,
-    /// Seals login-state cookies; the session keys are read at start (a change needs a restart).
-    keyring: Arc<Keyring>,
     /// The file reloads read.
     config_path: std::path::PathBuf,
-    /// Cancelled when shutdown begins: long-lived responses (session-events streams) end then
-    /// rather than hold the drain for the whole grace period.
-    pub stopping: tokio_util::sync::CancellationToken,
+}
+
+impl std::ops::Deref for App {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 impl App {
@@ -120,49 +86,22 @@ impl App {
         );
         let limiter = crate::limits::RateLimiter::new(config.limits.tracked_addresses);
         let app = Arc::new(App {
-            runtime: ArcSwap::from_pointee(Runtime::new(config)),
-            upstreams: Upstreams::new(),
-            oidc,
-            sessions,
+            shared: Shared {
+                runtime: ArcSwap::from_pointee(Runtime::new(config)),
+                upstreams: Upstreams::new(),
+                oidc,
+                sessions,
+                clock,
+                limiter,
+                keyring: Arc::new(keyring),
+                stopping: tokio_util::sync::CancellationToken::new(),
+            },
             tokens: Tokens::default(),
-            clock,
-            limiter,
             request_metrics: crate::telemetry::RequestMetrics::new(),
-            keyring: Arc::new(keyring),
             config_path: path.clone(),
-            stopping: tokio_util::sync::CancellationToken::new(),
         });
         watch_config(&app, path);
         Ok(app)
-    }
-
-    /// The key ring for login-state cookies.
-    pub fn keyring(&self) -> &Keyring {
-        &self.keyring
-    }
-
-    /// The session of this request, if any cookie of ours opens one. A store failure is an error;
-    /// every kind of bad cookie is simply no session.
-    /// `sessions`: the serving worker's, or the process-wide `self.sessions`.
-    pub async fn load_session(
-        &self,
-        sessions: &Sessions,
-        runtime: &Runtime,
-        headers: &HeaderMap,
-    ) -> Result<Option<Loaded>, crate::session::store::StoreError> {
-        for value in crate::cookies::values(headers, &runtime.config.session.cookie_name) {
-            if let Some(loaded) = sessions.load(value, self.clock.now()).await? {
-                return Ok(Some(loaded));
-            }
-        }
-        Ok(None)
-    }
-
-    pub async fn reload_session(
-        &self,
-        loaded: &Loaded,
-    ) -> Result<Option<Loaded>, crate::session::store::StoreError> {
-        self.sessions.reload(loaded, self.clock.now()).await
     }
 
     /// Handles one request from the public listener, on the serving worker `worker`.
@@ -271,10 +210,14 @@ impl App {
                 return (prefix, answer);
             }
         };
-        let admitted = match gate::admit(self, &worker.sessions, runtime, route, &req).await {
-            Ok(a) => a,
-            Err(response) => return (route.path.as_str(), response),
-        };
+        let admitted =
+            match gate::admit(self, &self.tokens, &worker.sessions, runtime, route, &req).await {
+                Ok(a) => a,
+                Err(error) => {
+                    let navigation = is_navigation(req.headers());
+                    return (route.path.as_str(), error.respond(navigation));
+                }
+            };
         let own = proxy::headers::OwnCookies {
             session: &runtime.own_cookie,
             login_prefix: &runtime.login_prefix,
@@ -304,7 +247,8 @@ impl App {
                         match self.replace_token(worker, runtime, route, &replay).await {
                             Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
                             Ok(None) => first,
-                            Err(refused) => refused,
+                            // A replayed API call: its errors are JSON.
+                            Err(refused) => refused.respond(false),
                         }
                     })
                     .await
@@ -328,14 +272,12 @@ impl App {
         runtime: &Runtime,
         route: &crate::config::RouteConfig,
         replay: &Replay,
-    ) -> Result<Option<HeaderValue>, Response<Body>> {
-        let loaded = match self
+    ) -> Result<Option<HeaderValue>, RequestError> {
+        let Some(loaded) = self
             .load_session(&worker.sessions, runtime, &replay.headers)
-            .await
-        {
-            Ok(Some(loaded)) => loaded,
-            Ok(None) => return Ok(None),
-            Err(_) => return Err(ErrorCode::StoreUnavailable.json(&[])),
+            .await?
+        else {
+            return Ok(None);
         };
         let Some(token) = self
             .tokens
@@ -396,14 +338,6 @@ impl App {
                 }
             }
         }
-    }
-}
-
-/// The pace request bodies must keep (read per request, so a reload reaches it).
-pub fn body_pace(config: &Config) -> crate::limits::Pace {
-    crate::limits::Pace {
-        read_timeout: config.server.connections.body_read_timeout,
-        min_rate: config.server.connections.body_min_rate,
     }
 }
 

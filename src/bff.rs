@@ -1,14 +1,15 @@
 //! The BFF endpoints under `bff_prefix`: login, callback, user, logout, back-channel logout,
 //! session listing and the session-ended event stream.
 
-use crate::app::{App, Runtime};
 use crate::cookies;
 use crate::limits::{Endpoint, Verdict, client_address};
 use crate::oidc::response::check_authorization_iss;
 use crate::oidc::{GrantError, LoginState, TokenResponse, local_return_url, os_random};
 use crate::reply::{Body, ErrorCode, is_navigation, json_response, redirect};
+use crate::rescue::RequestError;
 use crate::session::manager::Loaded;
 use crate::session::model::{AccessToken, Session};
+use crate::state::{Runtime, Shared};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -39,9 +40,11 @@ fn hash_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
-/// Answers a request below `bff_prefix`; `peer` is the address of the connection.
+/// Answers a request below `bff_prefix`; `peer` is the address of the connection. An endpoint's
+/// error is a page for the endpoints a browser navigates to (login, the callback, the logout
+/// link), JSON for the others.
 pub async fn handle(
-    app: &App,
+    app: &Shared,
     runtime: &Runtime,
     req: Request<Incoming>,
     rest: &str,
@@ -51,29 +54,31 @@ pub async fn handle(
     if let Some(limited) = over_limit(app, runtime, &req, rest, peer) {
         return limited;
     }
-    match (req.method().clone(), rest) {
-        (Method::GET, "/login") => login(app, runtime, &req).await,
-        (Method::GET, "/callback") => callback(app, runtime, &req).await,
-        (Method::GET, "/user") => user(app, runtime, &req).await,
-        (Method::GET, "/logout") => logout(app, runtime, &req, false).await,
-        (Method::POST, "/logout") => logout(app, runtime, &req, true).await,
+    let (page, answer) = match (req.method().clone(), rest) {
+        (Method::GET, "/login") => (navigation, login(app, runtime, &req).await),
+        (Method::GET, "/callback") => (true, callback(app, runtime, &req).await),
+        (Method::GET, "/user") => (false, user(app, runtime, &req).await),
+        (Method::GET, "/logout") => (true, logout(app, runtime, &req, false).await),
+        (Method::POST, "/logout") => (false, logout(app, runtime, &req, true).await),
         (Method::POST, "/backchannel-logout") => {
-            let pace = crate::app::body_pace(&runtime.config);
-            backchannel_logout(app, req, pace).await
+            let pace = crate::state::body_pace(&runtime.config);
+            (false, backchannel_logout(app, req, pace).await)
         }
-        (Method::GET, "/sessions") => list_sessions(app, runtime, &req).await,
+        (Method::GET, "/sessions") => (false, list_sessions(app, runtime, &req).await),
         (Method::DELETE, path) if path.starts_with("/sessions/") => {
-            end_session(app, runtime, &req, &path["/sessions/".len()..]).await
+            let handle = &path["/sessions/".len()..];
+            (false, end_session(app, runtime, &req, handle).await)
         }
-        (Method::GET, "/session-events") => session_events(app, runtime, &req).await,
-        _ => ErrorCode::NotFound.respond(navigation),
-    }
+        (Method::GET, "/session-events") => (false, session_events(app, runtime, &req).await),
+        _ => (navigation, Err(RequestError::NotFound)),
+    };
+    answer.unwrap_or_else(|error| error.respond(page))
 }
 
 /// 429 with `Retry-After` when the client (after trusted proxies) has used up its budget for
 /// one of the endpoints anyone may call; `None` for every other request.
 fn over_limit(
-    app: &App,
+    app: &Shared,
     runtime: &Runtime,
     req: &Request<Incoming>,
     rest: &str,
@@ -107,55 +112,56 @@ fn over_limit(
     Some(response)
 }
 
-async fn login(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
-    let navigation = is_navigation(req.headers());
+async fn login(
+    app: &Shared,
+    runtime: &Runtime,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RequestError> {
     let raw = query_param(req, "returnUrl").unwrap_or_else(|| "/".into());
     let Some(return_url) = local_return_url(&raw).filter(|u| u.len() <= MAX_RETURN_URL_LEN) else {
-        return ErrorCode::InvalidReturnUrl.respond(navigation);
+        return Err(RequestError::InvalidReturnUrl);
     };
-    let Ok(metadata) = app.oidc.metadata() else {
-        return ErrorCode::ProviderUnavailable.respond(navigation);
-    };
-    let login = match LoginState::new(os_random, return_url, app.clock.now()) {
-        Ok(login) => login,
-        Err(e) => {
-            tracing::error!(error = %e, "no login state could be made");
-            return ErrorCode::Internal.respond(navigation);
-        }
-    };
+    let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
+    let login = LoginState::new(os_random, return_url, app.clock.now())?;
     let session_config = &runtime.config.session;
     let name = format!(
         "{}{}",
         cookies::login_prefix(session_config),
         &hash_hex(&login.state)[..12]
     );
-    let Ok(plain) = serde_json::to_vec(&login) else {
-        return ErrorCode::Internal.json(&[]);
-    };
+    let plain = serde_json::to_vec(&login)
+        .map_err(|_| RequestError::Internal("the login state could not be serialized"))?;
     let sealed = match app.keyring().seal(&name, &plain) {
         // Escaped characters can make a short returnUrl long: the cookie must still fit.
         Ok(sealed) if name.len() + sealed.len() <= MAX_COOKIE_LEN => sealed,
         Ok(_) | Err(crate::session::seal::SealError::TooLarge) => {
-            return ErrorCode::InvalidReturnUrl.respond(navigation);
+            return Err(RequestError::InvalidReturnUrl);
         }
-        Err(crate::session::seal::SealError::Random) => return ErrorCode::Internal.json(&[]),
+        Err(crate::session::seal::SealError::Random) => {
+            return Err(RequestError::Internal(
+                "the login cookie could not be sealed: the random source failed",
+            ));
+        }
     };
     let mut response = redirect(&app.oidc.authorization_url(&metadata, &login));
     if let Some(cookie) = cookies::set_cookie(session_config, &name, &sealed, Some(LOGIN_TTL), true)
     {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    response
+    Ok(response)
 }
 
 /// The login-failed page naming `reason`, a stable identifier (docs/errors.md); `detail` goes to
 /// the log only and must hold no token, code or state.
-fn login_failed(reason: &str, detail: &str) -> Response<Body> {
-    tracing::warn!(reason, detail, "login failed");
-    ErrorCode::LoginFailed.html_with_reason(reason)
+fn login_failed(reason: &str, detail: &str) -> Result<Response<Body>, RequestError> {
+    Err(RequestError::login_failed(reason, detail))
 }
 
-async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+async fn callback(
+    app: &Shared,
+    runtime: &Runtime,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RequestError> {
     if let Some(error) = query_param(req, "error") {
         let safe: String = error
             .chars()
@@ -199,12 +205,10 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
     {
         Ok(true) => {}
         Ok(false) => return login_failed("state_replayed", "the state was already used"),
-        Err(_) => return ErrorCode::StoreUnavailable.html(),
+        Err(e) => return Err(e.into()),
     }
     // RFC 9207: a response naming another issuer (a mix-up) never gets its code exchanged.
-    let Ok(metadata) = app.oidc.metadata() else {
-        return ErrorCode::ProviderUnavailable.html();
-    };
+    let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
     if let Err(e) = check_authorization_iss(&metadata, query_param(req, "iss").as_deref()) {
         return login_failed(e.reason(), &e.to_string());
     }
@@ -213,10 +217,7 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
         Err(GrantError::Rejected(e)) => {
             return login_failed("code_rejected", &format!("the code was rejected: {e}"));
         }
-        Err(GrantError::Unavailable(e)) => {
-            tracing::warn!(error = %e, "token endpoint unavailable during login");
-            return ErrorCode::ProviderUnavailable.html();
-        }
+        Err(e @ GrantError::Unavailable(_)) => return Err(RequestError::Provider(e)),
     };
     let tokens = match TokenResponse::from_code_grant(answer) {
         Ok(t) => t,
@@ -284,13 +285,7 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
     {
         let _ = app.sessions.delete(&old).await;
     }
-    let cookie_value = match app.sessions.create(session, now).await {
-        Ok((cookie, _)) => cookie,
-        Err(e) => {
-            tracing::error!(error = %e, "session could not be stored");
-            return ErrorCode::StoreUnavailable.html();
-        }
-    };
+    let (cookie_value, _) = app.sessions.create(session, now).await?;
     let mut response = redirect(&login.return_url);
     let headers = response.headers_mut();
     if let Some(c) = cookies::set_cookie(
@@ -305,39 +300,32 @@ async fn callback(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Resp
     if let Some(c) = cookies::set_cookie(session_config, &name, "", None, true) {
         headers.append(header::SET_COOKIE, c);
     }
-    response
+    Ok(response)
 }
 
-/// The request's session, or the response to send when there is none (401) or the store is
-/// down (503).
+/// The request's session; none is `Unauthenticated` (401), a store failure `Store` (503).
 async fn signed_in(
-    app: &App,
+    app: &Shared,
     runtime: &Runtime,
     req: &Request<Incoming>,
-) -> Result<Loaded, Response<Body>> {
-    match app
-        .load_session(&app.sessions, runtime, req.headers())
-        .await
-    {
-        Ok(Some(l)) => Ok(l),
-        Ok(None) => Err(unauthenticated(runtime)),
-        Err(_) => Err(ErrorCode::StoreUnavailable.json(&[])),
-    }
+) -> Result<Loaded, RequestError> {
+    app.load_session(&app.sessions, runtime, req.headers())
+        .await?
+        .ok_or_else(|| RequestError::Unauthenticated {
+            login_url: format!("{}/login", runtime.config.server.bff_prefix),
+            redirect: false,
+        })
 }
 
-fn unauthenticated(runtime: &Runtime) -> Response<Body> {
-    let login_url = format!("{}/login", runtime.config.server.bff_prefix);
-    ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())])
-}
-
-async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+async fn user(
+    app: &Shared,
+    runtime: &Runtime,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RequestError> {
     if !crate::gate::csrf_ok(runtime, req) {
-        return ErrorCode::Csrf.json(&[]);
+        return Err(RequestError::Csrf);
     }
-    let mut loaded = match signed_in(app, runtime, req).await {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
+    let mut loaded = signed_in(app, runtime, req).await?;
     // The app asking who is signed in is activity: slide the idle timeout.
     let _ = app.sessions.touch(&mut loaded, app.clock.now()).await;
     let mut body = loaded.session.claims.clone();
@@ -372,47 +360,43 @@ async fn user(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
     }
-    response
+    Ok(response)
 }
 
 async fn logout(
-    app: &App,
+    app: &Shared,
     runtime: &Runtime,
     req: &Request<Incoming>,
     post: bool,
-) -> Response<Body> {
+) -> Result<Response<Body>, RequestError> {
     if post && !crate::gate::csrf_ok(runtime, req) {
-        return ErrorCode::Csrf.json(&[]);
+        return Err(RequestError::Csrf);
     }
     let config = &runtime.config;
     let post_logout_uri = format!(
         "{}{}",
         config.server.public_origin, config.oidc.post_logout_redirect
     );
-    let loaded = match app
+    let Some(loaded) = app
         .load_session(&app.sessions, runtime, req.headers())
-        .await
-    {
-        Ok(l) => l,
-        Err(_) => return ErrorCode::StoreUnavailable.respond(!post),
-    };
-    let Some(loaded) = loaded else {
-        return if post {
+        .await?
+    else {
+        return Ok(if post {
             json_response(
                 StatusCode::OK,
                 &serde_json::json!({"redirect": config.oidc.post_logout_redirect}),
             )
         } else {
             redirect(&config.oidc.post_logout_redirect)
-        };
+        });
     };
     let sid = query_param(req, "sid").unwrap_or_default();
     if !post && !bool::from(sid.as_bytes().ct_eq(loaded.handle.as_bytes())) {
-        return ErrorCode::BadRequest.respond(is_navigation(req.headers()));
+        return Err(RequestError::SidMismatch {
+            navigation: is_navigation(req.headers()),
+        });
     }
-    if app.sessions.delete(&loaded).await.is_err() {
-        return ErrorCode::StoreUnavailable.respond(!post);
-    }
+    app.sessions.delete(&loaded).await?;
     if let Some(refresh) = &loaded.session.refresh_token {
         app.oidc.revoke(refresh, "refresh_token").await;
     }
@@ -442,32 +426,22 @@ async fn logout(
     ) {
         response.headers_mut().append(header::SET_COOKIE, c);
     }
-    response
+    Ok(response)
 }
 
-fn logout_rejected(reason: &str) -> Response<Body> {
-    tracing::warn!(reason, "back-channel logout rejected");
-    let mut r = json_response(
-        StatusCode::BAD_REQUEST,
-        &serde_json::json!({"error": "invalid_request", "message": "The logout token is invalid."}),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+fn logout_rejected(reason: impl Into<String>) -> Result<Response<Body>, RequestError> {
+    Err(RequestError::LogoutRejected(reason.into()))
 }
 
 async fn backchannel_logout(
-    app: &App,
+    app: &Shared,
     req: Request<Incoming>,
     pace: crate::limits::Pace,
-) -> Response<Body> {
+) -> Result<Response<Body>, RequestError> {
     let body = http_body_util::Limited::new(req.into_body(), 64 * 1024);
     let body = match crate::limits::Paced::new(body, pace).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<crate::limits::BodyTimeout>() => {
-            tracing::info!("back-channel logout body too slow");
-            return ErrorCode::RequestTimeout.json(&[]);
-        }
+        Err(e) if e.is::<crate::limits::BodyTimeout>() => return Err(RequestError::BodyTimeout),
         Err(_) => return logout_rejected("body unreadable or too large"),
     };
     let Some(token) = url::form_urlencoded::parse(&body)
@@ -481,7 +455,7 @@ async fn backchannel_logout(
     let logout =
         match crate::jose::validate_logout_token(&app.oidc.provider.jwks, &token, &expect).await {
             Ok(l) => l,
-            Err(e) => return logout_rejected(&e.to_string()),
+            Err(e) => return logout_rejected(e.to_string()),
         };
     let replay_ttl =
         Duration::from_secs(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE + expect.leeway + 60);
@@ -494,7 +468,7 @@ async fn backchannel_logout(
     {
         Ok(true) => {}
         Ok(false) => return logout_rejected("jti replayed"),
-        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
+        Err(e) => return Err(e.into()),
     }
     // With both, the sid's sessions end; when none has that sid, the subject's sessions do.
     let ended = match (&logout.sid, &logout.sub) {
@@ -512,32 +486,29 @@ async fn backchannel_logout(
             let mut r = Response::new(crate::reply::empty());
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
+            Ok(r)
         }
-        Err(_) => {
+        Err(e) => {
             // Let the provider's retry of this token through: the logout must not be lost.
             let _ = app.sessions.store().delete(&marker).await;
-            ErrorCode::StoreUnavailable.json(&[])
+            Err(e.into())
         }
     }
 }
 
-async fn list_sessions(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+async fn list_sessions(
+    app: &Shared,
+    runtime: &Runtime,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RequestError> {
     if !crate::gate::csrf_ok(runtime, req) {
-        return ErrorCode::Csrf.json(&[]);
+        return Err(RequestError::Csrf);
     }
-    let loaded = match signed_in(app, runtime, req).await {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
-    let list = match app
+    let loaded = signed_in(app, runtime, req).await?;
+    let list = app
         .sessions
         .list_for_sub(&loaded.session.sub, app.clock.now())
-        .await
-    {
-        Ok(l) => l,
-        Err(_) => return ErrorCode::StoreUnavailable.json(&[]),
-    };
+        .await?;
     let items: Vec<serde_json::Value> = list
         .into_iter()
         .map(|s| {
@@ -550,30 +521,32 @@ async fn list_sessions(app: &App, runtime: &Runtime, req: &Request<Incoming>) ->
             })
         })
         .collect();
-    json_response(StatusCode::OK, &serde_json::json!({"sessions": items}))
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"sessions": items}),
+    ))
 }
 
 async fn end_session(
-    app: &App,
+    app: &Shared,
     runtime: &Runtime,
     req: &Request<Incoming>,
     handle: &str,
-) -> Response<Body> {
+) -> Result<Response<Body>, RequestError> {
     if !crate::gate::csrf_ok(runtime, req) {
-        return ErrorCode::Csrf.json(&[]);
+        return Err(RequestError::Csrf);
     }
-    let loaded = match signed_in(app, runtime, req).await {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
+    let loaded = signed_in(app, runtime, req).await?;
     match app
         .sessions
         .end_by_handle(&loaded.session.sub, handle)
-        .await
+        .await?
     {
-        Ok(true) => json_response(StatusCode::OK, &serde_json::json!({"ended": true})),
-        Ok(false) => ErrorCode::NotFound.json(&[]),
-        Err(_) => ErrorCode::StoreUnavailable.json(&[]),
+        true => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"ended": true}),
+        )),
+        false => Err(RequestError::NotFound),
     }
 }
 
@@ -581,11 +554,12 @@ async fn end_session(
 /// Checked when an invalidation for it arrives and on every keep-alive ping (which catches the
 /// idle and absolute timeouts); the check bypasses the session cache, which may still hold a
 /// copy when the invalidation reaches this stream first. An unreachable store ends nothing.
-async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -> Response<Body> {
-    let loaded = match signed_in(app, runtime, req).await {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
+async fn session_events(
+    app: &Shared,
+    runtime: &Runtime,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RequestError> {
+    let loaded = signed_in(app, runtime, req).await?;
     let sessions = app.sessions.clone();
     let stopping = app.stopping.clone();
     let clock = app.clock.clone();
@@ -634,5 +608,5 @@ async fn session_events(app: &App, runtime: &Runtime, req: &Request<Incoming>) -
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    Ok(response)
 }

@@ -2,11 +2,12 @@
 //! redirect), CSRF and origin checks (403), the claims policy (403), and the access token to
 //! attach — refreshed before it expires, exactly once per session across requests and replicas.
 
-use crate::app::{App, Runtime};
 use crate::config::{AuthMode, RouteConfig, TokenMode};
-use crate::reply::{Body, ErrorCode, is_navigation};
+use crate::reply::{Body, ErrorCode};
+use crate::rescue::RequestError;
 use crate::session::manager::Sessions;
 use crate::session::model::Session;
+use crate::state::{Runtime, Shared};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -153,7 +154,7 @@ pub fn preflight<B>(runtime: &Runtime, req: &Request<B>) -> Option<Response<Body
 /// Claims the policy is checked against: the validated JWT access token for the route's
 /// resource when it is one, else the ID token claims kept in the session.
 async fn policy_claims(
-    app: &App,
+    app: &Shared,
     route: &RouteConfig,
     session: &Session,
     token: Option<&str>,
@@ -194,29 +195,28 @@ fn missing_requirements(
         .collect()
 }
 
-/// `sessions`: the serving worker's (see `app::Worker`).
+/// The access stage: who may pass, and the token to attach. The caller turns a refusal into its
+/// response ([`RequestError::respond`]), a page for navigations.
 pub async fn admit(
-    app: &App,
+    app: &Shared,
+    tokens: &Tokens,
     sessions: &Arc<Sessions>,
     runtime: &Runtime,
     route: &RouteConfig,
     req: &Request<Incoming>,
-) -> Result<Admitted, Response<Body>> {
-    let navigation = is_navigation(req.headers());
+) -> Result<Admitted, RequestError> {
     let needs_session = route.auth != AuthMode::None
         || route.feature.is_some()
         || matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
     let mut loaded = if needs_session {
-        app.load_session(sessions, runtime, req.headers())
-            .await
-            .map_err(|_| ErrorCode::StoreUnavailable.respond(navigation))?
+        app.load_session(sessions, runtime, req.headers()).await?
     } else {
         None
     };
     if let Some(feature) = &route.feature
         && !feature_visible(runtime, feature, loaded.as_ref().map(|l| &*l.session))
     {
-        return Err(ErrorCode::NotFound.respond(navigation));
+        return Err(RequestError::NotFound);
     }
     let login_url = || {
         let prefix = &runtime.config.server.bff_prefix;
@@ -227,13 +227,13 @@ pub async fn admit(
         )
     };
     if route.auth == AuthMode::Required && loaded.is_none() {
-        if navigation {
-            return Err(crate::reply::redirect(&login_url()));
-        }
-        return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url().into())]));
+        return Err(RequestError::Unauthenticated {
+            login_url: login_url(),
+            redirect: true,
+        });
     }
     if route.csrf && !csrf_ok(runtime, req) {
-        return Err(ErrorCode::Csrf.json(&[]));
+        return Err(RequestError::Csrf);
     }
     let mut set_cookies = Vec::new();
     if let Some(l) = &mut loaded {
@@ -253,26 +253,29 @@ pub async fn admit(
     }
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
-        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(
-            app.tokens
-                .user_token(app, sessions, runtime, l, route)
-                .await?,
-        ),
+        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
+            Some(tokens.user_token(app, sessions, runtime, l, route).await?)
+        }
         (TokenMode::User, None) => {
-            return Err(ErrorCode::Unauthenticated.json(&[("login_url", login_url().into())]));
+            return Err(RequestError::Unauthenticated {
+                login_url: login_url(),
+                redirect: false,
+            });
         }
         (TokenMode::Client, _) | (TokenMode::UserOrClient, None) => {
-            Some(app.tokens.client_token(app, route).await?)
+            Some(tokens.client_token(app, route).await?)
         }
     };
     if !route.require.is_empty() {
         let Some(l) = &loaded else {
-            return Err(ErrorCode::Forbidden.json(&[]));
+            return Err(RequestError::Forbidden {
+                missing: Vec::new(),
+            });
         };
         let claims = policy_claims(app, route, &l.session, token.as_deref()).await;
         let missing = missing_requirements(runtime, route, &claims);
         if !missing.is_empty() {
-            return Err(ErrorCode::Forbidden.json(&[("missing", missing.into())]));
+            return Err(RequestError::Forbidden { missing });
         }
     }
     let bearer = token.and_then(|t| {

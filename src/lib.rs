@@ -16,8 +16,14 @@
 //!   (memory and Redis) behind one type.
 //! - [`oidc`]: provider metadata, login, callback, refresh, logout — the OpenID Connect client.
 //! - [`proxy`]: routing, header rewriting, forwarding, upgrades, static files.
-//! - [`app`]: the request pipeline tying routes, sessions and tokens together; hot-swappable
-//!   runtime configuration.
+//! - [`clock`]: the wall clock.
+//! - [`state`]: the state shared by every request (clients, sessions, the hot-swappable
+//!   [`state::Runtime`]) and the session of a request; [`rescue`]: [`rescue::RequestError`],
+//!   why a request failed, and the one place that turns it into a response and logs its cause.
+//! - [`gate`] (the access stage of proxied routes) and [`bff`] (the BFF endpoints): read the
+//!   shared state, never the pipeline above them.
+//! - [`app`]: the composition root, the request pipeline tying routes, the access stage and the
+//!   BFF endpoints together; reloads.
 //! - [`server`]: listeners, TLS, the admin endpoints, graceful shutdown.
 
 // The layout of a connection's request future (pipeline, proxy, forward) nests deeper than the
@@ -37,6 +43,8 @@ pub mod net;
 pub mod oidc;
 pub mod proxy;
 pub mod reply;
+pub mod rescue;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod telemetry;

@@ -6,61 +6,27 @@
 //! unlock finish even when the request that started it is dropped (the browser aborted, the
 //! HTTP/2 stream was reset). Requests that queue behind it read its result from the store, or
 //! share its failure. Only `invalid_grant` and a refreshed ID token for another subject end a
-//! session; [`respond`] is the one place that turns a [`RefreshError`] into a response.
+//! session; a [`RefreshError`] reaches the browser through [`RequestError::respond`].
 
 mod refresh;
 
-use crate::app::{App, Runtime};
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
-use crate::reply::{Body, ErrorCode};
+use crate::rescue::{RefreshError, RequestError};
 use crate::session::manager::{Loaded, Sessions};
 use crate::session::model::Session;
-use http::{HeaderValue, Response, header};
+use crate::state::{Runtime, Shared};
 use refresh::{Job, Target};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Why a request gets no token. Cloned to the requests that queued behind the refresh.
-#[derive(Debug, Clone, thiserror::Error)]
-enum RefreshError {
-    /// `invalid_grant`, a refreshed ID token for another subject, no refresh token, or the
-    /// session is gone: the session has ended (and was deleted).
-    #[error("the session has ended")]
-    Ended,
-    /// The provider refused this route's resource, scopes or token exchange; other routes and
-    /// the session are unaffected.
-    #[error("the provider refused the route's token ({code})")]
-    Refused { code: String },
-    /// The provider is down or slow, refuses Vestibule's own client (`invalid_client`,
-    /// `unauthorized_client`), or answered something unusable. The session is kept.
-    #[error("the provider is unavailable: {reason}")]
-    Unavailable { reason: String },
-    /// The session store could not be read or written. The session is kept.
-    #[error("the session store is unavailable")]
-    Store,
-    /// The system random source failed: no lease token can be made.
-    #[error("the random source failed")]
-    Random,
-}
-
-/// The one place that turns a [`RefreshError`] into a response.
-fn respond(bff_prefix: &str, error: &RefreshError) -> Response<Body> {
-    match error {
-        RefreshError::Ended => {
-            ErrorCode::SessionExpired.json(&[("login_url", format!("{bff_prefix}/login").into())])
-        }
-        RefreshError::Refused { .. } => ErrorCode::TokenRefused.json(&[]),
-        RefreshError::Unavailable { .. } => {
-            let mut r = ErrorCode::ProviderUnavailable.json(&[]);
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            r
-        }
-        RefreshError::Store => ErrorCode::StoreUnavailable.json(&[]),
-        RefreshError::Random => ErrorCode::Internal.json(&[]),
+/// A refresh's failure as the request's error; an ended session starts again at the login.
+fn rescue(bff_prefix: &str, error: RefreshError) -> RequestError {
+    RequestError::Refresh {
+        error,
+        login_url: format!("{bff_prefix}/login"),
     }
 }
 
@@ -200,17 +166,17 @@ impl Tokens {
     /// The user's access token for the route's resource, refreshed when it is about to expire.
     pub async fn user_token(
         &self,
-        app: &App,
+        app: &Shared,
         sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
-    ) -> Result<String, Response<Body>> {
+    ) -> Result<String, RequestError> {
         self.user_token_except(app, sessions, runtime, loaded, route, None)
             .await?
             .ok_or_else(|| {
                 let reason = "no token".to_string();
-                respond("", &RefreshError::Unavailable { reason })
+                rescue("", RefreshError::Unavailable { reason })
             })
     }
 
@@ -219,13 +185,13 @@ impl Tokens {
     /// when this session had such an early refresh less than a few seconds ago.
     pub async fn replace_user_token(
         &self,
-        app: &App,
+        app: &Shared,
         sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
         rejected: &str,
-    ) -> Result<Option<String>, Response<Body>> {
+    ) -> Result<Option<String>, RequestError> {
         self.user_token_except(app, sessions, runtime, loaded, route, Some(rejected))
             .await
     }
@@ -236,13 +202,13 @@ impl Tokens {
     /// spent exactly once.
     async fn user_token_except(
         &self,
-        app: &App,
+        app: &Shared,
         sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
         route: &RouteConfig,
         rejected: Option<&str>,
-    ) -> Result<Option<String>, Response<Body>> {
+    ) -> Result<Option<String>, RequestError> {
         let skew = runtime.config.oidc.refresh_skew.as_secs();
         let key = route.resource.as_deref().unwrap_or_default();
         if let Some(t) = fresh(app.clock.now(), skew, &loaded.session, key, rejected) {
@@ -252,14 +218,14 @@ impl Tokens {
         // grow the future of every request on a token route.
         Box::pin(self.single_flight(app, sessions, runtime, loaded, route, rejected))
             .await
-            .map_err(|e| respond(&runtime.config.server.bff_prefix, &e))
+            .map_err(|e| rescue(&runtime.config.server.bff_prefix, e))
     }
 
     /// The slow path of [`Self::user_token_except`]: queue for this session's refresh, then
     /// start a task that finishes it whatever becomes of this request, and wait for its answer.
     async fn single_flight(
         &self,
-        app: &App,
+        app: &Shared,
         sessions: &Arc<Sessions>,
         runtime: &Runtime,
         loaded: &Loaded,
@@ -299,9 +265,9 @@ impl Tokens {
     /// A client-credentials token for the route's resource and scopes, cached until near expiry.
     pub async fn client_token(
         &self,
-        app: &App,
+        app: &Shared,
         route: &RouteConfig,
-    ) -> Result<String, Response<Body>> {
+    ) -> Result<String, RequestError> {
         let key = format!(
             "{}|{}",
             route.resource.as_deref().unwrap_or(""),
@@ -333,7 +299,7 @@ impl Tokens {
             Err(error) => {
                 let error = classify(Grant::ClientCredentials, error);
                 let prefix = app.runtime.load().config.server.bff_prefix.clone();
-                Err(respond(&prefix, &error))
+                Err(rescue(&prefix, error))
             }
         }
     }

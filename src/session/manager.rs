@@ -58,7 +58,7 @@ impl SessionSettings {
 }
 
 /// Why a session could not be written.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SessionError {
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -41,7 +41,7 @@ pub enum KeyringError {
 }
 
 /// Why nothing was sealed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SealError {
     #[error("the system random number generator failed")]
     Random,

@@ -9,6 +9,7 @@ use std::path::Path;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("clock", &[]),
     ("config", &[]),
+    ("clock", &[]),
     ("reply", &[]),
     ("telemetry", &["config"]),
     ("cookies", &["config"]),
@@ -22,9 +23,33 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("oidc", &["config", "reply", "telemetry", "jose", "net"]),
     (
+        "rescue",
+        &["config", "reply", "telemetry", "jose", "session", "oidc"],
+    ),
+    (
+        "state",
+        &[
+            "config",
+            "clock",
+            "reply",
+            "telemetry",
+            "cookies",
+            "net",
+            "limits",
+            "jose",
+            "session",
+            "proxy",
+            "oidc",
+            "rescue",
+        ],
+    ),
+    (
         "gate",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -40,6 +65,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "bff",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -56,6 +84,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "app",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -73,6 +104,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "server",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -91,6 +125,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "cli",
         &[
             "config",
+            "clock",
+            "rescue",
+            "state",
             "reply",
             "telemetry",
             "cookies",
@@ -113,7 +150,7 @@ const BOTTOM: &[&str] = &["clock"];
 
 /// Upward imports that exist today and are being taken apart. An entry that no longer occurs
 /// fails the test too, so the list can only shrink.
-const KNOWN_UPWARD: &[(&str, &str)] = &[("gate", "app"), ("bff", "app")];
+const KNOWN_UPWARD: &[(&str, &str)] = &[];
 
 /// The top-level modules each source file refers to through `crate::`, comments left out.
 fn references(src: &Path) -> BTreeMap<(String, String), Vec<String>> {

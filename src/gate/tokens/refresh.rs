@@ -158,7 +158,7 @@ impl Job {
                     }
                     tokio::time::sleep(POLL).await;
                 }
-                Err(_) => return Err(RefreshError::Store),
+                Err(e) => return Err(RefreshError::Store(e.into())),
             }
         }
     }
@@ -167,7 +167,7 @@ impl Job {
         match self.sessions.reload(loaded, self.clock.now()).await {
             Ok(Some(current)) => Ok(current),
             Ok(None) => Err(RefreshError::Ended),
-            Err(_) => Err(RefreshError::Store),
+            Err(e) => Err(RefreshError::Store(e.into())),
         }
     }
 
@@ -370,7 +370,7 @@ impl Job {
             match self.sessions.save(&base, session, now).await {
                 Ok(true) => return Ok(tokens.access_token.clone()),
                 Ok(false) => {}
-                Err(_) => return Err(RefreshError::Store),
+                Err(e) => return Err(RefreshError::Store(e)),
             }
             base = self.reload(&base).await?;
         }

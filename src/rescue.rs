@@ -1,0 +1,297 @@
+//! Why a request failed, and the one place that turns it into a response.
+//!
+//! The access stage and the BFF endpoints return a [`RequestError`] carrying the typed cause
+//! (the store's, the provider's, a refresh's); [`RequestError::respond`] picks the stable
+//! [`ErrorCode`] by source — the client's fault 4xx, no session 401 or a login redirect, the
+//! store or provider 503, else 500 — and logs the cause once, at the level its source deserves.
+//! Nothing here is shown to the browser but the code, its message and fixed fields such as
+//! `login_url`; causes go to the log only, and never hold a token, code or secret.
+
+use crate::oidc::{GrantError, RandomError};
+use crate::reply::{Body, ErrorCode, json_response, redirect};
+use crate::session::manager::SessionError;
+use crate::session::store::StoreError;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// Why a request gets no token. Cloned to the requests that queued behind the refresh.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RefreshError {
+    /// `invalid_grant`, a refreshed ID token for another subject, no refresh token, or the
+    /// session is gone: the session has ended (and was deleted).
+    #[error("the session has ended")]
+    Ended,
+    /// The provider refused this route's resource, scopes or token exchange; other routes and
+    /// the session are unaffected.
+    #[error("the provider refused the route's token ({code})")]
+    Refused { code: String },
+    /// The provider is down or slow, refuses Vestibule's own client (`invalid_client`,
+    /// `unauthorized_client`), or answered something unusable. The session is kept.
+    #[error("the provider is unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The session store could not be read or written. The session is kept.
+    #[error("{0}")]
+    Store(SessionError),
+    /// The system random source failed: no lease token can be made.
+    #[error("the random source failed")]
+    Random,
+}
+
+/// Why a request was not answered as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The session store could not be read or written (or, rarely, a session not sealed).
+    #[error(transparent)]
+    Store(#[from] SessionError),
+    /// The provider's metadata is not loaded, or its token endpoint is unavailable.
+    #[error(transparent)]
+    Provider(GrantError),
+    /// No access token for the route; `login_url` is where a session that ended starts again.
+    #[error("{error}")]
+    Refresh {
+        error: RefreshError,
+        login_url: String,
+    },
+    /// The system random source failed.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+    /// Something that cannot happen did (always answered as JSON).
+    #[error("{0}")]
+    Internal(&'static str),
+    /// No session. `redirect`: a navigation is sent to `login_url` rather than answered with
+    /// JSON naming it.
+    #[error("sign-in is required")]
+    Unauthenticated { login_url: String, redirect: bool },
+    /// A missing `X-CSRF: 1` header or a cross-site origin (always JSON).
+    #[error("CSRF check failed")]
+    Csrf,
+    /// The claims policy refused the session; `missing` names the claims it lacked (none: no
+    /// session to check).
+    #[error("forbidden (missing: {missing:?})")]
+    Forbidden { missing: Vec<String> },
+    #[error("not found")]
+    NotFound,
+    /// `returnUrl` is not a local path, or does not fit in the login cookie.
+    #[error("invalid returnUrl")]
+    InvalidReturnUrl,
+    /// The logout link names another session (or none): answered as the request asked
+    /// (`navigation`), whatever the endpoint's other errors are.
+    #[error("the logout link names another session")]
+    SidMismatch { navigation: bool },
+    /// The login could not be completed: the page names `reason`, a stable identifier
+    /// (docs/errors.md); `detail` goes to the log only and holds no token, code or state.
+    #[error("login failed ({reason}): {detail}")]
+    LoginFailed { reason: String, detail: String },
+    /// A back-channel logout token was refused (OpenID Connect Back-Channel Logout §2.8:
+    /// `400` with an OAuth error body).
+    #[error("back-channel logout rejected: {0}")]
+    LogoutRejected(String),
+    /// A request body arrived too slowly (always JSON).
+    #[error("the request body arrived too slowly")]
+    BodyTimeout,
+}
+
+impl From<StoreError> for RequestError {
+    fn from(error: StoreError) -> Self {
+        RequestError::Store(error.into())
+    }
+}
+
+impl RequestError {
+    pub fn login_failed(reason: impl Into<String>, detail: impl Into<String>) -> RequestError {
+        RequestError::LoginFailed {
+            reason: reason.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The one place that turns an error into a response, logging its cause once. `page`: the
+    /// answer is an HTML page (a browser navigation) rather than JSON, for the errors whose form
+    /// follows the endpoint's.
+    pub fn respond(self, page: bool) -> Response<Body> {
+        self.log();
+        match self {
+            RequestError::Store(_) => ErrorCode::StoreUnavailable.respond(page),
+            RequestError::Provider(_) => ErrorCode::ProviderUnavailable.respond(page),
+            RequestError::Refresh { error, login_url } => refresh_response(&error, login_url),
+            RequestError::Random(_) => ErrorCode::Internal.respond(page),
+            RequestError::Internal(_) => ErrorCode::Internal.json(&[]),
+            RequestError::Unauthenticated {
+                login_url,
+                redirect: true,
+            } if page => redirect(&login_url),
+            RequestError::Unauthenticated { login_url, .. } => {
+                ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())])
+            }
+            RequestError::Csrf => ErrorCode::Csrf.json(&[]),
+            RequestError::Forbidden { missing } if missing.is_empty() => {
+                ErrorCode::Forbidden.json(&[])
+            }
+            RequestError::Forbidden { missing } => {
+                ErrorCode::Forbidden.json(&[("missing", missing.into())])
+            }
+            RequestError::NotFound => ErrorCode::NotFound.respond(page),
+            RequestError::InvalidReturnUrl => ErrorCode::InvalidReturnUrl.respond(page),
+            RequestError::SidMismatch { navigation } => ErrorCode::BadRequest.respond(navigation),
+            RequestError::LoginFailed { reason, .. } => {
+                ErrorCode::LoginFailed.html_with_reason(&reason)
+            }
+            RequestError::LogoutRejected(_) => {
+                let mut r = json_response(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "invalid_request", "message": "The logout token is invalid."}),
+                );
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
+            RequestError::BodyTimeout => ErrorCode::RequestTimeout.json(&[]),
+        }
+    }
+
+    /// The cause, once: the store, the provider and the random source at warn or error (their
+    /// outage is the operator's business), rejected logins at warn, the client's own mistakes at
+    /// debug. Refresh failures from the provider were logged where they were classified.
+    fn log(&self) {
+        match self {
+            RequestError::Store(error)
+            | RequestError::Refresh {
+                error: RefreshError::Store(error),
+                ..
+            } => tracing::warn!(%error, "session store unavailable"),
+            RequestError::Provider(error) => {
+                tracing::warn!(%error, "identity provider unavailable")
+            }
+            RequestError::Refresh { error, .. } => tracing::debug!(%error, "no access token"),
+            RequestError::Random(error) => tracing::error!(%error, "random source failed"),
+            RequestError::Internal(error) => tracing::error!(error, "internal error"),
+            RequestError::LoginFailed { reason, detail } => {
+                tracing::warn!(reason, detail, "login failed");
+            }
+            RequestError::LogoutRejected(reason) => {
+                tracing::warn!(reason, "back-channel logout rejected");
+            }
+            RequestError::BodyTimeout => tracing::info!("request body too slow"),
+            RequestError::Unauthenticated { .. }
+            | RequestError::Csrf
+            | RequestError::Forbidden { .. }
+            | RequestError::NotFound
+            | RequestError::InvalidReturnUrl
+            | RequestError::SidMismatch { .. } => {
+                tracing::debug!(error = %self, "request refused");
+            }
+        }
+    }
+}
+
+/// A request that got no access token: always JSON (the routes' callers are API calls).
+fn refresh_response(error: &RefreshError, login_url: String) -> Response<Body> {
+    match error {
+        RefreshError::Ended => ErrorCode::SessionExpired.json(&[("login_url", login_url.into())]),
+        RefreshError::Refused { .. } => ErrorCode::TokenRefused.json(&[]),
+        RefreshError::Unavailable { .. } => {
+            let mut r = ErrorCode::ProviderUnavailable.json(&[]);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        RefreshError::Store(_) => ErrorCode::StoreUnavailable.json(&[]),
+        RefreshError::Random => ErrorCode::Internal.json(&[]),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+
+    /// Everything logged while `f` runs, one line per event.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+    }
+
+    async fn body(response: Response<Body>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_is_a_503_whose_cause_is_logged_once_at_warn() {
+        let error: RequestError =
+            StoreError::Unavailable("connection refused (redis 10.0.0.7:6379)".into()).into();
+        let mut response = None;
+        let log = logged(|| response = Some(error.respond(false)));
+        let response = response.unwrap();
+        assert_eq!(response.status(), 503);
+        let text = body(response).await;
+        assert!(text.contains("\"error\":\"store_unavailable\""), "{text}");
+        assert!(
+            !text.contains("connection refused"),
+            "the cause reached the body: {text}"
+        );
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("connection refused"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(lines[0].contains("WARN"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_during_a_refresh_is_logged_with_its_cause() {
+        let error = RequestError::Refresh {
+            error: RefreshError::Store(StoreError::Unavailable("timed out".into()).into()),
+            login_url: "/bff/login".into(),
+        };
+        let mut response = None;
+        let log = logged(|| response = Some(error.respond(true)));
+        let response = response.unwrap();
+        assert_eq!(response.status(), 503);
+        // API routes' token errors are JSON even for a navigation.
+        assert!(body(response).await.contains("store_unavailable"));
+        assert_eq!(log.matches("timed out").count(), 1, "{log}");
+        assert!(log.contains("WARN"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_logged_at_debug_only() {
+        let mut response = None;
+        let log = logged(|| response = Some(RequestError::Csrf.respond(true)));
+        assert_eq!(response.unwrap().status(), 403);
+        assert!(log.contains("DEBUG"), "{log}");
+        assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn an_ended_session_names_the_login_url() {
+        let error = RequestError::Refresh {
+            error: RefreshError::Ended,
+            login_url: "/bff/login".into(),
+        };
+        let response = error.respond(false);
+        assert_eq!(response.status(), 401);
+        let text = body(response).await;
+        assert!(text.contains("\"error\":\"session_expired\""), "{text}");
+        assert!(text.contains("\"login_url\":\"/bff/login\""), "{text}");
+    }
+}
