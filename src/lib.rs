@@ -5,8 +5,9 @@
 //! - [`config`]: the TOML schema, `${VAR}` interpolation and validation; the only module that
 //!   knows TOML. Produces typed settings.
 //! - [`clock`]: the time (Unix seconds now) as a value passed to what needs it; tests move it.
-//! - [`telemetry`], [`reply`]: logging, metrics and redaction; the error contract and the
-//!   response body type. Used by everything below.
+//! - [`telemetry`], [`reply`]: logging and metrics; the error contract and the response body
+//!   type. Used by everything below.
+//! - [`cookies`]: reading our cookies from a request and writing `Set-Cookie`.
 //! - [`net`]: the outbound TCP/TLS connector for upstreams and the provider.
 //! - [`limits`]: the client address after trusted proxies, per-address rate limits and the pace
 //!   request bodies must keep — bounded work for anonymous clients.
@@ -16,7 +17,6 @@
 //!   (memory and Redis) behind one type.
 //! - [`oidc`]: provider metadata, login, callback, refresh, logout — the OpenID Connect client.
 //! - [`proxy`]: routing, header rewriting, forwarding, upgrades, static files.
-//! - [`clock`]: the wall clock.
 //! - [`state`]: the state shared by every request (clients, sessions, the hot-swappable
 //!   [`state::Runtime`]) and the session of a request; [`rescue`]: [`rescue::RequestError`],
 //!   why a request failed, and the one place that turns it into a response and logs its cause.
