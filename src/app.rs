@@ -1,15 +1,15 @@
 //! The application, the composition root: one long-lived [`App`] made of the shared state
 //! ([`Shared`]: the pooled clients, the OpenID Connect client, the session manager and the
-//! hot-swappable [`Runtime`] each request reads once) and the access stage's token caches; the
+//! hot-swappable [`LiveConfig`] each request reads once) and the access stage's token caches; the
 //! request pipeline that routes to the access stage, the BFF endpoints and the proxy; reloads.
 
+use crate::access::{self, Tokens};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::gate::{self, Tokens};
 use crate::oidc::Oidc;
 use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
-use crate::reply::{Body, ErrorCode, is_navigation};
+use crate::reply::{Body, ErrorCode, Reader};
 use crate::rescue::RequestError;
 use crate::session::manager::{SessionSettings, Sessions};
 use crate::session::seal::Keyring;
@@ -28,7 +28,7 @@ mod worker;
 pub use worker::Worker;
 
 pub use crate::clock::now;
-pub use crate::state::{Runtime, Shared, body_pace};
+pub use crate::state::{LiveConfig, Shared, body_pace};
 
 /// The composition root: the shared state every stage reads, and what only this pipeline and
 /// the access stage hold. Reads of the shared state go through it (`app.sessions`).
@@ -87,7 +87,7 @@ impl App {
         let limiter = crate::limits::RateLimiter::new(config.limits.tracked_addresses);
         let app = Arc::new(App {
             shared: Shared {
-                runtime: ArcSwap::from_pointee(Runtime::new(config)),
+                live: ArcSwap::from_pointee(LiveConfig::new(config)),
                 upstreams: Upstreams::new(),
                 oidc,
                 sessions,
@@ -113,26 +113,26 @@ impl App {
         worker: &Worker,
     ) -> Response<Body> {
         let started = Instant::now();
-        let runtime = self.runtime.load_full();
+        let live = self.live.load_full();
         let method = req.method().clone();
         // A cheap clone (shared bytes), read only if the access log is on.
         let uri = req.uri().clone();
         let peer = Peer {
             ip,
             tls,
-            trusted: runtime.is_trusted(ip),
+            trusted: live.is_trusted(ip),
         };
         // Only a trusted proxy's request id is kept; anyone else's is replaced.
         let request_id = proxy::headers::ensure_request_id(req.headers_mut(), peer.trusted);
         let in_flight = crate::telemetry::InFlight::enter(self.request_metrics.in_flight());
-        let cors = gate::cors_origin(&runtime, req.headers());
-        let (route_name, mut response) = match gate::preflight(&runtime, &req) {
+        let cors = access::cors_origin(&live, req.headers());
+        let (route_name, mut response) = match access::preflight(&live, &req) {
             Some(answer) => ("preflight", answer),
-            None => self.route(&runtime, req, peer, worker).await,
+            None => self.route(&live, req, peer, worker).await,
         };
         if let Some(origin) = cors {
-            gate::add_cors_headers(response.headers_mut(), origin);
-        } else if !runtime.config.server.cors_origins.is_empty() {
+            access::add_cors_headers(response.headers_mut(), origin);
+        } else if !live.config.server.cors_origins.is_empty() {
             // The answer depends on Origin: caches must not serve this one to a listed origin.
             response
                 .headers_mut()
@@ -165,28 +165,25 @@ impl App {
     /// Answers the request; also returns the route's name for metrics and the access log.
     async fn route<'r>(
         &self,
-        runtime: &'r Runtime,
+        live: &'r LiveConfig,
         mut req: Request<Incoming>,
         peer: Peer,
         worker: &Worker,
     ) -> (&'r str, Response<Body>) {
-        let config = &runtime.config;
+        let config = &live.config;
         if proxy::header_bytes(&req) > config.server.max_header_size {
             return ("-", ErrorCode::HeadersTooLarge.json(&[]));
         }
         let prefix = config.server.bff_prefix.as_str();
         // One canonical path decides everything below: the BFF endpoints, the route, its
         // policy, the login return URL, the static file and the upstream's path.
-        let (canonical, to) = match runtime.routes.resolve(req.uri().path(), prefix) {
+        let (canonical, to) = match live.routes.resolve(req.uri().path(), prefix) {
             Ok(Resolved { path, to }) => {
                 (matches!(path, Cow::Owned(_)).then(|| path.into_owned()), to)
             }
             Err(bad) => {
                 tracing::debug!(reason = %bad, "ambiguous request path refused");
-                return (
-                    "-",
-                    ErrorCode::BadPath.respond(is_navigation(req.headers())),
-                );
+                return ("-", ErrorCode::BadPath.respond(Reader::of(req.headers())));
             }
         };
         if let Some(path) = canonical
@@ -206,21 +203,22 @@ impl App {
                     .to_string();
                 // Boxed: the BFF endpoints' futures are large and rare next to proxied calls,
                 // and would otherwise grow every request's future (moved on each request).
-                let answer = Box::pin(crate::bff::handle(self, runtime, req, &rest, peer.ip)).await;
+                let answer =
+                    Box::pin(crate::endpoints::handle(self, live, req, &rest, peer.ip)).await;
                 return (prefix, answer);
             }
         };
         let admitted =
-            match gate::admit(self, &self.tokens, &worker.sessions, runtime, route, &req).await {
+            match access::admit(self, &self.tokens, &worker.sessions, live, route, &req).await {
                 Ok(a) => a,
                 Err(error) => {
-                    let navigation = is_navigation(req.headers());
-                    return (route.path.as_str(), error.respond(navigation));
+                    let reader = Reader::of(req.headers());
+                    return (route.path.as_str(), error.respond(reader));
                 }
             };
         let own = proxy::headers::OwnCookies {
-            session: &runtime.own_cookie,
-            login_prefix: &runtime.login_prefix,
+            session: &live.own_cookie,
+            login_prefix: &live.login_prefix,
         };
         let forward = |req, bearer| {
             proxy::dispatch(
@@ -229,7 +227,7 @@ impl App {
                 req,
                 peer,
                 own,
-                &runtime.public_side,
+                &live.public_side,
                 bearer,
                 config.server.max_body,
                 body_pace(config),
@@ -244,11 +242,11 @@ impl App {
                 if rejects_token(&first) {
                     // Rare: boxed so that it does not grow every request's future.
                     Box::pin(async {
-                        match self.replace_token(worker, runtime, route, &replay).await {
+                        match self.replace_token(worker, live, route, &replay).await {
                             Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
                             Ok(None) => first,
                             // A replayed API call: its errors are JSON.
-                            Err(refused) => refused.respond(false),
+                            Err(refused) => refused.respond(Reader::Script),
                         }
                     })
                     .await
@@ -269,26 +267,19 @@ impl App {
     async fn replace_token(
         &self,
         worker: &Worker,
-        runtime: &Runtime,
+        live: &LiveConfig,
         route: &crate::config::RouteConfig,
         replay: &Replay,
     ) -> Result<Option<HeaderValue>, RequestError> {
         let Some(loaded) = self
-            .load_session(&worker.sessions, runtime, &replay.headers)
+            .load_session(&worker.sessions, live, &replay.headers)
             .await?
         else {
             return Ok(None);
         };
         let Some(token) = self
             .tokens
-            .replace_user_token(
-                self,
-                &worker.sessions,
-                runtime,
-                &loaded,
-                route,
-                replay.token(),
-            )
+            .replace_user_token(self, &worker.sessions, live, &loaded, route, replay.token())
             .await?
         else {
             return Ok(None);
@@ -320,13 +311,13 @@ impl App {
     pub fn reload(&self, trigger: &str) {
         match Config::load(&self.config_path) {
             Ok(config) => {
-                let old = self.runtime.load_full();
+                let old = self.live.load_full();
                 // Restart-only keys keep their running value: one snapshot is in effect.
                 let reloaded = crate::config::reload::reload(&old.config, config);
                 for key in reloaded.restart_needed {
                     tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
                 }
-                self.runtime.store(Arc::new(Runtime::new(reloaded.config)));
+                self.live.store(Arc::new(LiveConfig::new(reloaded.config)));
                 tracing::info!(trigger, "configuration reloaded");
             }
             Err(errors) => {

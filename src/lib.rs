@@ -18,9 +18,9 @@
 //! - [`oidc`]: provider metadata, login, callback, refresh, logout — the OpenID Connect client.
 //! - [`proxy`]: routing, header rewriting, forwarding, upgrades, static files.
 //! - [`state`]: the state shared by every request (clients, sessions, the hot-swappable
-//!   [`state::Runtime`]) and the session of a request; [`rescue`]: [`rescue::RequestError`],
+//!   [`state::LiveConfig`]) and the session of a request; [`rescue`]: [`rescue::RequestError`],
 //!   why a request failed, and the one place that turns it into a response and logs its cause.
-//! - [`gate`] (the access stage of proxied routes) and [`bff`] (the BFF endpoints): read the
+//! - [`access`] (the access stage of proxied routes) and [`endpoints`] (the BFF endpoints): read the
 //!   shared state, never the pipeline above them.
 //! - [`app`]: the composition root, the request pipeline tying routes, the access stage and the
 //!   BFF endpoints together; reloads.
@@ -30,13 +30,13 @@
 // default query depth allows.
 #![recursion_limit = "256"]
 
+pub mod access;
 pub mod app;
-pub mod bff;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod cookies;
-pub mod gate;
+pub mod endpoints;
 pub mod jose;
 pub mod limits;
 pub mod net;

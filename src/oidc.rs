@@ -129,7 +129,7 @@ impl std::fmt::Debug for TokenResponse {
 pub enum GrantError {
     /// The provider refused the grant with HTTP 400 or 401: the OAuth error code (RFC 6749
     /// §5.2), or `HTTP 4xx` without one. Only `invalid_grant` means the credential is dead;
-    /// what the other codes mean is the caller's decision (see `gate::tokens`).
+    /// what the other codes mean is the caller's decision (see `access::tokens`).
     #[error("the provider rejected the grant: {0}")]
     Rejected(String),
     /// The provider is down, slow, answered 5xx or 429, or answered something unparsable: retry
@@ -389,7 +389,7 @@ impl Oidc {
         url.into()
     }
 
-    pub fn expect(&self, audience: &str, now: u64) -> crate::jose::Expect {
+    pub fn id_token_expectations(&self, audience: &str, now: u64) -> crate::jose::Expect {
         crate::jose::Expect {
             issuer: self
                 .config

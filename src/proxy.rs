@@ -5,7 +5,7 @@
 //!    to the upstream must keep a pace (408 when it does not, see [`crate::limits::Paced`]);
 //! 2. **route** — the canonical path ([`path`]; an ambiguous one is 400 `bad_path`), then the
 //!    longest prefix on segment boundaries; no match is 404;
-//! 3. **access** (in [`crate::gate`]) — feature flag (404 when hidden), session (401 or a
+//! 3. **access** (in [`crate::access`]) — feature flag (404 when hidden), session (401 or a
 //!    login redirect), CSRF (403), claims policy (403), access token for the upstream;
 //! 4. **forward** — static files, or the upstream through the pooled client with rewritten
 //!    headers, streaming bodies and upgrades.
@@ -17,7 +17,7 @@ pub mod routing;
 pub mod static_files;
 
 use crate::config::{RouteConfig, Target};
-use crate::reply::{Body, ErrorCode, is_navigation};
+use crate::reply::{Body, ErrorCode, Reader};
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use std::time::Duration;
@@ -152,7 +152,7 @@ where
 
 /// The answer for a request that matched no route.
 pub fn no_route(req: &Request<hyper::body::Incoming>) -> Response<Body> {
-    ErrorCode::NotFound.respond(is_navigation(req.headers()))
+    ErrorCode::NotFound.respond(Reader::of(req.headers()))
 }
 
 #[cfg(test)]

@@ -173,12 +173,11 @@ impl ErrorCode {
         response
     }
 
-    /// JSON for API callers, HTML for navigations.
-    pub fn respond(self, navigation: bool) -> Response<Body> {
-        if navigation {
-            self.html()
-        } else {
-            self.json(&[])
+    /// HTML for a browser navigation, JSON for a script.
+    pub fn respond(self, reader: Reader) -> Response<Body> {
+        match reader {
+            Reader::Page => self.html(),
+            Reader::Script => self.json(&[]),
         }
     }
 }
@@ -209,6 +208,23 @@ pub fn redirect(location: &str) -> Response<Body> {
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// Who reads an answer: a browser navigating (HTML pages and redirects) or a script (JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Page,
+    Script,
+}
+
+impl Reader {
+    pub fn of(headers: &HeaderMap) -> Self {
+        if is_navigation(headers) {
+            Reader::Page
+        } else {
+            Reader::Script
+        }
+    }
 }
 
 /// Is this request a top-level browser navigation (which wants HTML and redirects)?

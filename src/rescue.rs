@@ -8,7 +8,7 @@
 //! `login_url`; causes go to the log only, and never hold a token, code or secret.
 
 use crate::oidc::{GrantError, RandomError};
-use crate::reply::{Body, ErrorCode, json_response, redirect};
+use crate::reply::{Body, ErrorCode, Reader, json_response, redirect};
 use crate::session::manager::SessionError;
 use crate::session::store::StoreError;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -76,7 +76,7 @@ pub enum RequestError {
     /// The logout link names another session (or none): answered as the request asked
     /// (`navigation`), whatever the endpoint's other errors are.
     #[error("the logout link names another session")]
-    SidMismatch { navigation: bool },
+    SidMismatch { reader: Reader },
     /// The login could not be completed: the page names `reason`, a stable identifier
     /// (docs/errors.md); `detail` goes to the log only and holds no token, code or state.
     #[error("login failed ({reason}): {detail}")]
@@ -104,21 +104,20 @@ impl RequestError {
         }
     }
 
-    /// The one place that turns an error into a response, logging its cause once. `page`: the
-    /// answer is an HTML page (a browser navigation) rather than JSON, for the errors whose form
-    /// follows the endpoint's.
-    pub fn respond(self, page: bool) -> Response<Body> {
+    /// The one place that turns an error into a response, logging its cause once. `reader`: an
+    /// HTML page (a browser navigation) or JSON, for the errors whose form follows the endpoint's.
+    pub fn respond(self, reader: Reader) -> Response<Body> {
         self.log();
         match self {
-            RequestError::Store(_) => ErrorCode::StoreUnavailable.respond(page),
-            RequestError::Provider(_) => ErrorCode::ProviderUnavailable.respond(page),
+            RequestError::Store(_) => ErrorCode::StoreUnavailable.respond(reader),
+            RequestError::Provider(_) => ErrorCode::ProviderUnavailable.respond(reader),
             RequestError::Refresh { error, login_url } => refresh_response(&error, login_url),
-            RequestError::Random(_) => ErrorCode::Internal.respond(page),
+            RequestError::Random(_) => ErrorCode::Internal.respond(reader),
             RequestError::Internal(_) => ErrorCode::Internal.json(&[]),
             RequestError::Unauthenticated {
                 login_url,
                 redirect: true,
-            } if page => redirect(&login_url),
+            } if reader == Reader::Page => redirect(&login_url),
             RequestError::Unauthenticated { login_url, .. } => {
                 ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())])
             }
@@ -129,9 +128,9 @@ impl RequestError {
             RequestError::Forbidden { missing } => {
                 ErrorCode::Forbidden.json(&[("missing", missing.into())])
             }
-            RequestError::NotFound => ErrorCode::NotFound.respond(page),
-            RequestError::InvalidReturnUrl => ErrorCode::InvalidReturnUrl.respond(page),
-            RequestError::SidMismatch { navigation } => ErrorCode::BadRequest.respond(navigation),
+            RequestError::NotFound => ErrorCode::NotFound.respond(reader),
+            RequestError::InvalidReturnUrl => ErrorCode::InvalidReturnUrl.respond(reader),
+            RequestError::SidMismatch { reader } => ErrorCode::BadRequest.respond(reader),
             RequestError::LoginFailed { reason, .. } => {
                 ErrorCode::LoginFailed.html_with_reason(&reason)
             }
@@ -240,7 +239,7 @@ mod tests {
         let error: RequestError =
             StoreError::Unavailable("connection refused (redis 10.0.0.7:6379)".into()).into();
         let mut response = None;
-        let log = logged(|| response = Some(error.respond(false)));
+        let log = logged(|| response = Some(error.respond(Reader::Script)));
         let response = response.unwrap();
         assert_eq!(response.status(), 503);
         let text = body(response).await;
@@ -264,7 +263,7 @@ mod tests {
             login_url: "/bff/login".into(),
         };
         let mut response = None;
-        let log = logged(|| response = Some(error.respond(true)));
+        let log = logged(|| response = Some(error.respond(Reader::Page)));
         let response = response.unwrap();
         assert_eq!(response.status(), 503);
         // API routes' token errors are JSON even for a navigation.
@@ -276,7 +275,7 @@ mod tests {
     #[tokio::test]
     async fn client_errors_are_logged_at_debug_only() {
         let mut response = None;
-        let log = logged(|| response = Some(RequestError::Csrf.respond(true)));
+        let log = logged(|| response = Some(RequestError::Csrf.respond(Reader::Page)));
         assert_eq!(response.unwrap().status(), 403);
         assert!(log.contains("DEBUG"), "{log}");
         assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
@@ -288,7 +287,7 @@ mod tests {
             error: RefreshError::Ended,
             login_url: "/bff/login".into(),
         };
-        let response = error.respond(false);
+        let response = error.respond(Reader::Script);
         assert_eq!(response.status(), 401);
         let text = body(response).await;
         assert!(text.contains("\"error\":\"session_expired\""), "{text}");

@@ -79,14 +79,14 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 /// `server.max_connections` open, the next connection waits to be accepted (in the kernel's
 /// backlog) until one closes; open connections are not disturbed.
 pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let runtime = app.runtime.load_full();
-    let config = runtime.config.clone();
+    let live = app.live.load_full();
+    let config = live.config.clone();
     let tls = match &config.server.tls {
         Some(tls) => Some(tls::acceptor(tls)?),
         None => None,
     };
     let count = worker_count(&config);
-    let setup = Arc::new(Setup {
+    let kit = Arc::new(ServeKit {
         app: app.clone(),
         builder: builder(&config),
         tls,
@@ -96,7 +96,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     let slots = Arc::new(Semaphore::new(config.server.connections.max_connections));
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
-        workers.push(Worker::start(index, setup.clone(), shutdown.clone())?);
+        workers.push(Worker::start(index, kit.clone(), shutdown.clone())?);
     }
     // The admin listener outlives the drain, so that `/readyz` keeps saying 503 meanwhile.
     let admin_stop = CancellationToken::new();
@@ -170,7 +170,7 @@ fn worker_count(config: &Config) -> usize {
 }
 
 /// What every worker needs to serve a connection.
-struct Setup {
+struct ServeKit {
     app: Arc<App>,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -179,13 +179,13 @@ struct Setup {
 }
 
 /// A connection handed to a worker, counted as open from the hand-over on.
-type Handoff = (std::net::TcpStream, SocketAddr, Counted);
+type Handoff = (std::net::TcpStream, SocketAddr, CountedConnection);
 
 /// A serving thread, seen from the accept loop.
 struct Worker {
     connections: mpsc::UnboundedSender<Handoff>,
     /// Connections it is serving now.
-    counter: Counter,
+    counter: ConnectionCount,
     /// Resolves once it has drained and stopped.
     finished: oneshot::Receiver<()>,
 }
@@ -193,23 +193,23 @@ struct Worker {
 impl Worker {
     fn start(
         index: usize,
-        setup: Arc<Setup>,
+        kit: Arc<ServeKit>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let (connections, incoming) = mpsc::unbounded_channel();
         let (done, finished) = oneshot::channel();
         let gauge = metrics::gauge!("vestibule_connections_open", "worker" => index.to_string());
         gauge.set(0.0);
-        let counter = Counter(Arc::new(AtomicUsize::new(0)), gauge);
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let counter = ConnectionCount(Arc::new(AtomicUsize::new(0)), gauge);
+        let executor = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         std::thread::Builder::new()
             .name(format!("vestibule-worker-{index}"))
             .spawn(move || {
-                runtime.block_on(work(setup, incoming, shutdown));
+                executor.block_on(work(kit, incoming, shutdown));
                 // Tasks still running after the grace period (none, normally) are dropped here.
-                runtime.shutdown_timeout(Duration::from_secs(1));
+                executor.shutdown_timeout(Duration::from_secs(1));
                 let _ = done.send(());
             })?;
         Ok(Worker {
@@ -228,25 +228,25 @@ impl Worker {
 
 /// A worker's count of open connections, as the accept loop and `/metrics` see it.
 #[derive(Clone)]
-struct Counter(Arc<AtomicUsize>, Gauge);
+struct ConnectionCount(Arc<AtomicUsize>, Gauge);
 
-impl Counter {
+impl ConnectionCount {
     fn open(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn one(&self, slot: OwnedSemaphorePermit) -> Counted {
+    fn one(&self, slot: OwnedSemaphorePermit) -> CountedConnection {
         self.0.fetch_add(1, Ordering::Relaxed);
         self.1.increment(1.0);
-        Counted(self.clone(), slot)
+        CountedConnection(self.clone(), slot)
     }
 }
 
 /// One connection, counted (by the accept loop) when handed over and counted off when dropped,
 /// which also gives its slot of `server.max_connections` back.
-struct Counted(Counter, #[allow(dead_code)] OwnedSemaphorePermit);
+struct CountedConnection(ConnectionCount, #[allow(dead_code)] OwnedSemaphorePermit);
 
-impl Drop for Counted {
+impl Drop for CountedConnection {
     fn drop(&mut self) {
         self.0.0.fetch_sub(1, Ordering::Relaxed);
         self.0.1.decrement(1.0);
@@ -255,12 +255,12 @@ impl Drop for Counted {
 
 /// A worker's event loop: serve the connections handed over until shutdown, then drain.
 async fn work(
-    setup: Arc<Setup>,
+    kit: Arc<ServeKit>,
     mut incoming: mpsc::UnboundedReceiver<Handoff>,
     shutdown: CancellationToken,
 ) {
     // Made here, so that its connections are driven by this worker's runtime.
-    let worker = Arc::new(crate::app::Worker::new(&setup.app));
+    let worker = Arc::new(crate::app::Worker::new(&kit.app));
     let connections = TaskTracker::new();
     // Cancelled once the linger after shutdown is over: then connections close gracefully.
     let close = CancellationToken::new();
@@ -275,19 +275,19 @@ async fn work(
         let Ok(tcp) = TcpStream::from_std(tcp) else {
             continue;
         };
-        let setup = setup.clone();
+        let kit = kit.clone();
         let worker = worker.clone();
         let close = close.clone();
         connections.spawn(async move {
             let _guard = guard;
-            let app = setup.app.clone();
+            let app = kit.app.clone();
             let ip = peer.ip();
-            match &setup.tls {
+            match &kit.tls {
                 None => {
                     let peer = (ip, false);
-                    let idle = setup.idle_timeout;
+                    let idle = kit.idle_timeout;
                     let io = framing::Guarded::new(tcp);
-                    connection::serve(&setup.builder, io, (app, worker), peer, idle, &close).await;
+                    connection::serve(&kit.builder, io, (app, worker), peer, idle, &close).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
@@ -296,9 +296,9 @@ async fn work(
                         return;
                     };
                     let peer = (ip, true);
-                    let idle = setup.idle_timeout;
+                    let idle = kit.idle_timeout;
                     let io = framing::Guarded::new(stream);
-                    connection::serve(&setup.builder, io, (app, worker), peer, idle, &close).await;
+                    connection::serve(&kit.builder, io, (app, worker), peer, idle, &close).await;
                 }
             }
         });
@@ -310,7 +310,7 @@ async fn work(
     }
     // Busy clients learn from `Connection: close` on their next answer; then the idle rest close.
     connections.close();
-    let linger = DRAIN_LINGER.min(setup.grace / 2);
+    let linger = DRAIN_LINGER.min(kit.grace / 2);
     let _ = tokio::time::timeout(linger, async {
         while !connections.is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -318,8 +318,8 @@ async fn work(
     })
     .await;
     close.cancel();
-    let tunnels = &setup.app.upstreams.tunnels;
-    let drained = tokio::time::timeout(setup.grace.saturating_sub(linger), async {
+    let tunnels = &kit.app.upstreams.tunnels;
+    let drained = tokio::time::timeout(kit.grace.saturating_sub(linger), async {
         connections.wait().await;
         tunnels.close();
         tunnels.wait().await;

@@ -1,5 +1,5 @@
 //! The state every request reads: the pooled clients, the OpenID Connect client, the session
-//! manager and the hot-swappable [`Runtime`], plus the session of a request. Below the access
+//! manager and the hot-swappable [`LiveConfig`], plus the session of a request. Below the access
 //! stage and the BFF endpoints, which read it; it knows nothing of them or of the pipeline
 //! (`app`) that composes them.
 
@@ -7,7 +7,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::oidc::Oidc;
 use crate::proxy::{self, RouteTable, Upstreams};
-use crate::session::manager::{Loaded, Sessions};
+use crate::session::manager::{OpenSession, Sessions};
 use crate::session::seal::Keyring;
 use crate::session::store::StoreError;
 use arc_swap::ArcSwap;
@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 /// What one configuration compiles to. Replaced atomically on reload.
-pub struct Runtime {
+pub struct LiveConfig {
     pub config: Arc<Config>,
     pub routes: RouteTable,
     /// Vestibule's own cookie names, removed from forwarded requests.
@@ -26,13 +26,13 @@ pub struct Runtime {
     pub(crate) public_side: proxy::headers::PublicSide,
 }
 
-impl Runtime {
+impl LiveConfig {
     pub fn new(config: Config) -> Self {
         let routes = RouteTable::new(&config.routes);
         let own_cookie = config.session.cookie_name.clone();
         let login_prefix = crate::cookies::login_prefix(&config.session);
         let public_side = proxy::headers::PublicSide::new(&config.server.public_url);
-        Runtime {
+        LiveConfig {
             config: Arc::new(config),
             routes,
             own_cookie,
@@ -52,7 +52,7 @@ impl Runtime {
 
 /// The long-lived state shared by every request.
 pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
+    pub live: ArcSwap<LiveConfig>,
     pub upstreams: Upstreams,
     pub oidc: Arc<Oidc>,
     pub sessions: Arc<Sessions>,
@@ -79,10 +79,10 @@ impl Shared {
     pub async fn load_session(
         &self,
         sessions: &Sessions,
-        runtime: &Runtime,
+        live: &LiveConfig,
         headers: &HeaderMap,
-    ) -> Result<Option<Loaded>, StoreError> {
-        for value in crate::cookies::values(headers, &runtime.config.session.cookie_name) {
+    ) -> Result<Option<OpenSession>, StoreError> {
+        for value in crate::cookies::values(headers, &live.config.session.cookie_name) {
             if let Some(loaded) = sessions.load(value, self.clock.now()).await? {
                 return Ok(Some(loaded));
             }
@@ -90,7 +90,10 @@ impl Shared {
         Ok(None)
     }
 
-    pub async fn reload_session(&self, loaded: &Loaded) -> Result<Option<Loaded>, StoreError> {
+    pub async fn reload_session(
+        &self,
+        loaded: &OpenSession,
+    ) -> Result<Option<OpenSession>, StoreError> {
         self.sessions.reload(loaded, self.clock.now()).await
     }
 }

@@ -2,7 +2,7 @@
 //! precompressed `.br`/`.gz`, no traversal), plus a weak ETag with 304s and the SPA fallback:
 //! `index.html` only for navigations, so a missing `.js` or `.css` stays a 404.
 
-use crate::reply::{Body, BoxError, ErrorCode, is_navigation};
+use crate::reply::{Body, BoxError, ErrorCode, Reader};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use std::path::Path;
@@ -18,10 +18,10 @@ pub async fn serve(
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return ErrorCode::MethodNotAllowed.json(&[]);
     }
-    let navigation = is_navigation(req.headers());
+    let reader = Reader::of(req.headers());
     let inner = match rebuild(req, path) {
         Some(r) => r,
-        None => return ErrorCode::NotFound.respond(navigation),
+        None => return ErrorCode::NotFound.respond(reader),
     };
     let service = ServeDir::new(dir).precompressed_br().precompressed_gzip();
     let mut response = match service.oneshot(inner).await {
@@ -29,20 +29,20 @@ pub async fn serve(
         Err(never) => match never {},
     };
     if response.status() == StatusCode::NOT_FOUND {
-        let fallback = spa_fallback.filter(|_| navigation);
+        let fallback = spa_fallback.filter(|_| reader == Reader::Page);
         let Some(file) = fallback else {
-            return ErrorCode::NotFound.respond(navigation);
+            return ErrorCode::NotFound.respond(reader);
         };
         let inner = match rebuild(req, path) {
             Some(r) => r,
-            None => return ErrorCode::NotFound.respond(navigation),
+            None => return ErrorCode::NotFound.respond(reader),
         };
         response = match ServeFile::new(dir.join(file)).oneshot(inner).await {
             Ok(r) => r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
             Err(never) => match never {},
         };
         if response.status() == StatusCode::NOT_FOUND {
-            return ErrorCode::NotFound.respond(navigation);
+            return ErrorCode::NotFound.respond(reader);
         }
         response
             .headers_mut()

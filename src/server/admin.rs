@@ -17,7 +17,7 @@ const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from
 
 /// Serves until `shutdown`; with `admin.max_connections` open, the next waits to be accepted.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationToken) {
-    let cap = app.runtime.load().config.admin.max_connections;
+    let cap = app.live.load().config.admin.max_connections;
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     loop {
         let slot = tokio::select! {

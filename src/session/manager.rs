@@ -68,7 +68,7 @@ pub enum SessionError {
 
 /// A session read through its cookie, ready to be saved back.
 #[derive(Clone)]
-pub struct Loaded {
+pub struct OpenSession {
     /// Shared with the cache; [`Arc::make_mut`] copies it before a change.
     pub session: Arc<Session>,
     /// The store version this was read at; `save` succeeds only if it is still current.
@@ -80,9 +80,9 @@ pub struct Loaded {
     ticket: Ticket,
 }
 
-impl fmt::Debug for Loaded {
+impl fmt::Debug for OpenSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Loaded")
+        f.debug_struct("OpenSession")
             .field("session", &self.session)
             .field("version", &self.version)
             .field("handle", &self.handle)
@@ -182,7 +182,7 @@ impl Sessions {
     }
 
     /// The store key of this session's single-flight refresh lease.
-    pub fn refresh_lock_key(&self, loaded: &Loaded) -> String {
+    pub fn refresh_lock_key(&self, loaded: &OpenSession) -> String {
         loaded.ticket.key().lock_name()
     }
 
@@ -203,7 +203,7 @@ impl Sessions {
         &self,
         mut session: Session,
         now: u64,
-    ) -> Result<(String, Loaded), SessionError> {
+    ) -> Result<(String, OpenSession), SessionError> {
         session.created_at = now;
         session.last_seen = now;
         let ticket = Ticket::random()?;
@@ -218,7 +218,7 @@ impl Sessions {
             return Err(StoreError::Corrupt("session id collision".into()).into());
         }
         let cookie = keyring.seal(&self.cookie_name, &ticket.to_bytes())?;
-        let loaded = Loaded {
+        let loaded = OpenSession {
             session: Arc::new(session),
             version: 1,
             handle: key.handle(),
@@ -244,7 +244,11 @@ impl Sessions {
 
     /// The session behind a cookie value. Anything but a live session sealed by this key ring for
     /// this cookie name is `Ok(None)`; only an unreachable store is an error.
-    pub async fn load(&self, cookie_value: &str, now: u64) -> Result<Option<Loaded>, StoreError> {
+    pub async fn load(
+        &self,
+        cookie_value: &str,
+        now: u64,
+    ) -> Result<Option<OpenSession>, StoreError> {
         let Some(opened) = self.keyring.load().open(&self.cookie_name, cookie_value) else {
             return Ok(None);
         };
@@ -273,7 +277,7 @@ impl Sessions {
         if self.seconds_left(&session, now) == 0 {
             return Ok(None);
         }
-        Ok(Some(Loaded {
+        Ok(Some(OpenSession {
             session,
             version,
             handle,
@@ -284,7 +288,11 @@ impl Sessions {
 
     /// The session as the store holds it now, bypassing the cache: used where a stale copy
     /// would be harmful (before spending a refresh token).
-    pub async fn reload(&self, loaded: &Loaded, now: u64) -> Result<Option<Loaded>, StoreError> {
+    pub async fn reload(
+        &self,
+        loaded: &OpenSession,
+        now: u64,
+    ) -> Result<Option<OpenSession>, StoreError> {
         let key = loaded.ticket.key();
         let Some(record) = self.store.get(&key.name()).await? else {
             return Ok(None);
@@ -299,7 +307,7 @@ impl Sessions {
         if let Some(cache) = &self.cache {
             cache.put(&loaded.handle, record.version, &session);
         }
-        Ok(Some(Loaded {
+        Ok(Some(OpenSession {
             session,
             version: record.version,
             handle: loaded.handle.clone(),
@@ -309,7 +317,7 @@ impl Sessions {
     }
 
     /// A fresh cookie value for the same session, sealed with the current key.
-    pub fn reseal(&self, loaded: &Loaded) -> Result<String, SealError> {
+    pub fn reseal(&self, loaded: &OpenSession) -> Result<String, SealError> {
         self.keyring
             .load()
             .seal(&self.cookie_name, &loaded.ticket.to_bytes())
@@ -319,7 +327,7 @@ impl Sessions {
     /// session has ended). `created_at` is kept; `last_seen` becomes `now`.
     pub async fn save(
         &self,
-        loaded: &Loaded,
+        loaded: &OpenSession,
         mut updated: Session,
         now: u64,
     ) -> Result<bool, SessionError> {
@@ -330,7 +338,7 @@ impl Sessions {
 
     async fn write(
         &self,
-        loaded: &Loaded,
+        loaded: &OpenSession,
         updated: &Session,
         now: u64,
     ) -> Result<bool, SessionError> {
@@ -355,7 +363,7 @@ impl Sessions {
     /// Slides the idle timeout. Writes only when a tenth of the idle time has passed since
     /// `last_seen`; then updates `loaded` and returns `true`. `false` also when another request
     /// wrote first (which slid the timeout too).
-    pub async fn touch(&self, loaded: &mut Loaded, now: u64) -> Result<bool, SessionError> {
+    pub async fn touch(&self, loaded: &mut OpenSession, now: u64) -> Result<bool, SessionError> {
         if now
             .saturating_sub(loaded.session.last_seen)
             .saturating_mul(10)
@@ -385,7 +393,7 @@ impl Sessions {
     }
 
     /// Ends this session (logout).
-    pub async fn delete(&self, loaded: &Loaded) -> Result<(), StoreError> {
+    pub async fn delete(&self, loaded: &OpenSession) -> Result<(), StoreError> {
         let key = loaded.ticket.key();
         self.end(&key).await?;
         let member = key.name();

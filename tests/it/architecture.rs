@@ -13,8 +13,8 @@ const LAYERS: &[&[&str]] = &[
     &["jose", "session", "proxy", "oidc"],
     &["rescue"],
     &["state"],
-    &["gate"],
-    &["bff"],
+    &["access"],
+    &["endpoints"],
     &["app"],
     &["server"],
     &["cli"],
@@ -179,8 +179,8 @@ fn the_layer_table_forbids_the_imports_that_were_taken_apart() {
     for (from, to) in [
         ("oidc", "proxy"),
         ("session", "server"),
-        ("gate", "app"),
-        ("bff", "app"),
+        ("access", "app"),
+        ("endpoints", "app"),
         ("jose", "oidc"),
         ("config", "telemetry"),
     ] {
@@ -188,8 +188,8 @@ fn the_layer_table_forbids_the_imports_that_were_taken_apart() {
     }
     for (from, to) in [
         ("oidc", "jose"),
-        ("gate", "state"),
-        ("bff", "gate"),
+        ("access", "state"),
+        ("endpoints", "access"),
         ("cli", "server"),
     ] {
         assert_eq!(may_use(from, to), Some(true), "{from} -> {to}");

@@ -153,7 +153,7 @@ async fn an_upstream_cannot_set_vestibules_cookies() {
     for secure in [false, true] {
         let text = edge_config(&up, false, "").set("session.cookie_secure", secure);
         let proxy = start_proxy(&text).await;
-        let name = proxy.app.runtime.load().config.session.cookie_name.clone();
+        let name = proxy.app.live.load().config.session.cookie_name.clone();
         assert_eq!(name.starts_with("__Host-"), secure);
         let mut names = own_cookie_names(&name);
         names.push("app-pref".into());

@@ -237,7 +237,7 @@ impl Setup {
         };
         let app = &self.proxy.app;
         let (value, _) = app.sessions.create(session, now()).await.unwrap();
-        format!("{}={value}", app.runtime.load().config.session.cookie_name)
+        format!("{}={value}", app.live.load().config.session.cookie_name)
     }
 
     fn bearer_seen(&self) -> String {

@@ -94,7 +94,7 @@ impl Replicas {
     /// `SESSIONS` new sessions (through the first replica); their `Cookie` headers.
     async fn sessions(&self) -> Vec<String> {
         let app = &self.proxies[0].app;
-        let name = app.runtime.load().config.session.cookie_name.clone();
+        let name = app.live.load().config.session.cookie_name.clone();
         let mut cookies = Vec::new();
         for i in 0..SESSIONS {
             let session = Session {
@@ -431,7 +431,7 @@ async fn a_lost_pubsub_connection_keeps_sessions_out_of_the_cache_until_it_is_ba
         async move { (n == 2).then_some(()) }
     })
     .await;
-    let name = a.app.runtime.load().config.session.cookie_name.clone();
+    let name = a.app.live.load().config.session.cookie_name.clone();
     eventually("the cache is in use again", HANG, || async {
         let session = Session {
             sub: "carol".into(),

@@ -164,7 +164,10 @@ async fn a_return_url_too_long_for_the_login_cookie_is_400_never_500() {
         assert_eq!(r.json()["error"], "invalid_return_url");
         assert!(r.header("set-cookie").is_none());
     }
-    let longest = format!("/{}", "a".repeat(vestibule::bff::MAX_RETURN_URL_LEN - 1));
+    let longest = format!(
+        "/{}",
+        "a".repeat(vestibule::endpoints::MAX_RETURN_URL_LEN - 1)
+    );
     let r = get(&proxy.url(&format!("/bff/login?returnUrl={longest}")), &[]).await;
     assert_eq!(r.status, 302);
     let cookie = r.header("set-cookie").unwrap();

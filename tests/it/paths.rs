@@ -96,7 +96,7 @@ async fn user(proxy: &Proxy, roles: &[&str]) -> String {
         },
     );
     let (cookie, _) = proxy.app.sessions.create(session, now).await.unwrap();
-    let name = proxy.app.runtime.load().config.session.cookie_name.clone();
+    let name = proxy.app.live.load().config.session.cookie_name.clone();
     format!("{name}={cookie}")
 }
 

@@ -476,7 +476,7 @@ async fn direct_session(proxy: &Proxy, session: Session) -> String {
         .create(session, vestibule::app::now())
         .await
         .unwrap();
-    let name = proxy.app.runtime.load().config.session.cookie_name.clone();
+    let name = proxy.app.live.load().config.session.cookie_name.clone();
     format!("{name}={cookie}")
 }
 

@@ -351,11 +351,11 @@ impl Case {
     /// (as after a lost lease): writes `access` and `refresh` straight into the store.
     async fn saved_elsewhere(&self, cookie: &str, access: &str, refresh: &str) {
         let app = &self.proxy.app;
-        let runtime = app.runtime.load_full();
+        let live = app.live.load_full();
         let mut headers = http::HeaderMap::new();
         headers.insert("cookie", cookie.parse().unwrap());
         let loaded = app
-            .load_session(&app.sessions, &runtime, &headers)
+            .load_session(&app.sessions, &live, &headers)
             .await
             .unwrap()
             .unwrap();

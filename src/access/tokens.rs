@@ -13,9 +13,9 @@ mod refresh;
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
 use crate::rescue::{RefreshError, RequestError};
-use crate::session::manager::{Loaded, Sessions};
+use crate::session::manager::{OpenSession, Sessions};
 use crate::session::model::Session;
-use crate::state::{Runtime, Shared};
+use crate::state::{LiveConfig, Shared};
 use refresh::{Job, Target};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -125,13 +125,13 @@ fn fresh<'a>(
 #[derive(Default)]
 pub struct Tokens {
     /// Per session: the in-process queue for refreshing, held by the running refresh task.
-    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
+    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<RefreshMemory>>>>,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientToken>>>>>,
 }
 
 /// What this process remembers of a session's refreshes.
 #[derive(Default)]
-struct Flight {
+struct RefreshMemory {
     /// The last refresh that failed: requests that queued behind it share its answer rather
     /// than each try an unavailable provider in turn.
     failed: Option<Failed>,
@@ -155,7 +155,7 @@ struct ClientToken {
 }
 
 impl Tokens {
-    fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<Flight>> {
+    fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<RefreshMemory>> {
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
             map.retain(|_, m| Arc::strong_count(m) > 1);
@@ -168,11 +168,11 @@ impl Tokens {
         &self,
         app: &Shared,
         sessions: &Arc<Sessions>,
-        runtime: &Runtime,
-        loaded: &Loaded,
+        live: &LiveConfig,
+        loaded: &OpenSession,
         route: &RouteConfig,
     ) -> Result<String, RequestError> {
-        self.user_token_except(app, sessions, runtime, loaded, route, None)
+        self.user_token_except(app, sessions, live, loaded, route, None)
             .await?
             .ok_or_else(|| {
                 let reason = "no token".to_string();
@@ -187,12 +187,12 @@ impl Tokens {
         &self,
         app: &Shared,
         sessions: &Arc<Sessions>,
-        runtime: &Runtime,
-        loaded: &Loaded,
+        live: &LiveConfig,
+        loaded: &OpenSession,
         route: &RouteConfig,
         rejected: &str,
     ) -> Result<Option<String>, RequestError> {
-        self.user_token_except(app, sessions, runtime, loaded, route, Some(rejected))
+        self.user_token_except(app, sessions, live, loaded, route, Some(rejected))
             .await
     }
 
@@ -204,21 +204,21 @@ impl Tokens {
         &self,
         app: &Shared,
         sessions: &Arc<Sessions>,
-        runtime: &Runtime,
-        loaded: &Loaded,
+        live: &LiveConfig,
+        loaded: &OpenSession,
         route: &RouteConfig,
         rejected: Option<&str>,
     ) -> Result<Option<String>, RequestError> {
-        let skew = runtime.config.oidc.refresh_skew.as_secs();
+        let skew = live.config.oidc.refresh_skew.as_secs();
         let key = route.resource.as_deref().unwrap_or_default();
         if let Some(t) = fresh(app.clock.now(), skew, &loaded.session, key, rejected) {
             return Ok(Some(t.to_string()));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
         // grow the future of every request on a token route.
-        Box::pin(self.single_flight(app, sessions, runtime, loaded, route, rejected))
+        Box::pin(self.single_flight(app, sessions, live, loaded, route, rejected))
             .await
-            .map_err(|e| rescue(&runtime.config.server.bff_prefix, e))
+            .map_err(|e| rescue(&live.config.server.bff_prefix, e))
     }
 
     /// The slow path of [`Self::user_token_except`]: queue for this session's refresh, then
@@ -227,8 +227,8 @@ impl Tokens {
         &self,
         app: &Shared,
         sessions: &Arc<Sessions>,
-        runtime: &Runtime,
-        loaded: &Loaded,
+        live: &LiveConfig,
+        loaded: &OpenSession,
         route: &RouteConfig,
         rejected: Option<&str>,
     ) -> Result<Option<String>, RefreshError> {
@@ -239,14 +239,14 @@ impl Tokens {
             reason: "waited too long for this session's refresh".into(),
         };
         let lock = self.local_lock(&loaded.handle);
-        let Ok(flight) = tokio::time::timeout_at(deadline, lock.lock_owned()).await else {
+        let Ok(memory) = tokio::time::timeout_at(deadline, lock.lock_owned()).await else {
             return Err(gave_up());
         };
         let job = Job {
             sessions: sessions.clone(),
             oidc: app.oidc.clone(),
             clock: app.clock.clone(),
-            skew: runtime.config.oidc.refresh_skew.as_secs(),
+            skew: live.config.oidc.refresh_skew.as_secs(),
             loaded: loaded.clone(),
             target: Target::of(route),
             rejected: rejected.map(str::to_string),
@@ -255,7 +255,7 @@ impl Tokens {
         };
         // Not aborted when this request is dropped: the task holds the queue and the lease
         // until the grant is saved and the lease released.
-        let task = tokio::spawn(job.run(flight));
+        let task = tokio::spawn(job.run(memory));
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) | Err(_) => Err(gave_up()),
@@ -298,7 +298,7 @@ impl Tokens {
             }
             Err(error) => {
                 let error = classify(Grant::ClientCredentials, error);
-                let prefix = app.runtime.load().config.server.bff_prefix.clone();
+                let prefix = app.live.load().config.server.bff_prefix.clone();
                 Err(rescue(&prefix, error))
             }
         }

@@ -7,7 +7,7 @@ use crate::reply::{Body, ErrorCode};
 use crate::rescue::RequestError;
 use crate::session::manager::Sessions;
 use crate::session::model::Session;
-use crate::state::{Runtime, Shared};
+use crate::state::{LiveConfig, Shared};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -23,15 +23,15 @@ pub struct Admitted {
 }
 
 /// The user's roles under `[oidc] roles_claim` (a dotted path; string or array).
-pub fn roles(runtime: &Runtime, session: &Session) -> Vec<String> {
-    crate::jose::claim_path(&session.claims, &runtime.config.oidc.roles_claim)
+pub fn roles(live: &LiveConfig, session: &Session) -> Vec<String> {
+    crate::jose::claim_path(&session.claims, &live.config.oidc.roles_claim)
         .map(crate::jose::claim_strings)
         .unwrap_or_default()
 }
 
 /// `public || (beta && user has role)`, the rule from the project's origin.
-pub fn feature_visible(runtime: &Runtime, name: &str, session: Option<&Session>) -> bool {
-    let Some(feature) = runtime.config.features.get(name) else {
+pub fn feature_visible(live: &LiveConfig, name: &str, session: Option<&Session>) -> bool {
+    let Some(feature) = live.config.features.get(name) else {
         return false;
     };
     if feature.public {
@@ -42,15 +42,15 @@ pub fn feature_visible(runtime: &Runtime, name: &str, session: Option<&Session>)
     }
     match (&feature.role, session) {
         (None, Some(_)) => true,
-        (Some(role), Some(session)) => roles(runtime, session).iter().any(|r| r == role),
+        (Some(role), Some(session)) => roles(live, session).iter().any(|r| r == role),
         _ => false,
     }
 }
 
 /// CSRF: `X-CSRF: 1`, and no cross-site origin. Upgrades (which cannot carry custom headers)
 /// must come with `Origin` equal to `public_url` or one of `cors_origins`.
-pub fn csrf_ok<B>(runtime: &Runtime, req: &Request<B>) -> bool {
-    let server = &runtime.config.server;
+pub fn csrf_ok<B>(live: &LiveConfig, req: &Request<B>) -> bool {
+    let server = &live.config.server;
     let origin = req
         .headers()
         .get(header::ORIGIN)
@@ -78,11 +78,10 @@ pub fn csrf_ok<B>(runtime: &Runtime, req: &Request<B>) -> bool {
 
 /// The request's `Origin` when it is one of `[server] cors_origins`: such origins may call
 /// Vestibule (and the routes behind it) with credentials from the browser.
-pub fn cors_origin(runtime: &Runtime, headers: &http::HeaderMap) -> Option<HeaderValue> {
+pub fn cors_origin(live: &LiveConfig, headers: &http::HeaderMap) -> Option<HeaderValue> {
     let origin = headers.get(header::ORIGIN)?;
     let text = origin.to_str().ok()?;
-    runtime
-        .config
+    live.config
         .server
         .cors_origins
         .iter()
@@ -104,7 +103,7 @@ pub fn add_cors_headers(headers: &mut http::HeaderMap, origin: HeaderValue) {
 /// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`)
 /// itself: 204 for an origin listed in `cors_origins`, 403 for any other. `None`: not a
 /// preflight, route it normally.
-pub fn preflight<B>(runtime: &Runtime, req: &Request<B>) -> Option<Response<Body>> {
+pub fn preflight<B>(live: &LiveConfig, req: &Request<B>) -> Option<Response<Body>> {
     let headers = req.headers();
     if req.method() != http::Method::OPTIONS
         || !headers.contains_key(header::ORIGIN)
@@ -112,7 +111,7 @@ pub fn preflight<B>(runtime: &Runtime, req: &Request<B>) -> Option<Response<Body
     {
         return None;
     }
-    let Some(origin) = cors_origin(runtime, headers) else {
+    let Some(origin) = cors_origin(live, headers) else {
         return Some(ErrorCode::Csrf.json(&[]));
     };
     let mut response = Response::new(crate::reply::empty());
@@ -162,7 +161,7 @@ async fn policy_claims(
     if let (Some(resource), Some(token)) = (&route.resource, token)
         && crate::jose::looks_like_jwt(token)
     {
-        let expect = app.oidc.expect(resource, app.clock.now());
+        let expect = app.oidc.id_token_expectations(resource, app.clock.now());
         if let Ok(claims) =
             crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await
         {
@@ -173,7 +172,7 @@ async fn policy_claims(
 }
 
 fn missing_requirements(
-    runtime: &Runtime,
+    live: &LiveConfig,
     route: &RouteConfig,
     claims: &serde_json::Map<String, serde_json::Value>,
 ) -> Vec<String> {
@@ -182,7 +181,7 @@ fn missing_requirements(
         .iter()
         .filter(|(claim, wanted)| {
             let path = if claim == "roles" {
-                runtime.config.oidc.roles_claim.as_str()
+                live.config.oidc.roles_claim.as_str()
             } else {
                 claim.as_str()
             };
@@ -201,7 +200,7 @@ pub async fn admit(
     app: &Shared,
     tokens: &Tokens,
     sessions: &Arc<Sessions>,
-    runtime: &Runtime,
+    live: &LiveConfig,
     route: &RouteConfig,
     req: &Request<Incoming>,
 ) -> Result<Admitted, RequestError> {
@@ -209,17 +208,17 @@ pub async fn admit(
         || route.feature.is_some()
         || matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
     let mut loaded = if needs_session {
-        app.load_session(sessions, runtime, req.headers()).await?
+        app.load_session(sessions, live, req.headers()).await?
     } else {
         None
     };
     if let Some(feature) = &route.feature
-        && !feature_visible(runtime, feature, loaded.as_ref().map(|l| &*l.session))
+        && !feature_visible(live, feature, loaded.as_ref().map(|l| &*l.session))
     {
         return Err(RequestError::NotFound);
     }
     let login_url = || {
-        let prefix = &runtime.config.server.bff_prefix;
+        let prefix = &live.config.server.bff_prefix;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
         format!(
             "{prefix}/login?returnUrl={}",
@@ -232,7 +231,7 @@ pub async fn admit(
             redirect: true,
         });
     }
-    if route.csrf && !csrf_ok(runtime, req) {
+    if route.csrf && !csrf_ok(live, req) {
         return Err(RequestError::Csrf);
     }
     let mut set_cookies = Vec::new();
@@ -240,7 +239,7 @@ pub async fn admit(
         if l.reseal
             && let Ok(value) = sessions.reseal(l)
         {
-            let s = &runtime.config.session;
+            let s = &live.config.session;
             set_cookies.extend(crate::cookies::set_cookie(
                 s,
                 &s.cookie_name,
@@ -254,7 +253,7 @@ pub async fn admit(
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
         (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
-            Some(tokens.user_token(app, sessions, runtime, l, route).await?)
+            Some(tokens.user_token(app, sessions, live, l, route).await?)
         }
         (TokenMode::User, None) => {
             return Err(RequestError::Unauthenticated {
@@ -273,7 +272,7 @@ pub async fn admit(
             });
         };
         let claims = policy_claims(app, route, &l.session, token.as_deref()).await;
-        let missing = missing_requirements(runtime, route, &claims);
+        let missing = missing_requirements(live, route, &claims);
         if !missing.is_empty() {
             return Err(RequestError::Forbidden { missing });
         }

@@ -9,12 +9,12 @@
 //! the same refresh token at the same time: the first answer saved wins, and a later one is not
 //! written over it (see [`Job::save`]); with a rotating provider one of the two is refused.
 
-use super::{Failed, Flight, Grant, RefreshError, classify, count, fresh};
+use super::{Failed, Grant, RefreshError, RefreshMemory, classify, count, fresh};
 use crate::clock::Clock;
 use crate::config::RouteConfig;
 use crate::jose::{Claims, JoseError};
 use crate::oidc::{Oidc, TokenResponse};
-use crate::session::manager::{Loaded, Sessions};
+use crate::session::manager::{OpenSession, Sessions};
 use crate::session::model::{AccessToken, Session};
 use crate::session::store::Store;
 use std::sync::Arc;
@@ -76,7 +76,7 @@ pub(super) struct Job {
     pub(super) clock: Clock,
     /// `oidc.refresh_skew` in seconds.
     pub(super) skew: u64,
-    pub(super) loaded: Loaded,
+    pub(super) loaded: OpenSession,
     pub(super) target: Target,
     /// A token an upstream refused: replace it even if it is not due.
     pub(super) rejected: Option<String>,
@@ -90,7 +90,7 @@ impl Job {
     /// failure of the refresh this request queued behind, or a refresh under the lease.
     pub(super) async fn run(
         self,
-        mut flight: OwnedMutexGuard<Flight>,
+        mut memory: OwnedMutexGuard<RefreshMemory>,
     ) -> Result<Option<String>, RefreshError> {
         let store = self.sessions.store().clone();
         let lock_key = self.sessions.refresh_lock_key(&self.loaded);
@@ -110,7 +110,7 @@ impl Job {
             ) {
                 return Ok(Some(t.to_string()));
             }
-            let shared = flight.failed.as_ref().filter(|f| {
+            let shared = memory.failed.as_ref().filter(|f| {
                 f.at >= self.arrived
                     && (f.target == self.target || !matches!(f.error, RefreshError::Refused { .. }))
             });
@@ -127,7 +127,7 @@ impl Job {
                 )
                 .is_some();
             if early
-                && flight
+                && memory
                     .forced
                     .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL)
             {
@@ -136,13 +136,13 @@ impl Job {
             match store.try_lock(&lock_key, &lease, LEASE).await {
                 Ok(true) => {
                     let result = self
-                        .under_lease(&mut flight, early, &store, &lock_key, &lease)
+                        .under_lease(&mut memory, early, &store, &lock_key, &lease)
                         .await;
                     let _ = store.unlock(&lock_key, &lease).await;
                     if let Err(error) = &result
                         && !matches!(error, RefreshError::Ended)
                     {
-                        flight.failed = Some(Failed {
+                        memory.failed = Some(Failed {
                             at: Instant::now(),
                             target: self.target.clone(),
                             error: error.clone(),
@@ -163,7 +163,7 @@ impl Job {
         }
     }
 
-    async fn reload(&self, loaded: &Loaded) -> Result<Loaded, RefreshError> {
+    async fn reload(&self, loaded: &OpenSession) -> Result<OpenSession, RefreshError> {
         match self.sessions.reload(loaded, self.clock.now()).await {
             Ok(Some(current)) => Ok(current),
             Ok(None) => Err(RefreshError::Ended),
@@ -173,7 +173,7 @@ impl Job {
 
     async fn under_lease(
         &self,
-        flight: &mut Flight,
+        memory: &mut RefreshMemory,
         early: bool,
         store: &Store,
         lock_key: &str,
@@ -192,7 +192,7 @@ impl Job {
             return Ok(t.to_string());
         }
         if early {
-            flight.forced = Some(Instant::now());
+            memory.forced = Some(Instant::now());
         }
         // At most two grants (a subject token's refresh and its exchange), each bounded.
         let longest = self.oidc.config.provider_timeout * 2 + LEASE;
@@ -209,7 +209,7 @@ impl Job {
 
     /// The grant for the target: a refresh, or a token exchange whose subject token is the
     /// session's own one, refreshed first if it is due.
-    async fn grant(&self, current: Loaded) -> Result<String, RefreshError> {
+    async fn grant(&self, current: OpenSession) -> Result<String, RefreshError> {
         if !self.target.exchange {
             return self.refresh(current, &self.target).await;
         }
@@ -234,7 +234,7 @@ impl Job {
 
     /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
     /// session; an invalid ID token keeps nothing of the answer.
-    async fn refresh(&self, current: Loaded, target: &Target) -> Result<String, RefreshError> {
+    async fn refresh(&self, current: OpenSession, target: &Target) -> Result<String, RefreshError> {
         let Some(spent) = current.session.refresh_token.clone() else {
             let _ = self.sessions.delete(&current).await;
             return Err(RefreshError::Ended);
@@ -293,7 +293,7 @@ impl Job {
     /// refresh, which repeats its `iss`, `sub` and `aud`), and the session's subject.
     async fn check_id_token(&self, session: &Session, id_token: &str) -> Result<Claims, JoseError> {
         let client_id = &self.oidc.config.client_id;
-        let expect = self.oidc.expect(client_id, self.clock.now());
+        let expect = self.oidc.id_token_expectations(client_id, self.clock.now());
         let mut original = session
             .id_token
             .as_deref()
@@ -322,7 +322,7 @@ impl Job {
     /// store (another holder of a lost lease saved first) does not overwrite that one.
     async fn save(
         &self,
-        current: Loaded,
+        current: OpenSession,
         key: &str,
         tokens: &TokenResponse,
         claims: Option<Claims>,

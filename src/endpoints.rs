@@ -5,11 +5,11 @@ use crate::cookies;
 use crate::limits::{Endpoint, Verdict, client_address};
 use crate::oidc::response::check_authorization_iss;
 use crate::oidc::{GrantError, LoginState, TokenResponse, local_return_url, os_random};
-use crate::reply::{Body, ErrorCode, is_navigation, json_response, redirect};
+use crate::reply::{Body, ErrorCode, Reader, json_response, redirect};
 use crate::rescue::RequestError;
-use crate::session::manager::Loaded;
+use crate::session::manager::OpenSession;
 use crate::session::model::{AccessToken, Session};
-use crate::state::{Runtime, Shared};
+use crate::state::{LiveConfig, Shared};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -45,46 +45,49 @@ fn hash_hex(text: &str) -> String {
 /// link), JSON for the others.
 pub async fn handle(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: Request<Incoming>,
     rest: &str,
     peer: IpAddr,
 ) -> Response<Body> {
-    let navigation = is_navigation(req.headers());
-    if let Some(limited) = over_limit(app, runtime, &req, rest, peer) {
+    let reader = Reader::of(req.headers());
+    if let Some(limited) = over_limit(app, live, &req, rest, peer) {
         return limited;
     }
-    let (page, answer) = match (req.method().clone(), rest) {
-        (Method::GET, "/login") => (navigation, login(app, runtime, &req).await),
-        (Method::GET, "/callback") => (true, callback(app, runtime, &req).await),
-        (Method::GET, "/user") => (false, user(app, runtime, &req).await),
-        (Method::GET, "/logout") => (true, logout(app, runtime, &req, false).await),
-        (Method::POST, "/logout") => (false, logout(app, runtime, &req, true).await),
+    let (reader, answer) = match (req.method().clone(), rest) {
+        (Method::GET, "/login") => (reader, login(app, live, &req).await),
+        (Method::GET, "/callback") => (Reader::Page, callback(app, live, &req).await),
+        (Method::GET, "/user") => (Reader::Script, user(app, live, &req).await),
+        (Method::GET, "/logout") => (Reader::Page, logout(app, live, &req, LogoutVia::Link).await),
+        (Method::POST, "/logout") => (
+            Reader::Script,
+            logout(app, live, &req, LogoutVia::Script).await,
+        ),
         (Method::POST, "/backchannel-logout") => {
-            let pace = crate::state::body_pace(&runtime.config);
-            (false, backchannel_logout(app, req, pace).await)
+            let pace = crate::state::body_pace(&live.config);
+            (Reader::Script, backchannel_logout(app, req, pace).await)
         }
-        (Method::GET, "/sessions") => (false, list_sessions(app, runtime, &req).await),
+        (Method::GET, "/sessions") => (Reader::Script, list_sessions(app, live, &req).await),
         (Method::DELETE, path) if path.starts_with("/sessions/") => {
             let handle = &path["/sessions/".len()..];
-            (false, end_session(app, runtime, &req, handle).await)
+            (Reader::Script, end_session(app, live, &req, handle).await)
         }
-        (Method::GET, "/session-events") => (false, session_events(app, runtime, &req).await),
-        _ => (navigation, Err(RequestError::NotFound)),
+        (Method::GET, "/session-events") => (Reader::Script, session_events(app, live, &req).await),
+        _ => (reader, Err(RequestError::NotFound)),
     };
-    answer.unwrap_or_else(|error| error.respond(page))
+    answer.unwrap_or_else(|error| error.respond(reader))
 }
 
 /// 429 with `Retry-After` when the client (after trusted proxies) has used up its budget for
 /// one of the endpoints anyone may call; `None` for every other request.
 fn over_limit(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
     rest: &str,
     peer: IpAddr,
 ) -> Option<Response<Body>> {
-    let limits = &runtime.config.limits;
+    let limits = &live.config.limits;
     let (endpoint, per_minute) = match (req.method(), rest) {
         (&Method::GET, "/login") => (Endpoint::Login, limits.login_per_minute),
         (&Method::GET, "/callback") => (Endpoint::Callback, limits.callback_per_minute),
@@ -94,7 +97,7 @@ fn over_limit(
         ),
         _ => return None,
     };
-    let trusted = &runtime.config.server.trusted_proxies;
+    let trusted = &live.config.server.trusted_proxies;
     let client = client_address(peer, req.headers(), trusted);
     let Verdict::Limited { retry_after } =
         app.limiter
@@ -104,7 +107,7 @@ fn over_limit(
     };
     metrics::counter!("vestibule_rate_limited_total", "endpoint" => endpoint.name()).increment(1);
     tracing::debug!(endpoint = endpoint.name(), %client, "rate limited");
-    let mut response = ErrorCode::RateLimited.respond(is_navigation(req.headers()));
+    let mut response = ErrorCode::RateLimited.respond(Reader::of(req.headers()));
     response.headers_mut().insert(
         header::RETRY_AFTER,
         HeaderValue::from(retry_after.as_secs()),
@@ -114,7 +117,7 @@ fn over_limit(
 
 async fn login(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
     let raw = query_param(req, "returnUrl").unwrap_or_else(|| "/".into());
@@ -123,7 +126,7 @@ async fn login(
     };
     let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
     let login = LoginState::new(os_random, return_url, app.clock.now())?;
-    let session_config = &runtime.config.session;
+    let session_config = &live.config.session;
     let name = format!(
         "{}{}",
         cookies::login_prefix(session_config),
@@ -159,7 +162,7 @@ fn login_failed(reason: &str, detail: &str) -> Result<Response<Body>, RequestErr
 
 async fn callback(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
     if let Some(error) = query_param(req, "error") {
@@ -176,7 +179,7 @@ async fn callback(
     let (Some(code), Some(state)) = (query_param(req, "code"), query_param(req, "state")) else {
         return login_failed("callback_incomplete", "the callback lacks code or state");
     };
-    let session_config = &runtime.config.session;
+    let session_config = &live.config.session;
     let name = format!(
         "{}{}",
         cookies::login_prefix(session_config),
@@ -226,7 +229,9 @@ async fn callback(
     let Some(id_token) = tokens.id_token.clone() else {
         return login_failed("id_token_missing", "the provider returned no ID token");
     };
-    let expect = app.oidc.expect(&app.oidc.config.client_id, now);
+    let expect = app
+        .oidc
+        .id_token_expectations(&app.oidc.config.client_id, now);
     let claims = match crate::jose::validate_id_token(
         &app.oidc.provider.jwks,
         &id_token,
@@ -278,7 +283,7 @@ async fn callback(
     );
     // A login always starts a brand-new session; the browser's previous one ends.
     if let Some(old) = app
-        .load_session(&app.sessions, runtime, req.headers())
+        .load_session(&app.sessions, live, req.headers())
         .await
         .ok()
         .flatten()
@@ -292,7 +297,7 @@ async fn callback(
         session_config,
         &session_config.cookie_name,
         &cookie_value,
-        Some(runtime.config.session.absolute_timeout),
+        Some(live.config.session.absolute_timeout),
         false,
     ) {
         headers.append(header::SET_COOKIE, c);
@@ -306,31 +311,31 @@ async fn callback(
 /// The request's session; none is `Unauthenticated` (401), a store failure `Store` (503).
 async fn signed_in(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
-) -> Result<Loaded, RequestError> {
-    app.load_session(&app.sessions, runtime, req.headers())
+) -> Result<OpenSession, RequestError> {
+    app.load_session(&app.sessions, live, req.headers())
         .await?
         .ok_or_else(|| RequestError::Unauthenticated {
-            login_url: format!("{}/login", runtime.config.server.bff_prefix),
+            login_url: format!("{}/login", live.config.server.bff_prefix),
             redirect: false,
         })
 }
 
 async fn user(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
-    if !crate::gate::csrf_ok(runtime, req) {
+    if !crate::access::csrf_ok(live, req) {
         return Err(RequestError::Csrf);
     }
-    let mut loaded = signed_in(app, runtime, req).await?;
+    let mut loaded = signed_in(app, live, req).await?;
     // The app asking who is signed in is activity: slide the idle timeout.
     let _ = app.sessions.touch(&mut loaded, app.clock.now()).await;
     let mut body = loaded.session.claims.clone();
     body.insert("sub".into(), loaded.session.sub.clone().into());
-    let prefix = &runtime.config.server.bff_prefix;
+    let prefix = &live.config.server.bff_prefix;
     body.insert(
         "bff:logout_url".into(),
         format!("{prefix}/logout?sid={}", loaded.handle).into(),
@@ -342,17 +347,17 @@ async fn user(
             .as_secs()
             .into(),
     );
-    let features: Vec<serde_json::Value> = runtime
+    let features: Vec<serde_json::Value> = live
         .config
         .features
         .keys()
-        .filter(|name| crate::gate::feature_visible(runtime, name, Some(&loaded.session)))
+        .filter(|name| crate::access::feature_visible(live, name, Some(&loaded.session)))
         .map(|n| n.clone().into())
         .collect();
     body.insert("bff:features".into(), features.into());
     let mut response = json_response(StatusCode::OK, &serde_json::Value::Object(body));
     if loaded.reseal {
-        let s = &runtime.config.session;
+        let s = &live.config.session;
         let resealed = app.sessions.reseal(&loaded).ok().and_then(|v| {
             cookies::set_cookie(s, &s.cookie_name, &v, Some(s.absolute_timeout), false)
         });
@@ -363,25 +368,30 @@ async fn user(
     Ok(response)
 }
 
+/// How a logout was asked for: a link the browser follows (`GET`, carries the session's `sid`
+/// against cross-site logout) or the SPA's script (`POST`, CSRF header).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LogoutVia {
+    Link,
+    Script,
+}
+
 async fn logout(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
-    post: bool,
+    via: LogoutVia,
 ) -> Result<Response<Body>, RequestError> {
-    if post && !crate::gate::csrf_ok(runtime, req) {
+    if via == LogoutVia::Script && !crate::access::csrf_ok(live, req) {
         return Err(RequestError::Csrf);
     }
-    let config = &runtime.config;
+    let config = &live.config;
     let post_logout_uri = format!(
         "{}{}",
         config.server.public_origin, config.oidc.post_logout_redirect
     );
-    let Some(loaded) = app
-        .load_session(&app.sessions, runtime, req.headers())
-        .await?
-    else {
-        return Ok(if post {
+    let Some(loaded) = app.load_session(&app.sessions, live, req.headers()).await? else {
+        return Ok(if via == LogoutVia::Script {
             json_response(
                 StatusCode::OK,
                 &serde_json::json!({"redirect": config.oidc.post_logout_redirect}),
@@ -391,9 +401,9 @@ async fn logout(
         });
     };
     let sid = query_param(req, "sid").unwrap_or_default();
-    if !post && !bool::from(sid.as_bytes().ct_eq(loaded.handle.as_bytes())) {
+    if via == LogoutVia::Link && !bool::from(sid.as_bytes().ct_eq(loaded.handle.as_bytes())) {
         return Err(RequestError::SidMismatch {
-            navigation: is_navigation(req.headers()),
+            reader: Reader::of(req.headers()),
         });
     }
     app.sessions.delete(&loaded).await?;
@@ -412,7 +422,7 @@ async fn logout(
     let target = app
         .oidc
         .end_session_url(loaded.session.id_token.as_deref(), &post_logout_uri);
-    let mut response = if post {
+    let mut response = if via == LogoutVia::Script {
         json_response(StatusCode::OK, &serde_json::json!({"redirect": target}))
     } else {
         redirect(&target)
@@ -450,7 +460,9 @@ async fn backchannel_logout(
     else {
         return logout_rejected("no logout_token");
     };
-    let mut expect = app.oidc.expect(&app.oidc.config.client_id, app.clock.now());
+    let mut expect = app
+        .oidc
+        .id_token_expectations(&app.oidc.config.client_id, app.clock.now());
     expect.max_iat_age = Some(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE);
     let logout =
         match crate::jose::validate_logout_token(&app.oidc.provider.jwks, &token, &expect).await {
@@ -498,13 +510,13 @@ async fn backchannel_logout(
 
 async fn list_sessions(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
-    if !crate::gate::csrf_ok(runtime, req) {
+    if !crate::access::csrf_ok(live, req) {
         return Err(RequestError::Csrf);
     }
-    let loaded = signed_in(app, runtime, req).await?;
+    let loaded = signed_in(app, live, req).await?;
     let list = app
         .sessions
         .list_for_sub(&loaded.session.sub, app.clock.now())
@@ -529,14 +541,14 @@ async fn list_sessions(
 
 async fn end_session(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
     handle: &str,
 ) -> Result<Response<Body>, RequestError> {
-    if !crate::gate::csrf_ok(runtime, req) {
+    if !crate::access::csrf_ok(live, req) {
         return Err(RequestError::Csrf);
     }
-    let loaded = signed_in(app, runtime, req).await?;
+    let loaded = signed_in(app, live, req).await?;
     match app
         .sessions
         .end_by_handle(&loaded.session.sub, handle)
@@ -556,10 +568,10 @@ async fn end_session(
 /// copy when the invalidation reaches this stream first. An unreachable store ends nothing.
 async fn session_events(
     app: &Shared,
-    runtime: &Runtime,
+    live: &LiveConfig,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
-    let loaded = signed_in(app, runtime, req).await?;
+    let loaded = signed_in(app, live, req).await?;
     let sessions = app.sessions.clone();
     let stopping = app.stopping.clone();
     let clock = app.clock.clone();
