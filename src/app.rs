@@ -13,7 +13,7 @@ use crate::reply::{Body, ErrorCode, Reader};
 use crate::rescue::RequestError;
 use crate::session::manager::{SessionSettings, Sessions};
 use crate::session::seal::Keyring;
-use crate::session::store::{self, Store};
+use crate::session::store::Store;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
@@ -66,7 +66,7 @@ impl App {
         crate::telemetry::spawn_upkeep();
         let keyring = Keyring::new(config.session.keys.clone())
             .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?;
-        let store = Store::connect(&store::StoreConfig::from_config(&config.session))
+        let store = Store::connect(&config.session.store, config.session.max_entries)
             .await
             .map_err(|e| anyhow::anyhow!("session store: {e}"))?;
         let settings = SessionSettings {

@@ -21,113 +21,77 @@ pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-/// The stable error codes of the error contract (docs/errors.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    BadRequest,
-    BadPath,
-    InvalidReturnUrl,
-    LoginFailed,
-    Unauthenticated,
-    SessionExpired,
-    Csrf,
-    Forbidden,
-    TokenRefused,
-    NotFound,
-    MethodNotAllowed,
-    PayloadTooLarge,
-    HeadersTooLarge,
-    RequestTimeout,
-    RateLimited,
-    UpstreamUnavailable,
-    UpstreamTimeout,
-    StoreUnavailable,
-    ProviderUnavailable,
-    Internal,
+/// Declares [`ErrorCode`] from one table: each code's variant, wire name, HTTP status and message
+/// stand on one line, and [`ErrorCode::ALL`] lists them for the docs test.
+macro_rules! error_codes {
+    ($($variant:ident = $code:literal, $status:ident, $message:literal;)*) => {
+        /// The stable error codes of the error contract (docs/errors.md).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub fn code(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                }
+            }
+
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(ErrorCode::$variant => StatusCode::$status,)*
+                }
+            }
+
+            pub fn message(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $message,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    BadRequest = "bad_request", BAD_REQUEST, "The request is malformed.";
+    BadPath = "bad_path", BAD_REQUEST,
+        "The request path is ambiguous: an encoded /, \\ or dot segment, a ; parameter, a control character, invalid UTF-8 or a .. above the root.";
+    InvalidReturnUrl = "invalid_return_url", BAD_REQUEST,
+        "returnUrl must be a local path such as /app.";
+    LoginFailed = "login_failed", BAD_REQUEST,
+        "Sign-in could not be completed. Please start again.";
+    Unauthenticated = "unauthenticated", UNAUTHORIZED, "Sign-in is required.";
+    SessionExpired = "session_expired", UNAUTHORIZED,
+        "The session has ended. Please sign in again.";
+    Csrf = "csrf", FORBIDDEN,
+        "The request lacks the X-CSRF: 1 header or comes from another site.";
+    Forbidden = "forbidden", FORBIDDEN, "You do not have access to this resource.";
+    TokenRefused = "token_refused", FORBIDDEN,
+        "The identity provider refused a token for this resource.";
+    NotFound = "not_found", NOT_FOUND, "Nothing is here.";
+    MethodNotAllowed = "method_not_allowed", METHOD_NOT_ALLOWED,
+        "This method is not allowed here.";
+    PayloadTooLarge = "payload_too_large", PAYLOAD_TOO_LARGE, "The request body is too large.";
+    HeadersTooLarge = "headers_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "The request headers are too large.";
+    RequestTimeout = "request_timeout", REQUEST_TIMEOUT, "The request body arrived too slowly.";
+    RateLimited = "rate_limited", TOO_MANY_REQUESTS,
+        "Too many requests from this address. Please retry later.";
+    UpstreamUnavailable = "upstream_unavailable", BAD_GATEWAY,
+        "The service behind this route is unavailable.";
+    UpstreamTimeout = "upstream_timeout", GATEWAY_TIMEOUT,
+        "The service behind this route did not answer in time.";
+    StoreUnavailable = "store_unavailable", SERVICE_UNAVAILABLE,
+        "The session store is unavailable. Please retry shortly.";
+    ProviderUnavailable = "provider_unavailable", SERVICE_UNAVAILABLE,
+        "The identity provider is unavailable. Please retry shortly.";
+    Internal = "internal", INTERNAL_SERVER_ERROR, "Something went wrong.";
 }
 
 impl ErrorCode {
-    pub fn code(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::BadPath => "bad_path",
-            ErrorCode::InvalidReturnUrl => "invalid_return_url",
-            ErrorCode::LoginFailed => "login_failed",
-            ErrorCode::Unauthenticated => "unauthenticated",
-            ErrorCode::SessionExpired => "session_expired",
-            ErrorCode::Csrf => "csrf",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::TokenRefused => "token_refused",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::MethodNotAllowed => "method_not_allowed",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::HeadersTooLarge => "headers_too_large",
-            ErrorCode::RequestTimeout => "request_timeout",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::UpstreamUnavailable => "upstream_unavailable",
-            ErrorCode::UpstreamTimeout => "upstream_timeout",
-            ErrorCode::StoreUnavailable => "store_unavailable",
-            ErrorCode::ProviderUnavailable => "provider_unavailable",
-            ErrorCode::Internal => "internal",
-        }
-    }
-
-    pub fn status(self) -> StatusCode {
-        match self {
-            ErrorCode::BadRequest
-            | ErrorCode::BadPath
-            | ErrorCode::InvalidReturnUrl
-            | ErrorCode::LoginFailed => StatusCode::BAD_REQUEST,
-            ErrorCode::Unauthenticated | ErrorCode::SessionExpired => StatusCode::UNAUTHORIZED,
-            ErrorCode::Csrf | ErrorCode::Forbidden | ErrorCode::TokenRefused => {
-                StatusCode::FORBIDDEN
-            }
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorCode::StoreUnavailable | ErrorCode::ProviderUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    pub fn message(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "The request is malformed.",
-            ErrorCode::BadPath => {
-                "The request path is ambiguous: an encoded /, \\ or dot segment, a ; parameter, a control character, invalid UTF-8 or a .. above the root."
-            }
-            ErrorCode::InvalidReturnUrl => "returnUrl must be a local path such as /app.",
-            ErrorCode::LoginFailed => "Sign-in could not be completed. Please start again.",
-            ErrorCode::Unauthenticated => "Sign-in is required.",
-            ErrorCode::SessionExpired => "The session has ended. Please sign in again.",
-            ErrorCode::Csrf => "The request lacks the X-CSRF: 1 header or comes from another site.",
-            ErrorCode::Forbidden => "You do not have access to this resource.",
-            ErrorCode::TokenRefused => "The identity provider refused a token for this resource.",
-            ErrorCode::NotFound => "Nothing is here.",
-            ErrorCode::MethodNotAllowed => "This method is not allowed here.",
-            ErrorCode::PayloadTooLarge => "The request body is too large.",
-            ErrorCode::HeadersTooLarge => "The request headers are too large.",
-            ErrorCode::RequestTimeout => "The request body arrived too slowly.",
-            ErrorCode::RateLimited => "Too many requests from this address. Please retry later.",
-            ErrorCode::UpstreamUnavailable => "The service behind this route is unavailable.",
-            ErrorCode::UpstreamTimeout => "The service behind this route did not answer in time.",
-            ErrorCode::StoreUnavailable => {
-                "The session store is unavailable. Please retry shortly."
-            }
-            ErrorCode::ProviderUnavailable => {
-                "The identity provider is unavailable. Please retry shortly."
-            }
-            ErrorCode::Internal => "Something went wrong.",
-        }
-    }
-
     /// A JSON error response; `extra` adds members such as `login_url`.
     pub fn json(self, extra: &[(&str, serde_json::Value)]) -> Response<Body> {
         let mut object = serde_json::Map::new();

@@ -17,6 +17,8 @@ use tokio::sync::{broadcast, watch};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
+pub use crate::config::StoreConfig;
+
 /// A payload delivered to subscribers after the store may have missed messages (for example after
 /// the Redis pub/sub connection was re-established): drop everything derived from the channel.
 /// Publishers must not send it themselves.
@@ -24,93 +26,6 @@ pub const RESYNC: &str = "";
 
 /// Default size of a memory store.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
-
-/// How to build a store. Built by `config`; this module never parses files.
-#[derive(Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    Memory {
-        max_entries: usize,
-    },
-    Redis {
-        /// `redis://` or `rediss://`. With `sentinel`, only its credentials, database and TLS mode
-        /// are used for the master (empty: none); with `cluster`, it is ignored.
-        url: String,
-        /// `(master name, sentinel URLs)`.
-        sentinel: Option<(String, Vec<String>)>,
-        /// Seed node URLs.
-        cluster: Option<Vec<String>>,
-        /// Prepended to every key and channel name.
-        key_prefix: String,
-        /// Upper bound on one operation, waiting for a reconnect included: a stalled or
-        /// unreachable Redis is `Unavailable` after this long, never a hang.
-        timeout: Duration,
-    },
-}
-
-impl StoreConfig {
-    /// The store the file's `[session]` asks for: the one conversion from the validated
-    /// `config::StoreConfig` (which keeps URLs as secrets) to what the stores are built from.
-    pub fn from_config(session: &crate::config::SessionConfig) -> StoreConfig {
-        match &session.store {
-            crate::config::StoreConfig::Memory => StoreConfig::Memory {
-                max_entries: session.max_entries,
-            },
-            crate::config::StoreConfig::Redis(redis) => StoreConfig::Redis {
-                url: redis.url.expose().to_string(),
-                sentinel: redis.sentinel.as_ref().map(|s| {
-                    (
-                        s.master.clone(),
-                        s.nodes.iter().map(|n| n.expose().to_string()).collect(),
-                    )
-                }),
-                cluster: (!redis.cluster.is_empty()).then(|| {
-                    redis
-                        .cluster
-                        .iter()
-                        .map(|n| n.expose().to_string())
-                        .collect()
-                }),
-                key_prefix: redis.key_prefix.clone(),
-                timeout: redis.timeout,
-            },
-        }
-    }
-}
-
-impl fmt::Debug for StoreConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreConfig::Memory { max_entries } => f
-                .debug_struct("Memory")
-                .field("max_entries", max_entries)
-                .finish(),
-            StoreConfig::Redis {
-                url,
-                sentinel,
-                cluster,
-                key_prefix,
-                timeout,
-            } => f
-                .debug_struct("Redis")
-                .field("url", &redact_url(url))
-                .field(
-                    "sentinel",
-                    &sentinel.as_ref().map(|(m, nodes)| {
-                        (m, nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>())
-                    }),
-                )
-                .field(
-                    "cluster",
-                    &cluster
-                        .as_ref()
-                        .map(|nodes| nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>()),
-                )
-                .field("key_prefix", key_prefix)
-                .field("timeout", timeout)
-                .finish(),
-        }
-    }
-}
 
 /// Hides the user-info part (`user:password@`) of a URL.
 pub(crate) fn redact_url(url: &str) -> String {
@@ -173,12 +88,11 @@ macro_rules! dispatch {
 impl Store {
     /// Builds the store. A Redis store connects lazily: an unreachable server is not an error
     /// here (see [`Store::ping`]), a malformed URL is.
-    pub async fn connect(config: &StoreConfig) -> Result<Store, StoreError> {
+    /// `max_entries` sizes a memory store.
+    pub async fn connect(config: &StoreConfig, max_entries: usize) -> Result<Store, StoreError> {
         match config {
-            StoreConfig::Memory { max_entries } => {
-                Ok(Store::Memory(MemoryStore::new(*max_entries)))
-            }
-            StoreConfig::Redis { .. } => Ok(Store::Redis(RedisStore::connect(config).await?)),
+            StoreConfig::Memory => Ok(Store::Memory(MemoryStore::new(max_entries))),
+            StoreConfig::Redis(redis) => Ok(Store::Redis(RedisStore::connect(redis).await?)),
         }
     }
 
@@ -316,13 +230,17 @@ mod tests {
 
     #[test]
     fn debug_of_a_redis_config_hides_passwords() {
-        let config = StoreConfig::Redis {
-            url: "rediss://user:hunter2@redis:6380/0".into(),
-            sentinel: Some(("m".into(), vec!["redis://:s3cret@s1:26379".into()])),
-            cluster: Some(vec!["redis://:pw-c@n1:6379".into()]),
+        use crate::config::{RedisConfig, Secret, SentinelConfig};
+        let config = StoreConfig::Redis(RedisConfig {
+            url: Secret::new("rediss://user:hunter2@redis:6380/0"),
+            sentinel: Some(SentinelConfig {
+                master: "m".into(),
+                nodes: vec![Secret::new("redis://:s3cret@s1:26379")],
+            }),
+            cluster: vec![Secret::new("redis://:pw-c@n1:6379")],
             key_prefix: "v:".into(),
             timeout: Duration::from_secs(1),
-        };
+        });
         let text = format!("{config:?}");
         assert!(
             !text.contains("hunter2") && !text.contains("s3cret") && !text.contains("pw-c"),

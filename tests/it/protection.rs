@@ -602,33 +602,11 @@ async fn a_store_outage_is_503_and_ends_no_session() {
 /// shape (JSON with `error` and `message`, no-store; HTML naming the code for navigations).
 #[tokio::test]
 async fn docs_list_every_error_code() {
-    use vestibule::reply::ErrorCode::*;
     let docs = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/errors.md"),
     )
     .unwrap();
-    for code in [
-        BadRequest,
-        BadPath,
-        InvalidReturnUrl,
-        LoginFailed,
-        Unauthenticated,
-        SessionExpired,
-        Csrf,
-        Forbidden,
-        TokenRefused,
-        NotFound,
-        MethodNotAllowed,
-        PayloadTooLarge,
-        HeadersTooLarge,
-        RequestTimeout,
-        RateLimited,
-        UpstreamUnavailable,
-        UpstreamTimeout,
-        StoreUnavailable,
-        ProviderUnavailable,
-        Internal,
-    ] {
+    for &code in vestibule::reply::ErrorCode::ALL {
         let row = format!("| `{}` | {} |", code.code(), code.status().as_u16());
         assert!(docs.contains(&row), "docs/errors.md lacks the row {row}");
         let json = code.json(&[]);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::redis::RedisServer;
 use tokio::sync::Barrier;
+use vestibule::config::{RedisConfig, Secret, SentinelConfig};
 use vestibule::session::manager::INVALIDATION_CHANNEL;
 use vestibule::session::store::RESYNC;
 use vestibule::session::{
@@ -28,14 +29,20 @@ struct Backend {
     _servers: Vec<RedisServer>,
 }
 
-fn redis_config(url: String) -> StoreConfig {
-    StoreConfig::Redis {
-        url,
+fn redis_config(url: String) -> RedisConfig {
+    RedisConfig {
+        url: Secret::new(url),
         sentinel: None,
-        cluster: None,
+        cluster: vec![],
         key_prefix: PREFIX.into(),
         timeout: Duration::from_secs(2),
     }
+}
+
+async fn connect(config: RedisConfig) -> Store {
+    Store::connect(&StoreConfig::Redis(config), 0)
+        .await
+        .unwrap()
 }
 
 async fn memory() -> Backend {
@@ -47,7 +54,7 @@ async fn memory() -> Backend {
 
 async fn redis() -> Backend {
     let server = RedisServer::start();
-    let store = Store::connect(&redis_config(server.url())).await.unwrap();
+    let store = connect(redis_config(server.url())).await;
     Backend {
         store,
         _servers: vec![server],
@@ -58,14 +65,12 @@ async fn redis() -> Backend {
 /// key and channel prefix instead.
 async fn redis_cluster(test: &str) -> Backend {
     let server = RedisServer::shared_cluster();
-    let config = StoreConfig::Redis {
-        url: String::new(),
-        sentinel: None,
-        cluster: Some(vec![server.url()]),
+    let store = connect(RedisConfig {
+        cluster: vec![Secret::new(server.url())],
         key_prefix: format!("{PREFIX}{test}:"),
-        timeout: Duration::from_secs(2),
-    };
-    let store = Store::connect(&config).await.unwrap();
+        ..redis_config(String::new())
+    })
+    .await;
     Backend {
         store,
         _servers: vec![],
@@ -75,14 +80,14 @@ async fn redis_cluster(test: &str) -> Backend {
 async fn redis_sentinel() -> Backend {
     let master = RedisServer::start();
     let sentinel = RedisServer::start_sentinel(&master, "main");
-    let config = StoreConfig::Redis {
-        url: String::new(),
-        sentinel: Some(("main".into(), vec![sentinel.url()])),
-        cluster: None,
-        key_prefix: PREFIX.into(),
-        timeout: Duration::from_secs(2),
-    };
-    let store = Store::connect(&config).await.unwrap();
+    let store = connect(RedisConfig {
+        sentinel: Some(SentinelConfig {
+            master: "main".into(),
+            nodes: vec![Secret::new(sentinel.url())],
+        }),
+        ..redis_config(String::new())
+    })
+    .await;
     Backend {
         store,
         _servers: vec![sentinel, master],
@@ -466,7 +471,7 @@ async fn redis_dump_reveals_no_token_session_id_or_cookie() {
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
     let server = RedisServer::start();
-    let store = Store::connect(&redis_config(server.url())).await.unwrap();
+    let store = connect(redis_config(server.url())).await;
     let manager = sessions(store, Duration::ZERO);
     let (cookie, loaded) = manager.create(session_with_tokens(), T0).await.unwrap();
     let mut updated = loaded.session.as_ref().clone();
@@ -532,7 +537,7 @@ async fn redis_dump_reveals_no_token_session_id_or_cookie() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_is_an_error_not_a_logout_and_the_session_survives_a_restart() {
     let mut server = RedisServer::start();
-    let store = Store::connect(&redis_config(server.url())).await.unwrap();
+    let store = connect(redis_config(server.url())).await;
     let manager = sessions(store.clone(), Duration::ZERO);
     let mut invalidations = manager.subscribe_invalidations();
     let (cookie, _) = manager.create(session_with_tokens(), T0).await.unwrap();
@@ -585,11 +590,11 @@ async fn redis_outage_is_an_error_not_a_logout_and_the_session_survives_a_restar
 async fn session_ended_on_one_instance_is_gone_on_another_within_100_ms() {
     let server = RedisServer::start();
     let a = sessions(
-        Store::connect(&redis_config(server.url())).await.unwrap(),
+        connect(redis_config(server.url())).await,
         Duration::from_secs(30),
     );
     let b = sessions(
-        Store::connect(&redis_config(server.url())).await.unwrap(),
+        connect(redis_config(server.url())).await,
         Duration::from_secs(30),
     );
     let (cookie, _) = a.create(session_with_tokens(), T0).await.unwrap();
@@ -612,9 +617,7 @@ async fn session_ended_on_one_instance_is_gone_on_another_within_100_ms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_url_speaks_tls_and_fails_closed_on_an_untrusted_certificate() {
     let server = RedisServer::start_tls();
-    let store = Store::connect(&redis_config(server.tls_url()))
-        .await
-        .unwrap();
+    let store = connect(redis_config(server.tls_url())).await;
     // The self-signed certificate is not among the trusted roots: every operation is an error,
     // never a plain-text fallback, never a panic, never "no such session".
     assert!(matches!(
@@ -625,7 +628,7 @@ async fn rediss_url_speaks_tls_and_fails_closed_on_an_untrusted_certificate() {
         store.get("k").await,
         Err(StoreError::Unavailable(_))
     ));
-    let plain = Store::connect(&redis_config(server.url())).await.unwrap();
+    let plain = connect(redis_config(server.url())).await;
     plain.put_new("k", b"v", LONG).await.unwrap();
     assert!(matches!(
         store.get("k").await,
@@ -644,7 +647,7 @@ fn redis_clients(url: &str) -> usize {
 async fn a_worker_handle_has_its_own_redis_connection_to_the_same_data() {
     let server = RedisServer::start();
     let url = server.url();
-    let store = Store::connect(&redis_config(url.clone())).await.unwrap();
+    let store = connect(redis_config(url.clone())).await;
     store.ping().await.unwrap();
     let before = redis_clients(&url);
 

@@ -29,7 +29,8 @@ use redis::{
 };
 use tokio::sync::{broadcast, watch};
 
-use super::{Record, StoreConfig, StoreError, redact_url, ttl_millis};
+use super::{Record, StoreError, redact_url, ttl_millis};
+use crate::config::{RedisConfig, Secret, SentinelConfig};
 
 /// Upper bound on establishing one connection (lowered to the operation timeout if that is
 /// shorter).
@@ -113,21 +114,20 @@ enum Op<'a> {
 }
 
 impl RedisStore {
-    /// Builds the connections from a `StoreConfig::Redis`. Connects lazily: only a bad
+    /// Builds the connections from `[session.redis]`. Connects lazily: only a bad
     /// configuration is an error here. Waits up to `DEFAULT_CONNECTION_TIMEOUT` for the pub/sub
     /// subscription so that a reachable server delivers messages published right after this.
-    pub async fn connect(config: &StoreConfig) -> Result<RedisStore, StoreError> {
-        let StoreConfig::Redis {
+    pub async fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
+        let RedisConfig {
             url,
             sentinel,
             cluster,
             key_prefix,
             timeout,
-        } = config
-        else {
-            return Err(StoreError::Config("not a Redis configuration".into()));
-        };
+        } = config;
+        let url = url.expose();
         let timeout = *timeout;
+        let cluster = (!cluster.is_empty()).then(|| exposed(cluster));
         let (connect_limit, response_limit) = limits(timeout);
         let (conn, source, description) = match (sentinel, cluster) {
             (Some(_), Some(_)) => {
@@ -135,7 +135,8 @@ impl RedisStore {
                     "choose either sentinel or cluster, not both".into(),
                 ));
             }
-            (Some((master, nodes)), None) => {
+            (Some(SentinelConfig { master, nodes }), None) => {
+                let nodes = &exposed(nodes);
                 let conn = Conn::Sentinel(Box::new(SentinelConn::new(
                     sentinel_client(url, master, nodes)?,
                     timeout,
@@ -150,10 +151,7 @@ impl RedisStore {
                 )
             }
             (None, Some(nodes)) => {
-                if nodes.is_empty() {
-                    return Err(StoreError::Config("the cluster node list is empty".into()));
-                }
-                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                let client = ClusterClient::builder(nodes.iter().copied())
                     .connection_timeout(connect_limit)
                     .response_timeout(response_limit)
                     .build()
@@ -165,7 +163,7 @@ impl RedisStore {
                 );
                 let clients = nodes
                     .iter()
-                    .map(|n| Client::open(n.as_str()).map_err(config_error))
+                    .map(|n| Client::open(*n).map_err(config_error))
                     .collect::<Result<Vec<_>, _>>()?;
                 let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
                 let description = format!("cluster {}", nodes.join(", "));
@@ -176,7 +174,7 @@ impl RedisStore {
                 )
             }
             (None, None) => {
-                let client = Client::open(url.as_str()).map_err(config_error)?;
+                let client = Client::open(url).map_err(config_error)?;
                 let manager = ConnectionManager::new_lazy_with_config(
                     client.clone(),
                     manager_config(timeout),
@@ -466,11 +464,12 @@ fn master_may_have_moved(err: &RedisError) -> bool {
 }
 
 /// A Sentinel client for the master, taking credentials, database and TLS from `url`.
-fn sentinel_client(
-    url: &str,
-    master: &str,
-    nodes: &[String],
-) -> Result<SentinelClient, StoreError> {
+/// The URLs of a node list, for the client builders.
+fn exposed(nodes: &[Secret]) -> Vec<&str> {
+    nodes.iter().map(Secret::expose).collect()
+}
+
+fn sentinel_client(url: &str, master: &str, nodes: &[&str]) -> Result<SentinelClient, StoreError> {
     if nodes.is_empty() {
         return Err(StoreError::Config("the sentinel node list is empty".into()));
     }
@@ -487,9 +486,13 @@ fn sentinel_client(
             node = node.set_tls_mode(mode);
         }
     }
-    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
-    SentinelClient::build(nodes, master, Some(node), SentinelServerType::Master)
-        .map_err(config_error)
+    SentinelClient::build(
+        nodes.to_vec(),
+        master,
+        Some(node),
+        SentinelServerType::Master,
+    )
+    .map_err(config_error)
 }
 
 /// The master's connection manager, found through Sentinel and forgotten after a failure that
