@@ -202,8 +202,10 @@ fn refresh_response(error: &RefreshError, login_url: String) -> Response<Body> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::session::store::Outage;
     use http_body_util::BodyExt;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     /// Everything logged while `f` runs, one line per event.
     fn logged(f: impl FnOnce()) -> String {
@@ -237,20 +239,17 @@ mod tests {
     #[tokio::test]
     async fn a_store_outage_is_a_503_whose_cause_is_logged_once_at_warn() {
         let error: RequestError =
-            StoreError::Unavailable("connection refused (redis 10.0.0.7:6379)".into()).into();
+            StoreError::Unavailable(Outage::TimedOut(Duration::from_millis(2500))).into();
         let mut response = None;
         let log = logged(|| response = Some(error.respond(Reader::Script)));
         let response = response.unwrap();
         assert_eq!(response.status(), 503);
         let text = body(response).await;
         assert!(text.contains("\"error\":\"store_unavailable\""), "{text}");
-        assert!(
-            !text.contains("connection refused"),
-            "the cause reached the body: {text}"
-        );
+        assert!(!text.contains("2.5s"), "the cause reached the body: {text}");
         let lines: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("connection refused"))
+            .filter(|l| l.contains("no answer within 2.5s"))
             .collect();
         assert_eq!(lines.len(), 1, "{log}");
         assert!(lines[0].contains("WARN"), "{log}");
@@ -259,7 +258,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_failure_during_a_refresh_is_logged_with_its_cause() {
         let error = RequestError::Refresh {
-            error: RefreshError::Store(StoreError::Unavailable("timed out".into()).into()),
+            error: RefreshError::Store(StoreError::Unavailable(Outage::UnexpectedPing).into()),
             login_url: "/bff/login".into(),
         };
         let mut response = None;
@@ -268,7 +267,7 @@ mod tests {
         assert_eq!(response.status(), 503);
         // API routes' token errors are JSON even for a navigation.
         assert!(body(response).await.contains("store_unavailable"));
-        assert_eq!(log.matches("timed out").count(), 1, "{log}");
+        assert_eq!(log.matches("PING was not answered").count(), 1, "{log}");
         assert!(log.contains("WARN"), "{log}");
     }
 

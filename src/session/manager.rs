@@ -24,7 +24,7 @@ use self::cache::Cache;
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
-use crate::session::store::{Store, StoreError};
+use crate::session::store::{Corruption, Store, StoreError};
 use std::sync::Arc;
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -215,7 +215,7 @@ impl Sessions {
         self.index(&key, &session).await?;
         let ttl = Duration::from_secs(self.seconds_left(&session, now));
         if !self.store.put_new(&key.name(), &record, ttl).await? {
-            return Err(StoreError::Corrupt("session id collision".into()).into());
+            return Err(StoreError::Corrupt(Corruption::IdCollision).into());
         }
         let cookie = keyring.seal(&self.cookie_name, &ticket.to_bytes())?;
         let loaded = OpenSession {

@@ -10,6 +10,7 @@ mod memory;
 mod redis;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
@@ -38,17 +39,56 @@ pub(crate) fn redact_url(url: &str) -> String {
 }
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone)]
 pub enum StoreError {
     /// The store could not be reached or did not answer in time; retry later, keep the session.
     #[error("session store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Outage),
     /// A key holds something this code did not write.
     #[error("session store holds an unexpected value: {0}")]
-    Corrupt(String),
-    /// The configuration cannot work (bad URL, empty node list).
+    Corrupt(Corruption),
+    /// The configuration cannot work.
     #[error("session store configuration: {0}")]
-    Config(String),
+    Config(Misconfiguration),
+}
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum Outage {
+    /// `[session.redis] timeout` passed, waiting for a reconnect included.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("PING was not answered with PONG")]
+    UnexpectedPing,
+    #[error(transparent)]
+    Redis(Arc<::redis::RedisError>),
+}
+
+/// What the store holds that this code did not write.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum Corruption {
+    /// A key written as one kind (record, set, lock) read as another.
+    #[error("a key holds another kind of value")]
+    WrongType,
+    /// A record with a version but no value, or the reverse.
+    #[error("a record is incomplete")]
+    Incomplete,
+    /// A fresh random session id was already taken.
+    #[error("session id collision")]
+    IdCollision,
+    #[error(transparent)]
+    Redis(Arc<::redis::RedisError>),
+}
+
+/// A store configuration that cannot work.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum Misconfiguration {
+    #[error("choose either sentinel or cluster, not both")]
+    SentinelAndCluster,
+    #[error("the sentinel node list is empty")]
+    NoSentinels,
+    #[error(transparent)]
+    Redis(Arc<::redis::RedisError>),
 }
 
 /// A stored value and its version (1 when created, +1 on every successful compare-and-set).
@@ -246,7 +286,7 @@ mod tests {
             !text.contains("hunter2") && !text.contains("s3cret") && !text.contains("pw-c"),
             "{text}"
         );
-        assert!(text.contains("rediss://***@redis:6380/0"), "{text}");
+        assert!(text.contains("url: [redacted]"), "{text}");
     }
 
     #[test]

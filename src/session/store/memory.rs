@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::{Record, StoreError};
+use super::{Corruption, Record, StoreError};
 
 /// Messages buffered per channel for a slow subscriber before it sees `Lagged`.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -124,8 +124,8 @@ impl State {
     }
 }
 
-fn wrong_type(key: &str) -> StoreError {
-    StoreError::Corrupt(format!("key {key} holds another kind of value"))
+fn wrong_type() -> StoreError {
+    StoreError::Corrupt(Corruption::WrongType)
 }
 
 impl MemoryStore {
@@ -174,7 +174,7 @@ impl MemoryStore {
                 kind: Kind::Record(record),
                 ..
             }) => Ok(Some(record.clone())),
-            Some(_) => Err(wrong_type(key)),
+            Some(_) => Err(wrong_type()),
         }
     }
 
@@ -212,7 +212,7 @@ impl MemoryStore {
                 kind: Kind::Record(record),
                 ..
             }) => record.version,
-            Some(_) => return Err(wrong_type(key)),
+            Some(_) => return Err(wrong_type()),
         };
         if version != expected_version {
             return Ok(false);
@@ -260,7 +260,7 @@ impl MemoryStore {
                 members.insert(member.to_owned());
                 Some(*current)
             }
-            Some(_) => return Err(wrong_type(index_key)),
+            Some(_) => return Err(wrong_type()),
             None => None,
         };
         match current {
@@ -285,7 +285,7 @@ impl MemoryStore {
                 kind: Kind::Set(members),
                 ..
             }) => Ok(members.iter().cloned().collect()),
-            Some(_) => Err(wrong_type(index_key)),
+            Some(_) => Err(wrong_type()),
         }
     }
 
@@ -300,7 +300,7 @@ impl MemoryStore {
                 members.remove(member);
                 members.is_empty()
             }
-            Some(_) => return Err(wrong_type(index_key)),
+            Some(_) => return Err(wrong_type()),
         };
         if now_empty {
             state.remove(index_key);

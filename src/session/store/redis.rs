@@ -29,7 +29,7 @@ use redis::{
 };
 use tokio::sync::{broadcast, watch};
 
-use super::{Record, StoreError, redact_url, ttl_millis};
+use super::{Corruption, Misconfiguration, Outage, Record, StoreError, redact_url, ttl_millis};
 use crate::config::{RedisConfig, Secret, SentinelConfig};
 
 /// Upper bound on establishing one connection (lowered to the operation timeout if that is
@@ -131,9 +131,7 @@ impl RedisStore {
         let (connect_limit, response_limit) = limits(timeout);
         let (conn, source, description) = match (sentinel, cluster) {
             (Some(_), Some(_)) => {
-                return Err(StoreError::Config(
-                    "choose either sentinel or cluster, not both".into(),
-                ));
+                return Err(StoreError::Config(Misconfiguration::SentinelAndCluster));
             }
             (Some(SentinelConfig { master, nodes }), None) => {
                 let nodes = &exposed(nodes);
@@ -246,10 +244,10 @@ impl RedisStore {
         };
         match tokio::time::timeout(self.inner.timeout, attempts).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(store_error(&err)),
-            Err(_) => Err(StoreError::Unavailable(
-                "Redis did not answer in time".into(),
-            )),
+            Ok(Err(err)) => Err(store_error(err)),
+            Err(_) => Err(StoreError::Unavailable(Outage::TimedOut(
+                self.inner.timeout,
+            ))),
         }
     }
 
@@ -284,7 +282,7 @@ impl RedisStore {
         match (version, value) {
             (Some(version), Some(value)) => Ok(Some(Record { version, value })),
             (None, None) => Ok(None),
-            _ => Err(StoreError::Corrupt(format!("record {key} is incomplete"))),
+            _ => Err(StoreError::Corrupt(Corruption::Incomplete)),
         }
     }
 
@@ -412,7 +410,7 @@ impl RedisStore {
         if reply == "PONG" {
             Ok(())
         } else {
-            Err(StoreError::Unavailable("unexpected PING reply".into()))
+            Err(StoreError::Unavailable(Outage::UnexpectedPing))
         }
     }
 }
@@ -445,14 +443,14 @@ fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
 }
 
 fn config_error(err: RedisError) -> StoreError {
-    StoreError::Config(err.to_string())
+    StoreError::Config(Misconfiguration::Redis(Arc::new(err)))
 }
 
-fn store_error(err: &RedisError) -> StoreError {
+fn store_error(err: RedisError) -> StoreError {
     if err.code() == Some("WRONGTYPE") || err.kind() == ErrorKind::UnexpectedReturnType {
-        return StoreError::Corrupt(err.to_string());
+        return StoreError::Corrupt(Corruption::Redis(Arc::new(err)));
     }
-    StoreError::Unavailable(err.to_string())
+    StoreError::Unavailable(Outage::Redis(Arc::new(err)))
 }
 
 fn master_may_have_moved(err: &RedisError) -> bool {
@@ -471,7 +469,7 @@ fn exposed(nodes: &[Secret]) -> Vec<&str> {
 
 fn sentinel_client(url: &str, master: &str, nodes: &[&str]) -> Result<SentinelClient, StoreError> {
     if nodes.is_empty() {
-        return Err(StoreError::Config("the sentinel node list is empty".into()));
+        return Err(StoreError::Config(Misconfiguration::NoSentinels));
     }
     let mut node = SentinelNodeConnectionInfo::default();
     if !url.is_empty() {
