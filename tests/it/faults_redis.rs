@@ -94,19 +94,13 @@ impl Replicas {
     /// `SESSIONS` new sessions (through the first replica); their `Cookie` headers.
     async fn sessions(&self) -> Vec<String> {
         let app = &self.proxies[0].app;
-        let name = app.live.load().config.session.cookie_name.clone();
         let mut cookies = Vec::new();
         for i in 0..SESSIONS {
             let session = Session {
                 sub: format!("user-{i}"),
                 ..Session::default()
             };
-            let (value, _) = app
-                .sessions
-                .create(session, vestibule::app::now())
-                .await
-                .unwrap();
-            cookies.push(format!("{name}={value}"));
+            cookies.push(session_cookie(app, session).await);
         }
         cookies
     }
@@ -431,19 +425,12 @@ async fn a_lost_pubsub_connection_keeps_sessions_out_of_the_cache_until_it_is_ba
         async move { (n == 2).then_some(()) }
     })
     .await;
-    let name = a.app.live.load().config.session.cookie_name.clone();
     eventually("the cache is in use again", HANG, || async {
         let session = Session {
             sub: "carol".into(),
             ..Session::default()
         };
-        let (value, _) = b
-            .app
-            .sessions
-            .create(session, vestibule::app::now())
-            .await
-            .unwrap();
-        let cookie = format!("{name}={value}");
+        let cookie = b.session_cookie(session).await;
         assert_eq!(get(&url, &[("cookie", &cookie)]).await.status, 200);
         // Removed behind the proxies' backs (no message): only a cache can still have it.
         let mut direct = redis_connection(&redis);

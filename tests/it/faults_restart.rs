@@ -213,18 +213,6 @@ impl Load {
     }
 }
 
-/// Like `wrk`: each connection sends its next request the moment the previous answer is read,
-/// and opens a new connection only when told `Connection: close` or when the old one is gone.
-/// A request lost on a connection that had already been answered on (kept alive) is a failure:
-/// the server must say `Connection: close` rather than drop such a connection. A request lost
-/// on a brand-new connection was never accepted (it raced the listener closing) and goes to the
-/// other replica, as a balancer would send it.
-struct RawLoad {
-    stop: Arc<AtomicBool>,
-    sent: Arc<Mutex<Vec<Sent>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
 /// One request on `tcp`; `Err` if the connection ended before a whole answer.
 async fn raw_request(tcp: &mut tokio::net::TcpStream, id: u64) -> Result<(u16, bool), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -260,8 +248,14 @@ async fn raw_request(tcp: &mut tokio::net::TcpStream, id: u64) -> Result<(u16, b
         .map_err(|_| "no answer in time".to_string())?
 }
 
-impl RawLoad {
-    fn start(ports: [u16; 2]) -> RawLoad {
+impl Load {
+    /// Like `wrk`: each connection sends its next request the moment the previous answer is read,
+    /// and opens a new connection only when told `Connection: close` or when the old one is gone.
+    /// A request lost on a connection that had already been answered on (kept alive) is a failure:
+    /// the server must say `Connection: close` rather than drop such a connection. A request lost
+    /// on a brand-new connection was never accepted (it raced the listener closing) and goes to the
+    /// other replica, as a balancer would send it.
+    fn raw(ports: [u16; 2]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(Mutex::new(Vec::new()));
         let next = Arc::new(AtomicU64::new(0));
@@ -329,27 +323,7 @@ impl RawLoad {
                 })
             })
             .collect();
-        RawLoad { stop, sent, tasks }
-    }
-
-    fn count(&self) -> usize {
-        self.sent.lock().unwrap().len()
-    }
-
-    async fn run_for(&self, more: usize) {
-        let target = self.count() + more;
-        eventually("the load makes progress", DEADLINE, || async {
-            (self.count() >= target).then_some(())
-        })
-        .await;
-    }
-
-    async fn finish(self) -> Vec<Sent> {
-        self.stop.store(true, Ordering::SeqCst);
-        for task in self.tasks {
-            task.await.unwrap();
-        }
-        Arc::try_unwrap(self.sent).unwrap().into_inner().unwrap()
+        Load { stop, sent, tasks }
     }
 }
 
@@ -382,7 +356,7 @@ async fn sigterm_under_load_flips_readyz_first_finishes_in_flight_requests_and_l
     let mut a = Replica::start(&idp.issuer, &up_a).await;
     let b = Replica::start(&idp.issuer, &up_b).await;
 
-    let load = RawLoad::start([a.port, b.port]);
+    let load = Load::raw([a.port, b.port]);
     load.run_for(100).await;
     // A slow request in flight on a kept-alive connection when the signal comes.
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", a.port)).unwrap();

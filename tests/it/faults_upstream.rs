@@ -161,6 +161,33 @@ async fn read_request(tcp: &mut TcpStream) -> Option<String> {
     Some(line.rsplit_once(' ').map_or(line, |(l, _)| l).to_string())
 }
 
+/// A misbehaving upstream, a proxy in front of it and a client with its own connection pool.
+struct Scene {
+    raw: Raw,
+    proxy: Proxy,
+    client: TestClient,
+}
+
+impl Scene {
+    async fn start() -> Scene {
+        let raw = Raw::start().await;
+        let proxy = proxy_for(&raw).await;
+        Scene {
+            raw,
+            proxy,
+            client: client(),
+        }
+    }
+}
+
+/// The proxy closes its one connection to the upstream (`what` happened).
+async fn let_go_of_one(raw: &Raw, what: &str) {
+    eventually(what, DEADLINE, || async {
+        (raw.let_go() == 1).then_some(())
+    })
+    .await;
+}
+
 /// One worker, so that every request shares one upstream pool.
 async fn proxy_for(raw: &Raw) -> Proxy {
     let routes = format!(
@@ -224,9 +251,7 @@ async fn request(client: &TestClient, method: &str, url: &str) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_reset_before_its_head_is_complete_is_a_502_json() {
-    let raw = Raw::start().await;
-    let proxy = proxy_for(&raw).await;
-    let client = client();
+    let Scene { raw, proxy, client } = Scene::start().await;
     let reply = request(&client, "GET", &proxy.url("/api/reset-head")).await;
     assert_error(&reply, 502, "upstream_unavailable", &raw);
     still_serves(&client, &proxy).await;
@@ -234,9 +259,11 @@ async fn an_upstream_reset_before_its_head_is_complete_is_a_502_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_reset_mid_body_cuts_the_response_off_instead_of_completing_it() {
-    let raw = Raw::start().await;
-    let proxy = proxy_for(&raw).await;
-    let client = client();
+    let Scene {
+        raw: _raw,
+        proxy,
+        client,
+    } = Scene::start().await;
     let req = http::Request::get(proxy.url("/api/reset-body"))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -255,9 +282,7 @@ async fn an_upstream_reset_mid_body_cuts_the_response_off_instead_of_completing_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_trickling_its_headers_is_a_504_within_the_route_timeout() {
-    let raw = Raw::start().await;
-    let proxy = proxy_for(&raw).await;
-    let client = client();
+    let Scene { raw, proxy, client } = Scene::start().await;
     let started = Instant::now();
     let reply = request(&client, "GET", &proxy.url("/api/slow-head")).await;
     let waited = started.elapsed();
@@ -266,36 +291,22 @@ async fn an_upstream_trickling_its_headers_is_a_504_within_the_route_timeout() {
         waited >= ROUTE_TIMEOUT && waited < ROUTE_TIMEOUT + Duration::from_secs(1),
         "answered after {waited:?}"
     );
-    eventually(
-        "the proxy let go of the slow upstream connection",
-        DEADLINE,
-        || async { (raw.let_go() == 1).then_some(()) },
-    )
-    .await;
+    let_go_of_one(&raw, "the proxy let go of the slow upstream connection").await;
     still_serves(&client, &proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_answering_garbage_is_a_502_and_its_connection_is_closed() {
-    let raw = Raw::start().await;
-    let proxy = proxy_for(&raw).await;
-    let client = client();
+    let Scene { raw, proxy, client } = Scene::start().await;
     let reply = request(&client, "GET", &proxy.url("/api/garbage")).await;
     assert_error(&reply, 502, "upstream_unavailable", &raw);
-    eventually(
-        "the proxy closed the garbage connection",
-        DEADLINE,
-        || async { (raw.let_go() == 1).then_some(()) },
-    )
-    .await;
+    let_go_of_one(&raw, "the proxy closed the garbage connection").await;
     still_serves(&client, &proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_request_lost_on_a_reused_connection_is_sent_again_on_a_new_one() {
-    let raw = Raw::start().await;
-    let proxy = proxy_for(&raw).await;
-    let client = client();
+    let Scene { raw, proxy, client } = Scene::start().await;
     // A pooled upstream connection, then the upstream closes it as the next request arrives.
     assert_eq!(
         request(&client, "GET", &proxy.url("/api/ok")).await.status,
@@ -313,9 +324,7 @@ async fn an_idempotent_request_lost_on_a_reused_connection_is_sent_again_on_a_ne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_lost_on_a_reused_connection_is_a_502_and_is_never_sent_twice() {
-    let raw = Raw::start().await;
-    let proxy = proxy_for(&raw).await;
-    let client = client();
+    let Scene { raw, proxy, client } = Scene::start().await;
     assert_eq!(
         request(&client, "GET", &proxy.url("/api/ok")).await.status,
         200

@@ -361,22 +361,7 @@ async fn alice_session(proxy: &Proxy) -> String {
         sid: Some("session-1".into()),
         ..Session::default()
     };
-    let (cookie, _) = proxy
-        .app
-        .sessions
-        .create(session, vestibule::app::now())
-        .await
-        .unwrap();
-    format!("vestibule={cookie}")
-}
-
-async fn alive(proxy: &Proxy, cookie: &str) -> bool {
-    let r = get(
-        &proxy.url("/bff/user"),
-        &[("cookie", cookie), ("x-csrf", "1")],
-    )
-    .await;
-    r.status == 200
+    proxy.session_cookie(session).await
 }
 
 #[tokio::test]
@@ -387,7 +372,7 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
     let proxy = start_proxy(&login_config(port, &issuer, "")).await;
     wait_ready(&proxy).await;
     let cookie = alice_session(&proxy).await;
-    assert!(alive(&proxy, &cookie).await);
+    assert!(proxy.signed_in(&cookie).await);
 
     let now = vestibule::app::now();
     let valid = |jti: &str| {
@@ -468,7 +453,7 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
         let r = post_logout_token(&proxy, token).await;
         assert_eq!(r.status, 400, "{what} was accepted: {}", r.text());
         assert_eq!(r.header("cache-control"), Some("no-store"), "{what}");
-        assert!(alive(&proxy, &cookie).await, "{what} ended the session");
+        assert!(proxy.signed_in(&cookie).await, "{what} ended the session");
     }
     let empty = post_logout_token(&proxy, "").await;
     assert_eq!(empty.status, 400);
@@ -478,20 +463,20 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
     let r = post_logout_token(&proxy, &token).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
-        !alive(&proxy, &cookie).await,
+        !proxy.signed_in(&cookie).await,
         "the valid token ended nothing"
     );
     let second = alice_session(&proxy).await;
     let replayed = post_logout_token(&proxy, &token).await;
     assert_eq!(replayed.status, 400, "a replayed jti was accepted");
-    assert!(alive(&proxy, &second).await, "the replay ended a session");
+    assert!(proxy.signed_in(&second).await, "the replay ended a session");
 
     // A token with only `sub` ends all of that user's sessions.
     let mut c = valid("j-sub");
     c.as_object_mut().unwrap().remove("sid");
     let r = post_logout_token(&proxy, &sign(&c)).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(!alive(&proxy, &second).await);
+    assert!(!proxy.signed_in(&second).await);
 }
 
 #[tokio::test]

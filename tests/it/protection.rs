@@ -468,18 +468,6 @@ async fn cors_preflights_are_answered_for_listed_origins_only() {
     assert_eq!(plain.status, 200);
 }
 
-/// A session created directly in the store (no provider needed), and its cookie header.
-async fn direct_session(proxy: &Proxy, session: Session) -> String {
-    let (cookie, _) = proxy
-        .app
-        .sessions
-        .create(session, vestibule::app::now())
-        .await
-        .unwrap();
-    let name = proxy.app.live.load().config.session.cookie_name.clone();
-    format!("{name}={cookie}")
-}
-
 #[tokio::test]
 async fn the_remaining_error_codes_are_produced() {
     let up = upstream::start().await;
@@ -523,7 +511,7 @@ async fn the_remaining_error_codes_are_produced() {
             scope: None,
         },
     );
-    let cookie = direct_session(&proxy, session).await;
+    let cookie = proxy.session_cookie(session).await;
     let expired = get(
         &proxy.url("/api/x"),
         &[("cookie", cookie.as_str()), ("x-csrf", "1")],
@@ -552,7 +540,7 @@ async fn the_remaining_error_codes_are_produced() {
             scope: None,
         },
     );
-    let cookie = direct_session(&proxy, fresh).await;
+    let cookie = proxy.session_cookie(fresh).await;
     let ok = get(
         &proxy.url("/api/x"),
         &[("cookie", cookie.as_str()), ("x-csrf", "1")],
@@ -573,14 +561,12 @@ async fn a_store_outage_is_503_and_ends_no_session() {
         redis.url()
     ));
     let proxy = start_proxy(&text).await;
-    let cookie = direct_session(
-        &proxy,
-        Session {
+    let cookie = proxy
+        .session_cookie(Session {
             sub: "carol".into(),
             ..Session::default()
-        },
-    )
-    .await;
+        })
+        .await;
     let url = proxy.url("/bff/user");
     let headers = [("cookie", cookie.as_str()), ("x-csrf", "1")];
     let user = || get(&url, &headers);

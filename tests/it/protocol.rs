@@ -292,23 +292,7 @@ async fn session(c: &Case, sub: &str, sid: &str) -> String {
         sid: Some(sid.into()),
         ..Session::default()
     };
-    let (cookie, _) = c
-        .proxy
-        .app
-        .sessions
-        .create(session, vestibule::app::now())
-        .await
-        .unwrap();
-    format!("vestibule={cookie}")
-}
-
-async fn alive(c: &Case, cookie: &str) -> bool {
-    let r = get(
-        &c.proxy.url("/bff/user"),
-        &[("cookie", cookie), ("x-csrf", "1")],
-    )
-    .await;
-    r.status == 200
+    c.proxy.session_cookie(session).await
 }
 
 async fn post_logout(c: &Case, jti: &str, sid: &str, sub: &str) -> Reply {
@@ -340,17 +324,33 @@ async fn a_logout_token_with_sid_and_sub_ends_that_sid_or_else_that_sub() {
     let first = session(&c, "alice", "session-1").await;
     let second = session(&c, "alice", "session-2").await;
     let bob = session(&c, "bob", "session-3").await;
-    assert!(alive(&c, &first).await && alive(&c, &second).await && alive(&c, &bob).await);
+    assert!(
+        c.proxy.signed_in(&first).await
+            && c.proxy.signed_in(&second).await
+            && c.proxy.signed_in(&bob).await
+    );
 
     // The sid has a session: only that one ends.
     let r = post_logout(&c, "j-1", "session-1", "alice").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(!alive(&c, &first).await, "the session of the sid lives on");
-    assert!(alive(&c, &second).await, "another session of the sub ended");
+    assert!(
+        !c.proxy.signed_in(&first).await,
+        "the session of the sid lives on"
+    );
+    assert!(
+        c.proxy.signed_in(&second).await,
+        "another session of the sub ended"
+    );
 
     // No session has the sid: the sub's sessions end, and nobody else's.
     let r = post_logout(&c, "j-2", "session-unknown", "alice").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(!alive(&c, &second).await, "the sub's session lives on");
-    assert!(alive(&c, &bob).await, "another user's session ended");
+    assert!(
+        !c.proxy.signed_in(&second).await,
+        "the sub's session lives on"
+    );
+    assert!(
+        c.proxy.signed_in(&bob).await,
+        "another user's session ended"
+    );
 }

@@ -83,6 +83,32 @@ impl Proxy {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+
+    /// A session made directly in the store (no provider needed), as a `Cookie` header value.
+    pub async fn session_cookie(&self, session: vestibule::session::Session) -> String {
+        session_cookie(&self.app, session).await
+    }
+
+    /// Whether `/bff/user` knows the session of `cookie`.
+    pub async fn signed_in(&self, cookie: &str) -> bool {
+        let user = get(
+            &self.url("/bff/user"),
+            &[("cookie", cookie), ("x-csrf", "1")],
+        )
+        .await;
+        user.status == 200
+    }
+}
+
+/// A session made directly in `app`'s store, as a `Cookie` header value.
+pub async fn session_cookie(app: &App, session: vestibule::session::Session) -> String {
+    let (value, _) = app
+        .sessions
+        .create(session, vestibule::app::now())
+        .await
+        .unwrap();
+    let name = app.live.load().config.session.cookie_name.clone();
+    format!("{name}={value}")
 }
 
 /// Starts the proxy in-process; the config file is written to a temp dir (for reload tests).
