@@ -295,17 +295,7 @@ async fn token_exchange_routes_get_a_token_for_their_resource() {
     )
     .await;
     assert_eq!(done.status, 302);
-    let session = done
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .find(|v| v.starts_with("vestibule="))
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let session = done.session_cookie();
     for _ in 0..2 {
         let r = get(
             &c.proxy.url("/orders/1"),

@@ -36,13 +36,25 @@ const HUNG: u8 = 1;
 /// whose refresh grant issues `at-N` / `rt-N`.
 struct Idp {
     addr: SocketAddr,
-    issuer: String,
-    jwks: Vec<u8>,
-    mode: Arc<AtomicU8>,
-    calls: Arc<AtomicUsize>,
-    grants: Arc<AtomicUsize>,
+    state: Arc<IdpState>,
     /// The listener and every connection task, aborted by [`Idp::down`].
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+/// What every connection of the provider shares.
+struct IdpState {
+    issuer: String,
+    jwks: Vec<u8>,
+    mode: AtomicU8,
+    calls: AtomicUsize,
+    grants: AtomicUsize,
+}
+
+impl std::ops::Deref for Idp {
+    type Target = IdpState;
+    fn deref(&self) -> &IdpState {
+        &self.state
+    }
 }
 
 impl Idp {
@@ -52,11 +64,13 @@ impl Idp {
         drop(probe);
         let idp = Idp {
             addr,
-            issuer: format!("http://{addr}"),
-            jwks,
-            mode: Arc::new(AtomicU8::new(UP)),
-            calls: Arc::default(),
-            grants: Arc::default(),
+            state: Arc::new(IdpState {
+                issuer: format!("http://{addr}"),
+                jwks,
+                mode: AtomicU8::new(UP),
+                calls: AtomicUsize::new(0),
+                grants: AtomicUsize::new(0),
+            }),
             tasks: Arc::default(),
         };
         idp.up();
@@ -82,37 +96,20 @@ impl Idp {
                 Err(error) => panic!("the provider could not listen again: {error}"),
             }
         };
-        let (issuer, jwks, mode, calls, grants, tasks) = (
-            self.issuer.clone(),
-            self.jwks.clone(),
-            self.mode.clone(),
-            self.calls.clone(),
-            self.grants.clone(),
-            self.tasks.clone(),
-        );
+        let (state, tasks) = (self.state.clone(), self.tasks.clone());
         let accept = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (issuer, jwks, mode, calls, grants) = (
-                    issuer.clone(),
-                    jwks.clone(),
-                    mode.clone(),
-                    calls.clone(),
-                    grants.clone(),
-                );
+                let state = state.clone();
                 let service = service_fn(move |req| {
-                    let (issuer, jwks, mode, calls, grants) = (
-                        issuer.clone(),
-                        jwks.clone(),
-                        mode.clone(),
-                        calls.clone(),
-                        grants.clone(),
-                    );
+                    let state = state.clone();
                     async move {
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        if mode.load(Ordering::SeqCst) == HUNG {
+                        state.calls.fetch_add(1, Ordering::SeqCst);
+                        if state.mode.load(Ordering::SeqCst) == HUNG {
                             std::future::pending::<()>().await;
                         }
-                        Ok::<_, Infallible>(answer(req, &issuer, &jwks, &grants).await)
+                        Ok::<_, Infallible>(
+                            answer(req, &state.issuer, &state.jwks, &state.grants).await,
+                        )
                     }
                 });
                 let conn = tokio::spawn(async move {

@@ -121,6 +121,19 @@ struct Sent {
     at: Instant,
 }
 
+impl Sent {
+    fn unanswered(id: u64) -> Sent {
+        Sent {
+            id,
+            by: None,
+            status: 0,
+            closes: false,
+            missed: None,
+            at: Instant::now(),
+        }
+    }
+}
+
 /// A bounded loop of concurrent keep-alive requests to `urls[0]`, falling back to `urls[1]`
 /// for requests the first never answered.
 struct Load {
@@ -164,14 +177,7 @@ impl Load {
                             break;
                         }
                         let id = next.fetch_add(1, Ordering::SeqCst);
-                        let mut record = Sent {
-                            id,
-                            by: None,
-                            status: 0,
-                            closes: false,
-                            missed: None,
-                            at: Instant::now(),
-                        };
+                        let mut record = Sent::unanswered(id);
                         for (i, url) in urls.iter().enumerate() {
                             match attempt(&clients[i], url, id).await {
                                 Ok((status, closes)) => {
@@ -270,14 +276,7 @@ impl Load {
                             break;
                         }
                         let id = next.fetch_add(1, Ordering::SeqCst);
-                        let mut record = Sent {
-                            id,
-                            by: None,
-                            status: 0,
-                            closes: false,
-                            missed: None,
-                            at: Instant::now(),
-                        };
+                        let mut record = Sent::unanswered(id);
                         let mut first = 0;
                         loop {
                             if open.is_none() {

@@ -38,13 +38,7 @@ async fn full_login_flow(s: &Stack) {
     let done = browser.login(&s.base, "alice", "alice", "/app?tab=2").await;
     assert_eq!(done.status, 302);
     assert_eq!(done.header("location"), Some("/app?tab=2"));
-    let cookie = done
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .find(|c| c.starts_with("vestibule="))
-        .unwrap();
+    let cookie = done.set_cookie("vestibule").unwrap().to_string();
     assert!(
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax") && cookie.contains("Path=/"),
         "{cookie}"

@@ -382,30 +382,22 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
     };
     let sign =
         |claims: &serde_json::Value| signer.token(TestKey::Rsa1).typ("logout+jwt").sign(claims);
+    let forged = |forgery: Forgery, jti: &str| {
+        signer
+            .token(TestKey::Rsa1)
+            .typ("logout+jwt")
+            .forge(forgery)
+            .sign(&valid(jti))
+    };
     let mut hostile: Vec<(&str, String)> = vec![
-        (
-            "bad signature",
-            signer
-                .token(TestKey::Rsa1)
-                .typ("logout+jwt")
-                .forge(Forgery::BadSignature)
-                .sign(&valid("j-sig")),
-        ),
-        (
-            "alg none",
-            signer
-                .token(TestKey::Rsa1)
-                .typ("logout+jwt")
-                .forge(Forgery::AlgNone)
-                .sign(&valid("j-none")),
-        ),
+        ("bad signature", forged(Forgery::BadSignature, "j-sig")),
+        ("alg none", forged(Forgery::AlgNone, "j-none")),
         (
             "HS256 with the client secret",
-            signer
-                .token(TestKey::Rsa1)
-                .typ("logout+jwt")
-                .forge(Forgery::Hs256WithSecret(b"vestibule-secret".to_vec()))
-                .sign(&valid("j-hs")),
+            forged(
+                Forgery::Hs256WithSecret(b"vestibule-secret".to_vec()),
+                "j-hs",
+            ),
         ),
         (
             "unknown key",

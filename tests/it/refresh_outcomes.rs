@@ -93,16 +93,7 @@ impl Case {
         )
         .await;
         assert_eq!(done.status, 302, "{}", done.text());
-        done.headers
-            .get_all("set-cookie")
-            .iter()
-            .map(|v| v.to_str().unwrap())
-            .find(|v| v.starts_with("vestibule="))
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string()
+        done.session_cookie()
     }
 
     async fn get(&self, cookie: &str, path: &str) -> Reply {

@@ -171,6 +171,34 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// The whole `Set-Cookie` value that sets cookie `name`.
+    pub fn set_cookie(&self, name: &str) -> Option<&str> {
+        let prefix = format!("{name}=");
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with(&prefix))
+    }
+
+    /// The `name=value` pair of the session cookie set by this answer, for a `Cookie` header.
+    pub fn session_cookie(&self) -> String {
+        let set = self.set_cookie("vestibule").expect("no session cookie set");
+        set.split(';').next().unwrap().to_string()
+    }
+}
+
+/// Resident memory of a process (`"self"` or a pid), in KiB.
+pub fn rss_kib(process: impl std::fmt::Display) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Sends a request and reads the whole response.
