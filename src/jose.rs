@@ -67,7 +67,7 @@ pub enum JoseError {
     #[error("no suitable key for the token in the provider's key set")]
     UnknownKey,
     #[error("the provider's key set is unavailable: {0}")]
-    KeySetUnavailable(String),
+    KeySetUnavailable(KeySetFault),
     #[error("the token's signature does not verify")]
     BadSignature,
     #[error("the token was issued by another issuer")]
@@ -100,6 +100,23 @@ pub enum JoseError {
     SubjectChanged,
     #[error("the ID token's at_hash does not match the access token")]
     AtHashMismatch,
+}
+
+/// Why the provider's key set could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeySetFault {
+    /// Nothing was ever fetched, and a fetch was tried too recently to try again.
+    #[error("no key set loaded yet")]
+    NotLoaded,
+    #[error("the fetch timed out")]
+    TimedOut,
+    /// The fetcher's own error (the provider unreachable, an HTTP status).
+    #[error("{0}")]
+    Fetch(crate::reply::Cause),
+    #[error("the key set is not JSON")]
+    NotJson,
+    #[error("the key set has no \"keys\" array")]
+    NoKeys,
 }
 
 impl JoseError {

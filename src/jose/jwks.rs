@@ -19,16 +19,17 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::JoseError;
 use super::jws::allowed_algorithm;
+use super::{JoseError, KeySetFault};
+use crate::reply::Cause;
 
 /// How long one fetch may take before it counts as failed (the refetch lock is held meanwhile).
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Gets the raw JWKS document (the body of the provider's `jwks_uri`). Errors are short texts
-/// for the log (e.g. the HTTP status); they must not contain secrets.
+/// Gets the raw JWKS document (the body of the provider's `jwks_uri`). Its errors are logged: they
+/// must not contain secrets.
 pub trait JwksFetcher: Send + Sync + 'static {
-    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>>;
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, Cause>> + Send + '_>>;
 }
 
 /// The cached key set of one provider. Cheap to share behind an `Arc`.
@@ -105,7 +106,7 @@ impl Jwks {
         let now = Instant::now();
         if last_refetch.is_some_and(|at| now.duration_since(at) < self.min_refetch_interval) {
             return Err(match current.generation {
-                0 => JoseError::KeySetUnavailable("no key set loaded yet".to_owned()),
+                0 => JoseError::KeySetUnavailable(KeySetFault::NotLoaded),
                 _ => JoseError::UnknownKey,
             });
         }
@@ -118,8 +119,8 @@ impl Jwks {
     async fn fetch_and_store(&self) -> Result<(), JoseError> {
         let body = match tokio::time::timeout(DEFAULT_FETCH_TIMEOUT, self.fetcher.fetch()).await {
             Ok(Ok(body)) => body,
-            Ok(Err(why)) => return Err(JoseError::KeySetUnavailable(why)),
-            Err(_) => return Err(JoseError::KeySetUnavailable("fetch timed out".to_owned())),
+            Ok(Err(cause)) => return Err(JoseError::KeySetUnavailable(KeySetFault::Fetch(cause))),
+            Err(_) => return Err(JoseError::KeySetUnavailable(KeySetFault::TimedOut)),
         };
         let keys = parse_key_set(&body)?;
         let generation = self.keys.load().generation + 1;
@@ -172,13 +173,12 @@ impl Key {
 }
 
 fn parse_key_set(body: &[u8]) -> Result<Vec<Key>, JoseError> {
-    let unavailable = |why: &str| JoseError::KeySetUnavailable(why.to_owned());
-    let document: Value =
-        serde_json::from_slice(body).map_err(|_| unavailable("the key set is not JSON"))?;
+    let document: Value = serde_json::from_slice(body)
+        .map_err(|_| JoseError::KeySetUnavailable(KeySetFault::NotJson))?;
     let keys = document
         .get("keys")
         .and_then(Value::as_array)
-        .ok_or_else(|| unavailable("the key set has no \"keys\" array"))?;
+        .ok_or(JoseError::KeySetUnavailable(KeySetFault::NoKeys))?;
     Ok(keys
         .iter()
         .filter_map(Value::as_object)
@@ -338,15 +338,18 @@ mod tests {
     async fn a_broken_key_set_keeps_the_old_keys_in_use() {
         let signer = TestSigner::new();
         let (fetcher, jwks) = loaded(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")]), MINUTE).await;
-        for (body, why) in [(b"<html>".to_vec(), "not JSON"), (b"{}".to_vec(), "keys")] {
+        for (body, why) in [
+            (b"<html>".to_vec(), KeySetFault::NotJson),
+            (b"{}".to_vec(), KeySetFault::NoKeys),
+        ] {
             fetcher.set(body);
-            let err = jwks.load().await.unwrap_err();
-            assert!(matches!(&err, JoseError::KeySetUnavailable(text) if text.contains(why)));
+            assert_eq!(jwks.load().await, Err(JoseError::KeySetUnavailable(why)));
         }
         fetcher.fail("HTTP 503");
-        assert_eq!(
-            jwks.load().await,
-            Err(JoseError::KeySetUnavailable("HTTP 503".to_owned()))
+        let err = jwks.load().await.unwrap_err();
+        assert!(
+            matches!(&err, JoseError::KeySetUnavailable(KeySetFault::Fetch(cause)) if cause.to_string() == "HTTP 503"),
+            "{err:?}"
         );
         assert!(
             verifies(&jwks, &signer.token(TestKey::Rsa1).sign(&json!({})))

@@ -275,7 +275,7 @@ pub fn logout_token_claims(issuer: &str, client_id: &str, now: u64) -> Value {
 
 /// A [`JwksFetcher`] serving a settable body (or error) and counting its fetches.
 pub struct FakeJwksFetcher {
-    body: Mutex<Result<Vec<u8>, String>>,
+    body: Mutex<Result<Vec<u8>, crate::reply::Cause>>,
     fetches: AtomicUsize,
 }
 
@@ -294,7 +294,9 @@ impl FakeJwksFetcher {
 
     /// Fail every fetch from now on with `why`.
     pub fn fail(&self, why: &str) {
-        *self.body.lock().unwrap_or_else(PoisonError::into_inner) = Err(why.to_owned());
+        *self.body.lock().unwrap_or_else(PoisonError::into_inner) = Err(crate::reply::Cause::new(
+            std::io::Error::other(why.to_owned()),
+        ));
     }
 
     /// How many fetches have started.
@@ -304,7 +306,9 @@ impl FakeJwksFetcher {
 }
 
 impl JwksFetcher for FakeJwksFetcher {
-    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+    fn fetch(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, crate::reply::Cause>> + Send + '_>> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             // Let concurrent callers pile up behind this fetch, as a network round trip would.

@@ -21,6 +21,9 @@ pub enum CallError {
     Status(u16),
     #[error("the provider's answer is not valid JSON")]
     NotJson,
+    /// Discovery has not succeeded yet, so there is no URL to call.
+    #[error("the provider's metadata is not loaded")]
+    NoMetadata,
 }
 
 #[derive(Clone)]

@@ -3,6 +3,7 @@
 
 use super::http::{CallError, ProviderHttp};
 use crate::jose::{Jwks, JwksFetcher};
+use crate::reply::Cause;
 use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 use std::future::Future;
@@ -61,15 +62,15 @@ pub struct MetadataJwks {
 }
 
 impl JwksFetcher for MetadataJwks {
-    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, Cause>> + Send + '_>> {
         Box::pin(async move {
             let Some(metadata) = self.metadata.load_full() else {
-                return Err("provider metadata is not loaded".to_string());
+                return Err(Cause::new(CallError::NoMetadata));
             };
             match self.http.get_bytes(&metadata.jwks_uri).await {
                 Ok((200..=299, body)) => Ok(body.to_vec()),
-                Ok((status, _)) => Err(CallError::Status(status).to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok((status, _)) => Err(Cause::new(CallError::Status(status))),
+                Err(e) => Err(Cause::new(e)),
             }
         })
     }
