@@ -18,6 +18,7 @@
 pub mod claims;
 pub mod jwks;
 pub mod jws;
+pub mod signing;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 mod validate;

@@ -14,6 +14,7 @@ mod faults_provider;
 mod faults_redis;
 mod faults_restart;
 mod faults_upstream;
+mod identity;
 mod limits;
 mod login;
 mod logout;
