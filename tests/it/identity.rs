@@ -19,10 +19,25 @@ pub(crate) struct Stack {
 }
 
 pub(crate) async fn stack(routes: impl FnOnce(&str) -> String) -> Stack {
+    stack_with(routes, |c| c).await
+}
+
+/// [`stack`], with changes to the proxy's configuration.
+pub(crate) async fn stack_with(
+    routes: impl FnOnce(&str) -> String,
+    edit: impl FnOnce(TomlConfig) -> TomlConfig,
+) -> Stack {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
-    let proxy = start_proxy_for(&idp.issuer, &routes(&up.url())).await;
+    let config = edit(config_toml(&routes(&up.url())).set("oidc.issuer", idp.issuer.as_str()));
+    let proxy = start_proxy(config).await;
+    eventually(
+        "the provider's metadata is loaded",
+        std::time::Duration::from_secs(10),
+        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
+    )
+    .await;
     Stack {
         proxy,
         idp,
@@ -149,4 +164,184 @@ async fn unsafe_claim_values_are_percent_encoded_and_never_split_a_header() {
     assert_eq!(seen(&s.up, "x-groups"), ["a%2Cb,100%25,c%20d"]);
     // An object has no header form: no header.
     assert_eq!(seen(&s.up, "x-email"), Vec::<String>::new());
+}
+
+// ---- Assertions -------------------------------------------------------------------------------
+
+use crate::sample_api::SampleApi;
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use vestibule::jose::signing::SigningKeys;
+
+const API: &str = "https://api.example.test";
+/// The proxy's `public_url` in the test configuration: the assertions' issuer.
+const PUBLIC_URL: &str = "http://127.0.0.1:8080";
+/// Another session key, put first: it signs, the test configuration's `KEY` is the previous one.
+const NEW_KEY: &str = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=";
+
+fn key_bytes(text: &str) -> [u8; 32] {
+    STANDARD.decode(text).unwrap().try_into().unwrap()
+}
+
+fn payload(jwt: &str) -> Value {
+    let part = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+fn header(jwt: &str) -> Value {
+    let part = jwt.split('.').next().unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+/// Claims an assertion for alice at the sample API would carry, valid for a minute from `now`.
+fn assertion_claims(now: u64) -> Value {
+    json!({"iss": PUBLIC_URL, "aud": API, "sub": "alice", "iat": now, "exp": now + 60, "jti": "t"})
+}
+
+#[tokio::test]
+async fn the_sample_api_validates_the_assertion_against_the_published_key_set() {
+    let admin_port = free_port();
+    let jwks_uri = format!("http://127.0.0.1:{admin_port}/jwks");
+    let api = SampleApi::start_with(&[
+        "--issuer",
+        PUBLIC_URL,
+        "--audience",
+        API,
+        "--jwks-uri",
+        &jwks_uri,
+    ])
+    .await
+    .unwrap();
+    let api_url = api.url.clone();
+    let s = stack_with(
+        move |up| {
+            format!(
+                "[[routes]]\npath = \"/api/\"\nupstream = \"{api_url}\"\nauth = \"optional\"\n\
+                 assertion = true\nresource = \"{API}\"\nassertion_claims = [\"email\"]\n\
+                 [[routes]]\npath = \"/echo/\"\nupstream = \"{up}\"\nauth = \"optional\"\n\
+                 assertion = true\nassertion_header = \"X-Assertion\"\nresource = \"{API}\"\n\
+                 assertion_claims = [\"email\"]\nassertion_lifetime = \"2m\"\n"
+            )
+        },
+        |c| {
+            c.set("admin.listen", format!("127.0.0.1:{admin_port}"))
+                .set("session.keys", vec![NEW_KEY, KEY])
+        },
+    )
+    .await;
+
+    // Published: the signing key (from the first session key) and the previous one.
+    let jwks = get(&jwks_uri, &[]).await.json();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{jwks}");
+    assert!(
+        keys.iter()
+            .all(|k| k["kty"] == "EC" && k["alg"] == "ES256" && k.get("d").is_none())
+    );
+
+    // Without a session, a browser's own bearer token never reaches the API: it sees none.
+    let r = get(
+        &s.proxy.url("/api/hello"),
+        &[("authorization", "Bearer forged.by.browser")],
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(
+        r.json()["error"],
+        "unauthorized",
+        "the API got no token at all"
+    );
+
+    // Signed in: the API validates the assertion (signature via /jwks, iss, aud, exp) and greets.
+    let cookie = s.sign_in(json!({"email": "alice@example.test"})).await;
+    let r = get(
+        &s.proxy.url("/api/hello"),
+        &[
+            ("cookie", &cookie),
+            ("authorization", "Bearer forged.by.browser"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sub"], "alice");
+    assert_eq!(r.json()["aud"], API);
+
+    // What the assertion says, as an upstream receives it in a configured header.
+    get(
+        &s.proxy.url("/echo/x"),
+        &[("cookie", &cookie), ("x-assertion", "forged")],
+    )
+    .await;
+    let first = seen(&s.up, "x-assertion");
+    assert_eq!(first.len(), 1);
+    let jwt = first[0].clone();
+    let claims = payload(&jwt);
+    assert_eq!(claims["iss"], PUBLIC_URL);
+    assert_eq!(claims["aud"], API);
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["email"], "alice@example.test");
+    let iat = claims["iat"].as_u64().unwrap();
+    assert_eq!(claims["exp"].as_u64().unwrap(), iat + 120);
+    assert!(iat.abs_diff(now()) < 60);
+    assert_eq!(header(&jwt)["kid"], keys[0]["kid"]);
+    assert_eq!(header(&jwt)["alg"], "ES256");
+    get(&s.proxy.url("/echo/x"), &[("cookie", &cookie)]).await;
+    let again = payload(&seen(&s.up, "x-assertion")[0]);
+    assert_ne!(
+        again["jti"], claims["jti"],
+        "every assertion has its own jti"
+    );
+
+    // The API itself: the real assertion passes; a changed one, an expired one, one for another
+    // audience and one signed by a key Vestibule never published are refused.
+    let (status, _, body) = api.get("/api/hello", Some(&jwt)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut parts: Vec<String> = jwt.split('.').map(String::from).collect();
+    let mut changed = claims.clone();
+    changed["sub"] = json!("admin");
+    parts[1] = URL_SAFE_NO_PAD.encode(changed.to_string());
+    let tampered = parts.join(".");
+    let previous = SigningKeys::derive(&[key_bytes(KEY)]).unwrap();
+    let stranger = SigningKeys::derive(&[[7; 32]]).unwrap();
+    let t = now();
+    let mut expired = assertion_claims(t - 600);
+    expired["exp"] = json!(t - 300);
+    let mut other_audience = assertion_claims(t);
+    other_audience["aud"] = json!("https://other-api.example.test");
+    for (what, token) in [
+        ("tampered", tampered),
+        ("expired", previous.sign(&expired).unwrap()),
+        ("another audience", previous.sign(&other_audience).unwrap()),
+        (
+            "unpublished key",
+            stranger.sign(&assertion_claims(t)).unwrap(),
+        ),
+    ] {
+        let (status, _, body) = api.get("/api/hello", Some(&token)).await.unwrap();
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(body["error"], "invalid_token", "{what}");
+    }
+    // The previous key still verifies what it signed (rotation): only the expiry, the audience
+    // and the foreign key made the difference above.
+    let (status, _, body) = api
+        .get(
+            "/api/hello",
+            Some(&previous.sign(&assertion_claims(t)).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let log = api.log().unwrap();
+    assert!(
+        !log.contains(jwt.rsplit('.').next().unwrap()),
+        "no assertion in the API's log"
+    );
+}
+
+#[tokio::test]
+async fn without_assertion_routes_no_key_is_published() {
+    let s = stack(routes).await;
+    let jwks = get(&format!("http://{}/jwks", s.proxy.admin), &[]).await;
+    assert_eq!(jwks.status, 200);
+    assert_eq!(jwks.json(), json!({"keys": []}));
 }
