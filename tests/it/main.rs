@@ -30,4 +30,5 @@ mod static_files;
 mod tls_http2;
 mod tokens;
 mod upstream_pool;
+mod userinfo;
 mod workers;
