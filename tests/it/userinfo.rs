@@ -202,3 +202,34 @@ async fn with_the_real_provider_userinfo_brings_the_claims_the_id_token_leaves_o
         }
     }
 }
+
+#[tokio::test]
+async fn a_signed_userinfo_answer_is_checked_with_the_providers_keys() {
+    use vestibule::jose::testing::{Forgery, TestKey};
+    let s = with_userinfo().await;
+    let claims = |groups: &str| json!({"sub": "alice", "iss": s.idp.issuer, "aud": "vestibule", "groups": [groups]});
+    let jwt = |token: String| {
+        *s.idp.state.userinfo.lock().unwrap() = Some((200, "application/jwt".into(), token));
+    };
+    jwt(s.signer.token(TestKey::Rsa1).kid("k1").sign(&claims("g2")));
+    let cookie = s.sign_in(json!({})).await;
+    assert_eq!(user(&s, &cookie).await["groups"], json!(["g2"]));
+    let forged = [
+        s.signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .forge(Forgery::BadSignature)
+            .sign(&claims("admins")),
+        s.signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .sign(&json!({"sub": "alice", "aud": "another-client", "groups": ["admins"]})),
+    ];
+    for token in forged {
+        jwt(token);
+        assert_eq!(
+            reason(&s.callback(json!({})).await).as_deref(),
+            Some("userinfo_invalid")
+        );
+    }
+}

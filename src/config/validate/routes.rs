@@ -488,7 +488,7 @@ mod tests {
                 },
                 vec![
                     "routes[0].spa_fallback: only applies to routes with static_dir",
-                    "routes[0].resource: needs a token mode: set token = \"user\", \"client\" or \"user_or_client\"",
+                    "routes[0].resource: needs a token mode: set token = \"user\", \"client\" or \"user_or_client\" (or assertion = true, whose audience it names)",
                 ],
             ),
             (
@@ -521,6 +521,71 @@ mod tests {
                 },
                 vec![
                     "routes[0].path: is required: the path prefix this route serves, e.g. \"/api/\"",
+                ],
+            ),
+        ];
+        for (route, expected) in cases {
+            assert_eq!(check(route), expected);
+        }
+    }
+
+    #[test]
+    fn golden_identity_messages() {
+        let headers = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(h, c)| (h.to_string(), c.to_string()))
+                    .collect(),
+            )
+        };
+        let cases = [
+            (
+                raw::Route {
+                    identity_headers: headers(&[
+                        ("X-User", "sub"),
+                        ("x-user", "email"),
+                        ("Authorization", "sub"),
+                        ("X-Forwarded-User", "sub"),
+                        ("X Bad", "sub"),
+                        ("X-Groups", "groups."),
+                    ]),
+                    assertion_header: Some("X-Assertion".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].identity_headers.Authorization: \"Authorization\" is a header Vestibule or HTTP itself sets; pick another name, e.g. \"X-User\"",
+                    "routes[0].identity_headers.X Bad: \"X Bad\" is not a valid header name",
+                    "routes[0].identity_headers.X-Forwarded-User: \"X-Forwarded-User\" is a header Vestibule or HTTP itself sets; pick another name, e.g. \"X-User\"",
+                    "routes[0].identity_headers.X-Groups: \"groups.\" is not a claim path; write e.g. \"sub\", \"email\" or \"realm_access.roles\"",
+                    "routes[0].identity_headers.x-user: names the same header as another entry (header names ignore case); keep one",
+                    "routes[0].assertion_header: only applies with assertion = true",
+                ],
+            ),
+            (
+                raw::Route {
+                    token: Some("user".into()),
+                    assertion: Some(true),
+                    assertion_claims: Some(vec!["email".into(), "aud".into()]),
+                    assertion_lifetime: Some("2h".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].assertion: the route already sends an access token in Authorization; set assertion_header = \"X-Assertion\" (or token = \"none\")",
+                    "routes[0].assertion_claims: \"aud\" is set by Vestibule itself; list only user claims such as \"email\"",
+                    "routes[0].assertion_lifetime: must be between 1s and 1h; an assertion is for one request, e.g. \"60s\"",
+                ],
+            ),
+            (
+                raw::Route {
+                    identity_headers: headers(&[("X-Assertion", "sub")]),
+                    assertion: Some(true),
+                    assertion_header: Some("x-assertion".into()),
+                    resource: Some("https://api.example.com".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].assertion_header: is also one of identity_headers; use another name",
                 ],
             ),
         ];
