@@ -103,3 +103,23 @@ fn jwk_set(sources: Vec<Vec<serde_json::Value>>) -> serde_json::Value {
     let keys: Vec<serde_json::Value> = sources.into_iter().flatten().collect();
     serde_json::json!({ "keys": keys })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_key_set_holds_every_sources_keys_in_order() {
+        let set = jwk_set(vec![
+            vec![json!({"kid": "assertion-1"}), json!({"kid": "assertion-0"})],
+            Vec::new(),
+            vec![json!({"kid": "client-auth"})],
+        ]);
+        assert_eq!(
+            set,
+            json!({"keys": [{"kid": "assertion-1"}, {"kid": "assertion-0"}, {"kid": "client-auth"}]})
+        );
+        assert_eq!(jwk_set(Vec::new()), json!({"keys": []}));
+    }
+}
