@@ -7,6 +7,15 @@
 //!     --audience https://api.example.test [--audience https://legacy-api.example.test]
 //! ```
 //!
+//! Behind a route with `assertion = true` it validates Vestibule's assertions instead: the issuer
+//! is Vestibule's `public_url` and the keys come from its admin listener, which serves no
+//! discovery document, so the key set is named directly:
+//!
+//! ```text
+//! cargo run --example sample_api -- --issuer https://app.example.test \
+//!     --audience https://api.example.test --jwks-uri http://127.0.0.1:9901/jwks
+//! ```
+//!
 //! `GET /api/hello` greets any valid token, `GET /api/beta/dashboard` needs the role
 //! `beta-tester`, `GET /healthz` is liveness. One JSON line per request goes to stderr; tokens
 //! and query strings are never logged.
@@ -58,6 +67,10 @@ struct Args {
     /// Accepted audience; repeat it to accept several, e.g. the old and new one in a migration.
     #[arg(long = "audience", required = true)]
     audiences: Vec<String>,
+    /// The key set's URL, instead of the `jwks_uri` of the issuer's discovery document (for an
+    /// issuer without one, such as Vestibule's assertions and its admin `/jwks`).
+    #[arg(long)]
+    jwks_uri: Option<String>,
 }
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -359,7 +372,10 @@ async fn main() -> anyhow::Result<()> {
         issuer: args.issuer,
         audiences: args.audiences,
         http: Client::builder(TokioExecutor::new()).build(connector),
-        keys: Mutex::new(KeySet::default()),
+        keys: Mutex::new(KeySet {
+            jwks_uri: args.jwks_uri,
+            ..KeySet::default()
+        }),
     });
     let listener = TcpListener::bind(args.listen)
         .await

@@ -12,6 +12,7 @@ use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use std::sync::Arc;
 
+pub mod identity;
 mod tokens;
 pub use tokens::Tokens;
 
@@ -20,6 +21,9 @@ pub struct Admitted {
     pub bearer: Option<HeaderValue>,
     /// `Set-Cookie` values to add to the response (a re-sealed session cookie).
     pub set_cookies: Vec<HeaderValue>,
+    /// Identity headers and the assertion for the upstream (see [`identity`]); empty for routes
+    /// that set none, and without a session.
+    pub identity: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 /// The user's roles under `[oidc] roles_claim` (a dotted path; string or array).
@@ -206,6 +210,7 @@ pub async fn admit(
 ) -> Result<Admitted, RequestError> {
     let needs_session = route.auth != AuthMode::None
         || route.feature.is_some()
+        || route.sets_identity()
         || matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
     let mut loaded = if needs_session {
         app.load_session(sessions, live, req.headers()).await?
@@ -286,8 +291,15 @@ pub async fn admit(
         v.set_sensitive(true);
         Some(v)
     });
+    let identity = match &loaded {
+        Some(l) if route.sets_identity() => {
+            identity::headers(live, route, &l.session, app.clock.now())?
+        }
+        _ => Vec::new(),
+    };
     Ok(Admitted {
         bearer,
         set_cookies,
+        identity,
     })
 }

@@ -220,7 +220,7 @@ impl App {
             session: &live.own_cookie,
             login_prefix: &live.login_prefix,
         };
-        let forward = |req, bearer| {
+        let forward = |req, bearer, identity| {
             proxy::dispatch(
                 &worker.upstreams,
                 route,
@@ -229,21 +229,27 @@ impl App {
                 own,
                 &live.public_side,
                 bearer,
+                identity,
                 config.server.max_body,
                 body_pace(config),
                 config.server.request_timeout,
             )
         };
         let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
-            Captured::Once(req) => forward(req.map(Either::Left), admitted.bearer).await,
+            Captured::Once(req) => {
+                forward(req.map(Either::Left), admitted.bearer, admitted.identity).await
+            }
             Captured::Replay(replay) => {
                 // No body: the request can be sent again with another token.
-                let first = forward(replay.request(), admitted.bearer).await;
+                let first =
+                    forward(replay.request(), admitted.bearer, admitted.identity.clone()).await;
                 if rejects_token(&first) {
                     // Rare: boxed so that it does not grow every request's future.
                     Box::pin(async {
                         match self.replace_token(worker, live, route, &replay).await {
-                            Ok(Some(bearer)) => forward(replay.request(), Some(bearer)).await,
+                            Ok(Some(bearer)) => {
+                                forward(replay.request(), Some(bearer), admitted.identity).await
+                            }
                             Ok(None) => first,
                             // A replayed API call: its errors are JSON.
                             Err(refused) => refused.respond(Reader::Script),

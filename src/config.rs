@@ -159,6 +159,8 @@ pub struct OidcConfig {
     /// How long a call to the token endpoint (and revocation) may take. A grant we stop waiting
     /// for may still be carried out by the provider, so this is waited out, never cut short.
     pub provider_timeout: Duration,
+    /// Fetch the UserInfo endpoint after login and after each refresh, and merge its claims.
+    pub userinfo: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +264,28 @@ pub struct RouteConfig {
     pub allow_encoded_slash: bool,
     /// Pass `;` segment parameters through instead of answering 400 `bad_path`.
     pub allow_path_params: bool,
+    /// Headers set from the session's claims (header, claim path); incoming copies are always
+    /// removed first. Empty: the route does no identity work at all.
+    pub identity_headers: Vec<(http::HeaderName, String)>,
+    /// A JWT signed by Vestibule for the upstream, if the route sends one.
+    pub assertion: Option<AssertionConfig>,
+}
+
+/// A route's assertion: a short-lived JWT signed by Vestibule, naming the user to the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssertionConfig {
+    /// `Authorization` (sent as `Bearer <jwt>`) or another header (the JWT alone).
+    pub header: http::HeaderName,
+    /// Session claims copied into the assertion (`sub` is always there).
+    pub claims: Vec<String>,
+    pub lifetime: Duration,
+}
+
+impl RouteConfig {
+    /// Header names this route sets itself, so a browser's copies must never pass.
+    pub fn sets_identity(&self) -> bool {
+        !self.identity_headers.is_empty() || self.assertion.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 use crate::cookies;
 use crate::limits::{Endpoint, Verdict, client_address};
 use crate::oidc::response::check_authorization_iss;
+use crate::oidc::userinfo::UserinfoError;
 use crate::oidc::{GrantError, LoginState, TokenResponse, local_return_url, os_random};
 use crate::reply::{Body, ErrorCode, Reader, json_response, redirect};
 use crate::rescue::RequestError;
@@ -256,13 +257,30 @@ async fn callback(
         .unwrap_or_default()
         .to_string();
     let sid = claims.get("sid").and_then(|v| v.as_str()).map(String::from);
+    let mut user_claims: crate::jose::Claims = claims
+        .into_iter()
+        .filter(|(k, _)| !TECHNICAL_CLAIMS.contains(&k.as_str()))
+        .collect();
+    if app.oidc.config.userinfo {
+        match app.oidc.userinfo(&tokens.access_token, &sub, now).await {
+            Ok(info) => user_claims = crate::oidc::userinfo::merge(user_claims, info),
+            Err(UserinfoError::Unavailable(e)) => {
+                return Err(RequestError::Provider(GrantError::Unavailable(format!(
+                    "userinfo: {e}"
+                ))));
+            }
+            Err(e) => {
+                if e == UserinfoError::SubjectMismatch {
+                    tracing::warn!("the userinfo answer names another subject; login refused");
+                }
+                return login_failed(e.reason(), &e.to_string());
+            }
+        }
+    }
     let mut session = Session {
         sub,
         sid,
-        claims: claims
-            .into_iter()
-            .filter(|(k, _)| !TECHNICAL_CLAIMS.contains(&k.as_str()))
-            .collect(),
+        claims: user_claims,
         id_token: Some(id_token),
         refresh_token: tokens.refresh_token.clone(),
         user_agent: req

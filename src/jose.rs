@@ -18,6 +18,7 @@
 pub mod claims;
 pub mod jwks;
 pub mod jws;
+pub mod signing;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 mod validate;
@@ -27,7 +28,7 @@ pub use jwks::{Jwks, JwksFetcher};
 pub use jws::looks_like_jwt;
 pub use validate::{
     LogoutToken, check_at_hash, validate_access_token, validate_id_token, validate_logout_token,
-    validate_refreshed_id_token,
+    validate_refreshed_id_token, validate_userinfo_jwt,
 };
 
 /// The whole payload of a validated token.

@@ -9,6 +9,7 @@
 pub mod http;
 pub mod metadata;
 pub mod response;
+pub mod userinfo;
 
 use crate::config::{ClientAuth, OidcConfig};
 use base64::Engine;

@@ -79,6 +79,7 @@ pub async fn dispatch<B>(
     own_cookies: headers::OwnCookies<'_>,
     public: &headers::PublicSide,
     bearer: Option<HeaderValue>,
+    identity: Vec<(http::HeaderName, HeaderValue)>,
     max_body: u64,
     pace: crate::limits::Pace,
     default_timeout: Duration,
@@ -123,6 +124,12 @@ where
             }
             if let Some(bearer) = bearer {
                 parts.headers.insert(header::AUTHORIZATION, bearer);
+            }
+            if route.sets_identity() {
+                headers::strip_identity(&mut parts.headers, route);
+                for (name, value) in identity {
+                    parts.headers.insert(name, value);
+                }
             }
             headers::set_forwarded(&mut parts.headers, peer, public);
             if let Ok(authority) = HeaderValue::from_str(forward::authority(base)) {

@@ -5,6 +5,7 @@
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::jose::signing::SigningKeys;
 use crate::oidc::Oidc;
 use crate::proxy::{self, RouteTable, Upstreams};
 use crate::session::manager::{OpenSession, Sessions};
@@ -24,6 +25,10 @@ pub struct LiveConfig {
     pub(crate) login_prefix: String,
     /// `public_url` as upstreams are told it (`X-Forwarded-Proto`, `-Host`).
     pub(crate) public_side: proxy::headers::PublicSide,
+    /// Signs the routes' assertions; empty when no route sends one (see [`LiveConfig::new`]).
+    pub signing_keys: SigningKeys,
+    /// `iss` of the assertions: `public_url` without a trailing `/`.
+    pub assertion_issuer: String,
 }
 
 impl LiveConfig {
@@ -32,12 +37,30 @@ impl LiveConfig {
         let own_cookie = config.session.cookie_name.clone();
         let login_prefix = crate::cookies::login_prefix(&config.session);
         let public_side = proxy::headers::PublicSide::new(&config.server.public_url);
+        // Derived only when a route sends assertions: a configuration without them does no
+        // key work at all. The keys follow the session keys, so every replica has the same.
+        let signing_keys = if config.routes.iter().any(|r| r.assertion.is_some()) {
+            SigningKeys::derive(&config.session.keys).unwrap_or_else(|error| {
+                tracing::error!(%error, "no assertion signing key; assertion routes will answer 500");
+                SigningKeys::default()
+            })
+        } else {
+            SigningKeys::default()
+        };
+        let assertion_issuer = config
+            .server
+            .public_url
+            .as_str()
+            .trim_end_matches('/')
+            .to_string();
         LiveConfig {
             config: Arc::new(config),
             routes,
             own_cookie,
             login_prefix,
             public_side,
+            signing_keys,
+            assertion_issuer,
         }
     }
 

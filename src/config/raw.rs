@@ -92,6 +92,7 @@ pub struct Oidc {
     pub metadata_refresh: Option<String>,
     pub clock_skew: Option<String>,
     pub provider_timeout: Option<String>,
+    pub userinfo: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +146,11 @@ pub struct Route {
     pub timeout: Option<String>,
     pub allow_encoded_slash: Option<bool>,
     pub allow_path_params: Option<bool>,
+    pub identity_headers: Option<BTreeMap<String, String>>,
+    pub assertion: Option<bool>,
+    pub assertion_header: Option<String>,
+    pub assertion_claims: Option<Vec<String>>,
+    pub assertion_lifetime: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -238,6 +238,7 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         metadata_refresh,
         clock_skew,
         provider_timeout,
+        userinfo,
     } = new;
     OidcConfig {
         issuer: d.restart("oidc.issuer", &old.issuer, issuer),
@@ -273,6 +274,8 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
             &old.provider_timeout,
             provider_timeout,
         ),
+        // Read by the OpenID client (login and refresh), which keeps its start-up section.
+        userinfo: d.restart("oidc.userinfo", &old.userinfo, userinfo),
     }
 }
 

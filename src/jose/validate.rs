@@ -182,6 +182,30 @@ pub async fn validate_access_token(
     Ok(claims)
 }
 
+/// Validates a signed UserInfo response (OpenID Connect Core §5.3.2): the signature with the
+/// provider's keys, and `iss` and `aud` (the client id) and `exp` where the provider put them
+/// (the specification says they SHOULD be there, so their absence is tolerated).
+pub async fn validate_userinfo_jwt(
+    jwks: &Jwks,
+    token: &str,
+    expect: &Expect,
+) -> Result<Claims, JoseError> {
+    let claims = verified(jwks, &jws::parse(token)?).await?;
+    if claims.contains_key("iss") {
+        check_issuer(&claims, &expect.issuer)?;
+    }
+    if claims.contains_key("aud") {
+        check_audience(&claims, &expect.audience)?;
+    }
+    let rules = TimeRules {
+        exp: Presence::Optional,
+        iat: Presence::Optional,
+        max_iat_age: None,
+    };
+    check_times(&claims, expect, rules)?;
+    Ok(claims)
+}
+
 /// Finds the key (the algorithm was already allowed by [`jws::parse`]) and checks the signature.
 async fn verified(jwks: &Jwks, token: &Unverified<'_>) -> Result<Claims, JoseError> {
     let key = jwks.key_for(token.kid.as_deref(), token.alg).await?;

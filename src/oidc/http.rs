@@ -60,6 +60,17 @@ impl ProviderHttp {
         req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
+        self.call_typed(req, timeout)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    /// [`ProviderHttp::call`], also returning the answer's `Content-Type` (without parameters).
+    async fn call_typed(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<(u16, Option<String>, Bytes), CallError> {
         let host = req.uri().host().unwrap_or("").to_string();
         // One deadline for the answer and its body: a grant is waited for this long in all.
         let deadline = tokio::time::Instant::now() + timeout;
@@ -75,6 +86,12 @@ impl ProviderHttp {
             Ok(Ok(r)) => r,
         };
         let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase());
         let body = tokio::time::timeout_at(
             deadline,
             Limited::new(response.into_body(), MAX_RESPONSE).collect(),
@@ -83,7 +100,7 @@ impl ProviderHttp {
         .map_err(|_| CallError::Unreachable(format!("{host}: body timed out")))?
         .map_err(|_| CallError::Unreachable(format!("{host}: body unreadable or too large")))?
         .to_bytes();
-        Ok((status, body))
+        Ok((status, content_type, body))
     }
 
     /// GET a JSON document; non-2xx is an error.
@@ -103,6 +120,27 @@ impl ProviderHttp {
             .body(Full::new(Bytes::new()))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
         self.call(req, TIMEOUT).await
+    }
+
+    /// GET with `Authorization: Bearer <access_token>` (the UserInfo endpoint): the status, the
+    /// media type and the body.
+    pub async fn get_with_bearer(
+        &self,
+        url: &str,
+        access_token: &str,
+        timeout: Duration,
+    ) -> Result<(u16, Option<String>, Bytes), CallError> {
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {access_token}"))
+            .map_err(|_| CallError::Unreachable("the access token is not a header value".into()))?;
+        bearer.set_sensitive(true);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .header(header::ACCEPT, "application/json, application/jwt")
+            .header(header::AUTHORIZATION, bearer)
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
+        self.call_typed(req, timeout).await
     }
 
     /// POST a form, authenticating as the client (basic or in the body), waiting for the answer

@@ -325,6 +325,17 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Removes every copy of the headers `route` sets itself (its identity headers and its
+/// assertion's header): only Vestibule speaks for the user there, with or without a session.
+pub fn strip_identity(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
+    for (name, _) in &route.identity_headers {
+        headers.remove(name);
+    }
+    if let Some(assertion) = &route.assertion {
+        headers.remove(&assertion.header);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (liveness), `/readyz` (store reachable, provider metadata
-//! loaded) and `/metrics` (Prometheus text). Never on the public listener.
+//! loaded), `/metrics` (Prometheus text) and `/jwks` (Vestibule's public signing keys). Never on
+//! the public listener.
 
 use crate::app::App;
 use crate::reply::{Body, full, json_response};
@@ -75,9 +76,50 @@ async fn handle<B>(app: &App, req: Request<B>) -> Response<Body> {
             );
             response
         }
+        "/jwks" => {
+            let mut response = json_response(StatusCode::OK, &jwk_set(key_sources(app)));
+            // Short, so that a rotation reaches the APIs soon; they refetch on an unknown `kid`.
+            response.headers_mut().insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static("public, max-age=300"),
+            );
+            response
+        }
         _ => json_response(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": "not_found"}),
         ),
+    }
+}
+
+/// Every feature that signs with keys of its own contributes its public keys here (today: the
+/// routes' assertions). Add a source to publish another kind of key at `/jwks`.
+fn key_sources(app: &App) -> Vec<Vec<serde_json::Value>> {
+    vec![app.live.load().signing_keys.public_jwks()]
+}
+
+/// The JWK set (RFC 7517 §5) of the keys from every source, in order.
+fn jwk_set(sources: Vec<Vec<serde_json::Value>>) -> serde_json::Value {
+    let keys: Vec<serde_json::Value> = sources.into_iter().flatten().collect();
+    serde_json::json!({ "keys": keys })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_key_set_holds_every_sources_keys_in_order() {
+        let set = jwk_set(vec![
+            vec![json!({"kid": "assertion-1"}), json!({"kid": "assertion-0"})],
+            Vec::new(),
+            vec![json!({"kid": "client-auth"})],
+        ]);
+        assert_eq!(
+            set,
+            json!({"keys": [{"kid": "assertion-1"}, {"kid": "assertion-0"}, {"kid": "client-auth"}]})
+        );
+        assert_eq!(jwk_set(Vec::new()), json!({"keys": []}));
     }
 }

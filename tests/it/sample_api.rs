@@ -155,20 +155,26 @@ fn sample_api_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A running sample API; killed when dropped. Its stderr (the request log) goes to a file.
-struct SampleApi {
+pub(crate) struct SampleApi {
     child: Child,
-    url: String,
+    pub url: String,
     log: tempfile::NamedTempFile,
 }
 
 impl SampleApi {
     async fn start(issuer: &Issuer, audiences: &[&str]) -> anyhow::Result<Self> {
+        let mut args = vec!["--issuer", issuer.url.as_str()];
+        for audience in audiences {
+            args.extend(["--audience", audience]);
+        }
+        Self::start_with(&args).await
+    }
+
+    /// Starts it on a free port with these arguments (`--issuer`, `--audience`, `--jwks-uri`).
+    pub(crate) async fn start_with(args: &[&str]) -> anyhow::Result<Self> {
         let log = tempfile::NamedTempFile::new()?;
         let mut cmd = Command::new(sample_api_binary()?);
-        cmd.args(["--listen", "127.0.0.1:0", "--issuer", &issuer.url]);
-        for audience in audiences {
-            cmd.args(["--audience", audience]);
-        }
+        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
         let child = cmd.stdout(Stdio::piped()).stderr(log.reopen()?).spawn()?;
         let mut api = Self {
             child,
@@ -193,7 +199,7 @@ impl SampleApi {
         Ok(api)
     }
 
-    async fn get(
+    pub(crate) async fn get(
         &self,
         path: &str,
         token: Option<&str>,
@@ -210,7 +216,7 @@ impl SampleApi {
         Ok((parts.status, parts.headers, serde_json::from_slice(&body)?))
     }
 
-    fn log(&self) -> anyhow::Result<String> {
+    pub(crate) fn log(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(self.log.path())?)
     }
 }

@@ -49,6 +49,10 @@
 //                        ["beta-tester"]) and bob (password bob, roles []).
 //   access_token_claims  user claims copied into user JWT access tokens; default
 //                        ["roles", "realm_access"].
+//   conform_id_token_claims  true: oidc-provider's conformIdTokenClaims, so that with the code
+//                        flow the ID token carries only `sub` (and what the `claims` parameter
+//                        asks for) and the scopes' claims come from the userinfo endpoint alone.
+//                        Default false (every claim is in the ID token too).
 //
 // ID token claims: `sub`, `roles`, `realm_access` and any custom user claim come with scope openid;
 // name/given_name/family_name/preferred_username with `profile`; email/email_verified with `email`.
@@ -119,7 +123,7 @@ const DEFAULT_CLIENT = {
 
 const CONFIG_KEYS = new Set([
   'port', 'access_token_ttl', 'id_token_ttl', 'refresh_token_ttl', 'session_ttl', 'clients',
-  'resources', 'default_resource', 'users', 'access_token_claims',
+  'resources', 'default_resource', 'users', 'access_token_claims', 'conform_id_token_claims',
 ]);
 
 const PROFILE_CLAIMS = ['name', 'given_name', 'family_name', 'preferred_username'];
@@ -234,6 +238,7 @@ function normaliseConfig(raw) {
     defaultResource,
     users: new Map(users.map((u) => [u.sub, u])),
     accessTokenClaims,
+    conformIdTokenClaims: raw.conform_id_token_claims === true,
   };
 }
 
@@ -528,7 +533,7 @@ function providerConfiguration() {
     jwks: { keys: signingKeys },
     cookies: { keys: cookieKeys },
     claims: CLAIMS,
-    conformIdTokenClaims: false,
+    conformIdTokenClaims: config.conformIdTokenClaims,
     async findAccount(ctx, sub) {
       const user = config.users.get(sub);
       if (!user) return undefined;

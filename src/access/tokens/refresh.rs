@@ -13,6 +13,7 @@ use super::{Failed, Grant, RefreshError, RefreshMemory, classify, count, fresh};
 use crate::clock::Clock;
 use crate::config::RouteConfig;
 use crate::jose::{Claims, JoseError};
+use crate::oidc::userinfo::{merge, user_claims};
 use crate::oidc::{Oidc, TokenResponse};
 use crate::session::manager::{OpenSession, Sessions};
 use crate::session::model::{AccessToken, Session};
@@ -33,10 +34,61 @@ const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 const SAVE_ATTEMPTS: usize = 5;
 /// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
 static SKEW_WARNED: AtomicBool = AtomicBool::new(false);
-/// ID token claims that describe the token rather than the user; not kept as user claims.
-const TOKEN_CLAIMS: [&str; 11] = [
-    "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
-];
+
+/// What the UserInfo endpoint said after a refresh.
+enum Userinfo {
+    /// Not asked: `userinfo` is off, or the token is for another resource.
+    NotAsked,
+    Fetched(Claims),
+    /// Unavailable, refused, invalid or about another subject: the claims stay as they were.
+    Failed,
+}
+
+/// The claims a refresh brings: a validated ID token's, and the UserInfo answer.
+struct ClaimsUpdate {
+    /// The refreshed ID token's claims, when it came and was valid.
+    claims: Option<Claims>,
+    userinfo: Userinfo,
+}
+
+impl ClaimsUpdate {
+    fn none() -> ClaimsUpdate {
+        ClaimsUpdate {
+            claims: None,
+            userinfo: Userinfo::NotAsked,
+        }
+    }
+
+    /// A validated ID token replaces the stored one. The user claims become the ID token's (the
+    /// new one, else the stored one) with the UserInfo answer merged over them; without
+    /// `userinfo`, the new ID token's alone; when UserInfo failed, they stay as they were.
+    fn apply(&self, session: &mut Session, id_token: Option<&str>) {
+        let new_id_token = match (&self.claims, id_token) {
+            (Some(claims), Some(token)) => {
+                session.id_token = Some(token.to_string());
+                Some(claims)
+            }
+            _ => None,
+        };
+        match (&self.userinfo, new_id_token) {
+            (Userinfo::Failed, _) | (Userinfo::NotAsked, None) => {}
+            (Userinfo::NotAsked, Some(claims)) => session.claims = user_claims(claims),
+            (Userinfo::Fetched(info), _) => {
+                let base = match new_id_token {
+                    Some(claims) => Some(user_claims(claims)),
+                    None => session
+                        .id_token
+                        .as_deref()
+                        .and_then(|t| crate::jose::jws::stored_claims(t).ok())
+                        .map(|c| user_claims(&c)),
+                };
+                // Without an ID token to start from, the claims kept so far are the base.
+                let base = base.unwrap_or_else(|| session.claims.clone());
+                session.claims = merge(base, info.clone());
+            }
+        }
+    }
+}
 
 /// What a token is for: a route's resource (the key of the session's token map), scopes, and
 /// whether it comes from a token exchange.
@@ -228,8 +280,14 @@ impl Job {
             .await
             .map_err(|e| classify(Grant::Exchange, e))?;
         count(Grant::Exchange, "ok");
-        self.save(current, &self.target.key, &tokens, None, None)
-            .await
+        self.save(
+            current,
+            &self.target.key,
+            &tokens,
+            ClaimsUpdate::none(),
+            None,
+        )
+        .await
     }
 
     /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
@@ -285,7 +343,30 @@ impl Job {
             },
         };
         count(Grant::Refresh, "ok");
-        self.save(current, &target.key, &tokens, claims, Some(&spent))
+        // The default access token is the one the UserInfo endpoint takes (a token for another
+        // resource may be refused there).
+        let userinfo = if self.oidc.config.userinfo && target.key.is_empty() {
+            let now = self.clock.now();
+            match self
+                .oidc
+                .userinfo(&tokens.access_token, &current.session.sub, now)
+                .await
+            {
+                Ok(info) => Userinfo::Fetched(info),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        reason = error.reason(),
+                        "userinfo after a refresh failed; the session keeps its claims"
+                    );
+                    Userinfo::Failed
+                }
+            }
+        } else {
+            Userinfo::NotAsked
+        };
+        let update = ClaimsUpdate { claims, userinfo };
+        self.save(current, &target.key, &tokens, update, Some(&spent))
             .await
     }
 
@@ -325,7 +406,7 @@ impl Job {
         current: OpenSession,
         key: &str,
         tokens: &TokenResponse,
-        claims: Option<Claims>,
+        update: ClaimsUpdate,
         spent: Option<&str>,
     ) -> Result<String, RefreshError> {
         let now = self.clock.now();
@@ -350,14 +431,7 @@ impl Job {
             if let Some(rotated) = &tokens.refresh_token {
                 session.refresh_token = Some(rotated.clone());
             }
-            if let (Some(claims), Some(id_token)) = (&claims, &tokens.id_token) {
-                session.claims = claims
-                    .iter()
-                    .filter(|(k, _)| !TOKEN_CLAIMS.contains(&k.as_str()))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                session.id_token = Some(id_token.clone());
-            }
+            update.apply(session, tokens.id_token.as_deref());
         };
         let mut base = current;
         for _ in 0..SAVE_ATTEMPTS {

@@ -17,6 +17,7 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
         metadata_refresh,
         clock_skew,
         provider_timeout,
+        userinfo,
     } = raw;
     let provider_timeout = duration(
         provider_timeout,
@@ -165,6 +166,7 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
             problems,
         ),
         provider_timeout,
+        userinfo: userinfo.unwrap_or(false),
     })
 }
 

@@ -50,6 +50,11 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash,
             allow_path_params,
+            identity_headers,
+            assertion,
+            assertion_header,
+            assertion_claims,
+            assertion_lifetime,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -191,10 +196,10 @@ pub(super) fn routes_config(
                     format!("{r:?} is not an absolute URI; write e.g. \"https://api.example.com\""),
                 );
             }
-            if token == TokenMode::None {
+            if token == TokenMode::None && assertion != Some(true) {
                 problems.add(
                     format!("{path}.resource"),
-                    "needs a token mode: set token = \"user\", \"client\" or \"user_or_client\"",
+                    "needs a token mode: set token = \"user\", \"client\" or \"user_or_client\" (or assertion = true, whose audience it names)",
                 );
             }
         }
@@ -233,6 +238,25 @@ pub(super) fn routes_config(
                 problems,
             )
         });
+        let identity_headers = identity_headers_config(&path, identity_headers, problems);
+        let assertion = assertion_config(
+            &path,
+            AssertionRaw {
+                on: assertion,
+                header: assertion_header,
+                claims: assertion_claims,
+                lifetime: assertion_lifetime,
+            },
+            token,
+            &identity_headers,
+            problems,
+        );
+        if is_static && (!identity_headers.is_empty() || assertion.is_some()) {
+            problems.add(
+                path.clone(),
+                "a static_dir route forwards nothing; identity_headers and assertion need an upstream",
+            );
+        }
         let Some(target) = target else { continue };
         out.push(RouteConfig {
             path: prefix,
@@ -249,11 +273,183 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash: allow_encoded_slash.unwrap_or(false),
             allow_path_params: allow_path_params.unwrap_or(false),
+            identity_headers,
+            assertion,
         });
     }
     let _ = base;
     out
 }
+
+/// Headers Vestibule owns or that would change how the request is framed or routed; identity
+/// headers may not be any of them.
+const RESERVED_HEADERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "forwarded",
+    "x-real-ip",
+    "x-request-id",
+    "x-csrf",
+];
+
+/// Why `name` cannot be a header Vestibule sets for a route, if it cannot.
+fn unusable_header(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Some("is not a valid header name");
+    }
+    if RESERVED_HEADERS.contains(&lower.as_str())
+        || lower.starts_with("x-forwarded-")
+        || lower.starts_with("proxy-")
+        || lower.starts_with("content-")
+    {
+        return Some(
+            "is a header Vestibule or HTTP itself sets; pick another name, e.g. \"X-User\"",
+        );
+    }
+    None
+}
+
+fn identity_headers_config(
+    path: &str,
+    raw: Option<BTreeMap<String, String>>,
+    problems: &mut Problems,
+) -> Vec<(http::HeaderName, String)> {
+    let mut out: Vec<(http::HeaderName, String)> = Vec::new();
+    for (name, claim) in raw.unwrap_or_default() {
+        let key = format!("{path}.identity_headers.{name}");
+        if let Some(why) = unusable_header(&name) {
+            problems.add(key, format!("{name:?} {why}"));
+            continue;
+        }
+        if claim.is_empty() || claim.split('.').any(str::is_empty) {
+            problems.add(
+                key,
+                format!("{claim:?} is not a claim path; write e.g. \"sub\", \"email\" or \"realm_access.roles\""),
+            );
+            continue;
+        }
+        let Ok(header) = http::HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if out.iter().any(|(h, _)| *h == header) {
+            problems.add(
+                key,
+                "names the same header as another entry (header names ignore case); keep one",
+            );
+            continue;
+        }
+        out.push((header, claim));
+    }
+    out
+}
+
+/// The raw `assertion*` keys of a route.
+struct AssertionRaw {
+    on: Option<bool>,
+    header: Option<String>,
+    claims: Option<Vec<String>>,
+    lifetime: Option<String>,
+}
+
+/// Claims every assertion carries, set by Vestibule itself.
+const ASSERTION_OWN_CLAIMS: &[&str] = &["iss", "aud", "sub", "iat", "nbf", "exp", "jti"];
+/// The longest assertion lifetime: an assertion is for one request, not a session.
+const MAX_ASSERTION_LIFETIME: Duration = Duration::from_secs(3600);
+
+fn assertion_config(
+    path: &str,
+    raw: AssertionRaw,
+    token: TokenMode,
+    identity_headers: &[(http::HeaderName, String)],
+    problems: &mut Problems,
+) -> Option<AssertionConfig> {
+    if raw.on != Some(true) {
+        for (set, key) in [
+            (raw.header.is_some(), "assertion_header"),
+            (raw.claims.is_some(), "assertion_claims"),
+            (raw.lifetime.is_some(), "assertion_lifetime"),
+        ] {
+            if set {
+                problems.add(
+                    format!("{path}.{key}"),
+                    "only applies with assertion = true",
+                );
+            }
+        }
+        return None;
+    }
+    let header = match raw.header {
+        None => http::header::AUTHORIZATION,
+        Some(name) if name.eq_ignore_ascii_case("authorization") => http::header::AUTHORIZATION,
+        Some(name) => {
+            if let Some(why) = unusable_header(&name) {
+                problems.add(
+                    format!("{path}.assertion_header"),
+                    format!("{name:?} {why}"),
+                );
+            }
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap_or(http::header::AUTHORIZATION)
+        }
+    };
+    if header == http::header::AUTHORIZATION && token != TokenMode::None {
+        problems.add(
+            format!("{path}.assertion"),
+            "the route already sends an access token in Authorization; set assertion_header = \"X-Assertion\" (or token = \"none\")",
+        );
+    }
+    if identity_headers.iter().any(|(h, _)| *h == header) {
+        problems.add(
+            format!("{path}.assertion_header"),
+            "is also one of identity_headers; use another name",
+        );
+    }
+    let claims = raw.claims.unwrap_or_default();
+    for claim in &claims {
+        if ASSERTION_OWN_CLAIMS.contains(&claim.as_str()) {
+            problems.add(
+                format!("{path}.assertion_claims"),
+                format!(
+                    "{claim:?} is set by Vestibule itself; list only user claims such as \"email\""
+                ),
+            );
+        } else if claim.is_empty() || claim.split('.').any(str::is_empty) {
+            problems.add(
+                format!("{path}.assertion_claims"),
+                format!(
+                    "{claim:?} is not a claim path; write e.g. \"email\" or \"realm_access.roles\""
+                ),
+            );
+        }
+    }
+    let lifetime = duration(
+        raw.lifetime,
+        &format!("{path}.assertion_lifetime"),
+        DEFAULT_ASSERTION_LIFETIME,
+        problems,
+    );
+    if lifetime.is_zero() || lifetime > MAX_ASSERTION_LIFETIME {
+        problems.add(
+            format!("{path}.assertion_lifetime"),
+            "must be between 1s and 1h; an assertion is for one request, e.g. \"60s\"",
+        );
+    }
+    Some(AssertionConfig {
+        header,
+        claims,
+        lifetime,
+    })
+}
+
+/// How long an assertion is valid unless the route says otherwise.
+pub const DEFAULT_ASSERTION_LIFETIME: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
@@ -292,7 +488,7 @@ mod tests {
                 },
                 vec![
                     "routes[0].spa_fallback: only applies to routes with static_dir",
-                    "routes[0].resource: needs a token mode: set token = \"user\", \"client\" or \"user_or_client\"",
+                    "routes[0].resource: needs a token mode: set token = \"user\", \"client\" or \"user_or_client\" (or assertion = true, whose audience it names)",
                 ],
             ),
             (
@@ -325,6 +521,71 @@ mod tests {
                 },
                 vec![
                     "routes[0].path: is required: the path prefix this route serves, e.g. \"/api/\"",
+                ],
+            ),
+        ];
+        for (route, expected) in cases {
+            assert_eq!(check(route), expected);
+        }
+    }
+
+    #[test]
+    fn golden_identity_messages() {
+        let headers = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(h, c)| (h.to_string(), c.to_string()))
+                    .collect(),
+            )
+        };
+        let cases = [
+            (
+                raw::Route {
+                    identity_headers: headers(&[
+                        ("X-User", "sub"),
+                        ("x-user", "email"),
+                        ("Authorization", "sub"),
+                        ("X-Forwarded-User", "sub"),
+                        ("X Bad", "sub"),
+                        ("X-Groups", "groups."),
+                    ]),
+                    assertion_header: Some("X-Assertion".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].identity_headers.Authorization: \"Authorization\" is a header Vestibule or HTTP itself sets; pick another name, e.g. \"X-User\"",
+                    "routes[0].identity_headers.X Bad: \"X Bad\" is not a valid header name",
+                    "routes[0].identity_headers.X-Forwarded-User: \"X-Forwarded-User\" is a header Vestibule or HTTP itself sets; pick another name, e.g. \"X-User\"",
+                    "routes[0].identity_headers.X-Groups: \"groups.\" is not a claim path; write e.g. \"sub\", \"email\" or \"realm_access.roles\"",
+                    "routes[0].identity_headers.x-user: names the same header as another entry (header names ignore case); keep one",
+                    "routes[0].assertion_header: only applies with assertion = true",
+                ],
+            ),
+            (
+                raw::Route {
+                    token: Some("user".into()),
+                    assertion: Some(true),
+                    assertion_claims: Some(vec!["email".into(), "aud".into()]),
+                    assertion_lifetime: Some("2h".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].assertion: the route already sends an access token in Authorization; set assertion_header = \"X-Assertion\" (or token = \"none\")",
+                    "routes[0].assertion_claims: \"aud\" is set by Vestibule itself; list only user claims such as \"email\"",
+                    "routes[0].assertion_lifetime: must be between 1s and 1h; an assertion is for one request, e.g. \"60s\"",
+                ],
+            ),
+            (
+                raw::Route {
+                    identity_headers: headers(&[("X-Assertion", "sub")]),
+                    assertion: Some(true),
+                    assertion_header: Some("x-assertion".into()),
+                    resource: Some("https://api.example.com".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].assertion_header: is also one of identity_headers; use another name",
                 ],
             ),
         ];

@@ -30,6 +30,10 @@ pub struct State {
     pub scripted: Mutex<
         std::collections::HashMap<String, std::collections::VecDeque<(u16, serde_json::Value)>>,
     >,
+    /// The UserInfo endpoint's answer: status, media type and body (default: 404).
+    pub userinfo: Mutex<Option<(u16, String, String)>>,
+    /// The `Authorization` header of every UserInfo request, in order.
+    pub userinfo_requests: Mutex<Vec<String>>,
     /// When set, the next token request is recorded, then answered only once this fires.
     pub hold: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
@@ -94,6 +98,7 @@ async fn answer(
                 "authorization_endpoint": format!("{issuer}/authorize"),
                 "token_endpoint": format!("{issuer}/token"),
                 "jwks_uri": format!("{issuer}/jwks"),
+                "userinfo_endpoint": format!("{issuer}/userinfo"),
                 "end_session_endpoint": format!("{issuer}/logout"),
                 "code_challenge_methods_supported": ["S256"],
                 "x-vendor-extension": {"anything": [1, 2, 3]},
@@ -108,6 +113,25 @@ async fn answer(
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from(body)))
                 .unwrap()
+        }
+        "/userinfo" => {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+                .unwrap_or_default();
+            state.userinfo_requests.lock().unwrap().push(auth);
+            match state.userinfo.lock().unwrap().clone() {
+                Some((status, media_type, body)) => Response::builder()
+                    .status(status)
+                    .header("content-type", media_type)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+                None => Response::builder()
+                    .status(404)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            }
         }
         "/token" => {
             use http_body_util::BodyExt;

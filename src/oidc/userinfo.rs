@@ -1,0 +1,157 @@
+//! The UserInfo endpoint (OpenID Connect Core §5.3): fetched with the access token after a login
+//! and after each refresh of the default access token when `[oidc] userinfo = true`, and merged
+//! with the ID token's claims.
+//!
+//! §5.3.2: the `sub` of the answer must equal the ID token's, or nothing of it may be used (a
+//! mix-up or a substituted token). Merge rule: the ID token's user claims, then every claim of
+//! the answer over them, except `sub` and the claims that describe a token rather than the user
+//! (`iss`, `aud`, `exp`, …). The answer is JSON, or a signed JWT (`application/jwt`) checked with
+//! the provider's keys; an encrypted one is refused.
+
+use super::Oidc;
+use crate::jose::Claims;
+use serde_json::Value;
+
+/// Claims that describe a token (or the provider's session) rather than the user: never kept as
+/// user claims, wherever they come from.
+pub const TOKEN_CLAIMS: [&str; 11] = [
+    "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
+];
+
+/// Why the UserInfo claims could not be used. No text holds a token or a claim value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserinfoError {
+    #[error("the provider's metadata names no userinfo_endpoint")]
+    NoEndpoint,
+    /// Unreachable, slow, 5xx or 429: try again later.
+    #[error("the userinfo endpoint is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the userinfo endpoint refused the access token (HTTP {0})")]
+    Refused(u16),
+    #[error("the userinfo answer is invalid: {0}")]
+    Invalid(String),
+    #[error("the userinfo answer names another subject than the ID token")]
+    SubjectMismatch,
+}
+
+impl UserinfoError {
+    /// A stable name for the login-failed page and the log (docs/errors.md).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UserinfoError::NoEndpoint => "userinfo_endpoint_missing",
+            UserinfoError::Unavailable(_) => "userinfo_unavailable",
+            UserinfoError::Refused(_) => "userinfo_refused",
+            UserinfoError::Invalid(_) => "userinfo_invalid",
+            UserinfoError::SubjectMismatch => "userinfo_subject_mismatch",
+        }
+    }
+}
+
+impl Oidc {
+    /// The UserInfo claims for `access_token`, checked to be about `sub`; `now` judges a signed
+    /// answer's `exp`.
+    pub async fn userinfo(
+        &self,
+        access_token: &str,
+        sub: &str,
+        now: u64,
+    ) -> Result<Claims, UserinfoError> {
+        let metadata = self
+            .metadata()
+            .map_err(|e| UserinfoError::Unavailable(e.to_string()))?;
+        let endpoint = metadata
+            .userinfo_endpoint
+            .as_deref()
+            .ok_or(UserinfoError::NoEndpoint)?;
+        let (status, media_type, body) = self
+            .provider
+            .http
+            .get_with_bearer(endpoint, access_token, self.config.provider_timeout)
+            .await
+            .map_err(|e| UserinfoError::Unavailable(e.to_string()))?;
+        if status >= 500 || status == 429 {
+            return Err(UserinfoError::Unavailable(format!("HTTP {status}")));
+        }
+        if !(200..300).contains(&status) {
+            return Err(UserinfoError::Refused(status));
+        }
+        let claims = if media_type.as_deref() == Some("application/jwt") {
+            let token = std::str::from_utf8(&body)
+                .map_err(|_| UserinfoError::Invalid("the JWT is not text".into()))?
+                .trim();
+            let expect = self.id_token_expectations(&self.config.client_id, now);
+            crate::jose::validate_userinfo_jwt(&self.provider.jwks, token, &expect)
+                .await
+                .map_err(|e| UserinfoError::Invalid(e.to_string()))?
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(Value::Object(claims)) => claims,
+                _ => return Err(UserinfoError::Invalid("not a JSON object".into())),
+            }
+        };
+        match claims.get("sub") {
+            Some(Value::String(s)) if s == sub => Ok(claims),
+            Some(Value::String(_)) => Err(UserinfoError::SubjectMismatch),
+            _ => Err(UserinfoError::Invalid("no sub".into())),
+        }
+    }
+}
+
+/// The ID token's user claims: without the claims that describe the token.
+pub fn user_claims(id_token_claims: &Claims) -> Claims {
+    id_token_claims
+        .iter()
+        .filter(|(k, _)| !TOKEN_CLAIMS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// `base` (the ID token's user claims) with the UserInfo claims over it, `sub` and the token
+/// claims excepted.
+pub fn merge(mut base: Claims, userinfo: Claims) -> Claims {
+    for (name, value) in userinfo {
+        if name != "sub" && !TOKEN_CLAIMS.contains(&name.as_str()) {
+            base.insert(name, value);
+        }
+    }
+    base
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(v: Value) -> Claims {
+        match v {
+            Value::Object(m) => m,
+            _ => Claims::new(),
+        }
+    }
+
+    #[test]
+    fn userinfo_claims_win_but_never_sub_or_token_claims() {
+        let id = user_claims(&claims(json!({
+            "sub": "alice", "iss": "https://idp", "aud": "spa", "exp": 9, "name": "A",
+            "groups": ["old"], "sid": "s-1",
+        })));
+        assert_eq!(
+            id,
+            claims(json!({"sub": "alice", "name": "A", "groups": ["old"]}))
+        );
+        let merged = merge(
+            id,
+            claims(json!({
+                "sub": "someone-else", "iss": "https://evil", "exp": 1, "groups": ["new"],
+                "email": "a@example.test",
+            })),
+        );
+        assert_eq!(
+            merged,
+            claims(
+                json!({"sub": "alice", "name": "A", "groups": ["new"], "email": "a@example.test"})
+            )
+        );
+    }
+}

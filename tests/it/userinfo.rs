@@ -1,0 +1,235 @@
+//! Claims that stay current (issue 16 §3): with `[oidc] userinfo = true` the UserInfo endpoint is
+//! read after the login and after each refresh and merged with the ID token's claims (OpenID
+//! Connect Core §5.3.2: the `sub` must match); `/bff/user` and `require` read the result.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::fake_provider::reason;
+use crate::identity::{Stack, stack_with};
+use crate::support::stack::LoginStack;
+use crate::support::*;
+use serde_json::{Value, json};
+
+fn routes(up: &str) -> String {
+    format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{up}\"\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/beta/\"\nupstream = \"{up}\"\nauth = \"required\"\n\
+         require = {{ groups = [\"g2\"] }}\n"
+    )
+}
+
+async fn with_userinfo() -> Stack {
+    stack_with(routes, |c| c.add("oidc.userinfo", true)).await
+}
+
+fn answer(s: &Stack, status: u16, body: Value) {
+    *s.idp.state.userinfo.lock().unwrap() =
+        Some((status, "application/json".into(), body.to_string()));
+}
+
+async fn user(s: &Stack, cookie: &str) -> Value {
+    let r = get(
+        &s.proxy.url("/bff/user"),
+        &[("cookie", cookie), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+async fn status_of(s: &Stack, path: &str, cookie: &str) -> u16 {
+    get(&s.proxy.url(path), &[("cookie", cookie), ("x-csrf", "1")])
+        .await
+        .status
+}
+
+fn userinfo_calls(s: &Stack) -> Vec<String> {
+    s.idp.state.userinfo_requests.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn userinfo_claims_are_merged_at_login_and_read_by_bff_user_and_require() {
+    let s = with_userinfo().await;
+    answer(
+        &s,
+        200,
+        json!({"sub": "alice", "email": "alice@example.test", "groups": ["g2"],
+               "name": "Alice Liddell", "iss": "https://evil.example.test"}),
+    );
+    let cookie = s.sign_in(json!({"name": "Alice"})).await;
+    assert_eq!(userinfo_calls(&s), ["Bearer fake-access"]);
+    let me = user(&s, &cookie).await;
+    assert_eq!(me["sub"], "alice");
+    assert_eq!(me["email"], "alice@example.test");
+    assert_eq!(
+        me["name"], "Alice Liddell",
+        "userinfo wins over the ID token"
+    );
+    assert_eq!(me["groups"], json!(["g2"]));
+    assert!(
+        me.get("iss").is_none(),
+        "token claims are never user claims: {me}"
+    );
+    assert_eq!(
+        status_of(&s, "/beta/x", &cookie).await,
+        200,
+        "require reads them"
+    );
+}
+
+#[tokio::test]
+async fn without_userinfo_the_endpoint_is_never_called() {
+    let s = stack_with(routes, |c| c).await;
+    answer(&s, 200, json!({"sub": "alice", "groups": ["g2"]}));
+    let cookie = s.sign_in(json!({})).await;
+    assert!(userinfo_calls(&s).is_empty());
+    assert!(user(&s, &cookie).await.get("groups").is_none());
+    assert_eq!(status_of(&s, "/beta/x", &cookie).await, 403);
+}
+
+#[tokio::test]
+async fn a_userinfo_answer_about_another_subject_fails_the_login() {
+    let s = with_userinfo().await;
+    let cases = [
+        (
+            200,
+            json!({"sub": "mallory", "groups": ["g2"]}),
+            "userinfo_subject_mismatch",
+        ),
+        (200, json!({"groups": ["g2"]}), "userinfo_invalid"),
+        (200, json!(["not", "an", "object"]), "userinfo_invalid"),
+        (401, json!({"error": "invalid_token"}), "userinfo_refused"),
+    ];
+    for (status, body, expected) in cases {
+        answer(&s, status, body.clone());
+        let done = s.callback(json!({})).await;
+        assert_eq!(reason(&done).as_deref(), Some(expected), "{body}");
+        assert!(
+            !done
+                .headers
+                .get_all("set-cookie")
+                .iter()
+                .any(|v| v.to_str().unwrap().starts_with("vestibule=")),
+            "{body}: no session"
+        );
+    }
+    // An outage is the provider's: 503, try again later.
+    answer(&s, 503, json!({}));
+    assert_eq!(s.callback(json!({})).await.status, 503);
+}
+
+#[tokio::test]
+async fn claims_follow_userinfo_after_a_refresh_and_stay_on_a_mismatch() {
+    let s = with_userinfo().await;
+    // The login's access token is due at once; each refresh is scripted.
+    s.idp
+        .state
+        .token_fields
+        .lock()
+        .unwrap()
+        .insert("expires_in".into(), json!(0));
+    answer(&s, 200, json!({"sub": "alice", "groups": ["g1"]}));
+    let cookie = s.sign_in(json!({})).await;
+    assert_eq!(user(&s, &cookie).await["groups"], json!(["g1"]));
+    assert_eq!(status_of(&s, "/beta/x", &cookie).await, 403);
+
+    let refreshed = |token: &str, expires_in: u64| {
+        json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in,
+               "refresh_token": format!("rt-{token}")})
+    };
+    s.idp
+        .state
+        .script("refresh_token", 200, refreshed("fresh-1", 0));
+    s.idp
+        .state
+        .script("refresh_token", 200, refreshed("fresh-2", 300));
+
+    answer(&s, 200, json!({"sub": "alice", "groups": ["g2"]}));
+    assert_eq!(status_of(&s, "/api/x", &cookie).await, 200);
+    assert_eq!(
+        s.up.last().headers["authorization"],
+        "Bearer fresh-1",
+        "refreshed"
+    );
+    assert_eq!(userinfo_calls(&s).last().unwrap(), "Bearer fresh-1");
+    assert_eq!(user(&s, &cookie).await["groups"], json!(["g2"]));
+    assert_eq!(status_of(&s, "/beta/x", &cookie).await, 200);
+
+    // Another subject's answer after the next refresh: the tokens are new, the claims are not.
+    answer(&s, 200, json!({"sub": "mallory", "groups": ["admins"]}));
+    assert_eq!(status_of(&s, "/api/x", &cookie).await, 200);
+    assert_eq!(s.up.last().headers["authorization"], "Bearer fresh-2");
+    assert_eq!(userinfo_calls(&s).last().unwrap(), "Bearer fresh-2");
+    assert_eq!(user(&s, &cookie).await["groups"], json!(["g2"]));
+}
+
+#[tokio::test]
+async fn with_the_real_provider_userinfo_brings_the_claims_the_id_token_leaves_out() {
+    // Opaque access tokens (no resources), which its userinfo endpoint accepts; with
+    // conformIdTokenClaims the profile and email claims are at the userinfo endpoint only.
+    let provider = json!({"resources": [], "conform_id_token_claims": true});
+    for userinfo in [false, true] {
+        let stack = LoginStack::builder()
+            .provider(provider.clone())
+            .extra(|up| {
+                format!(
+                    "[[routes]]\npath = \"/mail/\"\nupstream = \"{up}\"\nauth = \"required\"\n\
+                     require = {{ email = [\"alice@example.test\"] }}\n"
+                )
+            })
+            .config(move |c| c.add("oidc.userinfo", userinfo))
+            .start()
+            .await;
+        let mut browser = stack.login("alice").await;
+        let me = browser
+            .get(&format!("{}/bff/user", stack.base), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(me.status, 200, "{}", me.text());
+        let me = me.json();
+        assert_eq!(me["sub"], "alice");
+        let mail = browser
+            .get(&format!("{}/mail/x", stack.base), &[("x-csrf", "1")])
+            .await;
+        if userinfo {
+            assert_eq!(me["email"], "alice@example.test", "{me}");
+            assert_eq!(me["name"], "Alice Liddell", "{me}");
+            assert_eq!(mail.status, 200, "{}", mail.text());
+        } else {
+            assert!(
+                me.get("email").is_none(),
+                "the ID token alone has no email: {me}"
+            );
+            assert_eq!(mail.status, 403);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_signed_userinfo_answer_is_checked_with_the_providers_keys() {
+    use vestibule::jose::testing::{Forgery, TestKey};
+    let s = with_userinfo().await;
+    let claims = |groups: &str| json!({"sub": "alice", "iss": s.idp.issuer, "aud": "vestibule", "groups": [groups]});
+    let jwt = |token: String| {
+        *s.idp.state.userinfo.lock().unwrap() = Some((200, "application/jwt".into(), token));
+    };
+    jwt(s.signer.token(TestKey::Rsa1).kid("k1").sign(&claims("g2")));
+    let cookie = s.sign_in(json!({})).await;
+    assert_eq!(user(&s, &cookie).await["groups"], json!(["g2"]));
+    let forged = [
+        s.signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .forge(Forgery::BadSignature)
+            .sign(&claims("admins")),
+        s.signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .sign(&json!({"sub": "alice", "aud": "another-client", "groups": ["admins"]})),
+    ];
+    for token in forged {
+        jwt(token);
+        assert_eq!(
+            reason(&s.callback(json!({})).await).as_deref(),
+            Some("userinfo_invalid")
+        );
+    }
+}
