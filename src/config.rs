@@ -159,6 +159,32 @@ pub struct OidcConfig {
     /// How long a call to the token endpoint (and revocation) may take. A grant we stop waiting
     /// for may still be carried out by the provider, so this is waited out, never cut short.
     pub provider_timeout: Duration,
+    /// DPoP (RFC 9449): every token request carries a proof and asks for DPoP-bound tokens.
+    pub dpop: bool,
+    /// The DPoP key (PEM, EC P-256); `None` with `dpop`: a key generated once and kept, sealed,
+    /// in the session store for every replica.
+    pub dpop_key_file: Option<std::path::PathBuf>,
+    /// Pushed authorization requests (RFC 9126).
+    pub par: Par,
+}
+
+/// When the authorization request is pushed (RFC 9126) rather than carried by the browser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Par {
+    /// When the provider advertises a `pushed_authorization_request_endpoint`.
+    Auto,
+    /// Always; a provider without the endpoint is an error.
+    Always,
+    Never,
+}
+
+/// How a route's access token is bound to Vestibule when it is sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenBinding {
+    /// `Authorization: Bearer <token>`.
+    None,
+    /// `Authorization: DPoP <token>` with a fresh proof of possession per request (RFC 9449).
+    Dpop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +288,7 @@ pub struct RouteConfig {
     pub allow_encoded_slash: bool,
     /// Pass `;` segment parameters through instead of answering 400 `bad_path`.
     pub allow_path_params: bool,
+    pub token_binding: TokenBinding,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -92,6 +92,9 @@ pub struct Oidc {
     pub metadata_refresh: Option<String>,
     pub clock_skew: Option<String>,
     pub provider_timeout: Option<String>,
+    pub dpop: Option<bool>,
+    pub dpop_key_file: Option<String>,
+    pub par: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +148,7 @@ pub struct Route {
     pub timeout: Option<String>,
     pub allow_encoded_slash: Option<bool>,
     pub allow_path_params: Option<bool>,
+    pub token_binding: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

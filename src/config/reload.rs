@@ -238,6 +238,9 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         metadata_refresh,
         clock_skew,
         provider_timeout,
+        dpop,
+        dpop_key_file,
+        par,
     } = new;
     OidcConfig {
         issuer: d.restart("oidc.issuer", &old.issuer, issuer),
@@ -273,6 +276,11 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
             &old.provider_timeout,
             provider_timeout,
         ),
+        // The OpenID client and its DPoP key are built at start.
+        dpop: d.restart("oidc.dpop", &old.dpop, dpop),
+        dpop_key_file: d.restart("oidc.dpop_key_file", &old.dpop_key_file, dpop_key_file),
+        // Read at each login.
+        par: d.live("oidc.par", par),
     }
 }
 

@@ -41,6 +41,8 @@ impl Default for ProviderHttp {
 pub struct JsonReply {
     pub status: u16,
     pub body: serde_json::Value,
+    /// The `DPoP-Nonce` header (RFC 9449 §8), when the provider sent one.
+    pub dpop_nonce: Option<HeaderValue>,
 }
 
 impl ProviderHttp {
@@ -57,6 +59,17 @@ impl ProviderHttp {
         req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
+        self.call_for_nonce(req, timeout)
+            .await
+            .map(|(status, body, _)| (status, body))
+    }
+
+    /// [`Self::call`], also returning the answer's `DPoP-Nonce`.
+    async fn call_for_nonce(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes, Option<HeaderValue>), CallError> {
         let host = req.uri().host().unwrap_or("").to_string();
         // One deadline for the answer and its body: a grant is waited for this long in all.
         let deadline = tokio::time::Instant::now() + timeout;
@@ -72,6 +85,7 @@ impl ProviderHttp {
             Ok(Ok(r)) => r,
         };
         let status = response.status().as_u16();
+        let nonce = response.headers().get(super::dpop::DPOP_NONCE).cloned();
         let body = tokio::time::timeout_at(
             deadline,
             Limited::new(response.into_body(), MAX_RESPONSE).collect(),
@@ -80,7 +94,7 @@ impl ProviderHttp {
         .map_err(|_| CallError::Unreachable(format!("{host}: body timed out")))?
         .map_err(|_| CallError::Unreachable(format!("{host}: body unreadable or too large")))?
         .to_bytes();
-        Ok((status, body))
+        Ok((status, body, nonce))
     }
 
     /// GET a JSON document; non-2xx is an error.
@@ -112,6 +126,19 @@ impl ProviderHttp {
         auth: &ClientCredentials<'_>,
         timeout: Duration,
     ) -> Result<JsonReply, CallError> {
+        self.post_form_with_proof(url, form, auth, timeout, None)
+            .await
+    }
+
+    /// [`Self::post_form`] with a DPoP proof (RFC 9449 §5) in the `DPoP` header.
+    pub async fn post_form_with_proof(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        auth: &ClientCredentials<'_>,
+        timeout: Duration,
+        proof: Option<&str>,
+    ) -> Result<JsonReply, CallError> {
         let mut fields: Vec<(&str, &str)> = form.to_vec();
         let mut builder = Request::builder()
             .method(Method::POST)
@@ -134,19 +161,26 @@ impl ProviderHttp {
             fields.push(("client_id", auth.client_id));
             fields.push(("client_secret", auth.client_secret));
         }
+        if let Some(proof) = proof.and_then(|p| HeaderValue::from_str(p).ok()) {
+            builder = builder.header(super::dpop::DPOP, proof);
+        }
         let encoded = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(fields)
             .finish();
         let req = builder
             .body(Full::new(Bytes::from(encoded)))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
-        let (status, body) = self.call(req, timeout).await?;
+        let (status, body, dpop_nonce) = self.call_for_nonce(req, timeout).await?;
         let body = if body.is_empty() {
             serde_json::Value::Null
         } else {
             serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
         };
-        Ok(JsonReply { status, body })
+        Ok(JsonReply {
+            status,
+            body,
+            dpop_nonce,
+        })
     }
 }
 

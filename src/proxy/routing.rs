@@ -148,6 +148,7 @@ mod tests {
             timeout: None,
             allow_encoded_slash: false,
             allow_path_params: false,
+            token_binding: crate::config::TokenBinding::None,
         }
     }
 
@@ -201,6 +202,7 @@ mod tests {
         RouteConfig {
             allow_encoded_slash: slash,
             allow_path_params: params,
+            token_binding: crate::config::TokenBinding::None,
             ..route(path, false)
         }
     }

@@ -50,6 +50,7 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash,
             allow_path_params,
+            token_binding,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -198,6 +199,19 @@ pub(super) fn routes_config(
                 );
             }
         }
+        let token_binding = one_of(
+            token_binding,
+            &format!("{path}.token_binding"),
+            TokenBinding::None,
+            &[("none", TokenBinding::None), ("dpop", TokenBinding::Dpop)],
+            problems,
+        );
+        if token_binding != TokenBinding::None && token == TokenMode::None {
+            problems.add(
+                format!("{path}.token_binding"),
+                "binds the access token sent upstream: set token = \"user\", \"client\" or \"user_or_client\"",
+            );
+        }
         let exchange = exchange.unwrap_or(false);
         if exchange && resource.is_none() {
             problems.add(
@@ -249,6 +263,7 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash: allow_encoded_slash.unwrap_or(false),
             allow_path_params: allow_path_params.unwrap_or(false),
+            token_binding,
         });
     }
     let _ = base;
