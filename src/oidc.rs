@@ -159,8 +159,7 @@ fn error_code(body: &serde_json::Value) -> String {
         None => String::new(),
         Some(c)
             if c.len() <= 64
-                && c
-                    .bytes()
+                && c.bytes()
                     .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\') =>
         {
             c.to_string()
@@ -258,7 +257,11 @@ impl Oidc {
         self.authorization_endpoint_with(metadata, &self.authorization_params(login))
     }
 
-    fn authorization_endpoint_with(&self, metadata: &Metadata, params: &[(&str, String)]) -> String {
+    fn authorization_endpoint_with(
+        &self,
+        metadata: &Metadata,
+        params: &[(&str, String)],
+    ) -> String {
         let mut url = match url::Url::parse(&metadata.authorization_endpoint) {
             Ok(u) => u,
             Err(_) => return metadata.authorization_endpoint.clone(),
@@ -333,12 +336,15 @@ impl Oidc {
         if wanted == response::TokenType::Dpop
             && !response
                 .token_type
-            .as_deref()
-            .is_some_and(|t| wanted.matches(t))
+                .as_deref()
+                .is_some_and(|t| wanted.matches(t))
         {
             return Err(GrantError::Unavailable(format!(
                 "the provider issued a token of type {:?}, not {}",
-                response.token_type.as_deref().map(|t| t.get(..16).unwrap_or("(long)")),
+                response
+                    .token_type
+                    .as_deref()
+                    .map(|t| t.get(..16).unwrap_or("(long)")),
                 wanted.name()
             )));
         }
@@ -348,7 +354,9 @@ impl Oidc {
     /// A grant's successful answer as sent, or why there is none.
     async fn grant_json(&self, form: &[(&str, &str)]) -> Result<serde_json::Value, GrantError> {
         let metadata = self.metadata()?;
-        let mut reply = self.post_token_request(&metadata.token_endpoint, form).await?;
+        let mut reply = self
+            .post_token_request(&metadata.token_endpoint, form)
+            .await?;
         // RFC 9449 §8: a provider that wants a nonce answers `use_dpop_nonce` with one in
         // `DPoP-Nonce`; the request is sent once more with it.
         if let Some(dpop) = &self.dpop
@@ -359,7 +367,9 @@ impl Oidc {
                 .as_ref()
                 .is_some_and(|n| dpop.remember_provider_nonce(n.as_bytes()))
         {
-            reply = self.post_token_request(&metadata.token_endpoint, form).await?;
+            reply = self
+                .post_token_request(&metadata.token_endpoint, form)
+                .await?;
         }
         if (200..300).contains(&reply.status) {
             return Ok(reply.body);

@@ -211,10 +211,13 @@ mod tests {
 
     #[test]
     fn a_complete_code_grant_response_is_read() {
-        let tokens = TokenResponse::from_code_grant(json!({
-            "access_token": "at", "token_type": "bearer", "id_token": "a.b.c",
-            "expires_in": 60, "refresh_token": "rt", "scope": "openid", "x": [1]
-        }), TokenType::Bearer)
+        let tokens = TokenResponse::from_code_grant(
+            json!({
+                "access_token": "at", "token_type": "bearer", "id_token": "a.b.c",
+                "expires_in": 60, "refresh_token": "rt", "scope": "openid", "x": [1]
+            }),
+            TokenType::Bearer,
+        )
         .unwrap();
         assert_eq!(tokens.access_token, "at");
         assert_eq!(tokens.expires_in, Some(60));
@@ -259,9 +262,7 @@ mod tests {
 
     #[test]
     fn a_dpop_client_takes_only_dpop_tokens() {
-        let answer = |token_type: &str| {
-            json!({"access_token": "at", "token_type": token_type, "id_token": "a.b.c"})
-        };
+        let answer = |token_type: &str| json!({"access_token": "at", "token_type": token_type, "id_token": "a.b.c"});
         for good in ["DPoP", "dpop"] {
             let tokens = TokenResponse::from_code_grant(answer(good), TokenType::Dpop).unwrap();
             assert_eq!(tokens.token_type.as_deref(), Some(good));
