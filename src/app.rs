@@ -568,7 +568,7 @@ pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
     oidc.provider
         .refresh()
         .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .map_err(|e| anyhow::anyhow!("oidc.issuer: {e}"))?;
     let metadata = oidc
         .provider
         .get()

@@ -49,6 +49,11 @@
 //                        ["beta-tester"]) and bob (password bob, roles []).
 //   access_token_claims  user claims copied into user JWT access tokens; default
 //                        ["roles", "realm_access"].
+//   dpop_require_nonce   true: every DPoP proof at the token endpoint must carry a server nonce
+//                        (RFC 9449 §8; answered 400 use_dpop_nonce with one). Default false.
+//                        DPoP itself is always on: a token request with a proof gets a bound
+//                        token (token_type DPoP, cnf.jkt in JWT access tokens).
+//   par                  false: no pushed authorization request endpoint (RFC 9126). Default true.
 //
 // ID token claims: `sub`, `roles`, `realm_access` and any custom user claim come with scope openid;
 // name/given_name/family_name/preferred_username with `profile`; email/email_verified with `email`.
@@ -119,7 +124,7 @@ const DEFAULT_CLIENT = {
 
 const CONFIG_KEYS = new Set([
   'port', 'access_token_ttl', 'id_token_ttl', 'refresh_token_ttl', 'session_ttl', 'clients',
-  'resources', 'default_resource', 'users', 'access_token_claims',
+  'resources', 'default_resource', 'users', 'access_token_claims', 'dpop_require_nonce', 'par',
 ]);
 
 const PROFILE_CLAIMS = ['name', 'given_name', 'family_name', 'preferred_username'];
@@ -234,6 +239,8 @@ function normaliseConfig(raw) {
     defaultResource,
     users: new Map(users.map((u) => [u.sub, u])),
     accessTokenClaims,
+    dpopRequireNonce: raw.dpop_require_nonce === true,
+    par: raw.par !== false,
   };
 }
 
@@ -552,6 +559,12 @@ function providerConfiguration() {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
+      dPoP: {
+        enabled: true,
+        nonceSecret: crypto.randomBytes(32),
+        requireNonce: () => config.dpopRequireNonce,
+      },
+      pushedAuthorizationRequests: { enabled: config.par },
       introspection: { enabled: true },
       revocation: { enabled: true },
       backchannelLogout: { enabled: true },
