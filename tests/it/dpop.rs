@@ -272,3 +272,70 @@ async fn replicas_sharing_a_store_prove_possession_of_one_key_kept_sealed() {
     assert_eq!(key.thumbprint(), a);
     assert_eq!(redis.command(&["PING"]).trim(), "+PONG");
 }
+
+/// The demo: the sample API (which wants nonces) behind a `token_binding = "dpop"` route. Through
+/// Vestibule the call succeeds — after one `use_dpop_nonce` round, whose nonce is then kept — and
+/// the very same token, stolen, is refused when sent without Vestibule's key.
+#[tokio::test]
+async fn through_vestibule_the_sample_api_answers_and_the_stolen_token_is_refused() {
+    let port = free_port();
+    let provider = crate::support::provider::start(port, json!({}));
+    let api = crate::sample_api::SampleApi::start_for(
+        &provider.issuer,
+        &["https://api.example.test"],
+        &["--dpop-nonce"],
+    )
+    .await
+    .unwrap();
+    let extra = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\ntoken_binding = \"dpop\"\n",
+        api.url
+    );
+    let config = login_toml(port, &provider.issuer, &extra).add("oidc.dpop", true);
+    let proxy = start_proxy(&config).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = crate::support::browser::Browser::default();
+    assert_eq!(
+        browser.login(&base, "alice", "alice", "/").await.status,
+        302
+    );
+    for _ in 0..2 {
+        let r = browser
+            .get(&format!("{base}/api/hello"), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["sub"], "alice");
+    }
+    let log = api.log().unwrap();
+    let nonce_rounds = log.matches("without the current nonce").count();
+    assert_eq!(
+        nonce_rounds, 1,
+        "one nonce round, then the nonce is kept: {log}"
+    );
+
+    let stolen = provider.tokens("alice").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let thief_key = vestibule::oidc::dpop::DpopKey::generate().unwrap();
+    let htu = format!("{}/api/hello", api.url);
+    let forged = thief_key
+        .proof("GET", &htu, fake_provider::now(), Some(&stolen), None)
+        .unwrap();
+    let (bearer, dpop) = (format!("Bearer {stolen}"), format!("DPoP {stolen}"));
+    for (what, headers) in [
+        (
+            "as a bearer token",
+            vec![("authorization", bearer.as_str())],
+        ),
+        ("without a proof", vec![("authorization", dpop.as_str())]),
+        (
+            "with the thief's own proof",
+            vec![("authorization", dpop.as_str()), ("dpop", forged.as_str())],
+        ),
+    ] {
+        let (status, _, body) = api.get_with("/api/hello", &headers).await.unwrap();
+        assert_eq!(status, 401, "{what}: {body}");
+    }
+}

@@ -156,9 +156,9 @@ fn sample_api_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A running sample API; killed when dropped. Its stderr (the request log) goes to a file.
-struct SampleApi {
+pub(crate) struct SampleApi {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     log: tempfile::NamedTempFile,
 }
 
@@ -172,9 +172,18 @@ impl SampleApi {
         audiences: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_for(&issuer.url, audiences, extra).await
+    }
+
+    /// A sample API trusting the issuer at `issuer` (the real provider, say).
+    pub(crate) async fn start_for(
+        issuer: &str,
+        audiences: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = tempfile::NamedTempFile::new()?;
         let mut cmd = Command::new(sample_api_binary()?);
-        cmd.args(["--listen", "127.0.0.1:0", "--issuer", &issuer.url]);
+        cmd.args(["--listen", "127.0.0.1:0", "--issuer", issuer]);
         cmd.args(extra);
         for audience in audiences {
             cmd.args(["--audience", audience]);
@@ -214,7 +223,7 @@ impl SampleApi {
         self.get_with(path, &headers).await
     }
 
-    async fn get_with(
+    pub(crate) async fn get_with(
         &self,
         path: &str,
         headers: &[(&str, &str)],
@@ -231,7 +240,7 @@ impl SampleApi {
         Ok((parts.status, parts.headers, serde_json::from_slice(&body)?))
     }
 
-    fn log(&self) -> anyhow::Result<String> {
+    pub(crate) fn log(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(self.log.path())?)
     }
 }
