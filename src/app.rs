@@ -239,9 +239,15 @@ impl App {
             session: &live.own_cookie,
             login_prefix: &live.login_prefix,
         };
+        // DPoP routes prove possession afresh on every send (boxed: other routes never pay).
+        let bound = route.token_binding == TokenBinding::Dpop;
         let forward = |mut req: Request<Either<Incoming, Empty<Bytes>>>,
                        bearer,
                        proof: Option<HeaderValue>| {
+            if bound {
+                // The browser's own proof never passes: only Vestibule's key proves possession.
+                req.headers_mut().remove(crate::oidc::dpop::DPOP);
+            }
             if let Some(proof) = proof {
                 req.headers_mut().insert(crate::oidc::dpop::DPOP, proof);
             }
@@ -258,8 +264,6 @@ impl App {
                 config.server.request_timeout,
             )
         };
-        // DPoP routes prove possession afresh on every send (boxed: other routes never pay).
-        let bound = route.token_binding == TokenBinding::Dpop;
         let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
             Captured::Once(req) => {
                 let proof = match bound {
