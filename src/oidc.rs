@@ -294,16 +294,17 @@ impl Oidc {
             (_, Some(endpoint)) => endpoint,
         };
         let params = self.authorization_params(login);
-        let form: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let credentials = self.credentials();
+        // Credentials in the body carry `client_id` already; providers refuse it twice.
+        let form: Vec<(&str, &str)> = params
+            .iter()
+            .filter(|(k, _)| credentials.basic || *k != "client_id")
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
         let reply = self
             .provider
             .http
-            .post_form(
-                endpoint,
-                &form,
-                &self.credentials(),
-                self.config.provider_timeout,
-            )
+            .post_form(endpoint, &form, &credentials, self.config.provider_timeout)
             .await
             .map_err(|e| GrantError::Unavailable(e.to_string()))?;
         let request_uri = reply
