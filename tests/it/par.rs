@@ -98,7 +98,8 @@ async fn par_always_with_a_provider_without_par_refuses_the_login_and_the_online
     )
     .await;
     let r = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
-    assert_ne!(r.status, 302, "{}", r.text());
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("provider_unavailable"), "{}", r.text());
     assert!(r.header("location").is_none());
 
     let dir = tempfile::tempdir().unwrap();
