@@ -62,7 +62,7 @@ token = "user"
 async fn dpop_stack(provider: Value) -> LoginStack {
     LoginStack::builder()
         .provider(provider)
-        .extra(|u| routes(u))
+        .extra(routes)
         .config(|c| c.add("oidc.dpop", true))
         .start()
         .await
