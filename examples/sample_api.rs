@@ -19,6 +19,11 @@
 //! `GET /api/hello` greets any valid token, `GET /api/beta/dashboard` needs the role
 //! `beta-tester`, `GET /healthz` is liveness. One JSON line per request goes to stderr; tokens
 //! and query strings are never logged.
+//!
+//! DPoP (RFC 9449): a token bound to a key (`cnf.jkt`) is accepted only as `Authorization: DPoP`
+//! with a proof signed by that key for this very request (`htm`, `htu`, `ath`, a recent `iat`,
+//! a `jti` never seen before, and with `--dpop-nonce` the nonce this API hands out). A stolen
+//! bound token is worthless without the key. An unbound token is accepted only as `Bearer`.
 
 use std::{
     convert::Infallible,
@@ -28,6 +33,8 @@ use std::{
 };
 
 use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use clap::Parser;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -39,6 +46,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Value, json};
+use sha2::Digest;
+use std::collections::HashMap;
 use tokio::{net::TcpListener, sync::Mutex};
 
 /// Asymmetric algorithms only: a resource server shares no secret with the issuer, HS* keyed
@@ -54,6 +63,16 @@ const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const LEEWAY_SECS: u64 = 30;
 const BETA_ROLE: &str = "beta-tester";
+/// How far a DPoP proof's `iat` may be from now, either way.
+const PROOF_WINDOW_SECS: u64 = 60;
+/// Proof algorithms accepted (asymmetric only).
+const PROOF_ALGS: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+    Algorithm::PS256,
+    Algorithm::RS256,
+];
 
 #[derive(Parser)]
 #[command(about = "Sample API for the Vestibule demo: validates Bearer access tokens")]
@@ -71,6 +90,9 @@ struct Args {
     /// issuer without one, such as Vestibule's assertions and its admin `/jwks`).
     #[arg(long)]
     jwks_uri: Option<String>,
+    /// Require DPoP proofs to carry a nonce this API hands out (RFC 9449 §9).
+    #[arg(long)]
+    dpop_nonce: bool,
 }
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -81,6 +103,10 @@ enum Reject {
     Missing,
     Invalid(String),
     KeysUnavailable,
+    /// A bound token without a valid proof of possession.
+    Proof(String),
+    /// The proof lacks the current nonce; the answer carries it.
+    UseNonce,
 }
 
 fn invalid(why: impl ToString) -> Reject {
@@ -108,17 +134,125 @@ struct Api {
     /// One lock for lookups and fetches: fetches are rare, and a request carrying a freshly
     /// rotated `kid` should wait for the fetch already under way rather than start another.
     keys: Mutex<KeySet>,
+    /// `Some`: the nonce DPoP proofs must carry.
+    nonce: Option<String>,
+    /// `jti`s of accepted proofs and until when they are remembered.
+    seen: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Api {
     async fn authenticate(&self, req: &Request<Incoming>) -> Result<Value, Reject> {
-        let token = req
+        let (scheme, token) = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()?.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
+            .filter(|(scheme, _)| {
+                scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("dpop")
+            })
+            .map(|(scheme, token)| (scheme, token.trim()))
             .ok_or(Reject::Missing)?;
+        let claims = self.validate(token).await?;
+        let bound = claims["cnf"]["jkt"].as_str();
+        match (scheme.eq_ignore_ascii_case("dpop"), bound) {
+            (true, Some(jkt)) => {
+                if self.verify_proof(req, token)? != jkt {
+                    return Err(Reject::Proof(
+                        "the proof's key is not the token's cnf.jkt".into(),
+                    ));
+                }
+            }
+            (false, Some(_)) => return Err(invalid("a DPoP-bound token sent as a bearer token")),
+            (true, None) => {
+                return Err(invalid("a token without cnf.jkt sent with the DPoP scheme"));
+            }
+            (false, None) => {}
+        }
+        Ok(claims)
+    }
+
+    /// Checks the request's DPoP proof for `token`; its key's thumbprint.
+    fn verify_proof(&self, req: &Request<Incoming>, token: &str) -> Result<String, Reject> {
+        let proof = |why: &str| Reject::Proof(why.to_string());
+        let mut values = req.headers().get_all("dpop").iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(proof("exactly one DPoP header is required"));
+        };
+        let jws = value.to_str().map_err(|_| proof("unreadable proof"))?;
+        let head =
+            jsonwebtoken::decode_header(jws).map_err(|_| proof("unreadable proof header"))?;
+        if head.typ.as_deref() != Some("dpop+jwt") || !PROOF_ALGS.contains(&head.alg) {
+            return Err(proof("not a dpop+jwt with an accepted algorithm"));
+        }
+        // The header's key must be public: a private member means a leaked key.
+        let raw_head: Value = jws
+            .split('.')
+            .next()
+            .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if raw_head["jwk"].get("d").is_some() {
+            return Err(proof("the proof's jwk holds a private key"));
+        }
+        let jwk = head.jwk.ok_or_else(|| proof("the proof has no jwk"))?;
+        let key = DecodingKey::from_jwk(&jwk).map_err(|_| proof("unusable jwk"))?;
+        let mut validation = Validation::new(head.alg);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        let claims = jsonwebtoken::decode::<Value>(jws, &key, &validation)
+            .map_err(|_| proof("bad proof signature"))?
+            .claims;
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let htu = format!("http://{host}{}", req.uri().path());
+        if claims["htm"].as_str() != Some(req.method().as_str()) {
+            return Err(proof("htm is not this request's method"));
+        }
+        if claims["htu"].as_str() != Some(htu.as_str()) {
+            return Err(proof("htu is not this request's URL"));
+        }
+        let ath = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(token.as_bytes()));
+        if claims["ath"].as_str() != Some(ath.as_str()) {
+            return Err(proof("ath is not the hash of this token"));
+        }
+        let now = now();
+        let iat = claims["iat"].as_u64().ok_or_else(|| proof("no iat"))?;
+        if iat.abs_diff(now) > PROOF_WINDOW_SECS {
+            return Err(proof("iat is outside the accepted window"));
+        }
+        if let Some(nonce) = &self.nonce
+            && claims["nonce"].as_str() != Some(nonce.as_str())
+        {
+            return Err(Reject::UseNonce);
+        }
+        let jti = claims["jti"]
+            .as_str()
+            .filter(|j| !j.is_empty() && j.len() <= 256);
+        let jti = jti.ok_or_else(|| proof("no jti"))?;
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.retain(|_, until| *until >= now);
+            if seen
+                .insert(jti.to_string(), now + 2 * PROOF_WINDOW_SECS)
+                .is_some()
+            {
+                return Err(proof("the proof's jti was already used (a replay)"));
+            }
+        }
+        jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+            .map_err(|_| proof("no thumbprint for the jwk"))
+    }
+
+    async fn validate(&self, token: &str) -> Result<Value, Reject> {
         let head = jsonwebtoken::decode_header(token).map_err(invalid)?;
         if !ALLOWED_ALGS.contains(&head.alg) {
             return Err(invalid(format!("algorithm {:?} is not allowed", head.alg)));
@@ -280,7 +414,7 @@ fn with(mut resp: Reply, name: HeaderName, value: &'static str) -> Reply {
     resp
 }
 
-fn rejection(reject: &Reject) -> Reply {
+fn rejection(reject: &Reject, nonce: Option<&str>) -> Reply {
     // RFC 6750 §3.1: a request without any credentials gets a challenge without an error code.
     let (challenge, error) = match reject {
         Reject::Missing => (r#"Bearer realm="sample-api""#, "unauthorized"),
@@ -291,6 +425,27 @@ fn rejection(reject: &Reject) -> Reply {
         Reject::KeysUnavailable => {
             let body = json!({"error": "temporarily_unavailable"});
             return reply(StatusCode::SERVICE_UNAVAILABLE, body);
+        }
+        Reject::Proof(_) => (
+            r#"DPoP realm="sample-api", error="invalid_dpop_proof", algs="ES256 ES384 EdDSA PS256 RS256""#,
+            "invalid_dpop_proof",
+        ),
+        Reject::UseNonce => {
+            let body = json!({"error": "use_dpop_nonce"});
+            let resp = reply(StatusCode::UNAUTHORIZED, body);
+            let resp = with(
+                resp,
+                header::WWW_AUTHENTICATE,
+                r#"DPoP error="use_dpop_nonce""#,
+            );
+            return match nonce.and_then(|n| HeaderValue::from_str(n).ok()) {
+                Some(value) => {
+                    let mut resp = resp;
+                    resp.headers_mut().insert("dpop-nonce", value);
+                    resp
+                }
+                None => resp,
+            };
         }
     };
     let resp = reply(StatusCode::UNAUTHORIZED, json!({"error": error}));
@@ -339,8 +494,10 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Result<Reply, Infallib
                         Reject::Missing => "no bearer token".into(),
                         Reject::Invalid(why) => format!("invalid token: {why}"),
                         Reject::KeysUnavailable => "the issuer's keys are unavailable".into(),
+                        Reject::Proof(why) => format!("invalid DPoP proof: {why}"),
+                        Reject::UseNonce => "DPoP proof without the current nonce".into(),
                     };
-                    rejection(&reject)
+                    rejection(&reject, api.nonce.as_deref())
                 }
             }
         }
@@ -376,6 +533,15 @@ async fn main() -> anyhow::Result<()> {
             jwks_uri: args.jwks_uri,
             ..KeySet::default()
         }),
+        nonce: match args.dpop_nonce {
+            false => None,
+            true => {
+                let mut bytes = [0u8; 16];
+                getrandom::fill(&mut bytes).map_err(|e| anyhow!("random source: {e}"))?;
+                Some(URL_SAFE_NO_PAD.encode(bytes))
+            }
+        },
+        seen: std::sync::Mutex::new(HashMap::new()),
     });
     let listener = TcpListener::bind(args.listen)
         .await

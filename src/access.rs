@@ -2,7 +2,7 @@
 //! redirect), CSRF and origin checks (403), the claims policy (403), and the access token to
 //! attach — refreshed before it expires, exactly once per session across requests and replicas.
 
-use crate::config::{AuthMode, RouteConfig, TokenMode};
+use crate::config::{AuthMode, RouteConfig, TokenBinding, TokenMode};
 use crate::reply::{Body, ErrorCode};
 use crate::rescue::RequestError;
 use crate::session::manager::Sessions;
@@ -198,6 +198,15 @@ fn missing_requirements(
         .collect()
 }
 
+/// How the route's access token is introduced in `Authorization`, space included: `DPoP `
+/// for `token_binding = "dpop"` (RFC 9449 §7.1), `Bearer ` otherwise.
+pub fn authorization_scheme(route: &RouteConfig) -> &'static str {
+    match route.token_binding {
+        TokenBinding::None => "Bearer ",
+        TokenBinding::Dpop => "DPoP ",
+    }
+}
+
 /// The access stage: who may pass, and the token to attach. The caller turns a refusal into its
 /// response ([`RequestError::respond`]), a page for navigations.
 pub async fn admit(
@@ -284,8 +293,9 @@ pub async fn admit(
     }
     let bearer = token.and_then(|t| {
         // Built once and handed over without another copy.
-        let mut text = String::with_capacity(7 + t.len());
-        text.push_str("Bearer ");
+        let scheme = authorization_scheme(route);
+        let mut text = String::with_capacity(scheme.len() + t.len());
+        text.push_str(scheme);
         text.push_str(&t);
         let mut v = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
         v.set_sensitive(true);

@@ -5,8 +5,8 @@
 
 use crate::access::{self, Tokens};
 use crate::clock::Clock;
-use crate::config::Config;
-use crate::oidc::Oidc;
+use crate::config::{Config, TokenBinding};
+use crate::oidc::{GrantError, Oidc};
 use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
 use crate::reply::{Body, ErrorCode, Reader};
@@ -78,7 +78,26 @@ impl App {
             cache_ttl: config.session.cache_ttl,
         };
         let sessions = Arc::new(Sessions::new(settings, store));
-        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+        let dpop_key = crate::state::StoredDpopKey {
+            store: sessions.store().clone(),
+            keyring: Arc::new(
+                Keyring::new(config.session.keys.clone())
+                    .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?,
+            ),
+        };
+        let oidc = Oidc::with_dpop_keys(
+            config.oidc.clone(),
+            config.redirect_uri(),
+            Arc::new(dpop_key),
+        );
+        if let Some(dpop) = oidc.dpop.clone() {
+            // Loaded ahead of the first login; a store that is down now is retried on use.
+            tokio::spawn(async move {
+                if let Err(error) = dpop.key().await {
+                    tracing::warn!(%error, "DPoP key not loaded yet; retried when needed");
+                }
+            });
+        }
         tokio::spawn(
             oidc.provider
                 .clone()
@@ -220,7 +239,19 @@ impl App {
             session: &live.own_cookie,
             login_prefix: &live.login_prefix,
         };
-        let forward = |req, bearer, identity| {
+        // DPoP routes prove possession afresh on every send (boxed: other routes never pay).
+        let bound = route.token_binding == TokenBinding::Dpop;
+        let forward = |mut req: Request<Either<Incoming, Empty<Bytes>>>,
+                       bearer,
+                       identity,
+                       proof: Option<HeaderValue>| {
+            if bound {
+                // The browser's own proof never passes: only Vestibule's key proves possession.
+                req.headers_mut().remove(crate::oidc::dpop::DPOP);
+            }
+            if let Some(proof) = proof {
+                req.headers_mut().insert(crate::oidc::dpop::DPOP, proof);
+            }
             proxy::dispatch(
                 &worker.upstreams,
                 route,
@@ -237,19 +268,82 @@ impl App {
         };
         let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
             Captured::Once(req) => {
-                forward(req.map(Either::Left), admitted.bearer, admitted.identity).await
+                let proof = match bound {
+                    false => Ok(None),
+                    true => {
+                        Box::pin(self.dpop_proof(
+                            route,
+                            req.method(),
+                            req.uri().path(),
+                            admitted.bearer.as_ref(),
+                        ))
+                        .await
+                    }
+                };
+                match proof {
+                    Ok(proof) => {
+                        let response = forward(req.map(Either::Left), admitted.bearer, admitted.identity, proof).await;
+                        if bound {
+                            self.keep_dpop_nonce(route, &response);
+                        }
+                        response
+                    }
+                    Err(error) => error.respond(Reader::of(req.headers())),
+                }
             }
             Captured::Replay(replay) => {
-                // No body: the request can be sent again with another token.
-                let first =
-                    forward(replay.request(), admitted.bearer, admitted.identity.clone()).await;
-                if rejects_token(&first) {
+                // No body: the request can be sent again with another token or proof.
+                let send = |bearer: Option<HeaderValue>| async {
+                    if !bound {
+                        return forward(replay.request(), bearer, admitted.identity.clone(), None).await;
+                    }
+                    let path = replay.uri.path();
+                    let response = match Box::pin(self.dpop_proof(
+                        route,
+                        &replay.method,
+                        path,
+                        bearer.as_ref(),
+                    ))
+                    .await
+                    {
+                        Ok(proof) => {
+                            forward(
+                                replay.request(),
+                                bearer.clone(),
+                                admitted.identity.clone(),
+                                proof,
+                            )
+                            .await
+                        }
+                        Err(error) => return error.respond(Reader::Script),
+                    };
+                    // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
+                    if !(self.keep_dpop_nonce(route, &response) && asks_for_dpop_nonce(&response)) {
+                        return response;
+                    }
+                    let again = match Box::pin(self.dpop_proof(
+                        route,
+                        &replay.method,
+                        path,
+                        bearer.as_ref(),
+                    ))
+                    .await
+                    {
+                        Ok(proof) => {
+                            forward(replay.request(), bearer, admitted.identity.clone(), proof)
+                                .await
+                        }
+                        Err(error) => return error.respond(Reader::Script),
+                    };
+                    self.keep_dpop_nonce(route, &again);
+                    again
+                };
+                let first = send(admitted.bearer).await;
+                if route.token == crate::config::TokenMode::User && rejects_token(&first) {
                     // Rare: boxed so that it does not grow every request's future.
                     Box::pin(async {
                         match self.replace_token(worker, live, route, &replay).await {
-                            Ok(Some(bearer)) => {
-                                forward(replay.request(), Some(bearer), admitted.identity).await
-                            }
+                            Ok(Some(bearer)) => send(Some(bearer)).await,
                             Ok(None) => first,
                             // A replayed API call: its errors are JSON.
                             Err(refused) => refused.respond(Reader::Script),
@@ -290,12 +384,71 @@ impl App {
         else {
             return Ok(None);
         };
-        Ok(HeaderValue::from_str(&format!("Bearer {token}"))
+        let scheme = access::authorization_scheme(route);
+        Ok(HeaderValue::from_str(&format!("{scheme}{token}"))
             .ok()
             .map(|mut v| {
                 v.set_sensitive(true);
                 v
             }))
+    }
+
+    /// A fresh DPoP proof (RFC 9449 §7) for one send of a request to a `token_binding = "dpop"`
+    /// route: `htm`, `htu` (the upstream URL without query), `ath` of the token in
+    /// `authorization`, and the upstream's latest nonce. `None` without a token to bind.
+    async fn dpop_proof(
+        &self,
+        route: &crate::config::RouteConfig,
+        method: &Method,
+        path: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, RequestError> {
+        let (Some(dpop), Some(authorization)) = (&self.oidc.dpop, authorization) else {
+            return Ok(None);
+        };
+        let Some((htu, authority)) = proxy::upstream_target(route, path) else {
+            return Ok(None);
+        };
+        let token = authorization
+            .to_str()
+            .ok()
+            .and_then(|a| a.strip_prefix("DPoP "))
+            .unwrap_or_default();
+        let unavailable = |e: crate::oidc::dpop::DpopError| {
+            RequestError::Provider(GrantError::Unavailable(e.to_string()))
+        };
+        let key = dpop.key().await.map_err(unavailable)?;
+        let nonce = dpop.upstream_nonce(authority);
+        let proof = key
+            .proof(
+                method.as_str(),
+                &htu.to_string(),
+                crate::clock::now(),
+                Some(token),
+                nonce.as_deref(),
+            )
+            .map_err(unavailable)?;
+        HeaderValue::from_str(&proof)
+            .map(Some)
+            .map_err(|_| RequestError::Internal("a DPoP proof is not a header value"))
+    }
+
+    /// Keeps the `DPoP-Nonce` an upstream sent for its next proofs; `true` if there was one.
+    fn keep_dpop_nonce(
+        &self,
+        route: &crate::config::RouteConfig,
+        response: &Response<Body>,
+    ) -> bool {
+        let (Some(dpop), Some(nonce)) = (
+            &self.oidc.dpop,
+            response.headers().get(crate::oidc::dpop::DPOP_NONCE),
+        ) else {
+            return false;
+        };
+        let Some((_, authority)) = proxy::upstream_target(route, "/") else {
+            return false;
+        };
+        dpop.remember_upstream_nonce(authority, nonce.as_bytes())
     }
 
     /// Readiness checks by name; all must pass for `/readyz` to answer 200. `accepting` fails as
@@ -365,7 +518,8 @@ impl Replay {
         req: Request<Incoming>,
         bearer: Option<&HeaderValue>,
     ) -> Captured {
-        let replayable = route.token == crate::config::TokenMode::User
+        let replayable = (route.token == crate::config::TokenMode::User
+            || route.token_binding == TokenBinding::Dpop)
             && (req.method() == Method::GET || req.method() == Method::HEAD)
             && http_body::Body::is_end_stream(req.body())
             && proxy::headers::upgrade_protocol(req.headers()).is_none();
@@ -387,7 +541,10 @@ impl Replay {
         self.bearer
             .to_str()
             .ok()
-            .and_then(|b| b.strip_prefix("Bearer "))
+            .and_then(|b| {
+                b.strip_prefix("Bearer ")
+                    .or_else(|| b.strip_prefix("DPoP "))
+            })
             .unwrap_or_default()
     }
 
@@ -411,13 +568,73 @@ fn rejects_token(response: &Response<Body>) -> bool {
             .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token")))
 }
 
-/// `vestibule check --online`: fetch the discovery document and the key set.
+/// `401` with `WWW-Authenticate: DPoP error="use_dpop_nonce"` (RFC 9449 §9).
+fn asks_for_dpop_nonce(response: &Response<Body>) -> bool {
+    response.status() == http::StatusCode::UNAUTHORIZED
+        && response
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("use_dpop_nonce")))
+}
+
+/// `vestibule check --online`: fetch the discovery document and the key set, and check that
+/// the provider offers what the configuration asks of it (PAR, DPoP with ES256).
 pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
     let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
     oidc.provider
         .refresh()
         .await
-        .map_err(|e| anyhow::anyhow!(e))
+        .map_err(|e| anyhow::anyhow!("oidc.issuer: {e}"))?;
+    let metadata = oidc
+        .provider
+        .get()
+        .ok_or_else(|| anyhow::anyhow!("the provider metadata did not load"))?;
+    provider_offers(&config.oidc, &metadata).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// What the configuration needs of the provider's metadata, as `check --online` reports it.
+pub fn provider_offers(
+    oidc: &crate::config::OidcConfig,
+    metadata: &crate::oidc::metadata::Metadata,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if oidc.par == crate::config::Par::Always
+        && metadata.pushed_authorization_request_endpoint.is_none()
+    {
+        problems.push(
+            "oidc.par: \"always\", but the provider advertises no \
+             pushed_authorization_request_endpoint; use \"auto\" or \"never\""
+                .to_string(),
+        );
+    }
+    if oidc.par == crate::config::Par::Never
+        && metadata.require_pushed_authorization_requests == Some(true)
+    {
+        problems.push(
+            "oidc.par: \"never\", but the provider requires pushed authorization requests; \
+             use \"auto\""
+                .to_string(),
+        );
+    }
+    if oidc.dpop {
+        match &metadata.dpop_signing_alg_values_supported {
+            None => problems.push(
+                "oidc.dpop: the provider advertises no dpop_signing_alg_values_supported: \
+                 it does not issue DPoP-bound tokens"
+                    .to_string(),
+            ),
+            Some(algs) if !algs.iter().any(|a| a == "ES256") => problems.push(format!(
+                "oidc.dpop: the provider accepts DPoP proofs signed with {algs:?}, not ES256"
+            )),
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
 }
 
 /// How often the configuration file is checked for changes.

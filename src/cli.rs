@@ -101,7 +101,7 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
             return ExitCode::from(1);
         };
         if let Err(error) = rt.block_on(crate::app::check_provider(&config)) {
-            eprintln!("{}: oidc.issuer: {error}", path.display());
+            eprintln!("{}: {error}", path.display());
             return ExitCode::from(1);
         }
     }

@@ -161,6 +161,32 @@ pub struct OidcConfig {
     pub provider_timeout: Duration,
     /// Fetch the UserInfo endpoint after login and after each refresh, and merge its claims.
     pub userinfo: bool,
+    /// DPoP (RFC 9449): every token request carries a proof and asks for DPoP-bound tokens.
+    pub dpop: bool,
+    /// The DPoP key (PEM, EC P-256); `None` with `dpop`: a key generated once and kept, sealed,
+    /// in the session store for every replica.
+    pub dpop_key_file: Option<std::path::PathBuf>,
+    /// Pushed authorization requests (RFC 9126).
+    pub par: Par,
+}
+
+/// When the authorization request is pushed (RFC 9126) rather than carried by the browser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Par {
+    /// When the provider advertises a `pushed_authorization_request_endpoint`.
+    Auto,
+    /// Always; a provider without the endpoint is an error.
+    Always,
+    Never,
+}
+
+/// How a route's access token is bound to Vestibule when it is sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenBinding {
+    /// `Authorization: Bearer <token>`.
+    None,
+    /// `Authorization: DPoP <token>` with a fresh proof of possession per request (RFC 9449).
+    Dpop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +295,7 @@ pub struct RouteConfig {
     pub identity_headers: Vec<(http::HeaderName, String)>,
     /// A JWT signed by Vestibule for the upstream, if the route sends one.
     pub assertion: Option<AssertionConfig>,
+    pub token_binding: TokenBinding,
 }
 
 /// A route's assertion: a short-lived JWT signed by Vestibule, naming the user to the upstream.

@@ -147,7 +147,12 @@ async fn login(
             ));
         }
     };
-    let mut response = redirect(&app.oidc.authorization_url(&metadata, &login));
+    let location = app
+        .oidc
+        .login_url(&metadata, &login, live.config.oidc.par)
+        .await
+        .map_err(RequestError::Provider)?;
+    let mut response = redirect(&location);
     if let Some(cookie) = cookies::set_cookie(session_config, &name, &sealed, Some(LOGIN_TTL), true)
     {
         response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -223,7 +228,7 @@ async fn callback(
         }
         Err(e @ GrantError::Unavailable(_)) => return Err(RequestError::Provider(e)),
     };
-    let tokens = match TokenResponse::from_code_grant(answer) {
+    let tokens = match TokenResponse::from_code_grant(answer, app.oidc.token_type()) {
         Ok(t) => t,
         Err(e) => return login_failed(e.reason(), &e.to_string()),
     };

@@ -6,12 +6,13 @@
 //! the `openidconnect` crate: it cannot refetch a rotated key set, does not check `azp`, has no
 //! leeway, no logout tokens and no token exchange, and would bring a second JOSE stack.
 
+pub mod dpop;
 pub mod http;
 pub mod metadata;
 pub mod response;
 pub mod userinfo;
 
-use crate::config::{ClientAuth, OidcConfig};
+use crate::config::{ClientAuth, OidcConfig, Par};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{ClientCredentials, ProviderHttp};
@@ -115,6 +116,8 @@ pub struct TokenResponse {
     pub id_token: Option<String>,
     #[serde(default)]
     pub scope: Option<String>,
+    #[serde(default)]
+    pub token_type: Option<String>,
 }
 
 impl std::fmt::Debug for TokenResponse {
@@ -122,6 +125,7 @@ impl std::fmt::Debug for TokenResponse {
         f.debug_struct("TokenResponse")
             .field("expires_in", &self.expires_in)
             .field("scope", &self.scope)
+            .field("token_type", &self.token_type)
             .finish_non_exhaustive()
     }
 }
@@ -149,21 +153,68 @@ impl GrantError {
     }
 }
 
+/// The OAuth error code of an error answer (RFC 6749 §5.2), safe to log: printable ASCII
+/// without `"` and `\\`, at most 64 characters; anything else is not repeated as it came.
+fn error_code(body: &serde_json::Value) -> String {
+    match body.get("error").and_then(|e| e.as_str()) {
+        None => String::new(),
+        Some(c)
+            if c.len() <= 64
+                && c.bytes()
+                    .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\') =>
+        {
+            c.to_string()
+        }
+        Some(_) => "unreadable_error_code".to_string(),
+    }
+}
+
 /// The OpenID Connect client for one provider.
 pub struct Oidc {
     pub provider: Arc<Provider>,
     pub config: OidcConfig,
     pub redirect_uri: String,
+    /// With `[oidc] dpop`: the key and nonces every token request (and every `token_binding =
+    /// "dpop"` route) proves possession with.
+    pub dpop: Option<Arc<dpop::Dpop>>,
 }
 
 impl Oidc {
+    /// The client; with `dpop` and no key file, its DPoP key is made in this process.
     pub fn new(config: OidcConfig, redirect_uri: String) -> Arc<Oidc> {
+        Oidc::with_dpop_keys(config, redirect_uri, Arc::new(dpop::ProcessKey))
+    }
+
+    /// The client; with `dpop` and no key file, its DPoP key comes from `generated` (the state
+    /// layer passes one kept in the session store, shared by every replica).
+    pub fn with_dpop_keys(
+        config: OidcConfig,
+        redirect_uri: String,
+        generated: Arc<dyn dpop::KeySource>,
+    ) -> Arc<Oidc> {
         let provider = Provider::new(config.issuer.clone(), ProviderHttp::new());
+        let dpop = config.dpop.then(|| {
+            let source: Arc<dyn dpop::KeySource> = match &config.dpop_key_file {
+                Some(file) => Arc::new(dpop::KeyFile(file.clone())),
+                None => generated,
+            };
+            Arc::new(dpop::Dpop::new(source))
+        });
         Arc::new(Oidc {
             provider,
             config,
             redirect_uri,
+            dpop,
         })
+    }
+
+    /// The `token_type` token responses must have: `DPoP` when proofs are sent.
+    pub fn token_type(&self) -> response::TokenType {
+        if self.dpop.is_some() {
+            response::TokenType::Dpop
+        } else {
+            response::TokenType::Bearer
+        }
     }
 
     pub fn metadata(&self) -> Result<Arc<Metadata>, GrantError> {
@@ -184,64 +235,148 @@ impl Oidc {
         }
     }
 
-    /// The provider URL that starts a login.
+    /// The parameters of a login's authorization request.
+    fn authorization_params(&self, login: &LoginState) -> Vec<(&str, String)> {
+        let mut params = vec![
+            ("response_type", "code".to_string()),
+            ("client_id", self.config.client_id.clone()),
+            ("redirect_uri", self.redirect_uri.clone()),
+            ("scope", self.config.scopes.join(" ")),
+            ("state", login.state.clone()),
+            ("nonce", login.nonce.clone()),
+            ("code_challenge", pkce_challenge(&login.verifier)),
+            ("code_challenge_method", "S256".to_string()),
+        ];
+        for (k, v) in &self.config.extra_auth_params {
+            params.push((k, v.clone()));
+        }
+        params
+    }
+
+    /// The provider URL that starts a login, every parameter in its query.
     pub fn authorization_url(&self, metadata: &Metadata, login: &LoginState) -> String {
+        self.authorization_endpoint_with(metadata, &self.authorization_params(login))
+    }
+
+    fn authorization_endpoint_with(
+        &self,
+        metadata: &Metadata,
+        params: &[(&str, String)],
+    ) -> String {
         let mut url = match url::Url::parse(&metadata.authorization_endpoint) {
             Ok(u) => u,
             Err(_) => return metadata.authorization_endpoint.clone(),
         };
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("response_type", "code")
-                .append_pair("client_id", &self.config.client_id)
-                .append_pair("redirect_uri", &self.redirect_uri)
-                .append_pair("scope", &self.config.scopes.join(" "))
-                .append_pair("state", &login.state)
-                .append_pair("nonce", &login.nonce)
-                .append_pair("code_challenge", &pkce_challenge(&login.verifier))
-                .append_pair("code_challenge_method", "S256");
-            for (k, v) in &self.config.extra_auth_params {
-                q.append_pair(k, v);
-            }
-        }
+        url.query_pairs_mut().extend_pairs(params);
         url.into()
     }
 
+    /// Where to send the browser to log in. With pushed authorization requests (RFC 9126; `par`
+    /// is `always`, or `auto` and the provider advertises the endpoint) the parameters go to
+    /// the provider server-to-server and the browser carries only `client_id` and the
+    /// `request_uri` it answered.
+    pub async fn login_url(
+        &self,
+        metadata: &Metadata,
+        login: &LoginState,
+        par: Par,
+    ) -> Result<String, GrantError> {
+        let endpoint = match (par, &metadata.pushed_authorization_request_endpoint) {
+            (Par::Never, _) | (Par::Auto, None) => {
+                return Ok(self.authorization_url(metadata, login));
+            }
+            (Par::Always, None) => {
+                return Err(GrantError::Unavailable(
+                    "oidc.par is \"always\" but the provider advertises no \
+                     pushed_authorization_request_endpoint"
+                        .into(),
+                ));
+            }
+            (_, Some(endpoint)) => endpoint,
+        };
+        let params = self.authorization_params(login);
+        let credentials = self.credentials();
+        // Credentials in the body carry `client_id` already; providers refuse it twice.
+        let form: Vec<(&str, &str)> = params
+            .iter()
+            .filter(|(k, _)| credentials.basic || *k != "client_id")
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        let reply = self
+            .provider
+            .http
+            .post_form(endpoint, &form, &credentials, self.config.provider_timeout)
+            .await
+            .map_err(|e| GrantError::Unavailable(e.to_string()))?;
+        let request_uri = reply
+            .body
+            .get("request_uri")
+            .and_then(|v| v.as_str())
+            .filter(|_| (200..300).contains(&reply.status))
+            .ok_or_else(|| {
+                GrantError::Unavailable(format!(
+                    "the pushed authorization request failed: HTTP {} {}",
+                    reply.status,
+                    error_code(&reply.body)
+                ))
+            })?;
+        Ok(self.authorization_endpoint_with(
+            metadata,
+            &[
+                ("client_id", self.config.client_id.clone()),
+                ("request_uri", request_uri.to_string()),
+            ],
+        ))
+    }
+
     async fn grant(&self, form: &[(&str, &str)]) -> Result<TokenResponse, GrantError> {
-        serde_json::from_value(self.grant_json(form).await?)
-            .map_err(|_| GrantError::Unavailable("the token response is malformed".into()))
+        let response: TokenResponse = serde_json::from_value(self.grant_json(form).await?)
+            .map_err(|_| GrantError::Unavailable("the token response is malformed".into()))?;
+        // A token other than the kind asked for is refused, not used: a Bearer token where DPoP
+        // was asked for is one a thief could use (see docs/security.md).
+        let wanted = self.token_type();
+        if wanted == response::TokenType::Dpop
+            && !response
+                .token_type
+                .as_deref()
+                .is_some_and(|t| wanted.matches(t))
+        {
+            return Err(GrantError::Unavailable(format!(
+                "the provider issued a token of type {:?}, not {}",
+                response
+                    .token_type
+                    .as_deref()
+                    .map(|t| t.get(..16).unwrap_or("(long)")),
+                wanted.name()
+            )));
+        }
+        Ok(response)
     }
 
     /// A grant's successful answer as sent, or why there is none.
     async fn grant_json(&self, form: &[(&str, &str)]) -> Result<serde_json::Value, GrantError> {
         let metadata = self.metadata()?;
-        let reply = self
-            .provider
-            .http
-            .post_form(
-                &metadata.token_endpoint,
-                form,
-                &self.credentials(),
-                self.config.provider_timeout,
-            )
-            .await
-            .map_err(|e| GrantError::Unavailable(e.to_string()))?;
+        let mut reply = self
+            .post_token_request(&metadata.token_endpoint, form)
+            .await?;
+        // RFC 9449 §8: a provider that wants a nonce answers `use_dpop_nonce` with one in
+        // `DPoP-Nonce`; the request is sent once more with it.
+        if let Some(dpop) = &self.dpop
+            && reply.status == 400
+            && error_code(&reply.body) == "use_dpop_nonce"
+            && reply
+                .dpop_nonce
+                .as_ref()
+                .is_some_and(|n| dpop.remember_provider_nonce(n.as_bytes()))
+        {
+            reply = self
+                .post_token_request(&metadata.token_endpoint, form)
+                .await?;
+        }
         if (200..300).contains(&reply.status) {
             return Ok(reply.body);
         }
-        // RFC 6749 §5.2 limits the code to printable ASCII without `"` and `\`; anything else,
-        // or anything long, is not logged as it came.
-        let code = match reply.body.get("error").and_then(|e| e.as_str()) {
-            None => String::new(),
-            Some(c)
-                if c.len() <= 64
-                    && c.bytes()
-                        .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\') =>
-            {
-                c.to_string()
-            }
-            Some(_) => "unreadable_error_code".to_string(),
-        };
+        let code = error_code(&reply.body);
         if reply.status >= 500
             || reply.status == 429
             || code.is_empty() && reply.status != 400 && reply.status != 401
@@ -257,6 +392,39 @@ impl Oidc {
         } else {
             code
         }))
+    }
+
+    /// One POST to the token endpoint, with a DPoP proof when DPoP is on; a nonce the provider
+    /// sends along is kept for the next proof.
+    async fn post_token_request(
+        &self,
+        endpoint: &str,
+        form: &[(&str, &str)],
+    ) -> Result<http::JsonReply, GrantError> {
+        let proof = match &self.dpop {
+            Some(dpop) => Some(
+                dpop.provider_proof(endpoint)
+                    .await
+                    .map_err(|e| GrantError::Unavailable(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let reply = self
+            .provider
+            .http
+            .post_form_with_proof(
+                endpoint,
+                form,
+                &self.credentials(),
+                self.config.provider_timeout,
+                proof.as_deref(),
+            )
+            .await
+            .map_err(|e| GrantError::Unavailable(e.to_string()))?;
+        if let (Some(dpop), Some(nonce)) = (&self.dpop, &reply.dpop_nonce) {
+            dpop.remember_provider_nonce(nonce.as_bytes());
+        }
+        Ok(reply)
     }
 
     /// The authorization-code grant. Its answer is returned as sent, for

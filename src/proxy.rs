@@ -157,6 +157,17 @@ where
     }
 }
 
+/// Where a request for `path` on `route` is forwarded, without its query (a DPoP proof's
+/// `htu`), and the upstream's authority (whose DPoP nonce applies). `None` for static routes.
+pub fn upstream_target<'r>(route: &'r RouteConfig, path: &str) -> Option<(http::Uri, &'r str)> {
+    let Target::Upstream(base) = &route.target else {
+        return None;
+    };
+    let upstream_path = routing::upstream_path(route, path);
+    let uri = forward::upstream_uri(base, &upstream_path, None)?;
+    Some((uri, forward::authority(base)))
+}
+
 /// The answer for a request that matched no route.
 pub fn no_route(req: &Request<hyper::body::Incoming>) -> Response<Body> {
     ErrorCode::NotFound.respond(Reader::of(req.headers()))

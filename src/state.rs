@@ -121,6 +121,90 @@ impl Shared {
     }
 }
 
+/// The DPoP key generated for every replica (`[oidc] dpop` without a key file): made by the
+/// first instance that needs it, stored with set-if-absent, sealed with the session key ring
+/// like session data, and read by every other instance. A stored key that the ring no longer
+/// opens (its sealing key left `[session] keys`) is replaced by a new one: rotating the session
+/// keys rotates this key too.
+pub struct StoredDpopKey {
+    pub store: crate::session::store::Store,
+    pub keyring: Arc<Keyring>,
+}
+
+/// The store key of [`StoredDpopKey`]; also the associated data it is sealed with.
+pub const DPOP_KEY_NAME: &str = "dpop-key";
+/// Kept as long as a store keeps anything: until replaced.
+const DPOP_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
+
+impl crate::oidc::dpop::KeySource for StoredDpopKey {
+    fn load(
+        &self,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<crate::oidc::dpop::DpopKey, crate::oidc::dpop::DpopError>,
+                > + Send
+                + '_,
+        >,
+    > {
+        Box::pin(self.load_or_create())
+    }
+}
+
+impl StoredDpopKey {
+    async fn load_or_create(
+        &self,
+    ) -> Result<crate::oidc::dpop::DpopKey, crate::oidc::dpop::DpopError> {
+        use crate::oidc::dpop::{DpopError, DpopKey};
+        let unavailable = |e: StoreError| DpopError::Unavailable(e.to_string());
+        // Two rounds: a lost race reads the winner's key in the second.
+        for _ in 0..2 {
+            let stored = self.store.get(DPOP_KEY_NAME).await.map_err(unavailable)?;
+            let opened = stored.as_ref().and_then(|record| {
+                let text = std::str::from_utf8(&record.value).ok()?;
+                self.keyring.open(DPOP_KEY_NAME, text)
+            });
+            if let Some(opened) = opened {
+                return DpopKey::from_der(&opened.plaintext);
+            }
+            let key = DpopKey::generate()?;
+            let sealed = self
+                .keyring
+                .seal(DPOP_KEY_NAME, &key.to_pkcs8()?)
+                .map_err(|e| DpopError::Unavailable(e.to_string()))?;
+            let won = match &stored {
+                None => self
+                    .store
+                    .put_new(DPOP_KEY_NAME, sealed.as_bytes(), DPOP_KEY_TTL)
+                    .await
+                    .map_err(unavailable)?,
+                Some(record) => {
+                    tracing::warn!(
+                        "the stored DPoP key is sealed with a session key no longer configured; \
+                         replacing it (tokens bound to the old key are refreshed as APIs refuse them)"
+                    );
+                    self.store
+                        .compare_and_set(
+                            DPOP_KEY_NAME,
+                            record.version,
+                            sealed.as_bytes(),
+                            DPOP_KEY_TTL,
+                        )
+                        .await
+                        .map_err(unavailable)?
+                }
+            };
+            if won {
+                tracing::info!(jkt = key.thumbprint(), "DPoP key generated and stored");
+                return Ok(key);
+            }
+        }
+        Err(DpopError::Unavailable(
+            "the stored DPoP key changed while it was read".into(),
+        ))
+    }
+}
+
 /// The pace request bodies must keep (read per request, so a reload reaches it).
 pub fn body_pace(config: &Config) -> crate::limits::Pace {
     crate::limits::Pace {

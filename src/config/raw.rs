@@ -93,6 +93,9 @@ pub struct Oidc {
     pub clock_skew: Option<String>,
     pub provider_timeout: Option<String>,
     pub userinfo: Option<bool>,
+    pub dpop: Option<bool>,
+    pub dpop_key_file: Option<String>,
+    pub par: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +154,7 @@ pub struct Route {
     pub assertion_header: Option<String>,
     pub assertion_claims: Option<Vec<String>>,
     pub assertion_lifetime: Option<String>,
+    pub token_binding: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -239,6 +239,9 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         clock_skew,
         provider_timeout,
         userinfo,
+        dpop,
+        dpop_key_file,
+        par,
     } = new;
     OidcConfig {
         issuer: d.restart("oidc.issuer", &old.issuer, issuer),
@@ -276,6 +279,11 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         ),
         // Read by the OpenID client (login and refresh), which keeps its start-up section.
         userinfo: d.restart("oidc.userinfo", &old.userinfo, userinfo),
+        // The OpenID client and its DPoP key are built at start.
+        dpop: d.restart("oidc.dpop", &old.dpop, dpop),
+        dpop_key_file: d.restart("oidc.dpop_key_file", &old.dpop_key_file, dpop_key_file),
+        // Read at each login.
+        par: d.live("oidc.par", par),
     }
 }
 

@@ -289,7 +289,17 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     };
     let limits = limits::limits_config(limits, problems);
     let log = log_config(log, problems);
-    let oidc = oidc_config(oidc, problems);
+    let mut oidc = oidc_config(oidc, problems);
+    if let Some(file) = oidc
+        .as_mut()
+        .filter(|o| o.dpop)
+        .and_then(|o| o.dpop_key_file.as_mut())
+    {
+        *file = base.join(&*file);
+        if let Err(why) = oidc::check_dpop_key(file) {
+            problems.add("oidc.dpop_key_file", format!("{}: {why}", file.display()));
+        }
+    }
     let session = session_config(session, problems);
     let features: BTreeMap<String, FeatureConfig> = features
         .into_iter()
@@ -304,6 +314,19 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
             )
         })
         .collect();
+    if let Some(oidc) = &oidc
+        && !oidc.dpop
+    {
+        for (path, _) in routes
+            .iter()
+            .filter(|(_, r)| r.token_binding.as_deref() == Some("dpop"))
+        {
+            problems.add(
+                format!("{path}.token_binding"),
+                "\"dpop\" needs DPoP-bound tokens: set oidc.dpop = true",
+            );
+        }
+    }
     let routes = routes_config(routes, base, &features, server.as_ref(), problems);
 
     if let (Some(server), Some(oidc)) = (&server, &oidc) {

@@ -44,6 +44,8 @@ impl Default for ProviderHttp {
 pub struct JsonReply {
     pub status: u16,
     pub body: serde_json::Value,
+    /// The `DPoP-Nonce` header (RFC 9449 §8), when the provider sent one.
+    pub dpop_nonce: Option<HeaderValue>,
 }
 
 impl ProviderHttp {
@@ -60,17 +62,17 @@ impl ProviderHttp {
         req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
-        self.call_typed(req, timeout)
+        self.call_full(req, timeout)
             .await
-            .map(|(status, _, body)| (status, body))
+            .map(|answer| (answer.status, answer.body))
     }
 
-    /// [`ProviderHttp::call`], also returning the answer's `Content-Type` (without parameters).
-    async fn call_typed(
+    /// [`Self::call`], also returning the headers some callers read.
+    async fn call_full(
         &self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
-    ) -> Result<(u16, Option<String>, Bytes), CallError> {
+    ) -> Result<Answer, CallError> {
         let host = req.uri().host().unwrap_or("").to_string();
         // One deadline for the answer and its body: a grant is waited for this long in all.
         let deadline = tokio::time::Instant::now() + timeout;
@@ -92,6 +94,7 @@ impl ProviderHttp {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
             .map(|v| v.trim().to_ascii_lowercase());
+        let dpop_nonce = response.headers().get(super::dpop::DPOP_NONCE).cloned();
         let body = tokio::time::timeout_at(
             deadline,
             Limited::new(response.into_body(), MAX_RESPONSE).collect(),
@@ -100,7 +103,12 @@ impl ProviderHttp {
         .map_err(|_| CallError::Unreachable(format!("{host}: body timed out")))?
         .map_err(|_| CallError::Unreachable(format!("{host}: body unreadable or too large")))?
         .to_bytes();
-        Ok((status, content_type, body))
+        Ok(Answer {
+            status,
+            content_type,
+            dpop_nonce,
+            body,
+        })
     }
 
     /// GET a JSON document; non-2xx is an error.
@@ -140,7 +148,8 @@ impl ProviderHttp {
             .header(header::AUTHORIZATION, bearer)
             .body(Full::new(Bytes::new()))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
-        self.call_typed(req, timeout).await
+        let answer = self.call_full(req, timeout).await?;
+        Ok((answer.status, answer.content_type, answer.body))
     }
 
     /// POST a form, authenticating as the client (basic or in the body), waiting for the answer
@@ -152,6 +161,19 @@ impl ProviderHttp {
         form: &[(&str, &str)],
         auth: &ClientCredentials<'_>,
         timeout: Duration,
+    ) -> Result<JsonReply, CallError> {
+        self.post_form_with_proof(url, form, auth, timeout, None)
+            .await
+    }
+
+    /// [`Self::post_form`] with a DPoP proof (RFC 9449 §5) in the `DPoP` header.
+    pub async fn post_form_with_proof(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        auth: &ClientCredentials<'_>,
+        timeout: Duration,
+        proof: Option<&str>,
     ) -> Result<JsonReply, CallError> {
         let mut fields: Vec<(&str, &str)> = form.to_vec();
         let mut builder = Request::builder()
@@ -175,20 +197,42 @@ impl ProviderHttp {
             fields.push(("client_id", auth.client_id));
             fields.push(("client_secret", auth.client_secret));
         }
+        if let Some(proof) = proof.and_then(|p| HeaderValue::from_str(p).ok()) {
+            builder = builder.header(super::dpop::DPOP, proof);
+        }
         let encoded = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(fields)
             .finish();
         let req = builder
             .body(Full::new(Bytes::from(encoded)))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
-        let (status, body) = self.call(req, timeout).await?;
+        let Answer {
+            status,
+            body,
+            dpop_nonce,
+            ..
+        } = self.call_full(req, timeout).await?;
         let body = if body.is_empty() {
             serde_json::Value::Null
         } else {
             serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
         };
-        Ok(JsonReply { status, body })
+        Ok(JsonReply {
+            status,
+            body,
+            dpop_nonce,
+        })
     }
+}
+
+/// A provider's answer, read whole.
+struct Answer {
+    status: u16,
+    /// The media type, without parameters, lowercased.
+    content_type: Option<String>,
+    /// RFC 9449 §8: the nonce the provider wants in the next DPoP proof.
+    dpop_nonce: Option<HeaderValue>,
+    body: Bytes,
 }
 
 pub struct ClientCredentials<'a> {

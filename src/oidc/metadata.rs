@@ -32,6 +32,14 @@ pub struct Metadata {
     /// RFC 9207: the provider sends `iss` in every authorization response.
     #[serde(default)]
     pub authorization_response_iss_parameter_supported: Option<bool>,
+    /// RFC 9126: where authorization requests are pushed.
+    #[serde(default)]
+    pub pushed_authorization_request_endpoint: Option<String>,
+    #[serde(default)]
+    pub require_pushed_authorization_requests: Option<bool>,
+    /// RFC 9449 §5.1: the proof algorithms the provider accepts; absent, no DPoP is advertised.
+    #[serde(default)]
+    pub dpop_signing_alg_values_supported: Option<Vec<String>>,
 }
 
 /// Fetches discovery and checks that it describes the configured issuer.

@@ -97,20 +97,48 @@ fn required_member<'a>(
         .ok_or(TokenResponseError::Missing(name))
 }
 
+/// The kind of access token asked for (RFC 6749 §7.1, RFC 9449 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenType {
+    Bearer,
+    /// Bound to Vestibule's DPoP key: the token request carried a proof.
+    Dpop,
+}
+
+impl TokenType {
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenType::Bearer => "Bearer",
+            TokenType::Dpop => "DPoP",
+        }
+    }
+
+    /// Whether a `token_type` value names this kind (case does not matter).
+    pub fn matches(self, token_type: &str) -> bool {
+        token_type.eq_ignore_ascii_case(self.name())
+    }
+}
+
 impl TokenResponse {
     /// The token response of the authorization-code grant with scope `openid`, checked against
     /// RFC 6749 §5.1 and OpenID Connect Core §3.1.3.3: a JSON object with a non-empty
-    /// `access_token`, a `token_type` of `Bearer` (any case; DPoP is never requested), an
-    /// `id_token`, and, where present, `expires_in` a non-negative integer and `refresh_token`
-    /// and `scope` strings. Unknown members are ignored.
-    pub fn from_code_grant(body: Value) -> Result<TokenResponse, TokenResponseError> {
+    /// `access_token`, a `token_type` of the `expected` kind (any case: `Bearer`, or `DPoP` when
+    /// the request carried a DPoP proof — a Bearer token then is refused), an `id_token`, and,
+    /// where present, `expires_in` a non-negative integer and `refresh_token` and `scope`
+    /// strings. Unknown members are ignored.
+    pub fn from_code_grant(
+        body: Value,
+        expected: TokenType,
+    ) -> Result<TokenResponse, TokenResponseError> {
         let Value::Object(body) = body else {
             return Err(TokenResponseError::Malformed);
         };
         let access_token = required_member(&body, "access_token")?.to_owned();
-        if !required_member(&body, "token_type")?.eq_ignore_ascii_case("bearer") {
+        let token_type = required_member(&body, "token_type")?;
+        if !expected.matches(token_type) {
             return Err(TokenResponseError::Invalid("token_type"));
         }
+        let token_type = Some(token_type.to_owned());
         let id_token = required_member(&body, "id_token")?.to_owned();
         let expires_in = match body.get("expires_in") {
             None | Some(Value::Null) => None,
@@ -128,6 +156,7 @@ impl TokenResponse {
             refresh_token,
             id_token: Some(id_token),
             scope,
+            token_type,
         })
     }
 }
@@ -182,10 +211,13 @@ mod tests {
 
     #[test]
     fn a_complete_code_grant_response_is_read() {
-        let tokens = TokenResponse::from_code_grant(json!({
-            "access_token": "at", "token_type": "bearer", "id_token": "a.b.c",
-            "expires_in": 60, "refresh_token": "rt", "scope": "openid", "x": [1]
-        }))
+        let tokens = TokenResponse::from_code_grant(
+            json!({
+                "access_token": "at", "token_type": "bearer", "id_token": "a.b.c",
+                "expires_in": 60, "refresh_token": "rt", "scope": "openid", "x": [1]
+            }),
+            TokenType::Bearer,
+        )
         .unwrap();
         assert_eq!(tokens.access_token, "at");
         assert_eq!(tokens.expires_in, Some(60));
@@ -221,10 +253,25 @@ mod tests {
         ];
         for (body, reason) in cases {
             let text = body.to_string();
-            let err = TokenResponse::from_code_grant(body)
+            let err = TokenResponse::from_code_grant(body, TokenType::Bearer)
                 .map(|_| ())
                 .unwrap_err();
             assert_eq!(err.reason(), reason, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_dpop_client_takes_only_dpop_tokens() {
+        let answer = |token_type: &str| json!({"access_token": "at", "token_type": token_type, "id_token": "a.b.c"});
+        for good in ["DPoP", "dpop"] {
+            let tokens = TokenResponse::from_code_grant(answer(good), TokenType::Dpop).unwrap();
+            assert_eq!(tokens.token_type.as_deref(), Some(good));
+        }
+        for bad in ["Bearer", "bearer", "DPoP2", ""] {
+            let err = TokenResponse::from_code_grant(answer(bad), TokenType::Dpop)
+                .map(|_| ())
+                .unwrap_err();
+            assert!(err.reason().starts_with("token_type_"), "{bad}");
         }
     }
 }

@@ -150,6 +150,7 @@ mod tests {
             allow_path_params: false,
             identity_headers: vec![],
             assertion: None,
+            token_binding: crate::config::TokenBinding::None,
         }
     }
 
@@ -203,6 +204,7 @@ mod tests {
         RouteConfig {
             allow_encoded_slash: slash,
             allow_path_params: params,
+            token_binding: crate::config::TokenBinding::None,
             ..route(path, false)
         }
     }

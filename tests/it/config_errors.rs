@@ -243,3 +243,84 @@ fn secrets_never_appear_in_errors() {
         "{found}"
     );
 }
+
+#[test]
+fn dpop_and_par_mistakes_are_named_with_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_key = dir.path().join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello").unwrap();
+    let rsa_like = dir.path().join("wrong.pem");
+    std::fs::write(
+        &rsa_like,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIBrXY6Pdm0uKmbbWJFSJuGRdTYA4J2/Fe1Fn3j7bXjkb\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let text = TomlConfig::parse(&base())
+        .add("oidc.par", "sometimes")
+        .add("oidc.dpop_key_file", "/nowhere.pem")
+        .text()
+        + r#"
+[[routes]]
+path = "/api/"
+upstream = "http://api"
+token = "user"
+token_binding = "dpop"
+[[routes]]
+path = "/b/"
+upstream = "http://api"
+token_binding = "mtls"
+[[routes]]
+path = "/c/"
+upstream = "http://api"
+token_binding = "dpop"
+"#;
+    assert_eq!(
+        errors(&text),
+        [
+            "oidc.dpop_key_file: is only used with dpop = true; set oidc.dpop = true or remove the key file",
+            "oidc.par: \"sometimes\" is not allowed; use one of \"auto\", \"always\", \"never\"",
+            "routes[0].token_binding: \"dpop\" needs DPoP-bound tokens: set oidc.dpop = true",
+            "routes[2].token_binding: \"dpop\" needs DPoP-bound tokens: set oidc.dpop = true",
+            "routes[1].token_binding: \"mtls\" is not allowed; use one of \"none\", \"dpop\"",
+            "routes[2].token_binding: binds the access token sent upstream: set token = \"user\", \"client\" or \"user_or_client\"",
+        ]
+    );
+    for (file, why) in [
+        ("/nowhere.pem".into(), "cannot be read (entity not found)".to_string()),
+        (
+            not_a_key.display().to_string(),
+            "holds no PEM private key; write an EC P-256 key (openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256)".into(),
+        ),
+        (
+            rsa_like.display().to_string(),
+            "is not an EC P-256 private key (DPoP proofs are signed with ES256)".into(),
+        ),
+    ] {
+        let text = TomlConfig::parse(&base())
+            .add("oidc.dpop", true)
+            .add("oidc.dpop_key_file", file.as_str())
+            .text();
+        assert_eq!(
+            errors(&text),
+            [format!("oidc.dpop_key_file: {file}: {why}")]
+        );
+    }
+    // A good key file passes, and so does a generated key.
+    let good = dir.path().join("dpop.pem");
+    let key = vestibule::oidc::dpop::DpopKey::generate().unwrap();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key.to_pkcs8().unwrap());
+    std::fs::write(
+        &good,
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n"),
+    )
+    .unwrap();
+    for extra in [Some(good.display().to_string()), None] {
+        let mut config = TomlConfig::parse(&base()).add("oidc.dpop", true);
+        if let Some(file) = &extra {
+            config = config.add("oidc.dpop_key_file", file.as_str());
+        }
+        let parsed = Config::parse(&config.text(), Path::new("."), &env).unwrap();
+        assert!(parsed.oidc.dpop);
+    }
+}

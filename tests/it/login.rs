@@ -279,7 +279,8 @@ async fn return_urls_that_leave_the_site_are_refused() {
 
 #[tokio::test]
 async fn login_requests_carry_pkce_state_and_nonce() {
-    let s = stack("", serde_json::json!({})).await;
+    // A provider without PAR: the parameters travel in the URL (tests/it/par.rs has the rest).
+    let s = stack("", serde_json::json!({ "par": false })).await;
     let r = get(&format!("{}/bff/login?returnUrl=/", s.base), &[]).await;
     let location = url::Url::parse(r.header("location").unwrap()).unwrap();
     let q: std::collections::HashMap<String, String> =

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use vestibule::oidc::dpop::DpopKey;
 
 const API: &str = "https://api.example.test";
 const LEGACY_API: &str = "https://legacy-api.example.test";
@@ -157,7 +158,7 @@ fn sample_api_binary() -> anyhow::Result<PathBuf> {
 /// A running sample API; killed when dropped. Its stderr (the request log) goes to a file.
 pub(crate) struct SampleApi {
     child: Child,
-    pub url: String,
+    pub(crate) url: String,
     log: tempfile::NamedTempFile,
 }
 
@@ -204,10 +205,21 @@ impl SampleApi {
         path: &str,
         token: Option<&str>,
     ) -> anyhow::Result<(StatusCode, HeaderMap, Value)> {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        self.get_with(path, &headers).await
+    }
+
+    pub(crate) async fn get_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(StatusCode, HeaderMap, Value)> {
         let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let mut req = Request::get(format!("{}{path}", self.url));
-        if let Some(token) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let resp = tokio::time::timeout(DEADLINE, client.request(req.body(Empty::<Bytes>::new())?))
             .await??;
@@ -368,5 +380,171 @@ async fn token_signed_with_an_unpublished_key_is_rejected() -> anyhow::Result<()
     let token = stranger.token(|c| c["iss"] = json!(issuer.url))?;
     let (status, _, _) = api.get("/api/hello", Some(&token)).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A DPoP-bound token (`cnf.jkt` of `key`) and a fresh proof for `GET {api}/api/hello` with it.
+fn bound(issuer: &Issuer, key: &DpopKey) -> anyhow::Result<String> {
+    let jkt = key.thumbprint().to_string();
+    issuer.token(|c| c["cnf"] = json!({ "jkt": jkt }))
+}
+
+fn proof(key: &DpopKey, htm: &str, htu: &str, token: &str, iat: u64) -> String {
+    key.proof(htm, htu, iat, Some(token), None).unwrap()
+}
+
+#[tokio::test]
+async fn a_dpop_bound_token_is_refused_without_a_fresh_proof_from_its_key() -> anyhow::Result<()> {
+    let issuer = Issuer::start().await?;
+    let api = SampleApi::start(&issuer, &[API]).await?;
+    let key = DpopKey::generate()?;
+    let token = bound(&issuer, &key)?;
+    let htu = format!("{}/api/hello", api.url);
+    let auth = format!("DPoP {token}");
+    let good = proof(&key, "GET", &htu, &token, unix_now());
+    let (status, _, body) = api
+        .get_with("/api/hello", &[("authorization", &auth), ("dpop", &good)])
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Each of these is what a thief holding the token (and perhaps an old proof) can send.
+    let other = DpopKey::generate()?;
+    let refused: Vec<(&str, Vec<(&str, String)>)> = vec![
+        (
+            "the same proof again (replayed jti)",
+            vec![("authorization", auth.clone()), ("dpop", good.clone())],
+        ),
+        (
+            "as a bearer token",
+            vec![("authorization", format!("Bearer {token}"))],
+        ),
+        (
+            "with the DPoP scheme and no proof",
+            vec![("authorization", auth.clone())],
+        ),
+        (
+            "with a proof from another key",
+            vec![
+                ("authorization", auth.clone()),
+                ("dpop", proof(&other, "GET", &htu, &token, unix_now())),
+            ],
+        ),
+        (
+            "with a proof for another URL",
+            vec![
+                ("authorization", auth.clone()),
+                (
+                    "dpop",
+                    proof(
+                        &key,
+                        "GET",
+                        &format!("{}/api/beta/dashboard", api.url),
+                        &token,
+                        unix_now(),
+                    ),
+                ),
+            ],
+        ),
+        (
+            "with a proof for another method",
+            vec![
+                ("authorization", auth.clone()),
+                ("dpop", proof(&key, "POST", &htu, &token, unix_now())),
+            ],
+        ),
+        (
+            "with a proof for another token",
+            vec![
+                ("authorization", auth.clone()),
+                (
+                    "dpop",
+                    proof(&key, "GET", &htu, "another-token", unix_now()),
+                ),
+            ],
+        ),
+        (
+            "with a proof ten minutes old",
+            vec![
+                ("authorization", auth.clone()),
+                ("dpop", proof(&key, "GET", &htu, &token, unix_now() - 600)),
+            ],
+        ),
+        (
+            "with two proofs",
+            vec![
+                ("authorization", auth.clone()),
+                ("dpop", proof(&key, "GET", &htu, &token, unix_now())),
+                ("dpop", proof(&key, "GET", &htu, &token, unix_now())),
+            ],
+        ),
+    ];
+    for (what, headers) in refused {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, headers, body) = api.get_with("/api/hello", &headers).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert!(
+            ["invalid_token", "invalid_dpop_proof", "unauthorized"]
+                .contains(&body["error"].as_str().unwrap_or_default()),
+            "{what}: {body} {}",
+            challenge(&headers)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unbound_token_is_refused_with_the_dpop_scheme() -> anyhow::Result<()> {
+    let issuer = Issuer::start().await?;
+    let api = SampleApi::start(&issuer, &[API]).await?;
+    let key = DpopKey::generate()?;
+    let token = issuer.token(|_| {})?;
+    let htu = format!("{}/api/hello", api.url);
+    let (auth, dpop) = (
+        format!("DPoP {token}"),
+        proof(&key, "GET", &htu, &token, unix_now()),
+    );
+    let (status, _, body) = api
+        .get_with("/api/hello", &[("authorization", &auth), ("dpop", &dpop)])
+        .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_api_that_wants_a_nonce_hands_one_out_and_takes_proofs_with_it() -> anyhow::Result<()> {
+    let issuer = Issuer::start().await?;
+    let api = SampleApi::start_with(&["--issuer", &issuer.url, "--audience", API, "--dpop-nonce"]).await?;
+    let key = DpopKey::generate()?;
+    let token = bound(&issuer, &key)?;
+    let htu = format!("{}/api/hello", api.url);
+    let auth = format!("DPoP {token}");
+    let without = proof(&key, "GET", &htu, &token, unix_now());
+    let (status, headers, body) = api
+        .get_with(
+            "/api/hello",
+            &[("authorization", &auth), ("dpop", &without)],
+        )
+        .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(
+        challenge(&headers).contains("use_dpop_nonce"),
+        "{headers:?}"
+    );
+    let nonce = headers
+        .get("dpop-nonce")
+        .and_then(|v| v.to_str().ok())
+        .context("no DPoP-Nonce")?
+        .to_string();
+    let with = key.proof("GET", &htu, unix_now(), Some(&token), Some(&nonce))?;
+    let (status, _, body) = api
+        .get_with("/api/hello", &[("authorization", &auth), ("dpop", &with)])
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
     Ok(())
 }

@@ -53,6 +53,11 @@
 //                        flow the ID token carries only `sub` (and what the `claims` parameter
 //                        asks for) and the scopes' claims come from the userinfo endpoint alone.
 //                        Default false (every claim is in the ID token too).
+//   dpop_require_nonce   true: every DPoP proof at the token endpoint must carry a server nonce
+//                        (RFC 9449 §8; answered 400 use_dpop_nonce with one). Default false.
+//                        DPoP itself is always on: a token request with a proof gets a bound
+//                        token (token_type DPoP, cnf.jkt in JWT access tokens).
+//   par                  false: no pushed authorization request endpoint (RFC 9126). Default true.
 //
 // ID token claims: `sub`, `roles`, `realm_access` and any custom user claim come with scope openid;
 // name/given_name/family_name/preferred_username with `profile`; email/email_verified with `email`.
@@ -124,6 +129,7 @@ const DEFAULT_CLIENT = {
 const CONFIG_KEYS = new Set([
   'port', 'access_token_ttl', 'id_token_ttl', 'refresh_token_ttl', 'session_ttl', 'clients',
   'resources', 'default_resource', 'users', 'access_token_claims', 'conform_id_token_claims',
+  'dpop_require_nonce', 'par',
 ]);
 
 const PROFILE_CLAIMS = ['name', 'given_name', 'family_name', 'preferred_username'];
@@ -239,6 +245,8 @@ function normaliseConfig(raw) {
     users: new Map(users.map((u) => [u.sub, u])),
     accessTokenClaims,
     conformIdTokenClaims: raw.conform_id_token_claims === true,
+    dpopRequireNonce: raw.dpop_require_nonce === true,
+    par: raw.par !== false,
   };
 }
 
@@ -557,6 +565,12 @@ function providerConfiguration() {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
+      dPoP: {
+        enabled: true,
+        nonceSecret: crypto.randomBytes(32),
+        requireNonce: () => config.dpopRequireNonce,
+      },
+      pushedAuthorizationRequests: { enabled: config.par },
       introspection: { enabled: true },
       revocation: { enabled: true },
       backchannelLogout: { enabled: true },

@@ -18,6 +18,9 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
         clock_skew,
         provider_timeout,
         userinfo,
+        dpop,
+        dpop_key_file,
+        par,
     } = raw;
     let provider_timeout = duration(
         provider_timeout,
@@ -133,6 +136,25 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
             );
         }
     }
+    let dpop = dpop.unwrap_or(false);
+    let dpop_key_file = dpop_key_file.map(std::path::PathBuf::from);
+    if dpop_key_file.is_some() && !dpop {
+        problems.add(
+            "oidc.dpop_key_file",
+            "is only used with dpop = true; set oidc.dpop = true or remove the key file",
+        );
+    }
+    let par = one_of(
+        par,
+        "oidc.par",
+        Par::Auto,
+        &[
+            ("auto", Par::Auto),
+            ("always", Par::Always),
+            ("never", Par::Never),
+        ],
+        problems,
+    );
     let roles_claim = roles_claim.unwrap_or_else(|| "roles".into());
     if roles_claim.is_empty() || roles_claim.split('.').any(str::is_empty) {
         problems.add("oidc.roles_claim", format!("{roles_claim:?} is not a claim path; write e.g. \"roles\" or \"realm_access.roles\""));
@@ -167,7 +189,25 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
         ),
         provider_timeout,
         userinfo: userinfo.unwrap_or(false),
+        dpop,
+        dpop_key_file,
+        par,
     })
+}
+
+/// Whether `file` holds an EC P-256 private key in PEM (PKCS#8 or SEC1), the only kind a DPoP
+/// proof is signed with here (ES256). The key itself never appears in a message.
+pub(super) fn check_dpop_key(file: &std::path::Path) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(file).map_err(|e| format!("cannot be read ({})", e.kind()))?;
+    let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|_| "holds no PEM private key; write an EC P-256 key (openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256)".to_string())?;
+    aws_lc_rs::signature::EcdsaKeyPair::from_private_key_der(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        der.secret_der(),
+    )
+    .map(|_| ())
+    .map_err(|_| "is not an EC P-256 private key (DPoP proofs are signed with ES256)".to_string())
 }
 
 #[cfg(test)]

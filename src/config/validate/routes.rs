@@ -55,6 +55,7 @@ pub(super) fn routes_config(
             assertion_header,
             assertion_claims,
             assertion_lifetime,
+            token_binding,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -203,6 +204,19 @@ pub(super) fn routes_config(
                 );
             }
         }
+        let token_binding = one_of(
+            token_binding,
+            &format!("{path}.token_binding"),
+            TokenBinding::None,
+            &[("none", TokenBinding::None), ("dpop", TokenBinding::Dpop)],
+            problems,
+        );
+        if token_binding != TokenBinding::None && token == TokenMode::None {
+            problems.add(
+                format!("{path}.token_binding"),
+                "binds the access token sent upstream: set token = \"user\", \"client\" or \"user_or_client\"",
+            );
+        }
         let exchange = exchange.unwrap_or(false);
         if exchange && resource.is_none() {
             problems.add(
@@ -275,6 +289,7 @@ pub(super) fn routes_config(
             allow_path_params: allow_path_params.unwrap_or(false),
             identity_headers,
             assertion,
+            token_binding,
         });
     }
     let _ = base;

@@ -34,6 +34,16 @@ pub struct State {
     pub userinfo: Mutex<Option<(u16, String, String)>>,
     /// The `Authorization` header of every UserInfo request, in order.
     pub userinfo_requests: Mutex<Vec<String>>,
+    /// The `DPoP` header of every token request (`None`: it had none), in order.
+    pub token_proofs: Mutex<Vec<Option<String>>>,
+    /// When set, a token request whose DPoP proof does not carry this nonce is answered
+    /// `400 use_dpop_nonce` with it in `DPoP-Nonce` (RFC 9449 §8).
+    pub dpop_nonce: Mutex<Option<String>>,
+    /// When true, every token request is answered `use_dpop_nonce` with a new nonce.
+    pub dpop_nonce_always: std::sync::atomic::AtomicBool,
+    /// Discovery advertises a pushed authorization request endpoint (`/par`), which records
+    /// each pushed form and answers a `request_uri`.
+    pub pushed: Mutex<Vec<Vec<(String, String)>>>,
     /// When set, the next token request is recorded, then answered only once this fires.
     pub hold: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
@@ -135,6 +145,27 @@ async fn answer(
         }
         "/token" => {
             use http_body_util::BodyExt;
+            let proof = req
+                .headers()
+                .get("dpop")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            state.token_proofs.lock().unwrap().push(proof.clone());
+            if state.dpop_nonce_always.load(Ordering::SeqCst) {
+                let n = state.token_proofs.lock().unwrap().len();
+                *state.dpop_nonce.lock().unwrap() = Some(format!("always-{n}"));
+            }
+            let wanted = state.dpop_nonce.lock().unwrap().clone();
+            if let Some(nonce) = wanted
+                && proof_claims(proof.as_deref())["nonce"].as_str() != Some(nonce.as_str())
+            {
+                let mut response = json(serde_json::json!({"error": "use_dpop_nonce"}));
+                *response.status_mut() = http::StatusCode::BAD_REQUEST;
+                response
+                    .headers_mut()
+                    .insert("dpop-nonce", nonce.parse().unwrap());
+                return Ok(response);
+            }
             let body = req
                 .into_body()
                 .collect()
@@ -181,6 +212,22 @@ async fn answer(
                 &state.token_fields.lock().unwrap(),
             ))
         }
+        "/par" => {
+            use http_body_util::BodyExt;
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let form = url::form_urlencoded::parse(&body).into_owned().collect();
+            state.pushed.lock().unwrap().push(form);
+            let mut response = json(serde_json::json!({
+                "request_uri": "urn:ietf:params:oauth:request_uri:fake-1", "expires_in": 60
+            }));
+            *response.status_mut() = http::StatusCode::CREATED;
+            response
+        }
         _ => Response::builder()
             .status(404)
             .body(Full::new(Bytes::new()))
@@ -203,4 +250,18 @@ fn with_members(
         }
     }
     base
+}
+
+/// The claims of a DPoP proof (unverified: the fake only reads them), or `null`.
+pub fn proof_claims(proof: Option<&str>) -> serde_json::Value {
+    use base64::Engine;
+    proof
+        .and_then(|p| p.split('.').nth(1))
+        .and_then(|c| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(c)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }

@@ -1,0 +1,375 @@
+//! DPoP (RFC 9449): the key Vestibule proves possession of, the proofs it signs for token
+//! requests and for upstream calls, and the server nonces it was told to use.
+//!
+//! One ES256 key per deployment: every replica must sign with the same key, or a token bound by
+//! one replica is useless to the next. It comes from a [`KeySource`] — a PEM file, or (wired in
+//! by the state layer) a key generated once and kept sealed in the session store — and is loaded
+//! on first use, so a store that is down at start delays nothing but DPoP.
+//!
+//! Proofs carry `iat` from the system clock, not the application's [`crate::clock::Clock`]:
+//! the provider and the APIs check it against their own wall clocks.
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::Digest;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+/// The header a proof travels in.
+pub const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
+/// The header a server's nonce travels in.
+pub const DPOP_NONCE: http::HeaderName = http::HeaderName::from_static("dpop-nonce");
+
+/// Longest server nonce kept; anything longer is ignored.
+const MAX_NONCE_LEN: usize = 512;
+/// Upstream authorities whose nonce is remembered; beyond this the map starts afresh.
+const MAX_UPSTREAM_NONCES: usize = 1024;
+
+/// Why no proof could be made. Never contains key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DpopError {
+    #[error("the DPoP key is not an EC P-256 private key")]
+    BadKey,
+    #[error("the DPoP key could not be loaded: {0}")]
+    Unavailable(String),
+    #[error("signing the DPoP proof failed")]
+    Signing,
+    #[error("the system random source failed")]
+    Random,
+}
+
+/// An ES256 key pair with its public JWK and thumbprint, ready to sign proofs.
+pub struct DpopKey {
+    pair: EcdsaKeyPair,
+    /// The base64url JOSE header every proof shares (`typ`, `alg`, `jwk`).
+    header: String,
+    /// RFC 7638 SHA-256 thumbprint of the public key: the `cnf.jkt` of bound tokens.
+    jkt: String,
+}
+
+impl std::fmt::Debug for DpopKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpopKey").field("jkt", &self.jkt).finish()
+    }
+}
+
+impl DpopKey {
+    /// A new random key.
+    pub fn generate() -> Result<DpopKey, DpopError> {
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
+            .map_err(|_| DpopError::Random)?;
+        DpopKey::from_pair(pair)
+    }
+
+    /// A private key in DER: PKCS#8 or SEC1 (RFC 5915).
+    pub fn from_der(der: &[u8]) -> Result<DpopKey, DpopError> {
+        let pair = EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
+            .map_err(|_| DpopError::BadKey)?;
+        DpopKey::from_pair(pair)
+    }
+
+    /// A private key in PEM (`PRIVATE KEY` or `EC PRIVATE KEY`).
+    pub fn from_pem(pem: &[u8]) -> Result<DpopKey, DpopError> {
+        use rustls_pki_types::pem::PemObject;
+        let der =
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(pem).map_err(|_| DpopError::BadKey)?;
+        DpopKey::from_der(der.secret_der())
+    }
+
+    /// The private key as PKCS#8 DER, to be sealed before it is stored anywhere.
+    pub fn to_pkcs8(&self) -> Result<Vec<u8>, DpopError> {
+        self.pair
+            .to_pkcs8v1()
+            .map(|d| d.as_ref().to_vec())
+            .map_err(|_| DpopError::BadKey)
+    }
+
+    fn from_pair(pair: EcdsaKeyPair) -> Result<DpopKey, DpopError> {
+        // An uncompressed P-256 point: 0x04 || x || y.
+        let point = pair.public_key().as_ref();
+        let (Some(&4), Some(x), Some(y)) = (point.first(), point.get(1..33), point.get(33..65))
+        else {
+            return Err(DpopError::BadKey);
+        };
+        let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
+        // RFC 7638: the required members in lexicographic order, no whitespace.
+        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+        let jkt = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(canonical.as_bytes()));
+        let header = serde_json::json!({
+            "typ": "dpop+jwt",
+            "alg": "ES256",
+            "jwk": {"kty": "EC", "crv": "P-256", "x": x, "y": y},
+        });
+        Ok(DpopKey {
+            pair,
+            header: URL_SAFE_NO_PAD.encode(header.to_string()),
+            jkt,
+        })
+    }
+
+    /// The key's RFC 7638 thumbprint (`cnf.jkt` of the tokens bound to it).
+    pub fn thumbprint(&self) -> &str {
+        &self.jkt
+    }
+
+    /// A proof for one request: `htm` the method, `htu` the URL (its query and fragment are
+    /// dropped here), `ath` when an access token goes with it, `nonce` when the server asked
+    /// for one, a fresh random `jti`, and `iat` = `now` (Unix seconds).
+    pub fn proof(
+        &self,
+        htm: &str,
+        htu: &str,
+        now: u64,
+        access_token: Option<&str>,
+        nonce: Option<&str>,
+    ) -> Result<String, DpopError> {
+        let jti = super::random_token(16).map_err(|_| DpopError::Random)?;
+        let mut claims = serde_json::json!({
+            "jti": jti,
+            "htm": htm,
+            "htu": without_query(htu),
+            "iat": now,
+        });
+        if let Some(token) = access_token {
+            claims["ath"] = ath(token).into();
+        }
+        if let Some(nonce) = nonce {
+            claims["nonce"] = nonce.into();
+        }
+        let mut jws = String::with_capacity(self.header.len() + 400);
+        jws.push_str(&self.header);
+        jws.push('.');
+        jws.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let signature = self
+            .pair
+            .sign(&SystemRandom::new(), jws.as_bytes())
+            .map_err(|_| DpopError::Signing)?;
+        jws.push('.');
+        jws.push_str(&URL_SAFE_NO_PAD.encode(signature.as_ref()));
+        Ok(jws)
+    }
+}
+
+/// `ath`: base64url of the SHA-256 of the access token.
+pub fn ath(access_token: &str) -> String {
+    URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(access_token.as_bytes()))
+}
+
+/// `htu` (RFC 9449 §4.2): the URL without query and fragment.
+pub fn without_query(url: &str) -> &str {
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    url.get(..end).unwrap_or(url)
+}
+
+/// A server nonce as RFC 9449 §8 allows it (`1*NQCHAR`, bounded here), or nothing.
+pub fn valid_nonce(value: &[u8]) -> Option<&str> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_NONCE_LEN
+        && value
+            .iter()
+            .all(|&b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+    ok.then(|| std::str::from_utf8(value).ok()).flatten()
+}
+
+/// Where the key comes from. Called until it succeeds; the key is then kept for the process.
+pub trait KeySource: Send + Sync {
+    fn load(&self) -> Pin<Box<dyn Future<Output = Result<DpopKey, DpopError>> + Send + '_>>;
+}
+
+/// A PEM file (`[oidc] dpop_key_file`), read on first use.
+pub struct KeyFile(pub std::path::PathBuf);
+
+impl KeySource for KeyFile {
+    fn load(&self) -> Pin<Box<dyn Future<Output = Result<DpopKey, DpopError>> + Send + '_>> {
+        Box::pin(async move {
+            let pem = tokio::fs::read(&self.0).await.map_err(|e| {
+                DpopError::Unavailable(format!("{}: {}", self.0.display(), e.kind()))
+            })?;
+            DpopKey::from_pem(&pem)
+        })
+    }
+}
+
+/// A key made in this process: for a single instance (tests, the memory store).
+pub struct ProcessKey;
+
+impl KeySource for ProcessKey {
+    fn load(&self) -> Pin<Box<dyn Future<Output = Result<DpopKey, DpopError>> + Send + '_>> {
+        Box::pin(async { DpopKey::generate() })
+    }
+}
+
+/// DPoP for one OpenID client: its key, loaded once, and the nonces servers asked for.
+pub struct Dpop {
+    source: Arc<dyn KeySource>,
+    key: tokio::sync::OnceCell<Arc<DpopKey>>,
+    /// The provider's latest `DPoP-Nonce` (one per provider: RFC 9449 §8 lets a nonce serve
+    /// every endpoint of a server).
+    provider_nonce: Mutex<Option<String>>,
+    /// Per upstream authority (`host:port`), the latest nonce it sent.
+    upstream_nonces: Mutex<HashMap<String, String>>,
+}
+
+impl Dpop {
+    pub fn new(source: Arc<dyn KeySource>) -> Dpop {
+        Dpop {
+            source,
+            key: tokio::sync::OnceCell::new(),
+            provider_nonce: Mutex::new(None),
+            upstream_nonces: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The key, loaded on first use (a failed load is retried on the next call).
+    pub async fn key(&self) -> Result<Arc<DpopKey>, DpopError> {
+        self.key
+            .get_or_try_init(|| async { self.source.load().await.map(Arc::new) })
+            .await
+            .cloned()
+    }
+
+    /// The key if it is already loaded (no wait, no I/O).
+    pub fn loaded_key(&self) -> Option<Arc<DpopKey>> {
+        self.key.get().cloned()
+    }
+
+    /// A proof for a POST to the provider's `url`, with its latest nonce.
+    pub async fn provider_proof(&self, url: &str) -> Result<String, DpopError> {
+        let key = self.key().await?;
+        let nonce = self.provider_nonce();
+        key.proof("POST", url, crate::clock::now(), None, nonce.as_deref())
+    }
+
+    pub fn provider_nonce(&self) -> Option<String> {
+        self.provider_nonce
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps the provider's nonce if it is a valid one; `true` if it was kept.
+    pub fn remember_provider_nonce(&self, value: &[u8]) -> bool {
+        let Some(nonce) = valid_nonce(value) else {
+            return false;
+        };
+        *self
+            .provider_nonce
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(nonce.to_string());
+        true
+    }
+
+    pub fn upstream_nonce(&self, authority: &str) -> Option<String> {
+        self.upstream_nonces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(authority)
+            .cloned()
+    }
+
+    /// Keeps an upstream's nonce if it is a valid one; `true` if it was kept.
+    pub fn remember_upstream_nonce(&self, authority: &str, value: &[u8]) -> bool {
+        let Some(nonce) = valid_nonce(value) else {
+            return false;
+        };
+        let mut map = self
+            .upstream_nonces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_UPSTREAM_NONCES && !map.contains_key(authority) {
+            map.clear();
+        }
+        map.insert(authority.to_string(), nonce.to_string());
+        true
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn part(jws: &str, i: usize) -> serde_json::Value {
+        let text = jws.split('.').nth(i).unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_proof_names_the_request_and_verifies_with_the_key_in_its_header() {
+        let key = DpopKey::generate().unwrap();
+        let proof = key
+            .proof(
+                "GET",
+                "https://api.example.test/items?page=2#top",
+                1_700_000_000,
+                Some("the-token"),
+                Some("n-1"),
+            )
+            .unwrap();
+        let header = part(&proof, 0);
+        assert_eq!(header["typ"], "dpop+jwt");
+        assert_eq!(header["alg"], "ES256");
+        assert!(header["jwk"].get("d").is_none(), "the private key leaked");
+        let claims = part(&proof, 1);
+        assert_eq!(claims["htm"], "GET");
+        assert_eq!(claims["htu"], "https://api.example.test/items");
+        assert_eq!(claims["iat"], 1_700_000_000);
+        assert_eq!(claims["nonce"], "n-1");
+        assert_eq!(claims["ath"], ath("the-token"));
+        assert_eq!(
+            ath("the-token"),
+            URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(b"the-token"))
+        );
+        // The signature verifies with the header's own key, and the thumbprint is the one
+        // jsonwebtoken computes for that JWK.
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(header["jwk"].clone()).unwrap();
+        let decoding = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        jsonwebtoken::decode::<serde_json::Value>(&proof, &decoding, &validation).unwrap();
+        assert_eq!(
+            jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+                .unwrap(),
+            key.thumbprint()
+        );
+        let again = key
+            .proof("GET", "https://api.example.test/items", 1, None, None)
+            .unwrap();
+        assert_ne!(part(&again, 1)["jti"], claims["jti"]);
+        assert!(part(&again, 1).get("ath").is_none());
+        assert!(part(&again, 1).get("nonce").is_none());
+    }
+
+    #[test]
+    fn a_key_survives_its_pkcs8_form_and_garbage_is_no_key() {
+        let key = DpopKey::generate().unwrap();
+        let again = DpopKey::from_der(&key.to_pkcs8().unwrap()).unwrap();
+        assert_eq!(key.thumbprint(), again.thumbprint());
+        assert_eq!(DpopKey::from_der(b"nope").unwrap_err(), DpopError::BadKey);
+        assert_eq!(
+            DpopKey::from_pem(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+                .unwrap_err(),
+            DpopError::BadKey
+        );
+    }
+
+    #[test]
+    fn only_well_formed_nonces_are_kept() {
+        let dpop = Dpop::new(Arc::new(ProcessKey));
+        for bad in [&b""[..], b"a b", b"a\"b", b"a\\b", b"\xff", &[b'a'; 513]] {
+            assert!(!dpop.remember_provider_nonce(bad), "{bad:?}");
+            assert!(!dpop.remember_upstream_nonce("h:1", bad), "{bad:?}");
+        }
+        assert_eq!(dpop.provider_nonce(), None);
+        assert!(dpop.remember_provider_nonce(b"eyJ7S_zG.1-x~"));
+        assert_eq!(dpop.provider_nonce().as_deref(), Some("eyJ7S_zG.1-x~"));
+        assert!(dpop.remember_upstream_nonce("api:443", b"n1"));
+        assert_eq!(dpop.upstream_nonce("api:443").as_deref(), Some("n1"));
+        assert_eq!(dpop.upstream_nonce("other:443"), None);
+    }
+}

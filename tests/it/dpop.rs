@@ -1,0 +1,343 @@
+//! DPoP (RFC 9449): against the real `oidc-provider`, whose tokens come back bound to
+//! Vestibule's key (`token_type` DPoP, `cnf.jkt`), forwarded as `Authorization: DPoP` with a
+//! fresh proof per request; against the fake provider, the nonce challenge, a provider that
+//! answers a Bearer token where a bound one was asked for, and the key shared by replicas.
+
+use crate::fake_provider::{self, reason};
+use crate::support::redis::RedisServer;
+use crate::support::stack::LoginStack;
+use crate::support::*;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+use sha2::Digest;
+
+fn segment(jwt: &str, i: usize) -> Value {
+    let part = jwt.split('.').nth(i).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+/// The RFC 7638 thumbprint of the public key in a proof's header.
+fn proof_jkt(proof: &str) -> String {
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(segment(proof, 0)["jwk"].clone())
+        .expect("the proof header has a jwk");
+    jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+        .unwrap()
+}
+
+/// `(access token, proof)` of the upstream's requests for paths containing `marker`.
+fn sent(up: &upstream::Upstream, marker: &str) -> Vec<(String, Option<String>)> {
+    up.seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.uri.contains(marker))
+        .map(|s| {
+            let auth = s.headers.get("authorization").unwrap().to_str().unwrap();
+            let proof = s
+                .headers
+                .get("dpop")
+                .map(|p| p.to_str().unwrap().to_string());
+            (auth.to_string(), proof)
+        })
+        .collect()
+}
+
+fn routes(u: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+token_binding = "dpop"
+[[routes]]
+path = "/plain/"
+upstream = "{u}"
+token = "user"
+"#
+    )
+}
+
+async fn dpop_stack(provider: Value) -> LoginStack {
+    LoginStack::builder()
+        .provider(provider)
+        .extra(routes)
+        .config(|c| c.add("oidc.dpop", true))
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn the_real_provider_binds_tokens_and_every_request_carries_a_fresh_proof_of_that_key() {
+    let stack = dpop_stack(json!({})).await;
+    let mut browser = stack.login("alice").await;
+    for _ in 0..2 {
+        let r = browser
+            .get(
+                &format!("{}/api/items?page=2", stack.base),
+                &[("x-csrf", "1")],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = browser
+        .get(&format!("{}/plain/x", stack.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let bound = sent(&stack.up, "/api/items");
+    assert_eq!(bound.len(), 2);
+    let mut jtis = Vec::new();
+    for (auth, proof) in &bound {
+        let token = auth.strip_prefix("DPoP ").expect("the DPoP scheme");
+        let proof = proof.as_deref().expect("a DPoP proof");
+        // The provider bound the token to the key that signs the proofs.
+        let claims = segment(token, 1);
+        assert_eq!(
+            claims["cnf"]["jkt"].as_str(),
+            Some(proof_jkt(proof).as_str()),
+            "{claims}"
+        );
+        let head = segment(proof, 0);
+        assert_eq!(head["typ"], "dpop+jwt");
+        assert_eq!(head["alg"], "ES256");
+        let p = segment(proof, 1);
+        assert_eq!(p["htm"], "GET");
+        assert_eq!(p["htu"], format!("{}/api/items", stack.up.url()));
+        assert_eq!(
+            p["ath"],
+            URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(token.as_bytes()))
+        );
+        assert!(p["iat"].as_u64().unwrap().abs_diff(fake_provider::now()) < 30);
+        jtis.push(p["jti"].as_str().unwrap().to_string());
+    }
+    assert_ne!(jtis[0], jtis[1], "a proof is never reused");
+    // A route without token_binding pays nothing: a bearer token, no proof.
+    let plain = sent(&stack.up, "/plain/");
+    assert!(plain[0].0.starts_with("Bearer "), "{:?}", plain[0]);
+    assert_eq!(plain[0].1, None);
+}
+
+#[tokio::test]
+async fn a_provider_that_wants_a_nonce_gets_one_retry_with_it_and_the_login_completes() {
+    let stack = dpop_stack(json!({ "dpop_require_nonce": true })).await;
+    let mut browser = stack.login("alice").await;
+    let r = browser
+        .get(&format!("{}/api/x", stack.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (auth, proof) = sent(&stack.up, "/api/x").remove(0);
+    let token = auth.strip_prefix("DPoP ").unwrap();
+    assert_eq!(
+        segment(token, 1)["cnf"]["jkt"].as_str(),
+        Some(proof_jkt(&proof.unwrap()).as_str())
+    );
+}
+
+/// A fake-provider proxy with `oidc.dpop = true` and the DPoP routes.
+async fn fake_case() -> fake_provider::Case {
+    let signer = vestibule::jose::testing::TestSigner::new();
+    let idp =
+        fake_idp::start(signer.jwks_json(&[(vestibule::jose::testing::TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let config = config_toml(&routes(&up.url()))
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add("oidc.dpop", true);
+    let proxy = start_proxy(config).await;
+    eventually(
+        "the provider's metadata is loaded",
+        std::time::Duration::from_secs(10),
+        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
+    )
+    .await;
+    std::mem::forget(up);
+    fake_provider::Case { proxy, idp, signer }
+}
+
+fn id_token(s: &vestibule::jose::testing::TestSigner, iss: &str, nonce: &str) -> String {
+    s.token(vestibule::jose::testing::TestKey::Rsa1)
+        .kid("k1")
+        .sign(&fake_provider::claims(iss, nonce))
+}
+
+#[tokio::test]
+async fn a_bearer_token_where_a_bound_one_was_asked_for_is_refused() {
+    let c = fake_case().await;
+    // The fake answers token_type Bearer whatever the request carried.
+    let r = fake_provider::attempt(&c, id_token).await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("token_type_invalid"),
+        "{}",
+        r.text()
+    );
+    let proofs = c.idp.state.token_proofs.lock().unwrap().clone();
+    assert_eq!(proofs.len(), 1);
+    let claims = fake_idp::proof_claims(proofs[0].as_deref());
+    assert_eq!(claims["htm"], "POST");
+    assert_eq!(claims["htu"], format!("{}/token", c.idp.issuer));
+    assert!(claims.get("ath").is_none(), "{claims}");
+}
+
+#[tokio::test]
+async fn a_nonce_challenge_is_answered_once_and_a_second_one_is_not() {
+    let c = fake_case().await;
+    c.idp
+        .state
+        .token_fields
+        .lock()
+        .unwrap()
+        .insert("token_type".into(), json!("DPoP"));
+    *c.idp.state.dpop_nonce.lock().unwrap() = Some("nonce-1".into());
+    let r = fake_provider::attempt(&c, id_token).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let proofs = c.idp.state.token_proofs.lock().unwrap().clone();
+    assert_eq!(proofs.len(), 2, "one retry, with the nonce");
+    assert_eq!(
+        fake_idp::proof_claims(proofs[0].as_deref())["nonce"],
+        Value::Null
+    );
+    assert_eq!(
+        fake_idp::proof_claims(proofs[1].as_deref())["nonce"],
+        "nonce-1"
+    );
+    let jti = |i: usize| fake_idp::proof_claims(proofs[i].as_deref())["jti"].clone();
+    assert_ne!(jti(0), jti(1));
+
+    // The nonce is remembered: the next grant sends it at once.
+    let r = fake_provider::attempt(&c, id_token).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(c.idp.state.token_proofs.lock().unwrap().len(), 3);
+
+    // A provider whose nonce changed is followed at once.
+    *c.idp.state.dpop_nonce.lock().unwrap() = Some("nonce-2".into());
+    let r = fake_provider::attempt(&c, id_token).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(c.idp.state.token_proofs.lock().unwrap().len(), 5);
+
+    // A provider that asks again and again gets exactly one retry, then the login fails.
+    c.idp.state.token_proofs.lock().unwrap().clear();
+    c.idp
+        .state
+        .dpop_nonce_always
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = fake_provider::attempt(&c, id_token).await;
+    assert_eq!(c.idp.state.token_proofs.lock().unwrap().len(), 2);
+    assert_eq!(reason(&r).as_deref(), Some("code_rejected"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn replicas_sharing_a_store_prove_possession_of_one_key_kept_sealed() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let stack = LoginStack::builder()
+        .instances(2)
+        .extra(move |u| {
+            format!(
+                "store = \"redis\"\n[session.redis]\nurl = \"{url}\"\n{}",
+                routes(u)
+            )
+        })
+        .config(|c| c.add("oidc.dpop", true))
+        .start()
+        .await;
+    let mut browser = stack.login("alice").await;
+    for proxy in &stack.proxies {
+        let r = browser.get(&proxy.url("/api/r"), &[("x-csrf", "1")]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let seen = sent(&stack.up, "/api/r");
+    assert_eq!(seen.len(), 2);
+    let (a, b) = (
+        proof_jkt(seen[0].1.as_deref().unwrap()),
+        proof_jkt(seen[1].1.as_deref().unwrap()),
+    );
+    assert_eq!(a, b, "both replicas sign with the same key");
+    // The stored key is that key, sealed with the session key ring (nothing in the clear).
+    let app = &stack.proxies[1].app;
+    let record = app
+        .sessions
+        .store()
+        .get(vestibule::state::DPOP_KEY_NAME)
+        .await
+        .unwrap()
+        .expect("the key is stored");
+    let sealed = std::str::from_utf8(&record.value).unwrap();
+    let opened = app
+        .keyring()
+        .open(vestibule::state::DPOP_KEY_NAME, sealed)
+        .expect("sealed with the session keys");
+    let key = vestibule::oidc::dpop::DpopKey::from_der(&opened.plaintext).unwrap();
+    assert_eq!(key.thumbprint(), a);
+    assert_eq!(redis.command(&["PING"]).trim(), "+PONG");
+}
+
+/// The demo: the sample API (which wants nonces) behind a `token_binding = "dpop"` route. Through
+/// Vestibule the call succeeds — after one `use_dpop_nonce` round, whose nonce is then kept — and
+/// the very same token, stolen, is refused when sent without Vestibule's key.
+#[tokio::test]
+async fn through_vestibule_the_sample_api_answers_and_the_stolen_token_is_refused() {
+    let port = free_port();
+    let provider = crate::support::provider::start(port, json!({}));
+    let api = crate::sample_api::SampleApi::start_with(&[
+        "--issuer",
+        &provider.issuer,
+        "--audience",
+        "https://api.example.test",
+        "--dpop-nonce",
+    ])
+    .await
+    .unwrap();
+    let extra = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\ntoken_binding = \"dpop\"\n",
+        api.url
+    );
+    let config = login_toml(port, &provider.issuer, &extra).add("oidc.dpop", true);
+    let proxy = start_proxy(&config).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = crate::support::browser::Browser::default();
+    assert_eq!(
+        browser.login(&base, "alice", "alice", "/").await.status,
+        302
+    );
+    for _ in 0..2 {
+        let r = browser
+            .get(&format!("{base}/api/hello"), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["sub"], "alice");
+    }
+    let log = api.log().unwrap();
+    let nonce_rounds = log.matches("without the current nonce").count();
+    assert_eq!(
+        nonce_rounds, 1,
+        "one nonce round, then the nonce is kept: {log}"
+    );
+
+    let stolen = provider.tokens("alice").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let thief_key = vestibule::oidc::dpop::DpopKey::generate().unwrap();
+    let htu = format!("{}/api/hello", api.url);
+    let forged = thief_key
+        .proof("GET", &htu, fake_provider::now(), Some(&stolen), None)
+        .unwrap();
+    let (bearer, dpop) = (format!("Bearer {stolen}"), format!("DPoP {stolen}"));
+    for (what, headers) in [
+        (
+            "as a bearer token",
+            vec![("authorization", bearer.as_str())],
+        ),
+        ("without a proof", vec![("authorization", dpop.as_str())]),
+        (
+            "with the thief's own proof",
+            vec![("authorization", dpop.as_str()), ("dpop", forged.as_str())],
+        ),
+    ] {
+        let (status, _, body) = api.get_with("/api/hello", &headers).await.unwrap();
+        assert_eq!(status, 401, "{what}: {body}");
+    }
+}
