@@ -10,7 +10,8 @@ pub mod http;
 pub mod metadata;
 pub mod response;
 
-use crate::config::{ClientAuth, OidcConfig};
+use crate::config::{ClientAuth, OidcConfig, Secret};
+use arc_swap::ArcSwapOption;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{ClientCredentials, ProviderHttp};
@@ -151,18 +152,28 @@ impl GrantError {
 /// The OpenID Connect client for one provider.
 pub struct Oidc {
     pub provider: Arc<Provider>,
+    /// The section it was started with (its restart-only keys stay in effect until a restart).
     pub config: OidcConfig,
     pub redirect_uri: String,
+    /// The client secret in effect: `config.client_secret` at start, replaced on reload.
+    client_secret: ArcSwapOption<Secret>,
 }
 
 impl Oidc {
     pub fn new(config: OidcConfig, redirect_uri: String) -> Arc<Oidc> {
         let provider = Provider::new(config.issuer.clone(), ProviderHttp::new());
+        let client_secret = ArcSwapOption::from(config.client_secret.clone().map(Arc::new));
         Arc::new(Oidc {
             provider,
             config,
             redirect_uri,
+            client_secret,
         })
+    }
+
+    /// Puts a reloaded client secret in effect: the next token call authenticates with it.
+    pub fn replace_client_secret(&self, secret: Option<Secret>) {
+        self.client_secret.store(secret.map(Arc::new));
     }
 
     pub fn metadata(&self) -> Result<Arc<Metadata>, GrantError> {
@@ -171,14 +182,11 @@ impl Oidc {
             .ok_or_else(|| GrantError::Unavailable("metadata not loaded yet".into()))
     }
 
-    fn credentials(&self) -> ClientCredentials<'_> {
+    /// The client's credentials, with `secret` loaded once for the call.
+    fn credentials<'a>(&'a self, secret: &'a Option<Arc<Secret>>) -> ClientCredentials<'a> {
         ClientCredentials {
             client_id: &self.config.client_id,
-            client_secret: self
-                .config
-                .client_secret
-                .as_ref()
-                .map_or("", |s| s.expose()),
+            client_secret: secret.as_deref().map_or("", Secret::expose),
             basic: self.config.client_auth == ClientAuth::ClientSecretBasic,
         }
     }
@@ -220,7 +228,7 @@ impl Oidc {
             .post_form(
                 &metadata.token_endpoint,
                 form,
-                &self.credentials(),
+                &self.credentials(&self.client_secret.load_full()),
                 self.config.provider_timeout,
             )
             .await
@@ -355,7 +363,7 @@ impl Oidc {
             .post_form(
                 endpoint,
                 &[("token", token), ("token_type_hint", hint)],
-                &self.credentials(),
+                &self.credentials(&self.client_secret.load_full()),
                 self.config.provider_timeout,
             )
             .await

@@ -60,17 +60,16 @@ pub struct Shared {
     pub clock: Clock,
     /// Per-address rate limits of the BFF endpoints anyone may call (this process only).
     pub limiter: crate::limits::RateLimiter,
-    /// Seals login-state cookies; the session keys are read at start (a change needs a restart).
-    pub(crate) keyring: Arc<Keyring>,
     /// Cancelled when shutdown begins: long-lived responses (session-events streams) end then
     /// rather than hold the drain for the whole grace period.
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
-    /// The key ring for login-state cookies.
-    pub fn keyring(&self) -> &Keyring {
-        &self.keyring
+    /// The key ring in effect, for login-state cookies: the sessions' own, so that a reload's
+    /// keys reach both at once.
+    pub fn keyring(&self) -> arc_swap::Guard<Arc<Keyring>> {
+        self.sessions.keyring()
     }
 
     /// The session of this request, if any cookie of ours opens one. A store failure is an error;

@@ -171,6 +171,11 @@ impl Sessions {
         &self.store
     }
 
+    /// The key ring in effect.
+    pub fn keyring(&self) -> arc_swap::Guard<Arc<Keyring>> {
+        self.keyring.load()
+    }
+
     /// Swaps in a new key ring (hot reload). Cookies sealed under keys it still holds keep working.
     pub fn replace_keyring(&self, keyring: Keyring) {
         self.keyring.store(keyring.into());

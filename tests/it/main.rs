@@ -24,6 +24,7 @@ mod protocol;
 mod proxy;
 mod refresh_outcomes;
 mod sample_api;
+mod secret_reload;
 mod session_store;
 mod static_files;
 mod tls_http2;
