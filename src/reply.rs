@@ -27,6 +27,7 @@ pub enum ErrorCode {
     BadRequest,
     BadPath,
     InvalidReturnUrl,
+    InvalidPrompt,
     LoginFailed,
     Unauthenticated,
     SessionExpired,
@@ -52,6 +53,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::BadPath => "bad_path",
             ErrorCode::InvalidReturnUrl => "invalid_return_url",
+            ErrorCode::InvalidPrompt => "invalid_prompt",
             ErrorCode::LoginFailed => "login_failed",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::SessionExpired => "session_expired",
@@ -77,6 +79,7 @@ impl ErrorCode {
             ErrorCode::BadRequest
             | ErrorCode::BadPath
             | ErrorCode::InvalidReturnUrl
+            | ErrorCode::InvalidPrompt
             | ErrorCode::LoginFailed => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated | ErrorCode::SessionExpired => StatusCode::UNAUTHORIZED,
             ErrorCode::Csrf | ErrorCode::Forbidden | ErrorCode::TokenRefused => {
@@ -104,6 +107,9 @@ impl ErrorCode {
                 "The request path is ambiguous: an encoded /, \\ or dot segment, a ; parameter, a control character, invalid UTF-8 or a .. above the root."
             }
             ErrorCode::InvalidReturnUrl => "returnUrl must be a local path such as /app.",
+            ErrorCode::InvalidPrompt => {
+                "prompt must be one of none, login, consent or select_account, given once."
+            }
             ErrorCode::LoginFailed => "Sign-in could not be completed. Please start again.",
             ErrorCode::Unauthenticated => "Sign-in is required.",
             ErrorCode::SessionExpired => "The session has ended. Please sign in again.",

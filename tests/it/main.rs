@@ -26,6 +26,7 @@ mod refresh_outcomes;
 mod sample_api;
 mod secret_reload;
 mod session_store;
+mod spa_edges;
 mod static_files;
 mod tls_http2;
 mod tokens;
