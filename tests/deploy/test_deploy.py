@@ -609,6 +609,22 @@ class DocsTest(unittest.TestCase):
                 with self.subTest(config=str(path.relative_to(ROOT)), key=key):
                     self.assertRegex(doc, rf"`{re.escape(leaf)}`")
 
+    def test_the_oauth2_proxy_guide_maps_flags_to_keys_that_exist(self):
+        guide = (ROOT / "docs" / "migrating-from-oauth2-proxy.md").read_text()
+        reference = (ROOT / "docs" / "configuration.md").read_text()
+        rows = [line for line in guide.splitlines() if line.startswith("| `--")]
+        self.assertGreaterEqual(len(rows), 30, "a row per common oauth2-proxy flag")
+        keys = set()
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            self.assertEqual(len(cells), 3, row)
+            keys |= set(re.findall(r"`((?:server|admin|oidc|session|limits)(?:\.[a-z_]+)+)", cells[1]))
+        self.assertGreaterEqual(len(keys), 20)
+        for key in sorted(keys):
+            with self.subTest(key=key):
+                section, leaf = key.rsplit(".", 1)
+                self.assertRegex(reference, rf"## `\[{re.escape(section)}\]`[\s\S]*?\| `{re.escape(leaf)}` \|")
+
     def test_rotation_steps_show_the_keys_lines(self):
         doc = (ROOT / "docs" / "deployment.md").read_text()
         self.assertIn('keys = ["${VESTIBULE_SESSION_KEY}", "${VESTIBULE_SESSION_KEY_NEXT}"]', doc)
