@@ -445,13 +445,18 @@ const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 /// rejected by `reload` and picked up complete on the next tick. Stops with the app.
 fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
     let weak = Arc::downgrade(app);
-    let mut last = None;
+    // What the running configuration was read from: a change from here on is a reload.
+    let mut last = std::fs::read(&path).ok().map(|config| {
+        let files = secret_files(&app.live.load().config);
+        let secrets = files.iter().map(|f| std::fs::read(f).ok()).collect();
+        watched(&path, config, files, secrets)
+    });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(WATCH_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
-            let Some(secret_files) = weak
+            let Some(files) = weak
                 .upgrade()
                 .map(|app| secret_files(&app.live.load().config))
             else {
@@ -460,23 +465,33 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
             let Ok(config) = tokio::fs::read(&path).await else {
                 continue;
             };
-            let mut current = vec![(path.clone(), Some(config))];
-            for file in secret_files {
-                let contents = tokio::fs::read(&file).await.ok();
-                current.push((file, contents));
+            let mut secrets = Vec::with_capacity(files.len());
+            for file in &files {
+                secrets.push(tokio::fs::read(file).await.ok());
             }
-            let first = last.is_none();
+            let current = watched(&path, config, files, secrets);
             if last.as_ref() == Some(&current) {
                 continue;
             }
             last = Some(current);
-            if first {
-                continue;
-            }
             let Some(app) = weak.upgrade() else { break };
             app.reload("file change");
         }
     });
+}
+
+/// The watched files and their contents (`None`: unreadable), the configuration file first.
+type Watched = Vec<(std::path::PathBuf, Option<Vec<u8>>)>;
+
+fn watched(
+    path: &std::path::Path,
+    config: Vec<u8>,
+    files: Vec<std::path::PathBuf>,
+    secrets: Vec<Option<Vec<u8>>>,
+) -> Watched {
+    std::iter::once((path.to_path_buf(), Some(config)))
+        .chain(files.into_iter().zip(secrets))
+        .collect()
 }
 
 /// The secret files a configuration names, read again on every reload.
