@@ -6,6 +6,29 @@
 // CORS preflight, which the BFF never grants: that is the CSRF defence.
 const CSRF = { "X-CSRF": "1" };
 const SIGNED_OUT_ERRORS = ["session_expired", "unauthenticated"];
+// Set in this tab once a silent sign-in was tried, so that it is tried once, not in a loop.
+const SILENT_TRIED = "vestibule:silent-sign-in-tried";
+
+// When the user (not the protocol) ended a sign-in at the provider, the BFF sends the browser back
+// here with ?login_error=<code>: what to say for each.
+const LOGIN_ERRORS = {
+  access_denied: "Sign-in was cancelled at the identity provider.",
+  login_required: "", // silent sign-in: nobody is signed in at the provider; nothing to report
+  interaction_required: "Please log in to continue.",
+  consent_required: "Please log in to continue.",
+  account_selection_required: "Please log in to continue.",
+};
+
+// Takes ?login_error off the address bar (so a reload does not show it again) and returns it.
+function takeLoginError() {
+  const url = new URL(location.href);
+  const code = url.searchParams.get("login_error");
+  if (code === null) return null;
+  url.searchParams.delete("login_error");
+  history.replaceState(null, "", url.pathname + url.search + url.hash);
+  return code;
+}
+const loginError = takeLoginError();
 
 const $ = (id) => document.getElementById(id);
 let events = null; // the EventSource for /bff/session-events while signed in
@@ -19,7 +42,7 @@ function show(view, message) {
 
 // The path to come back to after login: a local path, never "//host" (the BFF refuses those).
 function returnPath() {
-  const path = location.pathname + location.search;
+  const path = location.pathname + location.search + location.hash;
   return path.startsWith("/") && !path.startsWith("//") ? path : "/";
 }
 
@@ -76,12 +99,26 @@ async function loadUser() {
       credentials: "same-origin",
       cache: "no-store",
     });
-    if (response.status === 401) return showLoggedOut();
+    if (response.status === 401) return signedOut();
     if (!response.ok) throw new Error(`the BFF answered ${response.status}`);
+    sessionStorage.removeItem(SILENT_TRIED); // signed in: a later expiry may try again
     showLoggedIn(await response.json());
   } catch (error) {
     showLoggedOut(`Could not check your session (${error.message}). Try reloading the page.`);
   }
+}
+
+// No session here. Once per tab, try a silent sign-in first: the provider may still know the user
+// (another app, an expired session here). It comes back signed in, or with
+// ?login_error=login_required — never stopping at a provider page.
+function signedOut() {
+  if (loginError === null && !sessionStorage.getItem(SILENT_TRIED)) {
+    sessionStorage.setItem(SILENT_TRIED, "1");
+    location.assign("/bff/login?prompt=none&returnUrl=" + encodeURIComponent(returnPath()));
+    return;
+  }
+  const message = loginError === null ? "" : LOGIN_ERRORS[loginError] ?? "Sign-in did not complete. Please try again.";
+  showLoggedOut(message);
 }
 
 // Calls an API through the BFF and prints the answer into `output`.

@@ -64,8 +64,6 @@ impl App {
     ) -> anyhow::Result<Arc<App>> {
         crate::telemetry::metrics();
         crate::telemetry::spawn_upkeep();
-        let keyring = Keyring::new(config.session.keys.clone())
-            .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?;
         let store = Store::connect(&config.session.store, config.session.max_entries)
             .await
             .map_err(|e| anyhow::anyhow!("session store: {e}"))?;
@@ -80,10 +78,7 @@ impl App {
         let sessions = Arc::new(Sessions::new(settings, store));
         let dpop_key = crate::state::StoredDpopKey {
             store: sessions.store().clone(),
-            keyring: Arc::new(
-                Keyring::new(config.session.keys.clone())
-                    .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?,
-            ),
+            keyring: sessions.shared_keyring(),
         };
         let oidc = Oidc::with_dpop_keys(
             config.oidc.clone(),
@@ -112,7 +107,6 @@ impl App {
                 sessions,
                 clock,
                 limiter,
-                keyring: Arc::new(keyring),
                 stopping: tokio_util::sync::CancellationToken::new(),
             },
             tokens: Tokens::default(),
@@ -473,6 +467,29 @@ impl App {
                 let old = self.live.load_full();
                 // Restart-only keys keep their running value: one snapshot is in effect.
                 let reloaded = crate::config::reload::reload(&old.config, config);
+                let new = &reloaded.config;
+                if new.session.keys != old.config.session.keys {
+                    match Keyring::new(new.session.keys.clone()) {
+                        Ok(keyring) => self.sessions.replace_keyring(keyring),
+                        Err(e) => {
+                            tracing::error!(
+                                trigger,
+                                "configuration rejected, keeping the previous one: session keys: {e}"
+                            );
+                            return;
+                        }
+                    }
+                    tracing::info!(
+                        trigger,
+                        keys = new.session.keys.len(),
+                        "session keys replaced"
+                    );
+                }
+                if new.oidc.client_secret != old.config.oidc.client_secret {
+                    self.oidc
+                        .replace_client_secret(new.oidc.client_secret.clone());
+                    tracing::info!(trigger, "client secret replaced");
+                }
                 for key in reloaded.restart_needed {
                     tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
                 }
@@ -640,24 +657,39 @@ pub fn provider_offers(
 /// How often the configuration file is checked for changes.
 const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Reloads the configuration when the file's contents change on disk. Polling the contents is
-/// simpler and sturdier than file-system events, which editors, atomic renames and Kubernetes
-/// ConfigMap symlink swaps deliver in many different shapes; the file is small. A half-written
-/// file is rejected by `reload` and picked up complete on the next tick. Stops with the app.
+/// Reloads the configuration when the file's contents, or those of a secret file it names
+/// (`oidc.client_secret_file`, `session.keys_file`), change on disk: a rotated Kubernetes
+/// Secret reaches the running process without a signal. Polling the contents is simpler and
+/// sturdier than file-system events, which editors, atomic renames and Kubernetes ConfigMap
+/// symlink swaps deliver in many different shapes; the files are small. A half-written file is
+/// rejected by `reload` and picked up complete on the next tick. Stops with the app.
 fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
     let weak = Arc::downgrade(app);
-    let mut last = std::fs::read(&path).ok();
+    // What the running configuration was read from: a change from here on is a reload.
+    let mut last = std::fs::read(&path).ok().map(|config| {
+        let files = secret_files(&app.live.load().config);
+        let secrets = files.iter().map(|f| std::fs::read(f).ok()).collect();
+        watched(&path, config, files, secrets)
+    });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(WATCH_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
-            if weak.strong_count() == 0 {
+            let Some(files) = weak
+                .upgrade()
+                .map(|app| secret_files(&app.live.load().config))
+            else {
                 break;
-            }
-            let Ok(current) = tokio::fs::read(&path).await else {
+            };
+            let Ok(config) = tokio::fs::read(&path).await else {
                 continue;
             };
+            let mut secrets = Vec::with_capacity(files.len());
+            for file in &files {
+                secrets.push(tokio::fs::read(file).await.ok());
+            }
+            let current = watched(&path, config, files, secrets);
             if last.as_ref() == Some(&current) {
                 continue;
             }
@@ -666,4 +698,27 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
             app.reload("file change");
         }
     });
+}
+
+/// The watched files and their contents (`None`: unreadable), the configuration file first.
+type Watched = Vec<(std::path::PathBuf, Option<Vec<u8>>)>;
+
+fn watched(
+    path: &std::path::Path,
+    config: Vec<u8>,
+    files: Vec<std::path::PathBuf>,
+    secrets: Vec<Option<Vec<u8>>>,
+) -> Watched {
+    std::iter::once((path.to_path_buf(), Some(config)))
+        .chain(files.into_iter().zip(secrets))
+        .collect()
+}
+
+/// The secret files a configuration names, read again on every reload.
+fn secret_files(config: &Config) -> Vec<std::path::PathBuf> {
+    [&config.oidc.client_secret_file, &config.session.keys_file]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
 }

@@ -146,7 +146,10 @@ pub enum ClientAuth {
 pub struct OidcConfig {
     pub issuer: url::Url,
     pub client_id: String,
+    /// The secret in effect: `client_secret`, or the contents of `client_secret_file`.
     pub client_secret: Option<Secret>,
+    /// Where the secret was read from; read again on every reload.
+    pub client_secret_file: Option<PathBuf>,
     pub client_auth: ClientAuth,
     pub scopes: Vec<String>,
     pub extra_auth_params: Vec<(String, String)>,
@@ -203,8 +206,10 @@ pub struct SessionConfig {
     pub same_site: SameSite,
     pub idle_timeout: Duration,
     pub absolute_timeout: Duration,
-    /// Decoded session keys; the first seals, all open.
+    /// Decoded session keys (`keys`, or the lines of `keys_file`); the first seals, all open.
     pub keys: Vec<[u8; 32]>,
+    /// Where the keys were read from; read again on every reload.
+    pub keys_file: Option<PathBuf>,
     pub max_entries: usize,
     /// How long an opened session may be served from the in-process cache.
     pub cache_ttl: Duration,
@@ -220,6 +225,7 @@ impl fmt::Debug for SessionConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("absolute_timeout", &self.absolute_timeout)
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("keys_file", &self.keys_file)
             .field("max_entries", &self.max_entries)
             .finish()
     }

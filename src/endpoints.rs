@@ -5,7 +5,10 @@ use crate::cookies;
 use crate::limits::{Endpoint, Verdict, client_address};
 use crate::oidc::response::check_authorization_iss;
 use crate::oidc::userinfo::UserinfoError;
-use crate::oidc::{GrantError, LoginState, TokenResponse, local_return_url, os_random};
+use crate::oidc::{
+    GrantError, LoginState, PROMPTS, TokenResponse, USER_ENDED_ERRORS, local_return_url, os_random,
+    with_login_error,
+};
 use crate::reply::{Body, ErrorCode, Reader, json_response, redirect};
 use crate::rescue::RequestError;
 use crate::session::manager::OpenSession;
@@ -125,8 +128,10 @@ async fn login(
     let Some(return_url) = local_return_url(&raw).filter(|u| u.len() <= MAX_RETURN_URL_LEN) else {
         return Err(RequestError::InvalidReturnUrl);
     };
+    let prompt = prompt_param(req)?;
     let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
-    let login = LoginState::new(os_random, return_url, app.clock.now())?;
+    let mut login = LoginState::new(os_random, return_url, app.clock.now())?;
+    login.prompt = prompt;
     let session_config = &live.config.session;
     let name = format!(
         "{}{}",
@@ -160,6 +165,25 @@ async fn login(
     Ok(response)
 }
 
+/// `prompt` of `/bff/login`: absent, or once one of [`PROMPTS`] (`none`: silent sign-in).
+fn prompt_param(req: &Request<Incoming>) -> Result<Option<String>, RequestError> {
+    let query = req.uri().query().unwrap_or_default();
+    let mut given = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "prompt")
+        .map(|(_, v)| v);
+    let Some(prompt) = given.next() else {
+        return Ok(None);
+    };
+    if given.next().is_some() {
+        return Err(RequestError::InvalidPrompt);
+    }
+    PROMPTS
+        .iter()
+        .find(|p| **p == prompt)
+        .map(|p| Some((*p).to_string()))
+        .ok_or(RequestError::InvalidPrompt)
+}
+
 /// The login-failed page naming `reason`, a stable identifier (docs/errors.md); `detail` goes to
 /// the log only and must hold no token, code or state.
 fn login_failed(reason: &str, detail: &str) -> Result<Response<Body>, RequestError> {
@@ -172,55 +196,14 @@ async fn callback(
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
     if let Some(error) = query_param(req, "error") {
-        let safe: String = error
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .take(64)
-            .collect();
-        return login_failed(
-            "provider_error",
-            &format!("the provider answered error={safe}"),
-        );
+        return ended_at_provider(app, live, req, &error).await;
     }
     let (Some(code), Some(state)) = (query_param(req, "code"), query_param(req, "state")) else {
         return login_failed("callback_incomplete", "the callback lacks code or state");
     };
     let session_config = &live.config.session;
-    let name = format!(
-        "{}{}",
-        cookies::login_prefix(session_config),
-        &hash_hex(&state)[..12]
-    );
-    let login = cookies::values(req.headers(), &name)
-        .into_iter()
-        .filter_map(|v| app.keyring().open(&name, v))
-        .filter_map(|opened| serde_json::from_slice::<LoginState>(&opened.plaintext).ok())
-        .find(|l| bool::from(l.state.as_bytes().ct_eq(state.as_bytes())));
-    let Some(login) = login else {
-        return login_failed(
-            "login_state_missing",
-            "no login cookie matches the state (another browser, expired, or replayed)",
-        );
-    };
+    let (login, name) = spend_login_state(app, live, req, &state).await?;
     let now = app.clock.now();
-    if now.saturating_sub(login.created) > LOGIN_TTL.as_secs() {
-        return login_failed("login_state_expired", "the login state expired");
-    }
-    match app
-        .sessions
-        .store()
-        .remember_once(&format!("login:{}", hash_hex(&state)), LOGIN_TTL)
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return login_failed("state_replayed", "the state was already used"),
-        Err(e) => return Err(e.into()),
-    }
-    // RFC 9207: a response naming another issuer (a mix-up) never gets its code exchanged.
-    let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
-    if let Err(e) = check_authorization_iss(&metadata, query_param(req, "iss").as_deref()) {
-        return login_failed(e.reason(), &e.to_string());
-    }
     let answer = match app.oidc.exchange_code(&code, &login.verifier).await {
         Ok(a) => a,
         Err(GrantError::Rejected(e)) => {
@@ -327,6 +310,92 @@ async fn callback(
     }
     if let Some(c) = cookies::set_cookie(session_config, &name, "", None, true) {
         headers.append(header::SET_COOKIE, c);
+    }
+    Ok(response)
+}
+
+/// The login state of this browser that `state` names, checked (sealed by us, for this state,
+/// not expired) and spent (single use, on every instance), with its cookie's name; and the
+/// authorization response checked to come from our provider (RFC 9207: a response naming another
+/// issuer, a mix-up, is never acted on).
+async fn spend_login_state(
+    app: &Shared,
+    live: &LiveConfig,
+    req: &Request<Incoming>,
+    state: &str,
+) -> Result<(LoginState, String), RequestError> {
+    let name = format!(
+        "{}{}",
+        cookies::login_prefix(&live.config.session),
+        &hash_hex(state)[..12]
+    );
+    let login = cookies::values(req.headers(), &name)
+        .into_iter()
+        .filter_map(|v| app.keyring().open(&name, v))
+        .filter_map(|opened| serde_json::from_slice::<LoginState>(&opened.plaintext).ok())
+        .find(|l| bool::from(l.state.as_bytes().ct_eq(state.as_bytes())));
+    let Some(login) = login else {
+        return Err(RequestError::login_failed(
+            "login_state_missing",
+            "no login cookie matches the state (another browser, expired, or replayed)",
+        ));
+    };
+    if app.clock.now().saturating_sub(login.created) > LOGIN_TTL.as_secs() {
+        return Err(RequestError::login_failed(
+            "login_state_expired",
+            "the login state expired",
+        ));
+    }
+    match app
+        .sessions
+        .store()
+        .remember_once(&format!("login:{}", hash_hex(state)), LOGIN_TTL)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(RequestError::login_failed(
+                "state_replayed",
+                "the state was already used",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
+    if let Err(e) = check_authorization_iss(&metadata, query_param(req, "iss").as_deref()) {
+        return Err(RequestError::login_failed(e.reason(), e.to_string()));
+    }
+    Ok((login, name))
+}
+
+/// A callback carrying `error` from the provider. When the user ended the login (cancelled,
+/// declined, or a silent sign-in needs them: [`USER_ENDED_ERRORS`]) and the callback carries this
+/// browser's own login state, the browser goes back to the app's `returnUrl` — the one validated
+/// and sealed at `/bff/login`, nothing from this request — with `login_error=<error>`. Anything
+/// else is the login-failed page: no redirect that a forged callback could aim.
+async fn ended_at_provider(
+    app: &Shared,
+    live: &LiveConfig,
+    req: &Request<Incoming>,
+    error: &str,
+) -> Result<Response<Body>, RequestError> {
+    let safe: String = error
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(64)
+        .collect();
+    let by_user = USER_ENDED_ERRORS.iter().find(|e| **e == error);
+    let (Some(code), Some(state)) = (by_user, query_param(req, "state")) else {
+        return login_failed(
+            "provider_error",
+            &format!("the provider answered error={safe}"),
+        );
+    };
+    let (login, name) = spend_login_state(app, live, req, &state).await?;
+    tracing::info!(error = code, "login ended at the provider; back to the app");
+    let mut response = redirect(&with_login_error(&login.return_url, code));
+    if let Some(c) = cookies::set_cookie(&live.config.session, &name, "", None, true) {
+        response.headers_mut().append(header::SET_COOKIE, c);
     }
     Ok(response)
 }

@@ -12,7 +12,8 @@ pub mod metadata;
 pub mod response;
 pub mod userinfo;
 
-use crate::config::{ClientAuth, OidcConfig, Par};
+use crate::config::{ClientAuth, OidcConfig, Par, Secret};
+use arc_swap::ArcSwapOption;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{ClientCredentials, ProviderHttp};
@@ -29,6 +30,9 @@ pub struct LoginState {
     pub verifier: String,
     pub return_url: String,
     pub created: u64,
+    /// `prompt` for the provider (`none`: silent sign-in), as `/bff/login` was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
 }
 
 impl std::fmt::Debug for LoginState {
@@ -36,6 +40,7 @@ impl std::fmt::Debug for LoginState {
         f.debug_struct("LoginState")
             .field("return_url", &self.return_url)
             .field("created", &self.created)
+            .field("prompt", &self.prompt)
             .finish_non_exhaustive()
     }
 }
@@ -53,7 +58,37 @@ impl LoginState {
             verifier: random_token_from(random, 48)?,
             return_url,
             created,
+            prompt: None,
         })
+    }
+}
+
+/// The `prompt` values of OpenID Connect Core §3.1.2.1 a login may ask for, one at a time.
+pub const PROMPTS: &[&str] = &["none", "login", "consent", "select_account"];
+
+/// The errors an authorization response carries when the user, not the protocol, ended the
+/// login: declined or cancelled (`access_denied`, RFC 6749 §4.1.2.1), or a silent sign-in
+/// (`prompt=none`) that needs the user (OpenID Connect Core §3.1.2.6). The app is told which,
+/// rather than shown a dead end.
+pub const USER_ENDED_ERRORS: &[&str] = &[
+    "access_denied",
+    "login_required",
+    "interaction_required",
+    "consent_required",
+    "account_selection_required",
+];
+
+/// `return_url` (a local path) with `login_error=<code>` added to its query, before any fragment.
+pub fn with_login_error(return_url: &str, code: &str) -> String {
+    let (path, fragment) = match return_url.split_once('#') {
+        Some((path, fragment)) => (path, Some(fragment)),
+        None => (return_url, None),
+    };
+    let joiner = if path.contains('?') { '&' } else { '?' };
+    let code: String = url::form_urlencoded::byte_serialize(code.as_bytes()).collect();
+    match fragment {
+        Some(fragment) => format!("{path}{joiner}login_error={code}#{fragment}"),
+        None => format!("{path}{joiner}login_error={code}"),
     }
 }
 
@@ -172,11 +207,14 @@ fn error_code(body: &serde_json::Value) -> String {
 /// The OpenID Connect client for one provider.
 pub struct Oidc {
     pub provider: Arc<Provider>,
+    /// The section it was started with (its restart-only keys stay in effect until a restart).
     pub config: OidcConfig,
     pub redirect_uri: String,
     /// With `[oidc] dpop`: the key and nonces every token request (and every `token_binding =
     /// "dpop"` route) proves possession with.
     pub dpop: Option<Arc<dpop::Dpop>>,
+    /// The client secret in effect: `config.client_secret` at start, replaced on reload.
+    client_secret: ArcSwapOption<Secret>,
 }
 
 impl Oidc {
@@ -200,11 +238,13 @@ impl Oidc {
             };
             Arc::new(dpop::Dpop::new(source))
         });
+        let client_secret = ArcSwapOption::from(config.client_secret.clone().map(Arc::new));
         Arc::new(Oidc {
             provider,
             config,
             redirect_uri,
             dpop,
+            client_secret,
         })
     }
 
@@ -217,20 +257,22 @@ impl Oidc {
         }
     }
 
+    /// Puts a reloaded client secret in effect: the next token call authenticates with it.
+    pub fn replace_client_secret(&self, secret: Option<Secret>) {
+        self.client_secret.store(secret.map(Arc::new));
+    }
+
     pub fn metadata(&self) -> Result<Arc<Metadata>, GrantError> {
         self.provider
             .get()
             .ok_or_else(|| GrantError::Unavailable("metadata not loaded yet".into()))
     }
 
-    fn credentials(&self) -> ClientCredentials<'_> {
+    /// The client's credentials, with `secret` loaded once for the call.
+    fn credentials<'a>(&'a self, secret: &'a Option<Arc<Secret>>) -> ClientCredentials<'a> {
         ClientCredentials {
             client_id: &self.config.client_id,
-            client_secret: self
-                .config
-                .client_secret
-                .as_ref()
-                .map_or("", |s| s.expose()),
+            client_secret: secret.as_deref().map_or("", Secret::expose),
             basic: self.config.client_auth == ClientAuth::ClientSecretBasic,
         }
     }
@@ -248,7 +290,13 @@ impl Oidc {
             ("code_challenge_method", "S256".to_string()),
         ];
         for (k, v) in &self.config.extra_auth_params {
-            params.push((k, v.clone()));
+            // The login's own prompt replaces a configured one.
+            if !(k == "prompt" && login.prompt.is_some()) {
+                params.push((k, v.clone()));
+            }
+        }
+        if let Some(prompt) = &login.prompt {
+            params.push(("prompt", prompt.clone()));
         }
         params
     }
@@ -295,7 +343,8 @@ impl Oidc {
             (_, Some(endpoint)) => endpoint,
         };
         let params = self.authorization_params(login);
-        let credentials = self.credentials();
+        let secret = self.client_secret.load_full();
+        let credentials = self.credentials(&secret);
         // Credentials in the body carry `client_id` already; providers refuse it twice.
         let form: Vec<(&str, &str)> = params
             .iter()
@@ -415,7 +464,7 @@ impl Oidc {
             .post_form_with_proof(
                 endpoint,
                 form,
-                &self.credentials(),
+                &self.credentials(&self.client_secret.load_full()),
                 self.config.provider_timeout,
                 proof.as_deref(),
             )
@@ -524,7 +573,7 @@ impl Oidc {
             .post_form(
                 endpoint,
                 &[("token", token), ("token_type_hint", hint)],
-                &self.credentials(),
+                &self.credentials(&self.client_secret.load_full()),
                 self.config.provider_timeout,
             )
             .await
@@ -614,6 +663,54 @@ mod tests {
         assert_eq!(login.state.len(), 43);
         assert_ne!(login.state, login.nonce);
         assert_ne!(login.state, URL_SAFE_NO_PAD.encode([0u8; 32]));
+    }
+
+    #[test]
+    fn the_login_error_flag_goes_into_the_query_before_the_fragment() {
+        assert_eq!(
+            with_login_error("/", "access_denied"),
+            "/?login_error=access_denied"
+        );
+        assert_eq!(
+            with_login_error("/app?tab=2#top", "login_required"),
+            "/app?tab=2&login_error=login_required#top"
+        );
+        assert_eq!(with_login_error("/a#b?c", "x y"), "/a?login_error=x+y#b?c");
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_logins_prompt_replaces_a_configured_one() {
+        let mut config = crate::config::Config::parse(
+            "[server]\npublic_url = \"https://app.example.com\"\n\
+             [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\nclient_secret = \"s\"\n\
+             extra_auth_params = { prompt = \"consent\", access_type = \"offline\" }\n\
+             [session]\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n",
+            std::path::Path::new("."),
+            &|_| None,
+        )
+        .unwrap();
+        config.oidc.scopes = vec!["openid".into()];
+        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+        let metadata: Metadata = serde_json::from_value(serde_json::json!({
+            "issuer": "https://idp.example.com",
+            "authorization_endpoint": "https://idp.example.com/auth",
+            "token_endpoint": "https://idp.example.com/token",
+            "jwks_uri": "https://idp.example.com/jwks",
+        }))
+        .unwrap();
+        let prompts = |login: &LoginState| -> Vec<String> {
+            url::Url::parse(&oidc.authorization_url(&metadata, login))
+                .unwrap()
+                .query_pairs()
+                .filter(|(k, _)| k == "prompt")
+                .map(|(_, v)| v.into_owned())
+                .collect()
+        };
+        let mut login = LoginState::new(os_random, "/".into(), 0).unwrap();
+        assert_eq!(prompts(&login), ["consent"]);
+        login.prompt = Some("none".into());
+        assert_eq!(prompts(&login), ["none"]);
     }
 
     #[test]

@@ -93,6 +93,8 @@ error_codes! {
         "The request path is ambiguous: an encoded /, \\ or dot segment, a ; parameter, a control character, invalid UTF-8 or a .. above the root.";
     InvalidReturnUrl = "invalid_return_url", BAD_REQUEST,
         "returnUrl must be a local path such as /app.";
+    InvalidPrompt = "invalid_prompt", BAD_REQUEST,
+        "prompt must be one of none, login, consent or select_account, given once.";
     LoginFailed = "login_failed", BAD_REQUEST,
         "Sign-in could not be completed. Please start again.";
     Unauthenticated = "unauthenticated", UNAUTHORIZED, "Sign-in is required.";

@@ -73,6 +73,9 @@ pub enum RequestError {
     /// `returnUrl` is not a local path, or does not fit in the login cookie.
     #[error("invalid returnUrl")]
     InvalidReturnUrl,
+    /// `prompt` of `/bff/login` is not one OpenID Connect defines, or is given twice.
+    #[error("invalid prompt")]
+    InvalidPrompt,
     /// The logout link names another session (or none): answered as the request asked
     /// (`navigation`), whatever the endpoint's other errors are.
     #[error("the logout link names another session")]
@@ -130,6 +133,7 @@ impl RequestError {
             }
             RequestError::NotFound => ErrorCode::NotFound.respond(reader),
             RequestError::InvalidReturnUrl => ErrorCode::InvalidReturnUrl.respond(reader),
+            RequestError::InvalidPrompt => ErrorCode::InvalidPrompt.respond(reader),
             RequestError::SidMismatch { reader } => ErrorCode::BadRequest.respond(reader),
             RequestError::LoginFailed { reason, .. } => {
                 ErrorCode::LoginFailed.html_with_reason(&reason)
@@ -175,6 +179,7 @@ impl RequestError {
             | RequestError::Forbidden { .. }
             | RequestError::NotFound
             | RequestError::InvalidReturnUrl
+            | RequestError::InvalidPrompt
             | RequestError::SidMismatch { .. } => {
                 tracing::debug!(error = %self, "request refused");
             }

@@ -83,17 +83,16 @@ pub struct Shared {
     pub clock: Clock,
     /// Per-address rate limits of the BFF endpoints anyone may call (this process only).
     pub limiter: crate::limits::RateLimiter,
-    /// Seals login-state cookies; the session keys are read at start (a change needs a restart).
-    pub(crate) keyring: Arc<Keyring>,
     /// Cancelled when shutdown begins: long-lived responses (session-events streams) end then
     /// rather than hold the drain for the whole grace period.
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
-    /// The key ring for login-state cookies.
-    pub fn keyring(&self) -> &Keyring {
-        &self.keyring
+    /// The key ring in effect, for login-state cookies: the sessions' own, so that a reload's
+    /// keys reach both at once.
+    pub fn keyring(&self) -> arc_swap::Guard<Arc<Keyring>> {
+        self.sessions.keyring()
     }
 
     /// The session of this request, if any cookie of ours opens one. A store failure is an error;
@@ -128,7 +127,8 @@ impl Shared {
 /// keys rotates this key too.
 pub struct StoredDpopKey {
     pub store: crate::session::store::Store,
-    pub keyring: Arc<Keyring>,
+    /// The session key ring, swapped on reload (`session.keys`, `keys_file`).
+    pub keyring: Arc<arc_swap::ArcSwap<Keyring>>,
 }
 
 /// The store key of [`StoredDpopKey`]; also the associated data it is sealed with.
@@ -162,7 +162,7 @@ impl StoredDpopKey {
             let stored = self.store.get(DPOP_KEY_NAME).await.map_err(unavailable)?;
             let opened = stored.as_ref().and_then(|record| {
                 let text = std::str::from_utf8(&record.value).ok()?;
-                self.keyring.open(DPOP_KEY_NAME, text)
+                self.keyring.load().open(DPOP_KEY_NAME, text)
             });
             if let Some(opened) = opened {
                 return DpopKey::from_der(&opened.plaintext);
@@ -170,6 +170,7 @@ impl StoredDpopKey {
             let key = DpopKey::generate()?;
             let sealed = self
                 .keyring
+                .load()
                 .seal(DPOP_KEY_NAME, &key.to_pkcs8()?)
                 .map_err(|e| DpopError::Unavailable(e.to_string()))?;
             let won = match &stored {

@@ -222,12 +222,13 @@ fn server_section(d: &mut Decide, old: &ServerConfig, new: ServerConfig) -> Serv
 }
 
 /// The OpenID client keeps the section it was started with; only what is read from the live
-/// configuration alone is live.
+/// configuration alone, and the client secret it is handed on reload, is live.
 fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig {
     let OidcConfig {
         issuer,
         client_id,
         client_secret,
+        client_secret_file,
         client_auth,
         scopes,
         extra_auth_params,
@@ -246,7 +247,9 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
     OidcConfig {
         issuer: d.restart("oidc.issuer", &old.issuer, issuer),
         client_id: d.restart("oidc.client_id", &old.client_id, client_id),
-        client_secret: d.restart("oidc.client_secret", &old.client_secret, client_secret),
+        // Swapped into the running client (the app does it): the next token call uses it.
+        client_secret: d.live("oidc.client_secret", client_secret),
+        client_secret_file: d.live("oidc.client_secret_file", client_secret_file),
         client_auth: d.restart("oidc.client_auth", &old.client_auth, client_auth),
         scopes: d.restart("oidc.scopes", &old.scopes, scopes),
         extra_auth_params: d.restart(
@@ -287,7 +290,7 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
     }
 }
 
-/// The session manager and the store are built at start.
+/// The session manager and the store are built at start; the key ring is handed over on reload.
 fn session_section(d: &mut Decide, old: &SessionConfig, new: SessionConfig) -> SessionConfig {
     let SessionConfig {
         store,
@@ -297,6 +300,7 @@ fn session_section(d: &mut Decide, old: &SessionConfig, new: SessionConfig) -> S
         idle_timeout,
         absolute_timeout,
         keys,
+        keys_file,
         max_entries,
         cache_ttl,
     } = new;
@@ -320,7 +324,10 @@ fn session_section(d: &mut Decide, old: &SessionConfig, new: SessionConfig) -> S
             &old.absolute_timeout,
             absolute_timeout,
         ),
-        keys: d.restart("session.keys", &old.keys, keys),
+        // A new key ring is swapped in (the app does it): cookies sealed under a key it still
+        // holds keep opening.
+        keys: d.live("session.keys", keys),
+        keys_file: d.live("session.keys_file", keys_file),
         max_entries: d.restart("session.max_entries", &old.max_entries, max_entries),
         cache_ttl: d.restart("session.cache_ttl", &old.cache_ttl, cache_ttl),
     }
@@ -396,11 +403,11 @@ mod tests {
     }
 
     #[test]
-    fn secrets_and_store_changes_are_noticed() {
+    fn secrets_are_applied_and_store_changes_are_noticed() {
         let old = config("");
         let mut new = old.clone();
         new.oidc.client_secret = Some(Secret::new("other"));
-        new.session.keys.push([7; 32]);
+        new.session.keys.insert(0, [7; 32]);
         new.session.store = StoreConfig::Redis(RedisConfig {
             url: Secret::new("redis://r:6379"),
             sentinel: None,
@@ -409,17 +416,14 @@ mod tests {
             timeout: Duration::from_secs(2),
         });
         let reloaded = reload(&old, new);
-        assert_eq!(
-            reloaded.restart_needed,
-            [
-                "oidc.client_secret",
-                "session.store",
-                "session.redis",
-                "session.keys"
-            ]
-        );
+        assert_eq!(reloaded.restart_needed, ["session.store", "session.redis"]);
         assert_eq!(reloaded.config.session.store, StoreConfig::Memory);
-        assert_eq!(reloaded.config.oidc.client_secret, old.oidc.client_secret);
+        assert_eq!(
+            reloaded.config.oidc.client_secret,
+            Some(Secret::new("other"))
+        );
+        assert_eq!(reloaded.config.session.keys.len(), 2);
+        assert_eq!(reloaded.config.session.keys[0], [7; 32]);
     }
 
     /// docs/configuration.md says for every key whether a reload applies it, and says it right.

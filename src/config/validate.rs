@@ -289,7 +289,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     };
     let limits = limits::limits_config(limits, problems);
     let log = log_config(log, problems);
-    let mut oidc = oidc_config(oidc, problems);
+    let mut oidc = oidc_config(oidc, base, problems);
     if let Some(file) = oidc
         .as_mut()
         .filter(|o| o.dpop)
@@ -300,7 +300,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
             problems.add("oidc.dpop_key_file", format!("{}: {why}", file.display()));
         }
     }
-    let session = session_config(session, problems);
+    let session = session_config(session, base, problems);
     let features: BTreeMap<String, FeatureConfig> = features
         .into_iter()
         .map(|(name, f)| {
@@ -411,6 +411,36 @@ fn one_of<T: Copy>(
                 format!("{text:?} is not allowed; use one of {}", names.join(", ")),
             );
             default
+        }
+    }
+}
+
+/// The largest secret file read (a client secret, or a list of session keys).
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Reads the secret file named at `path` (resolved against `base`); every failure is a problem
+/// naming the file, never its contents. Read at load, so again on every reload.
+pub(super) fn secret_file(
+    name: &str,
+    base: &Path,
+    path: &str,
+    problems: &mut Problems,
+) -> Option<(PathBuf, String)> {
+    let file = base.join(name);
+    let read = std::fs::metadata(&file).and_then(|meta| {
+        if meta.len() > MAX_SECRET_FILE {
+            Err(std::io::Error::other(
+                "it is larger than 64 KiB; is it the right file?",
+            ))
+        } else {
+            std::fs::read_to_string(&file)
+        }
+    });
+    match read {
+        Ok(text) => Some((file, text)),
+        Err(e) => {
+            problems.add(path, format!("cannot read {name:?}: {e}"));
+            None
         }
     }
 }

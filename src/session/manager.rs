@@ -171,7 +171,17 @@ impl Sessions {
         &self.store
     }
 
+    /// The key ring in effect.
+    pub fn keyring(&self) -> arc_swap::Guard<Arc<Keyring>> {
+        self.keyring.load()
+    }
+
     /// Swaps in a new key ring (hot reload). Cookies sealed under keys it still holds keep working.
+    /// The key ring itself, for others that seal with it and must follow a reload.
+    pub fn shared_keyring(&self) -> Arc<ArcSwap<Keyring>> {
+        self.keyring.clone()
+    }
+
     pub fn replace_keyring(&self, keyring: Keyring) {
         self.keyring.store(keyring.into());
     }

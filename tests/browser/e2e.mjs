@@ -442,8 +442,12 @@ async function assertNoTokens(recorded, tokens) {
   return places.length;
 }
 
+// Signs in by the provider's form. The sample app tries a silent sign-in once per tab before it
+// shows its login link (the tests at the end cover that); here the tab starts as if it had
+// tried, so that no page is navigated away from before the recorder has read every body.
 async function login(recorded, user) {
   const { page } = recorded;
+  await page.addInitScript(() => sessionStorage.setItem('vestibule:silent-sign-in-tried', '1'));
   await page.goto(`${app}/`);
   await page.locator('#logged-out').waitFor({ state: 'visible' });
   await page.locator('#login').click();
@@ -633,4 +637,92 @@ step('logout returns to the app logged out; the API then answers 401', async (t)
     t.diagnostic('note: the logout redirect carries the ID token as id_token_hint');
   }
   await alice.context.close();
+});
+
+// Every URL the page's main frame requests from now on, redirect hops included.
+function navigations(page) {
+  const visited = [];
+  page.on('request', (request) => {
+    if (request.isNavigationRequest() && request.frame() === page.mainFrame()) visited.push(request.url());
+  });
+  return visited;
+}
+
+step('a first visit tries a silent sign-in and, with nobody signed in at the provider, shows the login', async () => {
+  const context = await browser.newContext();
+  try {
+    const { page } = await openRecordedPage(context);
+    const visited = navigations(page);
+    await page.goto(`${app}/?tab=2`);
+    await page.locator('#logged-out').waitFor({ state: 'visible' });
+    const silent = visited.find((u) => u.startsWith(`${app}/bff/login?`));
+    assert.ok(silent, `the app tried a silent sign-in: ${visited.join(' -> ')}`);
+    assert.equal(new URL(silent).searchParams.get('prompt'), 'none');
+    assert.ok(visited.some((u) => u === `${app}/?tab=2&login_error=login_required`),
+      `the BFF came back with login_required: ${visited.join(' -> ')}`);
+    assert.ok(!visited.some((u) => u.startsWith(`${issuer}/interaction/`)), 'no provider page was shown');
+    assert.equal(page.url(), `${app}/?tab=2`, 'the flag is taken off the address bar');
+    assert.equal(await page.locator('#status').textContent(), '');
+    // Once per tab: a reload does not try again.
+    const before = visited.length;
+    await page.reload();
+    await page.locator('#logged-out').waitFor({ state: 'visible' });
+    assert.ok(!visited.slice(before).some((u) => u.includes('/bff/login')), `no second silent sign-in: ${visited.slice(before)}`);
+  } finally {
+    await context.close();
+  }
+});
+
+step('cancelling at the provider login page returns to the app, which says so', async () => {
+  const context = await browser.newContext();
+  try {
+    const { page } = await openRecordedPage(context);
+    await page.goto(`${app}/`);
+    await page.locator('#logged-out').waitFor({ state: 'visible' });
+    const visited = navigations(page);
+    await page.locator('#login').click();
+    await page.waitForURL((url) => url.href.startsWith(`${issuer}/interaction/`));
+    await Promise.all([page.waitForURL(`${app}/`), page.click('#cancel')]);
+    await page.locator('#logged-out').waitFor({ state: 'visible' });
+    assert.ok(visited.some((u) => u === `${app}/?login_error=access_denied`),
+      `the BFF sent the browser back with access_denied: ${visited.join(' -> ')}`);
+    assert.equal(page.url(), `${app}/`);
+    assert.equal(await page.locator('#status').textContent(), 'Sign-in was cancelled at the identity provider.');
+    assert.equal(await page.locator('#logged-in').isVisible(), false);
+    // And signing in again works from there.
+    await page.locator('#login').click();
+    await page.waitForURL((url) => url.href.startsWith(`${issuer}/interaction/`));
+    await page.fill('input[name="login"]', 'bob');
+    await page.fill('input[name="password"]', 'bob');
+    await Promise.all([page.waitForURL(`${app}/`), page.click('#submit')]);
+    await page.locator('#logged-in').waitFor({ state: 'visible' });
+  } finally {
+    await context.close();
+  }
+});
+
+step('with a provider session, a silent sign-in signs the app in without any page', async () => {
+  const context = await browser.newContext();
+  try {
+    const first = await openRecordedPage(context);
+    await login(first, 'bob');
+    await first.page.close();
+    // The app's session is gone (it expired, say); the provider's is not. Cookies ignore ports:
+    // the provider's cookies for 127.0.0.1 stay in the jar, Vestibule's session cookie goes.
+    const ours = (await context.cookies(app)).filter((c) => c.name === 'vestibule');
+    assert.equal(ours.length, 1, 'the session cookie is in the jar');
+    await context.clearCookies({ name: 'vestibule' });
+    const { page } = await openRecordedPage(context);
+    const visited = navigations(page);
+    await page.goto(`${app}/#claims`);
+    await page.locator('#logged-in').waitFor({ state: 'visible' });
+    assert.equal(await page.locator('#user-name').textContent(), 'Bob Builder');
+    const silent = visited.find((u) => u.startsWith(`${app}/bff/login?`));
+    assert.ok(silent, `the app tried a silent sign-in: ${visited.join(' -> ')}`);
+    assert.equal(new URL(silent).searchParams.get('prompt'), 'none');
+    assert.ok(!visited.some((u) => u.startsWith(`${issuer}/interaction/`)), `no provider page: ${visited.join(' -> ')}`);
+    assert.equal(page.url(), `${app}/#claims`, 'back where the app was');
+  } finally {
+    await context.close();
+  }
 });

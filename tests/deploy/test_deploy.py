@@ -7,6 +7,8 @@ message saying so; nothing here is ever skipped.
 
 import json
 import re
+import shutil
+import subprocess
 import unittest
 from pathlib import Path
 
@@ -282,20 +284,51 @@ class KubernetesTest(unittest.TestCase):
         for c in self.pod["topologySpreadConstraints"]:
             self.assertEqual(c["labelSelector"]["matchLabels"], labels)
 
-    def test_config_is_mounted_from_the_configmap(self):
-        cm = self.one("ConfigMap")
-        self.assertIn("config.toml", cm["data"])
+    def config_volume_name(self):
         volumes = {v["name"]: v for v in self.pod["volumes"]}
         mounts = {m["mountPath"]: m for m in self.container["volumeMounts"]}
         mount = mounts["/etc/vestibule"]
         self.assertTrue(mount["readOnly"])
-        self.assertEqual(volumes[mount["name"]]["configMap"]["name"], cm["metadata"]["name"])
+        self.assertNotIn("subPath", mount, "a subPath mount never sees an updated ConfigMap")
+        return volumes[mount["name"]]["configMap"]["name"]
+
+    def test_configmap_is_generated_from_config_toml_not_pasted(self):
+        kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+        generators = {g["name"]: g for g in kustomization.get("configMapGenerator", [])}
+        name = self.config_volume_name()
+        self.assertIn(name, generators, "the Deployment mounts the generated ConfigMap")
+        self.assertEqual(generators[name].get("files"), ["config.toml"])
+        self.assertTrue((K8S_DIR / "config.toml").is_file())
+        # No copy to keep in step: no ConfigMap object in the manifests, no config.toml text in
+        # any of them.
+        self.assertNotIn("ConfigMap", self.objects)
+        self.assertNotIn("configmap.yaml", kustomization["resources"])
+        for path in K8S_DIR.glob("*.yaml"):
+            with self.subTest(file=path.name):
+                self.assertNotRegex(path.read_text(), r"(?m)^\s*\[server\]\s*$")
         env = {e["name"]: e for e in self.container["env"]}
         self.assertEqual(env["VESTIBULE_CONFIG"]["value"], CONTAINER_CONFIG)
 
-    def test_configmap_matches_config_toml(self):
-        cm = self.one("ConfigMap")
+    def test_kustomize_renders_config_toml_into_the_mounted_configmap(self):
+        if shutil.which("kubectl"):
+            command = ["kubectl", "kustomize", str(K8S_DIR)]
+        elif shutil.which("kustomize"):
+            command = ["kustomize", "build", str(K8S_DIR)]
+        else:
+            self.fail("neither kubectl nor kustomize is installed (scripts/test installs kustomize)")
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        objects = {}
+        for doc in yaml.safe_load_all(out):
+            if doc:
+                objects.setdefault(doc["kind"], []).append(doc)
+        [cm] = objects["ConfigMap"]
+        [deployment] = objects["Deployment"]
         self.assertEqual(cm["data"]["config.toml"], (K8S_DIR / "config.toml").read_text())
+        self.assertEqual(cm["metadata"]["namespace"], "vestibule")
+        # The generated name carries a hash of the contents: a change rolls the pods out.
+        self.assertRegex(cm["metadata"]["name"], r"^vestibule-config-[a-z0-9]{10}$")
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        self.assertIn(cm["metadata"]["name"], [v.get("configMap", {}).get("name") for v in volumes])
 
     def test_config_is_fit_for_several_replicas_in_a_cluster(self):
         config = load_toml(self, K8S_DIR / "config.toml")
@@ -575,6 +608,22 @@ class DocsTest(unittest.TestCase):
                 leaf = key.split(".")[-1]
                 with self.subTest(config=str(path.relative_to(ROOT)), key=key):
                     self.assertRegex(doc, rf"`{re.escape(leaf)}`")
+
+    def test_the_oauth2_proxy_guide_maps_flags_to_keys_that_exist(self):
+        guide = (ROOT / "docs" / "migrating-from-oauth2-proxy.md").read_text()
+        reference = (ROOT / "docs" / "configuration.md").read_text()
+        rows = [line for line in guide.splitlines() if line.startswith("| `--")]
+        self.assertGreaterEqual(len(rows), 30, "a row per common oauth2-proxy flag")
+        keys = set()
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            self.assertEqual(len(cells), 3, row)
+            keys |= set(re.findall(r"`((?:server|admin|oidc|session|limits)(?:\.[a-z_]+)+)", cells[1]))
+        self.assertGreaterEqual(len(keys), 20)
+        for key in sorted(keys):
+            with self.subTest(key=key):
+                section, leaf = key.rsplit(".", 1)
+                self.assertRegex(reference, rf"## `\[{re.escape(section)}\]`[\s\S]*?\| `{re.escape(leaf)}` \|")
 
     def test_rotation_steps_show_the_keys_lines(self):
         doc = (ROOT / "docs" / "deployment.md").read_text()

@@ -159,3 +159,106 @@ fn sighup_reloads_the_configuration_of_the_running_binary() {
     assert!(reloaded, "the new route did not appear after SIGHUP");
     assert!(status.success());
 }
+
+#[test]
+fn sighup_rereads_the_secret_files_and_refuses_a_bad_one_with_a_clear_error() {
+    use std::io::{Read, Write};
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, admin) = (free(), free());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    std::fs::write(dir.path().join("site/hello.txt"), "hello").unwrap();
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let next = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoxMjM0NTY=";
+    std::fs::write(dir.path().join("client-secret"), "s\n").unwrap();
+    std::fs::write(dir.path().join("session-keys"), format!("{key}\n")).unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [oidc]\nissuer = \"http://127.0.0.1:9\"\nallow_http_issuer = true\nclient_id = \"c\"\nclient_secret_file = \"client-secret\"\n\
+             [session]\ncookie_secure = false\nkeys_file = \"session-keys\"\n\
+             [[routes]]\npath = \"/site/\"\nstatic_dir = \"site\"\nstrip_prefix = true\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = vestibule()
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let serves = || {
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = write!(
+            tcp,
+            "GET /site/hello.txt HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        );
+        let mut out = String::new();
+        let _ = tcp.read_to_string(&mut out);
+        out.starts_with("HTTP/1.1 200") && out.ends_with("hello")
+    };
+    let wait_for = |what: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !what() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        true
+    };
+    let logged = |text: &str| std::fs::read_to_string(&log).unwrap().contains(text);
+    let hup = || {
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    let started = wait_for(&serves);
+
+    // A bad line: refused, named by key and line, its value never printed; still serving.
+    std::fs::write(
+        dir.path().join("session-keys"),
+        format!("{next}\nhunter2-not-a-key\n"),
+    )
+    .unwrap();
+    hup();
+    let refused = wait_for(&|| {
+        logged(
+            "configuration rejected, keeping the previous one: session.keys_file: line 2 of \"session-keys\" is not 32 bytes of base64",
+        )
+    });
+    let still_serving = serves();
+    // A good rotation: applied.
+    std::fs::write(dir.path().join("session-keys"), format!("{next}\n{key}\n")).unwrap();
+    std::fs::write(dir.path().join("client-secret"), "rotated\n").unwrap();
+    hup();
+    let applied = wait_for(&|| logged("session keys replaced") && logged("client secret replaced"));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(started, "the binary did not start serving:\n{text}");
+    assert!(
+        refused,
+        "the bad keys file was not refused clearly:\n{text}"
+    );
+    assert!(still_serving, "the refused reload stopped the service");
+    assert!(applied, "the rotated files were not applied:\n{text}");
+    for secret in ["hunter2", next, key, "rotated"] {
+        assert!(!text.contains(secret), "{secret} is in the log:\n{text}");
+    }
+    assert!(status.success());
+}

@@ -2,11 +2,16 @@
 
 use super::*;
 
-pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<OidcConfig> {
+pub(super) fn oidc_config(
+    raw: raw::Oidc,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<OidcConfig> {
     let raw::Oidc {
         issuer,
         client_id,
         client_secret,
+        client_secret_file,
         client_auth,
         scopes,
         extra_auth_params,
@@ -88,12 +93,13 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
             problems,
         ),
     };
-    let client_secret = client_secret.filter(|s| !s.is_empty()).map(Secret::new);
-    if client_secret.is_none() {
+    let (client_secret, client_secret_file) =
+        client_secret_from(client_secret, client_secret_file, base, problems);
+    if client_secret.is_none() && client_secret_file.is_none() {
         problems.add(
             "oidc.client_secret",
             format!(
-                "is required for {}; write client_secret = \"${{VESTIBULE_CLIENT_SECRET}}\"",
+                "is required for {}; write client_secret = \"${{VESTIBULE_CLIENT_SECRET}}\", or client_secret_file = \"/run/secrets/client-secret\"",
                 match client_auth {
                     ClientAuth::ClientSecretBasic => "client_secret_basic",
                     ClientAuth::ClientSecretPost => "client_secret_post",
@@ -163,6 +169,7 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
         issuer: issuer?,
         client_id: client_id?,
         client_secret,
+        client_secret_file,
         client_auth,
         scopes,
         extra_auth_params,
@@ -210,13 +217,45 @@ pub(super) fn check_dpop_key(file: &std::path::Path) -> Result<(), String> {
     .map_err(|_| "is not an EC P-256 private key (DPoP proofs are signed with ES256)".to_string())
 }
 
+/// The client secret, written inline or read from `client_secret_file` (trimmed; a trailing
+/// newline is not part of it), and the file it came from.
+fn client_secret_from(
+    inline: Option<String>,
+    file: Option<String>,
+    base: &Path,
+    problems: &mut Problems,
+) -> (Option<Secret>, Option<PathBuf>) {
+    let inline = inline.filter(|s| !s.is_empty()).map(Secret::new);
+    let Some(name) = file else {
+        return (inline, None);
+    };
+    if inline.is_some() {
+        problems.add(
+            "oidc.client_secret_file",
+            "is set together with client_secret; keep one of the two",
+        );
+    }
+    let Some((path, text)) = secret_file(&name, base, "oidc.client_secret_file", problems) else {
+        return (None, Some(base.join(&name)));
+    };
+    let secret = text.trim();
+    if secret.is_empty() {
+        problems.add(
+            "oidc.client_secret_file",
+            format!("{name:?} is empty; write the client secret into it"),
+        );
+        return (None, Some(path));
+    }
+    (Some(Secret::new(secret)), Some(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn check(raw: raw::Oidc) -> Vec<String> {
         let mut problems = Problems::default();
-        let _ = oidc_config(raw, &mut problems);
+        let _ = oidc_config(raw, Path::new("."), &mut problems);
         printed(problems)
     }
 
@@ -227,7 +266,7 @@ mod tests {
             [
                 "oidc.issuer: is required: the provider's issuer URL, e.g. \"https://idp.example.com/realms/app\"",
                 "oidc.client_id: is required: the client id registered at the provider",
-                "oidc.client_secret: is required for client_secret_basic; write client_secret = \"${VESTIBULE_CLIENT_SECRET}\"",
+                "oidc.client_secret: is required for client_secret_basic; write client_secret = \"${VESTIBULE_CLIENT_SECRET}\", or client_secret_file = \"/run/secrets/client-secret\"",
             ]
         );
         assert_eq!(
@@ -250,5 +289,48 @@ mod tests {
                 "oidc.roles_claim: \"realm..roles\" is not a claim path; write e.g. \"roles\" or \"realm_access.roles\"",
             ]
         );
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_client_secret_file_is_read_trimmed_and_every_bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_file = |file: &str, inline: Option<&str>| {
+            let mut problems = Problems::default();
+            let config = oidc_config(
+                raw::Oidc {
+                    issuer: Some("https://idp.example.com".into()),
+                    client_id: Some("spa".into()),
+                    client_secret: inline.map(String::from),
+                    client_secret_file: Some(file.into()),
+                    ..Default::default()
+                },
+                dir.path(),
+                &mut problems,
+            );
+            (config, printed(problems))
+        };
+        std::fs::write(dir.path().join("secret"), "s3cr3t\n").unwrap();
+        let (config, found) = with_file("secret", None);
+        assert!(found.is_empty(), "{found:?}");
+        let config = config.unwrap();
+        assert_eq!(config.client_secret, Some(Secret::new("s3cr3t")));
+        assert_eq!(config.client_secret_file, Some(dir.path().join("secret")));
+        assert_eq!(
+            with_file("secret", Some("inline")).1,
+            ["oidc.client_secret_file: is set together with client_secret; keep one of the two"]
+        );
+        std::fs::write(dir.path().join("empty"), " \n").unwrap();
+        assert_eq!(
+            with_file("empty", None).1,
+            ["oidc.client_secret_file: \"empty\" is empty; write the client secret into it"]
+        );
+        let (_, found) = with_file("missing", None);
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0].starts_with("oidc.client_secret_file: cannot read \"missing\": "),
+            "{found:?}"
+        );
+        assert!(!found[0].contains("s3cr3t"));
     }
 }

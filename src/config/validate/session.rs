@@ -2,8 +2,11 @@
 
 use super::*;
 
-pub(super) fn session_config(raw: raw::Session, problems: &mut Problems) -> Option<SessionConfig> {
-    use base64::Engine;
+pub(super) fn session_config(
+    raw: raw::Session,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<SessionConfig> {
     let raw::Session {
         store,
         cookie_name,
@@ -12,6 +15,7 @@ pub(super) fn session_config(raw: raw::Session, problems: &mut Problems) -> Opti
         idle_timeout,
         absolute_timeout,
         keys,
+        keys_file,
         max_entries,
         cache_ttl,
         redis,
@@ -56,31 +60,40 @@ pub(super) fn session_config(raw: raw::Session, problems: &mut Problems) -> Opti
             "is longer than session.absolute_timeout; make it shorter",
         );
     }
-    let keys: Vec<[u8; 32]> = match keys {
-        None => {
-            problems.add("session.keys", "is required: keys = [\"${VESTIBULE_SESSION_KEY}\"], each made by `vestibule keygen`");
-            Vec::new()
+    let (keys, keys_file) = match (keys, keys_file) {
+        (Some(_), Some(_)) => {
+            problems.add(
+                "session.keys_file",
+                "is set together with keys; keep one of the two",
+            );
+            (Vec::new(), None)
         }
-        Some(list) if list.is_empty() => {
-            problems.add("session.keys", "is empty; add at least one key made by `vestibule keygen`");
-            Vec::new()
+        (None, Some(name)) => keys_from_file(&name, base, problems),
+        (None, None) => {
+            problems.add("session.keys", "is required: keys = [\"${VESTIBULE_SESSION_KEY}\"], each made by `vestibule keygen`, or keys_file = \"/run/secrets/session-keys\"");
+            (Vec::new(), None)
         }
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .filter_map(|(i, text)| {
-                let decoded = base64::engine::general_purpose::STANDARD
-                    .decode(text.trim())
-                    .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.trim()));
-                match decoded.ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()) {
-                    Some(key) => Some(key),
-                    None => {
+        (Some(list), None) if list.is_empty() => {
+            problems.add(
+                "session.keys",
+                "is empty; add at least one key made by `vestibule keygen`",
+            );
+            (Vec::new(), None)
+        }
+        (Some(list), None) => {
+            let keys = list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, text)| {
+                    let key = session_key(text);
+                    if key.is_none() {
                         problems.add(format!("session.keys[{i}]"), "is not 32 bytes of base64 (value not shown); make one with `vestibule keygen`");
-                        None
                     }
-                }
-            })
-            .collect(),
+                    key
+                })
+                .collect();
+            (keys, None)
+        }
     };
     let max_entries = match max_entries {
         None => 100_000,
@@ -112,6 +125,7 @@ pub(super) fn session_config(raw: raw::Session, problems: &mut Problems) -> Opti
         idle_timeout,
         absolute_timeout,
         keys,
+        keys_file,
         max_entries,
         cache_ttl: duration(
             cache_ttl,
@@ -120,6 +134,57 @@ pub(super) fn session_config(raw: raw::Session, problems: &mut Problems) -> Opti
             problems,
         ),
     })
+}
+
+/// One session key: 32 bytes of base64 (standard, or URL-safe without padding).
+fn session_key(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let text = text.trim();
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text))
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+}
+
+/// The keys of `keys_file`: one a line, the first seals; blank lines and `#` comments are
+/// skipped. Any bad line refuses the whole file (a reload keeps the key ring in effect).
+fn keys_from_file(
+    name: &str,
+    base: &Path,
+    problems: &mut Problems,
+) -> (Vec<[u8; 32]>, Option<PathBuf>) {
+    let Some((path, text)) = secret_file(name, base, "session.keys_file", problems) else {
+        return (Vec::new(), Some(base.join(name)));
+    };
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match session_key(line) {
+            Some(key) => keys.push(key),
+            None => problems.add(
+                "session.keys_file",
+                format!(
+                    "line {} of {name:?} is not 32 bytes of base64 (value not shown); make one with `vestibule keygen`",
+                    i + 1
+                ),
+            ),
+        }
+    }
+    if keys.is_empty()
+        && text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim().starts_with('#'))
+    {
+        problems.add(
+            "session.keys_file",
+            format!("{name:?} holds no key; write one key a line, each made by `vestibule keygen`"),
+        );
+    }
+    (keys, Some(path))
 }
 
 fn redis_url(text: &str, path: &str, problems: &mut Problems) -> bool {
@@ -222,7 +287,7 @@ mod tests {
 
     fn check(raw: raw::Session) -> (Option<SessionConfig>, Vec<String>) {
         let mut problems = Problems::default();
-        let config = session_config(raw, &mut problems);
+        let config = session_config(raw, Path::new("."), &mut problems);
         (config, printed(problems))
     }
 
@@ -241,7 +306,7 @@ mod tests {
             [
                 "session.cookie_name: \"my cookie\" is not a cookie name; use letters, digits, - _ .",
                 "session.idle_timeout: is longer than session.absolute_timeout; make it shorter",
-                "session.keys: is required: keys = [\"${VESTIBULE_SESSION_KEY}\"], each made by `vestibule keygen`",
+                "session.keys: is required: keys = [\"${VESTIBULE_SESSION_KEY}\"], each made by `vestibule keygen`, or keys_file = \"/run/secrets/session-keys\"",
                 "session.max_entries: 0 must be a positive number",
                 "session.store: \"disk\" is not allowed; use one of \"memory\", \"redis\"",
             ]
@@ -265,6 +330,73 @@ mod tests {
                 "session.redis.cluster[0]: must start with redis:// or rediss:// (value not shown: it may hold a password)",
                 "session.redis.sentinel.master: is required: the name of the monitored master",
             ]
+        );
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn keys_file_holds_one_key_a_line_and_every_bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_file = |text: &str| {
+            std::fs::write(dir.path().join("keys"), text).unwrap();
+            let mut problems = Problems::default();
+            let config = session_config(
+                raw::Session {
+                    keys_file: Some("keys".into()),
+                    ..Default::default()
+                },
+                dir.path(),
+                &mut problems,
+            );
+            (config, printed(problems))
+        };
+        let second = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoxMjM0NTY=";
+        let (config, found) = keys_file(&format!("# newest first\n{second}\n\n  {KEY}  \r\n"));
+        assert!(found.is_empty(), "{found:?}");
+        let config = config.unwrap();
+        assert_eq!(
+            config.keys,
+            [
+                *b"ABCDEFGHIJKLMNOPQRSTUVWXYZ123456",
+                *b"0123456789abcdef0123456789abcdef"
+            ]
+        );
+        assert_eq!(config.keys_file, Some(dir.path().join("keys")));
+        assert_eq!(
+            keys_file(&format!("{KEY}\nhunter2\n")).1,
+            [
+                "session.keys_file: line 2 of \"keys\" is not 32 bytes of base64 (value not shown); make one with `vestibule keygen`"
+            ]
+        );
+        assert_eq!(
+            keys_file("# nothing yet\n\n").1,
+            [
+                "session.keys_file: \"keys\" holds no key; write one key a line, each made by `vestibule keygen`"
+            ]
+        );
+        let mut problems = Problems::default();
+        let _ = session_config(
+            raw::Session {
+                keys_file: Some("missing".into()),
+                ..Default::default()
+            },
+            dir.path(),
+            &mut problems,
+        );
+        let found = printed(problems);
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0].starts_with("session.keys_file: cannot read \"missing\": "),
+            "{found:?}"
+        );
+        let (_, found) = check(raw::Session {
+            keys: Some(vec![KEY.into()]),
+            keys_file: Some("keys".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            found,
+            ["session.keys_file: is set together with keys; keep one of the two"]
         );
     }
 

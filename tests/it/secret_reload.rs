@@ -1,0 +1,129 @@
+//! Secrets rotate without a restart: `oidc.client_secret_file` and `session.keys_file` are read
+//! again on every reload (an explicit one, as SIGHUP makes, or a change of the configuration file
+//! or of one of these files on disk). A bad new file is refused and the running secrets stay.
+//! Against the real OpenID provider, whose client secret is `vestibule-secret`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::browser::Browser;
+use crate::support::*;
+use std::path::Path;
+use std::time::Duration;
+
+/// A second session key (32 bytes, base64), test only.
+const KEY2: &str = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoxMjM0NTY=";
+
+/// [`login_toml`] with its inline secrets replaced by the two files in `dir`.
+fn with_secret_files(port: u16, issuer: &str, dir: &Path) -> TomlConfig {
+    login_toml(port, issuer, "")
+        .remove("oidc.client_secret")
+        .add(
+            "oidc.client_secret_file",
+            dir.join("client_secret").display().to_string(),
+        )
+        .remove("session.keys")
+        .add(
+            "session.keys_file",
+            dir.join("session_keys").display().to_string(),
+        )
+}
+
+async fn user_status(browser: &mut Browser, base: &str) -> u16 {
+    browser
+        .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+        .await
+        .status
+}
+
+#[tokio::test]
+async fn a_rotated_client_secret_file_is_used_for_the_next_token_call() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("client_secret");
+    std::fs::write(&secret_file, "the-old-secret\n").unwrap();
+    std::fs::write(secrets.path().join("session_keys"), format!("{KEY}\n")).unwrap();
+    let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    // The provider rotated the secret: the old one is refused at the token endpoint.
+    let refused = Browser::default().login(&base, "alice", "alice", "/").await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(
+        refused.text().contains("code_rejected"),
+        "{}",
+        refused.text()
+    );
+
+    std::fs::write(&secret_file, "vestibule-secret\n").unwrap();
+    proxy.app.reload("SIGHUP");
+    let mut alice = Browser::default();
+    let done = alice.login(&base, "alice", "alice", "/").await;
+    assert_eq!(done.status, 302, "the new secret is used: {}", done.text());
+    assert_eq!(user_status(&mut alice, &base).await, 200);
+
+    // An empty file is refused; the secret in effect stays.
+    std::fs::write(&secret_file, "\n").unwrap();
+    proxy.app.reload("SIGHUP");
+    let again = Browser::default().login(&base, "bob", "bob", "/").await;
+    assert_eq!(again.status, 302, "{}", again.text());
+}
+
+#[tokio::test]
+async fn a_rotated_keys_file_keeps_every_session_whose_key_it_still_holds() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let secrets = tempfile::tempdir().unwrap();
+    let keys_file = secrets.path().join("session_keys");
+    std::fs::write(secrets.path().join("client_secret"), "vestibule-secret").unwrap();
+    std::fs::write(&keys_file, format!("{KEY}\n")).unwrap();
+    let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    let mut alice = Browser::default();
+    assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
+    // Alice's cookie as sealed under the first key, kept aside (only clones of it are used, so
+    // that no resealed cookie replaces it).
+    let alice_then = alice.clone();
+    // Bob's login is under way: his login cookie is sealed under the first key too.
+    let mut bob = Browser::default();
+    let bob_callback = bob.login_until_callback(&base, "bob", "/").await;
+
+    // A new key first, the old one kept: nobody is signed out.
+    std::fs::write(&keys_file, format!("# rotated\n{KEY2}\n\n{KEY}\n")).unwrap();
+    proxy.app.reload("SIGHUP");
+    assert_eq!(user_status(&mut alice, &base).await, 200);
+    let finished = bob.get(&bob_callback, &[("accept", "text/html")]).await;
+    assert_eq!(finished.status, 302, "{}", finished.text());
+    assert_eq!(user_status(&mut bob, &base).await, 200);
+
+    // A bad file is refused: the key ring in effect stays.
+    std::fs::write(&keys_file, format!("{KEY2}\nnot-a-key\n")).unwrap();
+    proxy.app.reload("SIGHUP");
+    assert_eq!(user_status(&mut alice_then.clone(), &base).await, 200);
+
+    // The old key retired by a change of the file alone (no explicit reload): a cookie sealed
+    // only under it opens no session any more; the ones resealed under the new key still do.
+    std::fs::write(&keys_file, format!("{KEY2}\n")).unwrap();
+    let stale = alice_then;
+    eventually(
+        "the changed keys file is picked up",
+        Duration::from_secs(10),
+        || {
+            let mut stale = stale.clone();
+            let base = base.clone();
+            async move { (user_status(&mut stale, &base).await == 401).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(user_status(&mut stale.clone(), &base).await, 401);
+    assert_eq!(user_status(&mut alice, &base).await, 200);
+    assert_eq!(user_status(&mut bob, &base).await, 200);
+    let mut alice_again = Browser::default();
+    assert_eq!(
+        alice_again.login(&base, "alice", "alice", "/").await.status,
+        302
+    );
+    assert_eq!(user_status(&mut alice_again, &base).await, 200);
+}
