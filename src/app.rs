@@ -276,7 +276,13 @@ impl App {
                 };
                 match proof {
                     Ok(proof) => {
-                        let response = forward(req.map(Either::Left), admitted.bearer, admitted.identity, proof).await;
+                        let response = forward(
+                            req.map(Either::Left),
+                            admitted.bearer,
+                            admitted.identity,
+                            proof,
+                        )
+                        .await;
                         if bound {
                             self.keep_dpop_nonce(route, &response);
                         }
@@ -289,7 +295,8 @@ impl App {
                 // No body: the request can be sent again with another token or proof.
                 let send = |bearer: Option<HeaderValue>| async {
                     if !bound {
-                        return forward(replay.request(), bearer, admitted.identity.clone(), None).await;
+                        return forward(replay.request(), bearer, admitted.identity.clone(), None)
+                            .await;
                     }
                     let path = replay.uri.path();
                     let response = match Box::pin(self.dpop_proof(

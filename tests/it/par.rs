@@ -82,6 +82,19 @@ async fn par_auto_pushes_every_parameter_to_an_advertised_endpoint() {
         assert!(form.contains_key(name), "{name} missing from {form:?}");
     }
     assert_eq!(form["code_challenge_method"], "S256");
+    assert!(!form.contains_key("prompt"), "{form:?}");
+
+    // An app's silent sign-in: its prompt is pushed too, never put in the browser's URL.
+    let start = get(&c.proxy.url("/bff/login?returnUrl=/&prompt=none"), &[]).await;
+    assert_eq!(start.status, 302, "{}", start.text());
+    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+    assert!(
+        !location.query_pairs().any(|(k, _)| k == "prompt"),
+        "{location}"
+    );
+    let pushed = c.idp.state.pushed.lock().unwrap().clone();
+    let form: HashMap<_, _> = pushed[1].iter().cloned().collect();
+    assert_eq!(form["prompt"], "none", "{form:?}");
 }
 
 #[tokio::test]

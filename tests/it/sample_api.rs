@@ -519,7 +519,8 @@ async fn an_unbound_token_is_refused_with_the_dpop_scheme() -> anyhow::Result<()
 #[tokio::test]
 async fn an_api_that_wants_a_nonce_hands_one_out_and_takes_proofs_with_it() -> anyhow::Result<()> {
     let issuer = Issuer::start().await?;
-    let api = SampleApi::start_with(&["--issuer", &issuer.url, "--audience", API, "--dpop-nonce"]).await?;
+    let api = SampleApi::start_with(&["--issuer", &issuer.url, "--audience", API, "--dpop-nonce"])
+        .await?;
     let key = DpopKey::generate()?;
     let token = bound(&issuer, &key)?;
     let htu = format!("{}/api/hello", api.url);

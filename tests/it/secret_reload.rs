@@ -13,8 +13,10 @@ use std::time::Duration;
 const KEY2: &str = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoxMjM0NTY=";
 
 /// [`login_toml`] with its inline secrets replaced by the two files in `dir`.
+/// Without PAR, so that a refused secret shows at the token endpoint (`code_rejected`).
 fn with_secret_files(port: u16, issuer: &str, dir: &Path) -> TomlConfig {
     login_toml(port, issuer, "")
+        .add("oidc.par", "never")
         .remove("oidc.client_secret")
         .add(
             "oidc.client_secret_file",

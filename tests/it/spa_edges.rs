@@ -8,8 +8,12 @@ use crate::support::browser::{Browser, absolute, urlencode};
 use crate::support::stack::LoginStack as Stack;
 use crate::support::*;
 
+/// The parameters are read from the browser's URL, so the authorization request is not pushed.
 async fn stack() -> Stack {
-    Stack::builder().start().await
+    Stack::builder()
+        .config(|c| c.add("oidc.par", "never"))
+        .start()
+        .await
 }
 
 /// The `reason` a login-failed page names.
