@@ -78,17 +78,18 @@ impl App {
             cache_ttl: config.session.cache_ttl,
         };
         let sessions = Arc::new(Sessions::new(settings, store));
-        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+        let oidc = Oidc::for_config(&config)?;
         tokio::spawn(
             oidc.provider
                 .clone()
                 .keep_fresh(config.oidc.metadata_refresh),
         );
         let limiter = crate::limits::RateLimiter::new(config.limits.tracked_addresses);
+        let upstreams = Upstreams::for_config(&config)?;
         let app = Arc::new(App {
             shared: Shared {
                 live: ArcSwap::from_pointee(LiveConfig::new(config)),
-                upstreams: Upstreams::new(),
+                upstreams,
                 oidc,
                 sessions,
                 clock,
@@ -407,7 +408,7 @@ fn rejects_token(response: &Response<Body>) -> bool {
 
 /// `vestibule check --online`: fetch the discovery document and the key set.
 pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
-    let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+    let oidc = Oidc::for_config(config)?;
     oidc.provider
         .refresh()
         .await

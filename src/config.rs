@@ -60,6 +60,76 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub routes: Vec<RouteConfig>,
     pub features: BTreeMap<String, FeatureConfig>,
+    /// `[tls]`: what outbound TLS trusts besides the compiled-in web PKI roots.
+    pub tls: OutboundTls,
+    /// The egress proxy for calls to the provider, from `HTTPS_PROXY` / `NO_PROXY`.
+    pub egress: Egress,
+}
+
+/// `[tls]`: trust for outbound TLS (the provider, `https://` upstreams, `rediss://`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboundTls {
+    /// Extra roots, added to the web PKI ones; a per-use `ca_file` replaces this one.
+    pub ca_file: Option<CaBundle>,
+    /// Also trust the operating system's store.
+    pub system_roots: bool,
+}
+
+/// A PEM bundle of CA certificates, read and checked when the configuration is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub certs: std::sync::Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
+}
+
+/// A client certificate chain and its private key (PEM files), for mutual TLS.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub chain: std::sync::Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    pub key: std::sync::Arc<rustls_pki_types::PrivateKeyDer<'static>>,
+}
+
+impl PartialEq for ClientIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_path == other.cert_path
+            && self.key_path == other.key_path
+            && self.chain == other.chain
+            && self.key.secret_der() == other.key.secret_der()
+    }
+}
+
+impl Eq for ClientIdentity {}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `HTTPS_PROXY` / `NO_PROXY` (or their lowercase forms) as read at start: calls to the provider
+/// go through an HTTP CONNECT tunnel unless the host is excluded.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// An `http://` proxy URL; may carry credentials, hence secret.
+    pub https_proxy: Option<Secret>,
+    pub no_proxy: Option<String>,
+}
+
+impl fmt::Debug for Egress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Egress")
+            .field(
+                "https_proxy",
+                &self.https_proxy.as_ref().map(|_| "[redacted]"),
+            )
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +229,8 @@ pub struct OidcConfig {
     /// How long a call to the token endpoint (and revocation) may take. A grant we stop waiting
     /// for may still be carried out by the provider, so this is waited out, never cut short.
     pub provider_timeout: Duration,
+    /// Roots for the provider instead of `[tls] ca_file`.
+    pub ca_file: Option<CaBundle>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +284,8 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Upper bound on one store operation, waiting for a reconnect included.
     pub timeout: Duration,
+    /// Roots for `rediss://` instead of `[tls] ca_file`.
+    pub ca_file: Option<CaBundle>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +336,10 @@ pub struct RouteConfig {
     pub allow_encoded_slash: bool,
     /// Pass `;` segment parameters through instead of answering 400 `bad_path`.
     pub allow_path_params: bool,
+    /// Roots for an `https://` upstream instead of `[tls] ca_file`.
+    pub ca_file: Option<CaBundle>,
+    /// The client certificate presented to an `https://` upstream.
+    pub tls_client: Option<ClientIdentity>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

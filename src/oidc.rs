@@ -157,7 +157,21 @@ pub struct Oidc {
 
 impl Oidc {
     pub fn new(config: OidcConfig, redirect_uri: String) -> Arc<Oidc> {
-        let provider = Provider::new(config.issuer.clone(), ProviderHttp::new());
+        Self::with_http(config, redirect_uri, ProviderHttp::new())
+    }
+
+    /// The client for a whole configuration: its outbound trust and egress proxy included.
+    pub fn for_config(config: &crate::config::Config) -> Result<Arc<Oidc>, crate::net::TlsError> {
+        let http = ProviderHttp::for_config(config)?;
+        Ok(Self::with_http(
+            config.oidc.clone(),
+            config.redirect_uri(),
+            http,
+        ))
+    }
+
+    pub fn with_http(config: OidcConfig, redirect_uri: String, http: ProviderHttp) -> Arc<Oidc> {
+        let provider = Provider::new(config.issuer.clone(), http);
         Arc::new(Oidc {
             provider,
             config,

@@ -20,6 +20,15 @@ pub struct Root {
     pub limits: Option<Limits>,
     pub routes: Option<Vec<Route>>,
     pub features: Option<BTreeMap<String, Feature>>,
+    pub tls: Option<OutboundTls>,
+}
+
+/// `[tls]`: outbound trust.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundTls {
+    pub ca_file: Option<String>,
+    pub system_roots: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +101,7 @@ pub struct Oidc {
     pub metadata_refresh: Option<String>,
     pub clock_skew: Option<String>,
     pub provider_timeout: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +127,7 @@ pub struct Redis {
     pub cluster: Option<Vec<String>>,
     pub key_prefix: Option<String>,
     pub timeout: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +156,9 @@ pub struct Route {
     pub timeout: Option<String>,
     pub allow_encoded_slash: Option<bool>,
     pub allow_path_params: Option<bool>,
+    pub ca_file: Option<String>,
+    pub tls_client_cert: Option<String>,
+    pub tls_client_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

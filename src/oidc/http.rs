@@ -25,10 +25,7 @@ pub enum CallError {
 
 #[derive(Clone)]
 pub struct ProviderHttp {
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
+    client: Client<crate::net::EgressConnector, Full<Bytes>>,
 }
 
 impl Default for ProviderHttp {
@@ -44,12 +41,58 @@ pub struct JsonReply {
 }
 
 impl ProviderHttp {
+    /// Trusting the compiled-in web PKI roots, with no egress proxy.
     pub fn new() -> Self {
+        let roots = crate::net::base_roots(false);
+        let settings = crate::net::TlsSettings {
+            roots: &roots,
+            extra: &[],
+            identity: None,
+        };
+        match crate::net::client_config(&settings) {
+            Ok(tls) => Self::with_tls(tls, None),
+            Err(_) => Self::with_tls(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+                None,
+            ),
+        }
+    }
+
+    /// Trusting and presenting what `tls` says, through `proxy` for `https://` destinations it
+    /// covers.
+    pub fn with_tls(
+        tls: rustls::ClientConfig,
+        proxy: Option<&crate::net::ProxySettings<'_>>,
+    ) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(crate::net::connector());
+            .build(crate::net::egress_connector(tls, proxy));
         ProviderHttp { client }
+    }
+
+    /// The provider client for a configuration: `[oidc] ca_file` (or else `[tls] ca_file`) added
+    /// to the roots, the system store when `[tls] system_roots`, and `HTTPS_PROXY`/`NO_PROXY`.
+    pub fn for_config(config: &crate::config::Config) -> Result<Self, crate::net::TlsError> {
+        let roots = crate::net::base_roots(config.tls.system_roots);
+        let ca = config.oidc.ca_file.as_ref().or(config.tls.ca_file.as_ref());
+        let settings = crate::net::TlsSettings {
+            roots: &roots,
+            extra: ca.map_or(&[][..], |ca| ca.certs.as_slice()),
+            identity: None,
+        };
+        let tls = crate::net::client_config(&settings)?;
+        let proxy = config
+            .egress
+            .https_proxy
+            .as_ref()
+            .map(|p| crate::net::ProxySettings {
+                https_proxy: p.expose(),
+                no_proxy: config.egress.no_proxy.as_deref(),
+            });
+        Ok(Self::with_tls(tls, proxy.as_ref()))
     }
 
     async fn call(

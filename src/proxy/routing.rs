@@ -148,6 +148,8 @@ mod tests {
             timeout: None,
             allow_encoded_slash: false,
             allow_path_params: false,
+            ca_file: None,
+            tls_client: None,
         }
     }
 

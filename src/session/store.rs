@@ -44,6 +44,8 @@ pub enum StoreConfig {
         /// Upper bound on one operation, waiting for a reconnect included: a stalled or
         /// unreachable Redis is `Unavailable` after this long, never a hang.
         timeout: Duration,
+        /// CA certificates (PEM) that `rediss://` trusts instead of the web PKI roots.
+        roots: Option<Vec<u8>>,
     },
 }
 
@@ -72,6 +74,7 @@ impl StoreConfig {
                 }),
                 key_prefix: redis.key_prefix.clone(),
                 timeout: redis.timeout,
+                roots: redis.ca_file.as_ref().map(|ca| pem_certificates(&ca.certs)),
             },
         }
     }
@@ -90,6 +93,7 @@ impl fmt::Debug for StoreConfig {
                 cluster,
                 key_prefix,
                 timeout,
+                roots,
             } => f
                 .debug_struct("Redis")
                 .field("url", &redact_url(url))
@@ -107,9 +111,26 @@ impl fmt::Debug for StoreConfig {
                 )
                 .field("key_prefix", key_prefix)
                 .field("timeout", timeout)
+                .field("roots", &roots.as_ref().map(|r| r.len()))
                 .finish(),
         }
     }
+}
+
+/// DER certificates as one PEM bundle (what the Redis client reads its roots from).
+fn pem_certificates(certs: &[rustls_pki_types::CertificateDer<'static>]) -> Vec<u8> {
+    use base64::Engine;
+    let mut out = String::new();
+    for cert in certs {
+        let text = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in text.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out.into_bytes()
 }
 
 /// Hides the user-info part (`user:password@`) of a URL.
@@ -322,6 +343,7 @@ mod tests {
             cluster: Some(vec!["redis://:pw-c@n1:6379".into()]),
             key_prefix: "v:".into(),
             timeout: Duration::from_secs(1),
+            roots: None,
         };
         let text = format!("{config:?}");
         assert!(

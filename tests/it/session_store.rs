@@ -35,6 +35,7 @@ fn redis_config(url: String) -> StoreConfig {
         cluster: None,
         key_prefix: PREFIX.into(),
         timeout: Duration::from_secs(2),
+        roots: None,
     }
 }
 
@@ -64,6 +65,7 @@ async fn redis_cluster(test: &str) -> Backend {
         cluster: Some(vec![server.url()]),
         key_prefix: format!("{PREFIX}{test}:"),
         timeout: Duration::from_secs(2),
+        roots: None,
     };
     let store = Store::connect(&config).await.unwrap();
     Backend {
@@ -81,6 +83,7 @@ async fn redis_sentinel() -> Backend {
         cluster: None,
         key_prefix: PREFIX.into(),
         timeout: Duration::from_secs(2),
+        roots: None,
     };
     let store = Store::connect(&config).await.unwrap();
     Backend {

@@ -17,6 +17,8 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
         metadata_refresh,
         clock_skew,
         provider_timeout,
+        // Read by `build` (it needs the file's directory).
+        ca_file: _,
     } = raw;
     let provider_timeout = duration(
         provider_timeout,
@@ -165,6 +167,7 @@ pub(super) fn oidc_config(raw: raw::Oidc, problems: &mut Problems) -> Option<Oid
             problems,
         ),
         provider_timeout,
+        ca_file: None,
     })
 }
 

@@ -50,6 +50,9 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash,
             allow_path_params,
+            ca_file,
+            tls_client_cert,
+            tls_client_key,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -233,6 +236,27 @@ pub(super) fn routes_config(
                 problems,
             )
         });
+        let https = matches!(&target, Some(Target::Upstream(u)) if u.scheme() == "https");
+        for (key, set) in [
+            ("ca_file", ca_file.is_some()),
+            ("tls_client_cert", tls_client_cert.is_some()),
+        ] {
+            if set && !https && target.is_some() {
+                problems.add(
+                    format!("{path}.{key}"),
+                    "only applies to an https:// upstream",
+                );
+            }
+        }
+        let ca_file = super::tls::ca_bundle(ca_file, &format!("{path}.ca_file"), base, problems);
+        let tls_client = super::tls::client_identity(
+            tls_client_cert,
+            tls_client_key,
+            &path,
+            ("tls_client_cert", "tls_client_key"),
+            base,
+            problems,
+        );
         let Some(target) = target else { continue };
         out.push(RouteConfig {
             path: prefix,
@@ -249,9 +273,10 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash: allow_encoded_slash.unwrap_or(false),
             allow_path_params: allow_path_params.unwrap_or(false),
+            ca_file,
+            tls_client,
         });
     }
-    let _ = base;
     out
 }
 
