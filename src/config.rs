@@ -210,6 +210,21 @@ pub enum LogFormat {
 pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
+    /// RFC 8705 §2.1: the client certificate (`[oidc] tls_client_cert`), issued by a CA the
+    /// provider trusts, authenticates the client; no secret is sent.
+    TlsClientAuth,
+    /// RFC 8705 §2.2: a self-signed client certificate registered at the provider.
+    SelfSignedTlsClientAuth,
+}
+
+impl ClientAuth {
+    /// Whether the client authenticates with its certificate rather than a secret.
+    pub fn is_mtls(self) -> bool {
+        matches!(
+            self,
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +246,9 @@ pub struct OidcConfig {
     pub provider_timeout: Duration,
     /// Roots for the provider instead of `[tls] ca_file`.
     pub ca_file: Option<CaBundle>,
+    /// The client certificate presented to the provider (RFC 8705): it authenticates the client
+    /// with `tls_client_auth`, and binds access tokens to it when the provider does so.
+    pub tls_client: Option<ClientIdentity>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -188,11 +188,11 @@ impl Oidc {
     fn credentials(&self) -> ClientCredentials<'_> {
         ClientCredentials {
             client_id: &self.config.client_id,
-            client_secret: self
-                .config
-                .client_secret
-                .as_ref()
-                .map_or("", |s| s.expose()),
+            // With a certificate for client authentication, only `client_id` is sent.
+            client_secret: match self.config.client_secret.as_ref() {
+                Some(secret) if !self.config.client_auth.is_mtls() => secret.expose(),
+                _ => "",
+            },
             basic: self.config.client_auth == ClientAuth::ClientSecretBasic,
         }
     }

@@ -102,6 +102,8 @@ pub struct Oidc {
     pub clock_skew: Option<String>,
     pub provider_timeout: Option<String>,
     pub ca_file: Option<String>,
+    pub tls_client_cert: Option<String>,
+    pub tls_client_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

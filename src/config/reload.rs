@@ -255,9 +255,13 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         clock_skew,
         provider_timeout,
         ca_file,
+        tls_client,
     } = new;
+    // The provider client is built at start; the key follows its certificate.
+    d.restart_if("oidc.tls_client_key", false);
     OidcConfig {
         ca_file: d.restart("oidc.ca_file", &old.ca_file, ca_file),
+        tls_client: d.restart("oidc.tls_client_cert", &old.tls_client, tls_client),
         issuer: d.restart("oidc.issuer", &old.issuer, issuer),
         client_id: d.restart("oidc.client_id", &old.client_id, client_id),
         client_secret: d.restart("oidc.client_secret", &old.client_secret, client_secret),

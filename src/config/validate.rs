@@ -296,6 +296,14 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     let log = log_config(log, problems);
     let tls = tls::outbound_tls(outbound, base, problems);
     let oidc_ca = tls::ca_bundle(oidc.ca_file.take(), "oidc.ca_file", base, problems);
+    let oidc_client = tls::client_identity(
+        oidc.tls_client_cert.take(),
+        oidc.tls_client_key.take(),
+        "oidc",
+        ("tls_client_cert", "tls_client_key"),
+        base,
+        problems,
+    );
     let redis_ca = session
         .redis
         .as_mut()
@@ -303,6 +311,13 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
         .and_then(|f| tls::ca_bundle(Some(f), "session.redis.ca_file", base, problems));
     let oidc = oidc_config(oidc, problems).map(|mut oidc| {
         oidc.ca_file = oidc_ca;
+        if oidc.client_auth.is_mtls() && oidc_client.is_none() {
+            problems.add(
+                "oidc.tls_client_cert",
+                "is required for client_auth = \"tls_client_auth\" or \"self_signed_tls_client_auth\": the PEM file of the client certificate (and tls_client_key its key)",
+            );
+        }
+        oidc.tls_client = oidc_client;
         oidc
     });
     let session = session_config(session, problems).map(|mut session| {

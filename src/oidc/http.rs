@@ -26,6 +26,9 @@ pub enum CallError {
 #[derive(Clone)]
 pub struct ProviderHttp {
     client: Client<crate::net::EgressConnector, Full<Bytes>>,
+    /// Presents a client certificate (RFC 8705): the provider's `mtls_endpoint_aliases` are
+    /// used.
+    mtls: bool,
 }
 
 impl Default for ProviderHttp {
@@ -70,7 +73,16 @@ impl ProviderHttp {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
             .build(crate::net::egress_connector(tls, proxy));
-        ProviderHttp { client }
+        ProviderHttp {
+            client,
+            mtls: false,
+        }
+    }
+
+    /// Whether this client presents a client certificate, so that the provider's mutual-TLS
+    /// endpoint aliases are to be used.
+    pub fn presents_certificate(&self) -> bool {
+        self.mtls
     }
 
     /// The provider client for a configuration: `[oidc] ca_file` (or else `[tls] ca_file`) added
@@ -78,10 +90,11 @@ impl ProviderHttp {
     pub fn for_config(config: &crate::config::Config) -> Result<Self, crate::net::TlsError> {
         let roots = crate::net::base_roots(config.tls.system_roots);
         let ca = config.oidc.ca_file.as_ref().or(config.tls.ca_file.as_ref());
+        let identity = config.oidc.tls_client.as_ref();
         let settings = crate::net::TlsSettings {
             roots: &roots,
             extra: ca.map_or(&[][..], |ca| ca.certs.as_slice()),
-            identity: None,
+            identity: identity.map(|i| (i.chain.as_slice(), &*i.key)),
         };
         let tls = crate::net::client_config(&settings)?;
         let proxy = config
@@ -92,7 +105,9 @@ impl ProviderHttp {
                 https_proxy: p.expose(),
                 no_proxy: config.egress.no_proxy.as_deref(),
             });
-        Ok(Self::with_tls(tls, proxy.as_ref()))
+        let mut http = Self::with_tls(tls, proxy.as_ref());
+        http.mtls = identity.is_some();
+        Ok(http)
     }
 
     async fn call(
@@ -175,7 +190,11 @@ impl ProviderHttp {
             }
         } else {
             fields.push(("client_id", auth.client_id));
-            fields.push(("client_secret", auth.client_secret));
+            // Empty with mutual-TLS client authentication (RFC 8705 §2): the certificate
+            // authenticates the client.
+            if !auth.client_secret.is_empty() {
+                fields.push(("client_secret", auth.client_secret));
+            }
         }
         let encoded = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(fields)

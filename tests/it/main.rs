@@ -17,6 +17,7 @@ mod faults_upstream;
 mod limits;
 mod login;
 mod logout;
+mod mtls_tokens;
 mod no_secrets_in_logs;
 mod outbound_tls;
 mod paths;

@@ -247,3 +247,98 @@ impl ConnectProxy {
         self.seen.lock().unwrap().clone()
     }
 }
+
+/// `base64url(SHA-256(DER))`: the `x5t#S256` thumbprint of a certificate (RFC 8705 §3.1).
+pub fn thumbprint(cert: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(cert))
+}
+
+/// The `cnf.x5t#S256` of a JWT access token (its payload only; no signature check).
+pub fn token_thumbprint(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["cnf"]["x5t#S256"].as_str().map(str::to_string)
+}
+
+/// What a [`bound_api`] decided for each request: `Ok(thumbprint)` or `Err(why)`.
+pub type Verdicts = Arc<Mutex<Vec<Result<String, String>>>>;
+
+/// An API over mutual TLS that checks certificate-bound access tokens (RFC 8705 §3): the
+/// bearer token's `cnf.x5t#S256` must be the thumbprint of the client certificate of the
+/// connection. 200 `{"bound": true}` when it is, else 401 `invalid_token`.
+pub async fn bound_api(acceptor: TlsAcceptor) -> (SocketAddr, Verdicts) {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let verdicts: Verdicts = Arc::default();
+    let log = verdicts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| thumbprint(c));
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (peer, log) = (peer.clone(), log.clone());
+                    async move {
+                        let token = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .map(str::to_string);
+                        let verdict = match (token.as_deref().map(token_thumbprint), peer) {
+                            (None, _) => Err("no bearer token".to_string()),
+                            (Some(None), _) => Err("the token has no cnf.x5t#S256".to_string()),
+                            (_, None) => Err("no client certificate".to_string()),
+                            (Some(Some(bound)), Some(presented)) if bound == presented => {
+                                Ok(presented)
+                            }
+                            (Some(Some(_)), Some(_)) => {
+                                Err("x5t#S256 does not match the client certificate".to_string())
+                            }
+                        };
+                        let ok = verdict.is_ok();
+                        log.lock().unwrap().push(verdict);
+                        let response = if ok {
+                            http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(bytes::Bytes::from_static(b"{\"bound\":true}")))
+                        } else {
+                            http::Response::builder()
+                                .status(401)
+                                .header(
+                                    "www-authenticate",
+                                    "Bearer error=\"invalid_token\", error_description=\"certificate binding\"",
+                                )
+                                .body(Full::new(bytes::Bytes::new()))
+                        };
+                        Ok::<_, std::convert::Infallible>(response.unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, verdicts)
+}
