@@ -249,4 +249,9 @@ fn check_asks_for_the_certificate_of_mtls_client_auth() {
         vestibule::config::Config::parse(&text, std::path::Path::new("."), &|_| None).unwrap();
     assert!(config.oidc.client_secret.is_none());
     assert!(config.oidc.tls_client.is_some());
+    // The private key never shows in the configuration's Debug form.
+    let key_pem = std::fs::read_to_string(&client.key_file).unwrap();
+    let key_line = key_pem.lines().nth(1).unwrap();
+    let shown = format!("{config:?}");
+    assert!(shown.contains("ClientIdentity") && !shown.contains(key_line));
 }

@@ -329,3 +329,59 @@ fn check_names_bad_pem_files_by_their_toml_path() {
     let body = key_pem.lines().nth(1).unwrap();
     assert!(!errors.contains(body), "{errors}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_ca_file_is_trusted_by_every_worker_for_routes_without_their_own() {
+    let ca = TestCa::new("Private API CA");
+    let up = upstream::start().await;
+    let (front, _) = tls_front(ca.acceptor(None), up.addr.unwrap()).await;
+    let routes = format!("[[routes]]\npath = \"/api/\"\nupstream = \"https://{front}\"\n");
+    // Served by worker threads, each with upstream clients of its own.
+    let plain = start_proxy(config_toml(&routes).add("server.workers", 2)).await;
+    let reply = get(&plain.url("/api/x"), &[]).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let trusted = start_proxy(
+        config_toml(&routes)
+            .add("server.workers", 2)
+            .add("tls.ca_file", ca.ca_file.display().to_string()),
+    )
+    .await;
+    for _ in 0..4 {
+        let reply = get(&trusted.url("/api/x"), &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_gives_a_route_its_client_certificate() {
+    let ca = TestCa::new("Private API CA");
+    let up = upstream::start().await;
+    let (front, log) = tls_front(ca.acceptor(Some(&ca)), up.addr.unwrap()).await;
+    let client = ca.client("vestibule");
+    let route = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"https://{front}\"\nca_file = {:?}\n",
+        ca.ca_file.display().to_string()
+    );
+    let proxy = start_proxy(config_toml(&route)).await;
+    assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 502);
+    let with_cert = format!(
+        "{route}tls_client_cert = {:?}\ntls_client_key = {:?}\n",
+        client.cert_file.display().to_string(),
+        client.key_file.display().to_string()
+    );
+    std::fs::write(
+        proxy.dir.path().join("config.toml"),
+        config_toml(&with_cert).text(),
+    )
+    .unwrap();
+    crate::support::eventually(
+        "the reloaded route presents its certificate",
+        std::time::Duration::from_secs(10),
+        || async { (get(&proxy.url("/api/x"), &[]).await.status == 200).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        log.client_certs.lock().unwrap().last(),
+        Some(&Some(client.cert.clone()))
+    );
+}
