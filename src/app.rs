@@ -80,11 +80,7 @@ impl App {
             store: sessions.store().clone(),
             keyring: sessions.shared_keyring(),
         };
-        let oidc = Oidc::with_dpop_keys(
-            config.oidc.clone(),
-            config.redirect_uri(),
-            Arc::new(dpop_key),
-        );
+        let oidc = Oidc::for_config(&config, Arc::new(dpop_key))?;
         if let Some(dpop) = oidc.dpop.clone() {
             // Loaded ahead of the first login; a store that is down now is retried on use.
             tokio::spawn(async move {
@@ -99,10 +95,11 @@ impl App {
                 .keep_fresh(config.oidc.metadata_refresh),
         );
         let limiter = crate::limits::RateLimiter::new(config.limits.tracked_addresses);
+        let upstreams = Upstreams::for_config(&config)?;
         let app = Arc::new(App {
             shared: Shared {
                 live: ArcSwap::from_pointee(LiveConfig::new(config)),
-                upstreams: Upstreams::new(),
+                upstreams,
                 oidc,
                 sessions,
                 clock,
@@ -605,7 +602,7 @@ fn asks_for_dpop_nonce(response: &Response<Body>) -> bool {
 /// `vestibule check --online`: fetch the discovery document and the key set, and check that
 /// the provider offers what the configuration asks of it (PAR, DPoP with ES256).
 pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
-    let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+    let oidc = Oidc::for_config(config, Arc::new(crate::oidc::dpop::ProcessKey))?;
     oidc.provider
         .refresh()
         .await

@@ -60,6 +60,76 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub routes: Vec<RouteConfig>,
     pub features: BTreeMap<String, FeatureConfig>,
+    /// `[tls]`: what outbound TLS trusts besides the compiled-in web PKI roots.
+    pub tls: OutboundTls,
+    /// The egress proxy for calls to the provider, from `HTTPS_PROXY` / `NO_PROXY`.
+    pub egress: Egress,
+}
+
+/// `[tls]`: trust for outbound TLS (the provider, `https://` upstreams, `rediss://`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboundTls {
+    /// Extra roots, added to the web PKI ones; a per-use `ca_file` replaces this one.
+    pub ca_file: Option<CaBundle>,
+    /// Also trust the operating system's store.
+    pub system_roots: bool,
+}
+
+/// A PEM bundle of CA certificates, read and checked when the configuration is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub certs: std::sync::Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
+}
+
+/// A client certificate chain and its private key (PEM files), for mutual TLS.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub chain: std::sync::Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    pub key: std::sync::Arc<rustls_pki_types::PrivateKeyDer<'static>>,
+}
+
+impl PartialEq for ClientIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_path == other.cert_path
+            && self.key_path == other.key_path
+            && self.chain == other.chain
+            && self.key.secret_der() == other.key.secret_der()
+    }
+}
+
+impl Eq for ClientIdentity {}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `HTTPS_PROXY` / `NO_PROXY` (or their lowercase forms) as read at start: calls to the provider
+/// go through an HTTP CONNECT tunnel unless the host is excluded.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// An `http://` proxy URL; may carry credentials, hence secret.
+    pub https_proxy: Option<Secret>,
+    pub no_proxy: Option<String>,
+}
+
+impl fmt::Debug for Egress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Egress")
+            .field(
+                "https_proxy",
+                &self.https_proxy.as_ref().map(|_| "[redacted]"),
+            )
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +210,21 @@ pub enum LogFormat {
 pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
+    /// RFC 8705 §2.1: the client certificate (`[oidc] tls_client_cert`), issued by a CA the
+    /// provider trusts, authenticates the client; no secret is sent.
+    TlsClientAuth,
+    /// RFC 8705 §2.2: a self-signed client certificate registered at the provider.
+    SelfSignedTlsClientAuth,
+}
+
+impl ClientAuth {
+    /// Whether the client authenticates with its certificate rather than a secret.
+    pub fn is_mtls(self) -> bool {
+        matches!(
+            self,
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +256,11 @@ pub struct OidcConfig {
     pub dpop_key_file: Option<std::path::PathBuf>,
     /// Pushed authorization requests (RFC 9126).
     pub par: Par,
+    /// Roots for the provider instead of `[tls] ca_file`.
+    pub ca_file: Option<CaBundle>,
+    /// The client certificate presented to the provider (RFC 8705): it authenticates the client
+    /// with `tls_client_auth`, and binds access tokens to it when the provider does so.
+    pub tls_client: Option<ClientIdentity>,
 }
 
 /// When the authorization request is pushed (RFC 9126) rather than carried by the browser.
@@ -246,6 +336,8 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Upper bound on one store operation, waiting for a reconnect included.
     pub timeout: Duration,
+    /// Roots for `rediss://` instead of `[tls] ca_file`.
+    pub ca_file: Option<CaBundle>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +394,10 @@ pub struct RouteConfig {
     /// A JWT signed by Vestibule for the upstream, if the route sends one.
     pub assertion: Option<AssertionConfig>,
     pub token_binding: TokenBinding,
+    /// Roots for an `https://` upstream instead of `[tls] ca_file`.
+    pub ca_file: Option<CaBundle>,
+    /// The client certificate presented to an `https://` upstream.
+    pub tls_client: Option<ClientIdentity>,
 }
 
 /// A route's assertion: a short-lived JWT signed by Vestibule, naming the user to the upstream.

@@ -220,17 +220,37 @@ pub struct Oidc {
 impl Oidc {
     /// The client; with `dpop` and no key file, its DPoP key is made in this process.
     pub fn new(config: OidcConfig, redirect_uri: String) -> Arc<Oidc> {
-        Oidc::with_dpop_keys(config, redirect_uri, Arc::new(dpop::ProcessKey))
+        Oidc::build(
+            config,
+            redirect_uri,
+            ProviderHttp::new(),
+            Arc::new(dpop::ProcessKey),
+        )
     }
 
-    /// The client; with `dpop` and no key file, its DPoP key comes from `generated` (the state
-    /// layer passes one kept in the session store, shared by every replica).
-    pub fn with_dpop_keys(
+    /// The client for a whole configuration, with its outbound trust and egress proxy; with
+    /// `dpop` and no key file, its DPoP key comes from `generated` (the state layer passes one
+    /// kept in the session store, shared by every replica).
+    pub fn for_config(
+        config: &crate::config::Config,
+        generated: Arc<dyn dpop::KeySource>,
+    ) -> Result<Arc<Oidc>, crate::net::TlsError> {
+        let http = ProviderHttp::for_config(config)?;
+        Ok(Self::build(
+            config.oidc.clone(),
+            config.redirect_uri(),
+            http,
+            generated,
+        ))
+    }
+
+    fn build(
         config: OidcConfig,
         redirect_uri: String,
+        http: ProviderHttp,
         generated: Arc<dyn dpop::KeySource>,
     ) -> Arc<Oidc> {
-        let provider = Provider::new(config.issuer.clone(), ProviderHttp::new());
+        let provider = Provider::new(config.issuer.clone(), http);
         let dpop = config.dpop.then(|| {
             let source: Arc<dyn dpop::KeySource> = match &config.dpop_key_file {
                 Some(file) => Arc::new(dpop::KeyFile(file.clone())),
@@ -272,7 +292,11 @@ impl Oidc {
     fn credentials<'a>(&'a self, secret: &'a Option<Arc<Secret>>) -> ClientCredentials<'a> {
         ClientCredentials {
             client_id: &self.config.client_id,
-            client_secret: secret.as_deref().map_or("", Secret::expose),
+            // With a certificate for client authentication, only `client_id` is sent.
+            client_secret: match secret.as_deref() {
+                Some(secret) if !self.config.client_auth.is_mtls() => secret.expose(),
+                _ => "",
+            },
             basic: self.config.client_auth == ClientAuth::ClientSecretBasic,
         }
     }

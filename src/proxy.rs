@@ -148,6 +148,10 @@ where
             let body = crate::limits::Paced::new(limited, pace).boxed_unsync();
             let request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
+            let Ok(upstreams) = upstreams.for_route(route) else {
+                tracing::error!(route = %route.path, "the route's TLS settings cannot be used");
+                return ErrorCode::UpstreamUnavailable.json(&[]);
+            };
             let mut response = upstreams
                 .forward(request, upgrade, timeout, &route.path)
                 .await;

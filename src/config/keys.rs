@@ -210,11 +210,13 @@ mod tests {
             schema.keys(""),
             Some(
                 &[
-                    "server", "admin", "log", "oidc", "session", "limits", "routes", "features"
+                    "server", "admin", "log", "oidc", "session", "limits", "routes", "features",
+                    "tls"
                 ][..]
             )
         );
         assert_eq!(schema.keys("server.tls"), Some(&["cert", "key"][..]));
+        assert_eq!(schema.keys("tls"), Some(&["ca_file", "system_roots"][..]));
         assert_eq!(
             schema.keys("session.redis.sentinel"),
             Some(&["master", "nodes"][..])

@@ -20,6 +20,15 @@ pub struct Root {
     pub limits: Option<Limits>,
     pub routes: Option<Vec<Route>>,
     pub features: Option<BTreeMap<String, Feature>>,
+    pub tls: Option<OutboundTls>,
+}
+
+/// `[tls]`: outbound trust.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundTls {
+    pub ca_file: Option<String>,
+    pub system_roots: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +106,9 @@ pub struct Oidc {
     pub dpop: Option<bool>,
     pub dpop_key_file: Option<String>,
     pub par: Option<String>,
+    pub ca_file: Option<String>,
+    pub tls_client_cert: Option<String>,
+    pub tls_client_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +135,7 @@ pub struct Redis {
     pub cluster: Option<Vec<String>>,
     pub key_prefix: Option<String>,
     pub timeout: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +170,9 @@ pub struct Route {
     pub assertion_claims: Option<Vec<String>>,
     pub assertion_lifetime: Option<String>,
     pub token_binding: Option<String>,
+    pub ca_file: Option<String>,
+    pub tls_client_cert: Option<String>,
+    pub tls_client_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -71,6 +71,8 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
         limits,
         routes,
         features,
+        tls,
+        egress,
     } = new;
     let server = server_section(&mut d, &old.server, server);
     let AdminConfig {
@@ -116,6 +118,18 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
     // Compiled into each runtime: every key of every route and feature is live.
     let routes = d.live("routes", routes);
     let features = d.live("features", features);
+    // The default outbound clients (provider, upstreams, Redis) are built at start.
+    let OutboundTls {
+        ca_file,
+        system_roots,
+    } = tls;
+    let tls = OutboundTls {
+        ca_file: d.restart("tls.ca_file", &old.tls.ca_file, ca_file),
+        system_roots: d.restart("tls.system_roots", &old.tls.system_roots, system_roots),
+    };
+    // Read from the environment at start; a process's environment does not change.
+    let _ = egress;
+    let egress = old.egress.clone();
     Reloaded {
         config: Config {
             server,
@@ -126,6 +140,8 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
             limits,
             routes,
             features,
+            tls,
+            egress,
         },
         restart_needed: d.restart_needed,
         decisions: d.decisions,
@@ -243,8 +259,14 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         dpop,
         dpop_key_file,
         par,
+        ca_file,
+        tls_client,
     } = new;
+    // The provider client is built at start; the key follows its certificate.
+    d.restart_if("oidc.tls_client_key", false);
     OidcConfig {
+        ca_file: d.restart("oidc.ca_file", &old.ca_file, ca_file),
+        tls_client: d.restart("oidc.tls_client_cert", &old.tls_client, tls_client),
         issuer: d.restart("oidc.issuer", &old.issuer, issuer),
         client_id: d.restart("oidc.client_id", &old.client_id, client_id),
         // Swapped into the running client (the app does it): the next token call uses it.
@@ -414,6 +436,7 @@ mod tests {
             cluster: Vec::new(),
             key_prefix: "p:".into(),
             timeout: Duration::from_secs(2),
+            ca_file: None,
         });
         let reloaded = reload(&old, new);
         assert_eq!(reloaded.restart_needed, ["session.store", "session.redis"]);

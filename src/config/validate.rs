@@ -15,6 +15,7 @@ mod oidc;
 mod routes;
 mod server;
 mod session;
+mod tls;
 
 use oidc::oidc_config;
 use routes::routes_config;
@@ -62,7 +63,10 @@ pub(super) fn parse(
     };
     interpolate_all(&mut table, "", env, &mut problems);
     check_keys(&mut table, &mut problems);
-    let config = build(table, base, &mut problems);
+    let config = build(table, base, &mut problems).map(|mut config| {
+        config.egress = tls::egress(env, &mut problems);
+        config
+    });
     match config {
         Some(config) if problems.0.is_empty() => Ok(config),
         _ => Err(ConfigErrors(problems.0)),
@@ -238,8 +242,9 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     let server: raw::Server = section(root.remove("server"), "server", problems);
     let admin: raw::Admin = section(root.remove("admin"), "admin", problems);
     let log: raw::Log = section(root.remove("log"), "log", problems);
-    let oidc: raw::Oidc = section(root.remove("oidc"), "oidc", problems);
-    let session: raw::Session = section(root.remove("session"), "session", problems);
+    let mut oidc: raw::Oidc = section(root.remove("oidc"), "oidc", problems);
+    let mut session: raw::Session = section(root.remove("session"), "session", problems);
+    let outbound: raw::OutboundTls = section(root.remove("tls"), "tls", problems);
     let limits: raw::Limits = section(root.remove("limits"), "limits", problems);
     let routes: Vec<(String, raw::Route)> = match root.remove("routes") {
         None => Vec::new(),
@@ -289,7 +294,32 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     };
     let limits = limits::limits_config(limits, problems);
     let log = log_config(log, problems);
-    let mut oidc = oidc_config(oidc, base, problems);
+    let tls = tls::outbound_tls(outbound, base, problems);
+    let oidc_ca = tls::ca_bundle(oidc.ca_file.take(), "oidc.ca_file", base, problems);
+    let oidc_client = tls::client_identity(
+        oidc.tls_client_cert.take(),
+        oidc.tls_client_key.take(),
+        "oidc",
+        ("tls_client_cert", "tls_client_key"),
+        base,
+        problems,
+    );
+    let redis_ca = session
+        .redis
+        .as_mut()
+        .and_then(|r| r.ca_file.take())
+        .and_then(|f| tls::ca_bundle(Some(f), "session.redis.ca_file", base, problems));
+    let mut oidc = oidc_config(oidc, base, problems).map(|mut oidc| {
+        oidc.ca_file = oidc_ca;
+        if oidc.client_auth.is_mtls() && oidc_client.is_none() {
+            problems.add(
+                "oidc.tls_client_cert",
+                "is required for client_auth = \"tls_client_auth\" or \"self_signed_tls_client_auth\": the PEM file of the client certificate (and tls_client_key its key)",
+            );
+        }
+        oidc.tls_client = oidc_client;
+        oidc
+    });
     if let Some(file) = oidc
         .as_mut()
         .filter(|o| o.dpop)
@@ -300,7 +330,18 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
             problems.add("oidc.dpop_key_file", format!("{}: {why}", file.display()));
         }
     }
-    let session = session_config(session, base, problems);
+    let session = session_config(session, base, problems).map(|mut session| {
+        if let StoreConfig::Redis(redis) = &mut session.store {
+            redis.ca_file = redis_ca.or_else(|| tls.ca_file.clone());
+            if redis.ca_file.is_some() && redis.sentinel.is_some() {
+                problems.add(
+                    "session.redis.ca_file",
+                    "is not supported with sentinel yet (a [tls] ca_file applies to Redis too)",
+                );
+            }
+        }
+        session
+    });
     let features: BTreeMap<String, FeatureConfig> = features
         .into_iter()
         .map(|(name, f)| {
@@ -347,6 +388,8 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
         limits,
         routes,
         features,
+        tls,
+        egress: Egress::default(),
     })
 }
 

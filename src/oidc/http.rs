@@ -28,10 +28,10 @@ pub enum CallError {
 
 #[derive(Clone)]
 pub struct ProviderHttp {
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
+    client: Client<crate::net::EgressConnector, Full<Bytes>>,
+    /// Presents a client certificate (RFC 8705): the provider's `mtls_endpoint_aliases` are
+    /// used.
+    mtls: bool,
 }
 
 impl Default for ProviderHttp {
@@ -49,12 +49,70 @@ pub struct JsonReply {
 }
 
 impl ProviderHttp {
+    /// Trusting the compiled-in web PKI roots, with no egress proxy.
     pub fn new() -> Self {
+        let roots = crate::net::base_roots(false);
+        let settings = crate::net::TlsSettings {
+            roots: &roots,
+            extra: &[],
+            identity: None,
+        };
+        match crate::net::client_config(&settings) {
+            Ok(tls) => Self::with_tls(tls, None),
+            Err(_) => Self::with_tls(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+                None,
+            ),
+        }
+    }
+
+    /// Trusting and presenting what `tls` says, through `proxy` for `https://` destinations it
+    /// covers.
+    pub fn with_tls(
+        tls: rustls::ClientConfig,
+        proxy: Option<&crate::net::ProxySettings<'_>>,
+    ) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(crate::net::connector());
-        ProviderHttp { client }
+            .build(crate::net::egress_connector(tls, proxy));
+        ProviderHttp {
+            client,
+            mtls: false,
+        }
+    }
+
+    /// Whether this client presents a client certificate, so that the provider's mutual-TLS
+    /// endpoint aliases are to be used.
+    pub fn presents_certificate(&self) -> bool {
+        self.mtls
+    }
+
+    /// The provider client for a configuration: `[oidc] ca_file` (or else `[tls] ca_file`) added
+    /// to the roots, the system store when `[tls] system_roots`, and `HTTPS_PROXY`/`NO_PROXY`.
+    pub fn for_config(config: &crate::config::Config) -> Result<Self, crate::net::TlsError> {
+        let roots = crate::net::base_roots(config.tls.system_roots);
+        let ca = config.oidc.ca_file.as_ref().or(config.tls.ca_file.as_ref());
+        let identity = config.oidc.tls_client.as_ref();
+        let settings = crate::net::TlsSettings {
+            roots: &roots,
+            extra: ca.map_or(&[][..], |ca| ca.certs.as_slice()),
+            identity: identity.map(|i| (i.chain.as_slice(), &*i.key)),
+        };
+        let tls = crate::net::client_config(&settings)?;
+        let proxy = config
+            .egress
+            .https_proxy
+            .as_ref()
+            .map(|p| crate::net::ProxySettings {
+                https_proxy: p.expose(),
+                no_proxy: config.egress.no_proxy.as_deref(),
+            });
+        let mut http = Self::with_tls(tls, proxy.as_ref());
+        http.mtls = identity.is_some();
+        Ok(http)
     }
 
     async fn call(
@@ -195,7 +253,11 @@ impl ProviderHttp {
             }
         } else {
             fields.push(("client_id", auth.client_id));
-            fields.push(("client_secret", auth.client_secret));
+            // Empty with mutual-TLS client authentication (RFC 8705 §2): the certificate
+            // authenticates the client.
+            if !auth.client_secret.is_empty() {
+                fields.push(("client_secret", auth.client_secret));
+            }
         }
         if let Some(proof) = proof.and_then(|p| HeaderValue::from_str(p).ok()) {
             builder = builder.header(super::dpop::DPOP, proof);

@@ -40,6 +40,48 @@ pub struct Metadata {
     /// RFC 9449 §5.1: the proof algorithms the provider accepts; absent, no DPoP is advertised.
     #[serde(default)]
     pub dpop_signing_alg_values_supported: Option<Vec<String>>,
+    /// RFC 8705 §5: the endpoints a client presenting a certificate calls instead.
+    #[serde(default)]
+    pub mtls_endpoint_aliases: Option<MtlsAliases>,
+}
+
+/// RFC 8705 §5 `mtls_endpoint_aliases`: the endpoints that take mutual TLS, where they differ.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct MtlsAliases {
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    #[serde(default)]
+    pub revocation_endpoint: Option<String>,
+    #[serde(default)]
+    pub introspection_endpoint: Option<String>,
+    #[serde(default)]
+    pub userinfo_endpoint: Option<String>,
+}
+
+impl Metadata {
+    /// With a client certificate, the `https://` mutual-TLS aliases replace the endpoints they
+    /// name, so that token requests (and token use at the provider) happen over mutual TLS.
+    fn use_mtls_aliases(&mut self) {
+        let Some(aliases) = self.mtls_endpoint_aliases.clone() else {
+            return;
+        };
+        let https = |alias: Option<String>| alias.filter(|a| a.starts_with("https://"));
+        if let Some(token) = https(aliases.token_endpoint) {
+            self.token_endpoint = token;
+        }
+        for (alias, endpoint) in [
+            (aliases.revocation_endpoint, &mut self.revocation_endpoint),
+            (
+                aliases.introspection_endpoint,
+                &mut self.introspection_endpoint,
+            ),
+            (aliases.userinfo_endpoint, &mut self.userinfo_endpoint),
+        ] {
+            if let Some(alias) = https(alias) {
+                *endpoint = Some(alias);
+            }
+        }
+    }
 }
 
 /// Fetches discovery and checks that it describes the configured issuer.
@@ -47,7 +89,7 @@ pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata
     let base = issuer.as_str().trim_end_matches('/');
     let url = format!("{base}/.well-known/openid-configuration");
     let document = http.get_json(&url).await.map_err(|e| e.to_string())?;
-    let metadata: Metadata = serde_json::from_value(document)
+    let mut metadata: Metadata = serde_json::from_value(document)
         .map_err(|e| format!("the discovery document is incomplete: {e}"))?;
     if metadata.issuer.trim_end_matches('/') != base {
         return Err(format!(
@@ -59,6 +101,9 @@ pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata
         && !methods.iter().any(|m| m == "S256")
     {
         return Err("the provider does not support PKCE S256".into());
+    }
+    if http.presents_certificate() {
+        metadata.use_mtls_aliases();
     }
     Ok(metadata)
 }

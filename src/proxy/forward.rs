@@ -34,6 +34,63 @@ pub struct Upstreams {
     /// Tracks upgraded tunnels, which graceful shutdown must wait for separately. Shared by the
     /// process-wide value and every worker's.
     pub tunnels: TaskTracker,
+    /// Outbound trust, and the clients of routes with TLS settings of their own. Shared by the
+    /// process-wide value and every worker's.
+    tls: Arc<OwnTls>,
+}
+
+/// The roots every `https://` upstream starts from (`[tls]`, read at start), and the pooled
+/// clients of routes with a `ca_file` or a client certificate of their own, made on first use.
+struct OwnTls {
+    roots: rustls::RootCertStore,
+    default_ca: Option<crate::config::CaBundle>,
+    clients: std::sync::Mutex<Vec<(RouteTls, Pooled)>>,
+}
+
+/// What a route's own client trusts and presents.
+#[derive(Clone, PartialEq)]
+struct RouteTls {
+    ca: Option<crate::config::CaBundle>,
+    identity: Option<crate::config::ClientIdentity>,
+}
+
+impl OwnTls {
+    fn new(roots: rustls::RootCertStore, default_ca: Option<crate::config::CaBundle>) -> Self {
+        OwnTls {
+            roots,
+            default_ca,
+            clients: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn client_config(
+        &self,
+        ca: Option<&crate::config::CaBundle>,
+        identity: Option<&crate::config::ClientIdentity>,
+    ) -> Result<rustls::ClientConfig, crate::net::TlsError> {
+        let ca = ca.or(self.default_ca.as_ref());
+        crate::net::client_config(&crate::net::TlsSettings {
+            roots: &self.roots,
+            extra: ca.map_or(&[][..], |ca| ca.certs.as_slice()),
+            identity: identity.map(|i| (i.chain.as_slice(), &*i.key)),
+        })
+    }
+
+    /// The pooled client for a route's own TLS settings; one per distinct settings, kept across
+    /// reloads that leave them alone.
+    fn client(&self, wanted: RouteTls) -> Result<Pooled, crate::net::TlsError> {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, client)) = clients.iter().find(|(tls, _)| *tls == wanted) {
+            return Ok(client.clone());
+        }
+        let tls = self.client_config(wanted.ca.as_ref(), wanted.identity.as_ref())?;
+        let client = pooled(crate::net::connector_with(tls));
+        clients.push((wanted, client.clone()));
+        Ok(client)
+    }
 }
 
 mod local;
@@ -44,32 +101,75 @@ impl Default for Upstreams {
     }
 }
 
-fn pooled() -> Pooled {
+fn pooled(connector: Connector) -> Pooled {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(256)
         .timer(TokioTimer::new())
-        .build(connector())
+        .build(connector)
 }
 
 impl Upstreams {
+    /// Trusting the compiled-in web PKI roots only.
     pub fn new() -> Self {
         Upstreams {
-            client: pooled(),
+            client: pooled(connector()),
             local: None,
             tunnels: TaskTracker::new(),
+            tls: Arc::new(OwnTls::new(crate::net::base_roots(false), None)),
         }
+    }
+
+    /// Trusting what `[tls]` says: the system store when `system_roots`, and `ca_file`.
+    pub fn for_config(config: &crate::config::Config) -> Result<Self, crate::net::TlsError> {
+        let tls = OwnTls::new(
+            crate::net::base_roots(config.tls.system_roots),
+            config.tls.ca_file.clone(),
+        );
+        let client = pooled(crate::net::connector_with(tls.client_config(None, None)?));
+        Ok(Upstreams {
+            client,
+            local: None,
+            tunnels: TaskTracker::new(),
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// The upstreams to reach `route` with: these, or for a route with TLS settings of its own
+    /// (`ca_file`, a client certificate) its own client. Routes without them pay nothing.
+    pub fn for_route(
+        &self,
+        route: &crate::config::RouteConfig,
+    ) -> Result<std::borrow::Cow<'_, Upstreams>, crate::net::TlsError> {
+        if route.ca_file.is_none() && route.tls_client.is_none() {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        let client = self.tls.client(RouteTls {
+            ca: route.ca_file.clone(),
+            identity: route.tls_client.clone(),
+        })?;
+        Ok(std::borrow::Cow::Owned(Upstreams {
+            client,
+            local: None,
+            tunnels: self.tunnels.clone(),
+            tls: self.tls.clone(),
+        }))
     }
 
     /// Upstream connections of its own for a serving worker (a single-threaded runtime), to be
     /// used only from that worker: a request then never waits on another thread's lock or wakes
     /// another thread to use a connection. Upgraded tunnels are still tracked with this value's.
     pub fn for_worker(&self) -> Self {
+        let client = self
+            .tls
+            .client_config(None, None)
+            .map_or_else(|_| connector(), crate::net::connector_with);
         Upstreams {
-            client: pooled(),
+            client: pooled(client),
             local: Some(Arc::new(local::LocalPool::new(http_connector()))),
             tunnels: self.tunnels.clone(),
+            tls: self.tls.clone(),
         }
     }
 

@@ -151,6 +151,8 @@ mod tests {
             identity_headers: vec![],
             assertion: None,
             token_binding: crate::config::TokenBinding::None,
+            ca_file: None,
+            tls_client: None,
         }
     }
 

@@ -28,6 +28,22 @@ pub const RESYNC: &str = "";
 /// Default size of a memory store.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
 
+/// DER certificates as one PEM bundle (what the Redis client reads its roots from).
+pub(crate) fn pem_certificates(certs: &[rustls_pki_types::CertificateDer<'static>]) -> Vec<u8> {
+    use base64::Engine;
+    let mut out = String::new();
+    for cert in certs {
+        let text = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in text.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out.into_bytes()
+}
+
 /// Hides the user-info part (`user:password@`) of a URL.
 pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -87,6 +103,8 @@ pub enum Misconfiguration {
     SentinelAndCluster,
     #[error("the sentinel node list is empty")]
     NoSentinels,
+    #[error("a CA file is not supported with sentinel yet")]
+    SentinelWithCaFile,
     #[error(transparent)]
     Redis(Arc<::redis::RedisError>),
 }
@@ -280,6 +298,7 @@ mod tests {
             cluster: vec![Secret::new("redis://:pw-c@n1:6379")],
             key_prefix: "v:".into(),
             timeout: Duration::from_secs(1),
+            ca_file: None,
         });
         let text = format!("{config:?}");
         assert!(

@@ -36,6 +36,7 @@ fn redis_config(url: String) -> RedisConfig {
         cluster: vec![],
         key_prefix: PREFIX.into(),
         timeout: Duration::from_secs(2),
+        ca_file: None,
     }
 }
 

@@ -58,6 +58,10 @@
 //                        DPoP itself is always on: a token request with a proof gets a bound
 //                        token (token_type DPoP, cnf.jkt in JWT access tokens).
 //   par                  false: no pushed authorization request endpoint (RFC 9126). Default true.
+//   mtls                 {"cert", "key", "ca"} PEM files: also listen with https (client certificate
+//                        requested, checked against ca) and turn on RFC 8705: tls_client_auth,
+//                        self_signed_tls_client_auth, certificate-bound access tokens; discovery
+//                        names that listener in mtls_endpoint_aliases.
 //
 // ID token claims: `sub`, `roles`, `realm_access` and any custom user claim come with scope openid;
 // name/given_name/family_name/preferred_username with `profile`; email/email_verified with `email`.
@@ -78,6 +82,7 @@
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
 import { parseArgs } from 'node:util';
 
 import Provider, { errors } from 'oidc-provider';
@@ -129,7 +134,7 @@ const DEFAULT_CLIENT = {
 const CONFIG_KEYS = new Set([
   'port', 'access_token_ttl', 'id_token_ttl', 'refresh_token_ttl', 'session_ttl', 'clients',
   'resources', 'default_resource', 'users', 'access_token_claims', 'conform_id_token_claims',
-  'dpop_require_nonce', 'par',
+  'dpop_require_nonce', 'par', 'mtls',
 ]);
 
 const PROFILE_CLAIMS = ['name', 'given_name', 'family_name', 'preferred_username'];
@@ -230,6 +235,11 @@ function normaliseConfig(raw) {
     return meta;
   });
 
+  const mtls = raw.mtls;
+  if (mtls !== undefined && !(mtls && ['cert', 'key', 'ca'].every((k) => typeof mtls[k] === 'string'))) {
+    fail('mtls must be {"cert": PEM file, "key": PEM file, "ca": PEM file of the client CA}');
+  }
+
   const accessTokenClaims = raw.access_token_claims ?? ['roles', 'realm_access'];
   if (!Array.isArray(accessTokenClaims)) fail('access_token_claims must be an array of claim names');
 
@@ -247,6 +257,7 @@ function normaliseConfig(raw) {
     conformIdTokenClaims: raw.conform_id_token_claims === true,
     dpopRequireNonce: raw.dpop_require_nonce === true,
     par: raw.par !== false,
+    mtls,
   };
 }
 
@@ -723,8 +734,50 @@ let issuer;
 let provider;
 let providerHandler;
 
+// RFC 8705 (config `mtls`): a second listener, https with a client certificate requested (not
+// required), serves the same provider; discovery names it in `mtls_endpoint_aliases`. Client
+// certificate authentication (`tls_client_auth` checked against the `ca`, and
+// `self_signed_tls_client_auth`) and certificate-bound access tokens are on.
+let mtlsOrigin;
+
+function peerCertificate(ctx) {
+  const peer = ctx.req.socket.getPeerCertificate?.();
+  if (!peer || !peer.raw) return undefined;
+  return new crypto.X509Certificate(peer.raw);
+}
+
+function withMtls(configuration) {
+  if (!config.mtls) return configuration;
+  configuration.features.mTLS = {
+    enabled: true,
+    certificateBoundAccessTokens: true,
+    tlsClientAuth: true,
+    selfSignedTlsClientAuth: true,
+    getCertificate: peerCertificate,
+    certificateAuthorized: (ctx) => ctx.req.socket.authorized === true,
+    certificateSubjectMatches(ctx, property, expected) {
+      const cert = peerCertificate(ctx);
+      return property === 'tls_client_auth_subject_dn' && cert?.subject === expected;
+    },
+  };
+  configuration.clientAuthMethods = [
+    'none', 'client_secret_basic', 'client_secret_post', 'client_secret_jwt', 'private_key_jwt',
+    'tls_client_auth', 'self_signed_tls_client_auth',
+  ];
+  configuration.discovery = {
+    ...configuration.discovery,
+    mtls_endpoint_aliases: {
+      token_endpoint: `${mtlsOrigin}/token`,
+      revocation_endpoint: `${mtlsOrigin}/token/revocation`,
+      introspection_endpoint: `${mtlsOrigin}/token/introspection`,
+      userinfo_endpoint: `${mtlsOrigin}/me`,
+    },
+  };
+  return configuration;
+}
+
 function buildProvider() {
-  const p = new Provider(issuer, providerConfiguration());
+  const p = new Provider(issuer, withMtls(providerConfiguration()));
   p.use(tokenEndpointMiddleware);
   p.on('server_error', (ctx, err) => log('server_error', err));
   p.on('backchannel.error', (ctx, err, client) => log(`back-channel logout to ${client.clientId} failed: ${err.message}`));
@@ -960,9 +1013,21 @@ server.on('error', (err) => {
   process.exit(1);
 });
 
-server.listen(config.port, '127.0.0.1', () => {
+server.listen(config.port, '127.0.0.1', async () => {
   const { port } = server.address();
   issuer = `http://127.0.0.1:${port}`;
+  if (config.mtls) {
+    const mtlsServer = https.createServer({
+      cert: fs.readFileSync(config.mtls.cert),
+      key: fs.readFileSync(config.mtls.key),
+      ca: fs.readFileSync(config.mtls.ca),
+      requestCert: true,
+      rejectUnauthorized: false,
+    }, server.listeners('request')[0]);
+    await new Promise((resolve) => { mtlsServer.listen(0, '127.0.0.1', resolve); });
+    mtlsOrigin = `https://127.0.0.1:${mtlsServer.address().port}`;
+    log(`mutual TLS endpoints at ${mtlsOrigin}`);
+  }
   try {
     buildProvider();
   } catch (err) {

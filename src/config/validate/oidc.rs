@@ -26,6 +26,10 @@ pub(super) fn oidc_config(
         dpop,
         dpop_key_file,
         par,
+        // Read by `build` (they need the file's directory).
+        ca_file: _,
+        tls_client_cert: _,
+        tls_client_key: _,
     } = raw;
     let provider_timeout = duration(
         provider_timeout,
@@ -89,20 +93,25 @@ pub(super) fn oidc_config(
             &[
                 ("client_secret_basic", ClientAuth::ClientSecretBasic),
                 ("client_secret_post", ClientAuth::ClientSecretPost),
+                ("tls_client_auth", ClientAuth::TlsClientAuth),
+                (
+                    "self_signed_tls_client_auth",
+                    ClientAuth::SelfSignedTlsClientAuth,
+                ),
             ],
             problems,
         ),
     };
     let (client_secret, client_secret_file) =
         client_secret_from(client_secret, client_secret_file, base, problems);
-    if client_secret.is_none() && client_secret_file.is_none() {
+    if client_secret.is_none() && client_secret_file.is_none() && !client_auth.is_mtls() {
         problems.add(
             "oidc.client_secret",
             format!(
                 "is required for {}; write client_secret = \"${{VESTIBULE_CLIENT_SECRET}}\", or client_secret_file = \"/run/secrets/client-secret\"",
                 match client_auth {
-                    ClientAuth::ClientSecretBasic => "client_secret_basic",
                     ClientAuth::ClientSecretPost => "client_secret_post",
+                    _ => "client_secret_basic",
                 }
             ),
         );
@@ -199,6 +208,8 @@ pub(super) fn oidc_config(
         dpop,
         dpop_key_file,
         par,
+        ca_file: None,
+        tls_client: None,
     })
 }
 
@@ -283,7 +294,7 @@ mod tests {
             }),
             [
                 "oidc.issuer: \"http://10.0.0.1/realm\" uses plain http on a non-loopback host; allow_http_issuer only permits 127.0.0.1, ::1 or localhost",
-                "oidc.client_auth: \"client_secret_jwt\" is not allowed; use one of \"client_secret_basic\", \"client_secret_post\"",
+                "oidc.client_auth: \"client_secret_jwt\" is not allowed; use one of \"client_secret_basic\", \"client_secret_post\", \"tls_client_auth\", \"self_signed_tls_client_auth\"",
                 "oidc.post_logout_redirect: \"https://evil.example\" must be a local path such as \"/\"",
                 "oidc.extra_auth_params.state: is set by Vestibule itself and cannot be overridden",
                 "oidc.roles_claim: \"realm..roles\" is not a claim path; write e.g. \"roles\" or \"realm_access.roles\"",

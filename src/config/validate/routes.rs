@@ -56,6 +56,9 @@ pub(super) fn routes_config(
             assertion_claims,
             assertion_lifetime,
             token_binding,
+            ca_file,
+            tls_client_cert,
+            tls_client_key,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -271,6 +274,27 @@ pub(super) fn routes_config(
                 "a static_dir route forwards nothing; identity_headers and assertion need an upstream",
             );
         }
+        let https = matches!(&target, Some(Target::Upstream(u)) if u.scheme() == "https");
+        for (key, set) in [
+            ("ca_file", ca_file.is_some()),
+            ("tls_client_cert", tls_client_cert.is_some()),
+        ] {
+            if set && !https && target.is_some() {
+                problems.add(
+                    format!("{path}.{key}"),
+                    "only applies to an https:// upstream",
+                );
+            }
+        }
+        let ca_file = super::tls::ca_bundle(ca_file, &format!("{path}.ca_file"), base, problems);
+        let tls_client = super::tls::client_identity(
+            tls_client_cert,
+            tls_client_key,
+            &path,
+            ("tls_client_cert", "tls_client_key"),
+            base,
+            problems,
+        );
         let Some(target) = target else { continue };
         out.push(RouteConfig {
             path: prefix,
@@ -290,9 +314,10 @@ pub(super) fn routes_config(
             identity_headers,
             assertion,
             token_binding,
+            ca_file,
+            tls_client,
         });
     }
-    let _ = base;
     out
 }
 

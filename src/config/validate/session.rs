@@ -211,6 +211,8 @@ fn redis_config(raw: Option<raw::Redis>, problems: &mut Problems) -> Option<Redi
         cluster,
         key_prefix,
         timeout,
+        // Read by `build` (it needs the file's directory).
+        ca_file: _,
     }) = raw
     else {
         problems.add("session.redis", "is required when store = \"redis\": add [session.redis] with url = \"redis://127.0.0.1:6379\"");
@@ -276,6 +278,7 @@ fn redis_config(raw: Option<raw::Redis>, problems: &mut Problems) -> Option<Redi
         cluster,
         key_prefix: key_prefix.unwrap_or_else(|| "vestibule:".into()),
         timeout: timeout.clamp(MIN_STORE_TIMEOUT, MAX_STORE_TIMEOUT),
+        ca_file: None,
     })
 }
 

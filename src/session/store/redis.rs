@@ -124,14 +124,21 @@ impl RedisStore {
             cluster,
             key_prefix,
             timeout,
+            ca_file,
         } = config;
         let url = url.expose();
+        let roots = ca_file
+            .as_ref()
+            .map(|ca| super::pem_certificates(&ca.certs));
         let timeout = *timeout;
         let cluster = (!cluster.is_empty()).then(|| exposed(cluster));
         let (connect_limit, response_limit) = limits(timeout);
         let (conn, source, description) = match (sentinel, cluster) {
             (Some(_), Some(_)) => {
                 return Err(StoreError::Config(Misconfiguration::SentinelAndCluster));
+            }
+            (Some(_), None) if roots.is_some() => {
+                return Err(StoreError::Config(Misconfiguration::SentinelWithCaFile));
             }
             (Some(SentinelConfig { master, nodes }), None) => {
                 let nodes = &exposed(nodes);
@@ -149,11 +156,13 @@ impl RedisStore {
                 )
             }
             (None, Some(nodes)) => {
-                let client = ClusterClient::builder(nodes.iter().copied())
+                let mut builder = ClusterClient::builder(nodes.iter().copied())
                     .connection_timeout(connect_limit)
-                    .response_timeout(response_limit)
-                    .build()
-                    .map_err(config_error)?;
+                    .response_timeout(response_limit);
+                if let Some(roots) = &roots {
+                    builder = builder.certs(certificates(roots));
+                }
+                let client = builder.build().map_err(config_error)?;
                 let conn = client.get_pending_async_connection_with_config(
                     ClusterConfig::new()
                         .set_connection_timeout(connect_limit)
@@ -161,7 +170,7 @@ impl RedisStore {
                 );
                 let clients = nodes
                     .iter()
-                    .map(|n| Client::open(*n).map_err(config_error))
+                    .map(|n| open(n, roots.as_deref()))
                     .collect::<Result<Vec<_>, _>>()?;
                 let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
                 let description = format!("cluster {}", nodes.join(", "));
@@ -172,7 +181,7 @@ impl RedisStore {
                 )
             }
             (None, None) => {
-                let client = Client::open(url).map_err(config_error)?;
+                let client = open(url, roots.as_deref())?;
                 let manager = ConnectionManager::new_lazy_with_config(
                     client.clone(),
                     manager_config(timeout),
@@ -440,6 +449,24 @@ fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(500))
         .set_connection_timeout(Some(connect_limit))
         .set_response_timeout(Some(response_limit))
+}
+
+/// A client for one server URL; a `rediss://` one trusts `roots` (PEM) instead of the web PKI
+/// roots when given.
+fn open(url: &str, roots: Option<&[u8]>) -> Result<Client, StoreError> {
+    match roots {
+        Some(roots) if url.starts_with("rediss://") => {
+            Client::build_with_tls(url, certificates(roots)).map_err(config_error)
+        }
+        _ => Client::open(url).map_err(config_error),
+    }
+}
+
+fn certificates(roots: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(roots.to_vec()),
+    }
 }
 
 fn config_error(err: RedisError) -> StoreError {
