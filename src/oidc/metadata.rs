@@ -56,6 +56,8 @@ pub struct MtlsAliases {
     pub introspection_endpoint: Option<String>,
     #[serde(default)]
     pub userinfo_endpoint: Option<String>,
+    #[serde(default)]
+    pub pushed_authorization_request_endpoint: Option<String>,
 }
 
 impl Metadata {
@@ -76,6 +78,10 @@ impl Metadata {
                 &mut self.introspection_endpoint,
             ),
             (aliases.userinfo_endpoint, &mut self.userinfo_endpoint),
+            (
+                aliases.pushed_authorization_request_endpoint,
+                &mut self.pushed_authorization_request_endpoint,
+            ),
         ] {
             if let Some(alias) = https(alias) {
                 *endpoint = Some(alias);

@@ -70,8 +70,9 @@ async fn tls_client_auth_gets_certificate_bound_tokens_that_a_binding_api_accept
     };
 
     // Hostile first: a certificate whose subject is not the registered one authenticates
-    // nobody; the login fails at the token request and no token is issued.
-    let proxy = start_proxy(&config(&intruder)).await;
+    // nobody; the login fails at the token request and no token is issued. (Without PAR, so
+    // that the login reaches the token request; with PAR it fails earlier, at the push.)
+    let proxy = start_proxy(&config(&intruder).add("oidc.par", "never")).await;
     wait_ready(&proxy).await;
     let mut browser = Browser::default();
     let refused = browser.login(&base, "alice", "alice", "/").await;
@@ -88,6 +89,7 @@ async fn tls_client_auth_gets_certificate_bound_tokens_that_a_binding_api_accept
     let proxy = start_proxy(&config(&client)).await;
     wait_ready(&proxy).await;
     let mut browser = Browser::default();
+    // The provider offers PAR, so the authorization request is pushed to its mutual-TLS alias.
     let done = browser.login(&base, "alice", "alice", "/").await;
     assert_eq!(done.status, 302, "{}", done.text());
     assert_eq!(done.header("location"), Some("/"));

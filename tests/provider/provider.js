@@ -771,6 +771,7 @@ function withMtls(configuration) {
       revocation_endpoint: `${mtlsOrigin}/token/revocation`,
       introspection_endpoint: `${mtlsOrigin}/token/introspection`,
       userinfo_endpoint: `${mtlsOrigin}/me`,
+      pushed_authorization_request_endpoint: `${mtlsOrigin}/request`,
     },
   };
   return configuration;
