@@ -20,6 +20,8 @@ pub struct Admitted {
     pub bearer: Option<HeaderValue>,
     /// `Set-Cookie` values to add to the response (a re-sealed session cookie).
     pub set_cookies: Vec<HeaderValue>,
+    /// The session's user, for the access log (`None` with `log_user = "none"`).
+    pub user: Option<Arc<Session>>,
 }
 
 /// The user's roles under `[oidc] roles_claim` (a dotted path; string or array).
@@ -286,8 +288,12 @@ pub async fn admit(
         v.set_sensitive(true);
         Some(v)
     });
+    let user = loaded
+        .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
+        .map(|l| l.session);
     Ok(Admitted {
         bearer,
         set_cookies,
+        user,
     })
 }

@@ -210,7 +210,15 @@ mod tests {
             schema.keys(""),
             Some(
                 &[
-                    "server", "admin", "log", "oidc", "session", "limits", "routes", "features"
+                    "server",
+                    "admin",
+                    "log",
+                    "oidc",
+                    "session",
+                    "limits",
+                    "telemetry",
+                    "routes",
+                    "features"
                 ][..]
             )
         );

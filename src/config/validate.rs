@@ -241,6 +241,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     let oidc: raw::Oidc = section(root.remove("oidc"), "oidc", problems);
     let session: raw::Session = section(root.remove("session"), "session", problems);
     let limits: raw::Limits = section(root.remove("limits"), "limits", problems);
+    let telemetry: raw::Telemetry = section(root.remove("telemetry"), "telemetry", problems);
     let routes: Vec<(String, raw::Route)> = match root.remove("routes") {
         None => Vec::new(),
         Some(Value::Array(items)) => items
@@ -289,6 +290,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     };
     let limits = limits::limits_config(limits, problems);
     let log = log_config(log, problems);
+    let telemetry = telemetry_config(telemetry, problems);
     let oidc = oidc_config(oidc, problems);
     let session = session_config(session, problems);
     let features: BTreeMap<String, FeatureConfig> = features
@@ -322,6 +324,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
         oidc: oidc?,
         session: session?,
         limits,
+        telemetry,
         routes,
         features,
     })
@@ -411,6 +414,55 @@ fn log_config(raw: raw::Log, problems: &mut Problems) -> LogConfig {
         problems,
     );
     LogConfig { level, format }
+}
+
+fn telemetry_config(raw: raw::Telemetry, problems: &mut Problems) -> TelemetryConfig {
+    let raw::Telemetry {
+        otlp_endpoint,
+        sample_ratio,
+        log_user,
+    } = raw;
+    let otlp_endpoint = otlp_endpoint.and_then(|text| match url::Url::parse(&text) {
+        Ok(url)
+            if matches!(url.scheme(), "http" | "https")
+                && url.host().is_some()
+                && url.query().is_none()
+                && url.username().is_empty()
+                && url.password().is_none() =>
+        {
+            Some(url)
+        }
+        _ => {
+            problems.add(
+                "telemetry.otlp_endpoint",
+                format!("{text:?} is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\""),
+            );
+            None
+        }
+    });
+    let sample_ratio = sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        problems.add(
+            "telemetry.sample_ratio",
+            format!("{sample_ratio} is not between 0.0 and 1.0; use e.g. 0.1 to record one new trace in ten"),
+        );
+    }
+    let log_user = one_of(
+        log_user,
+        "telemetry.log_user",
+        LogUser::Sub,
+        &[
+            ("sub", LogUser::Sub),
+            ("hash", LogUser::Hash),
+            ("none", LogUser::None),
+        ],
+        problems,
+    );
+    TelemetryConfig {
+        otlp_endpoint,
+        sample_ratio: sample_ratio.clamp(0.0, 1.0),
+        log_user,
+    }
 }
 
 /// The messages `problems` holds, as printed.

@@ -52,12 +52,45 @@ impl ProviderHttp {
         ProviderHttp { client }
     }
 
+    /// One call, as a `provider call` span of the request's trace (when tracing), whose
+    /// `traceparent` the provider receives.
     async fn call(
         &self,
-        req: Request<Full<Bytes>>,
+        mut req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), CallError> {
         let host = req.uri().host().unwrap_or("").to_string();
+        let span = tracing::trace_span!(
+            target: crate::telemetry::trace::TARGET,
+            "provider call",
+            "otel.kind" = "client",
+            "http.request.method" = req.method().as_str(),
+            "server.address" = host.as_str(),
+            "url.path" = req.uri().path(),
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        if let Some(traceparent) = crate::telemetry::trace::traceparent(&span) {
+            req.headers_mut().insert("traceparent", traceparent);
+        }
+        let result = self.send(req, timeout, &host).await;
+        match &result {
+            Ok((status, _)) => {
+                span.record("http.response.status_code", status);
+            }
+            Err(_) => {
+                span.record("error.type", "unavailable");
+            }
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+        host: &str,
+    ) -> Result<(u16, Bytes), CallError> {
         // One deadline for the answer and its body: a grant is waited for this long in all.
         let deadline = tokio::time::Instant::now() + timeout;
         let sent = tokio::time::timeout_at(deadline, self.client.request(req)).await;

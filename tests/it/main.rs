@@ -18,6 +18,7 @@ mod limits;
 mod login;
 mod logout;
 mod no_secrets_in_logs;
+mod observe;
 mod paths;
 mod protection;
 mod protocol;
