@@ -227,7 +227,7 @@ impl App {
                 request_id = request_id.to_str().unwrap_or(""),
                 trace_id,
                 client = %client,
-                user,
+                user = user.as_deref(),
                 user_agent = user_agent.as_ref().and_then(|v| v.to_str().ok()).map(|ua| crate::telemetry::logged_path(ua)).as_deref(),
             );
         }

@@ -134,17 +134,23 @@ pub fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
 
 /// The access log's `user`: `sub` as configured — as is, as a keyed hash (16 hex digits of
 /// SHA-256 over a key derived from `key` and `sub`), or not at all.
-pub fn logged_user(mode: crate::config::LogUser, key: &[u8], sub: &str) -> Option<String> {
+pub fn logged_user<'a>(
+    mode: crate::config::LogUser,
+    key: &[u8],
+    sub: &'a str,
+) -> Option<std::borrow::Cow<'a, str>> {
     use sha2::Digest;
     match mode {
         crate::config::LogUser::None => None,
-        crate::config::LogUser::Sub => Some(sub.to_string()),
+        crate::config::LogUser::Sub => Some(std::borrow::Cow::Borrowed(sub)),
         crate::config::LogUser::Hash => {
             let mut hasher = sha2::Sha256::new();
             hasher.update(b"vestibule access log user\0");
             hasher.update(key);
             hasher.update(sub.as_bytes());
-            Some(hex::encode(&hasher.finalize()[..8]))
+            Some(std::borrow::Cow::Owned(hex::encode(
+                &hasher.finalize()[..8],
+            )))
         }
     }
 }

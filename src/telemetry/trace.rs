@@ -142,6 +142,11 @@ impl Default for Ids {
 /// The spans of one application: its dispatcher and the ids it hands out.
 pub struct Tracer {
     dispatch: Dispatch,
+    /// Registered only to make two: `tracing-core` asks a lone registered dispatcher's opinion
+    /// of a new callsite through whatever dispatcher is current, so a span first reached off a
+    /// request (a Redis command at start, a background provider call) would be disabled for
+    /// good when no process-wide subscriber is installed (tests, embedders).
+    _second: Dispatch,
 }
 
 impl Tracer {
@@ -153,11 +158,13 @@ impl Tracer {
             queue,
             logs,
         };
+        let second = Dispatch::new(tracing::subscriber::NoSubscriber::default());
         Tracer {
             dispatch: Dispatch::new(tracing_subscriber::layer::SubscriberExt::with(
                 Registry::default(),
                 layer,
             )),
+            _second: second,
         }
     }
 

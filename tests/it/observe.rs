@@ -300,8 +300,16 @@ async fn spans_chain_from_the_request_to_the_provider_and_the_upstream_and_carry
                     span.name
                 );
             }
-            assert!(!value.contains("code="), "{key}={value}");
-            assert!(!value.contains("state="), "{key}={value}");
+            assert!(
+                !value.contains("code="),
+                "{} attribute {key} carries a code",
+                span.name
+            );
+            assert!(
+                !value.contains("state="),
+                "{} attribute {key} carries a state",
+                span.name
+            );
             assert!(
                 !key.contains("cookie") && !key.contains("authorization"),
                 "{key}"
@@ -501,4 +509,141 @@ fn the_grafana_dashboard_is_json_and_queries_only_documented_series() {
         }
     }
     assert!(used.len() >= 8, "{used:?}");
+}
+
+/// The real binary, logging JSON at debug to a file, with traces to `receiver`.
+struct Binary {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    async fn start(text: &TomlConfig) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = free_port();
+        let text = text
+            .clone()
+            .set("admin.listen", format!("127.0.0.1:{admin}"));
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text.text()).unwrap();
+        let log = dir.path().join("vestibule.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let binary = Binary {
+            child,
+            log,
+            admin,
+            _dir: dir,
+        };
+        eventually(
+            "vestibule becomes ready",
+            Duration::from_secs(20),
+            || async {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
+                )
+                .await;
+                matches!(r, Ok(Ok(ref r)) if r.status() == 200).then_some(())
+            },
+        )
+        .await;
+        binary
+    }
+
+    /// Stops the process; its log lines as JSON.
+    fn stop(mut self) -> Vec<serde_json::Value> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        assert!(self.child.wait().unwrap().success());
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn the_access_log_names_client_user_agent_canonical_path_and_trace() {
+    let receiver = Receiver::start().await;
+    let port = free_port();
+    let provider = crate::support::provider::start(port, serde_json::json!({}));
+    let up = crate::support::upstream::start().await;
+    let text = login_toml(
+        port,
+        &provider.issuer,
+        &format!(
+            "[log]\nlevel = \"debug\"\nformat = \"json\"\n[telemetry]\notlp_endpoint = \"{}\"\nlog_user = \"hash\"\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n",
+            receiver.url,
+            up.url()
+        ),
+    )
+    .add("server.trusted_proxies", vec!["127.0.0.1/32"]);
+    let binary = Binary::start(&text).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = Browser::default();
+    let done = browser.login(&base, "alice", "alice", "/").await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let headers = [
+        ("x-csrf", "1"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("user-agent", "incident-test/1.0"),
+    ];
+    let r = browser
+        .get(&format!("{base}/api//a/./%62c"), &headers)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let traceparent = up.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let long = format!("{base}/api/{}", "x".repeat(2000));
+    assert_eq!(browser.get(&long, &headers).await.status, 200);
+    // Refused inside a traced request: its debug line still reaches the log.
+    let refused = browser.get(&format!("{base}/api/no-csrf"), &[]).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    let lines = binary.stop();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "vestibule::access")
+        .collect();
+    let line = access
+        .iter()
+        .find(|l| l["path"] == "/api/a/bc")
+        .unwrap_or_else(|| panic!("no access line with the canonical path: {access:?}"));
+    assert_eq!(line["route"], "/api/");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["client"], "203.0.113.9");
+    assert_eq!(line["user_agent"], "incident-test/1.0");
+    assert_eq!(line["trace_id"].as_str(), Some(&traceparent[3..35]));
+    let user = line["user"].as_str().unwrap();
+    assert_eq!(user.len(), 16, "a keyed hash: {user}");
+    assert!(!user.contains("alice"));
+    assert!(line["upstream_ms"].as_f64().is_some());
+    let cut = access
+        .iter()
+        .find(|l| l["path"].as_str().unwrap().starts_with("/api/xxxx"))
+        .unwrap();
+    assert!(cut["path"].as_str().unwrap().len() <= 256, "{cut}");
+    for name in ["bff:/login", "bff:/callback"] {
+        assert!(
+            access.iter().any(|l| l["route"] == name),
+            "{name}: {access:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "DEBUG" && l["message"] == "request refused"),
+        "a debug line from inside a traced request is missing"
+    );
 }

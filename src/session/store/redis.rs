@@ -80,6 +80,58 @@ struct Inner {
     scripts: Scripts,
     pubsub: pubsub::Subscriber,
     description: String,
+    metrics: OpMetrics,
+}
+
+/// The operations [`RedisStore::run`] names, in metrics and spans.
+const OPS: [&str; 13] = [
+    "get",
+    "put_new",
+    "compare_and_set",
+    "touch",
+    "delete",
+    "index_add",
+    "index_members",
+    "index_remove",
+    "set_nx",
+    "extend_lock",
+    "unlock",
+    "publish",
+    "ping",
+];
+
+/// Each operation's latency histogram and error counter, registered once: looking a labelled
+/// series up per command would cost more than recording into it.
+struct OpMetrics {
+    durations: Vec<metrics::Histogram>,
+    errors: Vec<metrics::Counter>,
+}
+
+impl OpMetrics {
+    fn new() -> OpMetrics {
+        OpMetrics {
+            durations: OPS
+                .iter()
+                .map(|op| metrics::histogram!("vestibule_store_duration_seconds", "op" => *op))
+                .collect(),
+            errors: OPS
+                .iter()
+                .map(|op| metrics::counter!("vestibule_store_errors_total", "op" => *op))
+                .collect(),
+        }
+    }
+
+    fn record(&self, what: &str, elapsed: Duration, failed: bool) {
+        let Some(i) = OPS.iter().position(|op| *op == what) else {
+            return;
+        };
+        if let Some(h) = self.durations.get(i) {
+            h.record(elapsed.as_secs_f64());
+        }
+        if failed && let Some(c) = self.errors.get(i) {
+            c.increment(1);
+        }
+    }
 }
 
 struct Scripts {
@@ -208,6 +260,7 @@ impl RedisStore {
                 scripts,
                 pubsub,
                 description,
+                metrics: OpMetrics::new(),
             }),
             own: None,
         })
@@ -254,10 +307,10 @@ impl RedisStore {
         );
         let started = std::time::Instant::now();
         let result = self.run_untimed(op).await;
-        metrics::histogram!("vestibule_store_duration_seconds", "op" => what)
-            .record(started.elapsed().as_secs_f64());
+        self.inner
+            .metrics
+            .record(what, started.elapsed(), result.is_err());
         if result.is_err() {
-            metrics::counter!("vestibule_store_errors_total", "op" => what).increment(1);
             span.record("error.type", "unavailable");
         }
         result
