@@ -433,9 +433,15 @@ fn telemetry_config(raw: raw::Telemetry, problems: &mut Problems) -> TelemetryCo
             Some(url)
         }
         _ => {
+            // A URL with credentials is not printed.
+            let shown = if text.contains('@') {
+                "the value".to_string()
+            } else {
+                format!("{text:?}")
+            };
             problems.add(
                 "telemetry.otlp_endpoint",
-                format!("{text:?} is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\""),
+                format!("{shown} is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\""),
             );
             None
         }
@@ -469,4 +475,49 @@ fn telemetry_config(raw: raw::Telemetry, problems: &mut Problems) -> TelemetryCo
 #[cfg(test)]
 fn printed(problems: Problems) -> Vec<String> {
     problems.0.iter().map(ToString::to_string).collect()
+}
+
+#[cfg(test)]
+mod telemetry_tests {
+    use super::*;
+
+    #[test]
+    fn golden_telemetry_messages() {
+        let mut problems = Problems::default();
+        let telemetry = telemetry_config(
+            raw::Telemetry {
+                otlp_endpoint: Some("grpc://collector:4317".into()),
+                sample_ratio: Some(1.5),
+                log_user: Some("email".into()),
+            },
+            &mut problems,
+        );
+        assert_eq!(telemetry.otlp_endpoint, None);
+        assert_eq!(telemetry.sample_ratio, 1.0);
+        let _ = telemetry_config(
+            raw::Telemetry {
+                otlp_endpoint: Some("https://user:s3cret@collector".into()),
+                ..Default::default()
+            },
+            &mut problems,
+        );
+        assert_eq!(
+            printed(problems),
+            [
+                "telemetry.otlp_endpoint: \"grpc://collector:4317\" is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
+                "telemetry.sample_ratio: 1.5 is not between 0.0 and 1.0; use e.g. 0.1 to record one new trace in ten",
+                "telemetry.log_user: \"email\" is not allowed; use one of \"sub\", \"hash\", \"none\"",
+                "telemetry.otlp_endpoint: the value is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
+            ]
+        );
+        let defaults = telemetry_config(raw::Telemetry::default(), &mut Problems::default());
+        assert_eq!(
+            defaults,
+            TelemetryConfig {
+                otlp_endpoint: None,
+                sample_ratio: 1.0,
+                log_user: LogUser::Sub,
+            }
+        );
+    }
 }

@@ -515,7 +515,6 @@ fn the_grafana_dashboard_is_json_and_queries_only_documented_series() {
 struct Binary {
     child: std::process::Child,
     log: std::path::PathBuf,
-    admin: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -539,7 +538,6 @@ impl Binary {
         let binary = Binary {
             child,
             log,
-            admin,
             _dir: dir,
         };
         eventually(
