@@ -60,6 +60,11 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// A queue into `sender`, counting drops in `dropped`.
+    pub fn new(sender: mpsc::Sender<Finished>, dropped: metrics::Counter) -> Queue {
+        Queue { sender, dropped }
+    }
+
     /// Queues `span`, or drops and counts it when the queue is full (never waits).
     pub fn offer(&self, span: Finished) {
         if self.sender.try_send(span).is_err() {

@@ -236,9 +236,11 @@ struct TraceLayer {
     logs: Dispatch,
 }
 
-/// The fields a span is created with: the root's decision and the attributes.
+/// The fields a span is created with: the root's decision, the kind and (`collect`: only for
+/// sampled spans, so that an unsampled one allocates nothing) the attributes.
 #[derive(Default)]
 struct Fields {
+    collect: bool,
     trace_id: u128,
     parent_id: u64,
     sampled: Option<bool>,
@@ -247,10 +249,24 @@ struct Fields {
     attributes: Vec<(&'static str, Attr)>,
 }
 
+impl Fields {
+    fn collecting() -> Fields {
+        Fields {
+            collect: true,
+            ..Fields::default()
+        }
+    }
+
+    fn push(&mut self, name: &'static str, value: impl FnOnce() -> Attr) {
+        if self.collect {
+            self.attributes.push((name, value()));
+        }
+    }
+}
+
 impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.attributes
-            .push((field.name(), Attr::Str(format!("{value:?}"))));
+        self.push(field.name(), || Attr::Str(format!("{value:?}")));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "otel.kind" {
@@ -261,8 +277,7 @@ impl Visit for Fields {
             });
             return;
         }
-        self.attributes
-            .push((field.name(), Attr::Str(value.to_string())));
+        self.push(field.name(), || Attr::Str(value.to_string()));
     }
     fn record_u128(&mut self, field: &Field, value: u128) {
         if field.name() == "vestibule.trace_id" {
@@ -272,24 +287,22 @@ impl Visit for Fields {
     fn record_u64(&mut self, field: &Field, value: u64) {
         match field.name() {
             "vestibule.parent_id" => self.parent_id = value,
-            name => self
-                .attributes
-                .push((name, Attr::Int(i64::try_from(value).unwrap_or(i64::MAX)))),
+            name => self.push(name, || Attr::Int(i64::try_from(value).unwrap_or(i64::MAX))),
         }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.attributes.push((field.name(), Attr::Int(value)));
+        self.push(field.name(), || Attr::Int(value));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
         match field.name() {
             "vestibule.sampled" => self.sampled = Some(value),
-            name => self.attributes.push((name, Attr::Bool(value))),
+            name => self.push(name, || Attr::Bool(value)),
         }
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
         match field.name() {
             "vestibule.ratio" => self.ratio = value,
-            name => self.attributes.push((name, Attr::Float(value))),
+            name => self.push(name, || Attr::Float(value)),
         }
     }
 }
@@ -336,6 +349,7 @@ where
         let parent = span
             .parent()
             .and_then(|p| p.extensions().get::<SpanState>().map(|s| s.context));
+        // The decision and the kind first; the attributes only if the span is recorded.
         let mut fields = Fields::default();
         attrs.record(&mut fields);
         let (context, parent_id) = match parent {
@@ -367,7 +381,9 @@ where
             start: SystemTime::now(),
             kind: fields.kind.unwrap_or(Kind::Internal),
             attributes: if context.sampled {
-                fields.attributes
+                let mut collected = Fields::collecting();
+                attrs.record(&mut collected);
+                collected.attributes
             } else {
                 Vec::new()
             },
@@ -384,7 +400,7 @@ where
         if !state.context.sampled {
             return;
         }
-        let mut fields = Fields::default();
+        let mut fields = Fields::collecting();
         values.record(&mut fields);
         for (key, value) in fields.attributes {
             set(&mut state.attributes, key, value);
@@ -420,6 +436,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::otlp::{Attr, Finished, Kind};
     use super::*;
 
     const VALID: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -461,6 +478,77 @@ mod tests {
         assert!((0..1000).all(|_| ids.sample(1.0)));
         let half = (0..10_000).filter(|_| ids.sample(0.5)).count();
         assert!((4_000..6_000).contains(&half), "{half}");
+    }
+
+    /// A tracer whose finished spans land in the returned receiver.
+    fn tracer() -> (Tracer, tokio::sync::mpsc::Receiver<Finished>) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let queue = super::super::otlp::Queue::new(sender, metrics::Counter::noop());
+        (Tracer::new(queue, Dispatch::none()), receiver)
+    }
+
+    /// A request span at `ratio` with one child carrying an attribute; both closed.
+    fn one_request(tracer: &Tracer, remote: Option<SpanContext>, ratio: f64) -> SpanContext {
+        let root = tracer.request_span(&http::Method::GET, remote, ratio);
+        let context = context(&root).unwrap();
+        tracing::dispatcher::with_default(tracer.dispatch(), || {
+            let _entered = root.enter();
+            let child = tracing::trace_span!(target: TARGET, "redis", "db.operation.name" = "get");
+            let child_context = context_of(&child);
+            assert_eq!(child_context.trace_id, context.trace_id);
+            assert_eq!(child_context.sampled, context.sampled);
+        });
+        context
+    }
+
+    fn context_of(span: &tracing::Span) -> SpanContext {
+        context(span).unwrap()
+    }
+
+    #[test]
+    fn an_unsampled_request_has_ids_but_records_nothing() {
+        let (tracer, mut receiver) = tracer();
+        let c = one_request(&tracer, None, 0.0);
+        assert!(!c.sampled);
+        assert_ne!(c.trace_id, 0);
+        assert!(receiver.try_recv().is_err(), "an unsampled span was queued");
+    }
+
+    #[test]
+    fn a_sampled_request_queues_its_spans_chained_by_parent_id() {
+        let (tracer, mut receiver) = tracer();
+        let c = one_request(&tracer, None, 1.0);
+        assert!(c.sampled);
+        let child = receiver.try_recv().unwrap();
+        let root = receiver.try_recv().unwrap();
+        assert_eq!((child.name, root.name), ("redis", "request"));
+        assert_eq!(child.parent_id, root.span_id);
+        assert_eq!(root.parent_id, 0);
+        assert_eq!(root.kind, Kind::Server);
+        assert_eq!(child.trace_id, c.trace_id);
+        assert!(
+            child
+                .attributes
+                .contains(&("db.operation.name", Attr::Str("get".into())))
+        );
+    }
+
+    #[test]
+    fn a_remote_parent_gives_the_trace_id_the_parent_and_the_decision() {
+        let (tracer, mut receiver) = tracer();
+        let remote = SpanContext::parse(VALID.as_bytes()).unwrap();
+        let c = one_request(&tracer, Some(remote), 0.0);
+        assert_eq!(c.trace_id, remote.trace_id);
+        assert!(c.sampled, "the trusted parent's decision, not the ratio");
+        let _child = receiver.try_recv().unwrap();
+        let root = receiver.try_recv().unwrap();
+        assert_eq!(root.parent_id, remote.span_id);
+        let unsampled = SpanContext {
+            sampled: false,
+            ..remote
+        };
+        assert!(!one_request(&tracer, Some(unsampled), 1.0).sampled);
+        assert!(receiver.try_recv().is_err());
     }
 
     #[test]
