@@ -24,6 +24,8 @@ pub struct Admitted {
     /// Identity headers and the assertion for the upstream (see [`identity`]); empty for routes
     /// that set none, and without a session.
     pub identity: Vec<(http::HeaderName, HeaderValue)>,
+    /// The session's user, for the access log (`None` with `log_user = "none"`).
+    pub user: Option<Arc<Session>>,
 }
 
 /// The user's roles under `[oidc] roles_claim` (a dotted path; string or array).
@@ -307,9 +309,13 @@ pub async fn admit(
         }
         _ => Vec::new(),
     };
+    let user = loaded
+        .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
+        .map(|l| l.session);
     Ok(Admitted {
         bearer,
         set_cookies,
         identity,
+        user,
     })
 }

@@ -37,6 +37,8 @@ pub struct App {
     /// The access stage's token caches and refresh queues.
     tokens: Tokens,
     request_metrics: crate::telemetry::RequestMetrics,
+    /// Spans to the OTLP collector; `None` without `[telemetry] otlp_endpoint` (no tracing work).
+    tracer: Option<crate::telemetry::trace::Tracer>,
     /// The file reloads read.
     config_path: std::path::PathBuf,
 }
@@ -96,6 +98,13 @@ impl App {
         );
         let limiter = crate::limits::RateLimiter::new(config.limits.tracked_addresses);
         let upstreams = Upstreams::for_config(&config)?;
+        // Log events inside traced requests go on to the subscriber in effect now.
+        let tracer = config.telemetry.otlp_endpoint.as_ref().map(|endpoint| {
+            crate::telemetry::trace::Tracer::new(
+                crate::telemetry::otlp::start(endpoint),
+                tracing::dispatcher::get_default(Clone::clone),
+            )
+        });
         let app = Arc::new(App {
             shared: Shared {
                 live: ArcSwap::from_pointee(LiveConfig::new(config)),
@@ -108,6 +117,7 @@ impl App {
             },
             tokens: Tokens::default(),
             request_metrics: crate::telemetry::RequestMetrics::new(),
+            tracer,
             config_path: path.clone(),
         });
         watch_config(&app, path);
@@ -125,8 +135,6 @@ impl App {
         let started = Instant::now();
         let live = self.live.load_full();
         let method = req.method().clone();
-        // A cheap clone (shared bytes), read only if the access log is on.
-        let uri = req.uri().clone();
         let peer = Peer {
             ip,
             tls,
@@ -134,12 +142,54 @@ impl App {
         };
         // Only a trusted proxy's request id is kept; anyone else's is replaced.
         let request_id = proxy::headers::ensure_request_id(req.headers_mut(), peer.trusted);
+        // Only a trusted proxy may continue a trace (and decide its sampling); anyone else's
+        // trace context reaches neither our spans nor the upstreams.
+        let remote = match (&self.tracer, peer.trusted) {
+            (Some(_), true) => req
+                .headers()
+                .get(TRACEPARENT)
+                .and_then(|v| crate::telemetry::trace::SpanContext::parse(v.as_bytes())),
+            _ => None,
+        };
+        if !peer.trusted {
+            req.headers_mut().remove(TRACEPARENT);
+            req.headers_mut().remove(TRACESTATE);
+        }
+        let logging = tracing::enabled!(target: "vestibule::access", tracing::Level::INFO);
+        // Cheap clones (shared bytes), taken only if the access log is on.
+        let (client, user_agent, uri) = if logging {
+            let trusted = &live.config.server.trusted_proxies;
+            (
+                crate::limits::client_address(ip, req.headers(), trusted),
+                req.headers().get(header::USER_AGENT).cloned(),
+                Some(req.uri().clone()),
+            )
+        } else {
+            (ip, None, None)
+        };
         let in_flight = crate::telemetry::InFlight::enter(self.request_metrics.in_flight());
         let cors = access::cors_origin(&live, req.headers());
-        let (route_name, mut response) = match access::preflight(&live, &req) {
-            Some(answer) => ("preflight", answer),
-            None => self.route(&live, req, peer, worker).await,
+        let span = match &self.tracer {
+            Some(tracer) => {
+                tracer.request_span(&method, remote, live.config.telemetry.sample_ratio)
+            }
+            None => tracing::Span::none(),
         };
+        let mut routed = match access::preflight(&live, &req) {
+            Some(answer) => Routed::answer("preflight", answer),
+            None => match &self.tracer {
+                None => self.route(&live, req, peer, worker).await,
+                Some(tracer) => {
+                    use tracing::Instrument;
+                    use tracing::instrument::WithSubscriber;
+                    self.route(&live, req, peer, worker)
+                        .instrument(span.clone())
+                        .with_subscriber(tracer.dispatch().clone())
+                        .await
+                }
+            },
+        };
+        let response = &mut routed.response;
         if let Some(origin) = cors {
             access::add_cors_headers(response.headers_mut(), origin);
         } else if !live.config.server.cors_origins.is_empty() {
@@ -158,31 +208,53 @@ impl App {
             .extensions()
             .get::<proxy::forward::UpstreamLatency>()
             .map(|l| l.0.as_secs_f64() * 1000.0);
-        self.request_metrics.record(route_name, status, elapsed);
-        tracing::info!(
-            target: "vestibule::access",
-            route = %route_name,
-            %method,
-            path = %uri.path(),
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream_ms,
-            request_id = request_id.to_str().unwrap_or(""),
-        );
-        response
+        self.request_metrics.record(routed.label, status, elapsed);
+        let trace_id = crate::telemetry::trace::context(&span).map(|c| {
+            span.record("http.route", routed.label);
+            span.record("http.response.status_code", status);
+            if status >= 500 {
+                span.record("error.type", status);
+            }
+            tracing::field::display(crate::telemetry::trace::TraceId(c.trace_id))
+        });
+        drop(span);
+        if logging {
+            let config = &live.config;
+            let user = routed.user.as_ref().and_then(|session| {
+                let key = config.session.keys.first().map_or(&[][..], |k| &k[..]);
+                crate::telemetry::logged_user(config.telemetry.log_user, key, &session.sub)
+            });
+            let raw = uri.as_ref().map_or("", |u| u.path());
+            let path = routed.canonical.as_deref().unwrap_or(raw);
+            tracing::info!(
+                target: "vestibule::access",
+                route = %routed.label,
+                %method,
+                path = %crate::telemetry::logged_path(path),
+                status,
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                upstream_ms,
+                request_id = request_id.to_str().unwrap_or(""),
+                trace_id,
+                client = %client,
+                user = user.as_deref(),
+                user_agent = user_agent.as_ref().and_then(|v| v.to_str().ok()).map(|ua| crate::telemetry::logged_path(ua)).as_deref(),
+            );
+        }
+        routed.response
     }
 
-    /// Answers the request; also returns the route's name for metrics and the access log.
+    /// Answers the request; also returns what metrics and the access log say about it.
     async fn route<'r>(
         &self,
         live: &'r LiveConfig,
         mut req: Request<Incoming>,
         peer: Peer,
         worker: &Worker,
-    ) -> (&'r str, Response<Body>) {
+    ) -> Routed<'r> {
         let config = &live.config;
         if proxy::header_bytes(&req) > config.server.max_header_size {
-            return ("-", ErrorCode::HeadersTooLarge.json(&[]));
+            return Routed::answer("-", ErrorCode::HeadersTooLarge.json(&[]));
         }
         let prefix = config.server.bff_prefix.as_str();
         // One canonical path decides everything below: the BFF endpoints, the route, its
@@ -193,17 +265,23 @@ impl App {
             }
             Err(bad) => {
                 tracing::debug!(reason = %bad, "ambiguous request path refused");
-                return ("-", ErrorCode::BadPath.respond(Reader::of(req.headers())));
+                return Routed::answer("-", ErrorCode::BadPath.respond(Reader::of(req.headers())));
             }
         };
-        if let Some(path) = canonical
-            && !proxy::set_path(&mut req, &path)
+        if let Some(path) = &canonical
+            && !proxy::set_path(&mut req, path)
         {
-            return ("-", ErrorCode::BadPath.json(&[]));
+            return Routed::answer("-", ErrorCode::BadPath.json(&[]));
         }
+        let routed = |label, response| Routed {
+            label,
+            canonical,
+            user: None,
+            response,
+        };
         let route = match to {
             Destination::Route(route) => route,
-            Destination::NoRoute => return ("-", proxy::no_route(&req)),
+            Destination::NoRoute => return routed("-", proxy::no_route(&req)),
             Destination::Bff => {
                 let rest = req
                     .uri()
@@ -213,9 +291,10 @@ impl App {
                     .to_string();
                 // Boxed: the BFF endpoints' futures are large and rare next to proxied calls,
                 // and would otherwise grow every request's future (moved on each request).
+                let label = crate::endpoints::label(req.method(), &rest);
                 let answer =
                     Box::pin(crate::endpoints::handle(self, live, req, &rest, peer.ip)).await;
-                return (prefix, answer);
+                return routed(label, answer);
             }
         };
         let admitted =
@@ -223,7 +302,7 @@ impl App {
                 Ok(a) => a,
                 Err(error) => {
                     let reader = Reader::of(req.headers());
-                    return (route.path.as_str(), error.respond(reader));
+                    return routed(route.path.as_str(), error.respond(reader));
                 }
             };
         let own = proxy::headers::OwnCookies {
@@ -356,7 +435,9 @@ impl App {
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
-        (route.path.as_str(), response)
+        let mut routed = routed(route.path.as_str(), response);
+        routed.user = admitted.user;
+        routed
     }
 
     /// Another access token for a request whose token the upstream refused: refreshed now (once
@@ -508,6 +589,32 @@ impl App {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The `traceparent` and `tracestate` headers (W3C trace context).
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// What the pipeline answered, with what the metrics and the access log say about it.
+struct Routed<'r> {
+    /// The name for metrics and the log: a route's path, `bff:/login`, `preflight`, `-`.
+    label: &'r str,
+    /// The canonical path, when it differs from the request's.
+    canonical: Option<String>,
+    /// The session's user on a proxied route (read by the access log).
+    user: Option<Arc<crate::session::model::Session>>,
+    response: Response<Body>,
+}
+
+impl<'r> Routed<'r> {
+    fn answer(label: &'r str, response: Response<Body>) -> Routed<'r> {
+        Routed {
+            label,
+            canonical: None,
+            user: None,
+            response,
         }
     }
 }

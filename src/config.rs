@@ -58,6 +58,7 @@ pub struct Config {
     pub oidc: OidcConfig,
     pub session: SessionConfig,
     pub limits: LimitsConfig,
+    pub telemetry: TelemetryConfig,
     pub routes: Vec<RouteConfig>,
     pub features: BTreeMap<String, FeatureConfig>,
     /// `[tls]`: what outbound TLS trusts besides the compiled-in web PKI roots.
@@ -198,6 +199,26 @@ pub struct AdminConfig {
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+}
+
+/// Traces and what the access log says about the user (`[telemetry]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP collector's base URL (spans go to `<endpoint>/v1/traces`); `None`: no traces.
+    pub otlp_endpoint: Option<url::Url>,
+    /// The share of new traces recorded, 0.0–1.0; a trusted proxy's decision overrides it.
+    pub sample_ratio: f64,
+    pub log_user: LogUser,
+}
+
+/// How the access log names the user of a request with a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogUser {
+    /// The `sub` claim as is.
+    Sub,
+    /// A keyed hash of `sub` (the same user, the same value; not reversible without the key).
+    Hash,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,6 +14,7 @@ use crate::rescue::RequestError;
 use crate::session::manager::OpenSession;
 use crate::session::model::{AccessToken, Session};
 use crate::state::{LiveConfig, Shared};
+use crate::telemetry::trace::TARGET;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -21,6 +22,7 @@ use sha2::Digest;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// The longest `returnUrl`: it travels in the login cookie, which browsers keep only up to
@@ -59,17 +61,45 @@ pub async fn handle(
         return limited;
     }
     let (reader, answer) = match (req.method().clone(), rest) {
-        (Method::GET, "/login") => (reader, login(app, live, &req).await),
-        (Method::GET, "/callback") => (Reader::Page, callback(app, live, &req).await),
+        (Method::GET, "/login") => {
+            let span = tracing::trace_span!(target: TARGET, "login");
+            let answer = login(app, live, &req).instrument(span).await;
+            count("vestibule_logins_total", &[], &answer);
+            (reader, answer)
+        }
+        (Method::GET, "/callback") => {
+            let span = tracing::trace_span!(target: TARGET, "callback");
+            let answer = callback(app, live, &req).instrument(span).await;
+            count("vestibule_callbacks_total", &[], &answer);
+            (Reader::Page, answer)
+        }
         (Method::GET, "/user") => (Reader::Script, user(app, live, &req).await),
-        (Method::GET, "/logout") => (Reader::Page, logout(app, live, &req, LogoutVia::Link).await),
-        (Method::POST, "/logout") => (
-            Reader::Script,
-            logout(app, live, &req, LogoutVia::Script).await,
-        ),
+        (Method::GET, "/logout") => {
+            let span = tracing::trace_span!(target: TARGET, "logout");
+            let answer = logout(app, live, &req, LogoutVia::Link)
+                .instrument(span)
+                .await;
+            count("vestibule_logouts_total", &[("via", "link")], &answer);
+            (Reader::Page, answer)
+        }
+        (Method::POST, "/logout") => {
+            let span = tracing::trace_span!(target: TARGET, "logout");
+            let answer = logout(app, live, &req, LogoutVia::Script)
+                .instrument(span)
+                .await;
+            count("vestibule_logouts_total", &[("via", "script")], &answer);
+            (Reader::Script, answer)
+        }
         (Method::POST, "/backchannel-logout") => {
             let pace = crate::state::body_pace(&live.config);
-            (Reader::Script, backchannel_logout(app, req, pace).await)
+            let span = tracing::trace_span!(target: TARGET, "backchannel logout");
+            let answer = backchannel_logout(app, req, pace).instrument(span).await;
+            count(
+                "vestibule_logouts_total",
+                &[("via", "backchannel")],
+                &answer,
+            );
+            (Reader::Script, answer)
         }
         (Method::GET, "/sessions") => (Reader::Script, list_sessions(app, live, &req).await),
         (Method::DELETE, path) if path.starts_with("/sessions/") => {
@@ -80,6 +110,78 @@ pub async fn handle(
         _ => (reader, Err(RequestError::NotFound)),
     };
     answer.unwrap_or_else(|error| error.respond(reader))
+}
+
+/// Counts one answer of an endpoint in `series`, by outcome (`ok` or why not, from a fixed
+/// list: the label never carries request data).
+fn count(
+    series: &'static str,
+    labels: &[(&'static str, &'static str)],
+    answer: &Result<Response<Body>, RequestError>,
+) {
+    let outcome = match answer {
+        Ok(_) => "ok",
+        Err(error) => outcome(error),
+    };
+    let mut all: Vec<metrics::Label> = labels
+        .iter()
+        .map(|(k, v)| metrics::Label::from_static_parts(k, v))
+        .collect();
+    all.push(metrics::Label::from_static_parts("outcome", outcome));
+    metrics::counter!(series, all).increment(1);
+}
+
+/// The reasons a login fails that the metrics name (docs/errors.md); others count as
+/// `login_failed`.
+const LOGIN_FAILURES: &[&str] = &[
+    "provider_error",
+    "callback_incomplete",
+    "login_state_missing",
+    "login_state_expired",
+    "state_replayed",
+    "iss_mismatch",
+    "iss_missing",
+    "code_rejected",
+    "id_token_missing",
+];
+
+/// Why an endpoint refused, as a metric label.
+fn outcome(error: &RequestError) -> &'static str {
+    match error {
+        RequestError::LoginFailed { reason, .. } => {
+            if let Some(known) = LOGIN_FAILURES.iter().find(|r| **r == reason) {
+                known
+            } else if reason.starts_with("id_token_") {
+                "id_token_invalid"
+            } else {
+                "token_response_invalid"
+            }
+        }
+        RequestError::Store(_) => "store_unavailable",
+        RequestError::Provider(_) => "provider_unavailable",
+        RequestError::InvalidReturnUrl => "invalid_return_url",
+        RequestError::LogoutRejected(_) => "logout_token_rejected",
+        RequestError::Csrf => "csrf",
+        RequestError::SidMismatch { .. } => "sid_mismatch",
+        RequestError::Random(_) | RequestError::Internal(_) => "internal",
+        _ => "refused",
+    }
+}
+
+/// The name of the endpoint `rest` (the path below `bff_prefix`) for metrics and the access
+/// log: one label per endpoint, whatever the request's path says.
+pub fn label(method: &Method, rest: &str) -> &'static str {
+    match (method, rest) {
+        (_, "/login") => "bff:/login",
+        (_, "/callback") => "bff:/callback",
+        (_, "/user") => "bff:/user",
+        (_, "/logout") => "bff:/logout",
+        (_, "/backchannel-logout") => "bff:/backchannel-logout",
+        (_, "/sessions") => "bff:/sessions",
+        (&Method::DELETE, path) if path.starts_with("/sessions/") => "bff:/sessions/*",
+        (_, "/session-events") => "bff:/session-events",
+        _ => "bff:other",
+    }
 }
 
 /// 429 with `Retry-After` when the client (after trusted proxies) has used up its budget for

@@ -104,12 +104,18 @@ impl Shared {
         live: &LiveConfig,
         headers: &HeaderMap,
     ) -> Result<Option<OpenSession>, StoreError> {
-        for value in crate::cookies::values(headers, &live.config.session.cookie_name) {
-            if let Some(loaded) = sessions.load(value, self.clock.now()).await? {
-                return Ok(Some(loaded));
+        use tracing::Instrument;
+        let span = tracing::trace_span!(target: crate::telemetry::trace::TARGET, "session load");
+        async {
+            for value in crate::cookies::values(headers, &live.config.session.cookie_name) {
+                if let Some(loaded) = sessions.load(value, self.clock.now()).await? {
+                    return Ok(Some(loaded));
+                }
             }
+            Ok(None)
         }
-        Ok(None)
+        .instrument(span)
+        .await
     }
 
     pub async fn reload_session(

@@ -1,5 +1,10 @@
-//! Logging and metrics. Logs never carry cookies, authorization headers or query strings: the
-//! access log records the path only, and no log line prints a header map.
+//! Logging, metrics and traces. Logs never carry cookies, authorization headers or query
+//! strings: the access log records the canonical path only (bounded), and no log line prints a
+//! header map. Every series is listed in `docs/metrics.md`; labels take values from short fixed
+//! lists or from the configuration (route names), never from requests.
+
+pub mod otlp;
+pub mod trace;
 
 use crate::config::{LogConfig, LogFormat};
 use metrics::{Counter, Gauge, Histogram};
@@ -10,8 +15,12 @@ use std::time::Duration;
 
 /// Installs the global log subscriber (once; later calls are ignored).
 pub fn init_logging(config: &LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.level)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&config.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Spans are for the trace exporter's own dispatcher ([`trace`]), never for the log.
+    if let Ok(directive) = format!("{}=off", trace::TARGET).parse() {
+        filter = filter.add_directive(directive);
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -62,8 +71,88 @@ pub fn metrics() -> &'static PrometheusHandle {
             "vestibule_connections_open",
             "Client connections open now, by serving worker."
         );
+        describe_incident_series();
         handle
     })
+}
+
+/// The series that explain an incident: sign-ins, refreshes, the store, logouts, refusals and
+/// the trace exporter.
+fn describe_incident_series() {
+    metrics::describe_counter!(
+        "vestibule_logins_total",
+        "Sign-ins started at the login endpoint, by outcome."
+    );
+    metrics::describe_counter!(
+        "vestibule_callbacks_total",
+        "Returns from the provider at the callback, by outcome."
+    );
+    metrics::describe_histogram!(
+        "vestibule_refresh_lock_wait_seconds",
+        "Time a request waited for its session's refresh to be its turn."
+    );
+    metrics::describe_histogram!(
+        "vestibule_store_duration_seconds",
+        "Redis command latency, by operation."
+    );
+    metrics::describe_counter!(
+        "vestibule_store_errors_total",
+        "Redis commands that failed or timed out, by operation."
+    );
+    metrics::describe_counter!(
+        "vestibule_logouts_total",
+        "Logouts, by way (link, script, backchannel) and outcome."
+    );
+    metrics::describe_counter!(
+        "vestibule_rate_limited_total",
+        "Requests refused with 429 by the per-address limits, by endpoint."
+    );
+    metrics::describe_counter!(
+        "vestibule_trace_spans_exported_total",
+        "Spans the trace collector accepted."
+    );
+    metrics::describe_counter!(
+        "vestibule_trace_spans_dropped_total",
+        "Spans dropped: the export queue was full, or the collector did not take them."
+    );
+}
+
+/// The longest path the access log writes; longer ones are cut and end in `...`.
+pub const MAX_LOGGED_PATH: usize = 256;
+
+/// `path` cut to [`MAX_LOGGED_PATH`] bytes (at a character boundary).
+pub fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= MAX_LOGGED_PATH {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut end = MAX_LOGGED_PATH - 3;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}...", &path[..end]))
+}
+
+/// The access log's `user`: `sub` as configured — as is, as a keyed hash (16 hex digits of
+/// SHA-256 over a key derived from `key` and `sub`), or not at all.
+pub fn logged_user<'a>(
+    mode: crate::config::LogUser,
+    key: &[u8],
+    sub: &'a str,
+) -> Option<std::borrow::Cow<'a, str>> {
+    use sha2::Digest;
+    match mode {
+        crate::config::LogUser::None => None,
+        crate::config::LogUser::Sub => Some(std::borrow::Cow::Borrowed(sub)),
+        crate::config::LogUser::Hash => {
+            let mut hasher = sha2::Sha256::new();
+            hasher.update(b"vestibule access log user\0");
+            hasher.update(key);
+            hasher.update(sub.as_bytes());
+            Some(std::borrow::Cow::Owned(hex::encode(
+                &hasher.finalize()[..8],
+            )))
+        }
+    }
 }
 
 /// Folds recorded histogram samples into their buckets every few seconds. The exporter keeps
@@ -154,5 +243,39 @@ impl RequestMetrics {
                 .or_default()
                 .insert(status, (counter, histogram));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogUser;
+
+    #[test]
+    fn long_paths_are_cut_for_the_log() {
+        assert_eq!(logged_path("/api/x"), "/api/x");
+        let long = format!("/{}", "é".repeat(400));
+        let logged = logged_path(&long);
+        assert!(logged.len() <= MAX_LOGGED_PATH, "{}", logged.len());
+        assert!(logged.ends_with("..."));
+    }
+
+    #[test]
+    fn the_user_is_logged_as_configured() {
+        let key = [7u8; 32];
+        assert_eq!(
+            logged_user(LogUser::Sub, &key, "alice").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(logged_user(LogUser::None, &key, "alice"), None);
+        let hashed = logged_user(LogUser::Hash, &key, "alice").unwrap();
+        assert_eq!(hashed.len(), 16);
+        assert!(!hashed.contains("alice"));
+        assert_eq!(logged_user(LogUser::Hash, &key, "alice").unwrap(), hashed);
+        assert_ne!(logged_user(LogUser::Hash, &key, "bob").unwrap(), hashed);
+        assert_ne!(
+            logged_user(LogUser::Hash, &[8u8; 32], "alice").unwrap(),
+            hashed
+        );
     }
 }

@@ -239,7 +239,17 @@ impl Tokens {
             reason: "waited too long for this session's refresh".into(),
         };
         let lock = self.local_lock(&loaded.handle);
-        let Ok(memory) = tokio::time::timeout_at(deadline, lock.lock_owned()).await else {
+        let waited = {
+            use tracing::Instrument;
+            let span =
+                tracing::trace_span!(target: crate::telemetry::trace::TARGET, "refresh lock wait");
+            tokio::time::timeout_at(deadline, lock.lock_owned())
+                .instrument(span)
+                .await
+        };
+        metrics::histogram!("vestibule_refresh_lock_wait_seconds")
+            .record(arrived.elapsed().as_secs_f64());
+        let Ok(memory) = waited else {
             return Err(gave_up());
         };
         let job = Job {
@@ -255,7 +265,12 @@ impl Tokens {
         };
         // Not aborted when this request is dropped: the task holds the queue and the lease
         // until the grant is saved and the lease released.
-        let task = tokio::spawn(job.run(memory));
+        // It carries the request's trace along (its grant and its Redis commands are spans of it).
+        let task = {
+            use tracing::Instrument;
+            use tracing::instrument::WithSubscriber;
+            tokio::spawn(job.run(memory).in_current_span().with_current_subscriber())
+        };
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) | Err(_) => Err(gave_up()),

@@ -98,6 +98,9 @@ impl<'de> de::Deserializer<'de> for Probe<'_> {
     fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
         visitor.visit_i64(0)
     }
+    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
+        visitor.visit_f64(0.0)
+    }
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ProbeError> {
         visitor.visit_str("")
     }
@@ -136,7 +139,7 @@ impl<'de> de::Deserializer<'de> for Probe<'_> {
     }
 
     serde::forward_to_deserialize_any! {
-        i8 i16 i32 i128 u8 u16 u32 u64 u128 f32 f64 char bytes byte_buf unit unit_struct
+        i8 i16 i32 i128 u8 u16 u32 u64 u128 f32 char bytes byte_buf unit unit_struct
         newtype_struct tuple tuple_struct enum identifier ignored_any
     }
 }
@@ -210,7 +213,15 @@ mod tests {
             schema.keys(""),
             Some(
                 &[
-                    "server", "admin", "log", "oidc", "session", "limits", "routes", "features",
+                    "server",
+                    "admin",
+                    "log",
+                    "oidc",
+                    "session",
+                    "limits",
+                    "telemetry",
+                    "routes",
+                    "features",
                     "tls"
                 ][..]
             )

@@ -18,6 +18,7 @@ pub struct Root {
     pub oidc: Option<Oidc>,
     pub session: Option<Session>,
     pub limits: Option<Limits>,
+    pub telemetry: Option<Telemetry>,
     pub routes: Option<Vec<Route>>,
     pub features: Option<BTreeMap<String, Feature>>,
     pub tls: Option<OutboundTls>,
@@ -83,6 +84,14 @@ pub struct Limits {
 pub struct Log {
     pub level: Option<String>,
     pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    pub otlp_endpoint: Option<String>,
+    pub sample_ratio: Option<f64>,
+    pub log_user: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -69,6 +69,7 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
         oidc,
         session,
         limits,
+        telemetry,
         routes,
         features,
         tls,
@@ -115,6 +116,21 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
             tracked_addresses,
         ),
     };
+    let TelemetryConfig {
+        otlp_endpoint,
+        sample_ratio,
+        log_user,
+    } = telemetry;
+    let telemetry = TelemetryConfig {
+        // The exporter is started with the application.
+        otlp_endpoint: d.restart(
+            "telemetry.otlp_endpoint",
+            &old.telemetry.otlp_endpoint,
+            otlp_endpoint,
+        ),
+        sample_ratio: d.live("telemetry.sample_ratio", sample_ratio),
+        log_user: d.live("telemetry.log_user", log_user),
+    };
     // Compiled into each runtime: every key of every route and feature is live.
     let routes = d.live("routes", routes);
     let features = d.live("features", features);
@@ -138,6 +154,7 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
             oidc,
             session,
             limits,
+            telemetry,
             routes,
             features,
             tls,

@@ -246,6 +246,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     let mut session: raw::Session = section(root.remove("session"), "session", problems);
     let outbound: raw::OutboundTls = section(root.remove("tls"), "tls", problems);
     let limits: raw::Limits = section(root.remove("limits"), "limits", problems);
+    let telemetry: raw::Telemetry = section(root.remove("telemetry"), "telemetry", problems);
     let routes: Vec<(String, raw::Route)> = match root.remove("routes") {
         None => Vec::new(),
         Some(Value::Array(items)) => items
@@ -294,6 +295,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     };
     let limits = limits::limits_config(limits, problems);
     let log = log_config(log, problems);
+    let telemetry = telemetry_config(telemetry, problems);
     let tls = tls::outbound_tls(outbound, base, problems);
     let oidc_ca = tls::ca_bundle(oidc.ca_file.take(), "oidc.ca_file", base, problems);
     let oidc_client = tls::client_identity(
@@ -386,6 +388,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
         oidc: oidc?,
         session: session?,
         limits,
+        telemetry,
         routes,
         features,
         tls,
@@ -509,8 +512,108 @@ fn log_config(raw: raw::Log, problems: &mut Problems) -> LogConfig {
     LogConfig { level, format }
 }
 
+fn telemetry_config(raw: raw::Telemetry, problems: &mut Problems) -> TelemetryConfig {
+    let raw::Telemetry {
+        otlp_endpoint,
+        sample_ratio,
+        log_user,
+    } = raw;
+    let otlp_endpoint = otlp_endpoint.and_then(|text| match url::Url::parse(&text) {
+        Ok(url)
+            if matches!(url.scheme(), "http" | "https")
+                && url.host().is_some()
+                && url.query().is_none()
+                && url.username().is_empty()
+                && url.password().is_none() =>
+        {
+            Some(url)
+        }
+        _ => {
+            // A URL with credentials is not printed.
+            let shown = if text.contains('@') {
+                "the value".to_string()
+            } else {
+                format!("{text:?}")
+            };
+            problems.add(
+                "telemetry.otlp_endpoint",
+                format!("{shown} is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\""),
+            );
+            None
+        }
+    });
+    let sample_ratio = sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        problems.add(
+            "telemetry.sample_ratio",
+            format!("{sample_ratio} is not between 0.0 and 1.0; use e.g. 0.1 to record one new trace in ten"),
+        );
+    }
+    let log_user = one_of(
+        log_user,
+        "telemetry.log_user",
+        LogUser::Sub,
+        &[
+            ("sub", LogUser::Sub),
+            ("hash", LogUser::Hash),
+            ("none", LogUser::None),
+        ],
+        problems,
+    );
+    TelemetryConfig {
+        otlp_endpoint,
+        sample_ratio: sample_ratio.clamp(0.0, 1.0),
+        log_user,
+    }
+}
+
 /// The messages `problems` holds, as printed.
 #[cfg(test)]
 fn printed(problems: Problems) -> Vec<String> {
     problems.0.iter().map(ToString::to_string).collect()
+}
+
+#[cfg(test)]
+mod telemetry_tests {
+    use super::*;
+
+    #[test]
+    fn golden_telemetry_messages() {
+        let mut problems = Problems::default();
+        let telemetry = telemetry_config(
+            raw::Telemetry {
+                otlp_endpoint: Some("grpc://collector:4317".into()),
+                sample_ratio: Some(1.5),
+                log_user: Some("email".into()),
+            },
+            &mut problems,
+        );
+        assert_eq!(telemetry.otlp_endpoint, None);
+        assert_eq!(telemetry.sample_ratio, 1.0);
+        let _ = telemetry_config(
+            raw::Telemetry {
+                otlp_endpoint: Some("https://user:s3cret@collector".into()),
+                ..Default::default()
+            },
+            &mut problems,
+        );
+        assert_eq!(
+            printed(problems),
+            [
+                "telemetry.otlp_endpoint: \"grpc://collector:4317\" is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
+                "telemetry.sample_ratio: 1.5 is not between 0.0 and 1.0; use e.g. 0.1 to record one new trace in ten",
+                "telemetry.log_user: \"email\" is not allowed; use one of \"sub\", \"hash\", \"none\"",
+                "telemetry.otlp_endpoint: the value is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
+            ]
+        );
+        let defaults = telemetry_config(raw::Telemetry::default(), &mut Problems::default());
+        assert_eq!(
+            defaults,
+            TelemetryConfig {
+                otlp_endpoint: None,
+                sample_ratio: 1.0,
+                log_user: LogUser::Sub,
+            }
+        );
+    }
 }

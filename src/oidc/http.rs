@@ -115,6 +115,8 @@ impl ProviderHttp {
         Ok(http)
     }
 
+    /// One call, as a `provider call` span of the request's trace (when tracing), whose
+    /// `traceparent` the provider receives.
     async fn call(
         &self,
         req: Request<Full<Bytes>>,
@@ -128,10 +130,41 @@ impl ProviderHttp {
     /// [`Self::call`], also returning the headers some callers read.
     async fn call_full(
         &self,
-        req: Request<Full<Bytes>>,
+        mut req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<Answer, CallError> {
         let host = req.uri().host().unwrap_or("").to_string();
+        let span = tracing::trace_span!(
+            target: crate::telemetry::trace::TARGET,
+            "provider call",
+            "otel.kind" = "client",
+            "http.request.method" = req.method().as_str(),
+            "server.address" = host.as_str(),
+            "url.path" = req.uri().path(),
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        if let Some(traceparent) = crate::telemetry::trace::traceparent(&span) {
+            req.headers_mut().insert("traceparent", traceparent);
+        }
+        let result = self.send(req, timeout, &host).await;
+        match &result {
+            Ok(answer) => {
+                span.record("http.response.status_code", answer.status);
+            }
+            Err(_) => {
+                span.record("error.type", "unavailable");
+            }
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+        host: &str,
+    ) -> Result<Answer, CallError> {
         // One deadline for the answer and its body: a grant is waited for this long in all.
         let deadline = tokio::time::Instant::now() + timeout;
         let sent = tokio::time::timeout_at(deadline, self.client.request(req)).await;

@@ -194,6 +194,20 @@ impl Upstreams {
         route: &str,
     ) -> Response<Body> {
         *req.version_mut() = Version::HTTP_11;
+        // The hop as a client span of the request's trace; the upstream continues it.
+        let span = tracing::trace_span!(
+            target: crate::telemetry::trace::TARGET,
+            "upstream hop",
+            "otel.kind" = "client",
+            "http.route" = route,
+            "server.address" = req.uri().host(),
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        if let Some(traceparent) = crate::telemetry::trace::traceparent(&span) {
+            req.headers_mut()
+                .insert(http::HeaderName::from_static("traceparent"), traceparent);
+        }
         let (protocol, downstream) = match upgrade {
             Some((protocol, on)) => (Some(protocol), Some(on)),
             None => (None, None),
@@ -231,6 +245,7 @@ impl Upstreams {
         };
         let mut response = match sent {
             Err(_) => {
+                span.record("error.type", "timeout");
                 metrics::counter!("vestibule_upstream_errors_total", "route" => route.to_string(), "kind" => "timeout").increment(1);
                 tracing::warn!(route, "upstream timed out");
                 return ErrorCode::UpstreamTimeout.json(&[]);
@@ -248,12 +263,15 @@ impl Upstreams {
                     tracing::info!(route, error = %error, "the request body failed");
                     return ErrorCode::BadRequest.json(&[]);
                 }
+                span.record("error.type", "unavailable");
                 metrics::counter!("vestibule_upstream_errors_total", "route" => route.to_string(), "kind" => "unavailable").increment(1);
                 tracing::warn!(route, error = %error, "upstream unavailable");
                 return ErrorCode::UpstreamUnavailable.json(&[]);
             }
             Ok(Ok(response)) => response,
         };
+        span.record("http.response.status_code", response.status().as_u16());
+        drop(span);
         response
             .extensions_mut()
             .insert(UpstreamLatency(started.elapsed()));

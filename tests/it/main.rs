@@ -21,6 +21,7 @@ mod login;
 mod logout;
 mod mtls_tokens;
 mod no_secrets_in_logs;
+mod observe;
 mod outbound_tls;
 mod par;
 mod paths;

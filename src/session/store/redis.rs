@@ -81,6 +81,58 @@ struct Inner {
     scripts: Scripts,
     pubsub: pubsub::Subscriber,
     description: String,
+    metrics: OpMetrics,
+}
+
+/// The operations [`RedisStore::run`] names, in metrics and spans.
+const OPS: [&str; 13] = [
+    "get",
+    "put_new",
+    "compare_and_set",
+    "touch",
+    "delete",
+    "index_add",
+    "index_members",
+    "index_remove",
+    "set_nx",
+    "extend_lock",
+    "unlock",
+    "publish",
+    "ping",
+];
+
+/// Each operation's latency histogram and error counter, registered once: looking a labelled
+/// series up per command would cost more than recording into it.
+struct OpMetrics {
+    durations: Vec<metrics::Histogram>,
+    errors: Vec<metrics::Counter>,
+}
+
+impl OpMetrics {
+    fn new() -> OpMetrics {
+        OpMetrics {
+            durations: OPS
+                .iter()
+                .map(|op| metrics::histogram!("vestibule_store_duration_seconds", "op" => *op))
+                .collect(),
+            errors: OPS
+                .iter()
+                .map(|op| metrics::counter!("vestibule_store_errors_total", "op" => *op))
+                .collect(),
+        }
+    }
+
+    fn record(&self, what: &str, elapsed: Duration, failed: bool) {
+        let Some(i) = OPS.iter().position(|op| *op == what) else {
+            return;
+        };
+        if let Some(h) = self.durations.get(i) {
+            h.record(elapsed.as_secs_f64());
+        }
+        if failed && let Some(c) = self.errors.get(i) {
+            c.increment(1);
+        }
+    }
 }
 
 struct Scripts {
@@ -213,6 +265,7 @@ impl RedisStore {
                 scripts,
                 pubsub,
                 description,
+                metrics: OpMetrics::new(),
             }),
             own: None,
         })
@@ -241,7 +294,34 @@ impl RedisStore {
         format!("{}{}", self.inner.prefix, key)
     }
 
-    async fn run<T: FromRedisValue>(&self, op: Op<'_>) -> Result<T, StoreError> {
+    /// Runs one command or script (`what`, a fixed name for metrics and spans — never a key),
+    /// timed (`vestibule_store_duration_seconds`), failures counted
+    /// (`vestibule_store_errors_total`), as a `redis` span of the request's trace.
+    async fn run<T: FromRedisValue>(
+        &self,
+        what: &'static str,
+        op: Op<'_>,
+    ) -> Result<T, StoreError> {
+        let span = tracing::trace_span!(
+            target: crate::telemetry::trace::TARGET,
+            "redis",
+            "otel.kind" = "client",
+            "db.system.name" = "redis",
+            "db.operation.name" = what,
+            "error.type" = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = self.run_untimed(op).await;
+        self.inner
+            .metrics
+            .record(what, started.elapsed(), result.is_err());
+        if result.is_err() {
+            span.record("error.type", "unavailable");
+        }
+        result
+    }
+
+    async fn run_untimed<T: FromRedisValue>(&self, op: Op<'_>) -> Result<T, StoreError> {
         let attempts = async {
             match self.attempt(&op).await {
                 // Never sent: a connection that failed to reconnect earlier reports that failure
@@ -287,7 +367,8 @@ impl RedisStore {
     pub async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
         let mut cmd = Self::cmd("HMGET");
         cmd.arg(self.key(key)).arg("v").arg("d");
-        let (version, value): (Option<u64>, Option<Vec<u8>>) = self.run(Op::Cmd(cmd)).await?;
+        let (version, value): (Option<u64>, Option<Vec<u8>>) =
+            self.run("get", Op::Cmd(cmd)).await?;
         match (version, value) {
             (Some(version), Some(value)) => Ok(Some(Record { version, value })),
             (None, None) => Ok(None),
@@ -303,7 +384,7 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         let mut inv = self.inner.scripts.put_new.prepare_invoke();
         inv.key(self.key(key)).arg(value).arg(ttl_millis(ttl));
-        self.run(Op::Script(inv)).await
+        self.run("put_new", Op::Script(inv)).await
     }
 
     pub async fn compare_and_set(
@@ -318,19 +399,19 @@ impl RedisStore {
             .arg(expected_version)
             .arg(value)
             .arg(ttl_millis(ttl));
-        self.run(Op::Script(inv)).await
+        self.run("compare_and_set", Op::Script(inv)).await
     }
 
     pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         let mut cmd = Self::cmd("PEXPIRE");
         cmd.arg(self.key(key)).arg(ttl_millis(ttl));
-        self.run(Op::Cmd(cmd)).await
+        self.run("touch", Op::Cmd(cmd)).await
     }
 
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let mut cmd = Self::cmd("DEL");
         cmd.arg(self.key(key));
-        let removed: u64 = self.run(Op::Cmd(cmd)).await?;
+        let removed: u64 = self.run("delete", Op::Cmd(cmd)).await?;
         Ok(removed > 0)
     }
 
@@ -344,19 +425,23 @@ impl RedisStore {
         inv.key(self.key(index_key))
             .arg(member)
             .arg(ttl_millis(ttl));
-        self.run::<i64>(Op::Script(inv)).await.map(drop)
+        self.run::<i64>("index_add", Op::Script(inv))
+            .await
+            .map(drop)
     }
 
     pub async fn index_members(&self, index_key: &str) -> Result<Vec<String>, StoreError> {
         let mut cmd = Self::cmd("SMEMBERS");
         cmd.arg(self.key(index_key));
-        self.run(Op::Cmd(cmd)).await
+        self.run("index_members", Op::Cmd(cmd)).await
     }
 
     pub async fn index_remove(&self, index_key: &str, member: &str) -> Result<(), StoreError> {
         let mut cmd = Self::cmd("SREM");
         cmd.arg(self.key(index_key)).arg(member);
-        self.run::<i64>(Op::Cmd(cmd)).await.map(drop)
+        self.run::<i64>("index_remove", Op::Cmd(cmd))
+            .await
+            .map(drop)
     }
 
     async fn set_nx(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -366,7 +451,7 @@ impl RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(ttl_millis(ttl));
-        let reply: Option<String> = self.run(Op::Cmd(cmd)).await?;
+        let reply: Option<String> = self.run("set_nx", Op::Cmd(cmd)).await?;
         Ok(reply.is_some())
     }
 
@@ -391,19 +476,19 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         let mut inv = self.inner.scripts.extend_lock.prepare_invoke();
         inv.key(self.key(key)).arg(token).arg(ttl_millis(lease));
-        self.run(Op::Script(inv)).await
+        self.run("extend_lock", Op::Script(inv)).await
     }
 
     pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
         let mut inv = self.inner.scripts.unlock.prepare_invoke();
         inv.key(self.key(key)).arg(token);
-        self.run::<i64>(Op::Script(inv)).await.map(drop)
+        self.run::<i64>("unlock", Op::Script(inv)).await.map(drop)
     }
 
     pub async fn publish(&self, channel_suffix: &str, payload: &str) -> Result<(), StoreError> {
         let mut cmd = Self::cmd("PUBLISH");
         cmd.arg(self.key(channel_suffix)).arg(payload);
-        self.run::<i64>(Op::Cmd(cmd)).await.map(drop)
+        self.run::<i64>("publish", Op::Cmd(cmd)).await.map(drop)
     }
 
     pub fn subscribe(&self, channel_suffix: &str) -> broadcast::Receiver<String> {
@@ -415,7 +500,7 @@ impl RedisStore {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let reply: String = self.run(Op::Cmd(Self::cmd("PING"))).await?;
+        let reply: String = self.run("ping", Op::Cmd(Self::cmd("PING"))).await?;
         if reply == "PONG" {
             Ok(())
         } else {

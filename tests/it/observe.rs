@@ -1,0 +1,647 @@
+//! Observability for an incident: OpenTelemetry spans exported over OTLP/HTTP JSON to a receiver
+//! started by the test (their names, parent ids chaining from the request to the provider calls
+//! and the upstream hop, no secret in any attribute), the W3C `traceparent` the upstream sees,
+//! who may decide sampling, and `/metrics` against `docs/metrics.md` and the Grafana dashboard.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::browser::Browser;
+use crate::support::redis::RedisServer;
+use crate::support::stack::LoginStack;
+use crate::support::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vestibule::clock::TestClock;
+
+/// An OTLP/HTTP receiver: records the path, content type and JSON body of every POST.
+#[derive(Clone, Default)]
+struct Receiver {
+    url: String,
+    posts: Arc<Mutex<Vec<(String, String, serde_json::Value)>>>,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver = Receiver {
+            url: format!("http://{}", listener.local_addr().unwrap()),
+            ..Receiver::default()
+        };
+        let posts = receiver.posts.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let posts = posts.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let posts = posts.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let kind = req
+                                .headers()
+                                .get("content-type")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let json = serde_json::from_slice(&body).unwrap_or_else(|_| {
+                                serde_json::Value::String(String::from_utf8_lossy(&body).into())
+                            });
+                            posts.lock().unwrap().push((path, kind, json));
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("{}"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        receiver
+    }
+
+    /// Every span received so far, flattened out of the OTLP envelopes.
+    fn spans(&self) -> Vec<Span> {
+        let posts = self.posts.lock().unwrap();
+        let mut spans = Vec::new();
+        for (path, kind, body) in posts.iter() {
+            assert_eq!(path, "/v1/traces");
+            assert_eq!(kind, "application/json");
+            for rs in body["resourceSpans"].as_array().unwrap() {
+                for ss in rs["scopeSpans"].as_array().unwrap() {
+                    for s in ss["spans"].as_array().unwrap() {
+                        spans.push(Span::of(s));
+                    }
+                }
+            }
+        }
+        spans
+    }
+
+    /// Waits until a span named `name` in trace `trace` (any trace when `None`) has arrived.
+    async fn span(&self, name: &str, trace: Option<&str>) -> Span {
+        eventually(
+            &format!("a {name:?} span arrives"),
+            Duration::from_secs(10),
+            || async {
+                self.spans()
+                    .into_iter()
+                    .find(|s| s.name == name && trace.is_none_or(|t| s.trace == t))
+            },
+        )
+        .await
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Span {
+    name: String,
+    trace: String,
+    id: String,
+    parent: String,
+    kind: i64,
+    attributes: HashMap<String, String>,
+}
+
+impl Span {
+    fn of(s: &serde_json::Value) -> Span {
+        let attributes = s["attributes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|kv| {
+                        let value = &kv["value"];
+                        let text = value["stringValue"]
+                            .as_str()
+                            .or(value["intValue"].as_str())
+                            .map(str::to_string)
+                            .unwrap_or_else(|| value.to_string());
+                        (kv["key"].as_str().unwrap().to_string(), text)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            s["startTimeUnixNano"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                <= s["endTimeUnixNano"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+        );
+        Span {
+            name: s["name"].as_str().unwrap().to_string(),
+            trace: s["traceId"].as_str().unwrap().to_string(),
+            id: s["spanId"].as_str().unwrap().to_string(),
+            parent: s["parentSpanId"].as_str().unwrap_or("").to_string(),
+            kind: s["kind"].as_i64().unwrap_or(0),
+            attributes,
+        }
+    }
+}
+
+/// The names of the spans from `span` up to its root, following parent ids.
+fn ancestry(spans: &[Span], span: &Span) -> Vec<String> {
+    let mut names = vec![span.name.clone()];
+    let mut current = span.clone();
+    while !current.parent.is_empty() {
+        let Some(parent) = spans.iter().find(|s| s.id == current.parent) else {
+            panic!("{current:?}: its parent was not exported");
+        };
+        assert_eq!(parent.trace, current.trace, "a parent in another trace");
+        names.push(parent.name.clone());
+        current = parent.clone();
+    }
+    names
+}
+
+const TTL: u64 = 8;
+const SKEW: u64 = 4;
+
+struct Traced {
+    stack: LoginStack,
+    receiver: Receiver,
+    clock: TestClock,
+    _redis: RedisServer,
+}
+
+/// A login stack on Redis exporting every trace to a fresh receiver; `trusted`: the proxies
+/// whose `traceparent` is honoured.
+async fn traced(sample_ratio: f64, trusted: &'static str) -> Traced {
+    let receiver = Receiver::start().await;
+    let redis = RedisServer::start();
+    let clock = TestClock::new();
+    let store = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let endpoint = receiver.url.clone();
+    let stack = LoginStack::builder()
+        .provider(serde_json::json!({ "access_token_ttl": TTL }))
+        .extra(move |u| {
+            format!("{store}\n[[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\ntoken = \"user\"\n")
+        })
+        .config(move |c| {
+            c.set("oidc.refresh_skew", format!("{SKEW}s"))
+                .add("server.trusted_proxies", vec![trusted])
+                .add("telemetry.otlp_endpoint", endpoint)
+                .add("telemetry.sample_ratio", sample_ratio)
+        })
+        .clock(clock.clock())
+        .start()
+        .await;
+    Traced {
+        stack,
+        receiver,
+        clock,
+        _redis: redis,
+    }
+}
+
+/// Trace id and parent span id of a `traceparent` header; its flags.
+fn traceparent(value: &str) -> (String, String, String) {
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!(parts[0], "00", "{value}");
+    assert_eq!(parts[1].len(), 32, "{value}");
+    assert_eq!(parts[2].len(), 16, "{value}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+fn seen_traceparent(stack: &LoginStack, marker: &str) -> Option<String> {
+    let seen = stack.up.seen.lock().unwrap();
+    let s = seen.iter().rev().find(|s| s.uri.contains(marker))?;
+    s.headers
+        .get("traceparent")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn spans_chain_from_the_request_to_the_provider_and_the_upstream_and_carry_no_secret() {
+    let t = traced(1.0, "10.255.255.0/24").await;
+    let s = &t.stack;
+    let mut browser: Browser = s.login("alice").await;
+    let r = browser
+        .get(&s.proxy().url("/api/first"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    t.clock
+        .advance(Duration::from_millis((TTL - SKEW) * 1000 + 300));
+    let r = browser
+        .get(&s.proxy().url("/api/after-expiry"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The upstream saw our traceparent, in the trace of the request, as a child of the hop.
+    let header = seen_traceparent(s, "/after-expiry").expect("no traceparent upstream");
+    let (trace, parent, flags) = traceparent(&header);
+    assert_eq!(flags, "01", "sampled at ratio 1: {header}");
+    let hop = t.receiver.span("upstream hop", Some(&trace)).await;
+    assert_eq!(hop.id, parent, "the upstream's parent is the hop span");
+    assert_eq!(hop.kind, 3, "the hop is a client span");
+    t.receiver.span("provider call", Some(&trace)).await;
+    t.receiver.span("refresh lock wait", Some(&trace)).await;
+    let spans = t.receiver.spans();
+    let chain = ancestry(&spans, &hop);
+    assert_eq!(chain.last().unwrap(), "request", "{chain:?}");
+    let root = spans
+        .iter()
+        .find(|s| s.trace == trace && s.parent.is_empty())
+        .unwrap();
+    assert_eq!(root.kind, 2, "the request span is a server span");
+    assert_eq!(root.attributes["http.route"], "/api/");
+    assert_eq!(root.attributes["http.response.status_code"], "200");
+    // The refresh's grant at the provider, in the same trace, below the request.
+    let grant = spans
+        .iter()
+        .find(|s| s.trace == trace && s.name == "provider call")
+        .unwrap();
+    assert_eq!(ancestry(&spans, grant).last().unwrap(), "request");
+    assert!(
+        spans.iter().any(|s| s.trace == trace && s.name == "redis"),
+        "the refresh's Redis commands are spans of the request's trace"
+    );
+
+    // The login: its callback span holds the code grant, a provider call.
+    let callback = t.receiver.span("callback", None).await;
+    let code_grant = spans
+        .iter()
+        .filter(|s| s.trace == callback.trace && s.name == "provider call")
+        .find(|s| ancestry(&spans, s).contains(&"callback".to_string()))
+        .expect("no provider call below the callback span");
+    assert_eq!(code_grant.kind, 3);
+    t.receiver.span("login", None).await;
+    t.receiver.span("session load", None).await;
+
+    // Nothing secret in any attribute: no cookie value, token, code or session id.
+    let tokens = s.provider.tokens("alice").await;
+    let mut secrets: Vec<String> = browser.jar.values().cloned().collect();
+    for name in ["access_token", "refresh_token", "id_token"] {
+        if let Some(v) = tokens[name].as_str() {
+            secrets.push(v.to_string());
+        }
+    }
+    assert!(secrets.len() >= 3, "{secrets:?}");
+    let spans = t.receiver.spans();
+    for span in &spans {
+        for (key, value) in &span.attributes {
+            for secret in &secrets {
+                assert!(
+                    !value.contains(secret.as_str()),
+                    "{} attribute {key} carries a secret",
+                    span.name
+                );
+            }
+            assert!(
+                !value.contains("code="),
+                "{} attribute {key} carries a code",
+                span.name
+            );
+            assert!(
+                !value.contains("state="),
+                "{} attribute {key} carries a state",
+                span.name
+            );
+            assert!(
+                !key.contains("cookie") && !key.contains("authorization"),
+                "{key}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_untrusted_browser_can_neither_force_sampling_nor_choose_the_trace_id() {
+    let t = traced(0.0, "10.255.255.0/24").await;
+    let s = &t.stack;
+    let mut browser = s.login("alice").await;
+    let forced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = browser
+        .get(
+            &s.proxy().url("/api/forced"),
+            &[
+                ("x-csrf", "1"),
+                ("traceparent", forced),
+                ("tracestate", "a=b"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let header = seen_traceparent(s, "/forced").expect("no traceparent upstream");
+    let (trace, _, flags) = traceparent(&header);
+    assert_ne!(
+        trace, "0af7651916cd43dd8448eb211c80319c",
+        "the browser chose the trace"
+    );
+    assert_eq!(
+        flags, "00",
+        "ratio 0: not sampled, whatever the browser says"
+    );
+    let seen = s.up.last();
+    assert!(seen.headers.get("tracestate").is_none());
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_decides_sampling_and_its_trace_continues_upstream() {
+    let t = traced(0.0, "127.0.0.1/32").await;
+    let s = &t.stack;
+    let mut browser = s.login("alice").await;
+    let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = browser
+        .get(
+            &s.proxy().url("/api/continued"),
+            &[("x-csrf", "1"), ("traceparent", incoming)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let header = seen_traceparent(s, "/continued").expect("no traceparent upstream");
+    let (trace, parent, flags) = traceparent(&header);
+    assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(flags, "01");
+    let hop = t.receiver.span("upstream hop", Some(&trace)).await;
+    assert_eq!(hop.id, parent);
+    let spans = t.receiver.spans();
+    let root = spans
+        .iter()
+        .find(|s| s.trace == trace && s.name == "request")
+        .unwrap();
+    assert_eq!(
+        root.parent, "b7ad6b7169203331",
+        "the proxy's span is the parent"
+    );
+    // Unsampled by the trusted proxy: a new request with flag 00 exports nothing of its trace.
+    let unsampled = "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    browser
+        .get(
+            &s.proxy().url("/api/unsampled"),
+            &[("x-csrf", "1"), ("traceparent", unsampled)],
+        )
+        .await;
+    let header = seen_traceparent(s, "/unsampled").unwrap();
+    assert_eq!(traceparent(&header).2, "00");
+    // The next sampled request's spans arrive; none of the unsampled trace came before them.
+    let again = "00-2af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    browser
+        .get(
+            &s.proxy().url("/api/again"),
+            &[("x-csrf", "1"), ("traceparent", again)],
+        )
+        .await;
+    t.receiver
+        .span("request", Some("2af7651916cd43dd8448eb211c80319c"))
+        .await;
+    assert!(
+        !t.receiver
+            .spans()
+            .iter()
+            .any(|s| s.trace == "1af7651916cd43dd8448eb211c80319c")
+    );
+}
+
+/// The `vestibule_*` series `text` (Prometheus exposition) names, without histogram suffixes.
+fn series(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter(|n| n.starts_with("vestibule_"))
+        .map(|n| {
+            n.trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+                .to_string()
+        })
+        .collect()
+}
+
+/// The series `docs/metrics.md` documents: each in backticks at the start of a table row.
+fn documented() -> BTreeSet<String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("vestibule_"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_series_after_a_login_refresh_and_logout_is_documented() {
+    let t = traced(1.0, "10.255.255.0/24").await;
+    let s = &t.stack;
+    let mut browser = s.login("alice").await;
+    browser
+        .get(&s.proxy().url("/api/one"), &[("x-csrf", "1")])
+        .await;
+    t.clock
+        .advance(Duration::from_millis((TTL - SKEW) * 1000 + 300));
+    let r = browser
+        .get(&s.proxy().url("/api/two"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200);
+    let r = browser
+        .request(
+            "POST",
+            &s.proxy().url("/bff/logout"),
+            &[("x-csrf", "1")],
+            None,
+        )
+        .await;
+    assert!(r.status < 400, "{}", r.text());
+    let metrics = get(&format!("http://{}/metrics", s.proxy().admin), &[])
+        .await
+        .text();
+    // The flow's own series are there (so the comparison below means something).
+    for needed in [
+        "vestibule_logins_total",
+        "vestibule_callbacks_total",
+        "vestibule_refresh_lock_wait_seconds",
+        "vestibule_store_duration_seconds",
+        "vestibule_logouts_total",
+    ] {
+        assert!(
+            series(&metrics).contains(needed),
+            "{needed} missing: {metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("route=\"bff:/login\"") && metrics.contains("route=\"bff:/callback\""),
+        "each BFF endpoint has its own route label: {metrics}"
+    );
+    let documented = documented();
+    let missing: Vec<_> = series(&metrics).difference(&documented).cloned().collect();
+    assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+}
+
+#[test]
+fn the_grafana_dashboard_is_json_and_queries_only_documented_series() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/vestibule.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let documented = documented();
+    let mut used = BTreeSet::new();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 6, "a dashboard worth opening");
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("vestibule_") {
+                    let name = word
+                        .trim_end_matches("_bucket")
+                        .trim_end_matches("_sum")
+                        .trim_end_matches("_count");
+                    assert!(
+                        documented.contains(name),
+                        "{name} in {expr} is not documented"
+                    );
+                    used.insert(name.to_string());
+                }
+            }
+        }
+    }
+    assert!(used.len() >= 8, "{used:?}");
+}
+
+/// The real binary, logging JSON at debug to a file, with traces to `receiver`.
+struct Binary {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    async fn start(text: &TomlConfig) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = free_port();
+        let text = text
+            .clone()
+            .set("admin.listen", format!("127.0.0.1:{admin}"));
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text.text()).unwrap();
+        let log = dir.path().join("vestibule.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let binary = Binary {
+            child,
+            log,
+            _dir: dir,
+        };
+        eventually(
+            "vestibule becomes ready",
+            Duration::from_secs(20),
+            || async {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
+                )
+                .await;
+                matches!(r, Ok(Ok(ref r)) if r.status() == 200).then_some(())
+            },
+        )
+        .await;
+        binary
+    }
+
+    /// Stops the process; its log lines as JSON.
+    fn stop(mut self) -> Vec<serde_json::Value> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        assert!(self.child.wait().unwrap().success());
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn the_access_log_names_client_user_agent_canonical_path_and_trace() {
+    let receiver = Receiver::start().await;
+    let port = free_port();
+    let provider = crate::support::provider::start(port, serde_json::json!({}));
+    let up = crate::support::upstream::start().await;
+    let text = login_toml(
+        port,
+        &provider.issuer,
+        &format!(
+            "[log]\nlevel = \"debug\"\nformat = \"json\"\n[telemetry]\notlp_endpoint = \"{}\"\nlog_user = \"hash\"\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n",
+            receiver.url,
+            up.url()
+        ),
+    )
+    .add("server.trusted_proxies", vec!["127.0.0.1/32"]);
+    let binary = Binary::start(&text).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = Browser::default();
+    let done = browser.login(&base, "alice", "alice", "/").await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let headers = [
+        ("x-csrf", "1"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("user-agent", "incident-test/1.0"),
+    ];
+    let r = browser
+        .get(&format!("{base}/api//a/./%62c"), &headers)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let traceparent = up.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let long = format!("{base}/api/{}", "x".repeat(2000));
+    assert_eq!(browser.get(&long, &headers).await.status, 200);
+    // Refused inside a traced request: its debug line still reaches the log.
+    let refused = browser.get(&format!("{base}/api/no-csrf"), &[]).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    let lines = binary.stop();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "vestibule::access")
+        .collect();
+    let line = access
+        .iter()
+        .find(|l| l["path"] == "/api/a/bc")
+        .unwrap_or_else(|| panic!("no access line with the canonical path: {access:?}"));
+    assert_eq!(line["route"], "/api/");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["client"], "203.0.113.9");
+    assert_eq!(line["user_agent"], "incident-test/1.0");
+    assert_eq!(line["trace_id"].as_str(), Some(&traceparent[3..35]));
+    let user = line["user"].as_str().unwrap();
+    assert_eq!(user.len(), 16, "a keyed hash: {user}");
+    assert!(!user.contains("alice"));
+    assert!(line["upstream_ms"].as_f64().is_some());
+    let cut = access
+        .iter()
+        .find(|l| l["path"].as_str().unwrap().starts_with("/api/xxxx"))
+        .unwrap();
+    assert!(cut["path"].as_str().unwrap().len() <= 256, "{cut}");
+    for name in ["bff:/login", "bff:/callback"] {
+        assert!(
+            access.iter().any(|l| l["route"] == name),
+            "{name}: {access:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "DEBUG" && l["message"] == "request refused"),
+        "a debug line from inside a traced request is missing"
+    );
+}
