@@ -101,7 +101,8 @@ async function login(start, jar) {
   let method = 'GET';
   let body;
   for (let hops = 0; hops < 20; hops++) {
-    const headers = {};
+    // What a browser sends on a navigation (mod_auth_openidc answers 401 to non-HTML requests).
+    const headers = { accept: 'text/html,application/xhtml+xml,*/*;q=0.8' };
     const cookie = jar.header(url);
     if (cookie) headers.cookie = cookie;
     if (body) {
@@ -123,6 +124,7 @@ async function login(start, jar) {
       body = new URLSearchParams({ login: opt.user, password: opt.password }).toString();
       continue;
     }
+    jar.last = `${res.status} from ${url.origin}${url.pathname}`;
     return jar;
   }
   throw new Error('too many redirects');
@@ -153,10 +155,9 @@ async function loginMany() {
         const jar = await login(opt.start, new Jar(provider));
         const value = jar.value(opt.cookie);
         if (value) values.push(value);
-        else failed++;
+        else if (++failed <= 3) console.error(`bench-sessions: no cookie ${opt.cookie} after the login (last answer: ${jar.last})`);
       } catch (err) {
-        failed++;
-        if (failed <= 3) console.error(`bench-sessions: login failed: ${err.message}`);
+        if (++failed <= 3) console.error(`bench-sessions: login failed: ${err.message}`);
       }
       if (values.length % 10000 === 0 && values.length) {
         console.error(`bench-sessions: ${values.length} logins, ${((Date.now() - started) / 1000).toFixed(1)} s`);
