@@ -166,8 +166,10 @@ async function loginMany() {
   }
   await Promise.all(Array.from({ length: concurrency }, worker));
   const seconds = (Date.now() - started) / 1000;
+  const cpu = process.cpuUsage();
   console.error(`bench-sessions: ${values.length} logins (${failed} failed) in ${seconds.toFixed(1)} s, ` +
-    `${(values.length / seconds).toFixed(0)}/s, concurrency ${concurrency}${opt.sso ? ', provider session shared' : ''}`);
+    `${(values.length / seconds).toFixed(0)}/s, concurrency ${concurrency}${opt.sso ? ', provider session shared' : ''}; ` +
+    `this helper used ${((cpu.user + cpu.system) / 1000 / Math.max(1, values.length)).toFixed(2)} ms CPU per login`);
   if (failed) process.exitCode = 1;
   const text = values.join('\n') + '\n';
   if (opt.out) fs.writeFileSync(opt.out, text);
