@@ -5,7 +5,15 @@
 //! session as soon as the message arrives. A lagging receiver or a `RESYNC` empties the cache, and
 //! no entry outlives its time to live even if messages are lost. While the store says its
 //! subscription is down (`live` is `false`), messages cannot arrive at all: the cache then holds
-//! nothing and every lookup goes to the store.
+//! nothing and every lookup goes to the store; any change of `live` (an outage, even one that
+//! ended before the next lookup) empties the cache.
+//!
+//! The cache is split into [`SHARDS`] shards by handle, each behind its own mutex with its own
+//! receivers of the invalidation messages and of `live`, so two serving workers rarely wait for
+//! each other. A full shard evicts one entry per insert: of two entries picked at random, an
+//! expired one if there is one, else the first. Random eviction keeps most of the recent
+//! sessions and, unlike LRU (or emptying everything), still hits when more sessions are active
+//! than the cache holds and they come round in a cycle.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -17,22 +25,32 @@ use tokio::time::Instant;
 
 use crate::session::model::Session;
 
-/// Entries kept before expired ones are swept (and, if that is not enough, all are dropped).
+/// Entries kept in all, [`MAX_ENTRIES`] / [`SHARDS`] per shard.
 const MAX_ENTRIES: usize = 10_000;
+/// Independent parts of the cache (a power of two).
+const SHARDS: usize = 16;
 
 pub(super) struct Cache {
     ttl: Duration,
-    /// Whether invalidation messages are being delivered.
-    live: watch::Receiver<bool>,
-    state: Mutex<State>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
-struct State {
-    entries: HashMap<String, Entry>,
+struct Shard {
+    /// Handle -> position in `slots`.
+    index: HashMap<String, usize>,
+    slots: Vec<Slot>,
+    capacity: usize,
     invalidations: broadcast::Receiver<String>,
+    /// `None` once the sender is gone (the memory store's, which is always live): `is_live` is
+    /// then final.
+    live: Option<watch::Receiver<bool>>,
+    is_live: bool,
+    /// State of the xorshift generator that picks eviction candidates.
+    random: u64,
 }
 
-struct Entry {
+struct Slot {
+    handle: String,
     stored: Instant,
     version: u64,
     /// Shared with the requests that read it: a hit costs a reference count, not a copy.
@@ -45,70 +63,157 @@ impl Cache {
         invalidations: broadcast::Receiver<String>,
         live: watch::Receiver<bool>,
     ) -> Cache {
-        Cache {
-            ttl,
-            live,
-            state: Mutex::new(State {
-                entries: HashMap::new(),
-                invalidations,
-            }),
-        }
+        let capacity = MAX_ENTRIES.div_ceil(SHARDS);
+        let shards = (0..SHARDS)
+            .map(|i| {
+                let mut live = live.clone();
+                let is_live = *live.borrow_and_update();
+                Mutex::new(Shard {
+                    index: HashMap::with_capacity(capacity),
+                    slots: Vec::with_capacity(capacity),
+                    capacity,
+                    invalidations: invalidations.resubscribe(),
+                    live: Some(live),
+                    is_live,
+                    random: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1),
+                })
+            })
+            .collect();
+        Cache { ttl, shards }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.drain();
-        if !*self.live.borrow() {
-            state.entries.clear();
-        }
-        state
+    /// The shard of a handle, brought up to date (messages drained, liveness checked).
+    fn shard(&self, handle: &str) -> MutexGuard<'_, Shard> {
+        // Handles are hex digests: any bytes will do; fold the last few.
+        let folded = handle.bytes().rev().take(4).fold(0usize, |acc, b| {
+            acc.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        let mut shard = self.shards[folded & (SHARDS - 1)]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shard.refresh();
+        shard
     }
 
     pub(super) fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
-        let state = self.state();
-        let entry = state.entries.get(handle)?;
-        (entry.stored.elapsed() < self.ttl).then(|| (entry.version, entry.session.clone()))
+        let mut shard = self.shard(handle);
+        let at = *shard.index.get(handle)?;
+        let slot = &shard.slots[at];
+        if slot.stored.elapsed() < self.ttl {
+            return Some((slot.version, slot.session.clone()));
+        }
+        shard.remove_at(at);
+        None
     }
 
     pub(super) fn put(&self, handle: &str, version: u64, session: &Arc<Session>) {
-        let mut state = self.state();
-        if !*self.live.borrow() {
+        let mut shard = self.shard(handle);
+        if !shard.is_live {
             return;
         }
-        if state.entries.len() >= MAX_ENTRIES {
-            let ttl = self.ttl;
-            state
-                .entries
-                .retain(|_, entry| entry.stored.elapsed() < ttl);
-            if state.entries.len() >= MAX_ENTRIES {
-                state.entries.clear();
-            }
+        let stored = Instant::now();
+        if let Some(&at) = shard.index.get(handle) {
+            let slot = &mut shard.slots[at];
+            slot.stored = stored;
+            slot.version = version;
+            slot.session = session.clone();
+            return;
         }
-        let entry = Entry {
-            stored: Instant::now(),
+        if shard.slots.len() >= shard.capacity {
+            let victim = shard.victim(self.ttl);
+            shard.remove_at(victim);
+        }
+        let at = shard.slots.len();
+        shard.index.insert(handle.to_owned(), at);
+        shard.slots.push(Slot {
+            handle: handle.to_owned(),
+            stored,
             version,
             session: session.clone(),
-        };
-        state.entries.insert(handle.to_owned(), entry);
+        });
     }
 
     pub(super) fn remove(&self, handle: &str) {
-        self.state().entries.remove(handle);
+        self.shard(handle).remove(handle);
     }
 }
 
-impl State {
+impl Shard {
+    fn refresh(&mut self) {
+        self.drain();
+        if let Some(live) = &mut self.live {
+            match live.has_changed() {
+                Ok(false) => {}
+                Ok(true) => {
+                    // Down, or down and up again since the last look: messages may have been
+                    // lost in between.
+                    self.is_live = *live.borrow_and_update();
+                    self.clear();
+                }
+                Err(_) => {
+                    self.is_live = *live.borrow();
+                    self.live = None;
+                }
+            }
+        }
+        if !self.is_live && !self.slots.is_empty() {
+            self.clear();
+        }
+    }
+
     fn drain(&mut self) {
         loop {
             match self.invalidations.try_recv() {
-                Ok(handle) if handle.is_empty() => self.entries.clear(),
-                Ok(handle) => {
-                    self.entries.remove(&handle);
-                }
-                Err(TryRecvError::Lagged(_)) => self.entries.clear(),
+                Ok(handle) if handle.is_empty() => self.clear(),
+                Ok(handle) => self.remove(&handle),
+                Err(TryRecvError::Lagged(_)) => self.clear(),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.slots.clear();
+    }
+
+    fn remove(&mut self, handle: &str) {
+        if let Some(&at) = self.index.get(handle) {
+            self.remove_at(at);
+        }
+    }
+
+    /// Removes the entry in slot `at`; the last slot moves into its place.
+    fn remove_at(&mut self, at: usize) {
+        let removed = self.slots.swap_remove(at);
+        self.index.remove(&removed.handle);
+        if let Some(moved) = self.slots.get(at) {
+            if let Some(position) = self.index.get_mut(&moved.handle) {
+                *position = at;
+            }
+        }
+    }
+
+    /// The slot to evict from a full shard.
+    fn victim(&mut self, ttl: Duration) -> usize {
+        let len = self.slots.len();
+        let first = self.next_random() % len;
+        let second = self.next_random() % len;
+        if self.slots[second].stored.elapsed() >= ttl {
+            second
+        } else {
+            first
+        }
+    }
+
+    fn next_random(&mut self) -> usize {
+        // xorshift64: enough to spread evictions, no need for quality or secrecy.
+        let mut x = self.random;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random = x;
+        (x >> 16) as usize
     }
 }
 
@@ -174,5 +279,76 @@ mod tests {
         );
         cache.put("new", 2, &session());
         assert_eq!(cache.get("new").map(|(v, _)| v), Some(2));
+    }
+
+    fn handles(count: usize) -> Vec<String> {
+        (0..count)
+            .map(|i| format!("{:032x}", i as u128 * 0x9e37_79b9_7f4a_7c15))
+            .collect()
+    }
+
+    #[test]
+    fn more_sessions_than_capacity_keep_the_cache_full_and_the_recent_ones_in_it() {
+        let (_tx, rx) = broadcast::channel(4);
+        let cache = Cache::new(Duration::from_secs(60), rx, watch::channel(true).1);
+        let all = handles(MAX_ENTRIES + MAX_ENTRIES / 5);
+        for (version, handle) in all.iter().enumerate() {
+            cache.put(handle, version as u64, &session());
+        }
+        let held = all.iter().filter(|h| cache.get(h).is_some()).count();
+        assert!(
+            held >= MAX_ENTRIES * 9 / 10,
+            "{held} of {} sessions still cached: the cache must not be emptied when full",
+            all.len()
+        );
+        let recent = &all[all.len() - 1000..];
+        let recent_held = recent.iter().filter(|h| cache.get(h).is_some()).count();
+        assert!(
+            recent_held >= 850,
+            "only {recent_held} of the 1000 most recent sessions are cached"
+        );
+    }
+
+    #[test]
+    fn a_cycle_larger_than_capacity_still_hits() {
+        let (_tx, rx) = broadcast::channel(4);
+        let cache = Cache::new(Duration::from_secs(600), rx, watch::channel(true).1);
+        let all = handles(MAX_ENTRIES + MAX_ENTRIES / 5);
+        let (mut hits, mut lookups) = (0usize, 0usize);
+        for round in 0..5 {
+            for handle in &all {
+                let hit = cache.get(handle).is_some();
+                if !hit {
+                    cache.put(handle, 1, &session());
+                }
+                if round >= 2 {
+                    lookups += 1;
+                    hits += usize::from(hit);
+                }
+            }
+        }
+        let ratio = hits as f64 / lookups as f64;
+        assert!(
+            ratio >= 0.5,
+            "hit ratio {ratio:.3} cycling over 1.2x the capacity (LRU or emptying would give ~0)"
+        );
+    }
+
+    #[test]
+    fn a_subscription_outage_between_two_lookups_still_drops_what_was_cached() {
+        let (_tx, rx) = broadcast::channel(4);
+        let (live, watching) = watch::channel(true);
+        let cache = Cache::new(Duration::from_secs(60), rx, watching);
+        cache.put("kept", 1, &session());
+        assert!(cache.get("kept").is_some());
+        // Down and up again with no lookup in between: messages may have been lost meanwhile.
+        live.send_replace(false);
+        live.send_replace(true);
+        assert!(
+            cache.get("kept").is_none(),
+            "an entry cached before the outage must not survive it"
+        );
+        cache.put("new", 1, &session());
+        assert!(cache.get("new").is_some(), "cached again once it is back");
     }
 }
