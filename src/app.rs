@@ -7,6 +7,7 @@ use crate::access::{self, Tokens};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::oidc::Oidc;
+use crate::oidc::client_auth::Credential;
 use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
 use crate::reply::{Body, ErrorCode, Reader};
@@ -78,7 +79,8 @@ impl App {
             cache_ttl: config.session.cache_ttl,
         };
         let sessions = Arc::new(Sessions::new(settings, store));
-        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         tokio::spawn(
             oidc.provider
                 .clone()
@@ -314,6 +316,18 @@ impl App {
                 let old = self.live.load_full();
                 // Restart-only keys keep their running value: one snapshot is in effect.
                 let reloaded = crate::config::reload::reload(&old.config, config);
+                // Key and assertion files are read again: a rotated key needs no restart.
+                let credential = match Credential::load(&reloaded.config.oidc) {
+                    Ok(credential) => credential,
+                    Err(error) => {
+                        tracing::error!(
+                            trigger,
+                            "configuration rejected, keeping the previous one: {error}"
+                        );
+                        return;
+                    }
+                };
+                self.oidc.set_credential(credential);
                 for key in reloaded.restart_needed {
                     tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
                 }
@@ -407,11 +421,21 @@ fn rejects_token(response: &Response<Body>) -> bool {
 
 /// `vestibule check --online`: fetch the discovery document and the key set.
 pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
-    let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+    let oidc =
+        Oidc::new(config.oidc.clone(), config.redirect_uri()).map_err(|e| anyhow::anyhow!(e))?;
     oidc.provider
         .refresh()
         .await
-        .map_err(|e| anyhow::anyhow!(e))
+        .map_err(|e| anyhow::anyhow!("oidc.issuer: {e}"))?;
+    let metadata = oidc
+        .metadata()
+        .map_err(|e| anyhow::anyhow!("oidc.issuer: {e}"))?;
+    let problems = crate::oidc::metadata::check_support(&metadata, config, &oidc.credential());
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(problems.join("\n")))
+    }
 }
 
 /// How often the configuration file is checked for changes.

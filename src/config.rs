@@ -140,6 +140,19 @@ pub enum LogFormat {
 pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
+    /// A JWT signed by the client (RFC 7523, OpenID Connect Core §9).
+    PrivateKeyJwt,
+}
+
+impl ClientAuth {
+    /// The name registered at the provider (`token_endpoint_auth_method`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientAuth::ClientSecretBasic => "client_secret_basic",
+            ClientAuth::ClientSecretPost => "client_secret_post",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +161,14 @@ pub struct OidcConfig {
     pub client_id: String,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
+    /// `private_key_jwt`: the PEM private key that signs client assertions (re-read on reload).
+    pub client_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: more keys published at the admin `/jwks` but not used to sign — the
+    /// next key before a rotation, the previous one after it.
+    pub client_published_key_files: Vec<PathBuf>,
+    /// `private_key_jwt`: a file holding a ready client assertion that the platform keeps fresh
+    /// (e.g. a Kubernetes projected service-account token); read when it changes.
+    pub client_assertion_file: Option<PathBuf>,
     pub scopes: Vec<String>,
     pub extra_auth_params: Vec<(String, String)>,
     pub roles_claim: String,

@@ -6,14 +6,17 @@
 //! the `openidconnect` crate: it cannot refetch a rotated key set, does not check `azp`, has no
 //! leeway, no logout tokens and no token exchange, and would bring a second JOSE stack.
 
+pub mod client_auth;
 pub mod http;
 pub mod metadata;
 pub mod response;
 
-use crate::config::{ClientAuth, OidcConfig};
+use crate::config::OidcConfig;
+use arc_swap::ArcSwap;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http::{ClientCredentials, ProviderHttp};
+use client_auth::{ClientCredentials, Credential, CredentialError};
+use http::ProviderHttp;
 use metadata::{Metadata, Provider};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -153,16 +156,32 @@ pub struct Oidc {
     pub provider: Arc<Provider>,
     pub config: OidcConfig,
     pub redirect_uri: String,
+    /// How this client authenticates; replaced on reload (a rotated key file).
+    credential: ArcSwap<Credential>,
 }
 
 impl Oidc {
-    pub fn new(config: OidcConfig, redirect_uri: String) -> Arc<Oidc> {
+    /// The client for `config`; fails when its credential (a key or assertion file) cannot be
+    /// loaded.
+    pub fn new(config: OidcConfig, redirect_uri: String) -> Result<Arc<Oidc>, CredentialError> {
+        let credential = Credential::load(&config)?;
         let provider = Provider::new(config.issuer.clone(), ProviderHttp::new());
-        Arc::new(Oidc {
+        Ok(Arc::new(Oidc {
             provider,
             config,
             redirect_uri,
-        })
+            credential: ArcSwap::from_pointee(credential),
+        }))
+    }
+
+    /// Puts a credential loaded again (on reload) in effect for the next request.
+    pub fn set_credential(&self, credential: Credential) {
+        self.credential.store(Arc::new(credential));
+    }
+
+    /// The credential in effect.
+    pub fn credential(&self) -> Arc<Credential> {
+        self.credential.load_full()
     }
 
     pub fn metadata(&self) -> Result<Arc<Metadata>, GrantError> {
@@ -171,16 +190,21 @@ impl Oidc {
             .ok_or_else(|| GrantError::Unavailable("metadata not loaded yet".into()))
     }
 
-    fn credentials(&self) -> ClientCredentials<'_> {
-        ClientCredentials {
-            client_id: &self.config.client_id,
-            client_secret: self
-                .config
-                .client_secret
-                .as_ref()
-                .map_or("", |s| s.expose()),
-            basic: self.config.client_auth == ClientAuth::ClientSecretBasic,
-        }
+    /// The authentication parts of one request; an assertion we sign names the token endpoint
+    /// as its audience (OpenID Connect Core §9; also for revocation, which most providers
+    /// accept). Its time is the system's: the provider checks it against its own clock.
+    fn credentials(&self, metadata: &Metadata) -> Result<ClientCredentials, GrantError> {
+        self.credential
+            .load()
+            .request_parts(
+                &self.config.client_id,
+                &metadata.token_endpoint,
+                crate::clock::now(),
+            )
+            .map_err(|e| {
+                tracing::error!(error = %e, "the client's credential is unusable");
+                GrantError::Unavailable(e)
+            })
     }
 
     /// The provider URL that starts a login.
@@ -214,13 +238,14 @@ impl Oidc {
     /// A grant's successful answer as sent, or why there is none.
     async fn grant_json(&self, form: &[(&str, &str)]) -> Result<serde_json::Value, GrantError> {
         let metadata = self.metadata()?;
+        let credentials = self.credentials(&metadata)?;
         let reply = self
             .provider
             .http
             .post_form(
                 &metadata.token_endpoint,
                 form,
-                &self.credentials(),
+                &credentials,
                 self.config.provider_timeout,
             )
             .await
@@ -349,13 +374,16 @@ impl Oidc {
         let Some(endpoint) = &metadata.revocation_endpoint else {
             return;
         };
+        let Ok(credentials) = self.credentials(&metadata) else {
+            return;
+        };
         match self
             .provider
             .http
             .post_form(
                 endpoint,
                 &[("token", token), ("token_type_hint", hint)],
-                &self.credentials(),
+                &credentials,
                 self.config.provider_timeout,
             )
             .await

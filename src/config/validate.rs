@@ -289,7 +289,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     };
     let limits = limits::limits_config(limits, problems);
     let log = log_config(log, problems);
-    let oidc = oidc_config(oidc, problems);
+    let oidc = oidc_config(oidc, base, problems);
     let session = session_config(session, problems);
     let features: BTreeMap<String, FeatureConfig> = features
         .into_iter()

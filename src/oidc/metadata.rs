@@ -31,6 +31,46 @@ pub struct Metadata {
     /// RFC 9207: the provider sends `iss` in every authorization response.
     #[serde(default)]
     pub authorization_response_iss_parameter_supported: Option<bool>,
+    #[serde(default)]
+    pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    #[serde(default)]
+    pub token_endpoint_auth_signing_alg_values_supported: Option<Vec<String>>,
+    #[serde(default)]
+    pub acr_values_supported: Option<Vec<String>>,
+}
+
+/// `vestibule check --online`: what the configuration asks of the provider that its metadata
+/// says it does not do. Each problem names its TOML key. A list the provider does not publish
+/// is not held against it, except the default of `token_endpoint_auth_methods_supported`
+/// (OpenID Connect Discovery §3: `client_secret_basic`).
+pub fn check_support(
+    metadata: &Metadata,
+    config: &crate::config::Config,
+    credential: &super::client_auth::Credential,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let method = config.oidc.client_auth.name();
+    let methods = metadata
+        .token_endpoint_auth_methods_supported
+        .clone()
+        .unwrap_or_else(|| vec!["client_secret_basic".into()]);
+    if !methods.iter().any(|m| m == method) {
+        problems.push(format!(
+            "oidc.client_auth: the provider does not support {method:?} at its token endpoint (token_endpoint_auth_methods_supported: {})",
+            methods.join(", ")
+        ));
+    }
+    if let (Some(alg), Some(algs)) = (
+        credential.signing_alg(),
+        &metadata.token_endpoint_auth_signing_alg_values_supported,
+    ) && !algs.iter().any(|a| a == alg)
+    {
+        problems.push(format!(
+            "oidc.client_key_file: the provider does not accept {alg} client assertions (token_endpoint_auth_signing_alg_values_supported: {})",
+            algs.join(", ")
+        ));
+    }
+    problems
 }
 
 /// Fetches discovery and checks that it describes the configured issuer.

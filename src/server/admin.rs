@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (liveness), `/readyz` (store reachable, provider metadata
-//! loaded) and `/metrics` (Prometheus text). Never on the public listener.
+//! loaded), `/metrics` (Prometheus text) and `/jwks` (our public keys, for providers that fetch
+//! a client's `jwks_uri`). Never on the public listener.
 
 use crate::app::App;
 use crate::reply::{Body, full, json_response};
@@ -66,6 +67,14 @@ async fn handle<B>(app: &App, req: Request<B>) -> Response<Body> {
             };
             json_response(status, &serde_json::json!({"ready": ready, "checks": body}))
         }
+        "/jwks" => {
+            let mut response = json_response(StatusCode::OK, &jwk_set(app));
+            response.headers_mut().insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static("max-age=60"),
+            );
+            response
+        }
         "/metrics" => {
             let text = crate::telemetry::metrics().render();
             let mut response = Response::new(full(text));
@@ -80,4 +89,17 @@ async fn handle<B>(app: &App, req: Request<B>) -> Response<Body> {
             &serde_json::json!({"error": "not_found"}),
         ),
     }
+}
+
+/// One source of public keys for `/jwks`.
+type KeySource = fn(&App) -> Vec<serde_json::Value>;
+
+/// Where the published keys come from: the client-assertion keys (`private_key_jwt`). Another
+/// source (e.g. keys that sign assertions Vestibule issues) is one more entry.
+const KEY_SOURCES: &[KeySource] = &[|app| app.oidc.credential().published_keys().to_vec()];
+
+/// The public keys Vestibule publishes, as one JWK set gathered from every source.
+fn jwk_set(app: &App) -> serde_json::Value {
+    let keys: Vec<serde_json::Value> = KEY_SOURCES.iter().flat_map(|source| source(app)).collect();
+    serde_json::json!({ "keys": keys })
 }

@@ -7,6 +7,7 @@ mod support;
 
 mod architecture;
 mod cli;
+mod client_auth;
 mod config_errors;
 mod edge;
 mod fake_provider;
