@@ -236,6 +236,13 @@ impl App {
                 config.server.request_timeout,
             )
         };
+        // Kept for an RFC 9470 step-up answer: where the login brings the user back (a
+        // reference-counted copy, only for routes that send the user's token).
+        let uri = matches!(
+            route.token,
+            crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
+        )
+        .then(|| req.uri().clone());
         let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
             Captured::Once(req) => forward(req.map(Either::Left), admitted.bearer).await,
             Captured::Replay(replay) => {
@@ -257,6 +264,26 @@ impl App {
                 }
             }
         };
+        if response.status() == http::StatusCode::UNAUTHORIZED
+            && let Some(uri) = uri
+            && let Some(step) = crate::oidc::step_up::from_challenge(
+                response.headers().get_all(header::WWW_AUTHENTICATE).iter(),
+            )
+        {
+            // The upstream wants a stronger or more recent sign-in (RFC 9470): the same answer
+            // as a route's own step-up requirement, as JSON (the caller is an API call).
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+            response = RequestError::StepUp {
+                login_url: crate::oidc::step_up::login_url(
+                    &config.server.bff_prefix,
+                    path_and_query,
+                    Some(&step),
+                ),
+                step,
+                redirect: false,
+            }
+            .respond(Reader::Script);
+        }
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }

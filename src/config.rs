@@ -283,6 +283,19 @@ pub struct RouteConfig {
     pub allow_encoded_slash: bool,
     /// Pass `;` segment parameters through instead of answering 400 `bad_path`.
     pub allow_path_params: bool,
+    /// Step-up authentication: the session must satisfy this (`None`: any session will do).
+    pub step_up: Option<StepUp>,
+}
+
+/// What a sign-in must have been like (OpenID Connect Core §3.1.2.1): one of `acr_values` (any
+/// when empty), and no longer than `max_age` seconds ago. Required by a route, asked for by an
+/// upstream (RFC 9470), carried through a login in its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepUp {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acr_values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -290,6 +303,16 @@ pub struct FeatureConfig {
     pub public: bool,
     pub beta: bool,
     pub role: Option<String>,
+}
+
+/// An `acr` value as it may travel in `acr_values` (space-separated) and in a quoted
+/// `WWW-Authenticate` parameter: 1–200 printable ASCII characters, no space, `"` or `\`.
+pub fn is_acr_value(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 200
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
 /// One problem in the file: where it is and what to do about it.

@@ -124,8 +124,15 @@ async fn login(
     let Some(return_url) = local_return_url(&raw).filter(|u| u.len() <= MAX_RETURN_URL_LEN) else {
         return Err(RequestError::InvalidReturnUrl);
     };
+    // A step-up login (a route's or an upstream's login_url): what the sign-in must satisfy.
+    let step_up = crate::oidc::step_up::from_params(
+        query_param(req, "acr_values").as_deref(),
+        query_param(req, "max_age").as_deref(),
+    )
+    .map_err(|_| RequestError::BadRequest)?;
     let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
-    let login = LoginState::new(os_random, return_url, app.clock.now())?;
+    let mut login = LoginState::new(os_random, return_url, app.clock.now())?;
+    login.step_up = step_up;
     let session_config = &live.config.session;
     let name = format!(
         "{}{}",
@@ -250,6 +257,13 @@ async fn callback(
             );
         }
     };
+    // A step-up login must bring back what it asked for; the browser's session stays as it was.
+    if let Some(step) = &login.step_up
+        && let Err(shortfall) =
+            crate::oidc::step_up::check(step, &claims, now, live.config.oidc.clock_skew.as_secs())
+    {
+        return login_failed(shortfall.reason(), &shortfall.to_string());
+    }
     let sub = claims
         .get("sub")
         .and_then(|v| v.as_str())

@@ -10,6 +10,7 @@ pub mod client_auth;
 pub mod http;
 pub mod metadata;
 pub mod response;
+pub mod step_up;
 
 use crate::config::OidcConfig;
 use arc_swap::ArcSwap;
@@ -30,12 +31,17 @@ pub struct LoginState {
     pub verifier: String,
     pub return_url: String,
     pub created: u64,
+    /// A step-up login: what the sign-in must satisfy, asked of the provider and checked on
+    /// the returned ID token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_up: Option<crate::config::StepUp>,
 }
 
 impl std::fmt::Debug for LoginState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoginState")
             .field("return_url", &self.return_url)
+            .field("step_up", &self.step_up)
             .field("created", &self.created)
             .finish_non_exhaustive()
     }
@@ -54,6 +60,7 @@ impl LoginState {
             verifier: random_token_from(random, 48)?,
             return_url,
             created,
+            step_up: None,
         })
     }
 }
@@ -225,6 +232,16 @@ impl Oidc {
                 .append_pair("code_challenge_method", "S256");
             for (k, v) in &self.config.extra_auth_params {
                 q.append_pair(k, v);
+            }
+            if let Some(step) = &login.step_up {
+                let prompt_set = self
+                    .config
+                    .extra_auth_params
+                    .iter()
+                    .any(|(k, _)| k == "prompt");
+                for (k, v) in step_up::authorization_params(step, prompt_set) {
+                    q.append_pair(k, &v);
+                }
             }
         }
         url.into()

@@ -30,6 +30,7 @@ pub enum ErrorCode {
     LoginFailed,
     Unauthenticated,
     SessionExpired,
+    StepUpRequired,
     Csrf,
     Forbidden,
     TokenRefused,
@@ -55,6 +56,7 @@ impl ErrorCode {
             ErrorCode::LoginFailed => "login_failed",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::SessionExpired => "session_expired",
+            ErrorCode::StepUpRequired => "step_up_required",
             ErrorCode::Csrf => "csrf",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TokenRefused => "token_refused",
@@ -78,7 +80,9 @@ impl ErrorCode {
             | ErrorCode::BadPath
             | ErrorCode::InvalidReturnUrl
             | ErrorCode::LoginFailed => StatusCode::BAD_REQUEST,
-            ErrorCode::Unauthenticated | ErrorCode::SessionExpired => StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated | ErrorCode::SessionExpired | ErrorCode::StepUpRequired => {
+                StatusCode::UNAUTHORIZED
+            }
             ErrorCode::Csrf | ErrorCode::Forbidden | ErrorCode::TokenRefused => {
                 StatusCode::FORBIDDEN
             }
@@ -107,6 +111,9 @@ impl ErrorCode {
             ErrorCode::LoginFailed => "Sign-in could not be completed. Please start again.",
             ErrorCode::Unauthenticated => "Sign-in is required.",
             ErrorCode::SessionExpired => "The session has ended. Please sign in again.",
+            ErrorCode::StepUpRequired => {
+                "This needs a stronger or more recent sign-in. Please sign in again."
+            }
             ErrorCode::Csrf => "The request lacks the X-CSRF: 1 header or comes from another site.",
             ErrorCode::Forbidden => "You do not have access to this resource.",
             ErrorCode::TokenRefused => "The identity provider refused a token for this resource.",

@@ -148,6 +148,8 @@ pub struct Route {
     pub timeout: Option<String>,
     pub allow_encoded_slash: Option<bool>,
     pub allow_path_params: Option<bool>,
+    pub acr_values: Option<Vec<String>>,
+    pub max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

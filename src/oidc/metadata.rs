@@ -70,6 +70,19 @@ pub fn check_support(
             algs.join(", ")
         ));
     }
+    if let Some(supported) = &metadata.acr_values_supported {
+        for (i, route) in config.routes.iter().enumerate() {
+            let Some(step) = &route.step_up else { continue };
+            for acr in &step.acr_values {
+                if !supported.iter().any(|s| s == acr) {
+                    problems.push(format!(
+                        "routes[{i}].acr_values: the provider does not list {acr:?} in acr_values_supported ({})",
+                        supported.join(", ")
+                    ));
+                }
+            }
+        }
+    }
     problems
 }
 

@@ -148,6 +148,7 @@ mod tests {
             timeout: None,
             allow_encoded_slash: false,
             allow_path_params: false,
+            step_up: None,
         }
     }
 

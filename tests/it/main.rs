@@ -27,6 +27,7 @@ mod refresh_outcomes;
 mod sample_api;
 mod session_store;
 mod static_files;
+mod step_up;
 mod tls_http2;
 mod tokens;
 mod upstream_pool;

@@ -614,6 +614,7 @@ async fn docs_list_every_error_code() {
         LoginFailed,
         Unauthenticated,
         SessionExpired,
+        StepUpRequired,
         Csrf,
         Forbidden,
         TokenRefused,

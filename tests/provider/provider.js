@@ -49,6 +49,10 @@
 //                        ["beta-tester"]) and bob (password bob, roles []).
 //   access_token_claims  user claims copied into user JWT access tokens; default
 //                        ["roles", "realm_access"].
+//   acr_values           acr values the provider supports (acr_values_supported); default none.
+//                        When set, a login's `acr` is the login form's optional `acr` field if it
+//                        is one of them (a test's way of saying "the second factor was given"),
+//                        else the first one; ID tokens carry it.
 //
 // ID token claims: `sub`, `roles`, `realm_access` and any custom user claim come with scope openid;
 // name/given_name/family_name/preferred_username with `profile`; email/email_verified with `email`.
@@ -119,7 +123,7 @@ const DEFAULT_CLIENT = {
 
 const CONFIG_KEYS = new Set([
   'port', 'access_token_ttl', 'id_token_ttl', 'refresh_token_ttl', 'session_ttl', 'clients',
-  'resources', 'default_resource', 'users', 'access_token_claims',
+  'resources', 'default_resource', 'users', 'access_token_claims', 'acr_values',
 ]);
 
 const PROFILE_CLAIMS = ['name', 'given_name', 'family_name', 'preferred_username'];
@@ -220,6 +224,11 @@ function normaliseConfig(raw) {
     return meta;
   });
 
+  const acrValues = raw.acr_values ?? [];
+  if (!Array.isArray(acrValues) || !acrValues.every((a) => typeof a === 'string' && a)) {
+    fail('acr_values must be an array of strings');
+  }
+
   const accessTokenClaims = raw.access_token_claims ?? ['roles', 'realm_access'];
   if (!Array.isArray(accessTokenClaims)) fail('access_token_claims must be an array of claim names');
 
@@ -234,6 +243,7 @@ function normaliseConfig(raw) {
     defaultResource,
     users: new Map(users.map((u) => [u.sub, u])),
     accessTokenClaims,
+    acrValues,
   };
 }
 
@@ -525,6 +535,7 @@ function providerConfiguration() {
   return {
     adapter: Adapter,
     clients: config.clients,
+    acrValues: config.acrValues,
     jwks: { keys: signingKeys },
     cookies: { keys: cookieKeys },
     claims: CLAIMS,
@@ -813,8 +824,10 @@ async function handleInteraction(req, res, url) {
     return send(res, 401, loginForm(uid, clientId, { login, error: 'Invalid login or password.' }), 'text/html');
   }
   const grantId = await grantEverything(details, login);
+  const askedAcr = form.get('acr');
+  const acr = config.acrValues.includes(askedAcr) ? askedAcr : config.acrValues[0];
   return provider.interactionFinished(req, res, {
-    login: { accountId: login },
+    login: { accountId: login, ...(acr ? { acr } : {}) },
     consent: { grantId },
   }, { mergeWithLastSubmission: false });
 }

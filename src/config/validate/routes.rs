@@ -50,6 +50,8 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash,
             allow_path_params,
+            acr_values,
+            max_age,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -225,6 +227,36 @@ pub(super) fn routes_config(
                 "needs a signed-in user: set auth = \"required\"",
             );
         }
+        let acr_values = acr_values.unwrap_or_default();
+        for (i, acr) in acr_values.iter().enumerate() {
+            if !crate::config::is_acr_value(acr) {
+                problems.add(
+                    format!("{path}.acr_values[{i}]"),
+                    format!(
+                        "{acr:?} is not an acr value: printable characters, no spaces or quotes"
+                    ),
+                );
+            }
+        }
+        let max_age = max_age.map(|t| {
+            duration(
+                Some(t),
+                &format!("{path}.max_age"),
+                Duration::ZERO,
+                problems,
+            )
+            .as_secs()
+        });
+        let step_up = (!acr_values.is_empty() || max_age.is_some()).then_some(StepUp {
+            acr_values,
+            max_age,
+        });
+        if step_up.is_some() && auth != AuthMode::Required {
+            problems.add(
+                format!("{path}.acr_values"),
+                "acr_values and max_age need a signed-in user: set auth = \"required\"",
+            );
+        }
         let timeout = timeout.map(|t| {
             duration(
                 Some(t),
@@ -249,6 +281,7 @@ pub(super) fn routes_config(
             timeout,
             allow_encoded_slash: allow_encoded_slash.unwrap_or(false),
             allow_path_params: allow_path_params.unwrap_or(false),
+            step_up,
         });
     }
     let _ = base;
@@ -283,6 +316,19 @@ mod tests {
     #[test]
     fn golden_route_messages() {
         let cases = [
+            (
+                raw::Route {
+                    acr_values: Some(vec!["mfa".into(), "two words".into(), "".into()]),
+                    max_age: Some("soon".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].acr_values[1]: \"two words\" is not an acr value: printable characters, no spaces or quotes",
+                    "routes[0].acr_values[2]: \"\" is not an acr value: printable characters, no spaces or quotes",
+                    "routes[0].max_age: \"soon\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
+                    "routes[0].acr_values: acr_values and max_age need a signed-in user: set auth = \"required\"",
+                ],
+            ),
             (
                 raw::Route {
                     spa_fallback: Some("index.html".into()),

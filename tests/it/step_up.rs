@@ -1,0 +1,424 @@
+//! Step-up authentication per route: a route that requires `acr_values` and/or `max_age` answers
+//! a session that falls short with 401 `step_up_required` (a navigation is redirected) naming
+//! the `login_url` that asks the provider for it; the ID token that comes back is checked
+//! against what was asked; an upstream's RFC 9470 challenge gets the same answer. End to end
+//! with the real provider (which supports `acr_values` and `max_age`), hostile cases with the
+//! fake one.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::fake_provider::{claims, now};
+use crate::support::browser::{Browser, absolute};
+use crate::support::stack::LoginStack;
+use crate::support::*;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::time::Duration;
+use vestibule::jose::testing::{TestKey, TestSigner};
+
+/// An upstream that, like an RFC 9470 resource server, wants a stronger sign-in for
+/// `/rs/transfer` and answers everything else.
+async fn challenging_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let mut response = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                    if req.uri().path().ends_with("/transfer") {
+                        *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+                        response.headers_mut().insert(
+                            "www-authenticate",
+                            http::HeaderValue::from_static(
+                                r#"Bearer error="insufficient_user_authentication", error_description="A different authentication level is required", acr_values="mfa", max_age="300""#,
+                            ),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+async fn stack() -> LoginStack {
+    let rs = challenging_upstream().await;
+    LoginStack::builder()
+        .provider(json!({ "acr_values": ["pwd", "mfa"] }))
+        .extra(move |u| {
+            format!(
+                r#"
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+[[routes]]
+path = "/secure/"
+upstream = "{u}"
+token = "user"
+auth = "required"
+acr_values = ["mfa"]
+[[routes]]
+path = "/rs/"
+upstream = "{rs}"
+token = "user"
+"#
+            )
+        })
+        .start()
+        .await
+}
+
+/// Follows `login_url` (relative to `base`) through the provider's login form, posting `acr`
+/// when given, and returns the proxy's callback reply.
+async fn login_via(browser: &mut Browser, base: &str, login_url: &str, acr: Option<&str>) -> Reply {
+    let start = browser
+        .get(&format!("{base}{login_url}"), &[("accept", "text/html")])
+        .await;
+    assert_eq!(start.status, 302, "{}", start.text());
+    let mut url = start.header("location").unwrap().to_string();
+    let authorization = url.clone();
+    for _ in 0..20 {
+        if url.starts_with(base) {
+            let reply = browser.get(&url, &[("accept", "text/html")]).await;
+            return reply;
+        }
+        let reply = browser.get(&url, &[("accept", "text/html")]).await;
+        if reply.status == 200 && url.contains("/interaction/") {
+            let uid = url.rsplit('/').next().unwrap().to_string();
+            let origin = url.split("/interaction/").next().unwrap().to_string();
+            let mut body = "login=alice&password=alice".to_string();
+            if let Some(acr) = acr {
+                body.push_str(&format!("&acr={acr}"));
+            }
+            let posted = browser
+                .request(
+                    "POST",
+                    &format!("{origin}/interaction/{uid}/login"),
+                    &[],
+                    Some(body),
+                )
+                .await;
+            assert!((300..400).contains(&posted.status), "{}", posted.text());
+            url = absolute(&url, posted.header("location").unwrap());
+            continue;
+        }
+        assert!(
+            (300..400).contains(&reply.status),
+            "{url} after {authorization}: {} {}",
+            reply.status,
+            reply.text()
+        );
+        url = absolute(&url, reply.header("location").unwrap());
+    }
+    panic!("the login did not come back to the proxy");
+}
+
+async fn user_claims(browser: &mut Browser, s: &LoginStack) -> Value {
+    let r = browser
+        .get(&s.proxy().url("/bff/user"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[tokio::test]
+async fn a_route_requiring_mfa_sends_a_password_session_to_a_step_up_login_and_lets_it_in_after() {
+    let s = stack().await;
+    let mut browser = Browser::default();
+    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    // A plain login asks for no acr; the provider names none.
+    assert!(user_claims(&mut browser, &s).await["acr"].is_null());
+    // The plain route serves the session; the step-up route tells the SPA what to do.
+    let r = browser
+        .get(&s.proxy().url("/api/x"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = browser
+        .get(&s.proxy().url("/secure/data?q=1"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["error"], "step_up_required");
+    assert_eq!(body["acr_values"], json!(["mfa"]));
+    assert_eq!(
+        body["login_url"],
+        "/bff/login?returnUrl=%2Fsecure%2Fdata%3Fq%3D1&acr_values=mfa"
+    );
+    // A navigation is redirected there.
+    let nav = browser
+        .get(&s.proxy().url("/secure/page"), &[("accept", "text/html")])
+        .await;
+    assert_eq!(nav.status, 302);
+    assert_eq!(
+        nav.header("location"),
+        Some("/bff/login?returnUrl=%2Fsecure%2Fpage&acr_values=mfa")
+    );
+    // The provider is asked for it, with a fresh sign-in.
+    let login_url = body["login_url"].as_str().unwrap().to_string();
+    let start = browser
+        .clone()
+        .get(&format!("{}{login_url}", s.base), &[])
+        .await;
+    let authorization = url::Url::parse(start.header("location").unwrap()).unwrap();
+    let query: std::collections::HashMap<_, _> = authorization.query_pairs().into_owned().collect();
+    assert_eq!(query["acr_values"], "mfa");
+    assert_eq!(query["prompt"], "login");
+    // The user gives the second factor: back where they were, and let in.
+    let done = login_via(&mut browser, &s.base, &login_url, Some("mfa")).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    assert_eq!(done.header("location"), Some("/secure/data?q=1"));
+    assert_eq!(user_claims(&mut browser, &s).await["acr"], "mfa");
+    let r = browser
+        .get(&s.proxy().url("/secure/data?q=1"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_step_up_login_that_brings_back_a_weaker_acr_is_refused_and_the_session_stays() {
+    let s = stack().await;
+    let mut browser = Browser::default();
+    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    // The user signs in again without the second factor: the provider says acr "pwd".
+    let done = login_via(
+        &mut browser,
+        &s.base,
+        "/bff/login?returnUrl=%2Fsecure%2F&acr_values=mfa",
+        None,
+    )
+    .await;
+    assert_eq!(done.status, 400, "{}", done.text());
+    assert!(
+        done.text().contains("reason: acr_not_satisfied"),
+        "{}",
+        done.text()
+    );
+    // The earlier session is untouched, and still not enough for the route.
+    assert!(user_claims(&mut browser, &s).await["acr"].is_null());
+    let r = browser
+        .get(&s.proxy().url("/secure/x"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "step_up_required");
+}
+
+#[tokio::test]
+async fn an_upstream_asking_for_stronger_authentication_gets_the_same_step_up_answer() {
+    let s = stack().await;
+    let mut browser = Browser::default();
+    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let r = browser
+        .get(&s.proxy().url("/rs/balance"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = browser
+        .get(&s.proxy().url("/rs/transfer"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["error"], "step_up_required", "{body}");
+    assert_eq!(body["acr_values"], json!(["mfa"]));
+    assert_eq!(body["max_age"], 300);
+    assert_eq!(
+        body["login_url"],
+        "/bff/login?returnUrl=%2Frs%2Ftransfer&acr_values=mfa&max_age=300"
+    );
+    assert!(r.header("www-authenticate").is_none());
+    // Following it with the second factor gives an mfa session with a fresh auth_time.
+    let done = login_via(
+        &mut browser,
+        &s.base,
+        body["login_url"].as_str().unwrap(),
+        Some("mfa"),
+    )
+    .await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let user = user_claims(&mut browser, &s).await;
+    assert_eq!(user["acr"], "mfa");
+    let auth_time = user["auth_time"].as_u64().unwrap();
+    assert!(auth_time.abs_diff(now()) < 30, "{user}");
+}
+
+#[tokio::test]
+async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_old() {
+    let rs = challenging_upstream().await;
+    let s = LoginStack::builder()
+        .provider(json!({ "acr_values": ["pwd", "mfa"] }))
+        .extra(move |_| {
+            format!("[[routes]]\npath = \"/recent/\"\nupstream = \"{rs}\"\ntoken = \"user\"\nauth = \"required\"\nmax_age = \"2s\"\n")
+        })
+        .config(|c| c.add("oidc.clock_skew", "0s"))
+        .start()
+        .await;
+    let mut browser = Browser::default();
+    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    // A plain login says nothing of when the user authenticated: not enough for max_age.
+    let r = browser
+        .get(&s.proxy().url("/recent/a"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["error"], "step_up_required");
+    assert_eq!(body["max_age"], 2);
+    assert!(body.get("acr_values").is_none(), "{body}");
+    assert_eq!(
+        body["login_url"],
+        "/bff/login?returnUrl=%2Frecent%2Fa&max_age=2"
+    );
+    let done = login_via(
+        &mut browser,
+        &s.base,
+        body["login_url"].as_str().unwrap(),
+        None,
+    )
+    .await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let r = browser
+        .get(&s.proxy().url("/recent/a"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Once that sign-in is older than max_age, a fresh one is asked for again.
+    let body = eventually(
+        "the sign-in is older than max_age",
+        Duration::from_secs(10),
+        || {
+            let mut b = browser.clone();
+            let url = s.proxy().url("/recent/b");
+            async move {
+                let r = b.get(&url, &[("x-csrf", "1")]).await;
+                (r.status == 401).then(|| r.json())
+            }
+        },
+    )
+    .await;
+    assert_eq!(body["error"], "step_up_required");
+    let done = login_via(
+        &mut browser,
+        &s.base,
+        body["login_url"].as_str().unwrap(),
+        None,
+    )
+    .await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let r = browser
+        .get(&s.proxy().url("/recent/b"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A step-up login at a proxy in front of the fake provider, answered with an ID token of
+/// `edit(claims)`.
+async fn fake_step_up_login(query: &str, edit: impl FnOnce(Value) -> Value) -> Reply {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let proxy = start_proxy_for(&idp.issuer, "").await;
+    let start = get(&proxy.url(&format!("/bff/login?returnUrl=/{query}")), &[]).await;
+    assert_eq!(start.status, 302, "{}", start.text());
+    let location = url::Url::parse(start.header("location").unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+    let cookie = start
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    *idp.state.id_token.lock().unwrap() = signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .sign(&edit(claims(&idp.issuer, &q["nonce"])));
+    get(
+        &proxy.url(&format!("/bff/callback?code=abc&state={}", q["state"])),
+        &[("cookie", &cookie), ("accept", "text/html")],
+    )
+    .await
+}
+
+fn reason(r: &Reply) -> Option<String> {
+    crate::fake_provider::reason(r)
+}
+
+#[tokio::test]
+async fn what_a_step_up_login_brings_back_is_checked_against_what_was_asked() {
+    let with = |acr: Option<&str>, auth_time: Option<u64>| {
+        let acr = acr.map(String::from);
+        move |mut c: Value| {
+            if let Some(acr) = acr {
+                c["acr"] = json!(acr);
+            }
+            if let Some(t) = auth_time {
+                c["auth_time"] = json!(t);
+            }
+            c
+        }
+    };
+    // A weaker acr than asked.
+    let r = fake_step_up_login("&acr_values=mfa+hwk", with(Some("pwd"), None)).await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("acr_not_satisfied"),
+        "{}",
+        r.text()
+    );
+    // No acr at all.
+    let r = fake_step_up_login("&acr_values=mfa", with(None, Some(now()))).await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("acr_not_satisfied"),
+        "{}",
+        r.text()
+    );
+    // max_age asked, no auth_time (OpenID Connect Core §3.1.2.1: it is then required).
+    let r = fake_step_up_login("&max_age=60", with(Some("mfa"), None)).await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("auth_time_missing"),
+        "{}",
+        r.text()
+    );
+    // An old sign-in passed off as fresh.
+    let r = fake_step_up_login("&max_age=60", with(None, Some(now() - 3600))).await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("auth_time_too_old"),
+        "{}",
+        r.text()
+    );
+    // What was asked.
+    let r = fake_step_up_login(
+        "&acr_values=mfa+hwk&max_age=60",
+        with(Some("hwk"), Some(now() - 5)),
+    )
+    .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    // A plain login checks neither.
+    let r = fake_step_up_login("", with(Some("pwd"), None)).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+}
+
+#[tokio::test]
+async fn malformed_step_up_parameters_are_refused_at_login() {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let proxy = start_proxy_for(&idp.issuer, "").await;
+    for query in ["&max_age=soon", "&max_age=-1", "&acr_values=%22x%22"] {
+        let r = get(&proxy.url(&format!("/bff/login?returnUrl=/{query}")), &[]).await;
+        assert_eq!(r.status, 400, "{query}: {}", r.text());
+        assert_eq!(r.json()["error"], "bad_request");
+    }
+}
