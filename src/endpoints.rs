@@ -258,9 +258,15 @@ async fn callback(
         }
     };
     // A step-up login must bring back what it asked for; the browser's session stays as it was.
+    // Its age is taken from when the login started, as the provider's is (a slow user, or a
+    // fresh sign-in asked with `max_age=0`, is no failure).
     if let Some(step) = &login.step_up
-        && let Err(shortfall) =
-            crate::oidc::step_up::check(step, &claims, now, live.config.oidc.clock_skew.as_secs())
+        && let Err(shortfall) = crate::oidc::step_up::check(
+            step,
+            &claims,
+            login.created,
+            live.config.oidc.clock_skew.as_secs(),
+        )
     {
         return login_failed(shortfall.reason(), &shortfall.to_string());
     }

@@ -29,7 +29,9 @@ impl Shortfall {
 }
 
 /// Whether the sign-in described by `claims` (the ID token's, as kept in the session) satisfies
-/// `step`, at `now` with `leeway` seconds for the provider's clock.
+/// `step`, at `now` with `leeway` seconds for the provider's clock. For the ID token of a
+/// step-up login, `now` is when that login started: the provider weighed `max_age` then, and
+/// the user may take their time to sign in.
 pub fn check(
     step: &StepUp,
     claims: &Map<String, Value>,
@@ -123,8 +125,9 @@ pub fn from_params(
 /// optional `acr_values` and `max_age`; `None` when no such challenge is among `values`.
 pub fn from_challenge<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Option<StepUp> {
     for value in values {
-        let Ok(text) = value.to_str() else { continue };
-        let params = bearer_params(text)?;
+        let Some(params) = value.to_str().ok().and_then(bearer_params) else {
+            continue;
+        };
         if !params.iter().any(|(k, v)| {
             k.eq_ignore_ascii_case("error") && v == "insufficient_user_authentication"
         }) {
@@ -319,6 +322,27 @@ mod tests {
             from_challenge([header].iter()),
             None,
             "only a Bearer challenge first"
+        );
+        let basic = v(r#"Basic realm="x""#);
+        let bearer = v(r#"Bearer error="insufficient_user_authentication", acr_values="mfa""#);
+        assert_eq!(
+            from_challenge([basic, bearer].iter()),
+            Some(StepUp {
+                acr_values: vec!["mfa".into()],
+                max_age: None
+            }),
+            "a later WWW-Authenticate field is read too"
+        );
+        let header = v(
+            r#"Bearer error="insufficient_user_authentication", acr_values="mfa\" x", max_age=soon"#,
+        );
+        assert_eq!(
+            from_challenge([header].iter()),
+            Some(StepUp {
+                acr_values: vec![],
+                max_age: Some(0)
+            }),
+            "malformed parameters are not passed on: a fresh sign-in is asked instead"
         );
         let header = v(r#"bearer error=insufficient_user_authentication, max_age=60"#);
         assert_eq!(
