@@ -446,8 +446,9 @@ fn rejects_token(response: &Response<Body>) -> bool {
             .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token")))
 }
 
-/// `vestibule check --online`: fetch the discovery document and the key set.
-pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
+/// `vestibule check --online`: fetch the discovery document and the key set, and compare the
+/// configuration with the metadata. `Ok` carries the warnings to print.
+pub async fn check_provider(config: &Config) -> anyhow::Result<Vec<String>> {
     let oidc =
         Oidc::new(config.oidc.clone(), config.redirect_uri()).map_err(|e| anyhow::anyhow!(e))?;
     oidc.provider
@@ -457,11 +458,11 @@ pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
     let metadata = oidc
         .metadata()
         .map_err(|e| anyhow::anyhow!("oidc.issuer: {e}"))?;
-    let problems = crate::oidc::metadata::check_support(&metadata, config, &oidc.credential());
-    if problems.is_empty() {
-        Ok(())
+    let support = crate::oidc::metadata::check_support(&metadata, config, &oidc.credential());
+    if support.problems.is_empty() {
+        Ok(support.warnings)
     } else {
-        Err(anyhow::anyhow!(problems.join("\n")))
+        Err(anyhow::anyhow!(support.problems.join("\n")))
     }
 }
 

@@ -105,11 +105,18 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
         let Some(rt) = runtime() else {
             return ExitCode::from(1);
         };
-        if let Err(error) = rt.block_on(crate::app::check_provider(&config)) {
-            for line in error.to_string().lines() {
-                eprintln!("{}: {line}", path.display());
+        match rt.block_on(crate::app::check_provider(&config)) {
+            Ok(warnings) => {
+                for warning in warnings {
+                    eprintln!("{}: warning: {warning}", path.display());
+                }
             }
-            return ExitCode::from(1);
+            Err(error) => {
+                for line in error.to_string().lines() {
+                    eprintln!("{}: {line}", path.display());
+                }
+                return ExitCode::from(1);
+            }
         }
     }
     println!("{}: OK ({} routes)", path.display(), config.routes.len());

@@ -337,7 +337,7 @@ async fn an_assertion_file_is_sent_as_is_and_read_again_when_it_changes() {
     }
 }
 
-fn check(config: &TomlConfig, online: bool) -> (Option<i32>, String) {
+pub(crate) fn check(config: &TomlConfig, online: bool) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config.text()).unwrap();

@@ -279,3 +279,62 @@ async fn upstream_challenges_become_a_step_up_only_as_rfc_9470_says_and_never_pa
     assert_eq!(r.status, 302, "{}", r.text());
     assert_eq!(r.header("location"), Some("/rs/hostile"));
 }
+
+#[tokio::test]
+async fn check_validates_the_keys_and_online_warns_of_acr_values_the_provider_does_not_list() {
+    use crate::client_auth::check;
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let route = "[[routes]]\npath = \"/secure/\"\nupstream = \"http://127.0.0.1:9\"\n\
+                 auth = \"required\"\nacr_values = [\"mfa\", \"hwk\"]\nmax_age = \"10m\"\n";
+    let config = config_toml(route).set("oidc.issuer", idp.issuer.as_str());
+    let run = |config: &crate::support::toml_config::TomlConfig, online: bool| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || check(&config, online))
+    };
+    let (code, out) = run(&config, false).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    let bad = config
+        .clone()
+        .set("routes.0.acr_values", vec!["mfa", "two words"])
+        .set("routes.0.max_age", "soon")
+        .remove("routes.0.auth");
+    let (code, out) = run(&bad, false).await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    for line in [
+        "routes[0].acr_values[1]: \"two words\" is not an acr value",
+        "routes[0].max_age: \"soon\" is not a duration",
+        "routes[0].acr_values: acr_values and max_age need a signed-in user",
+    ] {
+        assert!(out.contains(line), "{line} in {out}");
+    }
+    // A provider that publishes no acr_values_supported: a warning, and the check passes.
+    let (code, out) = run(&config, true).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warning: routes[0].acr_values: the provider publishes no acr_values_supported, so whether it knows mfa, hwk cannot be checked"),
+        "{out}"
+    );
+    // One that does not list a value: a warning naming it.
+    idp.state
+        .discovery_extra
+        .lock()
+        .unwrap()
+        .insert("acr_values_supported".to_string(), json!(["pwd", "mfa"]));
+    let (code, out) = run(&config, true).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warning: routes[0].acr_values: the provider does not list \"hwk\" in acr_values_supported (pwd, mfa)"),
+        "{out}"
+    );
+    assert!(!out.contains("\"mfa\""), "{out}");
+    // One that lists them all: nothing to say.
+    idp.state.discovery_extra.lock().unwrap().insert(
+        "acr_values_supported".to_string(),
+        json!(["pwd", "mfa", "hwk"]),
+    );
+    let (code, out) = run(&config, true).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+}
