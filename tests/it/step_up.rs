@@ -18,10 +18,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use std::time::Duration;
+use vestibule::clock::TestClock;
 
 /// An upstream that, like an RFC 9470 resource server, answers a path ending in one of
-/// `challenges`' suffixes with that status and those `WWW-Authenticate` fields, and everything
-/// else with 200.
+/// `challenges`' suffixes with that status and those `WWW-Authenticate` fields (body `{}`), and
+/// everything else with 200 and the `Authorization` it got as `{"authorization": …}`.
 async fn upstream_with(
     challenges: &'static [(&'static str, u16, &'static [&'static str])],
 ) -> String {
@@ -34,13 +35,19 @@ async fn upstream_with(
             };
             tokio::spawn(async move {
                 let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let mut response = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                    let authorization = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok());
+                    let echo = json!({ "authorization": authorization }).to_string();
+                    let mut response = http::Response::new(Full::new(Bytes::from(echo)));
                     let path = req.uri().path();
                     if let Some((_, status, fields)) = challenges
                         .iter()
                         .find(|(suffix, ..)| path.ends_with(suffix))
                     {
                         *response.status_mut() = http::StatusCode::from_u16(*status).unwrap();
+                        *response.body_mut() = Full::new(Bytes::from_static(b"{}"));
                         for field in *fields {
                             response
                                 .headers_mut()
@@ -338,4 +345,42 @@ async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_
         .get(&s.proxy().url("/recent/b"), &[("x-csrf", "1")])
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_stepped_up_session_stays_stepped_up_across_refreshes() {
+    let clock = TestClock::new();
+    let rs = challenging_upstream().await;
+    let s = LoginStack::builder()
+        .provider(json!({ "acr_values": ["pwd", "mfa"], "access_token_ttl": 8 }))
+        .extra(move |_| {
+            format!(
+                "[[routes]]\npath = \"/secure/\"\nupstream = \"{rs}\"\ntoken = \"user\"\n\
+                 auth = \"required\"\nacr_values = [\"mfa\"]\nmax_age = \"1h\"\n"
+            )
+        })
+        .config(|c| c.set("oidc.refresh_skew", "4s"))
+        .clock(clock.clock())
+        .start()
+        .await;
+    let mut browser = Browser::default();
+    let login_url = "/bff/login?returnUrl=%2Fsecure%2F&acr_values=mfa&max_age=3600";
+    let done = login_via(&mut browser, &s.base, login_url, Some("mfa")).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let bearer = |r: &Reply| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["authorization"].as_str().unwrap().to_string()
+    };
+    let url = s.proxy().url("/secure/a");
+    let first = bearer(&browser.get(&url, &[("x-csrf", "1")]).await);
+    // The access token is due: this request refreshes it (and the session's ID token claims).
+    clock.advance(Duration::from_millis(4_300));
+    let second = bearer(&browser.get(&url, &[("x-csrf", "1")]).await);
+    assert_ne!(first, second, "the access token was not refreshed");
+    // Admitted on the claims the refresh left: the sign-in is still the mfa one.
+    let third = bearer(&browser.get(&url, &[("x-csrf", "1")]).await);
+    assert_eq!(second, third);
+    let user = user_claims(&mut browser, &s).await;
+    assert_eq!(user["acr"], "mfa", "{user}");
+    assert!(user["auth_time"].is_u64(), "{user}");
 }

@@ -38,6 +38,9 @@ const TOKEN_CLAIMS: [&str; 11] = [
     "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
 ];
 
+/// Claims about the sign-in itself, kept from the login when a refreshed ID token omits them.
+const SIGN_IN_CLAIMS: [&str; 3] = ["acr", "amr", "auth_time"];
+
 /// What a token is for: a route's resource (the key of the session's token map), scopes, and
 /// whether it comes from a token exchange.
 #[derive(Clone, PartialEq, Eq)]
@@ -351,11 +354,22 @@ impl Job {
                 session.refresh_token = Some(rotated.clone());
             }
             if let (Some(claims), Some(id_token)) = (&claims, &tokens.id_token) {
-                session.claims = claims
+                let mut fresh: serde_json::Map<String, serde_json::Value> = claims
                     .iter()
                     .filter(|(k, _)| !TOKEN_CLAIMS.contains(&k.as_str()))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
+                // OpenID Connect Core §12.2: a refresh is the same sign-in; a refreshed ID
+                // token may leave out how and when it happened, and the session keeps that
+                // (step-up routes read it).
+                for name in SIGN_IN_CLAIMS {
+                    if let (false, Some(kept)) =
+                        (fresh.contains_key(name), session.claims.get(name))
+                    {
+                        fresh.insert(name.to_string(), kept.clone());
+                    }
+                }
+                session.claims = fresh;
                 session.id_token = Some(id_token.clone());
             }
         };

@@ -338,3 +338,58 @@ async fn check_validates_the_keys_and_online_warns_of_acr_values_the_provider_do
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("warning"), "{out}");
 }
+
+#[tokio::test]
+async fn a_refreshed_id_token_that_leaves_out_the_sign_in_keeps_the_step_up() {
+    let rs = upstream_with(&[]).await;
+    let mut fake = Fake::start(&format!(
+        "[[routes]]\npath = \"/secure/\"\nupstream = \"{rs}\"\ntoken = \"user\"\n\
+         auth = \"required\"\nacr_values = [\"mfa\"]\nmax_age = \"1h\"\n"
+    ))
+    .await;
+    let (q, r) = fake
+        .login(
+            "/bff/login?returnUrl=/&acr_values=mfa&max_age=3600",
+            Duration::ZERO,
+            with(Some("mfa"), Some(now())),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let bearer = |fake: &Fake| {
+        let url = fake.proxy.url("/secure/x");
+        let mut browser = fake.browser.clone();
+        async move {
+            let r = browser.get(&url, &[("x-csrf", "1")]).await;
+            (r.status == 200)
+                .then(|| r.json()["authorization"].as_str().unwrap().to_string())
+                .ok_or_else(|| r.json()["error"].as_str().unwrap().to_string())
+        }
+    };
+    assert_eq!(bearer(&fake).await.as_deref(), Ok("Bearer fake-access"));
+    // The provider refreshes with an ID token that says nothing of how or when the user signed
+    // in (OpenID Connect Core §12.2 allows it): the session's sign-in stands.
+    let refresh = |fake: &Fake, n: u32, edit: fn(Value) -> Value| {
+        let c = claims(&fake.idp.issuer, &q["nonce"]);
+        let id_token = fake.signer.token(TestKey::Rsa1).kid("k1").sign(&edit(c));
+        fake.idp.state.script(
+            "refresh_token",
+            200,
+            json!({
+                "access_token": format!("fake-access-{n}"), "token_type": "Bearer",
+                "expires_in": 300, "refresh_token": format!("fake-refresh-{n}"),
+                "id_token": id_token,
+            }),
+        );
+        fake.clock.advance(Duration::from_secs(300));
+    };
+    refresh(&fake, 2, |c| c);
+    assert_eq!(bearer(&fake).await.as_deref(), Ok("Bearer fake-access-2"));
+    assert_eq!(bearer(&fake).await.as_deref(), Ok("Bearer fake-access-2"));
+    // One that names a weaker sign-in is the provider's word: the route asks for a step-up.
+    refresh(&fake, 3, |mut c| {
+        c["acr"] = json!("pwd");
+        c
+    });
+    assert_eq!(bearer(&fake).await.as_deref(), Ok("Bearer fake-access-3"));
+    assert_eq!(bearer(&fake).await, Err("step_up_required".to_string()));
+}
