@@ -238,14 +238,23 @@ pub(super) fn routes_config(
                 );
             }
         }
-        let max_age = max_age.map(|t| {
-            duration(
-                Some(t),
+        let max_age = max_age.map(|text| {
+            let age = duration(
+                Some(text.clone()),
                 &format!("{path}.max_age"),
-                Duration::ZERO,
+                Duration::from_secs(1),
                 problems,
-            )
-            .as_secs()
+            );
+            if age < Duration::from_secs(1) {
+                // Every request would fall short again by the time it arrives: a login loop.
+                problems.add(
+                    format!("{path}.max_age"),
+                    format!(
+                        "{text:?} is shorter than 1s: no sign-in is that recent by the time a request arrives; write e.g. \"10m\""
+                    ),
+                );
+            }
+            age.as_secs()
         });
         let step_up = (!acr_values.is_empty() || max_age.is_some()).then_some(StepUp {
             acr_values,
@@ -327,6 +336,16 @@ mod tests {
                     "routes[0].acr_values[2]: \"\" is not an acr value: printable characters, no spaces or quotes",
                     "routes[0].max_age: \"soon\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
                     "routes[0].acr_values: acr_values and max_age need a signed-in user: set auth = \"required\"",
+                ],
+            ),
+            (
+                raw::Route {
+                    auth: Some("required".into()),
+                    max_age: Some("500ms".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].max_age: \"500ms\" is shorter than 1s: no sign-in is that recent by the time a request arrives; write e.g. \"10m\"",
                 ],
             ),
             (
