@@ -233,17 +233,33 @@ pub async fn admit(
     {
         return Err(RequestError::NotFound);
     }
+    // A route that requires a step-up asks for it on its first login too.
     let login_url = || {
-        let prefix = &live.config.server.bff_prefix;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        format!(
-            "{prefix}/login?returnUrl={}",
-            url::form_urlencoded::byte_serialize(path_and_query.as_bytes()).collect::<String>()
+        crate::oidc::step_up::login_url(
+            &live.config.server.bff_prefix,
+            path_and_query,
+            route.step_up.as_ref(),
         )
     };
     if route.auth == AuthMode::Required && loaded.is_none() {
         return Err(RequestError::Unauthenticated {
             login_url: login_url(),
+            redirect: true,
+        });
+    }
+    if let (Some(step), Some(l)) = (&route.step_up, &loaded)
+        && crate::oidc::step_up::check(
+            step,
+            &l.session.claims,
+            app.clock.now(),
+            live.config.oidc.clock_skew.as_secs(),
+        )
+        .is_err()
+    {
+        return Err(RequestError::StepUp {
+            login_url: login_url(),
+            step: step.clone(),
             redirect: true,
         });
     }

@@ -6,6 +6,7 @@
 use crate::access::{self, Tokens};
 use crate::clock::Clock;
 use crate::config::{Config, TokenBinding};
+use crate::oidc::client_auth::Credential;
 use crate::oidc::{GrantError, Oidc};
 use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
@@ -336,6 +337,13 @@ impl App {
                 config.server.request_timeout,
             )
         };
+        // Kept for an RFC 9470 step-up answer: where the login brings the user back (a
+        // reference-counted copy, only for routes that send the user's token).
+        let uri = matches!(
+            route.token,
+            crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
+        )
+        .then(|| req.uri().clone());
         let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
             Captured::Once(req) => {
                 let proof = match bound {
@@ -432,6 +440,26 @@ impl App {
                 }
             }
         };
+        if response.status() == http::StatusCode::UNAUTHORIZED
+            && let Some(uri) = uri
+            && let Some(step) = crate::oidc::step_up::from_challenge(
+                response.headers().get_all(header::WWW_AUTHENTICATE).iter(),
+            )
+        {
+            // The upstream wants a stronger or more recent sign-in (RFC 9470): the same answer
+            // as a route's own step-up requirement, as JSON (the caller is an API call).
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+            response = RequestError::StepUp {
+                login_url: crate::oidc::step_up::login_url(
+                    &config.server.bff_prefix,
+                    path_and_query,
+                    Some(&step),
+                ),
+                step,
+                redirect: false,
+            }
+            .respond(Reader::Script);
+        }
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
@@ -553,6 +581,17 @@ impl App {
                 // Restart-only keys keep their running value: one snapshot is in effect.
                 let reloaded = crate::config::reload::reload(&old.config, config);
                 let new = &reloaded.config;
+                // Secret, key and assertion files are read again: rotating one needs no restart.
+                let credential = match Credential::load(&new.oidc) {
+                    Ok(credential) => credential,
+                    Err(error) => {
+                        tracing::error!(
+                            trigger,
+                            "configuration rejected, keeping the previous one: {error}"
+                        );
+                        return;
+                    }
+                };
                 if new.session.keys != old.config.session.keys {
                     match Keyring::new(new.session.keys.clone()) {
                         Ok(keyring) => self.sessions.replace_keyring(keyring),
@@ -570,9 +609,8 @@ impl App {
                         "session keys replaced"
                     );
                 }
+                self.oidc.set_credential(credential);
                 if new.oidc.client_secret != old.config.oidc.client_secret {
-                    self.oidc
-                        .replace_client_secret(new.oidc.client_secret.clone());
                     tracing::info!(trigger, "client secret replaced");
                 }
                 for key in reloaded.restart_needed {
@@ -706,9 +744,10 @@ fn asks_for_dpop_nonce(response: &Response<Body>) -> bool {
             .any(|v| v.to_str().is_ok_and(|v| v.contains("use_dpop_nonce")))
 }
 
-/// `vestibule check --online`: fetch the discovery document and the key set, and check that
-/// the provider offers what the configuration asks of it (PAR, DPoP with ES256).
-pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
+/// `vestibule check --online`: fetch the discovery document and the key set, and compare the
+/// configuration with the metadata (client authentication, PAR, DPoP, step-up `acr` values).
+/// `Ok` carries the warnings to print.
+pub async fn check_provider(config: &Config) -> anyhow::Result<Vec<String>> {
     let oidc = Oidc::for_config(config, Arc::new(crate::oidc::dpop::ProcessKey))?;
     oidc.provider
         .refresh()
@@ -718,7 +757,15 @@ pub async fn check_provider(config: &Config) -> anyhow::Result<()> {
         .provider
         .get()
         .ok_or_else(|| anyhow::anyhow!("the provider metadata did not load"))?;
-    provider_offers(&config.oidc, &metadata).map_err(|e| anyhow::anyhow!(e))
+    let mut support = crate::oidc::metadata::check_support(&metadata, config, &oidc.credential());
+    if let Err(offers) = provider_offers(&config.oidc, &metadata) {
+        support.problems.extend(offers.lines().map(String::from));
+    }
+    if support.problems.is_empty() {
+        Ok(support.warnings)
+    } else {
+        Err(anyhow::anyhow!(support.problems.join("\n")))
+    }
 }
 
 /// What the configuration needs of the provider's metadata, as `check --online` reports it.

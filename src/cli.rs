@@ -96,13 +96,27 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(1);
     };
+    // The key or assertion file parses, not only exists.
+    if let Err(error) = crate::oidc::client_auth::Credential::load(&config.oidc) {
+        eprintln!("{}: {error}", path.display());
+        return ExitCode::from(1);
+    }
     if online {
         let Some(rt) = runtime() else {
             return ExitCode::from(1);
         };
-        if let Err(error) = rt.block_on(crate::app::check_provider(&config)) {
-            eprintln!("{}: {error}", path.display());
-            return ExitCode::from(1);
+        match rt.block_on(crate::app::check_provider(&config)) {
+            Ok(warnings) => {
+                for warning in warnings {
+                    eprintln!("{}: warning: {warning}", path.display());
+                }
+            }
+            Err(error) => {
+                for line in error.to_string().lines() {
+                    eprintln!("{}: {line}", path.display());
+                }
+                return ExitCode::from(1);
+            }
         }
     }
     println!("{}: OK ({} routes)", path.display(), config.routes.len());

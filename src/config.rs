@@ -231,6 +231,8 @@ pub enum LogFormat {
 pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
+    /// A JWT signed by the client (RFC 7523, OpenID Connect Core §9).
+    PrivateKeyJwt,
     /// RFC 8705 §2.1: the client certificate (`[oidc] tls_client_cert`), issued by a CA the
     /// provider trusts, authenticates the client; no secret is sent.
     TlsClientAuth,
@@ -246,6 +248,17 @@ impl ClientAuth {
             ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
         )
     }
+
+    /// The name registered at the provider (`token_endpoint_auth_method`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientAuth::ClientSecretBasic => "client_secret_basic",
+            ClientAuth::ClientSecretPost => "client_secret_post",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +270,14 @@ pub struct OidcConfig {
     /// Where the secret was read from; read again on every reload.
     pub client_secret_file: Option<PathBuf>,
     pub client_auth: ClientAuth,
+    /// `private_key_jwt`: the PEM private key that signs client assertions (re-read on reload).
+    pub client_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: more keys published at the admin `/jwks` but not used to sign — the
+    /// next key before a rotation, the previous one after it.
+    pub client_published_key_files: Vec<PathBuf>,
+    /// `private_key_jwt`: a file holding a ready client assertion that the platform keeps fresh
+    /// (e.g. a Kubernetes projected service-account token); read when it changes.
+    pub client_assertion_file: Option<PathBuf>,
     pub scopes: Vec<String>,
     pub extra_auth_params: Vec<(String, String)>,
     pub roles_claim: String,
@@ -419,6 +440,8 @@ pub struct RouteConfig {
     pub ca_file: Option<CaBundle>,
     /// The client certificate presented to an `https://` upstream.
     pub tls_client: Option<ClientIdentity>,
+    /// Step-up authentication: the session must satisfy this (`None`: any session will do).
+    pub step_up: Option<StepUp>,
 }
 
 /// A route's assertion: a short-lived JWT signed by Vestibule, naming the user to the upstream.
@@ -438,11 +461,32 @@ impl RouteConfig {
     }
 }
 
+/// What a sign-in must have been like (OpenID Connect Core §3.1.2.1): one of `acr_values` (any
+/// when empty), and no longer than `max_age` seconds ago. Required by a route, asked for by an
+/// upstream (RFC 9470), carried through a login in its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepUp {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acr_values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u64>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FeatureConfig {
     pub public: bool,
     pub beta: bool,
     pub role: Option<String>,
+}
+
+/// An `acr` value as it may travel in `acr_values` (space-separated) and in a quoted
+/// `WWW-Authenticate` parameter: 1–200 printable ASCII characters, no space, `"` or `\`.
+pub fn is_acr_value(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 200
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
 /// One problem in the file: where it is and what to do about it.

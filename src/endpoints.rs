@@ -231,9 +231,16 @@ async fn login(
         return Err(RequestError::InvalidReturnUrl);
     };
     let prompt = prompt_param(req)?;
+    // A step-up login (a route's or an upstream's login_url): what the sign-in must satisfy.
+    let step_up = crate::oidc::step_up::from_params(
+        query_param(req, "acr_values").as_deref(),
+        query_param(req, "max_age").as_deref(),
+    )
+    .map_err(|_| RequestError::BadRequest)?;
     let metadata = app.oidc.metadata().map_err(RequestError::Provider)?;
     let mut login = LoginState::new(os_random, return_url, app.clock.now())?;
     login.prompt = prompt;
+    login.step_up = step_up;
     let session_config = &live.config.session;
     let name = format!(
         "{}{}",
@@ -341,6 +348,19 @@ async fn callback(
             );
         }
     };
+    // A step-up login must bring back what it asked for; the browser's session stays as it was.
+    // Its age is taken from when the login started, as the provider's is (a slow user, or a
+    // fresh sign-in asked with `max_age=0`, is no failure).
+    if let Some(step) = &login.step_up
+        && let Err(shortfall) = crate::oidc::step_up::check(
+            step,
+            &claims,
+            login.created,
+            live.config.oidc.clock_skew.as_secs(),
+        )
+    {
+        return login_failed(shortfall.reason(), &shortfall.to_string());
+    }
     let sub = claims
         .get("sub")
         .and_then(|v| v.as_str())

@@ -6,17 +6,20 @@
 //! the `openidconnect` crate: it cannot refetch a rotated key set, does not check `azp`, has no
 //! leeway, no logout tokens and no token exchange, and would bring a second JOSE stack.
 
+pub mod client_auth;
 pub mod dpop;
 pub mod http;
 pub mod metadata;
 pub mod response;
+pub mod step_up;
 pub mod userinfo;
 
-use crate::config::{ClientAuth, OidcConfig, Par, Secret};
-use arc_swap::ArcSwapOption;
+use crate::config::{OidcConfig, Par};
+use arc_swap::ArcSwap;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http::{ClientCredentials, ProviderHttp};
+use client_auth::{ClientCredentials, Credential, CredentialError};
+use http::ProviderHttp;
 use metadata::{Metadata, Provider};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -33,12 +36,17 @@ pub struct LoginState {
     /// `prompt` for the provider (`none`: silent sign-in), as `/bff/login` was asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// A step-up login: what the sign-in must satisfy, asked of the provider and checked on
+    /// the returned ID token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_up: Option<crate::config::StepUp>,
 }
 
 impl std::fmt::Debug for LoginState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoginState")
             .field("return_url", &self.return_url)
+            .field("step_up", &self.step_up)
             .field("created", &self.created)
             .field("prompt", &self.prompt)
             .finish_non_exhaustive()
@@ -59,6 +67,7 @@ impl LoginState {
             return_url,
             created,
             prompt: None,
+            step_up: None,
         })
     }
 }
@@ -213,13 +222,23 @@ pub struct Oidc {
     /// With `[oidc] dpop`: the key and nonces every token request (and every `token_binding =
     /// "dpop"` route) proves possession with.
     pub dpop: Option<Arc<dpop::Dpop>>,
-    /// The client secret in effect: `config.client_secret` at start, replaced on reload.
-    client_secret: ArcSwapOption<Secret>,
+    /// How this client authenticates; loaded again on reload (a rotated secret or key file).
+    credential: ArcSwap<Credential>,
+}
+
+/// Why the client cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Tls(#[from] crate::net::TlsError),
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
 }
 
 impl Oidc {
-    /// The client; with `dpop` and no key file, its DPoP key is made in this process.
-    pub fn new(config: OidcConfig, redirect_uri: String) -> Arc<Oidc> {
+    /// The client; with `dpop` and no key file, its DPoP key is made in this process. Fails
+    /// when its credential (a key or assertion file) cannot be loaded.
+    pub fn new(config: OidcConfig, redirect_uri: String) -> Result<Arc<Oidc>, SetupError> {
         Oidc::build(
             config,
             redirect_uri,
@@ -234,14 +253,9 @@ impl Oidc {
     pub fn for_config(
         config: &crate::config::Config,
         generated: Arc<dyn dpop::KeySource>,
-    ) -> Result<Arc<Oidc>, crate::net::TlsError> {
+    ) -> Result<Arc<Oidc>, SetupError> {
         let http = ProviderHttp::for_config(config)?;
-        Ok(Self::build(
-            config.oidc.clone(),
-            config.redirect_uri(),
-            http,
-            generated,
-        ))
+        Self::build(config.oidc.clone(), config.redirect_uri(), http, generated)
     }
 
     fn build(
@@ -249,7 +263,8 @@ impl Oidc {
         redirect_uri: String,
         http: ProviderHttp,
         generated: Arc<dyn dpop::KeySource>,
-    ) -> Arc<Oidc> {
+    ) -> Result<Arc<Oidc>, SetupError> {
+        let credential = Credential::load(&config)?;
         let provider = Provider::new(config.issuer.clone(), http);
         let dpop = config.dpop.then(|| {
             let source: Arc<dyn dpop::KeySource> = match &config.dpop_key_file {
@@ -258,14 +273,23 @@ impl Oidc {
             };
             Arc::new(dpop::Dpop::new(source))
         });
-        let client_secret = ArcSwapOption::from(config.client_secret.clone().map(Arc::new));
-        Arc::new(Oidc {
+        Ok(Arc::new(Oidc {
             provider,
             config,
             redirect_uri,
             dpop,
-            client_secret,
-        })
+            credential: ArcSwap::from_pointee(credential),
+        }))
+    }
+
+    /// Puts a credential loaded again (on reload) in effect for the next request.
+    pub fn set_credential(&self, credential: Credential) {
+        self.credential.store(Arc::new(credential));
+    }
+
+    /// The credential in effect.
+    pub fn credential(&self) -> Arc<Credential> {
+        self.credential.load_full()
     }
 
     /// The `token_type` token responses must have: `DPoP` when proofs are sent.
@@ -277,28 +301,27 @@ impl Oidc {
         }
     }
 
-    /// Puts a reloaded client secret in effect: the next token call authenticates with it.
-    pub fn replace_client_secret(&self, secret: Option<Secret>) {
-        self.client_secret.store(secret.map(Arc::new));
-    }
-
     pub fn metadata(&self) -> Result<Arc<Metadata>, GrantError> {
         self.provider
             .get()
             .ok_or_else(|| GrantError::Unavailable("metadata not loaded yet".into()))
     }
 
-    /// The client's credentials, with `secret` loaded once for the call.
-    fn credentials<'a>(&'a self, secret: &'a Option<Arc<Secret>>) -> ClientCredentials<'a> {
-        ClientCredentials {
-            client_id: &self.config.client_id,
-            // With a certificate for client authentication, only `client_id` is sent.
-            client_secret: match secret.as_deref() {
-                Some(secret) if !self.config.client_auth.is_mtls() => secret.expose(),
-                _ => "",
-            },
-            basic: self.config.client_auth == ClientAuth::ClientSecretBasic,
-        }
+    /// The authentication parts of one request; an assertion we sign names the token endpoint
+    /// as its audience (OpenID Connect Core §9; also for revocation, which most providers
+    /// accept). Its time is the system's: the provider checks it against its own clock.
+    fn credentials(&self, metadata: &Metadata) -> Result<ClientCredentials, GrantError> {
+        self.credential
+            .load()
+            .request_parts(
+                &self.config.client_id,
+                &metadata.token_endpoint,
+                crate::clock::now(),
+            )
+            .map_err(|e| {
+                tracing::error!(error = %e, "the client's credential is unusable");
+                GrantError::Unavailable(e)
+            })
     }
 
     /// The parameters of a login's authorization request.
@@ -321,6 +344,10 @@ impl Oidc {
         }
         if let Some(prompt) = &login.prompt {
             params.push(("prompt", prompt.clone()));
+        }
+        if let Some(step) = &login.step_up {
+            let prompt_set = params.iter().any(|(k, _)| *k == "prompt");
+            params.extend(step_up::authorization_params(step, prompt_set));
         }
         params
     }
@@ -367,12 +394,12 @@ impl Oidc {
             (_, Some(endpoint)) => endpoint,
         };
         let params = self.authorization_params(login);
-        let secret = self.client_secret.load_full();
-        let credentials = self.credentials(&secret);
+        let credentials = self.credentials(metadata)?;
         // Credentials in the body carry `client_id` already; providers refuse it twice.
+        let in_body = credentials.fields.iter().any(|(k, _)| *k == "client_id");
         let form: Vec<(&str, &str)> = params
             .iter()
-            .filter(|(k, _)| credentials.basic || *k != "client_id")
+            .filter(|(k, _)| !in_body || *k != "client_id")
             .map(|(k, v)| (*k, v.as_str()))
             .collect();
         let reply = self
@@ -488,7 +515,7 @@ impl Oidc {
             .post_form_with_proof(
                 endpoint,
                 form,
-                &self.credentials(&self.client_secret.load_full()),
+                &self.credentials(&*self.metadata()?)?,
                 self.config.provider_timeout,
                 proof.as_deref(),
             )
@@ -591,13 +618,16 @@ impl Oidc {
         let Some(endpoint) = &metadata.revocation_endpoint else {
             return;
         };
+        let Ok(credentials) = self.credentials(&metadata) else {
+            return;
+        };
         match self
             .provider
             .http
             .post_form(
                 endpoint,
                 &[("token", token), ("token_type_hint", hint)],
-                &self.credentials(&self.client_secret.load_full()),
+                &credentials,
                 self.config.provider_timeout,
             )
             .await
@@ -715,7 +745,7 @@ mod tests {
         )
         .unwrap();
         config.oidc.scopes = vec!["openid".into()];
-        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri());
+        let oidc = Oidc::new(config.oidc.clone(), config.redirect_uri()).unwrap();
         let metadata: Metadata = serde_json::from_value(serde_json::json!({
             "issuer": "https://idp.example.com",
             "authorization_endpoint": "https://idp.example.com/auth",

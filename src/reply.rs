@@ -100,6 +100,8 @@ error_codes! {
     Unauthenticated = "unauthenticated", UNAUTHORIZED, "Sign-in is required.";
     SessionExpired = "session_expired", UNAUTHORIZED,
         "The session has ended. Please sign in again.";
+    StepUpRequired = "step_up_required", UNAUTHORIZED,
+        "This needs a stronger or more recent sign-in. Please sign in again.";
     Csrf = "csrf", FORBIDDEN,
         "The request lacks the X-CSRF: 1 header or comes from another site.";
     Forbidden = "forbidden", FORBIDDEN, "You do not have access to this resource.";

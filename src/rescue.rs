@@ -61,6 +61,14 @@ pub enum RequestError {
     /// JSON naming it.
     #[error("sign-in is required")]
     Unauthenticated { login_url: String, redirect: bool },
+    /// The session's sign-in falls short of what the route or its upstream requires (`step`):
+    /// a navigation (when `redirect`) is sent to `login_url`, an API call told what to do.
+    #[error("step-up authentication is required")]
+    StepUp {
+        login_url: String,
+        step: crate::config::StepUp,
+        redirect: bool,
+    },
     /// A missing `X-CSRF: 1` header or a cross-site origin (always JSON).
     #[error("CSRF check failed")]
     Csrf,
@@ -70,6 +78,9 @@ pub enum RequestError {
     Forbidden { missing: Vec<String> },
     #[error("not found")]
     NotFound,
+    /// A malformed parameter (e.g. `/login`'s `acr_values` or `max_age`).
+    #[error("malformed request parameter")]
+    BadRequest,
     /// `returnUrl` is not a local path, or does not fit in the login cookie.
     #[error("invalid returnUrl")]
     InvalidReturnUrl,
@@ -124,6 +135,23 @@ impl RequestError {
             RequestError::Unauthenticated { login_url, .. } => {
                 ErrorCode::Unauthenticated.json(&[("login_url", login_url.into())])
             }
+            RequestError::StepUp {
+                login_url,
+                redirect: true,
+                ..
+            } if reader == Reader::Page => redirect(&login_url),
+            RequestError::StepUp {
+                login_url, step, ..
+            } => {
+                let mut extra = vec![("login_url", login_url.into())];
+                if !step.acr_values.is_empty() {
+                    extra.push(("acr_values", step.acr_values.into()));
+                }
+                if let Some(max_age) = step.max_age {
+                    extra.push(("max_age", max_age.into()));
+                }
+                ErrorCode::StepUpRequired.json(&extra)
+            }
             RequestError::Csrf => ErrorCode::Csrf.json(&[]),
             RequestError::Forbidden { missing } if missing.is_empty() => {
                 ErrorCode::Forbidden.json(&[])
@@ -134,6 +162,7 @@ impl RequestError {
             RequestError::NotFound => ErrorCode::NotFound.respond(reader),
             RequestError::InvalidReturnUrl => ErrorCode::InvalidReturnUrl.respond(reader),
             RequestError::InvalidPrompt => ErrorCode::InvalidPrompt.respond(reader),
+            RequestError::BadRequest => ErrorCode::BadRequest.respond(reader),
             RequestError::SidMismatch { reader } => ErrorCode::BadRequest.respond(reader),
             RequestError::LoginFailed { reason, .. } => {
                 ErrorCode::LoginFailed.html_with_reason(&reason)
@@ -175,11 +204,13 @@ impl RequestError {
             }
             RequestError::BodyTimeout => tracing::info!("request body too slow"),
             RequestError::Unauthenticated { .. }
+            | RequestError::StepUp { .. }
             | RequestError::Csrf
             | RequestError::Forbidden { .. }
             | RequestError::NotFound
             | RequestError::InvalidReturnUrl
             | RequestError::InvalidPrompt
+            | RequestError::BadRequest
             | RequestError::SidMismatch { .. } => {
                 tracing::debug!(error = %self, "request refused");
             }

@@ -102,6 +102,9 @@ pub struct Oidc {
     pub client_secret: Option<String>,
     pub client_secret_file: Option<String>,
     pub client_auth: Option<String>,
+    pub client_key_file: Option<String>,
+    pub client_published_key_files: Option<Vec<String>>,
+    pub client_assertion_file: Option<String>,
     pub scopes: Option<Vec<String>>,
     pub extra_auth_params: Option<BTreeMap<String, String>>,
     pub roles_claim: Option<String>,
@@ -182,6 +185,8 @@ pub struct Route {
     pub ca_file: Option<String>,
     pub tls_client_cert: Option<String>,
     pub tls_client_key: Option<String>,
+    pub acr_values: Option<Vec<String>>,
+    pub max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

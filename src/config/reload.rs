@@ -263,6 +263,9 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         client_secret,
         client_secret_file,
         client_auth,
+        client_key_file,
+        client_published_key_files,
+        client_assertion_file,
         scopes,
         extra_auth_params,
         roles_claim,
@@ -290,6 +293,14 @@ fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig
         client_secret: d.live("oidc.client_secret", client_secret),
         client_secret_file: d.live("oidc.client_secret_file", client_secret_file),
         client_auth: d.restart("oidc.client_auth", &old.client_auth, client_auth),
+        // The key files and the assertion file are read again on every reload (the app swaps the
+        // client's credential): rotation needs no restart.
+        client_key_file: d.live("oidc.client_key_file", client_key_file),
+        client_published_key_files: d.live(
+            "oidc.client_published_key_files",
+            client_published_key_files,
+        ),
+        client_assertion_file: d.live("oidc.client_assertion_file", client_assertion_file),
         scopes: d.restart("oidc.scopes", &old.scopes, scopes),
         extra_auth_params: d.restart(
             "oidc.extra_auth_params",

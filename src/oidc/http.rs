@@ -1,7 +1,7 @@
 //! The HTTP client for calls to the identity provider: never follows redirects, caps response
 //! bodies, bounds every call with a timeout, and keeps secrets out of its errors.
 
-use base64::Engine;
+use super::client_auth::ClientCredentials;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -243,14 +243,15 @@ impl ProviderHttp {
         Ok((answer.status, answer.content_type, answer.body))
     }
 
-    /// POST a form, authenticating as the client (basic or in the body), waiting for the answer
+    /// POST a form, authenticating as the client (`auth`: a header, form fields or both),
+    /// waiting for the answer
     /// up to `timeout` (`oidc.provider_timeout`): a grant we stop waiting for may still be
     /// carried out by the provider, and a rotated refresh token we never receive is lost.
     pub async fn post_form(
         &self,
         url: &str,
         form: &[(&str, &str)],
-        auth: &ClientCredentials<'_>,
+        auth: &ClientCredentials,
         timeout: Duration,
     ) -> Result<JsonReply, CallError> {
         self.post_form_with_proof(url, form, auth, timeout, None)
@@ -262,7 +263,7 @@ impl ProviderHttp {
         &self,
         url: &str,
         form: &[(&str, &str)],
-        auth: &ClientCredentials<'_>,
+        auth: &ClientCredentials,
         timeout: Duration,
         proof: Option<&str>,
     ) -> Result<JsonReply, CallError> {
@@ -272,29 +273,13 @@ impl ProviderHttp {
             .uri(url)
             .header(header::ACCEPT, "application/json")
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
-        if auth.basic {
-            let enc =
-                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            let raw = format!("{}:{}", enc(auth.client_id), enc(auth.client_secret));
-            let value = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(raw)
-            );
-            if let Ok(mut value) = HeaderValue::from_str(&value) {
-                value.set_sensitive(true);
-                builder = builder.header(header::AUTHORIZATION, value);
-            }
-        } else {
-            fields.push(("client_id", auth.client_id));
-            // Empty with mutual-TLS client authentication (RFC 8705 §2): the certificate
-            // authenticates the client.
-            if !auth.client_secret.is_empty() {
-                fields.push(("client_secret", auth.client_secret));
-            }
+        if let Some(value) = &auth.authorization {
+            builder = builder.header(header::AUTHORIZATION, value.clone());
         }
         if let Some(proof) = proof.and_then(|p| HeaderValue::from_str(p).ok()) {
             builder = builder.header(super::dpop::DPOP, proof);
         }
+        fields.extend(auth.fields.iter().map(|(k, v)| (*k, v.as_str())));
         let encoded = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(fields)
             .finish();
@@ -328,12 +313,6 @@ struct Answer {
     /// RFC 9449 §8: the nonce the provider wants in the next DPoP proof.
     dpop_nonce: Option<HeaderValue>,
     body: Bytes,
-}
-
-pub struct ClientCredentials<'a> {
-    pub client_id: &'a str,
-    pub client_secret: &'a str,
-    pub basic: bool,
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

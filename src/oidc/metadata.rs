@@ -40,6 +40,12 @@ pub struct Metadata {
     /// RFC 9449 §5.1: the proof algorithms the provider accepts; absent, no DPoP is advertised.
     #[serde(default)]
     pub dpop_signing_alg_values_supported: Option<Vec<String>>,
+    #[serde(default)]
+    pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    #[serde(default)]
+    pub token_endpoint_auth_signing_alg_values_supported: Option<Vec<String>>,
+    #[serde(default)]
+    pub acr_values_supported: Option<Vec<String>>,
     /// RFC 8705 §5: the endpoints a client presenting a certificate calls instead.
     #[serde(default)]
     pub mtls_endpoint_aliases: Option<MtlsAliases>,
@@ -88,6 +94,80 @@ impl Metadata {
             }
         }
     }
+}
+
+/// What `vestibule check --online` found in the provider's metadata; each line names its TOML
+/// key.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Support {
+    /// What the configuration asks of the provider that its metadata says it does not do: the
+    /// check fails.
+    pub problems: Vec<String>,
+    /// What may not work, or cannot be checked: printed, the check passes.
+    pub warnings: Vec<String>,
+}
+
+/// `vestibule check --online`: compares the configuration with the provider's metadata. A list
+/// the provider does not publish is not held against it, except the default of
+/// `token_endpoint_auth_methods_supported` (OpenID Connect Discovery §3: `client_secret_basic`).
+/// `acr_values_supported` only warns: `acr_values` is a request a provider may honour without
+/// listing the value, and the ID token's `acr` is checked at every step-up login anyway.
+pub fn check_support(
+    metadata: &Metadata,
+    config: &crate::config::Config,
+    credential: &super::client_auth::Credential,
+) -> Support {
+    let mut problems = Vec::new();
+    let method = config.oidc.client_auth.name();
+    let methods = metadata
+        .token_endpoint_auth_methods_supported
+        .clone()
+        .unwrap_or_else(|| vec!["client_secret_basic".into()]);
+    if !methods.iter().any(|m| m == method) {
+        problems.push(format!(
+            "oidc.client_auth: the provider does not support {method:?} at its token endpoint (token_endpoint_auth_methods_supported: {})",
+            methods.join(", ")
+        ));
+    }
+    if let (Some(alg), Some(algs)) = (
+        credential.signing_alg(),
+        &metadata.token_endpoint_auth_signing_alg_values_supported,
+    ) && !algs.iter().any(|a| a == alg)
+    {
+        problems.push(format!(
+            "oidc.client_key_file: the provider does not accept {alg} client assertions (token_endpoint_auth_signing_alg_values_supported: {})",
+            algs.join(", ")
+        ));
+    }
+    Support {
+        problems,
+        warnings: acr_warnings(metadata, config),
+    }
+}
+
+/// Each route's `acr_values` that the provider does not list in `acr_values_supported`, or one
+/// line per route when it publishes no such list.
+fn acr_warnings(metadata: &Metadata, config: &crate::config::Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let Some(step) = route.step_up.as_ref().filter(|s| !s.acr_values.is_empty()) else {
+            continue;
+        };
+        let Some(supported) = &metadata.acr_values_supported else {
+            warnings.push(format!(
+                "routes[{i}].acr_values: the provider publishes no acr_values_supported, so whether it knows {} cannot be checked",
+                step.acr_values.join(", ")
+            ));
+            continue;
+        };
+        for acr in step.acr_values.iter().filter(|a| !supported.contains(a)) {
+            warnings.push(format!(
+                "routes[{i}].acr_values: the provider does not list {acr:?} in acr_values_supported ({}); a step-up login may come back without it",
+                supported.join(", ")
+            ));
+        }
+    }
+    warnings
 }
 
 /// Fetches discovery and checks that it describes the configured issuer.

@@ -18,6 +18,11 @@ pub const TOKEN_CLAIMS: [&str; 11] = [
     "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
 ];
 
+/// Claims about the sign-in itself (how and when the user authenticated): they come from ID
+/// tokens only, never from UserInfo, and a refreshed ID token that leaves them out keeps the
+/// login's (step-up routes read them).
+pub const SIGN_IN_CLAIMS: [&str; 3] = ["acr", "amr", "auth_time"];
+
 /// Why the UserInfo claims could not be used. No text holds a token or a claim value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UserinfoError {
@@ -106,11 +111,14 @@ pub fn user_claims(id_token_claims: &Claims) -> Claims {
         .collect()
 }
 
-/// `base` (the ID token's user claims) with the UserInfo claims over it, `sub` and the token
-/// claims excepted.
+/// `base` (the ID token's user claims) with the UserInfo claims over it, `sub`, the token claims
+/// and the sign-in claims excepted.
 pub fn merge(mut base: Claims, userinfo: Claims) -> Claims {
     for (name, value) in userinfo {
-        if name != "sub" && !TOKEN_CLAIMS.contains(&name.as_str()) {
+        if name != "sub"
+            && !TOKEN_CLAIMS.contains(&name.as_str())
+            && !SIGN_IN_CLAIMS.contains(&name.as_str())
+        {
             base.insert(name, value);
         }
     }
@@ -153,5 +161,15 @@ mod tests {
                 json!({"sub": "alice", "name": "A", "groups": ["new"], "email": "a@example.test"})
             )
         );
+    }
+
+    #[test]
+    fn userinfo_never_claims_how_or_when_the_user_signed_in() {
+        let id = claims(json!({"sub": "alice", "acr": "pwd", "auth_time": 100}));
+        let merged = merge(
+            id.clone(),
+            claims(json!({"acr": "mfa", "amr": ["hwk"], "auth_time": 999})),
+        );
+        assert_eq!(merged, id);
     }
 }

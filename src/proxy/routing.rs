@@ -153,6 +153,7 @@ mod tests {
             token_binding: crate::config::TokenBinding::None,
             ca_file: None,
             tls_client: None,
+            step_up: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The admin listener: `/healthz` (liveness), `/readyz` (store reachable, provider metadata
-//! loaded), `/metrics` (Prometheus text) and `/jwks` (Vestibule's public signing keys). Never on
-//! the public listener.
+//! loaded), `/metrics` (Prometheus text) and `/jwks` (Vestibule's public keys: those that sign
+//! route assertions, and the client-assertion keys for providers that fetch a client's
+//! `jwks_uri`). Never on the public listener.
 
 use crate::app::App;
 use crate::reply::{Body, full, json_response};
@@ -92,10 +93,14 @@ async fn handle<B>(app: &App, req: Request<B>) -> Response<Body> {
     }
 }
 
-/// Every feature that signs with keys of its own contributes its public keys here (today: the
-/// routes' assertions). Add a source to publish another kind of key at `/jwks`.
+/// Every feature that signs with keys of its own contributes its public keys here: the routes'
+/// assertions, and the client-assertion keys (`private_key_jwt`). Add a source to publish
+/// another kind of key at `/jwks`.
 fn key_sources(app: &App) -> Vec<Vec<serde_json::Value>> {
-    vec![app.live.load().signing_keys.public_jwks()]
+    vec![
+        app.live.load().signing_keys.public_jwks(),
+        app.oidc.credential().published_keys().to_vec(),
+    ]
 }
 
 /// The JWK set (RFC 7517 §5) of the keys from every source, in order.

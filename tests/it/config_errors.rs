@@ -189,7 +189,7 @@ fn golden_messages_for_each_kind_of_mistake() {
         ),
         (
             add("oidc.client_auth", "private_key_jwt"),
-            "oidc.client_auth: \"private_key_jwt\" is not supported yet; use \"client_secret_basic\" or \"client_secret_post\"",
+            "oidc.client_auth: \"private_key_jwt\" needs client_key_file (a PEM private key, EC P-256 or RSA) or client_assertion_file (a client assertion the platform keeps fresh)",
         ),
         (
             "[server\nlisten = 1".to_string(),

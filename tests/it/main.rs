@@ -7,6 +7,7 @@ mod support;
 
 mod architecture;
 mod cli;
+mod client_auth;
 mod config_errors;
 mod dpop;
 mod edge;
@@ -34,6 +35,7 @@ mod secret_reload;
 mod session_store;
 mod spa_edges;
 mod static_files;
+mod step_up;
 mod tls_http2;
 mod tokens;
 mod upstream_pool;

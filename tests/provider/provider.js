@@ -62,6 +62,10 @@
 //                        requested, checked against ca) and turn on RFC 8705: tls_client_auth,
 //                        self_signed_tls_client_auth, certificate-bound access tokens; discovery
 //                        names that listener in mtls_endpoint_aliases.
+//   acr_values           acr values the provider supports (acr_values_supported); default none.
+//                        When set, a login's `acr` is the login form's optional `acr` field if it
+//                        is one of them (a test's way of saying "the second factor was given"),
+//                        else the first one; ID tokens carry it.
 //
 // ID token claims: `sub`, `roles`, `realm_access` and any custom user claim come with scope openid;
 // name/given_name/family_name/preferred_username with `profile`; email/email_verified with `email`.
@@ -134,7 +138,7 @@ const DEFAULT_CLIENT = {
 const CONFIG_KEYS = new Set([
   'port', 'access_token_ttl', 'id_token_ttl', 'refresh_token_ttl', 'session_ttl', 'clients',
   'resources', 'default_resource', 'users', 'access_token_claims', 'conform_id_token_claims',
-  'dpop_require_nonce', 'par', 'mtls',
+  'dpop_require_nonce', 'par', 'mtls', 'acr_values',
 ]);
 
 const PROFILE_CLAIMS = ['name', 'given_name', 'family_name', 'preferred_username'];
@@ -239,6 +243,10 @@ function normaliseConfig(raw) {
   if (mtls !== undefined && !(mtls && ['cert', 'key', 'ca'].every((k) => typeof mtls[k] === 'string'))) {
     fail('mtls must be {"cert": PEM file, "key": PEM file, "ca": PEM file of the client CA}');
   }
+  const acrValues = raw.acr_values ?? [];
+  if (!Array.isArray(acrValues) || !acrValues.every((a) => typeof a === 'string' && a)) {
+    fail('acr_values must be an array of strings');
+  }
 
   const accessTokenClaims = raw.access_token_claims ?? ['roles', 'realm_access'];
   if (!Array.isArray(accessTokenClaims)) fail('access_token_claims must be an array of claim names');
@@ -258,6 +266,7 @@ function normaliseConfig(raw) {
     dpopRequireNonce: raw.dpop_require_nonce === true,
     par: raw.par !== false,
     mtls,
+    acrValues,
   };
 }
 
@@ -549,6 +558,7 @@ function providerConfiguration() {
   return {
     adapter: Adapter,
     clients: config.clients,
+    acrValues: config.acrValues,
     jwks: { keys: signingKeys },
     cookies: { keys: cookieKeys },
     claims: CLAIMS,
@@ -886,8 +896,10 @@ async function handleInteraction(req, res, url) {
     return send(res, 401, loginForm(uid, clientId, { login, error: 'Invalid login or password.' }), 'text/html');
   }
   const grantId = await grantEverything(details, login);
+  const askedAcr = form.get('acr');
+  const acr = config.acrValues.includes(askedAcr) ? askedAcr : config.acrValues[0];
   return provider.interactionFinished(req, res, {
-    login: { accountId: login },
+    login: { accountId: login, ...(acr ? { acr } : {}) },
     consent: { grantId },
   }, { mergeWithLastSubmission: false });
 }

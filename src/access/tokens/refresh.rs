@@ -13,7 +13,7 @@ use super::{Failed, Grant, RefreshError, RefreshMemory, classify, count, fresh};
 use crate::clock::Clock;
 use crate::config::RouteConfig;
 use crate::jose::{Claims, JoseError};
-use crate::oidc::userinfo::{merge, user_claims};
+use crate::oidc::userinfo::{SIGN_IN_CLAIMS, merge, user_claims};
 use crate::oidc::{Oidc, TokenResponse};
 use crate::session::manager::{OpenSession, Sessions};
 use crate::session::model::{AccessToken, Session};
@@ -63,6 +63,12 @@ impl ClaimsUpdate {
     /// new one, else the stored one) with the UserInfo answer merged over them; without
     /// `userinfo`, the new ID token's alone; when UserInfo failed, they stay as they were.
     fn apply(&self, session: &mut Session, id_token: Option<&str>) {
+        // OpenID Connect Core §12.2: a refresh is the same sign-in; a refreshed ID token may
+        // leave out how and when it happened, and the session keeps that.
+        let sign_in: Vec<(String, serde_json::Value)> = SIGN_IN_CLAIMS
+            .iter()
+            .filter_map(|name| Some((name.to_string(), session.claims.get(*name)?.clone())))
+            .collect();
         let new_id_token = match (&self.claims, id_token) {
             (Some(claims), Some(token)) => {
                 session.id_token = Some(token.to_string());
@@ -86,6 +92,9 @@ impl ClaimsUpdate {
                 let base = base.unwrap_or_else(|| session.claims.clone());
                 session.claims = merge(base, info.clone());
             }
+        }
+        for (name, value) in sign_in {
+            session.claims.entry(name).or_insert(value);
         }
     }
 }

@@ -13,6 +13,9 @@ pub(super) fn oidc_config(
         client_secret,
         client_secret_file,
         client_auth,
+        client_key_file,
+        client_published_key_files,
+        client_assertion_file,
         scopes,
         extra_auth_params,
         roles_claim,
@@ -81,40 +84,121 @@ pub(super) fn oidc_config(
             "is required: the client id registered at the provider",
         );
     }
-    let client_auth = match client_auth.as_deref() {
-        Some("private_key_jwt") => {
-            problems.add("oidc.client_auth", "\"private_key_jwt\" is not supported yet; use \"client_secret_basic\" or \"client_secret_post\"");
-            ClientAuth::ClientSecretBasic
-        }
-        _ => one_of(
-            client_auth,
-            "oidc.client_auth",
-            ClientAuth::ClientSecretBasic,
-            &[
-                ("client_secret_basic", ClientAuth::ClientSecretBasic),
-                ("client_secret_post", ClientAuth::ClientSecretPost),
-                ("tls_client_auth", ClientAuth::TlsClientAuth),
-                (
-                    "self_signed_tls_client_auth",
-                    ClientAuth::SelfSignedTlsClientAuth,
-                ),
-            ],
-            problems,
-        ),
-    };
+    let client_auth = one_of(
+        client_auth,
+        "oidc.client_auth",
+        ClientAuth::ClientSecretBasic,
+        &[
+            ("client_secret_basic", ClientAuth::ClientSecretBasic),
+            ("client_secret_post", ClientAuth::ClientSecretPost),
+            ("private_key_jwt", ClientAuth::PrivateKeyJwt),
+            ("tls_client_auth", ClientAuth::TlsClientAuth),
+            (
+                "self_signed_tls_client_auth",
+                ClientAuth::SelfSignedTlsClientAuth,
+            ),
+        ],
+        problems,
+    );
     let (client_secret, client_secret_file) =
         client_secret_from(client_secret, client_secret_file, base, problems);
-    if client_secret.is_none() && client_secret_file.is_none() && !client_auth.is_mtls() {
-        problems.add(
-            "oidc.client_secret",
-            format!(
-                "is required for {}; write client_secret = \"${{VESTIBULE_CLIENT_SECRET}}\", or client_secret_file = \"/run/secrets/client-secret\"",
-                match client_auth {
-                    ClientAuth::ClientSecretPost => "client_secret_post",
-                    _ => "client_secret_basic",
+    let file = |value: Option<String>, path: &str, problems: &mut Problems| {
+        let text = value?;
+        let resolved = base.join(&text);
+        if !resolved.is_file() {
+            problems.add(path, format!("file {text:?} does not exist"));
+        }
+        Some(resolved)
+    };
+    let client_key_file = file(client_key_file, "oidc.client_key_file", problems);
+    let client_published_key_files: Vec<PathBuf> = client_published_key_files
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, f)| {
+            file(
+                Some(f),
+                &format!("oidc.client_published_key_files[{i}]"),
+                problems,
+            )
+        })
+        .collect();
+    let client_assertion_file = file(
+        client_assertion_file,
+        "oidc.client_assertion_file",
+        problems,
+    );
+    let has_secret = client_secret.is_some() || client_secret_file.is_some();
+    match client_auth {
+        ClientAuth::ClientSecretBasic
+        | ClientAuth::ClientSecretPost
+        | ClientAuth::TlsClientAuth
+        | ClientAuth::SelfSignedTlsClientAuth => {
+            if !client_auth.is_mtls() && !has_secret {
+                problems.add(
+                    "oidc.client_secret",
+                    format!(
+                        "is required for {}; write client_secret = \"${{VESTIBULE_CLIENT_SECRET}}\", or client_secret_file = \"/run/secrets/client-secret\"",
+                        client_auth.name()
+                    ),
+                );
+            }
+            if client_auth.is_mtls() && has_secret {
+                problems.add(
+                    "oidc.client_secret",
+                    format!(
+                        "is not used with client_auth = {:?}: the client certificate authenticates the client; remove it",
+                        client_auth.name()
+                    ),
+                );
+            }
+            for (set, key) in [
+                (client_key_file.is_some(), "oidc.client_key_file"),
+                (
+                    !client_published_key_files.is_empty(),
+                    "oidc.client_published_key_files",
+                ),
+                (
+                    client_assertion_file.is_some(),
+                    "oidc.client_assertion_file",
+                ),
+            ] {
+                if set {
+                    problems.add(
+                        key,
+                        format!(
+                            "is only used with client_auth = \"private_key_jwt\", not {:?}",
+                            client_auth.name()
+                        ),
+                    );
                 }
-            ),
-        );
+            }
+        }
+        ClientAuth::PrivateKeyJwt => {
+            if has_secret {
+                problems.add(
+                    "oidc.client_secret",
+                    "is not used with client_auth = \"private_key_jwt\"; remove it",
+                );
+            }
+            match (&client_key_file, &client_assertion_file) {
+                (None, None) => problems.add(
+                    "oidc.client_auth",
+                    "\"private_key_jwt\" needs client_key_file (a PEM private key, EC P-256 or RSA) or client_assertion_file (a client assertion the platform keeps fresh)",
+                ),
+                (Some(_), Some(_)) => problems.add(
+                    "oidc.client_assertion_file",
+                    "cannot be set together with client_key_file; choose one",
+                ),
+                _ => {}
+            }
+            if client_assertion_file.is_some() && !client_published_key_files.is_empty() {
+                problems.add(
+                    "oidc.client_published_key_files",
+                    "is only used with client_key_file",
+                );
+            }
+        }
     }
     let scopes = scopes.unwrap_or_else(|| {
         ["openid", "profile", "email", "offline_access"]
@@ -180,6 +264,9 @@ pub(super) fn oidc_config(
         client_secret,
         client_secret_file,
         client_auth,
+        client_key_file,
+        client_published_key_files,
+        client_assertion_file,
         scopes,
         extra_auth_params,
         roles_claim,
@@ -266,7 +353,7 @@ mod tests {
 
     fn check(raw: raw::Oidc) -> Vec<String> {
         let mut problems = Problems::default();
-        let _ = oidc_config(raw, Path::new("."), &mut problems);
+        let _ = oidc_config(raw, Path::new("/nonexistent"), &mut problems);
         printed(problems)
     }
 
@@ -294,7 +381,7 @@ mod tests {
             }),
             [
                 "oidc.issuer: \"http://10.0.0.1/realm\" uses plain http on a non-loopback host; allow_http_issuer only permits 127.0.0.1, ::1 or localhost",
-                "oidc.client_auth: \"client_secret_jwt\" is not allowed; use one of \"client_secret_basic\", \"client_secret_post\", \"tls_client_auth\", \"self_signed_tls_client_auth\"",
+                "oidc.client_auth: \"client_secret_jwt\" is not allowed; use one of \"client_secret_basic\", \"client_secret_post\", \"private_key_jwt\", \"tls_client_auth\", \"self_signed_tls_client_auth\"",
                 "oidc.post_logout_redirect: \"https://evil.example\" must be a local path such as \"/\"",
                 "oidc.extra_auth_params.state: is set by Vestibule itself and cannot be overridden",
                 "oidc.roles_claim: \"realm..roles\" is not a claim path; write e.g. \"roles\" or \"realm_access.roles\"",
@@ -343,5 +430,56 @@ mod tests {
             "{found:?}"
         );
         assert!(!found[0].contains("s3cr3t"));
+    }
+
+    #[test]
+    fn private_key_jwt_needs_one_key_source_and_no_secret() {
+        let base = raw::Oidc {
+            issuer: Some("https://idp.example".into()),
+            client_id: Some("spa".into()),
+            client_auth: Some("private_key_jwt".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            check(raw::Oidc {
+                client_secret: Some("s".into()),
+                ..base
+            }),
+            [
+                "oidc.client_secret: is not used with client_auth = \"private_key_jwt\"; remove it",
+                "oidc.client_auth: \"private_key_jwt\" needs client_key_file (a PEM private key, EC P-256 or RSA) or client_assertion_file (a client assertion the platform keeps fresh)",
+            ]
+        );
+        let base = raw::Oidc {
+            issuer: Some("https://idp.example".into()),
+            client_id: Some("spa".into()),
+            client_auth: Some("private_key_jwt".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            check(raw::Oidc {
+                client_key_file: Some("key.pem".into()),
+                client_assertion_file: Some("token".into()),
+                ..base
+            }),
+            [
+                "oidc.client_key_file: file \"key.pem\" does not exist",
+                "oidc.client_assertion_file: file \"token\" does not exist",
+                "oidc.client_assertion_file: cannot be set together with client_key_file; choose one",
+            ]
+        );
+        assert_eq!(
+            check(raw::Oidc {
+                issuer: Some("https://idp.example".into()),
+                client_id: Some("spa".into()),
+                client_secret: Some("s".into()),
+                client_published_key_files: Some(vec!["/".into()]),
+                ..Default::default()
+            }),
+            [
+                "oidc.client_published_key_files[0]: file \"/\" does not exist",
+                "oidc.client_published_key_files: is only used with client_auth = \"private_key_jwt\", not \"client_secret_basic\"",
+            ]
+        );
     }
 }

@@ -59,6 +59,8 @@ pub(super) fn routes_config(
             ca_file,
             tls_client_cert,
             tls_client_key,
+            acr_values,
+            max_age,
         } = raw;
         let Some(prefix) = prefix else {
             problems.add(
@@ -247,6 +249,45 @@ pub(super) fn routes_config(
                 "needs a signed-in user: set auth = \"required\"",
             );
         }
+        let acr_values = acr_values.unwrap_or_default();
+        for (i, acr) in acr_values.iter().enumerate() {
+            if !crate::config::is_acr_value(acr) {
+                problems.add(
+                    format!("{path}.acr_values[{i}]"),
+                    format!(
+                        "{acr:?} is not an acr value: printable characters, no spaces or quotes"
+                    ),
+                );
+            }
+        }
+        let max_age = max_age.map(|text| {
+            let age = duration(
+                Some(text.clone()),
+                &format!("{path}.max_age"),
+                Duration::from_secs(1),
+                problems,
+            );
+            if age < Duration::from_secs(1) {
+                // Every request would fall short again by the time it arrives: a login loop.
+                problems.add(
+                    format!("{path}.max_age"),
+                    format!(
+                        "{text:?} is shorter than 1s: no sign-in is that recent by the time a request arrives; write e.g. \"10m\""
+                    ),
+                );
+            }
+            age.as_secs()
+        });
+        let step_up = (!acr_values.is_empty() || max_age.is_some()).then_some(StepUp {
+            acr_values,
+            max_age,
+        });
+        if step_up.is_some() && auth != AuthMode::Required {
+            problems.add(
+                format!("{path}.acr_values"),
+                "acr_values and max_age need a signed-in user: set auth = \"required\"",
+            );
+        }
         let timeout = timeout.map(|t| {
             duration(
                 Some(t),
@@ -316,6 +357,7 @@ pub(super) fn routes_config(
             token_binding,
             ca_file,
             tls_client,
+            step_up,
         });
     }
     out
@@ -519,6 +561,29 @@ mod tests {
     #[test]
     fn golden_route_messages() {
         let cases = [
+            (
+                raw::Route {
+                    acr_values: Some(vec!["mfa".into(), "two words".into(), "".into()]),
+                    max_age: Some("soon".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].acr_values[1]: \"two words\" is not an acr value: printable characters, no spaces or quotes",
+                    "routes[0].acr_values[2]: \"\" is not an acr value: printable characters, no spaces or quotes",
+                    "routes[0].max_age: \"soon\" is not a duration; write e.g. \"500ms\", \"30s\", \"10m\" or \"12h\"",
+                    "routes[0].acr_values: acr_values and max_age need a signed-in user: set auth = \"required\"",
+                ],
+            ),
+            (
+                raw::Route {
+                    auth: Some("required".into()),
+                    max_age: Some("500ms".into()),
+                    ..upstream("/api/")
+                },
+                vec![
+                    "routes[0].max_age: \"500ms\" is shorter than 1s: no sign-in is that recent by the time a request arrives; write e.g. \"10m\"",
+                ],
+            ),
             (
                 raw::Route {
                     spa_fallback: Some("index.html".into()),

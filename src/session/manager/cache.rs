@@ -187,10 +187,10 @@ impl Shard {
     fn remove_at(&mut self, at: usize) {
         let removed = self.slots.swap_remove(at);
         self.index.remove(&removed.handle);
-        if let Some(moved) = self.slots.get(at) {
-            if let Some(position) = self.index.get_mut(&moved.handle) {
-                *position = at;
-            }
+        if let Some(moved) = self.slots.get(at)
+            && let Some(position) = self.index.get_mut(&moved.handle)
+        {
+            *position = at;
         }
     }
 

@@ -37,8 +37,10 @@ fn root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts the provider with a client whose redirect URIs point at `proxy_port`.
-pub fn start(proxy_port: u16, extra: serde_json::Value) -> TestProvider {
+/// Starts the provider with a client whose redirect URIs point at `proxy_port`. `extra` holds
+/// top-level fields of the provider's config, and `client`: members added to the client's
+/// registration (e.g. `token_endpoint_auth_method` and `jwks_uri`).
+pub fn start(proxy_port: u16, mut extra: serde_json::Value) -> TestProvider {
     let modules = root().join("tests/provider/node_modules");
     assert!(
         modules.is_dir(),
@@ -55,6 +57,15 @@ pub fn start(proxy_port: u16, extra: serde_json::Value) -> TestProvider {
             "backchannel_logout_uri": format!("{base}/bff/backchannel-logout"),
         }],
     });
+    let client = extra
+        .as_object_mut()
+        .and_then(|e| e.remove("client"))
+        .unwrap_or_default();
+    if let (Some(target), Some(more)) = (config["clients"][0].as_object_mut(), client.as_object()) {
+        for (k, v) in more {
+            target.insert(k.clone(), v.clone());
+        }
+    }
     if let (Some(target), Some(more)) = (config.as_object_mut(), extra.as_object()) {
         for (k, v) in more {
             target.insert(k.clone(), v.clone());

@@ -65,9 +65,10 @@ impl StackBuilder {
         self
     }
 
-    /// Changes to the proxy's config, after [`StackBuilder::extra`].
+    /// Changes to the proxy's config, after [`StackBuilder::extra`] and any earlier changes.
     pub fn config(mut self, edit: impl FnOnce(TomlConfig) -> TomlConfig + 'static) -> StackBuilder {
-        self.edit = Box::new(edit);
+        let earlier = std::mem::replace(&mut self.edit, Box::new(|c| c));
+        self.edit = Box::new(move |c| edit(earlier(c)));
         self
     }
 
