@@ -221,26 +221,31 @@ impl ProviderHttp {
         self.call(req, TIMEOUT).await
     }
 
-    /// GET with `Authorization: Bearer <access_token>` (the UserInfo endpoint): the status, the
-    /// media type and the body.
-    pub async fn get_with_bearer(
+    /// GET with `Authorization: <scheme> <access_token>` (the UserInfo endpoint): `Bearer`, or
+    /// `DPoP` with `proof` in the `DPoP` header (RFC 9449 §7.1).
+    pub async fn get_with_token(
         &self,
         url: &str,
+        scheme: &str,
         access_token: &str,
+        proof: Option<&str>,
         timeout: Duration,
-    ) -> Result<(u16, Option<String>, Bytes), CallError> {
-        let mut bearer = HeaderValue::from_str(&format!("Bearer {access_token}"))
+    ) -> Result<Answer, CallError> {
+        let mut authorization = HeaderValue::from_str(&format!("{scheme} {access_token}"))
             .map_err(|_| CallError::Unreachable("the access token is not a header value".into()))?;
-        bearer.set_sensitive(true);
-        let req = Request::builder()
+        authorization.set_sensitive(true);
+        let mut builder = Request::builder()
             .method(Method::GET)
             .uri(url)
             .header(header::ACCEPT, "application/json, application/jwt")
-            .header(header::AUTHORIZATION, bearer)
+            .header(header::AUTHORIZATION, authorization);
+        if let Some(proof) = proof.and_then(|p| HeaderValue::from_str(p).ok()) {
+            builder = builder.header(super::dpop::DPOP, proof);
+        }
+        let req = builder
             .body(Full::new(Bytes::new()))
             .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
-        let answer = self.call_full(req, timeout).await?;
-        Ok((answer.status, answer.content_type, answer.body))
+        self.call_full(req, timeout).await
     }
 
     /// POST a form, authenticating as the client (`auth`: a header, form fields or both),
@@ -306,13 +311,13 @@ impl ProviderHttp {
 }
 
 /// A provider's answer, read whole.
-struct Answer {
-    status: u16,
+pub struct Answer {
+    pub status: u16,
     /// The media type, without parameters, lowercased.
-    content_type: Option<String>,
+    pub content_type: Option<String>,
     /// RFC 9449 §8: the nonce the provider wants in the next DPoP proof.
-    dpop_nonce: Option<HeaderValue>,
-    body: Bytes,
+    pub dpop_nonce: Option<HeaderValue>,
+    pub body: Bytes,
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

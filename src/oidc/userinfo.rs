@@ -53,6 +53,52 @@ impl UserinfoError {
 }
 
 impl Oidc {
+    /// One call to the UserInfo endpoint. With DPoP the access token is bound to our key, so it
+    /// goes as `DPoP <token>` with a proof for this GET (`ath` included); a nonce the provider
+    /// sends along is kept for the next proof.
+    async fn userinfo_call(
+        &self,
+        endpoint: &str,
+        access_token: &str,
+    ) -> Result<super::http::Answer, UserinfoError> {
+        let unavailable = |e: &dyn std::fmt::Display| UserinfoError::Unavailable(e.to_string());
+        let (scheme, proof) = match &self.dpop {
+            Some(dpop) => {
+                let key = dpop.key().await.map_err(|e| unavailable(&e))?;
+                let nonce = dpop.provider_nonce();
+                let proof = key
+                    .proof(
+                        "GET",
+                        endpoint,
+                        crate::clock::now(),
+                        Some(access_token),
+                        nonce.as_deref(),
+                    )
+                    .map_err(|e| unavailable(&e))?;
+                ("DPoP", Some(proof))
+            }
+            None => ("Bearer", None),
+        };
+        let answer = self
+            .provider
+            .http
+            .get_with_token(
+                endpoint,
+                scheme,
+                access_token,
+                proof.as_deref(),
+                self.config.provider_timeout,
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if let (Some(dpop), Some(nonce)) = (&self.dpop, &answer.dpop_nonce)
+            && answer.status < 300
+        {
+            dpop.remember_provider_nonce(nonce.as_bytes());
+        }
+        Ok(answer)
+    }
+
     /// The UserInfo claims for `access_token`, checked to be about `sub`; `now` judges a signed
     /// answer's `exp`.
     pub async fn userinfo(
@@ -68,12 +114,19 @@ impl Oidc {
             .userinfo_endpoint
             .as_deref()
             .ok_or(UserinfoError::NoEndpoint)?;
-        let (status, media_type, body) = self
-            .provider
-            .http
-            .get_with_bearer(endpoint, access_token, self.config.provider_timeout)
-            .await
-            .map_err(|e| UserinfoError::Unavailable(e.to_string()))?;
+        let mut answer = self.userinfo_call(endpoint, access_token).await?;
+        // RFC 9449 §9: a resource server that wants a nonce answers 401 with one; the request
+        // is sent once more with it.
+        if let Some(dpop) = &self.dpop
+            && answer.status == 401
+            && answer
+                .dpop_nonce
+                .as_ref()
+                .is_some_and(|n| dpop.remember_provider_nonce(n.as_bytes()))
+        {
+            answer = self.userinfo_call(endpoint, access_token).await?;
+        }
+        let (status, media_type, body) = (answer.status, answer.content_type, answer.body);
         if status >= 500 || status == 429 {
             return Err(UserinfoError::Unavailable(format!("HTTP {status}")));
         }

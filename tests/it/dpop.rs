@@ -341,3 +341,28 @@ async fn through_vestibule_the_sample_api_answers_and_the_stolen_token_is_refuse
         assert_eq!(status, 401, "{what}: {body}");
     }
 }
+
+#[tokio::test]
+async fn userinfo_is_asked_with_a_proof_for_the_bound_token_and_its_claims_arrive() {
+    // Opaque access tokens, accepted at the userinfo endpoint; the ID token carries only `sub`,
+    // so `email` and `name` can come from UserInfo alone. The provider binds the token to our
+    // key and, asked for a nonce, wants one in every proof.
+    let stack = LoginStack::builder()
+        .provider(json!({
+            "resources": [],
+            "conform_id_token_claims": true,
+            "dpop_require_nonce": true,
+        }))
+        .extra(routes)
+        .config(|c| c.add("oidc.dpop", true).add("oidc.userinfo", true))
+        .start()
+        .await;
+    let mut browser = stack.login("alice").await;
+    let me = browser
+        .get(&format!("{}/bff/user", stack.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(me.status, 200, "{}", me.text());
+    let me = me.json();
+    assert_eq!(me["email"], "alice@example.test", "{me}");
+    assert_eq!(me["name"], "Alice Liddell", "{me}");
+}

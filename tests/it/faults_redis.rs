@@ -452,7 +452,10 @@ fn session_keys(redis: &RedisServer) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
-    let mut master = RedisServer::start_with(&["--appendonly", "yes"]);
+    // Without the default 5 s wait for more replicas before a diskless sync, the replica is in
+    // sync at once rather than after about 5 s.
+    let mut master =
+        RedisServer::start_with(&["--appendonly", "yes", "--repl-diskless-sync-delay", "0"]);
     let replica =
         RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
     eventually("the replica is in sync", HANG, || async {
