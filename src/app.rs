@@ -522,7 +522,7 @@ impl App {
             .and_then(|a| a.strip_prefix("DPoP "))
             .unwrap_or_default();
         let unavailable = |e: crate::oidc::dpop::DpopError| {
-            RequestError::Provider(GrantError::Unavailable(e.to_string()))
+            RequestError::Provider(GrantError::from(crate::oidc::Unavailable::Dpop(e)))
         };
         let key = dpop.key().await.map_err(unavailable)?;
         let nonce = dpop.upstream_nonce(authority);

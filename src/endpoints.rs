@@ -374,10 +374,10 @@ async fn callback(
     if app.oidc.config.userinfo {
         match app.oidc.userinfo(&tokens.access_token, &sub, now).await {
             Ok(info) => user_claims = crate::oidc::userinfo::merge(user_claims, info),
-            Err(UserinfoError::Unavailable(e)) => {
-                return Err(RequestError::Provider(GrantError::Unavailable(format!(
-                    "userinfo: {e}"
-                ))));
+            Err(e @ UserinfoError::Unavailable(_)) => {
+                return Err(RequestError::Provider(
+                    crate::oidc::Unavailable::Userinfo(e).into(),
+                ));
             }
             Err(e) => {
                 if e == UserinfoError::SubjectMismatch {

@@ -174,27 +174,105 @@ impl std::fmt::Debug for TokenResponse {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a grant (or a pushed authorization request) brought nothing back. Safe to log: no
+/// token, secret or provider text beyond a checked OAuth error code.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GrantError {
-    /// The provider refused the grant with HTTP 400 or 401: the OAuth error code (RFC 6749
-    /// §5.2), or `HTTP 4xx` without one. Only `invalid_grant` means the credential is dead;
-    /// what the other codes mean is the caller's decision (see `access::tokens`).
+    /// The provider refused with HTTP 400 or 401. Only `invalid_grant` means the credential is
+    /// dead; what the other codes mean is the caller's decision (see `access::tokens`).
     #[error("the provider rejected the grant: {0}")]
-    Rejected(String),
-    /// The provider is down, slow, answered 5xx or 429, or answered something unparsable: retry
-    /// later, keep the session. The text names the provider's error code when it sent one.
+    Rejected(Refusal),
+    /// Retry later, keep the session.
     #[error("the provider is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Unavailable),
 }
 
 impl GrantError {
     /// The provider's OAuth error code when it refused the grant with one.
     pub fn code(&self) -> Option<&str> {
         match self {
-            GrantError::Rejected(code) if !code.starts_with("HTTP ") => Some(code),
-            _ => None,
+            GrantError::Rejected(refusal) => refusal.code.as_deref(),
+            GrantError::Unavailable(_) => None,
         }
     }
+}
+
+impl From<Unavailable> for GrantError {
+    fn from(why: Unavailable) -> Self {
+        GrantError::Unavailable(why)
+    }
+}
+
+/// An error answer: its status and the OAuth error code (RFC 6749 §5.2) when it sent one that
+/// is safe to repeat (see [`error_code`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: Option<String>,
+}
+
+impl Refusal {
+    fn of(status: u16, body: &serde_json::Value) -> Refusal {
+        let code = error_code(body);
+        Refusal {
+            status,
+            code: (!code.is_empty()).then_some(code),
+        }
+    }
+}
+
+impl Refusal {
+    /// `HTTP <status>`, and the code when there is one.
+    fn with_status(&self) -> String {
+        match &self.code {
+            Some(code) => format!("HTTP {} {code}", self.status),
+            None => format!("HTTP {}", self.status),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.code {
+            Some(code) => f.write_str(code),
+            None => write!(f, "HTTP {}", self.status),
+        }
+    }
+}
+
+/// Why the provider could not be used just now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    /// Discovery has not succeeded yet.
+    #[error("metadata not loaded yet")]
+    NoMetadata,
+    #[error(transparent)]
+    Call(#[from] http::CallError),
+    /// 5xx, 429, or another error answer than 400/401 without a code.
+    #[error("{}", .0.with_status())]
+    Status(Refusal),
+    #[error("the token response is malformed")]
+    Malformed,
+    /// A Bearer token where DPoP was asked for: one a thief could use (docs/security.md).
+    #[error("the provider issued a token of type {found:?}, not {wanted}")]
+    WrongTokenType {
+        /// At most 16 characters of what it sent.
+        found: Option<String>,
+        wanted: &'static str,
+    },
+    #[error(
+        "oidc.par is \"always\" but the provider advertises no pushed_authorization_request_endpoint"
+    )]
+    NoParEndpoint,
+    #[error("the pushed authorization request failed: {}", .0.with_status())]
+    Pushed(Refusal),
+    #[error(transparent)]
+    Dpop(#[from] dpop::DpopError),
+    /// The client's key or assertion file cannot be used (see the error log).
+    #[error("the client's credential is unusable: {0}")]
+    Credential(String),
+    #[error(transparent)]
+    Userinfo(#[from] userinfo::UserinfoError),
 }
 
 /// The OAuth error code of an error answer (RFC 6749 §5.2), safe to log: printable ASCII
@@ -304,7 +382,7 @@ impl Oidc {
     pub fn metadata(&self) -> Result<Arc<Metadata>, GrantError> {
         self.provider
             .get()
-            .ok_or_else(|| GrantError::Unavailable("metadata not loaded yet".into()))
+            .ok_or(GrantError::Unavailable(Unavailable::NoMetadata))
     }
 
     /// The authentication parts of one request; an assertion we sign names the token endpoint
@@ -320,7 +398,7 @@ impl Oidc {
             )
             .map_err(|e| {
                 tracing::error!(error = %e, "the client's credential is unusable");
-                GrantError::Unavailable(e)
+                GrantError::Unavailable(Unavailable::Credential(e))
             })
     }
 
@@ -385,11 +463,7 @@ impl Oidc {
                 return Ok(self.authorization_url(metadata, login));
             }
             (Par::Always, None) => {
-                return Err(GrantError::Unavailable(
-                    "oidc.par is \"always\" but the provider advertises no \
-                     pushed_authorization_request_endpoint"
-                        .into(),
-                ));
+                return Err(Unavailable::NoParEndpoint.into());
             }
             (_, Some(endpoint)) => endpoint,
         };
@@ -407,19 +481,13 @@ impl Oidc {
             .http
             .post_form(endpoint, &form, &credentials, self.config.provider_timeout)
             .await
-            .map_err(|e| GrantError::Unavailable(e.to_string()))?;
+            .map_err(Unavailable::Call)?;
         let request_uri = reply
             .body
             .get("request_uri")
             .and_then(|v| v.as_str())
             .filter(|_| (200..300).contains(&reply.status))
-            .ok_or_else(|| {
-                GrantError::Unavailable(format!(
-                    "the pushed authorization request failed: HTTP {} {}",
-                    reply.status,
-                    error_code(&reply.body)
-                ))
-            })?;
+            .ok_or_else(|| Unavailable::Pushed(Refusal::of(reply.status, &reply.body)))?;
         Ok(self.authorization_endpoint_with(
             metadata,
             &[
@@ -431,7 +499,7 @@ impl Oidc {
 
     async fn grant(&self, form: &[(&str, &str)]) -> Result<TokenResponse, GrantError> {
         let response: TokenResponse = serde_json::from_value(self.grant_json(form).await?)
-            .map_err(|_| GrantError::Unavailable("the token response is malformed".into()))?;
+            .map_err(|_| Unavailable::Malformed)?;
         // A token other than the kind asked for is refused, not used: a Bearer token where DPoP
         // was asked for is one a thief could use (see docs/security.md).
         let wanted = self.token_type();
@@ -441,14 +509,14 @@ impl Oidc {
                 .as_deref()
                 .is_some_and(|t| wanted.matches(t))
         {
-            return Err(GrantError::Unavailable(format!(
-                "the provider issued a token of type {:?}, not {}",
-                response
+            return Err(Unavailable::WrongTokenType {
+                found: response
                     .token_type
                     .as_deref()
-                    .map(|t| t.get(..16).unwrap_or("(long)")),
-                wanted.name()
-            )));
+                    .map(|t| t.get(..16).unwrap_or("(long)").to_string()),
+                wanted: wanted.name(),
+            }
+            .into());
         }
         Ok(response)
     }
@@ -476,22 +544,14 @@ impl Oidc {
         if (200..300).contains(&reply.status) {
             return Ok(reply.body);
         }
-        let code = error_code(&reply.body);
+        let refusal = Refusal::of(reply.status, &reply.body);
         if reply.status >= 500
             || reply.status == 429
-            || code.is_empty() && reply.status != 400 && reply.status != 401
+            || refusal.code.is_none() && reply.status != 400 && reply.status != 401
         {
-            return Err(GrantError::Unavailable(
-                format!("HTTP {} {code}", reply.status)
-                    .trim_end()
-                    .to_string(),
-            ));
+            return Err(Unavailable::Status(refusal).into());
         }
-        Err(GrantError::Rejected(if code.is_empty() {
-            format!("HTTP {}", reply.status)
-        } else {
-            code
-        }))
+        Err(GrantError::Rejected(refusal))
     }
 
     /// One POST to the token endpoint, with a DPoP proof when DPoP is on; a nonce the provider
@@ -505,7 +565,7 @@ impl Oidc {
             Some(dpop) => Some(
                 dpop.provider_proof(endpoint)
                     .await
-                    .map_err(|e| GrantError::Unavailable(e.to_string()))?,
+                    .map_err(Unavailable::Dpop)?,
             ),
             None => None,
         };
@@ -520,7 +580,7 @@ impl Oidc {
                 proof.as_deref(),
             )
             .await
-            .map_err(|e| GrantError::Unavailable(e.to_string()))?;
+            .map_err(Unavailable::Call)?;
         if let (Some(dpop), Some(nonce)) = (&self.dpop, &reply.dpop_nonce) {
             dpop.remember_provider_nonce(nonce.as_bytes());
         }

@@ -26,14 +26,38 @@ pub enum RefreshError {
     Refused { code: String },
     /// The provider is down or slow, refuses Vestibule's own client (`invalid_client`,
     /// `unauthorized_client`), or answered something unusable. The session is kept.
-    #[error("the provider is unavailable: {reason}")]
-    Unavailable { reason: String },
+    #[error("no token for now: {reason}")]
+    Unavailable { reason: TokenUnavailable },
     /// The session store could not be read or written. The session is kept.
     #[error("{0}")]
     Store(SessionError),
     /// The system random source failed: no lease token can be made.
     #[error("the random source failed")]
     Random,
+}
+
+/// Why no token could be had just now (the session is kept).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenUnavailable {
+    /// The grant failed at the provider (down, slow, unusable answer, or Vestibule's own client
+    /// refused).
+    #[error(transparent)]
+    Grant(GrantError),
+    /// A refresh that succeeded brought no token for this route.
+    #[error("the refresh brought no token for the route")]
+    NoToken,
+    /// This session's refresh in another request took longer than a grant may.
+    #[error("waited too long for this session's refresh")]
+    WaitedTooLong,
+    /// Another replica holds this session's refresh lease and did not finish.
+    #[error("another replica's refresh of this session did not end")]
+    OtherReplicaStalled,
+    /// The refresh token was spent by another refresh whose result this one cannot see.
+    #[error("the refresh token was spent by another refresh")]
+    SpentElsewhere,
+    /// The refreshed ID token failed validation; nothing of the answer is kept.
+    #[error("invalid refreshed ID token: {0}")]
+    InvalidIdToken(crate::jose::JoseError),
 }
 
 /// Why a request was not answered as asked.

@@ -12,7 +12,7 @@ mod refresh;
 
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
-use crate::rescue::{RefreshError, RequestError};
+use crate::rescue::{RefreshError, RequestError, TokenUnavailable};
 use crate::session::manager::{OpenSession, Sessions};
 use crate::session::model::Session;
 use crate::state::{LiveConfig, Shared};
@@ -71,13 +71,13 @@ fn classify(grant: Grant, error: GrantError) -> RefreshError {
         (_, "invalid_client" | "unauthorized_client") => (
             "client_refused",
             RefreshError::Unavailable {
-                reason: error.to_string(),
+                reason: TokenUnavailable::Grant(error.clone()),
             },
         ),
         _ => (
             "unavailable",
             RefreshError::Unavailable {
-                reason: error.to_string(),
+                reason: TokenUnavailable::Grant(error.clone()),
             },
         ),
     };
@@ -175,7 +175,7 @@ impl Tokens {
         self.user_token_except(app, sessions, live, loaded, route, None)
             .await?
             .ok_or_else(|| {
-                let reason = "no token".to_string();
+                let reason = TokenUnavailable::NoToken;
                 rescue("", RefreshError::Unavailable { reason })
             })
     }
@@ -236,7 +236,7 @@ impl Tokens {
         // Longer than a grant may take: a refresh already sent is waited out, never repeated.
         let deadline = arrived + app.oidc.config.provider_timeout + Duration::from_secs(5);
         let gave_up = || RefreshError::Unavailable {
-            reason: "waited too long for this session's refresh".into(),
+            reason: TokenUnavailable::WaitedTooLong,
         };
         let lock = self.local_lock(&loaded.handle);
         let waited = {

@@ -13,10 +13,23 @@ const MAX_RESPONSE: usize = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a provider call failed; the message never contains a secret or token.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
-    #[error("the provider could not be reached: {0}")]
-    Unreachable(String),
+    /// A URL or header value HTTP cannot carry (the provider's metadata named a bad URL).
+    #[error("the request to the provider cannot be built: {0}")]
+    Request(&'static str),
+    /// No connection, TLS refused, or the connection broke; `cause` keeps the client's error.
+    #[error("the provider could not be reached: {host}: {cause}")]
+    Unreachable {
+        host: String,
+        cause: crate::reply::Cause,
+    },
+    /// No whole answer (head and body) within the call's deadline.
+    #[error("the provider could not be reached: {host}: no answer within {timeout:?}")]
+    TimedOut { host: String, timeout: Duration },
+    /// The body broke off, or is larger than [`MAX_RESPONSE`] bytes.
+    #[error("the provider could not be reached: {host}: the body is unreadable or too large")]
+    Body { host: String },
     #[error("the provider answered HTTP {0}")]
     Status(u16),
     #[error("the provider's answer is not valid JSON")]
@@ -168,13 +181,19 @@ impl ProviderHttp {
         // One deadline for the answer and its body: a grant is waited for this long in all.
         let deadline = tokio::time::Instant::now() + timeout;
         let sent = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+        let host = || host.to_string();
         let response = match sent {
-            Err(_) => return Err(CallError::Unreachable(format!("{host}: timed out"))),
+            Err(_) => {
+                return Err(CallError::TimedOut {
+                    host: host(),
+                    timeout,
+                });
+            }
             Ok(Err(e)) => {
-                return Err(CallError::Unreachable(format!(
-                    "{host}: {}",
-                    error_chain(&e)
-                )));
+                return Err(CallError::Unreachable {
+                    host: host(),
+                    cause: crate::reply::Cause::new(e),
+                });
             }
             Ok(Ok(r)) => r,
         };
@@ -191,8 +210,11 @@ impl ProviderHttp {
             Limited::new(response.into_body(), MAX_RESPONSE).collect(),
         )
         .await
-        .map_err(|_| CallError::Unreachable(format!("{host}: body timed out")))?
-        .map_err(|_| CallError::Unreachable(format!("{host}: body unreadable or too large")))?
+        .map_err(|_| CallError::TimedOut {
+            host: host(),
+            timeout,
+        })?
+        .map_err(|_| CallError::Body { host: host() })?
         .to_bytes();
         Ok(Answer {
             status,
@@ -217,7 +239,7 @@ impl ProviderHttp {
             .uri(url)
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::new()))
-            .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
+            .map_err(|_| CallError::Request("invalid URL"))?;
         self.call(req, TIMEOUT).await
     }
 
@@ -232,7 +254,7 @@ impl ProviderHttp {
         timeout: Duration,
     ) -> Result<Answer, CallError> {
         let mut authorization = HeaderValue::from_str(&format!("{scheme} {access_token}"))
-            .map_err(|_| CallError::Unreachable("the access token is not a header value".into()))?;
+            .map_err(|_| CallError::Request("the access token is not a header value"))?;
         authorization.set_sensitive(true);
         let mut builder = Request::builder()
             .method(Method::GET)
@@ -244,7 +266,7 @@ impl ProviderHttp {
         }
         let req = builder
             .body(Full::new(Bytes::new()))
-            .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
+            .map_err(|_| CallError::Request("invalid URL"))?;
         self.call_full(req, timeout).await
     }
 
@@ -290,7 +312,7 @@ impl ProviderHttp {
             .finish();
         let req = builder
             .body(Full::new(Bytes::from(encoded)))
-            .map_err(|_| CallError::Unreachable("invalid URL".into()))?;
+            .map_err(|_| CallError::Request("invalid URL"))?;
         let Answer {
             status,
             body,
@@ -318,15 +340,4 @@ pub struct Answer {
     /// RFC 9449 §8: the nonce the provider wants in the next DPoP proof.
     pub dpop_nonce: Option<HeaderValue>,
     pub body: Bytes,
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }

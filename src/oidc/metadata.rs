@@ -170,23 +170,37 @@ fn acr_warnings(metadata: &Metadata, config: &crate::config::Config) -> Vec<Stri
     warnings
 }
 
+/// Why the provider's metadata or keys could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// A required field is missing or has the wrong type.
+    #[error("the discovery document is incomplete: {0}")]
+    Incomplete(Cause),
+    /// The document names another issuer than `[oidc] issuer` (shown as the document has it).
+    #[error("the discovery document names issuer {0:?}, not the configured one")]
+    OtherIssuer(String),
+    #[error("the provider does not support PKCE S256")]
+    NoPkceS256,
+    #[error("the key set could not be loaded: {0}")]
+    Keys(crate::jose::JoseError),
+}
+
 /// Fetches discovery and checks that it describes the configured issuer.
-pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata, String> {
+pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata, DiscoveryError> {
     let base = issuer.as_str().trim_end_matches('/');
     let url = format!("{base}/.well-known/openid-configuration");
-    let document = http.get_json(&url).await.map_err(|e| e.to_string())?;
-    let mut metadata: Metadata = serde_json::from_value(document)
-        .map_err(|e| format!("the discovery document is incomplete: {e}"))?;
+    let document = http.get_json(&url).await?;
+    let mut metadata: Metadata =
+        serde_json::from_value(document).map_err(|e| DiscoveryError::Incomplete(Cause::new(e)))?;
     if metadata.issuer.trim_end_matches('/') != base {
-        return Err(format!(
-            "the discovery document names issuer {:?}, not the configured one",
-            metadata.issuer
-        ));
+        return Err(DiscoveryError::OtherIssuer(metadata.issuer));
     }
     if let Some(methods) = &metadata.code_challenge_methods_supported
         && !methods.iter().any(|m| m == "S256")
     {
-        return Err("the provider does not support PKCE S256".into());
+        return Err(DiscoveryError::NoPkceS256);
     }
     if http.presents_certificate() {
         metadata.use_mtls_aliases();
@@ -248,13 +262,10 @@ impl Provider {
     }
 
     /// One attempt to load metadata and keys.
-    pub async fn refresh(&self) -> Result<(), String> {
+    pub async fn refresh(&self) -> Result<(), DiscoveryError> {
         let metadata = discover(&self.http, &self.issuer).await?;
         self.metadata.store(Some(Arc::new(metadata)));
-        self.jwks
-            .load()
-            .await
-            .map_err(|e| format!("the key set could not be loaded: {e}"))
+        self.jwks.load().await.map_err(DiscoveryError::Keys)
     }
 
     /// Loads with retries until it succeeds, then refreshes every `period`. Runs forever.

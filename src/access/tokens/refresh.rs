@@ -9,7 +9,7 @@
 //! the same refresh token at the same time: the first answer saved wins, and a later one is not
 //! written over it (see [`Job::save`]); with a rotating provider one of the two is refused.
 
-use super::{Failed, Grant, RefreshError, RefreshMemory, classify, count, fresh};
+use super::{Failed, Grant, RefreshError, RefreshMemory, TokenUnavailable, classify, count, fresh};
 use crate::clock::Clock;
 use crate::config::RouteConfig;
 use crate::jose::{Claims, JoseError};
@@ -214,7 +214,7 @@ impl Job {
                 Ok(false) => {
                     if Instant::now() + POLL > self.deadline {
                         return Err(RefreshError::Unavailable {
-                            reason: "another replica's refresh of this session did not end".into(),
+                            reason: TokenUnavailable::OtherReplicaStalled,
                         });
                     }
                     tokio::time::sleep(POLL).await;
@@ -322,7 +322,7 @@ impl Job {
                         return fresh(self.clock.now(), self.skew, &now.session, &target.key, None)
                             .map(str::to_string)
                             .ok_or(RefreshError::Unavailable {
-                                reason: "the refresh token was spent by another refresh".into(),
+                                reason: TokenUnavailable::SpentElsewhere,
                             });
                     }
                     let _ = self.sessions.delete(&now).await;
@@ -346,7 +346,7 @@ impl Job {
                     count(Grant::Refresh, "id_token_invalid");
                     tracing::warn!(%error, "the refreshed ID token is invalid; nothing of the answer is kept");
                     return Err(RefreshError::Unavailable {
-                        reason: format!("invalid refreshed ID token: {error}"),
+                        reason: TokenUnavailable::InvalidIdToken(error),
                     });
                 }
             },
