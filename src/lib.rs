@@ -8,14 +8,16 @@
 //! - [`telemetry`], [`reply`]: logging and metrics; the error contract and the response body
 //!   type. Used by everything below.
 //! - [`cookies`]: reading our cookies from a request and writing `Set-Cookie`.
-//! - [`net`]: the outbound TCP/TLS connector for upstreams and the provider.
+//! - [`net`]: the outbound TCP/TLS connector for upstreams and the provider: trusted roots,
+//!   client certificates (mutual TLS), the egress proxy.
 //! - [`limits`]: the client address after trusted proxies, per-address rate limits and the pace
 //!   request bodies must keep — bounded work for anonymous clients.
 //! - [`jose`]: JSON Web Key sets and JWT validation (ID tokens, logout tokens, access tokens).
 //!   Knows nothing of HTTP servers; fetches key sets through an injected fetcher.
 //! - [`session`]: cookie sealing with a key ring, the session model, and the session stores
 //!   (memory and Redis) behind one type.
-//! - [`oidc`]: provider metadata, login, callback, refresh, logout — the OpenID Connect client.
+//! - [`oidc`]: provider metadata, login (PAR), callback, refresh, logout, UserInfo — the OpenID
+//!   Connect client, with its client authentication, DPoP proofs and step-up requirements.
 //! - [`proxy`]: routing, header rewriting, forwarding, upgrades, static files.
 //! - [`state`]: the state shared by every request (clients, sessions, the hot-swappable
 //!   [`state::LiveConfig`]) and the session of a request; [`rescue`]: [`rescue::RequestError`],
