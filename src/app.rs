@@ -338,12 +338,13 @@ impl App {
             )
         };
         // Kept for an RFC 9470 step-up answer: where the login brings the user back (a
-        // reference-counted copy, only for routes that send the user's token).
-        let uri = matches!(
+        // reference-counted copy, only for routes that send the user's token), and whether the
+        // request is a navigation (sent to the login) or an API call (told what to do).
+        let step_up_return = matches!(
             route.token,
             crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
         )
-        .then(|| req.uri().clone());
+        .then(|| (req.uri().clone(), Reader::of(req.headers())));
         let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
             Captured::Once(req) => {
                 let proof = match bound {
@@ -441,13 +442,13 @@ impl App {
             }
         };
         if response.status() == http::StatusCode::UNAUTHORIZED
-            && let Some(uri) = uri
+            && let Some((uri, reader)) = step_up_return
             && let Some(step) = crate::oidc::step_up::from_challenge(
                 response.headers().get_all(header::WWW_AUTHENTICATE).iter(),
             )
         {
             // The upstream wants a stronger or more recent sign-in (RFC 9470): the same answer
-            // as a route's own step-up requirement, as JSON (the caller is an API call).
+            // as a route's own step-up requirement (a navigation goes to the login).
             let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
             response = RequestError::StepUp {
                 login_url: crate::oidc::step_up::login_url(
@@ -456,9 +457,9 @@ impl App {
                     Some(&step),
                 ),
                 step,
-                redirect: false,
+                redirect: true,
             }
-            .respond(Reader::Script);
+            .respond(reader);
         }
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);

@@ -101,6 +101,11 @@ acr_values = ["mfa"]
 path = "/rs/"
 upstream = "{rs}"
 token = "user"
+[[routes]]
+path = "/rs-pages/"
+upstream = "{rs}"
+token = "user"
+csrf = false
 "#
             )
         })
@@ -267,6 +272,19 @@ async fn an_upstream_asking_for_stronger_authentication_gets_the_same_step_up_an
         "/bff/login?returnUrl=%2Frs%2Ftransfer&acr_values=mfa&max_age=300"
     );
     assert!(r.header("www-authenticate").is_none());
+    // A page the upstream serves (a route without CSRF, so that a navigation reaches it) sends
+    // the browser to the same step-up login, as a route's own requirement does.
+    let nav = browser
+        .get(
+            &s.proxy().url("/rs-pages/transfer?to=bob"),
+            &[("accept", "text/html")],
+        )
+        .await;
+    assert_eq!(nav.status, 302, "{}", nav.text());
+    assert_eq!(
+        nav.header("location"),
+        Some("/bff/login?returnUrl=%2Frs-pages%2Ftransfer%3Fto%3Dbob&acr_values=mfa&max_age=300")
+    );
     // Following it with the second factor gives an mfa session with a fresh auth_time.
     let done = login_via(
         &mut browser,
