@@ -405,3 +405,30 @@ async fn a_stepped_up_session_stays_stepped_up_across_refreshes() {
     assert_eq!(user["acr"], "mfa", "{user}");
     assert!(user["auth_time"].is_u64(), "{user}");
 }
+
+#[tokio::test]
+async fn acr_values_added_to_a_route_by_a_reload_apply_to_the_sessions_already_there() {
+    let s = stack().await;
+    let mut browser = Browser::default();
+    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let balance = || {
+        let mut browser = browser.clone();
+        let url = s.proxy().url("/rs/balance");
+        async move { browser.get(&url, &[("x-csrf", "1")]).await }
+    };
+    assert_eq!(balance().await.status, 200);
+    // routes[2] is "/rs/": it now asks for mfa, which this password session lacks.
+    assert_eq!(s.config.get("routes.2.path").as_str(), Some("/rs/"));
+    let stricter = s.config.clone().add("routes.2.acr_values", vec!["mfa"]);
+    std::fs::write(s.proxy().dir.path().join("config.toml"), stricter.text()).unwrap();
+    crate::support::eventually(
+        "the reloaded route asks for mfa",
+        std::time::Duration::from_secs(10),
+        || async { (balance().await.status == 401).then_some(()) },
+    )
+    .await;
+    let r = balance().await;
+    assert_eq!(r.json()["error"], "step_up_required", "{}", r.text());
+    assert_eq!(r.json()["acr_values"], json!(["mfa"]));
+}
