@@ -410,19 +410,30 @@ fn socket(value: Option<String>, path: &str, default: &str, problems: &mut Probl
     }
 }
 
+/// A value written as text, read by `parse`; a bad one is reported and `default` kept.
+fn parsed<T>(
+    value: Option<String>,
+    path: &str,
+    default: T,
+    parse: fn(&str) -> Result<T, String>,
+    problems: &mut Problems,
+) -> T {
+    match value {
+        None => default,
+        Some(text) => parse(&text).unwrap_or_else(|e| {
+            problems.add(path, e);
+            default
+        }),
+    }
+}
+
 pub(super) fn duration(
     value: Option<String>,
     path: &str,
     default: Duration,
     problems: &mut Problems,
 ) -> Duration {
-    match value {
-        None => default,
-        Some(text) => parse_duration(&text).unwrap_or_else(|e| {
-            problems.add(path, e);
-            default
-        }),
-    }
+    parsed(value, path, default, parse_duration, problems)
 }
 
 pub(super) fn size(
@@ -431,13 +442,7 @@ pub(super) fn size(
     default: u64,
     problems: &mut Problems,
 ) -> u64 {
-    match value {
-        None => default,
-        Some(text) => parse_size(&text).unwrap_or_else(|e| {
-            problems.add(path, e);
-            default
-        }),
-    }
+    parsed(value, path, default, parse_size, problems)
 }
 
 /// An enum key: how each of its values is written in the file, in the order a message lists them.
