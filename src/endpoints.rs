@@ -63,43 +63,37 @@ pub async fn handle(
     let (reader, answer) = match (req.method().clone(), rest) {
         (Method::GET, "/login") => {
             let span = tracing::trace_span!(target: TARGET, "login");
-            let answer = login(app, live, &req).instrument(span).await;
-            count("vestibule_logins_total", &[], &answer);
-            (reader, answer)
+            let answer = login(app, live, &req);
+            let answer = counted(span, "vestibule_logins_total", &[], answer);
+            (reader, answer.await)
         }
         (Method::GET, "/callback") => {
             let span = tracing::trace_span!(target: TARGET, "callback");
-            let answer = callback(app, live, &req).instrument(span).await;
-            count("vestibule_callbacks_total", &[], &answer);
-            (Reader::Page, answer)
+            let answer = callback(app, live, &req);
+            let answer = counted(span, "vestibule_callbacks_total", &[], answer);
+            (Reader::Page, answer.await)
         }
         (Method::GET, "/user") => (Reader::Script, user(app, live, &req).await),
-        (Method::GET, "/logout") => {
+        // A link the browser follows, or the SPA's script.
+        (method @ (Method::GET | Method::POST), "/logout") => {
+            let (via, label, reader) = if method == Method::GET {
+                (LogoutVia::Link, "link", Reader::Page)
+            } else {
+                (LogoutVia::Script, "script", Reader::Script)
+            };
             let span = tracing::trace_span!(target: TARGET, "logout");
-            let answer = logout(app, live, &req, LogoutVia::Link)
-                .instrument(span)
-                .await;
-            count("vestibule_logouts_total", &[("via", "link")], &answer);
-            (Reader::Page, answer)
-        }
-        (Method::POST, "/logout") => {
-            let span = tracing::trace_span!(target: TARGET, "logout");
-            let answer = logout(app, live, &req, LogoutVia::Script)
-                .instrument(span)
-                .await;
-            count("vestibule_logouts_total", &[("via", "script")], &answer);
-            (Reader::Script, answer)
+            let answer = logout(app, live, &req, via);
+            let labels = [("via", label)];
+            let answer = counted(span, "vestibule_logouts_total", &labels, answer);
+            (reader, answer.await)
         }
         (Method::POST, "/backchannel-logout") => {
             let pace = crate::state::body_pace(&live.config);
             let span = tracing::trace_span!(target: TARGET, "backchannel logout");
-            let answer = backchannel_logout(app, req, pace).instrument(span).await;
-            count(
-                "vestibule_logouts_total",
-                &[("via", "backchannel")],
-                &answer,
-            );
-            (Reader::Script, answer)
+            let answer = backchannel_logout(app, req, pace);
+            let labels = [("via", "backchannel")];
+            let answer = counted(span, "vestibule_logouts_total", &labels, answer);
+            (Reader::Script, answer.await)
         }
         (Method::GET, "/sessions") => (Reader::Script, list_sessions(app, live, &req).await),
         (Method::DELETE, path) if path.starts_with("/sessions/") => {
@@ -110,6 +104,18 @@ pub async fn handle(
         _ => (reader, Err(RequestError::NotFound)),
     };
     answer.unwrap_or_else(|error| error.respond(reader))
+}
+
+/// Runs an endpoint's `work` in its trace `span` and counts the answer (see [`count`]).
+async fn counted(
+    span: tracing::Span,
+    series: &'static str,
+    labels: &[(&'static str, &'static str)],
+    work: impl Future<Output = Result<Response<Body>, RequestError>>,
+) -> Result<Response<Body>, RequestError> {
+    let answer = work.instrument(span).await;
+    count(series, labels, &answer);
+    answer
 }
 
 /// Counts one answer of an endpoint in `series`, by outcome (`ok` or why not, from a fixed
@@ -536,15 +542,24 @@ async fn signed_in(
         })
 }
 
+/// [`signed_in`] for a script's call, which must carry the CSRF header first (`Csrf`, 403).
+async fn script_signed_in(
+    app: &Shared,
+    live: &LiveConfig,
+    req: &Request<Incoming>,
+) -> Result<OpenSession, RequestError> {
+    if !crate::access::csrf_ok(live, req) {
+        return Err(RequestError::Csrf);
+    }
+    signed_in(app, live, req).await
+}
+
 async fn user(
     app: &Shared,
     live: &LiveConfig,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
-    if !crate::access::csrf_ok(live, req) {
-        return Err(RequestError::Csrf);
-    }
-    let mut loaded = signed_in(app, live, req).await?;
+    let mut loaded = script_signed_in(app, live, req).await?;
     // The app asking who is signed in is activity: slide the idle timeout.
     let _ = app.sessions.touch(&mut loaded, app.clock.now()).await;
     let mut body = loaded.session.claims.clone();
@@ -727,10 +742,7 @@ async fn list_sessions(
     live: &LiveConfig,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
-    if !crate::access::csrf_ok(live, req) {
-        return Err(RequestError::Csrf);
-    }
-    let loaded = signed_in(app, live, req).await?;
+    let loaded = script_signed_in(app, live, req).await?;
     let list = app
         .sessions
         .list_for_sub(&loaded.session.sub, app.clock.now())
@@ -759,10 +771,7 @@ async fn end_session(
     req: &Request<Incoming>,
     handle: &str,
 ) -> Result<Response<Body>, RequestError> {
-    if !crate::access::csrf_ok(live, req) {
-        return Err(RequestError::Csrf);
-    }
-    let loaded = signed_in(app, live, req).await?;
+    let loaded = script_signed_in(app, live, req).await?;
     match app
         .sessions
         .end_by_handle(&loaded.session.sub, handle)

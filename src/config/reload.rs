@@ -54,6 +54,33 @@ impl Decide {
     }
 }
 
+/// Takes `$new` (a `$ty`) apart with an exhaustive pattern and builds it again, one rule a field
+/// and in the order written (the order of the decisions): `live "key"` takes the new value,
+/// `restart "key"` keeps the running value of `$old` and notes a change, `kept` keeps the running
+/// value of a field decided elsewhere, and a block computes the field (it may use every field of
+/// `$new` by name). A field added to `$ty` does not compile until it has a rule here.
+macro_rules! decide {
+    ($d:expr, $old:expr, $new:expr => $ty:ident {
+        $($field:ident: $($rule:ident)? $($key:literal)? $($value:block)?),* $(,)?
+    }) => {{
+        let $ty { $($field),* } = $new;
+        $ty { $($field: decide!(@rule $d, $old, $field, $($rule)? $($key)? $($value)?)),* }
+    }};
+    (@rule $d:expr, $old:expr, $field:ident, live $key:literal) => {
+        $d.live($key, $field)
+    };
+    (@rule $d:expr, $old:expr, $field:ident, restart $key:literal) => {
+        $d.restart($key, &$old.$field, $field)
+    };
+    (@rule $d:expr, $old:expr, $field:ident, kept) => {{
+        let _ = $field;
+        $old.$field.clone()
+    }};
+    (@rule $d:expr, $old:expr, $field:ident, $value:block) => {
+        $value
+    };
+}
+
 /// Every key and when it takes effect (the same for every configuration).
 pub fn decisions(config: &Config) -> Vec<(&'static str, Applies)> {
     reload(config, config.clone()).decisions
@@ -62,325 +89,159 @@ pub fn decisions(config: &Config) -> Vec<(&'static str, Applies)> {
 /// The configuration in effect after `new` is loaded over the running `old`.
 pub fn reload(old: &Config, new: Config) -> Reloaded {
     let mut d = Decide::default();
-    let Config {
-        server,
-        admin,
-        log,
-        oidc,
-        session,
-        limits,
-        telemetry,
-        routes,
-        features,
-        tls,
-        egress,
-    } = new;
-    let server = server_section(&mut d, &old.server, server);
-    let AdminConfig {
-        listen: admin_listen,
-        max_connections: admin_max_connections,
-    } = admin;
-    let admin = AdminConfig {
-        listen: d.restart("admin.listen", &old.admin.listen, admin_listen),
-        max_connections: d.restart(
-            "admin.max_connections",
-            &old.admin.max_connections,
-            admin_max_connections,
-        ),
-    };
-    // The subscriber is installed once, at start.
-    let LogConfig { level, format } = log;
-    let log = LogConfig {
-        level: d.restart("log.level", &old.log.level, level),
-        format: d.restart("log.format", &old.log.format, format),
-    };
-    let oidc = oidc_section(&mut d, &old.oidc, oidc);
-    let session = session_section(&mut d, &old.session, session);
-    let LimitsConfig {
-        login_per_minute,
-        callback_per_minute,
-        backchannel_logout_per_minute,
-        tracked_addresses,
-    } = limits;
-    let limits = LimitsConfig {
-        login_per_minute: d.live("limits.login_per_minute", login_per_minute),
-        callback_per_minute: d.live("limits.callback_per_minute", callback_per_minute),
-        backchannel_logout_per_minute: d.live(
-            "limits.backchannel_logout_per_minute",
-            backchannel_logout_per_minute,
-        ),
-        // Sizes the rate limiter, built at start.
-        tracked_addresses: d.restart(
-            "limits.tracked_addresses",
-            &old.limits.tracked_addresses,
-            tracked_addresses,
-        ),
-    };
-    let TelemetryConfig {
-        otlp_endpoint,
-        sample_ratio,
-        log_user,
-    } = telemetry;
-    let telemetry = TelemetryConfig {
-        // The exporter is started with the application.
-        otlp_endpoint: d.restart(
-            "telemetry.otlp_endpoint",
-            &old.telemetry.otlp_endpoint,
-            otlp_endpoint,
-        ),
-        sample_ratio: d.live("telemetry.sample_ratio", sample_ratio),
-        log_user: d.live("telemetry.log_user", log_user),
-    };
-    // Compiled into each runtime: every key of every route and feature is live.
-    let routes = d.live("routes", routes);
-    let features = d.live("features", features);
-    // The default outbound clients (provider, upstreams, Redis) are built at start.
-    let OutboundTls {
-        ca_file,
-        system_roots,
-    } = tls;
-    let tls = OutboundTls {
-        ca_file: d.restart("tls.ca_file", &old.tls.ca_file, ca_file),
-        system_roots: d.restart("tls.system_roots", &old.tls.system_roots, system_roots),
-    };
-    // Read from the environment at start; a process's environment does not change.
-    let _ = egress;
-    let egress = old.egress.clone();
-    Reloaded {
-        config: Config {
-            server,
-            admin,
-            log,
-            oidc,
-            session,
-            limits,
-            telemetry,
-            routes,
-            features,
-            tls,
-            egress,
+    let config = decide!(d, old, new => Config {
+        server: { server_section(&mut d, &old.server, server) },
+        admin: {
+            decide!(d, old.admin, admin => AdminConfig {
+                listen: restart "admin.listen",
+                max_connections: restart "admin.max_connections",
+            })
         },
+        // The subscriber is installed once, at start.
+        log: {
+            decide!(d, old.log, log => LogConfig {
+                level: restart "log.level",
+                format: restart "log.format",
+            })
+        },
+        oidc: { oidc_section(&mut d, &old.oidc, oidc) },
+        session: { session_section(&mut d, &old.session, session) },
+        limits: {
+            decide!(d, old.limits, limits => LimitsConfig {
+                login_per_minute: live "limits.login_per_minute",
+                callback_per_minute: live "limits.callback_per_minute",
+                backchannel_logout_per_minute: live "limits.backchannel_logout_per_minute",
+                // Sizes the rate limiter, built at start.
+                tracked_addresses: restart "limits.tracked_addresses",
+            })
+        },
+        telemetry: {
+            decide!(d, old.telemetry, telemetry => TelemetryConfig {
+                // The exporter is started with the application.
+                otlp_endpoint: restart "telemetry.otlp_endpoint",
+                sample_ratio: live "telemetry.sample_ratio",
+                log_user: live "telemetry.log_user",
+            })
+        },
+        // Compiled into each runtime: every key of every route and feature is live.
+        routes: live "routes",
+        features: live "features",
+        // The default outbound clients (provider, upstreams, Redis) are built at start.
+        tls: {
+            decide!(d, old.tls, tls => OutboundTls {
+                ca_file: restart "tls.ca_file",
+                system_roots: restart "tls.system_roots",
+            })
+        },
+        // Read from the environment at start; a process's environment does not change.
+        egress: kept,
+    });
+    Reloaded {
+        config,
         restart_needed: d.restart_needed,
         decisions: d.decisions,
     }
 }
 
 fn server_section(d: &mut Decide, old: &ServerConfig, new: ServerConfig) -> ServerConfig {
-    let ServerConfig {
-        listen,
-        public_url,
-        public_origin,
-        bff_prefix,
-        trusted_proxies,
-        request_timeout,
-        max_body,
-        tls,
-        cors_origins,
-        shutdown_grace,
-        header_read_timeout,
-        max_header_size,
-        workers,
-        connections,
-    } = new;
-    let ConnectionLimits {
-        max_connections,
-        idle_timeout,
-        body_read_timeout,
-        body_min_rate,
-        http2_max_concurrent_streams,
-        http2_keep_alive_interval,
-        http2_keep_alive_timeout,
-    } = connections;
-    let old_c = &old.connections;
     // The redirect URI registered at the provider is built from these two at start.
-    let (public_url, public_origin) = d.restart(
+    d.restart_if(
         "server.public_url",
-        &(old.public_url.clone(), old.public_origin.clone()),
-        (public_url, public_origin),
+        (&old.public_url, &old.public_origin) != (&new.public_url, &new.public_origin),
     );
-    ServerConfig {
-        listen: d.restart("server.listen", &old.listen, listen),
-        public_url,
-        public_origin,
-        bff_prefix: d.restart("server.bff_prefix", &old.bff_prefix, bff_prefix),
-        trusted_proxies: d.live("server.trusted_proxies", trusted_proxies),
-        request_timeout: d.live("server.request_timeout", request_timeout),
-        max_body: d.live("server.max_body", max_body),
-        tls: d.restart("server.tls", &old.tls, tls),
-        cors_origins: d.live("server.cors_origins", cors_origins),
-        shutdown_grace: d.restart("server.shutdown_grace", &old.shutdown_grace, shutdown_grace),
+    decide!(d, old, new => ServerConfig {
+        listen: restart "server.listen",
+        public_url: kept,
+        public_origin: kept,
+        bff_prefix: restart "server.bff_prefix",
+        trusted_proxies: live "server.trusted_proxies",
+        request_timeout: live "server.request_timeout",
+        max_body: live "server.max_body",
+        tls: restart "server.tls",
+        cors_origins: live "server.cors_origins",
+        shutdown_grace: restart "server.shutdown_grace",
         // The HTTP parsers of the listener are set up at start.
-        header_read_timeout: d.restart(
-            "server.header_read_timeout",
-            &old.header_read_timeout,
-            header_read_timeout,
-        ),
-        max_header_size: d.restart(
-            "server.max_header_size",
-            &old.max_header_size,
-            max_header_size,
-        ),
-        workers: d.restart("server.workers", &old.workers, workers),
-        connections: ConnectionLimits {
-            max_connections: d.restart(
-                "server.max_connections",
-                &old_c.max_connections,
-                max_connections,
-            ),
-            idle_timeout: d.restart(
-                "server.connection_idle_timeout",
-                &old_c.idle_timeout,
-                idle_timeout,
-            ),
-            // Read per request.
-            body_read_timeout: d.live("server.body_read_timeout", body_read_timeout),
-            body_min_rate: d.live("server.body_min_rate", body_min_rate),
-            http2_max_concurrent_streams: d.restart(
-                "server.http2_max_concurrent_streams",
-                &old_c.http2_max_concurrent_streams,
-                http2_max_concurrent_streams,
-            ),
-            http2_keep_alive_interval: d.restart(
-                "server.http2_keep_alive_interval",
-                &old_c.http2_keep_alive_interval,
-                http2_keep_alive_interval,
-            ),
-            http2_keep_alive_timeout: d.restart(
-                "server.http2_keep_alive_timeout",
-                &old_c.http2_keep_alive_timeout,
-                http2_keep_alive_timeout,
-            ),
+        header_read_timeout: restart "server.header_read_timeout",
+        max_header_size: restart "server.max_header_size",
+        workers: restart "server.workers",
+        connections: {
+            decide!(d, old.connections, connections => ConnectionLimits {
+                max_connections: restart "server.max_connections",
+                idle_timeout: restart "server.connection_idle_timeout",
+                // Read per request.
+                body_read_timeout: live "server.body_read_timeout",
+                body_min_rate: live "server.body_min_rate",
+                http2_max_concurrent_streams: restart "server.http2_max_concurrent_streams",
+                http2_keep_alive_interval: restart "server.http2_keep_alive_interval",
+                http2_keep_alive_timeout: restart "server.http2_keep_alive_timeout",
+            })
         },
-    }
+    })
 }
 
 /// The OpenID client keeps the section it was started with; only what is read from the live
 /// configuration alone, and the client secret it is handed on reload, is live.
 fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig {
-    let OidcConfig {
-        issuer,
-        client_id,
-        client_secret,
-        client_secret_file,
-        client_auth,
-        client_key_file,
-        client_published_key_files,
-        client_assertion_file,
-        scopes,
-        extra_auth_params,
-        roles_claim,
-        refresh_skew,
-        post_logout_redirect,
-        allow_http_issuer,
-        metadata_refresh,
-        clock_skew,
-        provider_timeout,
-        userinfo,
-        dpop,
-        dpop_key_file,
-        par,
-        ca_file,
-        tls_client,
-    } = new;
     // The provider client is built at start; the key follows its certificate.
     d.restart_if("oidc.tls_client_key", false);
-    OidcConfig {
-        ca_file: d.restart("oidc.ca_file", &old.ca_file, ca_file),
-        tls_client: d.restart("oidc.tls_client_cert", &old.tls_client, tls_client),
-        issuer: d.restart("oidc.issuer", &old.issuer, issuer),
-        client_id: d.restart("oidc.client_id", &old.client_id, client_id),
+    decide!(d, old, new => OidcConfig {
+        ca_file: restart "oidc.ca_file",
+        tls_client: restart "oidc.tls_client_cert",
+        issuer: restart "oidc.issuer",
+        client_id: restart "oidc.client_id",
         // Swapped into the running client (the app does it): the next token call uses it.
-        client_secret: d.live("oidc.client_secret", client_secret),
-        client_secret_file: d.live("oidc.client_secret_file", client_secret_file),
-        client_auth: d.restart("oidc.client_auth", &old.client_auth, client_auth),
+        client_secret: live "oidc.client_secret",
+        client_secret_file: live "oidc.client_secret_file",
+        client_auth: restart "oidc.client_auth",
         // The key files and the assertion file are read again on every reload (the app swaps the
         // client's credential): rotation needs no restart.
-        client_key_file: d.live("oidc.client_key_file", client_key_file),
-        client_published_key_files: d.live(
-            "oidc.client_published_key_files",
-            client_published_key_files,
-        ),
-        client_assertion_file: d.live("oidc.client_assertion_file", client_assertion_file),
-        scopes: d.restart("oidc.scopes", &old.scopes, scopes),
-        extra_auth_params: d.restart(
-            "oidc.extra_auth_params",
-            &old.extra_auth_params,
-            extra_auth_params,
-        ),
-        roles_claim: d.live("oidc.roles_claim", roles_claim),
-        refresh_skew: d.restart("oidc.refresh_skew", &old.refresh_skew, refresh_skew),
-        post_logout_redirect: d.restart(
-            "oidc.post_logout_redirect",
-            &old.post_logout_redirect,
-            post_logout_redirect,
-        ),
-        allow_http_issuer: d.restart(
-            "oidc.allow_http_issuer",
-            &old.allow_http_issuer,
-            allow_http_issuer,
-        ),
-        metadata_refresh: d.restart(
-            "oidc.metadata_refresh",
-            &old.metadata_refresh,
-            metadata_refresh,
-        ),
-        clock_skew: d.restart("oidc.clock_skew", &old.clock_skew, clock_skew),
-        provider_timeout: d.restart(
-            "oidc.provider_timeout",
-            &old.provider_timeout,
-            provider_timeout,
-        ),
+        client_key_file: live "oidc.client_key_file",
+        client_published_key_files: live "oidc.client_published_key_files",
+        client_assertion_file: live "oidc.client_assertion_file",
+        scopes: restart "oidc.scopes",
+        extra_auth_params: restart "oidc.extra_auth_params",
+        roles_claim: live "oidc.roles_claim",
+        refresh_skew: restart "oidc.refresh_skew",
+        post_logout_redirect: restart "oidc.post_logout_redirect",
+        allow_http_issuer: restart "oidc.allow_http_issuer",
+        metadata_refresh: restart "oidc.metadata_refresh",
+        clock_skew: restart "oidc.clock_skew",
+        provider_timeout: restart "oidc.provider_timeout",
         // Read by the OpenID client (login and refresh), which keeps its start-up section.
-        userinfo: d.restart("oidc.userinfo", &old.userinfo, userinfo),
+        userinfo: restart "oidc.userinfo",
         // The OpenID client and its DPoP key are built at start.
-        dpop: d.restart("oidc.dpop", &old.dpop, dpop),
-        dpop_key_file: d.restart("oidc.dpop_key_file", &old.dpop_key_file, dpop_key_file),
+        dpop: restart "oidc.dpop",
+        dpop_key_file: restart "oidc.dpop_key_file",
         // Read at each login.
-        par: d.live("oidc.par", par),
-    }
+        par: live "oidc.par",
+    })
 }
 
 /// The session manager and the store are built at start; the key ring is handed over on reload.
 fn session_section(d: &mut Decide, old: &SessionConfig, new: SessionConfig) -> SessionConfig {
-    let SessionConfig {
-        store,
-        cookie_name,
-        cookie_secure,
-        same_site,
-        idle_timeout,
-        absolute_timeout,
-        keys,
-        keys_file,
-        max_entries,
-        cache_ttl,
-    } = new;
     let redis = |s: &StoreConfig| match s {
         StoreConfig::Memory => None,
         StoreConfig::Redis(r) => Some(r.clone()),
     };
     d.restart_if(
         "session.store",
-        redis(&old.store).is_some() != redis(&store).is_some(),
+        redis(&old.store).is_some() != redis(&new.store).is_some(),
     );
-    d.restart_if("session.redis", redis(&old.store) != redis(&store));
-    SessionConfig {
-        store: old.store.clone(),
-        cookie_name: d.restart("session.cookie_name", &old.cookie_name, cookie_name),
-        cookie_secure: d.restart("session.cookie_secure", &old.cookie_secure, cookie_secure),
-        same_site: d.live("session.same_site", same_site),
-        idle_timeout: d.restart("session.idle_timeout", &old.idle_timeout, idle_timeout),
-        absolute_timeout: d.restart(
-            "session.absolute_timeout",
-            &old.absolute_timeout,
-            absolute_timeout,
-        ),
+    d.restart_if("session.redis", redis(&old.store) != redis(&new.store));
+    decide!(d, old, new => SessionConfig {
+        store: kept,
+        cookie_name: restart "session.cookie_name",
+        cookie_secure: restart "session.cookie_secure",
+        same_site: live "session.same_site",
+        idle_timeout: restart "session.idle_timeout",
+        absolute_timeout: restart "session.absolute_timeout",
         // A new key ring is swapped in (the app does it): cookies sealed under a key it still
         // holds keep opening.
-        keys: d.live("session.keys", keys),
-        keys_file: d.live("session.keys_file", keys_file),
-        max_entries: d.restart("session.max_entries", &old.max_entries, max_entries),
-        cache_ttl: d.restart("session.cache_ttl", &old.cache_ttl, cache_ttl),
-    }
+        keys: live "session.keys",
+        keys_file: live "session.keys_file",
+        max_entries: restart "session.max_entries",
+        cache_ttl: restart "session.cache_ttl",
+    })
 }
 
 #[cfg(test)]

@@ -410,19 +410,30 @@ fn socket(value: Option<String>, path: &str, default: &str, problems: &mut Probl
     }
 }
 
+/// A value written as text, read by `parse`; a bad one is reported and `default` kept.
+fn parsed<T>(
+    value: Option<String>,
+    path: &str,
+    default: T,
+    parse: fn(&str) -> Result<T, String>,
+    problems: &mut Problems,
+) -> T {
+    match value {
+        None => default,
+        Some(text) => parse(&text).unwrap_or_else(|e| {
+            problems.add(path, e);
+            default
+        }),
+    }
+}
+
 pub(super) fn duration(
     value: Option<String>,
     path: &str,
     default: Duration,
     problems: &mut Problems,
 ) -> Duration {
-    match value {
-        None => default,
-        Some(text) => parse_duration(&text).unwrap_or_else(|e| {
-            problems.add(path, e);
-            default
-        }),
-    }
+    parsed(value, path, default, parse_duration, problems)
 }
 
 pub(super) fn size(
@@ -431,27 +442,46 @@ pub(super) fn size(
     default: u64,
     problems: &mut Problems,
 ) -> u64 {
-    match value {
-        None => default,
-        Some(text) => parse_size(&text).unwrap_or_else(|e| {
-            problems.add(path, e);
-            default
-        }),
-    }
+    parsed(value, path, default, parse_size, problems)
 }
 
-fn one_of<T: Copy>(
-    value: Option<String>,
-    path: &str,
-    default: T,
-    choices: &[(&str, T)],
-    problems: &mut Problems,
-) -> T {
+/// An enum key: how each of its values is written in the file, in the order a message lists them.
+trait Written: Copy + 'static {
+    const NAMES: &'static [(&'static str, Self)];
+}
+
+macro_rules! written {
+    ($($ty:ident { $($name:literal => $variant:ident),* $(,)? })*) => {
+        $(impl Written for $ty {
+            const NAMES: &'static [(&'static str, $ty)] = &[$(($name, $ty::$variant)),*];
+        })*
+    };
+}
+
+written! {
+    LogFormat { "pretty" => Pretty, "json" => Json }
+    LogUser { "sub" => Sub, "hash" => Hash, "none" => None }
+    ClientAuth {
+        "client_secret_basic" => ClientSecretBasic,
+        "client_secret_post" => ClientSecretPost,
+        "private_key_jwt" => PrivateKeyJwt,
+        "tls_client_auth" => TlsClientAuth,
+        "self_signed_tls_client_auth" => SelfSignedTlsClientAuth,
+    }
+    Par { "auto" => Auto, "always" => Always, "never" => Never }
+    SameSite { "lax" => Lax, "strict" => Strict }
+    TokenMode { "none" => None, "user" => User, "client" => Client, "user_or_client" => UserOrClient }
+    AuthMode { "none" => None, "optional" => Optional, "required" => Required }
+    TokenBinding { "none" => None, "dpop" => Dpop }
+}
+
+/// The value of an enum key written `value` (`default` when it is not written).
+fn one_of<T: Written>(value: Option<String>, path: &str, default: T, problems: &mut Problems) -> T {
     let Some(text) = value else { return default };
-    match choices.iter().find(|(name, _)| *name == text) {
+    match T::NAMES.iter().find(|(name, _)| *name == text) {
         Some((_, v)) => *v,
         None => {
-            let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            let names: Vec<String> = T::NAMES.iter().map(|(n, _)| format!("\"{n}\"")).collect();
             problems.add(
                 path,
                 format!("{text:?} is not allowed; use one of {}", names.join(", ")),
@@ -502,13 +532,7 @@ fn log_config(raw: raw::Log, problems: &mut Problems) -> LogConfig {
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
         problems.add("log.level", format!("{level:?} is not a log filter; use \"error\", \"warn\", \"info\", \"debug\" or e.g. \"info,vestibule=debug\""));
     }
-    let format = one_of(
-        format,
-        "log.format",
-        LogFormat::Pretty,
-        &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
-        problems,
-    );
+    let format = one_of(format, "log.format", LogFormat::Pretty, problems);
     LogConfig { level, format }
 }
 
@@ -549,21 +573,19 @@ fn telemetry_config(raw: raw::Telemetry, problems: &mut Problems) -> TelemetryCo
             format!("{sample_ratio} is not between 0.0 and 1.0; use e.g. 0.1 to record one new trace in ten"),
         );
     }
-    let log_user = one_of(
-        log_user,
-        "telemetry.log_user",
-        LogUser::Sub,
-        &[
-            ("sub", LogUser::Sub),
-            ("hash", LogUser::Hash),
-            ("none", LogUser::None),
-        ],
-        problems,
-    );
+    let log_user = one_of(log_user, "telemetry.log_user", LogUser::Sub, problems);
     TelemetryConfig {
         otlp_endpoint,
         sample_ratio: sample_ratio.clamp(0.0, 1.0),
         log_user,
+    }
+}
+
+/// `client_auth` is written as the name registered at the provider.
+#[test]
+fn client_auth_is_written_as_its_registered_name() {
+    for (written, value) in ClientAuth::NAMES {
+        assert_eq!(*written, value.name());
     }
 }
 

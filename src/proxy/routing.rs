@@ -232,48 +232,28 @@ mod tests {
             switched("/api/", false, false),
         ]);
         let ok = |to: &str, path: &str| Ok((to.to_string(), path.to_string()));
-        // allow_encoded_slash
-        assert_eq!(
-            resolve(&table, "/files/a%2fb"),
-            ok("/files/", "/files/a%2Fb")
-        );
-        assert_eq!(
-            resolve(&table, "/files/./a%2Fb/"),
-            ok("/files/", "/files/a%2Fb/")
-        );
-        assert_eq!(
-            resolve(&table, "/files/private%2Fx"),
-            Err(BadPath::EncodedSlash)
-        );
-        assert_eq!(resolve(&table, "/files%2Fx"), Err(BadPath::EncodedSlash));
-        assert_eq!(resolve(&table, "/files/a;v=1"), Err(BadPath::PathParameter));
-        assert_eq!(resolve(&table, "/api/a%2Fb"), Err(BadPath::EncodedSlash));
-        assert_eq!(
-            resolve(&table, "/files/a%2F..%2Fb"),
-            Err(BadPath::EncodedSlash)
-        );
-        // allow_path_params
-        assert_eq!(
-            resolve(&table, "/java/x;jsessionid=1"),
-            ok("/java/", "/java/x;jsessionid=1")
-        );
-        assert_eq!(
-            resolve(&table, "/java/x;v=1/%79"),
-            ok("/java/", "/java/x;v=1/y")
-        );
-        assert_eq!(resolve(&table, "/java;v=1/x"), Err(BadPath::PathParameter));
-        assert_eq!(
-            resolve(&table, "/java/..;/api/x"),
-            Err(BadPath::PathParameter)
-        );
-        assert_eq!(resolve(&table, "/java/x%2Fy"), Err(BadPath::EncodedSlash));
-        assert_eq!(resolve(&table, "/api/x;v=1"), Err(BadPath::PathParameter));
-        // Never into the BFF endpoints, nor where no route is.
-        assert_eq!(
-            resolve(&table, "/bff;v=1/user"),
-            Err(BadPath::PathParameter)
-        );
-        assert_eq!(resolve(&table, "/other/x;v=1"), Err(BadPath::PathParameter));
+        for (raw, want) in [
+            // allow_encoded_slash
+            ("/files/a%2fb", ok("/files/", "/files/a%2Fb")),
+            ("/files/./a%2Fb/", ok("/files/", "/files/a%2Fb/")),
+            ("/files/private%2Fx", Err(BadPath::EncodedSlash)),
+            ("/files%2Fx", Err(BadPath::EncodedSlash)),
+            ("/files/a;v=1", Err(BadPath::PathParameter)),
+            ("/api/a%2Fb", Err(BadPath::EncodedSlash)),
+            ("/files/a%2F..%2Fb", Err(BadPath::EncodedSlash)),
+            // allow_path_params
+            ("/java/x;jsessionid=1", ok("/java/", "/java/x;jsessionid=1")),
+            ("/java/x;v=1/%79", ok("/java/", "/java/x;v=1/y")),
+            ("/java;v=1/x", Err(BadPath::PathParameter)),
+            ("/java/..;/api/x", Err(BadPath::PathParameter)),
+            ("/java/x%2Fy", Err(BadPath::EncodedSlash)),
+            ("/api/x;v=1", Err(BadPath::PathParameter)),
+            // Never into the BFF endpoints, nor where no route is.
+            ("/bff;v=1/user", Err(BadPath::PathParameter)),
+            ("/other/x;v=1", Err(BadPath::PathParameter)),
+        ] {
+            assert_eq!(resolve(&table, raw), want, "{raw}");
+        }
     }
 
     #[test]

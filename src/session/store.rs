@@ -134,12 +134,19 @@ pub enum Store {
     Redis(RedisStore),
 }
 
-macro_rules! dispatch {
-    ($self:ident, $store:ident => $call:expr) => {
-        match $self {
-            Store::Memory($store) => $call.await,
-            Store::Redis($store) => $call.await,
-        }
+/// The methods of [`Store`] that only hand the call to the backend: each is written once, as
+/// the signature it has in both backends (`Result<_, StoreError>` and `async` are added).
+macro_rules! delegate {
+    ($($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub async fn $name(&self, $($arg: $ty),*) -> Result<$out, StoreError> {
+                match self {
+                    Store::Memory(s) => s.$name($($arg),*).await,
+                    Store::Redis(s) => s.$name($($arg),*).await,
+                }
+            }
+        )*
     };
 }
 
@@ -164,92 +171,45 @@ impl Store {
         }
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        dispatch!(self, s => s.get(key))
-    }
+    delegate! {
+        fn get(key: &str) -> Option<Record>;
 
-    /// Creates `key` at version 1; `false` if it already exists.
-    pub async fn put_new(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.put_new(key, value, ttl))
-    }
+        /// Creates `key` at version 1; `false` if it already exists.
+        fn put_new(key: &str, value: &[u8], ttl: Duration) -> bool;
 
-    /// Atomically replaces the value if the stored version is `expected_version`, bumping it.
-    pub async fn compare_and_set(
-        &self,
-        key: &str,
-        expected_version: u64,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.compare_and_set(key, expected_version, value, ttl))
-    }
+        /// Atomically replaces the value if the stored version is `expected_version`, bumping it.
+        fn compare_and_set(key: &str, expected_version: u64, value: &[u8], ttl: Duration) -> bool;
 
-    /// Sets a new time to live; `false` if the key does not exist.
-    pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.touch(key, ttl))
-    }
+        /// Sets a new time to live; `false` if the key does not exist.
+        fn touch(key: &str, ttl: Duration) -> bool;
 
-    /// `true` if the key existed.
-    pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.delete(key))
-    }
+        /// `true` if the key existed.
+        fn delete(key: &str) -> bool;
 
-    /// Adds `member` to a set; the set lives at least `ttl` from now.
-    pub async fn index_add(
-        &self,
-        index_key: &str,
-        member: &str,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.index_add(index_key, member, ttl))
-    }
+        /// Adds `member` to a set; the set lives at least `ttl` from now.
+        fn index_add(index_key: &str, member: &str, ttl: Duration) -> ();
 
-    pub async fn index_members(&self, index_key: &str) -> Result<Vec<String>, StoreError> {
-        dispatch!(self, s => s.index_members(index_key))
-    }
+        fn index_members(index_key: &str) -> Vec<String>;
 
-    pub async fn index_remove(&self, index_key: &str, member: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => s.index_remove(index_key, member))
-    }
+        fn index_remove(index_key: &str, member: &str) -> ();
 
-    /// `true` the first time `key` is seen within `ttl` (replay detection).
-    pub async fn remember_once(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.remember_once(key, ttl))
-    }
+        /// `true` the first time `key` is seen within `ttl` (replay detection).
+        fn remember_once(key: &str, ttl: Duration) -> bool;
 
-    /// Takes the lease `key` for `token` if nobody holds it.
-    pub async fn try_lock(
-        &self,
-        key: &str,
-        token: &str,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.try_lock(key, token, lease))
-    }
+        /// Takes the lease `key` for `token` if nobody holds it.
+        fn try_lock(key: &str, token: &str, lease: Duration) -> bool;
 
-    /// Renews the lease if `token` still holds it.
-    pub async fn extend_lock(
-        &self,
-        key: &str,
-        token: &str,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.extend_lock(key, token, lease))
-    }
+        /// Renews the lease if `token` still holds it.
+        fn extend_lock(key: &str, token: &str, lease: Duration) -> bool;
 
-    /// Releases the lease if `token` still holds it (compare-and-delete).
-    pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => s.unlock(key, token))
-    }
+        /// Releases the lease if `token` still holds it (compare-and-delete).
+        fn unlock(key: &str, token: &str) -> ();
 
-    /// Sends `payload` to every subscriber of `channel_suffix`, on every instance.
-    pub async fn publish(&self, channel_suffix: &str, payload: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => s.publish(channel_suffix, payload))
+        /// Sends `payload` to every subscriber of `channel_suffix`, on every instance.
+        fn publish(channel_suffix: &str, payload: &str) -> ();
+
+        /// Readiness: `Ok` when the store answers.
+        fn ping() -> ();
     }
 
     /// Receives what is published on `channel_suffix` from now on, by any instance. A lagging
@@ -268,11 +228,6 @@ impl Store {
             Store::Memory(_) => watch::channel(true).1,
             Store::Redis(s) => s.subscription_live(),
         }
-    }
-
-    /// Readiness: `Ok` when the store answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping())
     }
 }
 

@@ -18,17 +18,6 @@ pub const DEFAULT_CALLBACK_PER_MINUTE: u32 = 60;
 pub const DEFAULT_BACKCHANNEL_LOGOUT_PER_MINUTE: u32 = 600;
 pub const DEFAULT_TRACKED_ADDRESSES: usize = 100_000;
 
-/// The connection keys of `[server]`, as written.
-pub(super) struct ConnectionKeys {
-    pub max_connections: Option<i64>,
-    pub connection_idle_timeout: Option<String>,
-    pub body_read_timeout: Option<String>,
-    pub body_min_rate: Option<String>,
-    pub http2_max_concurrent_streams: Option<i64>,
-    pub http2_keep_alive_interval: Option<String>,
-    pub http2_keep_alive_timeout: Option<String>,
-}
-
 /// An integer key within `min..=max`; out of range is reported and the default kept.
 pub(super) fn count(
     value: Option<i64>,
@@ -70,50 +59,42 @@ fn to_u32(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-pub(super) fn connections(keys: ConnectionKeys, problems: &mut Problems) -> ConnectionLimits {
-    let ConnectionKeys {
-        max_connections,
-        connection_idle_timeout,
-        body_read_timeout,
-        body_min_rate,
-        http2_max_concurrent_streams,
-        http2_keep_alive_interval,
-        http2_keep_alive_timeout,
-    } = keys;
+/// The connection keys of `[server]` (`server_config` leaves them to this).
+pub(super) fn connections(raw: &raw::Server, problems: &mut Problems) -> ConnectionLimits {
     let interval = duration(
-        http2_keep_alive_interval,
+        raw.http2_keep_alive_interval.clone(),
         "server.http2_keep_alive_interval",
         DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL,
         problems,
     );
     ConnectionLimits {
         max_connections: to_usize(count(
-            max_connections,
+            raw.max_connections,
             "server.max_connections",
             DEFAULT_MAX_CONNECTIONS as u64,
             (1, 1_000_000),
             problems,
         )),
         idle_timeout: positive(
-            connection_idle_timeout,
+            raw.connection_idle_timeout.clone(),
             "server.connection_idle_timeout",
             DEFAULT_CONNECTION_IDLE_TIMEOUT,
             problems,
         ),
         body_read_timeout: positive(
-            body_read_timeout,
+            raw.body_read_timeout.clone(),
             "server.body_read_timeout",
             DEFAULT_BODY_READ_TIMEOUT,
             problems,
         ),
         body_min_rate: size(
-            body_min_rate,
+            raw.body_min_rate.clone(),
             "server.body_min_rate",
             DEFAULT_BODY_MIN_RATE,
             problems,
         ),
         http2_max_concurrent_streams: to_u32(count(
-            http2_max_concurrent_streams,
+            raw.http2_max_concurrent_streams,
             "server.http2_max_concurrent_streams",
             u64::from(DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS),
             (1, 10_000),
@@ -121,7 +102,7 @@ pub(super) fn connections(keys: ConnectionKeys, problems: &mut Problems) -> Conn
         )),
         http2_keep_alive_interval: (!interval.is_zero()).then_some(interval),
         http2_keep_alive_timeout: positive(
-            http2_keep_alive_timeout,
+            raw.http2_keep_alive_timeout.clone(),
             "server.http2_keep_alive_timeout",
             DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT,
             problems,
@@ -199,7 +180,7 @@ mod tests {
         );
         assert_eq!(limits.login_per_minute, DEFAULT_LOGIN_PER_MINUTE);
         let connections = connections(
-            ConnectionKeys {
+            &raw::Server {
                 max_connections: None,
                 connection_idle_timeout: Some("0s".into()),
                 body_read_timeout: None,
@@ -207,6 +188,7 @@ mod tests {
                 http2_max_concurrent_streams: Some(0),
                 http2_keep_alive_interval: Some("0s".into()),
                 http2_keep_alive_timeout: None,
+                ..Default::default()
             },
             &mut problems,
         );

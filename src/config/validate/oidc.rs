@@ -88,16 +88,6 @@ pub(super) fn oidc_config(
         client_auth,
         "oidc.client_auth",
         ClientAuth::ClientSecretBasic,
-        &[
-            ("client_secret_basic", ClientAuth::ClientSecretBasic),
-            ("client_secret_post", ClientAuth::ClientSecretPost),
-            ("private_key_jwt", ClientAuth::PrivateKeyJwt),
-            ("tls_client_auth", ClientAuth::TlsClientAuth),
-            (
-                "self_signed_tls_client_auth",
-                ClientAuth::SelfSignedTlsClientAuth,
-            ),
-        ],
         problems,
     );
     let (client_secret, client_secret_file) =
@@ -243,17 +233,7 @@ pub(super) fn oidc_config(
             "is only used with dpop = true; set oidc.dpop = true or remove the key file",
         );
     }
-    let par = one_of(
-        par,
-        "oidc.par",
-        Par::Auto,
-        &[
-            ("auto", Par::Auto),
-            ("always", Par::Always),
-            ("never", Par::Never),
-        ],
-        problems,
-    );
+    let par = one_of(par, "oidc.par", Par::Auto, problems);
     let roles_claim = roles_claim.unwrap_or_else(|| "roles".into());
     if roles_claim.is_empty() || roles_claim.split('.').any(str::is_empty) {
         problems.add("oidc.roles_claim", format!("{roles_claim:?} is not a claim path; write e.g. \"roles\" or \"realm_access.roles\""));

@@ -157,34 +157,13 @@ pub(super) fn routes_config(
                 "only applies to routes with static_dir",
             );
         }
-        let token = one_of(
-            token,
-            &format!("{path}.token"),
-            TokenMode::None,
-            &[
-                ("none", TokenMode::None),
-                ("user", TokenMode::User),
-                ("client", TokenMode::Client),
-                ("user_or_client", TokenMode::UserOrClient),
-            ],
-            problems,
-        );
+        let token = one_of(token, &format!("{path}.token"), TokenMode::None, problems);
         let default_auth = if token == TokenMode::User {
             AuthMode::Required
         } else {
             AuthMode::None
         };
-        let auth = one_of(
-            auth,
-            &format!("{path}.auth"),
-            default_auth,
-            &[
-                ("none", AuthMode::None),
-                ("optional", AuthMode::Optional),
-                ("required", AuthMode::Required),
-            ],
-            problems,
-        );
+        let auth = one_of(auth, &format!("{path}.auth"), default_auth, problems);
         if token == TokenMode::User && auth != AuthMode::Required {
             problems.add(format!("{path}.auth"), "must be \"required\" when token = \"user\" (use token = \"user_or_client\" for optional sign-in)");
         }
@@ -213,7 +192,6 @@ pub(super) fn routes_config(
             token_binding,
             &format!("{path}.token_binding"),
             TokenBinding::None,
-            &[("none", TokenBinding::None), ("dpop", TokenBinding::Dpop)],
             problems,
         );
         if token_binding != TokenBinding::None && token == TokenMode::None {

@@ -7,6 +7,8 @@ pub(super) fn server_config(
     base: &Path,
     problems: &mut Problems,
 ) -> Option<ServerConfig> {
+    // Read first, so that their problems come first.
+    let connections = limits::connections(&raw, problems);
     let raw::Server {
         listen,
         public_url,
@@ -20,26 +22,15 @@ pub(super) fn server_config(
         header_read_timeout,
         max_header_size,
         workers,
-        max_connections,
-        connection_idle_timeout,
-        body_read_timeout,
-        body_min_rate,
-        http2_max_concurrent_streams,
-        http2_keep_alive_interval,
-        http2_keep_alive_timeout,
+        // Read by `limits::connections`.
+        max_connections: _,
+        connection_idle_timeout: _,
+        body_read_timeout: _,
+        body_min_rate: _,
+        http2_max_concurrent_streams: _,
+        http2_keep_alive_interval: _,
+        http2_keep_alive_timeout: _,
     } = raw;
-    let connections = limits::connections(
-        limits::ConnectionKeys {
-            max_connections,
-            connection_idle_timeout,
-            body_read_timeout,
-            body_min_rate,
-            http2_max_concurrent_streams,
-            http2_keep_alive_interval,
-            http2_keep_alive_timeout,
-        },
-        problems,
-    );
     let listen = socket(listen, "server.listen", "0.0.0.0:8080", problems);
     let public_url = match public_url {
         None => {

@@ -35,13 +35,7 @@ pub(super) fn session_config(
             format!("{cookie_name:?} is not a cookie name; use letters, digits, - _ ."),
         );
     }
-    let same_site = one_of(
-        same_site,
-        "session.same_site",
-        SameSite::Lax,
-        &[("lax", SameSite::Lax), ("strict", SameSite::Strict)],
-        problems,
-    );
+    let same_site = one_of(same_site, "session.same_site", SameSite::Lax, problems);
     let idle_timeout = duration(
         idle_timeout,
         "session.idle_timeout",
