@@ -85,6 +85,15 @@ impl Browser {
         panic!("too many redirects");
     }
 
+    /// Opens `/bff/login?returnUrl=…` at the proxy `base` as a navigation.
+    pub async fn start_login(&mut self, base: &str, return_url: &str) -> Reply {
+        self.get(
+            &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
+            &[("accept", "text/html")],
+        )
+        .await
+    }
+
     /// Logs in at the proxy `base` as `user`, returning the proxy's final callback reply.
     pub async fn login(
         &mut self,
@@ -93,12 +102,7 @@ impl Browser {
         password: &str,
         return_url: &str,
     ) -> Reply {
-        let start = self
-            .get(
-                &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
-                &[("accept", "text/html")],
-            )
-            .await;
+        let start = self.start_login(base, return_url).await;
         assert_eq!(
             start.status,
             302,
@@ -111,6 +115,58 @@ impl Browser {
             form.status, 200,
             "expected the provider's login form at {form_url}"
         );
+        let body = format!("login={}&password={}", urlencode(user), urlencode(password));
+        let posted = self.post_login_form(&form_url, body).await;
+        let next = absolute(&form_url, posted.header("location").unwrap());
+        let callback = self.back_at(base, next, None).await;
+        self.get(&callback, &[("accept", "text/html")]).await
+    }
+
+    /// Stops at the provider's redirect back to the proxy and returns the callback URL unvisited
+    /// (the provider may skip its form when it already has a session: single sign-on).
+    pub async fn login_until_callback(
+        &mut self,
+        base: &str,
+        user: &str,
+        return_url: &str,
+    ) -> String {
+        let start = self.start_login(base, return_url).await;
+        let url = start.header("location").unwrap().to_string();
+        let form = format!("login={user}&password={user}");
+        self.back_at(base, url, Some(&form)).await
+    }
+
+    /// Follows redirects from `url` until one points back at `base`, and returns that location
+    /// unvisited. The provider's login form on the way (a page under `/interaction/`) is posted
+    /// with `form` (`login=…&password=…`) when given; any other page fails the test.
+    pub async fn back_at(&mut self, base: &str, mut url: String, form: Option<&str>) -> String {
+        let from = url.clone();
+        for _ in 0..20 {
+            if url.starts_with(base) {
+                return url;
+            }
+            let reply = self.get(&url, &[("accept", "text/html")]).await;
+            if let Some(form) =
+                form.filter(|_| reply.status == 200 && url.contains("/interaction/"))
+            {
+                let posted = self.post_login_form(&url, form.to_string()).await;
+                url = absolute(&url, posted.header("location").unwrap());
+                continue;
+            }
+            assert!(
+                (300..400).contains(&reply.status),
+                "stuck at the provider: {url} (after {from}) answered {}: {}",
+                reply.status,
+                reply.text()
+            );
+            url = absolute(&url, reply.header("location").unwrap());
+        }
+        panic!("the provider never sent the browser back to {base}");
+    }
+
+    /// Posts `body` to the provider's login form shown at `form_url`; the provider must answer
+    /// with a redirect.
+    pub async fn post_login_form(&mut self, form_url: &str, body: String) -> Reply {
         let uid = form_url
             .rsplit('/')
             .next()
@@ -120,7 +176,6 @@ impl Browser {
             .unwrap()
             .to_string();
         let origin = form_url.split("/interaction/").next().unwrap().to_string();
-        let body = format!("login={}&password={}", urlencode(user), urlencode(password));
         let posted = self
             .request(
                 "POST",
@@ -135,61 +190,7 @@ impl Browser {
             posted.status,
             posted.text()
         );
-        let next = absolute(&form_url, posted.header("location").unwrap());
-        let mut url = next;
-        for _ in 0..20 {
-            if url.starts_with(base) {
-                return self.get(&url, &[("accept", "text/html")]).await;
-            }
-            let reply = self.get(&url, &[("accept", "text/html")]).await;
-            assert!(
-                (300..400).contains(&reply.status),
-                "provider step {url} gave {}: {}",
-                reply.status,
-                reply.text()
-            );
-            url = absolute(&url, reply.header("location").unwrap());
-        }
-        panic!("login did not come back to the proxy");
-    }
-
-    /// Stops at the provider's redirect back to the proxy and returns the callback URL unvisited
-    /// (the provider may skip its form when it already has a session: single sign-on).
-    pub async fn login_until_callback(
-        &mut self,
-        base: &str,
-        user: &str,
-        return_url: &str,
-    ) -> String {
-        let start = self
-            .get(
-                &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
-                &[("accept", "text/html")],
-            )
-            .await;
-        let mut url = start.header("location").unwrap().to_string();
-        for _ in 0..20 {
-            if url.starts_with(base) {
-                return url;
-            }
-            let reply = self.get(&url, &[("accept", "text/html")]).await;
-            if reply.status == 200 {
-                let uid = url.rsplit('/').next().unwrap().to_string();
-                let origin = url.split("/interaction/").next().unwrap().to_string();
-                let posted = self
-                    .request(
-                        "POST",
-                        &format!("{origin}/interaction/{uid}/login"),
-                        &[],
-                        Some(format!("login={user}&password={user}")),
-                    )
-                    .await;
-                url = absolute(&url, posted.header("location").unwrap());
-                continue;
-            }
-            url = absolute(&url, reply.header("location").unwrap());
-        }
-        panic!("login did not come back to the proxy");
+        posted
     }
 }
 
