@@ -471,6 +471,18 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
     assert!(!proxy.signed_in(&second).await);
 }
 
+/// `DELETE {sessions}/{id}` from the app in `browser` (with X-CSRF): ends session `id`.
+async fn end_session(browser: &mut Browser, sessions: &str, id: &str) -> Reply {
+    browser
+        .request(
+            "DELETE",
+            &format!("{sessions}/{id}"),
+            &[("x-csrf", "1")],
+            None,
+        )
+        .await
+}
+
 #[tokio::test]
 async fn users_list_and_end_their_own_sessions_only() {
     let LoginStack {
@@ -520,14 +532,7 @@ async fn users_list_and_end_their_own_sessions_only() {
     assert_eq!(bob_list["sessions"].as_array().unwrap().len(), 1);
 
     // Bob cannot end alice's session.
-    let r = bob
-        .request(
-            "DELETE",
-            &format!("{url}/{other}"),
-            &[("x-csrf", "1")],
-            None,
-        )
-        .await;
+    let r = end_session(&mut bob, &url, &other).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"], "not_found");
     assert_eq!(user_status(&mut phone, &base).await, 200);
@@ -542,14 +547,7 @@ async fn users_list_and_end_their_own_sessions_only() {
     let events = session_events(&base, &phone).await;
     let mut stream = events.into_body();
     wait_for_event(&mut stream, ": connected", Duration::from_secs(5)).await;
-    let r = laptop
-        .request(
-            "DELETE",
-            &format!("{url}/{other}"),
-            &[("x-csrf", "1")],
-            None,
-        )
-        .await;
+    let r = end_session(&mut laptop, &url, &other).await;
     assert_eq!(r.status, 200, "{}", r.text());
     wait_for_event(&mut stream, "event: ended", Duration::from_secs(5)).await;
     assert_eq!(user_status(&mut phone, &base).await, 401);
@@ -562,14 +560,7 @@ async fn users_list_and_end_their_own_sessions_only() {
         .map(|s| s["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec![current.as_str()]);
-    let again = laptop
-        .request(
-            "DELETE",
-            &format!("{url}/{other}"),
-            &[("x-csrf", "1")],
-            None,
-        )
-        .await;
+    let again = end_session(&mut laptop, &url, &other).await;
     assert_eq!(again.status, 404);
 
     // Shutting down ends open event streams at once (the app reconnects, to another replica)
