@@ -281,6 +281,42 @@ pub async fn begin_login(proxy: &Proxy) -> (std::collections::HashMap<String, St
     (query, cookie)
 }
 
+/// The real binary on `config` (written into `dir`), its stderr (the log) going to
+/// `dir/vestibule.log`: the process and the log's path.
+pub fn spawn_binary(
+    dir: &std::path::Path,
+    config: &TomlConfig,
+) -> (std::process::Child, std::path::PathBuf) {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config.text()).unwrap();
+    let log = dir.join("vestibule.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+/// Waits until a binary's admin listener on `admin` answers `/readyz` with 200.
+pub async fn wait_binary_ready(admin: u16) {
+    eventually(
+        "vestibule becomes ready",
+        std::time::Duration::from_secs(20),
+        || async {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
+            )
+            .await;
+            matches!(r, Ok(Ok(ref r)) if r.status() == 200).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Waits until the proxy has loaded the provider's metadata.
 pub async fn wait_ready(proxy: &Proxy) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
