@@ -145,12 +145,7 @@ async fn fake_case() -> fake_provider::Case {
         .set("oidc.issuer", idp.issuer.as_str())
         .add("oidc.dpop", true);
     let proxy = start_proxy(config).await;
-    eventually(
-        "the provider's metadata is loaded",
-        std::time::Duration::from_secs(10),
-        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-    )
-    .await;
+    wait_metadata(&proxy).await;
     std::mem::forget(up);
     fake_provider::Case { proxy, idp, signer }
 }

@@ -104,12 +104,7 @@ async fn par_always_with_a_provider_without_par_refuses_the_login_and_the_online
         .set("oidc.issuer", c.idp.issuer.as_str())
         .add("oidc.par", "always");
     let proxy = start_proxy(config.clone()).await;
-    eventually(
-        "the provider's metadata is loaded",
-        std::time::Duration::from_secs(10),
-        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-    )
-    .await;
+    wait_metadata(&proxy).await;
     let r = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("provider_unavailable"), "{}", r.text());

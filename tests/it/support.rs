@@ -255,13 +255,18 @@ pub fn login_toml(port: u16, issuer: &str, extra: &str) -> TomlConfig {
 /// fake one), once it has loaded the provider's metadata.
 pub async fn start_proxy_for(issuer: &str, extra: &str) -> Proxy {
     let proxy = start_proxy(config_toml(extra).set("oidc.issuer", issuer)).await;
+    wait_metadata(&proxy).await;
+    proxy
+}
+
+/// Waits until `proxy` has loaded its provider's metadata (an in-process fake provider's).
+pub async fn wait_metadata(proxy: &Proxy) {
     eventually(
         "the provider's metadata is loaded",
         std::time::Duration::from_secs(10),
         || async { proxy.app.oidc.provider.is_ready().then_some(()) },
     )
     .await;
-    proxy
 }
 
 /// The start of a login at `proxy`: the query of the provider's authorization URL it redirects
@@ -315,6 +320,17 @@ pub async fn wait_binary_ready(admin: u16) {
         },
     )
     .await;
+}
+
+/// The provider's redirect back to `proxy` with code `abc`, for the login [`begin_login`] began
+/// (`query` and `login_cookie` are what it returned): the callback's answer.
+pub async fn callback(
+    proxy: &Proxy,
+    query: &std::collections::HashMap<String, String>,
+    login_cookie: &str,
+) -> Reply {
+    let url = proxy.url(&format!("/bff/callback?code=abc&state={}", query["state"]));
+    get(&url, &[("cookie", login_cookie)]).await
 }
 
 /// Waits until the proxy has loaded the provider's metadata.

@@ -27,12 +27,7 @@ impl Fake {
         let clock = TestClock::new();
         let config = config_toml(extra).set("oidc.issuer", idp.issuer.as_str());
         let proxy = start_proxy_with_clock(config, clock.clock()).await;
-        eventually(
-            "the provider's metadata is loaded",
-            Duration::from_secs(10),
-            || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-        )
-        .await;
+        wait_metadata(&proxy).await;
         Fake {
             signer,
             idp,
