@@ -353,11 +353,7 @@ async fn userinfo_is_asked_with_a_proof_for_the_bound_token_and_its_claims_arriv
         .start()
         .await;
     let mut browser = stack.login("alice").await;
-    let me = browser
-        .get(&format!("{}/bff/user", stack.base), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(me.status, 200, "{}", me.text());
-    let me = me.json();
+    let me = browser.user(&stack.base).await;
     assert_eq!(me["email"], "alice@example.test", "{me}");
     assert_eq!(me["name"], "Alice Liddell", "{me}");
 }

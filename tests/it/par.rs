@@ -41,10 +41,7 @@ async fn with_a_provider_that_offers_par_the_browser_carries_only_a_request_uri(
     }
     // The whole login goes through with the pushed request.
     let mut browser = stack.login("alice").await;
-    let me = browser
-        .get(&format!("{}/bff/user", stack.base), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(me.status, 200, "{}", me.text());
+    browser.user(&stack.base).await;
 }
 
 #[tokio::test]

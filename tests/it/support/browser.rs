@@ -67,6 +67,15 @@ impl Browser {
         self.request("GET", url, headers, None).await
     }
 
+    /// The signed-in user's claims from `/bff/user` at the proxy `base`, which must answer 200.
+    pub async fn user(&mut self, base: &str) -> serde_json::Value {
+        let me = self
+            .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(me.status, 200, "{}", me.text());
+        me.json()
+    }
+
     /// Follows redirects (resolving relative locations against `base`) until a non-redirect or
     /// a location starting with `stop_at`. Returns the last reply and the URL it came from.
     pub async fn follow(&mut self, mut url: String, stop_at: &str) -> (Reply, String) {
