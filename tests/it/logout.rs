@@ -90,14 +90,20 @@ async fn refresh_works(provider: &provider::TestProvider, refresh_token: &str) -
     r.status == 200
 }
 
+impl Pair {
+    /// A browser signed in at the first instance as `user` (whose password is its name).
+    async fn login(&self, user: &str) -> Browser {
+        let mut browser = Browser::default();
+        let done = browser.login(&self.base_a, user, user, "/").await;
+        assert_eq!(done.status, 302, "{}", done.text());
+        browser
+    }
+}
+
 #[tokio::test]
 async fn logout_with_the_session_id_ends_the_session_everywhere_and_revokes_the_refresh_token() {
     let p = pair().await;
-    let mut alice = Browser::default();
-    assert_eq!(
-        alice.login(&p.base_a, "alice", "alice", "/").await.status,
-        302
-    );
+    let mut alice = p.login("alice").await;
     let user = alice
         .get(&format!("{}/bff/user", p.base_a), &[("x-csrf", "1")])
         .await;
@@ -242,13 +248,8 @@ async fn wait_for_event(
 #[tokio::test]
 async fn back_channel_logout_from_the_provider_ends_the_session_on_every_instance() {
     let p = pair().await;
-    let mut alice = Browser::default();
-    assert_eq!(
-        alice.login(&p.base_a, "alice", "alice", "/").await.status,
-        302
-    );
-    let mut bob = Browser::default();
-    assert_eq!(bob.login(&p.base_a, "bob", "bob", "/").await.status, 302);
+    let mut alice = p.login("alice").await;
+    let mut bob = p.login("bob").await;
     assert_eq!(user_status(&mut alice, &p.base_b).await, 200);
 
     // An open session-events stream on the other instance.

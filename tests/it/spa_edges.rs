@@ -58,15 +58,8 @@ async fn cancelling_at_the_provider_returns_to_the_app_with_a_flag() {
         .await;
     assert_eq!(form.status, 200, "the provider's login form");
     assert!(form.text().contains("id=\"cancel\""));
-    let uid = form_url.rsplit('/').next().unwrap().to_string();
-    let origin = form_url.split("/interaction/").next().unwrap().to_string();
     let cancelled = browser
-        .request(
-            "POST",
-            &format!("{origin}/interaction/{uid}/abort"),
-            &[],
-            Some(String::new()),
-        )
+        .post_interaction(&form_url, "abort", String::new())
         .await;
     let cancelled = absolute(&form_url, cancelled.header("location").unwrap());
     let callback = browser.back_at(&s.base, cancelled, None).await;

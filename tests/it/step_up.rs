@@ -136,6 +136,12 @@ async fn signed_in_via(
     done
 }
 
+/// Follows the `login_url` of a `step_up_required` answer's `body` with [`signed_in_via`].
+async fn step_up(browser: &mut Browser, s: &LoginStack, body: &Value, acr: Option<&str>) -> Reply {
+    let login_url = body["login_url"].as_str().unwrap();
+    signed_in_via(browser, &s.base, login_url, acr).await
+}
+
 /// A `GET` of `path` at the stack's proxy as the app sends it, which must answer `status`.
 async fn call(browser: &mut Browser, s: &LoginStack, path: &str, status: u16) -> Reply {
     let r = browser.get(&s.proxy().url(path), &[("x-csrf", "1")]).await;
@@ -232,13 +238,7 @@ async fn an_upstream_asking_for_stronger_authentication_gets_the_same_step_up_an
     );
     assert!(r.header("www-authenticate").is_none());
     // Following it with the second factor gives an mfa session with a fresh auth_time.
-    signed_in_via(
-        &mut browser,
-        &s.base,
-        body["login_url"].as_str().unwrap(),
-        Some("mfa"),
-    )
-    .await;
+    step_up(&mut browser, &s, &body, Some("mfa")).await;
     let user = user_claims(&mut browser, &s).await;
     assert_eq!(user["acr"], "mfa");
     let auth_time = user["auth_time"].as_u64().unwrap();
@@ -268,13 +268,7 @@ async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_
         body["login_url"],
         "/bff/login?returnUrl=%2Frecent%2Fa&max_age=5"
     );
-    signed_in_via(
-        &mut browser,
-        &s.base,
-        body["login_url"].as_str().unwrap(),
-        None,
-    )
-    .await;
+    step_up(&mut browser, &s, &body, None).await;
     call(&mut browser, &s, "/recent/a", 200).await;
     // Once that sign-in is older than max_age, a fresh one is asked for again.
     let body = eventually(
@@ -291,13 +285,7 @@ async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_
     )
     .await;
     assert_eq!(body["error"], "step_up_required");
-    signed_in_via(
-        &mut browser,
-        &s.base,
-        body["login_url"].as_str().unwrap(),
-        None,
-    )
-    .await;
+    step_up(&mut browser, &s, &body, None).await;
     call(&mut browser, &s, "/recent/b", 200).await;
 }
 

@@ -176,6 +176,12 @@ impl Browser {
     /// Posts `body` to the provider's login form shown at `form_url`; the provider must answer
     /// with a redirect.
     pub async fn post_login_form(&mut self, form_url: &str, body: String) -> Reply {
+        self.post_interaction(form_url, "login", body).await
+    }
+
+    /// Posts `body` to `action` (`login`, `abort`) of the provider's interaction whose page is
+    /// `form_url`; the provider must answer with a redirect.
+    pub async fn post_interaction(&mut self, form_url: &str, action: &str, body: String) -> Reply {
         let uid = form_url
             .rsplit('/')
             .next()
@@ -188,14 +194,14 @@ impl Browser {
         let posted = self
             .request(
                 "POST",
-                &format!("{origin}/interaction/{uid}/login"),
+                &format!("{origin}/interaction/{uid}/{action}"),
                 &[],
                 Some(body),
             )
             .await;
         assert!(
             (300..400).contains(&posted.status),
-            "login form POST gave {}: {}",
+            "{action} form POST gave {}: {}",
             posted.status,
             posted.text()
         );
