@@ -1,6 +1,7 @@
 //! The command line: exit codes 0/1/2, `check` printing every problem, `keygen`, `health`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::support::free_port;
 use std::process::Command;
 
 fn vestibule() -> Command {
@@ -83,20 +84,44 @@ fn usage_errors_exit_2_and_health_fails_without_a_server() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("keygen"));
 }
 
-#[test]
-fn sighup_reloads_the_configuration_of_the_running_binary() {
-    use std::io::{Read, Write};
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, admin) = (free(), free());
+/// Two free ports (public, admin) and a temp dir with `site/hello.txt` ("hello") to serve.
+fn site() -> (u16, u16, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("site")).unwrap();
     std::fs::write(dir.path().join("site/hello.txt"), "hello").unwrap();
+    (free_port(), free_port(), dir)
+}
+
+/// `GET path` on a fresh HTTP/1.1 connection to `port`: the whole raw answer, or `None` if
+/// the connection fails.
+fn fetch(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Whether `done` holds within 10 s (asked every 50 ms).
+fn within_10s(done: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    true
+}
+
+#[test]
+fn sighup_reloads_the_configuration_of_the_running_binary() {
+    let (port, admin, dir) = site();
     std::fs::create_dir(dir.path().join("other")).unwrap();
     std::fs::write(dir.path().join("other/new.txt"), "reloaded").unwrap();
     let config = |extra: &str| {
@@ -115,29 +140,8 @@ fn sighup_reloads_the_configuration_of_the_running_binary() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let fetch = |p: &str| -> Option<String> {
-        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        write!(
-            tcp,
-            "GET {p} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        tcp.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
-    let wait_for = |p: &str, want: &str| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if fetch(p).is_some_and(|r| r.contains(want)) {
-                return true;
-            }
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
+    let fetch = |p: &str| fetch(port, p);
+    let wait_for = |p: &str, want: &str| within_10s(|| fetch(p).is_some_and(|r| r.contains(want)));
     assert!(
         wait_for("/site/hello.txt", "hello"),
         "the binary did not start serving"
@@ -162,18 +166,7 @@ fn sighup_reloads_the_configuration_of_the_running_binary() {
 
 #[test]
 fn sighup_rereads_the_secret_files_and_refuses_a_bad_one_with_a_clear_error() {
-    use std::io::{Read, Write};
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, admin) = (free(), free());
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("site")).unwrap();
-    std::fs::write(dir.path().join("site/hello.txt"), "hello").unwrap();
+    let (port, admin, dir) = site();
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     let next = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoxMjM0NTY=";
     std::fs::write(dir.path().join("client-secret"), "s\n").unwrap();
@@ -197,27 +190,10 @@ fn sighup_rereads_the_secret_files_and_refuses_a_bad_one_with_a_clear_error() {
         .spawn()
         .unwrap();
     let serves = || {
-        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        let _ = write!(
-            tcp,
-            "GET /site/hello.txt HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        );
-        let mut out = String::new();
-        let _ = tcp.read_to_string(&mut out);
-        out.starts_with("HTTP/1.1 200") && out.ends_with("hello")
+        fetch(port, "/site/hello.txt")
+            .is_some_and(|out| out.starts_with("HTTP/1.1 200") && out.ends_with("hello"))
     };
-    let wait_for = |what: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !what() {
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        true
-    };
+    let wait_for = |what: &dyn Fn() -> bool| within_10s(what);
     let logged = |text: &str| std::fs::read_to_string(&log).unwrap().contains(text);
     let hup = || {
         Command::new("kill")

@@ -386,6 +386,17 @@ fn check_accepts_private_key_jwt_with_a_key_and_names_a_bad_key_file() {
     assert!(!out.contains("BEGIN"), "{out}");
 }
 
+/// [`check`] on a blocking thread, so that the runtime goes on serving an in-process provider.
+pub(crate) async fn check_in_background(
+    config: &TomlConfig,
+    online: bool,
+) -> (Option<i32>, String) {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || check(&config, online))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn check_online_compares_the_method_with_the_providers_metadata() {
     let keys = tempfile::tempdir().unwrap();
@@ -398,12 +409,7 @@ async fn check_online_compares_the_method_with_the_providers_metadata() {
         .add("oidc.client_auth", "private_key_jwt")
         .add("oidc.client_key_file", key.to_str().unwrap());
     // The fake provider's discovery document names no methods: client_secret_basic only.
-    let (code, out) = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || check(&config, true)
-    })
-    .await
-    .unwrap();
+    let (code, out) = check_in_background(&config, true).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("oidc.client_auth: the provider does not support \"private_key_jwt\""),
@@ -419,12 +425,7 @@ async fn check_online_compares_the_method_with_the_providers_metadata() {
             json!(["RS256"]),
         ),
     ]);
-    let (code, out) = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || check(&config, true)
-    })
-    .await
-    .unwrap();
+    let (code, out) = check_in_background(&config, true).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("oidc.client_key_file: the provider does not accept ES256 client assertions"),
@@ -434,8 +435,6 @@ async fn check_online_compares_the_method_with_the_providers_metadata() {
         "token_endpoint_auth_signing_alg_values_supported".to_string(),
         json!(["RS256", "ES256"]),
     );
-    let (code, out) = tokio::task::spawn_blocking(move || check(&config, true))
-        .await
-        .unwrap();
+    let (code, out) = check_in_background(&config, true).await;
     assert_eq!(code, Some(0), "{out}");
 }

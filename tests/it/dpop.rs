@@ -145,12 +145,7 @@ async fn fake_case() -> fake_provider::Case {
         .set("oidc.issuer", idp.issuer.as_str())
         .add("oidc.dpop", true);
     let proxy = start_proxy(config).await;
-    eventually(
-        "the provider's metadata is loaded",
-        std::time::Duration::from_secs(10),
-        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-    )
-    .await;
+    wait_metadata(&proxy).await;
     std::mem::forget(up);
     fake_provider::Case { proxy, idp, signer }
 }
@@ -358,11 +353,7 @@ async fn userinfo_is_asked_with_a_proof_for_the_bound_token_and_its_claims_arriv
         .start()
         .await;
     let mut browser = stack.login("alice").await;
-    let me = browser
-        .get(&format!("{}/bff/user", stack.base), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(me.status, 200, "{}", me.text());
-    let me = me.json();
+    let me = browser.user(&stack.base).await;
     assert_eq!(me["email"], "alice@example.test", "{me}");
     assert_eq!(me["name"], "Alice Liddell", "{me}");
 }

@@ -197,16 +197,7 @@ impl Spawned {
         let config = config
             .set("server.listen", format!("127.0.0.1:{port}"))
             .add("server.workers", 1);
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config.text()).unwrap();
-        let log = dir.path().join("vestibule.log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let (child, log) = spawn_binary(dir.path(), &config);
         eventually("the proxy listens", Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await

@@ -288,12 +288,7 @@ async fn token_exchange_routes_get_a_token_for_their_resource() {
         .token(TestKey::Rsa1)
         .kid("k1")
         .sign(&claims(&c.idp.issuer, &q["nonce"]));
-    let done = get(
-        &c.proxy
-            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
-        &[("cookie", &login_cookie)],
-    )
-    .await;
+    let done = callback(&c.proxy, &q, &login_cookie).await;
     assert_eq!(done.status, 302);
     let session = done.session_cookie();
     for _ in 0..2 {

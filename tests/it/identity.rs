@@ -32,12 +32,7 @@ pub(crate) async fn stack_with(
     let up = upstream::start().await;
     let config = edit(config_toml(&routes(&up.url())).set("oidc.issuer", idp.issuer.as_str()));
     let proxy = start_proxy(config).await;
-    eventually(
-        "the provider's metadata is loaded",
-        std::time::Duration::from_secs(10),
-        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-    )
-    .await;
+    wait_metadata(&proxy).await;
     Stack {
         proxy,
         idp,
@@ -64,13 +59,7 @@ impl Stack {
         }
         *self.idp.state.id_token.lock().unwrap() =
             self.signer.token(TestKey::Rsa1).kid("k1").sign(&claims);
-        let done = get(
-            &self
-                .proxy
-                .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
-            &[("cookie", &login_cookie)],
-        )
-        .await;
+        let done = callback(&self.proxy, &q, &login_cookie).await;
         assert_ne!(done.status, 500, "{}", done.text());
         done
     }

@@ -90,14 +90,20 @@ async fn refresh_works(provider: &provider::TestProvider, refresh_token: &str) -
     r.status == 200
 }
 
+impl Pair {
+    /// A browser signed in at the first instance as `user` (whose password is its name).
+    async fn login(&self, user: &str) -> Browser {
+        let mut browser = Browser::default();
+        let done = browser.login(&self.base_a, user, user, "/").await;
+        assert_eq!(done.status, 302, "{}", done.text());
+        browser
+    }
+}
+
 #[tokio::test]
 async fn logout_with_the_session_id_ends_the_session_everywhere_and_revokes_the_refresh_token() {
     let p = pair().await;
-    let mut alice = Browser::default();
-    assert_eq!(
-        alice.login(&p.base_a, "alice", "alice", "/").await.status,
-        302
-    );
+    let mut alice = p.login("alice").await;
     let user = alice
         .get(&format!("{}/bff/user", p.base_a), &[("x-csrf", "1")])
         .await;
@@ -242,13 +248,8 @@ async fn wait_for_event(
 #[tokio::test]
 async fn back_channel_logout_from_the_provider_ends_the_session_on_every_instance() {
     let p = pair().await;
-    let mut alice = Browser::default();
-    assert_eq!(
-        alice.login(&p.base_a, "alice", "alice", "/").await.status,
-        302
-    );
-    let mut bob = Browser::default();
-    assert_eq!(bob.login(&p.base_a, "bob", "bob", "/").await.status, 302);
+    let mut alice = p.login("alice").await;
+    let mut bob = p.login("bob").await;
     assert_eq!(user_status(&mut alice, &p.base_b).await, 200);
 
     // An open session-events stream on the other instance.
@@ -471,6 +472,18 @@ async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
     assert!(!proxy.signed_in(&second).await);
 }
 
+/// `DELETE {sessions}/{id}` from the app in `browser` (with X-CSRF): ends session `id`.
+async fn end_session(browser: &mut Browser, sessions: &str, id: &str) -> Reply {
+    browser
+        .request(
+            "DELETE",
+            &format!("{sessions}/{id}"),
+            &[("x-csrf", "1")],
+            None,
+        )
+        .await
+}
+
 #[tokio::test]
 async fn users_list_and_end_their_own_sessions_only() {
     let LoginStack {
@@ -520,14 +533,7 @@ async fn users_list_and_end_their_own_sessions_only() {
     assert_eq!(bob_list["sessions"].as_array().unwrap().len(), 1);
 
     // Bob cannot end alice's session.
-    let r = bob
-        .request(
-            "DELETE",
-            &format!("{url}/{other}"),
-            &[("x-csrf", "1")],
-            None,
-        )
-        .await;
+    let r = end_session(&mut bob, &url, &other).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"], "not_found");
     assert_eq!(user_status(&mut phone, &base).await, 200);
@@ -542,14 +548,7 @@ async fn users_list_and_end_their_own_sessions_only() {
     let events = session_events(&base, &phone).await;
     let mut stream = events.into_body();
     wait_for_event(&mut stream, ": connected", Duration::from_secs(5)).await;
-    let r = laptop
-        .request(
-            "DELETE",
-            &format!("{url}/{other}"),
-            &[("x-csrf", "1")],
-            None,
-        )
-        .await;
+    let r = end_session(&mut laptop, &url, &other).await;
     assert_eq!(r.status, 200, "{}", r.text());
     wait_for_event(&mut stream, "event: ended", Duration::from_secs(5)).await;
     assert_eq!(user_status(&mut phone, &base).await, 401);
@@ -562,14 +561,7 @@ async fn users_list_and_end_their_own_sessions_only() {
         .map(|s| s["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec![current.as_str()]);
-    let again = laptop
-        .request(
-            "DELETE",
-            &format!("{url}/{other}"),
-            &[("x-csrf", "1")],
-            None,
-        )
-        .await;
+    let again = end_session(&mut laptop, &url, &other).await;
     assert_eq!(again.status, 404);
 
     // Shutting down ends open event streams at once (the app reconnects, to another replica)

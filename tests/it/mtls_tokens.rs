@@ -7,8 +7,8 @@ use crate::fake_provider::claims;
 use crate::support::browser::Browser;
 use crate::support::pki::{Issued, TestCa, bound_api, thumbprint, token_thumbprint};
 use crate::support::{
-    begin_login, fake_idp, free_port, get, login_toml, provider, start_proxy, start_proxy_for,
-    wait_ready,
+    begin_login, callback, fake_idp, free_port, get, login_toml, provider, start_proxy,
+    start_proxy_for, wait_ready,
 };
 use serde_json::json;
 use vestibule::jose::testing::{TestKey, TestSigner};
@@ -139,11 +139,7 @@ async fn fake_session(
         .token(TestKey::Rsa1)
         .kid("k1")
         .sign(&claims(&idp.issuer, &q["nonce"]));
-    let done = get(
-        &proxy.url(&format!("/bff/callback?code=abc&state={}", q["state"])),
-        &[("cookie", &login_cookie)],
-    )
-    .await;
+    let done = callback(proxy, &q, &login_cookie).await;
     assert_eq!(done.status, 302, "{}", done.text());
     done.headers
         .get_all("set-cookie")

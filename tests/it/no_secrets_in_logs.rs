@@ -6,7 +6,7 @@ use crate::support::browser::Browser;
 use crate::support::provider;
 use crate::support::*;
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[tokio::test]
 async fn logs_carry_no_token_code_secret_or_cookie() {
@@ -18,30 +18,8 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
     let text = login_toml(port, &provider.issuer, &format!("[log]\nlevel = \"debug\"\nformat = \"json\"\n[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\n", up.url()))
         .set("admin.listen", format!("127.0.0.1:{admin}"))
         .set("oidc.refresh_skew", "2s");
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, text.text()).unwrap();
-    let log_path = dir.path().join("vestibule.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    eventually(
-        "vestibule becomes ready",
-        std::time::Duration::from_secs(20),
-        || async {
-            let ok = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
-            )
-            .await;
-            matches!(ok, Ok(Ok(ref r)) if r.status() == 200).then_some(())
-        },
-    )
-    .await;
+    let (mut child, log_path) = spawn_binary(dir.path(), &text);
+    wait_binary_ready(admin).await;
     let base = format!("http://127.0.0.1:{port}");
     let mut browser = Browser::default();
     let callback = browser.login_until_callback(&base, "alice", "/").await;

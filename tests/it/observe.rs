@@ -525,34 +525,13 @@ impl Binary {
         let text = text
             .clone()
             .set("admin.listen", format!("127.0.0.1:{admin}"));
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, text.text()).unwrap();
-        let log = dir.path().join("vestibule.log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let (child, log) = spawn_binary(dir.path(), &text);
         let binary = Binary {
             child,
             log,
             _dir: dir,
         };
-        eventually(
-            "vestibule becomes ready",
-            Duration::from_secs(20),
-            || async {
-                let r = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
-                )
-                .await;
-                matches!(r, Ok(Ok(ref r)) if r.status() == 200).then_some(())
-            },
-        )
-        .await;
+        wait_binary_ready(admin).await;
         binary
     }
 

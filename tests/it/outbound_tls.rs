@@ -228,25 +228,10 @@ async fn an_upstream_that_requires_a_client_certificate_gets_the_routes_one() {
 async fn rediss_with_a_private_ca_is_reached_through_ca_file() {
     let ca = TestCa::new("Private Redis CA");
     let server_cert = ca.server();
-    let tls_port = free_port().to_string();
-    let (cert, key) = (
-        server_cert.cert_file.display().to_string(),
-        server_cert.key_file.display().to_string(),
-    );
+    let server =
+        RedisServer::start_tls_with(&server_cert.cert_file, &server_cert.key_file, &ca.ca_file);
+    let url = server.tls_url();
     let ca_file = ca.ca_file.display().to_string();
-    let _server = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca_file,
-        "--tls-auth-clients",
-        "no",
-    ]);
-    let url = format!("rediss://127.0.0.1:{tls_port}");
     let store_for = |extra: &[(&str, &str)]| {
         let mut config = config_toml("")
             .add("session.store", "redis")

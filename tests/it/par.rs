@@ -41,10 +41,7 @@ async fn with_a_provider_that_offers_par_the_browser_carries_only_a_request_uri(
     }
     // The whole login goes through with the pushed request.
     let mut browser = stack.login("alice").await;
-    let me = browser
-        .get(&format!("{}/bff/user", stack.base), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(me.status, 200, "{}", me.text());
+    browser.user(&stack.base).await;
 }
 
 #[tokio::test]
@@ -104,12 +101,7 @@ async fn par_always_with_a_provider_without_par_refuses_the_login_and_the_online
         .set("oidc.issuer", c.idp.issuer.as_str())
         .add("oidc.par", "always");
     let proxy = start_proxy(config.clone()).await;
-    eventually(
-        "the provider's metadata is loaded",
-        std::time::Duration::from_secs(10),
-        || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-    )
-    .await;
+    wait_metadata(&proxy).await;
     let r = get(&proxy.url("/bff/login?returnUrl=/"), &[]).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("provider_unavailable"), "{}", r.text());

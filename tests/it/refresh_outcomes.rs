@@ -85,13 +85,7 @@ impl Case {
                    "expires_in": expires_in, "refresh_token": "login-refresh",
                    "id_token": id_token}),
         );
-        let done = get(
-            &self
-                .proxy
-                .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
-            &[("cookie", &login_cookie)],
-        )
-        .await;
+        let done = callback(&self.proxy, &q, &login_cookie).await;
         assert_eq!(done.status, 302, "{}", done.text());
         done.session_cookie()
     }

@@ -28,25 +28,6 @@ fn reason(reply: &Reply) -> Option<String> {
     )
 }
 
-/// Follows redirects from `url` with `browser` until one points back at `base`, and returns that
-/// location unvisited. Panics if the provider answers with a page (a form, an error) instead.
-async fn until_back_at(browser: &mut Browser, base: &str, mut url: String) -> String {
-    for _ in 0..20 {
-        if url.starts_with(base) {
-            return url;
-        }
-        let reply = browser.get(&url, &[("accept", "text/html")]).await;
-        assert!(
-            (300..400).contains(&reply.status),
-            "stuck at the provider: {url} answered {}: {}",
-            reply.status,
-            reply.text()
-        );
-        url = absolute(&url, reply.header("location").unwrap());
-    }
-    panic!("the provider never sent the browser back");
-}
-
 fn has_login_cookie(browser: &Browser) -> bool {
     browser.jar.keys().any(|k| k.contains("-login-"))
 }
@@ -70,34 +51,18 @@ fn state_of(login: &Reply) -> String {
 async fn cancelling_at_the_provider_returns_to_the_app_with_a_flag() {
     let s = stack().await;
     let mut browser = Browser::default();
-    let start = browser
-        .get(
-            &format!("{}/bff/login?returnUrl={}", s.base, urlencode("/app?tab=2")),
-            &[("accept", "text/html")],
-        )
-        .await;
+    let start = browser.start_login(&s.base, "/app?tab=2").await;
     assert_eq!(start.status, 302);
     let (form, form_url) = browser
         .follow(start.header("location").unwrap().to_string(), "\u{0}")
         .await;
     assert_eq!(form.status, 200, "the provider's login form");
     assert!(form.text().contains("id=\"cancel\""));
-    let uid = form_url.rsplit('/').next().unwrap().to_string();
-    let origin = form_url.split("/interaction/").next().unwrap().to_string();
     let cancelled = browser
-        .request(
-            "POST",
-            &format!("{origin}/interaction/{uid}/abort"),
-            &[],
-            Some(String::new()),
-        )
+        .post_interaction(&form_url, "abort", String::new())
         .await;
-    let callback = until_back_at(
-        &mut browser,
-        &s.base,
-        absolute(&form_url, cancelled.header("location").unwrap()),
-    )
-    .await;
+    let cancelled = absolute(&form_url, cancelled.header("location").unwrap());
+    let callback = browser.back_at(&s.base, cancelled, None).await;
     assert!(callback.contains("error=access_denied"), "{callback}");
     let back = browser.get(&callback, &[("accept", "text/html")]).await;
     assert_eq!(back.status, 302, "{}", back.text());
@@ -189,7 +154,7 @@ async fn silent_sign_in_without_a_provider_session_comes_back_with_login_require
         .map(|(_, v)| v.into_owned())
         .collect();
     assert_eq!(prompts, ["none"]);
-    let callback = until_back_at(&mut browser, &s.base, authorize.to_string()).await;
+    let callback = browser.back_at(&s.base, authorize.to_string(), None).await;
     let back = browser.get(&callback, &[("accept", "text/html")]).await;
     assert_eq!(back.status, 302, "{}", back.text());
     assert_eq!(
@@ -224,12 +189,8 @@ async fn silent_sign_in_with_a_provider_session_signs_in_without_a_page() {
         )
         .await;
     assert_eq!(start.status, 302, "{}", start.text());
-    let callback = until_back_at(
-        &mut browser,
-        &s.base,
-        start.header("location").unwrap().to_string(),
-    )
-    .await;
+    let authorize = start.header("location").unwrap().to_string();
+    let callback = browser.back_at(&s.base, authorize, None).await;
     assert!(callback.contains("code="), "{callback}");
     let back = browser.get(&callback, &[("accept", "text/html")]).await;
     assert_eq!(back.status, 302, "{}", back.text());

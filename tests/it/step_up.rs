@@ -9,7 +9,7 @@
 mod hostile;
 
 use crate::fake_provider::now;
-use crate::support::browser::{Browser, absolute};
+use crate::support::browser::Browser;
 use crate::support::stack::LoginStack;
 use crate::support::*;
 use bytes::Bytes;
@@ -120,69 +120,54 @@ async fn login_via(browser: &mut Browser, base: &str, login_url: &str, acr: Opti
         .get(&format!("{base}{login_url}"), &[("accept", "text/html")])
         .await;
     assert_eq!(start.status, 302, "{}", start.text());
-    let mut url = start.header("location").unwrap().to_string();
-    let authorization = url.clone();
-    for _ in 0..20 {
-        if url.starts_with(base) {
-            let reply = browser.get(&url, &[("accept", "text/html")]).await;
-            return reply;
-        }
-        let reply = browser.get(&url, &[("accept", "text/html")]).await;
-        if reply.status == 200 && url.contains("/interaction/") {
-            let uid = url.rsplit('/').next().unwrap().to_string();
-            let origin = url.split("/interaction/").next().unwrap().to_string();
-            let mut body = "login=alice&password=alice".to_string();
-            if let Some(acr) = acr {
-                body.push_str(&format!("&acr={acr}"));
-            }
-            let posted = browser
-                .request(
-                    "POST",
-                    &format!("{origin}/interaction/{uid}/login"),
-                    &[],
-                    Some(body),
-                )
-                .await;
-            assert!((300..400).contains(&posted.status), "{}", posted.text());
-            url = absolute(&url, posted.header("location").unwrap());
-            continue;
-        }
-        assert!(
-            (300..400).contains(&reply.status),
-            "{url} after {authorization}: {} {}",
-            reply.status,
-            reply.text()
-        );
-        url = absolute(&url, reply.header("location").unwrap());
+    let mut form = "login=alice&password=alice".to_string();
+    if let Some(acr) = acr {
+        form.push_str(&format!("&acr={acr}"));
     }
-    panic!("the login did not come back to the proxy");
+    let url = start.header("location").unwrap().to_string();
+    let callback = browser.back_at(base, url, Some(&form)).await;
+    browser.get(&callback, &[("accept", "text/html")]).await
+}
+
+/// [`login_via`], which must sign the user in (the callback redirects back into the app).
+async fn signed_in_via(
+    browser: &mut Browser,
+    base: &str,
+    login_url: &str,
+    acr: Option<&str>,
+) -> Reply {
+    let done = login_via(browser, base, login_url, acr).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    done
+}
+
+/// Follows the `login_url` of a `step_up_required` answer's `body` with [`signed_in_via`].
+async fn step_up(browser: &mut Browser, s: &LoginStack, body: &Value, acr: Option<&str>) -> Reply {
+    let login_url = body["login_url"].as_str().unwrap();
+    signed_in_via(browser, &s.base, login_url, acr).await
+}
+
+/// A `GET` of `path` at the stack's proxy as the app sends it, which must answer `status`.
+async fn call(browser: &mut Browser, s: &LoginStack, path: &str, status: u16) -> Reply {
+    let r = browser.get(&s.proxy().url(path), &[("x-csrf", "1")]).await;
+    assert_eq!(r.status, status, "{}", r.text());
+    r
 }
 
 async fn user_claims(browser: &mut Browser, s: &LoginStack) -> Value {
-    let r = browser
-        .get(&s.proxy().url("/bff/user"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
+    call(browser, s, "/bff/user", 200).await.json()
 }
 
 #[tokio::test]
 async fn a_route_requiring_mfa_sends_a_password_session_to_a_step_up_login_and_lets_it_in_after() {
     let s = stack().await;
     let mut browser = Browser::default();
-    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
-    assert_eq!(done.status, 302, "{}", done.text());
+    signed_in_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
     // A plain login asks for no acr; the provider names none.
     assert!(user_claims(&mut browser, &s).await["acr"].is_null());
     // The plain route serves the session; the step-up route tells the SPA what to do.
-    let r = browser
-        .get(&s.proxy().url("/api/x"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = browser
-        .get(&s.proxy().url("/secure/data?q=1"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 401, "{}", r.text());
+    call(&mut browser, &s, "/api/x", 200).await;
+    let r = call(&mut browser, &s, "/secure/data?q=1", 401).await;
     let body = r.json();
     assert_eq!(body["error"], "step_up_required");
     assert_eq!(body["acr_values"], json!(["mfa"]));
@@ -210,22 +195,17 @@ async fn a_route_requiring_mfa_sends_a_password_session_to_a_step_up_login_and_l
     assert_eq!(query["acr_values"], "mfa");
     assert_eq!(query["prompt"], "login");
     // The user gives the second factor: back where they were, and let in.
-    let done = login_via(&mut browser, &s.base, &login_url, Some("mfa")).await;
-    assert_eq!(done.status, 302, "{}", done.text());
+    let done = signed_in_via(&mut browser, &s.base, &login_url, Some("mfa")).await;
     assert_eq!(done.header("location"), Some("/secure/data?q=1"));
     assert_eq!(user_claims(&mut browser, &s).await["acr"], "mfa");
-    let r = browser
-        .get(&s.proxy().url("/secure/data?q=1"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    call(&mut browser, &s, "/secure/data?q=1", 200).await;
 }
 
 #[tokio::test]
 async fn a_step_up_login_that_brings_back_a_weaker_acr_is_refused_and_the_session_stays() {
     let s = stack().await;
     let mut browser = Browser::default();
-    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
-    assert_eq!(done.status, 302, "{}", done.text());
+    signed_in_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
     // The user signs in again without the second factor: the provider says acr "pwd".
     let done = login_via(
         &mut browser,
@@ -242,10 +222,7 @@ async fn a_step_up_login_that_brings_back_a_weaker_acr_is_refused_and_the_sessio
     );
     // The earlier session is untouched, and still not enough for the route.
     assert!(user_claims(&mut browser, &s).await["acr"].is_null());
-    let r = browser
-        .get(&s.proxy().url("/secure/x"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 401);
+    let r = call(&mut browser, &s, "/secure/x", 401).await;
     assert_eq!(r.json()["error"], "step_up_required");
 }
 
@@ -253,16 +230,9 @@ async fn a_step_up_login_that_brings_back_a_weaker_acr_is_refused_and_the_sessio
 async fn an_upstream_asking_for_stronger_authentication_gets_the_same_step_up_answer() {
     let s = stack().await;
     let mut browser = Browser::default();
-    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
-    assert_eq!(done.status, 302, "{}", done.text());
-    let r = browser
-        .get(&s.proxy().url("/rs/balance"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = browser
-        .get(&s.proxy().url("/rs/transfer"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 401, "{}", r.text());
+    signed_in_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
+    call(&mut browser, &s, "/rs/balance", 200).await;
+    let r = call(&mut browser, &s, "/rs/transfer", 401).await;
     let body = r.json();
     assert_eq!(body["error"], "step_up_required", "{body}");
     assert_eq!(body["acr_values"], json!(["mfa"]));
@@ -286,14 +256,7 @@ async fn an_upstream_asking_for_stronger_authentication_gets_the_same_step_up_an
         Some("/bff/login?returnUrl=%2Frs-pages%2Ftransfer%3Fto%3Dbob&acr_values=mfa&max_age=300")
     );
     // Following it with the second factor gives an mfa session with a fresh auth_time.
-    let done = login_via(
-        &mut browser,
-        &s.base,
-        body["login_url"].as_str().unwrap(),
-        Some("mfa"),
-    )
-    .await;
-    assert_eq!(done.status, 302, "{}", done.text());
+    step_up(&mut browser, &s, &body, Some("mfa")).await;
     let user = user_claims(&mut browser, &s).await;
     assert_eq!(user["acr"], "mfa");
     let auth_time = user["auth_time"].as_u64().unwrap();
@@ -312,13 +275,9 @@ async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_
         .start()
         .await;
     let mut browser = Browser::default();
-    let done = login_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
-    assert_eq!(done.status, 302, "{}", done.text());
+    signed_in_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
     // A plain login says nothing of when the user authenticated: not enough for max_age.
-    let r = browser
-        .get(&s.proxy().url("/recent/a"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 401, "{}", r.text());
+    let r = call(&mut browser, &s, "/recent/a", 401).await;
     let body = r.json();
     assert_eq!(body["error"], "step_up_required");
     assert_eq!(body["max_age"], 5);
@@ -327,18 +286,8 @@ async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_
         body["login_url"],
         "/bff/login?returnUrl=%2Frecent%2Fa&max_age=5"
     );
-    let done = login_via(
-        &mut browser,
-        &s.base,
-        body["login_url"].as_str().unwrap(),
-        None,
-    )
-    .await;
-    assert_eq!(done.status, 302, "{}", done.text());
-    let r = browser
-        .get(&s.proxy().url("/recent/a"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    step_up(&mut browser, &s, &body, None).await;
+    call(&mut browser, &s, "/recent/a", 200).await;
     // Once that sign-in is older than max_age, a fresh one is asked for again.
     let body = eventually(
         "the sign-in is older than max_age",
@@ -354,18 +303,8 @@ async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_
     )
     .await;
     assert_eq!(body["error"], "step_up_required");
-    let done = login_via(
-        &mut browser,
-        &s.base,
-        body["login_url"].as_str().unwrap(),
-        None,
-    )
-    .await;
-    assert_eq!(done.status, 302, "{}", done.text());
-    let r = browser
-        .get(&s.proxy().url("/recent/b"), &[("x-csrf", "1")])
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    step_up(&mut browser, &s, &body, None).await;
+    call(&mut browser, &s, "/recent/b", 200).await;
 }
 
 #[tokio::test]
@@ -386,8 +325,7 @@ async fn a_stepped_up_session_stays_stepped_up_across_refreshes() {
         .await;
     let mut browser = Browser::default();
     let login_url = "/bff/login?returnUrl=%2Fsecure%2F&acr_values=mfa&max_age=3600";
-    let done = login_via(&mut browser, &s.base, login_url, Some("mfa")).await;
-    assert_eq!(done.status, 302, "{}", done.text());
+    signed_in_via(&mut browser, &s.base, login_url, Some("mfa")).await;
     let bearer = |r: &Reply| {
         assert_eq!(r.status, 200, "{}", r.text());
         r.json()["authorization"].as_str().unwrap().to_string()

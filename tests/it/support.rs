@@ -255,13 +255,18 @@ pub fn login_toml(port: u16, issuer: &str, extra: &str) -> TomlConfig {
 /// fake one), once it has loaded the provider's metadata.
 pub async fn start_proxy_for(issuer: &str, extra: &str) -> Proxy {
     let proxy = start_proxy(config_toml(extra).set("oidc.issuer", issuer)).await;
+    wait_metadata(&proxy).await;
+    proxy
+}
+
+/// Waits until `proxy` has loaded its provider's metadata (an in-process fake provider's).
+pub async fn wait_metadata(proxy: &Proxy) {
     eventually(
         "the provider's metadata is loaded",
         std::time::Duration::from_secs(10),
         || async { proxy.app.oidc.provider.is_ready().then_some(()) },
     )
     .await;
-    proxy
 }
 
 /// The start of a login at `proxy`: the query of the provider's authorization URL it redirects
@@ -279,6 +284,53 @@ pub async fn begin_login(proxy: &Proxy) -> (std::collections::HashMap<String, St
         .unwrap()
         .to_string();
     (query, cookie)
+}
+
+/// The real binary on `config` (written into `dir`), its stderr (the log) going to
+/// `dir/vestibule.log`: the process and the log's path.
+pub fn spawn_binary(
+    dir: &std::path::Path,
+    config: &TomlConfig,
+) -> (std::process::Child, std::path::PathBuf) {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config.text()).unwrap();
+    let log = dir.join("vestibule.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+/// Waits until a binary's admin listener on `admin` answers `/readyz` with 200.
+pub async fn wait_binary_ready(admin: u16) {
+    eventually(
+        "vestibule becomes ready",
+        std::time::Duration::from_secs(20),
+        || async {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                client().get(format!("http://127.0.0.1:{admin}/readyz").parse().unwrap()),
+            )
+            .await;
+            matches!(r, Ok(Ok(ref r)) if r.status() == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The provider's redirect back to `proxy` with code `abc`, for the login [`begin_login`] began
+/// (`query` and `login_cookie` are what it returned): the callback's answer.
+pub async fn callback(
+    proxy: &Proxy,
+    query: &std::collections::HashMap<String, String>,
+    login_cookie: &str,
+) -> Reply {
+    let url = proxy.url(&format!("/bff/callback?code=abc&state={}", query["state"]));
+    get(&url, &[("cookie", login_cookie)]).await
 }
 
 /// Waits until the proxy has loaded the provider's metadata.

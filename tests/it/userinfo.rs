@@ -180,11 +180,7 @@ async fn with_the_real_provider_userinfo_brings_the_claims_the_id_token_leaves_o
             .start()
             .await;
         let mut browser = stack.login("alice").await;
-        let me = browser
-            .get(&format!("{}/bff/user", stack.base), &[("x-csrf", "1")])
-            .await;
-        assert_eq!(me.status, 200, "{}", me.text());
-        let me = me.json();
+        let me = browser.user(&stack.base).await;
         assert_eq!(me["sub"], "alice");
         let mail = browser
             .get(&format!("{}/mail/x", stack.base), &[("x-csrf", "1")])

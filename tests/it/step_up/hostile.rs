@@ -27,12 +27,7 @@ impl Fake {
         let clock = TestClock::new();
         let config = config_toml(extra).set("oidc.issuer", idp.issuer.as_str());
         let proxy = start_proxy_with_clock(config, clock.clock()).await;
-        eventually(
-            "the provider's metadata is loaded",
-            Duration::from_secs(10),
-            || async { proxy.app.oidc.provider.is_ready().then_some(()) },
-        )
-        .await;
+        wait_metadata(&proxy).await;
         Fake {
             signer,
             idp,
@@ -282,17 +277,13 @@ async fn upstream_challenges_become_a_step_up_only_as_rfc_9470_says_and_never_pa
 
 #[tokio::test]
 async fn check_validates_the_keys_and_online_warns_of_acr_values_the_provider_does_not_list() {
-    use crate::client_auth::check;
+    use crate::client_auth::check_in_background as run;
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let route = "[[routes]]\npath = \"/secure/\"\nupstream = \"http://127.0.0.1:9\"\n\
                  auth = \"required\"\nacr_values = [\"mfa\", \"hwk\"]\nmax_age = \"10m\"\n";
     let config = config_toml(route).set("oidc.issuer", idp.issuer.as_str());
-    let run = |config: &crate::support::toml_config::TomlConfig, online: bool| {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || check(&config, online))
-    };
-    let (code, out) = run(&config, false).await.unwrap();
+    let (code, out) = run(&config, false).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("warning"), "{out}");
     let bad = config
@@ -300,7 +291,7 @@ async fn check_validates_the_keys_and_online_warns_of_acr_values_the_provider_do
         .set("routes.0.acr_values", vec!["mfa", "two words"])
         .set("routes.0.max_age", "soon")
         .remove("routes.0.auth");
-    let (code, out) = run(&bad, false).await.unwrap();
+    let (code, out) = run(&bad, false).await;
     assert_eq!(code, Some(1), "{out}");
     for line in [
         "routes[0].acr_values[1]: \"two words\" is not an acr value",
@@ -310,7 +301,7 @@ async fn check_validates_the_keys_and_online_warns_of_acr_values_the_provider_do
         assert!(out.contains(line), "{line} in {out}");
     }
     // A provider that publishes no acr_values_supported: a warning, and the check passes.
-    let (code, out) = run(&config, true).await.unwrap();
+    let (code, out) = run(&config, true).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("warning: routes[0].acr_values: the provider publishes no acr_values_supported, so whether it knows mfa, hwk cannot be checked"),
@@ -322,7 +313,7 @@ async fn check_validates_the_keys_and_online_warns_of_acr_values_the_provider_do
         .lock()
         .unwrap()
         .insert("acr_values_supported".to_string(), json!(["pwd", "mfa"]));
-    let (code, out) = run(&config, true).await.unwrap();
+    let (code, out) = run(&config, true).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("warning: routes[0].acr_values: the provider does not list \"hwk\" in acr_values_supported (pwd, mfa)"),
@@ -334,7 +325,7 @@ async fn check_validates_the_keys_and_online_warns_of_acr_values_the_provider_do
         "acr_values_supported".to_string(),
         json!(["pwd", "mfa", "hwk"]),
     );
-    let (code, out) = run(&config, true).await.unwrap();
+    let (code, out) = run(&config, true).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("warning"), "{out}");
 }

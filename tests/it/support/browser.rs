@@ -67,6 +67,15 @@ impl Browser {
         self.request("GET", url, headers, None).await
     }
 
+    /// The signed-in user's claims from `/bff/user` at the proxy `base`, which must answer 200.
+    pub async fn user(&mut self, base: &str) -> serde_json::Value {
+        let me = self
+            .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(me.status, 200, "{}", me.text());
+        me.json()
+    }
+
     /// Follows redirects (resolving relative locations against `base`) until a non-redirect or
     /// a location starting with `stop_at`. Returns the last reply and the URL it came from.
     pub async fn follow(&mut self, mut url: String, stop_at: &str) -> (Reply, String) {
@@ -85,6 +94,15 @@ impl Browser {
         panic!("too many redirects");
     }
 
+    /// Opens `/bff/login?returnUrl=…` at the proxy `base` as a navigation.
+    pub async fn start_login(&mut self, base: &str, return_url: &str) -> Reply {
+        self.get(
+            &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
+            &[("accept", "text/html")],
+        )
+        .await
+    }
+
     /// Logs in at the proxy `base` as `user`, returning the proxy's final callback reply.
     pub async fn login(
         &mut self,
@@ -93,12 +111,7 @@ impl Browser {
         password: &str,
         return_url: &str,
     ) -> Reply {
-        let start = self
-            .get(
-                &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
-                &[("accept", "text/html")],
-            )
-            .await;
+        let start = self.start_login(base, return_url).await;
         assert_eq!(
             start.status,
             302,
@@ -111,46 +124,11 @@ impl Browser {
             form.status, 200,
             "expected the provider's login form at {form_url}"
         );
-        let uid = form_url
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .split('?')
-            .next()
-            .unwrap()
-            .to_string();
-        let origin = form_url.split("/interaction/").next().unwrap().to_string();
         let body = format!("login={}&password={}", urlencode(user), urlencode(password));
-        let posted = self
-            .request(
-                "POST",
-                &format!("{origin}/interaction/{uid}/login"),
-                &[],
-                Some(body),
-            )
-            .await;
-        assert!(
-            (300..400).contains(&posted.status),
-            "login form POST gave {}: {}",
-            posted.status,
-            posted.text()
-        );
+        let posted = self.post_login_form(&form_url, body).await;
         let next = absolute(&form_url, posted.header("location").unwrap());
-        let mut url = next;
-        for _ in 0..20 {
-            if url.starts_with(base) {
-                return self.get(&url, &[("accept", "text/html")]).await;
-            }
-            let reply = self.get(&url, &[("accept", "text/html")]).await;
-            assert!(
-                (300..400).contains(&reply.status),
-                "provider step {url} gave {}: {}",
-                reply.status,
-                reply.text()
-            );
-            url = absolute(&url, reply.header("location").unwrap());
-        }
-        panic!("login did not come back to the proxy");
+        let callback = self.back_at(base, next, None).await;
+        self.get(&callback, &[("accept", "text/html")]).await
     }
 
     /// Stops at the provider's redirect back to the proxy and returns the callback URL unvisited
@@ -161,35 +139,73 @@ impl Browser {
         user: &str,
         return_url: &str,
     ) -> String {
-        let start = self
-            .get(
-                &format!("{base}/bff/login?returnUrl={}", urlencode(return_url)),
-                &[("accept", "text/html")],
-            )
-            .await;
-        let mut url = start.header("location").unwrap().to_string();
+        let start = self.start_login(base, return_url).await;
+        let url = start.header("location").unwrap().to_string();
+        let form = format!("login={user}&password={user}");
+        self.back_at(base, url, Some(&form)).await
+    }
+
+    /// Follows redirects from `url` until one points back at `base`, and returns that location
+    /// unvisited. The provider's login form on the way (a page under `/interaction/`) is posted
+    /// with `form` (`login=…&password=…`) when given; any other page fails the test.
+    pub async fn back_at(&mut self, base: &str, mut url: String, form: Option<&str>) -> String {
+        let from = url.clone();
         for _ in 0..20 {
             if url.starts_with(base) {
                 return url;
             }
             let reply = self.get(&url, &[("accept", "text/html")]).await;
-            if reply.status == 200 {
-                let uid = url.rsplit('/').next().unwrap().to_string();
-                let origin = url.split("/interaction/").next().unwrap().to_string();
-                let posted = self
-                    .request(
-                        "POST",
-                        &format!("{origin}/interaction/{uid}/login"),
-                        &[],
-                        Some(format!("login={user}&password={user}")),
-                    )
-                    .await;
+            if let Some(form) =
+                form.filter(|_| reply.status == 200 && url.contains("/interaction/"))
+            {
+                let posted = self.post_login_form(&url, form.to_string()).await;
                 url = absolute(&url, posted.header("location").unwrap());
                 continue;
             }
+            assert!(
+                (300..400).contains(&reply.status),
+                "stuck at the provider: {url} (after {from}) answered {}: {}",
+                reply.status,
+                reply.text()
+            );
             url = absolute(&url, reply.header("location").unwrap());
         }
-        panic!("login did not come back to the proxy");
+        panic!("the provider never sent the browser back to {base}");
+    }
+
+    /// Posts `body` to the provider's login form shown at `form_url`; the provider must answer
+    /// with a redirect.
+    pub async fn post_login_form(&mut self, form_url: &str, body: String) -> Reply {
+        self.post_interaction(form_url, "login", body).await
+    }
+
+    /// Posts `body` to `action` (`login`, `abort`) of the provider's interaction whose page is
+    /// `form_url`; the provider must answer with a redirect.
+    pub async fn post_interaction(&mut self, form_url: &str, action: &str, body: String) -> Reply {
+        let uid = form_url
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_string();
+        let origin = form_url.split("/interaction/").next().unwrap().to_string();
+        let posted = self
+            .request(
+                "POST",
+                &format!("{origin}/interaction/{uid}/{action}"),
+                &[],
+                Some(body),
+            )
+            .await;
+        assert!(
+            (300..400).contains(&posted.status),
+            "{action} form POST gave {}: {}",
+            posted.status,
+            posted.text()
+        );
+        posted
     }
 }
 

@@ -144,7 +144,6 @@ async fn answer(
             }
         }
         "/token" => {
-            use http_body_util::BodyExt;
             let proof = req
                 .headers()
                 .get("dpop")
@@ -166,14 +165,7 @@ async fn answer(
                     .insert("dpop-nonce", nonce.parse().unwrap());
                 return Ok(response);
             }
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let form: Vec<(String, String)> =
-                url::form_urlencoded::parse(&body).into_owned().collect();
+            let form = form_of(req).await;
             state.token_requests.lock().unwrap().push(form.clone());
             let hold = state.hold.lock().unwrap().take();
             if let Some(hold) = hold {
@@ -213,14 +205,7 @@ async fn answer(
             ))
         }
         "/par" => {
-            use http_body_util::BodyExt;
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let form = url::form_urlencoded::parse(&body).into_owned().collect();
+            let form = form_of(req).await;
             state.pushed.lock().unwrap().push(form);
             let mut response = json(serde_json::json!({
                 "request_uri": "urn:ietf:params:oauth:request_uri:fake-1", "expires_in": 60
@@ -236,6 +221,18 @@ async fn answer(
 }
 
 /// `base` with `members` merged in; a `null` member removes the key.
+/// The fields of a form-encoded request body (none if the body cannot be read).
+async fn form_of(req: Request<Incoming>) -> Vec<(String, String)> {
+    use http_body_util::BodyExt;
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    url::form_urlencoded::parse(&body).into_owned().collect()
+}
+
 fn with_members(
     mut base: serde_json::Value,
     members: &serde_json::Map<String, serde_json::Value>,

@@ -96,22 +96,37 @@ impl RedisServer {
             status.success(),
             "openssl could not make a test certificate"
         );
-        let tls_port = free_port().to_string();
-        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let mut server = RedisServer::start_tls_with(&cert, &key, &cert);
+        server.certs = Some(certs);
+        server
+    }
+
+    /// A server that also listens with TLS on [`RedisServer::tls_url`], with the certificate
+    /// `cert` and its `key`, trusting `ca` (clients need no certificate of their own).
+    pub fn start_tls_with(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> RedisServer {
+        let tls_port = free_port();
+        let (cert, key, ca) = (
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string(),
+        );
         let mut server = RedisServer::start_with(&[
             "--tls-port",
-            &tls_port,
+            &tls_port.to_string(),
             "--tls-cert-file",
             &cert,
             "--tls-key-file",
             &key,
             "--tls-ca-cert-file",
-            &cert,
+            &ca,
             "--tls-auth-clients",
             "no",
         ]);
-        server.certs = Some(certs);
-        server.tls_port = tls_port.parse().ok();
+        server.tls_port = Some(tls_port);
         server
     }
 
@@ -255,7 +270,9 @@ impl RedisServer {
 
     /// `rediss://` URL of the TLS listener of a [`RedisServer::start_tls`] server.
     pub fn tls_url(&self) -> String {
-        let port = self.tls_port.expect("a server started with start_tls");
+        let port = self
+            .tls_port
+            .expect("a server started with start_tls or start_tls_with");
         format!("rediss://127.0.0.1:{port}")
     }
 
