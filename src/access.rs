@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 pub mod identity;
 mod tokens;
-pub use tokens::Tokens;
+pub use tokens::{TokenAsk, Tokens};
 
 /// What the access stage decided for a request allowed through.
 pub struct Admitted {
@@ -284,9 +284,17 @@ pub async fn admit(
     }
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
-        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
-            Some(tokens.user_token(app, sessions, live, l, route).await?)
-        }
+        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(
+            tokens
+                .user_token(&tokens::TokenAsk {
+                    app,
+                    sessions,
+                    live,
+                    loaded: l,
+                    route,
+                })
+                .await?,
+        ),
         (TokenMode::User, None) => {
             return Err(RequestError::Unauthenticated {
                 login_url: login_url(),

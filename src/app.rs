@@ -383,44 +383,34 @@ impl App {
                         return forward(replay.request(), bearer, admitted.identity.clone(), None)
                             .await;
                     }
-                    let path = replay.uri.path();
-                    let response = match Box::pin(self.dpop_proof(
-                        route,
-                        &replay.method,
-                        path,
-                        bearer.as_ref(),
-                    ))
-                    .await
-                    {
-                        Ok(proof) => {
-                            forward(
-                                replay.request(),
-                                bearer.clone(),
-                                admitted.identity.clone(),
-                                proof,
-                            )
-                            .await
+                    // A fresh proof for each send (it carries the latest nonce).
+                    let prove_and_send = || async {
+                        match Box::pin(self.dpop_proof(
+                            route,
+                            &replay.method,
+                            replay.uri.path(),
+                            bearer.as_ref(),
+                        ))
+                        .await
+                        {
+                            Ok(proof) => {
+                                forward(
+                                    replay.request(),
+                                    bearer.clone(),
+                                    admitted.identity.clone(),
+                                    proof,
+                                )
+                                .await
+                            }
+                            Err(error) => error.respond(Reader::Script),
                         }
-                        Err(error) => return error.respond(Reader::Script),
                     };
+                    let response = prove_and_send().await;
                     // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
                     if !(self.keep_dpop_nonce(route, &response) && asks_for_dpop_nonce(&response)) {
                         return response;
                     }
-                    let again = match Box::pin(self.dpop_proof(
-                        route,
-                        &replay.method,
-                        path,
-                        bearer.as_ref(),
-                    ))
-                    .await
-                    {
-                        Ok(proof) => {
-                            forward(replay.request(), bearer, admitted.identity.clone(), proof)
-                                .await
-                        }
-                        Err(error) => return error.respond(Reader::Script),
-                    };
+                    let again = prove_and_send().await;
                     self.keep_dpop_nonce(route, &again);
                     again
                 };
@@ -487,7 +477,16 @@ impl App {
         };
         let Some(token) = self
             .tokens
-            .replace_user_token(self, &worker.sessions, live, &loaded, route, replay.token())
+            .replace_user_token(
+                &access::TokenAsk {
+                    app: self,
+                    sessions: &worker.sessions,
+                    live,
+                    loaded: &loaded,
+                    route,
+                },
+                replay.token(),
+            )
             .await?
         else {
             return Ok(None);

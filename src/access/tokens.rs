@@ -154,6 +154,16 @@ struct ClientToken {
     refresh_at: u64,
 }
 
+/// Whose token, for which route: the request's session and what it is read against.
+#[derive(Clone, Copy)]
+pub struct TokenAsk<'a> {
+    pub app: &'a Shared,
+    pub sessions: &'a Arc<Sessions>,
+    pub live: &'a LiveConfig,
+    pub loaded: &'a OpenSession,
+    pub route: &'a RouteConfig,
+}
+
 impl Tokens {
     fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<RefreshMemory>> {
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
@@ -164,20 +174,11 @@ impl Tokens {
     }
 
     /// The user's access token for the route's resource, refreshed when it is about to expire.
-    pub async fn user_token(
-        &self,
-        app: &Shared,
-        sessions: &Arc<Sessions>,
-        live: &LiveConfig,
-        loaded: &OpenSession,
-        route: &RouteConfig,
-    ) -> Result<String, RequestError> {
-        self.user_token_except(app, sessions, live, loaded, route, None)
-            .await?
-            .ok_or_else(|| {
-                let reason = TokenUnavailable::NoToken;
-                rescue("", RefreshError::Unavailable { reason })
-            })
+    pub async fn user_token(&self, ask: &TokenAsk<'_>) -> Result<String, RequestError> {
+        self.user_token_except(ask, None).await?.ok_or_else(|| {
+            let reason = TokenUnavailable::NoToken;
+            rescue("", RefreshError::Unavailable { reason })
+        })
     }
 
     /// A user access token other than `rejected`, which an upstream refused (`invalid_token`):
@@ -185,15 +186,10 @@ impl Tokens {
     /// when this session had such an early refresh less than a few seconds ago.
     pub async fn replace_user_token(
         &self,
-        app: &Shared,
-        sessions: &Arc<Sessions>,
-        live: &LiveConfig,
-        loaded: &OpenSession,
-        route: &RouteConfig,
+        ask: &TokenAsk<'_>,
         rejected: &str,
     ) -> Result<Option<String>, RequestError> {
-        self.user_token_except(app, sessions, live, loaded, route, Some(rejected))
-            .await
+        self.user_token_except(ask, Some(rejected)).await
     }
 
     /// Single flight: requests of one session queue on a local mutex; the refresh task each
@@ -202,36 +198,41 @@ impl Tokens {
     /// spent exactly once.
     async fn user_token_except(
         &self,
-        app: &Shared,
-        sessions: &Arc<Sessions>,
-        live: &LiveConfig,
-        loaded: &OpenSession,
-        route: &RouteConfig,
+        ask: &TokenAsk<'_>,
         rejected: Option<&str>,
     ) -> Result<Option<String>, RequestError> {
-        let skew = live.config.oidc.refresh_skew.as_secs();
-        let key = route.resource.as_deref().unwrap_or_default();
-        if let Some(t) = fresh(app.clock.now(), skew, &loaded.session, key, rejected) {
+        let skew = ask.live.config.oidc.refresh_skew.as_secs();
+        let key = ask.route.resource.as_deref().unwrap_or_default();
+        if let Some(t) = fresh(
+            ask.app.clock.now(),
+            skew,
+            &ask.loaded.session,
+            key,
+            rejected,
+        ) {
             return Ok(Some(t.to_string()));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
         // grow the future of every request on a token route.
-        Box::pin(self.single_flight(app, sessions, live, loaded, route, rejected))
+        Box::pin(self.single_flight(ask, rejected))
             .await
-            .map_err(|e| rescue(&live.config.server.bff_prefix, e))
+            .map_err(|e| rescue(&ask.live.config.server.bff_prefix, e))
     }
 
     /// The slow path of [`Self::user_token_except`]: queue for this session's refresh, then
     /// start a task that finishes it whatever becomes of this request, and wait for its answer.
     async fn single_flight(
         &self,
-        app: &Shared,
-        sessions: &Arc<Sessions>,
-        live: &LiveConfig,
-        loaded: &OpenSession,
-        route: &RouteConfig,
+        ask: &TokenAsk<'_>,
         rejected: Option<&str>,
     ) -> Result<Option<String>, RefreshError> {
+        let TokenAsk {
+            app,
+            sessions,
+            live,
+            loaded,
+            route,
+        } = *ask;
         let arrived = Instant::now();
         // Longer than a grant may take: a refresh already sent is waited out, never repeated.
         let deadline = arrived + app.oidc.config.provider_timeout + Duration::from_secs(5);

@@ -162,14 +162,8 @@ impl Job {
         loop {
             let current = self.reload(&self.loaded).await?;
             let rejected = self.rejected.as_deref();
-            if let Some(t) = fresh(
-                self.clock.now(),
-                self.skew,
-                &current.session,
-                &self.target.key,
-                rejected,
-            ) {
-                return Ok(Some(t.to_string()));
+            if let Some(t) = self.target_token(&current, rejected) {
+                return Ok(Some(t));
             }
             let shared = memory.failed.as_ref().filter(|f| {
                 f.at >= self.arrived
@@ -178,15 +172,7 @@ impl Job {
             if let Some(failed) = shared {
                 return Err(failed.error.clone());
             }
-            let early = rejected.is_some()
-                && fresh(
-                    self.clock.now(),
-                    self.skew,
-                    &current.session,
-                    &self.target.key,
-                    None,
-                )
-                .is_some();
+            let early = rejected.is_some() && self.target_token(&current, None).is_some();
             if early
                 && memory
                     .forced
@@ -224,6 +210,18 @@ impl Job {
         }
     }
 
+    /// The session's token for this refresh's target if it is fresh now (and not `rejected`).
+    fn target_token(&self, current: &OpenSession, rejected: Option<&str>) -> Option<String> {
+        fresh(
+            self.clock.now(),
+            self.skew,
+            &current.session,
+            &self.target.key,
+            rejected,
+        )
+        .map(str::to_string)
+    }
+
     async fn reload(&self, loaded: &OpenSession) -> Result<OpenSession, RefreshError> {
         match self.sessions.reload(loaded, self.clock.now()).await {
             Ok(Some(current)) => Ok(current),
@@ -243,14 +241,8 @@ impl Job {
         // Re-read under the lease: the previous holder may have saved just before releasing it.
         let current = self.reload(&self.loaded).await?;
         let rejected = self.rejected.as_deref();
-        if let Some(t) = fresh(
-            self.clock.now(),
-            self.skew,
-            &current.session,
-            &self.target.key,
-            rejected,
-        ) {
-            return Ok(t.to_string());
+        if let Some(t) = self.target_token(&current, rejected) {
+            return Ok(t);
         }
         if early {
             memory.forced = Some(Instant::now());
