@@ -20,6 +20,14 @@ use serde_json::{Value, json};
 use super::jws::ALLOWED_ALGORITHMS;
 use super::{BACKCHANNEL_LOGOUT_EVENT, JwksFetcher};
 
+/// One key of each family (RSA, EC P-256, Ed25519) with its `kid`: the key set the validation
+/// tests and the fuzz targets load.
+pub const ONE_OF_EACH: [(TestKey, &str); 3] = [
+    (TestKey::Rsa1, "rsa-1"),
+    (TestKey::EcP256, "ec-p256"),
+    (TestKey::Ed25519, "ed25519"),
+];
+
 /// One of the committed fixture key pairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestKey {

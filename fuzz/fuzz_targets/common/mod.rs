@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tokio::runtime::Runtime;
-use vestibule::jose::testing::{FakeJwksFetcher, TestKey, TestSigner};
+use vestibule::jose::testing::{FakeJwksFetcher, ONE_OF_EACH, TestKey, TestSigner};
 use vestibule::jose::{Claims, Expect, Jwks};
 
 pub const ISSUER: &str = "https://idp.example.com/realms/app";
@@ -31,12 +31,7 @@ pub static PROVIDER: LazyLock<Provider> = LazyLock::new(|| {
         Err(e) => panic!("runtime: {e}"),
     };
     let signer = TestSigner::new();
-    let keys = [
-        (TestKey::Rsa1, "rsa-1"),
-        (TestKey::EcP256, "ec-p256"),
-        (TestKey::Ed25519, "ed25519"),
-    ];
-    let fetcher = FakeJwksFetcher::new(signer.jwks_json(&keys));
+    let fetcher = FakeJwksFetcher::new(signer.jwks_json(&ONE_OF_EACH));
     // A long refetch interval: an unknown `kid` costs one refetch, then none.
     let jwks = Jwks::new(fetcher, Duration::from_secs(86_400));
     if let Err(e) = runtime.block_on(jwks.load()) {

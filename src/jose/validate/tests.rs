@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::jose::testing::{
-    FakeJwksFetcher, Forgery, TestKey, TestSigner, id_token_claims, logout_token_claims,
+    FakeJwksFetcher, Forgery, ONE_OF_EACH, TestKey, TestSigner, id_token_claims,
+    logout_token_claims,
 };
 
 const ISSUER: &str = "https://idp.example.com/realms/app";
@@ -30,12 +31,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let signer = TestSigner::new();
-    let keys = [
-        (TestKey::Rsa1, "rsa-1"),
-        (TestKey::EcP256, "ec-p256"),
-        (TestKey::Ed25519, "ed25519"),
-    ];
-    let fetcher = FakeJwksFetcher::new(signer.jwks_json(&keys));
+    let fetcher = FakeJwksFetcher::new(signer.jwks_json(&ONE_OF_EACH));
     let jwks = Jwks::new(fetcher.clone(), Duration::from_secs(60));
     jwks.load().await.unwrap();
     Fixture {
