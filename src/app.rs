@@ -178,15 +178,19 @@ impl App {
         };
         let mut routed = match access::preflight(&live, &req) {
             Some(answer) => Routed::answer("preflight", answer),
+            // Boxed: the pipeline's future is several KiB; kept inline, the request's future
+            // (which hyper moves into its connection state) would be as large.
             None => match &self.tracer {
-                None => self.route(&live, req, peer, worker).await,
+                None => Box::pin(self.route(&live, req, peer, worker)).await,
                 Some(tracer) => {
                     use tracing::Instrument;
                     use tracing::instrument::WithSubscriber;
-                    self.route(&live, req, peer, worker)
-                        .instrument(span.clone())
-                        .with_subscriber(tracer.dispatch().clone())
-                        .await
+                    Box::pin(
+                        self.route(&live, req, peer, worker)
+                            .instrument(span.clone())
+                            .with_subscriber(tracer.dispatch().clone()),
+                    )
+                    .await
                 }
             },
         };

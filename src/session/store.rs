@@ -143,7 +143,10 @@ macro_rules! delegate {
             pub async fn $name(&self, $($arg: $ty),*) -> Result<$out, StoreError> {
                 match self {
                     Store::Memory(s) => s.$name($($arg),*).await,
-                    Store::Redis(s) => s.$name($($arg),*).await,
+                    // Boxed: a Redis call's future is some 4 KiB, and every future that may
+                    // await one (a request's, on every route) would carry that size and be
+                    // copied whole when moved; the box is paid only with the network call.
+                    Store::Redis(s) => Box::pin(s.$name($($arg),*)).await,
                 }
             }
         )*
