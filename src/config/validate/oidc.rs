@@ -414,33 +414,27 @@ mod tests {
 
     #[test]
     fn private_key_jwt_needs_one_key_source_and_no_secret() {
-        let base = raw::Oidc {
+        let with = |client_auth: &str| raw::Oidc {
             issuer: Some("https://idp.example".into()),
             client_id: Some("spa".into()),
-            client_auth: Some("private_key_jwt".into()),
+            client_auth: Some(client_auth.into()),
             ..Default::default()
         };
         assert_eq!(
             check(raw::Oidc {
                 client_secret: Some("s".into()),
-                ..base
+                ..with("private_key_jwt")
             }),
             [
                 "oidc.client_secret: is not used with client_auth = \"private_key_jwt\"; remove it",
                 "oidc.client_auth: \"private_key_jwt\" needs client_key_file (a PEM private key, EC P-256 or RSA) or client_assertion_file (a client assertion the platform keeps fresh)",
             ]
         );
-        let base = raw::Oidc {
-            issuer: Some("https://idp.example".into()),
-            client_id: Some("spa".into()),
-            client_auth: Some("private_key_jwt".into()),
-            ..Default::default()
-        };
         assert_eq!(
             check(raw::Oidc {
                 client_key_file: Some("key.pem".into()),
                 client_assertion_file: Some("token".into()),
-                ..base
+                ..with("private_key_jwt")
             }),
             [
                 "oidc.client_key_file: file \"key.pem\" does not exist",
@@ -459,6 +453,16 @@ mod tests {
             [
                 "oidc.client_published_key_files[0]: file \"/\" does not exist",
                 "oidc.client_published_key_files: is only used with client_auth = \"private_key_jwt\", not \"client_secret_basic\"",
+            ]
+        );
+        // A certificate authenticates the client: a secret next to it would never be sent.
+        assert_eq!(
+            check(raw::Oidc {
+                client_secret: Some("s".into()),
+                ..with("tls_client_auth")
+            }),
+            [
+                "oidc.client_secret: is not used with client_auth = \"tls_client_auth\": the client certificate authenticates the client; remove it",
             ]
         );
     }
