@@ -10,12 +10,19 @@
 //!
 //! The cache is split into [`SHARDS`] shards by handle, each behind its own mutex with its own
 //! receivers of the invalidation messages and of `live`, so two serving workers rarely wait for
-//! each other. A full shard evicts one entry per insert: of two entries picked at random, an
-//! expired one if there is one, else the first. Random eviction keeps most of the recent
-//! sessions and, unlike LRU (or emptying everything), still hits when more sessions are active
-//! than the cache holds and they come round in a cycle.
+//! each other. Entries are keyed by the handle's 128 bits, not its text.
+//!
+//! A full shard admits a new session only when it is asked for a second time while still
+//! remembered in the shard's *doorkeeper* (one slot per entry, holding recently refused keys),
+//! and then evicts one entry: of two picked at random, an expired one if there is one, else the
+//! first. When more sessions are active than the cache holds, a session seen once does not push
+//! out one that is used again and again, and a working set far larger than the cache (every
+//! request a different session) costs a failed lookup, not an insert and an eviction per request.
+//! Random eviction, unlike LRU (or emptying everything), still hits when sessions come round in a
+//! cycle a little larger than the cache.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -30,16 +37,62 @@ const MAX_ENTRIES: usize = 10_000;
 /// Independent parts of the cache (a power of two).
 const SHARDS: usize = 16;
 
+/// A handle as the cache keys it: its 128 bits. Handles are hex digests of a secret (see
+/// `ticket.rs`), so nobody can choose them to collide in the index.
+type Key = u128;
+
+fn key_of(handle: &str) -> Key {
+    if handle.len() == 32
+        && let Ok(key) = u128::from_str_radix(handle, 16)
+    {
+        return key;
+    }
+    // Not a handle this process made (only tests and foreign messages): any stable fold will do.
+    handle.bytes().fold(0xcbf2_9ce4_8422_2325_u128, |acc, b| {
+        (acc ^ u128::from(b)).wrapping_mul(0x0100_0000_0000_0000_0000_0000_013b)
+    })
+}
+
+/// Spreads a key's bits over 64 (one multiply): real keys are random already, this only keeps
+/// made-up ones (tests, foreign messages) from piling up in one shard or bucket.
+fn mix(key: Key) -> u64 {
+    ((key as u64) ^ ((key >> 64) as u64)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// The index's hasher: [`mix`], not SipHash; nobody can choose a key (see [`Key`]).
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = mix(key);
+    }
+}
+
+type Index = HashMap<Key, usize, BuildHasherDefault<KeyHasher>>;
+
 pub(super) struct Cache {
     ttl: Duration,
     shards: Box<[Mutex<Shard>]>,
 }
 
 struct Shard {
-    /// Handle -> position in `slots`.
-    index: HashMap<String, usize>,
+    /// Key -> position in `slots`.
+    index: Index,
     slots: Vec<Slot>,
     capacity: usize,
+    /// Keys refused while the shard was full, by `key % len`: a key found here is admitted.
+    doorkeeper: Box<[Key]>,
     invalidations: broadcast::Receiver<String>,
     /// `None` once the sender is gone (the memory store's, which is always live): `is_live` is
     /// then final.
@@ -50,7 +103,7 @@ struct Shard {
 }
 
 struct Slot {
-    handle: String,
+    key: Key,
     stored: Instant,
     version: u64,
     /// Shared with the requests that read it: a hit costs a reference count, not a copy.
@@ -69,9 +122,11 @@ impl Cache {
                 let mut live = live.clone();
                 let is_live = *live.borrow_and_update();
                 Mutex::new(Shard {
-                    index: HashMap::with_capacity(capacity),
+                    index: Index::with_capacity_and_hasher(capacity, Default::default()),
                     slots: Vec::with_capacity(capacity),
                     capacity,
+                    // Never a real key's slot value by chance: keys are random 128-bit values.
+                    doorkeeper: vec![Key::MAX; capacity].into_boxed_slice(),
                     invalidations: invalidations.resubscribe(),
                     live: Some(live),
                     is_live,
@@ -82,13 +137,10 @@ impl Cache {
         Cache { ttl, shards }
     }
 
-    /// The shard of a handle, brought up to date (messages drained, liveness checked).
-    fn shard(&self, handle: &str) -> MutexGuard<'_, Shard> {
-        // Handles are hex digests: any bytes will do; fold the last few.
-        let folded = handle.bytes().rev().take(4).fold(0usize, |acc, b| {
-            acc.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        let mut shard = self.shards[folded & (SHARDS - 1)]
+    /// The shard of a key, brought up to date (messages drained, liveness checked).
+    fn shard(&self, key: Key) -> MutexGuard<'_, Shard> {
+        let at = (mix(key) >> 60) as usize & (SHARDS - 1);
+        let mut shard = self.shards[at]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         shard.refresh();
@@ -96,8 +148,9 @@ impl Cache {
     }
 
     pub(super) fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
-        let mut shard = self.shard(handle);
-        let at = *shard.index.get(handle)?;
+        let key = key_of(handle);
+        let mut shard = self.shard(key);
+        let at = *shard.index.get(&key)?;
         let slot = &shard.slots[at];
         if slot.stored.elapsed() < self.ttl {
             return Some((slot.version, slot.session.clone()));
@@ -107,12 +160,13 @@ impl Cache {
     }
 
     pub(super) fn put(&self, handle: &str, version: u64, session: &Arc<Session>) {
-        let mut shard = self.shard(handle);
+        let key = key_of(handle);
+        let mut shard = self.shard(key);
         if !shard.is_live {
             return;
         }
         let stored = Instant::now();
-        if let Some(&at) = shard.index.get(handle) {
+        if let Some(&at) = shard.index.get(&key) {
             let slot = &mut shard.slots[at];
             slot.stored = stored;
             slot.version = version;
@@ -120,13 +174,16 @@ impl Cache {
             return;
         }
         if shard.slots.len() >= shard.capacity {
+            if !shard.admit(key) {
+                return;
+            }
             let victim = shard.victim(self.ttl);
             shard.remove_at(victim);
         }
         let at = shard.slots.len();
-        shard.index.insert(handle.to_owned(), at);
+        shard.index.insert(key, at);
         shard.slots.push(Slot {
-            handle: handle.to_owned(),
+            key,
             stored,
             version,
             session: session.clone(),
@@ -134,7 +191,8 @@ impl Cache {
     }
 
     pub(super) fn remove(&self, handle: &str) {
-        self.shard(handle).remove(handle);
+        let key = key_of(handle);
+        self.shard(key).remove(key);
     }
 }
 
@@ -165,7 +223,7 @@ impl Shard {
         loop {
             match self.invalidations.try_recv() {
                 Ok(handle) if handle.is_empty() => self.clear(),
-                Ok(handle) => self.remove(&handle),
+                Ok(handle) => self.remove(key_of(&handle)),
                 Err(TryRecvError::Lagged(_)) => self.clear(),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
@@ -177,8 +235,8 @@ impl Shard {
         self.slots.clear();
     }
 
-    fn remove(&mut self, handle: &str) {
-        if let Some(&at) = self.index.get(handle) {
+    fn remove(&mut self, key: Key) {
+        if let Some(&at) = self.index.get(&key) {
             self.remove_at(at);
         }
     }
@@ -186,12 +244,24 @@ impl Shard {
     /// Removes the entry in slot `at`; the last slot moves into its place.
     fn remove_at(&mut self, at: usize) {
         let removed = self.slots.swap_remove(at);
-        self.index.remove(&removed.handle);
+        self.index.remove(&removed.key);
         if let Some(moved) = self.slots.get(at)
-            && let Some(position) = self.index.get_mut(&moved.handle)
+            && let Some(position) = self.index.get_mut(&moved.key)
         {
             *position = at;
         }
+    }
+
+    /// Whether a full shard takes `key` in: only on its second try while the doorkeeper still
+    /// remembers the first; otherwise it is remembered now, in place of another.
+    fn admit(&mut self, key: Key) -> bool {
+        let at = (mix(key) % self.doorkeeper.len() as u64) as usize;
+        if self.doorkeeper[at] == key {
+            self.doorkeeper[at] = Key::MAX;
+            return true;
+        }
+        self.doorkeeper[at] = key;
+        false
     }
 
     /// The slot to evict from a full shard.
@@ -288,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn more_sessions_than_capacity_keep_the_cache_full_and_the_recent_ones_in_it() {
+    fn more_sessions_than_capacity_keep_the_cache_full_and_the_ones_used_again_in_it() {
         let (_tx, rx) = broadcast::channel(4);
         let cache = Cache::new(Duration::from_secs(60), rx, watch::channel(true).1);
         let all = handles(MAX_ENTRIES + MAX_ENTRIES / 5);
@@ -301,11 +371,41 @@ mod tests {
             "{held} of {} sessions still cached: the cache must not be emptied when full",
             all.len()
         );
+        // The newest ones, turned away once the cache was full, get in when used again.
         let recent = &all[all.len() - 1000..];
+        for handle in recent {
+            if cache.get(handle).is_none() {
+                cache.put(handle, 1, &session());
+            }
+        }
         let recent_held = recent.iter().filter(|h| cache.get(h).is_some()).count();
         assert!(
-            recent_held >= 850,
-            "only {recent_held} of the 1000 most recent sessions are cached"
+            recent_held >= 800,
+            "only {recent_held} of the 1000 most recent sessions are cached after a second use"
+        );
+    }
+
+    #[test]
+    fn a_stream_of_sessions_seen_once_does_not_push_out_the_ones_in_use() {
+        let (_tx, rx) = broadcast::channel(4);
+        let cache = Cache::new(Duration::from_secs(600), rx, watch::channel(true).1);
+        let all = handles(MAX_ENTRIES * 11);
+        let (regulars, passers_by) = all.split_at(MAX_ENTRIES * 9 / 10);
+        for handle in regulars {
+            cache.put(handle, 1, &session());
+        }
+        // Ten times the capacity, each once (a cache far smaller than the working set): none of
+        // it is worth an eviction.
+        for handle in passers_by {
+            if cache.get(handle).is_none() {
+                cache.put(handle, 1, &session());
+            }
+        }
+        let kept = regulars.iter().filter(|h| cache.get(h).is_some()).count();
+        assert!(
+            kept >= regulars.len() * 9 / 10,
+            "{kept} of {} sessions in use survived a stream of one-off sessions",
+            regulars.len()
         );
     }
 
