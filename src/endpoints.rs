@@ -635,6 +635,8 @@ async fn logout(
             reader: Reader::of(req.headers()),
         });
     }
+    // The ID token (for `id_token_hint`) is not part of a loaded session: read it whole.
+    let loaded = app.reload_session(&loaded).await?.unwrap_or(loaded);
     app.sessions.delete(&loaded).await?;
     if let Some(refresh) = &loaded.session.refresh_token {
         app.oidc.revoke(refresh, "refresh_token").await;

@@ -78,6 +78,8 @@ pub struct OpenSession {
     /// The cookie was sealed with an old key: send a new value from [`Sessions::reseal`].
     pub reseal: bool,
     ticket: Ticket,
+    /// `false` after [`Sessions::load`]: `session.id_token` was left in the store (see there).
+    complete: bool,
 }
 
 impl fmt::Debug for OpenSession {
@@ -87,6 +89,7 @@ impl fmt::Debug for OpenSession {
             .field("version", &self.version)
             .field("handle", &self.handle)
             .field("reseal", &self.reseal)
+            .field("complete", &self.complete)
             .finish_non_exhaustive()
     }
 }
@@ -234,6 +237,7 @@ impl Sessions {
             handle: key.handle(),
             reseal: false,
             ticket,
+            complete: true,
         };
         Ok((cookie, loaded))
     }
@@ -254,6 +258,10 @@ impl Sessions {
 
     /// The session behind a cookie value. Anything but a live session sealed by this key ring for
     /// this cookie name is `Ok(None)`; only an unreachable store is an error.
+    ///
+    /// The session comes without its `id_token`, which no proxied request needs and which is
+    /// the largest part of it: what the cache holds stays small. [`Sessions::reload`] reads it
+    /// (logout, refresh), and a write through this value keeps the stored one.
     pub async fn load(
         &self,
         cookie_value: &str,
@@ -274,9 +282,10 @@ impl Sessions {
                 let Some(record) = self.store.get(&key.name()).await? else {
                     return Ok(None);
                 };
-                let Some(session) = decode_session(&ticket, &key, &record.value) else {
+                let Some(mut session) = decode_session(&ticket, &key, &record.value) else {
                     return Ok(None);
                 };
+                session.id_token = None;
                 let session = Arc::new(session);
                 if let Some(cache) = &self.cache {
                     cache.put(&handle, record.version, &session);
@@ -293,11 +302,13 @@ impl Sessions {
             handle,
             reseal: opened.stale_key,
             ticket,
+            complete: false,
         }))
     }
 
-    /// The session as the store holds it now, bypassing the cache: used where a stale copy
-    /// would be harmful (before spending a refresh token).
+    /// The whole session (with its `id_token`) as the store holds it now, bypassing the cache:
+    /// used where a stale copy would be harmful (before spending a refresh token) and where the
+    /// ID token is needed (logout). Not cached: the next [`Sessions::load`] fills the cache.
     pub async fn reload(
         &self,
         loaded: &OpenSession,
@@ -313,16 +324,13 @@ impl Sessions {
         if self.seconds_left(&session, now) == 0 {
             return Ok(None);
         }
-        let session = Arc::new(session);
-        if let Some(cache) = &self.cache {
-            cache.put(&loaded.handle, record.version, &session);
-        }
         Ok(Some(OpenSession {
-            session,
+            session: Arc::new(session),
             version: record.version,
             handle: loaded.handle.clone(),
             reseal: loaded.reseal,
             ticket: loaded.ticket.clone(),
+            complete: true,
         }))
     }
 
@@ -343,23 +351,37 @@ impl Sessions {
     ) -> Result<bool, SessionError> {
         updated.created_at = loaded.session.created_at;
         updated.last_seen = now.max(loaded.session.last_seen);
-        self.write(loaded, &updated, now).await
+        Ok(self.write(loaded, updated, now).await?.is_some())
     }
 
+    /// Writes `updated` at `loaded`'s version; the session written, or `None` when another
+    /// write came first or the session has ended. Through a [`Sessions::load`] without the ID
+    /// token, the stored one is kept (read at the same version, so nothing in between is lost).
     async fn write(
         &self,
         loaded: &OpenSession,
-        updated: &Session,
+        mut updated: Session,
         now: u64,
-    ) -> Result<bool, SessionError> {
-        let seconds = self.seconds_left(updated, now);
+    ) -> Result<Option<Session>, SessionError> {
+        let seconds = self.seconds_left(&updated, now);
         if seconds == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         let key = loaded.ticket.key();
-        let record = encode_record(&self.keyring.load(), &loaded.ticket, &key, updated)?;
+        if !loaded.complete && updated.id_token.is_none() {
+            let current = self.store.get(&key.name()).await?;
+            let Some(record) = current.filter(|r| r.version == loaded.version) else {
+                self.invalidate(&loaded.handle, false).await;
+                return Ok(None);
+            };
+            let Some(stored) = decode_session(&loaded.ticket, &key, &record.value) else {
+                return Ok(None);
+            };
+            updated.id_token = stored.id_token;
+        }
+        let record = encode_record(&self.keyring.load(), &loaded.ticket, &key, &updated)?;
         if updated.sub != loaded.session.sub || updated.sid != loaded.session.sid {
-            self.index(&key, updated).await?;
+            self.index(&key, &updated).await?;
         }
         let ttl = Duration::from_secs(seconds);
         let written = self
@@ -367,7 +389,7 @@ impl Sessions {
             .compare_and_set(&key.name(), loaded.version, &record, ttl)
             .await?;
         self.invalidate(&loaded.handle, written).await;
-        Ok(written)
+        Ok(written.then_some(updated))
     }
 
     /// Slides the idle timeout. Writes only when a tenth of the idle time has passed since
@@ -383,11 +405,12 @@ impl Sessions {
         }
         let mut updated = Session::clone(&loaded.session);
         updated.last_seen = now;
-        if !self.write(loaded, &updated, now).await? {
+        let Some(written) = self.write(loaded, updated, now).await? else {
             return Ok(false);
-        }
-        loaded.session = Arc::new(updated);
+        };
+        loaded.session = Arc::new(written);
         loaded.version = loaded.version.saturating_add(1);
+        loaded.complete = true;
         Ok(true)
     }
 

@@ -387,3 +387,40 @@ async fn debug_output_of_loaded_sessions_shows_no_secret() {
         assert!(!text.contains(secret), "{secret} in {text}");
     }
 }
+
+#[tokio::test]
+async fn loads_leave_the_id_token_in_the_store_and_writes_through_them_keep_it() {
+    let s = Sessions::new(
+        settings(&[1], Duration::from_secs(60)),
+        Store::Memory(MemoryStore::new(100)),
+    );
+    let mut session = user("alice", None);
+    session.id_token = Some("header.payload.signature".into());
+    let (cookie, created) = s.create(session, T0).await.unwrap();
+    assert!(created.session.id_token.is_some());
+    let mut loaded = s.load(&cookie, T0 + IDLE / 2).await.unwrap().unwrap();
+    assert_eq!(
+        loaded.session.id_token, None,
+        "a load (and the cache) holds no ID token: only logout and refresh read it"
+    );
+    assert!(s.touch(&mut loaded, T0 + IDLE / 2).await.unwrap());
+    let cached = s.load(&cookie, T0 + IDLE / 2).await.unwrap().unwrap();
+    let mut changed = Session::clone(&cached.session);
+    changed.refresh_token = Some("rotated".into());
+    assert!(s.save(&cached, changed, T0 + IDLE / 2 + 1).await.unwrap());
+    let stale = cached;
+    assert!(
+        !s.save(&stale, Session::clone(&stale.session), T0 + IDLE)
+            .await
+            .unwrap(),
+        "a write through an outdated load is refused, not merged"
+    );
+    let full = s.reload(&stale, T0 + IDLE).await.unwrap().unwrap();
+    assert_eq!(
+        full.session.id_token.as_deref(),
+        Some("header.payload.signature"),
+        "a touch and a save through loads without the ID token kept the stored one"
+    );
+    assert_eq!(full.session.refresh_token.as_deref(), Some("rotated"));
+    assert_eq!(full.session.last_seen, T0 + IDLE / 2 + 1);
+}
