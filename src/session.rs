@@ -18,6 +18,6 @@ pub mod seal;
 pub mod store;
 
 pub use manager::{OpenSession, SessionError, SessionSettings, SessionSummary, Sessions};
-pub use model::{AccessToken, Session};
+pub use model::{AccessToken, Session, TokenMap};
 pub use seal::{Keyring, KeyringError, Opened, SealError};
 pub use store::{MemoryStore, Record, RedisStore, Store, StoreConfig, StoreError};

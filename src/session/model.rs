@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 /// An access token for one resource.
@@ -47,6 +47,84 @@ impl fmt::Debug for AccessToken {
     }
 }
 
+/// Access tokens by resource, in key order: a map, serialised as one, stored as a boxed slice.
+///
+/// A session holds one token or a few, and every opened session sits in the session cache: a
+/// `BTreeMap` would take a ~1 KB node for a single token, this takes the entries alone. Writes
+/// (a refresh) rebuild the slice; reads are a scan of a handful of keys.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TokenMap(Box<[(String, AccessToken)]>);
+
+impl TokenMap {
+    pub fn get(&self, key: &str) -> Option<&AccessToken> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut AccessToken> {
+        self.0.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// Sets the token for `key`; the one it replaces, if any.
+    pub fn insert(&mut self, key: String, token: AccessToken) -> Option<AccessToken> {
+        if let Some(slot) = self.get_mut(&key) {
+            return Some(std::mem::replace(slot, token));
+        }
+        let mut entries = std::mem::take(&mut self.0).into_vec();
+        let at = entries.partition_point(|(k, _)| *k < key);
+        entries.insert(at, (key, token));
+        self.0 = entries.into_boxed_slice();
+        None
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &AccessToken)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &AccessToken> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, AccessToken)> for TokenMap {
+    /// A later entry for the same key wins, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, AccessToken)>>(entries: I) -> Self {
+        let map: BTreeMap<String, AccessToken> = entries.into_iter().collect();
+        TokenMap(map.into_iter().collect())
+    }
+}
+
+impl From<BTreeMap<String, AccessToken>> for TokenMap {
+    fn from(map: BTreeMap<String, AccessToken>) -> Self {
+        TokenMap(map.into_iter().collect())
+    }
+}
+
+impl fmt::Debug for TokenMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for TokenMap {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenMap {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, AccessToken>::deserialize(deserializer).map(TokenMap::from)
+    }
+}
+
 /// One signed-in user's session.
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -62,7 +140,7 @@ pub struct Session {
     pub id_token: Option<String>,
     /// Access tokens by resource; `""` is the default resource.
     #[serde(default)]
-    pub tokens: BTreeMap<String, AccessToken>,
+    pub tokens: TokenMap,
     #[serde(default)]
     pub refresh_token: Option<String>,
     /// Unix seconds; set by the manager when the session is created.
@@ -129,7 +207,7 @@ mod tests {
     }
 
     fn sample() -> Session {
-        let mut tokens = BTreeMap::new();
+        let mut tokens = TokenMap::default();
         tokens.insert(
             String::new(),
             AccessToken {
@@ -171,6 +249,37 @@ mod tests {
         let text = format!("{:?} {:#?}", sample(), sample());
         assert!(!text.contains("secret"), "{text}");
         assert!(text.contains("user-1") && text.contains("email") && text.contains("api.read"));
+    }
+
+    #[test]
+    fn token_map_reads_and_writes_what_a_btree_map_did() {
+        let token = |value: &str| AccessToken {
+            value: value.into(),
+            expires_at: 1,
+            issued_at: 0,
+            scope: None,
+        };
+        let mut old = BTreeMap::new();
+        let mut new = TokenMap::default();
+        for key in ["https://b.example", "", "https://a.example"] {
+            old.insert(key.to_string(), token(key));
+            assert!(new.insert(key.to_string(), token(key)).is_none());
+        }
+        let written = serde_json::to_string(&new).unwrap();
+        assert_eq!(written, serde_json::to_string(&old).unwrap());
+        // Sessions stored by earlier versions, keys in any order, read back the same.
+        let stored =
+            r#"{"https://a.example":{"value":"x","expires_at":1},"":{"value":"y","expires_at":2}}"#;
+        let read: TokenMap = serde_json::from_str(stored).unwrap();
+        let keys: Vec<&String> = read.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["", "https://a.example"]);
+        assert_eq!(read.get("").unwrap().value, "y");
+        assert!(read.get("https://c.example").is_none());
+        let replaced = new.insert(String::new(), token("renewed")).unwrap();
+        assert_eq!((replaced.value.as_str(), new.len()), ("", 3));
+        assert_eq!(new.get("").unwrap().value, "renewed");
+        let back: TokenMap = serde_json::from_str(&written).unwrap();
+        assert_eq!(back.len(), 3);
     }
 
     #[test]

@@ -228,7 +228,7 @@ impl Setup {
         }
         let session = Session {
             sub: "alice".into(),
-            tokens: map,
+            tokens: map.into(),
             refresh_token: Some("rt-0".into()),
             ..Session::default()
         };

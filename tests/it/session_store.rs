@@ -4,7 +4,6 @@
 //! instance's logout at once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use vestibule::session::manager::INVALIDATION_CHANNEL;
 use vestibule::session::store::RESYNC;
 use vestibule::session::{
     AccessToken, Keyring, MemoryStore, Session, SessionSettings, Sessions, Store, StoreConfig,
-    StoreError,
+    StoreError, TokenMap,
 };
 
 const PREFIX: &str = "test:";
@@ -393,7 +392,7 @@ fn sessions(store: Store, cache_ttl: Duration) -> Sessions {
 }
 
 fn session_with_tokens() -> Session {
-    let mut tokens = BTreeMap::new();
+    let mut tokens = TokenMap::default();
     tokens.insert(
         String::new(),
         AccessToken {

@@ -1,10 +1,8 @@
-use std::collections::BTreeMap;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::*;
-use crate::session::model::AccessToken;
+use crate::session::model::{AccessToken, TokenMap};
 use crate::session::store::MemoryStore;
 
 const NAME: &str = "__Host-vestibule";
@@ -30,7 +28,7 @@ fn sessions() -> Sessions {
 }
 
 fn user(sub: &str, sid: Option<&str>) -> Session {
-    let mut tokens = BTreeMap::new();
+    let mut tokens = TokenMap::default();
     tokens.insert(
         String::new(),
         AccessToken {
@@ -66,7 +64,10 @@ async fn created_session_loads_with_its_tokens_and_times() {
         (loaded.session.created_at, loaded.session.last_seen),
         (T0, T0)
     );
-    assert_eq!(loaded.session.tokens[""].value, "access-token-value");
+    assert_eq!(
+        loaded.session.tokens.get("").unwrap().value,
+        "access-token-value"
+    );
     assert_eq!(loaded.version, 1);
     assert_eq!(loaded.handle, created.handle);
     assert!(!loaded.reseal);
