@@ -30,7 +30,7 @@ pub struct Admitted {
 
 /// The user's roles under `[oidc] roles_claim` (a dotted path; string or array).
 pub fn roles(live: &LiveConfig, session: &Session) -> Vec<String> {
-    crate::jose::claim_path(&session.claims, &live.config.oidc.roles_claim)
+    crate::jose::claim_path(session.claims.map(), &live.config.oidc.roles_claim)
         .map(crate::jose::claim_strings)
         .unwrap_or_default()
 }
@@ -174,7 +174,7 @@ async fn policy_claims(
             return claims;
         }
     }
-    session.claims.clone()
+    session.claims.map().clone()
 }
 
 fn missing_requirements(
@@ -251,7 +251,7 @@ pub async fn admit(
     if let (Some(step), Some(l)) = (&route.step_up, &loaded)
         && crate::oidc::step_up::check(
             step,
-            &l.session.claims,
+            l.session.claims.map(),
             app.clock.now(),
             live.config.oidc.clock_skew.as_secs(),
         )

@@ -396,7 +396,7 @@ async fn callback(
     let mut session = Session {
         sub,
         sid,
-        claims: user_claims,
+        claims: user_claims.into(),
         id_token: Some(id_token),
         refresh_token: tokens.refresh_token.clone(),
         user_agent: req
@@ -562,7 +562,7 @@ async fn user(
     let mut loaded = script_signed_in(app, live, req).await?;
     // The app asking who is signed in is activity: slide the idle timeout.
     let _ = app.sessions.touch(&mut loaded, app.clock.now()).await;
-    let mut body = loaded.session.claims.clone();
+    let mut body = loaded.session.claims.map().clone();
     body.insert("sub".into(), loaded.session.sub.clone().into());
     let prefix = &live.config.server.bff_prefix;
     body.insert(

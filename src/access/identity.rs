@@ -33,7 +33,7 @@ pub fn headers(
         let value = if claim == "sub" {
             Some(encode_value(&Value::String(session.sub.clone())))
         } else {
-            crate::jose::claim_path(&session.claims, claim).map(encode_value)
+            crate::jose::claim_path(session.claims.map(), claim).map(encode_value)
         };
         match value.flatten() {
             Some(text) if text.len() <= MAX_VALUE_LEN => {
@@ -113,7 +113,7 @@ fn sign(
     let jti = crate::oidc::random_token(16)?;
     let mut claims = Map::new();
     for name in &assertion.claims {
-        if let Some(value) = crate::jose::claim_path(&session.claims, name) {
+        if let Some(value) = crate::jose::claim_path(session.claims.map(), name) {
             claims.insert(name.clone(), value.clone());
         }
     }

@@ -6,8 +6,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// An access token for one resource.
@@ -125,6 +127,95 @@ impl<'de> Deserialize<'de> for TokenMap {
     }
 }
 
+/// The user's claims, kept as the JSON text they are stored as and parsed on first use.
+///
+/// An opened session sits in the session cache, and a parsed claims map (a `BTreeMap` node and
+/// two strings per claim) was the largest part of it, though a plain token route never reads a
+/// claim. Routes that do (roles, requirements, step-up, identity headers) parse once per cached
+/// copy: the parsed map is kept with it.
+#[derive(Default)]
+pub struct UserClaims {
+    /// Always an object; `None` is the empty one.
+    text: Option<Box<RawValue>>,
+    parsed: OnceLock<Map<String, Value>>,
+}
+
+impl UserClaims {
+    /// The claims as a map (parsed now if not yet).
+    pub fn map(&self) -> &Map<String, Value> {
+        self.parsed.get_or_init(|| {
+            self.text
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text.get()).ok())
+                .unwrap_or_default()
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.map().get(name)
+    }
+
+    /// The JSON text, `{}` when there are none.
+    fn text(&self) -> &str {
+        self.text.as_deref().map_or("{}", RawValue::get)
+    }
+}
+
+/// Claim names only: their values are the user's personal data.
+impl fmt::Debug for UserClaims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.map().keys()).finish()
+    }
+}
+
+impl From<Map<String, Value>> for UserClaims {
+    fn from(map: Map<String, Value>) -> Self {
+        // A map serialises in key order: equal maps give equal text.
+        let text = serde_json::value::to_raw_value(&map).ok();
+        UserClaims {
+            text,
+            parsed: OnceLock::from(map),
+        }
+    }
+}
+
+impl Clone for UserClaims {
+    fn clone(&self) -> Self {
+        UserClaims {
+            text: self.text.clone(),
+            parsed: self.parsed.clone(),
+        }
+    }
+}
+
+impl PartialEq for UserClaims {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text() || self.map() == other.map()
+    }
+}
+
+impl Serialize for UserClaims {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.text {
+            Some(text) => text.serialize(serializer),
+            None => serializer.collect_map(std::iter::empty::<(&str, &Value)>()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UserClaims {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = Box::<RawValue>::deserialize(deserializer)?;
+        if !text.get().trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("claims must be a JSON object"));
+        }
+        Ok(UserClaims {
+            text: Some(text),
+            parsed: OnceLock::new(),
+        })
+    }
+}
+
 /// One signed-in user's session.
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -134,7 +225,7 @@ pub struct Session {
     pub sid: Option<String>,
     /// Selected claims of the ID token or userinfo.
     #[serde(default)]
-    pub claims: Map<String, Value>,
+    pub claims: UserClaims,
     /// Kept for `id_token_hint` at logout.
     #[serde(default)]
     pub id_token: Option<String>,
@@ -158,7 +249,7 @@ impl fmt::Debug for Session {
         f.debug_struct("Session")
             .field("sub", &self.sub)
             .field("sid", &self.sid.as_ref().map(|_| Redacted))
-            .field("claims", &self.claims.keys().collect::<Vec<_>>())
+            .field("claims", &self.claims)
             .field("id_token", &self.id_token.as_ref().map(|_| Redacted))
             .field("tokens", &self.tokens)
             .field(
@@ -234,7 +325,7 @@ mod tests {
         Session {
             sub: "user-1".into(),
             sid: Some("provider-sid-secret".into()),
-            claims,
+            claims: claims.into(),
             id_token: Some("ID-token-secret".into()),
             tokens,
             refresh_token: Some("RT-secret".into()),
@@ -280,6 +371,43 @@ mod tests {
         assert_eq!(new.get("").unwrap().value, "renewed");
         let back: TokenMap = serde_json::from_str(&written).unwrap();
         assert_eq!(back.len(), 3);
+    }
+
+    #[test]
+    fn claims_are_kept_as_text_until_read_and_written_back_unchanged() {
+        let stored =
+            r#"{"sub":"u","claims":{"email":"a@example.test","roles":["admin"],"acr":"gold"}}"#;
+        let session: Session = serde_json::from_str(stored).unwrap();
+        assert!(
+            session.claims.parsed.get().is_none(),
+            "an opened session holds its claims as text"
+        );
+        assert_eq!(session.claims.get("acr"), Some(&Value::from("gold")));
+        assert!(
+            session.claims.parsed.get().is_some(),
+            "parsed once, then kept"
+        );
+        let written = serde_json::to_value(&session).unwrap();
+        assert_eq!(
+            written["claims"],
+            serde_json::json!({"email":"a@example.test","roles":["admin"],"acr":"gold"})
+        );
+        let mut map = Map::new();
+        map.insert("roles".into(), serde_json::json!(["admin"]));
+        map.insert("acr".into(), "gold".into());
+        map.insert("email".into(), "a@example.test".into());
+        assert_eq!(
+            session.claims,
+            UserClaims::from(map),
+            "same claims, same value"
+        );
+        let none: Session = serde_json::from_str(r#"{"sub":"u"}"#).unwrap();
+        assert!(none.claims.map().is_empty());
+        assert_eq!(
+            serde_json::to_value(&none).unwrap()["claims"],
+            serde_json::json!({})
+        );
+        assert!(serde_json::from_str::<Session>(r#"{"sub":"u","claims":[1]}"#).is_err());
     }
 
     #[test]

@@ -83,9 +83,9 @@ async fn user(proxy: &Proxy, roles: &[&str]) -> String {
         sub: "mallory".into(),
         ..Session::default()
     };
-    session
-        .claims
-        .insert("roles".into(), serde_json::json!(roles));
+    let mut claims = serde_json::Map::new();
+    claims.insert("roles".into(), serde_json::json!(roles));
+    session.claims = claims.into();
     session.tokens.insert(
         String::new(),
         AccessToken {

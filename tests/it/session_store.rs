@@ -416,7 +416,7 @@ fn session_with_tokens() -> Session {
     Session {
         sub: "alice-subject".into(),
         sid: Some("provider-sid-42".into()),
-        claims,
+        claims: claims.into(),
         id_token: Some("ID-token-eyJhbGciOi".into()),
         tokens,
         refresh_token: Some("RT-secret-9999".into()),

@@ -67,7 +67,7 @@ impl ClaimsUpdate {
         // leave out how and when it happened, and the session keeps that.
         let sign_in: Vec<(String, serde_json::Value)> = SIGN_IN_CLAIMS
             .iter()
-            .filter_map(|name| Some((name.to_string(), session.claims.get(*name)?.clone())))
+            .filter_map(|name| Some((name.to_string(), session.claims.get(name)?.clone())))
             .collect();
         let new_id_token = match (&self.claims, id_token) {
             (Some(claims), Some(token)) => {
@@ -78,7 +78,7 @@ impl ClaimsUpdate {
         };
         match (&self.userinfo, new_id_token) {
             (Userinfo::Failed, _) | (Userinfo::NotAsked, None) => {}
-            (Userinfo::NotAsked, Some(claims)) => session.claims = user_claims(claims),
+            (Userinfo::NotAsked, Some(claims)) => session.claims = user_claims(claims).into(),
             (Userinfo::Fetched(info), _) => {
                 let base = match new_id_token {
                     Some(claims) => Some(user_claims(claims)),
@@ -89,12 +89,19 @@ impl ClaimsUpdate {
                         .map(|c| user_claims(&c)),
                 };
                 // Without an ID token to start from, the claims kept so far are the base.
-                let base = base.unwrap_or_else(|| session.claims.clone());
-                session.claims = merge(base, info.clone());
+                let base = base.unwrap_or_else(|| session.claims.map().clone());
+                session.claims = merge(base, info.clone()).into();
             }
         }
-        for (name, value) in sign_in {
-            session.claims.entry(name).or_insert(value);
+        if sign_in
+            .iter()
+            .any(|(name, _)| session.claims.get(name).is_none())
+        {
+            let mut claims = session.claims.map().clone();
+            for (name, value) in sign_in {
+                claims.entry(name).or_insert(value);
+            }
+            session.claims = claims.into();
         }
     }
 }
