@@ -31,6 +31,9 @@ pub struct Upstreams {
     client: Pooled,
     /// A worker's lock-free HTTP/1.1 pool for plain-`http` upstreams; `None` off the workers.
     local: Option<Arc<local::LocalPool>>,
+    /// A worker's coarse deadlines for upstream answers ([`deadline`]); `None` off the workers,
+    /// where each request takes a tokio timer entry.
+    deadlines: Option<Arc<deadline::Deadlines>>,
     /// Tracks upgraded tunnels, which graceful shutdown must wait for separately. Shared by the
     /// process-wide value and every worker's.
     pub tunnels: TaskTracker,
@@ -93,6 +96,7 @@ impl OwnTls {
     }
 }
 
+mod deadline;
 mod local;
 
 impl Default for Upstreams {
@@ -116,6 +120,7 @@ impl Upstreams {
         Upstreams {
             client: pooled(connector()),
             local: None,
+            deadlines: None,
             tunnels: TaskTracker::new(),
             tls: Arc::new(OwnTls::new(crate::net::base_roots(false), None)),
         }
@@ -131,6 +136,7 @@ impl Upstreams {
         Ok(Upstreams {
             client,
             local: None,
+            deadlines: None,
             tunnels: TaskTracker::new(),
             tls: Arc::new(tls),
         })
@@ -152,6 +158,7 @@ impl Upstreams {
         Ok(std::borrow::Cow::Owned(Upstreams {
             client,
             local: None,
+            deadlines: None,
             tunnels: self.tunnels.clone(),
             tls: self.tls.clone(),
         }))
@@ -168,6 +175,7 @@ impl Upstreams {
         Upstreams {
             client: pooled(client),
             local: Some(Arc::new(local::LocalPool::new(http_connector()))),
+            deadlines: Some(Arc::default()),
             tunnels: self.tunnels.clone(),
             tls: self.tls.clone(),
         }
@@ -220,9 +228,12 @@ impl Upstreams {
         let started = std::time::Instant::now();
         let sent = if http_body::Body::is_end_stream(req.body()) {
             // No body to send: the deadline starts now.
-            tokio::time::timeout(timeout, self.request(req))
-                .await
-                .map_err(|_| ())
+            match &self.deadlines {
+                Some(deadlines) => deadlines.within(timeout, self.request(req)).await,
+                None => tokio::time::timeout(timeout, self.request(req))
+                    .await
+                    .map_err(|_| ()),
+            }
         } else {
             // The deadline counts from the end of the request body, so long uploads are not cut
             // off.
