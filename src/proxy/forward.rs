@@ -229,7 +229,10 @@ impl Upstreams {
         let sent = if http_body::Body::is_end_stream(req.body()) {
             // No body to send: the deadline starts now.
             match &self.deadlines {
-                Some(deadlines) => deadlines.within(timeout, self.request(req)).await,
+                Some(deadlines) => {
+                    let request = std::pin::pin!(self.request(req));
+                    deadlines.within(timeout, request).await
+                }
                 None => tokio::time::timeout(timeout, self.request(req))
                     .await
                     .map_err(|_| ()),
