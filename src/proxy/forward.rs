@@ -98,6 +98,7 @@ impl OwnTls {
 
 mod deadline;
 mod local;
+mod wire;
 
 impl Default for Upstreams {
     fn default() -> Self {
@@ -181,15 +182,19 @@ impl Upstreams {
         }
     }
 
-    /// Plain-`http` upstreams on a worker use the worker's own HTTP/1.1 pool ([`local`]);
+    /// Plain-`http` upstreams on a worker use the worker's own HTTP/1.1 connections ([`local`];
+    /// bodiless idempotent requests without hyper's client, [`wire`]);
     /// `https` ones (TLS, maybe HTTP/2) and other callers the pooled client.
-    async fn request(&self, req: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+    async fn request(&self, req: Request<Body>) -> Result<Response<Body>, BoxError> {
         if let Some(local) = &self.local
             && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
         {
-            return local::send(local, req).await;
+            if wire::takes(&req) {
+                return local::exchange(local, req).await;
+            }
+            return Ok(local::send(local, req).await?.map(boxed));
         }
-        Ok(self.client.request(req).await?)
+        Ok(self.client.request(req).await?.map(boxed))
     }
 
     /// Sends `req` (already rewritten) and relays the response. `timeout` bounds the wait for
@@ -308,8 +313,13 @@ impl Upstreams {
             return ErrorCode::UpstreamUnavailable.json(&[]);
         }
         headers::strip_hop_by_hop(response.headers_mut());
-        response.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+        response
     }
+}
+
+/// A body read by hyper's client, as the body of a response Vestibule sends.
+fn boxed(body: Incoming) -> Body {
+    body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()
 }
 
 fn find_cause<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -325,8 +325,10 @@ async fn an_idempotent_request_lost_on_a_reused_connection_is_sent_again_on_a_ne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_lost_on_a_reused_connection_is_a_502_and_is_never_sent_twice() {
     let Scene { raw, proxy, client } = Scene::start().await;
+    // A pooled connection of the kind a POST is sent on (requests with a body or a method that
+    // may not be repeated go through hyper's client, bodiless GETs do not).
     assert_eq!(
-        request(&client, "GET", &proxy.url("/api/ok")).await.status,
+        request(&client, "POST", &proxy.url("/api/ok")).await.status,
         200
     );
     raw.drop_reused.store(true, Ordering::SeqCst);
@@ -334,8 +336,8 @@ async fn a_post_lost_on_a_reused_connection_is_a_502_and_is_never_sent_twice() {
     assert_error(&reply, 502, "upstream_unavailable", &raw);
     assert_eq!(
         raw.seen("POST /api/ok"),
-        1,
-        "the upstream may have acted on it: never sent again"
+        2,
+        "the first, then the lost one, which the upstream may have acted on: never sent again"
     );
     raw.drop_reused.store(false, Ordering::SeqCst);
     still_serves(&client, &proxy).await;

@@ -11,12 +11,14 @@
 //! sent again (once, on a new connection) only if it is idempotent and has no body, since the
 //! upstream may have acted on it.
 
+use super::wire;
 use crate::reply::{Body, BoxError};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tower::Service;
 
@@ -39,6 +41,14 @@ pub(super) struct LocalPool {
     connector: HttpConnector,
     /// By authority (`host:port`); a deployment has a handful of upstreams.
     idle: Mutex<Vec<(String, Vec<Idle>)>>,
+    /// Connections for [`wire`] exchanges, by authority. Kept apart from `idle`: a connection
+    /// hyper's client drives cannot be read or written by anything else.
+    bare: Mutex<Vec<(Arc<str>, Vec<Bare>)>>,
+}
+
+struct Bare {
+    conn: wire::Conn,
+    since: Instant,
 }
 
 impl LocalPool {
@@ -46,7 +56,109 @@ impl LocalPool {
         LocalPool {
             connector,
             idle: Mutex::new(Vec::new()),
+            bare: Mutex::new(Vec::new()),
         }
+    }
+}
+
+/// Sends `req` (bodiless and idempotent: [`wire::takes`]), whose URI is absolute, on a pooled or
+/// new connection of `pool` without hyper's client ([`wire`]). A request lost on a reused
+/// connection (it ended before answering) is sent once more, on a new connection.
+pub(super) async fn exchange(
+    pool: &Arc<LocalPool>,
+    req: Request<Body>,
+) -> Result<Response<Body>, BoxError> {
+    let (parts, _) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .ok_or("upstream URI without authority")?
+        .as_str();
+    let head = wire::encode_head(&parts);
+    let to_head = parts.method == Method::HEAD;
+    let mut fresh = false;
+    loop {
+        let pooled = if fresh {
+            None
+        } else {
+            checkout_bare(pool, authority)
+        };
+        let (mut conn, reused) = match pooled {
+            Some(conn) => (conn, true),
+            None => {
+                let io = pool.connector.clone().call(parts.uri.clone()).await?;
+                (wire::Conn::new(io.into_inner()), false)
+            }
+        };
+        match wire::exchange(&mut conn, &head, to_head).await {
+            Ok(answer) => return Ok(respond(pool, authority, conn, answer)),
+            Err(error) if reused && error.lost() => {
+                tracing::debug!(%error, "upstream closed a reused connection; sending again");
+                fresh = true;
+            }
+            Err(error) => return Err(Box::new(error)),
+        }
+    }
+}
+
+/// The response to send on: a body already read whole goes with it, and the connection back to
+/// the pool at once; otherwise the body reads on, and returns the connection when done.
+fn respond(
+    pool: &Arc<LocalPool>,
+    authority: &str,
+    mut conn: wire::Conn,
+    answer: wire::Head,
+) -> Response<Body> {
+    let wire::Head {
+        response,
+        mut framing,
+        keep,
+    } = answer;
+    if let Some(body) = conn.whole(&mut framing) {
+        if keep && conn.drained() {
+            checkin_bare(pool, authority, conn);
+        }
+        let body = if body.is_empty() {
+            crate::reply::empty()
+        } else {
+            crate::reply::full(body)
+        };
+        return response.map(|()| body);
+    }
+    let pool = pool.clone();
+    let key = authority.to_owned();
+    let home: wire::Home = Box::new(move |conn| checkin_bare(&pool, &key, conn));
+    response.map(|()| wire::WireBody::new(conn, framing, keep, home).boxed_unsync())
+}
+
+/// A pooled connection for `authority`, the most recently used first; expired ones are closed.
+fn checkout_bare(pool: &LocalPool, authority: &str) -> Option<wire::Conn> {
+    let mut bare = pool.bare.lock().unwrap_or_else(PoisonError::into_inner);
+    let (_, list) = bare.iter_mut().find(|(k, _)| &**k == authority)?;
+    let now = Instant::now();
+    while let Some(idle) = list.pop() {
+        if now.duration_since(idle.since) < IDLE_TIMEOUT {
+            return Some(idle.conn);
+        }
+    }
+    None
+}
+
+fn checkin_bare(pool: &LocalPool, authority: &str, conn: wire::Conn) {
+    let mut bare = pool.bare.lock().unwrap_or_else(PoisonError::into_inner);
+    let at = match bare.iter().position(|(k, _)| &**k == authority) {
+        Some(at) => at,
+        None => {
+            bare.push((Arc::from(authority), Vec::new()));
+            bare.len() - 1
+        }
+    };
+    let list = &mut bare[at].1;
+    if list.len() < MAX_IDLE {
+        list.push(Bare {
+            conn,
+            since: Instant::now(),
+        });
     }
 }
 

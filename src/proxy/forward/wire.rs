@@ -1,0 +1,612 @@
+//! A bodiless, idempotent request's exchange with a plain-`http` upstream, written and read in
+//! the request's own task on one of the worker's connections.
+//!
+//! hyper's client drives each connection from a task of its own: a request goes to it through a
+//! channel, its response head comes back through another and its body through a third, and each
+//! hop wakes a task. For the requests most API traffic is made of (`GET`, `HEAD`, `DELETE`,
+//! `OPTIONS` without a body or an upgrade) the head is written here, the response head parsed
+//! here (`httparse`, as hyper does), and the body read by the response body itself, which the
+//! client connection's task polls; a body already read with its head is handed over whole and
+//! the connection is back in the pool before the response leaves.
+//!
+//! The reading is strict, since an upstream that frames its answers badly must not get the next
+//! request's answer taken for this one's: anything unusual (`Connection: close`, HTTP/1.0, a body
+//! framed by the connection's end, `Transfer-Encoding` next to `Content-Length`, bytes beyond
+//! the answer) means the connection is not reused, and malformed framing is an error (502).
+
+use crate::reply::BoxError;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Header fields of a response head, as hyper's client allows.
+const MAX_HEADERS: usize = 100;
+/// Bytes of a response head (status line and fields), and of a chunked body's trailer section.
+const MAX_HEAD: usize = 64 * 1024;
+/// Bytes of a chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Free space asked of the read buffer before each read.
+const READ_SPACE: usize = 8 * 1024;
+
+/// Whether a request takes this path: a method the upstream may see twice (a request lost on a
+/// reused connection is sent again), no body, no upgrade, no framing of its own.
+pub(super) fn takes(req: &http::Request<crate::reply::Body>) -> bool {
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    ) && http_body::Body::is_end_stream(req.body())
+        && !req.headers().contains_key(header::UPGRADE)
+        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+}
+
+/// One upstream connection and what has been read from it but not yet used.
+pub(super) struct Conn {
+    pub(super) tcp: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub(super) fn new(tcp: TcpStream) -> Conn {
+        Conn {
+            tcp,
+            buf: BytesMut::with_capacity(READ_SPACE),
+        }
+    }
+
+    /// Room for the next read; the buffer's allocation is taken back once the bytes handed out
+    /// of it (the last response's head and body) are gone.
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_SPACE / 2 {
+            self.buf.reserve(READ_SPACE);
+        }
+    }
+
+    /// The whole body, when its length is known and all of it has been read with the head.
+    pub(super) fn whole(&mut self, framing: &mut Framing) -> Option<Bytes> {
+        match *framing {
+            Framing::Length(0) => Some(Bytes::new()),
+            Framing::Length(n) if n <= self.buf.len() as u64 => {
+                *framing = Framing::Length(0);
+                Some(self.buf.split_to(n as usize).freeze())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether nothing beyond the last answer has been read: the connection can carry another
+    /// request.
+    pub(super) fn drained(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.make_room();
+        loop {
+            ready!(self.tcp.poll_read_ready(cx))?;
+            match self.tcp.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                read => return Poll::Ready(read),
+            }
+        }
+    }
+}
+
+/// Why an exchange or a body failed.
+#[derive(Debug)]
+pub(super) enum WireError {
+    /// The connection ended before a single byte of an answer: a reused connection the upstream
+    /// had closed meanwhile.
+    Lost(Option<std::io::Error>),
+    Io(std::io::Error),
+    Malformed(&'static str),
+}
+
+impl WireError {
+    /// Whether the request may be sent again on a new connection: nothing came back, and the
+    /// connection was one kept from before.
+    pub(super) fn lost(&self) -> bool {
+        matches!(self, WireError::Lost(_))
+    }
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Lost(None) => f.write_str("upstream closed the connection before answering"),
+            WireError::Lost(Some(e)) => write!(f, "upstream connection lost before answering: {e}"),
+            WireError::Io(e) => write!(f, "upstream connection: {e}"),
+            WireError::Malformed(what) => write!(f, "malformed upstream answer: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WireError::Lost(Some(e)) | WireError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The request head in origin form, as sent: `req`'s headers as they are (the caller has set
+/// `Host` and removed hop-by-hop fields). Names, values, method and target were validated when
+/// they were made, so none can carry a line break.
+pub(super) fn encode_head(parts: &http::request::Parts) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 14);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A parsed response head: the response without its body, how the body is framed, and whether
+/// the connection may carry another request afterwards.
+pub(super) struct Head {
+    pub(super) response: Response<()>,
+    pub(super) framing: Framing,
+    pub(super) keep: bool,
+}
+
+/// Writes `head` and reads the answer's head (interim `1xx` answers are skipped).
+pub(super) async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    to_head: bool,
+) -> Result<Head, WireError> {
+    if let Err(e) = conn.tcp.write_all(head).await {
+        return Err(if broken(&e) {
+            WireError::Lost(Some(e))
+        } else {
+            WireError::Io(e)
+        });
+    }
+    let mut received = !conn.buf.is_empty();
+    loop {
+        if let Some(head) = parse_head(&mut conn.buf, to_head)? {
+            return Ok(head);
+        }
+        conn.make_room();
+        match conn.tcp.read_buf(&mut conn.buf).await {
+            Ok(0) if !received => return Err(WireError::Lost(None)),
+            Ok(0) => return Err(WireError::Malformed("connection closed inside the head")),
+            Ok(_) => received = true,
+            Err(e) if !received && broken(&e) => return Err(WireError::Lost(Some(e))),
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+}
+
+fn broken(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Parses a complete response head off the front of `buf`; `None` while more must be read.
+/// `to_head`: the request was a `HEAD`, so the answer has no body whatever it says.
+pub(super) fn parse_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<Head>, WireError> {
+    loop {
+        // Where each field's name and value lie in `buf`, so that the values can be slices of
+        // the head's bytes rather than copies.
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let (len, code, minor, count) = {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut fields);
+            let len = match parsed.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
+                Ok(httparse::Status::Partial) => {
+                    return Err(WireError::Malformed("head too large"));
+                }
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(WireError::Malformed("too many header fields"));
+                }
+                Err(_) => return Err(WireError::Malformed("head")),
+            };
+            if len > MAX_HEAD {
+                return Err(WireError::Malformed("head too large"));
+            }
+            let base = buf.as_ptr() as usize;
+            let count = parsed.headers.len();
+            for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+                let name = field.name.as_ptr() as usize - base;
+                let value = field.value.as_ptr() as usize - base;
+                *span = (
+                    name,
+                    name + field.name.len(),
+                    value,
+                    value + field.value.len(),
+                );
+            }
+            (
+                len,
+                parsed.code.unwrap_or(0),
+                parsed.version.unwrap_or(1),
+                count,
+            )
+        };
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(WireError::Malformed("switching protocols unasked"));
+            }
+            // An interim answer (100 Continue, 103 Early Hints): the final one follows.
+            buf.advance(len);
+            continue;
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| WireError::Malformed("status"))?;
+        let bytes = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&bytes[ns..ne])
+                .map_err(|_| WireError::Malformed("header name"))?;
+            let value = HeaderValue::from_maybe_shared(bytes.slice(vs..ve))
+                .map_err(|_| WireError::Malformed("header value"))?;
+            headers.append(name, value);
+        }
+        let (framing, keep) = framing(status, &mut headers, to_head, minor == 1)?;
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = Version::HTTP_11;
+        *response.headers_mut() = headers;
+        return Ok(Some(Head {
+            response,
+            framing,
+            keep,
+        }));
+    }
+}
+
+/// How the body of an answer is framed (RFC 9112, section 6.3), and whether the connection
+/// stays usable after it.
+fn framing(
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    to_head: bool,
+    http11: bool,
+) -> Result<(Framing, bool), WireError> {
+    let mut keep = http11 && !says_close(headers);
+    if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Length(0), keep));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            // Both: the length is not to be trusted, nor the connection afterwards.
+            headers.remove(header::CONTENT_LENGTH);
+            keep = false;
+        }
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim);
+        if last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked")) {
+            return Ok((Framing::Chunked(Chunked::Size), keep));
+        }
+        return Ok((Framing::UntilClose, false));
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+                return Err(WireError::Malformed("content-length"));
+            }
+            let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            if length.is_some_and(|seen| seen != n) {
+                return Err(WireError::Malformed("content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    match length {
+        Some(n) => Ok((Framing::Length(n), keep)),
+        None => Ok((Framing::UntilClose, false)),
+    }
+}
+
+fn says_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+/// A body's framing, and how far reading it has got.
+#[derive(Debug, PartialEq)]
+pub(super) enum Framing {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunked),
+    /// Everything until the upstream closes the connection.
+    UntilClose,
+}
+
+/// Where a chunked body's reading stands.
+#[derive(Debug, PartialEq)]
+pub(super) enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// What the buffered bytes gave.
+#[derive(Debug, PartialEq)]
+pub(super) enum Piece {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+}
+
+impl Framing {
+    /// The next piece of the body out of `buf`; `None` while more must be read.
+    pub(super) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Piece>, WireError> {
+        match self {
+            Framing::Length(0) => Ok(Some(Piece::End)),
+            Framing::Length(rest) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let take = usize::try_from(*rest).map_or(buf.len(), |rest| rest.min(buf.len()));
+                *rest -= take as u64;
+                Ok(Some(Piece::Data(buf.split_to(take).freeze())))
+            }
+            Framing::UntilClose if buf.is_empty() => Ok(None),
+            Framing::UntilClose => Ok(Some(Piece::Data(buf.split().freeze()))),
+            Framing::Chunked(state) => state.decode(buf),
+        }
+    }
+
+    /// Whether the whole body has been read.
+    pub(super) fn done(&self) -> bool {
+        matches!(self, Framing::Length(0) | Framing::Chunked(Chunked::Done))
+    }
+
+    /// At the connection's end: only a body framed by it is complete there.
+    fn at_close(&self) -> Result<(), WireError> {
+        match self {
+            Framing::UntilClose => Ok(()),
+            _ if self.done() => Ok(()),
+            _ => Err(WireError::Malformed("connection closed inside the body")),
+        }
+    }
+}
+
+impl Chunked {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Piece>, WireError> {
+        loop {
+            match self {
+                Chunked::Size => {
+                    let Some(end) = line_end(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    *self = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(rest) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = usize::try_from(*rest).map_or(buf.len(), |rest| rest.min(buf.len()));
+                    *rest -= take as u64;
+                    if *rest == 0 {
+                        *self = Chunked::DataEnd;
+                    }
+                    return Ok(Some(Piece::Data(buf.split_to(take).freeze())));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Malformed("chunk not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        *self = Chunked::Done;
+                        return Ok(Some(Piece::End));
+                    }
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, fields))) => {
+                            let mut map = HeaderMap::with_capacity(fields.len());
+                            for field in fields {
+                                let name = HeaderName::from_bytes(field.name.as_bytes());
+                                let value = HeaderValue::from_bytes(field.value);
+                                let (Ok(name), Ok(value)) = (name, value) else {
+                                    return Err(WireError::Malformed("trailer field"));
+                                };
+                                map.append(name, value);
+                            }
+                            (len, map)
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
+                        Ok(httparse::Status::Partial) => {
+                            return Err(WireError::Malformed("trailers too large"));
+                        }
+                        Err(_) => return Err(WireError::Malformed("trailers")),
+                    };
+                    buf.advance(len);
+                    *self = Chunked::Done;
+                    return Ok(Some(Piece::Trailers(trailers)));
+                }
+                Chunked::Done => return Ok(Some(Piece::End)),
+            }
+        }
+    }
+}
+
+/// Where the line at the front of `buf` ends (the index of its CR), if it has all arrived; a
+/// line longer than `max` or with a bare CR or LF in it is an error.
+fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>, WireError> {
+    let window = &buf[..buf.len().min(max + 2)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(0) => Err(WireError::Malformed("bare LF in chunk size")),
+        Some(lf) if window[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+        Some(_) => Err(WireError::Malformed("bare LF in chunk size")),
+        None if buf.len() >= max + 2 => Err(WireError::Malformed("chunk size line too long")),
+        None => Ok(None),
+    }
+}
+
+/// The size of a chunk-size line (without its CRLF): hexadecimal digits, then optional
+/// extensions, which are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err(WireError::Malformed("chunk size"));
+    }
+    let rest = &line[digits..];
+    let extensions = rest.trim_ascii_start();
+    if !rest.is_empty() && !extensions.starts_with(b";") {
+        return Err(WireError::Malformed("chunk size"));
+    }
+    if rest.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(WireError::Malformed("chunk extension"));
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+        n * 16 + u64::from(char::from(d).to_digit(16).unwrap_or(0))
+    }))
+}
+
+/// Where a connection goes once the body on it has been read: its worker's pool.
+pub(super) type Home = Box<dyn FnOnce(Conn) + Send>;
+
+/// A response body read from the upstream connection as the client connection asks for it.
+/// When it has been read to its end and the connection may carry another request, the
+/// connection goes home; dropped early (the client went away), the connection is closed.
+pub(super) struct WireBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep: bool,
+    home: Option<Home>,
+}
+
+impl WireBody {
+    pub(super) fn new(conn: Conn, framing: Framing, keep: bool, home: Home) -> WireBody {
+        WireBody {
+            conn: Some(conn),
+            framing,
+            keep,
+            home: Some(home),
+        }
+    }
+
+    /// The body has been read: the connection goes home if it can carry another request.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.keep
+            && conn.buf.is_empty()
+            && let Some(home) = self.home.take()
+        {
+            home(conn);
+        }
+    }
+}
+
+impl http_body::Body for WireBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.framing.decode(&mut conn.buf) {
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Ok(Some(Piece::End)) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Some(Piece::Data(data))) => {
+                    if this.framing.done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Ok(Some(Piece::Trailers(trailers))) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+                }
+                Ok(None) => {}
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    let ended = this.framing.at_close();
+                    this.conn = None;
+                    if let Err(e) = ended {
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                    return Poll::Ready(None);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(WireError::Io(e)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.framing {
+            Framing::Length(rest) if self.conn.is_some() => http_body::SizeHint::with_exact(rest),
+            _ if self.conn.is_none() => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
