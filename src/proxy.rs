@@ -88,10 +88,9 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<crate::reply::BoxError>,
 {
-    let path = req.uri().path().to_string();
-    let upstream_path = routing::upstream_path(route, &path).into_owned();
     match &route.target {
         Target::Static { dir, spa_fallback } => {
+            let upstream_path = routing::upstream_path(route, req.uri().path()).into_owned();
             let req = req.map(|_| ());
             // Boxed: file serving's future is large and would grow every proxied request's.
             Box::pin(static_files::serve(
@@ -111,9 +110,11 @@ where
             if declared.is_some_and(|n| n > max_body) {
                 return ErrorCode::PayloadTooLarge.json(&[]);
             }
+            let upstream_path = routing::upstream_path(route, req.uri().path());
             let Some(uri) = forward::upstream_uri(base, &upstream_path, req.uri().query()) else {
                 return ErrorCode::BadRequest.json(&[]);
             };
+            drop(upstream_path);
             let upgrade =
                 headers::upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
             let (mut parts, body) = req.into_parts();
@@ -136,16 +137,23 @@ where
                 parts.headers.insert(header::HOST, authority);
             }
             parts.uri = uri;
-            // Marked as the client's, so that a body hyper refuses (bad chunking) or a client
-            // that goes away is told apart from an upstream failure.
-            let body = body.map_err(|e| -> crate::reply::BoxError {
-                Box::new(forward::ClientBodyError(e.into()))
-            });
-            // Held to a pace, so that a client trickling its body cannot hold the upstream
-            // connection it is streamed into.
-            let limited =
-                http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
-            let body = crate::limits::Paced::new(limited, pace).boxed_unsync();
+            let body = if http_body::Body::is_end_stream(&body) {
+                // Nothing to read, limit or pace (and nothing to allocate).
+                crate::reply::empty()
+            } else {
+                // Marked as the client's, so that a body hyper refuses (bad chunking) or a
+                // client that goes away is told apart from an upstream failure.
+                let body = body.map_err(|e| -> crate::reply::BoxError {
+                    Box::new(forward::ClientBodyError(e.into()))
+                });
+                // Held to a pace, so that a client trickling its body cannot hold the upstream
+                // connection it is streamed into.
+                let limited = http_body_util::Limited::new(
+                    body,
+                    usize::try_from(max_body).unwrap_or(usize::MAX),
+                );
+                crate::limits::Paced::new(limited, pace).boxed_unsync()
+            };
             let request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
             let Ok(upstreams) = upstreams.for_route(route) else {
