@@ -98,7 +98,7 @@ impl OwnTls {
 
 mod deadline;
 mod local;
-mod wire;
+pub mod wire;
 
 impl Default for Upstreams {
     fn default() -> Self {

@@ -86,3 +86,198 @@ async fn a_connection_the_upstream_closed_is_not_reused() {
     assert!(parallel.iter().all(|s| *s == 200), "{parallel:?}");
     assert_eq!(accepted.load(Ordering::SeqCst), 40);
 }
+
+/// A raw HTTP/1.1 upstream answering each request by its path with scripted bytes, written in
+/// pieces a few milliseconds apart; `/api/close/...` answers end their connection. Counts the
+/// connections it accepted.
+async fn scripted_upstream() -> (String, Arc<AtomicUsize>) {
+    fn script(target: &str) -> Vec<Vec<u8>> {
+        let big: Vec<u8> = (0..64)
+            .flat_map(|i| {
+                let piece = vec![b'a' + (i % 26) as u8; 64 * 1024];
+                let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+                chunk.extend_from_slice(&piece);
+                chunk.extend_from_slice(b"\r\n");
+                chunk
+            })
+            .collect();
+        let mut big_answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        big_answer.extend_from_slice(&big);
+        big_answer.extend_from_slice(b"0\r\n\r\n");
+        let pieces: Vec<&[u8]> = match target {
+            "/api/length" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Kind: length\r\n\r\nlen", b"gth"],
+            "/api/chunked" => vec![
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchun",
+                b"k\r\n3;ext=1\r\ned ",
+                b"\r\n4\r\nbody\r\n0\r\nX-Trailer: t\r\n\r\n",
+            ],
+            "/api/head" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"],
+            "/api/not-modified" => vec![b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n"],
+            "/api/interim" => vec![b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"],
+            "/api/close/until-close" => vec![b"HTTP/1.1 200 OK\r\n\r\nall of ", b"it"],
+            "/api/smuggle" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"],
+            "/api/two-answers" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"],
+            "/api/big" => return big_answer.chunks(100_000).map(<[u8]>::to_vec).collect(),
+            _ => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+        };
+        pieces.into_iter().map(<[u8]>::to_vec).collect()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buffer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+                    buffer.drain(..end);
+                    let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    for piece in script(&target) {
+                        if tcp.write_all(&piece).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                    if target.starts_with("/api/close/") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+/// One keep-alive client connection (so one worker and one upstream pool), its requests in turn.
+async fn one_connection(proxy: &Proxy) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn ask(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    method: &str,
+    path: &str,
+) -> (u16, http::HeaderMap, Bytes) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "app.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        .to_bytes();
+    (status, headers, body)
+}
+
+#[tokio::test]
+async fn every_framing_an_upstream_uses_reaches_the_client_intact_and_reuse_follows_it() {
+    let (upstream, accepted) = scripted_upstream().await;
+    let proxy = start_proxy(&workers_config(&upstream, 1)).await;
+    let mut client = one_connection(&proxy).await;
+
+    let (status, headers, body) = ask(&mut client, "GET", "/api/length").await;
+    assert_eq!((status, &body[..]), (200, &b"length"[..]));
+    assert_eq!(headers["x-kind"], "length");
+    let (status, _, body) = ask(&mut client, "GET", "/api/chunked").await;
+    assert_eq!((status, &body[..]), (200, &b"chunked body"[..]));
+    // The same through hyper's client (a POST), on a connection of its own.
+    let (status, _, body) = ask(&mut client, "POST", "/api/chunked").await;
+    assert_eq!((status, &body[..]), (200, &b"chunked body"[..]));
+    let (status, headers, body) = ask(&mut client, "HEAD", "/api/head").await;
+    assert_eq!((status, body.len()), (200, 0));
+    assert_eq!(
+        headers["content-length"], "50",
+        "a HEAD answer keeps its length"
+    );
+    let (status, headers, body) = ask(&mut client, "GET", "/api/not-modified").await;
+    assert_eq!((status, body.len()), (304, 0));
+    assert_eq!(headers["etag"], "\"v1\"");
+    let (status, headers, body) = ask(&mut client, "GET", "/api/interim").await;
+    assert_eq!((status, &body[..]), (200, &b"hi"[..]));
+    assert!(
+        !headers.contains_key("link"),
+        "an interim answer's fields stay out"
+    );
+    let (status, _, body) = ask(&mut client, "GET", "/api/big").await;
+    assert_eq!((status, body.len()), (200, 64 * 64 * 1024));
+    assert!(
+        body.chunks(64 * 1024)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|&b| b == b'a' + (i % 26) as u8))
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "every one of these answers left its connection reusable (one for hyper's client)"
+    );
+
+    // An answer framed by the end of its connection: complete, and the connection not reused.
+    let (status, _, body) = ask(&mut client, "GET", "/api/close/until-close").await;
+    assert_eq!((status, &body[..]), (200, &b"all of it"[..]));
+    let (status, _, _) = ask(&mut client, "GET", "/api/after").await;
+    assert_eq!(status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn an_upstream_answering_more_than_asked_never_answers_the_next_request() {
+    let (upstream, accepted) = scripted_upstream().await;
+    let proxy = start_proxy(&workers_config(&upstream, 1)).await;
+    let mut client = one_connection(&proxy).await;
+    // Content-Length beside chunked, then a forged second answer: the chunks are the body, the
+    // length is not relayed, and the connection (with the forged answer on it) is dropped.
+    let (status, headers, body) = ask(&mut client, "GET", "/api/smuggle").await;
+    assert_eq!((status, &body[..]), (200, &b"abc"[..]));
+    assert_ne!(
+        headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"50"[..])
+    );
+    let (status, _, body) = ask(&mut client, "GET", "/api/next").await;
+    assert_eq!(
+        (status, &body[..]),
+        (200, &b"ok"[..]),
+        "not the forged answer"
+    );
+    // Two answers to one request: the first is relayed, the second never reaches anyone.
+    let (status, _, body) = ask(&mut client, "GET", "/api/two-answers").await;
+    assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+    for n in 0..3 {
+        let (status, _, body) = ask(&mut client, "GET", &format!("/api/next/{n}")).await;
+        assert_eq!(
+            (status, &body[..]),
+            (200, &b"ok"[..]),
+            "request {n} after the extra answer"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "a new connection after each answer that carried more than itself"
+    );
+}

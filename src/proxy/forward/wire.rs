@@ -287,15 +287,16 @@ fn framing(
     http11: bool,
 ) -> Result<(Framing, bool), WireError> {
     let mut keep = http11 && !says_close(headers);
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    if chunked && headers.contains_key(header::CONTENT_LENGTH) {
+        // Both: the length is not to be trusted, nor the connection afterwards.
+        headers.remove(header::CONTENT_LENGTH);
+        keep = false;
+    }
     if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Length(0), keep));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            // Both: the length is not to be trusted, nor the connection afterwards.
-            headers.remove(header::CONTENT_LENGTH);
-            keep = false;
-        }
+    if chunked {
         let last = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -508,6 +509,78 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     }))
 }
 
+/// What [`read_answer`] made of an upstream's bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    /// The header fields as they will be relayed (before hop-by-hop removal), in order.
+    pub fields: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub trailers: usize,
+    /// Whether the connection would carry another request: a clean, complete answer with no
+    /// byte after it.
+    pub reusable: bool,
+}
+
+/// Reads one answer out of `bytes` the way an upstream connection is read, the bytes arriving
+/// `step` at a time and the connection ending after the last (`to_head`: the request was a
+/// `HEAD`). For the fuzz target and the tests: how the bytes are split must change nothing.
+pub fn read_answer(bytes: &[u8], step: usize, to_head: bool) -> Result<Answer, String> {
+    let step = step.max(1);
+    let mut buf = BytesMut::new();
+    let mut fed = 0;
+    let mut feed = |buf: &mut BytesMut| {
+        if fed == bytes.len() {
+            return false;
+        }
+        let next = bytes.len().min(fed + step);
+        buf.extend_from_slice(&bytes[fed..next]);
+        fed = next;
+        true
+    };
+    let head = loop {
+        match parse_head(&mut buf, to_head) {
+            Err(e) => return Err(e.to_string()),
+            Ok(Some(head)) => break head,
+            Ok(None) if feed(&mut buf) => {}
+            Ok(None) => return Err(WireError::Lost(None).to_string()),
+        }
+    };
+    let Head {
+        response,
+        mut framing,
+        keep,
+    } = head;
+    let mut body = Vec::new();
+    let mut trailers = 0;
+    let mut closed = false;
+    loop {
+        match framing.decode(&mut buf).map_err(|e| e.to_string())? {
+            Some(Piece::Data(data)) => body.extend_from_slice(&data),
+            Some(Piece::Trailers(fields)) => trailers = fields.len(),
+            Some(Piece::End) => break,
+            None if feed(&mut buf) => {}
+            None => {
+                framing.at_close().map_err(|e| e.to_string())?;
+                closed = true;
+                break;
+            }
+        }
+    }
+    let fields = response
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    Ok(Answer {
+        status: response.status().as_u16(),
+        fields,
+        body,
+        trailers,
+        reusable: keep && !closed && buf.is_empty() && fed == bytes.len(),
+    })
+}
+
 /// Where a connection goes once the body on it has been read: its worker's pool.
 pub(super) type Home = Box<dyn FnOnce(Conn) + Send>;
 
@@ -572,6 +645,7 @@ impl http_body::Body for WireBody {
                     return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
                 }
                 Ok(Some(Piece::Trailers(trailers))) => {
+                    // Relayed by hyper's server to a client that asked for them (`TE: trailers`).
                     this.finish();
                     return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
                 }

@@ -92,6 +92,15 @@ fn framing_follows_rfc_9112() {
         (&Framing::Chunked(Chunked::Size), false)
     );
     assert!(!head.response.headers().contains_key("content-length"));
+    // Also in an answer without a body.
+    let head = head_of(
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        true,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!((&head.framing, head.keep), (&Framing::Length(0), false));
+    assert!(!head.response.headers().contains_key("content-length"));
     // A coding other than chunked last: the body ends with the connection.
     let head = complete("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n");
     assert_eq!((head.framing, head.keep), (Framing::UntilClose, false));
@@ -398,4 +407,43 @@ async fn a_connection_closed_before_any_answer_is_lost_and_one_closed_mid_answer
         "a body cut short is an error"
     );
     assert!(homes.lock().unwrap().is_empty());
+}
+
+#[test]
+fn an_answer_reads_the_same_however_its_bytes_arrive() {
+    let cases: [&[u8]; 5] = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n3;x=y\r\nllo\r\n0\r\nA: b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\ncut",
+    ];
+    for bytes in cases {
+        let whole = read_answer(bytes, bytes.len(), false);
+        for step in 1..bytes.len() {
+            assert_eq!(
+                read_answer(bytes, step, false),
+                whole,
+                "{bytes:?} by {step}"
+            );
+        }
+    }
+    let ok = read_answer(cases[0], 3, false).unwrap();
+    assert_eq!(
+        (ok.status, &ok.body[..], ok.reusable),
+        (200, &b"hello"[..], true)
+    );
+    let chunked = read_answer(cases[1], 1, false).unwrap();
+    assert_eq!((&chunked.body[..], chunked.trailers), (&b"hello"[..], 1));
+    assert!(chunked.reusable);
+    let until_close = read_answer(cases[2], 4, false).unwrap();
+    assert_eq!(
+        (&until_close.body[..], until_close.reusable),
+        (&b"until the end"[..], false)
+    );
+    assert!(
+        !read_answer(cases[3], 4, false).unwrap().reusable,
+        "bytes beyond the answer"
+    );
+    assert!(read_answer(cases[4], 4, false).is_err(), "a body cut short");
 }
