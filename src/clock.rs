@@ -5,6 +5,8 @@
 //!
 //! The bottom layer: uses nothing of the crate, and everything may use it.
 
+pub mod deadline;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Unix seconds now, by the system clock. For code that is given no [`Clock`] (tests that build

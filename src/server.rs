@@ -55,6 +55,7 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
 fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let limits = &config.server.connections;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Each worker replaces this timer with one on its own coarse deadlines (`work`).
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -261,6 +262,12 @@ async fn work(
 ) {
     // Made here, so that its connections are driven by this worker's runtime.
     let worker = Arc::new(crate::app::Worker::new(&kit.app));
+    // Its HTTP/1 connections wait for request heads on the worker's coarse deadlines.
+    let mut builder = kit.builder.clone();
+    builder
+        .http1()
+        .timer(crate::clock::deadline::HeadTimer(worker.deadlines.clone()));
+    let builder = Arc::new(builder);
     let connections = TaskTracker::new();
     // Cancelled once the linger after shutdown is over: then connections close gracefully.
     let close = CancellationToken::new();
@@ -276,6 +283,7 @@ async fn work(
             continue;
         };
         let kit = kit.clone();
+        let builder = builder.clone();
         let worker = worker.clone();
         let close = close.clone();
         connections.spawn(async move {
@@ -287,7 +295,7 @@ async fn work(
                     let peer = (ip, false);
                     let idle = kit.idle_timeout;
                     let io = framing::Guarded::new(tcp);
-                    connection::serve(&kit.builder, io, (app, worker), peer, idle, &close).await;
+                    connection::serve(&builder, io, (app, worker), peer, idle, &close).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
@@ -298,7 +306,7 @@ async fn work(
                     let peer = (ip, true);
                     let idle = kit.idle_timeout;
                     let io = framing::Guarded::new(stream);
-                    connection::serve(&kit.builder, io, (app, worker), peer, idle, &close).await;
+                    connection::serve(&builder, io, (app, worker), peer, idle, &close).await;
                 }
             }
         });

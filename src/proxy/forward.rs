@@ -8,6 +8,7 @@
 //! passes it down with every request; the process-wide value serves callers off the workers.
 
 use super::headers;
+use crate::clock::deadline::Deadlines;
 use crate::reply::{Body, BoxError, ErrorCode};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
@@ -31,9 +32,9 @@ pub struct Upstreams {
     client: Pooled,
     /// A worker's lock-free HTTP/1.1 pool for plain-`http` upstreams; `None` off the workers.
     local: Option<Arc<local::LocalPool>>,
-    /// A worker's coarse deadlines for upstream answers ([`deadline`]); `None` off the workers,
+    /// A worker's coarse deadlines for upstream answers ([`crate::clock::deadline`]); `None` off the workers,
     /// where each request takes a tokio timer entry.
-    deadlines: Option<Arc<deadline::Deadlines>>,
+    deadlines: Option<Arc<Deadlines>>,
     /// Tracks upgraded tunnels, which graceful shutdown must wait for separately. Shared by the
     /// process-wide value and every worker's.
     pub tunnels: TaskTracker,
@@ -96,7 +97,6 @@ impl OwnTls {
     }
 }
 
-mod deadline;
 mod local;
 pub mod wire;
 
@@ -168,7 +168,7 @@ impl Upstreams {
     /// Upstream connections of its own for a serving worker (a single-threaded runtime), to be
     /// used only from that worker: a request then never waits on another thread's lock or wakes
     /// another thread to use a connection. Upgraded tunnels are still tracked with this value's.
-    pub fn for_worker(&self) -> Self {
+    pub fn for_worker(&self, deadlines: Arc<Deadlines>) -> Self {
         let client = self
             .tls
             .client_config(None, None)
@@ -176,7 +176,7 @@ impl Upstreams {
         Upstreams {
             client: pooled(client),
             local: Some(Arc::new(local::LocalPool::new(http_connector()))),
-            deadlines: Some(Arc::default()),
+            deadlines: Some(deadlines),
             tunnels: self.tunnels.clone(),
             tls: self.tls.clone(),
         }

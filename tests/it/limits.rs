@@ -281,6 +281,81 @@ async fn a_body_that_keeps_the_pace_reaches_the_upstream_whole() {
 
 // ---- connections ----
 
+/// Waits for the proxy to close `stream` (reading whatever it still sends), at most `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut sink))
+        .await
+        .ok()
+        .map(|_| started.elapsed())
+}
+
+#[tokio::test]
+async fn every_request_head_must_arrive_within_the_header_read_timeout() {
+    // header_read_timeout = "1s" (the test configuration). hyper waits for heads on the
+    // worker's coarse deadlines: each case must still be closed, none before its time.
+    let up = upstream::start().await;
+    let proxy = start_proxy(&config_text(&format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        up.url()
+    )))
+    .await;
+    let partial = b"GET /api/never HTTP/1.1\r\nHost: app\r\nX-Slow: ";
+    // 1. A first head trickled a byte at a time: bytes arriving do not extend the deadline.
+    let (mut reading, mut writing) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+    let trickle = tokio::spawn(async move {
+        for byte in partial {
+            if writing.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        writing
+    });
+    let started = tokio::time::Instant::now();
+    let mut sink = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(4), reading.read_to_end(&mut sink)).await;
+    assert!(
+        cut.is_ok(),
+        "a trickled first head kept its connection open"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    trickle.abort();
+    // 2. A kept-alive connection, after one answer, that sends half a head and stops.
+    let mut half = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(ask(&mut half, "/api/one").await.starts_with("HTTP/1.1 200"));
+    half.write_all(partial).await.unwrap();
+    let waited = closed_within(&mut half, Duration::from_secs(4)).await;
+    assert!(
+        waited.is_some_and(|w| w >= Duration::from_millis(700)),
+        "half a second head: {waited:?}"
+    );
+    // 3. A kept-alive connection that goes quiet after its answer.
+    let mut quiet = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(
+        ask(&mut quiet, "/api/two")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    let waited = closed_within(&mut quiet, Duration::from_secs(4)).await;
+    assert!(
+        waited.is_some_and(|w| w >= Duration::from_millis(700)),
+        "a quiet kept-alive connection: {waited:?}"
+    );
+    // 4. One that keeps asking, each head in time, is served for longer than the timeout.
+    let mut busy = TcpStream::connect(proxy.addr).await.unwrap();
+    for n in 0..6 {
+        assert!(
+            ask(&mut busy, &format!("/api/busy/{n}"))
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(up.count(), 8, "no partial head reached the upstream");
+}
+
 /// Sends a keep-alive GET on `stream` and reads one response with a Content-Length.
 async fn ask(stream: &mut TcpStream, path: &str) -> String {
     stream

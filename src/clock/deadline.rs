@@ -1,11 +1,13 @@
-//! Coarse deadlines for upstream answers on a serving worker: one sweep every [`TICK`] instead
-//! of a timer entry per request.
+//! Coarse deadlines on a serving worker: one sweep every [`TICK`] instead of a timer entry per
+//! request. Two users, both once per request: the upstream answer's deadline (a route's
+//! `timeout`, [`Deadlines::within`]) and the deadline for a client's next HTTP/1 request head
+//! (`server.header_read_timeout`, [`HeadTimer`]: hyper's own timer for it).
 //!
 //! A tokio timer entry (registered in the timer wheel on first poll, removed on drop) cost about
 //! 1,100 instructions per request. Here a request takes a slot in the worker's list (an
 //! uncontended lock and a push), and a sweeper task, running only while some slot is taken, marks
 //! the slots whose deadline has passed and wakes their requests. A deadline fires up to [`TICK`]
-//! late, which a route's `timeout` (seconds) does not notice.
+//! late, which timeouts counted in seconds do not notice.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,11 +18,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How often the sweeper looks, and so how late a deadline may fire.
-pub(super) const TICK: Duration = Duration::from_millis(50);
+pub const TICK: Duration = Duration::from_millis(50);
 
 /// One worker's deadlines. Used only from the worker's runtime (the sweeper runs there).
 #[derive(Default)]
-pub(super) struct Deadlines {
+pub struct Deadlines {
     slots: Mutex<Slots>,
 }
 
@@ -48,7 +50,7 @@ impl Deadlines {
     /// `fut`'s output, or `Err(())` once `timeout` (give or take [`TICK`]) has passed. `fut` is
     /// pinned by the caller: a request's future is large, and moving it into this one would
     /// copy it (`memcpy` per request, the cost the round-3 future-size fix removed).
-    pub(super) async fn within<F: Future>(
+    pub async fn within<F: Future>(
         self: &Arc<Self>,
         timeout: Duration,
         fut: Pin<&mut F>,
@@ -145,10 +147,84 @@ async fn sweep(deadlines: Weak<Deadlines>) {
     }
 }
 
+/// hyper's timer for a worker's HTTP/1 connections, on the worker's [`Deadlines`]. hyper asks
+/// for a sleep whenever it starts waiting for a request head (and drops it once the head is
+/// read), so with tokio's timer every request paid for a timer entry; here it pays for a slot,
+/// taken only if the head is not already there when hyper first looks.
+#[derive(Clone)]
+pub struct HeadTimer(pub Arc<Deadlines>);
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(CoarseSleep {
+            deadlines: self.0.clone(),
+            at: Instant::from_std(deadline),
+            taken: None,
+        })
+    }
+
+    /// tokio's clock, so that tests with paused time move it.
+    fn now(&self) -> std::time::Instant {
+        Instant::now().into_std()
+    }
+}
+
+/// A sleep until `at` that holds a slot in the worker's [`Deadlines`] from its first poll until
+/// it is dropped.
+struct CoarseSleep {
+    deadlines: Arc<Deadlines>,
+    at: Instant,
+    taken: Option<Taken>,
+}
+
+impl Future for CoarseSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let taken = match &this.taken {
+            Some(taken) => taken,
+            None => this.taken.insert(this.deadlines.take(this.at)),
+        };
+        taken.poll_fired(cx)
+    }
+}
+
+impl hyper::rt::Sleep for CoarseSleep {}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use hyper::rt::Timer;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_timer_sleep_ends_within_a_tick_of_its_deadline_and_gives_its_slot_back() {
+        let deadlines = Arc::new(Deadlines::default());
+        let timer = HeadTimer(deadlines.clone());
+        let started = Instant::now();
+        timer.sleep(Duration::from_secs(2)).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited <= Duration::from_secs(2) + TICK,
+            "woke after {waited:?}"
+        );
+        // A sleep dropped before its deadline (the head arrived) frees its slot at once.
+        let mut early = timer.sleep(Duration::from_secs(2));
+        let pending = std::future::poll_fn(|cx| Poll::Ready(early.as_mut().poll(cx))).await;
+        assert!(pending.is_pending());
+        assert_eq!(deadlines.lock().taken, 1, "a pending sleep holds a slot");
+        drop(early);
+        assert_eq!(deadlines.lock().taken, 0);
+        // One never polled takes none.
+        let unpolled = timer.sleep(Duration::from_secs(2));
+        assert_eq!(deadlines.lock().taken, 0);
+        drop(unpolled);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_late_answer_is_cut_off_within_a_tick_and_a_prompt_one_is_not() {
