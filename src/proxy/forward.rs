@@ -192,7 +192,9 @@ impl Upstreams {
             if wire::takes(&req) {
                 return local::exchange(local, req).await;
             }
-            return Ok(local::send(local, req).await?.map(boxed));
+            // Boxed: hyper's client (1.3 KB of future) would otherwise size every request's
+            // future, and the wire path's too; it carries only bodies and upgrades.
+            return Ok(Box::pin(local::send(local, req)).await?.map(boxed));
         }
         Ok(self.client.request(req).await?.map(boxed))
     }
@@ -238,7 +240,9 @@ impl Upstreams {
                     let request = std::pin::pin!(self.request(req));
                     deadlines.within(timeout, request).await
                 }
-                None => tokio::time::timeout(timeout, self.request(req))
+                // Off the workers (boxed, as the rare branches below: only the common one
+                // sizes the future every request builds).
+                None => Box::pin(tokio::time::timeout(timeout, self.request(req)))
                     .await
                     .map_err(|_| ()),
             }
@@ -257,10 +261,13 @@ impl Upstreams {
                 let _ = done_rx.wait_for(|done| *done).await;
                 tokio::time::sleep(timeout).await;
             };
-            tokio::select! {
-                response = self.request(req) => Ok(response),
-                _ = deadline => Err(()),
-            }
+            Box::pin(async move {
+                tokio::select! {
+                    response = self.request(req) => Ok(response),
+                    _ = deadline => Err(()),
+                }
+            })
+            .await
         };
         let mut response = match sent {
             Err(_) => {
