@@ -14,6 +14,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// connection right after each answer without saying so (as when an idle keep-alive connection
 /// times out). Counts the connections it accepted.
 async fn raw_upstream(close_after_each: bool) -> (String, Arc<AtomicUsize>) {
+    upstream_answering(move |_| {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec();
+        (vec![ok], close_after_each)
+    })
+    .await
+}
+
+/// A raw HTTP/1.1 upstream that reads each request head and writes what `answer` returns for
+/// its target, piece by piece (5 ms apart); closes the connection after it when told to. Counts
+/// the connections it accepted.
+async fn upstream_answering(
+    answer: impl Fn(&str) -> (Vec<Vec<u8>>, bool) + Copy + Send + 'static,
+) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -35,9 +48,19 @@ async fn raw_upstream(close_after_each: bool) -> (String, Arc<AtomicUsize>) {
                         }
                     }
                     let end = buffer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
                     buffer.drain(..end);
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if tcp.write_all(answer).await.is_err() || close_after_each {
+                    let target = head.split(' ').nth(1).unwrap_or("/");
+                    let (pieces, close) = answer(target);
+                    for (i, piece) in pieces.iter().enumerate() {
+                        if i > 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                        if tcp.write_all(piece).await.is_err() {
+                            return;
+                        }
+                    }
+                    if close {
                         return;
                     }
                 }
@@ -122,44 +145,7 @@ async fn scripted_upstream() -> (String, Arc<AtomicUsize>) {
         };
         pieces.into_iter().map(<[u8]>::to_vec).collect()
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buffer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
-                    buffer.drain(..end);
-                    let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
-                    for piece in script(&target) {
-                        if tcp.write_all(&piece).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                    }
-                    if target.starts_with("/api/close/") {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (format!("http://{addr}"), accepted)
+    upstream_answering(|target| (script(target), target.starts_with("/api/close/"))).await
 }
 
 /// One keep-alive client connection (so one worker and one upstream pool), its requests in turn.
