@@ -3,13 +3,12 @@
 //! attach — refreshed before it expires, exactly once per session across requests and replicas.
 
 use crate::config::{AuthMode, RouteConfig, TokenBinding, TokenMode};
-use crate::reply::{Body, ErrorCode};
+use crate::reply::{Body, ErrorCode, Inbound};
 use crate::rescue::RequestError;
 use crate::session::manager::Sessions;
 use crate::session::model::Session;
 use crate::state::{LiveConfig, Shared};
 use http::{HeaderValue, Request, Response, header};
-use hyper::body::Incoming;
 use std::sync::Arc;
 
 pub mod identity;
@@ -217,7 +216,7 @@ pub async fn admit(
     sessions: &Arc<Sessions>,
     live: &LiveConfig,
     route: &RouteConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<Admitted, RequestError> {
     let needs_session = route.auth != AuthMode::None
         || route.feature.is_some()

@@ -10,16 +10,14 @@ use crate::oidc::client_auth::Credential;
 use crate::oidc::{GrantError, Oidc};
 use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
-use crate::reply::{Body, ErrorCode, Reader};
+use crate::reply::{Body, ErrorCode, Inbound, Reader};
 use crate::rescue::RequestError;
 use crate::session::manager::{SessionSettings, Sessions};
 use crate::session::seal::Keyring;
 use crate::session::store::Store;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -128,7 +126,7 @@ impl App {
     /// Handles one request from the public listener, on the serving worker `worker`.
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Inbound>,
         ip: IpAddr,
         tls: bool,
         worker: &Worker,
@@ -253,7 +251,7 @@ impl App {
     async fn route<'r>(
         &self,
         live: &'r LiveConfig,
-        mut req: Request<Incoming>,
+        mut req: Request<Inbound>,
         peer: Peer,
         worker: &Worker,
     ) -> Routed<'r> {
@@ -316,10 +314,7 @@ impl App {
         };
         // DPoP routes prove possession afresh on every send (boxed: other routes never pay).
         let bound = route.token_binding == TokenBinding::Dpop;
-        let forward = |mut req: Request<Either<Incoming, Empty<Bytes>>>,
-                       bearer,
-                       identity,
-                       proof: Option<HeaderValue>| {
+        let forward = |mut req: Request<Inbound>, bearer, identity, proof: Option<HeaderValue>| {
             if bound {
                 // The browser's own proof never passes: only Vestibule's key proves possession.
                 req.headers_mut().remove(crate::oidc::dpop::DPOP);
@@ -365,13 +360,8 @@ impl App {
                 };
                 match proof {
                     Ok(proof) => {
-                        let response = forward(
-                            req.map(Either::Left),
-                            admitted.bearer,
-                            admitted.identity,
-                            proof,
-                        )
-                        .await;
+                        let response =
+                            forward(req, admitted.bearer, admitted.identity, proof).await;
                         if bound {
                             self.keep_dpop_nonce(route, &response);
                         }
@@ -664,7 +654,7 @@ impl<'r> Routed<'r> {
 /// A request as [`Replay::capture`] leaves it.
 enum Captured {
     /// Sent once, as it came.
-    Once(Request<Incoming>),
+    Once(Request<Inbound>),
     /// Kept apart, to be sent again if the token is refused.
     Replay(Replay),
 }
@@ -685,7 +675,7 @@ impl Replay {
     /// back otherwise.
     fn capture(
         route: &crate::config::RouteConfig,
-        req: Request<Incoming>,
+        req: Request<Inbound>,
         bearer: Option<&HeaderValue>,
     ) -> Captured {
         let replayable = (route.token == crate::config::TokenMode::User
@@ -718,7 +708,7 @@ impl Replay {
             .unwrap_or_default()
     }
 
-    fn request(&self) -> Request<Either<Incoming, Empty<Bytes>>> {
+    fn request(&self) -> Request<Inbound> {
         let mut req = Request::new(Either::Right(Empty::new()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();

@@ -6,6 +6,7 @@
 //! The bottom layer: uses nothing of the crate, and everything may use it.
 
 pub mod deadline;
+pub mod http_date;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

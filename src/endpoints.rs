@@ -9,7 +9,7 @@ use crate::oidc::{
     GrantError, LoginState, PROMPTS, TokenResponse, USER_ENDED_ERRORS, local_return_url, os_random,
     with_login_error,
 };
-use crate::reply::{Body, ErrorCode, Reader, json_response, redirect};
+use crate::reply::{Body, ErrorCode, Inbound, Reader, json_response, redirect};
 use crate::rescue::RequestError;
 use crate::session::manager::OpenSession;
 use crate::session::model::{AccessToken, Session};
@@ -17,7 +17,6 @@ use crate::state::{LiveConfig, Shared};
 use crate::telemetry::trace::TARGET;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use sha2::Digest;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -35,7 +34,7 @@ const TECHNICAL_CLAIMS: &[&str] = &[
     "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
 ];
 
-fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+fn query_param(req: &Request<Inbound>, name: &str) -> Option<String> {
     let query = req.uri().query()?;
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == name)
@@ -52,7 +51,7 @@ fn hash_hex(text: &str) -> String {
 pub async fn handle(
     app: &Shared,
     live: &LiveConfig,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     rest: &str,
     peer: IpAddr,
 ) -> Response<Body> {
@@ -195,7 +194,7 @@ pub fn label(method: &Method, rest: &str) -> &'static str {
 fn over_limit(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
     rest: &str,
     peer: IpAddr,
 ) -> Option<Response<Body>> {
@@ -230,7 +229,7 @@ fn over_limit(
 async fn login(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<Response<Body>, RequestError> {
     let raw = query_param(req, "returnUrl").unwrap_or_else(|| "/".into());
     let Some(return_url) = local_return_url(&raw).filter(|u| u.len() <= MAX_RETURN_URL_LEN) else {
@@ -281,7 +280,7 @@ async fn login(
 }
 
 /// `prompt` of `/bff/login`: absent, or once one of [`PROMPTS`] (`none`: silent sign-in).
-fn prompt_param(req: &Request<Incoming>) -> Result<Option<String>, RequestError> {
+fn prompt_param(req: &Request<Inbound>) -> Result<Option<String>, RequestError> {
     let query = req.uri().query().unwrap_or_default();
     let mut given = url::form_urlencoded::parse(query.as_bytes())
         .filter(|(k, _)| k == "prompt")
@@ -308,7 +307,7 @@ fn login_failed(reason: &str, detail: &str) -> Result<Response<Body>, RequestErr
 async fn callback(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<Response<Body>, RequestError> {
     if let Some(error) = query_param(req, "error") {
         return ended_at_provider(app, live, req, &error).await;
@@ -449,7 +448,7 @@ async fn callback(
 async fn spend_login_state(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
     state: &str,
 ) -> Result<(LoginState, String), RequestError> {
     let name = format!(
@@ -504,7 +503,7 @@ async fn spend_login_state(
 async fn ended_at_provider(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
     error: &str,
 ) -> Result<Response<Body>, RequestError> {
     let safe: String = error
@@ -532,7 +531,7 @@ async fn ended_at_provider(
 async fn signed_in(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<OpenSession, RequestError> {
     app.load_session(&app.sessions, live, req.headers())
         .await?
@@ -546,7 +545,7 @@ async fn signed_in(
 async fn script_signed_in(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<OpenSession, RequestError> {
     if !crate::access::csrf_ok(live, req) {
         return Err(RequestError::Csrf);
@@ -557,7 +556,7 @@ async fn script_signed_in(
 async fn user(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<Response<Body>, RequestError> {
     let mut loaded = script_signed_in(app, live, req).await?;
     // The app asking who is signed in is activity: slide the idle timeout.
@@ -608,7 +607,7 @@ enum LogoutVia {
 async fn logout(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
     via: LogoutVia,
 ) -> Result<Response<Body>, RequestError> {
     if via == LogoutVia::Script && !crate::access::csrf_ok(live, req) {
@@ -676,7 +675,7 @@ fn logout_rejected(reason: impl Into<String>) -> Result<Response<Body>, RequestE
 
 async fn backchannel_logout(
     app: &Shared,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     pace: crate::limits::Pace,
 ) -> Result<Response<Body>, RequestError> {
     let body = http_body_util::Limited::new(req.into_body(), 64 * 1024);
@@ -742,7 +741,7 @@ async fn backchannel_logout(
 async fn list_sessions(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<Response<Body>, RequestError> {
     let loaded = script_signed_in(app, live, req).await?;
     let list = app
@@ -770,7 +769,7 @@ async fn list_sessions(
 async fn end_session(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
     handle: &str,
 ) -> Result<Response<Body>, RequestError> {
     let loaded = script_signed_in(app, live, req).await?;
@@ -794,7 +793,7 @@ async fn end_session(
 async fn session_events(
     app: &Shared,
     live: &LiveConfig,
-    req: &Request<Incoming>,
+    req: &Request<Inbound>,
 ) -> Result<Response<Body>, RequestError> {
     let loaded = signed_in(app, live, req).await?;
     let sessions = app.sessions.clone();

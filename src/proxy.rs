@@ -27,7 +27,7 @@ pub use headers::Peer;
 pub use routing::RouteTable;
 
 /// Total size of the request's header block as sent (names, values and separators).
-pub fn header_bytes(req: &Request<hyper::body::Incoming>) -> usize {
+pub fn header_bytes(req: &Request<crate::reply::Inbound>) -> usize {
     req.headers()
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
@@ -181,7 +181,7 @@ pub fn upstream_target<'r>(route: &'r RouteConfig, path: &str) -> Option<(http::
 }
 
 /// The answer for a request that matched no route.
-pub fn no_route(req: &Request<hyper::body::Incoming>) -> Response<Body> {
+pub fn no_route(req: &Request<crate::reply::Inbound>) -> Response<Body> {
     ErrorCode::NotFound.respond(Reader::of(req.headers()))
 }
 

@@ -10,6 +10,9 @@ use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response and forwarded request.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// The body of a request from a client: hyper's, or none at all for a bodiless request read by
+/// Vestibule's own HTTP/1 server side (`server::lane`).
+pub type Inbound = http_body_util::Either<hyper::body::Incoming, Empty<Bytes>>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

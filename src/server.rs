@@ -14,13 +14,13 @@
 pub mod admin;
 mod connection;
 pub mod framing;
+mod lane;
 pub mod tls;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::reply::Body;
+use crate::reply::{Body, Inbound};
 use http::{HeaderValue, Request, Response, header};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics::Gauge;
@@ -93,6 +93,11 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         tls,
         grace: config.server.shutdown_grace,
         idle_timeout: config.server.connections.idle_timeout,
+        lane: lane::Limits {
+            head_timeout: config.server.header_read_timeout,
+            idle_timeout: config.server.connections.idle_timeout,
+            max_head: (config.server.max_header_size * 2).max(16 * 1024),
+        },
     });
     let slots = Arc::new(Semaphore::new(config.server.connections.max_connections));
     let mut workers = Vec::with_capacity(count);
@@ -149,7 +154,7 @@ pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 async fn answer(
     app: Arc<App>,
     worker: Arc<crate::app::Worker>,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     ip: IpAddr,
     tls: bool,
 ) -> Response<Body> {
@@ -177,6 +182,8 @@ struct ServeKit {
     tls: Option<tokio_rustls::TlsAcceptor>,
     grace: Duration,
     idle_timeout: Duration,
+    /// Limits of the HTTP/1 lane on plain connections.
+    lane: lane::Limits,
 }
 
 /// A connection handed to a worker, counted as open from the hand-over on.
@@ -292,10 +299,7 @@ async fn work(
             let ip = peer.ip();
             match &kit.tls {
                 None => {
-                    let peer = (ip, false);
-                    let idle = kit.idle_timeout;
-                    let io = framing::Guarded::new(tcp);
-                    connection::serve(&builder, io, (app, worker), peer, idle, &close).await;
+                    lane::serve(&builder, tcp, (app, worker), ip, &kit.lane, &close).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =

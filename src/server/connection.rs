@@ -85,11 +85,12 @@ pub(super) async fn serve<I>(
 {
     let activity = Arc::new(Activity::new());
     let tracked = activity.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
         let worker = worker.clone();
         let busy = tracked.begin();
         async move {
+            let req = req.map(http_body_util::Either::Left);
             let response = super::answer(app, worker, req, ip, tls).await;
             drop(busy);
             Ok::<_, Infallible>(response)

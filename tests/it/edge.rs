@@ -386,6 +386,155 @@ async fn smuggling_attempts_get_400_and_the_upstream_sees_at_most_one_request() 
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Every smuggling case again, behind a plain request on the same connection: the first is
+/// served by Vestibule's own HTTP/1 lane, the second must be handed to hyper and the framing
+/// guard exactly as if it had come first.
+#[tokio::test]
+async fn smuggling_attempts_behind_a_plain_request_are_refused_alike() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    let mut failures = Vec::new();
+    for (case, bytes) in smuggling_cases() {
+        let before = up.count();
+        let first = "GET /api/first HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (statuses, text) = exchange(&proxy, format!("{first}{bytes}").as_bytes()).await;
+        let seen: Vec<_> = up.seen.lock().unwrap()[before..].to_vec();
+        let allowed = 1 + usize::from(case == "oversized chunk extensions");
+        if statuses != [200, 400]
+            || seen.len() > allowed
+            || seen.first().is_none_or(|s| s.uri != "/api/first")
+            || seen.iter().any(|s| s.uri.contains("smuggled"))
+        {
+            let uris: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
+            failures.push(format!(
+                "{case}: answered {statuses:?}, the upstream saw {uris:?}\n{text}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Plain requests, one with a body between them, and `Connection: close` at the end, all in
+/// one write: answered in order, each body where it belongs, and the connection closed at once
+/// after the last answer, which says so.
+#[tokio::test]
+async fn pipelined_plain_requests_around_one_with_a_body_are_answered_in_order() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    let requests = concat!(
+        "GET /api/one HTTP/1.1\r\nHost: x\r\n\r\n",
+        "HEAD /api/two HTTP/1.1\r\nHost: x\r\n\r\n",
+        "DELETE /api/three HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        "POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /api/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let started = tokio::time::Instant::now();
+    let (statuses, text) = exchange(&proxy, requests.as_bytes()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "the connection stayed open after `Connection: close`"
+    );
+    assert_eq!(statuses, [200, 200, 200, 200, 200], "{text}");
+    let seen: Vec<(String, String)> = up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| (s.method.clone(), s.uri.clone()))
+        .collect();
+    let expected = [
+        ("GET", "/api/one"),
+        ("HEAD", "/api/two"),
+        ("DELETE", "/api/three"),
+        ("POST", "/api/upload"),
+        ("GET", "/api/last"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(m, u)| (m.to_string(), u.to_string()))
+        .collect();
+    assert_eq!(seen, expected);
+    // The HEAD answer has its length but no body: the next answer starts right after its head.
+    let head_answer = text.split("HTTP/1.1 ").nth(2).unwrap();
+    let length: u64 = head_answer
+        .to_ascii_lowercase()
+        .split("content-length: ")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\n").next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        length > 0,
+        "HEAD lost the length of what GET would send: {head_answer}"
+    );
+    assert!(
+        head_answer.ends_with("\r\n\r\n"),
+        "a body after HEAD: {head_answer:?}"
+    );
+    assert!(text.contains("\r\n\r\n5"), "the upload's answer: {text}");
+    let last = text
+        .rsplit("HTTP/1.1 ")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(last.contains("connection: close\r\n"), "{last}");
+}
+
+/// A client that hangs up while its request waits on the upstream cancels it: the upstream
+/// connection is closed, not left to finish an answer nobody reads.
+#[tokio::test]
+async fn a_client_that_hangs_up_cancels_its_request_upstream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (asked, mut asked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let asked = asked.clone();
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = closed.send(());
+                            return;
+                        }
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let _ = asked.send(());
+                        head.clear();
+                    }
+                }
+            });
+        }
+    });
+    let config = config_text(&format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"http://{addr}\"\ntimeout = \"30s\"\n"
+    ));
+    let proxy = start_proxy(&config).await;
+    for method in ["GET", "DELETE"] {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client
+            .write_all(format!("{method} /api/hang HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), asked_rx.recv())
+            .await
+            .expect("the request reached the upstream");
+        drop(client);
+        let cancelled = tokio::time::timeout(Duration::from_secs(3), closed_rx.recv()).await;
+        assert!(
+            cancelled.is_ok(),
+            "{method}: the upstream request outlived its client"
+        );
+    }
+}
+
 #[tokio::test]
 async fn well_formed_pipelined_requests_still_pass() {
     let up = upstream::start().await;

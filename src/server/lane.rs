@@ -1,0 +1,615 @@
+//! Vestibule's own HTTP/1.1 server side for the common case on plain connections: bodiless
+//! requests with nothing unusual in their heads (`GET`, `HEAD`, `DELETE`, `OPTIONS`, a `POST`
+//! with `Content-Length: 0`…). The head is read into one buffer and parsed once with
+//! `httparse`; the request's header values are slices of that buffer; the answer's head is
+//! encoded into a buffer kept for the connection and sent with the start of its body in one
+//! write. One task per connection, no dispatcher, no per-request timer entry.
+//!
+//! Anything else hands the connection to hyper for the rest of its life, with every byte read
+//! so far given back first ([`Rewind`]) and the framing guard in front, exactly as a connection
+//! hyper serves from its first byte: a request with a body or `Transfer-Encoding`, an upgrade,
+//! `Expect`, `TE`, `CONNECT` or a target that is not a path, HTTP/1.0, HTTP/2's preface, a head
+//! `httparse` refuses, a bare LF, too many header lines, or a head larger than hyper's buffer.
+//! hyper then gives its own answer (400, 431, the upgrade, the body), so the lane never has to
+//! judge a framing it does not take.
+//!
+//! The lane keeps what the connection meets under hyper: the head must arrive within
+//! `header_read_timeout` (on the worker's coarse deadlines) and a quiet kept-alive connection
+//! is closed after the shorter of that and `idle_timeout`; a client that closes its connection
+//! cancels its request; once shutdown begins an idle connection closes and a busy one closes
+//! after its answer (which carries `Connection: close`, from [`super::answer`]);
+//! `Connection: close` from the client closes after the answer and is echoed.
+
+use crate::app::{App, Worker};
+use crate::clock::http_date::HttpDate;
+use crate::reply::{Body, Inbound};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Header lines a head may have before it goes to hyper (hyper's own limit).
+const MAX_HEADERS: usize = 100;
+
+/// What a connection's lane needs beyond the app.
+pub(super) struct Limits {
+    /// Time for a head to arrive once the connection waits for one.
+    pub head_timeout: Duration,
+    /// Idle time after which a connection with no request in flight closes.
+    pub idle_timeout: Duration,
+    /// hyper's read buffer limit: a head that has not ended within it goes to hyper (431).
+    pub max_head: usize,
+}
+
+/// Serves `tcp` in the lane until the client closes it, a head times out, shutdown, or a
+/// request the lane does not take: then hyper serves the rest of the connection.
+pub(super) async fn serve(
+    builder: &auto::Builder<TokioExecutor>,
+    mut tcp: TcpStream,
+    (app, worker): (Arc<App>, Arc<Worker>),
+    ip: IpAddr,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+) {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut fields: Vec<(HeaderName, Range<usize>)> = Vec::with_capacity(16);
+    let mut date = HttpDate::default();
+    let wait = limits.head_timeout.min(limits.idle_timeout);
+    let mut stopping = pin!(shutdown.cancelled());
+    loop {
+        // 1. A complete head, from what is buffered or within the deadline.
+        let mut parsed = parse(&buf, &mut fields);
+        if matches!(parsed, Parsed::Partial) {
+            if buf.is_empty() && shutdown.is_cancelled() {
+                return;
+            }
+            let reading = read_head(
+                &mut tcp,
+                &mut buf,
+                &mut fields,
+                limits.max_head,
+                &mut stopping,
+            );
+            match worker.deadlines.within(wait, pin!(reading)).await {
+                Ok(Some(done)) => parsed = done,
+                // The client closed, the read failed, shutdown found it idle, or time is up.
+                Ok(None) | Err(()) => return,
+            }
+        }
+        let Parsed::Complete {
+            len,
+            method,
+            target,
+            close,
+        } = parsed
+        else {
+            return hand_over(
+                builder,
+                tcp,
+                buf.freeze(),
+                (app, worker),
+                ip,
+                limits,
+                shutdown,
+            )
+            .await;
+        };
+        let head = buf.split_to(len).freeze();
+        let Some(req) = request(&head, method, target, &mut fields) else {
+            // A target `http::Uri` refuses: hyper answers it.
+            let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(&buf);
+            return hand_over(
+                builder,
+                tcp,
+                whole.freeze(),
+                (app, worker),
+                ip,
+                limits,
+                shutdown,
+            )
+            .await;
+        };
+        drop(head);
+        let head_only = req.method() == Method::HEAD;
+        // 2. The answer, cancelled if the client goes away meanwhile.
+        let answer = super::answer(app.clone(), worker.clone(), req, ip, false);
+        let mut answer = pin!(answer);
+        let response = loop {
+            tokio::select! {
+                biased;
+                response = &mut answer => break response,
+                read = tcp.read_buf(&mut buf), if buf.len() < limits.max_head => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+            }
+        };
+        // 3. The answer sent; the connection kept unless either side closes it.
+        let keep = send(&mut tcp, (&mut out, &mut date), response, head_only, close).await;
+        if !keep || shutdown.is_cancelled() {
+            let _ = tcp.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// What the buffered bytes hold.
+#[derive(Debug, PartialEq)]
+enum Parsed {
+    /// Not yet a whole head.
+    Partial,
+    /// A head the lane does not take (or no HTTP/1.1 at all): hyper's.
+    Unusual,
+    /// A head of `len` bytes for the lane; `fields` holds its header lines.
+    Complete {
+        len: usize,
+        method: Method,
+        target: Range<usize>,
+        close: bool,
+    },
+}
+
+/// Reads until the buffer holds a complete head, or gives up: `None` when the client closed or
+/// the read failed (or shutdown began before a byte of a new head); a head too large for the
+/// lane is [`Parsed::Unusual`].
+async fn read_head(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    fields: &mut Vec<(HeaderName, Range<usize>)>,
+    max_head: usize,
+    stopping: &mut Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+) -> Option<Parsed> {
+    loop {
+        if buf.len() >= max_head {
+            return Some(Parsed::Unusual);
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let read = tokio::select! {
+            biased;
+            read = tcp.read_buf(buf) => read,
+            () = stopping.as_mut(), if buf.is_empty() => return None,
+        };
+        match read {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        match parse(buf, fields) {
+            Parsed::Partial => {}
+            parsed => return Some(parsed),
+        }
+    }
+}
+
+/// Parses the head at the start of `bytes`, if it is whole, and decides whether the lane takes
+/// it. On [`Parsed::Complete`], `fields` holds the header lines' names and where their values
+/// are in `bytes`.
+fn parse(bytes: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>) -> Parsed {
+    if bytes.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut []);
+    let len = match head.parse_with_uninit_headers(bytes, &mut lines) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // Malformed, or more header lines than hyper allows: hyper's answer.
+        Err(_) => return Parsed::Unusual,
+    };
+    // hyper takes a bare LF as a line end; the framing guard refuses it, so hyper must see it.
+    if has_bare_lf(&bytes[..len]) || head.version != Some(1) {
+        return Parsed::Unusual;
+    }
+    let (Some(method), Some(path)) = (head.method, head.path) else {
+        return Parsed::Unusual;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Unusual;
+    };
+    if method == Method::CONNECT || !path.starts_with('/') {
+        return Parsed::Unusual;
+    }
+    let base = bytes.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    fields.clear();
+    let mut close = false;
+    let mut length_seen = false;
+    for line in head.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(line.name.as_bytes()) else {
+            return Parsed::Unusual;
+        };
+        match name {
+            header::TRANSFER_ENCODING | header::UPGRADE | header::EXPECT | header::TE => {
+                return Parsed::Unusual;
+            }
+            // Only an empty body, said once.
+            header::CONTENT_LENGTH => {
+                if length_seen || line.value != b"0" {
+                    return Parsed::Unusual;
+                }
+                length_seen = true;
+            }
+            header::CONNECTION => {
+                for token in line.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return Parsed::Unusual;
+                    }
+                }
+            }
+            _ => {}
+        }
+        fields.push((name, span(line.value)));
+    }
+    Parsed::Complete {
+        len,
+        method,
+        target: span(path.as_bytes()),
+        close,
+    }
+}
+
+/// Whether a line feed in `head` is not preceded by a carriage return.
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut previous = 0u8;
+    for &b in head {
+        if b == b'\n' && previous != b'\r' {
+            return true;
+        }
+        previous = b;
+    }
+    false
+}
+
+/// The request for a head the lane takes; its header values share the head's bytes. `None` if
+/// `http` refuses the target.
+fn request(
+    head: &Bytes,
+    method: Method,
+    target: Range<usize>,
+    fields: &mut Vec<(HeaderName, Range<usize>)>,
+) -> Option<Request<Inbound>> {
+    let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
+    // Room for the fields the proxy adds (forwarding, request id, tokens) without growing.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 12);
+    for (name, value) in fields.drain(..) {
+        // httparse has checked the value's bytes, which `HeaderValue` accepts alike.
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
+        headers.append(name, value);
+    }
+    let mut req = Request::new(Either::Right(Empty::new()));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+/// How an answer's body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    /// No body at all (`HEAD`, `1xx`, `204`, `304`).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `response` and its body; whether the connection can carry another request.
+async fn send(
+    tcp: &mut TcpStream,
+    (out, date): (&mut Vec<u8>, &mut HttpDate),
+    response: Response<Body>,
+    head_only: bool,
+    client_close: bool,
+) -> bool {
+    let (parts, mut body) = response.into_parts();
+    out.clear();
+    let (framing, mut close) = encode_head((out, date), &parts, &body, head_only, client_close);
+    if framing == Framing::None {
+        return tcp.write_all(out).await.is_ok() && !close;
+    }
+    let mut sent = 0u64;
+    loop {
+        // Frames that are ready join the head (or the previous ones) in one write.
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    if tcp.write_all(out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers: dropped, as hyper does for a client that did not ask for them.
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                match framing {
+                    Framing::Length(length) => {
+                        if sent + data.len() as u64 > length {
+                            // More than the head announced: the connection cannot go on.
+                            let room = usize::try_from(length - sent).unwrap_or(0);
+                            out.extend_from_slice(&data[..room]);
+                            let _ = tcp.write_all(out).await;
+                            return false;
+                        }
+                        sent += data.len() as u64;
+                        out.extend_from_slice(&data);
+                    }
+                    Framing::Chunked => {
+                        write_chunk_size(out, data.len());
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    Framing::None => {}
+                }
+                if out.len() >= 64 * 1024 {
+                    if tcp.write_all(out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+            }
+            Some(Err(error)) => {
+                // The answer cannot be finished: end the connection so that the client sees
+                // it cut short instead of a complete message.
+                tracing::debug!(%error, "answer body failed; closing the connection");
+                let _ = tcp.write_all(out).await;
+                return false;
+            }
+            None => {
+                match framing {
+                    Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+                    Framing::Length(length) if sent < length => close = true,
+                    _ => {}
+                }
+                return tcp.write_all(out).await.is_ok() && !close;
+            }
+        }
+    }
+}
+
+/// Encodes the status line and header lines into `out`, with the framing the body takes, a
+/// `Date` unless there is one, and `Connection: close` when the client asked for it. Returns
+/// the framing and whether the connection closes after this answer.
+fn encode_head(
+    (out, date): (&mut Vec<u8>, &mut HttpDate),
+    parts: &http::response::Parts,
+    body: &Body,
+    head_only: bool,
+    client_close: bool,
+) -> (Framing, bool) {
+    let status = parts.status;
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // 1xx answers never reach the lane's requests (no upgrade, no `Expect`); should one come,
+    // it is sent without a body and the connection closed.
+    let informational = status.is_informational();
+    let no_body = head_only
+        || informational
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    // A `HEAD` or `304` answer keeps the length it was given (it describes the `GET`).
+    let keeps_length = head_only || status == StatusCode::NOT_MODIFIED;
+    let mut close = client_close || informational;
+    let mut dated = false;
+    let mut connection = false;
+    let mut given_length: Option<Option<u64>> = None;
+    for (name, value) in &parts.headers {
+        match *name {
+            header::TRANSFER_ENCODING => continue,
+            header::CONTENT_LENGTH => {
+                let parsed = std::str::from_utf8(value.as_bytes())
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                match given_length {
+                    None => given_length = Some(parsed),
+                    // Two lengths that differ: trust neither.
+                    Some(first) if first != parsed => given_length = Some(None),
+                    Some(_) => {}
+                }
+                continue;
+            }
+            header::CONNECTION => {
+                connection = true;
+                if value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+                {
+                    close = true;
+                }
+            }
+            header::DATE => dated = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if no_body {
+        if keeps_length && let Some(Some(length)) = given_length {
+            write_length(out, length);
+        }
+        Framing::None
+    } else {
+        let known = if body.is_end_stream() {
+            Some(0)
+        } else {
+            body.size_hint().exact()
+        };
+        match (known, given_length) {
+            // What the body will produce wins over a header that says otherwise.
+            (Some(length), _) | (None, Some(Some(length))) => {
+                write_length(out, length);
+                Framing::Length(length)
+            }
+            (None, _) => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+        }
+    };
+    if close && !connection {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date.write(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (framing, close)
+}
+
+fn write_length(out: &mut Vec<u8>, length: u64) {
+    out.extend_from_slice(b"content-length: ");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = length;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_chunk_size(out: &mut Vec<u8>, size: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut rest = size;
+    loop {
+        at -= 1;
+        digits[at] = HEX[rest & 0xf];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Gives the connection to hyper, the bytes read so far first, behind the framing guard.
+async fn hand_over(
+    builder: &auto::Builder<TokioExecutor>,
+    tcp: TcpStream,
+    read: Bytes,
+    (app, worker): (Arc<App>, Arc<Worker>),
+    ip: IpAddr,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+) {
+    let io = super::framing::Guarded::new(Rewind { read, inner: tcp });
+    let peer = (ip, false);
+    super::connection::serve(
+        builder,
+        io,
+        (app, worker),
+        peer,
+        limits.idle_timeout,
+        shutdown,
+    )
+    .await;
+}
+
+/// A connection whose first bytes, already read, are read again.
+struct Rewind<T> {
+    read: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let take = self.read.len().min(buf.remaining());
+            let first = self.read.split_to(take);
+            buf.put_slice(&first);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;
