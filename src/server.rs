@@ -14,7 +14,7 @@
 pub mod admin;
 mod connection;
 pub mod framing;
-mod lane;
+pub mod lane;
 pub mod tls;
 
 use crate::app::App;

@@ -308,6 +308,25 @@ fn request(
     Some(req)
 }
 
+/// The request the lane makes of the head at the start of `bytes`, and the head's length; `None`
+/// when the lane would not take it (hyper's) or it is not whole. For the differential fuzz
+/// target `lane_head`, which gives the same bytes to hyper's server.
+#[cfg(feature = "test-support")]
+pub fn take(bytes: &[u8]) -> Option<(usize, Request<Inbound>)> {
+    let mut fields = Vec::new();
+    let Parsed::Complete {
+        len,
+        method,
+        target,
+        ..
+    } = parse(bytes, &mut fields)
+    else {
+        return None;
+    };
+    let head = Bytes::copy_from_slice(&bytes[..len]);
+    request(&head, method, target, &mut fields).map(|req| (len, req))
+}
+
 /// How an answer's body is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Framing {

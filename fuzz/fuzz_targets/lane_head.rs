@@ -1,0 +1,97 @@
+//! Request heads as Vestibule's own HTTP/1 lane takes them (`server::lane`), against hyper's
+//! server given the same bytes behind the framing guard — what a connection handed to hyper
+//! meets. Any head the lane takes, hyper takes too, as the same request: method, target, every
+//! header line in order, no body. So the lane never accepts what the front door would refuse,
+//! nor reads a request differently from the parser it stands in for. It never panics.
+#![no_main]
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use libfuzzer_sys::fuzz_target;
+use std::convert::Infallible;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::runtime::Runtime;
+use vestibule::server::framing::Guarded;
+use vestibule::server::lane::take;
+
+static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+});
+
+#[derive(Debug, PartialEq)]
+struct Read {
+    method: String,
+    target: String,
+    fields: Vec<(String, Vec<u8>)>,
+    bodiless: bool,
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((len, ours)) = take(data) else {
+        return;
+    };
+    let head = &data[..len];
+    let ours = Read {
+        method: ours.method().to_string(),
+        target: ours.uri().to_string(),
+        fields: ours
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        bodiless: ours.body().is_end_stream(),
+    };
+    let theirs = RUNTIME.block_on(hyper_reads(head));
+    let Some(theirs) = theirs else {
+        panic!(
+            "hyper refused a head the lane took: {:?}",
+            String::from_utf8_lossy(head)
+        );
+    };
+    assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(head));
+});
+
+/// The request hyper's HTTP/1 server reads from `head` behind the framing guard, if any.
+async fn hyper_reads(head: &[u8]) -> Option<Read> {
+    let (mut client, server) = tokio::io::duplex(256 * 1024);
+    let seen: std::sync::Arc<Mutex<Option<Read>>> = Default::default();
+    let record = seen.clone();
+    let service = service_fn(move |req: http::Request<Incoming>| {
+        let mut slot = record.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(Read {
+                method: req.method().to_string(),
+                target: req.uri().to_string(),
+                fields: req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                    .collect(),
+                bodiless: req.body().is_end_stream(),
+            });
+        }
+        async { Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new())) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(Guarded::new(server)), service);
+    let write = async {
+        let _ = client.write_all(head).await;
+        let _ = client.shutdown().await;
+        // Drain the answer so that hyper is never blocked writing it.
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        tokio::join!(conn, write)
+    })
+    .await;
+    seen.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
