@@ -53,13 +53,14 @@ fn is_hop_by_hop_str(token: &str) -> bool {
 
 /// The `Upgrade` protocol of a request asking to switch protocols (never `h2c`).
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    // `Upgrade` first: nearly every request has none, and many carry `Connection: keep-alive`.
+    let protocol = headers.get(header::UPGRADE)?;
     let wants = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let protocol = headers.get(header::UPGRADE)?;
     let is_h2c = protocol
         .to_str()
         .is_ok_and(|p| p.trim().eq_ignore_ascii_case("h2c"));

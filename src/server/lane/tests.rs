@@ -85,6 +85,10 @@ fn every_head_the_lane_must_not_judge_goes_to_hyper() {
         "GET /a HTTP/1.1\nHost: app\n\n",
         "GET /a HTTP/1.1\r\nHost: app\n\r\n",
         "GET /a HTTP/1.1\r\nHost: app\r\n\n",
+        // a lone CR balancing a bare LF: the count of each would match, httparse must refuse
+        "GET /a HTTP/1.1\r\nX: a\rb\nY: c\r\n\r\n",
+        "GET /a\r HTTP/1.1\nX: b\r\n\r\n",
+        "GET /a HTTP/1.1\r\nX\r: b\nY: c\r\n\r\n",
         // malformed: hyper's 400
         "GET /a HTTP/1.1\r\nBad Name: x\r\n\r\n",
         "GET /a HTTP/1.1\r\nX: a\x01b\r\n\r\n",

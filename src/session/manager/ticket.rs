@@ -81,7 +81,14 @@ impl StoreKey {
             .chain_update(b"vestibule handle\0")
             .chain_update(self.0)
             .finalize();
-        hex::encode(&digest[..16])
+        // Written digit by digit: `hex::encode` goes through a char iterator (once per request).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = String::with_capacity(32);
+        for &byte in &digest[..16] {
+            text.push(char::from(HEX[usize::from(byte >> 4)]));
+            text.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        text
     }
 
     /// Where the single-flight refresh lease for this session lives.
@@ -244,6 +251,24 @@ mod tests {
         assert_eq!(
             decode_session(&ticket, &ticket.key(), &record),
             Some(session)
+        );
+    }
+
+    #[test]
+    fn the_handle_is_the_first_half_of_its_digest_in_lower_hex() {
+        // Replicas of different versions share handles (invalidation messages, URLs): the
+        // text must never change.
+        for fill in [0u8, 1, 0x7f, 0xa5, 0xff] {
+            let key = StoreKey([fill; 32]);
+            let digest = Sha256::new()
+                .chain_update(b"vestibule handle\0")
+                .chain_update([fill; 32])
+                .finalize();
+            assert_eq!(key.handle(), hex::encode(&digest[..16]));
+        }
+        assert_eq!(
+            StoreKey([0; 32]).handle(),
+            "d5ca6ac94b2e0720b93db015f975af20"
         );
     }
 
