@@ -482,8 +482,24 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     let framing = if no_body {
-        if keeps_length && let Some(Some(length)) = given_length {
-            write_length(out, length);
+        if keeps_length {
+            // The length given, or (for `HEAD`, as hyper does) the length of a body the
+            // answer was built with; never an implied zero.
+            let from_body = || {
+                let exact = body.size_hint().exact();
+                (head_only && !body.is_end_stream())
+                    .then_some(exact)
+                    .flatten()
+            };
+            match given_length {
+                Some(Some(length)) => write_length(out, length),
+                Some(None) => {}
+                None => {
+                    if let Some(length) = from_body() {
+                        write_length(out, length);
+                    }
+                }
+            }
         }
         Framing::None
     } else {

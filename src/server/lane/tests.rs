@@ -267,6 +267,17 @@ fn head_204_and_304_answers_have_no_body_and_keep_only_a_meaningful_length() {
 }
 
 #[test]
+fn a_head_answer_built_with_a_body_says_its_length_and_an_empty_one_says_none() {
+    let (head, framing, _) = encoded(answer(200, &[], crate::reply::full("hello")), true, false);
+    assert_eq!(framing, Framing::None);
+    assert!(head.contains("content-length: 5\r\n"), "{head}");
+    let (head, _, _) = encoded(answer(200, &[], crate::reply::empty()), true, false);
+    assert!(!head.contains("content-length"), "{head}");
+    let (head, _, _) = encoded(answer(200, &[], streamed()), true, false);
+    assert!(!head.contains("content-length"), "{head}");
+}
+
+#[test]
 fn close_asked_by_either_side_is_said_once_and_ends_the_connection() {
     let (head, _, close) = encoded(answer(200, &[], crate::reply::empty()), false, true);
     assert!(close);
