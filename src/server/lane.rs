@@ -112,7 +112,7 @@ pub(super) async fn serve(
         };
         let head = buf.split_to(len).freeze();
         let Some(req) = request(&head, method, target, &mut fields) else {
-            // A target `http::Uri` refuses: hyper answers it.
+            // A target or a value `http` refuses: hyper answers it.
             let mut whole = BytesMut::with_capacity(head.len() + buf.len());
             whole.extend_from_slice(&head);
             whole.extend_from_slice(&buf);
