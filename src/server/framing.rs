@@ -26,13 +26,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Guarded<T> {
     inner: T,
     framing: Framing,
+    /// Bytes already taken from `inner` (by the HTTP/1 lane), read and checked first.
+    read: bytes::Bytes,
 }
 
 impl<T> Guarded<T> {
     pub fn new(inner: T) -> Self {
+        Self::after(inner, bytes::Bytes::new())
+    }
+
+    /// `inner`, of which `read` has been read already: those bytes come (and are checked) first.
+    pub fn after(inner: T, read: bytes::Bytes) -> Self {
         Guarded {
             inner,
             framing: Framing::default(),
+            read,
         }
     }
 }
@@ -45,7 +53,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let polled = if this.read.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let first = this.read.split_to(this.read.len().min(buf.remaining()));
+            buf.put_slice(&first);
+            Poll::Ready(Ok(()))
+        };
         if let Poll::Ready(Ok(())) = polled
             && let Some(new) = buf.filled_mut().get_mut(before..)
         {
@@ -357,6 +371,28 @@ impl Chunk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bytes_read_before_come_first_and_are_checked_like_the_rest() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut near, far) = tokio::io::duplex(64);
+        let read = bytes::Bytes::from_static(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTrans");
+        let mut guarded = Guarded::after(far, read);
+        near.write_all(b"fer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        drop(near);
+        let mut all = Vec::new();
+        guarded.read_to_end(&mut all).await.unwrap();
+        let sent = "GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(all.len(), sent.len());
+        assert_eq!(&all[..all.len() - 1], &sent.as_bytes()[..sent.len() - 1]);
+        assert_eq!(
+            all.last(),
+            Some(&0),
+            "a refused head split across both reads passed"
+        );
+    }
 
     /// Feeds `input` in pieces of `step` bytes; returns what hyper would read.
     fn checked(input: &str, step: usize) -> (Vec<u8>, Framing) {

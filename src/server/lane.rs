@@ -5,9 +5,9 @@
 //! encoded into a buffer kept for the connection and sent with the start of its body in one
 //! write. One task per connection, no dispatcher, no per-request timer entry.
 //!
-//! Anything else hands the connection to hyper for the rest of its life, with every byte read
-//! so far given back first ([`Rewind`]) and the framing guard in front, exactly as a connection
-//! hyper serves from its first byte: a request with a body or `Transfer-Encoding`, an upgrade,
+//! Anything else hands the connection to hyper for the rest of its life, every byte read so
+//! far given back first through the framing guard ([`super::framing::Guarded::after`]), as a
+//! connection hyper serves from its first byte: a request with a body or `Transfer-Encoding`, an upgrade,
 //! `Expect`, `TE`, `CONNECT` or a target that is not a path, HTTP/1.0, HTTP/2's preface, a head
 //! `httparse` refuses, a bare LF, too many header lines, or a head larger than hyper's buffer.
 //! hyper then gives its own answer (400, 431, the upgrade, the body), so the lane never has to
@@ -31,15 +31,14 @@ use http_body_util::{Either, Empty};
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use std::future::poll_fn;
-use std::io;
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -576,7 +575,7 @@ async fn hand_over(
     limits: &Limits,
     shutdown: &CancellationToken,
 ) {
-    let io = super::framing::Guarded::new(Rewind { read, inner: tcp });
+    let io = super::framing::Guarded::after(tcp, read);
     let peer = (ip, false);
     super::connection::serve(
         builder,
@@ -587,58 +586,6 @@ async fn hand_over(
         shutdown,
     )
     .await;
-}
-
-/// A connection whose first bytes, already read, are read again.
-struct Rewind<T> {
-    read: Bytes,
-    inner: T,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.read.is_empty() {
-            let take = self.read.len().min(buf.remaining());
-            let first = self.read.split_to(take);
-            buf.put_slice(&first);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -324,17 +324,3 @@ fn lengths_and_chunk_sizes_are_written_as_their_numbers() {
         assert_eq!(out, format!("{n:x}\r\n").into_bytes());
     }
 }
-
-#[tokio::test]
-async fn rewind_gives_the_bytes_read_before_the_rest() {
-    let (mut near, far) = tokio::io::duplex(64);
-    let mut rewound = Rewind {
-        read: Bytes::from_static(b"GET / HT"),
-        inner: far,
-    };
-    near.write_all(b"TP/1.1\r\n\r\n").await.unwrap();
-    drop(near);
-    let mut all = Vec::new();
-    rewound.read_to_end(&mut all).await.unwrap();
-    assert_eq!(all, b"GET / HTTP/1.1\r\n\r\n");
-}
