@@ -75,6 +75,7 @@ impl App {
             keyring: Keyring::new(config.session.keys.clone())
                 .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?,
             cache_ttl: config.session.cache_ttl,
+            cache_entries: config.session.cache_entries,
         };
         let sessions = Arc::new(Sessions::new(settings, store));
         let dpop_key = crate::state::StoredDpopKey {

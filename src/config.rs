@@ -345,6 +345,8 @@ pub struct SessionConfig {
     pub max_entries: usize,
     /// How long an opened session may be served from the in-process cache.
     pub cache_ttl: Duration,
+    /// The most opened sessions the in-process cache holds.
+    pub cache_entries: usize,
 }
 
 impl fmt::Debug for SessionConfig {
@@ -359,6 +361,8 @@ impl fmt::Debug for SessionConfig {
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("keys_file", &self.keys_file)
             .field("max_entries", &self.max_entries)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("cache_entries", &self.cache_entries)
             .finish()
     }
 }

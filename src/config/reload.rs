@@ -241,6 +241,7 @@ fn session_section(d: &mut Decide, old: &SessionConfig, new: SessionConfig) -> S
         keys_file: live "session.keys_file",
         max_entries: restart "session.max_entries",
         cache_ttl: restart "session.cache_ttl",
+        cache_entries: restart "session.cache_entries",
     })
 }
 

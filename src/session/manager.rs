@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
 use self::cache::Cache;
+pub use self::cache::DEFAULT_ENTRIES as DEFAULT_CACHE_ENTRIES;
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
@@ -42,6 +43,8 @@ pub struct SessionSettings {
     /// Keep opened sessions in memory this long (`ZERO`: no cache). Another instance's write is
     /// seen as soon as its invalidation message arrives, and at the latest after this long.
     pub cache_ttl: Duration,
+    /// The most sessions the cache holds (`session.cache_entries`).
+    pub cache_entries: usize,
 }
 
 impl SessionSettings {
@@ -53,6 +56,7 @@ impl SessionSettings {
             absolute_timeout: DEFAULT_ABSOLUTE_TIMEOUT,
             keyring,
             cache_ttl: Duration::ZERO,
+            cache_entries: cache::DEFAULT_ENTRIES,
         }
     }
 }
@@ -138,10 +142,12 @@ impl Sessions {
             absolute_timeout,
             keyring,
             cache_ttl,
+            cache_entries,
         } = settings;
         let cache = (!cache_ttl.is_zero()).then(|| {
             Arc::new(Cache::new(
                 cache_ttl,
+                cache_entries,
                 store.subscribe(INVALIDATION_CHANNEL),
                 store.subscription_live(),
             ))

@@ -108,6 +108,10 @@ fn golden_messages_for_each_kind_of_mistake() {
             "session.same_site: \"none\" is not allowed; use one of \"lax\", \"strict\"",
         ),
         (
+            add("session.cache_entries", 0),
+            "session.cache_entries: 0 must be a positive number",
+        ),
+        (
             add("session.store", "redis"),
             "session.redis: is required when store = \"redis\": add [session.redis] with url = \"redis://127.0.0.1:6379\"",
         ),

@@ -18,6 +18,7 @@ pub(super) fn session_config(
         keys_file,
         max_entries,
         cache_ttl,
+        cache_entries,
         redis,
     } = raw;
     let cookie_secure = cookie_secure.unwrap_or(true);
@@ -89,17 +90,13 @@ pub(super) fn session_config(
             (keys, None)
         }
     };
-    let max_entries = match max_entries {
-        None => 100_000,
-        Some(n) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
-        Some(n) => {
-            problems.add(
-                "session.max_entries",
-                format!("{n} must be a positive number"),
-            );
-            100_000
-        }
-    };
+    let max_entries = positive(max_entries, "session.max_entries", 100_000, problems);
+    let cache_entries = positive(
+        cache_entries,
+        "session.cache_entries",
+        crate::session::DEFAULT_CACHE_ENTRIES,
+        problems,
+    );
     let store = match store.as_deref().unwrap_or("memory") {
         "memory" => Some(StoreConfig::Memory),
         "redis" => redis_config(redis, problems).map(StoreConfig::Redis),
@@ -127,7 +124,20 @@ pub(super) fn session_config(
             Duration::from_secs(5),
             problems,
         ),
+        cache_entries,
     })
+}
+
+/// A count that must be above zero; `default` when it is not set.
+fn positive(value: Option<i64>, key: &str, default: usize, problems: &mut Problems) -> usize {
+    match value {
+        None => default,
+        Some(n) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            problems.add(key, format!("{n} must be a positive number"));
+            default
+        }
+    }
 }
 
 /// One session key: 32 bytes of base64 (standard, or URL-safe without padding).

@@ -32,8 +32,8 @@ use tokio::time::Instant;
 
 use crate::session::model::Session;
 
-/// Entries kept in all, [`MAX_ENTRIES`] / [`SHARDS`] per shard.
-const MAX_ENTRIES: usize = 10_000;
+/// Entries kept in all unless `session.cache_entries` says otherwise, a [`SHARDS`]th per shard.
+pub const DEFAULT_ENTRIES: usize = 20_000;
 /// Independent parts of the cache (a power of two).
 const SHARDS: usize = 16;
 
@@ -111,12 +111,14 @@ struct Slot {
 }
 
 impl Cache {
+    /// A cache of at most about `entries` sessions (rounded up to a multiple of [`SHARDS`]).
     pub(super) fn new(
         ttl: Duration,
+        entries: usize,
         invalidations: broadcast::Receiver<String>,
         live: watch::Receiver<bool>,
     ) -> Cache {
-        let capacity = MAX_ENTRIES.div_ceil(SHARDS);
+        let capacity = entries.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)
             .map(|i| {
                 let mut live = live.clone();
@@ -179,6 +181,8 @@ impl Cache {
             }
             let victim = shard.victim(self.ttl);
             shard.remove_at(victim);
+        } else {
+            shard.drop_one_if_expired(self.ttl);
         }
         let at = shard.slots.len();
         shard.index.insert(key, at);
@@ -193,6 +197,21 @@ impl Cache {
     pub(super) fn remove(&self, handle: &str) {
         let key = key_of(handle);
         self.shard(key).remove(key);
+    }
+
+    /// Entries held, expired or not.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .slots
+                    .len()
+            })
+            .sum()
     }
 }
 
@@ -252,6 +271,20 @@ impl Shard {
         }
     }
 
+    /// Looks at one entry picked at random and drops it if it has expired: an insert pays for
+    /// forgetting about one, so a shard that is not full shrinks back to the sessions still in
+    /// use once a crowd has gone (the memory and the tokens it holds are let go), without a
+    /// sweep of its own.
+    fn drop_one_if_expired(&mut self, ttl: Duration) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let at = self.next_random() % self.slots.len();
+        if self.slots[at].stored.elapsed() >= ttl {
+            self.remove_at(at);
+        }
+    }
+
     /// Whether a full shard takes `key` in: only on its second try while the doorkeeper still
     /// remembers the first; otherwise it is remembered now, in place of another.
     fn admit(&mut self, key: Key) -> bool {
@@ -292,6 +325,8 @@ impl Shard {
 mod tests {
     use super::*;
 
+    const ENTRIES: usize = 10_000;
+
     fn session() -> Arc<Session> {
         Arc::new(Session {
             sub: "u".into(),
@@ -302,7 +337,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_their_ttl() {
         let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(1), rx, watch::channel(true).1);
+        let cache = Cache::new(Duration::from_secs(1), ENTRIES, rx, watch::channel(true).1);
         cache.put("h", 3, &session());
         assert_eq!(cache.get("h").map(|(v, _)| v), Some(3));
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -312,7 +347,7 @@ mod tests {
     #[test]
     fn messages_remove_entries_and_resync_or_lag_clears_all() {
         let (tx, rx) = broadcast::channel(2);
-        let cache = Cache::new(Duration::from_secs(60), rx, watch::channel(true).1);
+        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watch::channel(true).1);
         cache.put("a", 1, &session());
         cache.put("b", 1, &session());
         tx.send("a".into()).unwrap();
@@ -333,7 +368,7 @@ mod tests {
     fn nothing_is_cached_while_messages_cannot_arrive() {
         let (_tx, rx) = broadcast::channel(4);
         let (live, watching) = watch::channel(true);
-        let cache = Cache::new(Duration::from_secs(60), rx, watching);
+        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
         cache.put("kept", 1, &session());
         live.send_replace(false);
         assert!(
@@ -360,14 +395,14 @@ mod tests {
     #[test]
     fn more_sessions_than_capacity_keep_the_cache_full_and_the_ones_used_again_in_it() {
         let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(60), rx, watch::channel(true).1);
-        let all = handles(MAX_ENTRIES + MAX_ENTRIES / 5);
+        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watch::channel(true).1);
+        let all = handles(ENTRIES + ENTRIES / 5);
         for (version, handle) in all.iter().enumerate() {
             cache.put(handle, version as u64, &session());
         }
         let held = all.iter().filter(|h| cache.get(h).is_some()).count();
         assert!(
-            held >= MAX_ENTRIES * 9 / 10,
+            held >= ENTRIES * 9 / 10,
             "{held} of {} sessions still cached: the cache must not be emptied when full",
             all.len()
         );
@@ -386,11 +421,68 @@ mod tests {
     }
 
     #[test]
+    fn ten_thousand_active_sessions_are_held_whole_by_default() {
+        let (_tx, rx) = broadcast::channel(4);
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            DEFAULT_ENTRIES,
+            rx,
+            watch::channel(true).1,
+        );
+        let active = handles(10_000);
+        for handle in &active {
+            cache.put(handle, 1, &session());
+        }
+        // The shards hold a binomial share each: a capacity equal to the active set (the old
+        // default) left some full and churning.
+        let held = active.iter().filter(|h| cache.get(h).is_some()).count();
+        assert_eq!(held, active.len(), "every active session is cached");
+    }
+
+    #[test]
+    fn the_cache_holds_no_more_than_it_is_given() {
+        let (_tx, rx) = broadcast::channel(4);
+        let cache = Cache::new(Duration::from_secs(60), 1_600, rx, watch::channel(true).1);
+        for handle in handles(5_000) {
+            cache.put(&handle, 1, &session());
+            cache.put(&handle, 1, &session());
+        }
+        assert_eq!(cache.len(), 1_600, "full, and not one more");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_let_go_as_new_ones_come_in() {
+        let (_tx, rx) = broadcast::channel(4);
+        let cache = Cache::new(Duration::from_secs(1), 100_000, rx, watch::channel(true).1);
+        let all = handles(8_000);
+        let (crowd, later) = all.split_at(2_000);
+        for handle in crowd {
+            cache.put(handle, 1, &session());
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for handle in later {
+            cache.put(handle, 1, &session());
+        }
+        let left = cache.len() - later.len();
+        assert!(
+            left < crowd.len() / 2,
+            "{left} of {} expired sessions still held after {} inserts",
+            crowd.len(),
+            later.len()
+        );
+    }
+
+    #[test]
     fn a_stream_of_sessions_seen_once_does_not_push_out_the_ones_in_use() {
         let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(600), rx, watch::channel(true).1);
-        let all = handles(MAX_ENTRIES * 11);
-        let (regulars, passers_by) = all.split_at(MAX_ENTRIES * 9 / 10);
+        let cache = Cache::new(
+            Duration::from_secs(600),
+            ENTRIES,
+            rx,
+            watch::channel(true).1,
+        );
+        let all = handles(ENTRIES * 11);
+        let (regulars, passers_by) = all.split_at(ENTRIES * 9 / 10);
         for handle in regulars {
             cache.put(handle, 1, &session());
         }
@@ -412,8 +504,13 @@ mod tests {
     #[test]
     fn a_cycle_larger_than_capacity_still_hits() {
         let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(600), rx, watch::channel(true).1);
-        let all = handles(MAX_ENTRIES + MAX_ENTRIES / 5);
+        let cache = Cache::new(
+            Duration::from_secs(600),
+            ENTRIES,
+            rx,
+            watch::channel(true).1,
+        );
+        let all = handles(ENTRIES + ENTRIES / 5);
         let (mut hits, mut lookups) = (0usize, 0usize);
         for round in 0..5 {
             for handle in &all {
@@ -438,7 +535,7 @@ mod tests {
     fn a_subscription_outage_between_two_lookups_still_drops_what_was_cached() {
         let (_tx, rx) = broadcast::channel(4);
         let (live, watching) = watch::channel(true);
-        let cache = Cache::new(Duration::from_secs(60), rx, watching);
+        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
         cache.put("kept", 1, &session());
         assert!(cache.get("kept").is_some());
         // Down and up again with no lookup in between: messages may have been lost meanwhile.
