@@ -61,6 +61,10 @@ impl Conn {
     /// Room for the next read; the buffer's allocation is taken back once the bytes handed out
     /// of it (the last response's head and body) are gone.
     fn make_room(&mut self) {
+        if self.buf.is_empty() {
+            // Every answer read into the same cache lines while the last one's bytes are gone.
+            self.buf.try_reclaim(READ_SPACE);
+        }
         if self.buf.capacity() - self.buf.len() < READ_SPACE / 2 {
             self.buf.reserve(READ_SPACE);
         }

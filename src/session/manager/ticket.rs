@@ -295,14 +295,8 @@ mod tests {
             let hex = hex::encode([fill; 32]);
             assert_eq!(key.name(), format!("s:{hex}"));
             assert_eq!(key.lock_name(), format!("l:{hex}"));
-            assert_eq!(
-                key.aad(BODY_AAD),
-                format!("vestibule session body s:{hex}")
-            );
-            assert_eq!(
-                key.aad(META_AAD),
-                format!("vestibule session meta s:{hex}")
-            );
+            assert_eq!(key.aad(BODY_AAD), format!("vestibule session body s:{hex}"));
+            assert_eq!(key.aad(META_AAD), format!("vestibule session meta s:{hex}"));
         }
     }
 
