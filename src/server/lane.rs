@@ -78,7 +78,7 @@ pub(super) async fn serve(
             // Back to the start of the allocation (the last head's bytes are gone with its
             // request): every request is read into the same few cache lines, instead of each
             // into the next ones until the buffer runs out.
-            buf.try_reclaim(READ_SPACE);
+            let _ = buf.try_reclaim(READ_SPACE);
         }
         // 1. A complete head, from what is buffered or within the deadline.
         let mut parsed = parse(&buf, &mut fields);

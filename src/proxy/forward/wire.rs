@@ -63,7 +63,7 @@ impl Conn {
     fn make_room(&mut self) {
         if self.buf.is_empty() {
             // Every answer read into the same cache lines while the last one's bytes are gone.
-            self.buf.try_reclaim(READ_SPACE);
+            let _ = self.buf.try_reclaim(READ_SPACE);
         }
         if self.buf.capacity() - self.buf.len() < READ_SPACE / 2 {
             self.buf.reserve(READ_SPACE);
