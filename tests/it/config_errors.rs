@@ -109,7 +109,7 @@ fn golden_messages_for_each_kind_of_mistake() {
         ),
         (
             add("session.cache_entries", 0),
-            "session.cache_entries: 0 must be a positive number",
+            "session.cache_entries: 0 is out of range; use 1 to 1000000, or cache_ttl = \"0s\" for no cache",
         ),
         (
             add("session.store", "redis"),

@@ -90,13 +90,29 @@ pub(super) fn session_config(
             (keys, None)
         }
     };
-    let max_entries = positive(max_entries, "session.max_entries", 100_000, problems);
-    let cache_entries = positive(
-        cache_entries,
-        "session.cache_entries",
-        crate::session::DEFAULT_CACHE_ENTRIES,
-        problems,
-    );
+    let max_entries = match max_entries {
+        None => 100_000,
+        Some(n) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            problems.add(
+                "session.max_entries",
+                format!("{n} must be a positive number"),
+            );
+            100_000
+        }
+    };
+    let cache_entries = match cache_entries {
+        None => crate::session::DEFAULT_CACHE_ENTRIES,
+        // Its bookkeeping is allocated up front (a few tens of bytes an entry).
+        Some(n @ 1..=1_000_000) => n as usize,
+        Some(n) => {
+            problems.add(
+                "session.cache_entries",
+                format!("{n} is out of range; use 1 to 1000000, or cache_ttl = \"0s\" for no cache"),
+            );
+            crate::session::DEFAULT_CACHE_ENTRIES
+        }
+    };
     let store = match store.as_deref().unwrap_or("memory") {
         "memory" => Some(StoreConfig::Memory),
         "redis" => redis_config(redis, problems).map(StoreConfig::Redis),
@@ -126,18 +142,6 @@ pub(super) fn session_config(
         ),
         cache_entries,
     })
-}
-
-/// A count that must be above zero; `default` when it is not set.
-fn positive(value: Option<i64>, key: &str, default: usize, problems: &mut Problems) -> usize {
-    match value {
-        None => default,
-        Some(n) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
-        Some(n) => {
-            problems.add(key, format!("{n} must be a positive number"));
-            default
-        }
-    }
 }
 
 /// One session key: 32 bytes of base64 (standard, or URL-safe without padding).
