@@ -108,7 +108,9 @@ pub(super) fn session_config(
         Some(n) => {
             problems.add(
                 "session.cache_entries",
-                format!("{n} is out of range; use 1 to 1000000, or cache_ttl = \"0s\" for no cache"),
+                format!(
+                    "{n} is out of range; use 1 to 1000000, or cache_ttl = \"0s\" for no cache"
+                ),
             );
             crate::session::DEFAULT_CACHE_ENTRIES
         }
