@@ -330,6 +330,9 @@ pub enum SameSite {
     Strict,
 }
 
+/// Sessions the in-process cache holds unless `session.cache_entries` says otherwise.
+pub const DEFAULT_CACHE_ENTRIES: usize = 20_000;
+
 #[derive(Clone)]
 pub struct SessionConfig {
     pub store: StoreConfig,

@@ -17,9 +17,7 @@ pub mod model;
 pub mod seal;
 pub mod store;
 
-pub use manager::{
-    DEFAULT_CACHE_ENTRIES, OpenSession, SessionError, SessionSettings, SessionSummary, Sessions,
-};
+pub use manager::{OpenSession, SessionError, SessionSettings, SessionSummary, Sessions};
 pub use model::{AccessToken, Session, TokenMap};
 pub use seal::{Keyring, KeyringError, Opened, SealError};
 pub use store::{MemoryStore, Record, RedisStore, Store, StoreConfig, StoreError};

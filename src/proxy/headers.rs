@@ -137,41 +137,40 @@ pub fn remove_set_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>, route: &
     }
 }
 
-fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = Option<&str>> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .flat_map(|value| match value.to_str() {
-            Ok(text) => text
-                .split(';')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(Some)
-                .collect::<Vec<_>>(),
-            Err(_) => vec![None],
-        })
+/// The `name=value` pairs of one `Cookie` header's text, trimmed, empty ones skipped.
+fn cookie_pairs(text: &str) -> impl Iterator<Item = &str> {
+    text.split(';').map(str::trim).filter(|p| !p.is_empty())
 }
 
 fn cookie_name(pair: &str) -> &str {
     pair.split_once('=').map_or(pair, |(n, _)| n).trim()
 }
 
-/// Removes Vestibule's own cookies from every `Cookie` header, keeping the others in order.
-/// Requests without any of them (the common case) are left untouched, without allocating.
+/// Removes Vestibule's own cookies from every `Cookie` header, keeping the others in order (a
+/// header that is not text goes too). Requests without any of them are left untouched, and the
+/// rest is built in one string: a token route's requests always carry the session cookie.
 pub fn remove_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>) {
-    let present =
-        cookie_pairs(headers).any(|pair| pair.is_none_or(|p| own.matches(cookie_name(p))));
+    let present = headers.get_all(header::COOKIE).iter().any(|value| {
+        value.to_str().map_or(true, |text| {
+            cookie_pairs(text).any(|p| own.matches(cookie_name(p)))
+        })
+    });
     if !present {
         return;
     }
-    let kept: Vec<&str> = cookie_pairs(headers)
-        .flatten()
-        .filter(|p| !own.matches(cookie_name(p)))
-        .collect();
-    let joined = kept.join("; ");
+    let mut kept = String::new();
+    for value in &headers.get_all(header::COOKIE) {
+        let Ok(text) = value.to_str() else { continue };
+        for pair in cookie_pairs(text).filter(|p| !own.matches(cookie_name(p))) {
+            if !kept.is_empty() {
+                kept.push_str("; ");
+            }
+            kept.push_str(pair);
+        }
+    }
     headers.remove(header::COOKIE);
-    if !joined.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&joined)
+    if !kept.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&kept)
     {
         headers.insert(header::COOKIE, value);
     }
@@ -461,6 +460,35 @@ mod tests {
             },
         );
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+
+        let own = OwnCookies {
+            session: "__Host-vestibule",
+            login_prefix: "vestibule-login",
+        };
+        // Only ours: no `Cookie` header is left at all.
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, " __Host-vestibule=x ;".parse().unwrap());
+        remove_cookies(&mut h, own);
+        assert!(h.get(header::COOKIE).is_none());
+        // A header that is not text cannot be checked: it goes, the others' pairs stay.
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1".parse().unwrap());
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"__Host-vestibule=\xff").unwrap(),
+        );
+        h.append(header::COOKIE, "b=2;; c=3".parse().unwrap());
+        remove_cookies(&mut h, own);
+        assert_eq!(
+            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2; c=3"]
+        );
+        // None of ours: left exactly as it came, in two headers.
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1".parse().unwrap());
+        h.append(header::COOKIE, "vestibule=2".parse().unwrap());
+        remove_cookies(&mut h, own);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 2);
     }
 
     #[test]

@@ -21,7 +21,6 @@ use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
 use self::cache::Cache;
-pub use self::cache::DEFAULT_ENTRIES as DEFAULT_CACHE_ENTRIES;
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
@@ -56,7 +55,7 @@ impl SessionSettings {
             absolute_timeout: DEFAULT_ABSOLUTE_TIMEOUT,
             keyring,
             cache_ttl: Duration::ZERO,
-            cache_entries: cache::DEFAULT_ENTRIES,
+            cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
         }
     }
 }

@@ -102,7 +102,7 @@ pub(super) fn session_config(
         }
     };
     let cache_entries = match cache_entries {
-        None => crate::session::DEFAULT_CACHE_ENTRIES,
+        None => DEFAULT_CACHE_ENTRIES,
         // Its bookkeeping is allocated up front (a few tens of bytes an entry).
         Some(n @ 1..=1_000_000) => n as usize,
         Some(n) => {
@@ -112,7 +112,7 @@ pub(super) fn session_config(
                     "{n} is out of range; use 1 to 1000000, or cache_ttl = \"0s\" for no cache"
                 ),
             );
-            crate::session::DEFAULT_CACHE_ENTRIES
+            DEFAULT_CACHE_ENTRIES
         }
     };
     let store = match store.as_deref().unwrap_or("memory") {

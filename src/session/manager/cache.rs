@@ -32,8 +32,6 @@ use tokio::time::Instant;
 
 use crate::session::model::Session;
 
-/// Entries kept in all unless `session.cache_entries` says otherwise, a [`SHARDS`]th per shard.
-pub const DEFAULT_ENTRIES: usize = 20_000;
 /// Independent parts of the cache (a power of two).
 const SHARDS: usize = 16;
 
@@ -324,6 +322,7 @@ impl Shard {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_CACHE_ENTRIES as DEFAULT_ENTRIES;
 
     const ENTRIES: usize = 10_000;
 

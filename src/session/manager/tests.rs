@@ -17,7 +17,7 @@ fn settings(keys: &[u8], cache_ttl: Duration) -> SessionSettings {
         absolute_timeout: Duration::from_secs(ABSOLUTE),
         keyring: Keyring::new(keys.iter().map(|b| [*b; 32]).collect()).unwrap(),
         cache_ttl,
-        cache_entries: super::DEFAULT_CACHE_ENTRIES,
+        cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
     }
 }
 
