@@ -63,6 +63,11 @@ pub fn metrics() -> &'static PrometheusHandle {
             "Grants at the provider's token endpoint for upstream tokens (refresh_token, \
              token_exchange, client_credentials), by outcome (ok, rejected, unavailable)."
         );
+        metrics::describe_counter!(
+            "vestibule_session_cache_lookups_total",
+            "Session lookups in the in-process cache, by result (hit, miss); hits are added in \
+             batches of up to 32 per shard."
+        );
         metrics::describe_gauge!(
             "vestibule_requests_in_flight",
             "Requests being handled now."

@@ -407,6 +407,41 @@ async fn a_trusted_proxy_decides_sampling_and_its_trace_continues_upstream() {
 }
 
 /// The `vestibule_*` series `text` (Prometheus exposition) names, without histogram suffixes.
+#[tokio::test]
+async fn session_cache_hits_and_misses_are_counted() {
+    let t = traced(0.0, "10.255.255.0/24").await;
+    let s = &t.stack;
+    let mut browser = s.login("alice").await;
+    let metrics = format!("http://{}/metrics", s.proxy().admin);
+    let before = get(&metrics, &[]).await.text();
+    for i in 0..40 {
+        let r = browser
+            .get(&s.proxy().url(&format!("/api/c{i}")), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let after = get(&metrics, &[]).await.text();
+    // One session, one part of the cache: its hits are added in batches of 32.
+    let hits = cache_lookups(&after, "hit") - cache_lookups(&before, "hit");
+    assert!(
+        hits >= 32,
+        "{hits} hits counted for 40 requests of one session: {after}"
+    );
+    assert!(
+        cache_lookups(&after, "miss") >= 1,
+        "the session's first load is a miss: {after}"
+    );
+}
+
+/// `vestibule_session_cache_lookups_total{result}` in a scrape (0 when absent).
+fn cache_lookups(metrics: &str, result: &str) -> u64 {
+    let prefix = format!("vestibule_session_cache_lookups_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
 fn series(text: &str) -> BTreeSet<String> {
     text.lines()
         .filter(|l| !l.starts_with('#'))

@@ -82,7 +82,18 @@ type Index = HashMap<Key, usize, BuildHasherDefault<KeyHasher>>;
 pub(super) struct Cache {
     ttl: Duration,
     shards: Box<[Mutex<Shard>]>,
+    lookups: Lookups,
 }
+
+/// `vestibule_session_cache_lookups_total`, by result: whether the cache is large enough.
+struct Lookups {
+    hit: metrics::Counter,
+    miss: metrics::Counter,
+}
+
+/// Hits a shard counts under its own lock before adding them to the shared counter, so that a
+/// hit costs no atomic operation shared between the workers.
+const HITS_BATCH: u64 = 32;
 
 struct Shard {
     /// Key -> position in `slots`.
@@ -98,6 +109,8 @@ struct Shard {
     is_live: bool,
     /// State of the xorshift generator that picks eviction candidates.
     random: u64,
+    /// Hits not yet added to [`Lookups::hit`].
+    hits: u64,
 }
 
 struct Slot {
@@ -131,10 +144,20 @@ impl Cache {
                     live: Some(live),
                     is_live,
                     random: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1),
+                    hits: 0,
                 })
             })
             .collect();
-        Cache { ttl, shards }
+        let name = "vestibule_session_cache_lookups_total";
+        let lookups = Lookups {
+            hit: metrics::counter!(name, "result" => "hit"),
+            miss: metrics::counter!(name, "result" => "miss"),
+        };
+        Cache {
+            ttl,
+            shards,
+            lookups,
+        }
     }
 
     /// The shard of a key, brought up to date (messages drained, liveness checked).
@@ -150,12 +173,23 @@ impl Cache {
     pub(super) fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
         let key = key_of(handle);
         let mut shard = self.shard(key);
-        let at = *shard.index.get(&key)?;
-        let slot = &shard.slots[at];
-        if slot.stored.elapsed() < self.ttl {
-            return Some((slot.version, slot.session.clone()));
+        let found = shard.index.get(&key).copied();
+        if let Some(at) = found {
+            let slot = &shard.slots[at];
+            if slot.stored.elapsed() < self.ttl {
+                let hit = (slot.version, slot.session.clone());
+                shard.hits += 1;
+                if shard.hits >= HITS_BATCH {
+                    self.lookups.hit.increment(std::mem::take(&mut shard.hits));
+                }
+                return Some(hit);
+            }
+            shard.remove_at(at);
         }
-        shard.remove_at(at);
+        // A miss reads the store next: counting it (and the hits not yet counted) costs nothing
+        // next to that.
+        self.lookups.miss.increment(1);
+        self.lookups.hit.increment(std::mem::take(&mut shard.hits));
         None
     }
 
