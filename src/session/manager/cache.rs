@@ -360,6 +360,18 @@ mod tests {
 
     const ENTRIES: usize = 10_000;
 
+    /// A cache whose messages and liveness never change: its sender side is gone (a closed
+    /// channel reads as empty; a dropped `live` sender leaves it live for good).
+    fn quiet_cache(ttl_secs: u64, entries: usize) -> Cache {
+        let (_tx, rx) = broadcast::channel(4);
+        Cache::new(
+            Duration::from_secs(ttl_secs),
+            entries,
+            rx,
+            watch::channel(true).1,
+        )
+    }
+
     fn session() -> Arc<Session> {
         Arc::new(Session {
             sub: "u".into(),
@@ -369,8 +381,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_their_ttl() {
-        let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(1), ENTRIES, rx, watch::channel(true).1);
+        let cache = quiet_cache(1, ENTRIES);
         cache.put("h", 3, &session());
         assert_eq!(cache.get("h").map(|(v, _)| v), Some(3));
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -427,8 +438,7 @@ mod tests {
 
     #[test]
     fn more_sessions_than_capacity_keep_the_cache_full_and_the_ones_used_again_in_it() {
-        let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watch::channel(true).1);
+        let cache = quiet_cache(60, ENTRIES);
         let all = handles(ENTRIES + ENTRIES / 5);
         for (version, handle) in all.iter().enumerate() {
             cache.put(handle, version as u64, &session());
@@ -455,13 +465,7 @@ mod tests {
 
     #[test]
     fn ten_thousand_active_sessions_are_held_whole_by_default() {
-        let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(
-            Duration::from_secs(60),
-            DEFAULT_ENTRIES,
-            rx,
-            watch::channel(true).1,
-        );
+        let cache = quiet_cache(60, DEFAULT_ENTRIES);
         let active = handles(10_000);
         for handle in &active {
             cache.put(handle, 1, &session());
@@ -474,8 +478,7 @@ mod tests {
 
     #[test]
     fn the_cache_holds_no_more_than_it_is_given() {
-        let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(60), 1_600, rx, watch::channel(true).1);
+        let cache = quiet_cache(60, 1_600);
         for handle in handles(5_000) {
             cache.put(&handle, 1, &session());
             cache.put(&handle, 1, &session());
@@ -485,8 +488,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn expired_entries_are_let_go_as_new_ones_come_in() {
-        let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(Duration::from_secs(1), 100_000, rx, watch::channel(true).1);
+        let cache = quiet_cache(1, 100_000);
         let all = handles(8_000);
         let (crowd, later) = all.split_at(2_000);
         for handle in crowd {
@@ -507,13 +509,7 @@ mod tests {
 
     #[test]
     fn a_stream_of_sessions_seen_once_does_not_push_out_the_ones_in_use() {
-        let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(
-            Duration::from_secs(600),
-            ENTRIES,
-            rx,
-            watch::channel(true).1,
-        );
+        let cache = quiet_cache(600, ENTRIES);
         let all = handles(ENTRIES * 11);
         let (regulars, passers_by) = all.split_at(ENTRIES * 9 / 10);
         for handle in regulars {
@@ -536,13 +532,7 @@ mod tests {
 
     #[test]
     fn a_cycle_larger_than_capacity_still_hits() {
-        let (_tx, rx) = broadcast::channel(4);
-        let cache = Cache::new(
-            Duration::from_secs(600),
-            ENTRIES,
-            rx,
-            watch::channel(true).1,
-        );
+        let cache = quiet_cache(600, ENTRIES);
         let all = handles(ENTRIES + ENTRIES / 5);
         let (mut hits, mut lookups) = (0usize, 0usize);
         for round in 0..5 {
