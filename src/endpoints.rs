@@ -332,9 +332,11 @@ async fn callback(
     let Some(id_token) = tokens.id_token.clone() else {
         return login_failed("id_token_missing", "the provider returned no ID token");
     };
+    // Checked against the time the answer came, not `now`: the provider issued the ID token
+    // while answering, possibly more than the allowed skew after the callback arrived.
     let expect = app
         .oidc
-        .id_token_expectations(&app.oidc.config.client_id, now);
+        .id_token_expectations(&app.oidc.config.client_id, app.clock.now());
     let claims = match crate::jose::validate_id_token(
         &app.oidc.provider.jwks,
         &id_token,
@@ -377,7 +379,11 @@ async fn callback(
         .filter(|(k, _)| !TECHNICAL_CLAIMS.contains(&k.as_str()))
         .collect();
     if app.oidc.config.userinfo {
-        match app.oidc.userinfo(&tokens.access_token, &sub, now).await {
+        match app
+            .oidc
+            .userinfo(&tokens.access_token, &sub, &app.clock)
+            .await
+        {
             Ok(info) => user_claims = crate::oidc::userinfo::merge(user_claims, info),
             Err(e @ UserinfoError::Unavailable(_)) => {
                 return Err(RequestError::Provider(

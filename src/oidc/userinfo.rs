@@ -99,13 +99,13 @@ impl Oidc {
         Ok(answer)
     }
 
-    /// The UserInfo claims for `access_token`, checked to be about `sub`; `now` judges a signed
-    /// answer's `exp`.
+    /// The UserInfo claims for `access_token`, checked to be about `sub`; `clock`, read when the
+    /// answer has come, judges a signed answer's times.
     pub async fn userinfo(
         &self,
         access_token: &str,
         sub: &str,
-        now: u64,
+        clock: &crate::clock::Clock,
     ) -> Result<Claims, UserinfoError> {
         let metadata = self
             .metadata()
@@ -137,7 +137,7 @@ impl Oidc {
             let token = std::str::from_utf8(&body)
                 .map_err(|_| UserinfoError::Invalid("the JWT is not text".into()))?
                 .trim();
-            let expect = self.id_token_expectations(&self.config.client_id, now);
+            let expect = self.id_token_expectations(&self.config.client_id, clock.now());
             crate::jose::validate_userinfo_jwt(&self.provider.jwks, token, &expect)
                 .await
                 .map_err(|e| UserinfoError::Invalid(e.to_string()))?

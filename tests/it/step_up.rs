@@ -264,6 +264,23 @@ async fn an_upstream_asking_for_stronger_authentication_gets_the_same_step_up_an
 }
 
 #[tokio::test]
+async fn a_slow_code_exchange_with_no_clock_skew_still_signs_in() {
+    // The ID token is issued when the provider answers the code exchange, not when the callback
+    // arrived: a provider slower than the allowed skew (here none) is no ID token "from the future".
+    let s = LoginStack::builder()
+        .config(|c| c.add("oidc.clock_skew", "0s"))
+        .start()
+        .await;
+    let r = s
+        .provider
+        .control("/_test/behaviour", json!({ "token_delay_ms": 1500 }))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut browser = Browser::default();
+    signed_in_via(&mut browser, &s.base, "/bff/login?returnUrl=/", None).await;
+}
+
+#[tokio::test]
 async fn a_route_with_max_age_asks_for_a_fresh_sign_in_once_the_last_one_is_too_old() {
     let rs = challenging_upstream().await;
     let s = LoginStack::builder()

@@ -354,10 +354,9 @@ impl Job {
         // The default access token is the one the UserInfo endpoint takes (a token for another
         // resource may be refused there).
         let userinfo = if self.oidc.config.userinfo && target.key.is_empty() {
-            let now = self.clock.now();
             match self
                 .oidc
-                .userinfo(&tokens.access_token, &current.session.sub, now)
+                .userinfo(&tokens.access_token, &current.session.sub, &self.clock)
                 .await
             {
                 Ok(info) => Userinfo::Fetched(info),
