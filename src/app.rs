@@ -10,7 +10,7 @@ use crate::oidc::client_auth::Credential;
 use crate::oidc::{GrantError, Oidc};
 use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
-use crate::reply::{Body, ErrorCode, Inbound, Reader};
+use crate::reply::{Body, ErrorCode, Inbound, Reader, in_box};
 use crate::rescue::RequestError;
 use crate::session::manager::{SessionSettings, Sessions};
 use crate::session::seal::Keyring;
@@ -178,17 +178,19 @@ impl App {
         let mut routed = match access::preflight(&live, &req) {
             Some(answer) => Routed::answer("preflight", answer),
             // Boxed: the pipeline's future is several KiB; kept inline, the request's future
-            // (which hyper moves into its connection state) would be as large.
+            // (which hyper moves into its connection state) would be as large. Built in its box:
+            // `Box::pin` would build it on the stack and copy all of it, once per request.
             None => match &self.tracer {
-                None => Box::pin(self.route(&live, req, peer, worker)).await,
+                None => in_box(|| self.route(&live, req, peer, worker)).await,
                 Some(tracer) => {
                     use tracing::Instrument;
                     use tracing::instrument::WithSubscriber;
-                    Box::pin(
+                    let span = span.clone();
+                    in_box(|| {
                         self.route(&live, req, peer, worker)
-                            .instrument(span.clone())
-                            .with_subscriber(tracer.dispatch().clone()),
-                    )
+                            .instrument(span)
+                            .with_subscriber(tracer.dispatch().clone())
+                    })
                     .await
                 }
             },
@@ -297,7 +299,7 @@ impl App {
                 // and would otherwise grow every request's future (moved on each request).
                 let label = crate::endpoints::label(req.method(), &rest);
                 let answer =
-                    Box::pin(crate::endpoints::handle(self, live, req, &rest, peer.ip)).await;
+                    in_box(|| crate::endpoints::handle(self, live, req, &rest, peer.ip)).await;
                 return routed(label, answer);
             }
         };
@@ -323,19 +325,23 @@ impl App {
             if let Some(proof) = proof {
                 req.headers_mut().insert(crate::oidc::dpop::DPOP, proof);
             }
-            proxy::dispatch(
-                &worker.upstreams,
-                route,
-                req,
-                peer,
-                own,
-                &live.public_side,
-                bearer,
-                identity,
-                config.server.max_body,
-                body_pace(config),
-                config.server.request_timeout,
-            )
+            // Built in a box of its own: inline, its 3.5 KB would be copied into this future
+            // (and, for a replayable request, into the send's future around it) on every call.
+            in_box(|| {
+                proxy::dispatch(
+                    &worker.upstreams,
+                    route,
+                    req,
+                    peer,
+                    own,
+                    &live.public_side,
+                    bearer,
+                    identity,
+                    config.server.max_body,
+                    body_pace(config),
+                    config.server.request_timeout,
+                )
+            })
         };
         // Kept for an RFC 9470 step-up answer: where the login brings the user back (a
         // reference-counted copy, only for routes that send the user's token), and whether the
@@ -350,12 +356,14 @@ impl App {
                 let proof = match bound {
                     false => Ok(None),
                     true => {
-                        Box::pin(self.dpop_proof(
-                            route,
-                            req.method(),
-                            req.uri().path(),
-                            admitted.bearer.as_ref(),
-                        ))
+                        in_box(|| {
+                            self.dpop_proof(
+                                route,
+                                req.method(),
+                                req.uri().path(),
+                                admitted.bearer.as_ref(),
+                            )
+                        })
                         .await
                     }
                 };
@@ -380,12 +388,14 @@ impl App {
                     }
                     // A fresh proof for each send (it carries the latest nonce).
                     let prove_and_send = || async {
-                        match Box::pin(self.dpop_proof(
-                            route,
-                            &replay.method,
-                            replay.uri.path(),
-                            bearer.as_ref(),
-                        ))
+                        match in_box(|| {
+                            self.dpop_proof(
+                                route,
+                                &replay.method,
+                                replay.uri.path(),
+                                bearer.as_ref(),
+                            )
+                        })
                         .await
                         {
                             Ok(proof) => {
@@ -412,7 +422,7 @@ impl App {
                 let first = send(admitted.bearer).await;
                 if route.token == crate::config::TokenMode::User && rejects_token(&first) {
                     // Rare: boxed so that it does not grow every request's future.
-                    Box::pin(async {
+                    in_box(|| async {
                         match self.replace_token(worker, live, route, &replay).await {
                             Ok(Some(bearer)) => send(Some(bearer)).await,
                             Ok(None) => first,

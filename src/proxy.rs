@@ -93,12 +93,9 @@ where
             let upstream_path = routing::upstream_path(route, req.uri().path()).into_owned();
             let req = req.map(|_| ());
             // Boxed: file serving's future is large and would grow every proxied request's.
-            Box::pin(static_files::serve(
-                dir,
-                spa_fallback.as_deref(),
-                &upstream_path,
-                &req,
-            ))
+            crate::reply::in_box(|| {
+                static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req)
+            })
             .await
         }
         Target::Upstream(base) => {

@@ -153,7 +153,7 @@ impl crate::oidc::dpop::KeySource for StoredDpopKey {
                 + '_,
         >,
     > {
-        Box::pin(self.load_or_create())
+        crate::reply::in_box(|| self.load_or_create())
     }
 }
 

@@ -214,7 +214,7 @@ impl Tokens {
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
         // grow the future of every request on a token route.
-        Box::pin(self.single_flight(ask, rejected))
+        crate::reply::in_box(|| self.single_flight(ask, rejected))
             .await
             .map_err(|e| rescue(&ask.live.config.server.bff_prefix, e))
     }

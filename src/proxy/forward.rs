@@ -194,7 +194,9 @@ impl Upstreams {
             }
             // Boxed: hyper's client (1.3 KB of future) would otherwise size every request's
             // future, and the wire path's too; it carries only bodies and upgrades.
-            return Ok(Box::pin(local::send(local, req)).await?.map(boxed));
+            return Ok(crate::reply::in_box(|| local::send(local, req))
+                .await?
+                .map(boxed));
         }
         Ok(self.client.request(req).await?.map(boxed))
     }
@@ -242,7 +244,7 @@ impl Upstreams {
                 }
                 // Off the workers (boxed, as the rare branches below: only the common one
                 // sizes the future every request builds).
-                None => Box::pin(tokio::time::timeout(timeout, self.request(req)))
+                None => crate::reply::in_box(|| tokio::time::timeout(timeout, self.request(req)))
                     .await
                     .map_err(|_| ()),
             }
@@ -261,7 +263,7 @@ impl Upstreams {
                 let _ = done_rx.wait_for(|done| *done).await;
                 tokio::time::sleep(timeout).await;
             };
-            Box::pin(async move {
+            crate::reply::in_box(|| async move {
                 tokio::select! {
                     response = self.request(req) => Ok(response),
                     _ = deadline => Err(()),

@@ -146,7 +146,7 @@ macro_rules! delegate {
                     // Boxed: a Redis call's future is some 4 KiB, and every future that may
                     // await one (a request's, on every route) would carry that size and be
                     // copied whole when moved; the box is paid only with the network call.
-                    Store::Redis(s) => Box::pin(s.$name($($arg),*)).await,
+                    Store::Redis(s) => crate::reply::in_box(|| s.$name($($arg),*)).await,
                 }
             }
         )*
