@@ -124,7 +124,8 @@ impl App {
         Ok(app)
     }
 
-    /// Handles one request from the public listener, on the serving worker `worker`.
+    /// Handles one request from the public listener, on the serving worker `worker`; while
+    /// shutting down, an HTTP/1 answer also closes its connection.
     pub async fn handle(
         &self,
         mut req: Request<Inbound>,
@@ -135,6 +136,7 @@ impl App {
         let started = Instant::now();
         let live = self.live.load_full();
         let method = req.method().clone();
+        let version = req.version();
         let peer = Peer {
             ip,
             tls,
@@ -208,6 +210,11 @@ impl App {
         response
             .headers_mut()
             .insert("x-request-id", request_id.clone());
+        if self.stopping.is_cancelled() && version < http::Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let status = response.status().as_u16();
         let elapsed = started.elapsed();
         let upstream_ms = response

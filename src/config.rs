@@ -412,11 +412,49 @@ pub enum TokenMode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Upstream(url::Url),
+    Upstream(UpstreamBase),
     Static {
         dir: PathBuf,
         spa_fallback: Option<String>,
     },
+}
+
+/// A route's upstream: its base URL, and what every request forwarded there takes from it,
+/// made once here instead of parsed again per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamBase {
+    pub url: url::Url,
+    pub scheme: http::uri::Scheme,
+    /// `host[:port]`, as sent in `Host` (the port only when it is not the scheme's default).
+    pub authority: http::uri::Authority,
+    /// The same, as the `Host` header value.
+    pub host: http::HeaderValue,
+}
+
+impl UpstreamBase {
+    /// `None` for a URL that is not `http` or `https` with a host.
+    pub fn new(url: url::Url) -> Option<UpstreamBase> {
+        let scheme = match url.scheme() {
+            "http" => http::uri::Scheme::HTTP,
+            "https" => http::uri::Scheme::HTTPS,
+            _ => return None,
+        };
+        url.host()?;
+        let text = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        let authority = http::uri::Authority::try_from(text).ok()?;
+        let host = http::HeaderValue::from_str(text).ok()?;
+        Some(UpstreamBase {
+            url,
+            scheme,
+            authority,
+            host,
+        })
+    }
+
+    /// The base URL's path without its trailing slash ("" for none): forwarded paths go below it.
+    pub fn path(&self) -> &str {
+        self.url.path().trim_end_matches('/')
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -108,7 +108,13 @@ where
                 return ErrorCode::PayloadTooLarge.json(&[]);
             }
             let upstream_path = routing::upstream_path(route, req.uri().path());
-            let Some(uri) = forward::upstream_uri(base, &upstream_path, req.uri().query()) else {
+            let uri = if base.path().is_empty() && upstream_path == req.uri().path() {
+                // The request's own path and query, as they are: nothing to build or parse.
+                forward::origin_uri(base, req.uri().path_and_query().cloned())
+            } else {
+                forward::upstream_uri(base, &upstream_path, req.uri().query())
+            };
+            let Some(uri) = uri else {
                 return ErrorCode::BadRequest.json(&[]);
             };
             drop(upstream_path);
@@ -130,9 +136,7 @@ where
                 }
             }
             headers::set_forwarded(&mut parts.headers, peer, public);
-            if let Ok(authority) = HeaderValue::from_str(forward::authority(base)) {
-                parts.headers.insert(header::HOST, authority);
-            }
+            parts.headers.insert(header::HOST, base.host.clone());
             parts.uri = uri;
             let body = if http_body::Body::is_end_stream(&body) {
                 // Nothing to read, limit or pace (and nothing to allocate).
@@ -174,7 +178,7 @@ pub fn upstream_target<'r>(route: &'r RouteConfig, path: &str) -> Option<(http::
     };
     let upstream_path = routing::upstream_path(route, path);
     let uri = forward::upstream_uri(base, &upstream_path, None)?;
-    Some((uri, forward::authority(base)))
+    Some((uri, base.authority.as_str()))
 }
 
 /// The answer for a request that matched no route.

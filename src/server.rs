@@ -19,12 +19,10 @@ pub mod tls;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::reply::{Body, Inbound};
-use http::{HeaderValue, Request, Response, header};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics::Gauge;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -148,25 +146,6 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
 /// How long open connections are still served once shutdown begins (at most half the grace
 /// period), each HTTP/1 answer closing its connection, before idle ones are closed.
 pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
-
-/// Answers one request on `worker`; while shutting down, an HTTP/1 answer also closes its
-/// connection.
-async fn answer(
-    app: Arc<App>,
-    worker: Arc<crate::app::Worker>,
-    req: Request<Inbound>,
-    ip: IpAddr,
-    tls: bool,
-) -> Response<Body> {
-    let version = req.version();
-    let mut response = app.handle(req, ip, tls, &worker).await;
-    if app.stopping.is_cancelled() && version < http::Version::HTTP_2 {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
 
 /// One worker per CPU available to the process unless `server.workers` says otherwise.
 fn worker_count(config: &Config) -> usize {

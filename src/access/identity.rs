@@ -98,7 +98,7 @@ fn encode(text: &str) -> String {
 fn audience(route: &RouteConfig) -> String {
     match (&route.resource, &route.target) {
         (Some(resource), _) => resource.clone(),
-        (None, Target::Upstream(url)) => url.origin().ascii_serialization(),
+        (None, Target::Upstream(base)) => base.url.origin().ascii_serialization(),
         (None, Target::Static { .. }) => String::new(),
     }
 }

@@ -343,9 +343,14 @@ fn find_cause<E: std::error::Error + 'static>(error: &(dyn std::error::Error + '
 }
 
 /// The upstream URI for `path_and_query` under `base` (whose own path is kept as a prefix).
-pub fn upstream_uri(base: &url::Url, path: &str, query: Option<&str>) -> Option<Uri> {
-    let base_path = base.path().trim_end_matches('/');
-    let authority = authority(base);
+pub fn upstream_uri(
+    base: &crate::config::UpstreamBase,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Uri> {
+    let base_path = base.path();
+    let authority = base.authority.as_str();
+    let base = &base.url;
     let mut text = String::with_capacity(
         base.scheme().len()
             + 3
@@ -365,6 +370,20 @@ pub fn upstream_uri(base: &url::Url, path: &str, query: Option<&str>) -> Option<
     }
     // From a String: the bytes are moved, not copied.
     Uri::try_from(text).ok()
+}
+
+/// The upstream URI for a request whose path and query go to `base` unchanged (a base without a
+/// path of its own, no prefix stripped): made from parts already parsed, with no text built.
+pub fn origin_uri(
+    base: &crate::config::UpstreamBase,
+    path_and_query: Option<http::uri::PathAndQuery>,
+) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(base.scheme.clone());
+    parts.authority = Some(base.authority.clone());
+    parts.path_and_query =
+        Some(path_and_query.unwrap_or(http::uri::PathAndQuery::from_static("/")));
+    Uri::from_parts(parts).ok()
 }
 
 /// `host[:port]` of a URL, as sent in `Host` (the port only when it is not the scheme's
@@ -444,6 +463,7 @@ impl Drop for Tracked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamBase;
 
     #[test]
     fn upstream_uris_keep_the_base_path_and_authority() {
@@ -464,8 +484,21 @@ mod tests {
             ("http://[::1]:8080", "/", None, "http://[::1]:8080/"),
         ];
         for (base, path, query, want) in cases {
-            let base = url::Url::parse(base).unwrap();
+            let base = UpstreamBase::new(url::Url::parse(base).unwrap()).unwrap();
             assert_eq!(upstream_uri(&base, path, query).unwrap().to_string(), want);
+            if base.path().is_empty() {
+                // Built from the parts, the same URI.
+                let pq = match query {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_string(),
+                };
+                let uri = origin_uri(&base, Some(pq.parse().unwrap())).unwrap();
+                assert_eq!(uri.to_string(), want);
+                assert_eq!(
+                    uri.authority(),
+                    upstream_uri(&base, path, query).unwrap().authority()
+                );
+            }
         }
         let base = url::Url::parse("http://user:pw@api.test:8080/p").unwrap();
         assert_eq!(authority(&base), "api.test:8080");

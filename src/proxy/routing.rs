@@ -135,7 +135,10 @@ mod tests {
     fn route(path: &str, strip: bool) -> RouteConfig {
         RouteConfig {
             path: path.into(),
-            target: Target::Upstream(url::Url::parse("http://127.0.0.1:1").unwrap()),
+            target: Target::Upstream(
+                crate::config::UpstreamBase::new(url::Url::parse("http://127.0.0.1:1").unwrap())
+                    .unwrap(),
+            ),
             strip_prefix: strip,
             auth: AuthMode::None,
             token: TokenMode::None,

@@ -91,7 +91,7 @@ pub(super) async fn serve<I>(
         let busy = tracked.begin();
         async move {
             let req = req.map(http_body_util::Either::Left);
-            let response = super::answer(app, worker, req, ip, tls).await;
+            let response = app.handle(req, ip, tls, &worker).await;
             drop(busy);
             Ok::<_, Infallible>(response)
         }

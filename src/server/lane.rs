@@ -17,12 +17,12 @@
 //! `header_read_timeout` (on the worker's coarse deadlines) and a quiet kept-alive connection
 //! is closed after the shorter of that and `idle_timeout`; a client that closes its connection
 //! cancels its request; once shutdown begins an idle connection closes and a busy one closes
-//! after its answer (which carries `Connection: close`, from [`super::answer`]);
+//! after its answer (which carries `Connection: close`, from [`App::handle`]);
 //! `Connection: close` from the client closes after the answer and is echoed.
 
 use crate::app::{App, Worker};
 use crate::clock::http_date::HttpDate;
-use crate::reply::{Body, Inbound};
+use crate::reply::{Body, Inbound, in_box};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
@@ -106,16 +106,11 @@ pub(super) async fn serve(
             close,
         } = parsed
         else {
-            return hand_over(
-                builder,
-                tcp,
-                buf.freeze(),
-                (app, worker),
-                ip,
-                limits,
-                shutdown,
-            )
-            .await;
+            // Boxed (as below): hyper's connection is 2.5 KB of future that every connection
+            // of the lane would otherwise carry for its whole life.
+            let rest = buf.freeze();
+            return in_box(|| hand_over(builder, tcp, rest, (app, worker), ip, limits, shutdown))
+                .await;
         };
         let head = buf.split_to(len).freeze();
         let Some(req) = request(&head, method, target, &mut fields) else {
@@ -123,21 +118,14 @@ pub(super) async fn serve(
             let mut whole = BytesMut::with_capacity(head.len() + buf.len());
             whole.extend_from_slice(&head);
             whole.extend_from_slice(&buf);
-            return hand_over(
-                builder,
-                tcp,
-                whole.freeze(),
-                (app, worker),
-                ip,
-                limits,
-                shutdown,
-            )
-            .await;
+            let whole = whole.freeze();
+            return in_box(|| hand_over(builder, tcp, whole, (app, worker), ip, limits, shutdown))
+                .await;
         };
         drop(head);
         let head_only = req.method() == Method::HEAD;
         // 2. The answer, cancelled if the client goes away meanwhile.
-        let answer = super::answer(app.clone(), worker.clone(), req, ip, false);
+        let answer = app.handle(req, ip, false, &worker);
         let mut answer = pin!(answer);
         let response = loop {
             tokio::select! {

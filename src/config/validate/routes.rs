@@ -105,15 +105,13 @@ pub(super) fn routes_config(
             }
         }
         let target = match (upstream, static_dir) {
-            (Some(u), None) => match url::Url::parse(&u) {
-                Ok(url)
-                    if (url.scheme() == "http" || url.scheme() == "https")
-                        && url.host().is_some()
-                        && url.query().is_none() =>
-                {
-                    Some(Target::Upstream(url))
-                }
-                _ => {
+            (Some(u), None) => match url::Url::parse(&u)
+                .ok()
+                .filter(|url| url.query().is_none())
+                .and_then(UpstreamBase::new)
+            {
+                Some(base) => Some(Target::Upstream(base)),
+                None => {
                     problems.add(
                         format!("{path}.upstream"),
                         format!(
@@ -293,7 +291,7 @@ pub(super) fn routes_config(
                 "a static_dir route forwards nothing; identity_headers and assertion need an upstream",
             );
         }
-        let https = matches!(&target, Some(Target::Upstream(u)) if u.scheme() == "https");
+        let https = matches!(&target, Some(Target::Upstream(u)) if u.url.scheme() == "https");
         for (key, set) in [
             ("ca_file", ca_file.is_some()),
             ("tls_client_cert", tls_client_cert.is_some()),
