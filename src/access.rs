@@ -54,6 +54,10 @@ pub fn feature_visible(live: &LiveConfig, name: &str, session: Option<&Session>)
 
 /// CSRF: `X-CSRF: 1`, and no cross-site origin. Upgrades (which cannot carry custom headers)
 /// must come with `Origin` equal to `public_url` or one of `cors_origins`.
+// As `HeaderName` values: looked up by text, a name is parsed on every call.
+const X_CSRF: http::HeaderName = http::HeaderName::from_static("x-csrf");
+const SEC_FETCH_SITE: http::HeaderName = http::HeaderName::from_static("sec-fetch-site");
+
 pub fn csrf_ok<B>(live: &LiveConfig, req: &Request<B>) -> bool {
     let server = &live.config.server;
     let origin = req
@@ -67,7 +71,7 @@ pub fn csrf_ok<B>(live: &LiveConfig, req: &Request<B>) -> bool {
     }
     if req
         .headers()
-        .get("x-csrf")
+        .get(X_CSRF)
         .is_none_or(|v| v.as_bytes() != b"1")
     {
         return false;
@@ -76,7 +80,7 @@ pub fn csrf_ok<B>(live: &LiveConfig, req: &Request<B>) -> bool {
         Some(o) => allowed_origin(o),
         None => req
             .headers()
-            .get("sec-fetch-site")
+            .get(SEC_FETCH_SITE)
             .is_none_or(|v| v.as_bytes() != b"cross-site"),
     }
 }

@@ -16,7 +16,7 @@ use crate::session::manager::{SessionSettings, Sessions};
 use crate::session::seal::Keyring;
 use crate::session::store::Store;
 use arc_swap::ArcSwap;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
 use http_body_util::{Either, Empty};
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -209,7 +209,7 @@ impl App {
         drop(in_flight);
         response
             .headers_mut()
-            .insert("x-request-id", request_id.clone());
+            .insert(X_REQUEST_ID, request_id.clone());
         if self.stopping.is_cancelled() && version < http::Version::HTTP_2 {
             response
                 .headers_mut()
@@ -644,8 +644,11 @@ impl App {
 }
 
 /// The `traceparent` and `tracestate` headers (W3C trace context).
-const TRACEPARENT: &str = "traceparent";
-const TRACESTATE: &str = "tracestate";
+// Header names as `HeaderName` values: looked up by text, a name is parsed and checked on
+// every call (a few hundred instructions each, several times per request).
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the pipeline answered, with what the metrics and the access log say about it.
 struct Routed<'r> {

@@ -242,7 +242,9 @@ impl Reader {
 
 /// Is this request a top-level browser navigation (which wants HTML and redirects)?
 pub fn is_navigation(headers: &HeaderMap) -> bool {
-    if let Some(mode) = headers.get("sec-fetch-mode") {
+    // A `HeaderName` value: looked up by text, the name is parsed on every call.
+    const SEC_FETCH_MODE: http::HeaderName = http::HeaderName::from_static("sec-fetch-mode");
+    if let Some(mode) = headers.get(SEC_FETCH_MODE) {
         return mode.as_bytes() == b"navigate";
     }
     headers

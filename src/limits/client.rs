@@ -1,6 +1,8 @@
 //! The client's address as Vestibule can vouch for it.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 
@@ -18,7 +20,7 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
         return peer;
     }
     let lines: Vec<&str> = headers
-        .get_all("x-forwarded-for")
+        .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();

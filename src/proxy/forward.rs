@@ -17,6 +17,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 use tokio_util::task::TaskTracker;
 
 use crate::net::{Connector, connector, http_connector};
@@ -222,8 +224,7 @@ impl Upstreams {
             "error.type" = tracing::field::Empty,
         );
         if let Some(traceparent) = crate::telemetry::trace::traceparent(&span) {
-            req.headers_mut()
-                .insert(http::HeaderName::from_static("traceparent"), traceparent);
+            req.headers_mut().insert(TRACEPARENT, traceparent);
         }
         let (protocol, downstream) = match upgrade {
             Some((protocol, on)) => (Some(protocol), Some(on)),
