@@ -463,7 +463,6 @@ async fn spend_login_state(
         &hash_hex(state)[..12]
     );
     let login = cookies::values(req.headers(), &name)
-        .into_iter()
         .filter_map(|v| app.keyring().open(&name, v))
         .filter_map(|opened| serde_json::from_slice::<LoginState>(&opened.plaintext).ok())
         .find(|l| bool::from(l.state.as_bytes().ct_eq(state.as_bytes())));
