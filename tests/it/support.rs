@@ -22,8 +22,30 @@ use tokio_util::sync::CancellationToken;
 use vestibule::app::App;
 use vestibule::config::Config;
 
-/// A port that was free a moment ago (bound to port 0, then released).
+/// A port that was free a moment ago, for a server a test configures before it starts (bound,
+/// then released). Taken below the kernel's ephemeral range, where outbound connections and
+/// port-0 listeners get theirs: a port from that range could be handed to one of those in the
+/// moment between its release and the server binding it (it was, in a CI run: `AddrInUse`).
+/// Each port is given once per run (a counter from a start that differs per process).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 10_000;
+    if ephemeral_low > LOW + 2_000 {
+        let span = ephemeral_low - LOW;
+        let start = std::process::id() % span;
+        for _ in 0..span {
+            let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let port = u16::try_from(port).expect("below the ephemeral range");
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
