@@ -281,15 +281,21 @@ async fn work(
                     lane::serve(&builder, tcp, (app, worker), ip, &kit.lane, &close).await;
                 }
                 Some(acceptor) => {
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    else {
-                        return;
-                    };
-                    let peer = (ip, true);
-                    let idle = kit.idle_timeout;
-                    let io = framing::Guarded::new(stream);
-                    connection::serve(&builder, io, (app, worker), peer, idle, &close).await;
+                    // Boxed: the TLS handshake and hyper's connection are 4.7 KB of future
+                    // that every plain connection's task would otherwise be sized for.
+                    crate::reply::in_box(|| async {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                                .await
+                        else {
+                            return;
+                        };
+                        let peer = (ip, true);
+                        let idle = kit.idle_timeout;
+                        let io = framing::Guarded::new(stream);
+                        connection::serve(&builder, io, (app, worker), peer, idle, &close).await;
+                    })
+                    .await;
                 }
             }
         });
