@@ -12,6 +12,7 @@
 //! instances drop cached copies. The time is always a parameter (`now`, Unix seconds).
 
 mod cache;
+mod memo;
 mod ticket;
 
 use std::fmt;
@@ -21,6 +22,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
 use self::cache::Cache;
+use self::memo::{Memo, Opening};
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
@@ -119,6 +121,10 @@ pub struct Sessions {
     keyring: Arc<ArcSwap<Keyring>>,
     store: Store,
     cache: Option<Arc<Cache>>,
+    /// Cookies opened before, by value: this manager's own (each worker has one).
+    memo: Memo,
+    /// How many cookies a memo is sized for (`session.cache_entries`).
+    memo_entries: usize,
 }
 
 impl fmt::Debug for Sessions {
@@ -158,6 +164,8 @@ impl Sessions {
             keyring: Arc::new(ArcSwap::from_pointee(keyring)),
             store,
             cache,
+            memo: Memo::new(cache_entries),
+            memo_entries: cache_entries,
         }
     }
 
@@ -171,6 +179,8 @@ impl Sessions {
             keyring: self.keyring.clone(),
             store: self.store.for_worker(),
             cache: self.cache.clone(),
+            memo: Memo::new(self.memo_entries),
+            memo_entries: self.memo_entries,
         }
     }
 
@@ -267,23 +277,43 @@ impl Sessions {
     /// The session comes without its `id_token`, which no proxied request needs and which is
     /// the largest part of it: what the cache holds stays small. [`Sessions::reload`] reads it
     /// (logout, refresh), and a write through this value keeps the stored one.
+    /// What `cookie_value` opens to under the key ring in effect, remembered by value (see
+    /// `memo.rs`); `None` for a value that does not open, which is never remembered.
+    fn open(&self, cookie_value: &str) -> Option<Opening> {
+        // A guard, not a clone: the ring's reference count is shared by every worker.
+        let keyring = self.keyring.load();
+        if let Some(known) = self.memo.get(&keyring, cookie_value) {
+            return Some(known);
+        }
+        let opened = keyring.open(&self.cookie_name, cookie_value)?;
+        let ticket = Ticket::from_bytes(&opened.plaintext)?;
+        let opening = Opening {
+            handle: ticket.key().handle(),
+            ticket,
+            stale_key: opened.stale_key,
+        };
+        self.memo.put(&keyring, cookie_value, &opening);
+        Some(opening)
+    }
+
     pub async fn load(
         &self,
         cookie_value: &str,
         now: u64,
     ) -> Result<Option<OpenSession>, StoreError> {
-        let Some(opened) = self.keyring.load().open(&self.cookie_name, cookie_value) else {
+        let Some(Opening {
+            ticket,
+            handle,
+            stale_key,
+        }) = self.open(cookie_value)
+        else {
             return Ok(None);
         };
-        let Some(ticket) = Ticket::from_bytes(&opened.plaintext) else {
-            return Ok(None);
-        };
-        let key = ticket.key();
-        let handle = key.handle();
         let cached = self.cache.as_ref().and_then(|cache| cache.get(&handle));
         let (version, session) = match cached {
             Some(hit) => hit,
             None => {
+                let key = ticket.key();
                 let Some(record) = self.store.get(&key.name()).await? else {
                     return Ok(None);
                 };
@@ -305,7 +335,7 @@ impl Sessions {
             session,
             version,
             handle,
-            reseal: opened.stale_key,
+            reseal: stale_key,
             ticket,
             complete: false,
         }))

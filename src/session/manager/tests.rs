@@ -426,3 +426,75 @@ async fn loads_leave_the_id_token_in_the_store_and_writes_through_them_keep_it()
     assert_eq!(full.session.refresh_token.as_deref(), Some("rotated"));
     assert_eq!(full.session.last_seen, T0 + IDLE / 2 + 1);
 }
+
+// The memo of opened cookies (`memo.rs`) must answer exactly what opening the cookie would.
+
+#[tokio::test]
+async fn a_remembered_cookie_follows_key_ring_changes() {
+    let s = sessions();
+    let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
+    let first = s.load(&cookie, T0).await.unwrap().unwrap();
+    assert!(!first.reseal);
+    assert_eq!(s.memo.len(), 1, "opened once, remembered");
+    // The key moves to second place: the same cookie must now ask to be sealed again.
+    s.replace_keyring(Keyring::new(vec![[2; 32], [1; 32]]).unwrap());
+    let again = s.load(&cookie, T0).await.unwrap().unwrap();
+    assert!(
+        again.reseal,
+        "a remembered opening hid the key's retirement to second place"
+    );
+    assert_eq!(again.handle, first.handle);
+    // The key leaves the ring: the cookie must stop working at once.
+    s.replace_keyring(Keyring::new(vec![[2; 32]]).unwrap());
+    assert!(
+        s.load(&cookie, T0).await.unwrap().is_none(),
+        "a remembered opening outlived its key"
+    );
+}
+
+#[tokio::test]
+async fn cookies_that_do_not_open_are_never_remembered() {
+    let s = sessions();
+    let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
+    for bad in [
+        flip(&cookie, 20),
+        flip(&cookie, 40),
+        cookie[..cookie.len() - 2].to_string(),
+        format!("{cookie}A"),
+        "x".repeat(200),
+    ] {
+        assert!(s.load(&bad, T0).await.unwrap().is_none());
+    }
+    assert_eq!(s.memo.len(), 0);
+    // With the real cookie remembered, its neighbours still do not open.
+    assert!(s.load(&cookie, T0).await.unwrap().is_some());
+    assert!(s.load(&flip(&cookie, 20), T0).await.unwrap().is_none());
+    assert!(
+        s.load(&cookie[..cookie.len() - 1], T0)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(s.memo.len(), 1);
+}
+
+#[tokio::test]
+async fn a_remembered_cookie_of_an_ended_session_opens_nothing() {
+    let s = sessions();
+    let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
+    let loaded = s.load(&cookie, T0).await.unwrap().unwrap();
+    s.delete(&loaded).await.unwrap();
+    assert!(s.load(&cookie, T0).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn each_worker_remembers_on_its_own() {
+    let s = sessions();
+    let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
+    let worker = s.for_worker();
+    assert!(worker.load(&cookie, T0).await.unwrap().is_some());
+    assert_eq!((worker.memo.len(), s.memo.len()), (1, 0));
+    // A key ring swapped on the process-wide manager reaches the worker's memo too.
+    s.replace_keyring(Keyring::new(vec![[2; 32]]).unwrap());
+    assert!(worker.load(&cookie, T0).await.unwrap().is_none());
+}

@@ -1,0 +1,222 @@
+//! What opening a session cookie gave, remembered by the cookie's exact value.
+//!
+//! Opening a cookie costs a base64 decode, an AES-256-GCM decryption and two SHA-256 digests (the
+//! store key, then the handle), on every request of a session. The result depends only on the
+//! cookie's value, the cookie's name and the key ring, so it can be remembered: each serving
+//! worker keeps a memo of its own (no lock shared between workers), and the process-wide manager
+//! one more.
+//!
+//! - Only cookies that opened are remembered: a forged or damaged value costs its lookup and its
+//!   failed opening every time, and never takes a place.
+//! - The memo belongs to one key ring: when the ring is swapped (hot reload, rotation), the whole
+//!   memo is forgotten before the next lookup, so a cookie stops opening the moment its key
+//!   leaves the ring, and one sealed with a key that is no longer the first asks to be sealed
+//!   again, exactly as an opening would say.
+//! - It remembers openings, not sessions: whether the session still exists, its expiry and its
+//!   contents are still read from the session cache or the store on every request.
+//! - Bounded: `ways`-way sets of slots by the value's hash (seeded per process, so nobody can aim
+//!   values at one set); a full set gives up one entry, in turn. More cookies in use than slots
+//!   cost the openings they would cost without a memo, and nothing else grows.
+
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::ticket::Ticket;
+use crate::session::seal::Keyring;
+
+/// Entries per set: a value may sit in any slot of its set.
+const WAYS: usize = 8;
+/// The most slots one memo has (~100 KB of slots per 8,192; an entry is ~250 bytes more).
+const MAX_SLOTS: usize = 32_768;
+
+pub(super) struct Memo {
+    inner: Mutex<Inner>,
+    hasher: foldhash::fast::RandomState,
+}
+
+struct Inner {
+    /// The key ring every remembered entry was opened with.
+    keyring: Option<Arc<Keyring>>,
+    slots: Box<[Slot]>,
+    /// Which way of a full set gives up its entry next.
+    turn: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    hash: u64,
+    entry: Option<Box<Entry>>,
+}
+
+struct Entry {
+    cookie: Box<str>,
+    opened: Opening,
+}
+
+/// What opening a cookie gave.
+#[derive(Clone)]
+pub(super) struct Opening {
+    pub(super) ticket: Ticket,
+    /// The session's handle (derived from the ticket).
+    pub(super) handle: String,
+    /// Sealed with a key that is no longer the first of the ring.
+    pub(super) stale_key: bool,
+}
+
+impl Memo {
+    /// A memo for about `entries` cookies (at most [`MAX_SLOTS`]).
+    pub(super) fn new(entries: usize) -> Memo {
+        let slots = entries.clamp(WAYS, MAX_SLOTS).next_power_of_two();
+        Memo {
+            inner: Mutex::new(Inner {
+                keyring: None,
+                slots: std::iter::repeat_with(Slot::default).take(slots).collect(),
+                turn: 0,
+            }),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    /// What opening `cookie` under `keyring` gave, if it was remembered under this very ring.
+    pub(super) fn get(&self, keyring: &Arc<Keyring>, cookie: &str) -> Option<Opening> {
+        let hash = self.hasher.hash_one(cookie);
+        let mut inner = self.lock();
+        if !inner.holds(keyring) {
+            inner.forget(keyring);
+            return None;
+        }
+        let set = inner.set(hash);
+        inner.slots[set].iter().find_map(|slot| match &slot.entry {
+            Some(e) if slot.hash == hash && *e.cookie == *cookie => Some(e.opened.clone()),
+            _ => None,
+        })
+    }
+
+    /// Remembers that `cookie` opened to `opened` under `keyring`.
+    pub(super) fn put(&self, keyring: &Arc<Keyring>, cookie: &str, opened: &Opening) {
+        let hash = self.hasher.hash_one(cookie);
+        let mut inner = self.lock();
+        if !inner.holds(keyring) {
+            inner.forget(keyring);
+        }
+        let set = inner.set(hash);
+        let turn = inner.turn;
+        let slots = &mut inner.slots[set];
+        let way = slots.iter().position(|s| s.entry.is_none()).unwrap_or(turn);
+        slots[way] = Slot {
+            hash,
+            entry: Some(Box::new(Entry {
+                cookie: cookie.into(),
+                opened: opened.clone(),
+            })),
+        };
+        inner.turn = (turn + 1) % WAYS;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Nothing is left half-done while the lock is held: a poisoned memo is still whole.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock()
+            .slots
+            .iter()
+            .filter(|s| s.entry.is_some())
+            .count()
+    }
+}
+
+impl Inner {
+    fn holds(&self, keyring: &Arc<Keyring>) -> bool {
+        self.keyring
+            .as_ref()
+            .is_some_and(|k| Arc::ptr_eq(k, keyring))
+    }
+
+    /// Forgets every entry and belongs to `keyring` from now on. The ring is held, so its
+    /// address cannot be taken by another ring while entries opened with it are remembered.
+    fn forget(&mut self, keyring: &Arc<Keyring>) {
+        for slot in &mut self.slots {
+            slot.entry = None;
+        }
+        self.keyring = Some(keyring.clone());
+    }
+
+    /// The slots of `hash`'s set.
+    fn set(&self, hash: u64) -> std::ops::Range<usize> {
+        let sets = self.slots.len() / WAYS;
+        // The high bits: foldhash's low bits are its weakest.
+        let start = ((hash >> 32) as usize & (sets - 1)) * WAYS;
+        start..start + WAYS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(byte: u8) -> Arc<Keyring> {
+        Arc::new(Keyring::new(vec![[byte; 32]]).unwrap())
+    }
+
+    fn opening(n: u8) -> Opening {
+        let mut bytes = [0u8; 64];
+        bytes[0] = n;
+        Opening {
+            ticket: Ticket::from_bytes(&bytes).unwrap(),
+            handle: format!("handle-{n}"),
+            stale_key: n % 2 == 1,
+        }
+    }
+
+    #[test]
+    fn gives_back_what_was_put_for_that_exact_value_and_ring() {
+        let memo = Memo::new(64);
+        let k = ring(1);
+        memo.put(&k, "cookie-one", &opening(1));
+        memo.put(&k, "cookie-two", &opening(2));
+        let one = memo.get(&k, "cookie-one").unwrap();
+        assert_eq!((one.handle.as_str(), one.stale_key), ("handle-1", true));
+        assert!(one.ticket == opening(1).ticket);
+        assert_eq!(memo.get(&k, "cookie-two").unwrap().handle, "handle-2");
+        for other in ["cookie-on", "cookie-onee", "Cookie-one", ""] {
+            assert!(memo.get(&k, other).is_none(), "{other}");
+        }
+    }
+
+    #[test]
+    fn another_key_ring_forgets_everything() {
+        let memo = Memo::new(64);
+        let (k1, k2) = (ring(1), ring(1));
+        memo.put(&k1, "cookie", &opening(1));
+        // Equal keys, another ring: a swap is a swap.
+        assert!(memo.get(&k2, "cookie").is_none());
+        assert_eq!(memo.len(), 0);
+        assert!(memo.get(&k1, "cookie").is_none(), "nothing comes back");
+    }
+
+    #[test]
+    fn never_holds_more_than_its_slots_and_keeps_finding_recent_entries() {
+        let memo = Memo::new(64);
+        let k = ring(1);
+        for n in 0..10_000u32 {
+            let cookie = format!("cookie-{n}");
+            memo.put(&k, &cookie, &opening(1));
+            assert!(memo.get(&k, &cookie).is_some(), "just put: {n}");
+        }
+        assert_eq!(memo.len(), 64);
+        let found = (0..10_000u32)
+            .filter(|n| memo.get(&k, &format!("cookie-{n}")).is_some())
+            .count();
+        assert_eq!(found, 64);
+    }
+
+    #[test]
+    fn sizes_are_bounded_both_ways() {
+        assert_eq!(Memo::new(0).lock().slots.len(), WAYS);
+        assert_eq!(Memo::new(20_000).lock().slots.len(), MAX_SLOTS);
+        assert_eq!(Memo::new(5_000_000).lock().slots.len(), MAX_SLOTS);
+    }
+}
