@@ -31,19 +31,29 @@ const HOP_BY_HOP: [&str; 9] = [
 /// `Connection: keep-alive`, which names no other header); only a `Connection` token that is
 /// not itself a hop-by-hop name is parsed into a header name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // Names are collected before any removal (the map cannot change while it is walked), in
+    // fixed room: a name is a key at most once, so at most nine hop-by-hop keys are present,
+    // and a list on the heap cost an allocation for the one `Connection` of nearly every answer.
+    let mut hop: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
+    for (slot, name) in hop
+        .iter_mut()
+        .zip(headers.keys().filter(|n| is_hop_by_hop(n)))
+    {
+        *slot = Some(name.clone());
+    }
+    // Fields named in `Connection` that are not hop-by-hop by name (rare): parsed only then.
+    let mut listed: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',').map(str::trim) {
             let known =
                 token.eq_ignore_ascii_case("close") || is_hop_by_hop_str(token) || token.is_empty();
             if !known && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                doomed.push(name);
+                listed.push(name);
             }
         }
     }
-    doomed.extend(headers.keys().filter(|n| is_hop_by_hop(n)).cloned());
-    for name in doomed {
+    for name in hop.into_iter().flatten().chain(listed) {
         headers.remove(name);
     }
 }
@@ -456,6 +466,17 @@ mod tests {
             strip_hop_by_hop(&mut h);
             assert_eq!(h.len(), 1, "{name}");
         }
+        // All nine at once, some twice, and one more named in `Connection`.
+        let mut h = HeaderMap::new();
+        for name in HOP_BY_HOP {
+            h.append(HeaderName::from_static(name), "x".parse().unwrap());
+            h.append(HeaderName::from_static(name), "y".parse().unwrap());
+        }
+        h.append(header::CONNECTION, "close, X-Listed".parse().unwrap());
+        h.insert("x-listed", "1".parse().unwrap());
+        h.insert("x-end-to-end", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-end-to-end"]);
     }
 
     #[test]

@@ -268,12 +268,11 @@ fn parse(bytes: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>) -> Parsed {
     }
 }
 
-/// Whether a line feed in `head`, a head httparse accepted, is not preceded by a carriage
-/// return. httparse refuses a CR that is not followed by an LF, so there is a bare LF exactly
-/// when there are fewer CRs than LFs: two counts, which the compiler vectorises.
+/// Whether a line feed in `head` is not preceded by a carriage return. The line feeds are found
+/// with `memchr` (a head has a dozen or so, found a vector at a time); counting every byte of
+/// the head, twice, cost ~6 instructions a byte, ~1,800 for a browser's 300-byte head.
 fn has_bare_lf(head: &[u8]) -> bool {
-    let count = |wanted: u8| head.iter().filter(|&&b| b == wanted).count();
-    count(b'\r') != count(b'\n')
+    memchr::memchr_iter(b'\n', head).any(|at| at == 0 || head[at - 1] != b'\r')
 }
 
 /// The request for a head the lane takes; its header values share the head's bytes. `None` if

@@ -324,3 +324,26 @@ fn lengths_and_chunk_sizes_are_written_as_their_numbers() {
         assert_eq!(out, format!("{n:x}\r\n").into_bytes());
     }
 }
+
+#[test]
+fn a_line_feed_without_its_carriage_return_is_found_anywhere() {
+    for (head, bare) in [
+        ("", false),
+        ("\r\n", false),
+        ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", false),
+        ("\n", true),
+        ("\nGET / HTTP/1.1\r\n\r\n", true),
+        ("GET / HTTP/1.1\r\nHost: a\n\r\n", true),
+        ("GET / HTTP/1.1\r\nHost: a\r\n\n", true),
+        ("GET / HTTP/1.1\r\r\n\n", true),
+    ] {
+        assert_eq!(has_bare_lf(head.as_bytes()), bare, "{head:?}");
+    }
+    // Past a vector's width, too.
+    let long = format!(
+        "GET / HTTP/1.1\r\nCookie: {}\r\nX: y\n\r\n",
+        "c".repeat(300)
+    );
+    assert!(has_bare_lf(long.as_bytes()));
+    assert!(!has_bare_lf(long.replace("y\n", "y\r\n").as_bytes()));
+}
