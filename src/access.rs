@@ -207,7 +207,7 @@ fn missing_requirements(
 /// for `token_binding = "dpop"` (RFC 9449 §7.1), `Bearer ` otherwise.
 pub fn authorization_scheme(route: &RouteConfig) -> &'static str {
     match route.token_binding {
-        TokenBinding::None => crate::session::model::BEARER,
+        TokenBinding::None => "Bearer ",
         TokenBinding::Dpop => "DPoP ",
     }
 }
@@ -323,18 +323,6 @@ pub async fn admit(
         }
     }
     let bearer = token.and_then(|t| {
-        // The session's own token, as a cached copy of it holds it: its header value is made
-        // once for that copy (see `TokenMap::bearer`). A token just refreshed is not in it yet.
-        if let Some(l) = &loaded
-            && route.token_binding == TokenBinding::None
-            && matches!(route.token, TokenMode::User | TokenMode::UserOrClient)
-        {
-            let key = route.resource.as_deref().unwrap_or_default();
-            let tokens = &l.session.tokens;
-            if tokens.get(key).is_some_and(|held| held.value == t) {
-                return tokens.bearer(key);
-            }
-        }
         // Built once and handed over without another copy.
         let scheme = authorization_scheme(route);
         let mut text = String::with_capacity(scheme.len() + t.len());

@@ -54,92 +54,36 @@ impl fmt::Debug for AccessToken {
 /// A session holds one token or a few, and every opened session sits in the session cache: a
 /// `BTreeMap` would take a ~1 KB node for a single token, this takes the entries alone. Writes
 /// (a refresh) rebuild the slice; reads are a scan of a handful of keys.
-#[derive(Clone, Default)]
-pub struct TokenMap(Box<[Entry]>);
-
-#[derive(Clone)]
-struct Entry {
-    key: String,
-    token: AccessToken,
-    /// `Bearer <token>` as a header value, made on the first request that sends it and shared
-    /// by every later one that reads this cached copy of the session: a token is most of a
-    /// kilobyte, and copying it twice and checking each byte cost ~800 instructions per
-    /// request. Never stored; emptied whenever the token can change.
-    bearer: OnceLock<Option<http::HeaderValue>>,
-}
-
-impl Entry {
-    fn new(key: String, token: AccessToken) -> Entry {
-        Entry {
-            key,
-            token,
-            bearer: OnceLock::new(),
-        }
-    }
-}
-
-impl PartialEq for TokenMap {
-    /// The tokens alone: whether a header value was made yet is no difference.
-    fn eq(&self, other: &Self) -> bool {
-        self.iter().eq(other.iter())
-    }
-}
-
-impl Eq for TokenMap {}
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TokenMap(Box<[(String, AccessToken)]>);
 
 impl TokenMap {
     pub fn get(&self, key: &str) -> Option<&AccessToken> {
-        self.entry(key).map(|e| &e.token)
-    }
-
-    fn entry(&self, key: &str) -> Option<&Entry> {
-        self.0.iter().find(|e| e.key == key)
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     pub fn get_mut(&mut self, key: &str) -> Option<&mut AccessToken> {
-        let entry = self.0.iter_mut().find(|e| e.key == key)?;
-        // The caller may change the token: the header made from it goes.
-        entry.bearer = OnceLock::new();
-        Some(&mut entry.token)
-    }
-
-    /// `Authorization: Bearer <token>` for the token under `key`, if there is one and it makes
-    /// a valid header value; the same value (shared bytes) for every request that asks.
-    pub fn bearer(&self, key: &str) -> Option<http::HeaderValue> {
-        let entry = self.entry(key)?;
-        entry
-            .bearer
-            .get_or_init(|| {
-                let mut text = String::with_capacity(BEARER.len() + entry.token.value.len());
-                text.push_str(BEARER);
-                text.push_str(&entry.token.value);
-                let mut value =
-                    http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
-                value.set_sensitive(true);
-                Some(value)
-            })
-            .clone()
+        self.0.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     /// Sets the token for `key`; the one it replaces, if any.
     pub fn insert(&mut self, key: String, token: AccessToken) -> Option<AccessToken> {
-        if let Some(slot) = self.0.iter_mut().find(|e| e.key == key) {
-            slot.bearer = OnceLock::new();
-            return Some(std::mem::replace(&mut slot.token, token));
+        if let Some(slot) = self.get_mut(&key) {
+            return Some(std::mem::replace(slot, token));
         }
         let mut entries = std::mem::take(&mut self.0).into_vec();
-        let at = entries.partition_point(|e| e.key < key);
-        entries.insert(at, Entry::new(key, token));
+        let at = entries.partition_point(|(k, _)| *k < key);
+        entries.insert(at, (key, token));
         self.0 = entries.into_boxed_slice();
         None
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &AccessToken)> {
-        self.0.iter().map(|e| (&e.key, &e.token))
+        self.0.iter().map(|(k, v)| (k, v))
     }
 
     pub fn values(&self) -> impl Iterator<Item = &AccessToken> {
-        self.0.iter().map(|e| &e.token)
+        self.0.iter().map(|(_, v)| v)
     }
 
     pub fn len(&self) -> usize {
@@ -151,20 +95,17 @@ impl TokenMap {
     }
 }
 
-/// How [`TokenMap::bearer`] introduces the token (RFC 6750 §2.1), space included.
-pub const BEARER: &str = "Bearer ";
-
 impl FromIterator<(String, AccessToken)> for TokenMap {
     /// A later entry for the same key wins, as in a map.
     fn from_iter<I: IntoIterator<Item = (String, AccessToken)>>(entries: I) -> Self {
         let map: BTreeMap<String, AccessToken> = entries.into_iter().collect();
-        TokenMap::from(map)
+        TokenMap(map.into_iter().collect())
     }
 }
 
 impl From<BTreeMap<String, AccessToken>> for TokenMap {
     fn from(map: BTreeMap<String, AccessToken>) -> Self {
-        TokenMap(map.into_iter().map(|(k, t)| Entry::new(k, t)).collect())
+        TokenMap(map.into_iter().collect())
     }
 }
 
@@ -430,48 +371,6 @@ mod tests {
         assert_eq!(new.get("").unwrap().value, "renewed");
         let back: TokenMap = serde_json::from_str(&written).unwrap();
         assert_eq!(back.len(), 3);
-    }
-
-    #[test]
-    fn the_bearer_header_follows_every_change_of_its_token() {
-        let token = |value: &str| AccessToken {
-            value: value.into(),
-            expires_at: 1,
-            issued_at: 0,
-            scope: None,
-        };
-        let mut map = TokenMap::default();
-        assert!(map.bearer("").is_none());
-        map.insert(String::new(), token("first"));
-        map.insert("https://api".into(), token("other"));
-        let header = map.bearer("").unwrap();
-        assert_eq!(header, "Bearer first");
-        assert!(header.is_sensitive());
-        assert_eq!(map.bearer("https://api").unwrap(), "Bearer other");
-        // Made once: the same bytes again.
-        assert_eq!(
-            map.bearer("").unwrap().as_bytes().as_ptr(),
-            header.as_bytes().as_ptr()
-        );
-        // A copy of the session (a cached one changed with `Arc::make_mut`) is still equal.
-        let copy = map.clone();
-        assert!(copy == map && copy.bearer("").unwrap() == "Bearer first");
-        map.insert(String::new(), token("second"));
-        assert_eq!(map.bearer("").unwrap(), "Bearer second");
-        map.get_mut("").unwrap().value = "third".into();
-        assert_eq!(map.bearer("").unwrap(), "Bearer third");
-        assert_eq!(
-            copy.bearer("").unwrap(),
-            "Bearer first",
-            "the copy keeps its own"
-        );
-        // A token that makes no header value makes none (and is not sent).
-        map.insert(String::new(), token("bad\nvalue"));
-        assert!(map.bearer("").is_none());
-        // Deserialized maps start without one; equality ignores it.
-        let read: TokenMap = serde_json::from_str(&serde_json::to_string(&copy).unwrap()).unwrap();
-        assert!(read == copy);
-        assert_eq!(read.bearer("").unwrap(), "Bearer first");
     }
 
     #[test]
