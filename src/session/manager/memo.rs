@@ -15,8 +15,10 @@
 //! - It remembers openings, not sessions: whether the session still exists, its expiry and its
 //!   contents are still read from the session cache or the store on every request.
 //! - Bounded: `ways`-way sets of slots by the value's hash (seeded per process, so nobody can aim
-//!   values at one set); a full set gives up one entry, in turn. More cookies in use than slots
-//!   cost the openings they would cost without a memo, and nothing else grows.
+//!   values at one set). A full set takes a new entry only on one `put` in [`ADMIT_EVERY`],
+//!   giving up one of its entries in turn: with more cookies in use than slots, most misses cost
+//!   the opening they would cost without a memo and nothing more (no allocation, no eviction),
+//!   and nothing grows.
 
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,8 +28,10 @@ use crate::session::seal::Keyring;
 
 /// Entries per set: a value may sit in any slot of its set.
 const WAYS: usize = 8;
-/// The most slots one memo has (~100 KB of slots per 8,192; an entry is ~250 bytes more).
+/// The most slots one memo has (~128 KB of slots per 8,192; an entry is ~300 bytes more).
 const MAX_SLOTS: usize = 32_768;
+/// A full set admits one new entry per this many `put`s.
+const ADMIT_EVERY: usize = 8;
 
 pub(super) struct Memo {
     inner: Mutex<Inner>,
@@ -38,8 +42,8 @@ struct Inner {
     /// The key ring every remembered entry was opened with.
     keyring: Option<Arc<Keyring>>,
     slots: Box<[Slot]>,
-    /// Which way of a full set gives up its entry next.
-    turn: usize,
+    /// `put`s so far: which of them a full set admits, and which way gives up its entry.
+    puts: usize,
 }
 
 #[derive(Default)]
@@ -71,7 +75,7 @@ impl Memo {
             inner: Mutex::new(Inner {
                 keyring: None,
                 slots: std::iter::repeat_with(Slot::default).take(slots).collect(),
-                turn: 0,
+                puts: 0,
             }),
             hasher: foldhash::fast::RandomState::default(),
         }
@@ -100,9 +104,14 @@ impl Memo {
             inner.forget(keyring);
         }
         let set = inner.set(hash);
-        let turn = inner.turn;
+        let puts = inner.puts;
+        inner.puts = puts.wrapping_add(1);
         let slots = &mut inner.slots[set];
-        let way = slots.iter().position(|s| s.entry.is_none()).unwrap_or(turn);
+        let way = match slots.iter().position(|s| s.entry.is_none()) {
+            Some(free) => free,
+            None if puts.is_multiple_of(ADMIT_EVERY) => (puts / ADMIT_EVERY) % WAYS,
+            None => return,
+        };
         slots[way] = Slot {
             hash,
             entry: Some(Box::new(Entry {
@@ -110,7 +119,6 @@ impl Memo {
                 opened: opened.clone(),
             })),
         };
-        inner.turn = (turn + 1) % WAYS;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -198,19 +206,41 @@ mod tests {
     }
 
     #[test]
-    fn never_holds_more_than_its_slots_and_keeps_finding_recent_entries() {
+    fn never_holds_more_than_its_slots() {
         let memo = Memo::new(64);
         let k = ring(1);
         for n in 0..10_000u32 {
-            let cookie = format!("cookie-{n}");
-            memo.put(&k, &cookie, &opening(1));
-            assert!(memo.get(&k, &cookie).is_some(), "just put: {n}");
+            memo.put(&k, &format!("cookie-{n}"), &opening(1));
         }
         assert_eq!(memo.len(), 64);
         let found = (0..10_000u32)
             .filter(|n| memo.get(&k, &format!("cookie-{n}")).is_some())
             .count();
         assert_eq!(found, 64);
+    }
+
+    #[test]
+    fn a_full_memo_lets_one_newcomer_in_of_every_eight() {
+        let memo = Memo::new(64);
+        let k = ring(1);
+        let mut n = 0u32;
+        while memo.len() < 64 {
+            memo.put(&k, &format!("old-{n}"), &opening(1));
+            n += 1;
+        }
+        let old: Vec<String> = (0..n)
+            .map(|n| format!("old-{n}"))
+            .filter(|c| memo.get(&k, c).is_some())
+            .collect();
+        assert_eq!(old.len(), 64);
+        for m in 0..64 {
+            memo.put(&k, &format!("new-{m}"), &opening(2));
+        }
+        let kept = old.iter().filter(|c| memo.get(&k, c).is_some()).count();
+        let new = (0..64)
+            .filter(|m| memo.get(&k, &format!("new-{m}")).is_some())
+            .count();
+        assert_eq!((kept, new), (64 - 64 / ADMIT_EVERY, 64 / ADMIT_EVERY));
     }
 
     #[test]
