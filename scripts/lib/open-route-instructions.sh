@@ -5,7 +5,7 @@
 # not timed: an A/B of two builds (e.g. two commits' `cargo build --release`) is repeatable on a
 # busy machine. Needs nginx, wrk, valgrind and curl.
 set -euo pipefail
-bin=$1; label=$2
+bin=$(realpath "$1"); label=$2  # absolute: the script works in its run directory
 dir=$(mktemp -d /tmp/ab.XXXX)
 up=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 vp=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
