@@ -271,12 +271,6 @@ impl Sessions {
         Ok(())
     }
 
-    /// The session behind a cookie value. Anything but a live session sealed by this key ring for
-    /// this cookie name is `Ok(None)`; only an unreachable store is an error.
-    ///
-    /// The session comes without its `id_token`, which no proxied request needs and which is
-    /// the largest part of it: what the cache holds stays small. [`Sessions::reload`] reads it
-    /// (logout, refresh), and a write through this value keeps the stored one.
     /// What `cookie_value` opens to under the key ring in effect, remembered by value (see
     /// `memo.rs`); `None` for a value that does not open, which is never remembered.
     fn open(&self, cookie_value: &str) -> Option<Opening> {
@@ -296,6 +290,12 @@ impl Sessions {
         Some(opening)
     }
 
+    /// The session behind a cookie value. Anything but a live session sealed by this key ring for
+    /// this cookie name is `Ok(None)`; only an unreachable store is an error.
+    ///
+    /// The session comes without its `id_token`, which no proxied request needs and which is
+    /// the largest part of it: what the cache holds stays small. [`Sessions::reload`] reads it
+    /// (logout, refresh), and a write through this value keeps the stored one.
     pub async fn load(
         &self,
         cookie_value: &str,
