@@ -307,7 +307,9 @@ pub async fn admit(
         (TokenMode::Client, _) | (TokenMode::UserOrClient, None) => {
             // Boxed: the client-credentials future (2.4 KB) would otherwise size every
             // request's `admit`, which is moved as the request's future is built.
-            Some(crate::reply::in_box(|| tokens.client_token(app, route)).await?)
+            Some(std::borrow::Cow::Owned(
+                crate::reply::in_box(|| tokens.client_token(app, route)).await?,
+            ))
         }
     };
     if !route.require.is_empty() {

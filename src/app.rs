@@ -35,7 +35,6 @@ pub struct App {
     shared: Shared,
     /// The access stage's token caches and refresh queues.
     tokens: Tokens,
-    request_metrics: crate::telemetry::RequestMetrics,
     /// Spans to the OTLP collector; `None` without `[telemetry] otlp_endpoint` (no tracing work).
     tracer: Option<crate::telemetry::trace::Tracer>,
     /// The file reloads read.
@@ -116,7 +115,6 @@ impl App {
                 stopping: tokio_util::sync::CancellationToken::new(),
             },
             tokens: Tokens::default(),
-            request_metrics: crate::telemetry::RequestMetrics::new(),
             tracer,
             config_path: path.clone(),
         });
@@ -134,7 +132,7 @@ impl App {
         worker: &Worker,
     ) -> Response<Body> {
         let started = Instant::now();
-        let live = self.live.load_full();
+        let live = worker.live(&self.live);
         let method = req.method().clone();
         let version = req.version();
         let peer = Peer {
@@ -169,7 +167,7 @@ impl App {
         } else {
             (ip, None, None)
         };
-        let in_flight = crate::telemetry::InFlight::enter(self.request_metrics.in_flight());
+        let in_flight = worker.metrics.enter();
         let cors = access::cors_origin(&live, req.headers());
         let span = match &self.tracer {
             Some(tracer) => {
@@ -221,7 +219,7 @@ impl App {
             .extensions()
             .get::<proxy::forward::UpstreamLatency>()
             .map(|l| l.0.as_secs_f64() * 1000.0);
-        self.request_metrics.record(routed.label, status, elapsed);
+        worker.metrics.record(routed.label, status, elapsed);
         let trace_id = crate::telemetry::trace::context(&span).map(|c| {
             span.record("http.route", routed.label);
             span.record("http.response.status_code", status);

@@ -7,10 +7,11 @@ pub mod otlp;
 pub mod trace;
 
 use crate::config::{LogConfig, LogFormat};
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 /// Installs the global log subscriber (once; later calls are ignored).
@@ -174,81 +175,162 @@ pub fn spawn_upkeep() {
     });
 }
 
-/// Per-route, per-status request metrics with their handles kept: looking a labelled metric up
-/// in the registry (owned label strings, key hashing) costs more than recording into it.
-pub struct RequestMetrics {
-    in_flight: Gauge,
-    by_route: RwLock<HashMap<String, HashMap<u16, Handles>>>,
+/// One serving worker's request metrics: the in-flight count and, per route and status, the
+/// handles of the request counter and duration histogram with the samples not yet handed to
+/// them.
+///
+/// Nothing here is written by another thread on the request path. Process-wide handles would
+/// make every request write cache lines that the other workers write too (the gauge, the
+/// counter, the histogram's sample queue, a lock around the handle map): about six writes per
+/// request that bounce between cores. Samples are handed over in batches of [`BATCH`], and
+/// [`render`] hands over every worker's before `/metrics` is written and sets the in-flight
+/// gauge to the workers' sum, so a scrape reads the same numbers as before.
+pub struct WorkerMetrics {
+    in_flight: AtomicI64,
+    pending: Mutex<Pending>,
 }
 
-/// The request counter and duration histogram of one route and status.
-type Handles = (Counter, Histogram);
+/// Samples recorded per route and status before they go to the process-wide handles.
+const BATCH: usize = 64;
 
-/// One request in the in-flight gauge; leaves it when dropped, also when the client goes away
-/// and the request's future is dropped half-way.
-pub struct InFlight<'a>(&'a Gauge);
+/// Handles kept per worker at most (route names come from the configuration, statuses are few).
+const MAX_CACHED_HANDLES: usize = 4096;
 
-impl<'a> InFlight<'a> {
-    pub fn enter(gauge: &'a Gauge) -> Self {
-        gauge.increment(1.0);
-        InFlight(gauge)
+#[derive(Default)]
+struct Pending {
+    by_route: HashMap<Box<str>, Vec<Batch>, foldhash::fast::RandomState>,
+    handles: usize,
+}
+
+/// The request counter and duration histogram of one route and status, and what is not yet
+/// recorded into them.
+struct Batch {
+    status: u16,
+    counter: Counter,
+    histogram: Histogram,
+    seconds: Vec<f64>,
+}
+
+impl Batch {
+    fn hand_over(&mut self) {
+        if self.seconds.is_empty() {
+            return;
+        }
+        self.counter.increment(self.seconds.len() as u64);
+        for &seconds in &self.seconds {
+            self.histogram.record(seconds);
+        }
+        self.seconds.clear();
     }
 }
+
+/// Every worker's metrics, for [`render`].
+static WORKERS: Mutex<Vec<Weak<WorkerMetrics>>> = Mutex::new(Vec::new());
+
+/// One request in the in-flight count; leaves it when dropped, also when the client goes away
+/// and the request's future is dropped half-way.
+pub struct InFlight<'a>(&'a AtomicI64);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Handles kept at most (route names come from the configuration, statuses are few).
-const MAX_CACHED_HANDLES: usize = 4096;
-
-impl Default for RequestMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl RequestMetrics {
-    /// Registers with the global recorder: call after [`metrics`] has installed it.
-    pub fn new() -> Self {
-        RequestMetrics {
-            in_flight: metrics::gauge!("vestibule_requests_in_flight"),
-            by_route: RwLock::new(HashMap::new()),
-        }
+impl WorkerMetrics {
+    /// A worker's metrics, counted in `/metrics` for as long as they are kept.
+    pub fn new() -> Arc<WorkerMetrics> {
+        let metrics = Arc::new(WorkerMetrics {
+            in_flight: AtomicI64::new(0),
+            pending: Mutex::new(Pending::default()),
+        });
+        let mut workers = WORKERS.lock().unwrap_or_else(PoisonError::into_inner);
+        workers.retain(|w| w.strong_count() > 0);
+        workers.push(Arc::downgrade(&metrics));
+        metrics
     }
 
-    pub fn in_flight(&self) -> &Gauge {
-        &self.in_flight
+    /// Counts a request in flight until the returned value is dropped.
+    pub fn enter(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
     }
 
-    /// Counts one finished request and records its duration.
+    /// Counts one finished request and its duration.
     pub fn record(&self, route: &str, status: u16, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(batch) = pending
+            .by_route
+            .get_mut(route)
+            .and_then(|b| b.iter_mut().find(|b| b.status == status))
         {
-            let map = self.by_route.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some((counter, histogram)) = map.get(route).and_then(|m| m.get(&status)) {
-                counter.increment(1);
-                histogram.record(seconds);
-                return;
+            batch.seconds.push(seconds);
+            if batch.seconds.len() >= BATCH {
+                batch.hand_over();
             }
+            return;
         }
         let status_label = status.to_string();
         let counter = metrics::counter!("vestibule_requests_total", "route" => route.to_string(), "status" => status_label.clone());
         let histogram = metrics::histogram!("vestibule_request_duration_seconds", "route" => route.to_string(), "status" => status_label);
-        counter.increment(1);
-        histogram.record(seconds);
-        let mut map = self
+        if pending.handles >= MAX_CACHED_HANDLES {
+            counter.increment(1);
+            histogram.record(seconds);
+            return;
+        }
+        pending.handles += 1;
+        let mut seconds_list = Vec::with_capacity(BATCH);
+        seconds_list.push(seconds);
+        pending
             .by_route
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if map.values().map(HashMap::len).sum::<usize>() < MAX_CACHED_HANDLES {
-            map.entry(route.to_string())
-                .or_default()
-                .insert(status, (counter, histogram));
+            .entry(route.into())
+            .or_default()
+            .push(Batch {
+                status,
+                counter,
+                histogram,
+                seconds: seconds_list,
+            });
+    }
+
+    /// Hands every pending sample over to the process-wide handles.
+    fn hand_over(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for batch in pending.by_route.values_mut().flatten() {
+            batch.hand_over();
         }
     }
+}
+
+impl Drop for WorkerMetrics {
+    /// A worker that ends (shutdown) leaves no sample behind.
+    fn drop(&mut self) {
+        let pending = self
+            .pending
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for batch in pending.by_route.values_mut().flatten() {
+            batch.hand_over();
+        }
+    }
+}
+
+/// `/metrics`: every worker's pending samples handed over first, and the in-flight gauge set
+/// to the sum of the workers' counts.
+pub fn render() -> String {
+    let handle = metrics();
+    let mut in_flight = 0;
+    {
+        let mut workers = WORKERS.lock().unwrap_or_else(PoisonError::into_inner);
+        workers.retain(|w| w.strong_count() > 0);
+        for worker in workers.iter().filter_map(Weak::upgrade) {
+            worker.hand_over();
+            in_flight += worker.in_flight.load(Ordering::Relaxed);
+        }
+    }
+    metrics::gauge!("vestibule_requests_in_flight").set(in_flight as f64);
+    handle.render()
 }
 
 #[cfg(test)]

@@ -174,7 +174,10 @@ impl Tokens {
     }
 
     /// The user's access token for the route's resource, refreshed when it is about to expire.
-    pub async fn user_token(&self, ask: &TokenAsk<'_>) -> Result<String, RequestError> {
+    pub async fn user_token<'a>(
+        &self,
+        ask: &TokenAsk<'a>,
+    ) -> Result<std::borrow::Cow<'a, str>, RequestError> {
         self.user_token_except(ask, None).await?.ok_or_else(|| {
             let reason = TokenUnavailable::NoToken;
             rescue("", RefreshError::Unavailable { reason })
@@ -184,11 +187,11 @@ impl Tokens {
     /// A user access token other than `rejected`, which an upstream refused (`invalid_token`):
     /// refreshed now whatever its expiry, unless another request already replaced it. `None`
     /// when this session had such an early refresh less than a few seconds ago.
-    pub async fn replace_user_token(
+    pub async fn replace_user_token<'a>(
         &self,
-        ask: &TokenAsk<'_>,
+        ask: &TokenAsk<'a>,
         rejected: &str,
-    ) -> Result<Option<String>, RequestError> {
+    ) -> Result<Option<std::borrow::Cow<'a, str>>, RequestError> {
         self.user_token_except(ask, Some(rejected)).await
     }
 
@@ -196,11 +199,13 @@ impl Tokens {
     /// one starts in turn holds it, then the store lease (shared by every instance), re-reads
     /// the session and refreshes only if no one did meanwhile, so a rotating refresh token is
     /// spent exactly once.
-    async fn user_token_except(
+    /// A token still fresh is lent from the session, not copied (it is copied once, into the
+    /// `Authorization` value).
+    async fn user_token_except<'a>(
         &self,
-        ask: &TokenAsk<'_>,
+        ask: &TokenAsk<'a>,
         rejected: Option<&str>,
-    ) -> Result<Option<String>, RequestError> {
+    ) -> Result<Option<std::borrow::Cow<'a, str>>, RequestError> {
         let skew = ask.live.config.oidc.refresh_skew.as_secs();
         let key = ask.route.resource.as_deref().unwrap_or_default();
         if let Some(t) = fresh(
@@ -210,12 +215,13 @@ impl Tokens {
             key,
             rejected,
         ) {
-            return Ok(Some(t.to_string()));
+            return Ok(Some(std::borrow::Cow::Borrowed(t)));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
         // grow the future of every request on a token route.
         crate::reply::in_box(|| self.single_flight(ask, rejected))
             .await
+            .map(|t| t.map(std::borrow::Cow::Owned))
             .map_err(|e| rescue(&ask.live.config.server.bff_prefix, e))
     }
 

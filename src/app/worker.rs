@@ -7,7 +7,13 @@
 //! - the upstream clients ([`Upstreams::for_worker`]): a pooled client and an HTTP/1.1 pool;
 //! - the session store handle ([`Sessions::for_worker`]): on a standalone Redis server, a
 //!   connection of its own;
-//! - coarse deadlines ([`Deadlines`]): upstream answers' and its connections' header read timeout.
+//! - coarse deadlines ([`Deadlines`]): upstream answers' and its connections' header read timeout;
+//! - its view of the hot-swappable configuration ([`Worker::live`]): a reference of its own to
+//!   the current [`LiveConfig`], so that a request takes and drops a reference count no other
+//!   worker writes;
+//! - the request metrics' handles and pending samples ([`WorkerMetrics`]): handed to the
+//!   process-wide series in batches and before every scrape, so `/metrics` reads the process's
+//!   totals while no request writes what another worker writes.
 //!
 //! Process-wide, in [`App`] — state whose meaning is the whole process's, so splitting it would
 //! change behaviour, not just speed:
@@ -15,7 +21,7 @@
 //!   worker takes it, and one invalidation message (pub/sub) clears it for all;
 //! - the token maps (single-flight refresh queues, client-credentials tokens): one refresh per
 //!   session and one client token per resource for the process, not per worker;
-//! - the metrics and the rate limiter: counted for the process, as `/metrics` reports them;
+//! - the rate limiter: counted for the process;
 //! - tunnels (tracked for the drain) and the hot-swappable configuration.
 //!
 //! Code off the workers (admin endpoints, reloads, pub/sub, background tasks) uses the
@@ -25,15 +31,27 @@ use super::App;
 use crate::clock::deadline::Deadlines;
 use crate::proxy::Upstreams;
 use crate::session::manager::Sessions;
-use std::sync::Arc;
+use crate::state::LiveConfig;
+use crate::telemetry::WorkerMetrics;
+use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex, PoisonError};
 
-/// One serving worker's own upstream clients, session store handle and coarse deadlines.
+/// One serving worker's own upstream clients, session store handle, coarse deadlines and
+/// request metrics.
 pub struct Worker {
     pub upstreams: Upstreams,
     pub sessions: Arc<Sessions>,
     /// Upstream answers' deadlines and the HTTP/1 header read timeout of its connections.
     pub deadlines: Arc<Deadlines>,
+    /// Requests in flight, counted and timed, by route and status.
+    pub metrics: Arc<WorkerMetrics>,
+    /// The configuration this worker's requests last took, and this worker's own reference to
+    /// it (see [`Worker::live`]); `None` before the first request.
+    live: Mutex<Option<SeenConfig>>,
 }
+
+/// A configuration as the shared slot held it, and this worker's own reference to it.
+type SeenConfig = (Arc<LiveConfig>, Arc<Arc<LiveConfig>>);
 
 impl Worker {
     /// A new worker's connections, made on its own thread so that they are driven there.
@@ -43,6 +61,27 @@ impl Worker {
             upstreams: app.upstreams.for_worker(deadlines.clone()),
             sessions: Arc::new(app.sessions.for_worker()),
             deadlines,
+            metrics: WorkerMetrics::new(),
+            live: Mutex::new(None),
+        }
+    }
+
+    /// The configuration now in `shared`, for one request. Every request holds the
+    /// configuration it started with (a reload does not change it half-way); taken with
+    /// `load_full`, that is a reference count every worker increments and decrements on every
+    /// request, a cache line bouncing between cores. Here each worker counts references to a
+    /// wrapper of its own, made again when `shared` holds another configuration (a reload).
+    pub fn live(&self, shared: &ArcSwap<LiveConfig>) -> Arc<Arc<LiveConfig>> {
+        let current = shared.load();
+        let mut seen = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*seen {
+            Some((config, local)) if Arc::ptr_eq(config, &current) => local.clone(),
+            _ => {
+                let config = arc_swap::Guard::into_inner(current);
+                let local = Arc::new(config.clone());
+                *seen = Some((config, local.clone()));
+                local
+            }
         }
     }
 }

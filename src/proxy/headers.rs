@@ -2,6 +2,7 @@
 //! `X-Forwarded-*`, request ids, and removal of Vestibule's own cookies.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::cell::Cell;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,74 +14,81 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Fields that concern one connection only (RFC 9110 §7.6.1, and the two older ones still seen).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "keep-alive",
-    "proxy-connection",
+/// [`hop_by_hop_index`] gives a name's place in this list.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 ///
-/// One pass over the names present collects what to remove (most messages carry only
-/// `Connection: keep-alive`, which names no other header); only a `Connection` token that is
-/// not itself a hop-by-hop name is parsed into a header name.
+/// One pass over the names present marks which of the nine are there, as bits: nothing is
+/// cloned or allocated, and a message with none of them (most requests) is left at once. Only
+/// a `Connection` token that is not itself a hop-by-hop name is parsed into a header name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Names are collected before any removal (the map cannot change while it is walked), in
-    // fixed room: a name is a key at most once, so at most nine hop-by-hop keys are present,
-    // and a list on the heap cost an allocation for the one `Connection` of nearly every answer.
-    let mut hop: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
-    for (slot, name) in hop
-        .iter_mut()
-        .zip(headers.keys().filter(|n| is_hop_by_hop(n)))
-    {
-        *slot = Some(name.clone());
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(at) = hop_by_hop_index(name) {
+            present |= 1 << at;
+        }
+    }
+    if present == 0 {
+        return;
     }
     // Fields named in `Connection` that are not hop-by-hop by name (rare): parsed only then.
     let mut listed: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            let known =
-                token.eq_ignore_ascii_case("close") || is_hop_by_hop_str(token) || token.is_empty();
-            if !known && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                listed.push(name);
+    if present & 1 != 0 {
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                let known = token.eq_ignore_ascii_case("close")
+                    || is_hop_by_hop_str(token)
+                    || token.is_empty();
+                if !known && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
             }
         }
     }
-    for name in hop.into_iter().flatten().chain(listed) {
+    for (at, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << at) != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in listed {
         headers.remove(name);
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // [`HOP_BY_HOP`] as one `match` on the name's text (a test keeps the two alike): the
-    // compiler sorts it by length first, so a name that cannot be one costs a comparison or two.
-    // It runs for every field of every request and answer; a search of the list compared each
-    // name nine times.
-    matches!(
-        name.as_str(),
-        "connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "keep-alive"
-            | "proxy-connection"
-    )
+/// `name`'s place in [`HOP_BY_HOP`], as one `match` on its text (a test keeps the two alike):
+/// the compiler sorts it by length first, so a name that cannot be one costs a comparison or
+/// two. It runs for every field of every request and answer.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "te" => Some(1),
+        "trailer" => Some(2),
+        "transfer-encoding" => Some(3),
+        "upgrade" => Some(4),
+        "proxy-authenticate" => Some(5),
+        "proxy-authorization" => Some(6),
+        "keep-alive" => Some(7),
+        "proxy-connection" => Some(8),
+        _ => None,
+    }
 }
 
 fn is_hop_by_hop_str(token: &str) -> bool {
     HOP_BY_HOP
         .iter()
-        .any(|name| name.eq_ignore_ascii_case(token))
+        .any(|name| name.as_str().eq_ignore_ascii_case(token))
 }
 
 /// The `Upgrade` protocol of a request asking to switch protocols (never `h2c`).
@@ -370,7 +378,20 @@ fn new_request_id() -> HeaderValue {
             u64::from_le_bytes(b.try_into().unwrap_or_default()),
         ]
     });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Each thread takes numbers from a block of its own, so a request writes no cache line
+    // that another worker writes too (one shared counter bounced between cores per request).
+    thread_local! {
+        static BLOCK: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    let n = BLOCK.with(|block| {
+        let (mut next, mut end) = block.get();
+        if next == end {
+            next = COUNTER.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            end = next + ID_BLOCK;
+        }
+        block.set((next + 1, end));
+        next
+    });
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&prefix.to_be_bytes());
     id[8..].copy_from_slice(&mix64(n ^ key).to_be_bytes());
@@ -380,6 +401,9 @@ fn new_request_id() -> HeaderValue {
     }
     HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
 }
+
+/// Request numbers a thread takes at a time.
+const ID_BLOCK: u64 = 1 << 16;
 
 /// The SplitMix64 finaliser: a bijection on `u64`, so distinct inputs give distinct ids.
 fn mix64(mut z: u64) -> u64 {
@@ -447,6 +471,26 @@ mod tests {
     }
 
     #[test]
+    fn request_ids_made_on_several_threads_at_once_are_distinct() {
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    // More than one block of numbers per thread.
+                    (0..ID_BLOCK + 100)
+                        .map(|_| new_request_id().to_str().unwrap().to_string())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for thread in threads {
+            for id in thread.join().unwrap() {
+                assert!(seen.insert(id));
+            }
+        }
+    }
+
+    #[test]
     fn connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -461,7 +505,7 @@ mod tests {
         assert!(h.contains_key("x-end-to-end"));
         for name in HOP_BY_HOP {
             let mut h = HeaderMap::new();
-            h.insert(HeaderName::from_static(name), "x".parse().unwrap());
+            h.insert(name.clone(), "x".parse().unwrap());
             h.insert("x-end-to-end", "1".parse().unwrap());
             strip_hop_by_hop(&mut h);
             assert_eq!(h.len(), 1, "{name}");
@@ -469,14 +513,19 @@ mod tests {
         // All nine at once, some twice, and one more named in `Connection`.
         let mut h = HeaderMap::new();
         for name in HOP_BY_HOP {
-            h.append(HeaderName::from_static(name), "x".parse().unwrap());
-            h.append(HeaderName::from_static(name), "y".parse().unwrap());
+            h.append(name.clone(), "x".parse().unwrap());
+            h.append(name.clone(), "y".parse().unwrap());
         }
         h.append(header::CONNECTION, "close, X-Listed".parse().unwrap());
         h.insert("x-listed", "1".parse().unwrap());
         h.insert("x-end-to-end", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-end-to-end"]);
+        // The list and the `match` agree, place by place (the bits stand for places).
+        for (at, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(at), "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&header::COOKIE), None);
     }
 
     #[test]

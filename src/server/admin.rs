@@ -69,7 +69,7 @@ async fn handle<B>(app: &App, req: Request<B>) -> Response<Body> {
             json_response(status, &serde_json::json!({"ready": ready, "checks": body}))
         }
         "/metrics" => {
-            let text = crate::telemetry::metrics().render();
+            let text = crate::telemetry::render();
             let mut response = Response::new(full(text));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -352,6 +352,58 @@ async fn admin_exposes_health_and_metrics() {
     assert_eq!(public.status, 404, "metrics are not on the public listener");
 }
 
+/// The value of the series `name{labels}` in a `/metrics` text.
+fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name_and_labels)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// Each worker counts its requests itself and hands them to the process-wide series in
+/// batches; a scrape must still read every request finished before it, on any worker.
+#[tokio::test]
+async fn every_request_is_counted_at_the_next_scrape_whichever_worker_took_it() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/exactly-counted/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let proxy = start_proxy(&config_toml(&routes).add("server.workers", 2).text()).await;
+    let scrape = || async {
+        get(&format!("http://{}/metrics", proxy.admin), &[])
+            .await
+            .text()
+    };
+    let total = "vestibule_requests_total{route=\"/exactly-counted/\",status=\"200\"}";
+    let timed =
+        "vestibule_request_duration_seconds_count{route=\"/exactly-counted/\",status=\"200\"}";
+    // 100 requests on 10 connections at a time (both workers take some): more than one batch
+    // on a worker, and not a whole number of batches.
+    for round in 0..10 {
+        let urls: Vec<String> = (0..10)
+            .map(|n| proxy.url(&format!("/exactly-counted/{round}/{n}")))
+            .collect();
+        let answers = futures_util::future::join_all(urls.iter().map(|u| get(u, &[]))).await;
+        assert!(answers.iter().all(|r| r.status == 200));
+    }
+    let metrics = scrape().await;
+    assert_eq!(series(&metrics, total), Some(100.0), "{metrics}");
+    assert_eq!(series(&metrics, timed), Some(100.0), "{metrics}");
+    get(&proxy.url("/exactly-counted/one-more"), &[]).await;
+    let metrics = scrape().await;
+    assert_eq!(series(&metrics, total), Some(101.0), "{metrics}");
+    assert_eq!(series(&metrics, timed), Some(101.0), "{metrics}");
+    // A request still being answered is in flight at the scrape.
+    let slow_url = proxy.url("/exactly-counted/slow");
+    let slow = tokio::spawn(async move { get(&slow_url, &[]).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = scrape().await;
+    let in_flight = series(&metrics, "vestibule_requests_in_flight").unwrap_or_default();
+    assert!(in_flight >= 1.0, "{metrics}");
+    assert_eq!(slow.await.unwrap(), 200);
+}
+
 #[tokio::test]
 async fn a_single_worker_serves_everything() {
     let up = upstream::start().await;
