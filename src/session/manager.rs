@@ -206,7 +206,7 @@ impl Sessions {
 
     /// Handles of changed or ended sessions, from every instance; `""` means "drop everything".
     pub fn subscribe_invalidations(&self) -> broadcast::Receiver<String> {
-        self.store.subscribe(INVALIDATION_CHANNEL)
+        self.store.subscribe(INVALIDATION_CHANNEL).into_receiver()
     }
 
     /// The store key of this session's single-flight refresh lease.

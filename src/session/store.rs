@@ -6,6 +6,7 @@
 //! be reached says so (`Unavailable`) and never reports "no such key" instead, so a transient
 //! outage can never end a session.
 
+mod channel;
 mod memory;
 mod redis;
 
@@ -13,8 +14,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
+pub(crate) use self::channel::Channel;
+pub use self::channel::Subscription;
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
@@ -217,7 +220,7 @@ impl Store {
 
     /// Receives what is published on `channel_suffix` from now on, by any instance. A lagging
     /// receiver or [`RESYNC`] means messages may have been lost.
-    pub fn subscribe(&self, channel_suffix: &str) -> broadcast::Receiver<String> {
+    pub fn subscribe(&self, channel_suffix: &str) -> Subscription {
         match self {
             Store::Memory(s) => s.subscribe(channel_suffix),
             Store::Redis(s) => s.subscribe(channel_suffix),

@@ -26,11 +26,12 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::session::model::Session;
+use crate::session::store::Subscription;
 
 /// Independent parts of the cache (a power of two).
 const SHARDS: usize = 16;
@@ -102,7 +103,7 @@ struct Shard {
     capacity: usize,
     /// Keys refused while the shard was full, by `key % len`: a key found here is admitted.
     doorkeeper: Box<[Key]>,
-    invalidations: broadcast::Receiver<String>,
+    invalidations: Subscription,
     /// `None` once the sender is gone (the memory store's, which is always live): `is_live` is
     /// then final.
     live: Option<watch::Receiver<bool>>,
@@ -126,7 +127,7 @@ impl Cache {
     pub(super) fn new(
         ttl: Duration,
         entries: usize,
-        invalidations: broadcast::Receiver<String>,
+        invalidations: Subscription,
         live: watch::Receiver<bool>,
     ) -> Cache {
         let capacity = entries.div_ceil(SHARDS).max(1);
@@ -357,13 +358,14 @@ impl Shard {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_CACHE_ENTRIES as DEFAULT_ENTRIES;
+    use crate::session::store::Channel;
 
     const ENTRIES: usize = 10_000;
 
     /// A cache whose messages and liveness never change: its sender side is gone (a closed
     /// channel reads as empty; a dropped `live` sender leaves it live for good).
     fn quiet_cache(ttl_secs: u64, entries: usize) -> Cache {
-        let (_tx, rx) = broadcast::channel(4);
+        let rx = Channel::new(4).subscribe();
         Cache::new(
             Duration::from_secs(ttl_secs),
             entries,
@@ -390,17 +392,18 @@ mod tests {
 
     #[test]
     fn messages_remove_entries_and_resync_or_lag_clears_all() {
-        let (tx, rx) = broadcast::channel(2);
+        let tx = Channel::new(2);
+        let rx = tx.subscribe();
         let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watch::channel(true).1);
         cache.put("a", 1, &session());
         cache.put("b", 1, &session());
-        tx.send("a".into()).unwrap();
+        tx.send("a".into());
         assert!(cache.get("a").is_none() && cache.get("b").is_some());
-        tx.send(String::new()).unwrap();
+        tx.send(String::new());
         assert!(cache.get("b").is_none());
         cache.put("c", 1, &session());
         for _ in 0..5 {
-            tx.send("unrelated".into()).unwrap();
+            tx.send("unrelated".into());
         }
         assert!(
             cache.get("c").is_none(),
@@ -410,7 +413,7 @@ mod tests {
 
     #[test]
     fn nothing_is_cached_while_messages_cannot_arrive() {
-        let (_tx, rx) = broadcast::channel(4);
+        let rx = Channel::new(4).subscribe();
         let (live, watching) = watch::channel(true);
         let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
         cache.put("kept", 1, &session());
@@ -556,7 +559,7 @@ mod tests {
 
     #[test]
     fn a_subscription_outage_between_two_lookups_still_drops_what_was_cached() {
-        let (_tx, rx) = broadcast::channel(4);
+        let rx = Channel::new(4).subscribe();
         let (live, watching) = watch::channel(true);
         let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
         cache.put("kept", 1, &session());

@@ -11,7 +11,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::{Corruption, Record, StoreError};
@@ -34,7 +33,7 @@ impl std::fmt::Debug for MemoryStore {
 struct Inner {
     max_entries: usize,
     state: Mutex<State>,
-    channels: Mutex<HashMap<String, broadcast::Sender<String>>>,
+    channels: Mutex<HashMap<String, super::Channel>>,
 }
 
 #[derive(Default)]
@@ -373,15 +372,15 @@ impl MemoryStore {
             .channels
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(sender) = channels.get(channel_suffix)
-            && sender.send(payload.to_owned()).is_err()
+        if let Some(channel) = channels.get(channel_suffix)
+            && !channel.send(payload.to_owned())
         {
             channels.remove(channel_suffix);
         }
         Ok(())
     }
 
-    pub fn subscribe(&self, channel_suffix: &str) -> broadcast::Receiver<String> {
+    pub fn subscribe(&self, channel_suffix: &str) -> super::Subscription {
         let mut channels = self
             .inner
             .channels
@@ -389,7 +388,7 @@ impl MemoryStore {
             .unwrap_or_else(PoisonError::into_inner);
         channels
             .entry(channel_suffix.to_owned())
-            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .or_insert_with(|| super::Channel::new(CHANNEL_CAPACITY))
             .subscribe()
     }
 

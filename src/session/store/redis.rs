@@ -27,7 +27,7 @@ use redis::{
     Client, Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
     RedisResult, Script, ScriptInvocation, ServerErrorKind, TlsMode,
 };
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use super::{Corruption, Misconfiguration, Outage, Record, StoreError, redact_url, ttl_millis};
 use crate::config::{RedisConfig, Secret, SentinelConfig};
@@ -491,7 +491,7 @@ impl RedisStore {
         self.run::<i64>("publish", Op::Cmd(cmd)).await.map(drop)
     }
 
-    pub fn subscribe(&self, channel_suffix: &str) -> broadcast::Receiver<String> {
+    pub fn subscribe(&self, channel_suffix: &str) -> super::Subscription {
         self.inner.pubsub.subscribe(channel_suffix)
     }
 
@@ -650,4 +650,4 @@ impl SentinelConn {
 }
 
 /// Channel senders by suffix, shared between the store and its subscriber task.
-type Channels = Arc<Mutex<HashMap<String, broadcast::Sender<String>>>>;
+type Channels = Arc<Mutex<HashMap<String, super::Channel>>>;

@@ -15,7 +15,7 @@ use futures_util::StreamExt as _;
 use redis::aio::PubSub;
 use redis::sentinel::SentinelClient;
 use redis::{Client, Msg, RedisError, RedisResult, Value};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::{Channels, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
@@ -93,11 +93,11 @@ impl Subscriber {
         let _ = tokio::time::timeout(limit, connected.wait_for(|generation| *generation > 0)).await;
     }
 
-    pub(super) fn subscribe(&self, suffix: &str) -> broadcast::Receiver<String> {
+    pub(super) fn subscribe(&self, suffix: &str) -> crate::session::store::Subscription {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         channels
             .entry(suffix.to_owned())
-            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .or_insert_with(|| crate::session::store::Channel::new(CHANNEL_CAPACITY))
             .subscribe()
     }
 }
@@ -167,8 +167,8 @@ fn deliver(message: &Msg, prefix: &str, channels: &Channels) {
         return;
     };
     let mut channels = channels.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(sender) = channels.get(suffix)
-        && sender.send(payload.to_owned()).is_err()
+    if let Some(channel) = channels.get(suffix)
+        && !channel.send(payload.to_owned())
     {
         channels.remove(suffix);
     }
@@ -176,8 +176,8 @@ fn deliver(message: &Msg, prefix: &str, channels: &Channels) {
 
 fn resync(channels: &Channels) {
     let channels = channels.lock().unwrap_or_else(PoisonError::into_inner);
-    for sender in channels.values() {
-        let _ = sender.send(RESYNC.to_owned());
+    for channel in channels.values() {
+        let _ = channel.send(RESYNC.to_owned());
     }
 }
 
