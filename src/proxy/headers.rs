@@ -91,6 +91,37 @@ fn is_hop_by_hop_str(token: &str) -> bool {
         .any(|name| name.as_str().eq_ignore_ascii_case(token))
 }
 
+/// The field names of the last head read on one connection, by position, with the bytes they
+/// were made of. A client or an upstream sends the same fields in the same order, spelled the
+/// same, head after head: a name whose bytes equal those at its place is that name, taken
+/// without parsing it again (a table lookup per byte, and an allocation for a name `http` does
+/// not know).
+#[derive(Debug, Default)]
+pub struct RecentNames(Vec<(Box<[u8]>, HeaderName)>);
+
+/// Places remembered: more than a head usually has.
+const RECENT_NAMES: usize = 32;
+
+impl RecentNames {
+    /// The name whose text is `bytes`, for the field at place `at` of a head; `None` when
+    /// `bytes` is no header name.
+    pub fn name(&mut self, at: usize, bytes: &[u8]) -> Option<HeaderName> {
+        if let Some((spelled, known)) = self.0.get(at)
+            && **spelled == *bytes
+        {
+            return Some(known.clone());
+        }
+        let name = HeaderName::from_bytes(bytes).ok()?;
+        let remembered = (Box::from(bytes), name.clone());
+        if let Some(slot) = self.0.get_mut(at) {
+            *slot = remembered;
+        } else if at == self.0.len() && at < RECENT_NAMES {
+            self.0.push(remembered);
+        }
+        Some(name)
+    }
+}
+
 /// The `Upgrade` protocol of a request asking to switch protocols (never `h2c`).
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     // `Upgrade` first: nearly every request has none, and many carry `Connection: keep-alive`.
@@ -486,6 +517,28 @@ mod tests {
         for thread in threads {
             for id in thread.join().unwrap() {
                 assert!(seen.insert(id));
+            }
+        }
+    }
+
+    #[test]
+    fn a_name_at_a_remembered_place_is_the_name_its_text_makes() {
+        let mut names = RecentNames::default();
+        let heads: [&[&[u8]]; 4] = [
+            &[b"Host", b"X-CSRF", b"Cookie"],
+            &[b"host", b"x-csrf", b"COOKIE", b"X-Extra"],
+            // Other names at the same places, and a byte that makes no name.
+            &[b"Hosts", b"X-CSRG", b"Cookie", b"X-Extra"],
+            &[b"Host", b"X CSRF"],
+        ];
+        for head in heads {
+            for (at, bytes) in head.iter().enumerate() {
+                assert_eq!(
+                    names.name(at, bytes),
+                    HeaderName::from_bytes(bytes).ok(),
+                    "{}",
+                    String::from_utf8_lossy(bytes)
+                );
             }
         }
     }

@@ -22,6 +22,7 @@
 
 use crate::app::{App, Worker};
 use crate::clock::http_date::HttpDate;
+use crate::proxy::headers::RecentNames;
 use crate::reply::{Body, Inbound, in_box};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -70,6 +71,7 @@ pub(super) async fn serve(
     let mut buf = BytesMut::with_capacity(READ_SPACE);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut fields: Vec<(HeaderName, Range<usize>)> = Vec::with_capacity(16);
+    let mut names = RecentNames::default();
     let mut date = HttpDate::default();
     let wait = limits.head_timeout.min(limits.idle_timeout);
     let mut stopping = pin!(shutdown.cancelled());
@@ -81,7 +83,7 @@ pub(super) async fn serve(
             let _ = buf.try_reclaim(READ_SPACE);
         }
         // 1. A complete head, from what is buffered or within the deadline.
-        let mut parsed = parse(&buf, &mut fields);
+        let mut parsed = parse(&buf, &mut fields, &mut names);
         if matches!(parsed, Parsed::Partial) {
             if buf.is_empty() && shutdown.is_cancelled() {
                 return;
@@ -89,7 +91,7 @@ pub(super) async fn serve(
             let reading = read_head(
                 &mut tcp,
                 &mut buf,
-                &mut fields,
+                (&mut fields, &mut names),
                 limits.max_head,
                 &mut stopping,
             );
@@ -168,7 +170,7 @@ enum Parsed {
 async fn read_head(
     tcp: &mut TcpStream,
     buf: &mut BytesMut,
-    fields: &mut Vec<(HeaderName, Range<usize>)>,
+    (fields, names): (&mut Vec<(HeaderName, Range<usize>)>, &mut RecentNames),
     max_head: usize,
     stopping: &mut Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
 ) -> Option<Parsed> {
@@ -188,7 +190,7 @@ async fn read_head(
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
-        match parse(buf, fields) {
+        match parse(buf, fields, names) {
             Parsed::Partial => {}
             parsed => return Some(parsed),
         }
@@ -197,8 +199,12 @@ async fn read_head(
 
 /// Parses the head at the start of `bytes`, if it is whole, and decides whether the lane takes
 /// it. On [`Parsed::Complete`], `fields` holds the header lines' names and where their values
-/// are in `bytes`.
-fn parse(bytes: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>) -> Parsed {
+/// are in `bytes`. `names`: the connection's last head's names.
+fn parse(
+    bytes: &[u8],
+    fields: &mut Vec<(HeaderName, Range<usize>)>,
+    names: &mut RecentNames,
+) -> Parsed {
     if bytes.is_empty() {
         return Parsed::Partial;
     }
@@ -231,8 +237,8 @@ fn parse(bytes: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>) -> Parsed {
     fields.clear();
     let mut close = false;
     let mut length_seen = false;
-    for line in head.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(line.name.as_bytes()) else {
+    for (at, line) in head.headers.iter().enumerate() {
+        let Some(name) = names.name(at, line.name.as_bytes()) else {
             return Parsed::Unusual;
         };
         match name {
@@ -303,13 +309,17 @@ fn request(
 /// target `lane_head`, which gives the same bytes to hyper's server.
 #[cfg(feature = "test-support")]
 pub fn take(bytes: &[u8]) -> Option<(usize, Request<Inbound>)> {
+    // Kept from input to input, as a connection keeps them from head to head.
+    thread_local! {
+        static NAMES: std::cell::RefCell<RecentNames> = std::cell::RefCell::default();
+    }
     let mut fields = Vec::new();
     let Parsed::Complete {
         len,
         method,
         target,
         ..
-    } = parse(bytes, &mut fields)
+    } = NAMES.with_borrow_mut(|names| parse(bytes, &mut fields, names))
     else {
         return None;
     };

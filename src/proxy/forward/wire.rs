@@ -14,6 +14,7 @@
 //! framed by the connection's end, `Transfer-Encoding` next to `Content-Length`, bytes beyond
 //! the answer) means the connection is not reused, and malformed framing is an error (502).
 
+use crate::proxy::headers::RecentNames;
 use crate::reply::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
@@ -48,6 +49,8 @@ pub(super) fn takes(req: &http::Request<crate::reply::Body>) -> bool {
 pub(super) struct Conn {
     pub(super) tcp: TcpStream,
     buf: BytesMut,
+    /// The last answer's field names.
+    names: RecentNames,
 }
 
 impl Conn {
@@ -55,6 +58,7 @@ impl Conn {
         Conn {
             tcp,
             buf: BytesMut::with_capacity(READ_SPACE),
+            names: RecentNames::default(),
         }
     }
 
@@ -186,7 +190,7 @@ pub(super) async fn exchange(
     }
     let mut received = !conn.buf.is_empty();
     loop {
-        if let Some(head) = parse_head(&mut conn.buf, to_head)? {
+        if let Some(head) = parse_head(&mut conn.buf, to_head, &mut conn.names)? {
             return Ok(head);
         }
         conn.make_room();
@@ -210,8 +214,13 @@ fn broken(e: &std::io::Error) -> bool {
 }
 
 /// Parses a complete response head off the front of `buf`; `None` while more must be read.
-/// `to_head`: the request was a `HEAD`, so the answer has no body whatever it says.
-pub(super) fn parse_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<Head>, WireError> {
+/// `to_head`: the request was a `HEAD`, so the answer has no body whatever it says. `names`: the
+/// connection's last answer's field names.
+pub(super) fn parse_head(
+    buf: &mut BytesMut,
+    to_head: bool,
+    names: &mut RecentNames,
+) -> Result<Option<Head>, WireError> {
     loop {
         if buf.is_empty() {
             return Ok(None);
@@ -272,9 +281,10 @@ pub(super) fn parse_head(buf: &mut BytesMut, to_head: bool) -> Result<Option<Hea
         let status = StatusCode::from_u16(code).map_err(|_| WireError::Malformed("status"))?;
         let bytes = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
-        for &(ns, ne, vs, ve) in &spans {
-            let name = HeaderName::from_bytes(&bytes[ns..ne])
-                .map_err(|_| WireError::Malformed("header name"))?;
+        for (at, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
+            let name = names
+                .name(at, &bytes[ns..ne])
+                .ok_or(WireError::Malformed("header name"))?;
             let value = HeaderValue::from_maybe_shared(bytes.slice(vs..ve))
                 .map_err(|_| WireError::Malformed("header value"))?;
             headers.append(name, value);
@@ -540,6 +550,10 @@ pub struct Answer {
 /// `step` at a time and the connection ending after the last (`to_head`: the request was a
 /// `HEAD`). For the fuzz target and the tests: how the bytes are split must change nothing.
 pub fn read_answer(bytes: &[u8], step: usize, to_head: bool) -> Result<Answer, String> {
+    // Kept from answer to answer, as a connection keeps them.
+    thread_local! {
+        static NAMES: std::cell::RefCell<RecentNames> = std::cell::RefCell::default();
+    }
     let step = step.max(1);
     let mut buf = BytesMut::new();
     let mut fed = 0;
@@ -553,7 +567,7 @@ pub fn read_answer(bytes: &[u8], step: usize, to_head: bool) -> Result<Answer, S
         true
     };
     let head = loop {
-        match parse_head(&mut buf, to_head) {
+        match NAMES.with_borrow_mut(|names| parse_head(&mut buf, to_head, names)) {
             Err(e) => return Err(e.to_string()),
             Ok(Some(head)) => break head,
             Ok(None) if feed(&mut buf) => {}

@@ -3,7 +3,7 @@ use http_body_util::{BodyExt, StreamBody};
 
 fn parsed(head: &str) -> Parsed {
     let mut fields = Vec::new();
-    parse(head.as_bytes(), &mut fields)
+    parse(head.as_bytes(), &mut fields, &mut RecentNames::default())
 }
 
 fn taken(head: &str) -> Request<Inbound> {
@@ -14,7 +14,7 @@ fn taken(head: &str) -> Request<Inbound> {
         method,
         target,
         ..
-    } = parse(&bytes, &mut fields)
+    } = parse(&bytes, &mut fields, &mut RecentNames::default())
     else {
         panic!("not taken: {head:?}");
     };
@@ -50,7 +50,9 @@ fn obs_text_in_a_value_is_kept_byte_for_byte() {
     let head = b"GET / HTTP/1.1\r\nX-Name: caf\xc3\xa9\r\n\r\n";
     let bytes = Bytes::copy_from_slice(head);
     let mut fields = Vec::new();
-    let Parsed::Complete { method, target, .. } = parse(&bytes, &mut fields) else {
+    let Parsed::Complete { method, target, .. } =
+        parse(&bytes, &mut fields, &mut RecentNames::default())
+    else {
         panic!("not taken");
     };
     let req = request(&bytes, method, target, &mut fields).unwrap();

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 fn head_of(text: &str, to_head: bool) -> Result<Option<Head>, WireError> {
     let mut buf = BytesMut::from(text.as_bytes());
-    parse_head(&mut buf, to_head)
+    parse_head(&mut buf, to_head, &mut RecentNames::default())
 }
 
 fn complete(text: &str) -> Head {
@@ -27,7 +27,9 @@ fn a_head_with_a_length_is_reused_and_keeps_its_fields_in_order() {
     let mut buf = BytesMut::from(
         &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\r\nok"[..],
     );
-    let head = parse_head(&mut buf, false).unwrap().unwrap();
+    let head = parse_head(&mut buf, false, &mut RecentNames::default())
+        .unwrap()
+        .unwrap();
     assert_eq!(head.response.status(), 200);
     assert_eq!(head.framing, Framing::Length(2));
     assert!(head.keep);
@@ -47,7 +49,7 @@ fn a_head_is_waited_for_until_it_has_all_arrived() {
     let mut buf = BytesMut::new();
     for (at, byte) in whole.iter().enumerate() {
         buf.extend_from_slice(&[*byte]);
-        let parsed = parse_head(&mut buf, false).unwrap();
+        let parsed = parse_head(&mut buf, false, &mut RecentNames::default()).unwrap();
         assert_eq!(parsed.is_some(), at == whole.len() - 1, "after byte {at}");
     }
 }
