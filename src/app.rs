@@ -141,7 +141,8 @@ impl App {
             trusted: live.is_trusted(ip),
         };
         // Only a trusted proxy's request id is kept; anyone else's is replaced.
-        let request_id = proxy::headers::ensure_request_id(req.headers_mut(), peer.trusted);
+        let request_id =
+            proxy::headers::ensure_request_id(req.headers_mut(), peer.trusted, &worker.request_ids);
         // Only a trusted proxy may continue a trace (and decide its sampling); anyone else's
         // trace context reaches neither our spans nor the upstreams.
         let remote = match (&self.tracer, peer.trusted) {

@@ -17,7 +17,11 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::Runtime;
 use vestibule::server::framing::Guarded;
+use vestibule::proxy::headers::RecentNames;
 use vestibule::server::lane::take;
+
+/// Kept from input to input, as a connection keeps its last head's names.
+static NAMES: LazyLock<Mutex<RecentNames>> = LazyLock::new(Mutex::default);
 
 static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_current_thread()
@@ -35,7 +39,8 @@ struct Read {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((len, ours)) = take(data) else {
+    let taken = take(data, &mut NAMES.lock().unwrap_or_else(|p| p.into_inner()));
+    let Some((len, ours)) = taken else {
         return;
     };
     let head = &data[..len];

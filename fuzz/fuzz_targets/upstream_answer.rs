@@ -6,7 +6,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use std::sync::{LazyLock, Mutex};
 use vestibule::proxy::forward::wire::read_answer;
+use vestibule::proxy::headers::RecentNames;
+
+/// Kept from input to input, as a connection keeps its last answer's names.
+static NAMES: LazyLock<Mutex<RecentNames>> = LazyLock::new(Mutex::default);
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks how the rest arrives, and whether the request was a HEAD.
@@ -15,9 +20,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let to_head = control & 0x80 != 0;
     let step = usize::from(control & 0x7f).max(1);
-    let whole = read_answer(bytes, bytes.len(), to_head);
-    let split = read_answer(bytes, step, to_head);
-    let by_byte = read_answer(bytes, 1, to_head);
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let whole = read_answer(bytes, bytes.len(), to_head, &mut names);
+    let split = read_answer(bytes, step, to_head, &mut names);
+    let by_byte = read_answer(bytes, 1, to_head, &mut names);
+    drop(names);
     match (&whole, &split, &by_byte) {
         (Ok(a), Ok(b), Ok(c)) => {
             assert_eq!(a, b, "split by {step}");

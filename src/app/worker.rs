@@ -11,6 +11,7 @@
 //! - its view of the hot-swappable configuration ([`Worker::live`]): a reference of its own to
 //!   the current [`LiveConfig`], so that a request takes and drops a reference count no other
 //!   worker writes;
+//! - the numbers of the request ids it makes ([`RequestIds`]), a block at a time;
 //! - the request metrics' handles and pending samples ([`WorkerMetrics`]): handed to the
 //!   process-wide series in batches and before every scrape, so `/metrics` reads the process's
 //!   totals while no request writes what another worker writes.
@@ -30,6 +31,7 @@
 use super::App;
 use crate::clock::deadline::Deadlines;
 use crate::proxy::Upstreams;
+use crate::proxy::headers::RequestIds;
 use crate::session::manager::Sessions;
 use crate::state::LiveConfig;
 use crate::telemetry::WorkerMetrics;
@@ -45,6 +47,8 @@ pub struct Worker {
     pub deadlines: Arc<Deadlines>,
     /// Requests in flight, counted and timed, by route and status.
     pub metrics: Arc<WorkerMetrics>,
+    /// Numbers for the request ids it makes.
+    pub request_ids: RequestIds,
     /// The configuration this worker's requests last took, and this worker's own reference to
     /// it (see [`Worker::live`]); `None` before the first request.
     live: Mutex<Option<SeenConfig>>,
@@ -62,6 +66,7 @@ impl Worker {
             sessions: Arc::new(app.sessions.for_worker()),
             deadlines,
             metrics: WorkerMetrics::new(),
+            request_ids: RequestIds::default(),
             live: Mutex::new(None),
         }
     }

@@ -2,7 +2,6 @@
 //! `X-Forwarded-*`, request ids, and removal of Vestibule's own cookies.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::cell::Cell;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -377,7 +376,7 @@ fn address_text(ip: IpAddr, buffer: &mut [u8; 64]) -> &[u8] {
 
 /// Returns the request id: a trusted proxy's when it sent a usable one (at most 128 visible
 /// ASCII characters), otherwise a new one, which replaces whatever the client sent.
-pub fn ensure_request_id(headers: &mut HeaderMap, trusted: bool) -> HeaderValue {
+pub fn ensure_request_id(headers: &mut HeaderMap, trusted: bool, ids: &RequestIds) -> HeaderValue {
     let name = X_REQUEST_ID;
     if trusted && let Some(v) = headers.get(&name) {
         let ok = v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
@@ -385,16 +384,42 @@ pub fn ensure_request_id(headers: &mut HeaderMap, trusted: bool) -> HeaderValue 
             return v.clone();
         }
     }
-    let value = new_request_id();
+    let value = new_request_id(ids);
     headers.insert(name, value.clone());
     value
 }
 
+/// The request numbers of one serving worker: taken from the process-wide counter a block at a
+/// time, so that a request writes no counter that another worker writes (one shared counter was
+/// a cache line moved between the cores on every request).
+#[derive(Debug, Default)]
+pub struct RequestIds(std::sync::Mutex<(u64, u64)>);
+
+/// Request numbers a worker takes at a time.
+const ID_BLOCK: u64 = 1 << 16;
+
+impl RequestIds {
+    fn next(&self) -> u64 {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut block = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (next, end) = &mut *block;
+        if next == end {
+            *next = COUNTER.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            *end = *next + ID_BLOCK;
+        }
+        *next += 1;
+        *next - 1
+    }
+}
+
 /// A new request id: 32 hex digits, unique per process (a random 64-bit process prefix and a
-/// counter scrambled by a bijective mix with a random key), with no system call per request.
-fn new_request_id() -> HeaderValue {
+/// number unique in the process, scrambled by a bijective mix with a random key), with no system
+/// call per request.
+fn new_request_id(ids: &RequestIds) -> HeaderValue {
     static SEED: OnceLock<[u64; 2]> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let [prefix, key] = *SEED.get_or_init(|| {
         let mut bytes = [0u8; 16];
         if getrandom::fill(&mut bytes).is_err() {
@@ -409,20 +434,7 @@ fn new_request_id() -> HeaderValue {
             u64::from_le_bytes(b.try_into().unwrap_or_default()),
         ]
     });
-    // Each thread takes numbers from a block of its own, so a request writes no cache line
-    // that another worker writes too (one shared counter bounced between cores per request).
-    thread_local! {
-        static BLOCK: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
-    }
-    let n = BLOCK.with(|block| {
-        let (mut next, mut end) = block.get();
-        if next == end {
-            next = COUNTER.fetch_add(ID_BLOCK, Ordering::Relaxed);
-            end = next + ID_BLOCK;
-        }
-        block.set((next + 1, end));
-        next
-    });
+    let n = ids.next();
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&prefix.to_be_bytes());
     id[8..].copy_from_slice(&mix64(n ^ key).to_be_bytes());
@@ -432,9 +444,6 @@ fn new_request_id() -> HeaderValue {
     }
     HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
 }
-
-/// Request numbers a thread takes at a time.
-const ID_BLOCK: u64 = 1 << 16;
 
 /// The SplitMix64 finaliser: a bijection on `u64`, so distinct inputs give distinct ids.
 fn mix64(mut z: u64) -> u64 {
@@ -492,8 +501,9 @@ mod tests {
     #[test]
     fn generated_request_ids_are_32_hex_digits_and_distinct() {
         let mut seen = std::collections::HashSet::new();
+        let ids = RequestIds::default();
         for _ in 0..1000 {
-            let id = ensure_request_id(&mut HeaderMap::new(), true);
+            let id = ensure_request_id(&mut HeaderMap::new(), true, &ids);
             let text = id.to_str().unwrap().to_string();
             assert_eq!(text.len(), 32);
             assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -502,13 +512,14 @@ mod tests {
     }
 
     #[test]
-    fn request_ids_made_on_several_threads_at_once_are_distinct() {
+    fn request_ids_made_by_several_workers_at_once_are_distinct() {
         let threads: Vec<_> = (0..3)
             .map(|_| {
                 std::thread::spawn(|| {
-                    // More than one block of numbers per thread.
+                    // A worker's numbers, more than one block of them.
+                    let ids = RequestIds::default();
                     (0..ID_BLOCK + 100)
-                        .map(|_| new_request_id().to_str().unwrap().to_string())
+                        .map(|_| new_request_id(&ids).to_str().unwrap().to_string())
                         .collect::<Vec<_>>()
                 })
             })

@@ -308,18 +308,15 @@ fn request(
 /// when the lane would not take it (hyper's) or it is not whole. For the differential fuzz
 /// target `lane_head`, which gives the same bytes to hyper's server.
 #[cfg(feature = "test-support")]
-pub fn take(bytes: &[u8]) -> Option<(usize, Request<Inbound>)> {
-    // Kept from input to input, as a connection keeps them from head to head.
-    thread_local! {
-        static NAMES: std::cell::RefCell<RecentNames> = std::cell::RefCell::default();
-    }
+/// `names`: kept from head to head by the caller, as a connection keeps them.
+pub fn take(bytes: &[u8], names: &mut RecentNames) -> Option<(usize, Request<Inbound>)> {
     let mut fields = Vec::new();
     let Parsed::Complete {
         len,
         method,
         target,
         ..
-    } = NAMES.with_borrow_mut(|names| parse(bytes, &mut fields, names))
+    } = parse(bytes, &mut fields, names)
     else {
         return None;
     };

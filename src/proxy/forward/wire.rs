@@ -549,11 +549,13 @@ pub struct Answer {
 /// Reads one answer out of `bytes` the way an upstream connection is read, the bytes arriving
 /// `step` at a time and the connection ending after the last (`to_head`: the request was a
 /// `HEAD`). For the fuzz target and the tests: how the bytes are split must change nothing.
-pub fn read_answer(bytes: &[u8], step: usize, to_head: bool) -> Result<Answer, String> {
-    // Kept from answer to answer, as a connection keeps them.
-    thread_local! {
-        static NAMES: std::cell::RefCell<RecentNames> = std::cell::RefCell::default();
-    }
+/// `names`: kept from answer to answer by the caller, as a connection keeps them.
+pub fn read_answer(
+    bytes: &[u8],
+    step: usize,
+    to_head: bool,
+    names: &mut RecentNames,
+) -> Result<Answer, String> {
     let step = step.max(1);
     let mut buf = BytesMut::new();
     let mut fed = 0;
@@ -567,7 +569,7 @@ pub fn read_answer(bytes: &[u8], step: usize, to_head: bool) -> Result<Answer, S
         true
     };
     let head = loop {
-        match NAMES.with_borrow_mut(|names| parse_head(&mut buf, to_head, names)) {
+        match parse_head(&mut buf, to_head, names) {
             Err(e) => return Err(e.to_string()),
             Ok(Some(head)) => break head,
             Ok(None) if feed(&mut buf) => {}
