@@ -8,6 +8,7 @@ use crate::clock::Clock;
 use crate::config::{Config, TokenBinding};
 use crate::oidc::client_auth::Credential;
 use crate::oidc::{GrantError, Oidc};
+use crate::proxy::headers::Client;
 use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
 use crate::reply::{Body, ErrorCode, Inbound, Reader, in_box};
@@ -19,7 +20,6 @@ use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
 use http_body_util::{Either, Empty};
 use std::borrow::Cow;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -127,8 +127,7 @@ impl App {
     pub async fn handle(
         &self,
         mut req: Request<Inbound>,
-        ip: IpAddr,
-        tls: bool,
+        Client { ip, tls }: Client,
         worker: &Worker,
     ) -> Response<Body> {
         let started = Instant::now();

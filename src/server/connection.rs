@@ -7,6 +7,7 @@
 //! header read timeout while it waits for the next request.
 
 use crate::app::{App, Worker};
+use crate::proxy::headers::Client;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -91,7 +92,7 @@ pub(super) async fn serve<I>(
         let busy = tracked.begin();
         async move {
             let req = req.map(http_body_util::Either::Left);
-            let response = app.handle(req, ip, tls, &worker).await;
+            let response = app.handle(req, Client { ip, tls }, &worker).await;
             drop(busy);
             Ok::<_, Infallible>(response)
         }

@@ -22,7 +22,7 @@
 
 use crate::app::{App, Worker};
 use crate::clock::http_date::HttpDate;
-use crate::proxy::headers::RecentNames;
+use crate::proxy::headers::{Client, RecentNames};
 use crate::reply::{Body, Inbound, in_box};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -127,7 +127,7 @@ pub(super) async fn serve(
         drop(head);
         let head_only = req.method() == Method::HEAD;
         // 2. The answer, cancelled if the client goes away meanwhile.
-        let answer = app.handle(req, ip, false, &worker);
+        let answer = app.handle(req, Client { ip, tls: false }, &worker);
         let mut answer = pin!(answer);
         let response = loop {
             tokio::select! {
