@@ -151,7 +151,14 @@ impl App {
                 .and_then(|v| crate::telemetry::trace::SpanContext::parse(v.as_bytes())),
             _ => None,
         };
-        if !peer.trusted {
+        // Looked for by walking the names (a removal by name hashes it, whether or not the
+        // field is there; nearly every request has neither).
+        if !peer.trusted
+            && req
+                .headers()
+                .keys()
+                .any(|name| *name == TRACEPARENT || *name == TRACESTATE)
+        {
             req.headers_mut().remove(TRACEPARENT);
             req.headers_mut().remove(TRACESTATE);
         }

@@ -42,15 +42,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // Fields named in `Connection` that are not hop-by-hop by name (rare): parsed only then.
+    // Tokens are split and compared as bytes: a token with a byte no field name may hold is
+    // no name, and the common `keep-alive` or `close` costs a few comparisons.
     let mut listed: Vec<HeaderName> = Vec::new();
     if present & 1 != 0 {
         for value in headers.get_all(header::CONNECTION) {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',').map(str::trim) {
-                let known = token.eq_ignore_ascii_case("close")
-                    || is_hop_by_hop_str(token)
-                    || token.is_empty();
-                if !known && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty() || is_hop_by_hop_token(token) {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token) {
                     listed.push(name);
                 }
             }
@@ -84,10 +86,14 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     }
 }
 
-fn is_hop_by_hop_str(token: &str) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|name| name.as_str().eq_ignore_ascii_case(token))
+/// `close`, or one of [`HOP_BY_HOP`], in any case: a `Connection` token that names nothing
+/// more to remove.
+fn is_hop_by_hop_token(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"close")
+        || HOP_BY_HOP.iter().any(|name| {
+            let name = name.as_str().as_bytes();
+            name.len() == token.len() && name.eq_ignore_ascii_case(token)
+        })
 }
 
 /// The field names of the last head read on one connection, by position, with the bytes they
@@ -609,6 +615,28 @@ mod tests {
         h.insert("x-end-to-end", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-end-to-end"]);
+        // Tokens in any case, with spaces, tabs and empty ones around them, over two values;
+        // a token no name can be is skipped, and the fields the others name still go.
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            "Keep-Alive ,\tX-One,, CLOSE ,TE".parse().unwrap(),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-two, caf\xc3\xa9 ,x three, Proxy-Connection").unwrap(),
+        );
+        for name in ["x-one", "x-two", "keep-alive", "te", "x-end-to-end"] {
+            h.insert(name, "1".parse().unwrap());
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-end-to-end"]);
+        for token in ["close", "Close", "KEEP-ALIVE", "te", "Upgrade"] {
+            assert!(is_hop_by_hop_token(token.as_bytes()), "{token}");
+        }
+        for token in ["closed", "keep-alive2", "t", "x-one", ""] {
+            assert!(!is_hop_by_hop_token(token.as_bytes()), "{token}");
+        }
         // The list and the `match` agree, place by place (the bits stand for places).
         for (at, name) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_index(name), Some(at), "{name}");

@@ -75,6 +75,26 @@ async fn csrf_header_and_origin_are_required_on_token_routes() {
         .get(&url, &[("x-csrf", "1"), ("sec-fetch-site", "same-origin")])
         .await;
     assert_eq!(same_site.status, 200);
+    // A field sent twice counts by its first value: a good second value after a wrong first
+    // one proves nothing.
+    let base = s.base.as_str();
+    for twice in [
+        [("x-csrf", "0"), ("x-csrf", "1"), ("x-other", "1")],
+        [
+            ("x-csrf", "1"),
+            ("origin", "https://evil.example"),
+            ("origin", base),
+        ],
+        [
+            ("x-csrf", "1"),
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-site", "same-origin"),
+        ],
+    ] {
+        let refused = alice.get(&url, &twice).await;
+        assert_eq!(refused.status, 403, "{twice:?}");
+        assert_eq!(refused.json()["error"], "csrf");
+    }
     assert_eq!(
         s.up.count(),
         before + 3,
