@@ -126,7 +126,7 @@ impl App {
     /// shutting down, an HTTP/1 answer also closes its connection.
     pub async fn handle(
         &self,
-        mut req: Request<Inbound>,
+        mut req: Box<Request<Inbound>>,
         Client { ip, tls }: Client,
         worker: &Worker,
     ) -> Response<Body> {
@@ -266,7 +266,7 @@ impl App {
     async fn route<'r>(
         &self,
         live: &'r LiveConfig,
-        mut req: Request<Inbound>,
+        mut req: Box<Request<Inbound>>,
         peer: Peer,
         worker: &Worker,
     ) -> Routed<'r> {
@@ -311,7 +311,7 @@ impl App {
                 // and would otherwise grow every request's future (moved on each request).
                 let label = crate::endpoints::label(req.method(), &rest);
                 let answer =
-                    in_box(|| crate::endpoints::handle(self, live, req, &rest, peer.ip)).await;
+                    in_box(|| crate::endpoints::handle(self, live, *req, &rest, peer.ip)).await;
                 return routed(label, answer);
             }
         };
@@ -329,32 +329,33 @@ impl App {
         };
         // DPoP routes prove possession afresh on every send (boxed: other routes never pay).
         let bound = route.token_binding == TokenBinding::Dpop;
-        let forward = |mut req: Request<Inbound>, bearer, identity, proof: Option<HeaderValue>| {
-            if bound {
-                // The browser's own proof never passes: only Vestibule's key proves possession.
-                req.headers_mut().remove(crate::oidc::dpop::DPOP);
-            }
-            if let Some(proof) = proof {
-                req.headers_mut().insert(crate::oidc::dpop::DPOP, proof);
-            }
-            // Built in a box of its own: inline, its 3.5 KB would be copied into this future
-            // (and, for a replayable request, into the send's future around it) on every call.
-            in_box(|| {
-                proxy::dispatch(
-                    &worker.upstreams,
-                    route,
-                    req,
-                    peer,
-                    own,
-                    &live.public_side,
-                    bearer,
-                    identity,
-                    config.server.max_body,
-                    body_pace(config),
-                    config.server.request_timeout,
-                )
-            })
-        };
+        let forward =
+            |mut req: Box<Request<Inbound>>, bearer, identity, proof: Option<HeaderValue>| {
+                if bound {
+                    // The browser's own proof never passes: only Vestibule's key proves possession.
+                    req.headers_mut().remove(crate::oidc::dpop::DPOP);
+                }
+                if let Some(proof) = proof {
+                    req.headers_mut().insert(crate::oidc::dpop::DPOP, proof);
+                }
+                // Built in a box of its own: inline, its 3.5 KB would be copied into this future
+                // (and, for a replayable request, into the send's future around it) on every call.
+                in_box(|| {
+                    proxy::dispatch(
+                        &worker.upstreams,
+                        route,
+                        req,
+                        peer,
+                        own,
+                        &live.public_side,
+                        bearer,
+                        identity,
+                        config.server.max_body,
+                        body_pace(config),
+                        config.server.request_timeout,
+                    )
+                })
+            };
         // Kept for an RFC 9470 step-up answer: where the login brings the user back (a
         // reference-counted copy, only for routes that send the user's token), and whether the
         // request is a navigation (sent to the login) or an API call (told what to do).
@@ -678,9 +679,12 @@ impl<'r> Routed<'r> {
 }
 
 /// A request as [`Replay::capture`] leaves it.
+// Matched at once where it is made: boxing the replay would cost an allocation per request on
+// token routes to spare a move.
+#[allow(clippy::large_enum_variant)]
 enum Captured {
     /// Sent once, as it came.
-    Once(Request<Inbound>),
+    Once(Box<Request<Inbound>>),
     /// Kept apart, to be sent again if the token is refused.
     Replay(Replay),
 }
@@ -701,7 +705,7 @@ impl Replay {
     /// back otherwise.
     fn capture(
         route: &crate::config::RouteConfig,
-        req: Request<Inbound>,
+        req: Box<Request<Inbound>>,
         bearer: Option<&HeaderValue>,
     ) -> Captured {
         let replayable = (route.token == crate::config::TokenMode::User
@@ -712,7 +716,7 @@ impl Replay {
         let (true, Some(bearer)) = (replayable, bearer) else {
             return Captured::Once(req);
         };
-        let (parts, _) = req.into_parts();
+        let (parts, _) = (*req).into_parts();
         Captured::Replay(Replay {
             method: parts.method,
             uri: parts.uri,
@@ -734,8 +738,8 @@ impl Replay {
             .unwrap_or_default()
     }
 
-    fn request(&self) -> Request<Inbound> {
-        let mut req = Request::new(Either::Right(Empty::new()));
+    fn request(&self) -> Box<Request<Inbound>> {
+        let mut req = Box::new(Request::new(Either::Right(Empty::new())));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;

@@ -74,7 +74,7 @@ pub fn set_path<B>(req: &mut Request<B>, path: &str) -> bool {
 pub async fn dispatch<B>(
     upstreams: &Upstreams,
     route: &RouteConfig,
-    mut req: Request<B>,
+    mut req: Box<Request<B>>,
     peer: Peer,
     own_cookies: headers::OwnCookies<'_>,
     public: &headers::PublicSide,
@@ -91,7 +91,7 @@ where
     match &route.target {
         Target::Static { dir, spa_fallback } => {
             let upstream_path = routing::upstream_path(route, req.uri().path()).into_owned();
-            let req = req.map(|_| ());
+            let req = (*req).map(|_| ());
             // Boxed: file serving's future is large and would grow every proxied request's.
             crate::reply::in_box(|| {
                 static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req)
@@ -118,9 +118,9 @@ where
                 return ErrorCode::BadRequest.json(&[]);
             };
             drop(upstream_path);
-            let upgrade =
-                headers::upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
-            let (mut parts, body) = req.into_parts();
+            let upgrade = headers::upgrade_protocol(req.headers())
+                .map(|p| (p, hyper::upgrade::on(&mut *req)));
+            let (mut parts, body) = (*req).into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
             headers::remove_cookies(&mut parts.headers, own_cookies);
             if route.token != crate::config::TokenMode::None {

@@ -92,7 +92,7 @@ pub(super) async fn serve<I>(
         let busy = tracked.begin();
         async move {
             let req = req.map(http_body_util::Either::Left);
-            let response = app.handle(req, Client { ip, tls }, &worker).await;
+            let response = app.handle(Box::new(req), Client { ip, tls }, &worker).await;
             drop(busy);
             Ok::<_, Infallible>(response)
         }

@@ -127,7 +127,7 @@ pub(super) async fn serve(
         drop(head);
         let head_only = req.method() == Method::HEAD;
         // 2. The answer, cancelled if the client goes away meanwhile.
-        let answer = app.handle(req, Client { ip, tls: false }, &worker);
+        let answer = app.handle(Box::new(req), Client { ip, tls: false }, &worker);
         let mut answer = pin!(answer);
         let response = loop {
             tokio::select! {
