@@ -343,6 +343,7 @@ mod tests {
                 expires_at: now + lifetime,
                 issued_at: now,
                 scope: None,
+                bearer: Default::default(),
             },
         );
         session

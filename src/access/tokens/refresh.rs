@@ -433,6 +433,7 @@ impl Job {
                     expires_at: now + lifetime,
                     issued_at: now,
                     scope: tokens.scope.clone(),
+                    bearer: Default::default(),
                 },
             );
             if let Some(rotated) = &tokens.refresh_token {
