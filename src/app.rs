@@ -392,12 +392,21 @@ impl App {
                     Err(error) => error.respond(Reader::of(req.headers())),
                 }
             }
-            Captured::Replay(replay) => {
+            Captured::Replay(replay, unsent) => {
+                // The first send takes the request itself (with the room its header map was
+                // made with); only a second one sends a copy.
+                let unsent = std::sync::Mutex::new(Some(unsent));
+                let next = || {
+                    unsent
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take()
+                        .unwrap_or_else(|| replay.request())
+                };
                 // No body: the request can be sent again with another token or proof.
                 let send = |bearer: Option<HeaderValue>| async {
                     if !bound {
-                        return forward(replay.request(), bearer, admitted.identity.clone(), None)
-                            .await;
+                        return forward(next(), bearer, admitted.identity.clone(), None).await;
                     }
                     // A fresh proof for each send (it carries the latest nonce).
                     let prove_and_send = || async {
@@ -412,13 +421,8 @@ impl App {
                         .await
                         {
                             Ok(proof) => {
-                                forward(
-                                    replay.request(),
-                                    bearer.clone(),
-                                    admitted.identity.clone(),
-                                    proof,
-                                )
-                                .await
+                                forward(next(), bearer.clone(), admitted.identity.clone(), proof)
+                                    .await
                             }
                             Err(error) => error.respond(Reader::Script),
                         }
@@ -685,8 +689,8 @@ impl<'r> Routed<'r> {
 enum Captured {
     /// Sent once, as it came.
     Once(Box<Request<Inbound>>),
-    /// Kept apart, to be sent again if the token is refused.
-    Replay(Replay),
+    /// Sent first as it came, with what it takes to send it again if the token is refused.
+    Replay(Replay, Box<Request<Inbound>>),
 }
 
 /// A bodiless GET or HEAD to a `token = "user"` route, kept so that it can be sent once more
@@ -701,8 +705,8 @@ struct Replay {
 }
 
 impl Replay {
-    /// Takes the request apart when it can be replayed (its head is all there is); gives it
-    /// back otherwise.
+    /// A copy of the request's head when it can be replayed (its head is all there is); the
+    /// request itself goes first either way.
     fn capture(
         route: &crate::config::RouteConfig,
         req: Box<Request<Inbound>>,
@@ -716,14 +720,14 @@ impl Replay {
         let (true, Some(bearer)) = (replayable, bearer) else {
             return Captured::Once(req);
         };
-        let (parts, _) = (*req).into_parts();
-        Captured::Replay(Replay {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
+        let replay = Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
             bearer: bearer.clone(),
-        })
+        };
+        Captured::Replay(replay, req)
     }
 
     /// The access token the first attempt carried.

@@ -464,12 +464,28 @@ async fn an_upstream_invalid_token_answer_is_retried_once_with_a_refreshed_token
     let mut bob = s.login("bob").await;
     s.reset_stats().await;
     let r = bob
-        .get(&s.proxies[0].url("/api/status401?bob"), &[("x-csrf", "1")])
+        .get(
+            &s.proxies[0].url("/api/status401?bob"),
+            &[("x-csrf", "1"), ("x-client-note", "kept")],
+        )
         .await;
     assert_eq!(r.status, 401);
     assert_eq!(r.text(), "no");
     let bearers = s.bearers("/status401?bob");
     assert_eq!(bearers.len(), 2, "one request and one retry");
+    // The retry is the same request: the client's own fields go with it again.
+    let notes: Vec<Option<String>> =
+        s.up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.uri.contains("/status401?bob"))
+            .map(|r| {
+                let note = r.headers.get("x-client-note");
+                note.map(|v| v.to_str().unwrap().to_string())
+            })
+            .collect();
+    assert_eq!(notes, [Some("kept".to_string()), Some("kept".to_string())]);
     assert_ne!(bearers[0], bearers[1]);
     assert_eq!(bearers[1], s.newest_access_token("bob").await);
     assert_eq!(refresh_grants(&s.stats().await), 1);
