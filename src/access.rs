@@ -329,17 +329,6 @@ pub async fn admit(
         }
     }
     let bearer = token.and_then(|t| {
-        // A bearer token lent from the session: the value it made for the first request.
-        if route.token_binding == TokenBinding::None
-            && let (std::borrow::Cow::Borrowed(lent), Some(l)) = (&t, &loaded)
-            && let Some(held) = l
-                .session
-                .tokens
-                .get(route.resource.as_deref().unwrap_or_default())
-            && std::ptr::eq(held.value.as_str(), *lent)
-        {
-            return held.bearer();
-        }
         // Built once and handed over without another copy.
         let scheme = authorization_scheme(route);
         let mut text = String::with_capacity(scheme.len() + t.len());

@@ -418,7 +418,6 @@ async fn callback(
             expires_at: now + tokens.expires_in.unwrap_or(300),
             issued_at: now,
             scope: tokens.scope.clone(),
-            bearer: Default::default(),
         },
     );
     // A login always starts a brand-new session; the browser's previous one ends.

@@ -343,7 +343,6 @@ mod tests {
                 expires_at: now + lifetime,
                 issued_at: now,
                 scope: None,
-                bearer: Default::default(),
             },
         );
         session

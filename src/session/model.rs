@@ -23,42 +23,9 @@ pub struct AccessToken {
     pub issued_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
-    /// `Bearer <value>` as a header value, made by the first request that sends the token.
-    #[serde(skip)]
-    pub bearer: BearerValue,
 }
-
-/// A token's `Authorization` value, made once and shared by every request that finds the
-/// session in the cache: made per request, the token was copied into a new allocation and
-/// checked byte by byte each time. Never stored; it takes no part in comparisons. A refresh
-/// replaces the whole [`AccessToken`], and with it this value.
-#[derive(Clone, Default)]
-pub struct BearerValue(OnceLock<Option<http::HeaderValue>>);
-
-impl PartialEq for BearerValue {
-    fn eq(&self, _: &BearerValue) -> bool {
-        true
-    }
-}
-
-impl Eq for BearerValue {}
 
 impl AccessToken {
-    /// `Authorization: Bearer <value>`, marked sensitive; `None` for a token no header value
-    /// can carry.
-    pub fn bearer(&self) -> Option<http::HeaderValue> {
-        self.bearer
-            .0
-            .get_or_init(|| {
-                let text = format!("Bearer {}", self.value);
-                let mut value =
-                    http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
-                value.set_sensitive(true);
-                Some(value)
-            })
-            .clone()
-    }
-
     /// When to refresh: `skew` before expiry, but never earlier than half the token's lifetime,
     /// so a skew longer than the provider's token lifetime cannot cause a refresh per request.
     pub fn refresh_at(&self, skew: u64) -> u64 {
@@ -316,7 +283,6 @@ mod tests {
             expires_at,
             issued_at,
             scope: None,
-            bearer: Default::default(),
         };
         assert_eq!(token(1000, 4600).refresh_at(60), 4540);
         assert_eq!(
@@ -340,7 +306,6 @@ mod tests {
                 expires_at: 100,
                 issued_at: 0,
                 scope: Some("api.read".into()),
-                bearer: Default::default(),
             },
         );
         tokens.insert(
@@ -350,7 +315,6 @@ mod tests {
                 expires_at: 200,
                 issued_at: 0,
                 scope: None,
-                bearer: Default::default(),
             },
         );
         let mut claims = Map::new();
@@ -379,48 +343,12 @@ mod tests {
     }
 
     #[test]
-    fn a_tokens_authorization_value_is_made_once_and_never_stored() {
-        let token = |value: &str| AccessToken {
-            value: value.into(),
-            expires_at: 1,
-            issued_at: 0,
-            scope: None,
-            bearer: Default::default(),
-        };
-        let held = token("AT-secret-1");
-        let first = held.bearer().unwrap();
-        assert_eq!(first, "Bearer AT-secret-1");
-        assert!(first.is_sensitive());
-        let again = held.bearer().unwrap();
-        assert_eq!(
-            again.as_bytes().as_ptr(),
-            first.as_bytes().as_ptr(),
-            "made twice"
-        );
-        let json = serde_json::to_string(&held).unwrap();
-        assert!(!json.contains("Bearer"), "{json}");
-        let read: AccessToken = serde_json::from_str(&json).unwrap();
-        assert_eq!(read, held);
-        assert_eq!(read.bearer().unwrap(), "Bearer AT-secret-1");
-        assert!(token("AT\nsplit").bearer().is_none());
-        // A token replaced (a refresh) brings its own value, whatever the old one had made.
-        let mut map = TokenMap::default();
-        map.insert(String::new(), token("AT-old"));
-        assert_eq!(map.get("").unwrap().bearer().unwrap(), "Bearer AT-old");
-        let copy = map.clone();
-        map.insert(String::new(), token("AT-new"));
-        assert_eq!(map.get("").unwrap().bearer().unwrap(), "Bearer AT-new");
-        assert_eq!(copy.get("").unwrap().bearer().unwrap(), "Bearer AT-old");
-    }
-
-    #[test]
     fn token_map_reads_and_writes_what_a_btree_map_did() {
         let token = |value: &str| AccessToken {
             value: value.into(),
             expires_at: 1,
             issued_at: 0,
             scope: None,
-            bearer: Default::default(),
         };
         let mut old = BTreeMap::new();
         let mut new = TokenMap::default();

@@ -223,7 +223,6 @@ impl Setup {
                     expires_at: *expires_at,
                     issued_at: now().saturating_sub(60),
                     scope: None,
-                    bearer: Default::default(),
                 },
             );
         }

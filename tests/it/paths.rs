@@ -93,7 +93,6 @@ async fn user(proxy: &Proxy, roles: &[&str]) -> String {
             expires_at: now + 3600,
             issued_at: 0,
             scope: None,
-            bearer: Default::default(),
         },
     );
     let (cookie, _) = proxy.app.sessions.create(session, now).await.unwrap();

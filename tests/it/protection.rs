@@ -529,7 +529,6 @@ async fn the_remaining_error_codes_are_produced() {
             expires_at: now.saturating_sub(10),
             issued_at: 0,
             scope: None,
-            bearer: Default::default(),
         },
     );
     let cookie = proxy.session_cookie(session).await;
@@ -559,7 +558,6 @@ async fn the_remaining_error_codes_are_produced() {
             expires_at: now + 3600,
             issued_at: 0,
             scope: None,
-            bearer: Default::default(),
         },
     );
     let cookie = proxy.session_cookie(fresh).await;

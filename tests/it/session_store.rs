@@ -400,7 +400,6 @@ fn session_with_tokens() -> Session {
             expires_at: T0 + 300,
             issued_at: 0,
             scope: None,
-            bearer: Default::default(),
         },
     );
     tokens.insert(
@@ -410,7 +409,6 @@ fn session_with_tokens() -> Session {
             expires_at: T0 + 300,
             issued_at: 0,
             scope: Some("api.read".into()),
-            bearer: Default::default(),
         },
     );
     let mut claims = serde_json::Map::new();

@@ -433,7 +433,6 @@ impl Job {
                     expires_at: now + lifetime,
                     issued_at: now,
                     scope: tokens.scope.clone(),
-                    bearer: Default::default(),
                 },
             );
             if let Some(rotated) = &tokens.refresh_token {

@@ -37,7 +37,6 @@ fn user(sub: &str, sid: Option<&str>) -> Session {
             expires_at: T0 + 300,
             issued_at: 0,
             scope: None,
-            bearer: Default::default(),
         },
     );
     Session {
