@@ -46,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
     if no_body {
         assert!(answer.body.is_empty(), "a body where none can be");
     }
-    let chunked = !field("transfer-encoding").is_empty();
+    let chunked = answer.transfer_encoding;
+    for hop in ["connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"] {
+        assert!(field(hop).is_empty(), "{hop} kept to be relayed");
+    }
     if !no_body && !chunked {
         if let Some(length) = field("content-length").first() {
             let text = String::from_utf8_lossy(length);

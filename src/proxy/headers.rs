@@ -71,7 +71,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `name`'s place in [`HOP_BY_HOP`], as one `match` on its text (a test keeps the two alike):
 /// the compiler sorts it by length first, so a name that cannot be one costs a comparison or
 /// two. It runs for every field of every request and answer.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     match name.as_str() {
         "connection" => Some(0),
         "te" => Some(1),
@@ -88,7 +88,7 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 
 /// `close`, or one of [`HOP_BY_HOP`], in any case: a `Connection` token that names nothing
 /// more to remove.
-fn is_hop_by_hop_token(token: &[u8]) -> bool {
+pub(crate) fn is_hop_by_hop_token(token: &[u8]) -> bool {
     token.eq_ignore_ascii_case(b"close")
         || HOP_BY_HOP.iter().any(|name| {
             let name = name.as_str().as_bytes();

@@ -113,6 +113,7 @@ fn respond(
         response,
         mut framing,
         keep,
+        ..
     } = answer;
     if let Some(body) = conn.whole(&mut framing) {
         if keep && conn.drained() {

@@ -14,7 +14,7 @@
 //! framed by the connection's end, `Transfer-Encoding` next to `Content-Length`, bytes beyond
 //! the answer) means the connection is not reused, and malformed framing is an error (502).
 
-use crate::proxy::headers::RecentNames;
+use crate::proxy::headers::{RecentNames, hop_by_hop_index, is_hop_by_hop_token};
 use crate::reply::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
@@ -173,6 +173,8 @@ pub(super) struct Head {
     pub(super) response: Response<()>,
     pub(super) framing: Framing,
     pub(super) keep: bool,
+    /// The answer said `Transfer-Encoding` (a field not relayed).
+    pub(super) coded: bool,
 }
 
 /// Writes `head` and reads the answer's head (interim `1xx` answers are skipped).
@@ -281,15 +283,30 @@ pub(super) fn parse_head(
         let status = StatusCode::from_u16(code).map_err(|_| WireError::Malformed("status"))?;
         let bytes = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut hops = Hops::default();
         for (at, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
             let name = names
                 .name(at, &bytes[ns..ne])
                 .ok_or(WireError::Malformed("header name"))?;
+            // Fields about this connection only are read here and never relayed: the map is
+            // spared their insertion and the proxy their removal.
+            if hop_by_hop_index(&name).is_some() {
+                hops.read(&name, &bytes[vs..ve]);
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(bytes.slice(vs..ve))
                 .map_err(|_| WireError::Malformed("header value"))?;
+            if name == header::CONTENT_LENGTH {
+                hops.length_fields += 1;
+            }
             headers.append(name, value);
         }
-        let (framing, keep) = framing(status, &mut headers, to_head, minor == 1)?;
+        let (framing, keep) = framing(status, &mut headers, &hops, to_head, minor == 1)?;
+        // Fields the upstream's `Connection` names concern its connection only, too (after the
+        // framing, which a named `Content-Length` still gave).
+        for name in &hops.listed {
+            headers.remove(name);
+        }
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = Version::HTTP_11;
@@ -298,21 +315,66 @@ pub(super) fn parse_head(
             response,
             framing,
             keep,
+            coded: hops.chunked.is_some(),
         }));
     }
 }
 
+/// What an answer's hop-by-hop fields say ([`crate::proxy::headers::strip_hop_by_hop`]'s
+/// list), read as the head is: the fields themselves are not kept.
+#[derive(Default)]
+struct Hops {
+    /// `Connection: close`.
+    close: bool,
+    /// `Transfer-Encoding` was sent; whether its last field's last coding is `chunked`.
+    chunked: Option<bool>,
+    /// Field names `Connection` lists beyond the hop-by-hop ones (rare).
+    listed: Vec<HeaderName>,
+    /// `Content-Length` fields kept in the map.
+    length_fields: usize,
+}
+
+impl Hops {
+    fn read(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONNECTION {
+            for token in value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if !token.is_empty()
+                    && !is_hop_by_hop_token(token)
+                    && let Ok(listed) = HeaderName::from_bytes(token)
+                {
+                    self.listed.push(listed);
+                }
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            // The last coding of the last field, of a value `http` would read as text.
+            let text = value
+                .iter()
+                .all(|&b| (0x20..0x7f).contains(&b) || b == b'\t');
+            let last = value
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii();
+            self.chunked = Some(text && last.eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+}
+
 /// How the body of an answer is framed (RFC 9112, section 6.3), and whether the connection
-/// stays usable after it.
+/// stays usable after it. `headers`: the answer's end-to-end fields; `hops`: what its
+/// hop-by-hop ones said.
 fn framing(
     status: StatusCode,
     headers: &mut HeaderMap,
+    hops: &Hops,
     to_head: bool,
     http11: bool,
 ) -> Result<(Framing, bool), WireError> {
-    let mut keep = http11 && !says_close(headers);
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    if chunked && headers.contains_key(header::CONTENT_LENGTH) {
+    let mut keep = http11 && !hops.close;
+    if hops.chunked.is_some() && hops.length_fields > 0 {
         // Both: the length is not to be trusted, nor the connection afterwards.
         headers.remove(header::CONTENT_LENGTH);
         keep = false;
@@ -320,17 +382,13 @@ fn framing(
     if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Length(0), keep));
     }
-    if chunked {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        if last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked")) {
+    if let Some(chunked) = hops.chunked {
+        if chunked {
             return Ok((Framing::Chunked(Chunked::Size), keep));
         }
+        return Ok((Framing::UntilClose, false));
+    }
+    if hops.length_fields == 0 {
         return Ok((Framing::UntilClose, false));
     }
     let mut length = None;
@@ -351,15 +409,6 @@ fn framing(
         Some(n) => Ok((Framing::Length(n), keep)),
         None => Ok((Framing::UntilClose, false)),
     }
-}
-
-fn says_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
 /// A body's framing, and how far reading it has got.
@@ -537,8 +586,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Answer {
     pub status: u16,
-    /// The header fields as they will be relayed (before hop-by-hop removal), in order.
+    /// The header fields as they will be relayed (hop-by-hop ones, and the ones `Connection`
+    /// names, left out), in order.
     pub fields: Vec<(String, Vec<u8>)>,
+    /// Whether the answer said `Transfer-Encoding` (not relayed, but it decides the framing).
+    pub transfer_encoding: bool,
     pub body: Vec<u8>,
     pub trailers: usize,
     /// Whether the connection would carry another request: a clean, complete answer with no
@@ -580,6 +632,7 @@ pub fn read_answer(
         response,
         mut framing,
         keep,
+        coded,
     } = head;
     let mut body = Vec::new();
     let mut trailers = 0;
@@ -605,6 +658,7 @@ pub fn read_answer(
     Ok(Answer {
         status: response.status().as_u16(),
         fields,
+        transfer_encoding: coded,
         body,
         trailers,
         reusable: keep && !closed && buf.is_empty() && fed == bytes.len(),

@@ -115,6 +115,40 @@ fn framing_follows_rfc_9112() {
 }
 
 #[test]
+fn hop_by_hop_fields_are_read_for_framing_and_never_kept() {
+    // Every field that concerns the upstream connection only, and the ones its Connection
+    // names, are left out of the relayed head where they stand, in any case; what they say
+    // about the framing and the connection still counts.
+    let head = complete(
+        "HTTP/1.1 200 OK\r\nX-Before: 1\r\nX-Private-Hop: secret\r\nConnection: Keep-Alive, x-private-hop, X-Other-Hop, close\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\nProxy-Authorization: Basic abc\r\nProxy-Connection: keep-alive\r\nx-other-hop: 2\r\nX-After: 2\r\n\r\n",
+    );
+    assert_eq!(head.framing, Framing::Chunked(Chunked::Size));
+    assert!(!head.keep, "Connection: close still counts");
+    let kept: Vec<_> = head
+        .response
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+        .collect();
+    assert_eq!(kept, [("x-before", "1"), ("x-after", "2")]);
+    // Keep-alive without close: the connection is kept, the field is still not relayed.
+    let head = complete("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nconnection: keep-alive\r\n\r\n");
+    assert!(head.keep);
+    assert_eq!(head.response.headers().len(), 1);
+    // A Connection token that is no field name names nothing; the others still go.
+    let head = complete(
+        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: a b, x-gone\r\nX-Gone: 1\r\nA: 1\r\n\r\n",
+    );
+    let kept: Vec<_> = head.response.headers().keys().map(|n| n.as_str()).collect();
+    assert_eq!(kept, ["content-length", "a"]);
+    // Connection naming the length: framed by it, then not relayed.
+    let head =
+        complete("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: content-length\r\n\r\nok");
+    assert_eq!(head.framing, Framing::Length(2));
+    assert!(head.response.headers().is_empty());
+}
+
+#[test]
 fn an_answer_that_ends_its_connection_is_not_reused() {
     for text in [
         "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
