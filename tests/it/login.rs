@@ -87,6 +87,11 @@ async fn full_login_flow(s: &Stack) {
         .await;
     assert_eq!(api.status, 200, "{}", api.text());
     let seen = s.up.last().headers;
+    assert_eq!(
+        seen.get_all("authorization").iter().count(),
+        1,
+        "the browser's Authorization went along with the token"
+    );
     let bearer = seen
         .get("authorization")
         .unwrap()
@@ -104,6 +109,26 @@ async fn full_login_flow(s: &Stack) {
     assert!(
         !forwarded_cookies.contains("vestibule="),
         "the session cookie reached the upstream: {forwarded_cookies}"
+    );
+    // The same for a request with a body, which takes another path to the upstream.
+    let api = browser
+        .request(
+            "POST",
+            &format!("{}/api/data", s.base),
+            &[
+                ("x-csrf", "1"),
+                ("authorization", "Bearer from-the-browser"),
+            ],
+            Some("a=1".into()),
+        )
+        .await;
+    assert_eq!(api.status, 200, "{}", api.text());
+    let seen = s.up.last().headers;
+    let sent: Vec<_> = seen.get_all("authorization").iter().collect();
+    assert_eq!(
+        sent,
+        [&format!("Bearer {}", issued["access_token"].as_str().unwrap())],
+        "the browser's Authorization went along with the token, or instead of it"
     );
 }
 

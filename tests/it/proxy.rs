@@ -114,6 +114,33 @@ async fn forwarded_headers_are_set_and_host_rewritten() {
         "abc-123",
         "an untrusted peer's request id is replaced"
     );
+    // Replaced, not added beside the client's: each field the proxy sets arrives once, for a
+    // request without a body and for one with (they take different paths to the upstream).
+    let set = [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ];
+    for name in set {
+        assert_eq!(seen.get_all(name).iter().count(), 1, "{name} sent twice");
+    }
+    let with_body = http::Request::post(proxy.url("/api/x"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "gopher")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-request-id", "abc-123")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send(with_body).await.status, 200);
+    let seen = up.last().headers;
+    for name in set {
+        assert_eq!(seen.get_all(name).iter().count(), 1, "{name} sent twice");
+    }
+    assert_eq!(seen.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    assert_eq!(seen.get("x-forwarded-proto").unwrap(), "http");
+    assert_eq!(seen.get("x-forwarded-host").unwrap(), "127.0.0.1:8080");
     // Without tracing configured, an untrusted peer's trace context is removed, not relayed.
     assert!(
         seen.get("traceparent").is_none(),
