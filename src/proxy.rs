@@ -123,20 +123,22 @@ where
             let (mut parts, body) = (*req).into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
             headers::remove_cookies(&mut parts.headers, own_cookies);
-            if route.token != crate::config::TokenMode::None {
-                parts.headers.remove(header::AUTHORIZATION);
-            }
-            if let Some(bearer) = bearer {
-                parts.headers.insert(header::AUTHORIZATION, bearer);
-            }
             if route.sets_identity() {
                 headers::strip_identity(&mut parts.headers, route);
                 for (name, value) in identity {
                     parts.headers.insert(name, value);
                 }
             }
-            headers::set_forwarded(&mut parts.headers, peer, public);
-            parts.headers.insert(header::HOST, base.host.clone());
+            let [forwarded_for, forwarded_proto, forwarded_host] =
+                headers::forwarded(&mut parts.headers, peer, public);
+            let replaced = headers::Replaced {
+                host: base.host.clone(),
+                owns_authorization: route.token != crate::config::TokenMode::None,
+                authorization: bearer,
+                forwarded_for,
+                forwarded_proto,
+                forwarded_host,
+            };
             parts.uri = uri;
             let body = if http_body::Body::is_end_stream(&body) {
                 // Nothing to read, limit or pace (and nothing to allocate).
@@ -162,7 +164,7 @@ where
                 return ErrorCode::UpstreamUnavailable.json(&[]);
             };
             let mut response = upstreams
-                .forward(request, upgrade, timeout, &route.path)
+                .forward(request, replaced, upgrade, timeout, &route.path)
                 .await;
             headers::remove_set_cookies(response.headers_mut(), own_cookies, &route.path);
             response

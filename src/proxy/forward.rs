@@ -187,27 +187,37 @@ impl Upstreams {
     /// Plain-`http` upstreams on a worker use the worker's own HTTP/1.1 connections ([`local`];
     /// bodiless idempotent requests without hyper's client, [`wire`]);
     /// `https` ones (TLS, maybe HTTP/2) and other callers the pooled client.
-    async fn request(&self, req: Request<Body>) -> Result<Response<Body>, BoxError> {
+    /// `replaced`: the fields the proxy sets in place of the client's, written by the wire
+    /// path beside the map and put into it for the others.
+    async fn request(
+        &self,
+        mut req: Request<Body>,
+        replaced: headers::Replaced,
+    ) -> Result<Response<Body>, BoxError> {
         if let Some(local) = &self.local
             && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
         {
             if wire::takes(&req) {
-                return local::exchange(local, req).await;
+                return local::exchange(local, req, &replaced).await;
             }
+            replaced.apply(req.headers_mut());
             // Boxed: hyper's client (1.3 KB of future) would otherwise size every request's
             // future, and the wire path's too; it carries only bodies and upgrades.
             return Ok(crate::reply::in_box(|| local::send(local, req))
                 .await?
                 .map(boxed));
         }
+        replaced.apply(req.headers_mut());
         Ok(self.client.request(req).await?.map(boxed))
     }
 
-    /// Sends `req` (already rewritten) and relays the response. `timeout` bounds the wait for
-    /// the response head; the body then streams without a deadline.
+    /// Sends `req` (already rewritten, but for the fields in `replaced`) and relays the
+    /// response. `timeout` bounds the wait for the response head; the body then streams
+    /// without a deadline.
     pub async fn forward(
         &self,
         mut req: Request<Body>,
+        replaced: headers::Replaced,
         upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
         timeout: Duration,
         route: &str,
@@ -243,14 +253,16 @@ impl Upstreams {
             // No body to send: the deadline starts now.
             match &self.deadlines {
                 Some(deadlines) => {
-                    let request = std::pin::pin!(self.request(req));
+                    let request = std::pin::pin!(self.request(req, replaced));
                     deadlines.within(timeout, request).await
                 }
                 // Off the workers (boxed, as the rare branches below: only the common one
                 // sizes the future every request builds).
-                None => crate::reply::in_box(|| tokio::time::timeout(timeout, self.request(req)))
-                    .await
-                    .map_err(|_| ()),
+                None => crate::reply::in_box(|| {
+                    tokio::time::timeout(timeout, self.request(req, replaced))
+                })
+                .await
+                .map_err(|_| ()),
             }
         } else {
             // The deadline counts from the end of the request body, so long uploads are not cut
@@ -269,7 +281,7 @@ impl Upstreams {
             };
             crate::reply::in_box(|| async move {
                 tokio::select! {
-                    response = self.request(req) => Ok(response),
+                    response = self.request(req, replaced) => Ok(response),
                     _ = deadline => Err(()),
                 }
             })

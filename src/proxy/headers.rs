@@ -310,7 +310,7 @@ impl PublicSide {
 }
 
 /// Headers through which a client could speak for itself, other than the three that
-/// [`set_forwarded`] always writes: removed from an untrusted peer's requests.
+/// [`forwarded`] always writes: removed from an untrusted peer's requests.
 fn speaks_for_client(name: &HeaderName) -> bool {
     let name = name.as_str();
     name == "forwarded"
@@ -322,16 +322,92 @@ fn speaks_for_client(name: &HeaderName) -> bool {
             ))
 }
 
-/// Tells the upstream who the client is: `X-Forwarded-For`, `-Proto` and `-Host`.
+/// What the proxy writes on a forwarded request in place of anything the client sent under
+/// the same names: `Host`, `X-Forwarded-For`, `-Proto`, `-Host`, and on a route that sends a
+/// token, `Authorization`. Kept beside the request's map, not inserted in it: the plain-HTTP
+/// path to an upstream writes these after the map's fields and leaves out the map's own of
+/// these names ([`Replaced::replaces`]), so a request spends no map insertion (hashing a name,
+/// probing, maybe replacing) on them; the other paths insert them ([`Replaced::apply`]).
+#[derive(Debug, Clone)]
+pub struct Replaced {
+    pub host: HeaderValue,
+    /// The route sends a token of its own: the client's `Authorization` never passes, whether
+    /// or not there is a token to send.
+    pub owns_authorization: bool,
+    pub authorization: Option<HeaderValue>,
+    /// `None`: the client's value (or its absence) stands.
+    pub forwarded_for: Option<HeaderValue>,
+    pub forwarded_proto: Option<HeaderValue>,
+    pub forwarded_host: Option<HeaderValue>,
+}
+
+impl Replaced {
+    /// Whether the client's field `name` gives way to one of these.
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        *name == header::HOST
+            || (self.owns_authorization && *name == header::AUTHORIZATION)
+            || (self.forwarded_for.is_some() && *name == X_FORWARDED_FOR)
+            || (self.forwarded_proto.is_some() && *name == X_FORWARDED_PROTO)
+            || (self.forwarded_host.is_some() && *name == X_FORWARDED_HOST)
+    }
+
+    /// The fields to write, after the request's own (minus those [`Replaced::replaces`]).
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        static NAMES: [HeaderName; 5] = [
+            header::HOST,
+            header::AUTHORIZATION,
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+        ];
+        let values = [
+            Some(&self.host),
+            self.authorization.as_ref(),
+            self.forwarded_for.as_ref(),
+            self.forwarded_proto.as_ref(),
+            self.forwarded_host.as_ref(),
+        ];
+        NAMES
+            .iter()
+            .zip(values)
+            .filter_map(|(name, value)| Some((name, value?)))
+    }
+
+    /// Puts them in `headers`, in place of the client's.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        headers.insert(header::HOST, self.host);
+        if self.owns_authorization {
+            headers.remove(header::AUTHORIZATION);
+        }
+        let set = [
+            (header::AUTHORIZATION, self.authorization),
+            (X_FORWARDED_FOR, self.forwarded_for),
+            (X_FORWARDED_PROTO, self.forwarded_proto),
+            (X_FORWARDED_HOST, self.forwarded_host),
+        ];
+        for (name, value) in set {
+            if let Some(value) = value {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// Who the client is, as the upstream is told: `X-Forwarded-For`, `-Proto` and `-Host`, each
+/// `None` where the client's own stands ([`Replaced`]).
 ///
 /// From a trusted proxy, everything it says stands: the peer is appended to its
 /// `X-Forwarded-For`, and `-Proto`/`-Host` are set from `public_url` only where it sent none.
 /// From any other peer, `Forwarded`, `X-Real-IP` and every `X-Forwarded-*` header are removed
-/// and the three are set: the peer's address, and `public_url`'s scheme and host (never the
-/// client's `Host`). Requests with nothing to remove (the common case) allocate nothing here
-/// beyond the `X-Forwarded-For` value.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: Peer, public: &PublicSide) {
-    let (xff, proto, fhost) = (X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST);
+/// from `headers` and the three are set: the peer's address, and `public_url`'s scheme and host
+/// (never the client's `Host`). Requests with nothing to remove (the common case) allocate
+/// nothing here beyond the `X-Forwarded-For` value.
+pub fn forwarded(
+    headers: &mut HeaderMap,
+    peer: Peer,
+    public: &PublicSide,
+) -> [Option<HeaderValue>; 3] {
+    let xff = X_FORWARDED_FOR;
     if !peer.trusted && headers.keys().any(speaks_for_client) {
         let doomed: Vec<HeaderName> = headers
             .keys()
@@ -342,10 +418,13 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: Peer, public: &PublicSide) {
             headers.remove(name);
         }
     }
-    let prior = headers
-        .get(&xff)
-        .map(HeaderValue::as_bytes)
-        .filter(|prior| peer.trusted && !prior.trim_ascii().is_empty());
+    let prior = match peer.trusted {
+        true => headers
+            .get(&xff)
+            .map(HeaderValue::as_bytes)
+            .filter(|prior| !prior.trim_ascii().is_empty()),
+        false => None,
+    };
     let mut buffer = [0u8; 64];
     let ip = address_text(peer.ip, &mut buffer);
     let value = match prior {
@@ -353,20 +432,18 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: Peer, public: &PublicSide) {
         None => HeaderValue::from_bytes(ip).ok(),
         Some(prior) => HeaderValue::from_bytes(&[prior, b", ", ip].concat()).ok(),
     };
-    match value {
-        Some(value) => {
-            headers.insert(xff, value);
-        }
-        None => {
-            headers.remove(xff);
-        }
+    if value.is_none() {
+        // No address to tell: nobody else's stands in for it.
+        headers.remove(&xff);
     }
-    if !(peer.trusted && headers.contains_key(&proto)) {
-        headers.insert(proto, public.proto.clone());
-    }
-    if !(peer.trusted && headers.contains_key(&fhost)) {
-        headers.insert(fhost, public.host.clone());
-    }
+    let unless_sent = |name: &HeaderName, ours: &HeaderValue| {
+        (!(peer.trusted && headers.contains_key(name))).then(|| ours.clone())
+    };
+    [
+        value,
+        unless_sent(&X_FORWARDED_PROTO, &public.proto),
+        unless_sent(&X_FORWARDED_HOST, &public.host),
+    ]
 }
 
 /// `ip` as text, written into `buffer` (an address is at most 45 bytes,
@@ -645,7 +722,15 @@ mod tests {
         for token in ["close", "Close", "KEEP-ALIVE", "te", "Upgrade"] {
             assert!(is_hop_by_hop_token(token.as_bytes()), "{token}");
         }
-        for token in ["closed", "keep-alive2", "t", "x-one", "", "trailex", "connectiox"] {
+        for token in [
+            "closed",
+            "keep-alive2",
+            "t",
+            "x-one",
+            "",
+            "trailex",
+            "connectiox",
+        ] {
             assert!(!is_hop_by_hop_token(token.as_bytes()), "{token}");
         }
         // Every name of the list is a token naming nothing more, in any case; a name of the
@@ -741,6 +826,18 @@ mod tests {
 
     #[test]
     fn untrusted_forwarded_for_is_replaced() {
+        let set = |h: &mut HeaderMap, peer: Peer, public: &PublicSide| {
+            let [forwarded_for, forwarded_proto, forwarded_host] = forwarded(h, peer, public);
+            Replaced {
+                host: HeaderValue::from_static("up.test"),
+                owns_authorization: false,
+                authorization: None,
+                forwarded_for,
+                forwarded_proto,
+                forwarded_host,
+            }
+            .apply(h);
+        };
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
         let peer = Peer {
@@ -749,18 +846,76 @@ mod tests {
             trusted: false,
         };
         let public = PublicSide::new(&url::Url::parse("https://app.example.test").unwrap());
-        set_forwarded(&mut h, peer, &public);
+        set(&mut h, peer, &public);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1");
         let mut h2 = HeaderMap::new();
         h2.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
-        set_forwarded(
-            &mut h2,
-            Peer {
-                trusted: true,
-                ..peer
-            },
-            &public,
-        );
+        h2.insert("x-forwarded-proto", "gopher".parse().unwrap());
+        let trusted = Peer {
+            trusted: true,
+            ..peer
+        };
+        set(&mut h2, trusted, &public);
         assert_eq!(h2.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.1");
+        assert_eq!(h2.get("x-forwarded-proto").unwrap(), "gopher");
+        assert_eq!(h2.get("x-forwarded-host").unwrap(), "app.example.test");
+    }
+
+    #[test]
+    fn replaced_fields_stand_in_for_the_clients_own() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("host", "evil.test"),
+            ("authorization", "Basic abc"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "evil.test"),
+            ("accept", "*/*"),
+        ] {
+            h.append(name, value.parse().unwrap());
+        }
+        let mut set = Replaced {
+            host: HeaderValue::from_static("up.test"),
+            owns_authorization: true,
+            authorization: None,
+            forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
+            forwarded_proto: None,
+            forwarded_host: Some(HeaderValue::from_static("app.test")),
+        };
+        // What the plain path writes: the client's fields that stand, then the proxy's.
+        let written = |set: &Replaced| {
+            h.iter()
+                .filter(|(name, _)| !set.replaces(name))
+                .chain(set.fields())
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let want = [
+            "x-forwarded-proto: gopher",
+            "accept: */*",
+            "host: up.test",
+            "x-forwarded-for: 10.0.0.1",
+            "x-forwarded-host: app.test",
+        ];
+        assert_eq!(written(&set), want, "a token route without a token");
+        // What the other paths send: the same fields.
+        let mut applied = h.clone();
+        set.clone().apply(&mut applied);
+        let mut sent: Vec<_> = applied
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        sent.sort();
+        let mut want = want.to_vec();
+        want.sort();
+        assert_eq!(sent, want);
+        // A token: it alone is sent.
+        set.authorization = Some(HeaderValue::from_static("Bearer t"));
+        assert!(written(&set).contains(&"authorization: Bearer t".to_string()));
+        assert!(!written(&set).iter().any(|f| f.contains("Basic")));
+        // A route without a token of its own: the client's stands.
+        set.owns_authorization = false;
+        set.authorization = None;
+        assert!(written(&set).contains(&"authorization: Basic abc".to_string()));
     }
 }

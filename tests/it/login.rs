@@ -127,7 +127,10 @@ async fn full_login_flow(s: &Stack) {
     let sent: Vec<_> = seen.get_all("authorization").iter().collect();
     assert_eq!(
         sent,
-        [&format!("Bearer {}", issued["access_token"].as_str().unwrap())],
+        [&format!(
+            "Bearer {}",
+            issued["access_token"].as_str().unwrap()
+        )],
         "the browser's Authorization went along with the token, or instead of it"
     );
 }

@@ -67,6 +67,7 @@ impl LocalPool {
 pub(super) async fn exchange(
     pool: &Arc<LocalPool>,
     req: Request<Body>,
+    replaced: &crate::proxy::headers::Replaced,
 ) -> Result<Response<Body>, BoxError> {
     let (parts, _) = req.into_parts();
     let authority = parts
@@ -74,7 +75,7 @@ pub(super) async fn exchange(
         .authority()
         .ok_or("upstream URI without authority")?
         .as_str();
-    let head = wire::encode_head(&parts);
+    let head = wire::encode_head(&parts, replaced);
     let to_head = parts.method == Method::HEAD;
     let mut fresh = false;
     loop {

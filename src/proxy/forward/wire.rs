@@ -14,7 +14,7 @@
 //! framed by the connection's end, `Transfer-Encoding` next to `Content-Length`, bytes beyond
 //! the answer) means the connection is not reused, and malformed framing is an error (502).
 
-use crate::proxy::headers::{RecentNames, hop_by_hop_index, is_hop_by_hop_token};
+use crate::proxy::headers::{RecentNames, Replaced, hop_by_hop_index, is_hop_by_hop_token};
 use crate::reply::BoxError;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
@@ -142,22 +142,25 @@ impl std::error::Error for WireError {
     }
 }
 
-/// The request head in origin form, as sent: `req`'s headers as they are (the caller has set
-/// `Host` and removed hop-by-hop fields). Names, values, method and target were validated when
-/// they were made, so none can carry a line break.
-pub(super) fn encode_head(parts: &http::request::Parts) -> Vec<u8> {
+/// The request head in origin form, as sent: `req`'s headers as they are (the caller has
+/// removed hop-by-hop fields), but those `replaced` stands in for, then `replaced`'s. Names,
+/// values, method and target were validated when they were made, so none can carry a line
+/// break.
+pub(super) fn encode_head(parts: &http::request::Parts, replaced: &Replaced) -> Vec<u8> {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fields: usize = parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
+    let field_len = |(n, v): (&HeaderName, &HeaderValue)| n.as_str().len() + v.len() + 4;
+    let fields: usize = parts.headers.iter().map(field_len).sum::<usize>()
+        + replaced.fields().map(field_len).sum::<usize>();
     let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 14);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    let own = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| !replaced.replaces(name));
+    for (name, value) in own.chain(replaced.fields()) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());

@@ -304,9 +304,18 @@ fn the_request_head_is_written_in_origin_form() {
         .body(())
         .unwrap();
     let (parts, ()) = req.into_parts();
+    let replaced = Replaced {
+        host: HeaderValue::from_static("up.test"),
+        owns_authorization: true,
+        authorization: Some(HeaderValue::from_static("Bearer t")),
+        forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
+        forwarded_proto: None,
+        forwarded_host: None,
+    };
     assert_eq!(
-        String::from_utf8(encode_head(&parts)).unwrap(),
-        "GET /a/b?x=1&y HTTP/1.1\r\nhost: api.test:8080\r\naccept: a\r\naccept: b\r\n\r\n"
+        String::from_utf8(encode_head(&parts, &replaced)).unwrap(),
+        "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nauthorization: Bearer t\r\nx-forwarded-for: 10.0.0.1\r\n\r\n",
+        "the client's Host gives way to the proxy's"
     );
 }
 
