@@ -95,6 +95,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
             head_timeout: config.server.header_read_timeout,
             idle_timeout: config.server.connections.idle_timeout,
             max_head: (config.server.max_header_size * 2).max(16 * 1024),
+            max_fields: config.server.max_header_size,
         },
     });
     let slots = Arc::new(Semaphore::new(config.server.connections.max_connections));

@@ -22,7 +22,7 @@
 
 use crate::app::{App, Worker};
 use crate::clock::http_date::HttpDate;
-use crate::proxy::headers::{Client, RecentNames};
+use crate::proxy::headers::{Client, RecentNames, hop_by_hop_index, is_hop_by_hop_token};
 use crate::reply::{Body, Inbound, in_box};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -56,6 +56,8 @@ pub(super) struct Limits {
     pub idle_timeout: Duration,
     /// hyper's read buffer limit: a head that has not ended within it goes to hyper (431).
     pub max_head: usize,
+    /// `server.max_header_size`, for [`parse`].
+    pub max_fields: usize,
 }
 
 /// Serves `tcp` in the lane until the client closes it, a head times out, shutdown, or a
@@ -83,7 +85,7 @@ pub(super) async fn serve(
             let _ = buf.try_reclaim(READ_SPACE);
         }
         // 1. A complete head, from what is buffered or within the deadline.
-        let mut parsed = parse(&buf, &mut fields, &mut names);
+        let mut parsed = parse(&buf, &mut fields, &mut names, limits.max_fields);
         if matches!(parsed, Parsed::Partial) {
             if buf.is_empty() && shutdown.is_cancelled() {
                 return;
@@ -92,7 +94,7 @@ pub(super) async fn serve(
                 &mut tcp,
                 &mut buf,
                 (&mut fields, &mut names),
-                limits.max_head,
+                limits,
                 &mut stopping,
             );
             match worker.deadlines.within(wait, pin!(reading)).await {
@@ -171,11 +173,11 @@ async fn read_head(
     tcp: &mut TcpStream,
     buf: &mut BytesMut,
     (fields, names): (&mut Vec<(HeaderName, Range<usize>)>, &mut RecentNames),
-    max_head: usize,
+    limits: &Limits,
     stopping: &mut Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
 ) -> Option<Parsed> {
     loop {
-        if buf.len() >= max_head {
+        if buf.len() >= limits.max_head {
             return Some(Parsed::Unusual);
         }
         if buf.capacity() - buf.len() < 1024 {
@@ -190,20 +192,29 @@ async fn read_head(
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
-        match parse(buf, fields, names) {
+        match parse(buf, fields, names, limits.max_fields) {
             Parsed::Partial => {}
             parsed => return Some(parsed),
         }
     }
 }
 
+/// Room left under `server.max_header_size` below which a head's hop-by-hop fields cannot
+/// decide the size check: more than the request id the check also counts.
+const SIZE_SLACK: usize = 512;
+
 /// Parses the head at the start of `bytes`, if it is whole, and decides whether the lane takes
 /// it. On [`Parsed::Complete`], `fields` holds the header lines' names and where their values
-/// are in `bytes`. `names`: the connection's last head's names.
+/// are in `bytes`: all but the hop-by-hop ones (read here, and never forwarded; a
+/// `Connection` that names other fields stays, for the proxy to remove those by it).
+/// `names`: the connection's last head's names. `max_fields`: `server.max_header_size`, which
+/// the request's fields are checked against (431) once they are a request: a head whose
+/// left-out fields could decide that check is hyper's.
 fn parse(
     bytes: &[u8],
     fields: &mut Vec<(HeaderName, Range<usize>)>,
     names: &mut RecentNames,
+    max_fields: usize,
 ) -> Parsed {
     if bytes.is_empty() {
         return Parsed::Partial;
@@ -237,6 +248,7 @@ fn parse(
     fields.clear();
     let mut close = false;
     let mut length_seen = false;
+    let mut left_out = false;
     for (at, line) in head.headers.iter().enumerate() {
         let Some(name) = names.name(at, line.name.as_bytes()) else {
             return Parsed::Unusual;
@@ -253,18 +265,42 @@ fn parse(
                 length_seen = true;
             }
             header::CONNECTION => {
+                let mut names_others = false;
                 for token in line.value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if token.eq_ignore_ascii_case(b"upgrade") {
                         return Parsed::Unusual;
+                    } else if !token.is_empty() && !is_hop_by_hop_token(token) {
+                        names_others = true;
                     }
                 }
+                if !names_others {
+                    left_out = true;
+                    continue;
+                }
+            }
+            _ if hop_by_hop_index(&name).is_some() => {
+                left_out = true;
+                continue;
             }
             _ => {}
         }
         fields.push((name, span(line.value)));
+    }
+    if left_out {
+        // What the size check would count with them (names, values, `: ` and CRLF each, and
+        // the target).
+        let size = head
+            .headers
+            .iter()
+            .map(|line| line.name.len() + line.value.len() + 4)
+            .sum::<usize>()
+            + path.len();
+        if size + SIZE_SLACK > max_fields {
+            return Parsed::Unusual;
+        }
     }
     Parsed::Complete {
         len,
@@ -290,8 +326,11 @@ fn request(
     fields: &mut Vec<(HeaderName, Range<usize>)>,
 ) -> Option<Request<Inbound>> {
     let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-    // Room for the fields the proxy adds (forwarding, request id, tokens) without growing.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 12);
+    // Room for the request id the proxy adds (`Host`, `X-Forwarded-*` and the token go beside
+    // the map on the way to a plain-HTTP upstream, see `proxy::headers::Replaced`). Sized
+    // tight: a map of up to 6 entries is a 624-byte block, which mimalloc serves from its small
+    // sizes; the next size up (12 entries, 1,248 bytes) goes through its slower aligned path.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
     for (name, value) in fields.drain(..) {
         // httparse has checked the value's bytes, which `HeaderValue` accepts alike.
         let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
@@ -316,7 +355,7 @@ pub fn take(bytes: &[u8], names: &mut RecentNames) -> Option<(usize, Request<Inb
         method,
         target,
         ..
-    } = parse(bytes, &mut fields, names)
+    } = parse(bytes, &mut fields, names, usize::MAX)
     else {
         return None;
     };

@@ -1,9 +1,17 @@
 use super::*;
 use http_body_util::{BodyExt, StreamBody};
 
+/// The 431 limit the tests parse with (`server.max_header_size`'s default).
+const MAX_FIELDS: usize = 64 * 1024;
+
 fn parsed(head: &str) -> Parsed {
     let mut fields = Vec::new();
-    parse(head.as_bytes(), &mut fields, &mut RecentNames::default())
+    parse(
+        head.as_bytes(),
+        &mut fields,
+        &mut RecentNames::default(),
+        MAX_FIELDS,
+    )
 }
 
 fn taken(head: &str) -> Request<Inbound> {
@@ -14,7 +22,7 @@ fn taken(head: &str) -> Request<Inbound> {
         method,
         target,
         ..
-    } = parse(&bytes, &mut fields, &mut RecentNames::default())
+    } = parse(&bytes, &mut fields, &mut RecentNames::default(), MAX_FIELDS)
     else {
         panic!("not taken: {head:?}");
     };
@@ -51,7 +59,7 @@ fn obs_text_in_a_value_is_kept_byte_for_byte() {
     let bytes = Bytes::copy_from_slice(head);
     let mut fields = Vec::new();
     let Parsed::Complete { method, target, .. } =
-        parse(&bytes, &mut fields, &mut RecentNames::default())
+        parse(&bytes, &mut fields, &mut RecentNames::default(), MAX_FIELDS)
     else {
         panic!("not taken");
     };
@@ -132,6 +140,36 @@ fn the_head_ends_where_the_next_pipelined_one_begins() {
         panic!("not taken");
     };
     assert_eq!(&two[len..], "GET /two HTTP/1.1\r\n\r\n");
+}
+
+#[test]
+fn hop_by_hop_fields_are_read_and_left_out_of_the_request() {
+    // Nothing forwards them, so the map is spared them (and the proxy their removal).
+    let req = taken(
+        "GET / HTTP/1.1\r\nHost: app\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic YTpi\r\nTrailer: X-T\r\nX-A: 1\r\n\r\n",
+    );
+    let names: Vec<_> = req.headers().keys().map(HeaderName::as_str).collect();
+    assert_eq!(names, ["host", "x-a"]);
+    // A Connection that names other fields stays, for the proxy to remove them by it.
+    let req = taken("GET / HTTP/1.1\r\nConnection: close, X-Private\r\nX-Private: 1\r\n\r\n");
+    assert_eq!(req.headers().len(), 2);
+    assert!(matches!(
+        parsed("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        Parsed::Complete { close: true, .. }
+    ));
+}
+
+#[test]
+fn a_head_near_the_size_limit_keeps_its_hop_by_hop_fields_for_the_431_check() {
+    // The size check (431) counts the request's fields: a head whose left-out fields could
+    // decide it goes to hyper, whose request keeps them.
+    let filler = "x".repeat(MAX_FIELDS - 100);
+    let plain = format!("GET / HTTP/1.1\r\nX-Fill: {filler}\r\n\r\n");
+    assert!(matches!(parsed(&plain), Parsed::Complete { .. }));
+    let with_hop = format!("GET / HTTP/1.1\r\nX-Fill: {filler}\r\nKeep-Alive: 5\r\n\r\n");
+    assert_eq!(parsed(&with_hop), Parsed::Unusual);
+    let small = "GET / HTTP/1.1\r\nKeep-Alive: 5\r\n\r\n";
+    assert!(matches!(parsed(small), Parsed::Complete { .. }));
 }
 
 #[test]
