@@ -356,103 +356,119 @@ impl App {
                     )
                 })
             };
-        // Kept for an RFC 9470 step-up answer: where the login brings the user back (a
-        // reference-counted copy, only for routes that send the user's token), and whether the
-        // request is a navigation (sent to the login) or an API call (told what to do).
-        let step_up_return = matches!(
+        // For an RFC 9470 step-up answer (only on routes that send the user's token): where the
+        // login brings the user back, and whether the request is a navigation (sent to the
+        // login) or an API call (told what to do). A replayable request's copy tells it when
+        // an answer asks for it; another request's is kept before it is sent.
+        let steps_up = matches!(
             route.token,
             crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
-        )
-        .then(|| (req.uri().clone(), Reader::of(req.headers())));
-        let mut response = match Replay::capture(route, req, admitted.bearer.as_ref()) {
-            Captured::Once(req) => {
-                let proof = match bound {
-                    false => Ok(None),
-                    true => {
-                        in_box(|| {
-                            self.dpop_proof(
-                                route,
-                                req.method(),
-                                req.uri().path(),
-                                admitted.bearer.as_ref(),
-                            )
-                        })
-                        .await
-                    }
-                };
-                match proof {
-                    Ok(proof) => {
-                        let response =
-                            forward(req, admitted.bearer, admitted.identity, proof).await;
-                        if bound {
-                            self.keep_dpop_nonce(route, &response);
-                        }
-                        response
-                    }
-                    Err(error) => error.respond(Reader::of(req.headers())),
-                }
-            }
-            Captured::Replay(replay, unsent) => {
-                // The first send takes the request itself (with the room its header map was
-                // made with); only a second one sends a copy.
-                let unsent = std::sync::Mutex::new(Some(unsent));
-                let next = || {
-                    unsent
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take()
-                        .unwrap_or_else(|| replay.request())
-                };
-                // No body: the request can be sent again with another token or proof.
-                let send = |bearer: Option<HeaderValue>| async {
-                    if !bound {
-                        return forward(next(), bearer, admitted.identity.clone(), None).await;
-                    }
-                    // A fresh proof for each send (it carries the latest nonce).
-                    let prove_and_send = || async {
-                        match in_box(|| {
-                            self.dpop_proof(
-                                route,
-                                &replay.method,
-                                replay.uri.path(),
-                                bearer.as_ref(),
-                            )
-                        })
-                        .await
-                        {
-                            Ok(proof) => {
-                                forward(next(), bearer.clone(), admitted.identity.clone(), proof)
-                                    .await
-                            }
-                            Err(error) => error.respond(Reader::Script),
+        );
+        let (mut response, step_up_return) =
+            match Replay::capture(route, req, admitted.bearer.as_ref()) {
+                Captured::Once(req) => {
+                    let step_up_return =
+                        steps_up.then(|| (req.uri().clone(), Reader::of(req.headers())));
+                    let proof = match bound {
+                        false => Ok(None),
+                        true => {
+                            in_box(|| {
+                                self.dpop_proof(
+                                    route,
+                                    req.method(),
+                                    req.uri().path(),
+                                    admitted.bearer.as_ref(),
+                                )
+                            })
+                            .await
                         }
                     };
-                    let response = prove_and_send().await;
-                    // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
-                    if !(self.keep_dpop_nonce(route, &response) && asks_for_dpop_nonce(&response)) {
-                        return response;
-                    }
-                    let again = prove_and_send().await;
-                    self.keep_dpop_nonce(route, &again);
-                    again
-                };
-                let first = send(admitted.bearer).await;
-                if route.token == crate::config::TokenMode::User && rejects_token(&first) {
-                    // Rare: boxed so that it does not grow every request's future.
-                    in_box(|| async {
-                        match self.replace_token(worker, live, route, &replay).await {
-                            Ok(Some(bearer)) => send(Some(bearer)).await,
-                            Ok(None) => first,
-                            // A replayed API call: its errors are JSON.
-                            Err(refused) => refused.respond(Reader::Script),
+                    let response = match proof {
+                        Ok(proof) => {
+                            let response =
+                                forward(req, admitted.bearer, admitted.identity, proof).await;
+                            if bound {
+                                self.keep_dpop_nonce(route, &response);
+                            }
+                            response
                         }
-                    })
-                    .await
-                } else {
-                    first
+                        Err(error) => error.respond(Reader::of(req.headers())),
+                    };
+                    (response, step_up_return)
                 }
-            }
-        };
+                Captured::Replay(replay, unsent) => {
+                    // The first send takes the request itself (with the room its header map was
+                    // made with); only a second one sends a copy.
+                    let unsent = std::sync::Mutex::new(Some(unsent));
+                    let next = || {
+                        unsent
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .take()
+                            .unwrap_or_else(|| replay.request())
+                    };
+                    // No body: the request can be sent again with another token or proof.
+                    let send = |bearer: Option<HeaderValue>| async {
+                        if !bound {
+                            return forward(next(), bearer, admitted.identity.clone(), None).await;
+                        }
+                        // A fresh proof for each send (it carries the latest nonce).
+                        let prove_and_send = || async {
+                            match in_box(|| {
+                                self.dpop_proof(
+                                    route,
+                                    &replay.method,
+                                    replay.uri.path(),
+                                    bearer.as_ref(),
+                                )
+                            })
+                            .await
+                            {
+                                Ok(proof) => {
+                                    forward(
+                                        next(),
+                                        bearer.clone(),
+                                        admitted.identity.clone(),
+                                        proof,
+                                    )
+                                    .await
+                                }
+                                Err(error) => error.respond(Reader::Script),
+                            }
+                        };
+                        let response = prove_and_send().await;
+                        // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
+                        if !(self.keep_dpop_nonce(route, &response)
+                            && asks_for_dpop_nonce(&response))
+                        {
+                            return response;
+                        }
+                        let again = prove_and_send().await;
+                        self.keep_dpop_nonce(route, &again);
+                        again
+                    };
+                    let first = send(admitted.bearer).await;
+                    let response =
+                        if route.token == crate::config::TokenMode::User && rejects_token(&first) {
+                            // Rare: boxed so that it does not grow every request's future.
+                            in_box(|| async {
+                                match self.replace_token(worker, live, route, &replay).await {
+                                    Ok(Some(bearer)) => send(Some(bearer)).await,
+                                    Ok(None) => first,
+                                    // A replayed API call: its errors are JSON.
+                                    Err(refused) => refused.respond(Reader::Script),
+                                }
+                            })
+                            .await
+                        } else {
+                            first
+                        };
+                    let step_up_return = (steps_up
+                        && response.status() == http::StatusCode::UNAUTHORIZED)
+                        .then(|| (replay.uri.clone(), Reader::of(&replay.headers)));
+                    (response, step_up_return)
+                }
+            };
         if response.status() == http::StatusCode::UNAUTHORIZED
             && let Some((uri, reader)) = step_up_return
             && let Some(step) = crate::oidc::step_up::from_challenge(
