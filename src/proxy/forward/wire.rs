@@ -300,7 +300,7 @@ pub(super) fn parse_head(
             let value = HeaderValue::from_maybe_shared(bytes.slice(vs..ve))
                 .map_err(|_| WireError::Malformed("header value"))?;
             if name == header::CONTENT_LENGTH {
-                hops.length_fields += 1;
+                hops.read_length(&bytes[vs..ve]);
             }
             headers.append(name, value);
         }
@@ -324,7 +324,7 @@ pub(super) fn parse_head(
 }
 
 /// What an answer's hop-by-hop fields say ([`crate::proxy::headers::strip_hop_by_hop`]'s
-/// list), read as the head is: the fields themselves are not kept.
+/// list), read as the head is: the fields themselves are not kept. And the length.
 #[derive(Default)]
 struct Hops {
     /// `Connection: close`.
@@ -333,11 +333,32 @@ struct Hops {
     chunked: Option<bool>,
     /// Field names `Connection` lists beyond the hop-by-hop ones (rare).
     listed: Vec<HeaderName>,
-    /// `Content-Length` fields kept in the map.
+    /// `Content-Length` fields (kept in the map), and what they said: one length, unless
+    /// `bad_length` (a malformed one, or two that differ: an error only where the length
+    /// counts).
     length_fields: usize,
+    length: Option<u64>,
+    bad_length: bool,
 }
 
 impl Hops {
+    /// A `Content-Length` field: comma-separated decimal lengths, all equal.
+    fn read_length(&mut self, value: &[u8]) {
+        self.length_fields += 1;
+        for item in value.split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+                self.bad_length = true;
+                return;
+            }
+            let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            if self.length.is_some_and(|seen| seen != n) {
+                self.bad_length = true;
+            }
+            self.length = Some(n);
+        }
+    }
+
     fn read(&mut self, name: &HeaderName, value: &[u8]) {
         if *name == header::CONNECTION {
             for token in value.split(|&b| b == b',') {
@@ -391,24 +412,10 @@ fn framing(
         }
         return Ok((Framing::UntilClose, false));
     }
-    if hops.length_fields == 0 {
-        return Ok((Framing::UntilClose, false));
+    if hops.bad_length {
+        return Err(WireError::Malformed("content-length"));
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(WireError::Malformed("content-length"));
-            }
-            let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|seen| seen != n) {
-                return Err(WireError::Malformed("content-length"));
-            }
-            length = Some(n);
-        }
-    }
-    match length {
+    match hops.length {
         Some(n) => Ok((Framing::Length(n), keep)),
         None => Ok((Framing::UntilClose, false)),
     }
