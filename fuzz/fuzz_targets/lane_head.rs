@@ -1,9 +1,9 @@
 //! Request heads as Vestibule's own HTTP/1 lane takes them (`server::lane`), against hyper's
 //! server given the same bytes behind the framing guard — what a connection handed to hyper
 //! meets. Any head the lane takes, hyper takes too, as the same request: method, target, every
-//! header line a forwarded request keeps (hop-by-hop ones aside), in order, no body. So the
-//! lane never accepts what the front door would refuse, nor reads a request differently from
-//! the parser it stands in for. It never panics.
+//! header line a forwarded request keeps (hop-by-hop ones aside; each name's values in order),
+//! no body. So the lane never accepts what the front door would refuse, nor reads a request
+//! differently from the parser it stands in for. It never panics.
 #![no_main]
 
 use bytes::Bytes;
@@ -61,16 +61,19 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(head));
 });
 
-/// The fields of `headers` that a forwarded request keeps, in order: the lane leaves the
-/// hop-by-hop ones out where hyper keeps them for the proxy to remove, so they are compared
-/// once removed.
+/// The fields of `headers` that a forwarded request keeps: the lane leaves the hop-by-hop ones
+/// out where hyper keeps them for the proxy to remove, so they are compared once removed. A
+/// removal moves the map's last name into the removed one's place, so names are compared in
+/// name order; each name's values stay in the order they came.
 fn forwarded(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
     let mut headers = headers.clone();
     strip_hop_by_hop(&mut headers);
-    headers
+    let mut fields: Vec<_> = headers
         .iter()
         .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-        .collect()
+        .collect();
+    fields.sort_by(|a, b| a.0.cmp(&b.0));
+    fields
 }
 
 /// The request hyper's HTTP/1 server reads from `head` behind the framing guard, if any.
