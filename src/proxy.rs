@@ -122,7 +122,6 @@ where
                 .map(|p| (p, hyper::upgrade::on(&mut *req)));
             let (mut parts, body) = (*req).into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
-            headers::remove_cookies(&mut parts.headers, own_cookies);
             if route.sets_identity() {
                 headers::strip_identity(&mut parts.headers, route);
                 for (name, value) in identity {
@@ -138,6 +137,7 @@ where
                 forwarded_for,
                 forwarded_proto,
                 forwarded_host,
+                cookie: headers::kept_cookies(&parts.headers, own_cookies),
             };
             parts.uri = uri;
             let body = if http_body::Body::is_end_stream(&body) {

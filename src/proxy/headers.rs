@@ -240,17 +240,19 @@ fn cookie_name(pair: &str) -> &str {
     pair.split_once('=').map_or(pair, |(n, _)| n).trim()
 }
 
-/// Removes Vestibule's own cookies from every `Cookie` header, keeping the others in order (a
-/// header that is not text goes too). Requests without any of them are left untouched, and the
-/// rest is built in one string: a token route's requests always carry the session cookie.
-pub fn remove_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>) {
+/// The `Cookie` field to send instead of the client's when they carry any of Vestibule's own
+/// cookies: the others' pairs in order, in one field (`None` when nothing is left; a header
+/// that is not text goes too). `None` when the client's carry none of ours (the common case
+/// on routes without a session; a token route's requests always carry the session cookie),
+/// and they stand as they are.
+pub fn kept_cookies(headers: &HeaderMap, own: OwnCookies<'_>) -> Option<Option<HeaderValue>> {
     let present = headers.get_all(header::COOKIE).iter().any(|value| {
         value.to_str().map_or(true, |text| {
             cookie_pairs(text).any(|p| own.matches(cookie_name(p)))
         })
     });
     if !present {
-        return;
+        return None;
     }
     let mut kept = String::new();
     for value in &headers.get_all(header::COOKIE) {
@@ -262,11 +264,21 @@ pub fn remove_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>) {
             kept.push_str(pair);
         }
     }
-    headers.remove(header::COOKIE);
-    if !kept.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&kept)
-    {
-        headers.insert(header::COOKIE, value);
+    if kept.is_empty() {
+        return Some(None);
+    }
+    Some(HeaderValue::from_str(&kept).ok())
+}
+
+/// Removes Vestibule's own cookies from every `Cookie` header, keeping the others in order
+/// ([`kept_cookies`], as [`Replaced`] applies it).
+#[cfg(test)]
+fn remove_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>) {
+    if let Some(kept) = kept_cookies(headers, own) {
+        headers.remove(header::COOKIE);
+        if let Some(value) = kept {
+            headers.insert(header::COOKIE, value);
+        }
     }
 }
 
@@ -346,6 +358,9 @@ pub struct Replaced {
     pub forwarded_for: Option<HeaderValue>,
     pub forwarded_proto: Option<HeaderValue>,
     pub forwarded_host: Option<HeaderValue>,
+    /// `Some`: the client's `Cookie` fields give way to this one, or to none
+    /// ([`kept_cookies`]: they carried Vestibule's own).
+    pub cookie: Option<Option<HeaderValue>>,
 }
 
 impl Replaced {
@@ -356,16 +371,18 @@ impl Replaced {
             || (self.forwarded_for.is_some() && *name == X_FORWARDED_FOR)
             || (self.forwarded_proto.is_some() && *name == X_FORWARDED_PROTO)
             || (self.forwarded_host.is_some() && *name == X_FORWARDED_HOST)
+            || (self.cookie.is_some() && *name == header::COOKIE)
     }
 
     /// The fields to write, after the request's own (minus those [`Replaced::replaces`]).
     pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        static NAMES: [HeaderName; 5] = [
+        static NAMES: [HeaderName; 6] = [
             header::HOST,
             header::AUTHORIZATION,
             X_FORWARDED_FOR,
             X_FORWARDED_PROTO,
             X_FORWARDED_HOST,
+            header::COOKIE,
         ];
         let values = [
             Some(&self.host),
@@ -373,6 +390,7 @@ impl Replaced {
             self.forwarded_for.as_ref(),
             self.forwarded_proto.as_ref(),
             self.forwarded_host.as_ref(),
+            self.cookie.as_ref().and_then(Option::as_ref),
         ];
         NAMES
             .iter()
@@ -385,6 +403,12 @@ impl Replaced {
         headers.insert(header::HOST, self.host);
         if self.owns_authorization {
             headers.remove(header::AUTHORIZATION);
+        }
+        if let Some(kept) = self.cookie {
+            headers.remove(header::COOKIE);
+            if let Some(value) = kept {
+                headers.insert(header::COOKIE, value);
+            }
         }
         let set = [
             (header::AUTHORIZATION, self.authorization),
@@ -848,6 +872,7 @@ mod tests {
                 forwarded_for,
                 forwarded_proto,
                 forwarded_host,
+                cookie: None,
             }
             .apply(h);
         };
@@ -894,6 +919,7 @@ mod tests {
             forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
             forwarded_proto: None,
             forwarded_host: Some(HeaderValue::from_static("app.test")),
+            cookie: None,
         };
         // What the plain path writes: the client's fields that stand, then the proxy's.
         let written = |set: &Replaced| {
@@ -930,5 +956,56 @@ mod tests {
         set.owns_authorization = false;
         set.authorization = None;
         assert!(written(&set).contains(&"authorization: Basic abc".to_string()));
+    }
+
+    #[test]
+    fn the_clients_cookies_give_way_to_the_ones_kept() {
+        let own = OwnCookies {
+            session: "vestibule",
+            login_prefix: "vestibule-login",
+        };
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1; vestibule=s".parse().unwrap());
+        h.append(header::COOKIE, "vestibule-login-x=y; b=2".parse().unwrap());
+        let kept = kept_cookies(&h, own);
+        assert_eq!(kept, Some(Some(HeaderValue::from_static("a=1; b=2"))));
+        let set = Replaced {
+            host: HeaderValue::from_static("up.test"),
+            owns_authorization: false,
+            authorization: None,
+            forwarded_for: None,
+            forwarded_proto: None,
+            forwarded_host: None,
+            cookie: kept,
+        };
+        let written = |set: &Replaced| {
+            h.iter()
+                .filter(|(name, _)| !set.replaces(name))
+                .chain(set.fields())
+                .filter(|(name, _)| **name == header::COOKIE)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(written(&set), ["a=1; b=2"]);
+        let mut applied = h.clone();
+        set.clone().apply(&mut applied);
+        let sent: Vec<_> = applied.get_all(header::COOKIE).iter().collect();
+        assert_eq!(sent, ["a=1; b=2"]);
+        // Only ours: no Cookie at all, either way.
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "vestibule=s".parse().unwrap());
+        let set = Replaced {
+            cookie: kept_cookies(&h, own),
+            ..set
+        };
+        assert_eq!(set.cookie, Some(None));
+        assert!(!h.iter().any(|(name, _)| !set.replaces(name)));
+        assert_eq!(set.fields().count(), 1, "Host alone");
+        set.apply(&mut h);
+        assert!(h.get(header::COOKIE).is_none());
+        // None of ours: the client's stand as they came.
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1".parse().unwrap());
+        assert_eq!(kept_cookies(&h, own), None);
     }
 }

@@ -133,6 +133,13 @@ async fn full_login_flow(s: &Stack) {
         )],
         "the browser's Authorization went along with the token, or instead of it"
     );
+    assert!(
+        !seen
+            .get_all("cookie")
+            .iter()
+            .any(|v| v.to_str().unwrap().contains("vestibule=")),
+        "the session cookie reached the upstream with a body"
+    );
 }
 
 #[tokio::test]

@@ -311,6 +311,7 @@ fn the_request_head_is_written_in_origin_form() {
         forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
         forwarded_proto: None,
         forwarded_host: None,
+        cookie: None,
     };
     assert_eq!(
         String::from_utf8(encode_head(&parts, &replaced)).unwrap(),
