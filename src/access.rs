@@ -92,6 +92,10 @@ pub fn csrf_ok<B>(live: &LiveConfig, req: &Request<B>) -> bool {
 /// The request's `Origin` when it is one of `[server] cors_origins`: such origins may call
 /// Vestibule (and the routes behind it) with credentials from the browser.
 pub fn cors_origin(live: &LiveConfig, headers: &http::HeaderMap) -> Option<HeaderValue> {
+    // No origin listed (the default): nothing to look up.
+    if live.config.server.cors_origins.is_empty() {
+        return None;
+    }
     let origin = headers.get(header::ORIGIN)?;
     let text = origin.to_str().ok()?;
     live.config

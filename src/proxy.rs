@@ -99,9 +99,10 @@ where
             .await
         }
         Target::Upstream(base) => {
-            let declared = req
-                .headers()
-                .get(header::CONTENT_LENGTH)
+            // A body already known to be empty declares nothing to refuse (no lookup).
+            let declared = (!http_body::Body::is_end_stream(req.body()))
+                .then(|| req.headers().get(header::CONTENT_LENGTH))
+                .flatten()
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             if declared.is_some_and(|n| n > max_body) {
