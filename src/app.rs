@@ -126,10 +126,24 @@ impl App {
     /// shutting down, an HTTP/1 answer also closes its connection.
     pub async fn handle(
         &self,
+        req: Box<Request<Inbound>>,
+        client: Client,
+        worker: &Worker,
+    ) -> Response<Body> {
+        let (mut response, request_id) = self.answer(req, client, worker).await;
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        response
+    }
+
+    /// [`App::handle`]'s answer, and the request id it is to carry in `X-Request-Id` (in
+    /// place of any the upstream sent): Vestibule's own server side writes the field as it
+    /// encodes the head, without a map insertion.
+    pub async fn answer(
+        &self,
         mut req: Box<Request<Inbound>>,
         Client { ip, tls }: Client,
         worker: &Worker,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, HeaderValue) {
         let started = Instant::now();
         let live = worker.live(&self.live);
         let method = req.method().clone();
@@ -212,9 +226,6 @@ impl App {
                 .append(header::VARY, http::HeaderValue::from_static("Origin"));
         }
         drop(in_flight);
-        response
-            .headers_mut()
-            .insert(X_REQUEST_ID, request_id.clone());
         if self.stopping.is_cancelled() && version < http::Version::HTTP_2 {
             response
                 .headers_mut()
@@ -259,7 +270,7 @@ impl App {
                 user_agent = user_agent.as_ref().and_then(|v| v.to_str().ok()).map(|ua| crate::telemetry::logged_path(ua)).as_deref(),
             );
         }
-        routed.response
+        (routed.response, request_id)
     }
 
     /// Answers the request; also returns what metrics and the access log say about it.

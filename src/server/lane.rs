@@ -43,6 +43,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Header lines a head may have before it goes to hyper (hyper's own limit).
 const MAX_HEADERS: usize = 100;
 /// A connection's read buffer to start with; it grows for a larger head.
@@ -129,12 +131,12 @@ pub(super) async fn serve(
         drop(head);
         let head_only = req.method() == Method::HEAD;
         // 2. The answer, cancelled if the client goes away meanwhile.
-        let answer = app.handle(Box::new(req), Client { ip, tls: false }, &worker);
+        let answer = app.answer(Box::new(req), Client { ip, tls: false }, &worker);
         let mut answer = pin!(answer);
-        let response = loop {
+        let (response, request_id) = loop {
             tokio::select! {
                 biased;
-                response = &mut answer => break response,
+                answered = &mut answer => break answered,
                 read = tcp.read_buf(&mut buf), if buf.len() < limits.max_head => match read {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
@@ -142,7 +144,14 @@ pub(super) async fn serve(
             }
         };
         // 3. The answer sent; the connection kept unless either side closes it.
-        let keep = send(&mut tcp, (&mut out, &mut date), response, head_only, close).await;
+        let keep = send(
+            &mut tcp,
+            (&mut out, &mut date),
+            (response, &request_id),
+            head_only,
+            close,
+        )
+        .await;
         if !keep || shutdown.is_cancelled() {
             let _ = tcp.shutdown().await;
             return;
@@ -376,13 +385,19 @@ enum Framing {
 async fn send(
     tcp: &mut TcpStream,
     (out, date): (&mut Vec<u8>, &mut HttpDate),
-    response: Response<Body>,
+    (response, request_id): (Response<Body>, &HeaderValue),
     head_only: bool,
     client_close: bool,
 ) -> bool {
     let (parts, mut body) = response.into_parts();
     out.clear();
-    let (framing, mut close) = encode_head((out, date), &parts, &body, head_only, client_close);
+    let (framing, mut close) = encode_head(
+        (out, date),
+        (&parts, Some(request_id)),
+        &body,
+        head_only,
+        client_close,
+    );
     if framing == Framing::None {
         return tcp.write_all(out).await.is_ok() && !close;
     }
@@ -460,7 +475,7 @@ async fn send(
 /// the framing and whether the connection closes after this answer.
 fn encode_head(
     (out, date): (&mut Vec<u8>, &mut HttpDate),
-    parts: &http::response::Parts,
+    (parts, request_id): (&http::response::Parts, Option<&HeaderValue>),
     body: &Body,
     head_only: bool,
     client_close: bool,
@@ -514,11 +529,18 @@ fn encode_head(
                 }
             }
             header::DATE => dated = true,
+            // The request's own id stands in for any other (written below).
+            _ if request_id.is_some() && *name == X_REQUEST_ID => continue,
             _ => {}
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(id) = request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let framing = if no_body {

@@ -83,7 +83,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 async fn forwarded_headers_are_set_and_host_rewritten() {
     let up = upstream::start().await;
     let proxy = proxy_to(&up, "").await;
-    get(
+    let r = get(
         &proxy.url("/api/x"),
         &[
             ("x-forwarded-for", "6.6.6.6"),
@@ -126,6 +126,9 @@ async fn forwarded_headers_are_set_and_host_rewritten() {
     for name in set {
         assert_eq!(seen.get_all(name).iter().count(), 1, "{name} sent twice");
     }
+    // The answer carries the request's id, once, whatever the upstream said.
+    let ids: Vec<_> = r.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids, [seen.get("x-request-id").unwrap()]);
     let with_body = http::Request::post(proxy.url("/api/x"))
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-forwarded-proto", "gopher")
@@ -133,8 +136,11 @@ async fn forwarded_headers_are_set_and_host_rewritten() {
         .header("x-request-id", "abc-123")
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
-    assert_eq!(send(with_body).await.status, 200);
+    let r = send(with_body).await;
+    assert_eq!(r.status, 200);
     let seen = up.last().headers;
+    let ids: Vec<_> = r.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids, [seen.get("x-request-id").unwrap()]);
     for name in set {
         assert_eq!(seen.get_all(name).iter().count(), 1, "{name} sent twice");
     }

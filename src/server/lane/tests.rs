@@ -198,12 +198,35 @@ fn encoded(
     let mut date = HttpDate::default();
     let (framing, close) = encode_head(
         (&mut out, &mut date),
-        &parts,
+        (&parts, None),
         &body,
         head_only,
         client_close,
     );
     (String::from_utf8(out).unwrap(), framing, close)
+}
+
+#[test]
+fn the_request_id_is_written_once_in_place_of_any_other() {
+    let response = answer(
+        200,
+        &[("x-request-id", "from-the-upstream"), ("x-a", "1")],
+        crate::reply::empty(),
+    );
+    let (parts, body) = response.into_parts();
+    let mut out = Vec::new();
+    let id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+    encode_head(
+        (&mut out, &mut HttpDate::default()),
+        (&parts, Some(&id)),
+        &body,
+        false,
+        false,
+    );
+    let head = String::from_utf8(out).unwrap();
+    assert_eq!(head.matches("x-request-id").count(), 1, "{head}");
+    assert!(head.contains("x-request-id: 0123456789abcdef0123456789abcdef\r\n"));
+    assert!(head.contains("x-a: 1\r\n"));
 }
 
 fn answer(status: u16, headers: &[(&str, &str)], body: Body) -> Response<Body> {

@@ -167,6 +167,7 @@ async fn handle(
         .header("content-type", "application/json")
         .header("connection", "x-upstream-hop")
         .header("x-upstream-hop", "1")
+        .header("x-request-id", "from-the-upstream")
         .body(full(body.to_string()))
         .unwrap())
 }
