@@ -155,7 +155,7 @@ impl App {
         };
         // Only a trusted proxy's request id is kept; anyone else's is replaced.
         let request_id =
-            proxy::headers::ensure_request_id(req.headers_mut(), peer.trusted, &worker.request_ids);
+            proxy::headers::request_id(req.headers(), peer.trusted, &worker.request_ids);
         // Only a trusted proxy may continue a trace (and decide its sampling); anyone else's
         // trace context reaches neither our spans nor the upstreams.
         let remote = match (&self.tracer, peer.trusted) {
@@ -202,13 +202,13 @@ impl App {
             // (which hyper moves into its connection state) would be as large. Built in its box:
             // `Box::pin` would build it on the stack and copy all of it, once per request.
             None => match &self.tracer {
-                None => in_box(|| self.route(&live, req, peer, worker)).await,
+                None => in_box(|| self.route(&live, req, (peer, &request_id), worker)).await,
                 Some(tracer) => {
                     use tracing::Instrument;
                     use tracing::instrument::WithSubscriber;
                     let span = span.clone();
                     in_box(|| {
-                        self.route(&live, req, peer, worker)
+                        self.route(&live, req, (peer, &request_id), worker)
                             .instrument(span)
                             .with_subscriber(tracer.dispatch().clone())
                     })
@@ -278,7 +278,7 @@ impl App {
         &self,
         live: &'r LiveConfig,
         mut req: Box<Request<Inbound>>,
-        peer: Peer,
+        (peer, request_id): (Peer, &HeaderValue),
         worker: &Worker,
     ) -> Routed<'r> {
         let config = &live.config;
@@ -356,7 +356,7 @@ impl App {
                         &worker.upstreams,
                         route,
                         req,
-                        peer,
+                        (peer, request_id),
                         own,
                         &live.public_side,
                         bearer,

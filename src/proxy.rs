@@ -75,7 +75,7 @@ pub async fn dispatch<B>(
     upstreams: &Upstreams,
     route: &RouteConfig,
     mut req: Box<Request<B>>,
-    peer: Peer,
+    (peer, request_id): (Peer, &HeaderValue),
     own_cookies: headers::OwnCookies<'_>,
     public: &headers::PublicSide,
     bearer: Option<HeaderValue>,
@@ -139,6 +139,7 @@ where
                 forwarded_proto,
                 forwarded_host,
                 cookie: headers::kept_cookies(&parts.headers, own_cookies),
+                request_id: request_id.clone(),
             };
             parts.uri = uri;
             let body = if http_body::Body::is_end_stream(&body) {

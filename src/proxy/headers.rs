@@ -361,6 +361,8 @@ pub struct Replaced {
     /// `Some`: the client's `Cookie` fields give way to this one, or to none
     /// ([`kept_cookies`]: they carried Vestibule's own).
     pub cookie: Option<Option<HeaderValue>>,
+    /// [`request_id`]'s: always in place of the client's.
+    pub request_id: HeaderValue,
 }
 
 impl Replaced {
@@ -372,17 +374,19 @@ impl Replaced {
             || (self.forwarded_proto.is_some() && *name == X_FORWARDED_PROTO)
             || (self.forwarded_host.is_some() && *name == X_FORWARDED_HOST)
             || (self.cookie.is_some() && *name == header::COOKIE)
+            || *name == X_REQUEST_ID
     }
 
     /// The fields to write, after the request's own (minus those [`Replaced::replaces`]).
     pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        static NAMES: [HeaderName; 6] = [
+        static NAMES: [HeaderName; 7] = [
             header::HOST,
             header::AUTHORIZATION,
             X_FORWARDED_FOR,
             X_FORWARDED_PROTO,
             X_FORWARDED_HOST,
             header::COOKIE,
+            X_REQUEST_ID,
         ];
         let values = [
             Some(&self.host),
@@ -391,6 +395,7 @@ impl Replaced {
             self.forwarded_proto.as_ref(),
             self.forwarded_host.as_ref(),
             self.cookie.as_ref().and_then(Option::as_ref),
+            Some(&self.request_id),
         ];
         NAMES
             .iter()
@@ -401,6 +406,7 @@ impl Replaced {
     /// Puts them in `headers`, in place of the client's.
     pub fn apply(self, headers: &mut HeaderMap) {
         headers.insert(header::HOST, self.host);
+        headers.insert(X_REQUEST_ID, self.request_id);
         if self.owns_authorization {
             headers.remove(header::AUTHORIZATION);
         }
@@ -514,19 +520,17 @@ fn address_text(ip: IpAddr, buffer: &mut [u8; 64]) -> &[u8] {
     }
 }
 
-/// Returns the request id: a trusted proxy's when it sent a usable one (at most 128 visible
-/// ASCII characters), otherwise a new one, which replaces whatever the client sent.
-pub fn ensure_request_id(headers: &mut HeaderMap, trusted: bool, ids: &RequestIds) -> HeaderValue {
-    let name = X_REQUEST_ID;
-    if trusted && let Some(v) = headers.get(&name) {
+/// The request id: a trusted proxy's when it sent a usable one (at most 128 visible ASCII
+/// characters), otherwise a new one. It replaces whatever the client sent on the way to an
+/// upstream ([`Replaced::request_id`]) and in the answer.
+pub fn request_id(headers: &HeaderMap, trusted: bool, ids: &RequestIds) -> HeaderValue {
+    if trusted && let Some(v) = headers.get(X_REQUEST_ID) {
         let ok = v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
         if ok {
             return v.clone();
         }
     }
-    let value = new_request_id(ids);
-    headers.insert(name, value.clone());
-    value
+    new_request_id(ids)
 }
 
 /// The request numbers of one serving worker: taken from the process-wide counter a block at a
@@ -652,7 +656,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let ids = RequestIds::default();
         for _ in 0..1000 {
-            let id = ensure_request_id(&mut HeaderMap::new(), true, &ids);
+            let id = request_id(&HeaderMap::new(), true, &ids);
             let text = id.to_str().unwrap().to_string();
             assert_eq!(text.len(), 32);
             assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -873,6 +877,7 @@ mod tests {
                 forwarded_proto,
                 forwarded_host,
                 cookie: None,
+                request_id: HeaderValue::from_static("id-1"),
             }
             .apply(h);
         };
@@ -908,6 +913,7 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-proto", "gopher"),
             ("x-forwarded-host", "evil.test"),
+            ("x-request-id", "abc-123"),
             ("accept", "*/*"),
         ] {
             h.append(name, value.parse().unwrap());
@@ -920,6 +926,7 @@ mod tests {
             forwarded_proto: None,
             forwarded_host: Some(HeaderValue::from_static("app.test")),
             cookie: None,
+            request_id: HeaderValue::from_static("id-1"),
         };
         // What the plain path writes: the client's fields that stand, then the proxy's.
         let written = |set: &Replaced| {
@@ -935,6 +942,7 @@ mod tests {
             "host: up.test",
             "x-forwarded-for: 10.0.0.1",
             "x-forwarded-host: app.test",
+            "x-request-id: id-1",
         ];
         assert_eq!(written(&set), want, "a token route without a token");
         // What the other paths send: the same fields.
@@ -977,6 +985,7 @@ mod tests {
             forwarded_proto: None,
             forwarded_host: None,
             cookie: kept,
+            request_id: HeaderValue::from_static("id-1"),
         };
         let written = |set: &Replaced| {
             h.iter()
@@ -1000,7 +1009,7 @@ mod tests {
         };
         assert_eq!(set.cookie, Some(None));
         assert!(!h.iter().any(|(name, _)| !set.replaces(name)));
-        assert_eq!(set.fields().count(), 1, "Host alone");
+        assert_eq!(set.fields().count(), 2, "Host and the request id alone");
         set.apply(&mut h);
         assert!(h.get(header::COOKIE).is_none());
         // None of ours: the client's stand as they came.

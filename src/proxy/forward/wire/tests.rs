@@ -312,10 +312,11 @@ fn the_request_head_is_written_in_origin_form() {
         forwarded_proto: None,
         forwarded_host: None,
         cookie: None,
+        request_id: HeaderValue::from_static("id-1"),
     };
     assert_eq!(
         String::from_utf8(encode_head(&parts, &replaced)).unwrap(),
-        "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nauthorization: Bearer t\r\nx-forwarded-for: 10.0.0.1\r\n\r\n",
+        "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nauthorization: Bearer t\r\nx-forwarded-for: 10.0.0.1\r\nx-request-id: id-1\r\n\r\n",
         "the client's Host gives way to the proxy's"
     );
 }
