@@ -209,7 +209,7 @@ async fn read_head(
 }
 
 /// Room left under `server.max_header_size` below which a head's hop-by-hop fields cannot
-/// decide the size check: more than the request id the check also counts.
+/// decide the size check (which counts the request's fields and its target).
 const SIZE_SLACK: usize = 512;
 
 /// Parses the head at the start of `bytes`, if it is whole, and decides whether the lane takes
@@ -335,8 +335,9 @@ fn request(
     fields: &mut Vec<(HeaderName, Range<usize>)>,
 ) -> Option<Request<Inbound>> {
     let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-    // Room for the request id the proxy adds (`Host`, `X-Forwarded-*` and the token go beside
-    // the map on the way to a plain-HTTP upstream, see `proxy::headers::Replaced`). Sized
+    // A little room for what some routes add (a DPoP proof, identity headers, trace
+    // context); `Host`, `X-Forwarded-*`, `X-Request-Id`, the token and the filtered cookies go
+    // beside the map on the way to a plain-HTTP upstream (`proxy::headers::Replaced`). Sized
     // tight: a map of up to 6 entries is a 624-byte block, which mimalloc serves from its small
     // sizes; the next size up (12 entries, 1,248 bytes) goes through its slower aligned path.
     let mut headers = HeaderMap::with_capacity(fields.len() + 2);
