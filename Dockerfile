@@ -3,6 +3,7 @@
 # Vestibule container image (needs BuildKit, the default builder of current Docker).
 #
 #   docker build -t vestibule .                                  # the proxy (last stage, "runtime")
+#   docker build --build-arg PGO=0 -t vestibule .                # the same without the training run
 #   docker build --target sample-api -t vestibule-sample-api .   # the demo API of deploy/compose
 #
 # The runtime image holds one static-ish binary on distroless/cc (glibc, libgcc, CA certificates,
@@ -13,22 +14,49 @@
 # Keep >= rust-version in Cargo.toml. The builder must be Debian 12 (bookworm) because the runtime
 # is distroless *debian12*: a binary linked against a newer glibc would not start there.
 ARG RUST_VERSION=1.95
+# PGO=1 (the default): the profile-guided build of scripts/build-pgo, which trains an instrumented
+# build on a short benchmark run inside the build stage (nginx, Redis, wrk and the test OpenID
+# provider, none of which reach the image) and needs network access for their packages. It is
+# the binary docs/benchmarks.md measures. PGO=0: the plain `cargo build --release`, the same
+# program, ~15 % more CPU per proxied request.
+ARG PGO=1
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
+ARG PGO
+# Node.js for the test OpenID provider of the training run (bookworm's own is too old).
+COPY --from=node:20-bookworm-slim /usr/local/bin/node /usr/local/bin/node
+COPY --from=node:20-bookworm-slim /usr/local/lib/node_modules/npm /usr/local/lib/node_modules/npm
+RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm
+# What the training run needs (scripts/bench would install them itself; here they get their own
+# layer). procps: pgrep.
+RUN set -eux; \
+    if [ "$PGO" = 1 ]; then \
+      apt-get update; \
+      apt-get install -y --no-install-recommends nginx-light wrk redis-server redis-tools curl \
+        python3 procps openssl ca-certificates; \
+      rm -rf /var/lib/apt/lists/*; \
+    fi
 WORKDIR /src
 COPY . .
 # The cargo registry and the target directory live in BuildKit cache mounts, so a rebuild after a
 # source change recompiles only this crate, never the dependencies. A cache mount is not part of
 # the image, hence the binaries are copied out to /out. Touching the crate roots forces cargo to
-# rebuild this crate even if a checkout left source mtimes older than the cached build.
+# rebuild this crate even if a checkout left source mtimes older than the cached build (and
+# build-pgo's binary older than the sources, so that it trains again).
 RUN --mount=type=cache,id=vestibule-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=vestibule-cargo-git,target=/usr/local/cargo/git/db,sharing=locked \
     --mount=type=cache,id=vestibule-target,target=/src/target,sharing=locked \
     set -eux; \
     touch src/main.rs src/lib.rs; \
-    cargo build --release --locked --bin vestibule --example sample_api; \
     mkdir -p /out; \
-    cp target/release/vestibule target/release/examples/sample_api /out/
+    cargo build --release --locked --example sample_api; \
+    cp target/release/examples/sample_api /out/; \
+    if [ "$PGO" = 1 ]; then \
+      cp "$(scripts/build-pgo --print-path)" /out/vestibule; \
+    else \
+      cargo build --release --locked --bin vestibule; \
+      cp target/release/vestibule /out/; \
+    fi
 
 # The sample API of the compose demo: a resource server that validates the access tokens the BFF
 # attaches. Not for production.

@@ -101,7 +101,8 @@ class DockerfileTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.text = (ROOT / "Dockerfile").read_text()
-        cls.stages = dockerfile_stages(dockerfile_instructions(cls.text))
+        cls.instructions = dockerfile_instructions(cls.text)
+        cls.stages = dockerfile_stages(cls.instructions)
         cls.final = cls.stages[-1]
 
     def body(self, stage, instr):
@@ -121,6 +122,15 @@ class DockerfileTest(unittest.TestCase):
         self.assertIn(f"{workdir.rstrip('/')}/target", cache_targets, "the target dir is cached")
         # A cache mount is not in the image: the binaries must be copied out of it.
         self.assertRegex(runs, r"cp [^;&]*target/release/vestibule")
+
+    def test_build_stage_ships_the_profile_guided_build_by_default(self):
+        # The binary docs/benchmarks.md measures: scripts/build-pgo, unless PGO=0 is passed.
+        build = next(s for s in self.stages if s["name"] == "build")
+        runs = " ".join(self.body(build, "RUN"))
+        self.assertRegex(runs, r'cp "\$\(scripts/build-pgo --print-path\)" /out/vestibule')
+        args = [a for i, a in self.instructions if i == "ARG"]
+        self.assertIn("PGO=1", args)
+        self.assertIn("PGO", self.body(build, "ARG"), "the build stage must see the PGO argument")
 
     def test_build_stage_also_builds_the_sample_api(self):
         build = next(s for s in self.stages if s["name"] == "build")
@@ -186,6 +196,8 @@ class DockerfileTest(unittest.TestCase):
             self.assertIn(needed, lines)
         for kept in ("src", "examples", "Cargo.toml", "Cargo.lock"):
             self.assertNotIn(kept, lines, f"{kept} is needed by cargo build")
+        for kept in ("scripts", "tests", "tests/provider"):
+            self.assertNotIn(kept, lines, f"{kept} is needed by the training run of scripts/build-pgo")
 
 
 # --- YAML and JSON everywhere under deploy/ -----------------------------------------------------
