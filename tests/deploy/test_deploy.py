@@ -605,6 +605,39 @@ def toml_key_paths(table, prefix=""):
     return paths
 
 
+class ScriptsTest(unittest.TestCase):
+    """The shell scripts the image build and the benchmarks run (not part of the test suite
+    otherwise): each parses, and build-pgo's options behave without building anything."""
+
+    def shell_scripts(self):
+        found = []
+        for path in sorted((ROOT / "scripts").rglob("*")):
+            if path.is_file():
+                first = path.read_text(errors="replace").splitlines()[:1]
+                if first and first[0].startswith("#!") and "bash" in first[0]:
+                    found.append(path)
+        return found
+
+    def test_every_bash_script_parses(self):
+        scripts = self.shell_scripts()
+        names = {p.name for p in scripts}
+        for needed in ("build-pgo", "bench", "test"):
+            self.assertIn(needed, names)
+        for path in scripts:
+            done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+            self.assertEqual(done.returncode, 0, f"{path}: {done.stderr}")
+
+    def test_build_pgo_answers_help_and_refuses_unknown_options(self):
+        script = str(ROOT / "scripts" / "build-pgo")
+        shown = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        self.assertIn("--print-path", shown.stdout)
+        refused = subprocess.run([script, "--frobnicate"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("unknown option", refused.stderr)
+        self.assertEqual(refused.stdout, "", "nothing but a path may reach stdout")
+
+
 class DocsTest(unittest.TestCase):
     def test_provider_guides_exist(self):
         for name in ("keycloak", "entra-id", "auth0", "okta", "google"):
