@@ -1,11 +1,17 @@
-// mimalloc: less CPU per request than glibc's allocator under proxy load. `no_thp` keeps it off
-// transparent huge pages, which otherwise add ~15 MiB of RSS (see docs/benchmarks.md). Not the
-// crate's `v2` (mimalloc 2.x): its aligned path is cheaper for blocks above 1 KiB (3.3
-// over-allocates them, ~0.2-0.4k instructions per request here), but `no_thp` does not reach
-// 2.x's default: peak RSS with 10,000 active sessions went 53 -> 67 MiB (round 12).
+// mimalloc: less CPU per request than glibc's allocator under proxy load. The crate's `v2`
+// (mimalloc 2.x): mimalloc 3.x, which the crate uses otherwise, serves every block above 1 KiB
+// whose size is not a power of two through its over-allocating aligned path (the crate asks for
+// each block with its alignment); 2.x serves them as plain blocks (docs/benchmarks.md, round
+// 15). 2.x leaves transparent huge pages to the kernel's default (`no_thp` only stops it asking
+// for them), which added ~14 MiB of RSS with 10,000 active sessions (round 12): `main` turns
+// them off for the process first.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Before the runtime and its memory: a huge page would hold ~2 MiB of mostly unused heap per
+    // fault. Faults from here on take small pages; the flag is the process's (and its children's).
+    // A kernel without it (or a sandbox that refuses the call) keeps its default.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     vestibule::cli::main()
 }
