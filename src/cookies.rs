@@ -46,6 +46,20 @@ fn trim_quotes(mut value: &[u8]) -> &[u8] {
     value
 }
 
+/// A `Cookie` value's bytes, if they are all visible ASCII or tab (what `HeaderValue::to_str`
+/// accepts), every byte looked at.
+pub fn text(value: &HeaderValue) -> Option<&[u8]> {
+    let bytes = value.as_bytes();
+    is_visible_ascii(bytes).then_some(bytes)
+}
+
+/// The pairs of a `Cookie` value: its `;`-separated parts, trimmed, the empty ones left out.
+pub fn pairs(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    Pairs(Some(value))
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty())
+}
+
 /// The `;`-separated parts of a `Cookie` value.
 struct Pairs<'h>(Option<&'h [u8]>);
 
