@@ -17,7 +17,8 @@ pub use tokens::{TokenAsk, Tokens};
 
 /// What the access stage decided for a request allowed through.
 pub struct Admitted {
-    pub bearer: Option<HeaderValue>,
+    /// The access token to send, if the route sends one.
+    pub token: Option<Token>,
     /// `Set-Cookie` values to add to the response (a re-sealed session cookie).
     pub set_cookies: Vec<HeaderValue>,
     /// Identity headers and the assertion for the upstream (see [`identity`]); empty for routes
@@ -25,6 +26,28 @@ pub struct Admitted {
     pub identity: Vec<(http::HeaderName, HeaderValue)>,
     /// The session's user, for the access log (`None` with `log_user = "none"`).
     pub user: Option<Arc<Session>>,
+}
+
+/// Where a request's access token is kept until it is written into the upstream's head.
+#[derive(Clone)]
+pub enum Token {
+    /// The session's own, for the route's resource: lent from it ([`Token::text`]), never copied.
+    Session(Arc<Session>),
+    /// A token obtained for this request (a refresh) or the client-credentials grant's.
+    Owned(String),
+}
+
+impl Token {
+    /// The token's text, for `route` (whose resource picks the session's token).
+    pub fn text(&self, route: &RouteConfig) -> Option<&str> {
+        match self {
+            Token::Session(session) => session
+                .tokens
+                .get(route.resource.as_deref().unwrap_or_default())
+                .map(|t| t.value.as_str()),
+            Token::Owned(text) => Some(text),
+        }
+    }
 }
 
 /// The user's roles under `[oidc] roles_claim` (a dotted path; string or array).
@@ -332,15 +355,10 @@ pub async fn admit(
             return Err(RequestError::Forbidden { missing });
         }
     }
-    let bearer = token.and_then(|t| {
-        // Built once and handed over without another copy.
-        let scheme = authorization_scheme(route);
-        let mut text = String::with_capacity(scheme.len() + t.len());
-        text.push_str(scheme);
-        text.push_str(&t);
-        let mut v = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
-        v.set_sensitive(true);
-        Some(v)
+    // The session's token is lent, not copied: the request writes it from the session.
+    let token = token.map(|t| match (t, &loaded) {
+        (std::borrow::Cow::Borrowed(_), Some(l)) => Token::Session(l.session.clone()),
+        (t, _) => Token::Owned(t.into_owned()),
     });
     let identity = match &loaded {
         Some(l) if route.sets_identity() => {
@@ -352,7 +370,7 @@ pub async fn admit(
         .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
         .map(|l| l.session);
     Ok(Admitted {
-        bearer,
+        token,
         set_cookies,
         identity,
         user,

@@ -340,33 +340,43 @@ impl App {
         };
         // DPoP routes prove possession afresh on every send (boxed: other routes never pay).
         let bound = route.token_binding == TokenBinding::Dpop;
-        let forward =
-            |mut req: Box<Request<Inbound>>, bearer, identity, proof: Option<HeaderValue>| {
-                if bound {
-                    // The browser's own proof never passes: only Vestibule's key proves possession.
-                    req.headers_mut().remove(crate::oidc::dpop::DPOP);
-                }
-                if let Some(proof) = proof {
-                    req.headers_mut().insert(crate::oidc::dpop::DPOP, proof);
-                }
-                // Built in a box of its own: inline, its 3.5 KB would be copied into this future
-                // (and, for a replayable request, into the send's future around it) on every call.
-                in_box(|| {
-                    proxy::dispatch(
-                        &worker.upstreams,
-                        route,
-                        req,
-                        (peer, request_id),
-                        own,
-                        &live.public_side,
-                        bearer,
-                        identity,
-                        config.server.max_body,
-                        body_pace(config),
-                        config.server.request_timeout,
-                    )
-                })
-            };
+        // The token goes with each send (a session's: a reference to it) and is written into the
+        // upstream's head from where it is kept.
+        let scheme = access::authorization_scheme(route);
+        let forward = |mut req: Box<Request<Inbound>>,
+                       token: Option<access::Token>,
+                       identity,
+                       proof: Option<HeaderValue>| {
+            if bound {
+                // The browser's own proof never passes: only Vestibule's key proves possession.
+                req.headers_mut().remove(crate::oidc::dpop::DPOP);
+            }
+            if let Some(proof) = proof {
+                req.headers_mut().insert(crate::oidc::dpop::DPOP, proof);
+            }
+            // Built in a box of its own: inline, its 3.5 KB would be copied into this future
+            // (and, for a replayable request, into the send's future around it) on every call.
+            in_box(|| async move {
+                let credential = token
+                    .as_ref()
+                    .and_then(|t| t.text(route))
+                    .map(|token| proxy::headers::Credential { scheme, token });
+                proxy::dispatch(
+                    &worker.upstreams,
+                    route,
+                    req,
+                    (peer, request_id),
+                    own,
+                    &live.public_side,
+                    credential,
+                    identity,
+                    config.server.max_body,
+                    body_pace(config),
+                    config.server.request_timeout,
+                )
+                .await
+            })
+        };
         // For an RFC 9470 step-up answer (only on routes that send the user's token): where the
         // login brings the user back, and whether the request is a navigation (sent to the
         // login) or an API call (told what to do). A replayable request's copy tells it when
@@ -376,7 +386,7 @@ impl App {
             crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
         );
         let (mut response, step_up_return) =
-            match Replay::capture(route, req, admitted.bearer.as_ref()) {
+            match Replay::capture(route, req, admitted.token.is_some()) {
                 Captured::Once(req) => {
                     let step_up_return =
                         steps_up.then(|| (req.uri().clone(), Reader::of(req.headers())));
@@ -388,7 +398,7 @@ impl App {
                                     route,
                                     req.method(),
                                     req.uri().path(),
-                                    admitted.bearer.as_ref(),
+                                    admitted.token.as_ref().and_then(|t| t.text(route)),
                                 )
                             })
                             .await
@@ -397,7 +407,7 @@ impl App {
                     let response = match proof {
                         Ok(proof) => {
                             let response =
-                                forward(req, admitted.bearer, admitted.identity, proof).await;
+                                forward(req, admitted.token, admitted.identity, proof).await;
                             if bound {
                                 self.keep_dpop_nonce(route, &response);
                             }
@@ -419,61 +429,66 @@ impl App {
                             .unwrap_or_else(|| replay.request())
                     };
                     // No body: the request can be sent again with another token or proof.
-                    let send = |bearer: Option<HeaderValue>| async {
-                        if !bound {
-                            return forward(next(), bearer, admitted.identity.clone(), None).await;
-                        }
-                        // A fresh proof for each send (it carries the latest nonce).
-                        let prove_and_send = || async {
-                            match in_box(|| {
-                                self.dpop_proof(
-                                    route,
-                                    &replay.method,
-                                    replay.uri.path(),
-                                    bearer.as_ref(),
-                                )
-                            })
-                            .await
-                            {
-                                Ok(proof) => {
-                                    forward(
-                                        next(),
-                                        bearer.clone(),
-                                        admitted.identity.clone(),
-                                        proof,
-                                    )
-                                    .await
-                                }
-                                Err(error) => error.respond(Reader::Script),
+                    let send = |token: Option<access::Token>| {
+                        let (forward, next, replay, identity) =
+                            (&forward, &next, &replay, &admitted.identity);
+                        async move {
+                            if !bound {
+                                return forward(next(), token, identity.clone(), None).await;
                             }
-                        };
-                        let response = prove_and_send().await;
-                        // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
-                        if !(self.keep_dpop_nonce(route, &response)
-                            && asks_for_dpop_nonce(&response))
-                        {
-                            return response;
-                        }
-                        let again = prove_and_send().await;
-                        self.keep_dpop_nonce(route, &again);
-                        again
-                    };
-                    let first = send(admitted.bearer).await;
-                    let response =
-                        if route.token == crate::config::TokenMode::User && rejects_token(&first) {
-                            // Rare: boxed so that it does not grow every request's future.
-                            in_box(|| async {
-                                match self.replace_token(worker, live, route, &replay).await {
-                                    Ok(Some(bearer)) => send(Some(bearer)).await,
-                                    Ok(None) => first,
-                                    // A replayed API call: its errors are JSON.
-                                    Err(refused) => refused.respond(Reader::Script),
+                            // A fresh proof for each send (it carries the latest nonce).
+                            let prove_and_send = || async {
+                                match in_box(|| {
+                                    self.dpop_proof(
+                                        route,
+                                        &replay.method,
+                                        replay.uri.path(),
+                                        token.as_ref().and_then(|t| t.text(route)),
+                                    )
+                                })
+                                .await
+                                {
+                                    Ok(proof) => {
+                                        forward(next(), token.clone(), identity.clone(), proof)
+                                            .await
+                                    }
+                                    Err(error) => error.respond(Reader::Script),
                                 }
-                            })
-                            .await
-                        } else {
-                            first
-                        };
+                            };
+                            let response = prove_and_send().await;
+                            // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
+                            if !(self.keep_dpop_nonce(route, &response)
+                                && asks_for_dpop_nonce(&response))
+                            {
+                                return response;
+                            }
+                            let again = prove_and_send().await;
+                            self.keep_dpop_nonce(route, &again);
+                            again
+                        }
+                    };
+                    let first = send(admitted.token.clone()).await;
+                    let response = if route.token == crate::config::TokenMode::User
+                        && rejects_token(&first)
+                    {
+                        // Rare: boxed so that it does not grow every request's future.
+                        in_box(|| async {
+                            let rejected = admitted.token.as_ref().and_then(|t| t.text(route));
+                            let rejected = rejected.unwrap_or_default();
+                            match self
+                                .replace_token(worker, live, route, &replay, rejected)
+                                .await
+                            {
+                                Ok(Some(fresh)) => send(Some(access::Token::Owned(fresh))).await,
+                                Ok(None) => first,
+                                // A replayed API call: its errors are JSON.
+                                Err(refused) => refused.respond(Reader::Script),
+                            }
+                        })
+                        .await
+                    } else {
+                        first
+                    };
                     let step_up_return = (steps_up
                         && response.status() == http::StatusCode::UNAUTHORIZED)
                         .then(|| (replay.uri.clone(), Reader::of(&replay.headers)));
@@ -517,7 +532,8 @@ impl App {
         live: &LiveConfig,
         route: &crate::config::RouteConfig,
         replay: &Replay,
-    ) -> Result<Option<HeaderValue>, RequestError> {
+        rejected: &str,
+    ) -> Result<Option<String>, RequestError> {
         let Some(loaded) = self
             .load_session(&worker.sessions, live, &replay.headers)
             .await?
@@ -534,19 +550,13 @@ impl App {
                     loaded: &loaded,
                     route,
                 },
-                replay.token(),
+                rejected,
             )
             .await?
         else {
             return Ok(None);
         };
-        let scheme = access::authorization_scheme(route);
-        Ok(HeaderValue::from_str(&format!("{scheme}{token}"))
-            .ok()
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            }))
+        Ok(Some(token.into_owned()))
     }
 
     /// A fresh DPoP proof (RFC 9449 §7) for one send of a request to a `token_binding = "dpop"`
@@ -557,19 +567,14 @@ impl App {
         route: &crate::config::RouteConfig,
         method: &Method,
         path: &str,
-        authorization: Option<&HeaderValue>,
+        token: Option<&str>,
     ) -> Result<Option<HeaderValue>, RequestError> {
-        let (Some(dpop), Some(authorization)) = (&self.oidc.dpop, authorization) else {
+        let (Some(dpop), Some(token)) = (&self.oidc.dpop, token) else {
             return Ok(None);
         };
         let Some((htu, authority)) = proxy::upstream_target(route, path) else {
             return Ok(None);
         };
-        let token = authorization
-            .to_str()
-            .ok()
-            .and_then(|a| a.strip_prefix("DPoP "))
-            .unwrap_or_default();
         let unavailable = |e: crate::oidc::dpop::DpopError| {
             RequestError::Provider(GrantError::from(crate::oidc::Unavailable::Dpop(e)))
         };
@@ -727,8 +732,6 @@ struct Replay {
     uri: http::Uri,
     version: http::Version,
     headers: HeaderMap,
-    /// `Bearer <access token>` as the first attempt carries it.
-    bearer: HeaderValue,
 }
 
 impl Replay {
@@ -737,14 +740,14 @@ impl Replay {
     fn capture(
         route: &crate::config::RouteConfig,
         req: Box<Request<Inbound>>,
-        bearer: Option<&HeaderValue>,
+        has_token: bool,
     ) -> Captured {
         let replayable = (route.token == crate::config::TokenMode::User
             || route.token_binding == TokenBinding::Dpop)
             && (req.method() == Method::GET || req.method() == Method::HEAD)
             && http_body::Body::is_end_stream(req.body())
             && proxy::headers::upgrade_protocol(req.headers()).is_none();
-        let (true, Some(bearer)) = (replayable, bearer) else {
+        let (true, true) = (replayable, has_token) else {
             return Captured::Once(req);
         };
         let replay = Replay {
@@ -752,21 +755,8 @@ impl Replay {
             uri: req.uri().clone(),
             version: req.version(),
             headers: req.headers().clone(),
-            bearer: bearer.clone(),
         };
         Captured::Replay(replay, req)
-    }
-
-    /// The access token the first attempt carried.
-    fn token(&self) -> &str {
-        self.bearer
-            .to_str()
-            .ok()
-            .and_then(|b| {
-                b.strip_prefix("Bearer ")
-                    .or_else(|| b.strip_prefix("DPoP "))
-            })
-            .unwrap_or_default()
     }
 
     fn request(&self) -> Box<Request<Inbound>> {

@@ -8,6 +8,8 @@
 //! - [`telemetry`], [`reply`]: logging and metrics; the error contract and the response body
 //!   type. Used by everything below.
 //! - [`cookies`]: reading our cookies from a request and writing `Set-Cookie`.
+//! - [`field`]: text written into an HTTP field as it is (access tokens), checked where it
+//!   enters.
 //! - [`net`]: the outbound TCP/TLS connector for upstreams and the provider: trusted roots,
 //!   client certificates (mutual TLS), the egress proxy.
 //! - [`limits`]: the client address after trusted proxies, per-address rate limits and the pace
@@ -39,6 +41,7 @@ pub mod clock;
 pub mod config;
 pub mod cookies;
 pub mod endpoints;
+pub mod field;
 pub mod jose;
 pub mod limits;
 pub mod net;

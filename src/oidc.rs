@@ -151,6 +151,8 @@ pub fn local_return_url(raw: &str) -> Option<String> {
 /// A successful token endpoint answer.
 #[derive(Clone, Deserialize)]
 pub struct TokenResponse {
+    /// Refused unless [`crate::field::sendable_token`].
+    #[serde(deserialize_with = "crate::field::sendable")]
     pub access_token: String,
     #[serde(default)]
     pub expires_in: Option<u64>,
@@ -825,6 +827,24 @@ mod tests {
         assert_eq!(prompts(&login), ["consent"]);
         login.prompt = Some("none".into());
         assert_eq!(prompts(&login), ["none"]);
+    }
+
+    /// A refresh's, a token exchange's or the client-credentials grant's answer: a token that
+    /// could break the upstream request's head it is written into is refused with the answer.
+    #[test]
+    fn a_token_answer_with_an_unsendable_access_token_is_refused() {
+        for bad in ["", "at\r\nx-injected: 1", "at x", "at\tx", "at\u{e9}"] {
+            let answer = serde_json::json!({"access_token": bad, "token_type": "Bearer"});
+            assert!(
+                serde_json::from_value::<TokenResponse>(answer).is_err(),
+                "{bad:?}"
+            );
+        }
+        for good in ["at", "eyJhbGciOi.eyJzdWIi.c2ln", "a-b_c~d+e/f="] {
+            let answer = serde_json::json!({"access_token": good, "token_type": "Bearer"});
+            let read = serde_json::from_value::<TokenResponse>(answer).unwrap();
+            assert_eq!(read.access_token, good);
+        }
     }
 
     #[test]

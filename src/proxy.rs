@@ -78,7 +78,7 @@ pub async fn dispatch<B>(
     (peer, request_id): (Peer, &HeaderValue),
     own_cookies: headers::OwnCookies<'_>,
     public: &headers::PublicSide,
-    bearer: Option<HeaderValue>,
+    bearer: Option<headers::Credential<'_>>,
     identity: Vec<(http::HeaderName, HeaderValue)>,
     max_body: u64,
     pace: crate::limits::Pace,

@@ -134,6 +134,9 @@ impl TokenResponse {
             return Err(TokenResponseError::Malformed);
         };
         let access_token = required_member(&body, "access_token")?.to_owned();
+        if !crate::field::sendable_token(&access_token) {
+            return Err(TokenResponseError::Invalid("access_token"));
+        }
         let token_type = required_member(&body, "token_type")?;
         if !expected.matches(token_type) {
             return Err(TokenResponseError::Invalid("token_type"));

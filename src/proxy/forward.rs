@@ -192,7 +192,7 @@ impl Upstreams {
     async fn request(
         &self,
         mut req: Request<Body>,
-        replaced: headers::Replaced,
+        replaced: headers::Replaced<'_>,
     ) -> Result<Response<Body>, BoxError> {
         if let Some(local) = &self.local
             && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
@@ -217,7 +217,7 @@ impl Upstreams {
     pub async fn forward(
         &self,
         mut req: Request<Body>,
-        replaced: headers::Replaced,
+        replaced: headers::Replaced<'_>,
         upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
         timeout: Duration,
         route: &str,

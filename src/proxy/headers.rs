@@ -352,12 +352,12 @@ fn speaks_for_client(name: &HeaderName) -> bool {
 /// these names ([`Replaced::replaces`]), so a request spends no map insertion (hashing a name,
 /// probing, maybe replacing) on them; the other paths insert them ([`Replaced::apply`]).
 #[derive(Debug, Clone)]
-pub struct Replaced {
+pub struct Replaced<'a> {
     pub host: HeaderValue,
     /// The route sends a token of its own: the client's `Authorization` never passes, whether
     /// or not there is a token to send.
     pub owns_authorization: bool,
-    pub authorization: Option<HeaderValue>,
+    pub authorization: Option<Credential<'a>>,
     /// `None`: the client's value (or its absence) stands.
     pub forwarded_for: Option<HeaderValue>,
     pub forwarded_proto: Option<HeaderValue>,
@@ -369,7 +369,32 @@ pub struct Replaced {
     pub request_id: HeaderValue,
 }
 
-impl Replaced {
+/// The token a request carries to the upstream, as `Authorization: <scheme><token>`. Lent from
+/// the session (or the client-credentials cache) and written straight into the upstream's head:
+/// no field value is made for it on the way. Its text was checked when it entered Vestibule
+/// ([`crate::field::sendable_token`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Credential<'a> {
+    /// `"Bearer "` or `"DPoP "` ([`crate::access::authorization_scheme`]).
+    pub scheme: &'static str,
+    pub token: &'a str,
+}
+
+impl Credential<'_> {
+    /// The field value, for a request that goes through hyper's client (made and checked there,
+    /// as every field value is; marked sensitive, so HTTP/2 never indexes it). `None` if the
+    /// text is not a field value (never, for a token that entered through the checks).
+    pub fn value(&self) -> Option<HeaderValue> {
+        let mut text = String::with_capacity(self.scheme.len() + self.token.len());
+        text.push_str(self.scheme);
+        text.push_str(self.token);
+        let mut value = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+}
+
+impl Replaced<'_> {
     /// Whether the client's field `name` gives way to one of these.
     pub fn replaces(&self, name: &HeaderName) -> bool {
         *name == header::HOST
@@ -381,11 +406,11 @@ impl Replaced {
             || *name == X_REQUEST_ID
     }
 
-    /// The fields to write, after the request's own (minus those [`Replaced::replaces`]).
+    /// The fields to write, after the request's own (minus those [`Replaced::replaces`]), but for
+    /// the `Authorization` of [`Replaced::authorization`], written from its parts.
     pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        static NAMES: [HeaderName; 7] = [
+        static NAMES: [HeaderName; 6] = [
             header::HOST,
-            header::AUTHORIZATION,
             X_FORWARDED_FOR,
             X_FORWARDED_PROTO,
             X_FORWARDED_HOST,
@@ -394,7 +419,6 @@ impl Replaced {
         ];
         let values = [
             Some(&self.host),
-            self.authorization.as_ref(),
             self.forwarded_for.as_ref(),
             self.forwarded_proto.as_ref(),
             self.forwarded_host.as_ref(),
@@ -421,7 +445,10 @@ impl Replaced {
             }
         }
         let set = [
-            (header::AUTHORIZATION, self.authorization),
+            (
+                header::AUTHORIZATION,
+                self.authorization.and_then(|c| c.value()),
+            ),
             (X_FORWARDED_FOR, self.forwarded_for),
             (X_FORWARDED_PROTO, self.forwarded_proto),
             (X_FORWARDED_HOST, self.forwarded_host),
@@ -934,11 +961,17 @@ mod tests {
         };
         // What the plain path writes: the client's fields that stand, then the proxy's.
         let written = |set: &Replaced| {
-            h.iter()
+            let mut fields = h
+                .iter()
                 .filter(|(name, _)| !set.replaces(name))
                 .chain(set.fields())
                 .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            fields.extend(
+                set.authorization
+                    .map(|c| format!("authorization: {}{}", c.scheme, c.token)),
+            );
+            fields
         };
         let want = [
             "x-forwarded-proto: gopher",
@@ -961,9 +994,18 @@ mod tests {
         want.sort();
         assert_eq!(sent, want);
         // A token: it alone is sent.
-        set.authorization = Some(HeaderValue::from_static("Bearer t"));
+        set.authorization = Some(Credential {
+            scheme: "Bearer ",
+            token: "t",
+        });
         assert!(written(&set).contains(&"authorization: Bearer t".to_string()));
         assert!(!written(&set).iter().any(|f| f.contains("Basic")));
+        // The other paths put the same in the map, marked sensitive (never indexed in HTTP/2).
+        let mut applied = h.clone();
+        set.clone().apply(&mut applied);
+        let sent: Vec<_> = applied.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(sent, ["Bearer t"]);
+        assert!(sent[0].is_sensitive());
         // A route without a token of its own: the client's stands.
         set.owns_authorization = false;
         set.authorization = None;

@@ -15,6 +15,8 @@ use serde_json::{Map, Value};
 /// An access token for one resource.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessToken {
+    /// [`crate::field::sendable_token`]: every way in checks it.
+    #[serde(deserialize_with = "crate::field::sendable")]
     pub value: String,
     /// Unix seconds.
     pub expires_at: u64,
@@ -342,10 +344,45 @@ mod tests {
         assert!(text.contains("user-1") && text.contains("email") && text.contains("api.read"));
     }
 
+    /// Requests write a token into the upstream's head as it is (`proxy::headers::Credential`):
+    /// a session read from a store with a token that is not `sendable_token` is refused (the
+    /// provider's answers are checked in `oidc`).
+    #[test]
+    fn a_stored_token_that_could_break_a_request_head_is_refused() {
+        for bad in [
+            "",
+            "at\r\nx-injected: 1",
+            "at\nx",
+            "at x",
+            "at\tx",
+            "at\u{7f}",
+            "at\u{e9}",
+        ] {
+            assert!(!crate::field::sendable_token(bad), "{bad:?}");
+            // A session read from a store.
+            let stored = serde_json::json!({"": {"value": bad, "expires_at": 1}});
+            assert!(
+                serde_json::from_value::<TokenMap>(stored).is_err(),
+                "{bad:?}"
+            );
+        }
+        for good in [
+            "at",
+            "eyJhbGciOi.eyJzdWIi.c2ln",
+            "a-b_c~d+e/f=",
+            "!#$%&'()*,:;<>?@[]^`{|}",
+        ] {
+            assert!(crate::field::sendable_token(good), "{good:?}");
+            let stored = serde_json::json!({"": {"value": good, "expires_at": 1}});
+            let read = serde_json::from_value::<TokenMap>(stored).unwrap();
+            assert_eq!(read.get("").unwrap().value, good);
+        }
+    }
+
     #[test]
     fn token_map_reads_and_writes_what_a_btree_map_did() {
         let token = |value: &str| AccessToken {
-            value: value.into(),
+            value: format!("t-{value}"),
             expires_at: 1,
             issued_at: 0,
             scope: None,
@@ -367,8 +404,8 @@ mod tests {
         assert_eq!(read.get("").unwrap().value, "y");
         assert!(read.get("https://c.example").is_none());
         let replaced = new.insert(String::new(), token("renewed")).unwrap();
-        assert_eq!((replaced.value.as_str(), new.len()), ("", 3));
-        assert_eq!(new.get("").unwrap().value, "renewed");
+        assert_eq!((replaced.value.as_str(), new.len()), ("t-", 3));
+        assert_eq!(new.get("").unwrap().value, "t-renewed");
         let back: TokenMap = serde_json::from_str(&written).unwrap();
         assert_eq!(back.len(), 3);
     }

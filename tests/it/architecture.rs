@@ -8,7 +8,7 @@ use std::path::Path;
 /// The layers of `src/lib.rs`, bottom first: a module may use any module of a lower layer, and
 /// of its own layer only what [`SIBLINGS`] lists.
 const LAYERS: &[&[&str]] = &[
-    &["clock", "config", "reply", "net"],
+    &["clock", "config", "reply", "net", "field"],
     &["telemetry", "cookies", "limits"],
     &["jose", "session", "proxy", "oidc"],
     &["rescue"],

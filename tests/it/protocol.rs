@@ -150,6 +150,26 @@ async fn token_responses_that_break_a_must_are_refused_with_their_reason() {
             json!({}),
             "access_token_invalid",
         ),
+        // Written as it is into each upstream request's head: a line break would add fields
+        // of the provider's choosing (or a request) to every call the user makes.
+        (
+            "an access_token with a line break",
+            json!({"access_token": "at\r\nx-injected: 1"}),
+            json!({}),
+            "access_token_invalid",
+        ),
+        (
+            "an access_token with a space",
+            json!({"access_token": "at x"}),
+            json!({}),
+            "access_token_invalid",
+        ),
+        (
+            "an access_token beyond ASCII",
+            json!({"access_token": "at\u{e9}"}),
+            json!({}),
+            "access_token_invalid",
+        ),
         (
             "no token_type",
             json!({"token_type": null}),

@@ -67,7 +67,7 @@ impl LocalPool {
 pub(super) async fn exchange(
     pool: &Arc<LocalPool>,
     req: Request<Body>,
-    replaced: &crate::proxy::headers::Replaced,
+    replaced: &crate::proxy::headers::Replaced<'_>,
 ) -> Result<Response<Body>, BoxError> {
     let (parts, _) = req.into_parts();
     let authority = parts

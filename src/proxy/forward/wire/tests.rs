@@ -307,7 +307,10 @@ fn the_request_head_is_written_in_origin_form() {
     let replaced = Replaced {
         host: HeaderValue::from_static("up.test"),
         owns_authorization: true,
-        authorization: Some(HeaderValue::from_static("Bearer t")),
+        authorization: Some(crate::proxy::headers::Credential {
+            scheme: "Bearer ",
+            token: "t",
+        }),
         forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
         forwarded_proto: None,
         forwarded_host: None,
@@ -316,7 +319,7 @@ fn the_request_head_is_written_in_origin_form() {
     };
     assert_eq!(
         String::from_utf8(encode_head(&parts, &replaced)).unwrap(),
-        "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nauthorization: Bearer t\r\nx-forwarded-for: 10.0.0.1\r\nx-request-id: id-1\r\n\r\n",
+        "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nx-forwarded-for: 10.0.0.1\r\nx-request-id: id-1\r\nauthorization: Bearer t\r\n\r\n",
         "the client's Host gives way to the proxy's"
     );
 }
