@@ -170,9 +170,14 @@ pub(super) fn encode_head(parts: &http::request::Parts, replaced: &Replaced<'_>)
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(credential) = replaced.authorization {
-        // Checked when the token entered Vestibule (`sendable_token`); looked at again only in
-        // debug builds, so that a way in without the check shows in the tests.
+    // Checked when the token entered Vestibule (`sendable_token`, every byte; debug builds
+    // check again, so that a way in without the check fails the tests). Here only what could
+    // end the field and start another is looked for (a vector at a time): a token with a line
+    // break is not sent at all.
+    if let Some(credential) = replaced
+        .authorization
+        .filter(|c| memchr::memchr2(b'\r', b'\n', c.token.as_bytes()).is_none())
+    {
         debug_assert!(crate::field::sendable_token(credential.token));
         out.extend_from_slice(b"authorization: ");
         out.extend_from_slice(credential.scheme.as_bytes());

@@ -324,6 +324,36 @@ fn the_request_head_is_written_in_origin_form() {
     );
 }
 
+/// Tokens are checked where they enter; should one with a line break ever get this far, it
+/// is not written: it could end the field and add others (or a request) of its own.
+#[test]
+fn a_token_with_a_line_break_is_never_written() {
+    let (parts, ()) = http::Request::get("http://api.test/a")
+        .body(())
+        .unwrap()
+        .into_parts();
+    for token in ["t\r\nx-injected: 1", "t\nx-injected: 1", "t\rx"] {
+        let replaced = Replaced {
+            host: HeaderValue::from_static("up.test"),
+            owns_authorization: true,
+            authorization: Some(crate::proxy::headers::Credential {
+                scheme: "Bearer ",
+                token,
+            }),
+            forwarded_for: None,
+            forwarded_proto: None,
+            forwarded_host: None,
+            cookie: None,
+            request_id: HeaderValue::from_static("id-1"),
+        };
+        assert_eq!(
+            String::from_utf8(encode_head(&parts, &replaced)).unwrap(),
+            "GET /a HTTP/1.1\r\nhost: up.test\r\nx-request-id: id-1\r\n\r\n",
+            "{token:?}"
+        );
+    }
+}
+
 #[test]
 fn only_bodiless_idempotent_requests_without_an_upgrade_take_this_path() {
     let with = |method: &str, body: crate::reply::Body, header: Option<(&str, &str)>| {
