@@ -92,6 +92,27 @@ fn site() -> (u16, u16, tempfile::TempDir) {
     (free_port(), free_port(), dir)
 }
 
+/// A configuration serving [`site`]'s `site/` at `/site/` on `port` (admin on `admin`), with
+/// `extra` TOML after it.
+fn site_config(port: u16, admin: u16, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [oidc]\nissuer = \"http://127.0.0.1:9\"\nallow_http_issuer = true\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+             [session]\ncookie_secure = false\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n\
+             [[routes]]\npath = \"/site/\"\nstatic_dir = \"site\"\nstrip_prefix = true\n{extra}"
+    )
+}
+
+/// The binary serving the configuration at `path` (its log discarded).
+fn serve(path: &std::path::Path) -> std::process::Child {
+    vestibule()
+        .arg("--config")
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// `GET path` on a fresh HTTP/1.1 connection to `port`: the whole raw answer, or `None` if
 /// the connection fails.
 fn fetch(port: u16, path: &str) -> Option<String> {
@@ -124,22 +145,10 @@ fn sighup_reloads_the_configuration_of_the_running_binary() {
     let (port, admin, dir) = site();
     std::fs::create_dir(dir.path().join("other")).unwrap();
     std::fs::write(dir.path().join("other/new.txt"), "reloaded").unwrap();
-    let config = |extra: &str| {
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [oidc]\nissuer = \"http://127.0.0.1:9\"\nallow_http_issuer = true\nclient_id = \"c\"\nclient_secret = \"s\"\n\
-             [session]\ncookie_secure = false\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n\
-             [[routes]]\npath = \"/site/\"\nstatic_dir = \"site\"\nstrip_prefix = true\n{extra}"
-        )
-    };
+    let config = |extra: &str| site_config(port, admin, extra);
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config("")).unwrap();
-    let mut child = vestibule()
-        .arg("--config")
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = serve(&path);
     let fetch = |p: &str| fetch(port, p);
     let wait_for = |p: &str, want: &str| within_10s(|| fetch(p).is_some_and(|r| r.contains(want)));
     assert!(
@@ -171,22 +180,8 @@ fn sighup_reloads_the_configuration_of_the_running_binary() {
 fn the_running_binary_has_transparent_huge_pages_off() {
     let (port, admin, dir) = site();
     let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [oidc]\nissuer = \"http://127.0.0.1:9\"\nallow_http_issuer = true\nclient_id = \"c\"\nclient_secret = \"s\"\n\
-             [session]\ncookie_secure = false\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n\
-             [[routes]]\npath = \"/site/\"\nstatic_dir = \"site\"\nstrip_prefix = true\n"
-        ),
-    )
-    .unwrap();
-    let mut child = vestibule()
-        .arg("--config")
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    std::fs::write(&path, site_config(port, admin, "")).unwrap();
+    let mut child = serve(&path);
     let serving =
         within_10s(|| fetch(port, "/site/hello.txt").is_some_and(|r| r.contains("hello")));
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();

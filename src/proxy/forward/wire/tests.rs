@@ -295,6 +295,23 @@ fn a_body_cut_short_is_an_error_and_one_framed_by_the_close_is_not() {
     );
 }
 
+/// The proxy's fields for a request to `up.test` on a route that sends `Bearer <token>`.
+fn replaced_with_token(token: &str) -> Replaced<'_> {
+    Replaced {
+        host: HeaderValue::from_static("up.test"),
+        owns_authorization: true,
+        authorization: Some(crate::proxy::headers::Credential {
+            scheme: "Bearer ",
+            token,
+        }),
+        forwarded_for: None,
+        forwarded_proto: None,
+        forwarded_host: None,
+        cookie: None,
+        request_id: HeaderValue::from_static("id-1"),
+    }
+}
+
 #[test]
 fn the_request_head_is_written_in_origin_form() {
     let req = http::Request::get("http://api.test:8080/a/b?x=1&y")
@@ -304,19 +321,8 @@ fn the_request_head_is_written_in_origin_form() {
         .body(())
         .unwrap();
     let (parts, ()) = req.into_parts();
-    let replaced = Replaced {
-        host: HeaderValue::from_static("up.test"),
-        owns_authorization: true,
-        authorization: Some(crate::proxy::headers::Credential {
-            scheme: "Bearer ",
-            token: "t",
-        }),
-        forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
-        forwarded_proto: None,
-        forwarded_host: None,
-        cookie: None,
-        request_id: HeaderValue::from_static("id-1"),
-    };
+    let mut replaced = replaced_with_token("t");
+    replaced.forwarded_for = Some(HeaderValue::from_static("10.0.0.1"));
     assert_eq!(
         String::from_utf8(encode_head(&parts, &replaced)).unwrap(),
         "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nx-forwarded-for: 10.0.0.1\r\nx-request-id: id-1\r\nauthorization: Bearer t\r\n\r\n",
@@ -333,21 +339,8 @@ fn a_token_with_a_line_break_is_never_written() {
         .unwrap()
         .into_parts();
     for token in ["t\r\nx-injected: 1", "t\nx-injected: 1", "t\rx"] {
-        let replaced = Replaced {
-            host: HeaderValue::from_static("up.test"),
-            owns_authorization: true,
-            authorization: Some(crate::proxy::headers::Credential {
-                scheme: "Bearer ",
-                token,
-            }),
-            forwarded_for: None,
-            forwarded_proto: None,
-            forwarded_host: None,
-            cookie: None,
-            request_id: HeaderValue::from_static("id-1"),
-        };
         assert_eq!(
-            String::from_utf8(encode_head(&parts, &replaced)).unwrap(),
+            String::from_utf8(encode_head(&parts, &replaced_with_token(token))).unwrap(),
             "GET /a HTTP/1.1\r\nhost: up.test\r\nx-request-id: id-1\r\n\r\n",
             "{token:?}"
         );
