@@ -159,14 +159,14 @@ where
                 );
                 crate::limits::Paced::new(limited, pace).boxed_unsync()
             };
-            let request = Request::from_parts(parts, body);
+            let mut request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
             let Ok(upstreams) = upstreams.for_route(route) else {
                 tracing::error!(route = %route.path, "the route's TLS settings cannot be used");
                 return ErrorCode::UpstreamUnavailable.json(&[]);
             };
             let mut response = upstreams
-                .forward(request, replaced, upgrade, timeout, &route.path)
+                .forward(&mut request, &replaced, upgrade, timeout, &route.path)
                 .await;
             headers::remove_set_cookies(response.headers_mut(), own_cookies, &route.path);
             response

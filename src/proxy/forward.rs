@@ -189,25 +189,31 @@ impl Upstreams {
     /// `https` ones (TLS, maybe HTTP/2) and other callers the pooled client.
     /// `replaced`: the fields the proxy sets in place of the client's, written by the wire
     /// path beside the map and put into it for the others.
+    ///
+    /// Both are borrowed from the caller's future: each async function on the way would
+    /// otherwise hold its own copy (the request and the fields are ~0.5 KB), written into
+    /// memory the request had not touched yet. hyper's paths take the request out.
     async fn request(
         &self,
-        mut req: Request<Body>,
-        replaced: headers::Replaced<'_>,
+        req: &mut Request<Body>,
+        replaced: &headers::Replaced<'_>,
     ) -> Result<Response<Body>, BoxError> {
         if let Some(local) = &self.local
             && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
         {
-            if wire::takes(&req) {
-                return local::exchange(local, req, &replaced).await;
+            if wire::takes(req) {
+                return local::exchange(local, req, replaced).await;
             }
-            replaced.apply(req.headers_mut());
+            let mut req = taken(req);
+            replaced.clone().apply(req.headers_mut());
             // Boxed: hyper's client (1.3 KB of future) would otherwise size every request's
             // future, and the wire path's too; it carries only bodies and upgrades.
             return Ok(crate::reply::in_box(|| local::send(local, req))
                 .await?
                 .map(boxed));
         }
-        replaced.apply(req.headers_mut());
+        let mut req = taken(req);
+        replaced.clone().apply(req.headers_mut());
         Ok(self.client.request(req).await?.map(boxed))
     }
 
@@ -216,8 +222,8 @@ impl Upstreams {
     /// without a deadline.
     pub async fn forward(
         &self,
-        mut req: Request<Body>,
-        replaced: headers::Replaced<'_>,
+        req: &mut Request<Body>,
+        replaced: &headers::Replaced<'_>,
         upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
         timeout: Duration,
         route: &str,
@@ -268,7 +274,7 @@ impl Upstreams {
             // The deadline counts from the end of the request body, so long uploads are not cut
             // off.
             let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
-            let req = req.map(|body| {
+            let mut req = taken(req).map(|body| {
                 Tracked {
                     inner: body,
                     done: Some(done_tx),
@@ -281,7 +287,7 @@ impl Upstreams {
             };
             crate::reply::in_box(|| async move {
                 tokio::select! {
-                    response = self.request(req, replaced) => Ok(response),
+                    response = self.request(&mut req, replaced) => Ok(response),
                     _ = deadline => Err(()),
                 }
             })
@@ -342,6 +348,11 @@ impl Upstreams {
         headers::strip_hop_by_hop(response.headers_mut());
         response
     }
+}
+
+/// The request out of the caller's place, for a path that sends it as it is (hyper's).
+fn taken(req: &mut Request<Body>) -> Request<Body> {
+    std::mem::replace(req, Request::new(crate::reply::empty()))
 }
 
 /// A body read by hyper's client, as the body of a response Vestibule sends.

@@ -66,17 +66,16 @@ impl LocalPool {
 /// connection (it ended before answering) is sent once more, on a new connection.
 pub(super) async fn exchange(
     pool: &Arc<LocalPool>,
-    req: Request<Body>,
+    req: &mut Request<Body>,
     replaced: &crate::proxy::headers::Replaced<'_>,
 ) -> Result<Response<Body>, BoxError> {
-    let (parts, _) = req.into_parts();
-    let authority = parts
-        .uri
+    let authority = req
+        .uri()
         .authority()
         .ok_or("upstream URI without authority")?
         .as_str();
-    let head = wire::encode_head(&parts, replaced);
-    let to_head = parts.method == Method::HEAD;
+    let head = wire::encode_head(&*req, replaced);
+    let to_head = req.method() == Method::HEAD;
     let mut fresh = false;
     loop {
         let pooled = if fresh {
@@ -87,7 +86,7 @@ pub(super) async fn exchange(
         let (mut conn, reused) = match pooled {
             Some(conn) => (conn, true),
             None => {
-                let io = pool.connector.clone().call(parts.uri.clone()).await?;
+                let io = pool.connector.clone().call(req.uri().clone()).await?;
                 (wire::Conn::new(io.into_inner()), false)
             }
         };

@@ -146,24 +146,22 @@ impl std::error::Error for WireError {
 /// removed hop-by-hop fields), but those `replaced` stands in for, then `replaced`'s. Names,
 /// values, method and target were validated when they were made, so none can carry a line
 /// break.
-pub(super) fn encode_head(parts: &http::request::Parts, replaced: &Replaced<'_>) -> Vec<u8> {
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+pub(super) fn encode_head<B>(req: &http::Request<B>, replaced: &Replaced<'_>) -> Vec<u8> {
+    let (method, headers) = (req.method(), req.headers());
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let field_len = |(n, v): (&HeaderName, &HeaderValue)| n.as_str().len() + v.len() + 4;
     let authorization = replaced.authorization.map_or(0, |c| {
         "authorization: \r\n".len() + c.scheme.len() + c.token.len()
     });
-    let fields: usize = parts.headers.iter().map(field_len).sum::<usize>()
+    let fields: usize = headers.iter().map(field_len).sum::<usize>()
         + replaced.fields().map(field_len).sum::<usize>()
         + authorization;
-    let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + fields + 14);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+    let mut out = Vec::with_capacity(method.as_str().len() + target.len() + fields + 14);
+    out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let own = parts
-        .headers
-        .iter()
-        .filter(|(name, _)| !replaced.replaces(name));
+    let own = headers.iter().filter(|(name, _)| !replaced.replaces(name));
     for (name, value) in own.chain(replaced.fields()) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
