@@ -17,7 +17,7 @@ pub mod routing;
 pub mod static_files;
 
 use crate::config::{RouteConfig, Target};
-use crate::reply::{Body, ErrorCode, Reader};
+use crate::reply::{Body, ErrorCode, Inbound, Reader};
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use std::time::Duration;
@@ -68,13 +68,14 @@ pub fn set_path<B>(req: &mut Request<B>, path: &str) -> bool {
     }
 }
 
-/// Forwards a request that passed the access stage. The body is generic so that a request
-/// without one can be sent again (see `App::route`).
+/// Forwards a request that passed the access stage. The request is rewritten where it is, in
+/// its box, and lent to the upstream hop: a request moved out of it would be written again into
+/// memory the request had not touched yet (once per move: ~0.25 KB).
 #[allow(clippy::too_many_arguments)]
-pub async fn dispatch<B>(
+pub async fn dispatch(
     upstreams: &Upstreams,
     route: &RouteConfig,
-    mut req: Box<Request<B>>,
+    mut req: Box<Request<Inbound>>,
     (peer, request_id): (Peer, &HeaderValue),
     own_cookies: headers::OwnCookies<'_>,
     public: &headers::PublicSide,
@@ -83,11 +84,7 @@ pub async fn dispatch<B>(
     max_body: u64,
     pace: crate::limits::Pace,
     default_timeout: Duration,
-) -> Response<Body>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<crate::reply::BoxError>,
-{
+) -> Response<Body> {
     match &route.target {
         Target::Static { dir, spa_fallback } => {
             let upstream_path = routing::upstream_path(route, req.uri().path()).into_owned();
@@ -121,16 +118,16 @@ where
             drop(upstream_path);
             let upgrade = headers::upgrade_protocol(req.headers())
                 .map(|p| (p, hyper::upgrade::on(&mut *req)));
-            let (mut parts, body) = (*req).into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
+            let fields = req.headers_mut();
+            headers::strip_hop_by_hop(fields);
             if route.sets_identity() {
-                headers::strip_identity(&mut parts.headers, route);
+                headers::strip_identity(fields, route);
                 for (name, value) in identity {
-                    parts.headers.insert(name, value);
+                    fields.insert(name, value);
                 }
             }
             let [forwarded_for, forwarded_proto, forwarded_host] =
-                headers::forwarded(&mut parts.headers, peer, public);
+                headers::forwarded(fields, peer, public);
             let replaced = headers::Replaced {
                 host: base.host.clone(),
                 owns_authorization: route.token != crate::config::TokenMode::None,
@@ -138,10 +135,11 @@ where
                 forwarded_for,
                 forwarded_proto,
                 forwarded_host,
-                cookie: headers::kept_cookies(&parts.headers, own_cookies),
+                cookie: headers::kept_cookies(req.headers(), own_cookies),
                 request_id: request_id.clone(),
             };
-            parts.uri = uri;
+            *req.uri_mut() = uri;
+            let body = std::mem::replace(req.body_mut(), forward::no_body());
             let body = if http_body::Body::is_end_stream(&body) {
                 // Nothing to read, limit or pace (and nothing to allocate).
                 crate::reply::empty()
@@ -149,7 +147,7 @@ where
                 // Marked as the client's, so that a body hyper refuses (bad chunking) or a
                 // client that goes away is told apart from an upstream failure.
                 let body = body.map_err(|e| -> crate::reply::BoxError {
-                    Box::new(forward::ClientBodyError(e.into()))
+                    Box::new(forward::ClientBodyError(e))
                 });
                 // Held to a pace, so that a client trickling its body cannot hold the upstream
                 // connection it is streamed into.
@@ -159,14 +157,13 @@ where
                 );
                 crate::limits::Paced::new(limited, pace).boxed_unsync()
             };
-            let mut request = Request::from_parts(parts, body);
             let timeout = route.timeout.unwrap_or(default_timeout);
             let Ok(upstreams) = upstreams.for_route(route) else {
                 tracing::error!(route = %route.path, "the route's TLS settings cannot be used");
                 return ErrorCode::UpstreamUnavailable.json(&[]);
             };
             let mut response = upstreams
-                .forward(&mut request, &replaced, upgrade, timeout, &route.path)
+                .forward((&mut req, body), &replaced, upgrade, timeout, &route.path)
                 .await;
             headers::remove_set_cookies(response.headers_mut(), own_cookies, &route.path);
             response

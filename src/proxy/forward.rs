@@ -9,7 +9,7 @@
 
 use super::headers;
 use crate::clock::deadline::Deadlines;
-use crate::reply::{Body, BoxError, ErrorCode};
+use crate::reply::{Body, BoxError, ErrorCode, Inbound};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -195,16 +195,16 @@ impl Upstreams {
     /// memory the request had not touched yet. hyper's paths take the request out.
     async fn request(
         &self,
-        req: &mut Request<Body>,
+        (req, body): (&mut Request<Inbound>, Body),
         replaced: &headers::Replaced<'_>,
     ) -> Result<Response<Body>, BoxError> {
         if let Some(local) = &self.local
             && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
         {
-            if wire::takes(req) {
+            if wire::takes(req, &body) {
                 return local::exchange(local, req, replaced).await;
             }
-            let mut req = taken(req);
+            let mut req = taken(req, body);
             replaced.clone().apply(req.headers_mut());
             // Boxed: hyper's client (1.3 KB of future) would otherwise size every request's
             // future, and the wire path's too; it carries only bodies and upgrades.
@@ -212,17 +212,17 @@ impl Upstreams {
                 .await?
                 .map(boxed));
         }
-        let mut req = taken(req);
+        let mut req = taken(req, body);
         replaced.clone().apply(req.headers_mut());
         Ok(self.client.request(req).await?.map(boxed))
     }
 
-    /// Sends `req` (already rewritten, but for the fields in `replaced`) and relays the
-    /// response. `timeout` bounds the wait for the response head; the body then streams
-    /// without a deadline.
+    /// Sends `req` (already rewritten, but for the fields in `replaced`) with `body` in place
+    /// of its own, and relays the response. `timeout` bounds the wait for the response head;
+    /// the body then streams without a deadline.
     pub async fn forward(
         &self,
-        req: &mut Request<Body>,
+        (req, body): (&mut Request<Inbound>, Body),
         replaced: &headers::Replaced<'_>,
         upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
         timeout: Duration,
@@ -255,17 +255,17 @@ impl Upstreams {
         // it and no extension allocated (two clock reads and a map per request).
         let started = tracing::enabled!(target: "vestibule::access", tracing::Level::INFO)
             .then(std::time::Instant::now);
-        let sent = if http_body::Body::is_end_stream(req.body()) {
+        let sent = if http_body::Body::is_end_stream(&body) {
             // No body to send: the deadline starts now.
             match &self.deadlines {
                 Some(deadlines) => {
-                    let request = std::pin::pin!(self.request(req, replaced));
+                    let request = std::pin::pin!(self.request((req, body), replaced));
                     deadlines.within(timeout, request).await
                 }
                 // Off the workers (boxed, as the rare branches below: only the common one
                 // sizes the future every request builds).
                 None => crate::reply::in_box(|| {
-                    tokio::time::timeout(timeout, self.request(req, replaced))
+                    tokio::time::timeout(timeout, self.request((req, body), replaced))
                 })
                 .await
                 .map_err(|_| ()),
@@ -274,20 +274,18 @@ impl Upstreams {
             // The deadline counts from the end of the request body, so long uploads are not cut
             // off.
             let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
-            let mut req = taken(req).map(|body| {
-                Tracked {
-                    inner: body,
-                    done: Some(done_tx),
-                }
-                .boxed_unsync()
-            });
+            let body = Tracked {
+                inner: body,
+                done: Some(done_tx),
+            }
+            .boxed_unsync();
             let deadline = async move {
                 let _ = done_rx.wait_for(|done| *done).await;
                 tokio::time::sleep(timeout).await;
             };
             crate::reply::in_box(|| async move {
                 tokio::select! {
-                    response = self.request(&mut req, replaced) => Ok(response),
+                    response = self.request((req, body), replaced) => Ok(response),
                     _ = deadline => Err(()),
                 }
             })
@@ -350,9 +348,16 @@ impl Upstreams {
     }
 }
 
-/// The request out of the caller's place, for a path that sends it as it is (hyper's).
-fn taken(req: &mut Request<Body>) -> Request<Body> {
-    std::mem::replace(req, Request::new(crate::reply::empty()))
+/// The request out of the caller's place, with `body`, for a path that sends it as it is
+/// (hyper's).
+fn taken(req: &mut Request<Inbound>, body: Body) -> Request<Body> {
+    std::mem::replace(req, Request::new(no_body())).map(|_| body)
+}
+
+/// A request body that is not there: what a request lent to [`Upstreams::forward`] holds in
+/// place of the body it is sent with.
+pub fn no_body() -> Inbound {
+    http_body_util::Either::Right(http_body_util::Empty::new())
 }
 
 /// A body read by hyper's client, as the body of a response Vestibule sends.

@@ -66,7 +66,7 @@ impl LocalPool {
 /// connection (it ended before answering) is sent once more, on a new connection.
 pub(super) async fn exchange(
     pool: &Arc<LocalPool>,
-    req: &mut Request<Body>,
+    req: &mut Request<crate::reply::Inbound>,
     replaced: &crate::proxy::headers::Replaced<'_>,
 ) -> Result<Response<Body>, BoxError> {
     let authority = req

@@ -36,11 +36,12 @@ const READ_SPACE: usize = 8 * 1024;
 
 /// Whether a request takes this path: a method the upstream may see twice (a request lost on a
 /// reused connection is sent again), no body, no upgrade, no framing of its own.
-pub(super) fn takes(req: &http::Request<crate::reply::Body>) -> bool {
+/// `req`'s own body is not looked at: `body` is the one to send.
+pub(super) fn takes<B>(req: &http::Request<B>, body: &crate::reply::Body) -> bool {
     matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-    ) && http_body::Body::is_end_stream(req.body())
+    ) && http_body::Body::is_end_stream(body)
         && !req.headers().contains_key(header::UPGRADE)
         && !req.headers().contains_key(header::TRANSFER_ENCODING)
 }

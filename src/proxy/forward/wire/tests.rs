@@ -350,7 +350,7 @@ fn only_bodiless_idempotent_requests_without_an_upgrade_take_this_path() {
         if let Some((name, value)) = header {
             req = req.header(name, value);
         }
-        takes(&req.body(body).unwrap())
+        takes(&req.body(()).unwrap(), &body)
     };
     let none = || crate::reply::empty();
     assert!(with("GET", none(), None));
