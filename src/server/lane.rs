@@ -133,15 +133,31 @@ pub(super) async fn serve(
         // 2. The answer, cancelled if the client goes away meanwhile.
         let answer = app.answer(Box::new(req), Client { ip, tls: false }, &worker);
         let mut answer = pin!(answer);
-        let (response, request_id) = loop {
-            tokio::select! {
-                biased;
-                answered = &mut answer => break answered,
-                read = tcp.read_buf(&mut buf), if buf.len() < limits.max_head => match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                },
+        // Meanwhile the client's bytes are read only once the socket says it has some (a
+        // pipelined head, or the end of the connection): each wake-up of the answer would
+        // otherwise also build and poll a read.
+        let answered = poll_fn(|cx| {
+            if let Poll::Ready(answered) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(answered));
             }
+            while buf.len() < limits.max_head {
+                match tcp.poll_read_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(())) => match tcp.try_read_buf(&mut buf) {
+                        Ok(0) => return Poll::Ready(None),
+                        Ok(_) => {}
+                        // Readiness is cleared: the next poll waits for more.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Poll::Ready(None),
+                    },
+                }
+            }
+            Poll::Pending
+        });
+        // `None`: the client closed (or its connection failed) first; its request is cancelled.
+        let Some((response, request_id)) = answered.await else {
+            return;
         };
         // 3. The answer sent; the connection kept unless either side closes it.
         let keep = send(
