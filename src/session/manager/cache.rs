@@ -41,15 +41,45 @@ const SHARDS: usize = 16;
 type Key = u128;
 
 fn key_of(handle: &str) -> Key {
-    if handle.len() == 32
-        && let Ok(key) = u128::from_str_radix(handle, 16)
-    {
+    if let Some(key) = hex_key(handle.as_bytes()) {
         return key;
     }
     // Not a handle this process made (only tests and foreign messages): any stable fold will do.
     handle.bytes().fold(0xcbf2_9ce4_8422_2325_u128, |acc, b| {
         (acc ^ u128::from(b)).wrapping_mul(0x0100_0000_0000_0000_0000_0000_013b)
     })
+}
+
+/// The number 32 lowercase hex digits spell (a handle as `ticket.rs` writes it), `None` for
+/// any other text. Every request's session lookup goes through it: a table lookup a digit,
+/// without the overflow checks and the radix and sign handling of `u128::from_str_radix`
+/// (which cost ~0.5k instructions per request).
+fn hex_key(text: &[u8]) -> Option<Key> {
+    /// Each byte's value as a lowercase hex digit; `NOT_HEX` for every other byte.
+    const DIGITS: [u8; 256] = {
+        let mut table = [NOT_HEX; 256];
+        let mut at = 0;
+        while at < 10 {
+            table[b'0' as usize + at] = at as u8;
+            at += 1;
+        }
+        let mut at = 0;
+        while at < 6 {
+            table[b'a' as usize + at] = 10 + at as u8;
+            at += 1;
+        }
+        table
+    };
+    const NOT_HEX: u8 = 0xff;
+    let digits: &[u8; 32] = text.try_into().ok()?;
+    let mut key: Key = 0;
+    let mut seen: u8 = 0;
+    for &c in digits {
+        let value = DIGITS[usize::from(c)];
+        seen |= value;
+        key = (key << 4) | Key::from(value & 0x0f);
+    }
+    (seen != NOT_HEX).then_some(key)
 }
 
 /// Spreads a key's bits over 64 (one multiply): real keys are random already, this only keeps
@@ -372,6 +402,42 @@ mod tests {
             rx,
             watch::channel(true).1,
         )
+    }
+
+    /// A handle's key is the number its digits spell, as `u128::from_str_radix` reads it; any
+    /// other text is not read as digits.
+    #[test]
+    fn a_handle_is_keyed_by_the_number_its_hex_digits_spell() {
+        let mut bytes = [0u8; 16];
+        for round in 0..2_000u32 {
+            getrandom::fill(&mut bytes).unwrap();
+            if round == 0 {
+                bytes = [0; 16];
+            } else if round == 1 {
+                bytes = [0xff; 16];
+            }
+            let handle: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let expected = u128::from_str_radix(&handle, 16).unwrap();
+            assert_eq!(hex_key(handle.as_bytes()), Some(expected), "{handle}");
+            assert_eq!(key_of(&handle), expected);
+        }
+        let handle = "0123456789abcdef0123456789abcdef";
+        for (at, bad) in [
+            (0, b'g'),
+            (31, b'G'),
+            (7, b'A'),
+            (3, b'+'),
+            (30, b' '),
+            (9, b'/'),
+            (9, b':'),
+        ] {
+            let mut text = handle.as_bytes().to_vec();
+            text[at] = bad;
+            assert_eq!(hex_key(&text), None, "{}", String::from_utf8_lossy(&text));
+        }
+        assert_eq!(hex_key(&handle.as_bytes()[1..]), None, "31 digits");
+        assert_eq!(hex_key(format!("{handle}0").as_bytes()), None, "33 digits");
+        assert_ne!(key_of("not a handle"), key_of("not a handle!"));
     }
 
     fn session() -> Arc<Session> {
