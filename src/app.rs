@@ -18,7 +18,6 @@ use crate::session::seal::Keyring;
 use crate::session::store::Store;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
-use http_body_util::{Either, Empty};
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -343,10 +342,13 @@ impl App {
         // The token goes with each send (a session's: a reference to it) and is written into the
         // upstream's head from where it is kept.
         let scheme = access::authorization_scheme(route);
-        let forward = |mut req: Box<Request<Inbound>>,
-                       token: Option<access::Token>,
-                       identity,
-                       proof: Option<HeaderValue>| {
+        // The request stays here and is lent to each send, which rewrites it in place the same
+        // way every time and gives it back: a request sent again (another token, a fresh proof)
+        // is the same one, and none is copied beforehand in case it is.
+        let forward = async |req: &mut Request<Inbound>,
+                             token: Option<access::Token>,
+                             identity,
+                             proof: Option<HeaderValue>| {
             if bound {
                 // The browser's own proof never passes: only Vestibule's key proves possession.
                 req.headers_mut().remove(crate::oidc::dpop::DPOP);
@@ -376,125 +378,101 @@ impl App {
                 )
                 .await
             })
+            .await
         };
         // For an RFC 9470 step-up answer (only on routes that send the user's token): where the
         // login brings the user back, and whether the request is a navigation (sent to the
-        // login) or an API call (told what to do). A replayable request's copy tells it when
-        // an answer asks for it; another request's is kept before it is sent.
+        // login) or an API call (told what to do).
         let steps_up = matches!(
             route.token,
             crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
         );
-        let (mut response, step_up_return) =
-            match Replay::capture(route, req, admitted.token.is_some()) {
-                Captured::Once(req) => {
-                    let step_up_return =
-                        steps_up.then(|| (req.uri().clone(), Reader::of(req.headers())));
-                    let proof = match bound {
-                        false => Ok(None),
-                        true => {
-                            in_box(|| {
-                                self.dpop_proof(
-                                    route,
-                                    req.method(),
-                                    req.uri().path(),
-                                    admitted.token.as_ref().and_then(|t| t.text(route)),
-                                )
-                            })
-                            .await
-                        }
-                    };
-                    let response = match proof {
-                        Ok(proof) => {
-                            let response =
-                                forward(req, admitted.token, admitted.identity, proof).await;
-                            if bound {
-                                self.keep_dpop_nonce(route, &response);
-                            }
-                            response
-                        }
-                        Err(error) => error.respond(Reader::of(req.headers())),
-                    };
-                    (response, step_up_return)
-                }
-                Captured::Replay(replay, unsent) => {
-                    // The first send takes the request itself (with the room its header map was
-                    // made with); only a second one sends a copy.
-                    let unsent = std::sync::Mutex::new(Some(unsent));
-                    let next = || {
-                        unsent
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .take()
-                            .unwrap_or_else(|| replay.request())
-                    };
-                    // No body: the request can be sent again with another token or proof.
-                    let send = |token: Option<access::Token>| {
-                        let (forward, next, replay, identity) =
-                            (&forward, &next, &replay, &admitted.identity);
-                        async move {
-                            if !bound {
-                                return forward(next(), token, identity.clone(), None).await;
-                            }
-                            // A fresh proof for each send (it carries the latest nonce).
-                            let prove_and_send = || async {
-                                match in_box(|| {
-                                    self.dpop_proof(
-                                        route,
-                                        &replay.method,
-                                        replay.uri.path(),
-                                        token.as_ref().and_then(|t| t.text(route)),
-                                    )
-                                })
-                                .await
-                                {
-                                    Ok(proof) => {
-                                        forward(next(), token.clone(), identity.clone(), proof)
-                                            .await
-                                    }
-                                    Err(error) => error.respond(Reader::Script),
-                                }
-                            };
-                            let response = prove_and_send().await;
-                            // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
-                            if !(self.keep_dpop_nonce(route, &response)
-                                && asks_for_dpop_nonce(&response))
-                            {
-                                return response;
-                            }
-                            let again = prove_and_send().await;
-                            self.keep_dpop_nonce(route, &again);
-                            again
-                        }
-                    };
-                    let first = send(admitted.token.clone()).await;
-                    let response = if route.token == crate::config::TokenMode::User
-                        && rejects_token(&first)
-                    {
-                        // Rare: boxed so that it does not grow every request's future.
-                        in_box(|| async {
-                            let rejected = admitted.token.as_ref().and_then(|t| t.text(route));
-                            let rejected = rejected.unwrap_or_default();
-                            match self
-                                .replace_token(worker, live, route, &replay, rejected)
-                                .await
-                            {
-                                Ok(Some(fresh)) => send(Some(access::Token::Owned(fresh))).await,
-                                Ok(None) => first,
-                                // A replayed API call: its errors are JSON.
-                                Err(refused) => refused.respond(Reader::Script),
-                            }
-                        })
-                        .await
-                    } else {
-                        first
-                    };
-                    let step_up_return = (steps_up
-                        && response.status() == http::StatusCode::UNAUTHORIZED)
-                        .then(|| (replay.uri.clone(), Reader::of(&replay.headers)));
-                    (response, step_up_return)
+        let (mut response, step_up_return) = if !(admitted.token.is_some()
+            && replayable(route, &req))
+        {
+            // Sent once: a request with a body (or an upgrade) is not the lender's afterwards.
+            let step_up_return = steps_up.then(|| (req.uri().clone(), Reader::of(req.headers())));
+            let proof = match bound {
+                false => Ok(None),
+                true => {
+                    in_box(|| {
+                        self.dpop_proof(
+                            route,
+                            req.method(),
+                            req.uri().path(),
+                            admitted.token.as_ref().and_then(|t| t.text(route)),
+                        )
+                    })
+                    .await
                 }
             };
+            let response = match proof {
+                Ok(proof) => {
+                    let response =
+                        forward(&mut req, admitted.token, admitted.identity, proof).await;
+                    if bound {
+                        self.keep_dpop_nonce(route, &response);
+                    }
+                    response
+                }
+                Err(error) => error.respond(Reader::of(req.headers())),
+            };
+            (response, step_up_return)
+        } else {
+            // No body: the request can be sent again with another token or proof.
+            let identity = &admitted.identity;
+            let send = async |req: &mut Request<Inbound>, token: Option<access::Token>| {
+                if !bound {
+                    return forward(req, token, identity.clone(), None).await;
+                }
+                // A fresh proof for each send (it carries the latest nonce).
+                let prove_and_send = async |req: &mut Request<Inbound>| match in_box(|| {
+                    self.dpop_proof(
+                        route,
+                        req.method(),
+                        req.uri().path(),
+                        token.as_ref().and_then(|t| t.text(route)),
+                    )
+                })
+                .await
+                {
+                    Ok(proof) => forward(req, token.clone(), identity.clone(), proof).await,
+                    Err(error) => error.respond(Reader::Script),
+                };
+                let response = prove_and_send(req).await;
+                // RFC 9449 §9: an API that wants a nonce refuses with one; once more with it.
+                if !(self.keep_dpop_nonce(route, &response) && asks_for_dpop_nonce(&response)) {
+                    return response;
+                }
+                let again = prove_and_send(req).await;
+                self.keep_dpop_nonce(route, &again);
+                again
+            };
+            let first = send(&mut req, admitted.token.clone()).await;
+            let response = if route.token == crate::config::TokenMode::User && rejects_token(&first)
+            {
+                // Rare: boxed so that it does not grow every request's future.
+                in_box(|| async {
+                    let rejected = admitted.token.as_ref().and_then(|t| t.text(route));
+                    let rejected = rejected.unwrap_or_default();
+                    match self
+                        .replace_token(worker, live, route, req.headers(), rejected)
+                        .await
+                    {
+                        Ok(Some(fresh)) => send(&mut req, Some(access::Token::Owned(fresh))).await,
+                        Ok(None) => first,
+                        // A replayed API call: its errors are JSON.
+                        Err(refused) => refused.respond(Reader::Script),
+                    }
+                })
+                .await
+            } else {
+                first
+            };
+            let step_up_return = (steps_up && response.status() == http::StatusCode::UNAUTHORIZED)
+                .then(|| (req.uri().clone(), Reader::of(req.headers())));
+            (response, step_up_return)
+        };
         if response.status() == http::StatusCode::UNAUTHORIZED
             && let Some((uri, reader)) = step_up_return
             && let Some(step) = crate::oidc::step_up::from_challenge(
@@ -531,13 +509,10 @@ impl App {
         worker: &Worker,
         live: &LiveConfig,
         route: &crate::config::RouteConfig,
-        replay: &Replay,
+        headers: &HeaderMap,
         rejected: &str,
     ) -> Result<Option<String>, RequestError> {
-        let Some(loaded) = self
-            .load_session(&worker.sessions, live, &replay.headers)
-            .await?
-        else {
+        let Some(loaded) = self.load_session(&worker.sessions, live, headers).await? else {
             return Ok(None);
         };
         let Some(token) = self
@@ -714,59 +689,14 @@ impl<'r> Routed<'r> {
     }
 }
 
-/// A request as [`Replay::capture`] leaves it.
-// Matched at once where it is made: boxing the replay would cost an allocation per request on
-// token routes to spare a move.
-#[allow(clippy::large_enum_variant)]
-enum Captured {
-    /// Sent once, as it came.
-    Once(Box<Request<Inbound>>),
-    /// Sent first as it came, with what it takes to send it again if the token is refused.
-    Replay(Replay, Box<Request<Inbound>>),
-}
-
-/// A bodiless GET or HEAD to a `token = "user"` route, kept so that it can be sent once more
-/// with a new token when the upstream answers that the token is invalid (RFC 6750).
-struct Replay {
-    method: Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: HeaderMap,
-}
-
-impl Replay {
-    /// A copy of the request's head when it can be replayed (its head is all there is); the
-    /// request itself goes first either way.
-    fn capture(
-        route: &crate::config::RouteConfig,
-        req: Box<Request<Inbound>>,
-        has_token: bool,
-    ) -> Captured {
-        let replayable = (route.token == crate::config::TokenMode::User
-            || route.token_binding == TokenBinding::Dpop)
-            && (req.method() == Method::GET || req.method() == Method::HEAD)
-            && http_body::Body::is_end_stream(req.body())
-            && proxy::headers::upgrade_protocol(req.headers()).is_none();
-        let (true, true) = (replayable, has_token) else {
-            return Captured::Once(req);
-        };
-        let replay = Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-        };
-        Captured::Replay(replay, req)
-    }
-
-    fn request(&self) -> Box<Request<Inbound>> {
-        let mut req = Box::new(Request::new(Either::Right(Empty::new())));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
+/// Whether a request can be sent again with a new token when the upstream answers that the
+/// token is invalid (RFC 6750), or with a fresh DPoP proof when it asks for a nonce: a bodiless
+/// GET or HEAD, no upgrade, to a `token = "user"` or DPoP-bound route.
+fn replayable(route: &crate::config::RouteConfig, req: &Request<Inbound>) -> bool {
+    (route.token == crate::config::TokenMode::User || route.token_binding == TokenBinding::Dpop)
+        && (req.method() == Method::GET || req.method() == Method::HEAD)
+        && http_body::Body::is_end_stream(req.body())
+        && proxy::headers::upgrade_protocol(req.headers()).is_none()
 }
 
 /// `401` with `WWW-Authenticate: Bearer error="invalid_token"`.

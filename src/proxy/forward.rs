@@ -204,7 +204,7 @@ impl Upstreams {
             if wire::takes(req, &body) {
                 return local::exchange(local, req, replaced).await;
             }
-            let mut req = taken(req, body);
+            let mut req = outgoing(req, body);
             replaced.clone().apply(req.headers_mut());
             // Boxed: hyper's client (1.3 KB of future) would otherwise size every request's
             // future, and the wire path's too; it carries only bodies and upgrades.
@@ -212,7 +212,7 @@ impl Upstreams {
                 .await?
                 .map(boxed));
         }
-        let mut req = taken(req, body);
+        let mut req = outgoing(req, body);
         replaced.clone().apply(req.headers_mut());
         Ok(self.client.request(req).await?.map(boxed))
     }
@@ -348,9 +348,18 @@ impl Upstreams {
     }
 }
 
-/// The request out of the caller's place, with `body`, for a path that sends it as it is
-/// (hyper's).
-fn taken(req: &mut Request<Inbound>, body: Body) -> Request<Body> {
+/// The request with `body`, for hyper's client, which takes it whole: a copy of the head of a
+/// bodiless request (the lender may send it again: `App::route`), the request itself, out of
+/// the lender's place, otherwise (a body, or an upgrade, can go only once).
+fn outgoing(req: &mut Request<Inbound>, body: Body) -> Request<Body> {
+    if http_body::Body::is_end_stream(&body) && !req.headers().contains_key(header::UPGRADE) {
+        let mut copy = Request::new(body);
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        return copy;
+    }
     std::mem::replace(req, Request::new(no_body())).map(|_| body)
 }
 
@@ -498,6 +507,39 @@ impl Drop for Tracked {
 mod tests {
     use super::*;
     use crate::config::UpstreamBase;
+
+    /// hyper's client takes the request it sends: a bodiless one stays the lender's, whole, so
+    /// that a retry with a new token (`App::route`) sends the same request again, and is never
+    /// given what hyper's copy was given (the proxy's fields, the token).
+    #[test]
+    fn a_bodiless_request_sent_through_hyper_stays_the_lenders() {
+        let mut lent = Request::get("https://api.test/a?b=1")
+            .header("accept", "x")
+            .header("cookie", "a=1")
+            .body(no_body())
+            .unwrap();
+        let mut sent = outgoing(&mut lent, crate::reply::empty());
+        assert_eq!(sent.uri(), "https://api.test/a?b=1");
+        assert_eq!(sent.headers(), lent.headers());
+        sent.headers_mut()
+            .insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        assert_eq!(lent.uri(), "https://api.test/a?b=1");
+        assert_eq!(lent.method(), http::Method::GET);
+        assert_eq!(lent.headers().len(), 2);
+        assert!(!lent.headers().contains_key(header::AUTHORIZATION));
+
+        // A body, or an upgrade, goes once: the request itself is taken.
+        let sent = outgoing(&mut lent, crate::reply::full("x"));
+        assert_eq!(sent.headers().len(), 2);
+        assert!(lent.headers().is_empty());
+        let mut upgrade = Request::get("https://api.test/ws")
+            .header("upgrade", "websocket")
+            .body(no_body())
+            .unwrap();
+        let sent = outgoing(&mut upgrade, crate::reply::empty());
+        assert!(sent.headers().contains_key(header::UPGRADE));
+        assert!(upgrade.headers().is_empty());
+    }
 
     #[test]
     fn upstream_uris_keep_the_base_path_and_authority() {

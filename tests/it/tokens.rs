@@ -150,6 +150,11 @@ resource = "{API}"
 path = "/guarded/"
 upstream = "{a}"
 token = "user"
+[[routes]]
+path = "/based/"
+upstream = "{u}/base"
+strip_prefix = true
+token = "user"
 "#
             )
         })
@@ -502,6 +507,27 @@ async fn an_upstream_invalid_token_answer_is_retried_once_with_a_refreshed_token
     assert_eq!(r.status, 401);
     assert_eq!(s.bearers("/status401?post").len(), 1);
     assert_eq!(refresh_grants(&s.stats().await), 1);
+
+    // The retry goes where the first went, though the upstream's URI is made of the request's
+    // own (a base path, a prefix taken off). A session of its own: the last one's token was just
+    // replaced, and is not replaced again so soon.
+    let mut again = s.login("bob").await;
+    let r = again
+        .get(
+            &s.proxies[0].url("/based/status401?dave"),
+            &[("x-csrf", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    let uris: Vec<String> =
+        s.up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.uri.contains("status401?dave"))
+            .map(|r| r.uri.clone())
+            .collect();
+    assert_eq!(uris, ["/base/status401?dave", "/base/status401?dave"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
