@@ -139,7 +139,7 @@ pub async fn dispatch(
                 forwarded_proto,
                 forwarded_host,
                 cookie: headers::kept_cookies(req.headers(), own_cookies),
-                request_id: request_id.clone(),
+                request_id,
             };
             let body = std::mem::replace(req.body_mut(), forward::no_body());
             let body = if http_body::Body::is_end_stream(&body) {

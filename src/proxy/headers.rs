@@ -365,8 +365,8 @@ pub struct Replaced<'a> {
     /// `Some`: the client's `Cookie` fields give way to this one, or to none
     /// ([`kept_cookies`]: they carried Vestibule's own).
     pub cookie: Option<Option<HeaderValue>>,
-    /// [`request_id`]'s: always in place of the client's.
-    pub request_id: HeaderValue,
+    /// [`request_id`]'s: always in place of the client's (lent: the answer carries it too).
+    pub request_id: &'a HeaderValue,
 }
 
 /// The token a request carries to the upstream, as `Authorization: <scheme><token>`. Lent from
@@ -423,7 +423,7 @@ impl Replaced<'_> {
             self.forwarded_proto.as_ref(),
             self.forwarded_host.as_ref(),
             self.cookie.as_ref().and_then(Option::as_ref),
-            Some(&self.request_id),
+            Some(self.request_id),
         ];
         NAMES
             .iter()
@@ -434,7 +434,7 @@ impl Replaced<'_> {
     /// Puts them in `headers`, in place of the client's.
     pub fn apply(self, headers: &mut HeaderMap) {
         headers.insert(header::HOST, self.host);
-        headers.insert(X_REQUEST_ID, self.request_id);
+        headers.insert(X_REQUEST_ID, self.request_id.clone());
         if self.owns_authorization {
             headers.remove(header::AUTHORIZATION);
         }
@@ -641,6 +641,8 @@ pub fn strip_identity(headers: &mut HeaderMap, route: &crate::config::RouteConfi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static TEST_REQUEST_ID: HeaderValue = HeaderValue::from_static("id-1");
 
     /// Aligned to 8, they sit among the other arguments of an async function's first state
     /// instead of after the room for its later states (which moving the future into its box
@@ -908,7 +910,7 @@ mod tests {
                 forwarded_proto,
                 forwarded_host,
                 cookie: None,
-                request_id: HeaderValue::from_static("id-1"),
+                request_id: &TEST_REQUEST_ID,
             }
             .apply(h);
         };
@@ -957,7 +959,7 @@ mod tests {
             forwarded_proto: None,
             forwarded_host: Some(HeaderValue::from_static("app.test")),
             cookie: None,
-            request_id: HeaderValue::from_static("id-1"),
+            request_id: &TEST_REQUEST_ID,
         };
         // What the plain path writes: the client's fields that stand, then the proxy's.
         let written = |set: &Replaced| {
@@ -1109,7 +1111,7 @@ mod tests {
             forwarded_proto: None,
             forwarded_host: None,
             cookie: kept,
-            request_id: HeaderValue::from_static("id-1"),
+            request_id: &TEST_REQUEST_ID,
         };
         let written = |set: &Replaced| {
             h.iter()

@@ -4,6 +4,8 @@ use super::*;
 use http_body_util::BodyExt;
 use std::sync::{Arc, Mutex};
 
+static REQUEST_ID: HeaderValue = HeaderValue::from_static("id-1");
+
 fn head_of(text: &str, to_head: bool) -> Result<Option<Head>, WireError> {
     let mut buf = BytesMut::from(text.as_bytes());
     parse_head(&mut buf, to_head, &mut RecentNames::default())
@@ -308,7 +310,7 @@ fn replaced_with_token(token: &str) -> Replaced<'_> {
         forwarded_proto: None,
         forwarded_host: None,
         cookie: None,
-        request_id: HeaderValue::from_static("id-1"),
+        request_id: &REQUEST_ID,
     }
 }
 
