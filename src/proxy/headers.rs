@@ -114,32 +114,86 @@ pub(crate) fn is_hop_by_hop_token(token: &[u8]) -> bool {
     differs == 0
 }
 
-/// The field names of the last head read on one connection, by position, with the bytes they
-/// were made of. A client or an upstream sends the same fields in the same order, spelled the
-/// same, head after head: a name whose bytes equal those at its place is that name, taken
-/// without parsing it again (a table lookup per byte, and an allocation for a name `http` does
-/// not know).
+/// The field names of the last head read on one connection, by position. A client or an
+/// upstream sends the same fields in the same order, head after head: a name whose bytes spell
+/// the one at its place (in any case of its letters) is that name, taken without parsing it
+/// again (a table lookup per byte, and an allocation for a name `http` does not know). Only the
+/// names are kept, not the bytes they were read from: a known name's text is `http`'s static
+/// table, shared by every connection, so a connection's memory of its last head is one small
+/// vector (each name's bytes in an allocation of their own spread it over as many cache lines,
+/// which at a few hundred connections no longer fit in the core's cache).
 #[derive(Debug, Default)]
-pub struct RecentNames(Vec<(Box<[u8]>, HeaderName)>);
+pub struct RecentNames(Vec<HeaderName>);
 
 /// Places remembered: more than a head usually has.
 const RECENT_NAMES: usize = 32;
+
+/// Whether `bytes` is `name`'s text (lowercase) with any of its letters in uppercase: exactly
+/// the texts `HeaderName::from_bytes` makes `name` of. Only a letter of the name is matched in
+/// both cases (`@` never passes for a name's `` ` ``). Eight bytes at a time (the last eight,
+/// or two overlapping fours, cover the rest), so a name costs a few instructions.
+fn spells(bytes: &[u8], name: &str) -> bool {
+    let name = name.as_bytes();
+    let len = name.len();
+    if bytes.len() != len {
+        return false;
+    }
+    let eight = |text: &[u8], at: usize| {
+        text.get(at..at + 8)
+            .and_then(|s| s.first_chunk::<8>())
+            .map_or(0, |w| u64::from_le_bytes(*w))
+    };
+    let four = |text: &[u8], at: usize| {
+        text.get(at..at + 4)
+            .and_then(|s| s.first_chunk::<4>())
+            .map_or(0, |w| u64::from(u32::from_le_bytes(*w)))
+    };
+    let differs = if len >= 8 {
+        let mut differs = 0;
+        let mut at = 0;
+        while at + 8 < len {
+            differs |= word_differs(eight(bytes, at), eight(name, at));
+            at += 8;
+        }
+        differs | word_differs(eight(bytes, len - 8), eight(name, len - 8))
+    } else if len >= 4 {
+        let halves = |text: &[u8]| four(text, 0) | four(text, len - 4) << 32;
+        word_differs(halves(bytes), halves(name))
+    } else {
+        let word = |text: &[u8]| text.iter().fold(0, |w, &b| w << 8 | u64::from(b));
+        word_differs(word(bytes), word(name))
+    };
+    differs == 0
+}
+
+/// [`spells`] for eight bytes of text `b` and of a name `n` (each byte of a name is below 0x80):
+/// nonzero where they differ.
+fn word_differs(b: u64, n: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES << 7;
+    // The top bit of each byte of the name from 'a' (0x61) on, then from '{' (0x7b) on: the
+    // letters are where the first is set and the second not; their case bit, 0x20, is set in
+    // the text's bytes at those places.
+    let from_a = (n + 0x1f * ONES) & HIGH;
+    let past_z = (n + 0x05 * ONES) & HIGH;
+    let letters = (from_a & !past_z) >> 2;
+    (b | letters) ^ n
+}
 
 impl RecentNames {
     /// The name whose text is `bytes`, for the field at place `at` of a head; `None` when
     /// `bytes` is no header name.
     pub fn name(&mut self, at: usize, bytes: &[u8]) -> Option<HeaderName> {
-        if let Some((spelled, known)) = self.0.get(at)
-            && **spelled == *bytes
+        if let Some(known) = self.0.get(at)
+            && spells(bytes, known.as_str())
         {
             return Some(known.clone());
         }
         let name = HeaderName::from_bytes(bytes).ok()?;
-        let remembered = (Box::from(bytes), name.clone());
         if let Some(slot) = self.0.get_mut(at) {
-            *slot = remembered;
+            *slot = name.clone();
         } else if at == self.0.len() && at < RECENT_NAMES {
-            self.0.push(remembered);
+            self.0.push(name.clone());
         }
         Some(name)
     }
@@ -721,12 +775,18 @@ mod tests {
     #[test]
     fn a_name_at_a_remembered_place_is_the_name_its_text_makes() {
         let mut names = RecentNames::default();
-        let heads: [&[&[u8]]; 4] = [
+        let heads: [&[&[u8]]; 8] = [
             &[b"Host", b"X-CSRF", b"Cookie"],
             &[b"host", b"x-csrf", b"COOKIE", b"X-Extra"],
             // Other names at the same places, and a byte that makes no name.
             &[b"Hosts", b"X-CSRG", b"Cookie", b"X-Extra"],
             &[b"Host", b"X CSRF"],
+            // Only a letter matches in either case: `@` is `` ` `` with the case bit cleared,
+            // `\r` is `-`, `[` is `{`.
+            &[b"x`a", b"x-b", b"x{c"],
+            &[b"X@A", b"x\rb", b"X[C"],
+            &[b"x`a", b"x-b", b"x{c"],
+            &[b"x`A", b"X-B", b"x{C"],
         ];
         for head in heads {
             for (at, bytes) in head.iter().enumerate() {
@@ -738,6 +798,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_remembered_name_answers_any_text_as_parsing_it_would() {
+        // Texts over bytes that differ from each other by the case bit alone, letters or not;
+        // half of them the text last read at their place with the case of some bytes changed.
+        // `^` and `~` are both name bytes; `@`, `\\`, CR and 0xe1 none.
+        let alphabet = b"aAbBzZmM`^~|-0P@\\\r\xe1";
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut names = RecentNames::default();
+        let mut last: [Vec<u8>; 3] = Default::default();
+        let (mut remembered, mut refused) = (0, 0);
+        for _ in 0..50_000 {
+            let at = (next() % 3) as usize;
+            let text: Vec<u8> = if next() % 2 == 0 && !last[at].is_empty() {
+                last[at]
+                    .iter()
+                    .map(|&b| b ^ ((next() % 2) as u8 * 0x20))
+                    .collect()
+            } else {
+                let len = 1 + (next() % 12) as usize;
+                (0..len)
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect()
+            };
+            let parsed = HeaderName::from_bytes(&text).ok();
+            assert_eq!(
+                names.name(at, &text),
+                parsed,
+                "{:?} at {at}",
+                String::from_utf8_lossy(&text)
+            );
+            match parsed {
+                Some(_) => remembered += 1,
+                None => refused += 1,
+            }
+            last[at] = text;
+        }
+        // Both outcomes came up often enough to have been tried.
+        assert!(
+            remembered > 2_000 && refused > 2_000,
+            "{remembered} {refused}"
+        );
     }
 
     #[test]

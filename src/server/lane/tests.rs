@@ -27,7 +27,7 @@ fn taken(head: &str) -> Request<Inbound> {
         panic!("not taken: {head:?}");
     };
     assert_eq!(len, head.len());
-    request(&bytes, method, target, &mut fields).expect("a request")
+    *request(&bytes, method, target, &mut fields).expect("a request")
 }
 
 #[test]
