@@ -761,7 +761,7 @@ async fn list_sessions(
                 "created_at": s.created_at,
                 "last_seen": s.last_seen,
                 "user_agent": s.user_agent,
-                "current": s.handle == loaded.handle,
+                "current": *s.handle == *loaded.handle,
             })
         })
         .collect();
@@ -819,7 +819,7 @@ async fn session_events(
             tokio::select! {
                 message = invalidations.recv() => {
                     match message {
-                        Ok(h) if h != loaded.handle && !h.is_empty() => continue,
+                        Ok(h) if *h != *loaded.handle && !h.is_empty() => continue,
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         // No more messages: the client reconnects and subscribes afresh.
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -79,7 +79,9 @@ pub struct OpenSession {
     /// The store version this was read at; `save` succeeds only if it is still current.
     pub version: u64,
     /// A stable, non-secret id for this session (URLs, cache keys, invalidation messages).
-    pub handle: String,
+    /// Shared with the memo of opened cookies (`memo.rs`): every request's copy is a reference
+    /// count, not an allocation and a copy of its text.
+    pub handle: Arc<str>,
     /// The cookie was sealed with an old key: send a new value from [`Sessions::reseal`].
     pub reseal: bool,
     ticket: Ticket,
@@ -249,7 +251,7 @@ impl Sessions {
         let loaded = OpenSession {
             session: Arc::new(session),
             version: 1,
-            handle: key.handle(),
+            handle: key.handle().into(),
             reseal: false,
             ticket,
             complete: true,
@@ -282,7 +284,7 @@ impl Sessions {
         let opened = keyring.open(&self.cookie_name, cookie_value)?;
         let ticket = Ticket::from_bytes(&opened.plaintext)?;
         let opening = Opening {
-            handle: ticket.key().handle(),
+            handle: ticket.key().handle().into(),
             ticket,
             stale_key: opened.stale_key,
         };

@@ -62,7 +62,7 @@ struct Entry {
 pub(super) struct Opening {
     pub(super) ticket: Ticket,
     /// The session's handle (derived from the ticket).
-    pub(super) handle: String,
+    pub(super) handle: Arc<str>,
     /// Sealed with a key that is no longer the first of the ring.
     pub(super) stale_key: bool,
 }
@@ -174,7 +174,7 @@ mod tests {
         bytes[0] = n;
         Opening {
             ticket: Ticket::from_bytes(&bytes).unwrap(),
-            handle: format!("handle-{n}"),
+            handle: format!("handle-{n}").into(),
             stale_key: n % 2 == 1,
         }
     }
@@ -186,9 +186,9 @@ mod tests {
         memo.put(&k, "cookie-one", &opening(1));
         memo.put(&k, "cookie-two", &opening(2));
         let one = memo.get(&k, "cookie-one").unwrap();
-        assert_eq!((one.handle.as_str(), one.stale_key), ("handle-1", true));
+        assert_eq!((&*one.handle, one.stale_key), ("handle-1", true));
         assert!(one.ticket == opening(1).ticket);
-        assert_eq!(memo.get(&k, "cookie-two").unwrap().handle, "handle-2");
+        assert_eq!(&*memo.get(&k, "cookie-two").unwrap().handle, "handle-2");
         for other in ["cookie-on", "cookie-onee", "Cookie-one", ""] {
             assert!(memo.get(&k, other).is_none(), "{other}");
         }

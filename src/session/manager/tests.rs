@@ -299,7 +299,7 @@ async fn list_for_sub_shows_the_users_live_sessions_newest_first() {
     s.create(user("bob", None), T0).await.unwrap();
     let list = s.list_for_sub("alice", T0 + 61).await.unwrap();
     let handles: Vec<_> = list.iter().map(|x| x.handle.as_str()).collect();
-    assert_eq!(handles, [new.handle.as_str(), old.handle.as_str()]);
+    assert_eq!(handles, [&*new.handle, &*old.handle]);
     assert_eq!(list[0].user_agent.as_deref(), Some("Phone/2"));
     assert_eq!((list[1].created_at, list[1].last_seen), (T0, T0));
     let later = s.list_for_sub("alice", T0 + IDLE).await.unwrap();
@@ -328,12 +328,12 @@ async fn every_end_and_update_publishes_the_handle_not_the_id() {
             .await
             .unwrap()
     );
-    assert_eq!(events.try_recv().unwrap(), loaded.handle);
+    assert_eq!(*events.try_recv().unwrap(), *loaded.handle);
     let keyring = Keyring::new(vec![[1; 32]]).unwrap();
     let ticket = keyring.open(NAME, &cookie).unwrap().plaintext;
     assert!(!loaded.handle.contains(&hex::encode(&ticket[..32])));
     s.end_by_sid("sid-1").await.unwrap();
-    assert_eq!(events.try_recv().unwrap(), loaded.handle);
+    assert_eq!(*events.try_recv().unwrap(), *loaded.handle);
 }
 
 #[tokio::test]
