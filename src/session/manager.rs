@@ -283,8 +283,10 @@ impl Sessions {
         }
         let opened = keyring.open(&self.cookie_name, cookie_value)?;
         let ticket = Ticket::from_bytes(&opened.plaintext)?;
+        let handle: Arc<str> = ticket.key().handle().into();
         let opening = Opening {
-            handle: ticket.key().handle().into(),
+            key: cache::key_of(&handle),
+            handle,
             ticket,
             stale_key: opened.stale_key,
         };
@@ -306,12 +308,16 @@ impl Sessions {
         let Some(Opening {
             ticket,
             handle,
+            key: cache_key,
             stale_key,
         }) = self.open(cookie_value)
         else {
             return Ok(None);
         };
-        let cached = self.cache.as_ref().and_then(|cache| cache.get(&handle));
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.get_key(cache_key));
         let (version, session) = match cached {
             Some(hit) => hit,
             None => {

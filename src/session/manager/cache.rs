@@ -38,9 +38,10 @@ const SHARDS: usize = 16;
 
 /// A handle as the cache keys it: its 128 bits. Handles are hex digests of a secret (see
 /// `ticket.rs`), so nobody can choose them to collide in the index.
-type Key = u128;
+pub(super) type Key = u128;
 
-fn key_of(handle: &str) -> Key {
+/// The key the cache files `handle` under.
+pub(super) fn key_of(handle: &str) -> Key {
     if let Some(key) = hex_key(handle.as_bytes()) {
         return key;
     }
@@ -200,8 +201,14 @@ impl Cache {
         shard
     }
 
-    pub(super) fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
-        let key = key_of(handle);
+    #[cfg(test)]
+    fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
+        self.get_key(key_of(handle))
+    }
+
+    /// The session filed under `key` ([`key_of`] its handle: the memo of opened cookies keeps
+    /// it with the handle, so a request does not work it out again).
+    pub(super) fn get_key(&self, key: Key) -> Option<(u64, Arc<Session>)> {
         let mut shard = self.shard(key);
         let found = shard.index.get(&key).copied();
         if let Some(at) = found {

@@ -63,6 +63,8 @@ pub(super) struct Opening {
     pub(super) ticket: Ticket,
     /// The session's handle (derived from the ticket).
     pub(super) handle: Arc<str>,
+    /// The key the session cache files the handle under (`cache::key_of`).
+    pub(super) key: super::cache::Key,
     /// Sealed with a key that is no longer the first of the ring.
     pub(super) stale_key: bool,
 }
@@ -175,6 +177,7 @@ mod tests {
         Opening {
             ticket: Ticket::from_bytes(&bytes).unwrap(),
             handle: format!("handle-{n}").into(),
+            key: u128::from(n),
             stale_key: n % 2 == 1,
         }
     }

@@ -352,6 +352,24 @@ async fn cached_session_ended_on_another_instance_is_gone_at_once() {
 }
 
 #[tokio::test]
+async fn a_session_opened_from_the_memo_is_found_in_the_cache() {
+    let store = Store::Memory(MemoryStore::new(100));
+    let s = Sessions::new(settings(&[1], Duration::from_secs(60)), store.clone());
+    let (cookie, created) = s.create(user("alice", None), T0).await.unwrap();
+    // The first load opens the cookie (and remembers it) and fills the cache.
+    assert!(s.load(&cookie, T0).await.unwrap().is_some());
+    // Gone from the store behind the cache's back (no message): only a cache hit, by the key
+    // the memo kept, still finds it.
+    assert!(store.delete(&created.ticket.key().name()).await.unwrap());
+    let again = s.load(&cookie, T0).await.unwrap();
+    assert_eq!(
+        again.map(|loaded| loaded.handle),
+        Some(created.handle),
+        "served from the cache"
+    );
+}
+
+#[tokio::test]
 async fn cached_copy_never_hides_a_newer_version_after_a_conflict() {
     let store = Store::Memory(MemoryStore::new(100));
     let a = Sessions::new(settings(&[1], Duration::from_secs(60)), store.clone());
