@@ -90,7 +90,7 @@ static WORLD: LazyLock<World> = LazyLock::new(|| {
         session: Session::clone(&loaded.session),
         cookies: [cookie, old],
         ticket,
-        handle: loaded.handle.clone(),
+        handle: loaded.handle.to_string(),
         record_name,
         record,
     }
@@ -106,7 +106,7 @@ fn load(world: &World, cookie: &str) -> bool {
     let Some(loaded) = loaded else {
         return false;
     };
-    assert_eq!(loaded.handle, world.handle);
+    assert_eq!(&*loaded.handle, world.handle.as_str());
     assert!(
         *loaded.session == world.session,
         "another session came back"
@@ -118,7 +118,7 @@ fn load(world: &World, cookie: &str) -> bool {
     let again = world.runtime.block_on(world.sessions.load(&resealed, NOW));
     match again {
         Ok(Some(again)) => {
-            assert_eq!(again.handle, world.handle);
+            assert_eq!(&*again.handle, world.handle.as_str());
             assert!(!again.reseal, "a fresh seal asks to be re-sealed");
         }
         _ => panic!("a re-sealed cookie does not load"),
