@@ -16,11 +16,22 @@
 //! connection after such a request, and every request reaches an upstream re-framed by
 //! Vestibule. Everything else (line syntax, obs-fold, the shape of `Transfer-Encoding`, sizes
 //! and counts) stays with hyper's parser and limits.
+//!
+//! Because it follows the framing, the guard also knows when a connection is closed while the
+//! client is still sending (a body refused from its declared length, a head cut off at the size
+//! limit). Closing a socket with unread input makes the kernel answer with a reset, and a client
+//! still writing then fails with "broken pipe" before it reads its answer. So such a close
+//! lingers: the write side is shut (the client sees the answer end), and what still arrives is
+//! read and dropped until the client closes too, or for at most [`LINGER`].
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How long a close waits, at most, for a client still sending to stop.
+pub const LINGER: Duration = Duration::from_secs(3);
 
 /// A connection whose incoming bytes pass through the framing check.
 pub struct Guarded<T> {
@@ -28,6 +39,8 @@ pub struct Guarded<T> {
     framing: Framing,
     /// Bytes already taken from `inner` (by the HTTP/1 lane), read and checked first.
     read: bytes::Bytes,
+    /// Once the write side is shut while the client was still sending: the end of the linger.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Guarded<T> {
@@ -41,6 +54,7 @@ impl<T> Guarded<T> {
             inner,
             framing: Framing::default(),
             read,
+            linger: None,
         }
     }
 }
@@ -69,7 +83,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -94,8 +108,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
+    /// Shuts the write side; if the client was still sending, lingers (see the module's notes).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            if !this.framing.mid_request() {
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if let Some(end) = this.linger.as_mut()
+                && end.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match ready!(Pin::new(&mut this.inner).poll_read(cx, &mut buf)) {
+                Ok(()) if !buf.filled().is_empty() => {}
+                // The client closed too (or the connection failed): nothing is left to reset.
+                _ => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }
 
@@ -176,6 +212,15 @@ impl Default for Head {
 const LINE: usize = 96;
 
 impl Framing {
+    /// Whether the client is in the middle of sending a request: a head begun, or a body.
+    fn mid_request(&self) -> bool {
+        match self {
+            Framing::Head(head) => head.seen_request_line || head.line_len > 0,
+            Framing::Body(_) | Framing::Chunked(_) => true,
+            Framing::Off => false,
+        }
+    }
+
     /// Checks bytes just read, in order; may turn a refused head's final LF into a NUL.
     fn check(&mut self, bytes: &mut [u8]) {
         let mut at = 0;

@@ -235,6 +235,64 @@ async fn oversized_bodies_get_413_and_oversized_headers_431() {
     assert_eq!(r.json()["error"], "headers_too_large");
 }
 
+/// The 413 is answered from the declared length, before the body arrives. A client still
+/// sending it must be able to finish and read the answer: closing a socket with unread input
+/// makes the kernel reset it, and the client's next write fails instead (a flaky failure of
+/// the test above, seen in CI).
+#[tokio::test]
+async fn a_client_still_sending_a_refused_body_reads_its_413() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let length = 4 << 20;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /api/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {length}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let first = 256 * 1024;
+    tcp.write_all(&vec![b'a'; first]).await.unwrap();
+    // Time for the proxy to answer and close its side.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rest = vec![b'a'; length - first];
+    let written = tokio::time::timeout(Duration::from_secs(10), tcp.write_all(&rest)).await;
+    assert!(
+        matches!(written, Ok(Ok(()))),
+        "the rest of the body must be taken, not reset: {written:?}"
+    );
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    assert_eq!(up.count(), 0);
+}
+
+/// The wait for such a client to stop is bounded: one that never stops sending is cut off.
+#[tokio::test]
+async fn a_client_that_never_stops_sending_a_refused_body_is_cut_off() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"POST /api/upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000000\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let chunk = vec![b'a'; 16 * 1024];
+    let cut = loop {
+        if started.elapsed() > Duration::from_secs(15) {
+            break None;
+        }
+        if tcp.write_all(&chunk).await.is_err() {
+            break Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cut = cut.expect("the proxy must stop reading a refused body at some point");
+    assert!(
+        cut >= Duration::from_secs(2),
+        "it lingers before cutting off: {cut:?}"
+    );
+}
+
 #[tokio::test]
 async fn slowloris_connection_is_closed() {
     let up = upstream::start().await;
