@@ -21,7 +21,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
-use self::cache::Cache;
+use self::cache::{Cache, Lookup};
 use self::memo::{Memo, Opening};
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
@@ -314,13 +314,10 @@ impl Sessions {
         else {
             return Ok(None);
         };
-        let cached = self
-            .cache
-            .as_ref()
-            .and_then(|cache| cache.get_key(cache_key));
+        let cached = self.cache.as_ref().map(|cache| cache.get_key(cache_key));
         let (version, session) = match cached {
-            Some(hit) => hit,
-            None => {
+            Some(Lookup::Hit(version, session)) => (version, session),
+            missed => {
                 let key = ticket.key();
                 let Some(record) = self.store.get(&key.name()).await? else {
                     return Ok(None);
@@ -330,8 +327,8 @@ impl Sessions {
                 };
                 session.id_token = None;
                 let session = Arc::new(session);
-                if let Some(cache) = &self.cache {
-                    cache.put(&handle, record.version, &session);
+                if let (Some(cache), Some(Lookup::Miss(stamp))) = (&self.cache, missed) {
+                    cache.put(stamp, record.version, &session);
                 }
                 (record.version, session)
             }

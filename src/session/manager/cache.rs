@@ -8,6 +8,12 @@
 //! nothing and every lookup goes to the store; any change of `live` (an outage, even one that
 //! ended before the next lookup) empties the cache.
 //!
+//! A miss hands out a [`Stamp`]; the session read from the store is filed with it, and only if
+//! no invalidation of that session (nor an emptying of its shard) was taken in since the miss.
+//! Otherwise a read that straddles a write or a logout — the store answered the old record, the
+//! message came before the answer was filed — would cache the ended session for a whole time to
+//! live after the logout.
+//!
 //! The cache is split into [`SHARDS`] shards by handle, each behind its own mutex with its own
 //! receivers of the invalidation messages and of `live`, so two serving workers rarely wait for
 //! each other. Entries are keyed by the handle's 128 bits, not its text.
@@ -110,6 +116,29 @@ impl Hasher for KeyHasher {
 
 type Index = HashMap<Key, usize, BuildHasherDefault<KeyHasher>>;
 
+/// The shard a key lives in.
+fn shard_of(key: Key) -> usize {
+    (mix(key) >> 60) as usize & (SHARDS - 1)
+}
+
+/// Invalidations a shard remembers by key, to tell whether one concerned a pending miss.
+const RECENT: usize = 32;
+
+/// What a lookup found.
+pub(super) enum Lookup {
+    /// The session, at its version.
+    Hit(u64, Arc<Session>),
+    /// Not held: what the store answers may be filed with this stamp.
+    Miss(Stamp),
+}
+
+/// A miss's key and where its shard's invalidations stood at the miss.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Stamp {
+    key: Key,
+    seen: u64,
+}
+
 pub(super) struct Cache {
     ttl: Duration,
     shards: Box<[Mutex<Shard>]>,
@@ -138,6 +167,15 @@ struct Shard {
     /// then final.
     live: Option<watch::Receiver<bool>>,
     is_live: bool,
+    /// Invalidations (removals by message or by this instance's own write) of this shard's
+    /// keys taken in so far, and emptyings: a count that only grows.
+    invalidations_seen: u64,
+    /// The keys of the last [`RECENT`] invalidations, by their number `% RECENT`.
+    recent: [Key; RECENT],
+    /// `invalidations_seen` just after the shard was last emptied.
+    emptied_at: u64,
+    /// Which shard this is ([`shard_of`]).
+    at: usize,
     /// State of the xorshift generator that picks eviction candidates.
     random: u64,
     /// Hits not yet added to [`Lookups::hit`].
@@ -174,6 +212,10 @@ impl Cache {
                     invalidations: invalidations.resubscribe(),
                     live: Some(live),
                     is_live,
+                    invalidations_seen: 0,
+                    recent: [Key::MAX; RECENT],
+                    emptied_at: 0,
+                    at: i,
                     random: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1),
                     hits: 0,
                 })
@@ -193,8 +235,7 @@ impl Cache {
 
     /// The shard of a key, brought up to date (messages drained, liveness checked).
     fn shard(&self, key: Key) -> MutexGuard<'_, Shard> {
-        let at = (mix(key) >> 60) as usize & (SHARDS - 1);
-        let mut shard = self.shards[at]
+        let mut shard = self.shards[shard_of(key)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         shard.refresh();
@@ -203,23 +244,26 @@ impl Cache {
 
     #[cfg(test)]
     fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
-        self.get_key(key_of(handle))
+        match self.get_key(key_of(handle)) {
+            Lookup::Hit(version, session) => Some((version, session)),
+            Lookup::Miss(_) => None,
+        }
     }
 
     /// The session filed under `key` ([`key_of`] its handle: the memo of opened cookies keeps
     /// it with the handle, so a request does not work it out again).
-    pub(super) fn get_key(&self, key: Key) -> Option<(u64, Arc<Session>)> {
+    pub(super) fn get_key(&self, key: Key) -> Lookup {
         let mut shard = self.shard(key);
         let found = shard.index.get(&key).copied();
         if let Some(at) = found {
             let slot = &shard.slots[at];
             if slot.stored.elapsed() < self.ttl {
-                let hit = (slot.version, slot.session.clone());
+                let hit = Lookup::Hit(slot.version, slot.session.clone());
                 shard.hits += 1;
                 if shard.hits >= HITS_BATCH {
                     self.lookups.hit.increment(std::mem::take(&mut shard.hits));
                 }
-                return Some(hit);
+                return hit;
             }
             shard.remove_at(at);
         }
@@ -227,13 +271,18 @@ impl Cache {
         // next to that.
         self.lookups.miss.increment(1);
         self.lookups.hit.increment(std::mem::take(&mut shard.hits));
-        None
+        Lookup::Miss(Stamp {
+            key,
+            seen: shard.invalidations_seen,
+        })
     }
 
-    pub(super) fn put(&self, handle: &str, version: u64, session: &Arc<Session>) {
-        let key = key_of(handle);
+    /// Files what the store answered after the miss that gave `stamp`, unless the session was
+    /// invalidated (or its shard emptied) since: then the answer may predate a write or logout.
+    pub(super) fn put(&self, stamp: Stamp, version: u64, session: &Arc<Session>) {
+        let key = stamp.key;
         let mut shard = self.shard(key);
-        if !shard.is_live {
+        if !shard.is_live || shard.invalidated_since(stamp) {
             return;
         }
         let stored = Instant::now();
@@ -263,9 +312,18 @@ impl Cache {
         });
     }
 
+    /// Files `handle`'s session as if just read after a miss.
+    #[cfg(test)]
+    fn put_now(&self, handle: &str, version: u64, session: &Arc<Session>) {
+        let key = key_of(handle);
+        let seen = self.shard(key).invalidations_seen;
+        self.put(Stamp { key, seen }, version, session);
+    }
+
+    /// Forgets `handle`'s session: this instance has just written or ended it.
     pub(super) fn remove(&self, handle: &str) {
         let key = key_of(handle);
-        self.shard(key).remove(key);
+        self.shard(key).invalidate(key);
     }
 
     /// Entries held, expired or not.
@@ -311,7 +369,7 @@ impl Shard {
         loop {
             match self.invalidations.try_recv() {
                 Ok(handle) if handle.is_empty() => self.clear(),
-                Ok(handle) => self.remove(key_of(&handle)),
+                Ok(handle) => self.invalidate(key_of(&handle)),
                 Err(TryRecvError::Lagged(_)) => self.clear(),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
@@ -321,6 +379,32 @@ impl Shard {
     fn clear(&mut self) {
         self.index.clear();
         self.slots.clear();
+        self.invalidations_seen += 1;
+        self.emptied_at = self.invalidations_seen;
+    }
+
+    /// Removes `key`'s entry, if this shard's, and counts the invalidation for pending misses.
+    /// Every shard takes in every message: another shard's key is none of its business.
+    fn invalidate(&mut self, key: Key) {
+        if shard_of(key) != self.at {
+            return;
+        }
+        self.recent[self.invalidations_seen as usize % RECENT] = key;
+        self.invalidations_seen += 1;
+        self.remove(key);
+    }
+
+    /// Whether `stamp`'s key was invalidated, or the shard emptied, after the stamp was made.
+    /// More invalidations since than are remembered count as one of the key's.
+    fn invalidated_since(&self, stamp: Stamp) -> bool {
+        let since = self.invalidations_seen - stamp.seen;
+        if since == 0 {
+            return false;
+        }
+        stamp.seen < self.emptied_at
+            || since > RECENT as u64
+            || (stamp.seen..self.invalidations_seen)
+                .any(|n| self.recent[n as usize % RECENT] == stamp.key)
     }
 
     fn remove(&mut self, key: Key) {
@@ -461,7 +545,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn entries_expire_after_their_ttl() {
         let cache = quiet_cache(1, ENTRIES);
-        cache.put("h", 3, &session());
+        cache.put_now("h", 3, &session());
         assert_eq!(cache.get("h").map(|(v, _)| v), Some(3));
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(cache.get("h").is_none());
@@ -472,13 +556,13 @@ mod tests {
         let tx = Channel::new(2);
         let rx = tx.subscribe();
         let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watch::channel(true).1);
-        cache.put("a", 1, &session());
-        cache.put("b", 1, &session());
+        cache.put_now("a", 1, &session());
+        cache.put_now("b", 1, &session());
         tx.send("a".into());
         assert!(cache.get("a").is_none() && cache.get("b").is_some());
         tx.send(String::new());
         assert!(cache.get("b").is_none());
-        cache.put("c", 1, &session());
+        cache.put_now("c", 1, &session());
         for _ in 0..5 {
             tx.send("unrelated".into());
         }
@@ -488,25 +572,105 @@ mod tests {
         );
     }
 
+    /// A miss's stamp, for filing what the store answers.
+    fn miss(cache: &Cache, handle: &str) -> Stamp {
+        match cache.get_key(key_of(handle)) {
+            Lookup::Miss(stamp) => stamp,
+            Lookup::Hit(..) => panic!("{handle} is cached"),
+        }
+    }
+
+    /// Handles in the same shard as `handle`, other than it.
+    fn neighbours(handle: &str, count: usize) -> Vec<String> {
+        let shard = shard_of(key_of(handle));
+        handles(count * SHARDS * 4)
+            .into_iter()
+            .filter(|h| h != handle && shard_of(key_of(h)) == shard)
+            .take(count)
+            .collect()
+    }
+
+    #[test]
+    fn what_the_store_answered_before_an_invalidation_is_not_filed_after_it() {
+        let tx = Channel::new(64);
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            tx.subscribe(),
+            watch::channel(true).1,
+        );
+        let handle = &handles(1)[0];
+        // By message (another instance wrote or ended it).
+        let stamp = miss(&cache, handle);
+        tx.send(handle.clone());
+        cache.put(stamp, 1, &session());
+        assert!(cache.get(handle).is_none(), "filed across a message");
+        // By this instance's own write.
+        let stamp = miss(&cache, handle);
+        cache.remove(handle);
+        cache.put(stamp, 1, &session());
+        assert!(cache.get(handle).is_none(), "filed across a removal");
+        // By the shard being emptied (a resync, a lost subscription).
+        let stamp = miss(&cache, handle);
+        tx.send(String::new());
+        cache.put(stamp, 1, &session());
+        assert!(cache.get(handle).is_none(), "filed across a resync");
+        // Nothing in between: filed.
+        let stamp = miss(&cache, handle);
+        cache.put(stamp, 1, &session());
+        assert!(cache.get(handle).is_some());
+    }
+
+    #[test]
+    fn invalidations_of_other_sessions_do_not_keep_a_miss_out_and_a_forgotten_one_still_does() {
+        let tx = Channel::new(1024);
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            tx.subscribe(),
+            watch::channel(true).1,
+        );
+        let handle = &handles(1)[0];
+        let others = neighbours(handle, RECENT + 1);
+        let stamp = miss(&cache, handle);
+        for other in &others[..RECENT] {
+            tx.send(other.clone());
+        }
+        cache.put(stamp, 1, &session());
+        assert!(cache.get(handle).is_some(), "others' invalidations only");
+        cache.remove(handle);
+        // Its own invalidation, then so many others that it is no longer remembered by key.
+        let stamp = miss(&cache, handle);
+        tx.send(handle.clone());
+        for other in &others[..RECENT] {
+            tx.send(other.clone());
+        }
+        cache.put(stamp, 1, &session());
+        assert!(
+            cache.get(handle).is_none(),
+            "more invalidations than remembered: the key's may be among them"
+        );
+    }
+
     #[test]
     fn nothing_is_cached_while_messages_cannot_arrive() {
         let rx = Channel::new(4).subscribe();
         let (live, watching) = watch::channel(true);
         let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
-        cache.put("kept", 1, &session());
+        cache.put_now("kept", 1, &session());
         live.send_replace(false);
         assert!(
             cache.get("kept").is_none(),
             "dropped when the subscription is lost"
         );
-        cache.put("new", 1, &session());
+        cache.put_now("new", 1, &session());
         assert!(cache.get("new").is_none(), "not refilled until it is back");
         live.send_replace(true);
         assert!(
             cache.get("kept").is_none(),
             "what was dropped stays dropped"
         );
-        cache.put("new", 2, &session());
+        cache.put_now("new", 2, &session());
         assert_eq!(cache.get("new").map(|(v, _)| v), Some(2));
     }
 
@@ -521,7 +685,7 @@ mod tests {
         let cache = quiet_cache(60, ENTRIES);
         let all = handles(ENTRIES + ENTRIES / 5);
         for (version, handle) in all.iter().enumerate() {
-            cache.put(handle, version as u64, &session());
+            cache.put_now(handle, version as u64, &session());
         }
         let held = all.iter().filter(|h| cache.get(h).is_some()).count();
         assert!(
@@ -533,7 +697,7 @@ mod tests {
         let recent = &all[all.len() - 1000..];
         for handle in recent {
             if cache.get(handle).is_none() {
-                cache.put(handle, 1, &session());
+                cache.put_now(handle, 1, &session());
             }
         }
         let recent_held = recent.iter().filter(|h| cache.get(h).is_some()).count();
@@ -548,7 +712,7 @@ mod tests {
         let cache = quiet_cache(60, DEFAULT_ENTRIES);
         let active = handles(10_000);
         for handle in &active {
-            cache.put(handle, 1, &session());
+            cache.put_now(handle, 1, &session());
         }
         // The shards hold a binomial share each: a capacity equal to the active set (the old
         // default) left some full and churning.
@@ -560,8 +724,8 @@ mod tests {
     fn the_cache_holds_no_more_than_it_is_given() {
         let cache = quiet_cache(60, 1_600);
         for handle in handles(5_000) {
-            cache.put(&handle, 1, &session());
-            cache.put(&handle, 1, &session());
+            cache.put_now(&handle, 1, &session());
+            cache.put_now(&handle, 1, &session());
         }
         assert_eq!(cache.len(), 1_600, "full, and not one more");
     }
@@ -572,11 +736,11 @@ mod tests {
         let all = handles(8_000);
         let (crowd, later) = all.split_at(2_000);
         for handle in crowd {
-            cache.put(handle, 1, &session());
+            cache.put_now(handle, 1, &session());
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         for handle in later {
-            cache.put(handle, 1, &session());
+            cache.put_now(handle, 1, &session());
         }
         let left = cache.len() - later.len();
         assert!(
@@ -593,13 +757,13 @@ mod tests {
         let all = handles(ENTRIES * 11);
         let (regulars, passers_by) = all.split_at(ENTRIES * 9 / 10);
         for handle in regulars {
-            cache.put(handle, 1, &session());
+            cache.put_now(handle, 1, &session());
         }
         // Ten times the capacity, each once (a cache far smaller than the working set): none of
         // it is worth an eviction.
         for handle in passers_by {
             if cache.get(handle).is_none() {
-                cache.put(handle, 1, &session());
+                cache.put_now(handle, 1, &session());
             }
         }
         let kept = regulars.iter().filter(|h| cache.get(h).is_some()).count();
@@ -619,7 +783,7 @@ mod tests {
             for handle in &all {
                 let hit = cache.get(handle).is_some();
                 if !hit {
-                    cache.put(handle, 1, &session());
+                    cache.put_now(handle, 1, &session());
                 }
                 if round >= 2 {
                     lookups += 1;
@@ -639,7 +803,7 @@ mod tests {
         let rx = Channel::new(4).subscribe();
         let (live, watching) = watch::channel(true);
         let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
-        cache.put("kept", 1, &session());
+        cache.put_now("kept", 1, &session());
         assert!(cache.get("kept").is_some());
         // Down and up again with no lookup in between: messages may have been lost meanwhile.
         live.send_replace(false);
@@ -648,7 +812,7 @@ mod tests {
             cache.get("kept").is_none(),
             "an entry cached before the outage must not survive it"
         );
-        cache.put("new", 1, &session());
+        cache.put_now("new", 1, &session());
         assert!(cache.get("new").is_some(), "cached again once it is back");
     }
 }

@@ -351,6 +351,61 @@ async fn cached_session_ended_on_another_instance_is_gone_at_once() {
     assert!(b.load(&cookie, T0).await.unwrap().is_none());
 }
 
+/// A read of the store that straddles the session's end (logout on another instance while this
+/// one was waiting for the record) must not leave the ended session in this instance's cache:
+/// it would be served for the whole cache time to live after the logout.
+#[tokio::test]
+async fn a_session_ended_while_another_instance_reads_it_is_not_cached_there() {
+    let memory = MemoryStore::new(100);
+    let store = Store::Memory(memory.clone());
+    let a = Arc::new(Sessions::new(
+        settings(&[1], Duration::from_secs(60)),
+        store.clone(),
+    ));
+    let b = Sessions::new(settings(&[1], Duration::from_secs(60)), store);
+    let (cookie, _) = b.create(user("alice", None), T0).await.unwrap();
+    let (has_read, let_go) = memory.hold_next_get();
+    let reading = tokio::spawn({
+        let (a, cookie) = (a.clone(), cookie.clone());
+        async move { a.load(&cookie, T0 + 1).await.unwrap().is_some() }
+    });
+    has_read.await.unwrap();
+    // A has the record in hand; B logs the user out (deletes, publishes the handle).
+    let on_b = b.load(&cookie, T0 + 1).await.unwrap().unwrap();
+    b.delete(&on_b).await.unwrap();
+    let_go.send(()).unwrap();
+    // That one request began before the logout and may see the session; none after it may.
+    let _ = reading.await.unwrap();
+    assert!(
+        a.load(&cookie, T0 + 2).await.unwrap().is_none(),
+        "served from the cache after logout"
+    );
+}
+
+/// The same on one instance: its own logout lands while another of its requests reads.
+#[tokio::test]
+async fn a_session_ended_here_while_a_request_reads_it_is_not_cached() {
+    let memory = MemoryStore::new(100);
+    let s = Arc::new(Sessions::new(
+        settings(&[1], Duration::from_secs(60)),
+        Store::Memory(memory.clone()),
+    ));
+    let (cookie, created) = s.create(user("alice", None), T0).await.unwrap();
+    let (has_read, let_go) = memory.hold_next_get();
+    let reading = tokio::spawn({
+        let (s, cookie) = (s.clone(), cookie.clone());
+        async move { s.load(&cookie, T0 + 1).await.unwrap().is_some() }
+    });
+    has_read.await.unwrap();
+    s.delete(&created).await.unwrap();
+    let_go.send(()).unwrap();
+    let _ = reading.await.unwrap();
+    assert!(
+        s.load(&cookie, T0 + 2).await.unwrap().is_none(),
+        "served from the cache after logout"
+    );
+}
+
 #[tokio::test]
 async fn a_session_opened_from_the_memo_is_found_in_the_cache() {
     let store = Store::Memory(MemoryStore::new(100));

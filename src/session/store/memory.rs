@@ -34,6 +34,16 @@ struct Inner {
     max_entries: usize,
     state: Mutex<State>,
     channels: Mutex<HashMap<String, super::Channel>>,
+    /// Tests only: holds the next `get` after it has read, until the test lets it answer.
+    #[cfg(test)]
+    held_get: Mutex<Option<HeldGet>>,
+}
+
+/// The two ends a test holds a `get` with: told when it has read, it answers when let go.
+#[cfg(test)]
+struct HeldGet {
+    read: tokio::sync::oneshot::Sender<()>,
+    go: tokio::sync::oneshot::Receiver<()>,
 }
 
 #[derive(Default)]
@@ -134,6 +144,8 @@ impl MemoryStore {
                 max_entries: max_entries.max(1),
                 state: Mutex::new(State::default()),
                 channels: Mutex::new(HashMap::new()),
+                #[cfg(test)]
+                held_get: Mutex::new(None),
             }),
         }
     }
@@ -167,14 +179,40 @@ impl MemoryStore {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        match self.state().get_mut(key) {
+        let read = match self.state().get_mut(key) {
             None => Ok(None),
             Some(Entry {
                 kind: Kind::Record(record),
                 ..
             }) => Ok(Some(record.clone())),
             Some(_) => Err(wrong_type()),
+        };
+        #[cfg(test)]
+        {
+            let held = self.inner.held_get.lock().ok().and_then(|mut h| h.take());
+            if let Some(HeldGet { read, go }) = held {
+                let _ = read.send(());
+                let _ = go.await;
+            }
         }
+        read
+    }
+
+    /// Tests only: the next `get` reads, says so on the first receiver, then waits for the
+    /// second end to be sent to (or dropped) before it answers what it read.
+    #[cfg(test)]
+    pub fn hold_next_get(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (read, has_read) = tokio::sync::oneshot::channel();
+        let (let_go, go) = tokio::sync::oneshot::channel();
+        if let Ok(mut held) = self.inner.held_get.lock() {
+            *held = Some(HeldGet { read, go });
+        }
+        (has_read, let_go)
     }
 
     pub async fn put_new(
