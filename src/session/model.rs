@@ -219,8 +219,22 @@ impl<'de> Deserialize<'de> for UserClaims {
 }
 
 /// One signed-in user's session.
+///
+/// Laid out in this order (`repr(C)`): what every proxied request reads of it (its times and its
+/// access tokens) sits next to the reference count of the `Arc` it is shared in, in the same
+/// cache line, so a session not used for a while costs one miss there, not three.
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[repr(C)]
 pub struct Session {
+    /// Unix seconds; set by the manager when the session is created.
+    #[serde(default)]
+    pub created_at: u64,
+    /// Unix seconds; set by the manager on every write.
+    #[serde(default)]
+    pub last_seen: u64,
+    /// Access tokens by resource; `""` is the default resource.
+    #[serde(default)]
+    pub tokens: TokenMap,
     pub sub: String,
     /// The provider's session id (`sid` claim), used by back-channel logout.
     #[serde(default)]
@@ -231,17 +245,8 @@ pub struct Session {
     /// Kept for `id_token_hint` at logout.
     #[serde(default)]
     pub id_token: Option<String>,
-    /// Access tokens by resource; `""` is the default resource.
-    #[serde(default)]
-    pub tokens: TokenMap,
     #[serde(default)]
     pub refresh_token: Option<String>,
-    /// Unix seconds; set by the manager when the session is created.
-    #[serde(default)]
-    pub created_at: u64,
-    /// Unix seconds; set by the manager on every write.
-    #[serde(default)]
-    pub last_seen: u64,
     #[serde(default)]
     pub user_agent: Option<String>,
 }
