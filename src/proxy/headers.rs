@@ -681,6 +681,57 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Removes the client's fields that would reach the upstream as one Vestibule writes or removes:
+/// a name that differs from such a header only by `_` in place of `-` (`X_User`,
+/// `X_Forwarded_For`, `X_Request_Id`), and `Proxy`. Many servers behind a proxy (CGI, WSGI,
+/// Rack, PHP) turn both spellings into one variable (`HTTP_X_USER`), so the lookalike would
+/// stand beside Vestibule's own value, or before it; `Proxy` becomes `HTTP_PROXY`, which some
+/// HTTP clients there take for their outgoing proxy ("httpoxy"). Whoever the peer is: a trusted
+/// proxy passes its client's fields on, and no proxy writes these spellings itself.
+///
+/// Other names with `_` pass, as any field does. A request without one (nearly all) costs a
+/// scan of each name here and nothing else.
+pub fn strip_lookalikes(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
+    let suspect = |name: &HeaderName| {
+        let name = name.as_str().as_bytes();
+        name == b"proxy" || name.contains(&b'_')
+    };
+    if !headers.keys().any(suspect) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| suspect(name) && is_lookalike(name, route))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// Whether `name` (`Proxy`, or a name with `_`) is one [`strip_lookalikes`] removes.
+fn is_lookalike(name: &HeaderName, route: &crate::config::RouteConfig) -> bool {
+    if name.as_str() == "proxy" {
+        return true;
+    }
+    let Ok(dashed) = HeaderName::from_bytes(name.as_str().replace('_', "-").as_bytes()) else {
+        return false;
+    };
+    speaks_for_client(&dashed)
+        || [
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            X_REQUEST_ID,
+        ]
+        .contains(&dashed)
+        || route
+            .identity_headers
+            .iter()
+            .any(|(ours, _)| *ours == dashed)
+        || route.assertion.as_ref().is_some_and(|a| a.header == dashed)
+}
+
 /// Removes every copy of the headers `route` sets itself (its identity headers and its
 /// assertion's header): only Vestibule speaks for the user there, with or without a session.
 pub fn strip_identity(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {

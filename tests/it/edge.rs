@@ -136,6 +136,44 @@ async fn a_trusted_proxy_speaks_for_the_client() {
     assert_eq!(r.header("x-request-id"), Some(id));
 }
 
+/// The same headers spelled with `_` for `-`: CGI, WSGI, Rack and PHP upstreams read
+/// `X_Forwarded_For` and `X-Forwarded-For` as one variable (`HTTP_X_FORWARDED_FOR`), so such a
+/// field would speak for the client, or add to what Vestibule says, as surely as the real one.
+/// `Proxy` becomes `HTTP_PROXY` there, which some HTTP clients take as their proxy ("httpoxy").
+const LOOKALIKES: &[(&str, &str)] = &[
+    ("x_real_ip", "203.0.113.66"),
+    ("X_Forwarded_For", "203.0.113.66"),
+    ("x_forwarded_proto", "http"),
+    ("x_forwarded_host", "evil.example"),
+    ("x_forwarded_prefix", "/evil"),
+    ("X_Request_Id", "spoofed-request-id"),
+    ("proxy", "http://evil.example:6666"),
+];
+
+#[tokio::test]
+async fn underscore_spellings_of_forwarding_headers_never_pass_whoever_the_peer() {
+    let up = upstream::start().await;
+    for trusted in [false, true] {
+        let proxy = start_proxy(&edge_config(&up, trusted, "")).await;
+        let mut sent = LOOKALIKES.to_vec();
+        sent.push(("x_trace_tag", "kept"));
+        let r = get(&proxy.url("/api/who"), &sent).await;
+        assert_eq!(r.status, 200);
+        let seen = up.last().headers;
+        for &(name, value) in LOOKALIKES {
+            assert!(
+                !seen.contains_key(name),
+                "trusted {trusted}: {name}: {value} reached the upstream"
+            );
+        }
+        assert_eq!(
+            seen.get("x_trace_tag").map(|v| v.to_str().unwrap()),
+            Some("kept"),
+            "an underscore in a name of nobody's is no reason to drop it"
+        );
+    }
+}
+
 /// Every way an upstream could name one of Vestibule's cookies, for the session cookie `name`.
 fn own_cookie_names(name: &str) -> Vec<String> {
     let bare = name.trim_start_matches("__Host-");

@@ -121,6 +121,36 @@ async fn a_browser_sent_identity_header_never_reaches_the_upstream_without_a_ses
     assert_eq!(seen(&s.up, "x-user"), ["admin"]);
 }
 
+/// Identity headers spelled with `_` for `-` (`X_User`): many upstream servers (CGI, WSGI, Rack,
+/// PHP) read both spellings as one variable, so the forged one would stand beside, or before,
+/// Vestibule's.
+const FORGED_LOOKALIKES: [(&str, &str); 3] = [
+    ("X_User", "admin"),
+    ("x_email", "root@example.test"),
+    ("X_GROUPS", "admins"),
+];
+
+#[tokio::test]
+async fn an_underscore_spelling_of_an_identity_header_never_reaches_the_upstream() {
+    let s = stack(routes).await;
+    let cookie = s.sign_in(json!({"email": "alice@example.test"})).await;
+    let mut signed_in = vec![("cookie", cookie.as_str())];
+    signed_in.extend(FORGED_LOOKALIKES);
+    for path in ["/open/x", "/maybe/x"] {
+        for sent in [&FORGED_LOOKALIKES[..], &signed_in[..]] {
+            let r = get(&s.proxy.url(path), sent).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            for (name, _) in FORGED_LOOKALIKES {
+                assert_eq!(seen(&s.up, name), Vec::<String>::new(), "{path}: {name}");
+            }
+        }
+        assert_eq!(seen(&s.up, "x-user"), ["alice"], "{path}");
+    }
+    // Where nothing is spoken for the user, such a name is a header like any other.
+    get(&s.proxy.url("/plain/x"), &FORGED_LOOKALIKES).await;
+    assert_eq!(seen(&s.up, "x_user"), ["admin"]);
+}
+
 #[tokio::test]
 async fn identity_headers_carry_the_session_claims_and_replace_the_browsers() {
     let s = stack(routes).await;
