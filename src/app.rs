@@ -282,7 +282,14 @@ impl App {
     ) -> Routed<'r> {
         let config = &live.config;
         if proxy::header_bytes(&req) > config.server.max_header_size {
-            return Routed::answer("-", ErrorCode::HeadersTooLarge.json(&[]));
+            let mut refused = ErrorCode::HeadersTooLarge.json(&[]);
+            // Pending logins' cookies may be what made it too large (another site can send a
+            // browser to log in again and again): they go, so the browser's next request passes.
+            let logins = crate::cookies::with_prefix(req.headers(), &live.login_prefix);
+            for gone in crate::cookies::deletions(&config.session, logins.map(|(name, _)| name)) {
+                refused.headers_mut().append(http::header::SET_COOKIE, gone);
+            }
+            return Routed::answer("-", refused);
         }
         let prefix = config.server.bff_prefix.as_str();
         // One canonical path decides everything below: the BFF endpoints, the route, its

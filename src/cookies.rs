@@ -28,6 +28,41 @@ pub fn values<'h>(headers: &'h HeaderMap, name: &str) -> impl Iterator<Item = &'
         .filter_map(|(_, v)| std::str::from_utf8(trim_quotes(v)).ok())
 }
 
+/// Every cookie in the request whose name starts with `prefix`, as (name, value), in order; a
+/// name sent twice comes twice.
+pub fn with_prefix<'h>(
+    headers: &'h HeaderMap,
+    prefix: &'h str,
+) -> impl Iterator<Item = (&'h str, &'h str)> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .filter(|v| is_visible_ascii(v))
+        .flat_map(|v| Pairs(Some(v)))
+        .filter_map(move |pair| {
+            let pair = pair.trim_ascii();
+            let at = memchr::memchr(b'=', pair)?;
+            let name = std::str::from_utf8(&pair[..at]).ok()?;
+            let value = std::str::from_utf8(trim_quotes(&pair[at + 1..])).ok()?;
+            name.starts_with(prefix).then_some((name, value))
+        })
+}
+
+/// `Set-Cookie` values that delete each of `names` once.
+pub fn deletions<'n>(
+    config: &SessionConfig,
+    names: impl IntoIterator<Item = &'n str>,
+) -> Vec<HeaderValue> {
+    let mut names: Vec<&str> = names.into_iter().collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|name| set_cookie(config, name, "", None, true))
+        .collect()
+}
+
 /// Visible ASCII or tab, as `HeaderValue::to_str` requires, every byte looked at.
 fn is_visible_ascii(bytes: &[u8]) -> bool {
     bytes.iter().fold(true, |ok, &b| {

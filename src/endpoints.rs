@@ -24,6 +24,8 @@ use subtle::ConstantTimeEq;
 use tracing::Instrument;
 
 const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// Logins a browser may have begun and not finished at once (tabs signing in side by side).
+const PENDING_LOGINS: usize = 4;
 /// The longest `returnUrl`: it travels in the login cookie, which browsers keep only up to
 /// 4096 bytes of name and value.
 pub const MAX_RETURN_URL_LEN: usize = 2048;
@@ -272,11 +274,45 @@ async fn login(
         .await
         .map_err(RequestError::Provider)?;
     let mut response = redirect(&location);
+    let prefix = cookies::login_prefix(session_config);
+    for gone in cookies::deletions(session_config, logins_to_forget(app, req, &prefix)) {
+        response.headers_mut().append(header::SET_COOKIE, gone);
+    }
     if let Some(cookie) = cookies::set_cookie(session_config, &name, &sealed, Some(LOGIN_TTL), true)
     {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
     Ok(response)
+}
+
+/// The login cookies a new login asks the browser to delete, so that with the new one it holds
+/// at most [`PENDING_LOGINS`]: those that no longer open or have expired, then the oldest.
+/// `/bff/login` needs no session and its cookie is `SameSite=Lax`, so another site can send a
+/// browser there again and again; kept all, the cookies would outgrow the head limit within ten
+/// minutes and every request of the user's, logins included, would be refused (431).
+fn logins_to_forget<'h>(app: &Shared, req: &'h Request<Inbound>, prefix: &'h str) -> Vec<&'h str> {
+    let now = app.clock.now();
+    let mut pending: Vec<(Option<u64>, &str)> = cookies::with_prefix(req.headers(), prefix)
+        .map(|(name, value)| {
+            let created = app
+                .keyring()
+                .open(name, value)
+                .and_then(|opened| serde_json::from_slice::<LoginState>(&opened.plaintext).ok())
+                .map(|login| login.created)
+                .filter(|&created| now.saturating_sub(created) <= LOGIN_TTL.as_secs());
+            (created, name)
+        })
+        .collect();
+    // Unusable first (`None`), then the oldest.
+    pending.sort_unstable();
+    let keep = PENDING_LOGINS - 1;
+    let usable = pending
+        .iter()
+        .filter(|(created, _)| created.is_some())
+        .count();
+    let forget = pending.len() - usable + usable.saturating_sub(keep);
+    pending.truncate(forget);
+    pending.into_iter().map(|(_, name)| name).collect()
 }
 
 /// `prompt` of `/bff/login`: absent, or once one of [`PROMPTS`] (`none`: silent sign-in).

@@ -392,6 +392,65 @@ async fn several_tabs_logging_in_at_once_all_succeed() {
     );
 }
 
+fn login_cookies(browser: &Browser) -> usize {
+    browser
+        .jar
+        .keys()
+        .filter(|name| name.starts_with("vestibule-login-"))
+        .count()
+}
+
+/// `/bff/login` needs no session and its cookie is `SameSite=Lax`, so a page on another site can
+/// send a browser there again and again (top-level navigations). Each visit sets one more login
+/// cookie for ten minutes: unbounded, they would outgrow the head limit and lock the user out of
+/// the app and of signing in (431 on every request) until they expire.
+#[tokio::test]
+async fn a_browser_sent_to_login_again_and_again_keeps_a_few_login_cookies_and_signs_in() {
+    let s = stack("", serde_json::json!({})).await;
+    let mut browser = Browser::default();
+    let long = format!("/{}", "a".repeat(600));
+    for round in 0..20 {
+        let r = browser.start_login(&s.base, &long).await;
+        assert_eq!(r.status, 302, "login {round}: {}", r.text());
+        assert!(
+            login_cookies(&browser) <= 4,
+            "login {round}: {:?}",
+            browser.jar.keys()
+        );
+    }
+    let done = browser.login(&s.base, "alice", "alice", "/app").await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    assert_eq!(done.header("location"), Some("/app"));
+    assert_eq!(browser.user(&s.base).await["sub"], "alice");
+}
+
+/// A head too large because of login cookies gets its 431 with those cookies deleted: the
+/// browser's next request goes through (here the head limit is 8 KiB and three pending logins
+/// with long return URLs outgrow it).
+#[tokio::test]
+async fn a_head_too_large_with_login_cookies_deletes_them_so_the_browser_recovers() {
+    let s = Stack::builder()
+        .config(|c| c.add("server.max_header_size", "8KiB"))
+        .start()
+        .await;
+    let mut browser = Browser::default();
+    let long = format!("/{}", "b".repeat(2000));
+    let mut refused = None;
+    for _ in 0..4 {
+        let r = browser.start_login(&s.base, &long).await;
+        if r.status == 431 {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 302, "{}", r.text());
+    }
+    let refused = refused.expect("three long login cookies outgrow an 8 KiB head");
+    assert_eq!(refused.json()["error"], "headers_too_large");
+    assert_eq!(login_cookies(&browser), 0, "{:?}", browser.jar.keys());
+    let done = browser.login(&s.base, "alice", "alice", "/app").await;
+    assert_eq!(done.header("location"), Some("/app"), "{}", done.text());
+}
+
 #[tokio::test]
 async fn tampered_truncated_foreign_and_huge_cookies_are_no_session() {
     let s = stack("", serde_json::json!({})).await;
