@@ -100,7 +100,12 @@ pub fn csrf_ok<B>(live: &LiveConfig, req: &Request<B>) -> bool {
     let origin = origin.and_then(|v| v.to_str().ok());
     let allowed_origin =
         |o: &str| o == server.public_origin || server.cors_origins.iter().any(|c| c == o);
-    if upgrade && crate::proxy::headers::upgrade_protocol(req.headers()).is_some() {
+    // A WebSocket handshake (a `GET`) cannot carry `X-CSRF`: the `Origin` alone decides. Any
+    // other method asking to switch protocols is held to the same rule as every request.
+    if upgrade
+        && req.method() == http::Method::GET
+        && crate::proxy::headers::upgrade_protocol(req.headers()).is_some()
+    {
         return origin.is_some_and(allowed_origin);
     }
     if csrf.is_none_or(|v| v.as_bytes() != b"1") {

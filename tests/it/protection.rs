@@ -119,6 +119,24 @@ async fn csrf_header_and_origin_are_required_on_token_routes() {
     let (status, echoed) = websocket(s.port, &cookie, Some(&s.base)).await;
     assert_eq!(status, 101);
     assert_eq!(echoed.as_deref(), Some("ping"));
+    // Only a handshake (a GET) goes on its Origin alone: another method asking for an upgrade
+    // needs X-CSRF like any request.
+    let before = s.up.count();
+    let posted = alice
+        .request(
+            "POST",
+            &url,
+            &[
+                ("origin", s.base.as_str()),
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+            ],
+            Some("x=1".into()),
+        )
+        .await;
+    assert_eq!(posted.status, 403, "{}", posted.text());
+    assert_eq!(posted.json()["error"], "csrf");
+    assert_eq!(s.up.count(), before);
 }
 
 /// Opens a WebSocket through the proxy at `/api/ws`; returns the status and, after 101, what the
