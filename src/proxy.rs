@@ -122,8 +122,7 @@ pub async fn dispatch(
             let upgrade = headers::upgrade_protocol(req.headers())
                 .map(|p| (p, hyper::upgrade::on(&mut *req)));
             let fields = req.headers_mut();
-            headers::strip_hop_by_hop(fields);
-            headers::strip_lookalikes(fields, route);
+            headers::strip_for_upstream(fields, route);
             if route.sets_identity() {
                 headers::strip_identity(fields, route);
                 for (name, value) in identity {

@@ -32,12 +32,35 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// cloned or allocated, and a message with none of them (most requests) is left at once. Only
 /// a `Connection` token that is not itself a hop-by-hop name is parsed into a header name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let present = hop_by_hop_present(headers, |_| {});
+    remove_hop_by_hop(headers, present);
+}
+
+/// What a request on its way to `route`'s upstream loses of the client's fields: the hop-by-hop
+/// ones ([`strip_hop_by_hop`]) and the lookalikes ([`strip_lookalikes`]), found in one pass
+/// over the names.
+pub fn strip_for_upstream(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
+    let mut suspect = false;
+    let present = hop_by_hop_present(headers, |name| suspect |= may_be_lookalike(name));
+    remove_hop_by_hop(headers, present);
+    if suspect {
+        strip_lookalikes(headers, route);
+    }
+}
+
+/// Which of [`HOP_BY_HOP`] are present, as bits; `each` sees every name on the way.
+fn hop_by_hop_present(headers: &HeaderMap, mut each: impl FnMut(&HeaderName)) -> u16 {
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(at) = hop_by_hop_index(name) {
             present |= 1 << at;
         }
+        each(name);
     }
+    present
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap, present: u16) {
     if present == 0 {
         return;
     }
@@ -691,22 +714,40 @@ fn mix64(mut z: u64) -> u64 {
 ///
 /// Other names with `_` pass, as any field does. A request without one (nearly all) costs a
 /// scan of each name here and nothing else.
-pub fn strip_lookalikes(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
-    let suspect = |name: &HeaderName| {
-        let name = name.as_str().as_bytes();
-        name == b"proxy" || name.contains(&b'_')
-    };
-    if !headers.keys().any(suspect) {
+fn strip_lookalikes(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
+    if !headers.keys().any(may_be_lookalike) {
         return;
     }
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| suspect(name) && is_lookalike(name, route))
+        .filter(|name| may_be_lookalike(name) && is_lookalike(name, route))
         .cloned()
         .collect();
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// `Proxy`, or a name with `_` in it: only such a name can be a lookalike. Eight bytes at a
+/// time (it runs for every field of every request).
+fn may_be_lookalike(name: &HeaderName) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // Whether a byte of `word` is `_`: a zero byte in `word ^ "________"` (exact for "any").
+    let has_underscore = |word: u64| {
+        let x = word ^ (u64::from(b'_') * ONES);
+        x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
+    };
+    let text = name.as_str().as_bytes();
+    let mut words = text.chunks_exact(8);
+    let mut found = false;
+    for word in &mut words {
+        found |= word
+            .first_chunk::<8>()
+            .is_some_and(|w| has_underscore(u64::from_le_bytes(*w)));
+    }
+    // The last bytes, in a word whose other bytes are zeros (no underscore).
+    let rest = (words.remainder().iter().rev()).fold(0, |w, &b| w << 8 | u64::from(b));
+    found || has_underscore(rest) || text == b"proxy"
 }
 
 /// Whether `name` (`Proxy`, or a name with `_`) is one [`strip_lookalikes`] removes.
@@ -752,6 +793,36 @@ mod tests {
     /// Aligned to 8, they sit among the other arguments of an async function's first state
     /// instead of after the room for its later states (which moving the future into its box
     /// would copy, ~2.4 KB per request; measured with callgrind).
+    /// Eight bytes at a time, it answers as reading each byte would: every length from 1 to 40,
+    /// an underscore at every place or none, among bytes one off from it (`^`, `` ` ``) and `-`.
+    #[test]
+    fn a_name_may_be_a_lookalike_exactly_when_it_has_an_underscore_or_is_proxy() {
+        for len in 1..=40 {
+            for at in 0..=len {
+                let text: String = (0..len)
+                    .map(|i| match (i == at, i % 4) {
+                        (true, _) => '_',
+                        (_, 0) => '^',
+                        (_, 1) => '`',
+                        (_, 2) => '-',
+                        _ => 'x',
+                    })
+                    .collect();
+                let name = HeaderName::from_bytes(text.as_bytes()).unwrap();
+                assert_eq!(may_be_lookalike(&name), at < len, "{text}");
+            }
+        }
+        assert!(may_be_lookalike(&HeaderName::from_static("proxy")));
+        for name in [
+            header::HOST,
+            header::COOKIE,
+            header::PROXY_AUTHORIZATION,
+            X_FORWARDED_FOR,
+        ] {
+            assert!(!may_be_lookalike(&name), "{name}");
+        }
+    }
+
     #[test]
     fn connection_facts_are_aligned_like_the_other_arguments() {
         assert_eq!(std::mem::align_of::<Peer>(), 8);
