@@ -140,6 +140,10 @@ async fn scripted_upstream() -> (String, Arc<AtomicUsize>) {
             "/api/close/until-close" => vec![b"HTTP/1.1 200 OK\r\n\r\nall of ", b"it"],
             "/api/smuggle" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"],
             "/api/two-answers" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"],
+            // The second answer a few milliseconds later: after the first went back to the pool.
+            "/api/late-second-answer" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"],
+            // A HEAD answered with its body, written after the head (a common upstream bug).
+            "/api/late-head-body" => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n", b"{\"user\":\"alice\"}\n"],
             "/api/big" => return big_answer.chunks(100_000).map(<[u8]>::to_vec).collect(),
             _ => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
         };
@@ -265,5 +269,41 @@ async fn an_upstream_answering_more_than_asked_never_answers_the_next_request() 
         accepted.load(Ordering::SeqCst),
         3,
         "a new connection after each answer that carried more than itself"
+    );
+}
+
+/// Bytes an upstream sends once its answer is complete and its connection back in the pool (a
+/// second answer, a HEAD answer's body written after its head) are no answer to the next
+/// request on that connection, which may be another user's: such a connection is not reused.
+#[tokio::test]
+async fn bytes_arriving_on_an_idle_upstream_connection_never_answer_the_next_request() {
+    let (upstream, accepted) = scripted_upstream().await;
+    let proxy = start_proxy(&workers_config(&upstream, 1)).await;
+    let mut alice = one_connection(&proxy).await;
+    let (status, _, body) = ask(&mut alice, "GET", "/api/late-second-answer").await;
+    assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut bob = one_connection(&proxy).await;
+    for n in 0..3 {
+        let (status, _, body) = ask(&mut bob, "GET", &format!("/api/bob/{n}")).await;
+        assert_eq!(
+            (status, &body[..]),
+            (200, &b"ok"[..]),
+            "bob's request {n} after alice's answer came twice"
+        );
+    }
+    let (status, _, _) = ask(&mut alice, "HEAD", "/api/late-head-body").await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, _, body) = ask(&mut bob, "GET", "/api/bob/after-head").await;
+    assert_eq!(
+        (status, &body[..]),
+        (200, &b"ok"[..]),
+        "bob's request after alice's HEAD got its body late"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "a new connection after each answer followed by more bytes"
     );
 }

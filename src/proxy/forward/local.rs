@@ -132,17 +132,28 @@ fn respond(
     response.map(|()| wire::WireBody::new(conn, framing, keep, home).boxed_unsync())
 }
 
-/// A pooled connection for `authority`, the most recently used first; expired ones are closed.
+/// A pooled connection for `authority`, the most recently used first; expired ones are closed,
+/// and so is one the upstream wrote to or closed while it sat in the pool ([`is_quiet`]).
 fn checkout_bare(pool: &LocalPool, authority: &str) -> Option<wire::Conn> {
     let mut bare = pool.bare.lock().unwrap_or_else(PoisonError::into_inner);
     let (_, list) = bare.iter_mut().find(|(k, _)| &**k == authority)?;
     let now = Instant::now();
     while let Some(idle) = list.pop() {
-        if now.duration_since(idle.since) < IDLE_TIMEOUT {
+        if now.duration_since(idle.since) < IDLE_TIMEOUT && is_quiet(&idle.conn) {
             return Some(idle.conn);
         }
     }
     None
+}
+
+/// Whether nothing has arrived on an idle connection since its last answer was read whole. Bytes
+/// sent after an answer (a second answer, a `HEAD` answer's body written after its head) would
+/// otherwise be read as the answer to the next request on it — anyone's. hyper's pooled
+/// connections notice the same (their task reads while idle) and close. Asks the socket only
+/// when the runtime saw it become readable since the last read that found it empty.
+fn is_quiet(conn: &wire::Conn) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(conn.tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 fn checkin_bare(pool: &LocalPool, authority: &str, conn: wire::Conn) {
