@@ -7,10 +7,14 @@
 //! connection; no part of it reaches a handler or an upstream.
 //!
 //! To find every head on a keep-alive connection, the check follows the framing of the bodies
-//! in between (a `Content-Length` is skipped in one step, chunks by their sizes). What it cannot
-//! follow — HTTP/2, a chunked body hyper will refuse anyway, a request asking to switch
-//! protocols (`Upgrade`, `CONNECT`: whether a tunnel follows is only known from the answer) —
-//! ends the check for the connection, never the connection. A client can therefore turn the
+//! in between (a `Content-Length` is skipped in one step, chunks by their sizes). A chunked body
+//! it cannot follow byte for byte as it expects (a bad size, a trailer line ending in a bare LF,
+//! which hyper would take) is spoiled: that byte and every later line feed on the connection
+//! become NULs, so hyper refuses the body and takes no head after it. A `Transfer-Encoding`
+//! line too long to keep is refused like a conflicting one. What it cannot follow at all —
+//! HTTP/2, a request asking to switch protocols (`Upgrade`, `CONNECT`: whether a tunnel follows
+//! is only known from the answer) — ends the check for the connection, never the connection.
+//! A client can therefore turn the
 //! check off for its own later requests by asking for an upgrade first; those requests still
 //! meet hyper's parser, which removes `Content-Length` beside `Transfer-Encoding` and closes the
 //! connection after such a request, and every request reaches an upstream re-framed by
@@ -144,8 +148,11 @@ enum Framing {
     Body(u64),
     /// Following a chunked body.
     Chunked(Chunk),
-    /// Checking no more: HTTP/2, a protocol switch, a refused head or a body hyper refuses.
+    /// Checking no more: HTTP/2, a protocol switch, or a refused head (hyper closes after it).
     Off,
+    /// A body the check could not follow as hyper reads it: its offending byte, and every line
+    /// feed after it, became a NUL, so neither that body nor any later head is taken by hyper.
+    Spoiled,
 }
 
 impl Default for Framing {
@@ -217,7 +224,7 @@ impl Framing {
         match self {
             Framing::Head(head) => head.seen_request_line || head.line_len > 0,
             Framing::Body(_) | Framing::Chunked(_) => true,
-            Framing::Off => false,
+            Framing::Off | Framing::Spoiled => false,
         }
     }
 
@@ -227,6 +234,14 @@ impl Framing {
         while at < bytes.len() {
             at = match self {
                 Framing::Off => return,
+                Framing::Spoiled => {
+                    for byte in &mut bytes[at..] {
+                        if *byte == b'\n' {
+                            *byte = 0;
+                        }
+                    }
+                    return;
+                }
                 Framing::Body(left) => {
                     let take = usize::try_from(*left)
                         .unwrap_or(usize::MAX)
@@ -247,8 +262,11 @@ impl Framing {
                         at + taken
                     }
                     None => {
-                        *self = Framing::Off;
-                        return;
+                        // hyper may take what the check cannot follow (a trailer line ending
+                        // in a bare LF): stopping here would let later heads pass unchecked.
+                        bytes[at] = 0;
+                        *self = Framing::Spoiled;
+                        at + 1
                     }
                 },
                 Framing::Head(head) => {
@@ -330,6 +348,11 @@ impl Head {
             self.transfer_encodings += 1;
             let last = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
             self.chunked = line.whole && last.is_some_and(|l| l.eq_ignore_ascii_case(b"chunked"));
+            // Too long to keep whole, its last coding is unknown here but not to hyper (which
+            // trims the value): refused, as a `Content-Length` line too long is.
+            if !line.whole {
+                self.refused = true;
+            }
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             self.upgrade = true;
         }
@@ -512,11 +535,47 @@ mod tests {
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "CONNECT x:443 HTTP/1.1\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello",
         ] {
             let (bytes, framing) = checked(input, 3);
             assert_eq!(bytes, input.as_bytes());
             assert!(matches!(framing, Framing::Off), "{input:?}: {framing:?}");
         }
+    }
+
+    /// A chunked body the check cannot follow is spoiled where it lost track, and so is every
+    /// head after it: a bad size line, and a trailer line ending in a bare LF (which hyper
+    /// takes as a line end, so stopping the check there would let the next head through).
+    #[test]
+    fn bodies_it_cannot_follow_are_spoiled_with_every_head_after_them() {
+        let next = "POST /b HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
+        for body in ["5\nhello", "0\r\nA: b\n\r\n\r\n", "zz\r\n"] {
+            let input =
+                format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{body}{next}");
+            for step in [1, 3, input.len()] {
+                let (bytes, framing) = checked(&input, step);
+                assert!(
+                    matches!(framing, Framing::Spoiled),
+                    "{input:?}: {framing:?}"
+                );
+                let after = &bytes[input.len() - next.len()..];
+                assert!(
+                    !after.contains(&b'\n'),
+                    "{input:?}: a head after it kept a line end"
+                );
+            }
+        }
+    }
+
+    /// A `Transfer-Encoding` line too long for the check to keep is refused: hyper would trim
+    /// it and read `chunked` where the check saw only spaces.
+    #[test]
+    fn a_transfer_encoding_line_too_long_to_keep_is_refused() {
+        let long = format!(
+            "POST / HTTP/1.1\r\nTransfer-Encoding:{}chunked\r\n\r\n0\r\n\r\n",
+            " ".repeat(LINE)
+        );
+        assert!(refused(&long));
+        let short = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(!refused(short));
     }
 }

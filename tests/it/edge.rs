@@ -407,6 +407,46 @@ async fn smuggling_attempts_behind_a_plain_request_are_refused_alike() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Bodies the framing guard cannot follow as hyper reads them (a trailer line ending in a bare
+/// LF, which hyper takes; a `Transfer-Encoding` line too long for the guard to keep, which hyper
+/// trims and reads as chunked) must not switch the guard off: every smuggling head after them
+/// on the same connection is still refused, and none reaches the upstream.
+#[tokio::test]
+async fn bodies_the_guard_cannot_follow_never_let_a_smuggled_head_through() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    let long_te = format!(
+        "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:{}chunked\r\n\r\n0\r\n\r\n",
+        " ".repeat(100)
+    );
+    let firsts = [
+        "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nA: b\n\r\n\r\n",
+        long_te.as_str(),
+    ];
+    let smuggled = [
+        "POST /api/b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        "POST /api/b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "GET /api/b HTTP/1.1\nHost: x\n\n",
+    ];
+    let mut failures = Vec::new();
+    for first in firsts {
+        for second in smuggled {
+            let before = up.count();
+            let (statuses, _) = exchange(&proxy, format!("{first}{second}").as_bytes()).await;
+            let seen: Vec<String> = up.seen.lock().unwrap()[before..]
+                .iter()
+                .map(|s| s.uri.clone())
+                .collect();
+            if statuses.iter().skip(1).any(|&s| s != 400) || seen.iter().any(|u| u == "/api/b") {
+                failures.push(format!(
+                    "{first:?} then {second:?}: {statuses:?}, upstream saw {seen:?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Sends each smuggling case on a connection of its own, after `first` (a plain request that
 /// must be answered 200) if given; returns how each case that got past went wrong.
 async fn smuggling_failures(first: Option<&str>) -> Vec<String> {
