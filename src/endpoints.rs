@@ -743,14 +743,13 @@ async fn backchannel_logout(
     let replay_ttl =
         Duration::from_secs(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE + expect.leeway + 60);
     let marker = format!("jti:{}", hash_hex(&logout.jti));
-    match app
-        .sessions
-        .store()
-        .remember_once(&marker, replay_ttl)
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return logout_rejected("jti replayed"),
+    // Checked first, recorded only once the sessions have ended: a marker written before them
+    // would turn the provider's retry of a logout whose ending failed (or whose marker's write
+    // was carried out but answered too late) into a "replay", and the logout would be lost.
+    // Two deliveries at once both end the sessions, which is harmless.
+    match app.sessions.store().remembered(&marker).await {
+        Ok(false) => {}
+        Ok(true) => return logout_rejected("jti replayed"),
         Err(e) => return Err(e.into()),
     }
     // With both, the sid's sessions end; when none has that sid, the subject's sessions do.
@@ -763,20 +762,22 @@ async fn backchannel_logout(
         (None, Some(sub)) => app.sessions.end_by_sub(sub).await,
         (None, None) => return logout_rejected("neither sid nor sub"),
     };
-    match ended {
-        Ok(n) => {
-            tracing::info!(sessions = n, "back-channel logout ended sessions");
-            let mut r = Response::new(crate::reply::empty());
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok(r)
-        }
-        Err(e) => {
-            // Let the provider's retry of this token through: the logout must not be lost.
-            let _ = app.sessions.store().delete(&marker).await;
-            Err(e.into())
-        }
+    let n = ended?;
+    tracing::info!(sessions = n, "back-channel logout ended sessions");
+    if let Err(e) = app
+        .sessions
+        .store()
+        .remember_once(&marker, replay_ttl)
+        .await
+    {
+        // The logout took effect; only a replay of this token is not refused until the store
+        // answers again (and then only while the token is young enough to be taken).
+        tracing::warn!(error = %e, "the back-channel logout's token could not be recorded");
     }
+    let mut r = Response::new(crate::reply::empty());
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
 }
 
 async fn list_sessions(

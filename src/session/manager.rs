@@ -427,9 +427,11 @@ impl Sessions {
         let written = self
             .store
             .compare_and_set(&key.name(), loaded.version, &record, ttl)
-            .await?;
-        self.invalidate(&loaded.handle, written).await;
-        Ok(written.then_some(updated))
+            .await;
+        // A failed answer may hide a write carried out (its reply lost): copies go either way.
+        self.invalidate(&loaded.handle, !matches!(written, Ok(false)))
+            .await;
+        Ok(written?.then_some(updated))
     }
 
     /// Slides the idle timeout. Writes only when a tenth of the idle time has passed since
@@ -482,9 +484,11 @@ impl Sessions {
     }
 
     async fn end(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let deleted = self.store.delete(&key.name()).await?;
+        let deleted = self.store.delete(&key.name()).await;
+        // Also when the store failed to answer: the delete may have been carried out (its reply
+        // lost), and a copy cached here or elsewhere would then outlive the session.
         self.invalidate(&key.handle(), true).await;
-        Ok(deleted)
+        deleted
     }
 
     /// Ends every session in an index; returns how many existed.

@@ -202,6 +202,9 @@ impl Store {
         /// `true` the first time `key` is seen within `ttl` (replay detection).
         fn remember_once(key: &str, ttl: Duration) -> bool;
 
+        /// Whether `key` was remembered ([`Store::remember_once`]) and has not expired.
+        fn remembered(key: &str) -> bool;
+
         /// Takes the lease `key` for `token` if nobody holds it.
         fn try_lock(key: &str, token: &str, lease: Duration) -> bool;
 

@@ -12,6 +12,7 @@ mod config_errors;
 mod dpop;
 mod edge;
 mod fake_provider;
+mod faults_late_writes;
 mod faults_provider;
 mod faults_redis;
 mod faults_restart;

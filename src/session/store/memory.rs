@@ -358,6 +358,10 @@ impl MemoryStore {
         Ok(true)
     }
 
+    pub async fn remembered(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.state().get_mut(key).is_some())
+    }
+
     pub async fn try_lock(
         &self,
         key: &str,

@@ -459,6 +459,13 @@ impl RedisStore {
         self.set_nx(key, "1", ttl).await
     }
 
+    pub async fn remembered(&self, key: &str) -> Result<bool, StoreError> {
+        let mut cmd = Self::cmd("EXISTS");
+        cmd.arg(self.key(key));
+        let found: u64 = self.run("remembered", Op::Cmd(cmd)).await?;
+        Ok(found > 0)
+    }
+
     pub async fn try_lock(
         &self,
         key: &str,

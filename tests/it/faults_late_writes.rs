@@ -1,0 +1,159 @@
+//! Writes the store carried out but answered too late (Redis `CLIENT PAUSE ... WRITE` holds them
+//! past the store timeout, then runs them): Vestibule answers 503, and what it does next must
+//! hold whether or not the write happened — a logout leaves no copy served from any cache, and
+//! a back-channel logout the provider retries is not taken for a replay.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::fake_idp;
+use crate::support::redis::{RedisServer, count_keys};
+use crate::support::*;
+use bytes::Bytes;
+use http_body_util::Full;
+use std::time::Duration;
+use vestibule::jose::testing::{TestKey, TestSigner, logout_token_claims};
+use vestibule::session::Session;
+
+const PREFIX: &str = "vestibule:";
+
+fn now() -> u64 {
+    vestibule::app::now()
+}
+
+/// A proxy on `redis_url` (store timeout 300 ms, session cache `cache_ttl`) behind `idp`, with
+/// `/api/` (session required, no token) and `/tok/` (the user's token) routes to `up`.
+async fn proxy_on(
+    redis_url: &str,
+    cache_ttl: &str,
+    idp: &fake_idp::FakeIdp,
+    up: &upstream::Upstream,
+) -> Proxy {
+    let extra = format!(
+        "store = \"redis\"\ncache_ttl = \"{cache_ttl}\"\n[session.redis]\nurl = \"{redis_url}\"\ntimeout = \"300ms\"\n\
+         [[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+         [[routes]]\npath = \"/tok/\"\nupstream = \"{u}\"\ntoken = \"user\"\n",
+        u = up.url()
+    );
+    let text = config_toml(&extra)
+        .set("oidc.issuer", idp.issuer.as_str())
+        .set("server.request_timeout", "30s");
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    proxy
+}
+
+async fn post_logout_token(proxy: &Proxy, token: &str) -> Reply {
+    send(
+        http::Request::post(proxy.url("/bff/backchannel-logout"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(format!(
+                "logout_token={}",
+                crate::support::browser::urlencode(token)
+            ))))
+            .unwrap(),
+    )
+    .await
+}
+
+/// A back-channel logout whose writes were carried out but answered too late: the provider gets
+/// a 503 and sends the same logout token again, which must be taken (not refused as a replay of
+/// itself) and leave the session ended; a replay after that is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backchannel_logout_retried_after_a_late_store_answer_is_not_a_replay() {
+    let redis = RedisServer::start();
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let proxy = proxy_on(&redis.url(), "5s", &idp, &up).await;
+    let cookie = proxy
+        .session_cookie(Session {
+            sub: "alice".into(),
+            sid: Some("session-1".into()),
+            ..Session::default()
+        })
+        .await;
+    assert!(proxy.signed_in(&cookie).await);
+    let mut claims = logout_token_claims(&idp.issuer, "vestibule", now());
+    claims["jti"] = "j-late".into();
+    let token = signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&claims);
+
+    // Writes wait 1.5 s (longer than the store timeout), then are carried out; reads go on.
+    redis.command(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+    let first = post_logout_token(&proxy, &token).await;
+    assert_eq!(first.status, 503, "{}", first.text());
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+
+    // The provider retries the logout it was refused.
+    let retry = post_logout_token(&proxy, &token).await;
+    assert_eq!(
+        retry.status,
+        200,
+        "the provider's retry was refused: {}",
+        retry.text()
+    );
+    assert!(
+        !proxy.signed_in(&cookie).await,
+        "the back-channel logout was lost: the session lives on"
+    );
+    assert_eq!(
+        count_keys(redis.port(), &format!("{PREFIX}jti:*")),
+        1,
+        "the token is recorded once the logout took effect"
+    );
+    let replay = post_logout_token(&proxy, &token).await;
+    assert_eq!(replay.status, 400, "a replay: {}", replay.text());
+}
+
+/// A logout whose DEL was carried out but answered too late: the session is gone from the store,
+/// yet both replicas keep serving it from their caches (no invalidation was sent, not even on
+/// the instance that did the logout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_whose_delete_answered_late_leaves_no_cached_copy() {
+    let redis = RedisServer::start();
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let a = proxy_on(&redis.url(), "30s", &idp, &up).await;
+    let b = proxy_on(&redis.url(), "30s", &idp, &up).await;
+    let cookie = a
+        .session_cookie(Session {
+            sub: "alice".into(),
+            ..Session::default()
+        })
+        .await;
+    for p in [&a, &b] {
+        assert_eq!(
+            get(&p.url("/api/x"), &[("cookie", &cookie)]).await.status,
+            200
+        );
+    }
+
+    redis.command(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+    let logout = send(
+        http::Request::post(a.url("/bff/logout"))
+            .header("cookie", &cookie)
+            .header("x-csrf", "1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(logout.status, 503, "{}", logout.text());
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(
+        count_keys(redis.port(), &format!("{PREFIX}s:*")),
+        0,
+        "the DEL was carried out after all"
+    );
+    let mut statuses = Vec::new();
+    for p in [&a, &b] {
+        statuses.push(get(&p.url("/api/x"), &[("cookie", &cookie)]).await.status);
+    }
+    assert_eq!(
+        statuses,
+        [401, 401],
+        "replicas [a (did the logout), b] still serve the session deleted from the store"
+    );
+}
