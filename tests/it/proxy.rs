@@ -293,6 +293,31 @@ async fn a_client_that_never_stops_sending_a_refused_body_is_cut_off() {
     );
 }
 
+/// Cookies sent in several fields (as HTTP/2 clients send them, one cookie a field) reach an
+/// HTTP/1.1 upstream joined in one `Cookie` field, in order (RFC 9113 §8.2.3).
+#[tokio::test]
+async fn cookies_in_several_fields_reach_the_upstream_in_one() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /api/c HTTP/1.1\r\nHost: a\r\nCookie: a=1\r\nCookie: b=2; c=3\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let seen = up.last().headers;
+    let cookies: Vec<_> = seen.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+}
+
 #[tokio::test]
 async fn slowloris_connection_is_closed() {
     let up = upstream::start().await;
