@@ -13,17 +13,7 @@ use std::time::Duration;
 /// the pairs are found with `memchr`; as `str` with `split`, a long session cookie cost ~600
 /// instructions per request.
 pub fn values<'h>(headers: &'h HeaderMap, name: &str) -> impl Iterator<Item = &'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .filter(|v| is_visible_ascii(v))
-        .flat_map(|v| Pairs(Some(v)))
-        .filter_map(|pair| {
-            let pair = pair.trim_ascii();
-            let at = memchr::memchr(b'=', pair)?;
-            Some((&pair[..at], &pair[at + 1..]))
-        })
+    named_pairs(headers)
         .filter(move |(n, _)| *n == name.as_bytes())
         .filter_map(|(_, v)| std::str::from_utf8(trim_quotes(v)).ok())
 }
@@ -34,18 +24,26 @@ pub fn with_prefix<'h>(
     headers: &'h HeaderMap,
     prefix: &'h str,
 ) -> impl Iterator<Item = (&'h str, &'h str)> {
+    named_pairs(headers).filter_map(move |(name, value)| {
+        let name = std::str::from_utf8(name).ok()?;
+        let value = std::str::from_utf8(trim_quotes(value)).ok()?;
+        name.starts_with(prefix).then_some((name, value))
+    })
+}
+
+/// The (name, value) of every cookie pair with a `=` in the request's `Cookie` fields that are
+/// visible ASCII (a field that is not is skipped whole), trimmed, in order.
+fn named_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .map(HeaderValue::as_bytes)
         .filter(|v| is_visible_ascii(v))
         .flat_map(|v| Pairs(Some(v)))
-        .filter_map(move |pair| {
+        .filter_map(|pair| {
             let pair = pair.trim_ascii();
             let at = memchr::memchr(b'=', pair)?;
-            let name = std::str::from_utf8(&pair[..at]).ok()?;
-            let value = std::str::from_utf8(trim_quotes(&pair[at + 1..])).ok()?;
-            name.starts_with(prefix).then_some((name, value))
+            Some((&pair[..at], &pair[at + 1..]))
         })
 }
 

@@ -4,6 +4,7 @@
 //! a back-channel logout the provider retries is not taken for a replay.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::logout::post_logout_token;
 use crate::support::fake_idp;
 use crate::support::redis::{RedisServer, count_keys};
 use crate::support::*;
@@ -39,19 +40,6 @@ async fn proxy_on(
     let proxy = start_proxy(&text).await;
     wait_ready(&proxy).await;
     proxy
-}
-
-async fn post_logout_token(proxy: &Proxy, token: &str) -> Reply {
-    send(
-        http::Request::post(proxy.url("/bff/backchannel-logout"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(format!(
-                "logout_token={}",
-                crate::support::browser::urlencode(token)
-            ))))
-            .unwrap(),
-    )
-    .await
 }
 
 /// A back-channel logout whose writes were carried out but answered too late: the provider gets

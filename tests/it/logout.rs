@@ -342,7 +342,7 @@ async fn fake_provider(jwks: Vec<u8>) -> String {
     issuer
 }
 
-async fn post_logout_token(proxy: &Proxy, token: &str) -> Reply {
+pub(crate) async fn post_logout_token(proxy: &Proxy, token: &str) -> Reply {
     send(
         http::Request::post(proxy.url("/bff/backchannel-logout"))
             .header("content-type", "application/x-www-form-urlencoded")

@@ -572,6 +572,18 @@ mod tests {
         );
     }
 
+    /// A live cache of [`ENTRIES`] and the channel its messages come by (`capacity` of them).
+    fn messaged_cache(capacity: usize) -> (Channel, Cache) {
+        let tx = Channel::new(capacity);
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            tx.subscribe(),
+            watch::channel(true).1,
+        );
+        (tx, cache)
+    }
+
     /// A miss's stamp, for filing what the store answers.
     fn miss(cache: &Cache, handle: &str) -> Stamp {
         match cache.get_key(key_of(handle)) {
@@ -592,13 +604,7 @@ mod tests {
 
     #[test]
     fn what_the_store_answered_before_an_invalidation_is_not_filed_after_it() {
-        let tx = Channel::new(64);
-        let cache = Cache::new(
-            Duration::from_secs(60),
-            ENTRIES,
-            tx.subscribe(),
-            watch::channel(true).1,
-        );
+        let (tx, cache) = messaged_cache(64);
         let handle = &handles(1)[0];
         // By message (another instance wrote or ended it).
         let stamp = miss(&cache, handle);
@@ -623,13 +629,7 @@ mod tests {
 
     #[test]
     fn invalidations_of_other_sessions_do_not_keep_a_miss_out_and_a_forgotten_one_still_does() {
-        let tx = Channel::new(1024);
-        let cache = Cache::new(
-            Duration::from_secs(60),
-            ENTRIES,
-            tx.subscribe(),
-            watch::channel(true).1,
-        );
+        let (tx, cache) = messaged_cache(1024);
         let handle = &handles(1)[0];
         let others = neighbours(handle, RECENT + 1);
         let stamp = miss(&cache, handle);
