@@ -121,6 +121,12 @@ impl App {
         Ok(app)
     }
 
+    /// Resolves once every refresh under way has saved its answer and released its lease (a
+    /// graceful shutdown waits for this within `shutdown_grace`).
+    pub async fn refreshes_finished(&self) {
+        self.tokens.finished().await;
+    }
+
     /// Handles one request from the public listener, on the serving worker `worker`; while
     /// shutting down, an HTTP/1 answer also closes its connection.
     pub async fn handle(

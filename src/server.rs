@@ -9,7 +9,9 @@
 //!    `Connection: close`, so a client learns to reconnect elsewhere instead of sending on a
 //!    connection that is being closed;
 //! 4. the rest drains gracefully: idle connections close, in-flight requests and tunnels
-//!    finish within `shutdown_grace`.
+//!    finish within `shutdown_grace`, and so do token refreshes under way, also those whose
+//!    request is gone: a provider's answer may carry a rotated refresh token that exists
+//!    nowhere else until it is saved.
 
 pub mod admin;
 mod connection;
@@ -321,9 +323,11 @@ async fn work(
         connections.wait().await;
         tunnels.close();
         tunnels.wait().await;
+        // Before this worker's runtime, which runs some of them, is dropped.
+        kit.app.refreshes_finished().await;
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("grace period over; closing remaining connections");
+        tracing::warn!("grace period over; closing remaining connections and refreshes");
     }
 }

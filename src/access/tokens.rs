@@ -4,7 +4,8 @@
 //!
 //! A refresh runs as its own task ([`refresh::Job`]): the grant, the compare-and-set save and the
 //! unlock finish even when the request that started it is dropped (the browser aborted, the
-//! HTTP/2 stream was reset). Requests that queue behind it read its result from the store, or
+//! HTTP/2 stream was reset), and a graceful shutdown waits for it ([`Tokens::finished`]): once
+//! the provider has rotated the refresh token, the answer exists nowhere else. Requests that queue behind it read its result from the store, or
 //! share its failure. Only `invalid_grant` and a refreshed ID token for another subject end a
 //! session; a [`RefreshError`] reaches the browser through [`RequestError::respond`].
 
@@ -21,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 /// A refresh's failure as the request's error; an ended session starts again at the login.
 fn rescue(bff_prefix: &str, error: RefreshError) -> RequestError {
@@ -126,6 +128,8 @@ fn fresh<'a>(
 pub struct Tokens {
     /// Per session: the in-process queue for refreshing, held by the running refresh task.
     local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<RefreshMemory>>>>,
+    /// The refresh tasks under way, which a shutdown waits for.
+    refreshes: TaskTracker,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientToken>>>>>,
 }
 
@@ -271,17 +275,26 @@ impl Tokens {
             deadline,
         };
         // Not aborted when this request is dropped: the task holds the queue and the lease
-        // until the grant is saved and the lease released.
+        // until the grant is saved and the lease released. Tracked, so that a shutdown lets it
+        // finish rather than drop an answer the provider has already given.
         // It carries the request's trace along (its grant and its Redis commands are spans of it).
         let task = {
             use tracing::Instrument;
             use tracing::instrument::WithSubscriber;
-            tokio::spawn(job.run(memory).in_current_span().with_current_subscriber())
+            let job = job.run(memory).in_current_span().with_current_subscriber();
+            self.refreshes.spawn(job)
         };
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) | Err(_) => Err(gave_up()),
         }
+    }
+
+    /// Resolves once no refresh is under way, for a graceful shutdown: refreshes started by the
+    /// requests still draining are waited for too.
+    pub async fn finished(&self) {
+        self.refreshes.close();
+        self.refreshes.wait().await;
     }
 
     /// A client-credentials token for the route's resource and scopes, cached until near expiry.

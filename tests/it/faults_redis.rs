@@ -3,7 +3,8 @@
 //! file, stalled (SIGSTOP), its pub/sub connection lost, and a Sentinel and a Cluster master
 //! failover. While Redis is out, a request is 503 `store_unavailable` within the store timeout —
 //! never 401, never 500, never a hang — and `/readyz` says the store is down; afterwards every
-//! session works again and none was lost.
+//! session works again and none was lost. A refresh the provider has answered is never lost:
+//! not to a replica shutting down while it is under way.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::fake_idp;
@@ -563,5 +564,138 @@ async fn sessions_survive_a_cluster_master_failover_and_requests_resume() {
         count(&cluster),
         SESSIONS,
         "sessions before and after the failover"
+    );
+}
+
+/// A proxy on `redis_url` (store timeout [`STORE_TIMEOUT`]) behind `idp`, with a `/tok/` route
+/// that is sent the user's token, to `up`.
+async fn token_proxy(redis_url: &str, idp: &fake_idp::FakeIdp, up: &upstream::Upstream) -> Proxy {
+    let extra = format!(
+        "store = \"redis\"\ncache_ttl = \"5s\"\n[session.redis]\nurl = \"{redis_url}\"\n\
+         timeout = \"{ms}ms\"\n[[routes]]\npath = \"/tok/\"\nupstream = \"{u}\"\ntoken = \"user\"\n",
+        ms = STORE_TIMEOUT.as_millis(),
+        u = up.url()
+    );
+    let text = config_toml(&extra)
+        .set("oidc.issuer", idp.issuer.as_str())
+        .set("server.request_timeout", "30s");
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    proxy
+}
+
+/// Alice's session, made in the store, whose access token `at-1` is due and whose refresh token
+/// is `rt-1`; the provider rotates it: rt-1 gives `at-2` and `rt-2`, then `rotated_then` (the
+/// answer to any later refresh).
+async fn due_session(
+    proxy: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    rotated_then: &[(u16, serde_json::Value)],
+) -> String {
+    let now = vestibule::app::now();
+    let mut tokens = std::collections::BTreeMap::new();
+    tokens.insert(
+        String::new(),
+        vestibule::session::model::AccessToken {
+            value: "at-1".into(),
+            expires_at: now,
+            issued_at: now.saturating_sub(300),
+            scope: None,
+        },
+    );
+    let cookie = proxy
+        .session_cookie(Session {
+            sub: "alice".into(),
+            tokens: tokens.into(),
+            refresh_token: Some("rt-1".into()),
+            ..Session::default()
+        })
+        .await;
+    idp.state.script(
+        "refresh_token",
+        200,
+        serde_json::json!({"access_token": "at-2", "token_type": "Bearer", "expires_in": 300,
+                           "refresh_token": "rt-2"}),
+    );
+    for (status, body) in rotated_then {
+        idp.state.script("refresh_token", *status, body.clone());
+    }
+    cookie
+}
+
+/// The refresh tokens the provider was presented, in order.
+fn presented_refresh_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
+    let requests = idp.state.token_requests.lock().unwrap();
+    requests
+        .iter()
+        .filter_map(|form| form.iter().find(|(k, _)| k == "refresh_token"))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Holds the provider's next answer until the returned sender is used or dropped; returns once
+/// the refresh of `cookie` on `proxy`, started in the background, has reached the provider.
+async fn refresh_held_at_the_provider(
+    proxy: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    cookie: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Reply>,
+) {
+    let (release, hold) = tokio::sync::oneshot::channel();
+    *idp.state.hold.lock().unwrap() = Some(hold);
+    let request = {
+        let (url, cookie) = (proxy.url("/tok/x"), cookie.to_string());
+        tokio::spawn(async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await })
+    };
+    eventually("the refresh reaches the provider", HANG, || async {
+        (idp.state.token_requests.lock().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    (release, request)
+}
+
+/// A refresh whose request was cancelled (the browser went elsewhere) runs on as a task of its
+/// own; a rolling restart (graceful shutdown) lets it finish and save within `shutdown_grace`,
+/// or the provider's rotated refresh token would be lost and the other replica would present the
+/// spent one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_under_way_at_shutdown_is_saved_before_the_replica_stops() {
+    let redis = RedisServer::start();
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let mut a = token_proxy(&redis.url(), &idp, &up).await;
+    let b = token_proxy(&redis.url(), &idp, &up).await;
+    let cookie = due_session(&a, &idp, &[]).await;
+
+    let (release, request) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    request.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.shutdown.cancel(); // SIGTERM: a rolling restart (shutdown_grace 5 s)
+    // The provider answers well within shutdown_grace, after the connections have drained.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !a.task.is_finished(),
+        "replica a stopped with a refresh under way"
+    );
+    let _ = release.send(());
+    tokio::time::timeout(HANG, &mut a.task)
+        .await
+        .expect("replica a stops")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        count_keys(redis.port(), &format!("{PREFIX}l:*")),
+        0,
+        "the refresh lease was released before replica a stopped"
+    );
+    let r = get(&b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
+    assert_eq!(
+        (r.status, presented_refresh_tokens(&idp)),
+        (200, vec!["rt-1".to_string()]),
+        "the refresh under way at shutdown was dropped: its answer was never saved and the \
+         spent refresh token was presented again"
     );
 }
