@@ -7,9 +7,11 @@
 //! HTTP/2 stream was reset), and a graceful shutdown waits for it ([`Tokens::finished`]): once
 //! the provider has rotated the refresh token, the answer exists nowhere else. Requests that queue behind it read its result from the store, or
 //! share its failure. Only `invalid_grant` and a refreshed ID token for another subject end a
-//! session; a [`RefreshError`] reaches the browser through [`RequestError::respond`].
+//! session (a store failure at the save does not: the answer is kept and saved later, see
+//! [`save`]); a [`RefreshError`] reaches the browser through [`RequestError::respond`].
 
 mod refresh;
+mod save;
 
 use crate::config::RouteConfig;
 use crate::oidc::GrantError;
@@ -141,6 +143,8 @@ struct RefreshMemory {
     failed: Option<Failed>,
     /// When a token an upstream rejected was last replaced before its time.
     forced: Option<Instant>,
+    /// A refresh's answer the store did not take: saved before this session's next grant.
+    unsaved: Option<save::Unsaved>,
 }
 
 struct Failed {
@@ -172,7 +176,10 @@ impl Tokens {
     fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<RefreshMemory>> {
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
-            map.retain(|_, m| Arc::strong_count(m) > 1);
+            // Unused entries go, except those holding an answer still to be saved.
+            map.retain(|_, m| {
+                Arc::strong_count(m) > 1 || m.try_lock().map_or(true, |m| m.unsaved.is_some())
+            });
         }
         map.entry(handle.to_string()).or_default().clone()
     }
@@ -263,6 +270,10 @@ impl Tokens {
         let Ok(memory) = waited else {
             return Err(gave_up());
         };
+        let lease = crate::oidc::random_token(16).map_err(|e| {
+            tracing::error!(error = %e, "no refresh lease token could be made");
+            RefreshError::Random
+        })?;
         let job = Job {
             sessions: sessions.clone(),
             oidc: app.oidc.clone(),
@@ -273,18 +284,24 @@ impl Tokens {
             rejected: rejected.map(str::to_string),
             arrived,
             deadline,
+            lock_key: sessions.refresh_lock_key(loaded),
+            lease,
         };
         // Not aborted when this request is dropped: the task holds the queue and the lease
         // until the grant is saved and the lease released. Tracked, so that a shutdown lets it
         // finish rather than drop an answer the provider has already given.
         // It carries the request's trace along (its grant and its Redis commands are spans of it).
-        let task = {
+        // It answers as soon as it knows, and may then go on saving an answer the store did not
+        // take.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        {
             use tracing::Instrument;
             use tracing::instrument::WithSubscriber;
-            let job = job.run(memory).in_current_span().with_current_subscriber();
-            self.refreshes.spawn(job)
-        };
-        match tokio::time::timeout_at(deadline, task).await {
+            let job = job.run(memory, reply);
+            self.refreshes
+                .spawn(job.in_current_span().with_current_subscriber());
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) | Err(_) => Err(gave_up()),
         }

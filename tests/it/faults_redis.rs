@@ -4,7 +4,7 @@
 //! failover. While Redis is out, a request is 503 `store_unavailable` within the store timeout —
 //! never 401, never 500, never a hang — and `/readyz` says the store is down; afterwards every
 //! session works again and none was lost. A refresh the provider has answered is never lost:
-//! not to a replica shutting down while it is under way.
+//! not to a store failure at its save, not to a replica shutting down while it is under way.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::fake_idp;
@@ -654,6 +654,53 @@ async fn refresh_held_at_the_provider(
     })
     .await;
     (release, request)
+}
+
+/// The provider rotated the refresh token (rt-1 gives rt-2) and Redis died before replica a
+/// saved the answer: that request is a 503, but a keeps the answer and saves it once Redis is
+/// back, so the spent rt-1 is never presented again, not even by replica b (a rotating provider
+/// would refuse it with `invalid_grant`, and a store outage would have signed the user out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_is_saved_once_redis_is_back_after_failing_at_the_save() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let a = token_proxy(&redis.url(), &idp, &up).await;
+    let b = token_proxy(&redis.url(), &idp, &up).await;
+    let refused = (400, serde_json::json!({"error": "invalid_grant"}));
+    let cookie = due_session(&a, &idp, &[refused]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    // The provider has carried out the grant (rt-1 is spent); Redis dies before the save.
+    redis.kill();
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "{}", first.text());
+    assert_eq!(first.json()["error"], "store_unavailable");
+
+    redis.restart();
+    let url = b.url("/tok/x");
+    let second = eventually(
+        "the store answers again",
+        Duration::from_secs(20),
+        || async {
+            let r = get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await;
+            (r.status != 503 || r.json()["error"] != "store_unavailable").then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(
+        (second.status, presented_refresh_tokens(&idp)),
+        (200, vec!["rt-1".to_string()]),
+        "after a store failure at the save, the spent refresh token was presented again: {}",
+        second.text()
+    );
+    assert_eq!(
+        up.last().headers["authorization"],
+        "Bearer at-2",
+        "the upstream was sent the token of the answer that was kept"
+    );
 }
 
 /// A refresh whose request was cancelled (the browser went elsewhere) runs on as a task of its

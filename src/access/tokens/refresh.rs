@@ -8,20 +8,24 @@
 //! (a store failover, a store outage longer than the lease), another replica may refresh with
 //! the same refresh token at the same time: the first answer saved wins, and a later one is not
 //! written over it (see [`Job::save`]); with a rotating provider one of the two is refused.
+//!
+//! The answer of a refresh the store failed to save is kept and saved later, never thrown away
+//! (see [`super::save`]).
 
+use super::save::Answer;
 use super::{Failed, Grant, RefreshError, RefreshMemory, TokenUnavailable, classify, count, fresh};
 use crate::clock::Clock;
 use crate::config::RouteConfig;
 use crate::jose::{Claims, JoseError};
+use crate::oidc::Oidc;
 use crate::oidc::userinfo::{SIGN_IN_CLAIMS, merge, user_claims};
-use crate::oidc::{Oidc, TokenResponse};
 use crate::session::manager::{OpenSession, Sessions};
-use crate::session::model::{AccessToken, Session};
+use crate::session::model::Session;
 use crate::session::store::Store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OwnedMutexGuard, oneshot};
 use tokio::time::Instant;
 
 /// The refresh lease; the holder renews it every third of it for as long as its grants take.
@@ -30,10 +34,6 @@ const POLL: Duration = Duration::from_millis(25);
 /// At most one early refresh per session this often: an upstream that rejects every token must
 /// not turn each request into a grant.
 const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
-/// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
-const SAVE_ATTEMPTS: usize = 5;
-/// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
-static SKEW_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// What the UserInfo endpoint said after a refresh.
 enum Userinfo {
@@ -45,7 +45,7 @@ enum Userinfo {
 }
 
 /// The claims a refresh brings: a validated ID token's, and the UserInfo answer.
-struct ClaimsUpdate {
+pub(super) struct ClaimsUpdate {
     /// The refreshed ID token's claims, when it came and was valid.
     claims: Option<Claims>,
     userinfo: Userinfo,
@@ -62,7 +62,7 @@ impl ClaimsUpdate {
     /// A validated ID token replaces the stored one. The user claims become the ID token's (the
     /// new one, else the stored one) with the UserInfo answer merged over them; without
     /// `userinfo`, the new ID token's alone; when UserInfo failed, they stay as they were.
-    fn apply(&self, session: &mut Session, id_token: Option<&str>) {
+    pub(super) fn apply(&self, session: &mut Session, id_token: Option<&str>) {
         // OpenID Connect Core §12.2: a refresh is the same sign-in; a refreshed ID token may
         // leave out how and when it happened, and the session keeps that.
         let sign_in: Vec<(String, serde_json::Value)> = SIGN_IN_CLAIMS
@@ -151,21 +151,33 @@ pub(super) struct Job {
     pub(super) arrived: Instant,
     /// When to stop waiting for another replica's lease.
     pub(super) deadline: Instant,
+    /// The session's refresh lease in the store, and this job's token for it.
+    pub(super) lock_key: String,
+    pub(super) lease: String,
 }
 
 impl Job {
-    /// Reads the session as the store has it; the token if someone refreshed meanwhile, the
-    /// failure of the refresh this request queued behind, or a refresh under the lease.
+    /// Answers the request through `reply`; then, if the store failed to take the provider's
+    /// answer, goes on trying to save it (the request is not kept waiting for that).
     pub(super) async fn run(
         self,
         mut memory: OwnedMutexGuard<RefreshMemory>,
-    ) -> Result<Option<String>, RefreshError> {
+        reply: oneshot::Sender<Result<Option<String>, RefreshError>>,
+    ) {
+        let answer = self.answer(&mut memory).await;
+        let _ = reply.send(answer);
+        if self.kept_unsaved(&memory) {
+            self.keep_saving(memory).await;
+        }
+    }
+
+    /// Saves an answer an earlier refresh could not, before anything else; then reads the
+    /// session as the store has it: the token if someone refreshed meanwhile, the failure of
+    /// the refresh this request queued behind, or a refresh under the lease.
+    async fn answer(&self, memory: &mut RefreshMemory) -> Result<Option<String>, RefreshError> {
         let store = self.sessions.store().clone();
-        let lock_key = self.sessions.refresh_lock_key(&self.loaded);
-        let lease = crate::oidc::random_token(16).map_err(|e| {
-            tracing::error!(error = %e, "no refresh lease token could be made");
-            RefreshError::Random
-        })?;
+        let (lock_key, lease) = (&self.lock_key, &self.lease);
+        self.save_unsaved(memory).await?;
         loop {
             let current = self.reload(&self.loaded).await?;
             let rejected = self.rejected.as_deref();
@@ -187,12 +199,13 @@ impl Job {
             {
                 return Ok(None);
             }
-            match store.try_lock(&lock_key, &lease, LEASE).await {
+            match store.try_lock(lock_key, lease, LEASE).await {
                 Ok(true) => {
-                    let result = self
-                        .under_lease(&mut memory, early, &store, &lock_key, &lease)
-                        .await;
-                    let _ = store.unlock(&lock_key, &lease).await;
+                    let result = self.under_lease(memory, early, &store).await;
+                    // An answer kept unsaved keeps the lease: the refresh token is spent.
+                    if !self.kept_unsaved(memory) {
+                        let _ = store.unlock(lock_key, lease).await;
+                    }
                     if let Err(error) = &result
                         && !matches!(error, RefreshError::Ended)
                     {
@@ -229,7 +242,7 @@ impl Job {
         .map(str::to_string)
     }
 
-    async fn reload(&self, loaded: &OpenSession) -> Result<OpenSession, RefreshError> {
+    pub(super) async fn reload(&self, loaded: &OpenSession) -> Result<OpenSession, RefreshError> {
         match self.sessions.reload(loaded, self.clock.now()).await {
             Ok(Some(current)) => Ok(current),
             Ok(None) => Err(RefreshError::Ended),
@@ -242,8 +255,6 @@ impl Job {
         memory: &mut RefreshMemory,
         early: bool,
         store: &Store,
-        lock_key: &str,
-        lease: &str,
     ) -> Result<String, RefreshError> {
         // Re-read under the lease: the previous holder may have saved just before releasing it.
         let current = self.reload(&self.loaded).await?;
@@ -256,8 +267,8 @@ impl Job {
         }
         // At most two grants (a subject token's refresh and its exchange), each bounded.
         let longest = self.oidc.config.provider_timeout * 2 + LEASE;
-        let keeper = Keeper::start(store.clone(), lock_key, lease, longest);
-        let result = self.grant(current).await;
+        let keeper = Keeper::start(store.clone(), &self.lock_key, &self.lease, longest);
+        let result = self.grant(memory, current).await;
         if keeper.lost() {
             tracing::warn!(
                 "the refresh lease was lost while refreshing; another replica may have refreshed \
@@ -269,15 +280,19 @@ impl Job {
 
     /// The grant for the target: a refresh, or a token exchange whose subject token is the
     /// session's own one, refreshed first if it is due.
-    async fn grant(&self, current: OpenSession) -> Result<String, RefreshError> {
+    async fn grant(
+        &self,
+        memory: &mut RefreshMemory,
+        current: OpenSession,
+    ) -> Result<String, RefreshError> {
         if !self.target.exchange {
-            return self.refresh(current, &self.target).await;
+            return self.refresh(memory, current, &self.target).await;
         }
         let (subject, current) =
             match fresh(self.clock.now(), self.skew, &current.session, "", None) {
                 Some(t) => (t.to_string(), current),
                 None => {
-                    let subject = self.refresh(current, &Target::base()).await?;
+                    let subject = self.refresh(memory, current, &Target::base()).await?;
                     (subject, self.reload(&self.loaded).await?)
                 }
             };
@@ -288,19 +303,24 @@ impl Job {
             .await
             .map_err(|e| classify(Grant::Exchange, e))?;
         count(Grant::Exchange, "ok");
-        self.save(
-            current,
-            &self.target.key,
-            &tokens,
-            ClaimsUpdate::none(),
-            None,
-        )
-        .await
+        let answer = Answer {
+            key: self.target.key.clone(),
+            tokens,
+            update: ClaimsUpdate::none(),
+            spent: None,
+            at: self.clock.now(),
+        };
+        self.save(memory, current, answer).await
     }
 
     /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
     /// session; an invalid ID token keeps nothing of the answer.
-    async fn refresh(&self, current: OpenSession, target: &Target) -> Result<String, RefreshError> {
+    async fn refresh(
+        &self,
+        memory: &mut RefreshMemory,
+        current: OpenSession,
+        target: &Target,
+    ) -> Result<String, RefreshError> {
         let Some(spent) = current.session.refresh_token.clone() else {
             let _ = self.sessions.delete(&current).await;
             return Err(RefreshError::Ended);
@@ -309,6 +329,7 @@ impl Job {
             .oidc
             .refresh(&spent, target.resource.as_deref(), &target.scopes)
             .await;
+        let at = self.clock.now();
         let tokens = match outcome {
             Ok(tokens) => tokens,
             Err(error) => {
@@ -372,9 +393,14 @@ impl Job {
         } else {
             Userinfo::NotAsked
         };
-        let update = ClaimsUpdate { claims, userinfo };
-        self.save(current, &target.key, &tokens, update, Some(&spent))
-            .await
+        let answer = Answer {
+            key: target.key.clone(),
+            tokens,
+            update: ClaimsUpdate { claims, userinfo },
+            spent: Some(spent),
+            at,
+        };
+        self.save(memory, current, answer).await
     }
 
     /// OpenID Connect Core §12.2: against the session's ID token (from the login, or the last
@@ -402,73 +428,17 @@ impl Job {
         )
         .await
     }
-
-    /// Writes the answer of a grant, all of it or nothing: the access token under `key`, a
-    /// rotated refresh token, and a validated ID token with the claims it brings (replacing the
-    /// previous ones). Other writes (idle-timeout touches) that came in between are re-read and
-    /// the answer applied again. A refresh whose `spent` token was already replaced in the
-    /// store (another holder of a lost lease saved first) does not overwrite that one.
-    async fn save(
-        &self,
-        current: OpenSession,
-        key: &str,
-        tokens: &TokenResponse,
-        update: ClaimsUpdate,
-        spent: Option<&str>,
-    ) -> Result<String, RefreshError> {
-        let now = self.clock.now();
-        let lifetime = tokens.expires_in.unwrap_or(300);
-        if lifetime <= self.skew && !SKEW_WARNED.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                lifetime_s = lifetime,
-                "oidc.refresh_skew is not shorter than the access token lifetime: tokens are \
-                 refreshed at half their lifetime instead; lower refresh_skew"
-            );
-        }
-        let apply = |session: &mut Session| {
-            session.tokens.insert(
-                key.to_string(),
-                AccessToken {
-                    value: tokens.access_token.clone(),
-                    expires_at: now + lifetime,
-                    issued_at: now,
-                    scope: tokens.scope.clone(),
-                },
-            );
-            if let Some(rotated) = &tokens.refresh_token {
-                session.refresh_token = Some(rotated.clone());
-            }
-            update.apply(session, tokens.id_token.as_deref());
-        };
-        let mut base = current;
-        for _ in 0..SAVE_ATTEMPTS {
-            if spent.is_some() && base.session.refresh_token.as_deref() != spent {
-                tracing::warn!("another refresh of this session was saved first; its tokens stand");
-                return Ok(tokens.access_token.clone());
-            }
-            let mut session = Session::clone(&base.session);
-            apply(&mut session);
-            match self.sessions.save(&base, session, now).await {
-                Ok(true) => return Ok(tokens.access_token.clone()),
-                Ok(false) => {}
-                Err(e) => return Err(RefreshError::Store(e)),
-            }
-            base = self.reload(&base).await?;
-        }
-        tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
-        Ok(tokens.access_token.clone())
-    }
 }
 
 /// Renews the lease while the grants take. Aborted when dropped; gives up by itself after
 /// `longest` (the lease then runs out within [`LEASE`]), so no lease outlives its refresh.
-struct Keeper {
+pub(super) struct Keeper {
     task: tokio::task::JoinHandle<()>,
     lost: Arc<AtomicBool>,
 }
 
 impl Keeper {
-    fn start(store: Store, key: &str, token: &str, longest: Duration) -> Keeper {
+    pub(super) fn start(store: Store, key: &str, token: &str, longest: Duration) -> Keeper {
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
         let (key, token) = (key.to_string(), token.to_string());

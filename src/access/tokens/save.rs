@@ -1,0 +1,201 @@
+//! Writing a grant's answer into the session, and keeping it when the store fails at that moment.
+//!
+//! Once the provider has answered a refresh, the refresh token it was given is spent: with a
+//! rotating provider the answer holds the only copy of the new one, and presenting the spent one
+//! again is refused with `invalid_grant`, which ends the session. So an answer the store did not
+//! take is never thrown away: it is kept in the process's refresh memory ([`Unsaved`]) and its
+//! refresh task tries the save again until the store answers ([`Job::keep_saving`]), holding the
+//! lease. Every later refresh of the session in this process saves it before it does anything
+//! else ([`Job::save_unsaved`]), so no grant — and no `invalid_grant` — can follow an answer
+//! still unsaved here.
+
+use super::refresh::{ClaimsUpdate, Job, Keeper};
+use super::{RefreshError, RefreshMemory};
+use crate::oidc::TokenResponse;
+use crate::session::manager::OpenSession;
+use crate::session::model::{AccessToken, Session};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+/// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
+const SAVE_ATTEMPTS: usize = 5;
+/// How long a refresh task keeps trying to save an answer the store did not take; afterwards the
+/// answer waits in memory for the session's next refresh in this process. Long enough for a
+/// store restart or failover, short enough that a shutdown or an outage does not pile up tasks.
+const KEEP_SAVING_FOR: Duration = Duration::from_secs(300);
+/// The first pause between two attempts; it doubles up to [`LONGEST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const LONGEST_PAUSE: Duration = Duration::from_secs(5);
+/// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
+static SKEW_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// A grant's answer, as it is written into the session.
+pub(super) struct Answer {
+    /// The session's token map key it is for (a route's resource, or `""`).
+    pub(super) key: String,
+    pub(super) tokens: TokenResponse,
+    pub(super) update: ClaimsUpdate,
+    /// The refresh token the grant presented; none for a token exchange, which spends nothing.
+    pub(super) spent: Option<String>,
+    /// Unix seconds when the provider answered: the access token's lifetime runs from then, not
+    /// from a save that came late.
+    pub(super) at: u64,
+}
+
+/// A refresh's answer that the store did not take, and the lease of the refresh that got it
+/// (released by whoever saves it).
+pub(super) struct Unsaved {
+    answer: Answer,
+    lease: String,
+}
+
+impl Job {
+    /// Writes `answer` onto `current`; on a store failure, a refresh's answer is kept in `memory`
+    /// (with this job's lease, which then stays held) and the request gets the store's error.
+    pub(super) async fn save(
+        &self,
+        memory: &mut RefreshMemory,
+        current: OpenSession,
+        answer: Answer,
+    ) -> Result<String, RefreshError> {
+        match self.write(current, &answer).await {
+            Err(RefreshError::Store(error)) if answer.spent.is_some() => {
+                tracing::warn!(
+                    %error,
+                    "the store failed while saving a refresh; the answer is kept and saved when \
+                     the store is back"
+                );
+                memory.unsaved = Some(Unsaved {
+                    answer,
+                    lease: self.lease.clone(),
+                });
+                Err(RefreshError::Store(error))
+            }
+            written => written,
+        }
+    }
+
+    /// Whether `memory` holds this job's own unsaved answer.
+    pub(super) fn kept_unsaved(&self, memory: &RefreshMemory) -> bool {
+        memory
+            .unsaved
+            .as_ref()
+            .is_some_and(|u| u.lease == self.lease)
+    }
+
+    /// Saves the session's unsaved answer, if there is one, and releases its lease. Keeps it
+    /// while the store fails; drops it when the session has ended meanwhile.
+    pub(super) async fn save_unsaved(
+        &self,
+        memory: &mut RefreshMemory,
+    ) -> Result<(), RefreshError> {
+        let Some(unsaved) = memory.unsaved.take() else {
+            return Ok(());
+        };
+        let written = match self.reload(&self.loaded).await {
+            Ok(current) => self.write(current, &unsaved.answer).await.map(drop),
+            Err(error) => Err(error),
+        };
+        if let Err(RefreshError::Store(error)) = written {
+            memory.unsaved = Some(unsaved);
+            return Err(RefreshError::Store(error));
+        }
+        // Saved, or no session is left to save it into: the lease has nothing more to guard.
+        let _ = self
+            .sessions
+            .store()
+            .unlock(&self.lock_key, &unsaved.lease)
+            .await;
+        if written.is_ok() {
+            tracing::info!("a refresh the store had failed to save is saved");
+        }
+        written
+    }
+
+    /// After this job's answer was kept unsaved (and the waiting request answered): tries the
+    /// save again with growing pauses for [`KEEP_SAVING_FOR`], renewing the lease meanwhile so
+    /// that no replica spends the refresh token again. The queue is let go between attempts:
+    /// requests of the session then try the save themselves, and answer 503 while the store is
+    /// down rather than wait for this task.
+    pub(super) async fn keep_saving(&self, memory: OwnedMutexGuard<RefreshMemory>) {
+        let queue = OwnedMutexGuard::mutex(&memory).clone();
+        drop(memory);
+        let store = self.sessions.store().clone();
+        let _keeper = Keeper::start(store, &self.lock_key, &self.lease, KEEP_SAVING_FOR);
+        let until = Instant::now() + KEEP_SAVING_FOR;
+        let mut pause = FIRST_PAUSE;
+        while Instant::now() < until {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LONGEST_PAUSE);
+            let mut memory = queue.lock().await;
+            if !self.kept_unsaved(&memory) {
+                return; // a request's refresh saved it
+            }
+            match self.save_unsaved(&mut memory).await {
+                Err(RefreshError::Store(_)) => {}
+                Ok(()) | Err(_) => return,
+            }
+        }
+        tracing::warn!(
+            "the store did not take a refreshed session for {KEEP_SAVING_FOR:?}; the answer stays \
+             in memory for the session's next refresh on this instance"
+        );
+    }
+
+    /// Writes the answer of a grant, all of it or nothing: the access token under its key, a
+    /// rotated refresh token, and a validated ID token with the claims it brings (replacing the
+    /// previous ones). Other writes (idle-timeout touches) that came in between are re-read and
+    /// the answer applied again. A refresh whose `spent` token was already replaced in the
+    /// store (another holder of a lost lease saved first) does not overwrite that one.
+    async fn write(&self, current: OpenSession, answer: &Answer) -> Result<String, RefreshError> {
+        let Answer {
+            key,
+            tokens,
+            update,
+            spent,
+            at,
+        } = answer;
+        let lifetime = tokens.expires_in.unwrap_or(300);
+        if lifetime <= self.skew && !SKEW_WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                lifetime_s = lifetime,
+                "oidc.refresh_skew is not shorter than the access token lifetime: tokens are \
+                 refreshed at half their lifetime instead; lower refresh_skew"
+            );
+        }
+        let apply = |session: &mut Session| {
+            session.tokens.insert(
+                key.clone(),
+                AccessToken {
+                    value: tokens.access_token.clone(),
+                    expires_at: at + lifetime,
+                    issued_at: *at,
+                    scope: tokens.scope.clone(),
+                },
+            );
+            if let Some(rotated) = &tokens.refresh_token {
+                session.refresh_token = Some(rotated.clone());
+            }
+            update.apply(session, tokens.id_token.as_deref());
+        };
+        let mut base = current;
+        for _ in 0..SAVE_ATTEMPTS {
+            if spent.is_some() && base.session.refresh_token != *spent {
+                tracing::warn!("another refresh of this session was saved first; its tokens stand");
+                return Ok(tokens.access_token.clone());
+            }
+            let mut session = Session::clone(&base.session);
+            apply(&mut session);
+            match self.sessions.save(&base, session, self.clock.now()).await {
+                Ok(true) => return Ok(tokens.access_token.clone()),
+                Ok(false) => {}
+                Err(e) => return Err(RefreshError::Store(e)),
+            }
+            base = self.reload(&base).await?;
+        }
+        tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
+        Ok(tokens.access_token.clone())
+    }
+}
