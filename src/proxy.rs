@@ -93,8 +93,9 @@ pub async fn dispatch(
             let upstream_path = routing::upstream_path(route, req.uri().path()).into_owned();
             let req = std::mem::replace(req, Request::new(forward::no_body())).map(|_| ());
             // Boxed: file serving's future is large and would grow every proxied request's.
+            let private = route.auth != crate::config::AuthMode::None || route.feature.is_some();
             crate::reply::in_box(|| {
-                static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req)
+                static_files::serve(dir, spa_fallback.as_deref(), &upstream_path, &req, private)
             })
             .await
         }

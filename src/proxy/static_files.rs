@@ -9,7 +9,34 @@ use std::path::Path;
 use tower::ServiceExt;
 use tower_http::services::{ServeDir, ServeFile};
 
+/// Serves `path` of `dir`. `private`: the route is behind a session (or a feature flag), so its
+/// files are the signed-in user's: every answer says `Cache-Control: private, no-cache`, so that
+/// no shared cache in front keeps them for the next visitor (the session is a cookie, which
+/// tells a cache nothing), and the browser asks again (a cheap 304) rather than show them after
+/// a logout.
 pub async fn serve(
+    dir: &Path,
+    spa_fallback: Option<&str>,
+    path: &str,
+    req: &Request<()>,
+    private: bool,
+) -> Response<Body> {
+    let mut response = serve_file(dir, spa_fallback, path, req).await;
+    if private
+        && matches!(
+            response.status(),
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+        )
+    {
+        response.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-cache"),
+        );
+    }
+    response
+}
+
+async fn serve_file(
     dir: &Path,
     spa_fallback: Option<&str>,
     path: &str,

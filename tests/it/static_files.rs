@@ -102,3 +102,43 @@ async fn traversal_attempts_never_escape_the_directory() {
         );
     }
 }
+
+/// Files behind a session are the signed-in user's: a shared cache in front (a CDN) must not
+/// keep them for the next visitor, who would get them without a session. The session is a
+/// cookie, not `Authorization`, so nothing else tells the cache.
+#[tokio::test]
+async fn files_behind_a_session_are_private_to_caches_and_public_ones_are_not() {
+    let parent = tempfile::tempdir().unwrap().keep();
+    for name in ["members", "public"] {
+        std::fs::create_dir_all(parent.join(name)).unwrap();
+        std::fs::write(parent.join(name).join("report.txt"), "quarterly").unwrap();
+    }
+    let dir = |name: &str| parent.join(name).display().to_string();
+    let proxy = start_proxy(&config_text(&format!(
+        "[[routes]]\npath = \"/members/\"\nstatic_dir = \"{}\"\nstrip_prefix = true\nauth = \"required\"\n\
+         [[routes]]\npath = \"/public/\"\nstatic_dir = \"{}\"\nstrip_prefix = true\n",
+        dir("members"),
+        dir("public")
+    )))
+    .await;
+    let cookie = proxy
+        .session_cookie(vestibule::session::Session {
+            sub: "alice".into(),
+            ..Default::default()
+        })
+        .await;
+    let r = get(&proxy.url("/members/report.txt"), &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("private, no-cache"));
+    let etag = r.header("etag").unwrap().to_string();
+    let again = get(
+        &proxy.url("/members/report.txt"),
+        &[("cookie", &cookie), ("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(again.status, 304);
+    assert_eq!(again.header("cache-control"), Some("private, no-cache"));
+    let open = get(&proxy.url("/public/report.txt"), &[]).await;
+    assert_eq!(open.status, 200);
+    assert_eq!(open.header("cache-control"), None);
+}
