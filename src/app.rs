@@ -812,9 +812,12 @@ const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
     let weak = Arc::downgrade(app);
     // What the running configuration was read from: a change from here on is a reload.
-    let mut last = std::fs::read(&path).ok().map(|config| {
+    // Bounded reads of regular files only: a file swapped for a FIFO or a device must not
+    // block or fill the watcher (the reload it would start refuses such a file, named).
+    let read = |file: &std::path::Path| crate::config::read_file(file, crate::config::MAX_FILE);
+    let mut last = read(&path).ok().map(|config| {
         let files = secret_files(&app.live.load().config);
-        let secrets = files.iter().map(|f| std::fs::read(f).ok()).collect();
+        let secrets = files.iter().map(|f| read(f).ok()).collect();
         watched(&path, config, files, secrets)
     });
     tokio::spawn(async move {
@@ -828,13 +831,16 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
             else {
                 break;
             };
-            let Ok(config) = tokio::fs::read(&path).await else {
+            let (path, read) = (path.clone(), read);
+            let Ok(Some((path, config, files, secrets))) = tokio::task::spawn_blocking(move || {
+                let config = read(&path).ok()?;
+                let secrets = files.iter().map(|f| read(f).ok()).collect::<Vec<_>>();
+                Some((path, config, files, secrets))
+            })
+            .await
+            else {
                 continue;
             };
-            let mut secrets = Vec::with_capacity(files.len());
-            for file in &files {
-                secrets.push(tokio::fs::read(file).await.ok());
-            }
             let current = watched(&path, config, files, secrets);
             if last.as_ref() == Some(&current) {
                 continue;

@@ -569,10 +569,41 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// The most a file Vestibule reads (configuration, keys, certificates) may hold.
+pub const MAX_FILE: u64 = 1024 * 1024;
+
+/// The bytes of the file at `path` (symbolic links followed), if it is a regular file of at
+/// most `max` bytes. Anything else is an error before a byte is read: a FIFO would block the
+/// reader (a reload, and with it the signal handling) until someone writes to it, and a device
+/// such as `/dev/zero` has no length to check and no end.
+pub fn read_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {} KiB; is it the right file?",
+            max / 1024
+        )));
+    }
+    Ok(bytes)
+}
+
+/// [`read_file`] as UTF-8 text.
+pub fn read_text(path: &Path, max: u64) -> std::io::Result<String> {
+    String::from_utf8(read_file(path, max)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text"))
+}
+
 impl Config {
     /// Reads, interpolates and validates the file at `path` using the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = read_text(path, MAX_FILE).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
                 message: format!("cannot read {}: {e}", path.display()),

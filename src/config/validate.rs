@@ -503,15 +503,7 @@ pub(super) fn secret_file(
     problems: &mut Problems,
 ) -> Option<(PathBuf, String)> {
     let file = base.join(name);
-    let read = std::fs::metadata(&file).and_then(|meta| {
-        if meta.len() > MAX_SECRET_FILE {
-            Err(std::io::Error::other(
-                "it is larger than 64 KiB; is it the right file?",
-            ))
-        } else {
-            std::fs::read_to_string(&file)
-        }
-    });
+    let read = super::read_text(&file, MAX_SECRET_FILE);
     match read {
         Ok(text) => Some((file, text)),
         Err(e) => {

@@ -229,8 +229,8 @@ pub struct ClientKey {
 
 impl ClientKey {
     pub fn from_file(path: &Path) -> Result<ClientKey, String> {
-        let pem =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let pem = crate::config::read_file(path, crate::config::MAX_FILE)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         ClientKey::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -373,8 +373,8 @@ impl AssertionFile {
         {
             return Ok(value.clone());
         }
-        let text =
-            std::fs::read_to_string(&self.path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        let text = crate::config::read_text(&self.path, crate::config::MAX_FILE)
+            .map_err(|e| format!("cannot read {shown}: {e}"))?;
         let value = text.trim();
         // A compact JWS: three base64url parts. Anything else would only be refused by the
         // provider as invalid_client, which reads as a wrong registration.

@@ -186,7 +186,13 @@ pub struct KeyFile(pub std::path::PathBuf);
 impl KeySource for KeyFile {
     fn load(&self) -> Pin<Box<dyn Future<Output = Result<DpopKey, DpopError>> + Send + '_>> {
         Box::pin(async move {
-            let pem = tokio::fs::read(&self.0).await.map_err(|e| {
+            let path = self.0.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                crate::config::read_file(&path, crate::config::MAX_FILE)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let pem = read.map_err(|e| {
                 DpopError::Unavailable(format!("{}: {}", self.0.display(), e.kind()))
             })?;
             DpopKey::from_pem(&pem)

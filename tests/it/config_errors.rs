@@ -328,3 +328,39 @@ token_binding = "dpop"
         assert!(parsed.oidc.dpop);
     }
 }
+
+/// A secret file that is no regular file is refused at once, named: a FIFO would block the load
+/// (and a reload, and with it the signal handling) until someone writes to it, and a device
+/// such as `/dev/zero` has no length to check and no end to read.
+#[test]
+fn a_secret_file_that_is_no_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("keys.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("keys.zero")).unwrap();
+    for name in ["keys.fifo", "keys.zero"] {
+        let text = TomlConfig::parse(&base())
+            .remove("session.keys")
+            .add("session.keys_file", name)
+            .text();
+        let base_dir = dir.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = Config::parse(&text, &base_dir, &env).map(|_| ());
+            let _ =
+                tx.send(outcome.map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>()));
+        });
+        let outcome = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{name}: the load did not return"));
+        let found = outcome.expect_err("accepted").join("\n");
+        assert!(
+            found.contains(&format!("cannot read \"{name}\": it is not a regular file")),
+            "{name}: {found}"
+        );
+    }
+}

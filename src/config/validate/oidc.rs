@@ -284,7 +284,13 @@ pub(super) fn oidc_config(
 /// proof is signed with here (ES256). The key itself never appears in a message.
 pub(super) fn check_dpop_key(file: &std::path::Path) -> Result<(), String> {
     use rustls_pki_types::pem::PemObject;
-    let pem = std::fs::read(file).map_err(|e| format!("cannot be read ({})", e.kind()))?;
+    let pem = crate::config::read_file(file, crate::config::MAX_FILE).map_err(|e| {
+        // The system's own errors by their kind ("entity not found"), Vestibule's in words.
+        match e.kind() {
+            std::io::ErrorKind::Other => format!("cannot be read ({e})"),
+            kind => format!("cannot be read ({kind})"),
+        }
+    })?;
     let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem)
         .map_err(|_| "holds no PEM private key; write an EC P-256 key (openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256)".to_string())?;
     aws_lc_rs::signature::EcdsaKeyPair::from_private_key_der(

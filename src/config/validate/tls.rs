@@ -29,7 +29,7 @@ fn read(
     problems: &mut Problems,
 ) -> Option<(PathBuf, Vec<u8>)> {
     let file = base.join(value);
-    match std::fs::read(&file) {
+    match crate::config::read_file(&file, crate::config::MAX_FILE) {
         Ok(bytes) => Some((file, bytes)),
         Err(e) => {
             problems.add(path, format!("cannot read file {value:?}: {e}"));
