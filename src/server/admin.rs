@@ -3,6 +3,7 @@
 //! route assertions, and the client-assertion keys for providers that fetch a client's
 //! `jwks_uri`). Never on the public listener.
 
+use super::connection::Activity;
 use crate::app::App;
 use crate::reply::{Body, full, json_response};
 use http::{Request, Response, StatusCode, header};
@@ -16,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long an admin connection may take to send a request head, or wait between requests.
 const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an idle admin connection told to close may take to do so.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves until `shutdown`; with `admin.max_connections` open, the next waits to be accepted.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationToken) {
@@ -36,17 +39,35 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationT
         let app = app.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let activity = Arc::new(Activity::new());
+            let tracked = activity.clone();
             let service = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(&app, req).await) }
+                let busy = tracked.begin();
+                async move {
+                    let response = handle(&app, req).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(response)
+                }
             });
-            // A slot is held only while requests come: an idle connection is closed.
+            // A slot is held only while requests come: an idle connection is closed, also one
+            // that never sent a byte or sent only HTTP/2's preface (the head timeout starts at
+            // the first byte of a head, and HTTP/2 has none).
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = activity.idle(ADMIN_HEADER_READ_TIMEOUT) => {
+                    conn.as_mut().graceful_shutdown();
+                    // A client that does not take the hint is cut off.
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+                }
+            }
         });
     }
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Whether a connection is serving requests, and since when it has not been.
-struct Activity {
+pub(super) struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last request was answered.
@@ -29,7 +29,7 @@ struct Activity {
 }
 
 /// One request in flight; answered when dropped (also when the request is cancelled).
-struct Busy(Arc<Activity>);
+pub(super) struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -42,7 +42,7 @@ impl Drop for Busy {
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -50,13 +50,13 @@ impl Activity {
         }
     }
 
-    fn begin(self: &Arc<Self>) -> Busy {
+    pub(super) fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Acquire);
         Busy(self.clone())
     }
 
     /// Resolves once no request has been in flight for `timeout`.
-    async fn idle(&self, timeout: Duration) {
+    pub(super) async fn idle(&self, timeout: Duration) {
         loop {
             if self.in_flight.load(Ordering::Acquire) > 0 {
                 tokio::time::sleep(timeout).await;

@@ -433,6 +433,31 @@ async fn beyond_max_connections_new_connections_wait_without_disturbing_open_one
     }
 }
 
+/// Connections to the admin listener that send nothing (or only HTTP/2's preface and settings)
+/// give their slot back: a few such connections must not keep `/healthz` from answering, or the
+/// orchestrator restarts a healthy instance.
+#[tokio::test]
+async fn idle_admin_connections_give_their_slots_back() {
+    let text = config_toml("").add("admin.max_connections", 2);
+    let proxy = start_proxy(&text).await;
+    let mut idle = Vec::new();
+    let silent = TcpStream::connect(proxy.admin).await.unwrap();
+    silent.set_nodelay(true).unwrap();
+    idle.push(silent);
+    let mut h2 = TcpStream::connect(proxy.admin).await.unwrap();
+    h2.write_all(PREFACE).await.unwrap();
+    h2.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    idle.push(h2);
+    let url = format!("http://{}/healthz", proxy.admin);
+    let answered = tokio::time::timeout(Duration::from_secs(25), get(&url, &[])).await;
+    assert!(
+        answered.is_ok_and(|r| r.status == 200),
+        "/healthz got no answer while idle connections held every admin slot"
+    );
+}
+
 // ---- HTTP/2 ----
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
