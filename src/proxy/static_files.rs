@@ -46,6 +46,9 @@ async fn serve_file(
         return ErrorCode::MethodNotAllowed.json(&[]);
     }
     let reader = Reader::of(req.headers());
+    if is_hidden(path) {
+        return ErrorCode::NotFound.respond(reader);
+    }
     let inner = match rebuild(req, path) {
         Some(r) => r,
         None => return ErrorCode::NotFound.respond(reader),
@@ -76,6 +79,14 @@ async fn serve_file(
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     with_etag(req, response)
+}
+
+/// Whether `path` names a file or directory whose name starts with a dot (`.env`, `.git/`): what
+/// a build or a checkout leaves in a directory, never the site. `/.well-known/` is served.
+fn is_hidden(path: &str) -> bool {
+    path.split('/')
+        .enumerate()
+        .any(|(at, segment)| segment.starts_with('.') && !(at == 1 && segment == ".well-known"))
 }
 
 /// A body-less copy of the request with the path the directory should see.

@@ -142,3 +142,38 @@ async fn files_behind_a_session_are_private_to_caches_and_public_ones_are_not() 
     assert_eq!(open.status, 200);
     assert_eq!(open.header("cache-control"), None);
 }
+
+/// Files and directories whose names start with a dot (`.env`, `.git`) are never served: they
+/// hold what a build leaves behind, not the site. `/.well-known/` is the exception it is meant
+/// to be.
+#[tokio::test]
+async fn dotfiles_are_never_served_but_well_known_is() {
+    let site = tempfile::tempdir().unwrap().keep();
+    std::fs::write(site.join(".env"), "DB_PASSWORD=hunter2").unwrap();
+    std::fs::create_dir_all(site.join(".git")).unwrap();
+    std::fs::write(site.join(".git").join("config"), "[remote]").unwrap();
+    std::fs::create_dir_all(site.join("a").join(".hidden")).unwrap();
+    std::fs::write(site.join("a").join(".hidden").join("x.txt"), "x").unwrap();
+    std::fs::create_dir_all(site.join(".well-known")).unwrap();
+    std::fs::write(site.join(".well-known").join("security.txt"), "Contact: x").unwrap();
+    let proxy = start_proxy(&config_text(&format!(
+        "[[routes]]\npath = \"/\"\nstatic_dir = \"{}\"\n",
+        site.display()
+    )))
+    .await;
+    for path in [
+        "/.env",
+        "/.git/config",
+        "/a/.hidden/x.txt",
+        "/.ENV",
+        "/%2eenv",
+        "/%2Egit/config",
+        "/a/%2ehidden/x.txt",
+    ] {
+        let r = get(&proxy.url(path), &[]).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        assert!(!r.text().contains("hunter2"));
+    }
+    let r = get(&proxy.url("/.well-known/security.txt"), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "Contact: x"));
+}
