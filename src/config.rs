@@ -610,7 +610,48 @@ impl Config {
             }])
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base, &|name| std::env::var(name).ok())
+        let config = Config::parse(&text, base, &|name| std::env::var(name).ok())?;
+        let exposed = config.exposed_files(path);
+        if exposed.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(exposed))
+        }
+    }
+
+    /// A `static_dir` holding the configuration file at `path` or a secret file would serve it
+    /// (the client secret, the session keys) to anyone: one problem per such route and file.
+    fn exposed_files(&self, path: &Path) -> Vec<ConfigError> {
+        let secret = [
+            Some(path),
+            self.oidc.client_secret_file.as_deref(),
+            self.session.keys_file.as_deref(),
+        ];
+        let secret: Vec<PathBuf> = secret
+            .into_iter()
+            .flatten()
+            .filter_map(|file| std::fs::canonicalize(file).ok())
+            .collect();
+        let mut problems = Vec::new();
+        for (at, route) in self.routes.iter().enumerate() {
+            let Target::Static { dir, .. } = &route.target else {
+                continue;
+            };
+            let Ok(dir) = std::fs::canonicalize(dir) else {
+                continue;
+            };
+            for file in secret.iter().filter(|file| file.starts_with(&dir)) {
+                let name = file.file_name().unwrap_or_default().to_string_lossy();
+                problems.push(ConfigError {
+                    path: format!("routes[{at}].static_dir"),
+                    message: format!(
+                        "it holds {name:?}, which it would serve to anyone; serve a directory of \
+                         the site's files only"
+                    ),
+                });
+            }
+        }
+        problems
     }
 
     /// Parses `text`; relative file paths are resolved against `base`; `env` looks up variables.

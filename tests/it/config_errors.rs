@@ -364,3 +364,40 @@ fn a_secret_file_that_is_no_regular_file_is_refused_at_once() {
         );
     }
 }
+
+/// A `static_dir` that holds the configuration file or a secret file would serve it (the
+/// client secret, the session keys): refused at load, named.
+#[test]
+fn a_static_dir_holding_the_configuration_or_a_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("session-keys"), format!("{KEY}\n")).unwrap();
+    let text = TomlConfig::parse(&base())
+        .set("oidc.client_secret", "literal-secret")
+        .remove("session.keys")
+        .add("session.keys_file", "session-keys")
+        .text();
+    for (static_dir, holds) in [(".", "config.toml"), ("..", "config.toml")] {
+        let config = format!("{text}\n[[routes]]\npath = \"/\"\nstatic_dir = \"{static_dir}\"\n");
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, &config).unwrap();
+        let found = match Config::load(&file) {
+            Ok(_) => panic!("{static_dir}: accepted"),
+            Err(e) => {
+                e.0.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        };
+        assert!(
+            found.contains("routes[0].static_dir") && found.contains(holds),
+            "{static_dir}: {found}"
+        );
+    }
+    // A directory beside them is fine.
+    std::fs::create_dir_all(dir.path().join("public")).unwrap();
+    let config = format!("{text}\n[[routes]]\npath = \"/\"\nstatic_dir = \"public\"\n");
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, &config).unwrap();
+    assert!(Config::load(&file).is_ok());
+}
