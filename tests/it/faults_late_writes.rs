@@ -4,6 +4,7 @@
 //! a back-channel logout the provider retries is not taken for a replay.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::faults_redis::redis_proxy;
 use crate::logout::post_logout_token;
 use crate::support::fake_idp;
 use crate::support::redis::{RedisServer, count_keys};
@@ -20,28 +21,6 @@ fn now() -> u64 {
     vestibule::app::now()
 }
 
-/// A proxy on `redis_url` (store timeout 300 ms, session cache `cache_ttl`) behind `idp`, with
-/// `/api/` (session required, no token) and `/tok/` (the user's token) routes to `up`.
-async fn proxy_on(
-    redis_url: &str,
-    cache_ttl: &str,
-    idp: &fake_idp::FakeIdp,
-    up: &upstream::Upstream,
-) -> Proxy {
-    let extra = format!(
-        "store = \"redis\"\ncache_ttl = \"{cache_ttl}\"\n[session.redis]\nurl = \"{redis_url}\"\ntimeout = \"300ms\"\n\
-         [[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
-         [[routes]]\npath = \"/tok/\"\nupstream = \"{u}\"\ntoken = \"user\"\n",
-        u = up.url()
-    );
-    let text = config_toml(&extra)
-        .set("oidc.issuer", idp.issuer.as_str())
-        .set("server.request_timeout", "30s");
-    let proxy = start_proxy(&text).await;
-    wait_ready(&proxy).await;
-    proxy
-}
-
 /// A back-channel logout whose writes were carried out but answered too late: the provider gets
 /// a 503 and sends the same logout token again, which must be taken (not refused as a replay of
 /// itself) and leave the session ended; a replay after that is refused.
@@ -51,7 +30,7 @@ async fn a_backchannel_logout_retried_after_a_late_store_answer_is_not_a_replay(
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
-    let proxy = proxy_on(&redis.url(), "5s", &idp, &up).await;
+    let proxy = redis_proxy(&redis.url(), "5s", &idp, &up).await;
     let cookie = proxy
         .session_cookie(Session {
             sub: "alice".into(),
@@ -104,8 +83,8 @@ async fn a_logout_whose_delete_answered_late_leaves_no_cached_copy() {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
-    let a = proxy_on(&redis.url(), "30s", &idp, &up).await;
-    let b = proxy_on(&redis.url(), "30s", &idp, &up).await;
+    let a = redis_proxy(&redis.url(), "30s", &idp, &up).await;
+    let b = redis_proxy(&redis.url(), "30s", &idp, &up).await;
     let cookie = a
         .session_cookie(Session {
             sub: "alice".into(),

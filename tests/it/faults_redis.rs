@@ -570,9 +570,23 @@ async fn sessions_survive_a_cluster_master_failover_and_requests_resume() {
 /// A proxy on `redis_url` (store timeout [`STORE_TIMEOUT`]) behind `idp`, with a `/tok/` route
 /// that is sent the user's token, to `up`.
 async fn token_proxy(redis_url: &str, idp: &fake_idp::FakeIdp, up: &upstream::Upstream) -> Proxy {
+    redis_proxy(redis_url, "5s", idp, up).await
+}
+
+/// A proxy on `redis_url` (store timeout [`STORE_TIMEOUT`], session cache `cache_ttl`) behind
+/// `idp`, with `/api/` (a session required, no token) and `/tok/` (the user's token) routes to
+/// `up`.
+pub(crate) async fn redis_proxy(
+    redis_url: &str,
+    cache_ttl: &str,
+    idp: &fake_idp::FakeIdp,
+    up: &upstream::Upstream,
+) -> Proxy {
     let extra = format!(
-        "store = \"redis\"\ncache_ttl = \"5s\"\n[session.redis]\nurl = \"{redis_url}\"\n\
-         timeout = \"{ms}ms\"\n[[routes]]\npath = \"/tok/\"\nupstream = \"{u}\"\ntoken = \"user\"\n",
+        "store = \"redis\"\ncache_ttl = \"{cache_ttl}\"\n[session.redis]\nurl = \"{redis_url}\"\n\
+         timeout = \"{ms}ms\"\n\
+         [[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+         [[routes]]\npath = \"/tok/\"\nupstream = \"{u}\"\ntoken = \"user\"\n",
         ms = STORE_TIMEOUT.as_millis(),
         u = up.url()
     );
