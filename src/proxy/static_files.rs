@@ -58,6 +58,14 @@ async fn serve_file(
         Ok(r) => r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
         Err(never) => match never {},
     };
+    // The shell asked for by name or as a directory's index: revalidated, as the fallback is.
+    let shell =
+        path.ends_with('/') || spa_fallback.is_some_and(|f| path.strip_prefix('/') == Some(f));
+    if shell && response.status() == StatusCode::OK {
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
     if response.status() == StatusCode::NOT_FOUND {
         let fallback = spa_fallback.filter(|_| reader == Reader::Page);
         let Some(file) = fallback else {
@@ -132,10 +140,11 @@ fn with_etag(req: &Request<()>, mut response: Response<Body>) -> Response<Body> 
         let mut not_modified = Response::new(crate::reply::empty());
         *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
         not_modified.headers_mut().insert(header::ETAG, value);
-        if let Some(m) = response.headers().get(header::LAST_MODIFIED) {
-            not_modified
-                .headers_mut()
-                .insert(header::LAST_MODIFIED, m.clone());
+        // What the full answer says of caching stands for its 304 (RFC 9110 §15.4.5).
+        for name in [header::LAST_MODIFIED, header::CACHE_CONTROL, header::VARY] {
+            if let Some(v) = response.headers().get(&name) {
+                not_modified.headers_mut().insert(name, v.clone());
+            }
         }
         return not_modified;
     }

@@ -67,6 +67,31 @@ async fn fallback_serves_index_only_to_navigations() {
     assert_eq!(css.status, 404);
 }
 
+/// The SPA's shell (`index.html`, however it is asked for) is revalidated on every navigation,
+/// so a deploy reaches users at once: it names the scripts of its own build. Its 304s say so
+/// too, and keep the `Vary` of the full answer.
+#[tokio::test]
+async fn the_spa_shell_is_revalidated_however_it_is_asked_for() {
+    let proxy = spa().await;
+    for path in ["/", "/index.html", "/dashboard"] {
+        let r = get(&proxy.url(path), &[("accept", "text/html")]).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("cache-control"), Some("no-cache"), "{path}");
+        let etag = r.header("etag").unwrap().to_string();
+        let again = get(
+            &proxy.url(path),
+            &[("accept", "text/html"), ("if-none-match", &etag)],
+        )
+        .await;
+        assert_eq!(again.status, 304, "{path}");
+        assert_eq!(again.header("cache-control"), Some("no-cache"), "{path}");
+        assert_eq!(again.header("vary"), r.header("vary"), "{path}");
+    }
+    // Other files keep the browser's own heuristics (their names change with each build).
+    let r = get(&proxy.url("/app.js"), &[]).await;
+    assert_eq!(r.header("cache-control"), None);
+}
+
 #[tokio::test]
 async fn traversal_attempts_never_escape_the_directory() {
     let parent = tempfile::tempdir().unwrap().keep();
