@@ -155,6 +155,10 @@ impl crate::oidc::dpop::KeySource for StoredDpopKey {
     > {
         crate::reply::in_box(|| self.load_or_create())
     }
+
+    fn ring(&self) -> Option<Arc<Keyring>> {
+        Some(self.keyring.load_full())
+    }
 }
 
 impl StoredDpopKey {
@@ -171,6 +175,11 @@ impl StoredDpopKey {
                 self.keyring.load().open(DPOP_KEY_NAME, text)
             });
             if let Some(opened) = opened {
+                if opened.stale_key
+                    && let Some(record) = &stored
+                {
+                    self.reseal(record.version, &opened.plaintext).await;
+                }
                 return DpopKey::from_der(&opened.plaintext);
             }
             let key = DpopKey::generate()?;
@@ -212,10 +221,73 @@ impl StoredDpopKey {
     }
 }
 
+impl StoredDpopKey {
+    /// Seals the stored key again with the ring's first key (it opened with an older one: a
+    /// rotation is under way), so that it still opens once the old key is removed, on a replica
+    /// started then too. Best effort: a replica that loses the race finds it resealed.
+    async fn reseal(&self, version: u64, der: &[u8]) {
+        let Ok(sealed) = self.keyring.load().seal(DPOP_KEY_NAME, der) else {
+            return;
+        };
+        match self
+            .store
+            .compare_and_set(DPOP_KEY_NAME, version, sealed.as_bytes(), DPOP_KEY_TTL)
+            .await
+        {
+            Ok(true) => tracing::info!("the stored DPoP key is sealed with the first session key"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "the stored DPoP key could not be sealed again"),
+        }
+    }
+}
+
 /// The pace request bodies must keep (read per request, so a reload reaches it).
 pub fn body_pace(config: &Config) -> crate::limits::Pace {
     crate::limits::Pace {
         read_timeout: config.server.connections.body_read_timeout,
         min_rate: config.server.connections.body_min_rate,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::oidc::dpop::Dpop;
+    use crate::session::seal::Keyring;
+    use crate::session::store::{MemoryStore, Store};
+
+    fn ring(keys: &[u8]) -> Arc<arc_swap::ArcSwap<Keyring>> {
+        let keys = keys.iter().map(|b| [*b; 32]).collect();
+        Arc::new(arc_swap::ArcSwap::from_pointee(Keyring::new(keys).unwrap()))
+    }
+
+    fn dpop(store: &Store, keyring: &Arc<arc_swap::ArcSwap<Keyring>>) -> Dpop {
+        Dpop::new(Arc::new(StoredDpopKey {
+            store: store.clone(),
+            keyring: keyring.clone(),
+        }))
+    }
+
+    /// Every replica signs with one DPoP key across a session key rotation done by hot reload
+    /// (the new key first, then the old one removed): a replica running through it and one
+    /// started after it agree, so a token bound by one is accepted when the other presents it.
+    #[tokio::test]
+    async fn replicas_keep_one_dpop_key_across_a_reloaded_key_rotation() {
+        let store = Store::Memory(MemoryStore::new(100));
+        let running_ring = ring(&[1]);
+        let running = dpop(&store, &running_ring);
+        let before = running.key().await.unwrap().thumbprint().to_string();
+        // The rotation, as reloads swap the ring: the new key first, then the old one gone.
+        running_ring.store(Arc::new(Keyring::new(vec![[2; 32], [1; 32]]).unwrap()));
+        assert_eq!(running.key().await.unwrap().thumbprint(), before);
+        running_ring.store(Arc::new(Keyring::new(vec![[2; 32]]).unwrap()));
+        assert_eq!(running.key().await.unwrap().thumbprint(), before);
+        let started_after = dpop(&store, &ring(&[2]));
+        assert_eq!(
+            started_after.key().await.unwrap().thumbprint(),
+            before,
+            "a replica started after the rotation signs with another key"
+        );
     }
 }

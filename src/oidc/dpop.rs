@@ -175,9 +175,16 @@ pub fn valid_nonce(value: &[u8]) -> Option<&str> {
     ok.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
-/// Where the key comes from. Called until it succeeds; the key is then kept for the process.
+/// Where the key comes from. Called until it succeeds; the key is then kept until the key
+/// ring it was read under ([`KeySource::ring`]) is swapped.
 pub trait KeySource: Send + Sync {
     fn load(&self) -> Pin<Box<dyn Future<Output = Result<DpopKey, DpopError>> + Send + '_>>;
+
+    /// The key ring the key is sealed with in a store, if it is: a new ring (a reload) means
+    /// reading the key again, so that every replica keeps signing with the one key stored.
+    fn ring(&self) -> Option<Arc<crate::session::seal::Keyring>> {
+        None
+    }
 }
 
 /// A PEM file (`[oidc] dpop_key_file`), read on first use.
@@ -212,7 +219,10 @@ impl KeySource for ProcessKey {
 /// DPoP for one OpenID client: its key, loaded once, and the nonces servers asked for.
 pub struct Dpop {
     source: Arc<dyn KeySource>,
-    key: tokio::sync::OnceCell<Arc<DpopKey>>,
+    /// The key, and the ring it was read under (held, so that its address names it).
+    key: Mutex<Option<Loaded>>,
+    /// One load at a time.
+    loading: tokio::sync::Mutex<()>,
     /// The provider's latest `DPoP-Nonce` (one per provider: RFC 9449 §8 lets a nonce serve
     /// every endpoint of a server).
     provider_nonce: Mutex<Option<String>>,
@@ -220,27 +230,58 @@ pub struct Dpop {
     upstream_nonces: Mutex<HashMap<String, String>>,
 }
 
+/// The key [`Dpop`] signs with, and the key ring it was read under.
+struct Loaded {
+    ring: Option<Arc<crate::session::seal::Keyring>>,
+    key: Arc<DpopKey>,
+}
+
 impl Dpop {
     pub fn new(source: Arc<dyn KeySource>) -> Dpop {
         Dpop {
             source,
-            key: tokio::sync::OnceCell::new(),
+            key: Mutex::new(None),
+            loading: tokio::sync::Mutex::new(()),
             provider_nonce: Mutex::new(None),
             upstream_nonces: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The key, loaded on first use (a failed load is retried on the next call).
+    /// The key, loaded on first use and again after the key ring was swapped (a failed load is
+    /// retried on the next call).
     pub async fn key(&self) -> Result<Arc<DpopKey>, DpopError> {
-        self.key
-            .get_or_try_init(|| async { self.source.load().await.map(Arc::new) })
-            .await
-            .cloned()
+        let ring = self.source.ring();
+        if let Some(key) = self.current(&ring) {
+            return Ok(key);
+        }
+        let _one = self.loading.lock().await;
+        if let Some(key) = self.current(&ring) {
+            return Ok(key);
+        }
+        let key = Arc::new(self.source.load().await?);
+        *self
+            .key
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Loaded {
+            ring,
+            key: key.clone(),
+        });
+        Ok(key)
     }
 
-    /// The key if it is already loaded (no wait, no I/O).
-    pub fn loaded_key(&self) -> Option<Arc<DpopKey>> {
-        self.key.get().cloned()
+    /// The key loaded under `ring`, if that is the one kept.
+    fn current(&self, ring: &Option<Arc<crate::session::seal::Keyring>>) -> Option<Arc<DpopKey>> {
+        let kept = self
+            .key
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let loaded = kept.as_ref()?;
+        let same = match (&loaded.ring, ring) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same.then(|| loaded.key.clone())
     }
 
     /// A proof for a POST to the provider's `url`, with its latest nonce.
