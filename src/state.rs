@@ -156,7 +156,7 @@ impl crate::oidc::dpop::KeySource for StoredDpopKey {
         crate::reply::in_box(|| self.load_or_create())
     }
 
-    fn ring(&self) -> Option<Arc<Keyring>> {
+    fn ring(&self) -> Option<crate::oidc::dpop::Ring> {
         Some(self.keyring.load_full())
     }
 }

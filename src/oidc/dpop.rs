@@ -175,14 +175,18 @@ pub fn valid_nonce(value: &[u8]) -> Option<&str> {
     ok.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
+/// An opaque token for a key ring, compared by address (held, so that no other takes it).
+pub type Ring = Arc<dyn std::any::Any + Send + Sync>;
+
 /// Where the key comes from. Called until it succeeds; the key is then kept until the key
 /// ring it was read under ([`KeySource::ring`]) is swapped.
 pub trait KeySource: Send + Sync {
     fn load(&self) -> Pin<Box<dyn Future<Output = Result<DpopKey, DpopError>> + Send + '_>>;
 
-    /// The key ring the key is sealed with in a store, if it is: a new ring (a reload) means
-    /// reading the key again, so that every replica keeps signing with the one key stored.
-    fn ring(&self) -> Option<Arc<crate::session::seal::Keyring>> {
+    /// What the key is sealed with in a store (the session key ring), if it is, as a token
+    /// compared by address: a new one (a reload) means reading the key again, so that every
+    /// replica keeps signing with the one key stored.
+    fn ring(&self) -> Option<Ring> {
         None
     }
 }
@@ -232,7 +236,7 @@ pub struct Dpop {
 
 /// The key [`Dpop`] signs with, and the key ring it was read under.
 struct Loaded {
-    ring: Option<Arc<crate::session::seal::Keyring>>,
+    ring: Option<Ring>,
     key: Arc<DpopKey>,
 }
 
@@ -270,7 +274,7 @@ impl Dpop {
     }
 
     /// The key loaded under `ring`, if that is the one kept.
-    fn current(&self, ring: &Option<Arc<crate::session::seal::Keyring>>) -> Option<Arc<DpopKey>> {
+    fn current(&self, ring: &Option<Ring>) -> Option<Arc<DpopKey>> {
         let kept = self
             .key
             .lock()
