@@ -716,12 +716,9 @@ fn mix64(mut z: u64) -> u64 {
 /// HTTP clients there take for their outgoing proxy ("httpoxy"). Whoever the peer is: a trusted
 /// proxy passes its client's fields on, and no proxy writes these spellings itself.
 ///
-/// Other names with `_` pass, as any field does. A request without one (nearly all) costs a
-/// scan of each name here and nothing else.
+/// Other names with `_` pass, as any field does. Called only when [`may_be_lookalike`] found
+/// one in [`strip_for_upstream`]'s pass (nearly no request has one).
 fn strip_lookalikes(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
-    if !headers.keys().any(may_be_lookalike) {
-        return;
-    }
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| may_be_lookalike(name) && is_lookalike(name, route))
