@@ -216,6 +216,11 @@ impl Sessions {
         loaded.ticket.key().lock_name()
     }
 
+    /// The store key that records a refresh spending this session's `refresh_token`.
+    pub fn spend_key(&self, loaded: &OpenSession, refresh_token: &str) -> String {
+        loaded.ticket.key().spend_name(refresh_token)
+    }
+
     /// Time until the session ends if unused.
     pub fn expires_in(&self, session: &Session, now: u64) -> Duration {
         Duration::from_secs(self.seconds_left(session, now))

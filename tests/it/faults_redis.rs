@@ -760,3 +760,55 @@ async fn a_refresh_under_way_at_shutdown_is_saved_before_the_replica_stops() {
          spent refresh token was presented again"
     );
 }
+
+/// Redis stalls longer than the refresh lease while replica a's refresh is at the provider: the
+/// lease runs out, and replica b takes it for a request of the same session. The refresh token
+/// a presented is not presented again by b (a rotating provider refuses a spent one with
+/// `invalid_grant`, and one that detects reuse revokes the whole grant): b waits for a's answer
+/// and serves the token a saves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_is_spent_once_when_redis_stalls_past_the_refresh_lease() {
+    let redis = RedisServer::start();
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let a = token_proxy(&redis.url(), &idp, &up).await;
+    let b = token_proxy(&redis.url(), &idp, &up).await;
+    let refused = (400, serde_json::json!({"error": "invalid_grant"}));
+    let cookie = due_session(&a, &idp, &[refused]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    redis.signal("STOP");
+    // Longer than the 10 s lease, which Redis's clock runs out while it is stopped.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    redis.signal("CONT");
+    let second = {
+        let (url, cookie) = (b.url("/tok/x"), cookie.clone());
+        tokio::spawn(async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    release.send(()).unwrap();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(
+        presented_refresh_tokens(&idp),
+        vec!["rt-1".to_string()],
+        "the refresh token was spent twice (replica b: {} {})",
+        second.status,
+        second.text()
+    );
+    assert_eq!(
+        (first.status, second.status),
+        (200, 200),
+        "a: {}; b: {}",
+        first.text(),
+        second.text()
+    );
+    assert_eq!(up.last().headers["authorization"], "Bearer at-2");
+    let r = get(&b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
+    assert_eq!(r.status, 200, "the session ended: {}", r.text());
+    assert_eq!(
+        count_keys(redis.port(), &format!("{PREFIX}r:*")),
+        0,
+        "a saved refresh left its spend record behind"
+    );
+}

@@ -44,6 +44,14 @@ enum Userinfo {
     Failed,
 }
 
+/// Whether a refresh may present the session's refresh token.
+enum Recorded {
+    /// Recorded as this refresh's to spend, on the session as last read.
+    Spend(OpenSession),
+    /// Another refresh spent it and saved its answer: the token for the target.
+    Done(String),
+}
+
 /// The claims a refresh brings: a validated ID token's, and the UserInfo answer.
 pub(super) struct ClaimsUpdate {
     /// The refreshed ID token's claims, when it came and was valid.
@@ -325,6 +333,28 @@ impl Job {
             let _ = self.sessions.delete(&current).await;
             return Err(RefreshError::Ended);
         };
+        let spend = self.sessions.spend_key(&current, &spent);
+        let current = match self.record_spend(current, &spend, target).await? {
+            Recorded::Spend(current) => current,
+            Recorded::Done(token) => return Ok(token),
+        };
+        let result = self.present(memory, current, target, spent).await;
+        // Saved, refused or failed: the record has nothing left to guard. An answer kept unsaved
+        // keeps it until it runs out.
+        if !self.kept_unsaved(memory) {
+            let _ = self.sessions.store().unlock(&spend, &self.lease).await;
+        }
+        result
+    }
+
+    /// Presents the refresh token `spent` and saves the answer.
+    async fn present(
+        &self,
+        memory: &mut RefreshMemory,
+        current: OpenSession,
+        target: &Target,
+        spent: String,
+    ) -> Result<String, RefreshError> {
         let outcome = self
             .oidc
             .refresh(&spent, target.resource.as_deref(), &target.scopes)
@@ -401,6 +431,59 @@ impl Job {
             at,
         };
         self.save(memory, current, answer).await
+    }
+
+    /// Records in the store that this refresh spends the session's refresh token, before it is
+    /// presented. The lease makes one refresh at a time the rule; the record still holds when
+    /// the lease ran out under a refresh at the provider (a store stalled longer than the
+    /// lease, a failover): another replica then waits for that refresh's answer rather than
+    /// present the refresh token again, which a rotating provider refuses with `invalid_grant`
+    /// (ending the session) and one that detects reuse answers by revoking the whole grant.
+    /// Waits until the record is free, the session has a fresh token (the other refresh saved
+    /// it), or this request's deadline.
+    async fn record_spend(
+        &self,
+        current: OpenSession,
+        spend: &str,
+        target: &Target,
+    ) -> Result<Recorded, RefreshError> {
+        let store = self.sessions.store();
+        // Outlives the grants and a store stall of up to a minute; a replica that dies while it
+        // spends holds the session's refresh back this long.
+        let lasts = self.oidc.config.provider_timeout * 2 + LEASE + Duration::from_secs(60);
+        let mut current = current;
+        let mut warned = false;
+        loop {
+            match store.try_lock(spend, &self.lease, lasts).await {
+                Ok(true) => return Ok(Recorded::Spend(current)),
+                Ok(false) => {}
+                Err(e) => return Err(RefreshError::Store(e.into())),
+            }
+            if !warned {
+                warned = true;
+                tracing::warn!(
+                    "another refresh is spending this session's refresh token (its lease ran                      out); waiting for its answer"
+                );
+            }
+            if Instant::now() + POLL > self.deadline {
+                return Err(RefreshError::Unavailable {
+                    reason: TokenUnavailable::SpendInProgress,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+            let now = self.reload(&current).await?;
+            if let Some(token) = self.target_token(&now, self.rejected.as_deref()) {
+                return Ok(Recorded::Done(token));
+            }
+            if now.session.refresh_token != current.session.refresh_token {
+                return fresh(self.clock.now(), self.skew, &now.session, &target.key, None)
+                    .map(|t| Recorded::Done(t.to_string()))
+                    .ok_or(RefreshError::Unavailable {
+                        reason: TokenUnavailable::SpentElsewhere,
+                    });
+            }
+            current = now;
+        }
     }
 
     /// OpenID Connect Core §12.2: against the session's ID token (from the login, or the last

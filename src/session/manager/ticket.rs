@@ -93,6 +93,17 @@ impl StoreKey {
     pub(super) fn lock_name(&self) -> String {
         prefixed_hex(&["l:"], &self.0)
     }
+
+    /// Where a refresh records that it is spending `refresh_token`: a name of its own for each
+    /// refresh token of each session, which tells nothing of either.
+    pub(super) fn spend_name(&self, refresh_token: &str) -> String {
+        let digest = Sha256::new()
+            .chain_update(b"vestibule spend\0")
+            .chain_update(self.0)
+            .chain_update(refresh_token.as_bytes())
+            .finalize();
+        prefixed_hex(&["r:"], &digest[..16])
+    }
 }
 
 /// The `prefixes` and then `bytes` in lower-case hex, in one allocation, digit by digit
