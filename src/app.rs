@@ -650,6 +650,16 @@ impl App {
                         keys = new.session.keys.len(),
                         "session keys replaced"
                     );
+                    // The stored DPoP key is read again under the new ring now, which seals it
+                    // with the new first key while the old one is still listed: it must not wait
+                    // for DPoP traffic, or the old key may be gone by then and the key replaced.
+                    if let Some(dpop) = self.oidc.dpop.clone() {
+                        tokio::spawn(async move {
+                            if let Err(error) = dpop.key().await {
+                                tracing::warn!(%error, "DPoP key not read again after the session keys changed; retried when needed");
+                            }
+                        });
+                    }
                 }
                 self.oidc.set_credential(credential);
                 if new.oidc.client_secret != old.config.oidc.client_secret {

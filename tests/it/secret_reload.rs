@@ -129,3 +129,68 @@ async fn a_rotated_keys_file_keeps_every_session_whose_key_it_still_holds() {
     );
     assert_eq!(user_status(&mut alice_again, &base).await, 200);
 }
+
+/// The shared DPoP key (`[oidc] dpop` without a key file) is kept in the store sealed with the
+/// session keys. A rotation of `keys_file` (the new key first, the old one kept) seals it again
+/// with the new key at the reload itself, whether or not any DPoP traffic comes in while both
+/// keys are listed: once the old key is removed, every replica (and one started then) still
+/// opens the one key that tokens are bound to, instead of making another.
+#[tokio::test]
+async fn a_keys_file_rotation_seals_the_stored_dpop_key_with_the_new_key_at_the_reload() {
+    use base64::Engine as _;
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let secrets = tempfile::tempdir().unwrap();
+    let keys_file = secrets.path().join("session_keys");
+    std::fs::write(secrets.path().join("client_secret"), "vestibule-secret").unwrap();
+    std::fs::write(&keys_file, format!("{KEY}\n")).unwrap();
+    let proxy = start_proxy(
+        with_secret_files(port, &provider.issuer, secrets.path()).add("oidc.dpop", true),
+    )
+    .await;
+    wait_ready(&proxy).await;
+    let store = proxy.app.sessions.store().clone();
+    let stored = || {
+        let store = store.clone();
+        async move {
+            let record = store.get(vestibule::state::DPOP_KEY_NAME).await.unwrap()?;
+            Some(String::from_utf8(record.value.to_vec()).unwrap())
+        }
+    };
+    let sealed = eventually("the DPoP key is stored", Duration::from_secs(10), stored).await;
+    let opened = proxy
+        .app
+        .keyring()
+        .open(vestibule::state::DPOP_KEY_NAME, &sealed)
+        .expect("sealed with the session key");
+    let new_key: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(KEY2)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let new_ring = vestibule::session::seal::Keyring::new(vec![new_key]).unwrap();
+    assert!(
+        new_ring
+            .open(vestibule::state::DPOP_KEY_NAME, &sealed)
+            .is_none()
+    );
+
+    std::fs::write(&keys_file, format!("{KEY2}\n{KEY}\n")).unwrap();
+    proxy.app.reload("SIGHUP");
+    let resealed = eventually(
+        "the stored DPoP key is sealed with the new key",
+        Duration::from_secs(10),
+        || {
+            let (stored, new_ring) = (stored(), &new_ring);
+            async move {
+                let sealed = stored.await?;
+                new_ring.open(vestibule::state::DPOP_KEY_NAME, &sealed)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        resealed.plaintext, opened.plaintext,
+        "the stored DPoP key was replaced, not sealed again"
+    );
+}
