@@ -8,13 +8,14 @@
 //! 3. **access** (in [`crate::access`]) — feature flag (404 when hidden), session (401 or a
 //!    login redirect), CSRF (403), claims policy (403), access token for the upstream;
 //! 4. **forward** — static files, or the upstream through the pooled client with rewritten
-//!    headers, streaming bodies and upgrades.
+//!    headers, streaming bodies (without the request's trailers, [`trailers`]) and upgrades.
 
 pub mod forward;
 pub mod headers;
 pub mod path;
 pub mod routing;
 pub mod static_files;
+pub mod trailers;
 
 use crate::config::{RouteConfig, Target};
 use crate::reply::{Body, ErrorCode, Inbound, Reader};
@@ -148,10 +149,12 @@ pub async fn dispatch(
                 crate::reply::empty()
             } else {
                 // Marked as the client's, so that a body hyper refuses (bad chunking) or a
-                // client that goes away is told apart from an upstream failure.
-                let body = body.map_err(|e| -> crate::reply::BoxError {
-                    Box::new(forward::ClientBodyError(e))
-                });
+                // client that goes away is told apart from an upstream failure. Its trailers
+                // stay here: they were never vetted as the head was ([`trailers`]).
+                let body =
+                    trailers::WithoutTrailers::new(body).map_err(|e| -> crate::reply::BoxError {
+                        Box::new(forward::ClientBodyError(e))
+                    });
                 // Held to a pace, so that a client trickling its body cannot hold the upstream
                 // connection it is streamed into.
                 let limited = http_body_util::Limited::new(

@@ -39,6 +39,7 @@ mod static_files;
 mod step_up;
 mod tls_http2;
 mod tokens;
+mod trailers;
 mod upstream_pool;
 mod userinfo;
 mod workers;

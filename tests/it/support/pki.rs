@@ -101,8 +101,17 @@ impl TestCa {
     }
 
     /// A TLS acceptor with a server certificate of this CA; when `client_ca` is given, a client
-    /// certificate signed by it is required.
+    /// certificate signed by it is required. Offers HTTP/1.1 only.
     pub fn acceptor(&self, client_ca: Option<&TestCa>) -> TlsAcceptor {
+        self.acceptor_for(client_ca, &[b"http/1.1"])
+    }
+
+    /// [`TestCa::acceptor`] without client certificates, offering HTTP/2 first by ALPN.
+    pub fn h2_acceptor(&self) -> TlsAcceptor {
+        self.acceptor_for(None, &[b"h2", b"http/1.1"])
+    }
+
+    fn acceptor_for(&self, client_ca: Option<&TestCa>, alpn: &[&[u8]]) -> TlsAcceptor {
         let server = self.server();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -125,7 +134,7 @@ impl TestCa {
         let mut config = builder
             .with_single_cert(vec![server.cert.clone()], server.key())
             .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         TlsAcceptor::from(Arc::new(config))
     }
 }

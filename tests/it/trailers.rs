@@ -1,0 +1,175 @@
+//! Request trailers never reach an upstream. They arrive after the head was vetted (the fields
+//! that speak for the client removed, the identity fields set), so an `Authorization` or an
+//! `X-User` sent as a trailer would speak for the client past that stripping. The client sends
+//! trailers over HTTP/1.1 (chunked) and over HTTP/2; real upstreams, HTTP/1.1 on plain TCP and
+//! HTTP/2 over TLS (ALPN), read the whole body and record the trailers they were given.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::pki::TestCa;
+use crate::support::*;
+use bytes::Bytes;
+use http::{HeaderMap, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+
+/// What an upstream read of one request: its version, its whole body, and its trailers.
+#[derive(Debug, Clone)]
+struct Received {
+    version: Version,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+type Log = Arc<Mutex<Vec<Received>>>;
+
+/// An upstream on port 0 (HTTP/1.1 or HTTP/2, as the client speaks; over TLS with `tls`) that
+/// reads each request's body to its end and records it.
+async fn recording_upstream(tls: Option<TlsAcceptor>) -> (SocketAddr, Log) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Log::default();
+    let seen = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (tls, seen) = (tls.clone(), seen.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => serve(tcp, seen).await,
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(tcp).await {
+                            serve(stream, seen).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+async fn serve<I>(io: I, log: Log)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let log = log.clone();
+        async move {
+            let version = req.version();
+            let collected = req.into_body().collect().await.unwrap();
+            let trailers = collected.trailers().cloned();
+            let body = collected.to_bytes();
+            log.lock().unwrap().push(Received {
+                version,
+                body,
+                trailers,
+            });
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"read"))))
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+/// A chunked HTTP/1.1 request to `path` whose trailers speak for someone else. The status of
+/// the answer.
+async fn send_http1(proxy: &Proxy, path: &str) -> u16 {
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\
+         Trailer: Authorization, X-User\r\nTE: trailers\r\nConnection: close\r\n\r\n\
+         6\r\nhello \r\n5\r\nworld\r\n0\r\n\
+         Authorization: Bearer forged\r\nX-User: admin\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("no answer in time")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP/1.1 answer: {answer:?}"))
+}
+
+/// The same request over HTTP/2 (prior knowledge), its trailers in a HEADERS frame of their own.
+async fn send_http2(proxy: &Proxy, path: &str) -> u16 {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, _>(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("authorization", "Bearer forged".parse().unwrap());
+    trailers.insert("x-user", "admin".parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"hello "))),
+        Ok(Frame::data(Bytes::from_static(b"world"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = http::Request::post(format!("http://app.test{path}"))
+        .header("te", "trailers")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let status = response.status().as_u16();
+    response.into_body().collect().await.unwrap();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_never_reach_an_upstream() {
+    let ca = TestCa::new("Upstream CA");
+    let (plain, plain_log) = recording_upstream(None).await;
+    let (tls, tls_log) = recording_upstream(Some(ca.h2_acceptor())).await;
+    let routes = format!(
+        "[[routes]]\npath = \"/h1/\"\nupstream = \"http://{plain}\"\n\
+         [[routes]]\npath = \"/h2/\"\nupstream = \"https://{tls}\"\nca_file = {:?}\n",
+        ca.ca_file.display().to_string(),
+    );
+    let proxy = start_proxy(config_text(&routes)).await;
+
+    // Every case is tried before the verdict, so that a failure names each path that leaks.
+    let mut leaked = Vec::new();
+    for (route, log, version) in [
+        ("/h1/", &plain_log, Version::HTTP_11),
+        ("/h2/", &tls_log, Version::HTTP_2),
+    ] {
+        for client in ["http/1.1", "h2"] {
+            let path = format!("{route}upload");
+            let status = match client {
+                "http/1.1" => send_http1(&proxy, &path).await,
+                _ => send_http2(&proxy, &path).await,
+            };
+            let case = format!("{client} client to the {route} upstream");
+            assert_eq!(status, 200, "{case}");
+            let received = log.lock().unwrap().pop().expect(&case);
+            // The route is what it claims: HTTP/2 to the TLS upstream.
+            assert_eq!(received.version, version, "{case}");
+            assert_eq!(&received.body[..], b"hello world", "{case}: the body");
+            if let Some(trailers) = received.trailers.filter(|t| !t.is_empty()) {
+                leaked.push(format!("{case}: {trailers:?}"));
+            }
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "upstreams were given trailers: {leaked:#?}"
+    );
+}
