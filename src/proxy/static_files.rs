@@ -1,9 +1,11 @@
 //! Static SPA files, served by tower-http's `ServeDir` (content types, Last-Modified, ranges,
 //! precompressed `.br`/`.gz`, no traversal), plus a weak ETag with 304s and the SPA fallback:
-//! `index.html` only for navigations, so a missing `.js` or `.css` stays a 404.
+//! `index.html` only for navigations, so a missing `.js` or `.css` stays a 404. A directory
+//! asked for without its trailing slash is redirected to the client's own path with it (the
+//! route's prefix and the query kept, never another host).
 
 use crate::reply::{Body, BoxError, ErrorCode, Reader};
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use std::path::Path;
 use tower::ServiceExt;
@@ -58,6 +60,16 @@ async fn serve_file(
         Ok(r) => r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
         Err(never) => match never {},
     };
+    // A directory asked for without its slash: ServeDir sends the client to the path it was
+    // given, which lacks the route's prefix when `strip_prefix` took it off, and the query.
+    // (ServeDir's only redirect; its 304s are 3xx too.)
+    if response.status() == StatusCode::TEMPORARY_REDIRECT {
+        let Some(location) = directory_location(req.uri()) else {
+            return ErrorCode::NotFound.respond(reader);
+        };
+        response.headers_mut().insert(header::LOCATION, location);
+        return response;
+    }
     // The shell asked for by name or as a directory's index: revalidated, as the fallback is.
     let shell =
         path.ends_with('/') || spa_fallback.is_some_and(|f| path.strip_prefix('/') == Some(f));
@@ -95,6 +107,27 @@ fn is_hidden(path: &str) -> bool {
     path.split('/')
         .enumerate()
         .any(|(at, segment)| segment.starts_with('.') && !(at == 1 && segment == ".well-known"))
+}
+
+/// Where a directory asked for without its trailing slash is found: the path the client asked
+/// for (the route's prefix included, canonical), the slash added, the query kept. Only ever a
+/// path on this origin: `None` for one a browser would read as another host (`//host/…`,
+/// `/\host/…`), which a canonical path never is.
+fn directory_location(uri: &Uri) -> Option<HeaderValue> {
+    let path = uri.path();
+    let below_root = path.strip_prefix('/')?;
+    if below_root.starts_with(['/', '\\']) {
+        return None;
+    }
+    let query = uri.query();
+    let mut text = String::with_capacity(path.len() + 2 + query.map_or(0, str::len));
+    text.push_str(path);
+    text.push('/');
+    if let Some(query) = query {
+        text.push('?');
+        text.push_str(query);
+    }
+    HeaderValue::from_str(&text).ok()
 }
 
 /// A body-less copy of the request with the path the directory should see.
@@ -150,4 +183,37 @@ fn with_etag(req: &Request<()>, mut response: Response<Body>) -> Response<Body> 
     }
     response.headers_mut().insert(header::ETAG, value);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location(uri: &str) -> Option<String> {
+        let uri: Uri = uri.parse().unwrap();
+        directory_location(&uri).map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn a_directory_location_is_the_clients_path_with_a_slash_and_the_query() {
+        assert_eq!(location("/assets/dir").as_deref(), Some("/assets/dir/"));
+        assert_eq!(
+            location("/assets/dir?v=1&x=%20").as_deref(),
+            Some("/assets/dir/?v=1&x=%20")
+        );
+        assert_eq!(location("/a%2Fb").as_deref(), Some("/a%2Fb/"));
+    }
+
+    #[test]
+    fn a_directory_location_never_names_another_host() {
+        for hostile in [
+            "//evil.example/x",
+            "//evil.example",
+            "///evil.example/x",
+            "/\\evil.example/x",
+            "*",
+        ] {
+            assert_eq!(location(hostile), None, "{hostile}");
+        }
+    }
 }

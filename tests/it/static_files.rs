@@ -202,3 +202,87 @@ async fn dotfiles_are_never_served_but_well_known_is() {
     let r = get(&proxy.url("/.well-known/security.txt"), &[]).await;
     assert_eq!((r.status, r.text().as_str()), (200, "Contact: x"));
 }
+
+/// A site with `docs/guide/index.html` and `evil.example/x/index.html` (directories a hostile
+/// path could name), served at `/` and, with `strip_prefix`, at `/assets/`.
+async fn site_with_directories() -> Proxy {
+    let site = tempfile::tempdir().unwrap().keep();
+    for dir in ["docs/guide", "evil.example/x"] {
+        std::fs::create_dir_all(site.join(dir)).unwrap();
+        std::fs::write(site.join(dir).join("index.html"), format!("<p>{dir}</p>")).unwrap();
+    }
+    let dir = site.display();
+    start_proxy(&config_text(&format!(
+        "[[routes]]\npath = \"/assets/\"\nstatic_dir = \"{dir}\"\nstrip_prefix = true\n\
+         [[routes]]\npath = \"/\"\nstatic_dir = \"{dir}\"\n"
+    )))
+    .await
+}
+
+/// A directory asked for without its trailing slash is redirected to the path the client asked
+/// for with the slash: under the route's prefix as the client sees it (not the path the
+/// directory saw, which `strip_prefix` shortened), the query kept.
+#[tokio::test]
+async fn a_directory_is_redirected_to_its_slash_under_the_routes_prefix_with_the_query() {
+    let proxy = site_with_directories().await;
+    for (asked, wanted) in [
+        ("/assets/docs/guide", "/assets/docs/guide/"),
+        (
+            "/assets/docs/guide?v=2&tab=a%20b",
+            "/assets/docs/guide/?v=2&tab=a%20b",
+        ),
+        ("/ASSETS/docs/guide", "/ASSETS/docs/guide/"),
+        ("/assets/./docs//guide?v=1", "/assets/docs/guide/?v=1"),
+        ("/docs/guide?v=3", "/docs/guide/?v=3"),
+    ] {
+        let r = get(&proxy.url(asked), &[]).await;
+        assert!(
+            (300..400).contains(&r.status),
+            "{asked}: {} {}",
+            r.status,
+            r.text()
+        );
+        assert_eq!(r.header("location"), Some(wanted), "{asked}");
+        let there = get(&proxy.url(wanted), &[]).await;
+        assert_eq!(
+            (there.status, there.text().as_str()),
+            (200, "<p>docs/guide</p>"),
+            "{asked} -> {wanted}"
+        );
+    }
+}
+
+/// However the path is spelt, a directory redirect stays on this origin: never a
+/// `Location` a browser reads as another host (`//evil.example/…`, `/\evil.example/…`).
+#[tokio::test]
+async fn a_directory_redirect_never_leaves_the_origin() {
+    let proxy = site_with_directories().await;
+    for asked in [
+        "//evil.example/x",
+        "//evil.example/x?next=1",
+        "///evil.example/x",
+        "/assets//evil.example/x",
+        "/assets/../assets//evil.example/x",
+        "/./evil.example/x",
+        "/%2Fevil.example/x",
+        "/assets/%2F%2Fevil.example/x",
+        "/%5Cevil.example/x",
+    ] {
+        let r = get(&proxy.url(asked), &[]).await;
+        let Some(location) = r.header("location") else {
+            assert!(
+                r.status == 400 || r.status == 404,
+                "{asked}: {} without a Location",
+                r.status
+            );
+            continue;
+        };
+        assert!(
+            location.starts_with('/')
+                && !location.starts_with("//")
+                && !location.starts_with("/\\"),
+            "{asked}: Location {location} leaves the origin"
+        );
+        assert!(location.ends_with("evil.example/x/") || location.contains("evil.example/x/?"));
+    }
+}
