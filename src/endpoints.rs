@@ -451,7 +451,7 @@ async fn callback(
         String::new(),
         AccessToken {
             value: tokens.access_token.clone(),
-            expires_at: now + tokens.expires_in.unwrap_or(300),
+            expires_at: now + tokens.lifetime(),
             issued_at: now,
             scope: tokens.scope.clone(),
         },

@@ -166,6 +166,25 @@ pub struct TokenResponse {
     pub token_type: Option<String>,
 }
 
+/// An access token's lifetime when the token response names none (`expires_in` is optional,
+/// RFC 6749 §5.1).
+pub const DEFAULT_TOKEN_LIFETIME: u64 = 300;
+
+/// The longest access token lifetime believed. `expires_in` may be any JSON integer up to
+/// `u64::MAX`; added to the clock it would overflow (a crash, or in release builds a token that
+/// expired long ago, refreshed on every request), so a longer one is taken as this.
+pub const MAX_TOKEN_LIFETIME: u64 = 366 * 24 * 60 * 60;
+
+impl TokenResponse {
+    /// How long the access token lives, in seconds: `expires_in`, or
+    /// [`DEFAULT_TOKEN_LIFETIME`] without one, at most [`MAX_TOKEN_LIFETIME`].
+    pub fn lifetime(&self) -> u64 {
+        self.expires_in
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .min(MAX_TOKEN_LIFETIME)
+    }
+}
+
 impl std::fmt::Debug for TokenResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenResponse")

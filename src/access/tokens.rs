@@ -340,7 +340,7 @@ impl Tokens {
         match outcome {
             Ok(t) => {
                 count(Grant::ClientCredentials, "ok");
-                let lifetime = t.expires_in.unwrap_or(300);
+                let lifetime = t.lifetime();
                 let skew = app.oidc.config.refresh_skew.as_secs().min(lifetime / 2);
                 *cached = Some(ClientToken {
                     value: t.access_token.clone(),

@@ -10,7 +10,7 @@ use crate::support::*;
 use base64::Engine;
 use serde_json::{Value, json};
 use sha2::Digest;
-use vestibule::jose::testing::{TestKey, logout_token_claims};
+use vestibule::jose::testing::{TestKey, TestSigner, logout_token_claims};
 use vestibule::session::model::Session;
 
 fn encoded(text: &str) -> String {
@@ -372,5 +372,119 @@ async fn a_logout_token_with_sid_and_sub_ends_that_sid_or_else_that_sub() {
     assert!(
         c.proxy.signed_in(&bob).await,
         "another user's session ended"
+    );
+}
+
+/// The grants whose form names `grant_type`.
+fn grants(c: &Case, grant_type: &str) -> usize {
+    let requests = c.idp.state.token_requests.lock().unwrap();
+    requests
+        .iter()
+        .filter(|form| {
+            form.iter()
+                .any(|(k, v)| k == "grant_type" && v == grant_type)
+        })
+        .count()
+}
+
+/// `expires_in` is the provider's number, as large as a JSON integer gets: a lifetime that
+/// runs past the end of the clock is a very long one, at login, at a refresh and for a client
+/// token, never a token that has already expired (one refresh per request) nor a crash.
+#[tokio::test]
+async fn an_expires_in_beyond_the_end_of_time_is_a_long_lifetime_not_an_expired_token() {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{0}\"\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/svc/\"\nupstream = \"{0}\"\ntoken = \"client\"\n",
+        up.url()
+    );
+    let proxy = start_proxy_for(&idp.issuer, &routes).await;
+    let c = Case { proxy, idp, signer };
+    let call = |path: &'static str, session: String| {
+        let url = c.proxy.url(path);
+        async move { get(&url, &[("cookie", &session), ("x-csrf", "1")]).await }
+    };
+    let sign_in = || async {
+        let (q, login_cookie) = begin_login(&c.proxy).await;
+        *c.idp.state.id_token.lock().unwrap() = c
+            .signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .sign(&claims(&c.idp.issuer, &q["nonce"]));
+        let done = callback(&c.proxy, &q, &login_cookie).await;
+        assert_eq!(done.status, 302, "{}", done.text());
+        done.session_cookie()
+    };
+
+    // At login.
+    c.idp
+        .state
+        .token_fields
+        .lock()
+        .unwrap()
+        .insert("expires_in".into(), json!(u64::MAX));
+    let session = sign_in().await;
+    for _ in 0..2 {
+        let r = call("/api/a", session.clone()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            up.last().headers.get("authorization").unwrap(),
+            "Bearer fake-access"
+        );
+    }
+    assert_eq!(
+        grants(&c, "refresh_token"),
+        0,
+        "the login's token was refreshed"
+    );
+
+    // At a refresh: the login's token is due at once, the refreshed one lives long.
+    c.idp
+        .state
+        .token_fields
+        .lock()
+        .unwrap()
+        .insert("expires_in".into(), json!(0));
+    let session = sign_in().await;
+    c.idp.state.script(
+        "refresh_token",
+        200,
+        json!({"access_token": "refreshed", "token_type": "Bearer", "refresh_token": "r2",
+               "expires_in": u64::MAX}),
+    );
+    for _ in 0..2 {
+        let r = call("/api/b", session.clone()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            up.last().headers.get("authorization").unwrap(),
+            "Bearer refreshed"
+        );
+    }
+    assert_eq!(
+        grants(&c, "refresh_token"),
+        1,
+        "the refreshed token was refreshed again"
+    );
+
+    // A client token.
+    c.idp.state.script(
+        "client_credentials",
+        200,
+        json!({"access_token": "client-token", "token_type": "Bearer", "expires_in": u64::MAX}),
+    );
+    for _ in 0..2 {
+        let r = call("/svc/c", String::new()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            up.last().headers.get("authorization").unwrap(),
+            "Bearer client-token"
+        );
+    }
+    assert_eq!(
+        grants(&c, "client_credentials"),
+        1,
+        "the client token was fetched again"
     );
 }

@@ -157,7 +157,7 @@ impl Job {
             spent,
             at,
         } = answer;
-        let lifetime = tokens.expires_in.unwrap_or(300);
+        let lifetime = tokens.lifetime();
         if lifetime <= self.skew && !SKEW_WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 lifetime_s = lifetime,
