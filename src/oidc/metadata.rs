@@ -67,6 +67,38 @@ pub struct MtlsAliases {
 }
 
 impl Metadata {
+    /// Every endpoint the document names is an absolute `https://` URL (RFC 6749 §3.1, §3.2;
+    /// OpenID Connect Discovery §3). The client secret, codes, PKCE verifiers and tokens are
+    /// sent to them and the browser is sent to two, so a plain one (a provider behind a TLS
+    /// proxy that believes it speaks http, or a tampered document) would hand them all to
+    /// the network.
+    fn check_https_endpoints(&self) -> Result<(), DiscoveryError> {
+        let named = [
+            ("authorization_endpoint", Some(&self.authorization_endpoint)),
+            ("token_endpoint", Some(&self.token_endpoint)),
+            ("jwks_uri", Some(&self.jwks_uri)),
+            ("userinfo_endpoint", self.userinfo_endpoint.as_ref()),
+            ("end_session_endpoint", self.end_session_endpoint.as_ref()),
+            ("revocation_endpoint", self.revocation_endpoint.as_ref()),
+            (
+                "introspection_endpoint",
+                self.introspection_endpoint.as_ref(),
+            ),
+            (
+                "pushed_authorization_request_endpoint",
+                self.pushed_authorization_request_endpoint.as_ref(),
+            ),
+        ];
+        for (name, url) in named {
+            if let Some(url) = url
+                && !url::Url::parse(url).is_ok_and(|u| u.scheme() == "https" && u.has_host())
+            {
+                return Err(DiscoveryError::InsecureEndpoint(name));
+            }
+        }
+        Ok(())
+    }
+
     /// With a client certificate, the `https://` mutual-TLS aliases replace the endpoints they
     /// name, so that token requests (and token use at the provider) happen over mutual TLS.
     fn use_mtls_aliases(&mut self) {
@@ -185,14 +217,29 @@ pub enum DiscoveryError {
     NoPkceS256,
     #[error("the key set could not be loaded: {0}")]
     Keys(crate::jose::JoseError),
+    /// The issuer is https but the document names an endpoint that is not (by its name).
+    #[error("the discovery document's {0} is not an https URL, as the issuer is")]
+    InsecureEndpoint(&'static str),
 }
 
 /// Fetches discovery and checks that it describes the configured issuer.
 pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata, DiscoveryError> {
     let base = issuer.as_str().trim_end_matches('/');
     let url = format!("{base}/.well-known/openid-configuration");
-    let document = http.get_json(&url).await?;
-    let mut metadata: Metadata =
+    let mut metadata = read_document(http.get_json(&url).await?, issuer)?;
+    if http.presents_certificate() {
+        metadata.use_mtls_aliases();
+    }
+    Ok(metadata)
+}
+
+/// The metadata in a discovery `document`, checked to describe `issuer` and to support PKCE S256.
+pub fn read_document(
+    document: serde_json::Value,
+    issuer: &url::Url,
+) -> Result<Metadata, DiscoveryError> {
+    let base = issuer.as_str().trim_end_matches('/');
+    let metadata: Metadata =
         serde_json::from_value(document).map_err(|e| DiscoveryError::Incomplete(Cause::new(e)))?;
     if metadata.issuer.trim_end_matches('/') != base {
         return Err(DiscoveryError::OtherIssuer(metadata.issuer));
@@ -202,8 +249,8 @@ pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata
     {
         return Err(DiscoveryError::NoPkceS256);
     }
-    if http.presents_certificate() {
-        metadata.use_mtls_aliases();
+    if issuer.scheme() == "https" {
+        metadata.check_https_endpoints()?;
     }
     Ok(metadata)
 }
@@ -290,5 +337,73 @@ impl Provider {
                 tracing::warn!(issuer = %self.issuer, %error, "provider metadata refresh failed; keeping the previous metadata");
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const ENDPOINTS: [&str; 8] = [
+        "authorization_endpoint",
+        "token_endpoint",
+        "jwks_uri",
+        "userinfo_endpoint",
+        "end_session_endpoint",
+        "revocation_endpoint",
+        "introspection_endpoint",
+        "pushed_authorization_request_endpoint",
+    ];
+
+    fn document(origin: &str) -> Value {
+        let mut document = json!({ "issuer": origin });
+        for name in ENDPOINTS {
+            document[name] = json!(format!("{origin}/{name}"));
+        }
+        document
+    }
+
+    /// OAuth 2.0 (RFC 6749 §3.1, §3.2) and OpenID Connect Discovery §3: the endpoints of an
+    /// https issuer are https. The client secret, codes, PKCE verifiers and refresh tokens go
+    /// to them, and the browser is sent to two: plain http would hand all of it to the network.
+    #[test]
+    fn an_https_issuer_whose_document_names_a_plain_endpoint_is_refused() {
+        let issuer = url::Url::parse("https://idp.example.com").unwrap();
+        assert!(read_document(document("https://idp.example.com"), &issuer).is_ok());
+        for name in ENDPOINTS {
+            for bad in [
+                "http://idp.example.com/x",
+                "HTTP://idp.example.com/x",
+                "javascript:alert(1)",
+                "//idp.example.com/x",
+                "not a url",
+            ] {
+                let mut doc = document("https://idp.example.com");
+                doc[name] = json!(bad);
+                let err = read_document(doc, &issuer).map(|_| ()).unwrap_err();
+                assert!(
+                    matches!(err, DiscoveryError::InsecureEndpoint(n) if n == name),
+                    "{name} = {bad}: {err}"
+                );
+            }
+        }
+    }
+
+    /// A loopback issuer over plain http (`allow_http_issuer`, development) may name plain
+    /// endpoints; endpoints that are absent are not held against anyone.
+    #[test]
+    fn a_plain_development_issuer_may_name_plain_endpoints() {
+        let issuer = url::Url::parse("http://127.0.0.1:8080").unwrap();
+        assert!(read_document(document("http://127.0.0.1:8080"), &issuer).is_ok());
+        let issuer = url::Url::parse("https://idp.example.com").unwrap();
+        let minimal = json!({
+            "issuer": "https://idp.example.com",
+            "authorization_endpoint": "https://idp.example.com/auth",
+            "token_endpoint": "https://login.example.net/token",
+            "jwks_uri": "https://keys.example.org/jwks",
+        });
+        assert!(read_document(minimal, &issuer).is_ok());
     }
 }

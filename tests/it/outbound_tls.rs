@@ -26,6 +26,7 @@ async fn provider_over_tls(ca: &TestCa) -> (String, fake_idp::FakeIdp) {
         ("token_endpoint", "/token"),
         ("jwks_uri", "/jwks"),
         ("end_session_endpoint", "/logout"),
+        ("userinfo_endpoint", "/userinfo"),
     ] {
         extra.insert(key.into(), format!("{issuer}{path}").into());
     }
