@@ -740,8 +740,7 @@ async fn backchannel_logout(
             Ok(l) => l,
             Err(e) => return logout_rejected(e.to_string()),
         };
-    let replay_ttl =
-        Duration::from_secs(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE + expect.leeway + 60);
+    let replay_ttl = crate::jose::logout_replay_ttl(expect.leeway);
     let marker = format!("jti:{}", hash_hex(&logout.jti));
     // Checked first, recorded only once the sessions have ended: a marker written before them
     // would turn the provider's retry of a logout whose ending failed (or whose marker's write

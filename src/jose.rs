@@ -38,8 +38,17 @@ pub type Claims = serde_json::Map<String, serde_json::Value>;
 pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
 
 /// How old a logout token's `iat` may be when [`Expect::max_iat_age`] is not set, in seconds.
-/// The caller's `jti` replay cache must remember identifiers at least this long (plus leeway).
+/// The caller's `jti` replay cache must remember identifiers for [`logout_replay_ttl`].
 pub const DEFAULT_LOGOUT_MAX_IAT_AGE: u64 = 300;
+
+/// How long a `jti` replay cache must remember a logout token taken now, with `leeway` seconds
+/// of clock skew (and [`DEFAULT_LOGOUT_MAX_IAT_AGE`]), so that no replay is taken: its `iat`
+/// may be up to `leeway` in the future, and it stays young enough for the maximum age plus
+/// `leeway` after that; a minute more covers the store's own timing.
+pub fn logout_replay_ttl(leeway: u64) -> std::time::Duration {
+    let leeway = leeway.min(u64::MAX / 4);
+    std::time::Duration::from_secs(DEFAULT_LOGOUT_MAX_IAT_AGE + 2 * leeway + 60)
+}
 
 /// What a token must say, and the clock to judge it by.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -216,3 +216,36 @@ async fn an_id_token_is_not_a_logout_token() {
         .unwrap_err();
     assert_eq!(err, JoseError::NotALogoutToken);
 }
+
+/// A token stays acceptable while its `iat` is at most the maximum age plus the leeway ago, and
+/// its `iat` may lie up to the leeway in the future (the provider's clock runs ahead): its `jti`
+/// must be remembered until even such a token is too old, or a replay is taken.
+#[tokio::test]
+async fn the_replay_cache_remembers_a_jti_until_its_token_is_too_old_to_take() {
+    let f = fixture().await;
+    for leeway in [0, 1, 60, 120, 600] {
+        let claims = with(logout_claims(), "iat", json!(NOW + leeway));
+        let token = f
+            .signer
+            .token(TestKey::Rsa1)
+            .typ("logout+jwt")
+            .sign(&claims);
+        let at = |now| Expect {
+            now,
+            leeway,
+            max_iat_age: Some(DEFAULT_LOGOUT_MAX_IAT_AGE),
+            ..expect()
+        };
+        assert!(
+            validate_logout_token(&f.jwks, &token, &at(NOW))
+                .await
+                .is_ok()
+        );
+        let forgotten = NOW + crate::jose::logout_replay_ttl(leeway).as_secs();
+        assert_eq!(
+            validate_logout_token(&f.jwks, &token, &at(forgotten)).await,
+            Err(JoseError::IssuedTooLongAgo),
+            "leeway {leeway}: the token is taken again once its jti is forgotten"
+        );
+    }
+}
