@@ -31,10 +31,6 @@ const PENDING_LOGINS: usize = 4;
 pub const MAX_RETURN_URL_LEN: usize = 2048;
 /// Browsers drop a cookie whose name and value exceed this.
 const MAX_COOKIE_LEN: usize = 4096;
-/// ID token claims that describe the token rather than the user.
-const TECHNICAL_CLAIMS: &[&str] = &[
-    "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
-];
 
 fn query_param(req: &Request<Inbound>, name: &str) -> Option<String> {
     let query = req.uri().query()?;
@@ -410,10 +406,7 @@ async fn callback(
         .unwrap_or_default()
         .to_string();
     let sid = claims.get("sid").and_then(|v| v.as_str()).map(String::from);
-    let mut user_claims: crate::jose::Claims = claims
-        .into_iter()
-        .filter(|(k, _)| !TECHNICAL_CLAIMS.contains(&k.as_str()))
-        .collect();
+    let mut user_claims = crate::oidc::userinfo::user_claims(&claims);
     if app.oidc.config.userinfo {
         match app
             .oidc

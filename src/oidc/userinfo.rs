@@ -13,9 +13,23 @@ use crate::jose::Claims;
 use serde_json::Value;
 
 /// Claims that describe a token (or the provider's session) rather than the user: never kept as
-/// user claims, wherever they come from.
-pub const TOKEN_CLAIMS: [&str; 11] = [
-    "iss", "aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "sid",
+/// user claims, wherever they come from. `_claim_names` and `_claim_sources` say where
+/// aggregated or distributed claims are (OpenID Connect Core §5.6.2) and may carry an access
+/// token for that place: kept, it would reach the browser at `/bff/user`.
+pub const TOKEN_CLAIMS: [&str; 13] = [
+    "iss",
+    "aud",
+    "exp",
+    "iat",
+    "nbf",
+    "nonce",
+    "at_hash",
+    "c_hash",
+    "azp",
+    "jti",
+    "sid",
+    "_claim_names",
+    "_claim_sources",
 ];
 
 /// Claims about the sign-in itself (how and when the user authenticated): they come from ID

@@ -229,3 +229,31 @@ async fn a_signed_userinfo_answer_is_checked_with_the_providers_keys() {
         );
     }
 }
+
+/// OpenID Connect Core §5.6.2: distributed claims name where to fetch them and may carry an
+/// access token for that endpoint in `_claim_sources`. It is a token like any other: never in
+/// `/bff/user` (security invariant 1), whether the ID token or the UserInfo answer brought it.
+#[tokio::test]
+async fn the_access_token_of_distributed_claims_never_reaches_the_browser() {
+    let s = with_userinfo().await;
+    let distributed = |token: &str| {
+        json!({
+            "_claim_names": {"groups": "src1"},
+            "_claim_sources": {"src1": {
+                "endpoint": "https://claims.example.test/groups",
+                "access_token": token,
+            }},
+        })
+    };
+    let mut from_userinfo = distributed("userinfo-claims-token");
+    from_userinfo["sub"] = json!("alice");
+    from_userinfo["email"] = json!("alice@example.test");
+    answer(&s, 200, from_userinfo);
+    let cookie = s.sign_in(distributed("id-token-claims-token")).await;
+    let me = user(&s, &cookie).await;
+    assert_eq!(me["email"], "alice@example.test", "{me}");
+    let text = me.to_string();
+    for token in ["id-token-claims-token", "userinfo-claims-token"] {
+        assert!(!text.contains(token), "/bff/user shows {token}: {text}");
+    }
+}
