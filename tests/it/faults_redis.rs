@@ -637,6 +637,35 @@ async fn due_session(
     cookie
 }
 
+/// Two replicas on one Redis behind a rotating provider, and Alice's session on them (see
+/// [`due_session`]): rt-1 gives rt-2 once, and is refused with `invalid_grant` after that.
+struct Rotation {
+    idp: fake_idp::FakeIdp,
+    up: upstream::Upstream,
+    a: Proxy,
+    b: Proxy,
+    cookie: String,
+}
+
+impl Rotation {
+    async fn start(redis: &RedisServer) -> Rotation {
+        let signer = TestSigner::new();
+        let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+        let up = upstream::start().await;
+        let a = token_proxy(&redis.url(), &idp, &up).await;
+        let b = token_proxy(&redis.url(), &idp, &up).await;
+        let refused = (400, serde_json::json!({"error": "invalid_grant"}));
+        let cookie = due_session(&a, &idp, &[refused]).await;
+        Rotation {
+            idp,
+            up,
+            a,
+            b,
+            cookie,
+        }
+    }
+}
+
 /// The refresh tokens the provider was presented, in order.
 fn presented_refresh_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
     let requests = idp.state.token_requests.lock().unwrap();
@@ -677,13 +706,13 @@ async fn refresh_held_at_the_provider(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_is_saved_once_redis_is_back_after_failing_at_the_save() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let signer = TestSigner::new();
-    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let up = upstream::start().await;
-    let a = token_proxy(&redis.url(), &idp, &up).await;
-    let b = token_proxy(&redis.url(), &idp, &up).await;
-    let refused = (400, serde_json::json!({"error": "invalid_grant"}));
-    let cookie = due_session(&a, &idp, &[refused]).await;
+    let Rotation {
+        idp,
+        up,
+        a,
+        b,
+        cookie,
+    } = Rotation::start(&redis).await;
 
     let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
     // The provider has carried out the grant (rt-1 is spent); Redis dies before the save.
@@ -769,13 +798,13 @@ async fn a_refresh_under_way_at_shutdown_is_saved_before_the_replica_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_token_is_spent_once_when_redis_stalls_past_the_refresh_lease() {
     let redis = RedisServer::start();
-    let signer = TestSigner::new();
-    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let up = upstream::start().await;
-    let a = token_proxy(&redis.url(), &idp, &up).await;
-    let b = token_proxy(&redis.url(), &idp, &up).await;
-    let refused = (400, serde_json::json!({"error": "invalid_grant"}));
-    let cookie = due_session(&a, &idp, &[refused]).await;
+    let Rotation {
+        idp,
+        up,
+        a,
+        b,
+        cookie,
+    } = Rotation::start(&redis).await;
 
     let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
     redis.signal("STOP");

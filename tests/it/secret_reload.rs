@@ -6,7 +6,7 @@
 
 use crate::support::browser::Browser;
 use crate::support::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A second session key (32 bytes, base64), test only.
@@ -27,6 +27,28 @@ fn with_secret_files(port: u16, issuer: &str, dir: &Path) -> TomlConfig {
             "session.keys_file",
             dir.join("session_keys").display().to_string(),
         )
+}
+
+/// A proxy with the real provider whose client secret (`vestibule-secret`) and session keys
+/// (`KEY`) are read from files in the returned directory; `config` adds to its configuration.
+/// Returns the keys file too, and the provider, which must outlive the proxy's use.
+async fn keys_file_proxy(
+    config: impl FnOnce(TomlConfig) -> TomlConfig,
+) -> (Proxy, provider::TestProvider, tempfile::TempDir, PathBuf) {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let secrets = tempfile::tempdir().unwrap();
+    let keys_file = secrets.path().join("session_keys");
+    std::fs::write(secrets.path().join("client_secret"), "vestibule-secret").unwrap();
+    std::fs::write(&keys_file, format!("{KEY}\n")).unwrap();
+    let proxy = start_proxy(config(with_secret_files(
+        port,
+        &provider.issuer,
+        secrets.path(),
+    )))
+    .await;
+    wait_ready(&proxy).await;
+    (proxy, provider, secrets, keys_file)
 }
 
 async fn user_status(browser: &mut Browser, base: &str) -> u16 {
@@ -73,15 +95,8 @@ async fn a_rotated_client_secret_file_is_used_for_the_next_token_call() {
 
 #[tokio::test]
 async fn a_rotated_keys_file_keeps_every_session_whose_key_it_still_holds() {
-    let port = free_port();
-    let provider = provider::start(port, serde_json::json!({}));
-    let secrets = tempfile::tempdir().unwrap();
-    let keys_file = secrets.path().join("session_keys");
-    std::fs::write(secrets.path().join("client_secret"), "vestibule-secret").unwrap();
-    std::fs::write(&keys_file, format!("{KEY}\n")).unwrap();
-    let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
-    wait_ready(&proxy).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let (proxy, _provider, _secrets, keys_file) = keys_file_proxy(|c| c).await;
+    let base = proxy.url("");
 
     let mut alice = Browser::default();
     assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
@@ -138,17 +153,8 @@ async fn a_rotated_keys_file_keeps_every_session_whose_key_it_still_holds() {
 #[tokio::test]
 async fn a_keys_file_rotation_seals_the_stored_dpop_key_with_the_new_key_at_the_reload() {
     use base64::Engine as _;
-    let port = free_port();
-    let provider = provider::start(port, serde_json::json!({}));
-    let secrets = tempfile::tempdir().unwrap();
-    let keys_file = secrets.path().join("session_keys");
-    std::fs::write(secrets.path().join("client_secret"), "vestibule-secret").unwrap();
-    std::fs::write(&keys_file, format!("{KEY}\n")).unwrap();
-    let proxy = start_proxy(
-        with_secret_files(port, &provider.issuer, secrets.path()).add("oidc.dpop", true),
-    )
-    .await;
-    wait_ready(&proxy).await;
+    let (proxy, _provider, _secrets, keys_file) =
+        keys_file_proxy(|c| c.add("oidc.dpop", true)).await;
     let store = proxy.app.sessions.store().clone();
     let stored = || {
         let store = store.clone();
