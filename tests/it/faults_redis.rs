@@ -606,6 +606,20 @@ async fn due_session(
     idp: &fake_idp::FakeIdp,
     rotated_then: &[(u16, serde_json::Value)],
 ) -> String {
+    let rotated = serde_json::json!({"access_token": "at-2", "token_type": "Bearer",
+                                     "expires_in": 300, "refresh_token": "rt-2"});
+    let mut answers = vec![(200, rotated)];
+    answers.extend_from_slice(rotated_then);
+    due_session_answered(proxy, idp, &answers).await
+}
+
+/// Alice's session, made in the store, whose access token `at-1` is due and whose refresh token
+/// is `rt-1`; the provider's answers to the refreshes are `answers`, in order.
+async fn due_session_answered(
+    proxy: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    answers: &[(u16, serde_json::Value)],
+) -> String {
     let now = vestibule::app::now();
     let mut tokens = std::collections::BTreeMap::new();
     tokens.insert(
@@ -625,13 +639,7 @@ async fn due_session(
             ..Session::default()
         })
         .await;
-    idp.state.script(
-        "refresh_token",
-        200,
-        serde_json::json!({"access_token": "at-2", "token_type": "Bearer", "expires_in": 300,
-                           "refresh_token": "rt-2"}),
-    );
-    for (status, body) in rotated_then {
+    for (status, body) in answers {
         idp.state.script("refresh_token", *status, body.clone());
     }
     cookie
@@ -839,5 +847,59 @@ async fn a_refresh_token_is_spent_once_when_redis_stalls_past_the_refresh_lease(
         count_keys(redis.port(), &format!("{PREFIX}r:*")),
         0,
         "a saved refresh left its spend record behind"
+    );
+}
+
+/// With a provider that does not rotate refresh tokens (its answers carry none), an answer that
+/// Redis failed to take at the save is kept and saved once Redis is back, and with it the spend
+/// record of `rt-1` must go: it is deleted once the answer is saved. Left behind (it lasts twice
+/// the provider timeout + 70 s), every refresh of the session in that time, on any replica,
+/// waits for a refresh that is over and answers 503 once its deadline passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_saved_after_a_store_failure_leaves_no_spend_record_behind() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let a = token_proxy(&redis.url(), &idp, &up).await;
+    let b = token_proxy(&redis.url(), &idp, &up).await;
+    // at-2 is due 3 s after the provider gave it (refresh_skew 5 s); rt-1 stays.
+    let short =
+        serde_json::json!({"access_token": "at-2", "token_type": "Bearer", "expires_in": 8});
+    let long =
+        serde_json::json!({"access_token": "at-3", "token_type": "Bearer", "expires_in": 300});
+    let cookie = due_session_answered(&a, &idp, &[(200, short), (200, long)]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    let answered = Instant::now();
+    redis.kill();
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(
+        first.json()["error"],
+        "store_unavailable",
+        "{}",
+        first.text()
+    );
+    redis.restart();
+    eventually(
+        "replica a saves the answer it kept",
+        Duration::from_secs(20),
+        || async {
+            let r = get(&b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
+            (r.status != 503 || r.json()["error"] != "store_unavailable").then_some(())
+        },
+    )
+    .await;
+    // at-2 is due now: the session refreshes again, presenting rt-1 (never rotated).
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(answered.elapsed())).await;
+    let r = get(&b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().headers["authorization"], "Bearer at-3");
+    assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1", "rt-1"]);
+    assert_eq!(
+        count_keys(redis.port(), &format!("{PREFIX}r:*")),
+        0,
+        "a spend record was left behind"
     );
 }

@@ -85,8 +85,8 @@ impl Job {
             .is_some_and(|u| u.lease == self.lease)
     }
 
-    /// Saves the session's unsaved answer, if there is one, and releases its lease. Keeps it
-    /// while the store fails; drops it when the session has ended meanwhile.
+    /// Saves the session's unsaved answer, if there is one, and releases its lease and its spend
+    /// record. Keeps it while the store fails; drops it when the session has ended meanwhile.
     pub(super) async fn save_unsaved(
         &self,
         memory: &mut RefreshMemory,
@@ -102,12 +102,16 @@ impl Job {
             memory.unsaved = Some(unsaved);
             return Err(RefreshError::Store(error));
         }
-        // Saved, or no session is left to save it into: the lease has nothing more to guard.
-        let _ = self
-            .sessions
-            .store()
-            .unlock(&self.lock_key, &unsaved.lease)
-            .await;
+        // Saved, or no session is left to save it into: the lease and the spend record (held
+        // with the same token) have nothing more to guard. Left behind, the record would hold
+        // back every refresh presenting the same refresh token (one the provider did not rotate)
+        // until it runs out.
+        let store = self.sessions.store();
+        if let Some(spent) = &unsaved.answer.spent {
+            let spend = self.sessions.spend_key(&self.loaded, spent);
+            let _ = store.unlock(&spend, &unsaved.lease).await;
+        }
+        let _ = store.unlock(&self.lock_key, &unsaved.lease).await;
         if written.is_ok() {
             tracing::info!("a refresh the store had failed to save is saved");
         }
