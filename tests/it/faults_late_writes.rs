@@ -4,9 +4,10 @@
 //! a back-channel logout the provider retries is not taken for a replay.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::faults_redis::redis_proxy;
+use crate::faults_redis::{due_session, presented_refresh_tokens, redis_proxy};
 use crate::logout::post_logout_token;
 use crate::support::fake_idp;
+use crate::support::late_replies::LateReplies;
 use crate::support::redis::{RedisServer, count_keys};
 use crate::support::*;
 use bytes::Bytes;
@@ -123,4 +124,63 @@ async fn a_logout_whose_delete_answered_late_leaves_no_cached_copy() {
         [401, 401],
         "replicas [a (did the logout), b] still serve the session deleted from the store"
     );
+}
+
+/// A refresh's lease or spend record written but answered too late (the store timed out): the
+/// refresh stops before it presents the refresh token (a 503), and what it leaves in the store
+/// must not hold the session back. Left there, a lease lasts 10 s and a spend record twice the
+/// provider timeout + 70 s, and every request of the session in that time waits for a refresh
+/// that never happens (and, for the record, is a 503 too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_lease_or_spend_record_answered_late_does_not_hold_the_session_back() {
+    let redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let proxy = redis_proxy(&relay.url(), "5s", &idp, &up).await;
+    let url = proxy.url("/tok/x");
+    // The spend record's keys start `r:`, the lease's `l:`.
+    for (what, marker) in [("spend record", "r:"), ("lease", "l:")] {
+        idp.state.token_requests.lock().unwrap().clear();
+        let cookie = due_session(&proxy, &idp, &[]).await;
+        let headers = [("cookie", cookie.as_str()), ("x-csrf", "1")];
+        // Its SET NX is carried out; the answer comes 1.5 s late.
+        relay.arm(
+            format!("{PREFIX}{marker}").as_bytes(),
+            Duration::from_millis(1500),
+        );
+        let first = get(&url, &headers).await;
+        assert!(relay.fired(), "{what}: never set");
+        assert_eq!(first.status, 503, "{what}: {}", first.text());
+        assert_eq!(first.json()["error"], "store_unavailable", "{what}");
+        assert!(presented_refresh_tokens(&idp).is_empty(), "{what}");
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+
+        let started = std::time::Instant::now();
+        let second = get(&url, &headers).await;
+        let waited = started.elapsed();
+        assert_eq!(
+            second.status,
+            200,
+            "{what}: after {waited:?}: {}",
+            second.text()
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "{what}: the refresh waited {waited:?} for what the failed one left behind"
+        );
+        assert_eq!(up.last().headers["authorization"], "Bearer at-2", "{what}");
+        assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1"], "{what}");
+        assert_eq!(
+            count_keys(redis.port(), &format!("{PREFIX}r:*")),
+            0,
+            "{what}"
+        );
+        assert_eq!(
+            count_keys(redis.port(), &format!("{PREFIX}l:*")),
+            0,
+            "{what}"
+        );
+    }
 }

@@ -601,7 +601,7 @@ pub(crate) async fn redis_proxy(
 /// Alice's session, made in the store, whose access token `at-1` is due and whose refresh token
 /// is `rt-1`; the provider rotates it: rt-1 gives `at-2` and `rt-2`, then `rotated_then` (the
 /// answer to any later refresh).
-async fn due_session(
+pub(crate) async fn due_session(
     proxy: &Proxy,
     idp: &fake_idp::FakeIdp,
     rotated_then: &[(u16, serde_json::Value)],
@@ -675,7 +675,7 @@ impl Rotation {
 }
 
 /// The refresh tokens the provider was presented, in order.
-fn presented_refresh_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
+pub(crate) fn presented_refresh_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
     let requests = idp.state.token_requests.lock().unwrap();
     requests
         .iter()

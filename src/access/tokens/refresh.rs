@@ -212,7 +212,7 @@ impl Job {
                     let result = self.under_lease(memory, early, &store).await;
                     // An answer kept unsaved keeps the lease: the refresh token is spent.
                     if !self.kept_unsaved(memory) {
-                        let _ = store.unlock(lock_key, lease).await;
+                        release(&store, lock_key, lease).await;
                     }
                     if let Err(error) = &result
                         && !matches!(error, RefreshError::Ended)
@@ -233,7 +233,12 @@ impl Job {
                     }
                     tokio::time::sleep(POLL).await;
                 }
-                Err(e) => return Err(RefreshError::Store(e.into())),
+                Err(e) => {
+                    // Taken perhaps (its answer lost or late): let it go rather than hold the
+                    // session's refreshes back until it runs out.
+                    release_later(&store, lock_key, lease);
+                    return Err(RefreshError::Store(e.into()));
+                }
             }
         }
     }
@@ -342,7 +347,7 @@ impl Job {
         // Saved, refused or failed: the record has nothing left to guard. An answer kept unsaved
         // keeps it until it runs out.
         if !self.kept_unsaved(memory) {
-            let _ = self.sessions.store().unlock(&spend, &self.lease).await;
+            release(self.sessions.store(), &spend, &self.lease).await;
         }
         result
     }
@@ -457,7 +462,13 @@ impl Job {
             match store.try_lock(spend, &self.lease, lasts).await {
                 Ok(true) => return Ok(Recorded::Spend(current)),
                 Ok(false) => {}
-                Err(e) => return Err(RefreshError::Store(e.into())),
+                Err(e) => {
+                    // The record may have been set all the same (its answer lost or late); this
+                    // refresh presents nothing, so it takes it back, or every refresh of the
+                    // session would wait for it until it runs out.
+                    release_later(store, spend, &self.lease);
+                    return Err(RefreshError::Store(e.into()));
+                }
             }
             if !warned {
                 warned = true;
@@ -511,6 +522,35 @@ impl Job {
         )
         .await
     }
+}
+
+/// How long [`release_later`] keeps trying.
+const RELEASE_FOR: Duration = Duration::from_secs(30);
+
+/// Releases the lease or spend record `key` if `token` holds it; if the store fails to answer,
+/// tries again later ([`release_later`]) rather than leave it to hold the session's refreshes
+/// back until it runs out.
+pub(super) async fn release(store: &Store, key: &str, token: &str) {
+    if store.unlock(key, token).await.is_err() {
+        release_later(store, key, token);
+    }
+}
+
+/// Releases `key` if `token` holds it, in a task of its own that tries again until the store
+/// answers (for [`RELEASE_FOR`] at most): after an attempt to take it or let it go that failed
+/// while the store is failing, and which the store may have carried out all the same (its
+/// answer lost or late). A compare-and-delete: it never releases what another refresh took
+/// since.
+fn release_later(store: &Store, key: &str, token: &str) {
+    let (store, key, token) = (store.clone(), key.to_string(), token.to_string());
+    tokio::spawn(async move {
+        let until = Instant::now() + RELEASE_FOR;
+        let mut pause = Duration::from_millis(100);
+        while store.unlock(&key, &token).await.is_err() && Instant::now() + pause < until {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    });
 }
 
 /// Renews the lease while the grants take. Aborted when dropped; gives up by itself after

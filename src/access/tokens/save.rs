@@ -9,7 +9,7 @@
 //! else ([`Job::save_unsaved`]), so no grant — and no `invalid_grant` — can follow an answer
 //! still unsaved here.
 
-use super::refresh::{ClaimsUpdate, Job, Keeper};
+use super::refresh::{ClaimsUpdate, Job, Keeper, release};
 use super::{RefreshError, RefreshMemory};
 use crate::oidc::TokenResponse;
 use crate::session::manager::OpenSession;
@@ -109,9 +109,9 @@ impl Job {
         let store = self.sessions.store();
         if let Some(spent) = &unsaved.answer.spent {
             let spend = self.sessions.spend_key(&self.loaded, spent);
-            let _ = store.unlock(&spend, &unsaved.lease).await;
+            release(store, &spend, &unsaved.lease).await;
         }
-        let _ = store.unlock(&self.lock_key, &unsaved.lease).await;
+        release(store, &self.lock_key, &unsaved.lease).await;
         if written.is_ok() {
             tracing::info!("a refresh the store had failed to save is saved");
         }

@@ -1,0 +1,97 @@
+//! A TCP relay in front of a Redis server that makes one command's answer come too late: once
+//! armed, the first command that carries a chosen byte string reaches Redis at once (Redis
+//! carries it out), but every reply on that connection is held back for a while, longer than
+//! the store timeout. What `CLIENT PAUSE ... WRITE` does to every write, this does to one.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// The marker of the command whose answer is held back and for how long, until one carrying it
+/// has passed.
+type Armed = Arc<Mutex<Option<(Vec<u8>, Duration)>>>;
+
+pub struct LateReplies {
+    port: u16,
+    armed: Armed,
+}
+
+impl LateReplies {
+    /// A relay to the Redis server on `redis_port`, passing everything through until armed.
+    pub async fn start(redis_port: u16) -> LateReplies {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed: Armed = Arc::default();
+        let shared = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                    continue;
+                };
+                tokio::spawn(relay(client, server, shared.clone()));
+            }
+        });
+        LateReplies { port, armed }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The next command that carries `marker` is answered `delay` late (and every reply after it
+    /// on the same connection with it).
+    pub fn arm(&self, marker: &[u8], delay: Duration) {
+        *self.armed.lock().unwrap() = Some((marker.to_vec(), delay));
+    }
+
+    /// Whether the armed command has passed.
+    pub fn fired(&self) -> bool {
+        self.armed.lock().unwrap().is_none()
+    }
+}
+
+async fn relay(client: TcpStream, server: TcpStream, armed: Armed) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let hold_until: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let held = hold_until.clone();
+    let upward = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            {
+                let mut armed = armed.lock().unwrap();
+                let hit = armed
+                    .as_ref()
+                    .is_some_and(|(marker, _)| buf[..n].windows(marker.len()).any(|w| w == marker));
+                if hit && let Some((_, delay)) = armed.take() {
+                    *held.lock().unwrap() = Some(Instant::now() + delay);
+                }
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server_read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let until = *hold_until.lock().unwrap();
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+        if client_write.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    upward.abort();
+}
