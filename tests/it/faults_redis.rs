@@ -569,7 +569,11 @@ async fn sessions_survive_a_cluster_master_failover_and_requests_resume() {
 
 /// A proxy on `redis_url` (store timeout [`STORE_TIMEOUT`]) behind `idp`, with a `/tok/` route
 /// that is sent the user's token, to `up`.
-async fn token_proxy(redis_url: &str, idp: &fake_idp::FakeIdp, up: &upstream::Upstream) -> Proxy {
+pub(crate) async fn token_proxy(
+    redis_url: &str,
+    idp: &fake_idp::FakeIdp,
+    up: &upstream::Upstream,
+) -> Proxy {
     redis_proxy(redis_url, "5s", idp, up).await
 }
 
@@ -686,7 +690,7 @@ pub(crate) fn presented_refresh_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
 
 /// Holds the provider's next answer until the returned sender is used or dropped; returns once
 /// the refresh of `cookie` on `proxy`, started in the background, has reached the provider.
-async fn refresh_held_at_the_provider(
+pub(crate) async fn refresh_held_at_the_provider(
     proxy: &Proxy,
     idp: &fake_idp::FakeIdp,
     cookie: &str,

@@ -581,3 +581,53 @@ async fn users_list_and_end_their_own_sessions_only() {
         .unwrap()
         .unwrap();
 }
+
+/// A logout while a refresh of the session is at the provider: the refresh's answer finds the
+/// session ended and is not saved (nothing brings the session back), and the refresh token the
+/// provider rotated in it — which only that answer holds — is revoked, not left valid at the
+/// provider after the user signed out (the logout could revoke only the one it read, now spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_answered_after_the_logout_revokes_its_rotated_refresh_token() {
+    use crate::faults_redis::{due_session, refresh_held_at_the_provider, token_proxy};
+    let redis = RedisServer::start();
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    idp.state.discovery_extra.lock().unwrap().insert(
+        "revocation_endpoint".into(),
+        format!("{}/revoke", idp.issuer).into(),
+    );
+    let up = upstream::start().await;
+    let proxy = token_proxy(&redis.url(), &idp, &up).await;
+    let cookie = due_session(&proxy, &idp, &[]).await;
+
+    let (release, refresh) = refresh_held_at_the_provider(&proxy, &idp, &cookie).await;
+    let logout = send(
+        http::Request::post(proxy.url("/bff/logout"))
+            .header("cookie", &cookie)
+            .header("x-csrf", "1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    release.send(()).unwrap();
+    let refresh = refresh.await.unwrap();
+    assert_eq!(refresh.status, 401, "{}", refresh.text());
+    assert!(!proxy.signed_in(&cookie).await, "the session came back");
+    let revoked: Vec<String> = idp
+        .state
+        .revocations
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|form| {
+            form.iter()
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.clone())
+        })
+        .collect();
+    assert!(
+        revoked.contains(&"rt-2".to_string()),
+        "the rotated refresh token outlives the logout at the provider; revoked: {revoked:?}"
+    );
+}

@@ -96,6 +96,10 @@ impl Job {
         };
         let written = match self.reload(&self.loaded).await {
             Ok(current) => self.write(current, &unsaved.answer).await.map(drop),
+            Err(RefreshError::Ended) => {
+                self.revoke_unkept(&unsaved.answer).await;
+                Err(RefreshError::Ended)
+            }
             Err(error) => Err(error),
         };
         if let Err(RefreshError::Store(error)) = written {
@@ -148,6 +152,28 @@ impl Job {
         );
     }
 
+    /// Revokes (RFC 7009, where the provider supports it) the tokens of a refresh's answer that
+    /// no session will hold: the session ended (a logout, a back-channel logout) while the
+    /// refresh was at the provider. The logout revoked the refresh token it read, which this
+    /// grant spent; the rotated one is in this answer only, and would otherwise stay valid at
+    /// the provider after the user signed out.
+    async fn revoke_unkept(&self, answer: &Answer) {
+        let Answer { tokens, spent, .. } = answer;
+        if spent.is_none() {
+            return; // a token exchange: the session's own grant is the logout's to revoke
+        }
+        if let Some(rotated) = tokens
+            .refresh_token
+            .as_deref()
+            .filter(|t| Some(*t) != spent.as_deref())
+        {
+            self.oidc.revoke(rotated, "refresh_token").await;
+        }
+        if !crate::jose::looks_like_jwt(&tokens.access_token) {
+            self.oidc.revoke(&tokens.access_token, "access_token").await;
+        }
+    }
+
     /// Writes the answer of a grant, all of it or nothing: the access token under its key, a
     /// rotated refresh token, and a validated ID token with the claims it brings (replacing the
     /// previous ones). Other writes (idle-timeout touches) that came in between are re-read and
@@ -197,7 +223,13 @@ impl Job {
                 Ok(false) => {}
                 Err(e) => return Err(RefreshError::Store(e)),
             }
-            base = self.reload(&base).await?;
+            base = match self.reload(&base).await {
+                Err(RefreshError::Ended) => {
+                    self.revoke_unkept(answer).await;
+                    return Err(RefreshError::Ended);
+                }
+                reloaded => reloaded?,
+            };
         }
         tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
         Ok(tokens.access_token.clone())

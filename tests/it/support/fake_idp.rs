@@ -46,6 +46,9 @@ pub struct State {
     pub pushed: Mutex<Vec<Vec<(String, String)>>>,
     /// When set, the next token request is recorded, then answered only once this fires.
     pub hold: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// The form of every request to `/revoke` (answered 200), in order. Discovery names that
+    /// endpoint only when a test adds `revocation_endpoint` to `discovery_extra`.
+    pub revocations: Mutex<Vec<Vec<(String, String)>>>,
 }
 
 impl State {
@@ -203,6 +206,11 @@ async fn answer(
                 serde_json::json!({"access_token": "fake-access", "token_type": "Bearer", "expires_in": 300, "refresh_token": "fake-refresh", "id_token": id_token}),
                 &state.token_fields.lock().unwrap(),
             ))
+        }
+        "/revoke" => {
+            let form = form_of(req).await;
+            state.revocations.lock().unwrap().push(form);
+            Response::new(Full::new(Bytes::new()))
         }
         "/par" => {
             let form = form_of(req).await;
