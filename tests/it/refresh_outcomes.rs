@@ -1,7 +1,8 @@
 //! What each answer of the token endpoint to a refresh or a token exchange does to the session,
 //! against the in-process fake provider: a refreshed ID token replaces the claims, one for
-//! another subject ends the session, an invalid one changes nothing; a route's own refused
-//! resource or scope is 403 on that route only; exchange routes refresh their subject token.
+//! another subject ends the session, an invalid one changes nothing but the refresh token it
+//! rotated; a route's own refused resource or scope is 403 on that route only; exchange routes
+//! refresh their subject token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::*;
@@ -223,7 +224,8 @@ async fn an_invalid_refreshed_id_token_changes_nothing_and_keeps_the_session() {
         assert_eq!(user.status, 200, "{name}: the session must be kept");
         assert_eq!(user.json()["roles"], json!(["reader"]), "{name}");
     }
-    // Nothing of those answers was kept: not the access token, not the refresh token.
+    // Nothing of those answers was used: not the access token, not the claims; only the refresh
+    // token they rotated was kept (the provider spent the one presented), and presented next.
     let id_token = c.sign(&alice(&issuer, None, &["reader"]));
     c.idp.state.script(
         REFRESH,
@@ -238,7 +240,52 @@ async fn an_invalid_refreshed_id_token_changes_nothing_and_keeps_the_session() {
         .iter()
         .map(|f| field(f, "refresh_token").unwrap().to_string())
         .collect();
-    assert_eq!(spent, vec!["login-refresh"; 4]);
+    assert_eq!(
+        spent,
+        vec!["login-refresh", "refresh-bad", "refresh-bad", "refresh-bad"]
+    );
+}
+
+/// A refreshed ID token that does not validate (a wrong `aud` here; a key the JWKS refetch, rate
+/// limited, has not brought yet in practice) changes neither the claims nor the access token, but
+/// the refresh token the answer rotated is kept: the provider has spent the one presented, and a
+/// rotating provider refuses it the next time with `invalid_grant`, which ends the session.
+#[tokio::test]
+async fn an_invalid_refreshed_id_token_still_keeps_the_rotated_refresh_token() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    let issuer = c.idp.issuer.clone();
+    let mut other_aud = alice(&issuer, None, &["admin"]);
+    other_aud["aud"] = json!("another-client");
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-bad", "refresh-2", Some(c.sign(&other_aud))),
+    );
+    let r = c.get(&cookie, "/api/x").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "provider_unavailable");
+    assert_eq!(c.user(&cookie).await.json()["roles"], json!(["reader"]));
+
+    let id_token = c.sign(&alice(&issuer, None, &["reader"]));
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-good", "refresh-3", Some(id_token)),
+    );
+    let r = c.get(&cookie, "/api/y").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer access-good");
+    let presented: Vec<String> = c
+        .requests(REFRESH)
+        .iter()
+        .map(|f| field(f, "refresh_token").unwrap().to_string())
+        .collect();
+    assert_eq!(
+        presented,
+        vec!["login-refresh", "refresh-2"],
+        "the spent refresh token was presented again"
+    );
 }
 
 #[tokio::test]

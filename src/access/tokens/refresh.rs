@@ -322,12 +322,13 @@ impl Job {
             update: ClaimsUpdate::none(),
             spent: None,
             at: self.clock.now(),
+            rotation_only: false,
         };
         self.save(memory, current, answer).await
     }
 
     /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
-    /// session; an invalid ID token keeps nothing of the answer.
+    /// session; of an answer with an invalid ID token only the rotated refresh token is kept.
     async fn refresh(
         &self,
         memory: &mut RefreshMemory,
@@ -399,7 +400,13 @@ impl Job {
                 }
                 Err(error) => {
                     count(Grant::Refresh, "id_token_invalid");
-                    tracing::warn!(%error, "the refreshed ID token is invalid; nothing of the answer is kept");
+                    tracing::warn!(
+                        %error,
+                        "the refreshed ID token is invalid; of the answer only a rotated refresh \
+                         token is kept"
+                    );
+                    self.keep_rotation(memory, current, target, tokens, spent, at)
+                        .await?;
                     return Err(RefreshError::Unavailable {
                         reason: TokenUnavailable::InvalidIdToken(error),
                     });
@@ -434,8 +441,39 @@ impl Job {
             update: ClaimsUpdate { claims, userinfo },
             spent: Some(spent),
             at,
+            rotation_only: false,
         };
         self.save(memory, current, answer).await
+    }
+
+    /// Saves the refresh token an answer rotated, and nothing else of it (its ID token did not
+    /// validate): the provider has spent the one presented, which a rotating provider refuses
+    /// the next time with `invalid_grant`, ending the session. Like any refresh's answer, it is
+    /// kept and saved later if the store fails now.
+    async fn keep_rotation(
+        &self,
+        memory: &mut RefreshMemory,
+        current: OpenSession,
+        target: &Target,
+        tokens: crate::oidc::TokenResponse,
+        spent: String,
+        at: u64,
+    ) -> Result<(), RefreshError> {
+        if tokens.refresh_token.as_deref().is_none_or(|r| r == spent) {
+            return Ok(());
+        }
+        let answer = Answer {
+            key: target.key.clone(),
+            tokens: crate::oidc::TokenResponse {
+                id_token: None,
+                ..tokens
+            },
+            update: ClaimsUpdate::none(),
+            spent: Some(spent),
+            at,
+            rotation_only: true,
+        };
+        self.save(memory, current, answer).await.map(drop)
     }
 
     /// Records in the store that this refresh spends the session's refresh token, before it is

@@ -42,6 +42,9 @@ pub(super) struct Answer {
     /// Unix seconds when the provider answered: the access token's lifetime runs from then, not
     /// from a save that came late.
     pub(super) at: u64,
+    /// Only the rotated refresh token is written (the answer is otherwise not to be used: its ID
+    /// token did not validate), not the access token.
+    pub(super) rotation_only: bool,
 }
 
 /// A refresh's answer that the store did not take, and the lease of the refresh that got it
@@ -186,6 +189,7 @@ impl Job {
             update,
             spent,
             at,
+            rotation_only,
         } = answer;
         let lifetime = tokens.lifetime();
         if lifetime <= self.skew && !SKEW_WARNED.swap(true, Ordering::Relaxed) {
@@ -196,6 +200,10 @@ impl Job {
             );
         }
         let apply = |session: &mut Session| {
+            if let (true, Some(rotated)) = (rotation_only, &tokens.refresh_token) {
+                session.refresh_token = Some(rotated.clone());
+                return;
+            }
             session.tokens.insert(
                 key.clone(),
                 AccessToken {
