@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::fake_idp;
+use crate::support::late_replies::LateReplies;
 use crate::support::redis::{RedisCluster, RedisServer, count_keys};
 use crate::support::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -586,12 +587,23 @@ pub(crate) async fn redis_proxy(
     idp: &fake_idp::FakeIdp,
     up: &upstream::Upstream,
 ) -> Proxy {
+    redis_proxy_timed(redis_url, cache_ttl, STORE_TIMEOUT, idp, up).await
+}
+
+/// [`redis_proxy`] with the store timeout `timeout`.
+pub(crate) async fn redis_proxy_timed(
+    redis_url: &str,
+    cache_ttl: &str,
+    timeout: Duration,
+    idp: &fake_idp::FakeIdp,
+    up: &upstream::Upstream,
+) -> Proxy {
     let extra = format!(
         "store = \"redis\"\ncache_ttl = \"{cache_ttl}\"\n[session.redis]\nurl = \"{redis_url}\"\n\
          timeout = \"{ms}ms\"\n\
          [[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
          [[routes]]\npath = \"/tok/\"\nupstream = \"{u}\"\ntoken = \"user\"\n",
-        ms = STORE_TIMEOUT.as_millis(),
+        ms = timeout.as_millis(),
         u = up.url()
     );
     let text = config_toml(&extra)
@@ -905,5 +917,61 @@ async fn an_answer_saved_after_a_store_failure_leaves_no_spend_record_behind() {
         count_keys(redis.port(), &format!("{PREFIX}r:*")),
         0,
         "a spend record was left behind"
+    );
+}
+
+/// Replica b waits on the spend record of replica a's refresh (a's lease ran out under a Redis
+/// stall), reading the session between its attempts to take the record. a saves its answer,
+/// then deletes the record: a read of b's made just before a's save and answered after the
+/// deletion (slow, not failed) must not let b present the refresh token a spent. b reads the
+/// session again once it holds the record; otherwise it presents rt-1 a second time, which a
+/// rotating provider refuses and one that detects reuse answers by revoking the whole grant
+/// (rt-2 with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_record_taken_just_after_its_refresh_saved_does_not_spend_the_token_again() {
+    let redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let a = token_proxy(&redis.url(), &idp, &up).await;
+    // b talks to Redis through the relay, with a store timeout longer than the late answer.
+    let b = redis_proxy_timed(&relay.url(), "5s", Duration::from_secs(3), &idp, &up).await;
+    let refused = (400, serde_json::json!({"error": "invalid_grant"}));
+    let cookie = due_session(&a, &idp, &[refused]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    redis.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    redis.signal("CONT");
+    let second = {
+        let (url, cookie) = (b.url("/tok/x"), cookie.clone());
+        tokio::spawn(async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await })
+    };
+    // b takes the lapsed lease and polls a's spend record.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // b's next read of the session is carried out now, and answered 0.7 s late (within its
+    // timeout: slow, not failed).
+    relay.arm(format!("{PREFIX}s:").as_bytes(), Duration::from_millis(700));
+    eventually("b reads the session", HANG, || async {
+        relay.fired().then_some(())
+    })
+    .await;
+    // Meanwhile a saves rt-2 and deletes its spend record.
+    release.send(()).unwrap();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(
+        presented_refresh_tokens(&idp),
+        vec!["rt-1".to_string()],
+        "the refresh token was spent twice (replica b: {} {})",
+        second.status,
+        second.text()
+    );
+    assert_eq!(
+        (first.status, second.status),
+        (200, 200),
+        "a: {}; b: {}",
+        first.text(),
+        second.text()
     );
 }

@@ -498,7 +498,24 @@ impl Job {
         let mut warned = false;
         loop {
             match store.try_lock(spend, &self.lease, lasts).await {
-                Ok(true) => return Ok(Recorded::Spend(current)),
+                Ok(true) => {
+                    // Held; but the refresh that held it before may have saved its answer after
+                    // this one last read the session, then let it go: read the session again.
+                    let now = match self.reload(&current).await {
+                        Ok(now) => now,
+                        Err(error) => {
+                            release(store, spend, &self.lease).await;
+                            return Err(error);
+                        }
+                    };
+                    return match self.settled(&current, &now, target) {
+                        None => Ok(Recorded::Spend(now)),
+                        Some(settled) => {
+                            release(store, spend, &self.lease).await;
+                            settled
+                        }
+                    };
+                }
                 Ok(false) => {}
                 Err(e) => {
                     // The record may have been set all the same (its answer lost or late); this
@@ -511,7 +528,8 @@ impl Job {
             if !warned {
                 warned = true;
                 tracing::warn!(
-                    "another refresh is spending this session's refresh token (its lease ran                      out); waiting for its answer"
+                    "another refresh is spending this session's refresh token (its lease ran \
+                     out); waiting for its answer"
                 );
             }
             if Instant::now() + POLL > self.deadline {
@@ -521,18 +539,49 @@ impl Job {
             }
             tokio::time::sleep(POLL).await;
             let now = self.reload(&current).await?;
-            if let Some(token) = self.target_token(&now, self.rejected.as_deref()) {
-                return Ok(Recorded::Done(token));
-            }
-            if now.session.refresh_token != current.session.refresh_token {
-                return fresh(self.clock.now(), self.skew, &now.session, &target.key, None)
-                    .map(|t| Recorded::Done(t.to_string()))
-                    .ok_or(RefreshError::Unavailable {
-                        reason: TokenUnavailable::SpentElsewhere,
-                    });
+            if let Some(settled) = self.settled(&current, &now, target) {
+                return settled;
             }
             current = now;
         }
+    }
+
+    /// What another refresh's answer, saved since `before` was read, leaves to this refresh in
+    /// `now`: a fresh token for `target`, or a 503 when the refresh token changed but left no
+    /// fresh token for `target`; `None` when nothing was saved, and the refresh token is still
+    /// to be spent.
+    fn settled(
+        &self,
+        before: &OpenSession,
+        now: &OpenSession,
+        target: &Target,
+    ) -> Option<Result<Recorded, RefreshError>> {
+        let rejected = if *target == self.target {
+            self.rejected.as_deref()
+        } else {
+            None
+        };
+        let token = fresh(
+            self.clock.now(),
+            self.skew,
+            &now.session,
+            &target.key,
+            rejected,
+        );
+        if let Some(token) = token {
+            return Some(Ok(Recorded::Done(token.to_string())));
+        }
+        if now.session.refresh_token == before.session.refresh_token {
+            return None;
+        }
+        let token = fresh(self.clock.now(), self.skew, &now.session, &target.key, None);
+        Some(
+            token
+                .map(|t| Recorded::Done(t.to_string()))
+                .ok_or(RefreshError::Unavailable {
+                    reason: TokenUnavailable::SpentElsewhere,
+                }),
+        )
     }
 
     /// OpenID Connect Core §12.2: against the session's ID token (from the login, or the last
