@@ -638,6 +638,9 @@ enum LogoutVia {
     Script,
 }
 
+/// How many times a logout reads a session that changed under it before it ends it regardless.
+const LOGOUT_ATTEMPTS: usize = 5;
+
 async fn logout(
     app: &Shared,
     live: &LiveConfig,
@@ -669,8 +672,27 @@ async fn logout(
         });
     }
     // The ID token (for `id_token_hint`) is not part of a loaded session: read it whole.
-    let loaded = app.reload_session(&loaded).await?.unwrap_or(loaded);
-    app.sessions.delete(&loaded).await?;
+    let mut loaded = app.reload_session(&loaded).await?.unwrap_or(loaded);
+    // Ended as read, so that the tokens revoked below are the ones it held: a refresh that saved
+    // new ones in between (its rotated refresh token now the grant's only one) is read again.
+    // A few times; then it is ended whatever it holds.
+    let mut ended = false;
+    for _ in 0..LOGOUT_ATTEMPTS {
+        if app.sessions.delete_as_read(&loaded).await? {
+            ended = true;
+            break;
+        }
+        match app.reload_session(&loaded).await? {
+            Some(newer) => loaded = newer,
+            None => {
+                ended = true; // by another logout meanwhile
+                break;
+            }
+        }
+    }
+    if !ended {
+        app.sessions.delete(&loaded).await?;
+    }
     if let Some(refresh) = &loaded.session.refresh_token {
         app.oidc.revoke(refresh, "refresh_token").await;
     }

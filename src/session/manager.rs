@@ -476,7 +476,28 @@ impl Sessions {
     pub async fn delete(&self, loaded: &OpenSession) -> Result<(), StoreError> {
         let key = loaded.ticket.key();
         self.end(&key).await?;
-        let member = key.name();
+        self.unindex(loaded).await
+    }
+
+    /// Ends this session if it is still as `loaded` read it (its version); `false` when it was
+    /// written since (a refresh saved new tokens: read it again, whose tokens are then the ones
+    /// to revoke) or has ended. A logout thus always knows the tokens it ended.
+    pub async fn delete_as_read(&self, loaded: &OpenSession) -> Result<bool, StoreError> {
+        let key = loaded.ticket.key();
+        let deleted = self.store.delete_at(&key.name(), loaded.version).await;
+        // As in `end`: an answer lost may hide a delete carried out.
+        self.invalidate(&key.handle(), !matches!(deleted, Ok(false)))
+            .await;
+        if !deleted? {
+            return Ok(false);
+        }
+        self.unindex(loaded).await?;
+        Ok(true)
+    }
+
+    /// Takes an ended session out of the indexes of its subject and provider session.
+    async fn unindex(&self, loaded: &OpenSession) -> Result<(), StoreError> {
+        let member = loaded.ticket.key().name();
         self.store
             .index_remove(&index_name("u", &loaded.session.sub), &member)
             .await?;

@@ -192,6 +192,10 @@ impl Store {
         /// `true` if the key existed.
         fn delete(key: &str) -> bool;
 
+        /// Deletes the record if its version is still `version`; `false` when it is not (a write
+        /// came in between) or the record does not exist.
+        fn delete_at(key: &str, version: u64) -> bool;
+
         /// Adds `member` to a set; the set lives at least `ttl` from now.
         fn index_add(index_key: &str, member: &str, ttl: Duration) -> ();
 

@@ -98,6 +98,24 @@ async fn a_logout_whose_delete_answered_late_leaves_no_cached_copy() {
             200
         );
     }
+    // A first logout (of another session) has Redis know the logout's compare-and-delete
+    // script: paused, its EVALSHA is then carried out late, not answered NOSCRIPT late (which
+    // would leave the session, and the 503, as they are).
+    let other = a
+        .session_cookie(Session {
+            sub: "bob".into(),
+            ..Session::default()
+        })
+        .await;
+    let warm = send(
+        http::Request::post(a.url("/bff/logout"))
+            .header("cookie", &other)
+            .header("x-csrf", "1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
 
     redis.command(&["CLIENT", "PAUSE", "1500", "WRITE"]);
     let logout = send(

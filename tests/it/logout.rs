@@ -631,3 +631,80 @@ async fn a_refresh_answered_after_the_logout_revokes_its_rotated_refresh_token()
         "the rotated refresh token outlives the logout at the provider; revoked: {revoked:?}"
     );
 }
+
+/// A logout that read the session just before a refresh of it saved new tokens, and deletes it
+/// just after: it must revoke the refresh token that was saved (rotated by the refresh, now the
+/// grant's only one), not only the spent one it read. The logout's read is answered late (the
+/// logout's replica talks to Redis through a relay) while the other replica's refresh saves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved_refresh_token() {
+    use crate::faults_redis::{
+        due_session, redis_proxy_timed, refresh_held_at_the_provider, token_proxy,
+    };
+    use crate::support::late_replies::LateReplies;
+    let redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    idp.state.discovery_extra.lock().unwrap().insert(
+        "revocation_endpoint".into(),
+        format!("{}/revoke", idp.issuer).into(),
+    );
+    let up = upstream::start().await;
+    let a = token_proxy(&redis.url(), &idp, &up).await;
+    let b = redis_proxy_timed(&relay.url(), "30s", Duration::from_secs(3), &idp, &up).await;
+    let cookie = due_session(&a, &idp, &[]).await;
+    // b caches the session, so that its logout's first read of the store is the whole reread.
+    assert_eq!(
+        get(&b.url("/api/x"), &[("cookie", &cookie)]).await.status,
+        200
+    );
+
+    let (release, refresh) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    relay.arm(b"vestibule:s:", Duration::from_millis(700));
+    let logout = {
+        let (url, cookie) = (b.url("/bff/logout"), cookie.clone());
+        tokio::spawn(async move {
+            send(
+                http::Request::post(url)
+                    .header("cookie", &cookie)
+                    .header("x-csrf", "1")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        })
+    };
+    eventually(
+        "the logout reads the session",
+        Duration::from_secs(5),
+        || async { relay.fired().then_some(()) },
+    )
+    .await;
+    // The refresh saves rt-2 while the logout's read (rt-1) is on its way back.
+    release.send(()).unwrap();
+    assert_eq!(refresh.await.unwrap().status, 200);
+    let logout = logout.await.unwrap();
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    assert!(
+        !a.signed_in(&cookie).await,
+        "the session outlived the logout"
+    );
+    let revoked: Vec<String> = idp
+        .state
+        .revocations
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|form| {
+            form.iter()
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.clone())
+        })
+        .collect();
+    assert!(
+        revoked.contains(&"rt-2".to_string()),
+        "the refresh token saved by the refresh outlives the logout at the provider; revoked: \
+         {revoked:?}"
+    );
+}

@@ -135,6 +135,7 @@ contract!(
     record_expires_after_its_ttl,
     touch_extends_the_ttl,
     delete_removes_the_record,
+    delete_at_removes_only_the_version_read,
     compare_and_set_bumps_the_version_and_rejects_stale_versions,
     exactly_one_of_many_concurrent_writers_wins,
     index_adds_removes_and_lists_members,
@@ -215,6 +216,20 @@ async fn delete_removes_the_record(b: Backend) {
         b.store.put_new("k", b"again", LONG).await.unwrap(),
         "the key can be reused"
     );
+}
+
+async fn delete_at_removes_only_the_version_read(b: Backend) {
+    b.store.put_new("k", b"v1", LONG).await.unwrap();
+    assert!(b.store.compare_and_set("k", 1, b"v2", LONG).await.unwrap());
+    assert!(
+        !b.store.delete_at("k", 1).await.unwrap(),
+        "a version written over"
+    );
+    assert_eq!(b.store.get("k").await.unwrap().unwrap().value, b"v2");
+    assert!(b.store.delete_at("k", 2).await.unwrap());
+    assert_eq!(b.store.get("k").await.unwrap(), None);
+    assert!(!b.store.delete_at("k", 2).await.unwrap(), "already gone");
+    assert!(!b.store.delete_at("never", 1).await.unwrap());
 }
 
 async fn compare_and_set_bumps_the_version_and_rejects_stale_versions(b: Backend) {

@@ -281,6 +281,23 @@ impl MemoryStore {
         Ok(state.remove(key).is_some())
     }
 
+    pub async fn delete_at(&self, key: &str, version: u64) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        match state.get_mut(key) {
+            None => return Ok(false),
+            Some(Entry {
+                kind: Kind::Record(record),
+                ..
+            }) => {
+                if record.version != version {
+                    return Ok(false);
+                }
+            }
+            Some(_) => return Err(wrong_type()),
+        }
+        Ok(state.remove(key).is_some())
+    }
+
     pub async fn index_add(
         &self,
         index_key: &str,

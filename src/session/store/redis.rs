@@ -51,6 +51,10 @@ redis.call('HSET', KEYS[1], 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1";
 
+const DELETE_AT: &str = r"
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])";
+
 const INDEX_ADD: &str = r"
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -138,6 +142,7 @@ impl OpMetrics {
 struct Scripts {
     put_new: Script,
     compare_and_set: Script,
+    delete_at: Script,
     index_add: Script,
     extend_lock: Script,
     unlock: Script,
@@ -252,6 +257,7 @@ impl RedisStore {
         let scripts = Scripts {
             put_new: Script::new(PUT_NEW),
             compare_and_set: Script::new(COMPARE_AND_SET),
+            delete_at: Script::new(DELETE_AT),
             index_add: Script::new(INDEX_ADD),
             extend_lock: Script::new(EXTEND_LOCK),
             unlock: Script::new(UNLOCK),
@@ -413,6 +419,12 @@ impl RedisStore {
         cmd.arg(self.key(key));
         let removed: u64 = self.run("delete", Op::Cmd(cmd)).await?;
         Ok(removed > 0)
+    }
+
+    pub async fn delete_at(&self, key: &str, version: u64) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.delete_at.prepare_invoke();
+        inv.key(self.key(key)).arg(version);
+        self.run("delete_at", Op::Script(inv)).await
     }
 
     pub async fn index_add(
