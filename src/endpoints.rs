@@ -641,6 +641,25 @@ enum LogoutVia {
 /// How many times a logout reads a session that changed under it before it ends it regardless.
 const LOGOUT_ATTEMPTS: usize = 5;
 
+/// Ends the session as read (with its ID token, for `id_token_hint`, which a loaded session
+/// lacks), and returns what it held. Should a refresh save new tokens in between anyway (the
+/// logout could not hold the refresh lease), it is read again; a few times, then ended whatever
+/// it holds.
+async fn end_as_read(app: &Shared, loaded: OpenSession) -> Result<OpenSession, RequestError> {
+    let mut loaded = app.reload_session(&loaded).await?.unwrap_or(loaded);
+    for _ in 0..LOGOUT_ATTEMPTS {
+        if app.sessions.delete_as_read(&loaded).await? {
+            return Ok(loaded);
+        }
+        match app.reload_session(&loaded).await? {
+            Some(newer) => loaded = newer,
+            None => return Ok(loaded), // ended by another logout meanwhile
+        }
+    }
+    app.sessions.delete(&loaded).await?;
+    Ok(loaded)
+}
+
 async fn logout(
     app: &Shared,
     live: &LiveConfig,
@@ -671,28 +690,16 @@ async fn logout(
             reader: Reader::of(req.headers()),
         });
     }
-    // The ID token (for `id_token_hint`) is not part of a loaded session: read it whole.
-    let mut loaded = app.reload_session(&loaded).await?.unwrap_or(loaded);
-    // Ended as read, so that the tokens revoked below are the ones it held: a refresh that saved
-    // new ones in between (its rotated refresh token now the grant's only one) is read again.
-    // A few times; then it is ended whatever it holds.
-    let mut ended = false;
-    for _ in 0..LOGOUT_ATTEMPTS {
-        if app.sessions.delete_as_read(&loaded).await? {
-            ended = true;
-            break;
-        }
-        match app.reload_session(&loaded).await? {
-            Some(newer) => loaded = newer,
-            None => {
-                ended = true; // by another logout meanwhile
-                break;
-            }
-        }
+    // No refresh saves while the session is read and ended (one under way is waited for), so
+    // the tokens revoked below are the ones it held: a refresh's rotated refresh token is the
+    // grant's only one.
+    let within = app.oidc.config.provider_timeout + Duration::from_secs(5);
+    let hold = app.sessions.hold_refreshes(&loaded, within).await?;
+    let ended = end_as_read(app, loaded).await;
+    if let Some(hold) = hold {
+        app.sessions.let_refreshes_go(hold).await;
     }
-    if !ended {
-        app.sessions.delete(&loaded).await?;
-    }
+    let loaded = ended?;
     if let Some(refresh) = &loaded.session.refresh_token {
         app.oidc.revoke(refresh, "refresh_token").await;
     }

@@ -101,6 +101,18 @@ impl fmt::Debug for OpenSession {
     }
 }
 
+/// The refresh lease of a session, held by a logout ([`Sessions::hold_refreshes`]).
+pub struct RefreshHold {
+    key: String,
+    token: String,
+}
+
+/// How long a hold lasts should its holder never let it go (it crashed): the refresh lease's
+/// length.
+const HOLD_LEASE: Duration = Duration::from_secs(10);
+/// How often a hold is tried for while a refresh holds the lease.
+const HOLD_POLL: Duration = Duration::from_millis(25);
+
 /// One of a user's sessions, as a "your devices" page shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionSummary {
@@ -477,6 +489,44 @@ impl Sessions {
         let key = loaded.ticket.key();
         self.end(&key).await?;
         self.unindex(loaded).await
+    }
+
+    /// Holds the session's refresh lease — the one every replica's refresh holds while it spends
+    /// the refresh token and saves the answer — so that no refresh saves while the caller (a
+    /// logout) reads and ends the session: one under way is waited for (the refresh token it
+    /// rotated is then read, and revoked by the logout), and none starts. `None` when it cannot
+    /// be had within `within` (a refresh stalled at the provider or lost its lease): the caller
+    /// goes on without it. A store failure is an error: the store cannot end the session now.
+    pub async fn hold_refreshes(
+        &self,
+        loaded: &OpenSession,
+        within: Duration,
+    ) -> Result<Option<RefreshHold>, StoreError> {
+        let Ok(token) = crate::session::seal::random::<16>() else {
+            return Ok(None);
+        };
+        let token = hex::encode(token);
+        let key = self.refresh_lock_key(loaded);
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            match self.store.try_lock(&key, &token, HOLD_LEASE).await {
+                Ok(true) => return Ok(Some(RefreshHold { key, token })),
+                Ok(false) if tokio::time::Instant::now() + HOLD_POLL < until => {
+                    tokio::time::sleep(HOLD_POLL).await;
+                }
+                Ok(false) => return Ok(None),
+                Err(error) => {
+                    // Taken perhaps (its answer lost): let it go; it lasts seconds at most.
+                    let _ = self.store.unlock(&key, &token).await;
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Lets go of what [`Sessions::hold_refreshes`] held.
+    pub async fn let_refreshes_go(&self, hold: RefreshHold) {
+        let _ = self.store.unlock(&hold.key, &hold.token).await;
     }
 
     /// Ends this session if it is still as `loaded` read it (its version); `false` when it was

@@ -75,17 +75,38 @@ async fn a_backchannel_logout_retried_after_a_late_store_answer_is_not_a_replay(
     assert_eq!(replay.status, 400, "a replay: {}", replay.text());
 }
 
-/// A logout whose DEL was carried out but answered too late: the session is gone from the store,
-/// yet both replicas keep serving it from their caches (no invalidation was sent, not even on
-/// the instance that did the logout).
+/// A logout whose delete was carried out but answered too late: the session is gone from the
+/// store, yet both replicas keep serving it from their caches (no invalidation was sent, not
+/// even on the instance that did the logout). Replica a talks to Redis through a relay that
+/// answers the delete (a compare-and-delete script, `EVALSHA`) 1.5 s late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_whose_delete_answered_late_leaves_no_cached_copy() {
     let redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
-    let a = redis_proxy(&redis.url(), "30s", &idp, &up).await;
+    let a = redis_proxy(&relay.url(), "30s", &idp, &up).await;
     let b = redis_proxy(&redis.url(), "30s", &idp, &up).await;
+    let logout = |cookie: String| {
+        send(
+            http::Request::post(a.url("/bff/logout"))
+                .header("cookie", cookie)
+                .header("x-csrf", "1")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    };
+    // A first logout (of another session) has Redis know the logout's scripts: answered late,
+    // an EVALSHA Redis does not know yet is refused (NOSCRIPT) and never carried out.
+    let other = a
+        .session_cookie(Session {
+            sub: "bob".into(),
+            ..Session::default()
+        })
+        .await;
+    let warm = logout(other).await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
     let cookie = a
         .session_cookie(Session {
             sub: "alice".into(),
@@ -98,40 +119,16 @@ async fn a_logout_whose_delete_answered_late_leaves_no_cached_copy() {
             200
         );
     }
-    // A first logout (of another session) has Redis know the logout's compare-and-delete
-    // script: paused, its EVALSHA is then carried out late, not answered NOSCRIPT late (which
-    // would leave the session, and the 503, as they are).
-    let other = a
-        .session_cookie(Session {
-            sub: "bob".into(),
-            ..Session::default()
-        })
-        .await;
-    let warm = send(
-        http::Request::post(a.url("/bff/logout"))
-            .header("cookie", &other)
-            .header("x-csrf", "1")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(warm.status, 200, "{}", warm.text());
 
-    redis.command(&["CLIENT", "PAUSE", "1500", "WRITE"]);
-    let logout = send(
-        http::Request::post(a.url("/bff/logout"))
-            .header("cookie", &cookie)
-            .header("x-csrf", "1")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(logout.status, 503, "{}", logout.text());
+    relay.arm(b"EVALSHA", Duration::from_millis(1500));
+    let late = logout(cookie.clone()).await;
+    assert!(relay.fired());
+    assert_eq!(late.status, 503, "{}", late.text());
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert_eq!(
         count_keys(redis.port(), &format!("{PREFIX}s:*")),
         0,
-        "the DEL was carried out after all"
+        "the delete was carried out after all"
     );
     let mut statuses = Vec::new();
     for p in [&a, &b] {

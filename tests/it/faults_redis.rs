@@ -587,14 +587,15 @@ pub(crate) async fn redis_proxy(
     idp: &fake_idp::FakeIdp,
     up: &upstream::Upstream,
 ) -> Proxy {
-    redis_proxy_timed(redis_url, cache_ttl, STORE_TIMEOUT, idp, up).await
+    redis_proxy_timed(redis_url, cache_ttl, STORE_TIMEOUT, &[], idp, up).await
 }
 
-/// [`redis_proxy`] with the store timeout `timeout`.
+/// [`redis_proxy`] with the store timeout `timeout`, and the configuration keys `added`.
 pub(crate) async fn redis_proxy_timed(
     redis_url: &str,
     cache_ttl: &str,
     timeout: Duration,
+    added: &[(&str, &str)],
     idp: &fake_idp::FakeIdp,
     up: &upstream::Upstream,
 ) -> Proxy {
@@ -606,9 +607,12 @@ pub(crate) async fn redis_proxy_timed(
         ms = timeout.as_millis(),
         u = up.url()
     );
-    let text = config_toml(&extra)
+    let mut text = config_toml(&extra)
         .set("oidc.issuer", idp.issuer.as_str())
         .set("server.request_timeout", "30s");
+    for (path, value) in added {
+        text = text.add(path, *value);
+    }
     let proxy = start_proxy(&text).await;
     wait_ready(&proxy).await;
     proxy
@@ -936,7 +940,7 @@ async fn a_spend_record_taken_just_after_its_refresh_saved_does_not_spend_the_to
     let up = upstream::start().await;
     let a = token_proxy(&redis.url(), &idp, &up).await;
     // b talks to Redis through the relay, with a store timeout longer than the late answer.
-    let b = redis_proxy_timed(&relay.url(), "5s", Duration::from_secs(3), &idp, &up).await;
+    let b = redis_proxy_timed(&relay.url(), "5s", Duration::from_secs(3), &[], &idp, &up).await;
     let refused = (400, serde_json::json!({"error": "invalid_grant"}));
     let cookie = due_session(&a, &idp, &[refused]).await;
 

@@ -582,12 +582,11 @@ async fn users_list_and_end_their_own_sessions_only() {
         .unwrap();
 }
 
-/// A logout while a refresh of the session is at the provider: the refresh's answer finds the
-/// session ended and is not saved (nothing brings the session back), and the refresh token the
-/// provider rotated in it — which only that answer holds — is revoked, not left valid at the
-/// provider after the user signed out (the logout could revoke only the one it read, now spent).
+/// A logout while a refresh of the session is at the provider waits for it (no refresh saves
+/// while a logout reads and ends the session), then revokes the refresh token the refresh
+/// rotated — which only its answer held — not only the spent one, and the session stays ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refresh_answered_after_the_logout_revokes_its_rotated_refresh_token() {
+async fn a_logout_during_a_refresh_waits_for_it_and_revokes_the_rotated_refresh_token() {
     use crate::faults_redis::{due_session, refresh_held_at_the_provider, token_proxy};
     let redis = RedisServer::start();
     let signer = TestSigner::new();
@@ -601,21 +600,42 @@ async fn a_refresh_answered_after_the_logout_revokes_its_rotated_refresh_token()
     let cookie = due_session(&proxy, &idp, &[]).await;
 
     let (release, refresh) = refresh_held_at_the_provider(&proxy, &idp, &cookie).await;
-    let logout = send(
-        http::Request::post(proxy.url("/bff/logout"))
-            .header("cookie", &cookie)
-            .header("x-csrf", "1")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(logout.status, 200, "{}", logout.text());
+    let logout = {
+        let (url, cookie) = (proxy.url("/bff/logout"), cookie.clone());
+        tokio::spawn(async move {
+            send(
+                http::Request::post(url)
+                    .header("cookie", &cookie)
+                    .header("x-csrf", "1")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !logout.is_finished(),
+        "the logout did not wait for the refresh"
+    );
     release.send(()).unwrap();
-    let refresh = refresh.await.unwrap();
-    assert_eq!(refresh.status, 401, "{}", refresh.text());
-    assert!(!proxy.signed_in(&cookie).await, "the session came back");
-    let revoked: Vec<String> = idp
-        .state
+    let logout = logout.await.unwrap();
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    assert_eq!(refresh.await.unwrap().status, 200);
+    assert!(
+        !proxy.signed_in(&cookie).await,
+        "the session outlived the logout"
+    );
+    let revoked = revoked_tokens(&idp);
+    assert!(
+        revoked.contains(&"rt-2".to_string()),
+        "the rotated refresh token outlives the logout at the provider; revoked: {revoked:?}"
+    );
+}
+
+/// The tokens the fake provider was asked to revoke, in order.
+fn revoked_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
+    idp.state
         .revocations
         .lock()
         .unwrap()
@@ -625,17 +645,14 @@ async fn a_refresh_answered_after_the_logout_revokes_its_rotated_refresh_token()
                 .find(|(k, _)| k == "token")
                 .map(|(_, v)| v.clone())
         })
-        .collect();
-    assert!(
-        revoked.contains(&"rt-2".to_string()),
-        "the rotated refresh token outlives the logout at the provider; revoked: {revoked:?}"
-    );
+        .collect()
 }
 
-/// A logout that read the session just before a refresh of it saved new tokens, and deletes it
-/// just after: it must revoke the refresh token that was saved (rotated by the refresh, now the
-/// grant's only one), not only the spent one it read. The logout's read is answered late (the
-/// logout's replica talks to Redis through a relay) while the other replica's refresh saves.
+/// A logout that could not hold the refresh lease (a refresh kept it past the logout's wait),
+/// read the session just before that refresh saved new tokens, and deletes it just after: it
+/// must revoke the refresh token that was saved (rotated by the refresh, now the grant's only
+/// one), not only the spent one it read. The logout's read is answered late (the logout's
+/// replica talks to Redis through a relay) while the other replica's refresh saves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved_refresh_token() {
     use crate::faults_redis::{
@@ -652,7 +669,16 @@ async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved
     );
     let up = upstream::start().await;
     let a = token_proxy(&redis.url(), &idp, &up).await;
-    let b = redis_proxy_timed(&relay.url(), "30s", Duration::from_secs(3), &idp, &up).await;
+    // b's logout waits provider_timeout + 5 s for the refresh lease.
+    let b = redis_proxy_timed(
+        &relay.url(),
+        "30s",
+        Duration::from_secs(3),
+        &[("oidc.provider_timeout", "1s")],
+        &idp,
+        &up,
+    )
+    .await;
     let cookie = due_session(&a, &idp, &[]).await;
     // b caches the session, so that its logout's first read of the store is the whole reread.
     assert_eq!(
@@ -677,7 +703,7 @@ async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved
     };
     eventually(
         "the logout reads the session",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || async { relay.fired().then_some(()) },
     )
     .await;
@@ -690,18 +716,7 @@ async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved
         !a.signed_in(&cookie).await,
         "the session outlived the logout"
     );
-    let revoked: Vec<String> = idp
-        .state
-        .revocations
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|form| {
-            form.iter()
-                .find(|(k, _)| k == "token")
-                .map(|(_, v)| v.clone())
-        })
-        .collect();
+    let revoked = revoked_tokens(&idp);
     assert!(
         revoked.contains(&"rt-2".to_string()),
         "the refresh token saved by the refresh outlives the logout at the provider; revoked: \

@@ -99,10 +99,6 @@ impl Job {
         };
         let written = match self.reload(&self.loaded).await {
             Ok(current) => self.write(current, &unsaved.answer).await.map(drop),
-            Err(RefreshError::Ended) => {
-                self.revoke_unkept(&unsaved.answer).await;
-                Err(RefreshError::Ended)
-            }
             Err(error) => Err(error),
         };
         if let Err(RefreshError::Store(error)) = written {
@@ -153,28 +149,6 @@ impl Job {
             "the store did not take a refreshed session for {KEEP_SAVING_FOR:?}; the answer stays \
              in memory for the session's next refresh on this instance"
         );
-    }
-
-    /// Revokes (RFC 7009, where the provider supports it) the tokens of a refresh's answer that
-    /// no session will hold: the session ended (a logout, a back-channel logout) while the
-    /// refresh was at the provider. The logout revoked the refresh token it read, which this
-    /// grant spent; the rotated one is in this answer only, and would otherwise stay valid at
-    /// the provider after the user signed out.
-    async fn revoke_unkept(&self, answer: &Answer) {
-        let Answer { tokens, spent, .. } = answer;
-        if spent.is_none() {
-            return; // a token exchange: the session's own grant is the logout's to revoke
-        }
-        if let Some(rotated) = tokens
-            .refresh_token
-            .as_deref()
-            .filter(|t| Some(*t) != spent.as_deref())
-        {
-            self.oidc.revoke(rotated, "refresh_token").await;
-        }
-        if !crate::jose::looks_like_jwt(&tokens.access_token) {
-            self.oidc.revoke(&tokens.access_token, "access_token").await;
-        }
     }
 
     /// Writes the answer of a grant, all of it or nothing: the access token under its key, a
@@ -231,13 +205,7 @@ impl Job {
                 Ok(false) => {}
                 Err(e) => return Err(RefreshError::Store(e)),
             }
-            base = match self.reload(&base).await {
-                Err(RefreshError::Ended) => {
-                    self.revoke_unkept(answer).await;
-                    return Err(RefreshError::Ended);
-                }
-                reloaded => reloaded?,
-            };
+            base = self.reload(&base).await?;
         }
         tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
         Ok(tokens.access_token.clone())
