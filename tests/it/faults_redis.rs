@@ -694,6 +694,30 @@ impl Rotation {
     }
 }
 
+/// Awaits the requests of replicas a (`first`) and b (`second`) and checks that rt-1 was
+/// presented once and both were served.
+async fn spent_once_and_both_served(
+    idp: &fake_idp::FakeIdp,
+    first: tokio::task::JoinHandle<Reply>,
+    second: tokio::task::JoinHandle<Reply>,
+) {
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(
+        presented_refresh_tokens(idp),
+        vec!["rt-1".to_string()],
+        "the refresh token was spent twice (replica b: {} {})",
+        second.status,
+        second.text()
+    );
+    assert_eq!(
+        (first.status, second.status),
+        (200, 200),
+        "a: {}; b: {}",
+        first.text(),
+        second.text()
+    );
+}
+
 /// The refresh tokens the provider was presented, in order.
 pub(crate) fn presented_refresh_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
     let requests = idp.state.token_requests.lock().unwrap();
@@ -845,21 +869,7 @@ async fn a_refresh_token_is_spent_once_when_redis_stalls_past_the_refresh_lease(
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     release.send(()).unwrap();
-    let (first, second) = (first.await.unwrap(), second.await.unwrap());
-    assert_eq!(
-        presented_refresh_tokens(&idp),
-        vec!["rt-1".to_string()],
-        "the refresh token was spent twice (replica b: {} {})",
-        second.status,
-        second.text()
-    );
-    assert_eq!(
-        (first.status, second.status),
-        (200, 200),
-        "a: {}; b: {}",
-        first.text(),
-        second.text()
-    );
+    spent_once_and_both_served(&idp, first, second).await;
     assert_eq!(up.last().headers["authorization"], "Bearer at-2");
     let r = get(&b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
     assert_eq!(r.status, 200, "the session ended: {}", r.text());
@@ -963,19 +973,5 @@ async fn a_spend_record_taken_just_after_its_refresh_saved_does_not_spend_the_to
     .await;
     // Meanwhile a saves rt-2 and deletes its spend record.
     release.send(()).unwrap();
-    let (first, second) = (first.await.unwrap(), second.await.unwrap());
-    assert_eq!(
-        presented_refresh_tokens(&idp),
-        vec!["rt-1".to_string()],
-        "the refresh token was spent twice (replica b: {} {})",
-        second.status,
-        second.text()
-    );
-    assert_eq!(
-        (first.status, second.status),
-        (200, 200),
-        "a: {}; b: {}",
-        first.text(),
-        second.text()
-    );
+    spent_once_and_both_served(&idp, first, second).await;
 }

@@ -582,6 +582,22 @@ async fn users_list_and_end_their_own_sessions_only() {
         .unwrap();
 }
 
+/// A script's logout (`POST /bff/logout`) of `cookie`'s session on `proxy`, sent in the
+/// background.
+fn script_logout(proxy: &Proxy, cookie: &str) -> tokio::task::JoinHandle<Reply> {
+    let (url, cookie) = (proxy.url("/bff/logout"), cookie.to_string());
+    tokio::spawn(async move {
+        send(
+            http::Request::post(url)
+                .header("cookie", &cookie)
+                .header("x-csrf", "1")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+    })
+}
+
 /// A logout while a refresh of the session is at the provider waits for it (no refresh saves
 /// while a logout reads and ends the session), then revokes the refresh token the refresh
 /// rotated — which only its answer held — not only the spent one, and the session stays ended.
@@ -600,19 +616,7 @@ async fn a_logout_during_a_refresh_waits_for_it_and_revokes_the_rotated_refresh_
     let cookie = due_session(&proxy, &idp, &[]).await;
 
     let (release, refresh) = refresh_held_at_the_provider(&proxy, &idp, &cookie).await;
-    let logout = {
-        let (url, cookie) = (proxy.url("/bff/logout"), cookie.clone());
-        tokio::spawn(async move {
-            send(
-                http::Request::post(url)
-                    .header("cookie", &cookie)
-                    .header("x-csrf", "1")
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-        })
-    };
+    let logout = script_logout(&proxy, &cookie);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !logout.is_finished(),
@@ -688,19 +692,7 @@ async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved
 
     let (release, refresh) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
     relay.arm(b"vestibule:s:", Duration::from_millis(700));
-    let logout = {
-        let (url, cookie) = (b.url("/bff/logout"), cookie.clone());
-        tokio::spawn(async move {
-            send(
-                http::Request::post(url)
-                    .header("cookie", &cookie)
-                    .header("x-csrf", "1")
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-        })
-    };
+    let logout = script_logout(&b, &cookie);
     eventually(
         "the logout reads the session",
         Duration::from_secs(15),
