@@ -694,6 +694,20 @@ impl Rotation {
     }
 }
 
+/// Stops Redis for longer than the 10 s refresh lease (Redis's clock runs it out while it is
+/// stopped), then sends `cookie`'s request to `/tok/x` on replica `b` in the background.
+async fn stalled_past_the_lease(
+    redis: &RedisServer,
+    b: &Proxy,
+    cookie: &str,
+) -> tokio::task::JoinHandle<Reply> {
+    redis.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    redis.signal("CONT");
+    let (url, cookie) = (b.url("/tok/x"), cookie.to_string());
+    tokio::spawn(async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await })
+}
+
 /// Awaits the requests of replicas a (`first`) and b (`second`) and checks that rt-1 was
 /// presented once and both were served.
 async fn spent_once_and_both_served(
@@ -859,14 +873,7 @@ async fn a_refresh_token_is_spent_once_when_redis_stalls_past_the_refresh_lease(
     } = Rotation::start(&redis).await;
 
     let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
-    redis.signal("STOP");
-    // Longer than the 10 s lease, which Redis's clock runs out while it is stopped.
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    redis.signal("CONT");
-    let second = {
-        let (url, cookie) = (b.url("/tok/x"), cookie.clone());
-        tokio::spawn(async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await })
-    };
+    let second = stalled_past_the_lease(&redis, &b, &cookie).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     release.send(()).unwrap();
     spent_once_and_both_served(&idp, first, second).await;
@@ -955,13 +962,7 @@ async fn a_spend_record_taken_just_after_its_refresh_saved_does_not_spend_the_to
     let cookie = due_session(&a, &idp, &[refused]).await;
 
     let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
-    redis.signal("STOP");
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    redis.signal("CONT");
-    let second = {
-        let (url, cookie) = (b.url("/tok/x"), cookie.clone());
-        tokio::spawn(async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await })
-    };
+    let second = stalled_past_the_lease(&redis, &b, &cookie).await;
     // b takes the lapsed lease and polls a's spend record.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // b's next read of the session is carried out now, and answered 0.7 s late (within its

@@ -582,6 +582,17 @@ async fn users_list_and_end_their_own_sessions_only() {
         .unwrap();
 }
 
+/// The fake provider with a revocation endpoint.
+async fn revoking_idp() -> fake_idp::FakeIdp {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    idp.state.discovery_extra.lock().unwrap().insert(
+        "revocation_endpoint".into(),
+        format!("{}/revoke", idp.issuer).into(),
+    );
+    idp
+}
+
 /// A script's logout (`POST /bff/logout`) of `cookie`'s session on `proxy`, sent in the
 /// background.
 fn script_logout(proxy: &Proxy, cookie: &str) -> tokio::task::JoinHandle<Reply> {
@@ -605,12 +616,7 @@ fn script_logout(proxy: &Proxy, cookie: &str) -> tokio::task::JoinHandle<Reply> 
 async fn a_logout_during_a_refresh_waits_for_it_and_revokes_the_rotated_refresh_token() {
     use crate::faults_redis::{due_session, refresh_held_at_the_provider, token_proxy};
     let redis = RedisServer::start();
-    let signer = TestSigner::new();
-    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    idp.state.discovery_extra.lock().unwrap().insert(
-        "revocation_endpoint".into(),
-        format!("{}/revoke", idp.issuer).into(),
-    );
+    let idp = revoking_idp().await;
     let up = upstream::start().await;
     let proxy = token_proxy(&redis.url(), &idp, &up).await;
     let cookie = due_session(&proxy, &idp, &[]).await;
@@ -665,12 +671,7 @@ async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved
     use crate::support::late_replies::LateReplies;
     let redis = RedisServer::start();
     let relay = LateReplies::start(redis.port()).await;
-    let signer = TestSigner::new();
-    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    idp.state.discovery_extra.lock().unwrap().insert(
-        "revocation_endpoint".into(),
-        format!("{}/revoke", idp.issuer).into(),
-    );
+    let idp = revoking_idp().await;
     let up = upstream::start().await;
     let a = token_proxy(&redis.url(), &idp, &up).await;
     // b's logout waits provider_timeout + 5 s for the refresh lease.
