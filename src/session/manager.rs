@@ -169,6 +169,7 @@ impl Sessions {
                 cache_entries,
                 store.subscribe(INVALIDATION_CHANNEL),
                 store.subscription_live(),
+                store.freshness(),
             ))
         });
         Sessions {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub(crate) use self::channel::Channel;
-pub use self::channel::Subscription;
+pub use self::channel::{Freshness, Proof, Subscription};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
@@ -240,6 +240,14 @@ impl Store {
         match self {
             Store::Memory(_) => watch::channel(true).1,
             Store::Redis(s) => s.subscription_live(),
+        }
+    }
+
+    /// How recently the messages of [`Store::subscribe`] were shown to be delivered.
+    pub fn freshness(&self) -> Freshness {
+        match self {
+            Store::Memory(_) => Freshness::Immediate,
+            Store::Redis(s) => s.freshness(),
         }
     }
 }

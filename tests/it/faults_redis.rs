@@ -446,6 +446,41 @@ async fn a_lost_pubsub_connection_keeps_sessions_out_of_the_cache_until_it_is_ba
     .await;
 }
 
+/// A subscription that dies without a word — its socket half-open, the connection still there
+/// and silent, so neither Redis nor the replica notices — loses every invalidation message. A
+/// session ended on the other replica must not stay served from this one's cache for the
+/// cache's time to live (30 s here): the cache trusts a copy only while the subscription has
+/// lately proven that it delivers (an answered check, every second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_gone_silent_does_not_keep_an_ended_session_served_from_the_cache() {
+    let redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
+    let replicas = replicas_on([Backend::Url(relay.url()), Backend::Url(redis.url())]).await;
+    let (a, b) = (&replicas.proxies[0], &replicas.proxies[1]);
+    let cookies = replicas.sessions().await;
+    let cookie = &cookies[0];
+    let url = a.url("/api/x");
+    // Replica a reads the session and keeps a copy.
+    assert_eq!(get(&url, &[("cookie", cookie)]).await.status, 200);
+    assert_eq!(get(&url, &[("cookie", cookie)]).await.status, 200);
+
+    // a's subscription goes silent; its commands still get through.
+    assert_eq!(relay.silence(b"PSUBSCRIBE", Duration::from_secs(60)), 1);
+    let silenced = Instant::now();
+    assert_eq!(b.app.sessions.end_by_sub("user-0").await.unwrap(), 1);
+    // Past the proof's age limit (2 s) from the silence, well within the time to live, and
+    // (before the check ran every second) within the check's 10 s.
+    tokio::time::sleep_until((silenced + Duration::from_millis(2300)).into()).await;
+    let reply = get(&url, &[("cookie", cookie)]).await;
+    assert_eq!(
+        reply.status, 401,
+        "a session ended on another replica was served from the cache of a replica whose \
+         subscription had gone silent"
+    );
+    // Another session, never ended, is still served.
+    assert_eq!(get(&url, &[("cookie", &cookies[1])]).await.status, 200);
+}
+
 fn session_keys(redis: &RedisServer) -> Vec<String> {
     let mut con = redis_connection(redis);
     ::redis::cmd("KEYS")

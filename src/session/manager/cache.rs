@@ -8,6 +8,12 @@
 //! nothing and every lookup goes to the store; any change of `live` (an outage, even one that
 //! ended before the next lookup) empties the cache.
 //!
+//! A subscription can also die without a word (a half-open connection, a stalled node), and
+//! messages are then lost before the store notices. A copy is therefore served only while the
+//! store's [`Freshness`] proves that every message published more than [`PROOF_LASTS`] ago has
+//! been delivered: a write on another instance is seen here within that, whatever the time to
+//! live says. Without the proof a lookup misses (the copy stays, to be replaced by the read).
+//!
 //! A miss hands out a [`Stamp`]; the session read from the store is filed with it, and only if
 //! no invalidation of that session (nor an emptying of its shard) was taken in since the miss.
 //! Otherwise a read that straddles a write or a logout — the store answered the old record, the
@@ -37,7 +43,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::session::model::Session;
-use crate::session::store::Subscription;
+use crate::session::store::{Freshness, Subscription};
+
+/// How old the store's proof of delivery may be for a copy to be served: the Redis
+/// subscription proves it every second.
+pub(super) const PROOF_LASTS: Duration = Duration::from_secs(2);
 
 /// Independent parts of the cache (a power of two).
 const SHARDS: usize = 16;
@@ -141,6 +151,7 @@ pub(super) struct Stamp {
 
 pub(super) struct Cache {
     ttl: Duration,
+    freshness: Freshness,
     shards: Box<[Mutex<Shard>]>,
     lookups: Lookups,
 }
@@ -197,6 +208,7 @@ impl Cache {
         entries: usize,
         invalidations: Subscription,
         live: watch::Receiver<bool>,
+        freshness: Freshness,
     ) -> Cache {
         let capacity = entries.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)
@@ -228,6 +240,7 @@ impl Cache {
         };
         Cache {
             ttl,
+            freshness,
             shards,
             lookups,
         }
@@ -253,11 +266,16 @@ impl Cache {
     /// The session filed under `key` ([`key_of`] its handle: the memo of opened cookies keeps
     /// it with the handle, so a request does not work it out again).
     pub(super) fn get_key(&self, key: Key) -> Lookup {
+        let now = Instant::now();
+        // Read before the shard takes in its messages: those the proof covers are then there.
+        let fresh = self.freshness.within(now, PROOF_LASTS);
         let mut shard = self.shard(key);
         let found = shard.index.get(&key).copied();
         if let Some(at) = found {
             let slot = &shard.slots[at];
-            if slot.stored.elapsed() < self.ttl {
+            if now.saturating_duration_since(slot.stored) >= self.ttl {
+                shard.remove_at(at);
+            } else if fresh {
                 let hit = Lookup::Hit(slot.version, slot.session.clone());
                 shard.hits += 1;
                 if shard.hits >= HITS_BATCH {
@@ -265,7 +283,7 @@ impl Cache {
                 }
                 return hit;
             }
-            shard.remove_at(at);
+            // Delivery not proven lately: the copy stays, and the store's answer replaces it.
         }
         // A miss reads the store next: counting it (and the hits not yet counted) costs nothing
         // next to that.
@@ -478,7 +496,7 @@ impl Shard {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_CACHE_ENTRIES as DEFAULT_ENTRIES;
-    use crate::session::store::Channel;
+    use crate::session::store::{Channel, Proof};
 
     const ENTRIES: usize = 10_000;
 
@@ -491,6 +509,7 @@ mod tests {
             entries,
             rx,
             watch::channel(true).1,
+            Freshness::Immediate,
         )
     }
 
@@ -551,11 +570,50 @@ mod tests {
         assert!(cache.get("h").is_none());
     }
 
+    /// A copy is served only while the store's proof of delivery is recent: a subscription
+    /// that died silently would otherwise keep an ended session served for the whole time to
+    /// live. The copy is not thrown away meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_is_served_only_while_delivery_is_proven() {
+        let proof = Proof::new();
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            Channel::new(4).subscribe(),
+            watch::channel(true).1,
+            Freshness::Proven(proof.clone()),
+        );
+        proof.record(Instant::now());
+        cache.put_now("h", 3, &session());
+        assert_eq!(cache.get("h").map(|(v, _)| v), Some(3));
+        tokio::time::advance(PROOF_LASTS + Duration::from_millis(100)).await;
+        assert!(cache.get("h").is_none(), "served on a stale proof");
+        assert_eq!(cache.len(), 1);
+        proof.record(Instant::now());
+        assert_eq!(cache.get("h").map(|(v, _)| v), Some(3));
+        // Without a proof at all, nothing is served.
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            Channel::new(4).subscribe(),
+            watch::channel(true).1,
+            Freshness::Proven(Proof::new()),
+        );
+        cache.put_now("h", 3, &session());
+        assert!(cache.get("h").is_none());
+    }
+
     #[test]
     fn messages_remove_entries_and_resync_or_lag_clears_all() {
         let tx = Channel::new(2);
         let rx = tx.subscribe();
-        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watch::channel(true).1);
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            rx,
+            watch::channel(true).1,
+            Freshness::Immediate,
+        );
         cache.put_now("a", 1, &session());
         cache.put_now("b", 1, &session());
         tx.send("a".into());
@@ -580,6 +638,7 @@ mod tests {
             ENTRIES,
             tx.subscribe(),
             watch::channel(true).1,
+            Freshness::Immediate,
         );
         (tx, cache)
     }
@@ -656,7 +715,13 @@ mod tests {
     fn nothing_is_cached_while_messages_cannot_arrive() {
         let rx = Channel::new(4).subscribe();
         let (live, watching) = watch::channel(true);
-        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            rx,
+            watching,
+            Freshness::Immediate,
+        );
         cache.put_now("kept", 1, &session());
         live.send_replace(false);
         assert!(
@@ -802,7 +867,13 @@ mod tests {
     fn a_subscription_outage_between_two_lookups_still_drops_what_was_cached() {
         let rx = Channel::new(4).subscribe();
         let (live, watching) = watch::channel(true);
-        let cache = Cache::new(Duration::from_secs(60), ENTRIES, rx, watching);
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            rx,
+            watching,
+            Freshness::Immediate,
+        );
         cache.put_now("kept", 1, &session());
         assert!(cache.get("kept").is_some());
         // Down and up again with no lookup in between: messages may have been lost meanwhile.

@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::time::Instant;
 
 /// The sending side of one channel.
 pub(crate) struct Channel {
@@ -89,6 +91,70 @@ impl Subscription {
     }
 }
 
+/// How recently this instance's subscriptions were shown to have received every message
+/// published before: what lets a cache trust a copy it holds. A subscription can die silently (a
+/// half-open connection, a stalled node) and lose messages long before anyone notices, so a copy
+/// is served only while the proof is recent.
+#[derive(Clone, Debug)]
+pub enum Freshness {
+    /// Messages are delivered as they are sent (the memory store's channels, in the process).
+    Immediate,
+    /// A Redis subscription that checks itself (see [`Proof`]).
+    Proven(Arc<Proof>),
+    /// Nothing can prove delivery (Redis Cluster: a message may reach the node this instance
+    /// listens to after another node answered a later command); only the cache's time to live
+    /// bounds a missed message.
+    Unproven,
+}
+
+impl Freshness {
+    /// Whether every message published more than `bound` before `now` has been delivered (as
+    /// far as this instance can know).
+    pub fn within(&self, now: Instant, bound: Duration) -> bool {
+        match self {
+            Freshness::Immediate | Freshness::Unproven => true,
+            Freshness::Proven(proof) => proof.within(now, bound),
+        }
+    }
+}
+
+/// The latest time before which every message published is known to have been delivered: the
+/// time a command was sent on the subscription whose answer has come back, the messages that
+/// came before that answer handed to the subscribers first (one connection answers in order).
+#[derive(Debug)]
+pub struct Proof {
+    base: Instant,
+    /// Milliseconds from `base` to the proven time, plus one; 0: nothing proven yet.
+    at: AtomicU64,
+}
+
+impl Proof {
+    pub fn new() -> Arc<Proof> {
+        Arc::new(Proof {
+            base: Instant::now(),
+            at: AtomicU64::new(0),
+        })
+    }
+
+    fn millis(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    /// Every message published before `sent` has been handed to the subscribers.
+    pub fn record(&self, sent: Instant) {
+        // Release: a reader that sees this time finds those messages in the channels.
+        self.at.fetch_max(self.millis(sent), Ordering::Release);
+    }
+
+    fn within(&self, now: Instant, bound: Duration) -> bool {
+        let at = self.at.load(Ordering::Acquire);
+        let bound = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        at != 0 && self.millis(now).saturating_sub(at) <= bound
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -113,6 +179,27 @@ mod tests {
         assert!(channel.send("d".into()));
         assert_eq!(second.try_recv().as_deref(), Ok("d"));
         assert_eq!(subscription.try_recv().as_deref(), Ok("d"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_is_trusted_only_while_delivery_was_proven_recently() {
+        let proof = Proof::new();
+        let fresh = Freshness::Proven(proof.clone());
+        let bound = Duration::from_secs(2);
+        // Nothing proven yet.
+        assert!(!fresh.within(Instant::now(), bound));
+        let sent = Instant::now();
+        proof.record(sent);
+        assert!(fresh.within(Instant::now(), bound));
+        tokio::time::advance(Duration::from_millis(1900)).await;
+        assert!(fresh.within(Instant::now(), bound));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(!fresh.within(Instant::now(), bound));
+        // An older proof arriving late does not move it back.
+        proof.record(Instant::now());
+        proof.record(sent);
+        assert!(fresh.within(Instant::now(), bound));
+        assert!(Freshness::Immediate.within(Instant::now(), Duration::ZERO));
     }
 
     #[test]

@@ -518,6 +518,18 @@ impl RedisStore {
         self.inner.pubsub.live()
     }
 
+    /// Proven on the subscription's connection, except with Redis Cluster: a message published
+    /// through one node reaches the node this instance listens to later, in no set order with
+    /// what that node answers.
+    pub fn freshness(&self) -> super::Freshness {
+        match self.inner.conn {
+            Conn::Cluster(_) => super::Freshness::Unproven,
+            Conn::Single { .. } | Conn::Sentinel(_) => {
+                super::Freshness::Proven(self.inner.pubsub.proof())
+            }
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let reply: String = self.run("ping", Op::Cmd(Self::cmd("PING"))).await?;
         if reply == "PONG" {

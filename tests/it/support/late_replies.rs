@@ -2,6 +2,8 @@
 //! armed, the first command that carries a chosen byte string reaches Redis at once (Redis
 //! carries it out), but every reply on that connection is held back for a while, longer than
 //! the store timeout. What `CLIENT PAUSE ... WRITE` does to every write, this does to one.
+//! It can also silence connections that sent a command already ([`LateReplies::silence`]): a
+//! subscription whose socket went half-open, still connected and never answering.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::{Arc, Mutex};
@@ -14,9 +16,18 @@ use tokio::time::Instant;
 /// has passed.
 type Armed = Arc<Mutex<Option<(Vec<u8>, Duration)>>>;
 
+/// Each connection relayed: the first bytes its client sent, and until when its replies are
+/// held back.
+type Relayed = Arc<Mutex<Vec<(Arc<Mutex<Vec<u8>>>, Hold)>>>;
+type Hold = Arc<Mutex<Option<Instant>>>;
+
+/// How much of what a client sends is kept to look for a command in.
+const KEPT: usize = 4096;
+
 pub struct LateReplies {
     port: u16,
     armed: Armed,
+    relayed: Relayed,
 }
 
 impl LateReplies {
@@ -25,16 +36,48 @@ impl LateReplies {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let armed: Armed = Arc::default();
+        let relayed: Relayed = Arc::default();
         let shared = armed.clone();
+        let connections = relayed.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
                     continue;
                 };
-                tokio::spawn(relay(client, server, shared.clone()));
+                let sent: Arc<Mutex<Vec<u8>>> = Arc::default();
+                let hold: Hold = Arc::default();
+                connections
+                    .lock()
+                    .unwrap()
+                    .push((sent.clone(), hold.clone()));
+                tokio::spawn(relay(client, server, shared.clone(), sent, hold));
             }
         });
-        LateReplies { port, armed }
+        LateReplies {
+            port,
+            armed,
+            relayed,
+        }
+    }
+
+    /// Holds back, for `delay` from now, every reply and message on each connection whose
+    /// client has sent `marker` (among its first 4 KiB): the client sees a connection that is
+    /// open and silent. Returns how many connections that is.
+    pub fn silence(&self, marker: &[u8], delay: Duration) -> usize {
+        let until = Instant::now() + delay;
+        let mut silenced = 0;
+        for (sent, hold) in self.relayed.lock().unwrap().iter() {
+            if sent
+                .lock()
+                .unwrap()
+                .windows(marker.len())
+                .any(|w| w == marker)
+            {
+                *hold.lock().unwrap() = Some(until);
+                silenced += 1;
+            }
+        }
+        silenced
     }
 
     pub fn url(&self) -> String {
@@ -53,10 +96,15 @@ impl LateReplies {
     }
 }
 
-async fn relay(client: TcpStream, server: TcpStream, armed: Armed) {
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    armed: Armed,
+    sent: Arc<Mutex<Vec<u8>>>,
+    hold_until: Hold,
+) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    let hold_until: Arc<Mutex<Option<Instant>>> = Arc::default();
     let held = hold_until.clone();
     let upward = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
@@ -65,6 +113,11 @@ async fn relay(client: TcpStream, server: TcpStream, armed: Armed) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            {
+                let mut sent = sent.lock().unwrap();
+                let room = KEPT.saturating_sub(sent.len()).min(n);
+                sent.extend_from_slice(&buf[..room]);
+            }
             {
                 let mut armed = armed.lock().unwrap();
                 let hit = armed

@@ -1,31 +1,38 @@
 //! The pub/sub side of the Redis store: one dedicated connection pattern-subscribed to
 //! `key_prefix*`, fanned out to in-process broadcast channels by suffix.
 //!
-//! The connection is re-established forever with capped backoff and checked with a PING so a
-//! silently dead socket is noticed. Messages published while it was down are lost, so every
-//! subscriber receives [`RESYNC`](super::super::RESYNC) when the connection is lost and again when
-//! it is back: caches must then drop what they hold. [`Subscriber::live`] says whether the
-//! subscription is active, so that caches are not refilled while messages cannot arrive.
+//! The connection is re-established forever with capped backoff and checked with a PING every
+//! second, so a silently dead socket is noticed. Messages published while it was down are lost,
+//! so every subscriber receives [`RESYNC`](super::super::RESYNC) when the connection is lost and
+//! again when it is back: caches must then drop what they hold. [`Subscriber::live`] says whether
+//! the subscription is active, so that caches are not refilled while messages cannot arrive.
+//!
+//! Each answered PING is also a [`Proof`]: the server answers in order, so every message it
+//! sent before the PONG came first and is handed to the subscribers before the proof is
+//! recorded. Until the check notices a dead socket (a PING unanswered for a second), the proof
+//! stops advancing, and caches stop trusting their copies as soon as it is a little older than
+//! the interval.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use redis::aio::PubSub;
 use redis::sentinel::SentinelClient;
 use redis::{Client, Msg, RedisError, RedisResult, Value};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{Channels, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
-use crate::session::store::RESYNC;
+use crate::session::store::{Proof, RESYNC};
 
 const CHANNEL_CAPACITY: usize = 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// How often an idle subscription is checked with a PING.
-const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How often the subscription is checked with a PING (and delivery proven).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Where the subscriber connects: any of these nodes in turn, or the master Sentinel names.
 pub(super) enum Source {
@@ -58,6 +65,7 @@ pub(super) struct Subscriber {
     channels: Channels,
     connected: watch::Receiver<u64>,
     live: watch::Receiver<bool>,
+    proof: Arc<Proof>,
     task: AbortHandle,
 }
 
@@ -72,14 +80,28 @@ impl Subscriber {
         let channels: Channels = Arc::new(Mutex::new(HashMap::new()));
         let (generation, connected) = watch::channel(0);
         let (up, live) = watch::channel(false);
-        let task =
-            tokio::spawn(run(source, prefix, channels.clone(), generation, up)).abort_handle();
+        let proof = Proof::new();
+        let task = tokio::spawn(run(
+            source,
+            prefix,
+            channels.clone(),
+            generation,
+            up,
+            proof.clone(),
+        ))
+        .abort_handle();
         Subscriber {
             channels,
             connected,
             live,
+            proof,
             task,
         }
+    }
+
+    /// How recently delivery was proven (see the module's documentation).
+    pub(super) fn proof(&self) -> Arc<Proof> {
+        self.proof.clone()
     }
 
     /// `true` while subscribed: a message published now will be delivered.
@@ -108,18 +130,23 @@ async fn run(
     channels: Channels,
     generation: watch::Sender<u64>,
     live: watch::Sender<bool>,
+    proof: Arc<Proof>,
 ) {
     let pattern = format!("{}*", glob_escape(&prefix));
     let mut backoff = MIN_BACKOFF;
     loop {
+        // Before the subscription: what is published after it is delivered, and what was
+        // published before it, no cache holds (RESYNC, and nothing is filed until `live`).
+        let started = Instant::now();
         if let Some(pubsub) = subscribe(&mut source, &pattern).await {
             backoff = MIN_BACKOFF;
             if *generation.borrow() > 0 {
                 resync(&channels);
             }
             generation.send_modify(|g| *g += 1);
+            proof.record(started);
             live.send_replace(true);
-            listen(pubsub, &prefix, &channels).await;
+            listen(pubsub, &prefix, &channels, &proof).await;
             live.send_replace(false);
             resync(&channels);
         }
@@ -138,22 +165,34 @@ async fn subscribe(source: &mut Source, pattern: &str) -> Option<PubSub> {
     tokio::time::timeout(limit, attempt).await.ok()?.ok()
 }
 
-/// Delivers messages until the connection is lost or stops answering.
-async fn listen(pubsub: PubSub, prefix: &str, channels: &Channels) {
+/// Delivers messages until the connection is lost or stops answering, proving delivery with
+/// each answered check.
+async fn listen(pubsub: PubSub, prefix: &str, channels: &Channels, proof: &Proof) {
     let (mut sink, mut stream) = pubsub.split();
-    let mut keepalive = tokio::time::interval(KEEPALIVE);
-    keepalive.tick().await;
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    check.tick().await;
     loop {
         tokio::select! {
             message = stream.next() => match message {
                 Some(message) => deliver(&message, prefix, channels),
                 None => return,
             },
-            _ = keepalive.tick() => {
+            _ = check.tick() => {
+                let sent = Instant::now();
                 let ping = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, sink.ping::<Value>()).await;
                 if !matches!(ping, Ok(Ok(_))) {
                     return;
                 }
+                // The connection's reader queued every message the server sent before the PONG
+                // before it handed the PONG over: deliver them, then record the proof.
+                while let Some(next) = stream.next().now_or_never() {
+                    match next {
+                        Some(message) => deliver(&message, prefix, channels),
+                        None => return,
+                    }
+                }
+                proof.record(sent);
             }
         }
     }
