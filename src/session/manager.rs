@@ -8,8 +8,8 @@
 //! and go stale harmlessly (they are pruned when read).
 //!
 //! Rules: a bad, foreign or expired cookie is `Ok(None)`; an unreachable store is `Err` and never
-//! ends a session. Every write publishes the session's handle on [`INVALIDATION_CHANNEL`] so other
-//! instances drop cached copies. The time is always a parameter (`now`, Unix seconds).
+//! ends a session. Every write publishes the session's handle on [`INVALIDATION_CHANNEL`], in the
+//! same step as the write, so other instances drop cached copies. The time is always a parameter (`now`, Unix seconds).
 
 mod cache;
 mod memo;
@@ -429,7 +429,7 @@ impl Sessions {
         if !loaded.complete && updated.id_token.is_none() {
             let current = self.store.get(&key.name()).await?;
             let Some(record) = current.filter(|r| r.version == loaded.version) else {
-                self.invalidate(&loaded.handle, false).await;
+                self.forget_here(&loaded.handle);
                 return Ok(None);
             };
             let Some(stored) = decode_session(&loaded.ticket, &key, &record.value) else {
@@ -444,11 +444,17 @@ impl Sessions {
         let ttl = Duration::from_secs(seconds);
         let written = self
             .store
-            .compare_and_set(&key.name(), loaded.version, &record, ttl)
+            .compare_and_set_announced(
+                &key.name(),
+                loaded.version,
+                &record,
+                ttl,
+                INVALIDATION_CHANNEL,
+                &loaded.handle,
+            )
             .await;
-        // A failed answer may hide a write carried out (its reply lost): copies go either way.
-        self.invalidate(&loaded.handle, !matches!(written, Ok(false)))
-            .await;
+        // Also on a failed answer, which may hide a write carried out (its reply lost).
+        self.forget_here(&loaded.handle);
         Ok(written?.then_some(updated))
     }
 
@@ -474,14 +480,13 @@ impl Sessions {
         Ok(true)
     }
 
-    /// Drops cached copies here and, when the store changed, everywhere. Publishing is best
-    /// effort: a lost message only delays other instances by their cache time to live.
-    async fn invalidate(&self, handle: &str, changed: bool) {
+    /// Drops the copy cached here. Every other instance drops its copy on the message that the
+    /// store publishes in the same step as the write or delete (its `*_announced` operations):
+    /// a change never goes unannounced, not when the connection or this process is lost just
+    /// after it, and one carried out late (its answer lost) announces itself when it is.
+    fn forget_here(&self, handle: &str) {
         if let Some(cache) = &self.cache {
             cache.remove(handle);
-        }
-        if changed {
-            let _ = self.store.publish(INVALIDATION_CHANNEL, handle).await;
         }
     }
 
@@ -535,10 +540,13 @@ impl Sessions {
     /// to revoke) or has ended. A logout thus always knows the tokens it ended.
     pub async fn delete_as_read(&self, loaded: &OpenSession) -> Result<bool, StoreError> {
         let key = loaded.ticket.key();
-        let deleted = self.store.delete_at(&key.name(), loaded.version).await;
-        // As in `end`: an answer lost may hide a delete carried out.
-        self.invalidate(&key.handle(), !matches!(deleted, Ok(false)))
+        let handle = key.handle();
+        let deleted = self
+            .store
+            .delete_at_announced(&key.name(), loaded.version, INVALIDATION_CHANNEL, &handle)
             .await;
+        // As in `end`: an answer lost may hide a delete carried out.
+        self.forget_here(&handle);
         if !deleted? {
             return Ok(false);
         }
@@ -561,10 +569,14 @@ impl Sessions {
     }
 
     async fn end(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let deleted = self.store.delete(&key.name()).await;
+        let handle = key.handle();
+        let deleted = self
+            .store
+            .delete_announced(&key.name(), INVALIDATION_CHANNEL, &handle)
+            .await;
         // Also when the store failed to answer: the delete may have been carried out (its reply
-        // lost), and a copy cached here or elsewhere would then outlive the session.
-        self.invalidate(&key.handle(), true).await;
+        // lost), and a copy cached here would then outlive the session.
+        self.forget_here(&handle);
         deleted
     }
 

@@ -196,6 +196,31 @@ impl Store {
         /// came in between) or the record does not exist.
         fn delete_at(key: &str, version: u64) -> bool;
 
+        /// [`Store::compare_and_set`] that, when it writes, publishes `payload` on
+        /// `channel_suffix` in the same step (see [`Store::publish`]): no write goes
+        /// unannounced, whatever happens to the connection or the process after it.
+        fn compare_and_set_announced(
+            key: &str,
+            expected_version: u64,
+            value: &[u8],
+            ttl: Duration,
+            channel_suffix: &str,
+            payload: &str
+        ) -> bool;
+
+        /// [`Store::delete`] that publishes `payload` on `channel_suffix` in the same step,
+        /// also when the key was gone.
+        fn delete_announced(key: &str, channel_suffix: &str, payload: &str) -> bool;
+
+        /// [`Store::delete_at`] that, when it deletes, publishes `payload` on `channel_suffix`
+        /// in the same step.
+        fn delete_at_announced(
+            key: &str,
+            version: u64,
+            channel_suffix: &str,
+            payload: &str
+        ) -> bool;
+
         /// Adds `member` to a set; the set lives at least `ttl` from now.
         fn index_add(index_key: &str, member: &str, ttl: Duration) -> ();
 

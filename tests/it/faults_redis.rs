@@ -481,6 +481,40 @@ async fn a_subscription_gone_silent_does_not_keep_an_ended_session_served_from_t
     assert_eq!(get(&url, &[("cookie", &cookies[1])]).await.status, 200);
 }
 
+/// A logout whose delete is carried out, the connection lost right after it: the message that
+/// tells the other replicas to drop their copies must not be lost with it. It is published in
+/// the same step as the delete, not as a command of its own after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_just_after_a_logout_does_not_leave_the_session_cached_elsewhere() {
+    let redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
+    let replicas = replicas_on([Backend::Url(relay.url()), Backend::Url(redis.url())]).await;
+    let (a, b) = (&replicas.proxies[0], &replicas.proxies[1]);
+    let cookies = replicas.sessions().await;
+    let cookie = &cookies[0];
+    let url = b.url("/api/x");
+    // Replica b reads the session and keeps a copy (for 30 s).
+    assert_eq!(get(&url, &[("cookie", cookie)]).await.status, 200);
+    assert_eq!(get(&url, &[("cookie", cookie)]).await.status, 200);
+
+    // Replica a ends it; its connection to Redis fails just before a PUBLISH command would go.
+    relay.cut_before(b"$7\r\nPUBLISH\r\n");
+    let _ = a.app.sessions.end_by_sub("user-0").await;
+    assert_eq!(
+        session_keys(&redis).len(),
+        SESSIONS - 1,
+        "the session was ended"
+    );
+    let reply = get(&url, &[("cookie", cookie)]).await;
+    assert_eq!(
+        reply.status,
+        401,
+        "a session ended on another replica stayed served from this one's cache (the message \
+         was lost with the connection: cut {})",
+        relay.was_cut()
+    );
+}
+
 fn session_keys(redis: &RedisServer) -> Vec<String> {
     let mut con = redis_connection(redis);
     ::redis::cmd("KEYS")

@@ -144,6 +144,7 @@ contract!(
     lock_is_exclusive_extendable_and_released_only_by_its_holder,
     lock_lease_expires,
     published_messages_reach_subscribers_of_that_channel_only,
+    announced_changes_are_made_and_published_together,
     ping_answers,
 );
 
@@ -385,6 +386,66 @@ async fn published_messages_reach_subscribers_of_that_channel_only(b: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(got, "done", "no message from the other channel came first");
+}
+
+/// The announcing forms change what their plain forms change and publish the message when
+/// (and only when) they do; a delete also when the key was already gone.
+async fn announced_changes_are_made_and_published_together(b: Backend) {
+    let mut heard = b.store.subscribe("invalidate");
+    b.store.put_new("k", b"v1", LONG).await.unwrap();
+    assert!(
+        b.store
+            .compare_and_set_announced("k", 1, b"v2", LONG, "invalidate", "written")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.store
+            .compare_and_set_announced("k", 1, b"stale", LONG, "invalidate", "not written")
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.store.get("k").await.unwrap().unwrap().value, b"v2");
+    assert!(
+        !b.store
+            .delete_at_announced("k", 1, "invalidate", "not deleted")
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.store
+            .delete_at_announced("k", 2, "invalidate", "deleted at")
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.store.get("k").await.unwrap(), None);
+    b.store.put_new("j", b"x", LONG).await.unwrap();
+    assert!(
+        b.store
+            .delete_announced("j", "invalidate", "deleted")
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.store.get("j").await.unwrap(), None);
+    assert!(
+        !b.store
+            .delete_announced("j", "invalidate", "gone already")
+            .await
+            .unwrap()
+    );
+    b.store.publish("invalidate", "end").await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let message = tokio::time::timeout(DEADLINE, heard.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if message == "end" {
+            break;
+        }
+        got.push(message);
+    }
+    assert_eq!(got, ["written", "deleted at", "deleted", "gone already"]);
 }
 
 async fn ping_answers(b: Backend) {

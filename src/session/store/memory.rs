@@ -298,6 +298,51 @@ impl MemoryStore {
         Ok(state.remove(key).is_some())
     }
 
+    /// The process's subscribers are sent the message once the change is made (the lock let
+    /// go): nothing else holds the data, so nothing can come between.
+    pub async fn compare_and_set_announced(
+        &self,
+        key: &str,
+        expected_version: u64,
+        value: &[u8],
+        ttl: Duration,
+        channel_suffix: &str,
+        payload: &str,
+    ) -> Result<bool, StoreError> {
+        let written = self
+            .compare_and_set(key, expected_version, value, ttl)
+            .await?;
+        if written {
+            self.publish(channel_suffix, payload).await?;
+        }
+        Ok(written)
+    }
+
+    pub async fn delete_announced(
+        &self,
+        key: &str,
+        channel_suffix: &str,
+        payload: &str,
+    ) -> Result<bool, StoreError> {
+        let removed = self.delete(key).await?;
+        self.publish(channel_suffix, payload).await?;
+        Ok(removed)
+    }
+
+    pub async fn delete_at_announced(
+        &self,
+        key: &str,
+        version: u64,
+        channel_suffix: &str,
+        payload: &str,
+    ) -> Result<bool, StoreError> {
+        let removed = self.delete_at(key, version).await?;
+        if removed {
+            self.publish(channel_suffix, payload).await?;
+        }
+        Ok(removed)
+    }
+
     pub async fn index_add(
         &self,
         index_key: &str,

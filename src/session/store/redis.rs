@@ -55,6 +55,29 @@ const DELETE_AT: &str = r"
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])";
 
+// The announcing forms publish ARGV[n] on channel ARGV[n-1] in the same step as the change:
+// a change is never left without its message (a connection lost or a process gone between the
+// two), and a command carried out late announces itself when it is carried out.
+const COMPARE_AND_SET_ANNOUNCED: &str = r"
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('HSET', KEYS[1], 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1";
+
+// Announced also when the key is gone: a copy may outlive the record (its own time to live).
+const DELETE_ANNOUNCED: &str = r"
+local removed = redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return removed";
+
+const DELETE_AT_ANNOUNCED: &str = r"
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+local removed = redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return removed";
+
 const INDEX_ADD: &str = r"
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -89,12 +112,13 @@ struct Inner {
 }
 
 /// The operations [`RedisStore::run`] names, in metrics and spans.
-const OPS: [&str; 13] = [
+const OPS: [&str; 14] = [
     "get",
     "put_new",
     "compare_and_set",
     "touch",
     "delete",
+    "delete_at",
     "index_add",
     "index_members",
     "index_remove",
@@ -143,6 +167,9 @@ struct Scripts {
     put_new: Script,
     compare_and_set: Script,
     delete_at: Script,
+    compare_and_set_announced: Script,
+    delete_announced: Script,
+    delete_at_announced: Script,
     index_add: Script,
     extend_lock: Script,
     unlock: Script,
@@ -258,6 +285,9 @@ impl RedisStore {
             put_new: Script::new(PUT_NEW),
             compare_and_set: Script::new(COMPARE_AND_SET),
             delete_at: Script::new(DELETE_AT),
+            compare_and_set_announced: Script::new(COMPARE_AND_SET_ANNOUNCED),
+            delete_announced: Script::new(DELETE_ANNOUNCED),
+            delete_at_announced: Script::new(DELETE_AT_ANNOUNCED),
             index_add: Script::new(INDEX_ADD),
             extend_lock: Script::new(EXTEND_LOCK),
             unlock: Script::new(UNLOCK),
@@ -424,6 +454,58 @@ impl RedisStore {
     pub async fn delete_at(&self, key: &str, version: u64) -> Result<bool, StoreError> {
         let mut inv = self.inner.scripts.delete_at.prepare_invoke();
         inv.key(self.key(key)).arg(version);
+        self.run("delete_at", Op::Script(inv)).await
+    }
+
+    pub async fn compare_and_set_announced(
+        &self,
+        key: &str,
+        expected_version: u64,
+        value: &[u8],
+        ttl: Duration,
+        channel_suffix: &str,
+        payload: &str,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self
+            .inner
+            .scripts
+            .compare_and_set_announced
+            .prepare_invoke();
+        inv.key(self.key(key))
+            .arg(expected_version)
+            .arg(value)
+            .arg(ttl_millis(ttl))
+            .arg(self.key(channel_suffix))
+            .arg(payload);
+        self.run("compare_and_set", Op::Script(inv)).await
+    }
+
+    pub async fn delete_announced(
+        &self,
+        key: &str,
+        channel_suffix: &str,
+        payload: &str,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.delete_announced.prepare_invoke();
+        inv.key(self.key(key))
+            .arg(self.key(channel_suffix))
+            .arg(payload);
+        let removed: u64 = self.run("delete", Op::Script(inv)).await?;
+        Ok(removed > 0)
+    }
+
+    pub async fn delete_at_announced(
+        &self,
+        key: &str,
+        version: u64,
+        channel_suffix: &str,
+        payload: &str,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.delete_at_announced.prepare_invoke();
+        inv.key(self.key(key))
+            .arg(version)
+            .arg(self.key(channel_suffix))
+            .arg(payload);
         self.run("delete_at", Op::Script(inv)).await
     }
 

@@ -3,7 +3,9 @@
 //! carries it out), but every reply on that connection is held back for a while, longer than
 //! the store timeout. What `CLIENT PAUSE ... WRITE` does to every write, this does to one.
 //! It can also silence connections that sent a command already ([`LateReplies::silence`]): a
-//! subscription whose socket went half-open, still connected and never answering.
+//! subscription whose socket went half-open, still connected and never answering. And it can
+//! cut a connection just before a command ([`LateReplies::cut_before`]): what went before it
+//! was carried out, it never arrives.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::{Arc, Mutex};
@@ -28,7 +30,11 @@ pub struct LateReplies {
     port: u16,
     armed: Armed,
     relayed: Relayed,
+    cut: Cut,
 }
+
+/// The marker of the command before which a connection is cut, until one carrying it came.
+type Cut = Arc<Mutex<Option<Vec<u8>>>>;
 
 impl LateReplies {
     /// A relay to the Redis server on `redis_port`, passing everything through until armed.
@@ -37,8 +43,10 @@ impl LateReplies {
         let port = listener.local_addr().unwrap().port();
         let armed: Armed = Arc::default();
         let relayed: Relayed = Arc::default();
+        let cut: Cut = Arc::default();
         let shared = armed.clone();
         let connections = relayed.clone();
+        let cutting = cut.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
@@ -50,14 +58,33 @@ impl LateReplies {
                     .lock()
                     .unwrap()
                     .push((sent.clone(), hold.clone()));
-                tokio::spawn(relay(client, server, shared.clone(), sent, hold));
+                tokio::spawn(relay(
+                    client,
+                    server,
+                    shared.clone(),
+                    cutting.clone(),
+                    sent,
+                    hold,
+                ));
             }
         });
         LateReplies {
             port,
             armed,
             relayed,
+            cut,
         }
+    }
+
+    /// The next bytes a client sends that carry `marker` never reach Redis: the connection is
+    /// closed instead, as a network that fails right then would.
+    pub fn cut_before(&self, marker: &[u8]) {
+        *self.cut.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// Whether the connection was cut.
+    pub fn was_cut(&self) -> bool {
+        self.cut.lock().unwrap().is_none()
     }
 
     /// Holds back, for `delay` from now, every reply and message on each connection whose
@@ -100,6 +127,7 @@ async fn relay(
     client: TcpStream,
     server: TcpStream,
     armed: Armed,
+    cut: Cut,
     sent: Arc<Mutex<Vec<u8>>>,
     hold_until: Hold,
 ) {
@@ -113,6 +141,16 @@ async fn relay(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            {
+                let mut cut = cut.lock().unwrap();
+                if cut
+                    .as_ref()
+                    .is_some_and(|marker| buf[..n].windows(marker.len()).any(|w| w == marker))
+                {
+                    cut.take();
+                    break;
+                }
+            }
             {
                 let mut sent = sent.lock().unwrap();
                 let room = KEPT.saturating_sub(sent.len()).min(n);
