@@ -332,6 +332,8 @@ pub enum SameSite {
 
 /// Sessions the in-process cache holds unless `session.cache_entries` says otherwise.
 pub const DEFAULT_CACHE_ENTRIES: usize = 20_000;
+/// The most `session.cache_entries` may say.
+pub const MAX_CACHE_ENTRIES: usize = 1_000_000;
 
 #[derive(Clone)]
 pub struct SessionConfig {

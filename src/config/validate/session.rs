@@ -104,12 +104,12 @@ pub(super) fn session_config(
     let cache_entries = match cache_entries {
         None => DEFAULT_CACHE_ENTRIES,
         // Its bookkeeping is allocated up front (a few tens of bytes an entry).
-        Some(n @ 1..=1_000_000) => n as usize,
+        Some(n) if (1..=MAX_CACHE_ENTRIES as i64).contains(&n) => n as usize,
         Some(n) => {
             problems.add(
                 "session.cache_entries",
                 format!(
-                    "{n} is out of range; use 1 to 1000000, or cache_ttl = \"0s\" for no cache"
+                    "{n} is out of range; use 1 to {MAX_CACHE_ENTRIES}, or cache_ttl = \"0s\" for no cache"
                 ),
             );
             DEFAULT_CACHE_ENTRIES

@@ -28,8 +28,10 @@ use crate::session::seal::Keyring;
 
 /// Entries per set: a value may sit in any slot of its set.
 const WAYS: usize = 8;
-/// The most slots one memo has (~128 KB of slots per 8,192; an entry is ~300 bytes more).
-const MAX_SLOTS: usize = 32_768;
+/// The most slots one memo has (16 bytes a slot, allocated at once; an entry is ~300 bytes
+/// more, as it comes): as many as the largest `cache_entries`, so that every session the cache
+/// is sized for is opened once per worker, not once per request.
+const MAX_SLOTS: usize = 1 << 20;
 /// A full set admits one new entry per this many `put`s.
 const ADMIT_EVERY: usize = 8;
 
@@ -249,7 +251,12 @@ mod tests {
     #[test]
     fn sizes_are_bounded_both_ways() {
         assert_eq!(Memo::new(0).lock().slots.len(), WAYS);
-        assert_eq!(Memo::new(20_000).lock().slots.len(), MAX_SLOTS);
+        assert_eq!(Memo::new(20_000).lock().slots.len(), 32_768);
+        assert_eq!(Memo::new(200_000).lock().slots.len(), 262_144);
+        assert_eq!(
+            Memo::new(crate::config::MAX_CACHE_ENTRIES).lock().slots.len(),
+            MAX_SLOTS
+        );
         assert_eq!(Memo::new(5_000_000).lock().slots.len(), MAX_SLOTS);
     }
 }
