@@ -121,8 +121,10 @@ pub async fn dispatch(
                 return ErrorCode::BadRequest.json(&[]);
             };
             drop(upstream_path);
-            let upgrade = headers::upgrade_protocol(req.headers())
-                .map(|p| (p, hyper::upgrade::on(&mut *req)));
+            let upgrade = headers::upgrade_protocol(req.headers()).map(|p| {
+                let hold = req.extensions_mut().remove::<forward::ConnectionHold>();
+                (p, hyper::upgrade::on(&mut *req), hold)
+            });
             let fields = req.headers_mut();
             headers::strip_for_upstream(fields, route);
             if route.sets_identity() {

@@ -21,6 +21,7 @@ pub mod tls;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::proxy::forward::ConnectionHold;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics::Gauge;
@@ -276,12 +277,14 @@ async fn work(
         let worker = worker.clone();
         let close = close.clone();
         connections.spawn(async move {
-            let _guard = guard;
+            // Given up when the connection closes, or with the tunnel it became.
+            let hold = ConnectionHold(Arc::new(guard));
             let app = kit.app.clone();
             let ip = peer.ip();
             match &kit.tls {
                 None => {
-                    lane::serve(&builder, tcp, (app, worker), ip, &kit.lane, &close).await;
+                    let limits = &kit.lane;
+                    lane::serve(&builder, tcp, (app, worker), ip, limits, &close, hold).await;
                 }
                 Some(acceptor) => {
                     // Boxed: the TLS handshake and hyper's connection are 4.7 KB of future
@@ -296,7 +299,8 @@ async fn work(
                         let peer = (ip, true);
                         let idle = kit.idle_timeout;
                         let io = framing::Guarded::new(stream);
-                        connection::serve(&builder, io, (app, worker), peer, idle, &close).await;
+                        let worker = (app, worker);
+                        connection::serve(&builder, io, worker, peer, idle, &close, hold).await;
                     })
                     .await;
                 }

@@ -102,6 +102,13 @@ impl OwnTls {
 mod local;
 pub mod wire;
 
+/// A client connection's place among the server's open connections (`server.max_connections`),
+/// which the server puts into the extensions of a request that may switch protocols. hyper lets
+/// go of an upgraded connection, and the server's task counting it ends; the tunnel keeps this
+/// instead, for as long as it is open.
+#[derive(Clone)]
+pub struct ConnectionHold(pub Arc<dyn std::any::Any + Send + Sync>);
+
 impl Default for Upstreams {
     fn default() -> Self {
         Self::new()
@@ -224,7 +231,11 @@ impl Upstreams {
         &self,
         (req, body): (&mut Request<Inbound>, Body),
         replaced: &headers::Replaced<'_>,
-        upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+        upgrade: Option<(
+            HeaderValue,
+            hyper::upgrade::OnUpgrade,
+            Option<ConnectionHold>,
+        )>,
         timeout: Duration,
         route: &str,
     ) -> Response<Body> {
@@ -243,7 +254,7 @@ impl Upstreams {
             req.headers_mut().insert(TRACEPARENT, traceparent);
         }
         let (protocol, downstream) = match upgrade {
-            Some((protocol, on)) => (Some(protocol), Some(on)),
+            Some((protocol, on, hold)) => (Some(protocol), Some((on, hold))),
             None => (None, None),
         };
         if let Some(protocol) = &protocol {
@@ -326,9 +337,10 @@ impl Upstreams {
                 .insert(UpstreamLatency(started.elapsed()));
         }
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(downstream) = downstream {
+            if let Some((downstream, hold)) = downstream {
                 let upstream = hyper::upgrade::on(&mut response);
                 self.tunnels.spawn(async move {
+                    let _hold = hold;
                     match tokio::try_join!(downstream, upstream) {
                         Ok((down, up)) => {
                             let mut down = TokioIo::new(down);

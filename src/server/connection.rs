@@ -7,8 +7,10 @@
 //! header read timeout while it waits for the next request.
 
 use crate::app::{App, Worker};
+use crate::proxy::forward::ConnectionHold;
 use crate::proxy::headers::Client;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
@@ -73,7 +75,9 @@ impl Activity {
 }
 
 /// Serves `io` on `worker` until the client closes it, or it has been idle for `idle_timeout`,
-/// or `shutdown` is cancelled (then in-flight requests finish first).
+/// or `shutdown` is cancelled (then in-flight requests finish first). `hold`: the connection's
+/// place among the open connections, which a request that may switch protocols carries, so
+/// that its tunnel keeps the place once hyper has let go of the connection.
 pub(super) async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
@@ -81,15 +85,20 @@ pub(super) async fn serve<I>(
     (ip, tls): (IpAddr, bool),
     idle_timeout: Duration,
     shutdown: &CancellationToken,
+    hold: ConnectionHold,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
     let tracked = activity.clone();
-    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
         let worker = worker.clone();
         let busy = tracked.begin();
+        // hyper offers an upgrade only to a request asking for one (or `CONNECT`).
+        if req.extensions().get::<OnUpgrade>().is_some() {
+            req.extensions_mut().insert(hold.clone());
+        }
         async move {
             let req = req.map(http_body_util::Either::Left);
             let response = app.handle(Box::new(req), Client { ip, tls }, &worker).await;

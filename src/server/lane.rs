@@ -22,6 +22,7 @@
 
 use crate::app::{App, Worker};
 use crate::clock::http_date::HttpDate;
+use crate::proxy::forward::ConnectionHold;
 use crate::proxy::headers::{Client, RecentNames, hop_by_hop_index, is_hop_by_hop_token};
 use crate::reply::{Body, Inbound, in_box};
 use bytes::{Bytes, BytesMut};
@@ -63,7 +64,8 @@ pub(super) struct Limits {
 }
 
 /// Serves `tcp` in the lane until the client closes it, a head times out, shutdown, or a
-/// request the lane does not take: then hyper serves the rest of the connection.
+/// request the lane does not take: then hyper serves the rest of the connection (`hold` goes
+/// with it, for a tunnel).
 pub(super) async fn serve(
     builder: &auto::Builder<TokioExecutor>,
     mut tcp: TcpStream,
@@ -71,6 +73,7 @@ pub(super) async fn serve(
     ip: IpAddr,
     limits: &Limits,
     shutdown: &CancellationToken,
+    hold: ConnectionHold,
 ) {
     let mut buf = BytesMut::with_capacity(READ_SPACE);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -115,8 +118,8 @@ pub(super) async fn serve(
             // Boxed (as below): hyper's connection is 2.5 KB of future that every connection
             // of the lane would otherwise carry for its whole life.
             let rest = buf.freeze();
-            return in_box(|| hand_over(builder, tcp, rest, (app, worker), ip, limits, shutdown))
-                .await;
+            let conn = (tcp, rest, hold);
+            return in_box(|| hand_over(builder, conn, (app, worker), ip, limits, shutdown)).await;
         };
         let head = buf.split_to(len).freeze();
         let Some(req) = request(&head, method, target, &mut fields) else {
@@ -125,8 +128,8 @@ pub(super) async fn serve(
             whole.extend_from_slice(&head);
             whole.extend_from_slice(&buf);
             let whole = whole.freeze();
-            return in_box(|| hand_over(builder, tcp, whole, (app, worker), ip, limits, shutdown))
-                .await;
+            let conn = (tcp, whole, hold);
+            return in_box(|| hand_over(builder, conn, (app, worker), ip, limits, shutdown)).await;
         };
         drop(head);
         let head_only = req.method() == Method::HEAD;
@@ -650,8 +653,7 @@ fn write_chunk_size(out: &mut Vec<u8>, size: usize) {
 /// Gives the connection to hyper, the bytes read so far first, behind the framing guard.
 async fn hand_over(
     builder: &auto::Builder<TokioExecutor>,
-    tcp: TcpStream,
-    read: Bytes,
+    (tcp, read, hold): (TcpStream, Bytes, ConnectionHold),
     (app, worker): (Arc<App>, Arc<Worker>),
     ip: IpAddr,
     limits: &Limits,
@@ -666,6 +668,7 @@ async fn hand_over(
         peer,
         limits.idle_timeout,
         shutdown,
+        hold,
     )
     .await;
 }

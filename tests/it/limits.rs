@@ -433,6 +433,56 @@ async fn beyond_max_connections_new_connections_wait_without_disturbing_open_one
     }
 }
 
+/// A WebSocket tunnel is a client connection like any other: it keeps its place under
+/// `max_connections` for as long as it is open, or an attacker with a route that upgrades
+/// holds any number of sockets (two each: the client's and the upstream's) past the cap.
+#[tokio::test]
+async fn an_open_websocket_tunnel_keeps_its_place_under_max_connections() {
+    let up = upstream::start().await;
+    let text = config_with(
+        &[("max_connections", 1.into()), ("workers", 1.into())],
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .set("server.header_read_timeout", "30s");
+    let proxy = start_proxy(&text).await;
+    let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
+    tunnel
+        .write_all(
+            b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(WITHIN, read_response(&mut tunnel))
+        .await
+        .expect("no answer to the upgrade");
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tunnel.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    // The one place is the tunnel's: the next connection waits.
+    let mut waiting = TcpStream::connect(proxy.addr).await.unwrap();
+    waiting
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "a connection beyond the cap was served while a tunnel was open"
+    );
+    // The tunnel closes: its place is given to the waiting connection.
+    drop(tunnel);
+    let answer = tokio::time::timeout(WITHIN, read_response(&mut waiting))
+        .await
+        .expect("the waiting connection was never served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 /// Connections to the admin listener that send nothing (or only HTTP/2's preface and settings)
 /// give their slot back: a few such connections must not keep `/healthz` from answering, or the
 /// orchestrator restarts a healthy instance.
