@@ -5,7 +5,7 @@
 use crate::config::{AuthMode, RouteConfig, TokenBinding, TokenMode};
 use crate::reply::{Body, ErrorCode, Inbound};
 use crate::rescue::RequestError;
-use crate::session::manager::Sessions;
+use crate::session::manager::{OpenSession, Sessions};
 use crate::session::model::Session;
 use crate::state::{LiveConfig, Shared};
 use http::{HeaderValue, Request, Response, header};
@@ -26,6 +26,9 @@ pub struct Admitted {
     pub identity: Vec<(http::HeaderName, HeaderValue)>,
     /// The session's user, for the access log (`None` with `log_user = "none"`).
     pub user: Option<Arc<Session>>,
+    /// The session, for a request that may switch protocols: its tunnel closes when the
+    /// session ends.
+    pub tunnel: Option<Box<OpenSession>>,
 }
 
 /// Where a request's access token is kept until it is written into the upstream's head.
@@ -371,6 +374,10 @@ pub async fn admit(
         }
         _ => Vec::new(),
     };
+    let tunnel = loaded
+        .as_ref()
+        .filter(|_| crate::proxy::headers::upgrade_protocol(req.headers()).is_some())
+        .map(|l| Box::new(l.clone()));
     let user = loaded
         .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
         .map(|l| l.session);
@@ -379,5 +386,6 @@ pub async fn admit(
         set_cookies,
         identity,
         user,
+        tunnel,
     })
 }

@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 mod worker;
 pub use worker::Worker;
@@ -400,6 +401,13 @@ impl App {
             route.token,
             crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
         );
+        // A tunnel lasts no longer than the session it was opened with.
+        let tunnel = admitted.tunnel.map(|loaded| {
+            let end = CancellationToken::new();
+            req.extensions_mut()
+                .insert(proxy::forward::TunnelEnd(end.clone()));
+            (loaded, end)
+        });
         let (mut response, step_up_return) = if !(admitted.token.is_some()
             && replayable(route, &req))
         {
@@ -505,6 +513,12 @@ impl App {
                 redirect: true,
             }
             .respond(reader);
+        }
+        if let Some((loaded, end)) = tunnel
+            && response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            let watch = close_with_session(self.sessions.clone(), self.clock.clone(), loaded, end);
+            tokio::spawn(watch);
         }
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -708,6 +722,44 @@ impl<'r> Routed<'r> {
             canonical: None,
             user: None,
             response,
+        }
+    }
+}
+
+/// How often an open tunnel's session is read again, to catch its idle and absolute timeouts
+/// (an end by logout is announced at once).
+const TUNNEL_SESSION_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Cancels `end`, which closes a tunnel, once the session it was opened with has ended by any
+/// path, on any instance: checked when an invalidation for it arrives and every
+/// [`TUNNEL_SESSION_CHECK`], as `session-events` does (the check bypasses the session cache).
+/// An unreachable store ends nothing. Returns when the tunnel closes (`end` cancelled).
+async fn close_with_session(
+    sessions: Arc<Sessions>,
+    clock: Clock,
+    loaded: Box<crate::session::manager::OpenSession>,
+    end: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut invalidations = sessions.subscribe_invalidations();
+    let mut announced = true;
+    let mut check = tokio::time::interval(TUNNEL_SESSION_CHECK);
+    check.reset();
+    loop {
+        tokio::select! {
+            () = end.cancelled() => return,
+            message = invalidations.recv(), if announced => match message {
+                Ok(h) if *h != *loaded.handle && !h.is_empty() => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                // No more messages: the checks on time go on.
+                Err(RecvError::Closed) => announced = false,
+            },
+            _ = check.tick() => {}
+        }
+        if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
+            tracing::info!("the session of an open tunnel ended; closing the tunnel");
+            end.cancel();
+            return;
         }
     }
 }

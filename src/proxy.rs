@@ -121,9 +121,15 @@ pub async fn dispatch(
                 return ErrorCode::BadRequest.json(&[]);
             };
             drop(upstream_path);
-            let upgrade = headers::upgrade_protocol(req.headers()).map(|p| {
-                let hold = req.extensions_mut().remove::<forward::ConnectionHold>();
-                (p, hyper::upgrade::on(&mut *req), hold)
+            let upgrade = headers::upgrade_protocol(req.headers()).map(|protocol| {
+                let extensions = req.extensions_mut();
+                let (hold, end) = (extensions.remove(), extensions.remove());
+                forward::Upgrade {
+                    protocol,
+                    downstream: hyper::upgrade::on(&mut *req),
+                    hold,
+                    end,
+                }
             });
             let fields = req.headers_mut();
             headers::strip_for_upstream(fields, route);

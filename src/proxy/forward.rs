@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::{Connector, connector, http_connector};
@@ -108,6 +109,22 @@ pub mod wire;
 /// instead, for as long as it is open.
 #[derive(Clone)]
 pub struct ConnectionHold(pub Arc<dyn std::any::Any + Send + Sync>);
+
+/// Ends a tunnel before either side closes it: the app puts it into the extensions of a
+/// request that may switch protocols and cancels it when the session the tunnel was opened
+/// with ends. The tunnel cancels it too when it closes, for whoever watches the session.
+#[derive(Clone)]
+pub struct TunnelEnd(pub CancellationToken);
+
+/// A client's request to switch protocols, as the proxy forwards it.
+pub struct Upgrade {
+    /// The `Upgrade` field's protocol.
+    pub protocol: HeaderValue,
+    /// The client's connection, once hyper lets go of it.
+    pub downstream: hyper::upgrade::OnUpgrade,
+    pub hold: Option<ConnectionHold>,
+    pub end: Option<TunnelEnd>,
+}
 
 impl Default for Upstreams {
     fn default() -> Self {
@@ -231,11 +248,7 @@ impl Upstreams {
         &self,
         (req, body): (&mut Request<Inbound>, Body),
         replaced: &headers::Replaced<'_>,
-        upgrade: Option<(
-            HeaderValue,
-            hyper::upgrade::OnUpgrade,
-            Option<ConnectionHold>,
-        )>,
+        upgrade: Option<Upgrade>,
         timeout: Duration,
         route: &str,
     ) -> Response<Body> {
@@ -254,7 +267,12 @@ impl Upstreams {
             req.headers_mut().insert(TRACEPARENT, traceparent);
         }
         let (protocol, downstream) = match upgrade {
-            Some((protocol, on, hold)) => (Some(protocol), Some((on, hold))),
+            Some(Upgrade {
+                protocol,
+                downstream,
+                hold,
+                end,
+            }) => (Some(protocol), Some((downstream, hold, end))),
             None => (None, None),
         };
         if let Some(protocol) = &protocol {
@@ -337,17 +355,25 @@ impl Upstreams {
                 .insert(UpstreamLatency(started.elapsed()));
         }
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some((downstream, hold)) = downstream {
+            if let Some((downstream, hold, end)) = downstream {
                 let upstream = hyper::upgrade::on(&mut response);
                 self.tunnels.spawn(async move {
                     let _hold = hold;
-                    match tokio::try_join!(downstream, upstream) {
-                        Ok((down, up)) => {
-                            let mut down = TokioIo::new(down);
-                            let mut up = TokioIo::new(up);
-                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    let end = end.map_or_else(CancellationToken::new, |end| end.0);
+                    let _closed = end.clone().drop_guard();
+                    let tunnel = async {
+                        match tokio::try_join!(downstream, upstream) {
+                            Ok((down, up)) => {
+                                let mut down = TokioIo::new(down);
+                                let mut up = TokioIo::new(up);
+                                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                            }
+                            Err(error) => tracing::debug!(%error, "upgrade failed"),
                         }
-                        Err(error) => tracing::debug!(%error, "upgrade failed"),
+                    };
+                    tokio::select! {
+                        () = tunnel => {}
+                        () = end.cancelled() => tracing::debug!("tunnel closed: its session ended"),
                     }
                 });
                 let (parts, _) = response.into_parts();

@@ -363,6 +363,70 @@ async fn websocket_upgrade_tunnels_both_ways() {
     }
 }
 
+/// A tunnel lasts no longer than the session it was opened with: ended by a logout, a
+/// back-channel logout or a timeout, the session no longer reaches the upstream through a
+/// WebSocket opened before (the upstream authorised the tunnel once, at its handshake).
+#[tokio::test]
+async fn a_tunnel_is_closed_when_its_session_ends() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
+        up.url()
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let cookie = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "alice".into(),
+            ..Default::default()
+        })
+        .await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!(
+        "GET /api/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {cookie}\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    tcp.write_all(b"before").await.unwrap();
+    let mut echo = [0u8; 6];
+    tcp.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"before");
+    // Another session of the user's, and another user's, end too: this tunnel stays.
+    let other = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "bob".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(proxy.signed_in(&other).await);
+    proxy.app.sessions.end_by_sub("bob").await.unwrap();
+    tcp.write_all(b"still!").await.unwrap();
+    tcp.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"still!");
+    // The session ends (as a back-channel logout ends it).
+    assert_eq!(proxy.app.sessions.end_by_sub("alice").await.unwrap(), 1);
+    assert!(!proxy.signed_in(&cookie).await);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the tunnel stayed open after its session ended"
+    );
+    let _ = tcp.write_all(b"after").await;
+    let mut late = [0u8; 5];
+    let reached = tokio::time::timeout(Duration::from_millis(300), tcp.read_exact(&mut late)).await;
+    assert!(
+        !matches!(reached, Ok(Ok(_))),
+        "bytes sent after the session ended reached the upstream"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_streams_both_ways_with_flat_memory() {
     const GIB: u64 = 1 << 30;
