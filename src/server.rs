@@ -278,7 +278,10 @@ async fn work(
         let close = close.clone();
         connections.spawn(async move {
             // Given up when the connection closes, or with the tunnel it became.
-            let hold = ConnectionHold(Arc::new(guard));
+            let hold = ConnectionHold {
+                place: Arc::new(guard),
+                idle: kit.idle_timeout,
+            };
             let app = kit.app.clone();
             let ip = peer.ip();
             match &kit.tls {

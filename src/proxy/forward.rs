@@ -101,14 +101,19 @@ impl OwnTls {
 }
 
 mod local;
+mod tunnel;
 pub mod wire;
 
 /// A client connection's place among the server's open connections (`server.max_connections`),
 /// which the server puts into the extensions of a request that may switch protocols. hyper lets
 /// go of an upgraded connection, and the server's task counting it ends; the tunnel keeps this
-/// instead, for as long as it is open.
+/// instead, for as long as it is open. `idle`: how long the connection may go without a byte
+/// (`server.connection_idle_timeout`), which the tunnel keeps to as well.
 #[derive(Clone)]
-pub struct ConnectionHold(pub Arc<dyn std::any::Any + Send + Sync>);
+pub struct ConnectionHold {
+    pub place: Arc<dyn std::any::Any + Send + Sync>,
+    pub idle: Duration,
+}
 
 /// Ends a tunnel before either side closes it: the app puts it into the extensions of a
 /// request that may switch protocols and cancels it when the session the tunnel was opened
@@ -358,14 +363,16 @@ impl Upstreams {
             if let Some((downstream, hold, end)) = downstream {
                 let upstream = hyper::upgrade::on(&mut response);
                 self.tunnels.spawn(async move {
+                    let idle = hold.as_ref().map(|hold| hold.idle);
                     let _hold = hold;
                     let end = end.map_or_else(CancellationToken::new, |end| end.0);
                     let _closed = end.clone().drop_guard();
+                    let moved = tunnel::Moved::new();
                     let tunnel = async {
                         match tokio::try_join!(downstream, upstream) {
                             Ok((down, up)) => {
-                                let mut down = TokioIo::new(down);
-                                let mut up = TokioIo::new(up);
+                                let mut down = moved.noting(TokioIo::new(down));
+                                let mut up = moved.noting(TokioIo::new(up));
                                 let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
                             }
                             Err(error) => tracing::debug!(%error, "upgrade failed"),
@@ -374,6 +381,7 @@ impl Upstreams {
                     tokio::select! {
                         () = tunnel => {}
                         () = end.cancelled() => tracing::debug!("tunnel closed: its session ended"),
+                        () = moved.idle_for(idle) => tracing::debug!("tunnel closed: idle"),
                     }
                 });
                 let (parts, _) = response.into_parts();

@@ -483,6 +483,58 @@ async fn an_open_websocket_tunnel_keeps_its_place_under_max_connections() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// A tunnel keeps its place while it is open, so one left idle would keep it for good: no byte
+/// either way for `connection_idle_timeout` closes it, as an idle keep-alive connection is
+/// closed. One that keeps moving bytes stays open past that.
+#[tokio::test]
+async fn an_idle_websocket_tunnel_is_closed_and_a_busy_one_stays_open() {
+    let up = upstream::start().await;
+    let text = config_with(
+        &[("workers", 1.into())],
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .add("server.connection_idle_timeout", "1s");
+    let proxy = start_proxy(&text).await;
+    let open = || async {
+        let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
+        tunnel
+            .write_all(
+                b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(WITHIN, read_response(&mut tunnel))
+            .await
+            .expect("no answer to the upgrade");
+        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+        tunnel
+    };
+    let mut busy = open().await;
+    let mut idle = open().await;
+    let started = std::time::Instant::now();
+    // The busy one echoes a byte every 300 ms for 2.4 s, past the 1 s limit.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        busy.write_all(b"p").await.unwrap();
+        let mut echo = [0u8; 1];
+        tokio::time::timeout(WITHIN, busy.read_exact(&mut echo))
+            .await
+            .expect("the busy tunnel stopped answering")
+            .expect("the busy tunnel was closed");
+    }
+    // The idle one was closed meanwhile (end of stream, or a reset).
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a tunnel idle for {:?} with connection_idle_timeout 1s is still open: {closed:?}",
+        started.elapsed()
+    );
+}
+
 /// Connections to the admin listener that send nothing (or only HTTP/2's preface and settings)
 /// give their slot back: a few such connections must not keep `/healthz` from answering, or the
 /// orchestrator restarts a healthy instance.
