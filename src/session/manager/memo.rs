@@ -254,7 +254,10 @@ mod tests {
         assert_eq!(Memo::new(20_000).lock().slots.len(), 32_768);
         assert_eq!(Memo::new(200_000).lock().slots.len(), 262_144);
         assert_eq!(
-            Memo::new(crate::config::MAX_CACHE_ENTRIES).lock().slots.len(),
+            Memo::new(crate::config::MAX_CACHE_ENTRIES)
+                .lock()
+                .slots
+                .len(),
             MAX_SLOTS
         );
         assert_eq!(Memo::new(5_000_000).lock().slots.len(), MAX_SLOTS);
