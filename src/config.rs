@@ -166,6 +166,9 @@ pub struct ConnectionLimits {
     pub body_read_timeout: Duration,
     /// Bytes a second a request body must average after `body_read_timeout`; 0: no minimum.
     pub body_min_rate: u64,
+    /// The longest a response may make no progress towards the client (its socket or, over
+    /// HTTP/2, its stream's flow-control window not taking more) before the connection closes.
+    pub send_timeout: Duration,
     pub http2_max_concurrent_streams: u32,
     /// `None`: no pings.
     pub http2_keep_alive_interval: Option<Duration>,

@@ -17,6 +17,7 @@ pub mod admin;
 mod connection;
 pub mod framing;
 pub mod lane;
+mod send;
 pub mod tls;
 
 use crate::app::App;
@@ -88,15 +89,19 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         None => None,
     };
     let count = worker_count(&config);
+    let timeouts = connection::Timeouts {
+        idle: config.server.connections.idle_timeout,
+        send: config.server.connections.send_timeout,
+    };
     let kit = Arc::new(ServeKit {
         app: app.clone(),
         builder: builder(&config),
         tls,
         grace: config.server.shutdown_grace,
-        idle_timeout: config.server.connections.idle_timeout,
+        timeouts,
         lane: lane::Limits {
             head_timeout: config.server.header_read_timeout,
-            idle_timeout: config.server.connections.idle_timeout,
+            timeouts,
             max_head: (config.server.max_header_size * 2).max(16 * 1024),
             max_fields: config.server.max_header_size,
         },
@@ -164,7 +169,7 @@ struct ServeKit {
     builder: auto::Builder<TokioExecutor>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     grace: Duration,
-    idle_timeout: Duration,
+    timeouts: connection::Timeouts,
     /// Limits of the HTTP/1 lane on plain connections.
     lane: lane::Limits,
 }
@@ -300,10 +305,10 @@ async fn work(
                             return;
                         };
                         let peer = (ip, true);
-                        let idle = kit.idle_timeout;
+                        let timeouts = kit.timeouts;
                         let io = framing::Guarded::new(stream);
                         let worker = (app, worker);
-                        connection::serve(&builder, io, worker, peer, idle, &close, hold).await;
+                        connection::serve(&builder, io, worker, peer, timeouts, &close, hold).await;
                     })
                     .await;
                 }

@@ -1,7 +1,9 @@
 //! Coarse deadlines on a serving worker: one sweep every [`TICK`] instead of a timer entry per
-//! request. Two users, both once per request: the upstream answer's deadline (a route's
-//! `timeout`, [`Deadlines::within`]) and the deadline for a client's next HTTP/1 request head
-//! (`server.header_read_timeout`, [`HeadTimer`]: hyper's own timer for it).
+//! request. Two users once per request: the upstream answer's deadline (a route's `timeout`,
+//! [`Deadlines::within`]) and the deadline for a client's next HTTP/1 request head
+//! (`server.header_read_timeout`, [`HeadTimer`]: hyper's own timer for it). And one only while
+//! an answer waits on its client (`server.send_timeout`, [`Deadlines::arm`]): a write the socket
+//! does not take at once, or an HTTP/2 stream's data the client has not made room for.
 //!
 //! A tokio timer entry (registered in the timer wheel on first poll, removed on drop) cost about
 //! 1,100 instructions per request. Here a request takes a slot in the worker's list (an
@@ -64,6 +66,12 @@ impl Deadlines {
         }
     }
 
+    /// A slot whose deadline is `at`, held until the [`Taken`] is dropped; a waker given to
+    /// [`Taken::poll_fired`] is woken once it has passed.
+    pub fn arm(self: &Arc<Self>, at: Instant) -> Taken {
+        self.take(at)
+    }
+
     fn take(self: &Arc<Self>, at: Instant) -> Taken {
         let mut slots = self.lock();
         let slot = Slot {
@@ -94,13 +102,14 @@ impl Deadlines {
 }
 
 /// A request's slot; given back when dropped (answered, failed or cancelled).
-struct Taken {
+pub struct Taken {
     deadlines: Arc<Deadlines>,
     index: usize,
 }
 
 impl Taken {
-    fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready once the deadline has passed; until then `cx`'s waker is kept and woken then.
+    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut slots = self.deadlines.lock();
         let slot = &mut slots.entries[self.index];
         if slot.fired {

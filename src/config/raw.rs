@@ -51,6 +51,7 @@ pub struct Server {
     pub connection_idle_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
     pub body_min_rate: Option<String>,
+    pub send_timeout: Option<String>,
     pub http2_max_concurrent_streams: Option<i64>,
     pub http2_keep_alive_interval: Option<String>,
     pub http2_keep_alive_timeout: Option<String>,

@@ -171,6 +171,8 @@ fn server_section(d: &mut Decide, old: &ServerConfig, new: ServerConfig) -> Serv
                 // Read per request.
                 body_read_timeout: live "server.body_read_timeout",
                 body_min_rate: live "server.body_min_rate",
+                // Each connection is given it when it opens.
+                send_timeout: restart "server.send_timeout",
                 http2_max_concurrent_streams: restart "server.http2_max_concurrent_streams",
                 http2_keep_alive_interval: restart "server.http2_keep_alive_interval",
                 http2_keep_alive_timeout: restart "server.http2_keep_alive_timeout",

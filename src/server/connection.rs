@@ -4,8 +4,10 @@
 //! streams in flight finish) when shutdown begins, or when no request has been in flight for
 //! `idle_timeout` — an HTTP/2 connection kept open by a client that only pings, or one the
 //! client forgot, gives its resources back. An idle HTTP/1 connection is also closed by the
-//! header read timeout while it waits for the next request.
+//! header read timeout while it waits for the next request. It ends at once when its client
+//! takes nothing of an answer for `send_timeout` (see [`super::send`]).
 
+use super::send::{SendTimeout, Stalls, Timed};
 use crate::app::{App, Worker};
 use crate::proxy::forward::ConnectionHold;
 use crate::proxy::headers::Client;
@@ -74,23 +76,39 @@ impl Activity {
     }
 }
 
-/// Serves `io` on `worker` until the client closes it, or it has been idle for `idle_timeout`,
-/// or `shutdown` is cancelled (then in-flight requests finish first). `hold`: the connection's
-/// place among the open connections, which a request that may switch protocols carries, so
-/// that its tunnel keeps the place once hyper has let go of the connection.
+/// How long a connection may wait on its client.
+#[derive(Clone, Copy)]
+pub(super) struct Timeouts {
+    /// With no request in flight: then it closes gracefully.
+    pub idle: Duration,
+    /// For the client to take more of an answer: then it closes at once.
+    pub send: Duration,
+}
+
+/// Serves `io` on `worker` until the client closes it, or it has been idle for
+/// `timeouts.idle`, or `shutdown` is cancelled (then in-flight requests finish first), or an
+/// answer waited `timeouts.send` on the client. `hold`: the connection's place among the open
+/// connections, which a request that may switch protocols carries, so that its tunnel keeps the
+/// place once hyper has let go of the connection.
 pub(super) async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     (app, worker): (Arc<App>, Arc<Worker>),
     (ip, tls): (IpAddr, bool),
-    idle_timeout: Duration,
+    timeouts: Timeouts,
     shutdown: &CancellationToken,
     hold: ConnectionHold,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let send = SendTimeout {
+        deadlines: worker.deadlines.clone(),
+        timeout: timeouts.send,
+    };
+    let stalls = Stalls::new(send.clone());
     let activity = Arc::new(Activity::new());
     let tracked = activity.clone();
+    let watching = stalls.clone();
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let app = app.clone();
         let worker = worker.clone();
@@ -99,16 +117,26 @@ pub(super) async fn serve<I>(
         if req.extensions().get::<OnUpgrade>().is_some() {
             req.extensions_mut().insert(hold.clone());
         }
+        // Over HTTP/1 a stalled client stops hyper's writes, which `Timed` watches; over
+        // HTTP/2 it may stop one stream only.
+        let stalls = (req.version() == http::Version::HTTP_2).then(|| watching.clone());
         async move {
             let req = req.map(http_body_util::Either::Left);
             let response = app.handle(Box::new(req), Client { ip, tls }, &worker).await;
             drop(busy);
+            let response = match stalls {
+                Some(stalls) => response.map(|body| stalls.watch(body)),
+                None => response,
+            };
             Ok::<_, Infallible>(response)
         }
     });
+    let io = Timed::new(io, send);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
+    // Closing for idleness (not for shutdown, which the grace period bounds).
+    let mut idle = false;
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
@@ -116,10 +144,19 @@ pub(super) async fn serve<I>(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = activity.idle(idle_timeout), if !closing => {
+            () = stalls.closed() => {
+                tracing::debug!(%ip, "closing a connection whose client took nothing of an answer for send_timeout");
+                break;
+            }
+            _ = activity.idle(timeouts.idle), if !closing => {
                 tracing::debug!(%ip, "closing an idle connection");
                 closing = true;
+                idle = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            () = stalls.unsent(), if idle => {
+                tracing::debug!(%ip, "closing an idle HTTP/2 connection whose client has not taken the end of its answers");
+                break;
             }
         }
     }

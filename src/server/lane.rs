@@ -20,6 +20,7 @@
 //! after its answer (which carries `Connection: close`, from [`App::handle`]);
 //! `Connection: close` from the client closes after the answer and is echoed.
 
+use super::send::{SendTimeout, write_all};
 use crate::app::{App, Worker};
 use crate::clock::http_date::HttpDate;
 use crate::proxy::forward::ConnectionHold;
@@ -55,8 +56,9 @@ const READ_SPACE: usize = 4096;
 pub(super) struct Limits {
     /// Time for a head to arrive once the connection waits for one.
     pub head_timeout: Duration,
-    /// Idle time after which a connection with no request in flight closes.
-    pub idle_timeout: Duration,
+    /// Idle time after which a connection with no request in flight closes, and the time an
+    /// answer may wait for the client to take more of it.
+    pub timeouts: super::connection::Timeouts,
     /// hyper's read buffer limit: a head that has not ended within it goes to hyper (431).
     pub max_head: usize,
     /// `server.max_header_size`, for [`parse`].
@@ -80,7 +82,11 @@ pub(super) async fn serve(
     let mut fields: Vec<(HeaderName, Range<usize>)> = Vec::with_capacity(16);
     let mut names = RecentNames::default();
     let mut date = HttpDate::default();
-    let wait = limits.head_timeout.min(limits.idle_timeout);
+    let wait = limits.head_timeout.min(limits.timeouts.idle);
+    let timed = SendTimeout {
+        deadlines: worker.deadlines.clone(),
+        timeout: limits.timeouts.send,
+    };
     let mut stopping = pin!(shutdown.cancelled());
     loop {
         if buf.is_empty() {
@@ -164,7 +170,7 @@ pub(super) async fn serve(
         };
         // 3. The answer sent; the connection kept unless either side closes it.
         let keep = send(
-            &mut tcp,
+            (&mut tcp, &timed),
             (&mut out, &mut date),
             (response, &request_id),
             head_only,
@@ -403,9 +409,10 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `response` and its body; whether the connection can carry another request.
+/// Writes `response` and its body; whether the connection can carry another request. A write
+/// the client takes nothing of for `server.send_timeout` ends the connection.
 async fn send(
-    tcp: &mut TcpStream,
+    (tcp, timed): (&mut TcpStream, &SendTimeout),
     (out, date): (&mut Vec<u8>, &mut HttpDate),
     (response, request_id): (Response<Body>, &HeaderValue),
     head_only: bool,
@@ -421,7 +428,7 @@ async fn send(
         client_close,
     );
     if framing == Framing::None {
-        return tcp.write_all(out).await.is_ok() && !close;
+        return write_all(tcp, out, timed).await.is_ok() && !close;
     }
     let mut sent = 0u64;
     loop {
@@ -430,7 +437,7 @@ async fn send(
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 if !out.is_empty() {
-                    if tcp.write_all(out).await.is_err() {
+                    if write_all(tcp, out, timed).await.is_err() {
                         return false;
                     }
                     out.clear();
@@ -453,7 +460,7 @@ async fn send(
                             // More than the head announced: the connection cannot go on.
                             let room = usize::try_from(length - sent).unwrap_or(0);
                             out.extend_from_slice(&data[..room]);
-                            let _ = tcp.write_all(out).await;
+                            let _ = write_all(tcp, out, timed).await;
                             return false;
                         }
                         sent += data.len() as u64;
@@ -467,7 +474,7 @@ async fn send(
                     Framing::None => {}
                 }
                 if out.len() >= 64 * 1024 {
-                    if tcp.write_all(out).await.is_err() {
+                    if write_all(tcp, out, timed).await.is_err() {
                         return false;
                     }
                     out.clear();
@@ -477,7 +484,7 @@ async fn send(
                 // The answer cannot be finished: end the connection so that the client sees
                 // it cut short instead of a complete message.
                 tracing::debug!(%error, "answer body failed; closing the connection");
-                let _ = tcp.write_all(out).await;
+                let _ = write_all(tcp, out, timed).await;
                 return false;
             }
             None => {
@@ -486,7 +493,7 @@ async fn send(
                     Framing::Length(length) if sent < length => close = true,
                     _ => {}
                 }
-                return tcp.write_all(out).await.is_ok() && !close;
+                return write_all(tcp, out, timed).await.is_ok() && !close;
             }
         }
     }
@@ -666,7 +673,7 @@ async fn hand_over(
         io,
         (app, worker),
         peer,
-        limits.idle_timeout,
+        limits.timeouts,
         shutdown,
         hold,
     )

@@ -562,13 +562,13 @@ async fn idle_admin_connections_give_their_slots_back() {
 
 // ---- HTTP/2 ----
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const SETTINGS: u8 = 4;
-const PING: u8 = 6;
-const RST_STREAM: u8 = 3;
-const HEADERS: u8 = 1;
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const SETTINGS: u8 = 4;
+pub(crate) const PING: u8 = 6;
+pub(crate) const RST_STREAM: u8 = 3;
+pub(crate) const HEADERS: u8 = 1;
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
     out.extend_from_slice(&stream.to_be_bytes());
@@ -577,7 +577,7 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The next frame `(type, flags, stream, payload)`, or `None` once the server closed.
-async fn next_frame(stream: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+pub(crate) async fn next_frame(stream: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
     let mut head = [0u8; 9];
     stream.read_exact(&mut head).await.ok()?;
     let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
@@ -611,7 +611,7 @@ async fn h2_connect(addr: std::net::SocketAddr) -> (TcpStream, Vec<(u16, u32)>) 
 }
 
 /// A HEADERS frame ending the stream: `GET path` (HPACK literals without indexing).
-fn get_headers(stream: u32, path: &str) -> Vec<u8> {
+pub(crate) fn get_headers(stream: u32, path: &str) -> Vec<u8> {
     let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
     for (index, value) in [(4u8, path), (1u8, "app")] {
         block.push(index); // literal without indexing, indexed name (:path, :authority)
@@ -731,6 +731,7 @@ fn connection_and_rate_limits_have_defaults() {
     assert_eq!(c.idle_timeout, Duration::from_secs(60));
     assert_eq!(c.body_read_timeout, Duration::from_secs(20));
     assert_eq!(c.body_min_rate, 500);
+    assert_eq!(c.send_timeout, Duration::from_secs(60));
     assert_eq!(c.http2_max_concurrent_streams, 256);
     assert_eq!(c.http2_keep_alive_interval, Some(Duration::from_secs(20)));
     assert_eq!(c.http2_keep_alive_timeout, Duration::from_secs(20));
@@ -775,6 +776,10 @@ fn golden_messages_for_limits() {
         (
             with("server.body_min_rate", "fast".into()),
             "server.body_min_rate: \"fast\" is not a size; write e.g. \"64KiB\", \"10MiB\" or \"1GiB\"",
+        ),
+        (
+            with("server.send_timeout", "0s".into()),
+            "server.send_timeout: must be longer than 0s",
         ),
         (
             with("server.http2_max_concurrent_streams", 0.into()),

@@ -34,6 +34,7 @@ mod refresh_outcomes;
 mod sample_api;
 mod secret_reload;
 mod session_store;
+mod slow_read;
 mod spa_edges;
 mod static_files;
 mod step_up;

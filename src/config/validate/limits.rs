@@ -10,6 +10,8 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_BODY_MIN_RATE: u64 = 500;
+/// As nginx's `send_timeout`.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -91,6 +93,12 @@ pub(super) fn connections(raw: &raw::Server, problems: &mut Problems) -> Connect
             raw.body_min_rate.clone(),
             "server.body_min_rate",
             DEFAULT_BODY_MIN_RATE,
+            problems,
+        ),
+        send_timeout: positive(
+            raw.send_timeout.clone(),
+            "server.send_timeout",
+            DEFAULT_SEND_TIMEOUT,
             problems,
         ),
         http2_max_concurrent_streams: to_u32(count(
@@ -185,6 +193,7 @@ mod tests {
                 connection_idle_timeout: Some("0s".into()),
                 body_read_timeout: None,
                 body_min_rate: None,
+                send_timeout: Some("0s".into()),
                 http2_max_concurrent_streams: Some(0),
                 http2_keep_alive_interval: Some("0s".into()),
                 http2_keep_alive_timeout: None,
@@ -199,6 +208,7 @@ mod tests {
                 "limits.login_per_minute: -1 is out of range; use 0 to 1000000",
                 "limits.tracked_addresses: 0 is out of range; use 1 to 10000000",
                 "server.connection_idle_timeout: must be longer than 0s",
+                "server.send_timeout: must be longer than 0s",
                 "server.http2_max_concurrent_streams: 0 is out of range; use 1 to 10000",
             ]
         );

@@ -27,6 +27,7 @@ pub(super) fn server_config(
         connection_idle_timeout: _,
         body_read_timeout: _,
         body_min_rate: _,
+        send_timeout: _,
         http2_max_concurrent_streams: _,
         http2_keep_alive_interval: _,
         http2_keep_alive_timeout: _,
