@@ -285,7 +285,7 @@ async fn work(
             // Given up when the connection closes, or with the tunnel it became.
             let hold = ConnectionHold {
                 place: Arc::new(guard),
-                idle: kit.idle_timeout,
+                idle: kit.timeouts.idle,
             };
             let app = kit.app.clone();
             let ip = peer.ip();
