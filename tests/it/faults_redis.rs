@@ -446,6 +446,15 @@ async fn a_lost_pubsub_connection_keeps_sessions_out_of_the_cache_until_it_is_ba
     .await;
 }
 
+/// Two replicas on one Redis, the first through the test relay, and their sessions.
+async fn relayed_replicas() -> (RedisServer, LateReplies, Replicas, Vec<String>) {
+    let redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
+    let replicas = replicas_on([Backend::Url(relay.url()), Backend::Url(redis.url())]).await;
+    let cookies = replicas.sessions().await;
+    (redis, relay, replicas, cookies)
+}
+
 /// A subscription that dies without a word — its socket half-open, the connection still there
 /// and silent, so neither Redis nor the replica notices — loses every invalidation message. A
 /// session ended on the other replica must not stay served from this one's cache for the
@@ -453,11 +462,8 @@ async fn a_lost_pubsub_connection_keeps_sessions_out_of_the_cache_until_it_is_ba
 /// lately proven that it delivers (an answered check, every second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_gone_silent_does_not_keep_an_ended_session_served_from_the_cache() {
-    let redis = RedisServer::start();
-    let relay = LateReplies::start(redis.port()).await;
-    let replicas = replicas_on([Backend::Url(relay.url()), Backend::Url(redis.url())]).await;
+    let (_redis, relay, replicas, cookies) = relayed_replicas().await;
     let (a, b) = (&replicas.proxies[0], &replicas.proxies[1]);
-    let cookies = replicas.sessions().await;
     let cookie = &cookies[0];
     let url = a.url("/api/x");
     // Replica a reads the session and keeps a copy.
@@ -486,11 +492,8 @@ async fn a_subscription_gone_silent_does_not_keep_an_ended_session_served_from_t
 /// the same step as the delete, not as a command of its own after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_lost_just_after_a_logout_does_not_leave_the_session_cached_elsewhere() {
-    let redis = RedisServer::start();
-    let relay = LateReplies::start(redis.port()).await;
-    let replicas = replicas_on([Backend::Url(relay.url()), Backend::Url(redis.url())]).await;
+    let (redis, relay, replicas, cookies) = relayed_replicas().await;
     let (a, b) = (&replicas.proxies[0], &replicas.proxies[1]);
-    let cookies = replicas.sessions().await;
     let cookie = &cookies[0];
     let url = b.url("/api/x");
     // Replica b reads the session and keeps a copy (for 30 s).

@@ -448,17 +448,7 @@ async fn an_open_websocket_tunnel_keeps_its_place_under_max_connections() {
     )
     .set("server.header_read_timeout", "30s");
     let proxy = start_proxy(&text).await;
-    let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
-    tunnel
-        .write_all(
-            b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let answer = tokio::time::timeout(WITHIN, read_response(&mut tunnel))
-        .await
-        .expect("no answer to the upgrade");
-    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let mut tunnel = open_tunnel(&proxy).await;
     tunnel.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];
     tunnel.read_exact(&mut echo).await.unwrap();
@@ -483,6 +473,22 @@ async fn an_open_websocket_tunnel_keeps_its_place_under_max_connections() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// A WebSocket tunnel through `proxy`'s `/api/` route to the echoing upstream.
+async fn open_tunnel(proxy: &Proxy) -> TcpStream {
+    let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
+    tunnel
+        .write_all(
+            b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(WITHIN, read_response(&mut tunnel))
+        .await
+        .expect("no answer to the upgrade");
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    tunnel
+}
+
 /// A tunnel keeps its place while it is open, so one left idle would keep it for good: no byte
 /// either way for `connection_idle_timeout` closes it, as an idle keep-alive connection is
 /// closed. One that keeps moving bytes stays open past that.
@@ -498,22 +504,8 @@ async fn an_idle_websocket_tunnel_is_closed_and_a_busy_one_stays_open() {
     )
     .add("server.connection_idle_timeout", "1s");
     let proxy = start_proxy(&text).await;
-    let open = || async {
-        let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
-        tunnel
-            .write_all(
-                b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(WITHIN, read_response(&mut tunnel))
-            .await
-            .expect("no answer to the upgrade");
-        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-        tunnel
-    };
-    let mut busy = open().await;
-    let mut idle = open().await;
+    let mut busy = open_tunnel(&proxy).await;
+    let mut idle = open_tunnel(&proxy).await;
     let started = std::time::Instant::now();
     // The busy one echoes a byte every 300 ms for 2.4 s, past the 1 s limit.
     for _ in 0..8 {

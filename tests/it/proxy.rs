@@ -337,12 +337,8 @@ async fn slowloris_connection_is_closed() {
     assert_eq!(up.count(), 0);
 }
 
-#[tokio::test]
-async fn websocket_upgrade_tunnels_both_ways() {
-    let up = upstream::start().await;
-    let proxy = proxy_to(&up, "").await;
-    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tcp.write_all(b"GET /api/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+/// Reads an answer's head byte by byte (what follows is the tunnel's) and checks it is a 101.
+async fn expect_switch(tcp: &mut tokio::net::TcpStream) {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -351,6 +347,15 @@ async fn websocket_upgrade_tunnels_both_ways() {
     }
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_both_ways() {
+    let up = upstream::start().await;
+    let proxy = proxy_to(&up, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /api/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    expect_switch(&mut tcp).await;
     assert_eq!(up.last().headers.get("upgrade").unwrap(), "websocket");
     for message in [&b"hello through the tunnel"[..], b"and back again"] {
         tcp.write_all(message).await.unwrap();
@@ -385,14 +390,7 @@ async fn a_tunnel_is_closed_when_its_session_ends() {
         "GET /api/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {cookie}\r\n\r\n"
     );
     tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tcp.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    expect_switch(&mut tcp).await;
     tcp.write_all(b"before").await.unwrap();
     let mut echo = [0u8; 6];
     tcp.read_exact(&mut echo).await.unwrap();

@@ -711,10 +711,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn nothing_is_cached_while_messages_cannot_arrive() {
-        let rx = Channel::new(4).subscribe();
+    /// A cache of [`ENTRIES`] whose liveness the test sets, and what sets it.
+    fn watched_cache() -> (watch::Sender<bool>, Cache) {
         let (live, watching) = watch::channel(true);
+        let rx = Channel::new(4).subscribe();
         let cache = Cache::new(
             Duration::from_secs(60),
             ENTRIES,
@@ -722,6 +722,12 @@ mod tests {
             watching,
             Freshness::Immediate,
         );
+        (live, cache)
+    }
+
+    #[test]
+    fn nothing_is_cached_while_messages_cannot_arrive() {
+        let (live, cache) = watched_cache();
         cache.put_now("kept", 1, &session());
         live.send_replace(false);
         assert!(
@@ -865,15 +871,7 @@ mod tests {
 
     #[test]
     fn a_subscription_outage_between_two_lookups_still_drops_what_was_cached() {
-        let rx = Channel::new(4).subscribe();
-        let (live, watching) = watch::channel(true);
-        let cache = Cache::new(
-            Duration::from_secs(60),
-            ENTRIES,
-            rx,
-            watching,
-            Freshness::Immediate,
-        );
+        let (live, cache) = watched_cache();
         cache.put_now("kept", 1, &session());
         assert!(cache.get("kept").is_some());
         // Down and up again with no lookup in between: messages may have been lost meanwhile.
