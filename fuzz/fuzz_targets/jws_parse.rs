@@ -94,10 +94,18 @@ fn key_set(body: &[u8]) {
             // Only the signer's public key verifies its signature.
             let signer = provider.signer.jwk(key, "x");
             let parsed: Value = serde_json::from_slice(body).unwrap_or_default();
+            // The members that make the key, by its type; any other member (a `y` beside an
+            // OKP key's `x`) is ignored, as RFC 7517 §4 has a JWK's unknown members ignored.
+            let defining: &[&str] = match signer.get("kty").and_then(Value::as_str) {
+                Some("RSA") => &["n", "e"],
+                Some("EC") => &["x", "y"],
+                _ => &["x"],
+            };
             let has = parsed["keys"].as_array().is_some_and(|keys| {
                 keys.iter().any(|k| {
                     k.get("kty") == signer.get("kty")
-                        && ["n", "x", "y"]
+                        && k.get("crv") == signer.get("crv")
+                        && defining
                             .iter()
                             .all(|m| magnitude(k.get(*m)) == magnitude(signer.get(*m)))
                 })
