@@ -240,6 +240,11 @@ impl Store {
         /// Renews the lease if `token` still holds it.
         fn extend_lock(key: &str, token: &str, lease: Duration) -> bool;
 
+        /// Shortens the lease `key` to `to` if it has less than `below` left (whoever holds it
+        /// has not renewed it lately) and more than `to`; `true` if it did. Never lengthens a
+        /// lease, never takes one.
+        fn shorten_lock(key: &str, below: Duration, to: Duration) -> bool;
+
         /// Releases the lease if `token` still holds it (compare-and-delete).
         fn unlock(key: &str, token: &str) -> ();
 

@@ -861,18 +861,29 @@ async fn a_rotated_refresh_token_is_saved_once_redis_is_back_after_failing_at_th
     assert_eq!(first.json()["error"], "store_unavailable");
 
     redis.restart();
+    served_the_kept_answer(&b, &cookie, &idp, &up).await;
+}
+
+/// Once the store is back, `cookie`'s request on replica `b` is served the token of the answer
+/// replica a kept (at-2), and rt-1 was presented only once.
+async fn served_the_kept_answer(
+    b: &Proxy,
+    cookie: &str,
+    idp: &fake_idp::FakeIdp,
+    up: &upstream::Upstream,
+) {
     let url = b.url("/tok/x");
     let second = eventually(
         "the store answers again",
         Duration::from_secs(20),
         || async {
-            let r = get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await;
+            let r = get(&url, &[("cookie", cookie), ("x-csrf", "1")]).await;
             (r.status != 503 || r.json()["error"] != "store_unavailable").then_some(r)
         },
     )
     .await;
     assert_eq!(
-        (second.status, presented_refresh_tokens(&idp)),
+        (second.status, presented_refresh_tokens(idp)),
         (200, vec!["rt-1".to_string()]),
         "after a store failure at the save, the spent refresh token was presented again: {}",
         second.text()
@@ -882,6 +893,43 @@ async fn a_rotated_refresh_token_is_saved_once_redis_is_back_after_failing_at_th
         "Bearer at-2",
         "the upstream was sent the token of the answer that was kept"
     );
+}
+
+/// As above, but Redis stays away longer than rt-1's spend record was made to last (twice
+/// `provider_timeout` plus 70 s) while replica a keeps trying to save the answer (for 300 s):
+/// the record must outlast those attempts. Otherwise the first request of the session on
+/// replica b once Redis is back finds neither the refresh lease (run out) nor the record, and
+/// presents the spent rt-1 before a's next attempt saves rt-2: refused with `invalid_grant`,
+/// and the user is signed out by the outage (a provider that detects reuse revokes the grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_kept_unsaved_through_a_long_outage_is_not_spent_again_when_redis_is_back() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    // The shortest record the old lifetime allowed: 2 x 2 s + 70 s.
+    let timeout = [("oidc.provider_timeout", "2s")];
+    let a = redis_proxy_timed(&redis.url(), "5s", STORE_TIMEOUT, &timeout, &idp, &up).await;
+    let b = redis_proxy_timed(&redis.url(), "5s", STORE_TIMEOUT, &timeout, &idp, &up).await;
+    let refused = (400, serde_json::json!({"error": "invalid_grant"}));
+    let cookie = due_session(&a, &idp, &[refused]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    let recorded = Instant::now();
+    redis.kill();
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(
+        first.json()["error"],
+        "store_unavailable",
+        "{}",
+        first.text()
+    );
+    // Redis's clock runs the lease and the old record out while it is away (the append-only
+    // file keeps their expiry times).
+    tokio::time::sleep(Duration::from_secs(76).saturating_sub(recorded.elapsed())).await;
+    redis.restart();
+    served_the_kept_answer(&b, &cookie, &idp, &up).await;
 }
 
 /// A refresh whose request was cancelled (the browser went elsewhere) runs on as a task of its
@@ -957,6 +1005,50 @@ async fn a_refresh_token_is_spent_once_when_redis_stalls_past_the_refresh_lease(
         0,
         "a saved refresh left its spend record behind"
     );
+}
+
+/// A failover to a Redis replica that had not received them loses replica a's refresh lease and
+/// the spend record of rt-1 while a's refresh is at the provider. a takes both again (its
+/// keepers renew them every third of a lease and take them again when they are gone), so that
+/// replica b, asked for the same session meanwhile, waits for a's answer instead of presenting
+/// rt-1 a second time, which a rotating provider refuses with `invalid_grant`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_and_spend_record_lost_while_the_refresh_is_at_the_provider_are_taken_again() {
+    let redis = RedisServer::start();
+    let Rotation {
+        idp,
+        up: _up,
+        a,
+        b,
+        cookie,
+    } = Rotation::start(&redis).await;
+
+    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    let (lease, record) = (format!("{PREFIX}l:*"), format!("{PREFIX}r:*"));
+    assert_eq!(
+        (
+            count_keys(redis.port(), &lease),
+            count_keys(redis.port(), &record)
+        ),
+        (1, 1)
+    );
+    let mut con = redis_connection(&redis);
+    for pattern in [&lease, &record] {
+        let keys: Vec<String> = ::redis::cmd("KEYS").arg(pattern).query(&mut con).unwrap();
+        let _: i64 = ::redis::cmd("DEL").arg(&keys).query(&mut con).unwrap();
+    }
+    eventually("replica a holds both again", HANG, || async {
+        (count_keys(redis.port(), &lease) == 1 && count_keys(redis.port(), &record) == 1)
+            .then_some(())
+    })
+    .await;
+    let second = {
+        let (url, cookie) = (b.url("/tok/x"), cookie.clone());
+        tokio::spawn(async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release.send(()).unwrap();
+    spent_once_and_both_served(&idp, first, second).await;
 }
 
 /// With a provider that does not rotate refresh tokens (its answers carry none), an answer that

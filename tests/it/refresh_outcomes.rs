@@ -460,3 +460,48 @@ async fn a_refresh_saved_first_elsewhere_is_neither_overwritten_nor_ended() {
         "the session must be kept"
     );
 }
+
+/// A replica that died while it spent the session's refresh token (after its spend record was
+/// taken, before it presented the token or let the record go) leaves the record behind, made
+/// to last for as long as a refresh may keep trying to save its answer through a store outage
+/// (minutes). Nobody renews it: a refresh that finds it not renewed for longer than the lease
+/// shortens it to a minute, after which the session's refreshes go on, instead of answering 503
+/// for all those minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_record_left_by_a_replica_that_died_holds_refreshes_back_about_a_minute() {
+    use crate::faults_redis::{due_session, presented_refresh_tokens, redis_proxy_timed};
+    let redis = crate::support::redis::RedisServer::start();
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let store_timeout = std::time::Duration::from_secs(1);
+    let proxy = redis_proxy_timed(&redis.url(), "5s", store_timeout, &[], &idp, &up).await;
+    let cookie = due_session(&proxy, &idp, &[]).await;
+
+    // The record of the dead replica, its last renewal some minutes ago.
+    let sessions = &proxy.app.sessions;
+    let value = cookie.split_once('=').unwrap().1;
+    let loaded = sessions.load(value, now()).await.unwrap().unwrap();
+    let record = sessions.spend_key(&loaded, "rt-1");
+    let lasts = std::time::Duration::from_secs(240);
+    assert!(
+        sessions
+            .store()
+            .try_lock(&record, "dead", lasts)
+            .await
+            .unwrap()
+    );
+
+    let url = proxy.url("/tok/x");
+    let served = eventually(
+        "the session's refresh goes on",
+        std::time::Duration::from_secs(100),
+        || async {
+            let r = get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await;
+            (r.status != 503).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1"]);
+}

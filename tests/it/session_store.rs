@@ -143,6 +143,7 @@ contract!(
     remember_once_is_true_only_the_first_time,
     lock_is_exclusive_extendable_and_released_only_by_its_holder,
     lock_lease_expires,
+    a_lease_not_renewed_lately_is_shortened,
     published_messages_reach_subscribers_of_that_channel_only,
     announced_changes_are_made_and_published_together,
     ping_answers,
@@ -363,6 +364,40 @@ async fn lock_lease_expires(b: Backend) {
         !b.store.extend_lock("lock", "alpha", LONG).await.unwrap(),
         "the old holder lost it"
     );
+}
+
+/// `shorten_lock(key, below, to)` cuts a lease with less than `below` left (its holder has not
+/// renewed it lately) down to `to`; it leaves alone a lease renewed lately, one that has less
+/// than `to` left (it never lengthens one), and a key nobody holds (it takes nothing).
+async fn a_lease_not_renewed_lately_is_shortened(b: Backend) {
+    let hour = Duration::from_secs(3600);
+    assert!(b.store.try_lock("unrenewed", "alpha", LONG).await.unwrap());
+    assert!(
+        b.store
+            .shorten_lock("unrenewed", hour, SHORT)
+            .await
+            .unwrap()
+    );
+    eventually("the shortened lease ran out", || async {
+        b.store.try_lock("unrenewed", "beta", LONG).await.unwrap()
+    })
+    .await;
+
+    assert!(b.store.try_lock("renewed", "alpha", hour).await.unwrap());
+    assert!(!b.store.shorten_lock("renewed", LONG, SHORT).await.unwrap());
+    assert!(b.store.try_lock("ending", "alpha", SHORT).await.unwrap());
+    assert!(!b.store.shorten_lock("ending", hour, LONG).await.unwrap());
+    assert!(!b.store.shorten_lock("free", hour, SHORT).await.unwrap());
+    tokio::time::sleep(SHORT * 2).await;
+    assert!(
+        !b.store.try_lock("renewed", "beta", LONG).await.unwrap(),
+        "a lease renewed lately was shortened"
+    );
+    assert!(
+        b.store.try_lock("ending", "beta", LONG).await.unwrap(),
+        "a lease was lengthened"
+    );
+    assert!(b.store.try_lock("free", "beta", LONG).await.unwrap());
 }
 
 async fn published_messages_reach_subscribers_of_that_channel_only(b: Backend) {

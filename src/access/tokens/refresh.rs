@@ -5,14 +5,18 @@
 //!
 //! The lease is renewed by a [`Keeper`] that is aborted when the refresh ends (also by a panic)
 //! and that gives up after the longest time the grants may take. If the lease is lost anyway
-//! (a store failover, a store outage longer than the lease), another replica may refresh with
-//! the same refresh token at the same time: the first answer saved wins, and a later one is not
-//! written over it (see [`Job::save`]); with a rotating provider one of the two is refused.
+//! (a store failover, a store outage longer than the lease), another replica may take it: the
+//! spend record of the refresh token, taken before the token is presented and kept as long as
+//! the refresh or its unsaved answer lives ([`Job::spend_lasts`]), makes that replica wait for
+//! this refresh's answer rather than present the token again. Only a store that loses the
+//! record (a failover to a replica that had not received it) lets two replicas present it: the
+//! first answer saved wins, and a later one is not written over it (see [`Job::save`]); with a
+//! rotating provider one of the two is refused.
 //!
 //! The answer of a refresh the store failed to save is kept and saved later, never thrown away
 //! (see [`super::save`]).
 
-use super::save::Answer;
+use super::save::{Answer, KEEP_SAVING_FOR};
 use super::{Failed, Grant, RefreshError, RefreshMemory, TokenUnavailable, classify, count, fresh};
 use crate::clock::Clock;
 use crate::config::RouteConfig;
@@ -29,7 +33,13 @@ use tokio::sync::{OwnedMutexGuard, oneshot};
 use tokio::time::Instant;
 
 /// The refresh lease; the holder renews it every third of it for as long as its grants take.
-const LEASE: Duration = Duration::from_secs(10);
+pub(super) const LEASE: Duration = Duration::from_secs(10);
+/// How long a spend record that its holder has not renewed for a lease still holds once a
+/// refresh waiting for it noticed: the holder, if it lives, renews it well within this time of
+/// reaching the store again; if it died, the session's refreshes go on after it.
+const UNRENEWED_RECORD_HOLDS: Duration = Duration::from_secs(60);
+/// How often a refresh waiting for a spend record checks whether it is still renewed.
+const RENEWAL_CHECK: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(25);
 /// At most one early refresh per session this often: an upstream that rejects every token must
 /// not turn each request into a grant.
@@ -255,6 +265,21 @@ impl Job {
         .map(str::to_string)
     }
 
+    /// The longest a refresh's grants take: two (a subject token's refresh and its exchange),
+    /// each bounded by the provider timeout, and a lease to spare.
+    fn grants_take(&self) -> Duration {
+        self.oidc.config.provider_timeout * 2 + LEASE
+    }
+
+    /// How long a spend record lasts from its last renewal: through the grants and every
+    /// attempt to save their answer through a store outage ([`KEEP_SAVING_FOR`]), and a minute
+    /// more. Were it to run out first, another replica could present the refresh token spent
+    /// while the store was away before the answer is saved. A holder that died leaves it
+    /// unrenewed, and the next refresh waiting for it cuts it short.
+    pub(super) fn spend_lasts(&self) -> Duration {
+        self.grants_take() + KEEP_SAVING_FOR + Duration::from_secs(60)
+    }
+
     pub(super) async fn reload(&self, loaded: &OpenSession) -> Result<OpenSession, RefreshError> {
         match self.sessions.reload(loaded, self.clock.now()).await {
             Ok(Some(current)) => Ok(current),
@@ -279,8 +304,13 @@ impl Job {
             memory.forced = Some(Instant::now());
         }
         // At most two grants (a subject token's refresh and its exchange), each bounded.
-        let longest = self.oidc.config.provider_timeout * 2 + LEASE;
-        let keeper = Keeper::start(store.clone(), &self.lock_key, &self.lease, longest);
+        let keeper = Keeper::start(
+            store.clone(),
+            &self.lock_key,
+            &self.lease,
+            LEASE,
+            self.grants_take(),
+        );
         let result = self.grant(memory, current).await;
         if keeper.lost() {
             tracing::warn!(
@@ -344,7 +374,16 @@ impl Job {
             Recorded::Spend(current) => current,
             Recorded::Done(token) => return Ok(token),
         };
+        let store = self.sessions.store().clone();
+        let keeper = Keeper::start(
+            store,
+            &spend,
+            &self.lease,
+            self.spend_lasts(),
+            self.grants_take(),
+        );
         let result = self.present(memory, current, target, spent).await;
+        drop(keeper);
         // Saved, refused or failed: the record has nothing left to guard. An answer kept unsaved
         // keeps it until it runs out.
         if !self.kept_unsaved(memory) {
@@ -491,11 +530,10 @@ impl Job {
         target: &Target,
     ) -> Result<Recorded, RefreshError> {
         let store = self.sessions.store();
-        // Outlives the grants and a store stall of up to a minute; a replica that dies while it
-        // spends holds the session's refresh back this long.
-        let lasts = self.oidc.config.provider_timeout * 2 + LEASE + Duration::from_secs(60);
+        let lasts = self.spend_lasts();
         let mut current = current;
         let mut warned = false;
+        let mut check_renewal = Instant::now();
         loop {
             match store.try_lock(spend, &self.lease, lasts).await {
                 Ok(true) => {
@@ -516,7 +554,24 @@ impl Job {
                         }
                     };
                 }
-                Ok(false) => {}
+                Ok(false) => {
+                    // Its holder renews it every third of a lease while it lives; one not
+                    // renewed for a whole lease (a holder that died, or that has not reached the
+                    // store since it came back) is cut short, and its holder, if it lives,
+                    // renews it again in time.
+                    if Instant::now() >= check_renewal {
+                        check_renewal = Instant::now() + RENEWAL_CHECK;
+                        let below = lasts.saturating_sub(LEASE);
+                        if let Ok(true) = store
+                            .shorten_lock(spend, below, UNRENEWED_RECORD_HOLDS)
+                            .await
+                        {
+                            tracing::warn!(
+                                "the spend record of this session's refresh token has not been                                  renewed for {LEASE:?}; it holds {UNRENEWED_RECORD_HOLDS:?} more                                  unless its refresh renews it"
+                            );
+                        }
+                    }
+                }
                 Err(e) => {
                     // The record may have been set all the same (its answer lost or late); this
                     // refresh presents nothing, so it takes it back, or every refresh of the
@@ -640,15 +695,26 @@ fn release_later(store: &Store, key: &str, token: &str) {
     });
 }
 
-/// Renews the lease while the grants take. Aborted when dropped; gives up by itself after
-/// `longest` (the lease then runs out within [`LEASE`]), so no lease outlives its refresh.
+/// Renews a refresh's lease or spend record while its grants take, or while its answer waits to
+/// be saved. Aborted when dropped (before the refresh lets the key go: the same connection then
+/// carries its last command before the release); gives up by itself after `longest`, so nothing
+/// is held for a refresh that is over. A key found gone (run out during a store outage longer
+/// than it lasts, or cut short by a refresh waiting for it) is taken again if nobody else took
+/// it meanwhile.
 pub(super) struct Keeper {
     task: tokio::task::JoinHandle<()>,
     lost: Arc<AtomicBool>,
 }
 
 impl Keeper {
-    pub(super) fn start(store: Store, key: &str, token: &str, longest: Duration) -> Keeper {
+    /// Keeps `key` held for `token`, `lasts` from each renewal, every third of a [`LEASE`].
+    pub(super) fn start(
+        store: Store,
+        key: &str,
+        token: &str,
+        lasts: Duration,
+        longest: Duration,
+    ) -> Keeper {
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
         let (key, token) = (key.to_string(), token.to_string());
@@ -657,17 +723,15 @@ impl Keeper {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
                 if Instant::now() >= until {
-                    tracing::warn!("a refresh outlasted its grants' timeouts; its lease runs out");
+                    tracing::warn!("a refresh outlasted its time; its lease runs out");
                     return;
                 }
-                match store.extend_lock(&key, &token, LEASE).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        flag.store(true, Ordering::Relaxed);
-                        return;
+                // A store error: try again at the next tick.
+                if let Ok(false) = store.extend_lock(&key, &token, lasts).await {
+                    flag.store(true, Ordering::Relaxed);
+                    if let Ok(true) = store.try_lock(&key, &token, lasts).await {
+                        tracing::info!("a refresh's lease ran out under it and is taken again");
                     }
-                    // A store hiccup: try again at the next tick, the lease is still running.
-                    Err(_) => {}
                 }
             }
         });

@@ -9,7 +9,7 @@
 //! else ([`Job::save_unsaved`]), so no grant — and no `invalid_grant` — can follow an answer
 //! still unsaved here.
 
-use super::refresh::{ClaimsUpdate, Job, Keeper, release};
+use super::refresh::{ClaimsUpdate, Job, Keeper, LEASE, release};
 use super::{RefreshError, RefreshMemory};
 use crate::oidc::TokenResponse;
 use crate::session::manager::OpenSession;
@@ -24,7 +24,7 @@ const SAVE_ATTEMPTS: usize = 5;
 /// How long a refresh task keeps trying to save an answer the store did not take; afterwards the
 /// answer waits in memory for the session's next refresh in this process. Long enough for a
 /// store restart or failover, short enough that a shutdown or an outage does not pile up tasks.
-const KEEP_SAVING_FOR: Duration = Duration::from_secs(300);
+pub(super) const KEEP_SAVING_FOR: Duration = Duration::from_secs(300);
 /// The first pause between two attempts; it doubles up to [`LONGEST_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(5);
@@ -52,6 +52,10 @@ pub(super) struct Answer {
 pub(super) struct Unsaved {
     answer: Answer,
     lease: String,
+    /// Keep the session's refresh lease and the spend record of the refresh token the answer
+    /// spent held while it waits (for [`KEEP_SAVING_FOR`]), taking them again if they ran out
+    /// during the outage: no replica presents that token again meanwhile.
+    _keepers: [Keeper; 2],
 }
 
 impl Job {
@@ -63,21 +67,29 @@ impl Job {
         current: OpenSession,
         answer: Answer,
     ) -> Result<String, RefreshError> {
-        match self.write(current, &answer).await {
-            Err(RefreshError::Store(error)) if answer.spent.is_some() => {
-                tracing::warn!(
-                    %error,
-                    "the store failed while saving a refresh; the answer is kept and saved when \
-                     the store is back"
-                );
-                memory.unsaved = Some(Unsaved {
-                    answer,
-                    lease: self.lease.clone(),
-                });
-                Err(RefreshError::Store(error))
-            }
-            written => written,
-        }
+        let written = self.write(current, &answer).await;
+        let (Err(RefreshError::Store(error)), Some(spent)) = (&written, answer.spent.as_deref())
+        else {
+            return written;
+        };
+        tracing::warn!(
+            %error,
+            "the store failed while saving a refresh; the answer is kept and saved when the \
+             store is back"
+        );
+        let store = self.sessions.store();
+        let spend = self.sessions.spend_key(&self.loaded, spent);
+        let keepers = [
+            (self.lock_key.as_str(), LEASE),
+            (spend.as_str(), self.spend_lasts()),
+        ]
+        .map(|(key, lasts)| Keeper::start(store.clone(), key, &self.lease, lasts, KEEP_SAVING_FOR));
+        memory.unsaved = Some(Unsaved {
+            answer,
+            lease: self.lease.clone(),
+            _keepers: keepers,
+        });
+        written
     }
 
     /// Whether `memory` holds this job's own unsaved answer.
@@ -108,13 +120,19 @@ impl Job {
         // Saved, or no session is left to save it into: the lease and the spend record (held
         // with the same token) have nothing more to guard. Left behind, the record would hold
         // back every refresh presenting the same refresh token (one the provider did not rotate)
-        // until it runs out.
+        // until it runs out. Their keepers stop first.
+        let Unsaved {
+            answer,
+            lease,
+            _keepers,
+        } = unsaved;
+        drop(_keepers);
         let store = self.sessions.store();
-        if let Some(spent) = &unsaved.answer.spent {
+        if let Some(spent) = &answer.spent {
             let spend = self.sessions.spend_key(&self.loaded, spent);
-            release(store, &spend, &unsaved.lease).await;
+            release(store, &spend, &lease).await;
         }
-        release(store, &self.lock_key, &unsaved.lease).await;
+        release(store, &self.lock_key, &lease).await;
         if written.is_ok() {
             tracing::info!("a refresh the store had failed to save is saved");
         }
@@ -122,15 +140,14 @@ impl Job {
     }
 
     /// After this job's answer was kept unsaved (and the waiting request answered): tries the
-    /// save again with growing pauses for [`KEEP_SAVING_FOR`], renewing the lease meanwhile so
-    /// that no replica spends the refresh token again. The queue is let go between attempts:
+    /// save again with growing pauses for [`KEEP_SAVING_FOR`], while the [`Unsaved`] answer's
+    /// keepers hold the lease and the spend record so that no replica spends the refresh token
+    /// again. The queue is let go between attempts:
     /// requests of the session then try the save themselves, and answer 503 while the store is
     /// down rather than wait for this task.
     pub(super) async fn keep_saving(&self, memory: OwnedMutexGuard<RefreshMemory>) {
         let queue = OwnedMutexGuard::mutex(&memory).clone();
         drop(memory);
-        let store = self.sessions.store().clone();
-        let _keeper = Keeper::start(store, &self.lock_key, &self.lease, KEEP_SAVING_FOR);
         let until = Instant::now() + KEEP_SAVING_FOR;
         let mut pause = FIRST_PAUSE;
         while Instant::now() < until {

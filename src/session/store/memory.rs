@@ -461,6 +461,28 @@ impl MemoryStore {
         }
     }
 
+    pub async fn shorten_lock(
+        &self,
+        key: &str,
+        below: Duration,
+        to: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        let left = match state.get_mut(key) {
+            Some(Entry {
+                kind: Kind::Lock(_),
+                expires_at,
+            }) => expires_at.saturating_duration_since(now),
+            _ => return Ok(false),
+        };
+        if left <= to || left >= below {
+            return Ok(false);
+        }
+        state.set_expiry(key, now + to);
+        Ok(true)
+    }
+
     pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
         let mut state = self.state();
         let held = matches!(state.get_mut(key), Some(Entry { kind: Kind::Lock(holder), .. }) if holder == token);

@@ -87,6 +87,11 @@ const EXTEND_LOCK: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])";
 
+const SHORTEN_LOCK: &str = r"
+local left = redis.call('PTTL', KEYS[1])
+if left <= tonumber(ARGV[2]) or left >= tonumber(ARGV[1]) then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])";
+
 const UNLOCK: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])";
@@ -112,7 +117,7 @@ struct Inner {
 }
 
 /// The operations [`RedisStore::run`] names, in metrics and spans.
-const OPS: [&str; 14] = [
+const OPS: [&str; 16] = [
     "get",
     "put_new",
     "compare_and_set",
@@ -123,7 +128,9 @@ const OPS: [&str; 14] = [
     "index_members",
     "index_remove",
     "set_nx",
+    "remembered",
     "extend_lock",
+    "shorten_lock",
     "unlock",
     "publish",
     "ping",
@@ -172,6 +179,7 @@ struct Scripts {
     delete_at_announced: Script,
     index_add: Script,
     extend_lock: Script,
+    shorten_lock: Script,
     unlock: Script,
 }
 
@@ -290,6 +298,7 @@ impl RedisStore {
             delete_at_announced: Script::new(DELETE_AT_ANNOUNCED),
             index_add: Script::new(INDEX_ADD),
             extend_lock: Script::new(EXTEND_LOCK),
+            shorten_lock: Script::new(SHORTEN_LOCK),
             unlock: Script::new(UNLOCK),
         };
         let prefix = key_prefix.clone();
@@ -578,6 +587,19 @@ impl RedisStore {
         let mut inv = self.inner.scripts.extend_lock.prepare_invoke();
         inv.key(self.key(key)).arg(token).arg(ttl_millis(lease));
         self.run("extend_lock", Op::Script(inv)).await
+    }
+
+    pub async fn shorten_lock(
+        &self,
+        key: &str,
+        below: Duration,
+        to: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.shorten_lock.prepare_invoke();
+        inv.key(self.key(key))
+            .arg(ttl_millis(below))
+            .arg(ttl_millis(to));
+        self.run("shorten_lock", Op::Script(inv)).await
     }
 
     pub async fn unlock(&self, key: &str, token: &str) -> Result<(), StoreError> {
