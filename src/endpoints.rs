@@ -31,6 +31,8 @@ const PENDING_LOGINS: usize = 4;
 pub const MAX_RETURN_URL_LEN: usize = 2048;
 /// Browsers drop a cookie whose name and value exceed this.
 const MAX_COOKIE_LEN: usize = 4096;
+/// How long the way out of a script's logout (see [`logout_end`]) waits for the browser.
+const LOGOUT_END_TTL: Duration = Duration::from_secs(60);
 
 fn query_param(req: &Request<Inbound>, name: &str) -> Option<String> {
     let query = req.uri().query()?;
@@ -84,6 +86,7 @@ pub async fn handle(
             let answer = counted(span, "vestibule_logouts_total", &labels, answer);
             (reader, answer.await)
         }
+        (Method::GET, "/logout/end") => (Reader::Page, Ok(logout_end(app, live, &req))),
         (Method::POST, "/backchannel-logout") => {
             let pace = crate::state::body_pace(&live.config);
             let span = tracing::trace_span!(target: TARGET, "backchannel logout");
@@ -179,6 +182,7 @@ pub fn label(method: &Method, rest: &str) -> &'static str {
         (_, "/callback") => "bff:/callback",
         (_, "/user") => "bff:/user",
         (_, "/logout") => "bff:/logout",
+        (_, "/logout/end") => "bff:/logout/end",
         (_, "/backchannel-logout") => "bff:/backchannel-logout",
         (_, "/sessions") => "bff:/sessions",
         (&Method::DELETE, path) if path.starts_with("/sessions/") => "bff:/sessions/*",
@@ -712,14 +716,31 @@ async fn logout(
     {
         app.oidc.revoke(&token.value, "access_token").await;
     }
-    let target = app
-        .oidc
-        .end_session_url(loaded.session.id_token.as_deref(), &post_logout_uri);
-    let mut response = if via == LogoutVia::Script {
-        json_response(StatusCode::OK, &serde_json::json!({"redirect": target}))
-    } else {
-        redirect(&target)
+    let id_token = loaded.session.id_token.as_deref();
+    let target = app.oidc.end_session_url(id_token, &post_logout_uri);
+    let mut way_out = None;
+    let mut response = match via {
+        LogoutVia::Link => redirect(&target),
+        // The page's script reads this answer: it gets the way out, which the browser then
+        // navigates to, and the ID token travels in that navigation's redirect only.
+        LogoutVia::Script => {
+            let shown = match id_token.filter(|t| target.contains(t)) {
+                None => target,
+                Some(_) => match seal_way_out(app, live, &target) {
+                    Some(cookie) => {
+                        way_out = Some(cookie);
+                        format!("{}/logout/end", config.server.bff_prefix)
+                    }
+                    // Too large for a cookie: the provider is not given the hint.
+                    None => app.oidc.end_session_url(None, &post_logout_uri),
+                },
+            };
+            json_response(StatusCode::OK, &serde_json::json!({"redirect": shown}))
+        }
     };
+    if let Some(cookie) = way_out {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     if let Some(c) = cookies::set_cookie(
         &config.session,
         &config.session.cookie_name,
@@ -730,6 +751,52 @@ async fn logout(
         response.headers_mut().append(header::SET_COOKIE, c);
     }
     Ok(response)
+}
+
+/// The cookie that keeps a script's logout's way out (the provider's end-session URL, with the
+/// ID token as `id_token_hint`) for [`logout_end`]: sealed, and for [`LOGOUT_END_TTL`].
+fn way_out_cookie(live: &LiveConfig) -> String {
+    format!("{}-logout", live.config.session.cookie_name)
+}
+
+/// The way out and when it was made, sealed in a `Set-Cookie`; `None` when it does not fit.
+fn seal_way_out(app: &Shared, live: &LiveConfig, target: &str) -> Option<HeaderValue> {
+    let name = way_out_cookie(live);
+    let plain = serde_json::to_vec(&(app.clock.now(), target)).ok()?;
+    let sealed = app.keyring().seal(&name, &plain).ok()?;
+    if name.len() + sealed.len() > MAX_COOKIE_LEN {
+        return None;
+    }
+    cookies::set_cookie(
+        &live.config.session,
+        &name,
+        &sealed,
+        Some(LOGOUT_END_TTL),
+        false,
+    )
+}
+
+/// `GET /bff/logout/end`, where the page's script sends the browser after `POST /bff/logout`:
+/// a redirect to the way out that logout sealed in a cookie (the provider's end-session
+/// endpoint with `id_token_hint`), once; without it (missing, expired, used) to
+/// `post_logout_redirect`. The ID token so never reaches the page's script, only a navigation's
+/// `Location`, as with `GET /bff/logout`.
+fn logout_end(app: &Shared, live: &LiveConfig, req: &Request<Inbound>) -> Response<Body> {
+    let name = way_out_cookie(live);
+    let now = app.clock.now();
+    let target = cookies::values(req.headers(), &name)
+        .filter_map(|value| app.keyring().open(&name, value))
+        .filter_map(|opened| serde_json::from_slice::<(u64, String)>(&opened.plaintext).ok())
+        .find(|(made, _)| now.saturating_sub(*made) <= LOGOUT_END_TTL.as_secs())
+        .map(|(_, target)| target);
+    let mut response = match target {
+        Some(target) => redirect(&target),
+        None => redirect(&live.config.oidc.post_logout_redirect),
+    };
+    for gone in cookies::deletions(&live.config.session, [name.as_str()]) {
+        response.headers_mut().append(header::SET_COOKIE, gone);
+    }
+    response
 }
 
 fn logout_rejected(reason: impl Into<String>) -> Result<Response<Body>, RequestError> {

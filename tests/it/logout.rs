@@ -176,7 +176,7 @@ async fn logout_with_the_session_id_ends_the_session_everywhere_and_revokes_the_
 }
 
 #[tokio::test]
-async fn post_logout_needs_the_csrf_header_and_answers_json() {
+async fn post_logout_needs_the_csrf_header_and_answers_json_without_a_token() {
     let LoginStack {
         provider,
         proxies: _proxies,
@@ -201,13 +201,62 @@ async fn post_logout_needs_the_csrf_header_and_answers_json() {
     assert_eq!(user_status(&mut alice, &base).await, 200);
     let done = alice.request("POST", &url, &[("x-csrf", "1")], None).await;
     assert_eq!(done.status, 200, "{}", done.text());
+    // The page's script reads this answer: the ID token (id_token_hint) is not in it.
+    let answer = done.text();
+    assert!(
+        !answer.contains("id_token_hint") && !answer.contains("eyJ"),
+        "the answer to the page's script carries a token: {answer}"
+    );
     let target = done.json()["redirect"].as_str().unwrap().to_string();
-    assert!(target.starts_with(&provider.issuer), "{target}");
-    assert!(target.contains("id_token_hint="));
+    assert_eq!(target, "/bff/logout/end");
     assert_eq!(user_status(&mut alice, &base).await, 401);
+    // The browser goes there; the ID token travels in that navigation's redirect only, as with
+    // GET /bff/logout.
+    let end = alice.get(&format!("{base}{target}"), &[]).await;
+    assert_eq!(end.status, 302, "{}", end.text());
+    let location = end.header("location").unwrap().to_string();
+    assert!(location.starts_with(&provider.issuer), "{location}");
+    assert!(location.contains("id_token_hint=ey"), "{location}");
+    assert!(location.contains("post_logout_redirect_uri="), "{location}");
+    // Once: the way out is forgotten with its first use.
+    let replayed = alice.get(&format!("{base}{target}"), &[]).await;
+    assert_eq!(replayed.status, 302);
+    assert_eq!(replayed.header("location"), Some("/"));
     // Logging out without a session is harmless.
     let again = alice.request("POST", &url, &[("x-csrf", "1")], None).await;
     assert_eq!(again.status, 200);
+}
+
+/// The way out a script's logout keeps for the browser lasts a minute: a cookie kept longer (a
+/// browser that ignores its Max-Age, a copy taken) leads only to `post_logout_redirect`.
+#[tokio::test]
+async fn a_script_logouts_way_out_lasts_a_minute() {
+    let clock = vestibule::clock::TestClock::new();
+    let LoginStack {
+        provider,
+        proxies: _proxies,
+        base,
+        ..
+    } = LoginStack::builder().clock(clock.clock()).start().await;
+    let mut alice = Browser::default();
+    assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
+    let url = format!("{base}/bff/logout");
+    let done = alice.request("POST", &url, &[("x-csrf", "1")], None).await;
+    assert_eq!(done.json()["redirect"], "/bff/logout/end");
+    let kept = alice.jar.clone();
+    let end = alice.get(&format!("{base}/bff/logout/end"), &[]).await;
+    assert!(
+        end.header("location")
+            .unwrap()
+            .starts_with(&provider.issuer),
+        "{:?}",
+        end.header("location")
+    );
+    alice.jar = kept;
+    clock.advance(Duration::from_secs(61));
+    let late = alice.get(&format!("{base}/bff/logout/end"), &[]).await;
+    assert_eq!(late.status, 302);
+    assert_eq!(late.header("location"), Some("/"));
 }
 
 /// Reads an event stream until `needle` appears; panics at the deadline.
