@@ -26,7 +26,7 @@ use self::memo::{Memo, Opening};
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
-use crate::session::store::{Corruption, Store, StoreError};
+use crate::session::store::{Corruption, Outage, Store, StoreError};
 use std::sync::Arc;
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -501,8 +501,10 @@ impl Sessions {
     /// the refresh token and saves the answer — so that no refresh saves while the caller (a
     /// logout) reads and ends the session: one under way is waited for (the refresh token it
     /// rotated is then read, and revoked by the logout), and none starts. `None` when it cannot
-    /// be had within `within` (a refresh stalled at the provider or lost its lease): the caller
-    /// goes on without it. A store failure is an error: the store cannot end the session now.
+    /// be had within `within` (a refresh stalled at the provider or lost its lease), or when the
+    /// store refused to take it (an out-of-memory Redis refuses what adds data but still
+    /// deletes): the caller goes on without it. Any other store failure is an error: the store
+    /// cannot end the session now.
     pub async fn hold_refreshes(
         &self,
         loaded: &OpenSession,
@@ -521,6 +523,13 @@ impl Sessions {
                     tokio::time::sleep(HOLD_POLL).await;
                 }
                 Ok(false) => return Ok(None),
+                Err(StoreError::Unavailable(Outage::Refused(error))) => {
+                    tracing::warn!(
+                        %error,
+                        "the store refused the refresh lease; the logout goes on without it"
+                    );
+                    return Ok(None);
+                }
                 Err(error) => {
                     // Taken perhaps (its answer lost): let it go; it lasts seconds at most.
                     let _ = self.store.unlock(&key, &token).await;

@@ -79,6 +79,12 @@ pub enum Outage {
     TimedOut(Duration),
     #[error("PING was not answered with PONG")]
     UnexpectedPing,
+    /// Redis received the command and answered it with an error instead of carrying it out:
+    /// out of memory (`-OOM`, which refuses only what adds data: deletes still run), a
+    /// read-only replica, loading its data, busy with a script, or a failed snapshot. Not lost
+    /// on the way: a single command answered so was not carried out.
+    #[error("refused: {0}")]
+    Refused(Arc<::redis::RedisError>),
     #[error(transparent)]
     Redis(Arc<::redis::RedisError>),
 }

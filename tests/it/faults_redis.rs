@@ -18,7 +18,7 @@ use vestibule::jose::testing::{TestKey, TestSigner};
 use vestibule::session::Session;
 
 /// `[session.redis] timeout` in these tests.
-const STORE_TIMEOUT: Duration = Duration::from_millis(300);
+pub(crate) const STORE_TIMEOUT: Duration = Duration::from_millis(300);
 /// What a loaded 2-core machine may add to it (scheduling, the reply itself).
 const SLACK: Duration = Duration::from_millis(600);
 /// A request that takes this long is a hang.

@@ -632,7 +632,7 @@ async fn users_list_and_end_their_own_sessions_only() {
 }
 
 /// The fake provider with a revocation endpoint.
-async fn revoking_idp() -> fake_idp::FakeIdp {
+pub(crate) async fn revoking_idp() -> fake_idp::FakeIdp {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     idp.state.discovery_extra.lock().unwrap().insert(
@@ -644,7 +644,7 @@ async fn revoking_idp() -> fake_idp::FakeIdp {
 
 /// A script's logout (`POST /bff/logout`) of `cookie`'s session on `proxy`, sent in the
 /// background.
-fn script_logout(proxy: &Proxy, cookie: &str) -> tokio::task::JoinHandle<Reply> {
+pub(crate) fn script_logout(proxy: &Proxy, cookie: &str) -> tokio::task::JoinHandle<Reply> {
     let (url, cookie) = (proxy.url("/bff/logout"), cookie.to_string());
     tokio::spawn(async move {
         send(
@@ -693,7 +693,7 @@ async fn a_logout_during_a_refresh_waits_for_it_and_revokes_the_rotated_refresh_
 }
 
 /// The tokens the fake provider was asked to revoke, in order.
-fn revoked_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
+pub(crate) fn revoked_tokens(idp: &fake_idp::FakeIdp) -> Vec<String> {
     idp.state
         .revocations
         .lock()

@@ -15,6 +15,7 @@ mod fake_provider;
 mod faults_late_writes;
 mod faults_provider;
 mod faults_redis;
+mod faults_refusals;
 mod faults_restart;
 mod faults_upstream;
 mod identity;

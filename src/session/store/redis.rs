@@ -697,6 +697,11 @@ fn store_error(err: RedisError) -> StoreError {
     if err.code() == Some("WRONGTYPE") || err.kind() == ErrorKind::UnexpectedReturnType {
         return StoreError::Corrupt(Corruption::Redis(Arc::new(err)));
     }
+    // An error code is the server's answer; anything else (I/O, a reply that never came) may
+    // hide a command carried out.
+    if err.code().is_some() {
+        return StoreError::Unavailable(Outage::Refused(Arc::new(err)));
+    }
     StoreError::Unavailable(Outage::Redis(Arc::new(err)))
 }
 

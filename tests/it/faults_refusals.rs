@@ -1,0 +1,105 @@
+//! Redis answering with errors rather than going away: out of memory under `noeviction` (every
+//! command that would grow the data set is answered `-OOM`, deletes and expiries still run). An
+//! answer refused is an outage like a lost connection — 503 `store_unavailable`, nobody signed
+//! out, a refresh's answer kept and saved later — but one that deletes still work through, so a
+//! logout still ends its session.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::faults_redis::{
+    STORE_TIMEOUT, due_session, presented_refresh_tokens, redis_proxy_timed,
+    refresh_held_at_the_provider, token_proxy,
+};
+use crate::logout::{revoked_tokens, revoking_idp, script_logout};
+use crate::support::redis::{RedisServer, count_keys};
+use crate::support::*;
+use std::time::Duration;
+use vestibule::session::Session;
+
+/// With `true`, a `maxmemory` far below what Redis holds (the default policy is `noeviction`):
+/// every write that may grow memory is refused with `-OOM`; with `false`, no limit.
+fn out_of_memory(redis: &RedisServer, on: bool) {
+    let limit = if on { "1" } else { "0" };
+    let reply = redis.command(&["CONFIG", "SET", "maxmemory", limit]);
+    assert!(reply.starts_with("+OK"), "CONFIG SET maxmemory: {reply}");
+}
+
+/// The provider rotated the refresh token (rt-1 gives rt-2) and Redis, out of memory, refused
+/// the save with `-OOM`: as when the connection is lost at that moment, that request is a 503,
+/// the answer is kept and saved once Redis takes writes again, and the spent rt-1 is never
+/// presented again — not by the other replica meanwhile, not after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_answered_while_redis_is_out_of_memory_is_saved_once_it_takes_writes_again() {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let a = token_proxy(&redis.url(), &idp, &up).await;
+    let b = token_proxy(&redis.url(), &idp, &up).await;
+    let refused = (400, serde_json::json!({"error": "invalid_grant"}));
+    let cookie = due_session(&a, &idp, &[refused]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
+    out_of_memory(&redis, true);
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(
+        (first.status, first.json()["error"].clone()),
+        (503, "store_unavailable".into()),
+        "{}",
+        first.text()
+    );
+    let meanwhile = get(&b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
+    assert_eq!(meanwhile.status, 503, "{}", meanwhile.text());
+
+    out_of_memory(&redis, false);
+    let url = b.url("/tok/x");
+    let second = eventually(
+        "replica a saves the answer it kept",
+        Duration::from_secs(15),
+        || async {
+            let r = get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await;
+            (r.status != 503).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(
+        (second.status, presented_refresh_tokens(&idp)),
+        (200, vec!["rt-1".to_string()]),
+        "after an -OOM at the save, the spent refresh token was presented again: {}",
+        second.text()
+    );
+    assert_eq!(up.last().headers["authorization"], "Bearer at-2");
+}
+
+/// Out of memory, Redis refuses the refresh lease a logout takes (`SET NX`) but still carries out
+/// deletes: the logout ends the session and revokes its refresh token rather than answer 503 and
+/// leave the user signed in. A request whose idle-timeout touch is refused is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_while_redis_is_out_of_memory_ends_the_session() {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let idle = [("session.idle_timeout", "10s")];
+    let proxy = redis_proxy_timed(&redis.url(), "5s", STORE_TIMEOUT, &idle, &idp, &up).await;
+    let cookie = proxy
+        .session_cookie(Session {
+            sub: "alice".into(),
+            refresh_token: Some("rt-1".into()),
+            ..Session::default()
+        })
+        .await;
+    // A tenth of the idle timeout has passed: the next request slides it (a write).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    out_of_memory(&redis, true);
+    let served = get(&proxy.url("/api/x"), &[("cookie", &cookie)]).await;
+    assert_eq!(served.status, 200, "{}", served.text());
+    let logout = script_logout(&proxy, &cookie).await.unwrap();
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    out_of_memory(&redis, false);
+    assert!(
+        !proxy.signed_in(&cookie).await,
+        "the session outlived the logout"
+    );
+    assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 0);
+    assert_eq!(revoked_tokens(&idp), vec!["rt-1".to_string()]);
+}
