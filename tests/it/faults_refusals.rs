@@ -1,18 +1,20 @@
 //! Redis answering with errors rather than going away: out of memory under `noeviction` (every
-//! command that would grow the data set is answered `-OOM`, deletes and expiries still run). An
-//! answer refused is an outage like a lost connection — 503 `store_unavailable`, nobody signed
-//! out, a refresh's answer kept and saved later — but one that deletes still work through, so a
-//! logout still ends its session.
+//! command that would grow the data set is answered `-OOM`, deletes and expiries still run), and
+//! a master demoted to a replica by a failover (`-READONLY`). An answer refused is an outage like
+//! a lost connection — 503 `store_unavailable`, nobody signed out, a refresh's answer kept and
+//! saved later — but one that deletes still work through, so a logout still ends its session;
+//! and a replica's `-READONLY` sends the next command to what the address leads to now.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::faults_redis::{
-    STORE_TIMEOUT, due_session, presented_refresh_tokens, redis_proxy_timed,
+    STORE_TIMEOUT, due_session, presented_refresh_tokens, redis_proxy, redis_proxy_timed,
     refresh_held_at_the_provider, token_proxy,
 };
 use crate::logout::{revoked_tokens, revoking_idp, script_logout};
+use crate::support::late_replies::LateReplies;
 use crate::support::redis::{RedisServer, count_keys};
 use crate::support::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vestibule::session::Session;
 
 /// With `true`, a `maxmemory` far below what Redis holds (the default policy is `noeviction`):
@@ -102,4 +104,61 @@ async fn a_logout_while_redis_is_out_of_memory_ends_the_session() {
     );
     assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 0);
     assert_eq!(revoked_tokens(&idp), vec!["rt-1".to_string()]);
+}
+
+/// Waits until `redis`, a replica, has its master's data.
+fn in_sync(redis: &RedisServer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis
+        .command(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica did not sync");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A failover behind an address that follows the master (a managed Redis's primary endpoint, a
+/// proxy that routes to the master): the old master, now a replica of the new one, keeps its
+/// clients connected and answers their writes `-READONLY`. The next write — here a logout's — is
+/// carried out on the new master, through a new connection to the address, rather than refused
+/// for as long as the connection made before the failover lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_behind_the_same_address_writes_reach_the_new_master() {
+    let old = RedisServer::start();
+    let new = RedisServer::start();
+    let relay = LateReplies::start(old.port()).await;
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let started = Instant::now();
+    let proxy = redis_proxy(&relay.url(), "5s", &idp, &up).await;
+    let alice = Session {
+        sub: "alice".into(),
+        refresh_token: Some("rt-1".into()),
+        ..Session::default()
+    };
+    let cookie = proxy.session_cookie(alice.clone()).await;
+    assert!(proxy.signed_in(&cookie).await);
+
+    new.command(&["REPLICAOF", "127.0.0.1", &old.port().to_string()]);
+    in_sync(&new);
+    new.command(&["REPLICAOF", "NO", "ONE"]);
+    old.command(&["REPLICAOF", "127.0.0.1", &new.port().to_string()]);
+    in_sync(&old);
+    relay.retarget(new.port());
+    // A connection is replaced at most once a second.
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(started.elapsed())).await;
+
+    let logout = script_logout(&proxy, &cookie).await.unwrap();
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    assert_eq!(
+        count_keys(new.port(), "vestibule:s:*"),
+        0,
+        "the session outlived the logout on the new master"
+    );
+    assert_eq!(revoked_tokens(&idp), vec!["rt-1".to_string()]);
+    // The process's shared connection follows too.
+    let again = proxy.session_cookie(alice).await;
+    assert!(proxy.signed_in(&again).await);
+    assert_eq!(count_keys(new.port(), "vestibule:s:*"), 1);
 }

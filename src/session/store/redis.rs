@@ -2,8 +2,9 @@
 //!
 //! Records are hashes `{v: version, d: bytes}`; compare-and-set, lock extension and release are
 //! Lua scripts, so each touches one key (safe in Cluster). Every key and channel is prefixed with
-//! `key_prefix`. Commands go through a reconnecting connection (`ConnectionManager`, the cluster
-//! connection, or a manager re-resolved through Sentinel after a failure) and each is bounded by
+//! `key_prefix`. Commands go through a reconnecting connection (`ConnectionManager`, replaced
+//! when a standalone server answers READONLY, see [`link`]; the cluster connection; or a manager
+//! re-resolved through Sentinel after a failure) and each is bounded by
 //! the configured timeout (`[session.redis] timeout`), reconnecting included; every failure is
 //! `StoreError::Unavailable`, never "not found".
 //! Pub/sub uses its own connection, see [`pubsub`].
@@ -13,6 +14,7 @@
 //! uses it, so a command sent from that runtime and its answer never wake another thread. The
 //! caller decides which handle a runtime uses; this module knows nothing of workers.
 
+mod link;
 mod pubsub;
 
 use std::collections::HashMap;
@@ -25,7 +27,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     Client, Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
-    RedisResult, Script, ScriptInvocation, ServerErrorKind, TlsMode,
+    RedisResult, Script, ScriptInvocation, TlsMode,
 };
 use tokio::sync::watch;
 
@@ -102,7 +104,7 @@ pub struct RedisStore {
     inner: Arc<Inner>,
     /// This handle's own connection to a standalone server (see [`RedisStore::for_worker`]);
     /// `None`: the shared one.
-    own: Option<ConnectionManager>,
+    own: Option<Arc<link::Link>>,
 }
 
 struct Inner {
@@ -184,12 +186,9 @@ struct Scripts {
 }
 
 enum Conn {
-    /// One server. Handles made by [`RedisStore::for_worker`] have a connection of their own
-    /// from `client`; the others share `shared`.
-    Single {
-        client: Box<Client>,
-        shared: ConnectionManager,
-    },
+    /// One server. Handles made by [`RedisStore::for_worker`] have a connection of their own;
+    /// the others share this one.
+    Single(Arc<link::Link>),
     Cluster(ClusterConnection),
     Sentinel(Box<SentinelConn>),
 }
@@ -274,16 +273,9 @@ impl RedisStore {
             }
             (None, None) => {
                 let client = open(url, roots.as_deref())?;
-                let manager = ConnectionManager::new_lazy_with_config(
-                    client.clone(),
-                    manager_config(timeout),
-                )
-                .map_err(config_error)?;
                 let source = pubsub::Source::Clients(vec![client.clone()]);
-                let conn = Conn::Single {
-                    client: Box::new(client),
-                    shared: manager,
-                };
+                let link = link::Link::new(client, timeout).map_err(config_error)?;
+                let conn = Conn::Single(Arc::new(link));
                 (conn, source, redact_url(url))
             }
         };
@@ -321,12 +313,8 @@ impl RedisStore {
     /// runtime then drives it). Cluster and Sentinel connections stay shared.
     pub fn for_worker(&self) -> RedisStore {
         let own = match &self.inner.conn {
-            Conn::Single { client, .. } => ConnectionManager::new_lazy_with_config(
-                (**client).clone(),
-                manager_config(self.inner.timeout),
-            )
             // Cannot fail for a client that `connect` already accepted; the shared one then.
-            .ok(),
+            Conn::Single(shared) => shared.another().ok().map(Arc::new),
             Conn::Cluster(_) | Conn::Sentinel(_) => None,
         };
         RedisStore {
@@ -387,10 +375,7 @@ impl RedisStore {
 
     async fn attempt<T: FromRedisValue>(&self, op: &Op<'_>) -> RedisResult<T> {
         match &self.inner.conn {
-            Conn::Single { shared, .. } => {
-                let mut manager = self.own.as_ref().unwrap_or(shared).clone();
-                exec(op, &mut manager).await
-            }
+            Conn::Single(shared) => self.own.as_ref().unwrap_or(shared).exec(op).await,
             Conn::Cluster(cluster) => exec(op, &mut cluster.clone()).await,
             Conn::Sentinel(sentinel) => {
                 let mut manager = sentinel.manager().await?;
@@ -628,7 +613,7 @@ impl RedisStore {
     pub fn freshness(&self) -> super::Freshness {
         match self.inner.conn {
             Conn::Cluster(_) => super::Freshness::Unproven,
-            Conn::Single { .. } | Conn::Sentinel(_) => {
+            Conn::Single(_) | Conn::Sentinel(_) => {
                 super::Freshness::Proven(self.inner.pubsub.proof())
             }
         }
@@ -710,7 +695,7 @@ fn master_may_have_moved(err: &RedisError) -> bool {
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || err.is_timeout()
-        || err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+        || link::read_only(err)
 }
 
 /// A Sentinel client for the master, taking credentials, database and TLS from `url`.

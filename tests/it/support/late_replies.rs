@@ -5,9 +5,11 @@
 //! It can also silence connections that sent a command already ([`LateReplies::silence`]): a
 //! subscription whose socket went half-open, still connected and never answering. And it can
 //! cut a connection just before a command ([`LateReplies::cut_before`]): what went before it
-//! was carried out, it never arrives.
+//! was carried out, it never arrives. And it can send new connections to another server
+//! ([`LateReplies::retarget`]): an address that follows the master across a failover.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +33,7 @@ pub struct LateReplies {
     armed: Armed,
     relayed: Relayed,
     cut: Cut,
+    target: Arc<AtomicU16>,
 }
 
 /// The marker of the command before which a connection is cut, until one carrying it came.
@@ -47,9 +50,12 @@ impl LateReplies {
         let shared = armed.clone();
         let connections = relayed.clone();
         let cutting = cut.clone();
+        let target = Arc::new(AtomicU16::new(redis_port));
+        let to = target.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                let port = to.load(Ordering::Relaxed);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", port)).await else {
                     continue;
                 };
                 let sent: Arc<Mutex<Vec<u8>>> = Arc::default();
@@ -73,7 +79,14 @@ impl LateReplies {
             armed,
             relayed,
             cut,
+            target,
         }
+    }
+
+    /// Relays the connections made from now on to the Redis server on `redis_port`; those made
+    /// before stay with the server they reached.
+    pub fn retarget(&self, redis_port: u16) {
+        self.target.store(redis_port, Ordering::Relaxed);
     }
 
     /// The next bytes a client sends that carry `marker` never reach Redis: the connection is
