@@ -775,3 +775,40 @@ async fn a_worker_handle_has_its_own_redis_connection_to_the_same_data() {
     assert!(worker.get("k").await.unwrap().is_none());
     assert_eq!(redis_clients(&url), before + 1, "and keeps using it");
 }
+
+/// Redis forgets every script on a restart, a `SCRIPT FLUSH`, or a failover to a replica that
+/// never ran them: each scripted operation (`EVALSHA`, answered `NOSCRIPT`) loads its script
+/// again and is carried out, rather than fail until the process restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scripted_operation_runs_after_redis_forgot_its_scripts() {
+    let server = RedisServer::start();
+    let store = connect(redis_config(server.url())).await;
+    let forget = || assert!(server.command(&["SCRIPT", "FLUSH"]).starts_with("+OK"));
+    forget();
+    assert!(store.put_new("k", b"v1", LONG).await.unwrap());
+    forget();
+    assert!(store.compare_and_set("k", 1, b"v2", LONG).await.unwrap());
+    forget();
+    let set = store.compare_and_set_announced("k", 2, b"v3", LONG, "c", "h");
+    assert!(set.await.unwrap());
+    forget();
+    assert!(store.delete_at("k", 3).await.unwrap());
+    assert!(store.put_new("k", b"v1", LONG).await.unwrap());
+    forget();
+    assert!(store.delete_at_announced("k", 1, "c", "h").await.unwrap());
+    assert!(store.put_new("k", b"v1", LONG).await.unwrap());
+    forget();
+    assert!(store.delete_announced("k", "c", "h").await.unwrap());
+    forget();
+    store.index_add("i", "m", LONG).await.unwrap();
+    assert_eq!(
+        store.index_members("i").await.unwrap(),
+        vec!["m".to_string()]
+    );
+    assert!(store.try_lock("l", "t", LONG).await.unwrap());
+    forget();
+    assert!(store.extend_lock("l", "t", LONG).await.unwrap());
+    forget();
+    store.unlock("l", "t").await.unwrap();
+    assert!(store.try_lock("l", "u", SHORT).await.unwrap(), "unlocked");
+}
