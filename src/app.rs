@@ -67,6 +67,7 @@ impl App {
         let store = Store::connect(&config.session.store, config.session.max_entries)
             .await
             .map_err(|e| anyhow::anyhow!("session store: {e}"))?;
+        store.check_eviction();
         let settings = SessionSettings {
             cookie_name: config.session.cookie_name.clone(),
             idle_timeout: config.session.idle_timeout,

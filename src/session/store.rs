@@ -173,6 +173,15 @@ impl Store {
         }
     }
 
+    /// Warns, once Redis answers, if it may evict keys when full (its `maxmemory-policy`), which
+    /// would drop sessions and refresh leases; a Redis that does not tell is not warned about.
+    /// Asked in a task of its own; nothing to ask of the memory store.
+    pub fn check_eviction(&self) {
+        if let Store::Redis(s) = self {
+            s.check_eviction();
+        }
+    }
+
     /// A handle for one serving worker (a single-threaded runtime): the same data, but on a
     /// standalone Redis server a connection of its own, so that the worker's commands and their
     /// answers stay on its thread. The memory store has no connections: a plain clone.

@@ -3,7 +3,8 @@
 //! a master demoted to a replica by a failover (`-READONLY`). An answer refused is an outage like
 //! a lost connection — 503 `store_unavailable`, nobody signed out, a refresh's answer kept and
 //! saved later — but one that deletes still work through, so a logout still ends its session;
-//! and a replica's `-READONLY` sends the next command to what the address leads to now.
+//! and a replica's `-READONLY` sends the next command to what the address leads to now. A Redis
+//! that would rather evict keys than refuse them is warned about at startup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::faults_redis::{
@@ -161,4 +162,52 @@ async fn after_a_failover_behind_the_same_address_writes_reach_the_new_master() 
     let again = proxy.session_cookie(alice).await;
     assert!(proxy.signed_in(&again).await);
     assert_eq!(count_keys(new.port(), "vestibule:s:*"), 1);
+}
+
+/// The binary's log once a line carrying `needle` is in it (within 10 s).
+async fn logged(log: &std::path::Path, needle: &str) -> String {
+    eventually("the line is logged", Duration::from_secs(10), || async {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(String::from)
+    })
+    .await
+}
+
+/// A Redis that evicts keys when full (`allkeys-lru` here, with a `maxmemory`) may drop
+/// sessions, and the refresh leases and spend records that keep a refresh token from being
+/// presented twice: the binary warns at startup, naming the policy and the fix. A Redis that
+/// refuses `CONFIG` to Vestibule's user (as most managed services do) gets no warning.
+#[tokio::test]
+async fn a_redis_that_evicts_keys_when_full_is_warned_about_at_startup() {
+    let evicting =
+        RedisServer::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = |url: &str| {
+        config_toml(&format!(
+            "store = \"redis\"\n[session.redis]\nurl = \"{url}\"\n"
+        ))
+    };
+    let (mut child, log) = spawn_binary(dir.path(), &store(&evicting.url()));
+    let line = logged(&log, "maxmemory").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("allkeys-lru"), "{line}");
+    assert!(line.contains("maxmemory-policy noeviction"), "{line}");
+
+    // The same policy, but CONFIG is not allowed to the user Vestibule signs in as.
+    let user = ["ACL", "SETUSER", "default", "-config"];
+    assert!(evicting.command(&user).starts_with("+OK"));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, log) = spawn_binary(dir.path(), &store(&evicting.url()));
+    // A refused CONFIG is answered at once: by the time the proxy listens, the check is over.
+    let served = logged(&log, "listening").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!text.contains("maxmemory"), "{served}\n{text}");
 }

@@ -14,6 +14,7 @@
 //! uses it, so a command sent from that runtime and its answer never wake another thread. The
 //! caller decides which handle a runtime uses; this module knows nothing of workers.
 
+mod eviction;
 mod link;
 mod pubsub;
 
