@@ -453,16 +453,18 @@ async fn callback(
             scope: tokens.scope.clone(),
         },
     );
-    // A login always starts a brand-new session; the browser's previous one ends.
-    if let Some(old) = app
+    // A login always starts a brand-new session; the browser's previous one ends, once the new
+    // one is stored: a store that refuses new data but still deletes (Redis out of memory) must
+    // not leave the browser with neither.
+    let previous = app
         .load_session(&app.sessions, live, req.headers())
         .await
         .ok()
-        .flatten()
-    {
+        .flatten();
+    let (cookie_value, _) = app.sessions.create(session, now).await?;
+    if let Some(old) = previous {
         let _ = app.sessions.delete(&old).await;
     }
-    let (cookie_value, _) = app.sessions.create(session, now).await?;
     let mut response = redirect(&login.return_url);
     let headers = response.headers_mut();
     if let Some(c) = cookies::set_cookie(

@@ -16,6 +16,7 @@ use crate::support::late_replies::LateReplies;
 use crate::support::redis::{RedisServer, count_keys};
 use crate::support::*;
 use std::time::{Duration, Instant};
+use vestibule::jose::testing::{TestKey, TestSigner};
 use vestibule::session::Session;
 
 /// With `true`, a `maxmemory` far below what Redis holds (the default policy is `noeviction`):
@@ -105,6 +106,51 @@ async fn a_logout_while_redis_is_out_of_memory_ends_the_session() {
     );
     assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 0);
     assert_eq!(revoked_tokens(&idp), vec!["rt-1".to_string()]);
+}
+
+/// Redis runs out of memory while the login of a signed-in browser is at the provider (its
+/// state was recorded just before): the new session cannot be stored, and the browser's session
+/// must stay as it was — not be ended first (a full Redis still deletes) and leave the user
+/// signed out of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_redis_cannot_store_leaves_the_browsers_session_as_it_was() {
+    let redis = RedisServer::start();
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let proxy = redis_proxy(&redis.url(), "5s", &idp, &up).await;
+    let alice = Session {
+        sub: "alice".into(),
+        ..Session::default()
+    };
+    let session = proxy.session_cookie(alice).await;
+    let (query, login_cookie) = begin_login(&proxy).await;
+    let claims = crate::fake_provider::claims(&idp.issuer, &query["nonce"]);
+    *idp.state.id_token.lock().unwrap() = signer.token(TestKey::Rsa1).kid("k1").sign(&claims);
+    let (release, hold) = tokio::sync::oneshot::channel();
+    *idp.state.hold.lock().unwrap() = Some(hold);
+    let callback = {
+        let url = proxy.url(&format!("/bff/callback?code=abc&state={}", query["state"]));
+        let cookies = format!("{login_cookie}; {session}");
+        tokio::spawn(async move { get(&url, &[("cookie", &cookies)]).await })
+    };
+    eventually(
+        "the code reaches the provider",
+        Duration::from_secs(5),
+        || async { (idp.state.token_requests.lock().unwrap().len() == 1).then_some(()) },
+    )
+    .await;
+
+    out_of_memory(&redis, true);
+    release.send(()).unwrap();
+    let callback = callback.await.unwrap();
+    out_of_memory(&redis, false);
+    assert_eq!(callback.status, 503, "{}", callback.text());
+    assert!(
+        proxy.signed_in(&session).await,
+        "the login ended the browser's session and stored none"
+    );
+    assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 1);
 }
 
 /// Waits until `redis`, a replica, has its master's data.
