@@ -1,10 +1,12 @@
 //! Redis answering with errors rather than going away: out of memory under `noeviction` (every
-//! command that would grow the data set is answered `-OOM`, deletes and expiries still run), and
-//! a master demoted to a replica by a failover (`-READONLY`). An answer refused is an outage like
-//! a lost connection — 503 `store_unavailable`, nobody signed out, a refresh's answer kept and
-//! saved later — but one that deletes still work through, so a logout still ends its session;
-//! and a replica's `-READONLY` sends the next command to what the address leads to now. A Redis
-//! that would rather evict keys than refuse them is warned about at startup.
+//! command that would grow the data set is answered `-OOM`, deletes and expiries still run), busy
+//! with a long script (`-BUSY` to everything), and a master demoted to a replica by a failover
+//! (`-READONLY`). An answer refused is an outage like a lost connection — 503
+//! `store_unavailable`, nobody signed out, a refresh's answer kept and saved later — but one that
+//! deletes still work through, so a logout still ends its session and a login ends the previous
+//! one only once the new one is stored; and a replica's `-READONLY` sends the next command to
+//! what the address leads to now. A Redis that would rather evict keys than refuse them is
+//! warned about at startup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::faults_redis::{
@@ -151,6 +153,45 @@ async fn a_login_that_redis_cannot_store_leaves_the_browsers_session_as_it_was()
         "the login ended the browser's session and stored none"
     );
     assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 1);
+}
+
+/// Redis busy with a long script (anyone's `EVAL`, past `busy-reply-threshold`) answers every
+/// command `-BUSY`, reads too: a request is 503 `store_unavailable` — not 401, which would send
+/// the user to sign in again — and is served once the script is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_busy_with_a_script_is_503_and_signs_nobody_out() {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let proxy = redis_proxy(&redis.url(), "0s", &idp, &up).await;
+    let alice = Session {
+        sub: "alice".into(),
+        ..Session::default()
+    };
+    let cookie = proxy.session_cookie(alice).await;
+    assert!(
+        redis
+            .command(&["CONFIG", "SET", "busy-reply-threshold", "50"])
+            .starts_with("+OK")
+    );
+    let mut busy = std::net::TcpStream::connect(("127.0.0.1", redis.port())).unwrap();
+    let endless = "while true do end";
+    let eval = format!(
+        "*3\r\n$4\r\nEVAL\r\n${}\r\n{endless}\r\n$1\r\n0\r\n",
+        endless.len()
+    );
+    std::io::Write::write_all(&mut busy, eval.as_bytes()).unwrap();
+    eventually("Redis is busy", Duration::from_secs(5), || async {
+        redis.command(&["PING"]).starts_with("-BUSY").then_some(())
+    })
+    .await;
+
+    let refused = get(&proxy.url("/api/x"), &[("cookie", &cookie)]).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "store_unavailable");
+    assert!(redis.command(&["SCRIPT", "KILL"]).starts_with("+OK"));
+    let served = get(&proxy.url("/api/x"), &[("cookie", &cookie)]).await;
+    assert_eq!(served.status, 200, "{}", served.text());
 }
 
 /// Waits until `redis`, a replica, has its master's data.
