@@ -351,6 +351,7 @@ impl App {
         let own = proxy::headers::OwnCookies {
             session: &live.own_cookie,
             login_prefix: &live.login_prefix,
+            logout: &live.logout_cookie,
         };
         // DPoP routes prove possession afresh on every send (boxed: other routes never pay).
         let bound = route.token_binding == TokenBinding::Dpop;

@@ -144,6 +144,11 @@ pub fn set_cookie(
     HeaderValue::from_str(&builder.build().to_string()).ok()
 }
 
+/// The cookie that keeps the way out of a script's logout for the browser's next navigation.
+pub fn logout_name(config: &SessionConfig) -> String {
+    format!("{}-logout", config.cookie_name)
+}
+
 /// The prefix shared by every login-state cookie.
 pub fn login_prefix(config: &SessionConfig) -> String {
     format!("{}-login-", config.cookie_name)

@@ -756,9 +756,10 @@ async fn logout(
 }
 
 /// The cookie that keeps a script's logout's way out (the provider's end-session URL, with the
-/// ID token as `id_token_hint`) for [`logout_end`]: sealed, and for [`LOGOUT_END_TTL`].
+/// ID token as `id_token_hint`) for [`logout_end`]: sealed, and for [`LOGOUT_END_TTL`]. One of
+/// Vestibule's own cookies: never sent to an upstream, nor set by one.
 fn way_out_cookie(live: &LiveConfig) -> String {
-    format!("{}-logout", live.config.session.cookie_name)
+    live.logout_cookie.clone()
 }
 
 /// The way out and when it was made, sealed in a `Set-Cookie`; `None` when it does not fit.

@@ -23,6 +23,7 @@ pub struct LiveConfig {
     /// Vestibule's own cookie names, removed from forwarded requests.
     pub(crate) own_cookie: String,
     pub(crate) login_prefix: String,
+    pub(crate) logout_cookie: String,
     /// `public_url` as upstreams are told it (`X-Forwarded-Proto`, `-Host`).
     pub(crate) public_side: proxy::headers::PublicSide,
     /// Signs the routes' assertions; empty when no route sends one (see [`LiveConfig::new`]).
@@ -36,6 +37,7 @@ impl LiveConfig {
         let routes = RouteTable::new(&config.routes);
         let own_cookie = config.session.cookie_name.clone();
         let login_prefix = crate::cookies::login_prefix(&config.session);
+        let logout_cookie = crate::cookies::logout_name(&config.session);
         let public_side = proxy::headers::PublicSide::new(&config.server.public_url);
         // Derived only when a route sends assertions: a configuration without them does no
         // key work at all. The keys follow the session keys, so every replica has the same.
@@ -58,6 +60,7 @@ impl LiveConfig {
             routes,
             own_cookie,
             login_prefix,
+            logout_cookie,
             public_side,
             signing_keys,
             assertion_issuer,

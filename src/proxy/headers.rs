@@ -238,23 +238,29 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     (wants && !is_h2c).then(|| protocol.clone())
 }
 
-/// Vestibule's own cookies: the session cookie and every login-state cookie (a prefix).
+/// Vestibule's own cookies: the session cookie, every login-state cookie (a prefix) and the
+/// way out of a script's logout.
 #[derive(Debug, Clone, Copy)]
 pub struct OwnCookies<'a> {
     pub session: &'a str,
     pub login_prefix: &'a str,
+    pub logout: &'a str,
 }
 
 impl OwnCookies<'_> {
     fn matches(&self, name: &[u8]) -> bool {
-        name == self.session.as_bytes() || name.starts_with(self.login_prefix.as_bytes())
+        name == self.session.as_bytes()
+            || name.starts_with(self.login_prefix.as_bytes())
+            || name == self.logout.as_bytes()
     }
 
     /// Whether a cookie an upstream sets would be one of ours, with or without a `__Host-` or
     /// `__Secure-` prefix (browsers match those prefixes case-insensitively).
     fn names_ours(&self, name: &str) -> bool {
         let name = without_prefix(name);
-        name == without_prefix(self.session) || name.starts_with(without_prefix(self.login_prefix))
+        name == without_prefix(self.session)
+            || name.starts_with(without_prefix(self.login_prefix))
+            || name == without_prefix(self.logout)
     }
 }
 
@@ -1071,6 +1077,7 @@ mod tests {
             OwnCookies {
                 session: "__Host-vestibule",
                 login_prefix: "vestibule-login",
+                logout: "vestibule-logout",
             },
         );
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
@@ -1078,6 +1085,7 @@ mod tests {
         let own = OwnCookies {
             session: "__Host-vestibule",
             login_prefix: "vestibule-login",
+            logout: "vestibule-logout",
         };
         // Only ours: no `Cookie` header is left at all.
         let mut h = HeaderMap::new();
@@ -1117,6 +1125,7 @@ mod tests {
         let own = OwnCookies {
             session: "__Host-vestibule",
             login_prefix: "__Host-vestibule-login-",
+            logout: "__Host-vestibule-logout",
         };
         let mut h = HeaderMap::new();
         for value in [
@@ -1125,6 +1134,7 @@ mod tests {
             "__host-vestibule=3",
             "__Secure-vestibule-login-x=4",
             "vestibule-login-y=5; HttpOnly",
+            "__Secure-vestibule-logout=10",
             " =vestibule=6",
             "app=7; Path=/",
             "vestibule-other=8",
@@ -1289,6 +1299,7 @@ mod tests {
         let own = OwnCookies {
             session: "vestibule",
             login_prefix: "vestibule-login",
+            logout: "vestibule-logout",
         };
         let parts: [&[u8]; 14] = [
             b"vestibule",
@@ -1336,6 +1347,7 @@ mod tests {
         let own = OwnCookies {
             session: "vestibule",
             login_prefix: "vestibule-login",
+            logout: "vestibule-logout",
         };
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, "a=1; vestibule=s".parse().unwrap());

@@ -259,6 +259,43 @@ async fn a_script_logouts_way_out_lasts_a_minute() {
     assert_eq!(late.header("location"), Some("/"));
 }
 
+/// The cookie that keeps a script's logout's way out is Vestibule's own, like the session
+/// cookie: it never reaches an upstream (it holds the ID token, sealed), and an upstream cannot
+/// set it.
+#[tokio::test]
+async fn a_script_logouts_way_out_never_reaches_an_upstream() {
+    let LoginStack {
+        provider: _provider,
+        proxies: _proxies,
+        base,
+        up,
+        ..
+    } = LoginStack::builder()
+        .extra(|u| format!("[[routes]]\npath = \"/open/\"\nupstream = \"{u}\"\nauth = \"none\"\n"))
+        .start()
+        .await;
+    let mut alice = Browser::default();
+    assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
+    let url = format!("{base}/bff/logout");
+    let done = alice.request("POST", &url, &[("x-csrf", "1")], None).await;
+    assert_eq!(done.json()["redirect"], "/bff/logout/end");
+    assert!(
+        alice.jar.contains_key("vestibule-logout"),
+        "{:?}",
+        alice.jar
+    );
+    let r = alice
+        .get(&format!("{base}/open/x"), &[("cookie", "app=1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.last().headers["cookie"].to_str().unwrap().to_string();
+    assert!(seen.contains("app=1"), "{seen}");
+    assert!(
+        !seen.contains("vestibule-logout"),
+        "the upstream was sent the logout cookie: {seen}"
+    );
+}
+
 /// Reads an event stream until `needle` appears; panics at the deadline.
 /// Opens `/bff/session-events` with the browser's session cookie.
 async fn session_events(base: &str, browser: &Browser) -> http::Response<hyper::body::Incoming> {
