@@ -837,6 +837,25 @@ pub(crate) async fn refresh_held_at_the_provider(
     (release, request)
 }
 
+/// Replica `a`'s refresh of `cookie` reaches the provider, Redis dies, then the provider
+/// answers: the request is 503 `store_unavailable` and a keeps the answer. Returns when the
+/// refresh had reached the provider (its spend record taken).
+async fn answered_as_redis_dies(
+    redis: &mut RedisServer,
+    a: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    cookie: &str,
+) -> Instant {
+    let (release, first) = refresh_held_at_the_provider(a, idp, cookie).await;
+    let reached = Instant::now();
+    redis.kill();
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "{}", first.text());
+    assert_eq!(first.json()["error"], "store_unavailable");
+    reached
+}
+
 /// The provider rotated the refresh token (rt-1 gives rt-2) and Redis died before replica a
 /// saved the answer: that request is a 503, but a keeps the answer and saves it once Redis is
 /// back, so the spent rt-1 is never presented again, not even by replica b (a rotating provider
@@ -852,13 +871,8 @@ async fn a_rotated_refresh_token_is_saved_once_redis_is_back_after_failing_at_th
         cookie,
     } = Rotation::start(&redis).await;
 
-    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
-    // The provider has carried out the grant (rt-1 is spent); Redis dies before the save.
-    redis.kill();
-    release.send(()).unwrap();
-    let first = first.await.unwrap();
-    assert_eq!(first.status, 503, "{}", first.text());
-    assert_eq!(first.json()["error"], "store_unavailable");
+    // The provider carries out the grant (rt-1 is spent); Redis dies before the save.
+    answered_as_redis_dies(&mut redis, &a, &idp, &cookie).await;
 
     redis.restart();
     served_the_kept_answer(&b, &cookie, &idp, &up).await;
@@ -914,17 +928,7 @@ async fn a_refresh_kept_unsaved_through_a_long_outage_is_not_spent_again_when_re
     let refused = (400, serde_json::json!({"error": "invalid_grant"}));
     let cookie = due_session(&a, &idp, &[refused]).await;
 
-    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
-    let recorded = Instant::now();
-    redis.kill();
-    release.send(()).unwrap();
-    let first = first.await.unwrap();
-    assert_eq!(
-        first.json()["error"],
-        "store_unavailable",
-        "{}",
-        first.text()
-    );
+    let recorded = answered_as_redis_dies(&mut redis, &a, &idp, &cookie).await;
     // Redis's clock runs the lease and the old record out while it is away (the append-only
     // file keeps their expiry times).
     tokio::time::sleep(Duration::from_secs(76).saturating_sub(recorded.elapsed())).await;
@@ -1071,17 +1075,7 @@ async fn an_answer_saved_after_a_store_failure_leaves_no_spend_record_behind() {
         serde_json::json!({"access_token": "at-3", "token_type": "Bearer", "expires_in": 300});
     let cookie = due_session_answered(&a, &idp, &[(200, short), (200, long)]).await;
 
-    let (release, first) = refresh_held_at_the_provider(&a, &idp, &cookie).await;
-    let answered = Instant::now();
-    redis.kill();
-    release.send(()).unwrap();
-    let first = first.await.unwrap();
-    assert_eq!(
-        first.json()["error"],
-        "store_unavailable",
-        "{}",
-        first.text()
-    );
+    let answered = answered_as_redis_dies(&mut redis, &a, &idp, &cookie).await;
     redis.restart();
     eventually(
         "replica a saves the answer it kept",
