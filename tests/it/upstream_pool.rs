@@ -85,6 +85,7 @@ async fn a_worker_reuses_its_upstream_connection() {
             .header("host", "app.test")
             .body(Empty::<Bytes>::new())
             .unwrap();
+        sender.ready().await.unwrap();
         let response = sender.send_request(req).await.unwrap();
         assert_eq!(response.status(), 200);
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -173,6 +174,12 @@ async fn ask(
         .header("host", "app.test")
         .body(Empty::<Bytes>::new())
         .unwrap();
+    // Once the connection has taken the previous answer in (right after its body, it may not
+    // have yet: "connection was not ready").
+    sender
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let response = sender.send_request(req).await.unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();

@@ -61,6 +61,7 @@ async fn connections_are_spread_over_the_workers_and_counted() {
         .header("host", "app.test")
         .body(Empty::<Bytes>::new())
         .unwrap();
+    sender.ready().await.unwrap();
     assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
 
     // Closed connections are counted off.
