@@ -79,9 +79,7 @@ pub struct OpenSession {
     /// The store version this was read at; `save` succeeds only if it is still current.
     pub version: u64,
     /// A stable, non-secret id for this session (URLs, cache keys, invalidation messages).
-    /// Shared with the memo of opened cookies (`memo.rs`): every request's copy is a reference
-    /// count, not an allocation and a copy of its text.
-    pub handle: Arc<str>,
+    pub handle: Handle,
     /// The cookie was sealed with an old key: send a new value from [`Sessions::reseal`].
     pub reseal: bool,
     ticket: Ticket,
@@ -98,6 +96,39 @@ impl fmt::Debug for OpenSession {
             .field("reseal", &self.reseal)
             .field("complete", &self.complete)
             .finish_non_exhaustive()
+    }
+}
+
+/// A session's handle ([`OpenSession::handle`]): its text, 32 lowercase hex digits, held in
+/// place. A request copies it out of the memo's entry of its cookie (`memo.rs`), beside what it
+/// reads there anyway: no allocation of its own to reach (and miss) for a reference count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Handle([u8; 32]);
+
+impl Handle {
+    fn of(key: &StoreKey) -> Handle {
+        Handle(key.handle_text())
+    }
+}
+
+impl std::ops::Deref for Handle {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Made only of hex digits (`of`): always text.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
     }
 }
 
@@ -269,7 +300,7 @@ impl Sessions {
         let loaded = OpenSession {
             session: Arc::new(session),
             version: 1,
-            handle: key.handle().into(),
+            handle: Handle::of(&key),
             reseal: false,
             ticket,
             complete: true,
@@ -301,7 +332,7 @@ impl Sessions {
         }
         let opened = keyring.open(&self.cookie_name, cookie_value)?;
         let ticket = Ticket::from_bytes(&opened.plaintext)?;
-        let handle: Arc<str> = ticket.key().handle().into();
+        let handle = Handle::of(&ticket.key());
         let opening = Opening {
             key: cache::key_of(&handle),
             handle,
@@ -385,7 +416,7 @@ impl Sessions {
         Ok(Some(OpenSession {
             session: Arc::new(session),
             version: record.version,
-            handle: loaded.handle.clone(),
+            handle: loaded.handle,
             reseal: loaded.reseal,
             ticket: loaded.ticket.clone(),
             complete: true,

@@ -27,7 +27,12 @@ const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 /// Shortest sealed value (empty plaintext), in characters of unpadded base64.
-const MIN_SEALED_LEN: usize = ((HEADER_LEN + TAG_LEN) * 4).div_ceil(3);
+const MIN_SEALED_LEN: usize = sealed_len(0);
+
+/// How many characters [`Keyring::seal`] makes of a plaintext of `plaintext_len` bytes.
+pub const fn sealed_len(plaintext_len: usize) -> usize {
+    ((HEADER_LEN + plaintext_len + TAG_LEN) * 4).div_ceil(3)
+}
 
 /// Why a key ring could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -194,6 +199,15 @@ mod tests {
     use super::*;
 
     const NAME: &str = "__Host-vestibule";
+
+    #[test]
+    fn a_sealed_value_is_as_long_as_sealed_len_says() {
+        let ring = ring(&[1]);
+        for len in [0, 1, 2, 3, 64, 100] {
+            let sealed = ring.seal(NAME, &vec![7; len]).unwrap();
+            assert_eq!(sealed.len(), sealed_len(len), "{len} bytes");
+        }
+    }
 
     fn ring(keys: &[u8]) -> Keyring {
         Keyring::new(keys.iter().map(|b| [*b; 32]).collect()).unwrap()

@@ -19,16 +19,24 @@
 //!   giving up one of its entries in turn: with more cookies in use than slots, most misses cost
 //!   the opening they would cost without a memo and nothing more (no allocation, no eviction),
 //!   and nothing grows.
+//! - One allocation an entry, the cookie in it: with many sessions in use, a request reads its
+//!   entry from memory, not from a CPU cache, and every separate allocation on the way (the
+//!   cookie's text, the handle's) was one more wait. Only cookies as long as the seal of a
+//!   ticket ([`COOKIE_LEN`]) are remembered; no other value opens to a ticket.
 
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::Handle;
 use super::ticket::Ticket;
-use crate::session::seal::Keyring;
+use crate::session::seal::{Keyring, sealed_len};
+
+/// The length of every session cookie's value: a sealed [`Ticket`].
+pub(super) const COOKIE_LEN: usize = sealed_len(Ticket::LEN);
 
 /// Entries per set: a value may sit in any slot of its set.
 const WAYS: usize = 8;
-/// The most slots one memo has (16 bytes a slot, allocated at once; an entry is ~300 bytes
+/// The most slots one memo has (16 bytes a slot, allocated at once; an entry is ~260 bytes
 /// more, as it comes): as many as the largest `cache_entries`, so that every session the cache
 /// is sized for is opened once per worker, not once per request.
 const MAX_SLOTS: usize = 1 << 20;
@@ -54,9 +62,27 @@ struct Slot {
     entry: Option<Box<Entry>>,
 }
 
+/// An [`Opening`] and the cookie it came from, in four cache lines (`repr(C)`, aligned to a
+/// line): the cookie first, which a lookup compares, then what it copies out, without the
+/// padding a nested `Opening` would bring.
+#[repr(C, align(64))]
 struct Entry {
-    cookie: Box<str>,
-    opened: Opening,
+    cookie: [u8; COOKIE_LEN],
+    stale_key: bool,
+    key: super::cache::Key,
+    handle: Handle,
+    ticket: Ticket,
+}
+
+impl Entry {
+    fn opening(&self) -> Opening {
+        Opening {
+            ticket: self.ticket.clone(),
+            handle: self.handle,
+            key: self.key,
+            stale_key: self.stale_key,
+        }
+    }
 }
 
 /// What opening a cookie gave.
@@ -64,7 +90,7 @@ struct Entry {
 pub(super) struct Opening {
     pub(super) ticket: Ticket,
     /// The session's handle (derived from the ticket).
-    pub(super) handle: Arc<str>,
+    pub(super) handle: Handle,
     /// The key the session cache files the handle under (`cache::key_of`).
     pub(super) key: super::cache::Key,
     /// Sealed with a key that is no longer the first of the ring.
@@ -87,6 +113,7 @@ impl Memo {
 
     /// What opening `cookie` under `keyring` gave, if it was remembered under this very ring.
     pub(super) fn get(&self, keyring: &Arc<Keyring>, cookie: &str) -> Option<Opening> {
+        let cookie: &[u8; COOKIE_LEN] = cookie.as_bytes().try_into().ok()?;
         let hash = self.hasher.hash_one(cookie);
         let mut inner = self.lock();
         if !inner.holds(keyring) {
@@ -95,13 +122,16 @@ impl Memo {
         }
         let set = inner.set(hash);
         inner.slots[set].iter().find_map(|slot| match &slot.entry {
-            Some(e) if slot.hash == hash && *e.cookie == *cookie => Some(e.opened.clone()),
+            Some(e) if slot.hash == hash && e.cookie == *cookie => Some(e.opening()),
             _ => None,
         })
     }
 
     /// Remembers that `cookie` opened to `opened` under `keyring`.
     pub(super) fn put(&self, keyring: &Arc<Keyring>, cookie: &str, opened: &Opening) {
+        let Ok(&cookie) = <&[u8; COOKIE_LEN]>::try_from(cookie.as_bytes()) else {
+            return;
+        };
         let hash = self.hasher.hash_one(cookie);
         let mut inner = self.lock();
         if !inner.holds(keyring) {
@@ -119,8 +149,11 @@ impl Memo {
         slots[way] = Slot {
             hash,
             entry: Some(Box::new(Entry {
-                cookie: cookie.into(),
-                opened: opened.clone(),
+                cookie,
+                stale_key: opened.stale_key,
+                key: opened.key,
+                handle: opened.handle,
+                ticket: opened.ticket.clone(),
             })),
         };
     }
@@ -176,25 +209,44 @@ mod tests {
     fn opening(n: u8) -> Opening {
         let mut bytes = [0u8; 64];
         bytes[0] = n;
+        let ticket = Ticket::from_bytes(&bytes).unwrap();
         Opening {
-            ticket: Ticket::from_bytes(&bytes).unwrap(),
-            handle: format!("handle-{n}").into(),
+            handle: Handle::of(&ticket.key()),
+            ticket,
             key: u128::from(n),
             stale_key: n % 2 == 1,
         }
+    }
+
+    /// A value as long as a session cookie's, named `name`.
+    fn c(name: &str) -> String {
+        format!("{name:-<COOKIE_LEN$}")
     }
 
     #[test]
     fn gives_back_what_was_put_for_that_exact_value_and_ring() {
         let memo = Memo::new(64);
         let k = ring(1);
-        memo.put(&k, "cookie-one", &opening(1));
-        memo.put(&k, "cookie-two", &opening(2));
-        let one = memo.get(&k, "cookie-one").unwrap();
-        assert_eq!((&*one.handle, one.stale_key), ("handle-1", true));
+        memo.put(&k, &c("cookie-one"), &opening(1));
+        memo.put(&k, &c("cookie-two"), &opening(2));
+        let one = memo.get(&k, &c("cookie-one")).unwrap();
+        assert_eq!(
+            (one.handle, one.key, one.stale_key),
+            (opening(1).handle, 1, true)
+        );
         assert!(one.ticket == opening(1).ticket);
-        assert_eq!(&*memo.get(&k, "cookie-two").unwrap().handle, "handle-2");
-        for other in ["cookie-on", "cookie-onee", "Cookie-one", ""] {
+        assert_eq!(memo.get(&k, &c("cookie-two")).unwrap().key, 2);
+        let mut last = c("cookie-one");
+        last.replace_range(COOKIE_LEN - 1.., "+");
+        for other in [c("cookie-on"), c("Cookie-one"), last] {
+            assert!(memo.get(&k, &other).is_none(), "{other}");
+        }
+        for other in [
+            "cookie-one",
+            "",
+            &c("cookie-one")[1..],
+            &(c("cookie-one") + "-"),
+        ] {
             assert!(memo.get(&k, other).is_none(), "{other}");
         }
     }
@@ -203,11 +255,23 @@ mod tests {
     fn another_key_ring_forgets_everything() {
         let memo = Memo::new(64);
         let (k1, k2) = (ring(1), ring(1));
-        memo.put(&k1, "cookie", &opening(1));
+        memo.put(&k1, &c("cookie"), &opening(1));
         // Equal keys, another ring: a swap is a swap.
-        assert!(memo.get(&k2, "cookie").is_none());
+        assert!(memo.get(&k2, &c("cookie")).is_none());
         assert_eq!(memo.len(), 0);
-        assert!(memo.get(&k1, "cookie").is_none(), "nothing comes back");
+        assert!(memo.get(&k1, &c("cookie")).is_none(), "nothing comes back");
+    }
+
+    /// Only a value as long as a sealed ticket can open to one: nothing else takes a place.
+    #[test]
+    fn a_value_of_another_length_is_not_remembered() {
+        let memo = Memo::new(64);
+        let k = ring(1);
+        for other in ["short", &c("long").repeat(2), &c("one-less")[1..]] {
+            memo.put(&k, other, &opening(1));
+            assert!(memo.get(&k, other).is_none(), "{other}");
+        }
+        assert_eq!(memo.len(), 0);
     }
 
     #[test]
@@ -215,11 +279,11 @@ mod tests {
         let memo = Memo::new(64);
         let k = ring(1);
         for n in 0..10_000u32 {
-            memo.put(&k, &format!("cookie-{n}"), &opening(1));
+            memo.put(&k, &c(&format!("cookie-{n}")), &opening(1));
         }
         assert_eq!(memo.len(), 64);
         let found = (0..10_000u32)
-            .filter(|n| memo.get(&k, &format!("cookie-{n}")).is_some())
+            .filter(|n| memo.get(&k, &c(&format!("cookie-{n}"))).is_some())
             .count();
         assert_eq!(found, 64);
     }
@@ -230,22 +294,28 @@ mod tests {
         let k = ring(1);
         let mut n = 0u32;
         while memo.len() < 64 {
-            memo.put(&k, &format!("old-{n}"), &opening(1));
+            memo.put(&k, &c(&format!("old-{n}")), &opening(1));
             n += 1;
         }
         let old: Vec<String> = (0..n)
-            .map(|n| format!("old-{n}"))
+            .map(|n| c(&format!("old-{n}")))
             .filter(|c| memo.get(&k, c).is_some())
             .collect();
         assert_eq!(old.len(), 64);
         for m in 0..64 {
-            memo.put(&k, &format!("new-{m}"), &opening(2));
+            memo.put(&k, &c(&format!("new-{m}")), &opening(2));
         }
         let kept = old.iter().filter(|c| memo.get(&k, c).is_some()).count();
         let new = (0..64)
-            .filter(|m| memo.get(&k, &format!("new-{m}")).is_some())
+            .filter(|m| memo.get(&k, &c(&format!("new-{m}"))).is_some())
             .count();
         assert_eq!((kept, new), (64 - 64 / ADMIT_EVERY, 64 / ADMIT_EVERY));
+    }
+
+    #[test]
+    fn an_entry_is_four_cache_lines() {
+        assert_eq!(std::mem::size_of::<Entry>(), 256);
+        assert_eq!(std::mem::align_of::<Entry>(), 64);
     }
 
     #[test]

@@ -38,8 +38,11 @@ impl Ticket {
         })
     }
 
-    pub(super) fn to_bytes(&self) -> [u8; 64] {
-        let mut out = [0u8; 64];
+    /// How many bytes [`Ticket::to_bytes`] makes.
+    pub(super) const LEN: usize = 64;
+
+    pub(super) fn to_bytes(&self) -> [u8; Ticket::LEN] {
+        let mut out = [0u8; Ticket::LEN];
         out[..32].copy_from_slice(&self.id);
         out[32..].copy_from_slice(&self.data_key);
         out
@@ -82,11 +85,27 @@ impl StoreKey {
 
     /// A stable, non-secret id for URLs and invalidation messages.
     pub(super) fn handle(&self) -> String {
+        prefixed_hex(&[], &self.handle_digest())
+    }
+
+    /// [`StoreKey::handle`]'s text, in place.
+    pub(super) fn handle_text(&self) -> [u8; 32] {
+        let mut text = [0u8; 32];
+        for (pair, byte) in text.chunks_exact_mut(2).zip(self.handle_digest()) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0xf)];
+        }
+        text
+    }
+
+    fn handle_digest(&self) -> [u8; 16] {
         let digest = Sha256::new()
             .chain_update(b"vestibule handle\0")
             .chain_update(self.0)
             .finalize();
-        prefixed_hex(&[], &digest[..16])
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        first
     }
 
     /// Where the single-flight refresh lease for this session lives.
@@ -106,11 +125,12 @@ impl StoreKey {
     }
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// The `prefixes` and then `bytes` in lower-case hex, in one allocation, digit by digit
 /// (`hex::encode` and `format!` go through a char iterator and the formatter: a few thousand
 /// instructions, twice per store read).
 fn prefixed_hex(prefixes: &[&str], bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let len = prefixes.iter().map(|p| p.len()).sum::<usize>() + 2 * bytes.len();
     let mut text = String::with_capacity(len);
     for prefix in prefixes {
@@ -290,6 +310,7 @@ mod tests {
                 .chain_update([fill; 32])
                 .finalize();
             assert_eq!(key.handle(), hex::encode(&digest[..16]));
+            assert_eq!(key.handle_text(), key.handle().as_bytes());
         }
         assert_eq!(
             StoreKey([0; 32]).handle(),
