@@ -22,7 +22,9 @@
 //!
 //! The cache is split into [`SHARDS`] shards by handle, each behind its own mutex with its own
 //! receivers of the invalidation messages and of `live`, so two serving workers rarely wait for
-//! each other. Entries are keyed by the handle's 128 bits, not its text.
+//! each other. Entries are keyed by the handle's 128 bits, not its text, and sit in the slots of
+//! the shard's open-addressing table (`table.rs`): a lookup reads the slot, not an index and then
+//! an entry elsewhere.
 //!
 //! A full shard admits a new session only when it is asked for a second time while still
 //! remembered in the shard's *doorkeeper* (one slot per entry, holding recently refused keys),
@@ -33,8 +35,8 @@
 //! Random eviction, unlike LRU (or emptying everything), still hits when sessions come round in a
 //! cycle a little larger than the cache.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+mod table;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -42,6 +44,7 @@ use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use self::table::{Slot, Table};
 use crate::session::model::Session;
 use crate::session::store::{Freshness, Subscription};
 
@@ -98,33 +101,12 @@ fn hex_key(text: &[u8]) -> Option<Key> {
     Some(key)
 }
 
-/// Spreads a key's bits over 64 (one multiply): real keys are random already, this only keeps
-/// made-up ones (tests, foreign messages) from piling up in one shard or bucket.
+/// Spreads a key's bits over 64 (one multiply), not SipHash: real keys are random already and
+/// nobody can choose one (see [`Key`]); this only keeps made-up ones (tests, foreign messages)
+/// from piling up in one shard or slot.
 fn mix(key: Key) -> u64 {
     ((key as u64) ^ ((key >> 64) as u64)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
-
-/// The index's hasher: [`mix`], not SipHash; nobody can choose a key (see [`Key`]).
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u128(&mut self, key: u128) {
-        self.0 = mix(key);
-    }
-}
-
-type Index = HashMap<Key, usize, BuildHasherDefault<KeyHasher>>;
 
 /// The shard a key lives in.
 fn shard_of(key: Key) -> usize {
@@ -167,9 +149,8 @@ struct Lookups {
 const HITS_BATCH: u64 = 32;
 
 struct Shard {
-    /// Key -> position in `slots`.
-    index: Index,
-    slots: Vec<Slot>,
+    /// The entries, by key.
+    slots: Table,
     capacity: usize,
     /// Keys refused while the shard was full, by `key % len`: a key found here is admitted.
     doorkeeper: Box<[Key]>,
@@ -193,14 +174,6 @@ struct Shard {
     hits: u64,
 }
 
-struct Slot {
-    key: Key,
-    stored: Instant,
-    version: u64,
-    /// Shared with the requests that read it: a hit costs a reference count, not a copy.
-    session: Arc<Session>,
-}
-
 impl Cache {
     /// A cache of at most about `entries` sessions (rounded up to a multiple of [`SHARDS`]).
     pub(super) fn new(
@@ -216,8 +189,7 @@ impl Cache {
                 let mut live = live.clone();
                 let is_live = *live.borrow_and_update();
                 Mutex::new(Shard {
-                    index: Index::with_capacity_and_hasher(capacity, Default::default()),
-                    slots: Vec::with_capacity(capacity),
+                    slots: Table::new(capacity),
                     capacity,
                     // Never a real key's slot value by chance: keys are random 128-bit values.
                     doorkeeper: vec![Key::MAX; capacity].into_boxed_slice(),
@@ -270,9 +242,8 @@ impl Cache {
         // Read before the shard takes in its messages: those the proof covers are then there.
         let fresh = self.freshness.within(now, PROOF_LASTS);
         let mut shard = self.shard(key);
-        let found = shard.index.get(&key).copied();
-        if let Some(at) = found {
-            let slot = &shard.slots[at];
+        let found = shard.slots.find(key);
+        if let Some((at, slot)) = found.and_then(|at| Some((at, shard.slots.at(at)?))) {
             if now.saturating_duration_since(slot.stored) >= self.ttl {
                 shard.remove_at(at);
             } else if fresh {
@@ -304,8 +275,7 @@ impl Cache {
             return;
         }
         let stored = Instant::now();
-        if let Some(&at) = shard.index.get(&key) {
-            let slot = &mut shard.slots[at];
+        if let Some(slot) = shard.slots.find(key).and_then(|at| shard.slots.at_mut(at)) {
             slot.stored = stored;
             slot.version = version;
             slot.session = session.clone();
@@ -315,14 +285,13 @@ impl Cache {
             if !shard.admit(key) {
                 return;
             }
-            let victim = shard.victim(self.ttl);
-            shard.remove_at(victim);
+            if let Some(victim) = shard.victim(self.ttl) {
+                shard.remove_at(victim);
+            }
         } else {
             shard.drop_one_if_expired(self.ttl);
         }
-        let at = shard.slots.len();
-        shard.index.insert(key, at);
-        shard.slots.push(Slot {
+        shard.slots.insert(Slot {
             key,
             stored,
             version,
@@ -395,7 +364,6 @@ impl Shard {
     }
 
     fn clear(&mut self) {
-        self.index.clear();
         self.slots.clear();
         self.invalidations_seen += 1;
         self.emptied_at = self.invalidations_seen;
@@ -426,20 +394,21 @@ impl Shard {
     }
 
     fn remove(&mut self, key: Key) {
-        if let Some(&at) = self.index.get(&key) {
+        if let Some(at) = self.slots.find(key) {
             self.remove_at(at);
         }
     }
 
-    /// Removes the entry in slot `at`; the last slot moves into its place.
     fn remove_at(&mut self, at: usize) {
-        let removed = self.slots.swap_remove(at);
-        self.index.remove(&removed.key);
-        if let Some(moved) = self.slots.get(at)
-            && let Some(position) = self.index.get_mut(&moved.key)
-        {
-            *position = at;
-        }
+        self.slots.remove_at(at);
+    }
+
+    /// An entry picked at random, and whether it has expired.
+    fn pick(&mut self, ttl: Duration) -> Option<(usize, bool)> {
+        let start = self.next_random();
+        let at = self.slots.occupied_from(start)?;
+        let expired = self.slots.at(at)?.stored.elapsed() >= ttl;
+        Some((at, expired))
     }
 
     /// Looks at one entry picked at random and drops it if it has expired: an insert pays for
@@ -447,11 +416,7 @@ impl Shard {
     /// use once a crowd has gone (the memory and the tokens it holds are let go), without a
     /// sweep of its own.
     fn drop_one_if_expired(&mut self, ttl: Duration) {
-        if self.slots.is_empty() {
-            return;
-        }
-        let at = self.next_random() % self.slots.len();
-        if self.slots[at].stored.elapsed() >= ttl {
+        if let Some((at, true)) = self.pick(ttl) {
             self.remove_at(at);
         }
     }
@@ -469,14 +434,11 @@ impl Shard {
     }
 
     /// The slot to evict from a full shard.
-    fn victim(&mut self, ttl: Duration) -> usize {
-        let len = self.slots.len();
-        let first = self.next_random() % len;
-        let second = self.next_random() % len;
-        if self.slots[second].stored.elapsed() >= ttl {
-            second
-        } else {
-            first
+    fn victim(&mut self, ttl: Duration) -> Option<usize> {
+        let (first, _) = self.pick(ttl)?;
+        match self.pick(ttl)? {
+            (second, true) => Some(second),
+            _ => Some(first),
         }
     }
 
