@@ -567,7 +567,9 @@ impl Job {
                             .await
                         {
                             tracing::warn!(
-                                "the spend record of this session's refresh token has not been                                  renewed for {LEASE:?}; it holds {UNRENEWED_RECORD_HOLDS:?} more                                  unless its refresh renews it"
+                                "the spend record of this session's refresh token has not been \
+                                 renewed for {LEASE:?}; it holds {UNRENEWED_RECORD_HOLDS:?} \
+                                 more unless its refresh renews it"
                             );
                         }
                     }
