@@ -88,7 +88,8 @@ async fn serve(
     up.set_nodelay(true)?;
     let mut from_client: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut from_up: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut to_up: Vec<u8> = Vec::with_capacity(16 * 1024);
+    // The rewritten head (with `hop` only: the plain relay stays as it was).
+    let mut to_up: Vec<u8> = Vec::with_capacity(if hop.is_some() { 16 * 1024 } else { 0 });
     loop {
         let head = loop {
             let mut fields = [httparse::EMPTY_HEADER; 64];
