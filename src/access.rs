@@ -265,8 +265,13 @@ pub async fn admit(
         || route.feature.is_some()
         || route.sets_identity()
         || matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
-    let mut loaded = if needs_session {
-        app.load_session(sessions, live, req.headers()).await?
+    // The clock read once for the whole stage (~25 ns a read): the session's expiry, its
+    // touch, a step-up's age, the token's freshness and identity headers all take this time.
+    let now = needs_session.then(|| app.clock.now());
+    let clock = |now: Option<u64>| now.unwrap_or_else(|| app.clock.now());
+    let mut loaded = if let Some(now) = now {
+        app.load_session_at(sessions, live, req.headers(), now)
+            .await?
     } else {
         None
     };
@@ -294,7 +299,7 @@ pub async fn admit(
         && crate::oidc::step_up::check(
             step,
             l.session.claims.map(),
-            app.clock.now(),
+            clock(now),
             live.config.oidc.clock_skew.as_secs(),
         )
         .is_err()
@@ -322,19 +327,22 @@ pub async fn admit(
                 false,
             ));
         }
-        let _ = sessions.touch(l, app.clock.now()).await;
+        let _ = sessions.touch(l, clock(now)).await;
     }
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
         (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(
             tokens
-                .user_token(&tokens::TokenAsk {
-                    app,
-                    sessions,
-                    live,
-                    loaded: l,
-                    route,
-                })
+                .user_token(
+                    &tokens::TokenAsk {
+                        app,
+                        sessions,
+                        live,
+                        loaded: l,
+                        route,
+                    },
+                    clock(now),
+                )
                 .await?,
         ),
         (TokenMode::User, None) => {
@@ -369,9 +377,7 @@ pub async fn admit(
         (t, _) => Token::Owned(t.into_owned()),
     });
     let identity = match &loaded {
-        Some(l) if route.sets_identity() => {
-            identity::headers(live, route, &l.session, app.clock.now())?
-        }
+        Some(l) if route.sets_identity() => identity::headers(live, route, &l.session, clock(now))?,
         _ => Vec::new(),
     };
     let tunnel = loaded

@@ -107,11 +107,24 @@ impl Shared {
         live: &LiveConfig,
         headers: &HeaderMap,
     ) -> Result<Option<OpenSession>, StoreError> {
+        self.load_session_at(sessions, live, headers, self.clock.now())
+            .await
+    }
+
+    /// [`Self::load_session`] with the time the caller read from the clock (`now`, Unix
+    /// seconds): a request's access stage reads it once for everything it checks.
+    pub async fn load_session_at(
+        &self,
+        sessions: &Sessions,
+        live: &LiveConfig,
+        headers: &HeaderMap,
+        now: u64,
+    ) -> Result<Option<OpenSession>, StoreError> {
         use tracing::Instrument;
         let span = tracing::trace_span!(target: crate::telemetry::trace::TARGET, "session load");
         async {
             for value in crate::cookies::values(headers, &live.config.session.cookie_name) {
-                if let Some(loaded) = sessions.load(value, self.clock.now()).await? {
+                if let Some(loaded) = sessions.load(value, now).await? {
                     return Ok(Some(loaded));
                 }
             }

@@ -185,14 +185,18 @@ impl Tokens {
     }
 
     /// The user's access token for the route's resource, refreshed when it is about to expire.
+    /// `now`: Unix seconds, as the request's access stage read them.
     pub async fn user_token<'a>(
         &self,
         ask: &TokenAsk<'a>,
+        now: u64,
     ) -> Result<std::borrow::Cow<'a, str>, RequestError> {
-        self.user_token_except(ask, None).await?.ok_or_else(|| {
-            let reason = TokenUnavailable::NoToken;
-            rescue("", RefreshError::Unavailable { reason })
-        })
+        self.user_token_except(ask, None, now)
+            .await?
+            .ok_or_else(|| {
+                let reason = TokenUnavailable::NoToken;
+                rescue("", RefreshError::Unavailable { reason })
+            })
     }
 
     /// A user access token other than `rejected`, which an upstream refused (`invalid_token`):
@@ -203,7 +207,9 @@ impl Tokens {
         ask: &TokenAsk<'a>,
         rejected: &str,
     ) -> Result<Option<std::borrow::Cow<'a, str>>, RequestError> {
-        self.user_token_except(ask, Some(rejected)).await
+        // Read again: the upstream has answered since the request read the clock.
+        self.user_token_except(ask, Some(rejected), ask.app.clock.now())
+            .await
     }
 
     /// Single flight: requests of one session queue on a local mutex; the refresh task each
@@ -216,16 +222,11 @@ impl Tokens {
         &self,
         ask: &TokenAsk<'a>,
         rejected: Option<&str>,
+        now: u64,
     ) -> Result<Option<std::borrow::Cow<'a, str>>, RequestError> {
         let skew = ask.live.config.oidc.refresh_skew.as_secs();
         let key = ask.route.resource.as_deref().unwrap_or_default();
-        if let Some(t) = fresh(
-            ask.app.clock.now(),
-            skew,
-            &ask.loaded.session,
-            key,
-            rejected,
-        ) {
+        if let Some(t) = fresh(now, skew, &ask.loaded.session, key, rejected) {
             return Ok(Some(std::borrow::Cow::Borrowed(t)));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise

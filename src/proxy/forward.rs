@@ -206,7 +206,10 @@ impl Upstreams {
             .map_or_else(|_| connector(), crate::net::connector_with);
         Upstreams {
             client: pooled(client),
-            local: Some(Arc::new(local::LocalPool::new(http_connector()))),
+            local: Some(Arc::new(local::LocalPool::new(
+                http_connector(),
+                deadlines.clone(),
+            ))),
             deadlines: Some(deadlines),
             tunnels: self.tunnels.clone(),
             tls: self.tls.clone(),

@@ -12,6 +12,7 @@
 //! upstream may have acted on it.
 
 use super::wire;
+use crate::clock::deadline::Deadlines;
 use crate::reply::{Body, BoxError};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -44,6 +45,9 @@ pub(super) struct LocalPool {
     /// Connections for [`wire`] exchanges, by authority. Kept apart from `idle`: a connection
     /// hyper's client drives cannot be read or written by anything else.
     bare: Mutex<Vec<(Arc<str>, Vec<Bare>)>>,
+    /// The worker's coarse clock ([`Deadlines::coarse_now`]) for idle times: counted in tens of
+    /// seconds, they need no clock read per request.
+    clock: Arc<Deadlines>,
 }
 
 struct Bare {
@@ -52,12 +56,17 @@ struct Bare {
 }
 
 impl LocalPool {
-    pub(super) fn new(connector: HttpConnector) -> LocalPool {
+    pub(super) fn new(connector: HttpConnector, clock: Arc<Deadlines>) -> LocalPool {
         LocalPool {
             connector,
             idle: Mutex::new(Vec::new()),
             bare: Mutex::new(Vec::new()),
+            clock,
         }
+    }
+
+    fn now(&self) -> Instant {
+        self.clock.coarse_now().into_std()
     }
 }
 
@@ -74,7 +83,6 @@ pub(super) async fn exchange(
         .authority()
         .ok_or("upstream URI without authority")?
         .as_str();
-    let head = wire::encode_head(&*req, replaced);
     let to_head = req.method() == Method::HEAD;
     let mut fresh = false;
     loop {
@@ -90,7 +98,7 @@ pub(super) async fn exchange(
                 (wire::Conn::new(io.into_inner()), false)
             }
         };
-        match wire::exchange(&mut conn, &head, to_head).await {
+        match wire::exchange(&mut conn, (&*req, replaced), to_head).await {
             Ok(answer) => return Ok(respond(pool, authority, conn, answer)),
             Err(error) if reused && error.lost() => {
                 tracing::debug!(%error, "upstream closed a reused connection; sending again");
@@ -137,7 +145,7 @@ fn respond(
 fn checkout_bare(pool: &LocalPool, authority: &str) -> Option<wire::Conn> {
     let mut bare = pool.bare.lock().unwrap_or_else(PoisonError::into_inner);
     let (_, list) = bare.iter_mut().find(|(k, _)| &**k == authority)?;
-    let now = Instant::now();
+    let now = pool.now();
     while let Some(idle) = list.pop() {
         if now.duration_since(idle.since) < IDLE_TIMEOUT && is_quiet(&idle.conn) {
             return Some(idle.conn);
@@ -169,7 +177,7 @@ fn checkin_bare(pool: &LocalPool, authority: &str, conn: wire::Conn) {
     if list.len() < MAX_IDLE {
         list.push(Bare {
             conn,
-            since: Instant::now(),
+            since: pool.now(),
         });
     }
 }
@@ -288,7 +296,7 @@ fn lost_on_reuse(error: &hyper::Error) -> bool {
 fn checkout(pool: &LocalPool, key: &str) -> Option<http1::SendRequest<Body>> {
     let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
     let (_, list) = idle.iter_mut().find(|(k, _)| k == key)?;
-    let now = Instant::now();
+    let now = pool.now();
     list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
     // The most recently used first: its socket is warm, and older ones may expire.
     let at = list.iter().rposition(|c| c.sender.is_ready())?;
@@ -310,7 +318,7 @@ fn checkin(pool: &LocalPool, key: &str, sender: http1::SendRequest<Body>) {
     if list.len() < MAX_IDLE {
         list.push(Idle {
             sender,
-            since: Instant::now(),
+            since: pool.now(),
         });
     }
 }

@@ -147,7 +147,11 @@ impl std::error::Error for WireError {
 /// removed hop-by-hop fields), but those `replaced` stands in for, then `replaced`'s. Names,
 /// values, method and target were validated when they were made, so none can carry a line
 /// break.
-pub(super) fn encode_head<B>(req: &http::Request<B>, replaced: &Replaced<'_>) -> Vec<u8> {
+pub(super) fn encode_head<B>(
+    req: &http::Request<B>,
+    replaced: &Replaced<'_>,
+    out: &mut BytesMut,
+) {
     let (method, headers) = (req.method(), req.headers());
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let field_len = |(n, v): (&HeaderName, &HeaderValue)| n.as_str().len() + v.len() + 4;
@@ -157,9 +161,9 @@ pub(super) fn encode_head<B>(req: &http::Request<B>, replaced: &Replaced<'_>) ->
     let fields: usize = headers.iter().map(field_len).sum::<usize>()
         + replaced.fields().map(field_len).sum::<usize>()
         + authorization;
-    let mut out = Vec::with_capacity(method.as_str().len() + target.len() + fields + 14);
+    out.reserve(method.as_str().len() + target.len() + fields + 14);
     out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
+    out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let own = headers.iter().filter(|(name, _)| !replaced.replaces(name));
@@ -184,7 +188,6 @@ pub(super) fn encode_head<B>(req: &http::Request<B>, replaced: &Replaced<'_>) ->
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// A parsed response head: the response without its body, how the body is framed, and whether
@@ -197,13 +200,27 @@ pub(super) struct Head {
     pub(super) coded: bool,
 }
 
-/// Writes `head` and reads the answer's head (interim `1xx` answers are skipped).
-pub(super) async fn exchange(
+/// Writes the head of `req` (with `replaced`'s fields: [`encode_head`]) and reads the answer's
+/// head (interim `1xx` answers are skipped). The head is written from the connection's read
+/// buffer, which the answer is read into next: no allocation of its own, and the same cache lines.
+pub(super) async fn exchange<B>(
     conn: &mut Conn,
-    head: &[u8],
+    (req, replaced): (&http::Request<B>, &Replaced<'_>),
     to_head: bool,
 ) -> Result<Head, WireError> {
-    if let Err(e) = conn.tcp.write_all(head).await {
+    let written = if conn.buf.is_empty() {
+        conn.make_room();
+        encode_head(req, replaced, &mut conn.buf);
+        let written = conn.tcp.write_all(&conn.buf).await;
+        conn.buf.clear();
+        written
+    } else {
+        // Bytes read and not yet taken (a pooled connection is never checked out with any).
+        let mut head = BytesMut::new();
+        encode_head(req, replaced, &mut head);
+        conn.tcp.write_all(&head).await
+    };
+    if let Err(e) = written {
         return Err(if broken(&e) {
             WireError::Lost(Some(e))
         } else {
@@ -247,12 +264,13 @@ pub(super) fn parse_head(
         if buf.is_empty() {
             return Ok(None);
         }
-        // The parser's fields are left uninitialised and the spans sized to the head: zeroing
+        // The parser's fields are left uninitialised and the spans kept for a few: zeroing
         // room for `MAX_HEADERS` of each cost ~3,000 instructions (a `memset`) per parse.
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
         let parser = httparse::ParserConfig::default();
-        let (len, code, minor, spans) = {
+        let mut spans = Spans::default();
+        let (len, code, minor) = {
             let len = match parser.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields)
             {
                 Ok(httparse::Status::Complete(len)) => len,
@@ -271,25 +289,20 @@ pub(super) fn parse_head(
             // Where each field's name and value lie in `buf`, so that the values can be slices
             // of the head's bytes rather than copies.
             let base = buf.as_ptr() as usize;
-            let spans: Vec<_> = parsed
-                .headers
-                .iter()
-                .map(|field| {
-                    let name = field.name.as_ptr() as usize - base;
-                    let value = field.value.as_ptr() as usize - base;
-                    (
-                        name,
-                        name + field.name.len(),
-                        value,
-                        value + field.value.len(),
-                    )
-                })
-                .collect();
+            for field in parsed.headers.iter() {
+                let name = field.name.as_ptr() as usize - base;
+                let value = field.value.as_ptr() as usize - base;
+                spans.push([
+                    name,
+                    name + field.name.len(),
+                    value,
+                    value + field.value.len(),
+                ]);
+            }
             (
                 len,
                 parsed.code.unwrap_or(0),
                 parsed.version.unwrap_or(1),
-                spans,
             )
         };
         if (100..200).contains(&code) {
@@ -304,7 +317,7 @@ pub(super) fn parse_head(
         let bytes = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
         let mut hops = Hops::default();
-        for (at, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
+        for (at, [ns, ne, vs, ve]) in spans.iter().enumerate() {
             let name = names
                 .name(at, &bytes[ns..ne])
                 .ok_or(WireError::Malformed("header name"))?;
@@ -337,6 +350,50 @@ pub(super) fn parse_head(
             keep,
             coded: hops.chunked.is_some(),
         }));
+    }
+}
+
+/// Where a head's fields lie (name start and end, value start and end): the first
+/// [`Spans::INLINE`] in place, any more in a vector. An answer has a handful of fields, and a
+/// vector for them was an allocation per answer.
+struct Spans {
+    inline: [[usize; 4]; Spans::INLINE],
+    len: usize,
+    more: Vec<[usize; 4]>,
+}
+
+impl Default for Spans {
+    fn default() -> Self {
+        Spans {
+            inline: [[0; 4]; Spans::INLINE],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+}
+
+impl Spans {
+    const INLINE: usize = 16;
+
+    fn push(&mut self, span: [usize; 4]) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => {
+                *slot = span;
+                self.len += 1;
+            }
+            None => self.more.push(span),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len + self.more.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = [usize; 4]> + '_ {
+        self.inline[..self.len]
+            .iter()
+            .chain(self.more.iter())
+            .copied()
     }
 }
 

@@ -314,6 +314,23 @@ fn replaced_with_token(token: &str) -> Replaced<'_> {
     }
 }
 
+fn encode<B>(req: &http::Request<B>, replaced: &Replaced<'_>) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    encode_head(req, replaced, &mut out);
+    out.to_vec()
+}
+
+/// What [`ask`] sends.
+const ROOT_HEAD: &[u8] = b"GET / HTTP/1.1\r\nhost: up.test\r\nx-request-id: id-1\r\n\r\n";
+
+/// `GET /` to `up.test` on `conn`, without a token.
+async fn ask(conn: &mut Conn) -> Result<Head, WireError> {
+    let req = http::Request::get("http://up.test/").body(()).unwrap();
+    let mut replaced = replaced_with_token("");
+    replaced.authorization = None;
+    exchange(conn, (&req, &replaced), false).await
+}
+
 #[test]
 fn the_request_head_is_written_in_origin_form() {
     let req = http::Request::get("http://api.test:8080/a/b?x=1&y")
@@ -325,7 +342,7 @@ fn the_request_head_is_written_in_origin_form() {
     let mut replaced = replaced_with_token("t");
     replaced.forwarded_for = Some(HeaderValue::from_static("10.0.0.1"));
     assert_eq!(
-        String::from_utf8(encode_head(&req, &replaced)).unwrap(),
+        String::from_utf8(encode(&req, &replaced)).unwrap(),
         "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nx-forwarded-for: 10.0.0.1\r\nx-request-id: id-1\r\nauthorization: Bearer t\r\n\r\n",
         "the client's Host gives way to the proxy's"
     );
@@ -338,7 +355,7 @@ fn a_token_with_a_line_break_is_never_written() {
     let req = http::Request::get("http://api.test/a").body(()).unwrap();
     for token in ["t\r\nx-injected: 1", "t\nx-injected: 1", "t\rx"] {
         assert_eq!(
-            String::from_utf8(encode_head(&req, &replaced_with_token(token))).unwrap(),
+            String::from_utf8(encode(&req, &replaced_with_token(token))).unwrap(),
             "GET /a HTTP/1.1\r\nhost: up.test\r\nx-request-id: id-1\r\n\r\n",
             "{token:?}"
         );
@@ -391,7 +408,7 @@ async fn an_exchange_reads_the_head_and_the_body_streams_then_the_connection_goe
     let answer = tokio::spawn(async move {
         let mut seen = vec![0u8; 64];
         let n = upstream.read(&mut seen).await.unwrap();
-        assert_eq!(&seen[..n], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(&seen[..n], ROOT_HEAD);
         upstream
             .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
             .await
@@ -400,7 +417,7 @@ async fn an_exchange_reads_the_head_and_the_body_streams_then_the_connection_goe
         upstream.write_all(b"2\r\nde\r\n0\r\n\r\n").await.unwrap();
         upstream
     });
-    let head = exchange(&mut conn, b"GET / HTTP/1.1\r\n\r\n", false)
+    let head = ask(&mut conn)
         .await
         .unwrap();
     assert!(head.keep);
@@ -423,7 +440,7 @@ async fn a_connection_with_bytes_beyond_the_answer_or_told_to_close_stays_away()
         let (mut upstream, mut conn) = pair().await;
         let homes = Homes::default();
         upstream.write_all(wire).await.unwrap();
-        let head = exchange(&mut conn, b"GET / HTTP/1.1\r\n\r\n", false)
+        let head = ask(&mut conn)
             .await
             .unwrap();
         assert_eq!(head.keep, keep);
@@ -450,7 +467,7 @@ async fn a_connection_with_bytes_beyond_the_answer_or_told_to_close_stays_away()
 async fn a_connection_closed_before_any_answer_is_lost_and_one_closed_mid_answer_is_an_error() {
     let (upstream, mut conn) = pair().await;
     drop(upstream);
-    let lost = exchange(&mut conn, b"GET / HTTP/1.1\r\n\r\n", false).await;
+    let lost = ask(&mut conn).await;
     assert!(lost.is_err_and(|e| e.lost()));
 
     let (mut upstream, mut conn) = pair().await;
@@ -459,7 +476,7 @@ async fn a_connection_closed_before_any_answer_is_lost_and_one_closed_mid_answer
         .await
         .unwrap();
     drop(upstream);
-    let cut = exchange(&mut conn, b"GET / HTTP/1.1\r\n\r\n", false).await;
+    let cut = ask(&mut conn).await;
     assert!(matches!(cut, Err(WireError::Malformed(_))));
 
     let (mut upstream, mut conn) = pair().await;
@@ -468,7 +485,7 @@ async fn a_connection_closed_before_any_answer_is_lost_and_one_closed_mid_answer
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
         .await
         .unwrap();
-    let head = exchange(&mut conn, b"GET / HTTP/1.1\r\n\r\n", false)
+    let head = ask(&mut conn)
         .await
         .unwrap();
     drop(upstream);
@@ -524,4 +541,29 @@ fn an_answer_reads_the_same_however_its_bytes_arrive() {
         read_answer(cases[4], 4, false, &mut names).is_err(),
         "a body cut short"
     );
+}
+
+/// The first fields' places are kept in place and any beyond them in a vector: every field of
+/// an answer with many comes through, in order, with its own value, the hop-by-hop ones among
+/// them (early and late) read and left out.
+#[test]
+fn an_answer_with_more_fields_than_kept_in_place_keeps_them_all_in_order() {
+    for count in [Spans::INLINE - 1, Spans::INLINE, Spans::INLINE + 1, 90] {
+        let mut text = String::from("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n");
+        for i in 0..count {
+            text.push_str(&format!("X-F{i}: v{i}\r\n"));
+        }
+        text.push_str("Keep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n");
+        let head = complete(&text);
+        let fields: Vec<_> = head
+            .response
+            .headers()
+            .iter()
+            .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+            .collect();
+        let mut want: Vec<_> = (0..count).map(|i| format!("x-f{i}=v{i}")).collect();
+        want.push("content-length=0".into());
+        assert_eq!(fields, want, "{count} fields");
+        assert!(head.keep);
+    }
 }
