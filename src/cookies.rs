@@ -6,8 +6,10 @@ use http::{HeaderMap, HeaderValue, header};
 use std::time::Duration;
 
 /// Every value of the cookie `name` in the request (a foreign cookie of the same name may sit
-/// beside ours; each is tried), with no list made. A `Cookie` header that is not all visible
-/// ASCII is skipped whole.
+/// beside ours; each is tried), with no list made. A pair that is not all visible ASCII is
+/// skipped; the others in its field are not (browsers keep UTF-8 and other bytes in cookies
+/// that scripts and servers set: one such cookie beside the session cookie must not log its
+/// user out).
 ///
 /// Read as bytes: the visible-ASCII check has no early exit (so it runs a word at a time) and
 /// the pairs are found with `memchr`; as `str` with `split`, a long session cookie cost ~600
@@ -31,17 +33,21 @@ pub fn with_prefix<'h>(
     })
 }
 
-/// The (name, value) of every cookie pair with a `=` in the request's `Cookie` fields that are
-/// visible ASCII (a field that is not is skipped whole), trimmed, in order.
+/// The (name, value) of every cookie pair with a `=` in the request's `Cookie` fields that is
+/// visible ASCII (one that is not is skipped, not its field), trimmed, in order. `;` is never
+/// part of a longer character, so the pairs are where a browser put them whatever bytes they
+/// hold.
 fn named_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .map(HeaderValue::as_bytes)
-        .filter(|v| is_visible_ascii(v))
         .flat_map(|v| Pairs(Some(v)))
         .filter_map(|pair| {
             let pair = pair.trim_ascii();
+            if !is_visible_ascii(pair) {
+                return None;
+            }
             let at = memchr::memchr(b'=', pair)?;
             Some((&pair[..at], &pair[at + 1..]))
         })
@@ -77,13 +83,6 @@ fn trim_quotes(mut value: &[u8]) -> &[u8] {
         value = rest;
     }
     value
-}
-
-/// A `Cookie` value's bytes, if they are all visible ASCII or tab (what `HeaderValue::to_str`
-/// accepts), every byte looked at.
-pub fn text(value: &HeaderValue) -> Option<&[u8]> {
-    let bytes = value.as_bytes();
-    is_visible_ascii(bytes).then_some(bytes)
 }
 
 /// The pairs of a `Cookie` value: its `;`-separated parts, trimmed, the empty ones left out.
@@ -180,12 +179,14 @@ mod tests {
                 &["a=b"],
             ),
             (&[b"vestibule=", b"", b";;;"], &[""]),
-            // A header with a byte outside visible ASCII is skipped whole; the next one counts.
+            // A pair with a byte outside visible ASCII is skipped, not its neighbours.
             (
                 &[b"vestibule=one; other=\xc3\xa9", b"vestibule=two"],
-                &["two"],
+                &["one", "two"],
             ),
+            (&[b"\xe9=1;vestibule=one;\xff"], &["one"]),
             (&[b"vestibule=one\xff", b"vestibule=\"two"], &["two"]),
+            (&[b"vestibule=\xc3\xa9; vestibule=three"], &["three"]),
             (&[b"vestibule=tw\to"], &["tw\to"]),
             (&[b"vestibule=\"\"", b"vestibule=\""], &["", ""]),
         ];

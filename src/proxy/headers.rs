@@ -256,16 +256,16 @@ impl OwnCookies<'_> {
 
     /// Whether a cookie an upstream sets would be one of ours, with or without a `__Host-` or
     /// `__Secure-` prefix (browsers match those prefixes case-insensitively).
-    fn names_ours(&self, name: &str) -> bool {
+    fn names_ours(&self, name: &[u8]) -> bool {
         let name = without_prefix(name);
-        name == without_prefix(self.session)
-            || name.starts_with(without_prefix(self.login_prefix))
-            || name == without_prefix(self.logout)
+        name == without_prefix(self.session.as_bytes())
+            || name.starts_with(without_prefix(self.login_prefix.as_bytes()))
+            || name == without_prefix(self.logout.as_bytes())
     }
 }
 
-fn without_prefix(name: &str) -> &str {
-    for prefix in ["__Host-", "__Secure-"] {
+fn without_prefix(name: &[u8]) -> &[u8] {
+    for prefix in [&b"__Host-"[..], b"__Secure-"] {
         if let Some(head) = name.get(..prefix.len())
             && head.eq_ignore_ascii_case(prefix)
         {
@@ -275,16 +275,19 @@ fn without_prefix(name: &str) -> &str {
     name
 }
 
-/// The name of the cookie a `Set-Cookie` value sets. A nameless cookie (`=name=value`) is
-/// sent back by browsers as `name=value`, so the name inside its value is the one that counts.
-fn set_cookie_name(value: &HeaderValue) -> Option<&str> {
+/// The name of the cookie a `Set-Cookie` value sets, as bytes: browsers keep bytes that are
+/// not UTF-8 (nor ASCII) in a cookie, so its value must not keep its name from being read (an
+/// upstream's `__Host-vestibule=\x80; Max-Age=0` would otherwise pass and delete the session
+/// cookie). A nameless cookie (`=name=value`) is sent back by browsers as `name=value`, so the
+/// name inside its value is the one that counts.
+fn set_cookie_name(value: &HeaderValue) -> Option<&[u8]> {
     let pair = value.as_bytes().split(|&b| b == b';').next()?;
-    let pair = std::str::from_utf8(pair).ok()?.trim();
-    let (name, rest) = pair.split_once('=')?;
-    match name.trim() {
-        "" => rest.split_once('=').map(|(name, _)| name.trim()),
-        name => Some(name),
+    let at = memchr::memchr(b'=', pair)?;
+    let (name, rest) = (pair[..at].trim_ascii(), &pair[at + 1..]);
+    if !name.is_empty() {
+        return Some(name);
     }
+    memchr::memchr(b'=', rest).map(|at| rest[..at].trim_ascii())
 }
 
 /// Drops every `Set-Cookie` of an upstream's response that would set one of Vestibule's own
@@ -305,7 +308,7 @@ pub fn remove_set_cookies(headers: &mut HeaderMap, own: OwnCookies<'_>, route: &
         if ours(&value) {
             tracing::warn!(
                 route,
-                cookie = set_cookie_name(&value).unwrap_or_default(),
+                cookie = %String::from_utf8_lossy(set_cookie_name(&value).unwrap_or_default()),
                 "the upstream's Set-Cookie for one of Vestibule's own cookies was dropped"
             );
         } else {
@@ -325,7 +328,9 @@ fn cookie_name(pair: &[u8]) -> &[u8] {
 
 /// The `Cookie` field to send instead of the client's when they carry any of Vestibule's own
 /// cookies, or come as several fields: the others' pairs in order, in one field (`None` when
-/// nothing is left; a header that is not text goes too). An HTTP/2 client sends each cookie in
+/// nothing is left). Every pair whose name is one of ours goes, whatever bytes it holds (a
+/// superset of what [`crate::cookies::values`] reads as ours, which takes only visible ASCII);
+/// the others stay, whatever bytes they hold. An HTTP/2 client sends each cookie in
 /// a field of its own, which an HTTP/1.1 upstream must get joined (RFC 9113 §8.2.3; RFC 6265
 /// allows a request one `Cookie` line). `None` when the client's are one field with none of
 /// ours (the common case on routes without a session; a token route's requests always carry
@@ -338,17 +343,14 @@ pub fn kept_cookies(headers: &HeaderMap, own: OwnCookies<'_>) -> Option<Option<H
     let mut fields = 0;
     let present = headers.get_all(header::COOKIE).iter().any(|value| {
         fields += 1;
-        crate::cookies::text(value).is_none_or(|text| crate::cookies::pairs(text).any(|p| ours(&p)))
+        crate::cookies::pairs(value.as_bytes()).any(|p| ours(&p))
     });
     if !present && fields < 2 {
         return None;
     }
     let mut kept = Vec::new();
     for value in &headers.get_all(header::COOKIE) {
-        let Some(text) = crate::cookies::text(value) else {
-            continue;
-        };
-        for pair in crate::cookies::pairs(text).filter(|p| !ours(p)) {
+        for pair in crate::cookies::pairs(value.as_bytes()).filter(|p| !ours(p)) {
             if !kept.is_empty() {
                 kept.extend_from_slice(b"; ");
             }
@@ -1092,18 +1094,21 @@ mod tests {
         h.append(header::COOKIE, " __Host-vestibule=x ;".parse().unwrap());
         remove_cookies(&mut h, own);
         assert!(h.get(header::COOKIE).is_none());
-        // A header that is not text cannot be checked: it goes, the others' pairs stay.
+        // Ours go whatever bytes they hold; the others' pairs stay, whatever bytes they hold.
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, "a=1".parse().unwrap());
         h.append(
             header::COOKIE,
-            HeaderValue::from_bytes(b"__Host-vestibule=\xff").unwrap(),
+            HeaderValue::from_bytes(b"__Host-vestibule=\xff; p=\xc3\xa9").unwrap(),
         );
         h.append(header::COOKIE, "b=2;; c=3".parse().unwrap());
         remove_cookies(&mut h, own);
         assert_eq!(
-            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
-            ["a=1; b=2; c=3"]
+            h.get_all(header::COOKIE)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect::<Vec<_>>(),
+            [b"a=1; p=\xc3\xa9; b=2; c=3"]
         );
         // None of ours, in one header: left exactly as it came.
         let mut h = HeaderMap::new();
@@ -1145,6 +1150,39 @@ mod tests {
         remove_set_cookies(&mut h, own, "/api/");
         let kept: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
         assert_eq!(kept, ["app=7; Path=/", "vestibule-other=8", "Vestibule=9"]);
+    }
+
+    /// Bytes that are not UTF-8 (which browsers keep in a cookie's value, and `HeaderValue`
+    /// allows) must not hide the name: an upstream could otherwise delete or overwrite the
+    /// session cookie in the browser (`Max-Age=0`), logging its user out.
+    #[test]
+    fn upstream_set_cookies_for_our_cookies_are_dropped_whatever_bytes_they_carry() {
+        let own = OwnCookies {
+            session: "__Host-vestibule",
+            login_prefix: "__Host-vestibule-login-",
+            logout: "__Host-vestibule-logout",
+        };
+        let mut h = HeaderMap::new();
+        for value in [
+            &b"__Host-vestibule=\x80; Path=/; Secure; Max-Age=0"[..],
+            b"__Host-vestibule=x\x80y; Path=/; Secure",
+            b"__Host-vestibule-login-x=\xff; Path=/; Secure",
+            b"__Host-vestibule-login-\xe9=1; Path=/; Secure",
+            b"__Host-vestibule-logout=\xc3\xa9",
+            b"=__Host-vestibule=\x80; Path=/",
+            b"\t__Host-vestibule\t=\x80",
+            b"app=\xc3\xa9; Path=/",
+            b"\xe9=1",
+        ] {
+            h.append(header::SET_COOKIE, HeaderValue::from_bytes(value).unwrap());
+        }
+        remove_set_cookies(&mut h, own, "/api/");
+        let kept: Vec<_> = h
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        assert_eq!(kept, [&b"app=\xc3\xa9; Path=/"[..], b"\xe9=1"]);
     }
 
     #[test]
@@ -1265,37 +1303,43 @@ mod tests {
 
     /// `kept_cookies` as it was written first (as `str`: `to_str`, `split`, `trim`), for the
     /// byte-wise one to be held to.
+    /// [`kept_cookies`] as text: each byte one character (Latin-1, so that bytes outside ASCII
+    /// stay themselves), `str`'s splitting, and trimming of spaces and tabs.
     fn kept_cookies_as_text(h: &HeaderMap, own: OwnCookies<'_>) -> Option<Option<HeaderValue>> {
         fn pairs(text: &str) -> impl Iterator<Item = &str> {
-            text.split(';').map(str::trim).filter(|p| !p.is_empty())
+            let blank = |c: char| c == ' ' || c == '\t';
+            text.split(';')
+                .map(move |p| p.trim_matches(blank))
+                .filter(|p| !p.is_empty())
         }
         let ours = |pair: &str| {
-            let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            let name = name.trim_matches(|c: char| c == ' ' || c == '\t');
             name == own.session || name.starts_with(own.login_prefix)
         };
-        let texts: Vec<Option<&str>> = h
+        let texts: Vec<String> = h
             .get_all(header::COOKIE)
             .iter()
-            .map(|v| v.to_str().ok())
+            .map(|v| v.as_bytes().iter().map(|&b| char::from(b)).collect())
             .collect();
-        let present = texts.iter().any(|t| t.is_none_or(|t| pairs(t).any(ours)));
+        let present = texts.iter().any(|t| pairs(t).any(ours));
         if !present && texts.len() < 2 {
             return None;
         }
         let kept: Vec<&str> = texts
             .iter()
-            .flatten()
             .flat_map(|t| pairs(t))
             .filter(|p| !ours(p))
             .collect();
         if kept.is_empty() {
             return Some(None);
         }
-        Some(HeaderValue::from_str(&kept.join("; ")).ok())
+        let bytes: Vec<u8> = kept.join("; ").chars().map(|c| c as u8).collect();
+        Some(HeaderValue::from_bytes(&bytes).ok())
     }
 
     #[test]
-    fn kept_cookies_reads_bytes_as_the_text_reading_did() {
+    fn kept_cookies_reads_bytes_as_a_text_reading_does() {
         let own = OwnCookies {
             session: "vestibule",
             login_prefix: "vestibule-login",

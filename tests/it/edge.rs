@@ -216,6 +216,28 @@ async fn an_upstream_cannot_set_vestibules_cookies() {
             ],
             "cookie name {name}"
         );
+        // A value that is not UTF-8 does not hide the name (an upstream deleting the session
+        // cookie in the browser would log its user out).
+        let r = get(
+            &proxy.url(&format!("/api/set-cookie-bytes?{}", names.join(","))),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let set: Vec<&[u8]> = r
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(
+            set,
+            [
+                &b"app-pref=\x80; Path=/; Max-Age=0"[..],
+                b"vestibule-other=\x80; Path=/; Max-Age=0"
+            ],
+            "cookie name {name}"
+        );
         proxy.shutdown.cancel();
     }
 }

@@ -318,6 +318,64 @@ async fn cookies_in_several_fields_reach_the_upstream_in_one() {
     assert_eq!(cookies, ["a=1; b=2; c=3"]);
 }
 
+/// A cookie of the application's whose value is not ASCII (browsers keep UTF-8 and other bytes
+/// that scripts or servers set) sits in the same `Cookie` field as the session cookie, or in a
+/// field of its own: the session is still found, and the upstream gets the application's cookie
+/// without ours. Skipped whole, such a field logged the user out for as long as the browser
+/// kept that cookie, and the upstream lost its own cookie.
+#[tokio::test]
+async fn a_cookie_that_is_not_ascii_neither_hides_the_session_nor_is_lost_on_the_way() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
+        up.url()
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let cookie = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "alice".into(),
+            ..Default::default()
+        })
+        .await;
+    let cases: [(&[u8], &[u8]); 4] = [
+        (b"pref=\xc3\xa9; ", b"pref=\xc3\xa9"),
+        (b"a=1; pref=x\xffy; ", b"a=1; pref=x\xffy"),
+        (b"\xe9t\xe9=1; ", b"\xe9t\xe9=1"),
+        (b"pref=\xc3\xa9\r\nCookie: ", b"pref=\xc3\xa9"),
+    ];
+    for (method, body) in [("GET", ""), ("POST", "hi")] {
+        for (before, forwarded) in cases {
+            let mut request = format!(
+                "{method} /api/c HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\nCookie: ",
+                body.len()
+            )
+            .into_bytes();
+            request.extend_from_slice(before);
+            request.extend_from_slice(format!("{cookie}\r\n\r\n{body}").as_bytes());
+            let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            tcp.write_all(&request).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+                .await
+                .unwrap()
+                .unwrap();
+            let case = String::from_utf8_lossy(before);
+            assert!(
+                answer.starts_with(b"HTTP/1.1 200 "),
+                "{method} {case:?}: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            let seen = up.last().headers;
+            let cookies: Vec<_> = seen
+                .get_all("cookie")
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            assert_eq!(cookies, [forwarded], "{method} {case:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn slowloris_connection_is_closed() {
     let up = upstream::start().await;

@@ -147,11 +147,7 @@ impl std::error::Error for WireError {
 /// removed hop-by-hop fields), but those `replaced` stands in for, then `replaced`'s. Names,
 /// values, method and target were validated when they were made, so none can carry a line
 /// break.
-pub(super) fn encode_head<B>(
-    req: &http::Request<B>,
-    replaced: &Replaced<'_>,
-    out: &mut BytesMut,
-) {
+pub(super) fn encode_head<B>(req: &http::Request<B>, replaced: &Replaced<'_>, out: &mut BytesMut) {
     let (method, headers) = (req.method(), req.headers());
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let field_len = |(n, v): (&HeaderName, &HeaderValue)| n.as_str().len() + v.len() + 4;
@@ -299,11 +295,7 @@ pub(super) fn parse_head(
                     value + field.value.len(),
                 ]);
             }
-            (
-                len,
-                parsed.code.unwrap_or(0),
-                parsed.version.unwrap_or(1),
-            )
+            (len, parsed.code.unwrap_or(0), parsed.version.unwrap_or(1))
         };
         if (100..200).contains(&code) {
             if code == 101 {

@@ -1,6 +1,7 @@
 //! A real upstream HTTP server on port 0 that records what it saw and answers by path:
 //! `/slow` waits, `/big?n=BYTES` streams a large body, `/upload` counts a streamed body,
 //! `/ws` upgrades and echoes bytes, `/set-cookie?a,b` answers with a `Set-Cookie` for each name
+//! (`/set-cookie-bytes?a,b`: each deleted, with a value that is not UTF-8)
 //! listed, anything else echoes the request head as JSON.
 
 use bytes::Bytes;
@@ -142,6 +143,17 @@ async fn handle(
         let mut response = Response::builder();
         for name in query.split(',').filter(|n| !n.is_empty()) {
             response = response.header("set-cookie", format!("{name}=from-upstream; Path=/"));
+        }
+        return Ok(response.body(full("cookies set")).unwrap());
+    }
+    // The same, deleting each cookie with a value that is not UTF-8 (browsers take it).
+    if path.ends_with("/set-cookie-bytes") {
+        let mut response = Response::builder();
+        for name in query.split(',').filter(|n| !n.is_empty()) {
+            let mut value = format!("{name}=").into_bytes();
+            value.extend_from_slice(b"\x80; Path=/; Max-Age=0");
+            let value = http::HeaderValue::from_bytes(&value).unwrap();
+            response = response.header("set-cookie", value);
         }
         return Ok(response.body(full("cookies set")).unwrap());
     }

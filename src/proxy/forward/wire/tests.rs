@@ -417,9 +417,7 @@ async fn an_exchange_reads_the_head_and_the_body_streams_then_the_connection_goe
         upstream.write_all(b"2\r\nde\r\n0\r\n\r\n").await.unwrap();
         upstream
     });
-    let head = ask(&mut conn)
-        .await
-        .unwrap();
+    let head = ask(&mut conn).await.unwrap();
     assert!(head.keep);
     let body = WireBody::new(conn, head.framing, head.keep, home(&homes));
     let bytes = body.collect().await.unwrap().to_bytes();
@@ -440,9 +438,7 @@ async fn a_connection_with_bytes_beyond_the_answer_or_told_to_close_stays_away()
         let (mut upstream, mut conn) = pair().await;
         let homes = Homes::default();
         upstream.write_all(wire).await.unwrap();
-        let head = ask(&mut conn)
-            .await
-            .unwrap();
+        let head = ask(&mut conn).await.unwrap();
         assert_eq!(head.keep, keep);
         let body = WireBody::new(conn, head.framing, head.keep, home(&homes));
         // The rest of the body and, when the connection was to be kept, an extra byte.
@@ -485,9 +481,7 @@ async fn a_connection_closed_before_any_answer_is_lost_and_one_closed_mid_answer
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
         .await
         .unwrap();
-    let head = ask(&mut conn)
-        .await
-        .unwrap();
+    let head = ask(&mut conn).await.unwrap();
     drop(upstream);
     let body = WireBody::new(conn, head.framing, head.keep, home(&homes));
     assert!(
