@@ -88,6 +88,8 @@ pub(super) async fn serve(
         timeout: limits.timeouts.send,
     };
     let mut stopping = pin!(shutdown.cancelled());
+    // A request has been answered here: what follows is HTTP/1.1, whatever it looks like.
+    let mut served = false;
     loop {
         if buf.is_empty() {
             // Back to the start of the allocation (the last head's bytes are gone with its
@@ -123,6 +125,14 @@ pub(super) async fn serve(
         else {
             // Boxed (as below): hyper's connection is 2.5 KB of future that every connection
             // of the lane would otherwise carry for its whole life.
+            if served && is_h2_preface(&buf) {
+                // hyper's choice of version looks for the preface at the first bytes it is
+                // given: handed over, this connection would turn into HTTP/2 halfway, which no
+                // server reading it from its start does (and a proxy in front may not expect).
+                let _ = write_all(&mut tcp, REFUSED_PREFACE, &timed).await;
+                let _ = tcp.shutdown().await;
+                return;
+            }
             let rest = buf.freeze();
             let conn = (tcp, rest, hold);
             return in_box(|| hand_over(builder, conn, (app, worker), ip, limits, shutdown)).await;
@@ -181,7 +191,22 @@ pub(super) async fn serve(
             let _ = tcp.shutdown().await;
             return;
         }
+        served = true;
     }
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4), which hyper looks for at the start of what it is
+/// given.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The answer to HTTP/2's preface on a connection that has carried an HTTP/1.1 request.
+const REFUSED_PREFACE: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// Whether `buf` is HTTP/2's preface, or the start of it (the lane finds it unusual once it
+/// reads `PRI * HTTP/2`, before the rest has come).
+fn is_h2_preface(buf: &[u8]) -> bool {
+    !buf.is_empty() && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())])
 }
 
 /// What the buffered bytes hold.

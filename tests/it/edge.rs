@@ -785,3 +785,28 @@ async fn header_floods_keep_memory_bounded() {
     let r = get(&proxy.url("/api/after"), &[]).await;
     assert_eq!(r.status, 200, "the proxy still serves after the floods");
 }
+
+/// A connection that has carried an HTTP/1.1 request stays HTTP/1.1: the HTTP/2 preface after
+/// it is a malformed request, as when hyper serves the connection from its first byte, not the
+/// start of an HTTP/2 connection (the lane hands a connection to hyper when a request needs it,
+/// and hyper's automatic choice of version looks for the preface at what it is given first).
+#[tokio::test]
+async fn the_http2_preface_after_an_http1_request_does_not_switch_the_connection() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, false, "")).await;
+    let bytes = b"GET /api/first HTTP/1.1\r\nHost: x\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let (statuses, text) = exchange(&proxy, bytes).await;
+    assert_eq!(statuses.first(), Some(&200), "{text:?}");
+    let (_, after) = text.split_once("\r\n\r\n").unwrap();
+    // An HTTP/2 server's first frame is SETTINGS: three bytes of length, then type 0x04.
+    let h2 = after
+        .as_bytes()
+        .windows(4)
+        .any(|w| w[0] == 0 && w[3] == 0x04);
+    assert!(!h2, "the connection switched to HTTP/2: {text:?}");
+    assert!(
+        statuses.len() == 1 || statuses[1] == 400,
+        "the preface is refused or the connection closed: {statuses:?}"
+    );
+    assert_eq!(up.count(), 1, "only the first request reached the upstream");
+}

@@ -410,3 +410,22 @@ fn a_line_feed_without_its_carriage_return_is_found_anywhere() {
     assert!(has_bare_lf(long.as_bytes()));
     assert!(!has_bare_lf(long.replace("y\n", "y\r\n").as_bytes()));
 }
+
+#[test]
+fn the_http2_preface_is_told_from_its_start_on() {
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    for len in 1..=preface.len() {
+        assert!(is_h2_preface(&preface[..len]), "{len} bytes");
+    }
+    let mut more = preface.to_vec();
+    more.extend_from_slice(b"\x00\x00\x00\x04");
+    assert!(is_h2_preface(&more), "with the first frame after it");
+    for other in [
+        &b""[..],
+        b"PRI * HTTP/1.1\r\n",
+        b"PRX",
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        assert!(!is_h2_preface(other), "{other:?}");
+    }
+}
