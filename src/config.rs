@@ -625,16 +625,29 @@ impl Config {
     }
 
     /// A `static_dir` holding the configuration file at `path` or a secret file would serve it
-    /// (the client secret, the session keys) to anyone: one problem per such route and file.
+    /// to anyone: the client secret, the session keys, every private key (the server's TLS
+    /// key, the client's keys for assertions and mutual TLS, the DPoP key) and the client
+    /// assertion file. One problem per such route and file.
     fn exposed_files(&self, path: &Path) -> Vec<ConfigError> {
+        let oidc = &self.oidc;
         let secret = [
             Some(path),
-            self.oidc.client_secret_file.as_deref(),
+            oidc.client_secret_file.as_deref(),
             self.session.keys_file.as_deref(),
+            self.server.tls.as_ref().map(|tls| tls.key.as_path()),
+            oidc.client_key_file.as_deref(),
+            oidc.client_assertion_file.as_deref(),
+            oidc.dpop_key_file.as_deref(),
+            oidc.tls_client.as_ref().map(|id| id.key_path.as_path()),
         ];
+        let published = oidc.client_published_key_files.iter().map(PathBuf::as_path);
+        let routes_own = (self.routes.iter())
+            .filter_map(|route| route.tls_client.as_ref().map(|id| id.key_path.as_path()));
         let secret: Vec<PathBuf> = secret
             .into_iter()
             .flatten()
+            .chain(published)
+            .chain(routes_own)
             .filter_map(|file| std::fs::canonicalize(file).ok())
             .collect();
         let mut problems = Vec::new();

@@ -401,3 +401,118 @@ fn a_static_dir_holding_the_configuration_or_a_secret_is_refused() {
     std::fs::write(&file, &config).unwrap();
     assert!(Config::load(&file).is_ok());
 }
+
+/// Every private key and credential file the configuration names is kept out of a `static_dir`,
+/// not only the configuration, the client secret and the session keys: a key there would be
+/// served to anyone (client assertions forged, DPoP binding defeated, the server's TLS
+/// identity taken).
+#[test]
+fn a_static_dir_holding_a_key_or_credential_file_the_configuration_names_is_refused() {
+    let ca = crate::support::pki::TestCa::new("exposed");
+    let site = ca.dir.path().to_path_buf();
+    let server = ca.server();
+    let client = ca.client("bff");
+    let ec = include_str!("../fixtures/ec-p256.pem");
+    for name in ["client-key.pem", "next-key.pem", "dpop-key.pem"] {
+        std::fs::write(site.join(name), ec).unwrap();
+    }
+    std::fs::write(
+        site.join("assertion.jwt"),
+        "eyJhbGciOiJFUzI1NiJ9.e30.c2ln\n",
+    )
+    .unwrap();
+    let path = |file: &Path| file.to_str().unwrap().to_string();
+    let at = |name: &str| path(&site.join(name));
+    let route = format!(
+        "[[routes]]\npath = \"/\"\nstatic_dir = \"{}\"\n",
+        site.display()
+    );
+    let base =
+        || TomlConfig::parse(&format!("{}\n{route}", base())).set("oidc.client_secret", "literal");
+    let private_key_jwt = || {
+        base()
+            .remove("oidc.client_secret")
+            .add("oidc.client_auth", "private_key_jwt")
+    };
+    let cases = [
+        (
+            "server.tls.key",
+            base()
+                .add("server.tls.cert", path(&server.cert_file))
+                .add("server.tls.key", path(&server.key_file)),
+            server
+                .key_file
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string(),
+        ),
+        (
+            "oidc.client_key_file",
+            private_key_jwt().add("oidc.client_key_file", at("client-key.pem")),
+            "client-key.pem".to_string(),
+        ),
+        (
+            "oidc.client_published_key_files",
+            private_key_jwt()
+                .add("oidc.client_key_file", path(&server.key_file))
+                .add("oidc.client_published_key_files", vec![at("next-key.pem")]),
+            "next-key.pem".to_string(),
+        ),
+        (
+            "oidc.client_assertion_file",
+            private_key_jwt().add("oidc.client_assertion_file", at("assertion.jwt")),
+            "assertion.jwt".to_string(),
+        ),
+        (
+            "oidc.dpop_key_file",
+            base()
+                .add("oidc.dpop", true)
+                .add("oidc.dpop_key_file", at("dpop-key.pem")),
+            "dpop-key.pem".to_string(),
+        ),
+        (
+            "oidc.tls_client_key",
+            base()
+                .remove("oidc.client_secret")
+                .add("oidc.client_auth", "tls_client_auth")
+                .add("oidc.tls_client_cert", path(&client.cert_file))
+                .add("oidc.tls_client_key", path(&client.key_file)),
+            client
+                .key_file
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string(),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    for (key, config, exposed) in cases {
+        std::fs::write(&file, config.text()).unwrap();
+        let found = match Config::load(&file) {
+            Ok(_) => panic!("{key}: a static_dir holding {exposed} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            found.contains("routes[0].static_dir") && found.contains(&exposed),
+            "{key}: {found}"
+        );
+    }
+    // A route's own client key, under a route of its own.
+    let text = format!(
+        "{}\n[[routes]]\npath = \"/api/\"\nupstream = \"https://api.example.com\"\ntls_client_cert = \"{}\"\ntls_client_key = \"{}\"\n",
+        base().text(),
+        path(&client.cert_file),
+        path(&client.key_file)
+    );
+    std::fs::write(&file, text).unwrap();
+    let found = Config::load(&file).map(|_| ()).unwrap_err().to_string();
+    let exposed = client.key_file.file_name().unwrap().to_str().unwrap();
+    assert!(
+        found.contains("routes[0].static_dir") && found.contains(exposed),
+        "routes[1].tls_client_key: {found}"
+    );
+}
