@@ -266,7 +266,7 @@ impl App {
                 target: "vestibule::access",
                 route = %routed.label,
                 %method,
-                path = %crate::telemetry::logged_path(path),
+                path = %crate::telemetry::access_logged_path(path, &config.server.bff_prefix),
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
                 upstream_ms,

@@ -130,14 +130,19 @@ pub fn pkce_challenge(verifier: &str) -> String {
     URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()))
 }
 
-/// Accepts only local paths: one leading `/`, not `//`, no `\`, no control characters — checked
-/// on the raw value and again after percent-decoding, so encoded variants are refused too.
+/// Accepts only local paths: one leading `/`, not `//`, no `\`, no control characters, no `.`
+/// or `..` segment — checked on the raw value and again after percent-decoding, so encoded
+/// variants are refused too. A dot segment would let a browser resolve `/..//evil.example/x`
+/// to the path `//evil.example/x` of this origin, which a page reading its own path as a URL
+/// takes for another host.
 pub fn local_return_url(raw: &str) -> Option<String> {
     fn ok(path: &str) -> bool {
+        let mut segments = path.split(['?', '#']).next().unwrap_or_default().split('/');
         path.starts_with('/')
             && !path.starts_with("//")
             && !path.contains('\\')
             && !path.chars().any(|c| c.is_control())
+            && !segments.any(|s| s == "." || s == "..")
     }
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
@@ -764,7 +769,15 @@ mod tests {
 
     #[test]
     fn return_urls_must_be_local_paths() {
-        for good in ["/", "/app", "/app?tab=1#x", "/a/b%20c"] {
+        for good in [
+            "/",
+            "/app",
+            "/app?tab=1#x",
+            "/a/b%20c",
+            "/a/..b/c.",
+            "/a?x=/../..",
+            "/a#/..//x",
+        ] {
             assert!(local_return_url(good).is_some(), "{good}");
         }
         for bad in [
@@ -780,6 +793,12 @@ mod tests {
             "/%252F%252Fevil.example",
             "/\tevil",
             "\\\\evil",
+            "/..//evil.example/x",
+            "/.//evil.example/x",
+            "/a/..//evil.example",
+            "/a/.",
+            "/%2E%2E//evil.example",
+            "/%252e%252e//evil.example",
         ] {
             assert!(local_return_url(bad).is_none(), "{bad}");
         }

@@ -138,6 +138,23 @@ pub fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}...", &path[..end]))
 }
 
+/// The path the access log writes for a request to `path`: a session's handle in the path of
+/// `DELETE {bff_prefix}/sessions/<handle>` is left out (`.../sessions/*`), since the handle is
+/// a secret (the `sid` that guards `{bff_prefix}/logout` against another site), and the rest is
+/// cut to [`MAX_LOGGED_PATH`] bytes. Letters of the prefix in any case, as routing takes them.
+pub fn access_logged_path<'p>(path: &'p str, bff_prefix: &str) -> std::borrow::Cow<'p, str> {
+    const SESSIONS: &str = "/sessions/";
+    let (prefix, sessions) = (bff_prefix.as_bytes(), SESSIONS.as_bytes());
+    let bytes = path.as_bytes();
+    let holds_handle = bytes.len() >= prefix.len() + sessions.len()
+        && bytes[..prefix.len()].eq_ignore_ascii_case(prefix)
+        && bytes[prefix.len()..][..sessions.len()].eq_ignore_ascii_case(sessions);
+    if holds_handle {
+        return std::borrow::Cow::Owned(format!("{bff_prefix}{SESSIONS}*"));
+    }
+    logged_path(path)
+}
+
 /// The access log's `user`: `sub` as configured — as is, as a keyed hash (16 hex digits of
 /// SHA-256 over a key derived from `key` and `sub`), or not at all.
 pub fn logged_user<'a>(
@@ -336,6 +353,34 @@ pub fn render() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_access_log_leaves_a_session_handle_out_of_the_path() {
+        let handle = "eb868f4de8c451e4cbd3321e7a1baf52";
+        for path in [
+            format!("/bff/sessions/{handle}"),
+            format!("/BFF/Sessions/{handle}"),
+            format!("/bff/sessions/{handle}/x"),
+        ] {
+            let logged = access_logged_path(&path, "/bff");
+            assert_eq!(logged, "/bff/sessions/*", "{path}");
+        }
+        for path in [
+            "/bff/sessions",
+            "/bff/user",
+            "/api/sessions/x",
+            "/bffsessions/x",
+        ] {
+            assert_eq!(access_logged_path(path, "/bff"), path);
+        }
+        let long = "/api/".to_string() + &"a".repeat(400);
+        assert_eq!(access_logged_path(&long, "/bff").len(), MAX_LOGGED_PATH);
+        assert_eq!(
+            access_logged_path("/auth/sessions/x", "/auth"),
+            "/auth/sessions/*"
+        );
+        assert_eq!(access_logged_path("/b\u{e9}/x", "/bff"), "/b\u{e9}/x");
+    }
     use crate::config::LogUser;
 
     #[test]

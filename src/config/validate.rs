@@ -396,6 +396,31 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
     })
 }
 
+/// A refused URL as a problem may quote it: without the credentials and the query it may carry
+/// (`${VAR}`s may have put a secret there), saying so when it left them out; `the value` for
+/// text that is not a URL but could hold a secret.
+fn shown_url(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return if text.contains(['@', '?', '#']) {
+            "the value".to_string()
+        } else {
+            format!("{text:?}")
+        };
+    };
+    if url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none()
+    {
+        return format!("{text:?}");
+    }
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    format!("{:?} (its credentials and query not shown)", url.as_str())
+}
+
 fn socket(value: Option<String>, path: &str, default: &str, problems: &mut Problems) -> SocketAddr {
     let text = value.unwrap_or_else(|| default.to_string());
     match text.parse() {
@@ -545,15 +570,9 @@ fn telemetry_config(raw: raw::Telemetry, problems: &mut Problems) -> TelemetryCo
             Some(url)
         }
         _ => {
-            // A URL with credentials is not printed.
-            let shown = if text.contains('@') {
-                "the value".to_string()
-            } else {
-                format!("{text:?}")
-            };
             problems.add(
                 "telemetry.otlp_endpoint",
-                format!("{shown} is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\""),
+                format!("{} is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"", shown_url(&text)),
             );
             None
         }
@@ -604,19 +623,27 @@ mod telemetry_tests {
         );
         assert_eq!(telemetry.otlp_endpoint, None);
         assert_eq!(telemetry.sample_ratio, 1.0);
-        let _ = telemetry_config(
-            raw::Telemetry {
-                otlp_endpoint: Some("https://user:s3cret@collector".into()),
-                ..Default::default()
-            },
-            &mut problems,
-        );
+        for endpoint in [
+            "https://user:s3cret@collector",
+            "https://collector:4318/?token=s3cret",
+            "not a url?token=s3cret",
+        ] {
+            let _ = telemetry_config(
+                raw::Telemetry {
+                    otlp_endpoint: Some(endpoint.into()),
+                    ..Default::default()
+                },
+                &mut problems,
+            );
+        }
         assert_eq!(
             printed(problems),
             [
                 "telemetry.otlp_endpoint: \"grpc://collector:4317\" is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
                 "telemetry.sample_ratio: 1.5 is not between 0.0 and 1.0; use e.g. 0.1 to record one new trace in ten",
                 "telemetry.log_user: \"email\" is not allowed; use one of \"sub\", \"hash\", \"none\"",
+                "telemetry.otlp_endpoint: \"https://collector/\" (its credentials and query not shown) is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
+                "telemetry.otlp_endpoint: \"https://collector:4318/\" (its credentials and query not shown) is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
                 "telemetry.otlp_endpoint: the value is not an http(s) URL without credentials or query; use the collector's OTLP/HTTP base URL, e.g. \"http://otel-collector:4318\"",
             ]
         );

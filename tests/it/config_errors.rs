@@ -175,7 +175,21 @@ fn golden_messages_for_each_kind_of_mistake() {
                 "{}\n[[routes]]\npath = \"/x/\"\nupstream = \"ftp://a\"\n",
                 base()
             ),
-            "routes[0].upstream: \"ftp://a\" is not an http(s) URL; write e.g. \"http://127.0.0.1:5001\"",
+            "routes[0].upstream: \"ftp://a\" is not an http(s) URL without credentials or query; write e.g. \"http://127.0.0.1:5001\"",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/x/\"\nupstream = \"https://api.internal/?api_key=upstream-key-7f3a9c\"\n",
+                base()
+            ),
+            "routes[0].upstream: \"https://api.internal/\" (its credentials and query not shown) is not an http(s) URL without credentials or query; write e.g. \"http://127.0.0.1:5001\"",
+        ),
+        (
+            format!(
+                "{}\n[[routes]]\npath = \"/x/\"\nupstream = \"http://svc:pa55word@api.internal:8080\"\n",
+                base()
+            ),
+            "routes[0].upstream: \"http://api.internal:8080/\" (its credentials and query not shown) is not an http(s) URL without credentials or query; write e.g. \"http://127.0.0.1:5001\"",
         ),
         (
             format!(

@@ -68,6 +68,28 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
         handle.len() >= 16,
         "the session handle is too short to probe: {handle}"
     );
+    // A second session of the user's, ended from the first by its handle: the handle is in the
+    // path of that request (`DELETE /bff/sessions/<handle>`), which the access log writes.
+    let mut other = Browser::default();
+    let callback = other.login_until_callback(&base, "alice", "/").await;
+    assert_eq!(other.get(&callback, &[]).await.status, 302);
+    let other_user = other
+        .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+        .await
+        .json();
+    let other_logout = other_user["bff:logout_url"].as_str().unwrap().to_string();
+    let other_handle = other_logout.split("sid=").nth(1).unwrap().to_string();
+    for (path, status) in [("bff", 200), ("BFF", 404), ("bff", 404)] {
+        let ended = browser
+            .request(
+                "DELETE",
+                &format!("{base}/{path}/sessions/{other_handle}"),
+                &[("x-csrf", "1")],
+                None,
+            )
+            .await;
+        assert_eq!(ended.status, status, "{path}: {}", ended.text());
+    }
     browser.get(&format!("{base}{logout}"), &[]).await;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -90,6 +112,7 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
         code,
         session_cookie,
         handle,
+        other_handle,
         "vestibule-secret".into(),
         crate::support::KEY.into(),
         "query-secret-value".into(),

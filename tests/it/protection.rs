@@ -405,6 +405,61 @@ async fn the_config_file_is_reloaded_when_it_changes_on_disk() {
     assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 200);
 }
 
+/// A hybrid app's origin (`capacitor://localhost`: an opaque origin by the URL standard) is
+/// listed as the app's WebView sends it: `Origin: null`, which sandboxed frames, `data:`
+/// documents and redirected requests send, neither passes the CSRF check nor gets CORS with
+/// credentials.
+#[tokio::test]
+async fn a_listed_app_origin_of_another_scheme_lets_that_app_in_and_never_origin_null() {
+    let up = upstream::start().await;
+    let text = config_toml(&format!(
+        "[[routes]]\npath = \"/open/\"\nupstream = \"{}\"\n",
+        up.url()
+    ))
+    .add("server.cors_origins", vec!["capacitor://localhost"]);
+    let proxy = start_proxy(&text).await;
+    let preflight = |origin: &'static str| {
+        let url = proxy.url("/open/x");
+        async move {
+            send(
+                http::Request::builder()
+                    .method("OPTIONS")
+                    .uri(url)
+                    .header("origin", origin)
+                    .header("access-control-request-method", "POST")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let app = preflight("capacitor://localhost").await;
+    assert_eq!(app.status, 204, "{}", app.text());
+    assert_eq!(
+        app.header("access-control-allow-origin"),
+        Some("capacitor://localhost")
+    );
+    let null = preflight("null").await;
+    assert_eq!(null.status, 403, "{}", null.text());
+    assert!(null.header("access-control-allow-origin").is_none());
+    // The CSRF check: the app's origin passes (401: no session), `null` does not (403).
+    let user = |origin: &'static str| {
+        let url = proxy.url("/bff/user");
+        async move { get(&url, &[("origin", origin), ("x-csrf", "1")]).await }
+    };
+    let from_app = user("capacitor://localhost").await;
+    assert_eq!(from_app.status, 401, "{}", from_app.text());
+    assert_eq!(
+        from_app.header("access-control-allow-origin"),
+        Some("capacitor://localhost")
+    );
+    let from_null = user("null").await;
+    assert_eq!(from_null.status, 403, "{}", from_null.text());
+    assert!(from_null.header("access-control-allow-origin").is_none());
+    let open = get(&proxy.url("/open/x"), &[("origin", "null")]).await;
+    assert!(open.header("access-control-allow-origin").is_none());
+}
+
 #[tokio::test]
 async fn cors_preflights_are_answered_for_listed_origins_only() {
     let up = upstream::start().await;

@@ -107,15 +107,18 @@ pub(super) fn routes_config(
         let target = match (upstream, static_dir) {
             (Some(u), None) => match url::Url::parse(&u)
                 .ok()
-                .filter(|url| url.query().is_none())
+                .filter(|url| url.query().is_none() && url.fragment().is_none())
+                .filter(|url| url.username().is_empty() && url.password().is_none())
                 .and_then(UpstreamBase::new)
             {
                 Some(base) => Some(Target::Upstream(base)),
                 None => {
+                    // Credentials in the URL would not be sent (they were once taken silently).
                     problems.add(
                         format!("{path}.upstream"),
                         format!(
-                            "{u:?} is not an http(s) URL; write e.g. \"http://127.0.0.1:5001\""
+                            "{} is not an http(s) URL without credentials or query; write e.g. \"http://127.0.0.1:5001\"",
+                            super::shown_url(&u)
                         ),
                     );
                     None

@@ -123,7 +123,7 @@ pub(super) fn server_config(
         .enumerate()
         .filter_map(|(i, text)| match url::Url::parse(&text) {
             Ok(u) if u.host().is_some() && (u.path() == "/" || u.path().is_empty()) => {
-                Some(u.origin().ascii_serialization())
+                Some(origin_text(&u))
             }
             _ => {
                 problems.add(
@@ -191,6 +191,23 @@ pub(super) fn server_config(
     Some(server)
 }
 
+/// An origin as a browser writes it in `Origin`: `scheme://host[:port]`. For a scheme the URL
+/// standard gives an opaque origin (`capacitor://localhost`, `chrome-extension://<id>`: hybrid
+/// apps and extensions) the `url` crate serialises the origin as `null`, which is what a
+/// sandboxed frame, a `data:` document or a redirected request sends: listed as such, anyone
+/// could call with credentials and pass the CSRF check. The text of the scheme, host and port
+/// is kept instead, so `null` never matches.
+fn origin_text(url: &url::Url) -> String {
+    if url.origin().is_tuple() {
+        return url.origin().ascii_serialization();
+    }
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +248,37 @@ mod tests {
             found,
             [
                 "server.public_url: \"https://app.example.com/app\" must be an http(s) origin without path or query, e.g. \"https://app.example.com\""
+            ]
+        );
+    }
+
+    /// A hybrid app's or an extension's origin is kept as the browser writes it, never as the
+    /// `null` of an opaque origin (which anyone can send).
+    #[test]
+    fn cors_origins_are_kept_as_browsers_write_them_and_never_as_null() {
+        let (config, found) = check(raw::Server {
+            public_url: Some("https://app.example.com".into()),
+            cors_origins: Some(vec![
+                "https://Admin.Example.com:443/".into(),
+                "http://localhost:8100".into(),
+                "capacitor://localhost".into(),
+                "chrome-extension://abcdefghijklmnop".into(),
+                "app://Bundle:9".into(),
+            ]),
+            ..Default::default()
+        });
+        assert_eq!(found, Vec::<String>::new());
+        let Some(config) = config else {
+            panic!("no config")
+        };
+        assert_eq!(
+            config.cors_origins,
+            [
+                "https://admin.example.com",
+                "http://localhost:8100",
+                "capacitor://localhost",
+                "chrome-extension://abcdefghijklmnop",
+                "app://bundle:9",
             ]
         );
     }
