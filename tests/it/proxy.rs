@@ -318,13 +318,8 @@ async fn cookies_in_several_fields_reach_the_upstream_in_one() {
     assert_eq!(cookies, ["a=1; b=2; c=3"]);
 }
 
-/// A cookie of the application's whose value is not ASCII (browsers keep UTF-8 and other bytes
-/// that scripts or servers set) sits in the same `Cookie` field as the session cookie, or in a
-/// field of its own: the session is still found, and the upstream gets the application's cookie
-/// without ours. Skipped whole, such a field logged the user out for as long as the browser
-/// kept that cookie, and the upstream lost its own cookie.
-#[tokio::test]
-async fn a_cookie_that_is_not_ascii_neither_hides_the_session_nor_is_lost_on_the_way() {
+/// An upstream, a proxy whose `/api/` route to it needs a session, and alice's session cookie.
+async fn signed_in_on_api() -> (upstream::Upstream, Proxy, String) {
     let up = upstream::start().await;
     let routes = format!(
         "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
@@ -337,6 +332,17 @@ async fn a_cookie_that_is_not_ascii_neither_hides_the_session_nor_is_lost_on_the
             ..Default::default()
         })
         .await;
+    (up, proxy, cookie)
+}
+
+/// A cookie of the application's whose value is not ASCII (browsers keep UTF-8 and other bytes
+/// that scripts or servers set) sits in the same `Cookie` field as the session cookie, or in a
+/// field of its own: the session is still found, and the upstream gets the application's cookie
+/// without ours. Skipped whole, such a field logged the user out for as long as the browser
+/// kept that cookie, and the upstream lost its own cookie.
+#[tokio::test]
+async fn a_cookie_that_is_not_ascii_neither_hides_the_session_nor_is_lost_on_the_way() {
+    let (up, proxy, cookie) = signed_in_on_api().await;
     let cases: [(&[u8], &[u8]); 4] = [
         (b"pref=\xc3\xa9; ", b"pref=\xc3\xa9"),
         (b"a=1; pref=x\xffy; ", b"a=1; pref=x\xffy"),
@@ -431,18 +437,7 @@ async fn websocket_upgrade_tunnels_both_ways() {
 /// WebSocket opened before (the upstream authorised the tunnel once, at its handshake).
 #[tokio::test]
 async fn a_tunnel_is_closed_when_its_session_ends() {
-    let up = upstream::start().await;
-    let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
-        up.url()
-    );
-    let proxy = start_proxy(&config_text(&routes)).await;
-    let cookie = proxy
-        .session_cookie(vestibule::session::model::Session {
-            sub: "alice".into(),
-            ..Default::default()
-        })
-        .await;
+    let (_up, proxy, cookie) = signed_in_on_api().await;
     let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let request = format!(
         "GET /api/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {cookie}\r\n\r\n"
