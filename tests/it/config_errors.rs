@@ -436,6 +436,7 @@ fn a_static_dir_holding_a_key_or_credential_file_the_configuration_names_is_refu
     )
     .unwrap();
     let path = |file: &Path| file.to_str().unwrap().to_string();
+    let name_of = |file: &Path| file.file_name().unwrap().to_str().unwrap().to_string();
     let at = |name: &str| path(&site.join(name));
     let route = format!(
         "[[routes]]\npath = \"/\"\nstatic_dir = \"{}\"\n",
@@ -454,13 +455,7 @@ fn a_static_dir_holding_a_key_or_credential_file_the_configuration_names_is_refu
             base()
                 .add("server.tls.cert", path(&server.cert_file))
                 .add("server.tls.key", path(&server.key_file)),
-            server
-                .key_file
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_string(),
+            name_of(&server.key_file),
         ),
         (
             "oidc.client_key_file",
@@ -493,13 +488,7 @@ fn a_static_dir_holding_a_key_or_credential_file_the_configuration_names_is_refu
                 .add("oidc.client_auth", "tls_client_auth")
                 .add("oidc.tls_client_cert", path(&client.cert_file))
                 .add("oidc.tls_client_key", path(&client.key_file)),
-            client
-                .key_file
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_string(),
+            name_of(&client.key_file),
         ),
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -526,6 +515,5 @@ fn a_static_dir_holding_a_key_or_credential_file_the_configuration_names_is_refu
         path(&client.cert_file),
         path(&client.key_file)
     );
-    let exposed = client.key_file.file_name().unwrap().to_str().unwrap();
-    refused("routes[1].tls_client_key", text, exposed);
+    refused("routes[1].tls_client_key", text, &name_of(&client.key_file));
 }
