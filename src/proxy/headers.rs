@@ -1125,13 +1125,16 @@ mod tests {
         assert_eq!(kept, ["a=1; vestibule=2"]);
     }
 
+    /// Vestibule's own cookies under `__Host-` names.
+    const HOST_OWN: OwnCookies<'static> = OwnCookies {
+        session: "__Host-vestibule",
+        login_prefix: "__Host-vestibule-login-",
+        logout: "__Host-vestibule-logout",
+    };
+
     #[test]
     fn upstream_set_cookies_for_our_cookies_are_dropped() {
-        let own = OwnCookies {
-            session: "__Host-vestibule",
-            login_prefix: "__Host-vestibule-login-",
-            logout: "__Host-vestibule-logout",
-        };
+        let own = HOST_OWN;
         let mut h = HeaderMap::new();
         for value in [
             "vestibule=1; Path=/",
@@ -1157,11 +1160,7 @@ mod tests {
     /// session cookie in the browser (`Max-Age=0`), logging its user out.
     #[test]
     fn upstream_set_cookies_for_our_cookies_are_dropped_whatever_bytes_they_carry() {
-        let own = OwnCookies {
-            session: "__Host-vestibule",
-            login_prefix: "__Host-vestibule-login-",
-            logout: "__Host-vestibule-logout",
-        };
+        let own = HOST_OWN;
         let mut h = HeaderMap::new();
         for value in [
             &b"__Host-vestibule=\x80; Path=/; Secure; Max-Age=0"[..],

@@ -405,6 +405,21 @@ async fn the_config_file_is_reloaded_when_it_changes_on_disk() {
     assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 200);
 }
 
+/// A CORS preflight from `origin` for a `POST` to `path` with `X-CSRF` and `Content-Type`.
+async fn cors_preflight(proxy: &Proxy, origin: &str, path: &str) -> Reply {
+    send(
+        http::Request::builder()
+            .method("OPTIONS")
+            .uri(proxy.url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "x-csrf, content-type")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
 /// A hybrid app's origin (`capacitor://localhost`: an opaque origin by the URL standard) is
 /// listed as the app's WebView sends it: `Origin: null`, which sandboxed frames, `data:`
 /// documents and redirected requests send, neither passes the CSRF check nor gets CORS with
@@ -418,21 +433,7 @@ async fn a_listed_app_origin_of_another_scheme_lets_that_app_in_and_never_origin
     ))
     .add("server.cors_origins", vec!["capacitor://localhost"]);
     let proxy = start_proxy(&text).await;
-    let preflight = |origin: &'static str| {
-        let url = proxy.url("/open/x");
-        async move {
-            send(
-                http::Request::builder()
-                    .method("OPTIONS")
-                    .uri(url)
-                    .header("origin", origin)
-                    .header("access-control-request-method", "POST")
-                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-        }
-    };
+    let preflight = |origin: &'static str| cors_preflight(&proxy, origin, "/open/x");
     // Its status, and the origin it may be read from.
     let answered = |reply: Reply, status: u16, allowed: Option<&str>| {
         assert_eq!(reply.status, status, "{}", reply.text());
@@ -463,22 +464,7 @@ async fn cors_preflights_are_answered_for_listed_origins_only() {
     ))
     .add("server.cors_origins", vec!["https://admin.example"]);
     let proxy = start_proxy(&text).await;
-    let preflight = |origin: &'static str, path: &'static str| {
-        let url = proxy.url(path);
-        async move {
-            send(
-                http::Request::builder()
-                    .method("OPTIONS")
-                    .uri(url)
-                    .header("origin", origin)
-                    .header("access-control-request-method", "POST")
-                    .header("access-control-request-headers", "x-csrf, content-type")
-                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-        }
-    };
+    let preflight = |origin: &'static str, path: &'static str| cors_preflight(&proxy, origin, path);
     let seen = up.count();
     let ok = preflight("https://admin.example", "/api/data").await;
     assert_eq!(ok.status, 204, "{}", ok.text());
