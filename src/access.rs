@@ -41,12 +41,13 @@ pub enum Token {
 }
 
 impl Token {
-    /// The token's text, for `route` (whose resource picks the session's token).
+    /// The token's text, for `route` (whose [`RouteConfig::token_key`] picks the session's
+    /// token).
     pub fn text(&self, route: &RouteConfig) -> Option<&str> {
         match self {
             Token::Session(session) => session
                 .tokens
-                .get(route.resource.as_deref().unwrap_or_default())
+                .get(route.token_key().as_ref())
                 .map(|t| t.value.as_str()),
             Token::Owned(text) => Some(text),
         }

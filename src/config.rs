@@ -509,6 +509,24 @@ impl RouteConfig {
     pub fn sets_identity(&self) -> bool {
         !self.identity_headers.is_empty() || self.assertion.is_some()
     }
+
+    /// The key of the session's token map this route's user token is kept under: its
+    /// `resource` (`""` for none, the login's own token); with `scopes` of its own or a token
+    /// exchange, those too (sorted), so that a token granted for one route's scopes or by one
+    /// grant is never sent to a route that asked for others. The client-credentials cache keys
+    /// the same way. Allocates only for such routes.
+    pub fn token_key(&self) -> std::borrow::Cow<'_, str> {
+        let resource = self.resource.as_deref().unwrap_or_default();
+        if self.scopes.is_empty() && !self.exchange {
+            return std::borrow::Cow::Borrowed(resource);
+        }
+        let mut scopes: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        let grant = if self.exchange { "exchange" } else { "refresh" };
+        // A unit separator: neither a resource (a URI) nor a scope holds one.
+        std::borrow::Cow::Owned(format!("{resource}\u{1f}{grant}\u{1f}{}", scopes.join(" ")))
+    }
 }
 
 /// What a sign-in must have been like (OpenID Connect Core §3.1.2.1): one of `acr_values` (any

@@ -137,7 +137,7 @@ pub(super) struct Target {
 impl Target {
     pub(super) fn of(route: &RouteConfig) -> Target {
         Target {
-            key: route.resource.clone().unwrap_or_default(),
+            key: route.token_key().into_owned(),
             resource: route.resource.clone(),
             scopes: route.scopes.clone(),
             exchange: route.exchange,
@@ -210,6 +210,12 @@ impl Job {
                 return Err(failed.error.clone());
             }
             let early = rejected.is_some() && self.target_token(&current, None).is_some();
+            if early && !self.target.exchange && current.session.refresh_token.is_none() {
+                // Nothing to get another token with, and the token is valid by its lifetime:
+                // one upstream's refusal does not end the session (every route's, and
+                // `/bff/user`); its answer stands.
+                return Ok(None);
+            }
             if early
                 && memory
                     .forced
@@ -348,7 +354,14 @@ impl Job {
         count(Grant::Exchange, "ok");
         let answer = Answer {
             key: self.target.key.clone(),
-            tokens,
+            // A refresh token in an exchange's answer (RFC 8693 §2.2.1 allows one) is for the
+            // exchanged audience: it never takes the place of the session's own, which the
+            // next refresh presents and a logout revokes.
+            tokens: crate::oidc::TokenResponse {
+                refresh_token: None,
+                id_token: None,
+                ..tokens
+            },
             update: ClaimsUpdate::none(),
             spent: None,
             at: self.clock.now(),
