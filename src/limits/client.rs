@@ -19,14 +19,22 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     if !is_trusted(&peer) {
         return peer;
     }
-    let lines: Vec<&str> = headers
+    // Read as bytes, every line: a line with bytes outside ASCII is not skipped whole (its
+    // entries to the right may be a trusted proxy's, those to the left the client's own); an
+    // entry that is not an address breaks the chain where it stands.
+    let lines: Vec<&[u8]> = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .map(http::HeaderValue::as_bytes)
         .collect();
     let mut vouched = peer;
-    for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
-        let Some(ip) = parse(entry.trim()) else {
+    for entry in lines
+        .iter()
+        .rev()
+        .flat_map(|line| line.rsplit(|&b| b == b','))
+    {
+        let entry = std::str::from_utf8(entry.trim_ascii()).ok();
+        let Some(ip) = entry.and_then(parse) else {
             return vouched;
         };
         if !is_trusted(&ip) {
@@ -132,6 +140,33 @@ mod tests {
         );
         let h = headers(&["10.9.9.9, 10.0.0.3"]);
         assert_eq!(client_address(ip("10.0.0.2"), &h, &trusted), ip("10.9.9.9"));
+    }
+
+    /// A line that is not visible ASCII (the client wrote `\x80x`, a trusted proxy appended
+    /// the address it saw to that line) is read entry by entry: skipped whole, the address the
+    /// client wrote to its left stood for the client.
+    #[test]
+    fn a_line_that_is_not_ascii_is_read_entry_by_entry_and_breaks_the_chain_where_it_must() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let mut h = headers(&["198.51.100.66"]);
+        h.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\x80x, 203.0.113.5").unwrap(),
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("203.0.113.5")
+        );
+        let mut h = headers(&["198.51.100.66"]);
+        h.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\x80x, 10.1.1.1").unwrap(),
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("10.1.1.1"),
+            "the chain ends at the entry that is not an address"
+        );
     }
 
     #[test]

@@ -575,19 +575,29 @@ pub fn forwarded(
             headers.remove(name);
         }
     }
-    let prior = match peer.trusted {
-        true => headers
-            .get(&xff)
-            .map(HeaderValue::as_bytes)
-            .filter(|prior| !prior.trim_ascii().is_empty()),
-        false => None,
-    };
+    // A trusted proxy's list, every field line of it (RFC 9110 §5.3: several lines are one
+    // list; HAProxy adds its entry as a line of its own), as `limits::client_address` reads it.
+    let mut prior: Vec<&[u8]> = Vec::new();
+    if peer.trusted {
+        prior.extend(
+            headers
+                .get_all(&xff)
+                .iter()
+                .map(|line| line.as_bytes().trim_ascii())
+                .filter(|line| !line.is_empty()),
+        );
+    }
     let mut buffer = [0u8; 64];
     let ip = address_text(peer.ip, &mut buffer);
-    let value = match prior {
+    let value = match prior.as_slice() {
         _ if ip.is_empty() => None,
-        None => HeaderValue::from_bytes(ip).ok(),
-        Some(prior) => HeaderValue::from_bytes(&[prior, b", ", ip].concat()).ok(),
+        [] => HeaderValue::from_bytes(ip).ok(),
+        lines => {
+            let mut text = lines.join(&b", "[..]);
+            text.extend_from_slice(b", ");
+            text.extend_from_slice(ip);
+            HeaderValue::from_bytes(&text).ok()
+        }
     };
     if value.is_none() {
         // No address to tell: nobody else's stands in for it.

@@ -55,6 +55,10 @@ pub enum BadPath {
     InvalidUtf8,
     #[error("a .. above the root")]
     AboveRoot,
+    /// A letter that servers matching paths case-insensitively read as an ASCII one (`ı`, `İ`,
+    /// `ſ`, the Kelvin sign) spelling another route's prefix: ([`super::routing`]).
+    #[error("a letter read as another route's by case-insensitive servers")]
+    FoldsToAnotherRoute,
 }
 
 impl BadPath {

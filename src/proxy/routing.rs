@@ -56,8 +56,9 @@ impl RouteTable {
                 let to = if in_bff(&path, bff_prefix) {
                     Destination::Bff
                 } else {
-                    self.find(&path)
-                        .map_or(Destination::NoRoute, Destination::Route)
+                    let route = self.find(&path);
+                    self.same_route_folded(&path, route)?;
+                    route.map_or(Destination::NoRoute, Destination::Route)
                 };
                 return Ok(Resolved { path, to });
             }
@@ -75,11 +76,56 @@ impl RouteTable {
         if !owns(route, &path) {
             return Err(refused);
         }
+        self.same_route_folded(&path, Some(route))?;
         Ok(Resolved {
             path,
             to: Destination::Route(route),
         })
     }
+}
+
+impl RouteTable {
+    /// Refuses a canonical path that, with the letters case-insensitive servers read as ASCII
+    /// ones ([`folded`]) taken as those, belongs to another route than `route`: Java's
+    /// `equalsIgnoreCase` and `Character.toLowerCase` (Spring's matchers with case-insensitive
+    /// matching), Python's `casefold`, a JavaScript `/iu` regex take `/api/adm%C4%B1n/` for
+    /// `/api/admin/`, which must not meet the weaker `/api/` route's policy. Paths holding
+    /// those letters below a route that does not spell with them are left alone (`ı` and `İ`
+    /// are everyday Turkish letters).
+    fn same_route_folded(
+        &self,
+        path: &str,
+        route: Option<&Arc<RouteConfig>>,
+    ) -> Result<(), BadPath> {
+        let Some(folded) = folded(path) else {
+            return Ok(());
+        };
+        match (self.find(&folded), route) {
+            (None, None) => Ok(()),
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => Ok(()),
+            _ => Err(BadPath::FoldsToAnotherRoute),
+        }
+    }
+}
+
+/// `path` (canonical: escapes in upper case) with the four letters whose simple case mapping
+/// reaches ASCII written as those ASCII letters, if it holds any: `ı` U+0131 and `İ` U+0130 as
+/// `i`, `ſ` U+017F as `s`, the Kelvin sign U+212A as `k`.
+fn folded(path: &str) -> Option<String> {
+    const FOLDS: [(&str, &str); 4] = [
+        ("%C4%B0", "i"),
+        ("%C4%B1", "i"),
+        ("%C5%BF", "s"),
+        ("%E2%84%AA", "k"),
+    ];
+    if !path.contains('%') || !FOLDS.iter().any(|(from, _)| path.contains(from)) {
+        return None;
+    }
+    let mut out = path.to_string();
+    for (from, to) in FOLDS {
+        out = out.replace(from, to);
+    }
+    Some(out)
 }
 
 /// The path options a route's switches ask for.
@@ -180,6 +226,52 @@ mod tests {
         }
         let strip = route("/api/beta/", true);
         assert_eq!(upstream_path(&strip, "/API/Beta/x"), "/x");
+    }
+
+    /// Upstreams that match case-insensitively fold more than ASCII: Java's `equalsIgnoreCase`
+    /// and `Character.toLowerCase` (Spring's matchers), Python's `casefold`, a JavaScript `/iu`
+    /// regex take `ı`, `İ` for `i`, `ſ` for `s` and the Kelvin sign for `k`. Such a spelling of
+    /// a route's prefix is refused, never given the policy of the route above it; those letters
+    /// elsewhere pass.
+    #[test]
+    fn letters_that_fold_to_ascii_never_spell_another_routes_prefix() {
+        let table = RouteTable::new(&[
+            route("/", false),
+            route("/api/", false),
+            route("/api/admin/", false),
+            route("/api/users/", false),
+            route("/api/keys/", false),
+        ]);
+        for raw in [
+            "/api/adm%C4%B1n/x",
+            "/api/adm%c4%b0n/x",
+            "/api/u%C5%BFers/x",
+            "/api/%E2%84%AAeys/x",
+            "/api/%E2%84%AAeys",
+        ] {
+            assert!(
+                matches!(
+                    table.resolve(raw, "/bff"),
+                    Err(BadPath::FoldsToAnotherRoute)
+                ),
+                "{raw}: {:?}",
+                table.resolve(raw, "/bff")
+            );
+        }
+        for (raw, owner) in [
+            ("/api/admin/%C4%B1", "/api/admin/"),
+            ("/api/s%C4%B1cak", "/api/"),
+            ("/%C4%B1lik", "/"),
+            ("/api/u%C5%BFer", "/api/"),
+        ] {
+            match table.resolve(raw, "/bff") {
+                Ok(Resolved {
+                    to: Destination::Route(r),
+                    ..
+                }) => assert_eq!(r.path, owner, "{raw}"),
+                other => panic!("{raw}: {other:?}"),
+            }
+        }
     }
 
     #[test]

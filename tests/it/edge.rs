@@ -810,3 +810,48 @@ async fn the_http2_preface_after_an_http1_request_does_not_switch_the_connection
     );
     assert_eq!(up.count(), 1, "only the first request reached the upstream");
 }
+/// a trusted proxy that adds its entry as a field line of its own (HAProxy's
+/// `option forwardfor`, RFC 9110 §5.3: several lines are one list) must not have it dropped.
+/// Here the client wrote `X-Forwarded-For: 198.51.100.66` and the trusted proxy added a line
+/// with the address it saw, 203.0.113.5. Vestibule's own rate limits take 203.0.113.5 as the
+/// client (`limits::client_address` reads every line); the upstream must be told the same,
+/// not only the client-written first line.
+#[tokio::test]
+async fn every_forwarded_for_line_of_a_trusted_proxy_reaches_the_upstream() {
+    let up = upstream::start().await;
+    let proxy = start_proxy(&edge_config(&up, true, "")).await;
+    let lines = [
+        ("x-forwarded-for", "198.51.100.66"),
+        ("x-forwarded-for", "203.0.113.5"),
+    ];
+    // Bodiless (the lane) and with a body (hyper).
+    for with_body in [false, true] {
+        let r = if with_body {
+            let mut builder = http::Request::post(proxy.url("/api/who"));
+            for (k, v) in lines {
+                builder = builder.header(k, v);
+            }
+            send(
+                builder
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
+                    .unwrap(),
+            )
+            .await
+        } else {
+            get(&proxy.url("/api/who"), &lines).await
+        };
+        assert_eq!(r.status, 200);
+        let seen = up.last().headers;
+        let xff: Vec<&str> = seen
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        let joined = xff.join(", ");
+        assert_eq!(
+            joined, "198.51.100.66, 203.0.113.5, 127.0.0.1",
+            "body {with_body}: the upstream's right-most untrusted hop is not the one the \
+             trusted proxy added (203.0.113.5)"
+        );
+    }
+}

@@ -338,3 +338,48 @@ async fn the_login_return_url_names_the_canonical_path() {
     );
     assert_eq!(s.api.count(), 0);
 }
+
+/// `/api/ADMIN/x` meets the `/api/admin/` route's policy because case-insensitive
+/// upstreams serve it as `/api/admin/x`. The same upstreams fold more than ASCII: Java's
+/// `String.equalsIgnoreCase` (Spring's `AntPathMatcher` with `caseSensitive = false`) takes
+/// `admın` (U+0131) for `admin`, `Character.toLowerCase` (Spring's `PathPattern`) takes
+/// `İ` (U+0130) for `i` and `K` (U+212A) for `k`; Python's `casefold` and a JavaScript `/iu`
+/// regex take `ſ` (U+017F) for `s`. Those spellings reach such an upstream under the `/api/`
+/// route's policy, without a session.
+#[tokio::test]
+async fn letters_case_insensitive_servers_read_as_ascii_never_spell_another_routes_prefix() {
+    let api = upstream::start().await;
+    let routes = format!(
+        r#"
+[[routes]]
+path = "/api/"
+upstream = "{api}"
+auth = "none"
+
+[[routes]]
+path = "/api/admin/"
+upstream = "{api}"
+auth = "required"
+token = "user"
+"#,
+        api = api.url(),
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let mut failures = Vec::new();
+    for target in [
+        "/api/ADMIN/users",
+        "/api/adm%C4%B1n/users",
+        "/api/adm%C4%B0n/users",
+        "/api/adm%c4%b1n/users",
+    ] {
+        let before = api.count();
+        let (status, _) = raw_get(&proxy, target, "x=1").await;
+        if status != 401 && status != 400 || api.count() != before {
+            failures.push(format!(
+                "{target}: {status}, the upstream saw it: {}",
+                api.count() != before
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
