@@ -40,7 +40,6 @@ mod spa_edges;
 mod static_files;
 mod step_up;
 mod tls_http2;
-mod token_targets;
 mod tokens;
 mod trailers;
 mod upstream_pool;

@@ -2,11 +2,19 @@
 //! against the in-process fake provider: a refreshed ID token replaces the claims, one for
 //! another subject ends the session, an invalid one changes nothing but the refresh token it
 //! rotated; a route's own refused resource or scope is 403 on that route only; exchange routes
-//! refresh their subject token.
+//! refresh their subject token. And which route a token is for: one asked for with a route's
+//! scopes, or by an exchange, reaches no other route's upstream; an upstream's refusal of a
+//! token that cannot be replaced leaves the session alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::*;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use vestibule::jose::testing::{Forgery, TestKey, TestSigner, id_token_claims};
 
 const REFRESH: &str = "refresh_token";
@@ -20,11 +28,9 @@ struct Case {
 }
 
 async fn setup() -> Case {
-    let signer = TestSigner::new();
-    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let up = upstream::start().await;
-    let routes = format!(
-        r#"
+    setup_with(|u| {
+        format!(
+            r#"
 [[routes]]
 path = "/api/"
 upstream = "{u}"
@@ -40,10 +46,19 @@ upstream = "{u}"
 token = "user"
 resource = "https://exchanged.example"
 exchange = true
-"#,
-        u = up.url()
-    );
-    let proxy = start_proxy_for(&idp.issuer, &routes).await;
+"#
+        )
+    })
+    .await
+}
+
+/// The fake provider, an upstream, and Vestibule with the routes `routes` gives for the
+/// upstream's URL.
+async fn setup_with(routes: impl FnOnce(&str) -> String) -> Case {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let proxy = start_proxy_for(&idp.issuer, &routes(&up.url())).await;
     Case {
         proxy,
         idp,
@@ -77,15 +92,21 @@ impl Case {
     /// Signs alice in with roles `["reader"]` and a default access token that lives
     /// `expires_in` seconds (0: due for refresh at once). Returns the session cookie.
     async fn login(&self, expires_in: u64) -> String {
-        let (q, login_cookie) = begin_login(&self.proxy).await;
-        let id_token = self.sign(&alice(&self.idp.issuer, Some(&q["nonce"]), &["reader"]));
-        self.idp.state.script(
-            "authorization_code",
-            200,
+        self.login_with(
             json!({"access_token": "login-access", "token_type": "Bearer",
-                   "expires_in": expires_in, "refresh_token": "login-refresh",
-                   "id_token": id_token}),
-        );
+                               "expires_in": expires_in, "refresh_token": "login-refresh"}),
+        )
+        .await
+    }
+
+    /// Signs alice in with roles `["reader"]`; the login's token answer is `answer` and a valid
+    /// ID token. Returns the session cookie.
+    async fn login_with(&self, mut answer: Value) -> String {
+        let (q, login_cookie) = begin_login(&self.proxy).await;
+        answer["id_token"] = self
+            .sign(&alice(&self.idp.issuer, Some(&q["nonce"]), &["reader"]))
+            .into();
+        self.idp.state.script("authorization_code", 200, answer);
         let done = callback(&self.proxy, &q, &login_cookie).await;
         assert_eq!(done.status, 302, "{}", done.text());
         done.session_cookie()
@@ -504,4 +525,279 @@ async fn a_spend_record_left_by_a_replica_that_died_holds_refreshes_back_about_a
     .await;
     assert_eq!(served.status, 200, "{}", served.text());
     assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1"]);
+}
+
+/// A token endpoint's answer: `access`, living `expires_in` seconds, with the refresh token
+/// `refresh`, and the fields of `more`.
+fn answer(access: &str, expires_in: u64, refresh: Option<&str>, more: Value) -> Value {
+    let mut body =
+        json!({"access_token": access, "token_type": "Bearer", "expires_in": expires_in});
+    if let Some(refresh) = refresh {
+        body["refresh_token"] = refresh.into();
+    }
+    for (k, v) in more.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// Two routes for one resource with different `scopes` (least privilege per upstream): the token
+/// one route's refresh asked for with its scopes is never sent to the other route's upstream.
+/// The session's tokens are kept by resource, scopes and grant (`RouteConfig::token_key`), as
+/// the client-credentials cache keeps its own; by resource alone, the admin-scoped token reached
+/// the reports upstream.
+#[tokio::test]
+async fn a_token_refreshed_for_one_routes_scopes_never_reaches_another_routes_upstream() {
+    let case = setup_with(|u| {
+        format!(
+            r#"
+[[routes]]
+path = "/admin/"
+upstream = "{u}"
+token = "user"
+resource = "https://api.example"
+scopes = ["api.admin"]
+[[routes]]
+path = "/reports/"
+upstream = "{u}"
+token = "user"
+resource = "https://api.example"
+scopes = ["api.read"]
+"#
+        )
+    })
+    .await;
+    let cookie = case
+        .login_with(answer("login-access", 300, Some("rt-1"), json!({})))
+        .await;
+    case.idp.state.script(
+        REFRESH,
+        200,
+        answer(
+            "admin-scoped",
+            300,
+            Some("rt-2"),
+            json!({"scope": "api.admin"}),
+        ),
+    );
+    case.idp.state.script(
+        REFRESH,
+        200,
+        answer(
+            "read-scoped",
+            300,
+            Some("rt-3"),
+            json!({"scope": "api.read"}),
+        ),
+    );
+    let r = case.get(&cookie, "/admin/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        case.up.authorizations("/admin/x"),
+        vec!["Bearer admin-scoped"]
+    );
+    let grants = case.requests(REFRESH);
+    assert_eq!(field(&grants[0], "scope"), Some("api.admin"));
+
+    let r = case.get(&cookie, "/reports/y").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(
+        case.up.authorizations("/reports/y"),
+        vec!["Bearer admin-scoped"],
+        "the reports upstream (scopes = [\"api.read\"]) was sent the token granted with scope \
+         api.admin for the admin route"
+    );
+}
+
+/// RFC 8693 §2.2.1 lets a token exchange answer carry a `refresh_token` (Keycloak's legacy token
+/// exchange does by default): it is a credential for the exchanged audience and never takes the
+/// place of the session's own. Written over it, the next refresh of the session's default token
+/// presented the exchange's refresh token (whatever it yields is then sent to routes without a
+/// resource), and the login's was dropped without revocation (a logout revoked the wrong one).
+#[tokio::test]
+async fn a_token_exchange_answer_never_replaces_the_sessions_refresh_token() {
+    let case = setup_with(|u| {
+        format!(
+            r#"
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+[[routes]]
+path = "/exchanged/"
+upstream = "{u}"
+token = "user"
+resource = "https://exchanged.example"
+exchange = true
+"#
+        )
+    })
+    .await;
+    // The login's default token is due at once, so every request to /api/ refreshes it.
+    let cookie = case
+        .login_with(answer("login-access", 0, Some("rt-login"), json!({})))
+        .await;
+    // /exchanged/: the subject token is refreshed first, then exchanged.
+    case.idp
+        .state
+        .script(REFRESH, 200, answer("base-2", 0, Some("rt-2"), json!({})));
+    case.idp.state.script(
+        EXCHANGE,
+        200,
+        answer(
+            "exchanged-at",
+            300,
+            None,
+            json!({"issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+               "refresh_token": "rt-for-exchanged-audience"}),
+        ),
+    );
+    let r = case.get(&cookie, "/exchanged/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        case.up.authorizations("/exchanged/x"),
+        vec!["Bearer exchanged-at"]
+    );
+    // The provider answers a refresh with the exchange's refresh token with a token for the
+    // exchanged audience.
+    case.idp.state.script(
+        REFRESH,
+        200,
+        answer(
+            "token-with-exchanged-audience",
+            300,
+            Some("rt-3"),
+            json!({}),
+        ),
+    );
+    let r = case.get(&cookie, "/api/y").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let grants = case.requests(REFRESH);
+    let presented: Vec<_> = grants
+        .iter()
+        .map(|g| field(g, "refresh_token").unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        presented.last().map(String::as_str),
+        Some("rt-2"),
+        "the session's refresh token was replaced by the token exchange's: {presented:?}"
+    );
+}
+
+/// An upstream that answers every request `401 invalid_token`.
+async fn rejecting_upstream() -> (String, Arc<Mutex<usize>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = Arc::new(Mutex::new(0usize));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let counter = counter.clone();
+                    async move {
+                        *counter.lock().unwrap() += 1;
+                        Ok::<_, Infallible>(
+                            http::Response::builder()
+                                .status(401)
+                                .header("www-authenticate", "Bearer error=\"invalid_token\"")
+                                .body(Full::new(Bytes::from("no")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+/// A session without a refresh token (a provider that issues none, e.g. no `offline_access`)
+/// and an access token valid by its lifetime: one upstream answering `401 invalid_token`
+/// (attacker 5, or any buggy API) gets its answer relayed, and the session stays. The forced
+/// refresh found no refresh token and ended the session: one upstream signed its users out of
+/// every route.
+#[tokio::test]
+async fn an_upstreams_401_does_not_end_a_session_whose_token_is_still_valid() {
+    let (bad, hits) = rejecting_upstream().await;
+    let case = setup_with(|u| {
+        format!(
+            r#"
+[[routes]]
+path = "/api/"
+upstream = "{u}"
+token = "user"
+[[routes]]
+path = "/hostile/"
+upstream = "{bad}"
+token = "user"
+"#
+        )
+    })
+    .await;
+    let cookie = case
+        .login_with(answer("login-access", 3600, None, json!({})))
+        .await;
+    assert_eq!(case.get(&cookie, "/api/before").await.status, 200);
+    let r = case.get(&cookie, "/hostile/x").await;
+    assert!(*hits.lock().unwrap() >= 1);
+    assert_eq!(r.status, 401, "{}", r.text());
+    // The access token is still valid for its hour: the other routes and /bff/user still work.
+    let user = case.get(&cookie, "/bff/user").await;
+    assert_eq!(
+        user.status,
+        200,
+        "the session was ended by one upstream's 401: {}",
+        user.text()
+    );
+    assert_eq!(case.get(&cookie, "/api/after").await.status, 200);
+}
+
+/// The same without a resource: a route with `scopes` but no `resource` gets a token asked for
+/// with its scopes, not the login's (every scope of the sign-in); keyed as the login's token,
+/// it was sent that one, and when its refresh came first the session's default token (the
+/// UserInfo and token-exchange subject) became the narrowed one for every other route.
+#[tokio::test]
+async fn a_route_with_scopes_and_no_resource_gets_a_token_for_its_scopes() {
+    let case = setup_with(|u| {
+        format!(
+            r#"
+[[routes]]
+path = "/narrow/"
+upstream = "{u}"
+token = "user"
+scopes = ["api.read"]
+"#
+        )
+    })
+    .await;
+    let cookie = case
+        .login_with(answer(
+            "login-access",
+            300,
+            Some("rt-1"),
+            json!({"scope": "openid profile email offline_access api.read api.admin"}),
+        ))
+        .await;
+    case.idp.state.script(
+        REFRESH,
+        200,
+        answer(
+            "read-scoped",
+            300,
+            Some("rt-2"),
+            json!({"scope": "api.read"}),
+        ),
+    );
+    let r = case.get(&cookie, "/narrow/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(
+        case.up.authorizations("/narrow/x"),
+        vec!["Bearer login-access"],
+        "the route with scopes = [\"api.read\"] was sent the login's token with every scope"
+    );
 }

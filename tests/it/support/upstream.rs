@@ -44,6 +44,22 @@ impl Upstream {
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
+    /// The `Authorization` (empty when none) of each request seen whose URI holds `marker`,
+    /// in order.
+    pub fn authorizations(&self, marker: &str) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.uri.contains(marker))
+            .map(|s| {
+                s.headers
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
 }
 
 type B = BoxBody<Bytes, Infallible>;
