@@ -47,7 +47,7 @@ impl Token {
         match self {
             Token::Session(session) => session
                 .tokens
-                .get(route.token_key().as_ref())
+                .get(route.token_key())
                 .map(|t| t.value.as_str()),
             Token::Owned(text) => Some(text),
         }

@@ -492,6 +492,8 @@ pub struct RouteConfig {
     pub tls_client: Option<ClientIdentity>,
     /// Step-up authentication: the session must satisfy this (`None`: any session will do).
     pub step_up: Option<StepUp>,
+    /// What [`RouteConfig::token_key`] gives, made once ([`token_key_of`]).
+    pub token_key: String,
 }
 
 /// A route's assertion: a short-lived JWT signed by Vestibule, naming the user to the upstream.
@@ -510,23 +512,28 @@ impl RouteConfig {
         !self.identity_headers.is_empty() || self.assertion.is_some()
     }
 
-    /// The key of the session's token map this route's user token is kept under: its
-    /// `resource` (`""` for none, the login's own token); with `scopes` of its own or a token
-    /// exchange, those too (sorted), so that a token granted for one route's scopes or by one
-    /// grant is never sent to a route that asked for others. The client-credentials cache keys
-    /// the same way. Allocates only for such routes.
-    pub fn token_key(&self) -> std::borrow::Cow<'_, str> {
-        let resource = self.resource.as_deref().unwrap_or_default();
-        if self.scopes.is_empty() && !self.exchange {
-            return std::borrow::Cow::Borrowed(resource);
-        }
-        let mut scopes: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
-        scopes.sort_unstable();
-        scopes.dedup();
-        let grant = if self.exchange { "exchange" } else { "refresh" };
-        // A unit separator: neither a resource (a URI) nor a scope holds one.
-        std::borrow::Cow::Owned(format!("{resource}\u{1f}{grant}\u{1f}{}", scopes.join(" ")))
+    /// The key of the session's token map this route's user token is kept under
+    /// ([`token_key_of`]).
+    pub fn token_key(&self) -> &str {
+        &self.token_key
     }
+}
+
+/// The key of the session's token map a route's user token is kept under: its `resource` (`""`
+/// for none, the login's own token); with `scopes` of its own or a token exchange, those too
+/// (sorted), so that a token granted for one route's scopes or by one grant is never sent to a
+/// route that asked for others. The client-credentials cache keys the same way.
+pub fn token_key_of(resource: Option<&str>, scopes: &[String], exchange: bool) -> String {
+    let resource = resource.unwrap_or_default();
+    if scopes.is_empty() && !exchange {
+        return resource.to_string();
+    }
+    let mut scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+    scopes.sort_unstable();
+    scopes.dedup();
+    let grant = if exchange { "exchange" } else { "refresh" };
+    // A unit separator: neither a resource (a URI) nor a scope holds one.
+    format!("{resource}\u{1f}{grant}\u{1f}{}", scopes.join(" "))
 }
 
 /// What a sign-in must have been like (OpenID Connect Core §3.1.2.1): one of `acr_values` (any
@@ -705,5 +712,38 @@ impl Config {
             "{}{}/callback",
             self.server.public_origin, self.server.bff_prefix
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_key_of;
+
+    /// Routes that ask for no scopes of their own keep the key sessions already hold (the
+    /// resource, or `""` for the login's token); scopes in any order or repeated give one key;
+    /// different scopes, or an exchange, another.
+    #[test]
+    fn token_keys_tell_routes_apart_by_resource_scopes_and_grant() {
+        let s = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(token_key_of(None, &[], false), "");
+        assert_eq!(token_key_of(Some("https://api"), &[], false), "https://api");
+        let read = token_key_of(Some("https://api"), &s(&["b", "a", "a"]), false);
+        assert_eq!(
+            read,
+            token_key_of(Some("https://api"), &s(&["a", "b"]), false)
+        );
+        let keys = [
+            read,
+            token_key_of(Some("https://api"), &s(&["a"]), false),
+            token_key_of(Some("https://api"), &s(&["a", "b"]), true),
+            token_key_of(Some("https://api"), &[], true),
+            token_key_of(None, &s(&["a", "b"]), false),
+            token_key_of(Some("https://api"), &[], false),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 }

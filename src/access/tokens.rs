@@ -226,7 +226,6 @@ impl Tokens {
     ) -> Result<Option<std::borrow::Cow<'a, str>>, RequestError> {
         let skew = ask.live.config.oidc.refresh_skew.as_secs();
         let key = ask.route.token_key();
-        let key = key.as_ref();
         if let Some(t) = fresh(now, skew, &ask.loaded.session, key, rejected) {
             return Ok(Some(std::borrow::Cow::Borrowed(t)));
         }

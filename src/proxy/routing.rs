@@ -203,6 +203,7 @@ mod tests {
             ca_file: None,
             tls_client: None,
             step_up: None,
+            token_key: String::new(),
         }
     }
 

@@ -137,7 +137,7 @@ pub(super) struct Target {
 impl Target {
     pub(super) fn of(route: &RouteConfig) -> Target {
         Target {
-            key: route.token_key().into_owned(),
+            key: route.token_key().to_string(),
             resource: route.resource.clone(),
             scopes: route.scopes.clone(),
             exchange: route.exchange,

@@ -316,6 +316,8 @@ pub(super) fn routes_config(
             problems,
         );
         let Some(target) = target else { continue };
+        let scopes = scopes.unwrap_or_default();
+        let token_key = super::super::token_key_of(resource.as_deref(), &scopes, exchange);
         out.push(RouteConfig {
             path: prefix,
             target,
@@ -324,7 +326,7 @@ pub(super) fn routes_config(
             token,
             csrf: csrf.unwrap_or(token != TokenMode::None),
             resource,
-            scopes: scopes.unwrap_or_default(),
+            scopes,
             exchange,
             require,
             feature,
@@ -337,6 +339,7 @@ pub(super) fn routes_config(
             ca_file,
             tls_client,
             step_up,
+            token_key,
         });
     }
     out
