@@ -6,6 +6,7 @@
 use crate::access::{self, Tokens};
 use crate::clock::Clock;
 use crate::config::{Config, TokenBinding};
+use crate::field::Made;
 use crate::oidc::client_auth::Credential;
 use crate::oidc::{GrantError, Oidc};
 use crate::proxy::headers::Client;
@@ -138,7 +139,9 @@ impl App {
         worker: &Worker,
     ) -> Response<Body> {
         let (mut response, request_id) = self.answer(req, client, worker).await;
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, request_id.value());
         response
     }
 
@@ -150,7 +153,7 @@ impl App {
         mut req: Box<Request<Inbound>>,
         Client { ip, tls }: Client,
         worker: &Worker,
-    ) -> (Response<Body>, HeaderValue) {
+    ) -> (Response<Body>, Made) {
         let started = Instant::now();
         let live = worker.live(&self.live);
         let method = req.method().clone();
@@ -270,7 +273,7 @@ impl App {
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
                 upstream_ms,
-                request_id = request_id.to_str().unwrap_or(""),
+                request_id = request_id.as_str(),
                 trace_id,
                 client = %client,
                 user = user.as_deref(),
@@ -285,7 +288,7 @@ impl App {
         &self,
         live: &'r LiveConfig,
         mut req: Box<Request<Inbound>>,
-        (peer, request_id): (Peer, &HeaderValue),
+        (peer, request_id): (Peer, &Made),
         worker: &Worker,
     ) -> Routed<'r> {
         let config = &live.config;

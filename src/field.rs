@@ -24,3 +24,81 @@ pub fn sendable<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D:
     }
     Ok(token)
 }
+
+/// A short field value Vestibule makes for each request (the request id it gives a request,
+/// the peer's address in `X-Forwarded-For`), kept in place rather than allocated as a
+/// `HeaderValue`: the paths Vestibule writes itself copy its bytes into the head, and only a
+/// request that goes through hyper's client makes a field value of it ([`Made::value`]). A
+/// longer value (a trusted proxy's request id, its `X-Forwarded-For` list with the peer added)
+/// is kept as the field value it is.
+#[derive(Clone, Debug)]
+pub enum Made {
+    Short { bytes: [u8; SHORT], len: u8 },
+    Value(http::HeaderValue),
+}
+
+/// The longest [`Made::Short`]: an IPv6 address with an IPv4 tail is 45 bytes, a request id 32.
+pub const SHORT: usize = 46;
+
+impl Made {
+    /// `text` kept in place if it is short and visible ASCII (the only bytes these values are
+    /// made of); otherwise made a field value, or `None` if it is not one.
+    pub fn new(text: &[u8]) -> Option<Made> {
+        if text.len() <= SHORT && text.iter().all(u8::is_ascii_graphic) {
+            let mut bytes = [0u8; SHORT];
+            bytes[..text.len()].copy_from_slice(text);
+            let len = u8::try_from(text.len()).ok()?;
+            return Some(Made::Short { bytes, len });
+        }
+        http::HeaderValue::from_bytes(text).ok().map(Made::Value)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Made::Short { bytes, len } => &bytes[..usize::from(*len)],
+            Made::Value(value) => value.as_bytes(),
+        }
+    }
+
+    /// As text, for a log: `""` for a kept value that is not visible ASCII.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+
+    /// As a field value, for hyper's client and server.
+    pub fn value(&self) -> http::HeaderValue {
+        match self {
+            // Visible ASCII (checked in `new`): always a field value.
+            Made::Short { .. } => http::HeaderValue::from_bytes(self.as_bytes())
+                .unwrap_or(http::HeaderValue::from_static("")),
+            Made::Value(value) => value.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_made_value_keeps_its_bytes_whether_short_or_not() {
+        for text in [
+            &b""[..],
+            b"10.0.0.1",
+            b"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+            b"0123456789abcdef0123456789abcdef",
+            b"1.2.3.4, 5.6.7.8, 9.10.11.12, 13.14.15.16, 10.0.0.1",
+            b"a b",
+        ] {
+            let made = Made::new(text).unwrap();
+            assert_eq!(made.as_bytes(), text);
+            assert_eq!(made.value().as_bytes(), text);
+            assert_eq!(made.as_str().as_bytes(), text);
+            let short = text.len() <= SHORT && text.iter().all(u8::is_ascii_graphic);
+            assert_eq!(matches!(made, Made::Short { .. }), short, "{text:?}");
+        }
+        // What no field value may hold is refused, short or not.
+        assert!(Made::new(b"a\r\nb").is_none());
+        assert!(Made::new(b"x\0").is_none());
+    }
+}

@@ -80,7 +80,7 @@ pub async fn dispatch(
     upstreams: &Upstreams,
     route: &RouteConfig,
     req: &mut Request<Inbound>,
-    (peer, request_id): (Peer, &HeaderValue),
+    (peer, request_id): (Peer, &crate::field::Made),
     own_cookies: headers::OwnCookies<'_>,
     public: &headers::PublicSide,
     credential: Option<headers::Credential<'_>>,
@@ -139,7 +139,7 @@ pub async fn dispatch(
                     fields.insert(name, value);
                 }
             }
-            let [forwarded_for, forwarded_proto, forwarded_host] =
+            let (forwarded_for, [forwarded_proto, forwarded_host]) =
                 headers::forwarded(fields, peer, public);
             let replaced = headers::Replaced {
                 host: base.host.clone(),

@@ -1,6 +1,7 @@
 //! Header rewriting for forwarded requests and relayed responses: hop-by-hop removal,
 //! `X-Forwarded-*`, request ids, and removal of Vestibule's own cookies.
 
+use crate::field::Made;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -448,14 +449,14 @@ pub struct Replaced<'a> {
     pub owns_authorization: bool,
     pub authorization: Option<Credential<'a>>,
     /// `None`: the client's value (or its absence) stands.
-    pub forwarded_for: Option<HeaderValue>,
+    pub forwarded_for: Option<Made>,
     pub forwarded_proto: Option<HeaderValue>,
     pub forwarded_host: Option<HeaderValue>,
     /// `Some`: the client's `Cookie` fields give way to this one, or to none
     /// ([`kept_cookies`]: they carried Vestibule's own).
     pub cookie: Option<Option<HeaderValue>>,
     /// [`request_id`]'s: always in place of the client's (lent: the answer carries it too).
-    pub request_id: &'a HeaderValue,
+    pub request_id: &'a Made,
 }
 
 /// The token a request carries to the upstream, as `Authorization: <scheme><token>`. Lent from
@@ -497,7 +498,7 @@ impl Replaced<'_> {
 
     /// The fields to write, after the request's own (minus those [`Replaced::replaces`]), but for
     /// the `Authorization` of [`Replaced::authorization`], written from its parts.
-    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> {
         static NAMES: [HeaderName; 6] = [
             header::HOST,
             X_FORWARDED_FOR,
@@ -507,12 +508,15 @@ impl Replaced<'_> {
             X_REQUEST_ID,
         ];
         let values = [
-            Some(&self.host),
-            self.forwarded_for.as_ref(),
-            self.forwarded_proto.as_ref(),
-            self.forwarded_host.as_ref(),
-            self.cookie.as_ref().and_then(Option::as_ref),
-            Some(self.request_id),
+            Some(self.host.as_bytes()),
+            self.forwarded_for.as_ref().map(Made::as_bytes),
+            self.forwarded_proto.as_ref().map(HeaderValue::as_bytes),
+            self.forwarded_host.as_ref().map(HeaderValue::as_bytes),
+            self.cookie
+                .as_ref()
+                .and_then(Option::as_ref)
+                .map(HeaderValue::as_bytes),
+            Some(self.request_id.as_bytes()),
         ];
         NAMES
             .iter()
@@ -523,7 +527,7 @@ impl Replaced<'_> {
     /// Puts them in `headers`, in place of the client's.
     pub fn apply(self, headers: &mut HeaderMap) {
         headers.insert(header::HOST, self.host);
-        headers.insert(X_REQUEST_ID, self.request_id.clone());
+        headers.insert(X_REQUEST_ID, self.request_id.value());
         if self.owns_authorization {
             headers.remove(header::AUTHORIZATION);
         }
@@ -538,7 +542,7 @@ impl Replaced<'_> {
                 header::AUTHORIZATION,
                 self.authorization.and_then(|c| c.value()),
             ),
-            (X_FORWARDED_FOR, self.forwarded_for),
+            (X_FORWARDED_FOR, self.forwarded_for.map(|f| f.value())),
             (X_FORWARDED_PROTO, self.forwarded_proto),
             (X_FORWARDED_HOST, self.forwarded_host),
         ];
@@ -558,12 +562,12 @@ impl Replaced<'_> {
 /// From any other peer, `Forwarded`, `X-Real-IP` and every `X-Forwarded-*` header are removed
 /// from `headers` and the three are set: the peer's address, and `public_url`'s scheme and host
 /// (never the client's `Host`). Requests with nothing to remove (the common case) allocate
-/// nothing here beyond the `X-Forwarded-For` value.
+/// nothing here: the peer's address alone is kept in place ([`Made`]).
 pub fn forwarded(
     headers: &mut HeaderMap,
     peer: Peer,
     public: &PublicSide,
-) -> [Option<HeaderValue>; 3] {
+) -> (Option<Made>, [Option<HeaderValue>; 2]) {
     let xff = X_FORWARDED_FOR;
     if !peer.trusted && headers.keys().any(speaks_for_client) {
         let doomed: Vec<HeaderName> = headers
@@ -591,12 +595,12 @@ pub fn forwarded(
     let ip = address_text(peer.ip, &mut buffer);
     let value = match prior.as_slice() {
         _ if ip.is_empty() => None,
-        [] => HeaderValue::from_bytes(ip).ok(),
+        [] => Made::new(ip),
         lines => {
             let mut text = lines.join(&b", "[..]);
             text.extend_from_slice(b", ");
             text.extend_from_slice(ip);
-            HeaderValue::from_bytes(&text).ok()
+            Made::new(&text)
         }
     };
     if value.is_none() {
@@ -606,11 +610,13 @@ pub fn forwarded(
     let unless_sent = |name: &HeaderName, ours: &HeaderValue| {
         (!(peer.trusted && headers.contains_key(name))).then(|| ours.clone())
     };
-    [
+    (
         value,
-        unless_sent(&X_FORWARDED_PROTO, &public.proto),
-        unless_sent(&X_FORWARDED_HOST, &public.host),
-    ]
+        [
+            unless_sent(&X_FORWARDED_PROTO, &public.proto),
+            unless_sent(&X_FORWARDED_HOST, &public.host),
+        ],
+    )
 }
 
 /// `ip` as text, written into `buffer` (an address is at most 45 bytes,
@@ -653,11 +659,11 @@ fn address_text(ip: IpAddr, buffer: &mut [u8; 64]) -> &[u8] {
 /// The request id: a trusted proxy's when it sent a usable one (at most 128 visible ASCII
 /// characters), otherwise a new one. It replaces whatever the client sent on the way to an
 /// upstream ([`Replaced::request_id`]) and in the answer.
-pub fn request_id(headers: &HeaderMap, trusted: bool, ids: &RequestIds) -> HeaderValue {
+pub fn request_id(headers: &HeaderMap, trusted: bool, ids: &RequestIds) -> Made {
     if trusted && let Some(v) = headers.get(X_REQUEST_ID) {
         let ok = v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
         if ok {
-            return v.clone();
+            return Made::Value(v.clone());
         }
     }
     new_request_id(ids)
@@ -691,8 +697,8 @@ impl RequestIds {
 
 /// A new request id: 32 hex digits, unique per process (a random 64-bit process prefix and a
 /// number unique in the process, scrambled by a bijective mix with a random key), with no system
-/// call per request.
-fn new_request_id(ids: &RequestIds) -> HeaderValue {
+/// call per request; kept in place, not allocated.
+fn new_request_id(ids: &RequestIds) -> Made {
     static SEED: OnceLock<[u64; 2]> = OnceLock::new();
     let [prefix, key] = *SEED.get_or_init(|| {
         let mut bytes = [0u8; 16];
@@ -712,11 +718,12 @@ fn new_request_id(ids: &RequestIds) -> HeaderValue {
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&prefix.to_be_bytes());
     id[8..].copy_from_slice(&mix64(n ^ key).to_be_bytes());
-    let mut text = [0u8; 32];
-    if hex::encode_to_slice(id, &mut text).is_err() {
-        return HeaderValue::from_static("0");
+    let mut bytes = [0u8; crate::field::SHORT];
+    let (text, _) = bytes.split_at_mut(32);
+    if hex::encode_to_slice(id, text).is_err() {
+        return Made::Value(HeaderValue::from_static("0"));
     }
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
+    Made::Short { bytes, len: 32 }
 }
 
 /// The SplitMix64 finaliser: a bijection on `u64`, so distinct inputs give distinct ids.
@@ -807,7 +814,7 @@ pub fn strip_identity(headers: &mut HeaderMap, route: &crate::config::RouteConfi
 mod tests {
     use super::*;
 
-    static TEST_REQUEST_ID: HeaderValue = HeaderValue::from_static("id-1");
+    static TEST_REQUEST_ID: Made = Made::Value(HeaderValue::from_static("id-1"));
 
     /// Aligned to 8, they sit among the other arguments of an async function's first state
     /// instead of after the room for its later states (which moving the future into its box
@@ -885,7 +892,7 @@ mod tests {
         let ids = RequestIds::default();
         for _ in 0..1000 {
             let id = request_id(&HeaderMap::new(), true, &ids);
-            let text = id.to_str().unwrap().to_string();
+            let text = id.as_str().to_string();
             assert_eq!(text.len(), 32);
             assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
             assert!(seen.insert(text));
@@ -900,7 +907,7 @@ mod tests {
                     // A worker's numbers, more than one block of them.
                     let ids = RequestIds::default();
                     (0..ID_BLOCK + 100)
-                        .map(|_| new_request_id(&ids).to_str().unwrap().to_string())
+                        .map(|_| new_request_id(&ids).as_str().to_string())
                         .collect::<Vec<_>>()
                 })
             })
@@ -1197,7 +1204,7 @@ mod tests {
     #[test]
     fn untrusted_forwarded_for_is_replaced() {
         let set = |h: &mut HeaderMap, peer: Peer, public: &PublicSide| {
-            let [forwarded_for, forwarded_proto, forwarded_host] = forwarded(h, peer, public);
+            let (forwarded_for, [forwarded_proto, forwarded_host]) = forwarded(h, peer, public);
             Replaced {
                 host: HeaderValue::from_static("up.test"),
                 owns_authorization: false,
@@ -1251,7 +1258,7 @@ mod tests {
             host: HeaderValue::from_static("up.test"),
             owns_authorization: true,
             authorization: None,
-            forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
+            forwarded_for: Made::new(b"10.0.0.1"),
             forwarded_proto: None,
             forwarded_host: Some(HeaderValue::from_static("app.test")),
             cookie: None,
@@ -1262,8 +1269,9 @@ mod tests {
             let mut fields = h
                 .iter()
                 .filter(|(name, _)| !set.replaces(name))
+                .map(|(n, v)| (n, v.as_bytes()))
                 .chain(set.fields())
-                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .map(|(n, v)| format!("{n}: {}", std::str::from_utf8(v).unwrap()))
                 .collect::<Vec<_>>();
             fields.extend(
                 set.authorization
@@ -1420,9 +1428,10 @@ mod tests {
         let written = |set: &Replaced| {
             h.iter()
                 .filter(|(name, _)| !set.replaces(name))
+                .map(|(n, v)| (n, v.as_bytes()))
                 .chain(set.fields())
                 .filter(|(name, _)| **name == header::COOKIE)
-                .map(|(_, v)| v.to_str().unwrap().to_string())
+                .map(|(_, v)| String::from_utf8(v.to_vec()).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(written(&set), ["a=1; b=2"]);

@@ -439,7 +439,7 @@ enum Framing {
 async fn send(
     (tcp, timed): (&mut TcpStream, &SendTimeout),
     (out, date): (&mut Vec<u8>, &mut HttpDate),
-    (response, request_id): (Response<Body>, &HeaderValue),
+    (response, request_id): (Response<Body>, &crate::field::Made),
     head_only: bool,
     client_close: bool,
 ) -> bool {
@@ -447,7 +447,7 @@ async fn send(
     out.clear();
     let (framing, mut close) = encode_head(
         (out, date),
-        (&parts, Some(request_id)),
+        (&parts, Some(request_id.as_bytes())),
         &body,
         head_only,
         client_close,
@@ -529,7 +529,7 @@ async fn send(
 /// the framing and whether the connection closes after this answer.
 fn encode_head(
     (out, date): (&mut Vec<u8>, &mut HttpDate),
-    (parts, request_id): (&http::response::Parts, Option<&HeaderValue>),
+    (parts, request_id): (&http::response::Parts, Option<&[u8]>),
     body: &Body,
     head_only: bool,
     client_close: bool,
@@ -594,7 +594,7 @@ fn encode_head(
     }
     if let Some(id) = request_id {
         out.extend_from_slice(b"x-request-id: ");
-        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(id);
         out.extend_from_slice(b"\r\n");
     }
     let framing = if no_body {

@@ -150,11 +150,14 @@ impl std::error::Error for WireError {
 pub(super) fn encode_head<B>(req: &http::Request<B>, replaced: &Replaced<'_>, out: &mut BytesMut) {
     let (method, headers) = (req.method(), req.headers());
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let field_len = |(n, v): (&HeaderName, &HeaderValue)| n.as_str().len() + v.len() + 4;
+    let field_len = |(n, v): (&HeaderName, &[u8])| n.as_str().len() + v.len() + 4;
     let authorization = replaced.authorization.map_or(0, |c| {
         "authorization: \r\n".len() + c.scheme.len() + c.token.len()
     });
-    let fields: usize = headers.iter().map(field_len).sum::<usize>()
+    let fields: usize = headers
+        .iter()
+        .map(|(n, v)| field_len((n, v.as_bytes())))
+        .sum::<usize>()
         + replaced.fields().map(field_len).sum::<usize>()
         + authorization;
     out.reserve(method.as_str().len() + target.len() + fields + 14);
@@ -162,11 +165,14 @@ pub(super) fn encode_head<B>(req: &http::Request<B>, replaced: &Replaced<'_>, ou
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let own = headers.iter().filter(|(name, _)| !replaced.replaces(name));
+    let own = headers
+        .iter()
+        .filter(|(name, _)| !replaced.replaces(name))
+        .map(|(name, value)| (name, value.as_bytes()));
     for (name, value) in own.chain(replaced.fields()) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     // Checked when the token entered Vestibule (`sendable_token`, every byte; debug builds

@@ -218,7 +218,7 @@ fn the_request_id_is_written_once_in_place_of_any_other() {
     let id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
     encode_head(
         (&mut out, &mut HttpDate::default()),
-        (&parts, Some(&id)),
+        (&parts, Some(id.as_bytes())),
         &body,
         false,
         false,

@@ -4,7 +4,7 @@ use super::*;
 use http_body_util::BodyExt;
 use std::sync::{Arc, Mutex};
 
-static REQUEST_ID: HeaderValue = HeaderValue::from_static("id-1");
+static REQUEST_ID: crate::field::Made = crate::field::Made::Value(HeaderValue::from_static("id-1"));
 
 fn head_of(text: &str, to_head: bool) -> Result<Option<Head>, WireError> {
     let mut buf = BytesMut::from(text.as_bytes());
@@ -340,7 +340,7 @@ fn the_request_head_is_written_in_origin_form() {
         .body(())
         .unwrap();
     let mut replaced = replaced_with_token("t");
-    replaced.forwarded_for = Some(HeaderValue::from_static("10.0.0.1"));
+    replaced.forwarded_for = crate::field::Made::new(b"10.0.0.1");
     assert_eq!(
         String::from_utf8(encode(&req, &replaced)).unwrap(),
         "GET /a/b?x=1&y HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: up.test\r\nx-forwarded-for: 10.0.0.1\r\nx-request-id: id-1\r\nauthorization: Bearer t\r\n\r\n",
