@@ -830,6 +830,11 @@ async fn backchannel_logout(
     let logout =
         match crate::jose::validate_logout_token(&app.oidc.provider.jwks, &token, &expect).await {
             Ok(l) => l,
+            // The provider's keys could not be fetched: not an invalid token. 503 makes the
+            // provider send it again (400 is final, and the session would live on).
+            Err(crate::jose::JoseError::KeySetUnavailable(fault)) => {
+                return Err(RequestError::LogoutDeferred(fault.to_string()));
+            }
             Err(e) => return logout_rejected(e.to_string()),
         };
     let replay_ttl = crate::jose::logout_replay_ttl(expect.leeway);
@@ -843,10 +848,13 @@ async fn backchannel_logout(
         Ok(true) => return logout_rejected("jti replayed"),
         Err(e) => return Err(e.into()),
     }
-    // With both, the sid's sessions end; when none has that sid, the subject's sessions do.
+    // With both, the sid's sessions end, and the subject's sessions stored without a sid (any
+    // of them may be that provider session); never one of another provider session, even when
+    // none has this sid any more (the user signed out here first: Back-Channel Logout 1.0
+    // §2.7 counts that as done).
     let ended = match (&logout.sid, &logout.sub) {
         (Some(sid), Some(sub)) => match app.sessions.end_by_sid(sid).await {
-            Ok(0) => app.sessions.end_by_sub(sub).await,
+            Ok(n) => app.sessions.end_sidless_by_sub(sub).await.map(|m| n + m),
             other => other,
         },
         (Some(sid), None) => app.sessions.end_by_sid(sid).await,

@@ -118,6 +118,9 @@ pub enum KeySetFault {
     /// Nothing was ever fetched, and a fetch was tried too recently to try again.
     #[error("no key set loaded yet")]
     NotLoaded,
+    /// A fetch for an unknown key failed moments ago, and is not tried again yet.
+    #[error("the last fetch failed; not tried again yet")]
+    LastFetchFailed,
     #[error("the fetch timed out")]
     TimedOut,
     /// The fetcher's own error (the provider unreachable, an HTTP status).

@@ -127,6 +127,10 @@ pub enum RequestError {
     /// `400` with an OAuth error body).
     #[error("back-channel logout rejected: {0}")]
     LogoutRejected(String),
+    /// A back-channel logout token could not be checked now (the provider's key set could not
+    /// be fetched): `503` with `Retry-After`, so that the provider sends it again.
+    #[error("back-channel logout deferred: {0}")]
+    LogoutDeferred(String),
     /// A request body arrived too slowly (always JSON).
     #[error("the request body arrived too slowly")]
     BodyTimeout,
@@ -204,6 +208,13 @@ impl RequestError {
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 r
             }
+            RequestError::LogoutDeferred(_) => {
+                let mut r = ErrorCode::ProviderUnavailable.json(&[]);
+                let fields = r.headers_mut();
+                fields.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                fields.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
             RequestError::BodyTimeout => ErrorCode::RequestTimeout.json(&[]),
         }
     }
@@ -229,6 +240,12 @@ impl RequestError {
             }
             RequestError::LogoutRejected(reason) => {
                 tracing::warn!(reason, "back-channel logout rejected");
+            }
+            RequestError::LogoutDeferred(reason) => {
+                tracing::warn!(
+                    reason,
+                    "back-channel logout deferred: the key set is unavailable"
+                );
             }
             RequestError::BodyTimeout => tracing::info!("request body too slow"),
             RequestError::Unauthenticated { .. }

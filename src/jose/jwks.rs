@@ -37,8 +37,9 @@ pub struct Jwks {
     fetcher: Arc<dyn JwksFetcher>,
     min_refetch_interval: Duration,
     keys: ArcSwap<KeySet>,
-    /// Serializes fetches; holds the time of the last fetch caused by an unknown key.
-    fetching: Mutex<Option<Instant>>,
+    /// Serializes fetches; holds the time of the last fetch caused by an unknown key, and
+    /// whether it brought a set.
+    fetching: Mutex<Option<(Instant, bool)>>,
 }
 
 #[derive(Default)]
@@ -104,14 +105,21 @@ impl Jwks {
             return current.find(kid, alg).ok_or(JoseError::UnknownKey);
         }
         let now = Instant::now();
-        if last_refetch.is_some_and(|at| now.duration_since(at) < self.min_refetch_interval) {
-            return Err(match current.generation {
-                0 => JoseError::KeySetUnavailable(KeySetFault::NotLoaded),
-                _ => JoseError::UnknownKey,
+        if let Some((at, fetched)) = *last_refetch
+            && now.duration_since(at) < self.min_refetch_interval
+        {
+            // Only a set fetched moments ago says the key is unknown; after a failed fetch the
+            // set in use may be the one before the provider's rotation, so the token may be
+            // good (a back-channel logout answered "invalid" would be lost for good).
+            return Err(match (current.generation, fetched) {
+                (0, _) => JoseError::KeySetUnavailable(KeySetFault::NotLoaded),
+                (_, false) => JoseError::KeySetUnavailable(KeySetFault::LastFetchFailed),
+                (_, true) => JoseError::UnknownKey,
             });
         }
-        *last_refetch = Some(now);
-        self.fetch_and_store().await?;
+        let fetched = self.fetch_and_store().await;
+        *last_refetch = Some((now, fetched.is_ok()));
+        fetched?;
         self.keys.load().find(kid, alg).ok_or(JoseError::UnknownKey)
     }
 
@@ -369,6 +377,25 @@ mod tests {
             assert!(matches!(err, JoseError::KeySetUnavailable(_)));
         }
         assert_eq!(fetcher.fetches(), 1, "failed fetches are rate-limited too");
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_refetch_an_unknown_key_is_not_called_unknown_until_a_fetch_succeeds() {
+        let signer = TestSigner::new();
+        let (fetcher, jwks) = loaded(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")]), MINUTE).await;
+        // The provider rotates to rsa-2 while its key set cannot be fetched.
+        fetcher.fail("HTTP 502");
+        let rotated = signer.token(TestKey::Rsa2).kid("rsa-2").sign(&json!({}));
+        for _ in 0..3 {
+            let err = verifies(&jwks, &rotated).await.unwrap_err();
+            assert!(matches!(err, JoseError::KeySetUnavailable(_)), "{err:?}");
+        }
+        assert_eq!(fetcher.fetches(), 2, "the refetch stays rate-limited");
+        // A set that was fetched and still lacks the key does call it unknown.
+        let (fetcher, jwks) = loaded(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")]), MINUTE).await;
+        assert_eq!(verifies(&jwks, &rotated).await, Err(JoseError::UnknownKey));
+        fetcher.fail("HTTP 502");
+        assert_eq!(verifies(&jwks, &rotated).await, Err(JoseError::UnknownKey));
     }
 
     #[tokio::test]

@@ -639,6 +639,31 @@ impl Sessions {
         self.end_index(&index_name("p", sid)).await
     }
 
+    /// Back-channel logout naming a provider session: the subject's sessions stored without
+    /// one (their provider named none at login, so any of them may be that provider session),
+    /// never a session that belongs to another provider session. A session whose listing data
+    /// does not open, or was written before the mark, is ended: a logout is never lost.
+    pub async fn end_sidless_by_sub(&self, sub: &str) -> Result<usize, StoreError> {
+        let index = index_name("u", sub);
+        let keyring = self.keyring.load();
+        let mut ended = 0;
+        for member in self.store.index_members(&index).await? {
+            let Some(key) = StoreKey::parse(&member) else {
+                continue;
+            };
+            let Some(record) = self.store.get(&member).await? else {
+                continue;
+            };
+            let in_provider_session = decode_meta(&keyring, &key, &record.value)
+                .and_then(|meta| meta.provider_session)
+                .unwrap_or(false);
+            if !in_provider_session && self.end(&key).await? {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
     /// Back-channel logout by subject, or "sign out everywhere".
     pub async fn end_by_sub(&self, sub: &str) -> Result<usize, StoreError> {
         self.end_index(&index_name("u", sub)).await

@@ -802,3 +802,114 @@ async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved
          {revoked:?}"
     );
 }
+
+/// A logout token naming a provider session (`sid`) ends that session only. After the
+/// user signed out on the laptop (RP-initiated logout, which ends the laptop's session here and
+/// takes it out of the sid index), the provider's back-channel logout for the laptop's provider
+/// session (`sid` = laptop's, `sub` = alice) must not end the phone's session, which belongs to
+/// another provider session (Back-Channel Logout 1.0 §2.4: without `sid` the intent is all of the
+/// user's sessions; with it, that session; §2.7: a user already logged out is a success).
+#[tokio::test]
+async fn a_logout_token_for_an_ended_provider_session_leaves_the_users_other_sessions() {
+    let signer = TestSigner::new();
+    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
+    let port = free_port();
+    let proxy = start_proxy(&login_config(port, &issuer, "")).await;
+    wait_ready(&proxy).await;
+    let laptop = proxy
+        .session_cookie(Session {
+            sub: "alice".into(),
+            sid: Some("op-session-laptop".into()),
+            ..Session::default()
+        })
+        .await;
+    let phone = proxy
+        .session_cookie(Session {
+            sub: "alice".into(),
+            sid: Some("op-session-phone".into()),
+            ..Session::default()
+        })
+        .await;
+    // Stored without a provider session id (the provider gave none at login): it may be the
+    // laptop's provider session, so a logout token for the user's session ends it.
+    let sidless = proxy
+        .session_cookie(Session {
+            sub: "alice".into(),
+            sid: None,
+            ..Session::default()
+        })
+        .await;
+    let bob = proxy
+        .session_cookie(Session {
+            sub: "bob".into(),
+            sid: None,
+            ..Session::default()
+        })
+        .await;
+    for cookie in [&laptop, &phone, &sidless, &bob] {
+        assert!(proxy.signed_in(cookie).await);
+    }
+
+    // The user signs out on the laptop through the app (POST /bff/logout, X-CSRF).
+    let out = script_logout(&proxy, &laptop).await.unwrap();
+    assert_eq!(out.status, 200, "{}", out.text());
+    assert!(!proxy.signed_in(&laptop).await);
+
+    // The provider then tells every client of the laptop's provider session.
+    let now = vestibule::app::now();
+    let mut claims = logout_token_claims(&issuer, "vestibule", now);
+    claims["jti"] = "laptop-logout".into();
+    claims["sid"] = "op-session-laptop".into();
+    let token = signer.token(TestKey::Rsa1).typ("logout+jwt").sign(&claims);
+    let r = post_logout_token(&proxy, &token).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        proxy.signed_in(&phone).await,
+        "a logout token for the laptop's provider session ended the phone's session"
+    );
+    assert!(
+        !proxy.signed_in(&sidless).await,
+        "the user's session without a provider session id outlived a logout token for her"
+    );
+    assert!(proxy.signed_in(&bob).await, "another user's session ended");
+}
+
+/// A logout token that cannot be checked because the provider's key set is unreachable
+/// right now (the provider rotated its signing key, and the refetch for the new `kid` failed) is
+/// not an invalid token: the answer must let the provider retry (503, as for a store outage),
+/// not 400, which providers take as final — the logout would be lost and the session live on.
+#[tokio::test]
+async fn a_key_set_outage_during_a_back_channel_logout_is_answered_so_the_provider_retries() {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let port = free_port();
+    let proxy = start_proxy(&login_config(port, &idp.issuer, "")).await;
+    wait_ready(&proxy).await;
+    let cookie = alice_session(&proxy).await;
+    assert!(proxy.signed_in(&cookie).await);
+
+    // The provider rotates to a new key; its JWKS endpoint answers garbage for a moment.
+    *idp.state.jwks.lock().unwrap() = b"<html>502 Bad Gateway</html>".to_vec();
+    let now = vestibule::app::now();
+    let mut claims = logout_token_claims(&idp.issuer, "vestibule", now);
+    claims["jti"] = "rotated".into();
+    let token = signer
+        .token(TestKey::Rsa2)
+        .kid("k2")
+        .typ("logout+jwt")
+        .sign(&claims);
+    let r = post_logout_token(&proxy, &token).await;
+    assert!(proxy.signed_in(&cookie).await);
+    assert_eq!(
+        r.status,
+        503,
+        "an unreachable key set was answered as an invalid logout token: {} {}",
+        r.status,
+        r.text()
+    );
+    assert!(r.header("retry-after").is_some());
+    // The provider's retry comes before another fetch may be tried: still not "invalid".
+    let again = post_logout_token(&proxy, &token).await;
+    assert_eq!(again.status, 503, "{}", again.text());
+    assert!(proxy.signed_in(&cookie).await);
+}

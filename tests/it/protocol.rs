@@ -309,7 +309,7 @@ async fn token_responses_that_break_a_must_are_refused_with_their_reason() {
 async fn session(c: &Case, sub: &str, sid: &str) -> String {
     let session = Session {
         sub: sub.into(),
-        sid: Some(sid.into()),
+        sid: (!sid.is_empty()).then(|| sid.into()),
         ..Session::default()
     };
     c.proxy.session_cookie(session).await
@@ -338,19 +338,23 @@ async fn post_logout(c: &Case, jti: &str, sid: &str, sub: &str) -> Reply {
     .await
 }
 
+/// A token with `sid` and `sub` ends that provider session's sessions and the user's sessions
+/// stored without a `sid` (any of them may be it), never one of her other provider sessions —
+/// not even when no session has the `sid` any more (Back-Channel Logout 1.0 §2.7: she signed
+/// out here first).
 #[tokio::test]
-async fn a_logout_token_with_sid_and_sub_ends_that_sid_or_else_that_sub() {
+async fn a_logout_token_with_sid_and_sub_ends_that_sid_and_the_subs_sessions_without_one() {
     let c = setup().await;
     let first = session(&c, "alice", "session-1").await;
     let second = session(&c, "alice", "session-2").await;
+    let sidless = session(&c, "alice", "").await;
     let bob = session(&c, "bob", "session-3").await;
-    assert!(
-        c.proxy.signed_in(&first).await
-            && c.proxy.signed_in(&second).await
-            && c.proxy.signed_in(&bob).await
-    );
+    let bob_sidless = session(&c, "bob", "").await;
+    for cookie in [&first, &second, &sidless, &bob, &bob_sidless] {
+        assert!(c.proxy.signed_in(cookie).await);
+    }
 
-    // The sid has a session: only that one ends.
+    // The sid has a session: that one ends, and the sub's session without a sid.
     let r = post_logout(&c, "j-1", "session-1", "alice").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
@@ -358,19 +362,23 @@ async fn a_logout_token_with_sid_and_sub_ends_that_sid_or_else_that_sub() {
         "the session of the sid lives on"
     );
     assert!(
+        !c.proxy.signed_in(&sidless).await,
+        "the sub's session without a sid lives on"
+    );
+    assert!(
         c.proxy.signed_in(&second).await,
-        "another session of the sub ended"
+        "a session of another provider session of the sub ended"
     );
 
-    // No session has the sid: the sub's sessions end, and nobody else's.
+    // No session has the sid: the sub's sessions of other provider sessions stand.
     let r = post_logout(&c, "j-2", "session-unknown", "alice").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
-        !c.proxy.signed_in(&second).await,
-        "the sub's session lives on"
+        c.proxy.signed_in(&second).await,
+        "a logout token for an unknown sid ended another provider session's session"
     );
     assert!(
-        c.proxy.signed_in(&bob).await,
+        c.proxy.signed_in(&bob).await && c.proxy.signed_in(&bob_sidless).await,
         "another user's session ended"
     );
 }

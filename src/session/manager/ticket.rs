@@ -159,6 +159,11 @@ pub(super) struct Meta {
     pub(super) created_at: u64,
     pub(super) last_seen: u64,
     pub(super) user_agent: Option<String>,
+    /// Whether the session belongs to a provider session (`sid`): a back-channel logout for
+    /// another provider session of the user must leave it alone. `None` in records written
+    /// before the mark, which are taken as having none (a logout is never lost for them).
+    #[serde(default, rename = "p", skip_serializing_if = "Option::is_none")]
+    pub(super) provider_session: Option<bool>,
 }
 
 /// Builds the stored bytes for `session` under `key`.
@@ -172,6 +177,7 @@ pub(super) fn encode_record(
         created_at: session.created_at,
         last_seen: session.last_seen,
         user_agent: session.user_agent.as_deref().map(shorten),
+        provider_session: Some(session.sid.is_some()),
     };
     let meta_json = serde_json::to_vec(&meta).map_err(|_| SealError::TooLarge)?;
     let meta = keyring.seal(&key.aad(META_AAD), &meta_json)?;
@@ -244,6 +250,26 @@ pub(super) fn decode_meta(keyring: &Keyring, key: &StoreKey, record: &[u8]) -> O
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_listing_data_says_whether_the_session_has_a_provider_session() {
+        let keyring = Keyring::new(vec![[3; 32]]).unwrap();
+        let ticket = Ticket::random().unwrap();
+        for (sid, mark) in [(Some("op-1"), Some(true)), (None, Some(false))] {
+            let session = Session {
+                sub: "u".into(),
+                sid: sid.map(Into::into),
+                ..Session::default()
+            };
+            let record = encode_record(&keyring, &ticket, &ticket.key(), &session).unwrap();
+            let meta = decode_meta(&keyring, &ticket.key(), &record).unwrap();
+            assert_eq!(meta.provider_session, mark);
+        }
+        // Written before the mark: unknown, which a back-channel logout takes as none.
+        let old: Meta =
+            serde_json::from_str(r#"{"created_at":1,"last_seen":2,"user_agent":null}"#).unwrap();
+        assert_eq!(old.provider_session, None);
+    }
 
     #[test]
     fn record_opens_only_with_its_ticket_and_key() {
