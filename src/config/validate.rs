@@ -100,17 +100,7 @@ fn interpolate_value(
     match value {
         Value::String(s) => match interpolate(s, env) {
             Ok(expanded) => *s = expanded,
-            Err(InterpolationError::Missing(name)) => problems.add(
-                path,
-                format!("environment variable {name} is not set; export it, or write ${{{name}:-default}}"),
-            ),
-            Err(InterpolationError::BadName(name)) => problems.add(
-                path,
-                format!("${{{name}}} is not a valid variable name; use letters, digits and _"),
-            ),
-            Err(InterpolationError::Unclosed) => {
-                problems.add(path, "a ${ has no closing }; write ${NAME}, or $$ for a literal $")
-            }
+            Err(error) => problems.add(path, interpolation_message(s, path, error)),
         },
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -119,6 +109,27 @@ fn interpolate_value(
         }
         Value::Table(t) => interpolate_all(t, path, env, problems),
         _ => {}
+    }
+}
+
+/// What is wrong with the `${…}` in the string `value` at `path`. In a secret (one of
+/// [`SECRET_PATHS`]) no part of the value is quoted: a literal secret may hold `${` by chance,
+/// and what follows it is the secret. The missing variable is named only when the value is
+/// nothing but a reference to it, the case of a variable meant to hold the secret.
+fn interpolation_message(value: &str, path: &str, error: InterpolationError) -> String {
+    let secret = SECRET_PATHS.iter().any(|s| path.starts_with(s));
+    match error {
+        InterpolationError::Missing(name) if !secret || value == format!("${{{name}}}") => {
+            format!("environment variable {name} is not set; export it, or write ${{{name}:-default}}")
+        }
+        InterpolationError::Missing(_) => "names an environment variable that is not set (value not shown: it is secret); export it, or write $$ for a literal $".to_string(),
+        InterpolationError::BadName(name) if !secret => {
+            format!("${{{name}}} is not a valid variable name; use letters, digits and _")
+        }
+        InterpolationError::BadName(_) => "holds a ${…} that is not a valid variable name (value not shown: it is secret); use letters, digits and _, or $$ for a literal $".to_string(),
+        InterpolationError::Unclosed => {
+            "a ${ has no closing }; write ${NAME}, or $$ for a literal $".to_string()
+        }
     }
 }
 
@@ -452,13 +463,45 @@ fn parsed<T>(
     }
 }
 
+/// The longest duration any key takes: a year (`"1y"`). Longer ones serve no purpose, and far
+/// longer ones (`"300000000000y"` parses) overflow the arithmetic of expiries and deadlines: a
+/// session record's expiry in milliseconds for the store, an `Instant` plus a timeout.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// A duration key; over [`MAX_DURATION`] is reported and `default` kept.
 pub(super) fn duration(
     value: Option<String>,
     path: &str,
     default: Duration,
     problems: &mut Problems,
 ) -> Duration {
-    parsed(value, path, default, parse_duration, problems)
+    duration_at_most(
+        value,
+        path,
+        default,
+        (MAX_DURATION, "a year (\"1y\")"),
+        "",
+        problems,
+    )
+}
+
+/// A duration key of at most `max` (written `max_text` in the message, followed by `why`);
+/// longer is reported and `default` kept.
+pub(super) fn duration_at_most(
+    value: Option<String>,
+    path: &str,
+    default: Duration,
+    (max, max_text): (Duration, &str),
+    why: &str,
+    problems: &mut Problems,
+) -> Duration {
+    let text = value.clone().unwrap_or_default();
+    let d = parsed(value, path, default, parse_duration, problems);
+    if d > max {
+        problems.add(path, format!("{text:?} is longer than {max_text}{why}"));
+        return default;
+    }
+    d
 }
 
 pub(super) fn size(
@@ -655,6 +698,114 @@ mod telemetry_tests {
                 sample_ratio: 1.0,
                 log_user: LogUser::Sub,
             }
+        );
+    }
+}
+
+/// Values that parse but would do harm: each is refused with its path and the bound.
+#[cfg(test)]
+mod harmful_values {
+    use super::*;
+
+    const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+    /// The problems of a minimal valid file with `oidc` and `session` lines added.
+    fn problems(oidc: &str, session: &str) -> Vec<String> {
+        let text = format!(
+            "[server]\npublic_url = \"https://app.example.com\"\n\
+             [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\n{oidc}\n\
+             [session]\nkeys = [\"{KEY}\"]\n{session}\n"
+        );
+        match Config::parse(&text, Path::new("."), &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// `keep_fresh` (oidc/metadata.rs) sleeps this long between fetches of the discovery
+    /// document and the key set: "0s" fetched them back to back, forever, from every instance.
+    #[test]
+    fn a_metadata_refresh_under_a_minute_is_refused() {
+        let secret = "client_secret = \"s\"\n";
+        for short in ["0s", "1ms", "59s"] {
+            assert_eq!(
+                problems(&format!("{secret}metadata_refresh = \"{short}\""), ""),
+                [format!(
+                    "oidc.metadata_refresh: \"{short}\" is shorter than 1m: every instance would fetch the provider's discovery document and keys that often; write e.g. \"1h\""
+                )]
+            );
+        }
+        assert!(problems(&format!("{secret}metadata_refresh = \"1m\""), "").is_empty());
+    }
+
+    /// The leeway of the `exp` and `iat` checks of ID tokens, logout tokens and validated access
+    /// tokens: ten years of it accepted any expired token, and "60m" for "60s" an hour late.
+    #[test]
+    fn a_clock_skew_over_five_minutes_is_refused() {
+        let secret = "client_secret = \"s\"\n";
+        for long in ["3650d", "60m", "301s"] {
+            assert_eq!(
+                problems(&format!("{secret}clock_skew = \"{long}\""), ""),
+                [format!(
+                    "oidc.clock_skew: \"{long}\" is longer than 5m: an expired ID token, logout token or access token would be accepted that long after it expired; write e.g. \"60s\""
+                )]
+            );
+        }
+        assert!(problems(&format!("{secret}clock_skew = \"5m\""), "").is_empty());
+    }
+
+    /// "300000000000y" parses, and overflows the arithmetic of expiries and deadlines (a
+    /// session's expiry in milliseconds, an `Instant` plus a timeout): a year at most.
+    #[test]
+    fn a_duration_over_a_year_is_refused_before_it_can_overflow() {
+        let secret = "client_secret = \"s\"\n";
+        assert_eq!(
+            problems(
+                secret,
+                "idle_timeout = \"300000000000y\"\nabsolute_timeout = \"300000000000y\"\n\
+                 cache_ttl = \"366d\""
+            ),
+            [
+                "session.idle_timeout: \"300000000000y\" is longer than a year (\"1y\")",
+                "session.absolute_timeout: \"300000000000y\" is longer than a year (\"1y\")",
+                "session.cache_ttl: \"366d\" is longer than a year (\"1y\")",
+            ]
+        );
+        assert!(problems(secret, "idle_timeout = \"1y\"\nabsolute_timeout = \"1y\"").is_empty());
+    }
+
+    /// "Secrets are never printed back, not even in errors": a literal client secret, key or
+    /// Redis password may hold `${` by chance (any generator with `$`, `{` and `}` in its
+    /// alphabet), and what follows it is the secret.
+    #[test]
+    fn an_interpolation_error_in_a_secret_prints_no_part_of_it() {
+        let found = problems("client_secret = \"Xk9${q!Z/7t}mP\"", "");
+        assert_eq!(
+            found,
+            [
+                "oidc.client_secret: holds a ${…} that is not a valid variable name (value not shown: it is secret); use letters, digits and _, or $$ for a literal $"
+            ]
+        );
+        let found = problems("client_secret = \"Xk9${QZ7t}mP\"", "");
+        assert_eq!(
+            found,
+            [
+                "oidc.client_secret: names an environment variable that is not set (value not shown: it is secret); export it, or write $$ for a literal $"
+            ]
+        );
+        // The value meant to name a variable: the variable is named.
+        let found = problems("client_secret = \"${QZ7t}\"", "");
+        assert_eq!(
+            found,
+            [
+                "oidc.client_secret: environment variable QZ7t is not set; export it, or write ${QZ7t:-default}"
+            ]
+        );
+        // Elsewhere the reference is quoted, to find the typo.
+        let found = problems("client_secret = \"s\"\nroles_claim = \"${a-b}\"", "");
+        assert_eq!(
+            found,
+            ["oidc.roles_claim: ${a-b} is not a valid variable name; use letters, digits and _"]
         );
     }
 }

@@ -517,3 +517,32 @@ fn a_static_dir_holding_a_key_or_credential_file_the_configuration_names_is_refu
     );
     refused("routes[1].tls_client_key", text, &name_of(&client.key_file));
 }
+
+/// Values that parse but would do harm, refused at load with the bound: a metadata refresh of
+/// "0s" fetched the provider's discovery document and keys back to back, forever, from every
+/// instance (hundreds of key set fetches a second); a clock skew of years accepted expired
+/// tokens; a session timeout of "300000000000y" overflows the arithmetic of expiries.
+#[test]
+fn values_that_would_do_harm_are_refused_with_their_bounds() {
+    let cases = [
+        (
+            add("oidc.metadata_refresh", "0s"),
+            "oidc.metadata_refresh: \"0s\" is shorter than 1m: every instance would fetch the provider's discovery document and keys that often; write e.g. \"1h\"",
+        ),
+        (
+            add("oidc.clock_skew", "3650d"),
+            "oidc.clock_skew: \"3650d\" is longer than 5m: an expired ID token, logout token or access token would be accepted that long after it expired; write e.g. \"60s\"",
+        ),
+        (
+            add("session.absolute_timeout", "300000000000y"),
+            "session.absolute_timeout: \"300000000000y\" is longer than a year (\"1y\")",
+        ),
+        (
+            add("server.request_timeout", "400d"),
+            "server.request_timeout: \"400d\" is longer than a year (\"1y\")",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(errors(&text), [expected]);
+    }
+}

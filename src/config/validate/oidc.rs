@@ -258,16 +258,13 @@ pub(super) fn oidc_config(
         ),
         post_logout_redirect,
         allow_http_issuer,
-        metadata_refresh: duration(
-            metadata_refresh,
-            "oidc.metadata_refresh",
-            Duration::from_secs(3600),
-            problems,
-        ),
-        clock_skew: duration(
+        metadata_refresh: metadata_refresh_config(metadata_refresh, problems),
+        clock_skew: duration_at_most(
             clock_skew,
             "oidc.clock_skew",
-            Duration::from_secs(60),
+            DEFAULT_CLOCK_SKEW,
+            (MAX_CLOCK_SKEW, "5m"),
+            ": an expired ID token, logout token or access token would be accepted that long after it expired; write e.g. \"60s\"",
             problems,
         ),
         provider_timeout,
@@ -278,6 +275,30 @@ pub(super) fn oidc_config(
         ca_file: None,
         tls_client: None,
     })
+}
+
+pub const DEFAULT_METADATA_REFRESH: Duration = Duration::from_secs(3600);
+/// Every instance fetches the discovery document and the key set this often at most; a key the
+/// provider adds in between is fetched on first use anyway.
+pub const MIN_METADATA_REFRESH: Duration = Duration::from_secs(60);
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// The leeway of every `exp` and `iat` check: clocks in sync by NTP differ by far less.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+fn metadata_refresh_config(value: Option<String>, problems: &mut Problems) -> Duration {
+    let text = value.clone().unwrap_or_default();
+    let path = "oidc.metadata_refresh";
+    let period = duration(value, path, DEFAULT_METADATA_REFRESH, problems);
+    if period < MIN_METADATA_REFRESH {
+        problems.add(
+            path,
+            format!(
+                "{text:?} is shorter than 1m: every instance would fetch the provider's discovery document and keys that often; write e.g. \"1h\""
+            ),
+        );
+        return DEFAULT_METADATA_REFRESH;
+    }
+    period
 }
 
 /// Whether `file` holds an EC P-256 private key in PEM (PKCS#8 or SEC1), the only kind a DPoP
