@@ -5,7 +5,7 @@
 
 use crate::access::{self, Tokens};
 use crate::clock::Clock;
-use crate::config::{Config, TokenBinding};
+use crate::config::{Config, ConfigError, ConfigErrors, TokenBinding};
 use crate::field::Made;
 use crate::oidc::client_auth::Credential;
 use crate::oidc::{GrantError, Oidc};
@@ -634,71 +634,88 @@ impl App {
         ]
     }
 
-    /// Re-reads the configuration file; a bad file is rejected and the old one kept.
+    /// Re-reads the configuration file; a bad file is rejected, logged, and the running
+    /// configuration kept.
     pub fn reload(&self, trigger: &str) {
-        match Config::load(&self.config_path) {
-            Ok(config) => {
-                let old = self.live.load_full();
-                // Restart-only keys keep their running value: one snapshot is in effect.
-                let reloaded = crate::config::reload::reload(&old.config, config);
-                let new = &reloaded.config;
-                // Secret, key and assertion files are read again: rotating one needs no restart.
-                let credential = match Credential::load(&new.oidc) {
-                    Ok(credential) => credential,
-                    Err(error) => {
-                        tracing::error!(
-                            trigger,
-                            "configuration rejected, keeping the previous one: {error}"
-                        );
-                        return;
+        let applied = Config::load(&self.config_path).and_then(|c| self.apply(c, trigger));
+        if let Err(errors) = &applied {
+            log_rejected(trigger, errors);
+        }
+    }
+
+    /// Puts `config`, loaded from the configuration file, in effect over the running one, or
+    /// refuses it (nothing is swapped before every part has been loaded).
+    fn apply(&self, config: Config, trigger: &str) -> Result<(), ConfigErrors> {
+        let refused = |key: &str, message: String| {
+            ConfigErrors(vec![ConfigError {
+                path: key.to_string(),
+                message,
+            }])
+        };
+        let old = self.live.load_full();
+        // Restart-only keys keep their running value: one snapshot is in effect.
+        let reloaded = crate::config::reload::reload(&old.config, config, &self.config_path)?;
+        let new = &reloaded.config;
+        // The credential follows `oidc.client_auth`: a change of method keeps the running one
+        // whole until a restart (the reloaded configuration holds its keys). Otherwise the
+        // secret, key and assertion files are read again: rotating one needs no restart.
+        let credential_kept = reloaded.restart_needed.contains(&"oidc.client_auth");
+        let credential = if credential_kept {
+            None
+        } else {
+            Some(Credential::load(&new.oidc).map_err(|e| refused(&e.key, e.message))?)
+        };
+        let keyring = if new.session.keys != old.config.session.keys {
+            let ring = Keyring::new(new.session.keys.clone());
+            Some(ring.map_err(|e| refused("session.keys", e.to_string()))?)
+        } else {
+            None
+        };
+        if let Some(keyring) = keyring {
+            self.sessions.replace_keyring(keyring);
+            tracing::info!(
+                trigger,
+                keys = new.session.keys.len(),
+                "session keys replaced"
+            );
+            // The stored DPoP key is read again under the new ring now, which seals it with the
+            // new first key while the old one is still listed: it must not wait for DPoP
+            // traffic, or the old key may be gone by then and the key replaced.
+            if let Some(dpop) = self.oidc.dpop.clone() {
+                tokio::spawn(async move {
+                    if let Err(error) = dpop.key().await {
+                        tracing::warn!(%error, "DPoP key not read again after the session keys changed; retried when needed");
                     }
-                };
-                if new.session.keys != old.config.session.keys {
-                    match Keyring::new(new.session.keys.clone()) {
-                        Ok(keyring) => self.sessions.replace_keyring(keyring),
-                        Err(e) => {
-                            tracing::error!(
-                                trigger,
-                                "configuration rejected, keeping the previous one: session keys: {e}"
-                            );
-                            return;
-                        }
-                    }
-                    tracing::info!(
-                        trigger,
-                        keys = new.session.keys.len(),
-                        "session keys replaced"
-                    );
-                    // The stored DPoP key is read again under the new ring now, which seals it
-                    // with the new first key while the old one is still listed: it must not wait
-                    // for DPoP traffic, or the old key may be gone by then and the key replaced.
-                    if let Some(dpop) = self.oidc.dpop.clone() {
-                        tokio::spawn(async move {
-                            if let Err(error) = dpop.key().await {
-                                tracing::warn!(%error, "DPoP key not read again after the session keys changed; retried when needed");
-                            }
-                        });
-                    }
-                }
-                self.oidc.set_credential(credential);
-                if new.oidc.client_secret != old.config.oidc.client_secret {
-                    tracing::info!(trigger, "client secret replaced");
-                }
-                for key in reloaded.restart_needed {
-                    tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
-                }
-                self.live.store(Arc::new(LiveConfig::new(reloaded.config)));
-                tracing::info!(trigger, "configuration reloaded");
-            }
-            Err(errors) => {
-                for error in &errors.0 {
-                    tracing::error!(
-                        trigger,
-                        "configuration rejected, keeping the previous one: {error}"
-                    );
-                }
+                });
             }
         }
+        if let Some(credential) = credential {
+            self.oidc.set_credential(credential);
+            if new.oidc.client_secret != old.config.oidc.client_secret {
+                tracing::info!(trigger, "client secret replaced");
+            }
+        }
+        for key in &reloaded.restart_needed {
+            tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
+        }
+        if credential_kept {
+            tracing::warn!(
+                trigger,
+                "the client keeps its running credential until a restart, as oidc.client_auth does: the client_secret, client_secret_file, client_key_file, client_published_key_files and client_assertion_file of this file are not used"
+            );
+        }
+        self.live.store(Arc::new(LiveConfig::new(reloaded.config)));
+        tracing::info!(trigger, "configuration reloaded");
+        Ok(())
+    }
+}
+
+fn log_rejected(trigger: &str, errors: &ConfigErrors) {
+    for error in &errors.0 {
+        tracing::error!(
+            trigger,
+            "configuration rejected, keeping the previous one: {error}"
+        );
     }
 }
 
@@ -870,74 +887,75 @@ pub fn provider_offers(
 /// How often the configuration file is checked for changes.
 const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Reloads the configuration when the file's contents, or those of a secret file it names
-/// (`oidc.client_secret_file`, `session.keys_file`), change on disk: a rotated Kubernetes
-/// Secret reaches the running process without a signal. Polling the contents is simpler and
-/// sturdier than file-system events, which editors, atomic renames and Kubernetes ConfigMap
-/// symlink swaps deliver in many different shapes; the files are small. A half-written file is
-/// rejected by `reload` and picked up complete on the next tick. Stops with the app.
+/// Reloads the configuration when the file, or a secret file it names (`oidc.client_secret_file`,
+/// `session.keys_file`), no longer holds what the running configuration was built from (its
+/// [`Sources`](crate::config::Sources), the bytes read at load, so a change made while the app
+/// was starting counts): a rotated Kubernetes Secret reaches the running process without a
+/// signal. Polling the contents is simpler and sturdier than file-system events, which editors,
+/// atomic renames and Kubernetes ConfigMap symlink swaps deliver in many different shapes; the
+/// files are small. A refused file is tried again on every tick until it is applied: a
+/// half-written one is picked up complete, and one naming a file or directory that appears
+/// later (a volume updated after the ConfigMap) is applied then. Its problems are logged once
+/// for each new content or new problems, not every tick. Stops with the app.
 fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
     let weak = Arc::downgrade(app);
-    // What the running configuration was read from: a change from here on is a reload.
-    // Bounded reads of regular files only: a file swapped for a FIFO or a device must not
-    // block or fill the watcher (the reload it would start refuses such a file, named).
-    let read = |file: &std::path::Path| crate::config::read_file(file, crate::config::MAX_FILE);
-    let mut last = read(&path).ok().map(|config| {
-        let files = secret_files(&app.live.load().config);
-        let secrets = files.iter().map(|f| read(f).ok()).collect();
-        watched(&path, config, files, secrets)
-    });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(WATCH_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // What the files held when a reload was last refused, and why.
+        let mut refused: Option<(Vec<Option<Vec<u8>>>, ConfigErrors)> = None;
         loop {
             tick.tick().await;
-            let Some(files) = weak
+            let Some(sources) = weak
                 .upgrade()
-                .map(|app| secret_files(&app.live.load().config))
+                .map(|app| app.live.load().config.sources.clone())
             else {
                 break;
             };
-            let (path, read) = (path.clone(), read);
-            let Ok(Some((path, config, files, secrets))) = tokio::task::spawn_blocking(move || {
-                let config = read(&path).ok()?;
-                let secrets = files.iter().map(|f| read(f).ok()).collect::<Vec<_>>();
-                Some((path, config, files, secrets))
+            let path = path.clone();
+            let Ok(changed) = tokio::task::spawn_blocking(move || {
+                let seen = read_sources(&path, &sources);
+                let running = std::iter::once(Some(sources.text.as_bytes())).chain(
+                    sources
+                        .files
+                        .iter()
+                        .map(|(_, bytes)| Some(bytes.as_slice())),
+                );
+                let same = running.eq(seen.iter().map(Option::as_deref));
+                (!same).then(|| (seen, Config::load(&path)))
             })
             .await
             else {
                 continue;
             };
-            let current = watched(&path, config, files, secrets);
-            if last.as_ref() == Some(&current) {
+            let Some((seen, loaded)) = changed else {
+                refused = None;
                 continue;
-            }
-            last = Some(current);
+            };
             let Some(app) = weak.upgrade() else { break };
-            app.reload("file change");
+            match loaded.and_then(|config| app.apply(config, "file change")) {
+                Ok(()) => refused = None,
+                Err(errors) => {
+                    let again = Some((seen, errors));
+                    if refused != again
+                        && let Some((_, errors)) = &again
+                    {
+                        log_rejected("file change", errors);
+                    }
+                    refused = again;
+                }
+            }
         }
     });
 }
 
-/// The watched files and their contents (`None`: unreadable), the configuration file first.
-type Watched = Vec<(std::path::PathBuf, Option<Vec<u8>>)>;
-
-fn watched(
-    path: &std::path::Path,
-    config: Vec<u8>,
-    files: Vec<std::path::PathBuf>,
-    secrets: Vec<Option<Vec<u8>>>,
-) -> Watched {
-    std::iter::once((path.to_path_buf(), Some(config)))
-        .chain(files.into_iter().zip(secrets))
-        .collect()
-}
-
-/// The secret files a configuration names, read again on every reload.
-fn secret_files(config: &Config) -> Vec<std::path::PathBuf> {
-    [&config.oidc.client_secret_file, &config.session.keys_file]
-        .into_iter()
-        .flatten()
-        .cloned()
+/// The configuration file at `path` and the secret files of `sources`, as they are now
+/// (`None`: unreadable). Bounded reads of regular files only: a file swapped for a FIFO or a
+/// device must not block or fill the watcher (the reload it starts refuses such a file, named).
+fn read_sources(path: &std::path::Path, sources: &crate::config::Sources) -> Vec<Option<Vec<u8>>> {
+    let read =
+        |file: &std::path::Path| crate::config::read_file(file, crate::config::MAX_FILE).ok();
+    std::iter::once(read(path))
+        .chain(sources.files.iter().map(|(file, _)| read(file)))
         .collect()
 }

@@ -65,6 +65,28 @@ pub struct Config {
     pub tls: OutboundTls,
     /// The egress proxy for calls to the provider, from `HTTPS_PROXY` / `NO_PROXY`.
     pub egress: Egress,
+    /// What it was built from.
+    pub sources: std::sync::Arc<Sources>,
+}
+
+/// What a configuration was built from: the text of its file and the bytes of each secret file
+/// it read (`oidc.client_secret_file`, `session.keys_file`). The watcher compares the files on
+/// disk with these, so a change made after they were read, however soon, is a change.
+#[derive(Clone, Default)]
+pub struct Sources {
+    pub text: String,
+    pub files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Both may hold secrets.
+        let files: Vec<&Path> = self.files.iter().map(|(path, _)| path.as_path()).collect();
+        f.debug_struct("Sources")
+            .field("text", &format_args!("[{} bytes]", self.text.len()))
+            .field("files", &files)
+            .finish()
+    }
 }
 
 /// `[tls]`: trust for outbound TLS (the provider, `https://` upstreams, `rediss://`).
@@ -646,6 +668,19 @@ impl Config {
             Ok(config)
         } else {
             Err(ConfigErrors(exposed))
+        }
+    }
+
+    /// The rules between sections, on a configuration as a reload would put it in effect (the
+    /// live keys of a new file, the restart-only keys running), read from the file at `path`:
+    /// each file passed them on its own, the mix may not.
+    pub fn check_effective(&self, path: &Path) -> Result<(), ConfigErrors> {
+        let mut problems = validate::cross_check(self);
+        problems.extend(self.exposed_files(path));
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
         }
     }
 

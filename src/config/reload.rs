@@ -6,6 +6,12 @@
 //!
 //! [`reload`] takes the new configuration apart with exhaustive patterns: a new field does not
 //! compile until it is decided, and the unit test below fails until its TOML key is.
+//!
+//! Keys that only make sense together are decided together: the client's credential (its secret,
+//! key and assertion files) follows `oidc.client_auth`, so a file that changes the method keeps
+//! the running credential whole until a restart. And since the result mixes two files, the rules
+//! between sections are checked again on it ([`Config::check_effective`]): a reload never puts
+//! in effect what start-up would refuse.
 
 use super::*;
 
@@ -83,11 +89,33 @@ macro_rules! decide {
 
 /// Every key and when it takes effect (the same for every configuration).
 pub fn decisions(config: &Config) -> Vec<(&'static str, Applies)> {
-    reload(config, config.clone()).decisions
+    merge(config, config.clone()).decisions
 }
 
-/// The configuration in effect after `new` is loaded over the running `old`.
-pub fn reload(old: &Config, new: Config) -> Reloaded {
+/// The configuration in effect after `new`, read from the file at `path`, is loaded over the
+/// running `old`; refused if the two together break a rule between sections that each file
+/// keeps on its own (a `token_binding = "dpop"` route of the new file on a running client
+/// without DPoP, a route inside the running `bff_prefix`, a `static_dir` holding a running key).
+pub fn reload(old: &Config, new: Config, path: &Path) -> Result<Reloaded, ConfigErrors> {
+    let reloaded = merge(old, new);
+    let Err(ConfigErrors(problems)) = reloaded.config.check_effective(path) else {
+        return Ok(reloaded);
+    };
+    let running = reloaded.restart_needed.join(", ");
+    let problems = problems
+        .into_iter()
+        .map(|problem| ConfigError {
+            message: format!(
+                "{} (with the running value of {running}, which changes only at a restart: restart to apply this file)",
+                problem.message
+            ),
+            ..problem
+        })
+        .collect();
+    Err(ConfigErrors(problems))
+}
+
+fn merge(old: &Config, new: Config) -> Reloaded {
     let mut d = Decide::default();
     let config = decide!(d, old, new => Config {
         server: { server_section(&mut d, &old.server, server) },
@@ -135,6 +163,8 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
         },
         // Read from the environment at start; a process's environment does not change.
         egress: kept,
+        // What the new file and its secret files held: the watcher compares the files with it.
+        sources: { sources },
     });
     Reloaded {
         config,
@@ -186,12 +216,28 @@ fn server_section(d: &mut Decide, old: &ServerConfig, new: ServerConfig) -> Serv
 fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig {
     // The provider client is built at start; the key follows its certificate.
     d.restart_if("oidc.tls_client_key", false);
+    // The credential goes with the method, which is restart-only: a file for another method
+    // (its secret, or none, and its key files) would leave the running method with the wrong
+    // credential or none, such as an empty client secret. Kept whole until a restart.
+    let new = if new.client_auth == old.client_auth {
+        new
+    } else {
+        OidcConfig {
+            client_secret: old.client_secret.clone(),
+            client_secret_file: old.client_secret_file.clone(),
+            client_key_file: old.client_key_file.clone(),
+            client_published_key_files: old.client_published_key_files.clone(),
+            client_assertion_file: old.client_assertion_file.clone(),
+            ..new
+        }
+    };
     decide!(d, old, new => OidcConfig {
         ca_file: restart "oidc.ca_file",
         tls_client: restart "oidc.tls_client_cert",
         issuer: restart "oidc.issuer",
         client_id: restart "oidc.client_id",
-        // Swapped into the running client (the app does it): the next token call uses it.
+        // Swapped into the running client (the app does it): the next token call uses it. With
+        // a change of `client_auth`, these five keep their running values (above).
         client_secret: live "oidc.client_secret",
         client_secret_file: live "oidc.client_secret_file",
         client_auth: restart "oidc.client_auth",
@@ -267,6 +313,14 @@ mod tests {
         }
     }
 
+    /// What [`reload`] puts in effect; panics if it refuses.
+    fn applied(old: &Config, new: Config) -> Reloaded {
+        match reload(old, new, Path::new("config.toml")) {
+            Ok(reloaded) => reloaded,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     /// Whether the decision `decided` covers the schema path `leaf`.
     fn covers(decided: &str, leaf: &str) -> bool {
         leaf == decided
@@ -302,7 +356,7 @@ mod tests {
         let new = config(
             "listen = \"0.0.0.0:9999\"\nrequest_timeout = \"5s\"\nbody_min_rate = \"1KiB\"\nmax_connections = 5",
         );
-        let reloaded = reload(&old, new);
+        let reloaded = applied(&old, new);
         assert_eq!(
             reloaded.restart_needed,
             ["server.listen", "server.max_connections"]
@@ -313,7 +367,7 @@ mod tests {
         assert_eq!(c.server.request_timeout, Duration::from_secs(5));
         assert_eq!(c.server.connections.body_min_rate, 1024);
         // Nothing changed: nothing to report.
-        assert!(reload(&old, old.clone()).restart_needed.is_empty());
+        assert!(applied(&old, old.clone()).restart_needed.is_empty());
     }
 
     #[test]
@@ -330,7 +384,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             ca_file: None,
         });
-        let reloaded = reload(&old, new);
+        let reloaded = applied(&old, new);
         assert_eq!(reloaded.restart_needed, ["session.store", "session.redis"]);
         assert_eq!(reloaded.config.session.store, StoreConfig::Memory);
         assert_eq!(
@@ -339,6 +393,104 @@ mod tests {
         );
         assert_eq!(reloaded.config.session.keys.len(), 2);
         assert_eq!(reloaded.config.session.keys[0], [7; 32]);
+    }
+
+    /// `oidc.client_auth` is restart-only and the credential is live: a file for the next
+    /// restart that switches to `private_key_jwt` (valid on its own: no secret, a key file) was
+    /// put in effect as `client_secret_basic` with no secret, and the running client then
+    /// authenticated with an empty one. The credential follows the method instead.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_change_of_client_auth_keeps_the_running_credential_whole() {
+        use crate::oidc::client_auth::Credential;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client-key.pem");
+        std::fs::write(&key, include_str!("../../tests/fixtures/ec-p256.pem")).unwrap();
+        let old = config("");
+        let text = format!(
+            "[server]\npublic_url = \"https://app.example.com\"\n\
+             [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\n\
+             client_auth = \"private_key_jwt\"\nclient_key_file = \"{}\"\n\
+             [session]\nkeys = [\"{KEY}\"]\n",
+            key.display()
+        );
+        let new = Config::parse(&text, Path::new("."), &|_| None).unwrap();
+        let reloaded = applied(&old, new);
+        assert_eq!(reloaded.restart_needed, ["oidc.client_auth"]);
+        assert_eq!(reloaded.config.oidc.client_key_file, None);
+        // What the running OpenID client would be handed.
+        let credential = Credential::load(&reloaded.config.oidc).unwrap();
+        let Credential::Secret { secret, .. } = &credential else {
+            panic!("client_auth is restart-only, the running client uses a secret: {credential:?}");
+        };
+        assert_eq!(secret.expose(), "s", "the running client secret is kept");
+
+        // And back: the file's secret is not taken while the running client signs assertions.
+        let running = Config::parse(&text, Path::new("."), &|_| None).unwrap();
+        let reloaded = applied(&running, config(""));
+        assert_eq!(reloaded.restart_needed, ["oidc.client_auth"]);
+        assert_eq!(reloaded.config.oidc.client_secret, None);
+        assert_eq!(reloaded.config.oidc.client_key_file.as_deref(), Some(&*key));
+
+        // The same method: a rotated secret is applied.
+        let mut rotated = config("");
+        rotated.oidc.client_secret = Some(Secret::new("rotated"));
+        let reloaded = applied(&config(""), rotated);
+        assert!(reloaded.restart_needed.is_empty());
+        assert_eq!(
+            reloaded.config.oidc.client_secret,
+            Some(Secret::new("rotated"))
+        );
+    }
+
+    /// `oidc.dpop` and `server.bff_prefix` are restart-only, routes are live: a file turning
+    /// DPoP on with a `token_binding = "dpop"` route, or moving `bff_prefix` away from a route's
+    /// path, is valid on its own but not over the running values. A DPoP-bound route on a client
+    /// without DPoP sent `Authorization: DPoP <token>` with no proof; such a mix is refused.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_reload_that_mixes_into_what_start_up_refuses_is_refused() {
+        let old = config("");
+        assert!(!old.oidc.dpop);
+        let file = |oidc: &str, server: &str, route: &str| {
+            let text = format!(
+                "[server]\npublic_url = \"https://app.example.com\"\n{server}\n\
+                 [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\nclient_secret = \"s\"\n{oidc}\n\
+                 [session]\nkeys = [\"{KEY}\"]\n\
+                 [[routes]]\nupstream = \"http://127.0.0.1:5001\"\ntoken = \"user\"\n{route}\n"
+            );
+            Config::parse(&text, Path::new("."), &|_| None).unwrap()
+        };
+        let refused = |new: Config| match reload(&old, new, Path::new("config.toml")) {
+            Ok(reloaded) => panic!("put in effect: {:?}", reloaded.config.routes),
+            Err(errors) => errors.to_string(),
+        };
+        let dpop = file(
+            "dpop = true",
+            "",
+            "path = \"/api/\"\ntoken_binding = \"dpop\"",
+        );
+        assert_eq!(
+            refused(dpop),
+            "routes[0].token_binding: \"dpop\" needs DPoP-bound tokens: set oidc.dpop = true \
+             (with the running value of oidc.dpop, which changes only at a restart: restart to \
+             apply this file)"
+        );
+        let bff = file("", "bff_prefix = \"/auth\"", "path = \"/bff/x/\"");
+        assert_eq!(
+            refused(bff),
+            "routes[0].path: \"/bff/x/\" is inside bff_prefix \"/bff\", which Vestibule serves \
+             itself (with the running value of server.bff_prefix, which changes only at a \
+             restart: restart to apply this file)"
+        );
+        // Over a running client with DPoP, the same route is applied.
+        let with_dpop = file("dpop = true", "", "path = \"/other/\"");
+        let dpop = file(
+            "dpop = true",
+            "",
+            "path = \"/api/\"\ntoken_binding = \"dpop\"",
+        );
+        assert!(reload(&with_dpop, dpop, Path::new("config.toml")).is_ok());
     }
 
     /// docs/configuration.md says for every key whether a reload applies it, and says it right.

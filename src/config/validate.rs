@@ -22,14 +22,16 @@ use routes::routes_config;
 use server::server_config;
 use session::session_config;
 
-/// Paths whose values are secret: their values never appear in a message.
 /// `oidc.provider_timeout` when unset: long enough for a slow provider to answer a grant it has
 /// already carried out, so a rotated refresh token is not lost to an early give-up.
 pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(25);
+/// Paths whose values are secret: their values never appear in a message.
 const SECRET_PATHS: &[&str] = &["oidc.client_secret", "session.keys", "session.redis"];
 
+/// What a pass over the file found: every problem, and the secret files it read with their
+/// bytes (the configuration's [`Sources`]).
 #[derive(Default)]
-pub(super) struct Problems(Vec<ConfigError>);
+pub(super) struct Problems(Vec<ConfigError>, Vec<(PathBuf, Vec<u8>)>);
 
 impl Problems {
     pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
@@ -39,6 +41,24 @@ impl Problems {
         });
     }
 }
+
+/// The rules between sections that a reload can break by taking a live key from the new file
+/// and a restart-only one from the running configuration: checked on the configuration a reload
+/// would put in effect. [`parse`] reports the same rules, with the same words, on the file.
+pub(super) fn cross_check(config: &Config) -> Vec<ConfigError> {
+    let mut problems = Problems::default();
+    for (i, route) in config.routes.iter().enumerate() {
+        if route.token_binding == TokenBinding::Dpop && !config.oidc.dpop {
+            problems.add(format!("routes[{i}].token_binding"), DPOP_ROUTE_NEEDS_DPOP);
+        }
+        if let Some(why) = routes::inside_bff(&route.path, &config.server.bff_prefix) {
+            problems.add(format!("routes[{i}].path"), why);
+        }
+    }
+    problems.0
+}
+
+const DPOP_ROUTE_NEEDS_DPOP: &str = "\"dpop\" needs DPoP-bound tokens: set oidc.dpop = true";
 
 pub(super) fn parse(
     text: &str,
@@ -65,6 +85,13 @@ pub(super) fn parse(
     check_keys(&mut table, &mut problems);
     let config = build(table, base, &mut problems).map(|mut config| {
         config.egress = tls::egress(env, &mut problems);
+        config
+    });
+    let config = config.map(|mut config| {
+        config.sources = std::sync::Arc::new(Sources {
+            text: text.to_string(),
+            files: std::mem::take(&mut problems.1),
+        });
         config
     });
     match config {
@@ -375,10 +402,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
             .iter()
             .filter(|(_, r)| r.token_binding.as_deref() == Some("dpop"))
         {
-            problems.add(
-                format!("{path}.token_binding"),
-                "\"dpop\" needs DPoP-bound tokens: set oidc.dpop = true",
-            );
+            problems.add(format!("{path}.token_binding"), DPOP_ROUTE_NEEDS_DPOP);
         }
     }
     let routes = routes_config(routes, base, &features, server.as_ref(), problems);
@@ -404,6 +428,7 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
         features,
         tls,
         egress: Egress::default(),
+        sources: Default::default(),
     })
 }
 
@@ -573,7 +598,10 @@ pub(super) fn secret_file(
     let file = base.join(name);
     let read = super::read_text(&file, MAX_SECRET_FILE);
     match read {
-        Ok(text) => Some((file, text)),
+        Ok(text) => {
+            problems.1.push((file.clone(), text.as_bytes().to_vec()));
+            Some((file, text))
+        }
         Err(e) => {
             problems.add(path, format!("cannot read {name:?}: {e}"));
             None

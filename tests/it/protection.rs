@@ -405,6 +405,33 @@ async fn the_config_file_is_reloaded_when_it_changes_on_disk() {
     assert_eq!(get(&proxy.url("/api/x"), &[]).await.status, 200);
 }
 
+/// A file refused because something it names is not there yet (a directory or key file on a
+/// volume that Kubernetes updates a moment after the ConfigMap) is tried again until it is
+/// applied: it used to be recorded as seen, and waited for another edit or a SIGHUP while
+/// `vestibule check` called it fine.
+#[tokio::test]
+async fn a_refused_file_is_applied_once_what_it_names_appears() {
+    let proxy = start_proxy(config_toml("")).await;
+    let site = proxy.dir.path().join("site");
+    let next = config_toml(&format!(
+        "[[routes]]\npath = \"/\"\nstatic_dir = \"{}\"\n",
+        site.display()
+    ));
+    std::fs::write(proxy.dir.path().join("config.toml"), next.text()).unwrap();
+    // The watcher reads it within a second and refuses it: the directory is not there yet.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(proxy.app.live.load().config.routes.is_empty());
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("index.html"), "hello").unwrap();
+    eventually(
+        "the file is applied once its directory exists",
+        Duration::from_secs(5),
+        || async { (!proxy.app.live.load().config.routes.is_empty()).then_some(()) },
+    )
+    .await;
+    assert_eq!(get(&proxy.url("/index.html"), &[]).await.text(), "hello");
+}
+
 /// A CORS preflight from `origin` for a `POST` to `path` with `X-CSRF` and `Content-Type`.
 async fn cors_preflight(proxy: &Proxy, origin: &str, path: &str) -> Reply {
     send(

@@ -200,3 +200,60 @@ async fn a_keys_file_rotation_seals_the_stored_dpop_key_with_the_new_key_at_the_
         "the stored DPoP key was replaced, not sealed again"
     );
 }
+
+/// `oidc.client_auth` is restart-only. A file prepared for the next restart that switches the
+/// client to `private_key_jwt` (valid on its own: a key file, no secret) was put in effect with
+/// the running method and no secret: every code exchange and refresh authenticated with an
+/// empty secret until a restart. The running credential is kept whole instead.
+#[tokio::test]
+async fn a_reload_for_another_client_auth_keeps_the_running_secret_until_a_restart() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let config = login_toml(port, &provider.issuer, "").add("oidc.par", "never");
+    let proxy = start_proxy(config.clone()).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut alice = Browser::default();
+    assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
+
+    let key = proxy.dir.path().join("client-key.pem");
+    std::fs::write(&key, include_str!("../fixtures/ec-p256.pem")).unwrap();
+    let next = config
+        .remove("oidc.client_secret")
+        .add("oidc.client_auth", "private_key_jwt")
+        .add("oidc.client_key_file", key.to_str().unwrap());
+    std::fs::write(proxy.dir.path().join("config.toml"), next.text()).unwrap();
+    proxy.app.reload("SIGHUP");
+
+    let bob = Browser::default().login(&base, "bob", "bob", "/").await;
+    assert_eq!(bob.status, 302, "{}", bob.text());
+}
+
+/// The watcher compares the files with what the running configuration was built from, not with
+/// what they hold once the app has started: a keys file rotated between the load and the end of
+/// the start (a Kubernetes Secret updated while the replica waits for Redis) is applied, where
+/// it used to be taken for the running one and this replica kept the old ring.
+#[tokio::test]
+async fn a_keys_file_rotated_while_the_app_starts_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("session_keys");
+    std::fs::write(&keys, format!("{KEY}\n")).unwrap();
+    let text = config_toml("")
+        .remove("session.keys")
+        .add("session.keys_file", keys.to_str().unwrap())
+        .text();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    // What `vestibule` does: load, then (bind and) start the app.
+    let config = vestibule::config::Config::load(&path).unwrap();
+    std::fs::write(&keys, format!("{KEY2}\n{KEY}\n")).unwrap();
+    let app = vestibule::app::App::start(config, path.clone())
+        .await
+        .unwrap();
+    eventually(
+        "the rotated keys file is applied",
+        Duration::from_secs(5),
+        || async { (app.live.load().config.session.keys.len() == 2).then_some(()) },
+    )
+    .await;
+}

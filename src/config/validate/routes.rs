@@ -21,6 +21,12 @@ fn not_canonical(prefix: &str) -> Option<String> {
         .map(|c| format!("it has {c:?}"))
 }
 
+/// Why a route at `prefix` is refused below `bff`, if it is.
+pub(super) fn inside_bff(prefix: &str, bff: &str) -> Option<String> {
+    (prefix == bff || prefix.starts_with(&format!("{bff}/")))
+        .then(|| format!("{prefix:?} is inside bff_prefix {bff:?}, which Vestibule serves itself"))
+}
+
 pub(super) fn routes_config(
     routes: Vec<(String, raw::Route)>,
     base: &Path,
@@ -93,16 +99,8 @@ pub(super) fn routes_config(
                 format!("{prefix:?} serves the same paths as an earlier route (a route \"/x/\" also owns \"/x\"); keep one of them"),
             );
         }
-        if let Some(server) = server {
-            let bff = &server.bff_prefix;
-            if prefix == *bff || prefix.starts_with(&format!("{bff}/")) {
-                problems.add(
-                    format!("{path}.path"),
-                    format!(
-                        "{prefix:?} is inside bff_prefix {bff:?}, which Vestibule serves itself"
-                    ),
-                );
-            }
+        if let Some(why) = server.and_then(|server| inside_bff(&prefix, &server.bff_prefix)) {
+            problems.add(format!("{path}.path"), why);
         }
         let target = match (upstream, static_dir) {
             (Some(u), None) => match url::Url::parse(&u)
