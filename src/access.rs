@@ -24,11 +24,9 @@ pub struct Admitted {
     /// Identity headers and the assertion for the upstream (see [`identity`]); empty for routes
     /// that set none, and without a session.
     pub identity: Vec<(http::HeaderName, HeaderValue)>,
-    /// The session's user, for the access log (`None` with `log_user = "none"`).
-    pub user: Option<Arc<Session>>,
-    /// The session, for a request that may switch protocols: its tunnel closes when the
-    /// session ends.
-    pub tunnel: Option<Box<OpenSession>>,
+    /// The session the request was admitted with: its tunnel, or its answer's body still
+    /// streaming, ends when the session ends; the access log names its user.
+    pub session: Option<OpenSession>,
 }
 
 /// Where a request's access token is kept until it is written into the upstream's head.
@@ -381,18 +379,10 @@ pub async fn admit(
         Some(l) if route.sets_identity() => identity::headers(live, route, &l.session, clock(now))?,
         _ => Vec::new(),
     };
-    let tunnel = loaded
-        .as_ref()
-        .filter(|_| crate::proxy::headers::upgrade_protocol(req.headers()).is_some())
-        .map(|l| Box::new(l.clone()));
-    let user = loaded
-        .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
-        .map(|l| l.session);
     Ok(Admitted {
         token,
         set_cookies,
         identity,
-        user,
-        tunnel,
+        session: loaded,
     })
 }

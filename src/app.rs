@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod session_end;
 mod worker;
 pub use worker::Worker;
 
@@ -351,6 +352,33 @@ impl App {
                     return routed(route.path.as_str(), error.respond(reader));
                 }
             };
+        let session = admitted.session;
+        // A tunnel lasts no longer than the session it was opened with.
+        let tunnel = session
+            .as_ref()
+            .filter(|_| proxy::headers::upgrade_protocol(req.headers()).is_some())
+            .map(|loaded| {
+                let end = CancellationToken::new();
+                req.extensions_mut()
+                    .insert(proxy::forward::TunnelEnd(end.clone()));
+                (Box::new(loaded.clone()), end)
+            });
+        // Nor does an answer's body still streaming: bound only when the upstream's answer
+        // was not read whole with its head (the session is copied then, not before).
+        let bind_to_session = session.as_ref().filter(|_| tunnel.is_none()).map(|loaded| {
+            move |body: Body| -> Body {
+                let watcher = session_end::Watcher {
+                    sessions: worker.sessions.clone(),
+                    clock: self.clock.clone(),
+                    loaded: loaded.clone(),
+                    deadlines: worker.deadlines.clone(),
+                };
+                http_body_util::BodyExt::boxed_unsync(session_end::SessionBound::new(body, watcher))
+            }
+        });
+        let streamed: proxy::forward::Streamed<'_> = bind_to_session
+            .as_ref()
+            .map(|bind| bind as &(dyn Fn(Body) -> Body + Sync));
         let own = proxy::headers::OwnCookies {
             session: &live.own_cookie,
             login_prefix: &live.login_prefix,
@@ -393,7 +421,7 @@ impl App {
                     identity,
                     config.server.max_body,
                     body_pace(config),
-                    config.server.request_timeout,
+                    (config.server.request_timeout, streamed),
                 )
                 .await
             })
@@ -406,13 +434,6 @@ impl App {
             route.token,
             crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
         );
-        // A tunnel lasts no longer than the session it was opened with.
-        let tunnel = admitted.tunnel.map(|loaded| {
-            let end = CancellationToken::new();
-            req.extensions_mut()
-                .insert(proxy::forward::TunnelEnd(end.clone()));
-            (loaded, end)
-        });
         let (mut response, step_up_return) = if !(admitted.token.is_some()
             && replayable(route, &req))
         {
@@ -522,14 +543,23 @@ impl App {
         if let Some((loaded, end)) = tunnel
             && response.status() == http::StatusCode::SWITCHING_PROTOCOLS
         {
-            let watch = close_with_session(self.sessions.clone(), self.clock.clone(), loaded, end);
+            let what = ("an open tunnel", false);
+            let watch = session_end::close_with_session(
+                self.sessions.clone(),
+                self.clock.clone(),
+                loaded,
+                end,
+                what,
+            );
             tokio::spawn(watch);
         }
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         let mut routed = routed(route.path.as_str(), response);
-        routed.user = admitted.user;
+        routed.user = session
+            .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
+            .map(|l| l.session);
         routed
     }
 
@@ -744,44 +774,6 @@ impl<'r> Routed<'r> {
             canonical: None,
             user: None,
             response,
-        }
-    }
-}
-
-/// How often an open tunnel's session is read again, to catch its idle and absolute timeouts
-/// (an end by logout is announced at once).
-const TUNNEL_SESSION_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// Cancels `end`, which closes a tunnel, once the session it was opened with has ended by any
-/// path, on any instance: checked when an invalidation for it arrives and every
-/// [`TUNNEL_SESSION_CHECK`], as `session-events` does (the check bypasses the session cache).
-/// An unreachable store ends nothing. Returns when the tunnel closes (`end` cancelled).
-async fn close_with_session(
-    sessions: Arc<Sessions>,
-    clock: Clock,
-    loaded: Box<crate::session::manager::OpenSession>,
-    end: CancellationToken,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    let mut invalidations = sessions.subscribe_invalidations();
-    let mut announced = true;
-    let mut check = tokio::time::interval(TUNNEL_SESSION_CHECK);
-    check.reset();
-    loop {
-        tokio::select! {
-            () = end.cancelled() => return,
-            message = invalidations.recv(), if announced => match message {
-                Ok(h) if *h != *loaded.handle && !h.is_empty() => continue,
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                // No more messages: the checks on time go on.
-                Err(RecvError::Closed) => announced = false,
-            },
-            _ = check.tick() => {}
-        }
-        if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
-            tracing::info!("the session of an open tunnel ended; closing the tunnel");
-            end.cancel();
-            return;
         }
     }
 }

@@ -87,7 +87,7 @@ pub async fn dispatch(
     identity: Vec<(http::HeaderName, HeaderValue)>,
     max_body: u64,
     pace: crate::limits::Pace,
-    default_timeout: Duration,
+    (default_timeout, streamed): (Duration, forward::Streamed<'_>),
 ) -> Response<Body> {
     match &route.target {
         Target::Static { dir, spa_fallback } => {
@@ -179,7 +179,13 @@ pub async fn dispatch(
             // Sent to the upstream's URI; the request keeps its own.
             let own_uri = std::mem::replace(req.uri_mut(), uri);
             let mut response = upstreams
-                .forward((&mut *req, body), &replaced, upgrade, timeout, &route.path)
+                .forward(
+                    (&mut *req, body),
+                    &replaced,
+                    (upgrade, streamed),
+                    timeout,
+                    &route.path,
+                )
                 .await;
             *req.uri_mut() = own_uri;
             headers::remove_set_cookies(response.headers_mut(), own_cookies, &route.path);

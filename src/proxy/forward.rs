@@ -121,6 +121,19 @@ pub struct ConnectionHold {
 #[derive(Clone)]
 pub struct TunnelEnd(pub CancellationToken);
 
+/// Binds the body of an answer still streaming from its upstream when the head is relayed (one
+/// read whole with its head, or empty, is not): how the caller ends it early (the app: when the
+/// session it was admitted with ends, as [`TunnelEnd`] a tunnel).
+pub type Streamed<'a> = Option<&'a (dyn Fn(Body) -> Body + Sync)>;
+
+/// `body`, bound by `streamed` unless it is already over.
+fn bind(body: Body, streamed: Streamed<'_>) -> Body {
+    match streamed {
+        Some(bind) if !http_body::Body::is_end_stream(&body) => bind(body),
+        _ => body,
+    }
+}
+
 /// A client's request to switch protocols, as the proxy forwards it.
 pub struct Upgrade {
     /// The `Upgrade` field's protocol.
@@ -229,12 +242,13 @@ impl Upstreams {
         &self,
         (req, body): (&mut Request<Inbound>, Body),
         replaced: &headers::Replaced<'_>,
+        streamed: Streamed<'_>,
     ) -> Result<Response<Body>, BoxError> {
         if let Some(local) = &self.local
             && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
         {
             if wire::takes(req, &body) {
-                return local::exchange(local, req, replaced).await;
+                return local::exchange(local, req, replaced, streamed).await;
             }
             let mut req = outgoing(req, body);
             replaced.clone().apply(req.headers_mut());
@@ -242,21 +256,25 @@ impl Upstreams {
             // future, and the wire path's too; it carries only bodies and upgrades.
             return Ok(crate::reply::in_box(|| local::send(local, req))
                 .await?
-                .map(boxed));
+                .map(|body| bind(boxed(body), streamed)));
         }
         let mut req = outgoing(req, body);
         replaced.clone().apply(req.headers_mut());
-        Ok(self.client.request(req).await?.map(boxed))
+        Ok(self
+            .client
+            .request(req)
+            .await?
+            .map(|body| bind(boxed(body), streamed)))
     }
 
     /// Sends `req` (already rewritten, but for the fields in `replaced`) with `body` in place
     /// of its own, and relays the response. `timeout` bounds the wait for the response head;
-    /// the body then streams without a deadline.
+    /// the body then streams without a deadline (`streamed` may end it).
     pub async fn forward(
         &self,
         (req, body): (&mut Request<Inbound>, Body),
         replaced: &headers::Replaced<'_>,
-        upgrade: Option<Upgrade>,
+        (upgrade, streamed): (Option<Upgrade>, Streamed<'_>),
         timeout: Duration,
         route: &str,
     ) -> Response<Body> {
@@ -296,13 +314,13 @@ impl Upstreams {
             // No body to send: the deadline starts now.
             match &self.deadlines {
                 Some(deadlines) => {
-                    let request = std::pin::pin!(self.request((req, body), replaced));
+                    let request = std::pin::pin!(self.request((req, body), replaced, streamed));
                     deadlines.within(timeout, request).await
                 }
                 // Off the workers (boxed, as the rare branches below: only the common one
                 // sizes the future every request builds).
                 None => crate::reply::in_box(|| {
-                    tokio::time::timeout(timeout, self.request((req, body), replaced))
+                    tokio::time::timeout(timeout, self.request((req, body), replaced, streamed))
                 })
                 .await
                 .map_err(|_| ()),
@@ -322,7 +340,7 @@ impl Upstreams {
             };
             crate::reply::in_box(|| async move {
                 tokio::select! {
-                    response = self.request((req, body), replaced) => Ok(response),
+                    response = self.request((req, body), replaced, streamed) => Ok(response),
                     _ = deadline => Err(()),
                 }
             })

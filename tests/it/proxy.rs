@@ -652,3 +652,160 @@ async fn a_single_worker_serves_everything() {
         .unwrap()
         .unwrap();
 }
+
+/// An upstream whose answer is an event stream: a line every 100 ms, for ever.
+async fn ticking_upstream() -> std::net::SocketAddr {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    let ticks = futures_util::stream::unfold(0u64, |n| async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let line = Bytes::from(format!("data: private {n}\n\n"));
+                        Some((Ok::<_, std::convert::Infallible>(Frame::data(line)), n + 1))
+                    });
+                    let response = http::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(StreamBody::new(ticks))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    up_addr
+}
+
+/// A proxy with `auth = "required"` on `/api/`, to the [`ticking_upstream`], on `clock`, and
+/// the cookie of alice's session.
+async fn streaming_as_alice(clock: vestibule::clock::Clock) -> (Proxy, String) {
+    let up_addr = ticking_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"http://{up_addr}\"\nauth = \"required\"\n"
+    );
+    let proxy = start_proxy_with_clock(&config_text(&routes), clock).await;
+    let cookie = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "alice".into(),
+            ..Default::default()
+        })
+        .await;
+    (proxy, cookie)
+}
+
+/// `GET /api/feed` with `cookie`, sent by `client`: its body, once its first line arrived.
+async fn open_feed<C>(
+    client: &hyper_util::client::legacy::Client<C, Full<Bytes>>,
+    proxy: &Proxy,
+    cookie: &str,
+) -> hyper::body::Incoming
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let response = client
+        .request(
+            http::Request::get(proxy.url("/api/feed"))
+                .header("cookie", cookie)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    assert!(matches!(first, Some(Ok(_))));
+    body
+}
+
+/// Reads `body` for `long`: `Ok` with the lines read if it kept flowing all along, `Err` with
+/// them if it ended (with an error or not) before.
+async fn read_for(body: &mut hyper::body::Incoming, long: Duration) -> Result<usize, usize> {
+    let deadline = Instant::now() + long;
+    let mut read = 0usize;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), body.frame()).await {
+            Ok(Some(Ok(_))) => read += 1,
+            Ok(_) => return Err(read),
+            Err(_) => {}
+        }
+    }
+    Ok(read)
+}
+
+/// As a tunnel (see `a_tunnel_is_closed_when_its_session_ends`), a streamed answer
+/// opened with a session — an API's event stream or live feed on a `auth = "required"` route —
+/// must not go on carrying the user's data once the session has ended (a back-channel logout of
+/// a stolen cookie, "sign out that device"). Here the upstream sends a line every 100 ms for
+/// ever; after the session ends, the stream must close within a few seconds. Another session
+/// ending leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_ends_when_its_session_ends() {
+    let (proxy, cookie) = streaming_as_alice(vestibule::clock::Clock::system()).await;
+    let mut body = open_feed(&client(), &proxy, &cookie).await;
+    let bob = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "bob".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(proxy.app.sessions.end_by_sub("bob").await.unwrap(), 1);
+    assert!(!proxy.signed_in(&bob).await);
+    let flowing = read_for(&mut body, Duration::from_secs(3)).await;
+    assert!(flowing.is_ok(), "another session's end cut the stream");
+    // The session ends (as a back-channel logout ends it).
+    assert_eq!(proxy.app.sessions.end_by_sub("alice").await.unwrap(), 1);
+    assert!(!proxy.signed_in(&cookie).await);
+    // Whatever was already under way may still arrive; after 20 s nothing may.
+    let after = read_for(&mut body, Duration::from_secs(20)).await;
+    assert!(
+        after.is_err(),
+        "the user's stream kept flowing 20 s after the session ended ({after:?} more frames)"
+    );
+}
+
+/// The same over HTTP/2 from the client (its stream is reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_over_http2_ends_when_its_session_ends() {
+    let (proxy, cookie) = streaming_as_alice(vestibule::clock::Clock::system()).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    // Ended before the answer has streamed long enough to be watched: noticed when it is.
+    let mut body = open_feed(&h2, &proxy, &cookie).await;
+    assert_eq!(proxy.app.sessions.end_by_sub("alice").await.unwrap(), 1);
+    let after = read_for(&mut body, Duration::from_secs(20)).await;
+    assert!(
+        after.is_err(),
+        "the stream kept flowing ({after:?} more frames)"
+    );
+}
+
+/// A session that times out (here: past its absolute timeout) while its answer streams ends
+/// the stream too, on the periodic read of the session (every 15 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_ends_when_its_session_times_out() {
+    let clock = vestibule::clock::TestClock::new();
+    let (proxy, cookie) = streaming_as_alice(clock.clock()).await;
+    let mut body = open_feed(&client(), &proxy, &cookie).await;
+    // Past the grace: watched, and the session read once, still alive.
+    let flowing = read_for(&mut body, Duration::from_secs(4)).await;
+    assert!(flowing.is_ok(), "a live session's stream was cut");
+    clock.advance(Duration::from_secs(400 * 24 * 3600));
+    let after = read_for(&mut body, Duration::from_secs(25)).await;
+    assert!(
+        after.is_err(),
+        "the stream kept flowing after its session timed out ({after:?} more frames)"
+    );
+}

@@ -77,6 +77,7 @@ pub(super) async fn exchange(
     pool: &Arc<LocalPool>,
     req: &mut Request<crate::reply::Inbound>,
     replaced: &crate::proxy::headers::Replaced<'_>,
+    streamed: super::Streamed<'_>,
 ) -> Result<Response<Body>, BoxError> {
     let authority = req
         .uri()
@@ -99,7 +100,7 @@ pub(super) async fn exchange(
             }
         };
         match wire::exchange(&mut conn, (&*req, replaced), to_head).await {
-            Ok(answer) => return Ok(respond(pool, authority, conn, answer)),
+            Ok(answer) => return Ok(respond(pool, authority, conn, answer, streamed)),
             Err(error) if reused && error.lost() => {
                 tracing::debug!(%error, "upstream closed a reused connection; sending again");
                 fresh = true;
@@ -110,12 +111,14 @@ pub(super) async fn exchange(
 }
 
 /// The response to send on: a body already read whole goes with it, and the connection back to
-/// the pool at once; otherwise the body reads on, and returns the connection when done.
+/// the pool at once; otherwise the body reads on (bound by `streamed`), and returns the
+/// connection when done.
 fn respond(
     pool: &Arc<LocalPool>,
     authority: &str,
     mut conn: wire::Conn,
     answer: wire::Head,
+    streamed: super::Streamed<'_>,
 ) -> Response<Body> {
     let wire::Head {
         response,
@@ -137,7 +140,8 @@ fn respond(
     let pool = pool.clone();
     let key = authority.to_owned();
     let home: wire::Home = Box::new(move |conn| checkin_bare(&pool, &key, conn));
-    response.map(|()| wire::WireBody::new(conn, framing, keep, home).boxed_unsync())
+    let body = wire::WireBody::new(conn, framing, keep, home).boxed_unsync();
+    response.map(|()| super::bind(body, streamed))
 }
 
 /// A pooled connection for `authority`, the most recently used first; expired ones are closed,
