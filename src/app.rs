@@ -78,6 +78,7 @@ impl App {
                 .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?,
             cache_ttl: config.session.cache_ttl,
             cache_entries: config.session.cache_entries,
+            max_per_user: config.session.max_per_user,
         };
         let sessions = Arc::new(Sessions::new(settings, store));
         let dpop_key = crate::state::StoredDpopKey {

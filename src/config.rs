@@ -359,6 +359,10 @@ pub enum SameSite {
 pub const DEFAULT_CACHE_ENTRIES: usize = 20_000;
 /// The most `session.cache_entries` may say.
 pub const MAX_CACHE_ENTRIES: usize = 1_000_000;
+/// Sessions one subject may have at once unless `session.max_per_user` says otherwise.
+pub const DEFAULT_MAX_PER_USER: usize = 50;
+/// The most `session.max_per_user` may say.
+pub const MAX_PER_USER: usize = 10_000;
 
 #[derive(Clone)]
 pub struct SessionConfig {
@@ -373,6 +377,8 @@ pub struct SessionConfig {
     /// Where the keys were read from; read again on every reload.
     pub keys_file: Option<PathBuf>,
     pub max_entries: usize,
+    /// The most sessions one subject has at once; a login beyond it ends the oldest.
+    pub max_per_user: usize,
     /// How long an opened session may be served from the in-process cache.
     pub cache_ttl: Duration,
     /// The most opened sessions the in-process cache holds.
@@ -391,6 +397,7 @@ impl fmt::Debug for SessionConfig {
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("keys_file", &self.keys_file)
             .field("max_entries", &self.max_entries)
+            .field("max_per_user", &self.max_per_user)
             .field("cache_ttl", &self.cache_ttl)
             .field("cache_entries", &self.cache_entries)
             .finish()

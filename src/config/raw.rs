@@ -136,6 +136,7 @@ pub struct Session {
     pub keys: Option<Vec<String>>,
     pub keys_file: Option<String>,
     pub max_entries: Option<i64>,
+    pub max_per_user: Option<i64>,
     pub cache_ttl: Option<String>,
     pub cache_entries: Option<i64>,
     pub redis: Option<Redis>,

@@ -288,6 +288,8 @@ fn session_section(d: &mut Decide, old: &SessionConfig, new: SessionConfig) -> S
         keys: live "session.keys",
         keys_file: live "session.keys_file",
         max_entries: restart "session.max_entries",
+        // Copied into the session manager at start.
+        max_per_user: restart "session.max_per_user",
         cache_ttl: restart "session.cache_ttl",
         cache_entries: restart "session.cache_entries",
     })

@@ -4,8 +4,12 @@
 //! The cookie seals a ticket (session id ‖ data key, see `ticket`) with the key ring, bound to the
 //! cookie name. The store holds the session encrypted with the data key under a hashed name, with
 //! time to live = min(idle time left, absolute time left). Indexes by hashed `sub` and hashed
-//! provider `sid` serve back-channel logout and session listing; their members are store names
-//! and go stale harmlessly (they are pruned when read).
+//! provider `sid` serve back-channel logout, session listing and the cap on a user's sessions;
+//! their members are store names, each with its session's absolute deadline. Adding a member
+//! removes those past their deadline in the same step, and a login removes its user's entries
+//! of sessions that ended (idled out) and ends the oldest sessions beyond `max_per_user`. A
+//! reader never removes an entry just because its session is missing: `create` writes the
+//! entries before the record, and the login between the two must stay reachable by its user.
 //!
 //! Rules: a bad, foreign or expired cookie is `Ok(None)`; an unreachable store is `Err` and never
 //! ends a session. Every write publishes the session's handle on [`INVALIDATION_CHANNEL`], in the
@@ -31,6 +35,20 @@ use std::sync::Arc;
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_ABSOLUTE_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);
+/// The index of a subject's sessions, and of a provider session's: sorted by deadline.
+const SUBJECT_INDEX: &str = "sub";
+const PROVIDER_INDEX: &str = "sid";
+/// The same indexes as plain sets without deadlines, as versions before wrote them (Redis
+/// answers WRONGTYPE to reading one as the other, hence the new names). Still read, and their
+/// sessions ended, by back-channel logout, "sign out everywhere" and the session list until
+/// they expire: at most `absolute_timeout` after the last login an older version took.
+const OLD_SUBJECT_INDEX: &str = "u";
+const OLD_PROVIDER_INDEX: &str = "p";
+/// An index entry whose session is missing is stale only once that session is this old (and
+/// older than the idle timeout, before which only a logout ends it, and a logout removes its
+/// entries): `create` writes its record at most a store timeout (30 s at most) after its index
+/// entries, and an entry removed in between would leave the new session out of its index.
+const INDEX_GRACE: u64 = 300;
 /// Store channel (suffix) carrying the handles of sessions that changed or ended.
 pub const INVALIDATION_CHANNEL: &str = "session-invalidate";
 
@@ -46,6 +64,9 @@ pub struct SessionSettings {
     pub cache_ttl: Duration,
     /// The most sessions the cache holds (`session.cache_entries`).
     pub cache_entries: usize,
+    /// The most sessions one subject has at once (`session.max_per_user`): a login beyond it
+    /// ends that subject's oldest.
+    pub max_per_user: usize,
 }
 
 impl SessionSettings {
@@ -58,6 +79,7 @@ impl SessionSettings {
             keyring,
             cache_ttl: Duration::ZERO,
             cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
+            max_per_user: crate::config::DEFAULT_MAX_PER_USER,
         }
     }
 }
@@ -170,6 +192,7 @@ pub struct Sessions {
     memo: Memo,
     /// How many cookies a memo is sized for (`session.cache_entries`).
     memo_entries: usize,
+    max_per_user: usize,
 }
 
 impl fmt::Debug for Sessions {
@@ -193,6 +216,7 @@ impl Sessions {
             keyring,
             cache_ttl,
             cache_entries,
+            max_per_user,
         } = settings;
         let cache = (!cache_ttl.is_zero()).then(|| {
             Arc::new(Cache::new(
@@ -212,6 +236,7 @@ impl Sessions {
             cache,
             memo: Memo::new(cache_entries),
             memo_entries: cache_entries,
+            max_per_user: max_per_user.max(1),
         }
     }
 
@@ -227,6 +252,7 @@ impl Sessions {
             cache: self.cache.clone(),
             memo: Memo::new(self.memo_entries),
             memo_entries: self.memo_entries,
+            max_per_user: self.max_per_user,
         }
     }
 
@@ -291,10 +317,14 @@ impl Sessions {
         let record = encode_record(&keyring, &ticket, &key, &session)?;
         // Index first: an index entry without a session is pruned later, a session missing from
         // the index could not be ended by back-channel logout.
-        self.index(&key, &session).await?;
+        let held = self.index(&key, &session, now).await?;
         let ttl = Duration::from_secs(self.seconds_left(&session, now));
         if !self.store.put_new(&key.name(), &record, ttl).await? {
             return Err(StoreError::Corrupt(Corruption::IdCollision).into());
+        }
+        // The session stands whatever happens here; the next login tidies up again.
+        if let Err(error) = self.tidy(&session, &key.name(), held, now).await {
+            tracing::warn!(%error, "the user's ended sessions could not be tidied after a login");
         }
         let cookie = keyring.seal(&self.cookie_name, &ticket.to_bytes())?;
         let loaded = OpenSession {
@@ -308,18 +338,75 @@ impl Sessions {
         Ok((cookie, loaded))
     }
 
-    async fn index(&self, key: &StoreKey, session: &Session) -> Result<(), StoreError> {
-        let ttl = Duration::from_secs(self.absolute);
+    /// Adds the session to its subject's index and its provider session's, until its absolute
+    /// deadline; how many entries each then holds.
+    async fn index(&self, key: &StoreKey, session: &Session, now: u64) -> Result<Held, StoreError> {
+        let deadline = session.created_at.saturating_add(self.absolute);
         let member = key.name();
-        self.store
-            .index_add(&index_name("u", &session.sub), &member, ttl)
+        let subject = index_name(SUBJECT_INDEX, &session.sub);
+        let subject = self
+            .store
+            .index_add(&subject, &member, deadline, now)
             .await?;
-        if let Some(sid) = &session.sid {
-            self.store
-                .index_add(&index_name("p", sid), &member, ttl)
-                .await?;
+        let provider = match &session.sid {
+            Some(sid) => {
+                let index = index_name(PROVIDER_INDEX, sid);
+                self.store.index_add(&index, &member, deadline, now).await?
+            }
+            None => 0,
+        };
+        Ok(Held { subject, provider })
+    }
+
+    /// After a login (`new`): takes the entries of sessions that ended out of the subject's
+    /// index and its provider session's, and ends the subject's oldest sessions beyond
+    /// `max_per_user`. Costs nothing more for a subject with one entry (most logins).
+    async fn tidy(
+        &self,
+        session: &Session,
+        new: &str,
+        held: Held,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if held.subject > 1 {
+            let index = index_name(SUBJECT_INDEX, &session.sub);
+            let live = self.prune(&index, now).await?;
+            let excess = live.len().saturating_sub(self.max_per_user);
+            // Oldest first; never the login itself (deadlines are whole seconds, so it may tie).
+            for member in live.iter().filter(|m| *m != new).take(excess) {
+                // One with no record yet (a login between its two writes) keeps its entry; it
+                // counts at the next login.
+                if self.end_member(member).await? {
+                    self.store.index_remove(&index, member).await?;
+                }
+            }
+        }
+        if held.provider > 1
+            && let Some(sid) = &session.sid
+        {
+            self.prune(&index_name(PROVIDER_INDEX, sid), now).await?;
         }
         Ok(())
+    }
+
+    /// An index's members, oldest first, without the stale ones, which it removes: those past
+    /// their deadline, and those whose session is missing once it is old enough for that to
+    /// mean it ended (see [`INDEX_GRACE`]).
+    async fn prune(&self, index: &str, now: u64) -> Result<Vec<String>, StoreError> {
+        let settled = self.idle.max(INDEX_GRACE);
+        let mut live = Vec::new();
+        for (member, deadline) in self.store.index_members(index).await? {
+            let created = deadline.saturating_sub(self.absolute);
+            let stale = deadline <= now
+                || StoreKey::parse(&member).is_none()
+                || (created.saturating_add(settled) <= now && !self.store.exists(&member).await?);
+            if stale {
+                self.store.index_remove(index, &member).await?;
+            } else {
+                live.push(member);
+            }
+        }
+        Ok(live)
     }
 
     /// What `cookie_value` opens to under the key ring in effect, remembered by value (see
@@ -470,7 +557,7 @@ impl Sessions {
         }
         let record = encode_record(&self.keyring.load(), &loaded.ticket, &key, &updated)?;
         if updated.sub != loaded.session.sub || updated.sid != loaded.session.sid {
-            self.index(&key, &updated).await?;
+            self.index(&key, &updated, now).await?;
         }
         let ttl = Duration::from_secs(seconds);
         let written = self
@@ -598,11 +685,11 @@ impl Sessions {
     async fn unindex(&self, loaded: &OpenSession) -> Result<(), StoreError> {
         let member = loaded.ticket.key().name();
         self.store
-            .index_remove(&index_name("u", &loaded.session.sub), &member)
+            .index_remove(&index_name(SUBJECT_INDEX, &loaded.session.sub), &member)
             .await?;
         if let Some(sid) = &loaded.session.sid {
             self.store
-                .index_remove(&index_name("p", sid), &member)
+                .index_remove(&index_name(PROVIDER_INDEX, sid), &member)
                 .await?;
         }
         Ok(())
@@ -620,23 +707,38 @@ impl Sessions {
         deleted
     }
 
-    /// Ends every session in an index; returns how many existed.
-    async fn end_index(&self, index: &str) -> Result<usize, StoreError> {
+    /// Ends the session a store name names; `true` if it existed.
+    async fn end_member(&self, member: &str) -> Result<bool, StoreError> {
+        match StoreKey::parse(member) {
+            Some(key) => self.end(&key).await,
+            None => Ok(false),
+        }
+    }
+
+    /// Ends every session in an index (and in its old-format set); returns how many existed.
+    /// The entry of a session not there stays: it may be a login between its two writes, which
+    /// must stay reachable by its user; a stale one goes at its deadline or the user's next login.
+    async fn end_index(&self, index: &str, old: &str) -> Result<usize, StoreError> {
         let mut ended = 0;
-        for member in self.store.index_members(index).await? {
-            if let Some(key) = StoreKey::parse(&member)
-                && self.end(&key).await?
-            {
+        for (member, _) in self.store.index_members(index).await? {
+            if self.end_member(&member).await? {
                 ended += 1;
+                self.store.index_remove(index, &member).await?;
             }
-            self.store.index_remove(index, &member).await?;
+        }
+        for member in self.store.old_index_members(old).await? {
+            if self.end_member(&member).await? {
+                ended += 1;
+                self.store.old_index_remove(old, &member).await?;
+            }
         }
         Ok(ended)
     }
 
     /// Back-channel logout by provider session id.
     pub async fn end_by_sid(&self, sid: &str) -> Result<usize, StoreError> {
-        self.end_index(&index_name("p", sid)).await
+        let old = index_name(OLD_PROVIDER_INDEX, sid);
+        self.end_index(&index_name(PROVIDER_INDEX, sid), &old).await
     }
 
     /// Back-channel logout naming a provider session: the subject's sessions stored without
@@ -666,25 +768,38 @@ impl Sessions {
 
     /// Back-channel logout by subject, or "sign out everywhere".
     pub async fn end_by_sub(&self, sub: &str) -> Result<usize, StoreError> {
-        self.end_index(&index_name("u", sub)).await
+        let old = index_name(OLD_SUBJECT_INDEX, sub);
+        self.end_index(&index_name(SUBJECT_INDEX, sub), &old).await
     }
 
-    /// The user's live sessions, most recently seen first. Prunes index entries of ended ones.
+    /// The store names of `sub`'s sessions, in its index and its old-format set, each once.
+    async fn members_of(&self, sub: &str) -> Result<Vec<String>, StoreError> {
+        let index = index_name(SUBJECT_INDEX, sub);
+        let old = index_name(OLD_SUBJECT_INDEX, sub);
+        let mut members: Vec<String> = (self.store.index_members(&index).await?)
+            .into_iter()
+            .map(|(member, _)| member)
+            .chain(self.store.old_index_members(&old).await?)
+            .collect();
+        members.sort_unstable();
+        members.dedup();
+        Ok(members)
+    }
+
+    /// The user's live sessions, most recently seen first. Removes no index entry: one whose
+    /// session is missing may be a login between its two writes (see [`Sessions::end_index`]).
     pub async fn list_for_sub(
         &self,
         sub: &str,
         now: u64,
     ) -> Result<Vec<SessionSummary>, StoreError> {
-        let index = index_name("u", sub);
         let keyring = self.keyring.load();
         let mut out = Vec::new();
-        for member in self.store.index_members(&index).await? {
+        for member in self.members_of(sub).await? {
             let Some(key) = StoreKey::parse(&member) else {
-                self.store.index_remove(&index, &member).await?;
                 continue;
             };
             let Some(record) = self.store.get(&member).await? else {
-                self.store.index_remove(&index, &member).await?;
                 continue;
             };
             let Some(meta) = decode_meta(&keyring, &key, &record.value) else {
@@ -714,19 +829,30 @@ impl Sessions {
 
     /// Ends one of `sub`'s sessions by handle; `false` if `sub` has no such session.
     pub async fn end_by_handle(&self, sub: &str, handle: &str) -> Result<bool, StoreError> {
-        let index = index_name("u", sub);
-        for member in self.store.index_members(&index).await? {
+        for member in self.members_of(sub).await? {
             let Some(key) = StoreKey::parse(&member) else {
                 continue;
             };
             if key.handle() == handle {
                 let existed = self.end(&key).await?;
-                self.store.index_remove(&index, &member).await?;
+                self.store
+                    .index_remove(&index_name(SUBJECT_INDEX, sub), &member)
+                    .await?;
+                self.store
+                    .old_index_remove(&index_name(OLD_SUBJECT_INDEX, sub), &member)
+                    .await?;
                 return Ok(existed);
             }
         }
         Ok(false)
     }
+}
+
+/// How many entries a session's indexes hold once it is added ([`Sessions::index`]).
+#[derive(Clone, Copy)]
+struct Held {
+    subject: u64,
+    provider: u64,
 }
 
 #[cfg(test)]

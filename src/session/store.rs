@@ -1,5 +1,5 @@
-//! Session stores: versioned opaque records, set indexes, one-time markers, lease locks and
-//! pub/sub, in process memory or in Redis, behind one enum.
+//! Session stores: versioned opaque records, indexes whose members expire, one-time markers,
+//! lease locks and pub/sub, in process memory or in Redis, behind one enum.
 //!
 //! A store sees only bytes the manager has already encrypted, and key names the manager has already
 //! hashed. It never decides what a session is. Errors are always [`StoreError`]: a store that cannot
@@ -236,12 +236,25 @@ impl Store {
             payload: &str
         ) -> bool;
 
-        /// Adds `member` to a set; the set lives at least `ttl` from now.
-        fn index_add(index_key: &str, member: &str, ttl: Duration) -> ();
+        /// Adds `member` to an index until `deadline`, and in the same step removes every
+        /// member whose deadline is at or before `now` (both Unix seconds, the caller's clock);
+        /// the index lives until its latest deadline. Returns how many members it then holds.
+        fn index_add(index_key: &str, member: &str, deadline: u64, now: u64) -> u64;
 
-        fn index_members(index_key: &str) -> Vec<String>;
+        /// An index's members with their deadlines, soonest deadline first.
+        fn index_members(index_key: &str) -> Vec<(String, u64)>;
 
         fn index_remove(index_key: &str, member: &str) -> ();
+
+        /// The members of an index in the format before deadlines (a plain Redis set), still
+        /// read until the last ones expire ([`Store::index_add`] writes new names).
+        fn old_index_members(index_key: &str) -> Vec<String>;
+
+        /// Takes a member out of an index in the format before deadlines.
+        fn old_index_remove(index_key: &str, member: &str) -> ();
+
+        /// Whether `key` holds anything (that has not expired).
+        fn exists(key: &str) -> bool;
 
         /// `true` the first time `key` is seen within `ttl` (replay detection).
         fn remember_once(key: &str, ttl: Duration) -> bool;

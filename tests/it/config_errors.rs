@@ -108,6 +108,10 @@ fn golden_messages_for_each_kind_of_mistake() {
             "session.same_site: \"none\" is not allowed; use one of \"lax\", \"strict\"",
         ),
         (
+            add("session.max_per_user", 0),
+            "session.max_per_user: 0 is out of range; use 1 to 10000 (a login beyond it ends the user's oldest session)",
+        ),
+        (
             add("session.cache_entries", 0),
             "session.cache_entries: 0 is out of range; use 1 to 1000000, or cache_ttl = \"0s\" for no cache",
         ),

@@ -139,7 +139,9 @@ contract!(
     compare_and_set_bumps_the_version_and_rejects_stale_versions,
     exactly_one_of_many_concurrent_writers_wins,
     index_adds_removes_and_lists_members,
-    index_expires_after_its_ttl,
+    index_lists_members_soonest_deadline_first,
+    adding_to_an_index_removes_its_members_past_their_deadline,
+    index_expires_after_its_latest_deadline,
     remember_once_is_true_only_the_first_time,
     lock_is_exclusive_extendable_and_released_only_by_its_holder,
     lock_lease_expires,
@@ -292,36 +294,92 @@ async fn exactly_one_of_many_concurrent_writers_wins(b: Backend) {
     assert_eq!(record.value, winners[0].as_bytes());
 }
 
-async fn index_adds_removes_and_lists_members(b: Backend) {
-    b.store.index_add("i", "a", LONG).await.unwrap();
-    b.store.index_add("i", "b", LONG).await.unwrap();
-    b.store.index_add("i", "a", LONG).await.unwrap();
-    b.store.index_add("other", "c", LONG).await.unwrap();
-    let mut members = b.store.index_members("i").await.unwrap();
-    members.sort();
-    assert_eq!(members, ["a", "b"]);
-    b.store.index_remove("i", "a").await.unwrap();
-    b.store.index_remove("i", "not-there").await.unwrap();
-    assert_eq!(b.store.index_members("i").await.unwrap(), ["b"]);
-    b.store.index_remove("i", "b").await.unwrap();
-    assert!(b.store.index_members("i").await.unwrap().is_empty());
-    assert_eq!(b.store.index_members("other").await.unwrap(), ["c"]);
+/// Index deadlines are Unix seconds on the caller's clock: `T0` is "now" to these tests.
+fn until(ttl: Duration) -> u64 {
+    T0 + ttl.as_secs().max(1)
 }
 
-async fn index_expires_after_its_ttl(b: Backend) {
-    b.store.index_add("i", "a", SHORT).await.unwrap();
-    b.store.index_add("kept", "a", SHORT).await.unwrap();
-    b.store.index_add("kept", "b", LONG).await.unwrap();
-    b.store.index_add("kept", "c", SHORT).await.unwrap();
+async fn index_adds_removes_and_lists_members(b: Backend) {
+    let store = &b.store;
+    assert_eq!(store.index_add("i", "a", until(LONG), T0).await.unwrap(), 1);
+    assert_eq!(store.index_add("i", "b", until(LONG), T0).await.unwrap(), 2);
+    assert_eq!(store.index_add("i", "a", until(LONG), T0).await.unwrap(), 2);
+    store
+        .index_add("other", "c", until(LONG), T0)
+        .await
+        .unwrap();
+    let mut members = names(store.index_members("i").await.unwrap());
+    members.sort();
+    assert_eq!(members, ["a", "b"]);
+    store.index_remove("i", "a").await.unwrap();
+    store.index_remove("i", "not-there").await.unwrap();
+    assert_eq!(names(store.index_members("i").await.unwrap()), ["b"]);
+    store.index_remove("i", "b").await.unwrap();
+    assert!(store.index_members("i").await.unwrap().is_empty());
+    assert_eq!(names(store.index_members("other").await.unwrap()), ["c"]);
+    assert!(!store.exists("i").await.unwrap(), "an empty index is gone");
+}
+
+fn names(members: Vec<(String, u64)>) -> Vec<String> {
+    members.into_iter().map(|(member, _)| member).collect()
+}
+
+async fn index_lists_members_soonest_deadline_first(b: Backend) {
+    for (member, deadline) in [("late", T0 + 300), ("soon", T0 + 100), ("mid", T0 + 200)] {
+        b.store.index_add("i", member, deadline, T0).await.unwrap();
+    }
+    assert_eq!(
+        b.store.index_members("i").await.unwrap(),
+        [
+            ("soon".to_string(), T0 + 100),
+            ("mid".to_string(), T0 + 200),
+            ("late".to_string(), T0 + 300)
+        ]
+    );
+}
+
+/// Review 6, C1: stale members are removed when one is added, in the same step, by the caller's
+/// clock; no reader needs to.
+async fn adding_to_an_index_removes_its_members_past_their_deadline(b: Backend) {
+    b.store.index_add("i", "old", T0 + 10, T0).await.unwrap();
+    b.store
+        .index_add("i", "ends-now", T0 + 20, T0)
+        .await
+        .unwrap();
+    b.store.index_add("i", "kept", T0 + 60, T0).await.unwrap();
+    assert_eq!(
+        b.store
+            .index_add("i", "new", T0 + 100, T0 + 20)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        names(b.store.index_members("i").await.unwrap()),
+        ["kept", "new"]
+    );
+}
+
+async fn index_expires_after_its_latest_deadline(b: Backend) {
+    b.store.index_add("i", "a", until(SHORT), T0).await.unwrap();
+    b.store
+        .index_add("kept", "a", until(SHORT), T0)
+        .await
+        .unwrap();
+    b.store
+        .index_add("kept", "b", until(LONG), T0)
+        .await
+        .unwrap();
+    b.store
+        .index_add("kept", "c", until(SHORT), T0)
+        .await
+        .unwrap();
     eventually("the index expired", || async {
         b.store.index_members("i").await.unwrap().is_empty()
     })
     .await;
-    assert_eq!(
-        b.store.index_members("kept").await.unwrap().len(),
-        3,
-        "a shorter ttl never shortens"
-    );
+    let kept = names(b.store.index_members("kept").await.unwrap());
+    assert!(kept.contains(&"b".to_string()), "{kept:?}");
 }
 
 async fn remember_once_is_true_only_the_first_time(b: Backend) {
@@ -562,6 +620,13 @@ fn dump(url: &str) -> (Vec<String>, Vec<u8>) {
             "string" => vec![redis::cmd("GET").arg(name).query(&mut con).unwrap()],
             "hash" => redis::cmd("HGETALL").arg(name).query(&mut con).unwrap(),
             "set" => redis::cmd("SMEMBERS").arg(name).query(&mut con).unwrap(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(name)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query(&mut con)
+                .unwrap(),
             other => panic!("unexpected key type {other} for {name}"),
         };
         for part in parts {
@@ -800,10 +865,10 @@ async fn every_scripted_operation_runs_after_redis_forgot_its_scripts() {
     forget();
     assert!(store.delete_announced("k", "c", "h").await.unwrap());
     forget();
-    store.index_add("i", "m", LONG).await.unwrap();
+    store.index_add("i", "m", until(LONG), T0).await.unwrap();
     assert_eq!(
         store.index_members("i").await.unwrap(),
-        vec!["m".to_string()]
+        vec![("m".to_string(), until(LONG))]
     );
     assert!(store.try_lock("l", "t", LONG).await.unwrap());
     forget();
@@ -811,4 +876,79 @@ async fn every_scripted_operation_runs_after_redis_forgot_its_scripts() {
     forget();
     store.unlock("l", "t").await.unwrap();
     assert!(store.try_lock("l", "u", SHORT).await.unwrap(), "unlocked");
+}
+
+/// A key name as versions before this one wrote an index: a plain set (`SADD`) named by the
+/// hash of its kind and value.
+fn old_index(kind: &str, value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(kind)
+        .chain_update(b"\0")
+        .chain_update(value)
+        .finalize();
+    format!("{PREFIX}{kind}:{}", hex::encode(digest))
+}
+
+/// Deployments upgrade with indexes in Redis in the old format (plain sets, no deadlines),
+/// which a sorted set's commands answer with WRONGTYPE: the new indexes have names of their
+/// own, and the old sets are still read, until they expire, by the session list, "sign out
+/// everywhere" and back-channel logout. A login beside an old set works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_in_indexes_of_the_old_format_are_still_listed_and_ended() {
+    let server = RedisServer::start();
+    let manager = sessions(connect(redis_config(server.url())).await, Duration::ZERO);
+    let session = session_with_tokens();
+    let (sub, sid) = (session.sub.clone(), session.sid.clone().unwrap());
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        cookies.push(manager.create(session.clone(), T0).await.unwrap().0);
+    }
+    // Leave only what an older version would have written: its sets, and no new index.
+    let (names, _) = dump(&server.url());
+    for name in names
+        .iter()
+        .filter(|n| n.starts_with(&format!("{PREFIX}s")))
+    {
+        let kind = server.command(&["TYPE", name]);
+        if !kind.contains("zset") {
+            continue;
+        }
+        let mut con = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(name)
+            .arg(0)
+            .arg(-1)
+            .query(&mut con)
+            .unwrap();
+        for member in &members {
+            for old in [old_index("u", &sub), old_index("p", &sid)] {
+                server.command(&["SADD", &old, member]);
+                server.command(&["PEXPIRE", &old, "60000"]);
+            }
+        }
+        server.command(&["DEL", name]);
+    }
+    assert_eq!(manager.list_for_sub(&sub, T0).await.unwrap().len(), 2);
+    // A new login for the same user and provider session, beside the old sets.
+    let (newest, _) = manager.create(session.clone(), T0 + 1).await.unwrap();
+    assert_eq!(manager.list_for_sub(&sub, T0 + 1).await.unwrap().len(), 3);
+
+    assert_eq!(manager.end_by_sid(&sid).await.unwrap(), 3);
+    for cookie in cookies.iter().chain([&newest]) {
+        assert!(manager.load(cookie, T0 + 2).await.unwrap().is_none());
+    }
+    let again = manager.create(session.clone(), T0 + 3).await.unwrap().0;
+    let listed = manager.list_for_sub(&sub, T0 + 3).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        manager
+            .end_by_handle(&sub, &listed[0].handle)
+            .await
+            .unwrap()
+    );
+    assert!(manager.load(&again, T0 + 4).await.unwrap().is_none());
 }

@@ -17,6 +17,7 @@ pub(super) fn session_config(
         keys,
         keys_file,
         max_entries,
+        max_per_user,
         cache_ttl,
         cache_entries,
         redis,
@@ -101,6 +102,19 @@ pub(super) fn session_config(
             100_000
         }
     };
+    let max_per_user = match max_per_user {
+        None => DEFAULT_MAX_PER_USER,
+        Some(n) if (1..=MAX_PER_USER as i64).contains(&n) => n as usize,
+        Some(n) => {
+            problems.add(
+                "session.max_per_user",
+                format!(
+                    "{n} is out of range; use 1 to {MAX_PER_USER} (a login beyond it ends the user's oldest session)"
+                ),
+            );
+            DEFAULT_MAX_PER_USER
+        }
+    };
     let cache_entries = match cache_entries {
         None => DEFAULT_CACHE_ENTRIES,
         // Its bookkeeping is allocated up front (a few tens of bytes an entry).
@@ -136,6 +150,7 @@ pub(super) fn session_config(
         keys,
         keys_file,
         max_entries,
+        max_per_user,
         cache_ttl: duration(
             cache_ttl,
             "session.cache_ttl",

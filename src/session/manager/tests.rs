@@ -18,6 +18,7 @@ fn settings(keys: &[u8], cache_ttl: Duration) -> SessionSettings {
         keyring: Keyring::new(keys.iter().map(|b| [*b; 32]).collect()).unwrap(),
         cache_ttl,
         cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
+        max_per_user: crate::config::DEFAULT_MAX_PER_USER,
     }
 }
 
@@ -570,4 +571,202 @@ async fn each_worker_remembers_on_its_own() {
     // A key ring swapped on the process-wide manager reaches the worker's memo too.
     s.replace_keyring(Keyring::new(vec![[2; 32]]).unwrap());
     assert!(worker.load(&cookie, T0).await.unwrap().is_none());
+}
+
+/// Review 7, C4: `create` writes the index entries first so that a session is never missing
+/// from them; but a reader that met an entry whose record was not there yet removed it
+/// (`list_for_sub` from the user's other device, or a back-channel logout's `end_index`). The
+/// login between its two writes then stored a session that no "sign out everywhere" or
+/// back-channel logout by `sub` could reach and that the user's session list never showed.
+/// The interleaving is laid out step by step with `create`'s own parts.
+#[tokio::test]
+async fn a_session_being_created_while_its_user_is_listed_stays_reachable_by_sub() {
+    let s = sessions();
+    let (_phone, _) = s
+        .create(user("alice", Some("sid-phone")), T0)
+        .await
+        .unwrap();
+    // The laptop's login: `create` up to its index writes.
+    let mut session = user("alice", Some("sid-laptop"));
+    session.created_at = T0;
+    session.last_seen = T0;
+    let ticket = Ticket::random().unwrap();
+    let key = ticket.key();
+    s.index(&key, &session, T0).await.unwrap();
+    // Meanwhile the phone opens "your devices", and a back-channel logout names the laptop's
+    // provider session, which has no session here yet.
+    assert_eq!(s.list_for_sub("alice", T0).await.unwrap().len(), 1);
+    assert_eq!(s.end_by_sid("sid-laptop").await.unwrap(), 0);
+    // The laptop's record lands, as `create` goes on.
+    let record = encode_record(&s.keyring.load(), &ticket, &key, &session).unwrap();
+    assert!(
+        s.store
+            .put_new(&key.name(), &record, Duration::from_secs(IDLE))
+            .await
+            .unwrap()
+    );
+    let laptop = s.keyring.load().seal(NAME, &ticket.to_bytes()).unwrap();
+    assert!(s.load(&laptop, T0).await.unwrap().is_some());
+    assert_eq!(
+        s.list_for_sub("alice", T0).await.unwrap().len(),
+        2,
+        "the laptop's live session is missing from alice's session list"
+    );
+    assert_eq!(s.end_by_sid("sid-laptop").await.unwrap(), 1);
+    assert!(s.load(&laptop, T0).await.unwrap().is_none());
+}
+
+/// The same race with a logout of every session of the user.
+#[tokio::test]
+async fn a_session_being_created_while_its_user_is_signed_out_everywhere_stays_reachable() {
+    let s = sessions();
+    let mut session = user("alice", None);
+    session.created_at = T0;
+    session.last_seen = T0;
+    let ticket = Ticket::random().unwrap();
+    let key = ticket.key();
+    s.index(&key, &session, T0).await.unwrap();
+    assert_eq!(s.end_by_sub("alice").await.unwrap(), 0);
+    let record = encode_record(&s.keyring.load(), &ticket, &key, &session).unwrap();
+    let ttl = Duration::from_secs(IDLE);
+    assert!(s.store.put_new(&key.name(), &record, ttl).await.unwrap());
+    let laptop = s.keyring.load().seal(NAME, &ticket.to_bytes()).unwrap();
+    s.end_by_sub("alice").await.unwrap();
+    assert!(
+        s.load(&laptop, T0).await.unwrap().is_none(),
+        "a logout of every session of alice left the laptop's signed in"
+    );
+}
+
+/// And with another login of the same user, which removes the index entries of the user's
+/// ended sessions: an entry younger than the idle timeout (and `INDEX_GRACE`) is never taken for
+/// one, whether its record is there yet or not.
+#[tokio::test]
+async fn a_session_being_created_while_its_user_signs_in_elsewhere_stays_reachable() {
+    let s = sessions();
+    let mut session = user("alice", Some("sid-1"));
+    session.created_at = T0;
+    session.last_seen = T0;
+    let ticket = Ticket::random().unwrap();
+    let key = ticket.key();
+    s.index(&key, &session, T0).await.unwrap();
+    let later = T0 + INDEX_GRACE;
+    s.create(user("alice", Some("sid-1")), later).await.unwrap();
+    let record = encode_record(&s.keyring.load(), &ticket, &key, &session).unwrap();
+    let ttl = Duration::from_secs(IDLE);
+    assert!(s.store.put_new(&key.name(), &record, ttl).await.unwrap());
+    assert_eq!(s.list_for_sub("alice", later).await.unwrap().len(), 2);
+    assert_eq!(s.end_by_sid("sid-1").await.unwrap(), 2);
+}
+
+/// Review 6, C1: a user who signs in again and again, each session idling out before the next
+/// login (as a daily user's do), had the subject index of back-channel logout and "sign out
+/// everywhere" pruned by nothing but a session listing: every login extended the index's time
+/// to live and added a member, one stale member per login, forever.
+#[tokio::test(start_paused = true)]
+async fn the_subject_index_keeps_no_member_of_a_session_long_gone() {
+    let s = sessions();
+    let mut now = T0;
+    for _ in 0..50 {
+        s.create(user("alice", Some("sid-1")), now).await.unwrap();
+        // The session idles out (store time to live and the session's own clock alike).
+        tokio::time::advance(Duration::from_secs(IDLE + 1)).await;
+        now += IDLE + 1;
+    }
+    let (_, live) = s.create(user("alice", Some("sid-1")), now).await.unwrap();
+    for index in [
+        index_name(SUBJECT_INDEX, "alice"),
+        index_name(PROVIDER_INDEX, "sid-1"),
+    ] {
+        let members = s.store().index_members(&index).await.unwrap();
+        assert!(
+            members.len() <= 2,
+            "one live session, but an index holds {} members (stale ones never pruned); \
+             live handle {}",
+            members.len(),
+            live.handle
+        );
+    }
+}
+
+/// Index entries past their session's absolute deadline go when the next one is added, whether
+/// or not their records are checked.
+#[tokio::test]
+async fn index_entries_past_their_absolute_deadline_go_with_the_next_login() {
+    let s = sessions();
+    s.create(user("alice", None), T0).await.unwrap();
+    let later = T0 + ABSOLUTE;
+    s.create(user("alice", None), later).await.unwrap();
+    let members = s
+        .store()
+        .index_members(&index_name(SUBJECT_INDEX, "alice"))
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].1, later + ABSOLUTE);
+}
+
+/// Review 6, C2: one signed-in subject who signs in again and again (a script replaying silent
+/// SSO logins, one account) filled a memory store and evicted every other user's session: the
+/// store evicts the session expiring soonest, which is any session a little idle, whoever owns
+/// it. The cap on one subject's sessions keeps a flood within them.
+#[tokio::test(start_paused = true)]
+async fn one_subject_cannot_evict_another_users_session_from_a_memory_store() {
+    let s = Sessions::new(
+        settings(&[1], Duration::ZERO),
+        Store::Memory(MemoryStore::new(100)),
+    );
+    let (victim, _) = s.create(user("alice", None), T0).await.unwrap();
+    // Alice read something a minute ago; her session has 29 minutes left.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    for _ in 0..100 {
+        s.create(user("mallory", None), T0 + 60).await.unwrap();
+    }
+    assert!(
+        s.load(&victim, T0 + 61).await.unwrap().is_some(),
+        "mallory's own logins signed alice out"
+    );
+}
+
+/// A login beyond `max_per_user` ends that subject's oldest sessions, and only theirs.
+#[tokio::test]
+async fn a_login_beyond_max_per_user_ends_the_users_oldest_session() {
+    let mut settings = settings(&[1], Duration::ZERO);
+    settings.max_per_user = 3;
+    let s = Sessions::new(settings, Store::Memory(MemoryStore::new(1000)));
+    let (other, _) = s.create(user("bob", None), T0).await.unwrap();
+    let mut cookies = Vec::new();
+    for i in 0..5 {
+        let (cookie, _) = s
+            .create(user("alice", Some("sid-1")), T0 + i)
+            .await
+            .unwrap();
+        cookies.push(cookie);
+    }
+    let mut signed_in = Vec::new();
+    for cookie in &cookies {
+        signed_in.push(s.load(cookie, T0 + 5).await.unwrap().is_some());
+    }
+    assert_eq!(signed_in, [false, false, true, true, true]);
+    assert_eq!(s.list_for_sub("alice", T0 + 5).await.unwrap().len(), 3);
+    assert!(s.load(&other, T0 + 5).await.unwrap().is_some());
+    let index = index_name(SUBJECT_INDEX, "alice");
+    assert_eq!(s.store().index_members(&index).await.unwrap().len(), 3);
+}
+
+/// Deadlines are whole seconds, so logins within one second tie: the login that runs over the
+/// cap never ends itself (with ties ranked by store name it would, one time in two here).
+#[tokio::test]
+async fn a_login_beyond_max_per_user_in_the_same_second_keeps_the_new_session() {
+    let mut settings = settings(&[1], Duration::ZERO);
+    settings.max_per_user = 1;
+    let s = Sessions::new(settings, Store::Memory(MemoryStore::new(1000)));
+    for _ in 0..20 {
+        let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
+        assert!(
+            s.load(&cookie, T0).await.unwrap().is_some(),
+            "a login ended its own new session"
+        );
+    }
+    assert_eq!(s.list_for_sub("alice", T0).await.unwrap().len(), 1);
 }

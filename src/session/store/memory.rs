@@ -1,18 +1,22 @@
 //! The in-process store for a single instance: a map with expiry, swept on every access, bounded
 //! by `max_entries` (the entry that would expire soonest is evicted first).
 //!
-//! Records, indexes and locks share that bound. One-time markers (login states, logout-token
-//! `jti`s), which anonymous callers can make the store write, have a bound of their own (also
-//! `max_entries`) and evict only other markers: a flood of them can never push out a session or
-//! a refresh lock. Pub/sub reaches only subscribers in this process, which is all there is when
-//! sessions live here.
+//! Each kind of entry has its own part of that bound (`state.rs`): records, one-time markers
+//! (login states, logout-token `jti`s, which anonymous callers can make the store write), index
+//! members and refresh leases hold at most `max_entries` each, and none pushes out another kind:
+//! a flood of markers or of index members can never push out a session, and nothing pushes out a
+//! lease that is held (a full part of leases refuses a new one). Pub/sub reaches only subscribers
+//! in this process, which is all there is when sessions live here.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod state;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use self::state::{Entry, Kind, State, expiry_after};
 use super::{Corruption, Record, StoreError};
 
 /// Messages buffered per channel for a slow subscriber before it sees `Lagged`.
@@ -46,93 +50,6 @@ struct HeldGet {
     go: tokio::sync::oneshot::Receiver<()>,
 }
 
-#[derive(Default)]
-struct State {
-    entries: HashMap<String, Entry>,
-    /// Records, indexes and locks by expiry.
-    by_expiry: BTreeSet<(Instant, String)>,
-    /// Markers by expiry: their own partition of the bound.
-    markers_by_expiry: BTreeSet<(Instant, String)>,
-}
-
-struct Entry {
-    expires_at: Instant,
-    kind: Kind,
-}
-
-enum Kind {
-    Record(Record),
-    Set(HashSet<String>),
-    Marker,
-    Lock(String),
-}
-
-impl State {
-    fn sweep(&mut self, now: Instant) {
-        for markers in [false, true] {
-            while let Some((at, _)) = self.queue(markers).first() {
-                if *at > now {
-                    break;
-                }
-                if let Some((_, key)) = self.queue(markers).pop_first() {
-                    self.entries.remove(&key);
-                }
-            }
-        }
-    }
-
-    /// The expiry queue of markers, or of everything else.
-    fn queue(&mut self, markers: bool) -> &mut BTreeSet<(Instant, String)> {
-        if markers {
-            &mut self.markers_by_expiry
-        } else {
-            &mut self.by_expiry
-        }
-    }
-
-    fn get_mut(&mut self, key: &str) -> Option<&mut Entry> {
-        self.sweep(Instant::now());
-        self.entries.get_mut(key)
-    }
-
-    /// Inserts `entry`, first evicting the entry of the same partition that expires soonest
-    /// while that partition holds `max_entries`.
-    fn insert(&mut self, key: &str, entry: Entry, max_entries: usize) {
-        self.remove(key);
-        let markers = matches!(entry.kind, Kind::Marker);
-        while self.queue(markers).len() >= max_entries {
-            match self.queue(markers).pop_first() {
-                Some((_, evicted)) => {
-                    self.entries.remove(&evicted);
-                }
-                None => break,
-            }
-        }
-        self.queue(markers)
-            .insert((entry.expires_at, key.to_owned()));
-        self.entries.insert(key.to_owned(), entry);
-    }
-
-    fn remove(&mut self, key: &str) -> Option<Entry> {
-        let entry = self.entries.remove(key)?;
-        let markers = matches!(entry.kind, Kind::Marker);
-        self.queue(markers)
-            .remove(&(entry.expires_at, key.to_owned()));
-        Some(entry)
-    }
-
-    fn set_expiry(&mut self, key: &str, expires_at: Instant) {
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        let old = std::mem::replace(&mut entry.expires_at, expires_at);
-        let markers = matches!(entry.kind, Kind::Marker);
-        let queue = self.queue(markers);
-        queue.remove(&(old, key.to_owned()));
-        queue.insert((expires_at, key.to_owned()));
-    }
-}
-
 fn wrong_type() -> StoreError {
     StoreError::Corrupt(Corruption::WrongType)
 }
@@ -161,7 +78,7 @@ impl MemoryStore {
 
     fn put(&self, key: &str, kind: Kind, ttl: Duration) {
         let entry = Entry {
-            expires_at: Instant::now() + ttl,
+            expires_at: expiry_after(ttl),
             kind,
         };
         self.state().insert(key, entry, self.inner.max_entries);
@@ -259,7 +176,7 @@ impl MemoryStore {
             value: value.to_vec(),
         };
         let entry = Entry {
-            expires_at: Instant::now() + ttl,
+            expires_at: expiry_after(ttl),
             kind: Kind::Record(record),
         };
         state.insert(key, entry, self.inner.max_entries);
@@ -271,7 +188,7 @@ impl MemoryStore {
         if state.get_mut(key).is_none() {
             return Ok(false);
         }
-        state.set_expiry(key, Instant::now() + ttl);
+        state.set_expiry(key, expiry_after(ttl));
         Ok(true)
     }
 
@@ -347,64 +264,61 @@ impl MemoryStore {
         &self,
         index_key: &str,
         member: &str,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+        deadline: u64,
+        now: u64,
+    ) -> Result<u64, StoreError> {
         let mut state = self.state();
-        let expires_at = Instant::now() + ttl;
-        let current = match state.get_mut(index_key) {
-            Some(Entry {
-                kind: Kind::Set(members),
-                expires_at: current,
-            }) => {
-                members.insert(member.to_owned());
-                Some(*current)
-            }
-            Some(_) => return Err(wrong_type()),
-            None => None,
-        };
-        match current {
-            Some(current) if current >= expires_at => {}
-            Some(_) => state.set_expiry(index_key, expires_at),
-            None => {
-                let members = HashSet::from([member.to_owned()]);
-                let entry = Entry {
-                    expires_at,
-                    kind: Kind::Set(members),
-                };
-                state.insert(index_key, entry, self.inner.max_entries);
-            }
+        if let Some(entry) = state.get_mut(index_key)
+            && !matches!(entry.kind, Kind::Index(_))
+        {
+            return Err(wrong_type());
         }
-        Ok(())
+        let held = state.index_add(index_key, member, (deadline, now), self.inner.max_entries);
+        Ok(u64::try_from(held).unwrap_or(u64::MAX))
     }
 
-    pub async fn index_members(&self, index_key: &str) -> Result<Vec<String>, StoreError> {
+    pub async fn index_members(&self, index_key: &str) -> Result<Vec<(String, u64)>, StoreError> {
         match self.state().get_mut(index_key) {
             None => Ok(Vec::new()),
             Some(Entry {
-                kind: Kind::Set(members),
+                kind: Kind::Index(index),
                 ..
-            }) => Ok(members.iter().cloned().collect()),
+            }) => Ok(index.ranked()),
             Some(_) => Err(wrong_type()),
         }
     }
 
     pub async fn index_remove(&self, index_key: &str, member: &str) -> Result<(), StoreError> {
         let mut state = self.state();
-        let now_empty = match state.get_mut(index_key) {
-            None => false,
-            Some(Entry {
-                kind: Kind::Set(members),
+        match state.get_mut(index_key) {
+            None
+            | Some(Entry {
+                kind: Kind::Index(_),
                 ..
             }) => {
-                members.remove(member);
-                members.is_empty()
+                state.index_remove(index_key, member);
+                Ok(())
             }
-            Some(_) => return Err(wrong_type()),
-        };
-        if now_empty {
-            state.remove(index_key);
+            Some(_) => Err(wrong_type()),
         }
+    }
+
+    /// Indexes of the format before deadlines live only in a store that outlives the process:
+    /// a memory store never holds one.
+    pub async fn old_index_members(&self, _index_key: &str) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    pub async fn old_index_remove(
+        &self,
+        _index_key: &str,
+        _member: &str,
+    ) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.state().get_mut(key).is_some())
     }
 
     pub async fn remember_once(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -413,7 +327,7 @@ impl MemoryStore {
             return Ok(false);
         }
         let entry = Entry {
-            expires_at: Instant::now() + ttl,
+            expires_at: expiry_after(ttl),
             kind: Kind::Marker,
         };
         state.insert(key, entry, self.inner.max_entries);
@@ -435,9 +349,14 @@ impl MemoryStore {
             return Ok(false);
         }
         let entry = Entry {
-            expires_at: Instant::now() + lease,
+            expires_at: expiry_after(lease),
             kind: Kind::Lock(token.to_owned()),
         };
+        // Never by evicting another: a lease pushed out from under its holder lets a second
+        // refresh spend the same refresh token. The caller waits, as for a lease held.
+        if state.full(&entry.kind, self.inner.max_entries) {
+            return Ok(false);
+        }
         state.insert(key, entry, self.inner.max_entries);
         Ok(true)
     }
@@ -454,7 +373,7 @@ impl MemoryStore {
                 kind: Kind::Lock(holder),
                 ..
             }) if holder == token => {
-                state.set_expiry(key, Instant::now() + lease);
+                state.set_expiry(key, expiry_after(lease));
                 Ok(true)
             }
             _ => Ok(false),
@@ -479,7 +398,7 @@ impl MemoryStore {
         if left <= to || left >= below {
             return Ok(false);
         }
-        state.set_expiry(key, now + to);
+        state.set_expiry(key, now.checked_add(to).unwrap_or(now));
         Ok(true)
     }
 
@@ -525,98 +444,4 @@ impl MemoryStore {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-mod tests {
-    use super::*;
-
-    const MINUTE: Duration = Duration::from_secs(60);
-
-    #[tokio::test]
-    async fn full_store_evicts_the_entry_expiring_soonest() {
-        let store = MemoryStore::new(3);
-        store.put_new("long", b"1", MINUTE * 10).await.unwrap();
-        store.put_new("short", b"2", MINUTE).await.unwrap();
-        store.put_new("middle", b"3", MINUTE * 5).await.unwrap();
-        store.put_new("new", b"4", MINUTE * 2).await.unwrap();
-        assert_eq!(store.len(), 3);
-        assert!(store.get("short").await.unwrap().is_none());
-        for key in ["long", "middle", "new"] {
-            assert!(store.get(key).await.unwrap().is_some(), "{key}");
-        }
-    }
-
-    #[tokio::test]
-    async fn rewriting_a_key_does_not_evict_another() {
-        let store = MemoryStore::new(2);
-        store.put_new("a", b"1", MINUTE).await.unwrap();
-        store.put_new("b", b"1", MINUTE).await.unwrap();
-        assert!(store.compare_and_set("a", 1, b"2", MINUTE).await.unwrap());
-        assert!(store.touch("b", MINUTE).await.unwrap());
-        assert_eq!(store.len(), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn expired_entries_are_swept_without_being_read() {
-        let store = MemoryStore::new(10);
-        store
-            .put_new("a", b"1", Duration::from_secs(1))
-            .await
-            .unwrap();
-        store
-            .remember_once("b", Duration::from_secs(1))
-            .await
-            .unwrap();
-        store
-            .index_add("c", "m", Duration::from_secs(1))
-            .await
-            .unwrap();
-        store.put_new("d", b"1", MINUTE).await.unwrap();
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(store.len(), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn index_lives_as_long_as_its_longest_member_asked() {
-        let store = MemoryStore::new(10);
-        store.index_add("i", "a", MINUTE * 2).await.unwrap();
-        store.index_add("i", "b", MINUTE).await.unwrap();
-        tokio::time::advance(MINUTE + Duration::from_secs(1)).await;
-        assert_eq!(store.index_members("i").await.unwrap().len(), 2);
-    }
-
-    #[tokio::test]
-    async fn a_flood_of_markers_never_evicts_sessions_or_locks() {
-        let store = MemoryStore::new(3);
-        store.put_new("session", b"1", MINUTE).await.unwrap();
-        store.index_add("index", "session", MINUTE).await.unwrap();
-        assert!(
-            store
-                .try_lock("lock", "me", Duration::from_secs(5))
-                .await
-                .unwrap()
-        );
-        // Markers that outlive all three, as login markers outlive a refresh lease.
-        for i in 0..100 {
-            assert!(
-                store
-                    .remember_once(&format!("login:{i}"), MINUTE * 10)
-                    .await
-                    .unwrap()
-            );
-        }
-        assert!(store.get("session").await.unwrap().is_some());
-        assert_eq!(store.index_members("index").await.unwrap().len(), 1);
-        assert!(!store.try_lock("lock", "other", MINUTE).await.unwrap());
-        assert!(store.extend_lock("lock", "me", MINUTE).await.unwrap());
-        // The markers are bounded too: the oldest went, the newest are remembered.
-        assert_eq!(store.len(), 3 + 3);
-        assert!(!store.remember_once("login:99", MINUTE).await.unwrap());
-        assert!(store.remember_once("login:0", MINUTE).await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn using_a_key_as_the_wrong_kind_is_an_error() {
-        let store = MemoryStore::new(10);
-        store.index_add("i", "a", MINUTE).await.unwrap();
-        assert!(matches!(store.get("i").await, Err(StoreError::Corrupt(_))));
-    }
-}
+mod tests;

@@ -81,10 +81,13 @@ local removed = redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return removed";
 
+// An index is a sorted set scored by each member's deadline (Unix seconds): the members past
+// their deadline go in the same step as an add, so no index grows by its stale members.
 const INDEX_ADD: &str = r"
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1";
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return redis.call('ZCARD', KEYS[1])";
 
 const EXTEND_LOCK: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -120,7 +123,7 @@ struct Inner {
 }
 
 /// The operations [`RedisStore::run`] names, in metrics and spans.
-const OPS: [&str; 16] = [
+const OPS: [&str; 19] = [
     "get",
     "put_new",
     "compare_and_set",
@@ -130,6 +133,9 @@ const OPS: [&str; 16] = [
     "index_add",
     "index_members",
     "index_remove",
+    "old_index_members",
+    "old_index_remove",
+    "exists",
     "set_nx",
     "remembered",
     "extend_lock",
@@ -508,29 +514,60 @@ impl RedisStore {
         &self,
         index_key: &str,
         member: &str,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+        deadline: u64,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        let ttl = Duration::from_secs(deadline.saturating_sub(now));
         let mut inv = self.inner.scripts.index_add.prepare_invoke();
         inv.key(self.key(index_key))
             .arg(member)
+            .arg(deadline)
+            .arg(now)
             .arg(ttl_millis(ttl));
-        self.run::<i64>("index_add", Op::Script(inv))
-            .await
-            .map(drop)
+        self.run("index_add", Op::Script(inv)).await
     }
 
-    pub async fn index_members(&self, index_key: &str) -> Result<Vec<String>, StoreError> {
-        let mut cmd = Self::cmd("SMEMBERS");
-        cmd.arg(self.key(index_key));
-        self.run("index_members", Op::Cmd(cmd)).await
+    pub async fn index_members(&self, index_key: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut cmd = Self::cmd("ZRANGE");
+        cmd.arg(self.key(index_key))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let ranked: Vec<(String, f64)> = self.run("index_members", Op::Cmd(cmd)).await?;
+        // Whole seconds, written by `index_add`: exact in a double.
+        Ok(ranked
+            .into_iter()
+            .map(|(member, score)| (member, score.max(0.0) as u64))
+            .collect())
     }
 
     pub async fn index_remove(&self, index_key: &str, member: &str) -> Result<(), StoreError> {
-        let mut cmd = Self::cmd("SREM");
+        let mut cmd = Self::cmd("ZREM");
         cmd.arg(self.key(index_key)).arg(member);
         self.run::<i64>("index_remove", Op::Cmd(cmd))
             .await
             .map(drop)
+    }
+
+    pub async fn old_index_members(&self, index_key: &str) -> Result<Vec<String>, StoreError> {
+        let mut cmd = Self::cmd("SMEMBERS");
+        cmd.arg(self.key(index_key));
+        self.run("old_index_members", Op::Cmd(cmd)).await
+    }
+
+    pub async fn old_index_remove(&self, index_key: &str, member: &str) -> Result<(), StoreError> {
+        let mut cmd = Self::cmd("SREM");
+        cmd.arg(self.key(index_key)).arg(member);
+        self.run::<i64>("old_index_remove", Op::Cmd(cmd))
+            .await
+            .map(drop)
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let mut cmd = Self::cmd("EXISTS");
+        cmd.arg(self.key(key));
+        let found: u64 = self.run("exists", Op::Cmd(cmd)).await?;
+        Ok(found > 0)
     }
 
     async fn set_nx(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
