@@ -746,10 +746,9 @@ impl Sessions {
     /// never a session that belongs to another provider session. A session whose listing data
     /// does not open, or was written before the mark, is ended: a logout is never lost.
     pub async fn end_sidless_by_sub(&self, sub: &str) -> Result<usize, StoreError> {
-        let index = index_name("u", sub);
         let keyring = self.keyring.load();
         let mut ended = 0;
-        for member in self.store.index_members(&index).await? {
+        for member in self.members_of(sub).await? {
             let Some(key) = StoreKey::parse(&member) else {
                 continue;
             };
@@ -761,6 +760,7 @@ impl Sessions {
                 .unwrap_or(false);
             if !in_provider_session && self.end(&key).await? {
                 ended += 1;
+                self.unindex_member(sub, &member).await?;
             }
         }
         Ok(ended)
@@ -770,6 +770,16 @@ impl Sessions {
     pub async fn end_by_sub(&self, sub: &str) -> Result<usize, StoreError> {
         let old = index_name(OLD_SUBJECT_INDEX, sub);
         self.end_index(&index_name(SUBJECT_INDEX, sub), &old).await
+    }
+
+    /// Takes an ended session out of `sub`'s index and old-format set.
+    async fn unindex_member(&self, sub: &str, member: &str) -> Result<(), StoreError> {
+        self.store
+            .index_remove(&index_name(SUBJECT_INDEX, sub), member)
+            .await?;
+        self.store
+            .old_index_remove(&index_name(OLD_SUBJECT_INDEX, sub), member)
+            .await
     }
 
     /// The store names of `sub`'s sessions, in its index and its old-format set, each once.
@@ -835,12 +845,7 @@ impl Sessions {
             };
             if key.handle() == handle {
                 let existed = self.end(&key).await?;
-                self.store
-                    .index_remove(&index_name(SUBJECT_INDEX, sub), &member)
-                    .await?;
-                self.store
-                    .old_index_remove(&index_name(OLD_SUBJECT_INDEX, sub), &member)
-                    .await?;
+                self.unindex_member(sub, &member).await?;
                 return Ok(existed);
             }
         }
