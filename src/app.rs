@@ -365,8 +365,10 @@ impl App {
                 (Box::new(loaded.clone()), end)
             });
         // Nor does an answer's body still streaming: bound only when the upstream's answer
-        // was not read whole with its head (the session is copied then, not before).
-        let bind_to_session = session.as_ref().filter(|_| tunnel.is_none()).map(|loaded| {
+        // was not read whole with its head (the session is copied then, not before). A request
+        // that asks for a tunnel is bound too: an upstream that ignores the `Upgrade` answers
+        // with a body of its own (an event stream), and only a `101` becomes the tunnel above.
+        let bind_to_session = session.as_ref().map(|loaded| {
             move |body: Body| -> Body {
                 let watcher = session_end::Watcher {
                     sessions: worker.sessions.clone(),

@@ -809,3 +809,36 @@ async fn a_streamed_answer_ends_when_its_session_times_out() {
         "the stream kept flowing after its session timed out ({after:?} more frames)"
     );
 }
+
+/// A request that merely asks to switch protocols (`Connection: upgrade`,
+/// `Upgrade: websocket`) but is answered 200 by an upstream that ignores the upgrade (an event
+/// stream) is neither a tunnel nor bound: it keeps streaming after the session has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_asked_with_an_upgrade_ends_when_its_session_ends() {
+    let (proxy, cookie) = streaming_as_alice(vestibule::clock::Clock::system()).await;
+    let response = client()
+        .request(
+            http::Request::get(proxy.url("/api/feed"))
+                .header("cookie", &cookie)
+                .header("origin", "http://127.0.0.1:8080")
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    assert!(matches!(first, Some(Ok(_))));
+    assert_eq!(proxy.app.sessions.end_by_sub("alice").await.unwrap(), 1);
+    assert!(!proxy.signed_in(&cookie).await);
+    let after = read_for(&mut body, Duration::from_secs(20)).await;
+    assert!(
+        after.is_err(),
+        "the stream asked with an Upgrade kept flowing 20 s after its session ended ({after:?} more frames)"
+    );
+}
