@@ -49,6 +49,12 @@ const OLD_PROVIDER_INDEX: &str = "p";
 /// entries): `create` writes its record at most a store timeout (30 s at most) after its index
 /// entries, and an entry removed in between would leave the new session out of its index.
 const INDEX_GRACE: u64 = 300;
+/// An index entry is removed for its deadline only once that deadline is this far behind the
+/// clock of the replica removing it: replicas' clocks may differ (`oidc.clock_skew` allows each
+/// up to 5 minutes, so two may be 10 apart), and one running fast must not take a session that
+/// the others still serve out of reach of back-channel logout. A stale entry costs nothing but
+/// this much longer in the index.
+const PRUNE_MARGIN: u64 = 600;
 /// Store channel (suffix) carrying the handles of sessions that changed or ended.
 pub const INVALIDATION_CHANNEL: &str = "session-invalidate";
 
@@ -343,15 +349,19 @@ impl Sessions {
     async fn index(&self, key: &StoreKey, session: &Session, now: u64) -> Result<Held, StoreError> {
         let deadline = session.created_at.saturating_add(self.absolute);
         let member = key.name();
+        // The store removes members at or before this (see `PRUNE_MARGIN`).
+        let past = now.saturating_sub(PRUNE_MARGIN);
         let subject = index_name(SUBJECT_INDEX, &session.sub);
         let subject = self
             .store
-            .index_add(&subject, &member, deadline, now)
+            .index_add(&subject, &member, deadline, past)
             .await?;
         let provider = match &session.sid {
             Some(sid) => {
                 let index = index_name(PROVIDER_INDEX, sid);
-                self.store.index_add(&index, &member, deadline, now).await?
+                self.store
+                    .index_add(&index, &member, deadline, past)
+                    .await?
             }
             None => 0,
         };
@@ -390,14 +400,14 @@ impl Sessions {
     }
 
     /// An index's members, oldest first, without the stale ones, which it removes: those past
-    /// their deadline, and those whose session is missing once it is old enough for that to
+    /// their deadline (by more than [`PRUNE_MARGIN`]), and those whose session is missing once it is old enough for that to
     /// mean it ended (see [`INDEX_GRACE`]).
     async fn prune(&self, index: &str, now: u64) -> Result<Vec<String>, StoreError> {
         let settled = self.idle.max(INDEX_GRACE);
         let mut live = Vec::new();
         for (member, deadline) in self.store.index_members(index).await? {
             let created = deadline.saturating_sub(self.absolute);
-            let stale = deadline <= now
+            let stale = deadline.saturating_add(PRUNE_MARGIN) <= now
                 || StoreKey::parse(&member).is_none()
                 || (created.saturating_add(settled) <= now && !self.store.exists(&member).await?);
             if stale {

@@ -237,8 +237,9 @@ impl Store {
         ) -> bool;
 
         /// Adds `member` to an index until `deadline`, and in the same step removes every
-        /// member whose deadline is at or before `now` (both Unix seconds, the caller's clock);
-        /// the index lives until its latest deadline. Returns how many members it then holds.
+        /// member whose deadline is at or before `now` (both Unix seconds, the caller's clock,
+        /// which the manager sets back by a margin for other replicas' clocks); the index lives
+        /// until its latest deadline as `now` counts. Returns how many members it then holds.
         fn index_add(index_key: &str, member: &str, deadline: u64, now: u64) -> u64;
 
         /// An index's members with their deadlines, soonest deadline first.

@@ -952,3 +952,41 @@ async fn sessions_in_indexes_of_the_old_format_are_still_listed_and_ended() {
     );
     assert!(manager.load(&again, T0 + 4).await.unwrap().is_none());
 }
+
+/// With `max_per_user = 1`, two logins of one user at once (two tabs,
+/// two replicas) beside the session the user already has each list the user's index after
+/// both have written their entries (both see 3 > 1), and each ends the two oldest that are not
+/// itself: the old one and the other new one. Both logins answer with a cookie, and the
+/// user is left with no session at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_logins_at_once_under_a_cap_of_one_leave_the_user_a_session() {
+    let server = RedisServer::start();
+    let replica = |store: Store| {
+        let mut settings = SessionSettings::new(COOKIE, Keyring::new(keys()).unwrap());
+        settings.max_per_user = 1;
+        Sessions::new(settings, store)
+    };
+    let a = replica(connect(redis_config(server.url())).await);
+    let b = replica(connect(redis_config(server.url())).await);
+    let mut signed_out = 0;
+    for round in 0..20 {
+        let mut session = session_with_tokens();
+        session.sub = format!("alice-{round}");
+        session.sid = None;
+        // The user's session on another device, from ten seconds before.
+        a.create(session.clone(), T0 - 10).await.unwrap();
+        let (first, second) = tokio::join!(a.create(session.clone(), T0), b.create(session, T0));
+        let (first, second) = (first.unwrap().0, second.unwrap().0);
+        let alive = [
+            a.load(&first, T0).await.unwrap().is_some(),
+            a.load(&second, T0).await.unwrap().is_some(),
+        ];
+        if alive == [false, false] {
+            signed_out += 1;
+        }
+    }
+    assert_eq!(
+        signed_out, 0,
+        "in {signed_out} of 20 rounds both logins succeeded and neither session exists"
+    );
+}

@@ -689,13 +689,13 @@ async fn the_subject_index_keeps_no_member_of_a_session_long_gone() {
     }
 }
 
-/// Index entries past their session's absolute deadline go when the next one is added, whether
-/// or not their records are checked.
+/// Index entries past their session's absolute deadline (by more than the margin for other
+/// replicas' clocks) go when the next one is added, whether or not their records are checked.
 #[tokio::test]
 async fn index_entries_past_their_absolute_deadline_go_with_the_next_login() {
     let s = sessions();
     s.create(user("alice", None), T0).await.unwrap();
-    let later = T0 + ABSOLUTE;
+    let later = T0 + ABSOLUTE + PRUNE_MARGIN;
     s.create(user("alice", None), later).await.unwrap();
     let members = s
         .store()
@@ -769,4 +769,147 @@ async fn a_login_beyond_max_per_user_in_the_same_second_keeps_the_new_session() 
         );
     }
     assert_eq!(s.list_for_sub("alice", T0).await.unwrap().len(), 1);
+}
+
+// ---- indexes that never lose a live session, and the cap ----
+
+/// In a memory store the index members have a bound of their own and a full part
+/// evicts the member expiring soonest, the oldest login's, whether its session is live or not.
+/// A login ended by `max_per_user` leaves its entry in its provider session's index (only the
+/// subject's is taken out), so one account signing in again and again (a fresh provider
+/// session each time) fills the part and pushes out another user's index entries: her live
+/// session can no longer be ended by back-channel logout.
+#[tokio::test]
+async fn one_account_cannot_push_another_users_session_out_of_back_channel_logout() {
+    let mut settings = settings(&[1], Duration::ZERO);
+    settings.max_per_user = 3;
+    let s = Sessions::new(settings, Store::Memory(MemoryStore::new(20)));
+    let (alice, _) = s.create(user("alice", Some("alice-op")), T0).await.unwrap();
+    for i in 0..20 {
+        let sid = format!("mallory-op-{i}");
+        s.create(user("mallory", Some(&sid)), T0 + 1 + i)
+            .await
+            .unwrap();
+    }
+    let now = T0 + 30;
+    assert!(s.load(&alice, now).await.unwrap().is_some());
+    // The provider's back-channel logout for alice's provider session (sid and sub), as
+    // `endpoints::backchannel_logout` runs it.
+    let ended =
+        s.end_by_sid("alice-op").await.unwrap() + s.end_sidless_by_sub("alice").await.unwrap();
+    assert!(
+        s.load(&alice, now).await.unwrap().is_none(),
+        "alice's live session survived her back-channel logout ({ended} ended)"
+    );
+}
+
+/// The same without any hostile account: sessions that idled out keep their index
+/// entries until their absolute deadline, so ordinary logins of other users fill the part of
+/// index members and push out the entries of a session still in use.
+#[tokio::test]
+async fn other_users_logins_cannot_push_a_live_session_out_of_its_index() {
+    let s = Sessions::new(
+        settings(&[1], Duration::ZERO),
+        Store::Memory(MemoryStore::new(20)),
+    );
+    let (alice, _) = s.create(user("alice", Some("alice-op")), T0).await.unwrap();
+    // Ten other users, each with a provider session: 20 index members.
+    for i in 0..10 {
+        let (sub, sid) = (format!("user-{i}"), format!("op-{i}"));
+        s.create(user(&sub, Some(&sid)), T0 + 1).await.unwrap();
+    }
+    assert!(s.load(&alice, T0 + 2).await.unwrap().is_some());
+    s.end_by_sub("alice").await.unwrap();
+    assert!(
+        s.load(&alice, T0 + 2).await.unwrap().is_none(),
+        "\"sign out everywhere\" missed alice's live session"
+    );
+}
+
+/// Index entries carried `created_at + absolute_timeout` as it was at login. After a
+/// restart with a longer `absolute_timeout` (a restart-only key; Redis sessions survive it) an
+/// older session lives past that deadline, and the next login of its user removes its entries
+/// (as Redis does when the index key's time to live, the old deadline, runs out): the live
+/// session is out of reach of "sign out everywhere" and back-channel logout.
+#[tokio::test]
+async fn a_session_outliving_its_index_deadline_after_absolute_timeout_grows_is_still_ended() {
+    let hour = 3600;
+    let with_absolute = |absolute: u64| SessionSettings {
+        idle_timeout: Duration::from_secs(4 * hour),
+        absolute_timeout: Duration::from_secs(absolute),
+        ..settings(&[1], Duration::ZERO)
+    };
+    let store = Store::Memory(MemoryStore::new(1000));
+    let before = Sessions::new(with_absolute(hour), store.clone());
+    let (laptop, _) = before
+        .create(user("alice", Some("op-laptop")), T0)
+        .await
+        .unwrap();
+    // Restart with absolute_timeout 1h -> 2h; the laptop keeps being used.
+    let after = Sessions::new(with_absolute(2 * hour), store);
+    // Past the old deadline by more than the margin for other replicas' clocks.
+    let now = T0 + hour + 1800;
+    assert!(after.load(&laptop, now).await.unwrap().is_some());
+    after
+        .create(user("alice", Some("op-phone")), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.end_by_sub("alice").await.unwrap(),
+        2,
+        "sign out everywhere"
+    );
+    assert!(
+        after.load(&laptop, now).await.unwrap().is_none(),
+        "the laptop's live session survived \"sign out everywhere\""
+    );
+}
+
+/// The members past their deadline were removed against the adding replica's clock. A
+/// replica whose clock runs 10 minutes ahead removes the entry of a session that the others
+/// (and the store's own expiry) still keep for 5 minutes: a back-channel logout then misses it.
+#[tokio::test]
+async fn a_replica_with_a_fast_clock_does_not_take_live_sessions_out_of_the_index() {
+    let s = Sessions::new(
+        SessionSettings {
+            idle_timeout: Duration::from_secs(ABSOLUTE),
+            ..settings(&[1], Duration::ZERO)
+        },
+        Store::Memory(MemoryStore::new(1000)),
+    );
+    let (laptop, _) = s.create(user("alice", Some("op-1")), T0).await.unwrap();
+    let true_now = T0 + ABSOLUTE - 300;
+    // A login through the replica whose clock is 600 s fast.
+    s.create(user("alice", Some("op-2")), true_now + 600)
+        .await
+        .unwrap();
+    assert!(s.load(&laptop, true_now).await.unwrap().is_some());
+    s.end_by_sub("alice").await.unwrap();
+    assert!(
+        s.load(&laptop, true_now).await.unwrap().is_none(),
+        "a session with 5 minutes left survived \"sign out everywhere\""
+    );
+}
+
+/// A login in a browser that already has a session replaces it (`endpoints::callback`
+/// creates the new one, then deletes the browser's previous one), so the user's number of
+/// sessions does not grow; but `create` applies `max_per_user` before that delete, counting
+/// the session about to be replaced, and ends the user's oldest session on another device.
+/// Another site can send the browser through `/bff/login` (silent SSO) whenever it likes.
+#[tokio::test]
+async fn a_login_replacing_the_browsers_own_session_does_not_end_another_device() {
+    let mut settings = settings(&[1], Duration::ZERO);
+    settings.max_per_user = 2;
+    let s = Sessions::new(settings, Store::Memory(MemoryStore::new(1000)));
+    let (phone, _) = s.create(user("alice", None), T0).await.unwrap();
+    let (laptop, _) = s.create(user("alice", None), T0 + 1).await.unwrap();
+    // The laptop's browser goes through a login again: the callback's order.
+    let previous = s.load(&laptop, T0 + 2).await.unwrap().unwrap();
+    let (laptop, _) = s.create(user("alice", None), T0 + 2).await.unwrap();
+    s.delete(&previous).await.unwrap();
+    assert!(s.load(&laptop, T0 + 3).await.unwrap().is_some());
+    assert!(
+        s.load(&phone, T0 + 3).await.unwrap().is_some(),
+        "the phone was signed out by a login that replaced the laptop's own session"
+    );
 }
