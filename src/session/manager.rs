@@ -3,7 +3,9 @@
 //!
 //! The cookie seals a ticket (session id ‖ data key, see `ticket`) with the key ring, bound to the
 //! cookie name. The store holds the session encrypted with the data key under a hashed name, with
-//! time to live = min(idle time left, absolute time left). Indexes by hashed `sub` and hashed
+//! time to live = min(idle time left, absolute time left). The absolute deadline is set at login
+//! and stored in the session, so a later `absolute_timeout` never moves it past its index
+//! entries. Indexes by hashed `sub` and hashed
 //! provider `sid` serve back-channel logout, session listing and the cap on a user's sessions;
 //! their members are store names, each with its session's absolute deadline. Adding a member
 //! removes those past their deadline in the same step, and a login removes its user's entries
@@ -304,8 +306,16 @@ impl Sessions {
 
     fn seconds_left(&self, session: &Session, now: u64) -> u64 {
         let idle_end = session.last_seen.saturating_add(self.idle);
-        let absolute_end = session.created_at.saturating_add(self.absolute);
-        idle_end.min(absolute_end).saturating_sub(now)
+        idle_end.min(self.absolute_end(session)).saturating_sub(now)
+    }
+
+    /// The deadline the session got at login, which a later `absolute_timeout` does not move
+    /// (its index entries hold it); for a session stored before that, as configured now.
+    fn absolute_end(&self, session: &Session) -> u64 {
+        match session.absolute_deadline {
+            Some(deadline) => deadline,
+            None => session.created_at.saturating_add(self.absolute),
+        }
     }
 
     /// Stores a new session (new id, new data key) and returns the cookie value for it.
@@ -317,6 +327,7 @@ impl Sessions {
     ) -> Result<(String, OpenSession), SessionError> {
         session.created_at = now;
         session.last_seen = now;
+        session.absolute_deadline = Some(now.saturating_add(self.absolute));
         let ticket = Ticket::random()?;
         let key = ticket.key();
         let keyring = self.keyring.load();
@@ -347,7 +358,7 @@ impl Sessions {
     /// Adds the session to its subject's index and its provider session's, until its absolute
     /// deadline; how many entries each then holds.
     async fn index(&self, key: &StoreKey, session: &Session, now: u64) -> Result<Held, StoreError> {
-        let deadline = session.created_at.saturating_add(self.absolute);
+        let deadline = self.absolute_end(session);
         let member = key.name();
         // The store removes members at or before this (see `PRUNE_MARGIN`).
         let past = now.saturating_sub(PRUNE_MARGIN);
@@ -528,7 +539,8 @@ impl Sessions {
     }
 
     /// Writes `updated` if nobody wrote since `loaded` was read (`false`: reload and retry, or the
-    /// session has ended). `created_at` is kept; `last_seen` becomes `now`.
+    /// session has ended). `created_at` and the absolute deadline are kept; `last_seen` becomes
+    /// `now`.
     pub async fn save(
         &self,
         loaded: &OpenSession,
@@ -536,6 +548,7 @@ impl Sessions {
         now: u64,
     ) -> Result<bool, SessionError> {
         updated.created_at = loaded.session.created_at;
+        updated.absolute_deadline = loaded.session.absolute_deadline;
         updated.last_seen = now.max(loaded.session.last_seen);
         Ok(self.write(loaded, updated, now).await?.is_some())
     }
@@ -565,8 +578,14 @@ impl Sessions {
             };
             updated.id_token = stored.id_token;
         }
+        // A session stored before its deadline was gets it now, fixed from here on, and its
+        // index entries with it (once per such session).
+        let pinned = updated.absolute_deadline.is_none();
+        if pinned {
+            updated.absolute_deadline = Some(self.absolute_end(&updated));
+        }
         let record = encode_record(&self.keyring.load(), &loaded.ticket, &key, &updated)?;
-        if updated.sub != loaded.session.sub || updated.sid != loaded.session.sid {
+        if pinned || updated.sub != loaded.session.sub || updated.sid != loaded.session.sid {
             self.index(&key, &updated, now).await?;
         }
         let ttl = Duration::from_secs(seconds);
@@ -828,6 +847,7 @@ impl Sessions {
             let probe = Session {
                 created_at: meta.created_at,
                 last_seen: meta.last_seen,
+                absolute_deadline: meta.absolute_deadline,
                 ..Session::default()
             };
             if self.seconds_left(&probe, now) > 0 {

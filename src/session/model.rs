@@ -254,6 +254,11 @@ pub struct Session {
     /// Unix seconds; set by the manager on every write.
     #[serde(default)]
     pub last_seen: u64,
+    /// Unix seconds; the absolute deadline the manager set at login, kept whatever
+    /// `absolute_timeout` later becomes (the indexes hold this deadline). `None` in sessions
+    /// written before it was stored: `created_at` + the configured `absolute_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub absolute_deadline: Option<u64>,
     /// Access tokens by resource; `""` is the default resource.
     #[serde(default)]
     pub tokens: TokenMap,
@@ -287,6 +292,7 @@ impl fmt::Debug for Session {
             )
             .field("created_at", &self.created_at)
             .field("last_seen", &self.last_seen)
+            .field("absolute_deadline", &self.absolute_deadline)
             .field("user_agent", &self.user_agent)
             .finish()
     }
@@ -360,6 +366,7 @@ mod tests {
             refresh_token: Some("RT-secret".into()),
             created_at: 10,
             last_seen: 20,
+            absolute_deadline: Some(30),
             user_agent: Some("Firefox".into()),
         }
     }

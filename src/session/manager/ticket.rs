@@ -159,6 +159,10 @@ pub(super) struct Meta {
     pub(super) created_at: u64,
     pub(super) last_seen: u64,
     pub(super) user_agent: Option<String>,
+    /// The session's absolute deadline ([`Session::absolute_deadline`]); `None` in records
+    /// written before it was stored.
+    #[serde(default, rename = "a", skip_serializing_if = "Option::is_none")]
+    pub(super) absolute_deadline: Option<u64>,
     /// Whether the session belongs to a provider session (`sid`): a back-channel logout for
     /// another provider session of the user must leave it alone. `None` in records written
     /// before the mark, which are taken as having none (a logout is never lost for them).
@@ -177,6 +181,7 @@ pub(super) fn encode_record(
         created_at: session.created_at,
         last_seen: session.last_seen,
         user_agent: session.user_agent.as_deref().map(shorten),
+        absolute_deadline: session.absolute_deadline,
         provider_session: Some(session.sid.is_some()),
     };
     let meta_json = serde_json::to_vec(&meta).map_err(|_| SealError::TooLarge)?;
