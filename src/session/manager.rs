@@ -397,7 +397,7 @@ impl Sessions {
             for member in live.iter().filter(|m| *m != new).take(excess) {
                 // One with no record yet (a login between its two writes) keeps its entry; it
                 // counts at the next login.
-                if self.end_member(member).await? {
+                if self.end_capped(member).await? {
                     self.store.index_remove(&index, member).await?;
                 }
             }
@@ -408,6 +408,28 @@ impl Sessions {
             self.prune(&index_name(PROVIDER_INDEX, sid), now).await?;
         }
         Ok(())
+    }
+
+    /// Ends a session beyond `max_per_user` and takes it out of its provider session's index
+    /// (read from its listing data: the cookie, which holds its `sid`, is not here); `true` if
+    /// it existed. A record written before that mark leaves an entry there, which goes at its
+    /// deadline.
+    async fn end_capped(&self, member: &str) -> Result<bool, StoreError> {
+        let Some(key) = StoreKey::parse(member) else {
+            return Ok(false);
+        };
+        let provider_index = match self.store.get(member).await? {
+            Some(record) => decode_meta(&self.keyring.load(), &key, &record.value)
+                .and_then(|meta| meta.provider_index),
+            None => None,
+        };
+        if !self.end(&key).await? {
+            return Ok(false);
+        }
+        if let Some(index) = provider_index {
+            self.store.index_remove(&index, member).await?;
+        }
+        Ok(true)
     }
 
     /// An index's members, oldest first, without the stale ones, which it removes: those past

@@ -163,6 +163,11 @@ pub(super) struct Meta {
     /// written before it was stored.
     #[serde(default, rename = "a", skip_serializing_if = "Option::is_none")]
     pub(super) absolute_deadline: Option<u64>,
+    /// The index of the session's provider session (a hashed name), so that a session ended
+    /// without its cookie (`max_per_user`) leaves that index too. `None` without a provider
+    /// session, and in records written before.
+    #[serde(default, rename = "i", skip_serializing_if = "Option::is_none")]
+    pub(super) provider_index: Option<String>,
     /// Whether the session belongs to a provider session (`sid`): a back-channel logout for
     /// another provider session of the user must leave it alone. `None` in records written
     /// before the mark, which are taken as having none (a logout is never lost for them).
@@ -182,6 +187,10 @@ pub(super) fn encode_record(
         last_seen: session.last_seen,
         user_agent: session.user_agent.as_deref().map(shorten),
         absolute_deadline: session.absolute_deadline,
+        provider_index: session
+            .sid
+            .as_deref()
+            .map(|sid| index_name(super::PROVIDER_INDEX, sid)),
         provider_session: Some(session.sid.is_some()),
     };
     let meta_json = serde_json::to_vec(&meta).map_err(|_| SealError::TooLarge)?;

@@ -2,9 +2,11 @@
 //!
 //! Every kind of entry has a part of the bound of its own, so that no kind can push out another:
 //! records (sessions), markers (`login:`, `jti:`), leases (refresh locks) and index members each
-//! hold at most `max_entries`. A full part of records, markers or index members evicts its own
-//! entry that expires soonest; a full part of leases refuses a new one instead, since a lease
-//! taken from its holder lets two refreshes spend one refresh token.
+//! hold at most `max_entries` (index members twice that: a session has up to two). A full part
+//! of records, markers or index members evicts its own entry that expires soonest (an evicted
+//! index member takes its session with it: no session lives on out of its indexes); a full part
+//! of leases refuses a new one instead, since a lease taken from its holder lets two refreshes
+//! spend one refresh token.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -175,7 +177,8 @@ impl State {
 
     /// Adds `member` to the index `key` (which must be one or absent) until `deadline`, first
     /// removing the members whose deadline is at or before `now`; evicts the member of any index
-    /// that expires soonest while members number `max_entries`. Returns the index's size.
+    /// that expires soonest, and the session it names with it, while members number twice
+    /// `max_entries`. Returns the index's size.
     pub(super) fn index_add(
         &mut self,
         key: &str,
@@ -202,9 +205,24 @@ impl State {
         for (at, old) in gone {
             self.members.remove(&(at, key.to_owned(), old));
         }
-        while self.members.len() >= max_entries {
+        // Twice the records' bound: a session has up to two members, so live sessions' members
+        // fit, and only stale ones (of sessions that idled out) can fill the part.
+        while self.members.len() >= max_entries.saturating_mul(2) {
             match self.members.pop_first() {
-                Some((_, index, evicted)) => self.drop_member(&index, &evicted),
+                Some((_, index, evicted)) => {
+                    self.drop_member(&index, &evicted);
+                    // Fail closed: a session must never live on out of its indexes, where
+                    // back-channel logout and "sign out everywhere" could not reach it.
+                    if matches!(
+                        self.entries.get(&evicted),
+                        Some(Entry {
+                            kind: Kind::Record(_),
+                            ..
+                        })
+                    ) {
+                        self.remove(&evicted);
+                    }
+                }
                 None => break,
             }
         }
