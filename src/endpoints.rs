@@ -454,17 +454,16 @@ async fn callback(
         },
     );
     // A login always starts a brand-new session; the browser's previous one ends, once the new
-    // one is stored: a store that refuses new data but still deletes (Redis out of memory) must
-    // not leave the browser with neither.
+    // one is stored, and is never counted against `max_per_user` (see `create_replacing`).
     let previous = app
         .load_session(&app.sessions, live, req.headers())
         .await
         .ok()
         .flatten();
-    let (cookie_value, _) = app.sessions.create(session, now).await?;
-    if let Some(old) = previous {
-        let _ = app.sessions.delete(&old).await;
-    }
+    let (cookie_value, _) = app
+        .sessions
+        .create_replacing(session, now, previous.as_ref())
+        .await?;
     let mut response = redirect(&login.return_url);
     let headers = response.headers_mut();
     if let Some(c) = cookies::set_cookie(

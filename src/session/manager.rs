@@ -322,8 +322,22 @@ impl Sessions {
     /// `created_at` and `last_seen` are set to `now`.
     pub async fn create(
         &self,
+        session: Session,
+        now: u64,
+    ) -> Result<(String, OpenSession), SessionError> {
+        self.create_replacing(session, now, None).await
+    }
+
+    /// [`Sessions::create`] for a browser whose session `previous` the new one replaces (a
+    /// login in a browser already signed in): `previous` ends once the new one is stored (a
+    /// store that refuses new data but still deletes must not leave the browser with neither),
+    /// before `max_per_user` is applied, so that it never counts against the cap and ends
+    /// another device's session.
+    pub async fn create_replacing(
+        &self,
         mut session: Session,
         now: u64,
+        previous: Option<&OpenSession>,
     ) -> Result<(String, OpenSession), SessionError> {
         session.created_at = now;
         session.last_seen = now;
@@ -338,6 +352,11 @@ impl Sessions {
         let ttl = Duration::from_secs(self.seconds_left(&session, now));
         if !self.store.put_new(&key.name(), &record, ttl).await? {
             return Err(StoreError::Corrupt(Corruption::IdCollision).into());
+        }
+        if let Some(previous) = previous
+            && let Err(error) = self.delete(previous).await
+        {
+            tracing::warn!(%error, "the browser's previous session could not be ended at login");
         }
         // The session stands whatever happens here; the next login tidies up again.
         if let Err(error) = self.tidy(&session, &key.name(), held, now).await {
@@ -393,8 +412,16 @@ impl Sessions {
             let index = index_name(SUBJECT_INDEX, &session.sub);
             let live = self.prune(&index, now).await?;
             let excess = live.len().saturating_sub(self.max_per_user);
-            // Oldest first; never the login itself (deadlines are whole seconds, so it may tie).
-            for member in live.iter().filter(|m| *m != new).take(excess) {
+            // Oldest first, and only those ranked before the login itself (by deadline, then
+            // name, as the index lists them): never itself, and never a login made at the same
+            // time or after, which ends this one instead if need be. Two logins at once then
+            // never end each other.
+            let rank = (self.absolute_end(session), new);
+            let older = live
+                .iter()
+                .filter(|(member, deadline)| (*deadline, member.as_str()) < rank)
+                .map(|(member, _)| member);
+            for member in older.take(excess) {
                 // One with no record yet (a login between its two writes) keeps its entry; it
                 // counts at the next login.
                 if self.end_capped(member).await? {
@@ -435,7 +462,7 @@ impl Sessions {
     /// An index's members, oldest first, without the stale ones, which it removes: those past
     /// their deadline (by more than [`PRUNE_MARGIN`]), and those whose session is missing once it is old enough for that to
     /// mean it ended (see [`INDEX_GRACE`]).
-    async fn prune(&self, index: &str, now: u64) -> Result<Vec<String>, StoreError> {
+    async fn prune(&self, index: &str, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
         let settled = self.idle.max(INDEX_GRACE);
         let mut live = Vec::new();
         for (member, deadline) in self.store.index_members(index).await? {
@@ -446,7 +473,7 @@ impl Sessions {
             if stale {
                 self.store.index_remove(index, &member).await?;
             } else {
-                live.push(member);
+                live.push((member, deadline));
             }
         }
         Ok(live)

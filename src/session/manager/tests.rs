@@ -755,7 +755,9 @@ async fn a_login_beyond_max_per_user_ends_the_users_oldest_session() {
 }
 
 /// Deadlines are whole seconds, so logins within one second tie: the login that runs over the
-/// cap never ends itself (with ties ranked by store name it would, one time in two here).
+/// cap never ends itself (with ties ranked by store name it would, one time in two here). A
+/// login ends only sessions ranked before it (two at once must not end each other), so
+/// same-second logins may stay over the cap until the next login in a later second.
 #[tokio::test]
 async fn a_login_beyond_max_per_user_in_the_same_second_keeps_the_new_session() {
     let mut settings = settings(&[1], Duration::ZERO);
@@ -768,7 +770,9 @@ async fn a_login_beyond_max_per_user_in_the_same_second_keeps_the_new_session() 
             "a login ended its own new session"
         );
     }
-    assert_eq!(s.list_for_sub("alice", T0).await.unwrap().len(), 1);
+    let (last, _) = s.create(user("alice", None), T0 + 1).await.unwrap();
+    assert!(s.load(&last, T0 + 1).await.unwrap().is_some());
+    assert_eq!(s.list_for_sub("alice", T0 + 1).await.unwrap().len(), 1);
 }
 
 // ---- indexes that never lose a live session, and the cap ----
@@ -896,10 +900,10 @@ async fn a_replica_with_a_fast_clock_does_not_take_live_sessions_out_of_the_inde
     );
 }
 
-/// A login in a browser that already has a session replaces it (`endpoints::callback`
-/// creates the new one, then deletes the browser's previous one), so the user's number of
-/// sessions does not grow; but `create` applies `max_per_user` before that delete, counting
-/// the session about to be replaced, and ends the user's oldest session on another device.
+/// A login in a browser that already has a session replaces it, so the user's number of
+/// sessions does not grow; `create` applied `max_per_user` before the callback deleted the
+/// previous one, counting the session about to be replaced, and ended the user's oldest
+/// session on another device.
 /// Another site can send the browser through `/bff/login` (silent SSO) whenever it likes.
 #[tokio::test]
 async fn a_login_replacing_the_browsers_own_session_does_not_end_another_device() {
@@ -908,10 +912,14 @@ async fn a_login_replacing_the_browsers_own_session_does_not_end_another_device(
     let s = Sessions::new(settings, Store::Memory(MemoryStore::new(1000)));
     let (phone, _) = s.create(user("alice", None), T0).await.unwrap();
     let (laptop, _) = s.create(user("alice", None), T0 + 1).await.unwrap();
-    // The laptop's browser goes through a login again: the callback's order.
+    // The laptop's browser goes through a login again, as the callback does it.
+    let previous_cookie = laptop.clone();
     let previous = s.load(&laptop, T0 + 2).await.unwrap().unwrap();
-    let (laptop, _) = s.create(user("alice", None), T0 + 2).await.unwrap();
-    s.delete(&previous).await.unwrap();
+    let (laptop, _) = s
+        .create_replacing(user("alice", None), T0 + 2, Some(&previous))
+        .await
+        .unwrap();
+    assert!(s.load(&previous_cookie, T0 + 3).await.unwrap().is_none());
     assert!(s.load(&laptop, T0 + 3).await.unwrap().is_some());
     assert!(
         s.load(&phone, T0 + 3).await.unwrap().is_some(),
