@@ -526,20 +526,21 @@ impl Oidc {
     async fn grant(&self, form: &[(&str, &str)]) -> Result<TokenResponse, GrantError> {
         let response: TokenResponse = serde_json::from_value(self.grant_json(form).await?)
             .map_err(|_| Unavailable::Malformed)?;
-        // A token other than the kind asked for is refused, not used: a Bearer token where DPoP
-        // was asked for is one a thief could use (see docs/security.md).
+        // A token other than the kind asked for, or of no stated kind, is refused, not used
+        // (RFC 6749 §5.1: `token_type` is required; §7.1: a token of a type the client does not
+        // understand is not used), as at login: a Bearer token where DPoP was asked for is one
+        // a thief could use (see docs/security.md), and a DPoP-bound token sent as Bearer fails.
         let wanted = self.token_type();
-        if wanted == response::TokenType::Dpop
-            && !response
-                .token_type
-                .as_deref()
-                .is_some_and(|t| wanted.matches(t))
+        if !response
+            .token_type
+            .as_deref()
+            .is_some_and(|t| wanted.matches(t))
         {
             return Err(Unavailable::WrongTokenType {
                 found: response
                     .token_type
                     .as_deref()
-                    .map(|t| t.get(..16).unwrap_or("(long)").to_string()),
+                    .map(|t| t.chars().take(16).collect()),
                 wanted: wanted.name(),
             }
             .into());

@@ -30,6 +30,7 @@ mod par;
 mod paths;
 mod protection;
 mod protocol;
+mod provider_answers;
 mod proxy;
 mod refresh_outcomes;
 mod sample_api;
