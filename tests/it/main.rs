@@ -30,7 +30,6 @@ mod par;
 mod paths;
 mod protection;
 mod protocol;
-mod provider_answers;
 mod proxy;
 mod refresh_outcomes;
 mod sample_api;

@@ -752,3 +752,39 @@ scopes = ["api.read"]
         "the route with scopes = [\"api.read\"] was sent the login's token with every scope"
     );
 }
+
+/// RFC 6749 §5.1 (`token_type` REQUIRED) and §7.1 (a client MUST NOT use a token whose type it
+/// does not understand): with DPoP off, a refreshed DPoP-bound token, a `mac` token or an answer
+/// without `token_type` is refused as the code grant's is (503, the session kept), never sent
+/// upstream as `Authorization: Bearer …`.
+#[tokio::test]
+async fn a_refreshed_token_of_another_type_is_never_sent_as_bearer() {
+    let mut leaked = Vec::new();
+    for (case, token_type) in [
+        ("dpop", json!("DPoP")),
+        ("mac", json!("mac")),
+        ("absent", Value::Null),
+    ] {
+        let c = setup().await;
+        let cookie = c.login(0).await;
+        let mut body = json!({"access_token": format!("odd-{case}"), "expires_in": 300,
+                              "refresh_token": "refresh-2"});
+        if !token_type.is_null() {
+            body["token_type"] = token_type;
+        }
+        c.idp.state.script(REFRESH, 200, body);
+        let r = c.get(&cookie, "/api/x").await;
+        if c.up
+            .authorizations("/api/x")
+            .contains(&format!("Bearer odd-{case}"))
+        {
+            leaked.push(format!("{case} (status {})", r.status));
+        }
+        assert_eq!(r.status, 503, "{case}: {}", r.text());
+        assert!(
+            c.proxy.signed_in(&cookie).await,
+            "{case}: the session ended"
+        );
+    }
+    assert!(leaked.is_empty(), "sent as Bearer tokens: {leaked:?}");
+}
