@@ -354,10 +354,13 @@ impl App {
                 }
             };
         let session = admitted.session;
+        // Looked up once: the tunnel, the replay and the proxy ask it of the same fields (the
+        // proxy's rewriting removes them, and the steps before it touch only DPoP's).
+        let upgrade = proxy::headers::upgrade_protocol(req.headers());
         // A tunnel lasts no longer than the session it was opened with.
         let tunnel = session
             .as_ref()
-            .filter(|_| proxy::headers::upgrade_protocol(req.headers()).is_some())
+            .filter(|_| upgrade.is_some())
             .map(|loaded| {
                 let end = CancellationToken::new();
                 req.extensions_mut()
@@ -395,6 +398,7 @@ impl App {
         // The request stays here and is lent to each send, which rewrites it in place the same
         // way every time and gives it back: a request sent again (another token, a fresh proof)
         // is the same one, and none is copied beforehand in case it is.
+        let asks_upgrade = upgrade.as_ref();
         let forward = async |req: &mut Request<Inbound>,
                              token: Option<access::Token>,
                              identity,
@@ -422,6 +426,7 @@ impl App {
                     &live.public_side,
                     credential,
                     identity,
+                    asks_upgrade.cloned(),
                     config.server.max_body,
                     body_pace(config),
                     (config.server.request_timeout, streamed),
@@ -438,7 +443,7 @@ impl App {
             crate::config::TokenMode::User | crate::config::TokenMode::UserOrClient
         );
         let (mut response, step_up_return) = if !(admitted.token.is_some()
-            && replayable(route, &req))
+            && replayable(route, &req, upgrade.is_some()))
         {
             // Sent once: a request with a body (or an upgrade) is not the lender's afterwards.
             let step_up_return = steps_up.then(|| (req.uri().clone(), Reader::of(req.headers())));
@@ -784,11 +789,12 @@ impl<'r> Routed<'r> {
 /// Whether a request can be sent again with a new token when the upstream answers that the
 /// token is invalid (RFC 6750), or with a fresh DPoP proof when it asks for a nonce: a bodiless
 /// GET or HEAD, no upgrade, to a `token = "user"` or DPoP-bound route.
-fn replayable(route: &crate::config::RouteConfig, req: &Request<Inbound>) -> bool {
+/// `upgrade`: the request asks to switch protocols ([`proxy::headers::upgrade_protocol`]).
+fn replayable(route: &crate::config::RouteConfig, req: &Request<Inbound>, upgrade: bool) -> bool {
     (route.token == crate::config::TokenMode::User || route.token_binding == TokenBinding::Dpop)
         && (req.method() == Method::GET || req.method() == Method::HEAD)
         && http_body::Body::is_end_stream(req.body())
-        && proxy::headers::upgrade_protocol(req.headers()).is_none()
+        && !upgrade
 }
 
 /// `401` with `WWW-Authenticate: Bearer error="invalid_token"`.

@@ -74,7 +74,9 @@ pub fn set_path<B>(req: &mut Request<B>, path: &str) -> bool {
 /// ones that speak for the client removed, the identity fields set; the fields the proxy sets
 /// in their place go beside it, [`headers::Replaced`]) and given back with its own URI. A
 /// request moved instead would be written again into memory the request had not touched yet
-/// (once per move: ~0.25 KB), and one to be sent again copied beforehand.
+/// (once per move: ~0.25 KB), and one to be sent again copied beforehand. `upgrade`: the
+/// protocol the request asks to switch to ([`headers::upgrade_protocol`] of its fields as they
+/// came, which this rewriting removes).
 #[allow(clippy::too_many_arguments)]
 pub async fn dispatch(
     upstreams: &Upstreams,
@@ -85,6 +87,7 @@ pub async fn dispatch(
     public: &headers::PublicSide,
     credential: Option<headers::Credential<'_>>,
     identity: Vec<(http::HeaderName, HeaderValue)>,
+    upgrade: Option<HeaderValue>,
     max_body: u64,
     pace: crate::limits::Pace,
     (default_timeout, streamed): (Duration, forward::Streamed<'_>),
@@ -121,7 +124,7 @@ pub async fn dispatch(
                 return ErrorCode::BadRequest.json(&[]);
             };
             drop(upstream_path);
-            let upgrade = headers::upgrade_protocol(req.headers()).map(|protocol| {
+            let upgrade = upgrade.map(|protocol| {
                 let extensions = req.extensions_mut();
                 let (hold, end) = (extensions.remove(), extensions.remove());
                 forward::Upgrade {

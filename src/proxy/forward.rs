@@ -410,13 +410,9 @@ impl Upstreams {
             }
             return ErrorCode::UpstreamUnavailable.json(&[]);
         }
-        let fields = response.headers_mut();
         // Framed by its chunks, which hyper has decoded: a length beside them says nothing of
         // the body relayed and must not reach the client (RFC 9112 §6.3).
-        if fields.contains_key(header::TRANSFER_ENCODING) {
-            fields.remove(header::CONTENT_LENGTH);
-        }
-        headers::strip_hop_by_hop(fields);
+        headers::strip_answer_hop_by_hop(response.headers_mut());
         response
     }
 }

@@ -37,6 +37,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers, present);
 }
 
+/// [`strip_hop_by_hop`] for an upstream's answer, found in the same pass: a `Content-Length`
+/// beside `Transfer-Encoding` goes too (the body was framed by its chunks, which the client
+/// does not get; RFC 9112 §6.3).
+pub fn strip_answer_hop_by_hop(headers: &mut HeaderMap) {
+    let present = hop_by_hop_present(headers, |_| {});
+    if present & (1 << TRANSFER_ENCODING_AT) != 0 {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    remove_hop_by_hop(headers, present);
+}
+
+/// `Transfer-Encoding`'s place in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING_AT: usize = 3;
+
 /// What a request on its way to `route`'s upstream loses of the client's fields: the hop-by-hop
 /// ones ([`strip_hop_by_hop`]) and the lookalikes ([`strip_lookalikes`]), found in one pass
 /// over the names.
@@ -342,7 +356,9 @@ fn cookie_name(pair: &[u8]) -> &[u8] {
 pub fn kept_cookies(headers: &HeaderMap, own: OwnCookies<'_>) -> Option<Option<HeaderValue>> {
     let ours = |pair: &&[u8]| own.matches(cookie_name(pair));
     let mut fields = 0;
-    let present = headers.get_all(header::COOKIE).iter().any(|value| {
+    // Looked up once, read twice.
+    let all = headers.get_all(header::COOKIE);
+    let present = all.iter().any(|value| {
         fields += 1;
         crate::cookies::pairs(value.as_bytes()).any(|p| ours(&p))
     });
@@ -350,7 +366,7 @@ pub fn kept_cookies(headers: &HeaderMap, own: OwnCookies<'_>) -> Option<Option<H
         return None;
     }
     let mut kept = Vec::new();
-    for value in &headers.get_all(header::COOKIE) {
+    for value in &all {
         for pair in crate::cookies::pairs(value.as_bytes()).filter(|p| !ours(p)) {
             if !kept.is_empty() {
                 kept.extend_from_slice(b"; ");
@@ -995,6 +1011,23 @@ mod tests {
             remembered > 2_000 && refused > 2_000,
             "{remembered} {refused}"
         );
+    }
+
+    #[test]
+    fn an_answer_framed_by_chunks_loses_its_length_and_one_framed_by_length_keeps_it() {
+        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_AT], header::TRANSFER_ENCODING);
+        let mut chunked = HeaderMap::new();
+        chunked.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        chunked.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        chunked.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        strip_answer_hop_by_hop(&mut chunked);
+        assert_eq!(chunked.keys().collect::<Vec<_>>(), [header::CONTENT_TYPE]);
+        let mut length = HeaderMap::new();
+        length.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        length.insert(header::CONNECTION, "keep-alive, x-hop".parse().unwrap());
+        length.insert("x-hop", "1".parse().unwrap());
+        strip_answer_hop_by_hop(&mut length);
+        assert_eq!(length.keys().collect::<Vec<_>>(), [header::CONTENT_LENGTH]);
     }
 
     #[test]

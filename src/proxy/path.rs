@@ -103,7 +103,7 @@ fn scan(raw: &str, options: PathOptions) -> Result<bool, BadPath> {
     let rest = raw.strip_prefix('/').ok_or(BadPath::NotAbsolute)?;
     let mut changed = false;
     let mut depth: usize = 0;
-    let mut segments = rest.split('/').peekable();
+    let mut segments = Segments(Some(rest)).peekable();
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
         let checked = check_segment(segment, options)?;
@@ -119,6 +119,30 @@ fn scan(raw: &str, options: PathOptions) -> Result<bool, BadPath> {
         }
     }
     Ok(changed)
+}
+
+/// The parts of a path between its slashes, as `str::split('/')` gives them, each slash found a
+/// byte at a time: a request path has a few short segments, for which the general searcher's
+/// set-up cost more than the search (~90 instructions a segment, on every request).
+struct Segments<'a>(Option<&'a str>);
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let text = self.0?;
+        match text.bytes().position(|b| b == b'/') {
+            Some(at) => {
+                // A slash is a character of its own: both sides are whole characters.
+                self.0 = text.get(at + 1..);
+                text.get(..at)
+            }
+            None => {
+                self.0 = None;
+                Some(text)
+            }
+        }
+    }
 }
 
 /// Builds the canonical form of a path that [`scan`] accepted.

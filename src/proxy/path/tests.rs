@@ -242,3 +242,26 @@ fn never_panics_and_accepts_only_canonical_results() {
     }
     assert!(accepted > 10_000, "the alphabet exercises acceptance too");
 }
+
+#[test]
+fn segments_are_what_splitting_at_each_slash_gives() {
+    for text in [
+        "",
+        "/",
+        "//",
+        "a",
+        "a/",
+        "/a",
+        "a/b",
+        "a//b/",
+        "api/items",
+        "é/ü/",
+        "x/é/%2F/;y",
+        "a/../b/./c",
+        "€/😀/",
+    ] {
+        let ours: Vec<&str> = Segments(Some(text)).collect();
+        let split: Vec<&str> = text.split('/').collect();
+        assert_eq!(ours, split, "{text:?}");
+    }
+}
