@@ -123,7 +123,7 @@ impl Shared {
         use tracing::Instrument;
         let span = tracing::trace_span!(target: crate::telemetry::trace::TARGET, "session load");
         async {
-            for value in crate::cookies::values(headers, &live.config.session.cookie_name) {
+            for value in crate::cookies::raw_values(headers, &live.config.session.cookie_name) {
                 if let Some(loaded) = sessions.load(value, now).await? {
                     return Ok(Some(loaded));
                 }

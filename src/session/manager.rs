@@ -481,7 +481,7 @@ impl Sessions {
 
     /// What `cookie_value` opens to under the key ring in effect, remembered by value (see
     /// `memo.rs`); `None` for a value that does not open, which is never remembered.
-    fn open(&self, cookie_value: &str) -> Option<Opening> {
+    fn open(&self, cookie_value: &[u8]) -> Option<Opening> {
         // A guard, not a clone: the ring's reference count is shared by every worker.
         let keyring = self.keyring.load();
         if let Some(known) = self.memo.get(&keyring, cookie_value) {
@@ -508,7 +508,7 @@ impl Sessions {
     /// (logout, refresh), and a write through this value keeps the stored one.
     pub async fn load(
         &self,
-        cookie_value: &str,
+        cookie_value: &(impl AsRef<[u8]> + ?Sized),
         now: u64,
     ) -> Result<Option<OpenSession>, StoreError> {
         let Some(Opening {
@@ -516,7 +516,7 @@ impl Sessions {
             handle,
             key: cache_key,
             stale_key,
-        }) = self.open(cookie_value)
+        }) = self.open(cookie_value.as_ref())
         else {
             return Ok(None);
         };

@@ -140,7 +140,8 @@ impl Keyring {
     }
 
     /// Opens a value sealed by [`Keyring::seal`] under the same `aad`; `None` for anything else.
-    pub fn open(&self, aad: &str, value: &str) -> Option<Opened> {
+    pub fn open(&self, aad: &str, value: &(impl AsRef<[u8]> + ?Sized)) -> Option<Opened> {
+        let value = value.as_ref();
         if value.len() > MAX_SEALED_LEN || value.len() < MIN_SEALED_LEN {
             return None;
         }

@@ -112,8 +112,12 @@ impl Memo {
     }
 
     /// What opening `cookie` under `keyring` gave, if it was remembered under this very ring.
-    pub(super) fn get(&self, keyring: &Arc<Keyring>, cookie: &str) -> Option<Opening> {
-        let cookie: &[u8; COOKIE_LEN] = cookie.as_bytes().try_into().ok()?;
+    pub(super) fn get(
+        &self,
+        keyring: &Arc<Keyring>,
+        cookie: &(impl AsRef<[u8]> + ?Sized),
+    ) -> Option<Opening> {
+        let cookie: &[u8; COOKIE_LEN] = cookie.as_ref().try_into().ok()?;
         let hash = self.hasher.hash_one(placed_by(cookie));
         let mut inner = self.lock();
         if !inner.holds(keyring) {
@@ -128,8 +132,13 @@ impl Memo {
     }
 
     /// Remembers that `cookie` opened to `opened` under `keyring`.
-    pub(super) fn put(&self, keyring: &Arc<Keyring>, cookie: &str, opened: &Opening) {
-        let Ok(&cookie) = <&[u8; COOKIE_LEN]>::try_from(cookie.as_bytes()) else {
+    pub(super) fn put(
+        &self,
+        keyring: &Arc<Keyring>,
+        cookie: &(impl AsRef<[u8]> + ?Sized),
+        opened: &Opening,
+    ) {
+        let Ok(&cookie) = <&[u8; COOKIE_LEN]>::try_from(cookie.as_ref()) else {
             return;
         };
         let hash = self.hasher.hash_one(placed_by(&cookie));
