@@ -207,13 +207,11 @@ async fn policy_claims(
 ) -> serde_json::Map<String, serde_json::Value> {
     if let (Some(resource), Some(token)) = (&route.resource, token)
         && crate::jose::looks_like_jwt(token)
-    {
-        let expect = app.oidc.id_token_expectations(resource, app.clock.now());
-        if let Ok(claims) =
+        && let Ok(expect) = app.oidc.id_token_expectations(resource, app.clock.now())
+        && let Ok(claims) =
             crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await
-        {
-            return claims;
-        }
+    {
+        return claims;
     }
     session.claims.map().clone()
 }

@@ -370,15 +370,13 @@ async fn callback(
     };
     // Checked against the time the answer came, not `now`: the provider issued the ID token
     // while answering, possibly more than the allowed skew after the callback arrived.
-    let expect = app
-        .oidc
-        .id_token_expectations(&app.oidc.config.client_id, app.clock.now());
-    let claims = match crate::jose::validate_id_token(
-        &app.oidc.provider.jwks,
-        &id_token,
-        &expect,
-        &login.nonce,
-    )
+    let claims = match async {
+        let expect = app
+            .oidc
+            .id_token_expectations(&app.oidc.config.client_id, app.clock.now())?;
+        crate::jose::validate_id_token(&app.oidc.provider.jwks, &id_token, &expect, &login.nonce)
+            .await
+    }
     .await
     .and_then(|claims| {
         crate::jose::check_at_hash(&id_token, &claims, &tokens.access_token).map(|()| claims)
@@ -822,9 +820,14 @@ async fn backchannel_logout(
     else {
         return logout_rejected("no logout_token");
     };
-    let mut expect = app
+    let mut expect = match app
         .oidc
-        .id_token_expectations(&app.oidc.config.client_id, app.clock.now());
+        .id_token_expectations(&app.oidc.config.client_id, app.clock.now())
+    {
+        Ok(expect) => expect,
+        // No discovery yet, so no issuer or keys to check it with: sent again after a 503.
+        Err(e) => return Err(RequestError::LogoutDeferred(e.to_string())),
+    };
     expect.max_iat_age = Some(crate::jose::DEFAULT_LOGOUT_MAX_IAT_AGE);
     let logout =
         match crate::jose::validate_logout_token(&app.oidc.provider.jwks, &token, &expect).await {

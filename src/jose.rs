@@ -53,7 +53,8 @@ pub fn logout_replay_ttl(leeway: u64) -> std::time::Duration {
 /// What a token must say, and the clock to judge it by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expect {
-    /// The provider's issuer identifier; `iss` must equal it (one trailing `/` is tolerated).
+    /// The provider's issuer identifier, as its discovery document states it; `iss` must equal
+    /// it byte for byte.
     pub issuer: String,
     /// The client id (ID and logout tokens) or the resource (access tokens) `aud` must contain.
     pub audience: String,

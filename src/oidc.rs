@@ -748,19 +748,28 @@ impl Oidc {
         url.into()
     }
 
-    pub fn id_token_expectations(&self, audience: &str, now: u64) -> crate::jose::Expect {
-        crate::jose::Expect {
-            issuer: self
-                .config
-                .issuer
-                .as_str()
-                .trim_end_matches('/')
-                .to_string(),
+    /// What a token from the provider must say: its `iss` the issuer exactly as the provider's
+    /// discovery document states it (which may differ from `[oidc] issuer` by a trailing `/`,
+    /// see [`metadata::read_document`]), its `aud` `audience`. Before discovery has succeeded
+    /// there is neither that issuer nor a key set to check a signature with.
+    pub fn id_token_expectations(
+        &self,
+        audience: &str,
+        now: u64,
+    ) -> Result<crate::jose::Expect, crate::jose::JoseError> {
+        let metadata = self
+            .provider
+            .get()
+            .ok_or(crate::jose::JoseError::KeySetUnavailable(
+                crate::jose::KeySetFault::NotLoaded,
+            ))?;
+        Ok(crate::jose::Expect {
+            issuer: metadata.issuer.clone(),
             audience: audience.to_string(),
             now,
             leeway: self.config.clock_skew.as_secs(),
             max_iat_age: None,
-        }
+        })
     }
 }
 

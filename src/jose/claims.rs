@@ -55,11 +55,11 @@ pub(super) fn required_string<'a>(
         .ok_or(JoseError::MissingClaim(name))
 }
 
-/// `iss` must equal the expected issuer; a single trailing `/` on either side is tolerated.
+/// `iss` must equal the expected issuer byte for byte (OpenID Connect Core §3.1.3.7 step 2): a
+/// trailing `/` more or less is another issuer identifier.
 pub(super) fn check_issuer(claims: &Claims, expected: &str) -> Result<(), JoseError> {
-    let trim = |s: &'_ str| s.strip_suffix('/').unwrap_or(s).to_owned();
     let iss = required_string(claims, "iss")?;
-    if trim(iss) == trim(expected) {
+    if iss == expected {
         Ok(())
     } else {
         Err(JoseError::WrongIssuer)
@@ -213,14 +213,26 @@ mod tests {
         assert!(claim_strings(&json!({"a": 1})).is_empty());
     }
 
+    /// OpenID Connect Core §3.1.3.7 step 2: `iss` exactly matches the issuer the provider's
+    /// discovery document states. A trailing `/` more or less is another issuer identifier.
     #[test]
-    fn issuer_tolerates_exactly_one_trailing_slash() {
+    fn issuer_is_compared_byte_for_byte() {
         let want = "https://idp.example.com/";
-        assert!(check_issuer(&claims(json!({"iss": "https://idp.example.com"})), want).is_ok());
         assert!(check_issuer(&claims(json!({"iss": "https://idp.example.com/"})), want).is_ok());
-        let err = check_issuer(&claims(json!({"iss": "https://idp.example.com//"})), want);
-        assert_eq!(err, Err(JoseError::WrongIssuer));
-        let err = check_issuer(&claims(json!({"iss": "https://IDP.example.com"})), want);
+        for other in [
+            "https://idp.example.com",
+            "https://idp.example.com//",
+            "https://IDP.example.com/",
+            "https://idp.example.com/ ",
+            "",
+        ] {
+            let err = check_issuer(&claims(json!({"iss": other})), want);
+            assert!(err.is_err(), "{other:?} taken for {want}");
+        }
+        let err = check_issuer(
+            &claims(json!({"iss": "https://idp.example.com/"})),
+            "https://idp.example.com",
+        );
         assert_eq!(err, Err(JoseError::WrongIssuer));
         assert_eq!(
             check_issuer(&Claims::new(), want),

@@ -210,8 +210,11 @@ pub enum DiscoveryError {
     /// A required field is missing or has the wrong type.
     #[error("the discovery document is incomplete: {0}")]
     Incomplete(Cause),
-    /// The document names another issuer than `[oidc] issuer` (shown as the document has it).
-    #[error("the discovery document names issuer {0:?}, not the configured one")]
+    /// The document names another issuer than `[oidc] issuer`, by more than one trailing `/`
+    /// (shown as the document has it).
+    #[error(
+        "the discovery document names issuer {0:?}, not the configured one (at most a trailing / may differ)"
+    )]
     OtherIssuer(String),
     #[error("the provider does not support PKCE S256")]
     NoPkceS256,
@@ -234,14 +237,21 @@ pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata
 }
 
 /// The metadata in a discovery `document`, checked to describe `issuer` and to support PKCE S256.
+///
+/// OpenID Connect Discovery §4.3 wants the document's `issuer` identical to the URL discovery
+/// was made for. `[oidc] issuer` may differ from it by one trailing `/` (operators write it
+/// either way, and an origin is always read with one); from then on the document's `issuer` is
+/// the provider's issuer identifier, which every token's `iss` must equal byte for byte
+/// ([`crate::oidc::Oidc::id_token_expectations`]) and the authorization response's `iss` too
+/// ([`super::response::check_authorization_iss`]).
 pub fn read_document(
     document: serde_json::Value,
     issuer: &url::Url,
 ) -> Result<Metadata, DiscoveryError> {
-    let base = issuer.as_str().trim_end_matches('/');
     let metadata: Metadata =
         serde_json::from_value(document).map_err(|e| DiscoveryError::Incomplete(Cause::new(e)))?;
-    if metadata.issuer.trim_end_matches('/') != base {
+    let one_slash_less = |s: &str| s.strip_suffix('/').unwrap_or(s).to_owned();
+    if one_slash_less(&metadata.issuer) != one_slash_less(issuer.as_str()) {
         return Err(DiscoveryError::OtherIssuer(metadata.issuer));
     }
     if let Some(methods) = &metadata.code_challenge_methods_supported
@@ -321,7 +331,10 @@ impl Provider {
         loop {
             match self.refresh().await {
                 Ok(()) => {
-                    tracing::info!(issuer = %self.issuer, "provider metadata loaded");
+                    // The issuer as the provider states it (`[oidc] issuer` may differ by a
+                    // trailing `/`) is what every token must name, byte for byte.
+                    let stated = self.get().map(|m| m.issuer.clone()).unwrap_or_default();
+                    tracing::info!(issuer = %stated, configured = %self.issuer, "provider metadata loaded");
                     break;
                 }
                 Err(error) => {
@@ -405,5 +418,75 @@ mod tests {
             "jwks_uri": "https://keys.example.org/jwks",
         });
         assert!(read_document(minimal, &issuer).is_ok());
+    }
+
+    /// OpenID Connect Discovery §4.3: the document's `issuer` is the issuer URL it was fetched
+    /// for. One trailing `/` of difference from `[oidc] issuer` is forgiven (operators write it
+    /// either way, and an origin is always read with one); two or more, or another host or path,
+    /// are another issuer.
+    #[test]
+    fn a_document_whose_issuer_has_extra_trailing_slashes_is_refused() {
+        for (configured, stated) in [
+            ("https://idp.example.com", "https://idp.example.com//"),
+            ("https://idp.example.com", "https://idp.example.com///"),
+            ("https://idp.example.com/", "https://idp.example.com///"),
+            (
+                "https://idp.example.com/realm",
+                "https://idp.example.com/realm//",
+            ),
+            (
+                "https://idp.example.com/realm//",
+                "https://idp.example.com/realm",
+            ),
+            (
+                "https://idp.example.com/realm",
+                "https://idp.example.com/realm2",
+            ),
+            ("https://idp.example.com/realm", "https://idp.example.com"),
+            ("https://idp.example.com", "https://idp.example.net"),
+            ("https://idp.example.com", "https://IDP.example.com"),
+            ("https://idp.example.com", ""),
+        ] {
+            let issuer = url::Url::parse(configured).unwrap();
+            let mut doc = document("https://idp.example.com");
+            doc["issuer"] = json!(stated);
+            assert!(
+                matches!(
+                    read_document(doc, &issuer),
+                    Err(DiscoveryError::OtherIssuer(_))
+                ),
+                "{stated:?} taken for {configured}"
+            );
+        }
+    }
+
+    /// The one trailing `/` of difference that is forgiven; the metadata keeps the document's
+    /// form, which every token's `iss` must then be, byte for byte.
+    #[test]
+    fn a_document_whose_issuer_differs_by_one_trailing_slash_is_taken_as_it_states_it() {
+        for (configured, stated) in [
+            ("https://idp.example.com", "https://idp.example.com"),
+            ("https://idp.example.com", "https://idp.example.com/"),
+            ("https://idp.example.com/", "https://idp.example.com"),
+            (
+                "https://idp.example.com/realm",
+                "https://idp.example.com/realm/",
+            ),
+            (
+                "https://idp.example.com/realm/",
+                "https://idp.example.com/realm",
+            ),
+            (
+                "https://idp.example.com/realm/",
+                "https://idp.example.com/realm/",
+            ),
+        ] {
+            let issuer = url::Url::parse(configured).unwrap();
+            let mut doc = document("https://idp.example.com");
+            doc["issuer"] = json!(stated);
+            let metadata = read_document(doc, &issuer)
+                .unwrap_or_else(|e| panic!("{stated:?} refused for {configured}: {e}"));
+            assert_eq!(metadata.issuer, stated);
+        }
     }
 }

@@ -151,7 +151,9 @@ impl Oidc {
             let token = std::str::from_utf8(&body)
                 .map_err(|_| UserinfoError::Invalid("the JWT is not text".into()))?
                 .trim();
-            let expect = self.id_token_expectations(&self.config.client_id, clock.now());
+            let expect = self
+                .id_token_expectations(&self.config.client_id, clock.now())
+                .map_err(|e| UserinfoError::Invalid(e.to_string()))?;
             crate::jose::validate_userinfo_jwt(&self.provider.jwks, token, &expect)
                 .await
                 .map_err(|e| UserinfoError::Invalid(e.to_string()))?

@@ -248,6 +248,72 @@ async fn every_hostile_id_token_is_refused() {
     }
 }
 
+/// OpenID Connect Core §3.1.3.7 step 2: the ID token's `iss` exactly matches the issuer; the
+/// issuer plus `/` is another issuer identifier (as the RFC 9207 check takes it).
+#[tokio::test]
+async fn an_id_token_whose_iss_differs_by_a_trailing_slash_is_refused() {
+    let c = setup().await;
+    let r = attempt(&c, |s, iss, nonce| {
+        let claims = with(claims(iss, nonce), "iss", json!(format!("{iss}/")));
+        s.token(TestKey::Rsa1).kid("k1").sign(&claims)
+    })
+    .await;
+    assert_eq!(
+        r.status, 400,
+        "an ID token with iss = issuer + '/' signed the user in"
+    );
+    assert_eq!(reason(&r).as_deref(), Some("id_token_wrong_issuer"));
+}
+
+/// `[oidc] issuer` may be written with a trailing `/` more or less than the provider's
+/// discovery document states it (OpenID Connect Discovery §4.3); the login works, and from then
+/// on the document's form is the issuer: an ID token must carry it exactly, and one carrying the
+/// configured form is refused.
+#[tokio::test]
+async fn an_issuer_configured_with_a_slash_more_or_less_signs_in_with_the_stated_form_only() {
+    for (configured, stated) in [
+        ("/realm/", "/realm"),
+        ("/realm", "/realm/"),
+        ("", "/"),
+        ("/", ""),
+    ] {
+        let signer = TestSigner::new();
+        let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+        let (configured, stated) = (
+            format!("{}{configured}", idp.issuer),
+            format!("{}{stated}", idp.issuer),
+        );
+        idp.state
+            .discovery_extra
+            .lock()
+            .unwrap()
+            .insert("issuer".into(), json!(stated));
+        let proxy = start_proxy_for(&configured, "").await;
+        let c = Case { proxy, idp, signer };
+        for (iss, want) in [(&stated, 302), (&configured, 400)] {
+            let r = attempt(&c, |s, _, nonce| {
+                s.token(TestKey::Rsa1).kid("k1").sign(&claims(iss, nonce))
+            })
+            .await;
+            assert_eq!(
+                r.status,
+                want,
+                "configured {configured}, discovery {stated}, iss {iss}: {}",
+                r.text()
+            );
+        }
+        // RFC 9207: the authorization response names the stated form too.
+        let query: String = url::form_urlencoded::byte_serialize(stated.as_bytes()).collect();
+        let r = attempt_with(&c, &format!("&iss={query}"), |s, _, nonce| {
+            s.token(TestKey::Rsa1)
+                .kid("k1")
+                .sign(&claims(&stated, nonce))
+        })
+        .await;
+        assert_eq!(r.status, 302, "iss={stated}: {}", r.text());
+    }
+}
+
 #[tokio::test]
 async fn an_unknown_kid_refetches_the_key_set_once_then_succeeds_after_rotation() {
     let c = setup().await;

@@ -658,7 +658,9 @@ impl Job {
     /// refresh, which repeats its `iss`, `sub` and `aud`), and the session's subject.
     async fn check_id_token(&self, session: &Session, id_token: &str) -> Result<Claims, JoseError> {
         let client_id = &self.oidc.config.client_id;
-        let expect = self.oidc.id_token_expectations(client_id, self.clock.now());
+        let expect = self
+            .oidc
+            .id_token_expectations(client_id, self.clock.now())?;
         let mut original = session
             .id_token
             .as_deref()

@@ -105,7 +105,8 @@ async fn answer(
             .unwrap()
     };
     Ok(match req.uri().path() {
-        "/.well-known/openid-configuration" => json(with_members(
+        // Also under a path, for an issuer configured as `{issuer}/realm`.
+        p if p.ends_with("/.well-known/openid-configuration") => json(with_members(
             serde_json::json!({
                 "issuer": issuer,
                 "authorization_endpoint": format!("{issuer}/authorize"),
