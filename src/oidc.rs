@@ -171,6 +171,10 @@ pub struct TokenResponse {
     pub token_type: Option<String>,
 }
 
+/// RFC 8693 §3: the token type identifier of an OAuth access token, which a token exchange
+/// presents and asks for.
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
 /// An access token's lifetime when the token response names none (`expires_in` is optional,
 /// RFC 6749 §5.1).
 pub const DEFAULT_TOKEN_LIFETIME: u64 = 300;
@@ -285,6 +289,13 @@ pub enum Unavailable {
         /// At most 16 characters of what it sent.
         found: Option<String>,
         wanted: &'static str,
+    },
+    /// RFC 8693 §2.2.1: a token exchange's answer must state in `issued_token_type` that it
+    /// issued what was asked for, an access token.
+    #[error("the token exchange issued {found:?}, not an access token")]
+    WrongIssuedTokenType {
+        /// At most 64 characters of what it stated (`None`: no string).
+        found: Option<String>,
     },
     #[error(
         "oidc.par is \"always\" but the provider advertises no pushed_authorization_request_endpoint"
@@ -524,8 +535,13 @@ impl Oidc {
     }
 
     async fn grant(&self, form: &[(&str, &str)]) -> Result<TokenResponse, GrantError> {
-        let response: TokenResponse = serde_json::from_value(self.grant_json(form).await?)
-            .map_err(|_| Unavailable::Malformed)?;
+        self.read_grant(self.grant_json(form).await?)
+    }
+
+    /// A refresh, client-credentials or exchange grant's successful answer, checked.
+    fn read_grant(&self, answer: serde_json::Value) -> Result<TokenResponse, GrantError> {
+        let response: TokenResponse =
+            serde_json::from_value(answer).map_err(|_| Unavailable::Malformed)?;
         // A token other than the kind asked for, or of no stated kind, is refused, not used
         // (RFC 6749 §5.1: `token_type` is required; §7.1: a token of a type the client does not
         // understand is not used), as at login: a Bearer token where DPoP was asked for is one
@@ -681,20 +697,27 @@ impl Oidc {
                 "urn:ietf:params:oauth:grant-type:token-exchange",
             ),
             ("subject_token", subject_token),
-            (
-                "subject_token_type",
-                "urn:ietf:params:oauth:token-type:access_token",
-            ),
-            (
-                "requested_token_type",
-                "urn:ietf:params:oauth:token-type:access_token",
-            ),
+            ("subject_token_type", ACCESS_TOKEN_TYPE),
+            ("requested_token_type", ACCESS_TOKEN_TYPE),
             ("resource", resource),
         ];
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
-        self.grant(&form).await
+        let answer = self.grant_json(&form).await?;
+        // RFC 8693 §2.2.1: `issued_token_type` is required and says what `access_token` holds;
+        // anything but the access token asked for (an ID token, a refresh token, an assertion)
+        // is not sent upstream as one.
+        let issued = answer.get("issued_token_type");
+        if issued.and_then(|t| t.as_str()) != Some(ACCESS_TOKEN_TYPE) {
+            return Err(Unavailable::WrongIssuedTokenType {
+                found: issued
+                    .and_then(|t| t.as_str())
+                    .map(|t| t.chars().take(64).collect()),
+            }
+            .into());
+        }
+        self.read_grant(answer)
     }
 
     /// RFC 7009 revocation; failures are logged, never fatal.

@@ -788,3 +788,55 @@ async fn a_refreshed_token_of_another_type_is_never_sent_as_bearer() {
     }
     assert!(leaked.is_empty(), "sent as Bearer tokens: {leaked:?}");
 }
+
+/// RFC 8693 §2.2.1: an exchange answer's `issued_token_type` is REQUIRED and says what the
+/// `access_token` member holds. Vestibule asks for an access token; an answer without the type,
+/// or with another (an ID token, a refresh token, a SAML assertion), is the provider's fault
+/// (503, the session kept), and its token is never sent upstream.
+#[tokio::test]
+async fn an_exchange_answer_not_stating_an_access_token_is_never_sent_upstream() {
+    let mut sent = Vec::new();
+    for (case, issued) in [
+        ("absent", Value::Null),
+        (
+            "id_token",
+            json!("urn:ietf:params:oauth:token-type:id_token"),
+        ),
+        (
+            "refresh_token",
+            json!("urn:ietf:params:oauth:token-type:refresh_token"),
+        ),
+        ("saml2", json!("urn:ietf:params:oauth:token-type:saml2")),
+        ("number", json!(1)),
+    ] {
+        let c = setup().await;
+        let cookie = c.login(300).await;
+        let more = match issued {
+            Value::Null => json!({}),
+            issued => json!({ "issued_token_type": issued }),
+        };
+        c.idp.state.script(
+            EXCHANGE,
+            200,
+            answer(&format!("odd-{case}"), 300, None, more),
+        );
+        let r = c.get(&cookie, "/exchanged/x").await;
+        if c.up
+            .authorizations("/exchanged/x")
+            .contains(&format!("Bearer odd-{case}"))
+        {
+            sent.push(format!("{case} (status {})", r.status));
+            continue;
+        }
+        assert_eq!(r.status, 503, "{case}: {}", r.text());
+        assert!(
+            c.proxy.signed_in(&cookie).await,
+            "{case}: the session ended"
+        );
+        // The fake provider's own answer states the access-token type: it is used.
+        let r = c.get(&cookie, "/exchanged/x").await;
+        assert_eq!(r.status, 200, "{case}: {}", r.text());
+        assert_eq!(c.bearer(), "Bearer exchanged-for-https://exchanged.example");
+    }
+    assert!(sent.is_empty(), "sent upstream: {sent:?}");
+}
