@@ -184,13 +184,35 @@ pub const DEFAULT_TOKEN_LIFETIME: u64 = 300;
 /// expired long ago, refreshed on every request), so a longer one is taken as this.
 pub const MAX_TOKEN_LIFETIME: u64 = 366 * 24 * 60 * 60;
 
+/// The shortest access token lifetime believed. An `expires_in` of 0 (which RFC 6749 does not
+/// forbid) or a few seconds would make a token due for refresh as it arrives, and every request
+/// would send the provider a grant; a token is used for at least half of this instead (see
+/// [`crate::session::model::AccessToken::refresh_at`]). One that truly expired sooner is
+/// refused by its upstream (`invalid_token`), which replaces it early.
+pub const MIN_TOKEN_LIFETIME: u64 = 5;
+
+/// Whether a lifetime under [`MIN_TOKEN_LIFETIME`] was logged (once per process).
+static SHORT_LIFETIME_WARNED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 impl TokenResponse {
     /// How long the access token lives, in seconds: `expires_in`, or
-    /// [`DEFAULT_TOKEN_LIFETIME`] without one, at most [`MAX_TOKEN_LIFETIME`].
+    /// [`DEFAULT_TOKEN_LIFETIME`] without one, at least [`MIN_TOKEN_LIFETIME`] and at most
+    /// [`MAX_TOKEN_LIFETIME`]. The same for every grant: login, refresh, exchange, client.
     pub fn lifetime(&self) -> u64 {
-        self.expires_in
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
-            .min(MAX_TOKEN_LIFETIME)
+        let stated = self.expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        if stated < MIN_TOKEN_LIFETIME
+            && !SHORT_LIFETIME_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                expires_in = stated,
+                taken_as = MIN_TOKEN_LIFETIME,
+                "the provider issues access tokens that live less than {MIN_TOKEN_LIFETIME} s; \
+                 each is used for {} s rather than refreshed at every request",
+                MIN_TOKEN_LIFETIME / 2
+            );
+        }
+        stated.clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME)
     }
 }
 
@@ -916,6 +938,25 @@ mod tests {
             let read = serde_json::from_value::<TokenResponse>(answer).unwrap();
             assert_eq!(read.access_token, good);
         }
+    }
+
+    /// `expires_in` is believed between [`MIN_TOKEN_LIFETIME`] (0 would make every request
+    /// refresh) and [`MAX_TOKEN_LIFETIME`] (beyond, the clock would overflow).
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_lifetime_is_believed_between_the_shortest_and_the_longest() {
+        let lifetime = |expires_in: serde_json::Value| {
+            let answer = serde_json::json!({"access_token": "at", "token_type": "Bearer",
+                                            "expires_in": expires_in});
+            serde_json::from_value::<TokenResponse>(answer)
+                .unwrap()
+                .lifetime()
+        };
+        assert_eq!(lifetime(serde_json::json!(0)), MIN_TOKEN_LIFETIME);
+        assert_eq!(lifetime(serde_json::json!(1)), MIN_TOKEN_LIFETIME);
+        assert_eq!(lifetime(serde_json::json!(60)), 60);
+        assert_eq!(lifetime(serde_json::Value::Null), DEFAULT_TOKEN_LIFETIME);
+        assert_eq!(lifetime(serde_json::json!(u64::MAX)), MAX_TOKEN_LIFETIME);
     }
 
     #[test]

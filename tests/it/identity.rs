@@ -16,6 +16,8 @@ pub(crate) struct Stack {
     pub idp: fake_idp::FakeIdp,
     pub signer: TestSigner,
     pub up: Upstream,
+    /// The proxy's clock, moved on rather than waited out.
+    pub clock: vestibule::clock::TestClock,
 }
 
 pub(crate) async fn stack(routes: impl FnOnce(&str) -> String) -> Stack {
@@ -31,13 +33,15 @@ pub(crate) async fn stack_with(
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
     let config = edit(config_toml(&routes(&up.url())).set("oidc.issuer", idp.issuer.as_str()));
-    let proxy = start_proxy(config).await;
+    let clock = vestibule::clock::TestClock::new();
+    let proxy = start_proxy_with_clock(config, clock.clock()).await;
     wait_metadata(&proxy).await;
     Stack {
         proxy,
         idp,
         signer,
         up,
+        clock,
     }
 }
 

@@ -11,6 +11,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use sha2::Digest;
 use vestibule::jose::testing::{TestKey, TestSigner, logout_token_claims};
+use vestibule::oidc::MIN_TOKEN_LIFETIME;
 use vestibule::session::model::Session;
 
 fn encoded(text: &str) -> String {
@@ -395,11 +396,9 @@ fn grants(c: &Case, grant_type: &str) -> usize {
         .count()
 }
 
-/// `expires_in` is the provider's number, as large as a JSON integer gets: a lifetime that
-/// runs past the end of the clock is a very long one, at login, at a refresh and for a client
-/// token, never a token that has already expired (one refresh per request) nor a crash.
-#[tokio::test]
-async fn an_expires_in_beyond_the_end_of_time_is_a_long_lifetime_not_an_expired_token() {
+/// The fake provider, an upstream behind a user-token route `/api/` and a client-token route
+/// `/svc/`, and Vestibule in front on a test clock.
+async fn lifetimes() -> (Case, upstream::Upstream, vestibule::clock::TestClock) {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
@@ -408,8 +407,22 @@ async fn an_expires_in_beyond_the_end_of_time_is_a_long_lifetime_not_an_expired_
          [[routes]]\npath = \"/svc/\"\nupstream = \"{0}\"\ntoken = \"client\"\n",
         up.url()
     );
-    let proxy = start_proxy_for(&idp.issuer, &routes).await;
-    let c = Case { proxy, idp, signer };
+    let clock = vestibule::clock::TestClock::new();
+    let proxy = start_proxy_with_clock(
+        config_toml(&routes).set("oidc.issuer", idp.issuer.as_str()),
+        clock.clock(),
+    )
+    .await;
+    wait_metadata(&proxy).await;
+    (Case { proxy, idp, signer }, up, clock)
+}
+
+/// `expires_in` is the provider's number, as large as a JSON integer gets: a lifetime that
+/// runs past the end of the clock is a very long one, at login, at a refresh and for a client
+/// token, never a token that has already expired (one refresh per request) nor a crash.
+#[tokio::test]
+async fn an_expires_in_beyond_the_end_of_time_is_a_long_lifetime_not_an_expired_token() {
+    let (c, up, clock) = lifetimes().await;
     let call = |path: &'static str, session: String| {
         let url = c.proxy.url(path);
         async move { get(&url, &[("cookie", &session), ("x-csrf", "1")]).await }
@@ -456,6 +469,7 @@ async fn an_expires_in_beyond_the_end_of_time_is_a_long_lifetime_not_an_expired_
         .unwrap()
         .insert("expires_in".into(), json!(0));
     let session = sign_in().await;
+    clock.advance(std::time::Duration::from_secs(MIN_TOKEN_LIFETIME));
     c.idp.state.script(
         "refresh_token",
         200,
@@ -494,5 +508,80 @@ async fn an_expires_in_beyond_the_end_of_time_is_a_long_lifetime_not_an_expired_
         grants(&c, "client_credentials"),
         1,
         "the client token was fetched again"
+    );
+}
+
+/// `expires_in` of 0 (RFC 6749 does not forbid it) would make a token due for refresh as it
+/// arrives: every request would refresh, and a provider answering 0 each time would be sent one
+/// grant per API request. A lifetime under [`MIN_TOKEN_LIFETIME`] is taken as that: at login,
+/// at a refresh and for a client token, a burst of requests uses one token, and the next is
+/// fetched only once that short lifetime is half gone.
+#[tokio::test]
+async fn an_expires_in_of_zero_is_a_short_lifetime_not_a_refresh_per_request() {
+    let (c, up, clock) = lifetimes().await;
+    let call = |path: &'static str, session: String| {
+        let url = c.proxy.url(path);
+        async move { get(&url, &[("cookie", &session), ("x-csrf", "1")]).await }
+    };
+    c.idp
+        .state
+        .token_fields
+        .lock()
+        .unwrap()
+        .insert("expires_in".into(), json!(0));
+    let (q, login_cookie) = begin_login(&c.proxy).await;
+    *c.idp.state.id_token.lock().unwrap() = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .sign(&claims(&c.idp.issuer, &q["nonce"]));
+    let done = callback(&c.proxy, &q, &login_cookie).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let session = done.session_cookie();
+    for n in 0..3 {
+        c.idp.state.script(
+            "refresh_token",
+            200,
+            json!({"access_token": format!("refreshed-{n}"), "token_type": "Bearer",
+                   "refresh_token": format!("r-{n}"), "expires_in": 0}),
+        );
+        c.idp.state.script(
+            "client_credentials",
+            200,
+            json!({"access_token": format!("client-{n}"), "token_type": "Bearer",
+                   "expires_in": 0}),
+        );
+    }
+    let burst = |want_user: &'static str, want_client: &'static str| {
+        let (call, up, session) = (&call, &up, session.clone());
+        async move {
+            for _ in 0..4 {
+                let r = call("/api/a", session.clone()).await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                assert_eq!(up.last().headers.get("authorization").unwrap(), want_user);
+                let r = call("/svc/a", String::new()).await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                assert_eq!(up.last().headers.get("authorization").unwrap(), want_client);
+            }
+        }
+    };
+    burst("Bearer fake-access", "Bearer client-0").await;
+    let counts = || {
+        (
+            grants(&c, "refresh_token"),
+            grants(&c, "client_credentials"),
+        )
+    };
+    assert_eq!(
+        counts(),
+        (0, 1),
+        "(refresh, client) grants for 4 requests each"
+    );
+    clock.advance(std::time::Duration::from_secs(MIN_TOKEN_LIFETIME));
+    burst("Bearer refreshed-0", "Bearer client-1").await;
+    assert_eq!(
+        counts(),
+        (1, 2),
+        "(refresh, client) grants for 4 more requests each"
     );
 }

@@ -19,6 +19,8 @@ struct Case {
     idp: fake_idp::FakeIdp,
     signer: TestSigner,
     up: upstream::Upstream,
+    /// The proxy's clock, moved on rather than waited out.
+    clock: vestibule::clock::TestClock,
 }
 
 async fn setup() -> Case {
@@ -52,12 +54,16 @@ async fn setup_with(routes: impl FnOnce(&str) -> String) -> Case {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
-    let proxy = start_proxy_for(&idp.issuer, &routes(&up.url())).await;
+    let clock = vestibule::clock::TestClock::new();
+    let config = config_toml(&routes(&up.url())).set("oidc.issuer", idp.issuer.as_str());
+    let proxy = start_proxy_with_clock(config, clock.clock()).await;
+    wait_metadata(&proxy).await;
     Case {
         proxy,
         idp,
         signer,
         up,
+        clock,
     }
 }
 
@@ -94,8 +100,10 @@ impl Case {
     }
 
     /// Signs alice in with roles `["reader"]`; the login's token answer is `answer` and a valid
-    /// ID token. Returns the session cookie.
+    /// ID token. An `expires_in` of 0 makes the token due at once: the proxy's clock is moved
+    /// on by the shortest lifetime believed. Returns the session cookie.
     async fn login_with(&self, mut answer: Value) -> String {
+        let due = answer["expires_in"] == json!(0);
         let (q, login_cookie) = begin_login(&self.proxy).await;
         answer["id_token"] = self
             .sign(&alice(&self.idp.issuer, Some(&q["nonce"]), &["reader"]))
@@ -103,7 +111,16 @@ impl Case {
         self.idp.state.script("authorization_code", 200, answer);
         let done = callback(&self.proxy, &q, &login_cookie).await;
         assert_eq!(done.status, 302, "{}", done.text());
+        if due {
+            self.due();
+        }
         done.session_cookie()
+    }
+
+    /// Moves the proxy's clock on until a token answered with `expires_in` 0 is due.
+    fn due(&self) {
+        let shortest = vestibule::oidc::MIN_TOKEN_LIFETIME;
+        self.clock.advance(std::time::Duration::from_secs(shortest));
     }
 
     async fn get(&self, cookie: &str, path: &str) -> Reply {
@@ -627,7 +644,7 @@ exchange = true
         )
     })
     .await;
-    // The login's default token is due at once, so every request to /api/ refreshes it.
+    // The login's default token is due at once.
     let cookie = case
         .login_with(answer("login-access", 0, Some("rt-login"), json!({})))
         .await;
@@ -664,6 +681,8 @@ exchange = true
             json!({}),
         ),
     );
+    // base-2 is due: /api/ refreshes it.
+    case.due();
     let r = case.get(&cookie, "/api/y").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let grants = case.requests(REFRESH);
@@ -839,4 +858,40 @@ async fn an_exchange_answer_not_stating_an_access_token_is_never_sent_upstream()
         assert_eq!(c.bearer(), "Bearer exchanged-for-https://exchanged.example");
     }
     assert!(sent.is_empty(), "sent upstream: {sent:?}");
+}
+
+/// A refresh answer whose `expires_in` is no non-negative integer (negative, a fraction, a
+/// float beyond any integer, a string) is the provider's fault, as at login
+/// (`expires_in_invalid`): 503, the session kept, its token never used.
+#[tokio::test]
+async fn a_refresh_answer_with_an_unusable_expires_in_is_refused_and_the_session_kept() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    for expires_in in [
+        json!(-1),
+        json!(1.5),
+        json!(1e30),
+        json!("300"),
+        json!([300]),
+    ] {
+        c.idp.state.script(
+            REFRESH,
+            200,
+            json!({"access_token": "odd-lifetime", "token_type": "Bearer",
+                   "expires_in": expires_in, "refresh_token": "refresh-2"}),
+        );
+        let r = c.get(&cookie, "/api/x").await;
+        assert_eq!(r.status, 503, "{expires_in}: {}", r.text());
+        assert!(
+            c.proxy.signed_in(&cookie).await,
+            "{expires_in}: the session ended"
+        );
+    }
+    assert!(
+        !c.up
+            .authorizations("/api/x")
+            .contains(&"Bearer odd-lifetime".to_string()),
+        "a token with an unusable lifetime was sent upstream"
+    );
+    assert_eq!(c.requests(REFRESH).len(), 5, "each answer was asked for");
 }

@@ -117,10 +117,15 @@ async fn a_userinfo_answer_about_another_subject_fails_the_login() {
     assert_eq!(s.callback(json!({})).await.status, 503);
 }
 
+/// How far the clock moves for a token answered with `expires_in` 0 to be due.
+const SHORTEST: std::time::Duration =
+    std::time::Duration::from_secs(vestibule::oidc::MIN_TOKEN_LIFETIME);
+
 #[tokio::test]
 async fn claims_follow_userinfo_after_a_refresh_and_stay_on_a_mismatch() {
     let s = with_userinfo().await;
-    // The login's access token is due at once; each refresh is scripted.
+    // The login's access token is due once the shortest lifetime believed has passed; each
+    // refresh is scripted.
     s.idp
         .state
         .token_fields
@@ -144,6 +149,7 @@ async fn claims_follow_userinfo_after_a_refresh_and_stay_on_a_mismatch() {
         .script("refresh_token", 200, refreshed("fresh-2", 300));
 
     answer(&s, 200, json!({"sub": "alice", "groups": ["g2"]}));
+    s.clock.advance(SHORTEST);
     assert_eq!(status_of(&s, "/api/x", &cookie).await, 200);
     assert_eq!(
         s.up.last().headers["authorization"],
@@ -156,6 +162,7 @@ async fn claims_follow_userinfo_after_a_refresh_and_stay_on_a_mismatch() {
 
     // Another subject's answer after the next refresh: the tokens are new, the claims are not.
     answer(&s, 200, json!({"sub": "mallory", "groups": ["admins"]}));
+    s.clock.advance(SHORTEST);
     assert_eq!(status_of(&s, "/api/x", &cookie).await, 200);
     assert_eq!(s.up.last().headers["authorization"], "Bearer fresh-2");
     assert_eq!(userinfo_calls(&s).last().unwrap(), "Bearer fresh-2");
