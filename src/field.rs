@@ -5,12 +5,19 @@
 
 use serde::{Deserialize, Deserializer};
 
+/// The longest access or refresh token taken from a provider, in bytes. Far beyond any token a
+/// provider issues (a JWT with hundreds of roles is a few KiB; an ID token is bounded the same
+/// by [`crate::jose`]), and far below what one answer may be (1 MiB): a session keeps its
+/// tokens, and every upstream request carries its access token.
+pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+
 /// Whether `token` can follow `Bearer ` or `DPoP ` in an `Authorization` field as it is:
-/// visible ASCII and no space (RFC 6750's `b64token`, and the opaque tokens providers issue, fit).
-/// Checked where a token enters Vestibule (the provider's answer, a session read from a store),
-/// so that a request writes it into the upstream's head without looking at it again.
+/// visible ASCII and no space (RFC 6750's `b64token`, and the opaque tokens providers issue, fit),
+/// at most [`MAX_TOKEN_LEN`] bytes. Checked where a token enters Vestibule (the provider's answer,
+/// a session read from a store), so that a request writes it into the upstream's head without
+/// looking at it again.
 pub fn sendable_token(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+    !token.is_empty() && token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// [`sendable_token`] for a token read by serde; anything else is refused, and the whole value
@@ -19,7 +26,30 @@ pub fn sendable<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D:
     let token = String::deserialize(deserializer)?;
     if !sendable_token(&token) {
         return Err(serde::de::Error::custom(
-            "an access token must be visible ASCII without spaces",
+            "an access token must be visible ASCII without spaces, at most 64 KiB",
+        ));
+    }
+    Ok(token)
+}
+
+/// Whether `token` is a refresh token as RFC 6749 Appendix A.17 has it, `1*VSCHAR` (printable
+/// ASCII, space included), of at most [`MAX_TOKEN_LEN`] bytes. It is kept in the session and
+/// sent back (form-encoded) to the token and revocation endpoints.
+pub fn refresh_token_ok(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && token.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// An optional refresh token read by serde (`null` or absent: none), refused unless
+/// [`refresh_token_ok`], and the whole token response with it.
+pub fn refresh_token<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    let token = Option::<String>::deserialize(deserializer)?;
+    if token.as_deref().is_some_and(|t| !refresh_token_ok(t)) {
+        return Err(serde::de::Error::custom(
+            "a refresh token must be printable ASCII, at most 64 KiB",
         ));
     }
     Ok(token)

@@ -161,7 +161,8 @@ pub struct TokenResponse {
     pub access_token: String,
     #[serde(default)]
     pub expires_in: Option<u64>,
-    #[serde(default)]
+    /// Refused unless [`crate::field::refresh_token_ok`].
+    #[serde(default, deserialize_with = "crate::field::refresh_token")]
     pub refresh_token: Option<String>,
     #[serde(default)]
     pub id_token: Option<String>,
@@ -170,6 +171,11 @@ pub struct TokenResponse {
     #[serde(default)]
     pub token_type: Option<String>,
 }
+
+/// The longest `request_uri` a pushed authorization request's answer may name (RFC 9126 §2.2:
+/// a short reference, e.g. `urn:ietf:params:oauth:request_uri:` and a random part); the browser
+/// carries it in the authorization URL.
+const MAX_REQUEST_URI_LEN: usize = 1024;
 
 /// RFC 8693 §3: the token type identifier of an OAuth access token, which a token exchange
 /// presents and asks for.
@@ -325,6 +331,10 @@ pub enum Unavailable {
     NoParEndpoint,
     #[error("the pushed authorization request failed: {}", .0.with_status())]
     Pushed(Refusal),
+    /// RFC 9126 §2.2: the `request_uri` the browser is to carry is empty, longer than
+    /// [`MAX_REQUEST_URI_LEN`], or has bytes no URI has.
+    #[error("the pushed authorization request's answer has an unusable request_uri")]
+    UnusableRequestUri,
     #[error(transparent)]
     Dpop(#[from] dpop::DpopError),
     /// The client's key or assertion file cannot be used (see the error log).
@@ -547,6 +557,12 @@ impl Oidc {
             .and_then(|v| v.as_str())
             .filter(|_| (200..300).contains(&reply.status))
             .ok_or_else(|| Unavailable::Pushed(Refusal::of(reply.status, &reply.body)))?;
+        if request_uri.is_empty()
+            || request_uri.len() > MAX_REQUEST_URI_LEN
+            || !request_uri.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Unavailable::UnusableRequestUri.into());
+        }
         Ok(self.authorization_endpoint_with(
             metadata,
             &[
@@ -938,6 +954,43 @@ mod tests {
             let read = serde_json::from_value::<TokenResponse>(answer).unwrap();
             assert_eq!(read.access_token, good);
         }
+    }
+
+    /// A provider's tokens are bounded: a refresh token is 1*VSCHAR (RFC 6749 Appendix A.17),
+    /// kept in the session and sent back in a form; an access token goes into every upstream
+    /// request's head. Neither may be as large as an answer may be (1 MiB): kept in each
+    /// session, they would multiply what a store holds.
+    #[test]
+    fn a_token_answer_with_an_unusable_refresh_token_or_an_oversized_token_is_refused() {
+        let long = "a".repeat(100_000);
+        for bad in [
+            "",
+            "rt\r\nx",
+            "rt\u{0}",
+            "rt\u{7f}",
+            "rt\u{e9}",
+            long.as_str(),
+        ] {
+            let answer = serde_json::json!({"access_token": "at", "token_type": "Bearer",
+                                            "refresh_token": bad});
+            assert!(
+                serde_json::from_value::<TokenResponse>(answer).is_err(),
+                "refresh_token {:?}",
+                bad.get(..16).unwrap_or(bad)
+            );
+        }
+        let answer = serde_json::json!({"access_token": long, "token_type": "Bearer"});
+        assert!(serde_json::from_value::<TokenResponse>(answer).is_err());
+        for good in ["rt", "8xLOxBtZp8", "a b~c+d/e=f-g.h_i:j"] {
+            let answer = serde_json::json!({"access_token": "at", "token_type": "Bearer",
+                                            "refresh_token": good});
+            let read = serde_json::from_value::<TokenResponse>(answer).unwrap();
+            assert_eq!(read.refresh_token.as_deref(), Some(good));
+        }
+        let answer = serde_json::json!({"access_token": "at", "token_type": "Bearer",
+                                        "refresh_token": null});
+        let read = serde_json::from_value::<TokenResponse>(answer).unwrap();
+        assert_eq!(read.refresh_token, None);
     }
 
     /// `expires_in` is believed between [`MIN_TOKEN_LIFETIME`] (0 would make every request

@@ -152,6 +152,12 @@ impl TokenResponse {
             Some(_) => return Err(TokenResponseError::Invalid("expires_in")),
         };
         let refresh_token = string_member(&body, "refresh_token")?.map(str::to_owned);
+        if refresh_token
+            .as_deref()
+            .is_some_and(|t| !crate::field::refresh_token_ok(t))
+        {
+            return Err(TokenResponseError::Invalid("refresh_token"));
+        }
         let scope = string_member(&body, "scope")?.map(str::to_owned);
         Ok(TokenResponse {
             access_token,
@@ -252,6 +258,27 @@ mod tests {
             (with("expires_in", json!(-1)), "expires_in_invalid"),
             (with("expires_in", json!(1.5)), "expires_in_invalid"),
             (with("refresh_token", json!({})), "refresh_token_invalid"),
+            (with("refresh_token", json!("")), "refresh_token_invalid"),
+            (
+                with("refresh_token", json!("rt\r\nx")),
+                "refresh_token_invalid",
+            ),
+            (
+                with("refresh_token", json!("rt\u{0}")),
+                "refresh_token_invalid",
+            ),
+            (
+                with("refresh_token", json!("rt\u{e9}")),
+                "refresh_token_invalid",
+            ),
+            (
+                with("refresh_token", json!("r".repeat(100_000))),
+                "refresh_token_invalid",
+            ),
+            (
+                with("access_token", json!("a".repeat(100_000))),
+                "access_token_invalid",
+            ),
             (with("scope", json!(["openid"])), "scope_invalid"),
         ];
         for (body, reason) in cases {

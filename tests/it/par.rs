@@ -126,3 +126,45 @@ async fn par_always_with_a_provider_without_par_refuses_the_login_and_the_online
         "{err}"
     );
 }
+
+/// RFC 9126 §2.2: the pushed request's answer names a `request_uri`, a short reference that the
+/// browser then carries to the authorization endpoint. An empty one, one longer than any
+/// reference (a Location of megabytes), or one with bytes no URI has (CR, LF, NUL, non-ASCII)
+/// is the provider's fault: 503, no redirect. Characters that mean something in a query (`&`,
+/// `#`, `=`) are escaped, so the browser's URL carries exactly `client_id` and that value.
+#[tokio::test]
+async fn a_pushed_request_answered_with_an_unusable_request_uri_is_refused() {
+    let c = fake_provider::setup().await;
+    c.idp.state.discovery_extra.lock().unwrap().insert(
+        "pushed_authorization_request_endpoint".into(),
+        json!(format!("{}/par", c.idp.issuer)),
+    );
+    c.proxy.app.oidc.provider.refresh().await.unwrap();
+    let answer = |request_uri: serde_json::Value| {
+        *c.idp.state.pushed_answer.lock().unwrap() =
+            Some(json!({"request_uri": request_uri, "expires_in": 60}));
+    };
+    let mut taken = Vec::new();
+    for (name, bad) in [
+        ("empty", json!("")),
+        ("long", json!(format!("urn:x:{}", "a".repeat(100_000)))),
+        ("crlf", json!("urn:x\r\nlocation: https://evil.example")),
+        ("nul", json!("urn:x\u{0}")),
+        ("space", json!("urn:x y")),
+        ("non-ascii", json!("urn:x:\u{e9}")),
+        ("number", json!(7)),
+    ] {
+        answer(bad);
+        let r = get(&c.proxy.url("/bff/login?returnUrl=/"), &[]).await;
+        if r.status != 503 || r.header("location").is_some() {
+            taken.push(format!("{name}: {}", r.status));
+        }
+    }
+    assert!(taken.is_empty(), "taken: {taken:?}");
+    let odd = "urn:x:a&client_id=evil&redirect_uri=https://evil.example#frag";
+    answer(json!(odd));
+    let (query, _) = begin_login(&c.proxy).await;
+    assert_eq!(query.len(), 2, "{query:?}");
+    assert_eq!(query["client_id"], "vestibule");
+    assert_eq!(query["request_uri"], odd);
+}

@@ -44,6 +44,8 @@ pub struct State {
     /// Discovery advertises a pushed authorization request endpoint (`/par`), which records
     /// each pushed form and answers a `request_uri`.
     pub pushed: Mutex<Vec<Vec<(String, String)>>>,
+    /// When set, the pushed authorization request endpoint's answer (201) instead of its own.
+    pub pushed_answer: Mutex<Option<serde_json::Value>>,
     /// When set, the next token request is recorded, then answered only once this fires.
     pub hold: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// The form of every request to `/revoke` (answered 200), in order. Discovery names that
@@ -216,8 +218,11 @@ async fn answer(
         "/par" => {
             let form = form_of(req).await;
             state.pushed.lock().unwrap().push(form);
-            let mut response = json(serde_json::json!({
-                "request_uri": "urn:ietf:params:oauth:request_uri:fake-1", "expires_in": 60
+            let answer = state.pushed_answer.lock().unwrap().clone();
+            let mut response = json(answer.unwrap_or_else(|| {
+                serde_json::json!({
+                    "request_uri": "urn:ietf:params:oauth:request_uri:fake-1", "expires_in": 60
+                })
             }));
             *response.status_mut() = http::StatusCode::CREATED;
             response
