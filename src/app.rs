@@ -5,7 +5,7 @@
 
 use crate::access::{self, Tokens};
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError, ConfigErrors, TokenBinding};
+use crate::config::{Config, ConfigError, ConfigErrors, SecretFile, TokenBinding};
 use crate::field::Made;
 use crate::oidc::client_auth::Credential;
 use crate::oidc::{GrantError, Oidc};
@@ -673,37 +673,128 @@ impl App {
     }
 
     /// Re-reads the configuration file; a bad file is rejected, logged, and the running
-    /// configuration kept.
+    /// configuration kept (its secret files are read again all the same).
     pub fn reload(&self, trigger: &str) {
-        let applied = Config::load(&self.config_path).and_then(|c| self.apply(c, trigger));
+        let applied = self.apply_or_rotate(Config::load(&self.config_path), trigger);
         if let Err(errors) = &applied {
             log_rejected(trigger, errors);
         }
     }
 
+    /// Puts `loaded`, the configuration file as read, in effect; if it is refused (an error, or
+    /// a file that only a restart can apply), the secret files of the running configuration are
+    /// read again on their own ([`App::rotate_secrets`]): a rotated secret never waits for the
+    /// configuration file. The problems of both, each once.
+    fn apply_or_rotate(
+        &self,
+        loaded: Result<Config, ConfigErrors>,
+        trigger: &str,
+    ) -> Result<(), ConfigErrors> {
+        let Err(mut errors) = loaded.and_then(|config| self.apply(config, trigger)) else {
+            return Ok(());
+        };
+        if let Err(ConfigErrors(more)) = self.rotate_secrets(trigger) {
+            for error in more {
+                if !errors.0.contains(&error) {
+                    errors.0.push(error);
+                }
+            }
+        }
+        Err(errors)
+    }
+
     /// Puts `config`, loaded from the configuration file, in effect over the running one, or
     /// refuses it (nothing is swapped before every part has been loaded).
     fn apply(&self, config: Config, trigger: &str) -> Result<(), ConfigErrors> {
+        let old = self.live.load_full();
+        // Restart-only keys keep their running value: one snapshot is in effect.
+        let mut reloaded = crate::config::reload::reload(&old.config, config, &self.config_path)?;
+        // The credential follows `oidc.client_auth`: a change of method keeps the running one
+        // whole until a restart (the reloaded configuration holds its keys and its secret file,
+        // which is read again here at its running path, as the file's own would have been).
+        let credential_kept = reloaded.restart_needed.contains(&"oidc.client_auth");
+        if credential_kept {
+            reloaded
+                .config
+                .read_secret_again(SecretFile::ClientSecret)?;
+        }
+        self.swap_secrets(&old.config, &reloaded.config, true, trigger)?;
+        for key in &reloaded.restart_needed {
+            tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
+        }
+        if credential_kept {
+            tracing::warn!(
+                trigger,
+                "the client keeps its running credential until a restart, as oidc.client_auth does: the client_secret, client_secret_file, client_key_file, client_published_key_files and client_assertion_file of this file are not used (the running ones are read again)"
+            );
+        }
+        self.live.store(Arc::new(LiveConfig::new(reloaded.config)));
+        tracing::info!(trigger, "configuration reloaded");
+        Ok(())
+    }
+
+    /// The secret files of the running configuration (`oidc.client_secret_file`,
+    /// `session.keys_file`) read again at its paths, and each one that changed put in effect
+    /// with the rest of the running configuration: what a reload does for them when the
+    /// configuration file is refused, whatever paths that file names. A bad secret file is
+    /// refused, named, and its running secret kept; a good one is applied all the same.
+    fn rotate_secrets(&self, trigger: &str) -> Result<(), ConfigErrors> {
+        let old = self.live.load_full();
+        let mut config = Config::clone(&old.config);
+        let mut errors = Vec::new();
+        let mut secret_changed = false;
+        let mut changed = false;
+        for which in [SecretFile::ClientSecret, SecretFile::SessionKeys] {
+            match config.read_secret_again(which) {
+                Ok(read) => {
+                    changed |= read;
+                    secret_changed |= read && which == SecretFile::ClientSecret;
+                }
+                Err(ConfigErrors(problems)) => errors.extend(problems),
+            }
+        }
+        if changed {
+            match self.swap_secrets(&old.config, &config, secret_changed, trigger) {
+                Ok(()) => {
+                    self.live.store(Arc::new(LiveConfig::new(config)));
+                    tracing::info!(
+                        trigger,
+                        "secret files applied with the running configuration, the configuration file being refused"
+                    );
+                }
+                Err(ConfigErrors(problems)) => errors.extend(problems),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Hands the secrets of `new` to the parts built at start that hold a copy: the OpenID
+    /// client's credential (loaded again from `new` when `credential`: its secret, key and
+    /// assertion files are read, so rotating one needs no restart) and the session key ring
+    /// when it differs from `old`'s. Refused, with nothing swapped, if either cannot be loaded.
+    fn swap_secrets(
+        &self,
+        old: &Config,
+        new: &Config,
+        credential: bool,
+        trigger: &str,
+    ) -> Result<(), ConfigErrors> {
         let refused = |key: &str, message: String| {
             ConfigErrors(vec![ConfigError {
                 path: key.to_string(),
                 message,
             }])
         };
-        let old = self.live.load_full();
-        // Restart-only keys keep their running value: one snapshot is in effect.
-        let reloaded = crate::config::reload::reload(&old.config, config, &self.config_path)?;
-        let new = &reloaded.config;
-        // The credential follows `oidc.client_auth`: a change of method keeps the running one
-        // whole until a restart (the reloaded configuration holds its keys). Otherwise the
-        // secret, key and assertion files are read again: rotating one needs no restart.
-        let credential_kept = reloaded.restart_needed.contains(&"oidc.client_auth");
-        let credential = if credential_kept {
-            None
-        } else {
+        let credential = if credential {
             Some(Credential::load(&new.oidc).map_err(|e| refused(&e.key, e.message))?)
+        } else {
+            None
         };
-        let keyring = if new.session.keys != old.config.session.keys {
+        let keyring = if new.session.keys != old.session.keys {
             let ring = Keyring::new(new.session.keys.clone());
             Some(ring.map_err(|e| refused("session.keys", e.to_string()))?)
         } else {
@@ -729,21 +820,10 @@ impl App {
         }
         if let Some(credential) = credential {
             self.oidc.set_credential(credential);
-            if new.oidc.client_secret != old.config.oidc.client_secret {
+            if new.oidc.client_secret != old.oidc.client_secret {
                 tracing::info!(trigger, "client secret replaced");
             }
         }
-        for key in &reloaded.restart_needed {
-            tracing::warn!(trigger, "{key} changed; this takes effect after a restart");
-        }
-        if credential_kept {
-            tracing::warn!(
-                trigger,
-                "the client keeps its running credential until a restart, as oidc.client_auth does: the client_secret, client_secret_file, client_key_file, client_published_key_files and client_assertion_file of this file are not used"
-            );
-        }
-        self.live.store(Arc::new(LiveConfig::new(reloaded.config)));
-        tracing::info!(trigger, "configuration reloaded");
         Ok(())
     }
 }
@@ -888,16 +968,17 @@ pub fn provider_offers(
 /// How often the configuration file is checked for changes.
 const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Reloads the configuration when the file, or a secret file it names (`oidc.client_secret_file`,
-/// `session.keys_file`), no longer holds what the running configuration was built from (its
-/// [`Sources`](crate::config::Sources), the bytes read at load, so a change made while the app
-/// was starting counts): a rotated Kubernetes Secret reaches the running process without a
-/// signal. Polling the contents is simpler and sturdier than file-system events, which editors,
+/// Reloads the configuration when the file, or a secret file the running configuration was
+/// read from (`oidc.client_secret_file`, `session.keys_file`), no longer holds what it was
+/// built from (its [`Sources`](crate::config::Sources), the bytes read at load, so a change
+/// made while the app was starting counts): a rotated Kubernetes Secret reaches the running
+/// process without a signal. Polling the contents is simpler and sturdier than file-system events, which editors,
 /// atomic renames and Kubernetes ConfigMap symlink swaps deliver in many different shapes; the
 /// files are small. A refused file is tried again on every tick until it is applied: a
 /// half-written one is picked up complete, and one naming a file or directory that appears
 /// later (a volume updated after the ConfigMap) is applied then. Its problems are logged once
-/// for each new content or new problems, not every tick. Stops with the app.
+/// for each new content or new problems, not every tick. While it is refused, a changed secret
+/// file is applied on its own, at the running path. Stops with the app.
 fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
     let weak = Arc::downgrade(app);
     tokio::spawn(async move {
@@ -934,7 +1015,7 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
                 continue;
             };
             let Some(app) = weak.upgrade() else { break };
-            match loaded.and_then(|config| app.apply(config, "file change")) {
+            match app.apply_or_rotate(loaded, "file change") {
                 Ok(()) => refused = None,
                 Err(errors) => {
                     let again = Some((seen, errors));

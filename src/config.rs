@@ -89,6 +89,15 @@ impl fmt::Debug for Sources {
     }
 }
 
+/// A secret file a configuration reads, and what it holds for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretFile {
+    /// `oidc.client_secret_file`: the client secret.
+    ClientSecret,
+    /// `session.keys_file`: the session key ring.
+    SessionKeys,
+}
+
 /// `[tls]`: trust for outbound TLS (the provider, `https://` upstreams, `rediss://`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboundTls {
@@ -676,6 +685,16 @@ impl Config {
         } else {
             Err(ConfigErrors(exposed))
         }
+    }
+
+    /// Reads the secret file `which` again, at the path this configuration names, and puts what
+    /// it holds in this configuration: the secret, and the bytes in [`Sources`] that the
+    /// watcher compares the file with. Returns whether the file changed since it was read
+    /// (`false` and nothing done for a secret written inline). A bad file (unreadable, empty,
+    /// a line that is not a key) is an error naming it, and the configuration is left as it
+    /// was: the running secret stays.
+    pub fn read_secret_again(&mut self, which: SecretFile) -> Result<bool, ConfigErrors> {
+        validate::read_secret_again(self, which)
     }
 
     /// The rules between sections, on a configuration as a reload would put it in effect (the

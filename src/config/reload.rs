@@ -9,7 +9,8 @@
 //!
 //! Keys that only make sense together are decided together: the client's credential (its secret,
 //! key and assertion files) follows `oidc.client_auth`, so a file that changes the method keeps
-//! the running credential whole until a restart. And since the result mixes two files, the rules
+//! the running credential whole until a restart (its secret file too: the watcher keeps
+//! following it, and the app reads it again). And since the result mixes two files, the rules
 //! between sections are checked again on it ([`Config::check_effective`]): a reload never puts
 //! in effect what start-up would refuse.
 
@@ -116,6 +117,7 @@ pub fn reload(old: &Config, new: Config, path: &Path) -> Result<Reloaded, Config
 }
 
 fn merge(old: &Config, new: Config) -> Reloaded {
+    let new = keep_credential(old, new);
     let mut d = Decide::default();
     let config = decide!(d, old, new => Config {
         server: { server_section(&mut d, &old.server, server) },
@@ -211,26 +213,52 @@ fn server_section(d: &mut Decide, old: &ServerConfig, new: ServerConfig) -> Serv
     })
 }
 
+/// The credential goes with the method, `oidc.client_auth`, which is restart-only: a file for
+/// another method (its secret, or none, and its key files) would leave the running method with
+/// the wrong credential or none, such as an empty client secret. The running credential is kept
+/// whole until a restart, and so is the client secret file it was read from in the sources: the
+/// watcher keeps following it (not the new file's, or none), and the app reads it again on every
+/// reload, so it rotates as before.
+fn keep_credential(old: &Config, new: Config) -> Config {
+    if new.oidc.client_auth == old.oidc.client_auth {
+        return new;
+    }
+    let oidc = OidcConfig {
+        client_secret: old.oidc.client_secret.clone(),
+        client_secret_file: old.oidc.client_secret_file.clone(),
+        client_key_file: old.oidc.client_key_file.clone(),
+        client_published_key_files: old.oidc.client_published_key_files.clone(),
+        client_assertion_file: old.oidc.client_assertion_file.clone(),
+        ..new.oidc
+    };
+    let unused = new.oidc.client_secret_file.as_ref();
+    let mut files: Vec<(PathBuf, Vec<u8>)> = (new.sources.files.iter())
+        .filter(|(path, _)| Some(path) != unused || Some(path) == new.session.keys_file.as_ref())
+        .cloned()
+        .collect();
+    let running = (old.sources.files.iter())
+        .find(|(path, _)| Some(path) == old.oidc.client_secret_file.as_ref());
+    if let Some(running) = running
+        && !files.iter().any(|(path, _)| *path == running.0)
+    {
+        files.push(running.clone());
+    }
+    let sources = std::sync::Arc::new(Sources {
+        text: new.sources.text.clone(),
+        files,
+    });
+    Config {
+        oidc,
+        sources,
+        ..new
+    }
+}
+
 /// The OpenID client keeps the section it was started with; only what is read from the live
 /// configuration alone, and the client secret it is handed on reload, is live.
 fn oidc_section(d: &mut Decide, old: &OidcConfig, new: OidcConfig) -> OidcConfig {
     // The provider client is built at start; the key follows its certificate.
     d.restart_if("oidc.tls_client_key", false);
-    // The credential goes with the method, which is restart-only: a file for another method
-    // (its secret, or none, and its key files) would leave the running method with the wrong
-    // credential or none, such as an empty client secret. Kept whole until a restart.
-    let new = if new.client_auth == old.client_auth {
-        new
-    } else {
-        OidcConfig {
-            client_secret: old.client_secret.clone(),
-            client_secret_file: old.client_secret_file.clone(),
-            client_key_file: old.client_key_file.clone(),
-            client_published_key_files: old.client_published_key_files.clone(),
-            client_assertion_file: old.client_assertion_file.clone(),
-            ..new
-        }
-    };
     decide!(d, old, new => OidcConfig {
         ca_file: restart "oidc.ca_file",
         tls_client: restart "oidc.tls_client_cert",
@@ -448,6 +476,117 @@ mod tests {
             reloaded.config.oidc.client_secret,
             Some(Secret::new("rotated"))
         );
+    }
+
+    /// While a change of `oidc.client_auth` waits for a restart, the running credential's secret
+    /// file stays in the sources the watcher compares (the new file's, here another secret file,
+    /// does not), and reading it again takes a rotation; a bad one is refused and changes
+    /// nothing.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_running_client_secret_file_is_followed_while_client_auth_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (running, staged) = (dir.path().join("running"), dir.path().join("staged"));
+        std::fs::write(&running, "old\n").unwrap();
+        std::fs::write(&staged, "staged").unwrap();
+        let key = dir.path().join("client-key.pem");
+        std::fs::write(&key, include_str!("../../tests/fixtures/ec-p256.pem")).unwrap();
+        let file = |oidc: &str| {
+            let text = format!(
+                "[server]\npublic_url = \"https://app.example.com\"\n\
+                 [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\n{oidc}\n\
+                 [session]\nkeys = [\"{KEY}\"]\n"
+            );
+            Config::parse(&text, dir.path(), &|_| None).unwrap()
+        };
+        let old = file("client_secret_file = \"running\"");
+        let new = file("client_auth = \"client_secret_post\"\nclient_secret_file = \"staged\"\n");
+        let mut reloaded = applied(&old, new).config;
+        let followed: Vec<_> = reloaded.sources.files.iter().map(|(p, _)| p).collect();
+        assert_eq!(followed, [&running]);
+        assert_eq!(reloaded.oidc.client_secret, Some(Secret::new("old")));
+        assert!(
+            !reloaded
+                .read_secret_again(SecretFile::ClientSecret)
+                .unwrap()
+        );
+
+        std::fs::write(&running, "rotated\n").unwrap();
+        assert!(
+            reloaded
+                .read_secret_again(SecretFile::ClientSecret)
+                .unwrap()
+        );
+        assert_eq!(reloaded.oidc.client_secret, Some(Secret::new("rotated")));
+        assert_eq!(
+            reloaded.sources.files,
+            [(running.clone(), b"rotated\n".to_vec())]
+        );
+
+        std::fs::write(&running, " \n").unwrap();
+        let before = reloaded.clone();
+        let refused = reloaded.read_secret_again(SecretFile::ClientSecret);
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            format!(
+                "oidc.client_secret_file: {:?} is empty; write the client secret into it",
+                running.display().to_string()
+            )
+        );
+        assert_eq!(reloaded.oidc.client_secret, before.oidc.client_secret);
+        assert_eq!(reloaded.sources.files, before.sources.files);
+
+        // To a method without a secret file: the running one is still followed.
+        let new = file(&format!(
+            "client_auth = \"private_key_jwt\"\nclient_key_file = \"{}\"",
+            key.display()
+        ));
+        let reloaded = applied(&old, new).config;
+        let followed: Vec<_> = reloaded.sources.files.iter().map(|(p, _)| p).collect();
+        assert_eq!(followed, [&running]);
+    }
+
+    /// A keys file read again at its path: a rotation is taken, a bad file refused with the
+    /// line named and the running ring kept.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_keys_file_read_again_takes_a_rotation_and_refuses_a_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{KEY}\n")).unwrap();
+        let text = "[server]\npublic_url = \"https://app.example.com\"\n\
+             [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\nclient_secret = \"s\"\n\
+             [session]\nkeys_file = \"keys\"\n";
+        let mut config = Config::parse(text, dir.path(), &|_| None).unwrap();
+        assert!(!config.read_secret_again(SecretFile::SessionKeys).unwrap());
+        // Written inline: nothing to read.
+        assert!(!config.read_secret_again(SecretFile::ClientSecret).unwrap());
+
+        let other = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoxMjM0NTY=";
+        std::fs::write(&keys, format!("{other}\n{KEY}\n")).unwrap();
+        assert!(config.read_secret_again(SecretFile::SessionKeys).unwrap());
+        assert_eq!(config.session.keys.len(), 2);
+        assert_eq!(config.session.keys[1], *b"0123456789abcdef0123456789abcdef");
+
+        std::fs::write(&keys, format!("{other}\nnot-a-key\n")).unwrap();
+        let refused = config.read_secret_again(SecretFile::SessionKeys);
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            format!(
+                "session.keys_file: line 2 of {:?} is not 32 bytes of base64 (value not shown); make one with `vestibule keygen`",
+                keys.display().to_string()
+            )
+        );
+        assert_eq!(config.session.keys.len(), 2);
+        std::fs::remove_file(&keys).unwrap();
+        let refused = config.read_secret_again(SecretFile::SessionKeys);
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .starts_with("session.keys_file: cannot read ")
+        );
+        assert_eq!(config.session.keys.len(), 2);
     }
 
     /// `oidc.dpop` and `server.bff_prefix` are restart-only, routes are live: a file turning

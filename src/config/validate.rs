@@ -596,17 +596,77 @@ pub(super) fn secret_file(
     problems: &mut Problems,
 ) -> Option<(PathBuf, String)> {
     let file = base.join(name);
-    let read = super::read_text(&file, MAX_SECRET_FILE);
-    match read {
+    let text = secret_file_at(&file, name, path, problems)?;
+    Some((file, text))
+}
+
+/// [`secret_file`] at the resolved `file`, named `name` in problems.
+fn secret_file_at(file: &Path, name: &str, path: &str, problems: &mut Problems) -> Option<String> {
+    match super::read_text(file, MAX_SECRET_FILE) {
         Ok(text) => {
-            problems.1.push((file.clone(), text.as_bytes().to_vec()));
-            Some((file, text))
+            problems
+                .1
+                .push((file.to_path_buf(), text.as_bytes().to_vec()));
+            Some(text)
         }
         Err(e) => {
             problems.add(path, format!("cannot read {name:?}: {e}"));
             None
         }
     }
+}
+
+/// Reads the secret file `which` of `config` again at the path `config` holds, for
+/// [`Config::read_secret_again`].
+pub(super) fn read_secret_again(
+    config: &mut Config,
+    which: SecretFile,
+) -> Result<bool, ConfigErrors> {
+    let (file, key) = match which {
+        SecretFile::ClientSecret => (&config.oidc.client_secret_file, "oidc.client_secret_file"),
+        SecretFile::SessionKeys => (&config.session.keys_file, "session.keys_file"),
+    };
+    let Some(file) = file.clone() else {
+        return Ok(false);
+    };
+    let name = file.display().to_string();
+    let mut problems = Problems::default();
+    let Some(text) = secret_file_at(&file, &name, key, &mut problems) else {
+        return Err(ConfigErrors(problems.0));
+    };
+    let running = (config.sources.files.iter()).find(|(path, _)| *path == file);
+    if running.is_some_and(|(_, bytes)| text.as_bytes() == bytes.as_slice()) {
+        return Ok(false);
+    }
+    match which {
+        SecretFile::ClientSecret => {
+            let secret = oidc::client_secret_text(&name, &text, &mut problems);
+            if problems.0.is_empty() {
+                config.oidc.client_secret = secret;
+            }
+        }
+        SecretFile::SessionKeys => {
+            let keys = session::keys_from_text(&name, &text, &mut problems);
+            if problems.0.is_empty() {
+                config.session.keys = keys;
+            }
+        }
+    }
+    if !problems.0.is_empty() {
+        return Err(ConfigErrors(problems.0));
+    }
+    let sources = std::sync::Arc::make_mut(&mut config.sources);
+    for (path, bytes) in problems.1 {
+        match sources
+            .files
+            .iter_mut()
+            .find(|(running, _)| *running == path)
+        {
+            Some((_, running)) => *running = bytes,
+            None => sources.files.push((path, bytes)),
+        }
+    }
+    Ok(true)
 }
 
 /// A local path: one leading `/`, not `//`, no backslash.

@@ -257,3 +257,175 @@ async fn a_keys_file_rotated_while_the_app_starts_is_applied() {
     )
     .await;
 }
+
+/// A third session key (32 bytes, base64), test only.
+const KEY3: &str = "WllYV1ZVVFNSUVBPTk1MS0pJSEdGRURDQkE5ODc2NTQ=";
+
+/// The 32 bytes of a base64 session key.
+fn key_bytes(key: &str) -> [u8; 32] {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+/// The configuration file `proxy` runs from, as written at its start.
+fn running_toml(proxy: &Proxy) -> TomlConfig {
+    TomlConfig::parse(&std::fs::read_to_string(proxy.dir.path().join("config.toml")).unwrap())
+}
+
+/// The client secret in the configuration in effect (the credential is swapped before it).
+fn client_secret(proxy: &Proxy) -> Option<String> {
+    let live = proxy.app.live.load();
+    let secret = live.config.oidc.client_secret.as_ref()?;
+    Some(secret.expose().to_string())
+}
+
+/// A configuration file staged for the next restart that the running process refuses (it turns
+/// `oidc.dpop`, restart-only, on, and adds a `token_binding = "dpop"` route, which the running
+/// client without DPoP cannot serve) blocked every rotation of a secret file until the restart:
+/// the whole reload was refused, silently for the secrets. The secret files are read again on
+/// their own, at the running paths (the staged file names a keys file of its own, which is not
+/// the one in effect), while the staged file stays refused.
+#[tokio::test]
+async fn a_keys_file_rotation_is_applied_while_the_configuration_file_is_refused() {
+    let (proxy, _provider, secrets, keys_file) = keys_file_proxy(|c| c).await;
+    let base = proxy.url("");
+    let mut alice = Browser::default();
+    assert_eq!(alice.login(&base, "alice", "alice", "/").await.status, 302);
+    // Sealed under KEY only, kept aside.
+    let alice_then = alice.clone();
+
+    let staged_keys = secrets.path().join("staged_session_keys");
+    std::fs::write(&staged_keys, format!("{KEY3}\n")).unwrap();
+    let staged = running_toml(&proxy)
+        .add("oidc.dpop", true)
+        .set("session.keys_file", staged_keys.display().to_string())
+        .text();
+    let staged = format!(
+        "{staged}\n[[routes]]\npath = \"/api/\"\nupstream = \"http://127.0.0.1:9\"\ntoken = \"user\"\ntoken_binding = \"dpop\"\n"
+    );
+    std::fs::write(proxy.dir.path().join("config.toml"), &staged).unwrap();
+    let keys = || proxy.app.live.load().config.session.keys.clone();
+    let refused = || {
+        let live = proxy.app.live.load();
+        live.config.routes.is_empty() && !live.config.oidc.dpop
+    };
+    proxy.app.reload("SIGHUP");
+    assert!(refused(), "the staged file is refused");
+    assert_eq!(keys(), [key_bytes(KEY)]);
+
+    // A new key first, the old one kept: applied at once by an explicit reload.
+    std::fs::write(&keys_file, format!("{KEY2}\n{KEY}\n")).unwrap();
+    proxy.app.reload("SIGHUP");
+    assert_eq!(
+        keys(),
+        [key_bytes(KEY2), key_bytes(KEY)],
+        "the running keys file is read again with the configuration file refused"
+    );
+    assert!(refused());
+    assert_eq!(user_status(&mut alice_then.clone(), &base).await, 200);
+
+    // A bad keys file is refused on its own: the ring in effect stays.
+    std::fs::write(&keys_file, format!("{KEY2}\nnot-a-key\n")).unwrap();
+    proxy.app.reload("SIGHUP");
+    assert_eq!(keys(), [key_bytes(KEY2), key_bytes(KEY)]);
+
+    // The old key retired by a change of the file alone, which the watcher applies.
+    std::fs::write(&keys_file, format!("{KEY2}\n")).unwrap();
+    eventually(
+        "the rotated keys file is applied by the watcher",
+        Duration::from_secs(10),
+        || async { (keys() == [key_bytes(KEY2)]).then_some(()) },
+    )
+    .await;
+    assert!(refused());
+    assert_eq!(user_status(&mut alice_then.clone(), &base).await, 401);
+    let mut alice_again = Browser::default();
+    assert_eq!(
+        alice_again.login(&base, "alice", "alice", "/").await.status,
+        302
+    );
+    assert_eq!(user_status(&mut alice_again, &base).await, 200);
+}
+
+/// The same for `oidc.client_secret_file`, with a configuration file that simply has an error:
+/// the token endpoint sees the rotated secret without an explicit reload.
+#[tokio::test]
+async fn a_client_secret_file_rotation_is_applied_while_the_configuration_file_is_refused() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("client_secret");
+    std::fs::write(&secret_file, "the-old-secret\n").unwrap();
+    std::fs::write(secrets.path().join("session_keys"), format!("{KEY}\n")).unwrap();
+    let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let refused = Browser::default().login(&base, "alice", "alice", "/").await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+
+    let staged = running_toml(&proxy).add("server.no_such_key", 1).text();
+    std::fs::write(proxy.dir.path().join("config.toml"), staged).unwrap();
+    std::fs::write(&secret_file, "vestibule-secret\n").unwrap();
+    eventually(
+        "the rotated client secret is applied by the watcher",
+        Duration::from_secs(10),
+        || async { (client_secret(&proxy).as_deref() == Some("vestibule-secret")).then_some(()) },
+    )
+    .await;
+    let done = Browser::default().login(&base, "alice", "alice", "/").await;
+    assert_eq!(done.status, 302, "the new secret is used: {}", done.text());
+
+    // An empty file is refused; the secret in effect stays.
+    std::fs::write(&secret_file, "\n").unwrap();
+    proxy.app.reload("SIGHUP");
+    let again = Browser::default().login(&base, "bob", "bob", "/").await;
+    assert_eq!(again.status, 302, "{}", again.text());
+}
+
+/// While a change of `oidc.client_auth` waits for a restart, the running credential is kept
+/// whole; its `client_secret_file` was no longer watched (the watcher followed the staged
+/// file's secret files, here none) nor read again (the secret in memory was kept): a rotation
+/// of it waited for the restart. It stays watched, and the token endpoint sees the new secret.
+#[tokio::test]
+async fn a_client_auth_change_waiting_for_a_restart_keeps_the_running_secret_file_rotating() {
+    let port = free_port();
+    let provider = provider::start(port, serde_json::json!({}));
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("client_secret");
+    std::fs::write(&secret_file, "the-old-secret\n").unwrap();
+    std::fs::write(secrets.path().join("session_keys"), format!("{KEY}\n")).unwrap();
+    let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
+    wait_ready(&proxy).await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    let key = proxy.dir.path().join("client-key.pem");
+    std::fs::write(&key, include_str!("../fixtures/ec-p256.pem")).unwrap();
+    let staged = running_toml(&proxy)
+        .remove("oidc.client_secret_file")
+        .add("oidc.client_auth", "private_key_jwt")
+        .add("oidc.client_key_file", key.to_str().unwrap())
+        .text();
+    std::fs::write(proxy.dir.path().join("config.toml"), &staged).unwrap();
+    proxy.app.reload("SIGHUP");
+    assert_eq!(
+        proxy.app.live.load().config.sources.text,
+        staged,
+        "the staged file is applied, its credential kept for the restart"
+    );
+    let refused = Browser::default().login(&base, "alice", "alice", "/").await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+
+    std::fs::write(&secret_file, "vestibule-secret\n").unwrap();
+    eventually(
+        "the rotated running client secret is applied by the watcher",
+        Duration::from_secs(10),
+        || async { (client_secret(&proxy).as_deref() == Some("vestibule-secret")).then_some(()) },
+    )
+    .await;
+    let done = Browser::default().login(&base, "alice", "alice", "/").await;
+    assert_eq!(done.status, 302, "the new secret is used: {}", done.text());
+}

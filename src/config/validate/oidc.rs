@@ -343,15 +343,24 @@ fn client_secret_from(
     let Some((path, text)) = secret_file(&name, base, "oidc.client_secret_file", problems) else {
         return (None, Some(base.join(&name)));
     };
+    (client_secret_text(&name, &text, problems), Some(path))
+}
+
+/// The client secret the text of the file `name` holds (trimmed), or a problem if it is empty.
+pub(super) fn client_secret_text(
+    name: &str,
+    text: &str,
+    problems: &mut Problems,
+) -> Option<Secret> {
     let secret = text.trim();
     if secret.is_empty() {
         problems.add(
             "oidc.client_secret_file",
             format!("{name:?} is empty; write the client secret into it"),
         );
-        return (None, Some(path));
+        return None;
     }
-    (Some(Secret::new(secret)), Some(path))
+    Some(Secret::new(secret))
 }
 
 #[cfg(test)]

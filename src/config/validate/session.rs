@@ -182,6 +182,11 @@ fn keys_from_file(
     let Some((path, text)) = secret_file(name, base, "session.keys_file", problems) else {
         return (Vec::new(), Some(base.join(name)));
     };
+    (keys_from_text(name, &text, problems), Some(path))
+}
+
+/// The keys the text of the keys file `name` holds (see [`keys_from_file`]).
+pub(super) fn keys_from_text(name: &str, text: &str, problems: &mut Problems) -> Vec<[u8; 32]> {
     let mut keys = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -209,7 +214,7 @@ fn keys_from_file(
             format!("{name:?} holds no key; write one key a line, each made by `vestibule keygen`"),
         );
     }
-    (keys, Some(path))
+    keys
 }
 
 fn redis_url(text: &str, path: &str, problems: &mut Problems) -> bool {
