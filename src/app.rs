@@ -41,6 +41,10 @@ pub struct App {
     tracer: Option<crate::telemetry::trace::Tracer>,
     /// The file reloads read.
     config_path: std::path::PathBuf,
+    /// Held while a reload puts a configuration in effect: a SIGHUP and the watcher each read
+    /// the running configuration and store the next one, and of two at once one would be lost
+    /// (until the watcher's next look at the files, a second later).
+    reloading: std::sync::Mutex<()>,
 }
 
 impl std::ops::Deref for App {
@@ -121,6 +125,7 @@ impl App {
             tokens: Tokens::default(),
             tracer,
             config_path: path.clone(),
+            reloading: std::sync::Mutex::new(()),
         });
         watch_config(&app, path);
         Ok(app)
@@ -690,6 +695,10 @@ impl App {
         loaded: Result<Config, ConfigErrors>,
         trigger: &str,
     ) -> Result<(), ConfigErrors> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Err(mut errors) = loaded.and_then(|config| self.apply(config, trigger)) else {
             return Ok(());
         };
