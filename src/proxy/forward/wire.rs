@@ -214,11 +214,21 @@ pub(super) async fn exchange<B>(
     to_head: bool,
 ) -> Result<Head, WireError> {
     let written = if conn.buf.is_empty() {
-        conn.make_room();
-        encode_head(req, replaced, &mut conn.buf);
-        let written = conn.tcp.write_all(&conn.buf).await;
-        conn.buf.clear();
-        written
+        // Written from the worker's own buffer when the socket takes the whole head at once
+        // (nearly always): the head (~1.2 KB with a token) is then written into lines the
+        // worker used for the request before, not into this connection's, which with a few
+        // hundred connections are out of the core's cache by the time it is used again.
+        match write_now(&conn.tcp, req, replaced) {
+            Ok(Written::All) => Ok(()),
+            Ok(Written::Rest(rest)) => {
+                conn.make_room();
+                conn.buf.extend_from_slice(&rest);
+                let written = conn.tcp.write_all(&conn.buf).await;
+                conn.buf.clear();
+                written
+            }
+            Err(e) => Err(e),
+        }
     } else {
         // Bytes read and not yet taken (a pooled connection is never checked out with any).
         let mut head = BytesMut::new();
@@ -246,6 +256,46 @@ pub(super) async fn exchange<B>(
             Err(e) => return Err(WireError::Io(e)),
         }
     }
+}
+
+/// What [`write_now`] could not write at once.
+enum Written {
+    All,
+    Rest(Vec<u8>),
+}
+
+thread_local! {
+    /// The head [`write_now`] writes, kept for the thread's next one.
+    static HEAD: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// The most a thread's head buffer keeps between heads.
+const HEAD_KEPT: usize = 16 * 1024;
+
+/// Encodes the head of `req` into the thread's head buffer and writes what the socket takes
+/// now, without waiting; the rest, if any, is handed back to be written by waiting.
+fn write_now<B>(
+    tcp: &TcpStream,
+    req: &http::Request<B>,
+    replaced: &Replaced<'_>,
+) -> std::io::Result<Written> {
+    HEAD.with_borrow_mut(|head| {
+        head.clear();
+        encode_head(req, replaced, head);
+        let taken = match tcp.try_write(head) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        let written = match head.get(taken..) {
+            Some(rest) if !rest.is_empty() => Written::Rest(rest.to_vec()),
+            _ => Written::All,
+        };
+        if head.capacity() > HEAD_KEPT {
+            *head = BytesMut::new();
+        }
+        Ok(written)
+    })
 }
 
 fn broken(e: &std::io::Error) -> bool {

@@ -561,3 +561,61 @@ fn an_answer_with_more_fields_than_kept_in_place_keeps_them_all_in_order() {
         assert!(head.keep);
     }
 }
+
+/// A connected pair as [`pair`], our end's send buffer made small.
+async fn narrow_pair() -> (TcpStream, Conn) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    let (ours, theirs) = tokio::join!(socket.connect(addr), listener.accept());
+    (theirs.unwrap().0, Conn::new(ours.unwrap()))
+}
+
+#[tokio::test]
+async fn a_head_larger_than_the_socket_takes_at_once_arrives_whole() {
+    let req = http::Request::get("http://up.test/big")
+        .header("x-big", "b".repeat(600_000))
+        .body(())
+        .unwrap();
+    let replaced = replaced_with_token("a-token");
+    let want = encode(&req, &replaced);
+    // Such a head does not go at once: part of it is left to be written by waiting.
+    let (_probe_upstream, probe) = narrow_pair().await;
+    let written = write_now(&probe.tcp, &req, &replaced).unwrap();
+    assert!(
+        matches!(written, Written::Rest(ref rest) if !rest.is_empty() && rest.len() < want.len()),
+        "the socket took the whole head at once, or none of it"
+    );
+    // The exchange writes it all, in order, while the upstream reads it late.
+    let (mut upstream, mut conn) = narrow_pair().await;
+    let upstream = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut seen = Vec::new();
+        let mut chunk = vec![0u8; 65536];
+        while !seen.ends_with(b"\r\n\r\n") {
+            let n = upstream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the head ended early");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        upstream
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        (seen, upstream)
+    });
+    let exchanged = exchange(&mut conn, (&req, &replaced), false);
+    let head = tokio::time::timeout(std::time::Duration::from_secs(5), exchanged)
+        .await
+        .expect("no answer: the upstream never read the whole head")
+        .unwrap();
+    assert_eq!(head.response.status(), http::StatusCode::NO_CONTENT);
+    let (seen, _upstream) = upstream.await.unwrap();
+    assert!(
+        seen == want,
+        "the upstream read {} bytes of {}",
+        seen.len(),
+        want.len()
+    );
+    assert!(conn.drained());
+}
