@@ -132,7 +132,16 @@ pub struct Tokens {
     local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<RefreshMemory>>>>,
     /// The refresh tasks under way, which a shutdown waits for.
     refreshes: TaskTracker,
-    client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientToken>>>>>,
+    client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ClientSlot>>>>,
+}
+
+/// One resource's and scopes' client-credentials token, and the last grant of it that failed.
+#[derive(Default)]
+struct ClientSlot {
+    token: Option<ClientToken>,
+    /// Requests that queued behind a failed grant share its answer rather than each try an
+    /// unavailable provider in turn, one after another.
+    failed: Option<(Instant, RefreshError)>,
 }
 
 /// What this process remembers of a session's refreshes.
@@ -330,9 +339,24 @@ impl Tokens {
             let mut map = self.client.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(key).or_default().clone()
         };
-        let mut cached = slot.lock().await;
-        if let Some(t) = cached.as_ref().filter(|t| app.clock.now() < t.refresh_at) {
+        let prefix = || app.live.load().config.server.bff_prefix.clone();
+        let arrived = Instant::now();
+        // As long as a grant may take, and a little more: a grant under way is waited out,
+        // but a request never waits for one grant after another.
+        let deadline = arrived + app.oidc.config.provider_timeout + Duration::from_secs(5);
+        let Ok(mut cached) = tokio::time::timeout_at(deadline, slot.lock()).await else {
+            let reason = TokenUnavailable::WaitedTooLong;
+            return Err(rescue(&prefix(), RefreshError::Unavailable { reason }));
+        };
+        if let Some(t) = cached
+            .token
+            .as_ref()
+            .filter(|t| app.clock.now() < t.refresh_at)
+        {
             return Ok(t.value.clone());
+        }
+        if let Some((_, error)) = cached.failed.as_ref().filter(|(at, _)| *at >= arrived) {
+            return Err(rescue(&prefix(), error.clone()));
         }
         let outcome = app
             .oidc
@@ -343,16 +367,17 @@ impl Tokens {
                 count(Grant::ClientCredentials, "ok");
                 let lifetime = t.lifetime();
                 let skew = app.oidc.config.refresh_skew.as_secs().min(lifetime / 2);
-                *cached = Some(ClientToken {
+                cached.token = Some(ClientToken {
                     value: t.access_token.clone(),
                     refresh_at: app.clock.now() + lifetime - skew,
                 });
+                cached.failed = None;
                 Ok(t.access_token)
             }
             Err(error) => {
                 let error = classify(Grant::ClientCredentials, error);
-                let prefix = app.live.load().config.server.bff_prefix.clone();
-                Err(rescue(&prefix, error))
+                cached.failed = Some((Instant::now(), error.clone()));
+                Err(rescue(&prefix(), error))
             }
         }
     }

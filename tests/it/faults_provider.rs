@@ -197,7 +197,8 @@ async fn setup(oidc: impl FnOnce(TomlConfig) -> TomlConfig) -> Setup {
     let routes = format!(
         "[[routes]]\npath = \"/api/\"\nupstream = \"{up}\"\nauth = \"required\"\ntoken = \"user\"\n\
          [[routes]]\npath = \"/jwt/\"\nupstream = \"{up}\"\nauth = \"required\"\ntoken = \"user\"\n\
-         resource = \"{API}\"\nrequire = {{ roles = [\"writer\"] }}\n",
+         resource = \"{API}\"\nrequire = {{ roles = [\"writer\"] }}\n\
+         [[routes]]\npath = \"/svc/\"\nupstream = \"{up}\"\ntoken = \"client\"\n",
         up = upstream.url()
     );
     let text = oidc(config_toml(&routes).set("oidc.issuer", idp.issuer.as_str()));
@@ -360,6 +361,55 @@ async fn a_refresh_with_the_provider_hung_is_a_503_with_retry_after_within_provi
         (call(&url, &cookie).await.status == 200).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_requests_during_a_hung_provider_share_one_wait_not_queue_one_each() {
+    let timeout = Duration::from_secs(1);
+    let s = setup(|c| {
+        c.add(
+            "oidc.provider_timeout",
+            format!("{}ms", timeout.as_millis()),
+        )
+    })
+    .await;
+    let url = s.proxy.url("/svc/x");
+    s.idp.hang();
+    let calls = s.idp.calls();
+    let started = Instant::now();
+    let replies = futures_util::future::join_all((0..6).map(|_| {
+        let url = url.clone();
+        async move {
+            let reply = get(&url, &[("x-csrf", "1")]).await;
+            (reply, started.elapsed())
+        }
+    }))
+    .await;
+    for (reply, took) in &replies {
+        assert_provider_unavailable(reply);
+        // Each waits for the grant under way (or shares its failure), never for one grant of
+        // its own after another's.
+        assert!(
+            *took < timeout * 2 + Duration::from_millis(700),
+            "a client-credentials request took {took:?} behind the others"
+        );
+    }
+    assert!(
+        s.idp.calls() - calls <= 2,
+        "{} grants for 6 requests",
+        s.idp.calls() - calls
+    );
+    s.idp.down();
+    s.idp.up();
+    eventually("client tokens work again", DEADLINE, || async {
+        (get(&url, &[("x-csrf", "1")]).await.status == 200).then_some(())
+    })
+    .await;
+    assert!(
+        s.bearer_seen().starts_with("Bearer at-"),
+        "{}",
+        s.bearer_seen()
+    );
 }
 
 /// Asserts a readable 503 page: HTML, a sentence for a person, the code, no internals.
