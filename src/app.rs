@@ -538,6 +538,7 @@ impl App {
             && let Some(step) = crate::oidc::step_up::from_challenge(
                 response.headers().get_all(header::WWW_AUTHENTICATE).iter(),
             )
+            && !self.session_satisfies(live, session.as_ref(), &step)
         {
             // The upstream wants a stronger or more recent sign-in (RFC 9470): the same answer
             // as a route's own step-up requirement (a navigation goes to the login).
@@ -574,6 +575,34 @@ impl App {
             .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
             .map(|l| l.session);
         routed
+    }
+
+    /// Whether the request's session already has the sign-in an upstream's RFC 9470 challenge
+    /// asks for: another login would bring back the same and return to the same answer (with a
+    /// provider that keeps the stronger sign-in, at once), so the upstream's answer stands.
+    fn session_satisfies(
+        &self,
+        live: &LiveConfig,
+        session: Option<&crate::session::manager::OpenSession>,
+        step: &crate::config::StepUp,
+    ) -> bool {
+        let Some(loaded) = session else {
+            return false;
+        };
+        let met = crate::oidc::step_up::check(
+            step,
+            loaded.session.claims.map(),
+            self.clock.now(),
+            live.config.oidc.clock_skew.as_secs(),
+        )
+        .is_ok();
+        if met {
+            tracing::warn!(
+                "the upstream asked for a sign-in the session already has \
+                 (insufficient_user_authentication); its answer is passed on, not a step-up"
+            );
+        }
+        met
     }
 
     /// Another access token for a request whose token the upstream refused: refreshed now (once

@@ -384,3 +384,50 @@ async fn a_refreshed_id_token_that_leaves_out_the_sign_in_keeps_the_step_up() {
     assert_eq!(bearer(&fake).await.as_deref(), Ok("Bearer fake-access-3"));
     assert_eq!(bearer(&fake).await, Err("step_up_required".to_string()));
 }
+
+#[tokio::test]
+async fn an_upstream_that_asks_again_for_what_the_session_has_is_not_a_step_up_loop() {
+    let rs = upstream_with(&[(
+        "/always",
+        401,
+        &[r#"Bearer error="insufficient_user_authentication", acr_values="mfa", max_age="300""#],
+    )])
+    .await;
+    let mut fake = Fake::start(&format!(
+        "[[routes]]\npath = \"/rs/\"\nupstream = \"{rs}\"\ntoken = \"user\"\ncsrf = false\n"
+    ))
+    .await;
+    // The user stepped up as the upstream asked: mfa, just now.
+    let (_, r) = fake
+        .login(
+            "/bff/login?returnUrl=%2Frs%2Falways&acr_values=mfa&max_age=300",
+            Duration::ZERO,
+            with(Some("mfa"), Some(now())),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(r.header("location"), Some("/rs/always"));
+    // The upstream asks for it again: another login would bring back the same and come back
+    // here (with a provider that keeps its mfa session, without the user doing anything).
+    let r = fake
+        .browser
+        .get(&fake.proxy.url("/rs/always"), &[("accept", "text/html")])
+        .await;
+    assert_ne!(
+        r.status,
+        302,
+        "sent to log in again for what the session has: {:?}",
+        r.header("location")
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = fake
+        .browser
+        .get(&fake.proxy.url("/rs/always"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_ne!(
+        r.json()["error"],
+        "step_up_required",
+        "asked to step up to what the session has"
+    );
+}
