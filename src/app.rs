@@ -567,6 +567,15 @@ impl App {
             );
             tokio::spawn(watch);
         }
+        // A cache between the browser and Vestibule sees the cookie, not the token the
+        // upstream was sent: an answer about the user stays out of shared caches unless the
+        // upstream shared it itself (RFC 9111 §3.5, as for a request with `Authorization`).
+        if session.is_some()
+            && (steps_up || route.sets_identity())
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            private_to_shared_caches(response.headers_mut());
+        }
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
@@ -904,6 +913,42 @@ impl<'r> Routed<'r> {
     }
 }
 
+/// Marks an answer `private` for caches (RFC 9111 §5.2.2.7) unless its `Cache-Control` already
+/// keeps it from shared caches (`private`, `no-store`) or lets them keep it on purpose (`public`,
+/// `s-maxage`: what RFC 9111 §3.5 asks of an answer to an authorised request they may keep).
+/// The upstream's directives stay, after `private`.
+fn private_to_shared_caches(headers: &mut HeaderMap) {
+    let fields: Vec<&[u8]> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let decided = fields
+        .iter()
+        .flat_map(|field| field.split(|b| *b == b','))
+        .any(|directive| {
+            let mut parts = directive.splitn(2, |b| *b == b'=');
+            let name = parts.next().unwrap_or_default().trim_ascii();
+            let is = |d: &str| name.eq_ignore_ascii_case(d.as_bytes());
+            // `private="field"` keeps only the fields it names from shared caches.
+            (is("private") && parts.next().is_none())
+                || is("no-store")
+                || is("public")
+                || is("s-maxage")
+        });
+    if decided {
+        return;
+    }
+    let mut value = b"private".to_vec();
+    for field in fields.iter().filter(|f| !f.trim_ascii().is_empty()) {
+        value.extend_from_slice(b", ");
+        value.extend_from_slice(field);
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
+        headers.insert(header::CACHE_CONTROL, value);
+    }
+}
+
 /// Whether a request can be sent again with a new token when the upstream answers that the
 /// token is invalid (RFC 6750), or with a fresh DPoP proof when it asks for a nonce: a bodiless
 /// GET or HEAD, no upgrade, to a `token = "user"` or DPoP-bound route.
@@ -1078,4 +1123,54 @@ fn read_sources(path: &std::path::Path, sources: &crate::config::Sources) -> Vec
     std::iter::once(read(path))
         .chain(sources.files.iter().map(|(file, _)| read(file)))
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cache_control(fields: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut headers = HeaderMap::new();
+        for field in fields {
+            headers.append(
+                header::CACHE_CONTROL,
+                HeaderValue::from_bytes(field).unwrap(),
+            );
+        }
+        private_to_shared_caches(&mut headers);
+        headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .map(|v| v.as_bytes().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_is_private_unless_its_upstream_decided_about_shared_caches() {
+        assert_eq!(cache_control(&[]), [b"private".to_vec()]);
+        assert_eq!(
+            cache_control(&[b"max-age=60", b"must-revalidate"]),
+            [b"private, max-age=60, must-revalidate".to_vec()]
+        );
+        assert_eq!(cache_control(&[b""]), [b"private".to_vec()]);
+        // A byte outside ASCII is kept as it came.
+        assert_eq!(
+            cache_control(&[b"max-age=1, x=\xe9"]),
+            [b"private, max-age=1, x=\xe9".to_vec()]
+        );
+        for decided in [
+            &b"PUBLIC, max-age=60"[..],
+            b"max-age=60, S-MaxAge = 30",
+            b"no-store",
+            b"Private",
+        ] {
+            assert_eq!(cache_control(&[decided]), [decided.to_vec()]);
+        }
+        // Private for one field only: shared caches may keep the rest.
+        assert_eq!(
+            cache_control(&[b"max-age=60, private=\"set-cookie\""]),
+            [b"private, max-age=60, private=\"set-cookie\"".to_vec()]
+        );
+    }
 }

@@ -831,3 +831,116 @@ async fn a_streamed_answer_asked_with_an_upgrade_ends_when_its_session_ends() {
         "the stream asked with an Upgrade kept flowing 20 s after its session ended ({after:?} more frames)"
     );
 }
+
+/// An upstream answering `/…/<kind>` with the `Cache-Control` that `kind` names (`none`: no
+/// field, but a `Last-Modified`, which lets a shared cache keep the answer by heuristics).
+async fn caching_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let kind = req
+                            .uri()
+                            .path()
+                            .rsplit('/')
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        let mut response =
+                            http::Response::new(Full::new(Bytes::from_static(b"{\"balance\":1}")));
+                        let h = response.headers_mut();
+                        h.insert(
+                            "last-modified",
+                            http::HeaderValue::from_static("Sun, 06 Dec 2026 10:00:00 GMT"),
+                        );
+                        let value = match kind.as_str() {
+                            "max-age" => Some("max-age=60"),
+                            "public" => Some("public, max-age=60"),
+                            "s-maxage" => Some("s-maxage=60"),
+                            "no-store" => Some("no-store"),
+                            _ => None,
+                        };
+                        if let Some(value) = value {
+                            h.insert("cache-control", http::HeaderValue::from_static(value));
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+/// A shared cache (a CDN) in front of Vestibule sees a request with a cookie, not the
+/// `Authorization` the upstream got: an API's `max-age` answer (which RFC 9111 §3.5 keeps out of
+/// shared caches because its request was authorised) would be kept there and served to the next
+/// user. Answers to requests sent with the user's token or identity are private unless the
+/// upstream made them shared itself (`public`, `s-maxage`).
+#[tokio::test]
+async fn answers_sent_with_the_users_token_are_private_to_shared_caches() {
+    let u = caching_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/ids/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+         identity_headers = {{ \"X-User\" = \"sub\" }}\n\
+         [[routes]]\npath = \"/open/\"\nupstream = \"{u}\"\n"
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let mut tokens = std::collections::BTreeMap::new();
+    tokens.insert(
+        String::new(),
+        vestibule::session::AccessToken {
+            value: "at-alice".into(),
+            expires_at: vestibule::app::now() + 3600,
+            issued_at: vestibule::app::now(),
+            scope: None,
+        },
+    );
+    let cookie = proxy
+        .session_cookie(vestibule::session::Session {
+            sub: "alice".into(),
+            tokens: tokens.into(),
+            ..Default::default()
+        })
+        .await;
+    let cache_control = |r: &Reply| r.header("cache-control").unwrap_or_default().to_string();
+    for route in ["/api/", "/ids/"] {
+        for kind in ["max-age", "none"] {
+            let r = get(
+                &proxy.url(&format!("{route}{kind}")),
+                &[("cookie", &cookie), ("x-csrf", "1")],
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(
+                cache_control(&r).split(',').any(|d| d.trim() == "private"),
+                "{route}{kind}: a user's answer open to shared caches: Cache-Control {:?}",
+                cache_control(&r)
+            );
+        }
+        for (kind, kept) in [
+            ("public", "public, max-age=60"),
+            ("s-maxage", "s-maxage=60"),
+            ("no-store", "no-store"),
+        ] {
+            let r = get(
+                &proxy.url(&format!("{route}{kind}")),
+                &[("cookie", &cookie), ("x-csrf", "1")],
+            )
+            .await;
+            assert_eq!(cache_control(&r), kept, "{route}{kind}");
+        }
+    }
+    // Nothing of the user was sent: the upstream's word stands.
+    let r = get(&proxy.url("/open/max-age"), &[("cookie", &cookie)]).await;
+    assert_eq!(cache_control(&r), "max-age=60");
+    let r = get(&proxy.url("/open/none"), &[]).await;
+    assert_eq!(r.header("cache-control"), None);
+}
