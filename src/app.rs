@@ -939,6 +939,11 @@ fn private_to_shared_caches(headers: &mut HeaderMap) {
     if decided {
         return;
     }
+    if fields.is_empty() {
+        // Most answers: nothing to keep, nothing to allocate.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+        return;
+    }
     let mut value = b"private".to_vec();
     for field in fields.iter().filter(|f| !f.trim_ascii().is_empty()) {
         value.extend_from_slice(b", ");

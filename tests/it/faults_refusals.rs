@@ -190,6 +190,11 @@ async fn a_redis_busy_with_a_script_is_503_and_signs_nobody_out() {
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert_eq!(refused.json()["error"], "store_unavailable");
     assert!(redis.command(&["SCRIPT", "KILL"]).starts_with("+OK"));
+    // `+OK` says the script will stop, not that it has: Redis ends it at its next check.
+    eventually("the script has ended", Duration::from_secs(5), || async {
+        redis.command(&["PING"]).starts_with("+PONG").then_some(())
+    })
+    .await;
     let served = get(&proxy.url("/api/x"), &[("cookie", &cookie)]).await;
     assert_eq!(served.status, 200, "{}", served.text());
 }
