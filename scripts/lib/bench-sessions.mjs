@@ -2,17 +2,21 @@
 // Benchmark helper for scripts/bench: many real logins, and an exact number of requests.
 //
 //   node scripts/lib/bench-sessions.mjs login --start URL --cookie NAME --count N
-//        [--concurrency C] [--user alice] [--password alice] [--sso] [--out FILE]
+//        [--concurrency C] [--user alice] [--password alice] [--users N [--first-user K]]
+//        [--sso] [--out FILE]
 //     Logs in N times, each time as a new browser (its own cookie jar) through the whole flow:
 //     GET --start (e.g. Vestibule's /bff/login, or a page mod_auth_openidc protects), the
 //     redirects to the provider, the provider's login form (POST login + password), the
 //     redirects back to the relying party's callback, which exchanges the code at the
 //     provider's token endpoint and sets its session cookie. Prints (or writes to FILE) the value
 //     of cookie NAME, one line per login. C logins run at once (default 64).
+//     --users N: login number i (counting from K, default 0) signs in as bench-((K + i) mod N)
+//     with password bench (the provider's `bench_users`) instead of --user: many users' sessions,
+//     as a deployment has, each user with a few (Vestibule caps one user's, `max_per_user`).
 //     --sso: the browsers share one login at the provider (its session cookie, like one user on
 //     many devices that signed in once): the provider then skips the form and asks nothing,
 //     everything else is the same flow (authorize, code, callback, token exchange). The first
-//     login goes through the form to get that provider session.
+//     login goes through the form to get that provider session (with --users, one per user).
 //
 //   node scripts/lib/bench-sessions.mjs requests --url URL --cookie NAME --cookies FILE
 //        --count N [--connections C] [--header 'Name: value']...
@@ -38,6 +42,8 @@ const { values: opt } = parseArgs({
     connections: { type: 'string', default: '32' },
     user: { type: 'string', default: 'alice' },
     password: { type: 'string', default: 'alice' },
+    users: { type: 'string' },
+    'first-user': { type: 'string', default: '0' },
     header: { type: 'string', multiple: true, default: [] },
     sso: { type: 'boolean', default: false },
     out: { type: 'string' },
@@ -121,7 +127,7 @@ async function login(start, jar) {
     if (res.status === 200 && form) {
       url = new URL(form[1].replace(/&amp;/g, '&'), url);
       method = 'POST';
-      body = new URLSearchParams({ login: opt.user, password: opt.password }).toString();
+      body = new URLSearchParams(jar.user ?? { login: opt.user, password: opt.password }).toString();
       continue;
     }
     jar.last = `${res.status} from ${url.origin}${url.pathname}`;
@@ -134,25 +140,43 @@ async function loginMany() {
   const count = Number(opt.count);
   const concurrency = Math.max(1, Number(opt.concurrency));
   if (!opt.start || !opt.cookie || !(count > 0)) die('login needs --start, --cookie and --count');
+  const users = opt.users === undefined ? 0 : Number(opt.users);
+  if (opt.users !== undefined && !(users > 0)) die('--users needs a positive count');
+  const firstUser = Number(opt['first-user']);
+  // Login number i's user: bench-((K + i) mod N) with --users, else --user.
+  const userOf = (i) => (users ? { login: `bench-${(firstUser + i) % users}`, password: 'bench' } : undefined);
+  const slotOf = (i) => (users ? (firstUser + i) % users : 0);
   const values = [];
-  let provider; // the shared provider login with --sso
+  // The shared provider login with --sso, per user: a browser of that user signs in once.
+  const providers = new Map();
+  const fresh = (i) => {
+    const jar = new Jar(opt.sso ? providers.get(slotOf(i)) : undefined);
+    jar.user = userOf(i);
+    return jar;
+  };
+  const keepProvider = (i, jar) => {
+    if (!opt.sso || providers.has(slotOf(i))) return;
+    // Only the provider's cookies: every later browser is new to the relying party.
+    const provider = new Jar(jar);
+    provider.byOrigin.delete(new URL(opt.start).origin);
+    providers.set(slotOf(i), provider);
+  };
   if (opt.sso) {
-    const first = await login(opt.start, new Jar());
+    const first = await login(opt.start, fresh(0));
     const value = first.value(opt.cookie);
     if (!value) die(`the first login set no cookie ${opt.cookie}`);
     values.push(value);
-    // Keep only the provider's cookies: every later browser is new to the relying party.
-    provider = new Jar(first);
-    provider.byOrigin.delete(new URL(opt.start).origin);
+    keepProvider(0, first);
   }
   let next = values.length;
   let failed = 0;
   const started = Date.now();
   async function worker() {
     while (next < count) {
-      next++;
+      const i = next++;
       try {
-        const jar = await login(opt.start, new Jar(provider));
+        const jar = await login(opt.start, fresh(i));
+        keepProvider(i, jar);
         const value = jar.value(opt.cookie);
         if (value) values.push(value);
         else if (++failed <= 3) console.error(`bench-sessions: no cookie ${opt.cookie} after the login (last answer: ${jar.last})`);

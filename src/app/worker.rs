@@ -49,6 +49,8 @@ pub struct Worker {
     pub metrics: Arc<WorkerMetrics>,
     /// Numbers for the request ids it makes.
     pub request_ids: RequestIds,
+    /// Buffers its connections write answers from.
+    pub buffers: crate::reply::Buffers,
     /// The configuration this worker's requests last took, and this worker's own reference to
     /// it (see [`Worker::live`]); `None` before the first request.
     live: Mutex<Option<SeenConfig>>,
@@ -67,6 +69,7 @@ impl Worker {
             deadlines,
             metrics: WorkerMetrics::new(),
             request_ids: RequestIds::default(),
+            buffers: crate::reply::Buffers::default(),
             live: Mutex::new(None),
         }
     }

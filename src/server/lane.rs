@@ -180,7 +180,7 @@ pub(super) async fn serve(
         // 3. The answer sent; the connection kept unless either side closes it.
         let keep = send(
             (&mut tcp, &timed),
-            &mut date,
+            (&worker.buffers, &mut date),
             (response, &request_id),
             head_only,
             close,
@@ -437,14 +437,14 @@ enum Framing {
 /// the client takes nothing of for `server.send_timeout` ends the connection.
 async fn send(
     (tcp, timed): (&mut TcpStream, &SendTimeout),
-    date: &mut HttpDate,
+    (buffers, date): (&crate::reply::Buffers, &mut HttpDate),
     (response, request_id): (Response<Body>, &crate::field::Made),
     head_only: bool,
     client_close: bool,
 ) -> bool {
     let (parts, mut body) = response.into_parts();
-    let mut taken = OutBuffer::take();
-    let out = &mut taken.0;
+    let mut lent = buffers.lend();
+    let out = &mut lent.buf;
     let (framing, mut close) = encode_head(
         (out, date),
         (&parts, Some(request_id.as_bytes())),
@@ -521,48 +521,6 @@ async fn send(
                 return write_all(tcp, out, timed).await.is_ok() && !close;
             }
         }
-    }
-}
-
-thread_local! {
-    /// Buffers answers were written from on this thread, the last one given back first.
-    static OUT_BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The most buffers a thread keeps, and the largest it keeps (answers are flushed at 64 KiB).
-const OUT_POOLED: usize = 16;
-const OUT_KEPT: usize = 80 * 1024;
-
-/// The buffer one answer is written from, taken from the thread's and given back when the
-/// answer is sent (or dropped). A buffer of each connection's own sat out of the core's caches
-/// between its answers once there are a few hundred connections, and was written into cold
-/// every time; the one given back last is the one the last answer used. An idle connection
-/// holds none.
-struct OutBuffer(Vec<u8>);
-
-impl OutBuffer {
-    fn take() -> OutBuffer {
-        let kept = OUT_BUFFERS
-            .try_with(|pool| pool.borrow_mut().pop())
-            .ok()
-            .flatten();
-        OutBuffer(kept.unwrap_or_else(|| Vec::with_capacity(1024)))
-    }
-}
-
-impl Drop for OutBuffer {
-    fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.0);
-        if buf.capacity() > OUT_KEPT {
-            return;
-        }
-        buf.clear();
-        let _ = OUT_BUFFERS.try_with(|pool| {
-            let mut pool = pool.borrow_mut();
-            if pool.len() < OUT_POOLED {
-                pool.push(buf);
-            }
-        });
     }
 }
 

@@ -47,6 +47,9 @@
 //                        property is a claim (name, email, roles, realm_access, …). Default alice
 //                        (password alice, roles ["beta-tester"], realm_access.roles
 //                        ["beta-tester"]) and bob (password bob, roles []).
+//   bench_users          integer N: N more users, bench-0 … bench-(N-1), each with password
+//                        "bench" and no claims (scripts/bench spreads its many sessions over them,
+//                        as many users' are, not all one user's).
 //   access_token_claims  user claims copied into user JWT access tokens; default
 //                        ["roles", "realm_access"].
 //   conform_id_token_claims  true: oidc-provider's conformIdTokenClaims, so that with the code
@@ -138,7 +141,7 @@ const DEFAULT_CLIENT = {
 const CONFIG_KEYS = new Set([
   'port', 'access_token_ttl', 'id_token_ttl', 'refresh_token_ttl', 'session_ttl', 'clients',
   'resources', 'default_resource', 'users', 'access_token_claims', 'conform_id_token_claims',
-  'dpop_require_nonce', 'par', 'mtls', 'acr_values',
+  'dpop_require_nonce', 'par', 'mtls', 'acr_values', 'bench_users',
 ]);
 
 const PROFILE_CLAIMS = ['name', 'given_name', 'family_name', 'preferred_username'];
@@ -219,10 +222,15 @@ function normaliseConfig(raw) {
     fail(`default_resource ${defaultResource} is not one of resources`);
   }
 
-  const users = raw.users ?? DEFAULT_USERS;
+  const users = [...(raw.users ?? DEFAULT_USERS)];
   if (!Array.isArray(users) || !users.every((u) => u && typeof u.sub === 'string' && u.sub && typeof u.password === 'string')) {
     fail('users must be an array of {"sub": string, "password": string, ...claims}');
   }
+  const benchUsers = raw.bench_users ?? 0;
+  if (!Number.isInteger(benchUsers) || benchUsers < 0 || benchUsers > 1000000) {
+    fail('bench_users must be an integer from 0 to 1000000');
+  }
+  for (let i = 0; i < benchUsers; i++) users.push({ sub: `bench-${i}`, password: 'bench' });
 
   const clients = (raw.clients ?? [DEFAULT_CLIENT]).map((c, i) => {
     if (!c || typeof c.client_id !== 'string') fail(`clients[${i}].client_id is required`);

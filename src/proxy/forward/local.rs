@@ -48,6 +48,10 @@ pub(super) struct LocalPool {
     /// The worker's coarse clock ([`Deadlines::coarse_now`]) for idle times: counted in tens of
     /// seconds, they need no clock read per request.
     clock: Arc<Deadlines>,
+    /// The worker's buffer for request heads ([`wire::exchange`]): written into from the lines
+    /// the last head used, not a connection's own, which with a few hundred connections are out
+    /// of the core's cache by the time it is used again.
+    head: Mutex<bytes::BytesMut>,
 }
 
 struct Bare {
@@ -62,6 +66,7 @@ impl LocalPool {
             idle: Mutex::new(Vec::new()),
             bare: Mutex::new(Vec::new()),
             clock,
+            head: Mutex::new(bytes::BytesMut::new()),
         }
     }
 
@@ -99,7 +104,7 @@ pub(super) async fn exchange(
                 (wire::Conn::new(io.into_inner()), false)
             }
         };
-        match wire::exchange(&mut conn, (&*req, replaced), to_head).await {
+        match wire::exchange(&mut conn, (&*req, replaced), (to_head, &pool.head)).await {
             Ok(answer) => return Ok(respond(pool, authority, conn, answer, streamed)),
             Err(error) if reused && error.lost() => {
                 tracing::debug!(%error, "upstream closed a reused connection; sending again");

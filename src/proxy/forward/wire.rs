@@ -211,14 +211,14 @@ pub(super) struct Head {
 pub(super) async fn exchange<B>(
     conn: &mut Conn,
     (req, replaced): (&http::Request<B>, &Replaced<'_>),
-    to_head: bool,
+    (to_head, head): (bool, &std::sync::Mutex<BytesMut>),
 ) -> Result<Head, WireError> {
     let written = if conn.buf.is_empty() {
         // Written from the worker's own buffer when the socket takes the whole head at once
         // (nearly always): the head (~1.2 KB with a token) is then written into lines the
         // worker used for the request before, not into this connection's, which with a few
         // hundred connections are out of the core's cache by the time it is used again.
-        match write_now(&conn.tcp, req, replaced) {
+        match write_now(&conn.tcp, (req, replaced), head) {
             Ok(Written::All) => Ok(()),
             Ok(Written::Rest(rest)) => {
                 conn.make_room();
@@ -264,22 +264,21 @@ enum Written {
     Rest(Vec<u8>),
 }
 
-thread_local! {
-    /// The head [`write_now`] writes, kept for the thread's next one.
-    static HEAD: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
-}
-
-/// The most a thread's head buffer keeps between heads.
+/// The most a worker's head buffer keeps between heads.
 const HEAD_KEPT: usize = 16 * 1024;
 
-/// Encodes the head of `req` into the thread's head buffer and writes what the socket takes
-/// now, without waiting; the rest, if any, is handed back to be written by waiting.
+/// Encodes the head of `req` into `head`, the worker's head buffer, and writes what the socket
+/// takes now, without waiting; the rest, if any, is handed back to be written by waiting.
 fn write_now<B>(
     tcp: &TcpStream,
-    req: &http::Request<B>,
-    replaced: &Replaced<'_>,
+    (req, replaced): (&http::Request<B>, &Replaced<'_>),
+    head: &std::sync::Mutex<BytesMut>,
 ) -> std::io::Result<Written> {
-    HEAD.with_borrow_mut(|head| {
+    let mut head = head
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let head = &mut *head;
+    {
         head.clear();
         encode_head(req, replaced, head);
         let taken = match tcp.try_write(head) {
@@ -295,7 +294,7 @@ fn write_now<B>(
             *head = BytesMut::new();
         }
         Ok(written)
-    })
+    }
 }
 
 fn broken(e: &std::io::Error) -> bool {

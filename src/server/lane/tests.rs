@@ -429,37 +429,3 @@ fn the_http2_preface_is_told_from_its_start_on() {
         assert!(!is_h2_preface(other), "{other:?}");
     }
 }
-
-#[test]
-fn answer_buffers_are_given_back_to_the_thread_and_the_last_one_is_taken_first() {
-    // A thread of its own: its pool starts empty.
-    std::thread::spawn(|| {
-        let mut first = OutBuffer::take();
-        first.0.extend_from_slice(b"an answer");
-        let place = first.0.as_ptr();
-        drop(first);
-        let again = OutBuffer::take();
-        assert_eq!(
-            again.0.as_ptr(),
-            place,
-            "the buffer given back is taken again"
-        );
-        assert!(again.0.is_empty(), "and comes back empty");
-        // Two at once: two buffers; both kept.
-        let other = OutBuffer::take();
-        assert_ne!(other.0.as_ptr(), place);
-        drop((again, other));
-        assert_eq!(OUT_BUFFERS.with_borrow(Vec::len), 2);
-        // One grown past what is kept is let go.
-        let mut grown = OutBuffer::take();
-        grown.0.reserve(OUT_KEPT * 2);
-        drop(grown);
-        assert_eq!(OUT_BUFFERS.with_borrow(Vec::len), 1);
-        // And no more than OUT_POOLED are kept.
-        let many: Vec<OutBuffer> = (0..OUT_POOLED + 4).map(|_| OutBuffer::take()).collect();
-        drop(many);
-        assert_eq!(OUT_BUFFERS.with_borrow(Vec::len), OUT_POOLED);
-    })
-    .join()
-    .unwrap();
-}

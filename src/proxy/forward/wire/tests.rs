@@ -328,7 +328,7 @@ async fn ask(conn: &mut Conn) -> Result<Head, WireError> {
     let req = http::Request::get("http://up.test/").body(()).unwrap();
     let mut replaced = replaced_with_token("");
     replaced.authorization = None;
-    exchange(conn, (&req, &replaced), false).await
+    exchange(conn, (&req, &replaced), (false, &Default::default())).await
 }
 
 #[test]
@@ -582,7 +582,8 @@ async fn a_head_larger_than_the_socket_takes_at_once_arrives_whole() {
     let want = encode(&req, &replaced);
     // Such a head does not go at once: part of it is left to be written by waiting.
     let (_probe_upstream, probe) = narrow_pair().await;
-    let written = write_now(&probe.tcp, &req, &replaced).unwrap();
+    let head = std::sync::Mutex::default();
+    let written = write_now(&probe.tcp, (&req, &replaced), &head).unwrap();
     assert!(
         matches!(written, Written::Rest(ref rest) if !rest.is_empty() && rest.len() < want.len()),
         "the socket took the whole head at once, or none of it"
@@ -604,7 +605,7 @@ async fn a_head_larger_than_the_socket_takes_at_once_arrives_whole() {
             .unwrap();
         (seen, upstream)
     });
-    let exchanged = exchange(&mut conn, (&req, &replaced), false);
+    let exchanged = exchange(&mut conn, (&req, &replaced), (false, &head));
     let head = tokio::time::timeout(std::time::Duration::from_secs(5), exchanged)
         .await
         .expect("no answer: the upstream never read the whole head")
