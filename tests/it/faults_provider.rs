@@ -334,16 +334,21 @@ async fn a_refresh_with_the_provider_down_is_a_quick_503_with_retry_after_and_re
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refresh_with_the_provider_hung_is_a_503_with_retry_after_within_provider_timeout() {
-    let timeout = Duration::from_secs(1);
-    let s = setup(|c| {
+/// [`setup`] with `oidc.provider_timeout` set to `timeout`.
+async fn setup_with_provider_timeout(timeout: Duration) -> Setup {
+    setup(|c| {
         c.add(
             "oidc.provider_timeout",
             format!("{}ms", timeout.as_millis()),
         )
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_with_the_provider_hung_is_a_503_with_retry_after_within_provider_timeout() {
+    let timeout = Duration::from_secs(1);
+    let s = setup_with_provider_timeout(timeout).await;
     let cookie = s.session(&[("", "at-expired", now() - 10)]).await;
     let url = s.proxy.url("/api/x");
     s.idp.hang();
@@ -366,13 +371,7 @@ async fn a_refresh_with_the_provider_hung_is_a_503_with_retry_after_within_provi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_requests_during_a_hung_provider_share_one_wait_not_queue_one_each() {
     let timeout = Duration::from_secs(1);
-    let s = setup(|c| {
-        c.add(
-            "oidc.provider_timeout",
-            format!("{}ms", timeout.as_millis()),
-        )
-    })
-    .await;
+    let s = setup_with_provider_timeout(timeout).await;
     let url = s.proxy.url("/svc/x");
     s.idp.hang();
     let calls = s.idp.calls();

@@ -51,15 +51,17 @@ async fn keys_file_proxy(
     (proxy, provider, secrets, keys_file)
 }
 
-async fn user_status(browser: &mut Browser, base: &str) -> u16 {
-    browser
-        .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
-        .await
-        .status
-}
-
-#[tokio::test]
-async fn a_rotated_client_secret_file_is_used_for_the_next_token_call() {
+/// A proxy with the real provider whose client secret file holds a secret the provider no
+/// longer takes (`the-old-secret`; the provider's is `vestibule-secret`), and session keys
+/// (`KEY`) from a file beside it. Returns the secret file and the proxy's base URL too; the
+/// provider and the directory must outlive the proxy's use.
+async fn stale_secret_proxy() -> (
+    Proxy,
+    provider::TestProvider,
+    tempfile::TempDir,
+    PathBuf,
+    String,
+) {
     let port = free_port();
     let provider = provider::start(port, serde_json::json!({}));
     let secrets = tempfile::tempdir().unwrap();
@@ -69,6 +71,19 @@ async fn a_rotated_client_secret_file_is_used_for_the_next_token_call() {
     let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
     wait_ready(&proxy).await;
     let base = format!("http://127.0.0.1:{port}");
+    (proxy, provider, secrets, secret_file, base)
+}
+
+async fn user_status(browser: &mut Browser, base: &str) -> u16 {
+    browser
+        .get(&format!("{base}/bff/user"), &[("x-csrf", "1")])
+        .await
+        .status
+}
+
+#[tokio::test]
+async fn a_rotated_client_secret_file_is_used_for_the_next_token_call() {
+    let (proxy, _provider, _secrets, secret_file, base) = stale_secret_proxy().await;
 
     // The provider rotated the secret: the old one is refused at the token endpoint.
     let refused = Browser::default().login(&base, "alice", "alice", "/").await;
@@ -355,15 +370,7 @@ async fn a_keys_file_rotation_is_applied_while_the_configuration_file_is_refused
 /// the token endpoint sees the rotated secret without an explicit reload.
 #[tokio::test]
 async fn a_client_secret_file_rotation_is_applied_while_the_configuration_file_is_refused() {
-    let port = free_port();
-    let provider = provider::start(port, serde_json::json!({}));
-    let secrets = tempfile::tempdir().unwrap();
-    let secret_file = secrets.path().join("client_secret");
-    std::fs::write(&secret_file, "the-old-secret\n").unwrap();
-    std::fs::write(secrets.path().join("session_keys"), format!("{KEY}\n")).unwrap();
-    let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
-    wait_ready(&proxy).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let (proxy, _provider, _secrets, secret_file, base) = stale_secret_proxy().await;
     let refused = Browser::default().login(&base, "alice", "alice", "/").await;
     assert_eq!(refused.status, 400, "{}", refused.text());
 
@@ -392,15 +399,7 @@ async fn a_client_secret_file_rotation_is_applied_while_the_configuration_file_i
 /// of it waited for the restart. It stays watched, and the token endpoint sees the new secret.
 #[tokio::test]
 async fn a_client_auth_change_waiting_for_a_restart_keeps_the_running_secret_file_rotating() {
-    let port = free_port();
-    let provider = provider::start(port, serde_json::json!({}));
-    let secrets = tempfile::tempdir().unwrap();
-    let secret_file = secrets.path().join("client_secret");
-    std::fs::write(&secret_file, "the-old-secret\n").unwrap();
-    std::fs::write(secrets.path().join("session_keys"), format!("{KEY}\n")).unwrap();
-    let proxy = start_proxy(with_secret_files(port, &provider.issuer, secrets.path())).await;
-    wait_ready(&proxy).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let (proxy, _provider, _secrets, secret_file, base) = stale_secret_proxy().await;
 
     let key = proxy.dir.path().join("client-key.pem");
     std::fs::write(&key, include_str!("../fixtures/ec-p256.pem")).unwrap();
