@@ -7,7 +7,7 @@ use crate::reply::{Body, ErrorCode, Inbound};
 use crate::rescue::RequestError;
 use crate::session::manager::{OpenSession, Sessions};
 use crate::session::model::Session;
-use crate::state::{LiveConfig, Shared};
+use crate::state::{Found, LiveConfig, Shared};
 use http::{HeaderValue, Request, Response, header};
 use std::sync::Arc;
 
@@ -266,12 +266,20 @@ pub async fn admit(
     // touch, a step-up's age, the token's freshness and identity headers all take this time.
     let now = needs_session.then(|| app.clock.now());
     let clock = |now: Option<u64>| now.unwrap_or_else(|| app.clock.now());
-    let mut loaded = if let Some(now) = now {
-        app.load_session_at(sessions, live, req.headers(), now)
-            .await?
-    } else {
-        None
-    };
+    // A cached session is had without a future: only a load from the store writes one (and
+    // nothing of the lookup is held across that await).
+    let (mut loaded, mut ask) = (None, None);
+    if let Some(now) = now {
+        match app.cached_session(sessions, live, req.headers(), now) {
+            Found::Session(found) => loaded = found,
+            Found::Ask(store) => ask = Some((store, now)),
+        }
+    }
+    if let Some((store, now)) = ask.take() {
+        loaded = app
+            .stored_session(sessions, live, req.headers(), store, now)
+            .await?;
+    }
     if let Some(feature) = &route.feature
         && !feature_visible(live, feature, loaded.as_ref().map(|l| &*l.session))
     {
@@ -324,24 +332,27 @@ pub async fn admit(
                 false,
             ));
         }
-        let _ = sessions.touch(l, clock(now)).await;
+        if sessions.touch_due(l, clock(now)) {
+            let _ = sessions.touch(l, clock(now)).await;
+        }
     }
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
-        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(
-            tokens
-                .user_token(
-                    &tokens::TokenAsk {
+        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
+            Some(match tokens::fresh_user_token(live, l, route, clock(now)) {
+                Some(fresh) => std::borrow::Cow::Borrowed(fresh),
+                None => {
+                    let ask = tokens::TokenAsk {
                         app,
                         sessions,
                         live,
                         loaded: l,
                         route,
-                    },
-                    clock(now),
-                )
-                .await?,
-        ),
+                    };
+                    tokens.user_token(&ask, clock(now)).await?
+                }
+            })
+        }
         (TokenMode::User, None) => {
             return Err(RequestError::Unauthenticated {
                 login_url: login_url(),

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::jose::signing::SigningKeys;
 use crate::oidc::Oidc;
 use crate::proxy::{self, RouteTable, Upstreams};
-use crate::session::manager::{OpenSession, Sessions};
+use crate::session::manager::{Cached, OpenSession, Sessions, Stored};
 use crate::session::seal::Keyring;
 use crate::session::store::StoreError;
 use arc_swap::ArcSwap;
@@ -91,6 +91,18 @@ pub struct Shared {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
+/// What [`Shared::cached_session`] tells without the store.
+pub enum Found {
+    /// The request's session, or none.
+    Session(Option<OpenSession>),
+    /// The store is to be asked ([`Shared::stored_session`]).
+    Ask(Ask),
+}
+
+/// A cookie value the store is to be asked about, the how-manieth of the request's session
+/// cookies it is (the ones after it are tried next), and the load's trace span.
+pub struct Ask(Stored, usize, tracing::Span);
+
 impl Shared {
     /// The key ring in effect, for login-state cookies: the sessions' own, so that a reload's
     /// keys reach both at once.
@@ -120,10 +132,55 @@ impl Shared {
         headers: &HeaderMap,
         now: u64,
     ) -> Result<Option<OpenSession>, StoreError> {
-        use tracing::Instrument;
+        match self.cached_session(sessions, live, headers, now) {
+            Found::Session(loaded) => Ok(loaded),
+            Found::Ask(stored) => {
+                self.stored_session(sessions, live, headers, stored, now)
+                    .await
+            }
+        }
+    }
+
+    /// [`Self::load_session_at`] as far as it goes without the store (see
+    /// [`Sessions::load_cached`]): the answer when no cookie needs the store to tell, else the
+    /// first one that does, for [`Self::stored_session`].
+    pub fn cached_session(
+        &self,
+        sessions: &Sessions,
+        live: &LiveConfig,
+        headers: &HeaderMap,
+        now: u64,
+    ) -> Found {
         let span = tracing::trace_span!(target: crate::telemetry::trace::TARGET, "session load");
+        let _in = span.enter();
+        let name = &live.config.session.cookie_name;
+        for (at, value) in crate::cookies::raw_values(headers, name).enumerate() {
+            match sessions.load_cached(value, now) {
+                Cached::Known(None) => {}
+                Cached::Known(found) => return Found::Session(found),
+                // The span goes on with the store's read: one span for the whole load.
+                Cached::Ask(stored) => return Found::Ask(Ask(stored, at, span.clone())),
+            }
+        }
+        Found::Session(None)
+    }
+
+    /// The rest of [`Self::load_session_at`] from the cookie the store is to be asked about.
+    pub async fn stored_session(
+        &self,
+        sessions: &Sessions,
+        live: &LiveConfig,
+        headers: &HeaderMap,
+        Ask(stored, at, span): Ask,
+        now: u64,
+    ) -> Result<Option<OpenSession>, StoreError> {
+        use tracing::Instrument;
         async {
-            for value in crate::cookies::raw_values(headers, &live.config.session.cookie_name) {
+            if let Some(loaded) = sessions.load_stored(stored, now).await? {
+                return Ok(Some(loaded));
+            }
+            let name = &live.config.session.cookie_name;
+            for value in crate::cookies::raw_values(headers, name).skip(at + 1) {
                 if let Some(loaded) = sessions.load(value, now).await? {
                     return Ok(Some(loaded));
                 }

@@ -124,6 +124,18 @@ fn fresh<'a>(
         .map(|t| t.value.as_str())
 }
 
+/// The session's access token for `route` while it is fresh: what [`Tokens::user_token`]
+/// lends without waiting. Asked first, a request with a fresh token writes no future for it.
+pub fn fresh_user_token<'a>(
+    live: &LiveConfig,
+    loaded: &'a OpenSession,
+    route: &RouteConfig,
+    now: u64,
+) -> Option<&'a str> {
+    let skew = live.config.oidc.refresh_skew.as_secs();
+    fresh(now, skew, &loaded.session, route.token_key(), None)
+}
+
 /// Access tokens: per-session refresh with single flight (in process and across replicas),
 /// and a cache of client-credentials tokens.
 #[derive(Default)]

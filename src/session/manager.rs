@@ -101,6 +101,21 @@ pub enum SessionError {
     Seal(#[from] SealError),
 }
 
+/// What [`Sessions::load_cached`] tells of a cookie value without the store.
+pub enum Cached {
+    /// The answer: no session, or the cached one.
+    Known(Option<OpenSession>),
+    /// The store has the answer ([`Sessions::load_stored`]).
+    Ask(Stored),
+}
+
+/// A cookie value that opened, whose session the cache did not hold.
+pub struct Stored {
+    opening: Opening,
+    /// The cache's miss, under which the store's answer is filed; none without a cache.
+    stamp: Option<cache::Stamp>,
+}
+
 /// A session read through its cookie, ready to be saved back.
 #[derive(Clone)]
 pub struct OpenSession {
@@ -511,40 +526,70 @@ impl Sessions {
         cookie_value: &(impl AsRef<[u8]> + ?Sized),
         now: u64,
     ) -> Result<Option<OpenSession>, StoreError> {
-        let Some(Opening {
+        match self.load_cached(cookie_value, now) {
+            Cached::Known(loaded) => Ok(loaded),
+            Cached::Ask(stored) => self.load_stored(stored, now).await,
+        }
+    }
+
+    /// [`Sessions::load`] as far as it goes without the store: the answer when the cookie opens
+    /// nothing or the cache holds its session, else what the store is to be asked for
+    /// ([`Sessions::load_stored`]). Not a future: a request whose session is cached writes
+    /// nothing of its loading into its own future's state, which at a few hundred connections
+    /// is memory the caches no longer hold.
+    pub fn load_cached(&self, cookie_value: &(impl AsRef<[u8]> + ?Sized), now: u64) -> Cached {
+        let Some(opening) = self.open(cookie_value.as_ref()) else {
+            return Cached::Known(None);
+        };
+        let stamp = match self.cache.as_ref().map(|cache| cache.get_key(opening.key)) {
+            Some(Lookup::Hit(version, session)) => {
+                let live = self.seconds_left(&session, now) > 0;
+                return Cached::Known(live.then(|| OpenSession {
+                    session,
+                    version,
+                    handle: opening.handle,
+                    reseal: opening.stale_key,
+                    ticket: opening.ticket,
+                    complete: false,
+                }));
+            }
+            Some(Lookup::Miss(stamp)) => Some(stamp),
+            None => None,
+        };
+        Cached::Ask(Stored { opening, stamp })
+    }
+
+    /// The rest of [`Sessions::load`] for a session the cache did not hold: read from the store,
+    /// and filed in the cache under the miss's stamp.
+    pub async fn load_stored(
+        &self,
+        Stored { opening, stamp }: Stored,
+        now: u64,
+    ) -> Result<Option<OpenSession>, StoreError> {
+        let Opening {
             ticket,
             handle,
-            key: cache_key,
+            key: _,
             stale_key,
-        }) = self.open(cookie_value.as_ref())
-        else {
+        } = opening;
+        let key = ticket.key();
+        let Some(record) = self.store.get(&key.name()).await? else {
             return Ok(None);
         };
-        let cached = self.cache.as_ref().map(|cache| cache.get_key(cache_key));
-        let (version, session) = match cached {
-            Some(Lookup::Hit(version, session)) => (version, session),
-            missed => {
-                let key = ticket.key();
-                let Some(record) = self.store.get(&key.name()).await? else {
-                    return Ok(None);
-                };
-                let Some(mut session) = decode_session(&ticket, &key, &record.value) else {
-                    return Ok(None);
-                };
-                session.id_token = None;
-                let session = Arc::new(session);
-                if let (Some(cache), Some(Lookup::Miss(stamp))) = (&self.cache, missed) {
-                    cache.put(stamp, record.version, &session);
-                }
-                (record.version, session)
-            }
+        let Some(mut session) = decode_session(&ticket, &key, &record.value) else {
+            return Ok(None);
         };
+        session.id_token = None;
+        let session = Arc::new(session);
+        if let (Some(cache), Some(stamp)) = (&self.cache, stamp) {
+            cache.put(stamp, record.version, &session);
+        }
         if self.seconds_left(&session, now) == 0 {
             return Ok(None);
         }
         Ok(Some(OpenSession {
             session,
-            version,
+            version: record.version,
             handle,
             reseal: stale_key,
             ticket,
@@ -654,15 +699,19 @@ impl Sessions {
         Ok(written?.then_some(updated))
     }
 
+    /// Whether [`Sessions::touch`] would write: a tenth of the idle time has passed since
+    /// `last_seen`. Asked first, the request of a session not due writes no future for it.
+    pub fn touch_due(&self, loaded: &OpenSession, now: u64) -> bool {
+        now.saturating_sub(loaded.session.last_seen)
+            .saturating_mul(10)
+            >= self.idle
+    }
+
     /// Slides the idle timeout. Writes only when a tenth of the idle time has passed since
     /// `last_seen`; then updates `loaded` and returns `true`. `false` also when another request
     /// wrote first (which slid the timeout too).
     pub async fn touch(&self, loaded: &mut OpenSession, now: u64) -> Result<bool, SessionError> {
-        if now
-            .saturating_sub(loaded.session.last_seen)
-            .saturating_mul(10)
-            < self.idle
-        {
+        if !self.touch_due(loaded, now) {
             return Ok(false);
         }
         let mut updated = Session::clone(&loaded.session);
