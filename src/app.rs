@@ -509,7 +509,8 @@ impl App {
                 again
             };
             let first = send(&mut req, admitted.token.clone()).await;
-            let response = if route.token == crate::config::TokenMode::User && rejects_token(&first)
+            let response = if route.token == crate::config::TokenMode::User
+                && rejects_token(route.token_binding, &first)
             {
                 // Rare: boxed so that it does not grow every request's future.
                 in_box(|| async {
@@ -965,24 +966,35 @@ fn replayable(route: &crate::config::RouteConfig, req: &Request<Inbound>, upgrad
         && !upgrade
 }
 
-/// `401` with `WWW-Authenticate: Bearer error="invalid_token"`.
-fn rejects_token(response: &Response<Body>) -> bool {
+/// `401` with a challenge whose `error` is `invalid_token` (RFC 6750 §3.1) in the scheme the
+/// token went with: `Bearer`, or on a DPoP-bound route `DPoP` (RFC 9449 §7.1) or `Bearer` (what
+/// an API that reads the token before the proof answers). The code in a description, a realm
+/// or another scheme's challenge is not the upstream refusing the token, and must not cost the
+/// session an early refresh.
+fn rejects_token(binding: TokenBinding, response: &Response<Body>) -> bool {
+    let schemes: &[&str] = match binding {
+        TokenBinding::Dpop => &["Bearer", "DPoP"],
+        TokenBinding::None => &["Bearer"],
+    };
     response.status() == http::StatusCode::UNAUTHORIZED
-        && response
-            .headers()
-            .get_all(header::WWW_AUTHENTICATE)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token")))
+        && crate::oidc::challenge::find(
+            response.headers().get_all(header::WWW_AUTHENTICATE),
+            schemes,
+            "invalid_token",
+        )
+        .is_some()
 }
 
-/// `401` with `WWW-Authenticate: DPoP error="use_dpop_nonce"` (RFC 9449 §9).
+/// `401` with `WWW-Authenticate: DPoP error="use_dpop_nonce"` (RFC 9449 §9: the nonce request
+/// is a `DPoP` challenge's).
 fn asks_for_dpop_nonce(response: &Response<Body>) -> bool {
     response.status() == http::StatusCode::UNAUTHORIZED
-        && response
-            .headers()
-            .get_all(header::WWW_AUTHENTICATE)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.contains("use_dpop_nonce")))
+        && crate::oidc::challenge::find(
+            response.headers().get_all(header::WWW_AUTHENTICATE),
+            &["DPoP"],
+            "use_dpop_nonce",
+        )
+        .is_some()
 }
 
 /// `vestibule check --online`: fetch the discovery document and the key set, and compare the
@@ -1149,6 +1161,83 @@ mod tests {
             .iter()
             .map(|v| v.as_bytes().to_vec())
             .collect()
+    }
+
+    /// A `401` with these `WWW-Authenticate` fields.
+    fn challenged(fields: &[&str]) -> Response<Body> {
+        let mut response = Response::new(crate::reply::empty());
+        *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+        for field in fields {
+            let value = HeaderValue::from_str(field).unwrap();
+            response
+                .headers_mut()
+                .append(header::WWW_AUTHENTICATE, value);
+        }
+        response
+    }
+
+    #[test]
+    fn only_an_invalid_token_error_asks_for_a_new_token() {
+        for fields in [
+            &[r#"Bearer error="invalid_token""#][..],
+            &[r#"Bearer realm="api", error=invalid_token, error_description="expired""#],
+            &[r#"Basic realm="x""#, r#"bearer ERROR="invalid_token""#],
+            &[r#"Basic realm="x", Bearer error="invalid_token""#],
+        ] {
+            assert!(
+                rejects_token(TokenBinding::None, &challenged(fields)),
+                "{fields:?}"
+            );
+            assert!(
+                rejects_token(TokenBinding::Dpop, &challenged(fields)),
+                "{fields:?}"
+            );
+        }
+        for fields in [
+            &[r#"Bearer error="insufficient_scope", error_description="the invalid_token flag""#][..],
+            &[r#"Bearer realm="invalid_token""#],
+            &[r#"Bearer error="invalid_token_not""#],
+            &[r#"Bearer error="insufficient_scope", scope="invalid_token""#],
+            &[r#"Basic realm="x", error="invalid_token""#],
+            &[r#"Newauth error="invalid_token""#],
+            &[r#"Bearer error="insufficient_scope", error_description="a \"invalid_token\" b""#],
+        ] {
+            assert!(
+                !rejects_token(TokenBinding::None, &challenged(fields)),
+                "{fields:?}"
+            );
+            assert!(
+                !rejects_token(TokenBinding::Dpop, &challenged(fields)),
+                "{fields:?}"
+            );
+        }
+        let mut forbidden = challenged(&[r#"Bearer error="invalid_token""#]);
+        *forbidden.status_mut() = http::StatusCode::FORBIDDEN;
+        assert!(!rejects_token(TokenBinding::None, &forbidden));
+        // RFC 9449 §7.1: a DPoP-bound token is refused in a DPoP challenge, which is not about
+        // a bearer token.
+        let dpop = challenged(&[r#"Bearer realm="api", DPoP error="invalid_token""#]);
+        assert!(rejects_token(TokenBinding::Dpop, &dpop));
+        assert!(!rejects_token(TokenBinding::None, &dpop));
+    }
+
+    #[test]
+    fn only_a_dpop_challenge_with_use_dpop_nonce_asks_for_a_nonce() {
+        for fields in [
+            &[r#"DPoP error="use_dpop_nonce""#][..],
+            &[r#"DPoP algs="ES256 PS256", error="use_dpop_nonce", error_description="x""#],
+            &[r#"Bearer realm="api", dpop error=use_dpop_nonce"#],
+        ] {
+            assert!(asks_for_dpop_nonce(&challenged(fields)), "{fields:?}");
+        }
+        for fields in [
+            &[r#"Bearer realm="use_dpop_nonce""#][..],
+            &[r#"Bearer error="use_dpop_nonce""#],
+            &[r#"DPoP error="invalid_dpop_proof", error_description="use_dpop_nonce next""#],
+            &[r#"DPoP realm="api""#, r#"Bearer error="use_dpop_nonce""#],
+        ] {
+            assert!(!asks_for_dpop_nonce(&challenged(fields)), "{fields:?}");
+        }
     }
 
     #[test]

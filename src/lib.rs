@@ -19,7 +19,8 @@
 //! - [`session`]: cookie sealing with a key ring, the session model, and the session stores
 //!   (memory and Redis) behind one type.
 //! - [`oidc`]: provider metadata, login (PAR), callback, refresh, logout, UserInfo — the OpenID
-//!   Connect client, with its client authentication, DPoP proofs and step-up requirements.
+//!   Connect client, with its client authentication, DPoP proofs, step-up requirements and the
+//!   reader of an API's `WWW-Authenticate` challenges.
 //! - [`proxy`]: routing, header rewriting, forwarding, upgrades, static files.
 //! - [`state`]: the state shared by every request (clients, sessions, the hot-swappable
 //!   [`state::LiveConfig`]) and the session of a request; [`rescue`]: [`rescue::RequestError`],

@@ -1,11 +1,13 @@
 //! The OpenID Connect client: provider metadata, the authorization-code flow with PKCE,
 //! token grants (code, refresh, client credentials, token exchange), revocation, and the URLs
-//! for RP-initiated logout.
+//! for RP-initiated logout. [`challenge`] reads what an API's 401 asks of the client
+//! (RFC 6750, RFC 9449, RFC 9470).
 //!
 //! Token validation itself lives in [`crate::jose`]. We use our own small HTTP calls rather than
 //! the `openidconnect` crate: it cannot refetch a rotated key set, does not check `azp`, has no
 //! leeway, no logout tokens and no token exchange, and would bring a second JOSE stack.
 
+pub mod challenge;
 pub mod client_auth;
 pub mod dpop;
 pub mod http;

@@ -122,99 +122,29 @@ pub fn from_params(
 }
 
 /// RFC 9470 §3: `WWW-Authenticate: Bearer error="insufficient_user_authentication"` with
-/// optional `acr_values` and `max_age`; `None` when no such challenge is among `values`.
+/// optional `acr_values` and `max_age`, in any field and after other challenges (RFC 9110
+/// §11.6.1); `None` when no such challenge is among `values`. Only that challenge's own
+/// parameters count.
 pub fn from_challenge<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Option<StepUp> {
-    for value in values {
-        let Some(params) = value.to_str().ok().and_then(bearer_params) else {
-            continue;
-        };
-        if !params.iter().any(|(k, v)| {
-            k.eq_ignore_ascii_case("error") && v == "insufficient_user_authentication"
-        }) {
-            continue;
-        }
-        let get = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
-        // A malformed parameter is ignored rather than trusted: the login still asks for a
-        // fresh sign-in.
-        let step = from_params(get("acr_values"), None)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let mut max_age = get("max_age").and_then(|m| m.parse::<u64>().ok());
-        if step.acr_values.is_empty() && max_age.is_none() {
-            // Neither named: a fresh sign-in (`max_age=0`, OpenID Connect Core §3.1.2.1).
-            max_age = Some(0);
-        }
-        return Some(StepUp {
-            acr_values: step.acr_values,
-            max_age,
-        });
+    let challenge =
+        super::challenge::find(values, &["Bearer"], "insufficient_user_authentication")?;
+    // A malformed parameter is ignored rather than trusted: the login still asks for a fresh
+    // sign-in.
+    let step = from_params(challenge.param("acr_values"), None)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let mut max_age = challenge
+        .param("max_age")
+        .and_then(|m| m.parse::<u64>().ok());
+    if step.acr_values.is_empty() && max_age.is_none() {
+        // Neither named: a fresh sign-in (`max_age=0`, OpenID Connect Core §3.1.2.1).
+        max_age = Some(0);
     }
-    None
-}
-
-/// The auth-params of a `Bearer` challenge (RFC 7235 §2.1, quoted or token values).
-fn bearer_params(text: &str) -> Option<Vec<(String, String)>> {
-    let rest = text.trim_start();
-    let rest = rest
-        .get(..6)
-        .filter(|s| s.eq_ignore_ascii_case("bearer"))
-        .map(|_| &rest[6..])?;
-    let mut params = Vec::new();
-    let mut chars = rest.trim_start().chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let mut name = String::new();
-        while let Some(c) = chars.peek().copied() {
-            if c == '=' || c == ',' || c.is_whitespace() {
-                break;
-            }
-            name.push(c);
-            chars.next();
-        }
-        if name.is_empty() {
-            return Some(params);
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.next() != Some('=') {
-            return Some(params);
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '"' => break,
-                    '\\' => value.extend(chars.next()),
-                    c => value.push(c),
-                }
-            }
-        } else {
-            while let Some(c) = chars.peek().copied() {
-                if c == ',' || c.is_whitespace() {
-                    break;
-                }
-                value.push(c);
-                chars.next();
-            }
-        }
-        params.push((name, value));
-        if params.len() > 20 {
-            return Some(params);
-        }
-    }
+    Some(StepUp {
+        acr_values: step.acr_values,
+        max_age,
+    })
 }
 
 #[cfg(test)]
@@ -320,8 +250,22 @@ mod tests {
         let header = v(r#"Basic realm="x", Bearer error=insufficient_user_authentication"#);
         assert_eq!(
             from_challenge([header].iter()),
-            None,
-            "only a Bearer challenge first"
+            Some(StepUp {
+                acr_values: vec![],
+                max_age: Some(0)
+            }),
+            "a Bearer challenge after another in the same field"
+        );
+        let header = v(
+            r#"DPoP error="use_dpop_nonce", Bearer error="insufficient_user_authentication", acr_values="mfa""#,
+        );
+        assert_eq!(
+            from_challenge([header].iter()),
+            Some(StepUp {
+                acr_values: vec!["mfa".into()],
+                max_age: None
+            }),
+            "RFC 9110 §11.6.1: several challenges in one field"
         );
         let basic = v(r#"Basic realm="x""#);
         let bearer = v(r#"Bearer error="insufficient_user_authentication", acr_values="mfa""#);
@@ -350,6 +294,46 @@ mod tests {
             Some(StepUp {
                 acr_values: vec![],
                 max_age: Some(60)
+            })
+        );
+    }
+
+    #[test]
+    fn only_a_bearer_challenge_asks_for_a_step_up_and_with_its_own_parameters() {
+        let v = |s: &str| http::HeaderValue::from_str(s).unwrap();
+        for field in [
+            // Another scheme's challenge, or a Bearer scheme name that is longer.
+            r#"Newauth error="insufficient_user_authentication", acr_values="weak""#,
+            r#"Bearer_x=1, error="insufficient_user_authentication""#,
+            r#"Bearerx error="insufficient_user_authentication""#,
+            // The error named only in a description or a realm.
+            r#"Bearer error="invalid_token", error_description="insufficient_user_authentication""#,
+            r#"Bearer realm="insufficient_user_authentication""#,
+            // A parameter given twice is ambiguous: which one the upstream meant is unknown.
+            r#"Bearer error="insufficient_user_authentication", error="invalid_token""#,
+        ] {
+            assert_eq!(from_challenge([v(field)].iter()), None, "{field}");
+        }
+        // The parameters of the Bearer challenge, not of the one before or after it.
+        let header = v(
+            r#"Basic realm="rs", acr_values="weak", Bearer error="insufficient_user_authentication", max_age=60, DPoP acr_values="other", max_age=1"#,
+        );
+        assert_eq!(
+            from_challenge([header].iter()),
+            Some(StepUp {
+                acr_values: vec![],
+                max_age: Some(60)
+            })
+        );
+        // Escaped quotes stay inside their quoted-string.
+        let header = v(
+            r#"Bearer error_description="say \"acr_values=\\\"weak\\\"\", then", error="insufficient_user_authentication", acr_values="mfa""#,
+        );
+        assert_eq!(
+            from_challenge([header].iter()),
+            Some(StepUp {
+                acr_values: vec!["mfa".into()],
+                max_age: None
             })
         );
     }

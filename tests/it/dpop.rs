@@ -119,6 +119,64 @@ async fn the_real_provider_binds_tokens_and_every_request_carries_a_fresh_proof_
     assert_eq!(plain[0].1, None);
 }
 
+/// An upstream's 401 is acted on only for what its challenges say in their `error`, in the
+/// scheme that carries it: a nonce request in a `DPoP` challenge (RFC 9449 §9) is answered
+/// once with the nonce; `invalid_token` in a `DPoP` challenge (RFC 9449 §7.1) replaces the
+/// token of a DPoP-bound route, not of a bearer route. The code in a realm, or in another
+/// scheme's challenge, is passed to the client untouched, with no second request and no grant.
+#[tokio::test]
+async fn an_upstreams_401_is_acted_on_only_for_the_error_of_the_challenge_that_carries_it() {
+    let stack = dpop_stack(json!({})).await;
+    let mut browser = stack.login("alice").await;
+    let refreshes = async || {
+        stack.provider.stats().await["refresh_token"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = refreshes().await;
+    let mut call = async |path: &str, challenge: &str| {
+        let url = format!("{}{path}", stack.base);
+        let headers = [
+            ("x-csrf", "1"),
+            ("x-challenge", challenge),
+            ("x-dpop-nonce", "n-1"),
+        ];
+        let r = browser.get(&url, &headers).await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(r.header("www-authenticate"), Some(challenge));
+        sent(&stack.up, path)
+    };
+    for (i, challenge) in [
+        r#"Bearer realm="use_dpop_nonce""#,
+        r#"Bearer error="use_dpop_nonce""#,
+        r#"DPoP error="invalid_dpop_proof", error_description="use_dpop_nonce""#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seen = call(&format!("/api/challenge401?realm{i}"), challenge).await;
+        assert_eq!(seen.len(), 1, "not replayed: {challenge}");
+    }
+    let seen = call("/plain/challenge401?dpop", r#"DPoP error="invalid_token""#).await;
+    assert_eq!(seen.len(), 1, "not a bearer token's refusal");
+    assert_eq!(refreshes().await, before);
+
+    let seen = call(
+        "/api/challenge401?nonce",
+        r#"Bearer realm="api", DPoP error="use_dpop_nonce""#,
+    )
+    .await;
+    assert_eq!(seen.len(), 2, "once more with the nonce");
+    let nonce = |i: usize| segment(seen[i].1.as_deref().unwrap(), 1)["nonce"].clone();
+    assert_eq!(nonce(1), "n-1");
+    assert_eq!(refreshes().await, before);
+
+    let seen = call("/api/challenge401?bound", r#"DPoP error="invalid_token""#).await;
+    assert_eq!(seen.len(), 2, "once more with a new token");
+    assert_ne!(seen[0].0, seen[1].0);
+    assert_eq!(refreshes().await, before + 1);
+}
+
 #[tokio::test]
 async fn a_provider_that_wants_a_nonce_gets_one_retry_with_it_and_the_login_completes() {
     let stack = dpop_stack(json!({ "dpop_require_nonce": true })).await;

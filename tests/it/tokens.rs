@@ -425,6 +425,33 @@ async fn an_upstream_invalid_token_answer_is_retried_once_with_a_refreshed_token
     let s = stack(1, serde_json::json!({})).await;
     let mut browser = s.login("alice").await;
     let first = s.newest_access_token("alice").await;
+    // `invalid_token` anywhere but in a Bearer challenge's `error` is not a rejected token: the
+    // upstream's 401 is the client's answer, sent once, and the provider is not asked for a
+    // token (an upstream must not turn its every answer into a grant by its wording).
+    s.reset_stats().await;
+    for (i, challenge) in [
+        r#"Bearer error="insufficient_scope", error_description="the invalid_token flag""#,
+        r#"Bearer realm="invalid_token""#,
+        r#"Basic realm="api", error="invalid_token""#,
+        r#"Bearer error="insufficient_scope", error_description="a \"invalid_token\" b""#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = browser
+            .get(
+                &s.proxies[0].url(&format!("/api/challenge401?described{i}")),
+                &[("x-csrf", "1"), ("x-challenge", challenge)],
+            )
+            .await;
+        assert_eq!(r.status, 401, "{challenge}");
+        assert_eq!(r.text(), "no");
+        assert_eq!(r.header("www-authenticate"), Some(challenge));
+        let seen = s.bearers(&format!("/challenge401?described{i}"));
+        assert_eq!(seen, vec![first.clone()], "sent once: {challenge}");
+        assert_eq!(refresh_grants(&s.stats().await), 0, "{challenge}");
+    }
+    assert_eq!(s.newest_access_token("alice").await, first);
     // The API has revoked the (not yet expiring) token: one refresh, one retry, the client
     // sees the second answer.
     s.api.rejected.lock().unwrap().insert(first.clone());

@@ -198,6 +198,22 @@ async fn upstream_challenges_become_a_step_up_only_as_rfc_9470_says_and_never_pa
             ],
         ),
         (
+            // RFC 9110 §11.6.1: several challenges in one field, the Bearer one not first.
+            "/combined",
+            401,
+            &[
+                r#"DPoP error="use_dpop_nonce", Bearer error="insufficient_user_authentication", acr_values="mfa""#,
+            ],
+        ),
+        (
+            // Another scheme's challenge naming the error, and a Bearer one that does not.
+            "/not-bearer",
+            401,
+            &[
+                r#"Newauth error="insufficient_user_authentication", acr_values="weak", Bearer realm="rs", error_description="insufficient_user_authentication""#,
+            ],
+        ),
+        (
             "/forbidden",
             403,
             &[r#"Bearer error="insufficient_user_authentication", acr_values="mfa""#],
@@ -237,6 +253,15 @@ async fn upstream_challenges_become_a_step_up_only_as_rfc_9470_says_and_never_pa
     let r = call(&fake, "/rs/second-field").await;
     assert_eq!(r.status, 401, "{}", r.text());
     assert_eq!(r.json()["max_age"], 30, "{}", r.text());
+    // Or after another challenge in the same field, with its own parameters.
+    let r = call(&fake, "/rs/combined").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"], "step_up_required", "{}", r.text());
+    assert_eq!(r.json()["acr_values"], json!(["mfa"]), "{}", r.text());
+    // Only a Bearer challenge's `error` asks: the upstream's answer is passed through.
+    let r = call(&fake, "/rs/not-bearer").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.text(), "{}");
     // Not a 401: not RFC 9470's challenge, passed through as the upstream's answer.
     let r = call(&fake, "/rs/forbidden").await;
     assert_eq!(r.status, 403, "{}", r.text());

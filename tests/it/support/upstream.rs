@@ -2,7 +2,9 @@
 //! `/slow` waits, `/big?n=BYTES` streams a large body, `/upload` counts a streamed body,
 //! `/ws` upgrades and echoes bytes, `/set-cookie?a,b` answers with a `Set-Cookie` for each name
 //! (`/set-cookie-bytes?a,b`: each deleted, with a value that is not UTF-8)
-//! listed, anything else echoes the request head as JSON.
+//! listed, `/status401` answers 401 `invalid_token`, `/challenge401` answers 401 with the
+//! request's `X-Challenge` fields as its `WWW-Authenticate` (and its `X-DPoP-Nonce` as
+//! `DPoP-Nonce`), anything else echoes the request head as JSON.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -179,6 +181,16 @@ async fn handle(
             .header("www-authenticate", "Bearer error=\"invalid_token\"")
             .body(full("no"))
             .unwrap());
+    }
+    if path.ends_with("/challenge401") {
+        let mut response = Response::builder().status(401);
+        for challenge in record.headers.get_all("x-challenge") {
+            response = response.header("www-authenticate", challenge);
+        }
+        if let Some(nonce) = record.headers.get("x-dpop-nonce") {
+            response = response.header("dpop-nonce", nonce);
+        }
+        return Ok(response.body(full("no")).unwrap());
     }
     let headers: serde_json::Map<String, serde_json::Value> = record
         .headers
