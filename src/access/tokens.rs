@@ -337,16 +337,16 @@ impl Tokens {
     }
 
     /// A client-credentials token for the route's resource and scopes, cached until near expiry.
+    /// Routes share one when they ask for the same resource and the same set of scopes (RFC 6749
+    /// §3.3: order and repeats do not matter), keyed as user tokens are
+    /// ([`crate::config::token_key_of`]); the provider is sent the first such route's scopes
+    /// as written.
     pub async fn client_token(
         &self,
         app: &Shared,
         route: &RouteConfig,
     ) -> Result<String, RequestError> {
-        let key = format!(
-            "{}|{}",
-            route.resource.as_deref().unwrap_or(""),
-            route.scopes.join(" ")
-        );
+        let key = crate::config::token_key_of(route.resource.as_deref(), &route.scopes, false);
         let slot = {
             let mut map = self.client.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(key).or_default().clone()

@@ -511,6 +511,66 @@ async fn an_expires_in_beyond_the_end_of_time_is_a_long_lifetime_not_an_expired_
     );
 }
 
+/// A scope is a set (RFC 6749 §3.3): client-token routes that ask for the same scopes in
+/// another order, or with one repeated, share one client-credentials grant, as user tokens do
+/// (`RouteConfig::token_key`); different scopes, or a different resource, get grants of their
+/// own, however their texts run together. The provider is sent each route's scopes as written.
+#[tokio::test]
+async fn client_tokens_for_the_same_scopes_in_any_order_are_one_grant() {
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let route = |path: &str, resource: &str, scopes: &str| {
+        format!(
+            "[[routes]]\npath = \"{path}\"\nupstream = \"{}\"\ntoken = \"client\"\n\
+             resource = \"{resource}\"\nscopes = {scopes}\n",
+            up.url()
+        )
+    };
+    let routes = [
+        route("/ab/", "https://api.example/x", r#"["a", "b"]"#),
+        route("/ba/", "https://api.example/x", r#"["b", "a", "a"]"#),
+        route("/a/", "https://api.example/x", r#"["a"]"#),
+        // `resource|scopes` of these two read the same: `https://api.example/x|y|z`.
+        route("/xy/", "https://api.example/x|y", r#"["z"]"#),
+        route("/x/", "https://api.example/x", r#"["y|z"]"#),
+    ]
+    .concat();
+    let proxy = start_proxy(config_toml(&routes).set("oidc.issuer", idp.issuer.as_str())).await;
+    wait_metadata(&proxy).await;
+    let c = Case { proxy, idp, signer };
+    for path in ["/ab/1", "/ba/1", "/ab/2", "/ba/2", "/a/1", "/xy/1", "/x/1"] {
+        let r = get(&c.proxy.url(path), &[("x-csrf", "1")]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let asked: Vec<(String, String)> = c
+        .idp
+        .state
+        .token_requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|form| {
+            let field = |name: &str| {
+                let found = form.iter().find(|(k, _)| k == name);
+                found.map(|(_, v)| v.clone()).unwrap_or_default()
+            };
+            (field("resource"), field("scope"))
+        })
+        .collect();
+    let pair = |resource: &str, scope: &str| (resource.to_string(), scope.to_string());
+    assert_eq!(
+        asked,
+        [
+            pair("https://api.example/x", "a b"),
+            pair("https://api.example/x", "a"),
+            pair("https://api.example/x|y", "z"),
+            pair("https://api.example/x", "y|z"),
+        ]
+    );
+    assert_eq!(grants(&c, "client_credentials"), 4);
+}
+
 /// `expires_in` of 0 (RFC 6749 does not forbid it) would make a token due for refresh as it
 /// arrives: every request would refresh, and a provider answering 0 each time would be sent one
 /// grant per API request. A lifetime under [`MIN_TOKEN_LIFETIME`] is taken as that: at login,
