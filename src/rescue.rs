@@ -53,7 +53,8 @@ pub enum TokenUnavailable {
     #[error("another replica's refresh of this session did not end")]
     OtherReplicaStalled,
     /// Another refresh (on a replica whose lease ran out) is spending the session's refresh
-    /// token and has not saved its answer yet: spending it again would have it refused.
+    /// token, or spent it and has not saved its answer yet (the session kept changing under
+    /// the save): spending it again would have it refused.
     #[error("another refresh is spending this session's refresh token")]
     SpendInProgress,
     /// The refresh token was spent by another refresh whose result this one cannot see.

@@ -895,3 +895,53 @@ async fn a_refresh_answer_with_an_unusable_expires_in_is_refused_and_the_session
     );
     assert_eq!(c.requests(REFRESH).len(), 5, "each answer was asked for");
 }
+
+/// Other writes of the session (idle-timeout touches) that come between each of a refresh's
+/// attempts to save its answer never cost the rotated refresh token: the provider has spent
+/// the one presented, and the answer holds the only copy of the new one. The answer is kept
+/// and saved once the session stops changing, and the next refresh presents the rotated token.
+#[tokio::test]
+async fn a_refresh_answer_that_loses_every_save_to_other_writes_is_kept_and_saved() {
+    let c = setup().await;
+    let cookie = c.login(0).await;
+    // A touch now, so that the refresh's request writes nothing else.
+    assert_eq!(c.user(&cookie).await.status, 200);
+    c.idp
+        .state
+        .script(REFRESH, 200, refreshed("access-2", "refresh-2", None));
+    let vestibule::session::Store::Memory(store) = c.proxy.app.sessions.store() else {
+        panic!("the test's proxy keeps its sessions in memory");
+    };
+    // More writes in between than the save makes attempts.
+    store.lose_next_writes(8);
+    let r = c.get(&cookie, "/api/one").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.bearer(), "Bearer access-2");
+
+    c.clock.advance(std::time::Duration::from_secs(300));
+    c.idp
+        .state
+        .script(REFRESH, 200, refreshed("access-3", "refresh-3", None));
+    let r = eventually(
+        "the next refresh is answered",
+        std::time::Duration::from_secs(10),
+        || async {
+            let r = c.get(&cookie, "/api/two").await;
+            (r.status != 503).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let presented: Vec<_> = c
+        .requests(REFRESH)
+        .iter()
+        .map(|form| field(form, "refresh_token").unwrap().to_string())
+        .collect();
+    assert_eq!(
+        presented,
+        ["login-refresh", "refresh-2"],
+        "the rotated refresh token was lost"
+    );
+    assert_eq!(c.bearer(), "Bearer access-3");
+    assert_eq!(c.user(&cookie).await.status, 200);
+}

@@ -3,14 +3,15 @@
 //! Once the provider has answered a refresh, the refresh token it was given is spent: with a
 //! rotating provider the answer holds the only copy of the new one, and presenting the spent one
 //! again is refused with `invalid_grant`, which ends the session. So an answer the store did not
-//! take is never thrown away: it is kept in the process's refresh memory ([`Unsaved`]) and its
+//! take — it failed, or other writes of the session came first at every attempt — is never
+//! thrown away: it is kept in the process's refresh memory ([`Unsaved`]) and its
 //! refresh task tries the save again until the store answers ([`Job::keep_saving`]), holding the
 //! lease. Every later refresh of the session in this process saves it before it does anything
 //! else ([`Job::save_unsaved`]), so no grant — and no `invalid_grant` — can follow an answer
 //! still unsaved here.
 
 use super::refresh::{ClaimsUpdate, Job, Keeper, LEASE, release};
-use super::{RefreshError, RefreshMemory};
+use super::{RefreshError, RefreshMemory, TokenUnavailable};
 use crate::oidc::TokenResponse;
 use crate::session::manager::OpenSession;
 use crate::session::model::{AccessToken, Session};
@@ -19,7 +20,8 @@ use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
-/// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave.
+/// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave; after
+/// that the answer is kept and saved again later, like one the store failed to take.
 const SAVE_ATTEMPTS: usize = 5;
 /// How long a refresh task keeps trying to save an answer the store did not take; afterwards the
 /// answer waits in memory for the session's next refresh in this process. Long enough for a
@@ -47,6 +49,14 @@ pub(super) struct Answer {
     pub(super) rotation_only: bool,
 }
 
+/// What became of an attempt to write an answer ([`Job::write`]).
+enum Saved {
+    /// Written, or left out for another refresh's answer saved first.
+    Written,
+    /// Other writes of the session came first at every attempt: nothing was written.
+    Contended,
+}
+
 /// A refresh's answer that the store did not take, and the lease of the refresh that got it
 /// (released by whoever saves it).
 pub(super) struct Unsaved {
@@ -59,24 +69,40 @@ pub(super) struct Unsaved {
 }
 
 impl Job {
-    /// Writes `answer` onto `current`; on a store failure, a refresh's answer is kept in `memory`
-    /// (with this job's lease, which then stays held) and the request gets the store's error.
+    /// Writes `answer` onto `current`. When the store failed, or other writes of the session
+    /// came first at every attempt, a refresh's answer is kept in `memory` (with this job's
+    /// lease, which then stays held) and saved later: the request gets the store's error, or,
+    /// when only other writes came in between, the answer's access token, which is as good
+    /// as saved.
     pub(super) async fn save(
         &self,
         memory: &mut RefreshMemory,
         current: OpenSession,
         answer: Answer,
     ) -> Result<String, RefreshError> {
-        let written = self.write(current, &answer).await;
-        let (Err(RefreshError::Store(error)), Some(spent)) = (&written, answer.spent.as_deref())
-        else {
+        let token = answer.tokens.access_token.clone();
+        let written = match self.write(current, &answer).await {
+            Ok(Saved::Written) => return Ok(token),
+            Ok(Saved::Contended) => Ok(token),
+            Err(RefreshError::Store(error)) => Err(RefreshError::Store(error)),
+            Err(other) => return Err(other),
+        };
+        let Some(spent) = answer.spent.as_deref() else {
+            // A token exchange spent nothing: its token serves this request, and the next
+            // exchange gets another.
             return written;
         };
-        tracing::warn!(
-            %error,
-            "the store failed while saving a refresh; the answer is kept and saved when the \
-             store is back"
-        );
+        match &written {
+            Err(error) => tracing::warn!(
+                %error,
+                "the store failed while saving a refresh; the answer is kept and saved when the \
+                 store is back"
+            ),
+            Ok(_) => tracing::warn!(
+                "the session kept changing while saving a refresh; the answer is kept and saved \
+                 again shortly"
+            ),
+        }
         let store = self.sessions.store();
         let spend = self.sessions.spend_key(&self.loaded, spent);
         let keepers = [
@@ -101,7 +127,9 @@ impl Job {
     }
 
     /// Saves the session's unsaved answer, if there is one, and releases its lease and its spend
-    /// record. Keeps it while the store fails; drops it when the session has ended meanwhile.
+    /// record. Keeps it while the store fails or other writes keep coming first (then a 503:
+    /// its refresh token is spent, and no grant may follow it); drops it when the session has
+    /// ended meanwhile.
     pub(super) async fn save_unsaved(
         &self,
         memory: &mut RefreshMemory,
@@ -110,13 +138,22 @@ impl Job {
             return Ok(());
         };
         let written = match self.reload(&self.loaded).await {
-            Ok(current) => self.write(current, &unsaved.answer).await.map(drop),
+            Ok(current) => self.write(current, &unsaved.answer).await,
             Err(error) => Err(error),
         };
-        if let Err(RefreshError::Store(error)) = written {
-            memory.unsaved = Some(unsaved);
-            return Err(RefreshError::Store(error));
-        }
+        let written = match written {
+            Ok(Saved::Contended) => {
+                // Still unsaved: its refresh token must not be presented again meanwhile.
+                memory.unsaved = Some(unsaved);
+                let reason = TokenUnavailable::SpendInProgress;
+                return Err(RefreshError::Unavailable { reason });
+            }
+            Err(RefreshError::Store(error)) => {
+                memory.unsaved = Some(unsaved);
+                return Err(RefreshError::Store(error));
+            }
+            other => other.map(drop),
+        };
         // Saved, or no session is left to save it into: the lease and the spend record (held
         // with the same token) have nothing more to guard. Left behind, the record would hold
         // back every refresh presenting the same refresh token (one the provider did not rotate)
@@ -157,9 +194,10 @@ impl Job {
             if !self.kept_unsaved(&memory) {
                 return; // a request's refresh saved it
             }
-            match self.save_unsaved(&mut memory).await {
-                Err(RefreshError::Store(_)) => {}
-                Ok(()) | Err(_) => return,
+            // Kept again only while the store fails or the session keeps changing.
+            let _ = self.save_unsaved(&mut memory).await;
+            if !self.kept_unsaved(&memory) {
+                return;
             }
         }
         tracing::warn!(
@@ -171,9 +209,11 @@ impl Job {
     /// Writes the answer of a grant, all of it or nothing: the access token under its key, a
     /// rotated refresh token, and a validated ID token with the claims it brings (replacing the
     /// previous ones). Other writes (idle-timeout touches) that came in between are re-read and
-    /// the answer applied again. A refresh whose `spent` token was already replaced in the
-    /// store (another holder of a lost lease saved first) does not overwrite that one.
-    async fn write(&self, current: OpenSession, answer: &Answer) -> Result<String, RefreshError> {
+    /// the answer applied again, [`SAVE_ATTEMPTS`] times at most: `Contended` when they came
+    /// first every time, and the answer is to be kept ([`Job::save`]). A refresh whose `spent`
+    /// token was already replaced in the store (another holder of a lost lease saved first)
+    /// does not overwrite that one (`Written`: there is nothing of it to keep).
+    async fn write(&self, current: OpenSession, answer: &Answer) -> Result<Saved, RefreshError> {
         let Answer {
             key,
             tokens,
@@ -213,18 +253,17 @@ impl Job {
         for _ in 0..SAVE_ATTEMPTS {
             if spent.is_some() && base.session.refresh_token != *spent {
                 tracing::warn!("another refresh of this session was saved first; its tokens stand");
-                return Ok(tokens.access_token.clone());
+                return Ok(Saved::Written);
             }
             let mut session = Session::clone(&base.session);
             apply(&mut session);
             match self.sessions.save(&base, session, self.clock.now()).await {
-                Ok(true) => return Ok(tokens.access_token.clone()),
+                Ok(true) => return Ok(Saved::Written),
                 Ok(false) => {}
                 Err(e) => return Err(RefreshError::Store(e)),
             }
             base = self.reload(&base).await?;
         }
-        tracing::warn!("the session kept changing while refreshing; the new tokens were not kept");
-        Ok(tokens.access_token.clone())
+        Ok(Saved::Contended)
     }
 }

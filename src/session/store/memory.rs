@@ -41,6 +41,9 @@ struct Inner {
     /// Tests only: holds the next `get` after it has read, until the test lets it answer.
     #[cfg(test)]
     held_get: Mutex<Option<HeldGet>>,
+    /// Tests only: how many of the next compare-and-sets find another write came first.
+    #[cfg(any(test, feature = "test-support"))]
+    lost_writes: std::sync::atomic::AtomicUsize,
 }
 
 /// The two ends a test holds a `get` with: told when it has read, it answers when let go.
@@ -63,6 +66,8 @@ impl MemoryStore {
                 channels: Mutex::new(HashMap::new()),
                 #[cfg(test)]
                 held_get: Mutex::new(None),
+                #[cfg(any(test, feature = "test-support"))]
+                lost_writes: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -132,6 +137,25 @@ impl MemoryStore {
         (has_read, let_go)
     }
 
+    /// Tests only: each of the next `n` compare-and-sets of a record finds it written by someone
+    /// else just before (its version moved on, its value the same, as an idle-timeout touch of
+    /// another request leaves it) and loses.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn lose_next_writes(&self, n: usize) {
+        self.inner
+            .lost_writes
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Tests only: whether this compare-and-set is one [`MemoryStore::lose_next_writes`] made lose.
+    #[cfg(any(test, feature = "test-support"))]
+    fn loses(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let lost = &self.inner.lost_writes;
+        lost.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     pub async fn put_new(
         &self,
         key: &str,
@@ -168,6 +192,17 @@ impl MemoryStore {
             }) => record.version,
             Some(_) => return Err(wrong_type()),
         };
+        #[cfg(any(test, feature = "test-support"))]
+        if version == expected_version && self.loses() {
+            if let Some(Entry {
+                kind: Kind::Record(record),
+                ..
+            }) = state.get_mut(key)
+            {
+                record.version = version.saturating_add(1);
+            }
+            return Ok(false);
+        }
         if version != expected_version {
             return Ok(false);
         }
