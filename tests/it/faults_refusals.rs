@@ -76,6 +76,44 @@ async fn a_refresh_answered_while_redis_is_out_of_memory_is_saved_once_it_takes_
     assert_eq!(up.last().headers["authorization"], "Bearer at-2");
 }
 
+/// The provider rotated the refresh token (rt-1 gives rt-2) and Redis, out of memory, refused
+/// the save: rt-2 is only in the memory of the replica that refreshed. A logout then (deletes
+/// still run) ends the session and revokes rt-1, which the session held; the kept answer finds
+/// the session gone, and its rt-2 is revoked too rather than left valid at the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_while_a_rotated_refresh_token_waits_unsaved_revokes_it_too() {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let proxy = token_proxy(&redis.url(), &idp, &up).await;
+    let cookie = due_session(&proxy, &idp, &[]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&proxy, &idp, &cookie).await;
+    out_of_memory(&redis, true);
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "{}", first.text());
+    let logout = script_logout(&proxy, &cookie).await.unwrap();
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    out_of_memory(&redis, false);
+
+    assert!(
+        !proxy.signed_in(&cookie).await,
+        "the session outlived the logout"
+    );
+    let revoked = eventually(
+        "the rotated refresh token is revoked",
+        Duration::from_secs(10),
+        || async {
+            let revoked = revoked_tokens(&idp);
+            revoked.contains(&"rt-2".to_string()).then_some(revoked)
+        },
+    )
+    .await;
+    assert!(revoked.contains(&"rt-1".to_string()), "{revoked:?}");
+    assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1".to_string()]);
+}
+
 /// Out of memory, Redis refuses the refresh lease a logout takes (`SET NX`) but still carries out
 /// deletes: the logout ends the session and revokes its refresh token rather than answer 503 and
 /// leave the user signed in. A request whose idle-timeout touch is refused is still served.

@@ -12,7 +12,7 @@
 
 use super::refresh::{ClaimsUpdate, Job, Keeper, LEASE, release};
 use super::{RefreshError, RefreshMemory, TokenUnavailable};
-use crate::oidc::TokenResponse;
+use crate::oidc::{Oidc, TokenResponse};
 use crate::session::manager::OpenSession;
 use crate::session::model::{AccessToken, Session};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,8 +128,8 @@ impl Job {
 
     /// Saves the session's unsaved answer, if there is one, and releases its lease and its spend
     /// record. Keeps it while the store fails or other writes keep coming first (then a 503:
-    /// its refresh token is spent, and no grant may follow it); drops it when the session has
-    /// ended meanwhile.
+    /// its refresh token is spent, and no grant may follow it); revokes and drops it when the
+    /// session has ended meanwhile.
     pub(super) async fn save_unsaved(
         &self,
         memory: &mut RefreshMemory,
@@ -170,8 +170,10 @@ impl Job {
             release(store, &spend, &lease).await;
         }
         release(store, &self.lock_key, &lease).await;
-        if written.is_ok() {
-            tracing::info!("a refresh the store had failed to save is saved");
+        match &written {
+            Ok(()) => tracing::info!("a refresh the store had failed to save is saved"),
+            Err(RefreshError::Ended) => revoke_answer(&self.oidc, &answer).await,
+            Err(_) => {}
         }
         written
     }
@@ -266,4 +268,23 @@ impl Job {
         }
         Ok(Saved::Contended)
     }
+}
+
+/// Revokes what a refresh's answer brought once it can no longer be saved: its session ended
+/// while it waited unsaved. A logout then (on any replica) revoked only the refresh token the
+/// session held, the spent one; the rotated one, held nowhere else, would stay valid at the
+/// provider until it expires. An opaque access token goes too, as a logout's does.
+pub(super) async fn revoke_answer(oidc: &Oidc, answer: &Answer) {
+    let tokens = &answer.tokens;
+    if let Some(rotated) = tokens.refresh_token.as_deref()
+        && answer.spent.as_deref() != Some(rotated)
+    {
+        oidc.revoke(rotated, "refresh_token").await;
+    }
+    if !answer.rotation_only && !crate::jose::looks_like_jwt(&tokens.access_token) {
+        oidc.revoke(&tokens.access_token, "access_token").await;
+    }
+    tracing::info!(
+        "the session ended before a refresh's answer could be saved; its tokens are revoked"
+    );
 }
