@@ -945,3 +945,66 @@ async fn a_refresh_answer_that_loses_every_save_to_other_writes_is_kept_and_save
     assert_eq!(c.bearer(), "Bearer access-3");
     assert_eq!(c.user(&cookie).await.status, 200);
 }
+
+/// A back-channel logout of `sid` (and alice) from the fake provider, as its token `jti`.
+async fn backchannel_logout(c: &Case, jti: &str, sid: &str) -> Reply {
+    let mut claims =
+        vestibule::jose::testing::logout_token_claims(&c.idp.issuer, "vestibule", now());
+    claims["jti"] = jti.into();
+    claims["sid"] = sid.into();
+    let token = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&claims);
+    let form: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("logout_token", &token)
+        .finish();
+    send(
+        http::Request::post(c.proxy.url("/bff/backchannel-logout"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(bytes::Bytes::from(form)))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Signs alice in (in provider session `session-1`) and refreshes her token with an ID token
+/// naming provider session `session-2`. Returns the session cookie.
+async fn moved_to_another_provider_session(c: &Case) -> String {
+    let cookie = c.login(0).await;
+    let mut moved = alice(&c.idp.issuer, None, &["reader"]);
+    moved["sid"] = json!("session-2");
+    c.idp.state.script(
+        REFRESH,
+        200,
+        refreshed("access-2", "refresh-2", Some(c.sign(&moved))),
+    );
+    let r = c.get(&cookie, "/api/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    cookie
+}
+
+/// A refreshed ID token naming another provider session (`sid`) moves the session there: the
+/// provider's back-channel logout of that provider session ends it. One of the provider session
+/// it was signed in with still ends it too (it was born there; ending it is never wrong).
+#[tokio::test]
+async fn a_refresh_into_another_provider_session_is_ended_by_the_logout_of_either() {
+    let c = setup().await;
+    let cookie = moved_to_another_provider_session(&c).await;
+    let r = backchannel_logout(&c, "logout-new", "session-2").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !c.proxy.signed_in(&cookie).await,
+        "the session outlived the back-channel logout of its current provider session"
+    );
+
+    let cookie = moved_to_another_provider_session(&c).await;
+    let r = backchannel_logout(&c, "logout-old", "session-1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !c.proxy.signed_in(&cookie).await,
+        "the session outlived the back-channel logout of the provider session it began in"
+    );
+}

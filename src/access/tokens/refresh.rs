@@ -77,7 +77,8 @@ impl ClaimsUpdate {
         }
     }
 
-    /// A validated ID token replaces the stored one. The user claims become the ID token's (the
+    /// A validated ID token replaces the stored one, and the provider session (`sid`) it names,
+    /// if any, the session's. The user claims become the ID token's (the
     /// new one, else the stored one) with the UserInfo answer merged over them; without
     /// `userinfo`, the new ID token's alone; when UserInfo failed, they stay as they were.
     pub(super) fn apply(&self, session: &mut Session, id_token: Option<&str>) {
@@ -90,6 +91,12 @@ impl ClaimsUpdate {
         let new_id_token = match (&self.claims, id_token) {
             (Some(claims), Some(token)) => {
                 session.id_token = Some(token.to_string());
+                // A provider session named anew is the one whose back-channel logout must end
+                // this session: the write indexes it under that `sid` (and keeps the entry of
+                // the one before, whose logout still ends it).
+                if let Some(sid) = claims.get("sid").and_then(|v| v.as_str()) {
+                    session.sid = Some(sid.to_string());
+                }
                 Some(claims)
             }
             _ => None,
