@@ -36,6 +36,16 @@ impl Challenge {
         self.scheme.eq_ignore_ascii_case(scheme)
     }
 
+    /// The scheme as sent.
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    /// The auth-params in order, names as sent, values unescaped.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
     /// The value of the parameter `name` (any case, RFC 9110 §11.2).
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params
