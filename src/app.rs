@@ -137,6 +137,18 @@ impl App {
         self.tokens.finished().await;
     }
 
+    /// Tests only: see [`Tokens::set_keep_saving_for`].
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn keep_saving_for(&self, time: std::time::Duration) {
+        self.tokens.set_keep_saving_for(time);
+    }
+
+    /// Tests only: see [`Tokens::unsaved_answers`].
+    #[cfg(any(test, feature = "test-support"))]
+    pub async fn unsaved_refresh_answers(&self) -> usize {
+        self.tokens.unsaved_answers().await
+    }
+
     /// Handles one request from the public listener, on the serving worker `worker`; while
     /// shutting down, an HTTP/1 answer also closes its connection.
     pub async fn handle(
@@ -345,8 +357,10 @@ impl App {
                 // Boxed: the BFF endpoints' futures are large and rare next to proxied calls,
                 // and would otherwise grow every request's future (moved on each request).
                 let label = crate::endpoints::label(req.method(), &rest);
-                let answer =
-                    in_box(|| crate::endpoints::handle(self, live, *req, &rest, peer.ip)).await;
+                let answer = in_box(|| {
+                    crate::endpoints::handle(self, &self.tokens, live, *req, &rest, peer.ip)
+                })
+                .await;
                 return routed(label, answer);
             }
         };

@@ -1,6 +1,7 @@
 //! The BFF endpoints under `bff_prefix`: login, callback, user, logout, back-channel logout,
 //! session listing and the session-ended event stream.
 
+use crate::access::Tokens;
 use crate::cookies;
 use crate::limits::{Endpoint, Verdict, client_address};
 use crate::oidc::response::check_authorization_iss;
@@ -50,6 +51,7 @@ fn hash_hex(text: &str) -> String {
 /// link), JSON for the others.
 pub async fn handle(
     app: &Shared,
+    tokens: &Tokens,
     live: &LiveConfig,
     req: Request<Inbound>,
     rest: &str,
@@ -81,7 +83,7 @@ pub async fn handle(
                 (LogoutVia::Script, "script", Reader::Script)
             };
             let span = tracing::trace_span!(target: TARGET, "logout");
-            let answer = logout(app, live, &req, via);
+            let answer = logout(app, tokens, live, &req, via);
             let labels = [("via", label)];
             let answer = counted(span, "vestibule_logouts_total", &labels, answer);
             (reader, answer.await)
@@ -665,6 +667,7 @@ async fn end_as_read(app: &Shared, loaded: OpenSession) -> Result<OpenSession, R
 
 async fn logout(
     app: &Shared,
+    tokens: &Tokens,
     live: &LiveConfig,
     req: &Request<Inbound>,
     via: LogoutVia,
@@ -715,6 +718,9 @@ async fn logout(
     {
         app.oidc.revoke(&token.value, "access_token").await;
     }
+    // A refresh's answer that this process holds unsaved (the store refused it for longer than
+    // the refresh kept trying) brought tokens the session never held: revoked too.
+    tokens.forget_ended(app, &loaded.handle, within).await;
     let id_token = loaded.session.id_token.as_deref();
     let target = app.oidc.end_session_url(id_token, &post_logout_uri);
     let mut way_out = None;

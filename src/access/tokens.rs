@@ -145,6 +145,9 @@ pub struct Tokens {
     /// The refresh tasks under way, which a shutdown waits for.
     refreshes: TaskTracker,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ClientSlot>>>>,
+    /// Tests only: a time other than [`save::KEEP_SAVING_FOR`] to keep saving an answer for.
+    #[cfg(any(test, feature = "test-support"))]
+    keep_saving_for: Mutex<Option<Duration>>,
 }
 
 /// One resource's and scopes' client-credentials token, and the last grant of it that failed.
@@ -308,6 +311,7 @@ impl Tokens {
             deadline,
             lock_key: sessions.refresh_lock_key(loaded),
             lease,
+            keep_saving_for: self.keep_saving_for(),
         };
         // Not aborted when this request is dropped: the task holds the queue and the lease
         // until the grant is saved and the lease released. Tracked, so that a shutdown lets it
@@ -327,6 +331,78 @@ impl Tokens {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) | Err(_) => Err(gave_up()),
         }
+    }
+
+    /// After a logout in this process ended the session `handle`: forgets what this process
+    /// remembers of its refreshes, and revokes the tokens of an answer still waiting there
+    /// unsaved (see [`save`]). Once its refresh task has given up saving it, nothing else would
+    /// ever look at that answer again: the rotated refresh token it holds, held nowhere else,
+    /// would stay valid at the provider until it expires, and the answer in memory for the
+    /// life of the process. A refresh of the session that holds the memory for longer than
+    /// `within` is left to it: it finds the session ended and revokes the answer itself.
+    pub async fn forget_ended(&self, app: &Shared, handle: &str, within: Duration) {
+        let memory = {
+            let map = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(handle).cloned()
+        };
+        let Some(memory) = memory else {
+            return;
+        };
+        let Ok(mut held) = tokio::time::timeout(within, memory.lock()).await else {
+            tracing::warn!(
+                "a refresh of a session that ended here is still under way; an answer of it left \
+                 unsaved is revoked by its refresh, which finds the session ended"
+            );
+            return;
+        };
+        let unsaved = held.unsaved.take();
+        // A request that read the session before it ended and queues for its refresh now makes
+        // a memory of its own, and finds the session ended.
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(handle);
+        drop(held);
+        if let Some(unsaved) = unsaved {
+            unsaved.revoke(app.sessions.store(), &app.oidc).await;
+        }
+    }
+
+    /// How long a refresh task keeps trying to save an answer the store did not take.
+    fn keep_saving_for(&self) -> Duration {
+        #[cfg(any(test, feature = "test-support"))]
+        if let Some(shorter) = *self
+            .keep_saving_for
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            return shorter;
+        }
+        save::KEEP_SAVING_FOR
+    }
+
+    /// Tests only: refresh tasks started from now on keep trying to save an answer the store
+    /// did not take for `time` rather than [`save::KEEP_SAVING_FOR`], which no test waits out.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn set_keep_saving_for(&self, time: Duration) {
+        *self
+            .keep_saving_for
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(time);
+    }
+
+    /// Tests only: how many sessions have a refresh's answer waiting unsaved in this process.
+    #[cfg(any(test, feature = "test-support"))]
+    pub async fn unsaved_answers(&self) -> usize {
+        let memories: Vec<_> = {
+            let map = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            map.values().cloned().collect()
+        };
+        let mut unsaved = 0;
+        for memory in memories {
+            unsaved += usize::from(memory.lock().await.unsaved.is_some());
+        }
+        unsaved
     }
 
     /// Resolves once no refresh is under way, for a graceful shutdown: refreshes started by the

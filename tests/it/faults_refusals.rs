@@ -114,6 +114,52 @@ async fn a_logout_while_a_rotated_refresh_token_waits_unsaved_revokes_it_too() {
     assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1".to_string()]);
 }
 
+/// As above, but Redis refuses writes for longer than the refresh task keeps trying to save
+/// the answer (shortened to nothing here): the answer, with the only copy of rt-2, waits in the
+/// memory of the replica that refreshed, and nothing of the session comes to save it. Redis
+/// takes writes again and the user logs out on that replica: the logout revokes rt-2 with
+/// the session's rt-1, and nothing of the session is left in the replica's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_after_the_refresh_task_gave_up_saving_revokes_the_rotated_refresh_token() {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let proxy = token_proxy(&redis.url(), &idp, &up).await;
+    proxy.app.keep_saving_for(Duration::ZERO);
+    let cookie = due_session(&proxy, &idp, &[]).await;
+
+    let (release, first) = refresh_held_at_the_provider(&proxy, &idp, &cookie).await;
+    out_of_memory(&redis, true);
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "{}", first.text());
+    assert_eq!(
+        proxy.app.unsaved_refresh_answers().await,
+        1,
+        "the answer was not kept"
+    );
+    out_of_memory(&redis, false);
+
+    let logout = script_logout(&proxy, &cookie).await.unwrap();
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    assert!(
+        !proxy.signed_in(&cookie).await,
+        "the session outlived the logout"
+    );
+    let revoked = revoked_tokens(&idp);
+    assert!(
+        revoked.contains(&"rt-2".to_string()),
+        "the rotated refresh token outlives the logout at the provider; revoked: {revoked:?}"
+    );
+    assert!(revoked.contains(&"rt-1".to_string()), "{revoked:?}");
+    assert_eq!(
+        proxy.app.unsaved_refresh_answers().await,
+        0,
+        "the answer outlives its session in memory"
+    );
+    assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1".to_string()]);
+}
+
 /// Out of memory, Redis refuses the refresh lease a logout takes (`SET NX`) but still carries out
 /// deletes: the logout ends the session and revokes its refresh token rather than answer 503 and
 /// leave the user signed in. A request whose idle-timeout touch is refused is still served.

@@ -16,7 +16,7 @@
 //! The answer of a refresh the store failed to save is kept and saved later, never thrown away
 //! (see [`super::save`]).
 
-use super::save::{Answer, KEEP_SAVING_FOR};
+use super::save::Answer;
 use super::{Failed, Grant, RefreshError, RefreshMemory, TokenUnavailable, classify, count, fresh};
 use crate::clock::Clock;
 use crate::config::RouteConfig;
@@ -179,6 +179,9 @@ pub(super) struct Job {
     /// The session's refresh lease in the store, and this job's token for it.
     pub(super) lock_key: String,
     pub(super) lease: String,
+    /// How long an answer the store did not take is tried again
+    /// ([`super::save::KEEP_SAVING_FOR`]).
+    pub(super) keep_saving_for: Duration,
 }
 
 impl Job {
@@ -285,12 +288,12 @@ impl Job {
     }
 
     /// How long a spend record lasts from its last renewal: through the grants and every
-    /// attempt to save their answer through a store outage ([`KEEP_SAVING_FOR`]), and a minute
+    /// attempt to save their answer through a store outage (`keep_saving_for`), and a minute
     /// more. Were it to run out first, another replica could present the refresh token spent
     /// while the store was away before the answer is saved. A holder that died leaves it
     /// unrenewed, and the next refresh waiting for it cuts it short.
     pub(super) fn spend_lasts(&self) -> Duration {
-        self.grants_take() + KEEP_SAVING_FOR + Duration::from_secs(60)
+        self.grants_take() + self.keep_saving_for + Duration::from_secs(60)
     }
 
     pub(super) async fn reload(&self, loaded: &OpenSession) -> Result<OpenSession, RefreshError> {

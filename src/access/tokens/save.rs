@@ -6,15 +6,20 @@
 //! take — it failed, or other writes of the session came first at every attempt — is never
 //! thrown away: it is kept in the process's refresh memory ([`Unsaved`]) and its
 //! refresh task tries the save again until the store answers ([`Job::keep_saving`]), holding the
-//! lease. Every later refresh of the session in this process saves it before it does anything
-//! else ([`Job::save_unsaved`]), so no grant — and no `invalid_grant` — can follow an answer
-//! still unsaved here.
+//! lease, for [`KEEP_SAVING_FOR`]. Every later refresh of the session in this process saves it
+//! before it does anything else ([`Job::save_unsaved`]), so no grant — and no `invalid_grant` —
+//! can follow an answer still unsaved here.
+//!
+//! An answer whose session ended meanwhile has its tokens revoked, not dropped: by the save
+//! that finds the session gone, or, once its refresh task has given up, by a logout in this
+//! process ([`super::Tokens::forget_ended`]), since nothing else would ever look at it again.
 
 use super::refresh::{ClaimsUpdate, Job, Keeper, LEASE, release};
 use super::{RefreshError, RefreshMemory, TokenUnavailable};
 use crate::oidc::{Oidc, TokenResponse};
 use crate::session::manager::OpenSession;
 use crate::session::model::{AccessToken, Session};
+use crate::session::store::Store;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
@@ -24,7 +29,8 @@ use tokio::time::Instant;
 /// that the answer is kept and saved again later, like one the store failed to take.
 const SAVE_ATTEMPTS: usize = 5;
 /// How long a refresh task keeps trying to save an answer the store did not take; afterwards the
-/// answer waits in memory for the session's next refresh in this process. Long enough for a
+/// answer waits in memory for the session's next refresh, or its logout, in this process
+/// ([`super::Tokens::forget_ended`]). Long enough for a
 /// store restart or failover, short enough that a shutdown or an outage does not pile up tasks.
 pub(super) const KEEP_SAVING_FOR: Duration = Duration::from_secs(300);
 /// The first pause between two attempts; it doubles up to [`LONGEST_PAUSE`].
@@ -58,14 +64,45 @@ enum Saved {
 }
 
 /// A refresh's answer that the store did not take, and the lease of the refresh that got it
-/// (released by whoever saves it).
+/// (released by whoever saves it, or revokes it: [`Unsaved::revoke`]).
 pub(super) struct Unsaved {
     answer: Answer,
     lease: String,
+    /// The session's refresh lease and the spend record of the refresh token the answer spent,
+    /// both held with `lease`.
+    lock_key: String,
+    spend_key: String,
     /// Keep the session's refresh lease and the spend record of the refresh token the answer
     /// spent held while it waits (for [`KEEP_SAVING_FOR`]), taking them again if they ran out
     /// during the outage: no replica presents that token again meanwhile.
     _keepers: [Keeper; 2],
+}
+
+impl Unsaved {
+    /// Its session ended, and a logout in this process took it out of the refresh memory:
+    /// revokes the tokens the answer brought ([`revoke_answer`]) and lets go of what it held.
+    pub(super) async fn revoke(self, store: &Store, oidc: &Oidc) {
+        let answer = self.let_go(store).await;
+        revoke_answer(oidc, &answer).await;
+    }
+
+    /// Saved, or no session is left to save it into: the lease and the spend record (held
+    /// with the same token) have nothing more to guard. Left behind, the record would hold
+    /// back every refresh presenting the same refresh token (one the provider did not rotate)
+    /// until it runs out. Their keepers stop first.
+    async fn let_go(self, store: &Store) -> Answer {
+        let Unsaved {
+            answer,
+            lease,
+            lock_key,
+            spend_key,
+            _keepers,
+        } = self;
+        drop(_keepers);
+        release(store, &spend_key, &lease).await;
+        release(store, &lock_key, &lease).await;
+        answer
+    }
 }
 
 impl Job {
@@ -109,10 +146,14 @@ impl Job {
             (self.lock_key.as_str(), LEASE),
             (spend.as_str(), self.spend_lasts()),
         ]
-        .map(|(key, lasts)| Keeper::start(store.clone(), key, &self.lease, lasts, KEEP_SAVING_FOR));
+        .map(|(key, lasts)| {
+            Keeper::start(store.clone(), key, &self.lease, lasts, self.keep_saving_for)
+        });
         memory.unsaved = Some(Unsaved {
             answer,
             lease: self.lease.clone(),
+            lock_key: self.lock_key.clone(),
+            spend_key: spend,
             _keepers: keepers,
         });
         written
@@ -154,22 +195,7 @@ impl Job {
             }
             other => other.map(drop),
         };
-        // Saved, or no session is left to save it into: the lease and the spend record (held
-        // with the same token) have nothing more to guard. Left behind, the record would hold
-        // back every refresh presenting the same refresh token (one the provider did not rotate)
-        // until it runs out. Their keepers stop first.
-        let Unsaved {
-            answer,
-            lease,
-            _keepers,
-        } = unsaved;
-        drop(_keepers);
-        let store = self.sessions.store();
-        if let Some(spent) = &answer.spent {
-            let spend = self.sessions.spend_key(&self.loaded, spent);
-            release(store, &spend, &lease).await;
-        }
-        release(store, &self.lock_key, &lease).await;
+        let answer = unsaved.let_go(self.sessions.store()).await;
         match &written {
             Ok(()) => tracing::info!("a refresh the store had failed to save is saved"),
             Err(RefreshError::Ended) => revoke_answer(&self.oidc, &answer).await,
@@ -179,15 +205,15 @@ impl Job {
     }
 
     /// After this job's answer was kept unsaved (and the waiting request answered): tries the
-    /// save again with growing pauses for [`KEEP_SAVING_FOR`], while the [`Unsaved`] answer's
-    /// keepers hold the lease and the spend record so that no replica spends the refresh token
-    /// again. The queue is let go between attempts:
-    /// requests of the session then try the save themselves, and answer 503 while the store is
-    /// down rather than wait for this task.
+    /// save again with growing pauses for `keep_saving_for` ([`KEEP_SAVING_FOR`]), while the
+    /// [`Unsaved`] answer's keepers hold the lease and the spend record so that no replica
+    /// spends the refresh token again. The queue is let go between attempts: requests of the
+    /// session then try the save themselves, and answer 503 while the store is down rather
+    /// than wait for this task; a logout here takes the answer and revokes it.
     pub(super) async fn keep_saving(&self, memory: OwnedMutexGuard<RefreshMemory>) {
         let queue = OwnedMutexGuard::mutex(&memory).clone();
         drop(memory);
-        let until = Instant::now() + KEEP_SAVING_FOR;
+        let until = Instant::now() + self.keep_saving_for;
         let mut pause = FIRST_PAUSE;
         while Instant::now() < until {
             tokio::time::sleep(pause).await;
@@ -203,8 +229,9 @@ impl Job {
             }
         }
         tracing::warn!(
-            "the store did not take a refreshed session for {KEEP_SAVING_FOR:?}; the answer stays \
-             in memory for the session's next refresh on this instance"
+            "the store did not take a refreshed session for {:?}; the answer stays in memory \
+             for the session's next refresh or logout on this instance",
+            self.keep_saving_for
         );
     }
 
@@ -274,7 +301,7 @@ impl Job {
 /// while it waited unsaved. A logout then (on any replica) revoked only the refresh token the
 /// session held, the spent one; the rotated one, held nowhere else, would stay valid at the
 /// provider until it expires. An opaque access token goes too, as a logout's does.
-pub(super) async fn revoke_answer(oidc: &Oidc, answer: &Answer) {
+async fn revoke_answer(oidc: &Oidc, answer: &Answer) {
     let tokens = &answer.tokens;
     if let Some(rotated) = tokens.refresh_token.as_deref()
         && answer.spent.as_deref() != Some(rotated)
