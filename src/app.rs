@@ -372,7 +372,8 @@ impl App {
                     return routed(route.path.as_str(), error.respond(reader));
                 }
             };
-        let session = admitted.session;
+        // Read where it is (a move would copy it into more of this future's state).
+        let session = &admitted.session;
         // Looked up once: the tunnel, the replay and the proxy ask it of the same fields (the
         // proxy's rewriting removes them, and the steps before it touch only DPoP's).
         let upgrade = proxy::headers::upgrade_protocol(req.headers());
@@ -595,7 +596,8 @@ impl App {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         let mut routed = routed(route.path.as_str(), response);
-        routed.user = session
+        routed.user = admitted
+            .session
             .filter(|_| live.config.telemetry.log_user != crate::config::LogUser::None)
             .map(|l| l.session);
         routed
