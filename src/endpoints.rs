@@ -936,9 +936,11 @@ async fn end_session(
 }
 
 /// Server-Sent Events: `event: ended` once this session ends by any path, on any instance.
-/// Checked when an invalidation for it arrives and on every keep-alive ping (which catches the
-/// idle and absolute timeouts); the check bypasses the session cache, which may still hold a
-/// copy when the invalidation reaches this stream first. An unreachable store ends nothing.
+/// Checked when an invalidation for it arrives (or any may have been lost; other sessions'
+/// do not wake the stream: [`crate::session::manager::Sessions::watch`]) and on every
+/// keep-alive ping (which catches the idle and absolute timeouts); the check bypasses the
+/// session cache, which may still hold a copy when the invalidation reaches this stream first.
+/// An unreachable store ends nothing.
 async fn session_events(
     app: &Shared,
     live: &LiveConfig,
@@ -948,7 +950,7 @@ async fn session_events(
     let sessions = app.sessions.clone();
     let stopping = app.stopping.clone();
     let clock = app.clock.clone();
-    let mut invalidations = sessions.subscribe_invalidations();
+    let mut invalidated = sessions.watch(loaded.handle);
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<http_body::Frame<bytes::Bytes>, crate::reply::BoxError>,
     >(4);
@@ -961,14 +963,7 @@ async fn session_events(
         ping.reset();
         loop {
             tokio::select! {
-                message = invalidations.recv() => {
-                    match message {
-                        Ok(h) if *h != *loaded.handle && !h.is_empty() => continue,
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        // No more messages: the client reconnects and subscribes afresh.
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    }
-                }
+                () = invalidated.changed() => {}
                 _ = ping.tick() => {
                     if tx.send(frame(b": ping\n\n")).await.is_err() { break; }
                 }

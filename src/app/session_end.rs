@@ -5,7 +5,8 @@
 //!
 //! Both are watched the same way ([`close_with_session`]): on the session's invalidation
 //! message, and on a read of the session every [`SESSION_CHECK`] (idle and absolute timeouts).
-//! A watch is a task and a subscription, so an answer's body takes one only once it has
+//! A watch is a task and an entry among the session's watches (woken by that session's
+//! messages only, see [`Sessions::watch`]), so an answer's body takes one only once it has
 //! streamed for [`STREAM_GRACE`] ([`SessionBound`]): an answer that completes at once, as most
 //! do, never registers, and one read whole with its head is not wrapped at all.
 
@@ -34,10 +35,11 @@ const STREAM_GRACE: Duration = Duration::from_secs(2);
 const READY_FRAMES: u32 = 16;
 
 /// Cancels `end` once the session `loaded` was opened with has ended by any path, on any
-/// instance: checked when an invalidation for it arrives and every [`SESSION_CHECK`], as
-/// `session-events` does (the check bypasses the session cache); `check_first`: once at the
-/// start too (a watch started late may have missed the message). An unreachable store ends
-/// nothing. Returns when `end` is cancelled (the tunnel or the body closed).
+/// instance: checked when an invalidation for it arrives (or any may have been lost) and every
+/// [`SESSION_CHECK`], as `session-events` does (the check bypasses the session cache);
+/// `check_first`: once at the start too (a watch started late may have missed the message). An
+/// unreachable store ends nothing. Returns when `end` is cancelled (the tunnel or the body
+/// closed). Other sessions' invalidations do not wake it ([`Sessions::watch`]).
 pub(super) async fn close_with_session(
     sessions: Arc<Sessions>,
     clock: Clock,
@@ -45,9 +47,7 @@ pub(super) async fn close_with_session(
     end: CancellationToken,
     (what, check_first): (&'static str, bool),
 ) {
-    use tokio::sync::broadcast::error::RecvError;
-    let mut invalidations = sessions.subscribe_invalidations();
-    let mut announced = true;
+    let mut invalidated = sessions.watch(loaded.handle);
     let mut check = tokio::time::interval(SESSION_CHECK);
     if !check_first {
         check.reset();
@@ -55,12 +55,7 @@ pub(super) async fn close_with_session(
     loop {
         tokio::select! {
             () = end.cancelled() => return,
-            message = invalidations.recv(), if announced => match message {
-                Ok(h) if *h != *loaded.handle && !h.is_empty() => continue,
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                // No more messages: the checks on time go on.
-                Err(RecvError::Closed) => announced = false,
-            },
+            () = invalidated.changed() => {}
             _ = check.tick() => {}
         }
         if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
@@ -230,3 +225,7 @@ impl Drop for SessionBound {
         self.finish();
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

@@ -15,11 +15,14 @@
 //!
 //! Rules: a bad, foreign or expired cookie is `Ok(None)`; an unreachable store is `Err` and never
 //! ends a session. Every write publishes the session's handle on [`INVALIDATION_CHANNEL`], in the
-//! same step as the write, so other instances drop cached copies. The time is always a parameter (`now`, Unix seconds).
+//! same step as the write, so other instances drop cached copies and what waits on that session
+//! ([`Sessions::watch`], `watches`) reads it again. The time is always a parameter (`now`, Unix
+//! seconds).
 
 mod cache;
 mod memo;
 mod ticket;
+mod watches;
 
 use std::fmt;
 use std::time::Duration;
@@ -30,6 +33,8 @@ use tokio::sync::broadcast;
 use self::cache::{Cache, Lookup};
 use self::memo::{Memo, Opening};
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
+pub use self::watches::SessionWatch;
+use self::watches::Watches;
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
 use crate::session::store::{Corruption, Outage, Store, StoreError};
@@ -147,7 +152,7 @@ impl fmt::Debug for OpenSession {
 /// A session's handle ([`OpenSession::handle`]): its text, 32 lowercase hex digits, held in
 /// place. A request copies it out of the memo's entry of its cookie (`memo.rs`), beside what it
 /// reads there anyway: no allocation of its own to reach (and miss) for a reference count.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Handle([u8; 32]);
 
 impl Handle {
@@ -211,6 +216,8 @@ pub struct Sessions {
     keyring: Arc<ArcSwap<Keyring>>,
     store: Store,
     cache: Option<Arc<Cache>>,
+    /// The sessions that tunnels and streams wait on, process-wide like the cache.
+    watches: Arc<Watches>,
     /// Cookies opened before, by value: this manager's own (each worker has one).
     memo: Memo,
     /// How many cookies a memo is sized for (`session.cache_entries`).
@@ -255,6 +262,7 @@ impl Sessions {
             idle: idle_timeout.as_secs().max(1),
             absolute: absolute_timeout.as_secs().max(1),
             keyring: Arc::new(ArcSwap::from_pointee(keyring)),
+            watches: Arc::new(Watches::new(store.clone())),
             store,
             cache,
             memo: Memo::new(cache_entries),
@@ -273,6 +281,7 @@ impl Sessions {
             keyring: self.keyring.clone(),
             store: self.store.for_worker(),
             cache: self.cache.clone(),
+            watches: self.watches.clone(),
             memo: Memo::new(self.memo_entries),
             memo_entries: self.memo_entries,
             max_per_user: self.max_per_user,
@@ -300,8 +309,22 @@ impl Sessions {
     }
 
     /// Handles of changed or ended sessions, from every instance; `""` means "drop everything".
+    /// Every message wakes every receiver: to wait on one session, [`Sessions::watch`].
     pub fn subscribe_invalidations(&self) -> broadcast::Receiver<String> {
         self.store.subscribe(INVALIDATION_CHANNEL).into_receiver()
+    }
+
+    /// Waits on the session `handle` names, from now on: woken by its invalidations, from
+    /// every instance, and whenever any may have been lost — not by other sessions' (see
+    /// `watches`). Call inside a runtime.
+    pub fn watch(&self, handle: Handle) -> SessionWatch {
+        self.watches.watch(handle)
+    }
+
+    /// How many sessions are watched now (an entry per session, gone with its last watch).
+    #[cfg(test)]
+    pub(crate) fn watched_sessions(&self) -> usize {
+        self.watches.watched()
     }
 
     /// The store key of this session's single-flight refresh lease.

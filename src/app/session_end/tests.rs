@@ -1,0 +1,183 @@
+use super::*;
+use crate::clock::TestClock;
+use crate::session::manager::{INVALIDATION_CHANNEL, SessionSettings};
+use crate::session::model::Session;
+use crate::session::seal::Keyring;
+use crate::session::store::{MemoryStore, Store};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A future whose polls are counted: each is a wake-up of the task that runs it.
+struct Polled<F> {
+    inner: Pin<Box<F>>,
+    polls: Arc<AtomicUsize>,
+}
+
+impl<F: Future> Future for Polled<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+fn sessions() -> Arc<Sessions> {
+    let keyring = Keyring::new(vec![[1; 32]]).unwrap();
+    let store = Store::Memory(MemoryStore::new(1000));
+    Arc::new(Sessions::new(
+        SessionSettings::new("__Host-vestibule", keyring),
+        store,
+    ))
+}
+
+async fn signed_in(sessions: &Sessions, clock: &Clock, sid: &str) -> OpenSession {
+    let session = Session {
+        sub: "alice".into(),
+        sid: Some(sid.into()),
+        ..Session::default()
+    };
+    sessions.create(session, clock.now()).await.unwrap().1
+}
+
+/// A watch of `loaded`, spawned; its polls and the token it cancels.
+fn watch(
+    sessions: &Arc<Sessions>,
+    clock: &Clock,
+    loaded: OpenSession,
+) -> (Arc<AtomicUsize>, CancellationToken) {
+    let polls = Arc::new(AtomicUsize::new(0));
+    let end = CancellationToken::new();
+    let watching = close_with_session(
+        sessions.clone(),
+        clock.clone(),
+        Box::new(loaded),
+        end.clone(),
+        ("a test's stream", false),
+    );
+    tokio::spawn(Polled {
+        inner: Box::pin(watching),
+        polls: polls.clone(),
+    });
+    (polls, end)
+}
+
+/// Lets every task that can run, run.
+async fn settle() {
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn ended(end: &CancellationToken) -> bool {
+    tokio::time::timeout(Duration::from_secs(2), end.cancelled())
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_watch_sleeps_through_the_invalidations_of_other_sessions() {
+    let sessions = sessions();
+    let clock = TestClock::new().clock();
+    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let own = loaded.handle;
+    let (polls, end) = watch(&sessions, &clock, loaded);
+    settle().await;
+    let before = polls.load(Ordering::Relaxed);
+    for n in 0..100u32 {
+        let other = format!("{n:032x}");
+        sessions
+            .store()
+            .publish(INVALIDATION_CHANNEL, &other)
+            .await
+            .unwrap();
+        settle().await;
+    }
+    let woken = polls.load(Ordering::Relaxed) - before;
+    assert_eq!(woken, 0, "woken by 100 messages of other sessions");
+    // Its own session's message wakes it: it reads the session, still there, and goes on.
+    sessions
+        .store()
+        .publish(INVALIDATION_CHANNEL, &own)
+        .await
+        .unwrap();
+    settle().await;
+    assert!(polls.load(Ordering::Relaxed) > before);
+    assert!(!end.is_cancelled());
+}
+
+#[tokio::test]
+async fn a_watch_that_ends_leaves_nothing_behind() {
+    let sessions = sessions();
+    let clock = TestClock::new().clock();
+    let first = signed_in(&sessions, &clock, "sid-1").await;
+    let second = signed_in(&sessions, &clock, "sid-2").await;
+    // Two streams of one session, one of another.
+    let (_, closed) = watch(&sessions, &clock, first.clone());
+    let (_, ended_first) = watch(&sessions, &clock, first);
+    let (_, ended_second) = watch(&sessions, &clock, second);
+    settle().await;
+    assert_eq!(sessions.watched_sessions(), 2);
+    // One closed by its client; the other two by their sessions' ends.
+    closed.cancel();
+    settle().await;
+    assert_eq!(sessions.watched_sessions(), 2);
+    sessions.end_by_sid("sid-1").await.unwrap();
+    sessions.end_by_sid("sid-2").await.unwrap();
+    assert!(ended(&ended_first).await && ended(&ended_second).await);
+    settle().await;
+    assert_eq!(sessions.watched_sessions(), 0);
+}
+
+#[tokio::test]
+async fn a_watch_ends_at_once_when_its_own_session_ends() {
+    let sessions = sessions();
+    let clock = TestClock::new().clock();
+    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let (_, end) = watch(&sessions, &clock, loaded);
+    settle().await;
+    sessions.end_by_sid("sid-1").await.unwrap();
+    assert!(ended(&end).await);
+}
+
+/// An empty message (the pub/sub connection was lost and is back: anything may have changed)
+/// has every watch read its session again: one that timed out meanwhile ends.
+#[tokio::test]
+async fn everything_may_have_changed_wakes_every_watch() {
+    let sessions = sessions();
+    let test_clock = TestClock::new();
+    let clock = test_clock.clock();
+    let first = signed_in(&sessions, &clock, "sid-1").await;
+    let second = signed_in(&sessions, &clock, "sid-2").await;
+    let (_, first) = watch(&sessions, &clock, first);
+    let (_, second) = watch(&sessions, &clock, second);
+    settle().await;
+    test_clock.advance(crate::session::manager::DEFAULT_IDLE_TIMEOUT * 2);
+    sessions
+        .store()
+        .publish(INVALIDATION_CHANNEL, "")
+        .await
+        .unwrap();
+    assert!(ended(&first).await && ended(&second).await);
+}
+
+/// More messages at once than the channel holds: the ones lost may have been of any session.
+#[tokio::test]
+async fn a_burst_past_the_channel_s_capacity_wakes_every_watch() {
+    let sessions = sessions();
+    let test_clock = TestClock::new();
+    let clock = test_clock.clock();
+    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let (_, end) = watch(&sessions, &clock, loaded);
+    settle().await;
+    test_clock.advance(crate::session::manager::DEFAULT_IDLE_TIMEOUT * 2);
+    for n in 0..5000u32 {
+        let other = format!("{n:032x}");
+        sessions
+            .store()
+            .publish(INVALIDATION_CHANNEL, &other)
+            .await
+            .unwrap();
+    }
+    assert!(ended(&end).await);
+}

@@ -1,0 +1,373 @@
+//! Who waits on which session: what lives as long as the session it was opened with (a
+//! WebSocket tunnel, a streamed answer, a session event stream) waits here for the
+//! invalidations of that session alone.
+//!
+//! Every write of any session publishes its handle, from every instance: the touches and
+//! refreshes of every user, many a second. A watch holding its own subscription would be woken
+//! by each of them only to compare a handle and sleep again (10,000 open event streams and 100
+//! messages a second: a million wake-ups a second), and a burst past the channel's capacity
+//! would have every one of them read the store at once. Instead one task per process, the
+//! relay, takes the messages in and wakes only the watches of the handle named, found in a map
+//! sharded by handle. What says that messages may have been lost still wakes every watch, to
+//! read its session again: an empty handle ([`RESYNC`](crate::session::store::RESYNC): the
+//! pub/sub connection was lost or is back), the relay falling behind, its subscription
+//! closing, or the relay itself gone with the runtime it ran on.
+//!
+//! Must not: hold a lock across an await (a shard's is held for one lookup, the relay's state
+//! for one check), or keep an entry once the last watch of its session is gone.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use super::{Handle, INVALIDATION_CHANNEL};
+use crate::session::store::{Store, Subscription};
+
+/// Shards of the map of watched sessions: a message locks one, for one lookup.
+const SHARDS: usize = 16;
+
+/// The watched sessions of a process, shared by every worker's [`super::Sessions`].
+pub(super) struct Watches {
+    /// Where the relay subscribes.
+    store: Store,
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<Handle, Watched>>]>,
+    relay: Mutex<Relay>,
+}
+
+/// One watched session.
+struct Watched {
+    /// Bumped when a message names the session (or anything may have changed).
+    changed: watch::Sender<()>,
+    /// Its [`SessionWatch`]es: the entry goes with the last.
+    watches: usize,
+}
+
+/// Whether a relay task is taking messages in.
+enum Relay {
+    /// None: the next watch to wait starts one.
+    Idle,
+    /// Subscribed, being spawned.
+    Starting,
+    Running(AbortHandle),
+    /// The store's channel is gone: no more messages, only the watches' own checks on time.
+    Closed,
+}
+
+impl Watches {
+    pub(super) fn new(store: Store) -> Watches {
+        Watches {
+            store,
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            relay: Mutex::new(Relay::Idle),
+        }
+    }
+
+    fn shard(&self, handle: &Handle) -> MutexGuard<'_, HashMap<Handle, Watched>> {
+        let index = usize::try_from(self.hasher.hash_one(handle)).unwrap_or_default() % SHARDS;
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts watching `handle`: woken by what is published from now on.
+    pub(super) fn watch(self: &Arc<Self>, handle: Handle) -> SessionWatch {
+        let changed = self
+            .shard(&handle)
+            .entry(handle)
+            .or_insert_with(|| Watched {
+                changed: watch::Sender::new(()),
+                watches: 0,
+            })
+            .register();
+        // Subscribed before this returns: a message published after it is not missed.
+        self.relay();
+        SessionWatch {
+            watches: self.clone(),
+            handle,
+            changed,
+        }
+    }
+
+    /// Starts the relay if none is running (the first watch, or the last relay's runtime
+    /// stopped). Outside a runtime it waits for the next watch to ask.
+    fn relay(self: &Arc<Self>) {
+        let (runtime, subscription) = {
+            let mut relay = self.relay.lock().unwrap_or_else(PoisonError::into_inner);
+            if !matches!(*relay, Relay::Idle) {
+                return;
+            }
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            *relay = Relay::Starting;
+            // Under the lock: a watch that finds the relay starting finds it subscribed.
+            (runtime, self.store.subscribe(INVALIDATION_CHANNEL))
+        };
+        // Spawned without the lock: a runtime shutting down drops the relay at once, and its
+        // `Stopped` takes the lock.
+        let stopped = Stopped {
+            watches: Arc::downgrade(self),
+            closed: false,
+        };
+        let task = runtime.spawn(relay_messages(subscription, stopped));
+        let mut relay = self.relay.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*relay, Relay::Starting) {
+            *relay = Relay::Running(task.abort_handle());
+        }
+    }
+
+    fn leave(&self, handle: &Handle) {
+        let mut shard = self.shard(handle);
+        if let Some(watched) = shard.get_mut(handle) {
+            watched.watches = watched.watches.saturating_sub(1);
+            if watched.watches == 0 {
+                shard.remove(handle);
+            }
+        }
+    }
+
+    /// Wakes the watches of the session `text` names (a handle from another instance: any
+    /// text, looked up as it is).
+    fn wake(&self, text: &str) {
+        let Ok(digits) = <[u8; 32]>::try_from(text.as_bytes()) else {
+            return;
+        };
+        let handle = Handle(digits);
+        if let Some(watched) = self.shard(&handle).get(&handle) {
+            watched.changed.send_replace(());
+        }
+    }
+
+    /// Wakes every watch: messages may have been lost.
+    fn wake_all(&self) {
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            for watched in shard.values() {
+                watched.changed.send_replace(());
+            }
+        }
+    }
+
+    /// The relay has stopped: `closed`, for good (its channel is gone); else a watch starts
+    /// another. Every watch reads its session again either way.
+    fn relay_stopped(&self, closed: bool) {
+        let mut relay = self.relay.lock().unwrap_or_else(PoisonError::into_inner);
+        if !matches!(*relay, Relay::Closed) {
+            *relay = if closed { Relay::Closed } else { Relay::Idle };
+        }
+        drop(relay);
+        self.wake_all();
+    }
+
+    /// Sessions watched now.
+    #[cfg(test)]
+    pub(super) fn watched(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        let relay = self.relay.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Relay::Running(task) = relay {
+            task.abort();
+        }
+    }
+}
+
+impl Watched {
+    fn register(&mut self) -> watch::Receiver<()> {
+        self.watches += 1;
+        self.changed.subscribe()
+    }
+}
+
+/// The relay: hands each message to the watches of its session.
+async fn relay_messages(mut subscription: Subscription, mut stopped: Stopped) {
+    loop {
+        let message = subscription.recv().await;
+        let Some(watches) = stopped.watches.upgrade() else {
+            return;
+        };
+        match message {
+            Ok(handle) if !handle.is_empty() => watches.wake(&handle),
+            Ok(_) | Err(RecvError::Lagged(_)) => watches.wake_all(),
+            Err(RecvError::Closed) => {
+                stopped.closed = true;
+                return;
+            }
+        }
+    }
+}
+
+/// Held by the relay: it stopped by any path (its runtime's end too, even before it first
+/// ran), so every watch reads its session again, and the next to wait starts another relay.
+struct Stopped {
+    watches: Weak<Watches>,
+    /// Its channel is gone: no other relay.
+    closed: bool,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(watches) = self.watches.upgrade() {
+            watches.relay_stopped(self.closed);
+        }
+    }
+}
+
+/// A watch of one session ([`super::Sessions::watch`]): [`SessionWatch::changed`] returns when
+/// it may have changed or ended. Dropping it stops the watch.
+pub struct SessionWatch {
+    watches: Arc<Watches>,
+    handle: Handle,
+    changed: watch::Receiver<()>,
+}
+
+impl SessionWatch {
+    /// Returns once a message has named this session, or said that any session may have
+    /// changed, since the last return (or since the watch began); never once no more messages
+    /// can come. The caller reads the session to know what changed.
+    pub async fn changed(&mut self) {
+        self.watches.relay();
+        if self.changed.changed().await.is_err() {
+            // Not while this watch holds its entry; kept for the type's sake.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for SessionWatch {
+    fn drop(&mut self) {
+        self.watches.leave(&self.handle);
+    }
+}
+
+impl std::fmt::Debug for SessionWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionWatch")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::session::store::MemoryStore;
+    use futures_util::FutureExt as _;
+    use std::time::Duration;
+
+    fn watches() -> (Arc<Watches>, Store) {
+        let store = Store::Memory(MemoryStore::new(10));
+        (Arc::new(Watches::new(store.clone())), store)
+    }
+
+    fn handle(digit: char) -> Handle {
+        let mut text = [0u8; 32];
+        text.fill(digit as u8);
+        Handle(text)
+    }
+
+    async fn publish(store: &Store, message: &str) {
+        store.publish(INVALIDATION_CHANNEL, message).await.unwrap();
+        // The relay runs on this test's thread: let it take the message in.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn woken(watch: &mut SessionWatch) -> bool {
+        tokio::time::timeout(Duration::from_secs(2), watch.changed())
+            .await
+            .is_ok()
+    }
+
+    fn asleep(watch: &mut SessionWatch) -> bool {
+        watch.changed().now_or_never().is_none()
+    }
+
+    #[tokio::test]
+    async fn a_message_wakes_every_watch_of_its_session_and_no_other() {
+        let (watches, store) = watches();
+        let mut first = watches.watch(handle('a'));
+        let mut second = watches.watch(handle('a'));
+        let mut other = watches.watch(handle('b'));
+        publish(&store, &handle('a')).await;
+        assert!(woken(&mut first).await && woken(&mut second).await);
+        assert!(asleep(&mut other));
+        // Woken once per message, not again for the same one.
+        assert!(asleep(&mut first));
+        publish(&store, "not a handle").await;
+        assert!(asleep(&mut first) && asleep(&mut other));
+    }
+
+    #[tokio::test]
+    async fn an_empty_message_or_a_lost_one_wakes_every_watch() {
+        let (watches, store) = watches();
+        let mut a = watches.watch(handle('a'));
+        let mut b = watches.watch(handle('b'));
+        publish(&store, crate::session::store::RESYNC).await;
+        assert!(woken(&mut a).await && woken(&mut b).await);
+        // More at once than the channel holds, none of theirs: the relay falls behind.
+        for _ in 0..5000 {
+            store
+                .publish(INVALIDATION_CHANNEL, &handle('c'))
+                .await
+                .unwrap();
+        }
+        assert!(woken(&mut a).await && woken(&mut b).await);
+    }
+
+    #[tokio::test]
+    async fn the_last_watch_of_a_session_takes_its_entry_with_it() {
+        let (watches, store) = watches();
+        let first = watches.watch(handle('a'));
+        let second = watches.watch(handle('a'));
+        let other = watches.watch(handle('b'));
+        assert_eq!(watches.watched(), 2);
+        drop(first);
+        assert_eq!(watches.watched(), 2);
+        drop(second);
+        assert_eq!(watches.watched(), 1);
+        drop(other);
+        assert_eq!(watches.watched(), 0);
+        // Messages of sessions no longer watched find nothing, and start nothing.
+        publish(&store, &handle('a')).await;
+        assert_eq!(watches.watched(), 0);
+        let mut again = watches.watch(handle('a'));
+        publish(&store, &handle('a')).await;
+        assert!(woken(&mut again).await);
+    }
+
+    /// The relay runs on the runtime of the watch that started it (a worker's); when that
+    /// runtime stops, the watches left on others read their sessions and start another.
+    #[test]
+    fn a_relay_gone_with_its_runtime_is_replaced() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (watches, store) = watches();
+        let first = runtime();
+        let mut watch = first.block_on(async { watches.watch(handle('a')) });
+        drop(first);
+        runtime().block_on(async {
+            assert!(woken(&mut watch).await, "the relay's end wakes every watch");
+            publish(&store, &handle('a')).await;
+            assert!(woken(&mut watch).await, "a new relay runs here");
+        });
+    }
+}
