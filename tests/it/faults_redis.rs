@@ -11,6 +11,7 @@ use crate::support::fake_idp;
 use crate::support::late_replies::LateReplies;
 use crate::support::redis::{RedisCluster, RedisServer, count_keys};
 use crate::support::*;
+use http_body_util::BodyExt as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -444,6 +445,89 @@ async fn a_lost_pubsub_connection_keeps_sessions_out_of_the_cache_until_it_is_ba
         (get(&url, &[("cookie", &cookie)]).await.status == 200).then_some(())
     })
     .await;
+}
+
+/// Reads an event stream until `needle` appears; panics at the deadline.
+async fn wait_for_event(body: &mut hyper::body::Incoming, needle: &str, within: Duration) {
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while !seen.contains(needle) {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in time; got {seen:?}"));
+        let Some(frame) = frame else {
+            panic!("the stream ended without {needle:?}; got {seen:?}");
+        };
+        if let Ok(data) = frame.unwrap().into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+}
+
+/// A stream waits on its own session's messages only (`session/manager/watches.rs`); one lost
+/// while the subscription was down is made up for by the "anything may have changed" message
+/// of the reconnection, which has every watch read its session: the stream of a session ended
+/// meanwhile ends then, not at its next 15 s check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_session_ended_while_pubsub_was_down_ends_once_it_is_back() {
+    let redis = RedisServer::start();
+    let mut con = redis_connection(&redis);
+    acl(
+        &mut con,
+        &["SETUSER", "a", "on", ">pa", "~*", "&*", "+@all"],
+    );
+    let user = |name: &str| {
+        Backend::Url(
+            redis
+                .url()
+                .replace("redis://", &format!("redis://{name}:p{name}@")),
+        )
+    };
+    let replicas = replicas_on([user("a"), Backend::Url(redis.url())]).await;
+    let (a, b) = (&replicas.proxies[0], &replicas.proxies[1]);
+    let cookies = replicas.sessions().await;
+    // Another session's stream, open throughout: it must not end.
+    let open = |cookie: &str| {
+        let request = http::Request::get(a.url("/bff/session-events"))
+            .header("cookie", cookie)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        client().request(request)
+    };
+    let mut other = open(&cookies[1]).await.unwrap().into_body();
+    wait_for_event(&mut other, ": connected", HANG).await;
+
+    acl(&mut con, &["SETUSER", "a", "resetchannels"]);
+    eventually("replica a is refused its subscription", HANG, || {
+        let log: Vec<::redis::Value> = ::redis::cmd("ACL").arg("LOG").query(&mut con).unwrap();
+        async move { (!log.is_empty()).then_some(()) }
+    })
+    .await;
+    let opened = Instant::now();
+    let mut events = open(&cookies[0]).await.unwrap().into_body();
+    wait_for_event(&mut events, ": connected", HANG).await;
+    // Ended through the other replica: the message does not reach a.
+    assert_eq!(b.app.sessions.end_by_sub("user-0").await.unwrap(), 1);
+
+    acl(&mut con, &["SETUSER", "a", "allchannels"]);
+    wait_for_event(&mut events, "event: ended", Duration::from_secs(10)).await;
+    assert!(
+        opened.elapsed() < Duration::from_secs(15),
+        "ended by its 15 s check, not by the reconnection"
+    );
+    // The other stream read its session too, found it, and goes on.
+    let mut seen = String::new();
+    while let Ok(Some(Ok(frame))) =
+        tokio::time::timeout(Duration::from_millis(500), other.frame()).await
+    {
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(
+        !seen.contains("ended"),
+        "another session's stream ended: {seen:?}"
+    );
 }
 
 /// Two replicas on one Redis, the first through the test relay, and their sessions.
