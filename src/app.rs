@@ -552,6 +552,7 @@ impl App {
         if response.status() == http::StatusCode::UNAUTHORIZED
             && let Some((uri, reader)) = step_up_return
             && let Some(step) = crate::oidc::step_up::from_challenge(
+                route.token_binding,
                 response.headers().get_all(header::WWW_AUTHENTICATE).iter(),
             )
             && !self.session_satisfies(live, session.as_ref(), &step)
@@ -982,20 +983,15 @@ fn replayable(route: &crate::config::RouteConfig, req: &Request<Inbound>, upgrad
         && !upgrade
 }
 
-/// `401` with a challenge whose `error` is `invalid_token` (RFC 6750 §3.1) in the scheme the
-/// token went with: `Bearer`, or on a DPoP-bound route `DPoP` (RFC 9449 §7.1) or `Bearer` (what
-/// an API that reads the token before the proof answers). The code in a description, a realm
-/// or another scheme's challenge is not the upstream refusing the token, and must not cost the
-/// session an early refresh.
+/// `401` with a challenge whose `error` is `invalid_token` (RFC 6750 §3.1) in a scheme the
+/// token went with ([`crate::oidc::challenge::schemes_for`]). The code in a description, a
+/// realm or another scheme's challenge is not the upstream refusing the token, and must not
+/// cost the session an early refresh.
 fn rejects_token(binding: TokenBinding, response: &Response<Body>) -> bool {
-    let schemes: &[&str] = match binding {
-        TokenBinding::Dpop => &["Bearer", "DPoP"],
-        TokenBinding::None => &["Bearer"],
-    };
     response.status() == http::StatusCode::UNAUTHORIZED
         && crate::oidc::challenge::find(
             response.headers().get_all(header::WWW_AUTHENTICATE),
-            schemes,
+            crate::oidc::challenge::schemes_for(binding),
             "invalid_token",
         )
         .is_some()

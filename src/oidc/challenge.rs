@@ -9,8 +9,10 @@
 //! meant, and so does one that names a parameter twice in a challenge (RFC 9110 §11.2: "each
 //! parameter name MUST only occur once per challenge"; which one counts is unknown). The work is
 //! bounded: at most [`MAX_FIELDS`] fields of at most [`MAX_FIELD_BYTES`] are read, once each.
-//! This module only reads; what a challenge means is for its callers.
+//! This module only reads, and says which schemes speak about a token sent one way or another
+//! ([`schemes_for`]); what a challenge means is for its callers.
 
+use crate::config::TokenBinding;
 use http::HeaderValue;
 
 /// `WWW-Authenticate` fields read from one answer; later ones are not looked at.
@@ -52,6 +54,19 @@ impl Challenge {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The schemes in which an upstream speaks about a token that went with `binding`: `Bearer`,
+/// and on a DPoP-bound route `DPoP` too (RFC 9449 §7.1: an API that authenticates the `DPoP`
+/// scheme sends RFC 6750's errors, RFC 9470's step-up among them, in a `DPoP` challenge) — or
+/// still `Bearer`, as an API that reads the token before the proof answers. A bearer token is
+/// not a `DPoP` credential: a `DPoP` challenge to it only says the API also takes that scheme,
+/// and is not about the token that was sent.
+pub fn schemes_for(binding: TokenBinding) -> &'static [&'static str] {
+    match binding {
+        TokenBinding::Dpop => &["Bearer", "DPoP"],
+        TokenBinding::None => &["Bearer"],
     }
 }
 

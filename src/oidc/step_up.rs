@@ -4,7 +4,7 @@
 //! the ID token that comes back is checked against what was asked (OpenID Connect Core
 //! §3.1.2.1, §2: `auth_time` is required when `max_age` was asked).
 
-use crate::config::{StepUp, is_acr_value};
+use crate::config::{StepUp, TokenBinding, is_acr_value};
 use serde_json::{Map, Value};
 
 /// Why a sign-in does not satisfy a [`StepUp`]; [`Shortfall::reason`] is a stable identifier.
@@ -124,10 +124,14 @@ pub fn from_params(
 /// RFC 9470 §3: `WWW-Authenticate: Bearer error="insufficient_user_authentication"` with
 /// optional `acr_values` and `max_age`, in any field and after other challenges (RFC 9110
 /// §11.6.1); `None` when no such challenge is among `values`. Only that challenge's own
-/// parameters count.
-pub fn from_challenge<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Option<StepUp> {
-    let challenge =
-        super::challenge::find(values, &["Bearer"], "insufficient_user_authentication")?;
+/// parameters count. For a token sent with `binding` DPoP the challenge may also be a `DPoP`
+/// one (RFC 9449 §7.1), never for a bearer token ([`super::challenge::schemes_for`]).
+pub fn from_challenge<'a>(
+    binding: TokenBinding,
+    values: impl Iterator<Item = &'a http::HeaderValue>,
+) -> Option<StepUp> {
+    let schemes = super::challenge::schemes_for(binding);
+    let challenge = super::challenge::find(values, schemes, "insufficient_user_authentication")?;
     // A malformed parameter is ignored rather than trusted: the login still asks for a fresh
     // sign-in.
     let step = from_params(challenge.param("acr_values"), None)
@@ -221,7 +225,7 @@ mod tests {
             r#"Bearer error="insufficient_user_authentication", error_description="A different authentication level is required", acr_values="myACR hwk""#,
         );
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec!["myACR".into(), "hwk".into()],
                 max_age: None
@@ -231,7 +235,7 @@ mod tests {
             r#"Bearer error="insufficient_user_authentication", error_description="More recent authentication is required", max_age="5""#,
         );
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec![],
                 max_age: Some(5)
@@ -239,17 +243,17 @@ mod tests {
         );
         let header = v(r#"Bearer error="insufficient_user_authentication""#);
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec![],
                 max_age: Some(0)
             })
         );
         let header = v(r#"Bearer error="invalid_token""#);
-        assert_eq!(from_challenge([header].iter()), None);
+        assert_eq!(from_challenge(TokenBinding::None, [header].iter()), None);
         let header = v(r#"Basic realm="x", Bearer error=insufficient_user_authentication"#);
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec![],
                 max_age: Some(0)
@@ -260,7 +264,7 @@ mod tests {
             r#"DPoP error="use_dpop_nonce", Bearer error="insufficient_user_authentication", acr_values="mfa""#,
         );
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec!["mfa".into()],
                 max_age: None
@@ -270,7 +274,7 @@ mod tests {
         let basic = v(r#"Basic realm="x""#);
         let bearer = v(r#"Bearer error="insufficient_user_authentication", acr_values="mfa""#);
         assert_eq!(
-            from_challenge([basic, bearer].iter()),
+            from_challenge(TokenBinding::None, [basic, bearer].iter()),
             Some(StepUp {
                 acr_values: vec!["mfa".into()],
                 max_age: None
@@ -281,7 +285,7 @@ mod tests {
             r#"Bearer error="insufficient_user_authentication", acr_values="mfa\" x", max_age=soon"#,
         );
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec![],
                 max_age: Some(0)
@@ -290,7 +294,7 @@ mod tests {
         );
         let header = v(r#"bearer error=insufficient_user_authentication, max_age=60"#);
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec![],
                 max_age: Some(60)
@@ -312,14 +316,18 @@ mod tests {
             // A parameter given twice is ambiguous: which one the upstream meant is unknown.
             r#"Bearer error="insufficient_user_authentication", error="invalid_token""#,
         ] {
-            assert_eq!(from_challenge([v(field)].iter()), None, "{field}");
+            assert_eq!(
+                from_challenge(TokenBinding::None, [v(field)].iter()),
+                None,
+                "{field}"
+            );
         }
         // The parameters of the Bearer challenge, not of the one before or after it.
         let header = v(
             r#"Basic realm="rs", acr_values="weak", Bearer error="insufficient_user_authentication", max_age=60, DPoP acr_values="other", max_age=1"#,
         );
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec![],
                 max_age: Some(60)
@@ -330,11 +338,42 @@ mod tests {
             r#"Bearer error_description="say \"acr_values=\\\"weak\\\"\", then", error="insufficient_user_authentication", acr_values="mfa""#,
         );
         assert_eq!(
-            from_challenge([header].iter()),
+            from_challenge(TokenBinding::None, [header].iter()),
             Some(StepUp {
                 acr_values: vec!["mfa".into()],
                 max_age: None
             })
+        );
+    }
+
+    #[test]
+    fn a_dpop_challenge_asks_for_a_step_up_only_about_a_dpop_bound_token() {
+        let v = |s: &str| http::HeaderValue::from_str(s).unwrap();
+        let mfa = Some(StepUp {
+            acr_values: vec!["mfa".into()],
+            max_age: None,
+        });
+        let dpop = v(r#"DPoP error="insufficient_user_authentication", acr_values="mfa""#);
+        assert_eq!(from_challenge(TokenBinding::Dpop, [&dpop].into_iter()), mfa);
+        assert_eq!(
+            from_challenge(TokenBinding::None, [&dpop].into_iter()),
+            None
+        );
+        // A bound token may still be challenged as a bearer one (an API that reads the token
+        // before the proof).
+        let bearer = v(r#"Bearer error="insufficient_user_authentication", acr_values="mfa""#);
+        assert_eq!(
+            from_challenge(TokenBinding::Dpop, [&bearer].into_iter()),
+            mfa
+        );
+        // Each scheme's own parameters: the DPoP challenge's, not the Bearer realm's.
+        let both = v(
+            r#"Bearer realm="api", acr_values="weak", DPoP error="insufficient_user_authentication", acr_values="mfa""#,
+        );
+        assert_eq!(from_challenge(TokenBinding::Dpop, [&both].into_iter()), mfa);
+        assert_eq!(
+            from_challenge(TokenBinding::None, [&both].into_iter()),
+            None
         );
     }
 

@@ -177,6 +177,37 @@ async fn an_upstreams_401_is_acted_on_only_for_the_error_of_the_challenge_that_c
     assert_eq!(refreshes().await, before + 1);
 }
 
+/// RFC 9449 §7.1: an API that authenticates the `DPoP` scheme sends its challenges under
+/// `DPoP`, RFC 9470's step-up among them. On a DPoP-bound route that is a step-up like a
+/// `Bearer` one; on a bearer route the token went as `Bearer`, so a `DPoP` challenge is not about
+/// it and is passed on.
+#[tokio::test]
+async fn a_step_up_challenge_in_the_dpop_scheme_is_a_step_up_on_a_bound_route_only() {
+    let stack = dpop_stack(json!({})).await;
+    let mut browser = stack.login("alice").await;
+    let challenge = r#"DPoP error="insufficient_user_authentication", acr_values="mfa""#;
+    let headers = [("x-csrf", "1"), ("x-challenge", challenge)];
+    let r = browser
+        .get(&format!("{}/api/challenge401", stack.base), &headers)
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"], "step_up_required", "{}", r.text());
+    assert_eq!(r.json()["acr_values"], json!(["mfa"]), "{}", r.text());
+    assert_eq!(
+        r.json()["login_url"],
+        "/bff/login?returnUrl=%2Fapi%2Fchallenge401&acr_values=mfa",
+        "{}",
+        r.text()
+    );
+    assert!(r.header("www-authenticate").is_none());
+    let r = browser
+        .get(&format!("{}/plain/challenge401", stack.base), &headers)
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.text(), "no");
+    assert_eq!(r.header("www-authenticate"), Some(challenge));
+}
+
 #[tokio::test]
 async fn a_provider_that_wants_a_nonce_gets_one_retry_with_it_and_the_login_completes() {
     let stack = dpop_stack(json!({ "dpop_require_nonce": true })).await;
