@@ -105,6 +105,11 @@ enum Reject {
     KeysUnavailable,
     /// A bound token without a valid proof of possession.
     Proof(String),
+    /// A valid proof, but of another key than the token's `cnf.jkt`: the token is not this
+    /// client's, or is bound to a key the client has since replaced. RFC 9449 §7.1 answers it
+    /// as `invalid_token` (its example of a failed key binding), which tells a client that
+    /// holds a refresh token to get a token bound to the key it now proves.
+    Binding,
     /// The proof lacks the current nonce; the answer carries it.
     UseNonce,
 }
@@ -162,9 +167,7 @@ impl Api {
         match (scheme.eq_ignore_ascii_case("dpop"), bound) {
             (true, Some(jkt)) => {
                 if self.verify_proof(req, token)? != jkt {
-                    return Err(Reject::Proof(
-                        "the proof's key is not the token's cnf.jkt".into(),
-                    ));
+                    return Err(Reject::Binding);
                 }
             }
             (false, Some(_)) => return Err(invalid("a DPoP-bound token sent as a bearer token")),
@@ -430,6 +433,10 @@ fn rejection(reject: &Reject, nonce: Option<&str>) -> Reply {
             r#"DPoP realm="sample-api", error="invalid_dpop_proof", algs="ES256 ES384 EdDSA PS256 RS256""#,
             "invalid_dpop_proof",
         ),
+        Reject::Binding => (
+            r#"DPoP realm="sample-api", error="invalid_token", algs="ES256 ES384 EdDSA PS256 RS256""#,
+            "invalid_token",
+        ),
         Reject::UseNonce => {
             let body = json!({"error": "use_dpop_nonce"});
             let resp = reply(StatusCode::UNAUTHORIZED, body);
@@ -495,6 +502,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Result<Reply, Infallib
                         Reject::Invalid(why) => format!("invalid token: {why}"),
                         Reject::KeysUnavailable => "the issuer's keys are unavailable".into(),
                         Reject::Proof(why) => format!("invalid DPoP proof: {why}"),
+                        Reject::Binding => "the proof's key is not the token's cnf.jkt".into(),
                         Reject::UseNonce => "DPoP proof without the current nonce".into(),
                     };
                     rejection(&reject, api.nonce.as_deref())

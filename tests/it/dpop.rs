@@ -426,6 +426,86 @@ async fn through_vestibule_the_sample_api_answers_and_the_stolen_token_is_refuse
     }
 }
 
+/// A PEM file (PKCS#8) with a new DPoP key, and that key's thumbprint.
+fn key_file(dir: &tempfile::TempDir, name: &str) -> (String, String) {
+    let key = vestibule::oidc::dpop::DpopKey::generate().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key.to_pkcs8().unwrap());
+    let path = dir.path().join(name);
+    std::fs::write(
+        &path,
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n"),
+    )
+    .unwrap();
+    (
+        path.to_str().unwrap().to_string(),
+        key.thumbprint().to_string(),
+    )
+}
+
+/// docs/configuration.md, DPoP rotation: a session whose token is bound to a replaced key (a
+/// key file replaced, the replica restarted on the same store; here a second replica with the
+/// new file, as during the rolling restart) gets its token refused by the API — the sample
+/// API answers `DPoP error="invalid_token"` (RFC 9449 §7.1's own example of a failed key
+/// binding) — and the next request already succeeds on a refreshed token bound to the new key.
+#[tokio::test]
+async fn a_token_bound_to_a_replaced_key_is_refused_as_invalid_and_refreshed_at_once() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let provider = crate::support::provider::start(port, json!({}));
+    let api = crate::sample_api::SampleApi::start_with(&[
+        "--issuer",
+        &provider.issuer,
+        "--audience",
+        "https://api.example.test",
+    ])
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (old_key, _) = key_file(&dir, "old.pem");
+    let (new_key, new_jkt) = key_file(&dir, "new.pem");
+    let extra = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n\
+         [[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntoken = \"user\"\ntoken_binding = \"dpop\"\n",
+        redis.url(),
+        api.url
+    );
+    let config = login_toml(port, &provider.issuer, &extra).add("oidc.dpop", true);
+    let old = start_proxy(&config.clone().add("oidc.dpop_key_file", old_key.as_str())).await;
+    wait_ready(&old).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut browser = crate::support::browser::Browser::default();
+    assert_eq!(
+        browser.login(&base, "alice", "alice", "/").await.status,
+        302
+    );
+    let r = browser
+        .get(&old.url("/api/hello"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let renewed = config
+        .set("server.listen", "127.0.0.1:0")
+        .add("oidc.dpop_key_file", new_key.as_str());
+    let new = start_proxy(&renewed).await;
+    wait_ready(&new).await;
+    for _ in 0..2 {
+        let r = browser
+            .get(&new.url("/api/hello"), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["sub"], "alice");
+    }
+    let log = api.log().unwrap();
+    assert_eq!(
+        log.matches("cnf.jkt").count(),
+        1,
+        "one refusal of the old binding, then a token bound to the new key: {log}"
+    );
+    let bound = provider.tokens("alice").await;
+    let token = bound["access_token"].as_str().unwrap();
+    assert_eq!(segment(token, 1)["cnf"]["jkt"], new_jkt.as_str());
+}
+
 #[tokio::test]
 async fn userinfo_is_asked_with_a_proof_for_the_bound_token_and_its_claims_arrive() {
     // Opaque access tokens, accepted at the userinfo endpoint; the ID token carries only `sub`,
