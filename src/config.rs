@@ -592,6 +592,15 @@ pub struct FeatureConfig {
     pub role: Option<String>,
 }
 
+/// RFC 6749 §3.3: `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`, visible ASCII but `"` and
+/// `\\`.
+pub fn is_scope_token(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
 /// An `acr` value as it may travel in `acr_values` (space-separated) and in a quoted
 /// `WWW-Authenticate` parameter: 1–200 printable ASCII characters, no space, `"` or `\`.
 pub fn is_acr_value(value: &str) -> bool {

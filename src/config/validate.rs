@@ -584,6 +584,21 @@ fn one_of<T: Written>(value: Option<String>, path: &str, default: T, problems: &
     }
 }
 
+/// Each entry of a `scopes` list at `path` is one RFC 6749 §3.3 scope-token: the list is
+/// joined with spaces on the wire, so an entry with a space would be two scopes at the
+/// provider, and one with a control character could pass for another in a token's cache key
+/// ([`super::token_key_of`]).
+fn scope_tokens(scopes: &[String], path: &str, problems: &mut Problems) {
+    for (i, scope) in scopes.iter().enumerate() {
+        if !super::is_scope_token(scope) {
+            problems.add(
+                format!("{path}[{i}]"),
+                format!("{scope:?} is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"),
+            );
+        }
+    }
+}
+
 /// The largest secret file read (a client secret, or a list of session keys).
 const MAX_SECRET_FILE: u64 = 64 * 1024;
 

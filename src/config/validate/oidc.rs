@@ -198,6 +198,7 @@ pub(super) fn oidc_config(
     if !scopes.iter().any(|s| s == "openid") {
         problems.add("oidc.scopes", "must include \"openid\"");
     }
+    scope_tokens(&scopes, "oidc.scopes", problems);
     let post_logout_redirect = post_logout_redirect.unwrap_or_else(|| "/".into());
     if !is_local_path(&post_logout_redirect) {
         problems.add(
@@ -371,6 +372,29 @@ mod tests {
         let mut problems = Problems::default();
         let _ = oidc_config(raw, Path::new("/nonexistent"), &mut problems);
         printed(problems)
+    }
+
+    /// RFC 6749 §3.3, as for a route's scopes: `"profile email"` in one entry is two scopes.
+    #[test]
+    fn scopes_that_are_not_one_scope_token_are_refused_with_their_value() {
+        let oidc = raw::Oidc {
+            issuer: Some("https://idp.example".into()),
+            client_id: Some("c".into()),
+            client_secret: Some("s".into()),
+            scopes: Some(vec![
+                "openid".into(),
+                "profile email".into(),
+                "x\u{7f}".into(),
+            ]),
+            ..Default::default()
+        };
+        assert_eq!(
+            check(oidc),
+            [
+                r#"oidc.scopes[1]: "profile email" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+                r#"oidc.scopes[2]: "x\u{7f}" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+            ]
+        );
     }
 
     #[test]

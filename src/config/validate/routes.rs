@@ -174,7 +174,15 @@ pub(super) fn routes_config(
             );
         }
         if let Some(r) = &resource {
-            if url::Url::parse(r).is_err() {
+            // The URL parser drops controls and spaces it meets at the ends (and tabs and
+            // newlines anywhere) and percent-encodes others, so a value it accepts may still not
+            // be the URI sent to the provider, and the raw text is the token's cache key.
+            if !r.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.add(
+                    format!("{path}.resource"),
+                    format!("{r:?} holds a space, a control or a non-ASCII character, which a URI cannot; percent-encode it"),
+                );
+            } else if url::Url::parse(r).is_err() {
                 problems.add(
                     format!("{path}.resource"),
                     format!("{r:?} is not an absolute URI; write e.g. \"https://api.example.com\""),
@@ -313,8 +321,9 @@ pub(super) fn routes_config(
             base,
             problems,
         );
-        let Some(target) = target else { continue };
         let scopes = scopes.unwrap_or_default();
+        scope_tokens(&scopes, &format!("{path}.scopes"), problems);
+        let Some(target) = target else { continue };
         let token_key = super::super::token_key_of(resource.as_deref(), &scopes, exchange);
         out.push(RouteConfig {
             path: prefix,
@@ -536,6 +545,50 @@ mod tests {
             upstream: Some("http://a:1".into()),
             ..Default::default()
         }
+    }
+
+    /// RFC 6749 §3.3: a scope is visible ASCII without `"` or `\\`, and one entry is one scope
+    /// (a space would make it two at the provider); a resource is a URI, which holds no space
+    /// or control character. `"\u{1f}"` is also the separator of `token_key_of`: a resource
+    /// holding it could share another route's cached token.
+    #[test]
+    fn scopes_and_resources_that_cannot_travel_are_refused_with_their_route_and_value() {
+        let route = raw::Route {
+            token: Some("client".into()),
+            resource: Some("https://api.example.com/\u{1f}refresh\u{1f}read".into()),
+            scopes: Some(vec![
+                "read".into(),
+                "read write".into(),
+                "".into(),
+                "a\u{1f}b".into(),
+                "say\"hi".into(),
+                "back\\slash".into(),
+                "caf\u{e9}".into(),
+            ]),
+            ..upstream("/api/")
+        };
+        assert_eq!(
+            check(route),
+            [
+                r#"routes[0].resource: "https://api.example.com/\u{1f}refresh\u{1f}read" holds a space, a control or a non-ASCII character, which a URI cannot; percent-encode it"#,
+                r#"routes[0].scopes[1]: "read write" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+                r#"routes[0].scopes[2]: "" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+                r#"routes[0].scopes[3]: "a\u{1f}b" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+                r#"routes[0].scopes[4]: "say\"hi" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+                r#"routes[0].scopes[5]: "back\\slash" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+                r#"routes[0].scopes[6]: "café" is not one scope (RFC 6749 §3.3: printable ASCII, no spaces, quotes or backslashes); list each scope as its own entry"#,
+            ]
+        );
+        let fine = raw::Route {
+            token: Some("client".into()),
+            resource: Some("https://api.example.com/v1?tenant=a%20b".into()),
+            scopes: Some(vec![
+                "read".into(),
+                "urn:x:write!#$%&'()*+,-./:;<=>?@[]^_`{|}~".into(),
+            ]),
+            ..upstream("/api/")
+        };
+        assert_eq!(check(fine), Vec::<String>::new());
     }
 
     #[test]
