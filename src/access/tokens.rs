@@ -10,6 +10,7 @@
 //! session (a store failure at the save does not: the answer is kept and saved later, see
 //! [`save`]); a [`RefreshError`] reaches the browser through [`RequestError::respond`].
 
+mod orphan;
 mod refresh;
 mod save;
 
@@ -141,7 +142,8 @@ pub fn fresh_user_token<'a>(
 #[derive(Default)]
 pub struct Tokens {
     /// Per session: the in-process queue for refreshing, held by the running refresh task.
-    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<RefreshMemory>>>>,
+    /// Shared with the watches of answers given up on ([`orphan`]), which take their entry out.
+    local: Arc<orphan::Memories>,
     /// The refresh tasks under way, which a shutdown waits for.
     refreshes: TaskTracker,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ClientSlot>>>>,
@@ -312,6 +314,7 @@ impl Tokens {
             lock_key: sessions.refresh_lock_key(loaded),
             lease,
             keep_saving_for: self.keep_saving_for(),
+            memories: self.local.clone(),
         };
         // Not aborted when this request is dropped: the task holds the queue and the lease
         // until the grant is saved and the lease released. Tracked, so that a shutdown lets it
@@ -335,11 +338,11 @@ impl Tokens {
 
     /// After a logout in this process ended the session `handle`: forgets what this process
     /// remembers of its refreshes, and revokes the tokens of an answer still waiting there
-    /// unsaved (see [`save`]). Once its refresh task has given up saving it, nothing else would
-    /// ever look at that answer again: the rotated refresh token it holds, held nowhere else,
-    /// would stay valid at the provider until it expires, and the answer in memory for the
-    /// life of the process. A refresh of the session that holds the memory for longer than
-    /// `within` is left to it: it finds the session ended and revokes the answer itself.
+    /// unsaved (see [`save`]) before the logout answers. An answer its refresh task gave up
+    /// saving is also watched ([`orphan`]) and revoked when its session ends by any path; this
+    /// is the prompt path for the logout, which also catches an answer still being retried.
+    /// A refresh of the session that holds the memory for longer than `within` is left to it:
+    /// it finds the session ended and revokes the answer itself.
     pub async fn forget_ended(&self, app: &Shared, handle: &str, within: Duration) {
         let memory = {
             let map = self.local.lock().unwrap_or_else(|p| p.into_inner());
@@ -356,12 +359,7 @@ impl Tokens {
             return;
         };
         let unsaved = held.unsaved.take();
-        // A request that read the session before it ended and queues for its refresh now makes
-        // a memory of its own, and finds the session ended.
-        self.local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(handle);
+        orphan::forget(&self.local, handle, &memory);
         drop(held);
         if let Some(unsaved) = unsaved {
             unsaved.revoke(app.sessions.store(), &app.oidc).await;

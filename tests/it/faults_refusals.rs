@@ -9,11 +9,12 @@
 //! warned about at startup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::fake_provider::now;
 use crate::faults_redis::{
     STORE_TIMEOUT, due_session, presented_refresh_tokens, redis_proxy, redis_proxy_timed,
     refresh_held_at_the_provider, token_proxy,
 };
-use crate::logout::{revoked_tokens, revoking_idp, script_logout};
+use crate::logout::{post_logout_token, revoked_tokens, revoking_idp, script_logout};
 use crate::support::late_replies::LateReplies;
 use crate::support::redis::{RedisServer, count_keys};
 use crate::support::*;
@@ -158,6 +159,131 @@ async fn a_logout_after_the_refresh_task_gave_up_saving_revokes_the_rotated_refr
         "the answer outlives its session in memory"
     );
     assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1".to_string()]);
+}
+
+/// Redis refuses writes for longer than `proxy`'s refresh task keeps trying to save (which
+/// must be shortened to nothing first): the refresh of `cookie`'s session gets rt-2, the answer
+/// waits unsaved in `proxy`'s memory with nothing left trying to save it, and Redis takes
+/// writes again.
+async fn rotated_and_given_up(
+    proxy: &Proxy,
+    redis: &RedisServer,
+    idp: &fake_idp::FakeIdp,
+    cookie: &str,
+) {
+    let (release, first) = refresh_held_at_the_provider(proxy, idp, cookie).await;
+    out_of_memory(redis, true);
+    release.send(()).unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "{}", first.text());
+    assert_eq!(
+        proxy.app.unsaved_refresh_answers().await,
+        1,
+        "the answer was not kept"
+    );
+    out_of_memory(redis, false);
+}
+
+/// Once the session is found ended: rt-2, which only the kept answer held, is revoked at the
+/// provider, and nothing of the answer stays in `proxy`'s memory.
+async fn the_kept_answer_is_revoked(proxy: &Proxy, idp: &fake_idp::FakeIdp, how: &str) {
+    let revoked = eventually(
+        &format!("the rotated refresh token is revoked after {how}"),
+        Duration::from_secs(10),
+        || async {
+            let revoked = revoked_tokens(idp);
+            revoked.contains(&"rt-2".to_string()).then_some(revoked)
+        },
+    )
+    .await;
+    assert!(!revoked.is_empty());
+    eventually(
+        &format!("the answer is forgotten after {how}"),
+        Duration::from_secs(5),
+        || async { (proxy.app.unsaved_refresh_answers().await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(presented_refresh_tokens(idp), vec!["rt-1".to_string()]);
+}
+
+/// The answer given up on is watched for its session's end, not revoked while the session
+/// lives: Redis takes writes again, the session's next request saves it and is sent at-2, and
+/// nothing is revoked — not after the save's own invalidation has woken the watch either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_up_on_is_saved_by_the_next_refresh_and_not_revoked() {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let proxy = token_proxy(&redis.url(), &idp, &up).await;
+    proxy.app.keep_saving_for(Duration::ZERO);
+    let cookie = due_session(&proxy, &idp, &[]).await;
+    rotated_and_given_up(&proxy, &redis, &idp, &cookie).await;
+
+    let next = get(
+        &proxy.url("/tok/x"),
+        &[("cookie", &cookie), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(up.last().headers["authorization"], "Bearer at-2");
+    assert_eq!(proxy.app.unsaved_refresh_answers().await, 0);
+    // Absence cannot be awaited: a watch woken by the save reads the session within this.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(proxy.signed_in(&cookie).await, "the saved session ended");
+    assert_eq!(revoked_tokens(&idp), Vec::<String>::new());
+    assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1".to_string()]);
+}
+
+/// As above, but the session ends by the provider's back-channel logout (of every session of
+/// alice's) on the replica that holds the answer: that path never looked at the refresh memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_back_channel_logout_after_the_refresh_task_gave_up_saving_revokes_the_rotated_refresh_token()
+ {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let proxy = token_proxy(&redis.url(), &idp, &up).await;
+    proxy.app.keep_saving_for(Duration::ZERO);
+    let cookie = due_session(&proxy, &idp, &[]).await;
+    rotated_and_given_up(&proxy, &redis, &idp, &cookie).await;
+
+    let mut claims = vestibule::jose::testing::logout_token_claims(&idp.issuer, "vestibule", now());
+    claims.as_object_mut().unwrap().remove("sid");
+    let token = TestSigner::new()
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&claims);
+    let ended = post_logout_token(&proxy, &token).await;
+    assert_eq!(ended.status, 200, "{}", ended.text());
+    assert!(
+        !proxy.signed_in(&cookie).await,
+        "the session outlived the back-channel logout"
+    );
+    the_kept_answer_is_revoked(&proxy, &idp, "a back-channel logout").await;
+}
+
+/// As above, but the user logs out on the other replica, which never held the answer: the
+/// replica that holds it hears of the end only through the session's invalidation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_on_another_replica_after_the_refresh_task_gave_up_saving_revokes_the_rotated_refresh_token()
+ {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let a = token_proxy(&redis.url(), &idp, &up).await;
+    let b = token_proxy(&redis.url(), &idp, &up).await;
+    a.app.keep_saving_for(Duration::ZERO);
+    let cookie = due_session(&a, &idp, &[]).await;
+    rotated_and_given_up(&a, &redis, &idp, &cookie).await;
+
+    let logout = script_logout(&b, &cookie).await.unwrap();
+    assert_eq!(logout.status, 200, "{}", logout.text());
+    assert!(
+        !a.signed_in(&cookie).await,
+        "the session outlived the logout"
+    );
+    the_kept_answer_is_revoked(&a, &idp, "a logout on the other replica").await;
 }
 
 /// Out of memory, Redis refuses the refresh lease a logout takes (`SET NX`) but still carries out

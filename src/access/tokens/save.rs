@@ -11,9 +11,11 @@
 //! can follow an answer still unsaved here.
 //!
 //! An answer whose session ended meanwhile has its tokens revoked, not dropped: by the save
-//! that finds the session gone, or, once its refresh task has given up, by a logout in this
-//! process ([`super::Tokens::forget_ended`]), since nothing else would ever look at it again.
+//! that finds the session gone, by a logout in this process ([`super::Tokens::forget_ended`]),
+//! or, once its refresh task has given up, by the watch of its session that the task leaves
+//! behind ([`super::orphan`]), which sees the session end by any path, on any instance.
 
+use super::orphan::Orphan;
 use super::refresh::{ClaimsUpdate, Job, Keeper, LEASE, release};
 use super::{RefreshError, RefreshMemory, TokenUnavailable};
 use crate::oidc::{Oidc, TokenResponse};
@@ -24,13 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Attempts to write refreshed tokens when other writes (idle-timeout touches) interleave; after
 /// that the answer is kept and saved again later, like one the store failed to take.
 const SAVE_ATTEMPTS: usize = 5;
 /// How long a refresh task keeps trying to save an answer the store did not take; afterwards the
-/// answer waits in memory for the session's next refresh, or its logout, in this process
-/// ([`super::Tokens::forget_ended`]). Long enough for a
+/// answer waits in memory for the session's next refresh in this process, or its end
+/// ([`super::orphan`]). Long enough for a
 /// store restart or failover, short enough that a shutdown or an outage does not pile up tasks.
 pub(super) const KEEP_SAVING_FOR: Duration = Duration::from_secs(300);
 /// The first pause between two attempts; it doubles up to [`LONGEST_PAUSE`].
@@ -76,10 +79,20 @@ pub(super) struct Unsaved {
     /// spent held while it waits (for [`KEEP_SAVING_FOR`]), taking them again if they ran out
     /// during the outage: no replica presents that token again meanwhile.
     _keepers: [Keeper; 2],
+    /// Stops the watch of the session started once the refresh task gives up
+    /// ([`super::orphan`]) when the answer leaves the memory by any other path.
+    stop: CancellationToken,
+    _stopping: DropGuard,
 }
 
 impl Unsaved {
-    /// Its session ended, and a logout in this process took it out of the refresh memory:
+    /// Whether it is the answer of the refresh that holds `lease`.
+    pub(super) fn is_of(&self, lease: &str) -> bool {
+        self.lease == lease
+    }
+
+    /// Its session ended, and a logout in this process, or the watch of its session, took it
+    /// out of the refresh memory:
     /// revokes the tokens the answer brought ([`revoke_answer`]) and lets go of what it held.
     pub(super) async fn revoke(self, store: &Store, oidc: &Oidc) {
         let answer = self.let_go(store).await;
@@ -97,6 +110,8 @@ impl Unsaved {
             lock_key,
             spend_key,
             _keepers,
+            stop: _,
+            _stopping,
         } = self;
         drop(_keepers);
         release(store, &spend_key, &lease).await;
@@ -149,12 +164,15 @@ impl Job {
         .map(|(key, lasts)| {
             Keeper::start(store.clone(), key, &self.lease, lasts, self.keep_saving_for)
         });
+        let stop = CancellationToken::new();
         memory.unsaved = Some(Unsaved {
             answer,
             lease: self.lease.clone(),
             lock_key: self.lock_key.clone(),
             spend_key: spend,
             _keepers: keepers,
+            _stopping: stop.clone().drop_guard(),
+            stop,
         });
         written
     }
@@ -164,7 +182,7 @@ impl Job {
         memory
             .unsaved
             .as_ref()
-            .is_some_and(|u| u.lease == self.lease)
+            .is_some_and(|u| u.is_of(&self.lease))
     }
 
     /// Saves the session's unsaved answer, if there is one, and releases its lease and its spend
@@ -209,7 +227,9 @@ impl Job {
     /// [`Unsaved`] answer's keepers hold the lease and the spend record so that no replica
     /// spends the refresh token again. The queue is let go between attempts: requests of the
     /// session then try the save themselves, and answer 503 while the store is down rather
-    /// than wait for this task; a logout here takes the answer and revokes it.
+    /// than wait for this task; a logout here takes the answer and revokes it. Given up, it
+    /// leaves the answer to the session's next refresh here and a watch of the session's end
+    /// ([`super::orphan`]).
     pub(super) async fn keep_saving(&self, memory: OwnedMutexGuard<RefreshMemory>) {
         let queue = OwnedMutexGuard::mutex(&memory).clone();
         drop(memory);
@@ -230,9 +250,26 @@ impl Job {
         }
         tracing::warn!(
             "the store did not take a refreshed session for {:?}; the answer stays in memory \
-             for the session's next refresh or logout on this instance",
+             for the session's next refresh on this instance, and is revoked if the session ends",
             self.keep_saving_for
         );
+        let memory = queue.lock().await;
+        let Some(unsaved) = memory.unsaved.as_ref().filter(|u| u.is_of(&self.lease)) else {
+            return;
+        };
+        let stop = unsaved.stop.clone();
+        drop(memory);
+        Orphan {
+            sessions: self.sessions.clone(),
+            oidc: self.oidc.clone(),
+            clock: self.clock.clone(),
+            loaded: self.loaded.clone(),
+            memory: queue,
+            memories: self.memories.clone(),
+            lease: self.lease.clone(),
+            stop,
+        }
+        .watch();
     }
 
     /// Writes the answer of a grant, all of it or nothing: the access token under its key, a
