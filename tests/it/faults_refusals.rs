@@ -125,21 +125,7 @@ async fn a_logout_after_the_refresh_task_gave_up_saving_revokes_the_rotated_refr
     let redis = RedisServer::start();
     let idp = revoking_idp().await;
     let up = upstream::start().await;
-    let proxy = token_proxy(&redis.url(), &idp, &up).await;
-    proxy.app.keep_saving_for(Duration::ZERO);
-    let cookie = due_session(&proxy, &idp, &[]).await;
-
-    let (release, first) = refresh_held_at_the_provider(&proxy, &idp, &cookie).await;
-    out_of_memory(&redis, true);
-    release.send(()).unwrap();
-    let first = first.await.unwrap();
-    assert_eq!(first.status, 503, "{}", first.text());
-    assert_eq!(
-        proxy.app.unsaved_refresh_answers().await,
-        1,
-        "the answer was not kept"
-    );
-    out_of_memory(&redis, false);
+    let (proxy, cookie) = given_up_session(&redis, &idp, &up).await;
 
     let logout = script_logout(&proxy, &cookie).await.unwrap();
     assert_eq!(logout.status, 200, "{}", logout.text());
@@ -159,6 +145,20 @@ async fn a_logout_after_the_refresh_task_gave_up_saving_revokes_the_rotated_refr
         "the answer outlives its session in memory"
     );
     assert_eq!(presented_refresh_tokens(&idp), vec!["rt-1".to_string()]);
+}
+
+/// A token proxy on `redis` whose refresh task gives up saving at once, and a session of it
+/// whose refresh answer (rt-2) waits given up on in its memory ([`rotated_and_given_up`]).
+async fn given_up_session(
+    redis: &RedisServer,
+    idp: &fake_idp::FakeIdp,
+    up: &upstream::Upstream,
+) -> (Proxy, String) {
+    let proxy = token_proxy(&redis.url(), idp, up).await;
+    proxy.app.keep_saving_for(Duration::ZERO);
+    let cookie = due_session(&proxy, idp, &[]).await;
+    rotated_and_given_up(&proxy, redis, idp, &cookie).await;
+    (proxy, cookie)
 }
 
 /// Redis refuses writes for longer than `proxy`'s refresh task keeps trying to save (which
@@ -214,10 +214,7 @@ async fn an_answer_given_up_on_is_saved_by_the_next_refresh_and_not_revoked() {
     let redis = RedisServer::start();
     let idp = revoking_idp().await;
     let up = upstream::start().await;
-    let proxy = token_proxy(&redis.url(), &idp, &up).await;
-    proxy.app.keep_saving_for(Duration::ZERO);
-    let cookie = due_session(&proxy, &idp, &[]).await;
-    rotated_and_given_up(&proxy, &redis, &idp, &cookie).await;
+    let (proxy, cookie) = given_up_session(&redis, &idp, &up).await;
 
     let next = get(
         &proxy.url("/tok/x"),
@@ -242,10 +239,7 @@ async fn a_back_channel_logout_after_the_refresh_task_gave_up_saving_revokes_the
     let redis = RedisServer::start();
     let idp = revoking_idp().await;
     let up = upstream::start().await;
-    let proxy = token_proxy(&redis.url(), &idp, &up).await;
-    proxy.app.keep_saving_for(Duration::ZERO);
-    let cookie = due_session(&proxy, &idp, &[]).await;
-    rotated_and_given_up(&proxy, &redis, &idp, &cookie).await;
+    let (proxy, cookie) = given_up_session(&redis, &idp, &up).await;
 
     let mut claims = vestibule::jose::testing::logout_token_claims(&idp.issuer, "vestibule", now());
     claims.as_object_mut().unwrap().remove("sid");
@@ -271,11 +265,8 @@ async fn a_logout_on_another_replica_after_the_refresh_task_gave_up_saving_revok
     let redis = RedisServer::start();
     let idp = revoking_idp().await;
     let up = upstream::start().await;
-    let a = token_proxy(&redis.url(), &idp, &up).await;
+    let (a, cookie) = given_up_session(&redis, &idp, &up).await;
     let b = token_proxy(&redis.url(), &idp, &up).await;
-    a.app.keep_saving_for(Duration::ZERO);
-    let cookie = due_session(&a, &idp, &[]).await;
-    rotated_and_given_up(&a, &redis, &idp, &cookie).await;
 
     let logout = script_logout(&b, &cookie).await.unwrap();
     assert_eq!(logout.status, 200, "{}", logout.text());
