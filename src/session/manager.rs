@@ -119,6 +119,9 @@ pub struct Stored {
     opening: Opening,
     /// The cache's miss, under which the store's answer is filed; none without a cache.
     stamp: Option<cache::Stamp>,
+    /// The cache's copy past its time to live (or not proven fresh), at its version: served
+    /// if the store's record is still at that version.
+    stale: Option<(u64, Arc<Session>)>,
 }
 
 /// A session read through its cookie, ready to be saved back.
@@ -564,31 +567,72 @@ impl Sessions {
         let Some(opening) = self.open(cookie_value.as_ref()) else {
             return Cached::Known(None);
         };
-        let stamp = match self.cache.as_ref().map(|cache| cache.get_key(opening.key)) {
+        let (stamp, stale) = match self.cache.as_ref().map(|cache| cache.get_key(opening.key)) {
             Some(Lookup::Hit(version, session)) => {
-                let live = self.seconds_left(&session, now) > 0;
-                return Cached::Known(live.then(|| OpenSession {
-                    session,
-                    version,
-                    handle: opening.handle,
-                    reseal: opening.stale_key,
-                    ticket: opening.ticket,
-                    complete: false,
-                }));
+                return Cached::Known(self.open_session(opening, version, session, now));
             }
-            Some(Lookup::Miss(stamp)) => Some(stamp),
-            None => None,
+            Some(Lookup::Miss(stamp)) => (Some(stamp), None),
+            Some(Lookup::Stale(stamp, version, session)) => (Some(stamp), Some((version, session))),
+            None => (None, None),
         };
-        Cached::Ask(Stored { opening, stamp })
+        Cached::Ask(Stored {
+            opening,
+            stamp,
+            stale,
+        })
+    }
+
+    /// The loaded session, if it has time left.
+    fn open_session(
+        &self,
+        opening: Opening,
+        version: u64,
+        session: Arc<Session>,
+        now: u64,
+    ) -> Option<OpenSession> {
+        let live = self.seconds_left(&session, now) > 0;
+        live.then(|| OpenSession {
+            session,
+            version,
+            handle: opening.handle,
+            reseal: opening.stale_key,
+            ticket: opening.ticket,
+            complete: false,
+        })
     }
 
     /// The rest of [`Sessions::load`] for a session the cache did not hold: read from the store,
-    /// and filed in the cache under the miss's stamp.
+    /// and filed in the cache under the miss's stamp. A copy the cache held past its time to
+    /// live costs only a read of the record's version when the record has not changed since
+    /// (session records are created once, under a random key): no transfer and decryption of
+    /// the whole record, which with many active sessions is most of what the store reads cost.
     pub async fn load_stored(
         &self,
-        Stored { opening, stamp }: Stored,
+        Stored {
+            opening,
+            stamp,
+            stale,
+        }: Stored,
         now: u64,
     ) -> Result<Option<OpenSession>, StoreError> {
+        if let Some((version, session)) = stale {
+            let name = opening.ticket.key().name();
+            match self.store.version(&name).await? {
+                Some(now_at) if now_at == version => {
+                    if let (Some(cache), Some(stamp)) = (&self.cache, stamp) {
+                        cache.renew(stamp, version);
+                    }
+                    return Ok(self.open_session(opening, version, session, now));
+                }
+                None => {
+                    if let (Some(cache), Some(stamp)) = (&self.cache, stamp) {
+                        cache.drop_stale(stamp);
+                    }
+                    return Ok(None);
+                }
+                Some(_) => {}
+            }
+        }
         let Opening {
             ticket,
             handle,

@@ -195,6 +195,10 @@ impl Store {
     delegate! {
         fn get(key: &str) -> Option<Record>;
 
+        /// The record's version alone (its value stays in the store): every change bumps it, so
+        /// for a key never created twice an equal version is the value read before.
+        fn version(key: &str) -> Option<u64>;
+
         /// Creates `key` at version 1; `false` if it already exists.
         fn put_new(key: &str, value: &[u8], ttl: Duration) -> bool;
 

@@ -137,6 +137,7 @@ contract!(
     delete_removes_the_record,
     delete_at_removes_only_the_version_read,
     compare_and_set_bumps_the_version_and_rejects_stale_versions,
+    version_reads_follow_every_change_and_delete,
     exactly_one_of_many_concurrent_writers_wins,
     index_adds_removes_and_lists_members,
     index_lists_members_soonest_deadline_first,
@@ -234,6 +235,23 @@ async fn delete_at_removes_only_the_version_read(b: Backend) {
     assert_eq!(b.store.get("k").await.unwrap(), None);
     assert!(!b.store.delete_at("k", 2).await.unwrap(), "already gone");
     assert!(!b.store.delete_at("never", 1).await.unwrap());
+}
+
+async fn version_reads_follow_every_change_and_delete(b: Backend) {
+    assert_eq!(b.store.version("k").await.unwrap(), None);
+    b.store.put_new("k", b"v1", LONG).await.unwrap();
+    assert_eq!(b.store.version("k").await.unwrap(), Some(1));
+    assert!(b.store.compare_and_set("k", 1, b"v2", LONG).await.unwrap());
+    assert_eq!(b.store.version("k").await.unwrap(), Some(2));
+    assert!(
+        b.store
+            .compare_and_set_announced("k", 2, b"v3", LONG, "sessions", "h")
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.store.version("k").await.unwrap(), Some(3));
+    assert!(b.store.delete("k").await.unwrap());
+    assert_eq!(b.store.version("k").await.unwrap(), None);
 }
 
 async fn compare_and_set_bumps_the_version_and_rejects_stale_versions(b: Backend) {

@@ -3,7 +3,9 @@
 //! It saves a store round trip and a decryption per request. Every write on any instance publishes
 //! the session's handle; pending messages are drained before each lookup, so an instance forgets a
 //! session as soon as the message arrives. A lagging receiver or a `RESYNC` empties the cache, and
-//! no entry outlives its time to live even if messages are lost. While the store says its
+//! no entry is served past its time to live, even if messages are lost, before the store has said
+//! its record is still at the entry's version ([`Lookup::Stale`]: a read of the version alone,
+//! which every change of the record bumps, instead of the whole record). While the store says its
 //! subscription is down (`live` is `false`), messages cannot arrive at all: the cache then holds
 //! nothing and every lookup goes to the store; any change of `live` (an outage, even one that
 //! ended before the next lookup) empties the cache.
@@ -122,6 +124,10 @@ pub(super) enum Lookup {
     Hit(u64, Arc<Session>),
     /// Not held: what the store answers may be filed with this stamp.
     Miss(Stamp),
+    /// Held, but past its time to live or without a recent proof of delivery: to be served
+    /// only once the store says the record is still at this version ([`Cache::renew`] then
+    /// keeps it for another time to live); else read like a miss, filed with this stamp.
+    Stale(Stamp, u64, Arc<Session>),
 }
 
 /// A miss's key and where its shard's invalidations stood at the miss.
@@ -231,7 +237,7 @@ impl Cache {
     fn get(&self, handle: &str) -> Option<(u64, Arc<Session>)> {
         match self.get_key(key_of(handle)) {
             Lookup::Hit(version, session) => Some((version, session)),
-            Lookup::Miss(_) => None,
+            Lookup::Miss(_) | Lookup::Stale(..) => None,
         }
     }
 
@@ -242,11 +248,8 @@ impl Cache {
         // Read before the shard takes in its messages: those the proof covers are then there.
         let fresh = self.freshness.within(now, PROOF_LASTS);
         let mut shard = self.shard(key);
-        let found = shard.slots.find(key);
-        if let Some((at, slot)) = found.and_then(|at| Some((at, shard.slots.at(at)?))) {
-            if now.saturating_duration_since(slot.stored) >= self.ttl {
-                shard.remove_at(at);
-            } else if fresh {
+        let stale = match shard.slots.find(key).and_then(|at| shard.slots.at(at)) {
+            Some(slot) if fresh && now.saturating_duration_since(slot.stored) < self.ttl => {
                 let hit = Lookup::Hit(slot.version, slot.session.clone());
                 shard.hits += 1;
                 if shard.hits >= HITS_BATCH {
@@ -254,16 +257,40 @@ impl Cache {
                 }
                 return hit;
             }
-            // Delivery not proven lately: the copy stays, and the store's answer replaces it.
-        }
+            // Past its time to live, or delivery not proven lately: the copy stays, and the
+            // store's version of the record says whether it may be served.
+            Some(slot) => Some((slot.version, slot.session.clone())),
+            None => None,
+        };
         // A miss reads the store next: counting it (and the hits not yet counted) costs nothing
         // next to that.
         self.lookups.miss.increment(1);
         self.lookups.hit.increment(std::mem::take(&mut shard.hits));
-        Lookup::Miss(Stamp {
+        let stamp = Stamp {
             key,
             seen: shard.invalidations_seen,
-        })
+        };
+        match stale {
+            Some((version, session)) => Lookup::Stale(stamp, version, session),
+            None => Lookup::Miss(stamp),
+        }
+    }
+
+    /// Keeps the copy a [`Lookup::Stale`] gave for another time to live: the store has just
+    /// said its record is still at `version`. Not when the session was invalidated (or its
+    /// shard emptied) since the lookup: the store's answer may predate a write or a logout.
+    pub(super) fn renew(&self, stamp: Stamp, version: u64) {
+        let mut shard = self.shard(stamp.key);
+        if !shard.is_live || shard.invalidated_since(stamp) {
+            return;
+        }
+        let stored = Instant::now();
+        let found = shard.slots.find(stamp.key);
+        if let Some(slot) = found.and_then(|at| shard.slots.at_mut(at))
+            && slot.version == version
+        {
+            slot.stored = stored;
+        }
     }
 
     /// Files what the store answered after the miss that gave `stamp`, unless the session was
@@ -305,6 +332,11 @@ impl Cache {
         let key = key_of(handle);
         let seen = self.shard(key).invalidations_seen;
         self.put(Stamp { key, seen }, version, session);
+    }
+
+    /// Drops the copy a [`Lookup::Stale`] gave: its record is gone from the store.
+    pub(super) fn drop_stale(&self, stamp: Stamp) {
+        self.shard(stamp.key).remove(stamp.key);
     }
 
     /// Forgets `handle`'s session: this instance has just written or ended it.
@@ -608,7 +640,7 @@ mod tests {
     /// A miss's stamp, for filing what the store answers.
     fn miss(cache: &Cache, handle: &str) -> Stamp {
         match cache.get_key(key_of(handle)) {
-            Lookup::Miss(stamp) => stamp,
+            Lookup::Miss(stamp) | Lookup::Stale(stamp, ..) => stamp,
             Lookup::Hit(..) => panic!("{handle} is cached"),
         }
     }

@@ -926,3 +926,97 @@ async fn a_login_replacing_the_browsers_own_session_does_not_end_another_device(
         "the phone was signed out by a login that replaced the laptop's own session"
     );
 }
+
+/// A cached copy past `cache_ttl` is checked against the store's version of the record: the
+/// same version is the same record (every write bumps it), so the copy is kept without reading
+/// and decrypting the record again; a changed or deleted record is read (or found gone) as
+/// before.
+#[tokio::test(start_paused = true)]
+async fn an_unchanged_session_past_cache_ttl_costs_a_version_read_not_a_record_read() {
+    let memory = MemoryStore::new(100);
+    let s = Sessions::new(
+        settings(&[1], Duration::from_secs(5)),
+        Store::Memory(memory.clone()),
+    );
+    let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
+    assert!(s.load(&cookie, T0).await.unwrap().is_some());
+    let reads = memory.record_reads();
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let again = s.load(&cookie, T0 + 6).await.unwrap().unwrap();
+    assert_eq!(again.version, 1);
+    assert_eq!(
+        memory.record_reads(),
+        reads,
+        "the record was read again although its version had not changed"
+    );
+    // Kept for another cache_ttl: the next request asks the store nothing.
+    let versions = memory.version_reads();
+    assert!(s.load(&cookie, T0 + 7).await.unwrap().is_some());
+    assert_eq!(memory.version_reads(), versions, "the copy was not kept");
+    assert_eq!(memory.record_reads(), reads);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_changed_behind_the_cache_is_read_again_past_cache_ttl() {
+    let store = Store::Memory(MemoryStore::new(100));
+    let s = Sessions::new(settings(&[1], Duration::from_secs(5)), store.clone());
+    let (cookie, created) = s.create(user("alice", None), T0).await.unwrap();
+    assert_eq!(s.load(&cookie, T0).await.unwrap().unwrap().version, 1);
+    // Written behind Vestibule's back (no message): the same bytes, the next version.
+    let name = created.ticket.key().name();
+    let record = store.get(&name).await.unwrap().unwrap();
+    let ttl = Duration::from_secs(IDLE);
+    assert!(
+        store
+            .compare_and_set(&name, 1, &record.value, ttl)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.load(&cookie, T0 + 1).await.unwrap().unwrap().version,
+        1,
+        "within cache_ttl the copy is served"
+    );
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(
+        s.load(&cookie, T0 + 6).await.unwrap().unwrap().version,
+        2,
+        "past cache_ttl the changed record must be read"
+    );
+    // Deleted behind its back: gone once the copy is past cache_ttl.
+    assert!(store.delete(&name).await.unwrap());
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(s.load(&cookie, T0 + 12).await.unwrap().is_none());
+    assert!(s.load(&cookie, T0 + 12).await.unwrap().is_none());
+}
+
+/// The version read straddles a logout on another instance: the store still had the version
+/// when it answered, the message came before the answer was taken in. The copy must not be
+/// kept for another cache_ttl.
+#[tokio::test(start_paused = true)]
+async fn a_session_ended_while_its_version_is_read_is_not_kept() {
+    let memory = MemoryStore::new(100);
+    let store = Store::Memory(memory.clone());
+    let a = Arc::new(Sessions::new(
+        settings(&[1], Duration::from_secs(5)),
+        store.clone(),
+    ));
+    let b = Sessions::new(settings(&[1], Duration::from_secs(5)), store);
+    let (cookie, _) = b.create(user("alice", None), T0).await.unwrap();
+    assert!(a.load(&cookie, T0).await.unwrap().is_some());
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let (has_read, let_go) = memory.hold_next_get();
+    let reading = tokio::spawn({
+        let (a, cookie) = (a.clone(), cookie.clone());
+        async move { a.load(&cookie, T0 + 6).await.unwrap().is_some() }
+    });
+    has_read.await.unwrap();
+    let on_b = b.load(&cookie, T0 + 6).await.unwrap().unwrap();
+    b.delete(&on_b).await.unwrap();
+    let_go.send(()).unwrap();
+    let _ = reading.await.unwrap();
+    assert!(
+        a.load(&cookie, T0 + 7).await.unwrap().is_none(),
+        "served from the cache after logout"
+    );
+}

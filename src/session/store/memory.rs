@@ -11,6 +11,8 @@
 mod state;
 
 use std::collections::HashMap;
+#[cfg(test)]
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -38,9 +40,15 @@ struct Inner {
     max_entries: usize,
     state: Mutex<State>,
     channels: Mutex<HashMap<String, super::Channel>>,
-    /// Tests only: holds the next `get` after it has read, until the test lets it answer.
+    /// Tests only: holds the next `get` or `version` after it has read, until the test lets
+    /// it answer.
     #[cfg(test)]
     held_get: Mutex<Option<HeldGet>>,
+    /// Tests only: how many `get`s and `version`s have read.
+    #[cfg(test)]
+    record_reads: std::sync::atomic::AtomicUsize,
+    #[cfg(test)]
+    version_reads: std::sync::atomic::AtomicUsize,
     /// Tests only: how many of the next compare-and-sets find another write came first.
     #[cfg(any(test, feature = "test-support"))]
     lost_writes: std::sync::atomic::AtomicUsize,
@@ -66,6 +74,10 @@ impl MemoryStore {
                 channels: Mutex::new(HashMap::new()),
                 #[cfg(test)]
                 held_get: Mutex::new(None),
+                #[cfg(test)]
+                record_reads: std::sync::atomic::AtomicUsize::new(0),
+                #[cfg(test)]
+                version_reads: std::sync::atomic::AtomicUsize::new(0),
                 #[cfg(any(test, feature = "test-support"))]
                 lost_writes: std::sync::atomic::AtomicUsize::new(0),
             }),
@@ -111,13 +123,50 @@ impl MemoryStore {
         };
         #[cfg(test)]
         {
-            let held = self.inner.held_get.lock().ok().and_then(|mut h| h.take());
-            if let Some(HeldGet { read, go }) = held {
-                let _ = read.send(());
-                let _ = go.await;
-            }
+            self.inner.record_reads.fetch_add(1, Ordering::Relaxed);
+            self.held().await;
         }
         read
+    }
+
+    /// The version of the record at `key`, without its value.
+    pub async fn version(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let read = match self.state().get_mut(key) {
+            None => Ok(None),
+            Some(Entry {
+                kind: Kind::Record(record),
+                ..
+            }) => Ok(Some(record.version)),
+            Some(_) => Err(wrong_type()),
+        };
+        #[cfg(test)]
+        {
+            self.inner.version_reads.fetch_add(1, Ordering::Relaxed);
+            self.held().await;
+        }
+        read
+    }
+
+    /// Tests only: a read held by [`MemoryStore::hold_next_get`] waits here.
+    #[cfg(test)]
+    async fn held(&self) {
+        let held = self.inner.held_get.lock().ok().and_then(|mut h| h.take());
+        if let Some(HeldGet { read, go }) = held {
+            let _ = read.send(());
+            let _ = go.await;
+        }
+    }
+
+    /// Tests only: how many records (`get`) have been read.
+    #[cfg(test)]
+    pub fn record_reads(&self) -> usize {
+        self.inner.record_reads.load(Ordering::Relaxed)
+    }
+
+    /// Tests only: how many versions alone (`version`) have been read.
+    #[cfg(test)]
+    pub fn version_reads(&self) -> usize {
+        self.inner.version_reads.load(Ordering::Relaxed)
     }
 
     /// Tests only: the next `get` reads, says so on the first receiver, then waits for the

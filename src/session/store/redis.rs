@@ -123,8 +123,9 @@ struct Inner {
 }
 
 /// The operations [`RedisStore::run`] names, in metrics and spans.
-const OPS: [&str; 19] = [
+const OPS: [&str; 20] = [
     "get",
+    "version",
     "put_new",
     "compare_and_set",
     "touch",
@@ -411,6 +412,12 @@ impl RedisStore {
             (None, None) => Ok(None),
             _ => Err(StoreError::Corrupt(Corruption::Incomplete)),
         }
+    }
+
+    pub async fn version(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let mut cmd = Self::cmd("HGET");
+        cmd.arg(self.key(key)).arg("v");
+        self.run("version", Op::Cmd(cmd)).await
     }
 
     pub async fn put_new(
