@@ -137,6 +137,9 @@ pub fn fresh_user_token<'a>(
     fresh(now, skew, &loaded.session, route.token_key(), None)
 }
 
+/// The number of refresh memories kept before the first prune of the unused ones.
+const PRUNE_FROM: usize = 10_000;
+
 /// Access tokens: per-session refresh with single flight (in process and across replicas),
 /// and a cache of client-credentials tokens.
 #[derive(Default)]
@@ -144,12 +147,20 @@ pub struct Tokens {
     /// Per session: the in-process queue for refreshing, held by the running refresh task.
     /// Shared with the watches of answers given up on ([`orphan`]), which take their entry out.
     local: Arc<orphan::Memories>,
+    /// The size past which [`Self::local_lock`] next prunes `local` (0: [`PRUNE_FROM`]). Twice
+    /// what the last prune kept: memories that must stay (an unsaved answer, in use) are not
+    /// scanned again at every refresh while many of them are kept, in a long store outage.
+    /// Changed only under `local`'s lock.
+    prune_above: std::sync::atomic::AtomicUsize,
     /// The refresh tasks under way, which a shutdown waits for.
     refreshes: TaskTracker,
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ClientSlot>>>>,
     /// Tests only: a time other than [`save::KEEP_SAVING_FOR`] to keep saving an answer for.
     #[cfg(any(test, feature = "test-support"))]
     keep_saving_for: Mutex<Option<Duration>>,
+    /// Tests only: how many times [`Self::local_lock`] scanned the whole map to prune it.
+    #[cfg(any(test, feature = "test-support"))]
+    prunes: std::sync::atomic::AtomicUsize,
 }
 
 /// One resource's and scopes' client-credentials token, and the last grant of it that failed.
@@ -200,12 +211,17 @@ pub struct TokenAsk<'a> {
 
 impl Tokens {
     fn local_lock(&self, handle: &str) -> Arc<tokio::sync::Mutex<RefreshMemory>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 10_000 {
+        if map.len() > self.prune_above.load(Relaxed).max(PRUNE_FROM) {
+            #[cfg(any(test, feature = "test-support"))]
+            self.prunes.fetch_add(1, Relaxed);
             // Unused entries go, except those holding an answer still to be saved.
             map.retain(|_, m| {
                 Arc::strong_count(m) > 1 || m.try_lock().map_or(true, |m| m.unsaved.is_some())
             });
+            // Amortised: the next scan waits until the map has doubled.
+            self.prune_above.store(map.len().saturating_mul(2), Relaxed);
         }
         map.entry(handle.to_string()).or_default().clone()
     }
@@ -488,6 +504,39 @@ mod tests {
             },
         );
         session
+    }
+
+    /// A long store outage: more than 10,000 sessions each keep a memory that may not go (here
+    /// in use; an unsaved answer is kept the same way). Refreshes of further sessions must not
+    /// each scan the whole map under the process-wide mutex: pruning is amortised.
+    #[test]
+    fn memories_that_must_stay_are_not_scanned_at_every_refresh() {
+        use std::sync::atomic::Ordering;
+        let tokens = Tokens::default();
+        let held: Vec<_> = (0..10_001)
+            .map(|i| tokens.local_lock(&format!("kept-{i}")))
+            .collect();
+        let before = tokens.prunes.load(Ordering::Relaxed);
+        for i in 0..1_000 {
+            drop(tokens.local_lock(&format!("other-{i}")));
+        }
+        let scans = tokens.prunes.load(Ordering::Relaxed) - before;
+        assert!(
+            scans <= 1,
+            "{scans} full scans of the refresh memories for 1,000 refreshes"
+        );
+        // Unused memories still go once the map has grown enough; nothing in use does.
+        let mut i = 1_000;
+        while tokens.prunes.load(Ordering::Relaxed) - before < 2 {
+            assert!(i < 30_000, "never pruned again");
+            drop(tokens.local_lock(&format!("other-{i}")));
+            i += 1;
+        }
+        let map = tokens.local.lock().unwrap();
+        assert!(!map.contains_key("other-0"), "an unused memory was kept");
+        assert!((0..10_001).all(|i| map.contains_key(&format!("kept-{i}"))));
+        drop(map);
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]
