@@ -143,6 +143,12 @@ impl App {
         self.tokens.set_keep_saving_for(time);
     }
 
+    /// Tests only: see [`Tokens::set_ended_check`].
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn ended_check(&self, time: std::time::Duration) {
+        self.tokens.set_ended_check(time);
+    }
+
     /// Tests only: see [`Tokens::unsaved_answers`].
     #[cfg(any(test, feature = "test-support"))]
     pub async fn unsaved_refresh_answers(&self) -> usize {

@@ -158,6 +158,10 @@ pub struct Tokens {
     /// Tests only: a time other than [`save::KEEP_SAVING_FOR`] to keep saving an answer for.
     #[cfg(any(test, feature = "test-support"))]
     keep_saving_for: Mutex<Option<Duration>>,
+    /// Tests only: a time other than [`orphan::ENDED_CHECK`] between two reads of a session
+    /// whose answer was given up on.
+    #[cfg(any(test, feature = "test-support"))]
+    ended_check: Mutex<Option<Duration>>,
     /// Tests only: how many times [`Self::local_lock`] scanned the whole map to prune it.
     #[cfg(any(test, feature = "test-support"))]
     prunes: std::sync::atomic::AtomicUsize,
@@ -330,6 +334,7 @@ impl Tokens {
             lock_key: sessions.refresh_lock_key(loaded),
             lease,
             keep_saving_for: self.keep_saving_for(),
+            ended_check: self.ended_check(),
             memories: self.local.clone(),
         };
         // Not aborted when this request is dropped: the task holds the queue and the lease
@@ -403,6 +408,22 @@ impl Tokens {
             .keep_saving_for
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(time);
+    }
+
+    /// How often the watch of an answer given up on reads its session, for the timeouts.
+    fn ended_check(&self) -> Duration {
+        #[cfg(any(test, feature = "test-support"))]
+        if let Some(shorter) = *self.ended_check.lock().unwrap_or_else(|p| p.into_inner()) {
+            return shorter;
+        }
+        orphan::ENDED_CHECK
+    }
+
+    /// Tests only: refresh tasks started from now on leave a watch that reads the session every
+    /// `time` rather than every [`orphan::ENDED_CHECK`], which no test waits out.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn set_ended_check(&self, time: Duration) {
+        *self.ended_check.lock().unwrap_or_else(|p| p.into_inner()) = Some(time);
     }
 
     /// Tests only: how many sessions have a refresh's answer waiting unsaved in this process.

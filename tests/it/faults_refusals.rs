@@ -277,6 +277,52 @@ async fn a_logout_on_another_replica_after_the_refresh_task_gave_up_saving_revok
     the_kept_answer_is_revoked(&a, &idp, "a logout on the other replica").await;
 }
 
+/// As above, but the session ends by its idle or absolute timeout: Redis lets the session's key
+/// expire, and no message announces it. The watch of the answer given up on reads the session
+/// again periodically (every `ENDED_CHECK`, shortened to a second here), finds it gone and
+/// revokes rt-2. The key expires only after the watch's first read, so only a later, periodic
+/// read can see the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_timing_out_after_the_refresh_task_gave_up_saving_revokes_the_rotated_refresh_token()
+ {
+    let redis = RedisServer::start();
+    let idp = revoking_idp().await;
+    let up = upstream::start().await;
+    let proxy = token_proxy(&redis.url(), &idp, &up).await;
+    proxy.app.keep_saving_for(Duration::ZERO);
+    proxy.app.ended_check(Duration::from_secs(1));
+    let cookie = due_session(&proxy, &idp, &[]).await;
+    rotated_and_given_up(&proxy, &redis, &idp, &cookie).await;
+    // The watch starts as the refresh task gives up, and reads the session at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let keys = session_keys(&redis);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let reply = redis.command(&["PEXPIRE", &keys[0], "1"]);
+    assert!(reply.starts_with(":1"), "PEXPIRE: {reply}");
+    assert!(
+        !proxy.signed_in(&cookie).await,
+        "the session outlived its expiry"
+    );
+    let started = Instant::now();
+    the_kept_answer_is_revoked(&proxy, &idp, "the session timed out").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// The names of the session records in `redis`.
+fn session_keys(redis: &RedisServer) -> Vec<String> {
+    let reply = redis.command(&["KEYS", "vestibule:s:*"]);
+    reply
+        .lines()
+        .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Out of memory, Redis refuses the refresh lease a logout takes (`SET NX`) but still carries out
 /// deletes: the logout ends the session and revokes its refresh token rather than answer 503 and
 /// leave the user signed in. A request whose idle-timeout touch is refused is still served.

@@ -47,6 +47,8 @@ pub(super) struct Orphan {
     /// logout here or by the refresh that found the session ended): the watch has nothing left
     /// to do ([`Unsaved`] holds the guard).
     pub(super) stop: CancellationToken,
+    /// How often the session is read: [`ENDED_CHECK`] (shorter in tests).
+    pub(super) ended_check: Duration,
 }
 
 impl Orphan {
@@ -62,7 +64,7 @@ impl Orphan {
     async fn until_ended(self) {
         let mut changed = self.sessions.watch(self.loaded.handle);
         // Its first tick is at once: the session may have ended before the watch began.
-        let mut check = tokio::time::interval(ENDED_CHECK);
+        let mut check = tokio::time::interval(self.ended_check);
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return,

@@ -182,6 +182,8 @@ pub(super) struct Job {
     /// How long an answer the store did not take is tried again
     /// ([`super::save::KEEP_SAVING_FOR`]).
     pub(super) keep_saving_for: Duration,
+    /// How often the watch of an answer given up on reads the session ([`super::orphan`]).
+    pub(super) ended_check: Duration,
     /// The refresh memories of every session, for the watch of an answer given up on
     /// ([`super::orphan`]).
     pub(super) memories: Arc<super::orphan::Memories>,

@@ -268,6 +268,7 @@ impl Job {
             memories: self.memories.clone(),
             lease: self.lease.clone(),
             stop,
+            ended_check: self.ended_check,
         }
         .watch();
     }
