@@ -97,6 +97,11 @@ fn describe_incident_series() {
         "vestibule_refresh_lock_wait_seconds",
         "Time a request waited for its session's refresh to be its turn."
     );
+    metrics::describe_gauge!(
+        "vestibule_refresh_answers_unsaved",
+        "Refresh answers the session store did not take, kept in memory until saved or their \
+         session ends."
+    );
     metrics::describe_histogram!(
         "vestibule_store_duration_seconds",
         "Redis command latency, by operation."

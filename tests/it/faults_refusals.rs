@@ -293,6 +293,15 @@ async fn a_session_timing_out_after_the_refresh_task_gave_up_saving_revokes_the_
     proxy.app.ended_check(Duration::from_secs(1));
     let cookie = due_session(&proxy, &idp, &[]).await;
     rotated_and_given_up(&proxy, &redis, &idp, &cookie).await;
+    // Measurable while it waits (other tests in this process may keep answers too).
+    let scrape = get(&format!("http://{}/metrics", proxy.admin), &[])
+        .await
+        .text();
+    let unsaved = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("vestibule_refresh_answers_unsaved "))
+        .map(|v| v.trim().parse::<f64>().unwrap());
+    assert!(unsaved >= Some(1.0), "{unsaved:?} in {scrape}");
     // The watch starts as the refresh task gives up, and reads the session at once.
     tokio::time::sleep(Duration::from_millis(300)).await;
 

@@ -22,7 +22,7 @@ use crate::oidc::{Oidc, TokenResponse};
 use crate::session::manager::OpenSession;
 use crate::session::model::{AccessToken, Session};
 use crate::session::store::Store;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
@@ -41,6 +41,69 @@ const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(5);
 /// Whether the warning about a `refresh_skew` longer than token lifetimes was logged.
 static SKEW_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Past this many answers waiting unsaved in the process, a warning is logged (once, again only
+/// after they fell to half of it). Nothing drops them: each holds its session's only rotated
+/// refresh token, and dropping it would end the session at its next refresh. What bounds them
+/// is one per session refreshing on this instance during the outage.
+pub(super) const MANY_UNSAVED: usize = 1_000;
+
+/// The answers waiting unsaved in this process (`vestibule_refresh_answers_unsaved`).
+static UNSAVED: Tally = Tally::new(MANY_UNSAVED);
+
+/// A count of the answers waiting unsaved, as a gauge, with a warning once past `many`.
+pub(super) struct Tally {
+    now: AtomicUsize,
+    many: usize,
+    warned: AtomicBool,
+}
+
+/// One answer in a [`Tally`]: counted until dropped with its [`Unsaved`].
+pub(super) struct Counted(&'static Tally);
+
+impl Tally {
+    pub(super) const fn new(many: usize) -> Tally {
+        Tally {
+            now: AtomicUsize::new(0),
+            many,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn count(&'static self) -> Counted {
+        let now = self.now.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("vestibule_refresh_answers_unsaved").set(now as f64);
+        if now > self.many && !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                unsaved = now,
+                "more than {} refresh answers wait unsaved in memory: the session store has not \
+                 taken writes for a while. Each holds a session's only rotated refresh token and \
+                 is kept until it is saved or its session ends",
+                self.many
+            );
+        }
+        Counted(self)
+    }
+
+    /// How many answers are counted now, and whether the warning stands.
+    #[cfg(test)]
+    fn read(&self) -> (usize, bool) {
+        (
+            self.now.load(Ordering::Relaxed),
+            self.warned.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let now = self.0.now.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("vestibule_refresh_answers_unsaved").set(now as f64);
+        if now <= self.0.many / 2 {
+            self.0.warned.store(false, Ordering::Relaxed);
+        }
+    }
+}
 
 /// A grant's answer, as it is written into the session.
 pub(super) struct Answer {
@@ -83,6 +146,8 @@ pub(super) struct Unsaved {
     /// ([`super::orphan`]) when the answer leaves the memory by any other path.
     stop: CancellationToken,
     _stopping: DropGuard,
+    /// In `vestibule_refresh_answers_unsaved` while it waits.
+    _counted: Counted,
 }
 
 impl Unsaved {
@@ -112,6 +177,7 @@ impl Unsaved {
             _keepers,
             stop: _,
             _stopping,
+            _counted,
         } = self;
         drop(_keepers);
         release(store, &spend_key, &lease).await;
@@ -173,6 +239,7 @@ impl Job {
             _keepers: keepers,
             _stopping: stop.clone().drop_guard(),
             stop,
+            _counted: UNSAVED.count(),
         });
         written
     }
@@ -352,4 +419,27 @@ async fn revoke_answer(oidc: &Oidc, answer: &Answer) {
     tracing::info!(
         "the session ended before a refresh's answer could be saved; its tokens are revoked"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long outage with many users keeps many answers (nothing drops them): they are counted
+    /// while they wait, a warning stands once more than the bound do, and it is armed again
+    /// once they fell to half of it.
+    #[test]
+    fn answers_kept_unsaved_are_counted_and_warned_about_past_the_bound() {
+        let tally: &'static Tally = Box::leak(Box::new(Tally::new(4)));
+        let mut kept: Vec<_> = (0..4).map(|_| tally.count()).collect();
+        assert_eq!(tally.read(), (4, false));
+        kept.push(tally.count());
+        assert_eq!(tally.read(), (5, true), "no warning past the bound");
+        kept.truncate(3);
+        assert_eq!(tally.read(), (3, true), "warned again while still many");
+        kept.truncate(2);
+        assert_eq!(tally.read(), (2, false), "the warning is not armed again");
+        drop(kept);
+        assert_eq!(tally.read(), (0, false), "answers gone are still counted");
+    }
 }
