@@ -93,6 +93,10 @@ struct Args {
     /// Require DPoP proofs to carry a nonce this API hands out (RFC 9449 §9).
     #[arg(long)]
     dpop_nonce: bool,
+    /// Answer a proof of another key than the token's `cnf.jkt` with `invalid_dpop_proof`, as
+    /// several DPoP libraries do, rather than RFC 9449 §7.1's `invalid_token`.
+    #[arg(long)]
+    binding_as_proof_error: bool,
 }
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -143,6 +147,8 @@ struct Api {
     nonce: Option<String>,
     /// `jti`s of accepted proofs and until when they are remembered.
     seen: std::sync::Mutex<HashMap<String, u64>>,
+    /// `--binding-as-proof-error`.
+    binding_as_proof_error: bool,
 }
 
 fn now() -> u64 {
@@ -505,6 +511,12 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Result<Reply, Infallib
                         Reject::Binding => "the proof's key is not the token's cnf.jkt".into(),
                         Reject::UseNonce => "DPoP proof without the current nonce".into(),
                     };
+                    let reject = match reject {
+                        Reject::Binding if api.binding_as_proof_error => {
+                            Reject::Proof("another key than the token's".into())
+                        }
+                        other => other,
+                    };
                     rejection(&reject, api.nonce.as_deref())
                 }
             }
@@ -550,6 +562,7 @@ async fn main() -> anyhow::Result<()> {
             }
         },
         seen: std::sync::Mutex::new(HashMap::new()),
+        binding_as_proof_error: args.binding_as_proof_error,
     });
     let listener = TcpListener::bind(args.listen)
         .await

@@ -338,8 +338,8 @@ pub async fn admit(
     }
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
-        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => {
-            Some(match tokens::fresh_user_token(live, l, route, clock(now)) {
+        (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(
+            match tokens::fresh_user_token(app, live, l, route, clock(now)) {
                 Some(fresh) => std::borrow::Cow::Borrowed(fresh),
                 None => {
                     let ask = tokens::TokenAsk {
@@ -351,8 +351,8 @@ pub async fn admit(
                     };
                     tokens.user_token(&ask, clock(now)).await?
                 }
-            })
-        }
+            },
+        ),
         (TokenMode::User, None) => {
             return Err(RequestError::Unauthenticated {
                 login_url: login_url(),

@@ -363,8 +363,11 @@ async fn callback(
         }
         Err(e @ GrantError::Unavailable(_)) => return Err(RequestError::Provider(e)),
     };
-    let tokens = match TokenResponse::from_code_grant(answer, app.oidc.token_type()) {
-        Ok(t) => t,
+    let tokens = match TokenResponse::from_code_grant(answer.body, app.oidc.token_type()) {
+        Ok(t) => TokenResponse {
+            jkt: answer.jkt,
+            ..t
+        },
         Err(e) => return login_failed(e.reason(), &e.to_string()),
     };
     let Some(id_token) = tokens.id_token.clone() else {
@@ -451,6 +454,7 @@ async fn callback(
             expires_at: now + tokens.lifetime(),
             issued_at: now,
             scope: tokens.scope.clone(),
+            jkt: tokens.jkt.clone(),
         },
     );
     // A login always starts a brand-new session; the browser's previous one ends, once the new

@@ -172,6 +172,17 @@ pub struct TokenResponse {
     pub scope: Option<String>,
     #[serde(default)]
     pub token_type: Option<String>,
+    /// With DPoP: the thumbprint of the key whose proof went with the request, the key the
+    /// provider bound the access token to. Not the provider's to say: set by the grant.
+    #[serde(skip)]
+    pub jkt: Option<String>,
+}
+
+/// A grant's successful answer as sent, and the thumbprint of the DPoP key that proved the
+/// request (see [`TokenResponse::jkt`]).
+pub struct Granted {
+    pub body: serde_json::Value,
+    pub jkt: Option<String>,
 }
 
 /// The longest `request_uri` a pushed authorization request's answer may name (RFC 9126 §2.2:
@@ -230,6 +241,7 @@ impl std::fmt::Debug for TokenResponse {
             .field("expires_in", &self.expires_in)
             .field("scope", &self.scope)
             .field("token_type", &self.token_type)
+            .field("jkt", &self.jkt)
             .finish_non_exhaustive()
     }
 }
@@ -579,9 +591,10 @@ impl Oidc {
     }
 
     /// A refresh, client-credentials or exchange grant's successful answer, checked.
-    fn read_grant(&self, answer: serde_json::Value) -> Result<TokenResponse, GrantError> {
-        let response: TokenResponse =
-            serde_json::from_value(answer).map_err(|_| Unavailable::Malformed)?;
+    fn read_grant(&self, answer: Granted) -> Result<TokenResponse, GrantError> {
+        let mut response: TokenResponse =
+            serde_json::from_value(answer.body).map_err(|_| Unavailable::Malformed)?;
+        response.jkt = answer.jkt;
         // A token other than the kind asked for, or of no stated kind, is refused, not used
         // (RFC 6749 §5.1: `token_type` is required; §7.1: a token of a type the client does not
         // understand is not used), as at login: a Bearer token where DPoP was asked for is one
@@ -605,9 +618,9 @@ impl Oidc {
     }
 
     /// A grant's successful answer as sent, or why there is none.
-    async fn grant_json(&self, form: &[(&str, &str)]) -> Result<serde_json::Value, GrantError> {
+    async fn grant_json(&self, form: &[(&str, &str)]) -> Result<Granted, GrantError> {
         let metadata = self.metadata()?;
-        let mut reply = self
+        let (mut reply, mut jkt) = self
             .post_token_request(&metadata.token_endpoint, form)
             .await?;
         // RFC 9449 §8: a provider that wants a nonce answers `use_dpop_nonce` with one in
@@ -620,12 +633,15 @@ impl Oidc {
                 .as_ref()
                 .is_some_and(|n| dpop.remember_provider_nonce(n.as_bytes()))
         {
-            reply = self
+            (reply, jkt) = self
                 .post_token_request(&metadata.token_endpoint, form)
                 .await?;
         }
         if (200..300).contains(&reply.status) {
-            return Ok(reply.body);
+            return Ok(Granted {
+                body: reply.body,
+                jkt,
+            });
         }
         let refusal = Refusal::of(reply.status, &reply.body);
         if reply.status >= 500
@@ -637,20 +653,22 @@ impl Oidc {
         Err(GrantError::Rejected(refusal))
     }
 
-    /// One POST to the token endpoint, with a DPoP proof when DPoP is on; a nonce the provider
-    /// sends along is kept for the next proof.
+    /// One POST to the token endpoint, with a DPoP proof when DPoP is on (and the thumbprint
+    /// of the key that signed it); a nonce the provider sends along is kept for the next proof.
     async fn post_token_request(
         &self,
         endpoint: &str,
         form: &[(&str, &str)],
-    ) -> Result<http::JsonReply, GrantError> {
-        let proof = match &self.dpop {
-            Some(dpop) => Some(
-                dpop.provider_proof(endpoint)
+    ) -> Result<(http::JsonReply, Option<String>), GrantError> {
+        let (proof, jkt) = match &self.dpop {
+            Some(dpop) => {
+                let (proof, jkt) = dpop
+                    .provider_proof(endpoint)
                     .await
-                    .map_err(Unavailable::Dpop)?,
-            ),
-            None => None,
+                    .map_err(Unavailable::Dpop)?;
+                (Some(proof), Some(jkt))
+            }
+            None => (None, None),
         };
         let reply = self
             .provider
@@ -667,16 +685,12 @@ impl Oidc {
         if let (Some(dpop), Some(nonce)) = (&self.dpop, &reply.dpop_nonce) {
             dpop.remember_provider_nonce(nonce.as_bytes());
         }
-        Ok(reply)
+        Ok((reply, jkt))
     }
 
     /// The authorization-code grant. Its answer is returned as sent, for
     /// [`TokenResponse::from_code_grant`] to check.
-    pub async fn exchange_code(
-        &self,
-        code: &str,
-        verifier: &str,
-    ) -> Result<serde_json::Value, GrantError> {
+    pub async fn exchange_code(&self, code: &str, verifier: &str) -> Result<Granted, GrantError> {
         self.grant_json(&[
             ("grant_type", "authorization_code"),
             ("code", code),
@@ -748,7 +762,7 @@ impl Oidc {
         // RFC 8693 §2.2.1: `issued_token_type` is required and says what `access_token` holds;
         // anything but the access token asked for (an ID token, a refresh token, an assertion)
         // is not sent upstream as one.
-        let issued = answer.get("issued_token_type");
+        let issued = answer.body.get("issued_token_type");
         if issued.and_then(|t| t.as_str()) != Some(ACCESS_TOKEN_TYPE) {
             return Err(Unavailable::WrongIssuedTokenType {
                 found: issued

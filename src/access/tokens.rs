@@ -109,32 +109,76 @@ fn classify(grant: Grant, error: GrantError) -> RefreshError {
 }
 
 /// The session's token for `key` unless it is due for refresh at `now` (`skew` seconds before
-/// expiry, see [`crate::session::model::AccessToken::refresh_at`]) or is the `rejected` one.
+/// expiry, see [`crate::session::model::AccessToken::refresh_at`]), is the `rejected` one, or,
+/// with `signing` (the thumbprint of the DPoP key that signs now, on a `token_binding = "dpop"`
+/// route), was bound to another key: the API would refuse it. A token stored without the
+/// thumbprint of its key (before it was recorded) is not checked.
 fn fresh<'a>(
     now: u64,
     skew: u64,
     session: &'a Session,
     key: &str,
     rejected: Option<&str>,
+    signing: Option<&str>,
 ) -> Option<&'a str> {
     session
         .tokens
         .get(key)
         .filter(|t| now < t.refresh_at(skew))
         .filter(|t| rejected != Some(t.value.as_str()))
+        .filter(|t| match (signing, &t.jkt) {
+            (Some(signing), Some(bound)) => signing == bound,
+            _ => true,
+        })
         .map(|t| t.value.as_str())
 }
 
-/// The session's access token for `route` while it is fresh: what [`Tokens::user_token`]
-/// lends without waiting. Asked first, a request with a fresh token writes no future for it.
+/// What a token for `route` must be bound to: nothing on a route without DPoP, the key that
+/// signs now on a `token_binding = "dpop"` route.
+enum Binding {
+    Unchecked,
+    /// `None` before a key is loaded: then no token with a recorded thumbprint passes, and the
+    /// refresh task, which waits for the key, decides.
+    Key(Option<Arc<crate::oidc::dpop::DpopKey>>),
+}
+
+impl Binding {
+    /// Without waiting: the key as loaded now (a lock and a pointer copy), on DPoP routes only.
+    fn of(app: &Shared, route: &RouteConfig) -> Binding {
+        match (route.token_binding, &app.oidc.dpop) {
+            (crate::config::TokenBinding::Dpop, Some(dpop)) => Binding::Key(dpop.loaded_key()),
+            _ => Binding::Unchecked,
+        }
+    }
+
+    fn jkt(&self) -> Option<&str> {
+        match self {
+            Binding::Unchecked => None,
+            Binding::Key(key) => Some(key.as_deref().map_or("", |k| k.thumbprint())),
+        }
+    }
+}
+
+/// The session's access token for `route` while it is fresh (and, on a DPoP route, bound to
+/// the key that signs now): what [`Tokens::user_token`] lends without waiting. Asked first, a
+/// request with a fresh token writes no future for it.
 pub fn fresh_user_token<'a>(
+    app: &Shared,
     live: &LiveConfig,
     loaded: &'a OpenSession,
     route: &RouteConfig,
     now: u64,
 ) -> Option<&'a str> {
     let skew = live.config.oidc.refresh_skew.as_secs();
-    fresh(now, skew, &loaded.session, route.token_key(), None)
+    let binding = Binding::of(app, route);
+    fresh(
+        now,
+        skew,
+        &loaded.session,
+        route.token_key(),
+        None,
+        binding.jkt(),
+    )
 }
 
 /// The number of refresh memories kept before the first prune of the unused ones.
@@ -272,7 +316,8 @@ impl Tokens {
     ) -> Result<Option<std::borrow::Cow<'a, str>>, RequestError> {
         let skew = ask.live.config.oidc.refresh_skew.as_secs();
         let key = ask.route.token_key();
-        if let Some(t) = fresh(now, skew, &ask.loaded.session, key, rejected) {
+        let binding = Binding::of(ask.app, ask.route);
+        if let Some(t) = fresh(now, skew, &ask.loaded.session, key, rejected, binding.jkt()) {
             return Ok(Some(std::borrow::Cow::Borrowed(t)));
         }
         // Boxed: the single flight's future is large and rarely needed, and would otherwise
@@ -317,6 +362,17 @@ impl Tokens {
         let Ok(memory) = waited else {
             return Err(gave_up());
         };
+        // On a DPoP route, the key that signs (waited for if not loaded yet): a token bound to
+        // another is refreshed. One that cannot be loaded leaves tokens unchecked, as before
+        // thumbprints were recorded (the proof fails anyway).
+        let signing = match (route.token_binding, &app.oidc.dpop) {
+            (crate::config::TokenBinding::Dpop, Some(dpop)) => dpop
+                .key()
+                .await
+                .ok()
+                .map(|key| key.thumbprint().to_string()),
+            _ => None,
+        };
         let lease = crate::oidc::random_token(16).map_err(|e| {
             tracing::error!(error = %e, "no refresh lease token could be made");
             RefreshError::Random
@@ -329,6 +385,7 @@ impl Tokens {
             loaded: loaded.clone(),
             target: Target::of(route),
             rejected: rejected.map(str::to_string),
+            signing,
             arrived,
             deadline,
             lock_key: sessions.refresh_lock_key(loaded),
@@ -522,6 +579,7 @@ mod tests {
                 expires_at: now + lifetime,
                 issued_at: now,
                 scope: None,
+                jkt: None,
             },
         );
         session
@@ -564,13 +622,28 @@ mod tests {
     async fn a_token_is_due_skew_before_expiry_on_the_clock_without_waiting() {
         let clock = TestClock::new().clock();
         let session = session("", clock.now(), 300);
-        assert_eq!(fresh(clock.now(), 60, &session, "", None), Some("at"));
-        assert_eq!(fresh(clock.now(), 60, &session, "other", None), None);
-        assert_eq!(fresh(clock.now(), 60, &session, "", Some("at")), None);
+        assert_eq!(fresh(clock.now(), 60, &session, "", None, None), Some("at"));
+        assert_eq!(fresh(clock.now(), 60, &session, "other", None, None), None);
+        assert_eq!(fresh(clock.now(), 60, &session, "", Some("at"), None), None);
         tokio::time::advance(Duration::from_secs(239)).await;
-        assert_eq!(fresh(clock.now(), 60, &session, "", None), Some("at"));
+        assert_eq!(fresh(clock.now(), 60, &session, "", None, None), Some("at"));
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(fresh(clock.now(), 60, &session, "", None), None);
+        assert_eq!(fresh(clock.now(), 60, &session, "", None, None), None);
+    }
+
+    /// On a DPoP route, a token recorded as bound to another key than the one signing now is
+    /// not fresh; one stored without a thumbprint (before it was recorded) is, as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_bound_to_another_dpop_key_is_not_fresh() {
+        let clock = TestClock::new().clock();
+        let mut session = session("", clock.now(), 300);
+        let now = clock.now();
+        assert_eq!(fresh(now, 60, &session, "", None, Some("B")), Some("at"));
+        session.tokens.get_mut("").unwrap().jkt = Some("A".into());
+        assert_eq!(fresh(now, 60, &session, "", None, Some("B")), None);
+        assert_eq!(fresh(now, 60, &session, "", None, Some("")), None);
+        assert_eq!(fresh(now, 60, &session, "", None, Some("A")), Some("at"));
+        assert_eq!(fresh(now, 60, &session, "", None, None), Some("at"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -579,8 +652,8 @@ mod tests {
         let clock = test.clock();
         let session = session("", clock.now(), 8);
         test.advance(Duration::from_secs(3));
-        assert_eq!(fresh(clock.now(), 30, &session, "", None), Some("at"));
+        assert_eq!(fresh(clock.now(), 30, &session, "", None, None), Some("at"));
         test.advance(Duration::from_secs(1));
-        assert_eq!(fresh(clock.now(), 30, &session, "", None), None);
+        assert_eq!(fresh(clock.now(), 30, &session, "", None, None), None);
     }
 }

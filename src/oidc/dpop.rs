@@ -288,11 +288,19 @@ impl Dpop {
         same.then(|| loaded.key.clone())
     }
 
-    /// A proof for a POST to the provider's `url`, with its latest nonce.
-    pub async fn provider_proof(&self, url: &str) -> Result<String, DpopError> {
+    /// A proof for a POST to the provider's `url`, with its latest nonce, and the thumbprint
+    /// of the key that signed it (the key the provider binds the tokens it answers with to).
+    pub async fn provider_proof(&self, url: &str) -> Result<(String, String), DpopError> {
         let key = self.key().await?;
         let nonce = self.provider_nonce();
-        key.proof("POST", url, crate::clock::now(), None, nonce.as_deref())
+        let proof = key.proof("POST", url, crate::clock::now(), None, nonce.as_deref())?;
+        Ok((proof, key.thumbprint().to_string()))
+    }
+
+    /// The key loaded now, without waiting: `None` before a key was loaded under the current
+    /// key ring (at start, after a reload that swapped the ring, until the next load).
+    pub fn loaded_key(&self) -> Option<Arc<DpopKey>> {
+        self.current(&self.source.ring())
     }
 
     pub fn provider_nonce(&self) -> Option<String> {

@@ -166,6 +166,7 @@ impl TokenResponse {
             id_token: Some(id_token),
             scope,
             token_type,
+            jkt: None,
         })
     }
 }

@@ -29,6 +29,11 @@ pub struct AccessToken {
     pub issued_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// With DPoP: the RFC 7638 thumbprint of the key the token request was proved with, which
+    /// the provider bound the token to (`None` without DPoP, and in sessions stored before this
+    /// field existed: such a token is sent whatever key signs now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jkt: Option<String>,
 }
 
 impl AccessToken {
@@ -318,6 +323,7 @@ mod tests {
             expires_at,
             issued_at,
             scope: None,
+            jkt: None,
         };
         assert_eq!(token(1000, 4600).refresh_at(60), 4540);
         assert_eq!(
@@ -341,6 +347,7 @@ mod tests {
                 expires_at: 100,
                 issued_at: 0,
                 scope: Some("api.read".into()),
+                jkt: None,
             },
         );
         tokens.insert(
@@ -350,6 +357,7 @@ mod tests {
                 expires_at: 200,
                 issued_at: 0,
                 scope: None,
+                jkt: Some("0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into()),
             },
         );
         let mut claims = Map::new();
@@ -439,6 +447,7 @@ mod tests {
             expires_at: 1,
             issued_at: 0,
             scope: None,
+            jkt: None,
         };
         let mut old = BTreeMap::new();
         let mut new = TokenMap::default();
@@ -505,6 +514,28 @@ mod tests {
         let json = serde_json::to_string(&sample()).unwrap();
         let back: Session = serde_json::from_str(&json).unwrap();
         assert_eq!(back, sample());
+    }
+
+    /// Rolling upgrade: a token stored before the thumbprint of its DPoP key was recorded loads
+    /// without one (and is sent as before); one without a thumbprint is written as before, and
+    /// a recorded one is read back.
+    #[test]
+    fn a_token_stored_without_the_thumbprint_of_its_key_loads() {
+        let stored =
+            r#"{"sub":"u","tokens":{"":{"value":"at","expires_at":9,"issued_at":1,"scope":"s"}}}"#;
+        let session: Session = serde_json::from_str(stored).unwrap();
+        let token = session.tokens.get("").unwrap();
+        assert_eq!((token.value.as_str(), token.jkt.as_deref()), ("at", None));
+        let written = serde_json::to_value(&session).unwrap();
+        assert_eq!(
+            written["tokens"][""],
+            serde_json::json!({"value":"at","expires_at":9,"issued_at":1,"scope":"s"})
+        );
+        let mut bound = session.clone();
+        bound.tokens.get_mut("").unwrap().jkt = Some("jkt-1".into());
+        let text = serde_json::to_string(&bound).unwrap();
+        let back: Session = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.tokens.get("").unwrap().jkt.as_deref(), Some("jkt-1"));
     }
 
     #[test]

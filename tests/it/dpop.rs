@@ -444,22 +444,88 @@ fn key_file(dir: &tempfile::TempDir, name: &str) -> (String, String) {
 
 /// docs/configuration.md, DPoP rotation: a session whose token is bound to a replaced key (a
 /// key file replaced, the replica restarted on the same store; here a second replica with the
-/// new file, as during the rolling restart) gets its token refused by the API — the sample
-/// API answers `DPoP error="invalid_token"` (RFC 9449 §7.1's own example of a failed key
-/// binding) — and the next request already succeeds on a refreshed token bound to the new key.
+/// new file, as during the rolling restart). The session recorded the key its token was bound
+/// to, so the token is refreshed before it is sent: the sample API — which would answer it
+/// `DPoP error="invalid_token"` (RFC 9449 §7.1's own example of a failed key binding) — never
+/// sees it, and the first request already succeeds on a token bound to the new key.
 #[tokio::test]
-async fn a_token_bound_to_a_replaced_key_is_refused_as_invalid_and_refreshed_at_once() {
+async fn a_token_bound_to_a_replaced_key_is_refreshed_before_it_is_sent() {
+    let mut s = a_session_bound_to_a_replaced_key(&[]).await;
+    let refreshes = s.provider.stats().await["refresh_token"].as_u64().unwrap();
+    for _ in 0..2 {
+        let r = s
+            .browser
+            .get(&s.new.url("/api/hello"), &[("x-csrf", "1")])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["sub"], "alice");
+    }
+    let log = s.api.log().unwrap();
+    assert_eq!(
+        log.matches("cnf.jkt").count(),
+        0,
+        "the token bound to the old key was sent: {log}"
+    );
+    assert_eq!(
+        s.provider.stats().await["refresh_token"].as_u64().unwrap(),
+        refreshes + 1,
+        "exactly one refresh grant"
+    );
+    let bound = s.provider.tokens("alice").await;
+    let token = bound["access_token"].as_str().unwrap();
+    assert_eq!(segment(token, 1)["cnf"]["jkt"], s.new_jkt.as_str());
+}
+
+#[tokio::test]
+async fn userinfo_is_asked_with_a_proof_for_the_bound_token_and_its_claims_arrive() {
+    // Opaque access tokens, accepted at the userinfo endpoint; the ID token carries only `sub`,
+    // so `email` and `name` can come from UserInfo alone. The provider binds the token to our
+    // key and, asked for a nonce, wants one in every proof.
+    let stack = LoginStack::builder()
+        .provider(json!({
+            "resources": [],
+            "conform_id_token_claims": true,
+            "dpop_require_nonce": true,
+        }))
+        .extra(routes)
+        .config(|c| c.add("oidc.dpop", true).add("oidc.userinfo", true))
+        .start()
+        .await;
+    let mut browser = stack.login("alice").await;
+    let me = browser.user(&stack.base).await;
+    assert_eq!(me["email"], "alice@example.test", "{me}");
+    assert_eq!(me["name"], "Alice Liddell", "{me}");
+}
+
+/// A session logged in through a replica signing with one DPoP key file, and a second replica
+/// on the same store with another key file (a key file replaced and the replicas restarted):
+/// the browser, the new replica, the provider, the sample API (started with `api_args`) and
+/// the new key's thumbprint.
+struct ReplacedKey {
+    _redis: RedisServer,
+    _dir: tempfile::TempDir,
+    old: Proxy,
+    provider: crate::support::provider::TestProvider,
+    api: crate::sample_api::SampleApi,
+    new: Proxy,
+    browser: crate::support::browser::Browser,
+    new_jkt: String,
+}
+
+async fn a_session_bound_to_a_replaced_key(api_args: &[&str]) -> ReplacedKey {
     let redis = RedisServer::start();
     let port = free_port();
     let provider = crate::support::provider::start(port, json!({}));
-    let api = crate::sample_api::SampleApi::start_with(&[
+    let mut args = vec![
         "--issuer",
         &provider.issuer,
         "--audience",
         "https://api.example.test",
-    ])
-    .await
-    .unwrap();
+    ];
+    args.extend_from_slice(api_args);
+    let api = crate::sample_api::SampleApi::start_with(&args)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (old_key, _) = key_file(&dir, "old.pem");
     let (new_key, new_jkt) = key_file(&dir, "new.pem");
@@ -482,47 +548,82 @@ async fn a_token_bound_to_a_replaced_key_is_refused_as_invalid_and_refreshed_at_
         .get(&old.url("/api/hello"), &[("x-csrf", "1")])
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-
     let renewed = config
         .set("server.listen", "127.0.0.1:0")
         .add("oidc.dpop_key_file", new_key.as_str());
     let new = start_proxy(&renewed).await;
     wait_ready(&new).await;
+    ReplacedKey {
+        _redis: redis,
+        _dir: dir,
+        old,
+        provider,
+        api,
+        new,
+        browser,
+        new_jkt,
+    }
+}
+
+/// docs/configuration.md, DPoP rotation: the session records the thumbprint of the key its
+/// token was bound to, and a token bound to a key no longer signing is refreshed before it is
+/// sent, so an API that calls the mismatch an invalid proof (`invalid_dpop_proof`, as several
+/// DPoP libraries do, which says nothing of the token) never sees it: the first request after
+/// the key changed already succeeds, after exactly one refresh grant.
+#[tokio::test]
+async fn a_token_bound_to_a_replaced_key_is_refreshed_before_an_api_that_calls_it_a_bad_proof_sees_it()
+ {
+    let mut s = a_session_bound_to_a_replaced_key(&["--binding-as-proof-error"]).await;
+    let refreshes = s.provider.stats().await["refresh_token"].as_u64().unwrap();
     for _ in 0..2 {
-        let r = browser
-            .get(&new.url("/api/hello"), &[("x-csrf", "1")])
+        let r = s
+            .browser
+            .get(&s.new.url("/api/hello"), &[("x-csrf", "1")])
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["sub"], "alice");
     }
-    let log = api.log().unwrap();
     assert_eq!(
-        log.matches("cnf.jkt").count(),
-        1,
-        "one refusal of the old binding, then a token bound to the new key: {log}"
+        s.provider.stats().await["refresh_token"].as_u64().unwrap(),
+        refreshes + 1,
+        "exactly one refresh grant"
     );
-    let bound = provider.tokens("alice").await;
+    let log = s.api.log().unwrap();
+    assert_eq!(
+        log.matches("invalid DPoP proof").count(),
+        0,
+        "the token bound to the old key was sent: {log}"
+    );
+    let bound = s.provider.tokens("alice").await;
     let token = bound["access_token"].as_str().unwrap();
-    assert_eq!(segment(token, 1)["cnf"]["jkt"], new_jkt.as_str());
+    assert_eq!(segment(token, 1)["cnf"]["jkt"], s.new_jkt.as_str());
 }
 
+/// Replicas that sign with different keys for a while (a rolling restart onto a new key file)
+/// each find the token bound to the other's key: each replaces it at most once per session
+/// every 10 seconds, not at every request (the provider would otherwise see a grant per
+/// request).
 #[tokio::test]
-async fn userinfo_is_asked_with_a_proof_for_the_bound_token_and_its_claims_arrive() {
-    // Opaque access tokens, accepted at the userinfo endpoint; the ID token carries only `sub`,
-    // so `email` and `name` can come from UserInfo alone. The provider binds the token to our
-    // key and, asked for a nonce, wants one in every proof.
-    let stack = LoginStack::builder()
-        .provider(json!({
-            "resources": [],
-            "conform_id_token_claims": true,
-            "dpop_require_nonce": true,
-        }))
-        .extra(routes)
-        .config(|c| c.add("oidc.dpop", true).add("oidc.userinfo", true))
-        .start()
-        .await;
-    let mut browser = stack.login("alice").await;
-    let me = browser.user(&stack.base).await;
-    assert_eq!(me["email"], "alice@example.test", "{me}");
-    assert_eq!(me["name"], "Alice Liddell", "{me}");
+async fn replicas_signing_with_different_keys_do_not_refresh_at_every_request() {
+    let mut s = a_session_bound_to_a_replaced_key(&[]).await;
+    let refreshes = s.provider.stats().await["refresh_token"].as_u64().unwrap();
+    for round in 0..3 {
+        for proxy in [&s.new, &s.old] {
+            let r = s
+                .browser
+                .get(&proxy.url("/api/hello"), &[("x-csrf", "1")])
+                .await;
+            assert!(
+                [200, 401].contains(&r.status),
+                "round {round}: {} {}",
+                r.status,
+                r.text()
+            );
+        }
+    }
+    let grants = s.provider.stats().await["refresh_token"].as_u64().unwrap() - refreshes;
+    assert!(
+        (1..=2).contains(&grants),
+        "{grants} refresh grants for six requests alternating between two keys"
+    );
 }

@@ -224,6 +224,7 @@ impl Setup {
                     expires_at: *expires_at,
                     issued_at: now().saturating_sub(60),
                     scope: None,
+                    jkt: None,
                 },
             );
         }

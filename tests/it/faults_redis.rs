@@ -805,6 +805,7 @@ async fn due_session_answered(
             expires_at: now,
             issued_at: now.saturating_sub(300),
             scope: None,
+            jkt: None,
         },
     );
     let cookie = proxy

@@ -93,6 +93,7 @@ async fn user(proxy: &Proxy, roles: &[&str]) -> String {
             expires_at: now + 3600,
             issued_at: 0,
             scope: None,
+            jkt: None,
         },
     );
     let (cookie, _) = proxy.app.sessions.create(session, now).await.unwrap();

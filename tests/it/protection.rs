@@ -607,6 +607,7 @@ async fn the_remaining_error_codes_are_produced() {
             expires_at: now.saturating_sub(10),
             issued_at: 0,
             scope: None,
+            jkt: None,
         },
     );
     let cookie = proxy.session_cookie(session).await;
@@ -636,6 +637,7 @@ async fn the_remaining_error_codes_are_produced() {
             expires_at: now + 3600,
             issued_at: 0,
             scope: None,
+            jkt: None,
         },
     );
     let cookie = proxy.session_cookie(fresh).await;

@@ -901,6 +901,7 @@ async fn answers_sent_with_the_users_token_are_private_to_shared_caches() {
             expires_at: vestibule::app::now() + 3600,
             issued_at: vestibule::app::now(),
             scope: None,
+            jkt: None,
         },
     );
     let cookie = proxy

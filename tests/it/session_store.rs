@@ -587,6 +587,7 @@ fn session_with_tokens() -> Session {
             expires_at: T0 + 300,
             issued_at: 0,
             scope: None,
+            jkt: None,
         },
     );
     tokens.insert(
@@ -596,6 +597,7 @@ fn session_with_tokens() -> Session {
             expires_at: T0 + 300,
             issued_at: 0,
             scope: Some("api.read".into()),
+            jkt: None,
         },
     );
     let mut claims = serde_json::Map::new();

@@ -173,6 +173,9 @@ pub(super) struct Job {
     pub(super) target: Target,
     /// A token an upstream refused: replace it even if it is not due.
     pub(super) rejected: Option<String>,
+    /// On a `token_binding = "dpop"` route, the thumbprint of the DPoP key that signs now: a
+    /// token recorded as bound to another key is replaced even if it is not due.
+    pub(super) signing: Option<String>,
     pub(super) arrived: Instant,
     /// When to stop waiting for another replica's lease.
     pub(super) deadline: Instant,
@@ -224,7 +227,23 @@ impl Job {
             if let Some(failed) = shared {
                 return Err(failed.error.clone());
             }
-            let early = rejected.is_some() && self.target_token(&current, None).is_some();
+            // Fresh, but bound to a key that no longer signs (a key file replaced, the stored key
+            // replaced): replaced now, at most once per session per interval like a token an
+            // upstream refused, so replicas that sign with different keys (a rolling restart
+            // onto a new key file) do not turn every request into a grant; in between, and
+            // without a refresh token, it is sent as it is and the upstream decides.
+            let rebind = self.rebind_token(&current, rejected);
+            if let Some(token) = rebind.as_ref().filter(|_| {
+                (!self.target.exchange && current.session.refresh_token.is_none())
+                    || memory
+                        .forced
+                        .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL)
+            }) {
+                return Ok(Some(token.clone()));
+            }
+            // The token refused was valid by its lifetime (whatever key it was bound to).
+            let early = rebind.is_some()
+                || rejected.is_some() && self.any_key_token(&current, None).is_some();
             if early && !self.target.exchange && current.session.refresh_token.is_none() {
                 // Nothing to get another token with, and the token is valid by its lifetime:
                 // one upstream's refusal does not end the session (every route's, and
@@ -274,7 +293,8 @@ impl Job {
         }
     }
 
-    /// The session's token for this refresh's target if it is fresh now (and not `rejected`).
+    /// The session's token for this refresh's target if it is fresh now (not `rejected`, and
+    /// bound to the key that signs now, see [`Job::signing`]).
     fn target_token(&self, current: &OpenSession, rejected: Option<&str>) -> Option<String> {
         fresh(
             self.clock.now(),
@@ -282,6 +302,29 @@ impl Job {
             &current.session,
             &self.target.key,
             rejected,
+            self.signing.as_deref(),
+        )
+        .map(str::to_string)
+    }
+
+    /// The session's token for this refresh's target if it is fresh by its lifetime but bound
+    /// to another key than the one that signs now.
+    fn rebind_token(&self, current: &OpenSession, rejected: Option<&str>) -> Option<String> {
+        self.any_key_token(current, rejected)
+            .filter(|_| self.target_token(current, rejected).is_none())
+    }
+
+    /// The session's token for this refresh's target if it is fresh by its lifetime (and not
+    /// `rejected`), whatever key it was bound to.
+    fn any_key_token(&self, current: &OpenSession, rejected: Option<&str>) -> Option<String> {
+        let now = self.clock.now();
+        fresh(
+            now,
+            self.skew,
+            &current.session,
+            &self.target.key,
+            rejected,
+            None,
         )
         .map(str::to_string)
     }
@@ -352,14 +395,20 @@ impl Job {
         if !self.target.exchange {
             return self.refresh(memory, current, &self.target).await;
         }
-        let (subject, current) =
-            match fresh(self.clock.now(), self.skew, &current.session, "", None) {
-                Some(t) => (t.to_string(), current),
-                None => {
-                    let subject = self.refresh(memory, current, &Target::base()).await?;
-                    (subject, self.reload(&self.loaded).await?)
-                }
-            };
+        let (subject, current) = match fresh(
+            self.clock.now(),
+            self.skew,
+            &current.session,
+            "",
+            None,
+            None,
+        ) {
+            Some(t) => (t.to_string(), current),
+            None => {
+                let subject = self.refresh(memory, current, &Target::base()).await?;
+                (subject, self.reload(&self.loaded).await?)
+            }
+        };
         let resource = self.target.resource.as_deref().unwrap_or_default();
         let tokens = self
             .oidc
@@ -442,11 +491,18 @@ impl Job {
                     // the new one: that session lives on.
                     let now = self.reload(&current).await?;
                     if now.session.refresh_token.as_deref() != Some(spent.as_str()) {
-                        return fresh(self.clock.now(), self.skew, &now.session, &target.key, None)
-                            .map(str::to_string)
-                            .ok_or(RefreshError::Unavailable {
-                                reason: TokenUnavailable::SpentElsewhere,
-                            });
+                        return fresh(
+                            self.clock.now(),
+                            self.skew,
+                            &now.session,
+                            &target.key,
+                            None,
+                            None,
+                        )
+                        .map(str::to_string)
+                        .ok_or(RefreshError::Unavailable {
+                            reason: TokenUnavailable::SpentElsewhere,
+                        });
                     }
                     let _ = self.sessions.delete(&now).await;
                 }
@@ -641,10 +697,10 @@ impl Job {
         now: &OpenSession,
         target: &Target,
     ) -> Option<Result<Recorded, RefreshError>> {
-        let rejected = if *target == self.target {
-            self.rejected.as_deref()
+        let (rejected, signing) = if *target == self.target {
+            (self.rejected.as_deref(), self.signing.as_deref())
         } else {
-            None
+            (None, None)
         };
         let token = fresh(
             self.clock.now(),
@@ -652,6 +708,7 @@ impl Job {
             &now.session,
             &target.key,
             rejected,
+            signing,
         );
         if let Some(token) = token {
             return Some(Ok(Recorded::Done(token.to_string())));
@@ -659,7 +716,14 @@ impl Job {
         if now.session.refresh_token == before.session.refresh_token {
             return None;
         }
-        let token = fresh(self.clock.now(), self.skew, &now.session, &target.key, None);
+        let token = fresh(
+            self.clock.now(),
+            self.skew,
+            &now.session,
+            &target.key,
+            None,
+            None,
+        );
         Some(
             token
                 .map(|t| Recorded::Done(t.to_string()))

@@ -376,6 +376,7 @@ impl Job {
                     expires_at: at + lifetime,
                     issued_at: *at,
                     scope: tokens.scope.clone(),
+                    jkt: tokens.jkt.clone(),
                 },
             );
             if let Some(rotated) = &tokens.refresh_token {

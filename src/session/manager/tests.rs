@@ -38,6 +38,7 @@ fn user(sub: &str, sid: Option<&str>) -> Session {
             expires_at: T0 + 300,
             issued_at: 0,
             scope: None,
+            jkt: None,
         },
     );
     Session {
