@@ -187,6 +187,12 @@ pub(super) fn routes_config(
                     format!("{path}.resource"),
                     format!("{r:?} is not an absolute URI; write e.g. \"https://api.example.com\""),
                 );
+            } else if r.contains('#') {
+                // RFC 8707 §2; in a URI a `#` can only start the fragment.
+                problems.add(
+                    format!("{path}.resource"),
+                    format!("{r:?} holds a fragment (`#`), which a resource indicator cannot (RFC 8707); leave it out"),
+                );
             }
             if token == TokenMode::None && assertion != Some(true) {
                 problems.add(
@@ -589,6 +595,25 @@ mod tests {
             ..upstream("/api/")
         };
         assert_eq!(check(fine), Vec::<String>::new());
+    }
+
+    /// RFC 8707 §2: a resource indicator is an absolute URI without a fragment. A provider
+    /// refuses one with a fragment (`invalid_target`) at every token request of the route.
+    #[test]
+    fn a_resource_with_a_fragment_is_refused_with_its_route() {
+        for resource in ["https://api.example.com/#v1", "https://api.example.com/v1#"] {
+            let route = raw::Route {
+                token: Some("client".into()),
+                resource: Some(resource.into()),
+                ..upstream("/api/")
+            };
+            assert_eq!(
+                check(route),
+                vec![format!(
+                    "routes[0].resource: {resource:?} holds a fragment (`#`), which a resource indicator cannot (RFC 8707); leave it out"
+                )]
+            );
+        }
     }
 
     #[test]
