@@ -314,6 +314,18 @@ impl Job {
             .filter(|_| self.target_token(current, rejected).is_none())
     }
 
+    /// `current`'s token for `key` if it is fresh by its lifetime, whatever key it was bound to.
+    fn lifetime_fresh<'s>(&self, current: &'s OpenSession, key: &str) -> Option<&'s str> {
+        fresh(
+            self.clock.now(),
+            self.skew,
+            &current.session,
+            key,
+            None,
+            None,
+        )
+    }
+
     /// The session's token for this refresh's target if it is fresh by its lifetime (and not
     /// `rejected`), whatever key it was bound to.
     fn any_key_token(&self, current: &OpenSession, rejected: Option<&str>) -> Option<String> {
@@ -491,18 +503,12 @@ impl Job {
                     // the new one: that session lives on.
                     let now = self.reload(&current).await?;
                     if now.session.refresh_token.as_deref() != Some(spent.as_str()) {
-                        return fresh(
-                            self.clock.now(),
-                            self.skew,
-                            &now.session,
-                            &target.key,
-                            None,
-                            None,
-                        )
-                        .map(str::to_string)
-                        .ok_or(RefreshError::Unavailable {
-                            reason: TokenUnavailable::SpentElsewhere,
-                        });
+                        return self
+                            .lifetime_fresh(&now, &target.key)
+                            .map(str::to_string)
+                            .ok_or(RefreshError::Unavailable {
+                                reason: TokenUnavailable::SpentElsewhere,
+                            });
                     }
                     let _ = self.sessions.delete(&now).await;
                 }
@@ -716,14 +722,7 @@ impl Job {
         if now.session.refresh_token == before.session.refresh_token {
             return None;
         }
-        let token = fresh(
-            self.clock.now(),
-            self.skew,
-            &now.session,
-            &target.key,
-            None,
-            None,
-        );
+        let token = self.lifetime_fresh(now, &target.key);
         Some(
             token
                 .map(|t| Recorded::Done(t.to_string()))
