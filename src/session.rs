@@ -4,6 +4,7 @@
 //! and nothing else: it knows no HTTP types, no TOML and no clock. Callers pass plain settings
 //! structs and the current time (`now`, Unix seconds) as parameters.
 //!
+//! - [`aead`]: AES-256-GCM (aws-lc-rs), what `seal` and the records at rest are sealed with.
 //! - [`seal`]: the versioned, AEAD-sealed, key-rotating cookie format ([`Keyring`]).
 //! - [`model`]: the [`Session`] value (its `Debug` never shows a token).
 //! - [`store`]: opaque-bytes storage with versions, indexes, locks and pub/sub, in memory or Redis.
@@ -12,6 +13,7 @@
 //!
 //! Dependencies point one way: `manager` uses `seal`, `model` and `store`; those use nothing here.
 
+pub mod aead;
 pub mod manager;
 pub mod model;
 pub mod seal;

@@ -11,8 +11,7 @@
 
 use std::fmt;
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use super::aead::{Cipher, NONCE_LEN, TAG_LEN};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
@@ -23,8 +22,6 @@ pub const VERSION: u8 = 1;
 pub const MAX_SEALED_LEN: usize = 4096;
 
 const KEY_ID_LEN: usize = 4;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 /// Shortest sealed value (empty plaintext), in characters of unpadded base64.
 const MIN_SEALED_LEN: usize = sealed_len(0);
@@ -43,6 +40,8 @@ pub enum KeyringError {
         "session keys {first} and {second} are the same or share a key id; use distinct random keys"
     )]
     DuplicateKeyId { first: usize, second: usize },
+    #[error("the cryptographic library refused session key {0} for AES-256-GCM")]
+    Refused(usize),
 }
 
 /// Why nothing was sealed.
@@ -79,7 +78,7 @@ impl fmt::Debug for Opened {
 
 struct Key {
     id: [u8; KEY_ID_LEN],
-    cipher: Aes256Gcm,
+    cipher: Cipher,
 }
 
 /// Current and previous sealing keys. The first seals; all open.
@@ -107,7 +106,7 @@ impl Keyring {
                     second: index,
                 });
             }
-            let cipher = Aes256Gcm::new(key.into());
+            let cipher = Cipher::new(key).ok_or(KeyringError::Refused(index))?;
             ring.push(Key { id, cipher });
         }
         Ok(Keyring { keys: ring })
@@ -123,14 +122,8 @@ impl Keyring {
         let aad = associated_data(aad, &key.id);
         let sealed = key
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| SealError::TooLarge)?;
+            .seal(nonce, &aad, plaintext)
+            .ok_or(SealError::TooLarge)?;
         let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
         out.push(VERSION);
         out.extend_from_slice(&key.id);
@@ -155,16 +148,7 @@ impl Keyring {
         let index = self.keys.iter().position(|k| k.id == id)?;
         let key = self.keys.get(index)?;
         let aad = associated_data(aad, &key.id);
-        let plaintext = key
-            .cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: &aad,
-                },
-            )
-            .ok()?;
+        let plaintext = key.cipher.open(nonce, &aad, sealed)?;
         Some(Opened {
             plaintext,
             stale_key: index != 0,
@@ -424,4 +408,21 @@ mod tests {
             .unwrap();
         assert!(!format!("{opened:?}").contains("secret"));
     }
+
+    /// A cookie an earlier release sealed (with the `aes-gcm` crate): users stay signed in
+    /// across an upgrade, and across replicas of both versions during one.
+    #[test]
+    fn a_cookie_sealed_by_an_earlier_release_opens() {
+        let keys = ring(&[3]);
+        let opened = keys.open(NAME, EARLIER_COOKIE).unwrap();
+        assert_eq!(opened.plaintext, [42; 64]);
+        assert!(!opened.stale_key);
+        assert!(keys.open("__Host-other", EARLIER_COOKIE).is_none());
+        assert!(ring(&[4]).open(NAME, EARLIER_COOKIE).is_none());
+    }
+
+    const EARLIER_COOKIE: &str = concat!(
+        "AWSKpcV_Et1f47m-FLNw3jrIe38mLvw8HpZfzIQFRRX0pQdEIJost0Dq5FuHxW-e-OxwDI6cYMJ-i5Jt2EYlJPQQ",
+        "dtyxFz8UGT-jH3YjIRblzcdDq9ChcWY6xzsWsfNaOA",
+    );
 }

@@ -8,16 +8,14 @@
 //! with the server key ring instead, so session listings work without the cookie and a dump of the
 //! store alone still reveals nothing.
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::session::aead::{Cipher, NONCE_LEN};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError, random};
 
 const RECORD_FORMAT: u8 = 1;
-const NONCE_LEN: usize = 12;
 const SESSION_PREFIX: &str = "s:";
 const BODY_AAD: &str = "vestibule session body ";
 const META_AAD: &str = "vestibule session meta ";
@@ -199,15 +197,9 @@ pub(super) fn encode_record(
     let body_json = serde_json::to_vec(session).map_err(|_| SealError::TooLarge)?;
     let nonce: [u8; NONCE_LEN] = random()?;
     let aad = key.aad(BODY_AAD);
-    let body = Aes256Gcm::new(&ticket.data_key.into())
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &body_json,
-                aad: aad.as_bytes(),
-            },
-        )
-        .map_err(|_| SealError::TooLarge)?;
+    let body = Cipher::new(&ticket.data_key)
+        .and_then(|cipher| cipher.seal(nonce, aad.as_bytes(), &body_json))
+        .ok_or(SealError::TooLarge)?;
     let mut out = Vec::with_capacity(3 + meta.len() + NONCE_LEN + body.len());
     out.push(RECORD_FORMAT);
     out.extend_from_slice(&meta_len.to_be_bytes());
@@ -240,15 +232,7 @@ pub(super) fn decode_session(ticket: &Ticket, key: &StoreKey, record: &[u8]) -> 
     let (_, body) = split_record(record)?;
     let (nonce, sealed) = body.split_at_checked(NONCE_LEN)?;
     let aad = key.aad(BODY_AAD);
-    let json = Aes256Gcm::new(&ticket.data_key.into())
-        .decrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: sealed,
-                aad: aad.as_bytes(),
-            },
-        )
-        .ok()?;
+    let json = Cipher::new(&ticket.data_key)?.open(nonce, aad.as_bytes(), sealed)?;
     serde_json::from_slice(&json).ok()
 }
 
@@ -390,4 +374,45 @@ mod tests {
         assert!(Ticket::from_bytes(&[0; 63]).is_none());
         assert!(Ticket::from_bytes(&[0; 65]).is_none());
     }
+
+    /// A record as an earlier release (sealed with the `aes-gcm` crate) wrote it: every
+    /// session in a store must stay readable across upgrades, and across replicas of both
+    /// versions during one.
+    #[test]
+    fn a_record_written_by_an_earlier_release_opens() {
+        let keyring = Keyring::new(vec![[3; 32]]).unwrap();
+        let ticket = Ticket::from_bytes(&[[5u8; 32], [9u8; 32]].concat()).unwrap();
+        let record = hex::decode(EARLIER_RECORD).unwrap();
+        let session = decode_session(&ticket, &ticket.key(), &record).unwrap();
+        assert_eq!(session.sub, "alice");
+        assert_eq!(session.sid.as_deref(), Some("op-1"));
+        assert_eq!(session.id_token.as_deref(), Some("eyJ.id.token"));
+        assert_eq!(session.refresh_token.as_deref(), Some("rt-1"));
+        assert_eq!(session.absolute_deadline, Some(1_800_000_000));
+        let meta = decode_meta(&keyring, &ticket.key(), &record).unwrap();
+        assert_eq!(meta.user_agent.as_deref(), Some("ua"));
+        assert_eq!(meta.created_at, 1_700_000_000);
+        // And what this release writes, an earlier one reads: the same layout, sealed alike.
+        let again = encode_record(&keyring, &ticket, &ticket.key(), &session).unwrap();
+        assert_eq!(again.len(), record.len());
+        assert_eq!(
+            decode_session(&ticket, &ticket.key(), &again),
+            Some(session)
+        );
+    }
+
+    const EARLIER_RECORD: &str = concat!(
+        "0101084157534b7063576442686f674d52346e5733357036436f35527238436173326467714a6f5f67534956",
+        "76702d6b6d456f3363444d614e336f4d42347754706847327a36385266577a747a7a672d4255744f5736797a",
+        "52735a626b315a71325a546d6d50557668483944634a32736570316e6a5739307066666d3672457454585a6c",
+        "3644734d61744f6b336266697a6f4a6c376f3377443137314451773331706a4930574374396a4e6374563562",
+        "5f76504a4267374d3437447763504273485a576a384f414a667964486f5166417056677172474646474d6346",
+        "46786b4738314641354d306c4e494d303331492d4a4869756f69345a7a546b4b566a4948526c42717a595a51",
+        "2d6f6c73ede4c17e96106d2241515f51cf4b4a54ae038ad8fd952d830f836823106691fda28a4def3270585f",
+        "2eeedb560f3d2ef16875d5fa5b4abfdac545bbed53f05e91312d441d9c9cdcd450c88eddfc8b706f4f83491e",
+        "e6e7ac9c65a529c13b82de9766a7f5d414068c98aae73f4f6ab7f9694beeae30fdb8e93ddfa32f544f5d0a34",
+        "81a3d69028cf02480c269d96cbdfe3f5a71f939ff4f51f52bc8054a11d96f830fb64e12517312c2e28092681",
+        "184107ec0d06ae14a34cadf4084b0bba3a7dadbd701dc6308fd9c09b2e677595c08dde8b520e87f38d5af27b",
+        "7bb6a2b7b591dc0e",
+    );
 }
