@@ -18,6 +18,8 @@
 //!
 //! A miss hands out a [`Stamp`]; the session read from the store is filed with it, and only if
 //! no invalidation of that session (nor an emptying of its shard) was taken in since the miss.
+//! Its time to live counts from the miss, not from the store's answer: a slow store may answer
+//! long after it read the record, and the answer vouches for nothing later than the question.
 //! Otherwise a read that straddles a write or a logout — the store answered the old record, the
 //! message came before the answer was filed — would cache the ended session for a whole time to
 //! live after the logout.
@@ -130,11 +132,13 @@ pub(super) enum Lookup {
     Stale(Stamp, u64, Arc<Session>),
 }
 
-/// A miss's key and where its shard's invalidations stood at the miss.
+/// A miss's key, where its shard's invalidations stood at the miss, and when it was: the store
+/// is asked after it, so what the store answers is at least as old as `at`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Stamp {
     key: Key,
     seen: u64,
+    at: Instant,
 }
 
 pub(super) struct Cache {
@@ -269,6 +273,7 @@ impl Cache {
         let stamp = Stamp {
             key,
             seen: shard.invalidations_seen,
+            at: now,
         };
         match stale {
             Some((version, session)) => Lookup::Stale(stamp, version, session),
@@ -276,32 +281,35 @@ impl Cache {
         }
     }
 
-    /// Keeps the copy a [`Lookup::Stale`] gave for another time to live: the store has just
-    /// said its record is still at `version`. Not when the session was invalidated (or its
-    /// shard emptied) since the lookup: the store's answer may predate a write or a logout.
+    /// Keeps the copy a [`Lookup::Stale`] gave for another time to live, counted from the
+    /// lookup: the store has said its record is still at `version`, which it may have told
+    /// long before its answer came (a slow store), so the answer vouches for no later time.
+    /// Not when the session was invalidated (or its shard emptied) since the lookup: the
+    /// store's answer may predate a write or a logout. A renewed copy is still served only
+    /// with a recent proof of delivery ([`Cache::get_key`] asks for it at every lookup).
     pub(super) fn renew(&self, stamp: Stamp, version: u64) {
         let mut shard = self.shard(stamp.key);
         if !shard.is_live || shard.invalidated_since(stamp) {
             return;
         }
-        let stored = Instant::now();
         let found = shard.slots.find(stamp.key);
         if let Some(slot) = found.and_then(|at| shard.slots.at_mut(at))
             && slot.version == version
         {
-            slot.stored = stored;
+            slot.stored = slot.stored.max(stamp.at);
         }
     }
 
     /// Files what the store answered after the miss that gave `stamp`, unless the session was
     /// invalidated (or its shard emptied) since: then the answer may predate a write or logout.
+    /// Its time to live counts from the miss, which the store's answer may date from.
     pub(super) fn put(&self, stamp: Stamp, version: u64, session: &Arc<Session>) {
         let key = stamp.key;
         let mut shard = self.shard(key);
         if !shard.is_live || shard.invalidated_since(stamp) {
             return;
         }
-        let stored = Instant::now();
+        let stored = stamp.at;
         if let Some(slot) = shard.slots.find(key).and_then(|at| shard.slots.at_mut(at)) {
             slot.stored = stored;
             slot.version = version;
@@ -331,7 +339,8 @@ impl Cache {
     fn put_now(&self, handle: &str, version: u64, session: &Arc<Session>) {
         let key = key_of(handle);
         let seen = self.shard(key).invalidations_seen;
-        self.put(Stamp { key, seen }, version, session);
+        let at = Instant::now();
+        self.put(Stamp { key, seen, at }, version, session);
     }
 
     /// Drops the copy a [`Lookup::Stale`] gave: its record is gone from the store.
@@ -595,6 +604,48 @@ mod tests {
         );
         cache.put_now("h", 3, &session());
         assert!(cache.get("h").is_none());
+    }
+
+    /// The lookup that found `handle` stale: its stamp.
+    fn stale(cache: &Cache, handle: &str) -> Stamp {
+        match cache.get_key(key_of(handle)) {
+            Lookup::Stale(stamp, ..) => stamp,
+            Lookup::Hit(..) => panic!("{handle} was served"),
+            Lookup::Miss(_) => panic!("{handle} is not held"),
+        }
+    }
+
+    /// The store's answer tells the record as it was at some time after the lookup, which a
+    /// slow store (a stalled node, a reconnect) may send long before the answer arrives: the
+    /// copy it confirms or fills in is as old as the lookup, not the answer. Otherwise a
+    /// session ended on another instance (its message lost) is served past `cache_ttl`.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_answer_does_not_keep_a_copy_past_its_time_to_live_from_the_lookup() {
+        let ttl = Duration::from_secs(10);
+        let slow = Duration::from_secs(6);
+        let cache = quiet_cache(ttl.as_secs(), ENTRIES);
+        let handle = "0123456789abcdef0123456789abcdef";
+        // Renewed after a version read that took `slow`.
+        cache.put_now(handle, 1, &session());
+        tokio::time::advance(ttl + Duration::from_secs(1)).await;
+        let stamp = stale(&cache, handle);
+        tokio::time::advance(slow).await;
+        cache.renew(stamp, 1);
+        tokio::time::advance(ttl - slow + Duration::from_secs(1)).await;
+        assert!(
+            cache.get(handle).is_none(),
+            "served past cache_ttl since the store was asked"
+        );
+        // Filed after a record read that took `slow`.
+        let stamp = miss(&cache, handle);
+        tokio::time::advance(slow).await;
+        cache.put(stamp, 2, &session());
+        assert_eq!(cache.get(handle).map(|(v, _)| v), Some(2));
+        tokio::time::advance(ttl - slow + Duration::from_secs(1)).await;
+        assert!(
+            cache.get(handle).is_none(),
+            "served past cache_ttl since the store was asked"
+        );
     }
 
     #[test]

@@ -1021,3 +1021,37 @@ async fn a_session_ended_while_its_version_is_read_is_not_kept() {
         "served from the cache after logout"
     );
 }
+
+/// A version read that takes long to come back (a stalled node) renews the copy as of when it
+/// was sent, not when it came back: cache_ttl after the store was asked, it is asked again.
+/// Otherwise an end whose message is lost is served for cache_ttl plus the store's delay.
+#[tokio::test(start_paused = true)]
+async fn a_copy_renewed_by_a_slow_version_read_is_checked_again_cache_ttl_after_it_was_sent() {
+    let memory = MemoryStore::new(100);
+    let s = Arc::new(Sessions::new(
+        settings(&[1], Duration::from_secs(5)),
+        Store::Memory(memory.clone()),
+    ));
+    let (cookie, _) = s.create(user("alice", None), T0).await.unwrap();
+    assert!(s.load(&cookie, T0).await.unwrap().is_some());
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let versions = memory.version_reads();
+    let (has_read, let_go) = memory.hold_next_get();
+    let reading = tokio::spawn({
+        let (s, cookie) = (s.clone(), cookie.clone());
+        async move { s.load(&cookie, T0 + 6).await.unwrap().is_some() }
+    });
+    has_read.await.unwrap();
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let_go.send(()).unwrap();
+    assert!(reading.await.unwrap());
+    assert_eq!(memory.version_reads(), versions + 1, "a version read");
+    // 6 s after the version was read, 2 s after its answer came.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(s.load(&cookie, T0 + 12).await.unwrap().is_some());
+    assert_eq!(
+        memory.version_reads(),
+        versions + 2,
+        "served from the cache past cache_ttl since the store was last asked"
+    );
+}
