@@ -138,6 +138,7 @@ contract!(
     delete_at_removes_only_the_version_read,
     compare_and_set_bumps_the_version_and_rejects_stale_versions,
     version_reads_follow_every_change_and_delete,
+    no_write_brings_a_deleted_or_expired_record_back,
     exactly_one_of_many_concurrent_writers_wins,
     index_adds_removes_and_lists_members,
     index_lists_members_soonest_deadline_first,
@@ -252,6 +253,55 @@ async fn version_reads_follow_every_change_and_delete(b: Backend) {
     assert_eq!(b.store.version("k").await.unwrap(), Some(3));
     assert!(b.store.delete("k").await.unwrap());
     assert_eq!(b.store.version("k").await.unwrap(), None);
+}
+
+/// The session cache keeps a copy whose record is still at the copy's version: only sound if
+/// a version, once the record is gone, never names another record under the same key. No
+/// write at an old version brings a deleted or expired record back (only `put_new` creates,
+/// and the manager calls it once per random key).
+async fn no_write_brings_a_deleted_or_expired_record_back(b: Backend) {
+    b.store.put_new("k", b"v1", LONG).await.unwrap();
+    assert!(b.store.compare_and_set("k", 1, b"v2", LONG).await.unwrap());
+    assert!(b.store.delete("k").await.unwrap());
+    b.store.put_new("short", b"v1", SHORT).await.unwrap();
+    eventually("the record expired", || async {
+        b.store.version("short").await.unwrap().is_none()
+    })
+    .await;
+    for (key, last) in [("k", 2), ("short", 1)] {
+        for version in [1, last, last + 1] {
+            assert!(
+                !b.store
+                    .compare_and_set(key, version, b"again", LONG)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !b.store
+                    .compare_and_set_announced(key, version, b"again", LONG, "sessions", "h")
+                    .await
+                    .unwrap()
+            );
+            assert!(!b.store.delete_at(key, version).await.unwrap());
+            assert!(
+                !b.store
+                    .delete_at_announced(key, version, "sessions", "h")
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(!b.store.touch(key, LONG).await.unwrap());
+        assert!(!b.store.delete(key).await.unwrap());
+        assert!(
+            !b.store
+                .delete_announced(key, "sessions", "h")
+                .await
+                .unwrap()
+        );
+        assert_eq!(b.store.version(key).await.unwrap(), None, "{key}");
+        assert!(b.store.get(key).await.unwrap().is_none(), "{key}");
+        assert!(!b.store.exists(key).await.unwrap(), "{key}");
+    }
 }
 
 async fn compare_and_set_bumps_the_version_and_rejects_stale_versions(b: Backend) {

@@ -648,6 +648,70 @@ mod tests {
         );
     }
 
+    /// A copy held while delivery is not proven is renewed by a version read, but never
+    /// served from the cache on that: every lookup without a recent proof asks the store
+    /// again (a `Stale`), however recently it was renewed. A subscription that died silently
+    /// would otherwise hide an end from the next requests.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_renewed_without_a_proof_of_delivery_is_still_not_served_on_its_own() {
+        let proof = Proof::new();
+        let cache = Cache::new(
+            Duration::from_secs(60),
+            ENTRIES,
+            Channel::new(4).subscribe(),
+            watch::channel(true).1,
+            Freshness::Proven(proof.clone()),
+        );
+        let handle = "0123456789abcdef0123456789abcdef";
+        proof.record(Instant::now());
+        cache.put_now(handle, 3, &session());
+        assert!(cache.get(handle).is_some());
+        tokio::time::advance(PROOF_LASTS + Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            let stamp = stale(&cache, handle);
+            cache.renew(stamp, 3);
+            assert!(cache.get(handle).is_none(), "served on a renewal alone");
+        }
+        // Proven again: the renewed copy is served.
+        proof.record(Instant::now());
+        assert_eq!(cache.get(handle).map(|(v, _)| v), Some(3));
+    }
+
+    /// `renew` restamps only the copy it was asked about: not one filed since at another
+    /// version, whether its invalidation was taken in (a message) or lost (a read that
+    /// started earlier came back with a newer version, no message). Either would be served
+    /// for another time to live unchecked.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_does_not_restamp_a_copy_filed_since_at_another_version() {
+        let ttl = Duration::from_secs(60);
+        let (tx, cache) = messaged_cache(64);
+        let handle = &handles(2)[1];
+        // Invalidated by message between the lookup and the renewal, then read again at v2.
+        cache.put_now(handle, 1, &session());
+        tokio::time::advance(ttl + Duration::from_secs(1)).await;
+        let first = stale(&cache, handle);
+        tx.send(handle.clone());
+        let refill = miss(&cache, handle);
+        cache.put(refill, 2, &session());
+        tokio::time::advance(ttl + Duration::from_secs(1)).await;
+        cache.renew(first, 1);
+        assert!(
+            matches!(cache.get_key(key_of(handle)), Lookup::Stale(_, 2, _)),
+            "the v2 copy was restamped by a renewal of v1 across its invalidation"
+        );
+        // No message (lost): a read asked before the renewal's own came back with v3.
+        let earlier = stale(&cache, handle);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let later = stale(&cache, handle);
+        cache.put(earlier, 3, &session());
+        cache.renew(later, 2);
+        tokio::time::advance(ttl - Duration::from_secs(4)).await;
+        assert!(
+            matches!(cache.get_key(key_of(handle)), Lookup::Stale(_, 3, _)),
+            "the v3 copy was restamped by a renewal of v2"
+        );
+    }
+
     #[test]
     fn messages_remove_entries_and_resync_or_lag_clears_all() {
         let tx = Channel::new(2);
