@@ -181,3 +181,56 @@ async fn a_burst_past_the_channel_s_capacity_wakes_every_watch() {
     }
     assert!(ended(&end).await);
 }
+
+/// The memory store behind `sessions`, for its test hooks.
+fn memory(sessions: &Sessions) -> MemoryStore {
+    match sessions.store() {
+        Store::Memory(memory) => memory.clone(),
+        Store::Redis(_) => panic!("a memory store"),
+    }
+}
+
+/// The store's channel closes (no more messages can come): every watch reads its session at
+/// once, and one that timed out meanwhile ends.
+#[tokio::test]
+async fn a_closed_subscription_has_every_watch_read_its_session_at_once() {
+    let sessions = sessions();
+    let test_clock = TestClock::new();
+    let clock = test_clock.clock();
+    let first = signed_in(&sessions, &clock, "sid-1").await;
+    let second = signed_in(&sessions, &clock, "sid-2").await;
+    let (_, first) = watch(&sessions, &clock, first);
+    let (_, second) = watch(&sessions, &clock, second);
+    settle().await;
+    test_clock.advance(crate::session::manager::DEFAULT_IDLE_TIMEOUT * 2);
+    memory(&sessions).close_channel(INVALIDATION_CHANNEL);
+    assert!(ended(&first).await && ended(&second).await);
+}
+
+/// Once the channel has closed, a session's end is announced to nobody: a watch (a WebSocket
+/// or a stream opened with a stolen cookie) still ends by its own check within
+/// [`SESSION_CHECK`], not never.
+#[tokio::test(start_paused = true)]
+async fn after_the_subscription_closed_a_watch_still_ends_with_its_session_by_its_own_check() {
+    let sessions = sessions();
+    let clock = TestClock::new().clock();
+    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let (_, end) = watch(&sessions, &clock, loaded);
+    settle().await;
+    memory(&sessions).close_channel(INVALIDATION_CHANNEL);
+    settle().await;
+    assert!(!end.is_cancelled(), "its session is still there");
+    assert_eq!(sessions.end_by_sid("sid-1").await.unwrap(), 1);
+    settle().await;
+    assert!(
+        !end.is_cancelled(),
+        "no message can come: only its check ends it"
+    );
+    let checked = tokio::time::timeout(SESSION_CHECK + Duration::from_secs(1), end.cancelled());
+    assert!(
+        checked.await.is_ok(),
+        "open past its check after its session ended"
+    );
+    settle().await;
+    assert_eq!(sessions.watched_sessions(), 0);
+}

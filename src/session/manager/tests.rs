@@ -1055,3 +1055,25 @@ async fn a_copy_renewed_by_a_slow_version_read_is_checked_again_cache_ttl_after_
         "served from the cache past cache_ttl since the store was last asked"
     );
 }
+
+/// The invalidation channel closes (no message can come again): a session ended on another
+/// instance is still served from this one's cache no longer than cache_ttl, then found gone
+/// by its version read.
+#[tokio::test(start_paused = true)]
+async fn an_end_never_announced_is_not_served_past_cache_ttl() {
+    let memory = MemoryStore::new(100);
+    let store = Store::Memory(memory.clone());
+    let a = Sessions::new(settings(&[1], Duration::from_secs(5)), store.clone());
+    let b = Sessions::new(settings(&[1], Duration::from_secs(5)), store);
+    let (cookie, _) = b.create(user("alice", None), T0).await.unwrap();
+    assert!(a.load(&cookie, T0).await.unwrap().is_some());
+    memory.close_channel(INVALIDATION_CHANNEL);
+    let on_b = b.load(&cookie, T0).await.unwrap().unwrap();
+    b.delete(&on_b).await.unwrap();
+    assert!(b.load(&cookie, T0).await.unwrap().is_none());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(
+        a.load(&cookie, T0 + 5).await.unwrap().is_none(),
+        "an ended session served past cache_ttl"
+    );
+}

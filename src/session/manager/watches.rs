@@ -350,6 +350,47 @@ mod tests {
         assert!(woken(&mut again).await);
     }
 
+    /// The store's channel closes (no more messages can come): every watch is woken to read
+    /// its session again, and no other relay is started, not by a watch made later either;
+    /// the watches are left to their own checks on time.
+    #[tokio::test]
+    async fn a_closed_subscription_wakes_every_watch_and_starts_no_other_relay() {
+        let memory = MemoryStore::new(10);
+        let store = Store::Memory(memory.clone());
+        let watches = Arc::new(Watches::new(store.clone()));
+        let closed = || {
+            matches!(
+                *watches.relay.lock().unwrap_or_else(PoisonError::into_inner),
+                Relay::Closed
+            )
+        };
+        let mut a = watches.watch(handle('a'));
+        let mut b = watches.watch(handle('b'));
+        publish(&store, &handle('a')).await;
+        assert!(woken(&mut a).await, "the relay runs");
+        memory.close_channel(INVALIDATION_CHANNEL);
+        assert!(woken(&mut a).await && woken(&mut b).await);
+        assert!(closed());
+        // Waiting again, or a new watch, starts no relay: a channel the store makes anew is
+        // not listened to.
+        let mut c = watches.watch(handle('c'));
+        assert!(asleep(&mut a) && asleep(&mut c));
+        let _listener = store.subscribe(INVALIDATION_CHANNEL);
+        for message in [
+            handle('a').to_string(),
+            handle('c').to_string(),
+            String::new(),
+        ] {
+            publish(&store, &message).await;
+            assert!(asleep(&mut a) && asleep(&mut b) && asleep(&mut c));
+        }
+        assert!(closed());
+        // The watches still come and go.
+        assert_eq!(watches.watched(), 3);
+        drop((a, b, c));
+        assert_eq!(watches.watched(), 0);
+    }
+
     /// The relay runs on the runtime of the watch that started it (a worker's); when that
     /// runtime stops, the watches left on others read their sessions and start another.
     #[test]

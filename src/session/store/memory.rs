@@ -521,6 +521,20 @@ impl MemoryStore {
             .subscribe()
     }
 
+    /// Tests only: drops the channel `channel_suffix` (its sender): its subscribers are told
+    /// it is closed once they have taken in what was sent before. A later subscriber gets a
+    /// new channel.
+    #[cfg(test)]
+    pub fn close_channel(&self, channel_suffix: &str) {
+        let closed = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(channel_suffix);
+        drop(closed);
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
