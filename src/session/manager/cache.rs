@@ -712,6 +712,32 @@ mod tests {
         );
     }
 
+    /// Between a stale lookup and its renewal, the session leaves the cache and another takes
+    /// its place (one slot a shard here): the renewal is of the key it was asked about, never
+    /// of whatever fills the slot now.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_does_not_restamp_another_session_in_its_slot() {
+        let ttl = Duration::from_secs(60);
+        let cache = quiet_cache(ttl.as_secs(), SHARDS);
+        let first = &handles(1)[0];
+        let other = &neighbours(first, 1)[0];
+        cache.put_now(first, 1, &session());
+        tokio::time::advance(ttl + Duration::from_secs(1)).await;
+        let for_other = miss(&cache, other);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let for_first = stale(&cache, first);
+        cache.remove(first);
+        cache.put(for_other, 1, &session());
+        assert_eq!(cache.len(), 1);
+        cache.renew(for_first, 1);
+        tokio::time::advance(ttl - Duration::from_secs(4)).await;
+        assert!(
+            matches!(cache.get_key(key_of(other)), Lookup::Stale(_, 1, _)),
+            "another session's copy was restamped by the renewal"
+        );
+        assert!(matches!(cache.get_key(key_of(first)), Lookup::Miss(_)));
+    }
+
     #[test]
     fn messages_remove_entries_and_resync_or_lag_clears_all() {
         let tx = Channel::new(2);

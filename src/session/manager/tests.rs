@@ -1077,3 +1077,33 @@ async fn an_end_never_announced_is_not_served_past_cache_ttl() {
         "an ended session served past cache_ttl"
     );
 }
+
+/// A write on this instance (a touch, a refresh) lands while a stale copy's version is read:
+/// the read answered the old version, but the renewal must not bring the old copy back.
+#[tokio::test(start_paused = true)]
+async fn a_write_here_while_the_version_is_read_is_not_hidden_by_the_renewal() {
+    let memory = MemoryStore::new(100);
+    let s = Arc::new(Sessions::new(
+        settings(&[1], Duration::from_secs(5)),
+        Store::Memory(memory.clone()),
+    ));
+    let (cookie, mut here) = s.create(user("alice", None), T0).await.unwrap();
+    assert_eq!(s.load(&cookie, T0).await.unwrap().unwrap().version, 1);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let (has_read, let_go) = memory.hold_next_get();
+    let reading = tokio::spawn({
+        let (s, cookie) = (s.clone(), cookie.clone());
+        async move { s.load(&cookie, T0 + 6).await.unwrap().map(|l| l.version) }
+    });
+    has_read.await.unwrap();
+    let now = T0 + IDLE / 10 + 1;
+    assert!(s.touch(&mut here, now).await.unwrap());
+    let_go.send(()).unwrap();
+    assert_eq!(reading.await.unwrap(), Some(1), "answered as read");
+    let after = s.load(&cookie, now).await.unwrap().unwrap();
+    assert_eq!(
+        (after.version, after.session.last_seen),
+        (2, now),
+        "the copy from before the write was renewed"
+    );
+}
