@@ -615,8 +615,9 @@ impl Sessions {
         }: Stored,
         now: u64,
     ) -> Result<Option<OpenSession>, StoreError> {
+        let key = opening.ticket.key();
+        let name = key.name();
         if let Some((version, session)) = stale {
-            let name = opening.ticket.key().name();
             match self.store.version(&name).await? {
                 Some(now_at) if now_at == version => {
                     if let (Some(cache), Some(stamp)) = (&self.cache, stamp) {
@@ -639,8 +640,7 @@ impl Sessions {
             key: _,
             stale_key,
         } = opening;
-        let key = ticket.key();
-        let Some(record) = self.store.get(&key.name()).await? else {
+        let Some(record) = self.store.get(&name).await? else {
             return Ok(None);
         };
         let Some(mut session) = decode_session(&ticket, &key, &record.value) else {
