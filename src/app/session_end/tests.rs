@@ -62,6 +62,26 @@ fn watch(
     (polls, end)
 }
 
+/// Two sessions signed in and watched, and then the clock moved past their idle timeout:
+/// each watch ends once something has it read its session again.
+async fn two_watches_timed_out() -> (
+    Arc<Sessions>,
+    TestClock,
+    CancellationToken,
+    CancellationToken,
+) {
+    let sessions = sessions();
+    let test_clock = TestClock::new();
+    let clock = test_clock.clock();
+    let first = signed_in(&sessions, &clock, "sid-1").await;
+    let second = signed_in(&sessions, &clock, "sid-2").await;
+    let (_, first) = watch(&sessions, &clock, first);
+    let (_, second) = watch(&sessions, &clock, second);
+    settle().await;
+    test_clock.advance(crate::session::manager::DEFAULT_IDLE_TIMEOUT * 2);
+    (sessions, test_clock, first, second)
+}
+
 /// Lets every task that can run, run.
 async fn settle() {
     for _ in 0..8 {
@@ -144,15 +164,7 @@ async fn a_watch_ends_at_once_when_its_own_session_ends() {
 /// has every watch read its session again: one that timed out meanwhile ends.
 #[tokio::test]
 async fn everything_may_have_changed_wakes_every_watch() {
-    let sessions = sessions();
-    let test_clock = TestClock::new();
-    let clock = test_clock.clock();
-    let first = signed_in(&sessions, &clock, "sid-1").await;
-    let second = signed_in(&sessions, &clock, "sid-2").await;
-    let (_, first) = watch(&sessions, &clock, first);
-    let (_, second) = watch(&sessions, &clock, second);
-    settle().await;
-    test_clock.advance(crate::session::manager::DEFAULT_IDLE_TIMEOUT * 2);
+    let (sessions, _clock, first, second) = two_watches_timed_out().await;
     sessions
         .store()
         .publish(INVALIDATION_CHANNEL, "")
@@ -194,15 +206,7 @@ fn memory(sessions: &Sessions) -> MemoryStore {
 /// once, and one that timed out meanwhile ends.
 #[tokio::test]
 async fn a_closed_subscription_has_every_watch_read_its_session_at_once() {
-    let sessions = sessions();
-    let test_clock = TestClock::new();
-    let clock = test_clock.clock();
-    let first = signed_in(&sessions, &clock, "sid-1").await;
-    let second = signed_in(&sessions, &clock, "sid-2").await;
-    let (_, first) = watch(&sessions, &clock, first);
-    let (_, second) = watch(&sessions, &clock, second);
-    settle().await;
-    test_clock.advance(crate::session::manager::DEFAULT_IDLE_TIMEOUT * 2);
+    let (sessions, _clock, first, second) = two_watches_timed_out().await;
     memory(&sessions).close_channel(INVALIDATION_CHANNEL);
     assert!(ended(&first).await && ended(&second).await);
 }

@@ -516,6 +516,19 @@ mod tests {
         )
     }
 
+    /// A cache that serves a copy only while `proof` (the store's proof of delivery) is recent.
+    fn proven_cache(ttl_secs: u64) -> (Cache, Arc<Proof>) {
+        let proof = Proof::new();
+        let cache = Cache::new(
+            Duration::from_secs(ttl_secs),
+            ENTRIES,
+            Channel::new(4).subscribe(),
+            watch::channel(true).1,
+            Freshness::Proven(proof.clone()),
+        );
+        (cache, proof)
+    }
+
     /// A handle's key is the number its digits spell, as `u128::from_str_radix` reads it; any
     /// other text is not read as digits.
     #[test]
@@ -578,14 +591,7 @@ mod tests {
     /// live. The copy is not thrown away meanwhile.
     #[tokio::test(start_paused = true)]
     async fn a_copy_is_served_only_while_delivery_is_proven() {
-        let proof = Proof::new();
-        let cache = Cache::new(
-            Duration::from_secs(60),
-            ENTRIES,
-            Channel::new(4).subscribe(),
-            watch::channel(true).1,
-            Freshness::Proven(proof.clone()),
-        );
+        let (cache, proof) = proven_cache(60);
         proof.record(Instant::now());
         cache.put_now("h", 3, &session());
         assert_eq!(cache.get("h").map(|(v, _)| v), Some(3));
@@ -654,14 +660,7 @@ mod tests {
     /// would otherwise hide an end from the next requests.
     #[tokio::test(start_paused = true)]
     async fn a_copy_renewed_without_a_proof_of_delivery_is_still_not_served_on_its_own() {
-        let proof = Proof::new();
-        let cache = Cache::new(
-            Duration::from_secs(60),
-            ENTRIES,
-            Channel::new(4).subscribe(),
-            watch::channel(true).1,
-            Freshness::Proven(proof.clone()),
-        );
+        let (cache, proof) = proven_cache(60);
         let handle = "0123456789abcdef0123456789abcdef";
         proof.record(Instant::now());
         cache.put_now(handle, 3, &session());
