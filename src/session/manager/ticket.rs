@@ -129,16 +129,20 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// (`hex::encode` and `format!` go through a char iterator and the formatter: a few thousand
 /// instructions, twice per store read).
 fn prefixed_hex(prefixes: &[&str], bytes: &[u8]) -> String {
-    let len = prefixes.iter().map(|p| p.len()).sum::<usize>() + 2 * bytes.len();
-    let mut text = String::with_capacity(len);
+    let start = prefixes.iter().map(|p| p.len()).sum::<usize>();
+    let mut text = Vec::with_capacity(start + 2 * bytes.len());
     for prefix in prefixes {
-        text.push_str(prefix);
+        text.extend_from_slice(prefix.as_bytes());
     }
-    for &byte in bytes {
-        text.push(char::from(HEX[usize::from(byte >> 4)]));
-        text.push(char::from(HEX[usize::from(byte & 0xf)]));
+    // The digits written in pairs into room made at once (a `String::push` per digit checks
+    // the room and encodes a char each time: ~1,500 instructions a store read).
+    text.resize(start + 2 * bytes.len(), 0);
+    for (pair, byte) in text[start..].chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
-    text
+    // ASCII throughout: the prefixes are text and the digits ASCII.
+    String::from_utf8(text).unwrap_or_default()
 }
 
 /// Index key for a claim value (`sub` or provider `sid`), hashed like every other key.
