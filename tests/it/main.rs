@@ -11,6 +11,7 @@ mod client_auth;
 mod config_errors;
 mod dpop;
 mod edge;
+mod exchange_binding;
 mod fake_provider;
 mod faults_late_writes;
 mod faults_provider;
