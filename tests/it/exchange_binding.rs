@@ -192,6 +192,51 @@ impl Case {
     }
 }
 
+/// The subject token of an exchange is the user's own token; the exchange itself is proved
+/// with the key that signs now, and the provider binds the new token to it. A subject token
+/// bound to a key that no longer signs (a key file replaced) is one a provider checking the
+/// subject's binding refuses, and a route that refused stays refused until the subject token
+/// expires: it is refreshed first, as it would be before it is sent to a DPoP route, and the
+/// exchange presents the refreshed one.
+#[tokio::test]
+async fn a_subject_token_bound_to_a_replaced_key_is_refreshed_before_it_is_exchanged() {
+    let c = setup().await;
+    let cookie = c.login(bound("login-access", Some("login-refresh"))).await;
+    let signing = c.signing();
+    assert_eq!(c.jkt(&cookie, "").await.as_deref(), Some(signing.as_str()));
+    c.bind_to_replaced_key(&cookie, "").await;
+    c.idp
+        .state
+        .script(REFRESH, 200, bound("base-2", Some("refresh-2")));
+    c.idp.state.script(EXCHANGE, 200, exchanged("ex-a-1"));
+
+    let r = c.get(&cookie, "/ex-a/1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.up.authorizations("/ex-a/1"), vec!["DPoP ex-a-1"]);
+    let exchanges = c.requests(EXCHANGE);
+    assert_eq!(exchanges.len(), 1);
+    assert_eq!(
+        field(&exchanges[0], "subject_token"),
+        Some("base-2"),
+        "the subject token bound to the replaced key was exchanged"
+    );
+    let refreshes = c.requests(REFRESH);
+    assert_eq!(refreshes.len(), 1, "one refresh of the subject token");
+    assert_eq!(field(&refreshes[0], "resource"), None);
+    assert_eq!(c.jkt(&cookie, "").await.as_deref(), Some(signing.as_str()));
+    let key = exchange_key("https://a.example", &[]);
+    assert_eq!(
+        c.jkt(&cookie, &key).await.as_deref(),
+        Some(signing.as_str())
+    );
+
+    // The refreshed subject token serves the login's route too, with no other grant.
+    let r = c.get(&cookie, "/api/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.up.authorizations("/api/x"), vec!["DPoP base-2"]);
+    assert_eq!(c.requests(REFRESH).len(), 1);
+}
+
 /// Without a refresh token, a subject token bound to a replaced key cannot be replaced: it is
 /// exchanged as it is and the provider decides; the session is not ended for it.
 #[tokio::test]

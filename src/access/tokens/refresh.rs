@@ -398,26 +398,52 @@ impl Job {
     }
 
     /// The grant for the target: a refresh, or a token exchange whose subject token is the
-    /// session's own one, refreshed first if it is due.
+    /// session's own one, refreshed first if it is due or, with DPoP, bound to another key than
+    /// the one the exchange is proved with.
     async fn grant(
         &self,
         memory: &mut RefreshMemory,
         current: OpenSession,
     ) -> Result<String, RefreshError> {
         if !self.target.exchange {
-            return self.refresh(memory, current, &self.target).await;
+            let signing = self.signing.as_deref();
+            return self.refresh(memory, current, &self.target, signing).await;
         }
-        let (subject, current) = match fresh(
-            self.clock.now(),
+        // With DPoP the exchange is proved with the key that signs now, whatever the route's
+        // binding: a subject token bound to another key (a key file replaced, the stored key
+        // replaced) is one the provider may refuse as not bound to the proof's key, and every
+        // exchange would then be refused until it expired. It is refreshed first, as it is
+        // before it is sent to a DPoP route; without a refresh token it is presented as it is
+        // and the provider decides (the session is not ended for it).
+        let signing = match &self.oidc.dpop {
+            Some(dpop) => dpop
+                .key()
+                .await
+                .ok()
+                .map(|key| key.thumbprint().to_string()),
+            None => None,
+        };
+        let now = self.clock.now();
+        let subject = fresh(
+            now,
             self.skew,
             &current.session,
             "",
             None,
-            None,
-        ) {
-            Some(t) => (t.to_string(), current),
+            signing.as_deref(),
+        )
+        .or_else(|| {
+            fresh(now, self.skew, &current.session, "", None, None)
+                .filter(|_| current.session.refresh_token.is_none())
+        })
+        .map(str::to_string);
+        let (subject, current) = match subject {
+            Some(t) => (t, current),
             None => {
-                let subject = self.refresh(memory, current, &Target::base()).await?;
+                let base = Target::base();
+                let subject = self
+                    .refresh(memory, current, &base, signing.as_deref())
+                    .await?;
                 (subject, self.reload(&self.loaded).await?)
             }
         };
@@ -448,18 +474,21 @@ impl Job {
 
     /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
     /// session; of an answer with an invalid ID token only the rotated refresh token is kept.
+    /// `signing`: the thumbprint of the DPoP key the token for `target` must be bound to (see
+    /// [`Job::settled`]), if any.
     async fn refresh(
         &self,
         memory: &mut RefreshMemory,
         current: OpenSession,
         target: &Target,
+        signing: Option<&str>,
     ) -> Result<String, RefreshError> {
         let Some(spent) = current.session.refresh_token.clone() else {
             let _ = self.sessions.delete(&current).await;
             return Err(RefreshError::Ended);
         };
         let spend = self.sessions.spend_key(&current, &spent);
-        let current = match self.record_spend(current, &spend, target).await? {
+        let current = match self.record_spend(current, &spend, target, signing).await? {
             Recorded::Spend(current) => current,
             Recorded::Done(token) => return Ok(token),
         };
@@ -618,6 +647,7 @@ impl Job {
         current: OpenSession,
         spend: &str,
         target: &Target,
+        signing: Option<&str>,
     ) -> Result<Recorded, RefreshError> {
         let store = self.sessions.store();
         let lasts = self.spend_lasts();
@@ -636,7 +666,7 @@ impl Job {
                             return Err(error);
                         }
                     };
-                    return match self.settled(&current, &now, target) {
+                    return match self.settled(&current, &now, target, signing) {
                         None => Ok(Recorded::Spend(now)),
                         Some(settled) => {
                             release(store, spend, &self.lease).await;
@@ -686,7 +716,7 @@ impl Job {
             }
             tokio::time::sleep(POLL).await;
             let now = self.reload(&current).await?;
-            if let Some(settled) = self.settled(&current, &now, target) {
+            if let Some(settled) = self.settled(&current, &now, target, signing) {
                 return settled;
             }
             current = now;
@@ -696,17 +726,20 @@ impl Job {
     /// What another refresh's answer, saved since `before` was read, leaves to this refresh in
     /// `now`: a fresh token for `target`, or a 503 when the refresh token changed but left no
     /// fresh token for `target`; `None` when nothing was saved, and the refresh token is still
-    /// to be spent.
+    /// to be spent. A token bound to another key than `signing` (the thumbprint of the key the
+    /// token for `target` must be bound to: the route's on a DPoP route, the exchange's for an
+    /// exchange's subject) is no answer: it is what this refresh is to replace.
     fn settled(
         &self,
         before: &OpenSession,
         now: &OpenSession,
         target: &Target,
+        signing: Option<&str>,
     ) -> Option<Result<Recorded, RefreshError>> {
-        let (rejected, signing) = if *target == self.target {
-            (self.rejected.as_deref(), self.signing.as_deref())
+        let rejected = if *target == self.target {
+            self.rejected.as_deref()
         } else {
-            (None, None)
+            None
         };
         let token = fresh(
             self.clock.now(),
