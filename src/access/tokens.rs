@@ -226,7 +226,8 @@ struct RefreshMemory {
     /// The last refresh that failed: requests that queued behind it share its answer rather
     /// than each try an unavailable provider in turn.
     failed: Option<Failed>,
-    /// When a token an upstream rejected was last replaced before its time.
+    /// When a token was last replaced before its time: one an upstream rejected, one bound to
+    /// a key that no longer signs, or a subject token a token exchange was refused for.
     forced: Option<Instant>,
     /// A refresh's answer the store did not take: saved before this session's next grant.
     unsaved: Option<save::Unsaved>,

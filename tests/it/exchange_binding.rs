@@ -1,7 +1,8 @@
 //! Token exchange (RFC 8693) with DPoP (RFC 9449), against the in-process fake provider: the
 //! subject token presented at an exchange is bound to the key that signs the exchange's proof
 //! (refreshed first when it is bound to a replaced key); an exchanged token records its own key
-//! and is exchanged again when that key is replaced; no answer to an exchange ends the session;
+//! and is exchanged again when that key is replaced; no answer to an exchange ends the session,
+//! and one refusing the subject token has it refreshed and the exchange asked for once more;
 //! and each exchange route's token reaches that route's upstream only.
 //!
 //! A key "replaced" is played by writing another thumbprint into the session as stored: what a
@@ -299,11 +300,12 @@ async fn an_exchanged_token_bound_to_a_replaced_key_is_exchanged_again_before_it
 /// — its subject token refused (`invalid_grant`, `invalid_request`: RFC 8693 §2.2.2), the proof
 /// refused, a nonce asked for without one, the client refused, the provider failing — that
 /// route answers 403 or 503, the session stays, no cookie is cleared, and the other routes keep
-/// their tokens.
+/// their tokens. (Without a refresh token, so that every answer reaches the route as it is: a
+/// refused subject is otherwise refreshed once, see below.)
 #[tokio::test]
 async fn no_answer_to_a_token_exchange_ends_the_session() {
     let c = setup().await;
-    let cookie = c.login(bound("login-access", Some("login-refresh"))).await;
+    let cookie = c.login(bound("login-access", None)).await;
     let answers = [
         (400, json!({"error": "invalid_grant"})),
         (400, json!({"error": "invalid_request"})),
@@ -343,7 +345,7 @@ async fn no_answer_to_a_token_exchange_ends_the_session() {
             vec!["DPoP login-access"]
         );
     }
-    assert!(c.requests(REFRESH).is_empty(), "no refresh was needed");
+    assert!(c.requests(REFRESH).is_empty(), "there is no refresh token");
     // A provider that asks for a new nonce at every request: one retry, then 503, session kept.
     c.idp
         .state
@@ -362,6 +364,48 @@ async fn no_answer_to_a_token_exchange_ends_the_session() {
     let r = c.get(&cookie, "/ex-a/ok").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(c.up.authorizations("/ex-a/ok"), vec!["DPoP ex-a-ok"]);
+}
+
+/// An exchange refused for its subject token (`invalid_request`, RFC 8693 §2.2.2, or
+/// `invalid_grant`) although Vestibule holds it valid — bound to a replaced key by a session
+/// that recorded no thumbprint (written before they were), revoked, or expired early at the
+/// provider — is not refused until that token expires: the subject token is refreshed and the
+/// exchange asked for once more, as an upstream's `invalid_token` replaces the token it
+/// refused. At most once per session every 10 seconds, so a provider that refuses a route's
+/// exchanges for good does not turn each request into a refresh.
+#[tokio::test]
+async fn a_subject_token_the_exchange_refuses_is_refreshed_once_and_exchanged_again() {
+    let c = setup().await;
+    let cookie = c.login(bound("login-access", Some("login-refresh"))).await;
+    c.idp
+        .state
+        .script(EXCHANGE, 400, json!({"error": "invalid_request"}));
+    c.idp.state.script(EXCHANGE, 200, exchanged("ex-a-1"));
+    c.idp
+        .state
+        .script(REFRESH, 200, bound("base-2", Some("refresh-2")));
+    let r = c.get(&cookie, "/ex-a/1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.up.authorizations("/ex-a/1"), vec!["DPoP ex-a-1"]);
+    let subjects: Vec<String> = c
+        .requests(EXCHANGE)
+        .iter()
+        .map(|f| field(f, "subject_token").unwrap().to_string())
+        .collect();
+    assert_eq!(subjects, vec!["login-access", "base-2"]);
+    assert_eq!(c.requests(REFRESH).len(), 1);
+    assert_eq!(c.get(&cookie, "/api/x").await.status, 200);
+    assert_eq!(c.up.authorizations("/api/x"), vec!["DPoP base-2"]);
+
+    // Refused again at once (another route): 403, no second refresh within 10 seconds.
+    c.idp
+        .state
+        .script(EXCHANGE, 400, json!({"error": "invalid_grant"}));
+    let r = c.get(&cookie, "/ex-b/1").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"], "token_refused");
+    assert_eq!(c.requests(REFRESH).len(), 1, "a refresh at every refusal");
+    assert!(c.proxy.signed_in(&cookie).await);
 }
 
 /// Each exchange route's token is kept in the session under its own resource, scopes and

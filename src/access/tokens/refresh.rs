@@ -341,10 +341,11 @@ impl Job {
         .map(str::to_string)
     }
 
-    /// The longest a refresh's grants take: two (a subject token's refresh and its exchange),
-    /// each bounded by the provider timeout, and a lease to spare.
+    /// The longest a refresh's grants take: three (an exchange refused for its subject token,
+    /// the subject's refresh and the exchange again), each bounded by the provider timeout, and
+    /// a lease to spare.
     fn grants_take(&self) -> Duration {
-        self.oidc.config.provider_timeout * 2 + LEASE
+        self.oidc.config.provider_timeout * 3 + LEASE
     }
 
     /// How long a spend record lasts from its last renewal: through the grants and every
@@ -379,7 +380,7 @@ impl Job {
         if early {
             memory.forced = Some(Instant::now());
         }
-        // At most two grants (a subject token's refresh and its exchange), each bounded.
+        // At most three grants (see `grants_take`), each bounded.
         let keeper = Keeper::start(
             store.clone(),
             &self.lock_key,
@@ -406,8 +407,10 @@ impl Job {
         current: OpenSession,
     ) -> Result<String, RefreshError> {
         if !self.target.exchange {
-            let signing = self.signing.as_deref();
-            return self.refresh(memory, current, &self.target, signing).await;
+            let (rejected, signing) = (self.rejected.as_deref(), self.signing.as_deref());
+            return self
+                .refresh(memory, current, &self.target, rejected, signing)
+                .await;
         }
         // With DPoP the exchange is proved with the key that signs now, whatever the route's
         // binding: a subject token bound to another key (a key file replaced, the stored key
@@ -437,22 +440,56 @@ impl Job {
                 .filter(|_| current.session.refresh_token.is_none())
         })
         .map(str::to_string);
-        let (subject, current) = match subject {
-            Some(t) => (t, current),
+        let base = Target::base();
+        let (mut subject, mut current, mut refreshed) = match subject {
+            Some(t) => (t, current, false),
             None => {
-                let base = Target::base();
                 let subject = self
-                    .refresh(memory, current, &base, signing.as_deref())
+                    .refresh(memory, current, &base, None, signing.as_deref())
                     .await?;
-                (subject, self.reload(&self.loaded).await?)
+                (subject, self.reload(&self.loaded).await?, true)
             }
         };
         let resource = self.target.resource.as_deref().unwrap_or_default();
-        let tokens = self
-            .oidc
-            .exchange_token(&subject, resource, &self.target.scopes)
-            .await
-            .map_err(|e| classify(Grant::Exchange, e))?;
+        let tokens = loop {
+            let error = match self
+                .oidc
+                .exchange_token(&subject, resource, &self.target.scopes)
+                .await
+            {
+                Ok(tokens) => break tokens,
+                Err(error) => classify(Grant::Exchange, error),
+            };
+            // Refused for its subject token (RFC 8693 §2.2.2: `invalid_request`; some providers
+            // say `invalid_grant`) though it is valid here: bound to a replaced key in a session
+            // that recorded no thumbprint, revoked, or expired early at the provider. It is
+            // refreshed and the exchange asked for once more, as an upstream's `invalid_token`
+            // replaces the token it refused; at most once per session per interval (and not
+            // after an early refresh), so a provider that refuses a route's exchanges for good
+            // does not turn each request into a refresh. Otherwise the refusal stands, for this
+            // route only: no answer to an exchange ends the session.
+            let subject_refused = matches!(
+                &error,
+                RefreshError::Refused { code } if code == "invalid_request" || code == "invalid_grant"
+            );
+            let forced = memory
+                .forced
+                .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL);
+            if !subject_refused || refreshed || forced || current.session.refresh_token.is_none() {
+                return Err(error);
+            }
+            memory.forced = Some(Instant::now());
+            tracing::info!(
+                "the provider refused the token exchange's subject token; refreshing it and \
+                 asking once more"
+            );
+            let refused = std::mem::take(&mut subject);
+            subject = self
+                .refresh(memory, current, &base, Some(&refused), signing.as_deref())
+                .await?;
+            current = self.reload(&self.loaded).await?;
+            refreshed = true;
+        };
         count(Grant::Exchange, "ok");
         let answer = Answer {
             key: self.target.key.clone(),
@@ -474,13 +511,14 @@ impl Job {
 
     /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
     /// session; of an answer with an invalid ID token only the rotated refresh token is kept.
-    /// `signing`: the thumbprint of the DPoP key the token for `target` must be bound to (see
-    /// [`Job::settled`]), if any.
+    /// The token for `target` it replaces is `rejected`, or bound to another DPoP key than
+    /// `signing` (see [`Job::settled`]), or due.
     async fn refresh(
         &self,
         memory: &mut RefreshMemory,
         current: OpenSession,
         target: &Target,
+        rejected: Option<&str>,
         signing: Option<&str>,
     ) -> Result<String, RefreshError> {
         let Some(spent) = current.session.refresh_token.clone() else {
@@ -488,7 +526,10 @@ impl Job {
             return Err(RefreshError::Ended);
         };
         let spend = self.sessions.spend_key(&current, &spent);
-        let current = match self.record_spend(current, &spend, target, signing).await? {
+        let current = match self
+            .record_spend(current, &spend, target, rejected, signing)
+            .await?
+        {
             Recorded::Spend(current) => current,
             Recorded::Done(token) => return Ok(token),
         };
@@ -647,6 +688,7 @@ impl Job {
         current: OpenSession,
         spend: &str,
         target: &Target,
+        rejected: Option<&str>,
         signing: Option<&str>,
     ) -> Result<Recorded, RefreshError> {
         let store = self.sessions.store();
@@ -666,7 +708,7 @@ impl Job {
                             return Err(error);
                         }
                     };
-                    return match self.settled(&current, &now, target, signing) {
+                    return match self.settled(&current, &now, target, rejected, signing) {
                         None => Ok(Recorded::Spend(now)),
                         Some(settled) => {
                             release(store, spend, &self.lease).await;
@@ -716,7 +758,7 @@ impl Job {
             }
             tokio::time::sleep(POLL).await;
             let now = self.reload(&current).await?;
-            if let Some(settled) = self.settled(&current, &now, target, signing) {
+            if let Some(settled) = self.settled(&current, &now, target, rejected, signing) {
                 return settled;
             }
             current = now;
@@ -726,21 +768,18 @@ impl Job {
     /// What another refresh's answer, saved since `before` was read, leaves to this refresh in
     /// `now`: a fresh token for `target`, or a 503 when the refresh token changed but left no
     /// fresh token for `target`; `None` when nothing was saved, and the refresh token is still
-    /// to be spent. A token bound to another key than `signing` (the thumbprint of the key the
-    /// token for `target` must be bound to: the route's on a DPoP route, the exchange's for an
-    /// exchange's subject) is no answer: it is what this refresh is to replace.
+    /// to be spent. The token `rejected`, or one bound to another key than `signing` (the
+    /// thumbprint of the key the token for `target` must be bound to: the route's on a DPoP
+    /// route, the exchange's for an exchange's subject), is no answer: it is what this refresh
+    /// is to replace.
     fn settled(
         &self,
         before: &OpenSession,
         now: &OpenSession,
         target: &Target,
+        rejected: Option<&str>,
         signing: Option<&str>,
     ) -> Option<Result<Recorded, RefreshError>> {
-        let rejected = if *target == self.target {
-            self.rejected.as_deref()
-        } else {
-            None
-        };
         let token = fresh(
             self.clock.now(),
             self.skew,
