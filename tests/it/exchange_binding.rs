@@ -238,6 +238,36 @@ async fn a_subject_token_bound_to_a_replaced_key_is_refreshed_before_it_is_excha
     assert_eq!(c.requests(REFRESH).len(), 1);
 }
 
+/// Replicas signing with different keys for a while (a rolling restart onto a new key file)
+/// each find the subject token bound to the other's key. On a route whose exchange the
+/// provider refuses for good nothing is stored to stop the next request from trying again, so
+/// the subject's replacement is held to the early refresh's pace — once per session every 10
+/// seconds per instance — not one refresh per request.
+#[tokio::test]
+async fn a_subject_bound_to_another_key_is_not_refreshed_at_every_refused_exchange() {
+    let c = setup().await;
+    let cookie = c.login(bound("login-access", Some("login-refresh"))).await;
+    for (i, access) in ["base-2", "base-3", "base-4"].into_iter().enumerate() {
+        // The other replica refreshed it meanwhile, bound to its key.
+        c.bind_to_replaced_key(&cookie, "").await;
+        c.idp
+            .state
+            .script(REFRESH, 200, bound(access, Some(&format!("refresh-{i}"))));
+        c.idp
+            .state
+            .script(EXCHANGE, 400, json!({"error": "invalid_target"}));
+        let r = c.get(&cookie, &format!("/ex-a/{i}")).await;
+        assert_eq!(r.status, 403, "{}", r.text());
+    }
+    assert_eq!(c.requests(EXCHANGE).len(), 3);
+    assert_eq!(
+        c.requests(REFRESH).len(),
+        1,
+        "a refresh grant at every refused exchange"
+    );
+    assert!(c.proxy.signed_in(&cookie).await);
+}
+
 /// Without a refresh token, a subject token bound to a replaced key cannot be replaced: it is
 /// exchanged as it is and the provider decides; the session is not ended for it.
 #[tokio::test]

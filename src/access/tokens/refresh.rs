@@ -388,7 +388,7 @@ impl Job {
             LEASE,
             self.grants_take(),
         );
-        let result = self.grant(memory, current).await;
+        let result = self.grant(memory, current, early).await;
         if keeper.lost() {
             tracing::warn!(
                 "the refresh lease was lost while refreshing; another replica may have refreshed \
@@ -401,10 +401,13 @@ impl Job {
     /// The grant for the target: a refresh, or a token exchange whose subject token is the
     /// session's own one, refreshed first if it is due or, with DPoP, bound to another key than
     /// the one the exchange is proved with.
+    /// `early`: this grant replaces a token before its time, and already counted as the
+    /// session's early refresh of the interval.
     async fn grant(
         &self,
         memory: &mut RefreshMemory,
         current: OpenSession,
+        early: bool,
     ) -> Result<String, RefreshError> {
         if !self.target.exchange {
             let (rejected, signing) = (self.rejected.as_deref(), self.signing.as_deref());
@@ -416,8 +419,11 @@ impl Job {
         // binding: a subject token bound to another key (a key file replaced, the stored key
         // replaced) is one the provider may refuse as not bound to the proof's key, and every
         // exchange would then be refused until it expired. It is refreshed first, as it is
-        // before it is sent to a DPoP route; without a refresh token it is presented as it is
-        // and the provider decides (the session is not ended for it).
+        // before it is sent to a DPoP route, and at the same pace: once per session per interval
+        // (or as part of this grant's early refresh), so replicas signing with different keys
+        // meanwhile do not refresh at every exchange a provider refuses for good. Otherwise,
+        // and without a refresh token, it is presented as it is and the provider decides (the
+        // session is not ended for it).
         let signing = match &self.oidc.dpop {
             Some(dpop) => dpop
                 .key()
@@ -427,19 +433,25 @@ impl Job {
             None => None,
         };
         let now = self.clock.now();
-        let subject = fresh(
+        let forced = |memory: &RefreshMemory| {
+            memory
+                .forced
+                .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL)
+        };
+        let may_rebind = current.session.refresh_token.is_some() && (early || !forced(memory));
+        let bound = fresh(
             now,
             self.skew,
             &current.session,
             "",
             None,
             signing.as_deref(),
-        )
-        .or_else(|| {
-            fresh(now, self.skew, &current.session, "", None, None)
-                .filter(|_| current.session.refresh_token.is_none())
-        })
-        .map(str::to_string);
+        );
+        let valid = fresh(now, self.skew, &current.session, "", None, None);
+        if bound.is_none() && valid.is_some() && may_rebind {
+            memory.forced = Some(Instant::now());
+        }
+        let subject = bound.or(valid.filter(|_| !may_rebind)).map(str::to_string);
         let base = Target::base();
         let (mut subject, mut current, mut refreshed) = match subject {
             Some(t) => (t, current, false),
@@ -472,10 +484,11 @@ impl Job {
                 &error,
                 RefreshError::Refused { code } if code == "invalid_request" || code == "invalid_grant"
             );
-            let forced = memory
-                .forced
-                .is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL);
-            if !subject_refused || refreshed || forced || current.session.refresh_token.is_none() {
+            if !subject_refused
+                || refreshed
+                || forced(memory)
+                || current.session.refresh_token.is_none()
+            {
                 return Err(error);
             }
             memory.forced = Some(Instant::now());
