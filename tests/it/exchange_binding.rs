@@ -238,6 +238,41 @@ async fn a_subject_token_bound_to_a_replaced_key_is_refreshed_before_it_is_excha
     assert_eq!(c.requests(REFRESH).len(), 1);
 }
 
+/// Both the exchanged token and its subject bound to a replaced key (the whole session written
+/// by a replica with another key file): the early replacement of the exchanged token refreshes
+/// the subject too, in the same turn, and exchanges the refreshed one.
+#[tokio::test]
+async fn an_exchanged_token_and_its_subject_both_bound_to_a_replaced_key_are_both_replaced() {
+    let c = setup().await;
+    let cookie = c.login(bound("login-access", Some("login-refresh"))).await;
+    c.idp.state.script(EXCHANGE, 200, exchanged("ex-a-1"));
+    assert_eq!(c.get(&cookie, "/ex-a/1").await.status, 200);
+    let key = exchange_key("https://a.example", &[]);
+    c.bind_to_replaced_key(&cookie, &key).await;
+    c.bind_to_replaced_key(&cookie, "").await;
+    c.idp
+        .state
+        .script(REFRESH, 200, bound("base-2", Some("refresh-2")));
+    c.idp.state.script(EXCHANGE, 200, exchanged("ex-a-2"));
+    let r = c.get(&cookie, "/ex-a/2").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.up.authorizations("/ex-a/2"), vec!["DPoP ex-a-2"]);
+    let exchanges = c.requests(EXCHANGE);
+    assert_eq!(exchanges.len(), 2);
+    assert_eq!(
+        field(&exchanges[1], "subject_token"),
+        Some("base-2"),
+        "the subject bound to the replaced key was exchanged"
+    );
+    assert_eq!(c.requests(REFRESH).len(), 1);
+    let signing = c.signing();
+    assert_eq!(c.jkt(&cookie, "").await.as_deref(), Some(signing.as_str()));
+    assert_eq!(
+        c.jkt(&cookie, &key).await.as_deref(),
+        Some(signing.as_str())
+    );
+}
+
 /// Replicas signing with different keys for a while (a rolling restart onto a new key file)
 /// each find the subject token bound to the other's key. On a route whose exchange the
 /// provider refuses for good nothing is stored to stop the next request from trying again, so
