@@ -12,6 +12,7 @@
 
 use crate::support::*;
 use serde_json::{Value, json};
+use vestibule::app::now;
 use vestibule::jose::testing::{TestKey, TestSigner, id_token_claims};
 
 const REFRESH: &str = "refresh_token";
@@ -84,13 +85,6 @@ exchange = true
         signer,
         up,
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// A DPoP-bound token answer of a refresh (or the login) living five minutes.

@@ -9,6 +9,7 @@
 
 use crate::support::*;
 use serde_json::{Value, json};
+use vestibule::app::now;
 use vestibule::jose::testing::{Forgery, TestKey, TestSigner, id_token_claims};
 
 const REFRESH: &str = "refresh_token";
@@ -65,13 +66,6 @@ async fn setup_with(routes: impl FnOnce(&str) -> String) -> Case {
         up,
         clock,
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// Alice's ID token claims with `roles`; `nonce` only when given (a refreshed token has none).
