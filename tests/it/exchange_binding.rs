@@ -142,15 +142,7 @@ impl Case {
 
     /// The forms of the token requests of `grant_type`, in order.
     fn requests(&self, grant_type: &str) -> Vec<Vec<(String, String)>> {
-        self.idp
-            .state
-            .token_requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|f| f.contains(&("grant_type".into(), grant_type.into())))
-            .cloned()
-            .collect()
+        self.idp.state.token_requests_of(grant_type)
     }
 
     /// The thumbprint of the DPoP key Vestibule signs with now.

@@ -63,6 +63,18 @@ impl State {
             .or_default()
             .push_back((status, body));
     }
+
+    /// The forms of the token requests of `grant_type` so far, in order.
+    pub fn token_requests_of(&self, grant_type: &str) -> Vec<Vec<(String, String)>> {
+        let grant = ("grant_type".to_string(), grant_type.to_string());
+        self.token_requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|form| form.contains(&grant))
+            .cloned()
+            .collect()
+    }
 }
 
 pub struct FakeIdp {
