@@ -307,10 +307,24 @@ async fn bytes_arriving_on_an_idle_upstream_connection_never_answer_the_next_req
             "bob's request {n} after alice's answer came twice"
         );
     }
-    let (status, _, _) = ask(&mut alice, "HEAD", "/api/late-head-body").await;
+    // Each on a client connection of its own from here: the proxy closes a client connection
+    // quiet for `header_read_timeout` (1 s here), which a loaded machine can make alice's or
+    // bob's meanwhile. The upstream pool is the worker's, whichever client connection asks.
+    drop((alice, bob));
+    let (status, _, _) = ask(
+        &mut one_connection(&proxy).await,
+        "HEAD",
+        "/api/late-head-body",
+    )
+    .await;
     assert_eq!(status, 200);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let (status, _, body) = ask(&mut bob, "GET", "/api/bob/after-head").await;
+    let (status, _, body) = ask(
+        &mut one_connection(&proxy).await,
+        "GET",
+        "/api/bob/after-head",
+    )
+    .await;
     assert_eq!(
         (status, &body[..]),
         (200, &b"ok"[..]),
