@@ -141,8 +141,10 @@ fn prefixed_hex(prefixes: &[&str], bytes: &[u8]) -> String {
         pair[0] = HEX[usize::from(byte >> 4)];
         pair[1] = HEX[usize::from(byte & 0xf)];
     }
-    // ASCII throughout: the prefixes are text and the digits ASCII.
-    String::from_utf8(text).unwrap_or_default()
+    // ASCII throughout: the prefixes are text and the digits ASCII, so the check passes. Were
+    // it ever to fail, the same name is spelt the slow way: never an empty or partial one, under
+    // which different sessions would share a record.
+    String::from_utf8(text).unwrap_or_else(|_| prefixes.concat() + &hex::encode(bytes))
 }
 
 /// Index key for a claim value (`sub` or provider `sid`), hashed like every other key.
