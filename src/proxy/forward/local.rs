@@ -166,11 +166,19 @@ fn checkout_bare(pool: &LocalPool, authority: &str) -> Option<wire::Conn> {
 /// Whether nothing has arrived on an idle connection since its last answer was read whole. Bytes
 /// sent after an answer (a second answer, a `HEAD` answer's body written after its head) would
 /// otherwise be read as the answer to the next request on it — anyone's. hyper's pooled
-/// connections notice the same (their task reads while idle) and close. Asks the socket only
-/// when the runtime saw it become readable since the last read that found it empty.
+/// connections notice the same (their task reads while idle) and close.
+///
+/// Always asks the kernel (one `recv` with `MSG_PEEK`), never the runtime's idea of the
+/// socket's readiness: a read that did not fill the buffer (the last answer's, nearly always)
+/// clears that, and only a turn of the event loop sets it again. Bytes that arrive while the
+/// worker is busy (the next pipelined request, or another task woken by the same turn, asks for
+/// a connection before the loop turns) would be missed by `TcpStream::try_read`.
 fn is_quiet(conn: &wire::Conn) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(conn.tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(&conn.tcp).peek(&mut probe),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
 }
 
 fn checkin_bare(pool: &LocalPool, authority: &str, conn: wire::Conn) {
@@ -344,3 +352,6 @@ async fn connect(pool: &LocalPool, target: &Uri) -> Result<http1::SendRequest<Bo
     sender.ready().await?;
     Ok(sender)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::*;
+use crate::field::Made;
+use crate::proxy::headers::Replaced;
+use http::HeaderValue;
+use std::io::{Read, Write};
+use std::sync::mpsc;
+
+static REQUEST_ID: Made = Made::Value(HeaderValue::from_static("id-1"));
+
+/// A blocking HTTP/1.1 upstream on a thread of its own (so that it writes while the test's
+/// runtime is busy): each connection's requests are answered by target. `/alice` gets `ok`,
+/// and once `late` says so, a second, unasked answer that carries alice's data; anything else
+/// gets `bob`.
+fn upstream(late: mpsc::Receiver<()>) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let late = Arc::new(Mutex::new(late));
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(mut tcp) = tcp else { return };
+            let late = late.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    seen.drain(..end);
+                    if head.starts_with("GET /alice ") {
+                        tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .unwrap();
+                        let _ = late.lock().unwrap().recv();
+                        let _ = tcp.write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\nalice-secret",
+                        );
+                    } else {
+                        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbob");
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn get(pool: &Arc<LocalPool>, uri: &str) -> Vec<u8> {
+    let mut req = Request::get(uri).body(super::super::no_body()).unwrap();
+    let replaced = Replaced {
+        host: HeaderValue::from_static("up.test"),
+        owns_authorization: true,
+        authorization: None,
+        forwarded_for: None,
+        forwarded_proto: None,
+        forwarded_host: None,
+        cookie: None,
+        request_id: &REQUEST_ID,
+    };
+    let response = exchange(pool, &mut req, &replaced, None).await.unwrap();
+    response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
+
+/// Bytes that reach an idle pooled connection while the worker is busy (no turn of its event
+/// loop in between, as when a pipelined request or another task woken by the same turn comes
+/// next) are no answer to the next request on it, which may be another user's. The runtime's
+/// idea of the socket's readiness is stale then: a partial read cleared it, and only the event
+/// loop sets it again.
+#[tokio::test]
+async fn bytes_reaching_a_pooled_connection_while_the_worker_is_busy_never_answer_the_next_request()
+{
+    let (late, go) = mpsc::channel();
+    let addr = upstream(go);
+    let pool = Arc::new(LocalPool::new(
+        crate::net::http_connector(),
+        Arc::new(Deadlines::default()),
+    ));
+    assert_eq!(get(&pool, &format!("http://{addr}/alice")).await, b"ok");
+    // The unasked answer is written and arrives while this thread is blocked: the runtime's
+    // event loop does not turn meanwhile.
+    late.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let bob = get(&pool, &format!("http://{addr}/bob")).await;
+    assert_eq!(
+        String::from_utf8_lossy(&bob),
+        "bob",
+        "bob's request was answered with what the upstream sent after alice's answer"
+    );
+}
