@@ -99,3 +99,51 @@ async fn bytes_reaching_a_pooled_connection_while_the_worker_is_busy_never_answe
         "bob's request was answered with what the upstream sent after alice's answer"
     );
 }
+
+async fn send_get(pool: &LocalPool, uri: &str) -> Vec<u8> {
+    send_with(pool, Request::get(uri), crate::reply::empty()).await
+}
+
+async fn send_with(pool: &LocalPool, req: http::request::Builder, body: Body) -> Vec<u8> {
+    let req = req.header("host", "up.test").body(body).unwrap();
+    let response = send(pool, req).await.unwrap();
+    response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
+
+/// The same through hyper's client connections (requests with bodies and upgrades take them):
+/// a connection's task reads an idle connection before it writes the next request, but that
+/// read too asks the runtime's readiness first.
+#[tokio::test]
+async fn bytes_reaching_a_pooled_hyper_connection_while_the_worker_is_busy_never_answer_the_next_request()
+ {
+    let (late, go) = mpsc::channel();
+    let addr = upstream(go);
+    let pool = LocalPool::new(crate::net::http_connector(), Arc::new(Deadlines::default()));
+    assert_eq!(
+        send_get(&pool, &format!("http://{addr}/alice")).await,
+        b"ok"
+    );
+    // Let the connection's task see the answer end and wait on the idle connection.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    late.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // A request with a body, which is never sent twice: the connection is refused before it
+    // is written, so it goes unsent to a fresh one.
+    let bob = send_with(
+        &pool,
+        Request::post(format!("http://{addr}/bob")).header("content-length", "2"),
+        crate::reply::full("hi"),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&bob),
+        "bob",
+        "bob's request was answered with what the upstream sent after alice's answer"
+    );
+}
