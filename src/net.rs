@@ -14,10 +14,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpStream;
 
-/// An HTTP connector that speaks TLS for `https://` URIs.
-pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+mod probed;
+pub use probed::{Probed, Probing};
+
+/// An HTTP connector that speaks TLS for `https://` URIs. Its connections notice bytes that
+/// arrive on them while idle even when the runtime has not yet seen them ([`Probed`]).
+pub type Connector = hyper_rustls::HttpsConnector<Probing>;
 
 /// A connector that speaks TLS for `https://` URIs and may reach them through an egress proxy.
 pub type EgressConnector = hyper_rustls::HttpsConnector<Egress>;
@@ -96,7 +99,7 @@ pub fn connector_with(tls: rustls::ClientConfig) -> Connector {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http)
+        .wrap_connector(Probing(http))
 }
 
 /// Builds the HTTPS-capable connector used for upstreams and the identity provider, trusting
@@ -118,7 +121,7 @@ pub fn connector() -> Connector {
             .wrap_connector({
                 let mut http = http_connector();
                 http.enforce_http(false);
-                http
+                Probing(http)
             }),
     }
 }
@@ -158,7 +161,7 @@ impl Egress {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower::Service<http::Uri> for Egress {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<Probed>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -175,19 +178,20 @@ impl tower::Service<http::Uri> for Egress {
         };
         let mut http = self.http.clone();
         Box::pin(async move {
-            match intercept {
-                None => Ok(tower::Service::call(&mut http, dst).await?),
+            let tcp = match intercept {
+                None => tower::Service::call(&mut http, dst).await?,
                 Some(intercept) => {
                     let mut tunnel = Tunnel::new(intercept.uri().clone(), http);
                     if let Some(auth) = intercept.basic_auth() {
                         tunnel = tunnel.with_auth(auth.clone());
                     }
                     tower::ServiceExt::ready(&mut tunnel).await?;
-                    Ok(tower::Service::call(&mut tunnel, dst)
+                    tower::Service::call(&mut tunnel, dst)
                         .await
-                        .map_err(|e| format!("through the egress proxy: {e}"))?)
+                        .map_err(|e| format!("through the egress proxy: {e}"))?
                 }
-            }
+            };
+            Ok(TokioIo::new(Probed(tcp.into_inner())))
         })
     }
 }

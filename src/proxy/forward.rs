@@ -657,3 +657,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod pool_tests;

@@ -343,7 +343,7 @@ fn checkin(pool: &LocalPool, key: &str, sender: http1::SendRequest<Body>) {
 async fn connect(pool: &LocalPool, target: &Uri) -> Result<http1::SendRequest<Body>, BoxError> {
     let mut connector = pool.connector.clone();
     let io = connector.call(target.clone()).await?;
-    let io = hyper_util::rt::TokioIo::new(probed::Probed(io.into_inner()));
+    let io = hyper_util::rt::TokioIo::new(crate::net::Probed(io.into_inner()));
     let (mut sender, connection) = http1::Builder::new().handshake(io).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.with_upgrades().await {
@@ -353,8 +353,6 @@ async fn connect(pool: &LocalPool, target: &Uri) -> Result<http1::SendRequest<Bo
     sender.ready().await?;
     Ok(sender)
 }
-
-mod probed;
 
 #[cfg(test)]
 mod tests;

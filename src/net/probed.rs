@@ -1,5 +1,5 @@
-//! An upstream connection for hyper's client whose reads ask the kernel when the runtime says
-//! there is nothing to read.
+//! Outbound TCP connections for hyper's clients whose reads ask the kernel when the runtime
+//! says there is nothing to read.
 //!
 //! hyper's connection task reads an idle kept-alive connection before it writes the next
 //! request on it, and closes the connection if anything arrived: bytes sent after an answer (a
@@ -12,13 +12,16 @@
 //! once more on the socket itself (a `recv` with `MSG_PEEK` first, so that the common case
 //! costs no copy).
 
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
 use std::io::Read;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub(super) struct Probed(pub(super) TcpStream);
+pub struct Probed(pub TcpStream);
 
 impl AsyncRead for Probed {
     fn poll_read(
@@ -77,5 +80,32 @@ impl AsyncWrite for Probed {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for Probed {
+    fn connected(&self) -> Connected {
+        self.0.connected()
+    }
+}
+
+/// Plain TCP connections ([`super::http_connector`]'s) as [`Probed`] ones.
+#[derive(Clone)]
+pub struct Probing(pub HttpConnector);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<http::Uri> for Probing {
+    type Response = TokioIo<Probed>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let connecting = self.0.call(dst);
+        Box::pin(async move { Ok(TokioIo::new(Probed(connecting.await?.into_inner()))) })
     }
 }
