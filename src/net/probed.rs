@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// A TCP connection whose reads fall back on the socket itself (see the module's notes).
 pub struct Probed(pub TcpStream);
 
 impl AsyncRead for Probed {
@@ -32,6 +33,10 @@ impl AsyncRead for Probed {
         let tcp = &mut self.0;
         if let Poll::Ready(read) = Pin::new(&mut *tcp).poll_read(cx, buf) {
             return Poll::Ready(read);
+        }
+        if buf.remaining() == 0 {
+            // Nothing could be read into it (and an empty read is no end of the stream).
+            return Poll::Pending;
         }
         // Pending: the waker is registered. Does the kernel hold bytes (or the end) anyway?
         let socket = socket2::SockRef::from(&*tcp);
