@@ -336,3 +336,96 @@ async fn bytes_arriving_on_an_idle_upstream_connection_never_answer_the_next_req
         "a new connection after each answer followed by more bytes"
     );
 }
+
+/// A client that goes away in the middle of an answer's body leaves the upstream connection
+/// mid-answer: it is closed, never put back for the next request, which may be another user's
+/// (the rest of the first answer would be read as its answer). Guard: nothing else pins it; a
+/// `WireBody` that went home when dropped early turns it red.
+#[tokio::test]
+async fn a_client_leaving_mid_body_never_leaves_the_rest_of_its_answer_to_the_next_request() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let (go, went) = tokio::sync::watch::channel(0u8);
+    let (seen_close, mut closed) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (mut went, seen_close) = (went.clone(), seen_close.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                let _ = seen_close.send(());
+                                return;
+                            }
+                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    seen.drain(..end);
+                    if !head.starts_with("GET /api/stream ") {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    // The head and a first piece; a second once told (the client has gone);
+                    // the rest, alice's, once told again.
+                    let pieces: [&[u8]; 3] = [
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+                        b"6\r\nsecond\r\n",
+                        b"c\r\nalice-secret\r\n0\r\n\r\n",
+                    ];
+                    for (at, piece) in pieces.iter().enumerate() {
+                        let _ = went.wait_for(|n| usize::from(*n) >= at).await;
+                        if tcp.write_all(piece).await.is_err() {
+                            let _ = seen_close.send(());
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(&workers_config(&upstream, 1)).await;
+    // Alice, on a raw connection: she reads the first piece, then resets her connection.
+    let mut alice = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    alice
+        .write_all(b"GET /api/stream HTTP/1.1\r\nhost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.windows(5).any(|w| w == b"first") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), alice.read(&mut chunk))
+            .await
+            .expect("the first piece")
+            .unwrap();
+        assert!(n > 0, "alice's answer ended early");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    alice.set_zero_linger().unwrap();
+    drop(alice);
+    // The second piece finds her gone: the proxy stops relaying and lets go of the answer.
+    go.send(1).unwrap();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closed.recv()).await;
+    // Bob asks on the same worker; the rest of alice's answer comes a moment later.
+    let rest = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let _ = go.send(2);
+    });
+    let (status, _, body) = ask(&mut one_connection(&proxy).await, "GET", "/api/bob").await;
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).into_owned()),
+        (200, "ok".to_string()),
+        "bob's answer after alice left hers mid-body"
+    );
+    rest.await.unwrap();
+}
