@@ -252,6 +252,7 @@ impl Upstreams {
             }
             let mut req = outgoing(req, body);
             replaced.clone().apply(req.headers_mut());
+            close_after_head(&mut req);
             // Boxed: hyper's client (1.3 KB of future) would otherwise size every request's
             // future, and the wire path's too; it carries only bodies and upgrades.
             return Ok(crate::reply::in_box(|| local::send(local, req))
@@ -260,6 +261,7 @@ impl Upstreams {
         }
         let mut req = outgoing(req, body);
         replaced.clone().apply(req.headers_mut());
+        close_after_head(&mut req);
         Ok(self
             .client
             .request(req)
@@ -420,6 +422,20 @@ impl Upstreams {
 /// The request with `body`, for hyper's client, which takes it whole: a copy of the head of a
 /// bodiless request (the lender may send it again: `App::route`), the request itself, out of
 /// the lender's place, otherwise (a body, or an upgrade, can go only once).
+/// A `HEAD` request asks for its connection to close after the answer (hyper then never pools
+/// it; over HTTP/2 the field is left out): an upstream that writes a `HEAD` answer's body
+/// anyway may write it only once the next request on the connection has reached it, too late
+/// for any check before reuse, and that request (anyone's) would take it as its answer. The
+/// workers' own path does the same by itself (`wire`).
+fn close_after_head(req: &mut Request<Body>) {
+    if req.method() == http::Method::HEAD {
+        req.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+}
+
 fn outgoing(req: &mut Request<Inbound>, body: Body) -> Request<Body> {
     if http_body::Body::is_end_stream(&body) && !req.headers().contains_key(header::UPGRADE) {
         let mut copy = Request::new(body);

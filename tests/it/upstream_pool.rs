@@ -2,6 +2,7 @@
 //! never reused once it closed them, on the wire of a raw HTTP/1.1 upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::support::pki::{TestCa, tls_front};
 use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -230,8 +231,9 @@ async fn every_framing_an_upstream_uses_reaches_the_client_intact_and_reuse_foll
     );
     assert_eq!(
         accepted.load(Ordering::SeqCst),
-        2,
-        "every one of these answers left its connection reusable (one for hyper's client)"
+        3,
+        "every one of these answers left its connection reusable (one for hyper's client), \
+         but the HEAD's (see a_head_body_written_after_the_next_request_arrived_never_answers_it)"
     );
 
     // An answer framed by the end of its connection: complete, and the connection not reused.
@@ -239,7 +241,7 @@ async fn every_framing_an_upstream_uses_reaches_the_client_intact_and_reuse_foll
     assert_eq!((status, &body[..]), (200, &b"all of it"[..]));
     let (status, _, _) = ask(&mut client, "GET", "/api/after").await;
     assert_eq!(status, 200);
-    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test]
@@ -428,4 +430,97 @@ async fn a_client_leaving_mid_body_never_leaves_the_rest_of_its_answer_to_the_ne
         "bob's answer after alice left hers mid-body"
     );
     rest.await.unwrap();
+}
+
+/// An upstream whose `HEAD` handler writes the body anyway, and only once the next request on
+/// the connection has reached it: here a stored file that is itself an HTTP answer. Counts the
+/// connections it accepted.
+async fn late_head_body_upstream() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // What the last HEAD's handler still has to write: its body, late.
+                let mut late: Option<&[u8]> = None;
+                loop {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    seen.drain(..end);
+                    let mut answer = late.take().unwrap_or_default().to_vec();
+                    if head.starts_with("HEAD ") {
+                        answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n");
+                        late = Some(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged");
+                    } else {
+                        answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    }
+                    if tcp.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (upstream, accepted)
+}
+
+/// A `HEAD` answered with a body written only once the next request on the connection has
+/// reached the upstream: no check before reuse can see bytes that are not there yet, so the next
+/// request — another user's — would get them as its answer ("response queue poisoning"). A
+/// connection that carried a `HEAD` is never reused: on the workers' own path, and through
+/// hyper's pooled client (an `https` upstream).
+#[tokio::test]
+async fn a_head_body_written_after_the_next_request_arrived_never_answers_it() {
+    let ca = TestCa::new("Upstream CA");
+    for tls in [false, true] {
+        let (mut upstream, accepted) = late_head_body_upstream().await;
+        let mut route = String::new();
+        if tls {
+            let plain = upstream.trim_start_matches("http://").parse().unwrap();
+            let (front, _) = tls_front(ca.acceptor(None), plain).await;
+            upstream = format!("https://{front}");
+            route = format!("ca_file = \"{}\"\n", ca.ca_file.display());
+        }
+        let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{route}");
+        let proxy = start_proxy(&config_toml(&route).add("server.workers", 1).text()).await;
+        let (status, headers, body) = ask(
+            &mut one_connection(&proxy).await,
+            "HEAD",
+            "/api/uploads/answer.txt",
+        )
+        .await;
+        assert_eq!((status, body.len()), (200, 0));
+        assert_eq!(
+            headers["content-length"], "44",
+            "a HEAD answer keeps its length"
+        );
+        let mut bob = one_connection(&proxy).await;
+        for n in 0..2 {
+            let (status, _, body) = ask(&mut bob, "GET", &format!("/api/bob/{n}")).await;
+            assert_eq!(
+                (status, String::from_utf8_lossy(&body).into_owned()),
+                (200, "ok".to_string()),
+                "bob's request {n} was answered with the body of alice's HEAD (over TLS: {tls})"
+            );
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the connection that carried the HEAD, then one for bob's requests (over TLS: {tls})"
+        );
+    }
 }

@@ -527,7 +527,14 @@ fn framing(
         headers.remove(header::CONTENT_LENGTH);
         keep = false;
     }
-    if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+    if to_head {
+        // Never reused: an upstream that writes a `HEAD` answer's body anyway may write it only
+        // once the next request has reached it, too late for any check before reuse, and that
+        // request (anyone's) would take the body as its answer: a stored file that is itself an
+        // HTTP answer would answer it. `HEAD` is rare enough for a connection of its own.
+        return Ok((Framing::Length(0), false));
+    }
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Length(0), keep));
     }
     if let Some(chunked) = hops.chunked {

@@ -71,11 +71,12 @@ fn interim_answers_are_skipped_and_an_unasked_upgrade_is_refused() {
 
 #[test]
 fn framing_follows_rfc_9112() {
-    // Answers without a body, whatever they say.
+    // Answers without a body, whatever they say; a HEAD's connection is not reused (a body
+    // written late would answer the next request).
     let head = head_of("HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n", true)
         .unwrap()
         .unwrap();
-    assert_eq!((head.framing, head.keep), (Framing::Length(0), true));
+    assert_eq!((head.framing, head.keep), (Framing::Length(0), false));
     for status in ["204 No Content", "304 Not Modified"] {
         let head = complete(&format!(
             "HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n"
