@@ -119,7 +119,12 @@ pub(super) async fn serve<I>(
         }
         // Over HTTP/1 a stalled client stops hyper's writes, which `Timed` watches; over
         // HTTP/2 it may stop one stream only.
-        let stalls = (req.version() == http::Version::HTTP_2).then(|| watching.clone());
+        let stalls = if req.version() == http::Version::HTTP_2 {
+            Some(watching.clone())
+        } else {
+            watching.serving_http1();
+            None
+        };
         async move {
             let req = req.map(http_body_util::Either::Left);
             let response = app.handle(Box::new(req), Client { ip, tls }, &worker).await;

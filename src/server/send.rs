@@ -172,7 +172,8 @@ pub(super) struct Stalls {
     close: CancellationToken,
     /// Woken by the sweeper when a stream's deadline passes: cancels `close`.
     alarm: Waker,
-    /// Answers being made (watched bodies not yet dropped), and whether there ever was one.
+    /// Answers being made (watched bodies not yet dropped), and whether the connection has
+    /// carried an HTTP/1 request.
     live: Arc<(AtomicUsize, AtomicBool)>,
 }
 
@@ -202,13 +203,21 @@ impl Stalls {
         self.close.cancelled().await;
     }
 
+    /// Notes that the connection carries HTTP/1: [`Stalls::unsent`] then never resolves.
+    pub(super) fn serving_http1(&self) {
+        self.live.1.store(true, Ordering::Relaxed);
+    }
+
     /// Over HTTP/2, resolves once no answer has been in the making for `send_timeout`: what
     /// streams still have to send then is the end of answers in hyper's buffer, waiting for a
-    /// client to make room. Never for a connection that has not served HTTP/2 (an HTTP/1
-    /// answer still streaming is watched by its writes).
+    /// client to make room. Also for a connection that has carried no request yet: HTTP/2's
+    /// graceful close waits for the client to answer a ping, which a client that answers every
+    /// other ping may never do, keeping the connection open for good. Never for a connection
+    /// that has carried HTTP/1 (an HTTP/1 answer still streaming is watched by its writes, and
+    /// hyper closes an idle one at once).
     pub(super) async fn unsent(&self) {
-        let (live, http2) = &*self.live;
-        if !http2.load(Ordering::Relaxed) {
+        let (live, http1) = &*self.live;
+        if http1.load(Ordering::Relaxed) {
             return std::future::pending().await;
         }
         loop {
@@ -224,7 +233,6 @@ impl Stalls {
 
     /// `body`, watched: an empty one needs no watching.
     pub(super) fn watch(&self, body: Body) -> Body {
-        self.live.1.store(true, Ordering::Relaxed);
         if http_body::Body::is_end_stream(&body) {
             return body;
         }

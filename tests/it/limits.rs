@@ -702,6 +702,43 @@ async fn an_http2_client_that_stops_answering_pings_is_disconnected() {
     assert!(pinged, "closed without a ping");
 }
 
+/// The payload of the PING that hyper's HTTP/2 server sends after its first `GOAWAY` when it
+/// closes a connection gracefully, and waits for the answer to before it closes.
+const SHUTDOWN_PING: [u8; 8] = [0x0b, 0x7b, 0xa2, 0xf0, 0x8b, 0x9b, 0xfe, 0x54];
+
+#[tokio::test]
+async fn an_idle_http2_connection_closes_though_its_client_never_answers_the_shutdown_ping() {
+    // A client that opens a connection, sends no request, and answers every ping but the one
+    // a graceful close waits for kept its place under max_connections for good.
+    let proxy = start_proxy(&config_with(
+        &[
+            ("connection_idle_timeout", "300ms".into()),
+            ("send_timeout", "1s".into()),
+            ("http2_keep_alive_interval", "200ms".into()),
+        ],
+        "",
+    ))
+    .await;
+    let (mut h2, _) = h2_connect(proxy.addr).await;
+    let outcome = tokio::time::timeout(WITHIN, async {
+        let mut goaway = false;
+        while let Some((kind, flags, _, payload)) = next_frame(&mut h2).await {
+            goaway |= kind == 7;
+            let answered = kind == PING && flags & 1 == 0 && payload[..] != SHUTDOWN_PING;
+            if answered && h2.write_all(&frame(PING, 1, 0, &payload)).await.is_err() {
+                break;
+            }
+        }
+        goaway
+    })
+    .await;
+    assert_eq!(
+        outcome,
+        Ok(true),
+        "the idle connection is still open {WITHIN:?} on (Err) or closed without GOAWAY"
+    );
+}
+
 // ---- configuration ----
 
 fn base() -> String {
