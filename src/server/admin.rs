@@ -39,14 +39,15 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationT
         let app = app.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let activity = Arc::new(Activity::new());
+            // Few and trusted clients: cancels are not counted against them.
+            let activity = Arc::new(Activity::new(usize::MAX));
             let tracked = activity.clone();
             let service = service_fn(move |req| {
                 let app = app.clone();
                 let busy = tracked.begin();
                 async move {
                     let response = handle(&app, req).await;
-                    drop(busy);
+                    busy.answered();
                     Ok::<_, Infallible>(response)
                 }
             });

@@ -6,6 +6,15 @@
 //! client forgot, gives its resources back. An idle HTTP/1 connection is also closed by the
 //! header read timeout while it waits for the next request. It ends at once when its client
 //! takes nothing of an answer for `send_timeout` (see [`super::send`]).
+//!
+//! A client that cancels its requests before their answers (over HTTP/2, by resetting their
+//! streams: "rapid reset") is let go too. Each cancelled stream frees its place under
+//! `http2_max_concurrent_streams` at once, while the upstream it was sent to goes on working on
+//! it; unchecked, one connection with nothing to read could start upstream requests as fast as
+//! it writes frames. A connection may cancel as many requests as `http2_max_concurrent_streams`
+//! beyond those it has had answered; the next cancel closes it gracefully (`GOAWAY`: streams in
+//! flight finish), and one more closes it at once (a client may hold a graceful close open by
+//! never answering its ping, and go on opening streams meanwhile).
 
 use super::send::{SendTimeout, Stalls, Timed};
 use crate::app::{App, Worker};
@@ -21,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -30,33 +40,66 @@ pub(super) struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last request was answered.
     last: AtomicU64,
+    /// Requests answered, and requests cancelled before their answer (their futures dropped).
+    answered: AtomicUsize,
+    cancelled: AtomicUsize,
+    /// Cancels allowed beyond the requests answered (`http2_max_concurrent_streams`).
+    cancel_allowance: usize,
+    /// Told of every cancel beyond the allowance.
+    too_many_cancels: Notify,
 }
 
-/// One request in flight; answered when dropped (also when the request is cancelled).
-pub(super) struct Busy(Arc<Activity>);
+/// One request in flight, until it is answered ([`Busy::answered`]) or cancelled (dropped).
+pub(super) struct Busy {
+    activity: Arc<Activity>,
+    answered: bool,
+}
+
+impl Busy {
+    pub(super) fn answered(mut self) {
+        self.answered = true;
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let at = self.0.opened.elapsed().as_millis();
-        self.0
+        let activity = &self.activity;
+        let at = activity.opened.elapsed().as_millis();
+        activity
             .last
             .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.0.in_flight.fetch_sub(1, Ordering::Release);
+        activity.in_flight.fetch_sub(1, Ordering::Release);
+        if self.answered {
+            activity.answered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let cancelled = activity.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        let answered = activity.answered.load(Ordering::Relaxed);
+        if cancelled > answered.saturating_add(activity.cancel_allowance) {
+            activity.too_many_cancels.notify_one();
+        }
     }
 }
 
 impl Activity {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(cancel_allowance: usize) -> Self {
         Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(0),
+            answered: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            cancel_allowance,
+            too_many_cancels: Notify::new(),
         }
     }
 
     pub(super) fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Acquire);
-        Busy(self.clone())
+        Busy {
+            activity: self.clone(),
+            answered: false,
+        }
     }
 
     /// Resolves once no request has been in flight for `timeout`.
@@ -83,6 +126,9 @@ pub(super) struct Timeouts {
     pub idle: Duration,
     /// For the client to take more of an answer: then it closes at once.
     pub send: Duration,
+    /// Requests the client may cancel before their answers beyond those answered
+    /// (`http2_max_concurrent_streams`): then it closes.
+    pub cancels: usize,
 }
 
 /// Serves `io` on `worker` until the client closes it, or it has been idle for
@@ -106,7 +152,7 @@ pub(super) async fn serve<I>(
         timeout: timeouts.send,
     };
     let stalls = Stalls::new(send.clone());
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(timeouts.cancels));
     let tracked = activity.clone();
     let watching = stalls.clone();
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
@@ -128,7 +174,7 @@ pub(super) async fn serve<I>(
         async move {
             let req = req.map(http_body_util::Either::Left);
             let response = app.handle(Box::new(req), Client { ip, tls }, &worker).await;
-            drop(busy);
+            busy.answered();
             let response = match stalls {
                 Some(stalls) => response.map(|body| stalls.watch(body)),
                 None => response,
@@ -142,12 +188,26 @@ pub(super) async fn serve<I>(
     let mut closing = false;
     // Closing for idleness (not for shutdown, which the grace period bounds).
     let mut idle = false;
+    // Closing for too many cancelled requests.
+    let mut cancels = false;
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
             _ = shutdown.cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            () = activity.too_many_cancels.notified() => {
+                if cancels {
+                    tracing::debug!(%ip, "closing a connection whose client went on cancelling its requests");
+                    break;
+                }
+                tracing::debug!(%ip, "closing a connection whose client cancelled too many requests before their answers");
+                cancels = true;
+                if !closing {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             () = stalls.closed() => {
                 tracing::debug!(%ip, "closing a connection whose client took nothing of an answer for send_timeout");

@@ -739,6 +739,147 @@ async fn an_idle_http2_connection_closes_though_its_client_never_answers_the_shu
     );
 }
 
+#[tokio::test]
+async fn an_http2_client_that_resets_its_streams_cannot_keep_starting_upstream_requests() {
+    // "Rapid reset" (CVE-2023-44487) against a proxy: each stream is reset once its request has
+    // reached the upstream. The stream's place under max_concurrent_streams is free at once,
+    // while the upstream goes on working on the request; on one connection, with nothing to
+    // read, a client could keep starting upstream requests as fast as it can write frames.
+    let up = upstream::start().await;
+    let streams = 4u32;
+    let proxy = start_proxy(&config_with(
+        &[("http2_max_concurrent_streams", streams.into())],
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    ))
+    .await;
+    let (h2, _) = h2_connect(proxy.addr).await;
+    let (mut reader, mut writer) = h2.into_split();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reading = {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {}
+            closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let is_closed = || closed.load(std::sync::atomic::Ordering::SeqCst);
+    let mut id = 1u32;
+    let rounds = 200;
+    for _ in 0..rounds {
+        let before = up.count();
+        let opened: Vec<u32> = (0..streams).map(|n| id + 2 * n).collect();
+        id += 2 * streams;
+        let mut out = Vec::new();
+        for stream in &opened {
+            out.extend(get_headers(*stream, "/api/slow"));
+        }
+        if writer.write_all(&out).await.is_err() {
+            break;
+        }
+        // Every request has reached the upstream (or the proxy closed the connection).
+        let reached = tokio::time::timeout(WITHIN, async {
+            while up.count() < before + streams as usize && !is_closed() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert!(reached.is_ok(), "the requests never reached the upstream");
+        if is_closed() {
+            break;
+        }
+        let mut out = Vec::new();
+        for stream in &opened {
+            out.extend(frame(RST_STREAM, 0, *stream, &0x8u32.to_be_bytes()));
+        }
+        if writer.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(WITHIN, reading).await;
+    let started = up.count();
+    assert!(
+        ended.is_ok(),
+        "the connection is still open after {rounds} rounds of {streams} reset streams; the upstream saw {started} requests"
+    );
+    assert!(
+        started <= 4 * streams as usize,
+        "one connection started {started} upstream requests with {streams} streams at a time"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_client_that_cancels_a_few_requests_keeps_its_connection() {
+    // A browser aborts fetches (a page left, a search typed on): as many cancels as
+    // max_concurrent_streams beyond the requests answered leave the connection open.
+    let up = upstream::start().await;
+    let streams = 4u32;
+    let proxy = start_proxy(&config_with(
+        &[("http2_max_concurrent_streams", streams.into())],
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    ))
+    .await;
+    let (mut h2, _) = h2_connect(proxy.addr).await;
+    let mut id = 1u32;
+    // An answered request, then as many cancels as allowed; then each answered request buys
+    // one more cancel.
+    for cancels in [streams, 1, 1, 1] {
+        h2.write_all(&get_headers(id, "/api/echo")).await.unwrap();
+        let answered = tokio::time::timeout(WITHIN, async {
+            loop {
+                let (kind, flags, stream, _) = next_frame(&mut h2).await.expect("closed");
+                if stream == id && (kind == 0 || kind == HEADERS) && flags & 0x1 != 0 {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(answered.is_ok(), "stream {id} was not answered");
+        id += 2;
+        for _ in 0..cancels {
+            let before = up.count();
+            h2.write_all(&get_headers(id, "/api/slow")).await.unwrap();
+            let reached = tokio::time::timeout(WITHIN, async {
+                while up.count() == before {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await;
+            assert!(reached.is_ok(), "stream {id} never reached the upstream");
+            h2.write_all(&frame(RST_STREAM, 0, id, &0x8u32.to_be_bytes()))
+                .await
+                .unwrap();
+            id += 2;
+        }
+    }
+    // Still served.
+    h2.write_all(&get_headers(id, "/api/echo")).await.unwrap();
+    let answered = tokio::time::timeout(WITHIN, async {
+        loop {
+            let (kind, _, stream, payload) = next_frame(&mut h2).await?;
+            if kind == 7 {
+                return None;
+            }
+            if stream == id && kind == HEADERS {
+                return Some(payload);
+            }
+        }
+    })
+    .await
+    .expect("no answer");
+    assert_eq!(
+        answered.map(|block| block.first().copied()),
+        Some(Some(0x88)),
+        "the last request got no 200 (closed, or GOAWAY)"
+    );
+}
+
 // ---- configuration ----
 
 fn base() -> String {
