@@ -92,6 +92,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     let timeouts = connection::Timeouts {
         idle: config.server.connections.idle_timeout,
         send: config.server.connections.send_timeout,
+        head: config.server.header_read_timeout,
         cancels: usize::try_from(config.server.connections.http2_max_concurrent_streams)
             .unwrap_or(usize::MAX),
     };

@@ -63,7 +63,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationT
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                () = activity.idle(ADMIN_HEADER_READ_TIMEOUT) => {
+                () = activity.idle(ADMIN_HEADER_READ_TIMEOUT, ADMIN_HEADER_READ_TIMEOUT) => {
                     conn.as_mut().graceful_shutdown();
                     // A client that does not take the hint is cut off.
                     let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;

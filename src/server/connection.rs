@@ -4,7 +4,9 @@
 //! streams in flight finish) when shutdown begins, or when no request has been in flight for
 //! `idle_timeout` — an HTTP/2 connection kept open by a client that only pings, or one the
 //! client forgot, gives its resources back. An idle HTTP/1 connection is also closed by the
-//! header read timeout while it waits for the next request. It ends at once when its client
+//! header read timeout while it waits for the next request, and every connection must carry its
+//! first request within it: over HTTP/2 no head timeout of hyper's applies, and a connection
+//! that sent only the preface held its place for `idle_timeout`. It ends at once when its client
 //! takes nothing of an answer for `send_timeout` (see [`super::send`]).
 //!
 //! A client that cancels its requests before their answers (over HTTP/2, by resetting their
@@ -102,19 +104,32 @@ impl Activity {
         }
     }
 
-    /// Resolves once no request has been in flight for `timeout`.
-    pub(super) async fn idle(&self, timeout: Duration) {
+    /// Whether no request has begun on the connection yet.
+    pub(super) fn unused(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.answered.load(Ordering::Relaxed) == 0
+            && self.cancelled.load(Ordering::Relaxed) == 0
+    }
+
+    /// Resolves once no request has been in flight for `timeout`, or, while none has begun
+    /// yet, for the shorter of `timeout` and `first`.
+    pub(super) async fn idle(&self, timeout: Duration, first: Duration) {
         loop {
             if self.in_flight.load(Ordering::Acquire) > 0 {
                 tokio::time::sleep(timeout).await;
                 continue;
             }
+            let limit = if self.unused() {
+                timeout.min(first)
+            } else {
+                timeout
+            };
             let quiet_since =
                 self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            if quiet_since.elapsed() >= timeout {
+            if quiet_since.elapsed() >= limit {
                 return;
             }
-            tokio::time::sleep_until(quiet_since + timeout).await;
+            tokio::time::sleep_until(quiet_since + limit).await;
         }
     }
 }
@@ -126,6 +141,9 @@ pub(super) struct Timeouts {
     pub idle: Duration,
     /// For the client to take more of an answer: then it closes at once.
     pub send: Duration,
+    /// `header_read_timeout`: for the first request to begin (then it closes gracefully), and
+    /// for a client that sent none to take the hint (then it closes at once).
+    pub head: Duration,
     /// Requests the client may cancel before their answers beyond those answered
     /// (`http2_max_concurrent_streams`): then it closes.
     pub cancels: usize,
@@ -213,11 +231,15 @@ pub(super) async fn serve<I>(
                 tracing::debug!(%ip, "closing a connection whose client took nothing of an answer for send_timeout");
                 break;
             }
-            _ = activity.idle(timeouts.idle), if !closing => {
+            _ = activity.idle(timeouts.idle, timeouts.head), if !closing => {
                 tracing::debug!(%ip, "closing an idle connection");
                 closing = true;
                 idle = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep(timeouts.head), if idle && activity.unused() => {
+                tracing::debug!(%ip, "closing a connection that carried no request and has not taken the hint");
+                break;
             }
             () = stalls.unsent(), if idle => {
                 tracing::debug!(%ip, "closing an idle HTTP/2 connection whose client has not taken the end of its answers");

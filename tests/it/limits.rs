@@ -357,6 +357,59 @@ async fn every_request_head_must_arrive_within_the_header_read_timeout() {
     assert_eq!(up.count(), 8, "no partial head reached the upstream");
 }
 
+#[tokio::test]
+async fn an_http2_connection_must_carry_its_first_request_within_the_header_read_timeout() {
+    // header_read_timeout = "1s" (the test configuration), connection_idle_timeout 60 s. Over
+    // HTTP/1 the first head must arrive within the header read timeout; an HTTP/2 connection
+    // that carried no request kept its place under max_connections for the idle timeout.
+    let proxy = start_proxy(&config_text("")).await;
+    // 1. The preface and nothing more; every ping answered.
+    let (h2, _) = h2_connect(proxy.addr).await;
+    let (mut reading, mut writing) = h2.into_split();
+    let answering = tokio::spawn(async move {
+        let mut head = [0u8; 9];
+        let mut payload = [0u8; 64];
+        while reading.read_exact(&mut head).await.is_ok() {
+            let len = usize::from(head[2]);
+            if reading.read_exact(&mut payload[..len]).await.is_err() {
+                break;
+            }
+            if head[3] == PING && head[4] & 1 == 0 {
+                let pong = frame(PING, 1, 0, &payload[..len]);
+                if writing.write_all(&pong).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(8), answering).await;
+    assert!(
+        closed.is_ok() && started.elapsed() >= Duration::from_millis(700),
+        "a connection with the preface only: closed {closed:?} after {:?}",
+        started.elapsed()
+    );
+    // 2. Half a request head (HEADERS without END_HEADERS), then silence; no ping answered.
+    let (mut half, _) = h2_connect(proxy.addr).await;
+    let mut block = get_headers(1, "/never");
+    block[4] = 0x1; // END_STREAM only: a CONTINUATION must follow
+    half.write_all(&block).await.unwrap();
+    let waited = closed_within_h2(&mut half, Duration::from_secs(8)).await;
+    assert!(
+        waited.is_some_and(|w| w >= Duration::from_millis(700)),
+        "half a first head: {waited:?}"
+    );
+}
+
+/// How long until the server closes `stream` (its frames read and dropped), if within `limit`.
+async fn closed_within_h2(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    tokio::time::timeout(limit, async { while next_frame(stream).await.is_some() {} })
+        .await
+        .ok()
+        .map(|()| started.elapsed())
+}
+
 /// Sends a keep-alive GET on `stream` and reads one response with a Content-Length.
 async fn ask(stream: &mut TcpStream, path: &str) -> String {
     stream
