@@ -382,6 +382,43 @@ async fn a_cookie_that_is_not_ascii_neither_hides_the_session_nor_is_lost_on_the
     }
 }
 
+/// Over HTTP/2 a browser may split its cookies into several `cookie` fields (RFC 9113
+/// §8.2.3), and a client may send a `host` beside `:authority`, which hyper keeps apart: the
+/// session is found in any field, the upstream gets the others joined without it, and neither
+/// authority reaches it.
+#[tokio::test]
+async fn split_http2_cookies_find_the_session_and_reach_the_upstream_without_it() {
+    let (up, proxy, cookie) = signed_in_on_api().await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(format!("http://authority.example{}", "/api/c"))
+        .header("cookie", "a=1")
+        .header("cookie", cookie.as_str())
+        .header("cookie", "b=2")
+        .header("host", "host.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200, "the session in a field of its own");
+    let seen = up.last().headers;
+    let cookies: Vec<_> = seen.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+    let hosts: Vec<_> = seen.get_all("host").iter().collect();
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0], up.url().trim_start_matches("http://"));
+    assert!(
+        !format!("{seen:?}").contains("authority.example")
+            && !format!("{seen:?}").contains("host.example"),
+        "{seen:?}"
+    );
+}
+
 #[tokio::test]
 async fn slowloris_connection_is_closed() {
     let up = upstream::start().await;
