@@ -955,7 +955,7 @@ fn connection_and_rate_limits_have_defaults() {
     assert_eq!(c.body_read_timeout, Duration::from_secs(20));
     assert_eq!(c.body_min_rate, 500);
     assert_eq!(c.send_timeout, Duration::from_secs(60));
-    assert_eq!(c.http2_max_concurrent_streams, 256);
+    assert_eq!(c.http2_max_concurrent_streams, 100);
     assert_eq!(c.http2_keep_alive_interval, Some(Duration::from_secs(20)));
     assert_eq!(c.http2_keep_alive_timeout, Duration::from_secs(20));
     assert_eq!(config.admin.max_connections, 64);

@@ -12,7 +12,9 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_BODY_MIN_RATE: u64 = 500;
 /// As nginx's `send_timeout`.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// RFC 9113 §6.5.2 advises no fewer than 100; each stream may hold an upstream connection, so one
+/// HTTP/2 connection weighs up to this many HTTP/1 ones (Apache httpd and h2o use 100 too).
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
 pub const DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_LOGIN_PER_MINUTE: u32 = 60;
