@@ -80,11 +80,12 @@ impl ClaimsUpdate {
     /// A validated ID token replaces the stored one, and the provider session (`sid`) it names,
     /// if any, the session's. The user claims become the ID token's (the
     /// new one, else the stored one) with the UserInfo answer merged over them; without
-    /// `userinfo`, the new ID token's alone; when UserInfo failed, they stay as they were.
+    /// `userinfo`, the new ID token's alone; when UserInfo failed, they stay as they were, but
+    /// for the sign-in (`acr`, `amr`, `auth_time`), which a new ID token that names it replaces.
     pub(super) fn apply(&self, session: &mut Session, id_token: Option<&str>) {
         // OpenID Connect Core §12.2: a refresh is the same sign-in; a refreshed ID token may
         // leave out how and when it happened, and the session keeps that.
-        let sign_in: Vec<(String, serde_json::Value)> = SIGN_IN_CLAIMS
+        let before: Vec<(String, serde_json::Value)> = SIGN_IN_CLAIMS
             .iter()
             .filter_map(|name| Some((name.to_string(), session.claims.get(name)?.clone())))
             .collect();
@@ -118,14 +119,24 @@ impl ClaimsUpdate {
                 session.claims = merge(base, info.clone()).into();
             }
         }
+        // The sign-in is the new ID token's word where it names it, whatever became of the
+        // UserInfo call: claims kept because that call failed must not keep a stronger `acr`
+        // (or a later `auth_time`) than the provider now vouches for, which a step-up route
+        // would go on accepting.
+        let sign_in: Vec<(String, serde_json::Value)> = SIGN_IN_CLAIMS
+            .iter()
+            .filter_map(|name| {
+                let named = new_id_token.and_then(|claims| claims.get(*name));
+                let kept = || before.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+                Some((name.to_string(), named.or_else(kept)?.clone()))
+            })
+            .collect();
         if sign_in
             .iter()
-            .any(|(name, _)| session.claims.get(name).is_none())
+            .any(|(name, value)| session.claims.get(name) != Some(value))
         {
             let mut claims = session.claims.map().clone();
-            for (name, value) in sign_in {
-                claims.entry(name).or_insert(value);
-            }
+            claims.extend(sign_in);
             session.claims = claims.into();
         }
     }

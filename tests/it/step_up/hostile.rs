@@ -22,10 +22,15 @@ struct Fake {
 
 impl Fake {
     async fn start(extra: &str) -> Fake {
+        Fake::start_with(extra, |c| c).await
+    }
+
+    /// [`Fake::start`] with the configuration edited by `edit` too.
+    async fn start_with(extra: &str, edit: fn(TomlConfig) -> TomlConfig) -> Fake {
         let signer = TestSigner::new();
         let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
         let clock = TestClock::new();
-        let config = config_toml(extra).set("oidc.issuer", idp.issuer.as_str());
+        let config = edit(config_toml(extra).set("oidc.issuer", idp.issuer.as_str()));
         let proxy = start_proxy_with_clock(config, clock.clock()).await;
         wait_metadata(&proxy).await;
         Fake {
@@ -408,6 +413,66 @@ async fn a_refreshed_id_token_that_leaves_out_the_sign_in_keeps_the_step_up() {
     });
     assert_eq!(bearer(&fake).await.as_deref(), Ok("Bearer fake-access-3"));
     assert_eq!(bearer(&fake).await, Err("step_up_required".to_string()));
+}
+
+/// With `userinfo = true`, a refresh whose UserInfo call fails keeps the user claims as they
+/// were; but how and when the user signed in is the refreshed ID token's word alone, and a
+/// weaker sign-in it names must end the step-up as it does without UserInfo.
+#[tokio::test]
+async fn a_refreshed_id_token_naming_a_weaker_sign_in_ends_the_step_up_though_userinfo_fails() {
+    let rs = upstream_with(&[]).await;
+    let mut fake = Fake::start_with(
+        &format!(
+            "[[routes]]\npath = \"/secure/\"\nupstream = \"{rs}\"\ntoken = \"user\"\n\
+             auth = \"required\"\nacr_values = [\"mfa\"]\n"
+        ),
+        |c| c.add("oidc.userinfo", true),
+    )
+    .await;
+    *fake.idp.state.userinfo.lock().unwrap() = Some((
+        200,
+        "application/json".into(),
+        json!({"sub": "alice", "email": "alice@example.test"}).to_string(),
+    ));
+    let (q, r) = fake
+        .login(
+            "/bff/login?returnUrl=/&acr_values=mfa",
+            Duration::ZERO,
+            with(Some("mfa"), Some(now())),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let secure = |fake: &Fake| {
+        let url = fake.proxy.url("/secure/x");
+        let mut browser = fake.browser.clone();
+        async move {
+            let r = browser.get(&url, &[("x-csrf", "1")]).await;
+            (r.status == 200)
+                .then(|| r.json()["authorization"].as_str().unwrap().to_string())
+                .ok_or_else(|| r.json()["error"].as_str().unwrap().to_string())
+        }
+    };
+    assert_eq!(secure(&fake).await.as_deref(), Ok("Bearer fake-access"));
+    // The provider now says the sign-in is only a password, and its UserInfo endpoint fails.
+    let mut c = claims(&fake.idp.issuer, &q["nonce"]);
+    c["acr"] = json!("pwd");
+    let id_token = fake.signer.token(TestKey::Rsa1).kid("k1").sign(&c);
+    fake.idp.state.script(
+        "refresh_token",
+        200,
+        json!({
+            "access_token": "fake-access-2", "token_type": "Bearer", "expires_in": 300,
+            "refresh_token": "fake-refresh-2", "id_token": id_token,
+        }),
+    );
+    *fake.idp.state.userinfo.lock().unwrap() = Some((503, "application/json".into(), "{}".into()));
+    fake.clock.advance(Duration::from_secs(300));
+    assert_eq!(secure(&fake).await.as_deref(), Ok("Bearer fake-access-2"));
+    assert_eq!(
+        secure(&fake).await,
+        Err("step_up_required".to_string()),
+        "the session must not keep the mfa its provider no longer vouches for"
+    );
 }
 
 #[tokio::test]
