@@ -301,10 +301,12 @@ pub async fn admit(
         });
     }
     if let (Some(step), Some(l)) = (&route.step_up, &loaded)
+        && let at = clock(now)
         && crate::oidc::step_up::check(
             step,
             l.session.claims.map(),
-            clock(now),
+            at,
+            at,
             live.config.oidc.clock_skew.as_secs(),
         )
         .is_err()

@@ -622,10 +622,12 @@ impl App {
         let Some(loaded) = session else {
             return false;
         };
+        let now = self.clock.now();
         let met = crate::oidc::step_up::check(
             step,
             loaded.session.claims.map(),
-            self.clock.now(),
+            now,
+            now,
             live.config.oidc.clock_skew.as_secs(),
         )
         .is_ok();

@@ -402,6 +402,7 @@ async fn callback(
             step,
             &claims,
             login.created,
+            app.clock.now(),
             live.config.oidc.clock_skew.as_secs(),
         )
     {

@@ -16,6 +16,10 @@ pub enum Shortfall {
     AuthTimeMissing,
     #[error("the sign-in is older than max_age")]
     TooOld,
+    /// An `auth_time` after the present (beyond the clock skew): no age can be told from it,
+    /// and counted from it the sign-in would stay recent until that time came.
+    #[error("the ID token's auth_time is in the future")]
+    AuthTimeInFuture,
 }
 
 impl Shortfall {
@@ -24,17 +28,20 @@ impl Shortfall {
             Shortfall::Acr => "acr_not_satisfied",
             Shortfall::AuthTimeMissing => "auth_time_missing",
             Shortfall::TooOld => "auth_time_too_old",
+            Shortfall::AuthTimeInFuture => "auth_time_in_future",
         }
     }
 }
 
 /// Whether the sign-in described by `claims` (the ID token's, as kept in the session) satisfies
-/// `step`, at `now` with `leeway` seconds for the provider's clock. For the ID token of a
-/// step-up login, `now` is when that login started: the provider weighed `max_age` then, and
-/// the user may take their time to sign in.
+/// `step` at `now`, with `leeway` seconds for the provider's clock. Its age is counted at
+/// `since`: `now` for a session, and for the ID token of a step-up login the time that login
+/// started (the provider weighed `max_age` then, and the user may take their time to sign in).
+/// An `auth_time` after `now` is never recent.
 pub fn check(
     step: &StepUp,
     claims: &Map<String, Value>,
+    since: u64,
     now: u64,
     leeway: u64,
 ) -> Result<(), Shortfall> {
@@ -48,7 +55,10 @@ pub fn check(
         let Some(auth_time) = claims.get("auth_time").and_then(Value::as_u64) else {
             return Err(Shortfall::AuthTimeMissing);
         };
-        if now.saturating_sub(auth_time) > max_age.saturating_add(leeway) {
+        if auth_time > now.saturating_add(leeway) {
+            return Err(Shortfall::AuthTimeInFuture);
+        }
+        if since.saturating_sub(auth_time) > max_age.saturating_add(leeway) {
             return Err(Shortfall::TooOld);
         }
     }
@@ -173,6 +183,7 @@ mod tests {
                 &step,
                 &claims(json!({"acr": "mfa", "auth_time": now - 10})),
                 now,
+                now,
                 0
             ),
             Ok(())
@@ -182,22 +193,24 @@ mod tests {
                 &step,
                 &claims(json!({"acr": "pwd", "auth_time": now})),
                 now,
+                now,
                 0
             ),
             Err(Shortfall::Acr)
         );
         assert_eq!(
-            check(&step, &claims(json!({"auth_time": now})), now, 0),
+            check(&step, &claims(json!({"auth_time": now})), now, now, 0),
             Err(Shortfall::Acr)
         );
         assert_eq!(
-            check(&step, &claims(json!({"acr": "hwk"})), now, 0),
+            check(&step, &claims(json!({"acr": "hwk"})), now, now, 0),
             Err(Shortfall::AuthTimeMissing)
         );
         assert_eq!(
             check(
                 &step,
                 &claims(json!({"acr": "hwk", "auth_time": now - 301})),
+                now,
                 now,
                 0
             ),
@@ -208,13 +221,39 @@ mod tests {
                 &step,
                 &claims(json!({"acr": "hwk", "auth_time": now - 301})),
                 now,
+                now,
                 5
             ),
             Ok(())
         );
         assert_eq!(
-            check(&StepUp::default(), &claims(json!({})), now, 0),
+            check(&StepUp::default(), &claims(json!({})), now, now, 0),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn a_sign_in_after_the_present_is_never_recent() {
+        let step = StepUp {
+            acr_values: vec![],
+            max_age: Some(300),
+        };
+        let now = 10_000;
+        let at = |t: u64| claims(json!({"auth_time": t}));
+        assert_eq!(check(&step, &at(now + 5), now, now, 5), Ok(()));
+        assert_eq!(
+            check(&step, &at(now + 6), now, now, 5),
+            Err(Shortfall::AuthTimeInFuture)
+        );
+        assert_eq!(
+            check(&step, &at(u64::MAX), now, now, 5),
+            Err(Shortfall::AuthTimeInFuture)
+        );
+        // A step-up login: counted from when it started, bounded by when it came back.
+        assert_eq!(check(&step, &at(now + 60), now, now + 120, 0), Ok(()));
+        assert_eq!(
+            check(&step, &at(now + 121), now, now + 120, 0),
+            Err(Shortfall::AuthTimeInFuture)
         );
     }
 

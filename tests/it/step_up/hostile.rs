@@ -170,6 +170,38 @@ async fn a_step_up_login_is_as_fresh_as_asked_when_it_started_however_long_the_u
     );
 }
 
+/// An `auth_time` after the present (beyond the clock skew) is no sign-in at all: its age,
+/// counted from it, would stay under any `max_age` until that time came, and a route asking for
+/// a recent sign-in would take it for one all along.
+#[tokio::test]
+async fn a_sign_in_dated_in_the_future_is_never_fresh_enough() {
+    let r = step_up_login("&max_age=60", with(Some("mfa"), Some(now() + 3600))).await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("auth_time_in_future"),
+        "{}",
+        r.text()
+    );
+    // A plain login checks no auth_time; a route with max_age must not take this one as fresh.
+    let rs = upstream_with(&[]).await;
+    let mut fake = Fake::start(&format!(
+        "[[routes]]\npath = \"/secure/\"\nupstream = \"{rs}\"\ntoken = \"user\"\n\
+         auth = \"required\"\nmax_age = \"5m\"\n"
+    ))
+    .await;
+    let (_, r) = fake
+        .login(
+            "/bff/login?returnUrl=/",
+            Duration::ZERO,
+            with(Some("mfa"), Some(now() + 3600)),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let url = fake.proxy.url("/secure/x");
+    let r = fake.browser.get(&url, &[("x-csrf", "1")]).await;
+    assert_eq!(r.json()["error"], "step_up_required", "{}", r.text());
+}
+
 #[tokio::test]
 async fn malformed_step_up_parameters_are_refused_at_login() {
     let fake = Fake::start("").await;
