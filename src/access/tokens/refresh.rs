@@ -81,7 +81,8 @@ impl ClaimsUpdate {
     /// if any, the session's. The user claims become the ID token's (the
     /// new one, else the stored one) with the UserInfo answer merged over them; without
     /// `userinfo`, the new ID token's alone; when UserInfo failed, they stay as they were, but
-    /// for the sign-in (`acr`, `amr`, `auth_time`), which a new ID token that names it replaces.
+    /// for the sign-in (`acr`, `amr`, `auth_time`), which a new ID token that names it replaces
+    /// (never with a later `auth_time`).
     pub(super) fn apply(&self, session: &mut Session, id_token: Option<&str>) {
         // OpenID Connect Core §12.2: a refresh is the same sign-in; a refreshed ID token may
         // leave out how and when it happened, and the session keeps that.
@@ -123,12 +124,30 @@ impl ClaimsUpdate {
         // UserInfo call: claims kept because that call failed must not keep a stronger `acr`
         // (or a later `auth_time`) than the provider now vouches for, which a step-up route
         // would go on accepting.
+        // OpenID Connect Core §12.2: `auth_time` stays that of the original sign-in. A refresh
+        // happens without the user, so one that dates the sign-in later is not believed: a
+        // route with `max_age` would take the session for a recent sign-in.
         let sign_in: Vec<(String, serde_json::Value)> = SIGN_IN_CLAIMS
             .iter()
             .filter_map(|name| {
                 let named = new_id_token.and_then(|claims| claims.get(*name));
-                let kept = || before.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-                Some((name.to_string(), named.or_else(kept)?.clone()))
+                let kept = before.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+                let value = match (named, kept) {
+                    (Some(new), Some(old))
+                        if *name == "auth_time"
+                            && new
+                                .as_u64()
+                                .is_none_or(|n| old.as_u64().is_some_and(|o| n > o)) =>
+                    {
+                        tracing::warn!(
+                            "a refreshed ID token dates the sign-in later than the session's; \
+                             the session keeps its auth_time"
+                        );
+                        old
+                    }
+                    (named, kept) => named.or(kept)?,
+                };
+                Some((name.to_string(), value.clone()))
             })
             .collect();
         if sign_in

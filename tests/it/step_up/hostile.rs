@@ -507,6 +507,67 @@ async fn a_refreshed_id_token_naming_a_weaker_sign_in_ends_the_step_up_though_us
     );
 }
 
+/// OpenID Connect Core §12.2: a refreshed ID token's `auth_time` is that of the original
+/// sign-in. A refresh happens without the user; one whose ID token dates the sign-in later
+/// must not make a route with `max_age` take the session for a recent sign-in.
+#[tokio::test]
+async fn a_refresh_never_makes_the_sign_in_more_recent() {
+    let rs = upstream_with(&[]).await;
+    let mut fake = Fake::start(&format!(
+        "[[routes]]\npath = \"/secure/\"\nupstream = \"{rs}\"\ntoken = \"user\"\n\
+         auth = \"required\"\nmax_age = \"5m\"\n\
+         [[routes]]\npath = \"/open/\"\nupstream = \"{rs}\"\ntoken = \"user\"\n\
+         auth = \"required\"\n"
+    ))
+    .await;
+    let signed_in = now();
+    let (q, r) = fake
+        .login(
+            "/bff/login?returnUrl=/&max_age=300",
+            Duration::ZERO,
+            with(None, Some(signed_in)),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let call = |fake: &Fake, path: &str| {
+        let url = fake.proxy.url(path);
+        let mut browser = fake.browser.clone();
+        async move {
+            let r = browser.get(&url, &[("x-csrf", "1")]).await;
+            (r.status == 200)
+                .then(|| r.json()["authorization"].as_str().unwrap().to_string())
+                .ok_or_else(|| r.json()["error"].as_str().unwrap().to_string())
+        }
+    };
+    assert_eq!(
+        call(&fake, "/secure/x").await.as_deref(),
+        Ok("Bearer fake-access")
+    );
+    // Ten minutes on, the access token is refreshed; the provider's new ID token says the user
+    // signed in just now, which they did not.
+    fake.clock.advance(Duration::from_secs(600));
+    let mut c = claims(&fake.idp.issuer, &q["nonce"]);
+    c["auth_time"] = json!(signed_in + 600);
+    let id_token = fake.signer.token(TestKey::Rsa1).kid("k1").sign(&c);
+    fake.idp.state.script(
+        "refresh_token",
+        200,
+        json!({
+            "access_token": "fake-access-2", "token_type": "Bearer", "expires_in": 300,
+            "refresh_token": "fake-refresh-2", "id_token": id_token,
+        }),
+    );
+    assert_eq!(
+        call(&fake, "/open/x").await.as_deref(),
+        Ok("Bearer fake-access-2")
+    );
+    assert_eq!(
+        call(&fake, "/secure/x").await,
+        Err("step_up_required".to_string()),
+        "the sign-in is ten minutes old whatever the refreshed ID token says"
+    );
+}
+
 #[tokio::test]
 async fn an_upstream_that_asks_again_for_what_the_session_has_is_not_a_step_up_loop() {
     let rs = upstream_with(&[(
