@@ -414,6 +414,7 @@ async fn callback(
         .unwrap_or_default()
         .to_string();
     let sid = claims.get("sid").and_then(|v| v.as_str()).map(String::from);
+    let ended_mark = sid.as_deref().map(ended_provider_session);
     let mut user_claims = crate::oidc::userinfo::user_claims(&claims);
     if app.oidc.config.userinfo {
         match app
@@ -465,10 +466,24 @@ async fn callback(
         .await
         .ok()
         .flatten();
-    let (cookie_value, _) = app
+    let (cookie_value, created) = app
         .sessions
         .create_replacing(session, now, previous.as_ref())
         .await?;
+    // A back-channel logout of this provider session that came before the session was stored
+    // found nothing to end, and left a mark; read now that the session is stored, so that
+    // either the logout ends the session or the login sees the mark.
+    if let Some(mark) = &ended_mark
+        && app.sessions.store().remembered(mark).await?
+    {
+        if let Err(error) = app.sessions.delete(&created).await {
+            tracing::warn!(%error, "a session of an ended provider session could not be ended");
+        }
+        return login_failed(
+            "provider_session_ended",
+            "the provider ended this sign-in's session (back-channel logout) before the callback",
+        );
+    }
     let mut response = redirect(&login.return_url);
     let headers = response.headers_mut();
     if let Some(c) = cookies::set_cookie(
@@ -537,6 +552,13 @@ async fn spend_login_state(
         return Err(RequestError::login_failed(e.reason(), e.to_string()));
     }
     Ok((login, name))
+}
+
+/// The store key marking that the provider ended provider session `sid` (back-channel logout),
+/// kept for [`LOGIN_TTL`]: a login into that session began after it was made and its callback
+/// comes within that time of the login's start, so within it of the logout too.
+fn ended_provider_session(sid: &str) -> String {
+    format!("ended-sid:{}", hash_hex(sid))
 }
 
 /// A callback carrying `error` from the provider. When the user ended the login (cancelled,
@@ -865,6 +887,14 @@ async fn backchannel_logout(
     // of them may be that provider session); never one of another provider session, even when
     // none has this sid any more (the user signed out here first: Back-Channel Logout 1.0
     // §2.7 counts that as done).
+    // Marked before anything is ended: a login into this provider session whose callback has
+    // not stored its session yet finds the mark (see `callback`).
+    if let Some(sid) = &logout.sid {
+        app.sessions
+            .store()
+            .remember_once(&ended_provider_session(sid), LOGIN_TTL)
+            .await?;
+    }
     let ended = match (&logout.sid, &logout.sub) {
         (Some(sid), Some(sub)) => match app.sessions.end_by_sid(sid).await {
             Ok(n) => app.sessions.end_sidless_by_sub(sub).await.map(|m| n + m),

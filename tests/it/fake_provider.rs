@@ -390,3 +390,47 @@ async fn token_exchange_routes_get_a_token_for_their_resource() {
         "urn:ietf:params:oauth:token-type:access_token".into()
     )));
 }
+
+/// The provider ends the provider session a login signed into (the user signed out there, in
+/// another tab) and says so by back-channel logout before that login's callback has stored
+/// anything: no session may then be made for it, or it would outlive the logout that was
+/// meant to end it.
+#[tokio::test]
+async fn a_provider_session_logged_out_before_its_callback_signs_nobody_in() {
+    let c = setup().await;
+    let (q, cookie) = begin_login(&c.proxy).await;
+    let id_token = claims(&c.idp.issuer, &q["nonce"]);
+    assert_eq!(id_token["sid"], "session-1");
+    *c.idp.state.id_token.lock().unwrap() = c.signer.token(TestKey::Rsa1).kid("k1").sign(&id_token);
+    let logout = vestibule::jose::testing::logout_token_claims(&c.idp.issuer, "vestibule", now());
+    let logout = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&logout);
+    let form: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("logout_token", &logout)
+        .finish();
+    let r = send(
+        http::Request::post(c.proxy.url("/bff/backchannel-logout"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(bytes::Bytes::from(form)))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(
+        &c.proxy
+            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
+        &[("cookie", &cookie), ("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("provider_session_ended"),
+        "{} {}",
+        r.status,
+        r.text()
+    );
+}
