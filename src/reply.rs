@@ -211,10 +211,16 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     response
 }
 
+/// What a `Location` cannot carry as it is (RFC 3986: a URI is visible ASCII): controls, the
+/// space and every byte of a non-ASCII character are percent-encoded; `%` stays, so what is
+/// encoded already is not encoded twice.
+const NOT_IN_A_URI: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b' ');
+
 pub fn redirect(location: &str) -> Response<Body> {
     let mut response = Response::new(empty());
     *response.status_mut() = StatusCode::FOUND;
-    if let Ok(value) = HeaderValue::from_str(location) {
+    let location = percent_encoding::utf8_percent_encode(location, NOT_IN_A_URI).to_string();
+    if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
@@ -345,5 +351,36 @@ mod buffer_tests {
         let many: Vec<Lent<'_>> = (0..BUFFERS_KEPT + 4).map(|_| buffers.lend()).collect();
         drop(many);
         assert_eq!(buffers.kept(), BUFFERS_KEPT);
+    }
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::*;
+
+    /// A return URL with characters a header cannot carry as they are (a path in another
+    /// script, a space) still redirects there, percent-encoded, never without a `Location`.
+    #[test]
+    fn a_redirect_to_a_path_with_non_ascii_characters_says_where() {
+        for (to, location) in [
+            ("/café?q=ü", "/caf%C3%A9?q=%C3%BC"),
+            ("/a b", "/a%20b"),
+            ("/already%20encoded", "/already%20encoded"),
+            (
+                "https://idp.example/logout?x=1",
+                "https://idp.example/logout?x=1",
+            ),
+        ] {
+            let response = redirect(to);
+            assert_eq!(response.status(), StatusCode::FOUND);
+            assert_eq!(
+                response
+                    .headers()
+                    .get(header::LOCATION)
+                    .map(|v| v.as_bytes()),
+                Some(location.as_bytes()),
+                "{to}"
+            );
+        }
     }
 }
