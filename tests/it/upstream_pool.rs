@@ -22,6 +22,22 @@ async fn raw_upstream(close_after_each: bool) -> (String, Arc<AtomicUsize>) {
     .await
 }
 
+/// The next request head on `tcp` (bytes read past it stay in `seen`), `None` once the
+/// connection ends.
+async fn next_head(tcp: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+    seen.drain(..end);
+    Some(head)
+}
+
 /// A raw HTTP/1.1 upstream that reads each request head and writes what `answer` returns for
 /// its target, piece by piece (5 ms apart); closes the connection after it when told to. Counts
 /// the connections it accepted.
@@ -40,17 +56,7 @@ async fn upstream_answering(
             counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buffer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
-                    buffer.drain(..end);
+                while let Some(head) = next_head(&mut tcp, &mut buffer).await {
                     let target = head.split(' ').nth(1).unwrap_or("/");
                     let (pieces, close) = answer(target);
                     for (i, piece) in pieces.iter().enumerate() {
@@ -357,20 +363,11 @@ async fn a_client_leaving_mid_body_never_leaves_the_rest_of_its_answer_to_the_ne
             let (mut went, seen_close) = (went.clone(), seen_close.clone());
             tokio::spawn(async move {
                 let mut seen = Vec::new();
-                let mut chunk = [0u8; 4096];
                 loop {
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => {
-                                let _ = seen_close.send(());
-                                return;
-                            }
-                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
-                    seen.drain(..end);
+                    let Some(head) = next_head(&mut tcp, &mut seen).await else {
+                        let _ = seen_close.send(());
+                        return;
+                    };
                     if !head.starts_with("GET /api/stream ") {
                         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                         if tcp.write_all(ok).await.is_err() {
@@ -448,19 +445,9 @@ async fn late_head_body_upstream() -> (String, Arc<AtomicUsize>) {
             counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut seen = Vec::new();
-                let mut chunk = [0u8; 4096];
                 // What the last HEAD's handler still has to write: its body, late.
                 let mut late: Option<&[u8]> = None;
-                loop {
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
-                    seen.drain(..end);
+                while let Some(head) = next_head(&mut tcp, &mut seen).await {
                     let mut answer = late.take().unwrap_or_default().to_vec();
                     if head.starts_with("HEAD ") {
                         answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n");
