@@ -268,6 +268,8 @@ pub async fn admit(
     let clock = |now: Option<u64>| now.unwrap_or_else(|| app.clock.now());
     // A cached session is had without a future: only a load from the store writes one (and
     // nothing of the lookup is held across that await).
+    // (`ask` is moved out where it is read: taken, all of it would be copied, once per
+    // request, into this future's state, cold at many connections.)
     let (mut loaded, mut ask) = (None, None);
     if let Some(now) = now {
         match app.cached_session(sessions, live, req.headers(), now) {
@@ -275,7 +277,7 @@ pub async fn admit(
             Found::Ask(store) => ask = Some((store, now)),
         }
     }
-    if let Some((store, now)) = ask.take() {
+    if let Some((store, now)) = ask {
         loaded = app
             .stored_session(sessions, live, req.headers(), store, now)
             .await?;

@@ -26,6 +26,27 @@ use crate::net::{Connector, connector, http_connector};
 
 type Pooled = Client<Connector, Body>;
 
+/// [`Upstreams::for_route`]'s answer, a pointer either way: the request's future holds it
+/// across the forwarding, and an `Upstreams` by value (~370 bytes, as a `Cow` would be) is
+/// copied into that future at every request, cold at many connections.
+pub enum ForRoute<'a> {
+    /// The worker's own (every route without TLS settings of its own).
+    Shared(&'a Upstreams),
+    /// A route's own client, for its `ca_file` or client certificate.
+    Own(Box<Upstreams>),
+}
+
+impl std::ops::Deref for ForRoute<'_> {
+    type Target = Upstreams;
+
+    fn deref(&self) -> &Upstreams {
+        match self {
+            ForRoute::Shared(upstreams) => upstreams,
+            ForRoute::Own(upstreams) => upstreams,
+        }
+    }
+}
+
 /// Pooled upstream clients, shared by every route. [`Upstreams::new`] makes the process-wide
 /// value; [`Upstreams::for_worker`] a serving worker's own, used only from that worker's event
 /// loop. Clones share connections.
@@ -192,21 +213,21 @@ impl Upstreams {
     pub fn for_route(
         &self,
         route: &crate::config::RouteConfig,
-    ) -> Result<std::borrow::Cow<'_, Upstreams>, crate::net::TlsError> {
+    ) -> Result<ForRoute<'_>, crate::net::TlsError> {
         if route.ca_file.is_none() && route.tls_client.is_none() {
-            return Ok(std::borrow::Cow::Borrowed(self));
+            return Ok(ForRoute::Shared(self));
         }
         let client = self.tls.client(RouteTls {
             ca: route.ca_file.clone(),
             identity: route.tls_client.clone(),
         })?;
-        Ok(std::borrow::Cow::Owned(Upstreams {
+        Ok(ForRoute::Own(Box::new(Upstreams {
             client,
             local: None,
             deadlines: None,
             tunnels: self.tunnels.clone(),
             tls: self.tls.clone(),
-        }))
+        })))
     }
 
     /// Upstream connections of its own for a serving worker (a single-threaded runtime), to be
