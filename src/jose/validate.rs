@@ -182,21 +182,18 @@ pub async fn validate_access_token(
     Ok(claims)
 }
 
-/// Validates a signed UserInfo response (OpenID Connect Core §5.3.2): the signature with the
-/// provider's keys, and `iss` and `aud` (the client id) and `exp` where the provider put them
-/// (the specification says they SHOULD be there, so their absence is tolerated).
+/// Validates a signed UserInfo response (OpenID Connect Core 1.0 errata set 2, §5.3.2): the
+/// signature with the provider's keys, `iss` (the issuer) and `aud` (the client id), which a
+/// signed answer MUST contain — without them it could be a JWT the provider signed about the
+/// user for another purpose or client — and `exp` and `iat` where the provider put them.
 pub async fn validate_userinfo_jwt(
     jwks: &Jwks,
     token: &str,
     expect: &Expect,
 ) -> Result<Claims, JoseError> {
     let claims = verified(jwks, &jws::parse(token)?).await?;
-    if claims.contains_key("iss") {
-        check_issuer(&claims, &expect.issuer)?;
-    }
-    if claims.contains_key("aud") {
-        check_audience(&claims, &expect.audience)?;
-    }
+    check_issuer(&claims, &expect.issuer)?;
+    check_audience(&claims, &expect.audience)?;
     let rules = TimeRules {
         exp: Presence::Optional,
         iat: Presence::Optional,

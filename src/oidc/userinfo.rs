@@ -6,7 +6,8 @@
 //! mix-up or a substituted token). Merge rule: the ID token's user claims, then every claim of
 //! the answer over them, except `sub` and the claims that describe a token rather than the user
 //! (`iss`, `aud`, `exp`, …). The answer is JSON, or a signed JWT (`application/jwt`) checked with
-//! the provider's keys; an encrypted one is refused.
+//! the provider's keys, which must name the issuer and this client (`iss`, `aud`: a MUST of
+//! errata set 2); an encrypted one is refused.
 
 use super::Oidc;
 use crate::jose::Claims;

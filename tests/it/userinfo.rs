@@ -264,3 +264,27 @@ async fn the_access_token_of_distributed_claims_never_reaches_the_browser() {
         assert!(!text.contains(token), "/bff/user shows {token}: {text}");
     }
 }
+
+/// OpenID Connect Core 1.0 (errata set 2) §5.3.2: a signed UserInfo answer MUST contain `iss`
+/// and `aud`. One without them could be any JWT the provider signed about the user for another
+/// purpose (or for another client); it is refused like any other invalid answer.
+#[tokio::test]
+async fn a_signed_userinfo_answer_without_iss_or_aud_is_refused() {
+    use vestibule::jose::testing::TestKey;
+    let s = with_userinfo().await;
+    let full = json!({"sub": "alice", "iss": s.idp.issuer, "aud": "vestibule", "groups": ["g2"]});
+    for missing in ["iss", "aud"] {
+        let mut claims = full.clone();
+        claims.as_object_mut().unwrap().remove(missing);
+        let token = s.signer.token(TestKey::Rsa1).kid("k1").sign(&claims);
+        *s.idp.state.userinfo.lock().unwrap() = Some((200, "application/jwt".into(), token));
+        let done = s.callback(json!({})).await;
+        assert_eq!(
+            reason(&done).as_deref(),
+            Some("userinfo_invalid"),
+            "without {missing}: {} {}",
+            done.status,
+            done.text()
+        );
+    }
+}
