@@ -42,6 +42,22 @@ fn query_param(req: &Request<Inbound>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The first of `names` that the request's query carries more than once. RFC 6749 §3.1: request
+/// and response parameters MUST NOT be included more than once; a repeated one is tampering
+/// (which copy counts would depend on who reads it), never a choice to make.
+fn repeated<'n>(req: &Request<Inbound>, names: &[&'n str]) -> Option<&'n str> {
+    let query = req.uri().query().unwrap_or_default();
+    names.iter().copied().find(|name| {
+        url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(k, _)| k == name)
+            .nth(1)
+            .is_some()
+    })
+}
+
+/// The parameters of an authorization response the callback reads.
+const CALLBACK_PARAMETERS: [&str; 4] = ["code", "state", "iss", "error"];
+
 fn hash_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
@@ -144,6 +160,7 @@ fn count(
 const LOGIN_FAILURES: &[&str] = &[
     "provider_error",
     "callback_incomplete",
+    "callback_parameter_repeated",
     "login_state_missing",
     "login_state_expired",
     "state_replayed",
@@ -235,6 +252,9 @@ async fn login(
     live: &LiveConfig,
     req: &Request<Inbound>,
 ) -> Result<Response<Body>, RequestError> {
+    if repeated(req, &["returnUrl"]).is_some() {
+        return Err(RequestError::InvalidReturnUrl);
+    }
     let raw = query_param(req, "returnUrl").unwrap_or_else(|| "/".into());
     let Some(return_url) = local_return_url(&raw).filter(|u| u.len() <= MAX_RETURN_URL_LEN) else {
         return Err(RequestError::InvalidReturnUrl);
@@ -347,6 +367,14 @@ async fn callback(
     live: &LiveConfig,
     req: &Request<Inbound>,
 ) -> Result<Response<Body>, RequestError> {
+    // Refused before anything is read, as a callback lacking `state` is: the login state stays
+    // unspent and the code unused. The log names the parameter, never a value.
+    if let Some(name) = repeated(req, &CALLBACK_PARAMETERS) {
+        return login_failed(
+            "callback_parameter_repeated",
+            &format!("the callback carries {name} more than once"),
+        );
+    }
     if let Some(error) = query_param(req, "error") {
         return ended_at_provider(app, live, req, &error).await;
     }
@@ -847,12 +875,17 @@ async fn backchannel_logout(
         Err(e) if e.is::<crate::limits::BodyTimeout>() => return Err(RequestError::BodyTimeout),
         Err(_) => return logout_rejected("body unreadable or too large"),
     };
-    let Some(token) = url::form_urlencoded::parse(&body)
-        .find(|(k, _)| k == "logout_token")
-        .map(|(_, v)| v.into_owned())
-    else {
+    let mut given = url::form_urlencoded::parse(&body)
+        .filter(|(k, _)| k == "logout_token")
+        .map(|(_, v)| v.into_owned());
+    let Some(token) = given.next() else {
         return logout_rejected("no logout_token");
     };
+    // One logout_token (Back-Channel Logout 1.0 §2.5; RFC 6749 §3.1): which of two counts is
+    // not for Vestibule to pick.
+    if given.next().is_some() {
+        return logout_rejected("logout_token more than once");
+    }
     let mut expect = match app
         .oidc
         .id_token_expectations(&app.oidc.config.client_id, app.clock.now())

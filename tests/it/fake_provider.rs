@@ -434,3 +434,144 @@ async fn a_provider_session_logged_out_before_its_callback_signs_nobody_in() {
         r.text()
     );
 }
+
+/// Posts `form` (already encoded) to the back-channel logout endpoint.
+async fn post_logout_form(proxy: &Proxy, form: String) -> Reply {
+    send(
+        http::Request::post(proxy.url("/bff/backchannel-logout"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(bytes::Bytes::from(form)))
+            .unwrap(),
+    )
+    .await
+}
+
+/// A logout token signed with the provider's key, with `claims`.
+fn logout_token(c: &Case, claims: &Value) -> String {
+    c.signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(claims)
+}
+
+fn encoded(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+fn sets_a_session(r: &Reply) -> bool {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .any(|v| v.to_str().unwrap().starts_with("vestibule="))
+}
+
+/// RFC 6749 §3.1: a parameter of the authorization response is never sent twice. A callback
+/// repeating `code`, `state`, `iss` (RFC 9207's mix-up defence) or `error` has been tampered
+/// with, and which copy Vestibule would take is nobody's business: it is refused before the
+/// login state is spent or the code used, as a callback lacking `state` is, so the provider's
+/// own callback still signs the user in.
+#[tokio::test]
+async fn a_callback_repeating_a_parameter_is_refused_before_its_code_is_used() {
+    let c = setup().await;
+    let (q, cookie) = begin_login(&c.proxy).await;
+    *c.idp.state.id_token.lock().unwrap() = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .sign(&claims(&c.idp.issuer, &q["nonce"]));
+    let (state, iss) = (&q["state"], encoded(&c.idp.issuer));
+    for query in [
+        format!("code=abc&code=other&state={state}"),
+        format!("code=abc&state={state}&state=forged"),
+        format!("code=abc&state={state}&state={state}"),
+        format!("code=abc&state={state}&iss={iss}&iss=https%3A%2F%2Fevil.example"),
+        format!("error=access_denied&error=server_error&state={state}"),
+    ] {
+        let r = get(
+            &c.proxy.url(&format!("/bff/callback?{query}")),
+            &[("cookie", &cookie), ("accept", "text/html")],
+        )
+        .await;
+        assert_eq!(
+            reason(&r).as_deref(),
+            Some("callback_parameter_repeated"),
+            "{query}: {} {}",
+            r.status,
+            r.text()
+        );
+        assert!(!sets_a_session(&r), "{query}: a session was made");
+        assert!(r.header("location").is_none(), "{query}: redirected");
+    }
+    assert!(
+        c.idp
+            .state
+            .token_requests_of("authorization_code")
+            .is_empty(),
+        "the code of a callback repeating a parameter was exchanged"
+    );
+    let r = get(
+        &c.proxy
+            .url(&format!("/bff/callback?code=abc&state={state}&iss={iss}")),
+        &[("cookie", &cookie), ("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(r.status, 302, "the login state was spent: {}", r.text());
+}
+
+/// `logout_token` twice in a back-channel logout: not a request Back-Channel Logout 1.0 §2.5
+/// describes (one `logout_token`), so it is refused like an invalid token, ends nothing and
+/// records nothing: the provider's well-formed request is then taken.
+#[tokio::test]
+async fn a_back_channel_logout_repeating_logout_token_is_refused_and_ends_nothing() {
+    let c = setup().await;
+    let (q, cookie) = begin_login(&c.proxy).await;
+    *c.idp.state.id_token.lock().unwrap() = c
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .sign(&claims(&c.idp.issuer, &q["nonce"]));
+    let done = callback(&c.proxy, &q, &cookie).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let session = done.session_cookie();
+    let signed_in = || async {
+        get(
+            &c.proxy.url("/bff/user"),
+            &[("cookie", &session), ("x-csrf", "1")],
+        )
+        .await
+        .status
+    };
+    let token = logout_token(
+        &c,
+        &vestibule::jose::testing::logout_token_claims(&c.idp.issuer, "vestibule", now()),
+    );
+    for form in [
+        format!("logout_token={token}&logout_token=garbage"),
+        format!("logout_token={token}&logout_token={token}"),
+    ] {
+        let r = post_logout_form(&c.proxy, form).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"], "invalid_request");
+        assert_eq!(signed_in().await, 200, "a session was ended");
+    }
+    let r = post_logout_form(&c.proxy, format!("logout_token={token}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(signed_in().await, 401);
+}
+
+/// `returnUrl` twice at `/bff/login`: which one the login would go back to is ambiguous (a
+/// link whose first copy looks harmless), so the login is refused as for a bad `returnUrl`.
+#[tokio::test]
+async fn a_login_repeating_return_url_is_refused() {
+    let c = setup().await;
+    for query in [
+        "returnUrl=%2Fapp&returnUrl=%2F%2Fevil.example",
+        "returnUrl=%2Fapp&returnUrl=%2Fapp",
+    ] {
+        let r = get(&c.proxy.url(&format!("/bff/login?{query}")), &[]).await;
+        assert_eq!(r.status, 400, "{query}: {}", r.text());
+        assert!(r.text().contains("invalid_return_url"), "{}", r.text());
+        assert!(r.header("location").is_none(), "{query}");
+    }
+}
