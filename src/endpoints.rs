@@ -168,6 +168,7 @@ const LOGIN_FAILURES: &[&str] = &[
     "iss_missing",
     "code_rejected",
     "id_token_missing",
+    "provider_session_ended",
 ];
 
 /// Why an endpoint refused, as a metric label.
@@ -443,6 +444,7 @@ async fn callback(
         .to_string();
     let sid = claims.get("sid").and_then(|v| v.as_str()).map(String::from);
     let ended_mark = sid.as_deref().map(ended_provider_session);
+    let subject_mark = ended_subject(&sub);
     let mut user_claims = crate::oidc::userinfo::user_claims(&claims);
     if app.oidc.config.userinfo {
         match app
@@ -498,12 +500,18 @@ async fn callback(
         .sessions
         .create_replacing(session, now, previous.as_ref())
         .await?;
-    // A back-channel logout of this provider session that came before the session was stored
-    // found nothing to end, and left a mark; read now that the session is stored, so that
-    // either the logout ends the session or the login sees the mark.
-    if let Some(mark) = &ended_mark
-        && app.sessions.store().remembered(mark).await?
-    {
+    // A back-channel logout of this provider session, or of every session of this user, that
+    // came before the session was stored found nothing to end, and left a mark; read now that
+    // the session is stored, so that either the logout ends the session or the login sees the
+    // mark.
+    let mut ended = match &ended_mark {
+        Some(mark) => app.sessions.store().remembered(mark).await?,
+        None => false,
+    };
+    if !ended {
+        ended = subject_ended_since(app, &subject_mark, login.created).await?;
+    }
+    if ended {
         if let Err(error) = app.sessions.delete(&created).await {
             tracing::warn!(%error, "a session of an ended provider session could not be ended");
         }
@@ -587,6 +595,64 @@ async fn spend_login_state(
 /// comes within that time of the login's start, so within it of the logout too.
 fn ended_provider_session(sid: &str) -> String {
     format!("ended-sid:{}", hash_hex(sid))
+}
+
+/// The store key holding when the provider last ended every session of `sub` (a back-channel
+/// logout naming the user and no `sid`), as Unix seconds, kept for [`LOGIN_TTL`] as the mark of
+/// [`ended_provider_session`] is.
+fn ended_subject(sub: &str) -> String {
+    format!("ended-sub:{}", hash_hex(sub))
+}
+
+/// The time an [`ended_subject`] record holds; `None` when it holds none.
+fn ended_at(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Records `now` as the time the provider ended every session of `sub`, unless a later time is
+/// recorded already. Logouts of the same user racing each other: one of them is recorded.
+async fn mark_subject_ended(
+    app: &Shared,
+    sub: &str,
+    now: u64,
+) -> Result<(), crate::session::store::StoreError> {
+    let store = app.sessions.store();
+    let key = ended_subject(sub);
+    let value = now.to_string();
+    // Each failed attempt is another logout's write in between.
+    for _ in 0..3 {
+        let done = match store.get(&key).await? {
+            None => store.put_new(&key, value.as_bytes(), LOGIN_TTL).await?,
+            Some(record) if ended_at(&record.value).is_some_and(|at| at >= now) => true,
+            Some(record) => {
+                store
+                    .compare_and_set(&key, record.version, value.as_bytes(), LOGIN_TTL)
+                    .await?
+            }
+        };
+        if done {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the provider ended every session of the user [`ended_subject`] `key` names after the
+/// second `login_created` in which the login began (on the clock the mark was made with): the
+/// user's sign-in at the provider, which came after the login began, may have come before that
+/// logout. A login begun after the logout is never refused, so the user can sign in again at
+/// once (across replicas, give or take the difference between their clocks); one begun in the
+/// same second as the logout is not refused either, the price of that.
+async fn subject_ended_since(
+    app: &Shared,
+    key: &str,
+    login_created: u64,
+) -> Result<bool, crate::session::store::StoreError> {
+    Ok(match app.sessions.store().get(key).await? {
+        None => false,
+        // Not one of ours: taken as a logout now, failing closed.
+        Some(record) => ended_at(&record.value).is_none_or(|at| login_created < at),
+    })
 }
 
 /// A callback carrying `error` from the provider. When the user ended the login (cancelled,
@@ -927,6 +993,11 @@ async fn backchannel_logout(
             .store()
             .remember_once(&ended_provider_session(sid), LOGIN_TTL)
             .await?;
+    }
+    // Only the user named: every session of hers at the provider ended, so a login of hers
+    // begun before now, whose callback has not stored its session yet, signs nobody in.
+    if let (None, Some(sub)) = (&logout.sid, &logout.sub) {
+        mark_subject_ended(app, sub, app.clock.now()).await?;
     }
     let ended = match (&logout.sid, &logout.sub) {
         (Some(sid), Some(sub)) => match app.sessions.end_by_sid(sid).await {

@@ -575,3 +575,71 @@ async fn a_login_repeating_return_url_is_refused() {
         assert!(r.header("location").is_none(), "{query}");
     }
 }
+
+/// A logout token naming only `sub` ends every session of that user at the provider. One that
+/// comes between the user's sign-in there and this login's callback found no session to end;
+/// the callback must not then make one for that sign-in, alive until its timeout. A login begun
+/// after the logout signs in as ever: the user is not locked out. With both session stores.
+#[tokio::test]
+async fn a_user_logged_out_everywhere_before_the_callback_is_signed_in_only_by_a_later_login() {
+    let redis = crate::support::redis::RedisServer::start();
+    for store in ["memory", "redis"] {
+        let url = redis.url();
+        let s = crate::identity::stack_with(
+            |_| String::new(),
+            |c| match store {
+                "redis" => c
+                    .add("session.store", "redis")
+                    .add("session.redis.url", url),
+                _ => c,
+            },
+        )
+        .await;
+        logged_out_everywhere_before_the_callback(&s, store).await;
+    }
+}
+
+async fn logged_out_everywhere_before_the_callback(s: &crate::identity::Stack, store: &str) {
+    let (q, cookie) = begin_login(&s.proxy).await;
+    *s.idp.state.id_token.lock().unwrap() = s
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .sign(&claims(&s.idp.issuer, &q["nonce"]));
+    s.clock.advance(std::time::Duration::from_secs(1));
+    let logout = with(
+        vestibule::jose::testing::logout_token_claims(&s.idp.issuer, "vestibule", now()),
+        "sid",
+        Value::Null,
+    );
+    let token = s
+        .signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&logout);
+    let r = post_logout_form(&s.proxy, format!("logout_token={token}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(
+        &s.proxy
+            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
+        &[("cookie", &cookie), ("accept", "text/html")],
+    )
+    .await;
+    assert_eq!(
+        reason(&r).as_deref(),
+        Some("provider_session_ended"),
+        "{store}: {} {}",
+        r.status,
+        r.text()
+    );
+    assert!(!sets_a_session(&r), "{store}: a session was made");
+    // At once, in the second the logout came in.
+    let again = s.callback(json!({})).await;
+    assert_eq!(
+        again.status,
+        302,
+        "{store}: signing in again: {}",
+        again.text()
+    );
+}
