@@ -696,4 +696,6 @@ mod tests {
 }
 
 #[cfg(test)]
+mod late_answer;
+#[cfg(test)]
 mod pool_tests;
