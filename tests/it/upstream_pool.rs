@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// connection right after each answer without saying so (as when an idle keep-alive connection
 /// times out). Counts the connections it accepted.
 async fn raw_upstream(close_after_each: bool) -> (String, Arc<AtomicUsize>) {
-    upstream_answering(move |_| {
+    upstream_answering(move |_, _: &mut ()| {
         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec();
         (vec![ok], close_after_each)
     })
@@ -39,10 +39,11 @@ async fn next_head(tcp: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -> Optio
 }
 
 /// A raw HTTP/1.1 upstream that reads each request head and writes what `answer` returns for
-/// its target, piece by piece (5 ms apart); closes the connection after it when told to. Counts
-/// the connections it accepted.
-async fn upstream_answering(
-    answer: impl Fn(&str) -> (Vec<Vec<u8>>, bool) + Copy + Send + 'static,
+/// it (given the head and the connection's own state, which starts as `S::default()`), piece
+/// by piece (5 ms apart); closes the connection after it when told to. Counts the connections
+/// it accepted.
+async fn upstream_answering<S: Default + Send + 'static>(
+    answer: impl Fn(&str, &mut S) -> (Vec<Vec<u8>>, bool) + Copy + Send + 'static,
 ) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -56,9 +57,9 @@ async fn upstream_answering(
             counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
+                let mut state = S::default();
                 while let Some(head) = next_head(&mut tcp, &mut buffer).await {
-                    let target = head.split(' ').nth(1).unwrap_or("/");
-                    let (pieces, close) = answer(target);
+                    let (pieces, close) = answer(&head, &mut state);
                     for (i, piece) in pieces.iter().enumerate() {
                         if i > 0 {
                             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -157,7 +158,11 @@ async fn scripted_upstream() -> (String, Arc<AtomicUsize>) {
         };
         pieces.into_iter().map(<[u8]>::to_vec).collect()
     }
-    upstream_answering(|target| (script(target), target.starts_with("/api/close/"))).await
+    upstream_answering(|head, _: &mut ()| {
+        let target = head.split(' ').nth(1).unwrap_or("/");
+        (script(target), target.starts_with("/api/close/"))
+    })
+    .await
 }
 
 /// One keep-alive client connection (so one worker and one upstream pool), its requests in turn.
@@ -433,36 +438,18 @@ async fn a_client_leaving_mid_body_never_leaves_the_rest_of_its_answer_to_the_ne
 /// the connection has reached it: here a stored file that is itself an HTTP answer. Counts the
 /// connections it accepted.
 async fn late_head_body_upstream() -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("http://{}", listener.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                // What the last HEAD's handler still has to write: its body, late.
-                let mut late: Option<&[u8]> = None;
-                while let Some(head) = next_head(&mut tcp, &mut seen).await {
-                    let mut answer = late.take().unwrap_or_default().to_vec();
-                    if head.starts_with("HEAD ") {
-                        answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n");
-                        late = Some(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged");
-                    } else {
-                        answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-                    }
-                    if tcp.write_all(&answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    // The connection's state: what the last HEAD's handler still has to write, its body, late.
+    upstream_answering(|head, late: &mut Option<&'static [u8]>| {
+        let mut answer = late.take().unwrap_or_default().to_vec();
+        if head.starts_with("HEAD ") {
+            answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n");
+            *late = Some(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged");
+        } else {
+            answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         }
-    });
-    (upstream, accepted)
+        (vec![answer], false)
+    })
+    .await
 }
 
 /// A `HEAD` answered with a body written only once the next request on the connection has
