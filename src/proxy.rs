@@ -192,6 +192,12 @@ pub async fn dispatch(
                 .await;
             *req.uri_mut() = own_uri;
             headers::remove_set_cookies(response.headers_mut(), own_cookies, &route.path);
+            // Credentials are Vestibule's to grant (`cors_origins`, added when the answer
+            // leaves): an upstream built for bearer tokens may allow any origin with them,
+            // harmless there, but here the browser's cookie makes the request.
+            response
+                .headers_mut()
+                .remove(header::ACCESS_CONTROL_ALLOW_CREDENTIALS);
             response
         }
     }

@@ -566,6 +566,59 @@ async fn cors_preflights_are_answered_for_listed_origins_only() {
     assert_eq!(plain.status, 200);
 }
 
+/// Behind Vestibule the browser's credential is Vestibule's cookie, so only `cors_origins` may
+/// let another origin read an answer made with it: an upstream built for bearer tokens often
+/// allows any origin with credentials (its own policy harmless there, since a browser holds
+/// none of its tokens), and a same-site page (a sibling subdomain, sent the `Lax` cookie) would
+/// read the signed-in user's data. The upstream's `Access-Control-Allow-Credentials` never
+/// reaches the browser; a listed origin gets Vestibule's own headers in place of the
+/// upstream's `*`, one value each.
+#[tokio::test]
+async fn an_upstreams_own_cors_never_lets_an_unlisted_origin_read_with_credentials() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/open/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let values = |reply: &Reply, name: &str| -> Vec<String> {
+        reply
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    for listed in [vec![], vec!["https://admin.example"]] {
+        let proxy =
+            start_proxy(config_toml(&routes).add("server.cors_origins", listed.clone())).await;
+        let evil = get(
+            &proxy.url("/open/cors"),
+            &[("origin", "https://evil.example.com")],
+        )
+        .await;
+        assert_eq!(evil.status, 200, "{}", evil.text());
+        assert_eq!(
+            values(&evil, "access-control-allow-credentials"),
+            Vec::<String>::new(),
+            "cors_origins = {listed:?}: the upstream granted credentials to an unlisted origin"
+        );
+        if listed.is_empty() {
+            continue;
+        }
+        let admin = get(
+            &proxy.url("/open/cors?star"),
+            &[("origin", "https://admin.example")],
+        )
+        .await;
+        assert_eq!(
+            values(&admin, "access-control-allow-origin"),
+            ["https://admin.example"]
+        );
+        assert_eq!(values(&admin, "access-control-allow-credentials"), ["true"]);
+        assert_eq!(values(&admin, "access-control-expose-headers"), ["x-total"]);
+    }
+}
+
 #[tokio::test]
 async fn the_remaining_error_codes_are_produced() {
     let up = upstream::start().await;

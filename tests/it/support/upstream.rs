@@ -4,7 +4,9 @@
 //! (`/set-cookie-bytes?a,b`: each deleted, with a value that is not UTF-8)
 //! listed, `/status401` answers 401 `invalid_token`, `/challenge401` answers 401 with the
 //! request's `X-Challenge` fields as its `WWW-Authenticate` (and its `X-DPoP-Nonce` as
-//! `DPoP-Nonce`), anything else echoes the request head as JSON.
+//! `DPoP-Nonce`), `/cors` answers as an upstream with a lax CORS policy of its own would (the
+//! request's `Origin` allowed with credentials; `/cors?star`: `*`), anything else echoes the
+//! request head as JSON.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -174,6 +176,19 @@ async fn handle(
             response = response.header("set-cookie", value);
         }
         return Ok(response.body(full("cookies set")).unwrap());
+    }
+    if path.ends_with("/cors") {
+        let origin = record.headers.get("origin").cloned();
+        let allowed = match origin {
+            Some(origin) if query != "star" => origin,
+            _ => http::HeaderValue::from_static("*"),
+        };
+        return Ok(Response::builder()
+            .header("access-control-allow-origin", allowed)
+            .header("access-control-allow-credentials", "true")
+            .header("access-control-expose-headers", "x-total")
+            .body(full("cors"))
+            .unwrap());
     }
     if path.ends_with("/status401") {
         return Ok(Response::builder()
