@@ -475,9 +475,12 @@ pub fn no_body() -> Inbound {
     http_body_util::Either::Right(http_body_util::Empty::new())
 }
 
-/// A body read by hyper's client, as the body of a response Vestibule sends.
+/// A body read by hyper's client, as the body of a response Vestibule sends (its trailers
+/// vetted: [`crate::proxy::trailers::vet_answer_trailers`]).
 fn boxed(body: Incoming) -> Body {
-    body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()
+    body.map_frame(crate::proxy::trailers::answer_frame)
+        .map_err(|e| -> BoxError { Box::new(e) })
+        .boxed_unsync()
 }
 
 fn find_cause<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -173,3 +173,144 @@ async fn request_trailers_never_reach_an_upstream() {
         "upstreams were given trailers: {leaked:#?}"
     );
 }
+
+/// The trailers an upstream answers with: a `Set-Cookie` naming Vestibule's session cookie
+/// (`own`), one naming a cookie of the upstream's, a grant of CORS credentials, and a checksum.
+fn answer_trailers(own: &str) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.append(
+        "set-cookie",
+        format!("{own}=forged; Path=/").parse().unwrap(),
+    );
+    trailers.append("set-cookie", "theirs=1; Path=/".parse().unwrap());
+    trailers.insert("access-control-allow-credentials", "true".parse().unwrap());
+    trailers.insert("x-checksum", "9".parse().unwrap());
+    trailers
+}
+
+/// An HTTP/1.1 upstream on plain TCP answering every request with a chunked body and
+/// [`answer_trailers`], written byte for byte (hyper's server writes trailers only to a client
+/// that sent `TE: trailers`).
+async fn trailing_http1_upstream(own: String) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let own = own.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let mut answer = String::from(
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\
+                     Trailer: Set-Cookie, X-Checksum\r\n\r\n5\r\nhello\r\n0\r\n",
+                );
+                for (name, value) in &answer_trailers(&own) {
+                    answer.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+                }
+                answer.push_str("\r\n");
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 upstream over TLS answering every request with a body and [`answer_trailers`].
+async fn trailing_http2_upstream(acceptor: TlsAcceptor, own: String) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, own) = (acceptor.clone(), own.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+                    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+                        Ok(Frame::data(Bytes::from_static(b"hello"))),
+                        Ok(Frame::trailers(answer_trailers(&own))),
+                    ];
+                    let body = StreamBody::new(futures_util::stream::iter(frames));
+                    async move { Ok::<_, Infallible>(http::Response::new(body)) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A `GET` of `path` over HTTP/2 (prior knowledge) asking for trailers: the body and the
+/// trailers it was answered with.
+async fn get_http2_with_trailers(proxy: &Proxy, path: &str) -> (u16, Bytes, Option<HeaderMap>) {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, _>(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://app.test{path}"))
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let status = response.status().as_u16();
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (status, collected.to_bytes(), trailers)
+}
+
+/// An upstream's `Set-Cookie` for one of Vestibule's own cookies is dropped from its answer's
+/// head, and so is its `Access-Control-Allow-Credentials` (credentials are Vestibule's to
+/// grant); sent as trailers they must not pass either: an intermediary in front that buffers
+/// the answer may merge trailers into the head (RFC 9110 §6.5.1), and neither field may be a
+/// trailer at all. The upstream's other trailers pass, from HTTP/1.1 (chunked) and HTTP/2
+/// upstreams alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_trailers_neither_set_cookies_nor_grant_credentials() {
+    let ca = TestCa::new("Upstream CA");
+    // The session cookie's name, as the proxy is configured (read before the upstreams start).
+    let probe = start_proxy(config_text("")).await;
+    let own = probe.app.live.load().config.session.cookie_name.clone();
+    drop(probe);
+    let plain = trailing_http1_upstream(own.clone()).await;
+    let tls = trailing_http2_upstream(ca.h2_acceptor(), own.clone()).await;
+    let routes = format!(
+        "[[routes]]\npath = \"/h1/\"\nupstream = \"http://{plain}\"\n\
+         [[routes]]\npath = \"/h2/\"\nupstream = \"https://{tls}\"\nca_file = {:?}\n",
+        ca.ca_file.display().to_string(),
+    );
+    let proxy = start_proxy(config_text(&routes)).await;
+    let mut leaked = Vec::new();
+    for route in ["/h1/", "/h2/"] {
+        let (status, body, trailers) = get_http2_with_trailers(&proxy, &format!("{route}x")).await;
+        assert_eq!((status, &body[..]), (200, &b"hello"[..]), "{route}");
+        let trailers = trailers.unwrap_or_default();
+        // The upstream's trailers do reach the client: the case is what it claims.
+        assert_eq!(
+            trailers.get("x-checksum").map(|v| v.to_str().unwrap()),
+            Some("9"),
+            "{route}: {trailers:?}"
+        );
+        if ["set-cookie", "access-control-allow-credentials"]
+            .iter()
+            .any(|name| trailers.contains_key(*name))
+        {
+            leaked.push(format!("{route}: {trailers:?}"));
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "an upstream's trailers set a cookie or granted credentials: {leaked:#?}"
+    );
+}

@@ -869,8 +869,10 @@ impl http_body::Body for WireBody {
                     }
                     return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
                 }
-                Ok(Some(Piece::Trailers(trailers))) => {
-                    // Relayed by hyper's server to a client that asked for them (`TE: trailers`).
+                Ok(Some(Piece::Trailers(mut trailers))) => {
+                    // Relayed by hyper's server to a client that asked for them (`TE: trailers`),
+                    // without the fields only a head may carry.
+                    crate::proxy::trailers::vet_answer_trailers(&mut trailers);
                     this.finish();
                     return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
                 }
