@@ -70,9 +70,11 @@ async fn serve_file(
         response.headers_mut().insert(header::LOCATION, location);
         return response;
     }
-    // The shell asked for by name or as a directory's index: revalidated, as the fallback is.
-    let shell =
-        path.ends_with('/') || spa_fallback.is_some_and(|f| path.strip_prefix('/') == Some(f));
+    // The shell asked for by name or as a directory's index, and a directory's index asked
+    // for by name (what ServeDir serves for the directory): revalidated, as the fallback is.
+    let shell = path.ends_with('/')
+        || path.ends_with("/index.html")
+        || spa_fallback.is_some_and(|f| path.strip_prefix('/') == Some(f));
     if shell && response.status() == StatusCode::OK {
         response
             .headers_mut()

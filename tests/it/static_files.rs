@@ -219,6 +219,26 @@ async fn site_with_directories() -> Proxy {
     .await
 }
 
+/// A directory's index is revalidated however it is asked for, on a site without a
+/// `spa_fallback` too: as the directory (`/docs/guide/`) or by its name
+/// (`/docs/guide/index.html`, a link or a bookmark), the same page with the same build's
+/// script names. Asked for by name it was left to the browser's heuristics (a tenth of its age
+/// since `Last-Modified`): a deploy would not reach users who had it for hours.
+#[tokio::test]
+async fn a_directorys_index_is_revalidated_however_it_is_asked_for() {
+    let proxy = site_with_directories().await;
+    for path in [
+        "/docs/guide/",
+        "/docs/guide/index.html",
+        "/assets/docs/guide/",
+        "/assets/docs/guide/index.html",
+    ] {
+        let r = get(&proxy.url(path), &[("accept", "text/html")]).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("cache-control"), Some("no-cache"), "{path}");
+    }
+}
+
 /// A directory asked for without its trailing slash is redirected to the path the client asked
 /// for with the slash: under the route's prefix as the client sees it (not the path the
 /// directory saw, which `strip_prefix` shortened), the query kept.
