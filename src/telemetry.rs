@@ -131,16 +131,39 @@ fn describe_incident_series() {
 /// The longest path the access log writes; longer ones are cut and end in `...`.
 pub const MAX_LOGGED_PATH: usize = 256;
 
-/// `path` cut to [`MAX_LOGGED_PATH`] bytes (at a character boundary).
+/// `path` as a URI carries it, cut to [`MAX_LOGGED_PATH`] bytes (at a character boundary).
+/// A byte that is not visible ASCII (a space excepted) is percent-encoded: a path refused as
+/// ambiguous is logged as it came, and its U+0085 (a line break to Unicode-aware line readers)
+/// or U+009B (a terminal's escape) would reach the log as they are (the log's formatter
+/// escapes the message only, and JSON leaves both alone). Canonical paths are encoded already.
 pub fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
-    if path.len() <= MAX_LOGGED_PATH {
+    let plain = |b: u8| (b' '..=b'~').contains(&b);
+    if path.len() <= MAX_LOGGED_PATH && path.bytes().all(plain) {
         return std::borrow::Cow::Borrowed(path);
     }
-    let mut end = MAX_LOGGED_PATH - 3;
-    while !path.is_char_boundary(end) {
-        end -= 1;
+    use std::fmt::Write;
+    let mut text = String::with_capacity(path.len().min(MAX_LOGGED_PATH));
+    // Where the text ends after the last whole character (escapes whole) that leaves room for
+    // the `...` of a cut.
+    let mut fits = 0;
+    for c in path.chars() {
+        if c.is_ascii() && plain(c as u8) {
+            text.push(c);
+        } else {
+            for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                let _ = write!(text, "%{b:02X}");
+            }
+        }
+        if text.len() > MAX_LOGGED_PATH {
+            text.truncate(fits);
+            text.push_str("...");
+            break;
+        }
+        if text.len() <= MAX_LOGGED_PATH - 3 {
+            fits = text.len();
+        }
     }
-    std::borrow::Cow::Owned(format!("{}...", &path[..end]))
+    std::borrow::Cow::Owned(text)
 }
 
 /// The path the access log writes for a request to `path`: a session's handle in the path of
@@ -384,7 +407,7 @@ mod tests {
             access_logged_path("/auth/sessions/x", "/auth"),
             "/auth/sessions/*"
         );
-        assert_eq!(access_logged_path("/b\u{e9}/x", "/bff"), "/b\u{e9}/x");
+        assert_eq!(access_logged_path("/b\u{e9}/x", "/bff"), "/b%C3%A9/x");
     }
     use crate::config::LogUser;
 
@@ -395,6 +418,17 @@ mod tests {
         let logged = logged_path(&long);
         assert!(logged.len() <= MAX_LOGGED_PATH, "{}", logged.len());
         assert!(logged.ends_with("..."));
+        // Escapes are never cut: what precedes the mark is whole `%XX` triples.
+        assert!(
+            logged
+                .trim_end_matches("...")
+                .trim_start_matches('/')
+                .len()
+                .is_multiple_of(3)
+        );
+        assert_eq!(logged_path("/x\u{85}y\u{9b}\u{1b}"), "/x%C2%85y%C2%9B%1B");
+        assert_eq!(logged_path("Mozilla/5.0 (X11)"), "Mozilla/5.0 (X11)");
+        assert_eq!(logged_path("a\tb\u{7f}"), "a%09b%7F");
     }
 
     #[test]

@@ -131,3 +131,70 @@ async fn logs_carry_no_token_code_secret_or_cookie() {
         assert!(!logs.contains(probe), "a secret reached the log: {probe}…");
     }
 }
+
+/// A request's bytes never reach the log as controls: a path the canonical form refuses (400
+/// `bad_path`) is logged as it came, and `\xc2\x85` is U+0085 (NEL, a line break to Unicode-aware
+/// line readers: a forged line after it), `\xc2\x9b` U+009B (CSI, a terminal's escape). Paths
+/// are written as a URI carries them, percent-encoded beyond visible ASCII, as canonical paths
+/// already are. On the real binary, in both log formats.
+#[tokio::test]
+async fn request_bytes_never_reach_the_log_as_control_characters() {
+    for format in ["pretty", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::write(site.join("index.html"), "hi").unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let text = config_toml(&format!(
+            "[log]\nformat = \"{format}\"\n[[routes]]\npath = \"/\"\nstatic_dir = {:?}\n",
+            site.display().to_string()
+        ))
+        .set("server.listen", format!("127.0.0.1:{port}"))
+        .set("admin.listen", format!("127.0.0.1:{admin}"));
+        let (mut child, log_path) = spawn_binary(dir.path(), &text);
+        eventually(
+            "the public listener is up",
+            std::time::Duration::from_secs(20),
+            || async {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        for target in [&b"/x\xc2\x85forged-line"[..], b"/x\xc2\x9b31mred"] {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let mut request = b"GET ".to_vec();
+            request.extend_from_slice(target);
+            request.extend_from_slice(b" HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, &request)
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer)
+                .await
+                .unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 400"), "{format}");
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().unwrap();
+        let logs = std::fs::read_to_string(&log_path).unwrap();
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("vestibule::access"))
+            .collect();
+        assert_eq!(access.len(), 2, "{format}: {logs}");
+        for line in &access {
+            assert!(
+                !line.chars().any(char::is_control),
+                "{format}: a control character reached the log: {line:?}"
+            );
+        }
+        assert!(logs.contains("/x%C2%85forged-line"), "{format}: {logs}");
+        assert!(logs.contains("/x%C2%9B31mred"), "{format}: {logs}");
+    }
+}
