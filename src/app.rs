@@ -293,7 +293,8 @@ impl App {
             tracing::info!(
                 target: "vestibule::access",
                 route = %routed.label,
-                %method,
+                // A client's own method is a token up to `max_header_size` long: cut as the path.
+                method = %crate::telemetry::logged_path(method.as_str()),
                 path = %crate::telemetry::access_logged_path(path, &config.server.bff_prefix),
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,

@@ -194,12 +194,23 @@ impl Tracer {
                 "vestibule.parent_id" = parent_id,
                 "vestibule.sampled" = decided,
                 "vestibule.ratio" = ratio,
-                "http.request.method" = method.as_str(),
+                "http.request.method" = span_method(method),
                 "http.route" = tracing::field::Empty,
                 "http.response.status_code" = tracing::field::Empty,
                 "error.type" = tracing::field::Empty,
             )
         })
+    }
+}
+
+/// A request's `http.request.method` as OpenTelemetry writes it: a method HTTP defines as it
+/// is, any other `_OTHER`. A client's own method is a token up to `max_header_size` long,
+/// which every span of a sampled request would carry to the export queue.
+fn span_method(method: &http::Method) -> &str {
+    match method.as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+        | "PATCH") => m,
+        _ => "_OTHER",
     }
 }
 
@@ -450,6 +461,20 @@ mod tests {
         assert_eq!(c.header().to_str().unwrap(), VALID);
         let unsampled = VALID.replace("-01", "-00");
         assert!(!SpanContext::parse(unsampled.as_bytes()).unwrap().sampled);
+    }
+
+    #[test]
+    fn a_method_http_does_not_define_is_other_in_spans() {
+        for known in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ] {
+            let method = http::Method::from_bytes(known.as_bytes()).unwrap();
+            assert_eq!(span_method(&method), known);
+        }
+        for other in ["PROPFIND", "get", &"M".repeat(30_000)] {
+            let method = http::Method::from_bytes(other.as_bytes()).unwrap();
+            assert_eq!(span_method(&method), "_OTHER");
+        }
     }
 
     #[test]

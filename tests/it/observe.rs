@@ -659,3 +659,88 @@ async fn the_access_log_names_client_user_agent_canonical_path_and_trace() {
         "a debug line from inside a traced request is missing"
     );
 }
+
+/// A method is any token a client writes (up to `max_header_size`, ~64 KiB), and every request
+/// span carries it: at `sample_ratio = 1`, with the collector slow, the export queue (4096
+/// spans) would hold that much per span, and the access log would write it whole. The span
+/// says `_OTHER` for a method HTTP does not define (OpenTelemetry's rule for
+/// `http.request.method`), and the access log cuts it as it cuts the path.
+#[tokio::test]
+async fn a_clients_own_method_neither_swells_its_span_nor_its_log_line() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "hi").unwrap();
+    let port = free_port();
+    let text = config_toml(&format!(
+        "[log]\nformat = \"json\"\n[telemetry]\notlp_endpoint = \"{}\"\nsample_ratio = 1.0\n\
+         [[routes]]\npath = \"/\"\nstatic_dir = {:?}\n",
+        receiver.url,
+        site.display().to_string()
+    ))
+    .set("server.listen", format!("127.0.0.1:{port}"))
+    .set("server.max_header_size", "64KiB")
+    .set("admin.listen", format!("127.0.0.1:{}", free_port()));
+    let (mut child, log) = spawn_binary(dir.path(), &text);
+    eventually(
+        "the public listener is up",
+        Duration::from_secs(20),
+        || async {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let method = "M".repeat(30_000);
+    for method in [method.as_str(), "GET"] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request =
+            format!("{method} /x HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer)
+            .await
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 4"), "{:?}", &answer[..20]);
+    }
+    let methods = eventually("both request spans arrive", Duration::from_secs(10), || {
+        let spans = receiver.spans();
+        async move {
+            let methods: Vec<String> = spans
+                .iter()
+                .filter(|s| s.name == "request")
+                .filter_map(|s| s.attributes.get("http.request.method").cloned())
+                .collect();
+            (methods.len() >= 2).then_some(methods)
+        }
+    })
+    .await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+    let mut methods = methods;
+    methods.sort();
+    assert_eq!(methods, ["GET", "_OTHER"]);
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let logged: Vec<serde_json::Value> = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "vestibule::access")
+        .collect();
+    assert_eq!(logged.len(), 2, "{lines}");
+    for line in &logged {
+        let method = line["method"].as_str().unwrap();
+        assert!(
+            method.len() <= 256,
+            "the access log wrote a {}-byte method",
+            method.len()
+        );
+    }
+}
