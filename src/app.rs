@@ -201,15 +201,17 @@ impl App {
             _ => None,
         };
         // Looked for by walking the names (a removal by name hashes it, whether or not the
-        // field is there; nearly every request has neither).
+        // field is there; nearly every request has none). `baggage` crosses the same boundary:
+        // upstreams' SDKs take its entries into their context (and spans, and logs).
         if !peer.trusted
             && req
                 .headers()
                 .keys()
-                .any(|name| *name == TRACEPARENT || *name == TRACESTATE)
+                .any(|name| *name == TRACEPARENT || *name == TRACESTATE || *name == BAGGAGE)
         {
             req.headers_mut().remove(TRACEPARENT);
             req.headers_mut().remove(TRACESTATE);
+            req.headers_mut().remove(BAGGAGE);
         }
         let logging = tracing::enabled!(target: "vestibule::access", tracing::Level::INFO);
         // Cheap clones (shared bytes), taken only if the access log is on.
@@ -916,6 +918,8 @@ fn log_rejected(trigger: &str, errors: &ConfigErrors) {
 // every call (a few hundred instructions each, several times per request).
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// W3C Baggage, which travels with the trace context.
+const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the pipeline answered, with what the metrics and the access log say about it.

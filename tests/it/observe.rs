@@ -744,3 +744,31 @@ async fn a_clients_own_method_neither_swells_its_span_nor_its_log_line() {
         );
     }
 }
+
+/// W3C `baggage` travels beside `traceparent` and `tracestate` and crosses the same boundary:
+/// OpenTelemetry SDKs upstream take its entries into their context (and, with a baggage span
+/// processor, into every span and log), and some services read it (a tenant, a user). From a
+/// browser it is removed with the trace context; from a trusted proxy it passes.
+#[tokio::test]
+async fn an_untrusted_client_cannot_hand_baggage_to_the_upstreams() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/open/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    for (trusted, kept) in [(None, false), (Some("127.0.0.1/32"), true)] {
+        let mut text = config_toml(&routes);
+        if let Some(cidr) = trusted {
+            text = text.add("server.trusted_proxies", vec![cidr]);
+        }
+        let proxy = start_proxy(text).await;
+        let r = get(
+            &proxy.url("/open/x"),
+            &[("baggage", "tenant=other,user.id=admin")],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = up.last().headers.get("baggage").cloned();
+        assert_eq!(seen.is_some(), kept, "trusted: {trusted:?}: {seen:?}");
+    }
+}
