@@ -151,27 +151,10 @@ pub(super) async fn serve(
         // 2. The answer, cancelled if the client goes away meanwhile.
         let answer = app.answer(req, Client { ip, tls: false }, &worker);
         let mut answer = pin!(answer);
-        // Meanwhile the client's bytes are read only once the socket says it has some (a
-        // pipelined head, or the end of the connection): each wake-up of the answer would
-        // otherwise also build and poll a read.
-        let answered = poll_fn(|cx| {
-            if let Poll::Ready(answered) = answer.as_mut().poll(cx) {
-                return Poll::Ready(Some(answered));
-            }
-            while buf.len() < limits.max_head {
-                match tcp.poll_read_ready(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Err(_)) => return Poll::Ready(None),
-                    Poll::Ready(Ok(())) => match tcp.try_read_buf(&mut buf) {
-                        Ok(0) => return Poll::Ready(None),
-                        Ok(_) => {}
-                        // Readiness is cleared: the next poll waits for more.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Poll::Ready(None),
-                    },
-                }
-            }
-            Poll::Pending
+        // Meanwhile the client is watched ([`client_gone`]).
+        let answered = poll_fn(|cx| match answer.as_mut().poll(cx) {
+            Poll::Ready(answered) => Poll::Ready(Some(answered)),
+            Poll::Pending => client_gone(&tcp, cx, (&mut buf, limits.max_head)).map(|()| None),
         });
         // `None`: the client closed (or its connection failed) first; its request is cancelled.
         let Some((response, request_id)) = answered.await else {
@@ -179,7 +162,7 @@ pub(super) async fn serve(
         };
         // 3. The answer sent; the connection kept unless either side closes it.
         let keep = send(
-            (&mut tcp, &timed),
+            (&mut tcp, &timed, (&mut buf, limits.max_head)),
             (&worker.buffers, &mut date),
             (response, &request_id),
             head_only,
@@ -433,10 +416,38 @@ enum Framing {
     Chunked,
 }
 
+/// `Ready` once the client has closed its connection (or it failed), read while its request is
+/// answered: only once the socket says it has something (a pipelined head, or the end), each
+/// wake-up of the answer would otherwise also build and poll a read. What it sends meanwhile
+/// goes to `buf`, up to `max_head` bytes (then the socket is no longer watched).
+fn client_gone(
+    tcp: &TcpStream,
+    cx: &mut std::task::Context<'_>,
+    (buf, max_head): (&mut BytesMut, usize),
+) -> Poll<()> {
+    while buf.len() < max_head {
+        match tcp.poll_read_ready(cx) {
+            Poll::Pending => break,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(())) => match tcp.try_read_buf(buf) {
+                Ok(0) => return Poll::Ready(()),
+                Ok(_) => {}
+                // Readiness is cleared: the next poll waits for more.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(()),
+            },
+        }
+    }
+    Poll::Pending
+}
+
 /// Writes `response` and its body; whether the connection can carry another request. A write
-/// the client takes nothing of for `server.send_timeout` ends the connection.
+/// the client takes nothing of for `server.send_timeout` ends the connection. While the body
+/// waits on its upstream, the client is watched ([`client_gone`], into `client`'s buffer): one
+/// that goes away during a quiet stream (a long poll, an event stream between events) ends the
+/// answer then, and with it the upstream request, not at the upstream's next write.
 async fn send(
-    (tcp, timed): (&mut TcpStream, &SendTimeout),
+    (tcp, timed, (buf, max_head)): (&mut TcpStream, &SendTimeout, (&mut BytesMut, usize)),
     (buffers, date): (&crate::reply::Buffers, &mut HttpDate),
     (response, request_id): (Response<Body>, &crate::field::Made),
     head_only: bool,
@@ -467,7 +478,17 @@ async fn send(
                     }
                     out.clear();
                 }
-                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                let waited = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                    Poll::Pending => client_gone(tcp, cx, (&mut *buf, max_head)).map(|()| None),
+                })
+                .await;
+                // The client has gone: so has the answer (dropped here, its upstream request
+                // with it).
+                let Some(frame) = waited else {
+                    return false;
+                };
+                frame
             }
         };
         match frame {

@@ -498,3 +498,61 @@ async fn a_head_body_written_after_the_next_request_arrived_never_answers_it() {
         );
     }
 }
+
+/// A client that goes away while its answer's body is quiet (a long poll, an event stream
+/// between events) lets go of the upstream request at once, not at the upstream's next write,
+/// which may be minutes away: the upstream connection is closed, its place free. On the
+/// workers' own path (a bodiless GET) and through hyper's (a request with a body).
+#[tokio::test]
+async fn a_client_leaving_during_a_quiet_stream_lets_go_of_its_upstream_at_once() {
+    let requests: [&[u8]; 2] = [
+        b"GET /api/events HTTP/1.1\r\nhost: app.test\r\n\r\n",
+        b"POST /api/events HTTP/1.1\r\nhost: app.test\r\ncontent-length: 2\r\n\r\nhi",
+    ];
+    for request in requests {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("http://{}", listener.local_addr().unwrap());
+        let (seen_close, mut closed) = tokio::sync::mpsc::unbounded_channel::<()>();
+        tokio::spawn(async move {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let mut seen = Vec::new();
+            if next_head(&mut tcp, &mut seen).await.is_none() {
+                return;
+            }
+            // The head and a first event; then nothing more until the connection ends.
+            let first = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+            tcp.write_all(first).await.unwrap();
+            let mut chunk = [0u8; 1024];
+            while let Ok(n) = tcp.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = seen_close.send(());
+        });
+        let proxy = start_proxy(&workers_config(&upstream, 1)).await;
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.windows(5).any(|w| w == b"first") {
+            let n =
+                tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut chunk))
+                    .await
+                    .expect("the first event")
+                    .unwrap();
+            assert!(n > 0, "the answer ended early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        // The tab is closed: the connection ends (FIN), the stream being quiet.
+        drop(client);
+        let what = String::from_utf8_lossy(&request[..4]).into_owned();
+        tokio::time::timeout(std::time::Duration::from_secs(3), closed.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{what}: the upstream request was held after its client had gone")
+            });
+    }
+}
