@@ -1105,6 +1105,8 @@ async fn session_events(
                 () = invalidated.changed() => {}
                 _ = ping.tick() => {
                     if tx.send(frame(b": ping\n\n")).await.is_err() { break; }
+                    // One timed read per session, whichever of its watches comes first.
+                    if !invalidated.read_due(Duration::from_secs(15)) { continue; }
                 }
                 _ = tx.closed() => break,
                 // Shutting down: end the stream; the browser's EventSource reconnects, to
@@ -1112,6 +1114,7 @@ async fn session_events(
                 _ = stopping.cancelled() => break,
             }
             if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
+                invalidated.wake_session();
                 let _ = tx.send(frame(b"event: ended\ndata: {}\n\n")).await;
                 break;
             }

@@ -36,7 +36,8 @@ const READY_FRAMES: u32 = 16;
 
 /// Cancels `end` once the session `loaded` was opened with has ended by any path, on any
 /// instance: checked when an invalidation for it arrives (or any may have been lost) and every
-/// [`SESSION_CHECK`], as `session-events` does (the check bypasses the session cache);
+/// [`SESSION_CHECK`] (one read of the session for all its watches, [`crate::session::manager::SessionWatch::read_due`]),
+/// as `session-events` does (the check bypasses the session cache);
 /// `check_first`: once at the start too (a watch started late may have missed the message). An
 /// unreachable store ends nothing. Returns when `end` is cancelled (the tunnel or the body
 /// closed). Other sessions' invalidations do not wake it ([`Sessions::watch`]).
@@ -52,14 +53,22 @@ pub(super) async fn close_with_session(
     if !check_first {
         check.reset();
     }
+    // The first check of a watch started late is its own (it may have missed the message).
+    let mut first = check_first;
     loop {
         tokio::select! {
             () = end.cancelled() => return,
             () = invalidated.changed() => {}
-            _ = check.tick() => {}
+            _ = check.tick() => {
+                // One timed read per session, whichever of its watches comes first.
+                if !std::mem::take(&mut first) && !invalidated.read_due(SESSION_CHECK) {
+                    continue;
+                }
+            }
         }
         if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
             tracing::info!("the session of {what} ended; closing it");
+            invalidated.wake_session();
             end.cancel();
             return;
         }

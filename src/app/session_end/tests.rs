@@ -238,3 +238,34 @@ async fn after_the_subscription_closed_a_watch_still_ends_with_its_session_by_it
     settle().await;
     assert_eq!(sessions.watched_sessions(), 0);
 }
+
+/// Many streams of one session (a client opening them by the hundred with one cookie) make
+/// one timed read of it per check, not one each; and when that read finds the session ended,
+/// every stream ends with it, though no message says so.
+#[tokio::test(start_paused = true)]
+async fn the_watches_of_one_session_share_its_timed_read() {
+    let sessions = sessions();
+    let clock = TestClock::new().clock();
+    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let ends: Vec<_> = (0..20)
+        .map(|_| watch(&sessions, &clock, loaded.clone()).1)
+        .collect();
+    settle().await;
+    let store = memory(&sessions);
+    let before = store.record_reads();
+    tokio::time::sleep(SESSION_CHECK + Duration::from_millis(500)).await;
+    settle().await;
+    let reads = store.record_reads() - before;
+    assert_eq!(
+        reads, 1,
+        "20 watches of one session read it {reads} times in one check"
+    );
+    // No message can come; the session ends: the next timed read finds it, and all end.
+    store.close_channel(INVALIDATION_CHANNEL);
+    settle().await;
+    assert_eq!(sessions.end_by_sid("sid-1").await.unwrap(), 1);
+    tokio::time::sleep(SESSION_CHECK + Duration::from_secs(1)).await;
+    settle().await;
+    let open = ends.iter().filter(|end| !end.is_cancelled()).count();
+    assert_eq!(open, 0, "{open} of 20 watches outlived their session's end");
+}

@@ -45,6 +45,8 @@ struct Watched {
     changed: watch::Sender<()>,
     /// Its [`SessionWatch`]es: the entry goes with the last.
     watches: usize,
+    /// When one of its watches last took its timed read ([`SessionWatch::read_due`]).
+    read_at: Option<tokio::time::Instant>,
 }
 
 /// Whether a relay task is taking messages in.
@@ -83,6 +85,7 @@ impl Watches {
             .or_insert_with(|| Watched {
                 changed: watch::Sender::new(()),
                 watches: 0,
+                read_at: None,
             })
             .register();
         // Subscribed before this returns: a message published after it is not missed.
@@ -242,6 +245,33 @@ impl SessionWatch {
         if self.changed.changed().await.is_err() {
             // Not while this watch holds its entry; kept for the type's sake.
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl SessionWatch {
+    /// Whether this watch is to read its session on time now: yes unless another watch of the
+    /// same session read it within `every` (the one told yes counts as reading it now). A
+    /// session's timed reads are one every `every` however many watches it has (a client
+    /// holding many streams of one session would otherwise make as many reads); whichever
+    /// finds the session ended wakes the others ([`SessionWatch::wake_session`]).
+    pub fn read_due(&self, every: std::time::Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut shard = self.watches.shard(&self.handle);
+        let Some(watched) = shard.get_mut(&self.handle) else {
+            return true;
+        };
+        if watched.read_at.is_some_and(|at| now < at + every) {
+            return false;
+        }
+        watched.read_at = Some(now);
+        true
+    }
+
+    /// Wakes every watch of this session, to read it: this one found it ended.
+    pub fn wake_session(&self) {
+        if let Some(watched) = self.watches.shard(&self.handle).get(&self.handle) {
+            watched.changed.send_replace(());
         }
     }
 }
