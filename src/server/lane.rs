@@ -420,6 +420,7 @@ enum Framing {
 /// answered: only once the socket says it has something (a pipelined head, or the end), each
 /// wake-up of the answer would otherwise also build and poll a read. What it sends meanwhile
 /// goes to `buf`, up to `max_head` bytes (then the socket is no longer watched).
+#[inline]
 fn client_gone(
     tcp: &TcpStream,
     cx: &mut std::task::Context<'_>,
