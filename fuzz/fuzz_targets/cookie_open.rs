@@ -9,12 +9,9 @@
 //! - 2: byte edits (position, xor) of a genuine cookie: any change makes it refused.
 //! - 3: byte edits of the stored record (or a record of the input's bytes): a record that still
 //!   loads holds the original session; listings show only the original metadata.
-#![no_main]
-
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use vestibule::session::seal::MAX_PLAINTEXT_LEN;
@@ -216,7 +213,7 @@ fn tampered_record(world: &World, mode: u8, edits: &[u8]) {
     put_record(world, &world.record);
 }
 
-fuzz_target!(|data: &[u8]| {
+pub fn fuzz(data: &[u8]) {
     let world = &*WORLD;
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -227,4 +224,4 @@ fuzz_target!(|data: &[u8]| {
         2 => tampered_cookie(world, mode >> 2, rest),
         _ => tampered_record(world, mode >> 2, rest),
     }
-});
+}

@@ -7,11 +7,6 @@
 //!   claims (`null` removes one), signed honestly. Accepted tokens must meet the policy.
 //! - 2: the rest is a provider's JWKS document; loading it and looking keys up never panics, and
 //!   a token is verified by it only if one of its keys is really the signer's.
-#![no_main]
-
-mod common;
-
-use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use vestibule::jose::jws::{self, ALLOWED_ALGORITHMS};
 use vestibule::jose::testing::{TestKey, id_token_claims};
@@ -20,7 +15,7 @@ use vestibule::jose::{
     validate_refreshed_id_token,
 };
 
-use common::*;
+use crate::common::*;
 
 fn validate_all(token: &str) {
     let jwks = shared_jwks();
@@ -120,7 +115,7 @@ fn key_set(body: &[u8]) {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+pub fn fuzz(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
@@ -133,4 +128,4 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => key_set(rest),
     }
-});
+}

@@ -4,14 +4,11 @@
 //! header line a forwarded request keeps (hop-by-hop ones aside; each name's values in order),
 //! no body. So the lane never accepts what the front door would refuse, nor reads a request
 //! differently from the parser it stands in for. It never panics.
-#![no_main]
-
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use libfuzzer_sys::fuzz_target;
 use std::convert::Infallible;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
@@ -39,7 +36,7 @@ struct Read {
     bodiless: bool,
 }
 
-fuzz_target!(|data: &[u8]| {
+pub fn fuzz(data: &[u8]) {
     let taken = take(data, &mut NAMES.lock().unwrap_or_else(|p| p.into_inner()));
     let Some((len, ours)) = taken else {
         return;
@@ -59,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         );
     };
     assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(head));
-});
+}
 
 /// The fields of `headers` that a forwarded request keeps: the lane leaves the hop-by-hop ones
 /// out where hyper keeps them for the proxy to remove, so they are compared once removed. A

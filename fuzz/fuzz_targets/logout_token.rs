@@ -3,18 +3,13 @@
 //! over a valid logout token's claims (`null` removes one), signed honestly. Whatever is accepted
 //! must meet Back-Channel Logout 1.0 §2.6: logout `typ` if any, issuer, audience, a recent `iat`,
 //! the logout event, no `nonce`, a `jti`, and a `sub` or `sid` (as returned).
-#![no_main]
-
-mod common;
-
-use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use vestibule::jose::testing::logout_token_claims;
 use vestibule::jose::{
     BACKCHANNEL_LOGOUT_EVENT, DEFAULT_LOGOUT_MAX_IAT_AGE, validate_logout_token,
 };
 
-use common::*;
+use crate::common::*;
 
 fn check(token: &str, claims: Option<&Value>) {
     let Ok(logout) = block_on(validate_logout_token(shared_jwks(), token, &expect())) else {
@@ -76,7 +71,7 @@ fn check(token: &str, claims: Option<&Value>) {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+pub fn fuzz(data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
@@ -92,4 +87,4 @@ fuzz_target!(|data: &[u8]| {
     };
     let claims = overlay(logout_token_claims(ISSUER, CLIENT, NOW), fuzzed);
     check(&sign(flags, &claims), Some(&claims));
-});
+}

@@ -1,9 +1,6 @@
 //! Path canonicalisation (`proxy::path::canonicalize`), strict and lenient: it never panics, and
 //! whatever it accepts is canonical — absolute, no `//`, no `.` or `..` segment, no control
 //! character, no `\`, no escaped unreserved character — and comes back unchanged when run again.
-#![no_main]
-
-use libfuzzer_sys::fuzz_target;
 use vestibule::proxy::path::{PathOptions, canonicalize};
 
 fn assert_canonical(path: &str, options: PathOptions) {
@@ -27,7 +24,7 @@ fn assert_canonical(path: &str, options: PathOptions) {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+pub fn fuzz(data: &[u8]) {
     let Ok(raw) = std::str::from_utf8(data) else {
         return;
     };
@@ -42,4 +39,4 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-});
+}

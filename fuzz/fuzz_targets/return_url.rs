@@ -1,9 +1,6 @@
 //! `returnUrl` validation (`oidc::local_return_url`): whatever it accepts must be a local path
 //! that stays one after percent-decoding (once and twice), that resolves against the public origin
 //! to that same origin, and that can be sent back as a `Location` header.
-#![no_main]
-
-use libfuzzer_sys::fuzz_target;
 use percent_encoding::percent_decode_str;
 use url::Url;
 use vestibule::oidc::local_return_url;
@@ -21,7 +18,7 @@ fn assert_local(path: &str, what: &str) {
     );
 }
 
-fuzz_target!(|data: &[u8]| {
+pub fn fuzz(data: &[u8]) {
     // The query string is decoded leniently (form_urlencoded), so any string can arrive.
     let raw = String::from_utf8_lossy(data);
     let Some(accepted) = local_return_url(&raw) else {
@@ -53,4 +50,4 @@ fuzz_target!(|data: &[u8]| {
         http::HeaderValue::from_str(&accepted).is_ok(),
         "accepted {accepted:?} cannot be a Location header"
     );
-});
+}

@@ -3,9 +3,6 @@
 //! whether the connection is reused, or the refusal), a body framed by a length is exactly that
 //! long, an answer with no body says so, and a connection is only ever reused after an answer
 //! whose end its framing marked.
-#![no_main]
-
-use libfuzzer_sys::fuzz_target;
 use std::sync::{LazyLock, Mutex};
 use vestibule::proxy::forward::wire::read_answer;
 use vestibule::proxy::headers::RecentNames;
@@ -13,7 +10,7 @@ use vestibule::proxy::headers::RecentNames;
 /// Kept from input to input, as a connection keeps its last answer's names.
 static NAMES: LazyLock<Mutex<RecentNames>> = LazyLock::new(Mutex::default);
 
-fuzz_target!(|data: &[u8]| {
+pub fn fuzz(data: &[u8]) {
     // The first byte picks how the rest arrives, and whether the request was a HEAD.
     let Some((&control, bytes)) = data.split_first() else {
         return;
@@ -69,4 +66,4 @@ fuzz_target!(|data: &[u8]| {
     if answer.reusable {
         assert!((200..1000).contains(&answer.status));
     }
-});
+}
