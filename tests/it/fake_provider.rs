@@ -420,19 +420,26 @@ async fn a_provider_session_logged_out_before_its_callback_signs_nobody_in() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    callback_refused_as_ended(&c.proxy, &q["state"], &cookie, "").await;
+}
+
+/// The callback of the login whose state is `state` (its login cookie `cookie`), which a
+/// back-channel logout came before: refused with `provider_session_ended`. `label` names the
+/// case in a failure.
+async fn callback_refused_as_ended(proxy: &Proxy, state: &str, cookie: &str, label: &str) -> Reply {
     let r = get(
-        &c.proxy
-            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
-        &[("cookie", &cookie), ("accept", "text/html")],
+        &proxy.url(&format!("/bff/callback?code=abc&state={state}")),
+        &[("cookie", cookie), ("accept", "text/html")],
     )
     .await;
     assert_eq!(
         reason(&r).as_deref(),
         Some("provider_session_ended"),
-        "{} {}",
+        "{label}: {} {}",
         r.status,
         r.text()
     );
+    r
 }
 
 /// Posts `form` (already encoded) to the back-channel logout endpoint.
@@ -620,19 +627,7 @@ async fn logged_out_everywhere_before_the_callback(s: &crate::identity::Stack, s
         .sign(&logout);
     let r = post_logout_form(&s.proxy, format!("logout_token={token}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = get(
-        &s.proxy
-            .url(&format!("/bff/callback?code=abc&state={}", q["state"])),
-        &[("cookie", &cookie), ("accept", "text/html")],
-    )
-    .await;
-    assert_eq!(
-        reason(&r).as_deref(),
-        Some("provider_session_ended"),
-        "{store}: {} {}",
-        r.status,
-        r.text()
-    );
+    let r = callback_refused_as_ended(&s.proxy, &q["state"], &cookie, store).await;
     assert!(!sets_a_session(&r), "{store}: a session was made");
     // At once, in the second the logout came in.
     let again = s.callback(json!({})).await;

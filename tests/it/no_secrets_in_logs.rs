@@ -163,19 +163,10 @@ async fn request_bytes_never_reach_the_log_as_control_characters() {
         )
         .await;
         for target in [&b"/x\xc2\x85forged-line"[..], b"/x\xc2\x9b31mred"] {
-            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
             let mut request = b"GET ".to_vec();
             request.extend_from_slice(target);
             request.extend_from_slice(b" HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
-            tokio::io::AsyncWriteExt::write_all(&mut tcp, &request)
-                .await
-                .unwrap();
-            let mut answer = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer)
-                .await
-                .unwrap();
+            let answer = crate::support::raw_exchange(("127.0.0.1", port), &request).await;
             assert!(answer.starts_with(b"HTTP/1.1 400"), "{format}");
         }
         let _ = Command::new("kill")

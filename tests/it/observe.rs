@@ -695,18 +695,9 @@ async fn a_clients_own_method_neither_swells_its_span_nor_its_log_line() {
     .await;
     let method = "M".repeat(30_000);
     for method in [method.as_str(), "GET"] {
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
         let request =
             format!("{method} /x HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
-        tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer)
-            .await
-            .unwrap();
+        let answer = crate::support::raw_exchange(("127.0.0.1", port), request.as_bytes()).await;
         assert!(answer.starts_with(b"HTTP/1.1 4"), "{:?}", &answer[..20]);
     }
     let methods = eventually("both request spans arrive", Duration::from_secs(10), || {

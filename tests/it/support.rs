@@ -392,3 +392,17 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Sends `request` byte for byte on a new connection to `addr` and returns everything that
+/// comes back until the proxy closes it (the request should say `Connection: close`).
+pub async fn raw_exchange(addr: impl tokio::net::ToSocketAddrs, request: &[u8]) -> Vec<u8> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, request)
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer)
+        .await
+        .unwrap();
+    answer
+}
