@@ -26,6 +26,19 @@ pub(crate) async fn setup_with(discovery: serde_json::Map<String, Value>) -> Cas
     Case { proxy, idp, signer }
 }
 
+impl Case {
+    /// A login begun, the provider's ID token for it (well-formed, its nonce) in place.
+    async fn login_begun(&self) -> (std::collections::HashMap<String, String>, String) {
+        let (q, cookie) = begin_login(&self.proxy).await;
+        *self.idp.state.id_token.lock().unwrap() = self
+            .signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .sign(&claims(&self.idp.issuer, &q["nonce"]));
+        (q, cookie)
+    }
+}
+
 pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -348,12 +361,7 @@ async fn token_exchange_routes_get_a_token_for_their_resource() {
     );
     let proxy = start_proxy_for(&idp.issuer, &routes).await;
     let c = Case { proxy, idp, signer };
-    let (q, login_cookie) = begin_login(&c.proxy).await;
-    *c.idp.state.id_token.lock().unwrap() = c
-        .signer
-        .token(TestKey::Rsa1)
-        .kid("k1")
-        .sign(&claims(&c.idp.issuer, &q["nonce"]));
+    let (q, login_cookie) = c.login_begun().await;
     let done = callback(&c.proxy, &q, &login_cookie).await;
     assert_eq!(done.status, 302);
     let session = done.session_cookie();
@@ -481,12 +489,7 @@ fn sets_a_session(r: &Reply) -> bool {
 #[tokio::test]
 async fn a_callback_repeating_a_parameter_is_refused_before_its_code_is_used() {
     let c = setup().await;
-    let (q, cookie) = begin_login(&c.proxy).await;
-    *c.idp.state.id_token.lock().unwrap() = c
-        .signer
-        .token(TestKey::Rsa1)
-        .kid("k1")
-        .sign(&claims(&c.idp.issuer, &q["nonce"]));
+    let (q, cookie) = c.login_begun().await;
     let (state, iss) = (&q["state"], encoded(&c.idp.issuer));
     for query in [
         format!("code=abc&code=other&state={state}"),
@@ -532,12 +535,7 @@ async fn a_callback_repeating_a_parameter_is_refused_before_its_code_is_used() {
 #[tokio::test]
 async fn a_back_channel_logout_repeating_logout_token_is_refused_and_ends_nothing() {
     let c = setup().await;
-    let (q, cookie) = begin_login(&c.proxy).await;
-    *c.idp.state.id_token.lock().unwrap() = c
-        .signer
-        .token(TestKey::Rsa1)
-        .kid("k1")
-        .sign(&claims(&c.idp.issuer, &q["nonce"]));
+    let (q, cookie) = c.login_begun().await;
     let done = callback(&c.proxy, &q, &cookie).await;
     assert_eq!(done.status, 302, "{}", done.text());
     let session = done.session_cookie();

@@ -133,17 +133,26 @@ async fn send_http2(proxy: &Proxy, path: &str) -> u16 {
     status
 }
 
+/// Two routes: `/h1/` to the plain HTTP/1.1 upstream `plain`, `/h2/` to the TLS upstream `tls`
+/// (HTTP/2), whose certificate `ca` issued.
+fn h1_and_h2_routes(
+    plain: impl std::fmt::Display,
+    tls: impl std::fmt::Display,
+    ca: &TestCa,
+) -> String {
+    format!(
+        "[[routes]]\npath = \"/h1/\"\nupstream = \"http://{plain}\"\n\
+         [[routes]]\npath = \"/h2/\"\nupstream = \"https://{tls}\"\nca_file = {:?}\n",
+        ca.ca_file.display().to_string(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_trailers_never_reach_an_upstream() {
     let ca = TestCa::new("Upstream CA");
     let (plain, plain_log) = recording_upstream(None).await;
     let (tls, tls_log) = recording_upstream(Some(ca.h2_acceptor())).await;
-    let routes = format!(
-        "[[routes]]\npath = \"/h1/\"\nupstream = \"http://{plain}\"\n\
-         [[routes]]\npath = \"/h2/\"\nupstream = \"https://{tls}\"\nca_file = {:?}\n",
-        ca.ca_file.display().to_string(),
-    );
-    let proxy = start_proxy(config_text(&routes)).await;
+    let proxy = start_proxy(config_text(&h1_and_h2_routes(plain, tls, &ca))).await;
 
     // Every case is tried before the verdict, so that a failure names each path that leaks.
     let mut leaked = Vec::new();
@@ -285,12 +294,7 @@ async fn an_upstreams_trailers_neither_set_cookies_nor_grant_credentials() {
     drop(probe);
     let plain = trailing_http1_upstream(own.clone()).await;
     let tls = trailing_http2_upstream(ca.h2_acceptor(), own.clone()).await;
-    let routes = format!(
-        "[[routes]]\npath = \"/h1/\"\nupstream = \"http://{plain}\"\n\
-         [[routes]]\npath = \"/h2/\"\nupstream = \"https://{tls}\"\nca_file = {:?}\n",
-        ca.ca_file.display().to_string(),
-    );
-    let proxy = start_proxy(config_text(&routes)).await;
+    let proxy = start_proxy(config_text(&h1_and_h2_routes(plain, tls, &ca))).await;
     let mut leaked = Vec::new();
     for route in ["/h1/", "/h2/"] {
         let (status, body, trailers) = get_http2_with_trailers(&proxy, &format!("{route}x")).await;
