@@ -36,8 +36,9 @@ const READY_FRAMES: u32 = 16;
 
 /// Cancels `end` once the session `loaded` was opened with has ended by any path, on any
 /// instance: checked when an invalidation for it arrives (or any may have been lost) and every
-/// [`SESSION_CHECK`] (one read of the session for all its watches, [`crate::session::manager::SessionWatch::read_due`]),
-/// as `session-events` does (the check bypasses the session cache);
+/// [`SESSION_CHECK`] (one read of the session for all its watches:
+/// [`crate::session::manager::SessionWatch::read_due`]), as `session-events` does (the check
+/// bypasses the session cache);
 /// `check_first`: once at the start too (a watch started late may have missed the message). An
 /// unreachable store ends nothing. Returns when `end` is cancelled (the tunnel or the body
 /// closed). Other sessions' invalidations do not wake it ([`Sessions::watch`]).

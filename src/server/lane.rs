@@ -444,9 +444,10 @@ fn client_gone(
 
 /// Writes `response` and its body; whether the connection can carry another request. A write
 /// the client takes nothing of for `server.send_timeout` ends the connection. While the body
-/// waits on its upstream, the client is watched ([`client_gone`], into `client`'s buffer): one
-/// that goes away during a quiet stream (a long poll, an event stream between events) ends the
-/// answer then, and with it the upstream request, not at the upstream's next write.
+/// waits on its upstream, the client is watched ([`client_gone`], what it sends going to
+/// `buf`): one that goes away during a quiet stream (a long poll, an event stream between
+/// events) ends the answer then, and with it the upstream request, not at the upstream's next
+/// write.
 async fn send(
     (tcp, timed, (buf, max_head)): (&mut TcpStream, &SendTimeout, (&mut BytesMut, usize)),
     (buffers, date): (&crate::reply::Buffers, &mut HttpDate),
