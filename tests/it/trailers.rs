@@ -107,14 +107,25 @@ async fn send_http1(proxy: &Proxy, path: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP/1.1 answer: {answer:?}"))
 }
 
-/// The same request over HTTP/2 (prior knowledge), its trailers in a HEADERS frame of their own.
-async fn send_http2(proxy: &Proxy, path: &str) -> u16 {
+/// An HTTP/2 connection to `proxy` (prior knowledge), driven by a task of its own.
+async fn http2_to<B>(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, _>(TokioExecutor::new(), TokioIo::new(tcp))
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
             .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+/// The same request over HTTP/2 (prior knowledge), its trailers in a HEADERS frame of their own.
+async fn send_http2(proxy: &Proxy, path: &str) -> u16 {
+    let mut sender = http2_to(proxy).await;
     let mut trailers = HeaderMap::new();
     trailers.insert("authorization", "Bearer forged".parse().unwrap());
     trailers.insert("x-user", "admin".parse().unwrap());
@@ -262,12 +273,7 @@ async fn trailing_http2_upstream(acceptor: TlsAcceptor, own: String) -> SocketAd
 /// A `GET` of `path` over HTTP/2 (prior knowledge) asking for trailers: the body and the
 /// trailers it was answered with.
 async fn get_http2_with_trailers(proxy: &Proxy, path: &str) -> (u16, Bytes, Option<HeaderMap>) {
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, _>(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http2_to(proxy).await;
     let req = http::Request::get(format!("http://app.test{path}"))
         .header("te", "trailers")
         .body(Full::new(Bytes::new()))
