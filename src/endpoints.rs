@@ -12,7 +12,7 @@ use crate::oidc::{
 };
 use crate::reply::{Body, ErrorCode, Inbound, Reader, json_response, redirect};
 use crate::rescue::RequestError;
-use crate::session::manager::OpenSession;
+use crate::session::manager::{OpenSession, Woken};
 use crate::session::model::{AccessToken, Session};
 use crate::state::{LiveConfig, Shared};
 use crate::telemetry::trace::TARGET;
@@ -1101,19 +1101,31 @@ async fn session_events(
         let mut ping = tokio::time::interval(Duration::from_secs(15));
         ping.reset();
         loop {
-            tokio::select! {
-                () = invalidated.changed() => {}
+            let turn = tokio::select! {
+                woken = invalidated.changed() => match woken {
+                    // One read per message, whichever of the session's watches comes first.
+                    Woken::Read(turn) => Some(turn),
+                    Woken::Ended => {
+                        let _ = tx.send(frame(b"event: ended\ndata: {}\n\n")).await;
+                        break;
+                    }
+                },
                 _ = ping.tick() => {
                     if tx.send(frame(b": ping\n\n")).await.is_err() { break; }
                     // One timed read per session, whichever of its watches comes first.
                     if !invalidated.read_due(Duration::from_secs(15)) { continue; }
+                    None
                 }
                 _ = tx.closed() => break,
                 // Shutting down: end the stream; the browser's EventSource reconnects, to
                 // another replica.
                 _ = stopping.cancelled() => break,
+            };
+            let read = sessions.reload(&loaded, clock.now()).await;
+            if let Some(turn) = turn {
+                turn.done();
             }
-            if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
+            if let Ok(None) = read {
                 invalidated.wake_session();
                 let _ = tx.send(frame(b"event: ended\ndata: {}\n\n")).await;
                 break;

@@ -13,7 +13,7 @@
 use crate::clock::Clock;
 use crate::clock::deadline::{Deadlines, Taken};
 use crate::reply::{Body, BoxError};
-use crate::session::manager::{OpenSession, Sessions};
+use crate::session::manager::{OpenSession, Sessions, Woken};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use std::pin::Pin;
@@ -35,7 +35,8 @@ const STREAM_GRACE: Duration = Duration::from_secs(2);
 const READY_FRAMES: u32 = 16;
 
 /// Cancels `end` once the session `loaded` was opened with has ended by any path, on any
-/// instance: checked when an invalidation for it arrives (or any may have been lost) and every
+/// instance: checked when an invalidation for it arrives (or any may have been lost; one read
+/// per message for all the session's watches: [`crate::session::manager::SessionWatch::changed`]) and every
 /// [`SESSION_CHECK`] (one read of the session for all its watches:
 /// [`crate::session::manager::SessionWatch::read_due`]), as `session-events` does (the check
 /// bypasses the session cache);
@@ -57,23 +58,32 @@ pub(super) async fn close_with_session(
     // The first check of a watch started late is its own (it may have missed the message).
     let mut first = check_first;
     loop {
-        tokio::select! {
+        let turn = tokio::select! {
             () = end.cancelled() => return,
-            () = invalidated.changed() => {}
+            woken = invalidated.changed() => match woken {
+                // One read per message, whichever of the session's watches comes first.
+                Woken::Read(turn) => Some(turn),
+                Woken::Ended => break,
+            },
             _ = check.tick() => {
                 // One timed read per session, whichever of its watches comes first.
                 if !std::mem::take(&mut first) && !invalidated.read_due(SESSION_CHECK) {
                     continue;
                 }
+                None
             }
+        };
+        let read = sessions.reload(&loaded, clock.now()).await;
+        if let Some(turn) = turn {
+            turn.done();
         }
-        if let Ok(None) = sessions.reload(&loaded, clock.now()).await {
-            tracing::info!("the session of {what} ended; closing it");
+        if let Ok(None) = read {
             invalidated.wake_session();
-            end.cancel();
-            return;
+            break;
         }
     }
+    tracing::info!("the session of {what} ended; closing it");
+    end.cancel();
 }
 
 /// What a streamed answer's body needs to be watched: the session it was opened with and the

@@ -18,7 +18,7 @@ use super::RefreshMemory;
 use super::save::Unsaved;
 use crate::clock::Clock;
 use crate::oidc::Oidc;
-use crate::session::manager::{OpenSession, Sessions};
+use crate::session::manager::{OpenSession, Sessions, Woken};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,12 +66,20 @@ impl Orphan {
         // Its first tick is at once: the session may have ended before the watch began.
         let mut check = tokio::time::interval(self.ended_check);
         loop {
-            tokio::select! {
+            let turn = tokio::select! {
                 () = self.stop.cancelled() => return,
-                () = changed.changed() => {}
-                _ = check.tick() => {}
+                woken = changed.changed() => match woken {
+                    Woken::Read(turn) => Some(turn),
+                    Woken::Ended => break,
+                },
+                _ = check.tick() => None,
+            };
+            let read = self.sessions.reload(&self.loaded, self.clock.now()).await;
+            if let Some(turn) = turn {
+                turn.done();
             }
-            if let Ok(None) = self.sessions.reload(&self.loaded, self.clock.now()).await {
+            if let Ok(None) = read {
+                changed.wake_session();
                 break;
             }
         }

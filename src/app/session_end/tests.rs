@@ -269,3 +269,38 @@ async fn the_watches_of_one_session_share_its_timed_read() {
     let open = ends.iter().filter(|end| !end.is_cancelled()).count();
     assert_eq!(open, 0, "{open} of 20 watches outlived their session's end");
 }
+
+/// Many streams of one session make one read of it per message that names it, not one each
+/// (every write of the session publishes one: a client holding a hundred streams would turn
+/// each touch into a hundred store reads); and when the session ends, every stream ends.
+#[tokio::test]
+async fn the_watches_of_one_session_share_the_read_a_message_asks_for() {
+    let sessions = sessions();
+    let clock = TestClock::new().clock();
+    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let handle = loaded.handle;
+    let ends: Vec<_> = (0..20)
+        .map(|_| watch(&sessions, &clock, loaded.clone()).1)
+        .collect();
+    settle().await;
+    let store = memory(&sessions);
+    let before = store.record_reads();
+    for _ in 0..5 {
+        sessions
+            .store()
+            .publish(INVALIDATION_CHANNEL, &handle.to_string())
+            .await
+            .unwrap();
+        settle().await;
+    }
+    let reads = store.record_reads() - before;
+    assert_eq!(
+        reads, 5,
+        "20 watches of one session read it {reads} times for 5 messages"
+    );
+    assert!(ends.iter().all(|end| !end.is_cancelled()));
+    assert_eq!(sessions.end_by_sid("sid-1").await.unwrap(), 1);
+    for end in &ends {
+        assert!(ended(end).await, "a watch outlived its session's end");
+    }
+}

@@ -41,8 +41,14 @@ pub(super) struct Watches {
 
 /// One watched session.
 struct Watched {
-    /// Bumped when a message names the session (or anything may have changed).
-    changed: watch::Sender<()>,
+    /// The messages that named the session (or said anything may have changed), counted: each
+    /// bump wakes its watches.
+    changed: watch::Sender<u64>,
+    /// The latest count a watch took the read for: the others, woken by the same messages,
+    /// leave the read to it ([`SessionWatch::changed`]).
+    claimed: u64,
+    /// A read found the session ended: its watches end without reading it again.
+    ended: bool,
     /// Its [`SessionWatch`]es: the entry goes with the last.
     watches: usize,
     /// When one of its watches last took its timed read ([`SessionWatch::read_due`]).
@@ -83,7 +89,9 @@ impl Watches {
             .shard(&handle)
             .entry(handle)
             .or_insert_with(|| Watched {
-                changed: watch::Sender::new(()),
+                changed: watch::Sender::new(0),
+                claimed: 0,
+                ended: false,
                 watches: 0,
                 read_at: None,
             })
@@ -143,7 +151,7 @@ impl Watches {
         };
         let handle = Handle(digits);
         if let Some(watched) = self.shard(&handle).get(&handle) {
-            watched.changed.send_replace(());
+            watched.bump();
         }
     }
 
@@ -152,7 +160,7 @@ impl Watches {
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             for watched in shard.values() {
-                watched.changed.send_replace(());
+                watched.bump();
             }
         }
     }
@@ -188,9 +196,15 @@ impl Drop for Watches {
 }
 
 impl Watched {
-    fn register(&mut self) -> watch::Receiver<()> {
+    fn register(&mut self) -> watch::Receiver<u64> {
         self.watches += 1;
         self.changed.subscribe()
+    }
+
+    /// Wakes every watch of the session: one of them is to read it.
+    fn bump(&self) {
+        self.changed
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 }
 
@@ -233,18 +247,85 @@ impl Drop for Stopped {
 pub struct SessionWatch {
     watches: Arc<Watches>,
     handle: Handle,
-    changed: watch::Receiver<()>,
+    changed: watch::Receiver<u64>,
+}
+
+/// Why [`SessionWatch::changed`] returned.
+#[must_use]
+pub enum Woken {
+    /// This watch is to read its session, for itself and the session's other watches: when the
+    /// read finds it ended, [`SessionWatch::wake_session`] tells them. The turn, dropped
+    /// before [`ReadTurn::done`] (its task gone mid-read), hands the read on to another.
+    Read(ReadTurn),
+    /// Another watch of the session found it ended.
+    Ended,
+}
+
+/// A watch's turn to read its session for the messages that woke it ([`Woken::Read`]).
+#[must_use]
+pub struct ReadTurn {
+    watches: Arc<Watches>,
+    handle: Handle,
+    /// The message count it read for; `None` once done.
+    count: Option<u64>,
+}
+
+impl ReadTurn {
+    /// The session has been read (whatever the read found).
+    pub fn done(mut self) {
+        self.count = None;
+    }
+}
+
+impl Drop for ReadTurn {
+    fn drop(&mut self) {
+        let Some(count) = self.count else {
+            return;
+        };
+        // Nobody has read for these messages: wake the others, for one of them to.
+        if let Some(watched) = self.watches.shard(&self.handle).get(&self.handle)
+            && watched.claimed == count
+        {
+            watched.bump();
+        }
+    }
 }
 
 impl SessionWatch {
     /// Returns once a message has named this session, or said that any session may have
-    /// changed, since the last return (or since the watch began); never once no more messages
-    /// can come. The caller reads the session to know what changed.
-    pub async fn changed(&mut self) {
-        self.watches.relay();
-        if self.changed.changed().await.is_err() {
-            // Not while this watch holds its entry; kept for the type's sake.
-            std::future::pending::<()>().await;
+    /// changed, since the last return (or since the watch began), for this watch to read the
+    /// session ([`Woken::Read`]) — one watch of the session per message, however many it
+    /// has: the others sleep on — or once another watch found it ended. Never once no more
+    /// messages can come.
+    pub async fn changed(&mut self) -> Woken {
+        loop {
+            self.watches.relay();
+            if self.changed.changed().await.is_err() {
+                // Not while this watch holds its entry; kept for the type's sake.
+                std::future::pending::<()>().await;
+            }
+            let count = *self.changed.borrow_and_update();
+            let mut shard = self.watches.shard(&self.handle);
+            let Some(watched) = shard.get_mut(&self.handle) else {
+                // Not while this watch holds its entry: read.
+                return Woken::Read(ReadTurn {
+                    watches: self.watches.clone(),
+                    handle: self.handle,
+                    count: None,
+                });
+            };
+            if watched.ended {
+                return Woken::Ended;
+            }
+            if watched.claimed != count {
+                watched.claimed = count;
+                return Woken::Read(ReadTurn {
+                    watches: self.watches.clone(),
+                    handle: self.handle,
+                    count: Some(count),
+                });
+            }
+            // Another watch reads the session for these messages.
         }
     }
 }
@@ -268,10 +349,12 @@ impl SessionWatch {
         true
     }
 
-    /// Wakes every watch of this session, to read it: this one found it ended.
+    /// This watch found its session ended: every other watch of it ends too, without reading
+    /// it again.
     pub fn wake_session(&self) {
-        if let Some(watched) = self.watches.shard(&self.handle).get(&self.handle) {
-            watched.changed.send_replace(());
+        if let Some(watched) = self.watches.shard(&self.handle).get_mut(&self.handle) {
+            watched.ended = true;
+            watched.bump();
         }
     }
 }
@@ -317,29 +400,78 @@ mod tests {
         }
     }
 
+    /// Whether `woken` says the watch is to read its session (its read done at once) or that
+    /// the session ended.
+    fn read_or_ended(woken: Woken) -> bool {
+        if let Woken::Read(turn) = woken {
+            turn.done();
+        }
+        true
+    }
+
     async fn woken(watch: &mut SessionWatch) -> bool {
         tokio::time::timeout(Duration::from_secs(2), watch.changed())
             .await
-            .is_ok()
+            .is_ok_and(read_or_ended)
     }
 
     fn asleep(watch: &mut SessionWatch) -> bool {
-        watch.changed().now_or_never().is_none()
+        !watch.changed().now_or_never().is_some_and(read_or_ended)
     }
 
     #[tokio::test]
-    async fn a_message_wakes_every_watch_of_its_session_and_no_other() {
+    async fn a_message_wakes_one_watch_of_its_session_to_read_it_and_none_of_another() {
         let (watches, store) = watches();
         let mut first = watches.watch(handle('a'));
         let mut second = watches.watch(handle('a'));
         let mut other = watches.watch(handle('b'));
         publish(&store, &handle('a')).await;
-        assert!(woken(&mut first).await && woken(&mut second).await);
+        assert!(woken(&mut first).await);
+        // The first read for both.
+        assert!(asleep(&mut second));
         assert!(asleep(&mut other));
         // Woken once per message, not again for the same one.
         assert!(asleep(&mut first));
         publish(&store, "not a handle").await;
-        assert!(asleep(&mut first) && asleep(&mut other));
+        assert!(asleep(&mut first) && asleep(&mut second) && asleep(&mut other));
+        // The next message: whichever comes first reads.
+        publish(&store, &handle('a')).await;
+        assert!(woken(&mut second).await && asleep(&mut first));
+    }
+
+    /// A watch whose task goes while it reads for a message (its stream closed) hands the read
+    /// on: the session's other watches do not sleep through a message nobody read for.
+    #[tokio::test]
+    async fn a_read_left_undone_goes_to_another_watch() {
+        let (watches, store) = watches();
+        let mut first = watches.watch(handle('a'));
+        let mut second = watches.watch(handle('a'));
+        publish(&store, &handle('a')).await;
+        let turn = tokio::time::timeout(Duration::from_secs(2), first.changed())
+            .await
+            .unwrap();
+        assert!(matches!(turn, Woken::Read(_)));
+        assert!(asleep(&mut second));
+        drop(turn);
+        assert!(woken(&mut second).await, "nobody read for the message");
+        assert!(asleep(&mut first) && asleep(&mut second));
+    }
+
+    /// A watch that found its session ended ends the others without their reading it.
+    #[tokio::test]
+    async fn a_session_found_ended_ends_its_other_watches() {
+        let (watches, store) = watches();
+        let first = watches.watch(handle('a'));
+        let mut second = watches.watch(handle('a'));
+        let mut other = watches.watch(handle('b'));
+        first.wake_session();
+        let told = tokio::time::timeout(Duration::from_secs(2), second.changed()).await;
+        assert!(matches!(told, Ok(Woken::Ended)));
+        // And for good: a message later does not have it read the session.
+        publish(&store, &handle('a')).await;
+        let told = tokio::time::timeout(Duration::from_secs(2), second.changed()).await;
+        assert!(matches!(told, Ok(Woken::Ended)));
+        assert!(asleep(&mut other));
     }
 
     #[tokio::test]
