@@ -14,9 +14,11 @@
 //! `http2_max_concurrent_streams` at once, while the upstream it was sent to goes on working on
 //! it; unchecked, one connection with nothing to read could start upstream requests as fast as
 //! it writes frames. A connection may cancel as many requests as `http2_max_concurrent_streams`
-//! beyond those it has had answered; the next cancel closes it gracefully (`GOAWAY`: streams in
-//! flight finish), and one more closes it at once (a client may hold a graceful close open by
-//! never answering its ping, and go on opening streams meanwhile).
+//! beyond those it has had answered, and twice that many in any ten seconds however many were
+//! answered (else a cheap answered request bought each cancel); the next cancel closes it
+//! gracefully (`GOAWAY`: streams in flight finish), and one more closes it at once (a client may
+//! hold a graceful close open by never answering its ping, and go on opening streams
+//! meanwhile).
 
 use super::send::{SendTimeout, Stalls, Timed};
 use crate::app::{App, Worker};
@@ -28,13 +30,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Answered requests buy cancels, but no more than twice the allowance of them in this long
+/// (a client interleaving a cheap request with each one it cancels).
+const CANCEL_WINDOW: Duration = Duration::from_secs(10);
 
 /// Whether a connection is serving requests, and since when it has not been.
 pub(super) struct Activity {
@@ -45,8 +51,11 @@ pub(super) struct Activity {
     /// Requests answered, and requests cancelled before their answer (their futures dropped).
     answered: AtomicUsize,
     cancelled: AtomicUsize,
-    /// Cancels allowed beyond the requests answered (`http2_max_concurrent_streams`).
+    /// Cancels allowed beyond the requests answered (`http2_max_concurrent_streams`), and
+    /// twice as many in any [`CANCEL_WINDOW`].
     cancel_allowance: usize,
+    /// When the current [`CANCEL_WINDOW`] began, and the cancels in it.
+    cancel_window: Mutex<(Instant, usize)>,
     /// Told of every cancel beyond the allowance.
     too_many_cancels: Notify,
 }
@@ -77,7 +86,10 @@ impl Drop for Busy {
         }
         let cancelled = activity.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
         let answered = activity.answered.load(Ordering::Relaxed);
-        if cancelled > answered.saturating_add(activity.cancel_allowance) {
+        let allowance = activity.cancel_allowance;
+        if cancelled > answered.saturating_add(allowance)
+            || activity.cancels_lately() > allowance.saturating_mul(2)
+        {
             activity.too_many_cancels.notify_one();
         }
     }
@@ -92,8 +104,24 @@ impl Activity {
             answered: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             cancel_allowance,
+            cancel_window: Mutex::new((Instant::now(), 0)),
             too_many_cancels: Notify::new(),
         }
+    }
+
+    /// Counts a cancel: the cancels in the current [`CANCEL_WINDOW`], this one too.
+    fn cancels_lately(&self) -> usize {
+        let mut window = self
+            .cancel_window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (began, cancels) = &mut *window;
+        if began.elapsed() >= CANCEL_WINDOW {
+            *began = Instant::now();
+            *cancels = 0;
+        }
+        *cancels += 1;
+        *cancels
     }
 
     pub(super) fn begin(self: &Arc<Self>) -> Busy {

@@ -800,14 +800,7 @@ async fn an_http2_client_that_resets_its_streams_cannot_keep_starting_upstream_r
     // read, a client could keep starting upstream requests as fast as it can write frames.
     let up = upstream::start().await;
     let streams = 4u32;
-    let proxy = start_proxy(&config_with(
-        &[("http2_max_concurrent_streams", streams.into())],
-        &format!(
-            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
-            up.url()
-        ),
-    ))
-    .await;
+    let proxy = proxy_with_streams(&up, streams).await;
     let (h2, _) = h2_connect(proxy.addr).await;
     let (mut reader, mut writer) = h2.into_split();
     let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -864,50 +857,78 @@ async fn an_http2_client_that_resets_its_streams_cannot_keep_starting_upstream_r
     );
 }
 
-#[tokio::test]
-async fn an_http2_client_that_cancels_a_few_requests_keeps_its_connection() {
-    // A browser aborts fetches (a page left, a search typed on): as many cancels as
-    // max_concurrent_streams beyond the requests answered leave the connection open.
-    let up = upstream::start().await;
-    let streams = 4u32;
-    let proxy = start_proxy(&config_with(
+/// Sends a `GET` of `path` on stream `id` and waits for its answer's end: `false` when the
+/// connection closed or said `GOAWAY` first.
+async fn h2_answered(h2: &mut TcpStream, id: u32, path: &str) -> bool {
+    if h2.write_all(&get_headers(id, path)).await.is_err() {
+        return false;
+    }
+    let answered = tokio::time::timeout(WITHIN, async {
+        loop {
+            match next_frame(h2).await {
+                None | Some((7, ..)) => return false,
+                Some((kind, flags, stream, _)) => {
+                    if stream == id && (kind == 0 || kind == HEADERS) && flags & 0x1 != 0 {
+                        return true;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    answered.expect("no answer, and not closed")
+}
+
+/// Sends a `GET` of `path` on stream `id` and resets the stream once the request has reached
+/// `up`: `false` when the connection would take no more.
+async fn h2_cancelled(h2: &mut TcpStream, up: &upstream::Upstream, id: u32, path: &str) -> bool {
+    let before = up.count();
+    if h2.write_all(&get_headers(id, path)).await.is_err() {
+        return false;
+    }
+    let reached = tokio::time::timeout(WITHIN, async {
+        while up.count() == before {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "stream {id} never reached the upstream");
+    h2.write_all(&frame(RST_STREAM, 0, id, &0x8u32.to_be_bytes()))
+        .await
+        .is_ok()
+}
+
+/// A proxy whose `/api/` goes to `up`, with `streams` HTTP/2 streams at a time.
+async fn proxy_with_streams(up: &upstream::Upstream, streams: u32) -> Proxy {
+    start_proxy(&config_with(
         &[("http2_max_concurrent_streams", streams.into())],
         &format!(
             "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
             up.url()
         ),
     ))
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn an_http2_client_that_cancels_a_few_requests_keeps_its_connection() {
+    // A browser aborts fetches (a page left, a search typed on): as many cancels as
+    // max_concurrent_streams beyond the requests answered leave the connection open.
+    let up = upstream::start().await;
+    let streams = 4u32;
+    let proxy = proxy_with_streams(&up, streams).await;
     let (mut h2, _) = h2_connect(proxy.addr).await;
     let mut id = 1u32;
     // An answered request, then as many cancels as allowed; then each answered request buys
     // one more cancel.
     for cancels in [streams, 1, 1, 1] {
-        h2.write_all(&get_headers(id, "/api/echo")).await.unwrap();
-        let answered = tokio::time::timeout(WITHIN, async {
-            loop {
-                let (kind, flags, stream, _) = next_frame(&mut h2).await.expect("closed");
-                if stream == id && (kind == 0 || kind == HEADERS) && flags & 0x1 != 0 {
-                    return;
-                }
-            }
-        })
-        .await;
-        assert!(answered.is_ok(), "stream {id} was not answered");
+        assert!(
+            h2_answered(&mut h2, id, "/api/echo").await,
+            "stream {id} was not answered"
+        );
         id += 2;
         for _ in 0..cancels {
-            let before = up.count();
-            h2.write_all(&get_headers(id, "/api/slow")).await.unwrap();
-            let reached = tokio::time::timeout(WITHIN, async {
-                while up.count() == before {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-            .await;
-            assert!(reached.is_ok(), "stream {id} never reached the upstream");
-            h2.write_all(&frame(RST_STREAM, 0, id, &0x8u32.to_be_bytes()))
-                .await
-                .unwrap();
+            assert!(h2_cancelled(&mut h2, &up, id, "/api/slow").await);
             id += 2;
         }
     }
@@ -930,6 +951,33 @@ async fn an_http2_client_that_cancels_a_few_requests_keeps_its_connection() {
         answered.map(|block| block.first().copied()),
         Some(Some(0x88)),
         "the last request got no 200 (closed, or GOAWAY)"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_client_that_buys_each_cancel_with_a_cheap_answered_request_is_let_go() {
+    // Each answered request buys one more cancel: a client that interleaves a cheap request
+    // (answered at once) with one it resets once it has reached the upstream starts upstream
+    // requests it never reads as fast as it can write, at half the rate of plain rapid reset.
+    let up = upstream::start().await;
+    let streams = 4u32;
+    let proxy = proxy_with_streams(&up, streams).await;
+    let (mut h2, _) = h2_connect(proxy.addr).await;
+    let mut id = 1u32;
+    let mut cancelled = 0u32;
+    for _ in 0..100 {
+        if !h2_answered(&mut h2, id, "/api/echo").await {
+            break;
+        }
+        if !h2_cancelled(&mut h2, &up, id + 2, "/api/slow").await {
+            break;
+        }
+        cancelled += 1;
+        id += 4;
+    }
+    assert!(
+        cancelled <= 3 * streams,
+        "one connection had {cancelled} requests cancelled at the upstream, each bought by an answered one"
     );
 }
 
