@@ -350,6 +350,50 @@ async fn a_stalled_redis_answers_503_within_the_store_timeout_and_recovers() {
     assert_only_ok_or_store_unavailable(&outcomes);
 }
 
+/// Redis across a real network link that goes dead — a partition, a failed switch: packets
+/// lost both ways, no RST, no FIN, new connections unanswered — for longer than TCP's first
+/// retransmissions. Meanwhile requests are 503 within the store timeout (a connection attempt
+/// into the dead link included); once the link is back, every session works again within a
+/// couple of seconds, not whenever the backed-off retransmission timer of a connection opened
+/// before the cut next fires, and none was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_behind_a_dead_link_is_503_fast_and_every_session_is_back_soon_after_the_link() {
+    let mut host = crate::support::netns::NetHost::start();
+    let url = host.start_redis();
+    let replicas = replicas(&Backend::Url(url)).await;
+    let cookies = replicas.sessions().await;
+    let load = Load::start(replicas.urls(), cookies.clone());
+    load.run_for(50).await;
+    host.partition();
+    eventually("both replicas report the store down", HANG, || async {
+        (replicas.store_ready().await == [false, false]).then_some(())
+    })
+    .await;
+    // Long enough for the retransmission timer of a connection opened before the cut to back
+    // off past several seconds.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    load.run_for(30).await;
+    host.heal();
+    let healed = Instant::now();
+    replicas
+        .all_sessions_work(&cookies, Duration::from_secs(10))
+        .await;
+    let back = healed.elapsed();
+    assert!(
+        back <= Duration::from_secs(2),
+        "every session worked again only {back:?} after the link was back"
+    );
+    eventually(
+        "both replicas report the store up",
+        Duration::from_secs(2),
+        || async { (replicas.store_ready().await == [true, true]).then_some(()) },
+    )
+    .await;
+    load.run_for(30).await;
+    let outcomes = load.finish().await;
+    assert_only_ok_or_store_unavailable(&outcomes);
+}
+
 /// The test's own connection to Redis.
 fn redis_connection(redis: &RedisServer) -> ::redis::Connection {
     ::redis::Client::open(redis.url())

@@ -375,9 +375,24 @@ impl RedisStore {
         match tokio::time::timeout(self.inner.timeout, attempts).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(store_error(err)),
-            Err(_) => Err(StoreError::Unavailable(Outage::TimedOut(
-                self.inner.timeout,
-            ))),
+            Err(_) => {
+                self.timed_out();
+                Err(StoreError::Unavailable(Outage::TimedOut(
+                    self.inner.timeout,
+                )))
+            }
+        }
+    }
+
+    /// An operation got no answer within the timeout: its connection is not trusted further
+    /// (it may lead into a dead link; [`link::Link::timed_out`]).
+    fn timed_out(&self) {
+        match &self.inner.conn {
+            Conn::Single(shared) => self.own.as_ref().unwrap_or(shared).timed_out(),
+            // The cluster client reconnects a node that times out by itself.
+            Conn::Cluster(_) => {}
+            // Asked of the Sentinels again: the master may have moved, or be cut off.
+            Conn::Sentinel(sentinel) => sentinel.forget(),
         }
     }
 

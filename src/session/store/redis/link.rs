@@ -50,26 +50,44 @@ impl Link {
         Link::new(self.client.clone(), self.timeout)
     }
 
-    /// Runs `op`; after a `READONLY` answer, once more on a newer connection.
+    /// Runs `op`; after a `READONLY` answer, once more on a newer connection. One that gets no
+    /// answer in time leaves the connection to be replaced ([`Link::timed_out`]).
     pub(super) async fn exec<T: FromRedisValue>(&self, op: &Op<'_>) -> RedisResult<T> {
         let used = self.current.load_full();
         let result = exec(op, &mut used.manager.clone()).await;
         match result {
             Err(err) if read_only(&err) => {
-                self.replace(&used);
+                self.replace(&used, Replaced::ReadOnly);
                 let newer = self.current.load_full();
                 if Arc::ptr_eq(&newer, &used) {
                     return Err(err);
                 }
                 exec(op, &mut newer.manager.clone()).await
             }
+            Err(err) if err.is_timeout() => {
+                // Perhaps carried out: not tried again.
+                self.replace(&used, Replaced::TimedOut);
+                Err(err)
+            }
             other => other,
         }
     }
 
+    /// An operation got no answer within the store's timeout. Its connection may lead into a
+    /// dead link (a partition, a failed switch: no RST, no FIN), where it would stay until TCP
+    /// gives up, minutes later — the manager reconnects only a connection that breaks — and
+    /// once the link is back, until TCP's backed-off retransmission timer next fires, seconds
+    /// later. The next operations take a new connection instead (one a second at most, for a
+    /// server that is only slow).
+    pub(super) fn timed_out(&self) {
+        let used = self.current.load_full();
+        self.replace(&used, Replaced::TimedOut);
+    }
+
     /// Puts a new connection in place of `used`, unless another task already did or `used` is
-    /// younger than [`KEPT_AT_LEAST`]. The old one closes once its last command is answered.
-    fn replace(&self, used: &Arc<Made>) {
+    /// younger than [`KEPT_AT_LEAST`]. The old one closes once its last command is answered
+    /// or given up on.
+    fn replace(&self, used: &Arc<Made>, why: Replaced) {
         if used.at.elapsed() < KEPT_AT_LEAST {
             return;
         }
@@ -77,13 +95,27 @@ impl Link {
             return;
         };
         let previous = self.current.compare_and_swap(used, Arc::new(made));
-        if Arc::ptr_eq(&previous, used) {
-            tracing::warn!(
+        if !Arc::ptr_eq(&previous, used) {
+            return;
+        }
+        match why {
+            Replaced::ReadOnly => tracing::warn!(
                 "Redis answered READONLY: the server is a replica now (a failover?); connecting \
                  again to reach the master"
-            );
+            ),
+            Replaced::TimedOut => tracing::warn!(
+                "Redis did not answer within the store timeout; the next commands take a new \
+                 connection (the old one may lead into a dead link)"
+            ),
         }
     }
+}
+
+/// Why a connection was replaced.
+#[derive(Clone, Copy)]
+enum Replaced {
+    ReadOnly,
+    TimedOut,
 }
 
 impl Made {

@@ -1,0 +1,169 @@
+//! A test host of our own across a real network link: a network namespace joined to this one
+//! by a veth pair, with a `redis-server` inside it. The link can be cut as a failed switch or a
+//! partition cuts it — packets dropped, no RST, no FIN, new connections unanswered — which
+//! neither a killed server (its kernel refuses connections at once) nor a stopped one (its
+//! kernel still accepts and acknowledges) shows.
+//!
+//! Needs root and iproute2 (`ip`), as CI has; never skipped. The addresses are taken from
+//! 198.18.0.0/15 (RFC 2544, for benchmarking networks): this machine's own test hosts only.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static HOSTS: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip` with `args`, panicking with its error when it fails.
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run `ip` ({e}): these tests need iproute2 and root, and never skip: \
+             `apt-get install -y iproute2`"
+        )
+    });
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A network namespace with one veth link to this one; removed on drop.
+pub struct NetHost {
+    namespace: String,
+    /// The link's end on this side, and the one inside the namespace.
+    here: String,
+    there: String,
+    /// The namespace's address, reached over the link.
+    pub address: Ipv4Addr,
+    redis: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl NetHost {
+    /// A new namespace and link, with addresses of their own (a /30 per host of this process).
+    pub fn start() -> NetHost {
+        let n = HOSTS.fetch_add(1, Ordering::Relaxed);
+        let id = std::process::id() % 100_000;
+        let namespace = format!("vb{id}n{n}");
+        let (here, there) = (format!("vb{id}h{n}"), format!("vb{id}t{n}"));
+        // One /30 per host: which one from this process's id and the count, in 198.18.0.0/15.
+        let block = (id.wrapping_mul(7).wrapping_add(n) % 32_768) * 4;
+        let [a, b] = u16::try_from(block).unwrap_or(0).to_be_bytes();
+        let near = Ipv4Addr::new(198, 18 + (a >> 7), a & 0x7f, b.wrapping_add(1));
+        let address = Ipv4Addr::new(198, 18 + (a >> 7), a & 0x7f, b.wrapping_add(2));
+        ip(&["netns", "add", &namespace]);
+        let host = NetHost {
+            namespace,
+            here,
+            there,
+            address,
+            redis: None,
+            dir: tempfile::tempdir().expect("temporary directory"),
+        };
+        ip(&[
+            "link",
+            "add",
+            &host.here,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &host.there,
+        ]);
+        ip(&["link", "set", &host.there, "netns", &host.namespace]);
+        ip(&["addr", "add", &format!("{near}/30"), "dev", &host.here]);
+        ip(&["link", "set", &host.here, "up"]);
+        host.inside(&["addr", "add", &format!("{address}/30"), "dev", &host.there]);
+        host.inside(&["link", "set", &host.there, "up"]);
+        host.inside(&["link", "set", "lo", "up"]);
+        // The far end's hardware address, fixed: with the link cut, packets to it are sent into
+        // the dead link and lost, as across a partition, instead of failing at once for want of
+        // a neighbour ("No route to host").
+        let mac = host.mac_inside();
+        ip(&[
+            "neigh",
+            "replace",
+            &address.to_string(),
+            "lladdr",
+            mac.trim(),
+            "dev",
+            &host.here,
+            "nud",
+            "permanent",
+        ]);
+        host
+    }
+
+    fn inside(&self, args: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.namespace, "ip"];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    fn mac_inside(&self) -> String {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, "cat"])
+            .arg(format!("/sys/class/net/{}/address", self.there))
+            .output()
+            .expect("read the far end's address");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Starts `redis-server` inside the namespace, listening on its address; its URL.
+    pub fn start_redis(&mut self) -> String {
+        assert!(self.redis.is_none(), "one redis-server per host");
+        let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, "redis-server"])
+            .args(["--bind", &self.address.to_string(), "--port", "6379"])
+            .args(["--protected-mode", "no", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start redis-server in the namespace");
+        self.redis = Some(child);
+        let at = SocketAddr::from((self.address, 6379));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&at, Duration::from_millis(200)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server in {} did not listen in time",
+                self.namespace
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        format!("redis://{at}")
+    }
+
+    /// Cuts the link: from now on every packet either way is lost.
+    pub fn partition(&self) {
+        self.inside(&["link", "set", &self.there, "down"]);
+    }
+
+    /// Mends the link.
+    pub fn heal(&self) {
+        self.inside(&["link", "set", &self.there, "up"]);
+    }
+}
+
+impl Drop for NetHost {
+    fn drop(&mut self) {
+        if let Some(mut redis) = self.redis.take() {
+            let _ = redis.kill();
+            let _ = redis.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.here])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
