@@ -58,6 +58,9 @@ fn repeated<'n>(req: &Request<Inbound>, names: &[&'n str]) -> Option<&'n str> {
 /// The parameters of an authorization response the callback reads.
 const CALLBACK_PARAMETERS: [&str; 4] = ["code", "state", "iss", "error"];
 
+/// The step-up parameters of `/bff/login` ([`crate::oidc::step_up::from_params`]).
+const STEP_UP_PARAMETERS: [&str; 2] = ["acr_values", "max_age"];
+
 fn hash_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
@@ -255,6 +258,12 @@ async fn login(
 ) -> Result<Response<Body>, RequestError> {
     if repeated(req, &["returnUrl"]).is_some() {
         return Err(RequestError::InvalidReturnUrl);
+    }
+    // Which copy of a step-up parameter counts is not Vestibule's to pick either (a link whose
+    // first copy asks for the strong sign-in): refused, no login begun. (`prompt`: below.)
+    if let Some(name) = repeated(req, &STEP_UP_PARAMETERS) {
+        tracing::debug!(parameter = name, "login refused: a parameter repeated");
+        return Err(RequestError::BadRequest);
     }
     let raw = query_param(req, "returnUrl").unwrap_or_else(|| "/".into());
     let Some(return_url) = local_return_url(&raw).filter(|u| u.len() <= MAX_RETURN_URL_LEN) else {
@@ -795,6 +804,14 @@ async fn logout(
 ) -> Result<Response<Body>, RequestError> {
     if via == LogoutVia::Script && !crate::access::csrf_ok(live, req) {
         return Err(RequestError::Csrf);
+    }
+    // `sid` twice is no link Vestibule made (`bff:logout_url` names it once), whichever copy
+    // would match: refused before the session is read, nothing ended.
+    if via == LogoutVia::Link && repeated(req, &["sid"]).is_some() {
+        tracing::debug!(parameter = "sid", "logout refused: a parameter repeated");
+        return Err(RequestError::SidMismatch {
+            reader: Reader::of(req.headers()),
+        });
     }
     let config = &live.config;
     let post_logout_uri = format!(

@@ -116,7 +116,7 @@ pub enum RequestError {
     /// `prompt` of `/bff/login` is not one OpenID Connect defines, or is given twice.
     #[error("invalid prompt")]
     InvalidPrompt,
-    /// The logout link names another session (or none): answered as the request asked
+    /// The logout link names another session (or none, or one more than once): answered as the request asked
     /// (`navigation`), whatever the endpoint's other errors are.
     #[error("the logout link names another session")]
     SidMismatch { reader: Reader },

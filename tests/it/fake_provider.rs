@@ -636,3 +636,63 @@ async fn logged_out_everywhere_before_the_callback(s: &crate::identity::Stack, s
         again.text()
     );
 }
+
+/// The other parameters `/bff/login` and the logout link read, repeated (RFC 6749 §3.1; the
+/// callback's, `logout_token` and `returnUrl` above): `acr_values` or `max_age` twice would let
+/// the copy a step-up login asks for depend on which one is read (a link whose first copy asks
+/// for the strong sign-in), and `sid` twice at `GET /bff/logout` is no link Vestibule made. Each
+/// is refused before anything else (400 `bad_request`): no login begun (no login cookie, no
+/// redirect, nothing pushed to the provider), no session ended.
+#[tokio::test]
+async fn a_login_or_logout_link_repeating_a_parameter_is_refused_and_starts_or_ends_nothing() {
+    let c = setup().await;
+    for query in [
+        "returnUrl=%2Fapp&acr_values=mfa&acr_values=pwd",
+        "returnUrl=%2Fapp&acr_values=mfa&acr_values=mfa",
+        "returnUrl=%2Fapp&max_age=0&max_age=86400",
+        "returnUrl=%2Fapp&max_age=60&max_age=60",
+    ] {
+        let r = get(&c.proxy.url(&format!("/bff/login?{query}")), &[]).await;
+        assert_eq!(r.status, 400, "{query}: {}", r.text());
+        assert_eq!(r.json()["error"], "bad_request", "{query}");
+        assert!(r.header("location").is_none(), "{query}: redirected");
+        assert!(r.header("set-cookie").is_none(), "{query}: a login began");
+    }
+    assert!(c.idp.state.pushed.lock().unwrap().is_empty());
+
+    let (q, cookie) = c.login_begun().await;
+    let done = callback(&c.proxy, &q, &cookie).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    let session = done.session_cookie();
+    let me = get(
+        &c.proxy.url("/bff/user"),
+        &[("cookie", &session), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(me.status, 200, "{}", me.text());
+    let link = me.json()["bff:logout_url"].as_str().unwrap().to_string();
+    let sid = link.split("sid=").nth(1).unwrap().to_string();
+    for query in [
+        format!("sid={sid}&sid=forged"),
+        format!("sid=forged&sid={sid}"),
+        format!("sid={sid}&sid={sid}"),
+    ] {
+        let r = get(
+            &c.proxy.url(&format!("/bff/logout?{query}")),
+            &[("cookie", &session)],
+        )
+        .await;
+        assert_eq!(r.status, 400, "{query}: {}", r.text());
+        assert_eq!(r.json()["error"], "bad_request", "{query}");
+        assert!(r.header("location").is_none(), "{query}: redirected");
+        assert!(r.header("set-cookie").is_none(), "{query}: cookies changed");
+        assert!(
+            c.proxy.signed_in(&session).await,
+            "{query}: the session ended"
+        );
+    }
+    assert!(c.idp.state.revocations.lock().unwrap().is_empty());
+    let r = get(&c.proxy.url(&link), &[("cookie", &session)]).await;
+    assert_eq!(r.status, 302, "the link Vestibule made: {}", r.text());
+    assert!(!c.proxy.signed_in(&session).await);
+}
