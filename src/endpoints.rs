@@ -454,6 +454,9 @@ async fn callback(
     let sid = claims.get("sid").and_then(|v| v.as_str()).map(String::from);
     let ended_mark = sid.as_deref().map(ended_provider_session);
     let subject_mark = ended_subject(&sub);
+    // No sid: the provider session it signed into is unknown, and may be one a logout naming
+    // its sid and this user ended (which ends her sessions stored without a sid, too).
+    let sidless_mark = ended_mark.is_none().then(|| ended_sidless_subject(&sub));
     let mut user_claims = crate::oidc::userinfo::user_claims(&claims);
     if app.oidc.config.userinfo {
         match app
@@ -519,6 +522,9 @@ async fn callback(
     };
     if !ended {
         ended = subject_ended_since(app, &subject_mark, login.created).await?;
+    }
+    if !ended && let Some(mark) = &sidless_mark {
+        ended = subject_ended_since(app, mark, login.created).await?;
     }
     if ended {
         if let Err(error) = app.sessions.delete(&created).await {
@@ -613,29 +619,38 @@ fn ended_subject(sub: &str) -> String {
     format!("ended-sub:{}", hash_hex(sub))
 }
 
-/// The time an [`ended_subject`] record holds; `None` when it holds none.
+/// The store key holding when the provider last ended, with a logout naming both a `sid` and
+/// `sub`, a provider session of `sub` that her sessions stored without a `sid` may belong to,
+/// as Unix seconds, kept as [`ended_subject`]'s is. Read only by a login whose ID token names no
+/// `sid`: one naming another provider session is none of that logout's business.
+fn ended_sidless_subject(sub: &str) -> String {
+    format!("ended-sub-sidless:{}", hash_hex(sub))
+}
+
+/// The time an [`ended_subject`] (or [`ended_sidless_subject`]) record holds; `None` when it
+/// holds none.
 fn ended_at(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// Records `now` as the time the provider ended every session of `sub`, unless a later time is
-/// recorded already. Logouts of the same user racing each other: one of them is recorded.
+/// Records `now` in the time record `key` ([`ended_subject`], [`ended_sidless_subject`]), unless
+/// a later time is recorded already. Logouts of the same user racing each other: one of them is
+/// recorded.
 async fn mark_subject_ended(
     app: &Shared,
-    sub: &str,
+    key: &str,
     now: u64,
 ) -> Result<(), crate::session::store::StoreError> {
     let store = app.sessions.store();
-    let key = ended_subject(sub);
     let value = now.to_string();
     // Each failed attempt is another logout's write in between.
     for _ in 0..3 {
-        let done = match store.get(&key).await? {
-            None => store.put_new(&key, value.as_bytes(), LOGIN_TTL).await?,
+        let done = match store.get(key).await? {
+            None => store.put_new(key, value.as_bytes(), LOGIN_TTL).await?,
             Some(record) if ended_at(&record.value).is_some_and(|at| at >= now) => true,
             Some(record) => {
                 store
-                    .compare_and_set(&key, record.version, value.as_bytes(), LOGIN_TTL)
+                    .compare_and_set(key, record.version, value.as_bytes(), LOGIN_TTL)
                     .await?
             }
         };
@@ -1012,9 +1027,15 @@ async fn backchannel_logout(
             .await?;
     }
     // Only the user named: every session of hers at the provider ended, so a login of hers
-    // begun before now, whose callback has not stored its session yet, signs nobody in.
-    if let (None, Some(sub)) = (&logout.sid, &logout.sub) {
-        mark_subject_ended(app, sub, app.clock.now()).await?;
+    // begun before now, whose callback has not stored its session yet, signs nobody in. With a
+    // sid too, only such a login whose ID token names no sid (it may have signed into the ended
+    // provider session, as the sessions stored without one that end below may have).
+    match (&logout.sid, &logout.sub) {
+        (None, Some(sub)) => mark_subject_ended(app, &ended_subject(sub), app.clock.now()).await?,
+        (Some(_), Some(sub)) => {
+            mark_subject_ended(app, &ended_sidless_subject(sub), app.clock.now()).await?;
+        }
+        _ => {}
     }
     let ended = match (&logout.sid, &logout.sub) {
         (Some(sid), Some(sub)) => match app.sessions.end_by_sid(sid).await {

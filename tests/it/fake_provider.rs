@@ -696,3 +696,81 @@ async fn a_login_or_logout_link_repeating_a_parameter_is_refused_and_starts_or_e
     assert_eq!(r.status, 302, "the link Vestibule made: {}", r.text());
     assert!(!c.proxy.signed_in(&session).await);
 }
+
+/// A logout token naming both `sid` and `sub` ends that provider session and the user's
+/// sessions stored without a `sid` (the provider named none at their login, so any of them may
+/// be it). A login whose ID token carries no `sid`, begun before that logout and whose callback
+/// comes after it, is the same case: it may have signed into the ended provider session, and
+/// makes no session. A login into another provider session (another `sid`) is not refused,
+/// nor is a login without `sid` begun after the logout. With both session stores.
+#[tokio::test]
+async fn a_login_without_sid_pending_when_its_users_provider_session_ended_signs_nobody_in() {
+    let redis = crate::support::redis::RedisServer::start();
+    for store in ["memory", "redis"] {
+        let url = redis.url();
+        let s = crate::identity::stack_with(
+            |_| String::new(),
+            |c| match store {
+                "redis" => c
+                    .add("session.store", "redis")
+                    .add("session.redis.url", url),
+                _ => c,
+            },
+        )
+        .await;
+        // Two logins begun before the logout: one signing in without a sid, one into another
+        // provider session.
+        let sign_in = |sid: Option<&'static str>| {
+            let s = &s;
+            async move {
+                let (q, cookie) = begin_login(&s.proxy).await;
+                let claims = with(
+                    claims(&s.idp.issuer, &q["nonce"]),
+                    "sid",
+                    sid.map_or(Value::Null, |sid| json!(sid)),
+                );
+                (q, cookie, claims)
+            }
+        };
+        let (sidless_q, sidless_cookie, sidless) = sign_in(None).await;
+        let (other_q, other_cookie, other) = sign_in(Some("session-2")).await;
+        s.clock.advance(std::time::Duration::from_secs(1));
+        let logout =
+            vestibule::jose::testing::logout_token_claims(&s.idp.issuer, "vestibule", now());
+        assert_eq!(
+            (&logout["sid"], &logout["sub"]),
+            (&json!("session-1"), &json!("alice"))
+        );
+        let token = s
+            .signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .typ("logout+jwt")
+            .sign(&logout);
+        let r = post_logout_form(&s.proxy, format!("logout_token={token}")).await;
+        assert_eq!(r.status, 200, "{store}: {}", r.text());
+
+        *s.idp.state.id_token.lock().unwrap() =
+            s.signer.token(TestKey::Rsa1).kid("k1").sign(&sidless);
+        let r =
+            callback_refused_as_ended(&s.proxy, &sidless_q["state"], &sidless_cookie, store).await;
+        assert!(!sets_a_session(&r), "{store}: a session was made");
+
+        *s.idp.state.id_token.lock().unwrap() =
+            s.signer.token(TestKey::Rsa1).kid("k1").sign(&other);
+        let r = callback(&s.proxy, &other_q, &other_cookie).await;
+        assert_eq!(
+            r.status,
+            302,
+            "{store}: another provider session's login was refused: {}",
+            r.text()
+        );
+
+        // Begun after the logout: signs in, at once.
+        let (q, cookie, later) = sign_in(None).await;
+        *s.idp.state.id_token.lock().unwrap() =
+            s.signer.token(TestKey::Rsa1).kid("k1").sign(&later);
+        let r = callback(&s.proxy, &q, &cookie).await;
+        assert_eq!(r.status, 302, "{store}: signing in again: {}", r.text());
+    }
+}
