@@ -190,9 +190,13 @@ async fn let_go_of_one(raw: &Raw, what: &str) {
 
 /// One worker, so that every request shares one upstream pool.
 async fn proxy_for(raw: &Raw) -> Proxy {
+    proxy_to(&raw.url, "").await
+}
+
+/// [`proxy_for`] an upstream at `url`, with `more` settings for its route.
+async fn proxy_to(url: &str, more: &str) -> Proxy {
     let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\ntimeout = \"{}ms\"\n",
-        raw.url,
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{url}\"\ntimeout = \"{}ms\"\n{more}",
         ROUTE_TIMEOUT.as_millis()
     );
     let text = config_toml(&routes)
@@ -341,4 +345,111 @@ async fn a_post_lost_on_a_reused_connection_is_a_502_and_is_never_sent_twice() {
     );
     raw.drop_reused.store(false, Ordering::SeqCst);
     still_serves(&client, &proxy).await;
+}
+
+/// RFC 9110 §9.2.2: a request whose bytes reached the upstream is sent again only when it is
+/// idempotent. A POST on a reused connection that the upstream read, then answered with part of
+/// a head and reset — or closed unanswered — may have been acted on: 502, never a second copy.
+/// Through the workers' own HTTP/1.1 connections (a plain `http` upstream) and through hyper's
+/// pooled client (an `https` upstream, HTTP/1.1 over TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_cut_off_mid_head_on_a_reused_connection_is_never_sent_twice() {
+    let ca = crate::support::pki::TestCa::new("Upstream CA");
+    for tls in [false, true] {
+        let raw = Raw::start().await;
+        let proxy = if tls {
+            let plain = raw.url.trim_start_matches("http://").parse().unwrap();
+            let (front, _) = crate::support::pki::tls_front(ca.acceptor(None), plain).await;
+            let ca_file = format!("ca_file = {:?}\n", ca.ca_file.display().to_string());
+            proxy_to(&format!("https://{front}"), &ca_file).await
+        } else {
+            proxy_for(&raw).await
+        };
+        let client = client();
+        // A pooled connection, then the POST that the upstream cuts off mid-head on it.
+        let first = request(&client, "POST", &proxy.url("/api/ok")).await;
+        assert_eq!(first.status, 200, "over TLS: {tls}");
+        let reply = request(&client, "POST", &proxy.url("/api/reset-head")).await;
+        assert_error(&reply, 502, "upstream_unavailable", &raw);
+        assert_eq!(
+            raw.seen("POST /api/reset-head"),
+            1,
+            "the upstream read the POST and began answering: never sent again (over TLS: {tls})"
+        );
+        // Closed unanswered on reuse.
+        assert_eq!(
+            request(&client, "POST", &proxy.url("/api/ok")).await.status,
+            200
+        );
+        raw.drop_reused.store(true, Ordering::SeqCst);
+        let reply = request(&client, "POST", &proxy.url("/api/ok")).await;
+        assert_error(&reply, 502, "upstream_unavailable", &raw);
+        raw.drop_reused.store(false, Ordering::SeqCst);
+        assert_eq!(
+            raw.seen("POST /api/ok"),
+            3,
+            "the lost POST was sent again (over TLS: {tls})"
+        );
+        still_serves(&client, &proxy).await;
+    }
+}
+
+/// The same over HTTP/2 (an `https` upstream offering `h2`): a POST whose stream the upstream
+/// reset once it had read the request is a 502, and the upstream has seen it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_http2_stream_the_upstream_reset_is_never_sent_twice() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let ca = crate::support::pki::TestCa::new("Upstream CA");
+    let acceptor = ca.h2_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<(http::Version, String)>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let (version, path) = (req.version(), req.uri().path().to_string());
+                            let _ = req.into_body().collect().await;
+                            log.lock().unwrap().push((version, path.clone()));
+                            if path == "/api/reset" {
+                                // An error from the service: the stream is reset, unanswered.
+                                return Err(std::io::Error::other("reset"));
+                            }
+                            Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let ca_file = format!("ca_file = {:?}\n", ca.ca_file.display().to_string());
+    let proxy = proxy_to(&format!("https://{addr}"), &ca_file).await;
+    let client = client();
+    assert_eq!(
+        request(&client, "POST", &proxy.url("/api/ok")).await.status,
+        200
+    );
+    let reply = request(&client, "POST", &proxy.url("/api/reset")).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["error"], "upstream_unavailable");
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|(v, _)| *v == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|(_, p)| p == "/api/reset").count(),
+        1,
+        "the reset POST was sent again: {seen:?}"
+    );
 }
