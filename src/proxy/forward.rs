@@ -283,11 +283,18 @@ impl Upstreams {
         let mut req = outgoing(req, body);
         replaced.clone().apply(req.headers_mut());
         close_after_head(&mut req);
-        Ok(self
-            .client
-            .request(req)
-            .await?
-            .map(|body| bind(boxed(body), streamed)))
+        // The pooled connection, to keep from the pool after an answer that may leave bytes on
+        // it ([`announces_a_body_it_has_not`]): poisoned before this task yields, so on a worker
+        // (one thread) no other request can have taken it from the pool in between; the pool
+        // checks the mark at every checkout.
+        let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
+        let response = self.client.request(req).await?;
+        if announces_a_body_it_has_not(&response)
+            && let Some(connected) = connection.connection_metadata().as_ref()
+        {
+            connected.poison();
+        }
+        Ok(response.map(|body| bind(boxed(body), streamed)))
     }
 
     /// Sends `req` (already rewritten, but for the fields in `replaced`) with `body` in place
@@ -455,6 +462,31 @@ fn close_after_head(req: &mut Request<Body>) {
             http::HeaderValue::from_static("close"),
         );
     }
+}
+
+/// Whether an HTTP/1 answer has no body (`204`, `304`: RFC 9112 §6.3) but its head announces
+/// one (a `Content-Length` other than 0, a `Transfer-Encoding`): its upstream's handler may
+/// write that body, perhaps only once the next request on the connection has reached it, and
+/// that request (anyone's) would take it as its answer. Such a connection is not reused, as one
+/// that carried a `HEAD` ([`close_after_head`]); the workers' own path decides the same
+/// (`wire::framing`). A `304` may carry the length its `200` would have had (RFC 9110 §8.6):
+/// that costs a connection, not an answer.
+fn announces_a_body_it_has_not<B>(response: &Response<B>) -> bool {
+    if !matches!(
+        response.status(),
+        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+    ) || response.version() == Version::HTTP_2
+    {
+        return false;
+    }
+    let headers = response.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.get_all(header::CONTENT_LENGTH).iter().any(|value| {
+            value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|n| n.trim_ascii().iter().any(|&d| d != b'0') || n.trim_ascii().is_empty())
+        })
 }
 
 fn outgoing(req: &mut Request<Inbound>, body: Body) -> Request<Body> {

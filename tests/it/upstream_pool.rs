@@ -556,3 +556,183 @@ async fn a_client_leaving_during_a_quiet_stream_lets_go_of_its_upstream_at_once(
             });
     }
 }
+
+/// An upstream whose `304` and `204` answers announce a body (`Content-Length`, as a handler
+/// that set the status but wrote its body anyway sends) and write it only once the next request
+/// on the connection has reached it, as the `HEAD` handler of [`late_head_body_upstream`] does.
+/// Other requests are answered `ok`. Counts the connections it accepted.
+async fn late_bodiless_body_upstream() -> (String, Arc<AtomicUsize>) {
+    upstream_answering(|head, late: &mut Option<&'static [u8]>| {
+        let mut answer = late.take().unwrap_or_default().to_vec();
+        let target = head.split(' ').nth(1).unwrap_or("/");
+        let forged: &'static [u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged";
+        match target {
+            "/api/not-modified" => {
+                answer.extend_from_slice(
+                    b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 44\r\n\r\n",
+                );
+                *late = Some(forged);
+            }
+            "/api/no-content" => {
+                answer.extend_from_slice(b"HTTP/1.1 204 No Content\r\nContent-Length: 44\r\n\r\n");
+                *late = Some(forged);
+            }
+            "/api/no-content-chunked" => {
+                answer.extend_from_slice(
+                    b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+                );
+                *late =
+                    Some(b"2f\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged\r\n0\r\n\r\n");
+            }
+            _ => answer.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        }
+        (vec![answer], false)
+    })
+    .await
+}
+
+/// A `304` or `204` answer has no body whatever its head says (RFC 9112 §6.3), and one whose
+/// head announces a body anyway comes from an upstream that may write that body, possibly only
+/// once the next request on the connection has reached it: too late for any check before
+/// reuse, and that request (anyone's) would take it as its answer. Such a connection is never
+/// reused, as one that carried a `HEAD`: on the workers' own path (a `GET`), through hyper's
+/// client on the workers (a `POST`) and through hyper's pooled client (an `https` upstream).
+#[tokio::test]
+async fn a_bodiless_answer_announcing_a_body_never_leaves_it_to_the_next_request() {
+    let ca = TestCa::new("Upstream CA");
+    for tls in [false, true] {
+        for (method, path) in [
+            ("GET", "/api/not-modified"),
+            ("GET", "/api/no-content"),
+            ("GET", "/api/no-content-chunked"),
+            ("POST", "/api/no-content"),
+            ("POST", "/api/not-modified"),
+        ] {
+            let (mut upstream, accepted) = late_bodiless_body_upstream().await;
+            let mut route = String::new();
+            if tls {
+                let plain = upstream.trim_start_matches("http://").parse().unwrap();
+                let (front, _) = tls_front(ca.acceptor(None), plain).await;
+                upstream = format!("https://{front}");
+                route = format!("ca_file = \"{}\"\n", ca.ca_file.display());
+            }
+            let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{route}");
+            let proxy = start_proxy(&config_toml(&route).add("server.workers", 1).text()).await;
+            let case = format!("{method} {path} (over TLS: {tls})");
+            let (status, _, body) = ask(&mut one_connection(&proxy).await, method, path).await;
+            assert!(matches!(status, 204 | 304), "{case}: {status}");
+            assert!(body.is_empty(), "{case}");
+            let mut bob = one_connection(&proxy).await;
+            for n in 0..2 {
+                let (status, _, body) = ask(&mut bob, method, &format!("/api/bob/{n}")).await;
+                assert_eq!(
+                    (status, String::from_utf8_lossy(&body).into_owned()),
+                    (200, "ok".to_string()),
+                    "{case}: bob's request {n} was answered with the body of the bodiless answer"
+                );
+            }
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                2,
+                "{case}: the connection that carried the bodiless answer, then one for bob's"
+            );
+        }
+    }
+}
+
+/// An upstream's `304` and `204` without a body (and without a field announcing one) leave
+/// their connection reusable; bytes after one in the same write are no answer to anyone.
+#[tokio::test]
+async fn a_bodiless_answer_followed_by_stray_bytes_never_answers_the_next_request() {
+    let (upstream, accepted) = upstream_answering(|head, _: &mut ()| {
+        let target = head.split(' ').nth(1).unwrap_or("/");
+        let answer: &[u8] = match target {
+            "/api/304" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n",
+            "/api/204" => b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            "/api/304-stray" => {
+                b"HTTP/1.1 304 Not Modified\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+            }
+            "/api/204-stray" => {
+                b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+            }
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        };
+        (vec![answer.to_vec()], false)
+    })
+    .await;
+    let proxy = start_proxy(&workers_config(&upstream, 1)).await;
+    let mut client = one_connection(&proxy).await;
+    for method in ["GET", "POST"] {
+        for path in ["/api/304", "/api/204"] {
+            let (status, _, body) = ask(&mut client, method, path).await;
+            assert!(
+                matches!(status, 204 | 304) && body.is_empty(),
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a plain 304 or 204 leaves its connection reusable (one for the workers' own path, one \
+         for hyper's client)"
+    );
+    for method in ["GET", "POST"] {
+        for path in ["/api/304-stray", "/api/204-stray"] {
+            let (status, _, _) = ask(&mut client, method, path).await;
+            assert!(matches!(status, 204 | 304), "{method} {path}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            for n in 0..2 {
+                let (status, _, body) = ask(&mut client, method, &format!("/api/next/{n}")).await;
+                assert_eq!(
+                    (status, &body[..]),
+                    (200, &b"ok"[..]),
+                    "{method} {n} after {path}: the stray answer"
+                );
+            }
+        }
+    }
+}
+
+/// Interim answers (`1xx`, here `103 Early Hints`) are not relayed: their fields never reach the
+/// client, so an upstream cannot set one of Vestibule's own cookies or grant credentials to
+/// another origin through them, past the vetting of the final head. On the workers' own path
+/// (a `GET`), through hyper's client (a `POST`), and through hyper's pooled client (`https`).
+#[tokio::test]
+async fn interim_answers_never_reach_the_client_with_their_fields() {
+    let ca = TestCa::new("Upstream CA");
+    let (plain, _) = upstream_answering(|_, _: &mut ()| {
+        let interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\
+            Set-Cookie: vestibule=forged; Path=/\r\nSet-Cookie: __Host-vestibule-login-x=forged\r\n\
+            Access-Control-Allow-Origin: https://evil.example\r\n\
+            Access-Control-Allow-Credentials: true\r\n\r\n";
+        let last = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi";
+        (vec![interim.to_vec(), last.to_vec()], false)
+    })
+    .await;
+    let backend = plain.trim_start_matches("http://").parse().unwrap();
+    let (front, _) = tls_front(ca.acceptor(None), backend).await;
+    for (upstream, more) in [
+        (plain.clone(), String::new()),
+        (
+            format!("https://{front}"),
+            format!("ca_file = \"{}\"\n", ca.ca_file.display()),
+        ),
+    ] {
+        let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{more}");
+        let proxy = start_proxy(&config_toml(&route).add("server.workers", 1).text()).await;
+        for request in [
+            &b"GET /api/early HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"[..],
+            b"POST /api/early HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        ] {
+            let answer = raw_exchange(proxy.addr, request).await;
+            let text = String::from_utf8_lossy(&answer).to_lowercase();
+            let what = format!("{upstream} {}", String::from_utf8_lossy(&request[..4]));
+            assert!(text.starts_with("http/1.1 200 "), "{what}: {text}");
+            assert!(text.ends_with("\r\n\r\nhi"), "{what}: {text}");
+            for leaked in ["http/1.1 103", "early hints", "forged", "evil.example", "allow-credentials", "</a.css>"] {
+                assert!(!text.contains(leaked), "{what}: {leaked} reached the client: {text}");
+            }
+        }
+    }
+}

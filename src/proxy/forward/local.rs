@@ -228,7 +228,11 @@ pub(super) async fn send(
         };
         match sender.try_send_request(req).await {
             Ok(response) => {
-                if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                // Not pooled after an upgrade, nor after a bodiless answer announcing a body
+                // (dropped, the connection closes once the answer is read).
+                if response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                    && !super::announces_a_body_it_has_not(&response)
+                {
                     checkin(pool, key, sender);
                 }
                 return Ok(response);

@@ -535,7 +535,12 @@ fn framing(
         return Ok((Framing::Length(0), false));
     }
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Length(0), keep));
+        // No body, whatever the head says. One that announces a body anyway (a length other
+        // than 0, a coding) comes from a handler that may write that body, maybe only once the
+        // next request has reached the upstream: not reused, as after a `HEAD`.
+        let announced =
+            hops.chunked.is_some() || hops.bad_length || hops.length.is_some_and(|n| n > 0);
+        return Ok((Framing::Length(0), keep && !announced));
     }
     if let Some(chunked) = hops.chunked {
         if chunked {
