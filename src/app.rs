@@ -192,27 +192,35 @@ impl App {
         let request_id =
             proxy::headers::request_id(req.headers(), peer.trusted, &worker.request_ids);
         // Only a trusted proxy may continue a trace (and decide its sampling); anyone else's
-        // trace context reaches neither our spans nor the upstreams.
-        let remote = match (&self.tracer, peer.trusted) {
-            (Some(_), true) => req
-                .headers()
-                .get(TRACEPARENT)
-                .and_then(|v| crate::telemetry::trace::SpanContext::parse(v.as_bytes())),
-            _ => None,
-        };
-        // Looked for by walking the names (a removal by name hashes it, whether or not the
-        // field is there; nearly every request has none). `baggage` crosses the same boundary:
+        // trace context reaches neither our spans nor the upstreams, and a trusted proxy's only
+        // as W3C Trace Context allows it (`vet_trusted`: what breaks it is removed). Looked for
+        // by walking the names (a removal by name hashes it, whether or not the field is
+        // there; nearly every request has none). `baggage` crosses the same boundary:
         // upstreams' SDKs take its entries into their context (and spans, and logs).
-        if !peer.trusted
-            && req
+        if peer.trusted {
+            if req
                 .headers()
                 .keys()
-                .any(|name| *name == TRACEPARENT || *name == TRACESTATE || *name == BAGGAGE)
+                .any(|name| *name == TRACEPARENT || *name == TRACESTATE)
+            {
+                crate::telemetry::trace::vet_trusted(req.headers_mut());
+            }
+        } else if req
+            .headers()
+            .keys()
+            .any(|name| *name == TRACEPARENT || *name == TRACESTATE || *name == BAGGAGE)
         {
             req.headers_mut().remove(TRACEPARENT);
             req.headers_mut().remove(TRACESTATE);
             req.headers_mut().remove(BAGGAGE);
         }
+        let remote = match &self.tracer {
+            Some(_) if peer.trusted => req
+                .headers()
+                .get(TRACEPARENT)
+                .and_then(|v| crate::telemetry::trace::SpanContext::parse(v.as_bytes())),
+            _ => None,
+        };
         let logging = tracing::enabled!(target: "vestibule::access", tracing::Level::INFO);
         // Cheap clones (shared bytes), taken only if the access log is on.
         let (client, user_agent, uri) = if logging {

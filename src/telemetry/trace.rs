@@ -28,6 +28,10 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
+mod incoming;
+
+pub use incoming::vet_trusted;
+
 /// The `tracing` target of every span that becomes an OpenTelemetry span.
 pub const TARGET: &str = "vestibule::otel";
 

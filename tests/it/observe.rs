@@ -763,3 +763,161 @@ async fn an_untrusted_client_cannot_hand_baggage_to_the_upstreams() {
         assert_eq!(seen.is_some(), kept, "trusted: {trusted:?}: {seen:?}");
     }
 }
+
+/// A trusted proxy's trace context is passed on only as W3C Trace Context allows it: a
+/// `traceparent` that is one version-00 field (lowercase hex, ids not all zero), and beside it a
+/// `tracestate` of at most 32 list members, each `key=value` in the specification's grammar,
+/// keys unique, at most 512 characters in all (its fields combined). An invalid `tracestate` is
+/// removed; an invalid, repeated or missing `traceparent` takes its `tracestate` with it (the
+/// state belongs to that parent). Without a tracer the valid `traceparent` passes unchanged;
+/// with one, the trace goes on with its trace id, or a new one starts.
+#[tokio::test]
+async fn a_trusted_proxys_trace_context_is_passed_on_only_when_it_is_well_formed() {
+    const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    let many = |n: usize| {
+        (0..n)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let long = (0..5)
+        .map(|i| format!("k{i}={}", "x".repeat(100)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (first_half, second_half) = (
+        many(17),
+        (17..33)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    let (most, too_many) = (many(32), many(33));
+    let (long_key, long_value) = (
+        format!("{}=v", "k".repeat(257)),
+        format!("k={}", "v".repeat(257)),
+    );
+    // (traceparent fields, tracestate fields, the traceparent kept, the tracestate kept)
+    let cases: Vec<(Vec<&str>, Vec<&str>, bool, bool)> = vec![
+        (
+            vec![PARENT],
+            vec!["rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"],
+            true,
+            true,
+        ),
+        (vec![PARENT], vec!["a=1", "b=2"], true, true),
+        (vec![PARENT], vec!["a=1, ,b=2 ,\tc=x y"], true, true),
+        (
+            vec![PARENT],
+            vec!["tenant@vendor=1,1a/b*c_d-e=v"],
+            true,
+            true,
+        ),
+        (vec![PARENT], vec![&most], true, true),
+        (vec![PARENT], vec![&too_many], true, false),
+        (vec![PARENT], vec![&first_half, &second_half], true, false),
+        (vec![PARENT], vec![&long], true, false),
+        (vec![PARENT], vec!["Rojo=1"], true, false),
+        (vec![PARENT], vec!["_a=1"], true, false),
+        (vec![PARENT], vec!["a=b=c"], true, false),
+        (vec![PARENT], vec!["a"], true, false),
+        (vec![PARENT], vec!["a="], true, false),
+        (vec![PARENT], vec!["a=x\ty"], true, false),
+        (vec![PARENT], vec!["a=1,a=2"], true, false),
+        (vec![PARENT], vec![&long_key], true, false),
+        (vec![PARENT], vec![&long_value], true, false),
+        (vec![], vec!["a=1"], false, false),
+        (vec![PARENT, PARENT], vec!["a=1"], false, false),
+        (
+            vec!["00-00000000000000000000000000000000-b7ad6b7169203331-01"],
+            vec!["a=1"],
+            false,
+            false,
+        ),
+        (
+            vec!["00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"],
+            vec!["a=1"],
+            false,
+            false,
+        ),
+        (
+            vec!["00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"],
+            vec!["a=1"],
+            false,
+            false,
+        ),
+        (
+            vec!["01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
+            vec!["a=1"],
+            false,
+            false,
+        ),
+        (
+            vec!["ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
+            vec!["a=1"],
+            false,
+            false,
+        ),
+        (
+            vec!["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x"],
+            vec!["a=1"],
+            false,
+            false,
+        ),
+        (
+            vec!["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"],
+            vec![],
+            false,
+            false,
+        ),
+    ];
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/open/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    for tracer in [false, true] {
+        let mut text = config_toml(&routes).add("server.trusted_proxies", vec!["127.0.0.1/32"]);
+        if tracer {
+            // A collector nobody listens at: spans are dropped, requests never wait for it.
+            text = text.add(
+                "telemetry.otlp_endpoint",
+                format!("http://127.0.0.1:{}", free_port()),
+            );
+        }
+        let proxy = start_proxy(text).await;
+        for (parents, states, parent_kept, state_kept) in &cases {
+            let mut headers: Vec<(&str, &str)> =
+                parents.iter().map(|p| ("traceparent", *p)).collect();
+            headers.extend(states.iter().map(|s| ("tracestate", *s)));
+            let case = format!("tracer: {tracer}, traceparent {parents:?}, tracestate {states:?}");
+            let r = get(&proxy.url("/open/x"), &headers).await;
+            assert_eq!(r.status, 200, "{case}: {}", r.text());
+            let seen = up.last().headers;
+            let all = |name: &str| -> Vec<String> {
+                seen.get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .collect()
+            };
+            let (parent, state) = (all("traceparent"), all("tracestate"));
+            match (tracer, parent_kept) {
+                (false, true) => assert_eq!(parent, [PARENT], "{case}"),
+                (false, false) => assert!(parent.is_empty(), "{case}: {parent:?}"),
+                (true, kept) => {
+                    assert_eq!(parent.len(), 1, "{case}: {parent:?}");
+                    assert_eq!(
+                        parent[0].split('-').nth(1) == Some(TRACE),
+                        *kept,
+                        "{case}: {parent:?}"
+                    );
+                }
+            }
+            if *state_kept {
+                assert_eq!(state.join(","), states.join(","), "{case}");
+            } else {
+                assert!(state.is_empty(), "{case}: {state:?}");
+            }
+        }
+    }
+}
