@@ -2,7 +2,7 @@
 //! never panics, how the bytes are split as they arrive changes nothing (head, body, trailers,
 //! whether the connection is reused, or the refusal), a body framed by a length is exactly that
 //! long, an answer with no body says so, and a connection is only ever reused after an answer
-//! whose end its framing marked.
+//! whose end its framing marked (never after a `204` or `304` that announced a body).
 use std::sync::{LazyLock, Mutex};
 use vestibule::proxy::forward::wire::read_answer;
 use vestibule::proxy::headers::RecentNames;
@@ -56,6 +56,18 @@ pub fn fuzz(data: &[u8]) {
         } else {
             assert!(!answer.reusable, "a body framed by the close, yet reused");
         }
+    }
+    if !to_head && (answer.status == 204 || answer.status == 304) {
+        // No body is read, but one announced may come later, as the next request's answer.
+        let announced = chunked
+            || field("content-length")
+                .iter()
+                .any(|length| length.iter().any(|b| (b'1'..=b'9').contains(b)));
+        assert!(
+            !(announced && answer.reusable),
+            "a {} that announced a body, yet reused",
+            answer.status
+        );
     }
     if chunked {
         assert!(
