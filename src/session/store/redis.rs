@@ -389,7 +389,9 @@ impl RedisStore {
     fn timed_out(&self) {
         match &self.inner.conn {
             Conn::Single(shared) => self.own.as_ref().unwrap_or(shared).timed_out(),
-            // The cluster client reconnects a node that times out by itself.
+            // Not replaced: the cluster client retries on a node's connection through timeouts;
+            // a dead link to a node ends with the cluster's failover (a `MOVED` answer makes it
+            // connect anew) or, once healed, with TCP's retransmission.
             Conn::Cluster(_) => {}
             // Asked of the Sentinels again: the master may have moved, or be cut off.
             Conn::Sentinel(sentinel) => sentinel.forget(),
