@@ -581,6 +581,24 @@ async fn a_login_repeating_return_url_is_refused() {
     }
 }
 
+/// A login stack whose sessions are kept in `store` ("memory", or "redis" on `redis`).
+async fn stack_on(
+    store: &str,
+    redis: &crate::support::redis::RedisServer,
+) -> crate::identity::Stack {
+    let url = redis.url();
+    crate::identity::stack_with(
+        |_| String::new(),
+        |c| match store {
+            "redis" => c
+                .add("session.store", "redis")
+                .add("session.redis.url", url),
+            _ => c,
+        },
+    )
+    .await
+}
+
 /// A logout token naming only `sub` ends every session of that user at the provider. One that
 /// comes between the user's sign-in there and this login's callback found no session to end;
 /// the callback must not then make one for that sign-in, alive until its timeout. A login begun
@@ -589,17 +607,7 @@ async fn a_login_repeating_return_url_is_refused() {
 async fn a_user_logged_out_everywhere_before_the_callback_is_signed_in_only_by_a_later_login() {
     let redis = crate::support::redis::RedisServer::start();
     for store in ["memory", "redis"] {
-        let url = redis.url();
-        let s = crate::identity::stack_with(
-            |_| String::new(),
-            |c| match store {
-                "redis" => c
-                    .add("session.store", "redis")
-                    .add("session.redis.url", url),
-                _ => c,
-            },
-        )
-        .await;
+        let s = stack_on(store, &redis).await;
         logged_out_everywhere_before_the_callback(&s, store).await;
     }
 }
@@ -707,17 +715,7 @@ async fn a_login_or_logout_link_repeating_a_parameter_is_refused_and_starts_or_e
 async fn a_login_without_sid_pending_when_its_users_provider_session_ended_signs_nobody_in() {
     let redis = crate::support::redis::RedisServer::start();
     for store in ["memory", "redis"] {
-        let url = redis.url();
-        let s = crate::identity::stack_with(
-            |_| String::new(),
-            |c| match store {
-                "redis" => c
-                    .add("session.store", "redis")
-                    .add("session.redis.url", url),
-                _ => c,
-            },
-        )
-        .await;
+        let s = stack_on(store, &redis).await;
         // Two logins begun before the logout: one signing in without a sid, one into another
         // provider session.
         let sign_in = |sid: Option<&'static str>| {

@@ -482,21 +482,39 @@ async fn a_head_body_written_after_the_next_request_arrived_never_answers_it() {
             headers["content-length"], "44",
             "a HEAD answer keeps its length"
         );
-        let mut bob = one_connection(&proxy).await;
-        for n in 0..2 {
-            let (status, _, body) = ask(&mut bob, "GET", &format!("/api/bob/{n}")).await;
-            assert_eq!(
-                (status, String::from_utf8_lossy(&body).into_owned()),
-                (200, "ok".to_string()),
-                "bob's request {n} was answered with the body of alice's HEAD (over TLS: {tls})"
-            );
-        }
+        bob_is_answered_on_a_connection_of_his_own(
+            &proxy,
+            "GET",
+            &accepted,
+            &format!("HEAD (over TLS: {tls})"),
+        )
+        .await;
+    }
+}
+
+/// Bob's two requests, on a connection of his own after `case`'s answer, get his own answers
+/// ("ok"), not the late body of that answer: the upstream accepted two connections in all, the
+/// one that carried it and one for bob's.
+async fn bob_is_answered_on_a_connection_of_his_own(
+    proxy: &Proxy,
+    method: &str,
+    accepted: &AtomicUsize,
+    case: &str,
+) {
+    let mut bob = one_connection(proxy).await;
+    for n in 0..2 {
+        let (status, _, body) = ask(&mut bob, method, &format!("/api/bob/{n}")).await;
         assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            2,
-            "the connection that carried the HEAD, then one for bob's requests (over TLS: {tls})"
+            (status, String::from_utf8_lossy(&body).into_owned()),
+            (200, "ok".to_string()),
+            "{case}: bob's request {n} was answered with the body of that answer"
         );
     }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "{case}: the connection that carried that answer, then one for bob's"
+    );
 }
 
 /// A client that goes away while its answer's body is quiet (a long poll, an event stream
@@ -622,20 +640,7 @@ async fn a_bodiless_answer_announcing_a_body_never_leaves_it_to_the_next_request
             let (status, _, body) = ask(&mut one_connection(&proxy).await, method, path).await;
             assert!(matches!(status, 204 | 304), "{case}: {status}");
             assert!(body.is_empty(), "{case}");
-            let mut bob = one_connection(&proxy).await;
-            for n in 0..2 {
-                let (status, _, body) = ask(&mut bob, method, &format!("/api/bob/{n}")).await;
-                assert_eq!(
-                    (status, String::from_utf8_lossy(&body).into_owned()),
-                    (200, "ok".to_string()),
-                    "{case}: bob's request {n} was answered with the body of the bodiless answer"
-                );
-            }
-            assert_eq!(
-                accepted.load(Ordering::SeqCst),
-                2,
-                "{case}: the connection that carried the bodiless answer, then one for bob's"
-            );
+            bob_is_answered_on_a_connection_of_his_own(&proxy, method, &accepted, &case).await;
         }
     }
 }
