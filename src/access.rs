@@ -197,8 +197,10 @@ pub fn preflight<B>(live: &LiveConfig, req: &Request<B>) -> Option<Response<Body
     Some(response)
 }
 
-/// Claims the policy is checked against: the validated JWT access token for the route's
-/// resource when it is one, else the ID token claims kept in the session.
+/// Claims the policy is checked against: the user's validated JWT access token for the route's
+/// resource when it is one, else the ID token claims kept in the session. `token` is the
+/// user's own token or `None`: a client-credentials token (a `token = "client"` route's) speaks
+/// for Vestibule's service account, and its roles are never the user's.
 async fn policy_claims(
     app: &Shared,
     route: &RouteConfig,
@@ -340,6 +342,10 @@ pub async fn admit(
             let _ = sessions.touch(l, clock(now)).await;
         }
     }
+    // Whether the token below is the user's (else Vestibule's own, or none): only the user's
+    // may stand for the user's claims in the policy.
+    let users_token =
+        loaded.is_some() && matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
     let token = match (route.token, &loaded) {
         (TokenMode::None, _) => None,
         (TokenMode::User, Some(l)) | (TokenMode::UserOrClient, Some(l)) => Some(
@@ -377,7 +383,8 @@ pub async fn admit(
                 missing: Vec::new(),
             });
         };
-        let claims = policy_claims(app, route, &l.session, token.as_deref()).await;
+        let users = token.as_deref().filter(|_| users_token);
+        let claims = policy_claims(app, route, &l.session, users).await;
         let missing = missing_requirements(live, route, &claims);
         if !missing.is_empty() {
             return Err(RequestError::Forbidden { missing });

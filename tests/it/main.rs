@@ -6,6 +6,7 @@
 mod support;
 
 mod architecture;
+mod claims_policy;
 mod cli;
 mod client_auth;
 mod config_errors;
