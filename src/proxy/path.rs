@@ -55,8 +55,9 @@ pub enum BadPath {
     InvalidUtf8,
     #[error("a .. above the root")]
     AboveRoot,
-    /// A letter that servers matching paths case-insensitively read as an ASCII one (`ı`, `İ`,
-    /// `ſ`, the Kelvin sign) spelling another route's prefix: ([`super::routing`]).
+    /// A letter that servers matching paths case-insensitively read as ASCII ones (`ı`, `İ`,
+    /// `ſ`, the Kelvin sign; `ß`, `ẞ` and the ligatures `ﬀ`–`ﬆ` as two or three) spelling
+    /// another route's prefix: ([`super::routing`]).
     #[error("a letter read as another route's by case-insensitive servers")]
     FoldsToAnotherRoute,
 }

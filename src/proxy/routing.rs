@@ -108,15 +108,29 @@ impl RouteTable {
     }
 }
 
-/// `path` (canonical: escapes in upper case) with the four letters whose simple case mapping
-/// reaches ASCII written as those ASCII letters, if it holds any: `ı` U+0131 and `İ` U+0130 as
-/// `i`, `ſ` U+017F as `s`, the Kelvin sign U+212A as `k`.
+/// `path` (canonical: escapes in upper case) with every letter whose case mapping reaches ASCII
+/// written as those ASCII letters, if it holds any. The simple mappings: `ı` U+0131 and `İ`
+/// U+0130 as `i`, `ſ` U+017F as `s`, the Kelvin sign U+212A as `k`. The full ones (Python's
+/// `casefold` and `upper`, Java's `String.toUpperCase`), one letter for several: `ß` U+00DF and
+/// `ẞ` U+1E9E as `ss`, the ligatures `ﬀ` `ﬁ` `ﬂ` `ﬃ` `ﬄ` `ﬅ` `ﬆ` (U+FB00–U+FB06) as `ff`, `fi`,
+/// `fl`, `ffi`, `ffl`, `st`, `st`. That is every character outside ASCII whose lower, upper or
+/// folded form is all ASCII (Unicode 15). Each escape starts a character (the path is valid
+/// UTF-8), so a match is always a whole letter.
 fn folded(path: &str) -> Option<String> {
-    const FOLDS: [(&str, &str); 4] = [
+    const FOLDS: [(&str, &str); 13] = [
+        ("%C3%9F", "ss"),
         ("%C4%B0", "i"),
         ("%C4%B1", "i"),
         ("%C5%BF", "s"),
+        ("%E1%BA%9E", "ss"),
         ("%E2%84%AA", "k"),
+        ("%EF%AC%80", "ff"),
+        ("%EF%AC%81", "fi"),
+        ("%EF%AC%82", "fl"),
+        ("%EF%AC%83", "ffi"),
+        ("%EF%AC%84", "ffl"),
+        ("%EF%AC%85", "st"),
+        ("%EF%AC%86", "st"),
     ];
     if !path.contains('%') || !FOLDS.iter().any(|(from, _)| path.contains(from)) {
         return None;
@@ -264,6 +278,61 @@ mod tests {
             ("/api/s%C4%B1cak", "/api/"),
             ("/%C4%B1lik", "/"),
             ("/api/u%C5%BFer", "/api/"),
+        ] {
+            match table.resolve(raw, "/bff") {
+                Ok(Resolved {
+                    to: Destination::Route(r),
+                    ..
+                }) => assert_eq!(r.path, owner, "{raw}"),
+                other => panic!("{raw}: {other:?}"),
+            }
+        }
+    }
+
+    /// Full case folding (Python's `casefold`, Java's `String.toUpperCase`) also turns one
+    /// letter into two or three ASCII ones: `ß` and `ẞ` into `ss`, the Latin ligatures `ﬀ`
+    /// `ﬁ` `ﬂ` `ﬃ` `ﬄ` `ﬅ` `ﬆ` into `ff`, `fi`, `fl`, `ffi`, `ffl`, `st`. Such a spelling of a
+    /// route's prefix is refused like the one-letter folds; the letters elsewhere pass.
+    #[test]
+    fn letters_that_fold_to_several_ascii_ones_never_spell_another_routes_prefix() {
+        let table = RouteTable::new(&[
+            route("/", false),
+            route("/api/", false),
+            route("/api/staff/", false),
+            route("/api/class/", false),
+            route("/api/first/", false),
+            route("/api/flow/", false),
+            route("/api/offline/", false),
+            route("/api/waffle/", false),
+        ]);
+        for raw in [
+            "/api/sta%EF%AC%80/x",
+            "/api/STA%EF%AC%80",
+            "/api/cla%C3%9F/x",
+            "/api/cla%E1%BA%9E/x",
+            "/api/cla\u{df}/x",
+            "/api/%EF%AC%81rst/x",
+            "/api/%EF%AC%82ow/x",
+            "/api/o%EF%AC%84ine/x",
+            "/api/wa%EF%AC%84e/x",
+            "/api/o%EF%AC%80line/x",
+            "/api/%EF%AC%81r%EF%AC%85/x",
+            "/api/%EF%AC%81r%EF%AC%86/x",
+        ] {
+            assert!(
+                matches!(
+                    table.resolve(raw, "/bff"),
+                    Err(BadPath::FoldsToAnotherRoute)
+                ),
+                "{raw}: {:?}",
+                table.resolve(raw, "/bff")
+            );
+        }
+        for (raw, owner) in [
+            ("/api/stra%C3%9Fe", "/api/"),
+            ("/api/staff/stra%C3%9Fe", "/api/staff/"),
+            ("/%EF%AC%81le", "/"),
+            ("/api/o%EF%AC%83ce", "/api/"),
         ] {
             match table.resolve(raw, "/bff") {
                 Ok(Resolved {

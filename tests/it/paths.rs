@@ -362,6 +362,18 @@ path = "/api/admin/"
 upstream = "{api}"
 auth = "required"
 token = "user"
+
+[[routes]]
+path = "/api/staff/"
+upstream = "{api}"
+auth = "required"
+token = "user"
+
+[[routes]]
+path = "/api/class/"
+upstream = "{api}"
+auth = "required"
+token = "user"
 "#,
         api = api.url(),
     );
@@ -372,6 +384,10 @@ token = "user"
         "/api/adm%C4%B1n/users",
         "/api/adm%C4%B0n/users",
         "/api/adm%c4%b1n/users",
+        // Full case folding: one letter for two ASCII ones (`ﬀ` is `ff`, `ß` and `ẞ` are `ss`).
+        "/api/sta%EF%AC%80/users",
+        "/api/cla%C3%9F/users",
+        "/api/cla%E1%BA%9E/users",
     ] {
         let before = api.count();
         let (status, _) = raw_get(&proxy, target, "x=1").await;
