@@ -381,6 +381,13 @@ impl App {
                 return routed(label, answer);
             }
         };
+        // RFC 9110 §9.3.8: the answer to a `TRACE` is the request as the upstream received it,
+        // and a client MUST NOT put stored credentials or cookies into one. Here they would be
+        // the user's access token, identity fields and assertion, shown to the browser.
+        if proxy::echoes_the_request(req.method()) {
+            let refused = ErrorCode::MethodNotAllowed.respond(Reader::of(req.headers()));
+            return routed(route.path.as_str(), refused);
+        }
         let admitted =
             match access::admit(self, &self.tokens, &worker.sessions, live, route, &req).await {
                 Ok(a) => a,

@@ -222,6 +222,14 @@ pub fn upstream_target<'r>(route: &'r RouteConfig, path: &str) -> Option<(http::
     Some((uri, base.authority.as_str()))
 }
 
+/// Whether `method` asks the upstream to echo the request back: `TRACE`, or `TRACK` (IIS's), in
+/// any case (some servers read methods case-insensitively). Such a request never goes to an
+/// upstream: its answer would show the browser what Vestibule added (RFC 9110 §9.3.8).
+pub fn echoes_the_request(method: &http::Method) -> bool {
+    let name = method.as_str();
+    name.len() == 5 && (name.eq_ignore_ascii_case("TRACE") || name.eq_ignore_ascii_case("TRACK"))
+}
+
 /// The answer for a request that matched no route.
 pub fn no_route(req: &Request<crate::reply::Inbound>) -> Response<Body> {
     ErrorCode::NotFound.respond(Reader::of(req.headers()))
@@ -230,6 +238,20 @@ pub fn no_route(req: &Request<crate::reply::Inbound>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_and_track_in_any_case_echo_the_request_and_nothing_else_does() {
+        for name in ["TRACE", "TRACK", "trace", "tRaCk"] {
+            let method = http::Method::from_bytes(name.as_bytes()).unwrap();
+            assert!(echoes_the_request(&method), "{name}");
+        }
+        for name in [
+            "GET", "POST", "OPTIONS", "TRACES", "TRAC", "PATCH", "CONNECT",
+        ] {
+            let method = http::Method::from_bytes(name.as_bytes()).unwrap();
+            assert!(!echoes_the_request(&method), "{name}");
+        }
+    }
 
     #[test]
     fn uri_len_matches_the_written_uri() {

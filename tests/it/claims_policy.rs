@@ -1,7 +1,9 @@
-//! Whose claims a route's `require` reads (attacker 2: a signed-in user who wants more than their
-//! roles allow). The policy is about the user: it may read the user's own access token for the
-//! route's resource, but never Vestibule's client-credentials token, which a `token = "client"`
-//! route sends and whose claims describe Vestibule's service account.
+//! A signed-in user who wants more than their roles allow (attacker 2). Whose claims a route's
+//! `require` reads: the policy is about the user, so it may read the user's own access token
+//! for the route's resource, but never Vestibule's client-credentials token, which a
+//! `token = "client"` route sends and whose claims describe Vestibule's service account. And
+//! what the user may see of what Vestibule adds to their requests: nothing (a `TRACE` answer
+//! would echo it).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::fake_provider::now;
@@ -82,4 +84,67 @@ async fn a_client_credentials_tokens_roles_never_admit_a_user_who_lacks_them() {
         format!("Bearer {svc}"),
         "the route sends Vestibule's own token"
     );
+}
+
+/// A route sending the user's token, and one sending identity headers and a signed assertion.
+fn echoing_routes(up: &str) -> String {
+    format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{up}\"\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/who/\"\nupstream = \"{up}\"\nauth = \"required\"\n\
+         identity_headers = {{ \"X-User\" = \"sub\", \"X-Email\" = \"email\" }}\n\
+         assertion = true\nassertion_header = \"X-Assertion\"\n"
+    )
+}
+
+/// A `TRACE` answer is the request as the upstream received it (RFC 9110 §9.3.8), which is why a
+/// client MUST NOT put stored credentials or cookies into one. Sent through Vestibule with the
+/// session cookie it carried the user's access token (`Authorization`), identity fields and
+/// signed assertion, which the browser was never to see: with them the user calls the API
+/// past Vestibule's `require`, `feature` and step-up. `TRACE` and IIS's `TRACK`, in any case,
+/// are refused before the access stage; nothing reaches the upstream.
+#[tokio::test]
+async fn a_trace_never_echoes_the_users_token_identity_or_assertion_to_the_browser() {
+    let s = stack(echoing_routes).await;
+    let alice = s
+        .sign_in(json!({"sub": "alice", "email": "alice@example.test"}))
+        .await;
+    // The routes work, and what they add is what a TRACE would show.
+    let ok = get(
+        &s.proxy.url("/api/x"),
+        &[("cookie", alice.as_str()), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(s.up.last().headers["authorization"], "Bearer fake-access");
+    let mut failures = Vec::new();
+    for method in ["TRACE", "TRACK", "trace", "Trace"] {
+        for path in ["/api/x", "/who/x"] {
+            let before = s.up.count();
+            let mut req = http::Request::builder()
+                .method(http::Method::from_bytes(method.as_bytes()).unwrap())
+                .uri(s.proxy.url(path));
+            for (name, value) in [("cookie", alice.as_str()), ("x-csrf", "1")] {
+                req = req.header(name, value);
+            }
+            let r = send(req.body(Default::default()).unwrap()).await;
+            let text = r.text();
+            let leaked = ["fake-access", "alice@example.test", "x-assertion", "eyJ"]
+                .into_iter()
+                .filter(|secret| {
+                    text.to_ascii_lowercase()
+                        .contains(&secret.to_ascii_lowercase())
+                })
+                .collect::<Vec<_>>();
+            if r.status != 405 || s.up.count() != before || !leaked.is_empty() {
+                failures.push(format!(
+                    "{method} {path}: {} (the upstream saw it: {}), the answer shows {leaked:?}",
+                    r.status,
+                    s.up.count() != before
+                ));
+            } else {
+                assert_eq!(r.json()["error"], "method_not_allowed");
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
