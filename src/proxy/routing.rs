@@ -72,6 +72,8 @@ impl RouteTable {
             return Err(refused);
         }
         let route = self.find(&view).ok_or(refused)?;
+        // The path an upstream could take it for, read with folding letters as ASCII too.
+        self.same_route_folded(&view, Some(route))?;
         let path = path::canonicalize(raw, options(route))?;
         if !owns(route, &path) {
             return Err(refused);
@@ -419,6 +421,46 @@ mod tests {
         ] {
             assert_eq!(resolve(&table, raw), want, "{raw}");
         }
+    }
+
+    /// The two defences together: a route that lets `;` parameters or `%2F` through is chosen
+    /// by the path an upstream could take the request for (parameters dropped, `%2F` as `/`),
+    /// and that path, too, must not spell another route's prefix with a letter that folds to
+    /// ASCII. Tomcat drops `;jsessionid=…` and Spring may match case-insensitively, reading
+    /// `/java/adm%C4%B1n;v=1/x` as `/java/admin/x`.
+    #[test]
+    fn a_folding_letter_hidden_by_a_switch_never_spells_another_routes_prefix() {
+        let table = RouteTable::new(&[
+            switched("/files/", true, false),
+            switched("/files/private/", false, false),
+            switched("/java/", false, true),
+            switched("/java/admin/", false, false),
+        ]);
+        for raw in [
+            "/files/pr%C4%B1vate%2Fy",
+            "/files/PR%C4%B0VATE%2Fy",
+            "/java/adm%C4%B1n;v=1/x",
+            "/java/adm%C4%B1n;jsessionid=1",
+            "/java/x/..;v=1/adm%C4%B1n/x",
+        ] {
+            let got = resolve(&table, raw);
+            assert!(
+                matches!(
+                    got,
+                    Err(BadPath::FoldsToAnotherRoute | BadPath::PathParameter)
+                ),
+                "{raw}: {got:?}"
+            );
+        }
+        let ok = |to: &str, path: &str| Ok((to.to_string(), path.to_string()));
+        assert_eq!(
+            resolve(&table, "/java/s%C4%B1cak;v=1/x"),
+            ok("/java/", "/java/s%C4%B1cak;v=1/x")
+        );
+        assert_eq!(
+            resolve(&table, "/files/s%C4%B1cak%2Fy"),
+            ok("/files/", "/files/s%C4%B1cak%2Fy")
+        );
     }
 
     #[test]

@@ -400,3 +400,63 @@ token = "user"
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A route that lets `;` parameters through (for a Java upstream's `;jsessionid=`) beside a
+/// stricter one below it: Tomcat drops the parameter and Spring, matching case-insensitively,
+/// reads `ı` as `i`, so `/java/adm%C4%B1n;jsessionid=1/users` is `/java/admin/users` there. It
+/// meets the stricter route's policy or is refused, and never reaches the upstream without a
+/// session.
+#[tokio::test]
+async fn a_folding_letter_behind_a_path_parameter_never_spells_another_routes_prefix() {
+    let api = upstream::start().await;
+    let routes = format!(
+        r#"
+[[routes]]
+path = "/java/"
+upstream = "{api}"
+auth = "none"
+allow_path_params = true
+
+[[routes]]
+path = "/java/admin/"
+upstream = "{api}"
+auth = "required"
+token = "user"
+
+[[routes]]
+path = "/files/"
+upstream = "{api}"
+auth = "none"
+allow_encoded_slash = true
+
+[[routes]]
+path = "/files/private/"
+upstream = "{api}"
+auth = "required"
+token = "user"
+"#,
+        api = api.url(),
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    // The switches still work.
+    let (status, _) = raw_get(&proxy, "/java/x;jsessionid=1", "x=1").await;
+    assert_eq!(status, 200);
+    let mut failures = Vec::new();
+    for target in [
+        "/java/admin;jsessionid=1/users",
+        "/java/adm%C4%B1n;jsessionid=1/users",
+        "/java/ADM%C4%B0N;jsessionid=1",
+        "/files/private%2Fusers",
+        "/files/pr%C4%B1vate%2Fusers",
+    ] {
+        let before = api.count();
+        let (status, _) = raw_get(&proxy, target, "x=1").await;
+        if status != 401 && status != 400 || api.count() != before {
+            failures.push(format!(
+                "{target}: {status}, the upstream saw it: {}",
+                api.count() != before
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
