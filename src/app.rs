@@ -610,9 +610,11 @@ impl App {
         }
         // A cache between the browser and Vestibule sees the cookie, not the token the
         // upstream was sent: an answer about the user stays out of shared caches unless the
-        // upstream shared it itself (RFC 9111 §3.5, as for a request with `Authorization`).
+        // upstream shared it itself (RFC 9111 §3.5, as for a request with `Authorization`). So
+        // does an answer only some sessions may reach: the cache keys on the URL, not on the
+        // cookie Vestibule decided by, and would serve it to anyone who asks next.
         if session.is_some()
-            && (steps_up || route.sets_identity())
+            && (steps_up || route.sets_identity() || route.reached_by_some())
             && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
         {
             private_to_shared_caches(response.headers_mut());

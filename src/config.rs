@@ -550,6 +550,12 @@ impl RouteConfig {
         !self.identity_headers.is_empty() || self.assertion.is_some()
     }
 
+    /// Whether only some sessions may reach this route (`auth = "required"`, a `require`
+    /// policy, a `feature`): its answers are about who asked, whatever the upstream was sent.
+    pub fn reached_by_some(&self) -> bool {
+        self.auth == AuthMode::Required || !self.require.is_empty() || self.feature.is_some()
+    }
+
     /// The key of the session's token map this route's user token is kept under
     /// ([`token_key_of`]).
     pub fn token_key(&self) -> &str {

@@ -982,3 +982,62 @@ async fn answers_sent_with_the_users_token_are_private_to_shared_caches() {
     let r = get(&proxy.url("/open/none"), &[]).await;
     assert_eq!(r.header("cache-control"), None);
 }
+
+/// A route that sends the upstream nothing of the user can still be one only some users may
+/// reach: `auth = "required"`, a `require` policy, a `feature`. Vestibule decides that from the
+/// cookie, which a shared cache in front of it does not key on; an answer it kept (the
+/// upstream's `max-age`, or a `Last-Modified` to guess a lifetime from) would then be served to
+/// the next visitor without Vestibule seeing the request: an admin's report to a user without
+/// the role, or to nobody signed in. Such answers are `private` too, as a `static_dir` route's
+/// files behind a session are; an open route's answer keeps the upstream's word.
+#[tokio::test]
+async fn answers_of_routes_only_some_users_reach_are_private_to_shared_caches() {
+    let u = caching_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/signed-in/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+         [[routes]]\npath = \"/admins/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+         require = {{ roles = [\"admin\"] }}\n\
+         [[routes]]\npath = \"/beta/\"\nupstream = \"{u}\"\nauth = \"optional\"\n\
+         feature = \"beta\"\n\
+         [[routes]]\npath = \"/open/\"\nupstream = \"{u}\"\nauth = \"optional\"\n\
+         [features.beta]\npublic = false\nbeta = true\nrole = \"admin\"\n"
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let mut claims = serde_json::Map::new();
+    claims.insert("roles".into(), serde_json::json!(["admin"]));
+    let cookie = proxy
+        .session_cookie(vestibule::session::Session {
+            sub: "alice".into(),
+            claims: claims.into(),
+            ..Default::default()
+        })
+        .await;
+    let cache_control = |r: &Reply| r.header("cache-control").unwrap_or_default().to_string();
+    let mut failures = Vec::new();
+    for route in ["/signed-in/", "/admins/", "/beta/"] {
+        for kind in ["max-age", "none"] {
+            let r = get(
+                &proxy.url(&format!("{route}{kind}")),
+                &[("cookie", &cookie)],
+            )
+            .await;
+            assert_eq!(r.status, 200, "{route}{kind}: {}", r.text());
+            if !cache_control(&r).split(',').any(|d| d.trim() == "private") {
+                failures.push(format!(
+                    "{route}{kind}: open to shared caches: Cache-Control {:?}",
+                    cache_control(&r)
+                ));
+            }
+        }
+        let r = get(
+            &proxy.url(&format!("{route}public")),
+            &[("cookie", &cookie)],
+        )
+        .await;
+        assert_eq!(cache_control(&r), "public, max-age=60", "{route}public");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Anyone may reach it, signed in or not, and nothing of the user was sent.
+    let r = get(&proxy.url("/open/max-age"), &[("cookie", &cookie)]).await;
+    assert_eq!(cache_control(&r), "max-age=60");
+}
