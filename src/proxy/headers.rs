@@ -56,7 +56,9 @@ const TRANSFER_ENCODING_AT: usize = 3;
 /// over the names.
 pub fn strip_for_upstream(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
     let mut suspect = false;
-    let present = hop_by_hop_present(headers, |name| suspect |= may_be_lookalike(name));
+    let present = hop_by_hop_present(headers, |name| {
+        suspect |= may_be_lookalike(name) || names_another_path(name);
+    });
     remove_hop_by_hop(headers, present);
     if suspect {
         strip_lookalikes(headers, route);
@@ -757,17 +759,34 @@ fn mix64(mut z: u64) -> u64 {
 /// HTTP clients there take for their outgoing proxy ("httpoxy"). Whoever the peer is: a trusted
 /// proxy passes its client's fields on, and no proxy writes these spellings itself.
 ///
-/// Other names with `_` pass, as any field does. Called only when [`may_be_lookalike`] found
-/// one in [`strip_for_upstream`]'s pass (nearly no request has one).
+/// The fields that name another request path than the one Vestibule matched and forwards
+/// ([`names_another_path`]) go too, in either spelling.
+///
+/// Other names with `_` pass, as any field does. Called only when [`may_be_lookalike`] or
+/// [`names_another_path`] found one in [`strip_for_upstream`]'s pass (nearly no request has one).
 fn strip_lookalikes(headers: &mut HeaderMap, route: &crate::config::RouteConfig) {
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| may_be_lookalike(name) && is_lookalike(name, route))
+        .filter(|name| {
+            names_another_path(name) || (may_be_lookalike(name) && is_lookalike(name, route))
+        })
         .cloned()
         .collect();
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// A field some upstream frameworks take the request's path from instead of its request line:
+/// `X-Original-URL` and `X-Rewrite-URL` (set by IIS's rewrite modules; read by Yii, and by
+/// Symfony, Zend and Drupal before 2018), `X-Original-URI`, `X-Override-URL`. A client's would
+/// have such an upstream serve another route's resource under the policy of the route the
+/// request line matched; no proxy in front of Vestibule writes them for Vestibule's use.
+fn names_another_path(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-original-url" | "x-rewrite-url" | "x-original-uri" | "x-override-url"
+    )
 }
 
 /// `Proxy`, or a name with `_` in it: only such a name can be a lookalike. Eight bytes at a
@@ -801,6 +820,7 @@ fn is_lookalike(name: &HeaderName, route: &crate::config::RouteConfig) -> bool {
         return false;
     };
     speaks_for_client(&dashed)
+        || names_another_path(&dashed)
         || [
             X_FORWARDED_FOR,
             X_FORWARDED_PROTO,

@@ -460,3 +460,35 @@ token = "user"
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Headers through which some upstream frameworks take the request path from the client rather
+/// than from the request line (Yii's `X-Rewrite-Url`; Symfony, Zend and Drupal before 2018
+/// took `X-Original-URL` as well, for IIS's rewrite module): a user without the beta role asks
+/// for `/api/x`, which meets the `/api/` route's policy, and names `/api/beta/x` in them. None
+/// of them, in any spelling, may reach an upstream, whoever the peer: the path Vestibule
+/// matched is the only one the upstream is told.
+#[tokio::test]
+async fn headers_that_name_another_path_never_reach_the_upstream() {
+    let s = stack("").await;
+    let cookie = user(&s.proxy, &["user"]).await;
+    let forged = [
+        ("X-Original-URL", "/api/beta/x"),
+        ("x-rewrite-url", "/api/beta/x"),
+        ("X-Original-URI", "/api/beta/x"),
+        ("X-Override-URL", "/api/beta/x"),
+        ("X_Original_URL", "/api/beta/x"),
+        ("X_Rewrite_Url", "/api/beta/x"),
+    ];
+    let mut headers = vec![("cookie", cookie.as_str()), ("x-csrf", "1")];
+    headers.extend(forged);
+    let r = get(&s.proxy.url("/api/x"), &headers).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = s.api.last();
+    assert_eq!(seen.uri, "/api/x");
+    let passed: Vec<&str> = forged
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| seen.headers.contains_key(*name))
+        .collect();
+    assert!(passed.is_empty(), "reached the upstream: {passed:?}");
+}
