@@ -1,7 +1,8 @@
 //! Logging, metrics and traces. Logs never carry cookies, authorization headers or query
 //! strings: the access log records the canonical path only (bounded), and no log line prints a
 //! header map. Every series is listed in `docs/metrics.md`; labels take values from short fixed
-//! lists or from the configuration (route names), never from requests.
+//! lists or from the configuration (route names), never from requests or upstreams' answers (a
+//! status is counted under its class unless it is a registered one: [`status_key`]).
 
 pub mod otlp;
 pub mod trace;
@@ -250,6 +251,7 @@ struct Pending {
 /// The request counter and duration histogram of one route and status, and what is not yet
 /// recorded into them.
 struct Batch {
+    /// Its [`status_key`].
     status: u16,
     counter: Counter,
     histogram: Histogram,
@@ -266,6 +268,26 @@ impl Batch {
             self.histogram.record(seconds);
         }
         self.seconds.clear();
+    }
+}
+
+/// What a status is counted under: a registered status (one `http` has a reason phrase for)
+/// as itself, any other as its class, `1`–`9`. An upstream's answer may carry any status of
+/// 100–999, and a label value per status would let it add up to 900 series per route to every
+/// scrape; so a route has about 70 at most, whatever its upstream sends.
+fn status_key(status: u16) -> u16 {
+    match http::StatusCode::from_u16(status) {
+        Ok(code) if code.canonical_reason().is_some() => status,
+        _ => (status / 100).clamp(1, 9),
+    }
+}
+
+/// The `status` label value of a [`status_key`]: `"404"`, or `"5xx"` for a class.
+fn status_label(key: u16) -> String {
+    if key < 10 {
+        format!("{key}xx")
+    } else {
+        key.to_string()
     }
 }
 
@@ -301,8 +323,10 @@ impl WorkerMetrics {
         InFlight(&self.in_flight)
     }
 
-    /// Counts one finished request and its duration.
+    /// Counts one finished request and its duration, under the `status` label of
+    /// [`status_label`].
     pub fn record(&self, route: &str, status: u16, elapsed: Duration) {
+        let status = status_key(status);
         let seconds = elapsed.as_secs_f64();
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(batch) = pending
@@ -316,7 +340,7 @@ impl WorkerMetrics {
             }
             return;
         }
-        let status_label = status.to_string();
+        let status_label = status_label(status);
         let counter = metrics::counter!("vestibule_requests_total", "route" => route.to_string(), "status" => status_label.clone());
         let histogram = metrics::histogram!("vestibule_request_duration_seconds", "route" => route.to_string(), "status" => status_label);
         if pending.handles >= MAX_CACHED_HANDLES {

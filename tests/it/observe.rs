@@ -921,3 +921,89 @@ async fn a_trusted_proxys_trace_context_is_passed_on_only_when_it_is_well_formed
         }
     }
 }
+
+/// An upstream answering with the status its path names (`/<code>`, any of 100–999).
+async fn status_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let code = req
+                        .uri()
+                        .path()
+                        .rsplit('/')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let mut response = http::Response::new(Full::new(Bytes::new()));
+                    *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The `status` label values of `vestibule_requests_total` for `route` in a scrape.
+fn status_labels(metrics: &str, route: &str) -> BTreeSet<String> {
+    let route = format!("route=\"{route}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("vestibule_requests_total{") && l.contains(&route))
+        .filter_map(|l| l.split("status=\"").nth(1)?.split('"').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// An upstream chooses the status of its answers: with a label value per status it sends, it
+/// could add up to 900 series to every scrape for each route (and as many histograms). A status
+/// that is not a registered one is counted under its class (`5xx`), which the dashboard's
+/// `status=~"5.."` still matches; the registered ones keep their own value.
+#[tokio::test]
+async fn an_upstream_cannot_add_a_status_series_per_code_it_invents() {
+    let upstream = status_upstream().await;
+    let route = "/odd-statuses/";
+    let proxy = start_proxy(config_text(&format!(
+        "[[routes]]\npath = \"{route}\"\nupstream = \"http://{upstream}\"\nauth = \"none\"\ntoken = \"none\"\n"
+    )))
+    .await;
+    let invented = [299, 342, 477, 499, 520, 599, 600, 799, 999];
+    for code in [200, 404, 418, 503].into_iter().chain(invented) {
+        let r = get(&proxy.url(&format!("{route}{code}")), &[]).await;
+        assert_eq!(r.status, code, "the status passes through unchanged");
+    }
+    // Many more invented codes add nothing beyond their classes.
+    for code in (500..600).filter(|c| {
+        http::StatusCode::from_u16(*c)
+            .unwrap()
+            .canonical_reason()
+            .is_none()
+    }) {
+        get(&proxy.url(&format!("{route}{code}")), &[]).await;
+    }
+    let metrics = get(&format!("http://{}/metrics", proxy.admin), &[])
+        .await
+        .text();
+    let expected: BTreeSet<String> = [
+        "200", "404", "418", "503", "2xx", "3xx", "4xx", "5xx", "6xx", "7xx", "9xx",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(status_labels(&metrics, route), expected, "{metrics}");
+    // The duration histogram has the same labels.
+    let histograms = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("vestibule_request_duration_seconds_count{")
+                && l.contains(&format!("route=\"{route}\""))
+        })
+        .count();
+    assert_eq!(histograms, expected.len(), "{metrics}");
+}
