@@ -63,7 +63,8 @@ pub fn metrics() -> &'static PrometheusHandle {
         metrics::describe_counter!(
             "vestibule_token_grants_total",
             "Grants at the provider's token endpoint for upstream tokens (refresh_token, \
-             token_exchange, client_credentials), by outcome (ok, rejected, unavailable)."
+             token_exchange, client_credentials), by outcome (ok, invalid_grant, refused, \
+             client_refused, unavailable, id_token_invalid, subject_changed)."
         );
         metrics::describe_counter!(
             "vestibule_session_cache_lookups_total",

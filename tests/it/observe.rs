@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -456,15 +456,51 @@ fn series(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The series `docs/metrics.md` documents: each in backticks at the start of a table row.
-fn documented() -> BTreeSet<String> {
+/// The series `docs/metrics.md` documents (each in backticks at the start of a table row) and
+/// the labels of each: the names in backticks in its row's third cell, before any `:` and
+/// outside parentheses (which list the values).
+fn documented() -> BTreeMap<String, BTreeSet<String>> {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
     doc.lines()
-        .filter_map(|l| l.strip_prefix("| `"))
-        .filter_map(|l| l.split('`').next())
-        .filter(|n| n.starts_with("vestibule_"))
-        .map(str::to_string)
+        .filter(|l| l.starts_with("| `vestibule_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            let name = cells[0].trim_matches('`').to_string();
+            let cell = cells[2].split(':').next().unwrap();
+            let (mut labels, mut depth) = (BTreeSet::new(), 0);
+            for (i, part) in cell.split('`').enumerate() {
+                if i % 2 == 1 && depth == 0 && part != "–" {
+                    labels.insert(part.to_string());
+                } else if i % 2 == 0 {
+                    depth += part.matches('(').count();
+                    depth -= part.matches(')').count();
+                }
+            }
+            (name, labels)
+        })
+        .collect()
+}
+
+/// Each `vestibule_*` line of a scrape: its series (without histogram suffixes) and its label
+/// names (`le` of a bucket left out).
+fn scraped_labels(text: &str) -> Vec<(String, BTreeSet<String>)> {
+    text.lines()
+        .filter(|l| l.starts_with("vestibule_"))
+        .map(|l| {
+            let name = series(l).into_iter().next().unwrap();
+            let labels = l
+                .split_once('{')
+                .map(|(_, rest)| rest.rsplit_once('}').unwrap().0)
+                .unwrap_or_default();
+            let names = labels
+                .split("\",")
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(label, _)| label.trim_start_matches(',').to_string())
+                .filter(|label| label != "le")
+                .collect();
+            (name, names)
+        })
         .collect()
 }
 
@@ -512,8 +548,73 @@ async fn every_series_after_a_login_refresh_and_logout_is_documented() {
         "each BFF endpoint has its own route label: {metrics}"
     );
     let documented = documented();
-    let missing: Vec<_> = series(&metrics).difference(&documented).cloned().collect();
+    let names: BTreeSet<String> = documented.keys().cloned().collect();
+    let missing: Vec<_> = series(&metrics).difference(&names).cloned().collect();
     assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+    // And with the labels the table gives them.
+    for (name, labels) in scraped_labels(&metrics) {
+        let undocumented: Vec<_> = labels.difference(&documented[&name]).collect();
+        assert!(
+            undocumented.is_empty(),
+            "{name}: labels {undocumented:?} are not in its row of docs/metrics.md"
+        );
+    }
+}
+
+/// Every series `docs/metrics.md` documents is one the code records, and the other way round:
+/// each is named in `src/` (`metrics::counter!("vestibule_…"`, …), with no label the table
+/// does not give it. The scrape above sees only the series a login, a refresh and a logout
+/// touch; this sees the rest (rate limits, upstream errors, trace export, …).
+#[test]
+fn every_documented_series_is_recorded_by_the_code_with_its_labels() {
+    fn sources(dir: &std::path::Path, out: &mut String) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let mut src = String::new();
+    sources(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")),
+        &mut src,
+    );
+    let documented = documented();
+    let mut named = BTreeSet::new();
+    for (at, _) in src.match_indices("\"vestibule_") {
+        let name: String = src[at + 1..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        // The labels a recording macro gives it: `"name", "label" => value, …)`.
+        let call = &src[at + 1 + name.len()..];
+        let call = &call[..call.find(')').unwrap_or(call.len())];
+        let parts: Vec<&str> = call.split("=>").collect();
+        for label in parts[..parts.len() - 1].iter().filter_map(|part| {
+            let quoted = part.trim_end().strip_suffix('"')?;
+            Some(&quoted[quoted.rfind('"')? + 1..])
+        }) {
+            assert!(
+                documented.get(&name).is_some_and(|l| l.contains(label)),
+                "{name}: the code gives it label {label:?}, its row of docs/metrics.md does not"
+            );
+        }
+        named.insert(name);
+    }
+    let documented: BTreeSet<String> = documented.into_keys().collect();
+    assert_eq!(
+        documented.difference(&named).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "documented in docs/metrics.md, recorded nowhere in src/"
+    );
+    assert_eq!(
+        named.difference(&documented).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "recorded in src/, not documented in docs/metrics.md"
+    );
 }
 
 #[test]
@@ -528,6 +629,7 @@ fn the_grafana_dashboard_is_json_and_queries_only_documented_series() {
     for panel in panels {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
+            let mut in_expr = Vec::new();
             for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                 if word.starts_with("vestibule_") {
                     let name = word
@@ -535,10 +637,45 @@ fn the_grafana_dashboard_is_json_and_queries_only_documented_series() {
                         .trim_end_matches("_sum")
                         .trim_end_matches("_count");
                     assert!(
-                        documented.contains(name),
+                        documented.contains_key(name),
                         "{name} in {expr} is not documented"
                     );
                     used.insert(name.to_string());
+                    in_expr.push(name);
+                }
+            }
+            // A label the query selects on (`series{label=…}`) is one of that series'; one it
+            // groups by (`by (…)`) is one of every series it aggregates (`le`: a histogram's).
+            for (at, _) in expr.match_indices('{') {
+                let name: String = expr[..at]
+                    .chars()
+                    .rev()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                let name = name.trim_end_matches("_bucket");
+                let selector = &expr[at + 1..at + expr[at..].find('}').unwrap()];
+                for label in selector
+                    .split(',')
+                    .filter_map(|m| m.split(['=', '!']).next())
+                {
+                    assert!(
+                        documented[name].contains(label.trim()),
+                        "{expr}: {name} has no label {label:?} in docs/metrics.md"
+                    );
+                }
+            }
+            for (at, _) in expr.match_indices("by (") {
+                let group = &expr[at + 4..at + expr[at..].find(')').unwrap()];
+                for label in group.split(',').map(str::trim).filter(|l| *l != "le") {
+                    for name in &in_expr {
+                        assert!(
+                            documented[*name].contains(label),
+                            "{expr}: {name} has no label {label:?} in docs/metrics.md"
+                        );
+                    }
                 }
             }
         }
