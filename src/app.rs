@@ -1114,13 +1114,18 @@ const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 /// read from (`oidc.client_secret_file`, `session.keys_file`), no longer holds what it was
 /// built from (its [`Sources`](crate::config::Sources), the bytes read at load, so a change
 /// made while the app was starting counts): a rotated Kubernetes Secret reaches the running
-/// process without a signal. Polling the contents is simpler and sturdier than file-system events, which editors,
-/// atomic renames and Kubernetes ConfigMap symlink swaps deliver in many different shapes; the
-/// files are small. A refused file is tried again on every tick until it is applied: a
-/// half-written one is picked up complete, and one naming a file or directory that appears
-/// later (a volume updated after the ConfigMap) is applied then. Its problems are logged once
-/// for each new content or new problems, not every tick. While it is refused, a changed secret
-/// file is applied on its own, at the running path. Stops with the app.
+/// process without a signal. Polling the contents is simpler and sturdier than file-system
+/// events, which editors, atomic renames and Kubernetes ConfigMap symlink swaps deliver in many
+/// different shapes; the files are small.
+///
+/// A change is loaded once two looks a second apart find the same bytes: a tool
+/// that truncates a file and writes it in parts leaves it half-written for a moment, and a file
+/// cut after a complete route (or a keys file holding the new key but not yet the old one) is
+/// valid, so it would be put in effect until the next look. A refused file is tried again on
+/// every tick until it is applied: one naming a file or directory that appears later (a volume
+/// updated after the ConfigMap) is applied then. Its problems are logged once for each new
+/// content or new problems, not every tick. While it is refused, a changed secret file is
+/// applied on its own, at the running path. Stops with the app.
 fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
     let weak = Arc::downgrade(app);
     tokio::spawn(async move {
@@ -1128,6 +1133,9 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // What the files held when a reload was last refused, and why.
         let mut refused: Option<(Vec<Option<Vec<u8>>>, ConfigErrors)> = None;
+        // What the files held at the last look, if it was not what the running configuration
+        // was read from: a change is loaded only when the next look finds the same bytes.
+        let mut last_look: Option<Vec<Option<Vec<u8>>>> = None;
         loop {
             tick.tick().await;
             let Some(sources) = weak
@@ -1137,7 +1145,8 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
                 break;
             };
             let path = path.clone();
-            let Ok(changed) = tokio::task::spawn_blocking(move || {
+            let looked = last_look.take();
+            let Ok((seen, loaded)) = tokio::task::spawn_blocking(move || {
                 let seen = read_sources(&path, &sources);
                 let running = std::iter::once(Some(sources.text.as_bytes())).chain(
                     sources
@@ -1145,17 +1154,34 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
                         .iter()
                         .map(|(_, bytes)| Some(bytes.as_slice())),
                 );
-                let same = running.eq(seen.iter().map(Option::as_deref));
-                (!same).then(|| (seen, Config::load(&path)))
+                if running.eq(seen.iter().map(Option::as_deref)) {
+                    return (None, None);
+                }
+                if looked.as_ref() != Some(&seen) {
+                    // Changed since the last look (or first seen changed): look again.
+                    return (Some(seen), None);
+                }
+                let loaded = Config::load(&path);
+                // Loaded from what was looked at twice, not from a write begun since.
+                let same = loaded.as_ref().map_or(true, |config| {
+                    Some(config.sources.text.as_bytes()) == seen[0].as_deref()
+                        && (config.sources.files.iter()).all(|(file, bytes)| {
+                            let at = sources.files.iter().position(|(f, _)| f == file);
+                            at.is_none_or(|at| Some(bytes) == seen[at + 1].as_ref())
+                        })
+                });
+                (Some(seen), same.then_some(loaded))
             })
             .await
             else {
                 continue;
             };
-            let Some((seen, loaded)) = changed else {
+            let Some(seen) = seen else {
                 refused = None;
                 continue;
             };
+            last_look = Some(seen.clone());
+            let Some(loaded) = loaded else { continue };
             let Some(app) = weak.upgrade() else { break };
             match app.apply_or_rotate(loaded, "file change") {
                 Ok(()) => refused = None,

@@ -10,6 +10,7 @@ mod claims_policy;
 mod cli;
 mod client_auth;
 mod config_errors;
+mod config_reload;
 mod dpop;
 mod edge;
 mod exchange_binding;
