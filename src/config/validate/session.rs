@@ -217,15 +217,25 @@ pub(super) fn keys_from_text(name: &str, text: &str, problems: &mut Problems) ->
     keys
 }
 
+/// Whether `text` is a Redis URL the client takes (as the store will parse it at start: a bad
+/// port, database or query used to pass `check` and fail the start naming no key); a problem at
+/// `path` if not, the value never shown.
 fn redis_url(text: &str, path: &str, problems: &mut Problems) -> bool {
-    let ok = text.starts_with("redis://") || text.starts_with("rediss://");
-    if !ok {
+    if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
         problems.add(
             path,
             "must start with redis:// or rediss:// (value not shown: it may hold a password)",
         );
+        return false;
     }
-    ok
+    if redis::IntoConnectionInfo::into_connection_info(text).is_err() {
+        problems.add(
+            path,
+            "is not a Redis URL the client can use: check the host, the port, the database number after the / and the query (value not shown: it may hold a password)",
+        );
+        return false;
+    }
+    true
 }
 
 /// `session.redis.timeout` when unset: long enough for a reconnect, short enough that a user
@@ -431,6 +441,67 @@ mod tests {
             found,
             ["session.keys_file: is set together with keys; keep one of the two"]
         );
+    }
+
+    /// `check` said OK to a Redis URL the client cannot use (a port past 65535, a database
+    /// that is not a number, an unclosed `[`), and the start then failed with "Redis URL did
+    /// not parse", naming no key. Each is refused at load, by key, the value never shown.
+    #[test]
+    fn a_redis_url_the_client_cannot_use_is_refused_by_key_without_its_value() {
+        let bad = [
+            "redis://:s3cr3t@h:99999",
+            "redis://:s3cr3t@127.0.0.1:6379/not-a-number",
+            "rediss://:s3cr3t@[::1",
+            "redis://:s3cr3t@127.0.0.1:6379/0?protocol=s3cr3t",
+        ];
+        for url in bad {
+            let redis = |url: &str| raw::Redis {
+                url: Some(url.into()),
+                ..Default::default()
+            };
+            let session = |redis| raw::Session {
+                keys: Some(vec![KEY.into()]),
+                store: Some("redis".into()),
+                redis: Some(redis),
+                ..Default::default()
+            };
+            let (_, found) = check(session(redis(url)));
+            assert_eq!(
+                found,
+                [
+                    "session.redis.url: is not a Redis URL the client can use: check the host, the port, the database number after the / and the query (value not shown: it may hold a password)"
+                ],
+                "{url}"
+            );
+            let (_, found) = check(session(raw::Redis {
+                cluster: Some(vec!["redis://n1:6379".into(), url.into()]),
+                ..redis("redis://127.0.0.1:6379")
+            }));
+            assert_eq!(
+                found,
+                [
+                    "session.redis.cluster[1]: is not a Redis URL the client can use: check the host, the port, the database number after the / and the query (value not shown: it may hold a password)"
+                ],
+                "{url}"
+            );
+        }
+        for good in [
+            "redis://127.0.0.1:6379",
+            "rediss://:p%40ss@redis.example:6380/2",
+            "redis://user:pw@[::1]:6379/0",
+            "redis://h?protocol=resp3",
+        ] {
+            let (config, found) = check(raw::Session {
+                keys: Some(vec![KEY.into()]),
+                store: Some("redis".into()),
+                redis: Some(raw::Redis {
+                    url: Some(good.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            assert!(found.is_empty() && config.is_some(), "{good}: {found:?}");
+        }
     }
 
     #[test]
