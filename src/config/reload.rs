@@ -663,6 +663,18 @@ mod tests {
                 documented.push((format!("{section}.{}", key.trim_matches('`')), applies));
             }
         }
+        // And the other way round: every row names a key the file may hold.
+        let leaves: Vec<String> = (Schema::of_file().leaves().iter())
+            .map(|leaf| leaf.replace("[]", "").replace(".*", ""))
+            .collect();
+        for (path, _) in &documented {
+            assert!(
+                leaves
+                    .iter()
+                    .any(|leaf| leaf == path || leaf.starts_with(&format!("{path}."))),
+                "docs/configuration.md has a row for {path}, which is no key of the file"
+            );
+        }
         for leaf in Schema::of_file().leaves() {
             let path = leaf.replace("[]", "").replace(".*", "");
             let Some((_, applies)) = documented
