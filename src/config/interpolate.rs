@@ -1,11 +1,13 @@
 //! `${VAR}` interpolation: every string value in the file may name environment variables, so
 //! secrets stay out of the file. `${VAR:-fallback}` gives a default; `$$` is a literal `$`.
 
-/// Replaces each `${NAME}` in `text` using `lookup`. Returns the names that were missing.
+/// Replaces each `${NAME}` in `text` using `lookup`; also returns the names of the variables
+/// without a default that were set but empty (a likely mistake, named if the value is refused).
 pub fn interpolate(
     text: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, InterpolationError> {
+) -> Result<(String, Vec<String>), InterpolationError> {
+    let mut empty = Vec::new();
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('$') {
@@ -33,7 +35,12 @@ pub fn interpolate(
             return Err(InterpolationError::BadName(name.to_string()));
         }
         match (lookup(name), fallback) {
-            (Some(value), None) => out.push_str(&value),
+            (Some(value), None) => {
+                if value.is_empty() {
+                    empty.push(name.to_string());
+                }
+                out.push_str(&value);
+            }
             (Some(value), Some(_)) if !value.is_empty() => out.push_str(&value),
             (_, Some(fallback)) => out.push_str(fallback),
             (None, None) => return Err(InterpolationError::Missing(name.to_string())),
@@ -41,7 +48,7 @@ pub fn interpolate(
         rest = &body[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, empty))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -65,10 +72,16 @@ mod tests {
 
     #[test]
     fn variables_defaults_and_escapes_expand() {
-        assert_eq!(interpolate("x${A}y", &env).as_deref(), Ok("xalphay"));
-        assert_eq!(interpolate("${B:-dflt}", &env).as_deref(), Ok("dflt"));
-        assert_eq!(interpolate("${EMPTY:-dflt}", &env).as_deref(), Ok("dflt"));
-        assert_eq!(interpolate("$$ and $x", &env).as_deref(), Ok("$ and $x"));
+        let expanded = |text| interpolate(text, &env).map(|(text, _)| text);
+        assert_eq!(expanded("x${A}y").as_deref(), Ok("xalphay"));
+        assert_eq!(expanded("${B:-dflt}").as_deref(), Ok("dflt"));
+        assert_eq!(expanded("${EMPTY:-dflt}").as_deref(), Ok("dflt"));
+        assert_eq!(expanded("$$ and $x").as_deref(), Ok("$ and $x"));
+        // Set but empty, without a default: expanded, and named.
+        assert_eq!(
+            interpolate("${A}${EMPTY}${EMPTY:-}", &env),
+            Ok(("alpha".to_string(), vec!["EMPTY".to_string()]))
+        );
         assert_eq!(
             interpolate("${B}", &env),
             Err(InterpolationError::Missing("B".into()))

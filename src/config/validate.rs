@@ -81,7 +81,8 @@ pub(super) fn parse(
             }]));
         }
     };
-    interpolate_all(&mut table, "", env, &mut problems);
+    let mut empty = Vec::new();
+    interpolate_all(&mut table, "", env, &mut problems, &mut empty);
     check_keys(&mut table, &mut problems);
     let config = build(table, base, &mut problems).map(|mut config| {
         config.egress = tls::egress(env, &mut problems);
@@ -96,8 +97,28 @@ pub(super) fn parse(
     });
     match config {
         Some(config) if problems.0.is_empty() => Ok(config),
-        _ => Err(ConfigErrors(problems.0)),
+        _ => Err(ConfigErrors(name_empty_variables(problems.0, &empty))),
     }
+}
+
+/// Adds to each problem of a key whose value came from a variable set but empty (`empty`: the
+/// key's path and what to say) that it did: the problem alone ("is required", "is not an
+/// address") reads as if the file lacked what it holds.
+fn name_empty_variables(
+    mut problems: Vec<ConfigError>,
+    empty: &[(String, String)],
+) -> Vec<ConfigError> {
+    for problem in &mut problems {
+        let at = |path: &str| {
+            problem.path == path
+                || problem.path.starts_with(&format!("{path}."))
+                || problem.path.starts_with(&format!("{path}["))
+        };
+        if let Some((_, note)) = empty.iter().find(|(path, _)| at(path)) {
+            problem.message = format!("{} ({note})", problem.message);
+        }
+    }
+    problems
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -107,14 +128,17 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// Expands every string of `table` (at `path`); `empty` gets the path of each one that named a
+/// variable set but empty, and what to say about it.
 fn interpolate_all(
     table: &mut Table,
     path: &str,
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
+    empty: &mut Vec<(String, String)>,
 ) {
     for (key, value) in table.iter_mut() {
-        interpolate_value(value, &join(path, key), env, problems);
+        interpolate_value(value, &join(path, key), env, problems, empty);
     }
 }
 
@@ -123,18 +147,32 @@ fn interpolate_value(
     path: &str,
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
+    empty: &mut Vec<(String, String)>,
 ) {
     match value {
         Value::String(s) => match interpolate(s, env) {
-            Ok(expanded) => *s = expanded,
+            Ok((expanded, unset)) => {
+                if let Some(name) = unset.first() {
+                    // As for a missing variable: a secret's is named only when the value is
+                    // nothing but the reference to it.
+                    let secret = SECRET_PATHS.iter().any(|p| path.starts_with(p));
+                    let note = if !secret || *s == format!("${{{name}}}") {
+                        format!("environment variable {name} is set but empty")
+                    } else {
+                        "a variable it names is set but empty".to_string()
+                    };
+                    empty.push((path.to_string(), note));
+                }
+                *s = expanded;
+            }
             Err(error) => problems.add(path, interpolation_message(s, path, error)),
         },
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                interpolate_value(item, &format!("{path}[{i}]"), env, problems);
+                interpolate_value(item, &format!("{path}[{i}]"), env, problems, empty);
             }
         }
-        Value::Table(t) => interpolate_all(t, path, env, problems),
+        Value::Table(t) => interpolate_all(t, path, env, problems, empty),
         _ => {}
     }
 }
@@ -875,6 +913,41 @@ mod harmful_values {
             ]
         );
         assert!(problems(secret, "idle_timeout = \"1y\"\nabsolute_timeout = \"1y\"").is_empty());
+    }
+
+    /// A variable that is set but empty (a Kubernetes Secret key or an `.env` line with no
+    /// value) gave `oidc.client_secret: is required …; write client_secret =
+    /// "${VESTIBULE_CLIENT_SECRET}"` to a file that says exactly that. The problem of a key
+    /// whose value came from an empty variable names it (a secret's only when the value is
+    /// nothing but the reference, as for a missing one); a value that passes is left alone.
+    #[test]
+    fn a_variable_set_but_empty_is_named_in_the_problem_of_its_key() {
+        let text = format!(
+            "[server]\nlisten = \"${{EMPTY}}\"\npublic_url = \"https://app.example.com\"\n\
+             [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\n\
+             client_secret = \"${{VESTIBULE_CLIENT_SECRET}}\"\nroles_claim = \"a.${{EMPTY}}\"\n\
+             [session]\nkeys = [\"{KEY}\", \"x${{EMPTY}}\"]\n\
+             [telemetry]\nlog_user = \"${{EMPTY:-sub}}\"\n\
+             [[routes]]\npath = \"/api/\"\nupstream = \"http://127.0.0.1:5001\"\n"
+        );
+        let env = |name: &str| {
+            ["EMPTY", "VESTIBULE_CLIENT_SECRET"]
+                .contains(&name)
+                .then(String::new)
+        };
+        let found = match Config::parse(&text, Path::new("."), &env) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        };
+        assert_eq!(
+            found,
+            [
+                "server.listen: \"\" is not an address; write host:port such as \"0.0.0.0:8080\" (environment variable EMPTY is set but empty)",
+                "oidc.client_secret: is required for client_secret_basic; write client_secret = \"${VESTIBULE_CLIENT_SECRET}\", or client_secret_file = \"/run/secrets/client-secret\" (environment variable VESTIBULE_CLIENT_SECRET is set but empty)",
+                "oidc.roles_claim: \"a.\" is not a claim path; write e.g. \"roles\" or \"realm_access.roles\" (environment variable EMPTY is set but empty)",
+                "session.keys[1]: is not 32 bytes of base64 (value not shown); make one with `vestibule keygen` (a variable it names is set but empty)",
+            ]
+        );
     }
 
     /// "Secrets are never printed back, not even in errors": a literal client secret, key or
