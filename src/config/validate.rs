@@ -404,7 +404,9 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
         .and_then(|o| o.dpop_key_file.as_mut())
     {
         *file = base.join(&*file);
-        if let Err(why) = oidc::check_dpop_key(file) {
+        if let Some(missing) = no_secret_file(file) {
+            problems.add("oidc.dpop_key_file", missing);
+        } else if let Err(why) = oidc::check_dpop_key(file) {
             problems.add("oidc.dpop_key_file", format!("{}: {why}", file.display()));
         }
     }
@@ -640,8 +642,19 @@ fn scope_tokens(scopes: &[String], path: &str, problems: &mut Problems) {
 /// The largest secret file read (a client secret, or a list of session keys).
 const MAX_SECRET_FILE: u64 = 64 * 1024;
 
+/// What a problem of a key naming a secret file (`client_secret_file`, `keys_file`, a private
+/// key) says when nothing is at its path `file`; `None` when something is there (the value is a
+/// path then, and quoted as usual). The value is not quoted: it may be the secret itself (the
+/// client secret, a session key, a PEM private key) written where the path of its file belongs.
+pub(super) fn no_secret_file(file: &Path) -> Option<&'static str> {
+    std::fs::symlink_metadata(file).is_err().then_some(
+        "names no file (value not shown: it may be the secret itself, written where the path of its file belongs); write the path of the file that holds it",
+    )
+}
+
 /// Reads the secret file named at `path` (resolved against `base`); every failure is a problem
-/// naming the file, never its contents. Read at load, so again on every reload.
+/// naming the file ([`no_secret_file`] when nothing is there), never its contents. Read at
+/// load, so again on every reload.
 pub(super) fn secret_file(
     name: &str,
     base: &Path,
@@ -649,6 +662,10 @@ pub(super) fn secret_file(
     problems: &mut Problems,
 ) -> Option<(PathBuf, String)> {
     let file = base.join(name);
+    if let Some(missing) = no_secret_file(&file) {
+        problems.add(path, missing);
+        return None;
+    }
     let text = secret_file_at(&file, name, path, problems)?;
     Some((file, text))
 }
@@ -947,6 +964,86 @@ mod harmful_values {
                 "oidc.roles_claim: \"a.\" is not a claim path; write e.g. \"roles\" or \"realm_access.roles\" (environment variable EMPTY is set but empty)",
                 "session.keys[1]: is not 32 bytes of base64 (value not shown); make one with `vestibule keygen` (a variable it names is set but empty)",
             ]
+        );
+    }
+
+    /// A secret written where the path of its file belongs (the client secret in
+    /// `client_secret_file`, a session key in `keys_file`, a PEM private key in a `*_key` or
+    /// `*_key_file` key) was printed back: `cannot read "<the secret>": No such file …`. Where
+    /// nothing is at the path, the value is not quoted; the key is named. A real path that is
+    /// wrong in another way (a directory) is still quoted.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_secret_written_where_its_file_path_belongs_is_not_printed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "x").unwrap();
+        let pem = "-----BEGIN PRIVATE KEY-----\\nMIGHAgEAS3CR3T\\n-----END PRIVATE KEY-----";
+        let parse = |oidc: &str, rest: &str| {
+            let text = format!(
+                "[server]\npublic_url = \"https://app.example.com\"\n\
+                 [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\n{oidc}\n{rest}"
+            );
+            match Config::parse(&text, dir.path(), &|_| None) {
+                Ok(_) => panic!("accepted"),
+                Err(errors) => errors.0,
+            }
+        };
+        let found = [
+            parse(
+                &format!(
+                    "client_secret_file = \"s3cr3t-CLIENT\"\ndpop = true\n\
+                     dpop_key_file = \"{pem}\"\ntls_client_cert = \"cert.pem\"\ntls_client_key = \"{pem}\""
+                ),
+                &format!(
+                    "[server.tls]\ncert = \"cert.pem\"\nkey = \"{pem}\"\n\
+                     [session]\nkeys_file = \"{KEY}\"\n\
+                     [[routes]]\npath = \"/api/\"\nupstream = \"https://api.example\"\n\
+                     tls_client_cert = \"cert.pem\"\ntls_client_key = \"{pem}\""
+                ),
+            ),
+            parse(
+                &format!(
+                    "client_auth = \"private_key_jwt\"\nclient_key_file = \"{pem}\"\n\
+                     client_published_key_files = [\"{pem}\"]"
+                ),
+                &format!("[session]\nkeys = [\"{KEY}\"]"),
+            ),
+            parse(
+                "client_auth = \"private_key_jwt\"\nclient_assertion_file = \"eyJS3CR3T.x.y\"",
+                &format!("[session]\nkeys = [\"{KEY}\"]"),
+            ),
+        ]
+        .concat();
+        let named: Vec<&str> = found.iter().map(|e| e.path.as_str()).collect();
+        for key in [
+            "oidc.client_secret_file",
+            "oidc.dpop_key_file",
+            "oidc.tls_client_key",
+            "server.tls.key",
+            "session.keys_file",
+            "routes[0].tls_client_key",
+            "oidc.client_key_file",
+            "oidc.client_published_key_files[0]",
+            "oidc.client_assertion_file",
+        ] {
+            assert!(named.contains(&key), "{key} not named: {found:?}");
+        }
+        for error in &found {
+            let shown = error.to_string();
+            for secret in ["s3cr3t-CLIENT", "S3CR3T", KEY] {
+                assert!(!shown.contains(secret), "{secret} printed: {shown}");
+            }
+        }
+        // A path where something is, but not a file: quoted, to find the mistake.
+        let found = parse(
+            "client_secret_file = \".\"",
+            &format!("[session]\nkeys = [\"{KEY}\"]"),
+        );
+        assert!(
+            found[0]
+                .to_string()
+                .starts_with("oidc.client_secret_file: cannot read \".\": "),
+            "{found:?}"
         );
     }
 

@@ -307,11 +307,21 @@ token_binding = "dpop"
             "routes[2].token_binding: binds the access token sent upstream: set token = \"user\", \"client\" or \"user_or_client\"",
         ]
     );
+    // Nothing at the path: the value is not shown (it may be the key itself).
+    let text = TomlConfig::parse(&base())
+        .add("oidc.dpop", true)
+        .add("oidc.dpop_key_file", "/nowhere.pem")
+        .text();
+    assert_eq!(
+        errors(&text),
+        [
+            "oidc.dpop_key_file: names no file (value not shown: it may be the secret itself, written where the path of its file belongs); write the path of the file that holds it"
+        ]
+    );
     for (file, why) in [
-        ("/nowhere.pem".into(), "cannot be read (entity not found)".to_string()),
         (
             not_a_key.display().to_string(),
-            "holds no PEM private key; write an EC P-256 key (openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256)".into(),
+            "holds no PEM private key; write an EC P-256 key (openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256)".to_string(),
         ),
         (
             rsa_like.display().to_string(),

@@ -92,11 +92,14 @@ pub(super) fn oidc_config(
     );
     let (client_secret, client_secret_file) =
         client_secret_from(client_secret, client_secret_file, base, problems);
+    // Private keys and an assertion: a value where nothing is may be the secret itself.
     let file = |value: Option<String>, path: &str, problems: &mut Problems| {
         let text = value?;
         let resolved = base.join(&text);
-        if !resolved.is_file() {
-            problems.add(path, format!("file {text:?} does not exist"));
+        if let Some(missing) = no_secret_file(&resolved) {
+            problems.add(path, missing);
+        } else if !resolved.is_file() {
+            problems.add(path, format!("{text:?} is not a file"));
         }
         Some(resolved)
     };
@@ -463,10 +466,17 @@ mod tests {
             with_file("empty", None).1,
             ["oidc.client_secret_file: \"empty\" is empty; write the client secret into it"]
         );
-        let (_, found) = with_file("missing", None);
+        assert_eq!(
+            with_file("missing", None).1,
+            [
+                "oidc.client_secret_file: names no file (value not shown: it may be the secret itself, written where the path of its file belongs); write the path of the file that holds it"
+            ]
+        );
+        std::fs::create_dir(dir.path().join("a-directory")).unwrap();
+        let (_, found) = with_file("a-directory", None);
         assert_eq!(found.len(), 1);
         assert!(
-            found[0].starts_with("oidc.client_secret_file: cannot read \"missing\": "),
+            found[0].starts_with("oidc.client_secret_file: cannot read \"a-directory\": "),
             "{found:?}"
         );
         assert!(!found[0].contains("s3cr3t"));
@@ -497,8 +507,8 @@ mod tests {
                 ..with("private_key_jwt")
             }),
             [
-                "oidc.client_key_file: file \"key.pem\" does not exist",
-                "oidc.client_assertion_file: file \"token\" does not exist",
+                "oidc.client_key_file: names no file (value not shown: it may be the secret itself, written where the path of its file belongs); write the path of the file that holds it",
+                "oidc.client_assertion_file: names no file (value not shown: it may be the secret itself, written where the path of its file belongs); write the path of the file that holds it",
                 "oidc.client_assertion_file: cannot be set together with client_key_file; choose one",
             ]
         );
@@ -511,7 +521,7 @@ mod tests {
                 ..Default::default()
             }),
             [
-                "oidc.client_published_key_files[0]: file \"/\" does not exist",
+                "oidc.client_published_key_files[0]: \"/\" is not a file",
                 "oidc.client_published_key_files: is only used with client_auth = \"private_key_jwt\", not \"client_secret_basic\"",
             ]
         );

@@ -101,7 +101,11 @@ pub(super) fn server_config(
             }
             Some(p) => {
                 let path = base.join(&p);
-                if !path.is_file() {
+                // The key's value may be the PEM key itself, written where its path belongs.
+                let missing = (key == "key").then(|| no_secret_file(&path)).flatten();
+                if let Some(missing) = missing {
+                    problems.add(format!("server.tls.{key}"), missing);
+                } else if !path.is_file() {
                     problems.add(
                         format!("server.tls.{key}"),
                         format!("file {p:?} does not exist"),
