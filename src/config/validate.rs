@@ -285,33 +285,63 @@ fn distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// Deserializes one table; a type error is reported against `path` with serde's words.
+/// Deserializes one table; each value of the wrong type is reported at its own key with serde's
+/// words (a secret's value not shown) and left out, so the rest of the table is still read.
 fn section<T: DeserializeOwned + Default>(
     value: Option<Value>,
     path: &str,
     problems: &mut Problems,
 ) -> T {
-    let Some(value) = value else {
+    let Some(mut value) = value else {
         return T::default();
     };
-    match value.try_into::<T>() {
-        Ok(v) => v,
-        Err(e) => {
-            let secret = SECRET_PATHS
-                .iter()
-                .any(|s| path.starts_with(s) || s.starts_with(path));
-            let message = if secret {
-                "has a value of the wrong type (value not shown: section holds secrets); check the types against docs/configuration.md".to_string()
-            } else {
-                format!(
-                    "{}; check the types against docs/configuration.md",
-                    e.message().trim()
-                )
-            };
-            problems.add(path, message);
-            T::default()
+    loop {
+        let e = match value.clone().try_into::<T>() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        // toml names the key inside the table: "…\nin `tls.cert`".
+        let key = e.to_string().rsplit_once("\nin `").and_then(|(_, rest)| {
+            let key = rest.trim_end().strip_suffix('`')?;
+            (!key.is_empty()).then(|| key.to_string())
+        });
+        let at = key
+            .as_deref()
+            .map_or(path.to_string(), |key| join(path, key));
+        let secret = SECRET_PATHS
+            .iter()
+            .any(|s| at.starts_with(s) || (key.is_none() && s.starts_with(path)));
+        let message = if secret {
+            "has a value of the wrong type (value not shown: it is secret); check the types against docs/configuration.md".to_string()
+        } else {
+            format!(
+                "{}; check the types against docs/configuration.md",
+                e.message().trim()
+            )
+        };
+        problems.add(at, message);
+        // Left out, and the rest read again; a key that cannot be found drops the table.
+        if !key.is_some_and(|key| remove_key(&mut value, &key)) {
+            return T::default();
         }
     }
+}
+
+/// Removes the value at the dotted `key` (as toml names it) from the table `value`.
+fn remove_key(value: &mut Value, key: &str) -> bool {
+    let mut table = value;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let Value::Table(t) = table else { return false };
+        if parts.peek().is_none() {
+            return t.remove(part).is_some();
+        }
+        let Some(next) = t.get_mut(part) else {
+            return false;
+        };
+        table = next;
+    }
+    false
 }
 
 fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config> {
@@ -963,6 +993,44 @@ mod harmful_values {
                 "oidc.client_secret: is required for client_secret_basic; write client_secret = \"${VESTIBULE_CLIENT_SECRET}\", or client_secret_file = \"/run/secrets/client-secret\" (environment variable VESTIBULE_CLIENT_SECRET is set but empty)",
                 "oidc.roles_claim: \"a.\" is not a claim path; write e.g. \"roles\" or \"realm_access.roles\" (environment variable EMPTY is set but empty)",
                 "session.keys[1]: is not 32 bytes of base64 (value not shown); make one with `vestibule keygen` (a variable it names is set but empty)",
+            ]
+        );
+    }
+
+    /// A value of the wrong type named only its table (`oidc: has a value of the wrong type`),
+    /// and the whole table was dropped: every other key of it then read as missing
+    /// (`oidc.issuer: is required` for a file that has it). The key is named, the rest of its
+    /// table kept; a secret's value is not shown (`keys = "<key>"` for `keys = ["<key>"]`).
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key_and_its_table_kept() {
+        let text = format!(
+            "[server]\npublic_url = \"https://app.example.com\"\nmax_connections = \"10\"\n\
+             [server.tls]\ncert = 5\n\
+             [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\n\
+             client_secret = \"s\"\nuserinfo = \"yes\"\n\
+             [session]\nkeys = \"{KEY}\"\ncookie_secure = \"true\"\n\
+             [session.redis]\nurl = [\"redis://:s3cr3t@r\"]\n\
+             [[routes]]\npath = \"/api/\"\nupstream = \"http://127.0.0.1:5001\"\ncsrf = \"no\"\n"
+        );
+        let found = match Config::parse(&text, Path::new("."), &|_| None) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        };
+        let types = "; check the types against docs/configuration.md";
+        let secret = "has a value of the wrong type (value not shown: it is secret)";
+        assert_eq!(
+            found,
+            [
+                format!("server.max_connections: invalid type: string \"10\", expected i64{types}"),
+                format!("server.tls.cert: invalid type: integer `5`, expected a string{types}"),
+                format!("oidc.userinfo: invalid type: string \"yes\", expected a boolean{types}"),
+                format!("session.cookie_secure: invalid type: string \"true\", expected a boolean{types}"),
+                format!("session.keys: {secret}{types}"),
+                format!("session.redis.url: {secret}{types}"),
+                format!("routes[0].csrf: invalid type: string \"no\", expected a boolean{types}"),
+                "server.tls.cert: is required when [server] tls is set: a PEM file path".to_string(),
+                "server.tls.key: is required when [server] tls is set: a PEM file path".to_string(),
+                "session.keys: is required: keys = [\"${VESTIBULE_SESSION_KEY}\"], each made by `vestibule keygen`, or keys_file = \"/run/secrets/session-keys\"".to_string(),
             ]
         );
     }

@@ -219,7 +219,7 @@ fn golden_messages_for_each_kind_of_mistake() {
         ),
         (
             add("server.listen", 8080),
-            "server: invalid type: integer `8080`, expected a string; check the types against docs/configuration.md",
+            "server.listen: invalid type: integer `8080`, expected a string; check the types against docs/configuration.md",
         ),
         (
             add("oidc.scopes", vec!["profile"]),
