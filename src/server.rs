@@ -44,8 +44,15 @@ pub struct Bound {
 }
 
 pub async fn bind(config: &Config) -> std::io::Result<Bound> {
-    let public = TcpListener::bind(config.server.listen).await?;
-    let admin = TcpListener::bind(config.admin.listen).await?;
+    // A failure names the listener's key and address: the system's error alone ("Address
+    // already in use") leaves the operator to guess which of the two it was.
+    let listen = |key: &'static str, addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{key}: cannot listen on {addr}: {e}"))
+        })
+    };
+    let public = listen("server.listen", config.server.listen).await?;
+    let admin = listen("admin.listen", config.admin.listen).await?;
     Ok(Bound {
         public_addr: public.local_addr()?,
         admin_addr: admin.local_addr()?,

@@ -270,3 +270,25 @@ fn sighup_rereads_the_secret_files_and_refuses_a_bad_one_with_a_clear_error() {
     }
     assert!(status.success());
 }
+
+/// A listener that cannot be opened (the port taken, or below 1024 for a non-root user) stopped
+/// the start with `Address already in use (os error 98)` alone: which of the two listeners, and
+/// at what address, was left to guess. The error names the key and the address.
+#[test]
+fn a_listener_that_cannot_be_opened_is_named_by_its_key_and_address() {
+    let (port, admin, dir) = site();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, site_config(port, admin, "")).unwrap();
+    for (taken, key) in [(port, "server.listen"), (admin, "admin.listen")] {
+        let _held = std::net::TcpListener::bind(("127.0.0.1", taken)).unwrap();
+        let out = vestibule().arg("--config").arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!(
+                "error: {key}: cannot listen on 127.0.0.1:{taken}: Address already in use"
+            )),
+            "{err}"
+        );
+    }
+}
