@@ -112,10 +112,13 @@ impl Replicas {
         self.proxies.iter().map(|p| p.url("/api/x")).collect()
     }
 
-    /// `/readyz`'s store check on every replica.
+    /// `/readyz`'s store check on every replica; `/healthz` (liveness) answers 200 all the same,
+    /// so that a Redis outage never has the orchestrator restart every replica.
     async fn store_ready(&self) -> Vec<bool> {
         let mut all = Vec::new();
         for proxy in &self.proxies {
+            let live = get(&format!("http://{}/healthz", proxy.admin), &[]).await;
+            assert_eq!(live.status, 200, "healthz: {}", live.text());
             let reply = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
             let store = reply.json()["checks"]["store"].as_bool().unwrap();
             assert_eq!(
