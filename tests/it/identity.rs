@@ -102,6 +102,9 @@ fn routes(up: &str) -> String {
     )
 }
 
+/// What the SPA sends on every call to a route that acts as the user.
+const CSRF: (&str, &str) = ("x-csrf", "1");
+
 const FORGED: [(&str, &str); 5] = [
     ("X-User", "admin"),
     ("x-email", "root@example.test"),
@@ -114,7 +117,8 @@ const FORGED: [(&str, &str); 5] = [
 async fn a_browser_sent_identity_header_never_reaches_the_upstream_without_a_session() {
     let s = stack(routes).await;
     for path in ["/open/x", "/maybe/x"] {
-        let r = get(&s.proxy.url(path), &FORGED).await;
+        // `X-CSRF` as the SPA sends it: these routes act as the user.
+        let r = get(&s.proxy.url(path), &[&FORGED[..], &[CSRF]].concat()).await;
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         for (name, _) in FORGED {
             assert_eq!(seen(&s.up, name), Vec::<String>::new(), "{path}: {name}");
@@ -142,7 +146,7 @@ async fn an_underscore_spelling_of_an_identity_header_never_reaches_the_upstream
     signed_in.extend(FORGED_LOOKALIKES);
     for path in ["/open/x", "/maybe/x"] {
         for sent in [&FORGED_LOOKALIKES[..], &signed_in[..]] {
-            let r = get(&s.proxy.url(path), sent).await;
+            let r = get(&s.proxy.url(path), &[sent, &[CSRF]].concat()).await;
             assert_eq!(r.status, 200, "{path}: {}", r.text());
             for (name, _) in FORGED_LOOKALIKES {
                 assert_eq!(seen(&s.up, name), Vec::<String>::new(), "{path}: {name}");
@@ -164,7 +168,7 @@ async fn identity_headers_carry_the_session_claims_and_replace_the_browsers() {
                         "org": {"dept": "R&D"}}),
         )
         .await;
-    let mut headers = vec![("cookie", cookie.as_str())];
+    let mut headers = vec![("cookie", cookie.as_str()), CSRF];
     headers.extend(FORGED);
     for path in ["/open/x", "/maybe/x"] {
         let r = get(&s.proxy.url(path), &headers).await;
@@ -187,7 +191,7 @@ async fn unsafe_claim_values_are_percent_encoded_and_never_split_a_header() {
                         "email": {"not": "a string"}}),
         )
         .await;
-    get(&s.proxy.url("/maybe/x"), &[("cookie", &cookie)]).await;
+    get(&s.proxy.url("/maybe/x"), &[("cookie", &cookie), CSRF]).await;
     let last = s.up.last();
     assert_eq!(seen(&s.up, "x-name"), ["Zo%C3%AB%0D%0AX-Admin:%20yes"]);
     assert!(last.headers.get("x-admin").is_none());
@@ -272,7 +276,7 @@ async fn the_sample_api_validates_the_assertion_against_the_published_key_set() 
     // Without a session, a browser's own bearer token never reaches the API: it sees none.
     let r = get(
         &s.proxy.url("/api/hello"),
-        &[("authorization", "Bearer forged.by.browser")],
+        &[("authorization", "Bearer forged.by.browser"), CSRF],
     )
     .await;
     assert_eq!(r.status, 401, "{}", r.text());
@@ -289,6 +293,7 @@ async fn the_sample_api_validates_the_assertion_against_the_published_key_set() 
         &[
             ("cookie", &cookie),
             ("authorization", "Bearer forged.by.browser"),
+            CSRF,
         ],
     )
     .await;
@@ -299,7 +304,7 @@ async fn the_sample_api_validates_the_assertion_against_the_published_key_set() 
     // What the assertion says, as an upstream receives it in a configured header.
     get(
         &s.proxy.url("/echo/x"),
-        &[("cookie", &cookie), ("x-assertion", "forged")],
+        &[("cookie", &cookie), ("x-assertion", "forged"), CSRF],
     )
     .await;
     let first = seen(&s.up, "x-assertion");
@@ -315,7 +320,7 @@ async fn the_sample_api_validates_the_assertion_against_the_published_key_set() 
     assert!(iat.abs_diff(now()) < 60);
     assert_eq!(header(&jwt)["kid"], keys[0]["kid"]);
     assert_eq!(header(&jwt)["alg"], "ES256");
-    get(&s.proxy.url("/echo/x"), &[("cookie", &cookie)]).await;
+    get(&s.proxy.url("/echo/x"), &[("cookie", &cookie), CSRF]).await;
     let again = payload(&seen(&s.up, "x-assertion")[0]);
     assert_ne!(
         again["jti"], claims["jti"],
@@ -374,4 +379,58 @@ async fn without_assertion_routes_no_key_is_published() {
     let jwks = get(&format!("http://{}/jwks", s.proxy.admin), &[]).await;
     assert_eq!(jwks.status, 200);
     assert_eq!(jwks.json(), json!({"keys": []}));
+}
+
+/// A route that sends identity headers or an assertion acts as the user exactly as a
+/// `token = "user"` route does, so it needs `X-CSRF: 1` unless the operator says otherwise. A
+/// sibling subdomain (same site: the browser sends the `Lax` session cookie with its form's
+/// POST) cannot add that header; before, such a POST reached the upstream as the signed-in user.
+#[tokio::test]
+async fn a_sibling_sites_post_never_reaches_an_identity_route_as_the_user() {
+    let s = stack(|up| {
+        format!(
+            "[[routes]]\npath = \"/ids/\"\nupstream = \"{up}\"\nauth = \"required\"\n{IDENTITY}\n\
+             [[routes]]\npath = \"/signed/\"\nupstream = \"{up}\"\nauth = \"optional\"\n\
+             assertion = true\nassertion_header = \"X-Assertion\"\n\
+             [[routes]]\npath = \"/opted-out/\"\nupstream = \"{up}\"\nauth = \"required\"\n\
+             csrf = false\n{IDENTITY}\n"
+        )
+    })
+    .await;
+    let cookie = s.sign_in(json!({"email": "alice@example.test"})).await;
+    let sibling = |path: &str| {
+        http::Request::post(s.proxy.url(path))
+            .header("cookie", cookie.as_str())
+            .header("origin", "http://sibling.example.test")
+            .header("sec-fetch-site", "same-site")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"amount=100",
+            )))
+            .unwrap()
+    };
+    for path in ["/ids/transfer", "/signed/transfer"] {
+        let before = s.up.count();
+        let r = send(sibling(path)).await;
+        assert_eq!(
+            r.status,
+            403,
+            "{path}: a sibling site's POST passed as the user: {}",
+            r.text()
+        );
+        assert_eq!(r.json()["error"], "csrf", "{path}");
+        assert_eq!(
+            s.up.count(),
+            before,
+            "{path}: the POST reached the upstream"
+        );
+        // The SPA's own calls, which send the header, pass as the user.
+        let r = get(&s.proxy.url(path), &[("cookie", &cookie), CSRF]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert_eq!(seen(&s.up, "x-assertion").len(), 1);
+    // `csrf = false` written out is the operator's choice and is kept.
+    let r = send(sibling("/opted-out/transfer")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen(&s.up, "x-user"), ["alice"]);
 }

@@ -330,6 +330,10 @@ pub(super) fn routes_config(
         let scopes = scopes.unwrap_or_default();
         scope_tokens(&scopes, &format!("{path}.scopes"), problems);
         let Some(target) = target else { continue };
+        // Identity headers and an assertion speak for the user as the user's token does: a
+        // same-site page sending the session cookie must not make them speak.
+        let acts_as_user =
+            token != TokenMode::None || !identity_headers.is_empty() || assertion.is_some();
         let token_key = super::super::token_key_of(resource.as_deref(), &scopes, exchange);
         out.push(RouteConfig {
             path: prefix,
@@ -337,7 +341,7 @@ pub(super) fn routes_config(
             strip_prefix: strip_prefix.unwrap_or(false),
             auth,
             token,
-            csrf: csrf.unwrap_or(token != TokenMode::None),
+            csrf: csrf.unwrap_or(acts_as_user),
             resource,
             scopes,
             exchange,
