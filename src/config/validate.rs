@@ -12,6 +12,7 @@ use toml::{Table, Value};
 
 mod limits;
 mod oidc;
+mod overlap;
 mod routes;
 mod server;
 mod session;

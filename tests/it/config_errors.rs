@@ -560,3 +560,74 @@ fn values_that_would_do_harm_are_refused_with_their_bounds() {
         assert_eq!(errors(&text), [expected]);
     }
 }
+
+/// [`base`] with `routes` (TOML `[[routes]]` blocks) appended.
+fn with_routes(routes: &str) -> String {
+    format!("{}{routes}", base())
+}
+
+/// Two routes to one upstream, one with `strip_prefix` (or a base path): `/api/admin/x` reaches
+/// the upstream as `/admin/x`, which the `/admin/` route guards, under `/api/`'s laxer policy.
+/// Refused at load (and so by `vestibule check` and a reload), naming both routes; setups whose
+/// paths meet the policy that guards them where they arrive pass.
+#[test]
+fn a_stripped_route_reaching_another_routes_upstream_paths_with_a_laxer_policy_is_refused() {
+    const UP: &str = "upstream = \"http://api.internal:8080\"";
+    let admin = format!(
+        "[[routes]]\npath = \"/admin/\"\n{UP}\ntoken = \"user\"\nrequire = {{ roles = [\"admin\"] }}\n"
+    );
+    let api =
+        format!("[[routes]]\npath = \"/api/\"\n{UP}\nstrip_prefix = true\ntoken = \"user\"\n");
+    assert_eq!(
+        errors(&with_routes(&format!("{api}{admin}"))),
+        [
+            "routes[0].strip_prefix: forwards \"/api/admin/…\" to the upstream as \"/admin/…\", which routes[1] (\"/admin/\") guards with require it does not have; give \"/api/admin/\" a route of its own with routes[1]'s policy, or send them to different upstreams"
+        ]
+    );
+    // A base path does the same: `/api/admin/x` arrives as `/v1/admin/x`.
+    let v1 = "[[routes]]\npath = \"/api/\"\nupstream = \"http://API.internal:8080/v1/\"\n\
+              strip_prefix = true\nauth = \"optional\"\n";
+    let v1_admin = "[[routes]]\npath = \"/v1/admin/\"\nupstream = \"http://api.internal:8080\"\n\
+                    auth = \"required\"\nfeature = \"ops\"\n[features.ops]\npublic = true\n";
+    assert_eq!(
+        errors(&with_routes(&format!("{v1}{v1_admin}"))),
+        [
+            "routes[0].strip_prefix: forwards \"/api/admin/…\" to the upstream as \"/v1/admin/…\", which routes[1] (\"/v1/admin/\") guards with auth, feature it does not have; give \"/api/admin/\" a route of its own with routes[1]'s policy, or send them to different upstreams"
+        ]
+    );
+    // Both stripped to the same place: either path reaches the other's upstream paths.
+    let both = format!(
+        "[[routes]]\npath = \"/api/\"\n{UP}\nstrip_prefix = true\nauth = \"optional\"\n\
+         [[routes]]\npath = \"/ops/\"\n{UP}\nstrip_prefix = true\nauth = \"required\"\n"
+    );
+    assert_eq!(
+        errors(&with_routes(&both)),
+        [
+            "routes[0].strip_prefix: forwards \"/api/…\" to the upstream as \"/…\", which routes[1] (\"/ops/\") guards with auth it does not have; give \"/api/\" a route of its own with routes[1]'s policy, or send them to different upstreams"
+        ]
+    );
+
+    let accepted = |routes: &str| {
+        if let Err(e) = Config::parse(&with_routes(routes), Path::new("."), &env) {
+            panic!("refused: {e:?}\n{routes}");
+        }
+    };
+    // The way out the message names: `/api/admin/` gets `/admin/`'s policy.
+    accepted(&format!(
+        "{api}{admin}[[routes]]\npath = \"/api/admin/\"\nupstream = \"http://api.internal:8080/admin\"\n\
+         strip_prefix = true\ntoken = \"user\"\nrequire = {{ roles = [\"admin\"] }}\n"
+    ));
+    // Nested prefixes without stripping: the longest prefix decides, as written.
+    accepted(&format!(
+        "[[routes]]\npath = \"/api/\"\n{UP}\ntoken = \"user\"\n\
+         [[routes]]\npath = \"/api/public/\"\n{UP}\n\
+         [[routes]]\npath = \"/api/admin/\"\n{UP}\ntoken = \"user\"\nrequire = {{ roles = [\"admin\"] }}\n"
+    ));
+    // A stricter route reaching a laxer one's paths (`/api/health` as `/health`) takes nothing.
+    accepted(&format!("{api}[[routes]]\npath = \"/health\"\n{UP}\n"));
+    // Another upstream (another port) is another path space.
+    accepted(&format!(
+        "{api}[[routes]]\npath = \"/admin/\"\nupstream = \"http://api.internal:8081\"\n\
+         token = \"user\"\nrequire = {{ roles = [\"admin\"] }}\n"
+    ));
+}

@@ -38,6 +38,8 @@ pub(super) fn routes_config(
     // Prefixes without their trailing `/`: a route `/x/` also owns `/x`.
     let mut owned = std::collections::HashSet::new();
     let mut out = Vec::new();
+    // Each route's TOML path (`routes[0]`), for problems between routes.
+    let mut keys = Vec::new();
     for (path, raw) in routes {
         let raw::Route {
             path: prefix,
@@ -335,6 +337,7 @@ pub(super) fn routes_config(
         let acts_as_user =
             token != TokenMode::None || !identity_headers.is_empty() || assertion.is_some();
         let token_key = super::super::token_key_of(resource.as_deref(), &scopes, exchange);
+        keys.push(path);
         out.push(RouteConfig {
             path: prefix,
             target,
@@ -359,6 +362,7 @@ pub(super) fn routes_config(
             token_key,
         });
     }
+    super::overlap::overlapping_upstreams(&out, &keys, problems);
     out
 }
 
