@@ -388,6 +388,29 @@ impl App {
             let refused = ErrorCode::MethodNotAllowed.respond(Reader::of(req.headers()));
             return routed(route.path.as_str(), refused);
         }
+        // `MOVE` and `COPY` name a second path, held to the route as the request's own is. GET
+        // and HEAD move nothing: they are spared the lookup.
+        if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+            let server = &config.server;
+            match proxy::webdav::destination(
+                &live.routes,
+                route,
+                req.headers(),
+                &server.public_origin,
+                prefix,
+            ) {
+                Ok(None) => {}
+                Ok(Some(rewritten)) => {
+                    req.headers_mut()
+                        .insert(proxy::webdav::DESTINATION, rewritten);
+                }
+                Err(proxy::webdav::Refused) => {
+                    tracing::debug!("a Destination naming no path of the route refused");
+                    let refused = ErrorCode::BadRequest.respond(Reader::of(req.headers()));
+                    return routed(route.path.as_str(), refused);
+                }
+            }
+        }
         let admitted =
             match access::admit(self, &self.tokens, &worker.sessions, live, route, &req).await {
                 Ok(a) => a,

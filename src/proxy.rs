@@ -4,7 +4,8 @@
 //! 1. **limits** — header block size (431) and declared body size (413); the body streamed
 //!    to the upstream must keep a pace (408 when it does not, see [`crate::limits::Paced`]);
 //! 2. **route** — the canonical path ([`path`]; an ambiguous one is 400 `bad_path`), then the
-//!    longest prefix on segment boundaries; no match is 404;
+//!    longest prefix on segment boundaries; no match is 404; a WebDAV `Destination` naming
+//!    no path of that route is 400 ([`webdav`]);
 //! 3. **access** (in [`crate::access`]) — feature flag (404 when hidden), session (401 or a
 //!    login redirect), CSRF (403), claims policy (403), access token for the upstream;
 //! 4. **forward** — static files, or the upstream through the pooled client with rewritten
@@ -16,6 +17,7 @@ pub mod path;
 pub mod routing;
 pub mod static_files;
 pub mod trailers;
+pub mod webdav;
 
 use crate::config::{RouteConfig, Target};
 use crate::reply::{Body, ErrorCode, Inbound, Reader};

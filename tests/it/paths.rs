@@ -492,3 +492,78 @@ async fn headers_that_name_another_path_never_reach_the_upstream() {
         .collect();
     assert!(passed.is_empty(), "reached the upstream: {passed:?}");
 }
+
+/// WebDAV's `MOVE` and `COPY` name a second path in `Destination` (RFC 4918 §10.3), which the
+/// upstream acts on as it would on the request's: through a `strip_prefix` route it could name
+/// another route's paths, whose policy the client never met (`/admin/` below, which needs a
+/// session), or the stripped route's own paths outside its prefix. A `Destination` must name,
+/// in canonical form, a path of the request's own route on `public_url`; it is then forwarded
+/// as the upstream's own URL for that path, as the request's path is. Any other is 400.
+#[tokio::test]
+async fn a_webdav_destination_names_only_a_path_of_the_requests_own_route() {
+    let up = upstream::start().await;
+    let u = up.url();
+    let routes = format!(
+        "[[routes]]\npath = \"/dav/\"\nupstream = \"{u}/files\"\nstrip_prefix = true\n\
+         [[routes]]\npath = \"/admin/\"\nupstream = \"{u}\"\nauth = \"required\"\n"
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let moved = |method: &str, destination: &[&str]| {
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(proxy.url("/dav/notes.txt"));
+        for d in destination {
+            builder = builder.header("destination", *d);
+        }
+        send(
+            builder
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+    };
+    let before = up.count();
+    for destination in [
+        // Another route's path: `/admin/secret` on the upstream, without a session.
+        "http://127.0.0.1:8080/admin/secret",
+        "/admin/secret",
+        "/dav/../admin/secret",
+        "/dav/%2e%2e/admin/secret",
+        "/dav/..%2Fadmin/secret",
+        // The stripped route's upstream paths outside it, a Vestibule endpoint, another host.
+        "/files/admin/secret",
+        "/bff/user",
+        "http://evil.example/dav/x",
+        "https://127.0.0.1:8080/dav/x",
+        "//evil.example/dav/x",
+        "/dav/x?y=1",
+        "dav/x",
+        "",
+    ] {
+        let r = moved("MOVE", &[destination]).await;
+        assert_eq!(r.status, 400, "{destination:?}: {}", r.text());
+    }
+    // Two fields: which one the upstream reads is its own choice.
+    let r = moved("COPY", &["/dav/a", "/admin/secret"]).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(up.count(), before, "a refused request reached the upstream");
+    // Its own route's path, absolute or as a path: forwarded as the upstream names it.
+    for (method, destination) in [
+        ("MOVE", "http://127.0.0.1:8080/dav/old/notes.txt"),
+        ("COPY", "/dav/old/./notes.txt"),
+        ("MOVE", "http://127.0.0.1:8080/DAV/old/%6Eotes.txt"),
+    ] {
+        let r = moved(method, &[destination]).await;
+        assert_eq!(r.status, 200, "{method} {destination}: {}", r.text());
+        let seen = up.last();
+        assert_eq!(
+            (seen.method.as_str(), seen.uri.as_str()),
+            (method, "/files/notes.txt")
+        );
+        let sent: Vec<_> = seen.headers.get_all("destination").iter().collect();
+        assert_eq!(
+            sent,
+            [format!("{u}/files/old/notes.txt").as_str()],
+            "{destination}"
+        );
+    }
+}
