@@ -218,6 +218,16 @@ async fn policy_claims(
     session.claims.map().clone()
 }
 
+/// Whether the same claims say their `email` was verified: `email_verified` true (OpenID
+/// Connect Core §5.1), or `"true"` as some providers write it (Cognito).
+fn email_verified(claims: &serde_json::Map<String, serde_json::Value>) -> bool {
+    match claims.get("email_verified") {
+        Some(serde_json::Value::Bool(verified)) => *verified,
+        Some(serde_json::Value::String(text)) => text == "true",
+        _ => false,
+    }
+}
+
 fn missing_requirements(
     live: &LiveConfig,
     route: &RouteConfig,
@@ -232,6 +242,10 @@ fn missing_requirements(
             } else {
                 claim.as_str()
             };
+            // An address nobody confirmed is whatever the user typed in at many providers.
+            if claim == "email" && !email_verified(claims) {
+                return true;
+            }
             let have = crate::jose::claim_path(claims, path)
                 .map(crate::jose::claim_strings)
                 .unwrap_or_default();

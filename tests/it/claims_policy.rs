@@ -148,3 +148,53 @@ async fn a_trace_never_echoes_the_users_token_identity_or_assertion_to_the_brows
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `require = { email = [...] }` is about who the user is, but at many providers a user can
+/// set an email address of their own choosing that nobody has confirmed (`email_verified`
+/// false, or absent: Entra ID's "nOAuth"). Only a verified email meets the requirement.
+#[tokio::test]
+async fn an_email_requirement_is_met_only_by_a_verified_email() {
+    let s = stack(|up| {
+        format!(
+            "[[routes]]\npath = \"/mail/\"\nupstream = \"{up}\"\nauth = \"required\"\n\
+             require = {{ email = [\"alice@example.test\"] }}\n"
+        )
+    })
+    .await;
+    for (what, claims, status) in [
+        (
+            "unverified",
+            json!({"sub": "mallory", "email": "alice@example.test", "email_verified": false}),
+            403,
+        ),
+        (
+            "verified as a string that says no",
+            json!({"sub": "mallory", "email": "alice@example.test", "email_verified": "false"}),
+            403,
+        ),
+        (
+            "without email_verified",
+            json!({"sub": "mallory", "email": "alice@example.test"}),
+            403,
+        ),
+        (
+            "another verified address",
+            json!({"sub": "bob", "email": "bob@example.test", "email_verified": true}),
+            403,
+        ),
+        (
+            "verified",
+            json!({"sub": "alice", "email": "alice@example.test", "email_verified": true}),
+            200,
+        ),
+    ] {
+        let cookie = s.sign_in(claims).await;
+        let before = s.up.count();
+        let r = get(&s.proxy.url("/mail/inbox"), &[("cookie", cookie.as_str())]).await;
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        if status == 403 {
+            assert_eq!(r.json()["missing"], json!(["email"]), "{what}");
+            assert_eq!(s.up.count(), before, "{what}: reached the upstream");
+        }
+    }
+}
