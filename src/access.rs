@@ -200,22 +200,35 @@ pub fn preflight<B>(live: &LiveConfig, req: &Request<B>) -> Option<Response<Body
 /// Claims the policy is checked against: the user's validated JWT access token for the route's
 /// resource when it is one, else the ID token claims kept in the session. `token` is the
 /// user's own token or `None`: a client-credentials token (a `token = "client"` route's) speaks
-/// for Vestibule's service account, and its roles are never the user's.
+/// for Vestibule's service account, and its roles are never the user's. Which claims decide
+/// depends on the token alone, never on the provider being reachable: a token that cannot be
+/// checked now (no metadata, the key set unavailable) is a 503, not the session's claims, which
+/// may say what the token no longer does.
 async fn policy_claims(
     app: &Shared,
     route: &RouteConfig,
     session: &Session,
     token: Option<&str>,
-) -> serde_json::Map<String, serde_json::Value> {
+) -> Result<serde_json::Map<String, serde_json::Value>, RequestError> {
     if let (Some(resource), Some(token)) = (&route.resource, token)
         && crate::jose::looks_like_jwt(token)
-        && let Ok(expect) = app.oidc.id_token_expectations(resource, app.clock.now())
-        && let Ok(claims) =
-            crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await
     {
-        return claims;
+        let checked = match app.oidc.id_token_expectations(resource, app.clock.now()) {
+            Ok(expect) => {
+                crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await
+            }
+            Err(error) => Err(error),
+        };
+        match checked {
+            Ok(claims) => return Ok(claims),
+            Err(crate::jose::JoseError::KeySetUnavailable(fault)) => {
+                return Err(RequestError::KeySetUnavailable(fault));
+            }
+            // Not a token of the provider's for this resource: the session's claims decide.
+            Err(_) => {}
+        }
     }
-    session.claims.map().clone()
+    Ok(session.claims.map().clone())
 }
 
 /// Whether the same claims say their `email` was verified: `email_verified` true (OpenID
@@ -398,7 +411,7 @@ pub async fn admit(
             });
         };
         let users = token.as_deref().filter(|_| users_token);
-        let claims = policy_claims(app, route, &l.session, users).await;
+        let claims = policy_claims(app, route, &l.session, users).await?;
         let missing = missing_requirements(live, route, &claims);
         if !missing.is_empty() {
             return Err(RequestError::Forbidden { missing });

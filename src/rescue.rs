@@ -132,6 +132,10 @@ pub enum RequestError {
     /// be fetched): `503` with `Retry-After`, so that the provider sends it again.
     #[error("back-channel logout deferred: {0}")]
     LogoutDeferred(String),
+    /// The user's access token, whose claims a route's `require` reads, could not be checked
+    /// now (the provider's key set or metadata unavailable): `503` with `Retry-After`.
+    #[error("the access token could not be checked: {0}")]
+    KeySetUnavailable(crate::jose::KeySetFault),
     /// A request body arrived too slowly (always JSON).
     #[error("the request body arrived too slowly")]
     BodyTimeout,
@@ -217,6 +221,12 @@ impl RequestError {
                 r
             }
             RequestError::BodyTimeout => ErrorCode::RequestTimeout.json(&[]),
+            RequestError::KeySetUnavailable(_) => {
+                let mut r = ErrorCode::ProviderUnavailable.respond(reader);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                r
+            }
         }
     }
 
@@ -249,6 +259,9 @@ impl RequestError {
                 );
             }
             RequestError::BodyTimeout => tracing::info!("request body too slow"),
+            RequestError::KeySetUnavailable(fault) => {
+                tracing::warn!(%fault, "access token not checked for the route's policy: the key set is unavailable");
+            }
             RequestError::Unauthenticated { .. }
             | RequestError::StepUp { .. }
             | RequestError::Csrf

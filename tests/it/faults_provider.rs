@@ -44,7 +44,8 @@ struct Idp {
 /// What every connection of the provider shares.
 struct IdpState {
     issuer: String,
-    jwks: Vec<u8>,
+    /// The key set it publishes (a test may rotate it).
+    jwks: Mutex<Vec<u8>>,
     mode: AtomicU8,
     calls: AtomicUsize,
     grants: AtomicUsize,
@@ -66,7 +67,7 @@ impl Idp {
             addr,
             state: Arc::new(IdpState {
                 issuer: format!("http://{addr}"),
-                jwks,
+                jwks: Mutex::new(jwks),
                 mode: AtomicU8::new(UP),
                 calls: AtomicUsize::new(0),
                 grants: AtomicUsize::new(0),
@@ -107,9 +108,8 @@ impl Idp {
                         if state.mode.load(Ordering::SeqCst) == HUNG {
                             std::future::pending::<()>().await;
                         }
-                        Ok::<_, Infallible>(
-                            answer(req, &state.issuer, &state.jwks, &state.grants).await,
-                        )
+                        let jwks = state.jwks.lock().unwrap().clone();
+                        Ok::<_, Infallible>(answer(req, &state.issuer, &jwks, &state.grants).await)
                     }
                 });
                 let conn = tokio::spawn(async move {
@@ -215,6 +215,15 @@ async fn setup(oidc: impl FnOnce(TomlConfig) -> TomlConfig) -> Setup {
 impl Setup {
     /// A session holding `tokens` (by resource, `""` for the default) and a refresh token.
     async fn session(&self, tokens: &[(&str, &str, u64)]) -> String {
+        self.session_with(tokens, serde_json::Map::new()).await
+    }
+
+    /// [`Setup::session`], whose sign-in said `claims`.
+    async fn session_with(
+        &self,
+        tokens: &[(&str, &str, u64)],
+        claims: serde_json::Map<String, serde_json::Value>,
+    ) -> String {
         let mut map = BTreeMap::new();
         for (resource, value, expires_at) in tokens {
             map.insert(
@@ -232,6 +241,7 @@ impl Setup {
             sub: "alice".into(),
             tokens: map.into(),
             refresh_token: Some("rt-0".into()),
+            claims: claims.into(),
             ..Session::default()
         };
         let app = &self.proxy.app;
@@ -508,8 +518,8 @@ async fn a_failed_key_set_refetch_breaks_no_valid_session() {
     assert_eq!(call(&url, &cookie).await.status, 200);
 
     s.idp.down();
-    let refused = call(&url, &stranger).await;
-    assert_eq!(refused.status, 403, "{}", refused.text());
+    // Its claims cannot be read now: refused, as they cannot decide (see below).
+    assert_provider_unavailable(&call(&url, &stranger).await);
     // The periodic metadata refresh (at least a minute apart) fails too.
     assert!(s.proxy.app.oidc.provider.refresh().await.is_err());
     for _ in 0..3 {
@@ -520,4 +530,39 @@ async fn a_failed_key_set_refetch_breaks_no_valid_session() {
     assert_eq!(call(&s.proxy.url("/api/x"), &cookie).await.status, 200);
     let ready = get(&format!("http://{}/readyz", s.proxy.admin), &[]).await;
     assert_eq!(ready.status, 200, "{}", ready.text());
+}
+
+/// Whose claims `require` reads must not depend on the provider being reachable: the user's
+/// JWT access token for the route says `reader` (the role was taken away since the sign-in),
+/// the session's sign-in said `writer`. While the key set cannot be fetched, the token cannot be
+/// checked; falling back to the session's claims then admitted the user as a writer. It is a
+/// 503 now; once the keys are there, the token decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_outage_never_lets_the_session_claims_decide_for_the_token() {
+    let s = setup(|c| c).await;
+    let demoted = s.jwt(TestKey::Rsa2, "k2", &["reader"]);
+    let mut signed_in_as = serde_json::Map::new();
+    signed_in_as.insert("roles".into(), serde_json::json!(["writer"]));
+    let cookie = s
+        .session_with(
+            &[("", "at-fresh", now() + 300), (API, &demoted, now() + 300)],
+            signed_in_as,
+        )
+        .await;
+    let url = s.proxy.url("/jwt/x");
+    s.idp.down();
+    let before = s.upstream.count();
+    let reply = call(&url, &cookie).await;
+    assert_provider_unavailable(&reply);
+    assert_eq!(s.upstream.count(), before, "the request reached the API");
+    // The provider back with the rotated key: the token's own roles decide.
+    s.idp.up();
+    *s.idp.state.jwks.lock().unwrap() = s
+        .signer
+        .jwks_json(&[(TestKey::Rsa1, "k1"), (TestKey::Rsa2, "k2")]);
+    // The periodic metadata refresh, which also fetches the key set, rather than its wait.
+    s.proxy.app.oidc.provider.refresh().await.unwrap();
+    let reply = call(&url, &cookie).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert_eq!(reply.json()["missing"], serde_json::json!(["roles"]));
 }
