@@ -566,3 +566,122 @@ async fn a_key_set_outage_never_lets_the_session_claims_decide_for_the_token() {
     assert_eq!(reply.status, 403, "{}", reply.text());
     assert_eq!(reply.json()["missing"], serde_json::json!(["roles"]));
 }
+
+/// The provider's token endpoint across a real network link that goes dead (a partition: no
+/// RST, no FIN, connection attempts unanswered), its discovery and key set on this host. While
+/// it is cut, a refresh and a login's code exchange are 503 within `provider_timeout`, whether
+/// the call goes out on a pooled connection or a new one; no session is lost; once the link is
+/// back, both work again within a couple of seconds — not once a connection opened before the
+/// cut is retransmitted on, or given up on, seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the_link() {
+    use crate::support::fake_idp;
+    use vestibule::jose::testing::id_token_claims;
+    let timeout = Duration::from_secs(1);
+    let slack = Duration::from_millis(700);
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let mut host = crate::support::netns::NetHost::start();
+    let local: SocketAddr = idp.issuer.trim_start_matches("http://").parse().unwrap();
+    let token_at = host.reach(local).await;
+    let behind = |path: &str| serde_json::Value::from(format!("http://{token_at}{path}"));
+    idp.state
+        .discovery_extra
+        .lock()
+        .unwrap()
+        .insert("token_endpoint".into(), behind("/token"));
+    let upstream = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\ntoken = \"user\"\n",
+        upstream.url()
+    );
+    let text = config_toml(&routes)
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add(
+            "oidc.provider_timeout",
+            format!("{}ms", timeout.as_millis()),
+        );
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    let url = proxy.url("/api/x");
+    // A session whose access token has expired: the next call refreshes it.
+    let expired = || {
+        let session = Session {
+            sub: "alice".into(),
+            tokens: BTreeMap::from([(
+                String::new(),
+                AccessToken {
+                    value: "at-expired".into(),
+                    expires_at: now() - 10,
+                    issued_at: now() - 70,
+                    scope: None,
+                    jkt: None,
+                },
+            )])
+            .into(),
+            refresh_token: Some("rt-0".into()),
+            ..Session::default()
+        };
+        proxy.session_cookie(session)
+    };
+    // A login up to its callback, with the ID token the provider will issue for it.
+    let sign_in = || async {
+        let (query, login_cookie) = begin_login(&proxy).await;
+        let claims = id_token_claims(&idp.issuer, "vestibule", &query["nonce"], now());
+        *idp.state.id_token.lock().unwrap() = signer.token(TestKey::Rsa1).kid("k1").sign(&claims);
+        callback(&proxy, &query, &login_cookie).await
+    };
+
+    // Connections to the token endpoint are pooled by now. (A refresh answer carries the ID
+    // token of the last login.)
+    assert_eq!(sign_in().await.status, 302);
+    let warm = expired().await;
+    let reply = call(&url, &warm).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    host.partition();
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let cookie = expired().await;
+        let started = Instant::now();
+        let reply = call(&url, &cookie).await;
+        assert_provider_unavailable(&reply);
+        assert!(
+            started.elapsed() <= timeout + slack,
+            "a refresh into the dead link took {:?}",
+            started.elapsed()
+        );
+        kept.push(cookie);
+        let started = Instant::now();
+        let reply = sign_in().await;
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(
+            started.elapsed() <= timeout + slack,
+            "a code exchange into the dead link took {:?}",
+            started.elapsed()
+        );
+    }
+    // Long enough for the retransmission timers of connections into the dead link to back off
+    // past several seconds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    host.heal();
+    let healed = Instant::now();
+    eventually("a refresh works again", Duration::from_secs(10), || async {
+        (call(&url, &expired().await).await.status == 200).then_some(())
+    })
+    .await;
+    eventually("a login works again", Duration::from_secs(10), || async {
+        (sign_in().await.status == 302).then_some(())
+    })
+    .await;
+    for cookie in &kept {
+        let reply = call(&url, cookie).await;
+        assert_eq!(reply.status, 200, "a session was lost: {}", reply.text());
+    }
+    let back = healed.elapsed();
+    assert!(
+        back <= Duration::from_secs(2),
+        "refreshes and logins worked again only {back:?} after the link was back"
+    );
+    assert_eq!(call(&url, &warm).await.status, 200);
+}

@@ -453,3 +453,74 @@ async fn a_post_whose_http2_stream_the_upstream_reset_is_never_sent_twice() {
         "the reset POST was sent again: {seen:?}"
     );
 }
+
+/// An upstream across a real network link that goes dead (a partition: no RST, no FIN,
+/// connection attempts unanswered). Meanwhile each request is a 504 (or 502) within the route's
+/// timeout — on a pooled connection into the dead link or on a new one whose connection attempt
+/// goes unanswered — and once the link is back, every request works again within a couple of
+/// seconds: no pooled connection into the dead link is handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_behind_a_dead_link_is_504_fast_and_back_soon_after_the_link() {
+    let up = crate::support::upstream::start().await;
+    let mut host = crate::support::netns::NetHost::start();
+    let behind = host.reach(up.addr.unwrap()).await;
+    let proxy = proxy_to(&format!("http://{behind}"), "").await;
+    let url = proxy.url("/api/x");
+    let burst = |n: usize| {
+        let url = url.clone();
+        async move {
+            futures_util::future::join_all((0..n).map(|_| {
+                let url = url.clone();
+                async move {
+                    let started = Instant::now();
+                    let reply = get(&url, &[]).await;
+                    (reply, started.elapsed())
+                }
+            }))
+            .await
+        }
+    };
+    // Several connections pooled.
+    for (reply, _) in burst(4).await {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+
+    host.partition();
+    let limit = ROUTE_TIMEOUT + Duration::from_millis(100) + Duration::from_millis(500);
+    // More at once than are pooled: pooled connections and new ones.
+    for _ in 0..2 {
+        for (reply, took) in burst(6).await {
+            assert!(
+                matches!(reply.status, 502 | 504),
+                "{} {}",
+                reply.status,
+                reply.text()
+            );
+            assert!(took <= limit, "a request into the dead link took {took:?}");
+        }
+    }
+    // Long enough for the retransmission timers of connections into the dead link to back off
+    // past several seconds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    host.heal();
+    let healed = Instant::now();
+    eventually("requests work again", Duration::from_secs(10), || async {
+        burst(6)
+            .await
+            .iter()
+            .all(|(reply, _)| reply.status == 200)
+            .then_some(())
+    })
+    .await;
+    let back = healed.elapsed();
+    // And keep working: no request after that meets a connection from before.
+    for _ in 0..3 {
+        for (reply, _) in burst(6).await {
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    }
+    assert!(
+        back <= Duration::from_secs(2),
+        "requests worked again only {back:?} after the link was back"
+    );
+}

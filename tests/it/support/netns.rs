@@ -38,7 +38,14 @@ pub struct NetHost {
     there: String,
     /// The namespace's address, reached over the link.
     pub address: Ipv4Addr,
+    /// This side's address on the link: what a process inside the namespace reaches this one at
+    /// (a server of the test bound there is reached from inside across the link).
+    pub near: Ipv4Addr,
     redis: Option<Child>,
+    /// Other processes started inside the namespace, killed on drop.
+    children: Vec<Child>,
+    /// The forwarding tasks of [`NetHost::reach`], aborted on drop.
+    tasks: Vec<tokio::task::AbortHandle>,
     dir: tempfile::TempDir,
 }
 
@@ -60,7 +67,10 @@ impl NetHost {
             here,
             there,
             address,
+            near,
             redis: None,
+            children: Vec::new(),
+            tasks: Vec::new(),
             dir: tempfile::tempdir().expect("temporary directory"),
         };
         ip(&[
@@ -141,6 +151,80 @@ impl NetHost {
         format!("redis://{at}")
     }
 
+    /// Runs `program` with `args` inside the namespace, its output in a log file named after
+    /// `name`; killed on drop.
+    pub fn spawn(&mut self, name: &str, program: &str, args: &[&str]) {
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program} in the namespace: {e}"));
+        self.children.push(child);
+    }
+
+    /// A TCP relay inside the namespace (node's `net`), listening on its address at `port` and
+    /// passing each connection on to `to` — typically a server of the test bound on
+    /// [`NetHost::near`] — so that both legs cross the link: with it cut, a server of this
+    /// process is as far away as one on another host. Returns where to connect.
+    pub fn relay(&mut self, port: u16, to: SocketAddr) -> SocketAddr {
+        const RELAY: &str = "const net = require('net');\
+            const [host, port, toHost, toPort] = process.argv.slice(1);\
+            net.createServer((c) => {\
+              const u = net.connect(Number(toPort), toHost);\
+              c.pipe(u); u.pipe(c);\
+              c.on('error', () => u.destroy()); u.on('error', () => c.destroy());\
+            }).listen(Number(port), host);";
+        let (host, port_text) = (self.address.to_string(), port.to_string());
+        let (to_host, to_port) = (to.ip().to_string(), to.port().to_string());
+        self.spawn(
+            &format!("relay-{port}"),
+            "node",
+            &["-e", RELAY, &host, &port_text, &to_host, &to_port],
+        );
+        let at = SocketAddr::from((self.address, port));
+        self.wait_listening(at, "the relay");
+        at
+    }
+
+    /// Puts a server of this process at `to` (on loopback) behind the link: a relay inside the
+    /// namespace passes each connection back across the link to a forwarder of this process on
+    /// [`NetHost::near`], which passes it on to `to`. Returns the address to use instead of `to`:
+    /// with the link cut, nothing sent there arrives, nor any answer.
+    pub async fn reach(&mut self, to: SocketAddr) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind((self.near, 0))
+            .await
+            .expect("a port on the link's near address");
+        let near = listener.local_addr().expect("the forwarder's address");
+        let forward = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut server).await;
+                    }
+                });
+            }
+        });
+        self.tasks.push(forward.abort_handle());
+        self.relay(near.port(), near)
+    }
+
+    fn wait_listening(&self, at: SocketAddr, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&at, Duration::from_millis(200)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} in {} did not listen on {at} in time",
+                self.namespace
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Cuts the link: from now on every packet either way is lost.
     pub fn partition(&self) {
         self.inside(&["link", "set", &self.there, "down"]);
@@ -154,9 +238,12 @@ impl NetHost {
 
 impl Drop for NetHost {
     fn drop(&mut self) {
-        if let Some(mut redis) = self.redis.take() {
-            let _ = redis.kill();
-            let _ = redis.wait();
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        for mut child in self.redis.take().into_iter().chain(self.children.drain(..)) {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.namespace])
