@@ -426,7 +426,7 @@ impl Oidc {
         generated: Arc<dyn dpop::KeySource>,
     ) -> Result<Arc<Oidc>, SetupError> {
         let credential = Credential::load(&config)?;
-        let provider = Provider::new(config.issuer.clone(), http);
+        let provider = Provider::new(config.issuer.clone(), http, config.provider_timeout);
         let dpop = config.dpop.then(|| {
             let source: Arc<dyn dpop::KeySource> = match &config.dpop_key_file {
                 Some(file) => Arc::new(dpop::KeyFile(file.clone())),

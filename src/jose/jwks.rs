@@ -25,6 +25,10 @@ use crate::reply::Cause;
 
 /// How long one fetch may take before it counts as failed (the refetch lock is held meanwhile).
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed refetch, how soon a token naming an unknown key may cause another (when the
+/// rate limit is longer): once the provider is reachable again, a key it rotated to meanwhile
+/// is fetched within a second, not a whole interval later.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(1);
 
 /// Gets the raw JWKS document (the body of the provider's `jwks_uri`). Its errors are logged: they
 /// must not contain secrets.
@@ -36,6 +40,9 @@ pub trait JwksFetcher: Send + Sync + 'static {
 pub struct Jwks {
     fetcher: Arc<dyn JwksFetcher>,
     min_refetch_interval: Duration,
+    /// How long a lookup that misses waits for the refetch it causes, the wait for one under
+    /// way included ([`Jwks::with_fetch_timeout`]).
+    fetch_timeout: Duration,
     keys: ArcSwap<KeySet>,
     /// Serializes fetches; holds the time of the last fetch caused by an unknown key, and
     /// whether it brought a set.
@@ -70,15 +77,27 @@ impl Jwks {
         Self {
             fetcher,
             min_refetch_interval,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             keys: ArcSwap::from_pointee(KeySet::default()),
             fetching: Mutex::new(None),
         }
     }
 
+    /// A lookup that misses waits at most `timeout` (and never more than
+    /// [`DEFAULT_FETCH_TIMEOUT`]) for the set: its refetch, and another fetch under way (a
+    /// periodic [`Jwks::load`]) before it. A provider behind a dead link then fails the request
+    /// within the provider timeout the request is promised, not after a fixed 10 s or two.
+    #[must_use]
+    pub fn with_fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout.min(DEFAULT_FETCH_TIMEOUT);
+        self
+    }
+
     /// Fetches the set and replaces the cached keys. On failure the old keys stay in use.
     pub async fn load(&self) -> Result<(), JoseError> {
         let _guard = self.fetching.lock().await;
-        self.fetch_and_store().await
+        self.fetch_and_store(Instant::now() + DEFAULT_FETCH_TIMEOUT)
+            .await
     }
 
     /// Whether a key set has been loaded successfully at least once.
@@ -98,7 +117,11 @@ impl Jwks {
         if let Some(key) = seen.find(kid, alg) {
             return Ok(key);
         }
-        let mut last_refetch = self.fetching.lock().await;
+        let deadline = Instant::now() + self.fetch_timeout;
+        let Ok(mut last_refetch) = tokio::time::timeout_at(deadline, self.fetching.lock()).await
+        else {
+            return Err(JoseError::KeySetUnavailable(KeySetFault::TimedOut));
+        };
         let current = self.keys.load_full();
         if current.generation != seen.generation {
             // Someone fetched while we waited: their set is as fresh as ours would be.
@@ -106,7 +129,7 @@ impl Jwks {
         }
         let now = Instant::now();
         if let Some((at, fetched)) = *last_refetch
-            && now.duration_since(at) < self.min_refetch_interval
+            && now.duration_since(at) < self.min_interval_after(fetched)
         {
             // Only a set fetched moments ago says the key is unknown; after a failed fetch the
             // set in use may be the one before the provider's rotation, so the token may be
@@ -117,15 +140,24 @@ impl Jwks {
                 (_, true) => JoseError::UnknownKey,
             });
         }
-        let fetched = self.fetch_and_store().await;
+        let fetched = self.fetch_and_store(deadline).await;
         *last_refetch = Some((now, fetched.is_ok()));
         fetched?;
         self.keys.load().find(kid, alg).ok_or(JoseError::UnknownKey)
     }
 
+    /// The least time between two refetches, after one that `fetched` a set or failed.
+    fn min_interval_after(&self, fetched: bool) -> Duration {
+        if fetched {
+            self.min_refetch_interval
+        } else {
+            self.min_refetch_interval.min(RETRY_FAILED_AFTER)
+        }
+    }
+
     /// Callers hold `self.fetching`.
-    async fn fetch_and_store(&self) -> Result<(), JoseError> {
-        let body = match tokio::time::timeout(DEFAULT_FETCH_TIMEOUT, self.fetcher.fetch()).await {
+    async fn fetch_and_store(&self, deadline: Instant) -> Result<(), JoseError> {
+        let body = match tokio::time::timeout_at(deadline, self.fetcher.fetch()).await {
             Ok(Ok(body)) => body,
             Ok(Err(cause)) => return Err(JoseError::KeySetUnavailable(KeySetFault::Fetch(cause))),
             Err(_) => return Err(JoseError::KeySetUnavailable(KeySetFault::TimedOut)),

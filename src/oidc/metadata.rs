@@ -295,13 +295,16 @@ pub struct Provider {
 }
 
 impl Provider {
-    pub fn new(issuer: url::Url, http: ProviderHttp) -> Arc<Provider> {
+    /// A lookup of a key not yet seen waits for the key set at most `key_fetch_timeout` (the
+    /// provider timeout), and at most 10 s.
+    pub fn new(issuer: url::Url, http: ProviderHttp, key_fetch_timeout: Duration) -> Arc<Provider> {
         let metadata = Arc::new(ArcSwapOption::empty());
         let fetcher = Arc::new(MetadataJwks {
             http: http.clone(),
             metadata: metadata.clone(),
         });
-        let jwks = Jwks::new(fetcher, Duration::from_secs(10));
+        let jwks =
+            Jwks::new(fetcher, Duration::from_secs(10)).with_fetch_timeout(key_fetch_timeout);
         Arc::new(Provider {
             issuer,
             http,

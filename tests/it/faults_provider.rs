@@ -685,3 +685,101 @@ async fn a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the
     );
     assert_eq!(call(&url, &warm).await.status, 200);
 }
+
+/// The provider's key set across a real network link that goes dead while the provider rotates
+/// its keys. A login whose ID token names the new key cannot be checked while the link is cut:
+/// its answer comes within `provider_timeout`, not after a fixed 10 s fetch (nor a periodic
+/// refresh's fetch under way); once the link is back, such a login works within a couple of
+/// seconds, not once 10 s have passed since the failed fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_behind_a_dead_link_is_waited_for_within_provider_timeout_and_back_soon() {
+    use crate::support::fake_idp;
+    use vestibule::jose::testing::id_token_claims;
+    let timeout = Duration::from_secs(1);
+    let slack = Duration::from_millis(700);
+    let signer = TestSigner::new();
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let mut host = crate::support::netns::NetHost::start();
+    let local: SocketAddr = idp.issuer.trim_start_matches("http://").parse().unwrap();
+    let keys_at = host.reach(local).await;
+    idp.state
+        .discovery_extra
+        .lock()
+        .unwrap()
+        .insert("jwks_uri".into(), format!("http://{keys_at}/jwks").into());
+    let upstream = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
+        upstream.url()
+    );
+    let text = config_toml(&routes)
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add(
+            "oidc.provider_timeout",
+            format!("{}ms", timeout.as_millis()),
+        )
+        .add("limits.login_per_minute", 100_000)
+        .add("limits.callback_per_minute", 100_000);
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    // A login whose ID token is signed with the key `kid` names.
+    let sign_in = |key: TestKey, kid: &'static str| {
+        let (proxy, idp, signer) = (&proxy, &idp, &signer);
+        async move {
+            let (query, login_cookie) = begin_login(proxy).await;
+            let claims = id_token_claims(&idp.issuer, "vestibule", &query["nonce"], now());
+            *idp.state.id_token.lock().unwrap() = signer.token(key).kid(kid).sign(&claims);
+            callback(proxy, &query, &login_cookie).await
+        }
+    };
+    assert_eq!(sign_in(TestKey::Rsa1, "k1").await.status, 302);
+
+    // The provider rotates to a new key, which the proxy has not fetched; the link goes dead.
+    *idp.state.jwks.lock().unwrap() =
+        signer.jwks_json(&[(TestKey::Rsa1, "k1"), (TestKey::Rsa2, "k2")]);
+    host.partition();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let reply = sign_in(TestKey::Rsa2, "k2").await;
+        // The code is spent: the login is to be started again (400 `login_failed`), or 503.
+        assert!(
+            matches!(reply.status, 400 | 503),
+            "{} {}",
+            reply.status,
+            reply.text()
+        );
+        assert!(
+            started.elapsed() <= timeout + slack,
+            "a login waited {:?} for a key set behind a dead link",
+            started.elapsed()
+        );
+    }
+    // A periodic refresh under way into the dead link holds no login up longer either.
+    let provider = proxy.app.oidc.provider.clone();
+    let refresh = tokio::spawn(async move { provider.refresh().await.is_ok() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let _ = sign_in(TestKey::Rsa2, "k2").await;
+    assert!(
+        started.elapsed() <= timeout + slack,
+        "a login waited {:?} behind a periodic refresh into a dead link",
+        started.elapsed()
+    );
+    // The old key keeps working meanwhile.
+    assert_eq!(sign_in(TestKey::Rsa1, "k1").await.status, 302);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    host.heal();
+    let healed = Instant::now();
+    eventually(
+        "a login with the new key works",
+        Duration::from_secs(15),
+        || async { (sign_in(TestKey::Rsa2, "k2").await.status == 302).then_some(()) },
+    )
+    .await;
+    let back = healed.elapsed();
+    assert!(
+        back <= Duration::from_secs(2),
+        "a login with the new key worked only {back:?} after the link was back"
+    );
+    refresh.abort();
+}
