@@ -1266,3 +1266,108 @@ async fn a_spend_record_taken_just_after_its_refresh_saved_does_not_spend_the_to
     release.send(()).unwrap();
     spent_once_and_both_served(&idp, first, second).await;
 }
+
+/// Redis, and with it the session cache's pub/sub subscription, across a real network link that
+/// goes dead. Once the last proof of delivery is older than the cache trusts (2 s), a session
+/// the cache holds is no longer served from it: 503 within the store timeout, like any other.
+/// Once the link is back, the subscriptions are back within about a second: each cache is used
+/// again, and an invalidation published from the other replica reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_behind_a_dead_link_keeps_the_cache_unused_until_it_is_back_soon_after() {
+    let mut host = crate::support::netns::NetHost::start();
+    let url = host.start_redis();
+    let replicas = replicas(&Backend::Url(url.clone())).await;
+    let (a, b) = (&replicas.proxies[0], &replicas.proxies[1]);
+    let cookies = replicas.sessions().await;
+    let at_a = a.url("/api/x");
+    for cookie in &cookies {
+        assert_eq!(get(&at_a, &[("cookie", cookie)]).await.status, 200);
+    }
+    let mut live = a.app.sessions.store().subscription_live();
+    host.partition();
+    let cut = Instant::now();
+    tokio::time::timeout(HANG, live.wait_for(|up| !*up))
+        .await
+        .expect("the subscription's check notices the dead link")
+        .unwrap();
+    let lost = Instant::now();
+    // Past the cache's trust in its last proof of delivery.
+    tokio::time::sleep_until((cut + Duration::from_millis(2_500)).into()).await;
+    for cookie in &cookies[..4] {
+        let started = Instant::now();
+        let reply = get(&at_a, &[("cookie", cookie)]).await;
+        assert_eq!(
+            (reply.status, reply.json()["error"].as_str()),
+            (503, Some("store_unavailable")),
+            "{:?} after the cut: served from a cache whose messages cannot arrive",
+            cut.elapsed()
+        );
+        assert!(started.elapsed() <= STORE_TIMEOUT + SLACK);
+    }
+    // Back when the subscriber's attempts have backed off, in the second half of one: its
+    // connection attempt's first retransmission (after 1 s) has gone out into the dead link,
+    // the next would go out only after the attempt gave up.
+    tokio::time::sleep_until((lost + Duration::from_millis(8_050)).into()).await;
+    host.heal();
+    let healed = Instant::now();
+    tokio::time::timeout(HANG, live.wait_for(|up| *up))
+        .await
+        .expect("the subscription is back")
+        .unwrap();
+    let subscribed = healed.elapsed();
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    // The cache of `reader` is used again: a session made on `writer` and removed behind the
+    // replicas' backs (no message) is still served by the one that holds it.
+    let cache_in_use = |reader: &'static str| {
+        let (reader, writer) = if reader == "a" { (a, b) } else { (b, a) };
+        let client = client.clone();
+        async move {
+            let cookie = writer
+                .session_cookie(Session {
+                    sub: "carol".into(),
+                    ..Session::default()
+                })
+                .await;
+            let url = reader.url("/api/x");
+            if get(&url, &[("cookie", &cookie)]).await.status != 200 {
+                return None;
+            }
+            let mut direct = client.get_connection().unwrap();
+            let keys: Vec<String> = ::redis::cmd("KEYS")
+                .arg(format!("{PREFIX}s:*"))
+                .query(&mut direct)
+                .unwrap();
+            for key in keys {
+                let _: i64 = ::redis::cmd("DEL").arg(&key).query(&mut direct).unwrap();
+            }
+            (get(&url, &[("cookie", &cookie)]).await.status == 200).then_some(())
+        }
+    };
+    eventually("a's cache is in use again", HANG, || cache_in_use("a")).await;
+    eventually("b's cache is in use again", HANG, || cache_in_use("b")).await;
+    let back = healed.elapsed();
+    // And invalidations reach each: a session ended on the other replica is gone at once.
+    for (reader, writer) in [(a, b), (b, a)] {
+        let cookie = writer
+            .session_cookie(Session {
+                sub: "dave".into(),
+                ..Session::default()
+            })
+            .await;
+        let url = reader.url("/api/x");
+        assert_eq!(get(&url, &[("cookie", &cookie)]).await.status, 200);
+        assert_eq!(writer.app.sessions.end_by_sub("dave").await.unwrap(), 1);
+        let reply = get(&url, &[("cookie", &cookie)]).await;
+        assert_eq!(reply.status, 401, "an ended session served from the cache");
+    }
+    // A subscription attempt into the dead link that got no answer is followed at once by
+    // another (a new connection attempt, not the old one's retransmission seconds later).
+    assert!(
+        subscribed <= Duration::from_secs(1),
+        "subscribed again only {subscribed:?} after the link was back"
+    );
+    assert!(
+        back <= Duration::from_secs(2),
+        "the caches were used again only {back:?} after the link was back"
+    );
+}

@@ -1,8 +1,10 @@
 //! The pub/sub side of the Redis store: one dedicated connection pattern-subscribed to
 //! `key_prefix*`, fanned out to in-process broadcast channels by suffix.
 //!
-//! The connection is re-established forever with capped backoff and checked with a PING every
-//! second, so a silently dead socket is noticed. Messages published while it was down are lost,
+//! The connection is re-established forever with capped backoff (none after an attempt that got
+//! no answer at all, as into a dead link: the next starts at once, so that the link's return is
+//! noticed within a second) and checked with a PING every second, so a silently dead socket is
+//! noticed. Messages published while it was down are lost,
 //! so every subscriber receives [`RESYNC`](super::super::RESYNC) when the connection is lost and
 //! again when it is back: caches must then drop what they hold. [`Subscriber::live`] says whether
 //! the subscription is active, so that caches are not refilled while messages cannot arrive.
@@ -138,7 +140,15 @@ async fn run(
         // Before the subscription: what is published after it is delivered, and what was
         // published before it, no cache holds (RESYNC, and nothing is filed until `live`).
         let started = Instant::now();
-        if let Some(pubsub) = subscribe(&mut source, &pattern).await {
+        let attempt = subscribe(&mut source, &pattern).await;
+        if let Err(Unsubscribed::TimedOut) = attempt {
+            // No answer at all: the server or the link to it is dead (a partition drops every
+            // packet). The attempt itself waited long enough, and its connection attempt would
+            // be retransmitted only seconds later: try again at once with a new one, so that a
+            // link coming back is noticed within a second, not after the backoff.
+            backoff = MIN_BACKOFF;
+        }
+        if let Ok(pubsub) = attempt {
             backoff = MIN_BACKOFF;
             if *generation.borrow() > 0 {
                 resync(&channels);
@@ -155,14 +165,27 @@ async fn run(
     }
 }
 
-async fn subscribe(source: &mut Source, pattern: &str) -> Option<PubSub> {
+/// Why an attempt to subscribe failed.
+enum Unsubscribed {
+    /// No answer within the attempt's time limit.
+    TimedOut,
+    /// An answer, or an error, came: refused, or an error reply.
+    Failed,
+}
+
+async fn subscribe(source: &mut Source, pattern: &str) -> Result<PubSub, Unsubscribed> {
     let attempt = async {
         let mut pubsub = source.open().await?;
         pubsub.psubscribe(pattern).await?;
         RedisResult::Ok(pubsub)
     };
     let limit = DEFAULT_CONNECTION_TIMEOUT + DEFAULT_RESPONSE_TIMEOUT;
-    tokio::time::timeout(limit, attempt).await.ok()?.ok()
+    match tokio::time::timeout(limit, attempt).await {
+        Err(_) => Err(Unsubscribed::TimedOut),
+        Ok(Err(err)) if err.is_timeout() => Err(Unsubscribed::TimedOut),
+        Ok(Err(_)) => Err(Unsubscribed::Failed),
+        Ok(Ok(pubsub)) => Ok(pubsub),
+    }
 }
 
 /// Delivers messages until the connection is lost or stops answering, proving delivery with
