@@ -712,6 +712,83 @@ async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
     );
 }
 
+/// A Sentinel setup whose master is cut off by a dead link (a partition: no RST, no FIN) while
+/// the Sentinel and a replica are on this side. The Sentinel fails over to the replica; the
+/// connections into the dead link are let go of within the store timeout rather than waited on
+/// until TCP gives up, so every session works again within a couple of seconds of the
+/// promotion, none lost, and nothing but 200 or 503 `store_unavailable` meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_master_cut_off_by_a_dead_link_fails_over_and_no_session_is_lost() {
+    let mut host = crate::support::netns::NetHost::start();
+    host.start_redis_with(&["--repl-diskless-sync-delay", "0"]);
+    let master = host.address.to_string();
+    let replica = RedisServer::start_with(&[
+        "--replicaof",
+        &master,
+        "6379",
+        "--replica-announce-ip",
+        "127.0.0.1",
+    ]);
+    eventually("the replica is in sync", HANG, || async {
+        replica
+            .command(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    })
+    .await;
+    let sentinel =
+        RedisServer::start_quick_sentinel_at(&master, 6379, "main", Duration::from_millis(500));
+    eventually("the sentinel knows the replica", HANG, || async {
+        let replicas = sentinel.command(&["SENTINEL", "REPLICAS", "main"]);
+        replicas.contains(&replica.port().to_string()).then_some(())
+    })
+    .await;
+    let replicas = replicas(&Backend::Sentinel("main".into(), sentinel.url())).await;
+    let cookies = replicas.sessions().await;
+    eventually("the sessions reached the replica", HANG, || async {
+        (count_keys(replica.port(), &format!("{PREFIX}s:*")) == SESSIONS).then_some(())
+    })
+    .await;
+
+    let load = Load::start(replicas.urls(), cookies.clone());
+    load.run_for(30).await;
+    host.partition();
+    let cut = Instant::now();
+    eventually(
+        "the sentinel promoted the replica",
+        Duration::from_secs(20),
+        || async { replica.command(&["ROLE"]).contains("master").then_some(()) },
+    )
+    .await;
+    let promoted = Instant::now();
+    replicas
+        .all_sessions_work(&cookies, Duration::from_secs(10))
+        .await;
+    let back = promoted.elapsed();
+    eprintln!(
+        "sentinel failover across a dead link: promoted {:?} after the cut, sessions back {back:?} \
+         after that",
+        promoted - cut
+    );
+    assert!(
+        back <= Duration::from_secs(2),
+        "every session worked again only {back:?} after the promotion"
+    );
+    eventually(
+        "both replicas report the store up",
+        Duration::from_secs(2),
+        || async { (replicas.store_ready().await == [true, true]).then_some(()) },
+    )
+    .await;
+    load.run_for(30).await;
+    let outcomes = load.finish().await;
+    assert_only_ok_or_store_unavailable(&outcomes);
+    assert_eq!(
+        count_keys(replica.port(), &format!("{PREFIX}s:*")),
+        SESSIONS
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_a_cluster_master_failover_and_requests_resume() {
     let mut cluster = RedisCluster::start(3, Duration::from_millis(1000));

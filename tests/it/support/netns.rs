@@ -124,6 +124,11 @@ impl NetHost {
 
     /// Starts `redis-server` inside the namespace, listening on its address; its URL.
     pub fn start_redis(&mut self) -> String {
+        self.start_redis_with(&[])
+    }
+
+    /// [`NetHost::start_redis`] with extra `redis-server` arguments.
+    pub fn start_redis_with(&mut self, extra: &[&str]) -> String {
         assert!(self.redis.is_none(), "one redis-server per host");
         let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log file");
         let child = Command::new("ip")
@@ -132,6 +137,7 @@ impl NetHost {
             .args(["--protected-mode", "no", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)

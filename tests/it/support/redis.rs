@@ -147,14 +147,24 @@ impl RedisServer {
         name: &str,
         down_after: Duration,
     ) -> RedisServer {
+        RedisServer::start_quick_sentinel_at("127.0.0.1", master.port, name, down_after)
+    }
+
+    /// [`RedisServer::start_quick_sentinel`] for a master at `host:port` (e.g. in a network
+    /// namespace).
+    pub fn start_quick_sentinel_at(
+        host: &str,
+        port: u16,
+        name: &str,
+        down_after: Duration,
+    ) -> RedisServer {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config = dir.path().join("sentinel.conf");
         let text = format!(
-            "sentinel monitor {name} 127.0.0.1 {port} 1\n\
+            "sentinel monitor {name} {host} {port} 1\n\
              sentinel down-after-milliseconds {name} {down}\n\
              sentinel failover-timeout {name} 5000\n\
              sentinel parallel-syncs {name} 1\n",
-            port = master.port,
             down = down_after.as_millis(),
         );
         std::fs::write(&config, text).expect("write sentinel.conf");
