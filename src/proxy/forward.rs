@@ -177,6 +177,14 @@ fn pooled(connector: Connector) -> Pooled {
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(256)
         .timer(TokioTimer::new())
+        // An HTTP/2 connection carries every request to its upstream, and one whose request
+        // timed out stays pooled: into a dead link (a partition, no RST, no FIN) it would fail
+        // every request until TCP's backed-off retransmission resumed it, seconds after the link
+        // is back. A connection with requests open is pinged every second and closed when a
+        // ping goes unanswered for a second (idle ones are not pinged: servers may count pings
+        // without streams as abuse).
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .http2_keep_alive_timeout(Duration::from_secs(1))
         .build(connector)
 }
 

@@ -524,3 +524,76 @@ async fn an_upstream_behind_a_dead_link_is_504_fast_and_back_soon_after_the_link
         "requests worked again only {back:?} after the link was back"
     );
 }
+
+/// An HTTP/2 upstream (https, `h2`) across a real network link that goes dead. Its one
+/// connection carries every request, and a request that times out leaves it in the pool: it must
+/// not stay there until TCP's backed-off retransmission resumes it, seconds after the link is
+/// back. Requests are 502/504 within the route's timeout meanwhile, and work again within a
+/// couple of seconds of the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_behind_a_dead_link_is_504_fast_and_back_soon_after_the_link() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut host = crate::support::netns::NetHost::start();
+    let ca = crate::support::pki::TestCa::new("Upstream CA");
+    let acceptor = ca.h2_acceptor_also_for(&host.address.to_string());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::io::Error>(http::Response::new(Full::new(Bytes::from_static(
+                            b"ok",
+                        ))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let behind = host.reach(addr).await;
+    let ca_file = format!("ca_file = {:?}\n", ca.ca_file.display().to_string());
+    let proxy = proxy_to(&format!("https://{behind}"), &ca_file).await;
+    let url = proxy.url("/api/x");
+    for _ in 0..3 {
+        let reply = get(&url, &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    host.partition();
+    let limit = ROUTE_TIMEOUT + Duration::from_millis(600);
+    for _ in 0..4 {
+        let started = Instant::now();
+        let reply = get(&url, &[]).await;
+        assert!(
+            matches!(reply.status, 502 | 504),
+            "{} {}",
+            reply.status,
+            reply.text()
+        );
+        assert!(started.elapsed() <= limit, "took {:?}", started.elapsed());
+    }
+    // Long enough for the retransmission timer of the connection to back off past seconds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    host.heal();
+    let healed = Instant::now();
+    eventually("requests work again", Duration::from_secs(15), || async {
+        (get(&url, &[]).await.status == 200).then_some(())
+    })
+    .await;
+    let back = healed.elapsed();
+    for _ in 0..5 {
+        assert_eq!(get(&url, &[]).await.status, 200);
+    }
+    assert!(
+        back <= Duration::from_secs(2),
+        "requests worked again only {back:?} after the link was back"
+    );
+}

@@ -111,8 +111,26 @@ impl TestCa {
         self.acceptor_for(None, &[b"h2", b"http/1.1"])
     }
 
+    /// [`TestCa::h2_acceptor`] whose certificate also names `address` (a test host's).
+    pub fn h2_acceptor_also_for(&self, address: &str) -> TlsAcceptor {
+        let server = self.issue(
+            &["127.0.0.1", "localhost", address],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "server",
+        );
+        self.acceptor_with(server, None, &[b"h2", b"http/1.1"])
+    }
+
     fn acceptor_for(&self, client_ca: Option<&TestCa>, alpn: &[&[u8]]) -> TlsAcceptor {
-        let server = self.server();
+        self.acceptor_with(self.server(), client_ca, alpn)
+    }
+
+    fn acceptor_with(
+        &self,
+        server: Issued,
+        client_ca: Option<&TestCa>,
+        alpn: &[&[u8]],
+    ) -> TlsAcceptor {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
