@@ -259,33 +259,46 @@ mod tests {
             route("/api/users/", false),
             route("/api/keys/", false),
         ]);
-        for raw in [
-            "/api/adm%C4%B1n/x",
-            "/api/adm%c4%b0n/x",
-            "/api/u%C5%BFers/x",
-            "/api/%E2%84%AAeys/x",
-            "/api/%E2%84%AAeys",
-        ] {
+        refused_as_folding(
+            &table,
+            &[
+                "/api/adm%C4%B1n/x",
+                "/api/adm%c4%b0n/x",
+                "/api/u%C5%BFers/x",
+                "/api/%E2%84%AAeys/x",
+                "/api/%E2%84%AAeys",
+            ],
+        );
+        owned_by(
+            &table,
+            &[
+                ("/api/admin/%C4%B1", "/api/admin/"),
+                ("/api/s%C4%B1cak", "/api/"),
+                ("/%C4%B1lik", "/"),
+                ("/api/u%C5%BFer", "/api/"),
+            ],
+        );
+    }
+
+    /// Each of `raws` is refused: it spells another route's prefix by folding.
+    fn refused_as_folding(table: &RouteTable, raws: &[&str]) {
+        for raw in raws {
+            let resolved = table.resolve(raw, "/bff");
             assert!(
-                matches!(
-                    table.resolve(raw, "/bff"),
-                    Err(BadPath::FoldsToAnotherRoute)
-                ),
-                "{raw}: {:?}",
-                table.resolve(raw, "/bff")
+                matches!(resolved, Err(BadPath::FoldsToAnotherRoute)),
+                "{raw}: {resolved:?}"
             );
         }
-        for (raw, owner) in [
-            ("/api/admin/%C4%B1", "/api/admin/"),
-            ("/api/s%C4%B1cak", "/api/"),
-            ("/%C4%B1lik", "/"),
-            ("/api/u%C5%BFer", "/api/"),
-        ] {
+    }
+
+    /// Each path of `cases` goes to the route its owner names.
+    fn owned_by(table: &RouteTable, cases: &[(&str, &str)]) {
+        for (raw, owner) in cases {
             match table.resolve(raw, "/bff") {
                 Ok(Resolved {
                     to: Destination::Route(r),
                     ..
-                }) => assert_eq!(r.path, owner, "{raw}"),
+                }) => assert_eq!(r.path, *owner, "{raw}"),
                 other => panic!("{raw}: {other:?}"),
             }
         }
@@ -307,43 +320,32 @@ mod tests {
             route("/api/offline/", false),
             route("/api/waffle/", false),
         ]);
-        for raw in [
-            "/api/sta%EF%AC%80/x",
-            "/api/STA%EF%AC%80",
-            "/api/cla%C3%9F/x",
-            "/api/cla%E1%BA%9E/x",
-            "/api/cla\u{df}/x",
-            "/api/%EF%AC%81rst/x",
-            "/api/%EF%AC%82ow/x",
-            "/api/o%EF%AC%84ine/x",
-            "/api/wa%EF%AC%84e/x",
-            "/api/o%EF%AC%80line/x",
-            "/api/%EF%AC%81r%EF%AC%85/x",
-            "/api/%EF%AC%81r%EF%AC%86/x",
-        ] {
-            assert!(
-                matches!(
-                    table.resolve(raw, "/bff"),
-                    Err(BadPath::FoldsToAnotherRoute)
-                ),
-                "{raw}: {:?}",
-                table.resolve(raw, "/bff")
-            );
-        }
-        for (raw, owner) in [
-            ("/api/stra%C3%9Fe", "/api/"),
-            ("/api/staff/stra%C3%9Fe", "/api/staff/"),
-            ("/%EF%AC%81le", "/"),
-            ("/api/o%EF%AC%83ce", "/api/"),
-        ] {
-            match table.resolve(raw, "/bff") {
-                Ok(Resolved {
-                    to: Destination::Route(r),
-                    ..
-                }) => assert_eq!(r.path, owner, "{raw}"),
-                other => panic!("{raw}: {other:?}"),
-            }
-        }
+        refused_as_folding(
+            &table,
+            &[
+                "/api/sta%EF%AC%80/x",
+                "/api/STA%EF%AC%80",
+                "/api/cla%C3%9F/x",
+                "/api/cla%E1%BA%9E/x",
+                "/api/cla\u{df}/x",
+                "/api/%EF%AC%81rst/x",
+                "/api/%EF%AC%82ow/x",
+                "/api/o%EF%AC%84ine/x",
+                "/api/wa%EF%AC%84e/x",
+                "/api/o%EF%AC%80line/x",
+                "/api/%EF%AC%81r%EF%AC%85/x",
+                "/api/%EF%AC%81r%EF%AC%86/x",
+            ],
+        );
+        owned_by(
+            &table,
+            &[
+                ("/api/stra%C3%9Fe", "/api/"),
+                ("/api/staff/stra%C3%9Fe", "/api/staff/"),
+                ("/%EF%AC%81le", "/"),
+                ("/api/o%EF%AC%83ce", "/api/"),
+            ],
+        );
     }
 
     #[test]

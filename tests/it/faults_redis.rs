@@ -657,14 +657,13 @@ fn session_keys(redis: &RedisServer) -> Vec<String> {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
-    // Without the default 5 s wait for more replicas before a diskless sync, the replica is in
-    // sync at once rather than after about 5 s.
-    let mut master =
-        RedisServer::start_with(&["--appendonly", "yes", "--repl-diskless-sync-delay", "0"]);
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+/// Once `replica` is in sync with the master at `master`: a Sentinel watching that master as
+/// `main` and knowing the replica, two proxy replicas on it, and sessions that reached the
+/// replica (their cookies).
+async fn sentinel_over(
+    (host, port): (&str, u16),
+    replica: &RedisServer,
+) -> (RedisServer, Replicas, Vec<String>) {
     eventually("the replica is in sync", HANG, || async {
         replica
             .command(&["INFO", "replication"])
@@ -672,7 +671,8 @@ async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
             .then_some(())
     })
     .await;
-    let sentinel = RedisServer::start_quick_sentinel(&master, "main", Duration::from_millis(500));
+    let sentinel =
+        RedisServer::start_quick_sentinel_at(host, port, "main", Duration::from_millis(500));
     eventually("the sentinel knows the replica", HANG, || async {
         let replicas = sentinel.command(&["SENTINEL", "REPLICAS", "main"]);
         replicas.contains(&replica.port().to_string()).then_some(())
@@ -684,17 +684,47 @@ async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
         (count_keys(replica.port(), &format!("{PREFIX}s:*")) == SESSIONS).then_some(())
     })
     .await;
+    (sentinel, replicas, cookies)
+}
 
-    let load = Load::start(replicas.urls(), cookies.clone());
-    load.run_for(30).await;
-    master.kill();
-    let killed = Instant::now();
+/// Waits for the Sentinel to make `replica` the master.
+async fn promoted(replica: &RedisServer) {
     eventually(
         "the sentinel promoted the replica",
         Duration::from_secs(20),
         || async { replica.command(&["ROLE"]).contains("master").then_some(()) },
     )
     .await;
+}
+
+/// Runs the load a little longer and ends it: nothing but 200 or 503 `store_unavailable`, and
+/// every session is on the promoted `replica`.
+async fn every_session_kept(load: Load, replica: &RedisServer) {
+    load.run_for(30).await;
+    let outcomes = load.finish().await;
+    assert_only_ok_or_store_unavailable(&outcomes);
+    assert_eq!(
+        count_keys(replica.port(), &format!("{PREFIX}s:*")),
+        SESSIONS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
+    // Without the default 5 s wait for more replicas before a diskless sync, the replica is in
+    // sync at once rather than after about 5 s.
+    let mut master =
+        RedisServer::start_with(&["--appendonly", "yes", "--repl-diskless-sync-delay", "0"]);
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    let (_sentinel, replicas, cookies) =
+        sentinel_over(("127.0.0.1", master.port()), &replica).await;
+
+    let load = Load::start(replicas.urls(), cookies.clone());
+    load.run_for(30).await;
+    master.kill();
+    let killed = Instant::now();
+    promoted(&replica).await;
     replicas
         .all_sessions_work(&cookies, Duration::from_secs(10))
         .await;
@@ -703,13 +733,7 @@ async fn sessions_survive_a_sentinel_failover_and_requests_resume() {
         killed.elapsed()
     );
     assert_eq!(replicas.store_ready().await, [true, true]);
-    load.run_for(30).await;
-    let outcomes = load.finish().await;
-    assert_only_ok_or_store_unavailable(&outcomes);
-    assert_eq!(
-        count_keys(replica.port(), &format!("{PREFIX}s:*")),
-        SESSIONS
-    );
+    every_session_kept(load, &replica).await;
 }
 
 /// A Sentinel setup whose master is cut off by a dead link (a partition: no RST, no FIN) while
@@ -729,37 +753,13 @@ async fn a_sentinel_master_cut_off_by_a_dead_link_fails_over_and_no_session_is_l
         "--replica-announce-ip",
         "127.0.0.1",
     ]);
-    eventually("the replica is in sync", HANG, || async {
-        replica
-            .command(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
-    })
-    .await;
-    let sentinel =
-        RedisServer::start_quick_sentinel_at(&master, 6379, "main", Duration::from_millis(500));
-    eventually("the sentinel knows the replica", HANG, || async {
-        let replicas = sentinel.command(&["SENTINEL", "REPLICAS", "main"]);
-        replicas.contains(&replica.port().to_string()).then_some(())
-    })
-    .await;
-    let replicas = replicas(&Backend::Sentinel("main".into(), sentinel.url())).await;
-    let cookies = replicas.sessions().await;
-    eventually("the sessions reached the replica", HANG, || async {
-        (count_keys(replica.port(), &format!("{PREFIX}s:*")) == SESSIONS).then_some(())
-    })
-    .await;
+    let (_sentinel, replicas, cookies) = sentinel_over((&master, 6379), &replica).await;
 
     let load = Load::start(replicas.urls(), cookies.clone());
     load.run_for(30).await;
     host.partition();
     let cut = Instant::now();
-    eventually(
-        "the sentinel promoted the replica",
-        Duration::from_secs(20),
-        || async { replica.command(&["ROLE"]).contains("master").then_some(()) },
-    )
-    .await;
+    promoted(&replica).await;
     let promoted = Instant::now();
     replicas
         .all_sessions_work(&cookies, Duration::from_secs(10))
@@ -780,13 +780,7 @@ async fn a_sentinel_master_cut_off_by_a_dead_link_fails_over_and_no_session_is_l
         || async { (replicas.store_ready().await == [true, true]).then_some(()) },
     )
     .await;
-    load.run_for(30).await;
-    let outcomes = load.finish().await;
-    assert_only_ok_or_store_unavailable(&outcomes);
-    assert_eq!(
-        count_keys(replica.port(), &format!("{PREFIX}s:*")),
-        SESSIONS
-    );
+    every_session_kept(load, &replica).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
