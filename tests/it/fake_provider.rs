@@ -463,7 +463,12 @@ async fn post_logout_form(proxy: &Proxy, form: String) -> Reply {
 
 /// A logout token signed with the provider's key, with `claims`.
 fn logout_token(c: &Case, claims: &Value) -> String {
-    c.signer
+    logout_jwt(&c.signer, claims)
+}
+
+/// `claims` signed by `signer` as the provider signs a logout token.
+fn logout_jwt(signer: &TestSigner, claims: &Value) -> String {
+    signer
         .token(TestKey::Rsa1)
         .kid("k1")
         .typ("logout+jwt")
@@ -625,12 +630,7 @@ async fn logged_out_everywhere_before_the_callback(s: &crate::identity::Stack, s
         "sid",
         Value::Null,
     );
-    let token = s
-        .signer
-        .token(TestKey::Rsa1)
-        .kid("k1")
-        .typ("logout+jwt")
-        .sign(&logout);
+    let token = logout_jwt(&s.signer, &logout);
     let r = post_logout_form(&s.proxy, format!("logout_token={token}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = callback_refused_as_ended(&s.proxy, &q["state"], &cookie, store).await;
@@ -739,12 +739,7 @@ async fn a_login_without_sid_pending_when_its_users_provider_session_ended_signs
             (&logout["sid"], &logout["sub"]),
             (&json!("session-1"), &json!("alice"))
         );
-        let token = s
-            .signer
-            .token(TestKey::Rsa1)
-            .kid("k1")
-            .typ("logout+jwt")
-            .sign(&logout);
+        let token = logout_jwt(&s.signer, &logout);
         let r = post_logout_form(&s.proxy, format!("logout_token={token}")).await;
         assert_eq!(r.status, 200, "{store}: {}", r.text());
 

@@ -567,6 +567,30 @@ async fn a_key_set_outage_never_lets_the_session_claims_decide_for_the_token() {
     assert_eq!(reply.json()["missing"], serde_json::json!(["roles"]));
 }
 
+/// A fake provider on this host whose discovery names its own `path` as `field`, reached across
+/// the link of a network namespace (the returned host cuts it); its signer, with key `k1` in
+/// the set.
+async fn provider_with_one_endpoint_behind_a_link(
+    field: &str,
+    path: &str,
+) -> (
+    TestSigner,
+    crate::support::fake_idp::FakeIdp,
+    crate::support::netns::NetHost,
+) {
+    let signer = TestSigner::new();
+    let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let mut host = crate::support::netns::NetHost::start();
+    let local: SocketAddr = idp.issuer.trim_start_matches("http://").parse().unwrap();
+    let at = host.reach(local).await;
+    idp.state
+        .discovery_extra
+        .lock()
+        .unwrap()
+        .insert(field.into(), format!("http://{at}{path}").into());
+    (signer, idp, host)
+}
+
 /// The provider's token endpoint across a real network link that goes dead (a partition: no
 /// RST, no FIN, connection attempts unanswered), its discovery and key set on this host. While
 /// it is cut, a refresh and a login's code exchange are 503 within `provider_timeout`, whether
@@ -575,21 +599,11 @@ async fn a_key_set_outage_never_lets_the_session_claims_decide_for_the_token() {
 /// cut is retransmitted on, or given up on, seconds later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the_link() {
-    use crate::support::fake_idp;
     use vestibule::jose::testing::id_token_claims;
     let timeout = Duration::from_secs(1);
     let slack = Duration::from_millis(700);
-    let signer = TestSigner::new();
-    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let mut host = crate::support::netns::NetHost::start();
-    let local: SocketAddr = idp.issuer.trim_start_matches("http://").parse().unwrap();
-    let token_at = host.reach(local).await;
-    let behind = |path: &str| serde_json::Value::from(format!("http://{token_at}{path}"));
-    idp.state
-        .discovery_extra
-        .lock()
-        .unwrap()
-        .insert("token_endpoint".into(), behind("/token"));
+    let (signer, idp, host) =
+        provider_with_one_endpoint_behind_a_link("token_endpoint", "/token").await;
     let upstream = upstream::start().await;
     let routes = format!(
         "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\ntoken = \"user\"\n",
@@ -693,20 +707,10 @@ async fn a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the
 /// seconds, not once 10 s have passed since the failed fetch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_set_behind_a_dead_link_is_waited_for_within_provider_timeout_and_back_soon() {
-    use crate::support::fake_idp;
     use vestibule::jose::testing::id_token_claims;
     let timeout = Duration::from_secs(1);
     let slack = Duration::from_millis(700);
-    let signer = TestSigner::new();
-    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let mut host = crate::support::netns::NetHost::start();
-    let local: SocketAddr = idp.issuer.trim_start_matches("http://").parse().unwrap();
-    let keys_at = host.reach(local).await;
-    idp.state
-        .discovery_extra
-        .lock()
-        .unwrap()
-        .insert("jwks_uri".into(), format!("http://{keys_at}/jwks").into());
+    let (signer, idp, host) = provider_with_one_endpoint_behind_a_link("jwks_uri", "/jwks").await;
     let upstream = upstream::start().await;
     let routes = format!(
         "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",

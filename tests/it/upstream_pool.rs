@@ -452,6 +452,20 @@ async fn late_head_body_upstream() -> (String, Arc<AtomicUsize>) {
     .await
 }
 
+/// A proxy with one serving worker whose `/api/` goes to `upstream` (`http://…`), over TLS
+/// (a front with a certificate of `ca`, trusted by the route) when `ca` is given.
+async fn one_worker_proxy_to(mut upstream: String, ca: Option<&TestCa>) -> Proxy {
+    let mut route = String::new();
+    if let Some(ca) = ca {
+        let plain = upstream.trim_start_matches("http://").parse().unwrap();
+        let (front, _) = tls_front(ca.acceptor(None), plain).await;
+        upstream = format!("https://{front}");
+        route = format!("ca_file = \"{}\"\n", ca.ca_file.display());
+    }
+    let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{route}");
+    start_proxy(&config_toml(&route).add("server.workers", 1).text()).await
+}
+
 /// A `HEAD` answered with a body written only once the next request on the connection has
 /// reached the upstream: no check before reuse can see bytes that are not there yet, so the next
 /// request — another user's — would get them as its answer ("response queue poisoning"). A
@@ -461,16 +475,8 @@ async fn late_head_body_upstream() -> (String, Arc<AtomicUsize>) {
 async fn a_head_body_written_after_the_next_request_arrived_never_answers_it() {
     let ca = TestCa::new("Upstream CA");
     for tls in [false, true] {
-        let (mut upstream, accepted) = late_head_body_upstream().await;
-        let mut route = String::new();
-        if tls {
-            let plain = upstream.trim_start_matches("http://").parse().unwrap();
-            let (front, _) = tls_front(ca.acceptor(None), plain).await;
-            upstream = format!("https://{front}");
-            route = format!("ca_file = \"{}\"\n", ca.ca_file.display());
-        }
-        let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{route}");
-        let proxy = start_proxy(&config_toml(&route).add("server.workers", 1).text()).await;
+        let (upstream, accepted) = late_head_body_upstream().await;
+        let proxy = one_worker_proxy_to(upstream, tls.then_some(&ca)).await;
         let (status, headers, body) = ask(
             &mut one_connection(&proxy).await,
             "HEAD",
@@ -626,16 +632,8 @@ async fn a_bodiless_answer_announcing_a_body_never_leaves_it_to_the_next_request
             ("POST", "/api/no-content"),
             ("POST", "/api/not-modified"),
         ] {
-            let (mut upstream, accepted) = late_bodiless_body_upstream().await;
-            let mut route = String::new();
-            if tls {
-                let plain = upstream.trim_start_matches("http://").parse().unwrap();
-                let (front, _) = tls_front(ca.acceptor(None), plain).await;
-                upstream = format!("https://{front}");
-                route = format!("ca_file = \"{}\"\n", ca.ca_file.display());
-            }
-            let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{route}");
-            let proxy = start_proxy(&config_toml(&route).add("server.workers", 1).text()).await;
+            let (upstream, accepted) = late_bodiless_body_upstream().await;
+            let proxy = one_worker_proxy_to(upstream, tls.then_some(&ca)).await;
             let case = format!("{method} {path} (over TLS: {tls})");
             let (status, _, body) = ask(&mut one_connection(&proxy).await, method, path).await;
             assert!(matches!(status, 204 | 304), "{case}: {status}");
