@@ -62,8 +62,8 @@ pub struct Upstreams {
     /// Tracks upgraded tunnels, which graceful shutdown must wait for separately. Shared by the
     /// process-wide value and every worker's.
     pub tunnels: TaskTracker,
-    /// Outbound trust, and the clients of routes with TLS settings of their own. Shared by the
-    /// process-wide value and every worker's.
+    /// Outbound trust, and the clients of routes with TLS settings of their own: each worker
+    /// has its own ([`Upstreams::for_worker`]), clones share them.
     tls: Arc<OwnTls>,
 }
 
@@ -89,6 +89,16 @@ impl OwnTls {
             default_ca,
             clients: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same trust, with no route's client yet: a worker's own. A route's pooled client is
+    /// then used from one thread only, as the worker's other clients are. Shared, a connection
+    /// goes back to the pool (an answer without a body, say) before the request that got it has
+    /// looked at the answer, and another thread could take it in between, before it is kept out
+    /// of the pool for bytes the answer may leave on it; and every request would wake the thread
+    /// whose runtime drives the connection.
+    fn for_worker(&self) -> Self {
+        OwnTls::new(self.roots.clone(), self.default_ca.clone())
     }
 
     fn client_config(
@@ -254,7 +264,7 @@ impl Upstreams {
             ))),
             deadlines: Some(deadlines),
             tunnels: self.tunnels.clone(),
-            tls: self.tls.clone(),
+            tls: Arc::new(self.tls.for_worker()),
         }
     }
 
@@ -293,8 +303,8 @@ impl Upstreams {
         close_after_head(&mut req);
         // The pooled connection, to keep from the pool after an answer that may leave bytes on
         // it ([`announces_a_body_it_has_not`]): poisoned before this task yields, so on a worker
-        // (one thread) no other request can have taken it from the pool in between; the pool
-        // checks the mark at every checkout.
+        // (one thread, whose pools, a route's own too, no other thread uses) no other request
+        // can have taken it from the pool in between; the pool checks the mark at every checkout.
         let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
         let response = self.client.request(req).await?;
         if announces_a_body_it_has_not(&response)

@@ -739,3 +739,38 @@ async fn interim_answers_never_reach_the_client_with_their_fields() {
         }
     }
 }
+
+/// A route with TLS settings of its own (`ca_file`) keeps its upstream connections per serving
+/// worker, as every other route does. Shared between the workers, a connection whose answer
+/// leaves bytes on it ([`a_bodiless_answer_announcing_a_body_never_leaves_it_to_the_next_request`])
+/// goes back to the pool before the request that got it can keep it out, and another worker's
+/// request, on another thread, could take it in between and be answered with those bytes. Two
+/// client connections, on the two workers, take turns: each worker opens one upstream connection
+/// and reuses it, never the other's.
+#[tokio::test]
+async fn a_routes_own_tls_connections_are_used_by_one_worker_only() {
+    let ca = TestCa::new("Upstream CA");
+    let (plain, accepted) = raw_upstream(false).await;
+    let (front, _) = tls_front(
+        ca.acceptor(None),
+        plain.trim_start_matches("http://").parse().unwrap(),
+    )
+    .await;
+    let route = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"https://{front}\"\nca_file = \"{}\"\n",
+        ca.ca_file.display()
+    );
+    let proxy = start_proxy(&config_toml(&route).add("server.workers", 2).text()).await;
+    // Both open at once: the second goes to the worker without a connection.
+    let mut clients = [one_connection(&proxy).await, one_connection(&proxy).await];
+    for n in 0..6 {
+        let client = &mut clients[n % 2];
+        let (status, _, body) = ask(client, "GET", &format!("/api/{n}")).await;
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]), "request {n}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "one upstream connection per worker: a worker never uses another's"
+    );
+}
