@@ -101,6 +101,9 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
         eprintln!("{}: {error}", path.display());
         return ExitCode::from(1);
     }
+    for warning in config.warnings() {
+        eprintln!("{}: warning: {warning}", path.display());
+    }
     if online {
         let Some(rt) = runtime() else {
             return ExitCode::from(1);
@@ -157,6 +160,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(1);
     };
     crate::telemetry::init_logging(&config.log);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     // Requests are served by the server's own worker threads; this runtime runs the accept
     // loop, the admin listener, signals and background work (store connections, reloads).
     let rt = match tokio::runtime::Builder::new_multi_thread()

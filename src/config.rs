@@ -684,6 +684,23 @@ pub fn read_text(path: &Path, max: u64) -> std::io::Result<String> {
 }
 
 impl Config {
+    /// What is allowed but unwise, as `key: advice` lines: `vestibule check` prints them, and
+    /// the server logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let session = &self.session;
+        if session.cookie_secure && !session.cookie_name.starts_with("__Host-") {
+            warnings.push(format!(
+                "session.cookie_name: {:?} lacks the __Host- prefix, so a page on any other \
+                 subdomain of the site's domain can set a cookie of that name for this site \
+                 (cookie tossing: a login of its own slipped into the user's browser); name it \
+                 \"__Host-...\"",
+                session.cookie_name
+            ));
+        }
+        warnings
+    }
+
     /// Reads, interpolates and validates the file at `path` using the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = read_text(path, MAX_FILE).map_err(|e| {

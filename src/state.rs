@@ -91,6 +91,29 @@ pub struct Shared {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
+/// `found`, unless one of the request's later session cookies (`later`) opens to another
+/// session. Vestibule's own cookie is host-only with `Path=/`, so a browser holds one; a second
+/// of its name was set for a wider domain or a longer path — by a sibling subdomain, say
+/// ("cookie tossing"; the `__Host-` prefix forbids it), holding a session of the setter's own,
+/// and sent first where its path is longer. Taking the first that opens would then serve the
+/// user's requests under that path as someone else. Neither is taken: the request has no
+/// session. A value that opens to nothing, or to the same session, changes nothing; one
+/// before `found` opened to no live session.
+fn alone<'h>(
+    sessions: &Sessions,
+    mut later: impl Iterator<Item = &'h [u8]>,
+    found: OpenSession,
+) -> Option<OpenSession> {
+    if later.any(|value| sessions.names_another_session(value, &found.handle)) {
+        tracing::warn!(
+            "a request's session cookies name two sessions (a cookie of the session cookie's \
+             name set by another site of the domain?); served without a session"
+        );
+        return None;
+    }
+    Some(found)
+}
+
 /// What [`Shared::cached_session`] tells without the store.
 pub enum Found {
     /// The request's session, or none.
@@ -154,10 +177,13 @@ impl Shared {
         let span = tracing::trace_span!(target: crate::telemetry::trace::TARGET, "session load");
         let _in = span.enter();
         let name = &live.config.session.cookie_name;
-        for (at, value) in crate::cookies::raw_values(headers, name).enumerate() {
+        let mut values = crate::cookies::raw_values(headers, name).enumerate();
+        while let Some((at, value)) = values.next() {
             match sessions.load_cached(value, now) {
                 Cached::Known(None) => {}
-                Cached::Known(found) => return Found::Session(found),
+                Cached::Known(Some(found)) => {
+                    return Found::Session(alone(sessions, values.map(|(_, v)| v), found));
+                }
                 // The span goes on with the store's read: one span for the whole load.
                 Cached::Ask(stored) => return Found::Ask(Ask(stored, at, span.clone())),
             }
@@ -176,13 +202,14 @@ impl Shared {
     ) -> Result<Option<OpenSession>, StoreError> {
         use tracing::Instrument;
         async {
-            if let Some(loaded) = sessions.load_stored(stored, now).await? {
-                return Ok(Some(loaded));
-            }
             let name = &live.config.session.cookie_name;
-            for value in crate::cookies::raw_values(headers, name).skip(at + 1) {
+            let mut values = crate::cookies::raw_values(headers, name).skip(at + 1);
+            if let Some(loaded) = sessions.load_stored(stored, now).await? {
+                return Ok(alone(sessions, values, loaded));
+            }
+            while let Some(value) = values.next() {
                 if let Some(loaded) = sessions.load(value, now).await? {
-                    return Ok(Some(loaded));
+                    return Ok(alone(sessions, values, loaded));
                 }
             }
             Ok(None)

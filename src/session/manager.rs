@@ -541,6 +541,14 @@ impl Sessions {
         Some(opening)
     }
 
+    /// Whether `cookie_value` opens to another session than `handle`'s, live or not: a request
+    /// whose session cookies name two sessions has a cookie of the name that is not ours
+    /// (see `Shared::cached_session`).
+    pub fn names_another_session(&self, cookie_value: &[u8], handle: &Handle) -> bool {
+        self.open(cookie_value)
+            .is_some_and(|opening| opening.handle != *handle)
+    }
+
     /// The session behind a cookie value. Anything but a live session sealed by this key ring for
     /// this cookie name is `Ok(None)`; only an unreachable store is an error.
     ///

@@ -70,6 +70,41 @@ fn the_repository_config_passes_check() {
     );
 }
 
+/// A session cookie sent only over https whose name lacks the `__Host-` prefix can be set by
+/// any sibling subdomain (cookie tossing): `check` warns, naming the key, and still passes; the
+/// default name, or a plain-http development set-up (no prefix possible), says nothing.
+#[test]
+fn check_warns_of_a_secure_session_cookie_name_without_the_host_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let base = crate::support::config_text("").replace("cookie_secure = false\n", "");
+    for (session, warned) in [
+        ("cookie_name = \"app_session\"\n", true),
+        ("cookie_name = \"__Secure-app\"\n", true),
+        ("", false),
+        ("cookie_name = \"__Host-app\"\n", false),
+        (
+            "cookie_name = \"app_session\"\ncookie_secure = false\n",
+            false,
+        ),
+    ] {
+        let text = base.replace("[session]\n", &format!("[session]\n{session}"));
+        std::fs::write(&path, text).unwrap();
+        let out = vestibule()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{session}: {err}");
+        assert_eq!(
+            err.contains("warning: session.cookie_name:") && err.contains("__Host-"),
+            warned,
+            "{session}: {err}"
+        );
+    }
+}
+
 #[test]
 fn usage_errors_exit_2_and_health_fails_without_a_server() {
     let out = vestibule().arg("--no-such-flag").output().unwrap();

@@ -1041,3 +1041,62 @@ async fn answers_of_routes_only_some_users_reach_are_private_to_shared_caches() 
     let r = get(&proxy.url("/open/max-age"), &[("cookie", &cookie)]).await;
     assert_eq!(cache_control(&r), "max-age=60");
 }
+
+/// Cookie tossing: a page on a sibling subdomain (or a plain-http page of the parent domain)
+/// sets a cookie of the session cookie's name with `Domain=` the parent and a longer `Path`,
+/// holding the value of a session of the attacker's own (a cookie name without the `__Host-`
+/// prefix cannot stop it). The browser then sends both, the attacker's first (longer path), and
+/// the first that opened was taken: the victim's requests under that path went out as the
+/// attacker (her uploads into his account). Two session cookies that open to different sessions
+/// are no session at all, in either order; one that opens beside ones that do not (a stale or
+/// foreign value) is still found.
+#[tokio::test]
+async fn two_session_cookies_of_different_sessions_are_no_session_in_either_order() {
+    let (up, proxy, alice) = signed_in_on_api().await;
+    let mallory = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "mallory".into(),
+            ..Default::default()
+        })
+        .await;
+    let user = |cookie: String| {
+        let url = proxy.url("/bff/user");
+        async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await }
+    };
+    assert_eq!(user(alice.clone()).await.json()["sub"], "alice");
+    for (first, second) in [(&mallory, &alice), (&alice, &mallory)] {
+        for both in [
+            format!("{first}; {second}"),
+            format!("{first}; pref=1; {second}"),
+        ] {
+            let answer = user(both.clone()).await;
+            assert_eq!(
+                answer.status,
+                401,
+                "{both}: {} answered as {}",
+                answer.status,
+                answer.text()
+            );
+            let api = get(
+                &proxy.url("/api/upload"),
+                &[("cookie", &both), ("x-csrf", "1")],
+            )
+            .await;
+            assert_eq!(api.status, 401, "{both}: the API route");
+        }
+    }
+    assert_eq!(up.count(), 0, "no request went out as either of them");
+    // The same session twice, or beside values that open nothing, is still that session.
+    let value = alice.split_once('=').unwrap().1;
+    for cookie in [
+        format!("{alice}; {alice}"),
+        format!("vestibule=bm90LWEtdGlja2V0; {alice}"),
+        format!("{alice}; vestibule={}", &value[..value.len() - 2]),
+    ] {
+        assert_eq!(
+            user(cookie.clone()).await.json()["sub"],
+            "alice",
+            "{cookie}"
+        );
+    }
+}
