@@ -85,18 +85,21 @@ impl Jwks {
 
     /// A lookup that misses waits at most `timeout` (and never more than
     /// [`DEFAULT_FETCH_TIMEOUT`]) for the set: its refetch, and another fetch under way (a
-    /// periodic [`Jwks::load`]) before it. A provider behind a dead link then fails the request
-    /// within the provider timeout the request is promised, not after a fixed 10 s or two.
+    /// periodic [`Jwks::load`], itself given up after `timeout`) before it. A provider behind a
+    /// dead link then fails the request within the provider timeout the request is promised,
+    /// not after a fixed 10 s or two.
     #[must_use]
     pub fn with_fetch_timeout(mut self, timeout: Duration) -> Self {
         self.fetch_timeout = timeout.min(DEFAULT_FETCH_TIMEOUT);
         self
     }
 
-    /// Fetches the set and replaces the cached keys. On failure the old keys stay in use.
+    /// Fetches the set and replaces the cached keys, giving up after the fetch timeout (a
+    /// lookup that misses may be waiting for the lock meanwhile). On failure the old keys stay
+    /// in use.
     pub async fn load(&self) -> Result<(), JoseError> {
         let _guard = self.fetching.lock().await;
-        self.fetch_and_store(Instant::now() + DEFAULT_FETCH_TIMEOUT)
+        self.fetch_and_store(Instant::now() + self.fetch_timeout)
             .await
     }
 
@@ -428,6 +431,33 @@ mod tests {
         assert_eq!(verifies(&jwks, &rotated).await, Err(JoseError::UnknownKey));
         fetcher.fail("HTTP 502");
         assert_eq!(verifies(&jwks, &rotated).await, Err(JoseError::UnknownKey));
+    }
+
+    /// A fetcher whose provider never answers (hung, or behind a link that died).
+    struct Unanswered;
+
+    impl JwksFetcher for Unanswered {
+        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, Cause>> + Send + '_>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// The periodic load (and the one at start-up) gives up within the fetch timeout (the
+    /// provider timeout) too, not after a fixed 10 s: meanwhile it holds the lock a token
+    /// naming a new key waits on, and the start-up retries wait behind it.
+    #[tokio::test(start_paused = true)]
+    async fn a_load_from_a_provider_that_never_answers_gives_up_within_the_fetch_timeout() {
+        let jwks =
+            Jwks::new(Arc::new(Unanswered), MINUTE).with_fetch_timeout(Duration::from_secs(1));
+        let started = Instant::now();
+        let loaded = tokio::time::timeout(Duration::from_secs(5), jwks.load()).await;
+        assert_eq!(
+            loaded,
+            Ok(Err(JoseError::KeySetUnavailable(KeySetFault::TimedOut))),
+            "after {:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() <= Duration::from_secs(1));
     }
 
     #[tokio::test]

@@ -10,7 +10,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::Duration;
 
 const MAX_RESPONSE: usize = 1 << 20;
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a provider call failed; the message never contains a secret or token.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -224,23 +223,28 @@ impl ProviderHttp {
         })
     }
 
-    /// GET a JSON document; non-2xx is an error.
-    pub async fn get_json(&self, url: &str) -> Result<serde_json::Value, CallError> {
-        let (status, body) = self.get_bytes(url).await?;
+    /// GET a JSON document, its whole answer within `timeout`; non-2xx is an error.
+    pub async fn get_json(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CallError> {
+        let (status, body) = self.get_bytes(url, timeout).await?;
         if !(200..300).contains(&status) {
             return Err(CallError::Status(status));
         }
         serde_json::from_slice(&body).map_err(|_| CallError::NotJson)
     }
 
-    pub async fn get_bytes(&self, url: &str) -> Result<(u16, Bytes), CallError> {
+    /// GET, the whole answer within `timeout`.
+    pub async fn get_bytes(&self, url: &str, timeout: Duration) -> Result<(u16, Bytes), CallError> {
         let req = Request::builder()
             .method(Method::GET)
             .uri(url)
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::new()))
             .map_err(|_| CallError::Request("invalid URL"))?;
-        self.call(req, TIMEOUT).await
+        self.call(req, timeout).await
     }
 
     /// GET with `Authorization: <scheme> <access_token>` (the UserInfo endpoint): `Bearer`, or

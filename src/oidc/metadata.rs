@@ -225,11 +225,16 @@ pub enum DiscoveryError {
     InsecureEndpoint(&'static str),
 }
 
-/// Fetches discovery and checks that it describes the configured issuer.
-pub async fn discover(http: &ProviderHttp, issuer: &url::Url) -> Result<Metadata, DiscoveryError> {
+/// Fetches discovery, its whole answer within `timeout`, and checks that it describes the
+/// configured issuer.
+pub async fn discover(
+    http: &ProviderHttp,
+    issuer: &url::Url,
+    timeout: Duration,
+) -> Result<Metadata, DiscoveryError> {
     let base = issuer.as_str().trim_end_matches('/');
     let url = format!("{base}/.well-known/openid-configuration");
-    let mut metadata = read_document(http.get_json(&url).await?, issuer)?;
+    let mut metadata = read_document(http.get_json(&url, timeout).await?, issuer)?;
     if http.presents_certificate() {
         metadata.use_mtls_aliases();
     }
@@ -265,10 +270,12 @@ pub fn read_document(
     Ok(metadata)
 }
 
-/// Fetches the key set from the `jwks_uri` of the current metadata.
+/// Fetches the key set from the `jwks_uri` of the current metadata, the whole answer within
+/// `timeout`.
 pub struct MetadataJwks {
     pub http: ProviderHttp,
     pub metadata: Arc<ArcSwapOption<Metadata>>,
+    pub timeout: Duration,
 }
 
 impl JwksFetcher for MetadataJwks {
@@ -277,7 +284,7 @@ impl JwksFetcher for MetadataJwks {
             let Some(metadata) = self.metadata.load_full() else {
                 return Err(Cause::new(CallError::NoMetadata));
             };
-            match self.http.get_bytes(&metadata.jwks_uri).await {
+            match self.http.get_bytes(&metadata.jwks_uri, self.timeout).await {
                 Ok((200..=299, body)) => Ok(body.to_vec()),
                 Ok((status, _)) => Err(Cause::new(CallError::Status(status))),
                 Err(e) => Err(Cause::new(e)),
@@ -286,30 +293,43 @@ impl JwksFetcher for MetadataJwks {
     }
 }
 
+/// The first wait after a failed load of the metadata and keys; it doubles after each failure
+/// in a row, up to [`RETRY_AT_MOST`].
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+/// The longest time between the starts of two attempts while loads fail (a provider that
+/// refuses or errs; one that does not answer takes the timeout per attempt anyway).
+const RETRY_AT_MOST: Duration = Duration::from_secs(5);
+
 /// Metadata and keys of the provider, loaded in the background and refreshed periodically.
 pub struct Provider {
     pub issuer: url::Url,
     pub http: ProviderHttp,
     pub metadata: Arc<ArcSwapOption<Metadata>>,
     pub jwks: Jwks,
+    /// How long one fetch of the discovery document or of the key set may take.
+    timeout: Duration,
 }
 
 impl Provider {
-    /// A lookup of a key not yet seen waits for the key set at most `key_fetch_timeout` (the
-    /// provider timeout), and at most 10 s.
-    pub fn new(issuer: url::Url, http: ProviderHttp, key_fetch_timeout: Duration) -> Arc<Provider> {
+    /// Each fetch of the discovery document or of the key set — at start-up, periodic, or for
+    /// a token naming a key not yet seen, whose lookup waits no longer — is given up after
+    /// `timeout` (the provider timeout), and after 10 s at most: a provider behind a dead link
+    /// holds nothing up longer than the configuration says.
+    pub fn new(issuer: url::Url, http: ProviderHttp, timeout: Duration) -> Arc<Provider> {
+        let timeout = timeout.min(crate::jose::jwks::DEFAULT_FETCH_TIMEOUT);
         let metadata = Arc::new(ArcSwapOption::empty());
         let fetcher = Arc::new(MetadataJwks {
             http: http.clone(),
             metadata: metadata.clone(),
+            timeout,
         });
-        let jwks =
-            Jwks::new(fetcher, Duration::from_secs(10)).with_fetch_timeout(key_fetch_timeout);
+        let jwks = Jwks::new(fetcher, Duration::from_secs(10)).with_fetch_timeout(timeout);
         Arc::new(Provider {
             issuer,
             http,
             metadata,
             jwks,
+            timeout,
         })
     }
 
@@ -323,34 +343,42 @@ impl Provider {
 
     /// One attempt to load metadata and keys.
     pub async fn refresh(&self) -> Result<(), DiscoveryError> {
-        let metadata = discover(&self.http, &self.issuer).await?;
+        let metadata = discover(&self.http, &self.issuer, self.timeout).await?;
         self.metadata.store(Some(Arc::new(metadata)));
         self.jwks.load().await.map_err(DiscoveryError::Keys)
     }
 
-    /// Loads with retries until it succeeds, then refreshes every `period`. Runs forever.
+    /// Loads, then refreshes every `period`. Runs forever. A load that fails — at start-up
+    /// or periodic — is tried again soon, not a period later: attempts in a row start at least
+    /// 200 ms apart, doubling to at most [`RETRY_AT_MOST`] (an attempt that waited out the
+    /// timeout is followed at once), until one succeeds.
     pub async fn keep_fresh(self: Arc<Self>, period: Duration) {
-        let mut delay = Duration::from_millis(200);
+        let mut delay = RETRY_FIRST;
+        let mut loaded = false;
         loop {
+            let started = tokio::time::Instant::now();
             match self.refresh().await {
                 Ok(()) => {
-                    // The issuer as the provider states it (`[oidc] issuer` may differ by a
-                    // trailing `/`) is what every token must name, byte for byte.
-                    let stated = self.get().map(|m| m.issuer.clone()).unwrap_or_default();
-                    tracing::info!(issuer = %stated, configured = %self.issuer, "provider metadata loaded");
-                    break;
+                    if !loaded || delay > RETRY_FIRST {
+                        // The issuer as the provider states it (`[oidc] issuer` may differ by a
+                        // trailing `/`) is what every token must name, byte for byte.
+                        let stated = self.get().map(|m| m.issuer.clone()).unwrap_or_default();
+                        tracing::info!(issuer = %stated, configured = %self.issuer, "provider metadata loaded");
+                    }
+                    loaded = true;
+                    delay = RETRY_FIRST;
+                    tokio::time::sleep(period).await;
+                }
+                Err(error) if !loaded => {
+                    tracing::warn!(issuer = %self.issuer, %error, retry_in = ?delay, "provider not ready");
+                    tokio::time::sleep_until(started + delay).await;
+                    delay = (delay * 2).min(RETRY_AT_MOST);
                 }
                 Err(error) => {
-                    tracing::warn!(issuer = %self.issuer, %error, retry_in = ?delay, "provider not ready");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
+                    tracing::warn!(issuer = %self.issuer, %error, retry_in = ?delay, "provider metadata refresh failed; keeping the previous metadata");
+                    tokio::time::sleep_until(started + delay).await;
+                    delay = (delay * 2).min(RETRY_AT_MOST);
                 }
-            }
-        }
-        loop {
-            tokio::time::sleep(period).await;
-            if let Err(error) = self.refresh().await {
-                tracing::warn!(issuer = %self.issuer, %error, "provider metadata refresh failed; keeping the previous metadata");
             }
         }
     }

@@ -787,3 +787,73 @@ async fn a_key_set_behind_a_dead_link_is_waited_for_within_provider_timeout_and_
     );
     refresh.abort();
 }
+
+/// A provider that accepts and never answers while Vestibule starts (a peer hung, or a link
+/// that died under a connection): each attempt to fetch the discovery document gives up within
+/// `provider_timeout`, not after a fixed 10 s, so once the provider answers again Vestibule is
+/// ready within a couple of seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_hung_at_start_up_is_loaded_soon_after_it_answers_again() {
+    let signer = TestSigner::new();
+    let idp = Idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    idp.hang();
+    let text = config_toml("")
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add("oidc.provider_timeout", "1s");
+    let proxy = start_proxy(&text).await;
+    eventually("discovery is asked for", DEADLINE, || async {
+        (idp.calls() > 0).then_some(())
+    })
+    .await;
+    // The outage: long enough for an attempt given up within `provider_timeout` to be followed
+    // by another one.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!proxy.app.oidc.provider.is_ready());
+    // Answering again; the requests it holds stay unanswered, as across a link that died.
+    idp.mode.store(UP, Ordering::SeqCst);
+    let answering = Instant::now();
+    eventually("the provider's metadata is loaded", DEADLINE, || async {
+        proxy.app.oidc.provider.is_ready().then_some(())
+    })
+    .await;
+    let back = answering.elapsed();
+    assert!(
+        back <= Duration::from_secs(2),
+        "ready only {back:?} after the provider answered again"
+    );
+}
+
+/// A periodic refresh of the metadata and keys that fails (here: the provider hung, given up on
+/// within `provider_timeout`) is tried again within a second or so, not a whole period later:
+/// a key the provider rotated to meanwhile, or a changed endpoint, is not missed for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_periodic_refresh_is_tried_again_soon_not_a_period_later() {
+    let s = setup_with_provider_timeout(Duration::from_secs(1)).await;
+    // A refresher of the test's own with a short period (the configured one is at least 1m).
+    let period = Duration::from_secs(4);
+    let before = s.idp.calls();
+    let refresher = tokio::spawn(s.proxy.app.oidc.provider.clone().keep_fresh(period));
+    // Its first round: the discovery document and the key set.
+    eventually("the first refresh", DEADLINE, || async {
+        (s.idp.calls() >= before + 2).then_some(())
+    })
+    .await;
+    s.idp.hang();
+    eventually("the periodic refresh", DEADLINE, || async {
+        (s.idp.calls() >= before + 3).then_some(())
+    })
+    .await;
+    let hung = Instant::now();
+    // Answering again; the request it holds stays unanswered, as across a link that died.
+    s.idp.mode.store(UP, Ordering::SeqCst);
+    eventually("the refresh is tried again", DEADLINE, || async {
+        (s.idp.calls() >= before + 4).then_some(())
+    })
+    .await;
+    let again = hung.elapsed();
+    assert!(
+        again <= Duration::from_secs(2),
+        "tried again {again:?} after the failed refresh began (period {period:?})"
+    );
+    refresher.abort();
+}
