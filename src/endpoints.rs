@@ -391,61 +391,30 @@ async fn callback(
     let (Some(code), Some(state)) = (query_param(req, "code"), query_param(req, "state")) else {
         return login_failed("callback_incomplete", "the callback lacks code or state");
     };
+    // The provider's part — the code exchange, the key set, the UserInfo endpoint — within
+    // `request_timeout` in all, each call within `provider_timeout`: several slow calls in a row
+    // must not hold the browser longer than any other request. The login state is spent by
+    // then (the code too, perhaps), so the browser starts the login again; its session from
+    // before is untouched, as nothing has been stored yet.
+    let limit = live.config.server.request_timeout;
+    let signed = tokio::time::timeout(limit, at_provider(app, live, req, &code, &state)).await;
+    let FromProvider {
+        login,
+        name,
+        now,
+        tokens,
+        id_token,
+        claims,
+        user_claims,
+    } = match signed {
+        Ok(signed) => signed?,
+        Err(_) => {
+            return Err(RequestError::Provider(
+                crate::oidc::Unavailable::CallbackTimedOut(limit).into(),
+            ));
+        }
+    };
     let session_config = &live.config.session;
-    let (login, name) = spend_login_state(app, live, req, &state).await?;
-    let now = app.clock.now();
-    let answer = match app.oidc.exchange_code(&code, &login.verifier).await {
-        Ok(a) => a,
-        Err(GrantError::Rejected(e)) => {
-            return login_failed("code_rejected", &format!("the code was rejected: {e}"));
-        }
-        Err(e @ GrantError::Unavailable(_)) => return Err(RequestError::Provider(e)),
-    };
-    let tokens = match TokenResponse::from_code_grant(answer.body, app.oidc.token_type()) {
-        Ok(t) => TokenResponse {
-            jkt: answer.jkt,
-            ..t
-        },
-        Err(e) => return login_failed(e.reason(), &e.to_string()),
-    };
-    let Some(id_token) = tokens.id_token.clone() else {
-        return login_failed("id_token_missing", "the provider returned no ID token");
-    };
-    // Checked against the time the answer came, not `now`: the provider issued the ID token
-    // while answering, possibly more than the allowed skew after the callback arrived.
-    let claims = match async {
-        let expect = app
-            .oidc
-            .id_token_expectations(&app.oidc.config.client_id, app.clock.now())?;
-        crate::jose::validate_id_token(&app.oidc.provider.jwks, &id_token, &expect, &login.nonce)
-            .await
-    }
-    .await
-    .and_then(|claims| {
-        crate::jose::check_at_hash(&id_token, &claims, &tokens.access_token).map(|()| claims)
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            return login_failed(
-                &format!("id_token_{}", e.code()),
-                &format!("the ID token is invalid: {e}"),
-            );
-        }
-    };
-    // A step-up login must bring back what it asked for; the browser's session stays as it was.
-    // Its age is taken from when the login started, as the provider's is (a slow user, or a
-    // fresh sign-in asked with `max_age=0`, is no failure).
-    if let Some(step) = &login.step_up
-        && let Err(shortfall) = crate::oidc::step_up::check(
-            step,
-            &claims,
-            login.created,
-            app.clock.now(),
-            live.config.oidc.clock_skew.as_secs(),
-        )
-    {
-        return login_failed(shortfall.reason(), &shortfall.to_string());
-    }
     let sub = claims
         .get("sub")
         .and_then(|v| v.as_str())
@@ -457,27 +426,6 @@ async fn callback(
     // No sid: the provider session it signed into is unknown, and may be one a logout naming
     // its sid and this user ended (which ends her sessions stored without a sid, too).
     let sidless_mark = ended_mark.is_none().then(|| ended_sidless_subject(&sub));
-    let mut user_claims = crate::oidc::userinfo::user_claims(&claims);
-    if app.oidc.config.userinfo {
-        match app
-            .oidc
-            .userinfo(&tokens.access_token, &sub, &app.clock)
-            .await
-        {
-            Ok(info) => user_claims = crate::oidc::userinfo::merge(user_claims, info),
-            Err(e @ UserinfoError::Unavailable(_)) => {
-                return Err(RequestError::Provider(
-                    crate::oidc::Unavailable::Userinfo(e).into(),
-                ));
-            }
-            Err(e) => {
-                if e == UserinfoError::SubjectMismatch {
-                    tracing::warn!("the userinfo answer names another subject; login refused");
-                }
-                return login_failed(e.reason(), &e.to_string());
-            }
-        }
-    }
     let mut session = Session {
         sub,
         sid,
@@ -550,6 +498,131 @@ async fn callback(
         headers.append(header::SET_COOKIE, c);
     }
     Ok(response)
+}
+
+/// What a login's callback learned from the provider, checked: the login state it spent, the
+/// tokens, and the user's claims.
+struct FromProvider {
+    login: LoginState,
+    /// The login cookie's name.
+    name: String,
+    /// When the callback began.
+    now: u64,
+    tokens: TokenResponse,
+    id_token: String,
+    /// The ID token's claims.
+    claims: crate::jose::Claims,
+    /// The claims the session keeps (with the UserInfo endpoint's, when asked for).
+    user_claims: crate::jose::Claims,
+}
+
+/// The callback's part at the provider: spends the login state, exchanges `code`, validates
+/// the ID token (fetching the key set when it names a new key) and reads the UserInfo endpoint
+/// when configured.
+async fn at_provider(
+    app: &Shared,
+    live: &LiveConfig,
+    req: &Request<Inbound>,
+    code: &str,
+    state: &str,
+) -> Result<FromProvider, RequestError> {
+    let (login, name) = spend_login_state(app, live, req, state).await?;
+    let now = app.clock.now();
+    let answer = match app.oidc.exchange_code(code, &login.verifier).await {
+        Ok(a) => a,
+        Err(GrantError::Rejected(e)) => {
+            return Err(RequestError::login_failed(
+                "code_rejected",
+                format!("the code was rejected: {e}"),
+            ));
+        }
+        Err(e @ GrantError::Unavailable(_)) => return Err(RequestError::Provider(e)),
+    };
+    let tokens = match TokenResponse::from_code_grant(answer.body, app.oidc.token_type()) {
+        Ok(t) => TokenResponse {
+            jkt: answer.jkt,
+            ..t
+        },
+        Err(e) => return Err(RequestError::login_failed(e.reason(), e.to_string())),
+    };
+    let Some(id_token) = tokens.id_token.clone() else {
+        return Err(RequestError::login_failed(
+            "id_token_missing",
+            "the provider returned no ID token",
+        ));
+    };
+    // Checked against the time the answer came, not `now`: the provider issued the ID token
+    // while answering, possibly more than the allowed skew after the callback arrived.
+    let claims = match async {
+        let expect = app
+            .oidc
+            .id_token_expectations(&app.oidc.config.client_id, app.clock.now())?;
+        crate::jose::validate_id_token(&app.oidc.provider.jwks, &id_token, &expect, &login.nonce)
+            .await
+    }
+    .await
+    .and_then(|claims| {
+        crate::jose::check_at_hash(&id_token, &claims, &tokens.access_token).map(|()| claims)
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(RequestError::login_failed(
+                format!("id_token_{}", e.code()),
+                format!("the ID token is invalid: {e}"),
+            ));
+        }
+    };
+    // A step-up login must bring back what it asked for; the browser's session stays as it was.
+    // Its age is taken from when the login started, as the provider's is (a slow user, or a
+    // fresh sign-in asked with `max_age=0`, is no failure).
+    if let Some(step) = &login.step_up
+        && let Err(shortfall) = crate::oidc::step_up::check(
+            step,
+            &claims,
+            login.created,
+            app.clock.now(),
+            live.config.oidc.clock_skew.as_secs(),
+        )
+    {
+        return Err(RequestError::login_failed(
+            shortfall.reason(),
+            shortfall.to_string(),
+        ));
+    }
+    let mut user_claims = crate::oidc::userinfo::user_claims(&claims);
+    if app.oidc.config.userinfo {
+        let sub = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        match app
+            .oidc
+            .userinfo(&tokens.access_token, sub, &app.clock)
+            .await
+        {
+            Ok(info) => user_claims = crate::oidc::userinfo::merge(user_claims, info),
+            Err(e @ UserinfoError::Unavailable(_)) => {
+                return Err(RequestError::Provider(
+                    crate::oidc::Unavailable::Userinfo(e).into(),
+                ));
+            }
+            Err(e) => {
+                if e == UserinfoError::SubjectMismatch {
+                    tracing::warn!("the userinfo answer names another subject; login refused");
+                }
+                return Err(RequestError::login_failed(e.reason(), e.to_string()));
+            }
+        }
+    }
+    Ok(FromProvider {
+        login,
+        name,
+        now,
+        tokens,
+        id_token,
+        claims,
+        user_claims,
+    })
 }
 
 /// The login state of this browser that `state` names, checked (sealed by us, for this state,

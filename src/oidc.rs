@@ -356,6 +356,10 @@ pub enum Unavailable {
     Credential(String),
     #[error(transparent)]
     Userinfo(#[from] userinfo::UserinfoError),
+    /// A login's callback: the provider's calls together (the code exchange, the key set, the
+    /// UserInfo endpoint) took longer than `server.request_timeout`, each within its own limit.
+    #[error("the provider's answers to the login callback took longer than {0:?} in all")]
+    CallbackTimedOut(std::time::Duration),
 }
 
 /// The OAuth error code of an error answer (RFC 6749 §5.2), safe to log: printable ASCII

@@ -857,3 +857,77 @@ async fn a_failed_periodic_refresh_is_tried_again_soon_not_a_period_later() {
     );
     refresher.abort();
 }
+
+/// A provider that answers each call of a login's callback slowly — the code exchange, the key
+/// set (the ID token names a key not fetched yet), the UserInfo endpoint — each within
+/// `provider_timeout`, all together longer than `server.request_timeout`: the browser gets the
+/// readable 503 page within `request_timeout`, not once every call has been waited out; its
+/// session from before is kept, and a login started again works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_whose_provider_calls_together_outlast_the_request_timeout_is_a_503_within_it() {
+    use vestibule::jose::testing::id_token_claims;
+    let request_timeout = Duration::from_secs(2);
+    let signer = TestSigner::new();
+    let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    *idp.state.userinfo.lock().unwrap() = Some((
+        200,
+        "application/json".into(),
+        serde_json::json!({"sub": "alice"}).to_string(),
+    ));
+    let text = config_toml("")
+        .set("oidc.issuer", idp.issuer.as_str())
+        .set("server.request_timeout", "2s")
+        .add("oidc.provider_timeout", "1500ms")
+        .add("oidc.userinfo", true);
+    let proxy = start_proxy(&text).await;
+    wait_metadata(&proxy).await;
+    let sign_in = |kid: &'static str, key: TestKey, cookie: String| {
+        let (proxy, idp, signer) = (&proxy, &idp, &signer);
+        async move {
+            let (query, login_cookie) = begin_login(proxy).await;
+            let claims = id_token_claims(&idp.issuer, "vestibule", &query["nonce"], now());
+            *idp.state.id_token.lock().unwrap() = signer.token(key).kid(kid).sign(&claims);
+            let url = proxy.url(&format!("/bff/callback?code=abc&state={}", query["state"]));
+            let cookie = format!("{login_cookie}; {cookie}");
+            get(&url, &[("cookie", &cookie), ("accept", "text/html")]).await
+        }
+    };
+    let signed_in = sign_in("k1", TestKey::Rsa1, String::new()).await;
+    assert_eq!(signed_in.status, 302, "{}", signed_in.text());
+    let session = signed_in.session_cookie();
+    assert!(proxy.signed_in(&session).await);
+
+    // The provider rotates its key and slows down: 0.9 s per call, three calls.
+    *idp.state.jwks.lock().unwrap() =
+        signer.jwks_json(&[(TestKey::Rsa1, "k1"), (TestKey::Rsa2, "k2")]);
+    *idp.state.delay.lock().unwrap() = Some(Duration::from_millis(900));
+    let started = Instant::now();
+    let reply = sign_in("k2", TestKey::Rsa2, session.clone()).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/html")),
+        "{:?}",
+        reply.headers
+    );
+    assert!(
+        reply.text().contains("provider_unavailable"),
+        "{}",
+        reply.text()
+    );
+    assert!(
+        took <= request_timeout + Duration::from_millis(500),
+        "the callback took {took:?}"
+    );
+    assert!(
+        proxy.signed_in(&session).await,
+        "the browser's session was lost"
+    );
+    // The provider fast again: the browser starts the login again, and it works.
+    *idp.state.delay.lock().unwrap() = None;
+    let again = sign_in("k2", TestKey::Rsa2, session.clone()).await;
+    assert_eq!(again.status, 302, "{}", again.text());
+    assert!(proxy.signed_in(&again.session_cookie()).await);
+}

@@ -51,6 +51,8 @@ pub struct State {
     /// The form of every request to `/revoke` (answered 200), in order. Discovery names that
     /// endpoint only when a test adds `revocation_endpoint` to `discovery_extra`.
     pub revocations: Mutex<Vec<Vec<(String, String)>>>,
+    /// When set, every request waits this long before it is answered (a slow provider).
+    pub delay: Mutex<Option<std::time::Duration>>,
 }
 
 impl State {
@@ -118,6 +120,10 @@ async fn answer(
             .body(Full::new(Bytes::from(v.to_string())))
             .unwrap()
     };
+    let delay = *state.delay.lock().unwrap();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     Ok(match req.uri().path() {
         // Also under a path, for an issuer configured as `{issuer}/realm`.
         p if p.ends_with("/.well-known/openid-configuration") => json(with_members(
