@@ -196,7 +196,10 @@ impl tower::Service<http::Uri> for Egress {
     }
 }
 
-/// The provider client's connector: TLS with `tls`, through `proxy` when set.
+/// The provider client's connector: TLS with `tls`, through `proxy` when set. HTTP/1.1 only:
+/// a provider call that times out takes its connection with it, so a provider behind a link
+/// that died and healed is reached again on a new one at once; a pooled HTTP/2 connection
+/// would carry every call into the dead link until TCP's retransmission resumed it.
 pub fn egress_connector(
     tls: rustls::ClientConfig,
     proxy: Option<&ProxySettings<'_>>,

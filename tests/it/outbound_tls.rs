@@ -14,10 +14,22 @@ use vestibule::session::{Store, StoreError};
 /// The fake provider behind a TLS front with a certificate of `ca`; its discovery document
 /// names the front. Returns the issuer (`https://127.0.0.1:PORT`).
 async fn provider_over_tls(ca: &TestCa) -> (String, fake_idp::FakeIdp) {
+    let (issuer, idp, _) = provider_behind(ca.acceptor(None)).await;
+    (issuer, idp)
+}
+
+/// [`provider_over_tls`] behind `acceptor`, with the front's log.
+async fn provider_behind(
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> (
+    String,
+    fake_idp::FakeIdp,
+    std::sync::Arc<crate::support::pki::FrontLog>,
+) {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let backend = idp.issuer.trim_start_matches("http://").parse().unwrap();
-    let (front, _) = tls_front(ca.acceptor(None), backend).await;
+    let (front, log) = tls_front(acceptor, backend).await;
     let issuer = format!("https://{front}");
     let mut extra = serde_json::Map::new();
     for (key, path) in [
@@ -31,7 +43,7 @@ async fn provider_over_tls(ca: &TestCa) -> (String, fake_idp::FakeIdp) {
         extra.insert(key.into(), format!("{issuer}{path}").into());
     }
     *idp.state.discovery_extra.lock().unwrap() = extra;
-    (issuer, idp)
+    (issuer, idp, log)
 }
 
 fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, vestibule::config::ConfigErrors> {
@@ -370,4 +382,35 @@ async fn a_reload_gives_a_route_its_client_certificate() {
         log.client_certs.lock().unwrap().last(),
         Some(&Some(client.cert.clone()))
     );
+}
+
+/// The provider's client speaks HTTP/1.1 only, even to a provider that offers HTTP/2 first:
+/// a call that times out drops its connection, and the next opens a new one, so a provider
+/// behind a link that died and healed is reached again at once
+/// (`faults_provider.rs::a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the_link`).
+/// An HTTP/2 connection would stay pooled into the dead link, every call on it failing until
+/// TCP's retransmission resumed it, unless pinged as the upstreams' are (guard).
+#[tokio::test]
+async fn the_provider_client_speaks_http1_even_to_a_provider_offering_http2() {
+    let ca = TestCa::new("Provider CA");
+    let (issuer, _idp, log) = provider_behind(ca.h2_acceptor()).await;
+    let ca_file = ca.ca_file.display().to_string();
+    let config = parse(
+        &provider_config(&issuer, &[("oidc.ca_file", &ca_file)]),
+        &[],
+    )
+    .unwrap();
+    vestibule::app::check_provider(&config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let agreed = log.alpn.lock().unwrap().clone();
+    assert!(!agreed.is_empty());
+    // No ALPN, or `http/1.1`: never `h2`.
+    for protocol in agreed {
+        assert_ne!(
+            protocol.as_deref(),
+            Some(&b"h2"[..]),
+            "the provider client agreed on HTTP/2"
+        );
+    }
 }

@@ -163,6 +163,8 @@ impl TestCa {
 pub struct FrontLog {
     pub client_certs: Mutex<Vec<Option<CertificateDer<'static>>>>,
     pub failed: Mutex<usize>,
+    /// The protocol each connection agreed on by ALPN (`None`: none), in order.
+    pub alpn: Mutex<Vec<Option<Vec<u8>>>>,
 }
 
 /// Terminates TLS on a fresh port with `acceptor` and relays each connection to `backend` as
@@ -192,6 +194,8 @@ pub async fn tls_front(acceptor: TlsAcceptor, backend: SocketAddr) -> (SocketAdd
                     .peer_certificates()
                     .and_then(|c| c.first().cloned());
                 seen.client_certs.lock().unwrap().push(peer);
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                seen.alpn.lock().unwrap().push(alpn);
                 let Ok(mut plain) = TcpStream::connect(backend).await else {
                     return;
                 };
