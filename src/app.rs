@@ -106,9 +106,19 @@ impl App {
         let limiter = crate::limits::RateLimiter::new(config.limits.tracked_addresses);
         let upstreams = Upstreams::for_config(&config)?;
         // Log events inside traced requests go on to the subscriber in effect now.
+        // The collector is trusted as upstreams are: the roots `[tls]` names, and its `ca_file`.
+        let collector_tls = crate::net::client_config(&crate::net::TlsSettings {
+            roots: &crate::net::base_roots(config.tls.system_roots),
+            extra: config
+                .tls
+                .ca_file
+                .as_ref()
+                .map_or(&[][..], |ca| ca.certs.as_slice()),
+            identity: None,
+        })?;
         let tracer = config.telemetry.otlp_endpoint.as_ref().map(|endpoint| {
             crate::telemetry::trace::Tracer::new(
-                crate::telemetry::otlp::start(endpoint),
+                crate::telemetry::otlp::start(endpoint, crate::net::connector_with(collector_tls)),
                 tracing::dispatcher::get_default(Clone::clone),
             )
         });

@@ -75,10 +75,11 @@ impl Queue {
 
 /// Starts the exporter task for `endpoint` (on the current runtime) and returns its queue. The
 /// task ends when every sender is gone.
-pub fn start(endpoint: &url::Url) -> Queue {
+/// `connector`: how the collector is reached (the trust `[tls]` configures).
+pub fn start(endpoint: &url::Url, connector: crate::net::Connector) -> Queue {
     let (sender, receiver) = mpsc::channel(QUEUE);
     let url = traces_url(endpoint);
-    tokio::spawn(run(url, receiver));
+    tokio::spawn(run(url, connector, receiver));
     Queue {
         sender,
         dropped: metrics::counter!("vestibule_trace_spans_dropped_total", "reason" => "queue_full"),
@@ -95,11 +96,21 @@ fn traces_url(endpoint: &url::Url) -> String {
     }
 }
 
-async fn run(url: String, mut receiver: mpsc::Receiver<Finished>) {
+async fn run(
+    url: String,
+    connector: crate::net::Connector,
+    mut receiver: mpsc::Receiver<Finished>,
+) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_timer(TokioTimer::new())
-        .build(crate::net::connector());
+        .timer(TokioTimer::new())
+        // An https collector may speak HTTP/2 on one pooled connection; behind a dead link (no
+        // RST, no FIN) every batch would wait on it until TCP's retransmission resumed it. A
+        // ping unanswered within a second closes it, while a batch is on it.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .http2_keep_alive_timeout(Duration::from_secs(1))
+        .build(connector);
     let exported = metrics::counter!("vestibule_trace_spans_exported_total");
     let failed =
         metrics::counter!("vestibule_trace_spans_dropped_total", "reason" => "export_failed");

@@ -1144,3 +1144,27 @@ async fn an_upstream_cannot_add_a_status_series_per_code_it_invents() {
         .count();
     assert_eq!(histograms, expected.len(), "{metrics}");
 }
+
+/// A collector reached over https is trusted as `[tls]` says, as upstreams are: one behind a
+/// private CA named by `[tls] ca_file` receives the spans. Before, the exporter trusted only the
+/// compiled-in public roots, and every batch was dropped as "could not be reached".
+#[tokio::test]
+async fn a_collector_behind_the_private_ca_of_tls_ca_file_receives_the_spans() {
+    let receiver = Receiver::start().await;
+    let ca = crate::support::pki::TestCa::new("Collector CA");
+    let plain = receiver.url.trim_start_matches("http://").parse().unwrap();
+    let (front, _) = crate::support::pki::tls_front(ca.acceptor(None), plain).await;
+    let up = crate::support::upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let config = config_toml(&routes)
+        .add("tls.ca_file", ca.ca_file.display().to_string())
+        .add("telemetry.otlp_endpoint", format!("https://{front}"))
+        .add("telemetry.sample_ratio", 1.0)
+        .text();
+    let proxy = start_proxy(&config).await;
+    assert_eq!(get(&proxy.url("/api/traced"), &[]).await.status, 200);
+    receiver.span("upstream hop", None).await;
+}
