@@ -205,13 +205,14 @@ impl App {
         // trace context reaches neither our spans nor the upstreams, and a trusted proxy's only
         // as W3C Trace Context allows it (`vet_trusted`: what breaks it is removed). Looked for
         // by walking the names (a removal by name hashes it, whether or not the field is
-        // there; nearly every request has none). `baggage` crosses the same boundary:
-        // upstreams' SDKs take its entries into their context (and spans, and logs).
+        // there; nearly every request has none). `baggage` crosses the same boundary, and is
+        // vetted the same way: upstreams' SDKs take its entries into their context (and spans,
+        // and logs).
         if peer.trusted {
             if req
                 .headers()
                 .keys()
-                .any(|name| *name == TRACEPARENT || *name == TRACESTATE)
+                .any(|name| *name == TRACEPARENT || *name == TRACESTATE || *name == BAGGAGE)
             {
                 crate::telemetry::trace::vet_trusted(req.headers_mut());
             }

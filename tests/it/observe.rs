@@ -1168,3 +1168,95 @@ async fn a_collector_behind_the_private_ca_of_tls_ca_file_receives_the_spans() {
     assert_eq!(get(&proxy.url("/api/traced"), &[]).await.status, 200);
     receiver.span("upstream hop", None).await;
 }
+
+/// A trusted proxy's `baggage` is passed on only as W3C Baggage allows it: each field a list of
+/// `key = value` members, with `;` properties (`key` or `key = value`), a key an HTTP token and
+/// a value of baggage-octets (printable ASCII but space, `"`, `,`, `;` and `\`), spaces and tabs
+/// only around the separators; at most 64 members and 8192 bytes, its fields combined. Anything
+/// else is removed whole, not repaired: SDKs upstream put its entries into their context,
+/// spans and logs, so a proxy must not hand them what its own parser would not have let out.
+/// Sent without a `traceparent`: baggage stands on its own (it is not part of the trace).
+#[tokio::test]
+async fn a_trusted_proxys_baggage_is_passed_on_only_when_it_is_well_formed() {
+    let members = |from: usize, to: usize| {
+        (from..to)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (most, too_many) = (members(0, 64), members(0, 65));
+    let (first_half, second_half) = (members(0, 33), members(33, 65));
+    // Exactly 8192 bytes, and one more: two members of 4096 bytes around a comma.
+    let sized = |k: usize, n: usize| format!("k{k}={}", "x".repeat(n - 3));
+    let at_most = [sized(0, 4096), sized(1, 4095)].join(",");
+    let too_long = [sized(0, 4096), sized(1, 4096)].join(",");
+    assert_eq!((at_most.len(), too_long.len()), (8192, 8193));
+    let (split_a, split_b) = (sized(0, 4096), sized(1, 4096));
+    // (baggage fields, kept)
+    let cases: Vec<(Vec<&str>, bool)> = vec![
+        (
+            vec!["userId=alice,serverNode=DF%2028,isProduction=false"],
+            true,
+        ),
+        (
+            vec![
+                "key1=value1;property1;property2, key2 = value2, key3=value3; propertyKey=propertyValue",
+            ],
+            true,
+        ),
+        (vec!["a=1", "b=2"], true),
+        (vec!["k!#$%&'*+-.^_`|~9=v"], true),
+        (vec!["a=", "b=x=y", "c=!#/:<[]>?@~"], true),
+        (vec!["a=1 ;\tp ; q = 2"], true),
+        (vec![&most], true),
+        (vec![&at_most], true),
+        (vec![&too_many], false),
+        (vec![&first_half, &second_half], false),
+        (vec![&too_long], false),
+        (vec![&split_a, &split_b], false),
+        (vec!["a b=1"], false),
+        (vec!["a(b)=1"], false),
+        (vec!["=1"], false),
+        (vec!["a"], false),
+        (vec!["a=1,"], false),
+        (vec!["a=1,,b=2"], false),
+        (vec![""], false),
+        (vec!["a=x y"], false),
+        (vec!["a=x\ty"], false),
+        (vec!["a=\"q\""], false),
+        (vec!["a=x\\y"], false),
+        (vec!["a=1;"], false),
+        (vec!["a=1;p=x y"], false),
+        (vec!["a=1;b c"], false),
+        (vec!["a=1;=x"], false),
+        (vec!["a=1", "b c=2"], false),
+    ];
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/open/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    // The default head limit (the tests' is 8 KiB): room for baggage past its own.
+    let text = config_toml(&routes)
+        .add("server.trusted_proxies", vec!["127.0.0.1/32"])
+        .set("server.max_header_size", "64KiB");
+    let proxy = start_proxy(text).await;
+    for (fields, kept) in &cases {
+        let headers: Vec<(&str, &str)> = fields.iter().map(|f| ("baggage", *f)).collect();
+        let r = get(&proxy.url("/open/x"), &headers).await;
+        let case = format!("baggage {fields:?}");
+        assert_eq!(r.status, 200, "{case}: {}", r.text());
+        let seen: Vec<String> = up
+            .last()
+            .headers
+            .get_all("baggage")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        if *kept {
+            assert_eq!(seen, *fields, "{case}");
+        } else {
+            assert!(seen.is_empty(), "{case}: {seen:?}");
+        }
+    }
+}

@@ -1,13 +1,15 @@
-//! A trusted proxy's W3C trace context (`traceparent`, `tracestate`), checked before anything
-//! continues it or passes it on to an upstream: what breaks the specification (W3C Trace
-//! Context, §3.2 and §3.3) is removed, never repaired. Anyone else's is removed whole by the
-//! pipeline (`App::answer`), whatever it holds.
+//! A trusted proxy's W3C trace context (`traceparent`, `tracestate`) and `baggage`, checked
+//! before anything continues them or passes them on to an upstream: what breaks the
+//! specifications (W3C Trace Context, §3.2 and §3.3; W3C Baggage: [`super::baggage`]) is
+//! removed, never repaired. Anyone else's are removed whole by the pipeline (`App::answer`),
+//! whatever they hold.
 
 use super::SpanContext;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 
 /// `tracestate` list members at most (§3.3.1.1).
 const MAX_MEMBERS: usize = 32;
@@ -23,7 +25,8 @@ const MAX_VALUE_LEN: usize = 256;
 /// field of version 00 ([`SpanContext::parse`]: lowercase hex, ids not all zero), and beside it
 /// a `tracestate` ([`valid_state`]). An invalid `tracestate` is removed; a `traceparent` that
 /// is invalid, repeated or missing is removed with the `tracestate` (the state belongs to that
-/// parent, and is not read without it: §3.3).
+/// parent, and is not read without it: §3.3). `baggage` stands on its own, parent or none: it
+/// is removed, all its fields, unless they are valid together ([`super::baggage::valid`]).
 pub fn vet_trusted(headers: &mut HeaderMap) {
     let mut parents = headers.get_all(TRACEPARENT).iter();
     let parent = match (parents.next(), parents.next()) {
@@ -35,6 +38,9 @@ pub fn vet_trusted(headers: &mut HeaderMap) {
         headers.remove(TRACESTATE);
     } else if !valid_state(headers.get_all(TRACESTATE).iter()) {
         headers.remove(TRACESTATE);
+    }
+    if !super::baggage::valid(headers.get_all(BAGGAGE).iter()) {
+        headers.remove(BAGGAGE);
     }
 }
 
@@ -230,6 +236,30 @@ mod tests {
             assert_eq!(
                 vetted(&fields),
                 [("baggage".to_string(), "k=v".to_string())],
+                "{parents:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn baggage_is_kept_when_valid_and_removed_whole_when_not_whatever_the_parent() {
+        for parents in [&[][..], &[PARENT], &["garbage"]] {
+            let mut fields: Vec<(&'static str, &str)> =
+                parents.iter().map(|p| ("traceparent", *p)).collect();
+            fields.extend([("baggage", "a=1"), ("baggage", "b=2;p")]);
+            let kept = vetted(&fields);
+            let baggage: Vec<&str> = kept
+                .iter()
+                .filter(|(n, _)| n == "baggage")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(baggage, ["a=1", "b=2;p"], "{parents:?}");
+            fields.push(("baggage", "c=x y"));
+            let kept = vetted(&fields);
+            assert!(kept.iter().all(|(n, _)| n != "baggage"), "{kept:?}");
+            assert_eq!(
+                kept.iter().any(|(n, _)| n == "traceparent"),
+                parents == [PARENT],
                 "{parents:?}"
             );
         }
