@@ -14,7 +14,7 @@ use crate::support::*;
 use http_body_util::BodyExt as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vestibule::jose::testing::{TestKey, TestSigner};
 use vestibule::session::Session;
 
@@ -267,7 +267,7 @@ fn assert_only_ok_or_store_unavailable(outcomes: &[Outcome]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_under_load_is_503_fast_and_every_session_comes_back_with_its_aof() {
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut redis = RedisServer::start_durable();
     let replicas = replicas(&Backend::Url(redis.url())).await;
     let cookies = replicas.sessions().await;
     let sessions_before = count_keys(redis.port(), &format!("{PREFIX}s:*"));
@@ -1065,7 +1065,7 @@ async fn answered_as_redis_dies(
 /// would refuse it with `invalid_grant`, and a store outage would have signed the user out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_is_saved_once_redis_is_back_after_failing_at_the_save() {
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut redis = RedisServer::start_durable();
     let Rotation {
         idp,
         up,
@@ -1120,7 +1120,7 @@ async fn served_the_kept_answer(
 /// and the user is signed out by the outage (a provider that detects reuse revokes the grant).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_kept_unsaved_through_a_long_outage_is_not_spent_again_when_redis_is_back() {
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut redis = RedisServer::start_durable();
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
@@ -1265,20 +1265,23 @@ async fn a_lease_and_spend_record_lost_while_the_refresh_is_at_the_provider_are_
 /// waits for a refresh that is over and answers 503 once its deadline passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_saved_after_a_store_failure_leaves_no_spend_record_behind() {
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut redis = RedisServer::start_durable();
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let up = upstream::start().await;
     let a = token_proxy(&redis.url(), &idp, &up).await;
     let b = token_proxy(&redis.url(), &idp, &up).await;
-    // at-2 is due 3 s after the provider gave it (refresh_skew 5 s); rt-1 stays.
+    // at-2 is due 4 s after the provider gave it (refresh_skew 5 s, cut to half its 8 s
+    // lifetime); rt-1 stays.
     let short =
         serde_json::json!({"access_token": "at-2", "token_type": "Bearer", "expires_in": 8});
     let long =
         serde_json::json!({"access_token": "at-3", "token_type": "Bearer", "expires_in": 300});
     let cookie = due_session_answered(&a, &idp, &[(200, short), (200, long)]).await;
 
-    let answered = answered_as_redis_dies(&mut redis, &a, &idp, &cookie).await;
+    answered_as_redis_dies(&mut redis, &a, &idp, &cookie).await;
+    // The provider has answered by now (Unix seconds, as the proxy counts them).
+    let answered = vestibule::app::now();
     redis.restart();
     eventually(
         "replica a saves the answer it kept",
@@ -1289,8 +1292,11 @@ async fn an_answer_saved_after_a_store_failure_leaves_no_spend_record_behind() {
         },
     )
     .await;
-    // at-2 is due now: the session refreshes again, presenting rt-1 (never rotated).
-    tokio::time::sleep(Duration::from_secs(4).saturating_sub(answered.elapsed())).await;
+    // Once at-2 is due, the session refreshes again, presenting rt-1 (never rotated). Its
+    // lifetime counts whole seconds from the second of the answer, which may have ended just
+    // after the provider answered: the wait is for the clock's second, not a span of time.
+    let due = UNIX_EPOCH + Duration::from_secs(answered + 4);
+    tokio::time::sleep(due.duration_since(SystemTime::now()).unwrap_or_default()).await;
     let r = get(&b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.last().headers["authorization"], "Bearer at-3");
