@@ -4,6 +4,7 @@
 //! the bytes in place: nothing is allocated, nothing decoded (a value's percent-encoding is
 //! the reader's).
 
+use super::incoming::trim_ows;
 use http::HeaderValue;
 
 /// List members at most, all fields together (§3.3.2: what every platform must propagate).
@@ -53,17 +54,6 @@ fn valid_member(member: &[u8]) -> bool {
 fn split_pair(pair: &[u8]) -> Option<(&[u8], &[u8])> {
     let eq = pair.iter().position(|&b| b == b'=')?;
     Some((trim_ows(&pair[..eq]), trim_ows(&pair[eq + 1..])))
-}
-
-/// `part` without the spaces and tabs around it (`OWS`).
-fn trim_ows(part: &[u8]) -> &[u8] {
-    let ows = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = part.iter().position(|b| !ows(b)).unwrap_or(part.len());
-    let end = part
-        .iter()
-        .rposition(|b| !ows(b))
-        .map_or(start, |at| at + 1);
-    &part[start..end]
 }
 
 /// `key = token` (RFC 9110 §5.6.2): one or more `tchar`.

@@ -78,7 +78,7 @@ pub fn valid_state<'a>(fields: impl Iterator<Item = &'a HeaderValue>) -> bool {
 }
 
 /// `member` without the spaces and tabs around it (`OWS`).
-fn trim_ows(member: &[u8]) -> &[u8] {
+pub(super) fn trim_ows(member: &[u8]) -> &[u8] {
     let ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = member.iter().position(|b| !ows(b)).unwrap_or(member.len());
     let end = member
