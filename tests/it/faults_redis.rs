@@ -665,10 +665,7 @@ async fn sentinel_over(
     replica: &RedisServer,
 ) -> (RedisServer, Replicas, Vec<String>) {
     eventually("the replica is in sync", HANG, || async {
-        replica
-            .command(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
+        replica.in_sync().then_some(())
     })
     .await;
     let sentinel =

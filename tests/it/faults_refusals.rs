@@ -458,10 +458,7 @@ async fn a_redis_busy_with_a_script_is_503_and_signs_nobody_out() {
 /// Waits until `redis`, a replica, has its master's data.
 fn in_sync(redis: &RedisServer) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !redis
-        .command(&["INFO", "replication"])
-        .contains("master_link_status:up")
-    {
+    while !redis.in_sync() {
         assert!(Instant::now() < deadline, "the replica did not sync");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -317,6 +317,15 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("redis on port {} did not answer {args:?}", self.port))
     }
 
+    /// Whether this server, a replica, has its master's data (its link to the master is up).
+    /// False while it does not answer: a replica that writes the master's copy to its disk,
+    /// syncs it and loads it answers nothing meanwhile, for longer than [`RedisServer::command`]
+    /// waits when the disk is busy.
+    pub fn in_sync(&self) -> bool {
+        try_command(self.port, &["INFO", "replication"])
+            .is_some_and(|r| r.contains("master_link_status:up"))
+    }
+
     /// Shuts the server down after saving a snapshot into its directory, and waits for the exit.
     pub fn stop(&mut self) {
         let _ = try_command(self.port, &["SHUTDOWN", "SAVE"]);
