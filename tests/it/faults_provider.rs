@@ -591,6 +591,49 @@ async fn provider_with_one_endpoint_behind_a_link(
     (signer, idp, host)
 }
 
+/// A proxy behind `idp` whose provider calls wait at most `timeout` (login limits out of the
+/// way), ready, with `/api/` (signed in only; sent the user's token when `token`) to a new
+/// upstream.
+async fn proxy_behind(
+    idp: &crate::support::fake_idp::FakeIdp,
+    timeout: Duration,
+    token: bool,
+) -> (Proxy, Upstream) {
+    let upstream = upstream::start().await;
+    let token = if token { "token = \"user\"\n" } else { "" };
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n{token}",
+        upstream.url()
+    );
+    let text = config_toml(&routes)
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add(
+            "oidc.provider_timeout",
+            format!("{}ms", timeout.as_millis()),
+        )
+        .add("limits.login_per_minute", 100_000)
+        .add("limits.callback_per_minute", 100_000);
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    (proxy, upstream)
+}
+
+/// A login on `proxy` up to its callback, whose ID token `idp` issues signed with `key` under
+/// the name `kid`.
+async fn sign_in_with(
+    proxy: &Proxy,
+    idp: &crate::support::fake_idp::FakeIdp,
+    signer: &TestSigner,
+    key: TestKey,
+    kid: &str,
+) -> Reply {
+    let (query, login_cookie) = begin_login(proxy).await;
+    let claims =
+        vestibule::jose::testing::id_token_claims(&idp.issuer, "vestibule", &query["nonce"], now());
+    *idp.state.id_token.lock().unwrap() = signer.token(key).kid(kid).sign(&claims);
+    callback(proxy, &query, &login_cookie).await
+}
+
 /// The provider's token endpoint across a real network link that goes dead (a partition: no
 /// RST, no FIN, connection attempts unanswered), its discovery and key set on this host. While
 /// it is cut, a refresh and a login's code exchange are 503 within `provider_timeout`, whether
@@ -599,24 +642,11 @@ async fn provider_with_one_endpoint_behind_a_link(
 /// cut is retransmitted on, or given up on, seconds later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the_link() {
-    use vestibule::jose::testing::id_token_claims;
     let timeout = Duration::from_secs(1);
     let slack = Duration::from_millis(700);
     let (signer, idp, host) =
         provider_with_one_endpoint_behind_a_link("token_endpoint", "/token").await;
-    let upstream = upstream::start().await;
-    let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\ntoken = \"user\"\n",
-        upstream.url()
-    );
-    let text = config_toml(&routes)
-        .set("oidc.issuer", idp.issuer.as_str())
-        .add(
-            "oidc.provider_timeout",
-            format!("{}ms", timeout.as_millis()),
-        );
-    let proxy = start_proxy(&text).await;
-    wait_ready(&proxy).await;
+    let (proxy, _upstream) = proxy_behind(&idp, timeout, true).await;
     let url = proxy.url("/api/x");
     // A session whose access token has expired: the next call refreshes it.
     let expired = || {
@@ -639,12 +669,7 @@ async fn a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the
         proxy.session_cookie(session)
     };
     // A login up to its callback, with the ID token the provider will issue for it.
-    let sign_in = || async {
-        let (query, login_cookie) = begin_login(&proxy).await;
-        let claims = id_token_claims(&idp.issuer, "vestibule", &query["nonce"], now());
-        *idp.state.id_token.lock().unwrap() = signer.token(TestKey::Rsa1).kid("k1").sign(&claims);
-        callback(&proxy, &query, &login_cookie).await
-    };
+    let sign_in = || sign_in_with(&proxy, &idp, &signer, TestKey::Rsa1, "k1");
 
     // Connections to the token endpoint are pooled by now. (A refresh answer carries the ID
     // token of the last login.)
@@ -707,35 +732,12 @@ async fn a_token_endpoint_behind_a_dead_link_is_503_fast_and_back_soon_after_the
 /// seconds, not once 10 s have passed since the failed fetch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_set_behind_a_dead_link_is_waited_for_within_provider_timeout_and_back_soon() {
-    use vestibule::jose::testing::id_token_claims;
     let timeout = Duration::from_secs(1);
     let slack = Duration::from_millis(700);
     let (signer, idp, host) = provider_with_one_endpoint_behind_a_link("jwks_uri", "/jwks").await;
-    let upstream = upstream::start().await;
-    let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
-        upstream.url()
-    );
-    let text = config_toml(&routes)
-        .set("oidc.issuer", idp.issuer.as_str())
-        .add(
-            "oidc.provider_timeout",
-            format!("{}ms", timeout.as_millis()),
-        )
-        .add("limits.login_per_minute", 100_000)
-        .add("limits.callback_per_minute", 100_000);
-    let proxy = start_proxy(&text).await;
-    wait_ready(&proxy).await;
+    let (proxy, _upstream) = proxy_behind(&idp, timeout, false).await;
     // A login whose ID token is signed with the key `kid` names.
-    let sign_in = |key: TestKey, kid: &'static str| {
-        let (proxy, idp, signer) = (&proxy, &idp, &signer);
-        async move {
-            let (query, login_cookie) = begin_login(proxy).await;
-            let claims = id_token_claims(&idp.issuer, "vestibule", &query["nonce"], now());
-            *idp.state.id_token.lock().unwrap() = signer.token(key).kid(kid).sign(&claims);
-            callback(proxy, &query, &login_cookie).await
-        }
-    };
+    let sign_in = |key, kid| sign_in_with(&proxy, &idp, &signer, key, kid);
     assert_eq!(sign_in(TestKey::Rsa1, "k1").await.status, 302);
 
     // The provider rotates to a new key, which the proxy has not fetched; the link goes dead.
