@@ -40,6 +40,35 @@ async fn signed_in(sessions: &Sessions, clock: &Clock, sid: &str) -> OpenSession
     sessions.create(session, clock.now()).await.unwrap().1
 }
 
+/// Sessions in memory, a test clock, and one session in them (`sid-1`).
+async fn one_session() -> (Arc<Sessions>, Clock, OpenSession) {
+    let sessions = sessions();
+    let clock = TestClock::new().clock();
+    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    (sessions, clock, loaded)
+}
+
+/// [`one_session`] watched by 20 streams (one client's, with one cookie), settled: the
+/// sessions, the session's handle, and each watch's end.
+async fn watched_twenty_times() -> (Arc<Sessions>, String, Vec<CancellationToken>) {
+    let (sessions, clock, loaded) = one_session().await;
+    let handle = loaded.handle.to_string();
+    let ends = (0..20)
+        .map(|_| watch(&sessions, &clock, loaded.clone()).1)
+        .collect();
+    settle().await;
+    (sessions, handle, ends)
+}
+
+/// Publishes the invalidation message that names `handle` (`""`: any session may have changed).
+async fn invalidate(sessions: &Sessions, handle: &str) {
+    sessions
+        .store()
+        .publish(INVALIDATION_CHANNEL, handle)
+        .await
+        .unwrap();
+}
+
 /// A watch of `loaded`, spawned; its polls and the token it cancels.
 fn watch(
     sessions: &Arc<Sessions>,
@@ -97,30 +126,20 @@ async fn ended(end: &CancellationToken) -> bool {
 
 #[tokio::test]
 async fn a_watch_sleeps_through_the_invalidations_of_other_sessions() {
-    let sessions = sessions();
-    let clock = TestClock::new().clock();
-    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let (sessions, clock, loaded) = one_session().await;
     let own = loaded.handle;
     let (polls, end) = watch(&sessions, &clock, loaded);
     settle().await;
     let before = polls.load(Ordering::Relaxed);
     for n in 0..100u32 {
         let other = format!("{n:032x}");
-        sessions
-            .store()
-            .publish(INVALIDATION_CHANNEL, &other)
-            .await
-            .unwrap();
+        invalidate(&sessions, &other).await;
         settle().await;
     }
     let woken = polls.load(Ordering::Relaxed) - before;
     assert_eq!(woken, 0, "woken by 100 messages of other sessions");
     // Its own session's message wakes it: it reads the session, still there, and goes on.
-    sessions
-        .store()
-        .publish(INVALIDATION_CHANNEL, &own)
-        .await
-        .unwrap();
+    invalidate(&sessions, &own).await;
     settle().await;
     assert!(polls.load(Ordering::Relaxed) > before);
     assert!(!end.is_cancelled());
@@ -151,9 +170,7 @@ async fn a_watch_that_ends_leaves_nothing_behind() {
 
 #[tokio::test]
 async fn a_watch_ends_at_once_when_its_own_session_ends() {
-    let sessions = sessions();
-    let clock = TestClock::new().clock();
-    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let (sessions, clock, loaded) = one_session().await;
     let (_, end) = watch(&sessions, &clock, loaded);
     settle().await;
     sessions.end_by_sid("sid-1").await.unwrap();
@@ -165,11 +182,7 @@ async fn a_watch_ends_at_once_when_its_own_session_ends() {
 #[tokio::test]
 async fn everything_may_have_changed_wakes_every_watch() {
     let (sessions, _clock, first, second) = two_watches_timed_out().await;
-    sessions
-        .store()
-        .publish(INVALIDATION_CHANNEL, "")
-        .await
-        .unwrap();
+    invalidate(&sessions, "").await;
     assert!(ended(&first).await && ended(&second).await);
 }
 
@@ -185,11 +198,7 @@ async fn a_burst_past_the_channel_s_capacity_wakes_every_watch() {
     test_clock.advance(crate::session::manager::DEFAULT_IDLE_TIMEOUT * 2);
     for n in 0..5000u32 {
         let other = format!("{n:032x}");
-        sessions
-            .store()
-            .publish(INVALIDATION_CHANNEL, &other)
-            .await
-            .unwrap();
+        invalidate(&sessions, &other).await;
     }
     assert!(ended(&end).await);
 }
@@ -216,9 +225,7 @@ async fn a_closed_subscription_has_every_watch_read_its_session_at_once() {
 /// [`SESSION_CHECK`], not never.
 #[tokio::test(start_paused = true)]
 async fn after_the_subscription_closed_a_watch_still_ends_with_its_session_by_its_own_check() {
-    let sessions = sessions();
-    let clock = TestClock::new().clock();
-    let loaded = signed_in(&sessions, &clock, "sid-1").await;
+    let (sessions, clock, loaded) = one_session().await;
     let (_, end) = watch(&sessions, &clock, loaded);
     settle().await;
     memory(&sessions).close_channel(INVALIDATION_CHANNEL);
@@ -244,13 +251,7 @@ async fn after_the_subscription_closed_a_watch_still_ends_with_its_session_by_it
 /// every stream ends with it, though no message says so.
 #[tokio::test(start_paused = true)]
 async fn the_watches_of_one_session_share_its_timed_read() {
-    let sessions = sessions();
-    let clock = TestClock::new().clock();
-    let loaded = signed_in(&sessions, &clock, "sid-1").await;
-    let ends: Vec<_> = (0..20)
-        .map(|_| watch(&sessions, &clock, loaded.clone()).1)
-        .collect();
-    settle().await;
+    let (sessions, _, ends) = watched_twenty_times().await;
     let store = memory(&sessions);
     let before = store.record_reads();
     tokio::time::sleep(SESSION_CHECK + Duration::from_millis(500)).await;
@@ -275,22 +276,11 @@ async fn the_watches_of_one_session_share_its_timed_read() {
 /// each touch into a hundred store reads); and when the session ends, every stream ends.
 #[tokio::test]
 async fn the_watches_of_one_session_share_the_read_a_message_asks_for() {
-    let sessions = sessions();
-    let clock = TestClock::new().clock();
-    let loaded = signed_in(&sessions, &clock, "sid-1").await;
-    let handle = loaded.handle;
-    let ends: Vec<_> = (0..20)
-        .map(|_| watch(&sessions, &clock, loaded.clone()).1)
-        .collect();
-    settle().await;
+    let (sessions, handle, ends) = watched_twenty_times().await;
     let store = memory(&sessions);
     let before = store.record_reads();
     for _ in 0..5 {
-        sessions
-            .store()
-            .publish(INVALIDATION_CHANNEL, &handle.to_string())
-            .await
-            .unwrap();
+        invalidate(&sessions, &handle).await;
         settle().await;
     }
     let reads = store.record_reads() - before;
