@@ -329,22 +329,32 @@ async fn an_idempotent_request_lost_on_a_reused_connection_is_sent_again_on_a_ne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_lost_on_a_reused_connection_is_a_502_and_is_never_sent_twice() {
     let Scene { raw, proxy, client } = Scene::start().await;
-    // A pooled connection of the kind a POST is sent on (requests with a body or a method that
-    // may not be repeated go through hyper's client, bodiless GETs do not).
-    assert_eq!(
-        request(&client, "POST", &proxy.url("/api/ok")).await.status,
-        200
-    );
-    raw.drop_reused.store(true, Ordering::SeqCst);
-    let reply = request(&client, "POST", &proxy.url("/api/ok")).await;
-    assert_error(&reply, 502, "upstream_unavailable", &raw);
-    assert_eq!(
-        raw.seen("POST /api/ok"),
-        2,
-        "the first, then the lost one, which the upstream may have acted on: never sent again"
-    );
-    raw.drop_reused.store(false, Ordering::SeqCst);
+    a_post_lost_on_reuse_is_a_502_sent_once(&client, &proxy, &raw, "plain").await;
     still_serves(&client, &proxy).await;
+}
+
+/// A `POST /api/ok` on a pooled connection (of the kind a POST is sent on: requests with a body
+/// or a method that may not be repeated go through hyper's client, bodiless GETs do not), then
+/// another that the upstream closes unanswered as it arrives: 502, and the upstream has seen
+/// the lost one once, which it may have acted on (`context` names the case).
+async fn a_post_lost_on_reuse_is_a_502_sent_once(
+    client: &TestClient,
+    proxy: &Proxy,
+    raw: &Raw,
+    context: &str,
+) {
+    let before = raw.seen("POST /api/ok");
+    let pooled = request(client, "POST", &proxy.url("/api/ok")).await;
+    assert_eq!(pooled.status, 200, "{context}");
+    raw.drop_reused.store(true, Ordering::SeqCst);
+    let reply = request(client, "POST", &proxy.url("/api/ok")).await;
+    assert_error(&reply, 502, "upstream_unavailable", raw);
+    raw.drop_reused.store(false, Ordering::SeqCst);
+    assert_eq!(
+        raw.seen("POST /api/ok") - before,
+        2,
+        "the pooled one, then the lost one: never sent again ({context})"
+    );
 }
 
 /// RFC 9110 §9.2.2: a request whose bytes reached the upstream is sent again only when it is
@@ -377,19 +387,8 @@ async fn a_post_cut_off_mid_head_on_a_reused_connection_is_never_sent_twice() {
             "the upstream read the POST and began answering: never sent again (over TLS: {tls})"
         );
         // Closed unanswered on reuse.
-        assert_eq!(
-            request(&client, "POST", &proxy.url("/api/ok")).await.status,
-            200
-        );
-        raw.drop_reused.store(true, Ordering::SeqCst);
-        let reply = request(&client, "POST", &proxy.url("/api/ok")).await;
-        assert_error(&reply, 502, "upstream_unavailable", &raw);
-        raw.drop_reused.store(false, Ordering::SeqCst);
-        assert_eq!(
-            raw.seen("POST /api/ok"),
-            3,
-            "the lost POST was sent again (over TLS: {tls})"
-        );
+        let context = format!("over TLS: {tls}");
+        a_post_lost_on_reuse_is_a_502_sent_once(&client, &proxy, &raw, &context).await;
         still_serves(&client, &proxy).await;
     }
 }
