@@ -350,32 +350,14 @@ async fn the_login_return_url_names_the_canonical_path() {
 #[tokio::test]
 async fn letters_case_insensitive_servers_read_as_ascii_never_spell_another_routes_prefix() {
     let api = upstream::start().await;
-    let routes = format!(
-        r#"
-[[routes]]
-path = "/api/"
-upstream = "{api}"
-auth = "none"
-
-[[routes]]
-path = "/api/admin/"
-upstream = "{api}"
-auth = "required"
-token = "user"
-
-[[routes]]
-path = "/api/staff/"
-upstream = "{api}"
-auth = "required"
-token = "user"
-
-[[routes]]
-path = "/api/class/"
-upstream = "{api}"
-auth = "required"
-token = "user"
-"#,
-        api = api.url(),
+    let routes = routes_to(
+        &api.url(),
+        &[
+            ("/api/", OPEN),
+            ("/api/admin/", WITH_TOKEN),
+            ("/api/staff/", WITH_TOKEN),
+            ("/api/class/", WITH_TOKEN),
+        ],
     );
     let proxy = start_proxy(&config_text(&routes)).await;
     never_past_the_policy(
@@ -393,6 +375,21 @@ token = "user"
         ],
     )
     .await;
+}
+
+/// A route anyone may use, and one that needs a session and sends its upstream the user's token.
+const OPEN: &str = "auth = \"none\"";
+const WITH_TOKEN: &str = "auth = \"required\"\ntoken = \"user\"";
+
+/// `[[routes]]` tables to `upstream`, each a path and its other keys (TOML lines).
+fn routes_to(upstream: &str, routes: &[(&str, &str)]) -> String {
+    routes
+        .iter()
+        .map(|(path, keys)| {
+            format!("[[routes]]\npath = \"{path}\"\nupstream = \"{upstream}\"\n{keys}\n")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Each of `targets`, asked without a session, is refused (401, or 400) and never reaches `api`.
@@ -419,33 +416,14 @@ async fn never_past_the_policy(proxy: &Proxy, api: &upstream::Upstream, targets:
 #[tokio::test]
 async fn a_folding_letter_behind_a_path_parameter_never_spells_another_routes_prefix() {
     let api = upstream::start().await;
-    let routes = format!(
-        r#"
-[[routes]]
-path = "/java/"
-upstream = "{api}"
-auth = "none"
-allow_path_params = true
-
-[[routes]]
-path = "/java/admin/"
-upstream = "{api}"
-auth = "required"
-token = "user"
-
-[[routes]]
-path = "/files/"
-upstream = "{api}"
-auth = "none"
-allow_encoded_slash = true
-
-[[routes]]
-path = "/files/private/"
-upstream = "{api}"
-auth = "required"
-token = "user"
-"#,
-        api = api.url(),
+    let routes = routes_to(
+        &api.url(),
+        &[
+            ("/java/", "auth = \"none\"\nallow_path_params = true"),
+            ("/java/admin/", WITH_TOKEN),
+            ("/files/", "auth = \"none\"\nallow_encoded_slash = true"),
+            ("/files/private/", WITH_TOKEN),
+        ],
     );
     let proxy = start_proxy(&config_text(&routes)).await;
     // The switches still work.
