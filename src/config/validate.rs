@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
 use toml::{Table, Value};
 
+mod admin_reach;
 mod limits;
 mod oidc;
 mod overlap;
@@ -55,6 +56,10 @@ pub(super) fn cross_check(config: &Config) -> Vec<ConfigError> {
         if let Some(why) = routes::inside_bff(&route.path, &config.server.bff_prefix) {
             problems.add(format!("routes[{i}].path"), why);
         }
+        let key = format!("routes[{i}]");
+        problems
+            .0
+            .extend(admin_reach::problem(&key, route, config.admin.listen));
     }
     problems.0
 }
@@ -476,7 +481,8 @@ fn build(mut root: Table, base: &Path, problems: &mut Problems) -> Option<Config
             problems.add(format!("{path}.token_binding"), DPOP_ROUTE_NEEDS_DPOP);
         }
     }
-    let routes = routes_config(routes, base, &features, server.as_ref(), problems);
+    let listeners = (server.as_ref(), admin.listen);
+    let routes = routes_config(routes, base, &features, listeners, problems);
 
     if let (Some(server), Some(oidc)) = (&server, &oidc) {
         if server.listen == admin.listen && admin.listen.port() != 0 {

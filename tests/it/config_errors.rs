@@ -631,3 +631,121 @@ fn a_stripped_route_reaching_another_routes_upstream_paths_with_a_laxer_policy_i
          token = \"user\"\nrequire = {{ roles = [\"admin\"] }}\n"
     ));
 }
+
+/// A route whose upstream is the admin listener itself (`/api/` to `http://127.0.0.1:9091`)
+/// would serve `/metrics` and `/jwks` to browsers through the public listener: refused at load
+/// (and so by `vestibule check`), and by a reload over a running `admin.listen`, naming the
+/// route and the admin key. Every spelling of the host that reaches the listener counts.
+#[test]
+fn a_route_whose_upstream_is_the_admin_listener_is_refused() {
+    let route =
+        |upstream: &str| format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n");
+    let admin = |listen: &str| format!("[admin]\nlisten = \"{listen}\"\n");
+    let message = |upstream: &str, listen: &str| {
+        format!(
+            "routes[0].upstream: \"{upstream}\" reaches the admin listener (admin.listen = {listen}), \
+             whose /metrics and /jwks this route would serve to browsers; point the route at its \
+             service, or move admin.listen to another port"
+        )
+    };
+    for (upstream, shown) in [
+        ("http://127.0.0.1:9091", "http://127.0.0.1:9091/"),
+        ("http://localhost:9091/", "http://localhost:9091/"),
+        ("https://LocalHost.:9091/x", "https://localhost.:9091/x"),
+        ("http://app.localhost:9091", "http://app.localhost:9091/"),
+        (
+            "http://[::ffff:127.0.0.1]:9091",
+            "http://[::ffff:7f00:1]:9091/",
+        ),
+        ("http://0.0.0.0:9091", "http://0.0.0.0:9091/"),
+    ] {
+        assert_eq!(
+            errors(&with_routes(&route(upstream))),
+            [message(shown, "127.0.0.1:9091")],
+            "{upstream}"
+        );
+    }
+    // Listening everywhere, every loopback address reaches it (`::`: of both families).
+    for (listen, upstream, shown) in [
+        (
+            "0.0.0.0:9091",
+            "http://127.0.0.2:9091",
+            "http://127.0.0.2:9091/",
+        ),
+        (
+            "0.0.0.0:9091",
+            "http://localhost:9091",
+            "http://localhost:9091/",
+        ),
+        ("[::]:9091", "http://[::1]:9091", "http://[::1]:9091/"),
+        (
+            "[::]:9091",
+            "http://127.0.0.5:9091",
+            "http://127.0.0.5:9091/",
+        ),
+        ("[::]:9091", "http://[::]:9091", "http://[::]:9091/"),
+        (
+            "[::1]:9091",
+            "http://localhost:9091",
+            "http://localhost:9091/",
+        ),
+    ] {
+        let text = with_routes(&format!("{}{}", route(upstream), admin(listen)));
+        assert_eq!(errors(&text), [message(shown, listen)], "{upstream}");
+    }
+    let accepted = |text: &str| {
+        if let Err(e) = Config::parse(text, Path::new("."), &env) {
+            panic!("refused: {e:?}\n{text}");
+        }
+    };
+    // Another port, another host, another loopback address than the one listened on, or one of
+    // another family.
+    accepted(&with_routes(&route("http://127.0.0.1:9092")));
+    accepted(&with_routes(&route("http://api.internal:9091")));
+    accepted(&with_routes(&route("http://127.0.0.2:9091")));
+    accepted(&with_routes(&route("http://[::1]:9091")));
+    accepted(&with_routes(&route("http://[::]:9091")));
+    accepted(&with_routes(&format!(
+        "{}{}",
+        route("http://[::1]:9091"),
+        admin("0.0.0.0:9091")
+    )));
+    accepted(&with_routes(&format!(
+        "{}{}",
+        route("http://10.1.2.4:9091"),
+        admin("10.1.2.3:9091")
+    )));
+
+    // A reload keeps the running admin.listen: the new file's route is checked against it.
+    let running = Config::parse(
+        &with_routes(&format!(
+            "{}{}",
+            route("http://127.0.0.1:5001"),
+            admin("127.0.0.1:7000")
+        )),
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    let new = Config::parse(
+        &with_routes(&format!(
+            "{}{}",
+            route("http://localhost:7000"),
+            admin("127.0.0.1:7001")
+        )),
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    match vestibule::config::reload::reload(&running, new, Path::new("config.toml")) {
+        Ok(_) => panic!("a route to the running admin listener was put in effect"),
+        Err(e) => assert_eq!(
+            e.to_string(),
+            format!(
+                "{} (with the running value of admin.listen, which changes only at a restart: \
+                 restart to apply this file)",
+                message("http://localhost:7000/", "127.0.0.1:7000")
+            )
+        ),
+    }
+}

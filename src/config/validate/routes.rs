@@ -31,7 +31,7 @@ pub(super) fn routes_config(
     routes: Vec<(String, raw::Route)>,
     base: &Path,
     features: &BTreeMap<String, FeatureConfig>,
-    server: Option<&ServerConfig>,
+    (server, admin): (Option<&ServerConfig>, SocketAddr),
     problems: &mut Problems,
 ) -> Vec<RouteConfig> {
     let mut seen = std::collections::HashSet::new();
@@ -362,6 +362,11 @@ pub(super) fn routes_config(
             token_key,
         });
     }
+    for (key, route) in keys.iter().zip(&out) {
+        problems
+            .0
+            .extend(super::admin_reach::problem(key, route, admin));
+    }
     super::overlap::overlapping_upstreams(&out, &keys, problems);
     out
 }
@@ -547,7 +552,12 @@ mod tests {
             vec![("routes[0]".into(), route)],
             Path::new("."),
             &features,
-            None,
+            (
+                None,
+                "127.0.0.1:9091"
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+            ),
             &mut problems,
         );
         printed(problems)
