@@ -1,7 +1,8 @@
 //! The admin listener: `/healthz` (liveness), `/readyz` (store reachable, provider metadata
 //! loaded), `/metrics` (Prometheus text) and `/jwks` (Vestibule's public keys: those that sign
 //! route assertions, and the client-assertion keys for providers that fetch a client's
-//! `jwks_uri`). Never on the public listener.
+//! `jwks_uri`). Never on the public listener. HTTP/2 clients meet the public listener's
+//! rapid-reset rule ([`super::connection`]) with a small stream limit of their own.
 
 use super::connection::Activity;
 use crate::app::App;
@@ -19,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long an idle admin connection told to close may take to do so.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// HTTP/2 streams one admin connection may have open (a probe or a scrape needs one), and the
+/// requests it may cancel before their answers beyond those answered (twice as many in ten
+/// seconds), as on the public listener: each `/readyz` is a command to the session store.
+const ADMIN_MAX_STREAMS: u32 = 8;
 
 /// Serves until `shutdown`; with `admin.max_connections` open, the next waits to be accepted.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationToken) {
@@ -39,8 +44,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationT
         let app = app.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            // Few and trusted clients: cancels are not counted against them.
-            let activity = Arc::new(Activity::new(usize::MAX));
+            let activity = Arc::new(Activity::new(
+                usize::try_from(ADMIN_MAX_STREAMS).unwrap_or(usize::MAX),
+            ));
             let tracked = activity.clone();
             let service = service_fn(move |req| {
                 let app = app.clone();
@@ -59,15 +65,19 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: CancellationT
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+            builder.http2().max_concurrent_streams(ADMIN_MAX_STREAMS);
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(conn);
             tokio::select! {
-                _ = conn.as_mut() => {}
-                () = activity.idle(ADMIN_HEADER_READ_TIMEOUT, ADMIN_HEADER_READ_TIMEOUT) => {
-                    conn.as_mut().graceful_shutdown();
-                    // A client that does not take the hint is cut off.
-                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
-                }
+                _ = conn.as_mut() => return,
+                () = activity.idle(ADMIN_HEADER_READ_TIMEOUT, ADMIN_HEADER_READ_TIMEOUT) => {}
+                () = activity.too_many_cancels() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            // A client that does not take the hint, or goes on cancelling, is cut off.
+            tokio::select! {
+                _ = tokio::time::timeout(CLOSE_GRACE, conn) => {}
+                () = activity.too_many_cancels() => {}
             }
         });
     }

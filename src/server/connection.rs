@@ -124,6 +124,11 @@ impl Activity {
         *cancels
     }
 
+    /// Resolves at the next cancel beyond the allowance.
+    pub(super) async fn too_many_cancels(&self) {
+        self.too_many_cancels.notified().await;
+    }
+
     pub(super) fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Acquire);
         Busy {
@@ -243,7 +248,7 @@ pub(super) async fn serve<I>(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = activity.too_many_cancels.notified() => {
+            () = activity.too_many_cancels() => {
                 if cancels {
                     tracing::debug!(%ip, "closing a connection whose client went on cancelling its requests");
                     break;

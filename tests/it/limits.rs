@@ -605,6 +605,65 @@ async fn idle_admin_connections_give_their_slots_back() {
     );
 }
 
+/// The admin listener speaks HTTP/2 too (prior knowledge). A client there may open only a few
+/// streams at once, and resetting `/readyz` streams while each waits on the store (each a store
+/// command, the store the sessions share) gets it let go as on the public listener.
+#[tokio::test]
+async fn an_http2_client_can_neither_open_nor_reset_admin_streams_without_bound() {
+    let redis = crate::support::redis::RedisServer::start();
+    let store = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let proxy = start_proxy(&config_toml(&store).text()).await;
+    let (h2, settings) = h2_connect(proxy.admin).await;
+    let streams = settings.iter().find(|(id, _)| *id == 0x3).map(|(_, n)| *n);
+    assert!(
+        streams.is_some_and(|n| n <= 16),
+        "the admin listener allows {streams:?} streams at once (settings {settings:?})"
+    );
+    // Each `/readyz` now waits on the store (up to 2 s) when its stream is reset.
+    redis.signal("STOP");
+    let (mut reader, mut writer) = h2.into_split();
+    let reading = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let mut id = 1u32;
+    let mut cancelled = 0u32;
+    for _ in 0..60 {
+        let opened: Vec<u32> = (0..4).map(|n| id + 2 * n).collect();
+        id += 8;
+        let heads: Vec<u8> = opened
+            .iter()
+            .flat_map(|s| get_headers(*s, "/readyz"))
+            .collect();
+        if writer.write_all(&heads).await.is_err() || reading.is_finished() {
+            break;
+        }
+        // Taken in by the server before they are reset.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let resets: Vec<u8> = opened
+            .iter()
+            .flat_map(|s| frame(RST_STREAM, 0, *s, &0x8u32.to_be_bytes()))
+            .collect();
+        if writer.write_all(&resets).await.is_err() {
+            break;
+        }
+        cancelled += 4;
+    }
+    let closed = tokio::time::timeout(WITHIN, reading).await;
+    redis.signal("CONT");
+    assert!(
+        closed.is_ok(),
+        "the admin connection is still open after {cancelled} reset /readyz streams"
+    );
+    assert!(
+        cancelled <= 64,
+        "{cancelled} /readyz streams reset before the close"
+    );
+}
+
 // ---- HTTP/2 ----
 
 pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
