@@ -707,6 +707,13 @@ pub(super) fn secret_file(
     Some((file, text))
 }
 
+/// Records `bytes`, what `file` holds, among the files the configuration was read from: the
+/// watcher applies a change of it on disk as it does one of the configuration file (a key or
+/// certificate rotated in a Secret volume, without SIGHUP).
+pub(super) fn watched(file: &Path, bytes: &[u8], problems: &mut Problems) {
+    problems.1.push((file.to_path_buf(), bytes.to_vec()));
+}
+
 /// [`secret_file`] at the resolved `file`, named `name` in problems.
 fn secret_file_at(file: &Path, name: &str, path: &str, problems: &mut Problems) -> Option<String> {
     match super::read_text(file, MAX_SECRET_FILE) {

@@ -226,6 +226,29 @@ fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// A key file rotated on disk (a Secret volume updated, `cert-manager` renewing) is picked up
+/// by the watcher like the client secret and session key files, without SIGHUP: the next
+/// assertion is signed with the new key, and `/jwks` publishes it.
+#[tokio::test]
+async fn a_key_file_rotated_on_disk_is_applied_without_a_reload() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = key_file(keys.path(), RSA_1);
+    let (proxy, _idp, _signer) =
+        fake_case(|c| c.add("oidc.client_key_file", key.to_str().unwrap())).await;
+    assert_eq!(
+        kids(&jwks_of(proxy.admin).await),
+        [jwk(RSA_1)["kid"].as_str().unwrap()]
+    );
+    key_file(keys.path(), EC);
+    let rotated = jwk(EC)["kid"].as_str().unwrap().to_string();
+    eventually(
+        "the rotated key file is applied by the watcher",
+        Duration::from_secs(8),
+        || async { (kids(&jwks_of(proxy.admin).await) == [rotated.clone()]).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn every_assertion_is_fresh_signed_by_a_published_key_and_names_the_token_endpoint() {
     let keys = tempfile::tempdir().unwrap();

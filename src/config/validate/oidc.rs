@@ -103,13 +103,23 @@ pub(super) fn oidc_config(
         }
         Some(resolved)
     };
-    let client_key_file = file(client_key_file, "oidc.client_key_file", problems);
+    // Keys, read by the client's credential at start and on every reload: watched, so that a
+    // key rotated on disk is applied without SIGHUP. (The assertion file is read again by the
+    // credential itself when it changes.)
+    let key_file = |value: Option<String>, path: &str, problems: &mut Problems| {
+        let resolved = file(value, path, problems)?;
+        if let Ok(bytes) = crate::config::read_file(&resolved, crate::config::MAX_FILE) {
+            super::watched(&resolved, &bytes, problems);
+        }
+        Some(resolved)
+    };
+    let client_key_file = key_file(client_key_file, "oidc.client_key_file", problems);
     let client_published_key_files: Vec<PathBuf> = client_published_key_files
         .unwrap_or_default()
         .into_iter()
         .enumerate()
         .filter_map(|(i, f)| {
-            file(
+            key_file(
                 Some(f),
                 &format!("oidc.client_published_key_files[{i}]"),
                 problems,

@@ -118,14 +118,18 @@ pub(super) fn client_identity(
         }
         (Some(c), Some(k)) => (c, k),
     };
-    let chain = read(&cert, &cert_path, base, problems)
-        .and_then(|(file, bytes)| Some((file, certificates(&bytes, &cert, &cert_path, problems)?)));
+    // Both files are watched: a pair renewed on disk is applied without SIGHUP, once both fit.
+    let chain = read(&cert, &cert_path, base, problems).and_then(|(file, bytes)| {
+        super::watched(&file, &bytes, problems);
+        Some((file, certificates(&bytes, &cert, &cert_path, problems)?))
+    });
     // The key's value may be the PEM key itself, written where its path belongs.
     if let Some(missing) = no_secret_file(&base.join(&key)) {
         problems.add(key_path, missing);
         return None;
     }
     let private = read(&key, &key_path, base, problems).and_then(|(file, bytes)| {
+        super::watched(&file, &bytes, problems);
         match PrivateKeyDer::from_pem_slice(&bytes) {
             Ok(k) => Some((file, k)),
             Err(_) => {
