@@ -223,6 +223,15 @@ fn keep_credential(old: &Config, new: Config) -> Config {
     if new.oidc.client_auth == old.oidc.client_auth {
         return new;
     }
+    // The watcher follows the running credential's files, not the waiting file's.
+    let credential = |oidc: &OidcConfig| -> Vec<PathBuf> {
+        (oidc.client_secret_file.iter())
+            .chain(&oidc.client_key_file)
+            .chain(&oidc.client_published_key_files)
+            .cloned()
+            .collect()
+    };
+    let (unused, running) = (credential(&new.oidc), credential(&old.oidc));
     let oidc = OidcConfig {
         client_secret: old.oidc.client_secret.clone(),
         client_secret_file: old.oidc.client_secret_file.clone(),
@@ -231,17 +240,14 @@ fn keep_credential(old: &Config, new: Config) -> Config {
         client_assertion_file: old.oidc.client_assertion_file.clone(),
         ..new.oidc
     };
-    let unused = new.oidc.client_secret_file.as_ref();
     let mut files: Vec<(PathBuf, Vec<u8>)> = (new.sources.files.iter())
-        .filter(|(path, _)| Some(path) != unused || Some(path) == new.session.keys_file.as_ref())
+        .filter(|(path, _)| !unused.contains(path) || Some(path) == new.session.keys_file.as_ref())
         .cloned()
         .collect();
-    let running = (old.sources.files.iter())
-        .find(|(path, _)| Some(path) == old.oidc.client_secret_file.as_ref());
-    if let Some(running) = running
-        && !files.iter().any(|(path, _)| *path == running.0)
-    {
-        files.push(running.clone());
+    for file in old.sources.files.iter() {
+        if running.contains(&file.0) && !files.iter().any(|(path, _)| *path == file.0) {
+            files.push(file.clone());
+        }
     }
     let sources = std::sync::Arc::new(Sources {
         text: new.sources.text.clone(),
