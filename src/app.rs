@@ -856,6 +856,8 @@ impl App {
             );
         }
         self.live.store(Arc::new(LiveConfig::new(reloaded.config)));
+        self.upstreams
+            .keep_route_clients(&self.live.load().config.routes);
         tracing::info!(trigger, "configuration reloaded");
         Ok(())
     }

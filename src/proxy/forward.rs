@@ -73,6 +73,9 @@ struct OwnTls {
     roots: rustls::RootCertStore,
     default_ca: Option<crate::config::CaBundle>,
     clients: std::sync::Mutex<Vec<(RouteTls, Pooled)>>,
+    /// The process-wide value's record of every worker's own ([`OwnTls::for_worker`]), whose
+    /// clients a reload prunes too ([`Upstreams::keep_route_clients`]); empty in a worker's.
+    workers: std::sync::Mutex<Vec<Arc<OwnTls>>>,
 }
 
 /// What a route's own client trusts and presents.
@@ -88,6 +91,7 @@ impl OwnTls {
             roots,
             default_ca,
             clients: std::sync::Mutex::new(Vec::new()),
+            workers: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -97,8 +101,18 @@ impl OwnTls {
     /// looked at the answer, and another thread could take it in between, before it is kept out
     /// of the pool for bytes the answer may leave on it; and every request would wake the thread
     /// whose runtime drives the connection.
-    fn for_worker(&self) -> Self {
-        OwnTls::new(self.roots.clone(), self.default_ca.clone())
+    fn for_worker(&self) -> Arc<Self> {
+        let own = Arc::new(OwnTls::new(self.roots.clone(), self.default_ca.clone()));
+        lock(&self.workers).push(own.clone());
+        own
+    }
+
+    /// This value's clients and every worker's, each list under its own lock in turn.
+    fn each_clients(&self, mut f: impl FnMut(&mut Vec<(RouteTls, Pooled)>)) {
+        f(&mut lock(&self.clients));
+        for worker in lock(&self.workers).iter() {
+            f(&mut lock(&worker.clients));
+        }
     }
 
     fn client_config(
@@ -129,6 +143,13 @@ impl OwnTls {
         clients.push((wanted, client.clone()));
         Ok(client)
     }
+}
+
+/// `mutex`'s guard; a poisoned list of clients is still whole (nothing is left half-done).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 mod local;
@@ -248,6 +269,30 @@ impl Upstreams {
         })))
     }
 
+    /// Lets go of the clients (and their pools) of TLS settings no route of `routes` has any
+    /// more: called when a reload puts `routes` in effect, so that each rotation of a route's CA
+    /// or client certificate does not leave its old client behind. A request still under way
+    /// with an old client holds it until it ends.
+    /// Each worker keeps its own clients; the process-wide value reaches them all.
+    pub fn keep_route_clients(&self, routes: &[crate::config::RouteConfig]) {
+        self.tls.each_clients(|clients| {
+            clients.retain(|(tls, _)| {
+                routes
+                    .iter()
+                    .any(|r| r.ca_file == tls.ca && r.tls_client == tls.identity)
+            });
+        });
+    }
+
+    /// How many clients of routes with TLS settings of their own are kept (each with its pool
+    /// of connections), the workers' included: at most one per such route of the running
+    /// configuration and worker.
+    pub fn route_clients(&self) -> usize {
+        let mut count = 0;
+        self.tls.each_clients(|clients| count += clients.len());
+        count
+    }
+
     /// Upstream connections of its own for a serving worker (a single-threaded runtime), to be
     /// used only from that worker: a request then never waits on another thread's lock or wakes
     /// another thread to use a connection. Upgraded tunnels are still tracked with this value's.
@@ -264,7 +309,7 @@ impl Upstreams {
             ))),
             deadlines: Some(deadlines),
             tunnels: self.tunnels.clone(),
-            tls: Arc::new(self.tls.for_worker()),
+            tls: self.tls.for_worker(),
         }
     }
 

@@ -414,3 +414,36 @@ async fn the_provider_client_speaks_http1_even_to_a_provider_offering_http2() {
         );
     }
 }
+
+/// A route's own TLS client (its `ca_file`, its client certificate) is made anew when a reload
+/// changes them (a CA rotated); the old one, with its pool, must go with the configuration that
+/// used it, or every rotation leaves one more behind for the life of the process.
+#[tokio::test]
+async fn route_tls_clients_do_not_pile_up_over_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca_file,
+        std::fs::read(&TestCa::new("ca-0").ca_file).unwrap(),
+    )
+    .unwrap();
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"https://127.0.0.1:9\"\nca_file = \"{}\"\n",
+        ca_file.display()
+    );
+    let proxy = start_proxy(config_toml(&routes)).await;
+    for round in 1..=12 {
+        let r = get(&proxy.url("/api/x"), &[]).await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        let ca = TestCa::new(&format!("ca-{round}"));
+        std::fs::write(&ca_file, std::fs::read(&ca.ca_file).unwrap()).unwrap();
+        proxy.app.reload("test");
+    }
+    let r = get(&proxy.url("/api/x"), &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        proxy.app.upstreams.route_clients(),
+        1,
+        "TLS clients kept for one route after 12 CA rotations"
+    );
+}
