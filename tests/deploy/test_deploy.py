@@ -289,6 +289,39 @@ class KubernetesTest(unittest.TestCase):
             self.assertIn("cpu", res[kind])
             self.assertIn("memory", res[kind])
 
+    def test_a_network_policy_keeps_the_admin_port_from_everyone_but_probes_and_monitoring(self):
+        # The admin port serves /metrics, /readyz and /jwks: only the monitoring namespace (and
+        # the kubelet, which CNIs let probe regardless) may reach it; the public port only from
+        # the ingress controller's namespace. The policy is applied with the rest.
+        policy = self.one("NetworkPolicy")
+        kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+        self.assertIn("networkpolicy.yaml", kustomization["resources"])
+        spec = policy["spec"]
+        self.assertEqual(
+            spec["podSelector"]["matchLabels"],
+            self.deployment["spec"]["selector"]["matchLabels"],
+        )
+        self.assertIn("Ingress", spec["policyTypes"])
+        allowed = {}
+        for rule in spec["ingress"]:
+            ports = [self.port_number(p["port"]) for p in rule.get("ports", [])]
+            self.assertTrue(ports, f"a rule allows every port: {rule}")
+            sources = rule.get("from")
+            self.assertTrue(sources, f"a rule allows every source: {rule}")
+            for source in sources:
+                self.assertNotIn("ipBlock", source, "admit by namespace, not by address")
+                self.assertTrue(
+                    source.get("namespaceSelector", {}).get("matchLabels"),
+                    f"a source is not limited to named namespaces: {source}",
+                )
+            for port in ports:
+                allowed.setdefault(port, []).extend(sources)
+        self.assertEqual(set(allowed), {8080, ADMIN_PORT})
+        admin_namespaces = [s["namespaceSelector"]["matchLabels"] for s in allowed[ADMIN_PORT]]
+        public_namespaces = [s["namespaceSelector"]["matchLabels"] for s in allowed[8080]]
+        for labels in admin_namespaces:
+            self.assertNotIn(labels, public_namespaces, "the ingress controller reaches the admin port")
+
     def test_pods_spread_over_nodes(self):
         keys = {c["topologyKey"] for c in self.pod["topologySpreadConstraints"]}
         self.assertIn("kubernetes.io/hostname", keys)
