@@ -644,14 +644,16 @@ impl App {
         }
         // A cache between the browser and Vestibule sees the cookie, not the token the
         // upstream was sent: an answer about the user stays out of shared caches unless the
-        // upstream shared it itself (RFC 9111 §3.5, as for a request with `Authorization`). So
-        // does an answer only some sessions may reach: the cache keys on the URL, not on the
-        // cookie Vestibule decided by, and would serve it to anyone who asks next.
-        if session.is_some()
-            && (steps_up || route.sets_identity() || route.reached_by_some())
-            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
-        {
-            private_to_shared_caches(response.headers_mut());
+        // upstream shared it itself (RFC 9111 §3.5, as for a request with `Authorization`). An
+        // answer only some sessions may reach stays out whatever the upstream says: the cache
+        // keys on the URL, not on the cookie Vestibule decided by, and the upstream never saw
+        // that gate, so its `public`, `s-maxage` or a CDN's own field would open it to anyone.
+        if session.is_some() && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            if route.reached_by_some() {
+                private_to_shared_caches(response.headers_mut(), Sharing::Never);
+            } else if steps_up || route.sets_identity() {
+                private_to_shared_caches(response.headers_mut(), Sharing::AsTheUpstreamSays);
+            }
         }
         for cookie in admitted.set_cookies {
             response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -997,31 +999,44 @@ impl<'r> Routed<'r> {
     }
 }
 
+/// Whether an upstream may open an answer to shared caches that Vestibule marks `private`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    /// The upstream saw who asked (the user's token, identity fields, an assertion) and may
+    /// share the answer on purpose: `public`, `s-maxage` (RFC 9111 §3.5).
+    AsTheUpstreamSays,
+    /// Vestibule's gate (`auth = "required"`, `require`, `feature`, step-up) decided who reads
+    /// it, which the upstream never sees: its sharing directives and the fields CDNs and caching
+    /// proxies obey over `Cache-Control` are dropped.
+    Never,
+}
+
 /// Marks an answer `private` for caches (RFC 9111 §5.2.2.7) unless its `Cache-Control` already
-/// keeps it from shared caches (`private`, `no-store`) or lets them keep it on purpose (`public`,
-/// `s-maxage`: what RFC 9111 §3.5 asks of an answer to an authorised request they may keep).
-/// The upstream's directives stay, after `private`.
-fn private_to_shared_caches(headers: &mut HeaderMap) {
+/// keeps it from shared caches (`private`, `no-store`) or, where [`Sharing`] lets it, lets them
+/// keep it on purpose (`public`, `s-maxage`). The upstream's other directives stay, after
+/// `private`.
+fn private_to_shared_caches(headers: &mut HeaderMap, sharing: Sharing) {
+    if sharing == Sharing::Never {
+        drop_cdn_fields(headers);
+    }
     let fields: Vec<&[u8]> = headers
         .get_all(header::CACHE_CONTROL)
         .iter()
         .map(HeaderValue::as_bytes)
         .collect();
-    let decided = fields
-        .iter()
-        .flat_map(|field| field.split(|b| *b == b','))
-        .any(|directive| {
-            let mut parts = directive.splitn(2, |b| *b == b'=');
-            let name = parts.next().unwrap_or_default().trim_ascii();
-            let is = |d: &str| name.eq_ignore_ascii_case(d.as_bytes());
-            // `private="field"` keeps only the fields it names from shared caches.
-            (is("private") && parts.next().is_none())
-                || is("no-store")
-                || is("public")
-                || is("s-maxage")
-        });
-    if decided {
-        return;
+    let (mut private, mut kept_out, mut shared) = (false, false, false);
+    for (name, directive) in fields.iter().flat_map(|field| directives(field)) {
+        let is = |d: &str| name.eq_ignore_ascii_case(d.as_bytes());
+        // `private="field"` keeps only the fields it names from shared caches.
+        private |= is("private") && name.len() == directive.len();
+        kept_out |= is("no-store");
+        shared |= is("public") || is("s-maxage");
+    }
+    let private = private || kept_out;
+    match sharing {
+        Sharing::AsTheUpstreamSays if private || shared => return,
+        Sharing::Never if private && !shared => return,
+        _ => {}
     }
     if fields.is_empty() {
         // Most answers: nothing to keep, nothing to allocate.
@@ -1029,12 +1044,68 @@ fn private_to_shared_caches(headers: &mut HeaderMap) {
         return;
     }
     let mut value = b"private".to_vec();
-    for field in fields.iter().filter(|f| !f.trim_ascii().is_empty()) {
-        value.extend_from_slice(b", ");
-        value.extend_from_slice(field);
+    if shared {
+        // Only with `Sharing::Never`: the directives one by one, without those sharing it.
+        // An unqualified `private` is the one in front.
+        let kept = fields
+            .iter()
+            .flat_map(|field| directives(field))
+            .filter(|(name, directive)| {
+                let is = |d: &str| name.eq_ignore_ascii_case(d.as_bytes());
+                !(is("public")
+                    || is("s-maxage")
+                    || (is("private") && name.len() == directive.len()))
+            });
+        for (_, directive) in kept {
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(directive);
+        }
+    } else {
+        for field in fields.iter().filter(|f| !f.trim_ascii().is_empty()) {
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(field);
+        }
     }
     if let Ok(value) = HeaderValue::from_bytes(&value) {
         headers.insert(header::CACHE_CONTROL, value);
+    }
+}
+
+/// The directives of a `Cache-Control` field: (name, whole directive), trimmed, empty ones
+/// skipped. A comma inside a quoted argument splits it too, which only ever keeps both halves.
+fn directives(field: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    field
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|d| !d.is_empty())
+        .map(|directive| {
+            let name = directive.split(|b| *b == b'=').next().unwrap_or_default();
+            (name.trim_ascii(), directive)
+        })
+}
+
+/// Fields a CDN or a caching proxy in front obeys over `Cache-Control` (RFC 9213's
+/// `CDN-Cache-Control` and the `<vendor>-CDN-Cache-Control` family, `Surrogate-Control`,
+/// Akamai's `Edge-Control`, nginx's `X-Accel-Expires`). Looked for by comparing the names the
+/// answer has, so an answer without them costs no lookup and no allocation.
+fn drop_cdn_fields(headers: &mut HeaderMap) {
+    fn is_cdn_field(name: &http::HeaderName) -> bool {
+        let name = name.as_str();
+        name.ends_with("-cache-control")
+            || name == "surrogate-control"
+            || name == "edge-control"
+            || name == "x-accel-expires"
+    }
+    if !headers.keys().any(is_cdn_field) {
+        return;
+    }
+    let names: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|n| is_cdn_field(n))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
     }
 }
 
@@ -1252,6 +1323,10 @@ mod tests {
     use super::*;
 
     fn cache_control(fields: &[&[u8]]) -> Vec<Vec<u8>> {
+        cache_control_as(fields, Sharing::AsTheUpstreamSays)
+    }
+
+    fn cache_control_as(fields: &[&[u8]], sharing: Sharing) -> Vec<Vec<u8>> {
         let mut headers = HeaderMap::new();
         for field in fields {
             headers.append(
@@ -1259,12 +1334,54 @@ mod tests {
                 HeaderValue::from_bytes(field).unwrap(),
             );
         }
-        private_to_shared_caches(&mut headers);
+        private_to_shared_caches(&mut headers, sharing);
         headers
             .get_all(header::CACHE_CONTROL)
             .iter()
             .map(|v| v.as_bytes().to_vec())
             .collect()
+    }
+
+    #[test]
+    fn a_gated_answer_loses_every_word_that_would_share_it() {
+        let never = |fields: &[&[u8]]| cache_control_as(fields, Sharing::Never);
+        assert_eq!(never(&[]), [b"private".to_vec()]);
+        assert_eq!(
+            never(&[b"PUBLIC, max-age=60", b"S-MaxAge = 30, must-revalidate"]),
+            [b"private, max-age=60, must-revalidate".to_vec()]
+        );
+        assert_eq!(
+            never(&[b"public, private, max-age=5"]),
+            [b"private, max-age=5".to_vec()]
+        );
+        // A qualified `private` stays as the upstream's; the answer is private as a whole.
+        assert_eq!(
+            never(&[b"s-maxage=9, private=\"set-cookie\""]),
+            [b"private, private=\"set-cookie\"".to_vec()]
+        );
+        for kept in [&b"no-store"[..], b"private, max-age=60"] {
+            assert_eq!(never(&[kept]), [kept.to_vec()]);
+        }
+        let mut headers = HeaderMap::new();
+        for name in [
+            "cdn-cache-control",
+            "cloudflare-cdn-cache-control",
+            "surrogate-control",
+            "edge-control",
+            "x-accel-expires",
+        ] {
+            headers.insert(
+                http::HeaderName::from_static(name),
+                HeaderValue::from_static("max-age=600"),
+            );
+        }
+        headers.insert(header::ETAG, HeaderValue::from_static("\"1\""));
+        private_to_shared_caches(&mut headers, Sharing::AsTheUpstreamSays);
+        assert_eq!(headers.len(), 7, "the upstream saw who asked: {headers:?}");
+        private_to_shared_caches(&mut headers, Sharing::Never);
+        let mut names: Vec<&str> = headers.keys().map(http::HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["cache-control", "etag"]);
     }
 
     /// A `401` with these `WWW-Authenticate` fields.

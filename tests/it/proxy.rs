@@ -871,6 +871,16 @@ async fn a_streamed_answer_asked_with_an_upgrade_ends_when_its_session_ends() {
 
 /// An upstream answering `/…/<kind>` with the `Cache-Control` that `kind` names (`none`: no
 /// field, but a `Last-Modified`, which lets a shared cache keep the answer by heuristics).
+/// Fields that tell a CDN or a caching proxy in front to keep an answer, whatever its
+/// `Cache-Control` says (RFC 9213's targeted fields, Fastly's and Akamai's, nginx's).
+const CDN_FIELDS: &[(&str, &str)] = &[
+    ("cdn-cache-control", "max-age=600"),
+    ("cloudflare-cdn-cache-control", "max-age=600"),
+    ("surrogate-control", "max-age=600"),
+    ("edge-control", "cache-maxage=600s"),
+    ("x-accel-expires", "600"),
+];
+
 async fn caching_upstream() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -898,10 +908,17 @@ async fn caching_upstream() -> String {
                             "public" => Some("public, max-age=60"),
                             "s-maxage" => Some("s-maxage=60"),
                             "no-store" => Some("no-store"),
+                            "cdn" => Some("max-age=60"),
                             _ => None,
                         };
                         if let Some(value) = value {
                             h.insert("cache-control", http::HeaderValue::from_static(value));
+                        }
+                        if kind == "cdn" {
+                            // Fields a CDN or a caching proxy obeys over `Cache-Control`.
+                            for (name, value) in CDN_FIELDS {
+                                h.insert(*name, http::HeaderValue::from_static(value));
+                            }
                         }
                         Ok::<_, std::convert::Infallible>(response)
                     },
@@ -919,13 +936,15 @@ async fn caching_upstream() -> String {
 /// `Authorization` the upstream got: an API's `max-age` answer (which RFC 9111 §3.5 keeps out of
 /// shared caches because its request was authorised) would be kept there and served to the next
 /// user. Answers to requests sent with the user's token or identity are private unless the
-/// upstream made them shared itself (`public`, `s-maxage`).
+/// upstream made them shared itself (`public`, `s-maxage`), on routes any session may reach
+/// (gated ones: `a_gated_answer_stays_out_of_shared_caches_whatever_its_upstream_says`).
 #[tokio::test]
 async fn answers_sent_with_the_users_token_are_private_to_shared_caches() {
     let u = caching_upstream().await;
     let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\ntoken = \"user\"\n\
-         [[routes]]\npath = \"/ids/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\ntoken = \"user_or_client\"\n\
+         auth = \"optional\"\n\
+         [[routes]]\npath = \"/ids/\"\nupstream = \"{u}\"\nauth = \"optional\"\n\
          identity_headers = {{ \"X-User\" = \"sub\" }}\n\
          [[routes]]\npath = \"/open/\"\nupstream = \"{u}\"\n"
     );
@@ -1029,12 +1048,6 @@ async fn answers_of_routes_only_some_users_reach_are_private_to_shared_caches() 
                 ));
             }
         }
-        let r = get(
-            &proxy.url(&format!("{route}public")),
-            &[("cookie", &cookie)],
-        )
-        .await;
-        assert_eq!(cache_control(&r), "public, max-age=60", "{route}public");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Anyone may reach it, signed in or not, and nothing of the user was sent.
@@ -1099,4 +1112,89 @@ async fn two_session_cookies_of_different_sessions_are_no_session_in_either_orde
             "{cookie}"
         );
     }
+}
+
+/// An upstream behind a gate it does not see (`auth = "required"`, `require`, `feature`: all
+/// decided by Vestibule from the cookie) may well say its answer is for everyone: a static
+/// server's `public, max-age=31536000`, an API's `s-maxage`, a CDN's own field. A shared cache
+/// in front keeps it by URL and serves it to a user without the role, or to nobody signed in,
+/// without Vestibule seeing the request. The gate is the operator's word on who may read the
+/// answer, so it wins: `private`, the sharing directives and the CDNs' own fields gone.
+#[tokio::test]
+async fn a_gated_answer_stays_out_of_shared_caches_whatever_its_upstream_says() {
+    let u = caching_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/signed-in/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+         [[routes]]\npath = \"/admins/\"\nupstream = \"{u}\"\nauth = \"required\"\n\
+         require = {{ roles = [\"admin\"] }}\n\
+         [[routes]]\npath = \"/beta/\"\nupstream = \"{u}\"\nauth = \"optional\"\n\
+         feature = \"beta\"\n\
+         [[routes]]\npath = \"/api/\"\nupstream = \"{u}\"\ntoken = \"user\"\ncsrf = false\n\
+         [[routes]]\npath = \"/mine/\"\nupstream = \"{u}\"\ntoken = \"user_or_client\"\n\
+         auth = \"optional\"\ncsrf = false\n\
+         [features.beta]\npublic = false\nbeta = true\nrole = \"admin\"\n"
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let mut claims = serde_json::Map::new();
+    claims.insert("roles".into(), serde_json::json!(["admin"]));
+    let mut tokens = std::collections::BTreeMap::new();
+    tokens.insert(
+        String::new(),
+        vestibule::session::AccessToken {
+            value: "at-alice".into(),
+            expires_at: vestibule::app::now() + 3600,
+            issued_at: vestibule::app::now(),
+            scope: None,
+            jkt: None,
+        },
+    );
+    let cookie = proxy
+        .session_cookie(vestibule::session::Session {
+            sub: "alice".into(),
+            claims: claims.into(),
+            tokens: tokens.into(),
+            ..Default::default()
+        })
+        .await;
+    let mut failures = Vec::new();
+    for route in ["/signed-in/", "/admins/", "/beta/", "/api/"] {
+        for kind in ["public", "s-maxage", "cdn"] {
+            let r = get(
+                &proxy.url(&format!("{route}{kind}")),
+                &[("cookie", &cookie)],
+            )
+            .await;
+            assert_eq!(r.status, 200, "{route}{kind}: {}", r.text());
+            let cc = r
+                .header("cache-control")
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            let directives: Vec<&str> = cc.split(',').map(str::trim).collect();
+            if !directives.contains(&"private")
+                || directives
+                    .iter()
+                    .any(|d| *d == "public" || d.starts_with("s-maxage"))
+            {
+                failures.push(format!("{route}{kind}: shared: Cache-Control {cc:?}"));
+            }
+            for (name, _) in CDN_FIELDS {
+                if let Some(value) = r.header(name) {
+                    failures.push(format!("{route}{kind}: {name}: {value} reached the cache"));
+                }
+            }
+        }
+        // The upstream's own wish to keep it from every cache stands as it is.
+        let r = get(
+            &proxy.url(&format!("{route}no-store")),
+            &[("cookie", &cookie)],
+        )
+        .await;
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{route}");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // A route any session (or none) may reach, sent the user's token: the upstream saw who
+    // asked, and its word on sharing stands.
+    let r = get(&proxy.url("/mine/cdn"), &[("cookie", &cookie)]).await;
+    assert_eq!(r.header("cache-control"), Some("private, max-age=60"));
+    assert_eq!(r.header("cdn-cache-control"), Some("max-age=600"));
 }
