@@ -9,7 +9,8 @@
 //! (no CR, LF or NUL reaches the wire) and plain values (`alice`, `alice@example.com`) pass
 //! unchanged. Numbers and booleans are sent as JSON writes them; an array is its items, each
 //! encoded alike, joined with `,` (an item's own `,` is `%2C`, so splitting on `,` is exact);
-//! objects, `null` and absent claims send no header.
+//! objects, `null` and absent claims send no header. An `email` goes (as a header or in the
+//! assertion) only with `email_verified` true in the same claims.
 
 use crate::config::{AssertionConfig, RouteConfig, Target};
 use crate::rescue::RequestError;
@@ -32,6 +33,8 @@ pub fn headers(
     for (name, claim) in &route.identity_headers {
         let value = if claim == "sub" {
             Some(encode_value(&Value::String(session.sub.clone())))
+        } else if !sendable(claim, session.claims.map()) {
+            None
         } else {
             crate::jose::claim_path(session.claims.map(), claim).map(encode_value)
         };
@@ -60,6 +63,14 @@ pub fn headers(
         out.push((assertion.header.clone(), value));
     }
     Ok(out)
+}
+
+/// Whether `claim` may be told to an upstream as the user's: an `email` only when the same
+/// claims say it was verified, as `require = { email }` asks ([`super::email_verified`]). At many
+/// providers a user may enter any address, sent unverified until confirmed; an upstream taking
+/// it as who the user is would be fooled. Entra ID says nothing of it: no `email` is sent.
+fn sendable(claim: &str, claims: &Map<String, Value>) -> bool {
+    claim != "email" || super::email_verified(claims)
 }
 
 /// The header form of a claim value, `None` when it has none.
@@ -112,7 +123,11 @@ fn sign(
 ) -> Result<String, RequestError> {
     let jti = crate::oidc::random_token(16)?;
     let mut claims = Map::new();
-    for name in &assertion.claims {
+    for name in assertion
+        .claims
+        .iter()
+        .filter(|n| sendable(n, session.claims.map()))
+    {
         if let Some(value) = crate::jose::claim_path(session.claims.map(), name) {
             claims.insert(name.clone(), value.clone());
         }

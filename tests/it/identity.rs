@@ -164,8 +164,8 @@ async fn identity_headers_carry_the_session_claims_and_replace_the_browsers() {
     let s = stack(routes).await;
     let cookie = s
         .sign_in(
-            json!({"email": "alice@example.test", "groups": ["staff", "beta-tester"],
-                        "org": {"dept": "R&D"}}),
+            json!({"email": "alice@example.test", "email_verified": true,
+                        "groups": ["staff", "beta-tester"], "org": {"dept": "R&D"}}),
         )
         .await;
     let mut headers = vec![("cookie", cookie.as_str()), CSRF];
@@ -198,6 +198,54 @@ async fn unsafe_claim_values_are_percent_encoded_and_never_split_a_header() {
     assert_eq!(seen(&s.up, "x-groups"), ["a%2Cb,100%25,c%20d"]);
     // An object has no header form: no header.
     assert_eq!(seen(&s.up, "x-email"), Vec::<String>::new());
+}
+
+/// At many providers a user types in any address and it is sent as `email` with
+/// `email_verified: false` until they click a link (Entra ID sends no `email_verified` at all).
+/// An upstream that takes `X-Email` or the assertion's `email` as the user's (an ACL, an invite
+/// matched by address) would let Mallory be `ceo@example.com`; `require = { email }` already
+/// refuses such an address, and the headers and assertion send it only as verified too.
+#[tokio::test]
+async fn an_unverified_email_never_reaches_the_upstream_as_the_users() {
+    let s = stack(|up| {
+        format!(
+            "[[routes]]\npath = \"/maybe/\"\nupstream = \"{up}\"\nauth = \"optional\"\n{IDENTITY}\n\
+             [[routes]]\npath = \"/echo/\"\nupstream = \"{up}\"\nauth = \"optional\"\n\
+             assertion = true\nassertion_header = \"X-Assertion\"\n\
+             assertion_claims = [\"email\", \"name\"]\n"
+        )
+    })
+    .await;
+    let mut failures = Vec::new();
+    for (verified, sent) in [
+        (json!(false), false),
+        (json!("false"), false),
+        (json!(null), false),
+        (json!("yes"), false),
+        (json!(true), true),
+        (json!("true"), true),
+    ] {
+        let mut claims = json!({"email": "ceo@example.test", "name": "Mallory"});
+        if !verified.is_null() {
+            claims["email_verified"] = verified.clone();
+        }
+        let cookie = s.sign_in(claims).await;
+        let r = get(&s.proxy.url("/maybe/x"), &[("cookie", &cookie), CSRF]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let header = seen(&s.up, "x-email");
+        assert_eq!(seen(&s.up, "x-name"), ["Mallory"], "{verified}");
+        get(&s.proxy.url("/echo/x"), &[("cookie", &cookie), CSRF]).await;
+        let assertion = payload(&seen(&s.up, "x-assertion")[0]);
+        assert_eq!(assertion["name"], "Mallory", "{verified}");
+        let in_assertion = assertion.get("email").is_some();
+        if (header == ["ceo@example.test"]) != sent || in_assertion != sent {
+            failures.push(format!(
+                "email_verified {verified}: X-Email {header:?}, assertion email {:?}",
+                assertion.get("email")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 // ---- Assertions -------------------------------------------------------------------------------
@@ -287,7 +335,9 @@ async fn the_sample_api_validates_the_assertion_against_the_published_key_set() 
     );
 
     // Signed in: the API validates the assertion (signature via /jwks, iss, aud, exp) and greets.
-    let cookie = s.sign_in(json!({"email": "alice@example.test"})).await;
+    let cookie = s
+        .sign_in(json!({"email": "alice@example.test", "email_verified": true}))
+        .await;
     let r = get(
         &s.proxy.url("/api/hello"),
         &[
