@@ -205,7 +205,8 @@ pub fn preflight<B>(live: &LiveConfig, req: &Request<B>) -> Option<Response<Body
 /// checked now (no metadata, the key set unavailable) is a 503, not the session's claims, which
 /// may say what the token no longer does.
 async fn policy_claims(
-    app: &Shared,
+    oidc: &crate::oidc::Oidc,
+    now: u64,
     route: &RouteConfig,
     session: &Session,
     token: Option<&str>,
@@ -213,9 +214,9 @@ async fn policy_claims(
     if let (Some(resource), Some(token)) = (&route.resource, token)
         && crate::jose::looks_like_jwt(token)
     {
-        let checked = match app.oidc.id_token_expectations(resource, app.clock.now()) {
+        let checked = match oidc.id_token_expectations(resource, now) {
             Ok(expect) => {
-                crate::jose::validate_access_token(&app.oidc.provider.jwks, token, &expect).await
+                crate::jose::validate_access_token(&oidc.provider.jwks, token, &expect).await
             }
             Err(error) => Err(error),
         };
@@ -229,6 +230,38 @@ async fn policy_claims(
         }
     }
     Ok(session.claims.map().clone())
+}
+
+/// Whether `session`, as a read found it after a change, still meets `route`'s `feature` and
+/// `require` (what a request would now be refused by, 404 or 403): an open stream of the route
+/// (a tunnel, a streamed answer) closes once it does not. The claims are those a request would
+/// be checked against: the user's token for the route as the session holds it, else the
+/// session's. A check that cannot be made now (the key set unavailable) closes nothing. Step-up
+/// is not checked again: its `max_age` was the sign-in's age when the stream was opened.
+pub async fn still_admits(
+    oidc: &crate::oidc::Oidc,
+    live: &LiveConfig,
+    route: &RouteConfig,
+    session: &Session,
+    now: u64,
+) -> bool {
+    if let Some(feature) = &route.feature
+        && !feature_visible(live, feature, Some(session))
+    {
+        return false;
+    }
+    if route.require.is_empty() {
+        return true;
+    }
+    let users = matches!(route.token, TokenMode::User | TokenMode::UserOrClient);
+    let token = users
+        .then(|| session.tokens.get(route.token_key()))
+        .flatten()
+        .map(|t| t.value.as_str());
+    match policy_claims(oidc, now, route, session, token).await {
+        Ok(claims) => missing_requirements(live, route, &claims).is_empty(),
+        Err(_) => true,
+    }
 }
 
 /// Whether the same claims say their `email` was verified: `email_verified` true (OpenID
@@ -411,7 +444,7 @@ pub async fn admit(
             });
         };
         let users = token.as_deref().filter(|_| users_token);
-        let claims = policy_claims(app, route, &l.session, users).await?;
+        let claims = policy_claims(&app.oidc, app.clock.now(), route, &l.session, users).await?;
         let missing = missing_requirements(live, route, &claims);
         if !missing.is_empty() {
             return Err(RequestError::Forbidden { missing });

@@ -456,6 +456,7 @@ impl App {
                     clock: self.clock.clone(),
                     loaded: loaded.clone(),
                     deadlines: worker.deadlines.clone(),
+                    gate: session_end::Gate::of(&self.oidc, &self.live, route),
                 };
                 http_body_util::BodyExt::boxed_unsync(session_end::SessionBound::new(body, watcher))
             }
@@ -639,6 +640,7 @@ impl App {
                 loaded,
                 end,
                 what,
+                session_end::Gate::of(&self.oidc, &self.live, route),
             );
             tokio::spawn(watch);
         }

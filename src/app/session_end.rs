@@ -43,27 +43,46 @@ const READY_FRAMES: u32 = 16;
 /// `check_first`: once at the start too (a watch started late may have missed the message). An
 /// unreachable store ends nothing. Returns when `end` is cancelled (the tunnel or the body
 /// closed). Other sessions' invalidations do not wake it ([`Sessions::watch`]).
+///
+/// With a [`Gate`], a change of the session found by any read of it (this watch's or another's:
+/// [`crate::session::manager::Founds::next`]) has the route's policy checked again, and
+/// `end` is cancelled once the session no longer meets it (a role taken away by a refresh or
+/// an administrator's change).
 pub(super) async fn close_with_session(
     sessions: Arc<Sessions>,
     clock: Clock,
     loaded: Box<OpenSession>,
     end: CancellationToken,
     (what, check_first): (&'static str, bool),
+    gate: Option<Box<Gate>>,
 ) {
     let mut invalidated = sessions.watch(loaded.handle);
+    // The version last checked against the gate: the one the stream was admitted with.
+    let mut checked = loaded.version;
+    let mut founds = invalidated.founds();
     let mut check = tokio::time::interval(SESSION_CHECK);
     if !check_first {
         check.reset();
     }
     // The first check of a watch started late is its own (it may have missed the message).
     let mut first = check_first;
-    loop {
+    let reason = loop {
         let turn = tokio::select! {
             () = end.cancelled() => return,
+            (version, session) = founds.next(), if gate.is_some() => {
+                if version != checked
+                    && let Some(gate) = &gate
+                    && !gate.admits(&session, clock.now()).await
+                {
+                    break "no longer meets its route's policy";
+                }
+                checked = version;
+                continue;
+            }
             woken = invalidated.changed() => match woken {
                 // One read per message, whichever of the session's watches comes first.
                 Woken::Read(turn) => Some(turn),
-                Woken::Ended => break,
+                Woken::Ended => break "ended",
             },
             _ = check.tick() => {
                 // One timed read per session, whichever of its watches comes first.
@@ -77,13 +96,48 @@ pub(super) async fn close_with_session(
         if let Some(turn) = turn {
             turn.done();
         }
-        if let Ok(None) = read {
-            invalidated.wake_session();
-            break;
+        match read {
+            Ok(None) => {
+                invalidated.wake_session();
+                break "ended";
+            }
+            // Every watch of the session checks its own route's policy against it.
+            Ok(Some(found)) => invalidated.share(found.version, &found.session),
+            Err(_) => {}
         }
-    }
-    tracing::info!("the session of {what} ended; closing it");
+    };
+    tracing::info!("the session of {what} {reason}; closing it");
     end.cancel();
+}
+
+/// A route's policy, checked again whenever its stream's session is found changed
+/// ([`crate::access::still_admits`]). Made only for routes with a `require` or a `feature`
+/// (what a change of claims can fail), when their stream is watched.
+pub(super) struct Gate {
+    pub oidc: Arc<crate::oidc::Oidc>,
+    pub live: Arc<crate::state::LiveConfig>,
+    pub route: crate::config::RouteConfig,
+}
+
+impl Gate {
+    /// `None` for a route no change of the session can shut (no `require`, no `feature`).
+    pub(super) fn of(
+        oidc: &Arc<crate::oidc::Oidc>,
+        live: &arc_swap::ArcSwap<crate::state::LiveConfig>,
+        route: &crate::config::RouteConfig,
+    ) -> Option<Box<Gate>> {
+        (!route.require.is_empty() || route.feature.is_some()).then(|| {
+            Box::new(Gate {
+                oidc: oidc.clone(),
+                live: live.load_full(),
+                route: route.clone(),
+            })
+        })
+    }
+
+    async fn admits(&self, session: &crate::session::model::Session, now: u64) -> bool {
+        crate::access::still_admits(&self.oidc, &self.live, &self.route, session, now).await
+    }
 }
 
 /// What a streamed answer's body needs to be watched: the session it was opened with and the
@@ -93,6 +147,8 @@ pub(super) struct Watcher {
     pub clock: Clock,
     pub loaded: OpenSession,
     pub deadlines: Arc<Deadlines>,
+    /// The route's policy, for a route that has one ([`Gate::of`]).
+    pub gate: Option<Box<Gate>>,
 }
 
 /// The body of an answer admitted with a session, relayed while that session lasts: once it
@@ -175,6 +231,7 @@ fn watch(watcher: Watcher) -> Phase {
         clock,
         loaded,
         deadlines: _,
+        gate,
     } = watcher;
     let end = CancellationToken::new();
     // Read at once: the session may have ended during the grace, its message gone.
@@ -185,6 +242,7 @@ fn watch(watcher: Watcher) -> Phase {
         Box::new(loaded),
         end.clone(),
         what,
+        gate,
     ));
     Phase::Watched(Box::pin(end.clone().cancelled_owned()), end)
 }

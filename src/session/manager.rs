@@ -34,7 +34,7 @@ use self::cache::{Cache, Lookup};
 use self::memo::{Memo, Opening};
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};
 use self::watches::Watches;
-pub use self::watches::{ReadTurn, SessionWatch, Woken};
+pub use self::watches::{Found, Founds, ReadTurn, SessionWatch, Woken};
 use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError};
 use crate::session::store::{Corruption, Outage, Store, StoreError};

@@ -813,6 +813,85 @@ async fn a_streamed_answer_ends_when_its_session_ends() {
     );
 }
 
+/// An event stream and a WebSocket opened on routes that `require` a role, by a user who had
+/// it. The role is taken away mid-session (a refresh brings new claims, an admin's change
+/// rewrites the session): every new request is 403, but what was opened before went on
+/// carrying the admins' feed and commands until the session itself ended, hours later maybe.
+/// A change of the session has each open stream check its route's policy again; a change that
+/// keeps the role (another claim) leaves them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_closes_once_its_session_no_longer_meets_the_routes_policy() {
+    let ticking = ticking_upstream().await;
+    let echo = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"http://{ticking}\"\nauth = \"required\"\n\
+         require = {{ roles = [\"admin\"] }}\n\
+         [[routes]]\npath = \"/ws/\"\nupstream = \"{}\"\nauth = \"required\"\n\
+         require = {{ roles = [\"admin\"] }}\n",
+        echo.url()
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let with_roles = |roles: serde_json::Value, team: &str| {
+        let mut claims = serde_json::Map::new();
+        claims.insert("roles".into(), roles);
+        claims.insert("team".into(), team.into());
+        vestibule::session::model::Session {
+            sub: "alice".into(),
+            claims: claims.into(),
+            ..Default::default()
+        }
+    };
+    let cookie = proxy
+        .session_cookie(with_roles(serde_json::json!(["admin"]), "a"))
+        .await;
+    let rewrite = async |session| {
+        let value = cookie.split_once('=').unwrap().1;
+        let sessions = &proxy.app.sessions;
+        let loaded = sessions
+            .load(value, vestibule::app::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            sessions
+                .save(&loaded, session, vestibule::app::now())
+                .await
+                .unwrap()
+        );
+    };
+    let mut feed = open_feed(&client(), &proxy, &cookie, &[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!(
+        "GET /ws/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {cookie}\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    expect_switch(&mut tcp).await;
+    let mut echoed = [0u8; 6];
+    // Past the feed's grace: both watched. A change that keeps the role leaves them be.
+    rewrite(with_roles(serde_json::json!(["admin"]), "b")).await;
+    assert!(
+        read_for(&mut feed, Duration::from_secs(3)).await.is_ok(),
+        "a change that kept the role cut the stream"
+    );
+    tcp.write_all(b"admin!").await.unwrap();
+    tcp.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"admin!");
+    // The role goes: the session lives on, the streams of the admins' routes do not.
+    rewrite(with_roles(serde_json::json!(["viewer"]), "b")).await;
+    assert!(proxy.signed_in(&cookie).await);
+    let refused = get(&proxy.url("/api/feed"), &[("cookie", &cookie)]).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    let after = read_for(&mut feed, Duration::from_secs(5)).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        after.is_err() && closed.is_ok(),
+        "open after the role was gone: the event stream {} ({after:?} frames), the tunnel {}",
+        if after.is_err() { "closed" } else { "open" },
+        if closed.is_ok() { "closed" } else { "open" },
+    );
+}
+
 /// The same over HTTP/2 from the client (its stream is reset).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_answer_over_http2_ends_when_its_session_ends() {

@@ -83,6 +83,7 @@ fn watch(
         Box::new(loaded),
         end.clone(),
         ("a test's stream", false),
+        None,
     );
     tokio::spawn(Polled {
         inner: Box::pin(watching),

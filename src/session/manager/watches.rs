@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::{Handle, INVALIDATION_CHANNEL};
+use crate::session::model::Session;
 use crate::session::store::{Store, Subscription};
 
 /// Shards of the map of watched sessions: a message locks one, for one lookup.
@@ -53,7 +54,13 @@ struct Watched {
     watches: usize,
     /// When one of its watches last took its timed read ([`SessionWatch::read_due`]).
     read_at: Option<tokio::time::Instant>,
+    /// The session as the latest read found it alive (its store version), for the watches that
+    /// did not read it themselves ([`SessionWatch::share`], [`SessionWatch::founds`]).
+    found: watch::Sender<Option<Found>>,
 }
+
+/// A session as a read found it: its store version and what it holds.
+pub type Found = (u64, Arc<Session>);
 
 /// Whether a relay task is taking messages in.
 enum Relay {
@@ -85,7 +92,7 @@ impl Watches {
 
     /// Starts watching `handle`: woken by what is published from now on.
     pub(super) fn watch(self: &Arc<Self>, handle: Handle) -> SessionWatch {
-        let changed = self
+        let (changed, found) = self
             .shard(&handle)
             .entry(handle)
             .or_insert_with(|| Watched {
@@ -94,6 +101,7 @@ impl Watches {
                 ended: false,
                 watches: 0,
                 read_at: None,
+                found: watch::Sender::new(None),
             })
             .register();
         // Subscribed before this returns: a message published after it is not missed.
@@ -102,6 +110,7 @@ impl Watches {
             watches: self.clone(),
             handle,
             changed,
+            found,
         }
     }
 
@@ -196,9 +205,9 @@ impl Drop for Watches {
 }
 
 impl Watched {
-    fn register(&mut self) -> watch::Receiver<u64> {
+    fn register(&mut self) -> (watch::Receiver<u64>, watch::Receiver<Option<Found>>) {
         self.watches += 1;
-        self.changed.subscribe()
+        (self.changed.subscribe(), self.found.subscribe())
     }
 
     /// Wakes every watch of the session: one of them is to read it.
@@ -248,6 +257,8 @@ pub struct SessionWatch {
     watches: Arc<Watches>,
     handle: Handle,
     changed: watch::Receiver<u64>,
+    /// What the session's reads found ([`SessionWatch::founds`]).
+    found: watch::Receiver<Option<Found>>,
 }
 
 /// Why [`SessionWatch::changed`] returned.
@@ -349,12 +360,52 @@ impl SessionWatch {
         true
     }
 
+    /// This watch's read found its session alive at `version`: every watch of it (this one
+    /// too) is handed it by [`Founds::next`], unless that version was handed on already.
+    pub fn share(&self, version: u64, session: &Arc<Session>) {
+        if let Some(watched) = self.watches.shard(&self.handle).get(&self.handle) {
+            watched.found.send_if_modified(|found| {
+                if found.as_ref().is_some_and(|(seen, _)| *seen == version) {
+                    return false;
+                }
+                *found = Some((version, session.clone()));
+                true
+            });
+        }
+    }
+
+    /// What the reads of the session find it to be, each read once ([`Founds::next`]): what a
+    /// watch that checks more than the session's end (its route's policy) waits on beside
+    /// [`SessionWatch::changed`].
+    pub fn founds(&self) -> Founds {
+        Founds(self.found.clone())
+    }
+
     /// This watch found its session ended: every other watch of it ends too, without reading
     /// it again.
     pub fn wake_session(&self) {
         if let Some(watched) = self.watches.shard(&self.handle).get_mut(&self.handle) {
             watched.ended = true;
             watched.bump();
+        }
+    }
+}
+
+/// The sessions the reads of one session's watches found alive ([`SessionWatch::founds`]).
+pub struct Founds(watch::Receiver<Option<Found>>);
+
+impl Founds {
+    /// Returns the session as the next read of any of its watches (this one's too) found it
+    /// alive ([`SessionWatch::share`]). Never while none comes.
+    pub async fn next(&mut self) -> Found {
+        loop {
+            if self.0.changed().await.is_err() {
+                // Not while its watch holds the session's entry.
+                std::future::pending::<()>().await;
+            }
+            if let Some(found) = self.0.borrow_and_update().clone() {
+                return found;
+            }
         }
     }
 }
@@ -472,6 +523,29 @@ mod tests {
         let told = tokio::time::timeout(Duration::from_secs(2), second.changed()).await;
         assert!(matches!(told, Ok(Woken::Ended)));
         assert!(asleep(&mut other));
+    }
+
+    #[tokio::test]
+    async fn what_one_watch_read_is_handed_to_every_watch_of_its_session_once() {
+        let (watches, _store) = watches();
+        let reader = watches.watch(handle('a'));
+        let (mut mine, mut sibling) = (reader.founds(), watches.watch(handle('a')).founds());
+        let mut other = watches.watch(handle('b')).founds();
+        let session = Arc::new(Session {
+            sub: "alice".into(),
+            ..Default::default()
+        });
+        reader.share(7, &session);
+        for founds in [&mut mine, &mut sibling] {
+            let (version, found) = founds.next().now_or_never().expect("handed on");
+            assert_eq!((version, found.sub.as_str()), (7, "alice"));
+        }
+        assert!(other.next().now_or_never().is_none());
+        // The same version read again is not handed on again.
+        reader.share(7, &session);
+        assert!(sibling.next().now_or_never().is_none());
+        reader.share(8, &session);
+        assert_eq!(sibling.next().now_or_never().map(|f| f.0), Some(8));
     }
 
     #[tokio::test]
