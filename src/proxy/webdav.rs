@@ -2,7 +2,9 @@
 //! upstream acts on as on the request's own. It must be held to the request's route as that
 //! path is: canonical, on `public_url`, owned by the same route; then it is written as the
 //! upstream's URL for that path (`strip_prefix` and the base path applied), as the request's
-//! target is. Owns nothing else of WebDAV.
+//! target is. The other way, a `Location` the upstream names one of its own paths with (a
+//! 201 after `PUT` or `MKCOL`, a redirect) is written back as the public path the route maps
+//! to it ([`public_location`]). Owns nothing else of WebDAV.
 
 use super::routing::{self, Destination, Resolved, RouteTable};
 use crate::config::{RouteConfig, Target};
@@ -59,4 +61,126 @@ pub fn destination(
     HeaderValue::from_maybe_shared(bytes::Bytes::from(uri.to_string()))
         .map_err(|_| Refused)
         .map(Some)
+}
+
+/// The public form of an upstream's `Location` on a route whose paths the upstream sees
+/// otherwise (`strip_prefix`, or a base path): a path, or a URL on the upstream itself (scheme,
+/// host and port), below the upstream's base path, becomes the path the route maps to it (a
+/// URL on `public_origin` for a URL), query and fragment kept. `None`: leave it as it came
+/// (another host, a relative reference, a path outside the base, a route that maps paths as
+/// they are).
+pub fn public_location(
+    route: &RouteConfig,
+    location: &HeaderValue,
+    public_origin: &str,
+) -> Option<HeaderValue> {
+    let Target::Upstream(base) = &route.target else {
+        return None;
+    };
+    let base_path = base.path();
+    if !route.strip_prefix && base_path.is_empty() {
+        return None;
+    }
+    let text = location.to_str().ok()?;
+    let (origin, rest) = if text.starts_with('/') && !text.starts_with("//") {
+        ("", text)
+    } else {
+        let upstream = format!("{}://{}", base.scheme, base.authority);
+        let head = text.get(..upstream.len())?;
+        let rest = &text[upstream.len()..];
+        if !head.eq_ignore_ascii_case(&upstream)
+            || !(rest.is_empty() || rest.starts_with(['/', '?', '#']))
+        {
+            return None;
+        }
+        (public_origin, rest)
+    };
+    let split = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (path, suffix) = rest.split_at(split);
+    let below = path.get(base_path.len()..)?;
+    if !path[..base_path.len()].eq(base_path) || !(below.is_empty() || below.starts_with('/')) {
+        return None;
+    }
+    let below = if below.is_empty() { "/" } else { below };
+    let prefix = if route.strip_prefix {
+        route.path.trim_end_matches('/')
+    } else {
+        ""
+    };
+    let public = format!("{origin}{prefix}{below}{suffix}");
+    HeaderValue::from_str(&public).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn dav(strip: bool, upstream: &str) -> RouteConfig {
+        RouteConfig {
+            path: "/dav/".into(),
+            target: Target::Upstream(
+                crate::config::UpstreamBase::new(url::Url::parse(upstream).unwrap()).unwrap(),
+            ),
+            strip_prefix: strip,
+            auth: crate::config::AuthMode::None,
+            token: crate::config::TokenMode::None,
+            csrf: false,
+            resource: None,
+            scopes: vec![],
+            exchange: false,
+            require: vec![],
+            feature: None,
+            timeout: None,
+            allow_encoded_slash: false,
+            allow_path_params: false,
+            identity_headers: vec![],
+            assertion: None,
+            token_binding: crate::config::TokenBinding::None,
+            ca_file: None,
+            tls_client: None,
+            step_up: None,
+            token_key: String::new(),
+        }
+    }
+
+    fn public(route: &RouteConfig, location: &str) -> Option<String> {
+        public_location(
+            route,
+            &HeaderValue::from_str(location).unwrap(),
+            "https://app.example",
+        )
+        .map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn an_upstream_location_below_its_base_names_the_routes_public_path() {
+        let route = dav(true, "http://files.internal:8080/store");
+        for (sent, expected) in [
+            ("/store/a.txt", Some("/dav/a.txt")),
+            ("/store", Some("/dav/")),
+            ("/store?x#y", Some("/dav/?x#y")),
+            (
+                "HTTP://Files.Internal:8080/store/n/",
+                Some("https://app.example/dav/n/"),
+            ),
+            ("http://files.internal:8080", None),
+            ("/storefront/a", None),
+            ("/other", None),
+            ("//files.internal:8080/store/a", None),
+            ("http://files.internal:8081/store/a", None),
+            ("http://files.internal:8080@evil.example/store/a", None),
+            ("a.txt", None),
+        ] {
+            assert_eq!(public(&route, sent).as_deref(), expected, "{sent}");
+        }
+        // A route whose upstream sees the public paths as they are: nothing to map.
+        assert_eq!(
+            public(&dav(false, "http://files.internal:8080"), "/dav/a"),
+            None
+        );
+        // A base path alone, without `strip_prefix`.
+        let based = dav(false, "http://files.internal:8080/store");
+        assert_eq!(public(&based, "/store/dav/a").as_deref(), Some("/dav/a"));
+    }
 }

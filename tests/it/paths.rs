@@ -549,3 +549,100 @@ async fn a_webdav_destination_names_only_a_path_of_the_requests_own_route() {
         );
     }
 }
+
+/// An upstream answering every request with the status in `x-status` and the `Location` in
+/// `x-location` (as a WebDAV server answers a `PUT` or `MKCOL` with 201, or redirects).
+async fn locating_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let h = req.headers();
+                        let status: u16 = h["x-status"].to_str().unwrap().parse().unwrap();
+                        let response = http::Response::builder()
+                            .status(status)
+                            .header("location", h["x-location"].clone())
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+/// Under `strip_prefix` (and a base path) the upstream names its own paths: a WebDAV server's
+/// 201 after `PUT` or `MKCOL` says `Location: /files/new/`, a redirect says where the
+/// upstream's `/files/x/` is. Relayed as they came, the client follows a path Vestibule gives
+/// another route (here `/files/` on the catch-all) or none. A `Location` that is a path or a
+/// URL on the route's upstream, below its base, is written back as the public path the route
+/// maps to it (a URL on `public_url`); any other is left alone.
+#[tokio::test]
+async fn an_upstreams_location_under_strip_prefix_names_the_public_path() {
+    let u = locating_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/dav/\"\nupstream = \"{u}/files\"\nstrip_prefix = true\n\
+         [[routes]]\npath = \"/\"\nupstream = \"{u}\"\n"
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let public = "http://127.0.0.1:8080";
+    let mut failures = Vec::new();
+    for (status, sent, expected) in [
+        (
+            "201",
+            "/files/new/doc.txt".to_string(),
+            "/dav/new/doc.txt".to_string(),
+        ),
+        (
+            "201",
+            format!("{u}/files/new/"),
+            format!("{public}/dav/new/"),
+        ),
+        (
+            "301",
+            "/files/x/?a=1".to_string(),
+            "/dav/x/?a=1".to_string(),
+        ),
+        ("302", "/files".to_string(), "/dav/".to_string()),
+        // Not below the base, another host, relative: as they came.
+        (
+            "302",
+            "/filesystem/x".to_string(),
+            "/filesystem/x".to_string(),
+        ),
+        (
+            "302",
+            "https://elsewhere.example/files/x".to_string(),
+            "https://elsewhere.example/files/x".to_string(),
+        ),
+        ("302", "x/y".to_string(), "x/y".to_string()),
+    ] {
+        let r = get(
+            &proxy.url("/dav/put"),
+            &[("x-status", status), ("x-location", &sent)],
+        )
+        .await;
+        let got = r.header("location").unwrap_or_default().to_string();
+        if got != expected {
+            failures.push(format!(
+                "{status} {sent}: Location {got:?}, not {expected:?}"
+            ));
+        }
+    }
+    // A route that maps paths as they are leaves its upstream's `Location` alone.
+    let r = get(
+        &proxy.url("/other"),
+        &[("x-status", "201"), ("x-location", "/files/new")],
+    )
+    .await;
+    assert_eq!(r.header("location"), Some("/files/new"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
