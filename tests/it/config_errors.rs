@@ -566,6 +566,48 @@ fn with_routes(routes: &str) -> String {
     format!("{}{routes}", base())
 }
 
+/// A route to an upstream that trusts `identity_headers` (or an assertion header): Vestibule
+/// removes the browser's copies on that route only. Another route reaching the same upstream
+/// paths through `strip_prefix`, with the same policy but without those headers, passes a
+/// browser's `X-User: admin` to them: the upstream takes it as Vestibule's word.
+#[test]
+fn a_stripped_route_passing_the_browsers_identity_headers_to_another_routes_upstream_paths_is_refused()
+ {
+    const UP: &str = "upstream = \"http://api.internal:8080\"";
+    let who = format!(
+        "[[routes]]\npath = \"/who/\"\n{UP}\nauth = \"optional\"\n\
+         identity_headers = {{ \"X-User\" = \"sub\" }}\n"
+    );
+    let api = format!(
+        "[[routes]]\npath = \"/api/\"\n{UP}\nstrip_prefix = true\nauth = \"optional\"\ncsrf = true\n"
+    );
+    assert_eq!(
+        errors(&with_routes(&format!("{api}{who}"))),
+        [
+            "routes[0].strip_prefix: forwards \"/api/who/…\" to the upstream as \"/who/…\", which routes[1] (\"/who/\") guards with identity_headers it does not have; give \"/api/who/\" a route of its own with routes[1]'s policy, or send them to different upstreams"
+        ]
+    );
+    // An assertion in a header of its own alike.
+    let signed = format!(
+        "[[routes]]\npath = \"/who/\"\n{UP}\nauth = \"optional\"\nassertion = true\n\
+         assertion_header = \"X-Assertion\"\n"
+    );
+    assert_eq!(
+        errors(&with_routes(&format!("{api}{signed}"))),
+        [
+            "routes[0].strip_prefix: forwards \"/api/who/…\" to the upstream as \"/who/…\", which routes[1] (\"/who/\") guards with assertion it does not have; give \"/api/who/\" a route of its own with routes[1]'s policy, or send them to different upstreams"
+        ]
+    );
+    // The same headers set (so stripped) on the wide route too: accepted.
+    let same = format!(
+        "[[routes]]\npath = \"/api/\"\n{UP}\nstrip_prefix = true\nauth = \"optional\"\n\
+         identity_headers = {{ \"X-User\" = \"sub\" }}\n{who}"
+    );
+    if let Err(e) = Config::parse(&with_routes(&same), Path::new("."), &env) {
+        panic!("refused: {e:?}");
+    }
+}
+
 /// Two routes to one upstream, one with `strip_prefix` (or a base path): `/api/admin/x` reaches
 /// the upstream as `/admin/x`, which the `/admin/` route guards, under `/api/`'s laxer policy.
 /// Refused at load (and so by `vestibule check` and a reload), naming both routes; setups whose

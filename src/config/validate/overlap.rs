@@ -91,6 +91,24 @@ fn laxer(other: &RouteConfig, guard: &RouteConfig) -> Vec<&'static str> {
     if guard.step_up.is_some() && guard.step_up != other.step_up {
         lacking.push("acr_values/max_age");
     }
+    // The browser's copies of the guard's identity and assertion headers are removed only on
+    // routes that set them (the browser's `Authorization` on token routes): through one that
+    // does not, `X-User: admin` reaches the guard's upstream paths as if Vestibule said it.
+    let removed = |name: &http::HeaderName| {
+        other.identity_headers.iter().any(|(n, _)| n == name)
+            || other.assertion.as_ref().is_some_and(|a| a.header == name)
+            || (name == http::header::AUTHORIZATION && other.token != TokenMode::None)
+    };
+    if !guard.identity_headers.iter().all(|(name, _)| removed(name)) {
+        lacking.push("identity_headers");
+    }
+    if guard
+        .assertion
+        .as_ref()
+        .is_some_and(|a| !removed(&a.header))
+    {
+        lacking.push("assertion");
+    }
     lacking
 }
 
