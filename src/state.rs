@@ -91,27 +91,28 @@ pub struct Shared {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
-/// `found`, unless one of the request's later session cookies (`later`) opens to another
-/// session. Vestibule's own cookie is host-only with `Path=/`, so a browser holds one; a second
+/// Whether one of the request's later session cookies (`later`) opens to another session than
+/// `handle`'s; then the request has no session. Vestibule's own cookie is host-only with `Path=/`, so a browser holds one; a second
 /// of its name was set for a wider domain or a longer path — by a sibling subdomain, say
 /// ("cookie tossing"; the `__Host-` prefix forbids it), holding a session of the setter's own,
 /// and sent first where its path is longer. Taking the first that opens would then serve the
 /// user's requests under that path as someone else. Neither is taken: the request has no
 /// session. A value that opens to nothing, or to the same session, changes nothing; one
-/// before `found` opened to no live session.
-fn alone<'h>(
+/// before the one found opened to no live session. Asked with the handle, not the session, so
+/// that the session is not moved on the way (every request's path).
+fn names_another<'h>(
     sessions: &Sessions,
     mut later: impl Iterator<Item = &'h [u8]>,
-    found: OpenSession,
-) -> Option<OpenSession> {
-    if later.any(|value| sessions.names_another_session(value, &found.handle)) {
+    handle: &crate::session::manager::Handle,
+) -> bool {
+    let another = later.any(|value| sessions.names_another_session(value, handle));
+    if another {
         tracing::warn!(
             "a request's session cookies name two sessions (a cookie of the session cookie's \
              name set by another site of the domain?); served without a session"
         );
-        return None;
     }
-    Some(found)
+    another
 }
 
 /// What [`Shared::cached_session`] tells without the store.
@@ -182,7 +183,8 @@ impl Shared {
             match sessions.load_cached(value, now) {
                 Cached::Known(None) => {}
                 Cached::Known(Some(found)) => {
-                    return Found::Session(alone(sessions, values.map(|(_, v)| v), found));
+                    let another = names_another(sessions, values.map(|(_, v)| v), &found.handle);
+                    return Found::Session((!another).then_some(found));
                 }
                 // The span goes on with the store's read: one span for the whole load.
                 Cached::Ask(stored) => return Found::Ask(Ask(stored, at, span.clone())),
@@ -205,11 +207,13 @@ impl Shared {
             let name = &live.config.session.cookie_name;
             let mut values = crate::cookies::raw_values(headers, name).skip(at + 1);
             if let Some(loaded) = sessions.load_stored(stored, now).await? {
-                return Ok(alone(sessions, values, loaded));
+                let another = names_another(sessions, values, &loaded.handle);
+                return Ok((!another).then_some(loaded));
             }
             while let Some(value) = values.next() {
                 if let Some(loaded) = sessions.load(value, now).await? {
-                    return Ok(alone(sessions, values, loaded));
+                    let another = names_another(sessions, values, &loaded.handle);
+                    return Ok((!another).then_some(loaded));
                 }
             }
             Ok(None)

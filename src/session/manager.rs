@@ -522,6 +522,7 @@ impl Sessions {
 
     /// What `cookie_value` opens to under the key ring in effect, remembered by value (see
     /// `memo.rs`); `None` for a value that does not open, which is never remembered.
+    #[inline]
     fn open(&self, cookie_value: &[u8]) -> Option<Opening> {
         // A guard, not a clone: the ring's reference count is shared by every worker.
         let keyring = self.keyring.load();
