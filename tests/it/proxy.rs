@@ -1028,24 +1028,7 @@ async fn answers_sent_with_the_users_token_are_private_to_shared_caches() {
          [[routes]]\npath = \"/open/\"\nupstream = \"{u}\"\n"
     );
     let proxy = start_proxy(&config_text(&routes)).await;
-    let mut tokens = std::collections::BTreeMap::new();
-    tokens.insert(
-        String::new(),
-        vestibule::session::AccessToken {
-            value: "at-alice".into(),
-            expires_at: vestibule::app::now() + 3600,
-            issued_at: vestibule::app::now(),
-            scope: None,
-            jkt: None,
-        },
-    );
-    let cookie = proxy
-        .session_cookie(vestibule::session::Session {
-            sub: "alice".into(),
-            tokens: tokens.into(),
-            ..Default::default()
-        })
-        .await;
+    let cookie = alice_with_a_token(&proxy, serde_json::Map::new()).await;
     let cache_control = |r: &Reply| r.header("cache-control").unwrap_or_default().to_string();
     for route in ["/api/", "/ids/"] {
         for kind in ["max-age", "none"] {
@@ -1216,25 +1199,7 @@ async fn a_gated_answer_stays_out_of_shared_caches_whatever_its_upstream_says() 
     let proxy = start_proxy(&config_text(&routes)).await;
     let mut claims = serde_json::Map::new();
     claims.insert("roles".into(), serde_json::json!(["admin"]));
-    let mut tokens = std::collections::BTreeMap::new();
-    tokens.insert(
-        String::new(),
-        vestibule::session::AccessToken {
-            value: "at-alice".into(),
-            expires_at: vestibule::app::now() + 3600,
-            issued_at: vestibule::app::now(),
-            scope: None,
-            jkt: None,
-        },
-    );
-    let cookie = proxy
-        .session_cookie(vestibule::session::Session {
-            sub: "alice".into(),
-            claims: claims.into(),
-            tokens: tokens.into(),
-            ..Default::default()
-        })
-        .await;
+    let cookie = alice_with_a_token(&proxy, claims).await;
     let mut failures = Vec::new();
     for route in ["/signed-in/", "/admins/", "/beta/", "/api/"] {
         for kind in ["public", "s-maxage", "cdn"] {
@@ -1276,4 +1241,32 @@ async fn a_gated_answer_stays_out_of_shared_caches_whatever_its_upstream_says() 
     let r = get(&proxy.url("/mine/cdn"), &[("cookie", &cookie)]).await;
     assert_eq!(r.header("cache-control"), Some("private, max-age=60"));
     assert_eq!(r.header("cdn-cache-control"), Some("max-age=600"));
+}
+
+/// alice's session, made in `proxy`'s store with `claims` and the access token `at-alice` (an
+/// hour left), as a `Cookie` value.
+async fn alice_with_a_token(
+    proxy: &Proxy,
+    claims: serde_json::Map<String, serde_json::Value>,
+) -> String {
+    let now = vestibule::app::now();
+    let mut tokens = std::collections::BTreeMap::new();
+    tokens.insert(
+        String::new(),
+        vestibule::session::AccessToken {
+            value: "at-alice".into(),
+            expires_at: now + 3600,
+            issued_at: now,
+            scope: None,
+            jkt: None,
+        },
+    );
+    proxy
+        .session_cookie(vestibule::session::Session {
+            sub: "alice".into(),
+            claims: claims.into(),
+            tokens: tokens.into(),
+            ..Default::default()
+        })
+        .await
 }
