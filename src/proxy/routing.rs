@@ -190,16 +190,17 @@ pub fn upstream_path<'a>(route: &RouteConfig, path: &'a str) -> std::borrow::Cow
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{AuthMode, Target, TokenMode};
 
-    fn route(path: &str, strip: bool) -> RouteConfig {
+    /// A route at `path` to `upstream` with every setting at its most open: the routing and
+    /// WebDAV tests' fixture.
+    pub(crate) fn route_to(path: &str, upstream: &str, strip: bool) -> RouteConfig {
         RouteConfig {
             path: path.into(),
             target: Target::Upstream(
-                crate::config::UpstreamBase::new(url::Url::parse("http://127.0.0.1:1").unwrap())
-                    .unwrap(),
+                crate::config::UpstreamBase::new(url::Url::parse(upstream).unwrap()).unwrap(),
             ),
             strip_prefix: strip,
             auth: AuthMode::None,
@@ -221,6 +222,10 @@ mod tests {
             step_up: None,
             token_key: String::new(),
         }
+    }
+
+    fn route(path: &str, strip: bool) -> RouteConfig {
+        route_to(path, "http://127.0.0.1:1", strip)
     }
 
     #[test]

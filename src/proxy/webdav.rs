@@ -117,31 +117,7 @@ mod tests {
     use super::*;
 
     fn dav(strip: bool, upstream: &str) -> RouteConfig {
-        RouteConfig {
-            path: "/dav/".into(),
-            target: Target::Upstream(
-                crate::config::UpstreamBase::new(url::Url::parse(upstream).unwrap()).unwrap(),
-            ),
-            strip_prefix: strip,
-            auth: crate::config::AuthMode::None,
-            token: crate::config::TokenMode::None,
-            csrf: false,
-            resource: None,
-            scopes: vec![],
-            exchange: false,
-            require: vec![],
-            feature: None,
-            timeout: None,
-            allow_encoded_slash: false,
-            allow_path_params: false,
-            identity_headers: vec![],
-            assertion: None,
-            token_binding: crate::config::TokenBinding::None,
-            ca_file: None,
-            tls_client: None,
-            step_up: None,
-            token_key: String::new(),
-        }
+        crate::proxy::routing::tests::route_to("/dav/", upstream, strip)
     }
 
     fn public(route: &RouteConfig, location: &str) -> Option<String> {
