@@ -163,12 +163,26 @@ pub fn set_cookie(
 
 /// The cookie that keeps the way out of a script's logout for the browser's next navigation.
 pub fn logout_name(config: &SessionConfig) -> String {
-    format!("{}-logout", config.cookie_name)
+    format!("{}-logout", host_only_base(config))
 }
 
 /// The prefix shared by every login-state cookie.
 pub fn login_prefix(config: &SessionConfig) -> String {
-    format!("{}-login-", config.cookie_name)
+    format!("{}-login-", host_only_base(config))
+}
+
+/// The stem of Vestibule's short-lived cookies: the session cookie's name, under `__Host-`
+/// whenever cookies are `Secure`, whatever the session cookie is called. Without the prefix a
+/// page on a sibling subdomain could set one for the parent domain ("cookie tossing"): a login
+/// state of a login the attacker began, to sign the victim in as the attacker at the callback.
+/// Every one of Vestibule's cookies is `Path=/` with no `Domain`, as `__Host-` demands; the
+/// session cookie keeps the operator's name, since renaming it would sign everyone out.
+fn host_only_base(config: &SessionConfig) -> std::borrow::Cow<'_, str> {
+    let name = config.cookie_name.as_str();
+    if !config.cookie_secure || name.starts_with("__Host-") {
+        return name.into();
+    }
+    format!("__Host-{}", name.strip_prefix("__Secure-").unwrap_or(name)).into()
 }
 
 #[cfg(test)]

@@ -767,3 +767,82 @@ async fn a_login_without_sid_pending_when_its_users_provider_session_ended_signs
         assert_eq!(r.status, 302, "{store}: signing in again: {}", r.text());
     }
 }
+
+/// Login CSRF by cookie tossing: with a session cookie named without `__Host-`, a page on a
+/// sibling subdomain could set a login-state cookie of the login prefix's name (`Domain=` the
+/// parent domain), holding the state of a login the attacker began, and send the victim to the
+/// callback with the attacker's code: the victim would be signed in as the attacker. The
+/// login-state cookie's name is `__Host-` whatever the session cookie is called (all of
+/// Vestibule's cookies are `Path=/` with no `Domain` already), which no other host can set,
+/// and a callback finds its state under that name only.
+#[tokio::test]
+async fn a_login_state_is_kept_in_a_host_cookie_whatever_the_session_cookie_is_named() {
+    for (name, secure, login_prefix) in [
+        ("vestibule", true, "__Host-vestibule-login-"),
+        ("__Secure-app", true, "__Host-app-login-"),
+        ("__Host-app", true, "__Host-app-login-"),
+        ("vestibule", false, "vestibule-login-"),
+    ] {
+        let signer = TestSigner::new();
+        let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+        let config = config_toml("")
+            .set("oidc.issuer", idp.issuer.as_str())
+            .set("session.cookie_secure", secure)
+            .add("session.cookie_name", name);
+        let proxy = start_proxy(config).await;
+        wait_metadata(&proxy).await;
+        let c = Case { proxy, idp, signer };
+        let (q, cookie) = c.login_begun().await;
+        assert!(
+            cookie.starts_with(login_prefix),
+            "{name} (secure: {secure}): the login state went in {cookie}"
+        );
+        let callback = |cookie: String| {
+            let url = c
+                .proxy
+                .url(&format!("/bff/callback?code=abc&state={}", q["state"]));
+            async move { get(&url, &[("cookie", &cookie), ("accept", "text/html")]).await }
+        };
+        if secure {
+            // What a sibling subdomain can set: the name without the prefix, same value.
+            let tossed = cookie.trim_start_matches("__Host-").to_string();
+            let r = callback(tossed.clone()).await;
+            assert_eq!(r.status, 400, "{name}: {tossed} {}", r.text());
+            assert!(
+                !sets_a_session_named(&r, name),
+                "{name}: signed in by {tossed}"
+            );
+        }
+        let r = callback(cookie.clone()).await;
+        assert_eq!(r.status, 302, "{name}: {cookie}: {}", r.text());
+        assert!(sets_a_session_named(&r, name), "{name}: {cookie}");
+        // The script's logout keeps its way out (with the ID token as a hint) in a cookie of
+        // the same kind.
+        let session = r
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+            .find(|pair| pair.starts_with(&format!("{name}=")))
+            .unwrap();
+        let out = crate::logout::script_logout(&c.proxy, &session)
+            .await
+            .unwrap();
+        let way_out = login_prefix.replace("-login-", "-logout=");
+        assert!(
+            out.headers
+                .get_all("set-cookie")
+                .iter()
+                .any(|v| v.to_str().unwrap().starts_with(&way_out)),
+            "{name}: no {way_out} in {:?}",
+            out.headers
+        );
+    }
+}
+
+fn sets_a_session_named(r: &Reply, name: &str) -> bool {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .any(|v| v.to_str().unwrap().starts_with(&format!("{name}=")))
+}
