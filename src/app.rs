@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod readiness;
 mod session_end;
 mod worker;
 pub use worker::Worker;
@@ -45,6 +46,8 @@ pub struct App {
     /// the running configuration and store the next one, and of two at once one would be lost
     /// (until the watcher's next look at the files, a second later).
     reloading: std::sync::Mutex<()>,
+    /// `/readyz`'s store check, one PING at a time for every probe.
+    store_ping: readiness::SharedPing,
 }
 
 impl std::ops::Deref for App {
@@ -136,6 +139,7 @@ impl App {
             tracer,
             config_path: path.clone(),
             reloading: std::sync::Mutex::new(()),
+            store_ping: readiness::SharedPing::default(),
         });
         watch_config(&app, path);
         Ok(app)
@@ -796,14 +800,18 @@ impl App {
 
     /// Readiness checks by name; all must pass for `/readyz` to answer 200. `accepting` fails as
     /// soon as shutdown begins, so load balancers stop sending before the listener closes.
+    /// `store`: a PING shared by the probes that come while it is under way, its PONG reused
+    /// for a second ([`readiness`]).
     pub async fn readiness(&self) -> Vec<(&'static str, bool)> {
-        let store = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            self.sessions.store().ping(),
-        )
-        .await;
+        let store = self
+            .store_ping
+            .check(|| {
+                let store = self.sessions.store().clone();
+                async move { store.ping().await.is_ok() }
+            })
+            .await;
         vec![
-            ("store", matches!(store, Ok(Ok(())))),
+            ("store", store),
             ("provider", self.oidc.provider.is_ready()),
             ("accepting", !self.stopping.is_cancelled()),
         ]

@@ -16,6 +16,7 @@
 pub mod admin;
 mod connection;
 pub mod framing;
+pub mod heartbeat;
 pub mod lane;
 mod send;
 pub mod tls;
@@ -117,13 +118,15 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         },
     });
     let slots = Arc::new(Semaphore::new(config.server.connections.max_connections));
+    let beats = Arc::new(heartbeat::Heartbeats::new(count));
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
-        workers.push(Worker::start(index, kit.clone(), shutdown.clone())?);
+        workers.push(Worker::start(index, kit.clone(), &beats, shutdown.clone())?);
     }
     // The admin listener outlives the drain, so that `/readyz` keeps saying 503 meanwhile.
     let admin_stop = CancellationToken::new();
-    let admin_task = tokio::spawn(admin::serve(app.clone(), bound.admin, admin_stop.clone()));
+    let admin = admin::serve(app.clone(), bound.admin, beats, admin_stop.clone());
+    let admin_task = tokio::spawn(admin);
     tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, workers = count, "vestibule listening");
     loop {
         let slot = tokio::select! {
@@ -200,6 +203,7 @@ impl Worker {
     fn start(
         index: usize,
         kit: Arc<ServeKit>,
+        beats: &Arc<heartbeat::Heartbeats>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let (connections, incoming) = mpsc::unbounded_channel();
@@ -210,10 +214,18 @@ impl Worker {
         let executor = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let beats = beats.clone();
         std::thread::Builder::new()
             .name(format!("vestibule-worker-{index}"))
             .spawn(move || {
-                executor.block_on(work(kit, incoming, shutdown));
+                executor.block_on(async {
+                    // Its runtime turns for as long as this writes its slot (`/healthz`).
+                    let ticking = tokio::spawn(beats.clone().tick(index, heartbeat::TICK));
+                    work(kit, incoming, shutdown).await;
+                    ticking.abort();
+                });
+                // Drained: its silence from now on is no stall. (A panic skips this.)
+                beats.stopped(index);
                 // Tasks still running after the grace period (none, normally) are dropped here.
                 executor.shutdown_timeout(Duration::from_secs(1));
                 let _ = done.send(());

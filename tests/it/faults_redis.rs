@@ -69,8 +69,8 @@ async fn replicas(backend: &Backend) -> Replicas {
     replicas_on([backend.clone(), backend.clone()]).await
 }
 
-/// Two replicas, each with its own view of the store (e.g. another Redis user).
-async fn replicas_on(backends: [Backend; 2]) -> Replicas {
+/// Replicas (two, mostly), each with its own view of the store (e.g. another Redis user).
+async fn replicas_on<const N: usize>(backends: [Backend; N]) -> Replicas {
     let signer = TestSigner::new();
     let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
     let upstream = upstream::start().await;
@@ -1444,4 +1444,129 @@ async fn a_subscription_behind_a_dead_link_keeps_the_cache_unused_until_it_is_ba
         back <= Duration::from_secs(2),
         "the caches were used again only {back:?} after the link was back"
     );
+}
+
+/// How long a PONG stands for at `/readyz` (`src/app/readiness.rs`).
+const PONG_REUSED: Duration = Duration::from_secs(1);
+
+/// `/readyz`'s store check is shared: probes that come while a PING is under way wait for its
+/// answer, and a PONG stands for a second. Sixteen probes at once are one PING at the store
+/// (they were sixteen). Once the store is gone, `/readyz` is 503 within that second and the
+/// store timeout, and stays so (a failure is never reused); once it is back, the first probe
+/// that finds it answering is 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_probes_share_one_store_ping_and_follow_the_store_down_and_back() {
+    let mut redis = RedisServer::start();
+    let replicas = replicas_on([Backend::Url(redis.url())]).await;
+    let readyz = format!("http://{}/readyz", replicas.proxies[0].admin);
+    // Past the second that `wait_ready`'s PONG stands for.
+    tokio::time::sleep(PONG_REUSED + Duration::from_millis(100)).await;
+    let subscriber = pubsub_addresses(&redis);
+    assert!(!subscriber.is_empty(), "no subscription to leave out");
+    let monitor = Monitor::start(redis.port()).await;
+    let probes: Vec<_> = (0..16)
+        .map(|_| {
+            let url = readyz.clone();
+            tokio::spawn(async move { get(&url, &[]).await })
+        })
+        .collect();
+    for probe in probes {
+        let reply = probe.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let answered = Instant::now();
+    let pings = monitor.pings(&subscriber).await;
+    assert_eq!(pings.len(), 1, "16 probes at once: PINGs {pings:?}");
+
+    // Down: 503 within the second the last PONG stands for and the store timeout.
+    redis.kill();
+    eventually("readyz says the store is down", HANG, || async {
+        let reply = get(&readyz, &[]).await;
+        (reply.status == 503 && reply.json()["checks"]["store"] == false).then_some(())
+    })
+    .await;
+    assert!(
+        answered.elapsed() < PONG_REUSED + STORE_TIMEOUT + SLACK,
+        "readyz said 503 {:?} after its last PONG",
+        answered.elapsed()
+    );
+    // A failure is not reused: each probe asks again, and the store is still down.
+    for _ in 0..3 {
+        assert_eq!(get(&readyz, &[]).await.status, 503);
+    }
+
+    // Back: 200 as soon as a PING finds it.
+    redis.restart();
+    let back = Instant::now();
+    eventually(
+        "readyz says the store is back",
+        Duration::from_secs(5),
+        || async { (get(&readyz, &[]).await.status == 200).then_some(()) },
+    )
+    .await;
+    assert!(
+        back.elapsed() < PONG_REUSED,
+        "readyz said 200 {:?} after the store was back",
+        back.elapsed()
+    );
+}
+
+/// The addresses (`ip:port`) of the store's subscribed connections: their PINGs check the
+/// subscription every second, they are not `/readyz`'s.
+fn pubsub_addresses(redis: &RedisServer) -> Vec<String> {
+    let list: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis_connection(redis))
+        .unwrap();
+    list.split_whitespace()
+        .filter_map(|field| field.strip_prefix("addr="))
+        .map(String::from)
+        .collect()
+}
+
+/// Every command Redis carries out from now on, as `MONITOR` shows them.
+struct Monitor {
+    seen: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Monitor {
+    async fn start(port: u16) -> Monitor {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut ok = [0u8; 5];
+        tcp.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"+OK\r\n");
+        let seen: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let into = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Monitor { seen, task }
+    }
+
+    /// The PINGs seen so far (after a moment for the last to arrive), as their lines, but for
+    /// those from `except`.
+    async fn pings(self, except: &[String]) -> Vec<String> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.task.abort();
+        let seen = String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned();
+        seen.lines()
+            .filter(|line| line.to_ascii_uppercase().ends_with("\"PING\""))
+            .filter(|line| {
+                !except
+                    .iter()
+                    .any(|addr| line.contains(&format!(" {addr}]")))
+            })
+            .map(String::from)
+            .collect()
+    }
 }

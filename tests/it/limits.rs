@@ -606,8 +606,8 @@ async fn idle_admin_connections_give_their_slots_back() {
 }
 
 /// The admin listener speaks HTTP/2 too (prior knowledge). A client there may open only a few
-/// streams at once, and resetting `/readyz` streams while each waits on the store (each a store
-/// command, the store the sessions share) gets it let go as on the public listener.
+/// streams at once, and resetting `/readyz` streams while each waits on the store (on the one
+/// PING the probes share) gets it let go as on the public listener.
 #[tokio::test]
 async fn an_http2_client_can_neither_open_nor_reset_admin_streams_without_bound() {
     let redis = crate::support::redis::RedisServer::start();
