@@ -148,8 +148,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         };
         let _ = tcp.set_nodelay(true);
         let Ok(tcp) = tcp.into_std() else { continue };
-        let least_busy = workers.iter().min_by_key(|w| w.counter.open());
-        if let Some(worker) = least_busy {
+        if let Some(worker) = least_busy(&workers) {
             worker.assign(tcp, peer, slot);
         }
     }
@@ -163,6 +162,16 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     admin_stop.cancel();
     let _ = admin_task.await;
     Ok(())
+}
+
+/// The worker with the fewest open connections among those still running. A worker whose
+/// thread has died (a panic in its loop) counts none: chosen by the count alone, it would be
+/// handed nearly every new connection, each dropped unserved.
+fn least_busy(workers: &[Worker]) -> Option<&Worker> {
+    workers
+        .iter()
+        .filter(|w| !w.connections.is_closed())
+        .min_by_key(|w| w.counter.open())
 }
 
 /// How long open connections are still served once shutdown begins (at most half the grace
@@ -363,5 +372,41 @@ async fn work(
     .await;
     if drained.is_err() {
         tracing::warn!("grace period over; closing remaining connections and refreshes");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker seen from the accept loop with `open` connections, and the receiving end of its
+    /// hand-over channel (dropped: the worker's thread is gone).
+    fn worker(open: usize) -> (Worker, mpsc::UnboundedReceiver<Handoff>) {
+        let (connections, incoming) = mpsc::unbounded_channel();
+        let counter = ConnectionCount(
+            Arc::new(AtomicUsize::new(open)),
+            metrics::gauge!("vestibule_connections_open_test"),
+        );
+        let finished = oneshot::channel().1;
+        let worker = Worker {
+            connections,
+            counter,
+            finished,
+        };
+        (worker, incoming)
+    }
+
+    #[test]
+    fn a_dead_worker_is_handed_no_connection_however_idle_it_looks() {
+        let (busy, _busy_incoming) = worker(40);
+        let (dead, dead_incoming) = worker(0);
+        let (quiet, _quiet_incoming) = worker(10);
+        drop(dead_incoming);
+        let workers = [busy, dead, quiet];
+        let chosen = least_busy(&workers).expect("a live worker");
+        assert_eq!(chosen.counter.open(), 10, "the quietest live worker");
+        let (only_dead, gone) = worker(0);
+        drop(gone);
+        assert!(least_busy(&[only_dead]).is_none());
     }
 }
