@@ -649,14 +649,24 @@ impl App {
             tokio::spawn(watch);
         }
         // An upstream under `strip_prefix` (or a base path) names its own paths in a 201's or
-        // a redirect's `Location`: written back as the public path (only those statuses look).
-        let status = response.status();
-        if (status.is_redirection() || status == http::StatusCode::CREATED)
-            && let Some(location) = response.headers().get(header::LOCATION)
-            && let Some(public) =
-                proxy::webdav::public_location(route, location, &config.server.public_origin)
-        {
-            response.headers_mut().insert(header::LOCATION, public);
+        // a redirect's `Location`, and in any answer's `Content-Location`: written back as the
+        // public path (routes that map paths as they are look at neither).
+        if proxy::webdav::maps_paths(route) {
+            let status = response.status();
+            let origin = &config.server.public_origin;
+            if (status.is_redirection() || status == http::StatusCode::CREATED)
+                && let Some(location) = response.headers().get(header::LOCATION)
+                && let Some(public) = proxy::webdav::public_location(route, location, origin)
+            {
+                response.headers_mut().insert(header::LOCATION, public);
+            }
+            if let Some(location) = response.headers().get(header::CONTENT_LOCATION)
+                && let Some(public) = proxy::webdav::public_location(route, location, origin)
+            {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LOCATION, public);
+            }
         }
         // A cache between the browser and Vestibule sees the cookie, not the token the
         // upstream was sent: an answer about the user stays out of shared caches unless the

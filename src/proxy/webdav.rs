@@ -63,7 +63,16 @@ pub fn destination(
         .map(Some)
 }
 
-/// The public form of an upstream's `Location` on a route whose paths the upstream sees
+/// Whether the upstream of `route` sees other paths than the public ones (`strip_prefix`, or a
+/// base path): only then can what it names (`Location`, `Content-Location`) need writing back.
+pub fn maps_paths(route: &RouteConfig) -> bool {
+    match &route.target {
+        Target::Upstream(base) => route.strip_prefix || !base.path().is_empty(),
+        Target::Static { .. } => false,
+    }
+}
+
+/// The public form of an upstream's `Location` (or `Content-Location`) on a route whose paths the upstream sees
 /// otherwise (`strip_prefix`, or a base path): a path, or a URL on the upstream itself (scheme,
 /// host and port), below the upstream's base path, becomes the path the route maps to it (a
 /// URL on `public_origin` for a URL), query and fragment kept. `None`: leave it as it came
