@@ -60,6 +60,9 @@ pub(super) fn cross_check(config: &Config) -> Vec<ConfigError> {
         problems
             .0
             .extend(admin_reach::problem(&key, route, config.admin.listen));
+        problems
+            .0
+            .extend(admin_reach::loop_problem(&key, route, config.server.listen));
     }
     problems.0
 }

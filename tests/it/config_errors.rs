@@ -674,6 +674,101 @@ fn a_stripped_route_reaching_another_routes_upstream_paths_with_a_laxer_policy_i
     ));
 }
 
+/// A route whose upstream is the public listener itself (`/api/` to `http://127.0.0.1:8080`
+/// on a proxy listening there): each of its requests comes back in as a request from Vestibule
+/// (its own address, maybe a trusted proxy's), without the browser's session cookie, and goes
+/// round again or to another route. Refused at load (and so by `vestibule check`) and by a
+/// reload over the running `server.listen`, with the admin listener's spellings of the host.
+#[test]
+fn a_route_whose_upstream_is_the_public_listener_is_refused() {
+    let route =
+        |upstream: &str| format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n");
+    let listening = |routes: &str, listen: &str| {
+        TomlConfig::parse(&with_routes(routes))
+            .add("server.listen", listen)
+            .text()
+    };
+    let message = |upstream: &str, listen: &str| {
+        format!(
+            "routes[0].upstream: \"{upstream}\" reaches the public listener itself (server.listen = \
+             {listen}): the route's requests would come back to Vestibule, without the browser's \
+             session, round and round or to another route; point the route at its service"
+        )
+    };
+    for (listen, upstream, shown) in [
+        (
+            "127.0.0.1:8080",
+            "http://127.0.0.1:8080",
+            "http://127.0.0.1:8080/",
+        ),
+        (
+            "127.0.0.1:8080",
+            "http://localhost:8080/x",
+            "http://localhost:8080/x",
+        ),
+        ("127.0.0.1:443", "https://localhost", "https://localhost/"),
+        (
+            "127.0.0.1:8080",
+            "http://[::ffff:127.0.0.1]:8080",
+            "http://[::ffff:7f00:1]:8080/",
+        ),
+        (
+            "0.0.0.0:8080",
+            "http://127.0.0.2:8080/api/",
+            "http://127.0.0.2:8080/api/",
+        ),
+        ("[::]:8080", "http://[::1]:8080", "http://[::1]:8080/"),
+        (
+            "10.1.2.3:8080",
+            "http://10.1.2.3:8080",
+            "http://10.1.2.3:8080/",
+        ),
+    ] {
+        assert_eq!(
+            errors(&listening(&route(upstream), listen)),
+            [message(shown, listen)],
+            "{upstream}"
+        );
+    }
+    let accepted = |text: &str| {
+        if let Err(e) = Config::parse(text, Path::new("."), &env) {
+            panic!("refused: {e:?}\n{text}");
+        }
+    };
+    // Another port or address; a port of 0 is known only once bound.
+    accepted(&listening(
+        &route("http://127.0.0.1:8081"),
+        "127.0.0.1:8080",
+    ));
+    accepted(&listening(&route("http://10.1.2.4:8080"), "10.1.2.3:8080"));
+    accepted(&listening(&route("http://127.0.0.1:8080"), "127.0.0.1:0"));
+
+    // A reload keeps the running server.listen: the new file's route is checked against it.
+    let running = Config::parse(
+        &listening(&route("http://127.0.0.1:5001"), "127.0.0.1:7000"),
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    let new = Config::parse(
+        &listening(&route("http://localhost:7000"), "127.0.0.1:7001"),
+        Path::new("."),
+        &env,
+    )
+    .unwrap();
+    match vestibule::config::reload::reload(&running, new, Path::new("config.toml")) {
+        Ok(_) => panic!("a route to the running public listener was put in effect"),
+        Err(e) => assert_eq!(
+            e.to_string(),
+            format!(
+                "{} (with the running value of server.listen, which changes only at a restart: \
+                 restart to apply this file)",
+                message("http://localhost:7000/", "127.0.0.1:7000")
+            )
+        ),
+    }
+}
+
 /// A route whose upstream is the admin listener itself (`/api/` to `http://127.0.0.1:9091`)
 /// would serve `/metrics` and `/jwks` to browsers through the public listener: refused at load
 /// (and so by `vestibule check`), and by a reload over a running `admin.listen`, naming the

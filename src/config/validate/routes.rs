@@ -366,6 +366,11 @@ pub(super) fn routes_config(
         problems
             .0
             .extend(super::admin_reach::problem(key, route, admin));
+        if let Some(server) = server {
+            problems
+                .0
+                .extend(super::admin_reach::loop_problem(key, route, server.listen));
+        }
     }
     super::overlap::overlapping_upstreams(&out, &keys, problems);
     out
