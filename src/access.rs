@@ -232,23 +232,36 @@ async fn policy_claims(
     Ok(session.claims.map().clone())
 }
 
-/// Whether `session`, as a read found it after a change, still meets `route`'s `feature` and
-/// `require` (what a request would now be refused by, 404 or 403): an open stream of the route
-/// (a tunnel, a streamed answer) closes once it does not. The claims are those a request would
-/// be checked against: the user's token for the route as the session holds it, else the
-/// session's. A check that cannot be made now (the key set unavailable) closes nothing. Step-up
-/// is not checked again: its `max_age` was the sign-in's age when the stream was opened.
+/// Whether a request of an open stream of `route` (a tunnel, a streamed answer) would still be
+/// let through with `session` (the latest a read of it found; `None`: the stream was opened
+/// without one): its `feature` (404), a sign-in (401: `auth = "required"`, a route sending the
+/// user's token), its step-up (`acr_values`, `max_age` at `now`) and its `require` (403). The
+/// stream closes once it would not. The claims are those a request would be checked against:
+/// the user's token for the route as the session holds it, else the session's. A check that
+/// cannot be made now (the key set unavailable) closes nothing.
 pub async fn still_admits(
     oidc: &crate::oidc::Oidc,
     live: &LiveConfig,
     route: &RouteConfig,
-    session: &Session,
+    session: Option<&Session>,
     now: u64,
 ) -> bool {
     if let Some(feature) = &route.feature
-        && !feature_visible(live, feature, Some(session))
+        && !feature_visible(live, feature, session)
     {
         return false;
+    }
+    let Some(session) = session else {
+        // A step-up route requires a sign-in too.
+        return route.auth != AuthMode::Required
+            && route.token != TokenMode::User
+            && route.require.is_empty();
+    };
+    if let Some(step) = &route.step_up {
+        let skew = live.config.oidc.clock_skew.as_secs();
+        if crate::oidc::step_up::check(step, session.claims.map(), now, now, skew).is_err() {
+            return false;
+        }
     }
     if route.require.is_empty() {
         return true;

@@ -127,7 +127,7 @@ impl App {
         });
         let app = Arc::new(App {
             shared: Shared {
-                live: ArcSwap::from_pointee(LiveConfig::new(config)),
+                live: Arc::new(ArcSwap::from_pointee(LiveConfig::new(config))),
                 upstreams,
                 oidc,
                 sessions,
@@ -439,35 +439,31 @@ impl App {
         // Looked up once: the tunnel, the replay and the proxy ask it of the same fields (the
         // proxy's rewriting removes them, and the steps before it touch only DPoP's).
         let upgrade = proxy::headers::upgrade_protocol(req.headers());
-        // A tunnel lasts no longer than the session it was opened with.
-        let tunnel = session
-            .as_ref()
-            .filter(|_| upgrade.is_some())
-            .map(|loaded| {
-                let end = CancellationToken::new();
-                req.extensions_mut()
-                    .insert(proxy::forward::TunnelEnd(end.clone()));
-                (Box::new(loaded.clone()), end)
-            });
+        // A tunnel lasts no longer than the session it was opened with, nor than its route lets
+        // it through (a reload may shut it, for a tunnel opened without a session too).
+        let tunnel = upgrade.is_some().then(|| {
+            let end = CancellationToken::new();
+            req.extensions_mut()
+                .insert(proxy::forward::TunnelEnd(end.clone()));
+            (session.as_ref().map(|loaded| Box::new(loaded.clone())), end)
+        });
         // Nor does an answer's body still streaming: bound only when the upstream's answer
         // was not read whole with its head (the session is copied then, not before). A request
         // that asks for a tunnel is bound too: an upstream that ignores the `Upgrade` answers
         // with a body of its own (an event stream), and only a `101` becomes the tunnel above.
-        let bind_to_session = session.as_ref().map(|loaded| {
-            move |body: Body| -> Body {
-                let watcher = session_end::Watcher {
-                    sessions: worker.sessions.clone(),
-                    clock: self.clock.clone(),
-                    loaded: loaded.clone(),
-                    deadlines: worker.deadlines.clone(),
-                    gate: session_end::Gate::of(&self.oidc, &self.live, route),
-                };
-                http_body_util::BodyExt::boxed_unsync(session_end::SessionBound::new(body, watcher))
-            }
-        });
-        let streamed: proxy::forward::Streamed<'_> = bind_to_session
-            .as_ref()
-            .map(|bind| bind as &(dyn Fn(Body) -> Body + Sync));
+        let bind_to_session = move |body: Body, path: &str| -> Body {
+            let watcher = session_end::Watcher {
+                sessions: worker.sessions.clone(),
+                clock: self.clock.clone(),
+                loaded: session.clone(),
+                deadlines: worker.deadlines.clone(),
+                gate: Some(session_end::Gate::of(
+                    &self.oidc, &self.live, live, route, path,
+                )),
+            };
+            http_body_util::BodyExt::boxed_unsync(session_end::SessionBound::new(body, watcher))
+        };
+        let streamed: proxy::Streamed<'_> = Some(&bind_to_session);
         let own = proxy::headers::OwnCookies {
             session: &live.own_cookie,
             login_prefix: &live.login_prefix,
@@ -637,16 +633,25 @@ impl App {
         if let Some((loaded, end)) = tunnel
             && response.status() == http::StatusCode::SWITCHING_PROTOCOLS
         {
-            let what = ("an open tunnel", false);
-            let watch = session_end::close_with_session(
-                self.sessions.clone(),
-                self.clock.clone(),
-                loaded,
-                end,
-                what,
-                session_end::Gate::of(&self.oidc, &self.live, route),
-            );
-            tokio::spawn(watch);
+            let gate = session_end::Gate::of(&self.oidc, &self.live, live, route, req.uri().path());
+            match loaded {
+                Some(loaded) => {
+                    let what = ("an open tunnel", false);
+                    tokio::spawn(session_end::close_with_session(
+                        self.sessions.clone(),
+                        self.clock.clone(),
+                        loaded,
+                        end,
+                        what,
+                        Some(gate),
+                    ));
+                }
+                None => {
+                    let what = "an open tunnel";
+                    let clock = self.clock.clone();
+                    tokio::spawn(session_end::close_unless_admitted(gate, clock, end, what));
+                }
+            }
         }
         // An upstream under `strip_prefix` (or a base path) names its own paths in a 201's or
         // a redirect's `Location`, and in any answer's `Content-Location`: written back as the
@@ -887,11 +892,18 @@ impl App {
                 "the client keeps its running credential until a restart, as oidc.client_auth does: the client_secret, client_secret_file, client_key_file, client_published_key_files and client_assertion_file of this file are not used (the running ones are read again)"
             );
         }
-        self.live.store(Arc::new(LiveConfig::new(reloaded.config)));
+        self.put_in_effect(LiveConfig::new(reloaded.config));
         self.upstreams
             .keep_route_clients(&self.live.load().config.routes);
         tracing::info!(trigger, "configuration reloaded");
         Ok(())
+    }
+
+    /// Puts `next` in effect: every request from now on reads it, and every open stream checks
+    /// its route against it ([`LiveConfig::superseded`]).
+    fn put_in_effect(&self, next: LiveConfig) {
+        let previous = self.live.swap(Arc::new(next));
+        previous.superseded.cancel();
     }
 
     /// The secret files of the running configuration (`oidc.client_secret_file`,
@@ -917,7 +929,7 @@ impl App {
         if changed {
             match self.swap_secrets(&old.config, &config, secret_changed, trigger) {
                 Ok(()) => {
-                    self.live.store(Arc::new(LiveConfig::new(config)));
+                    self.put_in_effect(LiveConfig::new(config));
                     tracing::info!(
                         trigger,
                         "secret files applied with the running configuration, the configuration file being refused"

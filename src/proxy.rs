@@ -71,6 +71,10 @@ pub fn set_path<B>(req: &mut Request<B>, path: &str) -> bool {
     }
 }
 
+/// Binds the body of an answer still streaming from its upstream ([`forward::Streamed`]), told
+/// the request's own (canonical) path as well.
+pub type Streamed<'a> = Option<&'a (dyn Fn(Body, &str) -> Body + Sync)>;
+
 /// Forwards a request that passed the access stage. The request is lent: rewritten where it
 /// is (the same way on every send, so that it can be sent again: the hop-by-hop fields and the
 /// ones that speak for the client removed, the identity fields set; the fields the proxy sets
@@ -92,7 +96,7 @@ pub async fn dispatch(
     upgrade: Option<HeaderValue>,
     max_body: u64,
     pace: crate::limits::Pace,
-    (default_timeout, streamed): (Duration, forward::Streamed<'_>),
+    (default_timeout, streamed): (Duration, Streamed<'_>),
 ) -> Response<Body> {
     match &route.target {
         Target::Static { dir, spa_fallback } => {
@@ -183,6 +187,12 @@ pub async fn dispatch(
             };
             // Sent to the upstream's URI; the request keeps its own.
             let own_uri = std::mem::replace(req.uri_mut(), uri);
+            // A streamed answer is bound with the request's own path.
+            let path = own_uri.path();
+            let bind = streamed.map(|bind| move |body: Body| bind(body, path));
+            let streamed = bind
+                .as_ref()
+                .map(|bind| bind as &(dyn Fn(Body) -> Body + Sync));
             let mut response = upstreams
                 .forward(
                     (&mut *req, body),

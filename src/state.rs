@@ -30,6 +30,9 @@ pub struct LiveConfig {
     pub signing_keys: SigningKeys,
     /// `iss` of the assertions: `public_url` without a trailing `/`.
     pub assertion_issuer: String,
+    /// Cancelled once another configuration is in effect (a reload): what an open stream
+    /// admitted under this one waits on, to be checked against the next.
+    pub superseded: tokio_util::sync::CancellationToken,
 }
 
 impl LiveConfig {
@@ -64,6 +67,7 @@ impl LiveConfig {
             public_side,
             signing_keys,
             assertion_issuer,
+            superseded: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -78,7 +82,9 @@ impl LiveConfig {
 
 /// The long-lived state shared by every request.
 pub struct Shared {
-    pub live: ArcSwap<LiveConfig>,
+    /// The configuration in effect (shared: what an open stream checks its route against after
+    /// a reload).
+    pub live: Arc<ArcSwap<LiveConfig>>,
     pub upstreams: Upstreams,
     pub oidc: Arc<Oidc>,
     pub sessions: Arc<Sessions>,

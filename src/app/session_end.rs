@@ -4,7 +4,10 @@
 //! browser after a logout, a back-channel logout, "sign out that device" or a timeout.
 //!
 //! Both are watched the same way ([`close_with_session`]): on the session's invalidation
-//! message, and on a read of the session every [`SESSION_CHECK`] (idle and absolute timeouts).
+//! message, and on a read of the session every [`SESSION_CHECK`] (idle and absolute timeouts);
+//! and their route's policy is checked again when the session changes, at a reload, and when a
+//! step-up's `max_age` runs out ([`Gate`]). One opened without a session is checked at a reload
+//! ([`close_unless_admitted`]).
 //! A watch is a task and an entry among the session's watches (woken by that session's
 //! messages only, see [`Sessions::watch`]), so an answer's body takes one only once it has
 //! streamed for [`STREAM_GRACE`] ([`SessionBound`]): an answer that completes at once, as most
@@ -12,8 +15,12 @@
 
 use crate::clock::Clock;
 use crate::clock::deadline::{Deadlines, Taken};
+use crate::config::RouteConfig;
+use crate::proxy::routing::{Destination, Resolved};
 use crate::reply::{Body, BoxError};
 use crate::session::manager::{OpenSession, Sessions, Woken};
+use crate::session::model::Session;
+use crate::state::LiveConfig;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use std::pin::Pin;
@@ -44,21 +51,24 @@ const READY_FRAMES: u32 = 16;
 /// unreachable store ends nothing. Returns when `end` is cancelled (the tunnel or the body
 /// closed). Other sessions' invalidations do not wake it ([`Sessions::watch`]).
 ///
-/// With a [`Gate`], a change of the session found by any read of it (this watch's or another's:
-/// [`crate::session::manager::Founds::next`]) has the route's policy checked again, and
-/// `end` is cancelled once the session no longer meets it (a role taken away by a refresh or
-/// an administrator's change).
+/// With a [`Gate`], `end` is also cancelled once a request of the stream would be refused: on a
+/// route whose policy looks at the session, checked at each change of the session found by any
+/// read of it (this watch's or another's: [`crate::session::manager::Founds::next`]: a role
+/// taken away by a refresh or an administrator's change, a weaker `acr`); at every reload,
+/// against the new configuration and the session as last found; and once a step-up's `max_age`
+/// runs out. None of these reads the store.
 pub(super) async fn close_with_session(
     sessions: Arc<Sessions>,
     clock: Clock,
     loaded: Box<OpenSession>,
     end: CancellationToken,
     (what, check_first): (&'static str, bool),
-    gate: Option<Box<Gate>>,
+    mut gate: Option<Box<Gate>>,
 ) {
     let mut invalidated = sessions.watch(loaded.handle);
-    // The version last checked against the gate: the one the stream was admitted with.
-    let mut checked = loaded.version;
+    // The session as last found alive (at first, as the stream was admitted with it) and its
+    // version: what the gate checks.
+    let (mut checked, mut latest) = (loaded.version, loaded.session.clone());
     let mut founds = invalidated.founds();
     let mut check = tokio::time::interval(SESSION_CHECK);
     if !check_first {
@@ -66,17 +76,50 @@ pub(super) async fn close_with_session(
     }
     // The first check of a watch started late is its own (it may have missed the message).
     let mut first = check_first;
+    // A reload between the stream's admission and its watch: checked at once.
+    let mut reloaded = gate.as_ref().is_some_and(|gate| gate.due);
     let reason = loop {
+        // Only a route whose policy looks at the session follows its changes (the founds
+        // are kept all the same: a reload reads the latest).
+        let gated = gate.as_ref().is_some_and(|gate| gate.watches_session());
+        let sign_in_left = gate
+            .as_ref()
+            .and_then(|gate| gate.sign_in_left(&latest, clock.now()));
+        if std::mem::take(&mut reloaded)
+            && let Some(gate) = &mut gate
+        {
+            if let Some((version, session)) = founds.latest() {
+                (checked, latest) = (version, session);
+            }
+            if !gate.follow_admits(Some(&latest), clock.now()).await {
+                break NOT_ADMITTED;
+            }
+            continue;
+        }
         let turn = tokio::select! {
             () = end.cancelled() => return,
-            (version, session) = founds.next(), if gate.is_some() => {
+            (version, session) = founds.next(), if gated => {
                 if version != checked
                     && let Some(gate) = &gate
-                    && !gate.admits(&session, clock.now()).await
+                    && !gate.admits(Some(&session), clock.now()).await
                 {
-                    break "no longer meets its route's policy";
+                    break NOT_ADMITTED;
                 }
-                checked = version;
+                (checked, latest) = (version, session);
+                continue;
+            }
+            () = Gate::reload(gate.as_deref()) => {
+                reloaded = true;
+                continue;
+            }
+            // A step-up's `max_age` runs out: checked again with the clock (a test's clock may
+            // have moved further than this timer).
+            () = tokio::time::sleep(sign_in_left.unwrap_or(SESSION_CHECK)), if sign_in_left.is_some() => {
+                if let Some(gate) = &gate
+                    && !gate.admits(Some(&latest), clock.now()).await
+                {
+                    break NOT_ADMITTED;
+                }
                 continue;
             }
             woken = invalidated.changed() => match woken {
@@ -110,34 +153,174 @@ pub(super) async fn close_with_session(
     end.cancel();
 }
 
-/// A route's policy, checked again whenever its stream's session is found changed
-/// ([`crate::access::still_admits`]). Made only for routes with a `require` or a `feature`
-/// (what a change of claims can fail), when their stream is watched.
+/// Why a watch closed its stream though the session lives on.
+const NOT_ADMITTED: &str = "no longer meets its route's policy";
+
+/// Cancels `end` once a stream opened without a session (a tunnel, a streamed answer) would no
+/// longer be let through: checked at every reload of the configuration (a route that now wants
+/// a sign-in, a claim or a feature, or that is gone). Returns when `end` is cancelled.
+pub(super) async fn close_unless_admitted(
+    mut gate: Box<Gate>,
+    clock: Clock,
+    end: CancellationToken,
+    what: &'static str,
+) {
+    let mut reloaded = gate.due;
+    loop {
+        if !std::mem::take(&mut reloaded) {
+            tokio::select! {
+                () = end.cancelled() => return,
+                () = Gate::reload(Some(&gate)) => {}
+            }
+        }
+        if !gate.follow_admits(None, clock.now()).await {
+            break;
+        }
+    }
+    tracing::info!(
+        "{what}, opened without a session, is no longer let through its route; closing it"
+    );
+    end.cancel();
+}
+
+/// A stream's route policy ([`crate::access::still_admits`]), checked again whenever what
+/// decides it changes: the session (a read of it, by any of its watches, finds another version:
+/// a refresh bringing other claims or a weaker `acr`, an administrator's change), the
+/// configuration (a reload: the stream's request path is routed again, and a stream whose path
+/// now goes to another route, or to none, closes), and the time (a step-up's `max_age`). No
+/// check reads the store: the session is the one the watches' reads found last.
 pub(super) struct Gate {
-    pub oidc: Arc<crate::oidc::Oidc>,
-    pub live: Arc<crate::state::LiveConfig>,
-    pub route: crate::config::RouteConfig,
+    oidc: Arc<crate::oidc::Oidc>,
+    /// The configuration in effect, followed at each reload.
+    configs: Arc<arc_swap::ArcSwap<LiveConfig>>,
+    /// The configuration last checked against (its `superseded` tells of the next one) and the
+    /// route of `path` in it.
+    live: Arc<LiveConfig>,
+    route: Arc<RouteConfig>,
+    /// The stream's request path (canonical), routed again after a reload.
+    path: Box<str>,
+    /// `live` is not the configuration the stream was admitted with (a reload came in between):
+    /// the watch checks at once.
+    due: bool,
+}
+
+/// What a reload made of a stream's route.
+enum Followed {
+    /// The path goes to another route now, or to none.
+    Gone,
+    /// The route's policy is what it was.
+    Same,
+    Changed,
 }
 
 impl Gate {
-    /// `None` for a route no change of the session can shut (no `require`, no `feature`).
+    /// The gate of a stream admitted by `route` under `admitted` (the request's configuration),
+    /// for a request to `path`.
     pub(super) fn of(
         oidc: &Arc<crate::oidc::Oidc>,
-        live: &arc_swap::ArcSwap<crate::state::LiveConfig>,
-        route: &crate::config::RouteConfig,
-    ) -> Option<Box<Gate>> {
-        (!route.require.is_empty() || route.feature.is_some()).then(|| {
-            Box::new(Gate {
-                oidc: oidc.clone(),
-                live: live.load_full(),
-                route: route.clone(),
-            })
+        configs: &Arc<arc_swap::ArcSwap<LiveConfig>>,
+        admitted: &LiveConfig,
+        route: &Arc<RouteConfig>,
+        path: &str,
+    ) -> Box<Gate> {
+        let live = configs.load_full();
+        let due = !std::ptr::eq(&*live, admitted);
+        Box::new(Gate {
+            oidc: oidc.clone(),
+            configs: configs.clone(),
+            live,
+            route: route.clone(),
+            path: path.into(),
+            due,
         })
     }
 
-    async fn admits(&self, session: &crate::session::model::Session, now: u64) -> bool {
+    /// Whether a change of the session alone can shut the stream: its route has a `feature`, a
+    /// `require` or a step-up.
+    fn watches_session(&self) -> bool {
+        let route = &self.route;
+        route.feature.is_some() || !route.require.is_empty() || route.step_up.is_some()
+    }
+
+    /// Returns once the configuration checked against has been replaced (never without a gate).
+    async fn reload(gate: Option<&Gate>) {
+        match gate {
+            Some(gate) => gate.live.superseded.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether a request of the stream, with `session`, would still be let through the route.
+    async fn admits(&self, session: Option<&Session>, now: u64) -> bool {
         crate::access::still_admits(&self.oidc, &self.live, &self.route, session, now).await
     }
+
+    /// Follows the configuration in effect and checks the stream against it, as [`Gate::admits`]
+    /// does; a route whose policy the reload left as it was is not checked again.
+    async fn follow_admits(&mut self, session: Option<&Session>, now: u64) -> bool {
+        match self.follow() {
+            Followed::Gone => false,
+            Followed::Same => true,
+            Followed::Changed => self.admits(session, now).await,
+        }
+    }
+
+    /// Routes the stream's path in the configuration in effect.
+    fn follow(&mut self) -> Followed {
+        let live = self.configs.load_full();
+        let route = match live
+            .routes
+            .resolve(&self.path, &live.config.server.bff_prefix)
+        {
+            Ok(Resolved {
+                to: Destination::Route(route),
+                ..
+            }) if route.path == self.route.path => route.clone(),
+            _ => return Followed::Gone,
+        };
+        let same = !std::mem::take(&mut self.due)
+            && same_policy((&self.live, &self.route), (&live, &route));
+        (self.live, self.route) = (live, route);
+        if same {
+            Followed::Same
+        } else {
+            Followed::Changed
+        }
+    }
+
+    /// How long until `session`'s sign-in is older than the route's step-up `max_age` allows
+    /// (with `oidc.clock_skew`), from `now`: a second past it, [`Gate::admits`] says no. `None`
+    /// for a route without `max_age`, or a session without `auth_time` (which it refuses).
+    fn sign_in_left(&self, session: &Session, now: u64) -> Option<Duration> {
+        let max_age = self.route.step_up.as_ref()?.max_age?;
+        let auth_time = session.claims.map().get("auth_time")?.as_u64()?;
+        let skew = self.live.config.oidc.clock_skew.as_secs();
+        let last = auth_time.saturating_add(max_age).saturating_add(skew);
+        Some(Duration::from_secs(
+            last.saturating_sub(now).saturating_add(1),
+        ))
+    }
+}
+
+/// Whether route `b` under configuration `b` lets through what `a` does: the same keys of the
+/// route and of the configuration that decide it.
+fn same_policy(
+    (a_live, a): (&LiveConfig, &RouteConfig),
+    (b_live, b): (&LiveConfig, &RouteConfig),
+) -> bool {
+    let (a_config, b_config) = (&a_live.config, &b_live.config);
+    a.auth == b.auth
+        && a.token == b.token
+        && a.token_key == b.token_key
+        && a.resource == b.resource
+        && a.require == b.require
+        && a.feature == b.feature
+        && a.step_up == b.step_up
+        && a.feature
+            .as_ref()
+            .is_none_or(|name| a_config.features.get(name) == b_config.features.get(name))
+        && a_config.oidc.roles_claim == b_config.oidc.roles_claim
+        && a_config.oidc.clock_skew == b_config.oidc.clock_skew
 }
 
 /// What a streamed answer's body needs to be watched: the session it was opened with and the
@@ -145,9 +328,10 @@ impl Gate {
 pub(super) struct Watcher {
     pub sessions: Arc<Sessions>,
     pub clock: Clock,
-    pub loaded: OpenSession,
+    /// `None` for an answer admitted without a session: watched for reloads only.
+    pub loaded: Option<OpenSession>,
     pub deadlines: Arc<Deadlines>,
-    /// The route's policy, for a route that has one ([`Gate::of`]).
+    /// The route's policy ([`Gate::of`]).
     pub gate: Option<Box<Gate>>,
 }
 
@@ -234,16 +418,25 @@ fn watch(watcher: Watcher) -> Phase {
         gate,
     } = watcher;
     let end = CancellationToken::new();
-    // Read at once: the session may have ended during the grace, its message gone.
-    let what = ("a streamed answer", true);
-    tokio::spawn(close_with_session(
-        sessions,
-        clock,
-        Box::new(loaded),
-        end.clone(),
-        what,
-        gate,
-    ));
+    match (loaded, gate) {
+        (Some(loaded), gate) => {
+            // Read at once: the session may have ended during the grace, its message gone.
+            let what = ("a streamed answer", true);
+            tokio::spawn(close_with_session(
+                sessions,
+                clock,
+                Box::new(loaded),
+                end.clone(),
+                what,
+                gate,
+            ));
+        }
+        (None, Some(gate)) => {
+            let what = "a streamed answer";
+            tokio::spawn(close_unless_admitted(gate, clock, end.clone(), what));
+        }
+        (None, None) => {}
+    }
     Phase::Watched(Box::pin(end.clone().cancelled_owned()), end)
 }
 

@@ -246,6 +246,45 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
     send(builder.body(Full::new(Bytes::new())).unwrap()).await
 }
 
+/// `GET url` with `fields`, whose answer streams (an event stream): its body, once its first
+/// frame arrived.
+pub async fn open_stream(url: &str, fields: &[(&str, &str)]) -> hyper::body::Incoming {
+    let mut request = http::Request::get(url);
+    for (name, value) in fields {
+        request = request.header(*name, *value);
+    }
+    let response = client()
+        .request(request.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    assert!(matches!(first, Some(Ok(_))), "{url}: {first:?}");
+    body
+}
+
+/// Reads `body` for `long`: `Ok` with the frames read if it kept flowing all along, `Err` with
+/// them if it ended (with an error or not) before.
+pub async fn flows_for(
+    body: &mut hyper::body::Incoming,
+    long: std::time::Duration,
+) -> Result<usize, usize> {
+    let deadline = std::time::Instant::now() + long;
+    let mut read = 0usize;
+    while std::time::Instant::now() < deadline {
+        let second = std::time::Duration::from_secs(1);
+        match tokio::time::timeout(second, body.frame()).await {
+            Ok(Some(Ok(_))) => read += 1,
+            Ok(_) => return Err(read),
+            Err(_) => {}
+        }
+    }
+    Ok(read)
+}
+
 /// A proxy on `port` in front of the real provider at `issuer`, with `extra` appended.
 pub fn login_config(port: u16, issuer: &str, extra: &str) -> String {
     format!(

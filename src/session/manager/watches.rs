@@ -395,6 +395,12 @@ impl SessionWatch {
 pub struct Founds(watch::Receiver<Option<Found>>);
 
 impl Founds {
+    /// The session as the latest read of any of its watches found it alive, if one has, whether
+    /// or not [`Founds::next`] returned it.
+    pub fn latest(&self) -> Option<Found> {
+        self.0.borrow().clone()
+    }
+
     /// Returns the session as the next read of any of its watches (this one's too) found it
     /// alive ([`SessionWatch::share`]). Never while none comes.
     pub async fn next(&mut self) -> Found {

@@ -507,6 +507,91 @@ async fn a_refreshed_id_token_naming_a_weaker_sign_in_ends_the_step_up_though_us
     );
 }
 
+/// A stream opened on a step-up route with the `acr` it asks for (an admin console's
+/// WebSocket, an event stream) went on after a refresh's ID token named a weaker sign-in: new
+/// requests were asked for the step-up, the open stream was never checked again. It closes
+/// once the session's `acr` falls; a refresh that keeps it (an ID token without `acr`) leaves
+/// it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_step_up_route_closes_when_a_refresh_brings_a_weaker_acr() {
+    let up = upstream::start().await;
+    let u = up.url();
+    let mut fake = Fake::start(&format!(
+        "[[routes]]\npath = \"/secure/\"\nupstream = \"{u}\"\ntoken = \"user\"\n\
+         auth = \"required\"\nacr_values = [\"mfa\"]\n\
+         [[routes]]\npath = \"/open/\"\nupstream = \"{u}\"\ntoken = \"user\"\n\
+         auth = \"required\"\n"
+    ))
+    .await;
+    let (q, r) = fake
+        .login(
+            "/bff/login?returnUrl=/&acr_values=mfa",
+            Duration::ZERO,
+            with(Some("mfa"), Some(now())),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let cookie = fake
+        .browser
+        .jar
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let stream = [("cookie", cookie.as_str()), ("x-csrf", "1")];
+    let mut feed = open_stream(&fake.proxy.url("/secure/ticks"), &stream).await;
+    // A refresh (asked for by a call on another route) whose ID token says `acr` is `acr`.
+    let refresh = |fake: &mut Fake, n: u32, acr: Option<&str>| {
+        let mut c = claims(&fake.idp.issuer, &q["nonce"]);
+        if let Some(acr) = acr {
+            c["acr"] = json!(acr);
+        }
+        let id_token = fake.signer.token(TestKey::Rsa1).kid("k1").sign(&c);
+        fake.idp.state.script(
+            "refresh_token",
+            200,
+            json!({
+                "access_token": format!("fake-access-{n}"), "token_type": "Bearer",
+                "expires_in": 300, "refresh_token": format!("fake-refresh-{n}"),
+                "id_token": id_token,
+            }),
+        );
+        fake.clock.advance(Duration::from_secs(300));
+        let url = fake.proxy.url("/open/x");
+        let mut browser = fake.browser.clone();
+        async move {
+            let r = browser.get(&url, &[("x-csrf", "1")]).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["headers"]["authorization"].clone()
+        }
+    };
+    refresh(&mut fake, 2, None).await;
+    assert!(
+        flows_for(&mut feed, Duration::from_secs(3)).await.is_ok(),
+        "a refresh that kept the sign-in cut the stream"
+    );
+    refresh(&mut fake, 3, Some("pwd")).await;
+    let again = fake
+        .browser
+        .get(&fake.proxy.url("/secure/x"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(reason_of(&again).as_deref(), Some("step_up_required"));
+    let after = flows_for(&mut feed, Duration::from_secs(5)).await;
+    assert!(
+        after.is_err(),
+        "the stream went on after the session's acr fell to pwd ({after:?} frames)"
+    );
+}
+
+/// The `error` of a JSON refusal.
+fn reason_of(r: &Reply) -> Option<String> {
+    serde_json::from_slice::<Value>(&r.body)
+        .ok()?
+        .get("error")?
+        .as_str()
+        .map(String::from)
+}
+
 /// OpenID Connect Core §12.2: a refreshed ID token's `auth_time` is that of the original
 /// sign-in. A refresh happens without the user; one whose ID token dates the sign-in later
 /// must not make a route with `max_age` take the session for a recent sign-in.

@@ -1,6 +1,7 @@
 //! A real upstream HTTP server on port 0 that records what it saw and answers by path:
 //! `/slow` waits, `/big?n=BYTES` streams a large body, `/upload` counts a streamed body,
-//! `/ws` upgrades and echoes bytes, `/set-cookie?a,b` answers with a `Set-Cookie` for each name
+//! `/ws` upgrades and echoes bytes, `/ticks` is an event stream (a line every 100 ms, for
+//! ever), `/set-cookie?a,b` answers with a `Set-Cookie` for each name
 //! (`/set-cookie-bytes?a,b`: each deleted, with a value that is not UTF-8)
 //! listed, `/status401` answers 401 `invalid_token`, `/challenge401` answers 401 with the
 //! request's `X-Challenge` fields as its `WWW-Authenticate` (and its `X-DPoP-Nonce` as
@@ -126,6 +127,18 @@ async fn handle(
             (0..chunks).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
         );
         return Ok(Response::new(BodyExt::boxed(StreamBody::new(stream))));
+    }
+    if path.ends_with("/ticks") {
+        let ticks = futures_util::stream::unfold(0u64, |n| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let line = Bytes::from(format!("data: tick {n}\n\n"));
+            Some((Ok::<_, Infallible>(Frame::data(line)), n + 1))
+        });
+        let response = Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(ticks)))
+            .unwrap();
+        return Ok(response);
     }
     if path.ends_with("/upload") {
         let mut body = req.into_body();
