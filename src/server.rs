@@ -385,7 +385,7 @@ mod tests {
         let (connections, incoming) = mpsc::unbounded_channel();
         let counter = ConnectionCount(
             Arc::new(AtomicUsize::new(open)),
-            metrics::gauge!("vestibule_connections_open_test"),
+            metrics::gauge!("vestibule_connections_open", "worker" => "test"),
         );
         let finished = oneshot::channel().1;
         let worker = Worker {
