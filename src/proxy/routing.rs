@@ -156,7 +156,7 @@ pub fn options(route: &RouteConfig) -> PathOptions {
 /// upstreams that route case-insensitively (ASP.NET, IIS, Spring with its option on) serve
 /// `/api/BETA/x` as `/api/beta/x`, so it must meet the `/api/beta/` route's policy. A
 /// case-sensitive upstream just answers 404 to the other spelling.
-fn owns(route: &RouteConfig, path: &str) -> bool {
+pub(super) fn owns(route: &RouteConfig, path: &str) -> bool {
     strip_prefix_any_case(path, route.path.trim_end_matches('/'))
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

@@ -6,9 +6,11 @@
 //! 201 after `PUT` or `MKCOL`, a redirect) is written back as the public path the route maps
 //! to it ([`public_location`]). Owns nothing else of WebDAV.
 
+use super::path;
 use super::routing::{self, Destination, Resolved, RouteTable};
 use crate::config::{RouteConfig, Target};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 pub const DESTINATION: HeaderName = HeaderName::from_static("destination");
@@ -116,7 +118,19 @@ pub fn public_location(
     } else {
         ""
     };
-    let public = format!("{origin}{prefix}{below}{suffix}");
+    let path = format!("{prefix}{below}");
+    // Only a canonical path the route owns: cut off its base, the upstream's own
+    // `/store//evil.example` (or `/\evil`, `/.`, `/..`) would read as another site, and
+    // `/store/other` as another route's path. Those pass as they came.
+    if !routing::owns(route, &path)
+        || !matches!(
+            path::canonicalize(&path, routing::options(route)),
+            Ok(Cow::Borrowed(_))
+        )
+    {
+        return None;
+    }
+    let public = format!("{origin}{path}{suffix}");
     HeaderValue::from_str(&public).ok()
 }
 
@@ -167,5 +181,19 @@ mod tests {
         // A base path alone, without `strip_prefix`.
         let based = dav(false, "http://files.internal:8080/store");
         assert_eq!(public(&based, "/store/dav/a").as_deref(), Some("/dav/a"));
+        // Never a path that leaves the site or the route once the base is cut off.
+        let everything = crate::proxy::routing::tests::route_to("/", "http://f:8080/store", false);
+        for hostile in [
+            "/store//evil.example/x",
+            "/store/\\evil.example",
+            "/store/\t/evil.example",
+            "/store/./x",
+            "/store/a/../x",
+            "http://f:8080/store//evil.example",
+        ] {
+            assert_eq!(public(&everything, hostile), None, "{hostile:?}");
+        }
+        assert_eq!(public(&based, "/store/other/x"), None);
+        assert_eq!(public(&based, "/store/dav/../x"), None);
     }
 }

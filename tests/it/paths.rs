@@ -729,5 +729,45 @@ async fn an_upstreams_content_location_under_strip_prefix_names_the_public_path(
     )
     .await;
     assert_eq!(r.header("content-location"), Some("/files/new"));
+}
+
+/// The rewrite must never make a `Location` leave the site or the route. An upstream's
+/// `/store//evil.example/x` (or `/store/\evil.example`, a tab after the slash) is a path on
+/// the upstream's own host, as is the site's `/store//evil.example/x` when relayed as it came;
+/// with the base path cut off and nothing put in front (a route at `/`, or one keeping its
+/// prefix), it became `//evil.example/x`, which browsers follow to another site. A path below
+/// the base that the route does not map back to (`/store/other/x` behind `/dav/`) is another
+/// route's public path, not this upstream's: left as it came too.
+#[tokio::test]
+async fn a_rewritten_location_never_leaves_the_site_or_the_route() {
+    let u = locating_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/dav/\"\nupstream = \"{u}/store\"\n\
+         [[routes]]\npath = \"/\"\nupstream = \"{u}/store\"\n"
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    let mut failures = Vec::new();
+    for (at, sent) in [
+        ("/x", "/store//evil.example/x"),
+        ("/x", "/store/\\evil.example/x"),
+        ("/x", "/store/\t/evil.example/x"),
+        ("/x", "/store/./\\evil.example"),
+        ("/x", "/store/a/../\\evil.example"),
+        ("/dav/x", "/store/other/x"),
+        ("/dav/x", "/store/dav/../other/x"),
+    ] {
+        let r = get(&proxy.url(at), &[("x-status", "302"), ("x-location", sent)]).await;
+        let got = r.header("location").unwrap_or_default().to_string();
+        if got != sent {
+            failures.push(format!("{at} {sent:?}: Location {got:?}, not as it came"));
+        }
+    }
+    // The common case still maps.
+    let r = get(
+        &proxy.url("/dav/x"),
+        &[("x-status", "201"), ("x-location", "/store/dav/new/")],
+    )
+    .await;
+    assert_eq!(r.header("location"), Some("/dav/new/"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
