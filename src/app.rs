@@ -1114,10 +1114,21 @@ fn private_to_shared_caches(headers: &mut HeaderMap, sharing: Sharing) {
 }
 
 /// The directives of a `Cache-Control` field: (name, whole directive), trimmed, empty ones
-/// skipped. A comma inside a quoted argument splits it too, which only ever keeps both halves.
+/// skipped. A comma inside a quoted argument (`no-cache="a, private"`, RFC 9110 §5.6.4, with
+/// its `\` escapes) is the argument's: what it holds is no directive, as caches read it.
 fn directives(field: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let (mut quoted, mut escaped) = (false, false);
     field
-        .split(|b| *b == b',')
+        .split(move |&b| {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if quoted => escaped = true,
+                b'"' => quoted = !quoted,
+                b',' => return !quoted,
+                _ => {}
+            }
+            false
+        })
         .map(<[u8]>::trim_ascii)
         .filter(|d| !d.is_empty())
         .map(|directive| {
@@ -1431,6 +1442,33 @@ mod tests {
         let mut names: Vec<&str> = headers.keys().map(http::HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["cache-control", "etag"]);
+    }
+
+    /// A `private` or `no-store` inside a quoted argument (`no-cache="a, private, b"`: field
+    /// names) is no directive: a cache reads `max-age=600` alone, and stores the answer for
+    /// everyone. Nor is a quoted `public` one.
+    #[test]
+    fn a_word_inside_a_quoted_argument_is_no_directive() {
+        let text = |fields: Vec<Vec<u8>>| -> Vec<String> {
+            fields
+                .into_iter()
+                .map(|f| String::from_utf8(f).unwrap())
+                .collect()
+        };
+        let never = |fields: &[&[u8]]| text(cache_control_as(fields, Sharing::Never));
+        for quoted in [
+            &b"max-age=600, no-cache=\"a, private, b\""[..],
+            b"max-age=600, no-cache=\"a,no-store,b\"",
+            b"max-age=600, x=\"\\\", private, \\\"\"",
+        ] {
+            let expected = format!("private, {}", std::str::from_utf8(quoted).unwrap());
+            assert_eq!(never(&[quoted]), [expected.clone()]);
+            assert_eq!(text(cache_control(&[quoted])), [expected]);
+        }
+        assert_eq!(
+            never(&[b"no-cache=\"a, public, b\", max-age=5"]),
+            ["private, no-cache=\"a, public, b\", max-age=5"]
+        );
     }
 
     /// A `401` with these `WWW-Authenticate` fields.
