@@ -1462,7 +1462,7 @@ mod tests {
             b"max-age=600, x=\"\\\", private, \\\"\"",
         ] {
             let expected = format!("private, {}", std::str::from_utf8(quoted).unwrap());
-            assert_eq!(never(&[quoted]), [expected.clone()]);
+            assert_eq!(never(&[quoted]), std::slice::from_ref(&expected));
             assert_eq!(text(cache_control(&[quoted])), [expected]);
         }
         assert_eq!(
