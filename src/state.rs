@@ -97,21 +97,24 @@ pub struct Shared {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
-/// Whether one of the request's later session cookies (`later`) opens to another session than
-/// `handle`'s; then the request has no session. Vestibule's own cookie is host-only with `Path=/`, so a browser holds one; a second
+/// Whether one of the request's other session cookies (`others`, before or after the one
+/// found) opens to another session than `handle`'s, live or not; then the request has no
+/// session. Vestibule's own cookie is host-only with `Path=/`, so a browser holds one; a second
 /// of its name was set for a wider domain or a longer path — by a sibling subdomain, say
 /// ("cookie tossing"; the `__Host-` prefix forbids it), holding a session of the setter's own,
 /// and sent first where its path is longer. Taking the first that opens would then serve the
 /// user's requests under that path as someone else. Neither is taken: the request has no
 /// session. A value that opens to nothing, or to the same session, changes nothing; one
-/// before the one found opened to no live session. Asked with the handle, not the session, so
+/// before the one found that opens to an ended session counts as one after it does (the
+/// victim's own cookie, older, comes first on the same path, and outlives her session: it
+/// was skipped, and the attacker's taken). Asked with the handle, not the session, so
 /// that the session is not moved on the way (every request's path).
 fn names_another<'h>(
     sessions: &Sessions,
-    mut later: impl Iterator<Item = &'h [u8]>,
+    mut others: impl Iterator<Item = &'h [u8]>,
     handle: &crate::session::manager::Handle,
 ) -> bool {
-    let another = later.any(|value| sessions.names_another_session(value, handle));
+    let another = others.any(|value| sessions.names_another_session(value, handle));
     if another {
         tracing::warn!(
             "a request's session cookies name two sessions (a cookie of the session cookie's \
@@ -189,7 +192,10 @@ impl Shared {
             match sessions.load_cached(value, now) {
                 Cached::Known(None) => {}
                 Cached::Known(Some(found)) => {
-                    let another = names_another(sessions, values.map(|(_, v)| v), &found.handle);
+                    let others = crate::cookies::raw_values(headers, name)
+                        .take(at)
+                        .chain(values.map(|(_, v)| v));
+                    let another = names_another(sessions, others, &found.handle);
                     return Found::Session((!another).then_some(found));
                 }
                 // The span goes on with the store's read: one span for the whole load.
@@ -211,14 +217,17 @@ impl Shared {
         use tracing::Instrument;
         async {
             let name = &live.config.session.cookie_name;
-            let mut values = crate::cookies::raw_values(headers, name).skip(at + 1);
+            let all = || crate::cookies::raw_values(headers, name);
+            let mut values = all().enumerate().skip(at + 1);
             if let Some(loaded) = sessions.load_stored(stored, now).await? {
-                let another = names_another(sessions, values, &loaded.handle);
+                let others = all().take(at).chain(values.map(|(_, v)| v));
+                let another = names_another(sessions, others, &loaded.handle);
                 return Ok((!another).then_some(loaded));
             }
-            while let Some(value) = values.next() {
+            while let Some((found_at, value)) = values.next() {
                 if let Some(loaded) = sessions.load(value, now).await? {
-                    let another = names_another(sessions, values, &loaded.handle);
+                    let others = all().take(found_at).chain(values.map(|(_, v)| v));
+                    let another = names_another(sessions, others, &loaded.handle);
                     return Ok((!another).then_some(loaded));
                 }
             }

@@ -1336,6 +1336,112 @@ async fn two_session_cookies_of_different_sessions_are_no_session_in_either_orde
     }
 }
 
+/// The tossed cookie beside the victim's own once her session has ended (idle, a back-channel
+/// logout) while her browser still sends its cookie: hers first (the older of two cookies of
+/// one path), the attacker's after. Hers opens, to a session no longer live, and was skipped,
+/// so the attacker's was taken: back after a break she was served as him (her uploads into his
+/// account) instead of asked to sign in. In the other order the check already saw her cookie
+/// (a later value counts live or not); an earlier one must count the same.
+#[tokio::test]
+async fn a_tossed_session_cookie_is_no_session_beside_the_users_ended_one_in_either_order() {
+    let (up, proxy, alice) = signed_in_on_api().await;
+    let mallory = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "mallory".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(proxy.signed_in(&alice).await);
+    assert_eq!(proxy.app.sessions.end_by_sub("alice").await.unwrap(), 1);
+    assert!(!proxy.signed_in(&alice).await, "alice's session ended");
+    assert!(proxy.signed_in(&mallory).await);
+    for both in [format!("{alice}; {mallory}"), format!("{mallory}; {alice}")] {
+        let answer = get(
+            &proxy.url("/bff/user"),
+            &[("cookie", &both), ("x-csrf", "1")],
+        )
+        .await;
+        assert_eq!(
+            answer.status,
+            401,
+            "{both}: {} answered as {}",
+            answer.status,
+            answer.text()
+        );
+        let api = get(
+            &proxy.url("/api/upload"),
+            &[("cookie", &both), ("x-csrf", "1")],
+        )
+        .await;
+        assert_eq!(api.status, 401, "{both}: the API route");
+    }
+    // Neither cookie known to the session cache yet (the store asked about the tossed one, or
+    // about both): the same.
+    let session = |sub: &str| {
+        proxy.session_cookie(vestibule::session::model::Session {
+            sub: sub.into(),
+            ..Default::default()
+        })
+    };
+    let (bob, mallory) = (session("bob").await, session("mallory").await);
+    assert_eq!(proxy.app.sessions.end_by_sub("bob").await.unwrap(), 1);
+    let fresh = session("mallory").await;
+    for both in [format!("{bob}; {mallory}"), format!("{alice}; {fresh}")] {
+        let answer = get(
+            &proxy.url("/bff/user"),
+            &[("cookie", &both), ("x-csrf", "1")],
+        )
+        .await;
+        assert_eq!(answer.status, 401, "{both}: answered as {}", answer.text());
+    }
+    assert_eq!(up.count(), 0, "no request went out as mallory");
+}
+
+/// The same after an idle timeout, with the victim's session still in the session cache (the
+/// cookie before the tossed one is told dead without the store): the tossed one asked of the
+/// store, then known to the cache.
+#[tokio::test]
+async fn a_tossed_session_cookie_is_no_session_beside_the_users_idle_one() {
+    let up = upstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
+        up.url()
+    );
+    let clock = vestibule::clock::TestClock::new();
+    let proxy = start_proxy_with_clock(&config_text(&routes), clock.clock()).await;
+    let session = |sub: &str| {
+        let (app, now) = (proxy.app.clone(), clock.clock().now());
+        let sub = sub.to_string();
+        async move {
+            let session = vestibule::session::model::Session {
+                sub,
+                ..Default::default()
+            };
+            let (value, _) = app.sessions.create(session, now).await.unwrap();
+            format!("vestibule={value}")
+        }
+    };
+    let alice = session("alice").await;
+    let api = |cookie: String| {
+        let url = proxy.url("/api/upload");
+        async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await }
+    };
+    assert_eq!(api(alice.clone()).await.status, 200);
+    clock.advance(std::time::Duration::from_secs(31 * 60));
+    assert_eq!(
+        api(alice.clone()).await.status,
+        401,
+        "alice's session idled out"
+    );
+    let mallory = session("mallory").await;
+    let before = up.count();
+    for round in ["the store asked", "the cache"] {
+        let answer = api(format!("{alice}; {mallory}")).await;
+        assert_eq!(answer.status, 401, "{round}: {}", answer.text());
+    }
+    assert_eq!(up.count(), before, "no request went out as mallory");
+}
+
 /// An upstream behind a gate it does not see (`auth = "required"`, `require`, `feature`: all
 /// decided by Vestibule from the cookie) may well say its answer is for everyone: a static
 /// server's `public, max-age=31536000`, an API's `s-maxage`, a CDN's own field. A shared cache
