@@ -7,6 +7,7 @@
 
 mod common;
 
+mod baggage;
 mod config_parse;
 mod cookie_open;
 mod jws_parse;
@@ -24,7 +25,8 @@ use libfuzzer_sys::fuzz_target;
 const VARIABLE: &str = "VESTIBULE_FUZZ_TARGET";
 
 /// Every target by name (its module's and its corpus directory's).
-const TARGETS: [(&str, fn(&[u8])); 9] = [
+const TARGETS: [(&str, fn(&[u8])); 10] = [
+    ("baggage", baggage::fuzz),
     ("config_parse", config_parse::fuzz),
     ("cookie_open", cookie_open::fuzz),
     ("jws_parse", jws_parse::fuzz),

@@ -28,7 +28,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{Layer, Registry};
 
-mod baggage;
+pub mod baggage;
 mod incoming;
 
 pub use incoming::vet_trusted;
