@@ -54,7 +54,10 @@ fn choose() {
             std::process::exit(2);
         }
         None => {
-            eprintln!("{VARIABLE}={wanted:?} is no fuzz target; there are: {}", names());
+            eprintln!(
+                "{VARIABLE}={wanted:?} is no fuzz target; there are: {}",
+                names()
+            );
             std::process::exit(2);
         }
     }

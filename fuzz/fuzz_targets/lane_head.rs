@@ -14,8 +14,8 @@ use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::Runtime;
-use vestibule::server::framing::Guarded;
 use vestibule::proxy::headers::{RecentNames, strip_hop_by_hop};
+use vestibule::server::framing::Guarded;
 use vestibule::server::lane::take;
 
 /// Kept from input to input, as a connection keeps its last head's names.
@@ -99,9 +99,6 @@ async fn hyper_reads(head: &[u8]) -> Option<Read> {
         let mut sink = Vec::new();
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        tokio::join!(conn, write)
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(conn, write) }).await;
     seen.lock().unwrap_or_else(|p| p.into_inner()).take()
 }

@@ -16,7 +16,10 @@ fn assert_canonical(path: &str, options: PathOptions) {
     }
     let lower = path.to_ascii_lowercase();
     for escaped in ["%2e", "%41", "%61", "%30", "%7e", "%5f", "%2d"] {
-        assert!(!lower.contains(escaped), "{escaped} left escaped in {path:?}");
+        assert!(
+            !lower.contains(escaped),
+            "{escaped} left escaped in {path:?}"
+        );
     }
     match canonicalize(path, options) {
         Ok(again) => assert_eq!(again, path, "not a fixed point"),

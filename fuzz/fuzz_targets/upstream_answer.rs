@@ -44,7 +44,14 @@ pub fn fuzz(data: &[u8]) {
         assert!(answer.body.is_empty(), "a body where none can be");
     }
     let chunked = answer.transfer_encoding;
-    for hop in ["connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"] {
+    for hop in [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
         assert!(field(hop).is_empty(), "{hop} kept to be relayed");
     }
     if !no_body && !chunked {

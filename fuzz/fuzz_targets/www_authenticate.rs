@@ -40,7 +40,11 @@ pub fn fuzz(data: &[u8]) {
     assert!(read.len() <= MAX_CHALLENGES, "{} challenges", read.len());
     for c in &read {
         assert!(!c.scheme().is_empty(), "an empty scheme from {data:?}");
-        assert!(c.params().len() <= MAX_PARAMS, "{} params", c.params().len());
+        assert!(
+            c.params().len() <= MAX_PARAMS,
+            "{} params",
+            c.params().len()
+        );
     }
     if read.is_empty() {
         return;
