@@ -7,6 +7,7 @@
 //! Needs root and iproute2 (`ip`), as CI has; never skipped. The addresses are taken from
 //! 198.18.0.0/15 (RFC 2544, for benchmarking networks): this machine's own test hosts only.
 
+use super::redis::{RedisServer, count_keys_at, try_command_at};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -258,5 +259,104 @@ impl Drop for NetHost {
             .args(["link", "del", &self.here])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas), one of them — the *far* node — inside a
+/// [`NetHost`], across its link. The two near nodes listen on loopback and on the link's near
+/// address; every node announces (`cluster-announce-ip`) the address at which the others and the
+/// clients reach it, so the cluster bus between the far node and the near ones crosses the link
+/// too. [`NetHost::partition`] then cuts the far node off from its peers and from every client.
+///
+/// The node timeout is longer than the tests' cuts: no node is marked failed, nothing fails
+/// over and the cluster never refuses commands for want of the far node's slots. The link heals
+/// without a failover.
+pub struct LinkedCluster {
+    pub host: NetHost,
+    near: Vec<RedisServer>,
+}
+
+impl LinkedCluster {
+    const NODE_TIMEOUT: &str = "30000";
+
+    pub fn start() -> LinkedCluster {
+        let mut host = NetHost::start();
+        let cluster_args = |announce: &str| -> Vec<String> {
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                Self::NODE_TIMEOUT,
+                "--cluster-announce-ip",
+                announce,
+            ]
+            .map(String::from)
+            .into()
+        };
+        let far = cluster_args(&host.address.to_string());
+        host.start_redis_with(&far.iter().map(String::as_str).collect::<Vec<_>>());
+        let near_args = cluster_args(&host.near.to_string());
+        let near_args: Vec<&str> = near_args.iter().map(String::as_str).collect();
+        let near = (0..2)
+            .map(|_| RedisServer::start_also_on(host.near, &near_args))
+            .collect();
+        let cluster = LinkedCluster { host, near };
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(cluster.addresses().iter().map(ToString::to_string))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster.settled() {
+            assert!(Instant::now() < deadline, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// Every node, the far one first, where the others and the clients reach it.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        let mut all = vec![self.far()];
+        all.extend(
+            self.near
+                .iter()
+                .map(|n| SocketAddr::from((self.host.near, n.port()))),
+        );
+        all
+    }
+
+    /// The far node's address.
+    pub fn far(&self) -> SocketAddr {
+        SocketAddr::from((self.host.address, 6379))
+    }
+
+    /// Every node's URL, the far node's first.
+    pub fn urls(&self) -> Vec<String> {
+        self.addresses()
+            .iter()
+            .map(|a| format!("redis://{a}"))
+            .collect()
+    }
+
+    /// Every node sees a healthy cluster that knows all three.
+    pub fn settled(&self) -> bool {
+        self.addresses().iter().all(|&a| {
+            try_command_at(a, &["CLUSTER", "INFO"]).is_some_and(|info| {
+                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+            })
+        })
+    }
+
+    /// The number of keys matching `pattern` on the node at `addr`.
+    pub fn count_keys(&self, addr: SocketAddr, pattern: &str) -> usize {
+        count_keys_at(addr, pattern)
     }
 }

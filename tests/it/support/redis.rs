@@ -5,7 +5,7 @@
 
 use super::free_port;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -23,6 +23,8 @@ pub struct RedisServer {
     watchdog: Option<Child>,
     tls_port: Option<u16>,
     certs: Option<tempfile::TempDir>,
+    /// Where it listens besides loopback (see [`RedisServer::start_also_on`]).
+    also_on: Option<Ipv4Addr>,
 }
 
 impl RedisServer {
@@ -195,16 +197,39 @@ impl RedisServer {
         RedisServer::start_in(dir.expect("temporary directory"), &durable)
     }
 
+    /// A standalone server with extra `redis-server` arguments that also listens on `address`
+    /// (a local address other than loopback, e.g. this side of a [`super::netns::NetHost`]'s
+    /// link, so that a process in the namespace reaches it), without protected mode.
+    pub fn start_also_on(address: Ipv4Addr, extra: &[&str]) -> RedisServer {
+        let mut args = vec!["--protected-mode", "no"];
+        args.extend_from_slice(extra);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let args = RedisServer::args_in(&dir_path(&dir), &args);
+        RedisServer::launch_on(dir, args, Some(address))
+    }
+
     fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> RedisServer {
-        let mut args: Vec<String> = ["--save", "", "--appendonly", "no", "--dir"]
-            .map(String::from)
-            .into();
-        args.push(dir.path().display().to_string());
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args = RedisServer::args_in(&dir_path(&dir), extra);
         RedisServer::launch(dir, args)
     }
 
+    fn args_in(dir: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = ["--save", "", "--appendonly", "no", "--dir", dir]
+            .map(String::from)
+            .into();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    }
+
     fn launch(dir: tempfile::TempDir, args: Vec<String>) -> RedisServer {
+        RedisServer::launch_on(dir, args, None)
+    }
+
+    fn launch_on(
+        dir: tempfile::TempDir,
+        args: Vec<String>,
+        also_on: Option<Ipv4Addr>,
+    ) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: free_port(),
@@ -213,6 +238,7 @@ impl RedisServer {
             watchdog: None,
             tls_port: None,
             certs: None,
+            also_on,
         };
         let mut attempts = 0;
         loop {
@@ -232,6 +258,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(&self.args)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(self.also_on.map(|a| a.to_string()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -379,8 +406,17 @@ impl Drop for RedisServer {
     }
 }
 
+fn dir_path(dir: &tempfile::TempDir) -> String {
+    dir.path().display().to_string()
+}
+
 fn try_command(port: u16, args: &[&str]) -> Option<String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    try_command_at(SocketAddr::from(([127, 0, 0, 1], port)), args)
+}
+
+/// Sends one command to the server at `addr` and returns the raw reply (short replies only), or
+/// `None` without an answer within half a second.
+pub fn try_command_at(addr: SocketAddr, args: &[&str]) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_millis(500)))
@@ -470,7 +506,12 @@ impl RedisCluster {
 
 /// The number of keys matching `pattern` on the server at `port` (short replies only).
 pub fn count_keys(port: u16, pattern: &str) -> usize {
-    let reply = try_command(port, &["KEYS", pattern]).expect("KEYS answered");
+    count_keys_at(SocketAddr::from(([127, 0, 0, 1], port)), pattern)
+}
+
+/// [`count_keys`] on the server at `addr`.
+pub fn count_keys_at(addr: SocketAddr, pattern: &str) -> usize {
+    let reply = try_command_at(addr, &["KEYS", pattern]).expect("KEYS answered");
     reply
         .lines()
         .next()
