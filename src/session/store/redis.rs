@@ -3,10 +3,11 @@
 //! Records are hashes `{v: version, d: bytes}`; compare-and-set, lock extension and release are
 //! Lua scripts, so each touches one key (safe in Cluster). Every key and channel is prefixed with
 //! `key_prefix`. Commands go through a reconnecting connection (`ConnectionManager`, replaced
-//! when a standalone server answers READONLY, see [`link`]; the cluster connection; or a manager
-//! re-resolved through Sentinel after a failure) and each is bounded by
-//! the configured timeout (`[session.redis] timeout`), reconnecting included; every failure is
-//! `StoreError::Unavailable`, never "not found".
+//! when a standalone server answers READONLY, see [`link`]; the cluster connection, replaced as a
+//! whole after a command got no answer, see [`cluster`]; or a manager re-resolved through
+//! Sentinel after a failure) and each is bounded by the configured timeout (`[session.redis]
+//! timeout`), reconnecting included; every failure is `StoreError::Unavailable`, never "not
+//! found".
 //! Pub/sub uses its own connection, see [`pubsub`].
 //!
 //! A standalone server also gets one connection per serving worker: [`RedisStore::for_worker`]
@@ -14,6 +15,7 @@
 //! uses it, so a command sent from that runtime and its answer never wake another thread. The
 //! caller decides which handle a runtime uses; this module knows nothing of workers.
 
+mod cluster;
 mod eviction;
 mod link;
 mod pubsub;
@@ -23,8 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::{ClusterClient, ClusterConfig};
-use redis::cluster_async::ClusterConnection;
+use redis::cluster::ClusterClient;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     Client, Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
@@ -197,7 +198,8 @@ enum Conn {
     /// One server. Handles made by [`RedisStore::for_worker`] have a connection of their own;
     /// the others share this one.
     Single(Arc<link::Link>),
-    Cluster(ClusterConnection),
+    /// Replaced as a whole after a command gets no answer ([`cluster`]).
+    Cluster(Arc<cluster::ClusterLink>),
     Sentinel(Box<SentinelConn>),
 }
 
@@ -262,11 +264,7 @@ impl RedisStore {
                     builder = builder.certs(certificates(roots));
                 }
                 let client = builder.build().map_err(config_error)?;
-                let conn = client.get_pending_async_connection_with_config(
-                    ClusterConfig::new()
-                        .set_connection_timeout(connect_limit)
-                        .set_response_timeout(response_limit),
-                );
+                let conn = cluster::ClusterLink::new(client, (connect_limit, response_limit));
                 let clients = nodes
                     .iter()
                     .map(|n| open(n, roots.as_deref()))
@@ -274,7 +272,7 @@ impl RedisStore {
                 let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
                 let description = format!("cluster {}", nodes.join(", "));
                 (
-                    Conn::Cluster(conn),
+                    Conn::Cluster(Arc::new(conn)),
                     pubsub::Source::Clients(clients),
                     description,
                 )
@@ -389,10 +387,9 @@ impl RedisStore {
     fn timed_out(&self) {
         match &self.inner.conn {
             Conn::Single(shared) => self.own.as_ref().unwrap_or(shared).timed_out(),
-            // Not replaced: the cluster client retries on a node's connection through timeouts;
-            // a dead link to a node ends with the cluster's failover (a `MOVED` answer makes it
-            // connect anew) or, once healed, with TCP's retransmission.
-            Conn::Cluster(_) => {}
+            // Replaced as a whole once a new one reaches every master: the client retries on a
+            // node's connection through timeouts (see [`cluster`]).
+            Conn::Cluster(cluster) => cluster.timed_out(),
             // Asked of the Sentinels again: the master may have moved, or be cut off.
             Conn::Sentinel(sentinel) => sentinel.forget(),
         }
@@ -401,7 +398,7 @@ impl RedisStore {
     async fn attempt<T: FromRedisValue>(&self, op: &Op<'_>) -> RedisResult<T> {
         match &self.inner.conn {
             Conn::Single(shared) => self.own.as_ref().unwrap_or(shared).exec(op).await,
-            Conn::Cluster(cluster) => exec(op, &mut cluster.clone()).await,
+            Conn::Cluster(cluster) => cluster.exec(op).await,
             Conn::Sentinel(sentinel) => {
                 let mut manager = sentinel.manager().await?;
                 let result = exec(op, &mut manager).await;
