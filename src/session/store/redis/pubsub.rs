@@ -3,8 +3,8 @@
 //!
 //! The connection is re-established forever with capped backoff (none after an attempt that got
 //! no answer at all, as into a dead link: the next starts at once, so that the link's return is
-//! noticed within a second) and checked with a PING every second, so a silently dead socket is
-//! noticed. Messages published while it was down are lost,
+//! noticed within a second; with several nodes, at the next one) and checked with a PING every
+//! second, so a silently dead socket is noticed. Messages published while it was down are lost,
 //! so every subscriber receives [`RESYNC`](super::super::RESYNC) when the connection is lost and
 //! again when it is back: caches must then drop what they hold. [`Subscriber::live`] says whether
 //! the subscription is active, so that caches are not refilled while messages cannot arrive.
@@ -58,6 +58,19 @@ impl Source {
             Source::Sentinel(sentinel) => {
                 sentinel.async_get_client().await?.get_async_pubsub().await
             }
+        }
+    }
+
+    /// After a failed attempt: the next one begins with the next node. A node that does not
+    /// answer at all (cut off by a dead link) holds an attempt until its time limit, so the
+    /// nodes after it would otherwise never be tried, and a Redis Cluster with one node cut off
+    /// would have no subscription until that node is back, though the others carry every
+    /// message just as well.
+    fn next_first(&mut self) {
+        if let Source::Clients(clients) = self
+            && !clients.is_empty()
+        {
+            clients.rotate_left(1);
         }
     }
 }
@@ -141,6 +154,9 @@ async fn run(
         // published before it, no cache holds (RESYNC, and nothing is filed until `live`).
         let started = Instant::now();
         let attempt = subscribe(&mut source, &pattern).await;
+        if attempt.is_err() {
+            source.next_first();
+        }
         if let Err(Unsubscribed::TimedOut) = attempt {
             // No answer at all: the server or the link to it is dead (a partition drops every
             // packet). The attempt itself waited long enough, and its connection attempt would
@@ -258,7 +274,30 @@ fn glob_escape(prefix: &str) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
-    use super::glob_escape;
+    use super::{Source, glob_escape};
+
+    #[test]
+    fn after_a_failed_attempt_the_next_begins_with_the_next_node() {
+        let urls = [
+            "redis://10.0.0.1/",
+            "redis://10.0.0.2/",
+            "redis://10.0.0.3/",
+        ];
+        let clients = urls.map(|u| redis::Client::open(u).unwrap());
+        let mut source = Source::Clients(clients.to_vec());
+        let first = |source: &Source| match source {
+            Source::Clients(clients) => clients[0].get_connection_info().addr().to_string(),
+            Source::Sentinel(_) => unreachable!(),
+        };
+        assert_eq!(first(&source), "10.0.0.1:6379");
+        source.next_first();
+        assert_eq!(first(&source), "10.0.0.2:6379");
+        source.next_first();
+        source.next_first();
+        assert_eq!(first(&source), "10.0.0.1:6379");
+        let mut none = Source::Clients(Vec::new());
+        none.next_first();
+    }
 
     #[test]
     fn glob_characters_in_the_prefix_are_escaped() {
