@@ -262,25 +262,37 @@ impl Drop for NetHost {
     }
 }
 
-/// A Redis Cluster of three masters (no replicas), one of them — the *far* node — inside a
-/// [`NetHost`], across its link. The two near nodes listen on loopback and on the link's near
-/// address; every node announces (`cluster-announce-ip`) the address at which the others and the
-/// clients reach it, so the cluster bus between the far node and the near ones crosses the link
-/// too. [`NetHost::partition`] then cuts the far node off from its peers and from every client.
+/// A Redis Cluster of three masters, one of them — the *far* node — inside a [`NetHost`], across
+/// its link. The two near nodes listen on loopback and on the link's near address; every node
+/// announces (`cluster-announce-ip`) the address at which the others and the clients reach it,
+/// so the cluster bus between the far node and the near ones crosses the link too.
+/// [`NetHost::partition`] then cuts the far node off from its peers and from every client.
 ///
-/// The node timeout is longer than the tests' cuts: no node is marked failed, nothing fails
-/// over and the cluster never refuses commands for want of the far node's slots. The link heals
-/// without a failover.
+/// Made with [`LinkedCluster::start`], the node timeout is longer than the tests' cuts: no node
+/// is marked failed, nothing fails over and the cluster never refuses commands for want of the
+/// far node's slots — the link heals without a failover. With
+/// [`LinkedCluster::start_with_far_replica`], the far node has a replica this side, which takes
+/// over once the far node has been cut off for longer than the node timeout.
 pub struct LinkedCluster {
     pub host: NetHost,
     near: Vec<RedisServer>,
+    replica: Option<RedisServer>,
 }
 
 impl LinkedCluster {
-    const NODE_TIMEOUT: &str = "30000";
-
     pub fn start() -> LinkedCluster {
+        LinkedCluster::start_with(Duration::from_secs(30), false)
+    }
+
+    /// A cluster whose far node has a replica this side (in sync once this returns), with
+    /// `node_timeout`.
+    pub fn start_with_far_replica(node_timeout: Duration) -> LinkedCluster {
+        LinkedCluster::start_with(node_timeout, true)
+    }
+
+    fn start_with(node_timeout: Duration, replica: bool) -> LinkedCluster {
         let mut host = NetHost::start();
+        let node_timeout = node_timeout.as_millis().to_string();
         let cluster_args = |announce: &str| -> Vec<String> {
             [
                 "--cluster-enabled",
@@ -288,9 +300,11 @@ impl LinkedCluster {
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
-                Self::NODE_TIMEOUT,
+                &node_timeout,
                 "--cluster-announce-ip",
                 announce,
+                "--repl-diskless-sync-delay",
+                "0",
             ]
             .map(String::from)
             .into()
@@ -302,27 +316,58 @@ impl LinkedCluster {
         let near = (0..2)
             .map(|_| RedisServer::start_also_on(host.near, &near_args))
             .collect();
-        let cluster = LinkedCluster { host, near };
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(cluster.addresses().iter().map(ToString::to_string))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+        let mut cluster = LinkedCluster {
+            host,
+            near,
+            replica: None,
+        };
+        redis_cli(
+            &["--cluster", "create"],
+            cluster.addresses(),
+            &["--cluster-replicas", "0", "--cluster-yes"],
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !cluster.settled() {
-            assert!(Instant::now() < deadline, "the cluster did not settle");
-            std::thread::sleep(Duration::from_millis(50));
+        cluster.wait_settled();
+        if replica {
+            let replica = RedisServer::start_also_on(cluster.host.near, &near_args);
+            let at = SocketAddr::from((cluster.host.near, replica.port()));
+            let far_id = try_command_at(cluster.far(), &["CLUSTER", "MYID"])
+                .and_then(|reply| reply.lines().nth(1).map(str::to_owned))
+                .expect("the far node's id");
+            redis_cli(
+                &["--cluster", "add-node"],
+                vec![at, cluster.far()],
+                &["--cluster-slave", "--cluster-master-id", &far_id],
+            );
+            cluster.replica = Some(replica);
+            cluster.wait_settled();
         }
         cluster
     }
 
-    /// Every node, the far one first, where the others and the clients reach it.
+    fn wait_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.settled() {
+            assert!(Instant::now() < deadline, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The far node's replica, where the others and the clients reach it.
+    pub fn replica(&self) -> Option<SocketAddr> {
+        self.replica
+            .as_ref()
+            .map(|r| SocketAddr::from((self.host.near, r.port())))
+    }
+
+    /// Whether the far node's replica is a master now.
+    pub fn replica_took_over(&self) -> bool {
+        self.replica()
+            .and_then(|at| try_command_at(at, &["ROLE"]))
+            .is_some_and(|role| role.contains("master"))
+    }
+
+    /// Every master the cluster was made with, the far one first, where the others and the
+    /// clients reach it.
     pub fn addresses(&self) -> Vec<SocketAddr> {
         let mut all = vec![self.far()];
         all.extend(
@@ -346,12 +391,17 @@ impl LinkedCluster {
             .collect()
     }
 
-    /// Every node sees a healthy cluster that knows all three.
+    /// Every node sees a healthy cluster that knows every node, and the replica (if any) has
+    /// its master's data.
     pub fn settled(&self) -> bool {
-        self.addresses().iter().all(|&a| {
-            try_command_at(a, &["CLUSTER", "INFO"]).is_some_and(|info| {
-                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
-            })
+        let nodes = self.addresses().into_iter().chain(self.replica());
+        let known = format!("cluster_known_nodes:{}", nodes.clone().count());
+        nodes.clone().all(|a| {
+            try_command_at(a, &["CLUSTER", "INFO"])
+                .is_some_and(|info| info.contains("cluster_state:ok") && info.contains(&known))
+        }) && self.replica().is_none_or(|at| {
+            try_command_at(at, &["INFO", "replication"])
+                .is_some_and(|info| info.contains("master_link_status:up"))
         })
     }
 
@@ -359,4 +409,19 @@ impl LinkedCluster {
     pub fn count_keys(&self, addr: SocketAddr, pattern: &str) -> usize {
         count_keys_at(addr, pattern)
     }
+}
+
+/// Runs `redis-cli` with `before`, the node addresses `nodes`, then `after`; panics if it fails.
+fn redis_cli(before: &[&str], nodes: Vec<SocketAddr>, after: &[&str]) {
+    let out = Command::new("redis-cli")
+        .args(before)
+        .args(nodes.iter().map(ToString::to_string))
+        .args(after)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
+    assert!(
+        out.status.success(),
+        "redis-cli {before:?} failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
