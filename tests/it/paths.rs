@@ -587,6 +587,40 @@ async fn locating_upstream() -> String {
     url
 }
 
+/// The locating upstream behind `/dav/` (its `/files`, `strip_prefix`) and `/` (as it is): the
+/// upstream's URL and the proxy.
+async fn dav_behind_strip_prefix() -> (String, Proxy) {
+    let u = locating_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath = \"/dav/\"\nupstream = \"{u}/files\"\nstrip_prefix = true\n\
+         [[routes]]\npath = \"/\"\nupstream = \"{u}\"\n"
+    );
+    let proxy = start_proxy(&config_text(&routes)).await;
+    (u, proxy)
+}
+
+/// For each `(status, sent, expected)`: a request to `path` whose upstream answers `status`
+/// with `field` set to `sent`; a line for each answer whose `field` is not `expected`.
+async fn rewrites(
+    proxy: &Proxy,
+    path: &str,
+    field: &str,
+    cases: impl IntoIterator<Item = (&str, String, String)>,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let echo = format!("x-{field}");
+    for (status, sent, expected) in cases {
+        let r = get(&proxy.url(path), &[("x-status", status), (&echo, &sent)]).await;
+        let got = r.header(field).unwrap_or_default().to_string();
+        if got != expected {
+            failures.push(format!(
+                "{status} {sent}: {field} {got:?}, not {expected:?}"
+            ));
+        }
+    }
+    failures
+}
+
 /// Under `strip_prefix` (and a base path) the upstream names its own paths: a WebDAV server's
 /// 201 after `PUT` or `MKCOL` says `Location: /files/new/`, a redirect says where the
 /// upstream's `/files/x/` is. Relayed as they came, the client follows a path Vestibule gives
@@ -595,15 +629,9 @@ async fn locating_upstream() -> String {
 /// maps to it (a URL on `public_url`); any other is left alone.
 #[tokio::test]
 async fn an_upstreams_location_under_strip_prefix_names_the_public_path() {
-    let u = locating_upstream().await;
-    let routes = format!(
-        "[[routes]]\npath = \"/dav/\"\nupstream = \"{u}/files\"\nstrip_prefix = true\n\
-         [[routes]]\npath = \"/\"\nupstream = \"{u}\"\n"
-    );
-    let proxy = start_proxy(&config_text(&routes)).await;
+    let (u, proxy) = dav_behind_strip_prefix().await;
     let public = "http://127.0.0.1:8080";
-    let mut failures = Vec::new();
-    for (status, sent, expected) in [
+    let cases = [
         (
             "201",
             "/files/new/doc.txt".to_string(),
@@ -632,19 +660,8 @@ async fn an_upstreams_location_under_strip_prefix_names_the_public_path() {
             "https://elsewhere.example/files/x".to_string(),
         ),
         ("302", "x/y".to_string(), "x/y".to_string()),
-    ] {
-        let r = get(
-            &proxy.url("/dav/put"),
-            &[("x-status", status), ("x-location", &sent)],
-        )
-        .await;
-        let got = r.header("location").unwrap_or_default().to_string();
-        if got != expected {
-            failures.push(format!(
-                "{status} {sent}: Location {got:?}, not {expected:?}"
-            ));
-        }
-    }
+    ];
+    let failures = rewrites(&proxy, "/dav/put", "location", cases).await;
     // A route that maps paths as they are leaves its upstream's `Location` alone.
     let r = get(
         &proxy.url("/other"),
@@ -662,15 +679,9 @@ async fn an_upstreams_location_under_strip_prefix_names_the_public_path() {
 /// status; one that is not on the upstream below its base passes as it came.
 #[tokio::test]
 async fn an_upstreams_content_location_under_strip_prefix_names_the_public_path() {
-    let u = locating_upstream().await;
-    let routes = format!(
-        "[[routes]]\npath = \"/dav/\"\nupstream = \"{u}/files\"\nstrip_prefix = true\n\
-         [[routes]]\npath = \"/\"\nupstream = \"{u}\"\n"
-    );
-    let proxy = start_proxy(&config_text(&routes)).await;
+    let (u, proxy) = dav_behind_strip_prefix().await;
     let public = "http://127.0.0.1:8080";
-    let mut failures = Vec::new();
-    for (status, sent, expected) in [
+    let cases = [
         (
             "200",
             "/files/doc.en.txt".to_string(),
@@ -695,19 +706,9 @@ async fn an_upstreams_content_location_under_strip_prefix_names_the_public_path(
             "https://elsewhere.example/files/x".to_string(),
         ),
         ("200", "doc.en.txt".to_string(), "doc.en.txt".to_string()),
-    ] {
-        let r = get(
-            &proxy.url("/dav/doc.txt"),
-            &[("x-status", status), ("x-content-location", &sent)],
-        )
-        .await;
-        let got = r.header("content-location").unwrap_or_default().to_string();
-        if got != expected {
-            failures.push(format!(
-                "{status} {sent}: Content-Location {got:?}, not {expected:?}"
-            ));
-        }
-    }
+    ];
+    let failures = rewrites(&proxy, "/dav/doc.txt", "content-location", cases).await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Both fields of one answer, each written back.
     let r = get(
         &proxy.url("/dav/put"),

@@ -913,6 +913,24 @@ async fn echoes(tcp: &mut tokio::net::TcpStream) -> bool {
         && &echoed == b"ping!"
 }
 
+/// Asserts that the event stream `feed` stops within `seconds.0` and then the WebSocket
+/// `tunnel` closes within `seconds.1`; `when` names the moment in a failure.
+async fn both_close(
+    feed: &mut hyper::body::Incoming,
+    tunnel: &mut tokio::net::TcpStream,
+    seconds: (u64, u64),
+    when: &str,
+) {
+    let after = flows_for(feed, Duration::from_secs(seconds.0)).await;
+    let closed = closes_within(tunnel, Duration::from_secs(seconds.1)).await;
+    assert!(
+        after.is_err() && closed,
+        "{when}: the event stream {} ({after:?} frames), the tunnel {}",
+        if after.is_err() { "closed" } else { "open" },
+        if closed { "closed" } else { "open" },
+    );
+}
+
 /// Whether `tcp`'s tunnel is closed by the proxy within `long`.
 async fn closes_within(tcp: &mut tokio::net::TcpStream, long: Duration) -> bool {
     let mut rest = Vec::new();
@@ -978,14 +996,7 @@ async fn a_stream_closes_when_a_reload_tightens_its_routes_policy() {
     );
     let refused = get(&proxy.url("/api/ticks"), &[("cookie", &cookie)]).await;
     assert_eq!(refused.status, 403, "{}", refused.text());
-    let after = flows_for(&mut feed, Duration::from_secs(5)).await;
-    let closed = closes_within(&mut tunnel, Duration::from_secs(5)).await;
-    assert!(
-        after.is_err() && closed,
-        "open after the reload: the event stream {} ({after:?} frames), the tunnel {}",
-        if after.is_err() { "closed" } else { "open" },
-        if closed { "closed" } else { "open" },
-    );
+    both_close(&mut feed, &mut tunnel, (5, 5), "open after the reload").await;
 }
 
 /// The same for streams opened without a session on a route anyone could use: a reload that
@@ -1006,14 +1017,7 @@ async fn an_anonymous_stream_closes_when_a_reload_makes_its_route_require_a_sign
     reload_with(&proxy, &config("required"));
     let refused = get(&proxy.url("/live/ticks"), &[("x-csrf", "1")]).await;
     assert!(matches!(refused.status, 401 | 302), "{}", refused.status);
-    let after = flows_for(&mut feed, Duration::from_secs(5)).await;
-    let closed = closes_within(&mut tunnel, Duration::from_secs(5)).await;
-    assert!(
-        after.is_err() && closed,
-        "open after the reload: the event stream {} ({after:?} frames), the tunnel {}",
-        if after.is_err() { "closed" } else { "open" },
-        if closed { "closed" } else { "open" },
-    );
+    both_close(&mut feed, &mut tunnel, (5, 5), "open after the reload").await;
 }
 
 /// A route with step-up's `max_age` asks for a sign-in at most that old whenever it is used. A
@@ -1040,16 +1044,10 @@ async fn a_stream_closes_once_its_sign_in_is_older_than_the_routes_max_age() {
         .await;
     let mut feed = open_stream(&proxy.url("/admin/ticks"), &[("cookie", &cookie)]).await;
     let mut tunnel = open_tunnel(&proxy, "/admin/ws", &format!("Cookie: {cookie}\r\n")).await;
-    let after = flows_for(&mut feed, Duration::from_secs(8)).await;
-    let closed = closes_within(&mut tunnel, Duration::from_secs(1)).await;
+    let when = "open 8 s after a sign-in a 3 s max_age asks for";
+    both_close(&mut feed, &mut tunnel, (8, 1), when).await;
     let refused = get(&proxy.url("/admin/ticks"), &[("cookie", &cookie)]).await;
     assert!(matches!(refused.status, 401 | 302), "{}", refused.status);
-    assert!(
-        after.is_err() && closed,
-        "open 8 s after a sign-in a 3 s max_age asks for: the event stream {} ({after:?} frames), the tunnel {}",
-        if after.is_err() { "closed" } else { "open" },
-        if closed { "closed" } else { "open" },
-    );
 }
 
 /// The same over HTTP/2 from the client (its stream is reset).
