@@ -192,9 +192,13 @@ impl Shared {
             match sessions.load_cached(value, now) {
                 Cached::Known(None) => {}
                 Cached::Known(Some(found)) => {
-                    let others = crate::cookies::raw_values(headers, name)
-                        .take(at)
-                        .chain(values.map(|(_, v)| v));
+                    // The cookies before it, looked up again only when there are any (a
+                    // request's one cookie costs no second lookup of its field).
+                    let earlier = (at > 0)
+                        .then(|| crate::cookies::raw_values(headers, name).take(at))
+                        .into_iter()
+                        .flatten();
+                    let others = earlier.chain(values.map(|(_, v)| v));
                     let another = names_another(sessions, others, &found.handle);
                     return Found::Session((!another).then_some(found));
                 }
