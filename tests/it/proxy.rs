@@ -1302,20 +1302,7 @@ async fn two_session_cookies_of_different_sessions_are_no_session_in_either_orde
             format!("{first}; {second}"),
             format!("{first}; pref=1; {second}"),
         ] {
-            let answer = user(both.clone()).await;
-            assert_eq!(
-                answer.status,
-                401,
-                "{both}: {} answered as {}",
-                answer.status,
-                answer.text()
-            );
-            let api = get(
-                &proxy.url("/api/upload"),
-                &[("cookie", &both), ("x-csrf", "1")],
-            )
-            .await;
-            assert_eq!(api.status, 401, "{both}: the API route");
+            no_session_with(&proxy, &both).await;
         }
     }
     assert_eq!(up.count(), 0, "no request went out as either of them");
@@ -1332,6 +1319,29 @@ async fn two_session_cookies_of_different_sessions_are_no_session_in_either_orde
             "{cookie}"
         );
     }
+}
+
+/// Asserts that a request carrying `cookies` has no session: `/bff/user` and the API route
+/// (`/api/upload`) both 401.
+async fn no_session_with(proxy: &Proxy, cookies: &str) {
+    let user = get(
+        &proxy.url("/bff/user"),
+        &[("cookie", cookies), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(
+        user.status,
+        401,
+        "{cookies}: {} answered as {}",
+        user.status,
+        user.text()
+    );
+    let api = get(
+        &proxy.url("/api/upload"),
+        &[("cookie", cookies), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(api.status, 401, "{cookies}: the API route");
 }
 
 /// The tossed cookie beside the victim's own once her session has ended (idle, a back-channel
@@ -1354,24 +1364,7 @@ async fn a_tossed_session_cookie_is_no_session_beside_the_users_ended_one_in_eit
     assert!(!proxy.signed_in(&alice).await, "alice's session ended");
     assert!(proxy.signed_in(&mallory).await);
     for both in [format!("{alice}; {mallory}"), format!("{mallory}; {alice}")] {
-        let answer = get(
-            &proxy.url("/bff/user"),
-            &[("cookie", &both), ("x-csrf", "1")],
-        )
-        .await;
-        assert_eq!(
-            answer.status,
-            401,
-            "{both}: {} answered as {}",
-            answer.status,
-            answer.text()
-        );
-        let api = get(
-            &proxy.url("/api/upload"),
-            &[("cookie", &both), ("x-csrf", "1")],
-        )
-        .await;
-        assert_eq!(api.status, 401, "{both}: the API route");
+        no_session_with(&proxy, &both).await;
     }
     // Neither cookie known to the session cache yet (the store asked about the tossed one, or
     // about both): the same.
