@@ -472,6 +472,8 @@ pub struct UpstreamBase {
     pub authority: http::uri::Authority,
     /// The same, as the `Host` header value.
     pub host: http::HeaderValue,
+    /// [`UpstreamBase::path`], found once here: every request forwarded asks for it.
+    path: Box<str>,
 }
 
 impl UpstreamBase {
@@ -486,17 +488,19 @@ impl UpstreamBase {
         let text = &url[url::Position::BeforeHost..url::Position::AfterPort];
         let authority = http::uri::Authority::try_from(text).ok()?;
         let host = http::HeaderValue::from_str(text).ok()?;
+        let path = url.path().trim_end_matches('/').into();
         Some(UpstreamBase {
             url,
             scheme,
             authority,
             host,
+            path,
         })
     }
 
     /// The base URL's path without its trailing slash ("" for none): forwarded paths go below it.
     pub fn path(&self) -> &str {
-        self.url.path().trim_end_matches('/')
+        &self.path
     }
 }
 
