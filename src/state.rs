@@ -222,15 +222,17 @@ impl Shared {
         async {
             let name = &live.config.session.cookie_name;
             let all = || crate::cookies::raw_values(headers, name);
+            // The cookies before the one at `at`, looked up again only when there are any.
+            let before = |at: usize| (at > 0).then(|| all().take(at)).into_iter().flatten();
             let mut values = all().enumerate().skip(at + 1);
             if let Some(loaded) = sessions.load_stored(stored, now).await? {
-                let others = all().take(at).chain(values.map(|(_, v)| v));
+                let others = before(at).chain(values.map(|(_, v)| v));
                 let another = names_another(sessions, others, &loaded.handle);
                 return Ok((!another).then_some(loaded));
             }
             while let Some((found_at, value)) = values.next() {
                 if let Some(loaded) = sessions.load(value, now).await? {
-                    let others = all().take(found_at).chain(values.map(|(_, v)| v));
+                    let others = before(found_at).chain(values.map(|(_, v)| v));
                     let another = names_another(sessions, others, &loaded.handle);
                     return Ok((!another).then_some(loaded));
                 }
