@@ -184,10 +184,17 @@ fn run(path: &std::path::Path) -> ExitCode {
         tokio::spawn(signals(app.clone(), shutdown.clone()));
         crate::server::serve(app, bound, shutdown).await
     });
+    // The runtime's threads are done logging; the log's queue is written out before the exit
+    // (and before the error printed directly, which follows the lines logged before it).
+    drop(rt);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            crate::telemetry::flush_logs();
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             tracing::error!("startup failed: {error:#}");
+            crate::telemetry::flush_logs();
             eprintln!("error: {error:#}");
             ExitCode::from(1)
         }

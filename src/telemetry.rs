@@ -4,6 +4,7 @@
 //! lists or from the configuration (route names), never from requests or upstreams' answers (a
 //! status is counted under its class unless it is a registered one: [`status_key`]).
 
+pub mod log_queue;
 pub mod otlp;
 pub mod trace;
 
@@ -15,7 +16,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
-/// Installs the global log subscriber (once; later calls are ignored).
+/// The log's queue to stderr, once [`init_logging`] has installed it.
+static LOG_QUEUE: OnceLock<log_queue::Queue> = OnceLock::new();
+
+/// How long [`flush_logs`] waits for stderr to take the lines queued: a stderr that takes
+/// nothing does not keep the process from exiting.
+pub const LOG_FLUSH_WITHIN: Duration = Duration::from_secs(5);
+
+/// Installs the global log subscriber (once; later calls are ignored). Lines go to stderr
+/// through a bounded queue and a thread of their own ([`log_queue`]): a stderr nobody reads
+/// stops no thread that logs. Without that thread, lines are written to stderr directly.
 pub fn init_logging(config: &LogConfig) {
     let mut filter = tracing_subscriber::EnvFilter::try_new(&config.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -26,12 +36,31 @@ pub fn init_logging(config: &LogConfig) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    let _ = match config.format {
+    let Some(queue) = log_queue::Queue::start() else {
+        let builder = builder.with_writer(std::io::stderr);
+        let _ = match config.format {
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            LogFormat::Pretty => builder.compact().try_init(),
+        };
+        return;
+    };
+    let builder = builder.with_writer(queue.clone());
+    let installed = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
+    if installed.is_ok() {
+        let _ = LOG_QUEUE.set(queue);
+    }
+}
+
+/// Waits until the log lines queued so far are on stderr (at most [`LOG_FLUSH_WITHIN`]): before
+/// the process exits, and before a message printed to stderr directly that should follow them.
+pub fn flush_logs() {
+    if let Some(queue) = LOG_QUEUE.get() {
+        queue.flush(LOG_FLUSH_WITHIN);
+    }
 }
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -127,6 +156,10 @@ fn describe_incident_series() {
     metrics::describe_counter!(
         "vestibule_trace_spans_dropped_total",
         "Spans dropped: the export queue was full, or the collector did not take them."
+    );
+    metrics::describe_counter!(
+        "vestibule_log_lines_dropped_total",
+        "Log lines dropped: stderr did not take them and the log's queue was full."
     );
 }
 

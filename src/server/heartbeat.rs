@@ -1,7 +1,7 @@
 //! Whether every serving worker's runtime still turns, for `/healthz`: each worker runs a task
 //! that writes the time into a slot of its own every second ([`TICK`]); `/healthz` fails when a
 //! slot is older than [`STALL`]. A worker whose thread is blocked (a synchronous call that does
-//! not return, a write to a log nobody reads), busy without end, or gone (its thread panicked)
+//! not return: a read of a file on a hung mount), busy without end, or gone (its thread panicked)
 //! stops writing; nothing else tells it, since the admin listener and the accept loop run on
 //! another runtime and keep answering. Nothing on the request path reads or writes the slots.
 

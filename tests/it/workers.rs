@@ -1,6 +1,7 @@
 //! Serving workers: connections are spread over them, each serves its own connections to the
-//! end, `/metrics` shows how many each holds, and `/healthz` fails while one is stuck. Run one
-//! at a time (`scripts/test`), so the process-wide metrics belong to one proxy alone.
+//! end, `/metrics` shows how many each holds, and `/healthz` is 200 while they turn, also when
+//! nobody reads the log. Run one at a time (`scripts/test`), so the process-wide metrics belong
+//! to one proxy alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::*;
@@ -100,21 +101,25 @@ async fn healthz_is_200_and_counts_the_workers_while_every_worker_ticks() {
     }
 }
 
-/// A worker really wedged, from outside the process: the binary's log (stderr) is a pipe that
-/// nobody reads, as when a log shipper stops. Once the pipe is full, the worker that writes the
-/// next access-log line blocks in `write(2)`, and its whole thread with it; its connections get
-/// no answer. `/healthz` (the admin listener writes no log) then answers 503 naming that worker
-/// and not the other, until the pipe is read again.
+/// A log nobody reads stops no worker: the binary's log (stderr) is a pipe that nobody reads,
+/// as when a log shipper stops. Far more access-log lines than the pipe and the log's queue
+/// hold are all answered, `/healthz` stays 200, and the lines that did not fit are dropped and
+/// counted. Once the pipe is read again, later lines arrive, after one that says how many were
+/// dropped meanwhile.
 #[tokio::test]
-async fn healthz_names_a_worker_whose_thread_is_blocked_until_it_runs_again() {
+async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
     use std::io::Read;
     use vestibule::jose::testing::{TestKey, TestSigner};
-    // A provider that answers, so that nothing on the admin listener's runtime logs meanwhile.
     let signer = TestSigner::new();
     let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
     let (port, admin) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
-    let config = config_toml("")
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let config = config_toml(&routes)
         .set("server.listen", format!("127.0.0.1:{port}"))
         .set("admin.listen", format!("127.0.0.1:{admin}"))
         .set("oidc.issuer", idp.issuer.as_str())
@@ -131,88 +136,115 @@ async fn healthz_names_a_worker_whose_thread_is_blocked_until_it_runs_again() {
             .unwrap(),
     );
     let mut log = child.0.stderr.take().unwrap();
-    let healthz = format!("http://127.0.0.1:{admin}/healthz");
+    let within = |what: &'static str| move |_| panic!("{what}");
+    wait_binary_ready(admin).await;
+
+    // Each answer writes an access-log line of some 400 bytes (the path is most of it): 8,000
+    // of them are ~3 MiB, the pipe's 64 KiB and the queue's 1 MiB many times over. Four
+    // keep-alive connections, two on each worker.
+    let long = "a".repeat(240);
+    let mut senders = Vec::new();
+    for connection in 0..4 {
+        let long = long.clone();
+        senders.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            let driver = tokio::spawn(conn);
+            for n in 0..2_000 {
+                let req = http::Request::get(format!("/api/{long}/{connection}/{n}"))
+                    .header("host", "app.test")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                sender.ready().await.unwrap();
+                let response =
+                    tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+                        .await
+                        .unwrap_or_else(within(
+                            "a request went unanswered: its worker is blocked on the log",
+                        ))
+                        .unwrap();
+                assert_eq!(
+                    response.status(),
+                    200,
+                    "request {n} on connection {connection}"
+                );
+                response.into_body().collect().await.unwrap();
+            }
+            driver.abort();
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    assert_eq!(up.count(), 8_000);
+
     let probe = |url: String| async move {
         tokio::time::timeout(Duration::from_secs(5), get(&url, &[]))
             .await
             .expect("the admin listener answers")
     };
-    wait_binary_ready(admin).await;
-    let reply = probe(healthz.clone()).await;
+    // Past a stall's five seconds: every worker still ticks.
+    tokio::time::sleep(Duration::from_millis(6_000)).await;
+    let reply = probe(format!("http://127.0.0.1:{admin}/healthz")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.json()["workers"], 2);
+    assert_eq!(
+        reply.json(),
+        serde_json::json!({"status": "ok", "workers": 2})
+    );
+    let metrics = probe(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .text();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("vestibule_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no vestibule_log_lines_dropped_total:\n{metrics}"));
+    assert!(dropped > 0, "{dropped}");
 
-    // One keep-alive connection: the first connection goes to worker 0, and so does every
-    // request on it. Each request writes an access-log line; one of them fills the pipe.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let driver = tokio::spawn(conn);
-    let (mut stuck, mut status) = (None, None);
-    for _ in 0..20_000 {
-        let req = http::Request::get("/bff/user")
-            .header("host", "app.test")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        sender.ready().await.unwrap();
-        let mut answer = tokio::spawn(sender.send_request(req));
-        match tokio::time::timeout(Duration::from_secs(2), &mut answer).await {
-            Ok(response) => {
-                let response = response.unwrap().unwrap();
-                status = Some(response.status());
-                response.into_body().collect().await.unwrap();
-            }
-            Err(_) => {
-                stuck = Some(answer);
-                break;
+    // The log is read again: a later line arrives, after the one that counts the drops.
+    let text = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let reading = std::thread::spawn({
+        let text = text.clone();
+        move || {
+            let mut chunk = [0u8; 64 * 1024];
+            while let Ok(n @ 1..) = log.read(&mut chunk) {
+                text.lock().unwrap().extend_from_slice(&chunk[..n]);
             }
         }
-    }
-    let stuck = stuck.expect("a request went unanswered once the log pipe was full");
-
-    // Five seconds without a tick, and the probe's own poll.
-    let reply = eventually(
-        "healthz says worker 0 is stalled",
-        Duration::from_secs(10),
+    });
+    let after = get(
+        &format!("http://127.0.0.1:{port}/api/after-the-stall"),
+        &[("host", "app.test")],
+    )
+    .await;
+    assert_eq!(after.status, 200);
+    let (note, later) = eventually(
+        "a later line and the count of drops are written",
+        Duration::from_secs(20),
         || async {
-            let reply = probe(healthz.clone()).await;
-            (reply.status == 503).then_some(reply)
+            let text = String::from_utf8_lossy(&text.lock().unwrap()).into_owned();
+            let later = text.find("/api/after-the-stall")?;
+            let note = text
+                .lines()
+                .find(|l| l.contains("log lines dropped"))?
+                .to_string();
+            let before = text[..later].contains(&note);
+            Some((note, before))
         },
     )
     .await;
-    let body = reply.json();
-    assert_eq!(body["status"], "stalled", "{body}");
-    assert_eq!(body["workers"], 2, "{body}");
-    let stalled: Vec<u64> = body["stalled"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["worker"].as_u64().unwrap())
-        .collect();
-    assert_eq!(stalled, [0], "only worker 0 is stalled: {body}");
-    let silent = body["stalled"][0]["silent_ms"].as_u64().unwrap();
-    assert!((5_000..60_000).contains(&silent), "{body}");
-
-    // The log is read again: the worker writes its line, answers, and ticks again.
-    let reading = std::thread::spawn(move || {
-        let mut sink = [0u8; 64 * 1024];
-        while matches!(log.read(&mut sink), Ok(n) if n > 0) {}
-    });
-    let answered = tokio::time::timeout(Duration::from_secs(5), stuck)
-        .await
-        .expect("the stuck request is answered once the log is read")
-        .unwrap()
-        .unwrap();
-    assert_eq!(Some(answered.status()), status);
-    eventually("healthz is 200 again", Duration::from_secs(5), || async {
-        (probe(healthz.clone()).await.status == 200).then_some(())
-    })
-    .await;
-    drop(sender);
-    driver.abort();
+    assert!(later, "the count comes before the later line: {note}");
+    let counted: u64 = note
+        .split("dropped=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {note:?}"));
+    assert_eq!(counted, dropped, "{note}");
     drop(child);
     let _ = reading.join();
 }
