@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 /// How many bytes of lines wait for stderr at most: 1 MiB, some 3,000 access-log lines (a
 /// few seconds of a busy proxy's log), beside the 64 KiB a pipe holds. Bounded by bytes, not
-/// lines, so that what it holds is bounded whatever the lines' length.
+/// lines, so that what it holds is bounded whatever the lines' length. The writer thread takes
+/// the whole queue at once: the lines it is writing (at most as many again) no longer count.
 pub const QUEUE_BYTES: usize = 1 << 20;
 
 /// What the writer thread has to write.
@@ -57,6 +58,9 @@ impl Shared {
             metrics::counter!("vestibule_log_lines_dropped_total").increment(1);
             return;
         }
+        // The writer thread waits only for an empty queue: a wake-up (a system call) per line
+        // would cost what the write it replaces cost.
+        let wake = state.entries.is_empty();
         if state.dropped > 0 {
             let dropped = std::mem::take(&mut state.dropped);
             state.entries.push_back(Entry::Gap(dropped));
@@ -64,7 +68,9 @@ impl Shared {
         state.bytes += line.len();
         state.entries.push_back(Entry::Line(line));
         drop(state);
-        self.queued.notify_one();
+        if wake {
+            self.queued.notify_one();
+        }
     }
 
     /// Writes the queue to stderr for as long as the process runs.
