@@ -6,10 +6,10 @@
 //! again is preceded by a warning with the number dropped meanwhile. [`flush`] waits (a while)
 //! for the queue to be written, before the process exits.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 /// How many bytes of lines wait for stderr at most: 1 MiB, some 3,000 access-log lines (a
@@ -42,6 +42,8 @@ struct Shared {
     queued: Condvar,
     /// The queue was written out.
     written: Condvar,
+    /// The writer thread, whose own lines go to stderr directly.
+    writer: OnceLock<ThreadId>,
 }
 
 impl Shared {
@@ -75,7 +77,7 @@ impl Shared {
 
     /// Writes the queue to stderr for as long as the process runs.
     fn write_forever(&self) {
-        WRITER.with(|writer| writer.set(true));
+        let _ = self.writer.set(std::thread::current().id());
         let mut batch = VecDeque::new();
         loop {
             {
@@ -127,11 +129,6 @@ impl Shared {
                 .0;
         }
     }
-}
-
-thread_local! {
-    /// Whether this thread is the writer thread.
-    static WRITER: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The queue, as the log's writer (`MakeWriter`).
@@ -192,7 +189,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Queue {
 
     fn make_writer(&'a self) -> LineWriter<'a> {
         LineWriter {
-            queue: (!WRITER.with(Cell::get)).then_some(&*self.0),
+            queue: (self.0.writer.get() != Some(&std::thread::current().id())).then_some(&*self.0),
             line: Vec::new(),
         }
     }
