@@ -93,8 +93,7 @@ pub async fn serve(
 
 async fn handle<B>(app: &App, beats: &Heartbeats, req: Request<B>) -> Response<Body> {
     match req.uri().path() {
-        // Writes no log: a log nobody reads is one of the things that stop workers, and the
-        // listener's runtime must not stop with them.
+        // Writes no log: its answer depends on nothing but the workers' slots.
         "/healthz" => {
             let (status, body) = liveness(beats.workers(), &beats.stalled(STALL));
             json_response(status, &body)
