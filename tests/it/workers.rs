@@ -249,6 +249,130 @@ async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
     let _ = reading.join();
 }
 
+/// `/healthz` names a serving worker whose thread is held for seconds and is 200 again once it
+/// runs: the real binary, one of its workers' threads held by `strace` at its next `epoll_wait`
+/// for 8 s (its system call delayed, as a hung disk or a wedged library call would hold it),
+/// while the other worker and the admin listener run on. A connection handed to it meanwhile is
+/// answered once it runs again.
+#[tokio::test]
+async fn healthz_names_a_worker_whose_thread_is_held_until_it_runs_again() {
+    use vestibule::jose::testing::{TestKey, TestSigner};
+    // A provider that answers, so that the admin listener's runtime has nothing to retry.
+    let signer = TestSigner::new();
+    let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let config = config_toml(&routes)
+        .set("server.listen", format!("127.0.0.1:{port}"))
+        .set("admin.listen", format!("127.0.0.1:{admin}"))
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add("server.workers", 2);
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config.text()).unwrap();
+    let child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let healthz = format!("http://127.0.0.1:{admin}/healthz");
+    let probe = |url: String| async move {
+        tokio::time::timeout(Duration::from_secs(5), get(&url, &[]))
+            .await
+            .expect("the admin listener answers")
+    };
+    wait_binary_ready(admin).await;
+    assert_eq!(probe(healthz.clone()).await.status, 200);
+
+    // The workers' threads (`vestibule-worker-N`, cut to 15 bytes by the kernel), started in
+    // order: worker 0's has the lowest id.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.0.id())).unwrap();
+    let mut workers: Vec<u32> = tasks
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            comm.starts_with("vestibule-worke")
+                .then(|| task.file_name().to_str()?.parse().ok())?
+        })
+        .collect();
+    workers.sort_unstable();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let calls = "epoll_wait,epoll_pwait,epoll_pwait2";
+    let _held = Killed(
+        std::process::Command::new("strace")
+            .args(["-qq", "-o", "/dev/null", "-p", &workers[0].to_string()])
+            .arg(format!("--trace={calls}"))
+            .arg(format!("--inject={calls}:delay_enter=8000000:when=1"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("strace (scripts/test installs it)"),
+    );
+
+    // Five seconds without a tick (from its next wait, within a second), and the probe's poll.
+    let reply = eventually(
+        "healthz says worker 0 is stalled",
+        Duration::from_secs(10),
+        || async {
+            let reply = probe(healthz.clone()).await;
+            (reply.status == 503).then_some(reply)
+        },
+    )
+    .await;
+    let body = reply.json();
+    assert_eq!(body["status"], "stalled", "{body}");
+    assert_eq!(body["workers"], 2, "{body}");
+    let stalled: Vec<u64> = body["stalled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stalled, [0], "only worker 0 is stalled: {body}");
+    let silent = body["stalled"][0]["silent_ms"].as_u64().unwrap();
+    assert!((5_000..60_000).contains(&silent), "{body}");
+
+    // The first connection goes to worker 0 (both hold none): unanswered while it is held,
+    // answered once it runs; then /healthz is 200 again.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get("/api/held")
+        .header("host", "app.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut answer = tokio::spawn(sender.send_request(req));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut answer)
+            .await
+            .is_err(),
+        "worker 0 answered while its thread was held"
+    );
+    let answered = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the held worker answers once it runs")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    eventually("healthz is 200 again", Duration::from_secs(5), || async {
+        (probe(healthz.clone()).await.status == 200).then_some(())
+    })
+    .await;
+    driver.abort();
+}
+
 /// A child process, killed when dropped (also when an assertion fails first).
 struct Killed(std::process::Child);
 
