@@ -187,7 +187,8 @@ pub(super) async fn close_unless_admitted(
 /// decides it changes: the session (a read of it, by any of its watches, finds another version:
 /// a refresh bringing other claims or a weaker `acr`, an administrator's change), the
 /// configuration (a reload: the stream's request path is routed again, and a stream whose path
-/// now goes to another route, or to none, closes), and the time (a step-up's `max_age`). No
+/// now goes to another route, or to none, or whose route now sends it to another upstream
+/// ([`same_destination`]), closes), and the time (a step-up's `max_age`). No
 /// check reads the store: the session is the one the watches' reads found last.
 pub(super) struct Gate {
     oidc: Arc<crate::oidc::Oidc>,
@@ -206,7 +207,7 @@ pub(super) struct Gate {
 
 /// What a reload made of a stream's route.
 enum Followed {
-    /// The path goes to another route now, or to none.
+    /// The path goes to another route now, or to none, or its route to another upstream.
     Gone,
     /// The route's policy is what it was.
     Same,
@@ -275,7 +276,9 @@ impl Gate {
             Ok(Resolved {
                 to: Destination::Route(route),
                 ..
-            }) if route.path == self.route.path => route.clone(),
+            }) if route.path == self.route.path && same_destination(&self.route, route) => {
+                route.clone()
+            }
             _ => return Followed::Gone,
         };
         let same = !std::mem::take(&mut self.due)
@@ -300,6 +303,17 @@ impl Gate {
             last.saturating_sub(now).saturating_add(1),
         ))
     }
+}
+
+/// Whether route `b` sends a stream's bytes where `a` did: the same upstream (or static
+/// directory), the same path below it, and the same TLS trust and client certificate. A route
+/// repointed by a reload (its upstream decommissioned, or no longer trusted) keeps no stream
+/// on the old one.
+fn same_destination(a: &RouteConfig, b: &RouteConfig) -> bool {
+    a.target == b.target
+        && a.strip_prefix == b.strip_prefix
+        && a.ca_file == b.ca_file
+        && a.tls_client == b.tls_client
 }
 
 /// Whether route `b` under configuration `b` lets through what `a` does: the same keys of the

@@ -999,6 +999,55 @@ async fn a_stream_closes_when_a_reload_tightens_its_routes_policy() {
     both_close(&mut feed, &mut tunnel, (5, 5), "open after the reload").await;
 }
 
+/// An operator repoints a route at another upstream (the old one decommissioned, or
+/// compromised): new requests go to the new one, but the streams opened before the reload —
+/// tunnels and streamed answers, with a session or without — stayed connected to the old one,
+/// since the route's policy was the same. A stream whose route now sends its bytes elsewhere
+/// closes as one whose route went away; one whose route was left as it was stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_closes_when_a_reload_points_its_route_at_another_upstream() {
+    let (old, new) = (upstream::start().await, upstream::start().await);
+    let config = |api: &str, live: &str, other: &str| {
+        config_text(&format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{api}\"\nauth = \"required\"\n\
+             [[routes]]\npath = \"/live/\"\nupstream = \"{live}\"\nauth = \"none\"\n\
+             [[routes]]\npath = \"/other/\"\nupstream = \"{other}\"\n"
+        ))
+    };
+    let (o, n) = (old.url(), new.url());
+    let proxy = start_proxy(config(&o, &o, &o)).await;
+    let cookie = proxy
+        .session_cookie(vestibule::session::model::Session {
+            sub: "alice".into(),
+            ..Default::default()
+        })
+        .await;
+    let mut feed = open_stream(&proxy.url("/api/ticks"), &[("cookie", &cookie)]).await;
+    let mut tunnel = open_tunnel(&proxy, "/live/ws", "").await;
+    // Another route repointed: these two stay where they were.
+    reload_with(&proxy, &config(&o, &o, &n));
+    assert!(
+        flows_for(&mut feed, Duration::from_secs(3)).await.is_ok(),
+        "a reload that repointed another route cut the stream"
+    );
+    assert!(
+        echoes(&mut tunnel).await,
+        "a reload that repointed another route cut the tunnel"
+    );
+    // Their own routes repointed, nothing else changed.
+    reload_with(&proxy, &config(&n, &n, &n));
+    let answered = get(&proxy.url("/api/where"), &[("cookie", &cookie)]).await;
+    assert_eq!(answered.status, 200, "{}", answered.text());
+    assert!(new.authorizations("/where").len() == 1 && old.authorizations("/where").is_empty());
+    both_close(
+        &mut feed,
+        &mut tunnel,
+        (5, 5),
+        "still on the old upstream after the reload",
+    )
+    .await;
+}
+
 /// The same for streams opened without a session on a route anyone could use: a reload that
 /// makes the route require a sign-in closes them (a new request is 401).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -295,3 +295,61 @@ async fn the_watches_of_one_session_share_the_read_a_message_asks_for() {
         assert!(ended(end).await, "a watch outlived its session's end");
     }
 }
+
+/// A route as a file writes it, with `upstream`.
+fn route_to(upstream: &str) -> RouteConfig {
+    let text = format!(
+        "[server]\npublic_url = \"https://app.example.com\"\n\
+         [oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"spa\"\nclient_secret = \"s\"\n\
+         [session]\nkeys = [\"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"]\n\
+         [[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n"
+    );
+    let config = crate::config::Config::parse(&text, std::path::Path::new("."), &|_| None);
+    config.unwrap().routes.remove(0)
+}
+
+#[test]
+fn a_route_sending_bytes_elsewhere_is_another_destination() {
+    let before = route_to("https://api.example.com/v1");
+    let mut same = route_to("https://api.example.com/v1");
+    same.timeout = Some(Duration::from_secs(7));
+    assert!(same_destination(&before, &same), "a timeout moves no byte");
+    let bundle = |path: &str| crate::config::CaBundle {
+        path: path.into(),
+        certs: Arc::new(Vec::new()),
+    };
+    let identity = |key: u8| crate::config::ClientIdentity {
+        cert_path: "client.pem".into(),
+        key_path: "client.key".into(),
+        chain: Arc::new(Vec::new()),
+        key: Arc::new(rustls_pki_types::PrivateKeyDer::Pkcs8(vec![key; 8].into())),
+    };
+    let mut with_ca = before.clone();
+    with_ca.ca_file = Some(bundle("a.pem"));
+    let mut with_identity = before.clone();
+    with_identity.tls_client = Some(identity(1));
+    let elsewhere: [(&str, RouteConfig); 6] = [
+        ("another host", route_to("https://other.example.com/v1")),
+        ("another port", route_to("https://api.example.com:8443/v1")),
+        ("another path", route_to("https://api.example.com/v2")),
+        (
+            "strip_prefix",
+            RouteConfig {
+                strip_prefix: !before.strip_prefix,
+                ..before.clone()
+            },
+        ),
+        ("a ca_file", with_ca.clone()),
+        ("a client certificate", with_identity.clone()),
+    ];
+    for (what, after) in &elsewhere {
+        assert!(!same_destination(&before, after), "{what}");
+    }
+    let mut other_ca = with_ca.clone();
+    other_ca.ca_file = Some(bundle("b.pem"));
+    assert!(!same_destination(&with_ca, &other_ca), "another ca_file");
+    let mut other_key = with_identity.clone();
+    other_key.tls_client = Some(identity(2));
+    assert!(!same_destination(&with_identity, &other_key), "another key");
+    assert!(same_destination(&with_identity, &with_identity.clone()));
+}
