@@ -1852,3 +1852,162 @@ impl Monitor {
             .collect()
     }
 }
+
+/// A proxy on `store` (a Redis URL) in front of a fake provider that signs with `signer`.
+async fn login_stack(store: &str, signer: &TestSigner) -> (Proxy, fake_idp::FakeIdp) {
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    let text = config_toml(&Backend::Url(store.into()).toml())
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add("limits.login_per_minute", 100_000)
+        .add("limits.callback_per_minute", 100_000);
+    let proxy = start_proxy(&text).await;
+    wait_ready(&proxy).await;
+    (proxy, idp)
+}
+
+/// A login on `proxy` up to its callback, whose ID token `idp` will issue: the callback's URL
+/// and the login cookie.
+async fn login_up_to_callback(
+    proxy: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    signer: &TestSigner,
+) -> (String, String) {
+    let (query, login_cookie) = begin_login(proxy).await;
+    let claims = vestibule::jose::testing::id_token_claims(
+        &idp.issuer,
+        "vestibule",
+        &query["nonce"],
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    );
+    *idp.state.id_token.lock().unwrap() = signer.token(TestKey::Rsa1).kid("k1").sign(&claims);
+    let url = proxy.url(&format!("/bff/callback?code=abc&state={}", query["state"]));
+    (url, login_cookie)
+}
+
+/// The callback at `url` sent again with `cookie` until the store answers (as a user retries a
+/// 503 page): the first answer that is no 503 `store_unavailable`.
+async fn retried_until_the_store_answers(url: &str, cookie: &str) -> Reply {
+    let deadline = Instant::now() + HANG * 4;
+    loop {
+        let reply = get(url, &[("cookie", cookie)]).await;
+        if reply.status != 503 || Instant::now() > deadline {
+            return reply;
+        }
+        assert_store_unavailable(&reply, "a retry while the store is away");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether `reply` sets a session cookie.
+fn sets_session(reply: &Reply) -> bool {
+    reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .any(|v| v.to_str().unwrap().starts_with("vestibule="))
+}
+
+/// Asserts that `reply` is the store's 503 with no session for anybody; `when` names the case.
+fn assert_store_unavailable(reply: &Reply, when: &str) {
+    assert_eq!(reply.status, 503, "{when}: {}", reply.text());
+    assert!(
+        reply.text().contains("store_unavailable"),
+        "{when}: {}",
+        reply.text()
+    );
+    assert!(!sets_session(reply), "{when}: a session cookie with a 503");
+}
+
+/// Asserts that `reply` is the login-failed page of a spent login state, with no session.
+fn assert_replay_refused(reply: &Reply, when: &str) {
+    assert!(
+        reply.status == 400 && reply.text().contains("reason: state_replayed"),
+        "{when}: a retry of a callback whose login state was spent was answered {}: {}",
+        reply.status,
+        reply.text()
+    );
+    assert!(!sets_session(reply), "{when}: a session cookie");
+}
+
+/// A login's callback spends its login state first (`SET NX` in the store, once on every
+/// replica): the store failing right there — its reply lost after the command was carried out,
+/// Redis stalled with the command in its socket, Redis down — is the store's 503, before the
+/// code is exchanged and with no session for anybody. The same callback sent again is let
+/// through only if the state was not spent: once the `SET NX` landed, a retry is the login-failed
+/// page (the user starts again), never a second sign-in; one that never landed signs in once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_whose_login_state_cannot_be_spent_is_a_503_and_is_never_taken_twice() {
+    let mut redis = RedisServer::start();
+    let relay = LateReplies::start(redis.port()).await;
+    let signer = TestSigner::new();
+    let (proxy, idp) = login_stack(&relay.url(), &signer).await;
+    let exchanges = || idp.state.token_requests.lock().unwrap().len();
+    let spent_states = || count_keys(redis.port(), &format!("{PREFIX}login:*"));
+    let sessions = |redis: &RedisServer| session_keys(redis).len();
+
+    // The `SET NX` carried out, its reply lost (held back past the store timeout).
+    let (url, cookie) = login_up_to_callback(&proxy, &idp, &signer).await;
+    relay.arm(b"login:", Duration::from_secs(3));
+    let first = get(&url, &[("cookie", &cookie)]).await;
+    assert!(relay.fired(), "the login state's SET NX never went out");
+    assert_store_unavailable(&first, "its reply lost");
+    assert_eq!(spent_states(), 1, "the SET NX was carried out");
+    assert_eq!(
+        exchanges(),
+        0,
+        "the code was exchanged though the state was not spent"
+    );
+    let again = retried_until_the_store_answers(&url, &cookie).await;
+    assert_replay_refused(&again, "its reply lost");
+    assert_eq!(sessions(&redis), 0);
+
+    // Redis stalled (SIGSTOP) as the state is spent: the command waits in its socket and is
+    // carried out once Redis runs again, after the 503.
+    let (url, cookie) = login_up_to_callback(&proxy, &idp, &signer).await;
+    redis.signal("STOP");
+    let first = get(&url, &[("cookie", &cookie)]).await;
+    redis.signal("CONT");
+    assert_store_unavailable(&first, "Redis stalled");
+    assert_eq!(exchanges(), 0);
+    let again = retried_until_the_store_answers(&url, &cookie).await;
+    if spent_states() == 2 {
+        assert_replay_refused(&again, "Redis stalled");
+        assert_eq!(sessions(&redis), 0);
+    } else {
+        assert_eq!(
+            again.status,
+            302,
+            "Redis stalled, its SET NX lost: {}",
+            again.text()
+        );
+        assert_eq!(sessions(&redis), 1);
+    }
+    let before = sessions(&redis);
+
+    // Redis down as the state is spent: the `SET NX` never lands, so the retry once Redis is
+    // back signs in — once.
+    let (url, cookie) = login_up_to_callback(&proxy, &idp, &signer).await;
+    redis.stop();
+    let first = get(&url, &[("cookie", &cookie)]).await;
+    assert_store_unavailable(&first, "Redis down");
+    redis.restart();
+    let again = retried_until_the_store_answers(&url, &cookie).await;
+    assert_eq!(
+        again.status,
+        302,
+        "the retry once Redis is back: {}",
+        again.text()
+    );
+    assert!(sets_session(&again));
+    assert_eq!(sessions(&redis), before + 1);
+    let third = get(&url, &[("cookie", &cookie)]).await;
+    assert_replay_refused(&third, "a second retry");
+    assert_eq!(
+        sessions(&redis),
+        before + 1,
+        "a second session from one callback"
+    );
+}
