@@ -15,6 +15,7 @@ mod dpop;
 mod edge;
 mod exchange_binding;
 mod fake_provider;
+mod faults_collector;
 mod faults_late_writes;
 mod faults_provider;
 mod faults_redis;
