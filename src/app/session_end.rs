@@ -305,10 +305,10 @@ impl Gate {
     }
 }
 
-/// Whether route `b` sends a stream's bytes where `a` did: the same upstream (or static
-/// directory), the same path below it, and the same TLS trust and client certificate. A route
-/// repointed by a reload (its upstream decommissioned, or no longer trusted) keeps no stream
-/// on the old one.
+/// Whether route `b` sends a stream's bytes where `a` did: the same target (upstream URL),
+/// the same path below it, and the same TLS trust and client certificate. A route repointed
+/// by a reload (its upstream decommissioned, or no longer trusted) keeps no stream on the old
+/// one.
 fn same_destination(a: &RouteConfig, b: &RouteConfig) -> bool {
     a.target == b.target
         && a.strip_prefix == b.strip_prefix
