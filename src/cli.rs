@@ -193,7 +193,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            tracing::error!("startup failed: {error:#}");
+            tracing::error!("vestibule stopped: {error:#}");
             crate::telemetry::flush_logs();
             eprintln!("error: {error:#}");
             ExitCode::from(1)

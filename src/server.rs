@@ -128,15 +128,36 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     let admin = admin::serve(app.clone(), bound.admin, beats, admin_stop.clone());
     let admin_task = tokio::spawn(admin);
     tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, workers = count, "vestibule listening");
+    let accepting = accept(&bound.public, &workers, &slots, &shutdown).await;
+    // Not ready any more, before anything else changes.
+    app.stopping.cancel();
+    drop(bound.public);
+    tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
+    for worker in workers {
+        let _ = worker.finished.await;
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    accepting
+}
+
+/// Accepts connections on `listener` and hands each to the least busy live worker, one slot of
+/// `slots` each, until `shutdown` is cancelled; `Err` once no worker is left alive.
+async fn accept(
+    listener: &TcpListener,
+    workers: &[Worker],
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return Ok(()),
             slot = slots.clone().acquire_owned() => slot,
         };
-        let Ok(slot) = slot else { break };
+        let Ok(slot) = slot else { return Ok(()) };
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = bound.public.accept() => accepted,
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
             Ok(pair) => pair,
@@ -148,20 +169,15 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
         };
         let _ = tcp.set_nodelay(true);
         let Ok(tcp) = tcp.into_std() else { continue };
-        if let Some(worker) = least_busy(&workers) {
-            worker.assign(tcp, peer, slot);
-        }
+        // Every worker's thread gone (each panicked): nothing here serves any more. Ending
+        // closes the listener and the process exits 1, so that the load balancer sends
+        // elsewhere and the supervisor restarts it, rather than every connection being taken
+        // and dropped until a liveness probe gives up.
+        let Some(worker) = least_busy(workers) else {
+            anyhow::bail!("every serving worker has stopped (its thread ended); exiting");
+        };
+        worker.assign(tcp, peer, slot);
     }
-    // Not ready any more, before anything else changes.
-    app.stopping.cancel();
-    drop(bound.public);
-    tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: draining in-flight requests");
-    for worker in workers {
-        let _ = worker.finished.await;
-    }
-    admin_stop.cancel();
-    let _ = admin_task.await;
-    Ok(())
 }
 
 /// The worker with the fewest open connections among those still running. A worker whose
@@ -408,5 +424,38 @@ mod tests {
         let (only_dead, gone) = worker(0);
         drop(gone);
         assert!(least_busy(&[only_dead]).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_accept_loop_ends_with_an_error_once_every_worker_is_dead() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (first, first_incoming) = worker(0);
+        let (second, second_incoming) = worker(3);
+        drop((first_incoming, second_incoming));
+        let workers = [first, second];
+        let slots = Arc::new(Semaphore::new(8));
+        let shutdown = CancellationToken::new();
+        let client = tokio::spawn(async move {
+            // Connections keep coming, as from a load balancer that still sends here.
+            for _ in 0..50 {
+                let _ = TcpStream::connect(addr).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            accept(&listener, &workers, &slots, &shutdown),
+        )
+        .await;
+        client.abort();
+        let error = match ended {
+            Ok(Err(error)) => error.to_string(),
+            Ok(Ok(())) => panic!("the accept loop ended as if shut down"),
+            Err(_) => panic!(
+                "the accept loop still accepts (and drops) connections with every worker dead"
+            ),
+        };
+        assert!(error.contains("every serving worker"), "{error}");
     }
 }

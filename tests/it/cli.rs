@@ -327,7 +327,7 @@ fn a_listener_that_cannot_be_opened_is_named_by_its_key_and_address() {
         );
         // The log's line about it is written out before the exit, and before the error.
         let logged = err
-            .find(&format!("startup failed: {key}: cannot listen"))
+            .find(&format!("vestibule stopped: {key}: cannot listen"))
             .unwrap_or_else(|| panic!("the log's line is lost: {err}"));
         let printed = err.find(&format!("error: {key}")).unwrap();
         assert!(logged < printed, "the log's line comes first: {err}");
