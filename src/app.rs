@@ -636,7 +636,11 @@ impl App {
             let gate = session_end::Gate::of(&self.oidc, &self.live, live, route, req.uri().path());
             match loaded {
                 Some(loaded) => {
-                    let what = ("an open tunnel", false);
+                    // Read once at the start: the session was read at the request's admission,
+                    // and an end announced while the upstream took its time to switch came
+                    // before this watch listened (else the tunnel would outlive it by up to a
+                    // timed read's 15 s). One store read per tunnel opened.
+                    let what = ("an open tunnel", true);
                     tokio::spawn(session_end::close_with_session(
                         self.sessions.clone(),
                         self.clock.clone(),

@@ -515,6 +515,37 @@ async fn a_tunnel_is_closed_when_its_session_ends() {
     );
 }
 
+/// A session that ends while the upstream takes its time to accept the tunnel (the session was
+/// read at the request's admission, before the tunnel's watch listened for its end): the
+/// tunnel closes as soon as it opens, not at the watch's next timed read 15 s later.
+#[tokio::test]
+async fn a_tunnel_whose_session_ended_before_the_upstream_switched_closes_at_once() {
+    let (up, proxy, cookie) = signed_in_on_api().await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!(
+        "GET /api/ws?slow HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {cookie}\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // Admitted with the session: the upstream has the request, its `101` still to come.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while up.count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream never got the upgrade"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The session ends meanwhile (a back-channel logout, on this instance or another).
+    assert_eq!(proxy.app.sessions.end_by_sub("alice").await.unwrap(), 1);
+    expect_switch(&mut tcp).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the tunnel opened after its session ended stayed open"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_streams_both_ways_with_flat_memory() {
     const GIB: u64 = 1 << 30;

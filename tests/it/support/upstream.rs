@@ -1,6 +1,6 @@
 //! A real upstream HTTP server on port 0 that records what it saw and answers by path:
 //! `/slow` waits, `/big?n=BYTES` streams a large body, `/upload` counts a streamed body,
-//! `/ws` upgrades and echoes bytes, `/ticks` is an event stream (a line every 100 ms, for
+//! `/ws` upgrades and echoes bytes (`/ws?slow`: its `101` after 1.5 s), `/ticks` is an event stream (a line every 100 ms, for
 //! ever), `/set-cookie?a,b` answers with a `Set-Cookie` for each name
 //! (`/set-cookie-bytes?a,b`: each deleted, with a value that is not UTF-8)
 //! listed, `/status401` answers 401 `invalid_token`, `/challenge401` answers 401 with the
@@ -152,6 +152,9 @@ async fn handle(
         return Ok(Response::new(full(total.to_string())));
     }
     if path.ends_with("/ws") {
+        if query == "slow" {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(upgraded) = upgrade.await {
