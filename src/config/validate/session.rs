@@ -24,8 +24,16 @@ pub(super) fn session_config(
     } = raw;
     let cookie_secure = cookie_secure.unwrap_or(true);
     let mut cookie_name = cookie_name.unwrap_or_else(|| "__Host-vestibule".into());
-    if !cookie_secure && let Some(rest) = cookie_name.strip_prefix("__Host-") {
-        cookie_name = rest.to_string();
+    // Browsers refuse a cookie named `__Host-…` or `__Secure-…` (in any case) without `Secure`:
+    // over plain http the prefix goes, or no sign-in could complete.
+    if !cookie_secure {
+        for prefix in ["__Host-", "__Secure-"] {
+            if let Some(head) = cookie_name.get(..prefix.len())
+                && head.eq_ignore_ascii_case(prefix)
+            {
+                cookie_name = cookie_name[prefix.len()..].to_string();
+            }
+        }
     }
     if cookie_name.is_empty()
         || !cookie_name
@@ -513,5 +521,38 @@ mod tests {
         });
         assert_eq!(found, Vec::<String>::new());
         assert_eq!(config.map(|c| c.cookie_name).as_deref(), Some("vestibule"));
+    }
+
+    /// Browsers refuse a cookie whose name starts with `__Secure-` or `__Host-` (in any case)
+    /// without `Secure`: with `cookie_secure = false`, such a session cookie, its login-state
+    /// cookies and its logout cookie would never be stored, and no sign-in would ever complete.
+    #[test]
+    fn an_insecure_cookie_loses_any_prefix_that_demands_secure() {
+        for (name, expected) in [
+            ("__Secure-app", "app"),
+            ("__secure-app", "app"),
+            ("__HOST-app", "app"),
+            ("__Host-app", "app"),
+            ("app", "app"),
+        ] {
+            let (config, found) = check(raw::Session {
+                keys: Some(vec![KEY.into()]),
+                cookie_secure: Some(false),
+                cookie_name: Some(name.into()),
+                ..Default::default()
+            });
+            assert_eq!(found, Vec::<String>::new(), "{name}");
+            let config = config.unwrap();
+            assert_eq!(config.cookie_name, expected, "{name}");
+            for cookie in [
+                crate::cookies::login_prefix(&config),
+                crate::cookies::logout_name(&config),
+            ] {
+                assert!(
+                    !cookie.to_ascii_lowercase().starts_with("__"),
+                    "{name}: {cookie}"
+                );
+            }
+        }
     }
 }
