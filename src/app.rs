@@ -824,7 +824,7 @@ impl App {
     pub async fn readiness(&self) -> Vec<(&'static str, bool)> {
         let store = self
             .store_ping
-            .check(|| {
+            .check(self.sessions.store().outages(), || {
                 let store = self.sessions.store().clone();
                 async move { store.ping().await.is_ok() }
             })

@@ -5,9 +5,12 @@
 //! one a second while the store answers.
 //!
 //! A failure is never reused: once the store has failed a PING, the next probe sends another
-//! (still one at a time), so `/readyz` is 200 again with the first PONG. A store that fails is
-//! 503 within [`REUSED`] of its last PONG and the time the PING takes to fail (the store
-//! timeout, or [`PING_TIMEOUT`]).
+//! (still one at a time), so `/readyz` is 200 again with the first PONG. Nor is a PONG reused
+//! once any operation has found the store unavailable since its PING was sent (the requests
+//! already answered 503 `store_unavailable` know better than a PONG from before): the next
+//! probe sends a PING. A store that fails is 503 within [`REUSED`] of its last PONG and the
+//! time the PING takes to fail (the store timeout, or [`PING_TIMEOUT`]), at once if a request
+//! found it down first.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,24 +32,30 @@ pub struct SharedPing {
 
 #[derive(Default)]
 struct Slot {
-    /// When the last PING was answered with PONG, unless a PING failed since.
-    pong: Option<Instant>,
+    /// When the last PING was answered with PONG, unless a PING failed since, and the store's
+    /// count of outages when that PING was sent.
+    pong: Option<(Instant, u64)>,
     /// The PING under way: its outcome, once known (`None` until then).
     pending: Option<watch::Receiver<Option<bool>>>,
 }
 
 impl SharedPing {
-    /// Whether the store answers: a PONG less than [`REUSED`] old, else the outcome of the PING
-    /// under way, else of a new one made by `ping` (`true`: PONG). The PING runs as a task of
-    /// its own, to the end even if every probe waiting for it is gone (a reset HTTP/2 stream).
-    pub async fn check<F, P>(&self, ping: F) -> bool
+    /// Whether the store answers: a PONG less than [`REUSED`] old with no outage since its PING
+    /// (`outages`: how many operations have found the store unavailable so far), else the
+    /// outcome of the PING under way, else of a new one made by `ping` (`true`: PONG). The PING
+    /// runs as a task of its own, to the end even if every probe waiting for it is gone (a
+    /// reset HTTP/2 stream).
+    pub async fn check<F, P>(&self, outages: u64, ping: F) -> bool
     where
         F: FnOnce() -> P,
         P: Future<Output = bool> + Send + 'static,
     {
         let mut outcome = {
             let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-            if slot.pong.is_some_and(|at| at.elapsed() < REUSED) {
+            if slot
+                .pong
+                .is_some_and(|(at, seen)| at.elapsed() < REUSED && seen == outages)
+            {
                 return true;
             }
             // A PING whose task is gone without an outcome (its runtime shutting down) is
@@ -63,7 +72,7 @@ impl SharedPing {
                         {
                             let mut slot = shared.lock().unwrap_or_else(PoisonError::into_inner);
                             slot.pending = None;
-                            slot.pong = pong.then(Instant::now);
+                            slot.pong = pong.then(|| (Instant::now(), outages));
                         }
                         let _ = tell.send(Some(pong));
                     });
@@ -123,7 +132,7 @@ mod tests {
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let (shared, store) = (shared.clone(), store.clone());
-                tokio::spawn(async move { shared.check(|| store.ping()).await })
+                tokio::spawn(async move { shared.check(0, || store.ping()).await })
             })
             .collect();
         let mut outcomes = Vec::new();
@@ -140,10 +149,10 @@ mod tests {
         assert_eq!(probes(&shared, &store, 10).await, [true; 10]);
         assert_eq!(store.pings(), 1);
         tokio::time::sleep(REUSED - Duration::from_millis(10)).await;
-        assert!(shared.check(|| store.ping()).await);
+        assert!(shared.check(0, || store.ping()).await);
         assert_eq!(store.pings(), 1, "a PONG stands for a second");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(shared.check(|| store.ping()).await);
+        assert!(shared.check(0, || store.ping()).await);
         assert_eq!(store.pings(), 2, "and no longer");
     }
 
@@ -151,14 +160,35 @@ mod tests {
     async fn a_failure_is_shared_by_the_probes_waiting_for_it_and_never_reused() {
         let shared = Arc::new(SharedPing::default());
         let store = Store::new(Duration::from_millis(100));
-        assert!(shared.check(|| store.ping()).await);
+        assert!(shared.check(0, || store.ping()).await);
         tokio::time::sleep(REUSED).await;
         store.answers(false);
         assert_eq!(probes(&shared, &store, 5).await, [false; 5]);
         assert_eq!(store.pings(), 2);
         // The next probe asks again, and sees the store back at once.
         store.answers(true);
-        assert!(shared.check(|| store.ping()).await);
+        assert!(shared.check(0, || store.ping()).await);
+        assert_eq!(store.pings(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pong_is_not_reused_once_an_operation_found_the_store_unavailable() {
+        let shared = Arc::new(SharedPing::default());
+        let store = Store::new(Duration::from_millis(100));
+        assert!(shared.check(0, || store.ping()).await);
+        assert!(shared.check(0, || store.ping()).await);
+        assert_eq!(store.pings(), 1);
+        // A request's operation found the store down, well within the PONG's second.
+        store.answers(false);
+        assert!(
+            !shared.check(1, || store.ping()).await,
+            "a PONG from before the outage kept /readyz green"
+        );
+        assert_eq!(store.pings(), 2);
+        // Back: a new PONG stands for its second again, with the count it was sent at.
+        store.answers(true);
+        assert!(shared.check(1, || store.ping()).await);
+        assert!(shared.check(1, || store.ping()).await);
         assert_eq!(store.pings(), 3);
     }
 
@@ -171,7 +201,7 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= PING_TIMEOUT && took < PING_TIMEOUT * 2, "{took:?}");
         assert_eq!(store.pings(), 1);
-        assert!(!shared.check(|| store.ping()).await);
+        assert!(!shared.check(0, || store.ping()).await);
         assert_eq!(store.pings(), 2);
     }
 
@@ -180,10 +210,10 @@ mod tests {
         let shared = Arc::new(SharedPing::default());
         let store = Store::new(Duration::from_millis(100));
         let gone =
-            tokio::time::timeout(Duration::from_millis(10), shared.check(|| store.ping())).await;
+            tokio::time::timeout(Duration::from_millis(10), shared.check(0, || store.ping())).await;
         assert!(gone.is_err());
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(shared.check(|| store.ping()).await);
+        assert!(shared.check(0, || store.ping()).await);
         assert_eq!(store.pings(), 1);
     }
 }

@@ -306,6 +306,14 @@ impl Store {
         }
     }
 
+    /// How many operations have found the store unavailable so far (never, in memory).
+    pub fn outages(&self) -> u64 {
+        match self {
+            Store::Memory(_) => 0,
+            Store::Redis(s) => s.outages(),
+        }
+    }
+
     /// How recently the messages of [`Store::subscribe`] were shown to be delivered.
     pub fn freshness(&self) -> Freshness {
         match self {

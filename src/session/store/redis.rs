@@ -121,6 +121,8 @@ struct Inner {
     pubsub: pubsub::Subscriber,
     description: String,
     metrics: OpMetrics,
+    /// Operations answered `Unavailable` so far (`/readyz` trusts no PONG from before one).
+    outages: std::sync::atomic::AtomicU64,
 }
 
 /// The operations [`RedisStore::run`] names, in metrics and spans.
@@ -309,6 +311,7 @@ impl RedisStore {
                 pubsub,
                 description,
                 metrics: OpMetrics::new(),
+                outages: std::sync::atomic::AtomicU64::new(0),
             }),
             own: None,
         })
@@ -357,7 +360,20 @@ impl RedisStore {
         if result.is_err() {
             span.record("error.type", "unavailable");
         }
+        if let Err(StoreError::Unavailable(_)) = &result {
+            self.inner
+                .outages
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         result
+    }
+
+    /// How many operations have been answered `Unavailable` (the store down, stalled, or out
+    /// of reach) since the store was made.
+    pub fn outages(&self) -> u64 {
+        self.inner
+            .outages
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn run_untimed<T: FromRedisValue>(&self, op: Op<'_>) -> Result<T, StoreError> {
