@@ -109,35 +109,17 @@ async fn healthz_is_200_and_counts_the_workers_while_every_worker_ticks() {
 #[tokio::test]
 async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
     use std::io::Read;
-    use vestibule::jose::testing::{TestKey, TestSigner};
-    let signer = TestSigner::new();
-    let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let up = upstream::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let config = config_toml(&routes)
-        .set("server.listen", format!("127.0.0.1:{port}"))
-        .set("admin.listen", format!("127.0.0.1:{admin}"))
-        .set("oidc.issuer", idp.issuer.as_str())
-        .add("server.workers", 2);
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, config.text()).unwrap();
-    let mut child = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    // Every part bound, so that none is dropped (the provider, the upstream) before the end.
+    let Binary {
+        mut child,
+        port,
+        admin,
+        up,
+        _idp,
+        _dir,
+    } = Binary::start(std::process::Stdio::piped()).await;
     let mut log = child.0.stderr.take().unwrap();
     let within = |what: &'static str| move |_| panic!("{what}");
-    wait_binary_ready(admin).await;
 
     // Each answer writes an access-log line of some 400 bytes (the path is most of it): 8,000
     // of them are ~3 MiB, the pipe's 64 KiB and the queue's 1 MiB many times over. Four
@@ -256,40 +238,20 @@ async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
 /// answered once it runs again.
 #[tokio::test]
 async fn healthz_names_a_worker_whose_thread_is_held_until_it_runs_again() {
-    use vestibule::jose::testing::{TestKey, TestSigner};
-    // A provider that answers, so that the admin listener's runtime has nothing to retry.
-    let signer = TestSigner::new();
-    let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
-    let up = upstream::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let routes = format!(
-        "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
-        up.url()
-    );
-    let config = config_toml(&routes)
-        .set("server.listen", format!("127.0.0.1:{port}"))
-        .set("admin.listen", format!("127.0.0.1:{admin}"))
-        .set("oidc.issuer", idp.issuer.as_str())
-        .add("server.workers", 2);
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, config.text()).unwrap();
-    let child = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let Binary {
+        child,
+        port,
+        admin,
+        up: _up,
+        _idp,
+        _dir,
+    } = Binary::start(std::process::Stdio::null()).await;
     let healthz = format!("http://127.0.0.1:{admin}/healthz");
     let probe = |url: String| async move {
         tokio::time::timeout(Duration::from_secs(5), get(&url, &[]))
             .await
             .expect("the admin listener answers")
     };
-    wait_binary_ready(admin).await;
     assert_eq!(probe(healthz.clone()).await.status, 200);
 
     // The workers' threads (`vestibule-worker-N`, cut to 15 bytes by the kernel), started in
@@ -371,6 +333,58 @@ async fn healthz_names_a_worker_whose_thread_is_held_until_it_runs_again() {
     })
     .await;
     driver.abort();
+}
+
+/// The real binary with two serving workers and a route `/api/` to an upstream of its own, its
+/// listeners on free ports and ready, a provider that answers (so that nothing on the admin
+/// listener's runtime retries or logs meanwhile), its stderr as given.
+struct Binary {
+    child: Killed,
+    port: u16,
+    admin: u16,
+    up: upstream::Upstream,
+    _idp: crate::support::fake_idp::FakeIdp,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    async fn start(stderr: std::process::Stdio) -> Binary {
+        use vestibule::jose::testing::{TestKey, TestSigner};
+        let signer = TestSigner::new();
+        let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+        let up = upstream::start().await;
+        let (port, admin) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let routes = format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        );
+        let config = config_toml(&routes)
+            .set("server.listen", format!("127.0.0.1:{port}"))
+            .set("admin.listen", format!("127.0.0.1:{admin}"))
+            .set("oidc.issuer", idp.issuer.as_str())
+            .add("server.workers", 2);
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config.text()).unwrap();
+        let child = Killed(
+            std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+                .arg("--config")
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap(),
+        );
+        wait_binary_ready(admin).await;
+        Binary {
+            child,
+            port,
+            admin,
+            up,
+            _idp: idp,
+            _dir: dir,
+        }
+    }
 }
 
 /// A child process, killed when dropped (also when an assertion fails first).
