@@ -1397,6 +1397,7 @@ async fn served_the_kept_answer(
 /// replica b once Redis is back finds neither the refresh lease (run out) nor the record, and
 /// presents the spent rt-1 before a's next attempt saves rt-2: refused with `invalid_grant`,
 /// and the user is signed out by the outage (a provider that detects reuse revokes the grant).
+/// It sleeps 76 s: `scripts/test` runs it by this name beside the rest of the fault suite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_kept_unsaved_through_a_long_outage_is_not_spent_again_when_redis_is_back() {
     let mut redis = RedisServer::start_durable();
