@@ -777,14 +777,14 @@ impl App {
         let (Some(dpop), Some(token)) = (&self.oidc.dpop, token) else {
             return Ok(None);
         };
-        let Some((htu, authority)) = proxy::upstream_target(route, path) else {
+        let Some((htu, origin)) = proxy::upstream_target(route, path) else {
             return Ok(None);
         };
         let unavailable = |e: crate::oidc::dpop::DpopError| {
             RequestError::Provider(GrantError::from(crate::oidc::Unavailable::Dpop(e)))
         };
         let key = dpop.key().await.map_err(unavailable)?;
-        let nonce = dpop.upstream_nonce(authority);
+        let nonce = dpop.upstream_nonce(origin);
         let proof = key
             .proof(
                 method.as_str(),
@@ -811,10 +811,10 @@ impl App {
         ) else {
             return false;
         };
-        let Some((_, authority)) = proxy::upstream_target(route, "/") else {
+        let Some((_, origin)) = proxy::upstream_target(route, "/") else {
             return false;
         };
-        dpop.remember_upstream_nonce(authority, nonce.as_bytes())
+        dpop.remember_upstream_nonce(origin, nonce.as_bytes())
     }
 
     /// Readiness checks by name; all must pass for `/readyz` to answer 200. `accepting` fails as

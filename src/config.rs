@@ -472,6 +472,9 @@ pub struct UpstreamBase {
     pub authority: http::uri::Authority,
     /// The same, as the `Host` header value.
     pub host: http::HeaderValue,
+    /// `scheme://host[:port]`: the server itself (`http://api` and `https://api` are two, on
+    /// ports 80 and 443, though their `authority` is the same).
+    pub origin: Box<str>,
     /// [`UpstreamBase::path`], found once here: every request forwarded asks for it.
     path: Box<str>,
 }
@@ -489,11 +492,13 @@ impl UpstreamBase {
         let authority = http::uri::Authority::try_from(text).ok()?;
         let host = http::HeaderValue::from_str(text).ok()?;
         let path = url.path().trim_end_matches('/').into();
+        let origin = format!("{scheme}://{text}").into();
         Some(UpstreamBase {
             url,
             scheme,
             authority,
             host,
+            origin,
             path,
         })
     }

@@ -224,14 +224,16 @@ pub async fn dispatch(
 }
 
 /// Where a request for `path` on `route` is forwarded, without its query (a DPoP proof's
-/// `htu`), and the upstream's authority (whose DPoP nonce applies). `None` for static routes.
+/// `htu`), and the upstream's origin, `scheme://host[:port]` (the server whose DPoP nonce
+/// applies: not the authority alone, which `http://api` and `https://api` share). `None` for
+/// static routes.
 pub fn upstream_target<'r>(route: &'r RouteConfig, path: &str) -> Option<(http::Uri, &'r str)> {
     let Target::Upstream(base) = &route.target else {
         return None;
     };
     let upstream_path = routing::upstream_path(route, path);
     let uri = forward::upstream_uri(base, &upstream_path, None)?;
-    Some((uri, base.authority.as_str()))
+    Some((uri, &base.origin))
 }
 
 /// Whether `method` asks the upstream to echo the request back: `TRACE`, or `TRACK` (IIS's), in

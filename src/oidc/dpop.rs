@@ -26,7 +26,7 @@ pub const DPOP_NONCE: http::HeaderName = http::HeaderName::from_static("dpop-non
 
 /// Longest server nonce kept; anything longer is ignored.
 const MAX_NONCE_LEN: usize = 512;
-/// Upstream authorities whose nonce is remembered; beyond this the map starts afresh.
+/// Upstream origins whose nonce is remembered; beyond this the map starts afresh.
 const MAX_UPSTREAM_NONCES: usize = 1024;
 
 /// Why no proof could be made. Never contains key material.
@@ -230,7 +230,7 @@ pub struct Dpop {
     /// The provider's latest `DPoP-Nonce` (one per provider: RFC 9449 §8 lets a nonce serve
     /// every endpoint of a server).
     provider_nonce: Mutex<Option<String>>,
-    /// Per upstream authority (`host:port`), the latest nonce it sent.
+    /// Per upstream origin (`scheme://host[:port]`: one server), the latest nonce it sent.
     upstream_nonces: Mutex<HashMap<String, String>>,
 }
 
@@ -322,16 +322,16 @@ impl Dpop {
         true
     }
 
-    pub fn upstream_nonce(&self, authority: &str) -> Option<String> {
+    pub fn upstream_nonce(&self, origin: &str) -> Option<String> {
         self.upstream_nonces
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(authority)
+            .get(origin)
             .cloned()
     }
 
     /// Keeps an upstream's nonce if it is a valid one; `true` if it was kept.
-    pub fn remember_upstream_nonce(&self, authority: &str, value: &[u8]) -> bool {
+    pub fn remember_upstream_nonce(&self, origin: &str, value: &[u8]) -> bool {
         let Some(nonce) = valid_nonce(value) else {
             return false;
         };
@@ -339,10 +339,10 @@ impl Dpop {
             .upstream_nonces
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_UPSTREAM_NONCES && !map.contains_key(authority) {
+        if map.len() >= MAX_UPSTREAM_NONCES && !map.contains_key(origin) {
             map.clear();
         }
-        map.insert(authority.to_string(), nonce.to_string());
+        map.insert(origin.to_string(), nonce.to_string());
         true
     }
 }

@@ -612,3 +612,87 @@ async fn replicas_signing_with_different_keys_do_not_refresh_at_every_request() 
         "{grants} refresh grants for six requests alternating between two keys"
     );
 }
+
+/// RFC 9449 §9: an upstream's nonce is its own. `http://api` and `https://api` are two servers
+/// (ports 80 and 443) — one may be a legacy plain-HTTP service nobody trusts — and the nonce
+/// one sends must never go in the proofs for the other (nor let it make every request to the
+/// other a 401 and a second send). On a test host of its own, where ports 80 and 443 are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_nonce_goes_only_to_that_upstream_not_to_another_port_of_its_host() {
+    use crate::support::pki::{TestCa, tls_front};
+    let up = upstream::start().await;
+    let ca = TestCa::new("dpop-nonce-ca");
+    let mut host = crate::support::netns::NetHost::start();
+    let address = host.address.to_string();
+    let (front, _) = tls_front(ca.acceptor_also_for(&address), up.addr.unwrap()).await;
+    host.reach_on(Some(80), up.addr.unwrap()).await;
+    host.reach_on(Some(443), front).await;
+    let ca_file = ca.ca_file.display().to_string();
+    let stack = LoginStack::builder()
+        .provider(json!({}))
+        .extra(move |_| {
+            format!(
+                r#"
+[[routes]]
+path = "/legacy/"
+upstream = "http://{address}"
+token = "user"
+token_binding = "dpop"
+[[routes]]
+path = "/api/"
+upstream = "https://{address}"
+ca_file = "{ca_file}"
+token = "user"
+token_binding = "dpop"
+"#
+            )
+        })
+        .config(|c| c.add("oidc.dpop", true))
+        .start()
+        .await;
+    let mut browser = stack.login("alice").await;
+    let seen = |marker: &str| {
+        let sent = sent(&up, marker);
+        assert_eq!(sent.len(), 1, "{marker}");
+        segment(sent[0].1.as_deref().expect("a proof"), 1)
+    };
+    // The plain-HTTP server on port 80 asks for a nonce of its own.
+    let r = browser
+        .get(
+            &format!("{}/legacy/challenge401", stack.base),
+            &[
+                ("x-csrf", "1"),
+                ("x-challenge", r#"DPoP error="use_dpop_nonce""#),
+                ("x-dpop-nonce", "port-80-nonce"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let asked = sent(&up, "/legacy/challenge401");
+    assert_eq!(asked.len(), 2, "once more with the nonce");
+    let retried = segment(asked[1].1.as_deref().unwrap(), 1);
+    assert_eq!(retried["nonce"], "port-80-nonce");
+    assert_eq!(
+        retried["htu"],
+        format!("http://{}/legacy/challenge401", host.address)
+    );
+    // The server on 443 gets a proof without it; the one on 80 gets it back.
+    let r = browser
+        .get(&format!("{}/api/two", stack.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let proof = seen("/api/two");
+    assert_eq!(proof["htu"], format!("https://{}/api/two", host.address));
+    assert_eq!(
+        proof["nonce"],
+        Value::Null,
+        "the nonce of http://{} went to https://{}",
+        host.address,
+        host.address
+    );
+    let r = browser
+        .get(&format!("{}/legacy/three", stack.base), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(seen("/legacy/three")["nonce"], "port-80-nonce");
+}

@@ -203,6 +203,12 @@ impl NetHost {
     /// [`NetHost::near`], which passes it on to `to`. Returns the address to use instead of `to`:
     /// with the link cut, nothing sent there arrives, nor any answer.
     pub async fn reach(&mut self, to: SocketAddr) -> SocketAddr {
+        self.reach_on(None, to).await
+    }
+
+    /// [`NetHost::reach`], listening inside the namespace on `port` when given (the namespace
+    /// has ports of its own: 80 and 443 are free there).
+    pub async fn reach_on(&mut self, port: Option<u16>, to: SocketAddr) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind((self.near, 0))
             .await
             .expect("a port on the link's near address");
@@ -217,7 +223,7 @@ impl NetHost {
             }
         });
         self.tasks.push(forward.abort_handle());
-        self.relay(near.port(), near)
+        self.relay(port.unwrap_or(near.port()), near)
     }
 
     fn wait_listening(&self, at: SocketAddr, what: &str) {

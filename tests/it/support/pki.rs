@@ -121,6 +121,16 @@ impl TestCa {
         self.acceptor_with(server, None, &[b"h2", b"http/1.1"])
     }
 
+    /// [`TestCa::acceptor`] whose certificate also names `address` (a test host's).
+    pub fn acceptor_also_for(&self, address: &str) -> TlsAcceptor {
+        let server = self.issue(
+            &["127.0.0.1", "localhost", address],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "server",
+        );
+        self.acceptor_with(server, None, &[b"http/1.1"])
+    }
+
     fn acceptor_for(&self, client_ca: Option<&TestCa>, alpn: &[&[u8]]) -> TlsAcceptor {
         self.acceptor_with(self.server(), client_ca, alpn)
     }
