@@ -696,3 +696,68 @@ token_binding = "dpop"
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(seen("/legacy/three")["nonce"], "port-80-nonce");
 }
+
+/// A hostile upstream that asks for a nonce again and again: a POST (with a body or without)
+/// is sent once and its 401 passed on, never sent twice with a new proof; a GET is sent once
+/// more with the nonce, and no more. Each proof names the URL the upstream was sent to — after
+/// `strip_prefix`, below the upstream's base path, without the query — in the retry too, with a
+/// `jti` of its own and the `ath` of the token that went with it.
+#[tokio::test]
+async fn a_nonce_request_never_repeats_a_post_and_every_proof_names_the_url_actually_sent() {
+    let stack = LoginStack::builder()
+        .provider(json!({}))
+        .extra(|u| {
+            format!(
+                r#"
+[[routes]]
+path = "/sp/"
+upstream = "{u}/v1/"
+strip_prefix = true
+token = "user"
+token_binding = "dpop"
+"#
+            )
+        })
+        .config(|c| c.add("oidc.dpop", true))
+        .start()
+        .await;
+    let mut browser = stack.login("alice").await;
+    let challenge = r#"DPoP error="use_dpop_nonce""#;
+    let headers = [
+        ("x-csrf", "1"),
+        ("x-challenge", challenge),
+        ("x-dpop-nonce", "n-again"),
+    ];
+    let htu = format!("{}/v1/challenge401", stack.up.url());
+    for (i, body) in [Some("a=1".to_string()), None].into_iter().enumerate() {
+        let url = format!("{}/sp/challenge401?post{i}", stack.base);
+        let r = browser.request("POST", &url, &headers, body).await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(r.header("www-authenticate"), Some(challenge));
+        let seen = sent(&stack.up, &format!("?post{i}"));
+        assert_eq!(seen.len(), 1, "a POST is never sent twice (body: {i} == 0)");
+        let proof = segment(seen[0].1.as_deref().unwrap(), 1);
+        assert_eq!(proof["htm"], "POST");
+        assert_eq!(proof["htu"], htu);
+    }
+    let r = browser
+        .get(&format!("{}/sp/challenge401?get", stack.base), &headers)
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let seen = sent(&stack.up, "?get");
+    assert_eq!(seen.len(), 2, "a GET once more with the nonce, and no more");
+    let mut jtis = Vec::new();
+    for (auth, proof) in &seen {
+        let token = auth.strip_prefix("DPoP ").expect("the DPoP scheme");
+        let proof = segment(proof.as_deref().unwrap(), 1);
+        assert_eq!(proof["htm"], "GET");
+        assert_eq!(proof["htu"], htu);
+        assert_eq!(proof["nonce"], "n-again");
+        assert_eq!(
+            proof["ath"],
+            URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(token.as_bytes()))
+        );
+        jtis.push(proof["jti"].clone());
+    }
+    assert_ne!(jtis[0], jtis[1]);
+}
