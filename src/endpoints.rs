@@ -883,45 +883,32 @@ async fn end_as_read(app: &Shared, loaded: OpenSession) -> Result<OpenSession, R
     Ok(loaded)
 }
 
-async fn logout(
+/// The sessions each of the request's session cookies opens, each once (for a logout whose
+/// cookies name different sessions).
+async fn every_cookies_session(
+    app: &Shared,
+    live: &LiveConfig,
+    headers: &http::HeaderMap,
+) -> Result<Vec<OpenSession>, crate::session::store::StoreError> {
+    let now = app.clock.now();
+    let mut found: Vec<OpenSession> = Vec::new();
+    for value in cookies::raw_values(headers, &live.config.session.cookie_name) {
+        if let Some(loaded) = app.sessions.load(value, now).await?
+            && !found.iter().any(|f| f.handle == loaded.handle)
+        {
+            found.push(loaded);
+        }
+    }
+    Ok(found)
+}
+
+/// A logout's ending of one session: its refreshes held, the session ended as read, its
+/// refresh token and opaque access tokens revoked, and a refresh answer kept unsaved revoked too.
+async fn end_for_logout(
     app: &Shared,
     tokens: &Tokens,
-    live: &LiveConfig,
-    req: &Request<Inbound>,
-    via: LogoutVia,
-) -> Result<Response<Body>, RequestError> {
-    if via == LogoutVia::Script && !crate::access::csrf_ok(live, req) {
-        return Err(RequestError::Csrf);
-    }
-    // `sid` twice is no link Vestibule made (`bff:logout_url` names it once), whichever copy
-    // would match: refused before the session is read, nothing ended.
-    if via == LogoutVia::Link && repeated(req, &["sid"]).is_some() {
-        tracing::debug!(parameter = "sid", "logout refused: a parameter repeated");
-        return Err(RequestError::SidMismatch {
-            reader: Reader::of(req.headers()),
-        });
-    }
-    let config = &live.config;
-    let post_logout_uri = format!(
-        "{}{}",
-        config.server.public_origin, config.oidc.post_logout_redirect
-    );
-    let Some(loaded) = app.load_session(&app.sessions, live, req.headers()).await? else {
-        return Ok(if via == LogoutVia::Script {
-            json_response(
-                StatusCode::OK,
-                &serde_json::json!({"redirect": config.oidc.post_logout_redirect}),
-            )
-        } else {
-            redirect(&config.oidc.post_logout_redirect)
-        });
-    };
-    let sid = query_param(req, "sid").unwrap_or_default();
-    if via == LogoutVia::Link && !bool::from(sid.as_bytes().ct_eq(loaded.handle.as_bytes())) {
-        return Err(RequestError::SidMismatch {
-            reader: Reader::of(req.headers()),
-        });
-    }
+    loaded: OpenSession,
+) -> Result<OpenSession, RequestError> {
     // No refresh saves while the session is read and ended (one under way is waited for), so
     // the tokens revoked below are the ones it held: a refresh's rotated refresh token is the
     // grant's only one.
@@ -947,7 +934,68 @@ async fn logout(
     // A refresh's answer that this process holds unsaved (the store refused it for longer than
     // the refresh kept trying) brought tokens the session never held: revoked too.
     tokens.forget_ended(app, &loaded.handle, within).await;
-    let id_token = loaded.session.id_token.as_deref();
+    Ok(loaded)
+}
+
+async fn logout(
+    app: &Shared,
+    tokens: &Tokens,
+    live: &LiveConfig,
+    req: &Request<Inbound>,
+    via: LogoutVia,
+) -> Result<Response<Body>, RequestError> {
+    if via == LogoutVia::Script && !crate::access::csrf_ok(live, req) {
+        return Err(RequestError::Csrf);
+    }
+    // `sid` twice is no link Vestibule made (`bff:logout_url` names it once), whichever copy
+    // would match: refused before the session is read, nothing ended.
+    if via == LogoutVia::Link && repeated(req, &["sid"]).is_some() {
+        tracing::debug!(parameter = "sid", "logout refused: a parameter repeated");
+        return Err(RequestError::SidMismatch {
+            reader: Reader::of(req.headers()),
+        });
+    }
+    let config = &live.config;
+    let post_logout_uri = format!(
+        "{}{}",
+        config.server.public_origin, config.oidc.post_logout_redirect
+    );
+    let mut opened = match app.load_session(&app.sessions, live, req.headers()).await? {
+        Some(loaded) => vec![loaded],
+        // No one session: none, or cookies naming different ones (one tossed beside the user's
+        // own by a sibling subdomain's page). The logout ends each of them: answered "logged
+        // out", the user's own would live on, and work again once the tossed one is gone.
+        None => every_cookies_session(app, live, req.headers()).await?,
+    };
+    if opened.is_empty() {
+        return Ok(if via == LogoutVia::Script {
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({"redirect": config.oidc.post_logout_redirect}),
+            )
+        } else {
+            redirect(&config.oidc.post_logout_redirect)
+        });
+    }
+    // A link ends the session it names only (a tossed cookie's author knows his own handle,
+    // never hers); the page's script (X-CSRF) ends every one.
+    let sid = query_param(req, "sid").unwrap_or_default();
+    if via == LogoutVia::Link {
+        opened.retain(|loaded| bool::from(sid.as_bytes().ct_eq(loaded.handle.as_bytes())));
+        if opened.is_empty() {
+            return Err(RequestError::SidMismatch {
+                reader: Reader::of(req.headers()),
+            });
+        }
+    }
+    let one = opened.len() == 1;
+    let mut hinted = None;
+    for loaded in opened {
+        let loaded = end_for_logout(app, tokens, loaded).await?;
+        // The provider is given a hint only when one session ended: whose would it be?
+        hinted = one.then_some(loaded);
+    }
+    let id_token = hinted.as_ref().and_then(|l| l.session.id_token.as_deref());
     let target = app.oidc.end_session_url(id_token, &post_logout_uri);
     let mut way_out = None;
     let mut response = match via {

@@ -913,3 +913,71 @@ async fn a_key_set_outage_during_a_back_channel_logout_is_answered_so_the_provid
     assert_eq!(again.status, 503, "{}", again.text());
     assert!(proxy.signed_in(&cookie).await);
 }
+
+/// A session cookie tossed beside the user's own (a page on a sibling subdomain set one of its
+/// author's for the parent domain, when `cookie_name` is not `__Host-`) makes her requests
+/// sessionless, as it must; but her logout, by the script or by the link, must still end her
+/// session, not answer "logged out" and leave it live for the browser, whose own cookie works
+/// again once the tossed one is gone (a shared computer's next user).
+#[tokio::test]
+async fn a_logout_beside_a_tossed_session_cookie_still_ends_the_users_session() {
+    let signer = TestSigner::new();
+    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
+    let port = free_port();
+    let proxy = start_proxy(&login_config(port, &issuer, "")).await;
+    wait_ready(&proxy).await;
+    for via in ["script", "link"] {
+        let alice = alice_session(&proxy).await;
+        let user = get(
+            &proxy.url("/bff/user"),
+            &[("cookie", alice.as_str()), ("x-csrf", "1")],
+        )
+        .await;
+        let link = user.json()["bff:logout_url"].as_str().unwrap().to_string();
+        let mallory = proxy
+            .session_cookie(Session {
+                sub: "mallory".into(),
+                ..Session::default()
+            })
+            .await;
+        let both = format!("{alice}; {mallory}");
+        assert!(!proxy.signed_in(&both).await, "two sessions are none");
+        let r = if via == "script" {
+            send(
+                http::Request::post(proxy.url("/bff/logout"))
+                    .header("cookie", &both)
+                    .header("x-csrf", "1")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        } else {
+            get(&proxy.url(&link), &[("cookie", both.as_str())]).await
+        };
+        assert!(
+            !proxy.signed_in(&alice).await,
+            "{via}: her logout (answered {}) left her session live",
+            r.status
+        );
+    }
+    // A link naming the tossed cookie's session (its author knows his own handle) ends that
+    // one only: her session is not logged out across sites by it.
+    let alice = alice_session(&proxy).await;
+    let mallory = proxy
+        .session_cookie(Session {
+            sub: "mallory".into(),
+            ..Session::default()
+        })
+        .await;
+    let user = get(
+        &proxy.url("/bff/user"),
+        &[("cookie", mallory.as_str()), ("x-csrf", "1")],
+    )
+    .await;
+    let his_link = user.json()["bff:logout_url"].as_str().unwrap().to_string();
+    let both = format!("{alice}; {mallory}");
+    let r = get(&proxy.url(&his_link), &[("cookie", both.as_str())]).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert!(proxy.signed_in(&alice).await, "his link ended her session");
+    assert!(!proxy.signed_in(&mallory).await, "his link ended nothing");
+}
