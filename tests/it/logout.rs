@@ -981,3 +981,56 @@ async fn a_logout_beside_a_tossed_session_cookie_still_ends_the_users_session() 
     assert!(proxy.signed_in(&alice).await, "his link ended her session");
     assert!(!proxy.signed_in(&mallory).await, "his link ended nothing");
 }
+
+/// A logout while the store is down is an error the user (or the provider) sees, 503, never a
+/// "logged out" with the session still live once the store is back: by the script, the link,
+/// and the provider's back-channel logout (which is not recorded as taken either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_while_the_store_is_down_is_503_not_a_silent_logged_out() {
+    let signer = TestSigner::new();
+    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
+    let mut redis = RedisServer::start();
+    let store = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+        redis.url()
+    );
+    let proxy = start_proxy(&login_config(free_port(), &issuer, &store)).await;
+    wait_ready(&proxy).await;
+    let alice = alice_session(&proxy).await;
+    let user = get(
+        &proxy.url("/bff/user"),
+        &[("cookie", alice.as_str()), ("x-csrf", "1")],
+    )
+    .await;
+    let link = user.json()["bff:logout_url"].as_str().unwrap().to_string();
+    let mut claims = logout_token_claims(&issuer, "vestibule", vestibule::app::now());
+    claims["jti"] = "j-outage".into();
+    let token = signer.token(TestKey::Rsa1).typ("logout+jwt").sign(&claims);
+
+    redis.stop();
+    let script = send(
+        http::Request::post(proxy.url("/bff/logout"))
+            .header("cookie", &alice)
+            .header("x-csrf", "1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(script.status, 503, "{}", script.text());
+    assert_eq!(script.json()["error"], "store_unavailable");
+    let by_link = get(&proxy.url(&link), &[("cookie", alice.as_str())]).await;
+    assert_eq!(by_link.status, 503, "{}", by_link.text());
+    let back_channel = post_logout_token(&proxy, &token).await;
+    assert_eq!(back_channel.status, 503, "{}", back_channel.text());
+
+    redis.restart();
+    wait_ready(&proxy).await;
+    assert!(
+        proxy.signed_in(&alice).await,
+        "nothing ended, nothing said so"
+    );
+    // The provider's retry is taken, not refused as a replay.
+    let retry = post_logout_token(&proxy, &token).await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert!(!proxy.signed_in(&alice).await);
+}
