@@ -442,6 +442,16 @@ pub(crate) async fn post_logout_token(proxy: &Proxy, token: &str) -> Reply {
 }
 
 /// A session for alice with provider sid `session-1`, made directly in the store.
+/// A signer, the fake provider it signs for (its issuer), and a ready proxy with the memory
+/// store in front of it.
+async fn signed_in_proxy() -> (TestSigner, String, Proxy) {
+    let signer = TestSigner::new();
+    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
+    let proxy = start_proxy(&login_config(free_port(), &issuer, "")).await;
+    wait_ready(&proxy).await;
+    (signer, issuer, proxy)
+}
+
 async fn alice_session(proxy: &Proxy) -> String {
     let session = Session {
         sub: "alice".into(),
@@ -453,11 +463,7 @@ async fn alice_session(proxy: &Proxy) -> String {
 
 #[tokio::test]
 async fn hostile_logout_tokens_are_rejected_and_end_nothing() {
-    let signer = TestSigner::new();
-    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
-    let port = free_port();
-    let proxy = start_proxy(&login_config(port, &issuer, "")).await;
-    wait_ready(&proxy).await;
+    let (signer, issuer, proxy) = signed_in_proxy().await;
     let cookie = alice_session(&proxy).await;
     assert!(proxy.signed_in(&cookie).await);
 
@@ -811,11 +817,7 @@ async fn a_logout_that_read_the_session_before_a_refresh_saved_revokes_the_saved
 /// user's sessions; with it, that session; §2.7: a user already logged out is a success).
 #[tokio::test]
 async fn a_logout_token_for_an_ended_provider_session_leaves_the_users_other_sessions() {
-    let signer = TestSigner::new();
-    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
-    let port = free_port();
-    let proxy = start_proxy(&login_config(port, &issuer, "")).await;
-    wait_ready(&proxy).await;
+    let (signer, issuer, proxy) = signed_in_proxy().await;
     let laptop = proxy
         .session_cookie(Session {
             sub: "alice".into(),
@@ -921,11 +923,7 @@ async fn a_key_set_outage_during_a_back_channel_logout_is_answered_so_the_provid
 /// again once the tossed one is gone (a shared computer's next user).
 #[tokio::test]
 async fn a_logout_beside_a_tossed_session_cookie_still_ends_the_users_session() {
-    let signer = TestSigner::new();
-    let issuer = fake_provider(signer.jwks_json(&[(TestKey::Rsa1, "rsa-1")])).await;
-    let port = free_port();
-    let proxy = start_proxy(&login_config(port, &issuer, "")).await;
-    wait_ready(&proxy).await;
+    let (_, _, proxy) = signed_in_proxy().await;
     for via in ["script", "link"] {
         let alice = alice_session(&proxy).await;
         let user = get(

@@ -18,6 +18,20 @@ fn open_connections(metrics: &str, worker: usize) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// An HTTP/1.1 keep-alive connection to `addr`: its sender, and the task driving it.
+async fn keep_alive(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 async fn metrics(proxy: &Proxy) -> String {
     get(&format!("http://{}/metrics", proxy.admin), &[])
         .await
@@ -32,11 +46,7 @@ async fn connections_are_spread_over_the_workers_and_counted() {
     // Six keep-alive connections, each answered once and held open.
     let mut held = Vec::new();
     for n in 0..6 {
-        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        let driver = tokio::spawn(conn);
+        let (mut sender, driver) = keep_alive(proxy.addr).await;
         let req = http::Request::get(format!("/api/conn/{n}"))
             .header("host", "app.test")
             .body(Empty::<Bytes>::new())
@@ -129,13 +139,7 @@ async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
     for connection in 0..4 {
         let long = long.clone();
         senders.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .unwrap();
-            let driver = tokio::spawn(conn);
+            let (mut sender, driver) = keep_alive(([127, 0, 0, 1], port).into()).await;
             for n in 0..2_000 {
                 let req = http::Request::get(format!("/api/{long}/{connection}/{n}"))
                     .header("host", "app.test")
@@ -304,13 +308,7 @@ async fn healthz_names_a_worker_whose_thread_is_held_until_it_runs_again() {
 
     // The first connection goes to worker 0 (both hold none): unanswered while it is held,
     // answered once it runs; then /healthz is 200 again.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let driver = tokio::spawn(conn);
+    let (mut sender, driver) = keep_alive(([127, 0, 0, 1], port).into()).await;
     let req = http::Request::get("/api/held")
         .header("host", "app.test")
         .body(Empty::<Bytes>::new())
