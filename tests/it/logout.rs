@@ -452,6 +452,18 @@ async fn signed_in_proxy() -> (TestSigner, String, Proxy) {
     (signer, issuer, proxy)
 }
 
+/// alice's session cookie ([`alice_session`]) and the logout link `/bff/user` gives her page.
+async fn alice_and_her_logout_link(proxy: &Proxy) -> (String, String) {
+    let alice = alice_session(proxy).await;
+    let user = get(
+        &proxy.url("/bff/user"),
+        &[("cookie", alice.as_str()), ("x-csrf", "1")],
+    )
+    .await;
+    let link = user.json()["bff:logout_url"].as_str().unwrap().to_string();
+    (alice, link)
+}
+
 async fn alice_session(proxy: &Proxy) -> String {
     let session = Session {
         sub: "alice".into(),
@@ -925,13 +937,7 @@ async fn a_key_set_outage_during_a_back_channel_logout_is_answered_so_the_provid
 async fn a_logout_beside_a_tossed_session_cookie_still_ends_the_users_session() {
     let (_, _, proxy) = signed_in_proxy().await;
     for via in ["script", "link"] {
-        let alice = alice_session(&proxy).await;
-        let user = get(
-            &proxy.url("/bff/user"),
-            &[("cookie", alice.as_str()), ("x-csrf", "1")],
-        )
-        .await;
-        let link = user.json()["bff:logout_url"].as_str().unwrap().to_string();
+        let (alice, link) = alice_and_her_logout_link(&proxy).await;
         let mallory = proxy
             .session_cookie(Session {
                 sub: "mallory".into(),
@@ -994,13 +1000,7 @@ async fn a_logout_while_the_store_is_down_is_503_not_a_silent_logged_out() {
     );
     let proxy = start_proxy(&login_config(free_port(), &issuer, &store)).await;
     wait_ready(&proxy).await;
-    let alice = alice_session(&proxy).await;
-    let user = get(
-        &proxy.url("/bff/user"),
-        &[("cookie", alice.as_str()), ("x-csrf", "1")],
-    )
-    .await;
-    let link = user.json()["bff:logout_url"].as_str().unwrap().to_string();
+    let (alice, link) = alice_and_her_logout_link(&proxy).await;
     let mut claims = logout_token_claims(&issuer, "vestibule", vestibule::app::now());
     claims["jti"] = "j-outage".into();
     let token = signer.token(TestKey::Rsa1).typ("logout+jwt").sign(&claims);
