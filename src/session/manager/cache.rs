@@ -163,6 +163,8 @@ struct Shard {
     slots: Table,
     capacity: usize,
     /// Keys refused while the shard was full, by `key % len`: a key found here is admitted.
+    /// Empty until the shard is first full (then `capacity` slots): a shard never full never
+    /// needs one.
     doorkeeper: Box<[Key]>,
     invalidations: Subscription,
     /// `None` once the sender is gone (the memory store's, which is always live): `is_live` is
@@ -201,8 +203,7 @@ impl Cache {
                 Mutex::new(Shard {
                     slots: Table::new(capacity),
                     capacity,
-                    // Never a real key's slot value by chance: keys are random 128-bit values.
-                    doorkeeper: vec![Key::MAX; capacity].into_boxed_slice(),
+                    doorkeeper: Box::default(),
                     invalidations: invalidations.resubscribe(),
                     live: Some(live),
                     is_live,
@@ -465,6 +466,10 @@ impl Shard {
     /// Whether a full shard takes `key` in: only on its second try while the doorkeeper still
     /// remembers the first; otherwise it is remembered now, in place of another.
     fn admit(&mut self, key: Key) -> bool {
+        if self.doorkeeper.is_empty() {
+            // Never a real key's slot value by chance: keys are random 128-bit values.
+            self.doorkeeper = vec![Key::MAX; self.capacity].into_boxed_slice();
+        }
         let at = (mix(key) % self.doorkeeper.len() as u64) as usize;
         if self.doorkeeper[at] == key {
             self.doorkeeper[at] = Key::MAX;

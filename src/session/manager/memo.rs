@@ -36,10 +36,14 @@ pub(super) const COOKIE_LEN: usize = sealed_len(Ticket::LEN);
 
 /// Entries per set: a value may sit in any slot of its set.
 const WAYS: usize = 8;
-/// The most slots one memo has (16 bytes a slot, allocated at once; an entry is ~260 bytes
-/// more, as it comes): as many as the largest `cache_entries`, so that every session the cache
-/// is sized for is opened once per worker, not once per request.
+/// The most slots one memo has (16 bytes a slot; an entry is ~260 bytes more, as it comes): as
+/// many as the largest `cache_entries`, so that every session the cache is sized for is opened
+/// once per worker, not once per request.
 const MAX_SLOTS: usize = 1 << 20;
+/// The slots a memo starts with; it doubles, up to the slots it was made for, when a set is
+/// full while at least half of all slots hold entries. A memo sized for many more sessions
+/// than are in use costs memory for those in use only.
+const FIRST_SLOTS: usize = 64 * WAYS;
 /// A full set admits one new entry per this many `put`s.
 const ADMIT_EVERY: usize = 8;
 
@@ -52,6 +56,10 @@ struct Inner {
     /// The key ring every remembered entry was opened with.
     keyring: Option<Arc<Keyring>>,
     slots: Box<[Slot]>,
+    /// Slots holding an entry.
+    len: usize,
+    /// The most slots it grows to.
+    most: usize,
     /// `put`s so far: which of them a full set admits, and which way gives up its entry.
     puts: usize,
 }
@@ -100,11 +108,13 @@ pub(super) struct Opening {
 impl Memo {
     /// A memo for about `entries` cookies (at most [`MAX_SLOTS`]).
     pub(super) fn new(entries: usize) -> Memo {
-        let slots = entries.clamp(WAYS, MAX_SLOTS).next_power_of_two();
+        let most = entries.clamp(WAYS, MAX_SLOTS).next_power_of_two();
         Memo {
             inner: Mutex::new(Inner {
                 keyring: None,
-                slots: std::iter::repeat_with(Slot::default).take(slots).collect(),
+                slots: empty_slots(most.min(FIRST_SLOTS)),
+                len: 0,
+                most,
                 puts: 0,
             }),
             hasher: foldhash::fast::RandomState::default(),
@@ -146,16 +156,28 @@ impl Memo {
         if !inner.holds(keyring) {
             inner.forget(keyring);
         }
-        let set = inner.set(hash);
         let puts = inner.puts;
         inner.puts = puts.wrapping_add(1);
-        let slots = &mut inner.slots[set];
-        let way = match slots.iter().position(|s| s.entry.is_none()) {
-            Some(free) => free,
+        let mut set = inner.set(hash);
+        let mut free = inner.slots[set.clone()]
+            .iter()
+            .position(|s| s.entry.is_none());
+        if free.is_none() && inner.slots.len() < inner.most && inner.len * 2 >= inner.slots.len() {
+            inner.grow();
+            set = inner.set(hash);
+            free = inner.slots[set.clone()]
+                .iter()
+                .position(|s| s.entry.is_none());
+        }
+        let way = match free {
+            Some(free) => {
+                inner.len += 1;
+                free
+            }
             None if puts.is_multiple_of(ADMIT_EVERY) => (puts / ADMIT_EVERY) % WAYS,
             None => return,
         };
-        slots[way] = Slot {
+        inner.slots[set][way] = Slot {
             hash,
             entry: Some(Box::new(Entry {
                 cookie,
@@ -182,6 +204,10 @@ impl Memo {
     }
 }
 
+fn empty_slots(size: usize) -> Box<[Slot]> {
+    std::iter::repeat_with(Slot::default).take(size).collect()
+}
+
 /// What a cookie's place is worked out from: its last 16 characters, which spell most of the
 /// AES-GCM tag (a value it seals cannot be chosen without the key), not all 130, hashed on every
 /// request. Two values that end alike share a set and are told apart by their whole text, as
@@ -205,7 +231,25 @@ impl Inner {
         for slot in &mut self.slots {
             slot.entry = None;
         }
+        self.len = 0;
         self.keyring = Some(keyring.clone());
+    }
+
+    /// Twice the slots (at most [`Inner::most`]), each entry moved to its set among them: a set
+    /// splits in two, so every entry finds a free way.
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).min(self.most);
+        let old = std::mem::replace(&mut self.slots, empty_slots(size));
+        self.len = 0;
+        for slot in old.into_vec() {
+            if slot.entry.is_some() {
+                let set = self.set(slot.hash);
+                if let Some(free) = self.slots[set].iter_mut().find(|s| s.entry.is_none()) {
+                    *free = slot;
+                    self.len += 1;
+                }
+            }
+        }
     }
 
     /// The slots of `hash`'s set.
@@ -358,16 +402,47 @@ mod tests {
 
     #[test]
     fn sizes_are_bounded_both_ways() {
+        let most = |entries| Memo::new(entries).lock().most;
+        assert_eq!(most(0), WAYS);
+        assert_eq!(most(20_000), 32_768);
+        assert_eq!(most(200_000), 262_144);
+        assert_eq!(most(crate::config::MAX_CACHE_ENTRIES), MAX_SLOTS);
+        assert_eq!(most(5_000_000), MAX_SLOTS);
         assert_eq!(Memo::new(0).lock().slots.len(), WAYS);
-        assert_eq!(Memo::new(20_000).lock().slots.len(), 32_768);
-        assert_eq!(Memo::new(200_000).lock().slots.len(), 262_144);
-        assert_eq!(
-            Memo::new(crate::config::MAX_CACHE_ENTRIES)
-                .lock()
-                .slots
-                .len(),
-            MAX_SLOTS
-        );
-        assert_eq!(Memo::new(5_000_000).lock().slots.len(), MAX_SLOTS);
+        assert_eq!(Memo::new(200_000).lock().slots.len(), FIRST_SLOTS);
+    }
+
+    /// A memo made for many more cookies than come starts small and grows with them, every
+    /// entry still found after each doubling, up to the slots it was made for and no further.
+    #[test]
+    fn grows_with_the_cookies_it_holds_and_loses_none_on_the_way() {
+        let memo = Memo::new(20_000);
+        let k = ring(1);
+        let slots = |memo: &Memo| memo.lock().slots.len();
+        assert_eq!(slots(&memo), FIRST_SLOTS);
+        let mut sizes = vec![slots(&memo)];
+        for n in 0..3_000u32 {
+            memo.put(&k, &c(&format!("cookie-{n}")), &opening(1));
+            if slots(&memo) != *sizes.last().unwrap() {
+                sizes.push(slots(&memo));
+            }
+        }
+        // Doubled, and only while at least half full: 3,000 entries need no more than 8,192.
+        assert_eq!(sizes, [512, 1024, 2048, 4096, 8192][..sizes.len()]);
+        assert!(sizes.len() >= 4, "{sizes:?}");
+        let found = (0..3_000u32)
+            .filter(|n| memo.get(&k, &c(&format!("cookie-{n}"))).is_some())
+            .count();
+        assert_eq!(memo.len(), found);
+        let held = memo.lock().len;
+        assert_eq!(held, found);
+        // A grown memo may still refuse a newcomer whose set is full, but keeps nearly all.
+        assert!(found > 2_900, "{found} of 3,000 kept");
+        for n in 3_000..200_000u32 {
+            memo.put(&k, &c(&format!("cookie-{n}")), &opening(1));
+        }
+        assert_eq!(slots(&memo), 32_768);
+        let held = memo.lock().len;
+        assert_eq!(held, memo.len());
     }
 }

@@ -5,10 +5,11 @@
 //! index beside a list of entries was three (the index's control bytes, its bucket, the entry).
 //! With many sessions in use, each of them was a read from memory on every request.
 //!
-//! The table has twice as many slots as the shard holds entries at most, so probes stay short
-//! (about 1.5 slots for a key that is there, 2.5 for one that is not) and there is always an
-//! empty slot to end them. A removal shifts the entries after it back (no tombstones), so
-//! nothing wears out with churn.
+//! The table has at least twice as many slots as it holds entries, so probes stay short (about
+//! 1.5 slots for a key that is there, 2.5 for one that is not) and there is always an empty slot
+//! to end them. It starts small and doubles as entries come, up to twice the shard's capacity:
+//! a `cache_entries` sized far above the sessions in use costs memory for those in use only. A
+//! removal shifts the entries after it back (no tombstones), so nothing wears out with churn.
 
 use tokio::time::Instant;
 
@@ -26,16 +27,28 @@ pub(super) struct Slot {
 pub(super) struct Table {
     slots: Box<[Option<Slot>]>,
     len: usize,
+    /// The most slots it grows to: twice its capacity.
+    most: usize,
 }
+
+/// The slots a table starts with (if its capacity allows so many).
+const FIRST_SLOTS: usize = 64;
 
 impl Table {
     /// A table for at most `capacity` entries.
     pub(super) fn new(capacity: usize) -> Table {
-        let slots = capacity.max(1) * 2;
+        let most = capacity.max(1) * 2;
         Table {
-            slots: std::iter::repeat_with(|| None).take(slots).collect(),
+            slots: empty_slots(most.min(FIRST_SLOTS)),
             len: 0,
+            most,
         }
+    }
+
+    /// Slots allocated so far.
+    #[cfg(test)]
+    pub(super) fn slots(&self) -> usize {
+        self.slots.len()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -85,12 +98,30 @@ impl Table {
     /// Files an entry whose key is not held, in a table holding fewer entries than its
     /// capacity.
     pub(super) fn insert(&mut self, slot: Slot) {
+        if (self.len + 1) * 2 > self.slots.len() && self.slots.len() < self.most {
+            self.grow();
+        }
+        self.place(slot);
+        self.len += 1;
+    }
+
+    /// Twice the slots (at most [`Table::most`]), every entry filed again from its home in
+    /// them; an entry's place is only found, never kept, outside the table.
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).min(self.most);
+        let old = std::mem::replace(&mut self.slots, empty_slots(size));
+        for slot in old.into_vec().into_iter().flatten() {
+            self.place(slot);
+        }
+    }
+
+    /// Puts an entry in the first empty slot from its home on.
+    fn place(&mut self, slot: Slot) {
         let mut at = self.home(slot.key);
         while self.slots[at].is_some() {
             at = self.next(at);
         }
         self.slots[at] = Some(slot);
-        self.len += 1;
     }
 
     /// Removes the entry at `at`; entries probed past it move back, so that every entry stays
@@ -143,6 +174,10 @@ impl Table {
             }
         }
     }
+}
+
+fn empty_slots(size: usize) -> Box<[Option<Slot>]> {
+    std::iter::repeat_with(|| None).take(size).collect()
 }
 
 #[cfg(test)]
@@ -213,6 +248,35 @@ mod tests {
         table.clear();
         assert!(table.is_empty() && keys.iter().all(|k| table.find(*k).is_none()));
         assert_eq!(table.occupied_from(3), None);
+    }
+
+    /// A table made for many entries starts small and doubles as they come, only up to twice
+    /// its capacity, and every entry filed before a doubling is found after it.
+    #[test]
+    fn grows_with_its_entries_up_to_twice_its_capacity() {
+        let mut table = Table::new(100_000);
+        assert_eq!(table.slots(), FIRST_SLOTS);
+        let key = |i: u128| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        for i in 0..1_000 {
+            table.insert(slot(key(i), i as u64));
+            assert!(
+                table.slots() >= 2 * table.len(),
+                "{} in {}",
+                table.len(),
+                table.slots()
+            );
+        }
+        assert_eq!(table.slots(), 2_048);
+        for i in 0..1_000 {
+            let at = table.find(key(i)).unwrap();
+            assert_eq!(table.at(at).unwrap().version, i as u64);
+        }
+        let mut small = Table::new(40);
+        for i in 0..40 {
+            small.insert(slot(key(i), 0));
+        }
+        assert_eq!(small.slots(), 80);
+        assert!((0..40).all(|i| small.find(key(i)).is_some()));
     }
 
     #[test]
