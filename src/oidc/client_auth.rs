@@ -4,8 +4,10 @@
 //! Kubernetes projected service-account token), so that no long-lived secret exists at all.
 //!
 //! [`Credential::load`] reads the files; the app loads it again on every reload, so a rotated key
-//! needs no restart. [`Credential::request_parts`] produces the authentication parts of one
-//! request; the public keys for the admin `/jwks` come from [`Credential::published_keys`].
+//! needs no restart. An assertion file is then kept fresh by a watcher of its own
+//! ([`AssertionFile`]). [`Credential::request_parts`] produces the authentication parts of one
+//! request, from memory (the serving workers call it: it never touches a file); the public keys
+//! for the admin `/jwks` come from [`Credential::published_keys`].
 
 use crate::config::{ClientAuth, OidcConfig, Secret};
 use aws_lc_rs::rand::SystemRandom;
@@ -18,9 +20,10 @@ use http::HeaderValue;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::path::Path;
+
+mod assertion_file;
+pub use assertion_file::AssertionFile;
 
 /// `client_assertion_type` of RFC 7523 §2.2.
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -59,7 +62,7 @@ impl std::fmt::Debug for Credential {
         match self {
             Credential::Secret { basic, .. } => write!(f, "Secret {{ basic: {basic} }}"),
             Credential::Key { signing, .. } => write!(f, "Key {{ kid: {:?} }}", signing.kid),
-            Credential::AssertionFile(file) => write!(f, "AssertionFile({:?})", file.path),
+            Credential::AssertionFile(file) => write!(f, "AssertionFile({:?})", file.path()),
             Credential::Certificate => write!(f, "Certificate"),
         }
     }
@@ -100,12 +103,13 @@ impl Credential {
             }
             ClientAuth::PrivateKeyJwt => {
                 if let Some(path) = &config.client_assertion_file {
-                    let file = AssertionFile::new(path.clone());
-                    // Readable now, or `check` and the start say so; later reads are per use.
-                    file.current().map_err(|message| CredentialError {
-                        key: "oidc.client_assertion_file".into(),
-                        message,
-                    })?;
+                    // Readable now, or `check` and the start say so; later reads are the
+                    // watcher's, off the serving workers.
+                    let file =
+                        AssertionFile::open(path.clone()).map_err(|message| CredentialError {
+                            key: "oidc.client_assertion_file".into(),
+                            message,
+                        })?;
                     return Ok(Credential::AssertionFile(file));
                 }
                 let Some(path) = &config.client_key_file else {
@@ -192,7 +196,7 @@ impl Credential {
                 Ok(assertion_fields(client_id, assertion))
             }
             Credential::AssertionFile(file) => {
-                Ok(assertion_fields(client_id, file.current()?.to_string()))
+                Ok(assertion_fields(client_id, file.current().to_string()))
             }
             Credential::Certificate => Ok(ClientCredentials {
                 authorization: None,
@@ -341,60 +345,6 @@ impl ClientKey {
     }
 }
 
-/// A client assertion in a file that something else keeps fresh. It is read again when the
-/// file's modification time or length changes — a cheap `stat` per token request otherwise.
-pub struct AssertionFile {
-    path: PathBuf,
-    cache: Mutex<Option<(Stamp, std::sync::Arc<str>)>>,
-}
-
-type Stamp = (Option<SystemTime>, u64);
-
-impl AssertionFile {
-    pub fn new(path: PathBuf) -> AssertionFile {
-        AssertionFile {
-            path,
-            cache: Mutex::new(None),
-        }
-    }
-
-    /// The assertion now in the file. Errors name the file, never its contents.
-    pub fn current(&self) -> Result<std::sync::Arc<str>, String> {
-        let shown = self.path.display();
-        let meta =
-            std::fs::metadata(&self.path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-        let stamp = (meta.modified().ok(), meta.len());
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((seen, value)) = cache.as_ref()
-            && *seen == stamp
-        {
-            return Ok(value.clone());
-        }
-        let text = crate::config::read_text(&self.path, crate::config::MAX_FILE)
-            .map_err(|e| format!("cannot read {shown}: {e}"))?;
-        let value = text.trim();
-        // A compact JWS: three base64url parts. Anything else would only be refused by the
-        // provider as invalid_client, which reads as a wrong registration.
-        let parts: Vec<&str> = value.split('.').collect();
-        if parts.len() != 3
-            || parts.iter().any(|p| {
-                p.is_empty()
-                    || !p
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            })
-        {
-            return Err(format!("{shown} does not hold a JWT (contents not shown)"));
-        }
-        let value: std::sync::Arc<str> = value.into();
-        *cache = Some((stamp, value.clone()));
-        Ok(value)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -471,19 +421,5 @@ mod tests {
         );
         let public = include_str!("../../tests/fixtures/ec-p256.pub.pem");
         assert!(ClientKey::from_pem(public.as_bytes()).is_err());
-    }
-
-    #[test]
-    fn an_assertion_file_is_read_again_when_it_changes_and_never_shown() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "aaa.bbb.ccc\n").unwrap();
-        let file = AssertionFile::new(path.clone());
-        assert_eq!(&*file.current().unwrap(), "aaa.bbb.ccc");
-        std::fs::write(&path, "dddd.eeee.ffff").unwrap();
-        assert_eq!(&*file.current().unwrap(), "dddd.eeee.ffff");
-        std::fs::write(&path, "secret-value-not-a-jwt").unwrap();
-        let error = file.current().unwrap_err();
-        assert!(!error.contains("secret-value"), "{error}");
     }
 }

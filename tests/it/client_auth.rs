@@ -3,7 +3,7 @@
 //! inline), key rotation by reload, a key the provider does not know, and — with the fake
 //! provider — what every assertion carries: a unique `jti`, our client id, the token endpoint, a
 //! short life and a signature the published keys verify. And `client_assertion_file`: an
-//! assertion the platform keeps fresh, read again when it changes.
+//! assertion the platform keeps fresh, read again when it changes, never by a serving worker.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::fake_provider::{claims, now};
@@ -342,6 +342,19 @@ async fn an_assertion_file_is_sent_as_is_and_read_again_when_it_changes() {
         .token(TestKey::EcP256)
         .sign(&json!({"iss": "vestibule", "sub": "system:serviceaccount:app:bff", "n": 2}));
     std::fs::write(&file, &second).unwrap();
+    // Read by the watcher within about a second (the workers never read the file).
+    let credential = proxy.app.oidc.credential();
+    eventually(
+        "the rewritten file is read",
+        Duration::from_secs(10),
+        || async {
+            let parts = credential.request_parts("vestibule", "aud", now()).unwrap();
+            (parts.fields.iter())
+                .any(|(_, v)| *v == second)
+                .then_some(())
+        },
+    )
+    .await;
     let r = get(&proxy.url("/svc2/two"), &[("x-csrf", "1")]).await;
     assert_eq!(r.status, 502, "{}", r.text());
     let requests = idp.state.token_requests.lock().unwrap().clone();
@@ -460,4 +473,165 @@ async fn check_online_compares_the_method_with_the_providers_metadata() {
     );
     let (code, out) = check_in_background(&config, true).await;
     assert_eq!(code, Some(0), "{out}");
+}
+
+/// A file whose every open blocks: `perl` holds a write lease on it (`F_SETLEASE`) and ignores
+/// the `SIGIO` that asks it to give the lease back, so an open for reading waits for the
+/// kernel's `lease-break-time` (45 s by default) — as an open on a hung NFS or FUSE mount
+/// waits, but on a local file that `stat` still calls a regular one. Released when dropped.
+struct Leased(std::process::Child);
+
+impl Leased {
+    fn hold(path: &Path) -> Leased {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("perl")
+            .args([
+                "-e",
+                "use Fcntl; $SIG{IO} = 'IGNORE'; open(my $f, '<', $ARGV[0]) or die \"open: $!\"; \
+                 fcntl($f, 1024, F_WRLCK) or die \"F_SETLEASE: $!\"; $| = 1; print \"leased\\n\"; \
+                 sleep 600",
+            ])
+            .arg(path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("perl");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "leased\n", "no lease taken on {}", path.display());
+        Leased(child)
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client assertion `n` the fake provider will see.
+fn assertion(signer: &TestSigner, n: u64) -> String {
+    signer
+        .token(TestKey::EcP256)
+        .sign(&json!({"iss": "vestibule", "sub": "system:serviceaccount:app:bff", "n": n}))
+}
+
+/// `client_assertion_file` is never read on a serving worker: with one worker, the file
+/// replaced by one whose every open blocks (as on a hung mount) while a grant needs the
+/// assertion, the grant is made with the last assertion read, plain requests on that worker
+/// are answered and `/healthz` stays 200 for longer than it takes to name a silent worker; a
+/// FIFO in its place (nobody writes it) is the same; and once the file is readable again — a
+/// new file put in place while the read of the old one is still stuck — the next grant sends
+/// the new assertion.
+#[tokio::test]
+async fn an_assertion_file_that_blocks_on_open_never_holds_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    let signer = TestSigner::new();
+    let first = assertion(&signer, 1);
+    std::fs::write(&file, format!("{first}\n")).unwrap();
+    let up = upstream::start().await;
+    let idp = fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
+    // A route to a real upstream for plain requests, and four client-token routes: a grant
+    // each (for its own resource), whose upstream is closed (502 once the token is there).
+    let mut routes = format!(
+        "[[routes]]\npath = \"/plain/\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    for n in 1..=4 {
+        routes += &format!(
+            "[[routes]]\npath = \"/svc{n}/\"\nupstream = \"http://127.0.0.1:9\"\n\
+             token = \"client\"\nresource = \"https://{n}.example\"\n"
+        );
+    }
+    let proxy = start_proxy(
+        config_toml(&routes)
+            .set("oidc.issuer", idp.issuer.as_str())
+            .remove("oidc.client_secret")
+            .add("oidc.client_auth", "private_key_jwt")
+            .add("oidc.client_assertion_file", file.to_str().unwrap())
+            .add("server.workers", 1),
+    )
+    .await;
+    wait_metadata(&proxy).await;
+    let grant = |n: u32| {
+        let url = proxy.url(&format!("/svc{n}/x"));
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), get(&url, &[("x-csrf", "1")]))
+                .await
+                .unwrap_or_else(|_| panic!("grant {n}: no answer within 5s"))
+        }
+    };
+    let sent = |i: usize| {
+        let requests = idp.state.token_requests.lock().unwrap().clone();
+        assert_eq!(requests.len(), i + 1, "{requests:?}");
+        field(&requests[i], "client_assertion").unwrap().to_string()
+    };
+    let r = grant(1).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(sent(0), first);
+
+    // A new assertion in a file every open of which blocks, put in place.
+    let next = dir.path().join("next");
+    std::fs::write(&next, assertion(&signer, 2)).unwrap();
+    let lease = Leased::hold(&next);
+    std::fs::rename(&next, &file).unwrap();
+    let granting = tokio::spawn(grant(2));
+    // Longer than `/healthz` takes to name a silent worker (5 s).
+    let healthz = format!("http://{}/healthz", proxy.admin);
+    let until = tokio::time::Instant::now() + Duration::from_secs(7);
+    while tokio::time::Instant::now() < until {
+        let plain = tokio::time::timeout(Duration::from_secs(5), get(&proxy.url("/plain/x"), &[]))
+            .await
+            .expect("a plain request on the worker is answered while the file blocks");
+        assert_eq!(plain.status, 200, "{}", plain.text());
+        let health = tokio::time::timeout(Duration::from_secs(5), get(&healthz, &[]))
+            .await
+            .expect("the admin listener answers");
+        assert_eq!(
+            health.status,
+            200,
+            "healthz while the assertion file blocks: {}",
+            health.text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = granting.await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(sent(1), first, "the grant used the last assertion read");
+
+    // A FIFO that nobody writes in its place: refused unread, the last assertion kept.
+    std::fs::remove_file(&file).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let r = grant(3).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(sent(2), first, "the grant used the last assertion read");
+
+    // The platform writes a fresh token while the read of the leased one is still stuck: the
+    // next grant sends it.
+    let third = assertion(&signer, 3);
+    std::fs::write(&next, &third).unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    let credential = proxy.app.oidc.credential();
+    eventually(
+        "the rewritten assertion file is read",
+        Duration::from_secs(15),
+        || async {
+            let parts = credential.request_parts("vestibule", "aud", now()).unwrap();
+            (parts.fields.iter())
+                .any(|(_, v)| *v == third)
+                .then_some(())
+        },
+    )
+    .await;
+    let r = grant(4).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(sent(3), third);
+    drop(lease);
 }
