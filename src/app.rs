@@ -837,7 +837,8 @@ impl App {
     }
 
     /// Re-reads the configuration file; a bad file is rejected, logged, and the running
-    /// configuration kept (its secret files are read again all the same).
+    /// configuration kept (its secret files are read again all the same). It reads files, which
+    /// may block (a hung mount): call it off the runtime that accepts connections.
     pub fn reload(&self, trigger: &str) {
         let applied = self.apply_or_rotate(Config::load(&self.config_path), trigger);
         if let Err(errors) = &applied {
@@ -1354,7 +1355,11 @@ fn watch_config(app: &Arc<App>, path: std::path::PathBuf) {
             last_look = Some(seen.clone());
             let Some(loaded) = loaded else { continue };
             let Some(app) = weak.upgrade() else { break };
-            match app.apply_or_rotate(loaded, "file change") {
+            // Off the runtime's thread, as the look: putting it in effect reads files too.
+            let applied =
+                tokio::task::spawn_blocking(move || app.apply_or_rotate(loaded, "file change"));
+            let Ok(applied) = applied.await else { continue };
+            match applied {
                 Ok(()) => refused = None,
                 Err(errors) => {
                     let again = Some((seen, errors));

@@ -185,8 +185,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         crate::server::serve(app, bound, shutdown).await
     });
     // The runtime's threads are done logging; the log's queue is written out before the exit
-    // (and before the error printed directly, which follows the lines logged before it).
-    drop(rt);
+    // (and before the error printed directly, which follows the lines logged before it). A
+    // look at the files stuck on a hung mount holds a blocking thread, which is not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(()) => {
             crate::telemetry::flush_logs();
@@ -211,12 +212,43 @@ async fn signals(app: std::sync::Arc<App>, shutdown: CancellationToken) {
         tracing::error!("cannot install signal handlers");
         return;
     };
+    let reloads = match reloader(app) {
+        Ok(reloads) => Some(reloads),
+        Err(error) => {
+            tracing::error!("cannot start the reload thread, SIGHUP is ignored: {error}");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => app.reload("SIGHUP"),
+            _ = hup.recv() => {
+                // Full: one is already waiting behind the reload under way, and will read the
+                // files as they are by then.
+                if let Some(reloads) = &reloads {
+                    let _ = reloads.try_send(());
+                }
+            }
         }
     }
     shutdown.cancel();
+}
+
+/// A thread of its own that reloads once for each message: a reload reads files, and one that
+/// blocks (a hung mount) must hold neither this runtime's one thread — the accept loop, the
+/// admin listener, these signals — nor a SIGTERM. It ends when the sender is dropped (or, stuck,
+/// with the process).
+fn reloader(app: std::sync::Arc<App>) -> std::io::Result<std::sync::mpsc::SyncSender<()>> {
+    let (reloads, asked) = std::sync::mpsc::sync_channel(1);
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("vestibule-reload".into())
+        .spawn(move || {
+            let _runtime = runtime.enter();
+            while asked.recv().is_ok() {
+                app.reload("SIGHUP");
+            }
+        })?;
+    Ok(reloads)
 }

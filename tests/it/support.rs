@@ -4,6 +4,7 @@
 pub mod browser;
 pub mod fake_idp;
 pub mod late_replies;
+pub mod leased;
 pub mod netns;
 pub mod pki;
 pub mod provider;

@@ -407,3 +407,71 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// A SIGHUP reload whose configuration file cannot be read (every open of it blocks, as on a
+/// hung mount), and the file watcher's look at it: each waits on a thread of its own, so new
+/// connections are still taken and served, `/healthz` answers, and a SIGTERM still stops the
+/// process long before the file would open (the runtime does not wait for a stuck look).
+#[tokio::test]
+async fn a_reload_stuck_on_its_file_holds_no_connection_nor_the_exit() {
+    let Binary {
+        mut child,
+        port,
+        admin,
+        up,
+        _idp,
+        _dir,
+    } = Binary::start(std::process::Stdio::null()).await;
+    let lease = crate::support::leased::Leased::hold(&_dir.path().join("config.toml"));
+    let pid = child.0.id().to_string();
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(signal("-HUP"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 0..4 {
+        // A new connection each: the accept loop hands it to a worker.
+        let reply = tokio::time::timeout(
+            Duration::from_secs(3),
+            get(&format!("http://127.0.0.1:{port}/api/while-stuck/{n}"), &[]),
+        )
+        .await
+        .expect("a new connection is served while the reload waits on its file");
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(up.count(), 4);
+    let healthz = tokio::time::timeout(
+        Duration::from_secs(3),
+        get(&format!("http://127.0.0.1:{admin}/healthz"), &[]),
+    )
+    .await
+    .expect("the admin listener answers while the reload waits on its file");
+    assert_eq!(healthz.status, 200, "{}", healthz.text());
+    // The file watcher's look (every second) is stuck on the file by now as well.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(3),
+        get(
+            &format!("http://127.0.0.1:{port}/api/while-stuck/last"),
+            &[],
+        ),
+    )
+    .await
+    .expect("a new connection is served while the watcher waits on the file");
+    assert_eq!(reply.status, 200);
+
+    assert!(signal("-TERM"));
+    let asked = std::time::Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            asked.elapsed() < Duration::from_secs(15),
+            "SIGTERM did not stop a process whose reload waits on its file"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(lease);
+}
