@@ -27,12 +27,7 @@ pub const LOG_FLUSH_WITHIN: Duration = Duration::from_secs(5);
 /// through a bounded queue and a thread of their own ([`log_queue`]): a stderr nobody reads
 /// stops no thread that logs. Without that thread, lines are written to stderr directly.
 pub fn init_logging(config: &LogConfig) {
-    let mut filter = tracing_subscriber::EnvFilter::try_new(&config.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Spans are for the trace exporter's own dispatcher ([`trace`]), never for the log.
-    if let Ok(directive) = format!("{}=off", trace::TARGET).parse() {
-        filter = filter.add_directive(directive);
-    }
+    let filter = log_filter(&config.level);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -53,6 +48,23 @@ pub fn init_logging(config: &LogConfig) {
     if installed.is_ok() {
         let _ = LOG_QUEUE.set(queue);
     }
+}
+
+/// The log's filter: `[log] level`'s directives.
+pub(crate) fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Spans are for the trace exporter's own dispatcher ([`trace`]), never for the log.
+    if let Ok(directive) = format!("{}=off", trace::TARGET).parse() {
+        filter = filter.add_directive(directive);
+    }
+    // The count of lines the log lost passes whatever the level: an operator who logs only
+    // errors learns that some (errors, perhaps) were dropped. Only lines logged are dropped, so
+    // `"off"` still logs nothing.
+    if let Ok(directive) = format!("{}=warn", log_queue::TARGET).parse() {
+        filter = filter.add_directive(directive);
+    }
+    filter
 }
 
 /// Waits until the log lines queued so far are on stderr (at most [`LOG_FLUSH_WITHIN`]): before

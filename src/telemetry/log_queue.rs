@@ -103,10 +103,7 @@ impl Shared {
                         // Written before the lines that follow the gap: this thread's own
                         // lines go to stderr directly ([`Queue::make_writer`]).
                         let _ = stderr.flush();
-                        tracing::warn!(
-                            dropped,
-                            "log lines dropped: stderr did not take them (its reader fell behind)"
-                        );
+                        warn_of_gap(dropped);
                     }
                 }
             }
@@ -129,6 +126,19 @@ impl Shared {
                 .0;
         }
     }
+}
+
+/// The target of this module's lines ([`warn_of_gap`]'s), which are about the log itself: the
+/// log's filter lets them through at `warn` whatever its level (`telemetry::log_filter`).
+pub const TARGET: &str = module_path!();
+
+/// The warning that `dropped` lines were lost.
+fn warn_of_gap(dropped: u64) {
+    tracing::warn!(
+        target: TARGET,
+        dropped,
+        "log lines dropped: stderr did not take them (its reader fell behind)"
+    );
 }
 
 /// The queue, as the log's writer (`MakeWriter`).
@@ -229,6 +239,43 @@ mod tests {
         shared.push(b"later\n".to_vec());
         assert_eq!(entries(&shared), ["gap 2", "later\n"]);
         assert_eq!(shared.lock().dropped, 0);
+    }
+
+    /// An operator who logs only errors (or only some targets) must still learn that lines
+    /// were lost: the count of drops passes any `[log] level`.
+    #[test]
+    fn the_count_of_dropped_lines_is_logged_whatever_the_level() {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        for level in [
+            "error",
+            "info",
+            "vestibule::access=info",
+            "error,vestibule=error",
+        ] {
+            let sink = Sink::default();
+            let writer = sink.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(crate::telemetry::log_filter(level))
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || warn_of_gap(7));
+            let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+            assert!(
+                text.contains("log lines dropped") && text.contains("dropped=7"),
+                "level {level:?} hid the count of dropped lines: {text:?}"
+            );
+        }
     }
 
     #[test]

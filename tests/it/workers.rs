@@ -248,6 +248,79 @@ async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
     let _ = reading.join();
 }
 
+/// An operator who logs errors and the access log only (`level = "error,vestibule::access=info"`)
+/// still learns that lines were lost: the count of drops is shown whatever the level. The
+/// binary's stderr is a pipe nobody reads until ~3 MiB of access log (the pipe's 64 KiB, a
+/// batch being written and the queue's 1 MiB many times over) were logged; once it is read, the
+/// count arrives.
+#[tokio::test]
+async fn a_log_at_level_error_still_says_how_many_lines_were_dropped() {
+    use std::io::Read;
+    let Binary {
+        mut child,
+        port,
+        admin: _admin,
+        up: _up,
+        _idp,
+        _dir,
+    } = Binary::start_logging(std::process::Stdio::piped(), "error,vestibule::access=info").await;
+    let mut log = child.0.stderr.take().unwrap();
+    // Lines of some 650 bytes: the path and the user agent are each cut at 256.
+    let long = "a".repeat(256);
+    let mut senders = Vec::new();
+    for connection in 0..2 {
+        let long = long.clone();
+        senders.push(tokio::spawn(async move {
+            let (mut sender, driver) = keep_alive(([127, 0, 0, 1], port).into()).await;
+            for n in 0..2_500 {
+                let req = http::Request::get(format!("/api/{long}/{connection}/{n}"))
+                    .header("host", "app.test")
+                    .header("user-agent", long.as_str())
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                sender.ready().await.unwrap();
+                let response = sender.send_request(req).await.unwrap();
+                assert_eq!(response.status(), 200);
+                response.into_body().collect().await.unwrap();
+            }
+            driver.abort();
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let text = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let reading = std::thread::spawn({
+        let text = text.clone();
+        move || {
+            let mut chunk = [0u8; 64 * 1024];
+            while let Ok(n @ 1..) = log.read(&mut chunk) {
+                text.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        }
+    });
+    // One more request each try: the count goes out before the next line the queue takes.
+    eventually(
+        "the count of dropped lines is written at level error",
+        Duration::from_secs(20),
+        || async {
+            let after = get(
+                &format!("http://127.0.0.1:{port}/api/after-the-stall"),
+                &[("host", "app.test")],
+            )
+            .await;
+            assert_eq!(after.status, 200);
+            let text = String::from_utf8_lossy(&text.lock().unwrap()).into_owned();
+            text.lines()
+                .any(|l| l.contains("log lines dropped"))
+                .then_some(())
+        },
+    )
+    .await;
+    drop(child);
+    let _ = reading.join();
+}
+
 /// `/healthz` names a serving worker whose thread is held for seconds and is 200 again once it
 /// runs: the real binary, one of its workers' threads held by `strace` at its next `epoll_wait`
 /// for 8 s (its system call delayed, as a hung disk or a wedged library call would hold it),
@@ -360,6 +433,11 @@ struct Binary {
 
 impl Binary {
     async fn start(stderr: std::process::Stdio) -> Binary {
+        Binary::start_logging(stderr, "info").await
+    }
+
+    /// [`Binary::start`] with `[log] level` set to `level`.
+    async fn start_logging(stderr: std::process::Stdio, level: &str) -> Binary {
         use vestibule::jose::testing::{TestKey, TestSigner};
         let signer = TestSigner::new();
         let idp = crate::support::fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await;
@@ -374,7 +452,8 @@ impl Binary {
             .set("server.listen", format!("127.0.0.1:{port}"))
             .set("admin.listen", format!("127.0.0.1:{admin}"))
             .set("oidc.issuer", idp.issuer.as_str())
-            .add("server.workers", 2);
+            .add("server.workers", 2)
+            .add("log.level", level);
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config.text()).unwrap();
         let child = Killed(
