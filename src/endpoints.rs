@@ -189,7 +189,7 @@ fn outcome(error: &RequestError) -> &'static str {
         RequestError::Store(_) => "store_unavailable",
         RequestError::Provider(_) => "provider_unavailable",
         RequestError::InvalidReturnUrl => "invalid_return_url",
-        RequestError::LogoutRejected(_) => "logout_token_rejected",
+        RequestError::LogoutRejected(_) | RequestError::LogoutNotForm => "logout_token_rejected",
         RequestError::Csrf => "csrf",
         RequestError::SidMismatch { .. } => "sid_mismatch",
         RequestError::Random(_) | RequestError::Internal(_) => "internal",
@@ -1088,6 +1088,11 @@ async fn backchannel_logout(
     req: Request<Inbound>,
     pace: crate::limits::Pace,
 ) -> Result<Response<Body>, RequestError> {
+    // The provider posts a form (Back-Channel Logout 1.0 §2.5): a body of another type, or of
+    // none named, is not read as one.
+    if !is_form(req.headers()) {
+        return Err(RequestError::LogoutNotForm);
+    }
     let body = http_body_util::Limited::new(req.into_body(), 64 * 1024);
     let body = match crate::limits::Paced::new(body, pace).collect().await {
         Ok(b) => b.to_bytes(),
@@ -1183,6 +1188,24 @@ async fn backchannel_logout(
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(r)
+}
+
+/// One `Content-Type` whose media type is `application/x-www-form-urlencoded`, in any case,
+/// with any parameters.
+fn is_form(headers: &http::HeaderMap) -> bool {
+    let mut types = headers.get_all(header::CONTENT_TYPE).iter();
+    match (types.next(), types.next()) {
+        (Some(only), None) => only
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|media| {
+                media
+                    .trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            }),
+        _ => false,
+    }
 }
 
 async fn list_sessions(

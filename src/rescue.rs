@@ -128,6 +128,10 @@ pub enum RequestError {
     /// `400` with an OAuth error body).
     #[error("back-channel logout rejected: {0}")]
     LogoutRejected(String),
+    /// A back-channel logout whose body is not a form (its `Content-Type` is not
+    /// `application/x-www-form-urlencoded`): `415`, with the body of [`Self::LogoutRejected`].
+    #[error("back-channel logout rejected: the body is not application/x-www-form-urlencoded")]
+    LogoutNotForm,
     /// A back-channel logout token could not be checked now (the provider's key set could not
     /// be fetched): `503` with `Retry-After`, so that the provider sends it again.
     #[error("back-channel logout deferred: {0}")]
@@ -160,7 +164,7 @@ impl RequestError {
     pub fn respond(self, reader: Reader) -> Response<Body> {
         self.log();
         match self {
-            RequestError::Store(_) => ErrorCode::StoreUnavailable.respond(reader),
+            RequestError::Store(_) => retry_later(ErrorCode::StoreUnavailable.respond(reader)),
             RequestError::Provider(_) => ErrorCode::ProviderUnavailable.respond(reader),
             RequestError::Refresh { error, login_url } => refresh_response(&error, login_url),
             RequestError::Random(_) => ErrorCode::Internal.respond(reader),
@@ -213,19 +217,24 @@ impl RequestError {
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 r
             }
+            RequestError::LogoutNotForm => {
+                let mut r = json_response(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    &serde_json::json!({"error": "invalid_request", "message": "The logout token must be sent as application/x-www-form-urlencoded."}),
+                );
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
             RequestError::LogoutDeferred(_) => {
-                let mut r = ErrorCode::ProviderUnavailable.json(&[]);
-                let fields = r.headers_mut();
-                fields.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                fields.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                let mut r = retry_later(ErrorCode::ProviderUnavailable.json(&[]));
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 r
             }
             RequestError::BodyTimeout => ErrorCode::RequestTimeout.json(&[]),
             RequestError::KeySetUnavailable(_) => {
-                let mut r = ErrorCode::ProviderUnavailable.respond(reader);
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                r
+                retry_later(ErrorCode::ProviderUnavailable.respond(reader))
             }
         }
     }
@@ -250,6 +259,10 @@ impl RequestError {
                 tracing::warn!(reason, detail, "login failed");
             }
             RequestError::LogoutRejected(reason) => {
+                tracing::warn!(reason, "back-channel logout rejected");
+            }
+            RequestError::LogoutNotForm => {
+                let reason = "body not application/x-www-form-urlencoded";
                 tracing::warn!(reason, "back-channel logout rejected");
             }
             RequestError::LogoutDeferred(reason) => {
@@ -282,15 +295,19 @@ fn refresh_response(error: &RefreshError, login_url: String) -> Response<Body> {
     match error {
         RefreshError::Ended => ErrorCode::SessionExpired.json(&[("login_url", login_url.into())]),
         RefreshError::Refused { .. } => ErrorCode::TokenRefused.json(&[]),
-        RefreshError::Unavailable { .. } => {
-            let mut r = ErrorCode::ProviderUnavailable.json(&[]);
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            r
-        }
-        RefreshError::Store(_) => ErrorCode::StoreUnavailable.json(&[]),
+        RefreshError::Unavailable { .. } => retry_later(ErrorCode::ProviderUnavailable.json(&[])),
+        RefreshError::Store(_) => retry_later(ErrorCode::StoreUnavailable.json(&[])),
         RefreshError::Random => ErrorCode::Internal.json(&[]),
     }
+}
+
+/// A 503 for an outage (the store's or the provider's) says when to try again: the page's
+/// script, and the provider whose back-channel logout it was, retry.
+fn retry_later(mut response: Response<Body>) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    response
 }
 
 #[cfg(test)]

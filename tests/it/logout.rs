@@ -928,6 +928,54 @@ async fn a_key_set_outage_during_a_back_channel_logout_is_answered_so_the_provid
     assert!(proxy.signed_in(&cookie).await);
 }
 
+/// The provider sends its logout token as a form (Back-Channel Logout 1.0 §2.5:
+/// `application/x-www-form-urlencoded`). A body of any other type (or of none named) is not a
+/// logout: 415 with `Cache-Control: no-store` and the endpoint's error body, nothing ended and
+/// its `jti` not recorded. The form's type is matched whatever its case, with parameters.
+#[tokio::test]
+async fn a_back_channel_logout_that_is_not_a_form_is_415_and_ends_nothing() {
+    let (signer, issuer, proxy) = signed_in_proxy().await;
+    let cookie = alice_session(&proxy).await;
+    let mut claims = logout_token_claims(&issuer, "vestibule", vestibule::app::now());
+    claims["jti"] = "j-media-type".into();
+    let token = signer.token(TestKey::Rsa1).typ("logout+jwt").sign(&claims);
+    let form = format!(
+        "logout_token={}",
+        crate::support::browser::urlencode(&token)
+    );
+    let post = |types: &[&str]| {
+        let mut req = http::Request::post(proxy.url("/bff/backchannel-logout"));
+        for t in types {
+            req = req.header("content-type", *t);
+        }
+        send(req.body(Full::new(Bytes::from(form.clone()))).unwrap())
+    };
+    for types in [
+        &[][..],
+        &["text/plain"],
+        &["application/json"],
+        &["multipart/form-data; boundary=x"],
+        &["application/x-www-form-urlencodedx"],
+        &["application/x-www-form"],
+        &["text/plain; x=application/x-www-form-urlencoded"],
+        &["application/x-www-form-urlencoded", "text/plain"],
+    ] {
+        let r = post(types).await;
+        assert_eq!(r.status, 415, "Content-Type {types:?}: {}", r.text());
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{types:?}");
+        assert_eq!(r.json()["error"], "invalid_request", "{types:?}");
+        assert!(r.json()["message"].is_string(), "{types:?}");
+        assert!(
+            proxy.signed_in(&cookie).await,
+            "{types:?} ended the session"
+        );
+    }
+    // The same token as a form, its type in capitals with a charset: taken (not a replay).
+    let r = post(&["Application/X-WWW-Form-URLEncoded ; charset=UTF-8"]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!proxy.signed_in(&cookie).await);
+}
+
 /// A session cookie tossed beside the user's own (a page on a sibling subdomain set one of its
 /// author's for the parent domain, when `cookie_name` is not `__Host-`) makes her requests
 /// sessionless, as it must; but her logout, by the script or by the link, must still end her
@@ -986,9 +1034,10 @@ async fn a_logout_beside_a_tossed_session_cookie_still_ends_the_users_session() 
     assert!(!proxy.signed_in(&mallory).await, "his link ended nothing");
 }
 
-/// A logout while the store is down is an error the user (or the provider) sees, 503, never a
-/// "logged out" with the session still live once the store is back: by the script, the link,
-/// and the provider's back-channel logout (which is not recorded as taken either).
+/// A logout while the store is down is an error the user (or the provider) sees, 503 with
+/// `Retry-After`, never a "logged out" with the session still live once the store is back: by
+/// the script, the link, and the provider's back-channel logout (which is not recorded as taken
+/// either, and is taken when the provider retries).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_while_the_store_is_down_is_503_not_a_silent_logged_out() {
     let signer = TestSigner::new();
@@ -1020,6 +1069,20 @@ async fn a_logout_while_the_store_is_down_is_503_not_a_silent_logged_out() {
     assert_eq!(by_link.status, 503, "{}", by_link.text());
     let back_channel = post_logout_token(&proxy, &token).await;
     assert_eq!(back_channel.status, 503, "{}", back_channel.text());
+    assert_eq!(back_channel.json()["error"], "store_unavailable");
+    assert_eq!(back_channel.header("cache-control"), Some("no-store"));
+    // Each says when to try again: the provider retries its logout, as does the user's page.
+    for (via, r) in [
+        ("script", &script),
+        ("link", &by_link),
+        ("back-channel", &back_channel),
+    ] {
+        assert_eq!(
+            r.header("retry-after"),
+            Some("5"),
+            "the {via} logout's 503 says when to try again"
+        );
+    }
 
     redis.restart();
     wait_ready(&proxy).await;
