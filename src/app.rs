@@ -784,7 +784,7 @@ impl App {
             RequestError::Provider(GrantError::from(crate::oidc::Unavailable::Dpop(e)))
         };
         let key = dpop.key().await.map_err(unavailable)?;
-        let nonce = dpop.upstream_nonce(origin);
+        let nonce = dpop.nonce(origin);
         let proof = key
             .proof(
                 method.as_str(),
@@ -814,7 +814,7 @@ impl App {
         let Some((_, origin)) = proxy::upstream_target(route, "/") else {
             return false;
         };
-        dpop.remember_upstream_nonce(origin, nonce.as_bytes())
+        dpop.remember_nonce(origin, nonce.as_bytes())
     }
 
     /// Readiness checks by name; all must pass for `/readyz` to answer 200. `accepting` fails as

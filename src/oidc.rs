@@ -632,10 +632,9 @@ impl Oidc {
         if let Some(dpop) = &self.dpop
             && reply.status == 400
             && error_code(&reply.body) == "use_dpop_nonce"
-            && reply
-                .dpop_nonce
-                .as_ref()
-                .is_some_and(|n| dpop.remember_provider_nonce(n.as_bytes()))
+            && reply.dpop_nonce.as_ref().is_some_and(|n| {
+                dpop.remember_nonce(&self::dpop::origin(&metadata.token_endpoint), n.as_bytes())
+            })
         {
             (reply, jkt) = self
                 .post_token_request(&metadata.token_endpoint, form)
@@ -687,7 +686,7 @@ impl Oidc {
             .await
             .map_err(Unavailable::Call)?;
         if let (Some(dpop), Some(nonce)) = (&self.dpop, &reply.dpop_nonce) {
-            dpop.remember_provider_nonce(nonce.as_bytes());
+            dpop.remember_nonce(&self::dpop::origin(endpoint), nonce.as_bytes());
         }
         Ok((reply, jkt))
     }

@@ -26,8 +26,8 @@ pub const DPOP_NONCE: http::HeaderName = http::HeaderName::from_static("dpop-non
 
 /// Longest server nonce kept; anything longer is ignored.
 const MAX_NONCE_LEN: usize = 512;
-/// Upstream origins whose nonce is remembered; beyond this the map starts afresh.
-const MAX_UPSTREAM_NONCES: usize = 1024;
+/// Server origins whose nonce is remembered; beyond this the map starts afresh.
+const MAX_NONCES: usize = 1024;
 
 /// Why no proof could be made. Never contains key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,6 +175,20 @@ pub fn valid_nonce(value: &[u8]) -> Option<&str> {
     ok.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
+/// The server a nonce belongs to: the origin of `address`, `scheme://host[:port]` (the port
+/// only when it is not the scheme's default, as an upstream's origin is written), or `address`
+/// itself when it has none.
+pub fn origin(address: &str) -> String {
+    match url::Url::parse(address) {
+        Ok(u) if u.has_host() => format!(
+            "{}://{}",
+            u.scheme(),
+            &u[url::Position::BeforeHost..url::Position::AfterPort]
+        ),
+        _ => address.to_string(),
+    }
+}
+
 /// An opaque token for a key ring, compared by address (held, so that no other takes it).
 pub type Ring = Arc<dyn std::any::Any + Send + Sync>;
 
@@ -227,11 +241,12 @@ pub struct Dpop {
     key: Mutex<Option<Loaded>>,
     /// One load at a time.
     loading: tokio::sync::Mutex<()>,
-    /// The provider's latest `DPoP-Nonce` (one per provider: RFC 9449 §8 lets a nonce serve
-    /// every endpoint of a server).
-    provider_nonce: Mutex<Option<String>>,
-    /// Per upstream origin (`scheme://host[:port]`: one server), the latest nonce it sent.
-    upstream_nonces: Mutex<HashMap<String, String>>,
+    /// Per server origin (`scheme://host[:port]`, see [`origin`]), the latest nonce it sent:
+    /// the token endpoint's, the UserInfo endpoint's, each upstream's. RFC 9449 §8 and §9: a
+    /// nonce is provided by a server (the authorization server, or a resource server such as
+    /// the UserInfo endpoint or an API) for the proofs sent to that server; an origin is one
+    /// server, so endpoints on one origin share its nonce and endpoints on two never do.
+    nonces: Mutex<HashMap<String, String>>,
 }
 
 /// The key [`Dpop`] signs with, and the key ring it was read under.
@@ -246,8 +261,7 @@ impl Dpop {
             source,
             key: Mutex::new(None),
             loading: tokio::sync::Mutex::new(()),
-            provider_nonce: Mutex::new(None),
-            upstream_nonces: Mutex::new(HashMap::new()),
+            nonces: Mutex::new(HashMap::new()),
         }
     }
 
@@ -288,11 +302,11 @@ impl Dpop {
         same.then(|| loaded.key.clone())
     }
 
-    /// A proof for a POST to the provider's `url`, with its latest nonce, and the thumbprint
+    /// A proof for a POST to the provider's `url`, with its server's latest nonce, and the thumbprint
     /// of the key that signed it (the key the provider binds the tokens it answers with to).
     pub async fn provider_proof(&self, url: &str) -> Result<(String, String), DpopError> {
         let key = self.key().await?;
-        let nonce = self.provider_nonce();
+        let nonce = self.nonce(&origin(url));
         let proof = key.proof("POST", url, crate::clock::now(), None, nonce.as_deref())?;
         Ok((proof, key.thumbprint().to_string()))
     }
@@ -303,43 +317,22 @@ impl Dpop {
         self.current(&self.source.ring())
     }
 
-    pub fn provider_nonce(&self) -> Option<String> {
-        self.provider_nonce
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Keeps the provider's nonce if it is a valid one; `true` if it was kept.
-    pub fn remember_provider_nonce(&self, value: &[u8]) -> bool {
-        let Some(nonce) = valid_nonce(value) else {
-            return false;
-        };
-        *self
-            .provider_nonce
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(nonce.to_string());
-        true
-    }
-
-    pub fn upstream_nonce(&self, origin: &str) -> Option<String> {
-        self.upstream_nonces
+    /// The latest nonce of the server at `origin` ([`origin`]).
+    pub fn nonce(&self, origin: &str) -> Option<String> {
+        self.nonces
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(origin)
             .cloned()
     }
 
-    /// Keeps an upstream's nonce if it is a valid one; `true` if it was kept.
-    pub fn remember_upstream_nonce(&self, origin: &str, value: &[u8]) -> bool {
+    /// Keeps the nonce the server at `origin` sent if it is a valid one; `true` if it was kept.
+    pub fn remember_nonce(&self, origin: &str, value: &[u8]) -> bool {
         let Some(nonce) = valid_nonce(value) else {
             return false;
         };
-        let mut map = self
-            .upstream_nonces
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_UPSTREAM_NONCES && !map.contains_key(origin) {
+        let mut map = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_NONCES && !map.contains_key(origin) {
             map.clear();
         }
         map.insert(origin.to_string(), nonce.to_string());
@@ -421,14 +414,32 @@ mod tests {
     fn only_well_formed_nonces_are_kept() {
         let dpop = Dpop::new(Arc::new(ProcessKey));
         for bad in [&b""[..], b"a b", b"a\"b", b"a\\b", b"\xff", &[b'a'; 513]] {
-            assert!(!dpop.remember_provider_nonce(bad), "{bad:?}");
-            assert!(!dpop.remember_upstream_nonce("h:1", bad), "{bad:?}");
+            assert!(!dpop.remember_nonce("https://h", bad), "{bad:?}");
         }
-        assert_eq!(dpop.provider_nonce(), None);
-        assert!(dpop.remember_provider_nonce(b"eyJ7S_zG.1-x~"));
-        assert_eq!(dpop.provider_nonce().as_deref(), Some("eyJ7S_zG.1-x~"));
-        assert!(dpop.remember_upstream_nonce("api:443", b"n1"));
-        assert_eq!(dpop.upstream_nonce("api:443").as_deref(), Some("n1"));
-        assert_eq!(dpop.upstream_nonce("other:443"), None);
+        assert_eq!(dpop.nonce("https://h"), None);
+        assert!(dpop.remember_nonce("https://h", b"eyJ7S_zG.1-x~"));
+        assert_eq!(dpop.nonce("https://h").as_deref(), Some("eyJ7S_zG.1-x~"));
+        assert_eq!(dpop.nonce("https://other"), None);
+    }
+
+    /// A nonce belongs to one server (RFC 9449 §8, §9): endpoints share it only on one origin.
+    #[test]
+    fn a_nonce_belongs_to_the_origin_of_the_endpoint() {
+        let same = [
+            "https://idp.test/token",
+            "https://IDP.test:443/userinfo?x#y",
+        ];
+        assert_eq!(origin(same[0]), "https://idp.test");
+        assert_eq!(origin(same[1]), "https://idp.test");
+        for other in [
+            "http://idp.test/userinfo",
+            "https://idp.test:8443/userinfo",
+            "https://userinfo.idp.test/",
+        ] {
+            assert_ne!(origin(other), origin(same[0]), "{other}");
+        }
+        assert_eq!(origin("http://[::1]:8080/x"), "http://[::1]:8080");
+        assert_eq!(origin("https://u:p@idp.test/t"), "https://idp.test");
+        assert_eq!(origin("not a url"), "not a url");
     }
 }

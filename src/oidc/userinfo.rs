@@ -10,6 +10,7 @@
 //! errata set 2); an encrypted one is refused.
 
 use super::Oidc;
+use super::dpop::origin;
 use crate::jose::Claims;
 use serde_json::Value;
 
@@ -69,8 +70,9 @@ impl UserinfoError {
 
 impl Oidc {
     /// One call to the UserInfo endpoint. With DPoP the access token is bound to our key, so it
-    /// goes as `DPoP <token>` with a proof for this GET (`ath` included); a nonce the provider
-    /// sends along is kept for the next proof.
+    /// goes as `DPoP <token>` with a proof for this GET (`ath` included); a nonce the endpoint
+    /// sends along is kept for the next proof to its origin (a resource server's nonce, RFC 9449
+    /// §9: the token endpoint's own is another server's when it is on another origin).
     async fn userinfo_call(
         &self,
         endpoint: &str,
@@ -80,7 +82,7 @@ impl Oidc {
         let (scheme, proof) = match &self.dpop {
             Some(dpop) => {
                 let key = dpop.key().await.map_err(|e| unavailable(&e))?;
-                let nonce = dpop.provider_nonce();
+                let nonce = dpop.nonce(&origin(endpoint));
                 let proof = key
                     .proof(
                         "GET",
@@ -109,7 +111,7 @@ impl Oidc {
         if let (Some(dpop), Some(nonce)) = (&self.dpop, &answer.dpop_nonce)
             && answer.status < 300
         {
-            dpop.remember_provider_nonce(nonce.as_bytes());
+            dpop.remember_nonce(&origin(endpoint), nonce.as_bytes());
         }
         Ok(answer)
     }
@@ -137,7 +139,7 @@ impl Oidc {
             && answer
                 .dpop_nonce
                 .as_ref()
-                .is_some_and(|n| dpop.remember_provider_nonce(n.as_bytes()))
+                .is_some_and(|n| dpop.remember_nonce(&origin(endpoint), n.as_bytes()))
         {
             answer = self.userinfo_call(endpoint, access_token).await?;
         }

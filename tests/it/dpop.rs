@@ -761,3 +761,115 @@ token_binding = "dpop"
     }
     assert_ne!(jtis[0], jtis[1]);
 }
+
+/// Vestibule with `oidc.dpop` and `oidc.userinfo` on, in front of a fake provider whose token
+/// endpoint binds tokens and wants the nonce `token-nonce`; its UserInfo endpoint, on the same
+/// origin or (`elsewhere`) on another one (another port), wants `userinfo_nonce`. Returns the
+/// case and the server answering UserInfo.
+async fn userinfo_nonce_case(
+    elsewhere: bool,
+    userinfo_nonce: &str,
+) -> (fake_provider::Case, Option<fake_idp::FakeIdp>) {
+    let signer = vestibule::jose::testing::TestSigner::new();
+    let idp =
+        fake_idp::start(signer.jwks_json(&[(vestibule::jose::testing::TestKey::Rsa1, "k1")])).await;
+    let other = match elsewhere {
+        true => Some(fake_idp::start(b"{}".to_vec()).await),
+        false => None,
+    };
+    let userinfo = other.as_ref().map_or(&idp.state, |o| &o.state);
+    *userinfo.userinfo.lock().unwrap() = Some((
+        200,
+        "application/json".into(),
+        json!({"sub": "alice", "email": "alice@example.test"}).to_string(),
+    ));
+    *userinfo.userinfo_nonce.lock().unwrap() = Some(userinfo_nonce.into());
+    if let Some(other) = &other {
+        idp.state.discovery_extra.lock().unwrap().insert(
+            "userinfo_endpoint".into(),
+            json!(format!("{}/userinfo", other.issuer)),
+        );
+    }
+    idp.state
+        .token_fields
+        .lock()
+        .unwrap()
+        .insert("token_type".into(), json!("DPoP"));
+    *idp.state.dpop_nonce.lock().unwrap() = Some("token-nonce".into());
+    let up = upstream::start().await;
+    let config = config_toml(&routes(&up.url()))
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add("oidc.dpop", true)
+        .add("oidc.userinfo", true);
+    let proxy = start_proxy(config).await;
+    wait_metadata(&proxy).await;
+    std::mem::forget(up);
+    (fake_provider::Case { proxy, idp, signer }, other)
+}
+
+/// The `nonce` claims of `proofs`, in order (`null` for a proof without one).
+fn nonces(proofs: &std::sync::Mutex<Vec<Option<String>>>) -> Vec<Value> {
+    proofs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| fake_idp::proof_claims(p.as_deref())["nonce"].clone())
+        .collect()
+}
+
+/// RFC 9449 §8 and §9: a nonce is issued by one server for the proofs sent to it — the
+/// authorization server's token endpoint, or a resource server, which the UserInfo endpoint is.
+/// A UserInfo endpoint on another origin than the token endpoint keeps a nonce of its own: each
+/// server's nonce, once learnt, goes at once in every proof sent to it, and never in the proofs
+/// for the other (which would make each token request and each UserInfo call refused with
+/// `use_dpop_nonce` and sent twice, the two servers replacing each other's nonce).
+#[tokio::test]
+async fn a_userinfo_endpoint_on_another_origin_keeps_its_own_nonce_apart_from_the_token_endpoints()
+{
+    let (c, userinfo) = userinfo_nonce_case(true, "userinfo-nonce").await;
+    let userinfo = userinfo.unwrap();
+    for login in 0..3 {
+        let r = fake_provider::attempt(&c, id_token).await;
+        assert_eq!(r.status, 302, "login {login}: {}", r.text());
+    }
+    assert_eq!(
+        nonces(&c.idp.state.token_proofs),
+        [
+            Value::Null,
+            json!("token-nonce"),
+            json!("token-nonce"),
+            json!("token-nonce")
+        ],
+        "the nonces of the token requests' proofs"
+    );
+    assert_eq!(
+        nonces(&userinfo.state.userinfo_proofs),
+        [
+            Value::Null,
+            json!("userinfo-nonce"),
+            json!("userinfo-nonce"),
+            json!("userinfo-nonce")
+        ],
+        "the nonces of the UserInfo requests' proofs"
+    );
+    assert!(c.idp.state.userinfo_proofs.lock().unwrap().is_empty());
+}
+
+/// One origin is one server (RFC 9449 §8: the server that issued a nonce checks it; an origin is
+/// what `DPoP-Nonce` belongs to, as for upstreams): a UserInfo endpoint on the token endpoint's
+/// origin shares its nonce, so the nonce learnt at the token endpoint goes in the first
+/// UserInfo proof already (no `use_dpop_nonce` round there).
+#[tokio::test]
+async fn a_userinfo_endpoint_on_the_token_endpoints_origin_shares_its_nonce() {
+    let (c, _) = userinfo_nonce_case(false, "token-nonce").await;
+    for login in 0..2 {
+        let r = fake_provider::attempt(&c, id_token).await;
+        assert_eq!(r.status, 302, "login {login}: {}", r.text());
+    }
+    let n = json!("token-nonce");
+    assert_eq!(
+        nonces(&c.idp.state.token_proofs),
+        [Value::Null, n.clone(), n.clone()]
+    );
+    assert_eq!(nonces(&c.idp.state.userinfo_proofs), [n.clone(), n]);
+}

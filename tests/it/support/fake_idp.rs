@@ -36,6 +36,12 @@ pub struct State {
     pub userinfo_requests: Mutex<Vec<String>>,
     /// The `DPoP` header of every token request (`None`: it had none), in order.
     pub token_proofs: Mutex<Vec<Option<String>>>,
+    /// The `DPoP` header of every UserInfo request (`None`: it had none), in order.
+    pub userinfo_proofs: Mutex<Vec<Option<String>>>,
+    /// When set, a UserInfo request whose DPoP proof does not carry this nonce is answered
+    /// `401` with `WWW-Authenticate: DPoP error="use_dpop_nonce"` and it in `DPoP-Nonce`
+    /// (RFC 9449 §9: the UserInfo endpoint is a resource server).
+    pub userinfo_nonce: Mutex<Option<String>>,
     /// When set, a token request whose DPoP proof does not carry this nonce is answered
     /// `400 use_dpop_nonce` with it in `DPoP-Nonce` (RFC 9449 §8).
     pub dpop_nonce: Mutex<Option<String>>,
@@ -155,6 +161,23 @@ async fn answer(
                 .map(|v| v.to_str().unwrap_or_default().to_string())
                 .unwrap_or_default();
             state.userinfo_requests.lock().unwrap().push(auth);
+            let proof = req
+                .headers()
+                .get("dpop")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            state.userinfo_proofs.lock().unwrap().push(proof.clone());
+            let wanted = state.userinfo_nonce.lock().unwrap().clone();
+            if let Some(nonce) = wanted
+                && proof_claims(proof.as_deref())["nonce"].as_str() != Some(nonce.as_str())
+            {
+                return Ok(Response::builder()
+                    .status(401)
+                    .header("www-authenticate", r#"DPoP error="use_dpop_nonce""#)
+                    .header("dpop-nonce", nonce)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap());
+            }
             match state.userinfo.lock().unwrap().clone() {
                 Some((status, media_type, body)) => Response::builder()
                     .status(status)
