@@ -255,7 +255,9 @@ impl Shared {
 /// first instance that needs it, stored with set-if-absent, sealed with the session key ring
 /// like session data, and read by every other instance. A stored key that the ring no longer
 /// opens (its sealing key left `[session] keys`) is replaced by a new one: rotating the session
-/// keys rotates this key too.
+/// keys rotates this key too. So is one that opens but holds no key (corrupt), logged as an
+/// error. Replacing is a compare-and-set on the version read, so a key another replica has just
+/// written is read, never overwritten, and replicas agree on one new key.
 pub struct StoredDpopKey {
     pub store: crate::session::store::Store,
     /// The session key ring, swapped on reload (`session.keys`, `keys_file`).
@@ -299,13 +301,27 @@ impl StoredDpopKey {
                 let text = std::str::from_utf8(&record.value).ok()?;
                 self.keyring.load().open(DPOP_KEY_NAME, text)
             });
-            if let Some(opened) = opened {
-                if opened.stale_key
-                    && let Some(record) = &stored
-                {
-                    self.reseal(record.version, &opened.plaintext).await;
+            match opened.map(|o| (DpopKey::from_der(&o.plaintext), o)) {
+                Some((Ok(key), opened)) => {
+                    if opened.stale_key
+                        && let Some(record) = &stored
+                    {
+                        self.reseal(record.version, &opened.plaintext).await;
+                    }
+                    return Ok(key);
                 }
-                return DpopKey::from_der(&opened.plaintext);
+                // Every release has stored `DpopKey::to_pkcs8`, which `from_der` reads: this
+                // one opened, so it was written whole by none of them. Kept, it would leave
+                // DPoP broken on every replica for good.
+                Some((Err(_), _)) => tracing::error!(
+                    "the stored DPoP key opens with the session keys but is not an EC P-256 \
+                     private key (corrupt); replacing it"
+                ),
+                None if stored.is_some() => tracing::warn!(
+                    "the stored DPoP key is sealed with a session key no longer configured; \
+                     replacing it (tokens bound to the old key are refreshed as APIs refuse them)"
+                ),
+                None => {}
             }
             let key = DpopKey::generate()?;
             let sealed = self
@@ -319,21 +335,16 @@ impl StoredDpopKey {
                     .put_new(DPOP_KEY_NAME, sealed.as_bytes(), DPOP_KEY_TTL)
                     .await
                     .map_err(unavailable)?,
-                Some(record) => {
-                    tracing::warn!(
-                        "the stored DPoP key is sealed with a session key no longer configured; \
-                         replacing it (tokens bound to the old key are refreshed as APIs refuse them)"
-                    );
-                    self.store
-                        .compare_and_set(
-                            DPOP_KEY_NAME,
-                            record.version,
-                            sealed.as_bytes(),
-                            DPOP_KEY_TTL,
-                        )
-                        .await
-                        .map_err(unavailable)?
-                }
+                Some(record) => self
+                    .store
+                    .compare_and_set(
+                        DPOP_KEY_NAME,
+                        record.version,
+                        sealed.as_bytes(),
+                        DPOP_KEY_TTL,
+                    )
+                    .await
+                    .map_err(unavailable)?,
             };
             if won {
                 tracing::info!(jkt = key.thumbprint(), "DPoP key generated and stored");
@@ -378,7 +389,7 @@ pub fn body_pace(config: &Config) -> crate::limits::Pace {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::oidc::dpop::Dpop;
+    use crate::oidc::dpop::{Dpop, DpopKey};
     use crate::session::seal::Keyring;
     use crate::session::store::{MemoryStore, Store};
 
@@ -392,6 +403,44 @@ mod tests {
             store: store.clone(),
             keyring: keyring.clone(),
         }))
+    }
+
+    /// A stored key that opens but is no key is replaced once, by the first replica to read it;
+    /// one written as every release writes it (`to_pkcs8`, sealed) is never replaced.
+    #[tokio::test]
+    async fn a_stored_dpop_key_that_opens_but_is_corrupt_is_replaced_once_and_a_whole_one_never() {
+        let store = Store::Memory(MemoryStore::new(100));
+        let keyring = ring(&[1]);
+        let whole = DpopKey::generate().unwrap();
+        let sealed = keyring
+            .load()
+            .seal(DPOP_KEY_NAME, &whole.to_pkcs8().unwrap());
+        assert!(
+            store
+                .put_new(DPOP_KEY_NAME, sealed.unwrap().as_bytes(), DPOP_KEY_TTL)
+                .await
+                .unwrap()
+        );
+        let version = || async { store.get(DPOP_KEY_NAME).await.unwrap().unwrap().version };
+        let kept = dpop(&store, &keyring).key().await.unwrap();
+        assert_eq!(kept.thumbprint(), whole.thumbprint());
+        assert_eq!(version().await, 1);
+
+        let der = whole.to_pkcs8().unwrap();
+        let corrupt = keyring.load().seal(DPOP_KEY_NAME, &der[..der.len() - 1]);
+        let corrupt = corrupt.unwrap();
+        assert!(
+            store
+                .compare_and_set(DPOP_KEY_NAME, 1, corrupt.as_bytes(), DPOP_KEY_TTL)
+                .await
+                .unwrap()
+        );
+        let first = dpop(&store, &keyring).key().await.unwrap();
+        assert_ne!(first.thumbprint(), whole.thumbprint());
+        assert_eq!(version().await, 3, "replaced once");
+        let second = dpop(&store, &keyring).key().await.unwrap();
+        assert_eq!(second.thumbprint(), first.thumbprint());
+        assert_eq!(version().await, 3, "the new key was replaced again");
     }
 
     /// Every replica signs with one DPoP key across a session key rotation done by hot reload

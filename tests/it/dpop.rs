@@ -873,3 +873,88 @@ async fn a_userinfo_endpoint_on_the_token_endpoints_origin_shares_its_nonce() {
     );
     assert_eq!(nonces(&c.idp.state.userinfo_proofs), [n.clone(), n]);
 }
+
+/// The stored DPoP key that every replica shares opens with the session keys but holds no key
+/// (here a truncated PKCS#8: a partial write, a hand-edited store). It is replaced as a missing
+/// key is, by compare-and-set: the first replica to need a key signs in and proves possession
+/// with a new one, the provider binds the token to it, and a replica started afterwards signs
+/// with that same new key (it was stored, and is not replaced again).
+#[tokio::test]
+async fn a_stored_dpop_key_that_opens_but_is_no_key_is_replaced_once_for_every_replica() {
+    use vestibule::session::{Keyring, Store, StoreConfig};
+    use vestibule::state::DPOP_KEY_NAME;
+    let redis = RedisServer::start();
+    let store = Store::connect(
+        &StoreConfig::Redis(vestibule::config::RedisConfig {
+            url: vestibule::config::Secret::new(redis.url()),
+            sentinel: None,
+            cluster: vec![],
+            key_prefix: "vestibule:".into(),
+            timeout: std::time::Duration::from_secs(2),
+            ca_file: None,
+        }),
+        0,
+    )
+    .await
+    .unwrap();
+    let session_key = base64::engine::general_purpose::STANDARD
+        .decode(KEY)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let ring = Keyring::new(vec![session_key]).unwrap();
+    let whole = vestibule::oidc::dpop::DpopKey::generate()
+        .unwrap()
+        .to_pkcs8()
+        .unwrap();
+    let sealed = ring.seal(DPOP_KEY_NAME, &whole[..whole.len() / 2]).unwrap();
+    let hour = std::time::Duration::from_secs(3600);
+    assert!(
+        store
+            .put_new(DPOP_KEY_NAME, sealed.as_bytes(), hour)
+            .await
+            .unwrap()
+    );
+    let url = redis.url();
+    let stack = LoginStack::builder()
+        .extra(move |u| {
+            format!(
+                "store = \"redis\"\n[session.redis]\nurl = \"{url}\"\n{}",
+                routes(u)
+            )
+        })
+        .config(|c| c.add("oidc.dpop", true))
+        .start()
+        .await;
+    let mut browser = stack.login("alice").await;
+    let r = browser
+        .get(&stack.proxy().url("/api/first"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (auth, proof) = sent(&stack.up, "/api/first").remove(0);
+    let jkt = proof_jkt(&proof.unwrap());
+    let token = auth.strip_prefix("DPoP ").unwrap();
+    assert_eq!(segment(token, 1)["cnf"]["jkt"].as_str(), Some(jkt.as_str()));
+    // The store holds that key now, sealed.
+    let record = store.get(DPOP_KEY_NAME).await.unwrap().unwrap();
+    let opened = ring
+        .open(DPOP_KEY_NAME, std::str::from_utf8(&record.value).unwrap())
+        .unwrap();
+    let stored = vestibule::oidc::dpop::DpopKey::from_der(&opened.plaintext).unwrap();
+    assert_eq!(stored.thumbprint(), jkt);
+
+    let later = start_proxy(&stack.config.clone().set("server.listen", "127.0.0.1:0")).await;
+    wait_ready(&later).await;
+    let r = browser
+        .get(&later.url("/api/second"), &[("x-csrf", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, proof) = sent(&stack.up, "/api/second").remove(0);
+    assert_eq!(
+        proof_jkt(&proof.unwrap()),
+        jkt,
+        "the replica started later signs with another key"
+    );
+    let again = store.get(DPOP_KEY_NAME).await.unwrap().unwrap();
+    assert_eq!(again.version, record.version, "the new key was replaced");
+}
