@@ -596,8 +596,18 @@ impl Oidc {
 
     /// A refresh, client-credentials or exchange grant's successful answer, checked.
     fn read_grant(&self, answer: Granted) -> Result<TokenResponse, GrantError> {
-        let mut response: TokenResponse =
-            serde_json::from_value(answer.body).map_err(|_| Unavailable::Malformed)?;
+        self.read_grant_kept(answer).map_err(|(error, _)| error)
+    }
+
+    /// [`Oidc::read_grant`], and with a refusal of an answer that was read (a token of another
+    /// type than asked for) that answer: the refresh token it rotated is still the provider's
+    /// latest.
+    fn read_grant_kept(
+        &self,
+        answer: Granted,
+    ) -> Result<TokenResponse, (GrantError, Option<Box<TokenResponse>>)> {
+        let mut response: TokenResponse = serde_json::from_value(answer.body)
+            .map_err(|_| (Unavailable::Malformed.into(), None))?;
         response.jkt = answer.jkt;
         // A token other than the kind asked for, or of no stated kind, is refused, not used
         // (RFC 6749 §5.1: `token_type` is required; §7.1: a token of a type the client does not
@@ -609,14 +619,14 @@ impl Oidc {
             .as_deref()
             .is_some_and(|t| wanted.matches(t))
         {
-            return Err(Unavailable::WrongTokenType {
+            let error = Unavailable::WrongTokenType {
                 found: response
                     .token_type
                     .as_deref()
                     .map(|t| t.chars().take(16).collect()),
                 wanted: wanted.name(),
-            }
-            .into());
+            };
+            return Err((error.into(), Some(Box::new(response))));
         }
         Ok(response)
     }
@@ -703,13 +713,15 @@ impl Oidc {
         .await
     }
 
-    /// Refresh-token grant, optionally for a resource (RFC 8707) and scopes.
+    /// Refresh-token grant, optionally for a resource (RFC 8707) and scopes. A refused answer
+    /// that was read (a token of another type than asked for) comes with the error: the
+    /// provider has spent `refresh_token`, and the one it rotated is to be kept, nothing else.
     pub async fn refresh(
         &self,
         refresh_token: &str,
         resource: Option<&str>,
         scopes: &[String],
-    ) -> Result<TokenResponse, GrantError> {
+    ) -> Result<TokenResponse, (GrantError, Option<Box<TokenResponse>>)> {
         let scope = scopes.join(" ");
         let mut form = vec![
             ("grant_type", "refresh_token"),
@@ -721,7 +733,8 @@ impl Oidc {
         if !scope.is_empty() {
             form.push(("scope", &scope));
         }
-        self.grant(&form).await
+        let answer = self.grant_json(&form).await.map_err(|e| (e, None))?;
+        self.read_grant_kept(answer)
     }
 
     pub async fn client_credentials(

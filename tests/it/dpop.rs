@@ -958,3 +958,97 @@ async fn a_stored_dpop_key_that_opens_but_is_no_key_is_replaced_once_for_every_r
     let again = store.get(DPOP_KEY_NAME).await.unwrap().unwrap();
     assert_eq!(again.version, record.version, "the new key was replaced");
 }
+
+/// docs/configuration.md, "Which token type is accepted": with `dpop = true` a refresh answered
+/// `token_type: Bearer` for a session whose tokens are DPoP-bound (a downgrade: the provider did
+/// not bind the new token, which a thief could then use alone) is refused as the provider's
+/// fault — 503 `provider_unavailable`, the session kept — and that token reaches no upstream:
+/// not as `DPoP` on the bound route, not as `Bearer` on the plain one. The refresh token the
+/// refused answer rotated is kept (the provider has spent the one presented). Once the provider
+/// binds again, the bound route gets the new token with a proof for it.
+#[tokio::test]
+async fn a_refresh_downgraded_to_a_bearer_token_is_refused_and_that_token_reaches_no_upstream() {
+    let signer = vestibule::jose::testing::TestSigner::new();
+    let idp =
+        fake_idp::start(signer.jwks_json(&[(vestibule::jose::testing::TestKey::Rsa1, "k1")])).await;
+    let up = upstream::start().await;
+    let clock = vestibule::clock::TestClock::new();
+    let config = config_toml(&routes(&up.url()))
+        .set("oidc.issuer", idp.issuer.as_str())
+        .add("oidc.dpop", true);
+    let proxy = start_proxy_with_clock(config, clock.clock()).await;
+    wait_metadata(&proxy).await;
+    idp.state
+        .token_fields
+        .lock()
+        .unwrap()
+        .insert("token_type".into(), json!("DPoP"));
+    let c = fake_provider::Case { proxy, idp, signer };
+    let r = fake_provider::attempt(&c, id_token).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    let cookie = r.session_cookie();
+    let call = async |path: &str| {
+        get(
+            &c.proxy.url(path),
+            &[("cookie", cookie.as_str()), ("x-csrf", "1")],
+        )
+        .await
+    };
+    let r = call("/api/before").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sent(&up, "/api/before")[0].0, "DPoP fake-access");
+
+    clock.advance(std::time::Duration::from_secs(300));
+    for (path, rotated) in [("/api/after", "refresh-2a"), ("/plain/after", "refresh-2b")] {
+        c.idp.state.script(
+            "refresh_token",
+            200,
+            json!({"access_token": "downgraded", "token_type": "Bearer", "expires_in": 300,
+                   "refresh_token": rotated}),
+        );
+        let r = call(path).await;
+        assert_eq!(r.status, 503, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"], "provider_unavailable", "{path}");
+    }
+    let leaked: Vec<String> = up
+        .authorizations("/")
+        .into_iter()
+        .filter(|a| a.contains("downgraded"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the downgraded token was sent: {leaked:?}"
+    );
+    assert!(c.proxy.signed_in(&cookie).await, "the session ended");
+
+    c.idp.state.script(
+        "refresh_token",
+        200,
+        json!({"access_token": "bound-2", "token_type": "DPoP", "expires_in": 300,
+               "refresh_token": "refresh-3"}),
+    );
+    let r = call("/api/again").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (auth, proof) = sent(&up, "/api/again").remove(0);
+    assert_eq!(auth, "DPoP bound-2");
+    // The provider spent each refresh token presented, the refused answers' too: the one each
+    // rotated is presented next, none twice (a rotating provider takes a replay for theft).
+    let presented: Vec<String> = c
+        .idp
+        .state
+        .token_requests_of("refresh_token")
+        .iter()
+        .map(|form| {
+            form.iter()
+                .find(|(k, _)| k == "refresh_token")
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(presented, ["fake-refresh", "refresh-2a", "refresh-2b"]);
+    assert_eq!(
+        segment(&proof.unwrap(), 1)["ath"],
+        URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(b"bound-2"))
+    );
+}

@@ -553,7 +553,8 @@ impl Job {
     }
 
     /// A refresh-token grant. `invalid_grant` or an ID token for another subject ends the
-    /// session; of an answer with an invalid ID token only the rotated refresh token is kept.
+    /// session; of an answer with an invalid ID token, or with a token of another type than
+    /// asked for, only the rotated refresh token is kept.
     /// The token for `target` it replaces is `rejected`, or bound to another DPoP key than
     /// `signing` (see [`Job::settled`]), or due.
     async fn refresh(
@@ -609,7 +610,16 @@ impl Job {
         let at = self.clock.now();
         let tokens = match outcome {
             Ok(tokens) => tokens,
-            Err(error) => {
+            Err((error, Some(refused))) => {
+                // Answered with a token of another type than asked for (a Bearer token where a
+                // DPoP-bound one was): refused, but the provider has spent the refresh token
+                // presented, so the one it rotated is kept, and nothing else of the answer.
+                let error = classify(Grant::Refresh, error);
+                self.keep_rotation(memory, current, target, *refused, spent, at)
+                    .await?;
+                return Err(error);
+            }
+            Err((error, None)) => {
                 let error = classify(Grant::Refresh, error);
                 if matches!(error, RefreshError::Ended) {
                     // Refused because another holder of a lost lease spent it first and saved
@@ -689,9 +699,10 @@ impl Job {
     }
 
     /// Saves the refresh token an answer rotated, and nothing else of it (its ID token did not
-    /// validate): the provider has spent the one presented, which a rotating provider refuses
-    /// the next time with `invalid_grant`, ending the session. Like any refresh's answer, it is
-    /// kept and saved later if the store fails now.
+    /// validate, or its token was of another type than asked for): the provider has spent the
+    /// one presented, which a rotating provider refuses the next time with `invalid_grant`,
+    /// ending the session. Like any refresh's answer, it is kept and saved later if the store
+    /// fails now.
     async fn keep_rotation(
         &self,
         memory: &mut RefreshMemory,

@@ -117,7 +117,8 @@ pub(super) struct Answer {
     /// from a save that came late.
     pub(super) at: u64,
     /// Only the rotated refresh token is written (the answer is otherwise not to be used: its ID
-    /// token did not validate), not the access token.
+    /// token did not validate, or its token is of another type than asked for), not the access
+    /// token.
     pub(super) rotation_only: bool,
 }
 
