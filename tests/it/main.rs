@@ -23,6 +23,7 @@ mod faults_refusals;
 mod faults_restart;
 mod faults_upstream;
 mod identity;
+mod issuer_change;
 mod limits;
 mod login;
 mod logout;

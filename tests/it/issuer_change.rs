@@ -1,0 +1,279 @@
+//! Sessions belong to the provider that issued them: after `[oidc] issuer` changes over the same
+//! store and `key_prefix`, the previous provider's sessions are signed out, and nothing of theirs
+//! (a refresh token above all) reaches the new provider; a logout token ends only its own
+//! issuer's sessions, and a session list shows only its own issuer's. Against two in-process
+//! fake providers (issuers A and B) and a real Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::logout::post_logout_token;
+use crate::support::redis::{RedisServer, count_keys};
+use crate::support::*;
+use serde_json::json;
+use vestibule::app::now;
+use vestibule::jose::testing::{TestKey, TestSigner, id_token_claims, logout_token_claims};
+
+/// A provider (its own key set, signed for by `signer`).
+async fn provider(signer: &TestSigner) -> fake_idp::FakeIdp {
+    fake_idp::start(signer.jwks_json(&[(TestKey::Rsa1, "k1")])).await
+}
+
+/// Vestibule on `redis` in front of `idp`, a token route `/tok/` to `up`, on `clock`.
+async fn proxy_for(
+    redis: &RedisServer,
+    idp: &fake_idp::FakeIdp,
+    up: &upstream::Upstream,
+    clock: vestibule::clock::Clock,
+) -> Proxy {
+    let extra = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{r}\"\n\
+         [[routes]]\npath = \"/tok/\"\nupstream = \"{u}\"\ntoken = \"user\"\n",
+        r = redis.url(),
+        u = up.url()
+    );
+    let config = config_toml(&extra).set("oidc.issuer", idp.issuer.as_str());
+    let proxy = start_proxy_with_clock(config, clock).await;
+    wait_metadata(&proxy).await;
+    proxy
+}
+
+/// Signs alice in at `proxy` through `idp` (an ID token of `idp`'s, naming `sid` if given); the
+/// login's access token lives the shortest time believed, its refresh token is
+/// `refresh-of-a`. Returns the session cookie.
+async fn login(
+    proxy: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    signer: &TestSigner,
+    sid: Option<&str>,
+) -> String {
+    let (q, login_cookie) = begin_login(proxy).await;
+    let mut claims = id_token_claims(&idp.issuer, "vestibule", &q["nonce"], now());
+    if let Some(sid) = sid {
+        claims["sid"] = sid.into();
+    }
+    let answer = json!({"access_token": "access-of-a", "token_type": "Bearer", "expires_in": 0,
+                        "refresh_token": "refresh-of-a",
+                        "id_token": signer.token(TestKey::Rsa1).kid("k1").sign(&claims)});
+    idp.state.script("authorization_code", 200, answer);
+    let done = callback(proxy, &q, &login_cookie).await;
+    assert_eq!(done.status, 302, "{}", done.text());
+    done.session_cookie()
+}
+
+async fn stop(proxy: Proxy) {
+    proxy.shutdown.cancel();
+    let _ = proxy.task.await;
+}
+
+/// The key hostile case: a restart onto issuer B over the store of issuer A. With the old
+/// cookie, whose access token is due, B's token endpoint must never see A's refresh token (nor
+/// any grant), the upstream no token of A's, and the browser is signed out, as with an expired
+/// session; the record is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_onto_another_issuer_the_old_sessions_are_signed_out_and_send_nothing() {
+    let redis = RedisServer::start();
+    let up = upstream::start().await;
+    let signer = TestSigner::new();
+    let (a, b) = (provider(&signer).await, provider(&signer).await);
+    let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
+    let cookie = login(&at_a, &a, &signer, Some("op-session")).await;
+    assert!(at_a.signed_in(&cookie).await);
+    stop(at_a).await;
+    assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 1);
+
+    // B answers any refresh as a provider would: the grant would go through.
+    b.state.script(
+        "refresh_token",
+        200,
+        json!({"access_token": "access-of-b", "token_type": "Bearer", "expires_in": 300}),
+    );
+    *b.state.userinfo.lock().unwrap() = Some((200, "application/json".into(), "{}".into()));
+    // The access token of A's login is due on B's clock: a refresh would be attempted.
+    let clock = vestibule::clock::TestClock::new();
+    clock.advance(std::time::Duration::from_secs(60));
+    let at_b = proxy_for(&redis, &b, &up, clock.clock()).await;
+
+    let api = get(&at_b.url("/tok/x"), &[("cookie", &cookie), ("x-csrf", "1")]).await;
+    let grants = b.state.token_requests.lock().unwrap().clone();
+    assert!(
+        grants.is_empty(),
+        "the new issuer's token endpoint was sent the old issuer's session's grants: {grants:?}"
+    );
+    assert_eq!(api.status, 401, "{}", api.text());
+    assert_eq!(
+        up.count(),
+        0,
+        "the upstream was reached with the old issuer's session"
+    );
+    assert!(
+        !at_b.signed_in(&cookie).await,
+        "/bff/user knows the old issuer's session"
+    );
+    assert!(b.state.userinfo_requests.lock().unwrap().is_empty());
+    assert_eq!(
+        count_keys(redis.port(), "vestibule:s:*"),
+        0,
+        "the old issuer's session record was left in the store"
+    );
+}
+
+/// Two replicas during a change of issuer (A, then B), one user `alice` at each: a `sub` or
+/// `sid` is only unique per issuer, so B's logout tokens end B's sessions only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_token_ends_only_the_sessions_of_its_own_issuer() {
+    let redis = RedisServer::start();
+    let up = upstream::start().await;
+    let signer = TestSigner::new();
+    let (a, b) = (provider(&signer).await, provider(&signer).await);
+    let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
+    let at_b = proxy_for(&redis, &b, &up, vestibule::clock::Clock::system()).await;
+    let a_sidless = login(&at_a, &a, &signer, None).await;
+    let a_in_session = login(&at_a, &a, &signer, Some("op-session")).await;
+    let b_in_session = login(&at_b, &b, &signer, Some("op-session")).await;
+
+    let logout = |sid: Option<&str>, jti: &str| {
+        let mut claims = logout_token_claims(&b.issuer, "vestibule", now());
+        claims["jti"] = jti.into();
+        match sid {
+            Some(sid) => claims["sid"] = sid.into(),
+            None => {
+                claims.as_object_mut().unwrap().remove("sid");
+            }
+        }
+        signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .typ("logout+jwt")
+            .sign(&claims)
+    };
+    // Naming B's provider session and alice: ends B's, and B's alice's sessions without one.
+    let r = post_logout_token(&at_b, &logout(Some("op-session"), "b-1")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!at_b.signed_in(&b_in_session).await);
+    assert!(
+        at_a.signed_in(&a_in_session).await,
+        "B's logout of its provider session ended A's of the same sid"
+    );
+    assert!(
+        at_a.signed_in(&a_sidless).await,
+        "B's logout of its alice ended A's alice's session without a sid"
+    );
+
+    // Naming alice alone: every session of B's alice, none of A's.
+    let b_again = login(&at_b, &b, &signer, None).await;
+    let r = post_logout_token(&at_b, &logout(None, "b-2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!at_b.signed_in(&b_again).await);
+    assert!(
+        at_a.signed_in(&a_in_session).await && at_a.signed_in(&a_sidless).await,
+        "B's logout of alice ended A's alice's sessions"
+    );
+}
+
+/// A session list, and ending a session from it, know only the sessions of the list's own
+/// issuer: B's alice neither sees A's alice's sessions (their devices) nor can end them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_list_shows_and_ends_only_the_sessions_of_its_own_issuer() {
+    let redis = RedisServer::start();
+    let up = upstream::start().await;
+    let signer = TestSigner::new();
+    let (a, b) = (provider(&signer).await, provider(&signer).await);
+    let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
+    let at_b = proxy_for(&redis, &b, &up, vestibule::clock::Clock::system()).await;
+    let of_a = login(&at_a, &a, &signer, None).await;
+    let of_b = login(&at_b, &b, &signer, None).await;
+    let list_of = |proxy: &Proxy, cookie: &str| {
+        let (url, cookie) = (proxy.url("/bff/sessions"), cookie.to_string());
+        async move { get(&url, &[("cookie", &cookie), ("x-csrf", "1")]).await }
+    };
+    let list = list_of(&at_b, &of_b).await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    assert_eq!(
+        list.json()["sessions"].as_array().unwrap().len(),
+        1,
+        "B's alice is shown the sessions of A's: {}",
+        list.text()
+    );
+    let a_handle = list_of(&at_a, &of_a).await.json()["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["current"] == json!(true))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ended = send(
+        http::Request::delete(at_b.url(&format!("/bff/sessions/{a_handle}")))
+            .header("cookie", &of_b)
+            .header("x-csrf", "1")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ended.status, 404, "{}", ended.text());
+    assert!(
+        at_a.signed_in(&of_a).await,
+        "B's alice ended A's alice's session"
+    );
+}
+
+/// A session stored before sessions recorded their issuer (a record without one, as the
+/// earlier release wrote it) is the configured issuer's: the upgrade signs nobody out, and its
+/// token is still sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stored_before_issuers_were_recorded_stays_signed_in() {
+    let redis = RedisServer::start();
+    let up = upstream::start().await;
+    let signer = TestSigner::new();
+    let a = provider(&signer).await;
+    let proxy = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
+    let mut tokens = std::collections::BTreeMap::new();
+    tokens.insert(
+        String::new(),
+        vestibule::session::model::AccessToken {
+            value: "stored-before".into(),
+            expires_at: now() + 3600,
+            issued_at: now(),
+            scope: None,
+            jkt: None,
+        },
+    );
+    // Written without an issuer, as the earlier release's records are.
+    let session = vestibule::session::model::Session {
+        sub: "alice".into(),
+        sid: Some("op-session".into()),
+        tokens: tokens.into(),
+        refresh_token: Some("rt".into()),
+        ..Default::default()
+    };
+    let cookie = proxy.session_cookie(session).await;
+    stop(proxy).await;
+
+    let proxy = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
+    assert!(proxy.signed_in(&cookie).await);
+    let api = get(
+        &proxy.url("/tok/x"),
+        &[("cookie", &cookie), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(api.status, 200, "{}", api.text());
+    assert_eq!(
+        up.last()
+            .headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string()),
+        Some("Bearer stored-before".into())
+    );
+    let list = get(
+        &proxy.url("/bff/sessions"),
+        &[("cookie", &cookie), ("x-csrf", "1")],
+    )
+    .await;
+    assert_eq!(
+        list.json()["sessions"].as_array().unwrap().len(),
+        1,
+        "{}",
+        list.text()
+    );
+    assert!(a.state.token_requests.lock().unwrap().is_empty());
+}
