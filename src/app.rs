@@ -86,6 +86,8 @@ impl App {
             cache_ttl: config.session.cache_ttl,
             cache_entries: config.session.cache_entries,
             max_per_user: config.session.max_per_user,
+            // `oidc.issuer` is not reloaded: the sessions' issuer is fixed for the process.
+            issuer: config.oidc.issuer.as_str().to_owned(),
         };
         let sessions = Arc::new(Sessions::new(settings, store));
         let dpop_key = crate::state::StoredDpopKey {

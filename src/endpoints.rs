@@ -429,6 +429,8 @@ async fn callback(
     let mut session = Session {
         sub,
         sid,
+        // Validated: the provider's issuer.
+        issuer: claims.get("iss").and_then(|v| v.as_str()).map(String::from),
         claims: user_claims.into(),
         id_token: Some(id_token),
         refresh_token: tokens.refresh_token.clone(),

@@ -13,13 +13,15 @@
 //! reader never removes an entry just because its session is missing: `create` writes the
 //! entries before the record, and the login between the two must stay reachable by its user.
 //!
-//! Rules: a bad, foreign or expired cookie is `Ok(None)`; an unreachable store is `Err` and never
-//! ends a session. Every write publishes the session's handle on [`INVALIDATION_CHANNEL`], in the
-//! same step as the write, so other instances drop cached copies and what waits on that session
-//! ([`Sessions::watch`], `watches`) reads it again. The time is always a parameter (`now`, Unix
-//! seconds).
+//! Rules: a bad, foreign or expired cookie is `Ok(None)`, and so is a session another issuer's
+//! login made (`issuer`: ended when read; what finds sessions by `sub` or `sid` passes it by);
+//! an unreachable store is `Err` and never ends a session. Every write publishes the session's
+//! handle on [`INVALIDATION_CHANNEL`], in the same step as the write, so other instances drop
+//! cached copies and what waits on that session ([`Sessions::watch`], `watches`) reads it again.
+//! The time is always a parameter (`now`, Unix seconds).
 
 mod cache;
+mod issuer;
 mod memo;
 mod ticket;
 mod watches;
@@ -80,6 +82,11 @@ pub struct SessionSettings {
     /// The most sessions one subject has at once (`session.max_per_user`): a login beyond it
     /// ends that subject's oldest.
     pub max_per_user: usize,
+    /// The configured issuer (`oidc.issuer`). A session recorded as another's is no session:
+    /// it is signed out and ended, and a logout, listing or cap that finds sessions by `sub` or
+    /// `sid` leaves it alone (a `sub` is unique only per issuer). One recorded with none (stored
+    /// before issuers were) is this one's.
+    pub issuer: String,
 }
 
 impl SessionSettings {
@@ -93,6 +100,7 @@ impl SessionSettings {
             cache_ttl: Duration::ZERO,
             cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
             max_per_user: crate::config::DEFAULT_MAX_PER_USER,
+            issuer: String::new(),
         }
     }
 }
@@ -226,6 +234,7 @@ pub struct Sessions {
     /// How many cookies a memo is sized for (`session.cache_entries`).
     memo_entries: usize,
     max_per_user: usize,
+    issuer: Arc<str>,
 }
 
 impl fmt::Debug for Sessions {
@@ -250,6 +259,7 @@ impl Sessions {
             cache_ttl,
             cache_entries,
             max_per_user,
+            issuer,
         } = settings;
         let cache = (!cache_ttl.is_zero()).then(|| {
             Arc::new(Cache::new(
@@ -271,6 +281,7 @@ impl Sessions {
             memo: Memo::new(cache_entries),
             memo_entries: cache_entries,
             max_per_user: max_per_user.max(1),
+            issuer: issuer.into(),
         }
     }
 
@@ -288,6 +299,7 @@ impl Sessions {
             memo: Memo::new(self.memo_entries),
             memo_entries: self.memo_entries,
             max_per_user: self.max_per_user,
+            issuer: self.issuer.clone(),
         }
     }
 
@@ -451,7 +463,14 @@ impl Sessions {
     ) -> Result<(), StoreError> {
         if held.subject > 1 {
             let index = index_name(SUBJECT_INDEX, &session.sub);
-            let live = self.prune(&index, now).await?;
+            let mut live = Vec::new();
+            for (member, deadline) in self.prune(&index, now).await? {
+                // Another issuer's user of the same `sub` is another user: not counted, not
+                // ended.
+                if !self.of_another_issuer(&member).await? {
+                    live.push((member, deadline));
+                }
+            }
             let excess = live.len().saturating_sub(self.max_per_user);
             // Oldest first, and only those ranked before the login itself (by deadline, then
             // name, as the index lists them): never itself, and never a login made at the same
@@ -655,6 +674,11 @@ impl Sessions {
         let Some(mut session) = decode_session(&ticket, &key, &record.value) else {
             return Ok(None);
         };
+        // Never cached: a session served from the cache is the configured issuer's.
+        if !self.ours(session.issuer.as_deref()) {
+            self.end_foreign(&key, &session).await;
+            return Ok(None);
+        }
         session.id_token = None;
         let session = Arc::new(session);
         if let (Some(cache), Some(stamp)) = (&self.cache, stamp) {
@@ -688,6 +712,10 @@ impl Sessions {
         let Some(session) = decode_session(&loaded.ticket, &key, &record.value) else {
             return Ok(None);
         };
+        if !self.ours(session.issuer.as_deref()) {
+            self.end_foreign(&key, &session).await;
+            return Ok(None);
+        }
         if self.seconds_left(&session, now) == 0 {
             return Ok(None);
         }
@@ -754,6 +782,7 @@ impl Sessions {
         if pinned {
             updated.absolute_deadline = Some(self.absolute_end(&updated));
         }
+        self.pin_issuer(&mut updated);
         let record = encode_record(&self.keyring.load(), &loaded.ticket, &key, &updated)?;
         if pinned || updated.sub != loaded.session.sub || updated.sid != loaded.session.sid {
             self.index(&key, &updated, now).await?;
@@ -886,13 +915,18 @@ impl Sessions {
 
     /// Takes an ended session out of the indexes of its subject and provider session.
     async fn unindex(&self, loaded: &OpenSession) -> Result<(), StoreError> {
-        let member = loaded.ticket.key().name();
+        self.unindex_session(&loaded.session, &loaded.ticket.key().name())
+            .await
+    }
+
+    /// [`Sessions::unindex`] for `session`, stored as `member`.
+    async fn unindex_session(&self, session: &Session, member: &str) -> Result<(), StoreError> {
         self.store
-            .index_remove(&index_name(SUBJECT_INDEX, &loaded.session.sub), &member)
+            .index_remove(&index_name(SUBJECT_INDEX, &session.sub), member)
             .await?;
-        if let Some(sid) = &loaded.session.sid {
+        if let Some(sid) = &session.sid {
             self.store
-                .index_remove(&index_name(PROVIDER_INDEX, sid), &member)
+                .index_remove(&index_name(PROVIDER_INDEX, sid), member)
                 .await?;
         }
         Ok(())
@@ -924,12 +958,18 @@ impl Sessions {
     async fn end_index(&self, index: &str, old: &str) -> Result<usize, StoreError> {
         let mut ended = 0;
         for (member, _) in self.store.index_members(index).await? {
+            if self.of_another_issuer(&member).await? {
+                continue;
+            }
             if self.end_member(&member).await? {
                 ended += 1;
                 self.store.index_remove(index, &member).await?;
             }
         }
         for member in self.store.old_index_members(old).await? {
+            if self.of_another_issuer(&member).await? {
+                continue;
+            }
             if self.end_member(&member).await? {
                 ended += 1;
                 self.store.old_index_remove(old, &member).await?;
@@ -958,9 +998,14 @@ impl Sessions {
             let Some(record) = self.store.get(&member).await? else {
                 continue;
             };
-            let in_provider_session = decode_meta(&keyring, &key, &record.value)
-                .and_then(|meta| meta.provider_session)
-                .unwrap_or(false);
+            let meta = decode_meta(&keyring, &key, &record.value);
+            if meta
+                .as_ref()
+                .is_some_and(|meta| !self.ours(meta.issuer.as_deref()))
+            {
+                continue;
+            }
+            let in_provider_session = meta.and_then(|meta| meta.provider_session).unwrap_or(false);
             if !in_provider_session && self.end(&key).await? {
                 ended += 1;
                 self.unindex_member(sub, &member).await?;
@@ -1018,6 +1063,9 @@ impl Sessions {
             let Some(meta) = decode_meta(&keyring, &key, &record.value) else {
                 continue;
             };
+            if !self.ours(meta.issuer.as_deref()) {
+                continue;
+            }
             let probe = Session {
                 created_at: meta.created_at,
                 last_seen: meta.last_seen,
@@ -1048,6 +1096,9 @@ impl Sessions {
                 continue;
             };
             if key.handle() == handle {
+                if self.of_another_issuer(&member).await? {
+                    return Ok(false);
+                }
                 let existed = self.end(&key).await?;
                 self.unindex_member(sub, &member).await?;
                 return Ok(existed);

@@ -281,6 +281,11 @@ pub struct Session {
     pub refresh_token: Option<String>,
     #[serde(default)]
     pub user_agent: Option<String>,
+    /// The provider that issued it (the ID token's `iss`): a session of another issuer than
+    /// the configured one is none (`Sessions`). `None` in sessions stored before it was
+    /// recorded, which are the configured issuer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 impl fmt::Debug for Session {
@@ -299,6 +304,7 @@ impl fmt::Debug for Session {
             .field("last_seen", &self.last_seen)
             .field("absolute_deadline", &self.absolute_deadline)
             .field("user_agent", &self.user_agent)
+            .field("issuer", &self.issuer)
             .finish()
     }
 }
@@ -376,6 +382,7 @@ mod tests {
             last_seen: 20,
             absolute_deadline: Some(30),
             user_agent: Some("Firefox".into()),
+            issuer: Some("https://idp.example.com".into()),
         }
     }
 

@@ -45,12 +45,23 @@ async fn login(
     signer: &TestSigner,
     sid: Option<&str>,
 ) -> String {
+    login_living(proxy, idp, signer, sid, 0).await
+}
+
+/// [`login`] with an access token that lives `expires_in` seconds.
+async fn login_living(
+    proxy: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    signer: &TestSigner,
+    sid: Option<&str>,
+    expires_in: u64,
+) -> String {
     let (q, login_cookie) = begin_login(proxy).await;
     let mut claims = id_token_claims(&idp.issuer, "vestibule", &q["nonce"], now());
     if let Some(sid) = sid {
         claims["sid"] = sid.into();
     }
-    let answer = json!({"access_token": "access-of-a", "token_type": "Bearer", "expires_in": 0,
+    let answer = json!({"access_token": "access-of-a", "token_type": "Bearer", "expires_in": expires_in,
                         "refresh_token": "refresh-of-a",
                         "id_token": signer.token(TestKey::Rsa1).kid("k1").sign(&claims)});
     idp.state.script("authorization_code", 200, answer);
@@ -77,8 +88,10 @@ async fn after_a_restart_onto_another_issuer_the_old_sessions_are_signed_out_and
     let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
     let cookie = login(&at_a, &a, &signer, Some("op-session")).await;
     assert!(at_a.signed_in(&cookie).await);
+    // And one whose access token is still good (no refresh would come first).
+    let fresh = login_living(&at_a, &a, &signer, None, 3600).await;
     stop(at_a).await;
-    assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 1);
+    assert_eq!(count_keys(redis.port(), "vestibule:s:*"), 2);
 
     // B answers any refresh as a provider would: the grant would go through.
     b.state.script(
@@ -109,6 +122,15 @@ async fn after_a_restart_onto_another_issuer_the_old_sessions_are_signed_out_and
         "/bff/user knows the old issuer's session"
     );
     assert!(b.state.userinfo_requests.lock().unwrap().is_empty());
+
+    let api = get(&at_b.url("/tok/x"), &[("cookie", &fresh), ("x-csrf", "1")]).await;
+    assert_eq!(
+        (api.status, up.count()),
+        (401, 0),
+        "the old issuer's access token was sent upstream: {}",
+        api.text()
+    );
+    assert!(b.state.token_requests.lock().unwrap().is_empty());
     assert_eq!(
         count_keys(redis.port(), "vestibule:s:*"),
         0,

@@ -19,8 +19,11 @@ fn settings(keys: &[u8], cache_ttl: Duration) -> SessionSettings {
         cache_ttl,
         cache_entries: crate::config::DEFAULT_CACHE_ENTRIES,
         max_per_user: crate::config::DEFAULT_MAX_PER_USER,
+        issuer: ISSUER.into(),
     }
 }
+
+const ISSUER: &str = "https://idp.example";
 
 fn sessions() -> Sessions {
     Sessions::new(
@@ -1106,4 +1109,79 @@ async fn a_write_here_while_the_version_is_read_is_not_hidden_by_the_renewal() {
         (2, now),
         "the copy from before the write was renewed"
     );
+}
+
+/// A session another issuer's login made (the store kept across a change of `oidc.issuer`) is
+/// none, whether cached or not, and its record ends; one stored before issuers were recorded is
+/// the configured issuer's, and records it at its next write.
+#[tokio::test]
+async fn a_session_of_another_issuer_is_none_and_ends() {
+    for cache_ttl in [Duration::ZERO, Duration::from_secs(60)] {
+        let store = Store::Memory(MemoryStore::new(1000));
+        let before = Sessions::new(
+            SessionSettings {
+                issuer: "https://old.example".into(),
+                ..settings(&[1], cache_ttl)
+            },
+            store.clone(),
+        );
+        let mut old = user("alice", Some("sid-1"));
+        old.issuer = Some("https://old.example/".into());
+        let (cookie, _) = before.create(old, T0).await.unwrap();
+        let (legacy, _) = before.create(user("bob", None), T0).await.unwrap();
+
+        let now = Sessions::new(settings(&[1], cache_ttl), store.clone());
+        assert!(now.load(&cookie, T0 + 1).await.unwrap().is_none());
+        assert!(now.load(&cookie, T0 + 1).await.unwrap().is_none());
+        assert!(
+            before.load(&cookie, T0 + 1).await.unwrap().is_none(),
+            "the record was left"
+        );
+        assert_eq!(now.end_by_sub("alice").await.unwrap(), 0);
+
+        let mut bob = now.load(&legacy, T0 + 1).await.unwrap().unwrap();
+        assert_eq!(bob.session.issuer, None);
+        assert!(now.touch(&mut bob, T0 + IDLE).await.unwrap());
+        assert_eq!(bob.session.issuer.as_deref(), Some(ISSUER));
+        assert!(
+            before.load(&legacy, T0 + IDLE).await.unwrap().is_none(),
+            "a session written since records the issuer it was written under"
+        );
+    }
+}
+
+/// `max_per_user` counts the configured issuer's sessions of a `sub` only: another issuer's
+/// user of the same `sub` (replicas on either side of a change of issuer, one store) is another
+/// user, whose session is neither counted nor ended.
+#[tokio::test]
+async fn the_cap_on_a_users_sessions_passes_another_issuers_by() {
+    let store = Store::Memory(MemoryStore::new(1000));
+    let other = Sessions::new(
+        SessionSettings {
+            issuer: "https://old.example".into(),
+            ..settings(&[1], Duration::ZERO)
+        },
+        store.clone(),
+    );
+    let mut theirs = user("alice", None);
+    theirs.issuer = Some("https://old.example".into());
+    let (theirs, _) = other.create(theirs, T0).await.unwrap();
+    let ours = Sessions::new(
+        SessionSettings {
+            max_per_user: 2,
+            ..settings(&[1], Duration::ZERO)
+        },
+        store,
+    );
+    let mut mine = user("alice", None);
+    mine.issuer = Some(ISSUER.into());
+    let (first, _) = ours.create(mine.clone(), T0 + 1).await.unwrap();
+    let (second, _) = ours.create(mine, T0 + 2).await.unwrap();
+    assert!(
+        other.load(&theirs, T0 + 3).await.unwrap().is_some(),
+        "another issuer's alice lost her session to this one's cap"
+    );
+    for cookie in [&first, &second] {
+        assert!(ours.load(cookie, T0 + 3).await.unwrap().is_some());
+    }
 }

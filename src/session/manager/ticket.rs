@@ -177,6 +177,11 @@ pub(super) struct Meta {
     /// before the mark, which are taken as having none (a logout is never lost for them).
     #[serde(default, rename = "p", skip_serializing_if = "Option::is_none")]
     pub(super) provider_session: Option<bool>,
+    /// The session's issuer ([`Session::issuer`]), so that a logout, a listing or the cap on a
+    /// user's sessions, which find sessions by `sub` or `sid` without their cookies, leave
+    /// another issuer's alone. `None` in records written before: the configured issuer's.
+    #[serde(default, rename = "o", skip_serializing_if = "Option::is_none")]
+    pub(super) issuer: Option<String>,
 }
 
 /// Builds the stored bytes for `session` under `key`.
@@ -196,6 +201,7 @@ pub(super) fn encode_record(
             .as_deref()
             .map(|sid| index_name(super::PROVIDER_INDEX, sid)),
         provider_session: Some(session.sid.is_some()),
+        issuer: session.issuer.clone(),
     };
     let meta_json = serde_json::to_vec(&meta).map_err(|_| SealError::TooLarge)?;
     let meta = keyring.seal(&key.aad(META_AAD), &meta_json)?;
@@ -398,7 +404,12 @@ mod tests {
         assert_eq!(session.id_token.as_deref(), Some("eyJ.id.token"));
         assert_eq!(session.refresh_token.as_deref(), Some("rt-1"));
         assert_eq!(session.absolute_deadline, Some(1_800_000_000));
+        assert_eq!(
+            session.issuer, None,
+            "the configured issuer's (see `Sessions`)"
+        );
         let meta = decode_meta(&keyring, &ticket.key(), &record).unwrap();
+        assert_eq!(meta.issuer, None);
         assert_eq!(meta.user_agent.as_deref(), Some("ua"));
         assert_eq!(meta.created_at, 1_700_000_000);
         // And what this release writes, an earlier one reads: the same layout, sealed alike.
