@@ -240,8 +240,8 @@ async fn a_session_list_shows_and_ends_only_the_sessions_of_its_own_issuer() {
 }
 
 /// A session stored before sessions recorded their issuer (a record without one, as the
-/// earlier release wrote it) is the configured issuer's: the upgrade signs nobody out, and its
-/// token is still sent.
+/// earlier release wrote it) is the configured issuer's: the upgrade signs nobody out, its
+/// token is still sent, and the issuer's logout ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_stored_before_issuers_were_recorded_stays_signed_in() {
     let redis = RedisServer::start();
@@ -298,4 +298,15 @@ async fn a_session_stored_before_issuers_were_recorded_stays_signed_in() {
         list.text()
     );
     assert!(a.state.token_requests.lock().unwrap().is_empty());
+    // And the configured issuer's logout still ends it.
+    let mut claims = logout_token_claims(&a.issuer, "vestibule", now());
+    claims["sid"] = "op-session".into();
+    let token = signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&claims);
+    let r = post_logout_token(&proxy, &token).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!proxy.signed_in(&cookie).await);
 }
