@@ -418,11 +418,16 @@ mod tests {
     fn grows_with_the_cookies_it_holds_and_loses_none_on_the_way() {
         let memo = Memo::new(20_000);
         let k = ring(1);
+        // A real cookie ends in its AES-GCM tag, which looks random (`placed_by`).
+        let cookie = |n: u32| {
+            let tail = (u64::from(n) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            c(&format!("{tail:016x}"))
+        };
         let slots = |memo: &Memo| memo.lock().slots.len();
         assert_eq!(slots(&memo), FIRST_SLOTS);
         let mut sizes = vec![slots(&memo)];
         for n in 0..3_000u32 {
-            memo.put(&k, &c(&format!("cookie-{n}")), &opening(1));
+            memo.put(&k, &cookie(n), &opening(1));
             if slots(&memo) != *sizes.last().unwrap() {
                 sizes.push(slots(&memo));
             }
@@ -431,15 +436,15 @@ mod tests {
         assert_eq!(sizes, [512, 1024, 2048, 4096, 8192][..sizes.len()]);
         assert!(sizes.len() >= 4, "{sizes:?}");
         let found = (0..3_000u32)
-            .filter(|n| memo.get(&k, &c(&format!("cookie-{n}"))).is_some())
+            .filter(|n| memo.get(&k, &cookie(*n)).is_some())
             .count();
         assert_eq!(memo.len(), found);
         let held = memo.lock().len;
         assert_eq!(held, found);
         // A grown memo may still refuse a newcomer whose set is full, but keeps nearly all.
-        assert!(found > 2_900, "{found} of 3,000 kept");
+        assert!(found > 2_850, "{found} of 3,000 kept");
         for n in 3_000..200_000u32 {
-            memo.put(&k, &c(&format!("cookie-{n}")), &opening(1));
+            memo.put(&k, &cookie(n), &opening(1));
         }
         assert_eq!(slots(&memo), 32_768);
         let held = memo.lock().len;
