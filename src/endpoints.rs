@@ -885,19 +885,41 @@ async fn end_as_read(app: &Shared, loaded: OpenSession) -> Result<OpenSession, R
     Ok(loaded)
 }
 
+/// The most sessions one logout reads: a browser sends its own session's cookie and, where a
+/// page of a sibling subdomain tossed some, one or two more.
+const LOGOUT_SESSIONS: usize = 8;
+
 /// The sessions each of the request's session cookies opens, each once (for a logout whose
-/// cookies name different sessions).
+/// cookies name different sessions). Each session is read once however many copies of its
+/// cookie come (the cookie tells its session without the store), and a request naming more
+/// than [`LOGOUT_SESSIONS`] is refused before any is read: a head holds hundreds of cookies, and
+/// anyone may call the logout with the cookies of sessions long ended.
 async fn every_cookies_session(
     app: &Shared,
     live: &LiveConfig,
     headers: &http::HeaderMap,
-) -> Result<Vec<OpenSession>, crate::session::store::StoreError> {
+) -> Result<Vec<OpenSession>, RequestError> {
     let now = app.clock.now();
-    let mut found: Vec<OpenSession> = Vec::new();
+    let mut named = Vec::new();
     for value in cookies::raw_values(headers, &live.config.session.cookie_name) {
-        if let Some(loaded) = app.sessions.load(value, now).await?
-            && !found.iter().any(|f| f.handle == loaded.handle)
-        {
+        let Some(handle) = app.sessions.handle_of(value) else {
+            continue;
+        };
+        if named.iter().any(|(h, _)| *h == handle) {
+            continue;
+        }
+        if named.len() == LOGOUT_SESSIONS {
+            tracing::debug!(
+                most = LOGOUT_SESSIONS,
+                "logout refused: its cookies name more sessions"
+            );
+            return Err(RequestError::BadRequest);
+        }
+        named.push((handle, value));
+    }
+    let mut found: Vec<OpenSession> = Vec::new();
+    for (_, value) in named {
+        if let Some(loaded) = app.sessions.load(value, now).await? {
             found.push(loaded);
         }
     }

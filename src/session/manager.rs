@@ -561,6 +561,12 @@ impl Sessions {
         Some(opening)
     }
 
+    /// The handle of the session `cookie_value` opens to, live or not, without asking the
+    /// store; `None` for a value that does not open.
+    pub fn handle_of(&self, cookie_value: &[u8]) -> Option<Handle> {
+        self.open(cookie_value).map(|opening| opening.handle)
+    }
+
     /// Whether `cookie_value` opens to another session than `handle`'s, live or not: a request
     /// whose session cookies name two sessions has a cookie of the name that is not ours
     /// (see `Shared::cached_session`).

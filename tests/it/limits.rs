@@ -1156,3 +1156,95 @@ fn golden_messages_for_limits() {
         );
     }
 }
+
+// ---- session cookies and the store ----
+
+/// Commands the Redis server has carried out so far (the `INFO` that asks included).
+fn redis_commands(redis: &crate::support::redis::RedisServer) -> u64 {
+    let info = redis.command(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no command count in {info}"))
+}
+
+/// One client with one account: a cookie of a session that has ended (a logout, a timeout,
+/// `max_per_user`) still opens, and a request may carry it hundreds of times in its head, or
+/// carry the cookies of many such sessions. Each copy was asked of the store in turn, so one
+/// request cost up to ~480 Redis reads (64 KiB heads), on every route and on the logout, which
+/// anyone may call: an amplifier of the client's requests onto the store every user needs.
+/// Two session cookies naming different sessions are no session whatever the store says, and a
+/// session read once is not read again for the same request.
+#[tokio::test]
+async fn a_request_repeating_session_cookies_costs_the_store_a_few_reads_not_one_per_copy() {
+    let redis = crate::support::redis::RedisServer::start();
+    let up = upstream::start().await;
+    let extra = format!(
+        "store = \"redis\"\n[session.redis]\nurl = \"{}\"\n\
+         [[routes]]\npath = \"/api/\"\nupstream = \"{}\"\nauth = \"required\"\n",
+        redis.url(),
+        up.url()
+    );
+    let proxy = start_proxy(
+        config_toml(&extra)
+            .set("server.max_header_size", "64KiB")
+            .text(),
+    )
+    .await;
+    let session = |sub: &str| {
+        proxy.session_cookie(vestibule::session::model::Session {
+            sub: sub.into(),
+            ..Default::default()
+        })
+    };
+    let ended = session("mallory").await;
+    let mut others = Vec::new();
+    for _ in 0..30 {
+        others.push(session("mallory").await);
+    }
+    assert_eq!(proxy.app.sessions.end_by_sub("mallory").await.unwrap(), 31);
+    let repeated = vec![ended.as_str(); 300].join("; ");
+    let many = others.join("; ");
+    let few = others[..3].join("; ");
+    // (method, path, cookies, status, the most store commands it may cost)
+    let cases = [
+        ("GET", "/api/x", &repeated, 401, 2),
+        ("GET", "/bff/user", &repeated, 401, 2),
+        ("GET", "/api/x", &many, 401, 2),
+        ("GET", "/bff/logout", &repeated, 302, 4),
+        ("POST", "/bff/logout", &repeated, 200, 4),
+        ("POST", "/bff/logout", &few, 200, 8),
+        // More sessions than a browser holds: refused before any is read.
+        ("POST", "/bff/logout", &many, 400, 2),
+        ("GET", "/bff/logout", &many, 400, 2),
+    ];
+    let mut costly = Vec::new();
+    for (method, path, cookies, status, most) in cases {
+        let before = redis_commands(&redis);
+        let r = call(
+            &proxy,
+            method,
+            path,
+            &[("cookie", cookies), ("x-csrf", "1")],
+        )
+        .await;
+        let cost = redis_commands(&redis) - before - 1;
+        let copies = cookies.matches("; ").count() + 1;
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} ({copies} cookies): {}",
+            r.text()
+        );
+        if cost > most {
+            costly.push(format!(
+                "{method} {path} ({copies} cookies): {cost} commands"
+            ));
+        }
+    }
+    assert!(
+        costly.is_empty(),
+        "one request, many store reads: {costly:?}"
+    );
+    assert_eq!(up.count(), 0);
+}
