@@ -167,6 +167,11 @@ async fn accept(
                 continue;
             }
         };
+        // A listener on `[::]` takes IPv4 connections too, their peers IPv4-mapped
+        // (`::ffff:10.0.0.1`): read as the IPv4 address they are, or no IPv4 network in
+        // `trusted_proxies` would contain the proxy in front, and every client behind it
+        // would share its one address (rate limits, the access log).
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let _ = tcp.set_nodelay(true);
         let Ok(tcp) = tcp.into_std() else { continue };
         // Every worker's thread gone (each panicked): nothing here serves any more. Ending

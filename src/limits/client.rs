@@ -46,6 +46,8 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
 }
 
 /// `192.0.2.1`, `2001:db8::1`, and the forms with a port: `192.0.2.1:80`, `[2001:db8::1]:80`.
+/// An IPv4-mapped address (`::ffff:192.0.2.1`, what a proxy listening on `[::]` saw of an IPv4
+/// peer) is the IPv4 address, as `trusted_proxies` names it.
 fn parse(entry: &str) -> Option<IpAddr> {
     entry
         .parse::<IpAddr>()
@@ -57,6 +59,7 @@ fn parse(entry: &str) -> Option<IpAddr> {
                 .and_then(|e| e.strip_suffix(']'))
                 .and_then(|e| e.parse().ok())
         })
+        .map(|ip: IpAddr| ip.to_canonical())
 }
 
 #[cfg(test)]

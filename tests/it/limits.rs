@@ -92,6 +92,52 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     assert_eq!(login("198.51.100.77, 203.0.113.2").await, 429);
 }
 
+/// A listener on `[::]` (the example in docs/configuration.md) takes IPv4 connections too, and
+/// their peers come as IPv4-mapped IPv6 addresses (`::ffff:127.0.0.1`), which no IPv4 network
+/// in `trusted_proxies` contained: the load balancer in front was no trusted proxy, so every
+/// client behind it counted as its one address, and one client's logins (60 a minute by
+/// default) left every other user 429 `rate_limited` at sign-in. Likewise an inner proxy
+/// written in `X-Forwarded-For` in the mapped form was taken for the client of all it forwards.
+#[tokio::test]
+async fn behind_a_trusted_proxy_on_a_dual_stack_listener_each_client_has_its_own_budget() {
+    let proxy = start_proxy(
+        config_with(
+            &[("trusted_proxies", vec!["127.0.0.1", "10.0.0.0/8"].into())],
+            "[limits]\nlogin_per_minute = 1\n",
+        )
+        .set("server.listen", "[::]:0"),
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{}/bff/login", proxy.addr.port());
+    let login = |xff: &'static str| {
+        let url = url.clone();
+        async move {
+            let req = http::Request::get(url)
+                .header("x-forwarded-for", xff)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            send(req).await.status
+        }
+    };
+    let mut shared = Vec::new();
+    for (first, second) in [
+        ("203.0.113.1", "203.0.113.2"),
+        (
+            "203.0.113.3, ::ffff:10.0.0.5",
+            "203.0.113.4, ::ffff:10.0.0.5",
+        ),
+    ] {
+        if login(first).await == 429 {
+            shared.push(format!("{first} limited at its first login"));
+        }
+        assert_eq!(login(first).await, 429, "{first}: not limited at all");
+        if login(second).await == 429 {
+            shared.push(format!("{second} limited by {first}'s logins"));
+        }
+    }
+    assert!(shared.is_empty(), "clients sharing one budget: {shared:?}");
+}
+
 #[tokio::test]
 async fn an_untrusted_peer_cannot_escape_its_limit_with_forwarded_for() {
     let proxy = start_proxy(&config_text("[limits]\nlogin_per_minute = 1\n")).await;
