@@ -77,7 +77,8 @@ pub(super) fn server_config(
         .filter_map(|(i, text)| {
             let parsed = text
                 .parse::<ipnet::IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(ipv4_if_mapped);
             parsed
                 .map_err(|_| {
                     problems.add(
@@ -195,6 +196,19 @@ pub(super) fn server_config(
     Some(server)
 }
 
+/// An IPv4-mapped network (`::ffff:10.0.0.0/104`) as the IPv4 network it names: peers and
+/// `X-Forwarded-For` entries in that form are read as the IPv4 addresses they are.
+fn ipv4_if_mapped(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .addr()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(net, ipnet::IpNet::V4),
+        _ => net,
+    }
+}
+
 /// An origin as a browser writes it in `Origin`: `scheme://host[:port]`. For a scheme the URL
 /// standard gives an opaque origin (`capacitor://localhost`, `chrome-extension://<id>`: hybrid
 /// apps and extensions) the `url` crate serialises the origin as `null`, which is what a
@@ -220,6 +234,30 @@ mod tests {
         let mut problems = Problems::default();
         let config = server_config(raw, Path::new("."), &mut problems);
         (config, printed(problems))
+    }
+
+    /// Peers and `X-Forwarded-For` entries in the IPv4-mapped form are read as IPv4 addresses
+    /// (`limits::client_address`, the accept loop): a network written in that form must name
+    /// the same IPv4 addresses, or a proxy listed so would no longer be trusted.
+    #[test]
+    fn an_ipv4_mapped_trusted_proxy_is_the_ipv4_network_it_names() {
+        let (config, found) = check(raw::Server {
+            public_url: Some("https://app.example.com".into()),
+            trusted_proxies: Some(vec![
+                "::ffff:10.0.0.0/104".into(),
+                "::ffff:192.0.2.7".into(),
+                "2001:db8::/32".into(),
+            ]),
+            ..Default::default()
+        });
+        assert_eq!(found, Vec::<String>::new());
+        let nets: Vec<String> = config
+            .unwrap()
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
     }
 
     #[test]
