@@ -453,7 +453,9 @@ async fn late_head_body_upstream() -> (String, Arc<AtomicUsize>) {
 }
 
 /// A proxy with one serving worker whose `/api/` goes to `upstream` (`http://…`), over TLS
-/// (a front with a certificate of `ca`, trusted by the route) when `ca` is given.
+/// (a front with a certificate of `ca`, trusted by the route) when `ca` is given. Its requests
+/// may take 10 s, not the harness's 2 s: nothing here waits on a timeout, and a loaded machine
+/// made a scripted upstream's answer a `504`.
 async fn one_worker_proxy_to(mut upstream: String, ca: Option<&TestCa>) -> Proxy {
     let mut route = String::new();
     if let Some(ca) = ca {
@@ -463,7 +465,13 @@ async fn one_worker_proxy_to(mut upstream: String, ca: Option<&TestCa>) -> Proxy
         route = format!("ca_file = \"{}\"\n", ca.ca_file.display());
     }
     let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{route}");
-    start_proxy(&config_toml(&route).add("server.workers", 1).text()).await
+    start_proxy(
+        &config_toml(&route)
+            .add("server.workers", 1)
+            .set("server.request_timeout", "10s")
+            .text(),
+    )
+    .await
 }
 
 /// A `HEAD` answered with a body written only once the next request on the connection has
@@ -723,7 +731,13 @@ async fn interim_answers_never_reach_the_client_with_their_fields() {
         ),
     ] {
         let route = format!("[[routes]]\npath = \"/api/\"\nupstream = \"{upstream}\"\n{more}");
-        let proxy = start_proxy(&config_toml(&route).add("server.workers", 1).text()).await;
+        let proxy = start_proxy(
+            &config_toml(&route)
+                .add("server.workers", 1)
+                .set("server.request_timeout", "10s")
+                .text(),
+        )
+        .await;
         for request in [
             &b"GET /api/early HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"[..],
             b"POST /api/early HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
@@ -760,7 +774,13 @@ async fn a_routes_own_tls_connections_are_used_by_one_worker_only() {
         "[[routes]]\npath = \"/api/\"\nupstream = \"https://{front}\"\nca_file = \"{}\"\n",
         ca.ca_file.display()
     );
-    let proxy = start_proxy(&config_toml(&route).add("server.workers", 2).text()).await;
+    let proxy = start_proxy(
+        &config_toml(&route)
+            .add("server.workers", 2)
+            .set("server.request_timeout", "10s")
+            .text(),
+    )
+    .await;
     // Both open at once: the second goes to the worker without a connection.
     let mut clients = [one_connection(&proxy).await, one_connection(&proxy).await];
     for n in 0..6 {
