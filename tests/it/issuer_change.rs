@@ -36,6 +36,36 @@ async fn proxy_for(
     proxy
 }
 
+/// Two replicas on one Redis during a change of issuer: `at_a` signs in with provider `a`,
+/// `at_b` with `b`, both providers signing with `signer`'s key.
+struct TwoIssuers {
+    _redis: RedisServer,
+    _up: upstream::Upstream,
+    signer: TestSigner,
+    a: fake_idp::FakeIdp,
+    b: fake_idp::FakeIdp,
+    at_a: Proxy,
+    at_b: Proxy,
+}
+
+async fn two_issuers() -> TwoIssuers {
+    let redis = RedisServer::start();
+    let up = upstream::start().await;
+    let signer = TestSigner::new();
+    let (a, b) = (provider(&signer).await, provider(&signer).await);
+    let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
+    let at_b = proxy_for(&redis, &b, &up, vestibule::clock::Clock::system()).await;
+    TwoIssuers {
+        _redis: redis,
+        _up: up,
+        signer,
+        a,
+        b,
+        at_a,
+        at_b,
+    }
+}
+
 /// Signs alice in at `proxy` through `idp` (an ID token of `idp`'s, naming `sid` if given); the
 /// login's access token lives the shortest time believed, its refresh token is
 /// `refresh-of-a`. Returns the session cookie.
@@ -142,12 +172,15 @@ async fn after_a_restart_onto_another_issuer_the_old_sessions_are_signed_out_and
 /// `sid` is only unique per issuer, so B's logout tokens end B's sessions only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_token_ends_only_the_sessions_of_its_own_issuer() {
-    let redis = RedisServer::start();
-    let up = upstream::start().await;
-    let signer = TestSigner::new();
-    let (a, b) = (provider(&signer).await, provider(&signer).await);
-    let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
-    let at_b = proxy_for(&redis, &b, &up, vestibule::clock::Clock::system()).await;
+    let TwoIssuers {
+        _redis,
+        _up,
+        signer,
+        a,
+        b,
+        at_a,
+        at_b,
+    } = two_issuers().await;
     let a_sidless = login(&at_a, &a, &signer, None).await;
     let a_in_session = login(&at_a, &a, &signer, Some("op-session")).await;
     let b_in_session = login(&at_b, &b, &signer, Some("op-session")).await;
@@ -195,12 +228,15 @@ async fn a_logout_token_ends_only_the_sessions_of_its_own_issuer() {
 /// issuer: B's alice neither sees A's alice's sessions (their devices) nor can end them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_list_shows_and_ends_only_the_sessions_of_its_own_issuer() {
-    let redis = RedisServer::start();
-    let up = upstream::start().await;
-    let signer = TestSigner::new();
-    let (a, b) = (provider(&signer).await, provider(&signer).await);
-    let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
-    let at_b = proxy_for(&redis, &b, &up, vestibule::clock::Clock::system()).await;
+    let TwoIssuers {
+        _redis,
+        _up,
+        signer,
+        a,
+        b,
+        at_a,
+        at_b,
+    } = two_issuers().await;
     let of_a = login(&at_a, &a, &signer, None).await;
     let of_b = login(&at_b, &b, &signer, None).await;
     let list_of = |proxy: &Proxy, cookie: &str| {
