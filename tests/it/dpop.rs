@@ -43,6 +43,23 @@ fn sent(up: &upstream::Upstream, marker: &str) -> Vec<(String, Option<String>)> 
         .collect()
 }
 
+/// A stack with DPoP on, its `instances` proxies keeping their sessions (and the DPoP key) in
+/// `redis`, with [`routes`].
+async fn dpop_stack_on(redis: &RedisServer, instances: usize) -> LoginStack {
+    let url = redis.url();
+    LoginStack::builder()
+        .instances(instances)
+        .extra(move |u| {
+            format!(
+                "store = \"redis\"\n[session.redis]\nurl = \"{url}\"\n{}",
+                routes(u)
+            )
+        })
+        .config(|c| c.add("oidc.dpop", true))
+        .start()
+        .await
+}
+
 fn routes(u: &str) -> String {
     format!(
         r#"
@@ -314,18 +331,7 @@ async fn a_nonce_challenge_is_answered_once_and_a_second_one_is_not() {
 #[tokio::test]
 async fn replicas_sharing_a_store_prove_possession_of_one_key_kept_sealed() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let stack = LoginStack::builder()
-        .instances(2)
-        .extra(move |u| {
-            format!(
-                "store = \"redis\"\n[session.redis]\nurl = \"{url}\"\n{}",
-                routes(u)
-            )
-        })
-        .config(|c| c.add("oidc.dpop", true))
-        .start()
-        .await;
+    let stack = dpop_stack_on(&redis, 2).await;
     let mut browser = stack.login("alice").await;
     for proxy in &stack.proxies {
         let r = browser.get(&proxy.url("/api/r"), &[("x-csrf", "1")]).await;
@@ -915,17 +921,7 @@ async fn a_stored_dpop_key_that_opens_but_is_no_key_is_replaced_once_for_every_r
             .await
             .unwrap()
     );
-    let url = redis.url();
-    let stack = LoginStack::builder()
-        .extra(move |u| {
-            format!(
-                "store = \"redis\"\n[session.redis]\nurl = \"{url}\"\n{}",
-                routes(u)
-            )
-        })
-        .config(|c| c.add("oidc.dpop", true))
-        .start()
-        .await;
+    let stack = dpop_stack_on(&redis, 1).await;
     let mut browser = stack.login("alice").await;
     let r = browser
         .get(&stack.proxy().url("/api/first"), &[("x-csrf", "1")])
