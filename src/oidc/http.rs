@@ -204,6 +204,13 @@ impl ProviderHttp {
             .and_then(|v| v.split(';').next())
             .map(|v| v.trim().to_ascii_lowercase());
         let dpop_nonce = response.headers().get(super::dpop::DPOP_NONCE).cloned();
+        let nonce_asked = status == 401
+            && super::challenge::find(
+                response.headers().get_all(header::WWW_AUTHENTICATE),
+                &["DPoP"],
+                "use_dpop_nonce",
+            )
+            .is_some();
         let body = tokio::time::timeout_at(
             deadline,
             Limited::new(response.into_body(), MAX_RESPONSE).collect(),
@@ -219,6 +226,7 @@ impl ProviderHttp {
             status,
             content_type,
             dpop_nonce,
+            nonce_asked,
             body,
         })
     }
@@ -343,5 +351,8 @@ pub struct Answer {
     pub content_type: Option<String>,
     /// RFC 9449 §8: the nonce the provider wants in the next DPoP proof.
     pub dpop_nonce: Option<HeaderValue>,
+    /// A `401` whose `WWW-Authenticate` holds a `DPoP` challenge with `error="use_dpop_nonce"`:
+    /// a resource server asking for a nonce (RFC 9449 §9), not one refusing the token.
+    pub nonce_asked: bool,
     pub body: Bytes,
 }

@@ -132,10 +132,11 @@ impl Oidc {
             .as_deref()
             .ok_or(UserinfoError::NoEndpoint)?;
         let mut answer = self.userinfo_call(endpoint, access_token).await?;
-        // RFC 9449 §9: a resource server that wants a nonce answers 401 with one; the request
-        // is sent once more with it.
+        // RFC 9449 §9: a resource server that wants a nonce answers 401 with a `DPoP` challenge
+        // saying `use_dpop_nonce`, and the nonce; the request is sent once more with it. A 401
+        // that refuses the token is not, whatever nonce it carries.
         if let Some(dpop) = &self.dpop
-            && answer.status == 401
+            && answer.nonce_asked
             && answer
                 .dpop_nonce
                 .as_ref()

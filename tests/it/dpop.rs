@@ -880,6 +880,30 @@ async fn a_userinfo_endpoint_on_the_token_endpoints_origin_shares_its_nonce() {
     assert_eq!(nonces(&c.idp.state.userinfo_proofs), [n.clone(), n]);
 }
 
+/// A UserInfo `401` that carries a `DPoP-Nonce` but asks for no nonce (its challenge says
+/// `invalid_token`) is not sent again: only a `DPoP` challenge with `use_dpop_nonce` asks for
+/// one (RFC 9449 §9), as for upstreams.
+#[tokio::test]
+async fn a_userinfo_refusal_that_asks_for_no_nonce_is_not_sent_again() {
+    let (c, _) = userinfo_nonce_case(false, "token-nonce").await;
+    *c.idp.state.userinfo_nonce.lock().unwrap() = None;
+    *c.idp.state.userinfo.lock().unwrap() = Some((401, "application/json".into(), "{}".into()));
+    *c.idp.state.userinfo_headers.lock().unwrap() = vec![
+        (
+            "www-authenticate".into(),
+            r#"DPoP error="invalid_token", error_description="use_dpop_nonce""#.into(),
+        ),
+        ("dpop-nonce".into(), "another-nonce".into()),
+    ];
+    let r = fake_provider::attempt(&c, id_token).await;
+    assert_ne!(r.status, 302, "signed in without its claims: {}", r.text());
+    assert_eq!(
+        c.idp.state.userinfo_proofs.lock().unwrap().len(),
+        1,
+        "a UserInfo refusal that asked for no nonce was sent again"
+    );
+}
+
 /// The stored DPoP key that every replica shares opens with the session keys but holds no key
 /// (here a truncated PKCS#8: a partial write, a hand-edited store). It is replaced as a missing
 /// key is, by compare-and-set: the first replica to need a key signs in and proves possession

@@ -42,6 +42,8 @@ pub struct State {
     /// `401` with `WWW-Authenticate: DPoP error="use_dpop_nonce"` and it in `DPoP-Nonce`
     /// (RFC 9449 §9: the UserInfo endpoint is a resource server).
     pub userinfo_nonce: Mutex<Option<String>>,
+    /// Header fields added to every scripted UserInfo answer (`userinfo`).
+    pub userinfo_headers: Mutex<Vec<(String, String)>>,
     /// When set, a token request whose DPoP proof does not carry this nonce is answered
     /// `400 use_dpop_nonce` with it in `DPoP-Nonce` (RFC 9449 §8).
     pub dpop_nonce: Mutex<Option<String>>,
@@ -179,11 +181,15 @@ async fn answer(
                     .unwrap());
             }
             match state.userinfo.lock().unwrap().clone() {
-                Some((status, media_type, body)) => Response::builder()
-                    .status(status)
-                    .header("content-type", media_type)
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap(),
+                Some((status, media_type, body)) => {
+                    let mut answer = Response::builder()
+                        .status(status)
+                        .header("content-type", media_type);
+                    for (name, value) in state.userinfo_headers.lock().unwrap().iter() {
+                        answer = answer.header(name, value);
+                    }
+                    answer.body(Full::new(Bytes::from(body))).unwrap()
+                }
                 None => Response::builder()
                     .status(404)
                     .body(Full::new(Bytes::new()))
