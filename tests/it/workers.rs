@@ -118,7 +118,6 @@ async fn healthz_is_200_and_counts_the_workers_while_every_worker_ticks() {
 /// dropped meanwhile.
 #[tokio::test]
 async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
-    use std::io::Read;
     // Every part bound, so that none is dropped (the provider, the upstream) before the end.
     let Binary {
         mut child,
@@ -128,44 +127,12 @@ async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
         _idp,
         _dir,
     } = Binary::start(std::process::Stdio::piped()).await;
-    let mut log = child.0.stderr.take().unwrap();
-    let within = |what: &'static str| move |_| panic!("{what}");
+    let log = child.0.stderr.take().unwrap();
 
     // Each answer writes an access-log line of some 400 bytes (the path is most of it): 8,000
     // of them are ~3 MiB, the pipe's 64 KiB and the queue's 1 MiB many times over. Four
     // keep-alive connections, two on each worker.
-    let long = "a".repeat(240);
-    let mut senders = Vec::new();
-    for connection in 0..4 {
-        let long = long.clone();
-        senders.push(tokio::spawn(async move {
-            let (mut sender, driver) = keep_alive(([127, 0, 0, 1], port).into()).await;
-            for n in 0..2_000 {
-                let req = http::Request::get(format!("/api/{long}/{connection}/{n}"))
-                    .header("host", "app.test")
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
-                sender.ready().await.unwrap();
-                let response =
-                    tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
-                        .await
-                        .unwrap_or_else(within(
-                            "a request went unanswered: its worker is blocked on the log",
-                        ))
-                        .unwrap();
-                assert_eq!(
-                    response.status(),
-                    200,
-                    "request {n} on connection {connection}"
-                );
-                response.into_body().collect().await.unwrap();
-            }
-            driver.abort();
-        }));
-    }
-    for sender in senders {
-        sender.await.unwrap();
-    }
+    flood(port, 4, 2_000, 240, false).await;
     assert_eq!(up.count(), 8_000);
 
     let probe = |url: String| async move {
@@ -195,27 +162,12 @@ async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
     // The log is read again: a later line arrives, after the one that counts the drops. While
     // the backlog is still going out, a new line may find the queue full and be dropped too
     // (the count then waits for the next line that gets in): one more request each try.
-    let text = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let reading = std::thread::spawn({
-        let text = text.clone();
-        move || {
-            let mut chunk = [0u8; 64 * 1024];
-            while let Ok(n @ 1..) = log.read(&mut chunk) {
-                text.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        }
-    });
+    let (text, reading) = read_in_background(log);
     let (note, later) = eventually(
         "a later line and the count of drops are written",
         Duration::from_secs(20),
         || async {
-            let after = get(
-                &format!("http://127.0.0.1:{port}/api/after-the-stall"),
-                &[("host", "app.test")],
-            )
-            .await;
-            assert_eq!(after.status, 200);
-            let text = String::from_utf8_lossy(&text.lock().unwrap()).into_owned();
+            let text = log_after_one_more_request(port, &text).await;
             let later = text.find("/api/after-the-stall")?;
             let note = text
                 .lines()
@@ -255,7 +207,6 @@ async fn a_log_nobody_reads_stops_no_worker_and_healthz_stays_200() {
 /// count arrives.
 #[tokio::test]
 async fn a_log_at_level_error_still_says_how_many_lines_were_dropped() {
-    use std::io::Read;
     let Binary {
         mut child,
         port,
@@ -264,53 +215,16 @@ async fn a_log_at_level_error_still_says_how_many_lines_were_dropped() {
         _idp,
         _dir,
     } = Binary::start_logging(std::process::Stdio::piped(), "error,vestibule::access=info").await;
-    let mut log = child.0.stderr.take().unwrap();
+    let log = child.0.stderr.take().unwrap();
     // Lines of some 650 bytes: the path and the user agent are each cut at 256.
-    let long = "a".repeat(256);
-    let mut senders = Vec::new();
-    for connection in 0..2 {
-        let long = long.clone();
-        senders.push(tokio::spawn(async move {
-            let (mut sender, driver) = keep_alive(([127, 0, 0, 1], port).into()).await;
-            for n in 0..2_500 {
-                let req = http::Request::get(format!("/api/{long}/{connection}/{n}"))
-                    .header("host", "app.test")
-                    .header("user-agent", long.as_str())
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
-                sender.ready().await.unwrap();
-                let response = sender.send_request(req).await.unwrap();
-                assert_eq!(response.status(), 200);
-                response.into_body().collect().await.unwrap();
-            }
-            driver.abort();
-        }));
-    }
-    for sender in senders {
-        sender.await.unwrap();
-    }
-    let text = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let reading = std::thread::spawn({
-        let text = text.clone();
-        move || {
-            let mut chunk = [0u8; 64 * 1024];
-            while let Ok(n @ 1..) = log.read(&mut chunk) {
-                text.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        }
-    });
+    flood(port, 2, 2_500, 256, true).await;
+    let (text, reading) = read_in_background(log);
     // One more request each try: the count goes out before the next line the queue takes.
     eventually(
         "the count of dropped lines is written at level error",
         Duration::from_secs(20),
         || async {
-            let after = get(
-                &format!("http://127.0.0.1:{port}/api/after-the-stall"),
-                &[("host", "app.test")],
-            )
-            .await;
-            assert_eq!(after.status, 200);
-            let text = String::from_utf8_lossy(&text.lock().unwrap()).into_owned();
+            let text = log_after_one_more_request(port, &text).await;
             text.lines()
                 .any(|l| l.contains("log lines dropped"))
                 .then_some(())
@@ -417,6 +331,76 @@ async fn healthz_names_a_worker_whose_thread_is_held_until_it_runs_again() {
     })
     .await;
     driver.abort();
+}
+
+/// `per_connection` requests on each of `connections` keep-alive connections, every one
+/// answered 200 within 5 s, with paths `long` bytes long (and a user agent as long, if asked):
+/// an access-log line each, some hundreds of bytes.
+async fn flood(port: u16, connections: usize, per_connection: usize, long: usize, agent: bool) {
+    let long = "a".repeat(long);
+    let mut senders = Vec::new();
+    for connection in 0..connections {
+        let long = long.clone();
+        senders.push(tokio::spawn(async move {
+            let (mut sender, driver) = keep_alive(([127, 0, 0, 1], port).into()).await;
+            for n in 0..per_connection {
+                let mut req = http::Request::get(format!("/api/{long}/{connection}/{n}"))
+                    .header("host", "app.test");
+                if agent {
+                    req = req.header("user-agent", long.as_str());
+                }
+                sender.ready().await.unwrap();
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("request {n} on connection {connection} went unanswered: its worker is blocked on the log")
+                })
+                .unwrap();
+                assert_eq!(answer.status(), 200, "request {n} on connection {connection}");
+                answer.into_body().collect().await.unwrap();
+            }
+            driver.abort();
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+}
+
+/// The binary's stderr, read to the end by a thread of its own into the text returned.
+fn read_in_background(
+    mut log: std::process::ChildStderr,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::Read;
+    let text = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let reading = std::thread::spawn({
+        let text = text.clone();
+        move || {
+            let mut chunk = [0u8; 64 * 1024];
+            while let Ok(n @ 1..) = log.read(&mut chunk) {
+                text.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        }
+    });
+    (text, reading)
+}
+
+/// The log read so far, after one more request (`/api/after-the-stall`): a count of dropped
+/// lines goes out before the next line the queue takes.
+async fn log_after_one_more_request(port: u16, text: &std::sync::Mutex<Vec<u8>>) -> String {
+    let after = get(
+        &format!("http://127.0.0.1:{port}/api/after-the-stall"),
+        &[("host", "app.test")],
+    )
+    .await;
+    assert_eq!(after.status, 200);
+    String::from_utf8_lossy(&text.lock().unwrap()).into_owned()
 }
 
 /// The real binary with two serving workers and a route `/api/` to an upstream of its own, its
