@@ -66,6 +66,16 @@ const INDEX_GRACE: u64 = 300;
 const PRUNE_MARGIN: u64 = 600;
 /// Store channel (suffix) carrying the handles of sessions that changed or ended.
 pub const INVALIDATION_CHANNEL: &str = "session-invalidate";
+/// What the names of session records begin with (after the store's key prefix).
+pub const RECORD_PREFIX: &str = ticket::SESSION_PREFIX;
+
+/// The handle of the session whose record the store names `name` (its key without the store's
+/// prefix), as invalidation messages carry it; `None` for a name no session record has. A
+/// store that hears of a record's change from the store itself (Redis's tracking of keys)
+/// announces it on [`INVALIDATION_CHANNEL`] under this.
+pub fn handle_of_record(name: &str) -> Option<String> {
+    StoreKey::parse(name).map(|key| key.handle())
+}
 
 /// What the manager needs to know; built by `config`.
 #[derive(Debug)]

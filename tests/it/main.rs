@@ -44,6 +44,7 @@ mod slow_read;
 mod spa_edges;
 mod static_files;
 mod step_up;
+mod store_tracking;
 mod tls_http2;
 mod tokens;
 mod trailers;

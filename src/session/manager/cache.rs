@@ -56,6 +56,11 @@ use crate::session::store::{Freshness, Subscription};
 /// subscription proves it every second.
 pub(super) const PROOF_LASTS: Duration = Duration::from_secs(2);
 
+/// How long a copy is served without a version read while the store announces every change of
+/// a record, also those made behind Vestibule's back ([`Freshness::announces_every_change`]),
+/// when that is longer than the cache's time to live: the read is then a backstop only.
+pub(super) const ANNOUNCED_LASTS: Duration = Duration::from_secs(60);
+
 /// Independent parts of the cache (a power of two).
 const SHARDS: usize = 16;
 
@@ -143,6 +148,8 @@ pub(super) struct Stamp {
 
 pub(super) struct Cache {
     ttl: Duration,
+    /// The time to live while the store announces every change: [`ANNOUNCED_LASTS`] at least.
+    announced_ttl: Duration,
     freshness: Freshness,
     shards: Box<[Mutex<Shard>]>,
     lookups: Lookups,
@@ -223,6 +230,7 @@ impl Cache {
         };
         Cache {
             ttl,
+            announced_ttl: ttl.max(ANNOUNCED_LASTS),
             freshness,
             shards,
             lookups,
@@ -252,9 +260,10 @@ impl Cache {
         let now = Instant::now();
         // Read before the shard takes in its messages: those the proof covers are then there.
         let fresh = self.freshness.within(now, PROOF_LASTS);
+        let ttl = self.ttl();
         let mut shard = self.shard(key);
         let stale = match shard.slots.find(key).and_then(|at| shard.slots.at(at)) {
-            Some(slot) if fresh && now.saturating_duration_since(slot.stored) < self.ttl => {
+            Some(slot) if fresh && now.saturating_duration_since(slot.stored) < ttl => {
                 let hit = Lookup::Hit(slot.version, slot.session.clone());
                 shard.hits += 1;
                 if shard.hits >= HITS_BATCH {
@@ -282,6 +291,17 @@ impl Cache {
         }
     }
 
+    /// How long a copy is served before its record's version is read again: longer while the
+    /// store announces every change. A change of that (a new subscription) empties the cache
+    /// first, so no copy outlives the announcements it was kept under.
+    fn ttl(&self) -> Duration {
+        if self.freshness.announces_every_change() {
+            self.announced_ttl
+        } else {
+            self.ttl
+        }
+    }
+
     /// Keeps the copy a [`Lookup::Stale`] gave for another time to live, counted from the
     /// lookup: the store has said its record is still at `version`, which it may have told
     /// long before its answer came (a slow store), so the answer vouches for no later time.
@@ -306,6 +326,7 @@ impl Cache {
     /// Its time to live counts from the miss, which the store's answer may date from.
     pub(super) fn put(&self, stamp: Stamp, version: u64, session: &Arc<Session>) {
         let key = stamp.key;
+        let ttl = self.ttl();
         let mut shard = self.shard(key);
         if !shard.is_live || shard.invalidated_since(stamp) {
             return;
@@ -321,11 +342,11 @@ impl Cache {
             if !shard.admit(key) {
                 return;
             }
-            if let Some(victim) = shard.victim(self.ttl) {
+            if let Some(victim) = shard.victim(ttl) {
                 shard.remove_at(victim);
             }
         } else {
-            shard.drop_one_if_expired(self.ttl);
+            shard.drop_one_if_expired(ttl);
         }
         shard.slots.insert(Slot {
             key,

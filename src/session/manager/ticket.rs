@@ -16,7 +16,7 @@ use crate::session::model::Session;
 use crate::session::seal::{Keyring, SealError, random};
 
 const RECORD_FORMAT: u8 = 1;
-const SESSION_PREFIX: &str = "s:";
+pub(super) const SESSION_PREFIX: &str = "s:";
 const BODY_AAD: &str = "vestibule session body ";
 const META_AAD: &str = "vestibule session meta ";
 const MAX_USER_AGENT_CHARS: usize = 256;

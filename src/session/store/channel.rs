@@ -8,7 +8,7 @@
 //! sent with the count it last drained, a read of a line nobody writes until a message comes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::broadcast::{self, error::TryRecvError};
 use tokio::time::Instant;
@@ -116,6 +116,17 @@ impl Freshness {
             Freshness::Proven(proof) => proof.within(now, bound),
         }
     }
+
+    /// Whether the store also announces every change of a session record made behind this
+    /// process's back (an operator's `DEL`, Redis's expiry and eviction), not only the changes
+    /// Vestibule publishes: then a copy needs no reading of the record's version to stay true,
+    /// only the proof that the announcements arrive.
+    pub fn announces_every_change(&self) -> bool {
+        match self {
+            Freshness::Immediate | Freshness::Unproven => false,
+            Freshness::Proven(proof) => proof.tracking.load(Ordering::Acquire),
+        }
+    }
 }
 
 /// The latest time before which every message published is known to have been delivered: the
@@ -126,6 +137,10 @@ pub struct Proof {
     base: Instant,
     /// Milliseconds from `base` to the proven time, plus one; 0: nothing proven yet.
     at: AtomicU64,
+    /// Whether the subscription proven is one on which Redis announces every change of a
+    /// session record ([`Freshness::announces_every_change`]). Set before the subscription is
+    /// declared live, cleared before it is declared down: a cache empties itself at either.
+    tracking: AtomicBool,
 }
 
 impl Proof {
@@ -133,7 +148,13 @@ impl Proof {
         Arc::new(Proof {
             base: Instant::now(),
             at: AtomicU64::new(0),
+            tracking: AtomicBool::new(false),
         })
+    }
+
+    /// Records whether the subscription now proven announces every change (see `tracking`).
+    pub fn set_tracking(&self, on: bool) {
+        self.tracking.store(on, Ordering::Release);
     }
 
     fn millis(&self, t: Instant) -> u64 {

@@ -287,7 +287,13 @@ impl RedisStore {
                 (conn, source, redact_url(url))
             }
         };
-        let pubsub = pubsub::Subscriber::start(source, key_prefix.clone());
+        // Redis Cluster tracks keys per node: the plain subscription (and version reads) there.
+        let tracking = (!matches!(conn, Conn::Cluster(_))).then_some(pubsub::Tracking {
+            keys: crate::session::manager::RECORD_PREFIX,
+            channel: crate::session::manager::INVALIDATION_CHANNEL,
+            to_message: crate::session::manager::handle_of_record,
+        });
+        let pubsub = pubsub::Subscriber::start(source, key_prefix.clone(), tracking);
         pubsub.wait_connected(DEFAULT_CONNECTION_TIMEOUT).await;
         let scripts = Scripts {
             put_new: Script::new(PUT_NEW),
