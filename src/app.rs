@@ -14,7 +14,7 @@ use crate::proxy::routing::{Destination, Resolved};
 use crate::proxy::{self, Peer, Upstreams};
 use crate::reply::{Body, ErrorCode, Inbound, Reader, in_box};
 use crate::rescue::RequestError;
-use crate::session::manager::{SessionSettings, Sessions};
+use crate::session::manager::{SessionSettings, Sessions, sizing};
 use crate::session::seal::Keyring;
 use crate::session::store::Store;
 use arc_swap::ArcSwap;
@@ -77,6 +77,19 @@ impl App {
             .await
             .map_err(|e| anyhow::anyhow!("session store: {e}"))?;
         store.check_eviction();
+        let cache_entries = config.session.cache_entries.unwrap_or_else(|| {
+            let limit = sizing::memory_limit();
+            let entries = sizing::entries_for(limit, config.server.worker_count());
+            if !config.session.cache_ttl.is_zero() {
+                tracing::info!(
+                    cache_entries = entries,
+                    memory_limit_mib = limit.map(|bytes| bytes >> 20),
+                    "session cache sized from the memory the process may use (a quarter of it \
+                     at most; session.cache_entries sets it)"
+                );
+            }
+            entries
+        });
         let settings = SessionSettings {
             cookie_name: config.session.cookie_name.clone(),
             idle_timeout: config.session.idle_timeout,
@@ -84,7 +97,7 @@ impl App {
             keyring: Keyring::new(config.session.keys.clone())
                 .map_err(|e| anyhow::anyhow!("session.keys: {e}"))?,
             cache_ttl: config.session.cache_ttl,
-            cache_entries: config.session.cache_entries,
+            cache_entries,
             max_per_user: config.session.max_per_user,
             // `oidc.issuer` is not reloaded: the sessions' issuer is fixed for the process.
             issuer: config.oidc.issuer.as_str().to_owned(),

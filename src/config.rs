@@ -185,6 +185,15 @@ pub struct ServerConfig {
     pub connections: ConnectionLimits,
 }
 
+impl ServerConfig {
+    /// How many serving threads run: `workers`, or one per CPU available to the process.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+}
+
 /// What one client connection may hold: the listener's share, idle time, the pace of request
 /// bodies, and HTTP/2 streams and pings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,7 +373,8 @@ pub enum SameSite {
     Strict,
 }
 
-/// Sessions the in-process cache holds unless `session.cache_entries` says otherwise.
+/// The fewest sessions the in-process cache holds when `session.cache_entries` is left out
+/// (it is then sized from the memory the process may use: `session::manager::sizing`).
 pub const DEFAULT_CACHE_ENTRIES: usize = 20_000;
 /// The most `session.cache_entries` may say.
 pub const MAX_CACHE_ENTRIES: usize = 1_000_000;
@@ -390,8 +400,9 @@ pub struct SessionConfig {
     pub max_per_user: usize,
     /// How long an opened session may be served from the in-process cache.
     pub cache_ttl: Duration,
-    /// The most opened sessions the in-process cache holds.
-    pub cache_entries: usize,
+    /// The most opened sessions the in-process cache holds; `None`: sized from the memory the
+    /// process may use, at start (`session::manager::sizing`).
+    pub cache_entries: Option<usize>,
 }
 
 impl fmt::Debug for SessionConfig {

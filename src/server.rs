@@ -201,9 +201,7 @@ pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// One worker per CPU available to the process unless `server.workers` says otherwise.
 fn worker_count(config: &Config) -> usize {
-    config.server.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    })
+    config.server.worker_count()
 }
 
 /// What every worker needs to serve a connection.

@@ -32,6 +32,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
+pub use self::cache::sizing;
 use self::cache::{Cache, Lookup};
 use self::memo::{Memo, Opening};
 use self::ticket::{StoreKey, Ticket, decode_meta, decode_session, encode_record, index_name};

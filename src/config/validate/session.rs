@@ -124,9 +124,8 @@ pub(super) fn session_config(
         }
     };
     let cache_entries = match cache_entries {
-        None => DEFAULT_CACHE_ENTRIES,
-        // Its bookkeeping is allocated up front (a few tens of bytes an entry).
-        Some(n) if (1..=MAX_CACHE_ENTRIES as i64).contains(&n) => n as usize,
+        None => None,
+        Some(n) if (1..=MAX_CACHE_ENTRIES as i64).contains(&n) => Some(n as usize),
         Some(n) => {
             problems.add(
                 "session.cache_entries",
@@ -134,7 +133,7 @@ pub(super) fn session_config(
                     "{n} is out of range; use 1 to {MAX_CACHE_ENTRIES}, or cache_ttl = \"0s\" for no cache"
                 ),
             );
-            DEFAULT_CACHE_ENTRIES
+            None
         }
     };
     let store = match store.as_deref().unwrap_or("memory") {

@@ -39,6 +39,7 @@
 //! Random eviction, unlike LRU (or emptying everything), still hits when sessions come round in a
 //! cycle a little larger than the cache.
 
+pub mod sizing;
 mod table;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
