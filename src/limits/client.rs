@@ -45,6 +45,19 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     vouched
 }
 
+/// A client address as the limits count it: IPv4 as is, IPv6 by its /64 (the block one
+/// subscriber usually holds, so that a client cannot take a new budget or a new share of the
+/// connections with each address of its block).
+pub(super) fn client_key(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u128::from(u32::from(v4)),
+            None => (u128::from(v6) >> 64) | (1 << 127),
+        },
+    }
+}
+
 /// `192.0.2.1`, `2001:db8::1`, and the forms with a port: `192.0.2.1:80`, `[2001:db8::1]:80`.
 /// An IPv4-mapped address (`::ffff:192.0.2.1`, what a proxy listening on `[::]` saw of an IPv4
 /// peer) is the IPv4 address, as `trusted_proxies` names it.

@@ -10,6 +10,7 @@
 //!
 //! Per process: each replica counts on its own.
 
+use super::client::client_key;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
@@ -87,17 +88,6 @@ impl std::fmt::Debug for RateLimiter {
     }
 }
 
-/// IPv4 as is, IPv6 by its /64.
-fn key_of(addr: IpAddr) -> u128 {
-    match addr {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => u128::from(u32::from(v4)),
-            None => (u128::from(v6) >> 64) | (1 << 127),
-        },
-    }
-}
-
 impl RateLimiter {
     /// Tracks at most about `tracked` addresses (rounded up to a multiple of the shard count).
     pub fn new(tracked: usize) -> Self {
@@ -119,7 +109,7 @@ impl RateLimiter {
         if per_minute == 0 {
             return Verdict::Allowed;
         }
-        let key = (endpoint, key_of(addr));
+        let key = (endpoint, client_key(addr));
         let index = usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0);
         let Some(shard) = self.shards.get(index) else {
             return Verdict::Allowed;
