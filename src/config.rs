@@ -200,6 +200,9 @@ impl ServerConfig {
 pub struct ConnectionLimits {
     /// Open connections on the public listener; beyond it, new ones wait to be accepted.
     pub max_connections: usize,
+    /// Open connections on the public listener from one client address (an IPv6 one by its
+    /// /64), trusted proxies exempt; beyond it, a new one is closed at once. 0: no cap.
+    pub max_connections_per_client: usize,
     /// A connection with no request in flight for this long is closed gracefully.
     pub idle_timeout: Duration,
     /// The longest wait for the next piece of a request body.

@@ -1,6 +1,7 @@
 //! Listeners: the public one (HTTP/1.1 and HTTP/2, optional TLS; served by worker threads) and
-//! the admin one, with header-read timeouts, TCP_NODELAY, a cap on open connections, and
-//! graceful shutdown that lets in-flight requests and tunnels finish within `shutdown_grace`.
+//! the admin one, with header-read timeouts, TCP_NODELAY, caps on open connections (in all and
+//! per client address), and graceful shutdown that lets in-flight requests and tunnels finish
+//! within `shutdown_grace`.
 //!
 //! Shutdown (SIGTERM) goes in this order, so that a load balancer loses no request:
 //! 1. `/readyz` answers 503 (the admin listener keeps serving until the end);
@@ -16,6 +17,7 @@
 pub mod admin;
 mod connection;
 pub mod framing;
+mod gate;
 pub mod heartbeat;
 pub mod lane;
 mod send;
@@ -23,6 +25,7 @@ pub mod tls;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::limits::ClientPlace;
 use crate::proxy::forward::ConnectionHold;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -88,7 +91,9 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 /// is handled start to finish on one thread, with no work stealing or cross-thread wake-ups.
 /// Each new connection goes to the worker with the fewest open connections. With
 /// `server.max_connections` open, the next connection waits to be accepted (in the kernel's
-/// backlog) until one closes; open connections are not disturbed.
+/// backlog) until one closes; open connections are not disturbed. A client address (not a
+/// trusted proxy) with `server.max_connections_per_client` open has its next one closed at once:
+/// waiting in the backlog, it would hold up everyone else's behind it.
 pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> anyhow::Result<()> {
     let live = app.live.load_full();
     let config = live.config.clone();
@@ -117,7 +122,12 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
             max_fields: config.server.max_header_size,
         },
     });
-    let slots = Arc::new(Semaphore::new(config.server.connections.max_connections));
+    let limits = &config.server.connections;
+    let mut gate = gate::Gate {
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        per_client: (limits.max_connections_per_client > 0)
+            .then(|| gate::PerClient::new(limits.max_connections_per_client, app.live.clone())),
+    };
     let beats = Arc::new(heartbeat::Heartbeats::new(count));
     let mut workers = Vec::with_capacity(count);
     for index in 0..count {
@@ -128,7 +138,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
     let admin = admin::serve(app.clone(), bound.admin, beats, admin_stop.clone());
     let admin_task = tokio::spawn(admin);
     tracing::info!(public = %bound.public_addr, admin = %bound.admin_addr, workers = count, "vestibule listening");
-    let accepting = accept(&bound.public, &workers, &slots, &shutdown).await;
+    let accepting = accept(&bound.public, &workers, &mut gate, &shutdown).await;
     // Not ready any more, before anything else changes.
     app.stopping.cancel();
     drop(bound.public);
@@ -142,17 +152,18 @@ pub async fn serve(app: Arc<App>, bound: Bound, shutdown: CancellationToken) -> 
 }
 
 /// Accepts connections on `listener` and hands each to the least busy live worker, one slot of
-/// `slots` each, until `shutdown` is cancelled; `Err` once no worker is left alive.
+/// the gate's each (and a place in its client address's share), until `shutdown` is cancelled;
+/// `Err` once no worker is left alive.
 async fn accept(
     listener: &TcpListener,
     workers: &[Worker],
-    slots: &Arc<Semaphore>,
+    gate: &mut gate::Gate,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
         let slot = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            slot = slots.clone().acquire_owned() => slot,
+            slot = gate.slots.clone().acquire_owned() => slot,
         };
         let Ok(slot) = slot else { return Ok(()) };
         let accepted = tokio::select! {
@@ -172,6 +183,12 @@ async fn accept(
         // `trusted_proxies` would contain the proxy in front, and every client behind it
         // would share its one address (rate limits, the access log).
         let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        // Over its share: closed before any TLS or HTTP work, with a reset rather than a
+        // close that would leave this side a TIME_WAIT for each one refused. Its slot goes back.
+        let Ok(place) = gate.place(peer.ip()) else {
+            let _ = tcp.set_zero_linger();
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let Ok(tcp) = tcp.into_std() else { continue };
         // Every worker's thread gone (each panicked): nothing here serves any more. Ending
@@ -181,7 +198,7 @@ async fn accept(
         let Some(worker) = least_busy(workers) else {
             anyhow::bail!("every serving worker has stopped (its thread ended); exiting");
         };
-        worker.assign(tcp, peer, slot);
+        worker.assign(tcp, peer, slot, place);
     }
 }
 
@@ -266,9 +283,17 @@ impl Worker {
     }
 
     /// Hands `tcp` over; if the worker has stopped, the connection is dropped (and counted off,
-    /// its slot freed).
-    fn assign(&self, tcp: std::net::TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
-        let _ = self.connections.send((tcp, peer, self.counter.one(slot)));
+    /// its slot and its place freed).
+    fn assign(
+        &self,
+        tcp: std::net::TcpStream,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+        place: Option<ClientPlace>,
+    ) {
+        let _ = self
+            .connections
+            .send((tcp, peer, self.counter.one(slot, place)));
     }
 }
 
@@ -281,16 +306,25 @@ impl ConnectionCount {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn one(&self, slot: OwnedSemaphorePermit) -> CountedConnection {
+    fn one(&self, slot: OwnedSemaphorePermit, place: Option<ClientPlace>) -> CountedConnection {
         self.0.fetch_add(1, Ordering::Relaxed);
         self.1.increment(1.0);
-        CountedConnection(self.clone(), slot)
+        CountedConnection(self.clone(), place, slot)
     }
 }
 
 /// One connection, counted (by the accept loop) when handed over and counted off when dropped,
-/// which also gives its slot of `server.max_connections` back.
-struct CountedConnection(ConnectionCount, #[allow(dead_code)] OwnedSemaphorePermit);
+/// which also gives its slot of `server.max_connections` and its place in its client address's
+/// share back: dropped however the connection ends (closed, reset, timed out, a tunnel it
+/// became closed, handed over to a worker that stopped), so no place is ever leaked. The place
+/// goes back before the slot (fields drop in order): the accept loop, woken by the slot, must
+/// find the place free too, or a connection that waited in the backlog for a client at both
+/// caps (a small `max_connections`) would be refused rather than served.
+struct CountedConnection(
+    ConnectionCount,
+    #[allow(dead_code)] Option<ClientPlace>,
+    #[allow(dead_code)] OwnedSemaphorePermit,
+);
 
 impl Drop for CountedConnection {
     fn drop(&mut self) {
@@ -437,7 +471,10 @@ mod tests {
         let (second, second_incoming) = worker(3);
         drop((first_incoming, second_incoming));
         let workers = [first, second];
-        let slots = Arc::new(Semaphore::new(8));
+        let mut gate = gate::Gate {
+            slots: Arc::new(Semaphore::new(8)),
+            per_client: None,
+        };
         let shutdown = CancellationToken::new();
         let client = tokio::spawn(async move {
             // Connections keep coming, as from a load balancer that still sends here.
@@ -448,7 +485,7 @@ mod tests {
         });
         let ended = tokio::time::timeout(
             Duration::from_secs(5),
-            accept(&listener, &workers, &slots, &shutdown),
+            accept(&listener, &workers, &mut gate, &shutdown),
         )
         .await;
         client.abort();

@@ -120,6 +120,11 @@ pub fn metrics() -> &'static PrometheusHandle {
             "vestibule_connections_open",
             "Client connections open now, by serving worker."
         );
+        metrics::describe_counter!(
+            "vestibule_connections_refused_total",
+            "Client connections closed at accept, unserved, by reason (per_client: the client \
+             address held server.max_connections_per_client already)."
+        );
         describe_incident_series();
         handle
     })

@@ -48,6 +48,7 @@ pub struct Server {
     pub max_header_size: Option<String>,
     pub workers: Option<i64>,
     pub max_connections: Option<i64>,
+    pub max_connections_per_client: Option<i64>,
     pub connection_idle_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
     pub body_min_rate: Option<String>,

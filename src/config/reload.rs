@@ -199,6 +199,8 @@ fn server_section(d: &mut Decide, old: &ServerConfig, new: ServerConfig) -> Serv
         connections: {
             decide!(d, old.connections, connections => ConnectionLimits {
                 max_connections: restart "server.max_connections",
+                // Its default follows `max_connections`, and the accept loop reads it at start.
+                max_connections_per_client: restart "server.max_connections_per_client",
                 idle_timeout: restart "server.connection_idle_timeout",
                 // Read per request.
                 body_read_timeout: live "server.body_read_timeout",
@@ -393,13 +395,20 @@ mod tests {
             "listen = \"0.0.0.0:9999\"\nrequest_timeout = \"5s\"\nbody_min_rate = \"1KiB\"\nmax_connections = 5",
         );
         let reloaded = applied(&old, new);
+        // `max_connections_per_client` is not written, but its default follows
+        // `max_connections`: it changes too, and is kept with it until a restart.
         assert_eq!(
             reloaded.restart_needed,
-            ["server.listen", "server.max_connections"]
+            [
+                "server.listen",
+                "server.max_connections",
+                "server.max_connections_per_client"
+            ]
         );
         let c = &reloaded.config;
         assert_eq!(c.server.listen, old.server.listen);
         assert_eq!(c.server.connections.max_connections, 10_000);
+        assert_eq!(c.server.connections.max_connections_per_client, 2_500);
         assert_eq!(c.server.request_timeout, Duration::from_secs(5));
         assert_eq!(c.server.connections.body_min_rate, 1024);
         // Nothing changed: nothing to report.

@@ -532,6 +532,188 @@ async fn beyond_max_connections_new_connections_wait_without_disturbing_open_one
     }
 }
 
+/// A connection to `to` from the loopback address `from` (`127.0.0.2`: another client).
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Whether a GET on a new connection from `from` is answered 200; the connection, if it was.
+async fn served_from(from: &str, proxy: &Proxy) -> Option<TcpStream> {
+    let mut c = connect_from(from, proxy.addr).await;
+    let _ = c
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await;
+    // Closed unanswered: end of stream or a reset, before any byte.
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(WITHIN, c.peek(&mut byte)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return None,
+    }
+    let answer = tokio::time::timeout(WITHIN, read_response(&mut c))
+        .await
+        .ok()?;
+    answer.starts_with("HTTP/1.1 200").then_some(c)
+}
+
+/// Whether the proxy closed `c` (end of stream or a reset) without a byte of answer to a GET.
+async fn closed_unanswered(c: &mut TcpStream) -> bool {
+    let _ = c
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(WITHIN, c.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// The value of `vestibule_connections_refused_total{reason="per_client"}` on `proxy`.
+async fn refused_per_client(proxy: &Proxy) -> u64 {
+    let text = get(&format!("http://{}/metrics", proxy.admin), &[])
+        .await
+        .text();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("vestibule_connections_refused_total{")
+                && l.contains("reason=\"per_client\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// One client address may not take every place under `max_connections` (with idle keep-alive
+/// connections, event streams or WebSocket tunnels) and shut everyone else out: past
+/// `max_connections_per_client` its next connection is closed at once, unanswered, while its
+/// open ones are served as before and other addresses get in. A place it gives back, however
+/// its connection ended (closed by the client, reset, closed by the proxy after a bad request,
+/// a tunnel closed), is its own again: a count that leaked would lock the address out for good.
+#[tokio::test]
+async fn one_client_address_holds_at_most_max_connections_per_client() {
+    let up = upstream::start().await;
+    let text = config_with(
+        &[
+            ("max_connections_per_client", 3.into()),
+            ("workers", 1.into()),
+        ],
+        &format!(
+            "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .set("server.header_read_timeout", "30s");
+    let proxy = start_proxy(&text).await;
+    let refused_before = refused_per_client(&proxy).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            served_from("127.0.0.1", &proxy)
+                .await
+                .expect("within the cap"),
+        );
+    }
+    let tunnel = open_tunnel(&proxy).await;
+    let mut over = connect_from("127.0.0.1", proxy.addr).await;
+    assert!(
+        closed_unanswered(&mut over).await,
+        "a fourth connection from one address was let in with max_connections_per_client = 3"
+    );
+    assert!(
+        refused_per_client(&proxy).await > refused_before,
+        "the refusal is not counted"
+    );
+    // Another address gets in; the open ones are served as before.
+    assert!(
+        served_from("127.0.0.2", &proxy).await.is_some(),
+        "another address was refused"
+    );
+    assert!(
+        ask(&mut held[0], "/api/x")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    // One closes: the address may open one again (once the proxy has seen it close).
+    drop(held.pop());
+    let again = eventually("a given-back place is taken again", WITHIN, || {
+        served_from("127.0.0.1", &proxy)
+    })
+    .await;
+    // Every connection ends, each its own way.
+    let mut bad = held.pop().unwrap();
+    bad.write_all(b"NOT HTTP\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(WITHIN, bad.read_to_end(&mut sink)).await;
+    again.set_zero_linger().unwrap();
+    drop(again);
+    drop(tunnel);
+    // No count leaked, and none was lost: three at once again, and not four.
+    let full = eventually("every place is given back", WITHIN, || async {
+        let mut three = Vec::new();
+        for _ in 0..3 {
+            three.push(served_from("127.0.0.1", &proxy).await?);
+        }
+        Some(three)
+    })
+    .await;
+    let mut over = connect_from("127.0.0.1", proxy.addr).await;
+    assert!(closed_unanswered(&mut over).await, "a fourth was let in");
+    drop(full);
+}
+
+/// A trusted proxy (a load balancer in front) carries every client's connections: its address
+/// has no per-client cap, while an address outside `trusted_proxies` keeps its own. Listed by a
+/// reload, it is trusted from its next connection on, as the rate limits trust it.
+#[tokio::test]
+async fn a_trusted_proxy_is_not_held_to_max_connections_per_client() {
+    let up = upstream::start().await;
+    let text = |trusted: Vec<&str>| {
+        config_with(
+            &[
+                ("max_connections_per_client", 1.into()),
+                ("trusted_proxies", trusted.into()),
+            ],
+            &format!(
+                "[[routes]]\npath = \"/api/\"\nupstream = \"{}\"\n",
+                up.url()
+            ),
+        )
+        .set("server.header_read_timeout", "30s")
+    };
+    let proxy = start_proxy(&text(vec![])).await;
+    let mut held = vec![
+        served_from("127.0.0.1", &proxy)
+            .await
+            .expect("within the cap"),
+    ];
+    let mut over = connect_from("127.0.0.1", proxy.addr).await;
+    assert!(
+        closed_unanswered(&mut over).await,
+        "a second connection past max_connections_per_client = 1"
+    );
+    std::fs::write(
+        proxy.dir.path().join("config.toml"),
+        text(vec!["127.0.0.1"]).text(),
+    )
+    .unwrap();
+    proxy.app.reload("test");
+    for n in 0..4 {
+        let c = served_from("127.0.0.1", &proxy).await;
+        held.push(c.unwrap_or_else(|| panic!("the trusted proxy's connection {n} was refused")));
+    }
+    held.push(
+        served_from("127.0.0.2", &proxy)
+            .await
+            .expect("within the cap"),
+    );
+    let mut over = connect_from("127.0.0.2", proxy.addr).await;
+    assert!(
+        closed_unanswered(&mut over).await,
+        "an untrusted address got past max_connections_per_client = 1"
+    );
+}
+
 /// A WebSocket tunnel is a client connection like any other: it keeps its place under
 /// `max_connections` for as long as it is open, or an attacker with a route that upgrades
 /// holds any number of sockets (two each: the client's and the upstream's) past the cap.
@@ -1104,6 +1286,7 @@ fn connection_and_rate_limits_have_defaults() {
     let config = parse(&base()).unwrap();
     let c = &config.server.connections;
     assert_eq!(c.max_connections, 10_000);
+    assert_eq!(c.max_connections_per_client, 2_500);
     assert_eq!(c.idle_timeout, Duration::from_secs(60));
     assert_eq!(c.body_read_timeout, Duration::from_secs(20));
     assert_eq!(c.body_min_rate, 500);
@@ -1131,6 +1314,29 @@ fn connection_and_rate_limits_have_defaults() {
     assert_eq!(config.server.connections.http2_keep_alive_interval, None);
     assert_eq!(config.server.connections.body_min_rate, 0);
     assert_eq!(config.limits.login_per_minute, 0);
+    // The share of one address follows `max_connections`: a quarter, at least 256 (or all of a
+    // smaller listener); `0` is no cap.
+    for (max, share) in [(40_000, 10_000), (2_000, 500), (1_000, 256), (100, 100)] {
+        let text = TomlConfig::parse(&base())
+            .add("server.max_connections", max)
+            .text();
+        let c = parse(&text).unwrap().server.connections;
+        assert_eq!(
+            c.max_connections_per_client, share,
+            "max_connections = {max}"
+        );
+    }
+    let off = TomlConfig::parse(&base())
+        .add("server.max_connections_per_client", 0)
+        .text();
+    assert_eq!(
+        parse(&off)
+            .unwrap()
+            .server
+            .connections
+            .max_connections_per_client,
+        0
+    );
 }
 
 #[test]
@@ -1140,6 +1346,14 @@ fn golden_messages_for_limits() {
         (
             with("server.max_connections", 0.into()),
             "server.max_connections: 0 is out of range; use 1 to 1000000",
+        ),
+        (
+            with("server.max_connections_per_client", (-1).into()),
+            "server.max_connections_per_client: -1 is out of range; use 0 to 1000000",
+        ),
+        (
+            with("server.max_connections_per_client", "many".into()),
+            "server.max_connections_per_client: invalid type: string \"many\", expected i64; check the types against docs/configuration.md",
         ),
         (
             with("server.connection_idle_timeout", "0s".into()),

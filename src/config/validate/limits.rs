@@ -6,6 +6,10 @@ use super::{Problems, duration, size};
 use std::time::Duration;
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The least default share of one client address (unless `max_connections` is smaller): a
+/// browser holds up to 6 HTTP/1 connections to a host, plus its WebSockets and event streams,
+/// and an office behind one NAT address holds that many for each of its users.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT_FLOOR: usize = 256;
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
@@ -71,12 +75,20 @@ pub(super) fn connections(raw: &raw::Server, problems: &mut Problems) -> Connect
         DEFAULT_HTTP2_KEEP_ALIVE_INTERVAL,
         problems,
     );
+    let max_connections = to_usize(count(
+        raw.max_connections,
+        "server.max_connections",
+        DEFAULT_MAX_CONNECTIONS as u64,
+        (1, 1_000_000),
+        problems,
+    ));
     ConnectionLimits {
-        max_connections: to_usize(count(
-            raw.max_connections,
-            "server.max_connections",
-            DEFAULT_MAX_CONNECTIONS as u64,
-            (1, 1_000_000),
+        max_connections,
+        max_connections_per_client: to_usize(count(
+            raw.max_connections_per_client,
+            "server.max_connections_per_client",
+            default_per_client(max_connections) as u64,
+            (0, 1_000_000),
             problems,
         )),
         idle_timeout: positive(
@@ -118,6 +130,14 @@ pub(super) fn connections(raw: &raw::Server, problems: &mut Problems) -> Connect
             problems,
         ),
     }
+}
+
+/// A quarter of `max_connections`: one address must not hold every place, and four addresses
+/// that each hold their share are already a distributed attack (which no cap per address stops).
+/// At least [`DEFAULT_MAX_CONNECTIONS_PER_CLIENT_FLOOR`] (or `max_connections`, if fewer), so
+/// that a small listener does not cap a NAT'd office at a handful of connections.
+fn default_per_client(max_connections: usize) -> usize {
+    (max_connections / 4).max(max_connections.min(DEFAULT_MAX_CONNECTIONS_PER_CLIENT_FLOOR))
 }
 
 pub(super) fn admin_max_connections(value: Option<i64>, problems: &mut Problems) -> usize {

@@ -24,6 +24,7 @@ pub(super) fn server_config(
         workers,
         // Read by `limits::connections`.
         max_connections: _,
+        max_connections_per_client: _,
         connection_idle_timeout: _,
         body_read_timeout: _,
         body_min_rate: _,
