@@ -421,11 +421,11 @@ async fn callback(
         .unwrap_or_default()
         .to_string();
     let sid = claims.get("sid").and_then(|v| v.as_str()).map(String::from);
-    let ended_mark = sid.as_deref().map(ended_provider_session);
-    let subject_mark = ended_subject(&sub);
-    // No sid: the provider session it signed into is unknown, and may be one a logout naming
-    // its sid and this user ended (which ends her sessions stored without a sid, too).
-    let sidless_mark = ended_mark.is_none().then(|| ended_sidless_subject(&sub));
+    // This issuer's marks, then those of the previous release, whose keys name no issuer: one
+    // of its replicas may have taken the logout during an upgrade.
+    let issuer = mark_issuer(app);
+    let marks =
+        [Some(issuer.as_str()), None].map(|issuer| LoginMarks::of(issuer, sid.as_deref(), &sub));
     let mut session = Session {
         sub,
         sid,
@@ -466,15 +466,12 @@ async fn callback(
     // came before the session was stored found nothing to end, and left a mark; read now that
     // the session is stored, so that either the logout ends the session or the login sees the
     // mark.
-    let mut ended = match &ended_mark {
-        Some(mark) => app.sessions.store().remembered(mark).await?,
-        None => false,
-    };
-    if !ended {
-        ended = subject_ended_since(app, &subject_mark, login.created).await?;
-    }
-    if !ended && let Some(mark) = &sidless_mark {
-        ended = subject_ended_since(app, mark, login.created).await?;
+    let mut ended = false;
+    for marks in &marks {
+        ended = marks.found(app, login.created).await?;
+        if ended {
+            break;
+        }
     }
     if ended {
         if let Err(error) = app.sessions.delete(&created).await {
@@ -680,26 +677,86 @@ async fn spend_login_state(
     Ok((login, name))
 }
 
+/// The issuer part of the keys of a back-channel logout's marks (below): the configured issuer
+/// (one trailing `/` aside, as sessions compare theirs), hashed. A `sid` or `sub` is unique only
+/// per issuer: while replicas of two issuers share a store (a change of issuer), one's logout
+/// must not refuse the other's login of the same `sid` or `sub`. Both the logout token and the
+/// ID token a callback reads were checked to be this issuer's.
+fn mark_issuer(app: &Shared) -> String {
+    let issuer = app.oidc.config.issuer.as_str();
+    hash_hex(issuer.strip_suffix('/').unwrap_or(issuer))
+}
+
+/// The store key of the mark `kind` for `id` (a `sid` or `sub`) of `issuer` ([`mark_issuer`]);
+/// with no issuer, the key the previous release wrote it under, which a callback still reads
+/// (the mark holds for [`LOGIN_TTL`]: a later release can stop).
+fn mark_key(kind: &str, issuer: Option<&str>, id: &str) -> String {
+    match issuer {
+        Some(issuer) => format!("{kind}:{issuer}:{}", hash_hex(id)),
+        None => format!("{kind}:{}", hash_hex(id)),
+    }
+}
+
 /// The store key marking that the provider ended provider session `sid` (back-channel logout),
 /// kept for [`LOGIN_TTL`]: a login into that session began after it was made and its callback
 /// comes within that time of the login's start, so within it of the logout too.
-fn ended_provider_session(sid: &str) -> String {
-    format!("ended-sid:{}", hash_hex(sid))
+fn ended_provider_session(issuer: Option<&str>, sid: &str) -> String {
+    mark_key("ended-sid", issuer, sid)
 }
 
 /// The store key holding when the provider last ended every session of `sub` (a back-channel
 /// logout naming the user and no `sid`), as Unix seconds, kept for [`LOGIN_TTL`] as the mark of
 /// [`ended_provider_session`] is.
-fn ended_subject(sub: &str) -> String {
-    format!("ended-sub:{}", hash_hex(sub))
+fn ended_subject(issuer: Option<&str>, sub: &str) -> String {
+    mark_key("ended-sub", issuer, sub)
 }
 
 /// The store key holding when the provider last ended, with a logout naming both a `sid` and
 /// `sub`, a provider session of `sub` that her sessions stored without a `sid` may belong to,
 /// as Unix seconds, kept as [`ended_subject`]'s is. Read only by a login whose ID token names no
 /// `sid`: one naming another provider session is none of that logout's business.
-fn ended_sidless_subject(sub: &str) -> String {
-    format!("ended-sub-sidless:{}", hash_hex(sub))
+fn ended_sidless_subject(issuer: Option<&str>, sub: &str) -> String {
+    mark_key("ended-sub-sidless", issuer, sub)
+}
+
+/// The marks a login's callback reads, under one issuer's keys (or the previous release's):
+/// a back-channel logout that came before the callback ended what the login signed into.
+struct LoginMarks {
+    provider_session: Option<String>,
+    subject: String,
+    /// No sid: the provider session the login signed into is unknown, and may be one a logout
+    /// naming its sid and this user ended (which ends her sessions stored without a sid, too).
+    sidless_subject: Option<String>,
+}
+
+impl LoginMarks {
+    fn of(issuer: Option<&str>, sid: Option<&str>, sub: &str) -> LoginMarks {
+        LoginMarks {
+            provider_session: sid.map(|sid| ended_provider_session(issuer, sid)),
+            subject: ended_subject(issuer, sub),
+            sidless_subject: sid.is_none().then(|| ended_sidless_subject(issuer, sub)),
+        }
+    }
+
+    /// Whether one of them ends the login begun at `login_created`.
+    async fn found(
+        &self,
+        app: &Shared,
+        login_created: u64,
+    ) -> Result<bool, crate::session::store::StoreError> {
+        if let Some(mark) = &self.provider_session
+            && app.sessions.store().remembered(mark).await?
+        {
+            return Ok(true);
+        }
+        if subject_ended_since(app, &self.subject, login_created).await? {
+            return Ok(true);
+        }
+        match &self.sidless_subject {
+            Some(mark) => subject_ended_since(app, mark, login_created).await,
+            None => Ok(false),
+        }
+    }
 }
 
 /// The time an [`ended_subject`] (or [`ended_sidless_subject`]) record holds; `None` when it
@@ -1170,10 +1227,12 @@ async fn backchannel_logout(
     // §2.7 counts that as done).
     // Marked before anything is ended: a login into this provider session whose callback has
     // not stored its session yet finds the mark (see `callback`).
+    let issuer = mark_issuer(app);
+    let issuer = Some(issuer.as_str());
     if let Some(sid) = &logout.sid {
         app.sessions
             .store()
-            .remember_once(&ended_provider_session(sid), LOGIN_TTL)
+            .remember_once(&ended_provider_session(issuer, sid), LOGIN_TTL)
             .await?;
     }
     // Only the user named: every session of hers at the provider ended, so a login of hers
@@ -1181,9 +1240,11 @@ async fn backchannel_logout(
     // sid too, only such a login whose ID token names no sid (it may have signed into the ended
     // provider session, as the sessions stored without one that end below may have).
     match (&logout.sid, &logout.sub) {
-        (None, Some(sub)) => mark_subject_ended(app, &ended_subject(sub), app.clock.now()).await?,
+        (None, Some(sub)) => {
+            mark_subject_ended(app, &ended_subject(issuer, sub), app.clock.now()).await?;
+        }
         (Some(_), Some(sub)) => {
-            mark_subject_ended(app, &ended_sidless_subject(sub), app.clock.now()).await?;
+            mark_subject_ended(app, &ended_sidless_subject(issuer, sub), app.clock.now()).await?;
         }
         _ => {}
     }

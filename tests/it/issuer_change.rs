@@ -1,7 +1,8 @@
 //! Sessions belong to the provider that issued them: after `[oidc] issuer` changes over the same
 //! store and `key_prefix`, the previous provider's sessions are signed out, and nothing of theirs
 //! (a refresh token above all) reaches the new provider; a logout token ends only its own
-//! issuer's sessions, and a session list shows only its own issuer's. Against two in-process
+//! issuer's sessions (and, come before their callbacks, refuses only its own issuer's logins),
+//! and a session list shows only its own issuer's. Against two in-process
 //! fake providers (issuers A and B) and a real Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -49,12 +50,17 @@ struct TwoIssuers {
 }
 
 async fn two_issuers() -> TwoIssuers {
+    two_issuers_on(vestibule::clock::Clock::system()).await
+}
+
+/// [`two_issuers`], both replicas on `clock`.
+async fn two_issuers_on(clock: vestibule::clock::Clock) -> TwoIssuers {
     let redis = RedisServer::start();
     let up = upstream::start().await;
     let signer = TestSigner::new();
     let (a, b) = (provider(&signer).await, provider(&signer).await);
-    let at_a = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
-    let at_b = proxy_for(&redis, &b, &up, vestibule::clock::Clock::system()).await;
+    let at_a = proxy_for(&redis, &a, &up, clock.clone()).await;
+    let at_b = proxy_for(&redis, &b, &up, clock).await;
     TwoIssuers {
         _redis: redis,
         _up: up,
@@ -221,6 +227,197 @@ async fn a_logout_token_ends_only_the_sessions_of_its_own_issuer() {
     assert!(
         at_a.signed_in(&a_in_session).await && at_a.signed_in(&a_sidless).await,
         "B's logout of alice ended A's alice's sessions"
+    );
+}
+
+/// A login of alice begun at `proxy`, its callback still to come: the query of its redirect to
+/// the provider and its login cookie.
+struct Pending {
+    q: std::collections::HashMap<String, String>,
+    cookie: String,
+}
+
+async fn begin(proxy: &Proxy) -> Pending {
+    let (q, cookie) = begin_login(proxy).await;
+    Pending { q, cookie }
+}
+
+/// The callback of `login` at `proxy`, `idp` answering with alice's ID token naming `sid` if
+/// given.
+async fn finish(
+    proxy: &Proxy,
+    idp: &fake_idp::FakeIdp,
+    signer: &TestSigner,
+    login: &Pending,
+    sid: Option<&str>,
+) -> Reply {
+    let mut claims = id_token_claims(&idp.issuer, "vestibule", &login.q["nonce"], now());
+    match sid {
+        Some(sid) => claims["sid"] = sid.into(),
+        None => {
+            claims.as_object_mut().unwrap().remove("sid");
+        }
+    }
+    let answer = json!({"access_token": "access", "token_type": "Bearer", "expires_in": 300,
+                        "id_token": signer.token(TestKey::Rsa1).kid("k1").sign(&claims)});
+    idp.state.script("authorization_code", 200, answer);
+    callback(proxy, &login.q, &login.cookie).await
+}
+
+/// A back-channel logout that comes before its login's callback leaves a mark the callback
+/// reads. A `sub` or `sid` is unique only per issuer: A's logout of alice (of her provider
+/// session `op-session`, then of all her sessions), arriving while logins of alice at A and at
+/// B are pending, refuses A's logins exactly as before, and none of B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_before_the_callback_refuses_only_its_own_issuers_login() {
+    let clock = vestibule::clock::TestClock::new();
+    let TwoIssuers {
+        _redis,
+        _up,
+        signer,
+        a,
+        b,
+        at_a,
+        at_b,
+    } = two_issuers_on(clock.clock()).await;
+    let logout_at_a = |sid: Option<&str>, jti: &str| {
+        let mut claims = logout_token_claims(&a.issuer, "vestibule", now());
+        claims["jti"] = jti.into();
+        claims["sub"] = "alice".into();
+        match sid {
+            Some(sid) => claims["sid"] = sid.into(),
+            None => {
+                claims.as_object_mut().unwrap().remove("sid");
+            }
+        }
+        signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .typ("logout+jwt")
+            .sign(&claims)
+    };
+    let refused =
+        |r: &Reply| crate::fake_provider::reason(r).as_deref() == Some("provider_session_ended");
+
+    // A's logout of alice's provider session `op-session` (its `sid` and `sub` marks).
+    let (a_sid, a_sidless) = (begin(&at_a).await, begin(&at_a).await);
+    let (b_sid, b_sidless) = (begin(&at_b).await, begin(&at_b).await);
+    clock.advance(std::time::Duration::from_secs(1));
+    let r = post_logout_token(&at_a, &logout_at_a(Some("op-session"), "a-1")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = finish(&at_b, &b, &signer, &b_sid, Some("op-session")).await;
+    assert_eq!(
+        r.status,
+        302,
+        "A's logout of its op-session refused B's login into B's: {}",
+        r.text()
+    );
+    assert!(at_b.signed_in(&r.session_cookie()).await);
+    let r = finish(&at_b, &b, &signer, &b_sidless, None).await;
+    assert_eq!(
+        r.status,
+        302,
+        "A's logout of its alice's op-session refused B's alice's login without a sid: {}",
+        r.text()
+    );
+    assert!(at_b.signed_in(&r.session_cookie()).await);
+    let r = finish(&at_a, &a, &signer, &a_sid, Some("op-session")).await;
+    assert!(
+        refused(&r),
+        "A's own login into the ended op-session: {} {}",
+        r.status,
+        r.text()
+    );
+    let r = finish(&at_a, &a, &signer, &a_sidless, None).await;
+    assert!(
+        refused(&r),
+        "A's own login of alice without a sid: {} {}",
+        r.status,
+        r.text()
+    );
+
+    // A's logout of every session of alice (its `sub` mark).
+    let (a_login, b_login) = (begin(&at_a).await, begin(&at_b).await);
+    clock.advance(std::time::Duration::from_secs(1));
+    let r = post_logout_token(&at_a, &logout_at_a(None, "a-2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = finish(&at_b, &b, &signer, &b_login, Some("op-2")).await;
+    assert_eq!(
+        r.status,
+        302,
+        "A's logout of alice refused B's alice's login: {}",
+        r.text()
+    );
+    assert!(at_b.signed_in(&r.session_cookie()).await);
+    let r = finish(&at_a, &a, &signer, &a_login, Some("op-2")).await;
+    assert!(
+        refused(&r),
+        "A's own login of alice after A's logout of her: {} {}",
+        r.status,
+        r.text()
+    );
+}
+
+/// A mark the previous release left (its key names no issuer: one of its replicas took the
+/// logout during an upgrade) still refuses the configured issuer's login: of the ended provider
+/// session, of the user all of whose sessions ended, and without a `sid` of the user one of
+/// whose provider sessions ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_mark_left_by_the_previous_release_still_refuses_the_login() {
+    use sha2::Digest;
+    let redis = RedisServer::start();
+    let up = upstream::start().await;
+    let signer = TestSigner::new();
+    let a = provider(&signer).await;
+    let proxy = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
+    let store = proxy.app.sessions.store();
+    let hash = |text: &str| hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    let refused =
+        |r: &Reply| crate::fake_provider::reason(r).as_deref() == Some("provider_session_ended");
+
+    let pending = begin(&proxy).await;
+    let ten_minutes = std::time::Duration::from_secs(600);
+    let key = format!("ended-sid:{}", hash("op-session"));
+    assert!(store.remember_once(&key, ten_minutes).await.unwrap());
+    let r = finish(&proxy, &a, &signer, &pending, Some("op-session")).await;
+    assert!(
+        refused(&r),
+        "the previous release's mark of op-session: {} {}",
+        r.status,
+        r.text()
+    );
+
+    let pending = begin(&proxy).await;
+    let key = format!("ended-sub:{}", hash("alice"));
+    let at = (now() + 1).to_string();
+    assert!(
+        store
+            .put_new(&key, at.as_bytes(), ten_minutes)
+            .await
+            .unwrap()
+    );
+    let r = finish(&proxy, &a, &signer, &pending, Some("op-2")).await;
+    assert!(
+        refused(&r),
+        "the previous release's mark of alice: {} {}",
+        r.status,
+        r.text()
+    );
+
+    let pending = begin(&proxy).await;
+    let key = format!("ended-sub-sidless:{}", hash("alice"));
+    assert!(
+        store
+            .put_new(&key, at.as_bytes(), ten_minutes)
+            .await
+            .unwrap()
+    );
+    let r = finish(&proxy, &a, &signer, &pending, None).await;
+    assert!(
+        refused(&r),
+        "the previous release's mark of alice's provider session: {} {}",
+        r.status,
+        r.text()
     );
 }
 
