@@ -1211,15 +1211,21 @@ async fn backchannel_logout(
             Err(e) => return logout_rejected(e.to_string()),
         };
     let replay_ttl = crate::jose::logout_replay_ttl(expect.leeway);
-    let marker = format!("jti:{}", hash_hex(&logout.jti));
+    // A `jti` is unique per issuer only: keyed by the issuer, so that another provider's
+    // token numbered alike is no replay. The previous release's key (no issuer) is still read,
+    // for the replay window of a token it took.
+    let issuer = mark_issuer(app);
+    let marker = mark_key("jti", Some(&issuer), &logout.jti);
     // Checked first, recorded only once the sessions have ended: a marker written before them
     // would turn the provider's retry of a logout whose ending failed (or whose marker's write
     // was carried out but answered too late) into a "replay", and the logout would be lost.
     // Two deliveries at once both end the sessions, which is harmless.
-    match app.sessions.store().remembered(&marker).await {
-        Ok(false) => {}
-        Ok(true) => return logout_rejected("jti replayed"),
-        Err(e) => return Err(e.into()),
+    for seen in [marker.as_str(), &mark_key("jti", None, &logout.jti)] {
+        match app.sessions.store().remembered(seen).await {
+            Ok(false) => {}
+            Ok(true) => return logout_rejected("jti replayed"),
+            Err(e) => return Err(e.into()),
+        }
     }
     // With both, the sid's sessions end, and the subject's sessions stored without a sid (any
     // of them may be that provider session); never one of another provider session, even when
@@ -1227,7 +1233,6 @@ async fn backchannel_logout(
     // §2.7 counts that as done).
     // Marked before anything is ended: a login into this provider session whose callback has
     // not stored its session yet finds the mark (see `callback`).
-    let issuer = mark_issuer(app);
     let issuer = Some(issuer.as_str());
     if let Some(sid) = &logout.sid {
         app.sessions

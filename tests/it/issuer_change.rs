@@ -230,6 +230,78 @@ async fn a_logout_token_ends_only_the_sessions_of_its_own_issuer() {
     );
 }
 
+/// A `jti` is unique per issuer only (Back-Channel Logout 1.0 §2.4): two providers that number
+/// their logout tokens alike must not see each other's as replays. B's logout token with the
+/// `jti` A's had just used ends B's session; A's sent again is still a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_token_is_a_replay_only_of_its_own_issuers_jti() {
+    let TwoIssuers {
+        _redis,
+        _up,
+        signer,
+        a,
+        b,
+        at_a,
+        at_b,
+    } = two_issuers().await;
+    let in_a = login(&at_a, &a, &signer, Some("op-a")).await;
+    let in_b = login(&at_b, &b, &signer, Some("op-b")).await;
+    let logout = |issuer: &str, sid: &str| {
+        let mut claims = logout_token_claims(issuer, "vestibule", now());
+        claims["jti"] = "logout-1".into();
+        claims["sid"] = sid.into();
+        signer
+            .token(TestKey::Rsa1)
+            .kid("k1")
+            .typ("logout+jwt")
+            .sign(&claims)
+    };
+    let from_a = logout(&a.issuer, "op-a");
+    let r = post_logout_token(&at_a, &from_a).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!at_a.signed_in(&in_a).await);
+    let r = post_logout_token(&at_b, &logout(&b.issuer, "op-b")).await;
+    assert_eq!(
+        r.status,
+        200,
+        "B's logout token was refused as a replay of A's jti: {}",
+        r.text()
+    );
+    assert!(
+        !at_b.signed_in(&in_b).await,
+        "B's session outlived its logout"
+    );
+    // A's own token again is still a replay.
+    let r = post_logout_token(&at_a, &from_a).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // And so is one whose jti the previous release recorded (no issuer in its key).
+    use sha2::Digest;
+    let old = format!(
+        "jti:{}",
+        hex::encode(sha2::Sha256::digest("logout-2".as_bytes()))
+    );
+    let store = at_a.app.sessions.store();
+    let minute = std::time::Duration::from_secs(60);
+    assert!(store.remember_once(&old, minute).await.unwrap());
+    let in_a = login(&at_a, &a, &signer, Some("op-a2")).await;
+    let mut claims = logout_token_claims(&a.issuer, "vestibule", now());
+    claims["jti"] = "logout-2".into();
+    claims["sid"] = "op-a2".into();
+    let token = signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&claims);
+    let r = post_logout_token(&at_a, &token).await;
+    assert_eq!(
+        r.status,
+        400,
+        "a jti the previous release took was taken again: {}",
+        r.text()
+    );
+    assert!(at_a.signed_in(&in_a).await);
+}
+
 /// A login of alice begun at `proxy`, its callback still to come: the query of its redirect to
 /// the provider and its login cookie.
 struct Pending {
