@@ -299,3 +299,74 @@ async fn a_server_that_refuses_tracking_keeps_the_plain_subscription_and_the_ver
         "past cache_ttl, the version read finds the record gone"
     );
 }
+
+/// The binary's log once a line carrying `needle` is in it (within 10 s).
+async fn logged(log: &std::path::Path, needle: &str) -> String {
+    eventually("the line is logged", Duration::from_secs(10), || async {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(String::from)
+    })
+    .await
+}
+
+/// The real binary tells the operator whether Redis announces changes: a line at start (a
+/// warning, with Redis's reason, when refused) and `vestibule_session_store_tracking`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_tells_whether_redis_announces_changes() {
+    let redis = RedisServer::start();
+    redis.command(&[
+        "ACL",
+        "SETUSER",
+        "plain",
+        "on",
+        ">pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-client|tracking",
+    ]);
+    let refused = redis.url().replace("redis://", "redis://plain:pw@");
+    for (url, announced) in [(redis.url(), true), (refused, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_toml(&format!(
+            "store = \"redis\"\n[session.redis]\nurl = \"{url}\"\n"
+        ));
+        let (mut child, log) = spawn_binary(dir.path(), &config);
+        let listening = logged(&log, "listening").await;
+        let admin = listening
+            .split(' ')
+            .find_map(|field| field.strip_prefix("admin="))
+            .expect("the admin address")
+            .to_owned();
+        let gauge = eventually("the gauge is exported", Duration::from_secs(10), || async {
+            let metrics = get(&format!("http://{admin}/metrics"), &[]).await.text();
+            metrics
+                .lines()
+                .find(|l| l.starts_with("vestibule_session_store_tracking "))
+                .map(String::from)
+        })
+        .await;
+        let text = std::fs::read_to_string(&log).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let warning = text
+            .lines()
+            .find(|l| l.contains("refused to announce changes"));
+        if announced {
+            assert_eq!(gauge, "vestibule_session_store_tracking 1", "{text}");
+            assert!(text.contains("Redis announces every change"), "{text}");
+            assert!(warning.is_none(), "{text}");
+        } else {
+            assert_eq!(gauge, "vestibule_session_store_tracking 0", "{text}");
+            let warning = warning.expect("a warning says tracking was refused");
+            assert!(
+                warning.contains("WARN") && warning.contains("NOPERM"),
+                "{warning}"
+            );
+            assert!(!warning.contains("pw@"), "{warning}");
+        }
+    }
+}

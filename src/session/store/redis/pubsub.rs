@@ -237,6 +237,9 @@ async fn run(
 ) {
     let pattern = format!("{}*", glob_escape(&delivery.prefix));
     let mut backoff = MIN_BACKOFF;
+    // 1 while the live subscription carries Redis's announcements of every change.
+    let announcing = metrics::gauge!("vestibule_session_store_tracking");
+    announcing.set(0.0);
     // What the last subscription was, to log a change of it once.
     let mut was_tracking = None;
     loop {
@@ -264,6 +267,7 @@ async fn run(
             generation.send_modify(|g| *g += 1);
             proof.record(started);
             proof.set_tracking(tracking);
+            announcing.set(if tracking { 1.0 } else { 0.0 });
             live.send_replace(true);
             match subscribed {
                 Subscribed::Plain(pubsub, _) => listen(pubsub, &delivery, &proof).await,
@@ -272,6 +276,7 @@ async fn run(
                 }
             }
             proof.set_tracking(false);
+            announcing.set(0.0);
             live.send_replace(false);
             delivery.resync();
         }
