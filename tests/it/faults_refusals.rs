@@ -509,18 +509,6 @@ async fn after_a_failover_behind_the_same_address_writes_reach_the_new_master() 
     assert_eq!(count_keys(new.port(), "vestibule:s:*"), 1);
 }
 
-/// The binary's log once a line carrying `needle` is in it (within 10 s).
-async fn logged(log: &std::path::Path, needle: &str) -> String {
-    eventually("the line is logged", Duration::from_secs(10), || async {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.contains(needle))
-            .map(String::from)
-    })
-    .await
-}
-
 /// A Redis that evicts keys when full (`allkeys-lru` here, with a `maxmemory`) may drop
 /// sessions, and the refresh leases and spend records that keep a refresh token from being
 /// presented twice: the binary warns at startup, naming the policy and the fix. A Redis that

@@ -191,21 +191,7 @@ async fn a_logout_token_ends_only_the_sessions_of_its_own_issuer() {
     let a_in_session = login(&at_a, &a, &signer, Some("op-session")).await;
     let b_in_session = login(&at_b, &b, &signer, Some("op-session")).await;
 
-    let logout = |sid: Option<&str>, jti: &str| {
-        let mut claims = logout_token_claims(&b.issuer, "vestibule", now());
-        claims["jti"] = jti.into();
-        match sid {
-            Some(sid) => claims["sid"] = sid.into(),
-            None => {
-                claims.as_object_mut().unwrap().remove("sid");
-            }
-        }
-        signer
-            .token(TestKey::Rsa1)
-            .kid("k1")
-            .typ("logout+jwt")
-            .sign(&claims)
-    };
+    let logout = |sid: Option<&str>, jti: &str| logout_token(&signer, &b.issuer, sid, jti);
     // Naming B's provider session and alice: ends B's, and B's alice's sessions without one.
     let r = post_logout_token(&at_b, &logout(Some("op-session"), "b-1")).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -246,16 +232,7 @@ async fn a_logout_token_is_a_replay_only_of_its_own_issuers_jti() {
     } = two_issuers().await;
     let in_a = login(&at_a, &a, &signer, Some("op-a")).await;
     let in_b = login(&at_b, &b, &signer, Some("op-b")).await;
-    let logout = |issuer: &str, sid: &str| {
-        let mut claims = logout_token_claims(issuer, "vestibule", now());
-        claims["jti"] = "logout-1".into();
-        claims["sid"] = sid.into();
-        signer
-            .token(TestKey::Rsa1)
-            .kid("k1")
-            .typ("logout+jwt")
-            .sign(&claims)
-    };
+    let logout = |issuer: &str, sid: &str| logout_token(&signer, issuer, Some(sid), "logout-1");
     let from_a = logout(&a.issuer, "op-a");
     let r = post_logout_token(&at_a, &from_a).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -284,14 +261,7 @@ async fn a_logout_token_is_a_replay_only_of_its_own_issuers_jti() {
     let minute = std::time::Duration::from_secs(60);
     assert!(store.remember_once(&old, minute).await.unwrap());
     let in_a = login(&at_a, &a, &signer, Some("op-a2")).await;
-    let mut claims = logout_token_claims(&a.issuer, "vestibule", now());
-    claims["jti"] = "logout-2".into();
-    claims["sid"] = "op-a2".into();
-    let token = signer
-        .token(TestKey::Rsa1)
-        .kid("k1")
-        .typ("logout+jwt")
-        .sign(&claims);
+    let token = logout_token(&signer, &a.issuer, Some("op-a2"), "logout-2");
     let r = post_logout_token(&at_a, &token).await;
     assert_eq!(
         r.status,
@@ -300,6 +270,41 @@ async fn a_logout_token_is_a_replay_only_of_its_own_issuers_jti() {
         r.text()
     );
     assert!(at_a.signed_in(&in_a).await);
+}
+
+/// A logout token of `issuer`'s for alice (signed with `signer`'s key), naming `sid` or no
+/// `sid`, numbered `jti`.
+fn logout_token(signer: &TestSigner, issuer: &str, sid: Option<&str>, jti: &str) -> String {
+    let mut claims = logout_token_claims(issuer, "vestibule", now());
+    claims["jti"] = jti.into();
+    match sid {
+        Some(sid) => claims["sid"] = sid.into(),
+        None => {
+            claims.as_object_mut().unwrap().remove("sid");
+        }
+    }
+    signer
+        .token(TestKey::Rsa1)
+        .kid("k1")
+        .typ("logout+jwt")
+        .sign(&claims)
+}
+
+/// `r`, a callback's answer at `proxy`, signed alice in (`what` says which login).
+async fn assert_signed_in(proxy: &Proxy, r: &Reply, what: &str) {
+    assert_eq!(r.status, 302, "{what}: {}", r.text());
+    assert!(proxy.signed_in(&r.session_cookie()).await, "{what}");
+}
+
+/// `r`, a callback's answer, refused the login as one into an ended provider session.
+fn assert_refused(r: &Reply, what: &str) {
+    assert_eq!(
+        crate::fake_provider::reason(r).as_deref(),
+        Some("provider_session_ended"),
+        "{what}: {} {}",
+        r.status,
+        r.text()
+    );
 }
 
 /// A login of alice begun at `proxy`, its callback still to come: the query of its redirect to
@@ -352,24 +357,7 @@ async fn a_logout_before_the_callback_refuses_only_its_own_issuers_login() {
         at_a,
         at_b,
     } = two_issuers_on(clock.clock()).await;
-    let logout_at_a = |sid: Option<&str>, jti: &str| {
-        let mut claims = logout_token_claims(&a.issuer, "vestibule", now());
-        claims["jti"] = jti.into();
-        claims["sub"] = "alice".into();
-        match sid {
-            Some(sid) => claims["sid"] = sid.into(),
-            None => {
-                claims.as_object_mut().unwrap().remove("sid");
-            }
-        }
-        signer
-            .token(TestKey::Rsa1)
-            .kid("k1")
-            .typ("logout+jwt")
-            .sign(&claims)
-    };
-    let refused =
-        |r: &Reply| crate::fake_provider::reason(r).as_deref() == Some("provider_session_ended");
+    let logout_at_a = |sid: Option<&str>, jti: &str| logout_token(&signer, &a.issuer, sid, jti);
 
     // A's logout of alice's provider session `op-session` (its `sid` and `sub` marks).
     let (a_sid, a_sidless) = (begin(&at_a).await, begin(&at_a).await);
@@ -378,35 +366,23 @@ async fn a_logout_before_the_callback_refuses_only_its_own_issuers_login() {
     let r = post_logout_token(&at_a, &logout_at_a(Some("op-session"), "a-1")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = finish(&at_b, &b, &signer, &b_sid, Some("op-session")).await;
-    assert_eq!(
-        r.status,
-        302,
-        "A's logout of its op-session refused B's login into B's: {}",
-        r.text()
-    );
-    assert!(at_b.signed_in(&r.session_cookie()).await);
+    assert_signed_in(
+        &at_b,
+        &r,
+        "A's logout of its op-session refused B's login into B's",
+    )
+    .await;
     let r = finish(&at_b, &b, &signer, &b_sidless, None).await;
-    assert_eq!(
-        r.status,
-        302,
-        "A's logout of its alice's op-session refused B's alice's login without a sid: {}",
-        r.text()
-    );
-    assert!(at_b.signed_in(&r.session_cookie()).await);
+    assert_signed_in(
+        &at_b,
+        &r,
+        "A's logout of its alice's op-session refused B's alice's login without a sid",
+    )
+    .await;
     let r = finish(&at_a, &a, &signer, &a_sid, Some("op-session")).await;
-    assert!(
-        refused(&r),
-        "A's own login into the ended op-session: {} {}",
-        r.status,
-        r.text()
-    );
+    assert_refused(&r, "A's own login into the ended op-session");
     let r = finish(&at_a, &a, &signer, &a_sidless, None).await;
-    assert!(
-        refused(&r),
-        "A's own login of alice without a sid: {} {}",
-        r.status,
-        r.text()
-    );
+    assert_refused(&r, "A's own login of alice without a sid");
 
     // A's logout of every session of alice (its `sub` mark).
     let (a_login, b_login) = (begin(&at_a).await, begin(&at_b).await);
@@ -414,20 +390,9 @@ async fn a_logout_before_the_callback_refuses_only_its_own_issuers_login() {
     let r = post_logout_token(&at_a, &logout_at_a(None, "a-2")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = finish(&at_b, &b, &signer, &b_login, Some("op-2")).await;
-    assert_eq!(
-        r.status,
-        302,
-        "A's logout of alice refused B's alice's login: {}",
-        r.text()
-    );
-    assert!(at_b.signed_in(&r.session_cookie()).await);
+    assert_signed_in(&at_b, &r, "A's logout of alice refused B's alice's login").await;
     let r = finish(&at_a, &a, &signer, &a_login, Some("op-2")).await;
-    assert!(
-        refused(&r),
-        "A's own login of alice after A's logout of her: {} {}",
-        r.status,
-        r.text()
-    );
+    assert_refused(&r, "A's own login of alice after A's logout of her");
 }
 
 /// A mark the previous release left (its key names no issuer: one of its replicas took the
@@ -444,20 +409,13 @@ async fn a_logout_mark_left_by_the_previous_release_still_refuses_the_login() {
     let proxy = proxy_for(&redis, &a, &up, vestibule::clock::Clock::system()).await;
     let store = proxy.app.sessions.store();
     let hash = |text: &str| hex::encode(sha2::Sha256::digest(text.as_bytes()));
-    let refused =
-        |r: &Reply| crate::fake_provider::reason(r).as_deref() == Some("provider_session_ended");
 
     let pending = begin(&proxy).await;
     let ten_minutes = std::time::Duration::from_secs(600);
     let key = format!("ended-sid:{}", hash("op-session"));
     assert!(store.remember_once(&key, ten_minutes).await.unwrap());
     let r = finish(&proxy, &a, &signer, &pending, Some("op-session")).await;
-    assert!(
-        refused(&r),
-        "the previous release's mark of op-session: {} {}",
-        r.status,
-        r.text()
-    );
+    assert_refused(&r, "the previous release's mark of op-session");
 
     let pending = begin(&proxy).await;
     let key = format!("ended-sub:{}", hash("alice"));
@@ -469,12 +427,7 @@ async fn a_logout_mark_left_by_the_previous_release_still_refuses_the_login() {
             .unwrap()
     );
     let r = finish(&proxy, &a, &signer, &pending, Some("op-2")).await;
-    assert!(
-        refused(&r),
-        "the previous release's mark of alice: {} {}",
-        r.status,
-        r.text()
-    );
+    assert_refused(&r, "the previous release's mark of alice");
 
     let pending = begin(&proxy).await;
     let key = format!("ended-sub-sidless:{}", hash("alice"));
@@ -485,11 +438,9 @@ async fn a_logout_mark_left_by_the_previous_release_still_refuses_the_login() {
             .unwrap()
     );
     let r = finish(&proxy, &a, &signer, &pending, None).await;
-    assert!(
-        refused(&r),
-        "the previous release's mark of alice's provider session: {} {}",
-        r.status,
-        r.text()
+    assert_refused(
+        &r,
+        "the previous release's mark of alice's provider session",
     );
 }
 

@@ -300,18 +300,6 @@ async fn a_server_that_refuses_tracking_keeps_the_plain_subscription_and_the_ver
     );
 }
 
-/// The binary's log once a line carrying `needle` is in it (within 10 s).
-async fn logged(log: &std::path::Path, needle: &str) -> String {
-    eventually("the line is logged", Duration::from_secs(10), || async {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.contains(needle))
-            .map(String::from)
-    })
-    .await
-}
-
 /// The real binary tells the operator whether Redis announces changes: a line at start (a
 /// warning, with Redis's reason, when refused) and `vestibule_session_store_tracking`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

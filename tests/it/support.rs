@@ -369,6 +369,23 @@ pub fn spawn_binary(
     (child, log)
 }
 
+/// A binary's log (see [`spawn_binary`]) once a line carrying `needle` is in it (within 10 s):
+/// that line.
+pub async fn logged(log: &std::path::Path, needle: &str) -> String {
+    eventually(
+        "the line is logged",
+        std::time::Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(String::from)
+        },
+    )
+    .await
+}
+
 /// Waits until a binary's admin listener on `admin` answers `/readyz` with 200.
 pub async fn wait_binary_ready(admin: u16) {
     eventually(
