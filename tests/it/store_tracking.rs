@@ -265,23 +265,20 @@ async fn a_tracking_connection_killed_is_made_again_and_tracks() {
     );
 }
 
+/// The URL of a user of `redis` who may do everything but `CLIENT TRACKING` (an ACL, as some
+/// managed services set).
+fn untracked_user(redis: &RedisServer) -> String {
+    let acl = ["ACL", "SETUSER", "plain", "on", ">pw", "~*", "&*", "+@all"];
+    redis.command(&[&acl[..], &["-client|tracking"]].concat());
+    redis.url().replace("redis://", "redis://plain:pw@")
+}
+
 /// A Redis user that may not track (an ACL, as some managed services set): the subscription is
 /// the plain one, and a cached copy is checked with a version read every `cache_ttl` as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_refuses_tracking_keeps_the_plain_subscription_and_the_version_reads() {
     let redis = RedisServer::start();
-    redis.command(&[
-        "ACL",
-        "SETUSER",
-        "plain",
-        "on",
-        ">pw",
-        "~*",
-        "&*",
-        "+@all",
-        "-client|tracking",
-    ]);
-    let url = redis.url().replace("redis://", "redis://plain:pw@");
+    let url = untracked_user(&redis);
     let stack = stack_on(redis, &url, 1, "1s").await;
     assert_eq!(stack.tracking_clients(), 0);
     let list = stack.redis.command(&["CLIENT", "LIST", "TYPE", "pubsub"]);
@@ -305,18 +302,7 @@ async fn a_server_that_refuses_tracking_keeps_the_plain_subscription_and_the_ver
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_tells_whether_redis_announces_changes() {
     let redis = RedisServer::start();
-    redis.command(&[
-        "ACL",
-        "SETUSER",
-        "plain",
-        "on",
-        ">pw",
-        "~*",
-        "&*",
-        "+@all",
-        "-client|tracking",
-    ]);
-    let refused = redis.url().replace("redis://", "redis://plain:pw@");
+    let refused = untracked_user(&redis);
     for (url, announced) in [(redis.url(), true), (refused, false)] {
         let dir = tempfile::tempdir().unwrap();
         let config = config_toml(&format!(
