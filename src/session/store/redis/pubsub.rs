@@ -1,7 +1,7 @@
 //! The pub/sub side of the Redis store: one dedicated connection pattern-subscribed to
 //! `key_prefix*`, fanned out to in-process broadcast channels by suffix.
 //!
-//! Where the server allows it (a standalone server or Sentinel's master, Redis 6 and later,
+//! Where the server allows it (a standalone server or Sentinel's master, Redis 6.2 and later,
 //! `CLIENT TRACKING` permitted), the connection speaks RESP3 and also asks Redis to announce
 //! every change of a session record (`CLIENT TRACKING ON BCAST PREFIX <key_prefix>s:`): an
 //! operator's `DEL`, a `FLUSHDB`, Redis's own expiry and eviction, which nobody publishes, reach
