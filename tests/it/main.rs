@@ -22,6 +22,7 @@ mod faults_redis;
 mod faults_refusals;
 mod faults_restart;
 mod faults_upstream;
+mod harness;
 mod identity;
 mod issuer_change;
 mod limits;

@@ -25,11 +25,39 @@ use tokio_util::sync::CancellationToken;
 use vestibule::app::App;
 use vestibule::config::Config;
 
+/// Claims `port` for this test process among every test process on the machine: an exclusive
+/// `flock` on a file named after it in a shared directory, held until the process exits (the
+/// kernel lets it go then, however the process ends). A port stays its process's though its
+/// server may be down for a while (a Redis killed, to be restarted on the same port): a bind
+/// alone would hand it to another test process meanwhile (`scripts/test` runs one beside the
+/// fault suite).
+fn claim_port(port: u16) -> bool {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("vestibule-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{port}.lock")))
+    else {
+        return false;
+    };
+    let exclusive = rustix::fs::FlockOperation::NonBlockingLockExclusive;
+    if rustix::fs::flock(&file, exclusive).is_err() {
+        return false;
+    }
+    HELD.lock().unwrap().push(file);
+    true
+}
+
 /// A port that was free a moment ago, for a server a test configures before it starts (bound,
 /// then released). Taken below the kernel's ephemeral range, where outbound connections and
 /// port-0 listeners get theirs: a port from that range could be handed to one of those in the
 /// moment between its release and the server binding it (it was, in a CI run: `AddrInUse`).
-/// Each port is given once per run (a counter from a start that differs per process).
+/// Each port is given once per run (a counter from a start that differs per process), and
+/// never to two test processes alive at once ([`claim_port`]). `VESTIBULE_TEST_PORT_START` sets
+/// the start (for the harness's own test, and to make two processes walk the same ports).
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -40,11 +68,14 @@ pub fn free_port() -> u16 {
     const LOW: u32 = 10_000;
     if ephemeral_low > LOW + 2_000 {
         let span = ephemeral_low - LOW;
-        let start = std::process::id() % span;
+        let start = std::env::var("VESTIBULE_TEST_PORT_START")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .map_or(std::process::id() % span, |p| p.saturating_sub(LOW) % span);
         for _ in 0..span {
             let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
             let port = u16::try_from(port).expect("below the ephemeral range");
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if claim_port(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return port;
             }
         }
