@@ -174,14 +174,25 @@ async function loginMany() {
   async function worker() {
     while (next < count) {
       const i = next++;
-      try {
-        const jar = await login(opt.start, fresh(i));
-        keepProvider(i, jar);
-        const value = jar.value(opt.cookie);
-        if (value) values.push(value);
-        else if (++failed <= 3) console.error(`bench-sessions: no cookie ${opt.cookie} after the login (last answer: ${jar.last})`);
-      } catch (err) {
-        if (++failed <= 3) console.error(`bench-sessions: login failed: ${err.message}`);
+      // A login that fails on the way (a connection reset when a keep-alive connection is
+      // closed by its server just as the next request goes out) is started again from the
+      // beginning, twice at most: one reset in 90,000 logins ended a whole growth run.
+      for (let attempt = 1; ; attempt++) {
+        try {
+          const jar = await login(opt.start, fresh(i));
+          keepProvider(i, jar);
+          const value = jar.value(opt.cookie);
+          if (value) values.push(value);
+          else if (++failed <= 3) console.error(`bench-sessions: no cookie ${opt.cookie} after the login (last answer: ${jar.last})`);
+          break;
+        } catch (err) {
+          if (attempt < 3) {
+            console.error(`bench-sessions: login failed (${err.message}); starting it again`);
+            continue;
+          }
+          if (++failed <= 3) console.error(`bench-sessions: login failed: ${err.message}`);
+          break;
+        }
       }
       if (values.length % 10000 === 0 && values.length) {
         console.error(`bench-sessions: ${values.length} logins, ${((Date.now() - started) / 1000).toFixed(1)} s`);
