@@ -252,12 +252,17 @@ struct Spawned {
 
 impl Spawned {
     async fn start(config: TomlConfig) -> Spawned {
+        Spawned::start_with(config, &[]).await
+    }
+
+    /// With the variables `env` added to the binary's environment.
+    async fn start_with(config: TomlConfig, env: &[(&str, &str)]) -> Spawned {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = config
             .set("server.listen", format!("127.0.0.1:{port}"))
             .add("server.workers", 1);
-        let (child, log) = spawn_binary(dir.path(), &config);
+        let (child, log) = spawn_binary_with(dir.path(), &config, env);
         eventually("the proxy listens", Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -286,6 +291,43 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Transparent huge pages are off for the process (its resident memory stays what it uses)
+/// unless the operator asks mimalloc for large OS pages, `MIMALLOC_ALLOW_LARGE_OS_PAGES=1`:
+/// then they stay on, so that mimalloc's `madvise` for them takes effect, and the log says so.
+/// The kernel's word is `THP_enabled` in `/proc/<pid>/status`.
+#[tokio::test]
+async fn transparent_huge_pages_are_off_unless_the_operator_asks_for_large_os_pages() {
+    let up = upstream::start().await;
+    let said = "transparent huge pages are allowed";
+    for (env, on) in [
+        (None, false),
+        (Some("1"), true),
+        (Some("0"), false),
+        (Some("On"), true),
+    ] {
+        let env: Vec<(&str, &str)> = env
+            .map(|v| ("MIMALLOC_ALLOW_LARGE_OS_PAGES", v))
+            .into_iter()
+            .collect();
+        let proxy = Spawned::start_with(edge_config(&up, false, ""), &env).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.child.id())).unwrap();
+        let enabled = status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .expect("the kernel reports THP_enabled")
+            .trim()
+            .to_string();
+        assert_eq!(enabled, if on { "1" } else { "0" }, "{env:?}");
+        if on {
+            logged(&proxy.log, said).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let log = std::fs::read_to_string(&proxy.log).unwrap();
+            assert!(!log.contains(said), "{env:?}: {log}");
+        }
     }
 }
 

@@ -387,10 +387,20 @@ pub fn spawn_binary(
     dir: &std::path::Path,
     config: &TomlConfig,
 ) -> (std::process::Child, std::path::PathBuf) {
+    spawn_binary_with(dir, config, &[])
+}
+
+/// [`spawn_binary`] with the variables `env` added to its environment.
+pub fn spawn_binary_with(
+    dir: &std::path::Path,
+    config: &TomlConfig,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::path::PathBuf) {
     let path = dir.join("config.toml");
     std::fs::write(&path, config.text()).unwrap();
     let log = dir.join("vestibule.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .envs(env.iter().copied())
         .arg("--config")
         .arg(&path)
         .stdout(std::process::Stdio::null())
