@@ -16,10 +16,6 @@ use tokio::time::Instant;
 use super::{Key, Session, mix};
 use std::sync::Arc;
 
-/// Aligned to a cache line, which it fills (48 bytes of fields): a lookup's first slot is one
-/// read from memory. Unaligned, every other slot lay across two lines; with many sessions in
-/// use the session cache's part of a request cost 1.5 reads from memory (round 37).
-#[repr(align(64))]
 pub(super) struct Slot {
     pub(super) key: Key,
     pub(super) stored: Instant,
@@ -189,13 +185,6 @@ fn empty_slots(size: usize) -> Box<[Option<Slot>]> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-
-    /// One slot to a cache line, never across two (see [`Slot`]).
-    #[test]
-    fn a_slot_is_one_cache_line() {
-        assert_eq!(std::mem::size_of::<Option<Slot>>(), 64);
-        assert_eq!(std::mem::align_of::<Option<Slot>>(), 64);
-    }
 
     fn slot(key: Key, version: u64) -> Slot {
         Slot {
